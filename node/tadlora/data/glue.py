@@ -1,0 +1,200 @@
+"""GLUE task files: the column layout and label ids of MNLI, QNLI, RTE and SST-2, a loader for
+their TSVs, and where the offline GLUE copy lives."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from tadlora.data.dataset import TextDataset
+
+__all__ = [
+    "GLUE_DIR_ENV",
+    "GLUE_TASKS",
+    "GlueTask",
+    "find_glue_dir",
+    "glue_task",
+    "load_glue_tsv",
+    "looks_like_glue",
+    "read_tsv",
+]
+
+GLUE_DIR_ENV = "TADLORA_GLUE_DIR"
+
+
+@dataclass(frozen=True)
+class GlueTask:
+    """Column layout and label ids (Hugging Face ``glue`` order) of one GLUE task's TSVs."""
+
+    name: str
+    text_columns: tuple[str, ...]
+    label_names: tuple[str, ...]
+    labels_are_ids: bool  # SST-2 writes "0"/"1"; the NLI tasks write the label name.
+    train_file: str = "train.tsv"
+    dev_file: str = "dev.tsv"
+
+
+_NLI2 = ("entailment", "not_entailment")
+GLUE_TASKS: Mapping[str, GlueTask] = {
+    task.name: task
+    for task in (
+        GlueTask(
+            "MNLI",
+            ("sentence1", "sentence2"),
+            ("entailment", "neutral", "contradiction"),
+            labels_are_ids=False,
+            dev_file="dev_matched.tsv",
+        ),
+        GlueTask("QNLI", ("question", "sentence"), _NLI2, labels_are_ids=False),
+        GlueTask("RTE", ("sentence1", "sentence2"), _NLI2, labels_are_ids=False),
+        GlueTask("SST-2", ("sentence",), ("negative", "positive"), labels_are_ids=True),
+    )
+}
+
+
+def _task_key(name: str) -> str:
+    return re.sub(r"[-_\s]", "", name).upper()
+
+
+_TASK_BY_KEY = {_task_key(name): task for name, task in GLUE_TASKS.items()}
+
+
+def glue_task(name: str) -> GlueTask:
+    """The task called ``name``, ignoring case, ``-`` and ``_`` (``sst2`` is SST-2).
+
+    Raises ``ValueError`` listing the known tasks.
+    """
+    task = _TASK_BY_KEY.get(_task_key(name))
+    if task is None:
+        raise ValueError(
+            f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}"
+        )
+    return task
+
+
+def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a tab-separated file read with quoting off.
+
+    Raises ``ValueError`` for an empty file.
+    """
+    # Quoting off: GLUE sentences contain '"', and default CSV quoting silently merges or
+    # alters rows (MNLI dev_matched would lose 101 of them).
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    if not rows:
+        raise ValueError(f"{path}: empty file (expected a header row)")
+    return rows[0], rows[1:]
+
+
+def looks_like_glue(header: Sequence[str]) -> bool:
+    """True if ``header`` has a ``label`` column and the text columns of some GLUE task."""
+    return "label" in header and any(
+        set(t.text_columns) <= set(header) for t in GLUE_TASKS.values()
+    )
+
+
+def _infer_task(
+    path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]
+) -> GlueTask:
+    for part in reversed(path.parts[:-1]):
+        if (task := _TASK_BY_KEY.get(_task_key(part))) is not None:
+            return task
+    columns = set(header)
+    if {"question", "sentence", "label"} <= columns:
+        return GLUE_TASKS["QNLI"]
+    if {"sentence1", "sentence2", "label"} <= columns:
+        # MNLI and RTE share a header; only MNLI has a third class.
+        col = header.index("label")
+        values = {row[col] for row in rows if len(row) > col}
+        if values & {"neutral", "contradiction"}:
+            return GLUE_TASKS["MNLI"]
+        if "not_entailment" in values:
+            return GLUE_TASKS["RTE"]
+    elif {"sentence", "label"} <= columns:
+        return GLUE_TASKS["SST-2"]
+    raise ValueError(
+        f"{path}: cannot tell which GLUE task this is from its folder or header "
+        f"{list(header)}; pass task= one of {', '.join(GLUE_TASKS)}"
+    )
+
+
+def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> TextDataset:
+    """Load a GLUE TSV (header row, tab-separated, quoting off) of MNLI, QNLI, RTE or SST-2.
+
+    With ``task=None`` the task is inferred from a folder named after it, else from the header
+    (and, for the header MNLI and RTE share, from the labels). Label ids follow Hugging Face
+    ``glue``. Raises ``ValueError`` naming file and line for a malformed row or unknown label.
+    """
+    p = Path(path)
+    header, rows = read_tsv(p)
+    spec = glue_task(task) if task is not None else _infer_task(p, header, rows)
+    missing = [c for c in (*spec.text_columns, "label") if c not in header]
+    if missing:
+        raise ValueError(
+            f"{p}: header {header} lacks {missing}, needed for GLUE {spec.name}"
+        )
+    text_cols = [header.index(c) for c in spec.text_columns]
+    label_col = header.index("label")
+    if spec.labels_are_ids:
+        label_ids = {str(i): i for i in range(len(spec.label_names))}
+    else:
+        label_ids = {n: i for i, n in enumerate(spec.label_names)}
+    texts: list[list[str]] = [[] for _ in text_cols]
+    labels: list[int] = []
+    for lineno, row in enumerate(rows, start=2):
+        if len(row) != len(header):
+            raise ValueError(
+                f"{p}:{lineno}: expected {len(header)} tab-separated fields {header}, "
+                f"got {len(row)}"
+            )
+        label = label_ids.get(row[label_col])
+        if label is None:
+            raise ValueError(
+                f"{p}:{lineno}: unknown {spec.name} label {row[label_col]!r}; "
+                f"expected one of {list(label_ids)}"
+            )
+        labels.append(label)
+        for out, col in zip(texts, text_cols, strict=True):
+            out.append(row[col])
+    return TextDataset(
+        name=spec.name,
+        text_a=tuple(texts[0]),
+        text_b=tuple(texts[1]) if len(texts) == 2 else None,
+        labels=np.asarray(labels, dtype=np.int64),
+        label_names=spec.label_names,
+    )
+
+
+def _glue_dir_candidates() -> Iterator[tuple[str, Path]]:
+    env = os.environ.get(GLUE_DIR_ENV)
+    if env:
+        # An explicit setting is the only place looked: falling back would hide a typo.
+        yield f"${GLUE_DIR_ENV}", Path(env)
+        return
+    yield "current directory", Path.cwd() / ".." / "shared" / "data" / "glue"
+    # node/tadlora/data/glue.py: parents[3] is the root of a source checkout.
+    root = Path(__file__).resolve().parents[3]
+    yield "repository root", root / ".." / "shared" / "data" / "glue"
+
+
+def find_glue_dir() -> Path:
+    """The GLUE data folder: ``$TADLORA_GLUE_DIR`` if set (and then only it), else
+    ``../shared/data/glue`` from the current directory, else from the repository root.
+
+    Raises ``FileNotFoundError`` saying where it looked.
+    """
+    looked = []
+    for origin, candidate in _glue_dir_candidates():
+        if candidate.is_dir():
+            return candidate.resolve()
+        looked.append(f"{candidate} ({origin})")
+    raise FileNotFoundError(
+        f"GLUE data folder not found; looked in: {'; '.join(looked)}. Set {GLUE_DIR_ENV} "
+        "to a folder holding MNLI/, QNLI/, RTE/ and SST-2/ TSV files"
+    )

@@ -1,0 +1,435 @@
+"""Loaders from csv/jsonl files, shipped data and the hub, and `resolve_dataset`: the one place
+where a user's dataset string (``builtin:sst2-small``, ``glue:MNLI``, ``data.csv``, ...) becomes
+data, for the simulator and the node alike."""
+
+from __future__ import annotations
+
+import csv
+import importlib
+import json
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from importlib import resources
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs
+
+import numpy as np
+import numpy.typing as npt
+
+from tadlora.data.dataset import TextDataset
+from tadlora.data.glue import (
+    GLUE_TASKS,
+    find_glue_dir,
+    glue_task,
+    load_glue_tsv,
+    looks_like_glue,
+    read_tsv,
+)
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DATASET_SPLITS",
+    "load_csv",
+    "load_glue_tsv",
+    "load_hub",
+    "load_jsonl",
+    "resolve_dataset",
+]
+
+DATASET_SPLITS = ("train", "dev")
+# `builtin:NAME` -> (folder under tadlora/data/builtin, GLUE task whose TSV layout it uses)
+BUILTIN_DATASETS: Mapping[str, tuple[str, str]] = {
+    "sst2-small": ("sst2_small", "SST-2")
+}
+_LOCAL_SUFFIXES = (".tsv", ".csv", ".jsonl")
+_DEV_STEMS = ("dev", "dev_matched", "validation", "valid", "val")
+_INT_RE = re.compile(r"[+-]?\d+")
+# Text columns tried in order when a csv/jsonl/hub source does not name them.
+_DEFAULT_TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (
+    ("premise", "hypothesis"),
+    ("sentence1", "sentence2"),
+    ("question", "sentence"),
+    ("question1", "question2"),
+    ("text", "text_b"),
+    ("sentence", "text_b"),
+    ("text",),
+    ("sentence",),
+)
+
+Record = tuple[int, Mapping[str, Any]]  # (line number, column -> value)
+
+
+def _parse_int(value: object) -> int | None:
+    if isinstance(value, bool):  # bool is an int subclass, but True is not a class id
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _INT_RE.fullmatch(value.strip()):
+        return int(value)
+    return None
+
+
+def _text_columns(
+    requested: Sequence[str] | str | None, available: Sequence[str], source: str
+) -> tuple[str, ...]:
+    if requested is None:
+        for candidate in _DEFAULT_TEXT_COLUMNS:
+            if set(candidate) <= set(available):
+                return candidate
+        raise ValueError(
+            f"{source}: no text columns given and no default ones (text, sentence, text_b, "
+            f"sentence1/sentence2, premise/hypothesis, ...) among {list(available)}"
+        )
+    cols = (requested,) if isinstance(requested, str) else tuple(requested)
+    if not 1 <= len(cols) <= 2:
+        raise ValueError(f"{source}: need 1 or 2 text columns, got {list(cols)}")
+    missing = [c for c in cols if c not in available]
+    if missing:
+        raise ValueError(f"{source}: text column(s) {missing} not in {list(available)}")
+    return cols
+
+
+def _encode_labels(
+    raw: Sequence[object],
+    linenos: Sequence[int],
+    label_names: Sequence[str] | None,
+    source: str,
+) -> tuple[npt.NDArray[np.int64], tuple[str, ...]]:
+    """Label ids and names: by ``label_names`` if given (a value may be a name or an id);
+    else all-integer labels are ids, and otherwise labels are names with ids in sorted order."""
+    if label_names is not None:
+        names = tuple(label_names)
+        if not names or len(set(names)) != len(names):
+            raise ValueError(
+                f"{source}: label_names must be distinct and non-empty: {names}"
+            )
+        index = {n: i for i, n in enumerate(names)}
+        ids = []
+        for value, lineno in zip(raw, linenos, strict=True):
+            label = index.get(value) if isinstance(value, str) else None
+            label = _parse_int(value) if label is None else label
+            if label is None or not 0 <= label < len(names):
+                raise ValueError(
+                    f"{source}:{lineno}: label {value!r} is neither one of {list(names)} "
+                    f"nor an id in [0, {len(names)})"
+                )
+            ids.append(label)
+        return np.asarray(ids, dtype=np.int64), names
+    as_ints = [_parse_int(v) for v in raw]
+    if all(v is not None for v in as_ints):
+        int_ids = [v for v in as_ints if v is not None]
+        for value, lineno in zip(int_ids, linenos, strict=True):
+            if value < 0:
+                raise ValueError(
+                    f"{source}:{lineno}: label {value} is negative (unlabelled?)"
+                )
+        names = tuple(str(i) for i in range(max(int_ids) + 1))
+        return np.asarray(int_ids, dtype=np.int64), names
+    for value, lineno in zip(raw, linenos, strict=True):
+        match value:
+            case bool():
+                ok = False
+            case str() | int():
+                ok = True
+            case _:
+                ok = False
+        if not ok:  # malformed data, hence ValueError with the line, not TypeError
+            raise ValueError(
+                f"{source}:{lineno}: label {value!r} is not a string or an int"
+            )
+    names = tuple(sorted({str(v) for v in raw}))
+    index = {n: i for i, n in enumerate(names)}
+    return np.asarray([index[str(v)] for v in raw], dtype=np.int64), names
+
+
+def _build(
+    source: str,
+    records: Sequence[Record],
+    columns: Sequence[str],
+    text_columns: Sequence[str] | str | None,
+    label_column: str,
+    label_names: Sequence[str] | None,
+) -> TextDataset:
+    if not records:
+        raise ValueError(f"{source}: no data rows")
+    cols = _text_columns(text_columns, columns, source)
+    if label_column not in columns:
+        raise ValueError(
+            f"{source}: label column {label_column!r} not in {list(columns)}"
+        )
+    texts: list[list[str]] = [[] for _ in cols]
+    for lineno, record in records:
+        for out, col in zip(texts, cols, strict=True):
+            match record.get(col):
+                case str(value):
+                    out.append(value)
+                case value:
+                    raise ValueError(
+                        f"{source}:{lineno}: {col!r} is {value!r}, not a string"
+                    )
+    labels, names = _encode_labels(
+        [r.get(label_column) for _, r in records],
+        [lineno for lineno, _ in records],
+        label_names,
+        source,
+    )
+    return TextDataset(
+        name=source,
+        text_a=tuple(texts[0]),
+        text_b=tuple(texts[1]) if len(texts) == 2 else None,
+        labels=labels,
+        label_names=names,
+    )
+
+
+def load_csv(
+    path: str | os.PathLike[str],
+    text_columns: Sequence[str] | str | None = None,
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+    delimiter: str = ",",
+) -> TextDataset:
+    """Load a delimited file with a header: 1 or 2 text columns and a label column.
+
+    All-integer labels are ids; other labels are names, given ids in sorted order unless
+    ``label_names`` fixes them. ``text_columns=None`` takes ``text``/``sentence`` (+ ``text_b``)
+    or a known pair such as ``sentence1``/``sentence2``. A tab delimiter reads with quoting off,
+    as GLUE-style TSVs need. Raises ``ValueError`` naming file and line for bad data.
+    """
+    p = Path(path)
+    records: list[Record] = []
+    with p.open(newline="", encoding="utf-8") as f:
+        if delimiter == "\t":
+            reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
+        else:
+            reader = csv.reader(f, delimiter=delimiter)
+        header = next(reader, None)
+        if header is None:
+            raise ValueError(f"{p}: empty file (expected a header row)")
+        for row in reader:
+            if not row:
+                continue
+            if len(row) != len(header):
+                raise ValueError(
+                    f"{p}:{reader.line_num}: expected {len(header)} fields {header}, "
+                    f"got {len(row)}"
+                )
+            records.append((reader.line_num, dict(zip(header, row, strict=True))))
+    return _build(str(p), records, header, text_columns, label_column, label_names)
+
+
+def load_jsonl(
+    path: str | os.PathLike[str],
+    text_columns: Sequence[str] | str | None = None,
+    label_column: str = "label",
+    label_names: Sequence[str] | None = None,
+) -> TextDataset:
+    """Load JSON Lines (an object per line, blank lines skipped) with `load_csv`'s column and
+    label rules; the columns are the first object's keys. Raises ``ValueError`` naming file and
+    line for bad data."""
+    p = Path(path)
+    records: list[Record] = []
+    with p.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{p}:{lineno}: invalid JSON: {exc.msg}") from exc
+            match record:
+                case dict():
+                    records.append((lineno, record))
+                case _:
+                    kind = type(record).__name__
+                    raise ValueError(
+                        f"{p}:{lineno}: expected a JSON object, got {kind}"
+                    )
+    columns = list(records[0][1]) if records else []
+    return _build(str(p), records, columns, text_columns, label_column, label_names)
+
+
+def load_hub(
+    name: str,
+    config: str | None = None,
+    split: str = "train",
+    text_columns: Sequence[str] | str | None = None,
+    label_column: str = "label",
+) -> TextDataset:
+    """Load a split of a Hugging Face hub dataset with the optional ``datasets`` package.
+
+    ``split="dev"`` means ``validation`` (``validation_matched`` for config ``mnli``); other
+    names pass through. A ``ClassLabel`` label feature supplies the class names. Raises
+    ``RuntimeError`` if ``datasets`` is missing or neither the hub nor a cache can serve it.
+    """
+    try:
+        # Imported by name so that neither import time nor mypy depend on the optional extra.
+        hf_datasets: Any = importlib.import_module("datasets")
+    except ImportError as exc:
+        raise RuntimeError(
+            f"hub dataset {name!r} needs the optional 'datasets' package: "
+            "pip install 'tadlora[hub]'; a Hugging Face hub must also be reachable "
+            "(or the dataset already cached, with HF_HUB_OFFLINE=1)"
+        ) from exc
+    if split == "dev":
+        split = (
+            "validation_matched" if (config or "").lower() == "mnli" else "validation"
+        )
+    source = f"hub:{name}" + (f"/{config}" if config else "") + f"[{split}]"
+    try:
+        ds = hf_datasets.load_dataset(name, config, split=split)
+    # datasets raises many exception types for "cannot fetch"; keep the cause chained.
+    except Exception as exc:
+        raise RuntimeError(
+            f"could not load {source}: {exc}. A Hugging Face hub must be reachable "
+            "(or the dataset already cached, with HF_HUB_OFFLINE=1)"
+        ) from exc
+    class_names = getattr(ds.features.get(label_column), "names", None)
+    records = [(i + 1, row) for i, row in enumerate(ds)]
+    names = tuple(class_names) if class_names else None
+    return _build(
+        source, records, list(ds.column_names), text_columns, label_column, names
+    )
+
+
+# ------------------------------------------------------------------------ resolve_dataset
+
+
+def _resolve_builtin(name: str, split: str) -> TextDataset:
+    if name not in BUILTIN_DATASETS:
+        known = ", ".join(BUILTIN_DATASETS)
+        raise ValueError(f"unknown builtin dataset {name!r}; available: {known}")
+    folder, task = BUILTIN_DATASETS[name]
+    resource = resources.files("tadlora.data") / "builtin" / folder / f"{split}.tsv"
+    if not resource.is_file():
+        raise FileNotFoundError(
+            f"builtin data file {resource} is missing; reinstall tadlora"
+        )
+    with resources.as_file(resource) as p:
+        return load_glue_tsv(p, task=task)
+
+
+def _resolve_glue(name: str, split: str) -> TextDataset:
+    task = glue_task(name)
+    folder = find_glue_dir() / task.name
+    path = folder / (task.train_file if split == "train" else task.dev_file)
+    if not path.is_file():
+        raise FileNotFoundError(f"GLUE {task.name} {split} file not found: {path}")
+    return load_glue_tsv(path, task=task.name)
+
+
+def _parse_options(
+    spec: str, query: str
+) -> tuple[list[str] | None, str, list[str] | None]:
+    """(text columns, label column, label names) from ``text=A,B&label=C&label_names=X,Y``."""
+    try:
+        parsed = parse_qs(query, strict_parsing=True) if query else {}
+    except ValueError as exc:
+        raise ValueError(
+            f"dataset spec {spec!r}: malformed options {query!r} ({exc})"
+        ) from exc
+    unknown = sorted(set(parsed) - {"text", "label", "label_names"})
+    if unknown:
+        raise ValueError(
+            f"dataset spec {spec!r}: unknown option(s) {unknown}; "
+            "use text=COL[,COL2], label=COL, label_names=NAME0,NAME1,..."
+        )
+    options = {
+        k: [item for v in vs for item in v.split(",") if item]
+        for k, vs in parsed.items()
+    }
+    label = options.get("label", ["label"])
+    if len(label) != 1:
+        raise ValueError(
+            f"dataset spec {spec!r}: give exactly one label column, got {label}"
+        )
+    return options.get("text"), label[0], options.get("label_names")
+
+
+def _resolve_hub(spec: str, target: str, split: str) -> TextDataset:
+    target, _, query = target.partition("?")
+    text, label, label_names = _parse_options(spec, query)
+    if label_names is not None:
+        raise ValueError(
+            f"dataset spec {spec!r}: hub datasets take their label names from hub"
+        )
+    parts = target.split("/")
+    if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:-1]):
+        raise ValueError(
+            f"dataset spec {spec!r}: expected hub:NAME, hub:NAME/CONFIG, "
+            "hub:ORG/NAME/CONFIG or hub:ORG/NAME/ (no config)"
+        )
+    if len(parts) == 3:
+        name, config = f"{parts[0]}/{parts[1]}", parts[2] or None
+    else:
+        name, config = parts[0], (parts[1] or None) if len(parts) == 2 else None
+    return load_hub(name, config, split, text_columns=text, label_column=label)
+
+
+def _dev_sibling(spec: str, given: Path) -> Path:
+    siblings = [given.with_name(stem + given.suffix) for stem in _DEV_STEMS]
+    for sibling in siblings:
+        if sibling.is_file():
+            return sibling
+    names = ", ".join(s.name for s in siblings)
+    raise FileNotFoundError(
+        f"dataset spec {spec!r}: no dev split next to {given}; "
+        f"looked for {names} in {given.parent}"
+    )
+
+
+def _resolve_local(spec: str, split: str) -> TextDataset:
+    path_str, _, query = spec.partition("?")
+    text, label, label_names = _parse_options(spec, query)
+    given = Path(path_str)
+    path = given if split == "train" else _dev_sibling(spec, given)
+    if not path.is_file():
+        raise FileNotFoundError(f"dataset spec {spec!r}: file {path} not found")
+    suffix = given.suffix.lower()
+    if suffix == ".jsonl":
+        return load_jsonl(path, text, label, label_names)
+    if suffix == ".csv":
+        return load_csv(path, text, label, label_names)
+    if not query and looks_like_glue(read_tsv(path)[0]):
+        return load_glue_tsv(path)
+    return load_csv(path, text, label, label_names, delimiter="\t")
+
+
+def resolve_dataset(spec: str, split: str) -> TextDataset:
+    """The data that ``spec`` names, for ``split`` ``"train"`` or ``"dev"``; named ``spec``.
+
+    Specs:
+      - ``builtin:sst2-small``: the SST-2 slice shipped with tadlora;
+      - ``glue:SST-2|MNLI|QNLI|RTE``: from `find_glue_dir` (MNLI dev is dev_matched);
+      - a path ending in ``.tsv``/``.csv``/``.jsonl``, optionally followed by
+        ``?text=COL[,COL2]&label=COL&label_names=A,B`` (a GLUE-layout ``.tsv`` needs none);
+        its dev split is the sibling ``dev``/``dev_matched``/``validation``/``valid``/``val``
+        file with the same suffix;
+      - ``hub:NAME[/CONFIG]`` or ``hub:ORG/NAME/CONFIG`` (``hub:ORG/NAME/`` for no config),
+        optionally with ``?text=...&label=...``.
+
+    Raises ``ValueError`` for a malformed spec or split, ``FileNotFoundError`` for missing
+    files, and ``RuntimeError`` when a hub dataset cannot be fetched.
+    """
+    if split not in DATASET_SPLITS:
+        raise ValueError(f"split must be one of {DATASET_SPLITS}, got {split!r}")
+    spec = spec.strip()
+    scheme, sep, rest = spec.partition(":")
+    if sep and scheme == "builtin":
+        dataset = _resolve_builtin(rest, split)
+    elif sep and scheme == "glue":
+        dataset = _resolve_glue(rest, split)
+    elif sep and scheme == "hub":
+        dataset = _resolve_hub(spec, rest, split)
+    elif Path(spec.partition("?")[0]).suffix.lower() in _LOCAL_SUFFIXES:
+        dataset = _resolve_local(spec, split)
+    else:
+        raise ValueError(
+            f"unrecognised dataset spec {spec!r}; expected builtin:NAME "
+            f"({', '.join(BUILTIN_DATASETS)}), glue:TASK ({', '.join(GLUE_TASKS)}), "
+            "a path ending in .tsv, .csv or .jsonl, or hub:NAME[/CONFIG]"
+        )
+    return replace(dataset, name=spec)

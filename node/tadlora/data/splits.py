@@ -1,0 +1,264 @@
+"""Partitions of a dataset across federated clients: IID, Dirichlet, and the paper's label skew.
+
+Every function is pure and deterministic for a given ``seed``, and returns one ascending int64
+array of dataset indices per client; the arrays are pairwise disjoint.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import numpy.typing as npt
+
+from tadlora.data.dataset import TextDataset
+
+__all__ = [
+    "SHARD_SCHEMES",
+    "label_skew_proportions",
+    "make_shards",
+    "split_dirichlet",
+    "split_iid",
+    "split_label_skew",
+]
+
+Shards = list[npt.NDArray[np.int64]]
+
+SHARD_SCHEMES = ("iid", "label-skew", "label-skew:N", "dirichlet:ALPHA")
+DOMINANT_SHARE = 0.9  # the paper's label skew: a skewed client holds 90% of one class
+_DIRICHLET_ATTEMPTS = 100  # redraws before concluding min_samples cannot be met
+
+
+def _labels(labels: npt.ArrayLike) -> npt.NDArray[np.int64]:
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"labels must be one-dimensional, got shape {arr.shape}")
+    if arr.size and not np.issubdtype(arr.dtype, np.integer):
+        raise ValueError(f"labels must be integer class ids, got dtype {arr.dtype}")
+    out = arr.astype(np.int64, copy=False)
+    if out.size and out.min() < 0:
+        raise ValueError(f"labels must be non-negative class ids, got {out.min()}")
+    return out
+
+
+def _check_clients(num_clients: int, num_samples: int, per_client: int = 1) -> None:
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if num_samples < num_clients * per_client:
+        raise ValueError(
+            f"{num_samples} samples cannot give {num_clients} clients "
+            f"{per_client} sample(s) each"
+        )
+
+
+def _finish(parts: list[list[npt.NDArray[np.int64]]]) -> Shards:
+    return [
+        np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64)
+        for p in parts
+    ]
+
+
+def split_iid(labels: npt.ArrayLike, num_clients: int, seed: int) -> Shards:
+    """Shuffle all indices and cut them into ``num_clients`` shards whose sizes differ by <= 1.
+
+    The shards cover the dataset. Raises ``ValueError`` if there are fewer samples than clients.
+    """
+    n = _labels(labels).shape[0]
+    _check_clients(num_clients, n)
+    perm = np.random.default_rng(seed).permutation(n)
+    return [np.sort(s).astype(np.int64) for s in np.array_split(perm, num_clients)]
+
+
+def split_dirichlet(
+    labels: npt.ArrayLike,
+    num_clients: int,
+    alpha: float,
+    seed: int,
+    min_samples: int = 1,
+) -> Shards:
+    """Split each class's indices across clients in proportions drawn from Dirichlet(alpha).
+
+    Small ``alpha`` gives strong skew; large ``alpha`` approaches IID. The shards cover the
+    dataset. A draw that leaves a client below ``min_samples`` is redrawn (from the same
+    generator, so still deterministic). Raises ``ValueError`` if 100 draws all fail or an
+    argument is out of range.
+    """
+    y = _labels(labels)
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"dirichlet alpha must be a positive number, got {alpha}")
+    _check_clients(num_clients, y.shape[0], min_samples)
+    rng = np.random.default_rng(seed)
+    for _ in range(_DIRICHLET_ATTEMPTS):
+        parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]
+        for c in np.unique(y):
+            idx = rng.permutation(np.flatnonzero(y == c))
+            share = rng.dirichlet(np.full(num_clients, alpha))
+            cuts = (np.cumsum(share)[:-1] * idx.size).astype(np.int64)
+            for client, piece in enumerate(np.split(idx, cuts)):
+                parts[client].append(piece)
+        shards = _finish(parts)
+        if min(s.size for s in shards) >= min_samples:
+            return shards
+    raise ValueError(
+        f"dirichlet(alpha={alpha}) left a client with fewer than {min_samples} samples in "
+        f"{_DIRICHLET_ATTEMPTS} draws; use a larger alpha or fewer clients"
+    )
+
+
+def label_skew_proportions(
+    num_clients: int, num_classes: int
+) -> npt.NDArray[np.float64]:
+    """The paper's label-skew class mix: shape ``(num_clients, num_classes)``, rows sum to 1.
+
+    The rule, for m clients and K classes:
+      - K = 2: the first round(0.3 m) clients hold [0.9, 0.1], the next round(0.3 m) hold
+        [0.1, 0.9], the rest [0.5, 0.5] (round half up; m = 10 gives the paper's 3/3/4).
+      - K >= 3: clients form K consecutive groups, as even as possible with earlier groups
+        taking the extras (m = 10, K = 3 gives the paper's 4/3/3 for MNLI); group c holds
+        0.9 of class c and 0.1 / (K - 1) of each other class.
+    """
+    if num_clients < 1:
+        raise ValueError(f"num_clients must be >= 1, got {num_clients}")
+    if num_classes < 2:
+        raise ValueError(f"label skew needs at least 2 classes, got {num_classes}")
+    # round() so that binary tasks get exactly 0.1, not 1 - 0.9 = 0.09999999999999998.
+    minor = round(1.0 - DOMINANT_SHARE, 12) / (num_classes - 1)
+    if num_classes == 2:
+        skewed = (3 * num_clients + 5) // 10  # round(0.3 m) half up, in exact integers
+        dominant = [0] * skewed + [1] * skewed + [-1] * (num_clients - 2 * skewed)
+    else:
+        base, extra = divmod(num_clients, num_classes)
+        dominant = [c for c in range(num_classes) for _ in range(base + (c < extra))]
+    props = np.full((num_clients, num_classes), minor, dtype=np.float64)
+    for client, c in enumerate(dominant):
+        if c < 0:
+            props[client] = 1.0 / num_classes
+        else:
+            props[client, c] = DOMINANT_SHARE
+    return props
+
+
+def _client_counts(props: npt.NDArray[np.float64], n: int) -> npt.NDArray[np.int64]:
+    """Per-client class counts summing to ``n``: largest-remainder rounding of ``props * n``
+    (ties to the lower class id), so every count is within 1 of its exact share."""
+    # Rounding to 1e-9 first keeps float noise (0.9 * 10 = 8.999...) from deciding which
+    # class gets the leftover sample.
+    exact = np.round(props * n, 9)
+    counts = np.floor(exact).astype(np.int64)
+    short = n - counts.sum(axis=1)
+    order = np.argsort(-(exact - counts), axis=1, kind="stable")
+    for client in range(props.shape[0]):
+        counts[client, order[client, : short[client]]] += 1
+    return counts
+
+
+def _fits(props: npt.NDArray[np.float64], pools: npt.NDArray[np.int64], n: int) -> bool:
+    return bool(np.all(_client_counts(props, n).sum(axis=0) <= pools))
+
+
+def _label_skew_capacity(
+    props: npt.NDArray[np.float64], pools: npt.NDArray[np.int64], upper: int
+) -> int:
+    """Largest n <= ``upper`` whose `_client_counts` take no more of a class than ``pools``."""
+    # Class c needs at least (sum of its shares) * n - num_clients samples, which bounds n
+    # from above; scanning down from that bound takes a handful of steps.
+    bound = int(np.min((pools + props.shape[0]) / props.sum(axis=0)))
+    n = min(upper, bound)
+    while n > 0 and not _fits(props, pools, n):
+        n -= 1
+    return n
+
+
+def split_label_skew(
+    labels: npt.ArrayLike,
+    num_clients: int,
+    seed: int,
+    samples_per_client: int | None = None,
+    num_classes: int | None = None,
+) -> Shards:
+    """Give every client n samples, drawn without replacement in the class mix of
+    `label_skew_proportions` (largest-remainder rounding: each class count within 1 of exact).
+
+    ``n`` defaults to the largest value, at most ``len(labels) // num_clients``, that exhausts
+    no class; ``num_classes`` defaults to ``max(labels) + 1``. The shards need not cover the
+    dataset. Raises ``ValueError`` if ``samples_per_client`` needs more of a class than exists.
+    """
+    y = _labels(labels)
+    _check_clients(num_clients, y.shape[0])
+    k = int(y.max()) + 1 if num_classes is None else num_classes
+    if y.max() >= k:
+        raise ValueError(f"labels reach {y.max()} but num_classes is {k}")
+    props = label_skew_proportions(num_clients, k)
+    pools = np.bincount(y, minlength=k)
+    upper = y.shape[0] // num_clients
+    if samples_per_client is None:
+        n = _label_skew_capacity(props, pools, upper)
+        if n == 0:
+            raise ValueError(
+                f"class counts {pools.tolist()} are too small for "
+                f"{num_clients} label-skewed clients"
+            )
+    else:
+        n = samples_per_client
+        if n < 1:
+            raise ValueError(f"samples_per_client must be >= 1, got {n}")
+        if n > upper or not _fits(props, pools, n):
+            capacity = _label_skew_capacity(props, pools, upper)
+            raise ValueError(
+                f"samples_per_client={n} exceeds what class counts {pools.tolist()} allow for "
+                f"{num_clients} label-skewed clients (at most {capacity})"
+            )
+    counts = _client_counts(props, n)
+    rng = np.random.default_rng(seed)
+    class_pools = [rng.permutation(np.flatnonzero(y == c)) for c in range(k)]
+    taken = np.zeros(k, dtype=np.int64)
+    parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]
+    for client in range(num_clients):
+        for c in range(k):
+            parts[client].append(
+                class_pools[c][taken[c] : taken[c] + counts[client, c]]
+            )
+            taken[c] += counts[client, c]
+    return _finish(parts)
+
+
+def make_shards(
+    dataset_or_labels: TextDataset | npt.ArrayLike,
+    scheme: str,
+    num_clients: int,
+    seed: int,
+) -> Shards:
+    """Partition a dataset (or its label array) for ``num_clients`` clients by a scheme string.
+
+    Schemes: ``iid``; ``label-skew`` (the paper's split, `split_label_skew`) or
+    ``label-skew:N`` for N samples per client; ``dirichlet:ALPHA``. Raises ``ValueError`` for
+    an unknown or malformed scheme (or one the data cannot satisfy).
+    """
+    if isinstance(dataset_or_labels, TextDataset):
+        labels, num_classes = dataset_or_labels.labels, dataset_or_labels.num_classes
+    else:
+        labels, num_classes = _labels(dataset_or_labels), None
+    kind, sep, arg = scheme.strip().lower().partition(":")
+    if kind == "iid" and not sep:
+        return split_iid(labels, num_clients, seed)
+    if kind == "label-skew":
+        per_client = None
+        if sep:
+            try:
+                per_client = int(arg)
+            except ValueError:
+                raise ValueError(
+                    f"shard scheme {scheme!r}: label-skew:N needs an integer N samples per client"
+                ) from None
+        return split_label_skew(labels, num_clients, seed, per_client, num_classes)
+    if kind == "dirichlet":
+        try:
+            alpha = float(arg)
+        except ValueError:
+            raise ValueError(
+                f"shard scheme {scheme!r}: dirichlet needs a concentration, e.g. dirichlet:0.5"
+            ) from None
+        return split_dirichlet(labels, num_clients, alpha, seed)
+    raise ValueError(
+        f"unknown shard scheme {scheme!r}; expected one of {', '.join(SHARD_SCHEMES)}"
+    )

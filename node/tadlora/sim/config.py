@@ -1,0 +1,217 @@
+"""Simulator configuration (a frozen dataclass), its grid of cells, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from tadlora.adapter import LoraSpec
+from tadlora.core.methods import make_method, method_names, recommended_switch_interval, takes_switch_interval
+from tadlora.core.topology import make_topology
+from tadlora.training import TrainSpec
+
+ALL_METHODS: tuple[str, ...] = ("tad", "adf", "lora", "ffa", "rolora", "decaf", "tad-nojoint")
+# "auto": batched on CUDA; sequential on CPU, where padding every client's batch to the longest of all of them
+# costs more than one big pass saves (measured: SST-2 at length 64, 10 clients, 190 vs 134 ms per client-step).
+ENGINES = ("auto", "batched", "sequential")
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """One simulator run: a grid of method × topology × p × T × seed over the same model and data.
+
+    ``switch_intervals`` is the T grid of the methods in ``sweep_methods``; other methods that take T use
+    their own default (``adf``: 5) and methods without T run once per (topology, p, seed). ``"auto"`` in the T
+    grid picks TAD-LoRA's topology-aware T from the expected degree.
+    """
+
+    name: str = "custom"
+    model: str = "minilm"
+    dataset: str = "builtin:sst2-small"
+    num_clients: int = 10
+    split: str = "label-skew"
+    samples_per_client: int | None = None
+    eval_samples: int | None = None  # dev examples evaluated (a fixed seeded subset); None: all of them
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    rounds: int = 50
+    eval_every: int = 10
+    methods: tuple[str, ...] = ALL_METHODS
+    topologies: tuple[str, ...] = ("er",)
+    link_probs: tuple[float, ...] = (0.5,)
+    switch_intervals: tuple[int | str, ...] = (5,)
+    sweep_methods: tuple[str, ...] = ("tad", "tad-nojoint")
+    seeds: tuple[int, ...] = (0,)
+    engine: str = "auto"
+    device: str = "auto"
+    max_group_sequences: int = 256  # batched engine: sequences per forward pass (bounds activation memory)
+    checkpoint_every: int = 10  # rounds between mid-cell checkpoints (resume points)
+
+    def __post_init__(self) -> None:
+        for method in self.methods:
+            if method not in method_names():
+                raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.num_clients < 1 or self.rounds < 1 or self.eval_every < 1:
+            raise ValueError("num_clients, rounds and eval_every must be >= 1")
+        for t in self.switch_intervals:
+            if not (t == "auto" or (isinstance(t, int) and t >= 1)):
+                raise ValueError(f"switch interval must be an int >= 1 or 'auto', got {t!r}")
+        for p in self.link_probs:
+            if not 0.0 < p <= 1.0:
+                raise ValueError(f"link probability must be in (0, 1], got {p}")
+        for topo in self.topologies:
+            make_topology(topo, self.num_clients)  # validates the spec early, before hours of compute
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form (written to results.json)."""
+        return dataclasses.asdict(self)
+
+    def cells(self) -> Iterator[Cell]:
+        """Every run of the grid, in a stable order (seeds outermost so early results cover all methods)."""
+        for seed in self.seeds:
+            for p in self.link_probs:
+                for topo in self.topologies:
+                    for method in self.methods:
+                        for t in self._intervals(method, topo, p):
+                            yield Cell(method=method, topology=topo, link_prob=p, switch_interval=t, seed=seed)
+
+    def _intervals(self, method: str, topo: str, p: float) -> list[int | None]:
+        if not takes_switch_interval(method):
+            return [None]
+        if method not in self.sweep_methods:
+            return [make_method(method).switch_interval]
+        out: list[int | None] = []
+        for t in self.switch_intervals:
+            if t == "auto":
+                degree = make_topology(topo, self.num_clients, link_prob=p).expected_degree()
+                t = recommended_switch_interval(degree)
+            if t not in out:
+                out.append(int(t))
+        return out
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One simulated run."""
+
+    method: str
+    topology: str
+    link_prob: float
+    switch_interval: int | None
+    seed: int
+
+    @property
+    def key(self) -> str:
+        """A file-name-safe unique key."""
+        t = "-" if self.switch_interval is None else str(self.switch_interval)
+        topo = "".join(c if c.isalnum() else "_" for c in self.topology)
+        return f"{self.method}__{topo}__p{self.link_prob:g}__T{t}__s{self.seed}"
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form."""
+        return dataclasses.asdict(self)
+
+
+_SMOKE = SimConfig(
+    name="smoke",
+    model="tiny",
+    dataset="builtin:sst2-small",
+    num_clients=4,
+    samples_per_client=64,
+    eval_samples=64,
+    lora=LoraSpec(r=4, alpha=8.0),
+    train=TrainSpec(local_steps=3, batch_size=8, max_length=32, lr=5e-3),
+    rounds=6,
+    eval_every=2,
+    link_probs=(0.5,),
+    switch_intervals=(2,),
+    checkpoint_every=2,
+    device="cpu",
+)
+
+_PAPER_MNLI = SimConfig(
+    name="paper-mnli",
+    model="roberta-base",
+    dataset="glue:MNLI",
+    num_clients=10,
+    lora=LoraSpec(r=8, alpha=16.0),
+    train=TrainSpec(local_steps=20, batch_size=32, max_length=128, lr=5e-4),
+    rounds=150,
+    eval_every=10,
+    link_probs=(0.5, 0.1, 0.02),
+    switch_intervals=(1, 2, 3, 5, 10, 15),
+    seeds=(0, 1, 2),
+    device="auto",
+)
+
+# The CPU presets run the paper's protocol on the offline MiniLM encoder and the real GLUE files, with the
+# budget sized by what separates the methods (see docs/simulator.md for the learning curves behind it).
+_CPU_SST2 = SimConfig(
+    name="cpu-sst2",
+    model="minilm",
+    dataset="glue:SST-2",
+    num_clients=10,
+    samples_per_client=2000,
+    eval_samples=872,
+    lora=LoraSpec(r=8, alpha=16.0),
+    train=TrainSpec(local_steps=10, batch_size=16, max_length=64, lr=1e-3),
+    rounds=60,
+    eval_every=10,
+    link_probs=(0.5, 0.1, 0.02),
+    switch_intervals=("auto",),
+    seeds=(0, 1, 2),
+    device="auto",
+)
+
+_CPU_MNLI = dataclasses.replace(
+    _CPU_SST2,
+    name="cpu-mnli",
+    dataset="glue:MNLI",
+    samples_per_client=None,
+    eval_samples=2000,
+    train=TrainSpec(local_steps=10, batch_size=16, max_length=96, lr=1e-3),
+    rounds=100,
+)
+
+PRESETS: dict[str, SimConfig] = {c.name: c for c in (_SMOKE, _PAPER_MNLI, _CPU_SST2, _CPU_MNLI)}
+
+
+def preset(name: str) -> SimConfig:
+    """The named preset (ValueError listing the known ones otherwise)."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
+
+
+def config_from_json(text: str, base: SimConfig | None = None) -> SimConfig:
+    """A SimConfig from a JSON object of overrides on ``base`` (default: SimConfig())."""
+    raw = json.loads(text)
+    if not isinstance(raw, dict):
+        raise ValueError("a simulator config file holds a JSON object")
+    return override(base or SimConfig(), raw)
+
+
+def override(base: SimConfig, changes: dict[str, Any]) -> SimConfig:
+    """``base`` with ``changes`` applied; nested ``lora``/``train`` may be given as partial dicts."""
+    known = {f.name for f in dataclasses.fields(SimConfig)}
+    unknown = sorted(set(changes) - known)
+    if unknown:
+        raise ValueError(f"unknown simulator settings: {unknown}; known: {sorted(known)}")
+    fixed: dict[str, Any] = {}
+    for key, value in changes.items():
+        if key == "lora" and isinstance(value, dict):
+            if "target_modules" in value:
+                value = {**value, "target_modules": tuple(value["target_modules"])}
+            value = dataclasses.replace(base.lora, **value)
+        elif key == "train" and isinstance(value, dict):
+            value = dataclasses.replace(base.train, **value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        fixed[key] = value
+    return dataclasses.replace(base, **fixed)

@@ -1,0 +1,100 @@
+"""PNG plots of a simulator run: accuracy vs round, accuracy vs T, cross-term norm vs round."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only; never open a window
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _label(run: dict[str, Any]) -> str:
+    t = run["switch_interval"]
+    return run["method"] if t is None else f"{run['method']} T={t}"
+
+
+def _series(runs: Sequence[dict[str, Any]], field: str) -> tuple[np.ndarray, np.ndarray]:
+    """Rounds (1-based) and the seed-mean of ``field`` over the runs (records lacking it are skipped)."""
+    by_round: dict[int, list[float]] = {}
+    for run in runs:
+        for rec in run["rounds"]:
+            if rec.get(field) is not None:
+                by_round.setdefault(rec["round"] + 1, []).append(rec[field])
+    xs = np.array(sorted(by_round))
+    return xs, np.array([np.mean(by_round[x]) for x in xs])
+
+
+def _panels(results: dict[str, Any]) -> list[tuple[str, float, list[dict[str, Any]]]]:
+    keys = sorted({(r["topology"], r["link_prob"]) for r in results["cells"]}, key=lambda k: (k[0], -k[1]))
+    cells = results["cells"]
+    return [(topo, p, [r for r in cells if (r["topology"], r["link_prob"]) == (topo, p)]) for topo, p in keys]
+
+
+def _by_label(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    out: dict[str, list[dict[str, Any]]] = {}
+    for run in runs:
+        out.setdefault(_label(run), []).append(run)
+    return out
+
+
+def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, log: bool = False) -> Path:
+    panels = _panels(results)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, (topo, p, runs) in zip(axes[0], panels, strict=True):
+        for label, members in sorted(_by_label(runs).items()):
+            xs, ys = _series(members, field)
+            if len(xs):
+                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+        ax.set_title(f"{topo}, p = {p:g}")
+        ax.set_xlabel("round")
+        ax.set_ylabel(ylabel)
+        if log:
+            ax.set_yscale("symlog", linthresh=1e-8)
+        ax.grid(alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{results['config']['name']}: {ylabel} (mean over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def _t_plot(results: dict[str, Any], path: Path) -> Path | None:
+    swept = [r for r in results["summary"] if r["switch_interval"] is not None and r["acc_mean"] is not None]
+    series: dict[tuple[str, str, float], list[tuple[int, float, float]]] = {}
+    for row in swept:
+        key = (row["method"], row["topology"], row["link_prob"])
+        series.setdefault(key, []).append((row["switch_interval"], row["acc_mean"], row["acc_client_std"]))
+    series = {k: sorted(v) for k, v in series.items() if len(v) > 1}
+    if not series:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (method, topo, p), pts in sorted(series.items()):
+        ts, acc, std = zip(*pts, strict=True)
+        ax.errorbar(ts, acc, yerr=std, marker="o", capsize=3, label=f"{method} {topo} p={p:g}")
+    ax.set_xlabel("switching interval T")
+    ax.set_ylabel("final accuracy (mean ± client std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{results['config']['name']}: accuracy vs T")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
+    """Write the plots that the results support; return their paths."""
+    paths = [
+        _round_plot(results, "acc_mean", "accuracy", out_dir / "accuracy_vs_round.png"),
+        _round_plot(results, "cross_term_norm", "cross-term norm ‖C‖_F", out_dir / "cross_term_vs_round.png", log=True),
+    ]
+    t_plot = _t_plot(results, out_dir / "accuracy_vs_T.png")
+    if t_plot is not None:
+        paths.append(t_plot)
+    return paths

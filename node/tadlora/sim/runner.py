@@ -1,0 +1,313 @@
+"""The simulator loop: one cell = one method on one topology for one seed; a run = a grid of cells.
+
+Each round, for every client: local steps on the factors its method trains; then every client mixes with its
+live neighbours through `tadlora.core.mixing.apply_method_mixing` with Metropolis-Hastings weights from
+this round's degrees — the same function, fed the same numbers, that the node daemon calls.
+
+Results are written as they are made: a finished cell to ``cells/KEY.json``, an unfinished one to a
+checkpoint every ``checkpoint_every`` rounds, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file, save
+
+from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
+from tadlora.core.diagnostics import diagnose
+from tadlora.core.factors import Factors, num_bytes, select
+from tadlora.core.methods import Method, make_method
+from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
+from tadlora.core.topology import Topology, make_topology
+from tadlora.data import TextDataset, make_shards, resolve_dataset
+from tadlora.fsutil import atomic_write_bytes, atomic_write_json
+from tadlora.sim.config import Cell, SimConfig
+from tadlora.sim.engine import ClientEngine, make_engine
+from tadlora.training import Encoded, encode
+
+RoundRecord = dict[str, Any]
+
+
+def mix_round(method: Method, t: int, topology: Topology, snapshots: Sequence[Factors]) -> tuple[list[Factors], int]:
+    """Every client's end-of-round mixing from the round-``t`` snapshots; also the bytes that would cross
+    the network (each live link carries the sent factors once in each direction)."""
+    adj = topology.adjacency(t)
+    deg = adj.sum(axis=1)
+    mixed = []
+    for i in range(topology.m):
+        nbrs = [int(j) for j in np.flatnonzero(adj[i])]
+        weights = local_weights(int(deg[i]), {j: int(deg[j]) for j in nbrs})
+        mixed.append(apply_method_mixing(method, t, snapshots[i], {j: snapshots[j] for j in nbrs}, weights))
+    per_message = num_bytes(select(snapshots[0], sent_factors(method, t)))
+    return mixed, int(adj.sum()) * per_message  # adj.sum() counts each link twice: one message each way
+
+
+def simulate(
+    engine: ClientEngine,
+    method: Method,
+    topology: Topology,
+    rounds: int,
+    eval_every: int,
+    start_round: int = 0,
+    on_round: Callable[[int, RoundRecord], None] | None = None,
+) -> list[RoundRecord]:
+    """Run rounds ``start_round .. rounds-1`` on ``engine``; return one record per round."""
+    records = []
+    for t in range(start_round, rounds):
+        trained = method.trained(t)
+        losses = engine.train_round(t, trained)
+        snapshots = [engine.get_factors(i) for i in range(engine.num_clients)]
+        mixed, sent = mix_round(method, t, topology, snapshots)
+        for i, factors in enumerate(mixed):
+            engine.set_factors(i, factors)
+        diag = diagnose(mixed)
+        record: RoundRecord = {
+            "round": t,
+            "phase": method.phase(t),
+            "train_loss": float(np.mean(losses)),
+            "live_links": len(topology.live_edges(t)),
+            "bytes": sent,
+            "consensus_a": diag.consensus_a,
+            "consensus_b": diag.consensus_b,
+            "consensus_ba": diag.consensus_ba,
+            "cross_term_norm": diag.cross_term_norm,
+        }
+        if (t + 1) % eval_every == 0 or t == rounds - 1:
+            results = engine.evaluate()
+            accs = np.array([a for a, _ in results])
+            record.update(
+                acc_mean=float(accs.mean()),
+                acc_std=float(accs.std()),
+                acc_min=float(accs.min()),
+                acc_max=float(accs.max()),
+                eval_loss=float(np.mean([lo for _, lo in results])),
+            )
+        records.append(record)
+        if on_round is not None:
+            on_round(t, record)
+    return records
+
+
+@dataclass
+class PreparedData:
+    """Tokenized data shared by every cell of a run."""
+
+    train: TextDataset
+    train_encoded: Encoded
+    dev_encoded: Encoded
+
+
+class Progress:
+    """A one-line progress display on a terminal, plain lines otherwise (stderr, never stdout)."""
+
+    def __init__(self, total_cells: int, stream: Any = None, quiet: bool = False):
+        self.total, self.stream, self.quiet = total_cells, stream or sys.stderr, quiet
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.started = time.monotonic()
+
+    def update(self, index: int, cell: Cell, t: int, rounds: int, record: RoundRecord) -> None:
+        if self.quiet or not (self.tty or "acc_mean" in record):
+            return
+        acc = f" acc {record['acc_mean']:.3f}±{record['acc_std']:.3f}" if "acc_mean" in record else ""
+        line = (
+            f"[{index + 1}/{self.total}] {cell.method} {cell.topology} p={cell.link_prob:g} "
+            f"T={cell.switch_interval or '-'} seed={cell.seed} round {t + 1}/{rounds} "
+            f"loss {record['train_loss']:.3f}{acc} ({time.monotonic() - self.started:.0f}s)"
+        )
+        self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
+        self.stream.flush()
+
+    def done(self, message: str) -> None:
+        if not self.quiet:
+            self.stream.write(("\r\x1b[2K" if self.tty else "") + message + "\n")
+            self.stream.flush()
+
+
+class Simulator:
+    """Runs a SimConfig's grid into an output directory, resuming whatever is already there."""
+
+    def __init__(self, config: SimConfig, out_dir: str | Path, quiet: bool = False):
+        self.config = config
+        self.out = Path(out_dir)
+        self.cells_dir = self.out / "cells"
+        self.device = resolve_device(config.device)
+        self.quiet = quiet
+        self._models: dict[int, AdapterModel] = {}
+        self._data: PreparedData | None = None
+
+    def _prepare(self) -> PreparedData:
+        if self._data is None:
+            cfg = self.config
+            train = resolve_dataset(cfg.dataset, "train")
+            dev = resolve_dataset(cfg.dataset, "dev")
+            if cfg.eval_samples is not None and cfg.eval_samples < len(dev):
+                rng = np.random.default_rng(12345)  # a fixed dev subset, the same for every cell and seed
+                dev = dev.subset(np.sort(rng.choice(len(dev), cfg.eval_samples, replace=False)))
+            tokenizer = self._model(cfg.seeds[0], train.label_names).tokenizer
+            self._data = PreparedData(
+                train=train,
+                train_encoded=encode(tokenizer, train, cfg.train.max_length),
+                dev_encoded=encode(tokenizer, dev, cfg.train.max_length),
+            )
+        return self._data
+
+    def _model(self, seed: int, label_names: Sequence[str]) -> AdapterModel:
+        if seed not in self._models:
+            spec = ModelSpec(model=self.config.model, label_names=tuple(label_names), lora=self.config.lora, seed=seed)
+            self._models[seed] = AdapterModel(spec, device=self.device)
+        return self._models[seed]
+
+    def shards(self, seed: int) -> list[Encoded]:
+        """Client shards (tokenized) for ``seed``."""
+        data = self._prepare()
+        cfg = self.config
+        return [data.train_encoded.subset(i) for i in client_indices(data.train, cfg, seed)]
+
+    def run(self) -> dict[str, Any]:
+        """Run (or resume) every cell, then write results.json and the plots; return the results."""
+        cfg = self.config
+        self.cells_dir.mkdir(parents=True, exist_ok=True)
+        self._check_same_config()
+        cells = list(cfg.cells())
+        progress = Progress(len(cells), quiet=self.quiet)
+        for index, cell in enumerate(cells):
+            if (self.cells_dir / f"{cell.key}.json").exists():
+                continue
+            self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
+        results = self.collect(cells)
+        atomic_write_json(self.out / "results.json", results)
+        from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
+
+        results["plots"] = [p.name for p in write_plots(results, self.out)]
+        atomic_write_json(self.out / "results.json", results)
+        progress.done(f"{len(cells)} cells done; results in {self.out / 'results.json'}")
+        return results
+
+    def _check_same_config(self) -> None:
+        """Refuse to mix results of different configs in one directory (resume only what was started)."""
+        stamp = self.out / "config.json"
+        mine = json.loads(json.dumps(self.config.to_dict()))
+        if stamp.exists():
+            theirs = json.loads(stamp.read_text(encoding="utf-8"))
+            changed = sorted(k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES)
+            if changed:
+                raise ValueError(
+                    f"{self.out} holds a run with different settings ({', '.join(changed)}); "
+                    "use another --out directory to start a new run"
+                )
+        atomic_write_json(stamp, mine)
+
+    def run_cell(self, cell: Cell, on_round: Callable[[int, RoundRecord], None] | None = None) -> dict[str, Any]:
+        """Run one cell (resuming its checkpoint if any) and write ``cells/KEY.json``."""
+        cfg = self.config
+        data = self._prepare()
+        model = self._model(cell.seed, data.train.label_names)
+        engine = make_engine(
+            cfg.engine, model, self.shards(cell.seed), data.dev_encoded, cfg.train, cell.seed, cfg.max_group_sequences
+        )
+        method = make_method(cell.method, cell.switch_interval)
+        topology = make_topology(cell.topology, cfg.num_clients, link_prob=cell.link_prob, seed=cell.seed)
+        ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
+        records: list[RoundRecord] = []
+        if ckpt.exists() and partial.exists():
+            records = json.loads(partial.read_text(encoding="utf-8"))["records"]
+            tensors = load_file(str(ckpt))
+            for i in range(cfg.num_clients):
+                engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
+        started = time.monotonic()
+
+        def after_round(t: int, record: RoundRecord) -> None:
+            records.append(record)
+            if on_round is not None:
+                on_round(t, record)
+            if (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.rounds:
+                state = {f"{i}/{k}": v for i in range(cfg.num_clients) for k, v in engine.get_factors(i).items()}
+                atomic_write_bytes(ckpt, save(state, metadata={"round": str(t + 1)}))
+                atomic_write_json(partial, {"records": records})
+
+        try:
+            simulate(engine, method, topology, cfg.rounds, cfg.eval_every, len(records), after_round)
+        finally:
+            close = getattr(engine, "close", None)
+            if close is not None:
+                close()
+        result = {
+            **cell.to_dict(),
+            "key": cell.key,
+            "seconds": time.monotonic() - started,
+            "rounds": records,
+            "final": _final(records),
+        }
+        atomic_write_json(self.cells_dir / f"{cell.key}.json", result)
+        ckpt.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        return result
+
+    def collect(self, cells: Sequence[Cell]) -> dict[str, Any]:
+        """results.json: the config, every cell's per-round records, and a summary table."""
+        runs = [json.loads((self.cells_dir / f"{c.key}.json").read_text(encoding="utf-8")) for c in cells]
+        return {"config": self.config.to_dict(), "cells": runs, "summary": summarize(runs)}
+
+
+def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, record: RoundRecord) -> None:
+    progress.update(index, cell, t, rounds, record)
+
+
+def client_indices(train: TextDataset, cfg: SimConfig, seed: int) -> list[np.ndarray]:
+    """Each client's training-set indices: the config's split, capped at ``samples_per_client``."""
+    n = cfg.samples_per_client
+    if n is not None and cfg.split == "label-skew":
+        return make_shards(train, f"label-skew:{n}", cfg.num_clients, seed)  # keeps the skew's proportions
+    shards = make_shards(train, cfg.split, cfg.num_clients, seed)
+    if n is None:
+        return shards
+    rng = np.random.default_rng([seed, 7])
+    return [s if len(s) <= n else np.sort(rng.choice(s, n, replace=False)) for s in shards]
+
+
+# Settings that may differ when a run is resumed: they do not change any cell's numbers, and growing the grid
+# (more seeds, methods, p or T) only adds cells.
+_RESUMABLE_CHANGES = {"methods", "link_probs", "switch_intervals", "seeds", "topologies", "device", "name"}
+
+
+def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
+    evals = [r for r in records if "acc_mean" in r]
+    if not evals:
+        return {}
+    last = evals[-1]
+    return {"acc_mean": last["acc_mean"], "acc_std": last["acc_std"], "round": last["round"]}
+
+
+def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Final accuracy per (method, topology, p, T): mean over seeds of the client mean, the spread over clients
+    (mean of per-seed std) and the spread over seeds."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for run in runs:
+        key = (run["method"], run["topology"], run["link_prob"], run["switch_interval"])
+        groups.setdefault(key, []).append(run)
+    rows = []
+    for (method, topo, p, t), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        means = [m["final"]["acc_mean"] for m in members if m["final"]]
+        stds = [m["final"]["acc_std"] for m in members if m["final"]]
+        rows.append(
+            {
+                "method": method,
+                "topology": topo,
+                "link_prob": p,
+                "switch_interval": t,
+                "seeds": len(means),
+                "acc_mean": float(np.mean(means)) if means else None,
+                "acc_client_std": float(np.mean(stds)) if stds else None,
+                "acc_seed_std": float(np.std(means)) if means else None,
+            }
+        )
+    return rows

@@ -1,0 +1,155 @@
+"""Local training and evaluation on one adapter model: shared by the node daemon and the simulator.
+
+Determinism is part of the contract: the examples a client uses in round t are a pure function of
+(run seed, shard index, t), so a daemon and the simulator given the same inputs take the same steps.
+The optimizer (AdamW) is created fresh every round over the factors that train in that round: mixing moves
+the parameters between rounds, so moment estimates from before the mix would describe a different point,
+and carrying no optimizer state makes a round's result depend only on the factors it starts from.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from tadlora.adapter import AdapterModel
+from tadlora.core.factors import Factor
+from tadlora.data import TextDataset
+
+
+@dataclass(frozen=True)
+class TrainSpec:
+    """Local-step hyper-parameters (paper: 20 local steps, batch 32, length 128)."""
+
+    local_steps: int = 20
+    batch_size: int = 32
+    max_length: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.batch_size < 1 or self.max_length < 8:
+            raise ValueError("local_steps and batch_size must be >= 1 and max_length >= 8")
+        if self.lr <= 0:
+            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Encoded:
+    """A tokenized dataset: padded ids (N, L), attention mask (N, L) and labels (N,), all CPU tensors."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def subset(self, indices: np.ndarray | Sequence[int]) -> Encoded:
+        """The rows ``indices`` as a new Encoded (copies)."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        return Encoded(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+
+    def batch(self, indices: np.ndarray | Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
+        """The rows ``indices``, cut to the longest real sequence among them, on ``device``."""
+        idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
+        mask = self.attention_mask[idx]
+        width = max(1, int(mask.sum(dim=1).max()))
+        return {
+            "input_ids": self.input_ids[idx, :width].to(device),
+            "attention_mask": mask[:, :width].to(device),
+            "labels": self.labels[idx].to(device),
+        }
+
+
+def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
+    """Tokenize ``data`` once (pairs as pairs), truncated and padded to ``max_length``."""
+    kwargs = {"truncation": True, "max_length": max_length, "padding": "max_length", "return_tensors": "pt"}
+    if data.text_b is not None:
+        enc = tokenizer(list(data.text_a), list(data.text_b), **kwargs)  # type: ignore[operator]
+    else:
+        enc = tokenizer(list(data.text_a), **kwargs)  # type: ignore[operator]
+    return Encoded(
+        input_ids=enc["input_ids"],
+        attention_mask=enc["attention_mask"],
+        labels=torch.tensor(np.asarray(data.labels, dtype=np.int64)),  # a copy: the dataset is read-only
+    )
+
+
+def round_batches(seed: int, shard: int, t: int, n: int, batch_size: int, steps: int) -> list[np.ndarray]:
+    """Indices (into a shard of size ``n``) of the ``steps`` batches of round ``t``.
+
+    A permutation drawn from (seed, shard, t) is walked in order, wrapping when a round needs more examples
+    than the shard holds, so a round sees each example at most once per pass.
+    """
+    if n < 1:
+        raise ValueError("a client needs at least one training example")
+    rng = np.random.default_rng([seed, shard, t])
+    order = rng.permutation(n)
+    need = steps * batch_size
+    reps = -(-need // n)
+    flat = np.concatenate([order] * reps)[:need]
+    return [flat[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
+
+
+def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """bf16 autocast on CUDA (the GPU path), nothing on CPU (bf16 there is slower and less exact)."""
+    if device.type == "cuda":
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def local_steps(
+    model: AdapterModel,
+    data: Encoded,
+    trained: frozenset[Factor],
+    spec: TrainSpec,
+    seed: int,
+    shard: int,
+    t: int,
+) -> float:
+    """Run round ``t``'s local steps on the factors in ``trained``; return the mean training loss.
+
+    Only those factors change: the others and the base model have requires_grad off and are not in the
+    optimizer. Blocking (torch work): the daemon calls it from a worker thread.
+    """
+    params = model.set_trainable(trained)
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    model.model.train()
+    losses = []
+    for indices in round_batches(seed, shard, t, len(data), spec.batch_size, spec.local_steps):
+        batch = data.batch(indices, model.device)
+        with autocast(model.device):
+            logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = F.cross_entropy(logits.float(), batch["labels"])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss.detach()))
+    model.set_trainable(frozenset())
+    return float(np.mean(losses))
+
+
+def eval_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
+    """Consecutive index batches covering 0..n−1."""
+    for start in range(0, n, batch_size):
+        yield np.arange(start, min(n, start + batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64) -> tuple[float, float]:
+    """Accuracy and mean loss of ``model`` on ``data``. Blocking (torch work)."""
+    model.model.eval()
+    correct, total_loss = 0, 0.0
+    for indices in eval_batches(len(data), batch_size):
+        batch = data.batch(indices, model.device)
+        with autocast(model.device):
+            logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        total_loss += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
+        correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
+    return correct / len(data), total_loss / len(data)

@@ -1,0 +1,535 @@
+"""Specification of `tadlora.data`: loaders, dataset specs and client partitions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import types
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import numpy.typing as npt
+import pytest
+from tadlora.data import (
+    GLUE_DIR_ENV,
+    TextDataset,
+    label_skew_proportions,
+    load_csv,
+    load_glue_tsv,
+    load_hub,
+    load_jsonl,
+    make_shards,
+    resolve_dataset,
+    split_dirichlet,
+    split_iid,
+    split_label_skew,
+)
+
+SHARED_GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
+
+
+@pytest.fixture
+def glue_dir() -> Path:
+    if not SHARED_GLUE.is_dir():
+        pytest.skip(
+            f"real GLUE data not present at {SHARED_GLUE} (see shared/data/README.md)"
+        )
+    return SHARED_GLUE.resolve()
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8", newline="")
+    return path
+
+
+def assert_disjoint(shards: list[npt.NDArray[np.int64]]) -> None:
+    joined = np.concatenate(shards)
+    assert np.unique(joined).size == joined.size, "a sample was given to two clients"
+
+
+# ----------------------------------------------------------------------------- GLUE files
+
+# (file, rows, per-class counts in label-id order) as listed in shared/data/README.md
+GLUE_FILES = [
+    ("MNLI/train.tsv", 10471, (3565, 3470, 3436)),
+    ("MNLI/dev_matched.tsv", 9815, (3479, 3123, 3213)),
+    ("QNLI/train.tsv", 10293, (5173, 5120)),
+    ("QNLI/dev.tsv", 5463, (2702, 2761)),
+    ("RTE/train.tsv", 2490, (1249, 1241)),
+    ("RTE/dev.tsv", 277, (146, 131)),
+    ("SST-2/train.tsv", 67349, (29780, 37569)),
+    ("SST-2/dev.tsv", 872, (428, 444)),
+]
+
+
+@pytest.mark.parametrize(("relpath", "rows", "counts"), GLUE_FILES)
+def test_glue_files_load_with_the_documented_row_and_label_counts(
+    glue_dir: Path, relpath: str, rows: int, counts: tuple[int, ...]
+) -> None:
+    ds = load_glue_tsv(glue_dir / relpath)  # task inferred from the folder name
+    assert len(ds) == rows
+    assert tuple(ds.label_counts()) == counts
+    assert ds.is_pair == (not relpath.startswith("SST-2"))
+
+
+def test_glue_label_ids_follow_the_hugging_face_order(glue_dir: Path) -> None:
+    mnli = load_glue_tsv(glue_dir / "MNLI/dev_matched.tsv")
+    assert mnli.label_names == ("entailment", "neutral", "contradiction")
+    # First row verbatim, trailing space included: GLUE's text is never stripped.
+    assert mnli.text_a[0] == "The new rights are nice enough"
+    assert mnli.text_b is not None
+    assert mnli.text_b[0] == "Everyone really likes the newest benefits "
+    assert mnli.labels[0] == 1
+    assert load_glue_tsv(glue_dir / "QNLI/dev.tsv").label_names == (
+        "entailment",
+        "not_entailment",
+    )
+    assert load_glue_tsv(glue_dir / "SST-2/dev.tsv").label_names == (
+        "negative",
+        "positive",
+    )
+
+
+def test_glue_task_is_inferred_from_header_and_labels_outside_a_task_folder(
+    glue_dir: Path, tmp_path: Path
+) -> None:
+    rte = shutil.copy(glue_dir / "RTE/dev.tsv", tmp_path / "a.tsv")
+    mnli = shutil.copy(glue_dir / "MNLI/dev_matched.tsv", tmp_path / "b.tsv")
+    assert load_glue_tsv(rte).label_names == ("entailment", "not_entailment")
+    assert load_glue_tsv(mnli).num_classes == 3
+
+
+def test_glue_spec_reads_from_the_env_dir_and_mnli_dev_is_dev_matched(
+    glue_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(GLUE_DIR_ENV, str(glue_dir))
+    dev = resolve_dataset("glue:MNLI", "dev")
+    assert (len(dev), dev.name) == (9815, "glue:MNLI")
+    assert len(resolve_dataset("glue:sst2", "dev")) == 872
+
+
+def test_glue_spec_says_where_it_looked_when_the_data_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    missing = tmp_path / "nowhere"
+    monkeypatch.setenv(GLUE_DIR_ENV, str(missing))
+    with pytest.raises(FileNotFoundError, match=str(missing)):
+        resolve_dataset("glue:RTE", "train")
+
+
+def test_a_double_quote_inside_a_tsv_sentence_is_kept_verbatim(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "q.tsv",
+        'sentence\tlabel\n"quoted" start , and a lone " here \t1\nplain \t0\n',
+    )
+    ds = load_glue_tsv(path)  # the header alone says SST-2
+    assert ds.text_a == ('"quoted" start , and a lone " here ', "plain ")
+    assert ds.labels.tolist() == [1, 0]
+
+
+def test_malformed_glue_rows_name_the_file_and_line(tmp_path: Path) -> None:
+    short = write(tmp_path / "short.tsv", "sentence\tlabel\nfine\t1\nno label here\n")
+    with pytest.raises(ValueError, match=r"short\.tsv:3: expected 2"):
+        load_glue_tsv(short, task="SST-2")
+    odd = write(
+        tmp_path / "odd.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n"
+    )
+    with pytest.raises(ValueError, match=r"odd\.tsv:2: unknown RTE label 'maybe'"):
+        load_glue_tsv(odd, task="rte")
+    with pytest.raises(ValueError, match="cannot tell which GLUE task"):
+        load_glue_tsv(write(tmp_path / "x.tsv", "foo\tlabel\na\t1\n"))
+
+
+# ------------------------------------------------------------------------------ csv / jsonl
+
+
+def test_csv_with_string_labels_maps_them_to_sorted_ids(tmp_path: Path) -> None:
+    path = write(
+        tmp_path / "d.csv", 'text,label\n"hello, world",pos\nbad,neg\nok,pos\n'
+    )
+    ds = load_csv(path, "text", "label")
+    assert ds.text_a == ("hello, world", "bad", "ok")
+    assert ds.text_b is None
+    assert ds.label_names == ("neg", "pos")
+    assert ds.labels.tolist() == [1, 0, 1]
+
+
+def test_csv_label_names_fix_the_id_order_and_accept_ids(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", "a,b,y\np1,h1,pos\np2,h2,0\n")
+    ds = load_csv(path, ["a", "b"], "y", label_names=["neg", "pos"])
+    assert ds.text_b == ("h1", "h2")
+    assert ds.labels.tolist() == [1, 0]
+    with pytest.raises(ValueError, match=r"d\.csv:3: label 'x'"):
+        load_csv(write(path, "a,y\np,pos\nq,x\n"), "a", "y", label_names=["neg", "pos"])
+
+
+def test_csv_integer_labels_are_ids(tmp_path: Path) -> None:
+    ds = load_csv(write(tmp_path / "d.csv", "sentence,label\na,2\nb,0\n"))
+    assert ds.label_names == ("0", "1", "2")
+    assert ds.labels.tolist() == [2, 0]
+
+
+def test_csv_errors_name_the_problem(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", "text,label\na,1\n")
+    with pytest.raises(ValueError, match="text column"):
+        load_csv(path, "body", "label")
+    with pytest.raises(ValueError, match="label column 'y'"):
+        load_csv(path, "text", "y")
+    with pytest.raises(ValueError, match="1 or 2 text columns"):
+        load_csv(path, ["text", "text", "text"], "label")
+
+
+def test_jsonl_reads_pairs_and_mixed_label_types(tmp_path: Path) -> None:
+    lines = [
+        {"premise": "p1", "hypothesis": "h1", "label": "entailment"},
+        {"premise": "p2", "hypothesis": "h2", "label": "neutral"},
+    ]
+    path = write(tmp_path / "d.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
+    ds = load_jsonl(path)  # default columns: premise/hypothesis, label
+    assert ds.text_a == ("p1", "p2")
+    assert ds.text_b == ("h1", "h2")
+    assert ds.label_names == ("entailment", "neutral")
+    ints = write(
+        tmp_path / "i.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'
+    )
+    assert load_jsonl(ints).labels.tolist() == [1, 0]
+
+
+def test_jsonl_errors_name_the_line(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: invalid JSON"):
+        load_jsonl(write(tmp_path / "d.jsonl", '{"text": "a", "label": 1}\n{oops\n'))
+    with pytest.raises(ValueError, match=r"e\.jsonl:1: 'text' is 3, not a string"):
+        load_jsonl(write(tmp_path / "e.jsonl", '{"text": 3, "label": 1}\n'))
+    with pytest.raises(ValueError, match=r"f\.jsonl:2: label True"):
+        load_jsonl(
+            write(
+                tmp_path / "f.jsonl",
+                '{"text": "a", "label": "x"}\n{"text": "b", "label": true}\n',
+            )
+        )
+
+
+def test_local_csv_spec_takes_columns_from_the_query_and_dev_from_a_sibling(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path / "train.csv", "body,stars\ngood,5\nbad,1\n")
+    write(tmp_path / "validation.csv", "body,stars\nmeh,3\n")
+    spec = f"{tmp_path / 'train.csv'}?text=body&label=stars"
+    train, dev = resolve_dataset(spec, "train"), resolve_dataset(spec, "dev")
+    assert (train.text_a, dev.text_a, train.name) == (("good", "bad"), ("meh",), spec)
+
+
+def test_local_jsonl_spec_uses_default_columns(tmp_path: Path) -> None:
+    write(tmp_path / "data.jsonl", '{"sentence": "x", "text_b": "y", "label": 0}\n')
+    ds = resolve_dataset(str(tmp_path / "data.jsonl"), "train")
+    assert (ds.text_a, ds.text_b) == (("x",), ("y",))
+
+
+def test_local_spec_without_a_dev_sibling_says_what_it_looked_for(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path / "train.csv", "text,label\na,0\n")
+    with pytest.raises(FileNotFoundError, match=r"dev\.csv.*validation\.csv"):
+        resolve_dataset(str(tmp_path / "train.csv"), "dev")
+
+
+# ---------------------------------------------------------------------------------- hub
+
+
+def test_hub_without_the_datasets_package_asks_for_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(RuntimeError, match=r"pip install 'tadlora\[hub\]'.*reachable"):
+        resolve_dataset("hub:glue/sst2", "train")
+
+
+class _FakeSplit:
+    column_names = ("sentence", "label", "idx")
+    features: ClassVar[dict[str, Any]] = {
+        "label": types.SimpleNamespace(names=["negative", "positive"])
+    }
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        yield {"sentence": "fine", "label": 1, "idx": 0}
+        yield {"sentence": "awful", "label": 0, "idx": 1}
+
+
+def test_hub_spec_maps_name_config_and_dev_split(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[tuple[str, str | None, str]] = []
+
+    def load_dataset(name: str, config: str | None, split: str) -> _FakeSplit:
+        calls.append((name, config, split))
+        return _FakeSplit()
+
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset)
+    )
+    ds = resolve_dataset("hub:nyu-mll/glue/sst2", "dev")
+    assert calls == [("nyu-mll/glue", "sst2", "validation")]
+    assert (ds.text_a, ds.labels.tolist(), ds.label_names) == (
+        ("fine", "awful"),
+        [1, 0],
+        ("negative", "positive"),
+    )
+    # The fake rows are not MNLI's, but only the split name asked for matters here.
+    load_hub("glue", "mnli", "dev")
+    assert calls[-1] == ("glue", "mnli", "validation_matched")
+
+
+def test_hub_failures_become_runtime_errors_that_mention_reachability(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setitem(
+        sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline)
+    )
+    with pytest.raises(RuntimeError, match="no route to host.*reachable"):
+        load_hub("glue", "sst2")
+
+
+# ------------------------------------------------------------------------- builtin, specs
+
+
+def test_builtin_sst2_small_is_package_data_with_the_expected_sizes() -> None:
+    folder = resources.files("tadlora.data") / "builtin" / "sst2_small"
+    assert (folder / "train.tsv").is_file() and (folder / "README.md").is_file()
+    train = resolve_dataset("builtin:sst2-small", "train")
+    dev = resolve_dataset("builtin:sst2-small", "dev")
+    assert (len(train), len(dev)) == (3000, 500)
+    assert tuple(train.label_counts()) == (1362, 1638)
+    assert tuple(dev.label_counts()) == (235, 265)
+    assert train.label_names == ("negative", "positive")
+    assert train.text_a[0] == "hide new secretions from the parental units "
+
+
+def test_builtin_files_are_the_first_rows_of_glue_sst2(glue_dir: Path) -> None:
+    folder = resources.files("tadlora.data") / "builtin" / "sst2_small"
+    for name, rows in (("train.tsv", 3000), ("dev.tsv", 500)):
+        full = (
+            (glue_dir / "SST-2" / name)
+            .read_text(encoding="utf-8")
+            .splitlines(keepends=True)
+        )
+        assert (folder / name).read_text(encoding="utf-8") == "".join(full[: rows + 1])
+
+
+@pytest.mark.parametrize(
+    ("spec", "split", "message"),
+    [
+        ("builtin:sst2-small", "test", "split must be one of"),
+        (
+            "builtin:sst3",
+            "train",
+            "unknown builtin dataset 'sst3'; available: sst2-small",
+        ),
+        ("glue:CoLA", "train", "unknown GLUE task 'CoLA'; known tasks: MNLI"),
+        ("data.parquet", "train", "unrecognised dataset spec"),
+        ("s3:bucket", "train", "expected builtin:NAME"),
+        ("train.csv?txt=a", "train", r"unknown option\(s\) \['txt'\]"),
+        ("train.csv?label=a&label=b", "train", "exactly one label column"),
+        ("hub:", "train", "expected hub:NAME"),
+        ("hub:a/b/c/d", "train", "expected hub:NAME"),
+    ],
+)
+def test_bad_dataset_specs_raise_value_errors_that_say_what_is_accepted(
+    spec: str, split: str, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve_dataset(spec, split)
+
+
+# ---------------------------------------------------------------------------- TextDataset
+
+
+def test_text_dataset_subset_keeps_order_and_metadata() -> None:
+    ds = TextDataset(
+        "d", ("a", "b", "c"), ("x", "y", "z"), np.array([0, 1, 1]), ("n", "p")
+    )
+    sub = ds.subset(np.array([2, 0]))
+    assert (sub.text_a, sub.text_b, sub.labels.tolist()) == (
+        ("c", "a"),
+        ("z", "x"),
+        [1, 0],
+    )
+    assert (sub.name, sub.label_names, sub.num_classes) == ("d", ("n", "p"), 2)
+    assert ds.label_counts().tolist() == [1, 2]
+    with pytest.raises(IndexError):
+        ds.subset([3])
+    with pytest.raises(IndexError):
+        ds.subset([-1])
+
+
+def test_text_dataset_labels_are_a_private_read_only_copy() -> None:
+    labels = np.array([0, 1])
+    ds = TextDataset("d", ("a", "b"), None, labels, ("n", "p"))
+    labels[0] = 1
+    assert ds.labels.tolist() == [0, 1]
+    with pytest.raises(ValueError, match="read-only"):
+        ds.labels[0] = 1
+
+
+def test_text_dataset_refuses_inconsistent_fields() -> None:
+    with pytest.raises(ValueError, match="2 labels for 1 texts"):
+        TextDataset("d", ("a",), None, np.array([0, 1]), ("n", "p"))
+    with pytest.raises(ValueError, match="text_b"):
+        TextDataset("d", ("a",), ("x", "y"), np.array([0]), ("n", "p"))
+    with pytest.raises(ValueError, match="outside"):
+        TextDataset("d", ("a",), None, np.array([2]), ("n", "p"))
+
+
+# -------------------------------------------------------------------------------- splits
+
+
+def balanced_labels(
+    num_classes: int, per_class: int, seed: int = 7
+) -> npt.NDArray[np.int64]:
+    labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
+    return np.random.default_rng(seed).permutation(labels)
+
+
+def test_label_skew_proportions_for_ten_clients_are_the_papers() -> None:
+    binary = label_skew_proportions(10, 2)
+    assert binary.tolist() == [[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3 + [[0.5, 0.5]] * 4
+    mnli = label_skew_proportions(10, 3)
+    expected = (
+        [[0.9, 0.05, 0.05]] * 4 + [[0.05, 0.9, 0.05]] * 3 + [[0.05, 0.05, 0.9]] * 3
+    )
+    assert np.allclose(mnli, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("clients", "classes", "group_sizes"),
+    [
+        (7, 2, [2, 2, 3]),  # round(2.1) = 2 per skewed group, rest balanced
+        (20, 2, [6, 6, 8]),
+        (5, 2, [2, 2, 1]),  # round(1.5) rounds half up
+        (7, 3, [3, 2, 2]),  # earlier groups take the extras
+        (20, 3, [7, 7, 6]),
+        (20, 4, [5, 5, 5, 5]),
+    ],
+)
+def test_label_skew_proportions_generalise_by_the_documented_rule(
+    clients: int, classes: int, group_sizes: list[int]
+) -> None:
+    props = label_skew_proportions(clients, classes)
+    assert props.shape == (clients, classes)
+    assert np.allclose(props.sum(axis=1), 1.0)
+    dominant = [int(row.argmax()) if row.max() > 0.5 else -1 for row in props]
+    groups = [dominant.count(c) for c in range(classes)]
+    if classes == 2:
+        groups.append(dominant.count(-1))
+    assert groups == group_sizes
+    assert dominant == sorted(dominant, key=lambda c: (c < 0, c)), (
+        "groups are consecutive"
+    )
+    minor = 0.1 / (classes - 1)
+    for row, c in zip(props, dominant, strict=True):
+        if c >= 0:
+            assert np.allclose(np.delete(row, c), minor)
+
+
+@pytest.mark.parametrize(("clients", "classes"), [(10, 2), (10, 3), (7, 2), (20, 3)])
+def test_label_skew_clients_get_equal_disjoint_shards_in_the_stated_mix(
+    clients: int, classes: int
+) -> None:
+    labels = balanced_labels(classes, 3000)
+    shards = split_label_skew(labels, clients, seed=0)
+    assert_disjoint(shards)
+    n = shards[0].size
+    assert all(s.size == n for s in shards)
+    props = label_skew_proportions(clients, classes)
+    for shard, expected in zip(shards, props, strict=True):
+        fractions = np.bincount(labels[shard], minlength=classes) / n
+        assert np.all(np.abs(fractions - expected) <= 1 / n + 1e-12)
+
+
+def test_label_skew_default_size_is_the_largest_that_exhausts_no_class() -> None:
+    labels = np.array([0] * 600 + [1] * 2000)
+    shards = split_label_skew(labels, 10, seed=0)
+    n = shards[0].size
+    # Class 0 is the scarce one: 3*0.9n + 3*0.1n + 4*0.5n = 5n of it are needed.
+    assert n == 120
+    assert np.sum(labels[np.concatenate(shards)] == 0) <= 600
+    with pytest.raises(ValueError, match=r"at most 120"):
+        make_shards(labels, f"label-skew:{n + 1}", 10, seed=0)
+    assert all(s.size == 50 for s in make_shards(labels, "label-skew:50", 10, seed=0))
+
+
+@pytest.mark.parametrize("scheme", ["iid", "label-skew", "dirichlet:0.5"])
+def test_every_scheme_is_deterministic_for_a_seed_and_varies_with_it(
+    scheme: str,
+) -> None:
+    labels = balanced_labels(3, 400)
+    first = make_shards(labels, scheme, 10, seed=1)
+    again = make_shards(labels, scheme, 10, seed=1)
+    other = make_shards(labels, scheme, 10, seed=2)
+    assert all(np.array_equal(a, b) for a, b in zip(first, again, strict=True))
+    assert not all(np.array_equal(a, b) for a, b in zip(first, other, strict=True))
+    assert all(s.dtype == np.int64 and np.all(np.diff(s) > 0) for s in first)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.5, 100.0])
+def test_dirichlet_shards_partition_the_dataset(alpha: float) -> None:
+    labels = balanced_labels(2, 500)
+    shards = split_dirichlet(labels, 10, alpha, seed=3)
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(labels.size))
+    assert all(s.size >= 1 for s in shards)
+
+
+def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:
+    labels = balanced_labels(2, 2000)
+
+    def spread(alpha: float) -> float:
+        shards = split_dirichlet(labels, 10, alpha, seed=0)
+        return float(np.mean([abs(labels[s].mean() - 0.5) for s in shards]))
+
+    assert spread(0.1) > 0.2
+    assert spread(1000.0) < 0.05
+
+
+def test_iid_shards_partition_the_dataset_in_near_equal_sizes() -> None:
+    shards = split_iid(np.zeros(103, dtype=np.int64), 10, seed=0)
+    assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(103))
+    assert {s.size for s in shards} == {10, 11}
+
+
+def test_make_shards_accepts_a_dataset_and_uses_its_class_count() -> None:
+    # Class 2 has no examples, yet the dataset declares 3 classes: the 3-class rule applies.
+    ds = TextDataset("d", ("t",) * 400, None, np.array([0, 1] * 200), ("a", "b", "c"))
+    with pytest.raises(ValueError, match=r"class counts \[200, 200, 0\]"):
+        make_shards(ds, "label-skew", 4, seed=0)
+    assert len(make_shards(ds, "iid", 4, seed=0)) == 4
+
+
+@pytest.mark.parametrize(
+    ("scheme", "clients", "message"),
+    [
+        (
+            "shuffle",
+            10,
+            "unknown shard scheme 'shuffle'; expected one of iid, label-skew",
+        ),
+        ("iid:2", 10, "unknown shard scheme"),
+        ("dirichlet", 10, "dirichlet needs a concentration"),
+        ("dirichlet:abc", 10, "dirichlet needs a concentration"),
+        ("dirichlet:0", 10, "alpha must be a positive number"),
+        ("label-skew:ten", 10, "label-skew:N needs an integer"),
+        ("label-skew:0", 10, "samples_per_client must be >= 1"),
+        ("iid", 0, "num_clients must be >= 1"),
+        ("iid", 2000, "cannot give 2000 clients"),
+    ],
+)
+def test_bad_shard_schemes_raise_value_errors(
+    scheme: str, clients: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        make_shards(balanced_labels(2, 100), scheme, clients, seed=0)
