@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import numpy as np
 import numpy.typing as npt
 import pytest
+
 from tadlora.data import (
     GLUE_DIR_ENV,
     TextDataset,
@@ -292,7 +293,7 @@ def test_hub_failures_become_runtime_errors_that_mention_reachability(
     monkeypatch.setitem(
         sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline)
     )
-    with pytest.raises(RuntimeError, match="no route to host.*reachable"):
+    with pytest.raises(RuntimeError, match=r"no route to host.*reachable"):
         load_hub("glue", "sst2")
 
 

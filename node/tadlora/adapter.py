@@ -160,7 +160,12 @@ class AdapterModel:
             target_modules=list(spec.lora.target_modules),
             task_type="SEQ_CLS",
         )
-        self.model = get_peft_model(base, config)
+        try:
+            self.model = get_peft_model(base, config)
+        except ValueError as exc:
+            raise ValueError(
+                f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)} ({exc})"
+            ) from exc
         self._factor_params: dict[str, nn.Parameter] = {}
         for name, param in self.model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:

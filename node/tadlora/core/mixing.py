@@ -113,7 +113,7 @@ def truncate_product(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     signs[signs == 0] = 1.0
     u, vh = u * signs, vh * signs[:, None]
     root = torch.sqrt(s)
-    return u * root, root[:, None] * vh
+    return (u * root).contiguous(), (root[:, None] * vh).contiguous()
 
 
 _ZERO_PRODUCT = 1e-12  # Frobenius norm under which a mixed product counts as zero (float64)

@@ -131,6 +131,7 @@ _SMOKE = SimConfig(
     link_probs=(0.5,),
     switch_intervals=(2,),
     checkpoint_every=2,
+    engine="batched",  # tiny model: one batched pass beats per-client passes even on CPU
     device="cpu",
 )
 

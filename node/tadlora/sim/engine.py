@@ -97,8 +97,7 @@ class BatchedEngine:
         }
         self._group: tuple[int, int] | None = None
         self._hooks = [
-            model.model.get_submodule(module).register_forward_hook(self._make_hook(module))
-            for module in modules(init)
+            model.model.get_submodule(module).register_forward_hook(self._make_hook(module)) for module in modules(init)
         ]
 
     def close(self) -> None:

@@ -230,7 +230,9 @@ class Simulator:
             if on_round is not None:
                 on_round(t, record)
             if (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.rounds:
-                state = {f"{i}/{k}": v for i in range(cfg.num_clients) for k, v in engine.get_factors(i).items()}
+                state = {
+                    f"{i}/{k}": v.contiguous() for i in range(cfg.num_clients) for k, v in engine.get_factors(i).items()
+                }
                 atomic_write_bytes(ckpt, save(state, metadata={"round": str(t + 1)}))
                 atomic_write_json(partial, {"records": records})
 

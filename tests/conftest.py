@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models built from a config and a small slice of the shipped dataset."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
+from tadlora.data import TextDataset, resolve_dataset
+from tadlora.training import Encoded, TrainSpec, encode
+
+# Tests run torch in one thread, and so do the node processes they start: several nodes (and pytest) share two
+# cores, and OpenMP threads spinning against each other made a 10 s run take over a minute.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
+
+TINY_LORA = LoraSpec(r=4, alpha=8.0)
+TINY_TRAIN = TrainSpec(local_steps=2, batch_size=4, max_length=32, lr=1e-2)
+
+
+def tiny_spec(seed: int = 0) -> ModelSpec:
+    return ModelSpec(model="tiny", lora=TINY_LORA, seed=seed)
+
+
+@pytest.fixture(scope="session")
+def sst2_small() -> TextDataset:
+    return resolve_dataset("builtin:sst2-small", "train")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> AdapterModel:
+    """One shared tiny model; tests that change its factors must restore them (or build their own)."""
+    return AdapterModel(tiny_spec())
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tiny_model: AdapterModel, sst2_small: TextDataset) -> list[Encoded]:
+    enc = encode(tiny_model.tokenizer, sst2_small.subset(np.arange(120)), TINY_TRAIN.max_length)
+    return [enc.subset(np.arange(i * 30, (i + 1) * 30)) for i in range(4)]
+
+
+@pytest.fixture(scope="session")
+def tiny_dev(tiny_model: AdapterModel) -> Encoded:
+    dev = resolve_dataset("builtin:sst2-small", "dev").subset(np.arange(24))
+    return encode(tiny_model.tokenizer, dev, TINY_TRAIN.max_length)

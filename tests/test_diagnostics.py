@@ -1,0 +1,49 @@
+"""Consensus distances and the cross term C = (1/m) Σ (B_i − B̄)(A_i − Ā)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tadlora.core.diagnostics import cross_term, diagnose
+from tadlora.core.factors import Factor, factor_key
+
+KA, KB = factor_key("m", Factor.A), factor_key("m", Factor.B)
+
+
+def clients(a: list[torch.Tensor], b: list[torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+    return [{KA: ai, KB: bi} for ai, bi in zip(a, b, strict=True)]
+
+
+def test_cross_term_on_literal_inputs() -> None:
+    # m = 2, scalars as 1x1: B = (1, 3), A = (2, 6) → deviations (-1, 1) and (-2, 2) → C = (2 + 2) / 2 = 2
+    b = torch.tensor([[[1.0]], [[3.0]]])
+    a = torch.tensor([[[2.0]], [[6.0]]])
+    assert cross_term(b, a).item() == pytest.approx(2.0)
+
+
+def test_cross_term_is_zero_when_either_factor_is_in_consensus() -> None:
+    g = torch.Generator().manual_seed(0)
+    same_a = torch.randn(3, 5, generator=g)
+    d = diagnose(clients([same_a] * 4, [torch.randn(5, 3, generator=g) for _ in range(4)]))
+    assert d.cross_term_norm == 0.0 and d.consensus_a == 0.0 and d.consensus_b > 0
+    same_b = torch.randn(5, 3, generator=g)
+    d = diagnose(clients([torch.randn(3, 5, generator=g) for _ in range(4)], [same_b] * 4))
+    assert d.cross_term_norm == 0.0 and d.consensus_b == 0.0
+
+
+def test_mean_of_products_equals_product_of_means_plus_cross_term() -> None:
+    g = torch.Generator().manual_seed(1)
+    a = torch.randn(6, 3, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 5, 3, generator=g, dtype=torch.float64)
+    lhs = (b @ a).mean(0)
+    rhs = b.mean(0) @ a.mean(0) + cross_term(b, a)
+    torch.testing.assert_close(lhs, rhs)
+
+
+def test_consensus_distance_of_identical_clients_is_zero() -> None:
+    g = torch.Generator().manual_seed(2)
+    a, b = torch.randn(3, 5, generator=g), torch.randn(5, 3, generator=g)
+    d = diagnose(clients([a] * 3, [b] * 3))
+    assert (d.consensus_a, d.consensus_b, d.cross_term_norm) == (0.0, 0.0, 0.0)
+    assert d.consensus_ba == pytest.approx(0.0, abs=1e-24)  # the mean of equal float products may round

@@ -1,0 +1,84 @@
+"""Method policies: which factor trains and which factors mix in each round."""
+
+from __future__ import annotations
+
+import pytest
+
+from tadlora.core.factors import Factor
+from tadlora.core.methods import (
+    Method,
+    active_factor,
+    make_method,
+    method_names,
+    recommended_switch_interval,
+    register,
+)
+from tadlora.sim.config import ALL_METHODS
+
+A, B = frozenset({Factor.A}), frozenset({Factor.B})
+AB = frozenset({Factor.A, Factor.B})
+
+
+def test_every_paper_method_is_registered() -> None:
+    assert set(ALL_METHODS) <= set(method_names())
+
+
+def test_alternating_schedule_starts_with_b_and_switches_every_t_rounds() -> None:
+    assert [active_factor(t, 3).value for t in range(8)] == list("BBBAAABB")
+    assert [active_factor(t, 1).value for t in range(4)] == list("BABA")
+
+
+@pytest.mark.parametrize(
+    ("name", "t", "trained", "mixed"),
+    [
+        ("tad", 0, B, AB),
+        ("tad", 5, A, AB),
+        ("tad", 10, B, AB),
+        ("adf", 4, B, AB),
+        ("adf", 5, A, AB),
+        ("tad-nojoint", 0, B, B),
+        ("tad-nojoint", 5, A, A),
+        ("rolora", 0, B, B),
+        ("rolora", 1, A, A),
+        ("lora", 3, AB, AB),
+        ("ffa", 3, B, B),
+        ("decaf", 3, AB, AB),
+    ],
+)
+def test_each_method_trains_and_mixes_the_stated_factors(
+    name: str, t: int, trained: frozenset, mixed: frozenset
+) -> None:
+    method = make_method(name)
+    assert method.trained(t) == trained
+    assert method.mixed(t) == mixed
+
+
+def test_adf_default_interval_is_five_and_equals_tad_with_that_interval() -> None:
+    adf, tad = make_method("adf"), make_method("tad", 5)
+    assert adf.switch_interval == 5
+    assert all(adf.trained(t) == tad.trained(t) and adf.mixed(t) == tad.mixed(t) for t in range(40))
+
+
+def test_only_decaf_mixes_products() -> None:
+    assert [n for n in ALL_METHODS if make_method(n).product_mixing] == ["decaf"]
+
+
+def test_bad_method_arguments_are_refused() -> None:
+    with pytest.raises(ValueError, match="unknown method"):
+        make_method("nope")
+    with pytest.raises(ValueError, match="does not alternate"):
+        make_method("lora", 3)
+    with pytest.raises(ValueError, match=">= 1"):
+        make_method("tad", 0)
+
+
+def test_duplicate_registration_is_refused() -> None:
+    with pytest.raises(ValueError, match="already registered"):
+        register("tad")(lambda t: Method("tad"))
+
+
+def test_recommended_interval_grows_as_connectivity_falls() -> None:
+    m = 10
+    ts = [recommended_switch_interval(p * (m - 1)) for p in (0.5, 0.1, 0.02)]
+    assert ts == sorted(ts) and ts[0] < ts[-1]
+    assert all(1 <= t <= 15 for t in ts)

@@ -1,0 +1,195 @@
+"""Metropolis-Hastings weights and the mixing step: invariants on literal and random inputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from tadlora.core.factors import BOTH, Factor, factor_key
+from tadlora.core.methods import make_method
+from tadlora.core.mixing import (
+    apply_method_mixing,
+    edge_weight,
+    local_weights,
+    mh_matrix,
+    mix_factors,
+    mix_products,
+    truncate_product,
+)
+from tadlora.core.topology import ring_edges
+
+
+def random_graph(m: int, p: float, rng: np.random.Generator) -> np.ndarray:
+    upper = np.triu(rng.random((m, m)) < p, k=1)
+    return upper | upper.T
+
+
+def test_edge_weight_is_one_over_one_plus_max_degree() -> None:
+    assert edge_weight(1, 1) == 0.5
+    assert edge_weight(2, 5) == pytest.approx(1 / 6)
+    assert edge_weight(5, 2) == edge_weight(2, 5)
+    with pytest.raises(ValueError):
+        edge_weight(0, 3)
+
+
+def test_mh_matrix_on_a_literal_path_graph() -> None:
+    # path 0-1-2: degrees 1, 2, 1 → w01 = w12 = 1/3
+    adj = np.array([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=bool)
+    expected = np.array([[2 / 3, 1 / 3, 0], [1 / 3, 1 / 3, 1 / 3], [0, 1 / 3, 2 / 3]])
+    np.testing.assert_allclose(mh_matrix(adj), expected)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.05, 0.3, 0.7, 1.0])
+def test_mh_matrix_is_symmetric_nonnegative_doubly_stochastic_with_isolated_nodes(p: float) -> None:
+    rng = np.random.default_rng(int(p * 100))
+    for m in (1, 2, 7, 25):
+        adj = random_graph(m, p, rng)
+        adj[0, :] = adj[:, 0] = False  # node 0 always isolated
+        w = mh_matrix(adj)
+        np.testing.assert_allclose(w, w.T, atol=1e-15)
+        assert (w >= 0).all()
+        np.testing.assert_allclose(w.sum(axis=0), 1.0, atol=1e-12)
+        np.testing.assert_allclose(w.sum(axis=1), 1.0, atol=1e-12)
+        assert w[0, 0] == 1.0
+        assert ((w > 0) == (adj | np.eye(m, dtype=bool))).all()
+
+
+def test_local_view_equals_the_matrix_row() -> None:
+    rng = np.random.default_rng(3)
+    adj = random_graph(12, 0.3, rng)
+    w = mh_matrix(adj)
+    deg = adj.sum(axis=1)
+    for i in range(12):
+        row = local_weights(int(deg[i]), {int(j): int(deg[j]) for j in np.flatnonzero(adj[i])})
+        assert row.self_weight == pytest.approx(w[i, i])
+        for j, wij in row.neighbours.items():
+            assert wij == w[i, j]
+
+
+def test_a_dropped_neighbour_returns_its_weight_to_self() -> None:
+    full = local_weights(3, {"a": 2, "b": 5, "c": 1})
+    dropped = local_weights(3, {"a": 2, "c": 1})
+    assert dropped.self_weight == pytest.approx(full.self_weight + full.neighbours["b"])
+    assert sum(dropped.neighbours.values()) + dropped.self_weight == pytest.approx(1.0)
+
+
+def make_factors(rng: torch.Generator, modules: int = 2, r: int = 3, d: int = 5) -> dict[str, torch.Tensor]:
+    out = {}
+    for k in range(modules):
+        out[factor_key(f"layer.{k}.query", Factor.A)] = torch.randn(r, d, generator=rng)
+        out[factor_key(f"layer.{k}.query", Factor.B)] = torch.randn(d, r, generator=rng)
+    return out
+
+
+def mix_network(adj: np.ndarray, states: list[dict[str, torch.Tensor]], which=BOTH) -> list[dict[str, torch.Tensor]]:
+    deg = adj.sum(axis=1)
+    out = []
+    for i in range(len(states)):
+        nbrs = [int(j) for j in np.flatnonzero(adj[i])]
+        w = local_weights(int(deg[i]), {j: int(deg[j]) for j in nbrs})
+        out.append(mix_factors(states[i], {j: states[j] for j in nbrs}, w, which))
+    return out
+
+
+def network_mean(states: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
+    return torch.stack([s[key].double() for s in states]).mean(0)
+
+
+def test_one_mixing_round_preserves_the_network_average() -> None:
+    gen = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        adj = random_graph(9, 0.35, rng)
+        states = [make_factors(gen) for _ in range(9)]
+        mixed = mix_network(adj, states)
+        for key in states[0]:
+            torch.testing.assert_close(network_mean(mixed, key), network_mean(states, key), atol=1e-6, rtol=0)
+
+
+def test_repeated_mixing_on_a_connected_irregular_graph_converges_to_the_average() -> None:
+    gen = torch.Generator().manual_seed(1)
+    m = 8
+    adj = np.zeros((m, m), dtype=bool)
+    for i, j in [*ring_edges(m), (0, 3), (0, 5), (2, 6)]:  # a ring with chords: irregular degrees
+        adj[i, j] = adj[j, i] = True
+    states = [{k: v.double() for k, v in make_factors(gen).items()} for _ in range(m)]
+    target = {k: network_mean(states, k) for k in states[0]}
+    for _ in range(300):
+        states = mix_network(adj, states)
+    for key, mean in target.items():
+        for s in states:
+            torch.testing.assert_close(s[key], mean, atol=1e-9, rtol=0)
+
+
+def test_mixing_only_the_named_factor_leaves_the_other_untouched() -> None:
+    gen = torch.Generator().manual_seed(2)
+    own, other = make_factors(gen), make_factors(gen)
+    w = local_weights(1, {"x": 1})
+    mixed = mix_factors(own, {"x": other}, w, frozenset({Factor.B}))
+    for key in own:
+        if ".lora_A." in key:
+            assert torch.equal(mixed[key], own[key])
+        else:
+            torch.testing.assert_close(mixed[key], (own[key] + other[key]) / 2)
+
+
+def test_truncate_product_gives_the_best_rank_r_approximation_with_a_balanced_split() -> None:
+    gen = torch.Generator().manual_seed(4)
+    p = torch.randn(12, 9, generator=gen, dtype=torch.float64)
+    b, a = truncate_product(p, rank=3)
+    u, s, vh = torch.linalg.svd(p, full_matrices=False)
+    best = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
+    torch.testing.assert_close(b @ a, best)
+    # balanced: both factors carry sqrt of the singular values
+    torch.testing.assert_close(torch.linalg.norm(b, dim=0), torch.sqrt(s[:3]))
+    torch.testing.assert_close(torch.linalg.norm(a, dim=1), torch.sqrt(s[:3]))
+
+
+def test_truncate_product_is_sign_deterministic() -> None:
+    gen = torch.Generator().manual_seed(5)
+    p = torch.randn(10, 6, generator=gen, dtype=torch.float64)
+    b1, a1 = truncate_product(p, 2)
+    b2, a2 = truncate_product(p.clone(), 2)
+    torch.testing.assert_close(b1, b2)
+    torch.testing.assert_close(a1, a2)
+    # each column of B has its largest-magnitude entry positive
+    pivot = b1.abs().argmax(dim=0)
+    assert (b1[pivot, torch.arange(2)] > 0).all()
+
+
+def test_decaf_reproduces_the_rank_r_truncation_of_the_mixed_product() -> None:
+    gen = torch.Generator().manual_seed(6)
+    states = [make_factors(gen, r=3) for _ in range(3)]
+    w = local_weights(2, {1: 1, 2: 1})  # node 0 in a path 1-0-2: w01 = w02 = 1/3
+    mixed = mix_products(states[0], {1: states[1], 2: states[2]}, w)
+    for k in range(2):
+        ka, kb = factor_key(f"layer.{k}.query", Factor.A), factor_key(f"layer.{k}.query", Factor.B)
+        product = sum(s[kb].double() @ s[ka].double() for s in states) / 3
+        u, s, vh = torch.linalg.svd(product, full_matrices=False)
+        best = u[:, :3] @ torch.diag(s[:3]) @ vh[:3]
+        torch.testing.assert_close((mixed[kb].double() @ mixed[ka].double()), best, atol=1e-5, rtol=1e-5)
+        assert mixed[ka].shape == states[0][ka].shape and mixed[kb].shape == states[0][kb].shape
+
+
+def test_decaf_keeps_a_when_every_b_is_still_zero() -> None:
+    gen = torch.Generator().manual_seed(7)
+    own = make_factors(gen)
+    own = {k: (torch.zeros_like(v) if ".lora_B." in k else v) for k, v in own.items()}
+    mixed = mix_products(own, {}, local_weights(0, {}))
+    for key in own:
+        assert torch.equal(mixed[key], own[key])
+
+
+def test_apply_method_mixing_follows_the_method() -> None:
+    gen = torch.Generator().manual_seed(8)
+    own, other = make_factors(gen), make_factors(gen)
+    w = local_weights(1, {"x": 1})
+    rolora = make_method("rolora")
+    for t, frozen_marker in [(0, ".lora_A."), (1, ".lora_B.")]:  # round 0 trains and mixes B only
+        mixed = apply_method_mixing(rolora, t, own, {"x": other}, w)
+        for key in own:
+            if frozen_marker in key:
+                assert torch.equal(mixed[key], own[key])
+            else:
+                assert not torch.equal(mixed[key], own[key])

@@ -1,0 +1,51 @@
+"""Topologies: per-round links that both ends agree on without talking."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tadlora.core.topology import client_name, link_up, make_topology
+
+
+def test_link_state_is_symmetric_and_a_pure_function_of_seed_round_and_ends() -> None:
+    for t in range(50):
+        assert link_up(7, t, "alpha", "beta", 0.3) == link_up(7, t, "beta", "alpha", 0.3)
+    a = [link_up(1, t, "x", "y", 0.5) for t in range(200)]
+    assert a == [link_up(1, t, "x", "y", 0.5) for t in range(200)]
+    assert a != [link_up(2, t, "x", "y", 0.5) for t in range(200)]
+
+
+def test_erdos_renyi_links_are_up_with_probability_p() -> None:
+    topo = make_topology("er", 10, link_prob=0.1, seed=3)
+    ups = [len(topo.live_edges(t)) for t in range(2000)]
+    assert np.mean(ups) / 45 == pytest.approx(0.1, abs=0.01)
+
+
+def test_complete_ring_and_user_graphs() -> None:
+    assert len(make_topology("complete", 6).edges) == 15
+    ring = make_topology("ring", 6)
+    assert ring.adjacency(0).sum(axis=1).tolist() == [2] * 6
+    user = make_topology("edges:0-1,1-2,2-0,3-4", 5)
+    assert user.live_edges(0) == [(0, 1), (0, 2), (1, 2), (3, 4)]
+    adj = user.adjacency(0)
+    assert (adj == adj.T).all() and not adj.diagonal().any()
+
+
+def test_edge_list_file(tmp_path) -> None:
+    path = tmp_path / "g.txt"
+    path.write_text("0 1\n1 2  # comment\n\n")
+    assert make_topology(f"file:{path}", 3).live_edges(0) == [(0, 1), (1, 2)]
+
+
+@pytest.mark.parametrize("spec", ["star", "edges:0-9", "edges:1-1", "edges:a-b"])
+def test_bad_topologies_are_refused(spec: str) -> None:
+    with pytest.raises(ValueError):
+        make_topology(spec, 4)
+
+
+def test_simulator_names_match_what_a_daemon_would_use() -> None:
+    topo = make_topology("er", 4, link_prob=0.5, seed=9)
+    for t in range(20):
+        for i, j in topo.live_edges(t):
+            assert link_up(9, t, client_name(i), client_name(j), 0.5)
