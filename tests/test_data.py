@@ -36,9 +36,7 @@ SHARED_GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "
 @pytest.fixture
 def glue_dir() -> Path:
     if not SHARED_GLUE.is_dir():
-        pytest.skip(
-            f"real GLUE data not present at {SHARED_GLUE} (see shared/data/README.md)"
-        )
+        pytest.skip(f"real GLUE data not present at {SHARED_GLUE} (see shared/data/README.md)")
     return SHARED_GLUE.resolve()
 
 
@@ -95,9 +93,7 @@ def test_glue_label_ids_follow_the_hugging_face_order(glue_dir: Path) -> None:
     )
 
 
-def test_glue_task_is_inferred_from_header_and_labels_outside_a_task_folder(
-    glue_dir: Path, tmp_path: Path
-) -> None:
+def test_glue_task_is_inferred_from_header_and_labels_outside_a_task_folder(glue_dir: Path, tmp_path: Path) -> None:
     rte = shutil.copy(glue_dir / "RTE/dev.tsv", tmp_path / "a.tsv")
     mnli = shutil.copy(glue_dir / "MNLI/dev_matched.tsv", tmp_path / "b.tsv")
     assert load_glue_tsv(rte).label_names == ("entailment", "not_entailment")
@@ -136,9 +132,7 @@ def test_malformed_glue_rows_name_the_file_and_line(tmp_path: Path) -> None:
     short = write(tmp_path / "short.tsv", "sentence\tlabel\nfine\t1\nno label here\n")
     with pytest.raises(ValueError, match=r"short\.tsv:3: expected 2"):
         load_glue_tsv(short, task="SST-2")
-    odd = write(
-        tmp_path / "odd.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n"
-    )
+    odd = write(tmp_path / "odd.tsv", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n")
     with pytest.raises(ValueError, match=r"odd\.tsv:2: unknown RTE label 'maybe'"):
         load_glue_tsv(odd, task="rte")
     with pytest.raises(ValueError, match="cannot tell which GLUE task"):
@@ -149,9 +143,7 @@ def test_malformed_glue_rows_name_the_file_and_line(tmp_path: Path) -> None:
 
 
 def test_csv_with_string_labels_maps_them_to_sorted_ids(tmp_path: Path) -> None:
-    path = write(
-        tmp_path / "d.csv", 'text,label\n"hello, world",pos\nbad,neg\nok,pos\n'
-    )
+    path = write(tmp_path / "d.csv", 'text,label\n"hello, world",pos\nbad,neg\nok,pos\n')
     ds = load_csv(path, "text", "label")
     assert ds.text_a == ("hello, world", "bad", "ok")
     assert ds.text_b is None
@@ -194,9 +186,7 @@ def test_jsonl_reads_pairs_and_mixed_label_types(tmp_path: Path) -> None:
     assert ds.text_a == ("p1", "p2")
     assert ds.text_b == ("h1", "h2")
     assert ds.label_names == ("entailment", "neutral")
-    ints = write(
-        tmp_path / "i.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n'
-    )
+    ints = write(tmp_path / "i.jsonl", '{"text": "a", "label": 1}\n{"text": "b", "label": 0}\n')
     assert load_jsonl(ints).labels.tolist() == [1, 0]
 
 
@@ -251,9 +241,7 @@ def test_hub_without_the_datasets_package_asks_for_the_extra(
 
 class _FakeSplit:
     column_names = ("sentence", "label", "idx")
-    features: ClassVar[dict[str, Any]] = {
-        "label": types.SimpleNamespace(names=["negative", "positive"])
-    }
+    features: ClassVar[dict[str, Any]] = {"label": types.SimpleNamespace(names=["negative", "positive"])}
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         yield {"sentence": "fine", "label": 1, "idx": 0}
@@ -269,9 +257,7 @@ def test_hub_spec_maps_name_config_and_dev_split(
         calls.append((name, config, split))
         return _FakeSplit()
 
-    monkeypatch.setitem(
-        sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset)
-    )
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     ds = resolve_dataset("hub:nyu-mll/glue/sst2", "dev")
     assert calls == [("nyu-mll/glue", "sst2", "validation")]
     assert (ds.text_a, ds.labels.tolist(), ds.label_names) == (
@@ -290,9 +276,7 @@ def test_hub_failures_become_runtime_errors_that_mention_reachability(
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("no route to host")
 
-    monkeypatch.setitem(
-        sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline)
-    )
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=offline))
     with pytest.raises(RuntimeError, match=r"no route to host.*reachable"):
         load_hub("glue", "sst2")
 
@@ -315,11 +299,7 @@ def test_builtin_sst2_small_is_package_data_with_the_expected_sizes() -> None:
 def test_builtin_files_are_the_first_rows_of_glue_sst2(glue_dir: Path) -> None:
     folder = resources.files("tadlora.data") / "builtin" / "sst2_small"
     for name, rows in (("train.tsv", 3000), ("dev.tsv", 500)):
-        full = (
-            (glue_dir / "SST-2" / name)
-            .read_text(encoding="utf-8")
-            .splitlines(keepends=True)
-        )
+        full = (glue_dir / "SST-2" / name).read_text(encoding="utf-8").splitlines(keepends=True)
         assert (folder / name).read_text(encoding="utf-8") == "".join(full[: rows + 1])
 
 
@@ -341,9 +321,7 @@ def test_builtin_files_are_the_first_rows_of_glue_sst2(glue_dir: Path) -> None:
         ("hub:a/b/c/d", "train", "expected hub:NAME"),
     ],
 )
-def test_bad_dataset_specs_raise_value_errors_that_say_what_is_accepted(
-    spec: str, split: str, message: str
-) -> None:
+def test_bad_dataset_specs_raise_value_errors_that_say_what_is_accepted(spec: str, split: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resolve_dataset(spec, split)
 
@@ -352,9 +330,7 @@ def test_bad_dataset_specs_raise_value_errors_that_say_what_is_accepted(
 
 
 def test_text_dataset_subset_keeps_order_and_metadata() -> None:
-    ds = TextDataset(
-        "d", ("a", "b", "c"), ("x", "y", "z"), np.array([0, 1, 1]), ("n", "p")
-    )
+    ds = TextDataset("d", ("a", "b", "c"), ("x", "y", "z"), np.array([0, 1, 1]), ("n", "p"))
     sub = ds.subset(np.array([2, 0]))
     assert (sub.text_a, sub.text_b, sub.labels.tolist()) == (
         ("c", "a"),
@@ -390,9 +366,7 @@ def test_text_dataset_refuses_inconsistent_fields() -> None:
 # -------------------------------------------------------------------------------- splits
 
 
-def balanced_labels(
-    num_classes: int, per_class: int, seed: int = 7
-) -> npt.NDArray[np.int64]:
+def balanced_labels(num_classes: int, per_class: int, seed: int = 7) -> npt.NDArray[np.int64]:
     labels = np.repeat(np.arange(num_classes, dtype=np.int64), per_class)
     return np.random.default_rng(seed).permutation(labels)
 
@@ -401,9 +375,7 @@ def test_label_skew_proportions_for_ten_clients_are_the_papers() -> None:
     binary = label_skew_proportions(10, 2)
     assert binary.tolist() == [[0.9, 0.1]] * 3 + [[0.1, 0.9]] * 3 + [[0.5, 0.5]] * 4
     mnli = label_skew_proportions(10, 3)
-    expected = (
-        [[0.9, 0.05, 0.05]] * 4 + [[0.05, 0.9, 0.05]] * 3 + [[0.05, 0.05, 0.9]] * 3
-    )
+    expected = [[0.9, 0.05, 0.05]] * 4 + [[0.05, 0.9, 0.05]] * 3 + [[0.05, 0.05, 0.9]] * 3
     assert np.allclose(mnli, expected, rtol=0, atol=1e-12)
 
 
@@ -429,9 +401,7 @@ def test_label_skew_proportions_generalise_by_the_documented_rule(
     if classes == 2:
         groups.append(dominant.count(-1))
     assert groups == group_sizes
-    assert dominant == sorted(dominant, key=lambda c: (c < 0, c)), (
-        "groups are consecutive"
-    )
+    assert dominant == sorted(dominant, key=lambda c: (c < 0, c)), "groups are consecutive"
     minor = 0.1 / (classes - 1)
     for row, c in zip(props, dominant, strict=True):
         if c >= 0:
@@ -439,9 +409,7 @@ def test_label_skew_proportions_generalise_by_the_documented_rule(
 
 
 @pytest.mark.parametrize(("clients", "classes"), [(10, 2), (10, 3), (7, 2), (20, 3)])
-def test_label_skew_clients_get_equal_disjoint_shards_in_the_stated_mix(
-    clients: int, classes: int
-) -> None:
+def test_label_skew_clients_get_equal_disjoint_shards_in_the_stated_mix(clients: int, classes: int) -> None:
     labels = balanced_labels(classes, 3000)
     shards = split_label_skew(labels, clients, seed=0)
     assert_disjoint(shards)
@@ -529,8 +497,6 @@ def test_make_shards_accepts_a_dataset_and_uses_its_class_count() -> None:
         ("iid", 2000, "cannot give 2000 clients"),
     ],
 )
-def test_bad_shard_schemes_raise_value_errors(
-    scheme: str, clients: int, message: str
-) -> None:
+def test_bad_shard_schemes_raise_value_errors(scheme: str, clients: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_shards(balanced_labels(2, 100), scheme, clients, seed=0)

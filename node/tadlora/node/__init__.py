@@ -1,0 +1,1 @@
+"""The tadlora node daemon: discovery, transport and the training loop that joins them."""

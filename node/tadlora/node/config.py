@@ -1,0 +1,89 @@
+"""The node's configuration: one frozen dataclass, built from flags, ``TADLORA_*`` variables and defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tadlora.adapter import LoraSpec, ModelSpec
+from tadlora.core.methods import make_method, method_names, takes_switch_interval
+from tadlora.node.discovery import PeersOption, parse_peers_option
+from tadlora.training import TrainSpec
+
+_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
+DEFAULT_PORT = 7070
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Everything one node needs. Nodes of one cluster must agree on model, LoRA, labels, seed, method, T,
+    link probability and sharding; the model fingerprint and the handshake check what can be checked."""
+
+    out: Path
+    node_id: str | None = None  # None: reuse the id saved in ``out``, else make one
+    cluster: str = "default"
+    listen: str = f"127.0.0.1:{DEFAULT_PORT}"
+    advertise_address: str | None = None
+    peers: PeersOption = field(default_factory=lambda: parse_peers_option("auto"))
+    mdns_interface: str | None = None
+    model: str = "minilm"
+    dataset: str = "builtin:sst2-small"
+    split: str = "label-skew"
+    shard: int = 0
+    num_shards: int = 1
+    samples_per_client: int | None = None
+    eval_samples: int | None = 200
+    eval_every: int = 5
+    method: str = "tad"
+    switch_interval: int | None = None
+    lora: LoraSpec = field(default_factory=LoraSpec)
+    train: TrainSpec = field(default_factory=lambda: TrainSpec(local_steps=10, batch_size=16, max_length=64))
+    seed: int = 0
+    rounds: int | None = None  # None: run until stopped
+    link_prob: float = 1.0
+    min_peers: int = 1
+    peer_wait: float = 60.0  # s to wait for min_peers before training alone
+    exchange_timeout: float = 60.0  # s a round waits for its neighbours once its own snapshot is ready
+    checkpoint_every: int = 5
+    device: str = "auto"
+    metrics_port: int | None = None
+    max_payload_bytes: int = 512 << 20
+
+    def __post_init__(self) -> None:
+        if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
+            raise ValueError(f"node id {self.node_id!r}: use 1-63 letters, digits, '.', '_' or '-'")
+        if self.method not in method_names():
+            raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}")
+        if self.switch_interval is not None and not takes_switch_interval(self.method):
+            raise ValueError(f"--switch-interval does not apply to method {self.method!r}")
+        make_method(self.method, self.switch_interval)
+        if not 0 <= self.shard < self.num_shards:
+            raise ValueError(f"--shard {self.shard} must be in 0..{self.num_shards - 1} (--num-shards)")
+        if not 0.0 < self.link_prob <= 1.0:
+            raise ValueError(f"--link-prob must be in (0, 1], got {self.link_prob}")
+        if self.rounds is not None and self.rounds < 1:
+            raise ValueError("--rounds must be >= 1")
+        if self.exchange_timeout <= 0 or self.peer_wait < 0:
+            raise ValueError("--exchange-timeout must be > 0 and --peer-wait >= 0")
+        if self.checkpoint_every < 1 or self.eval_every < 1:
+            raise ValueError("--checkpoint-every and --eval-every must be >= 1")
+        host, _, port = self.listen.rpartition(":")
+        if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
+
+    @property
+    def model_spec_base(self) -> ModelSpec:
+        """The ModelSpec without labels (the dataset supplies them)."""
+        return ModelSpec(model=self.model, lora=self.lora, seed=self.seed)
+
+    def with_node_id(self, node_id: str) -> NodeConfig:
+        """A copy with ``node_id`` set."""
+        return dataclasses.replace(self, node_id=node_id)
+
+
+def new_node_id() -> str:
+    """A fresh random node id."""
+    return f"node-{secrets.token_hex(4)}"

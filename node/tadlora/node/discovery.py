@@ -1,0 +1,520 @@
+"""Finding peers: mDNS (DNS-SD over multicast) on chosen interfaces, static HOST:PORT lists, the --peers grammar.
+
+Discovery only reports candidates, with every field the node needs to decide; it never filters by cluster,
+fingerprint or protocol, because the node must be able to say *why* it refuses a peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import hashlib
+import ipaddress
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Literal, Self
+
+import ifaddr
+from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
+from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+__all__ = [
+    "RESOLVE_TIMEOUT_MS",
+    "SERVICE_TYPE",
+    "Advertisement",
+    "InterfaceError",
+    "MdnsDiscovery",
+    "PeerCandidate",
+    "PeersOption",
+    "StaticPeers",
+    "interface_addresses",
+    "parse_peers_option",
+    "service_instance_name",
+]
+
+log = logging.getLogger("tadlora.discovery")
+
+SERVICE_TYPE = "_tadlora._tcp.local."
+RESOLVE_TIMEOUT_MS = 3000  # ms; one SRV/TXT/A resolution, zeroconf's own default (it re-asks several times)
+_INSTANCE_MAX_BYTES = 63  # bytes; RFC 6763 §4.1.1: a service instance name is a single DNS label
+_TXT_ENTRY_MAX_BYTES = 255  # bytes; RFC 6763 §6.1: one "key=value" string is length-prefixed by one byte
+_PORT_MAX = 65535
+_HOSTNAME_MAX_BYTES = 253  # bytes; RFC 1035 §2.3.4 limit on a name's text form
+# Ask for multicast answers (QM), not unicast (QU, RFC 6762 §5.4): several nodes on one host share UDP port 5353,
+# and the kernel hands a unicast answer to just one of those sockets, so a QU answer is often lost there.
+_QUESTION_TYPE = DNSQuestionType.QM
+_ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
+
+Source = Literal["mdns", "static", "dns"]
+_SECURITY = {"tls": True, "insecure": False}
+_HEX = re.compile(r"[0-9a-fA-F]+")
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+class InterfaceError(ValueError):
+    """An --mdns-interface value that names no usable IPv4 interface."""
+
+
+@dataclass(frozen=True)
+class PeerCandidate:
+    """A peer as discovery saw it; the node decides whether to talk to it (cluster, fingerprint, proto, sec)."""
+
+    node_id: str
+    address: str  # "host:port", host an IPv4 address
+    cluster: str
+    fingerprint: str  # hex
+    protocol_version: int
+    secure: bool
+    source: Source
+    service_name: str
+
+
+@dataclass(frozen=True)
+class Advertisement:
+    """What this node announces; advertise_address None means the address of the chosen interface(s)."""
+
+    node_id: str
+    port: int
+    cluster: str
+    fingerprint: str
+    protocol_version: int
+    secure: bool
+    advertise_address: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.node_id:
+            raise ValueError("node_id must not be empty")
+        if not self.cluster:
+            raise ValueError("cluster must not be empty")
+        if not 1 <= self.port <= _PORT_MAX:
+            raise ValueError(f"port {self.port} is outside 1..65535")
+        if not _HEX.fullmatch(self.fingerprint):
+            raise ValueError(f"fingerprint {self.fingerprint!r} is not a hex string")
+        if self.protocol_version < 0:
+            raise ValueError(f"protocol_version {self.protocol_version} is negative")
+        if self.advertise_address is not None:
+            _require_unicast_ipv4(self.advertise_address, "advertise_address")
+        for key, value in self.txt().items():
+            if len(f"{key}={value}".encode()) > _TXT_ENTRY_MAX_BYTES:
+                raise ValueError(f"TXT entry {key!r} is longer than {_TXT_ENTRY_MAX_BYTES} bytes")
+
+    def txt(self) -> dict[str, str]:
+        """The TXT record this advertisement publishes."""
+        return {
+            "id": self.node_id,
+            "cluster": self.cluster,
+            "fp": self.fingerprint,
+            "proto": str(self.protocol_version),
+            "sec": "tls" if self.secure else "insecure",
+        }
+
+
+def service_instance_name(node_id: str) -> str:
+    """The DNS-SD instance label for a node id: the id itself when it is tame, else a sanitised prefix + hash."""
+    clean = re.sub(r"[^A-Za-z0-9_-]+", "-", node_id).strip("-") or "node"
+    if clean == node_id and len(clean) <= _INSTANCE_MAX_BYTES:
+        return clean
+    # The hash keeps two ids that sanitise alike (or share a long prefix) on different names.
+    digest = hashlib.sha256(node_id.encode()).hexdigest()[:8]
+    return f"{clean[: _INSTANCE_MAX_BYTES - len(digest) - 1]}-{digest}"
+
+
+def _candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
+    """A PeerCandidate from a resolved service, or the reason it is not one."""
+    txt: dict[str, str] = {}
+    for raw_key, raw_value in info.properties.items():
+        try:
+            txt[raw_key.decode()] = (raw_value or b"").decode()
+        except UnicodeDecodeError:
+            return f"TXT key {raw_key!r} is not UTF-8"
+    missing = [key for key in ("id", "cluster", "fp", "proto", "sec") if not txt.get(key)]
+    if missing:
+        return f"TXT lacks {', '.join(missing)}"
+    if not txt["proto"].isdigit():
+        return f"TXT proto={txt['proto']!r} is not a non-negative integer"
+    if not _HEX.fullmatch(txt["fp"]):
+        return f"TXT fp={txt['fp']!r} is not hex"
+    if txt["sec"] not in _SECURITY:
+        return f"TXT sec={txt['sec']!r} is neither 'tls' nor 'insecure'"
+    addresses = info.parsed_addresses(IPVersion.V4Only)
+    if not addresses or not info.port:
+        return "no IPv4 address or port"
+    return PeerCandidate(
+        node_id=txt["id"],
+        address=f"{addresses[0]}:{info.port}",  # zeroconf lists the most recently announced address first
+        cluster=txt["cluster"],
+        fingerprint=txt["fp"],
+        protocol_version=int(txt["proto"]),
+        secure=_SECURITY[txt["sec"]],
+        source="mdns",
+        service_name=info.name,
+    )
+
+
+class MdnsDiscovery:
+    """Advertise this node and browse for peers over mDNS on the given IPv4 interface addresses only.
+
+    Use as ``async with MdnsDiscovery(advert, ["127.0.0.1"]) as mdns:``; leaving sends goodbye packets.
+    """
+
+    def __init__(
+        self,
+        advert: Advertisement,
+        interfaces: list[str],
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        if not interfaces:
+            raise ValueError("MdnsDiscovery needs at least one interface address; it never uses all of them")
+        local = {address for addresses in _ipv4_by_interface().values() for address in addresses}
+        for address in interfaces:
+            _require_unicast_ipv4(address, "interface address")
+            if address not in local:  # checked here: zeroconf would fail with ENODEV and leak its listen socket
+                raise ValueError(f"interface address {address} is not an address of this host")
+        self._advert = advert
+        self._interfaces = list(interfaces)
+        self._on_change = on_change
+        self._aiozc: AsyncZeroconf | None = None
+        self._info: AsyncServiceInfo | None = None
+        self._stack = contextlib.AsyncExitStack()
+        self._closed = False
+        self._by_service: dict[str, PeerCandidate] = {}  # service name -> candidate; last resolved last
+        self._resolving: dict[str, asyncio.Task[None]] = {}  # service name -> its newest resolution
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._logged_bad: set[str] = set()
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        await self.async_start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def async_start(self) -> None:
+        """Open zeroconf on the interfaces, register our service (probing takes ~1.2 s) and start browsing."""
+        if self._aiozc is not None or self._closed:
+            raise RuntimeError("MdnsDiscovery can be started once")
+        try:
+            try:
+                aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"mDNS cannot use {', '.join(self._interfaces)} ({exc.strerror}); is it this host's?"
+                ) from exc
+            self._aiozc = aiozc
+            self._stack.push_async_callback(aiozc.async_close)
+            # Browse first, so peers are found while our own name is still being probed (~1.2 s).
+            browser = AsyncServiceBrowser(
+                aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change], question_type=_QUESTION_TYPE
+            )
+            self._stack.push_async_callback(browser.async_cancel)
+            self._info = self._service_info(self._advert, name=None)
+            # allow_name_change: two ids may sanitise to one label; the TXT id stays the identity.
+            await (await aiozc.async_register_service(self._info, allow_name_change=True))
+            self._stack.push_async_callback(self._async_unregister)
+        except BaseException:
+            await self.aclose()
+            raise
+        log.info("mDNS: advertising %s on %s", self._info.name, ", ".join(self._interfaces))
+
+    async def aclose(self) -> None:
+        """Stop resolving, stop browsing, send goodbyes, close zeroconf; safe to call twice."""
+        self._closed = True
+        await self._async_cancel_resolutions()  # before the goodbyes, so nothing changes while they go out
+        await self._stack.aclose()
+
+    async def async_update(self, advert: Advertisement) -> None:
+        """Re-announce changed TXT/port/address under the same service name (the node id cannot change)."""
+        if self._aiozc is None or self._info is None or self._closed:
+            raise RuntimeError("MdnsDiscovery is not running")
+        if advert.node_id != self._advert.node_id:
+            raise ValueError("async_update cannot change the node id; close and start a new MdnsDiscovery")
+        info = self._service_info(advert, name=self._info.name)
+        await (await self._aiozc.async_update_service(info))
+        self._advert, self._info = advert, info
+
+    def candidates(self) -> dict[str, PeerCandidate]:
+        """A snapshot of the peers seen, keyed by node id (the most recently resolved service wins)."""
+        return {candidate.node_id: candidate for candidate in self._by_service.values()}
+
+    async def async_wait_for(
+        self,
+        predicate: Callable[[dict[str, PeerCandidate]], bool],
+        timeout: float,
+    ) -> dict[str, PeerCandidate]:
+        """Wait until predicate(candidates()) holds and return that snapshot; TimeoutError after timeout s."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(snapshot := self.candidates()):
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"discovery condition not met in {timeout} s; candidates: {self.candidates()}") from None
+        return snapshot
+
+    def _service_info(self, advert: Advertisement, name: str | None) -> AsyncServiceInfo:
+        instance = service_instance_name(advert.node_id)
+        host = hashlib.sha256(advert.node_id.encode()).hexdigest()[:12]
+        addresses = [advert.advertise_address] if advert.advertise_address else self._interfaces
+        return AsyncServiceInfo(
+            SERVICE_TYPE,
+            name or f"{instance}.{SERVICE_TYPE}",
+            port=advert.port,
+            properties=advert.txt(),
+            server=f"tadlora-{host}.local.",
+            addresses=addresses,
+        )
+
+    async def _async_unregister(self) -> None:
+        if self._aiozc is not None and self._info is not None:
+            await (await self._aiozc.async_unregister_service(self._info))  # goodbyes: peers drop us now
+
+    async def _async_cancel_resolutions(self) -> None:
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    def _on_service_state_change(
+        self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
+    ) -> None:
+        """Browser handler (runs on the loop): resolve added/updated services, drop removed ones."""
+        if self._closed:
+            return
+        previous = self._resolving.pop(name, None)
+        if previous is not None:
+            previous.cancel()  # the newest event about a service wins
+        if state_change is ServiceStateChange.Removed:
+            self._logged_bad.discard(name)
+            self._drop(name)
+            return
+        task = asyncio.get_running_loop().create_task(
+            self._async_resolve(zeroconf, service_type, name), name=f"tadlora-mdns-resolve {name}"
+        )
+        self._tasks.add(task)
+        self._resolving[name] = task
+        task.add_done_callback(functools.partial(self._forget_task, name))
+
+    def _forget_task(self, name: str, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if self._resolving.get(name) is task:
+            del self._resolving[name]
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            log.error("mDNS: resolution failed unexpectedly", exc_info=exc)
+
+    async def _async_resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
+        info = AsyncServiceInfo(service_type, name)
+        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=_QUESTION_TYPE):
+            log.debug("mDNS: %s did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
+            return
+        result = _candidate_from_info(info)
+        if isinstance(result, str):
+            if name not in self._logged_bad:
+                self._logged_bad.add(name)
+                log.warning("mDNS: ignoring service %s: %s", name, result)
+            self._drop(name)
+            return
+        if result.node_id == self._advert.node_id:
+            if self._info is not None and name != self._info.name and name not in self._logged_bad:
+                self._logged_bad.add(name)
+                log.warning(
+                    "mDNS: ignoring service %s at %s: it claims our node id %r", name, result.address, result.node_id
+                )
+            self._drop(name)
+            return
+        self._logged_bad.discard(name)
+        if self._by_service.get(name) == result:
+            return
+        self._by_service.pop(name, None)  # re-insert so the newest resolution is last
+        self._by_service[name] = result
+        self._notify()
+
+    def _drop(self, name: str) -> None:
+        if self._by_service.pop(name, None) is not None:
+            self._notify()
+
+    def _notify(self) -> None:
+        # Wake every waiter, then give later waiters a fresh event.
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("mDNS: on_change callback failed")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Static peers and the --peers grammar
+
+
+@dataclass(frozen=True)
+class StaticPeers:
+    """Peers given as HOST:PORT; they have no node id until a handshake, so they are just addresses."""
+
+    addresses: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "addresses", tuple(_parse_host_port(a) for a in self.addresses))
+
+    @classmethod
+    def parse(cls, value: str) -> StaticPeers:
+        """Parse "HOST:PORT,HOST:PORT" (IPv4, host names, [IPv6]:PORT); ValueError names the bad entry."""
+        return cls(tuple(_split_entries(value)))
+
+
+@dataclass(frozen=True)
+class PeersOption:
+    """The parsed --peers flag: mDNS on or off, static addresses, DNS names (dns:NAME, resolved later)."""
+
+    auto: bool
+    static: tuple[str, ...]
+    dns: tuple[str, ...]
+
+
+def parse_peers_option(value: str) -> PeersOption:
+    """Parse --peers: comma-separated 'auto' (mDNS), 'dns:NAME[:PORT]', and HOST:PORT entries."""
+    if not value.strip().strip(",").strip():
+        raise ValueError("--peers needs at least one entry: 'auto', 'dns:NAME[:PORT]' or HOST:PORT")
+    auto = False
+    static: list[str] = []
+    dns: list[str] = []
+    for entry in _split_entries(value):
+        if entry.lower() == "auto":
+            auto = True
+        elif entry.lower().startswith("dns:"):
+            name = entry[4:]
+            host, _, port = name.partition(":")
+            if not _is_hostname(host) or _looks_like_ipv4(host):
+                raise ValueError(f"--peers entry {entry!r}: dns: needs a DNS name, e.g. dns:tadlora.default.svc")
+            if port:
+                _port(port, entry)
+            if name not in dns:
+                dns.append(name)
+        else:
+            address = _parse_host_port(entry)
+            if address not in static:
+                static.append(address)
+    return PeersOption(auto=auto, static=tuple(static), dns=tuple(dns))
+
+
+def _split_entries(value: str) -> list[str]:
+    entries = [entry.strip() for entry in value.split(",")]
+    if any(not entry for entry in entries):
+        raise ValueError(f"peer list {value!r} has an empty entry (stray comma?)")
+    return entries
+
+
+def _parse_host_port(entry: str) -> str:
+    """Validate HOST:PORT / [V6]:PORT and return it normalised (IPv6 compressed, in brackets)."""
+    if entry.startswith("["):
+        host, sep, port = entry[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"peer {entry!r}: expected [IPv6]:PORT")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"peer {entry!r}: {host!r} is not an IPv6 address") from None
+        return f"[{host}]:{_port(port, entry)}"
+    if entry.count(":") > 1:
+        raise ValueError(f"peer {entry!r}: IPv6 addresses need brackets, e.g. [::1]:50051")
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"peer {entry!r}: expected HOST:PORT")
+    if not _is_hostname(host):
+        raise ValueError(f"peer {entry!r}: {host!r} is neither an IPv4 address nor a host name")
+    return f"{host}:{_port(port, entry)}"
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= _PORT_MAX:
+        raise ValueError(f"peer {entry!r}: port {text!r} is not a number in 1..65535")
+    return int(text)
+
+
+def _looks_like_ipv4(text: str) -> bool:
+    return re.fullmatch(r"[0-9.]+", text) is not None
+
+
+def _is_hostname(host: str) -> bool:
+    if _looks_like_ipv4(host):  # all digits and dots: must be a real IPv4 address, not a "host name"
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    labels = host.rstrip(".").split(".")
+    return len(host) <= _HOSTNAME_MAX_BYTES and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --mdns-interface
+
+
+def interface_addresses(spec: str | None) -> list[str]:
+    """Map --mdns-interface to IPv4 addresses: an address (must be local), an interface name, or None.
+
+    None means the interface that carries the IPv4 default route (read from /proc/net/route on Linux).
+    Never answers "all interfaces"; raises InterfaceError with the choices when nothing fits.
+    """
+    by_name = _ipv4_by_interface()
+    if spec is None:
+        names = _default_route_interfaces(_ROUTE_TABLE.read_text() if _ROUTE_TABLE.exists() else "")
+        if not names:
+            raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
+        found = [addr for name in names for addr in by_name.get(name, [])]
+        if not found:
+            raise InterfaceError(f"default-route interface {names[0]} has no IPv4 address; use --mdns-interface")
+        return list(dict.fromkeys(found))
+    spec = spec.strip()
+    if _looks_like_ipv4(spec):
+        try:
+            _require_unicast_ipv4(spec, "--mdns-interface")
+        except ValueError as exc:
+            raise InterfaceError(str(exc)) from None
+        address = str(ipaddress.IPv4Address(spec))
+        if not any(address in addrs for addrs in by_name.values()):
+            raise InterfaceError(f"--mdns-interface {spec}: no local interface has this address")
+        return [address]
+    if spec not in by_name:
+        raise InterfaceError(f"--mdns-interface {spec!r}: no such interface; have {', '.join(sorted(by_name))}")
+    if not by_name[spec]:
+        raise InterfaceError(f"--mdns-interface {spec!r} has no IPv4 address")
+    return by_name[spec]
+
+
+def _ipv4_by_interface() -> dict[str, list[str]]:
+    """This host's IPv4 addresses by interface name (ifaddr lists IPv6 addresses as tuples)."""
+    return {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in ifaddr.get_adapters()}
+
+
+def _default_route_interfaces(route_table: str) -> list[str]:
+    """Interfaces of the IPv4 default routes in /proc/net/route text, lowest metric first."""
+    routes: list[tuple[int, str]] = []
+    for line in route_table.splitlines()[1:]:
+        match line.split():
+            case [iface, destination, _gateway, flags, _refcnt, _use, metric, mask, *_]:
+                pass
+            case _:
+                continue
+        if destination == "00000000" and mask == "00000000" and int(flags, 16) & 0x1:  # RTF_UP
+            routes.append((int(metric), iface))
+    return list(dict.fromkeys(iface for _, iface in sorted(routes)))
+
+
+def _require_unicast_ipv4(address: str, what: str) -> None:
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ValueError(f"{what} {address!r} is not an IPv4 address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError(f"{what} {address} must be one interface's unicast address, not 0.0.0.0 or multicast")

@@ -1,0 +1,43 @@
+"""Prometheus metrics of one node, in a registry of its own (several nodes may share a process in tests)."""
+
+from __future__ import annotations
+
+import threading
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+
+class NodeMetrics:
+    """The node's counters and gauges; `serve` exposes them over HTTP until `close`."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.round = Gauge("tadlora_round", "Round the node is in", registry=r)
+        self.rounds = Counter("tadlora_rounds", "Rounds completed", registry=r)
+        self.peers = Gauge("tadlora_peers", "Verified peers", registry=r)
+        self.degree = Gauge("tadlora_degree", "Neighbours in the current round", registry=r)
+        self.exchanges = Counter("tadlora_exchanges", "Exchanges by result", ["result"], registry=r)
+        self.refusals = Counter("tadlora_refusals", "Refusals given or received, by reason", ["reason"], registry=r)
+        self.bytes_sent = Counter("tadlora_bytes_sent", "Payload bytes sent", registry=r)
+        self.bytes_received = Counter("tadlora_bytes_received", "Payload bytes received", registry=r)
+        self.latency = Histogram("tadlora_exchange_seconds", "Exchange latency", registry=r)
+        self.loss = Gauge("tadlora_train_loss", "Mean training loss of the last round", registry=r)
+        self.accuracy = Gauge("tadlora_eval_accuracy", "Last evaluation accuracy", registry=r)
+        self._server: WSGIServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def serve(self, port: int, addr: str = "127.0.0.1") -> None:
+        """Expose /metrics on ``addr:port`` (a daemon thread owned by this object)."""
+        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+
+    def close(self) -> None:
+        """Stop the HTTP endpoint (safe to call twice)."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+            self._thread = None

@@ -1,0 +1,994 @@
+"""The node transport: the `tadlora.v1.Node` service over gRPC (asyncio) and an in-memory twin for tests.
+
+Both transports run the same protocol code on the same protobuf messages: `_Responder` serves, `_Caller` calls;
+only the carriage differs (an HTTP/2 stream, or a task in this process). An exchange is push-pull: the caller
+streams its round-t factors and reads the callee's round-t factors from the same stream. Refusals travel in-band
+with a `Reason`, so a person can act on them; transport failures raise `PeerUnavailable`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import logging
+import math
+from collections.abc import (
+    AsyncGenerator,
+    AsyncIterable,
+    AsyncIterator,
+    Callable,
+    Coroutine,
+    Iterable,
+    Iterator,
+)
+from dataclasses import dataclass
+from typing import Any, Final, Protocol, Self, TypeVar, cast
+
+import grpc
+import torch
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tadlora.node.wire import (
+    MAX_PAYLOAD_BYTES,
+    ExchangeRefused,
+    FactorSpec,
+    PayloadError,
+    Reason,
+    Reassembler,
+    chunk,
+    chunk_count,
+    decode_factors,
+    digest,
+    encode_factors,
+)
+from tadlora.v1 import node_pb2 as pb
+from tadlora.v1 import node_pb2_grpc as pb_grpc
+
+__all__ = [
+    "NODE_SERVICE_NAME",
+    "PROTOCOL_VERSION",
+    "BindError",
+    "ExchangeHeader",
+    "ExchangeResult",
+    "GrpcTransport",
+    "InMemoryClient",
+    "InMemoryNetwork",
+    "InMemoryServer",
+    "NeighborStatus",
+    "NodeHandler",
+    "PeerClient",
+    "PeerConnection",
+    "PeerInfo",
+    "PeerTimeout",
+    "PeerUnavailable",
+    "RpcServer",
+    "Server",
+    "StatusInfo",
+    "Transport",
+    "check_compatible",
+]
+
+log = logging.getLogger("tadlora.rpc")
+
+PROTOCOL_VERSION: Final = 1  # bump on any change a peer of the previous version would misread
+NODE_SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Node"].full_name  # "tadlora.v1.Node"
+
+# gRPC limits, set explicitly on both ends. Payloads travel in chunks of <= 1 MiB (wire.MAX_CHUNK_BYTES).
+GRPC_MAX_MESSAGE_BYTES: Final = (4 << 20) + (64 << 10)  # bytes; TESTBED: 4 MiB default, + margin for framing
+GRPC_MAX_CONCURRENT_STREAMS: Final = 32  # per HTTP/2 connection; a neighbour needs one or two at a time
+GRPC_MAX_CONCURRENT_RPCS: Final = 128  # per server; more are answered RESOURCE_EXHAUSTED, not queued
+GRPC_CLIENT_KEEPALIVE_MS: Final = 30_000  # ms between client pings: finds a vanished neighbour between rounds
+GRPC_SERVER_KEEPALIVE_MS: Final = 60_000  # ms between server pings on idle connections
+GRPC_KEEPALIVE_TIMEOUT_MS: Final = 10_000  # ms to wait for a ping's ack before the connection is dropped
+GRPC_MIN_PING_INTERVAL_MS: Final = 15_000  # ms; server tolerates pings this often, half the client's interval
+DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a server stops
+
+_CHANNEL_OPTIONS: Final = (
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", GRPC_CLIENT_KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", GRPC_KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # 0 = unlimited: keepalive works on idle connections
+)
+_SERVER_OPTIONS: Final = (
+    ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", GRPC_MAX_MESSAGE_BYTES),
+    ("grpc.max_concurrent_streams", GRPC_MAX_CONCURRENT_STREAMS),
+    ("grpc.keepalive_time_ms", GRPC_SERVER_KEEPALIVE_MS),
+    ("grpc.keepalive_timeout_ms", GRPC_KEEPALIVE_TIMEOUT_MS),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", GRPC_MIN_PING_INTERVAL_MS),
+    ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
+)
+
+_T = TypeVar("_T")
+Factors = dict[str, torch.Tensor]
+
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerInfo:
+    """Who a node is and where it serves; mirrors `tadlora.v1.PeerInfo`."""
+
+    node_id: str
+    cluster: str
+    fingerprint: str
+    address: str
+    round: int = 0
+    degree: int = 0
+    method: str = ""
+    insecure: bool = True  # the only transport so far; a TLS node will say False
+    protocol_version: int = PROTOCOL_VERSION
+
+    def __post_init__(self) -> None:
+        if min(self.round, self.degree, self.protocol_version) < 0:
+            raise ValueError(f"round, degree and protocol_version must be >= 0: {self}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExchangeHeader:
+    """Who sends a payload and for which round: the header fields the node logic sees."""
+
+    node_id: str
+    cluster: str
+    fingerprint: str
+    round: int
+    degree: int
+
+    @classmethod
+    def from_info(cls, info: PeerInfo, at_round: int | None = None) -> ExchangeHeader:
+        """`info`'s header fields, for `at_round` (default: the round `info` reports)."""
+        return cls(
+            node_id=info.node_id,
+            cluster=info.cluster,
+            fingerprint=info.fingerprint,
+            round=info.round if at_round is None else at_round,
+            degree=info.degree,
+        )
+
+
+@dataclass(frozen=True, kw_only=True, eq=False)
+class ExchangeResult:
+    """What a push-pull exchange brought back: the callee's header and factors, and what it cost."""
+
+    peer: ExchangeHeader
+    factors: Factors
+    bytes_sent: int  # payload bytes, without framing
+    bytes_received: int
+    elapsed_s: float
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeighborStatus:
+    node_id: str
+    address: str = ""
+    degree: int = 0
+    last_round: int = 0
+    weight: float = 0.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusInfo:
+    """What a node is doing; mirrors `tadlora.v1.StatusReply`. Loss and accuracy are NaN until known."""
+
+    node: PeerInfo
+    state: str = "idle"
+    phase: str = ""
+    rounds_completed: int = 0
+    last_loss: float = math.nan
+    last_accuracy: float = math.nan
+    neighbors: tuple[NeighborStatus, ...] = ()
+    uptime_seconds: float = 0.0
+
+
+class NodeHandler(Protocol):
+    """What the node logic gives the transport; the server calls it for every incoming request."""
+
+    def local_info(self) -> PeerInfo: ...
+
+    def expected_spec(self) -> FactorSpec | None:
+        """The spec incoming payloads must meet; None accepts any decodable payload."""
+        ...
+
+    def status(self) -> StatusInfo: ...
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        """Accept `remote` as a peer or raise `ExchangeRefused`."""
+        ...
+
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
+        """Take the caller's round-`header.round` factors, return ours for that round, or raise `ExchangeRefused`.
+
+        May wait (e.g. until the local node reaches that round); it is cancelled if the caller gives up.
+        """
+        ...
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
+        """Return this node's current round and its factors at the start of that round (catch-up), or raise
+        `ExchangeRefused`."""
+        ...
+
+
+class PeerUnavailable(Exception):
+    """The peer could not be reached or did not answer: connection refused, reset, shut down, over its limits."""
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(address, detail)
+        self.address = address
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"peer {self.address} unavailable: {self.detail}"
+
+
+class PeerTimeout(PeerUnavailable):
+    """The peer did not answer before the caller's deadline."""
+
+
+class BindError(RuntimeError):
+    """A server could not listen on the address it was given."""
+
+    def __init__(self, address: str, detail: str) -> None:
+        super().__init__(f"cannot listen on {address}: {detail}")
+        self.address = address
+
+
+def check_compatible(local: PeerInfo, remote: PeerInfo) -> None:
+    """Raise `ExchangeRefused` (PROTOCOL/CLUSTER/FINGERPRINT_MISMATCH) unless the two nodes can exchange factors."""
+    _check_peer(remote.protocol_version, remote.cluster, remote.fingerprint, ours=local)
+
+
+def _check_peer(protocol_version: int, cluster: str, fingerprint: str, *, ours: PeerInfo | ExchangeHeader) -> None:
+    if protocol_version != PROTOCOL_VERSION:
+        raise ExchangeRefused(
+            Reason.PROTOCOL_MISMATCH, f"peer speaks protocol {protocol_version}, this node {PROTOCOL_VERSION}"
+        )
+    if cluster != ours.cluster:
+        raise ExchangeRefused(Reason.CLUSTER_MISMATCH, f"peer is in cluster {cluster!r}, this node in {ours.cluster!r}")
+    if fingerprint != ours.fingerprint:
+        raise ExchangeRefused(
+            Reason.FINGERPRINT_MISMATCH,
+            f"peer's model fingerprint {fingerprint[:16]!r} differs from this node's {ours.fingerprint[:16]!r}",
+        )
+
+
+# ------------------------------------------------------------------------------------- protobuf mapping
+
+
+def _reason_from_wire(value: int) -> Reason:
+    try:
+        return Reason(value)
+    except ValueError:  # a newer peer's reason this version does not know
+        return Reason.UNSPECIFIED
+
+
+def _reason_to_wire(reason: Reason) -> pb.RefusalReason:
+    return cast("pb.RefusalReason", int(reason))  # values are equal by construction; tests/test_wire.py checks
+
+
+def _info_to_pb(info: PeerInfo) -> pb.PeerInfo:
+    return pb.PeerInfo(
+        protocol_version=info.protocol_version,
+        cluster=info.cluster,
+        fingerprint=info.fingerprint,
+        node_id=info.node_id,
+        round=info.round,
+        degree=info.degree,
+        address=info.address,
+        method=info.method,
+        insecure=info.insecure,
+    )
+
+
+def _info_from_pb(msg: pb.PeerInfo) -> PeerInfo:
+    return PeerInfo(
+        protocol_version=msg.protocol_version,
+        cluster=msg.cluster,
+        fingerprint=msg.fingerprint,
+        node_id=msg.node_id,
+        round=msg.round,
+        degree=msg.degree,
+        address=msg.address,
+        method=msg.method,
+        insecure=msg.insecure,
+    )
+
+
+def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
+    return pb.StatusReply(
+        node=_info_to_pb(status.node),
+        phase=status.phase,
+        rounds_completed=status.rounds_completed,
+        last_loss=status.last_loss,
+        last_accuracy=status.last_accuracy,
+        state=status.state,
+        neighbors=[
+            pb.NeighborStatus(
+                node_id=n.node_id, address=n.address, degree=n.degree, last_round=n.last_round, weight=n.weight
+            )
+            for n in status.neighbors
+        ],
+        uptime_seconds=status.uptime_seconds,
+    )
+
+
+def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
+    return StatusInfo(
+        node=_info_from_pb(msg.node),
+        phase=msg.phase,
+        rounds_completed=msg.rounds_completed,
+        last_loss=msg.last_loss,
+        last_accuracy=msg.last_accuracy,
+        state=msg.state,
+        neighbors=tuple(
+            NeighborStatus(
+                node_id=n.node_id, address=n.address, degree=n.degree, last_round=n.last_round, weight=n.weight
+            )
+            for n in msg.neighbors
+        ),
+        uptime_seconds=msg.uptime_seconds,
+    )
+
+
+def _refusal_message(exc: ExchangeRefused) -> pb.ExchangeMessage:
+    return pb.ExchangeMessage(refusal=pb.Refusal(reason=_reason_to_wire(exc.reason), detail=exc.detail))
+
+
+# ---------------------------------------------------------------------------- the protocol, both sides
+
+
+def _encode_capped(factors: Factors, max_payload_bytes: int) -> tuple[bytes, str]:
+    payload = encode_factors(factors)
+    if len(payload) > max_payload_bytes:
+        raise PayloadError(
+            Reason.TOO_LARGE, f"own payload of {len(payload)} bytes is over the cap of {max_payload_bytes} bytes"
+        )
+    return payload, digest(payload)
+
+
+def _payload_messages(header: ExchangeHeader, payload: bytes, sha256: str) -> Iterator[pb.ExchangeMessage]:
+    """Header, then the payload in chunks: lazily, so only the chunk in flight is copied."""
+    yield pb.ExchangeMessage(
+        header=pb.ExchangeHeader(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=header.node_id,
+            cluster=header.cluster,
+            fingerprint=header.fingerprint,
+            round=header.round,
+            degree=header.degree,
+            total_bytes=len(payload),
+            sha256=sha256,
+            num_chunks=chunk_count(len(payload)),
+        )
+    )
+    for piece in chunk(payload):
+        yield pb.ExchangeMessage(chunk=bytes(piece))
+
+
+async def _receive_payload(
+    messages: AsyncIterable[pb.ExchangeMessage],
+    *,
+    max_payload_bytes: int,
+    check: Callable[[pb.ExchangeHeader], None],
+) -> tuple[ExchangeHeader, bytes]:
+    """Read header + chunks (or a refusal, raised as `ExchangeRefused`) into a verified payload."""
+    iterator = aiter(messages)
+    first = await anext(iterator, None)
+    kind = None if first is None else first.WhichOneof("kind")
+    if first is not None and kind == "refusal":
+        raise ExchangeRefused(_reason_from_wire(first.refusal.reason), first.refusal.detail)
+    if first is None or kind != "header":
+        raise PayloadError(Reason.BAD_PAYLOAD, f"exchange stream opened with {kind or 'nothing'}, not a header")
+    head = first.header
+    check(head)
+    assembler = Reassembler(head.total_bytes, head.sha256, head.num_chunks, max_payload_bytes=max_payload_bytes)
+    async for message in iterator:
+        kind = message.WhichOneof("kind")
+        if kind == "refusal":
+            raise ExchangeRefused(_reason_from_wire(message.refusal.reason), message.refusal.detail)
+        if kind != "chunk":
+            raise PayloadError(Reason.BAD_PAYLOAD, f"unexpected {kind or 'empty message'} after the header")
+        assembler.add(message.chunk)
+    header = ExchangeHeader(
+        node_id=head.node_id, cluster=head.cluster, fingerprint=head.fingerprint, round=head.round, degree=head.degree
+    )
+    return header, assembler.finish()
+
+
+class _ServiceFault(Exception):
+    """The handler failed on a request that has no in-band refusal (Status); the detail is safe to send."""
+
+
+class _Responder:
+    """The serving side of the protocol on protobuf messages; both transports drive it."""
+
+    def __init__(self, handler: NodeHandler, *, max_payload_bytes: int) -> None:
+        self._handler = handler
+        self._max_payload_bytes = max_payload_bytes
+
+    async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeReply:
+        callee = None
+        try:
+            local = self._handler.local_info()
+            callee = _info_to_pb(local)
+            if not request.HasField("caller"):
+                raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "handshake carries no caller info")
+            remote = _info_from_pb(request.caller)
+            check_compatible(local, remote)
+            await self._handler.async_handshake(remote)
+        except ExchangeRefused as exc:
+            log.info("refused a handshake from %r: %s: %s", request.caller.node_id, exc.reason.name, exc.detail)
+            reason = _reason_to_wire(exc.reason)
+            return pb.HandshakeReply(accepted=False, reason=reason, detail=exc.detail, callee=callee)
+        except Exception:
+            log.exception("handshake from %r failed inside this node", request.caller.node_id)
+            internal = _reason_to_wire(Reason.INTERNAL)
+            return pb.HandshakeReply(accepted=False, reason=internal, detail="internal error, see the callee's log")
+        return pb.HandshakeReply(accepted=True, callee=callee)
+
+    async def exchange(self, requests: AsyncIterable[pb.ExchangeMessage]) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        replies: Iterable[pb.ExchangeMessage]
+        try:
+            local = self._handler.local_info()
+            header, payload = await _receive_payload(
+                requests,
+                max_payload_bytes=self._max_payload_bytes,
+                check=lambda head: _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=local),
+            )
+            factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
+            reply = await self._handler.async_exchange(header, factors)
+            own = ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round)
+            reply_payload, sha256 = await asyncio.to_thread(_encode_capped, reply, self._max_payload_bytes)
+        except ExchangeRefused as exc:
+            log.info("refused an exchange: %s: %s", exc.reason.name, exc.detail)  # plain values: records outlive calls
+            replies = [_refusal_message(exc)]
+        except Exception:
+            log.exception("exchange failed inside this node")
+            replies = [_refusal_message(ExchangeRefused(Reason.INTERNAL, "internal error, see the callee's log"))]
+        else:
+            replies = _payload_messages(own, reply_payload, sha256)
+        for message in replies:
+            yield message
+
+    async def fetch(self, request: pb.FetchRequest) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        replies: Iterable[pb.ExchangeMessage]
+        try:
+            local = self._handler.local_info()
+            if not request.HasField("caller"):
+                raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
+            remote = _info_from_pb(request.caller)
+            check_compatible(local, remote)
+            at_round, factors = await self._handler.async_fetch(remote)
+            own = ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round)
+            payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
+        except ExchangeRefused as exc:
+            log.info("refused a fetch: %s: %s", exc.reason.name, exc.detail)
+            replies = [_refusal_message(exc)]
+        except Exception:
+            log.exception("fetch failed inside this node")
+            replies = [_refusal_message(ExchangeRefused(Reason.INTERNAL, "internal error, see the callee's log"))]
+        else:
+            replies = _payload_messages(own, payload, sha256)
+        for message in replies:
+            yield message
+
+    def status(self, request: pb.StatusRequest) -> pb.StatusReply:
+        try:
+            return _status_to_pb(self._handler.status())
+        except Exception as exc:
+            log.exception("status failed inside this node")
+            raise _ServiceFault("status failed, see the node's log") from exc
+
+
+class _Caller(abc.ABC):
+    """The calling side of the protocol; subclasses carry the messages. Methods raise `ExchangeRefused`
+    (the peer, or this side, refused), `PeerUnavailable`/`PeerTimeout` (transport), never anything else
+    for a peer's misbehaviour."""
+
+    def __init__(self, address: str, *, max_payload_bytes: int) -> None:
+        self.address = address
+        self._max_payload_bytes = max_payload_bytes
+
+    async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+        """Introduce `info` to the peer; return the peer's own info if it accepted and is compatible."""
+        reply = await self._call_handshake(pb.HandshakeRequest(caller=_info_to_pb(info)), timeout)
+        if not reply.accepted:
+            raise ExchangeRefused(_reason_from_wire(reply.reason), reply.detail or "refused without detail")
+        if not reply.HasField("callee"):
+            raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} accepted without saying who it is")
+        remote = _info_from_pb(reply.callee)
+        check_compatible(info, remote)
+        return remote
+
+    async def exchange(
+        self, header: ExchangeHeader, factors: Factors, timeout: float, expected: FactorSpec | None = None
+    ) -> ExchangeResult:
+        """Push `factors` for `header.round`; pull the peer's factors for that round, checked against `expected`."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
+
+        def check_reply(head: pb.ExchangeHeader) -> None:
+            _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=header)
+            if head.round != header.round:
+                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"asked for round {header.round}, got {head.round}")
+
+        remaining = max(timeout - (loop.time() - started), 0.0)
+        replies = self._call_exchange(_payload_messages(header, payload, sha256), remaining)
+        async with contextlib.aclosing(replies):
+            peer, reply = await _receive_payload(replies, max_payload_bytes=self._max_payload_bytes, check=check_reply)
+        received, _ = await asyncio.to_thread(decode_factors, reply, expected)
+        return ExchangeResult(
+            peer=peer,
+            factors=received,
+            bytes_sent=len(payload),
+            bytes_received=len(reply),
+            elapsed_s=loop.time() - started,
+        )
+
+    async def fetch(self, info: PeerInfo, timeout: float, expected: FactorSpec | None = None) -> ExchangeResult:
+        """Pull the peer's current round and start-of-round factors (catch-up); `result.peer.round` is that round."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+
+        def check_reply(head: pb.ExchangeHeader) -> None:
+            _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=info)
+
+        replies = self._call_fetch(pb.FetchRequest(caller=_info_to_pb(info)), timeout)
+        async with contextlib.aclosing(replies):
+            peer, reply = await _receive_payload(replies, max_payload_bytes=self._max_payload_bytes, check=check_reply)
+        received, _ = await asyncio.to_thread(decode_factors, reply, expected)
+        return ExchangeResult(
+            peer=peer, factors=received, bytes_sent=0, bytes_received=len(reply), elapsed_s=loop.time() - started
+        )
+
+    async def status(self, timeout: float) -> StatusInfo:
+        return _status_from_pb(await self._call_status(timeout))
+
+    @abc.abstractmethod
+    def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]: ...
+
+    @abc.abstractmethod
+    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply: ...
+
+    @abc.abstractmethod
+    async def _call_status(self, timeout: float) -> pb.StatusReply: ...
+
+    @abc.abstractmethod
+    def _call_exchange(
+        self, requests: Iterator[pb.ExchangeMessage], timeout: float
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]: ...
+
+    @abc.abstractmethod
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class PeerConnection(Protocol):
+    """A connection to one peer, as the node logic uses it (gRPC `PeerClient` or `InMemoryClient`)."""
+
+    address: str
+
+    async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo: ...
+
+    async def exchange(
+        self, header: ExchangeHeader, factors: Factors, timeout: float, expected: FactorSpec | None = None
+    ) -> ExchangeResult: ...
+
+    async def fetch(self, info: PeerInfo, timeout: float, expected: FactorSpec | None = None) -> ExchangeResult: ...
+
+    async def status(self, timeout: float) -> StatusInfo: ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+
+class Server(Protocol):
+    """A running node service (gRPC `RpcServer` or `InMemoryServer`); `async with` starts and stops it."""
+
+    @property
+    def address(self) -> str: ...
+
+    async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc_info: object) -> None: ...
+
+
+class Transport(Protocol):
+    """How a node serves and reaches peers: `GrpcTransport` in the daemon, `InMemoryNetwork` in unit tests."""
+
+    def serve(self, handler: NodeHandler, listen: str, *, max_payload_bytes: int | None = None) -> Server:
+        """A server for `handler` on `listen` (port 0: any free port); `max_payload_bytes` overrides the cap."""
+        ...
+
+    def connect(self, address: str) -> PeerConnection: ...
+
+
+# ------------------------------------------------------------------------------------------------ gRPC
+
+
+class _NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, responder: _Responder) -> None:
+        self._responder = responder
+
+    async def Handshake(self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext) -> pb.HandshakeReply:
+        return await self._responder.handshake(request)
+
+    async def Exchange(
+        self, request_iterator: AsyncIterable[pb.ExchangeMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        async with contextlib.aclosing(self._responder.exchange(request_iterator)) as replies:
+            async for message in replies:
+                yield message
+
+    async def Fetch(
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        async with contextlib.aclosing(self._responder.fetch(request)) as replies:
+            async for message in replies:
+                yield message
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        try:
+            return self._responder.status(request)
+        except _ServiceFault as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            raise  # unreachable: abort raises
+
+
+class RpcServer:
+    """The Node service with gRPC health checking and reflection; `async with RpcServer(handler) as s: s.port`."""
+
+    def __init__(
+        self,
+        handler: NodeHandler,
+        listen: str = "127.0.0.1:0",
+        *,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
+        self.listen = listen
+        self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
+        self._grace_s = grace_s
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError("RpcServer is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """host:port as bound (the real port when `listen` asked for port 0)."""
+        return f"{self.listen.rpartition(':')[0]}:{self.port}"
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("RpcServer already started")
+        server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
+        self._health = health.aio.HealthServicer()
+        pb_grpc.add_NodeServicer_to_server(_NodeServicer(self._responder), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
+            port, detail = 0, str(exc)
+        else:
+            detail = "gRPC could not bind the address"
+        await server.start()  # even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server
+        if not port:
+            await server.stop(None)
+            raise BindError(self.listen, detail)
+        self._server, self._port = server, port
+        for service in ("", NODE_SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", NODE_SERVICE_NAME, self.address)
+
+    async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
+        """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await server.stop(grace)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose(self._grace_s)
+
+
+class PeerClient(_Caller):
+    """A gRPC channel to one peer at "host:port"; insecure unless `credentials` are given."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        super().__init__(address, max_payload_bytes=max_payload_bytes)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.NodeStub | None = None
+        self._closed = False
+
+    def _node_stub(self) -> pb_grpc.NodeStub:
+        if self._closed:
+            raise RuntimeError(f"PeerClient for {self.address} is closed")
+        if self._stub is None:  # created on first use, inside the event loop that will drive it
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=_CHANNEL_OPTIONS)
+            self._stub = pb_grpc.NodeStub(self._channel)
+        return self._stub
+
+    def _failure(self, exc: grpc.aio.AioRpcError) -> Exception:
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return PeerTimeout(self.address, "no answer before the deadline")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} does not serve {NODE_SERVICE_NAME}")
+        return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
+
+    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
+        try:
+            reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        return reply
+
+    async def _call_status(self, timeout: float) -> pb.StatusReply:
+        try:
+            reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        return reply
+
+    async def _call_exchange(
+        self, requests: Iterator[pb.ExchangeMessage], timeout: float
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        call = self._node_stub().Exchange(requests, timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        finally:
+            call.cancel()  # a no-op once finished; stops the upload when we stop reading early
+
+    async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        call = self._node_stub().Fetch(request, timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        """Close the channel, cancelling calls in flight. Safe to call twice."""
+        self._closed = True
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+
+class GrpcTransport:
+    """`Transport` over gRPC: `serve` gives an `RpcServer`, `connect` a `PeerClient`."""
+
+    def __init__(
+        self, *, credentials: grpc.ChannelCredentials | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> None:
+        self._credentials = credentials
+        self._max_payload_bytes = max_payload_bytes
+
+    def serve(self, handler: NodeHandler, listen: str, *, max_payload_bytes: int | None = None) -> RpcServer:
+        return RpcServer(handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
+
+    def connect(self, address: str) -> PeerClient:
+        return PeerClient(address, credentials=self._credentials, max_payload_bytes=self._max_payload_bytes)
+
+
+# ------------------------------------------------------------------------------------------- in memory
+
+
+def _over_the_wire(message: _T, parse: Callable[[bytes], _T], address: str) -> _T:
+    """Serialize and parse, as a network would: the peers share no objects and gRPC's size limit applies."""
+    data = message.SerializeToString()  # type: ignore[attr-defined]
+    if len(data) > GRPC_MAX_MESSAGE_BYTES:
+        raise PeerUnavailable(address, f"RESOURCE_EXHAUSTED: message of {len(data)} bytes is over the limit")
+    return parse(data)
+
+
+class _Replay(AsyncIterator[_T]):
+    """Messages already sent, read back as a stream."""
+
+    def __init__(self, items: Iterable[_T]) -> None:
+        self._items = iter(items)
+
+    async def __anext__(self) -> _T:
+        try:
+            return next(self._items)
+        except StopIteration:
+            raise StopAsyncIteration from None
+
+
+class InMemoryNetwork:
+    """`Transport` inside one process: servers register by address, clients reach them through the protocol code
+    and the bytes a gRPC peer would see, so node logic can be unit-tested without sockets."""
+
+    def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
+        self._max_payload_bytes = max_payload_bytes
+        self._servers: dict[str, InMemoryServer] = {}
+        self._next_port = 1
+
+    def serve(
+        self, handler: NodeHandler, listen: str = "127.0.0.1:0", *, max_payload_bytes: int | None = None
+    ) -> InMemoryServer:
+        return InMemoryServer(self, handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
+
+    def connect(self, address: str) -> InMemoryClient:
+        return InMemoryClient(self, address, max_payload_bytes=self._max_payload_bytes)
+
+    def _bind(self, server: InMemoryServer, listen: str) -> str:
+        host, _, port = listen.rpartition(":")
+        if port == "0":  # like a kernel: hand out a port nobody in this network uses
+            while f"{host}:{self._next_port}" in self._servers:
+                self._next_port += 1
+            port = str(self._next_port)
+        address = f"{host}:{port}"
+        if address in self._servers:
+            raise BindError(listen, "address already in use")
+        self._servers[address] = server
+        return address
+
+    def _unbind(self, address: str) -> None:
+        self._servers.pop(address, None)
+
+    def _lookup(self, address: str) -> InMemoryServer:
+        try:
+            return self._servers[address]
+        except KeyError:
+            raise PeerUnavailable(address, "UNAVAILABLE: connection refused (nothing serves there)") from None
+
+
+class InMemoryServer:
+    """A node served on an `InMemoryNetwork`. Server-side work runs in tasks this server owns and cancels."""
+
+    def __init__(self, network: InMemoryNetwork, handler: NodeHandler, listen: str, *, max_payload_bytes: int) -> None:
+        self._network = network
+        self._listen = listen
+        self._address = ""
+        self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    @property
+    def address(self) -> str:
+        if not self._address:
+            raise RuntimeError("InMemoryServer is not started")
+        return self._address
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rpartition(":")[2])
+
+    async def start(self) -> None:
+        if self._address:
+            raise RuntimeError("InMemoryServer already started")
+        self._address = self._network._bind(self, self._listen)
+
+    async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
+        """Stop taking calls, give those in flight `grace` seconds, cancel the rest. Safe to call twice."""
+        self._network._unbind(self._address)
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=grace)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    async def _call(self, work: Coroutine[Any, Any, _T], timeout: float) -> _T:
+        """Run `work` as a task of this server; the caller's deadline cancels it, as a gRPC deadline would."""
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        try:
+            async with asyncio.timeout(timeout):
+                return await task
+        except TimeoutError:
+            raise PeerTimeout(self._address, "no answer before the deadline") from None
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if task.cancelled() and (current is None or not current.cancelling()):
+                raise PeerUnavailable(self._address, "UNAVAILABLE: server shut down during the call") from None
+            raise
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+class InMemoryClient(_Caller):
+    """A connection to an `InMemoryNetwork` address; same methods and errors as `PeerClient`."""
+
+    def __init__(self, network: InMemoryNetwork, address: str, *, max_payload_bytes: int) -> None:
+        super().__init__(address, max_payload_bytes=max_payload_bytes)
+        self._network = network
+        self._closed = False
+
+    def _server(self) -> InMemoryServer:
+        if self._closed:
+            raise RuntimeError(f"InMemoryClient for {self.address} is closed")
+        return self._network._lookup(self.address)
+
+    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
+        server = self._server()
+        wire_request = _over_the_wire(request, pb.HandshakeRequest.FromString, self.address)
+        reply = await server._call(server._responder.handshake(wire_request), timeout)
+        return _over_the_wire(reply, pb.HandshakeReply.FromString, self.address)
+
+    async def _call_status(self, timeout: float) -> pb.StatusReply:
+        server = self._server()
+
+        async def status() -> pb.StatusReply:
+            try:
+                return server._responder.status(pb.StatusRequest())
+            except _ServiceFault as exc:
+                raise PeerUnavailable(self.address, f"INTERNAL: {exc}") from None
+
+        return _over_the_wire(await server._call(status(), timeout), pb.StatusReply.FromString, self.address)
+
+    async def _call_exchange(
+        self, requests: Iterator[pb.ExchangeMessage], timeout: float
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        server = self._server()
+        sent = [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) for m in requests]
+
+        async def serve() -> list[pb.ExchangeMessage]:
+            async with contextlib.aclosing(server._responder.exchange(_Replay(sent))) as replies:
+                return [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) async for m in replies]
+
+        for message in await server._call(serve(), timeout):
+            yield message
+
+    async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        server = self._server()
+        wire_request = _over_the_wire(request, pb.FetchRequest.FromString, self.address)
+
+        async def serve() -> list[pb.ExchangeMessage]:
+            async with contextlib.aclosing(server._responder.fetch(wire_request)) as replies:
+                return [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) async for m in replies]
+
+        for message in await server._call(serve(), timeout):
+            yield message
+
+    async def aclose(self) -> None:
+        self._closed = True

@@ -1,0 +1,510 @@
+"""Discovery: mDNS peers on 127.0.0.1 only, the --peers grammar, static peers, --mdns-interface.
+
+mDNS SAFETY: every zeroconf instance here binds 127.0.0.1, IPv4 only; nothing multicasts on a real interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from unittest.mock import patch
+
+import pytest
+from zeroconf import IPVersion, _core
+from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+
+from tadlora.node import discovery
+from tadlora.node.discovery import (
+    SERVICE_TYPE,
+    Advertisement,
+    InterfaceError,
+    MdnsDiscovery,
+    PeerCandidate,
+    PeersOption,
+    StaticPeers,
+    interface_addresses,
+    parse_peers_option,
+    service_instance_name,
+)
+
+LOOPBACK = ["127.0.0.1"]
+UNSPECIFIED = "0.0.0.0"  # noqa: S104 -- only passed in to check that it is refused
+WAIT_S = 5.0  # s; generous bound for one discovery step on loopback (they take well under 0.5 s)
+GOODBYE_BOUND_S = 2.0  # s; a goodbye must beat the 120 s host TTL / 75 min PTR TTL by far
+
+
+@pytest.fixture
+def quick_timing() -> Iterator[None]:
+    """zeroconf's own test idiom: shrink probe/announce/goodbye intervals; loopback needs no RFC 6762 pacing."""
+    with (
+        patch.object(_core, "_CHECK_TIME", 10),
+        patch.object(_core, "_REGISTER_TIME", 10),
+        patch.object(_core, "_UNREGISTER_TIME", 10),
+        patch.object(_core, "_PROBE_RANDOM_DELAY_INTERVAL", (1, 5)),
+    ):
+        yield
+
+
+@dataclass(frozen=True)
+class Names:
+    """Node ids unique to one test: other test runs on this machine share 127.0.0.1:5353 and may be announcing."""
+
+    tag: str
+
+    def __call__(self, name: str) -> str:
+        return f"{name}-{self.tag}"
+
+    def ours(self, candidates: dict[str, PeerCandidate]) -> dict[str, PeerCandidate]:
+        return {node_id: c for node_id, c in candidates.items() if node_id.endswith(f"-{self.tag}")}
+
+
+@pytest.fixture
+def n() -> Names:
+    return Names(uuid.uuid4().hex[:8])
+
+
+def advert(node_id: str, port: int = 50051, **overrides: object) -> Advertisement:
+    fields: dict[str, object] = {
+        "node_id": node_id,
+        "port": port,
+        "cluster": "lab",
+        "fingerprint": "ab12",
+        "protocol_version": 1,
+        "secure": False,
+    }
+    fields.update(overrides)
+    return Advertisement(**fields)  # type: ignore[arg-type]
+
+
+@contextlib.asynccontextmanager
+async def running(*adverts: Advertisement) -> AsyncIterator[list[MdnsDiscovery]]:
+    """Start one MdnsDiscovery per advert on 127.0.0.1 (concurrently) and always close them all."""
+    nodes = [MdnsDiscovery(a, LOOPBACK) for a in adverts]
+    try:
+        await asyncio.gather(*(node.async_start() for node in nodes))
+        yield nodes
+    finally:
+        await asyncio.gather(*(node.aclose() for node in nodes))
+
+
+def raw_info(name: str, properties: dict[str, str], port: int = 40000) -> AsyncServiceInfo:
+    return AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"{name}.{SERVICE_TYPE}",
+        port=port,
+        properties=properties,
+        server=f"{name}-raw.local.",
+        addresses=LOOPBACK,
+    )
+
+
+@contextlib.asynccontextmanager
+async def raw_responder(*infos: AsyncServiceInfo) -> AsyncIterator[AsyncZeroconf]:
+    """Register services with arbitrary TXT through plain zeroconf (on 127.0.0.1), as a foreign responder would."""
+    async with AsyncZeroconf(interfaces=LOOPBACK, ip_version=IPVersion.V4Only) as aiozc:
+        for announced in await asyncio.gather(*(aiozc.async_register_service(info) for info in infos)):
+            await announced
+        yield aiozc
+
+
+class LogWaiter(logging.Handler):
+    """Lets a test await a log record instead of sleeping."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.records: list[logging.LogRecord] = []
+        self._event = asyncio.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self._event.set()
+
+    async def wait_for_message(self, fragment: str, timeout: float) -> None:
+        async with asyncio.timeout(timeout):
+            while not any(fragment in r.getMessage() for r in self.records):
+                self._event.clear()
+                await self._event.wait()
+
+
+@pytest.fixture
+def discovery_log() -> Iterator[LogWaiter]:
+    waiter = LogWaiter()
+    logger = logging.getLogger("tadlora.discovery")
+    logger.addHandler(waiter)
+    try:
+        yield waiter
+    finally:
+        logger.removeHandler(waiter)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# mDNS on 127.0.0.1
+
+
+@pytest.mark.asyncio
+async def test_two_nodes_find_each_other_with_address_port_and_txt_but_not_themselves(
+    quick_timing: None, n: Names
+) -> None:
+    async with running(advert(n("alpha"), 50051), advert(n("beta"), 50052, secure=True)) as (a, b):
+        seen_by_a = n.ours(await a.async_wait_for(lambda c: n("beta") in c, WAIT_S))
+        seen_by_b = n.ours(await b.async_wait_for(lambda c: n("alpha") in c, WAIT_S))
+    assert seen_by_a == {
+        n("beta"): PeerCandidate(
+            node_id=n("beta"),
+            address="127.0.0.1:50052",
+            cluster="lab",
+            fingerprint="ab12",
+            protocol_version=1,
+            secure=True,
+            source="mdns",
+            service_name=f"{n('beta')}.{SERVICE_TYPE}",
+        )
+    }
+    assert set(seen_by_b) == {n("alpha")}
+    assert seen_by_b[n("alpha")].address == "127.0.0.1:50051"
+    assert seen_by_b[n("alpha")].secure is False
+
+
+@pytest.mark.asyncio
+async def test_with_real_zeroconf_timers_peers_meet_within_2_5_s_and_a_goodbye_drops_at_once(n: Names) -> None:
+    start = time.monotonic()
+    async with running(advert(n("alpha"), 50051), advert(n("beta"), 50052)) as (a, b):
+        await a.async_wait_for(lambda c: n("beta") in c, WAIT_S)
+        await b.async_wait_for(lambda c: n("alpha") in c, WAIT_S)
+        found_after = time.monotonic() - start
+        closed_at = time.monotonic()
+        await b.aclose()
+        await a.async_wait_for(lambda c: n("beta") not in c, WAIT_S)
+        dropped_after = time.monotonic() - closed_at
+    # Probing alone is ~1.2 s; browsing runs alongside it. The goodbye burst is 3 packets 125 ms apart.
+    assert found_after < 2.5, found_after
+    assert dropped_after < GOODBYE_BOUND_S, dropped_after
+
+
+def sees_exactly(node_ids: set[str], n: Names) -> Callable[[dict[str, PeerCandidate]], bool]:
+    return lambda candidates: set(n.ours(candidates)) == node_ids
+
+
+@pytest.mark.asyncio
+async def test_three_nodes_each_see_exactly_the_other_two(quick_timing: None, n: Names) -> None:
+    ids = (n("n1"), n("n2"), n("n3"))
+    async with running(*(advert(i, 50061 + k) for k, i in enumerate(ids))) as nodes:
+        for node_id, node in zip(ids, nodes, strict=True):
+            others = set(ids) - {node_id}
+            seen = n.ours(await node.async_wait_for(sees_exactly(others, n), WAIT_S))
+            assert {c.address for c in seen.values()} == {f"127.0.0.1:{50061 + ids.index(i)}" for i in others}
+
+
+@pytest.mark.asyncio
+async def test_a_node_started_later_finds_the_nodes_already_running(quick_timing: None, n: Names) -> None:
+    async with running(advert(n("early"), 50141)) as (early,), running(advert(n("late"), 50142)) as (late,):
+        seen = await late.async_wait_for(lambda c: n("early") in c, WAIT_S)
+        await early.async_wait_for(lambda c: n("late") in c, WAIT_S)
+    assert seen[n("early")].address == "127.0.0.1:50141"
+
+
+@pytest.mark.asyncio
+async def test_a_closed_node_is_dropped_promptly_by_its_goodbye(quick_timing: None, n: Names) -> None:
+    async with running(advert(n("stay"), 50071), advert(n("leave"), 50072)) as (stay, leave):
+        await stay.async_wait_for(lambda c: n("leave") in c, WAIT_S)
+        closed_at = time.monotonic()
+        await leave.aclose()
+        await stay.async_wait_for(lambda c: n("leave") not in c, GOODBYE_BOUND_S)
+        dropped_after = time.monotonic() - closed_at
+    assert dropped_after < GOODBYE_BOUND_S  # far inside the 120 s host TTL: the goodbye did it, not expiry
+
+
+@pytest.mark.asyncio
+async def test_on_change_is_called_when_a_peer_appears_and_leaves(quick_timing: None, n: Names) -> None:
+    snapshots: list[set[str]] = []
+    seer = MdnsDiscovery(advert(n("seer")), LOOPBACK, on_change=lambda: snapshots.append(set(seer.candidates())))
+    async with seer:
+        async with running(advert(n("visitor"), 50081)):
+            await seer.async_wait_for(lambda c: n("visitor") in c, WAIT_S)
+        await seer.async_wait_for(lambda c: n("visitor") not in c, WAIT_S)
+    visits = [n("visitor") in snapshot for snapshot in snapshots]
+    assert True in visits
+    assert visits[-1] is False
+
+
+@pytest.mark.asyncio
+async def test_a_txt_update_refreshes_the_candidate(quick_timing: None, n: Names) -> None:
+    async with running(advert(n("watcher")), advert(n("changer"), 50091)) as (watcher, changer):
+        await watcher.async_wait_for(lambda c: n("changer") in c, WAIT_S)
+        await changer.async_update(advert(n("changer"), 50092, fingerprint="cafe", protocol_version=2))
+        seen = await watcher.async_wait_for(lambda c: c[n("changer")].fingerprint == "cafe", WAIT_S)
+        with pytest.raises(ValueError, match="node id"):
+            await changer.async_update(advert(n("someone-else")))
+    assert seen[n("changer")].protocol_version == 2
+    assert seen[n("changer")].address == "127.0.0.1:50092"
+
+
+@pytest.mark.asyncio
+async def test_other_cluster_and_fingerprint_are_still_reported_so_the_node_can_say_why(
+    quick_timing: None, n: Names
+) -> None:
+    stranger = advert(n("stranger"), 50101, cluster="other", fingerprint="ffff00", protocol_version=7, secure=True)
+    async with running(advert(n("local")), stranger) as (local, _):
+        seen = await local.async_wait_for(lambda c: n("stranger") in c, WAIT_S)
+    candidate = seen[n("stranger")]
+    assert (candidate.cluster, candidate.fingerprint, candidate.protocol_version, candidate.secure) == (
+        "other",
+        "ffff00",
+        7,
+        True,
+    )
+
+
+@pytest.mark.asyncio
+async def test_malformed_txt_is_ignored_with_a_logged_reason_and_browsing_goes_on(
+    quick_timing: None, n: Names, discovery_log: LogWaiter, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="tadlora.discovery")
+    ok_txt = advert("x").txt()
+    no_fp, bad_proto, fixed_later = n("no-fp"), n("bad-proto"), n("fixed-later")
+    broken = [
+        raw_info(no_fp, {"id": no_fp, "cluster": "lab", "proto": "1", "sec": "tls"}),
+        raw_info(bad_proto, {**ok_txt, "id": bad_proto, "proto": "one"}),
+        raw_info(fixed_later, {"id": fixed_later}),
+    ]
+    async with running(advert(n("observer"))) as (observer,), raw_responder(*broken) as foreign:
+        for name in (no_fp, bad_proto, fixed_later):
+            await discovery_log.wait_for_message(name, WAIT_S)
+        # Still broken after a refresh: not logged again.
+        await (await foreign.async_update_service(raw_info(fixed_later, {"id": fixed_later, "cluster": "c"})))
+        # The browser survived: a well-formed peer arriving later is found, and so is a broken one once fixed.
+        await (await foreign.async_update_service(raw_info(fixed_later, {**ok_txt, "id": fixed_later})))
+        async with running(advert(n("late-but-fine"), 50111)):
+            seen = await observer.async_wait_for(lambda c: {n("late-but-fine"), fixed_later} <= set(c), WAIT_S)
+    assert set(n.ours(seen)) == {n("late-but-fine"), fixed_later}
+    messages = [r.getMessage() for r in caplog.records if r.name == "tadlora.discovery"]
+    assert any(no_fp in m and "lacks fp" in m for m in messages), messages
+    assert any(bad_proto in m and "proto='one'" in m for m in messages), messages
+    assert sum(fixed_later in m for m in messages) == 1, messages  # once per service, not per refresh
+
+
+@pytest.mark.asyncio
+async def test_another_service_claiming_our_node_id_is_ignored_with_a_warning(
+    quick_timing: None, n: Names, discovery_log: LogWaiter
+) -> None:
+    me = advert(n("me"), 50131)
+    async with running(me) as (node,), raw_responder(raw_info(n("impostor"), me.txt(), port=50132)):
+        await discovery_log.wait_for_message("claims our node id", WAIT_S)
+        assert n("me") not in node.candidates()
+    assert any(n("impostor") in r.getMessage() and "127.0.0.1:50132" in r.getMessage() for r in discovery_log.records)
+
+
+@pytest.mark.asyncio
+async def test_close_is_idempotent_and_leaves_no_tasks_or_threads(quick_timing: None, n: Names) -> None:
+    threads_before = set(threading.enumerate())
+    tasks_before = asyncio.all_tasks()
+    a = MdnsDiscovery(advert(n("tidy-a")), LOOPBACK)
+    b = MdnsDiscovery(advert(n("tidy-b"), 50121), LOOPBACK)
+    async with a, b:
+        await a.async_wait_for(lambda c: n("tidy-b") in c, WAIT_S)
+    await a.aclose()
+    await b.aclose()
+    assert asyncio.all_tasks() == tasks_before
+    assert set(threading.enumerate()) == threads_before
+    with pytest.raises(RuntimeError, match="once"):
+        await a.async_start()
+
+
+@pytest.mark.asyncio
+async def test_closing_a_never_started_discovery_is_harmless() -> None:
+    await MdnsDiscovery(advert("idle"), LOOPBACK).aclose()
+
+
+@pytest.mark.parametrize("interfaces", [[], [UNSPECIFIED], ["224.0.0.251"], ["eth0"], ["::1"], ["203.0.113.9"]])
+def test_mdns_refuses_anything_but_unicast_ipv4_addresses_of_this_host(interfaces: list[str]) -> None:
+    with pytest.raises(ValueError, match="interface"):
+        MdnsDiscovery(advert("x"), interfaces)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# TXT and names, on literal inputs
+
+
+def _resolved(properties: dict[str, str] | dict[bytes, bytes], addresses: list[str] | None = None) -> AsyncServiceInfo:
+    return AsyncServiceInfo(
+        SERVICE_TYPE,
+        f"peer.{SERVICE_TYPE}",
+        port=50051,
+        properties=properties,
+        server="peer.local.",
+        addresses=LOOPBACK if addresses is None else addresses,
+    )
+
+
+GOOD_TXT = {"id": "peer", "cluster": "lab", "fp": "ab12", "proto": "3", "sec": "tls"}
+
+
+def test_a_well_formed_service_becomes_a_candidate() -> None:
+    assert discovery._candidate_from_info(_resolved(GOOD_TXT)) == PeerCandidate(
+        "peer", "127.0.0.1:50051", "lab", "ab12", 3, True, "mdns", f"peer.{SERVICE_TYPE}"
+    )
+
+
+@pytest.mark.parametrize(
+    ("txt", "reason"),
+    [
+        ({k: v for k, v in GOOD_TXT.items() if k not in ("fp", "sec")}, "lacks fp, sec"),
+        ({**GOOD_TXT, "id": ""}, "lacks id"),
+        ({**GOOD_TXT, "proto": "1.5"}, "proto='1.5' is not a non-negative integer"),
+        ({**GOOD_TXT, "proto": "-1"}, "not a non-negative integer"),
+        ({**GOOD_TXT, "fp": "xyz"}, "fp='xyz' is not hex"),
+        ({**GOOD_TXT, "sec": "maybe"}, "neither 'tls' nor 'insecure'"),
+    ],
+)
+def test_malformed_txt_gives_a_reason_instead_of_a_candidate(txt: dict[str, str], reason: str) -> None:
+    result = discovery._candidate_from_info(_resolved(txt))
+    assert isinstance(result, str)
+    assert reason in result
+
+
+def test_non_utf8_txt_and_missing_ipv4_are_reasons_too() -> None:
+    raw = {k.encode(): v.encode() for k, v in GOOD_TXT.items()} | {b"id": b"\xff\xfe"}
+    assert "not UTF-8" in str(discovery._candidate_from_info(_resolved(raw)))
+    assert "no IPv4" in str(discovery._candidate_from_info(_resolved(GOOD_TXT, addresses=["::1"])))
+
+
+def test_instance_names_are_the_id_when_tame_and_a_unique_short_label_otherwise() -> None:
+    assert service_instance_name("node-7_a") == "node-7_a"
+    long_a, long_b = "x" * 70 + "a", "x" * 70 + "b"
+    assert len(service_instance_name(long_a).encode()) <= 63
+    assert service_instance_name(long_a) != service_instance_name(long_b)
+    assert service_instance_name("gpu box/1") != service_instance_name("gpu-box-1")
+    assert service_instance_name("gpu box/1").startswith("gpu-box-1-")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"port": 0}, "port"),
+        ({"fingerprint": "not-hex"}, "fingerprint"),
+        ({"node_id": ""}, "node_id"),
+        ({"advertise_address": UNSPECIFIED}, "advertise_address"),
+        ({"advertise_address": "host.example"}, "advertise_address"),
+        ({"cluster": "c" * 300}, "TXT entry"),
+    ],
+)
+def test_an_advertisement_refuses_what_it_could_not_announce(overrides: dict[str, object], message: str) -> None:
+    fields: dict[str, object] = {"node_id": "n", "port": 1, "cluster": "lab", "fingerprint": "ab", **overrides}
+    with pytest.raises(ValueError, match=message):
+        Advertisement(protocol_version=1, secure=True, **fields)  # type: ignore[arg-type]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --peers and static peers
+
+
+def test_peers_auto_alone_enables_mdns_only() -> None:
+    assert parse_peers_option("auto") == PeersOption(auto=True, static=(), dns=())
+
+
+def test_peers_mixes_auto_static_and_dns_entries_in_order_without_duplicates() -> None:
+    parsed = parse_peers_option(
+        " auto, 10.0.0.2:50051,dns:tadlora.default.svc:50051, [::1]:7000,node-b.local:7000,10.0.0.2:50051,dns:peers.lab"
+    )
+    assert parsed == PeersOption(
+        auto=True,
+        static=("10.0.0.2:50051", "[::1]:7000", "node-b.local:7000"),
+        dns=("tadlora.default.svc:50051", "peers.lab"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("", "--peers needs"),
+        (" , ", "--peers needs"),
+        ("auto,,10.0.0.2:1", "empty entry"),
+        ("10.0.0.2", "expected HOST:PORT"),
+        (":50051", "expected HOST:PORT"),
+        ("10.0.0.2:0", "1..65535"),
+        ("10.0.0.2:65536", "1..65535"),
+        ("10.0.0.2:http", "1..65535"),
+        ("999.0.0.1:50051", "neither an IPv4 address nor a host name"),
+        ("bad_host:50051", "neither an IPv4 address nor a host name"),
+        ("::1:50051", "need brackets"),
+        ("[::1]50051", r"expected \[IPv6\]:PORT"),
+        ("[not-v6]:50051", "not an IPv6 address"),
+        ("dns:", "dns: needs a DNS name"),
+        ("dns:10.0.0.1", "dns: needs a DNS name"),
+        ("dns:svc.lab:99999", "1..65535"),
+    ],
+)
+def test_peers_refuses_bad_entries_with_a_message_naming_them(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_peers_option(value)
+
+
+def test_static_peers_parse_ipv4_host_names_and_bracketed_ipv6() -> None:
+    peers = StaticPeers.parse("10.0.0.2:50051, gpu-2.lab:50051 ,[2001:DB8::0001]:443")
+    assert peers.addresses == ("10.0.0.2:50051", "gpu-2.lab:50051", "[2001:db8::1]:443")
+
+
+@pytest.mark.parametrize("value", ["", "10.0.0.2:50051,", "10.0.0.2", "fe80::1:50051", "[fe80::1]", "a b:1"])
+def test_static_peers_refuse_bad_entries(value: str) -> None:
+    with pytest.raises(ValueError, match="peer"):
+        StaticPeers.parse(value)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# --mdns-interface
+
+
+def test_an_interface_address_maps_to_itself() -> None:
+    assert interface_addresses("127.0.0.1") == ["127.0.0.1"]
+
+
+def test_an_interface_name_maps_to_its_ipv4_addresses() -> None:
+    assert "127.0.0.1" in interface_addresses("lo")
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (UNSPECIFIED, "not 0.0.0.0"),
+        ("203.0.113.77", "no local interface has this address"),
+        ("no-such-if0", "no such interface"),
+    ],
+)
+def test_an_interface_that_is_not_one_of_ours_is_refused(spec: str, message: str) -> None:
+    with pytest.raises(InterfaceError, match=message):
+        interface_addresses(spec)
+
+
+ROUTES_HEADER = "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+
+
+def test_the_default_route_interfaces_are_read_lowest_metric_first() -> None:
+    table = ROUTES_HEADER + (
+        "wlan0\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
+        "down0\t00000000\t01010101\t0002\t0\t0\t0\t00000000\t0\t0\t0\n"
+    )
+    assert discovery._default_route_interfaces(table) == ["eth0", "wlan0"]
+
+
+def test_no_interface_means_the_default_route_interface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    routes = tmp_path / "route"
+    routes.write_text(ROUTES_HEADER + "lo\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n")
+    monkeypatch.setattr(discovery, "_ROUTE_TABLE", routes)
+    assert interface_addresses(None) == ["127.0.0.1"]
+
+
+def test_no_default_route_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    routes = tmp_path / "route"
+    routes.write_text(ROUTES_HEADER + "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
+    monkeypatch.setattr(discovery, "_ROUTE_TABLE", routes)
+    with pytest.raises(InterfaceError, match="--mdns-interface"):
+        interface_addresses(None)

@@ -1,0 +1,517 @@
+"""The node transport: one suite run against gRPC on 127.0.0.1 and against the in-memory network.
+
+Each test serves a `FakeNode` and calls it through `transport.connect`; gRPC-only tests at the end cover health
+checking and reflection. No sleeps wait for readiness: servers are ready when `async with` enters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import math
+import threading
+from collections.abc import AsyncIterator, Iterator
+
+import grpc
+import pytest
+import torch
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+from tadlora.node.rpc import (
+    NODE_SERVICE_NAME,
+    PROTOCOL_VERSION,
+    BindError,
+    ExchangeHeader,
+    GrpcTransport,
+    InMemoryNetwork,
+    NeighborStatus,
+    PeerConnection,
+    PeerInfo,
+    PeerTimeout,
+    PeerUnavailable,
+    RpcServer,
+    Server,
+    StatusInfo,
+    Transport,
+)
+from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
+
+LISTEN = "127.0.0.1:0"
+CLUSTER = "glue-sst2"
+FINGERPRINT = "sha256:" + "ab" * 32
+TIMEOUT = 10.0  # s; generous: calls expected to succeed never come near it
+SHORT_TIMEOUT = 0.3  # s; the caller's deadline in tests where the callee never answers
+THREAD_EXIT_TIMEOUT = 2.0  # s; join() returns as soon as a finished thread has exited
+PREFIX = "base_model.model.bert.encoder.layer.0.attention.self"
+
+Factors = dict[str, torch.Tensor]
+
+
+def lora_factors(seed: int, *, width: int = 16, rank: int = 4, dtype: torch.dtype = torch.float32) -> Factors:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        f"{PREFIX}.{proj}.lora_{ab}.weight": torch.randn(shape, generator=gen).to(dtype)
+        for proj in ("query", "value")
+        for ab, shape in (("A", (rank, width)), ("B", (width, rank)))
+    }
+
+
+def assert_bit_exact(actual: Factors, expected: Factors) -> None:
+    assert actual.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert actual[key].dtype == tensor.dtype
+        assert torch.equal(actual[key].view(torch.uint8), tensor.contiguous().view(torch.uint8)), key
+
+
+class FakeNode:
+    """A `NodeHandler` that records what it was given and misbehaves on request."""
+
+    def __init__(self, node_id: str, factors: Factors, *, cluster: str = CLUSTER, round: int = 3) -> None:
+        self.info = PeerInfo(
+            node_id=node_id,
+            cluster=cluster,
+            fingerprint=FINGERPRINT,
+            address=f"{node_id}.test:7000",
+            round=round,
+            degree=2,
+            method="tad-lora",
+        )
+        self.factors = factors
+        self.spec: FactorSpec | None = FactorSpec.from_factors(factors)
+        self.refusal: tuple[Reason, str] | None = None  # raised by both async_handshake and async_exchange
+        self.crash: str | None = None  # message of a RuntimeError raised by async_exchange
+        self.hold = False  # async_exchange waits until cancelled
+        self.entered = asyncio.Event()  # set when async_exchange starts
+        self.handshakes: list[PeerInfo] = []
+        self.exchanges: list[tuple[ExchangeHeader, Factors]] = []
+        self.cancelled = asyncio.Event()
+        self.status_info = StatusInfo(node=self.info)
+
+    def local_info(self) -> PeerInfo:
+        return self.info
+
+    def expected_spec(self) -> FactorSpec | None:
+        return self.spec
+
+    def status(self) -> StatusInfo:
+        return self.status_info
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        self.handshakes.append(remote)
+        if self.refusal is not None:
+            raise ExchangeRefused(*self.refusal)
+
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
+        self.exchanges.append((header, factors))
+        self.entered.set()
+        if self.crash is not None:
+            raise RuntimeError(self.crash)
+        if self.refusal is not None:
+            raise ExchangeRefused(*self.refusal)
+        if self.hold:
+            try:
+                await asyncio.Event().wait()
+            finally:
+                self.cancelled.set()
+        return self.factors
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
+        self.handshakes.append(remote)
+        if self.refusal is not None:
+            raise ExchangeRefused(*self.refusal)
+        return self.info.round, self.factors
+
+
+def header_of(node: FakeNode, round: int | None = None) -> ExchangeHeader:
+    return ExchangeHeader.from_info(node.info, at_round=round)
+
+
+@pytest.fixture(autouse=True)
+def no_thread_outlives_the_test(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    before = set(threading.enumerate())
+    yield
+    # grpc.aio stops its poller thread once its last channel and server objects are finalized, and does not join
+    # it. Captured log records and exceptions keep tracebacks whose frames hold such objects: drop the records,
+    # collect the cycles, then give the thread time to exit.
+    for when in ("setup", "call"):
+        caplog.get_records(when).clear()
+    gc.collect()
+    new = [t for t in threading.enumerate() if t not in before]
+    for thread in new:
+        thread.join(THREAD_EXIT_TIMEOUT)
+    leftover = [t for t in new if t.is_alive()]
+    assert not leftover, f"threads left running: {leftover}"
+
+
+@pytest.fixture(params=["grpc", "memory"])
+def transport(request: pytest.FixtureRequest) -> Transport:
+    chosen: Transport = GrpcTransport() if request.param == "grpc" else InMemoryNetwork()
+    return chosen
+
+
+@contextlib.asynccontextmanager
+async def serving(
+    transport: Transport, node: FakeNode, *, max_payload_bytes: int | None = None
+) -> AsyncIterator[tuple[Server, PeerConnection]]:
+    """Serve `node` on loopback and connect to it; both are closed afterwards, whatever happens."""
+    async with (
+        transport.serve(node, LISTEN, max_payload_bytes=max_payload_bytes) as server,
+        transport.connect(server.address) as client,
+    ):
+        yield server, client
+
+
+@pytest.fixture
+def alice() -> FakeNode:
+    return FakeNode("alice", lora_factors(1))
+
+
+@pytest.fixture
+def bob() -> FakeNode:
+    return FakeNode("bob", lora_factors(2))
+
+
+# ---------------------------------------------------------------------------------------- handshake
+
+
+@pytest.mark.asyncio
+async def test_accepted_handshake_returns_the_callee_info(transport: Transport, alice: FakeNode, bob: FakeNode) -> None:
+    async with serving(transport, bob) as (_, client):
+        remote = await client.handshake(alice.info, TIMEOUT)
+    assert remote == bob.info
+    assert bob.handshakes == [alice.info]  # every PeerInfo field crossed intact
+    assert remote.protocol_version == PROTOCOL_VERSION
+
+
+@pytest.mark.asyncio
+async def test_refused_handshake_carries_the_handler_reason_and_detail(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.refusal = (Reason.NOT_A_NEIGHBOR, "alice is not in bob's neighbourhood")
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.handshake(alice.info, TIMEOUT)
+    assert refused.value.reason is Reason.NOT_A_NEIGHBOR
+    assert refused.value.detail == "alice is not in bob's neighbourhood"
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"cluster": "other-cluster"}, Reason.CLUSTER_MISMATCH),
+        ({"fingerprint": "sha256:" + "cd" * 32}, Reason.FINGERPRINT_MISMATCH),
+        ({"protocol_version": PROTOCOL_VERSION + 1}, Reason.PROTOCOL_MISMATCH),
+    ],
+    ids=["cluster", "fingerprint", "protocol"],
+)
+async def test_incompatible_peers_are_refused_before_the_handler_sees_them(
+    transport: Transport, alice: FakeNode, bob: FakeNode, change: dict[str, object], reason: Reason
+) -> None:
+    stranger = PeerInfo(**{**alice.info.__dict__, **change})
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.handshake(stranger, TIMEOUT)
+    assert refused.value.reason is reason
+    assert bob.handshakes == []
+
+
+# ----------------------------------------------------------------------------------------- exchange
+
+
+@pytest.mark.asyncio
+async def test_exchange_is_push_pull_and_bit_exact_both_ways(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    alice.factors = lora_factors(1, dtype=torch.bfloat16)
+    bob.factors = lora_factors(2, dtype=torch.bfloat16)
+    bob.spec = FactorSpec.from_factors(alice.factors)
+    async with serving(transport, bob) as (_, client):
+        result = await client.exchange(
+            header_of(alice, 5), alice.factors, TIMEOUT, FactorSpec.from_factors(bob.factors)
+        )
+
+    [(seen_header, seen_factors)] = bob.exchanges
+    assert seen_header == header_of(alice, 5)
+    assert_bit_exact(seen_factors, alice.factors)
+    assert result.peer == header_of(bob, 5)  # the callee answers for the round it was asked about
+    assert_bit_exact(result.factors, bob.factors)
+    assert result.bytes_sent > 0
+    assert result.bytes_received > 0
+    assert 0 < result.elapsed_s < TIMEOUT
+
+
+@pytest.mark.asyncio
+async def test_fetch_pulls_the_callee_round_and_factors_without_sending_any(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    async with transport.serve(bob, "127.0.0.1:0") as server, transport.connect(server.address) as client:
+        result = await client.fetch(alice.info, timeout=5.0, expected=alice.spec)
+        assert result.peer.node_id == "bob" and result.peer.round == bob.info.round
+        assert_bit_exact(result.factors, bob.factors)
+        assert result.bytes_sent == 0 and not bob.exchanges
+        bob.refusal = (Reason.SHUTTING_DOWN, "stopping")
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.fetch(alice.info, timeout=5.0)
+        assert refused.value.reason is Reason.SHUTTING_DOWN
+
+
+@pytest.mark.asyncio
+async def test_payloads_far_over_the_grpc_message_limit_stream_through(transport: Transport) -> None:
+    big = {f"{PREFIX}.query.lora_A.weight": torch.randn(5_000_000)}  # 20 MB, five times gRPC's 4 MiB
+    alice = FakeNode("alice", big)
+    bob = FakeNode("bob", {k: v + 1 for k, v in big.items()})
+    async with serving(transport, bob) as (_, client):
+        result = await client.exchange(header_of(alice), big, TIMEOUT, FactorSpec.from_factors(big))
+    assert result.bytes_sent > 4 * (1 << 20)
+    assert_bit_exact(bob.exchanges[0][1], big)
+    assert_bit_exact(result.factors, bob.factors)
+
+
+@pytest.mark.asyncio
+async def test_several_exchanges_share_one_connection(transport: Transport, alice: FakeNode, bob: FakeNode) -> None:
+    async with serving(transport, bob) as (_, client):
+        results = await asyncio.gather(
+            *(client.exchange(header_of(alice, r), alice.factors, TIMEOUT) for r in range(4))
+        )
+    assert [r.peer.round for r in results] == [0, 1, 2, 3]
+    assert len(bob.exchanges) == 4
+
+
+@pytest.mark.asyncio
+async def test_payload_off_the_callee_spec_is_refused_bad_payload(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    alice.factors = lora_factors(1, rank=8)  # bob expects rank 4
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice), alice.factors, TIMEOUT)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+    assert "shape" in refused.value.detail
+    assert bob.exchanges == []  # the handler never saw factors off its spec
+
+
+@pytest.mark.asyncio
+async def test_reply_off_the_caller_spec_raises_payload_error(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.factors = lora_factors(2, dtype=torch.float16)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(PayloadError) as refused:
+            await client.exchange(header_of(alice), alice.factors, TIMEOUT, FactorSpec.from_factors(alice.factors))
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+    assert "dtype" in refused.value.detail
+
+
+@pytest.mark.asyncio
+async def test_handler_refusal_reaches_the_caller_with_its_reason(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.refusal = (Reason.ROUND_MISMATCH, "bob is at round 3, asked for 9")
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice, 9), alice.factors, TIMEOUT)
+    assert (refused.value.reason, refused.value.detail) == (Reason.ROUND_MISMATCH, "bob is at round 3, asked for 9")
+
+
+@pytest.mark.asyncio
+async def test_exchange_from_another_cluster_is_refused_before_the_payload(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    stranger = FakeNode("mallory", alice.factors, cluster="other-cluster")
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(stranger), stranger.factors, TIMEOUT)
+    assert refused.value.reason is Reason.CLUSTER_MISMATCH
+    assert bob.exchanges == []
+
+
+@pytest.mark.asyncio
+async def test_payload_over_the_callee_cap_is_refused_too_large(transport: Transport) -> None:
+    big = {f"{PREFIX}.query.lora_A.weight": torch.randn(1_000_000)}  # 4 MB
+    alice, bob = FakeNode("alice", big), FakeNode("bob", big)
+    async with serving(transport, bob, max_payload_bytes=1 << 20) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice), big, TIMEOUT)
+        assert refused.value.reason is Reason.TOO_LARGE
+        assert bob.exchanges == []
+        small = lora_factors(1)
+        bob.factors, bob.spec = small, None
+        result = await client.exchange(header_of(alice), small, TIMEOUT)  # the connection is still good
+    assert_bit_exact(result.factors, small)
+
+
+@pytest.mark.asyncio
+async def test_handler_crash_is_an_internal_refusal_and_the_server_keeps_serving(
+    transport: Transport, alice: FakeNode, bob: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    bob.crash = "bug in bob"
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice), alice.factors, TIMEOUT)
+        assert refused.value.reason is Reason.INTERNAL
+        assert "bug in bob" not in refused.value.detail  # internals stay in the callee's log...
+        [record] = [r for r in caplog.records if r.exc_info]
+        assert record.exc_info is not None
+        assert "bug in bob" in str(record.exc_info[1])  # ...with their traceback
+        bob.crash = None
+        await client.exchange(header_of(alice), alice.factors, TIMEOUT)
+
+
+@pytest.mark.asyncio
+async def test_callee_that_never_answers_gives_the_caller_a_prompt_timeout(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.hold = True
+    async with serving(transport, bob) as (_, client):
+        async with asyncio.timeout(TIMEOUT):  # 'promptly': long before this bound
+            with pytest.raises(PeerTimeout):
+                await client.exchange(header_of(alice), alice.factors, SHORT_TIMEOUT)
+            await bob.cancelled.wait()  # the deadline reached the callee, whose handler was cancelled
+    assert issubclass(PeerTimeout, PeerUnavailable)
+
+
+# ------------------------------------------------------------------------------- status and lifecycle
+
+
+@pytest.mark.asyncio
+async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
+    bob.status_info = StatusInfo(
+        node=bob.info,
+        state="exchanging",
+        phase="B",
+        rounds_completed=12,
+        last_loss=0.25,
+        last_accuracy=math.nan,
+        neighbors=(
+            NeighborStatus(node_id="alice", address="10.0.0.1:7000", degree=2, last_round=11, weight=1 / 3),
+            NeighborStatus(node_id="carol", address="10.0.0.3:7000", degree=3, last_round=12, weight=0.25),
+        ),
+        uptime_seconds=42.5,
+    )
+    async with serving(transport, bob) as (_, client):
+        status = await client.status(TIMEOUT)
+    assert math.isnan(status.last_accuracy)
+    expected = bob.status_info.__dict__ | {"last_accuracy": status.last_accuracy}
+    assert status.__dict__ == expected
+
+
+@pytest.mark.asyncio
+async def test_closing_twice_is_safe(transport: Transport, bob: FakeNode) -> None:
+    async with transport.serve(bob, LISTEN) as server:
+        client = transport.connect(server.address)
+        await client.status(TIMEOUT)
+        await client.aclose()
+        await client.aclose()
+        with pytest.raises(RuntimeError, match="closed"):
+            await client.status(TIMEOUT)
+        await server.aclose(0)
+        await server.aclose(0)
+    # and never-used ones
+    await transport.connect(server.address).aclose()
+
+
+@pytest.mark.asyncio
+async def test_calling_a_stopped_server_raises_peer_unavailable(transport: Transport, alice: FakeNode) -> None:
+    async with transport.serve(FakeNode("bob", alice.factors), LISTEN) as server:
+        address = server.address
+    async with transport.connect(address) as client:
+        with pytest.raises(PeerUnavailable) as unavailable:
+            await client.handshake(alice.info, TIMEOUT)
+    assert not isinstance(unavailable.value, PeerTimeout)
+    assert unavailable.value.address == address
+
+
+@pytest.mark.asyncio
+async def test_stopping_a_server_ends_calls_still_running_after_the_grace_period(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.hold = True
+    async with (
+        asyncio.timeout(TIMEOUT),
+        transport.serve(bob, LISTEN) as server,
+        transport.connect(server.address) as client,
+    ):
+        call = asyncio.create_task(client.exchange(header_of(alice), alice.factors, TIMEOUT))
+        try:
+            await bob.entered.wait()
+            await server.aclose(grace=0.05)
+            with pytest.raises(PeerUnavailable) as unavailable:
+                await call
+        finally:
+            call.cancel()
+        await bob.cancelled.wait()
+    assert not isinstance(unavailable.value, PeerTimeout)
+
+
+@pytest.mark.asyncio
+async def test_serving_on_a_taken_address_fails_naming_it(transport: Transport, bob: FakeNode) -> None:
+    async with transport.serve(bob, LISTEN) as server:
+        with pytest.raises(BindError, match=server.address.replace(".", r"\.")):
+            async with transport.serve(bob, server.address):
+                pass
+
+
+# ------------------------------------------------------------------------------------------ gRPC only
+
+
+@contextlib.asynccontextmanager
+async def channel_to(address: str) -> AsyncIterator[grpc.aio.Channel]:
+    channel = grpc.aio.insecure_channel(address)
+    try:
+        yield channel
+    finally:
+        await channel.close()
+
+
+@pytest.mark.asyncio
+async def test_health_is_serving_while_up_and_not_serving_on_shutdown(bob: FakeNode) -> None:
+    serving_, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    server = RpcServer(bob, LISTEN)
+    async with server, channel_to(server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", NODE_SERVICE_NAME):
+            reply = await health.Check(health_pb2.HealthCheckRequest(service=service), timeout=TIMEOUT)
+            assert reply.status == serving_
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=NODE_SERVICE_NAME), timeout=TIMEOUT)
+        assert (await watch.read()).status == serving_
+        closing = asyncio.create_task(server.aclose(grace=0.2))
+        try:
+            assert (await watch.read()).status == not_serving
+        finally:
+            watch.cancel()
+            await closing
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await health.Check(health_pb2.HealthCheckRequest(), timeout=TIMEOUT)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@pytest.mark.asyncio
+async def test_reflection_lists_the_services_and_describes_the_node_service(bob: FakeNode) -> None:
+    async with RpcServer(bob, LISTEN) as server:
+        async with channel_to(server.address) as channel:
+            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+            request = reflection_pb2.ServerReflectionRequest(list_services="")
+            [reply] = [r async for r in stub.ServerReflectionInfo(iter([request]), timeout=TIMEOUT)]
+        listed = {s.name for s in reply.list_services_response.service}
+        assert {NODE_SERVICE_NAME, "grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+
+        def describe_node() -> dict[str, tuple[bool, bool]]:
+            # The stock reflection client is synchronous: run it off the loop that serves it, and close its channel.
+            with grpc.insecure_channel(server.address) as sync_channel:
+                database = ProtoReflectionDescriptorDatabase(sync_channel)
+                from google.protobuf.descriptor_pool import DescriptorPool
+
+                service = DescriptorPool(database).FindServiceByName(NODE_SERVICE_NAME)
+                return {m.name: (m.client_streaming, m.server_streaming) for m in service.methods}
+
+        methods = await asyncio.to_thread(describe_node)
+    assert methods == {
+        "Handshake": (False, False),
+        "Exchange": (True, True),
+        "Fetch": (False, True),
+        "Status": (False, False),
+    }

@@ -1,0 +1,408 @@
+"""The exchange payload: safetensors encoding, spec checks, chunking and reassembly; and the generated proto code."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tadlora.node.wire import (
+    MAX_CHUNK_BYTES,
+    MAX_PAYLOAD_BYTES,
+    ExchangeRefused,
+    FactorSpec,
+    PayloadError,
+    Reason,
+    Reassembler,
+    TensorSpec,
+    chunk,
+    chunk_count,
+    decode_factors,
+    digest,
+    dtype_name,
+    encode_factors,
+)
+from tadlora.v1 import node_pb2 as pb
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "base_model.model.bert.encoder.layer.0.attention.self"
+GENERATED = ("tadlora/v1/node_pb2.py", "tadlora/v1/node_pb2.pyi", "tadlora/v1/node_pb2_grpc.py")
+
+
+Factors = dict[str, torch.Tensor]
+
+
+def lora_factors(dtype: torch.dtype = torch.float32, rank: int = 4, width: int = 16, seed: int = 0) -> Factors:
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for proj in ("query", "value"):
+        factors[f"{PREFIX}.{proj}.lora_A.weight"] = torch.randn(rank, width, generator=gen).to(dtype)
+        factors[f"{PREFIX}.{proj}.lora_B.weight"] = torch.randn(width, rank, generator=gen).to(dtype)
+    return factors
+
+
+def bits(tensor: torch.Tensor) -> torch.Tensor:
+    """The raw bits, so that equality means bit-exact (and -0.0 differs from 0.0)."""
+    return tensor.contiguous().view(torch.uint8)
+
+
+def assert_bit_exact(actual: Factors, expected: Factors) -> None:
+    assert actual.keys() == expected.keys()
+    for key, tensor in expected.items():
+        assert actual[key].dtype == tensor.dtype, key
+        assert actual[key].shape == tensor.shape, key
+        assert torch.equal(bits(actual[key]), bits(tensor)), key
+
+
+def payload_of(size: int) -> bytes:
+    return bytes(i % 251 for i in range(size))
+
+
+# ------------------------------------------------------------------------------------------ reasons
+
+
+def test_reason_mirrors_the_proto_enum_value_for_value() -> None:
+    wire = {name.removeprefix("REFUSAL_REASON_"): value for name, value in pb.RefusalReason.items()}
+    assert wire == {reason.name: reason.value for reason in Reason}
+
+
+def test_refusals_say_their_reason_and_payload_errors_are_refusals() -> None:
+    error = PayloadError(Reason.DIGEST_MISMATCH, "sha256 differs")
+    assert isinstance(error, ExchangeRefused)
+    assert (error.reason, error.detail) == (Reason.DIGEST_MISMATCH, "sha256 differs")
+    assert str(error) == "DIGEST_MISMATCH: sha256 differs"
+
+
+# ------------------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_factors_and_metadata_round_trip_bit_exact(dtype: torch.dtype) -> None:
+    factors = lora_factors(dtype)
+    factors[f"{PREFIX}.query.lora_A.weight"][0, 0] = -0.0  # the sign of zero must survive too
+    metadata = {"node_id": "n1", "round": "7"}
+
+    decoded, decoded_metadata = decode_factors(encode_factors(factors, metadata), FactorSpec.from_factors(factors))
+
+    assert_bit_exact(decoded, factors)
+    assert decoded_metadata == metadata
+
+
+def test_decoding_without_metadata_gives_empty_metadata() -> None:
+    assert decode_factors(encode_factors(lora_factors()))[1] == {}
+
+
+def test_empty_factor_dict_round_trips() -> None:
+    assert decode_factors(encode_factors({}), FactorSpec({})) == ({}, {})
+
+
+def test_encoding_accepts_non_contiguous_shared_and_trainable_tensors() -> None:
+    base = torch.randn(4, 6)
+    factors = {
+        "transposed": base.t(),  # non-contiguous
+        "tied": base,  # shares memory with the next one
+        "tied_again": base,
+        "trainable": torch.nn.Parameter(torch.randn(3, 2)),
+    }
+    decoded, _ = decode_factors(encode_factors(factors))
+    assert_bit_exact(decoded, {k: v.detach() for k, v in factors.items()})
+
+
+def test_decoded_tensors_are_writable_cpu_tensors() -> None:
+    decoded, _ = decode_factors(encode_factors(lora_factors()))
+    tensor = next(iter(decoded.values()))
+    assert tensor.device.type == "cpu"
+    tensor.add_(1.0)  # mixing updates received factors in place
+
+
+def test_encoding_refuses_non_string_metadata() -> None:
+    with pytest.raises(TypeError):
+        encode_factors(lora_factors(), {"round": 7})  # type: ignore[dict-item]
+
+
+def test_encoding_refuses_non_tensor_values() -> None:
+    with pytest.raises(TypeError, match=r"str to torch\.Tensor"):
+        encode_factors({"a": [1.0, 2.0]})  # type: ignore[dict-item]
+
+
+# ---------------------------------------------------------------------------------------- the spec
+
+
+def test_spec_from_factors_lists_shapes_and_dtype_names() -> None:
+    spec = FactorSpec.from_factors({"a": torch.zeros(2, 3, dtype=torch.bfloat16), "b": torch.zeros(4)})
+    assert dict(spec.tensors) == {"a": TensorSpec((2, 3), "bfloat16"), "b": TensorSpec((4,), "float32")}
+    assert spec.tensors["a"] == ((2, 3), "bfloat16")  # plain (shape, dtype) tuples
+    assert dtype_name(torch.float16) == "float16"
+
+
+def test_specs_are_frozen_hashable_and_order_independent() -> None:
+    one = FactorSpec({"a": ((2,), "float32"), "b": ((3,), "float16")})
+    two = FactorSpec({"b": ([3], "float16"), "a": ((2,), "float32")})
+    assert one == two
+    assert hash(one) == hash(two)
+    assert one.fingerprint() == two.fingerprint()
+    assert one.fingerprint() != FactorSpec({"a": ((2,), "float32")}).fingerprint()
+    with pytest.raises(TypeError):
+        one.tensors["c"] = TensorSpec((1,), "float32")  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    "entries",
+    [{"a": ((2,), "fp32")}, {"a": ((-1,), "float32")}, {"": ((2,), "float32")}],
+    ids=["unknown dtype", "negative dimension", "empty key"],
+)
+def test_malformed_specs_are_refused(entries: dict[str, tuple[tuple[int, ...], str]]) -> None:
+    with pytest.raises(ValueError):
+        FactorSpec(entries)
+
+
+def _missing(f: Factors) -> None:
+    del f[f"{PREFIX}.value.lora_B.weight"]
+
+
+def _extra(f: Factors) -> None:
+    f["classifier.weight"] = torch.zeros(2)
+
+
+def _reshaped(f: Factors) -> None:
+    key = f"{PREFIX}.query.lora_A.weight"
+    f[key] = f[key].reshape(-1)
+
+
+def _retyped(f: Factors) -> None:
+    key = f"{PREFIX}.query.lora_A.weight"
+    f[key] = f[key].to(torch.float16)
+
+
+def _nan(f: Factors) -> None:
+    f[f"{PREFIX}.query.lora_B.weight"][1, 2] = math.nan
+
+
+def _inf(f: Factors) -> None:
+    f[f"{PREFIX}.value.lora_A.weight"][0, 0] = -math.inf
+
+
+@pytest.mark.parametrize(
+    ("spoil", "says"),
+    [
+        (_missing, "1 missing"),
+        (_extra, "1 unexpected"),
+        (_reshaped, "shape"),
+        (_retyped, "dtype"),
+        (_nan, "NaN or infinite"),
+        (_inf, "NaN or infinite"),
+    ],
+    ids=["missing key", "extra key", "wrong shape", "wrong dtype", "NaN", "Inf"],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_payload_off_the_spec_is_refused_as_bad_payload(
+    spoil: Callable[[Factors], None], says: str, dtype: torch.dtype
+) -> None:
+    factors = lora_factors(dtype)
+    spec = FactorSpec.from_factors(factors)
+    spoil(factors)
+    payload = encode_factors(factors)
+
+    with pytest.raises(PayloadError, match=says) as refused:
+        decode_factors(payload, spec)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+    decode_factors(payload)  # without a spec the same payload decodes: the spec is what refused it
+
+
+def test_many_missing_keys_are_summarised_not_dumped() -> None:
+    spec = FactorSpec({f"k{i:03d}": ((1,), "float32") for i in range(100)})
+    with pytest.raises(PayloadError, match=r"100 missing \(k000, k001, k002 and 97 more\)"):
+        spec.check({})
+
+
+@pytest.mark.parametrize(
+    "payload", [b"", b"\x00" * 8, b"\xff" * 64, b"not safetensors at all", b"\x02\x00\x00\x00\x00\x00\x00\x00[]"]
+)
+def test_garbage_is_refused_as_bad_payload(payload: bytes) -> None:
+    with pytest.raises(PayloadError) as refused:
+        decode_factors(payload)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+def test_truncated_payload_is_refused() -> None:
+    with pytest.raises(PayloadError):
+        decode_factors(encode_factors(lora_factors())[:-1])
+
+
+def test_pickles_are_never_unpickled() -> None:
+    import pickle
+
+    class Boom:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            return (pytest.fail, ("a pickle was executed",))
+
+    with pytest.raises(PayloadError):
+        decode_factors(pickle.dumps(Boom()))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.binary(max_size=512))
+def test_random_bytes_raise_nothing_but_payload_error(payload: bytes) -> None:
+    with contextlib.suppress(PayloadError):
+        decode_factors(payload, FactorSpec({"a": ((2,), "float32")}))
+
+
+_VALID = encode_factors({"a": torch.arange(4.0), "b": torch.ones(2, 2, dtype=torch.bfloat16)}, {"k": "v"})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, len(_VALID) - 1), st.integers(0, 255)), min_size=1, max_size=8))
+def test_corrupted_valid_payloads_raise_nothing_but_payload_error(edits: list[tuple[int, int]]) -> None:
+    corrupted = bytearray(_VALID)
+    for index, value in edits:
+        corrupted[index] = value
+    with contextlib.suppress(PayloadError):
+        decode_factors(bytes(corrupted), FactorSpec.from_factors(decode_factors(_VALID)[0]))
+
+
+# ------------------------------------------------------------------------------- chunks, reassembly
+
+
+def reassemble(
+    pieces: Sequence[bytes | memoryview], total_bytes: int, sha256: str, num_chunks: int | None = None, **caps: int
+) -> bytes:
+    assembler = Reassembler(total_bytes, sha256, len(pieces) if num_chunks is None else num_chunks, **caps)
+    for piece in pieces:
+        assembler.add(bytes(piece))
+    return assembler.finish()
+
+
+def test_digest_is_sha256_hex() -> None:
+    assert digest(b"abc") == hashlib.sha256(b"abc").hexdigest()
+
+
+def test_limits_are_one_mib_chunks_and_512_mib_payloads() -> None:
+    assert MAX_CHUNK_BYTES == 1 << 20
+    assert MAX_PAYLOAD_BYTES == 512 << 20
+
+
+@pytest.mark.parametrize(
+    ("size", "sizes"),
+    [
+        (0, []),
+        (1, [1]),
+        (MAX_CHUNK_BYTES, [MAX_CHUNK_BYTES]),
+        (2 * MAX_CHUNK_BYTES, [MAX_CHUNK_BYTES, MAX_CHUNK_BYTES]),
+        (2 * MAX_CHUNK_BYTES + 1, [MAX_CHUNK_BYTES, MAX_CHUNK_BYTES, 1]),
+    ],
+    ids=["empty", "one byte", "exactly one chunk", "exact multiple", "one over a multiple"],
+)
+def test_chunks_cover_the_payload_in_order_and_reassemble(size: int, sizes: list[int]) -> None:
+    payload = payload_of(size)
+    pieces = chunk(payload)
+    assert [len(p) for p in pieces] == sizes
+    assert chunk_count(size) == len(sizes)
+    assert reassemble(pieces, size, digest(payload)) == payload
+
+
+def test_chunks_of_a_smaller_size_also_reassemble() -> None:
+    payload = payload_of(1000)
+    assert reassemble(chunk(payload, 7), 1000, digest(payload)) == payload
+
+
+@pytest.mark.parametrize("size", [0, MAX_CHUNK_BYTES + 1])
+def test_chunk_size_must_be_within_the_cap(size: int) -> None:
+    with pytest.raises(ValueError):
+        chunk(b"abc", size)
+
+
+def test_chunk_over_the_cap_is_refused_too_large() -> None:
+    payload = payload_of(300)
+    assembler = Reassembler(300, digest(payload), 2, max_chunk_bytes=200)
+    with pytest.raises(PayloadError) as refused:
+        assembler.add(payload[:201])
+    assert refused.value.reason is Reason.TOO_LARGE
+
+
+def test_declared_total_over_the_cap_is_refused_before_any_chunk() -> None:
+    with pytest.raises(PayloadError) as refused:
+        Reassembler(MAX_PAYLOAD_BYTES + 1, digest(b""), 513)
+    assert refused.value.reason is Reason.TOO_LARGE
+    with pytest.raises(PayloadError, match="cap of 100"):
+        Reassembler(101, digest(b""), 1, max_payload_bytes=100)
+
+
+def test_more_bytes_than_declared_are_refused_before_being_kept() -> None:
+    payload = payload_of(10)
+    assembler = Reassembler(10, digest(payload), 2)
+    assembler.add(payload[:6])
+    with pytest.raises(PayloadError, match="more bytes than the 10 declared") as refused:
+        assembler.add(payload[:6])
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+    assert assembler.received_bytes == 6
+
+
+def test_more_chunks_than_declared_are_refused() -> None:
+    payload = payload_of(10)
+    assembler = Reassembler(10, digest(payload), 2)
+    assembler.add(payload[:3])
+    assembler.add(payload[3:6])
+    with pytest.raises(PayloadError, match="more chunks"):
+        assembler.add(payload[6:])
+
+
+def test_truncated_stream_is_refused() -> None:
+    payload = payload_of(10)
+    with pytest.raises(PayloadError, match="truncated") as refused:
+        reassemble([payload[:5]], 10, digest(payload), num_chunks=2)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+def test_digest_mismatch_is_refused() -> None:
+    payload = payload_of(10)
+    corrupted = b"\xff" + payload[1:]
+    with pytest.raises(PayloadError) as refused:
+        reassemble([corrupted], 10, digest(payload))
+    assert refused.value.reason is Reason.DIGEST_MISMATCH
+
+
+def test_empty_chunks_are_refused() -> None:
+    with pytest.raises(PayloadError, match="empty chunk"):
+        Reassembler(1, digest(b"a"), 1).add(b"")
+
+
+@pytest.mark.parametrize(
+    ("total", "sha", "num_chunks", "says"),
+    [
+        (10, "ABC", 1, "sha256"),
+        (10, digest(b"").upper(), 1, "sha256"),
+        (MAX_CHUNK_BYTES + 1, digest(b""), 1, "cannot carry"),
+        (3, digest(b""), 4, "cannot carry"),
+        (0, digest(b""), 1, "cannot carry"),
+        (-1, digest(b""), 0, "negative"),
+    ],
+    ids=["short digest", "uppercase digest", "too few chunks", "too many chunks", "chunks for nothing", "negative"],
+)
+def test_inconsistent_headers_are_refused_as_bad_payload(total: int, sha: str, num_chunks: int, says: str) -> None:
+    with pytest.raises(PayloadError, match=says) as refused:
+        Reassembler(total, sha, num_chunks)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+# ----------------------------------------------------------------------------------- generated code
+
+
+def test_committed_protobuf_code_is_what_protoc_generates_now(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run(
+        ["/bin/sh", str(REPO / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, env=env, capture_output=True
+    )
+    for name in GENERATED:
+        fresh = (tmp_path / name).read_bytes()
+        committed = (REPO / "node" / name).read_bytes()
+        assert fresh == committed, f"node/{name} is stale: run scripts/gen_proto.sh and commit the result"
