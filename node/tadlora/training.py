@@ -10,6 +10,7 @@ and carrying no optimizer state makes a round's result depend only on the factor
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,10 @@ import torch.nn.functional as F
 from tadlora.adapter import AdapterModel
 from tadlora.core.factors import Factor
 from tadlora.data import TextDataset
+
+
+class Interrupted(Exception):
+    """Local steps stopped early because a stop was requested; the round's work is discarded."""
 
 
 @dataclass(frozen=True)
@@ -112,17 +117,22 @@ def local_steps(
     seed: int,
     shard: int,
     t: int,
+    stop: threading.Event | None = None,
 ) -> float:
     """Run round ``t``'s local steps on the factors in ``trained``; return the mean training loss.
 
     Only those factors change: the others and the base model have requires_grad off and are not in the
-    optimizer. Blocking (torch work): the daemon calls it from a worker thread.
+    optimizer. Blocking (torch work): the daemon calls it from a worker thread, with ``stop`` to end it
+    between two steps (raising `Interrupted`).
     """
     params = model.set_trainable(trained)
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     model.model.train()
     losses = []
     for indices in round_batches(seed, shard, t, len(data), spec.batch_size, spec.local_steps):
+        if stop is not None and stop.is_set():
+            model.set_trainable(frozenset())
+            raise Interrupted(f"round {t} stopped during local steps")
         batch = data.batch(indices, model.device)
         with autocast(model.device):
             logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits

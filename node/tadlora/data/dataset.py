@@ -39,9 +39,7 @@ class TextDataset:
         n = len(self.text_a)
         where = f"dataset {self.name!r}"
         if self.text_b is not None and len(self.text_b) != n:
-            raise ValueError(
-                f"{where}: {len(self.text_b)} text_b entries for {n} text_a"
-            )
+            raise ValueError(f"{where}: {len(self.text_b)} text_b entries for {n} text_a")
         if labels.shape[0] != n:
             raise ValueError(f"{where}: {labels.shape[0]} labels for {n} texts")
         if not self.label_names:
@@ -77,10 +75,7 @@ class TextDataset:
         """
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
-            raise IndexError(
-                f"dataset {self.name!r} has {len(self)} examples; "
-                f"indices span [{idx.min()}, {idx.max()}]"
-            )
+            raise IndexError(f"dataset {self.name!r} has {len(self)} examples; indices span [{idx.min()}, {idx.max()}]")
         picks = idx.tolist()
         text_b = self.text_b
         return TextDataset(

@@ -72,9 +72,7 @@ def glue_task(name: str) -> GlueTask:
     """
     task = _TASK_BY_KEY.get(_task_key(name))
     if task is None:
-        raise ValueError(
-            f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}"
-        )
+        raise ValueError(f"unknown GLUE task {name!r}; known tasks: {', '.join(GLUE_TASKS)}")
     return task
 
 
@@ -94,14 +92,10 @@ def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
 
 def looks_like_glue(header: Sequence[str]) -> bool:
     """True if ``header`` has a ``label`` column and the text columns of some GLUE task."""
-    return "label" in header and any(
-        set(t.text_columns) <= set(header) for t in GLUE_TASKS.values()
-    )
+    return "label" in header and any(set(t.text_columns) <= set(header) for t in GLUE_TASKS.values())
 
 
-def _infer_task(
-    path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]
-) -> GlueTask:
+def _infer_task(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> GlueTask:
     for part in reversed(path.parts[:-1]):
         if (task := _TASK_BY_KEY.get(_task_key(part))) is not None:
             return task
@@ -136,9 +130,7 @@ def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> Text
     spec = glue_task(task) if task is not None else _infer_task(p, header, rows)
     missing = [c for c in (*spec.text_columns, "label") if c not in header]
     if missing:
-        raise ValueError(
-            f"{p}: header {header} lacks {missing}, needed for GLUE {spec.name}"
-        )
+        raise ValueError(f"{p}: header {header} lacks {missing}, needed for GLUE {spec.name}")
     text_cols = [header.index(c) for c in spec.text_columns]
     label_col = header.index("label")
     if spec.labels_are_ids:
@@ -149,15 +141,11 @@ def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> Text
     labels: list[int] = []
     for lineno, row in enumerate(rows, start=2):
         if len(row) != len(header):
-            raise ValueError(
-                f"{p}:{lineno}: expected {len(header)} tab-separated fields {header}, "
-                f"got {len(row)}"
-            )
+            raise ValueError(f"{p}:{lineno}: expected {len(header)} tab-separated fields {header}, got {len(row)}")
         label = label_ids.get(row[label_col])
         if label is None:
             raise ValueError(
-                f"{p}:{lineno}: unknown {spec.name} label {row[label_col]!r}; "
-                f"expected one of {list(label_ids)}"
+                f"{p}:{lineno}: unknown {spec.name} label {row[label_col]!r}; expected one of {list(label_ids)}"
             )
         labels.append(label)
         for out, col in zip(texts, text_cols, strict=True):

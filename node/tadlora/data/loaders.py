@@ -41,9 +41,7 @@ __all__ = [
 
 DATASET_SPLITS = ("train", "dev")
 # `builtin:NAME` -> (folder under tadlora/data/builtin, GLUE task whose TSV layout it uses)
-BUILTIN_DATASETS: Mapping[str, tuple[str, str]] = {
-    "sst2-small": ("sst2_small", "SST-2")
-}
+BUILTIN_DATASETS: Mapping[str, tuple[str, str]] = {"sst2-small": ("sst2_small", "SST-2")}
 _LOCAL_SUFFIXES = (".tsv", ".csv", ".jsonl")
 _DEV_STEMS = ("dev", "dev_matched", "validation", "valid", "val")
 _INT_RE = re.compile(r"[+-]?\d+")
@@ -72,9 +70,7 @@ def _parse_int(value: object) -> int | None:
     return None
 
 
-def _text_columns(
-    requested: Sequence[str] | str | None, available: Sequence[str], source: str
-) -> tuple[str, ...]:
+def _text_columns(requested: Sequence[str] | str | None, available: Sequence[str], source: str) -> tuple[str, ...]:
     if requested is None:
         for candidate in _DEFAULT_TEXT_COLUMNS:
             if set(candidate) <= set(available):
@@ -103,9 +99,7 @@ def _encode_labels(
     if label_names is not None:
         names = tuple(label_names)
         if not names or len(set(names)) != len(names):
-            raise ValueError(
-                f"{source}: label_names must be distinct and non-empty: {names}"
-            )
+            raise ValueError(f"{source}: label_names must be distinct and non-empty: {names}")
         index = {n: i for i, n in enumerate(names)}
         ids = []
         for value, lineno in zip(raw, linenos, strict=True):
@@ -113,8 +107,7 @@ def _encode_labels(
             label = _parse_int(value) if label is None else label
             if label is None or not 0 <= label < len(names):
                 raise ValueError(
-                    f"{source}:{lineno}: label {value!r} is neither one of {list(names)} "
-                    f"nor an id in [0, {len(names)})"
+                    f"{source}:{lineno}: label {value!r} is neither one of {list(names)} nor an id in [0, {len(names)})"
                 )
             ids.append(label)
         return np.asarray(ids, dtype=np.int64), names
@@ -123,9 +116,7 @@ def _encode_labels(
         int_ids = [v for v in as_ints if v is not None]
         for value, lineno in zip(int_ids, linenos, strict=True):
             if value < 0:
-                raise ValueError(
-                    f"{source}:{lineno}: label {value} is negative (unlabelled?)"
-                )
+                raise ValueError(f"{source}:{lineno}: label {value} is negative (unlabelled?)")
         names = tuple(str(i) for i in range(max(int_ids) + 1))
         return np.asarray(int_ids, dtype=np.int64), names
     for value, lineno in zip(raw, linenos, strict=True):
@@ -137,9 +128,7 @@ def _encode_labels(
             case _:
                 ok = False
         if not ok:  # malformed data, hence ValueError with the line, not TypeError
-            raise ValueError(
-                f"{source}:{lineno}: label {value!r} is not a string or an int"
-            )
+            raise ValueError(f"{source}:{lineno}: label {value!r} is not a string or an int")
     names = tuple(sorted({str(v) for v in raw}))
     index = {n: i for i, n in enumerate(names)}
     return np.asarray([index[str(v)] for v in raw], dtype=np.int64), names
@@ -157,9 +146,7 @@ def _build(
         raise ValueError(f"{source}: no data rows")
     cols = _text_columns(text_columns, columns, source)
     if label_column not in columns:
-        raise ValueError(
-            f"{source}: label column {label_column!r} not in {list(columns)}"
-        )
+        raise ValueError(f"{source}: label column {label_column!r} not in {list(columns)}")
     texts: list[list[str]] = [[] for _ in cols]
     for lineno, record in records:
         for out, col in zip(texts, cols, strict=True):
@@ -167,9 +154,7 @@ def _build(
                 case str(value):
                     out.append(value)
                 case value:
-                    raise ValueError(
-                        f"{source}:{lineno}: {col!r} is {value!r}, not a string"
-                    )
+                    raise ValueError(f"{source}:{lineno}: {col!r} is {value!r}, not a string")
     labels, names = _encode_labels(
         [r.get(label_column) for _, r in records],
         [lineno for lineno, _ in records],
@@ -213,10 +198,7 @@ def load_csv(
             if not row:
                 continue
             if len(row) != len(header):
-                raise ValueError(
-                    f"{p}:{reader.line_num}: expected {len(header)} fields {header}, "
-                    f"got {len(row)}"
-                )
+                raise ValueError(f"{p}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
             records.append((reader.line_num, dict(zip(header, row, strict=True))))
     return _build(str(p), records, header, text_columns, label_column, label_names)
 
@@ -245,9 +227,7 @@ def load_jsonl(
                     records.append((lineno, record))
                 case _:
                     kind = type(record).__name__
-                    raise ValueError(
-                        f"{p}:{lineno}: expected a JSON object, got {kind}"
-                    )
+                    raise ValueError(f"{p}:{lineno}: expected a JSON object, got {kind}")
     columns = list(records[0][1]) if records else []
     return _build(str(p), records, columns, text_columns, label_column, label_names)
 
@@ -275,9 +255,7 @@ def load_hub(
             "(or the dataset already cached, with HF_HUB_OFFLINE=1)"
         ) from exc
     if split == "dev":
-        split = (
-            "validation_matched" if (config or "").lower() == "mnli" else "validation"
-        )
+        split = "validation_matched" if (config or "").lower() == "mnli" else "validation"
     source = f"hub:{name}" + (f"/{config}" if config else "") + f"[{split}]"
     try:
         ds = hf_datasets.load_dataset(name, config, split=split)
@@ -290,9 +268,7 @@ def load_hub(
     class_names = getattr(ds.features.get(label_column), "names", None)
     records = [(i + 1, row) for i, row in enumerate(ds)]
     names = tuple(class_names) if class_names else None
-    return _build(
-        source, records, list(ds.column_names), text_columns, label_column, names
-    )
+    return _build(source, records, list(ds.column_names), text_columns, label_column, names)
 
 
 # ------------------------------------------------------------------------ resolve_dataset
@@ -305,9 +281,7 @@ def _resolve_builtin(name: str, split: str) -> TextDataset:
     folder, task = BUILTIN_DATASETS[name]
     resource = resources.files("tadlora.data") / "builtin" / folder / f"{split}.tsv"
     if not resource.is_file():
-        raise FileNotFoundError(
-            f"builtin data file {resource} is missing; reinstall tadlora"
-        )
+        raise FileNotFoundError(f"builtin data file {resource} is missing; reinstall tadlora")
     with resources.as_file(resource) as p:
         return load_glue_tsv(p, task=task)
 
@@ -321,31 +295,22 @@ def _resolve_glue(name: str, split: str) -> TextDataset:
     return load_glue_tsv(path, task=task.name)
 
 
-def _parse_options(
-    spec: str, query: str
-) -> tuple[list[str] | None, str, list[str] | None]:
+def _parse_options(spec: str, query: str) -> tuple[list[str] | None, str, list[str] | None]:
     """(text columns, label column, label names) from ``text=A,B&label=C&label_names=X,Y``."""
     try:
         parsed = parse_qs(query, strict_parsing=True) if query else {}
     except ValueError as exc:
-        raise ValueError(
-            f"dataset spec {spec!r}: malformed options {query!r} ({exc})"
-        ) from exc
+        raise ValueError(f"dataset spec {spec!r}: malformed options {query!r} ({exc})") from exc
     unknown = sorted(set(parsed) - {"text", "label", "label_names"})
     if unknown:
         raise ValueError(
             f"dataset spec {spec!r}: unknown option(s) {unknown}; "
             "use text=COL[,COL2], label=COL, label_names=NAME0,NAME1,..."
         )
-    options = {
-        k: [item for v in vs for item in v.split(",") if item]
-        for k, vs in parsed.items()
-    }
+    options = {k: [item for v in vs for item in v.split(",") if item] for k, vs in parsed.items()}
     label = options.get("label", ["label"])
     if len(label) != 1:
-        raise ValueError(
-            f"dataset spec {spec!r}: give exactly one label column, got {label}"
-        )
+        raise ValueError(f"dataset spec {spec!r}: give exactly one label column, got {label}")
     return options.get("text"), label[0], options.get("label_names")
 
 
@@ -353,9 +318,7 @@ def _resolve_hub(spec: str, target: str, split: str) -> TextDataset:
     target, _, query = target.partition("?")
     text, label, label_names = _parse_options(spec, query)
     if label_names is not None:
-        raise ValueError(
-            f"dataset spec {spec!r}: hub datasets take their label names from hub"
-        )
+        raise ValueError(f"dataset spec {spec!r}: hub datasets take their label names from hub")
     parts = target.split("/")
     if not parts[0] or len(parts) > 3 or any(not p for p in parts[1:-1]):
         raise ValueError(
@@ -376,8 +339,7 @@ def _dev_sibling(spec: str, given: Path) -> Path:
             return sibling
     names = ", ".join(s.name for s in siblings)
     raise FileNotFoundError(
-        f"dataset spec {spec!r}: no dev split next to {given}; "
-        f"looked for {names} in {given.parent}"
+        f"dataset spec {spec!r}: no dev split next to {given}; looked for {names} in {given.parent}"
     )
 
 

@@ -45,17 +45,11 @@ def _check_clients(num_clients: int, num_samples: int, per_client: int = 1) -> N
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_samples < num_clients * per_client:
-        raise ValueError(
-            f"{num_samples} samples cannot give {num_clients} clients "
-            f"{per_client} sample(s) each"
-        )
+        raise ValueError(f"{num_samples} samples cannot give {num_clients} clients {per_client} sample(s) each")
 
 
 def _finish(parts: list[list[npt.NDArray[np.int64]]]) -> Shards:
-    return [
-        np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64)
-        for p in parts
-    ]
+    return [np.sort(np.concatenate(p)).astype(np.int64) if p else np.empty(0, np.int64) for p in parts]
 
 
 def split_iid(labels: npt.ArrayLike, num_clients: int, seed: int) -> Shards:
@@ -105,9 +99,7 @@ def split_dirichlet(
     )
 
 
-def label_skew_proportions(
-    num_clients: int, num_classes: int
-) -> npt.NDArray[np.float64]:
+def label_skew_proportions(num_clients: int, num_classes: int) -> npt.NDArray[np.float64]:
     """The paper's label-skew class mix: shape ``(num_clients, num_classes)``, rows sum to 1.
 
     The rule, for m clients and K classes:
@@ -156,9 +148,7 @@ def _fits(props: npt.NDArray[np.float64], pools: npt.NDArray[np.int64], n: int) 
     return bool(np.all(_client_counts(props, n).sum(axis=0) <= pools))
 
 
-def _label_skew_capacity(
-    props: npt.NDArray[np.float64], pools: npt.NDArray[np.int64], upper: int
-) -> int:
+def _label_skew_capacity(props: npt.NDArray[np.float64], pools: npt.NDArray[np.int64], upper: int) -> int:
     """Largest n <= ``upper`` whose `_client_counts` take no more of a class than ``pools``."""
     # Class c needs at least (sum of its shares) * n - num_clients samples, which bounds n
     # from above; scanning down from that bound takes a handful of steps.
@@ -194,10 +184,7 @@ def split_label_skew(
     if samples_per_client is None:
         n = _label_skew_capacity(props, pools, upper)
         if n == 0:
-            raise ValueError(
-                f"class counts {pools.tolist()} are too small for "
-                f"{num_clients} label-skewed clients"
-            )
+            raise ValueError(f"class counts {pools.tolist()} are too small for {num_clients} label-skewed clients")
     else:
         n = samples_per_client
         if n < 1:
@@ -215,9 +202,7 @@ def split_label_skew(
     parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]
     for client in range(num_clients):
         for c in range(k):
-            parts[client].append(
-                class_pools[c][taken[c] : taken[c] + counts[client, c]]
-            )
+            parts[client].append(class_pools[c][taken[c] : taken[c] + counts[client, c]])
             taken[c] += counts[client, c]
     return _finish(parts)
 
@@ -255,10 +240,6 @@ def make_shards(
         try:
             alpha = float(arg)
         except ValueError:
-            raise ValueError(
-                f"shard scheme {scheme!r}: dirichlet needs a concentration, e.g. dirichlet:0.5"
-            ) from None
+            raise ValueError(f"shard scheme {scheme!r}: dirichlet needs a concentration, e.g. dirichlet:0.5") from None
         return split_dirichlet(labels, num_clients, alpha, seed)
-    raise ValueError(
-        f"unknown shard scheme {scheme!r}; expected one of {', '.join(SHARD_SCHEMES)}"
-    )
+    raise ValueError(f"unknown shard scheme {scheme!r}; expected one of {', '.join(SHARD_SCHEMES)}")

@@ -28,11 +28,12 @@ from tadlora.core.factors import Factors, num_bytes, select
 from tadlora.core.methods import Method, make_method
 from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.topology import Topology, make_topology
-from tadlora.data import TextDataset, make_shards, resolve_dataset
+from tadlora.data import TextDataset, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import Cell, SimConfig
 from tadlora.sim.engine import ClientEngine, make_engine
 from tadlora.training import Encoded, encode
+from tadlora.workload import client_shards, eval_subset
 
 RoundRecord = dict[str, Any]
 
@@ -149,9 +150,7 @@ class Simulator:
             cfg = self.config
             train = resolve_dataset(cfg.dataset, "train")
             dev = resolve_dataset(cfg.dataset, "dev")
-            if cfg.eval_samples is not None and cfg.eval_samples < len(dev):
-                rng = np.random.default_rng(12345)  # a fixed dev subset, the same for every cell and seed
-                dev = dev.subset(np.sort(rng.choice(len(dev), cfg.eval_samples, replace=False)))
+            dev = eval_subset(dev, cfg.eval_samples)
             tokenizer = self._model(cfg.seeds[0], train.label_names).tokenizer
             self._data = PreparedData(
                 train=train,
@@ -170,7 +169,10 @@ class Simulator:
         """Client shards (tokenized) for ``seed``."""
         data = self._prepare()
         cfg = self.config
-        return [data.train_encoded.subset(i) for i in client_indices(data.train, cfg, seed)]
+        return [
+            data.train_encoded.subset(i)
+            for i in client_shards(data.train, cfg.split, cfg.num_clients, seed, cfg.samples_per_client)
+        ]
 
     def run(self) -> dict[str, Any]:
         """Run (or resume) every cell, then write results.json and the plots; return the results."""
@@ -262,18 +264,6 @@ class Simulator:
 
 def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, record: RoundRecord) -> None:
     progress.update(index, cell, t, rounds, record)
-
-
-def client_indices(train: TextDataset, cfg: SimConfig, seed: int) -> list[np.ndarray]:
-    """Each client's training-set indices: the config's split, capped at ``samples_per_client``."""
-    n = cfg.samples_per_client
-    if n is not None and cfg.split == "label-skew":
-        return make_shards(train, f"label-skew:{n}", cfg.num_clients, seed)  # keeps the skew's proportions
-    shards = make_shards(train, cfg.split, cfg.num_clients, seed)
-    if n is None:
-        return shards
-    rng = np.random.default_rng([seed, 7])
-    return [s if len(s) <= n else np.sort(rng.choice(s, n, replace=False)) for s in shards]
 
 
 # Settings that may differ when a run is resumed: they do not change any cell's numbers, and growing the grid

@@ -1,0 +1,262 @@
+"""`tadlora-node`: run a node, or ask a running node for its status.
+
+  tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0
+  tadlora-node status 127.0.0.1:7070
+
+Nodes of one cluster must be started with the same model, dataset, --num-shards, --method, --switch-interval,
+--seed and --link-prob; each with its own --shard, --listen port and --out. With no model or data flags a node
+trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it gracefully
+(checkpoint, mDNS goodbye, exit 0); a second signal forces the exit. Running it again with the same --out
+resumes from the checkpoint with the same node id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tadlora.adapter import LoraSpec
+from tadlora.cliutil import apply_env_defaults, csv_list
+from tadlora.core.methods import method_names
+from tadlora.node.config import DEFAULT_PORT, NodeConfig
+from tadlora.node.discovery import parse_peers_option
+from tadlora.training import TrainSpec
+
+log = logging.getLogger("tadlora.node")
+
+
+def build_run_parser() -> argparse.ArgumentParser:
+    """Flags of `tadlora-node` (run)."""
+    p = argparse.ArgumentParser(
+        prog="tadlora-node", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    g = p.add_argument_group("network")
+    g.add_argument("--peers", default="auto", help="auto (mDNS), HOST:PORT list, or both: 'auto,10.0.0.5:7070'")
+    g.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
+    g.add_argument("--mdns-interface", help="IPv4 address or interface name for mDNS (default: default route's)")
+    g.add_argument("--advertise-address", help="IPv4 address to announce (default: the listen/interface address)")
+    g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")
+    g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
+    g.add_argument("--link-prob", type=float, default=1.0, help="probability a link is up in a round (paper's p)")
+    g.add_argument("--min-peers", type=int, default=1, help="peers to wait for before round 0")
+    g.add_argument("--peer-wait", type=float, default=60.0, help="seconds to wait for --min-peers")
+    g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")
+    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (listen host)")
+    t = p.add_argument_group("training")
+    t.add_argument("--model", default="minilm", help="minilm (packaged, offline), tiny, HF model id or local path")
+    t.add_argument("--dataset", default="builtin:sst2-small", help="builtin:sst2-small, glue:TASK, file, hub:NAME")
+    t.add_argument("--split", default="label-skew", help="label-skew, iid or dirichlet:ALPHA")
+    t.add_argument("--shard", type=int, default=0, help="this node's shard index (0-based)")
+    t.add_argument("--num-shards", type=int, default=1, help="number of shards (= nodes in the cluster)")
+    t.add_argument("--samples-per-client", type=int, help="cap on this node's training examples")
+    t.add_argument("--method", default="tad", choices=method_names(), help="decentralized LoRA method")
+    t.add_argument("--switch-interval", type=int, help="T: rounds between factor switches (alternating methods)")
+    t.add_argument("--rounds", type=int, help="rounds to run (default: until stopped)")
+    t.add_argument("--local-steps", type=int, default=10, help="local steps per round (K)")
+    t.add_argument("--batch-size", type=int, default=16, help="examples per local step")
+    t.add_argument("--max-length", type=int, default=64, help="tokens per example")
+    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
+    t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha")
+    t.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
+    t.add_argument("--lora-targets", type=csv_list(str), default=("query", "value"), help="modules to adapt")
+    t.add_argument("--seed", type=int, default=0, help="run seed (shared by all nodes of a cluster)")
+    t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
+    t.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
+    t.add_argument("--eval-samples", type=int, default=200, help="dev examples to evaluate on")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", type=Path, default=Path("tadlora-out"), help="directory for checkpoints and logs")
+    o.add_argument("--checkpoint-every", type=int, default=5, help="checkpoint every N rounds")
+    o.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
+                   help="auto: text on a terminal, JSON lines otherwise")  # fmt: skip
+    o.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    apply_env_defaults(p)
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> NodeConfig:
+    """Map parsed flags onto a NodeConfig (validated there)."""
+    return NodeConfig(
+        out=a.out,
+        node_id=a.node_id,
+        cluster=a.cluster,
+        listen=a.listen,
+        advertise_address=a.advertise_address,
+        peers=parse_peers_option(a.peers),
+        mdns_interface=a.mdns_interface,
+        model=a.model,
+        dataset=a.dataset,
+        split=a.split,
+        shard=a.shard,
+        num_shards=a.num_shards,
+        samples_per_client=a.samples_per_client,
+        eval_samples=a.eval_samples,
+        eval_every=a.eval_every,
+        method=a.method,
+        switch_interval=a.switch_interval,
+        lora=LoraSpec(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=tuple(a.lora_targets)),
+        train=TrainSpec(local_steps=a.local_steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr),
+        seed=a.seed,
+        rounds=a.rounds,
+        link_prob=a.link_prob,
+        min_peers=a.min_peers,
+        peer_wait=a.peer_wait,
+        exchange_timeout=a.exchange_timeout,
+        checkpoint_every=a.checkpoint_every,
+        device=a.device,
+        metrics_port=a.metrics_port,
+    )
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line, with the node id and round when known."""
+
+    node_id = ""
+
+    def format(self, record: logging.LogRecord) -> str:
+        doc: dict[str, Any] = {
+            "time": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "node_id": self.node_id,
+            "message": record.getMessage(),
+        }
+        if hasattr(record, "round"):
+            doc["round"] = record.round
+        if record.exc_info:
+            doc["error"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+def setup_logging(fmt: str, level: str) -> JsonFormatter | None:
+    """Text on a terminal, JSON lines otherwise (or as asked). Returns the JSON formatter, if any."""
+    handler = logging.StreamHandler(sys.stderr)
+    json_fmt = None
+    if fmt == "json" or (fmt == "auto" and not sys.stderr.isatty()):
+        json_fmt = JsonFormatter()
+        handler.setFormatter(json_fmt)
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("tadlora").setLevel(level.upper())
+    return json_fmt
+
+
+async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) -> int:
+    """Run one node until done or signalled; 0 on a clean finish or graceful stop."""
+    from tadlora.node.daemon import Node  # torch import: only once the flags are known to be good
+
+    loop = asyncio.get_running_loop()
+    signals = 0
+
+    async with Node(config) as node:
+        if json_fmt is not None:
+            json_fmt.node_id = node.node_id
+
+        def on_signal(signum: int) -> None:
+            nonlocal signals
+            signals += 1
+            if signals == 1:
+                log.info("%s: stopping after a checkpoint (send it again to force)", signal.Signals(signum).name)
+                node.request_stop()
+            else:
+                log.warning("second signal: exiting now")
+                os._exit(128 + signum)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        try:
+            result = await node.run()
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+    acc = "n/a" if result.last_accuracy is None else f"{result.last_accuracy:.4f}"
+    sys.stdout.write(
+        f"{result.node_id}: {result.rounds_completed} rounds, last accuracy {acc}, "
+        f"checkpoint and adapter in {result.out}\n"
+    )
+    return 0
+
+
+async def query_status(address: str, timeout: float) -> dict[str, Any]:
+    """A node's status as a JSON-able dict."""
+    from tadlora.node.rpc import PeerClient
+
+    async with PeerClient(address) as client:
+        st = await client.status(timeout)
+    nan_to_none = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
+    return {
+        "node_id": st.node.node_id,
+        "address": st.node.address,
+        "cluster": st.node.cluster,
+        "fingerprint": st.node.fingerprint,
+        "method": st.node.method,
+        "round": st.node.round,
+        "state": st.state,
+        "phase": st.phase,
+        "rounds_completed": st.rounds_completed,
+        "last_loss": nan_to_none(st.last_loss),
+        "last_accuracy": nan_to_none(st.last_accuracy),
+        "insecure": st.node.insecure,
+        "uptime_seconds": round(st.uptime_seconds, 1),
+        "neighbours": [
+            {"id": n.node_id, "address": n.address, "degree": n.degree, "weight": n.weight} for n in st.neighbors
+        ],
+    }
+
+
+def status_main(argv: list[str]) -> int:
+    """`tadlora-node status HOST:PORT`."""
+    p = argparse.ArgumentParser(prog="tadlora-node status", description="Print a running node's state as JSON.")
+    p.add_argument("address", help="HOST:PORT of the node")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    a = p.parse_args(argv)
+    from tadlora.node.rpc import PeerUnavailable
+
+    try:
+        doc = asyncio.run(query_status(a.address, a.timeout))
+    except PeerUnavailable as exc:
+        sys.stderr.write(f"tadlora-node status: {exc}\n")
+        return 1
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `tadlora-node`."""
+    args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "status":
+        return status_main(args[1:])
+    a = build_run_parser().parse_args(args)
+    json_fmt = setup_logging(a.log_format, a.log_level)
+    try:
+        config = config_from_args(a)
+    except ValueError as exc:
+        sys.stderr.write(f"tadlora-node: error: {exc}\n")
+        return 2
+    started = time.monotonic()
+    try:
+        code = asyncio.run(run_node(config, json_fmt))
+    except (RuntimeError, OSError, ValueError) as exc:
+        log.error("%s", exc)
+        sys.stderr.write(f"tadlora-node: error: {exc}\n")
+        return 1
+    log.info("finished in %.1f s", time.monotonic() - started)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

@@ -1,0 +1,561 @@
+"""The node daemon: one long-lived asyncio process that trains, exchanges and mixes, round after round.
+
+Round t on node i (every node runs the same schedule, so the phase follows from t alone):
+
+1. **Train**: K local steps on the factor(s) the method trains in round t, in a worker thread; the event loop
+   keeps serving gRPC and mDNS.
+2. **Snapshot**: the factors after training. The round's neighbours are the verified peers whose link is up in
+   round t (`link_up(seed, t, i, j, p)`: both ends agree without talking); d_i is their number.
+3. **Exchange**: one push-pull exchange per link, called by the end with the smaller node id, so both ends apply
+   the same pair. A callee answers only with its own round-t snapshot (waiting for its training if need be).
+   Every exchange carries the sender's d, and w_ij = 1/(1+max(d_i, d_j)) comes from that pair, so both ends
+   compute the same weight. A neighbour that misses the deadline is left out on both ends (its weight returns
+   to w_ii); the round never waits longer than ``exchange_timeout`` after the snapshot.
+4. **Mix** with `tadlora.core.mixing.apply_method_mixing`: the simulator's function on the same numbers.
+
+A node that starts behind (late join, restart) adopts a neighbour's round and factors (`Fetch`) first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
+from tadlora.core.factors import Factors, num_bytes, select
+from tadlora.core.methods import Method, make_method
+from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
+from tadlora.core.topology import link_up
+from tadlora.data import resolve_dataset
+from tadlora.node import state
+from tadlora.node.config import NodeConfig, new_node_id
+from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate, interface_addresses
+from tadlora.node.metrics import NodeMetrics
+from tadlora.node.peers import PeerManager
+from tadlora.node.rpc import (
+    PROTOCOL_VERSION,
+    ExchangeHeader,
+    GrpcTransport,
+    NeighborStatus,
+    PeerInfo,
+    PeerUnavailable,
+    Server,
+    StatusInfo,
+    Transport,
+)
+from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
+from tadlora.training import Encoded, Interrupted, encode, evaluate, local_steps
+from tadlora.workload import client_shards, eval_subset
+
+log = logging.getLogger("tadlora.node")
+
+FETCH_TIMEOUT_S = 60.0  # s for a catch-up download of a full adapter
+SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
+
+
+@dataclass
+class _Round:
+    """Round t's shared state between the round loop and incoming exchanges."""
+
+    t: int
+    snapshot: Factors | None = None
+    neighbours: frozenset[str] = frozenset()
+    degree: int = 0
+    received: dict[str, tuple[int, Factors]] = field(default_factory=dict)
+    closed: bool = False
+    stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What a finished run reached."""
+
+    node_id: str
+    rounds_completed: int
+    last_accuracy: float | None
+    last_loss: float | None
+    out: Path
+
+
+class Node:
+    """A tadlora node. ``async with Node(config) as node: await node.run()``; `request_stop` ends it cleanly."""
+
+    def __init__(self, config: NodeConfig, transport: Transport | None = None) -> None:
+        self.config = config
+        self.transport: Transport = transport or GrpcTransport(max_payload_bytes=config.max_payload_bytes)
+        self.method: Method = make_method(config.method, config.switch_interval)
+        self.node_id = ""
+        self.fingerprint = ""
+        self.address = ""
+        self.metrics = NodeMetrics()
+        self._model: AdapterModel | None = None
+        self._shard: Encoded | None = None
+        self._dev: Encoded | None = None
+        self._factors: Factors = {}
+        self._round = _Round(0)
+        self._round_changed = asyncio.Condition()
+        self._stop = asyncio.Event()
+        self._stop_training = threading.Event()
+        self._state = "starting"
+        self._behind = False
+        self._last_loss: float | None = None
+        self._last_accuracy: float | None = None
+        self._last_weights: dict[str, tuple[int, float]] = {}
+        self._rounds_done = 0
+        self._started = time.monotonic()
+        self._server: Server | None = None
+        self._discovery: MdnsDiscovery | None = None
+        self._peers: PeerManager | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._round_log: state.RoundLog | None = None
+        self._peers_changed = asyncio.Event()
+        self._closed = False
+
+    # ------------------------------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> Node:
+        try:
+            await self.start()
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def start(self) -> None:
+        """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""
+        cfg = self.config
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._build)
+        assert self._model is not None  # noqa: S101 - set by _build
+        self.fingerprint = self._model.fingerprint
+        identity = state.load_identity(cfg.out)
+        if identity and identity.get("fingerprint") != self.fingerprint:
+            raise RuntimeError(
+                f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}); "
+                "use another --out to start a new run"
+            )
+        self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
+        if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
+            raise RuntimeError(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
+        state.save_identity(cfg.out, self.node_id, cfg.cluster, self.fingerprint)
+        ckpt = await asyncio.to_thread(state.load_checkpoint, cfg.out)
+        if ckpt is not None:
+            self._model.load_factors(ckpt.factors)  # checks keys and shapes
+            self._factors = ckpt.factors
+            self._round = _Round(ckpt.round)
+            self._rounds_done = ckpt.round
+            log.info("resuming at round %d from %s", ckpt.round, cfg.out / state.CHECKPOINT)
+        else:
+            self._factors = self._model.factors()
+        self._round_log = state.RoundLog(cfg.out)
+        self._server = self.transport.serve(self, cfg.listen, max_payload_bytes=cfg.max_payload_bytes)
+        await self._server.__aenter__()
+        host = cfg.listen.rpartition(":")[0]
+        port = self._server.address.rpartition(":")[2]
+        interfaces = interface_addresses(cfg.mdns_interface) if cfg.peers.auto else []
+        wildcard = host in ("0.0.0.0", "", "[::]")  # noqa: S104 - recognising it, not binding to it
+        advertised_host = cfg.advertise_address or (interfaces[0] if wildcard and interfaces else host)
+        self.address = f"{advertised_host}:{port}"
+        if cfg.metrics_port is not None:
+            self.metrics.serve(cfg.metrics_port, addr=host)
+        self._peers = PeerManager(self.transport, self.local_info, self._candidates, self._peers_changed.set)
+        if cfg.peers.auto:
+            advert = Advertisement(
+                node_id=self.node_id,
+                port=int(port),
+                cluster=cfg.cluster,
+                fingerprint=self.fingerprint,
+                protocol_version=PROTOCOL_VERSION,
+                secure=False,
+                advertise_address=advertised_host,
+            )
+            self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
+            await self._discovery.__aenter__()
+        self._spawn(self._peers.run(), "peer-manager")
+        self._state = "idle"
+        log.info(
+            "node %s serving on %s (cluster %s, fingerprint %s, method %s, shard %d/%d)",
+            self.node_id, self.address, cfg.cluster, self.fingerprint, self.method.name, cfg.shard, cfg.num_shards,
+        )  # fmt: skip
+
+    def _build(self) -> None:
+        """Blocking setup: dataset, model, this node's shard and the dev subset."""
+        cfg = self.config
+        train = resolve_dataset(cfg.dataset, "train")
+        dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
+        spec = ModelSpec(model=cfg.model, label_names=train.label_names, lora=cfg.lora, seed=cfg.seed)
+        self._model = AdapterModel(spec, device=resolve_device(cfg.device))
+        shard = client_shards(train, cfg.split, cfg.num_shards, cfg.seed, cfg.samples_per_client)[cfg.shard]
+        self._shard = encode(self._model.tokenizer, train.subset(shard), cfg.train.max_length)
+        self._dev = encode(self._model.tokenizer, dev, cfg.train.max_length)
+
+    def _spawn(self, coro: Awaitable[Any], name: str) -> None:
+        task = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop: the current round is abandoned at the next safe point."""
+        if not self._stop.is_set():
+            log.info("stop requested")
+        self._stop.set()
+        self._stop_training.set()
+
+    async def aclose(self) -> None:
+        """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        self._stop_training.set()
+        if self._discovery is not None:
+            await self._discovery.aclose()  # goodbye first: peers stop counting us promptly
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        async with self._round_changed:
+            self._round_changed.notify_all()
+        if self._server is not None:
+            await self._server.aclose(SHUTDOWN_GRACE_S)
+        if self._peers is not None:
+            await self._peers.aclose()
+        self.metrics.close()
+        if self._round_log is not None:
+            self._round_log.close()
+
+    # -------------------------------------------------------------------------------------------- peers
+
+    def _candidates(self) -> list[tuple[str, str, PeerCandidate | None]]:
+        out: list[tuple[str, str, PeerCandidate | None]] = [(a, a, None) for a in self.config.peers.static]
+        if self._discovery is not None:
+            out += [(c.node_id, c.address, c) for c in self._discovery.candidates().values()]
+        return out
+
+    def _peer_ids(self) -> list[str]:
+        return sorted(self._peers.peers) if self._peers is not None else []
+
+    async def _wait_for_peers(self) -> None:
+        need = self.config.min_peers
+        if need <= 0:
+            return
+        deadline = time.monotonic() + self.config.peer_wait
+        while len(self._peer_ids()) < need and not self._stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                log.warning("only %d of %d peers after %.0f s; starting anyway", len(self._peer_ids()), need,
+                            self.config.peer_wait)  # fmt: skip
+                return
+            self._peers_changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._peers_changed.wait(), min(left, 1.0))
+
+    # ------------------------------------------------------------------------------------- NodeHandler
+
+    def local_info(self) -> PeerInfo:
+        return PeerInfo(
+            node_id=self.node_id,
+            cluster=self.config.cluster,
+            fingerprint=self.fingerprint,
+            address=self.address,
+            round=self._round.t,
+            degree=self._round.degree,
+            method=self.method.name,
+            insecure=True,
+            protocol_version=PROTOCOL_VERSION,
+        )
+
+    def expected_spec(self) -> FactorSpec | None:
+        return None  # depends on the round (which factors are sent); checked in async_exchange
+
+    def _spec_for(self, t: int) -> FactorSpec:
+        return FactorSpec.from_factors(select(self._factors, sent_factors(self.method, t)))
+
+    def status(self) -> StatusInfo:
+        weights = self._last_weights
+        return StatusInfo(
+            node=self.local_info(),
+            state=self._state,
+            phase=self.method.phase(self._round.t),
+            rounds_completed=self._rounds_done,
+            last_loss=float("nan") if self._last_loss is None else self._last_loss,
+            last_accuracy=float("nan") if self._last_accuracy is None else self._last_accuracy,
+            neighbors=tuple(
+                NeighborStatus(
+                    node_id=p,
+                    address=self._peers.peers[p].info.address if self._peers and p in self._peers.peers else "",
+                    degree=weights.get(p, (0, 0.0))[0],
+                    weight=weights.get(p, (0, 0.0))[1],
+                    last_round=max(self._round.t - 1, 0),
+                )
+                for p in self._peer_ids()
+            ),
+            uptime_seconds=time.monotonic() - self._started,
+        )
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        if self._stop.is_set():
+            raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
+        if remote.node_id == self.node_id:
+            raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "that is this node's own id")
+        if self._peers is not None and remote.address:
+            await self._peers.add(remote, None, "inbound")
+        if remote.round > self._round.t + 1:
+            self._behind = True
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
+        if self._stop.is_set():
+            raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
+        return self._round.t, dict(self._factors)  # between rounds these are the next round's start
+
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
+        """Answer a neighbour's round-r exchange with our round-r snapshot (waiting for it if we are training)."""
+        r = header.round
+        async with self._round_changed:
+            while True:
+                if self._stop.is_set():
+                    raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
+                cur = self._round
+                if r < cur.t or (r == cur.t and cur.closed):
+                    self.metrics.refusals.labels("ROUND_MISMATCH").inc()
+                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
+                if r > cur.t + 1:
+                    self._behind = True
+                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
+                if r == cur.t and cur.snapshot is not None:
+                    break
+                await self._round_changed.wait()  # the caller's deadline cancels us
+            if header.node_id not in cur.neighbours:
+                self.metrics.refusals.labels("NOT_A_NEIGHBOR").inc()
+                raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{header.node_id} is not a neighbour in round {r}")
+            if header.node_id in cur.received:
+                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {header.node_id} in round {r}")
+            if header.degree < 1:
+                raise PayloadError(Reason.BAD_PAYLOAD, "an exchanging neighbour has degree >= 1")
+            self._spec_for(r).check(factors)  # raises PayloadError(BAD_PAYLOAD) off the spec
+            cur.received[header.node_id] = (header.degree, factors)
+            self._round_changed.notify_all()
+            return select(cur.snapshot, sent_factors(self.method, r))
+
+    # ------------------------------------------------------------------------------------------- rounds
+
+    async def run(self) -> NodeResult:
+        """Run rounds until ``config.rounds`` are done or a stop is requested; checkpoint and export at the end."""
+        cfg = self.config
+        try:
+            await self._wait_for_peers()
+            while not self._stop.is_set() and (cfg.rounds is None or self._round.t < cfg.rounds):
+                await self._catch_up_if_behind()
+                if cfg.rounds is not None and self._round.t >= cfg.rounds:
+                    break
+                try:
+                    await self._run_round(self._round.t)
+                except Interrupted:
+                    break
+        finally:
+            self._state = "stopping"
+            await self._save(self._round.t, export=True)
+        return NodeResult(self.node_id, self._rounds_done, self._last_accuracy, self._last_loss, cfg.out)
+
+    async def _catch_up_if_behind(self) -> None:
+        """If a neighbour is two or more rounds ahead, adopt its round and factors."""
+        if self._peers is None:
+            return
+        ahead = [p for p in self._peers.peers.values() if p.info.round >= self._round.t + 2]
+        if not ahead and not self._behind:
+            return
+        self._behind = False
+        infos = []
+        for peer in list(self._peers.peers.values()):
+            try:
+                infos.append((await peer.conn.handshake(self.local_info(), timeout=5.0), peer))
+            except (ExchangeRefused, PeerUnavailable):
+                continue
+        if not infos:
+            return
+        info, peer = max(infos, key=lambda x: x[0].round)
+        if info.round < self._round.t + 2:
+            return
+        try:
+            result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, FactorSpec.from_factors(self._factors))
+        except (ExchangeRefused, PeerUnavailable) as exc:
+            log.warning("catch-up from %s failed: %s", info.node_id, exc)
+            return
+        log.info("catching up: adopting round %d and factors from %s (was at %d)", result.peer.round,
+                 info.node_id, self._round.t)  # fmt: skip
+        async with self._round_changed:
+            self._factors = result.factors
+            self._round = _Round(result.peer.round)
+            self._round_changed.notify_all()
+
+    def _round_neighbours(self, t: int) -> frozenset[str]:
+        cfg = self.config
+        return frozenset(p for p in self._peer_ids() if link_up(cfg.seed, t, self.node_id, p, cfg.link_prob))
+
+    def _train(self, t: int) -> tuple[float, Factors]:
+        """Worker thread: local steps from the current factors; returns the loss and the snapshot."""
+        assert self._model is not None and self._shard is not None  # noqa: S101
+        self._model.load_factors(self._factors)
+        loss = local_steps(
+            self._model, self._shard, self.method.trained(t), self.config.train, self.config.seed,
+            self.config.shard, t, stop=self._stop_training,
+        )  # fmt: skip
+        return loss, self._model.factors()
+
+    async def _run_round(self, t: int) -> None:
+        cfg = self.config
+        started = time.monotonic()
+        self._state = "training"
+        self.metrics.round.set(t)
+        loss, snapshot = await asyncio.to_thread(self._train, t)
+        neighbours = self._round_neighbours(t)
+        async with self._round_changed:
+            cur = self._round
+            cur.snapshot, cur.neighbours, cur.degree = snapshot, neighbours, len(neighbours)
+            self._round_changed.notify_all()
+        self._state = "exchanging"
+        self.metrics.degree.set(cur.degree)
+        self.metrics.peers.set(len(self._peer_ids()))
+        deadline = asyncio.get_running_loop().time() + cfg.exchange_timeout
+        outbound = sorted(j for j in neighbours if self.node_id < j)
+        calls = [asyncio.ensure_future(self._exchange_with(j, cur, deadline)) for j in outbound]
+        try:
+            async with asyncio.timeout_at(deadline):
+                if calls:
+                    await asyncio.gather(*calls, return_exceptions=True)
+                async with self._round_changed:
+                    await self._round_changed.wait_for(
+                        lambda: self._stop.is_set() or neighbours <= set(cur.received) | set(outbound)
+                    )
+        except TimeoutError:
+            pass
+        finally:
+            for call in calls:
+                call.cancel()
+            await asyncio.gather(*calls, return_exceptions=True)
+        if self._stop.is_set():
+            raise Interrupted(f"stopped during round {t}'s exchange")
+        async with self._round_changed:
+            cur.closed = True  # later callers for round t are refused: both ends leave the pair out
+            received = dict(cur.received)
+        weights = local_weights(cur.degree, {j: d for j, (d, _) in received.items()})
+        mixed = apply_method_mixing(self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights)
+        self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
+        async with self._round_changed:
+            self._factors = mixed
+            self._round = _Round(t + 1)
+            self._round_changed.notify_all()
+        self._rounds_done = t + 1
+        self._last_loss = loss
+        record = self._record(t, cur, weights.self_weight, loss, started)
+        if (t + 1) % cfg.eval_every == 0 or (cfg.rounds is not None and t + 1 == cfg.rounds):
+            self._state = "evaluating"
+            acc, eval_loss = await asyncio.to_thread(self._evaluate)
+            self._last_accuracy = acc
+            self.metrics.accuracy.set(acc)
+            record.update(eval_accuracy=acc, eval_loss=eval_loss)
+        if self._round_log is not None:
+            self._round_log.write(record)
+        self.metrics.rounds.inc()
+        self.metrics.loss.set(loss)
+        log.info(
+            "round %d phase %s: loss %.4f, %d/%d neighbours%s", t, self.method.phase(t), loss, len(received),
+            cur.degree, f", accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
+            extra={"round": t},
+        )  # fmt: skip
+        if (t + 1) % cfg.checkpoint_every == 0:
+            await self._save(t + 1, export=False)
+        self._state = "idle"
+
+    async def _exchange_with(self, j: str, cur: _Round, deadline: float) -> None:
+        assert self._peers is not None and cur.snapshot is not None  # noqa: S101
+        peer = self._peers.peers.get(j)
+        if peer is None:
+            return
+        t = cur.t
+        header = ExchangeHeader(
+            node_id=self.node_id, cluster=self.config.cluster, fingerprint=self.fingerprint, round=t, degree=cur.degree
+        )
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            result = await peer.conn.exchange(
+                header, select(cur.snapshot, sent_factors(self.method, t)), remaining, self._spec_for(t)
+            )
+        except ExchangeRefused as exc:
+            self.metrics.refusals.labels(exc.reason.name).inc()
+            self.metrics.exchanges.labels("refused").inc()
+            log.info("exchange with %s in round %d refused: %s: %s", j, t, exc.reason.name, exc.detail)
+            return
+        except PeerUnavailable as exc:
+            self.metrics.exchanges.labels("failed").inc()
+            log.info("exchange with %s in round %d failed: %s", j, t, exc)
+            await self._peers.drop(j, str(exc))
+            return
+        async with self._round_changed:
+            if cur.closed:
+                return
+            cur.received[j] = (result.peer.degree, result.factors)
+            cur.stats.append((j, result.bytes_sent, result.bytes_received, result.elapsed_s))
+            self._round_changed.notify_all()
+        self.metrics.exchanges.labels("ok").inc()
+        self.metrics.bytes_sent.inc(result.bytes_sent)
+        self.metrics.bytes_received.inc(result.bytes_received)
+        self.metrics.latency.observe(result.elapsed_s)
+
+    def _record(self, t: int, cur: _Round, self_weight: float, loss: float, started: float) -> dict[str, Any]:
+        sent = num_bytes(select(cur.snapshot or {}, sent_factors(self.method, t)))
+        n = len(cur.received)
+        outbound = {s[0]: s for s in cur.stats}
+        return {
+            "round": t,
+            "phase": self.method.phase(t),
+            "node_id": self.node_id,
+            "degree": cur.degree,
+            "self_weight": self_weight,
+            "neighbours": [
+                {"id": j, "degree": d, "weight": self._last_weights.get(j, (0, 0.0))[1]}
+                for j, (d, _) in sorted(cur.received.items())
+            ],
+            "missed": sorted(cur.neighbours - set(cur.received)),
+            "bytes_sent": sent * n,
+            "bytes_received": sum(num_bytes(f) for _, f in cur.received.values()),
+            "exchange_latency_s": max((s[3] for s in outbound.values()), default=0.0),
+            "loss": loss,
+            "seconds": time.monotonic() - started,
+            "time": time.time(),
+        }
+
+    def _evaluate(self) -> tuple[float, float]:
+        assert self._model is not None and self._dev is not None  # noqa: S101
+        self._model.load_factors(self._factors)
+        return evaluate(self._model, self._dev)
+
+    async def _save(self, next_round: int, export: bool) -> None:
+        """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
+        factors = self._factors
+        ckpt = state.Checkpoint(next_round, self.node_id, self.fingerprint, factors)
+
+        def write() -> None:
+            state.save_checkpoint(self.config.out, ckpt)
+            if export and self._model is not None:
+                self._model.load_factors(factors)
+                self._model.export(self.config.out / state.ADAPTER)
+
+        if not self.node_id:
+            return
+        await asyncio.to_thread(write)

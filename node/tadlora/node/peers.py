@@ -1,0 +1,178 @@
+"""The node's view of its peers: candidates from discovery become peers only after a verified handshake.
+
+A candidate (an mDNS advert, a static address, a peer that called us) is only a hint. The `PeerManager`
+handshakes with it; a peer of another cluster, fingerprint or protocol is refused with the reason, logged
+once. A verified peer stays until discovery says it left or it fails: then it is dropped, and retried with
+an exponential backoff (so a flapping peer costs little).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tadlora.node.discovery import PeerCandidate
+from tadlora.node.rpc import PeerConnection, PeerInfo, PeerUnavailable, Transport, check_compatible
+from tadlora.node.wire import ExchangeRefused
+
+log = logging.getLogger("tadlora.peers")
+
+HANDSHAKE_TIMEOUT_S = 5.0  # s; a handshake is one small unary call
+RETRY_MIN_S = 1.0  # s before the first retry of a failed peer
+RETRY_MAX_S = 30.0  # s; backoff doubles up to this
+SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
+
+
+@dataclass
+class Peer:
+    """A verified peer and the connection to it."""
+
+    info: PeerInfo
+    conn: PeerConnection
+    source: str
+    verified_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class _Attempt:
+    failures: int = 0
+    retry_at: float = 0.0
+    last_reason: str = ""
+
+
+class PeerManager:
+    """Turns candidates into verified peers. Owns one background task (`run`) and the peer connections."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        local_info: Callable[[], PeerInfo],
+        candidates: Callable[[], list[tuple[str, str, PeerCandidate | None]]],
+        on_change: Callable[[], None],
+    ) -> None:
+        self._transport = transport
+        self._local_info = local_info
+        self._candidates = candidates  # (key, address, mdns candidate or None) to try
+        self._on_change = on_change
+        self.peers: dict[str, Peer] = {}
+        self._by_address: dict[str, str] = {}
+        self._attempts: dict[str, _Attempt] = {}
+        self._refused_logged: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+
+    def wake(self) -> None:
+        """Scan now (discovery changed)."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Scan candidates until cancelled."""
+        while True:
+            await self.scan()
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), SCAN_INTERVAL_S)
+
+    async def scan(self) -> None:
+        """Handshake with every candidate that is not a peer yet and is due for a try; drop vanished peers."""
+        now = time.monotonic()
+        wanted = self._candidates()
+        live_keys = {key for key, _, _ in wanted}
+        for node_id, peer in list(self.peers.items()):
+            if peer.source == "mdns" and node_id not in live_keys:
+                await self.drop(node_id, "left (mDNS goodbye)")
+        tries = []
+        for key, address, cand in wanted:
+            if key in self.peers or self._by_address.get(address) in self.peers:
+                continue
+            attempt = self._attempts.setdefault(key, _Attempt())
+            if attempt.retry_at > now:
+                continue
+            if cand is not None and not self._prefilter(cand):
+                continue
+            tries.append(self._try(key, address, "mdns" if cand is not None else "static", attempt))
+        if tries:
+            await asyncio.gather(*tries)
+
+    def _prefilter(self, cand: PeerCandidate) -> bool:
+        """Skip adverts that say they cannot be our peer (logged once with the reason)."""
+        local = self._local_info()
+        reason = ""
+        if cand.cluster != local.cluster:
+            reason = f"cluster {cand.cluster!r} is not ours ({local.cluster!r})"
+        elif cand.fingerprint != local.fingerprint:
+            reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint})"
+        elif cand.protocol_version != local.protocol_version:
+            reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version})"
+        if reason:
+            self._log_refusal(cand.node_id, reason)
+        return not reason
+
+    def _log_refusal(self, who: str, reason: str) -> None:
+        if (who, reason) not in self._refused_logged:
+            self._refused_logged.add((who, reason))
+            log.warning("not a neighbour: %s: %s", who, reason)
+
+    async def _try(self, key: str, address: str, source: str, attempt: _Attempt) -> None:
+        conn = self._transport.connect(address)
+        try:
+            info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
+        except ExchangeRefused as exc:
+            await conn.aclose()
+            self._log_refusal(key, f"refused the handshake: {exc.reason.name}: {exc.detail}")
+            self._backoff(attempt, f"{exc.reason.name}")
+            return
+        except PeerUnavailable as exc:
+            await conn.aclose()
+            self._backoff(attempt, str(exc))
+            return
+        if info.node_id == self._local_info().node_id:
+            await conn.aclose()  # our own static address
+            attempt.retry_at = float("inf")
+            return
+        self._attempts.pop(key, None)
+        await self.add(info, conn, source)
+
+    def _backoff(self, attempt: _Attempt, reason: str) -> None:
+        attempt.failures += 1
+        attempt.last_reason = reason
+        attempt.retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (attempt.failures - 1))
+
+    async def add(self, info: PeerInfo, conn: PeerConnection | None, source: str) -> None:
+        """Make ``info`` a verified peer (a handshake succeeded, in either direction)."""
+        check_compatible(self._local_info(), info)
+        old = self.peers.get(info.node_id)
+        if old is not None:
+            if old.info.address == info.address:
+                old.info = info
+                if conn is not None:
+                    await conn.aclose()
+                return
+            await old.conn.aclose()
+        self.peers[info.node_id] = Peer(info, conn or self._transport.connect(info.address), source)
+        self._by_address[info.address] = info.node_id
+        log.info("peer %s verified at %s (%s)", info.node_id, info.address, source)
+        self._on_change()
+
+    async def drop(self, node_id: str, why: str) -> None:
+        """Forget a peer (it left or failed); a failed one is retried with backoff."""
+        peer = self.peers.pop(node_id, None)
+        if peer is None:
+            return
+        self._by_address.pop(peer.info.address, None)
+        attempt = self._attempts.setdefault(node_id, _Attempt())
+        self._backoff(attempt, why)
+        attempt.retry_at = min(attempt.retry_at, time.monotonic() + RETRY_MIN_S)
+        log.info("peer %s dropped: %s", node_id, why)
+        await peer.conn.aclose()
+        self._on_change()
+
+    async def aclose(self) -> None:
+        """Close every connection (safe to call twice)."""
+        peers, self.peers = self.peers, {}
+        self._by_address.clear()
+        for peer in peers.values():
+            await peer.conn.aclose()
