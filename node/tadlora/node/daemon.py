@@ -108,6 +108,7 @@ class Node:
         self._last_loss: float | None = None
         self._last_accuracy: float | None = None
         self._last_weights: dict[str, tuple[int, float]] = {}
+        self.last_snapshot: Factors = {}  # the last round's post-training factors (diagnostics and tests)
         self._rounds_done = 0
         self._started = time.monotonic()
         self._server: Server | None = None
@@ -266,6 +267,16 @@ class Node:
                 await asyncio.wait_for(self._peers_changed.wait(), min(left, 1.0))
 
     # ------------------------------------------------------------------------------------- NodeHandler
+
+    @property
+    def factors(self) -> Factors:
+        """The current factors (between rounds: the next round's starting point)."""
+        return self._factors
+
+    @property
+    def round(self) -> int:
+        """The round the node is in (= rounds completed when idle)."""
+        return self._round.t
 
     def local_info(self) -> PeerInfo:
         return PeerInfo(
@@ -453,6 +464,7 @@ class Node:
         async with self._round_changed:
             cur.closed = True  # later callers for round t are refused: both ends leave the pair out
             received = dict(cur.received)
+        self.last_snapshot = snapshot
         weights = local_weights(cur.degree, {j: d for j, (d, _) in received.items()})
         mixed = apply_method_mixing(self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights)
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
