@@ -23,7 +23,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,7 @@ class _Round:
     neighbours: frozenset[str] = frozenset()
     degree: int = 0
     received: dict[str, tuple[int, Factors]] = field(default_factory=dict)
+    ahead: set[str] = field(default_factory=set)  # neighbours already in a later round: they won't call for t
     closed: bool = False
     stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
 
@@ -117,7 +119,14 @@ class Node:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._round_log: state.RoundLog | None = None
         self._peers_changed = asyncio.Event()
+        self._probing: set[str] = set()  # peers whose liveness is being checked
         self._closed = False
+        # One worker thread owns the model: training, evaluation and export never overlap, and the event loop
+        # never runs torch. It is this node's own, so shutting the node down ends it.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tadlora-torch")
+
+    async def _in_worker(self, fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     # ------------------------------------------------------------------------------------------ lifecycle
 
@@ -136,7 +145,7 @@ class Node:
         """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""
         cfg = self.config
         cfg.out.mkdir(parents=True, exist_ok=True)
-        await asyncio.to_thread(self._build)
+        await self._in_worker(self._build)
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
         identity = state.load_identity(cfg.out)
@@ -149,7 +158,7 @@ class Node:
         if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
             raise RuntimeError(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
         state.save_identity(cfg.out, self.node_id, cfg.cluster, self.fingerprint)
-        ckpt = await asyncio.to_thread(state.load_checkpoint, cfg.out)
+        ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
             self._factors = ckpt.factors
@@ -217,6 +226,11 @@ class Node:
             log.info("stop requested")
         self._stop.set()
         self._stop_training.set()
+        self._spawn(self._wake_waiters(), "stop-wake")
+
+    async def _wake_waiters(self) -> None:
+        async with self._round_changed:
+            self._round_changed.notify_all()
 
     async def aclose(self) -> None:
         """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice."""
@@ -239,6 +253,8 @@ class Node:
         self.metrics.close()
         if self._round_log is not None:
             self._round_log.close()
+        # Training has been told to stop (between two steps), so this wait is short; nothing else runs now.
+        self._executor.shutdown(wait=True, cancel_futures=True)
 
     # -------------------------------------------------------------------------------------------- peers
 
@@ -345,6 +361,10 @@ class Node:
                 if r < cur.t or (r == cur.t and cur.closed):
                     self.metrics.refusals.labels("ROUND_MISMATCH").inc()
                     raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
+                if r > cur.t:
+                    # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
+                    cur.ahead.add(header.node_id)
+                    self._round_changed.notify_all()
                 if r > cur.t + 1:
                     self._behind = True
                     raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
@@ -433,7 +453,7 @@ class Node:
         started = time.monotonic()
         self._state = "training"
         self.metrics.round.set(t)
-        loss, snapshot = await asyncio.to_thread(self._train, t)
+        loss, snapshot = await self._in_worker(self._train, t)
         neighbours = self._round_neighbours(t)
         async with self._round_changed:
             cur = self._round
@@ -451,7 +471,7 @@ class Node:
                     await asyncio.gather(*calls, return_exceptions=True)
                 async with self._round_changed:
                     await self._round_changed.wait_for(
-                        lambda: self._stop.is_set() or neighbours <= set(cur.received) | set(outbound)
+                        lambda: self._stop.is_set() or neighbours <= set(cur.received) | set(outbound) | cur.ahead
                     )
         except TimeoutError:
             pass
@@ -464,6 +484,12 @@ class Node:
         async with self._round_changed:
             cur.closed = True  # later callers for round t are refused: both ends leave the pair out
             received = dict(cur.received)
+        for j in sorted(neighbours - set(received) - set(outbound)):
+            # j should have called us. If it crashed, no call of ours fails to tell us, and mDNS keeps its
+            # record until the TTL runs out: without this check every later round would wait for it in full.
+            if j not in self._probing:
+                self._probing.add(j)
+                self._spawn(self._check_alive(j, t), f"check-alive {j}")
         self.last_snapshot = snapshot
         weights = local_weights(cur.degree, {j: d for j, (d, _) in received.items()})
         mixed = apply_method_mixing(self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights)
@@ -477,7 +503,7 @@ class Node:
         record = self._record(t, cur, weights.self_weight, loss, started)
         if (t + 1) % cfg.eval_every == 0 or (cfg.rounds is not None and t + 1 == cfg.rounds):
             self._state = "evaluating"
-            acc, eval_loss = await asyncio.to_thread(self._evaluate)
+            acc, eval_loss = await self._in_worker(self._evaluate)
             self._last_accuracy = acc
             self.metrics.accuracy.set(acc)
             record.update(eval_accuracy=acc, eval_loss=eval_loss)
@@ -493,6 +519,13 @@ class Node:
         if (t + 1) % cfg.checkpoint_every == 0:
             await self._save(t + 1, export=False)
         self._state = "idle"
+
+    async def _check_alive(self, j: str, t: int) -> None:
+        assert self._peers is not None  # noqa: S101
+        try:
+            await self._peers.check_alive(j, f"missed round {t}")
+        finally:
+            self._probing.discard(j)
 
     async def _exchange_with(self, j: str, cur: _Round, deadline: float) -> None:
         assert self._peers is not None and cur.snapshot is not None  # noqa: S101
@@ -570,4 +603,4 @@ class Node:
 
         if not self.node_id:
             return
-        await asyncio.to_thread(write)
+        await self._in_worker(write)

@@ -1,0 +1,210 @@
+"""The node daemon in-process, on real gRPC over loopback: it computes exactly what the simulator computes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import TINY_LORA
+from tadlora.adapter import AdapterModel, ModelSpec
+from tadlora.core.methods import make_method
+from tadlora.core.topology import client_name, make_topology
+from tadlora.data import resolve_dataset
+from tadlora.node.config import NodeConfig
+from tadlora.node.daemon import Node
+from tadlora.node.discovery import PeersOption, parse_peers_option
+from tadlora.sim.engine import SequentialEngine
+from tadlora.sim.runner import simulate
+from tadlora.training import TrainSpec, encode
+from tadlora.workload import client_shards, eval_subset
+
+TRAIN = TrainSpec(local_steps=2, batch_size=4, max_length=32, lr=1e-2)
+NO_PEERS = PeersOption(auto=False, static=(), dns=())
+
+
+def node_config(tmp: Path, i: int, m: int, peers: PeersOption, **changes) -> NodeConfig:
+    base = {
+        "out": tmp / f"n{i}",
+        "node_id": client_name(i),
+        "cluster": f"test-{tmp.name}",
+        "listen": "127.0.0.1:0",
+        "peers": peers,
+        "mdns_interface": "127.0.0.1",
+        "model": "tiny",
+        "shard": i,
+        "num_shards": m,
+        "samples_per_client": 40,
+        "eval_samples": 16,
+        "eval_every": 100,
+        "lora": TINY_LORA,
+        "train": TRAIN,
+        "rounds": 3,
+        "min_peers": m - 1,
+        "peer_wait": 30.0,
+        "exchange_timeout": 30.0,
+        "device": "cpu",
+    }
+    base.update(changes)
+    return NodeConfig(**base)
+
+
+@contextlib.asynccontextmanager
+async def cluster(tmp: Path, m: int, mdns: bool = False, **changes) -> AsyncIterator[list[Node]]:
+    """m nodes in this process on 127.0.0.1; full mesh by mDNS or by static addresses (later nodes list earlier)."""
+    async with contextlib.AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i in range(m):
+            if mdns:
+                peers = parse_peers_option("auto")
+            else:
+                peers = PeersOption(auto=False, static=tuple(n.address for n in nodes), dns=())
+            nodes.append(await stack.enter_async_context(Node(node_config(tmp, i, m, peers, **changes))))
+        yield nodes
+
+
+async def run_all(nodes: list[Node]) -> None:
+    async with asyncio.timeout(90):
+        await asyncio.gather(*(n.run() for n in nodes))
+
+
+def simulated(m: int, method_name: str, t: int | None, link_prob: float, rounds: int) -> list[dict]:
+    """The simulator's factors after ``rounds`` for the same seed, data, topology and method."""
+    train = resolve_dataset("builtin:sst2-small", "train")
+    model = AdapterModel(ModelSpec(model="tiny", label_names=train.label_names, lora=TINY_LORA, seed=0))
+    shards = [
+        encode(model.tokenizer, train.subset(idx), TRAIN.max_length)
+        for idx in client_shards(train, "label-skew", m, 0, 40)
+    ]
+    dev = encode(model.tokenizer, eval_subset(resolve_dataset("builtin:sst2-small", "dev"), 16), TRAIN.max_length)
+    engine = SequentialEngine(model, shards, dev, TRAIN, seed=0)
+    topology = make_topology("er", m, link_prob=link_prob, seed=0)
+    simulate(engine, make_method(method_name, t), topology, rounds=rounds, eval_every=10**6)
+    return [engine.get_factors(i) for i in range(m)]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("method", "interval", "link_prob", "mdns"),
+    [("tad", 1, 0.5, True), ("lora", None, 1.0, False), ("decaf", None, 1.0, False)],
+)
+async def test_daemon_adapters_equal_the_simulators(tmp_path, method, interval, link_prob, mdns) -> None:
+    m, rounds = 3, 4
+    changes = {"method": method, "switch_interval": interval, "link_prob": link_prob, "rounds": rounds}
+    async with cluster(tmp_path, m, mdns=mdns, **changes) as nodes:
+        await run_all(nodes)
+        got = [n.factors for n in nodes]
+    want = await asyncio.to_thread(simulated, m, method, interval, link_prob, rounds)
+    for i in range(m):
+        for key in want[i]:
+            torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4, msg=f"node {i} {key}")
+    if link_prob < 1.0:  # the per-round graph really varied, on both drivers alike
+        degrees = {r["degree"] for r in _rounds(tmp_path / "n0")}
+        assert len(degrees) > 1
+
+
+def _rounds(out: Path) -> list[dict]:
+    from tadlora.node.state import read_rounds
+
+    return read_rounds(out)
+
+
+@pytest.mark.asyncio
+async def test_mixing_preserves_the_average_across_live_nodes(tmp_path) -> None:
+    async with cluster(tmp_path, 4, method="lora", rounds=2) as nodes:
+        await run_all(nodes)
+        before = [n.last_snapshot for n in nodes]
+        after = [n.factors for n in nodes]
+    for key in before[0]:
+        mean_before = torch.stack([b[key].double() for b in before]).mean(0)
+        mean_after = torch.stack([a[key].double() for a in after]).mean(0)
+        torch.testing.assert_close(mean_after, mean_before, atol=1e-6, rtol=0)
+    for record in _rounds(tmp_path / "n0"):
+        assert record["degree"] == 3 and not record["missed"]
+        assert record["self_weight"] == pytest.approx(0.25)
+
+
+@pytest.mark.asyncio
+async def test_a_late_node_catches_up_by_adopting_a_neighbours_round(tmp_path) -> None:
+    async with cluster(tmp_path, 2, rounds=None, min_peers=1) as nodes:
+        tasks = [asyncio.ensure_future(n.run()) for n in nodes]
+        try:
+            async with asyncio.timeout(60):
+                while min(n.round for n in nodes) < 4:
+                    await asyncio.sleep(0.05)
+            late_cfg = node_config(
+                tmp_path, 2, 3, PeersOption(False, (nodes[0].address,), ()), rounds=None, min_peers=1
+            )
+            async with Node(late_cfg) as late:
+                late_task = asyncio.ensure_future(late.run())
+                async with asyncio.timeout(60):
+                    while not _rounds(tmp_path / "n2"):
+                        await asyncio.sleep(0.05)
+                late.request_stop()
+                await late_task
+            first = _rounds(tmp_path / "n2")[0]
+            assert first["round"] >= 3, first  # it did not start from round 0
+        finally:
+            for n in nodes:
+                n.request_stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_nodes_of_another_cluster_or_fingerprint_are_never_mixed_with(tmp_path) -> None:
+    async with contextlib.AsyncExitStack() as stack:
+        good = await stack.enter_async_context(Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1)))
+        addr = (good.address,)
+        other_cluster = node_config(tmp_path, 1, 2, PeersOption(False, addr, ()), cluster="elsewhere", min_peers=0)
+        other_seed = node_config(tmp_path, 2, 3, PeersOption(False, addr, ()), seed=7, min_peers=0, rounds=1)
+        foreign = [await stack.enter_async_context(Node(c)) for c in (other_cluster, other_seed)]
+        mate = await stack.enter_async_context(
+            Node(node_config(tmp_path, 3, 4, PeersOption(False, addr, ()), min_peers=1))
+        )
+        assert foreign[1].fingerprint != good.fingerprint
+        await run_all([good, mate, *foreign])
+    for record in _rounds(tmp_path / "n0"):
+        assert [n["id"] for n in record["neighbours"]] == ["node-3"]
+    for i in (1, 2):
+        assert all(r["degree"] == 0 for r in _rounds(tmp_path / f"n{i}"))
+
+
+@pytest.mark.asyncio
+async def test_graceful_stop_checkpoints_and_leaves_no_task_or_thread(tmp_path) -> None:
+    threads_before = set(threading.enumerate())
+    async with cluster(tmp_path, 2, rounds=None, min_peers=1, checkpoint_every=1000) as nodes:
+        tasks = [asyncio.ensure_future(n.run()) for n in nodes]
+        async with asyncio.timeout(60):
+            while min(n.round for n in nodes) < 2:
+                await asyncio.sleep(0.05)
+        for n in nodes:
+            n.request_stop()
+        results = await asyncio.gather(*tasks)
+    for n, result in zip(nodes, results, strict=True):
+        from tadlora.node.state import load_checkpoint
+
+        ckpt = load_checkpoint(n.config.out)
+        assert ckpt is not None and ckpt.round == n.round >= 2
+        for key, value in ckpt.factors.items():
+            assert torch.equal(value, n.factors[key])
+        assert (n.config.out / "adapter" / "adapter_model.safetensors").exists()
+        assert result.rounds_completed >= 2
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not pending, pending
+    await asyncio.get_running_loop().shutdown_default_executor()  # the loop's own workers (gRPC decoding)
+    import gc
+
+    gc.collect()
+    for thread in set(threading.enumerate()) - threads_before:
+        thread.join(timeout=10)
+    # grpc.aio's process-wide poller thread is grpc's own: it ends when grpc's last objects are finalized, which
+    # the garbage collector may do later. Every thread of the node (torch worker, zeroconf, metrics) must be gone.
+    leftover = [
+        t for t in set(threading.enumerate()) - threads_before if t.is_alive() and "_poll_wrapper" not in t.name
+    ]
+    assert not leftover, leftover
