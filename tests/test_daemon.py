@@ -135,20 +135,20 @@ async def test_a_late_node_catches_up_by_adopting_a_neighbours_round(tmp_path) -
         tasks = [asyncio.ensure_future(n.run()) for n in nodes]
         try:
             async with asyncio.timeout(60):
-                while min(n.round for n in nodes) < 4:
-                    await asyncio.sleep(0.05)
+                await asyncio.gather(*(n.async_wait_for_round(4) for n in nodes))
             late_cfg = node_config(
                 tmp_path, 2, 3, PeersOption(False, (nodes[0].address,), ()), rounds=None, min_peers=1
             )
             async with Node(late_cfg) as late:
                 late_task = asyncio.ensure_future(late.run())
                 async with asyncio.timeout(60):
-                    while not _rounds(tmp_path / "n2"):
-                        await asyncio.sleep(0.05)
+                    await late.async_wait_for_round(3)  # adopted a neighbour's round...
+                    await late.async_wait_for_round(late.round + 2)  # ...and finished rounds from there
                 late.request_stop()
                 await late_task
-            first = _rounds(tmp_path / "n2")[0]
-            assert first["round"] >= 3, first  # it did not start from round 0
+            late_rounds = _rounds(tmp_path / "n2")
+            assert late_rounds and late_rounds[0]["round"] >= 3, late_rounds  # it did not start from round 0
+            assert any(r["degree"] == 1 and not r["missed"] for r in late_rounds)  # and it mixed with node-0
         finally:
             for n in nodes:
                 n.request_stop()
@@ -180,8 +180,7 @@ async def test_graceful_stop_checkpoints_and_leaves_no_task_or_thread(tmp_path) 
     async with cluster(tmp_path, 2, rounds=None, min_peers=1, checkpoint_every=1000) as nodes:
         tasks = [asyncio.ensure_future(n.run()) for n in nodes]
         async with asyncio.timeout(60):
-            while min(n.round for n in nodes) < 2:
-                await asyncio.sleep(0.05)
+            await asyncio.gather(*(n.async_wait_for_round(2) for n in nodes))
         for n in nodes:
             n.request_stop()
         results = await asyncio.gather(*tasks)

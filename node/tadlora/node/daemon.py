@@ -294,6 +294,11 @@ class Node:
         """The round the node is in (= rounds completed when idle)."""
         return self._round.t
 
+    async def async_wait_for_round(self, t: int) -> None:
+        """Return once the node is in round ``t`` or later (bound it with ``asyncio.timeout``)."""
+        async with self._round_changed:
+            await self._round_changed.wait_for(lambda: self._round.t >= t)
+
     def local_info(self) -> PeerInfo:
         return PeerInfo(
             node_id=self.node_id,

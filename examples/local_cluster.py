@@ -1,0 +1,76 @@
+"""Start a local cluster of tadlora nodes on this machine and print what they reached.
+
+The nodes are separate `tadlora-node` processes that find each other by mDNS on 127.0.0.1 (nothing leaves the
+machine), train the packaged MiniLM encoder on the shipped SST-2 slice (each its own label-skewed shard), mix
+their LoRA factors with TAD-LoRA every round, and stop after --rounds. Offline; a few minutes on 2 cores.
+
+    python examples/local_cluster.py                  # 3 nodes, 20 rounds
+    python examples/local_cluster.py --nodes 4 --rounds 10 --method lora --out runs/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+
+def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
+    return [
+        sys.executable, "-m", "tadlora.node.cli",
+        "--peers", "auto", "--mdns-interface", "127.0.0.1", "--listen", "127.0.0.1:0",
+        "--cluster", cluster, "--node-id", f"node-{i}", "--shard", str(i), "--num-shards", str(args.nodes),
+        "--min-peers", str(args.nodes - 1), "--rounds", str(args.rounds), "--method", args.method,
+        "--model", args.model, "--eval-every", str(args.eval_every), "--out", str(args.out / f"node-{i}"),
+        "--log-format", "text",
+    ]  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--nodes", type=int, default=3, help="number of nodes")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds each node runs")
+    parser.add_argument("--method", default="tad", help="tad, adf, lora, ffa, rolora, decaf, tad-nojoint")
+    parser.add_argument("--model", default="minilm", help="minilm (offline default) or tiny (seconds, for a try)")
+    parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
+    parser.add_argument("--out", type=Path, default=Path("runs/local-cluster"), help="output directory (replaced)")
+    args = parser.parse_args()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    args.out.mkdir(parents=True)
+    cluster = f"demo-{uuid.uuid4().hex[:8]}"  # never mixes with another demo running on this machine
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the nodes share the machine's cores
+    procs = []
+    started = time.monotonic()
+    print(f"starting {args.nodes} nodes (cluster {cluster}); logs in {args.out}/node-*.log")
+    try:
+        for i in range(args.nodes):
+            log = (args.out / f"node-{i}.log").open("w")
+            procs.append(
+                subprocess.Popen(node_command(i, args, cluster), stdout=log, stderr=subprocess.STDOUT, env=env)
+            )
+        codes = [p.wait() for p in procs]
+    except KeyboardInterrupt:
+        for p in procs:
+            p.send_signal(signal.SIGINT)  # graceful: each node checkpoints and says goodbye
+        codes = [p.wait() for p in procs]
+    print(f"finished in {time.monotonic() - started:.0f} s; exit codes {codes}")
+    for i in range(args.nodes):
+        rounds_file = args.out / f"node-{i}" / "rounds.jsonl"
+        records = [json.loads(line) for line in rounds_file.read_text().splitlines()] if rounds_file.exists() else []
+        curve = ", ".join(f"r{r['round'] + 1}: {r['eval_accuracy']:.3f}" for r in records if "eval_accuracy" in r)
+        degree = records[-1]["degree"] if records else 0
+        print(f"node-{i}: {len(records)} rounds, {degree} neighbours, dev accuracy {curve or 'n/a'}")
+    print(f"adapters (peft format): {args.out}/node-*/adapter")
+    return 0 if all(c == 0 for c in codes) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""The node's command line: flags and TADLORA_ variables map onto the config; errors are clear; metrics serve."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import urllib.request
+
+import pytest
+
+from tadlora.node.cli import build_run_parser, config_from_args, main
+from tadlora.node.daemon import Node
+from test_daemon import NO_PEERS, node_config
+
+
+def parse(argv: list[str], monkeypatch: pytest.MonkeyPatch, **env: str):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    return config_from_args(build_run_parser().parse_args(argv))
+
+
+def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) -> None:
+    cfg = parse([], monkeypatch, TADLORA_LINK_PROB="0.1", TADLORA_METHOD="rolora", TADLORA_ROUNDS="7",
+                TADLORA_PEERS="auto,10.0.0.5:7070", TADLORA_LORA_TARGETS="query,key,value")  # fmt: skip
+    assert (cfg.link_prob, cfg.method, cfg.rounds) == (0.1, "rolora", 7)
+    assert cfg.peers.auto and cfg.peers.static == ("10.0.0.5:7070",)
+    assert cfg.lora.target_modules == ("query", "key", "value")
+    assert parse(["--link-prob", "0.5"], monkeypatch).link_prob == 0.5
+
+
+def test_help_names_the_environment_variables(capsys) -> None:
+    with pytest.raises(SystemExit):
+        build_run_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    for name in ("TADLORA_PEERS", "TADLORA_MDNS_INTERFACE", "TADLORA_LINK_PROB", "TADLORA_METRICS_PORT"):
+        assert name in text
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shard", "3", "--num-shards", "2"], "--shard 3"),
+        (["--link-prob", "0"], "--link-prob"),
+        (["--method", "lora", "--switch-interval", "3"], "does not apply"),
+        (["--listen", "nonsense"], "HOST:PORT"),
+        (["--peers", ""], "--peers"),
+    ],
+)
+def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.asyncio
+async def test_prometheus_metrics_are_served(tmp_path) -> None:
+    port = free_port()
+    config = node_config(tmp_path, 0, 1, NO_PEERS, rounds=2, min_peers=0, metrics_port=port)
+    async with Node(config) as node:
+        await node.run()
+        body = await asyncio.to_thread(
+            lambda: urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        )
+    assert "tadlora_rounds_total 2.0" in body
+    assert "tadlora_round " in body and "tadlora_train_loss" in body
