@@ -75,6 +75,14 @@ class _Round:
     stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
 
 
+def _progress(done: int, total: int | None, width: int = 20) -> str:
+    """A text progress bar for the per-round log line, e.g. ``[#####-----] 10/20``."""
+    if total is None:
+        return f"[{done}]"
+    filled = round(width * done / total)
+    return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
+
+
 @dataclass(frozen=True)
 class NodeResult:
     """What a finished run reached."""
@@ -517,8 +525,9 @@ class Node:
         self.metrics.rounds.inc()
         self.metrics.loss.set(loss)
         log.info(
-            "round %d phase %s: loss %.4f, %d/%d neighbours%s", t, self.method.phase(t), loss, len(received),
-            cur.degree, f", accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
+            "%s round %d phase %s: loss %.4f, %d/%d neighbours, %.1f s%s", _progress(t + 1, cfg.rounds), t,
+            self.method.phase(t), loss, len(received), cur.degree, record["seconds"],
+            f", accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
             extra={"round": t},
         )  # fmt: skip
         if (t + 1) % cfg.checkpoint_every == 0:

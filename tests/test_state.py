@@ -1,0 +1,64 @@
+"""Node state on disk: checkpoints round-trip, a damaged one is refused loudly, a failed write keeps the old one."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tadlora.fsutil import atomic_write_bytes
+from tadlora.node import state
+
+
+def ckpt(round_: int) -> state.Checkpoint:
+    g = torch.Generator().manual_seed(round_)
+    return state.Checkpoint(round_, "node-0", "ab" * 16, {"m.lora_A.weight": torch.randn(2, 3, generator=g)})
+
+
+def test_checkpoint_round_trips_bit_exactly(tmp_path) -> None:
+    state.save_checkpoint(tmp_path, ckpt(7))
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and (loaded.round, loaded.node_id, loaded.fingerprint) == (7, "node-0", "ab" * 16)
+    assert torch.equal(loaded.factors["m.lora_A.weight"], ckpt(7).factors["m.lora_A.weight"])
+    assert state.load_checkpoint(tmp_path / "nothing-here") is None
+
+
+def test_a_damaged_checkpoint_is_an_error_that_names_the_file(tmp_path) -> None:
+    state.save_checkpoint(tmp_path, ckpt(1))
+    path = tmp_path / state.CHECKPOINT
+    path.write_bytes(path.read_bytes()[:40])
+    with pytest.raises(RuntimeError, match="damaged"):
+        state.load_checkpoint(tmp_path)
+
+
+def test_a_failed_write_leaves_the_previous_checkpoint_and_no_temp_file(tmp_path, monkeypatch) -> None:
+    state.save_checkpoint(tmp_path, ckpt(3))
+
+    def disk_full(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        state.save_checkpoint(tmp_path, ckpt(4))
+    monkeypatch.undo()
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 3
+    assert [p.name for p in tmp_path.iterdir()] == [state.CHECKPOINT]
+
+
+def test_atomic_write_replaces_whole_files(tmp_path) -> None:
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+    atomic_write_bytes(target, b"new")
+    assert target.read_bytes() == b"new"
+
+
+def test_round_log_skips_a_torn_last_line(tmp_path) -> None:
+    log = state.RoundLog(tmp_path)
+    log.write({"round": 0})
+    log.write({"round": 1})
+    log.close()
+    with (tmp_path / state.ROUNDS).open("a") as f:
+        f.write('{"round": 2, "los')
+    assert [r["round"] for r in state.read_rounds(tmp_path)] == [0, 1]
