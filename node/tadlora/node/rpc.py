@@ -17,6 +17,7 @@ from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
     AsyncIterator,
+    Awaitable,
     Callable,
     Coroutine,
     Iterable,
@@ -432,8 +433,7 @@ class _Responder:
         return pb.HandshakeReply(accepted=True, callee=callee)
 
     async def exchange(self, requests: AsyncIterable[pb.ExchangeMessage]) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        replies: Iterable[pb.ExchangeMessage]
-        try:
+        async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
             header, payload = await _receive_payload(
                 requests,
@@ -442,35 +442,37 @@ class _Responder:
             )
             factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
             reply = await self._handler.async_exchange(header, factors)
-            own = ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round)
-            reply_payload, sha256 = await asyncio.to_thread(_encode_capped, reply, self._max_payload_bytes)
-        except ExchangeRefused as exc:
-            log.info("refused an exchange: %s: %s", exc.reason.name, exc.detail)  # plain values: records outlive calls
-            replies = [_refusal_message(exc)]
-        except Exception:
-            log.exception("exchange failed inside this node")
-            replies = [_refusal_message(ExchangeRefused(Reason.INTERNAL, "internal error, see the callee's log"))]
-        else:
-            replies = _payload_messages(own, reply_payload, sha256)
-        for message in replies:
-            yield message
+            return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
+
+        async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
+            async for message in replies:
+                yield message
 
     async def fetch(self, request: pb.FetchRequest) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        replies: Iterable[pb.ExchangeMessage]
-        try:
-            local = self._handler.local_info()
+        async def answer() -> tuple[ExchangeHeader, Factors]:
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
-            remote = _info_from_pb(request.caller)
-            check_compatible(local, remote)
-            at_round, factors = await self._handler.async_fetch(remote)
-            own = ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round)
+            check_compatible(self._handler.local_info(), _info_from_pb(request.caller))
+            at_round, factors = await self._handler.async_fetch(_info_from_pb(request.caller))
+            return ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round), factors
+
+        async with contextlib.aclosing(self._reply("fetch", answer)) as replies:
+            async for message in replies:
+                yield message
+
+    async def _reply(
+        self, what: str, answer: Callable[[], Awaitable[tuple[ExchangeHeader, Factors]]]
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        """Stream ``answer()``'s factors back (header + chunks), or one in-band refusal."""
+        replies: Iterable[pb.ExchangeMessage]
+        try:
+            own, factors = await answer()
             payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
         except ExchangeRefused as exc:
-            log.info("refused a fetch: %s: %s", exc.reason.name, exc.detail)
+            log.info("refused a %s: %s: %s", what, exc.reason.name, exc.detail)  # plain values: records outlive calls
             replies = [_refusal_message(exc)]
         except Exception:
-            log.exception("fetch failed inside this node")
+            log.exception("%s failed inside this node", what)
             replies = [_refusal_message(ExchangeRefused(Reason.INTERNAL, "internal error, see the callee's log"))]
         else:
             replies = _payload_messages(own, payload, sha256)
