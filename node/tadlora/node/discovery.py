@@ -244,8 +244,19 @@ class MdnsDiscovery:
         self._advert, self._info = advert, info
 
     def candidates(self) -> dict[str, PeerCandidate]:
-        """A snapshot of the peers seen, keyed by node id (the most recently resolved service wins)."""
-        return {candidate.node_id: candidate for candidate in self._by_service.values()}
+        """A snapshot of the peers seen, keyed by node id: the most recently resolved service wins, except that
+        one of our own cluster and fingerprint beats one that is not (ids are only unique within a cluster, so
+        another cluster's "node-0" on the same network must not hide ours)."""
+
+        def ours(c: PeerCandidate) -> bool:
+            return (c.cluster, c.fingerprint) == (self._advert.cluster, self._advert.fingerprint)
+
+        out: dict[str, PeerCandidate] = {}
+        for candidate in self._by_service.values():  # oldest resolution first
+            seen = out.get(candidate.node_id)
+            if seen is None or ours(candidate) or not ours(seen):
+                out[candidate.node_id] = candidate
+        return out
 
     async def async_wait_for(
         self,
