@@ -26,6 +26,7 @@ from safetensors import safe_open
 
 from nodeproc import SMALL_RUN, STARTUP_S, NodeProcess, node_args, node_env, running_node, unique_tag
 from tadlora.adapter import LoraSpec, ModelSpec, _load_base
+from tadlora.node import state
 from tadlora.node.cli import build_run_parser, config_from_args
 from tadlora.node.discovery import Advertisement, MdnsDiscovery
 
@@ -150,6 +151,16 @@ def test_status_prints_a_running_nodes_id_cluster_round_and_state_as_json_and_si
 
     gone = status_cli(node.address)  # nothing serves there any more: a clear error, exit 1
     assert gone.returncode == 1 and "unavailable" in gone.stderr, gone.stderr
+
+
+def test_a_signal_during_start_up_still_stops_gracefully(tmp_path: Path) -> None:
+    tag = unique_tag()
+    args = node_args(tag, f"early-{tag}", tmp_path / "out", extra=["--min-peers", "0"])
+    with running_node(tmp_path, "early", args, tmp_path / "out") as node:
+        node.wait_until(lambda: (tmp_path / "out").exists(), "the node to create --out", STARTUP_S)
+        node.send(signal.SIGTERM)  # while the model is still being built
+        assert node.wait_exit(60) == 0, node.tail()
+    assert state.load_checkpoint(tmp_path / "out") is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------

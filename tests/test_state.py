@@ -62,3 +62,7 @@ def test_round_log_skips_a_torn_last_line(tmp_path) -> None:
     with (tmp_path / state.ROUNDS).open("a") as f:
         f.write('{"round": 2, "los')
     assert [r["round"] for r in state.read_rounds(tmp_path)] == [0, 1]
+    resumed = state.RoundLog(tmp_path)  # after a restart, the next record is not glued onto the torn line
+    resumed.write({"round": 2})
+    resumed.close()
+    assert [r["round"] for r in state.read_rounds(tmp_path)] == [0, 1, 2]

@@ -160,28 +160,34 @@ async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) ->
 
     loop = asyncio.get_running_loop()
     signals = 0
+    stop_requested = asyncio.Event()
+    node: Node | None = None
 
-    async with Node(config) as node:
-        if json_fmt is not None:
-            json_fmt.node_id = node.node_id
-
-        def on_signal(signum: int) -> None:
-            nonlocal signals
-            signals += 1
-            if signals == 1:
-                log.info("%s: stopping after a checkpoint (send it again to force)", signal.Signals(signum).name)
+    def on_signal(signum: int) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            log.info("%s: stopping after a checkpoint (send it again to force)", signal.Signals(signum).name)
+            stop_requested.set()
+            if node is not None:
                 node.request_stop()
-            else:
-                log.warning("second signal: exiting now")
-                os._exit(128 + signum)
+        else:
+            log.warning("second signal: exiting now")
+            os._exit(128 + signum)
 
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, on_signal, sig)
-        try:
+    # Handlers go in before the (seconds-long) start-up, so a signal then still means a graceful stop.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal, sig)
+    try:
+        async with Node(config) as node:
+            if json_fmt is not None:
+                json_fmt.node_id = node.node_id
+            if stop_requested.is_set():
+                node.request_stop()
             result = await node.run()
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
     acc = "n/a" if result.last_accuracy is None else f"{result.last_accuracy:.4f}"
     sys.stdout.write(
         f"{result.node_id}: {result.rounds_completed} rounds, last accuracy {acc}, "

@@ -83,7 +83,10 @@ class RoundLog:
 
     def __init__(self, out: Path) -> None:
         self.path = out / ROUNDS
+        torn = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
         self._file = self.path.open("a", encoding="utf-8")
+        if torn:  # a crash mid-line: end that line, so the next record is not glued onto it
+            self._file.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
