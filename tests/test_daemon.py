@@ -73,7 +73,9 @@ async def run_all(nodes: list[Node]) -> None:
         await asyncio.gather(*(n.run() for n in nodes))
 
 
-def simulated(m: int, method_name: str, t: int | None, link_prob: float, rounds: int) -> list[dict]:
+def simulated(
+    m: int, method_name: str, t: int | None, link_prob: float, rounds: int, topology: str = "er"
+) -> list[dict]:
     """The simulator's factors after ``rounds`` for the same seed, data, topology and method."""
     train = resolve_dataset("builtin:sst2-small", "train")
     model = AdapterModel(ModelSpec(model="tiny", label_names=train.label_names, lora=TINY_LORA, seed=0))
@@ -83,8 +85,7 @@ def simulated(m: int, method_name: str, t: int | None, link_prob: float, rounds:
     ]
     dev = encode(model.tokenizer, eval_subset(resolve_dataset("builtin:sst2-small", "dev"), 16), TRAIN.max_length)
     engine = SequentialEngine(model, shards, dev, TRAIN, seed=0)
-    topology = make_topology("er", m, link_prob=link_prob, seed=0)
-    simulate(engine, make_method(method_name, t), topology, rounds=rounds, eval_every=10**6)
+    simulate(engine, make_method(method_name, t), make_topology(topology, m, link_prob, 0), rounds, eval_every=10**6)
     return [engine.get_factors(i) for i in range(m)]
 
 
@@ -112,6 +113,23 @@ def _rounds(out: Path) -> list[dict]:
     from tadlora.node.state import read_rounds
 
     return read_rounds(out)
+
+
+@pytest.mark.asyncio
+async def test_work_per_round_follows_the_degree_bound_not_the_network_size(tmp_path) -> None:
+    m, k = 8, 4
+    async with cluster(tmp_path, m, method="lora", rounds=2, max_neighbors=k) as nodes:
+        await run_all(nodes)
+        got = [n.factors for n in nodes]
+        per_message = sum(v.numel() * v.element_size() for v in nodes[0].last_snapshot.values())
+    for i in range(m):
+        for record in _rounds(tmp_path / f"n{i}"):
+            assert record["degree"] == k and len(record["neighbours"]) == k and not record["missed"]
+            assert record["bytes_sent"] == k * per_message  # k exchanges, whatever m is
+    want = await asyncio.to_thread(simulated, m, "lora", None, 1.0, 2, f"overlay:{k}")
+    for i in range(m):
+        for key in want[i]:
+            torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.asyncio

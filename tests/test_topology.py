@@ -49,3 +49,33 @@ def test_simulator_names_match_what_a_daemon_would_use() -> None:
     for t in range(20):
         for i, j in topo.live_edges(t):
             assert link_up(9, t, client_name(i), client_name(j), 0.5)
+
+
+@pytest.mark.parametrize("n", [2, 5, 8, 9, 16, 33, 100])
+@pytest.mark.parametrize("k", [2, 3, 4, 6])
+def test_overlay_is_connected_bounded_and_agreed_by_both_ends(n: int, k: int) -> None:
+    from tadlora.core.topology import overlay_neighbours
+
+    ids = [f"peer-{i:03d}" for i in range(n)]
+    nbrs = {me: overlay_neighbours(me, ids, k) for me in ids}
+    for me, mine in nbrs.items():
+        assert me not in mine and len(mine) <= k
+        assert all(me in nbrs[other] for other in mine)  # both ends of every link agree
+    seen, frontier = {ids[0]}, [ids[0]]
+    while frontier:  # connected
+        nxt = [j for i in frontier for j in nbrs[i] if j not in seen]
+        seen.update(nxt)
+        frontier = nxt
+    assert seen == set(ids)
+    if n > k + 1:
+        assert max(len(v) for v in nbrs.values()) >= k - 1  # as many chords as the bound allows
+
+
+def test_overlay_topology_in_the_simulator_matches_the_daemons_choice() -> None:
+    from tadlora.core.topology import overlay_neighbours
+
+    topo = make_topology("overlay:4", 12)
+    names = [client_name(i) for i in range(12)]
+    adj = topo.adjacency(0)
+    for i, me in enumerate(names):
+        assert {names[j] for j in np.flatnonzero(adj[i])} == overlay_neighbours(me, names, 4)

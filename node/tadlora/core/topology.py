@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -98,6 +98,44 @@ def ring_edges(m: int) -> frozenset[Edge]:
     return _normalise(((i, (i + 1) % m) for i in range(m)), m)
 
 
+def overlay_offsets(n: int, max_neighbours: int) -> list[int]:
+    """Ring offsets of the bounded-degree overlay on n nodes: 1 (the ring), then chords 2, 4, 8, ... (< n/2,
+    plus n/2 itself for even n, which adds one link instead of two), while the degree stays <= max_neighbours."""
+    if max_neighbours < 2:
+        raise ValueError(f"max neighbours must be >= 2 (a ring), got {max_neighbours}")
+    offsets: list[int] = []
+    degree, d = 0, 1
+    while 2 * d <= n:
+        cost = 1 if 2 * d == n else 2
+        if degree + cost > max_neighbours:
+            break
+        offsets.append(d)
+        degree += cost
+        d *= 2
+    return offsets
+
+
+def overlay_edges(n: int, max_neighbours: int) -> frozenset[Edge]:
+    """A connected graph on nodes 0..n−1 (in sorted-id order) with degree <= max_neighbours: a ring plus chords at
+    power-of-two offsets, so its diameter is O(log n) when max_neighbours ~ 2 log2 n. n <= max_neighbours + 1
+    gives the complete graph."""
+    if n <= max_neighbours + 1:
+        return complete_edges(n)
+    return _normalise(((k, (k + d) % n) for d in overlay_offsets(n, max_neighbours) for k in range(n)), n)
+
+
+def overlay_neighbours(me: str, members: Collection[str], max_neighbours: int) -> frozenset[str]:
+    """``me``'s neighbours in the overlay over ``members`` (node ids, ``me`` included or not). Every node that sees
+    the same member set computes the same graph, so both ends of every link agree on it without talking."""
+    ids = sorted(set(members) | {me})
+    k = ids.index(me)
+    out = set()
+    for i, j in overlay_edges(len(ids), max_neighbours):
+        if k in (i, j):
+            out.add(ids[j if i == k else i])
+    return frozenset(out)
+
+
 def parse_edges(text: str, m: int) -> frozenset[Edge]:
     """Parse ``"0-1,1-2"`` (or one ``i j`` / ``i-j`` pair per line) into edges on nodes 0..m−1."""
     pairs: list[Edge] = []
@@ -114,6 +152,7 @@ def parse_edges(text: str, m: int) -> frozenset[Edge]:
 
 def make_topology(spec: str, m: int, link_prob: float = 1.0, seed: int = 0, names: Sequence[str] = ()) -> Topology:
     """Build a topology from a spec: ``complete`` (alias ``er``: Erdős–Rényi when p < 1), ``ring``,
+    ``overlay:K`` (ring plus chords, degree <= K: what ``tadlora-node --max-neighbors K`` builds),
     ``edges:0-1,1-2,...``, or ``file:PATH`` (an edge list, one ``i j`` per line)."""
     if m < 1:
         raise ValueError(f"a topology needs at least one node, got m={m}")
@@ -122,6 +161,10 @@ def make_topology(spec: str, m: int, link_prob: float = 1.0, seed: int = 0, name
         edges = complete_edges(m)
     elif spec == "ring":
         edges = ring_edges(m)
+    elif kind == "overlay":
+        # Positions on the ring follow the sorted node ids, as a daemon orders its peers.
+        order = sorted(range(m), key=lambda i: (list(names) or [client_name(x) for x in range(m)])[i])
+        edges = _normalise(((order[a], order[b]) for a, b in overlay_edges(m, int(spec.split(":", 1)[1]))), m)
     elif kind == "edges":
         edges = parse_edges(spec.split(":", 1)[1], m)
     elif kind == "file":

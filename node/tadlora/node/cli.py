@@ -48,6 +48,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")
     g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
     g.add_argument("--link-prob", type=float, default=1.0, help="probability a link is up in a round (paper's p)")
+    g.add_argument(
+        "--max-neighbors", type=int, help="bound the degree: ring plus chords over sorted peer ids (default: all)"
+    )
     g.add_argument("--min-peers", type=int, default=1, help="peers to wait for before round 0")
     g.add_argument("--peer-wait", type=float, default=60.0, help="seconds to wait for --min-peers")
     g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")
@@ -109,6 +112,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         seed=a.seed,
         rounds=a.rounds,
         link_prob=a.link_prob,
+        max_neighbors=a.max_neighbors,
         min_peers=a.min_peers,
         peer_wait=a.peer_wait,
         exchange_timeout=a.exchange_timeout,

@@ -44,6 +44,7 @@ class NodeConfig:
     seed: int = 0
     rounds: int | None = None  # None: run until stopped
     link_prob: float = 1.0
+    max_neighbors: int | None = None  # None: every verified peer; K: a ring-plus-chords overlay of degree <= K
     min_peers: int = 1
     peer_wait: float = 60.0  # s to wait for min_peers before training alone
     exchange_timeout: float = 60.0  # s a round waits for its neighbours once its own snapshot is ready
@@ -64,6 +65,8 @@ class NodeConfig:
             raise ValueError(f"--shard {self.shard} must be in 0..{self.num_shards - 1} (--num-shards)")
         if not 0.0 < self.link_prob <= 1.0:
             raise ValueError(f"--link-prob must be in (0, 1], got {self.link_prob}")
+        if self.max_neighbors is not None and self.max_neighbors < 2:
+            raise ValueError("--max-neighbors must be >= 2 (a ring keeps the graph connected)")
         if self.rounds is not None and self.rounds < 1:
             raise ValueError("--rounds must be >= 1")
         if self.exchange_timeout <= 0 or self.peer_wait < 0:

@@ -23,7 +23,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +33,7 @@ from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
 from tadlora.core.factors import Factors, num_bytes, select
 from tadlora.core.methods import Method, make_method
 from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
-from tadlora.core.topology import link_up
+from tadlora.core.topology import link_up, overlay_neighbours
 from tadlora.data import resolve_dataset
 from tadlora.node import state
 from tadlora.node.config import NodeConfig, new_node_id
@@ -449,7 +449,12 @@ class Node:
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
         cfg = self.config
-        return frozenset(p for p in self._peer_ids() if link_up(cfg.seed, t, self.node_id, p, cfg.link_prob))
+        peers: Collection[str] = self._peer_ids()
+        if cfg.max_neighbors is not None:
+            # Work per round follows the degree, not the network size; every node that sees the same members
+            # computes the same overlay, so both ends of a link agree on it.
+            peers = overlay_neighbours(self.node_id, peers, cfg.max_neighbors)
+        return frozenset(p for p in peers if link_up(cfg.seed, t, self.node_id, p, cfg.link_prob))
 
     def _train(self, t: int) -> tuple[float, Factors]:
         """Worker thread: local steps from the current factors; returns the loss and the snapshot."""
