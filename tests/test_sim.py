@@ -105,6 +105,16 @@ def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:
     assert "tad" in out and "acc" in out
 
 
+def test_report_only_reports_the_finished_cells_and_runs_nothing(tmp_path) -> None:
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path, quiet=True).run()
+    bigger = dataclasses.replace(config, methods=("lora", "ffa"))
+    results = Simulator(bigger, tmp_path, quiet=True).run(report_only=True)
+    assert [c["method"] for c in results["cells"]] == ["lora"]
+    assert results["missing_cells"] and "ffa" in results["missing_cells"][0]
+    assert (tmp_path / "accuracy_vs_round.png").exists()
+
+
 def test_cli_refuses_bad_input_with_a_message(tmp_path, capsys) -> None:
     assert main(["--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown preset" in capsys.readouterr().err

@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--report-only", action="store_true", help="run nothing: write results.json and plots of the finished cells"
+    )
     apply_env_defaults(parser)
     return parser
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
 
-        results = Simulator(config, args.out, quiet=args.quiet).run()
+        results = Simulator(config, args.out, quiet=args.quiet).run(report_only=args.report_only)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         sys.stderr.write(f"tadlora-sim: error: {exc}\n")
         return 2

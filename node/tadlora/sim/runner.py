@@ -174,24 +174,28 @@ class Simulator:
             for i in client_shards(data.train, cfg.split, cfg.num_clients, seed, cfg.samples_per_client)
         ]
 
-    def run(self) -> dict[str, Any]:
-        """Run (or resume) every cell, then write results.json and the plots; return the results."""
+    def run(self, report_only: bool = False) -> dict[str, Any]:
+        """Run (or resume) every cell, then write results.json and the plots; return the results.
+        ``report_only`` runs nothing: it reports the cells finished so far (e.g. while a long grid runs)."""
         cfg = self.config
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_config()
         cells = list(cfg.cells())
         progress = Progress(len(cells), quiet=self.quiet)
         for index, cell in enumerate(cells):
-            if (self.cells_dir / f"{cell.key}.json").exists():
+            if report_only or (self.cells_dir / f"{cell.key}.json").exists():
                 continue
             self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
-        results = self.collect(cells)
+        finished = [c for c in cells if (self.cells_dir / f"{c.key}.json").exists()]
+        results = self.collect(finished)
+        results["missing_cells"] = [c.key for c in cells if c not in finished]
         atomic_write_json(self.out / "results.json", results)
-        from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
+        if finished:
+            from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
 
-        results["plots"] = [p.name for p in write_plots(results, self.out)]
-        atomic_write_json(self.out / "results.json", results)
-        progress.done(f"{len(cells)} cells done; results in {self.out / 'results.json'}")
+            results["plots"] = [p.name for p in write_plots(results, self.out)]
+            atomic_write_json(self.out / "results.json", results)
+        progress.done(f"{len(finished)}/{len(cells)} cells done; results in {self.out / 'results.json'}")
         return results
 
     def _check_same_config(self) -> None:
