@@ -314,6 +314,7 @@ FLAG_VALUES = {
     "cluster": "lab",
     "node_id": "from-env",
     "link_prob": "0.5",
+    "max_neighbors": "4",
     "min_peers": "3",
     "peer_wait": "7.5",
     "exchange_timeout": "9",

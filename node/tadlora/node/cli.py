@@ -1,7 +1,8 @@
-"""`tadlora-node`: run a node, or ask a running node for its status.
+"""`tadlora-node`: run a node, ask a running node for its status, or check a host before running one (doctor).
 
   tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0
   tadlora-node status 127.0.0.1:7070
+  tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
 Nodes of one cluster must be started with the same model, dataset, --num-shards, --method, --switch-interval,
 --seed and --link-prob; each with its own --shard, --listen port and --out. With no model or data flags a node
@@ -41,7 +42,12 @@ def build_run_parser() -> argparse.ArgumentParser:
         prog="tadlora-node", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     g = p.add_argument_group("network")
-    g.add_argument("--peers", default="auto", help="auto (mDNS), HOST:PORT list, or both: 'auto,10.0.0.5:7070'")
+    g.add_argument(
+        "--peers",
+        default="auto",
+        help="auto (mDNS), HOST:PORT, dns:NAME[:PORT] (every A/AAAA record of NAME), comma-separated: "
+        "'auto,10.0.0.5:7070'",
+    )
     g.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
     g.add_argument("--mdns-interface", help="IPv4 address or interface name for mDNS (default: default route's)")
     g.add_argument("--advertise-address", help="IPv4 address to announce (default: the listen/interface address)")
@@ -249,6 +255,10 @@ def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "status":
         return status_main(args[1:])
+    if args and args[0] == "doctor":
+        from tadlora.node.doctor import doctor_main
+
+        return doctor_main(args[1:])
     a = build_run_parser().parse_args(args)
     json_fmt = setup_logging(a.log_format, a.log_level)
     try:

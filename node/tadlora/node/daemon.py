@@ -38,6 +38,7 @@ from tadlora.data import resolve_dataset
 from tadlora.node import state
 from tadlora.node.config import NodeConfig, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate, interface_addresses
+from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.peers import PeerManager
 from tadlora.node.rpc import (
@@ -123,6 +124,7 @@ class Node:
         self._started = time.monotonic()
         self._server: Server | None = None
         self._discovery: MdnsDiscovery | None = None
+        self._dns: DnsPeers | None = None
         self._peers: PeerManager | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._round_log: state.RoundLog | None = None
@@ -186,7 +188,7 @@ class Node:
         self.address = f"{advertised_host}:{port}"
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port, addr=host)
-        self._peers = PeerManager(self.transport, self.local_info, self._candidates, self._peers_changed.set)
+        self._peers = PeerManager(self.transport, self.local_info, self._candidates, self._on_peers_changed)
         if cfg.peers.auto:
             advert = Advertisement(
                 node_id=self.node_id,
@@ -199,6 +201,9 @@ class Node:
             )
             self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
             await self._discovery.__aenter__()
+        if cfg.peers.dns:
+            self._dns = DnsPeers(cfg.peers.dns, on_change=self._peers.wake)
+            await self._dns.__aenter__()
         self._spawn(self._peers.run(), "peer-manager")
         self._state = "idle"
         log.info(
@@ -249,6 +254,8 @@ class Node:
         self._stop_training.set()
         if self._discovery is not None:
             await self._discovery.aclose()  # goodbye first: peers stop counting us promptly
+        if self._dns is not None:
+            await self._dns.aclose()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -270,7 +277,19 @@ class Node:
         out: list[tuple[str, str, PeerCandidate | None]] = [(a, a, None) for a in self.config.peers.static]
         if self._discovery is not None:
             out += [(c.node_id, c.address, c) for c in self._discovery.candidates().values()]
+        if self._dns is not None:  # like static addresses; a name that lists this node too (k8s) skips it
+            out += [(a, a, None) for a in self._dns.addresses() if a != self.address]
         return out
+
+    def _on_peers_changed(self) -> None:
+        self._peers_changed.set()
+        if not self._closed:
+            self._spawn(self._wake_waiters(), "peers-changed")  # a round may be waiting for a departed peer
+
+    def _departed(self, ids: Collection[str]) -> set[str]:
+        """Those of ``ids`` that are no longer peers."""
+        peers = self._peers.peers if self._peers is not None else {}
+        return {j for j in ids if j not in peers}
 
     def _peer_ids(self) -> list[str]:
         return sorted(self._peers.peers) if self._peers is not None else []
@@ -488,8 +507,12 @@ class Node:
                 if calls:
                     await asyncio.gather(*calls, return_exceptions=True)
                 async with self._round_changed:
+                    # A neighbour that is no longer a peer (its mDNS goodbye came) will not call: stop waiting.
                     await self._round_changed.wait_for(
-                        lambda: self._stop.is_set() or neighbours <= set(cur.received) | set(outbound) | cur.ahead
+                        lambda: (
+                            self._stop.is_set()
+                            or neighbours <= set(cur.received) | set(outbound) | cur.ahead | self._departed(neighbours)
+                        )
                     )
         except TimeoutError:
             pass
@@ -502,9 +525,10 @@ class Node:
         async with self._round_changed:
             cur.closed = True  # later callers for round t are refused: both ends leave the pair out
             received = dict(cur.received)
-        for j in sorted(neighbours - set(received) - set(outbound)):
-            # j should have called us. If it crashed, no call of ours fails to tell us, and mDNS keeps its
-            # record until the TTL runs out: without this check every later round would wait for it in full.
+        for j in sorted(neighbours - set(received)):
+            # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
+            # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
+            # Without this check every later round would wait for it in full.
             if j not in self._probing:
                 self._probing.add(j)
                 self._spawn(self._check_alive(j, t), f"check-alive {j}")

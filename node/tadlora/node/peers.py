@@ -86,6 +86,8 @@ class PeerManager:
                 await self.drop(node_id, "left (mDNS goodbye)")
         tries = []
         for key, address, cand in wanted:
+            if cand is not None and key in self.peers and self.peers[key].info.address == address:
+                self.peers[key].source = "mdns"  # verified by its own call first: its mDNS goodbye must drop it too
             if key in self.peers or self._by_address.get(address) in self.peers:
                 continue
             attempt = self._attempts.setdefault(key, _Attempt())
@@ -135,6 +137,10 @@ class PeerManager:
             return
         self._attempts.pop(key, None)
         await self.add(info, conn, source)
+        # The address we dialled may differ from the one the peer announces (localhost, a DNS record, another
+        # interface): remember it too, so the next scan does not handshake the same peer again.
+        if info.node_id in self.peers:
+            self._by_address[address] = info.node_id
 
     def _backoff(self, attempt: _Attempt, reason: str) -> None:
         attempt.failures += 1
@@ -148,6 +154,8 @@ class PeerManager:
         if old is not None:
             if old.info.address == info.address:
                 old.info = info
+                if source == "mdns":
+                    old.source = source  # as in scan: advertised on mDNS, so its goodbye drops it
                 if conn is not None:
                     await conn.aclose()
                 return
@@ -176,7 +184,8 @@ class PeerManager:
         peer = self.peers.pop(node_id, None)
         if peer is None:
             return
-        self._by_address.pop(peer.info.address, None)
+        for address in [a for a, n in self._by_address.items() if n == node_id]:
+            del self._by_address[address]
         attempt = self._attempts.setdefault(node_id, _Attempt())
         self._backoff(attempt, why)
         attempt.retry_at = min(attempt.retry_at, time.monotonic() + RETRY_MIN_S)

@@ -1,0 +1,177 @@
+"""Peers from DNS names (`--peers dns:NAME[:PORT]`): every A/AAAA record of NAME is a candidate peer.
+
+This is discovery where multicast does not reach, e.g. Kubernetes, where a headless Service's name resolves to
+the addresses of its ready pods. Names are looked up again every `RESOLVE_INTERVAL_S`, so pods that appear or
+disappear are followed. Lookups use the event loop's `getaddrinfo` (a worker thread): the loop is never blocked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable
+from types import TracebackType
+from typing import Self
+
+from tadlora.node.config import DEFAULT_PORT
+
+__all__ = [
+    "RESOLVE_INTERVAL_S",
+    "RESOLVE_TIMEOUT_S",
+    "DnsPeers",
+    "Resolver",
+    "host_port",
+    "resolve_addresses",
+    "split_name",
+]
+
+log = logging.getLogger("tadlora.discovery")
+
+RESOLVE_INTERVAL_S = 5.0  # s between lookups; a Kubernetes headless Service changes within seconds of a pod
+RESOLVE_TIMEOUT_S = 10.0  # s for one lookup; glibc's resolver gives up after 5 s x 2 attempts by default
+
+Resolver = Callable[[str, int], Awaitable[list[str]]]
+"""``(host, port) -> IP addresses``; raises `socket.gaierror` like `getaddrinfo`."""
+
+# getaddrinfo's answers that mean "this name has no records" (the records are gone), not "ask again later".
+_NO_RECORDS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+
+
+async def resolve_addresses(host: str, port: int) -> list[str]:
+    """The IPv4 and IPv6 addresses of ``host`` (A and AAAA records, or /etc/hosts), without blocking the loop."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return [str(sockaddr[0]) for family, *_, sockaddr in infos if family in (socket.AF_INET, socket.AF_INET6)]
+
+
+def split_name(name: str) -> tuple[str, int]:
+    """``NAME[:PORT]`` (as `parse_peers_option` checked it) -> (NAME, PORT), PORT defaulting to `DEFAULT_PORT`."""
+    host, _, port = name.partition(":")
+    return host, int(port) if port else DEFAULT_PORT
+
+
+def host_port(ip: str, port: int) -> str:
+    """``IP:PORT``, or ``[IPv6]:PORT``."""
+    return f"[{ip}]:{port}" if ipaddress.ip_address(ip).version == 6 else f"{ip}:{port}"
+
+
+class DnsPeers:
+    """Follow the addresses of DNS names. ``async with DnsPeers(["tadlora-headless:7070"]) as dns: dns.addresses()``
+
+    Owns one task that looks the names up every ``interval`` seconds until closed; ``on_change`` is called (on
+    the loop) whenever the set of addresses changes. A name that stops existing (NXDOMAIN) loses its addresses;
+    a lookup that fails for another reason (DNS unreachable, timeout) keeps the last answer.
+    """
+
+    def __init__(
+        self,
+        names: Iterable[str],
+        *,
+        interval: float = RESOLVE_INTERVAL_S,
+        timeout: float = RESOLVE_TIMEOUT_S,
+        resolver: Resolver = resolve_addresses,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._names = [split_name(name) for name in dict.fromkeys(names)]
+        if not self._names:
+            raise ValueError("DnsPeers needs at least one name")
+        if interval <= 0 or timeout <= 0:
+            raise ValueError("interval and timeout must be > 0 seconds")
+        self._interval = interval
+        self._timeout = timeout
+        self._resolver = resolver
+        self._on_change = on_change
+        self._by_name: dict[tuple[str, int], tuple[str, ...]] = {}
+        self._errors: dict[tuple[str, int], str] = {}  # the last failure per name, logged once
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._changed = asyncio.Event()
+
+    async def __aenter__(self) -> Self:
+        self.async_start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc_val: BaseException | None,
+        exc_tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def async_start(self) -> None:
+        """Start the lookup task (the first lookup runs at once). Must run on the event loop."""
+        if self._task is not None or self._closed:
+            raise RuntimeError("DnsPeers can be started once")
+        self._task = asyncio.get_running_loop().create_task(self._async_run(), name="tadlora-dns-peers")
+
+    async def aclose(self) -> None:
+        """Stop looking names up; safe to call twice."""
+        self._closed = True
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def addresses(self) -> tuple[str, ...]:
+        """The current peer addresses, ``HOST:PORT`` (``[V6]:PORT``), sorted and without duplicates."""
+        return tuple(sorted({address for addresses in self._by_name.values() for address in addresses}))
+
+    async def async_wait_for(self, predicate: Callable[[tuple[str, ...]], bool], timeout: float) -> tuple[str, ...]:
+        """Wait until ``predicate(addresses())`` holds and return those addresses; TimeoutError after timeout s."""
+        try:
+            async with asyncio.timeout(timeout):
+                while not predicate(snapshot := self.addresses()):
+                    await self._changed.wait()
+        except TimeoutError:
+            raise TimeoutError(f"DNS peers condition not met in {timeout} s; addresses: {self.addresses()}") from None
+        return snapshot
+
+    async def async_refresh(self) -> None:
+        """Look every name up once and apply the answers."""
+        before = self.addresses()
+        for key in self._names:
+            await self._async_lookup(key)
+        if self.addresses() != before:
+            log.info("DNS peers: %s", ", ".join(self.addresses()) or "none")
+            self._notify()
+
+    async def _async_run(self) -> None:
+        while True:
+            await self.async_refresh()
+            await asyncio.sleep(self._interval)
+
+    async def _async_lookup(self, key: tuple[str, int]) -> None:
+        host, port = key
+        try:
+            async with asyncio.timeout(self._timeout):
+                ips = await self._resolver(host, port)
+        except socket.gaierror as exc:
+            gone = exc.errno in _NO_RECORDS
+            if gone:
+                self._by_name.pop(key, None)
+            self._log_failure(key, f"{exc.strerror or exc}" + ("" if gone else " (keeping the last answer)"))
+            return
+        except (TimeoutError, OSError) as exc:
+            self._log_failure(key, f"{exc or type(exc).__name__} (keeping the last answer)")
+            return
+        self._errors.pop(key, None)
+        self._by_name[key] = tuple(dict.fromkeys(host_port(ip, port) for ip in ips))
+
+    def _log_failure(self, key: tuple[str, int], reason: str) -> None:
+        if self._errors.get(key) != reason:
+            self._errors[key] = reason
+            log.warning("DNS peers: cannot resolve %s: %s", key[0], reason)
+
+    def _notify(self) -> None:
+        # Wake every waiter, then give later waiters a fresh event.
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("DNS peers: on_change callback failed")

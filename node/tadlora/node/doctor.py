@@ -1,0 +1,250 @@
+"""`tadlora-node doctor`: check that this machine can run a node with the given flags, and say how to fix what
+cannot. It takes the same flags (and TADLORA_ variables) as a run, changes nothing, and advertises nothing:
+
+  tadlora-node doctor --peers auto --mdns-interface eth0 --listen 0.0.0.0:7070
+  tadlora-node doctor --json --peers dns:tadlora-headless.default.svc.cluster.local:7070
+
+Checks: network interfaces; multicast on the --mdns-interface; that the --listen port can be bound; GPU and
+driver; --out; that --dataset and --model load (and the model fingerprint); and every peer it can find (mDNS
+browse, static and dns: peers), with whether its cluster and fingerprint match. Each check prints OK, WARN or FAIL
+and, unless OK, how to fix it. Exit status 0 when nothing FAILs, 1 otherwise, 2 for bad flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import sys
+from typing import Any
+
+from tadlora.node.config import NodeConfig
+from tadlora.node.discovery import _QUESTION_TYPE, RESOLVE_TIMEOUT_MS, SERVICE_TYPE, PeerCandidate, _candidate_from_info
+from tadlora.node.dnspeers import host_port, resolve_addresses, split_name
+from tadlora.node.hostcheck import (
+    Check,
+    check_device,
+    check_interfaces,
+    check_listen,
+    check_mdns_interface,
+    check_out,
+    check_training,
+)
+
+__all__ = ["BROWSE_S", "Check", "async_doctor", "build_doctor_parser", "compare_peer", "doctor_main", "report"]
+
+BROWSE_S = 3.0  # s of mDNS browsing; peers answer a new browser in ~0.1 s, one still announcing itself in ~1.2 s
+STATUS_TIMEOUT_S = 5.0  # s for one peer's Status call
+_DNS_FIX = "check the name (in Kubernetes: the headless Service and the namespace) and that the peers run"
+_SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets and --seed"
+
+
+# ---------------------------------------------------------------------------------------------- peers
+
+
+async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandidate]:
+    """Browse mDNS on ``addresses`` for ``seconds`` without advertising; the candidates that resolved.
+    OSError if zeroconf cannot use the interface."""
+    from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+    names: set[str] = set()
+
+    def on_change(zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange) -> None:
+        if state_change is ServiceStateChange.Removed:
+            names.discard(name)
+        else:
+            names.add(name)
+
+    aiozc = AsyncZeroconf(interfaces=list(addresses), ip_version=IPVersion.V4Only)
+    try:
+        browser = AsyncServiceBrowser(aiozc.zeroconf, SERVICE_TYPE, handlers=[on_change], question_type=_QUESTION_TYPE)
+        try:
+            await asyncio.sleep(seconds)
+        finally:
+            await browser.async_cancel()
+
+        async def resolve(name: str) -> PeerCandidate | str:
+            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            if not await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=_QUESTION_TYPE):
+                return f"{name} did not resolve"
+            return _candidate_from_info(info)
+
+        found = await asyncio.gather(*(resolve(n) for n in sorted(names)))
+    finally:
+        await aiozc.async_close()
+    return [c for c in found if isinstance(c, PeerCandidate)]
+
+
+def compare_peer(
+    cfg: NodeConfig, fingerprint: str | None, who: str, cluster: str, peer_fingerprint: str, protocol: int
+) -> Check:
+    """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not."""
+    from tadlora.node.rpc import PROTOCOL_VERSION
+
+    name = f"peer {who}"
+    if cluster != cfg.cluster:
+        return Check(name, "OK", f"cluster {cluster!r}, not ours ({cfg.cluster!r}): ignored by this node")
+    if protocol != PROTOCOL_VERSION:
+        return Check(name, "WARN", f"protocol {protocol}, ours {PROTOCOL_VERSION}", "run the same tadlora version")
+    if fingerprint is None:
+        return Check(
+            name,
+            "WARN",
+            f"cluster matches; fingerprint {peer_fingerprint} not compared (model failed)",
+            "fix the model check first",
+        )
+    if peer_fingerprint != fingerprint:
+        return Check(
+            name,
+            "WARN",
+            f"cluster {cluster!r} matches, but fingerprint {peer_fingerprint} differs from "
+            f"ours ({fingerprint}): the nodes will not mix",
+            f"start every node of a cluster with the same {_SAME_TRAINING_FLAGS}",
+        )
+    return Check(name, "OK", f"cluster {cluster!r} and fingerprint {fingerprint} match")
+
+
+async def async_check_address(cfg: NodeConfig, fingerprint: str | None, address: str, via: str) -> Check:
+    """Ask the node at ``address`` for its status and compare it with ours."""
+    from tadlora.node.rpc import PeerClient, PeerUnavailable
+    from tadlora.node.wire import ExchangeRefused
+
+    try:
+        async with PeerClient(address) as client:
+            st = await client.status(STATUS_TIMEOUT_S)
+    except (PeerUnavailable, ExchangeRefused) as exc:
+        return Check(
+            f"peer {address}",
+            "WARN",
+            f"({via}) does not answer: {exc}",
+            f"start it, or check the address and that TCP port {address.rpartition(':')[2]} is open between the hosts",
+        )
+    check = compare_peer(
+        cfg,
+        fingerprint,
+        f"{st.node.node_id} at {address}",
+        st.node.cluster,
+        st.node.fingerprint,
+        st.node.protocol_version,
+    )
+    return dataclasses.replace(check, detail=f"({via}) {check.detail}")
+
+
+async def async_check_peers(
+    cfg: NodeConfig, fingerprint: str | None, browsed: list[PeerCandidate] | None, mdns_where: str
+) -> list[Check]:
+    """One check per peer found by mDNS, and per static or dns: address."""
+    checks = []
+    for c in browsed or []:
+        check = compare_peer(
+            cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version
+        )
+        checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
+    if browsed is not None and not browsed:
+        checks.append(
+            Check(
+                "peers (mdns)",
+                "WARN",
+                f"no tadlora node answered on {mdns_where}",
+                "start the other nodes; their --mdns-interface must be on this network, and UDP 5353 "
+                "multicast must pass between the hosts (else use --peers HOST:PORT or dns:NAME)",
+            )
+        )
+    targets = [(a, "static") for a in cfg.peers.static]
+    for name in cfg.peers.dns:
+        host, port = split_name(name)
+        try:
+            async with asyncio.timeout(STATUS_TIMEOUT_S):
+                addresses = list(dict.fromkeys(host_port(ip, port) for ip in await resolve_addresses(host, port)))
+        except (OSError, TimeoutError) as exc:
+            checks.append(Check(f"peers (dns:{name})", "WARN", f"cannot resolve {host}: {exc}", _DNS_FIX))
+            continue
+        targets += [(a, f"dns:{name}") for a in addresses]
+    checks += await asyncio.gather(*(async_check_address(cfg, fingerprint, a, via) for a, via in targets))
+    return checks
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> list[Check]:
+    """Run every check; mDNS browsing overlaps with loading the model."""
+    checks: list[Check] = await asyncio.to_thread(lambda: [check_interfaces()])
+    mdns, addresses = await asyncio.to_thread(check_mdns_interface, cfg)
+    checks.append(mdns)
+    browse = asyncio.ensure_future(async_browse(addresses, browse_seconds)) if addresses else None
+    try:
+        checks.append(await asyncio.to_thread(check_listen, cfg))
+        checks.append(await asyncio.to_thread(check_device, cfg))
+        training, fingerprint = await asyncio.to_thread(check_training, cfg)
+        checks.append(await asyncio.to_thread(check_out, cfg, fingerprint))
+        checks += training
+        browsed: list[PeerCandidate] | None = None
+        if browse is not None:
+            try:
+                browsed = await browse
+            except OSError as exc:
+                checks.append(
+                    Check(
+                        "peers (mdns)",
+                        "FAIL",
+                        f"mDNS cannot start on {', '.join(addresses)}: {exc}",
+                        "see the 'mdns' check; or use --peers HOST:PORT or dns:NAME",
+                    )
+                )
+    finally:
+        if browse is not None and not browse.done():
+            browse.cancel()
+            await asyncio.gather(browse, return_exceptions=True)
+    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses))
+    return checks
+
+
+def report(checks: list[Check], as_json: bool) -> str:
+    """The checks as text (one line each, fixes indented below) or as one JSON object."""
+    counts = {s: sum(c.status == s for c in checks) for s in ("OK", "WARN", "FAIL")}
+    if as_json:
+        doc: dict[str, Any] = {
+            "ok": counts["FAIL"] == 0,
+            "counts": counts,
+            "checks": [dataclasses.asdict(c) for c in checks],
+        }
+        return json.dumps(doc, indent=2) + "\n"
+    width = max(len(c.name) for c in checks)
+    lines = []
+    for c in checks:
+        lines.append(f"{c.status:<4}  {c.name:<{width}}  {c.detail}")
+        if c.fix:
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
+    lines.append(f"{counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL")
+    return "\n".join(lines) + "\n"
+
+
+def build_doctor_parser() -> argparse.ArgumentParser:
+    """The run flags plus the doctor's own."""
+    from tadlora.node.cli import build_run_parser
+
+    p = build_run_parser()
+    p.prog, p.description = "tadlora-node doctor", __doc__
+    g = p.add_argument_group("doctor")
+    g.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+    g.add_argument("--browse-seconds", type=float, default=BROWSE_S, help="seconds to browse mDNS for peers")
+    return p
+
+
+def doctor_main(argv: list[str]) -> int:
+    """`tadlora-node doctor [run flags] [--json]`: 0 if no check FAILs, 1 if one does, 2 for bad flags."""
+    from tadlora.node.cli import config_from_args, setup_logging
+
+    a = build_doctor_parser().parse_args(argv)
+    setup_logging(a.log_format, "WARNING")  # the checks are the output; a node's INFO lines would be noise
+    try:
+        cfg = config_from_args(a)
+    except ValueError as exc:
+        sys.stderr.write(f"tadlora-node doctor: error: {exc}\n")
+        return 2
+    checks = asyncio.run(async_doctor(cfg, max(a.browse_seconds, 0.0)))
+    sys.stdout.write(report(checks, a.json))
+    return 0 if all(c.status != "FAIL" for c in checks) else 1

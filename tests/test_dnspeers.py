@@ -1,0 +1,120 @@
+"""`--peers dns:NAME[:PORT]`: a name's A/AAAA records are followed as they appear and disappear, and two nodes
+find each other through a name."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import pytest
+
+from tadlora.node.daemon import Node
+from tadlora.node.discovery import PeersOption
+from tadlora.node.dnspeers import DnsPeers, host_port, split_name
+from test_daemon import NO_PEERS, _rounds, node_config, run_all
+
+FAST_S = 0.01  # s between lookups in tests (the real interval is seconds)
+
+
+class FakeResolver:
+    """A DNS server in a dict: name -> IPs, or an exception to raise; counts lookups."""
+
+    def __init__(self, records: dict[str, list[str] | Exception]) -> None:
+        self.records = records
+        self.lookups = 0
+        self._looked_up = asyncio.Condition()
+
+    async def wait_for_lookups(self, n: int) -> None:
+        async with self._looked_up:
+            await self._looked_up.wait_for(lambda: self.lookups >= n)
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        async with self._looked_up:
+            self.lookups += 1
+            self._looked_up.notify_all()
+        answer = self.records.get(host, socket.gaierror(socket.EAI_NONAME, "Name or service not known"))
+        if isinstance(answer, Exception):
+            raise answer
+        return list(answer)
+
+
+def test_names_default_to_port_7070_and_ipv6_gets_brackets() -> None:
+    assert split_name("tadlora-headless.default.svc.cluster.local") == (
+        "tadlora-headless.default.svc.cluster.local",
+        7070,
+    )
+    assert split_name("peers:5000") == ("peers", 5000)
+    assert host_port("10.0.0.5", 7070) == "10.0.0.5:7070"
+    assert host_port("fd00::5", 7070) == "[fd00::5]:7070"
+
+
+@pytest.mark.asyncio
+async def test_localhost_resolves_to_its_loopback_address() -> None:
+    async with DnsPeers(["localhost:5000", "localhost"]) as dns:
+        addresses = await dns.async_wait_for(lambda a: "127.0.0.1:5000" in a, timeout=10)
+    assert "127.0.0.1:7070" in addresses  # no port: the default
+    assert all(a.startswith(("127.", "[::1]")) for a in addresses), addresses
+
+
+@pytest.mark.asyncio
+async def test_records_that_appear_and_disappear_are_followed() -> None:
+    resolver = FakeResolver({"peers": ["10.0.0.1"]})
+    changes = 0
+
+    def changed() -> None:
+        nonlocal changes
+        changes += 1
+
+    async with DnsPeers(["peers:7000"], interval=FAST_S, resolver=resolver, on_change=changed) as dns:
+        assert await dns.async_wait_for(bool, timeout=5) == ("10.0.0.1:7000",)
+        resolver.records["peers"] = ["10.0.0.2", "10.0.0.1", "fd00::3", "10.0.0.2"]  # a pod appears (twice)
+        assert await dns.async_wait_for(lambda a: len(a) == 3, timeout=5) == (
+            "10.0.0.1:7000",
+            "10.0.0.2:7000",
+            "[fd00::3]:7000",
+        )
+        resolver.records["peers"] = ["10.0.0.2"]  # two disappear
+        assert await dns.async_wait_for(lambda a: len(a) == 1, timeout=5) == ("10.0.0.2:7000",)
+        del resolver.records["peers"]  # NXDOMAIN: the name is gone, and so are its peers
+        assert await dns.async_wait_for(lambda a: not a, timeout=5) == ()
+    assert changes == 4  # one call per change, none for lookups that changed nothing
+
+
+@pytest.mark.asyncio
+async def test_a_failing_lookup_keeps_the_last_answer(caplog) -> None:
+    resolver = FakeResolver({"peers": ["10.0.0.1"]})
+    async with DnsPeers(["peers"], interval=FAST_S, resolver=resolver) as dns:
+        await dns.async_wait_for(bool, timeout=5)
+        resolver.records["peers"] = socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        await asyncio.wait_for(resolver.wait_for_lookups(resolver.lookups + 3), timeout=5)
+        assert dns.addresses() == ("10.0.0.1:7070",)
+    warnings = [r.getMessage() for r in caplog.records if "cannot resolve peers" in r.getMessage()]
+    assert len(warnings) == 1 and "keeping the last answer" in warnings[0]  # logged once, not every lookup
+
+
+@pytest.mark.asyncio
+async def test_a_slow_lookup_times_out_and_close_is_safe_twice() -> None:
+    async def hangs(host: str, port: int) -> list[str]:
+        await asyncio.sleep(3600)
+        return []
+
+    dns = DnsPeers(["peers"], interval=FAST_S, timeout=FAST_S, resolver=hangs)
+    async with dns:
+        await asyncio.sleep(0.1)
+        assert dns.addresses() == ()
+    await dns.aclose()
+    pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    assert not pending, pending
+
+
+@pytest.mark.asyncio
+async def test_two_nodes_find_each_other_through_a_dns_name(tmp_path) -> None:
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, method="lora", rounds=2)) as a:
+        port = a.address.rpartition(":")[2]
+        by_name = PeersOption(auto=False, static=(), dns=(f"localhost:{port}",))
+        async with Node(node_config(tmp_path, 1, 2, by_name, method="lora", rounds=2)) as b:
+            await run_all([a, b])
+    for i, other in ((0, "node-1"), (1, "node-0")):
+        records = _rounds(tmp_path / f"n{i}")
+        assert [r["round"] for r in records] == [0, 1]
+        assert all([n["id"] for n in r["neighbours"]] == [other] and not r["missed"] for r in records)

@@ -1,0 +1,148 @@
+"""`tadlora-node doctor`: every check says OK, WARN or FAIL with a fix; nothing FAILs exits 0, else 1.
+
+Everything runs on 127.0.0.1 (mDNS too) with the tiny model; a real node in this process plays the peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from pathlib import Path
+
+import pytest
+
+from tadlora.node.cli import main
+from tadlora.node.config import NodeConfig
+from tadlora.node.daemon import Node
+from tadlora.node.discovery import PeersOption, parse_peers_option
+from tadlora.node.doctor import compare_peer
+from tadlora.node.hostcheck import multicast_route_interfaces
+from tadlora.node.rpc import PROTOCOL_VERSION
+from test_daemon import node_config
+from test_node_cli import free_port
+
+BROWSE_S = "2"  # s; the peer is registered before the doctor starts, so it answers the browse at once
+
+
+def doctor_args(tmp: Path, peers: str = "auto", **flags: str) -> list[str]:
+    """Doctor flags that match `node_config(tmp, ...)`'s nodes (tiny model, its LoRA, cluster and seed)."""
+    args = {
+        "peers": peers,
+        "cluster": f"test-{tmp.name}",
+        "model": "tiny",
+        "lora-r": "4",
+        "lora-alpha": "8",
+        "num-shards": "2",
+        "shard": "0",
+        "mdns-interface": "127.0.0.1",
+        "listen": f"127.0.0.1:{free_port()}",
+        "device": "cpu",
+        "out": str(tmp / "doctor-out"),
+        "browse-seconds": BROWSE_S,
+    }
+    args.update({k.replace("_", "-"): v for k, v in flags.items()})
+    return ["doctor", *(x for k, v in args.items() for x in (f"--{k}", v))]
+
+
+async def run_doctor(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    """Run `tadlora-node doctor` (its own event loop, in a thread: ours serves the peer meanwhile)."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, argv)
+    return code, capsys.readouterr().out
+
+
+async def run_doctor_json(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, dict]:
+    code, out = await run_doctor([*argv, "--json"], capsys)
+    return code, json.loads(out)
+
+
+def by_name(doc: dict) -> dict[str, dict]:
+    return {c["name"]: c for c in doc["checks"]}
+
+
+def peer(tmp: Path, **changes) -> NodeConfig:
+    return node_config(tmp, 1, 2, parse_peers_option("auto"), min_peers=0, **changes)
+
+
+@pytest.mark.asyncio
+async def test_a_ready_host_with_a_matching_peer_is_all_ok(tmp_path, capsys) -> None:
+    async with Node(peer(tmp_path)) as node:
+        port = node.address.rpartition(":")[2]
+        argv = doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port},dns:localhost:{port}")
+        code, doc = await run_doctor_json(argv, capsys)
+    assert code == 0 and doc["ok"]
+    not_ok = [c for c in doc["checks"] if c["status"] != "OK"]
+    assert not not_ok, not_ok
+    checks = by_name(doc)
+    for name in ("interfaces", "mdns", "listen", "device", "out", "dataset", "model"):
+        assert name in checks
+    assert "no GPU: training on CPU" in checks["device"]["detail"] or "GPU" in checks["device"]["detail"]
+    assert node.fingerprint in checks["model"]["detail"]
+    ours = [c for c in doc["checks"] if c["name"].startswith("peer node-1")]
+    assert sorted(c["detail"].split(")")[0] for c in ours) == ["(dns:localhost:" + port, "(mdns", "(static"]
+    assert all("fingerprint" in c["detail"] and "match" in c["detail"] for c in ours)
+
+
+@pytest.mark.asyncio
+async def test_a_taken_listen_port_fails_with_the_fix(tmp_path, capsys) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code, doc = await run_doctor_json(
+            doctor_args(tmp_path, listen=f"127.0.0.1:{port}", browse_seconds="0.2"), capsys
+        )
+    listen = by_name(doc)["listen"]
+    assert code == 1 and not doc["ok"]
+    assert listen["status"] == "FAIL" and "in use" in listen["detail"].lower()
+    assert "choose another --listen port" in listen["fix"] and f"tadlora-node status 127.0.0.1:{port}" in listen["fix"]
+
+
+@pytest.mark.asyncio
+async def test_a_model_that_does_not_load_fails_in_the_text_report(tmp_path, capsys) -> None:
+    missing = tmp_path / "no-such-model"
+    code, out = await run_doctor(doctor_args(tmp_path, model=str(missing), browse_seconds="0.2"), capsys)
+    assert code == 1
+    line = next(x for x in out.splitlines() if x.split()[:2] == ["FAIL", "model"])
+    assert str(missing) in line
+    fix = out.splitlines()[out.splitlines().index(line) + 1]
+    assert fix.strip().startswith("fix:") and "local directory" in fix
+    assert out.splitlines()[-1].endswith("1 FAIL")
+
+
+@pytest.mark.asyncio
+async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> None:
+    async with Node(peer(tmp_path, seed=7)) as node:  # the seed is part of the fingerprint
+        port = node.address.rpartition(":")[2]
+        code, doc = await run_doctor_json(doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port}"), capsys)
+    ours = [c for c in doc["checks"] if c["name"].startswith("peer node-1")]
+    assert code == 0  # a mismatched peer is a warning: this node itself can run
+    assert len(ours) == 2 and all(c["status"] == "WARN" for c in ours), ours
+    for check in ours:
+        assert f"fingerprint {node.fingerprint} differs" in check["detail"] and "will not mix" in check["detail"]
+        assert "--seed" in check["fix"] and "--model" in check["fix"]
+
+
+def test_bad_flags_exit_2(capsys) -> None:
+    assert main(["doctor", "--shard", "5"]) == 2
+    assert "--shard 5" in capsys.readouterr().err
+
+
+def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -> None:
+    cfg = node_config(tmp_path, 0, 1, PeersOption(auto=True, static=(), dns=()))
+    assert compare_peer(cfg, "ab", "x", "elsewhere", "cd", PROTOCOL_VERSION).status == "OK"
+    assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1).status == "WARN"
+    assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION).status == "OK"
+
+
+def test_multicast_routes_are_read_from_the_kernel_table() -> None:
+    table = (
+        "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"
+        "eth0\t00000000\t010200C0\t0003\t0\t0\t0\t00000000\t0\t0\t0\n"  # default route: covers 224.0.0.0/4
+        "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"  # 192.0.2.0/24
+        "veth1\t000000E0\t00000000\t0001\t0\t0\t0\t000000F0\t0\t0\t0\n"  # 224.0.0.0/4
+        "veth2\t000000E0\t00000000\t0000\t0\t0\t0\t000000F0\t0\t0\t0\n"  # 224.0.0.0/4, but down
+        "veth3\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"  # 10.0.0.0/8
+    )
+    assert multicast_route_interfaces(table) == {"eth0", "veth1"}
