@@ -20,19 +20,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from tadlora.node.grpc_transport import GrpcTransport, RpcServer
+from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
     BindError,
     ExchangeHeader,
-    GrpcTransport,
-    InMemoryNetwork,
     NeighborStatus,
     PeerConnection,
     PeerInfo,
     PeerTimeout,
     PeerUnavailable,
-    RpcServer,
     Server,
     StatusInfo,
     Transport,

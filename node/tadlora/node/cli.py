@@ -208,7 +208,7 @@ async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) ->
 
 async def query_status(address: str, timeout: float) -> dict[str, Any]:
     """A node's status as a JSON-able dict."""
-    from tadlora.node.rpc import PeerClient
+    from tadlora.node.grpc_transport import PeerClient
 
     async with PeerClient(address) as client:
         st = await client.status(timeout)

@@ -39,12 +39,12 @@ from tadlora.node import state
 from tadlora.node.config import NodeConfig, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate, interface_addresses
 from tadlora.node.dnspeers import DnsPeers
+from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.peers import PeerManager
 from tadlora.node.rpc import (
     PROTOCOL_VERSION,
     ExchangeHeader,
-    GrpcTransport,
     NeighborStatus,
     PeerInfo,
     PeerUnavailable,

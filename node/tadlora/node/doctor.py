@@ -108,7 +108,8 @@ def compare_peer(
 
 async def async_check_address(cfg: NodeConfig, fingerprint: str | None, address: str, via: str) -> Check:
     """Ask the node at ``address`` for its status and compare it with ours."""
-    from tadlora.node.rpc import PeerClient, PeerUnavailable
+    from tadlora.node.grpc_transport import PeerClient
+    from tadlora.node.rpc import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused
 
     try:

@@ -1,9 +1,11 @@
-"""The node transport: the `tadlora.v1.Node` service over gRPC (asyncio) and an in-memory twin for tests.
+"""The node protocol (`tadlora.v1.Node`): its types, its serving and calling sides, and the transport interfaces.
 
-Both transports run the same protocol code on the same protobuf messages: `_Responder` serves, `_Caller` calls;
-only the carriage differs (an HTTP/2 stream, or a task in this process). An exchange is push-pull: the caller
-streams its round-t factors and reads the callee's round-t factors from the same stream. Refusals travel in-band
-with a `Reason`, so a person can act on them; transport failures raise `PeerUnavailable`.
+Two transports carry it: gRPC (`tadlora.node.grpc_transport`, what the daemon uses) and an in-memory twin for
+tests (`tadlora.node.memory_transport`). Both run the same protocol code on the same protobuf messages:
+`_Responder` serves, `_Caller` calls; only the carriage differs (an HTTP/2 stream, or a task in this process).
+An exchange is push-pull: the caller streams its round-t factors and reads the callee's round-t factors from
+the same stream. Refusals travel in-band with a `Reason`, so a person can act on them; transport failures
+raise `PeerUnavailable`.
 """
 
 from __future__ import annotations
@@ -16,23 +18,17 @@ import math
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
-    AsyncIterator,
     Awaitable,
     Callable,
-    Coroutine,
     Iterable,
     Iterator,
 )
 from dataclasses import dataclass
-from typing import Any, Final, Protocol, Self, TypeVar, cast
+from typing import Final, Protocol, Self, cast
 
-import grpc
 import torch
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from tadlora.node.wire import (
-    MAX_PAYLOAD_BYTES,
     ExchangeRefused,
     FactorSpec,
     PayloadError,
@@ -45,7 +41,6 @@ from tadlora.node.wire import (
     encode_factors,
 )
 from tadlora.v1 import node_pb2 as pb
-from tadlora.v1 import node_pb2_grpc as pb_grpc
 
 __all__ = [
     "NODE_SERVICE_NAME",
@@ -53,18 +48,12 @@ __all__ = [
     "BindError",
     "ExchangeHeader",
     "ExchangeResult",
-    "GrpcTransport",
-    "InMemoryClient",
-    "InMemoryNetwork",
-    "InMemoryServer",
     "NeighborStatus",
     "NodeHandler",
-    "PeerClient",
     "PeerConnection",
     "PeerInfo",
     "PeerTimeout",
     "PeerUnavailable",
-    "RpcServer",
     "Server",
     "StatusInfo",
     "Transport",
@@ -105,7 +94,6 @@ _SERVER_OPTIONS: Final = (
     ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
 )
 
-_T = TypeVar("_T")
 Factors = dict[str, torch.Tensor]
 
 
@@ -619,378 +607,3 @@ class Transport(Protocol):
         ...
 
     def connect(self, address: str) -> PeerConnection: ...
-
-
-# ------------------------------------------------------------------------------------------------ gRPC
-
-
-class _NodeServicer(pb_grpc.NodeServicer):
-    def __init__(self, responder: _Responder) -> None:
-        self._responder = responder
-
-    async def Handshake(self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext) -> pb.HandshakeReply:
-        return await self._responder.handshake(request)
-
-    async def Exchange(
-        self, request_iterator: AsyncIterable[pb.ExchangeMessage], context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        async with contextlib.aclosing(self._responder.exchange(request_iterator)) as replies:
-            async for message in replies:
-                yield message
-
-    async def Fetch(
-        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        async with contextlib.aclosing(self._responder.fetch(request)) as replies:
-            async for message in replies:
-                yield message
-
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
-        try:
-            return self._responder.status(request)
-        except _ServiceFault as exc:
-            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
-            raise  # unreachable: abort raises
-
-
-class RpcServer:
-    """The Node service with gRPC health checking and reflection; `async with RpcServer(handler) as s: s.port`."""
-
-    def __init__(
-        self,
-        handler: NodeHandler,
-        listen: str = "127.0.0.1:0",
-        *,
-        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-        grace_s: float = DEFAULT_GRACE_S,
-    ) -> None:
-        self.listen = listen
-        self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
-        self._grace_s = grace_s
-        self._server: grpc.aio.Server | None = None
-        self._health: health.aio.HealthServicer | None = None
-        self._port = 0
-
-    @property
-    def port(self) -> int:
-        if not self._port:
-            raise RuntimeError("RpcServer is not started")
-        return self._port
-
-    @property
-    def address(self) -> str:
-        """host:port as bound (the real port when `listen` asked for port 0)."""
-        return f"{self.listen.rpartition(':')[0]}:{self.port}"
-
-    async def start(self) -> None:
-        if self._server is not None:
-            raise RuntimeError("RpcServer already started")
-        server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
-        self._health = health.aio.HealthServicer()
-        pb_grpc.add_NodeServicer_to_server(_NodeServicer(self._responder), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        try:
-            port = server.add_insecure_port(self.listen)
-        except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
-            port, detail = 0, str(exc)
-        else:
-            detail = "gRPC could not bind the address"
-        await server.start()  # even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server
-        if not port:
-            await server.stop(None)
-            raise BindError(self.listen, detail)
-        self._server, self._port = server, port
-        for service in ("", NODE_SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s", NODE_SERVICE_NAME, self.address)
-
-    async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
-        """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds. Safe to call twice."""
-        server, self._server = self._server, None
-        if server is None:
-            return
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
-        await server.stop(grace)
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose(self._grace_s)
-
-
-class PeerClient(_Caller):
-    """A gRPC channel to one peer at "host:port"; insecure unless `credentials` are given."""
-
-    def __init__(
-        self,
-        address: str,
-        *,
-        credentials: grpc.ChannelCredentials | None = None,
-        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
-    ) -> None:
-        super().__init__(address, max_payload_bytes=max_payload_bytes)
-        self._credentials = credentials
-        self._channel: grpc.aio.Channel | None = None
-        self._stub: pb_grpc.NodeStub | None = None
-        self._closed = False
-
-    def _node_stub(self) -> pb_grpc.NodeStub:
-        if self._closed:
-            raise RuntimeError(f"PeerClient for {self.address} is closed")
-        if self._stub is None:  # created on first use, inside the event loop that will drive it
-            if self._credentials is None:
-                self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
-            else:
-                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=_CHANNEL_OPTIONS)
-            self._stub = pb_grpc.NodeStub(self._channel)
-        return self._stub
-
-    def _failure(self, exc: grpc.aio.AioRpcError) -> Exception:
-        code = exc.code()
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return PeerTimeout(self.address, "no answer before the deadline")
-        if code == grpc.StatusCode.UNIMPLEMENTED:
-            return ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} does not serve {NODE_SERVICE_NAME}")
-        return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
-
-    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
-        try:
-            reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        return reply
-
-    async def _call_status(self, timeout: float) -> pb.StatusReply:
-        try:
-            reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        return reply
-
-    async def _call_exchange(
-        self, requests: Iterator[pb.ExchangeMessage], timeout: float
-    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        call = self._node_stub().Exchange(requests, timeout=timeout)
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        finally:
-            call.cancel()  # a no-op once finished; stops the upload when we stop reading early
-
-    async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        call = self._node_stub().Fetch(request, timeout=timeout)
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        finally:
-            call.cancel()
-
-    async def aclose(self) -> None:
-        """Close the channel, cancelling calls in flight. Safe to call twice."""
-        self._closed = True
-        channel, self._channel, self._stub = self._channel, None, None
-        if channel is not None:
-            await channel.close()
-
-
-class GrpcTransport:
-    """`Transport` over gRPC: `serve` gives an `RpcServer`, `connect` a `PeerClient`."""
-
-    def __init__(
-        self, *, credentials: grpc.ChannelCredentials | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES
-    ) -> None:
-        self._credentials = credentials
-        self._max_payload_bytes = max_payload_bytes
-
-    def serve(self, handler: NodeHandler, listen: str, *, max_payload_bytes: int | None = None) -> RpcServer:
-        return RpcServer(handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
-
-    def connect(self, address: str) -> PeerClient:
-        return PeerClient(address, credentials=self._credentials, max_payload_bytes=self._max_payload_bytes)
-
-
-# ------------------------------------------------------------------------------------------- in memory
-
-
-def _over_the_wire(message: _T, parse: Callable[[bytes], _T], address: str) -> _T:
-    """Serialize and parse, as a network would: the peers share no objects and gRPC's size limit applies."""
-    data = message.SerializeToString()  # type: ignore[attr-defined]
-    if len(data) > GRPC_MAX_MESSAGE_BYTES:
-        raise PeerUnavailable(address, f"RESOURCE_EXHAUSTED: message of {len(data)} bytes is over the limit")
-    return parse(data)
-
-
-class _Replay(AsyncIterator[_T]):
-    """Messages already sent, read back as a stream."""
-
-    def __init__(self, items: Iterable[_T]) -> None:
-        self._items = iter(items)
-
-    async def __anext__(self) -> _T:
-        try:
-            return next(self._items)
-        except StopIteration:
-            raise StopAsyncIteration from None
-
-
-class InMemoryNetwork:
-    """`Transport` inside one process: servers register by address, clients reach them through the protocol code
-    and the bytes a gRPC peer would see, so node logic can be unit-tested without sockets."""
-
-    def __init__(self, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> None:
-        self._max_payload_bytes = max_payload_bytes
-        self._servers: dict[str, InMemoryServer] = {}
-        self._next_port = 1
-
-    def serve(
-        self, handler: NodeHandler, listen: str = "127.0.0.1:0", *, max_payload_bytes: int | None = None
-    ) -> InMemoryServer:
-        return InMemoryServer(self, handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
-
-    def connect(self, address: str) -> InMemoryClient:
-        return InMemoryClient(self, address, max_payload_bytes=self._max_payload_bytes)
-
-    def _bind(self, server: InMemoryServer, listen: str) -> str:
-        host, _, port = listen.rpartition(":")
-        if port == "0":  # like a kernel: hand out a port nobody in this network uses
-            while f"{host}:{self._next_port}" in self._servers:
-                self._next_port += 1
-            port = str(self._next_port)
-        address = f"{host}:{port}"
-        if address in self._servers:
-            raise BindError(listen, "address already in use")
-        self._servers[address] = server
-        return address
-
-    def _unbind(self, address: str) -> None:
-        self._servers.pop(address, None)
-
-    def _lookup(self, address: str) -> InMemoryServer:
-        try:
-            return self._servers[address]
-        except KeyError:
-            raise PeerUnavailable(address, "UNAVAILABLE: connection refused (nothing serves there)") from None
-
-
-class InMemoryServer:
-    """A node served on an `InMemoryNetwork`. Server-side work runs in tasks this server owns and cancels."""
-
-    def __init__(self, network: InMemoryNetwork, handler: NodeHandler, listen: str, *, max_payload_bytes: int) -> None:
-        self._network = network
-        self._listen = listen
-        self._address = ""
-        self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
-        self._tasks: set[asyncio.Task[Any]] = set()
-
-    @property
-    def address(self) -> str:
-        if not self._address:
-            raise RuntimeError("InMemoryServer is not started")
-        return self._address
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rpartition(":")[2])
-
-    async def start(self) -> None:
-        if self._address:
-            raise RuntimeError("InMemoryServer already started")
-        self._address = self._network._bind(self, self._listen)
-
-    async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
-        """Stop taking calls, give those in flight `grace` seconds, cancel the rest. Safe to call twice."""
-        self._network._unbind(self._address)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-
-    async def _call(self, work: Coroutine[Any, Any, _T], timeout: float) -> _T:
-        """Run `work` as a task of this server; the caller's deadline cancels it, as a gRPC deadline would."""
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        try:
-            async with asyncio.timeout(timeout):
-                return await task
-        except TimeoutError:
-            raise PeerTimeout(self._address, "no answer before the deadline") from None
-        except asyncio.CancelledError:
-            current = asyncio.current_task()
-            if task.cancelled() and (current is None or not current.cancelling()):
-                raise PeerUnavailable(self._address, "UNAVAILABLE: server shut down during the call") from None
-            raise
-
-    async def __aenter__(self) -> Self:
-        await self.start()
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
-
-
-class InMemoryClient(_Caller):
-    """A connection to an `InMemoryNetwork` address; same methods and errors as `PeerClient`."""
-
-    def __init__(self, network: InMemoryNetwork, address: str, *, max_payload_bytes: int) -> None:
-        super().__init__(address, max_payload_bytes=max_payload_bytes)
-        self._network = network
-        self._closed = False
-
-    def _server(self) -> InMemoryServer:
-        if self._closed:
-            raise RuntimeError(f"InMemoryClient for {self.address} is closed")
-        return self._network._lookup(self.address)
-
-    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
-        server = self._server()
-        wire_request = _over_the_wire(request, pb.HandshakeRequest.FromString, self.address)
-        reply = await server._call(server._responder.handshake(wire_request), timeout)
-        return _over_the_wire(reply, pb.HandshakeReply.FromString, self.address)
-
-    async def _call_status(self, timeout: float) -> pb.StatusReply:
-        server = self._server()
-
-        async def status() -> pb.StatusReply:
-            try:
-                return server._responder.status(pb.StatusRequest())
-            except _ServiceFault as exc:
-                raise PeerUnavailable(self.address, f"INTERNAL: {exc}") from None
-
-        return _over_the_wire(await server._call(status(), timeout), pb.StatusReply.FromString, self.address)
-
-    async def _call_exchange(
-        self, requests: Iterator[pb.ExchangeMessage], timeout: float
-    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        server = self._server()
-        sent = [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) for m in requests]
-
-        async def serve() -> list[pb.ExchangeMessage]:
-            async with contextlib.aclosing(server._responder.exchange(_Replay(sent))) as replies:
-                return [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) async for m in replies]
-
-        for message in await server._call(serve(), timeout):
-            yield message
-
-    async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        server = self._server()
-        wire_request = _over_the_wire(request, pb.FetchRequest.FromString, self.address)
-
-        async def serve() -> list[pb.ExchangeMessage]:
-            async with contextlib.aclosing(server._responder.fetch(wire_request)) as replies:
-                return [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) async for m in replies]
-
-        for message in await server._call(serve(), timeout):
-            yield message
-
-    async def aclose(self) -> None:
-        self._closed = True

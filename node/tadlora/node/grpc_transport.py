@@ -1,0 +1,227 @@
+"""The gRPC transport of the node protocol: `RpcServer` (with health checking and reflection), `PeerClient`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, AsyncIterable, Iterator
+from typing import Self
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tadlora.node.rpc import (
+    _CHANNEL_OPTIONS,
+    _SERVER_OPTIONS,
+    DEFAULT_GRACE_S,
+    GRPC_MAX_CONCURRENT_RPCS,
+    NODE_SERVICE_NAME,
+    BindError,
+    NodeHandler,
+    PeerTimeout,
+    PeerUnavailable,
+    _Caller,
+    _Responder,
+    _ServiceFault,
+)
+from tadlora.node.wire import MAX_PAYLOAD_BYTES, ExchangeRefused, Reason
+from tadlora.v1 import node_pb2 as pb
+from tadlora.v1 import node_pb2_grpc as pb_grpc
+
+__all__ = ["GrpcTransport", "PeerClient", "RpcServer"]
+
+log = logging.getLogger("tadlora.rpc")
+
+
+class _NodeServicer(pb_grpc.NodeServicer):
+    def __init__(self, responder: _Responder) -> None:
+        self._responder = responder
+
+    async def Handshake(self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext) -> pb.HandshakeReply:
+        return await self._responder.handshake(request)
+
+    async def Exchange(
+        self, request_iterator: AsyncIterable[pb.ExchangeMessage], context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        async with contextlib.aclosing(self._responder.exchange(request_iterator)) as replies:
+            async for message in replies:
+                yield message
+
+    async def Fetch(
+        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        async with contextlib.aclosing(self._responder.fetch(request)) as replies:
+            async for message in replies:
+                yield message
+
+    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+        try:
+            return self._responder.status(request)
+        except _ServiceFault as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, str(exc))
+            raise  # unreachable: abort raises
+
+
+class RpcServer:
+    """The Node service with gRPC health checking and reflection; `async with RpcServer(handler) as s: s.port`."""
+
+    def __init__(
+        self,
+        handler: NodeHandler,
+        listen: str = "127.0.0.1:0",
+        *,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        grace_s: float = DEFAULT_GRACE_S,
+    ) -> None:
+        self.listen = listen
+        self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
+        self._grace_s = grace_s
+        self._server: grpc.aio.Server | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._port = 0
+
+    @property
+    def port(self) -> int:
+        if not self._port:
+            raise RuntimeError("RpcServer is not started")
+        return self._port
+
+    @property
+    def address(self) -> str:
+        """host:port as bound (the real port when `listen` asked for port 0)."""
+        return f"{self.listen.rpartition(':')[0]}:{self.port}"
+
+    async def start(self) -> None:
+        if self._server is not None:
+            raise RuntimeError("RpcServer already started")
+        server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
+        self._health = health.aio.HealthServicer()
+        pb_grpc.add_NodeServicer_to_server(_NodeServicer(self._responder), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        try:
+            port = server.add_insecure_port(self.listen)
+        except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
+            port, detail = 0, str(exc)
+        else:
+            detail = "gRPC could not bind the address"
+        await server.start()  # even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server
+        if not port:
+            await server.stop(None)
+            raise BindError(self.listen, detail)
+        self._server, self._port = server, port
+        for service in ("", NODE_SERVICE_NAME):
+            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving %s on %s", NODE_SERVICE_NAME, self.address)
+
+    async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
+        """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds. Safe to call twice."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await server.stop(grace)
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose(self._grace_s)
+
+
+class PeerClient(_Caller):
+    """A gRPC channel to one peer at "host:port"; insecure unless `credentials` are given."""
+
+    def __init__(
+        self,
+        address: str,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+    ) -> None:
+        super().__init__(address, max_payload_bytes=max_payload_bytes)
+        self._credentials = credentials
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: pb_grpc.NodeStub | None = None
+        self._closed = False
+
+    def _node_stub(self) -> pb_grpc.NodeStub:
+        if self._closed:
+            raise RuntimeError(f"PeerClient for {self.address} is closed")
+        if self._stub is None:  # created on first use, inside the event loop that will drive it
+            if self._credentials is None:
+                self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
+            else:
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=_CHANNEL_OPTIONS)
+            self._stub = pb_grpc.NodeStub(self._channel)
+        return self._stub
+
+    def _failure(self, exc: grpc.aio.AioRpcError) -> Exception:
+        code = exc.code()
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return PeerTimeout(self.address, "no answer before the deadline")
+        if code == grpc.StatusCode.UNIMPLEMENTED:
+            return ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} does not serve {NODE_SERVICE_NAME}")
+        return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
+
+    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
+        try:
+            reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        return reply
+
+    async def _call_status(self, timeout: float) -> pb.StatusReply:
+        try:
+            reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        return reply
+
+    async def _call_exchange(
+        self, requests: Iterator[pb.ExchangeMessage], timeout: float
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        call = self._node_stub().Exchange(requests, timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        finally:
+            call.cancel()  # a no-op once finished; stops the upload when we stop reading early
+
+    async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        call = self._node_stub().Fetch(request, timeout=timeout)
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as exc:
+            raise self._failure(exc) from exc
+        finally:
+            call.cancel()
+
+    async def aclose(self) -> None:
+        """Close the channel, cancelling calls in flight. Safe to call twice."""
+        self._closed = True
+        channel, self._channel, self._stub = self._channel, None, None
+        if channel is not None:
+            await channel.close()
+
+
+class GrpcTransport:
+    """`Transport` over gRPC: `serve` gives an `RpcServer`, `connect` a `PeerClient`."""
+
+    def __init__(
+        self, *, credentials: grpc.ChannelCredentials | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES
+    ) -> None:
+        self._credentials = credentials
+        self._max_payload_bytes = max_payload_bytes
+
+    def serve(self, handler: NodeHandler, listen: str, *, max_payload_bytes: int | None = None) -> RpcServer:
+        return RpcServer(handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
+
+    def connect(self, address: str) -> PeerClient:
+        return PeerClient(address, credentials=self._credentials, max_payload_bytes=self._max_payload_bytes)
