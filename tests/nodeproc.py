@@ -1,7 +1,8 @@
 """Real `tadlora-node` processes for tests: start one, read its JSON log, always stop it at teardown.
 
 mDNS SAFETY: every node started here gets ``--mdns-interface 127.0.0.1`` on its command line (a flag beats any
-``TADLORA_`` variable), so no node multicasts on a real interface, whatever else a test passes.
+``TADLORA_`` variable), so no node multicasts on a real interface, whatever else a test passes. Only a node run
+inside a network namespace of the test's own (``netns=``, see netns.py) may be given another interface.
 """
 
 from __future__ import annotations
@@ -48,12 +49,27 @@ def node_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
 class NodeProcess:
     """One running `tadlora-node`; its stderr (JSON log lines) and stdout go to files under ``logs``."""
 
-    def __init__(self, args: Sequence[str], out: Path, logs: Path, name: str, env: Mapping[str, str]) -> None:
+    def __init__(
+        self,
+        args: Sequence[str],
+        out: Path,
+        logs: Path,
+        name: str,
+        env: Mapping[str, str],
+        *,
+        netns: str | None = None,
+        mdns_interface: str = LOOPBACK,
+    ) -> None:
+        if mdns_interface != LOOPBACK and netns is None:
+            raise ValueError(f"mDNS on {mdns_interface} only inside a test's own network namespace (netns=)")
         self.out = out
         self.name = name
+        self.netns = netns
         self.stderr_path = logs / f"{name}.stderr"
         self.stdout_path = logs / f"{name}.stdout"
-        self.args = [*args, "--mdns-interface", LOOPBACK]  # last: wins over anything before it
+        self.args = [*args, "--mdns-interface", mdns_interface]  # last: wins over anything before it
+        # `ip netns exec` execs the node after entering the namespace: proc.pid is the node, signals reach it.
+        enter = ["ip", "netns", "exec", netns] if netns is not None else []
         self._records: list[dict[str, Any]] = []
         self._offset = 0
         self._address = ""
@@ -61,7 +77,7 @@ class NodeProcess:
         self.started = time.time()
         with self.stderr_path.open("wb") as err, self.stdout_path.open("wb") as stdout:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "tadlora.node.cli", *self.args],
+                [*enter, sys.executable, "-m", "tadlora.node.cli", *self.args],
                 cwd=logs,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,
@@ -186,11 +202,15 @@ def running_node(
     args: Sequence[str],
     out: Path,
     env: Mapping[str, str] | None = None,
+    *,
+    netns: str | None = None,
+    mdns_interface: str = LOOPBACK,
 ) -> Iterator[NodeProcess]:
     """Start `tadlora-node ARGS` (with ``--mdns-interface 127.0.0.1``) and stop it at exit, whatever happens.
-    ``out`` is where the node's ``--out`` (flag or TADLORA_OUT) points; logs go to ``logs/NAME.std{err,out}``."""
+    ``out`` is where the node's ``--out`` (flag or TADLORA_OUT) points; logs go to ``logs/NAME.std{err,out}``.
+    With ``netns`` the node runs inside that namespace, and only then may ``mdns_interface`` be another one."""
     logs.mkdir(parents=True, exist_ok=True)
-    node = NodeProcess(args, out, logs, name, node_env(env))
+    node = NodeProcess(args, out, logs, name, node_env(env), netns=netns, mdns_interface=mdns_interface)
     try:
         yield node
     finally:
@@ -204,11 +224,12 @@ def node_args(
     *,
     shard: int = 0,
     num_shards: int = 1,
+    listen: str = f"{LOOPBACK}:0",
     extra: Sequence[str] = (),
 ) -> list[str]:
-    """The flags of a small, fast node on loopback that finds its peers by mDNS."""
+    """The flags of a small, fast node (on loopback unless ``listen`` says otherwise) that finds peers by mDNS."""
     return [
-        "--peers", "auto", "--listen", f"{LOOPBACK}:0", "--cluster", cluster, "--node-id", node_id,
+        "--peers", "auto", "--listen", listen, "--cluster", cluster, "--node-id", node_id,
         "--out", str(out), "--shard", str(shard), "--num-shards", str(num_shards), "--log-format", "json",
         *SMALL_RUN, *extra,
     ]  # fmt: skip
