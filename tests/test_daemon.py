@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import itertools
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -171,6 +173,43 @@ async def test_a_late_node_catches_up_by_adopting_a_neighbours_round(tmp_path) -
             for n in nodes:
                 n.request_stop()
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+@pytest.mark.asyncio
+async def test_a_node_that_ran_alone_adopts_the_groups_state_and_never_the_reverse(tmp_path) -> None:
+    # node-2 trains alone far ahead in round numbers (a partition, or a node started early); then node-0 and
+    # node-1 start together and connect to it. Their rounds never jump to node-2's; node-2 adopts theirs.
+    solo_cfg = node_config(tmp_path, 2, 3, NO_PEERS, rounds=None, min_peers=0)
+    async with Node(solo_cfg) as solo:
+        solo_task = asyncio.ensure_future(solo.run())
+        group: list[Node] = []
+        try:
+            async with asyncio.timeout(60):
+                await solo.async_wait_for_round(30)
+            async with contextlib.AsyncExitStack() as stack:
+                first = node_config(tmp_path, 0, 3, PeersOption(False, (solo.address,), ()), rounds=None, min_peers=1)
+                group.append(await stack.enter_async_context(Node(first)))
+                second = node_config(tmp_path, 1, 3, PeersOption(False, (group[0].address,), ()), rounds=None)
+                group.append(await stack.enter_async_context(Node(dataclasses.replace(second, min_peers=1))))
+                tasks = [asyncio.ensure_future(n.run()) for n in group]
+                try:
+                    async with asyncio.timeout(60):
+                        await solo.async_wait_until(lambda: solo.last_mixed_round > 0)
+                        await solo.async_wait_for_round(solo.round + 3)
+                finally:
+                    for n in group:
+                        n.request_stop()
+                    await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            solo.request_stop()
+            await solo_task
+    for i in (0, 1):
+        rounds = [r["round"] for r in _rounds(tmp_path / f"n{i}")]
+        assert rounds == list(range(len(rounds))), rounds  # the group never jumped to the solo node's rounds
+    solo_rounds = [r["round"] for r in _rounds(tmp_path / "n2")]
+    went_back = [b for a, b in itertools.pairwise(solo_rounds) if b < a]
+    assert went_back and went_back[0] < 30, solo_rounds[-10:]
+    assert any(r["degree"] >= 1 and r["neighbours"] for r in _rounds(tmp_path / "n2")[-3:])
 
 
 @pytest.mark.asyncio

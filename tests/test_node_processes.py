@@ -344,6 +344,8 @@ FLAG_VALUES = {
     "checkpoint_every": "3",
     "log_format": "text",
     "log_level": "DEBUG",
+    "max_factor_norm": "500",
+    "robust_mixing": "clip:0.5",
 }
 
 

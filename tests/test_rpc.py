@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tadlora.node.grpc_transport import GrpcTransport, RpcServer
+from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
     NODE_SERVICE_NAME,
@@ -464,6 +464,21 @@ async def channel_to(address: str) -> AsyncIterator[grpc.aio.Channel]:
         yield channel
     finally:
         await channel.close()
+
+
+@pytest.mark.asyncio
+async def test_closing_a_grpc_client_mid_call_fails_the_call_without_cancelling_the_caller(
+    alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.hold = True
+    async with RpcServer(bob, LISTEN) as server:
+        client = PeerClient(server.address)
+        call = asyncio.ensure_future(client.exchange(header_of(alice), alice.factors, TIMEOUT))
+        await bob.entered.wait()
+        await client.aclose()  # e.g. another task dropped this peer
+        with pytest.raises(PeerUnavailable):
+            await call
+        assert not call.cancelled()
 
 
 @pytest.mark.asyncio

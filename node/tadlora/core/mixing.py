@@ -19,6 +19,7 @@ import torch
 
 from tadlora.core.factors import Factor, Factors, factor_key, factor_of, modules
 from tadlora.core.methods import Method
+from tadlora.core.robust import RobustMixing, clip_differences, trimmed_combination
 
 
 def edge_weight(d_i: int, d_j: int) -> float:
@@ -74,25 +75,50 @@ def mix_factors(
     neighbours: Mapping[Hashable, Mapping[str, torch.Tensor]],
     weights: LocalWeights,
     which: frozenset[Factor],
+    robust: RobustMixing | None = None,
 ) -> Factors:
     """x_i ← w_ii x_i + Σ_j w_ij x_j for every key of a factor in ``which``; other keys are kept as they are.
 
     Sums run in float64 in a fixed order (self, then neighbours sorted by id) so that every driver computes
-    bit-identical results from the same inputs.
+    bit-identical results from the same inputs. ``robust`` clips or trims the neighbours' values first
+    (`tadlora.core.robust`).
     """
     missing = set(weights.neighbours) - set(neighbours)
     if missing:
         raise ValueError(f"weights name neighbours without factors: {sorted(map(str, missing))}")
     order = sorted(weights.neighbours, key=str)
-    out: Factors = {}
+    mixed_keys = [key for key in own if factor_of(key) in which]
+    out: Factors = {key: value.detach().clone() for key, value in own.items() if key not in mixed_keys}
+    own_mixed = {key: own[key] for key in mixed_keys}
+    out.update(_combine(own_mixed, {j: neighbours[j] for j in order}, weights, robust))
+    return {key: out[key].to(own[key].dtype) for key in own}
+
+
+def _combine(
+    own: Mapping[str, torch.Tensor],
+    neighbours: Mapping[Hashable, Mapping[str, torch.Tensor]],
+    weights: LocalWeights,
+    robust: RobustMixing | None,
+) -> dict[str, torch.Tensor]:
+    """w_ii x_i + Σ_j w_ij x_j per key of ``own`` (float64), neighbours in the order given, robustly if asked."""
+    order = list(neighbours)
+    if robust is not None and robust.kind == "clip":
+        neighbours = clip_differences(own, neighbours, robust.value)
+    out: dict[str, torch.Tensor] = {}
     for key, value in own.items():
-        if factor_of(key) not in which:
-            out[key] = value.detach().clone()
+        if robust is not None and robust.kind == "trim":
+            out[key] = trimmed_combination(
+                value,
+                [neighbours[j][key] for j in order],
+                weights.self_weight,
+                [weights.neighbours[j] for j in order],
+                int(robust.value),
+            )
             continue
         acc = value.detach().to(torch.float64) * weights.self_weight
         for j in order:
             acc = acc + neighbours[j][key].detach().to(torch.float64) * weights.neighbours[j]
-        out[key] = acc.to(value.dtype)
+        out[key] = acc
     return out
 
 
@@ -123,21 +149,35 @@ def mix_products(
     own: Mapping[str, torch.Tensor],
     neighbours: Mapping[Hashable, Mapping[str, torch.Tensor]],
     weights: LocalWeights,
+    robust: RobustMixing | None = None,
 ) -> Factors:
     """DeCAF: P_i = w_ii B_i A_i + Σ_j w_ij B_j A_j per module, then (B_i, A_i) ← rank-r truncation of P_i.
 
     If P_i is zero (all B are still zero) there is nothing to factor: A is kept and B stays zero, so the
-    adapter can still start learning.
+    adapter can still start learning. ``robust`` clips or trims the neighbours' products B_j A_j.
     """
     order = sorted(weights.neighbours, key=str)
     out: Factors = {}
-    for module in modules(own):
+
+    def product(factors: Mapping[str, torch.Tensor], module: str) -> torch.Tensor:
+        b = factors[factor_key(module, Factor.B)].detach().to(torch.float64)
+        return b @ factors[factor_key(module, Factor.A)].detach().to(torch.float64)
+
+    pairs = modules(own)
+    if robust is not None:
+        own_products = {module: product(own, module) for module in pairs}
+        products = {j: {module: product(neighbours[j], module) for module in pairs} for j in order}
+        combined = _combine(own_products, products, weights, robust)
+    for module in pairs:
         ka, kb = factor_key(module, Factor.A), factor_key(module, Factor.B)
         a, b = own[ka], own[kb]
-        acc = (b.detach().to(torch.float64) @ a.detach().to(torch.float64)) * weights.self_weight
-        for j in order:
-            bj, aj = neighbours[j][kb].to(torch.float64), neighbours[j][ka].to(torch.float64)
-            acc = acc + (bj @ aj) * weights.neighbours[j]
+        if robust is not None:
+            acc = combined[module]
+        else:
+            acc = (b.detach().to(torch.float64) @ a.detach().to(torch.float64)) * weights.self_weight
+            for j in order:
+                bj, aj = neighbours[j][kb].to(torch.float64), neighbours[j][ka].to(torch.float64)
+                acc = acc + (bj @ aj) * weights.neighbours[j]
         if float(torch.linalg.matrix_norm(acc)) < _ZERO_PRODUCT:
             out[ka], out[kb] = a.detach().clone(), torch.zeros_like(b)
             continue
@@ -154,11 +194,16 @@ def apply_method_mixing(
     own: Mapping[str, torch.Tensor],
     neighbours: Mapping[Hashable, Mapping[str, torch.Tensor]],
     weights: LocalWeights,
+    robust: RobustMixing | None = None,
 ) -> Factors:
-    """The end-of-round mixing of ``method`` in round ``t``: the single entry point both drivers call."""
+    """The end-of-round mixing of ``method`` in round ``t``: the single entry point both drivers call.
+
+    ``robust`` (None: plain MH mixing) clips or trims what neighbours sent; see `tadlora.core.robust` for what
+    that does to the averaging guarantee.
+    """
     if method.product_mixing:
-        return mix_products(own, neighbours, weights)
-    return mix_factors(own, neighbours, weights, method.mixed(t))
+        return mix_products(own, neighbours, weights, robust)
+    return mix_factors(own, neighbours, weights, method.mixed(t), robust)
 
 
 def sent_factors(method: Method, t: int) -> frozenset[Factor]:

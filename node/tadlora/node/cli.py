@@ -29,6 +29,7 @@ from typing import Any
 from tadlora.adapter import LoraSpec
 from tadlora.cliutil import apply_env_defaults, csv_list
 from tadlora.core.methods import method_names
+from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.discovery import parse_peers_option
 from tadlora.training import TrainSpec
@@ -61,6 +62,11 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--peer-wait", type=float, default=60.0, help="seconds to wait for --min-peers")
     g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")
     g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (listen host)")
+    g.add_argument("--max-factor-norm", type=float, default=1e4,
+                   help="refuse a neighbour's factor whose norm is over this (BAD_PAYLOAD)")  # fmt: skip
+    g.add_argument("--robust-mixing", type=parse_robust_mixing, default="none",
+                   help="none, clip:TAU (clip each neighbour's difference to norm TAU) or trim:F "
+                   "(drop the F largest and F smallest neighbour values per coordinate)")  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--model", default="minilm", help="minilm (packaged, offline), tiny, HF model id or local path")
     t.add_argument("--dataset", default="builtin:sst2-small", help="builtin:sst2-small, glue:TASK, file, hub:NAME")
@@ -125,6 +131,8 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         checkpoint_every=a.checkpoint_every,
         device=a.device,
         metrics_port=a.metrics_port,
+        max_factor_norm=a.max_factor_norm,
+        robust_mixing=a.robust_mixing,
     )
 
 

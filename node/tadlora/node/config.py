@@ -10,6 +10,7 @@ from pathlib import Path
 
 from tadlora.adapter import LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
+from tadlora.core.robust import RobustMixing
 from tadlora.node.discovery import PeersOption, parse_peers_option
 from tadlora.training import TrainSpec
 
@@ -52,6 +53,10 @@ class NodeConfig:
     device: str = "auto"
     metrics_port: int | None = None
     max_payload_bytes: int = 512 << 20
+    # Per-tensor Frobenius norm over which a neighbour's factor is refused (BAD_PAYLOAD): LoRA factors of a
+    # healthy run stay in the single or low double digits, so this only catches absurd or hostile values.
+    max_factor_norm: float = 1e4
+    robust_mixing: RobustMixing | None = None  # None: plain MH mixing; see tadlora.core.robust
 
     def __post_init__(self) -> None:
         if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
@@ -73,6 +78,8 @@ class NodeConfig:
             raise ValueError("--exchange-timeout must be > 0 and --peer-wait >= 0")
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError("--checkpoint-every and --eval-every must be >= 1")
+        if not self.max_factor_norm > 0:
+            raise ValueError(f"--max-factor-norm must be > 0, got {self.max_factor_norm}")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")

@@ -43,6 +43,7 @@ from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.peers import PeerManager
 from tadlora.node.rpc import (
+    MAX_DEGREE,
     PROTOCOL_VERSION,
     ExchangeHeader,
     NeighborStatus,
@@ -71,7 +72,7 @@ class _Round:
     neighbours: frozenset[str] = frozenset()
     degree: int = 0
     received: dict[str, tuple[int, Factors]] = field(default_factory=dict)
-    ahead: set[str] = field(default_factory=set)  # neighbours already in a later round: they won't call for t
+    ahead: set[str] = field(default_factory=set)  # neighbours in a later (or far earlier) round: no call for t
     closed: bool = False
     stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
 
@@ -115,7 +116,8 @@ class Node:
         self._stop = asyncio.Event()
         self._stop_training = threading.Event()
         self._state = "starting"
-        self._behind = False
+        self._round_gap = False  # a peer was seen two or more rounds away: check whether to catch up
+        self._last_mixed = 0  # 1 + the last round mixed with at least one neighbour; 0: never
         self._last_loss: float | None = None
         self._last_accuracy: float | None = None
         self._last_weights: dict[str, tuple[int, float]] = {}
@@ -158,6 +160,7 @@ class Node:
         await self._in_worker(self._build)
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
+        await self._in_worker(state.remove_torn_writes, cfg.out)
         identity = state.load_identity(cfg.out)
         if identity and identity.get("fingerprint") != self.fingerprint:
             raise RuntimeError(
@@ -321,10 +324,19 @@ class Node:
         """The round the node is in (= rounds completed when idle)."""
         return self._round.t
 
+    @property
+    def last_mixed_round(self) -> int:
+        """1 + the last round in which the node mixed with at least one neighbour; 0 if it never did."""
+        return self._last_mixed
+
     async def async_wait_for_round(self, t: int) -> None:
         """Return once the node is in round ``t`` or later (bound it with ``asyncio.timeout``)."""
+        await self.async_wait_until(lambda: self._round.t >= t)
+
+    async def async_wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, checked whenever the round state changes (bound it with a timeout)."""
         async with self._round_changed:
-            await self._round_changed.wait_for(lambda: self._round.t >= t)
+            await self._round_changed.wait_for(predicate)
 
     def local_info(self) -> PeerInfo:
         return PeerInfo(
@@ -337,6 +349,7 @@ class Node:
             method=self.method.name,
             insecure=True,
             protocol_version=PROTOCOL_VERSION,
+            last_mixed_round=self._last_mixed,
         )
 
     def expected_spec(self) -> FactorSpec | None:
@@ -374,43 +387,64 @@ class Node:
             raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "that is this node's own id")
         if self._peers is not None and remote.address:
             await self._peers.add(remote, None, "inbound")
-        if remote.round > self._round.t + 1:
-            self._behind = True
+        if abs(remote.round - self._round.t) >= 2:
+            self._round_gap = True
 
     async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
         if self._stop.is_set():
             raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
         return self._round.t, dict(self._factors)  # between rounds these are the next round's start
 
+    def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
+        """Count a refusal this node gave (the server has logged it); see `NodeHandler`."""
+        self.metrics.refusals.labels(exc.reason.name).inc()
+
+    def _check_round_sane(self, r: int, who: str) -> None:
+        """Refuse (ROUND_MISMATCH) an exchange for a round past the run's last one, before it makes this node
+        think it is behind (`MAX_ROUND` is checked on every header already)."""
+        if self.config.rounds is not None and r > self.config.rounds:
+            raise ExchangeRefused(
+                Reason.ROUND_MISMATCH, f"{who} claims round {r}, past this run's last round {self.config.rounds}"
+            )
+
+    def _check_neighbour(self, who: str, t: int, degree: int, factors: Factors) -> None:
+        """Raise `PayloadError(BAD_PAYLOAD)` unless a neighbour's round-t degree and factors are fit to mix."""
+        if not 1 <= degree <= MAX_DEGREE:
+            raise PayloadError(Reason.BAD_PAYLOAD, f"{who} says its degree is {degree}, expected 1..{MAX_DEGREE}")
+        self._spec_for(t).check(factors, max_norm=self.config.max_factor_norm)
+
     async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
         """Answer a neighbour's round-r exchange with our round-r snapshot (waiting for it if we are training)."""
         r = header.round
+        self._check_round_sane(r, header.node_id)
         async with self._round_changed:
             while True:
                 if self._stop.is_set():
                     raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
                 cur = self._round
+                if r < cur.t - 1:
+                    # The caller is far behind: it will not reach this round in time, so stop waiting for it,
+                    # and check at the next round whether one of us should catch up (we may have run alone).
+                    cur.ahead.add(header.node_id)
+                    self._round_changed.notify_all()
+                    self._round_gap = True
                 if r < cur.t or (r == cur.t and cur.closed):
-                    self.metrics.refusals.labels("ROUND_MISMATCH").inc()
                     raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
                 if r > cur.t:
                     # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
                     cur.ahead.add(header.node_id)
                     self._round_changed.notify_all()
                 if r > cur.t + 1:
-                    self._behind = True
+                    self._round_gap = True
                     raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
                 if r == cur.t and cur.snapshot is not None:
                     break
                 await self._round_changed.wait()  # the caller's deadline cancels us
             if header.node_id not in cur.neighbours:
-                self.metrics.refusals.labels("NOT_A_NEIGHBOR").inc()
                 raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{header.node_id} is not a neighbour in round {r}")
             if header.node_id in cur.received:
                 raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {header.node_id} in round {r}")
-            if header.degree < 1:
-                raise PayloadError(Reason.BAD_PAYLOAD, "an exchanging neighbour has degree >= 1")
-            self._spec_for(r).check(factors)  # raises PayloadError(BAD_PAYLOAD) off the spec
+            self._check_neighbour(header.node_id, r, header.degree, factors)  # PayloadError(BAD_PAYLOAD)
             cur.received[header.node_id] = (header.degree, factors)
             self._round_changed.notify_all()
             return select(cur.snapshot, sent_factors(self.method, r))
@@ -436,27 +470,41 @@ class Node:
         return NodeResult(self.node_id, self._rounds_done, self._last_accuracy, self._last_loss, cfg.out)
 
     async def _catch_up_if_behind(self) -> None:
-        """If a neighbour is two or more rounds ahead, adopt its round and factors."""
+        """Adopt a neighbour's round and factors when we are out of step with a group that kept mixing.
+
+        A peer is followed when it is two or more rounds away from us (either way) *and* it mixed with its
+        neighbours at least two rounds later than we last did. That covers a late or restarted node (never mixed,
+        or long ago), and it settles a healed partition the right way round: a node cut off from the others keeps
+        training alone and may run far ahead in round numbers, but its ``last_mixed_round`` stays at the cut, so
+        it adopts the group's state and the group never adopts its solo weights.
+        """
+        cfg = self.config
         if self._peers is None:
             return
-        ahead = [p for p in self._peers.peers.values() if p.info.round >= self._round.t + 2]
-        if not ahead and not self._behind:
+        far = [p for p in self._peers.peers.values() if abs(p.info.round - self._round.t) >= 2]
+        if not far and not self._round_gap:
             return
-        self._behind = False
+        self._round_gap = False
         infos = []
         for peer in list(self._peers.peers.values()):
             try:
                 infos.append((await peer.conn.handshake(self.local_info(), timeout=5.0), peer))
             except (ExchangeRefused, PeerUnavailable):
                 continue
-        if not infos:
+        leaders = [
+            (info, peer)
+            for info, peer in infos
+            if abs(info.round - self._round.t) >= 2 and info.last_mixed_round >= self._last_mixed + 2
+        ]
+        if not leaders:
             return
-        info, peer = max(infos, key=lambda x: x[0].round)
-        if info.round < self._round.t + 2:
-            return
+        info, peer = max(leaders, key=lambda x: (x[0].last_mixed_round, x[0].round))
         try:
             result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, FactorSpec.from_factors(self._factors))
+            FactorSpec.from_factors(self._factors).check(result.factors, max_norm=cfg.max_factor_norm)
         except (ExchangeRefused, PeerUnavailable) as exc:
+            if isinstance(exc, ExchangeRefused):
+                self.metrics.refusals.labels(exc.reason.name).inc()
             log.warning("catch-up from %s failed: %s", info.node_id, exc)
             return
         log.info("catching up: adopting round %d and factors from %s (was at %d)", result.peer.round,
@@ -464,6 +512,7 @@ class Node:
         async with self._round_changed:
             self._factors = result.factors
             self._round = _Round(result.peer.round)
+            self._last_mixed = info.last_mixed_round  # we now hold the state the group reached
             self._round_changed.notify_all()
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
@@ -525,6 +574,8 @@ class Node:
         async with self._round_changed:
             cur.closed = True  # later callers for round t are refused: both ends leave the pair out
             received = dict(cur.received)
+        if received:
+            self._last_mixed = t + 1
         for j in sorted(neighbours - set(received)):
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
@@ -534,7 +585,9 @@ class Node:
                 self._spawn(self._check_alive(j, t), f"check-alive {j}")
         self.last_snapshot = snapshot
         weights = local_weights(cur.degree, {j: d for j, (d, _) in received.items()})
-        mixed = apply_method_mixing(self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights)
+        mixed = apply_method_mixing(
+            self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights, cfg.robust_mixing
+        )
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
         async with self._round_changed:
             self._factors = mixed
@@ -560,7 +613,11 @@ class Node:
             extra={"round": t},
         )  # fmt: skip
         if (t + 1) % cfg.checkpoint_every == 0:
-            await self._save(t + 1, export=False)
+            try:
+                await self._save(t + 1, export=False)
+            except OSError as exc:  # a full disk: the previous checkpoint is intact, training can go on
+                self.metrics.checkpoint_failures.inc()
+                log.error("checkpoint of round %d failed, keeping the previous one: %s", t + 1, exc)
         self._state = "idle"
 
     async def _check_alive(self, j: str, t: int) -> None:
@@ -584,7 +641,10 @@ class Node:
             result = await peer.conn.exchange(
                 header, select(cur.snapshot, sent_factors(self.method, t)), remaining, self._spec_for(t)
             )
+            self._check_neighbour(j, t, result.peer.degree, result.factors)  # its reply, before it counts
         except ExchangeRefused as exc:
+            if exc.reason is Reason.ROUND_MISMATCH:
+                self._round_gap = True  # out of step with j: see whether one of us should catch up
             self.metrics.refusals.labels(exc.reason.name).inc()
             self.metrics.exchanges.labels("refused").inc()
             log.info("exchange with %s in round %d refused: %s: %s", j, t, exc.reason.name, exc.detail)

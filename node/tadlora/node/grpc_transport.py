@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, Iterator
@@ -167,11 +168,24 @@ class PeerClient(_Caller):
             return ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} does not serve {NODE_SERVICE_NAME}")
         return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
 
+    def _closed_under_us(self) -> PeerUnavailable | None:
+        """grpc.aio cancels the calls of a channel that is closed (e.g. the peer was dropped by another task) by
+        raising CancelledError in their awaiters. That is a transport failure for the caller, not a cancellation
+        of it: unless our own task is being cancelled, report it as PeerUnavailable."""
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            return None
+        return PeerUnavailable(self.address, "connection closed during the call")
+
     async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
         try:
             reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc) from exc
+        except asyncio.CancelledError:
+            if (closed := self._closed_under_us()) is None:
+                raise
+            raise closed from None
         return reply
 
     async def _call_status(self, timeout: float) -> pb.StatusReply:
@@ -179,6 +193,10 @@ class PeerClient(_Caller):
             reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc) from exc
+        except asyncio.CancelledError:
+            if (closed := self._closed_under_us()) is None:
+                raise
+            raise closed from None
         return reply
 
     async def _call_exchange(
@@ -190,6 +208,10 @@ class PeerClient(_Caller):
                 yield message
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc) from exc
+        except asyncio.CancelledError:
+            if (closed := self._closed_under_us()) is None:
+                raise
+            raise closed from None
         finally:
             call.cancel()  # a no-op once finished; stops the upload when we stop reading early
 
@@ -200,6 +222,10 @@ class PeerClient(_Caller):
                 yield message
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc) from exc
+        except asyncio.CancelledError:
+            if (closed := self._closed_under_us()) is None:
+                raise
+            raise closed from None
         finally:
             call.cancel()
 

@@ -24,6 +24,7 @@ class NodeMetrics:
         self.bytes_received = Counter("tadlora_bytes_received", "Payload bytes received", registry=r)
         self.latency = Histogram("tadlora_exchange_seconds", "Exchange latency", registry=r)
         self.loss = Gauge("tadlora_train_loss", "Mean training loss of the last round", registry=r)
+        self.checkpoint_failures = Counter("tadlora_checkpoint_failures", "Checkpoints not written", registry=r)
         self.accuracy = Gauge("tadlora_eval_accuracy", "Last evaluation accuracy", registry=r)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None

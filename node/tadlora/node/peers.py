@@ -25,6 +25,7 @@ HANDSHAKE_TIMEOUT_S = 5.0  # s; a handshake is one small unary call
 RETRY_MIN_S = 1.0  # s before the first retry of a failed peer
 RETRY_MAX_S = 30.0  # s; backoff doubles up to this
 SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
+STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as a flap (2x RETRY_MAX_S)
 
 
 @dataclass
@@ -34,14 +35,20 @@ class Peer:
     info: PeerInfo
     conn: PeerConnection
     source: str
-    verified_at: float = field(default_factory=time.monotonic)
+    verified_at: float = field(default_factory=lambda: time.monotonic())
 
 
 @dataclass
 class _Attempt:
-    failures: int = 0
+    failures: int = 0  # failed tries in a row (handshakes, or drops counted as flaps)
+    flaps: int = 0  # drops soon after being verified, in a row
     retry_at: float = 0.0
     last_reason: str = ""
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds before the next try of a candidate that failed ``failures`` (>= 1) times in a row: 1, 2, 4 ... 30."""
+    return min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (failures - 1))
 
 
 class PeerManager:
@@ -61,6 +68,7 @@ class PeerManager:
         self.peers: dict[str, Peer] = {}
         self._by_address: dict[str, str] = {}
         self._attempts: dict[str, _Attempt] = {}
+        self._key_of: dict[str, str] = {}  # node id -> the candidate key it was verified through
         self._refused_logged: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
 
@@ -135,7 +143,8 @@ class PeerManager:
             await conn.aclose()  # our own static address
             attempt.retry_at = float("inf")
             return
-        self._attempts.pop(key, None)
+        attempt.failures, attempt.retry_at = 0, 0.0  # its flaps stay counted (see drop)
+        self._key_of[info.node_id] = key
         await self.add(info, conn, source)
         # The address we dialled may differ from the one the peer announces (localhost, a DNS record, another
         # interface): remember it too, so the next scan does not handshake the same peer again.
@@ -145,7 +154,12 @@ class PeerManager:
     def _backoff(self, attempt: _Attempt, reason: str) -> None:
         attempt.failures += 1
         attempt.last_reason = reason
-        attempt.retry_at = time.monotonic() + min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (attempt.failures - 1))
+        attempt.retry_at = time.monotonic() + retry_delay(attempt.failures)
+
+    def retry_at(self, key: str) -> float | None:
+        """When (time.monotonic) candidate ``key`` is tried next after failing; None if it is not failing."""
+        attempt = self._attempts.get(key)
+        return attempt.retry_at if attempt is not None and attempt.failures else None
 
     async def add(self, info: PeerInfo, conn: PeerConnection | None, source: str) -> None:
         """Make ``info`` a verified peer (a handshake succeeded, in either direction)."""
@@ -186,9 +200,12 @@ class PeerManager:
             return
         for address in [a for a, n in self._by_address.items() if n == node_id]:
             del self._by_address[address]
-        attempt = self._attempts.setdefault(node_id, _Attempt())
-        self._backoff(attempt, why)
-        attempt.retry_at = min(attempt.retry_at, time.monotonic() + RETRY_MIN_S)
+        attempt = self._attempts.setdefault(self._key_of.pop(node_id, node_id), _Attempt())
+        if time.monotonic() - peer.verified_at >= STABLE_S:
+            attempt.flaps = 0  # it was up for long: a one-off failure, retried after RETRY_MIN_S
+        attempt.flaps += 1
+        attempt.failures = attempt.flaps - 1
+        self._backoff(attempt, why)  # a peer dropped again soon after it was verified waits longer each time
         log.info("peer %s dropped: %s", node_id, why)
         await peer.conn.aclose()
         self._on_change()

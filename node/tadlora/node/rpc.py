@@ -43,6 +43,9 @@ from tadlora.node.wire import (
 from tadlora.v1 import node_pb2 as pb
 
 __all__ = [
+    "MAX_DEGREE",
+    "MAX_ROUND",
+    "MAX_TEXT_CHARS",
     "NODE_SERVICE_NAME",
     "PROTOCOL_VERSION",
     "BindError",
@@ -74,6 +77,11 @@ GRPC_SERVER_KEEPALIVE_MS: Final = 60_000  # ms between server pings on idle conn
 GRPC_KEEPALIVE_TIMEOUT_MS: Final = 10_000  # ms to wait for a ping's ack before the connection is dropped
 GRPC_MIN_PING_INTERVAL_MS: Final = 15_000  # ms; server tolerates pings this often, half the client's interval
 DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a server stops
+
+# Sanity caps on what a peer says about itself; anything over them is refused, never stored or computed with.
+MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
+MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
+MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address or method name (ids are <= 63)
 
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -113,6 +121,7 @@ class PeerInfo:
     method: str = ""
     insecure: bool = True  # the only transport so far; a TLS node will say False
     protocol_version: int = PROTOCOL_VERSION
+    last_mixed_round: int = 0  # 1 + the last round this node mixed with a neighbour; 0: never
 
     def __post_init__(self) -> None:
         if min(self.round, self.degree, self.protocol_version) < 0:
@@ -176,7 +185,11 @@ class StatusInfo:
 
 
 class NodeHandler(Protocol):
-    """What the node logic gives the transport; the server calls it for every incoming request."""
+    """What the node logic gives the transport; the server calls it for every incoming request.
+
+    Optionally it also has ``observe_refusal(what: str, exc: ExchangeRefused) -> None``, which the server calls
+    for every refusal it sends (including those made before the handler sees a request), e.g. to count them.
+    """
 
     def local_info(self) -> PeerInfo: ...
 
@@ -232,6 +245,23 @@ def check_compatible(local: PeerInfo, remote: PeerInfo) -> None:
     _check_peer(remote.protocol_version, remote.cluster, remote.fingerprint, ours=local)
 
 
+def check_sane(what: str, *, round: int, degree: int, texts: Iterable[str]) -> None:
+    """Raise `ExchangeRefused` unless a peer's self-description is within the caps: ROUND_MISMATCH for a round
+    over `MAX_ROUND`, BAD_PAYLOAD for a degree over `MAX_DEGREE` or a text field over `MAX_TEXT_CHARS`."""
+    if round > MAX_ROUND:
+        raise ExchangeRefused(Reason.ROUND_MISMATCH, f"{what} claims round {round}, over the cap of {MAX_ROUND}")
+    if degree > MAX_DEGREE:
+        raise ExchangeRefused(Reason.BAD_PAYLOAD, f"{what} claims degree {degree}, over the cap of {MAX_DEGREE}")
+    longest = max((len(text) for text in texts), default=0)
+    if longest > MAX_TEXT_CHARS:
+        raise ExchangeRefused(Reason.BAD_PAYLOAD, f"{what} has a text field of {longest} chars (cap {MAX_TEXT_CHARS})")
+
+
+def _check_info(info: PeerInfo, what: str) -> None:
+    texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method)
+    check_sane(what, round=info.round, degree=info.degree, texts=texts)
+
+
 def _check_peer(protocol_version: int, cluster: str, fingerprint: str, *, ours: PeerInfo | ExchangeHeader) -> None:
     if protocol_version != PROTOCOL_VERSION:
         raise ExchangeRefused(
@@ -271,6 +301,7 @@ def _info_to_pb(info: PeerInfo) -> pb.PeerInfo:
         address=info.address,
         method=info.method,
         insecure=info.insecure,
+        last_mixed_round=info.last_mixed_round,
     )
 
 
@@ -285,6 +316,7 @@ def _info_from_pb(msg: pb.PeerInfo) -> PeerInfo:
         address=msg.address,
         method=msg.method,
         insecure=msg.insecure,
+        last_mixed_round=msg.last_mixed_round,
     )
 
 
@@ -374,6 +406,8 @@ async def _receive_payload(
     if first is None or kind != "header":
         raise PayloadError(Reason.BAD_PAYLOAD, f"exchange stream opened with {kind or 'nothing'}, not a header")
     head = first.header
+    texts = (head.node_id, head.cluster, head.fingerprint, head.sha256)
+    check_sane("exchange header", round=head.round, degree=head.degree, texts=texts)
     check(head)
     assembler = Reassembler(head.total_bytes, head.sha256, head.num_chunks, max_payload_bytes=max_payload_bytes)
     async for message in iterator:
@@ -399,6 +433,15 @@ class _Responder:
     def __init__(self, handler: NodeHandler, *, max_payload_bytes: int) -> None:
         self._handler = handler
         self._max_payload_bytes = max_payload_bytes
+        # Optional: a handler with `observe_refusal(what, exc)` hears of every refusal this side gives (metrics).
+        self._observe: Callable[[str, ExchangeRefused], None] | None = getattr(handler, "observe_refusal", None)
+
+    def _refused(self, what: str, exc: ExchangeRefused) -> None:
+        if self._observe is not None:
+            try:
+                self._observe(what, exc)
+            except Exception:
+                log.exception("refusal observer failed")
 
     async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeReply:
         callee = None
@@ -408,14 +451,17 @@ class _Responder:
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "handshake carries no caller info")
             remote = _info_from_pb(request.caller)
+            _check_info(remote, "handshake caller")
             check_compatible(local, remote)
             await self._handler.async_handshake(remote)
         except ExchangeRefused as exc:
-            log.info("refused a handshake from %r: %s: %s", request.caller.node_id, exc.reason.name, exc.detail)
+            who = request.caller.node_id[:MAX_TEXT_CHARS]
+            log.info("refused a handshake from %r: %s: %s", who, exc.reason.name, exc.detail)
+            self._refused("handshake", exc)
             reason = _reason_to_wire(exc.reason)
             return pb.HandshakeReply(accepted=False, reason=reason, detail=exc.detail, callee=callee)
         except Exception:
-            log.exception("handshake from %r failed inside this node", request.caller.node_id)
+            log.exception("handshake from %r failed inside this node", request.caller.node_id[:MAX_TEXT_CHARS])
             internal = _reason_to_wire(Reason.INTERNAL)
             return pb.HandshakeReply(accepted=False, reason=internal, detail="internal error, see the callee's log")
         return pb.HandshakeReply(accepted=True, callee=callee)
@@ -440,6 +486,7 @@ class _Responder:
         async def answer() -> tuple[ExchangeHeader, Factors]:
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
+            _check_info(_info_from_pb(request.caller), "fetch caller")
             check_compatible(self._handler.local_info(), _info_from_pb(request.caller))
             at_round, factors = await self._handler.async_fetch(_info_from_pb(request.caller))
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round), factors
@@ -458,6 +505,7 @@ class _Responder:
             payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
         except ExchangeRefused as exc:
             log.info("refused a %s: %s: %s", what, exc.reason.name, exc.detail)  # plain values: records outlive calls
+            self._refused(what, exc)
             replies = [_refusal_message(exc)]
         except Exception:
             log.exception("%s failed inside this node", what)
@@ -492,6 +540,7 @@ class _Caller(abc.ABC):
         if not reply.HasField("callee"):
             raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} accepted without saying who it is")
         remote = _info_from_pb(reply.callee)
+        _check_info(remote, f"{self.address}'s handshake reply")
         check_compatible(info, remote)
         return remote
 

@@ -63,6 +63,16 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 
 
+def remove_torn_writes(out: Path) -> list[Path]:
+    """Delete temp files of atomic writes cut short by a crash (SIGKILL, power loss); only the node that owns
+    ``out`` may call it, at start-up, before it writes anything. Returns what was removed."""
+    torn = sorted(out.glob(".*.tmp"))
+    for path in torn:
+        log.info("removing %s, left by an interrupted write", path.name)
+        path.unlink(missing_ok=True)
+    return torn
+
+
 def load_identity(out: Path) -> dict[str, Any] | None:
     """``node.json`` if present."""
     path = out / IDENTITY

@@ -132,8 +132,9 @@ class FactorSpec:
         canonical = json.dumps([[k, list(s.shape), s.dtype] for k, s in self.tensors.items()], separators=(",", ":"))
         return hashlib.sha256(canonical.encode()).hexdigest()
 
-    def check(self, factors: Mapping[str, torch.Tensor]) -> None:
-        """Raise `PayloadError(BAD_PAYLOAD)` unless `factors` has exactly these keys, shapes, dtypes, finite values."""
+    def check(self, factors: Mapping[str, torch.Tensor], max_norm: float | None = None) -> None:
+        """Raise `PayloadError(BAD_PAYLOAD)` unless `factors` has exactly these keys, shapes, dtypes, finite values
+        and, with `max_norm`, no tensor of a Frobenius norm over it."""
         missing = self.tensors.keys() - factors.keys()
         unexpected = factors.keys() - self.tensors.keys()
         if missing or unexpected:
@@ -155,6 +156,13 @@ class FactorSpec:
                 )
             if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
                 raise PayloadError(Reason.BAD_PAYLOAD, f"factor {key!r} holds NaN or infinite values")
+            if max_norm is not None and (tensor.is_floating_point() or tensor.is_complex()):
+                norm = float(torch.linalg.vector_norm(tensor.detach().to(torch.float64 if tensor.is_floating_point()
+                                                                          else torch.complex128)))  # fmt: skip
+                if norm > max_norm:
+                    raise PayloadError(
+                        Reason.BAD_PAYLOAD, f"factor {key!r} has norm {norm:.3g}, over the cap of {max_norm:g}"
+                    )
 
 
 def encode_factors(factors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
@@ -196,7 +204,7 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     # safetensors.torch.load has already validated the header's framing and JSON; only __metadata__ is left.
     length = int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
     try:
-        header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length])
+        header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length], object_pairs_hook=_unique)
     except ValueError as exc:
         raise PayloadError(Reason.BAD_PAYLOAD, f"unreadable safetensors header: {exc}") from exc
     metadata = header.get("__metadata__") if isinstance(header, dict) else None
@@ -207,6 +215,16 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     ):
         raise PayloadError(Reason.BAD_PAYLOAD, "safetensors __metadata__ must map strings to strings")
     return metadata
+
+
+def _unique(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object without repeated keys: two entries for one tensor would make the payload mean two things."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set[str] = set()
+        repeated = {k for k, _ in pairs if k in seen or seen.add(k)}  # type: ignore[func-returns-value]
+        raise ValueError(f"repeated keys in the header: {_some(repeated)}")
+    return obj
 
 
 def digest(payload: bytes | memoryview) -> str:

@@ -10,6 +10,7 @@ from typing import Any
 
 from tadlora.adapter import LoraSpec
 from tadlora.core.methods import make_method, method_names, recommended_switch_interval, takes_switch_interval
+from tadlora.core.robust import parse_robust_mixing
 from tadlora.core.topology import make_topology
 from tadlora.training import TrainSpec
 
@@ -49,8 +50,10 @@ class SimConfig:
     device: str = "auto"
     max_group_sequences: int = 256  # batched engine: sequences per forward pass (bounds activation memory)
     checkpoint_every: int = 10  # rounds between mid-cell checkpoints (resume points)
+    robust_mixing: str = "none"  # none, clip:TAU or trim:F (tadlora.core.robust); as the daemon's flag
 
     def __post_init__(self) -> None:
+        parse_robust_mixing(self.robust_mixing)  # raises ValueError on a bad rule
         for method in self.methods:
             if method not in method_names():
                 raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")

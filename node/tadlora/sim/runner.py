@@ -10,6 +10,7 @@ checkpoint every ``checkpoint_every`` rounds, so an interrupted run resumes wher
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import sys
@@ -27,6 +28,7 @@ from tadlora.core.diagnostics import diagnose
 from tadlora.core.factors import Factors, num_bytes, select
 from tadlora.core.methods import Method, make_method
 from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
+from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.core.topology import Topology, make_topology
 from tadlora.data import TextDataset, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
@@ -38,7 +40,9 @@ from tadlora.workload import client_shards, eval_subset
 RoundRecord = dict[str, Any]
 
 
-def mix_round(method: Method, t: int, topology: Topology, snapshots: Sequence[Factors]) -> tuple[list[Factors], int]:
+def mix_round(
+    method: Method, t: int, topology: Topology, snapshots: Sequence[Factors], robust: RobustMixing | None = None
+) -> tuple[list[Factors], int]:
     """Every client's end-of-round mixing from the round-``t`` snapshots; also the bytes that would cross
     the network (each live link carries the sent factors once in each direction)."""
     adj = topology.adjacency(t)
@@ -47,7 +51,7 @@ def mix_round(method: Method, t: int, topology: Topology, snapshots: Sequence[Fa
     for i in range(topology.m):
         nbrs = [int(j) for j in np.flatnonzero(adj[i])]
         weights = local_weights(int(deg[i]), {j: int(deg[j]) for j in nbrs})
-        mixed.append(apply_method_mixing(method, t, snapshots[i], {j: snapshots[j] for j in nbrs}, weights))
+        mixed.append(apply_method_mixing(method, t, snapshots[i], {j: snapshots[j] for j in nbrs}, weights, robust))
     per_message = num_bytes(select(snapshots[0], sent_factors(method, t)))
     return mixed, int(adj.sum()) * per_message  # adj.sum() counts each link twice: one message each way
 
@@ -60,14 +64,16 @@ def simulate(
     eval_every: int,
     start_round: int = 0,
     on_round: Callable[[int, RoundRecord], None] | None = None,
+    robust: RobustMixing | None = None,
 ) -> list[RoundRecord]:
-    """Run rounds ``start_round .. rounds-1`` on ``engine``; return one record per round."""
+    """Run rounds ``start_round .. rounds-1`` on ``engine``; return one record per round (``robust``: see
+    `tadlora.core.robust`)."""
     records = []
     for t in range(start_round, rounds):
         trained = method.trained(t)
         losses = engine.train_round(t, trained)
         snapshots = [engine.get_factors(i) for i in range(engine.num_clients)]
-        mixed, sent = mix_round(method, t, topology, snapshots)
+        mixed, sent = mix_round(method, t, topology, snapshots, robust)
         for i, factors in enumerate(mixed):
             engine.set_factors(i, factors)
         diag = diagnose(mixed)
@@ -204,7 +210,11 @@ class Simulator:
         mine = json.loads(json.dumps(self.config.to_dict()))
         if stamp.exists():
             theirs = json.loads(stamp.read_text(encoding="utf-8"))
-            changed = sorted(k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES)
+            # A setting added since that run was started has its default there.
+            defaults = {f.name: f.default for f in dataclasses.fields(SimConfig) if isinstance(f.default, str)}
+            changed = sorted(
+                k for k in mine if mine[k] != theirs.get(k, defaults.get(k)) and k not in _RESUMABLE_CHANGES
+            )
             if changed:
                 raise ValueError(
                     f"{self.out} holds a run with different settings ({', '.join(changed)}); "
@@ -243,7 +253,8 @@ class Simulator:
                 atomic_write_json(partial, {"records": records})
 
         try:
-            simulate(engine, method, topology, cfg.rounds, cfg.eval_every, len(records), after_round)
+            robust = parse_robust_mixing(cfg.robust_mixing)
+            simulate(engine, method, topology, cfg.rounds, cfg.eval_every, len(records), after_round, robust)
         finally:
             close = getattr(engine, "close", None)
             if close is not None:

@@ -35,7 +35,7 @@ REFUSAL_REASON_DEADLINE: RefusalReason
 REFUSAL_REASON_INTERNAL: RefusalReason
 
 class PeerInfo(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure")
+    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -45,6 +45,7 @@ class PeerInfo(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     METHOD_FIELD_NUMBER: _ClassVar[int]
     INSECURE_FIELD_NUMBER: _ClassVar[int]
+    LAST_MIXED_ROUND_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     fingerprint: str
@@ -54,7 +55,8 @@ class PeerInfo(_message.Message):
     address: str
     method: str
     insecure: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ...) -> None: ...
+    last_mixed_round: int
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("caller",)

@@ -1,0 +1,226 @@
+"""Faults: SIGKILL at random points (training, exchange, checkpoint), a full disk while checkpointing, peers
+that keep failing or flap. A node always resumes from an intact checkpoint; its neighbour never stalls longer
+than a deadline; a failing peer is retried with growing delays."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import logging
+import os
+import random
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tadlora.fsutil
+from nodeproc import STARTUP_S, node_args, running_node, unique_tag
+from tadlora.node import peers as peers_module
+from tadlora.node import state
+from tadlora.node.daemon import Node
+from tadlora.node.peers import RETRY_MAX_S, PeerManager, retry_delay
+from tadlora.node.rpc import PeerInfo, PeerUnavailable
+from test_daemon import NO_PEERS, node_config
+
+log = logging.getLogger(__name__)
+
+EXCHANGE_TIMEOUT_S = 2.0  # s; --exchange-timeout of both nodes in the kill loop
+SLACK_S = 2.5  # s a round may take beyond the deadline: training and a checkpoint on shared cores
+KILL_WINDOW_S = 1.5  # s after the victim's first round line in which the SIGKILL lands (rounds take ~0.1-0.3 s)
+
+
+# ------------------------------------------------------------------------------------------ SIGKILL loop
+
+
+def kill_and_restart(tmp_path: Path, trials: int) -> None:
+    seed = int(os.environ.get("TADLORA_FAULT_SEED", time.time_ns() % 2**32))
+    print(f"fault injection seed: {seed} (rerun with TADLORA_FAULT_SEED={seed})")  # noqa: T201 - for reruns
+    rng = random.Random(seed)
+    tag = unique_tag()
+    # The survivor's id sorts first: it calls the victim, so a kill mid-exchange fails its call at once.
+    survivor_id, victim_id = f"a-{tag}", f"b-{tag}"
+    common = [
+        "--min-peers", "1", "--peer-wait", "60", "--exchange-timeout", str(EXCHANGE_TIMEOUT_S),
+        "--checkpoint-every", "1", "--eval-every", "100000", "--local-steps", "3",
+    ]  # fmt: skip
+    survivor_args = node_args(tag, survivor_id, tmp_path / "a", shard=0, num_shards=2, extra=common)
+    victim_out = tmp_path / "b"
+    victim_args = node_args(tag, victim_id, victim_out, shard=1, num_shards=2, extra=common)
+    last_round = torn_writes = 0
+    with running_node(tmp_path, "survivor", survivor_args, tmp_path / "a") as survivor:
+        survivor.serving()
+        for trial in range(trials):
+            with running_node(tmp_path, f"victim-{trial}", victim_args, victim_out) as victim:
+                victim.wait_for(r"\bround \d+ phase ", STARTUP_S)
+                if trial:
+                    victim.wait_for(rf"^resuming at round {last_round} from ", 0)
+                delay = rng.uniform(0.0, KILL_WINDOW_S)
+                time.sleep(delay)
+                victim.proc.kill()
+                assert victim.wait_exit(10) == -signal.SIGKILL
+            torn_writes += len(list(victim_out.glob(".*.tmp")))  # a kill that landed mid-write leaves its temp file
+            ckpt = state.load_checkpoint(victim_out)  # intact: it loads (a torn file raises)
+            assert ckpt is not None and ckpt.round >= last_round, (ckpt, last_round)
+            assert all(bool(torch.isfinite(v).all()) for v in ckpt.factors.values())
+            log.info("trial %d: killed %.2f s after its first round; checkpoint at round %d", trial, delay, ckpt.round)
+            last_round = ckpt.round
+            assert survivor.proc.poll() is None, survivor.tail()
+        print(f"{torn_writes} of {trials} kills landed mid-write; the restarts removed their temp files")  # noqa: T201
+        before = len(survivor.rounds())
+        survivor.wait_until(lambda: len(survivor.rounds()) >= before + 2, "two more rounds", 30)
+        assert state.load_checkpoint(tmp_path / "a") is not None
+    records = survivor.rounds()
+    assert len(records) > trials
+    slow = [r for r in records if r["seconds"] > EXCHANGE_TIMEOUT_S + SLACK_S]
+    assert not slow, slow  # no round ever waited for the dead victim longer than its deadline
+    assert any(victim_id in [n["id"] for n in r["neighbours"]] for r in records)  # and it did mix with it
+
+
+def test_a_node_killed_at_random_points_always_resumes_from_an_intact_checkpoint(tmp_path: Path) -> None:
+    kill_and_restart(tmp_path, trials=5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_twenty_random_kills_never_tear_a_checkpoint_nor_stall_the_neighbour(tmp_path: Path) -> None:
+    kill_and_restart(tmp_path, trials=20)
+
+
+# -------------------------------------------------------------------------------------------- full disk
+
+
+@pytest.mark.asyncio
+async def test_a_full_disk_loses_the_new_checkpoint_never_the_previous_and_the_node_keeps_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = node_config(tmp_path, 0, 1, NO_PEERS, rounds=None, min_peers=0, checkpoint_every=1)
+    real_fsync = os.fsync
+    disk_full = False
+
+    def fsync(fd: int) -> None:
+        if disk_full:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_fsync(fd)
+
+    monkeypatch.setattr(tadlora.fsutil.os, "fsync", fsync)
+    async with Node(cfg) as node:
+        task = asyncio.ensure_future(node.run())
+        try:
+            async with asyncio.timeout(60):
+                await node.async_wait_for_round(2)
+                # Between rounds the checkpoint of the round just finished may still be on its way: wait for it.
+                while (ckpt := state.load_checkpoint(cfg.out)) is None or ckpt.round < node.round:  # noqa: ASYNC110 - a file
+                    await asyncio.sleep(0.01)
+            disk_full = True
+            kept = state.load_checkpoint(cfg.out)
+            assert kept is not None
+            async with asyncio.timeout(60):
+                await node.async_wait_for_round(kept.round + 3)  # rounds go on while no checkpoint can be written
+            on_disk = state.load_checkpoint(cfg.out)
+            assert on_disk is not None and on_disk.round == kept.round
+            for key, value in kept.factors.items():
+                assert torch.equal(on_disk.factors[key], value)
+            assert not list(cfg.out.glob(".*.tmp"))  # the failed writes left no temp files
+            assert node.metrics.registry.get_sample_value("tadlora_checkpoint_failures_total") >= 2
+            disk_full = False
+        finally:
+            node.request_stop()
+            await task
+    final = state.load_checkpoint(cfg.out)
+    assert final is not None and final.round == node.round > kept.round  # with space again, the stop saved
+
+
+# ------------------------------------------------------------------------------------- failing peers
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+
+class FlakyConnection:
+    def __init__(self, transport: FlakyTransport, address: str) -> None:
+        self.transport, self.address = transport, address
+
+    async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+        self.transport.tries.append(self.transport.clock.now)
+        if not self.transport.up:
+            raise PeerUnavailable(self.address, "connection refused")
+        return PeerInfo(node_id="flaky", cluster=info.cluster, fingerprint=info.fingerprint, address=self.address)
+
+    async def aclose(self) -> None:
+        pass
+
+
+class FlakyTransport:
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock, self.up, self.tries = clock, False, list[float]()
+
+    def connect(self, address: str) -> Any:
+        return FlakyConnection(self, address)
+
+    def serve(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+def manager(monkeypatch: pytest.MonkeyPatch) -> tuple[PeerManager, FlakyTransport, FakeClock]:
+    clock = FakeClock()
+    monkeypatch.setattr(peers_module.time, "monotonic", clock.monotonic)
+    transport = FlakyTransport(clock)
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    return PeerManager(transport, lambda: me, lambda: [("10.0.0.9:7070", "10.0.0.9:7070", None)], lambda: None), \
+        transport, clock  # fmt: skip
+
+
+async def scan_for(pm: PeerManager, clock: FakeClock, seconds: float, step: float = 0.25) -> None:
+    end = clock.now + seconds
+    while clock.now < end:
+        await pm.scan()
+        clock.now += step
+
+
+def gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 2) for a, b in itertools.pairwise(times)]
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_keeps_failing_is_retried_with_doubling_delays_up_to_the_cap(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pm, transport, clock = manager(monkeypatch)
+    await scan_for(pm, clock, 200)
+    assert gaps(transport.tries)[:7] == [1.0, 2.0, 4.0, 8.0, 16.0, RETRY_MAX_S, RETRY_MAX_S]
+    assert set(gaps(transport.tries)[5:]) == {RETRY_MAX_S}
+    transport.up = True
+    clock.now += RETRY_MAX_S
+    await pm.scan()
+    assert "flaky" in pm.peers  # it came back: verified at the next try
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_flaps_waits_longer_after_each_drop_and_a_stable_one_is_forgiven(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pm, transport, clock = manager(monkeypatch)
+    transport.up = True
+    delays = []
+    for _ in range(5):  # verified, then failing again a moment later: a flap
+        await pm.scan()
+        assert "flaky" in pm.peers
+        clock.now += 0.5
+        await pm.drop("flaky", "exchange failed")
+        delays.append(round(pm.retry_at("10.0.0.9:7070") - clock.now, 2))  # type: ignore[operator]
+        clock.now = pm.retry_at("10.0.0.9:7070")  # type: ignore[assignment]
+    assert delays == [retry_delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 16.0]
+    await pm.scan()
+    clock.now += peers_module.STABLE_S  # up for long this time: its next failure is a one-off
+    await pm.drop("flaky", "exchange failed")
+    assert pm.retry_at("10.0.0.9:7070") == clock.now + 1.0

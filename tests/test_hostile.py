@@ -1,0 +1,392 @@
+"""Hostile input: whatever bytes or field values a peer sends, the decoder, the reassembler and the handshake
+answer with the documented refusal (`PayloadError` / `ExchangeRefused` / a refusing reply), never another
+exception, and never allocate more than what actually arrived."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import re
+import struct
+import tracemalloc
+from collections.abc import AsyncGenerator, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tadlora.node import grpc_transport, rpc
+from tadlora.node.rpc import (
+    MAX_TEXT_CHARS,
+    PROTOCOL_VERSION,
+    ExchangeHeader,
+    PeerInfo,
+    StatusInfo,
+    _Caller,
+    _receive_payload,
+    _Responder,
+)
+from tadlora.node.wire import (
+    MAX_CHUNK_BYTES,
+    ExchangeRefused,
+    FactorSpec,
+    PayloadError,
+    Reason,
+    Reassembler,
+    decode_factors,
+    digest,
+    encode_factors,
+)
+from tadlora.v1 import node_pb2 as pb
+
+NODE_SRC = Path(__file__).resolve().parents[1] / "node"
+CLUSTER, FINGERPRINT = "hostile-test", "f" * 64
+SPEC = FactorSpec({"a": ((2, 3), "float32"), "b": ((3,), "float16")})
+SMALL_PEAK = 1 << 20  # bytes: what a refused 100 GB header may cost at most (Python allocations)
+FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+# ------------------------------------------------------------------------ safetensors payloads by hand
+
+
+def safetensors_bytes(header: str | bytes, body: bytes = b"", declared_length: int | None = None) -> bytes:
+    raw = header.encode() if isinstance(header, str) else header
+    length = len(raw) if declared_length is None else declared_length
+    return struct.pack("<Q", length) + raw + body
+
+
+def entry(dtype: str, shape: list[int], start: int, end: int) -> str:
+    return json.dumps({"dtype": dtype, "shape": shape, "data_offsets": [start, end]})
+
+
+def assert_refused(payload: bytes, expected: FactorSpec | None = SPEC) -> PayloadError:
+    with pytest.raises(PayloadError) as refused:
+        decode_factors(payload, expected)
+    return refused.value
+
+
+def test_a_header_naming_one_tensor_twice_is_refused() -> None:
+    body = bytes(24)
+    header = '{"a":' + entry("F32", [2, 3], 0, 24) + ',"a":' + entry("F32", [2, 3], 0, 24) + "}"
+    refused = assert_refused(safetensors_bytes(header, body), None)
+    assert refused.reason is Reason.BAD_PAYLOAD
+
+
+def test_repeated_metadata_keys_are_refused() -> None:
+    header = '{"__metadata__":{"k":"1","k":"2"},"a":' + entry("F32", [1], 0, 4) + "}"
+    assert assert_refused(safetensors_bytes(header, bytes(4)), None).reason is Reason.BAD_PAYLOAD
+
+
+@pytest.mark.parametrize(
+    ("what", "payload"),
+    [
+        ("a 100 GB tensor over 24 bytes", safetensors_bytes('{"a":' + entry("F32", [25_000_000_000], 0, 24) + "}",
+                                                            bytes(24))),
+        ("offsets past the end", safetensors_bytes('{"a":' + entry("F32", [2, 3], 0, 1 << 40) + "}", bytes(24))),
+        ("a header length of 2^63", safetensors_bytes("{}", declared_length=1 << 63)),
+        ("a header length past the data", safetensors_bytes('{"a":1}', declared_length=1 << 30)),
+        ("an unknown dtype", safetensors_bytes('{"a":' + entry("X9", [2, 3], 0, 24) + "}", bytes(24))),
+        ("a negative dimension", safetensors_bytes('{"a":' + entry("F32", [-2, 3], 0, 24) + "}", bytes(24))),
+        ("overlapping tensors", safetensors_bytes(
+            '{"a":' + entry("F32", [2, 3], 0, 24) + ',"b":' + entry("F16", [3], 0, 6) + "}", bytes(24))),
+        ("a header that is a list", safetensors_bytes("[1,2,3]")),
+        ("metadata that maps to numbers", safetensors_bytes('{"__metadata__":{"k":1}}')),
+        ("not UTF-8", safetensors_bytes(b"\xff\xfe{}")),
+    ],
+)  # fmt: skip
+def test_hand_made_headers_are_refused_without_allocating_what_they_declare(what: str, payload: bytes) -> None:
+    tracemalloc.start()
+    try:
+        assert_refused(payload)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < SMALL_PEAK, f"{what}: {peak} bytes"
+
+
+@st.composite
+def hand_made_payloads(draw: st.DrawFn) -> bytes:
+    """Headers of plausible shape with arbitrary dtypes, shapes, offsets and keys, over an arbitrary body."""
+    keys = st.sampled_from(["a", "b", "c", "__metadata__", ""])
+    dtypes = st.sampled_from(["F32", "F16", "BF16", "F64", "I64", "U8", "BOOL", "F8_E4M3", "X9", ""])
+    entries = []
+    for _ in range(draw(st.integers(0, 4))):
+        start = draw(st.integers(0, 64))
+        end = draw(st.one_of(st.integers(0, 64), st.integers(0, 2**64)))
+        shape = draw(st.lists(st.one_of(st.integers(0, 8), st.integers(-(2**63), 2**64)), max_size=4))
+        value = json.dumps({"dtype": draw(dtypes), "shape": shape, "data_offsets": [start, end]})
+        entries.append(f"{json.dumps(draw(keys))}:{value}")
+    header = "{" + ",".join(entries) + "}"
+    body = draw(st.binary(max_size=64))
+    length = draw(st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+    return safetensors_bytes(header, body, length)
+
+
+@FAST
+@given(hand_made_payloads())
+def test_hand_made_payloads_raise_nothing_but_payload_error(payload: bytes) -> None:
+    with contextlib.suppress(PayloadError):
+        factors, _ = decode_factors(payload, SPEC)
+        SPEC.check(factors)  # whatever is accepted meets the spec
+
+
+@FAST
+@given(st.binary(max_size=2048), st.integers(0, 2048))
+def test_truncated_and_extended_valid_payloads_raise_nothing_but_payload_error(tail: bytes, cut: int) -> None:
+    valid = encode_factors({"a": torch.ones(2, 3), "b": torch.ones(3, dtype=torch.float16)})
+    for payload in (valid[: max(len(valid) - cut, 0)], valid + tail):
+        with contextlib.suppress(PayloadError):
+            decode_factors(payload, SPEC)
+
+
+# ---------------------------------------------------------------------------------------- reassembly
+
+
+@FAST
+@given(
+    st.integers(-(2**64), 2**64),
+    st.one_of(st.text(max_size=70), st.just(digest(b"x"))),
+    st.integers(-(2**32), 2**32),
+    st.lists(st.binary(max_size=64), max_size=6),
+)
+def test_any_header_and_chunks_raise_nothing_but_payload_error(
+    total: int, sha256: str, num_chunks: int, chunks: list[bytes]
+) -> None:
+    with contextlib.suppress(PayloadError):
+        assembler = Reassembler(total, sha256, num_chunks)
+        for data in chunks:
+            assembler.add(data)
+        payload = assembler.finish()
+        assert len(payload) == total and digest(payload) == sha256
+
+
+def test_a_declared_100_gb_payload_is_refused_before_anything_is_allocated() -> None:
+    tracemalloc.start()
+    try:
+        with pytest.raises(PayloadError) as refused:
+            Reassembler(100 << 30, digest(b""), (100 << 30) // MAX_CHUNK_BYTES)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert refused.value.reason is Reason.TOO_LARGE
+    assert peak < SMALL_PEAK
+
+
+def test_memory_follows_what_arrived_not_what_was_declared() -> None:
+    """Even with a cap as large as the declared size, nothing is reserved ahead of the chunks."""
+    tracemalloc.start()
+    try:
+        assembler = Reassembler(100 << 30, digest(b""), (100 << 30) // MAX_CHUNK_BYTES, max_payload_bytes=1 << 40)
+        for _ in range(3):
+            assembler.add(bytes(64 << 10))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * (64 << 10) + SMALL_PEAK
+
+
+@FAST
+@given(st.lists(st.sampled_from(["header", "chunk", "refusal", "empty", "garbled"]), max_size=6), st.data())
+def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data: st.DataObject) -> None:
+    def message(kind: str) -> pb.ExchangeMessage:
+        if kind == "header":
+            return pb.ExchangeMessage(header=pb.ExchangeHeader(
+                protocol_version=data.draw(st.sampled_from([PROTOCOL_VERSION, 0, 2**32 - 1])),
+                node_id=data.draw(st.text(max_size=300)), cluster=CLUSTER, fingerprint=FINGERPRINT,
+                round=data.draw(st.integers(0, 2**64 - 1)), degree=data.draw(st.integers(0, 2**32 - 1)),
+                total_bytes=data.draw(st.integers(0, 2**64 - 1)), sha256=data.draw(st.text(max_size=70)),
+                num_chunks=data.draw(st.integers(0, 2**32 - 1)),
+            ))  # fmt: skip
+        if kind == "chunk":
+            return pb.ExchangeMessage(chunk=data.draw(st.binary(max_size=32)))
+        if kind == "refusal":
+            return pb.ExchangeMessage(refusal=pb.Refusal(reason=data.draw(st.integers(0, 2**31 - 1)), detail="x"))
+        if kind == "garbled":
+            with contextlib.suppress(Exception):
+                return pb.ExchangeMessage.FromString(data.draw(st.binary(max_size=64)))
+        return pb.ExchangeMessage()
+
+    async def stream() -> AsyncGenerator[pb.ExchangeMessage, None]:
+        for kind in kinds:
+            yield message(kind)
+
+    async def receive() -> None:
+        ours = ExchangeHeader(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0, degree=1)
+        check = lambda head: rpc._check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=ours)  # noqa: E731
+        with contextlib.suppress(ExchangeRefused):
+            await _receive_payload(stream(), max_payload_bytes=1 << 20, check=check)
+
+    asyncio.run(receive())
+
+
+# ----------------------------------------------------------------------------------------- handshake
+
+
+class QuietHandler:
+    """A `NodeHandler` that accepts any compatible handshake."""
+
+    info = PeerInfo(node_id="callee", cluster=CLUSTER, fingerprint=FINGERPRINT, address="127.0.0.1:1", degree=1)
+
+    def local_info(self) -> PeerInfo:
+        return self.info
+
+    def expected_spec(self) -> FactorSpec | None:
+        return SPEC
+
+    def status(self) -> StatusInfo:
+        return StatusInfo(node=self.info)
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        pass
+
+    async def async_exchange(self, header: ExchangeHeader, factors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "no")
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, dict[str, Any]]:
+        raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "no")
+
+
+texts = st.one_of(st.text(max_size=40), st.text(min_size=MAX_TEXT_CHARS + 1, max_size=MAX_TEXT_CHARS + 2),
+                  st.just("x" * 100_000), st.just(CLUSTER), st.just(FINGERPRINT))  # fmt: skip
+
+
+@st.composite
+def garbled_infos(draw: st.DrawFn) -> pb.PeerInfo:
+    return pb.PeerInfo(
+        protocol_version=draw(st.sampled_from([PROTOCOL_VERSION, 0, 2, 2**32 - 1])),
+        cluster=draw(texts), fingerprint=draw(texts), node_id=draw(texts), address=draw(texts), method=draw(texts),
+        round=draw(st.sampled_from([0, 1, 2**40, 2**40 + 1, 2**63, 2**64 - 1])),
+        degree=draw(st.sampled_from([0, 1, 1024, 1025, 2**31, 2**32 - 1])),
+        insecure=draw(st.booleans()),
+    )  # fmt: skip
+
+
+@FAST
+@given(garbled_infos(), st.booleans())
+def test_garbled_handshakes_are_answered_with_a_reply_never_an_exception(info: pb.PeerInfo, present: bool) -> None:
+    responder = _Responder(QuietHandler(), max_payload_bytes=1 << 20)
+    request = pb.HandshakeRequest(caller=info) if present else pb.HandshakeRequest()
+    reply = asyncio.run(responder.handshake(request))
+    if reply.accepted:
+        assert (info.cluster, info.fingerprint, info.protocol_version) == (CLUSTER, FINGERPRINT, PROTOCOL_VERSION)
+        assert max(len(info.node_id), len(info.address), len(info.method)) <= MAX_TEXT_CHARS
+        assert info.round <= rpc.MAX_ROUND and info.degree <= rpc.MAX_DEGREE
+    else:
+        assert reply.reason not in (Reason.UNSPECIFIED, Reason.INTERNAL), reply.detail
+        assert len(reply.detail) < 1000  # the detail never echoes a huge field back
+
+
+class ScriptedCaller(_Caller):
+    """A caller whose 'peer' answers with a given reply."""
+
+    def __init__(self, reply: pb.HandshakeReply) -> None:
+        super().__init__("peer.test:1", max_payload_bytes=1 << 20)
+        self.reply = reply
+
+    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
+        return self.reply
+
+    async def _call_status(self, timeout: float) -> pb.StatusReply:
+        raise NotImplementedError
+
+    def _call_exchange(self, requests: Iterator[pb.ExchangeMessage], timeout: float) -> Any:
+        raise NotImplementedError
+
+    def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> Any:
+        raise NotImplementedError
+
+    async def aclose(self) -> None:
+        pass
+
+
+@FAST
+@given(garbled_infos(), st.booleans(), st.booleans(), st.integers(0, 2**31 - 1))
+def test_garbled_handshake_replies_raise_nothing_but_a_refusal(
+    info: pb.PeerInfo, accepted: bool, present: bool, reason: int
+) -> None:
+    reply = pb.HandshakeReply(accepted=accepted, reason=reason, detail="d")  # type: ignore[arg-type]
+    if present:
+        reply.callee.CopyFrom(info)
+    with contextlib.suppress(ExchangeRefused):
+        remote = asyncio.run(ScriptedCaller(reply).handshake(QuietHandler.info, timeout=1.0))
+        assert remote.cluster == CLUSTER and len(remote.node_id) <= MAX_TEXT_CHARS
+
+
+# ------------------------------------------------------------------------------ gRPC limits, no pickle
+
+
+def _as_dict(options: Any) -> dict[str, Any]:
+    return dict(options or ())
+
+
+def test_grpc_limits_are_set_explicitly_on_the_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict[str, Any] = {}
+    real = grpc.aio.server
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(options=_as_dict(kwargs.get("options")), max_rpcs=kwargs.get("maximum_concurrent_rpcs"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpc.aio, "server", spy)
+
+    async def start_stop() -> None:
+        async with grpc_transport.RpcServer(QuietHandler()):
+            pass
+
+    asyncio.run(start_stop())
+    options = seen["options"]
+    assert options["grpc.max_receive_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
+    assert options["grpc.max_send_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
+    assert options["grpc.max_concurrent_streams"] == rpc.GRPC_MAX_CONCURRENT_STREAMS
+    assert options["grpc.keepalive_time_ms"] == rpc.GRPC_SERVER_KEEPALIVE_MS
+    assert options["grpc.keepalive_timeout_ms"] == rpc.GRPC_KEEPALIVE_TIMEOUT_MS
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == rpc.GRPC_MIN_PING_INTERVAL_MS
+    assert seen["max_rpcs"] == rpc.GRPC_MAX_CONCURRENT_RPCS
+    assert rpc.GRPC_MAX_MESSAGE_BYTES > MAX_CHUNK_BYTES  # a chunk and its framing always fit
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_grpc_limits_are_set_explicitly_on_the_client(monkeypatch: pytest.MonkeyPatch, secure: bool) -> None:
+    seen: dict[str, Any] = {}
+    real = grpc.aio.secure_channel if secure else grpc.aio.insecure_channel
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        seen.update(_as_dict(kwargs.get("options")))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(grpc.aio, "secure_channel" if secure else "insecure_channel", spy)
+
+    async def connect() -> None:
+        creds = grpc.ssl_channel_credentials() if secure else None
+        client = grpc_transport.PeerClient("127.0.0.1:1", credentials=creds)
+        client._node_stub()
+        await client.aclose()
+
+    asyncio.run(connect())
+    assert seen["grpc.max_receive_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
+    assert seen["grpc.max_send_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
+    assert seen["grpc.keepalive_time_ms"] == rpc.GRPC_CLIENT_KEEPALIVE_MS
+    assert seen["grpc.keepalive_timeout_ms"] == rpc.GRPC_KEEPALIVE_TIMEOUT_MS
+    # The client pings no more often than the server tolerates, or the server would drop it.
+    assert rpc.GRPC_CLIENT_KEEPALIVE_MS >= rpc.GRPC_MIN_PING_INTERVAL_MS
+
+
+_UNSAFE = re.compile(r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.|(?<![\w.])torch\.load\(|\bcloudpickle\b|\bdill\b")
+
+
+def test_no_code_under_node_unpickles_checkpoints_and_payloads_load_with_safetensors() -> None:
+    assert _UNSAFE.search("x = torch.load(path)") and _UNSAFE.search("import pickle")
+    assert not _UNSAFE.search("safetensors.torch.load(data)")
+    offenders = [
+        f"{path.relative_to(NODE_SRC)}:{number}: {line.strip()}"
+        for path in sorted(NODE_SRC.rglob("*.py"))
+        if "/v1/" not in path.as_posix()
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if _UNSAFE.search(line)
+    ]
+    assert not offenders, offenders
+    assert "safetensors" in (NODE_SRC / "tadlora" / "node" / "state.py").read_text(encoding="utf-8")

@@ -1,0 +1,226 @@
+"""Every payload is checked before it is mixed: a hostile neighbour's bad exchanges are refused with the right
+reason (in the reply, the log and `tadlora_refusals_total`), and the honest nodes keep training."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+from tadlora.core.factors import Factors, select
+from tadlora.core.mixing import sent_factors
+from tadlora.node.daemon import Node
+from tadlora.node.discovery import PeersOption
+from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
+from tadlora.node.rpc import (
+    MAX_DEGREE,
+    MAX_ROUND,
+    PROTOCOL_VERSION,
+    ExchangeHeader,
+    PeerInfo,
+    StatusInfo,
+    _payload_messages,
+)
+from tadlora.node.wire import ExchangeRefused, Reason, chunk_count, digest, encode_factors
+from tadlora.v1 import node_pb2 as pb
+from test_daemon import node_config
+
+HOSTILE = "a-hostile"  # sorts before node-0, so the honest node waits for its call instead of calling it
+ROUND_S = 3.0  # s: the exchange deadline of the honest nodes, long enough for every hostile attempt
+
+
+@contextlib.asynccontextmanager
+async def honest_pair(tmp: Path, network: InMemoryNetwork, **changes) -> AsyncIterator[list[Node]]:
+    async with contextlib.AsyncExitStack() as stack:
+        nodes: list[Node] = []
+        for i in range(2):
+            peers = PeersOption(auto=False, static=tuple(n.address for n in nodes), dns=())
+            cfg = node_config(tmp, i, 2, peers, method="lora", rounds=None, min_peers=1, exchange_timeout=ROUND_S,
+                              **changes)  # fmt: skip
+            nodes.append(await stack.enter_async_context(Node(cfg, network)))
+        yield nodes
+
+
+def refusals(node: Node, reason: str) -> float:
+    return node.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": reason}) or 0.0
+
+
+def _nan(f: Factors) -> None:
+    next(iter(f.values()))[0, 0] = float("nan")
+
+
+def _inf(f: Factors) -> None:
+    next(iter(f.values()))[0, 0] = float("inf")
+
+
+def _huge(f: Factors) -> None:
+    next(iter(f.values())).fill_(1e6)  # finite, but its norm is far over --max-factor-norm
+
+
+def _reshaped(f: Factors) -> None:
+    key = next(iter(f))
+    f[key] = torch.zeros(f[key].shape[0] + 1, *f[key].shape[1:])
+
+
+def _extra(f: Factors) -> None:
+    f["evil.lora_A.weight"] = torch.zeros(2, 2)
+
+
+def _missing(f: Factors) -> None:
+    del f[next(iter(f))]
+
+
+def _retyped(f: Factors) -> None:
+    key = next(iter(f))
+    f[key] = f[key].to(torch.float64)
+
+
+BAD_FACTORS: list[tuple[str, Callable[[Factors], None]]] = [
+    ("NaN", _nan), ("inf", _inf), ("huge norm", _huge), ("wrong shape", _reshaped), ("extra key", _extra),
+    ("missing key", _missing), ("wrong dtype", _retyped),
+]  # fmt: skip
+
+
+async def raw_exchange(client: InMemoryClient, messages: list[pb.ExchangeMessage]) -> pb.ExchangeMessage:
+    """Send hand-made messages; the first reply message."""
+    replies = client._call_exchange(iter(messages), 10.0)
+    async with contextlib.aclosing(replies):
+        async for reply in replies:
+            return reply
+    raise AssertionError("no reply")
+
+
+@pytest.mark.asyncio
+async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_and_honest_nodes_keep_training(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="tadlora")
+    network = InMemoryNetwork()
+    async with honest_pair(tmp_path, network) as (n0, n1):
+        hostile = PeerInfo(node_id=HOSTILE, cluster=n0.config.cluster, fingerprint=n0.fingerprint,
+                           address="127.0.0.1:9", round=0, degree=2)  # fmt: skip
+        async with network.connect(n0.address) as client:
+            await client.handshake(hostile, timeout=5.0)  # a verified peer: a neighbour in round 0
+            tasks = [asyncio.ensure_future(n.run()) for n in (n0, n1)]
+            try:
+                good = select(n0.factors, sent_factors(n0.method, 0))
+                header = ExchangeHeader.from_info(hostile, at_round=0)
+                outcomes: dict[str, Reason] = {}
+                for name, spoil in BAD_FACTORS:
+                    bad = {k: v.clone() for k, v in good.items()}
+                    spoil(bad)
+                    with pytest.raises(ExchangeRefused) as caught:
+                        await client.exchange(header, bad, timeout=10.0)
+                    outcomes[name] = caught.value.reason
+                for name, changed in [
+                    ("degree 0", {"degree": 0}), (f"degree {MAX_DEGREE + 1}", {"degree": MAX_DEGREE + 1}),
+                    ("round far ahead", {"round": 10**6}), ("round past the cap", {"round": MAX_ROUND + 1}),
+                ]:  # fmt: skip
+                    fields = {**vars(header), **changed}
+                    with pytest.raises(ExchangeRefused) as caught:
+                        await client.exchange(ExchangeHeader(**fields), good, timeout=10.0)
+                    outcomes[name] = caught.value.reason
+                payload = encode_factors(good)
+                wrong = digest(payload + b"x")
+                reply = await raw_exchange(client, list(_payload_messages(header, payload, wrong)))
+                outcomes["bad digest"] = Reason(reply.refusal.reason)
+                head = pb.ExchangeHeader(protocol_version=PROTOCOL_VERSION, node_id=HOSTILE, cluster=header.cluster,
+                                         fingerprint=header.fingerprint, round=0, degree=1, total_bytes=100 << 30,
+                                         sha256=digest(b""), num_chunks=chunk_count(100 << 30))  # fmt: skip
+                reply = await raw_exchange(client, [pb.ExchangeMessage(header=head)])
+                outcomes["100 GB declared"] = Reason(reply.refusal.reason)
+                async with asyncio.timeout(60):
+                    await asyncio.gather(n0.async_wait_for_round(3), n1.async_wait_for_round(3))
+            finally:
+                for n in (n0, n1):
+                    n.request_stop()
+                await asyncio.gather(*tasks)
+    bad_payload = {name for name, _ in BAD_FACTORS} | {"degree 0", f"degree {MAX_DEGREE + 1}"}
+    assert outcomes == {
+        **dict.fromkeys(bad_payload, Reason.BAD_PAYLOAD),
+        "round far ahead": Reason.ROUND_MISMATCH,
+        "round past the cap": Reason.ROUND_MISMATCH,
+        "bad digest": Reason.DIGEST_MISMATCH,
+        "100 GB declared": Reason.TOO_LARGE,
+    }
+    assert refusals(n0, "BAD_PAYLOAD") == len(bad_payload)
+    assert refusals(n0, "DIGEST_MISMATCH") == 1 and refusals(n0, "TOO_LARGE") == 1
+    assert refusals(n0, "ROUND_MISMATCH") >= 2
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a exchange")]
+    assert sum("BAD_PAYLOAD" in m for m in logged) == len(bad_payload)
+    for n in (n0, n1):  # nothing hostile was mixed: the honest factors stay finite and sane
+        assert all(bool(torch.isfinite(v).all()) and float(v.norm()) < 1e3 for v in n.factors.values())
+    rounds = [r for r in _rounds(n0) if r["round"] >= 1]
+    assert rounds and all([x["id"] for x in r["neighbours"]] == ["node-1"] for r in rounds)
+
+
+def _rounds(node: Node) -> list[dict]:
+    from tadlora.node.state import read_rounds
+
+    return read_rounds(node.config.out)
+
+
+class HostileCallee:
+    """A `NodeHandler` that answers every exchange, each time with the next spoiled reply."""
+
+    def __init__(self, info: PeerInfo, good: Factors) -> None:
+        self.info, self.good = info, good
+        self.replies: list[tuple[int, Callable[[Factors], None] | None]] = [(0, None), (MAX_DEGREE, _huge), (1, _nan)]
+        self.calls = 0
+        self.degree = 1  # what local_info says: the reply header's degree
+
+    def local_info(self) -> PeerInfo:
+        return dataclasses.replace(self.info, degree=self.degree)
+
+    def expected_spec(self) -> None:
+        return None
+
+    def status(self) -> StatusInfo:
+        return StatusInfo(node=self.info)
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        pass
+
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
+        self.degree, spoil = self.replies[min(self.calls, len(self.replies) - 1)]
+        self.calls += 1
+        reply = {k: v.clone() for k, v in self.good.items()}
+        if spoil is not None:
+            spoil(reply)
+        return reply
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
+        raise ExchangeRefused(Reason.ROUND_MISMATCH, "no")
+
+    def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
+        pass
+
+
+@pytest.mark.asyncio
+async def test_a_callee_replying_with_a_bad_degree_or_absurd_factors_is_refused_by_the_caller(tmp_path: Path) -> None:
+    """The caller checks the reply as the callee checks the request: a hostile callee's degree 0 would otherwise
+    crash the weight computation, and its huge or NaN factors would be mixed."""
+    network = InMemoryNetwork()
+    probe = node_config(tmp_path, 0, 2, PeersOption(False, (), ()))
+    async with Node(dataclasses.replace(probe, out=tmp_path / "probe", min_peers=0), network) as model_of:
+        good = select(model_of.factors, sent_factors(model_of.method, 0))
+        info = PeerInfo(node_id="zz-hostile", cluster=probe.cluster, fingerprint=model_of.fingerprint,
+                        address="127.0.0.1:7", round=0, degree=1)  # fmt: skip
+    hostile = HostileCallee(info, good)
+    async with network.serve(hostile, "127.0.0.1:7"):
+        peers = PeersOption(auto=False, static=("127.0.0.1:7",), dns=())
+        cfg = node_config(tmp_path, 0, 2, peers, method="lora", rounds=3, min_peers=1, exchange_timeout=ROUND_S)
+        async with Node(cfg, network) as n0:
+            async with asyncio.timeout(60):
+                await n0.run()
+    assert hostile.calls == 3
+    assert refusals(n0, "BAD_PAYLOAD") == 3  # degree 0, a norm over the cap, NaN: each refused, none mixed
+    records = _rounds(n0)
+    assert [r["round"] for r in records] == [0, 1, 2] and all(r["neighbours"] == [] for r in records)
+    assert all(bool(torch.isfinite(v).all()) for v in n0.factors.values())
