@@ -151,7 +151,9 @@ class PeerClient(_Caller):
 
     def _node_stub(self) -> pb_grpc.NodeStub:
         if self._closed:
-            raise RuntimeError(f"PeerClient for {self.address} is closed")
+            # Closed by its owner, e.g. the peer was dropped while another task still held this connection:
+            # for that caller it is a transport failure like any other, not a programming error.
+            raise PeerUnavailable(self.address, "connection closed (the peer was dropped)")
         if self._stub is None:  # created on first use, inside the event loop that will drive it
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)

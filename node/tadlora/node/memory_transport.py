@@ -154,7 +154,9 @@ class InMemoryClient(_Caller):
 
     def _server(self) -> InMemoryServer:
         if self._closed:
-            raise RuntimeError(f"InMemoryClient for {self.address} is closed")
+            # Closed by its owner, e.g. the peer was dropped while another task still held this connection:
+            # for that caller it is a transport failure like any other, not a programming error.
+            raise PeerUnavailable(self.address, "connection closed (the peer was dropped)")
         return self._network._lookup(self.address)
 
     async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
