@@ -49,7 +49,10 @@ def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, lo
         for label, members in sorted(_by_label(runs).items()):
             xs, ys = _series(members, field)
             if len(xs):
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+                (line,) = ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+                if field == "acc_mean":  # the spread over clients, which a gap between methods must exceed
+                    _, std = _series(members, "acc_std")
+                    ax.fill_between(xs, ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(f"{topo}, p = {p:g}")
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
@@ -57,7 +60,8 @@ def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, lo
             ax.set_yscale("symlog", linthresh=1e-8)
         ax.grid(alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{results['config']['name']}: {ylabel} (mean over seeds)")
+    band = " (band: ± std over clients)" if field == "acc_mean" else ""
+    fig.suptitle(f"{results['config']['name']}: {ylabel}, mean over seeds{band}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
