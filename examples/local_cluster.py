@@ -1,7 +1,8 @@
 """Start a local cluster of tadlora nodes on this machine and print what they reached.
 
 The nodes are separate `tadlora-node` processes that find each other by mDNS on 127.0.0.1 (nothing leaves the
-machine), train the packaged MiniLM encoder on the shipped SST-2 slice (each its own label-skewed shard), mix
+machine) over mutual TLS with certificates the script makes first, train the packaged MiniLM encoder on the
+shipped SST-2 slice (each its own label-skewed shard), mix
 their LoRA factors with TAD-LoRA every round, and stop after --rounds. Offline; a few minutes on 2 cores.
 
     python examples/local_cluster.py                  # 3 nodes, 20 rounds
@@ -29,7 +30,7 @@ def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
         "--cluster", cluster, "--node-id", f"node-{i}", "--shard", str(i), "--num-shards", str(args.nodes),
         "--min-peers", str(args.nodes - 1), "--rounds", str(args.rounds), "--method", args.method,
         "--model", args.model, "--eval-every", str(args.eval_every), "--out", str(args.out / f"node-{i}"),
-        "--log-format", "text",
+        "--log-format", "text", "--tls-dir", str(args.out / "certs"),
     ]  # fmt: skip
 
 
@@ -46,6 +47,12 @@ def main() -> int:
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     cluster = f"demo-{uuid.uuid4().hex[:8]}"  # never mixes with another demo running on this machine
+    # Mutual TLS, as in production: a cluster CA and one certificate per node (tadlora-node certs ...).
+    certs = [sys.executable, "-m", "tadlora.node.cli", "certs"]
+    subprocess.run([*certs, "init", str(args.out / "certs"), "--cluster", cluster], check=True, capture_output=True)
+    for i in range(args.nodes):
+        issue = [*certs, "issue", f"node-{i}", "--dir", str(args.out / "certs")]
+        subprocess.run(issue, check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the nodes share the machine's cores
     procs = []
     started = time.monotonic()

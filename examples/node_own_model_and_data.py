@@ -54,6 +54,7 @@ def main() -> int:
         "--model", args.model, "--dataset", f"{data}?text=sentence&label=label", "--num-shards", "2",
         "--rounds", str(args.rounds), "--min-peers", "1", "--local-steps", "4", "--batch-size", "8",
         "--max-length", "16", "--eval-every", "2", "--lr", "5e-3", "--log-format", "text",
+        "--insecure",  # plaintext on loopback for brevity; see examples/local_cluster.py for TLS
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = []

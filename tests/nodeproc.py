@@ -231,5 +231,5 @@ def node_args(
     return [
         "--peers", "auto", "--listen", listen, "--cluster", cluster, "--node-id", node_id,
         "--out", str(out), "--shard", str(shard), "--num-shards", str(num_shards), "--log-format", "json",
-        *SMALL_RUN, *extra,
+        "--insecure", *SMALL_RUN, *extra,
     ]  # fmt: skip

@@ -51,6 +51,7 @@ def node_config(tmp: Path, i: int, m: int, peers: PeersOption, **changes) -> Nod
         "peer_wait": 30.0,
         "exchange_timeout": 30.0,
         "device": "cpu",
+        "insecure": True,  # plaintext on loopback; tests/test_tls.py runs nodes with certificates
     }
     base.update(changes)
     return NodeConfig(**base)

@@ -79,12 +79,14 @@ def test_compose_runs_three_nodes_on_one_network_each_with_its_shard_id_and_volu
         env = service["environment"]
         check_tadlora_variables(env)
         assert service["networks"] == ["tadlora"]
-        [volume] = service["volumes"]
+        volume, certs = service["volumes"]
         volume_name, mount = volume.split(":")
         assert volume_name in doc["volumes"] and mount == env["TADLORA_OUT"]
+        assert certs.split(":")[1:] == [env["TADLORA_TLS_DIR"], "ro"]  # certificates mounted read-only
         assert service["stop_signal"] == "SIGTERM"
         cfg = node_config_from(env, monkeypatch)
         assert cfg.node_id == name and cfg.peers.auto and cfg.mdns_interface == "eth0"
+        assert cfg.tls_dir is not None and not cfg.insecure  # mutual TLS by default
         assert cfg.listen == "0.0.0.0:7070"
         configs.append(cfg)
     assert sorted(c.shard for c in configs) == [0, 1, 2]

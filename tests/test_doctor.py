@@ -42,7 +42,7 @@ def doctor_args(tmp: Path, peers: str = "auto", **flags: str) -> list[str]:
         "browse-seconds": BROWSE_S,
     }
     args.update({k.replace("_", "-"): v for k, v in flags.items()})
-    return ["doctor", *(x for k, v in args.items() for x in (f"--{k}", v))]
+    return ["doctor", "--insecure", *(x for k, v in args.items() for x in (f"--{k}", v))]
 
 
 async def run_doctor(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:

@@ -16,7 +16,7 @@ from test_daemon import NO_PEERS, node_config
 def parse(argv: list[str], monkeypatch: pytest.MonkeyPatch, **env: str):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    return config_from_args(build_run_parser().parse_args(argv))
+    return config_from_args(build_run_parser().parse_args([*argv, "--insecure"]))
 
 
 def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) -> None:

@@ -75,7 +75,7 @@ def test_three_processes_find_each_other_by_mdns_train_every_round_together_and_
              served - launched, formed - served)  # fmt: skip
 
     # The nodes ran with the CLI's LoRA defaults, which are LoraSpec()'s.
-    assert config_from_args(build_run_parser().parse_args(["--out", str(tmp_path)])).lora == LoraSpec()
+    assert config_from_args(build_run_parser().parse_args(["--out", str(tmp_path), "--insecure"])).lora == LoraSpec()
     base = _load_base(ModelSpec(model="tiny", label_names=("negative", "positive"), lora=LoraSpec(), seed=0))[0]
     by_id = {node.node_id: node.rounds() for node in nodes}
     for i, node in enumerate(nodes):
@@ -306,7 +306,10 @@ def test_nodes_of_another_cluster_or_another_model_fingerprint_are_never_mixed_w
 # Configuration from the environment
 
 # One valid, non-default value per flag of `tadlora-node` (run).
+BOOLEAN_FLAGS = {"insecure"}  # store_true: given bare on the command line, as 1 in the environment
 FLAG_VALUES = {
+    "insecure": "1",
+    "tls_dir": "/etc/tadlora/certs",
     "peers": "auto,10.0.0.5:7070",
     "listen": "127.0.0.1:7171",
     "mdns_interface": "127.0.0.1",
@@ -353,7 +356,11 @@ def test_every_run_flag_reads_its_tadlora_variable_and_a_flag_still_wins(monkeyp
     parser = build_run_parser()
     dests = {a.dest: a for a in parser._actions if a.option_strings and a.dest != "help"}
     assert set(dests) == set(FLAG_VALUES), "a flag was added or removed: give it a value in FLAG_VALUES"
-    flags = [x for dest, value in FLAG_VALUES.items() for x in (dests[dest].option_strings[0], value)]
+    flags = [
+        x
+        for dest, value in FLAG_VALUES.items()
+        for x in ((dests[dest].option_strings[0],) if dest in BOOLEAN_FLAGS else (dests[dest].option_strings[0], value))
+    ]
     from_flags = vars(parser.parse_args(flags))
     for dest, value in FLAG_VALUES.items():
         monkeypatch.setenv(f"TADLORA_{dest.upper()}", value)
@@ -380,6 +387,7 @@ def test_a_node_configured_only_by_tadlora_variables_runs_as_they_say(tmp_path: 
         TADLORA_NODE_ID=f"env-{tag}",
         TADLORA_OUT=str(out),
         TADLORA_LOG_FORMAT="json",
+        TADLORA_INSECURE="1",
     )
     # No flags but the one nodeproc always adds (--mdns-interface 127.0.0.1) and --node-id, which beats its variable.
     with running_node(tmp_path, "env", ["--node-id", f"flag-{tag}"], out, env=env) as node:

@@ -1,7 +1,9 @@
 """`tadlora-node`: run a node, ask a running node for its status, or check a host before running one (doctor).
 
-  tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0
+  tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0 \
+               --node-id n0 --tls-dir certs/          # or --insecure, to run without TLS
   tadlora-node status 127.0.0.1:7070
+  tadlora-node certs init certs/ && tadlora-node certs issue n0 --dir certs/   # then --tls-dir certs --node-id n0
   tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
 Nodes of one cluster must be started with the same model, dataset, --num-shards, --method, --switch-interval,
@@ -54,6 +56,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--advertise-address", help="IPv4 address to announce (default: the listen/interface address)")
     g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")
     g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
+    g.add_argument(
+        "--tls-dir", type=Path, help="certificates: DIR/ca.crt and DIR/NODE_ID.crt/.key (see `tadlora-node certs`)"
+    )
+    g.add_argument(
+        "--insecure", action="store_true", help="run without TLS: plaintext, and anyone who reaches the port may join"
+    )
     g.add_argument("--link-prob", type=float, default=1.0, help="probability a link is up in a round (paper's p)")
     g.add_argument(
         "--max-neighbors", type=int, help="bound the degree: ring plus chords over sorted peer ids (default: all)"
@@ -131,6 +139,8 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         checkpoint_every=a.checkpoint_every,
         device=a.device,
         metrics_port=a.metrics_port,
+        tls_dir=a.tls_dir,
+        insecure=a.insecure,
         max_factor_norm=a.max_factor_norm,
         robust_mixing=a.robust_mixing,
     )
@@ -258,11 +268,41 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
+def certs_main(argv: list[str]) -> int:
+    """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`."""
+    p = argparse.ArgumentParser(prog="tadlora-node certs", description="Create the cluster CA and node certificates.")
+    sub = p.add_subparsers(dest="action", required=True)
+    init = sub.add_parser("init", help="create the cluster CA (DIR/ca.crt, DIR/ca.key)")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--cluster", default="default", help="cluster name, written into the CA's subject")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    iss = sub.add_parser("issue", help="issue DIR/NAME.crt and DIR/NAME.key signed by the cluster CA")
+    iss.add_argument("name", help="the node id that will use this certificate")
+    iss.add_argument("--dir", type=Path, required=True, help="the directory made by `certs init`")
+    iss.add_argument("--ip", action="append", default=[], help="an IP address to add to the certificate (repeat)")
+    iss.add_argument("--force", action="store_true", help="replace existing files")
+    a = p.parse_args(argv)
+    from tadlora.node import tls
+
+    try:
+        if a.action == "init":
+            path = tls.init_ca(a.dir, cluster=a.cluster, force=a.force)
+        else:
+            path = tls.issue(a.dir, a.name, ips=tuple(a.ip), force=a.force)
+    except (FileExistsError, ValueError) as exc:
+        sys.stderr.write(f"tadlora-node certs: error: {exc}\n")
+        return 2
+    sys.stdout.write(f"wrote {path}\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `tadlora-node`."""
     args = sys.argv[1:] if argv is None else argv
     if args and args[0] == "status":
         return status_main(args[1:])
+    if args and args[0] == "certs":
+        return certs_main(args[1:])
     if args and args[0] == "doctor":
         from tadlora.node.doctor import doctor_main
 

@@ -53,6 +53,8 @@ class NodeConfig:
     device: str = "auto"
     metrics_port: int | None = None
     max_payload_bytes: int = 512 << 20
+    tls_dir: Path | None = None  # cluster CA + this node's certificate (tadlora-node certs ...)
+    insecure: bool = False  # plaintext gRPC, explicitly asked for
     # Per-tensor Frobenius norm over which a neighbour's factor is refused (BAD_PAYLOAD): LoRA factors of a
     # healthy run stay in the single or low double digits, so this only catches absurd or hostile values.
     max_factor_norm: float = 1e4
@@ -83,6 +85,16 @@ class NodeConfig:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
+        if self.tls_dir is None and not self.insecure:
+            raise ValueError(
+                "no TLS certificates: create them with `tadlora-node certs init DIR` and "
+                "`tadlora-node certs issue NODE_ID --dir DIR`, then pass --tls-dir DIR --node-id NODE_ID; "
+                "or run without encryption or peer authentication with --insecure"
+            )
+        if self.tls_dir is not None and self.insecure:
+            raise ValueError("--tls-dir and --insecure contradict each other: choose one")
+        if self.tls_dir is not None and self.node_id is None:
+            raise ValueError("--tls-dir needs --node-id: it names this node's certificate (NODE_ID.crt/.key)")
 
     @property
     def model_spec_base(self) -> ModelSpec:

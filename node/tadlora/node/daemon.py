@@ -53,6 +53,7 @@ from tadlora.node.rpc import (
     StatusInfo,
     Transport,
 )
+from tadlora.node.tls import TlsMaterial
 from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
 from tadlora.training import Encoded, Interrupted, encode, evaluate, local_steps
 from tadlora.workload import client_shards, eval_subset
@@ -101,7 +102,13 @@ class Node:
 
     def __init__(self, config: NodeConfig, transport: Transport | None = None) -> None:
         self.config = config
-        self.transport: Transport = transport or GrpcTransport(max_payload_bytes=config.max_payload_bytes)
+        if transport is not None:
+            self.transport: Transport = transport
+        elif config.tls_dir is not None and config.node_id is not None:
+            material = TlsMaterial.from_dir(config.tls_dir, config.node_id)
+            self.transport = GrpcTransport.with_tls(material, max_payload_bytes=config.max_payload_bytes)
+        else:
+            self.transport = GrpcTransport(max_payload_bytes=config.max_payload_bytes)
         self.method: Method = make_method(config.method, config.switch_interval)
         self.node_id = ""
         self.fingerprint = ""
@@ -199,7 +206,7 @@ class Node:
                 cluster=cfg.cluster,
                 fingerprint=self.fingerprint,
                 protocol_version=PROTOCOL_VERSION,
-                secure=False,
+                secure=not cfg.insecure,
                 advertise_address=advertised_host,
             )
             self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
@@ -213,6 +220,11 @@ class Node:
             "node %s serving on %s (cluster %s, fingerprint %s, method %s, shard %d/%d)",
             self.node_id, self.address, cfg.cluster, self.fingerprint, self.method.name, cfg.shard, cfg.num_shards,
         )  # fmt: skip
+        if cfg.insecure:
+            log.warning(
+                "running WITHOUT TLS (--insecure): traffic is plaintext and any machine that reaches %s can join; "
+                "status and the mDNS record say so", self.address,
+            )  # fmt: skip
 
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""
@@ -347,7 +359,7 @@ class Node:
             round=self._round.t,
             degree=self._round.degree,
             method=self.method.name,
-            insecure=True,
+            insecure=self.config.insecure,
             protocol_version=PROTOCOL_VERSION,
             last_mixed_round=self._last_mixed,
         )

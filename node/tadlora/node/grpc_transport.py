@@ -26,6 +26,7 @@ from tadlora.node.rpc import (
     _Responder,
     _ServiceFault,
 )
+from tadlora.node.tls import TLS_SERVER_NAME, TlsMaterial
 from tadlora.node.wire import MAX_PAYLOAD_BYTES, ExchangeRefused, Reason
 from tadlora.v1 import node_pb2 as pb
 from tadlora.v1 import node_pb2_grpc as pb_grpc
@@ -74,8 +75,10 @@ class RpcServer:
         *,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         grace_s: float = DEFAULT_GRACE_S,
+        credentials: grpc.ServerCredentials | None = None,
     ) -> None:
         self.listen = listen
+        self._credentials = credentials  # None: plaintext (the node only allows that with --insecure)
         self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
         self._grace_s = grace_s
         self._server: grpc.aio.Server | None = None
@@ -102,7 +105,10 @@ class RpcServer:
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         try:
-            port = server.add_insecure_port(self.listen)
+            if self._credentials is None:
+                port = server.add_insecure_port(self.listen)
+            else:
+                port = server.add_secure_port(self.listen, self._credentials)
         except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
             port, detail = 0, str(exc)
         else:
@@ -158,7 +164,10 @@ class PeerClient(_Caller):
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
             else:
-                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=_CHANNEL_OPTIONS)
+                # Peers are dialled by IP; their certificates are checked against the cluster CA and the fixed
+                # name every node certificate carries.
+                options = (*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME))
+                self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=options)
             self._stub = pb_grpc.NodeStub(self._channel)
         return self._stub
 
@@ -243,13 +252,32 @@ class GrpcTransport:
     """`Transport` over gRPC: `serve` gives an `RpcServer`, `connect` a `PeerClient`."""
 
     def __init__(
-        self, *, credentials: grpc.ChannelCredentials | None = None, max_payload_bytes: int = MAX_PAYLOAD_BYTES
+        self,
+        *,
+        credentials: grpc.ChannelCredentials | None = None,
+        server_credentials: grpc.ServerCredentials | None = None,
+        max_payload_bytes: int = MAX_PAYLOAD_BYTES,
     ) -> None:
         self._credentials = credentials
+        self._server_credentials = server_credentials
         self._max_payload_bytes = max_payload_bytes
 
+    @classmethod
+    def with_tls(cls, material: TlsMaterial, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> GrpcTransport:
+        """Mutual TLS on both ends with the cluster CA in ``material``."""
+        return cls(
+            credentials=material.channel_credentials(),
+            server_credentials=material.server_credentials(),
+            max_payload_bytes=max_payload_bytes,
+        )
+
     def serve(self, handler: NodeHandler, listen: str, *, max_payload_bytes: int | None = None) -> RpcServer:
-        return RpcServer(handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
+        return RpcServer(
+            handler,
+            listen,
+            max_payload_bytes=max_payload_bytes or self._max_payload_bytes,
+            credentials=self._server_credentials,
+        )
 
     def connect(self, address: str) -> PeerClient:
         return PeerClient(address, credentials=self._credentials, max_payload_bytes=self._max_payload_bytes)

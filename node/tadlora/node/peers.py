@@ -117,6 +117,8 @@ class PeerManager:
             reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint})"
         elif cand.protocol_version != local.protocol_version:
             reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version})"
+        elif cand.secure == local.insecure:
+            reason = "it requires TLS and we run --insecure" if local.insecure else "it runs without TLS, we require it"
         if reason:
             self._log_refusal(cand.node_id, reason)
         return not reason

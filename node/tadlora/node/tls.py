@@ -1,0 +1,135 @@
+"""Mutual TLS between nodes: a cluster CA, node certificates, and the gRPC credentials built from them.
+
+Layout of a certificate directory (``tadlora-node certs init DIR`` / ``certs issue NAME --dir DIR``): ``ca.crt``
+and ``ca.key`` (the cluster CA; keep ``ca.key`` off the nodes), and ``NAME.crt`` / ``NAME.key`` per node. A node
+started with ``--tls-dir DIR --node-id NAME`` serves with its certificate, requires every caller to present one
+signed by the same CA, and checks the callee's the same way, so a machine without a certificate from the cluster
+CA cannot complete the TLS handshake and never becomes a peer. Nodes are dialled by IP address, so every node
+certificate also carries the fixed DNS name `TLS_SERVER_NAME`, which clients verify instead of the address.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+TLS_SERVER_NAME = "tadlora-node"  # DNS name in every node certificate; what clients verify (peers are dialled by IP)
+CA_DAYS = 3650  # days a cluster CA is valid
+NODE_DAYS = 825  # days a node certificate is valid (the CA/Browser Forum's former maximum)
+
+
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM bytes of the CA certificate and of this node's certificate and key."""
+
+    ca: bytes
+    cert: bytes
+    key: bytes
+
+    @classmethod
+    def from_dir(cls, directory: Path, name: str) -> TlsMaterial:
+        """Read ``ca.crt``, ``NAME.crt`` and ``NAME.key``; a clear error names what is missing and how to make it."""
+        paths = [directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"]
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(
+                f"TLS files missing: {', '.join(missing)}. Create them with `tadlora-node certs init {directory}` "
+                f"(once per cluster) and `tadlora-node certs issue {name} --dir {directory}`"
+            )
+        ca, cert, key = (p.read_bytes() for p in paths)
+        return cls(ca=ca, cert=cert, key=key)
+
+    def server_credentials(self) -> grpc.ServerCredentials:
+        """Serve with our certificate; require a client certificate signed by the cluster CA."""
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """Present our certificate; accept only a server certificate signed by the cluster CA."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+def _write_private(path: Path, data: bytes, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> Path:
+    """Create the cluster CA (``ca.crt``, ``ca.key``) in ``directory``; return the certificate's path."""
+    directory.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tadlora cluster CA ({cluster})")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=CA_DAYS))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
+        )  # digital_signature, key_cert_sign, crl_sign
+        .sign(key, hashes.SHA256())
+    )
+    _write_private(directory / "ca.key", _key_pem(key), force)
+    path = directory / "ca.crt"
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists; pass --force to replace it")
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path
+
+
+def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = False) -> Path:
+    """Issue ``NAME.crt``/``NAME.key`` signed by the CA in ``directory`` (for server and client use)."""
+    try:
+        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
+        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
+    except FileNotFoundError as exc:
+        raise ValueError(f"no CA in {directory}: run `tadlora-node certs init {directory}` first") from exc
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{directory / 'ca.key'} is not an EC key made by `tadlora-node certs init`")
+    key = ec.generate_private_key(ec.SECP256R1())
+    names: list[x509.GeneralName] = [x509.DNSName(TLS_SERVER_NAME), x509.DNSName(name)]
+    names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=NODE_DAYS))
+        .add_extension(x509.SubjectAlternativeName(names), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(directory / f"{name}.key", _key_pem(key), force)
+    path = directory / f"{name}.crt"
+    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return path

@@ -1,0 +1,80 @@
+"""Mutual TLS: only nodes with certificates from the cluster CA become peers; plaintext needs --insecure."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import stat
+from pathlib import Path
+
+import pytest
+
+from tadlora.node.cli import main
+from tadlora.node.daemon import Node
+from tadlora.node.discovery import PeersOption
+from tadlora.node.state import read_rounds
+from test_daemon import node_config, run_all
+
+
+def make_certs(directory: Path, *names: str) -> Path:
+    assert main(["certs", "init", str(directory), "--cluster", "test"]) == 0
+    for name in names:
+        assert main(["certs", "issue", name, "--dir", str(directory)]) == 0
+    return directory
+
+
+def test_certs_commands_make_a_ca_and_private_node_keys(tmp_path, capsys) -> None:
+    certs = make_certs(tmp_path / "certs", "node-0")
+    for name in ("ca.crt", "ca.key", "node-0.crt", "node-0.key"):
+        assert (certs / name).is_file()
+    for key in ("ca.key", "node-0.key"):
+        assert stat.S_IMODE((certs / key).stat().st_mode) == 0o600
+    assert main(["certs", "init", str(certs)]) == 2  # never overwrites a CA by accident
+    assert "--force" in capsys.readouterr().err
+    assert main(["certs", "issue", "x", "--dir", str(tmp_path / "nothing")]) == 2
+    assert "certs init" in capsys.readouterr().err
+
+
+def test_a_node_without_certificates_refuses_to_start_unless_insecure(tmp_path) -> None:
+    with pytest.raises(ValueError, match="tadlora-node certs init"):
+        node_config(tmp_path, 0, 1, PeersOption(False, (), ()), insecure=False)
+    node_config(tmp_path, 0, 1, PeersOption(False, (), ()), insecure=True)  # said explicitly: allowed
+
+
+def tls(tmp: Path, certs: Path, i: int, m: int, peers: tuple[str, ...], **changes):
+    return node_config(tmp, i, m, PeersOption(False, peers, ()), insecure=False, tls_dir=certs, **changes)
+
+
+@pytest.mark.asyncio
+async def test_nodes_with_certificates_from_the_cluster_ca_train_together_over_tls(tmp_path) -> None:
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(tls(tmp_path, certs, 0, 2, ())))
+        b = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 2, (a.address,))))
+        assert not a.local_info().insecure and not b.status().node.insecure
+        await run_all([a, b])
+    for i in (0, 1):
+        rounds = read_rounds(tmp_path / f"n{i}")
+        assert len(rounds) == 3 and all(r["degree"] == 1 and not r["missed"] for r in rounds)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("intruder", ["another CA", "no TLS"])
+async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(tmp_path, intruder) -> None:
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    rogue_certs = make_certs(tmp_path / "rogue", "node-2")  # a valid certificate, from the wrong CA
+    async with contextlib.AsyncExitStack() as stack:
+        # a waits for two peers, but only b can ever be verified: it starts alone with b after --peer-wait
+        a = await stack.enter_async_context(Node(tls(tmp_path, certs, 0, 3, (), peer_wait=3.0)))
+        if intruder == "another CA":
+            rogue_cfg = tls(tmp_path, rogue_certs, 2, 3, (a.address,), min_peers=0, rounds=2)
+        else:
+            rogue_cfg = node_config(tmp_path, 2, 3, PeersOption(False, (a.address,), ()), min_peers=0, rounds=2)
+        rogue = await stack.enter_async_context(Node(rogue_cfg))
+        b = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 3, (a.address, rogue.address), min_peers=1)))
+        async with asyncio.timeout(90):
+            await run_all([a, b, rogue])
+    for i in (0, 1):
+        for record in read_rounds(tmp_path / f"n{i}"):
+            assert "node-2" not in [n["id"] for n in record["neighbours"]] + record["missed"]
+    assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n2"))
