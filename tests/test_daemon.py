@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import threading
 from collections.abc import AsyncIterator
@@ -30,11 +31,16 @@ TRAIN = TrainSpec(local_steps=2, batch_size=4, max_length=32, lr=1e-2)
 NO_PEERS = PeersOption(auto=False, static=(), dns=())
 
 
+def cluster_name(tmp: Path) -> str:
+    """A cluster name unique to this test in this pytest session (concurrent sessions share 127.0.0.1's mDNS)."""
+    return f"test-{tmp.name}-{hashlib.blake2b(str(tmp).encode(), digest_size=4).hexdigest()}"
+
+
 def node_config(tmp: Path, i: int, m: int, peers: PeersOption, **changes) -> NodeConfig:
     base = {
         "out": tmp / f"n{i}",
         "node_id": client_name(i),
-        "cluster": f"test-{tmp.name}",
+        "cluster": cluster_name(tmp),
         "listen": "127.0.0.1:0",
         "peers": peers,
         "mdns_interface": "127.0.0.1",

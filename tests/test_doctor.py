@@ -19,7 +19,7 @@ from tadlora.node.discovery import PeersOption, parse_peers_option
 from tadlora.node.doctor import compare_peer
 from tadlora.node.hostcheck import multicast_route_interfaces
 from tadlora.node.rpc import PROTOCOL_VERSION
-from test_daemon import node_config
+from test_daemon import cluster_name, node_config
 from test_node_cli import free_port
 
 BROWSE_S = "2"  # s; the peer is registered before the doctor starts, so it answers the browse at once
@@ -29,7 +29,7 @@ def doctor_args(tmp: Path, peers: str = "auto", **flags: str) -> list[str]:
     """Doctor flags that match `node_config(tmp, ...)`'s nodes (tiny model, its LoRA, cluster and seed)."""
     args = {
         "peers": peers,
-        "cluster": f"test-{tmp.name}",
+        "cluster": cluster_name(tmp),
         "model": "tiny",
         "lora-r": "4",
         "lora-alpha": "8",
