@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, Iterator
-from typing import Self
+from typing import Any, Self
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -179,66 +179,46 @@ class PeerClient(_Caller):
             return ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} does not serve {NODE_SERVICE_NAME}")
         return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
 
-    def _closed_under_us(self) -> PeerUnavailable | None:
-        """grpc.aio cancels the calls of a channel that is closed (e.g. the peer was dropped by another task) by
-        raising CancelledError in their awaiters. That is a transport failure for the caller, not a cancellation
-        of it: unless our own task is being cancelled, report it as PeerUnavailable."""
-        task = asyncio.current_task()
-        if task is not None and task.cancelling():
-            return None
-        return PeerUnavailable(self.address, "connection closed during the call")
-
-    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
+    @contextlib.contextmanager
+    def _translated(self) -> Iterator[None]:
+        """Turn a call's gRPC failure into the protocol's errors. Also: grpc.aio cancels the calls of a channel that
+        is closed (e.g. the peer was dropped by another task) by raising CancelledError in their awaiters; unless
+        our own task is being cancelled, that is a transport failure for the caller, reported as PeerUnavailable."""
         try:
-            reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
+            yield
         except grpc.aio.AioRpcError as exc:
             raise self._failure(exc) from exc
         except asyncio.CancelledError:
-            if (closed := self._closed_under_us()) is None:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
                 raise
-            raise closed from None
-        return reply
+            raise PeerUnavailable(self.address, "connection closed during the call") from None
 
-    async def _call_status(self, timeout: float) -> pb.StatusReply:
+    async def _stream(self, call: Any) -> AsyncGenerator[pb.ExchangeMessage, None]:
         try:
-            reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        except asyncio.CancelledError:
-            if (closed := self._closed_under_us()) is None:
-                raise
-            raise closed from None
-        return reply
-
-    async def _call_exchange(
-        self, requests: Iterator[pb.ExchangeMessage], timeout: float
-    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        call = self._node_stub().Exchange(requests, timeout=timeout)
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        except asyncio.CancelledError:
-            if (closed := self._closed_under_us()) is None:
-                raise
-            raise closed from None
+            with self._translated():
+                async for message in call:
+                    yield message
         finally:
             call.cancel()  # a no-op once finished; stops the upload when we stop reading early
 
-    async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        call = self._node_stub().Fetch(request, timeout=timeout)
-        try:
-            async for message in call:
-                yield message
-        except grpc.aio.AioRpcError as exc:
-            raise self._failure(exc) from exc
-        except asyncio.CancelledError:
-            if (closed := self._closed_under_us()) is None:
-                raise
-            raise closed from None
-        finally:
-            call.cancel()
+    async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
+        with self._translated():
+            reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
+        return reply
+
+    async def _call_status(self, timeout: float) -> pb.StatusReply:
+        with self._translated():
+            reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
+        return reply
+
+    def _call_exchange(
+        self, requests: Iterator[pb.ExchangeMessage], timeout: float
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        return self._stream(self._node_stub().Exchange(requests, timeout=timeout))
+
+    def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        return self._stream(self._node_stub().Fetch(request, timeout=timeout))
 
     async def aclose(self) -> None:
         """Close the channel, cancelling calls in flight. Safe to call twice."""
