@@ -1,0 +1,91 @@
+"""Shared by the benchmark scripts: the machine description and the results files (JSON + a Markdown table)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+
+
+def machine() -> dict[str, Any]:
+    """CPU model, cores, memory, library versions and load: enough to tell two runs' machines apart."""
+    import grpc
+    import torch
+
+    cpu = "unknown"
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_gib = None
+    with open("/proc/meminfo", encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+    return {
+        "cpu_model": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": mem_gib,
+        "load_average_1_5_15": list(os.getloadavg()),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "grpcio": grpc.__version__,
+        "cuda_available": bool(torch.cuda.is_available()),
+        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+        "torch_threads": torch.get_num_threads(),
+        "platform": platform.platform(),
+    }
+
+
+def command() -> str:
+    """The command that produced the results, as one would type it from the repository root."""
+    script = os.path.relpath(Path(sys.argv[0]).resolve(), REPO)
+    env = f"OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']} " if "OMP_NUM_THREADS" in os.environ else ""
+    return env + shlex.join([".venv/bin/python", script, *sys.argv[1:]])
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    def cell(v: Any) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(
+    name: str, data: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence[Any]], notes: str = ""
+) -> None:
+    """benchmarks/results/NAME.json (data + machine + command) and NAME.md (the table and the notes)."""
+    RESULTS.mkdir(exist_ok=True)
+    doc = {"benchmark": name, "command": command(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+           "machine": machine(), **data}  # fmt: skip
+    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    m = doc["machine"]
+    text = (
+        f"# {name}\n\n`{doc['command']}`\n\n"
+        f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['memory_gib']} GiB, torch {m['torch']}, "
+        f"grpcio {m['grpcio']}, load average {m['load_average_1_5_15'][0]:.2f} at the end.\n\n"
+        + markdown_table(headers, rows)
+        + "\n"
+        + (f"\n{notes}\n" if notes else "")
+    )
+    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+    print(text)
+
+
+def median_range(values: Sequence[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)

@@ -1,0 +1,163 @@
+"""Simulator throughput (client local steps per second) and peak memory for m clients, both engines.
+
+Each configuration (engine, m) runs in a fresh subprocess, which reports its peak RSS (`resource.getrusage`
+ru_maxrss: torch allocates outside Python's heap, so tracemalloc would miss it). A round = the engine's
+`train_round` for every client + `mix_round` (Metropolis-Hastings mixing over an Erdos-Renyi graph, p = 0.5)
++ `set_factors`, i.e. the simulator loop without evaluation. One warm-up round, then the timed rounds.
+
+Memory is compared with what m separate models (one process per client, as m daemons would be) would need:
+* params: m x the bytes of one model's parameters + buffers;
+* processes: m x the measured peak RSS of a subprocess that builds one model (interpreter, torch and
+  transformers included: each daemon pays them).
+Two more subprocesses measure the baselines: "imports only" and "one model".
+
+    .venv/bin/python benchmarks/sim_throughput.py [--model tiny|minilm] [--clients 10 32 100] [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from _common import write_results
+
+SAMPLES_PER_CLIENT = 24  # label-skew over 3000 SST-2 examples allows at most 26 for 100 clients
+EVAL_SAMPLES = 16
+LINK_PROB = 0.5
+
+
+def _maxrss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def worker(args: argparse.Namespace) -> dict:
+    """Runs inside the subprocess; returns what it measured."""
+    import numpy as np
+    import torch
+
+    from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
+    from tadlora.core.methods import make_method
+    from tadlora.core.topology import make_topology
+    from tadlora.data import resolve_dataset
+    from tadlora.sim.engine import make_engine
+    from tadlora.sim.runner import mix_round
+    from tadlora.training import TrainSpec, encode
+    from tadlora.workload import client_shards, eval_subset
+
+    torch.set_num_threads(1)
+    if args.engine == "imports":
+        return {"maxrss_bytes": _maxrss_bytes()}
+    train_data = resolve_dataset("builtin:sst2-small", "train")
+    spec = ModelSpec(model=args.model, label_names=train_data.label_names, lora=LoraSpec(), seed=0)
+    model = AdapterModel(spec)
+    param_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    param_bytes += sum(b.numel() * b.element_size() for b in model.model.buffers())
+    if args.engine == "model":
+        return {"maxrss_bytes": _maxrss_bytes(), "param_buffer_bytes": param_bytes}
+    train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
+    encoded = encode(model.tokenizer, train_data, train.max_length)
+    shards = [encoded.subset(idx) for idx in client_shards(train_data, "label-skew", args.m, 0, SAMPLES_PER_CLIENT)]
+    dev = encode(model.tokenizer, eval_subset(resolve_dataset("builtin:sst2-small", "dev"), EVAL_SAMPLES),
+                 train.max_length)  # fmt: skip
+    engine = make_engine(args.engine, model, shards, dev, train, seed=0)
+    method = make_method("tad", None)
+    topology = make_topology("er", args.m, LINK_PROB, 0)
+
+    def one_round(t: int) -> tuple[float, float]:
+        started = time.perf_counter()
+        engine.train_round(t, method.trained(t))
+        trained = time.perf_counter()
+        snapshots = [engine.get_factors(i) for i in range(args.m)]
+        mixed, _ = mix_round(method, t, topology, snapshots)
+        for i, factors in enumerate(mixed):
+            engine.set_factors(i, factors)
+        return trained - started, time.perf_counter() - started
+
+    one_round(0)  # warm-up
+    train_s, total_s = [], []
+    for t in range(1, args.rounds + 1):
+        a, b = one_round(t)
+        train_s.append(a)
+        total_s.append(b)
+    steps = args.m * args.local_steps * args.rounds
+    return {
+        "maxrss_bytes": _maxrss_bytes(),
+        "param_buffer_bytes": param_bytes,
+        "client_steps": steps,
+        "train_s": float(np.sum(train_s)),
+        "round_s": float(np.sum(total_s)),
+        "client_steps_per_s": steps / float(np.sum(total_s)),
+        "client_steps_per_s_train_only": steps / float(np.sum(train_s)),
+    }
+
+
+def run_worker(args: argparse.Namespace, engine: str, m: int) -> dict:
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--engine", engine, "--m", str(m),
+           "--model", args.model, "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
+           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{engine} m={m} failed:\n{done.stderr[-3000:]}")
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result.update(engine=engine, m=m, subprocess_wall_s=time.perf_counter() - started)
+    print(f"{engine:>10} m={m:<4} {json.dumps({k: v for k, v in result.items() if 'per_s' in k or 'rss' in k})}",
+          flush=True)  # fmt: skip
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="tiny (default) or minilm")
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 32, 100])
+    parser.add_argument("--engines", nargs="+", default=["sequential", "batched"])
+    parser.add_argument("--rounds", type=int, default=2, help="timed rounds, after one warm-up round")
+    parser.add_argument("--local-steps", type=int, default=3)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--engine", help=argparse.SUPPRESS)
+    parser.add_argument("--m", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    imports = run_worker(args, "imports", 0)
+    one = run_worker(args, "model", 1)
+    runs = [run_worker(args, engine, m) for m in args.clients for engine in args.engines]
+    mib = 2**20
+    rows = []
+    for r in runs:
+        m = r["m"]
+        separate_procs = m * one["maxrss_bytes"]
+        rows.append((r["engine"], m, r["client_steps_per_s"], r["client_steps_per_s_train_only"],
+                     r["maxrss_bytes"] / mib, m * one["param_buffer_bytes"] / mib, separate_procs / mib,
+                     separate_procs / r["maxrss_bytes"]))  # fmt: skip
+    headers = ["engine", "m", "client-steps/s (train+mix)", "client-steps/s (train)", "peak RSS MiB",
+               "m x params+buffers MiB", "m x one-model RSS MiB", "m processes / simulator RSS"]  # fmt: skip
+    notes = (
+        f"Model {args.model}: one model's parameters + buffers = {one['param_buffer_bytes'] / mib:.1f} MiB; peak RSS "
+        f"of a process that only imports = {imports['maxrss_bytes'] / mib:.0f} MiB, that builds one model = "
+        f"{one['maxrss_bytes'] / mib:.0f} MiB. Local steps {args.local_steps}, batch {args.batch_size}, length "
+        f"{args.max_length}; {args.rounds} timed rounds after a warm-up round; method tad, ER graph p = {LINK_PROB}. "
+        "One torch thread per subprocess, configurations one after another on the shared 2-core machine: compare "
+        "rows of this table, not with other runs."
+    )
+    data = {"model": args.model, "train": {"local_steps": args.local_steps, "batch_size": args.batch_size,
+            "max_length": args.max_length}, "rounds": args.rounds, "imports_only": imports, "one_model": one,
+            "runs": runs}  # fmt: skip
+    write_results("sim_throughput", data, headers, rows, notes)
+
+
+if __name__ == "__main__":
+    main()
