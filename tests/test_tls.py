@@ -78,3 +78,27 @@ async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(
         for record in read_rounds(tmp_path / f"n{i}"):
             assert "node-2" not in [n["id"] for n in record["neighbours"]] + record["missed"]
     assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n2"))
+
+
+@pytest.mark.asyncio
+async def test_a_cluster_certificate_cannot_be_used_to_claim_another_node_id(tmp_path) -> None:
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    (tmp_path / "stolen").mkdir()
+    for name, src in (("ca.crt", "ca.crt"), ("node-9.crt", "node-0.crt"), ("node-9.key", "node-0.key")):
+        (tmp_path / "stolen" / name).write_bytes((certs / src).read_bytes())
+    with pytest.raises(ValueError, match="issued to"):  # a node refuses to start under a name its certificate lacks
+        TlsMaterial.from_dir(tmp_path / "stolen", "node-9")
+    # An impostor that skips that check: node-0's valid certificate, speaking as node-9.
+    stolen = TlsMaterial.from_dir(certs, "node-0")
+    async with contextlib.AsyncExitStack() as stack:
+        honest = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 2, (), min_peers=0, rounds=3)))
+        impostor_cfg = node_config(tmp_path, 9, 10, PeersOption(False, (honest.address,), ()), min_peers=0, rounds=2)
+        impostor = await stack.enter_async_context(Node(impostor_cfg, transport=GrpcTransport.with_tls(stolen)))
+        await run_all([honest, impostor])
+        refused = honest.metrics.refusals.labels("IDENTITY_MISMATCH")._value.get()
+    assert refused >= 1
+    assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n1"))
+    assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n9"))

@@ -36,24 +36,30 @@ __all__ = ["GrpcTransport", "PeerClient", "RpcServer"]
 log = logging.getLogger("tadlora.rpc")
 
 
+def _certified_name(context: grpc.aio.ServicerContext) -> str | None:
+    """The common name of the caller's verified TLS certificate; None on a plaintext server."""
+    names = context.auth_context().get("x509_common_name")
+    return names[0].decode() if names else None
+
+
 class _NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, responder: _Responder) -> None:
         self._responder = responder
 
     async def Handshake(self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext) -> pb.HandshakeReply:
-        return await self._responder.handshake(request)
+        return await self._responder.handshake(request, _certified_name(context))
 
     async def Exchange(
         self, request_iterator: AsyncIterable[pb.ExchangeMessage], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        async with contextlib.aclosing(self._responder.exchange(request_iterator)) as replies:
+        async with contextlib.aclosing(self._responder.exchange(request_iterator, _certified_name(context))) as replies:
             async for message in replies:
                 yield message
 
     async def Fetch(
         self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        async with contextlib.aclosing(self._responder.fetch(request)) as replies:
+        async with contextlib.aclosing(self._responder.fetch(request, _certified_name(context))) as replies:
             async for message in replies:
                 yield message
 

@@ -240,6 +240,15 @@ class BindError(RuntimeError):
         self.address = address
 
 
+def _check_identity(claimed: str, identity: str | None) -> None:
+    """With TLS, a caller may only speak as the node its certificate names."""
+    if identity is not None and claimed != identity:
+        raise ExchangeRefused(
+            Reason.IDENTITY_MISMATCH,
+            f"claims node id {claimed[:MAX_TEXT_CHARS]!r} but its certificate is for {identity[:MAX_TEXT_CHARS]!r}",
+        )
+
+
 def check_compatible(local: PeerInfo, remote: PeerInfo) -> None:
     """Raise `ExchangeRefused` (PROTOCOL/CLUSTER/FINGERPRINT_MISMATCH) unless the two nodes can exchange factors."""
     _check_peer(remote.protocol_version, remote.cluster, remote.fingerprint, ours=local)
@@ -443,7 +452,8 @@ class _Responder:
             except Exception:
                 log.exception("refusal observer failed")
 
-    async def handshake(self, request: pb.HandshakeRequest) -> pb.HandshakeReply:
+    async def handshake(self, request: pb.HandshakeRequest, identity: str | None = None) -> pb.HandshakeReply:
+        """``identity``: the caller's authenticated name (its TLS certificate's common name), None without TLS."""
         callee = None
         try:
             local = self._handler.local_info()
@@ -452,6 +462,7 @@ class _Responder:
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "handshake carries no caller info")
             remote = _info_from_pb(request.caller)
             _check_info(remote, "handshake caller")
+            _check_identity(remote.node_id, identity)
             check_compatible(local, remote)
             await self._handler.async_handshake(remote)
         except ExchangeRefused as exc:
@@ -466,14 +477,17 @@ class _Responder:
             return pb.HandshakeReply(accepted=False, reason=internal, detail="internal error, see the callee's log")
         return pb.HandshakeReply(accepted=True, callee=callee)
 
-    async def exchange(self, requests: AsyncIterable[pb.ExchangeMessage]) -> AsyncGenerator[pb.ExchangeMessage, None]:
+    async def exchange(
+        self, requests: AsyncIterable[pb.ExchangeMessage], identity: str | None = None
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
-            header, payload = await _receive_payload(
-                requests,
-                max_payload_bytes=self._max_payload_bytes,
-                check=lambda head: _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=local),
-            )
+
+            def check(head: pb.ExchangeHeader) -> None:
+                _check_identity(head.node_id, identity)  # before a byte of payload is read
+                _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=local)
+
+            header, payload = await _receive_payload(requests, max_payload_bytes=self._max_payload_bytes, check=check)
             factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
             reply = await self._handler.async_exchange(header, factors)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
@@ -482,11 +496,14 @@ class _Responder:
             async for message in replies:
                 yield message
 
-    async def fetch(self, request: pb.FetchRequest) -> AsyncGenerator[pb.ExchangeMessage, None]:
+    async def fetch(
+        self, request: pb.FetchRequest, identity: str | None = None
+    ) -> AsyncGenerator[pb.ExchangeMessage, None]:
         async def answer() -> tuple[ExchangeHeader, Factors]:
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
             _check_info(_info_from_pb(request.caller), "fetch caller")
+            _check_identity(request.caller.node_id, identity)
             check_compatible(self._handler.local_info(), _info_from_pb(request.caller))
             at_round, factors = await self._handler.async_fetch(_info_from_pb(request.caller))
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round), factors

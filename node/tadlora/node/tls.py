@@ -46,6 +46,10 @@ class TlsMaterial:
                 f"(once per cluster) and `tadlora-node certs issue {name} --dir {directory}`"
             )
         ca, cert, key = (p.read_bytes() for p in paths)
+        names = x509.load_pem_x509_certificate(cert).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        if [n.value for n in names] != [name]:
+            # Peers only accept a node under the name in its certificate; catch the mix-up here, at start-up.
+            raise ValueError(f"{paths[1]} is issued to {[n.value for n in names]}, not to node id {name!r}")
         return cls(ca=ca, cert=cert, key=key)
 
     def server_credentials(self) -> grpc.ServerCredentials:

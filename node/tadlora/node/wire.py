@@ -59,6 +59,7 @@ class Reason(enum.IntEnum):
     SHUTTING_DOWN = 9
     DEADLINE = 10
     INTERNAL = 11
+    IDENTITY_MISMATCH = 12
 
 
 class ExchangeRefused(Exception):
