@@ -597,9 +597,11 @@ class Node:
                 self._spawn(self._check_alive(j, t), f"check-alive {j}")
         self.last_snapshot = snapshot
         weights = local_weights(cur.degree, {j: d for j, (d, _) in received.items()})
-        mixed = apply_method_mixing(
-            self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights, cfg.robust_mixing
-        )
+        # In the worker too: DeCAF's SVDs (and large adapters in general) would otherwise stall the loop.
+        mixed = await self._in_worker(
+            apply_method_mixing,
+            self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights, cfg.robust_mixing,
+        )  # fmt: skip
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
         async with self._round_changed:
             self._factors = mixed
