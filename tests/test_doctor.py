@@ -72,8 +72,9 @@ async def test_a_ready_host_with_a_matching_peer_is_all_ok(tmp_path, capsys) -> 
         argv = doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port},dns:localhost:{port}")
         code, doc = await run_doctor_json(argv, capsys)
     assert code == 0 and doc["ok"]
-    not_ok = [c for c in doc["checks"] if c["status"] != "OK"]
+    not_ok = [c for c in doc["checks"] if c["status"] != "OK" and c["name"] != "tls"]
     assert not not_ok, not_ok
+    assert by_name(doc)["tls"]["status"] == "WARN"  # --insecure is allowed, but said out loud
     checks = by_name(doc)
     for name in ("interfaces", "mdns", "listen", "device", "out", "dataset", "model"):
         assert name in checks
@@ -146,3 +147,21 @@ def test_multicast_routes_are_read_from_the_kernel_table() -> None:
         "veth3\t0000000A\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n"  # 10.0.0.0/8
     )
     assert multicast_route_interfaces(table) == {"eth0", "veth1"}
+
+
+@pytest.mark.asyncio
+async def test_missing_certificates_are_a_fail_with_the_fix_and_issued_ones_are_ok(tmp_path, capsys) -> None:
+    from tadlora.node.doctor import check_tls
+    from tadlora.node.tls import init_ca, issue
+
+    argv = [a for a in doctor_args(tmp_path, browse_seconds="0.2") if a != "--insecure"]
+    code, doc = await run_doctor_json(argv, capsys)
+    assert code == 1
+    tls_check = by_name(doc)["tls"]
+    assert tls_check["status"] == "FAIL" and "certs init" in tls_check["fix"]
+    init_ca(tmp_path / "certs")
+    issue(tmp_path / "certs", "node-0")
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()), insecure=False, tls_dir=tmp_path / "certs")
+    assert check_tls(cfg).status == "OK"
+    wrong = node_config(tmp_path, 1, 2, PeersOption(False, (), ()), insecure=False, tls_dir=tmp_path / "certs")
+    assert check_tls(wrong).status == "FAIL"  # no certificate for node-1

@@ -170,9 +170,30 @@ async def async_check_peers(
 # ------------------------------------------------------------------------------------------------ main
 
 
+def check_tls(cfg: NodeConfig) -> Check:
+    """Certificates present, readable and issued to this node id; or --insecure said out loud."""
+    if cfg.insecure:
+        return Check("tls", "WARN", "--insecure: plaintext, and anyone who reaches the port may join", _TLS_FIX)
+    if cfg.tls_dir is None or cfg.node_id is None:
+        return Check("tls", "FAIL", "no certificates (--tls-dir DIR --node-id NAME)", _TLS_FIX)
+    from tadlora.node.tls import TlsMaterial
+
+    try:
+        TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id)
+    except (OSError, ValueError) as exc:
+        return Check("tls", "FAIL", str(exc), _TLS_FIX)
+    return Check("tls", "OK", f"mutual TLS with {cfg.tls_dir / (cfg.node_id + '.crt')}")
+
+
+_TLS_FIX = (
+    "tadlora-node certs init DIR (once per cluster), tadlora-node certs issue NODE_ID --dir DIR, "
+    "then --tls-dir DIR --node-id NODE_ID"
+)
+
+
 async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> list[Check]:
     """Run every check; mDNS browsing overlaps with loading the model."""
-    checks: list[Check] = await asyncio.to_thread(lambda: [check_interfaces()])
+    checks: list[Check] = await asyncio.to_thread(lambda: [check_interfaces(), check_tls(cfg)])
     mdns, addresses = await asyncio.to_thread(check_mdns_interface, cfg)
     checks.append(mdns)
     browse = asyncio.ensure_future(async_browse(addresses, browse_seconds)) if addresses else None
@@ -241,11 +262,18 @@ def doctor_main(argv: list[str]) -> int:
 
     a = build_doctor_parser().parse_args(argv)
     setup_logging(a.log_format, "WARNING")  # the checks are the output; a node's INFO lines would be noise
+    # No certificates yet is something to diagnose, not a reason to refuse: check the rest as if --insecure and
+    # report TLS as a FAIL with its fix.
+    no_tls = a.tls_dir is None and not a.insecure
+    a.insecure = a.insecure or no_tls
     try:
         cfg = config_from_args(a)
     except ValueError as exc:
         sys.stderr.write(f"tadlora-node doctor: error: {exc}\n")
         return 2
     checks = asyncio.run(async_doctor(cfg, max(a.browse_seconds, 0.0)))
+    if no_tls:
+        missing = Check("tls", "FAIL", "no certificates (--tls-dir DIR --node-id NAME)", _TLS_FIX)
+        checks = [missing if c.name == "tls" else c for c in checks]
     sys.stdout.write(report(checks, a.json))
     return 0 if all(c.status != "FAIL" for c in checks) else 1
