@@ -56,7 +56,7 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the nodes share the machine's cores
     procs = []
     started = time.monotonic()
-    print(f"starting {args.nodes} nodes (cluster {cluster}); logs in {args.out}/node-*.log")
+    print(f"starting {args.nodes} nodes (cluster {cluster}); logs in {args.out}/node-*.log", flush=True)
     try:
         for i in range(args.nodes):
             log = (args.out / f"node-{i}.log").open("w")
