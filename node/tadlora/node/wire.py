@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Final, NamedTuple
 
-import safetensors.torch
 import torch
+from safetensors.torch import load as safetensors_load  # safetensors: parses, never executes
+from safetensors.torch import save as safetensors_save
 
 __all__ = [
     "MAX_CHUNK_BYTES",
@@ -180,7 +181,7 @@ def encode_factors(factors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
             flat = flat.clone()  # safetensors refuses tensors that share memory (tied or sliced factors)
         storages.add(flat.untyped_storage().data_ptr())
         prepared[key] = flat
-    return safetensors.torch.save(prepared, metadata=dict(metadata) if metadata is not None else None)
+    return safetensors_save(prepared, metadata=dict(metadata) if metadata is not None else None)
 
 
 def decode_factors(
@@ -192,7 +193,7 @@ def decode_factors(
     """
     data = bytes(payload)
     try:
-        factors = safetensors.torch.load(data)
+        factors = safetensors_load(data)
     except Exception as exc:  # untrusted bytes: every failure is the sender's defect
         raise PayloadError(Reason.BAD_PAYLOAD, f"not a valid safetensors payload: {exc}") from exc
     metadata = _read_metadata(data)
@@ -202,7 +203,7 @@ def decode_factors(
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:
-    # safetensors.torch.load has already validated the header's framing and JSON; only __metadata__ is left.
+    # safetensors_load has already validated the header's framing and JSON; only __metadata__ is left.
     length = int.from_bytes(data[:_HEADER_LENGTH_BYTES], "little")
     try:
         header = json.loads(data[_HEADER_LENGTH_BYTES : _HEADER_LENGTH_BYTES + length], object_pairs_hook=_unique)
