@@ -62,6 +62,10 @@ log = logging.getLogger("tadlora.node")
 
 FETCH_TIMEOUT_S = 60.0  # s for a catch-up download of a full adapter
 SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
+# A caller up to this many rounds ahead is kept waiting (within its deadline) while we run the rounds between; one
+# further ahead is refused and we catch up by Fetch. Refusing at once left a node that had just caught up with a
+# fast group two rounds behind it forever: the group never waited, and each catch-up landed behind again.
+WAIT_GAP_ROUNDS = 8  # rounds
 
 
 @dataclass
@@ -446,7 +450,7 @@ class Node:
                     # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
                     cur.ahead.add(header.node_id)
                     self._round_changed.notify_all()
-                if r > cur.t + 1:
+                if r > cur.t + WAIT_GAP_ROUNDS:
                     self._round_gap = True
                     raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
                 if r == cur.t and cur.snapshot is not None:
