@@ -1,0 +1,103 @@
+"""The paper's table from a simulator preset: every method x p x seed, a T sweep, plots, and a verdict.
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/paper_table.py --preset cpu-sst2 [--out DIR] [--report-only]
+
+Runs (or resumes) two simulator grids into DIR (default benchmarks/paper/PRESET):
+* DIR/methods: tad, adf, lora, ffa, rolora, decaf, tad-nojoint x the preset's p x its seeds (T = auto);
+* DIR/T-sweep: tad with T in {1, 2, 3, 5, 10, 15} at the preset's lowest and highest p.
+Each finished cell is its own file (DIR/*/cells/KEY.json) and an unfinished one is checkpointed, so an
+interrupted run resumes where it stopped; a cell that both grids contain (e.g. tad T=1 at p=0.5) runs once.
+Each grid writes its results.json and plots; DIR/table.md and DIR/table.json hold the table and the check of the
+paper's claims (tadlora.sim.paper). --report-only runs nothing and reports the cells finished so far, which is
+how to look at a grid that is still running elsewhere.
+
+A cpu-sst2 cell takes about 45-70 minutes on 2 CPU cores (docs/simulator.md): the full cpu-sst2 table
+(21 method cells + 11 sweep cells per seed) is days of CPU; on a GPU, minutes per cell.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import argparse
+import dataclasses
+import shutil
+import sys
+from pathlib import Path
+
+from tadlora.cliutil import csv_list
+from tadlora.fsutil import atomic_write_json
+from tadlora.sim.config import PRESETS, SimConfig, preset
+from tadlora.sim.paper import markdown, paper_grids
+from tadlora.sim.runner import Simulator
+
+HERE = Path(__file__).resolve().parent
+
+
+def share_cells(grids: dict[str, tuple[SimConfig, Path]]) -> int:
+    """Copy every finished cell that one grid holds and another grid also contains; return how many."""
+    copied = 0
+    for name, (config, out) in grids.items():
+        wanted = {cell.key for cell in config.cells()}
+        for other, (_config, other_out) in grids.items():
+            if other == name:
+                continue
+            for path in sorted((other_out / "cells").glob("*.json")):
+                target = out / "cells" / path.name
+                if path.stem in wanted and not path.name.endswith(".partial.json") and not target.exists():
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(path, target)
+                    copied += 1
+    return copied
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the simulator preset to tabulate")
+    parser.add_argument("--out", type=Path, help="output directory (default benchmarks/paper/PRESET)")
+    parser.add_argument("--seeds", type=csv_list(int), help="comma list of seeds (default: the preset's)")
+    parser.add_argument("--rounds", type=int, help="rounds per cell (default: the preset's; for a quick look)")
+    parser.add_argument("--only", choices=("methods", "T-sweep"), help="run only this grid (both are reported)")
+    parser.add_argument("--report-only", action="store_true", help="run nothing: table the finished cells")
+    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    args = parser.parse_args(argv)
+
+    base = preset(args.preset)
+    if args.seeds:
+        base = dataclasses.replace(base, seeds=tuple(args.seeds))
+    if args.rounds:
+        base = dataclasses.replace(base, rounds=args.rounds)
+    out: Path = args.out or HERE / "paper" / args.preset
+    methods, sweep = paper_grids(base)
+    grids = {"methods": (methods, out / "methods"), "T-sweep": (sweep, out / "T-sweep")}
+
+    results = {}
+    for name, (config, grid_out) in grids.items():
+        share_cells(grids)
+        skip = args.report_only or (args.only is not None and args.only != name)
+        try:
+            results[name] = Simulator(config, grid_out, quiet=args.quiet).run(report_only=skip)
+        except ValueError as exc:  # another run's settings in this directory, a bad setting
+            print(f"paper_table: error: {exc}", file=sys.stderr)
+            return 2
+
+    text, verdict = markdown(results["methods"], results["T-sweep"], f"{args.preset}: the paper's table")
+    (out / "table.md").write_text(text, encoding="utf-8")
+    atomic_write_json(
+        out / "table.json",
+        {
+            "preset": args.preset,
+            "config": base.to_dict(),
+            "claims": [dataclasses.asdict(c) for c in verdict],
+            "summary": {name: r["summary"] for name, r in results.items()},
+            "missing_cells": {name: r["missing_cells"] for name, r in results.items()},
+        },
+    )
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""The paper's table: the grids that reproduce it from a preset, and the table and verdict from their results.
+
+Two grids come from one preset (``paper_grids``):
+
+* the **method grid**: every method × the preset's link probabilities p × its seeds, T = auto for the methods
+  that take it (TAD-LoRA's topology-aware interval);
+* the **T sweep**: ``tad`` with T ∈ {1, 2, 3, 5, 10, 15} at the preset's lowest and highest p.
+
+``paper_table`` turns the finished cells of both into a table (mean ± spread of the clients' final dev accuracy)
+and checks the paper's three claims about TAD-LoRA against it:
+
+1. *competitive at high connectivity*: at the highest p no other method is ahead of ``tad`` by more than the spread;
+2. *ahead at low connectivity*: at the lowest p, ``tad`` is ahead of every other method by more than the spread;
+3. *best T grows as connectivity falls*: the best T of the sweep at the lowest p is larger than at the highest p.
+
+"The spread" is the larger of the two methods' standard deviations over seeds when both have two seeds or more,
+and otherwise the larger of their mean standard deviations over clients (a harsher bar: label skew makes clients
+differ far more than seeds do). A claim whose cells are not all finished is reported as incomplete, with what the
+finished cells say so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tadlora.sim.config import ALL_METHODS, SimConfig
+
+SWEEP_INTERVALS: tuple[int, ...] = (1, 2, 3, 5, 10, 15)
+SWEEP_METHOD = "tad"
+
+
+def paper_grids(base: SimConfig) -> tuple[SimConfig, SimConfig]:
+    """The method grid and the T sweep for ``base`` (its data, model, budget, p and seeds are kept)."""
+    grid = dataclasses.replace(
+        base,
+        name=f"{base.name}-methods",
+        methods=ALL_METHODS,
+        switch_intervals=("auto",),
+        sweep_methods=("tad", "tad-nojoint"),
+    )
+    ps = sorted(set(base.link_probs))
+    sweep = dataclasses.replace(
+        base,
+        name=f"{base.name}-T-sweep",
+        methods=(SWEEP_METHOD,),
+        link_probs=tuple(sorted({ps[0], ps[-1]}, reverse=True)),
+        switch_intervals=SWEEP_INTERVALS,
+        sweep_methods=(SWEEP_METHOD,),
+    )
+    return grid, sweep
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One (method, p, T) of a table: the client-mean accuracy averaged over its finished seeds."""
+
+    mean: float
+    client_std: float  # mean over seeds of the std over clients
+    seed_std: float  # std over seeds of the client mean (0 with one seed)
+    seeds: int
+
+    def spread(self, other: Entry) -> tuple[float, str]:
+        """The bar a gap between ``self`` and ``other`` must clear (see the module docstring)."""
+        if self.seeds >= 2 and other.seeds >= 2:
+            return max(self.seed_std, other.seed_std), "seeds"
+        return max(self.client_std, other.client_std), "clients"
+
+    def text(self) -> str:
+        out = f"{self.mean:.3f} ± {self.client_std:.3f}"
+        return out + (f" (seeds ± {self.seed_std:.3f}, n={self.seeds})" if self.seeds >= 2 else " (n=1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """One of the paper's claims checked against the table."""
+
+    name: str
+    status: str  # "reproduced", "not reproduced" or "incomplete"
+    detail: str
+
+
+def entries(summary: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float, int | None], Entry]:
+    """(method, p, T) → Entry, from the ``summary`` rows of a simulator results.json (one topology assumed)."""
+    out = {}
+    for row in summary:
+        if row.get("acc_mean") is None:
+            continue
+        out[(row["method"], float(row["link_prob"]), row["switch_interval"])] = Entry(
+            mean=row["acc_mean"], client_std=row["acc_client_std"], seed_std=row["acc_seed_std"], seeds=row["seeds"]
+        )
+    return out
+
+
+def _by_method(table: Mapping[tuple[str, float, int | None], Entry], p: float) -> dict[str, Entry]:
+    """The method grid's entry of every method at p (its T is whatever auto/default chose)."""
+    return {m: e for (m, q, _t), e in table.items() if math.isclose(q, p)}
+
+
+def _compare(at_p: Mapping[str, Entry], expected: int) -> tuple[str, str] | None:
+    """How tad stands against the best other method at one p: (relation, detail), or None without tad."""
+    if SWEEP_METHOD not in at_p or len(at_p) < 2:
+        return None
+    tad = at_p[SWEEP_METHOD]
+    rival_name, rival = max(((m, e) for m, e in at_p.items() if m != SWEEP_METHOD), key=lambda me: me[1].mean)
+    gap = tad.mean - rival.mean
+    spread, kind = tad.spread(rival)
+    relation = "ahead" if gap > spread else "behind" if gap < -spread else "within the spread"
+    missing = "" if len(at_p) >= expected else f"; only {len(at_p)} of {expected} methods finished"
+    detail = (
+        f"tad {tad.mean:.3f} vs best other {rival_name} {rival.mean:.3f}: gap {gap:+.3f}, "
+        f"spread over {kind} {spread:.3f} → {relation}{missing}"
+    )
+    return relation, detail
+
+
+def claims(
+    grid: Mapping[tuple[str, float, int | None], Entry],
+    sweep: Mapping[tuple[str, float, int | None], Entry],
+    link_probs: Sequence[float],
+    methods: int = len(ALL_METHODS),
+) -> list[Claim]:
+    """The three claims (module docstring), judged from the method grid and the T sweep."""
+    high, low = max(link_probs), min(link_probs)
+    out = []
+    for name, p, wanted in (
+        (f"competitive at p = {high:g}", high, ("ahead", "within the spread")),
+        (f"ahead at p = {low:g}", low, ("ahead",)),
+    ):
+        if name.startswith("ahead") and high == low:
+            out.append(Claim(name, "incomplete", "the grid has one p: no low-connectivity setting to compare"))
+            continue
+        at_p = _by_method(grid, p)
+        compared = _compare(at_p, methods)
+        if compared is None:
+            out.append(Claim(name, "incomplete", "tad or every other method has no finished cell at this p"))
+            continue
+        relation, detail = compared
+        status = "incomplete" if len(at_p) < methods else "reproduced" if relation in wanted else "not reproduced"
+        out.append(Claim(name, status, detail))
+
+    best: dict[float, tuple[int, Entry]] = {}
+    notes = []
+    complete = True
+    for p in sorted({high, low}, reverse=True):
+        row = {t: e for (m, q, t), e in sweep.items() if m == SWEEP_METHOD and math.isclose(q, p) and t is not None}
+        complete = complete and all(t in row for t in SWEEP_INTERVALS)
+        if row:
+            t_best, e_best = max(row.items(), key=lambda te: te[1].mean)
+            best[p] = (t_best, e_best)
+            close = sorted(t for t, e in row.items() if e_best.mean - e.mean <= e_best.spread(e)[0])
+            notes.append(
+                f"p = {p:g}: best T = {t_best} ({e_best.mean:.3f}); T within the spread of it: {close}"
+                + ("" if len(row) == len(SWEEP_INTERVALS) else f" ({len(row)} of {len(SWEEP_INTERVALS)} T finished)")
+            )
+    name = "best T grows as connectivity falls"
+    if high == low:
+        out.append(Claim(name, "incomplete", "the grid has one p: nothing to compare"))
+    elif not complete or len(best) < 2:
+        out.append(Claim(name, "incomplete", "; ".join(notes) or "no finished T-sweep cell"))
+    else:
+        grows = best[low][0] > best[high][0]
+        out.append(Claim(name, "reproduced" if grows else "not reproduced", "; ".join(notes)))
+    return out
+
+
+def markdown(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], title: str) -> tuple[str, list[Claim]]:
+    """The Markdown table (methods × p, then T × p) and the claims, from the two grids' results.json."""
+    grid, sweep = entries(grid_results["summary"]), entries(sweep_results["summary"])
+    link_probs = sorted(grid_results["config"]["link_probs"], reverse=True)
+    rounds = grid_results["config"]["rounds"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Final dev accuracy (round {rounds}): mean over clients ± std over clients, averaged over the finished "
+        "seeds (with two or more: ± std over seeds, n = seeds). — = not finished.",
+        "",
+        "| method | " + " | ".join(f"p = {p:g}" for p in link_probs) + " |",
+        "|---|" + "---|" * len(link_probs),
+    ]
+    methods = grid_results["config"]["methods"]
+    for method in methods:
+        cells = []
+        for p in link_probs:
+            found = [(t, e) for (m, q, t), e in grid.items() if m == method and math.isclose(q, p)]
+            cells.append(" ".join((f"T={t}: " if t is not None else "") + e.text() for t, e in found) or "—")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    sweep_ps = sorted(sweep_results["config"]["link_probs"], reverse=True)
+    lines += ["", f"T sweep ({SWEEP_METHOD}):", "", "| T | " + " | ".join(f"p = {p:g}" for p in sweep_ps) + " |"]
+    lines.append("|---|" + "---|" * len(sweep_ps))
+    for t in SWEEP_INTERVALS:
+        row = [sweep.get((SWEEP_METHOD, float(p), t)) for p in sweep_ps]
+        lines.append(f"| {t} | " + " | ".join(e.text() if e else "—" for e in row) + " |")
+    verdict = claims(grid, sweep, link_probs, methods=len(methods))
+    lines += ["", "Claims:", ""]
+    lines += [f"* **{c.name}**: {c.status}. {c.detail}" for c in verdict]
+    missing = list(grid_results.get("missing_cells", [])) + list(sweep_results.get("missing_cells", []))
+    if missing:
+        lines += ["", f"{len(missing)} cells not finished yet."]
+    return "\n".join(lines) + "\n", verdict

@@ -1,0 +1,126 @@
+"""The paper's table: its two grids, the claim checks on known numbers, and benchmarks/paper_table.py end to end."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from tadlora.sim.config import ALL_METHODS, preset
+from tadlora.sim.paper import SWEEP_INTERVALS, claims, entries, paper_grids
+
+SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
+
+
+def row(method: str, p: float, t: int | None, mean: float, client_std: float = 0.05, seed_std: float = 0.0,
+        seeds: int = 1) -> dict[str, Any]:  # fmt: skip
+    return {"method": method, "topology": "er", "link_prob": p, "switch_interval": t, "seeds": seeds,
+            "acc_mean": mean, "acc_client_std": client_std, "acc_seed_std": seed_std}  # fmt: skip
+
+
+def method_rows(p: float, tad: float, others: float, **kw: Any) -> list[dict[str, Any]]:
+    return [row(m, p, 1 if m in ("tad", "tad-nojoint") else None, tad if m == "tad" else others, **kw)
+            for m in ALL_METHODS]  # fmt: skip
+
+
+def sweep_rows(p: float, best_t: int) -> list[dict[str, Any]]:
+    return [row("tad", p, t, 0.9 if t == best_t else 0.7) for t in SWEEP_INTERVALS]
+
+
+def statuses(grid: list[dict[str, Any]], sweep: list[dict[str, Any]]) -> list[str]:
+    return [c.status for c in claims(entries(grid), entries(sweep), [0.5, 0.02])]
+
+
+def test_grids_cover_every_method_and_the_t_sweep_at_both_ends() -> None:
+    methods, sweep = paper_grids(preset("cpu-sst2"))
+    cells = list(methods.cells())
+    assert {c.method for c in cells} == set(ALL_METHODS)
+    assert {c.link_prob for c in cells} == {0.5, 0.1, 0.02} and {c.seed for c in cells} == {0, 1, 2}
+    # T = auto: TAD-LoRA's interval grows as p falls; adf keeps its own T, methods without T run once.
+    assert {(c.link_prob, c.switch_interval) for c in cells if c.method == "tad"} == {(0.5, 1), (0.1, 3), (0.02, 12)}
+    assert {c.switch_interval for c in cells if c.method == "adf"} == {5}
+    assert len(cells) == 7 * 3 * 3
+    swept = list(sweep.cells())
+    assert {(c.link_prob, c.switch_interval) for c in swept} == {(p, t) for p in (0.5, 0.02) for t in SWEEP_INTERVALS}
+    assert {c.method for c in swept} == {"tad"}
+    # The sizing study's cells are cells of the method grid: same key, same settings apart from the grid's extent.
+    assert "tad__er__p0.02__T12__s0" in {c.key for c in cells}
+    assert {c.key for c in cells} & {c.key for c in swept} == {f"tad__er__p0.5__T1__s{s}" for s in (0, 1, 2)}
+
+
+def test_claims_reproduced_when_tad_leads_at_low_p_and_best_t_grows() -> None:
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    sweep = sweep_rows(0.5, best_t=1) + sweep_rows(0.02, best_t=10)
+    assert statuses(grid, sweep) == ["reproduced", "reproduced", "reproduced"]
+
+
+def test_claims_not_reproduced_when_tad_trails_or_best_t_shrinks() -> None:
+    grid = method_rows(0.5, tad=0.70, others=0.85) + method_rows(0.02, tad=0.72, others=0.70)
+    sweep = sweep_rows(0.5, best_t=10) + sweep_rows(0.02, best_t=2)
+    # At p = 0.5 tad is 0.15 behind (> client spread 0.05); at 0.02 it leads by 0.02 < 0.05: not "ahead".
+    assert statuses(grid, sweep) == ["not reproduced", "not reproduced", "not reproduced"]
+
+
+def test_the_spread_is_over_seeds_once_there_are_two() -> None:
+    # A 0.03 lead: inside a client spread of 0.05, outside a seed spread of 0.01.
+    one = method_rows(0.5, tad=0.8, others=0.8) + method_rows(0.02, tad=0.73, others=0.70)
+    two = method_rows(0.5, tad=0.8, others=0.8, seeds=2, seed_std=0.01) + method_rows(
+        0.02, tad=0.73, others=0.70, seeds=2, seed_std=0.01
+    )
+    sweep = sweep_rows(0.5, 1) + sweep_rows(0.02, 5)
+    assert statuses(one, sweep)[1] == "not reproduced"
+    assert statuses(two, sweep)[1] == "reproduced"
+    detail = claims(entries(two), entries(sweep), [0.5, 0.02])[1].detail
+    assert "spread over seeds 0.010" in detail and "gap +0.030" in detail
+
+
+def test_missing_cells_make_a_claim_incomplete_not_a_verdict() -> None:
+    grid = [*method_rows(0.5, 0.85, 0.8), row("tad", 0.02, 12, 0.8), row("lora", 0.02, None, 0.6)]
+    sweep = sweep_rows(0.5, 1) + sweep_rows(0.02, 10)[:3]
+    result = claims(entries(grid), entries(sweep), [0.5, 0.02])
+    assert [c.status for c in result] == ["reproduced", "incomplete", "incomplete"]
+    assert "only 2 of 7 methods finished" in result[1].detail and "ahead" in result[1].detail
+    assert "3 of 6 T finished" in result[2].detail
+    assert claims(entries([]), entries([]), [0.5, 0.02])[0].status == "incomplete"
+
+
+def run_script(*args: str) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return proc
+
+
+def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
+    out = tmp_path / "table"
+    run_script("--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet")
+    table = json.loads((out / "table.json").read_text())
+    assert table["missing_cells"] == {"methods": [], "T-sweep": []}
+    assert table["claims"][0]["name"] == "competitive at p = 0.5"
+    text = (out / "table.md").read_text()
+    assert all(f"| {m} |" in text for m in ALL_METHODS)
+    assert (out / "methods" / "accuracy_vs_round.png").exists() and (out / "T-sweep" / "accuracy_vs_T.png").exists()
+    # smoke's T = auto at p = 0.5 with 4 clients is 2: that cell is shared, run once, copied to the sweep.
+    shared = "tad__er__p0.5__T2__s0.json"
+    assert (out / "methods" / "cells" / shared).read_bytes() == (out / "T-sweep" / "cells" / shared).read_bytes()
+
+    # A lost cell is rerun; --report-only runs nothing and reports it missing.
+    (out / "methods" / "cells" / "lora__er__p0.5__T-__s0.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "methods" / "cells").glob("*.json")}
+    run_script("--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet", "--report-only")
+    assert json.loads((out / "table.json").read_text())["missing_cells"]["methods"] == ["lora__er__p0.5__T-__s0"]
+    run_script("--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet")
+    assert json.loads((out / "table.json").read_text())["missing_cells"]["methods"] == []
+    assert all(p.stat().st_mtime_ns == ns for p, ns in stamps.items())  # the others were not rerun
+
+    # Another budget in the same directory is refused instead of mixed in.
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--preset", "smoke", "--rounds", "3", "--out", str(out), "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0 and "different settings (rounds)" in proc.stderr
