@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.peers import PeerManager
+from tadlora.node.rounds import Round, RoundState
 from tadlora.node.rpc import (
     MAX_DEGREE,
     PROTOCOL_VERSION,
@@ -62,24 +63,6 @@ log = logging.getLogger("tadlora.node")
 
 FETCH_TIMEOUT_S = 60.0  # s for a catch-up download of a full adapter
 SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
-# A caller up to this many rounds ahead is kept waiting (within its deadline) while we run the rounds between; one
-# further ahead is refused and we catch up by Fetch. Refusing at once left a node that had just caught up with a
-# fast group two rounds behind it forever: the group never waited, and each catch-up landed behind again.
-WAIT_GAP_ROUNDS = 8  # rounds
-
-
-@dataclass
-class _Round:
-    """Round t's shared state between the round loop and incoming exchanges."""
-
-    t: int
-    snapshot: Factors | None = None
-    neighbours: frozenset[str] = frozenset()
-    degree: int = 0
-    received: dict[str, tuple[int, Factors]] = field(default_factory=dict)
-    ahead: set[str] = field(default_factory=set)  # neighbours in a later (or far earlier) round: no call for t
-    closed: bool = False
-    stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
 
 
 def _progress(done: int, total: int | None, width: int = 20) -> str:
@@ -121,14 +104,10 @@ class Node:
         self._model: AdapterModel | None = None
         self._shard: Encoded | None = None
         self._dev: Encoded | None = None
-        self._factors: Factors = {}
-        self._round = _Round(0)
-        self._round_changed = asyncio.Condition()
         self._stop = asyncio.Event()
         self._stop_training = threading.Event()
+        self.rounds = RoundState(stopping=self._stop.is_set)  # the schedule position, shared with exchanges
         self._state = "starting"
-        self._round_gap = False  # a peer was seen two or more rounds away: check whether to catch up
-        self._last_mixed = 0  # 1 + the last round mixed with at least one neighbour; 0: never
         self._last_loss: float | None = None
         self._last_accuracy: float | None = None
         self._last_weights: dict[str, tuple[int, float]] = {}
@@ -185,12 +164,11 @@ class Node:
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
-            self._factors = ckpt.factors
-            self._round = _Round(ckpt.round)
+            self.rounds.restore(ckpt.round, ckpt.factors)
             self._rounds_done = ckpt.round
             log.info("resuming at round %d from %s", ckpt.round, cfg.out / state.CHECKPOINT)
         else:
-            self._factors = self._model.factors()
+            self.rounds.restore(0, self._model.factors())
         self._round_log = state.RoundLog(cfg.out)
         self._server = self.transport.serve(self, cfg.listen, max_payload_bytes=cfg.max_payload_bytes)
         await self._server.__aenter__()
@@ -258,11 +236,7 @@ class Node:
             log.info("stop requested")
         self._stop.set()
         self._stop_training.set()
-        self._spawn(self._wake_waiters(), "stop-wake")
-
-    async def _wake_waiters(self) -> None:
-        async with self._round_changed:
-            self._round_changed.notify_all()
+        self._spawn(self.rounds.notify(), "stop-wake")
 
     async def aclose(self) -> None:
         """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice."""
@@ -278,8 +252,7 @@ class Node:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        async with self._round_changed:
-            self._round_changed.notify_all()
+        await self.rounds.notify()
         if self._server is not None:
             await self._server.aclose(SHUTDOWN_GRACE_S)
         if self._peers is not None:
@@ -303,7 +276,7 @@ class Node:
     def _on_peers_changed(self) -> None:
         self._peers_changed.set()
         if not self._closed:
-            self._spawn(self._wake_waiters(), "peers-changed")  # a round may be waiting for a departed peer
+            self._spawn(self.rounds.notify(), "peers-changed")  # a round may be waiting for a departed peer
 
     def _departed(self, ids: Collection[str]) -> set[str]:
         """Those of ``ids`` that are no longer peers."""
@@ -333,26 +306,25 @@ class Node:
     @property
     def factors(self) -> Factors:
         """The current factors (between rounds: the next round's starting point)."""
-        return self._factors
+        return self.rounds.factors
 
     @property
     def round(self) -> int:
         """The round the node is in (= rounds completed when idle)."""
-        return self._round.t
+        return self.rounds.t
 
     @property
     def last_mixed_round(self) -> int:
         """1 + the last round in which the node mixed with at least one neighbour; 0 if it never did."""
-        return self._last_mixed
+        return self.rounds.last_mixed
 
     async def async_wait_for_round(self, t: int) -> None:
         """Return once the node is in round ``t`` or later (bound it with ``asyncio.timeout``)."""
-        await self.async_wait_until(lambda: self._round.t >= t)
+        await self.rounds.wait_until(lambda: self.rounds.t >= t)
 
     async def async_wait_until(self, predicate: Callable[[], bool]) -> None:
         """Return once ``predicate()`` holds, checked whenever the round state changes (bound it with a timeout)."""
-        async with self._round_changed:
-            await self._round_changed.wait_for(predicate)
+        await self.rounds.wait_until(predicate)
 
     def local_info(self) -> PeerInfo:
         return PeerInfo(
@@ -360,26 +332,26 @@ class Node:
             cluster=self.config.cluster,
             fingerprint=self.fingerprint,
             address=self.address,
-            round=self._round.t,
-            degree=self._round.degree,
+            round=self.rounds.t,
+            degree=self.rounds.current.degree,
             method=self.method.name,
             insecure=self.config.insecure,
             protocol_version=PROTOCOL_VERSION,
-            last_mixed_round=self._last_mixed,
+            last_mixed_round=self.rounds.last_mixed,
         )
 
     def expected_spec(self) -> FactorSpec | None:
         return None  # depends on the round (which factors are sent); checked in async_exchange
 
     def _spec_for(self, t: int) -> FactorSpec:
-        return FactorSpec.from_factors(select(self._factors, sent_factors(self.method, t)))
+        return FactorSpec.from_factors(select(self.rounds.factors, sent_factors(self.method, t)))
 
     def status(self) -> StatusInfo:
         weights = self._last_weights
         return StatusInfo(
             node=self.local_info(),
             state=self._state,
-            phase=self.method.phase(self._round.t),
+            phase=self.method.phase(self.rounds.t),
             rounds_completed=self._rounds_done,
             last_loss=float("nan") if self._last_loss is None else self._last_loss,
             last_accuracy=float("nan") if self._last_accuracy is None else self._last_accuracy,
@@ -389,7 +361,7 @@ class Node:
                     address=self._peers.peers[p].info.address if self._peers and p in self._peers.peers else "",
                     degree=weights.get(p, (0, 0.0))[0],
                     weight=weights.get(p, (0, 0.0))[1],
-                    last_round=max(self._round.t - 1, 0),
+                    last_round=max(self.rounds.t - 1, 0),
                 )
                 for p in self._peer_ids()
             ),
@@ -403,13 +375,13 @@ class Node:
             raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "that is this node's own id")
         if self._peers is not None and remote.address:
             await self._peers.add(remote, None, "inbound")
-        if abs(remote.round - self._round.t) >= 2:
-            self._round_gap = True
+        if abs(remote.round - self.rounds.t) >= 2:
+            self.rounds.gap_seen = True
 
     async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
         if self._stop.is_set():
             raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
-        return self._round.t, dict(self._factors)  # between rounds these are the next round's start
+        return self.rounds.t, dict(self.rounds.factors)  # between rounds these are the next round's start
 
     def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
         """Count a refusal this node gave (the server has logged it); see `NodeHandler`."""
@@ -433,37 +405,8 @@ class Node:
         """Answer a neighbour's round-r exchange with our round-r snapshot (waiting for it if we are training)."""
         r = header.round
         self._check_round_sane(r, header.node_id)
-        async with self._round_changed:
-            while True:
-                if self._stop.is_set():
-                    raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
-                cur = self._round
-                if r < cur.t - 1:
-                    # The caller is far behind: it will not reach this round in time, so stop waiting for it,
-                    # and check at the next round whether one of us should catch up (we may have run alone).
-                    cur.ahead.add(header.node_id)
-                    self._round_changed.notify_all()
-                    self._round_gap = True
-                if r < cur.t or (r == cur.t and cur.closed):
-                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
-                if r > cur.t:
-                    # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
-                    cur.ahead.add(header.node_id)
-                    self._round_changed.notify_all()
-                if r > cur.t + WAIT_GAP_ROUNDS:
-                    self._round_gap = True
-                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
-                if r == cur.t and cur.snapshot is not None:
-                    break
-                await self._round_changed.wait()  # the caller's deadline cancels us
-            if header.node_id not in cur.neighbours:
-                raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{header.node_id} is not a neighbour in round {r}")
-            if header.node_id in cur.received:
-                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {header.node_id} in round {r}")
-            self._check_neighbour(header.node_id, r, header.degree, factors)  # PayloadError(BAD_PAYLOAD)
-            cur.received[header.node_id] = (header.degree, factors)
-            self._round_changed.notify_all()
-            return select(cur.snapshot, sent_factors(self.method, r))
+        snapshot = await self.rounds.answer(header.node_id, r, header.degree, factors, self._check_neighbour)
+        return select(snapshot, sent_factors(self.method, r))
 
     # ------------------------------------------------------------------------------------------- rounds
 
@@ -472,17 +415,17 @@ class Node:
         cfg = self.config
         try:
             await self._wait_for_peers()
-            while not self._stop.is_set() and (cfg.rounds is None or self._round.t < cfg.rounds):
+            while not self._stop.is_set() and (cfg.rounds is None or self.rounds.t < cfg.rounds):
                 await self._catch_up_if_behind()
-                if cfg.rounds is not None and self._round.t >= cfg.rounds:
+                if cfg.rounds is not None and self.rounds.t >= cfg.rounds:
                     break
                 try:
-                    await self._run_round(self._round.t)
+                    await self._run_round(self.rounds.t)
                 except Interrupted:
                     break
         finally:
             self._state = "stopping"
-            await self._save(self._round.t, export=True)
+            await self._save(self.rounds.t, export=True)
         return NodeResult(self.node_id, self._rounds_done, self._last_accuracy, self._last_loss, cfg.out)
 
     async def _catch_up_if_behind(self) -> None:
@@ -497,10 +440,11 @@ class Node:
         cfg = self.config
         if self._peers is None:
             return
-        far = [p for p in self._peers.peers.values() if abs(p.info.round - self._round.t) >= 2]
-        if not far and not self._round_gap:
+        rounds = self.rounds
+        far = [p for p in self._peers.peers.values() if abs(p.info.round - rounds.t) >= 2]
+        if not far and not rounds.gap_seen:
             return
-        self._round_gap = False
+        rounds.gap_seen = False
         infos = []
         for peer in list(self._peers.peers.values()):
             try:
@@ -510,26 +454,24 @@ class Node:
         leaders = [
             (info, peer)
             for info, peer in infos
-            if abs(info.round - self._round.t) >= 2 and info.last_mixed_round >= self._last_mixed + 2
+            if abs(info.round - rounds.t) >= 2 and info.last_mixed_round >= rounds.last_mixed + 2
         ]
         if not leaders:
             return
         info, peer = max(leaders, key=lambda x: (x[0].last_mixed_round, x[0].round))
         try:
-            result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, FactorSpec.from_factors(self._factors))
-            FactorSpec.from_factors(self._factors).check(result.factors, max_norm=cfg.max_factor_norm)
+            spec = FactorSpec.from_factors(rounds.factors)
+            result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, spec)
+            spec.check(result.factors, max_norm=cfg.max_factor_norm)
         except (ExchangeRefused, PeerUnavailable) as exc:
             if isinstance(exc, ExchangeRefused):
                 self.metrics.refusals.labels(exc.reason.name).inc()
             log.warning("catch-up from %s failed: %s", info.node_id, exc)
             return
         log.info("catching up: adopting round %d and factors from %s (was at %d)", result.peer.round,
-                 info.node_id, self._round.t)  # fmt: skip
-        async with self._round_changed:
-            self._factors = result.factors
-            self._round = _Round(result.peer.round)
-            self._last_mixed = info.last_mixed_round  # we now hold the state the group reached
-            self._round_changed.notify_all()
+                 info.node_id, rounds.t)  # fmt: skip
+        # We now hold the state the group reached: its round, its factors, its last mixing.
+        await rounds.adopt(result.peer.round, result.factors, info.last_mixed_round)
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
         cfg = self.config
@@ -543,7 +485,7 @@ class Node:
     def _train(self, t: int) -> tuple[float, Factors]:
         """Worker thread: local steps from the current factors; returns the loss and the snapshot."""
         assert self._model is not None and self._shard is not None  # noqa: S101
-        self._model.load_factors(self._factors)
+        self._model.load_factors(self.rounds.factors)
         loss = local_steps(
             self._model, self._shard, self.method.trained(t), self.config.train, self.config.seed,
             self.config.shard, t, stop=self._stop_training,
@@ -557,10 +499,7 @@ class Node:
         self.metrics.round.set(t)
         loss, snapshot = await self._in_worker(self._train, t)
         neighbours = self._round_neighbours(t)
-        async with self._round_changed:
-            cur = self._round
-            cur.snapshot, cur.neighbours, cur.degree = snapshot, neighbours, len(neighbours)
-            self._round_changed.notify_all()
+        cur = await self.rounds.open(snapshot, neighbours)
         self._state = "exchanging"
         self.metrics.degree.set(cur.degree)
         self.metrics.peers.set(len(self._peer_ids()))
@@ -571,14 +510,13 @@ class Node:
             async with asyncio.timeout_at(deadline):
                 if calls:
                     await asyncio.gather(*calls, return_exceptions=True)
-                async with self._round_changed:
-                    # A neighbour that is no longer a peer (its mDNS goodbye came) will not call: stop waiting.
-                    await self._round_changed.wait_for(
-                        lambda: (
-                            self._stop.is_set()
-                            or neighbours <= set(cur.received) | set(outbound) | cur.ahead | self._departed(neighbours)
-                        )
+                # A neighbour that is no longer a peer (its mDNS goodbye came) will not call: stop waiting.
+                await self.rounds.wait_until(
+                    lambda: (
+                        self._stop.is_set()
+                        or neighbours <= set(cur.received) | set(outbound) | cur.ahead | self._departed(neighbours)
                     )
+                )
         except TimeoutError:
             pass
         finally:
@@ -587,11 +525,7 @@ class Node:
             await asyncio.gather(*calls, return_exceptions=True)
         if self._stop.is_set():
             raise Interrupted(f"stopped during round {t}'s exchange")
-        async with self._round_changed:
-            cur.closed = True  # later callers for round t are refused: both ends leave the pair out
-            received = dict(cur.received)
-        if received:
-            self._last_mixed = t + 1
+        received = await self.rounds.close(cur)
         for j in sorted(neighbours - set(received)):
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
@@ -607,10 +541,7 @@ class Node:
             self.method, t, snapshot, {j: f for j, (_, f) in received.items()}, weights, cfg.robust_mixing,
         )  # fmt: skip
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
-        async with self._round_changed:
-            self._factors = mixed
-            self._round = _Round(t + 1)
-            self._round_changed.notify_all()
+        await self.rounds.advance(mixed)
         self._rounds_done = t + 1
         self._last_loss = loss
         record = self._record(t, cur, weights.self_weight, loss, started)
@@ -645,7 +576,7 @@ class Node:
         finally:
             self._probing.discard(j)
 
-    async def _exchange_with(self, j: str, cur: _Round, deadline: float) -> None:
+    async def _exchange_with(self, j: str, cur: Round, deadline: float) -> None:
         assert self._peers is not None and cur.snapshot is not None  # noqa: S101
         peer = self._peers.peers.get(j)
         if peer is None:
@@ -662,7 +593,7 @@ class Node:
             self._check_neighbour(j, t, result.peer.degree, result.factors)  # its reply, before it counts
         except ExchangeRefused as exc:
             if exc.reason is Reason.ROUND_MISMATCH:
-                self._round_gap = True  # out of step with j: see whether one of us should catch up
+                self.rounds.gap_seen = True  # out of step with j: see whether one of us should catch up
             self.metrics.refusals.labels(exc.reason.name).inc()
             self.metrics.exchanges.labels("refused").inc()
             log.info("exchange with %s in round %d refused: %s: %s", j, t, exc.reason.name, exc.detail)
@@ -672,18 +603,15 @@ class Node:
             log.info("exchange with %s in round %d failed: %s", j, t, exc)
             await self._peers.drop(j, str(exc))
             return
-        async with self._round_changed:
-            if cur.closed:
-                return
-            cur.received[j] = (result.peer.degree, result.factors)
-            cur.stats.append((j, result.bytes_sent, result.bytes_received, result.elapsed_s))
-            self._round_changed.notify_all()
+        stats = (j, result.bytes_sent, result.bytes_received, result.elapsed_s)
+        if not await self.rounds.deliver(cur, j, (result.peer.degree, result.factors), stats):
+            return  # the round closed meanwhile: both ends leave the pair out
         self.metrics.exchanges.labels("ok").inc()
         self.metrics.bytes_sent.inc(result.bytes_sent)
         self.metrics.bytes_received.inc(result.bytes_received)
         self.metrics.latency.observe(result.elapsed_s)
 
-    def _record(self, t: int, cur: _Round, self_weight: float, loss: float, started: float) -> dict[str, Any]:
+    def _record(self, t: int, cur: Round, self_weight: float, loss: float, started: float) -> dict[str, Any]:
         sent = num_bytes(select(cur.snapshot or {}, sent_factors(self.method, t)))
         n = len(cur.received)
         outbound = {s[0]: s for s in cur.stats}
@@ -708,12 +636,12 @@ class Node:
 
     def _evaluate(self) -> tuple[float, float]:
         assert self._model is not None and self._dev is not None  # noqa: S101
-        self._model.load_factors(self._factors)
+        self._model.load_factors(self.rounds.factors)
         return evaluate(self._model, self._dev)
 
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
-        factors = self._factors
+        factors = self.rounds.factors
         ckpt = state.Checkpoint(next_round, self.node_id, self.fingerprint, factors)
 
         def write() -> None:

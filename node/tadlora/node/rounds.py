@@ -1,0 +1,162 @@
+"""A node's position in the shared schedule, and the rules its round loop and incoming exchanges meet by.
+
+`RoundState` holds the round the node is in, the factors it started that round from, each round's post-training
+snapshot and what neighbours delivered, under one `asyncio.Condition`. The daemon's round loop publishes a
+snapshot (`open`), collects replies (`deliver`), closes the round and moves on (`advance`, or `adopt` after a
+catch-up); a neighbour's exchange waits here for the snapshot it must be answered with (`answer`). Keeping these
+transitions in one small object is what lets them be tested without a network, a model or a clock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from tadlora.core.factors import Factors
+from tadlora.node.wire import ExchangeRefused, Reason
+
+# A caller up to this many rounds ahead is kept waiting (within its deadline) while we run the rounds between; one
+# further ahead is refused and we catch up by Fetch. Refusing at once left a node that had just caught up with a
+# fast group two rounds behind it forever: the group never waited, and each catch-up landed behind again.
+WAIT_GAP_ROUNDS = 8  # rounds
+
+Delivery = tuple[int, Factors]  # (the neighbour's degree in the round, its factors)
+CheckNeighbour = Callable[[str, int, int, Factors], None]  # (who, round, degree, factors); raises PayloadError
+
+
+@dataclass
+class Round:
+    """One round's shared state: published by the round loop, read and filled by both sides of each exchange."""
+
+    t: int
+    snapshot: Factors | None = None  # the factors after this round's training; None while training
+    neighbours: frozenset[str] = frozenset()
+    degree: int = 0
+    received: dict[str, Delivery] = field(default_factory=dict)
+    ahead: set[str] = field(default_factory=set)  # neighbours in a later (or far earlier) round: no call for t
+    closed: bool = False
+    stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
+
+
+class RoundState:
+    """The round a node is in, the factors it started it from and its last mixing, for one node.
+
+    ``stopping`` tells a waiting exchange to give up (the node is shutting down); call `notify` after it turns true.
+    """
+
+    def __init__(self, stopping: Callable[[], bool], t: int = 0, factors: Factors | None = None) -> None:
+        self._stopping = stopping
+        self._changed = asyncio.Condition()
+        self.current = Round(t)
+        self.factors: Factors = dict(factors or {})  # the start of round `current.t`
+        self.last_mixed = 0  # 1 + the last round mixed with at least one neighbour; 0: never
+        # A peer was seen two or more rounds away: the round loop should check whether to catch up.
+        self.gap_seen = False
+
+    @property
+    def t(self) -> int:
+        """The round the node is in (= rounds completed when idle)."""
+        return self.current.t
+
+    def restore(self, t: int, factors: Factors) -> None:
+        """Start from a checkpoint: round ``t`` from ``factors`` (before anything is served)."""
+        self.current, self.factors = Round(t), dict(factors)
+
+    async def notify(self) -> None:
+        """Wake every waiter to re-check its condition (a stop was requested, the peers changed)."""
+        async with self._changed:
+            self._changed.notify_all()
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once ``predicate()`` holds, checked whenever the state changes (bound it with a timeout)."""
+        async with self._changed:
+            await self._changed.wait_for(predicate)
+
+    # ------------------------------------------------------------------------------------- round loop
+
+    async def open(self, snapshot: Factors, neighbours: frozenset[str]) -> Round:
+        """Publish the current round's snapshot and neighbours: exchanges waiting for them are answered now."""
+        async with self._changed:
+            cur = self.current
+            cur.snapshot, cur.neighbours, cur.degree = snapshot, neighbours, len(neighbours)
+            self._changed.notify_all()
+            return cur
+
+    async def deliver(self, cur: Round, j: str, delivery: Delivery, stats: tuple[str, int, int, float]) -> bool:
+        """Record neighbour ``j``'s reply to our call; False if the round closed meanwhile (then it is left out)."""
+        async with self._changed:
+            if cur.closed:
+                return False
+            cur.received[j] = delivery
+            cur.stats.append(stats)
+            self._changed.notify_all()
+            return True
+
+    async def close(self, cur: Round) -> dict[str, Delivery]:
+        """End the exchanges of ``cur``: later callers for it are refused, so both ends leave such a pair out.
+        Returns what arrived."""
+        async with self._changed:
+            cur.closed = True
+            if cur.received:
+                self.last_mixed = cur.t + 1
+            return dict(cur.received)
+
+    async def advance(self, mixed: Factors) -> None:
+        """Move to the next round, starting from the ``mixed`` factors."""
+        async with self._changed:
+            self.factors = mixed
+            self.current = Round(self.current.t + 1)
+            self._changed.notify_all()
+
+    async def adopt(self, t: int, factors: Factors, last_mixed: int) -> None:
+        """Catch up: take a neighbour's round, the factors it starts it from and the mixing it reached."""
+        async with self._changed:
+            self.factors = factors
+            self.current = Round(t)
+            self.last_mixed = last_mixed
+            self._changed.notify_all()
+
+    # -------------------------------------------------------------------------------------- callee side
+
+    async def answer(self, caller: str, r: int, degree: int, factors: Factors, check: CheckNeighbour) -> Factors:
+        """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then record what it sent and return
+        the snapshot (the caller's deadline cancels the wait).
+
+        Refused with ROUND_MISMATCH when round r is over here or ``caller`` is more than `WAIT_GAP_ROUNDS` ahead,
+        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops; ``check`` raises
+        `PayloadError` for a degree or factors unfit to mix. A caller in another round than ours, two or more
+        away, sets `gap_seen`.
+        """
+        async with self._changed:
+            while True:
+                if self._stopping():
+                    raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
+                cur = self.current
+                if r < cur.t - 1:
+                    # The caller is far behind: it will not reach this round in time, so stop waiting for it,
+                    # and check at the next round whether one of us should catch up (we may have run alone).
+                    cur.ahead.add(caller)
+                    self._changed.notify_all()
+                    self.gap_seen = True
+                if r < cur.t or (r == cur.t and cur.closed):
+                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
+                if r > cur.t:
+                    # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
+                    cur.ahead.add(caller)
+                    self._changed.notify_all()
+                if r > cur.t + WAIT_GAP_ROUNDS:
+                    self.gap_seen = True
+                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
+                if r == cur.t and cur.snapshot is not None:
+                    snapshot = cur.snapshot
+                    break
+                await self._changed.wait()
+            if caller not in cur.neighbours:
+                raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{caller} is not a neighbour in round {r}")
+            if caller in cur.received:
+                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {caller} in round {r}")
+            check(caller, r, degree, factors)
+            cur.received[caller] = (degree, factors)
+            self._changed.notify_all()
+            return snapshot

@@ -1,0 +1,119 @@
+"""The round rules a node's loop and its neighbours' exchanges meet by (tadlora.node.rounds), without a network."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tadlora.core.factors import Factors
+from tadlora.node.rounds import WAIT_GAP_ROUNDS, RoundState
+from tadlora.node.wire import ExchangeRefused, PayloadError, Reason
+
+
+def fac(v: float) -> Factors:
+    return {"m.lora_B.weight": torch.full((2, 2), v)}
+
+
+def accept(who: str, t: int, degree: int, factors: Factors) -> None:
+    pass
+
+
+def reject(who: str, t: int, degree: int, factors: Factors) -> None:
+    raise PayloadError(Reason.BAD_PAYLOAD, f"{who} sent junk")
+
+
+async def refused(coro: object) -> Reason:
+    with pytest.raises(ExchangeRefused) as info:
+        await coro  # type: ignore[misc]
+    return info.value.reason
+
+
+def state(t: int = 0, stopping: list[bool] | None = None) -> RoundState:
+    flag = stopping if stopping is not None else [False]
+    return RoundState(stopping=lambda: flag[0], t=t, factors=fac(0.0))
+
+
+@pytest.mark.asyncio
+async def test_a_caller_waits_for_the_snapshot_and_gets_it() -> None:
+    rs = state()
+    call = asyncio.ensure_future(rs.answer("b", 0, 1, fac(2.0), accept))
+    await asyncio.sleep(0.01)
+    assert not call.done()  # we are still training: the caller waits
+    cur = await rs.open(fac(1.0), frozenset({"b"}))
+    assert torch.equal((await call)["m.lora_B.weight"], fac(1.0)["m.lora_B.weight"])
+    assert set(cur.received) == {"b"} and cur.received["b"][0] == 1
+    assert await rs.close(cur) == cur.received and rs.last_mixed == 1
+    await rs.advance(fac(1.5))
+    assert rs.t == 1 and torch.equal(rs.factors["m.lora_B.weight"], fac(1.5)["m.lora_B.weight"])
+
+
+@pytest.mark.asyncio
+async def test_a_caller_a_few_rounds_ahead_waits_until_we_get_there() -> None:
+    rs = state()
+    call = asyncio.ensure_future(rs.answer("b", 2, 1, fac(2.0), accept))
+    for _ in range(2):
+        await asyncio.sleep(0.01)  # the waiting caller re-checks the new round
+        assert "b" in rs.current.ahead  # it will not call us for this round: the loop stops waiting for it
+        cur = await rs.open(fac(0.0), frozenset({"b"}))
+        assert await rs.close(cur) == {} and rs.last_mixed == 0
+        await rs.advance(fac(0.0))
+    assert not call.done()
+    cur = await rs.open(fac(3.0), frozenset({"b"}))
+    assert (await call)["m.lora_B.weight"][0, 0] == 3.0 and "b" in cur.received
+    assert not rs.gap_seen
+
+
+@pytest.mark.asyncio
+async def test_a_caller_too_far_ahead_is_refused_and_we_look_for_a_catch_up() -> None:
+    rs = state()
+    assert await refused(rs.answer("b", WAIT_GAP_ROUNDS + 1, 1, fac(1.0), accept)) is Reason.ROUND_MISMATCH
+    assert rs.gap_seen
+
+
+@pytest.mark.asyncio
+async def test_a_closed_or_past_round_is_refused() -> None:
+    rs = state(t=5)
+    cur = await rs.open(fac(0.0), frozenset({"b", "c"}))
+    await rs.close(cur)
+    assert await refused(rs.answer("b", 5, 1, fac(1.0), accept)) is Reason.ROUND_MISMATCH  # closed
+    assert not await rs.deliver(cur, "c", (1, fac(1.0)), ("c", 0, 0, 0.0))  # a late reply is left out too
+    assert cur.received == {}
+    await rs.advance(fac(0.0))
+    assert await refused(rs.answer("b", 5, 1, fac(1.0), accept)) is Reason.ROUND_MISMATCH  # over
+    assert not rs.gap_seen
+    assert await refused(rs.answer("b", 3, 1, fac(1.0), accept)) is Reason.ROUND_MISMATCH  # far behind
+    assert rs.gap_seen and "b" in rs.current.ahead
+
+
+@pytest.mark.asyncio
+async def test_only_a_neighbour_of_this_round_once_with_fit_factors_is_mixed() -> None:
+    rs = state()
+    cur = await rs.open(fac(0.0), frozenset({"b", "c"}))
+    assert await refused(rs.answer("x", 0, 1, fac(1.0), accept)) is Reason.NOT_A_NEIGHBOR
+    with pytest.raises(PayloadError):
+        await rs.answer("c", 0, 1, fac(1.0), reject)
+    await rs.answer("b", 0, 1, fac(1.0), accept)
+    assert await refused(rs.answer("b", 0, 1, fac(1.0), accept)) is Reason.ROUND_MISMATCH  # twice
+    assert set(cur.received) == {"b"}
+
+
+@pytest.mark.asyncio
+async def test_a_stop_releases_waiting_callers() -> None:
+    flag = [False]
+    rs = state(stopping=flag)
+    call = asyncio.ensure_future(rs.answer("b", 1, 1, fac(1.0), accept))
+    await asyncio.sleep(0.01)
+    flag[0] = True
+    await rs.notify()
+    assert await refused(call) is Reason.SHUTTING_DOWN
+
+
+@pytest.mark.asyncio
+async def test_adopting_a_neighbours_state_moves_round_factors_and_mixing_together() -> None:
+    rs = state(t=1)
+    waiter = asyncio.ensure_future(rs.wait_until(lambda: rs.t >= 7))
+    await rs.adopt(7, fac(4.0), last_mixed=7)
+    await asyncio.wait_for(waiter, 1)
+    assert (rs.t, rs.last_mixed, rs.factors["m.lora_B.weight"][0, 0].item()) == (7, 7, 4.0)
