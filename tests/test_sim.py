@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 
 import pytest
@@ -12,9 +13,9 @@ from conftest import TINY_TRAIN
 from tadlora.core.methods import make_method
 from tadlora.core.topology import make_topology
 from tadlora.sim.cli import main
-from tadlora.sim.config import ALL_METHODS, SimConfig, override, preset
+from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
-from tadlora.sim.runner import Simulator, simulate
+from tadlora.sim.runner import Progress, Simulator, simulate
 
 
 @pytest.mark.parametrize("name", ["tad", "decaf"])
@@ -131,3 +132,24 @@ def test_bytes_count_only_what_the_method_sends() -> None:
     _, both = mix_round(make_method("lora"), 0, topo, [snap] * 3)
     _, only_b = mix_round(make_method("ffa"), 0, topo, [snap] * 3)
     assert both == 6 * 12 * 4 and only_b == 6 * 6 * 4
+
+
+def test_progress_estimates_the_time_left_in_a_cell_from_the_rounds_run_here() -> None:
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(2, stream=out, clock=lambda: now[0])
+    cell = Cell(method="tad", topology="er", link_prob=0.02, switch_interval=12, seed=0)
+    evaluated = {"train_loss": 0.5, "acc_mean": 0.7, "acc_std": 0.1}
+    progress.begin(0)
+    for t in range(10):  # 10 s a round, 100 rounds: 900 s left after round 10
+        now[0] += 10
+        progress.update(0, cell, t, 100, {"train_loss": 0.5} if t < 9 else evaluated)
+    # A resumed cell: its 60 earlier rounds (another process) do not count; 30 s a round from here.
+    progress.begin(1)
+    for t in range(60, 70):
+        now[0] += 30
+        progress.update(1, cell, t, 100, {"train_loss": 0.5} if t < 69 else evaluated)
+    lines = out.getvalue().splitlines()  # not a terminal: a line per evaluation only
+    assert len(lines) == 2
+    assert "round 10/100" in lines[0] and "acc 0.700±0.100" in lines[0] and "(100s, cell done in ~15m)" in lines[0]
+    assert "[2/2]" in lines[1] and "round 70/100" in lines[1] and "(400s, cell done in ~15m)" in lines[1]

@@ -114,21 +114,38 @@ class PreparedData:
 
 
 class Progress:
-    """A one-line progress display on a terminal, plain lines otherwise (stderr, never stdout)."""
+    """A one-line progress display on a terminal, plain lines otherwise (stderr, never stdout).
 
-    def __init__(self, total_cells: int, stream: Any = None, quiet: bool = False):
-        self.total, self.stream, self.quiet = total_cells, stream or sys.stderr, quiet
+    Each line ends with the time since the start and an estimate of the time left in the current cell, from the
+    rounds this process has run of it (a resumed cell's earlier rounds do not count)."""
+
+    def __init__(
+        self, total_cells: int, stream: Any = None, quiet: bool = False, clock: Callable[[], float] = time.monotonic
+    ):
+        self.total, self.stream, self.quiet, self.clock = total_cells, stream or sys.stderr, quiet, clock
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.started = time.monotonic()
+        self.started = clock()
+        self._cell: tuple[int, float, int | None] = (-1, self.started, None)  # (index, begun at, first round here)
+
+    def begin(self, index: int) -> None:
+        """Cell ``index`` starts (or resumes) now."""
+        self._cell = (index, self.clock(), None)
 
     def update(self, index: int, cell: Cell, t: int, rounds: int, record: RoundRecord) -> None:
+        """Round ``t`` of cell ``index`` is done (``record``: its numbers)."""
+        now = self.clock()
+        begun, first = self._cell[1], self._cell[2]
+        if self._cell[0] != index or first is None:
+            begun, first = (begun if self._cell[0] == index else now), t
+            self._cell = (index, begun, first)
         if self.quiet or not (self.tty or "acc_mean" in record):
             return
+        left = (now - begun) / (t + 1 - first) * (rounds - t - 1)
         acc = f" acc {record['acc_mean']:.3f}±{record['acc_std']:.3f}" if "acc_mean" in record else ""
         line = (
             f"[{index + 1}/{self.total}] {cell.method} {cell.topology} p={cell.link_prob:g} "
             f"T={cell.switch_interval or '-'} seed={cell.seed} round {t + 1}/{rounds} "
-            f"loss {record['train_loss']:.3f}{acc} ({time.monotonic() - self.started:.0f}s)"
+            f"loss {record['train_loss']:.3f}{acc} ({now - self.started:.0f}s, cell done in ~{_duration(left)})"
         )
         self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
         self.stream.flush()
@@ -137,6 +154,15 @@ class Progress:
         if not self.quiet:
             self.stream.write(("\r\x1b[2K" if self.tty else "") + message + "\n")
             self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    """``42s``, ``17m`` or ``2h05m``: the precision an estimate deserves."""
+    if seconds < 90:
+        return f"{seconds:.0f}s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f}m"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
 class Simulator:
@@ -191,6 +217,7 @@ class Simulator:
         for index, cell in enumerate(cells):
             if report_only or (self.cells_dir / f"{cell.key}.json").exists():
                 continue
+            progress.begin(index)
             self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
         finished = [c for c in cells if (self.cells_dir / f"{c.key}.json").exists()]
         results = self.collect(finished)
