@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tadlora.sim.config import ALL_METHODS, preset
 from tadlora.sim.paper import SWEEP_INTERVALS, claims, entries, paper_grids
+from tadlora.sim.runner import summarize
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
 
@@ -87,6 +90,19 @@ def test_missing_cells_make_a_claim_incomplete_not_a_verdict() -> None:
     assert claims(entries([]), entries([]), [0.5, 0.02])[0].status == "incomplete"
 
 
+def test_the_summary_has_final_accuracy_spreads_and_the_area_under_the_curve() -> None:
+    def run(seed: int, accs: list[float]) -> dict[str, Any]:
+        rounds = [{"round": 10 * i + 9, "acc_mean": a, "acc_std": 0.1} for i, a in enumerate(accs)]
+        return {"method": "tad", "topology": "er", "link_prob": 0.02, "switch_interval": 12, "seed": seed,
+                "rounds": rounds, "final": {"acc_mean": accs[-1], "acc_std": 0.1}}  # fmt: skip
+
+    (only,) = summarize([run(0, [0.5, 0.7, 0.9]), run(1, [0.6, 0.8, 1.0])])
+    assert only["seeds"] == 2 and only["acc_mean"] == pytest.approx(0.95)
+    assert only["acc_seed_std"] == pytest.approx(0.05) and only["acc_client_std"] == pytest.approx(0.1)
+    assert only["acc_curve_mean"] == pytest.approx(0.75)
+    assert entries([only])[("tad", 0.02, 12)].curve == pytest.approx(0.75)
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
@@ -103,7 +119,7 @@ def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert table["missing_cells"] == {"methods": [], "T-sweep": []}
     assert table["claims"][0]["name"] == "competitive at p = 0.5"
     text = (out / "table.md").read_text()
-    assert all(f"| {m} |" in text for m in ALL_METHODS)
+    assert all(text.count(f"| {m} |") == 2 for m in ALL_METHODS)  # final accuracy, then the learning curve
     assert (out / "methods" / "accuracy_vs_round.png").exists() and (out / "T-sweep" / "accuracy_vs_T.png").exists()
     # smoke's T = auto at p = 0.5 with 4 clients is 2: that cell is shared, run once, copied to the sweep.
     shared = "tad__er__p0.5__T2__s0.json"

@@ -61,6 +61,7 @@ class Entry:
     client_std: float  # mean over seeds of the std over clients
     seed_std: float  # std over seeds of the client mean (0 with one seed)
     seeds: int
+    curve: float | None = None  # mean accuracy over the run's evaluations (area under the learning curve)
 
     def spread(self, other: Entry) -> tuple[float, str]:
         """The bar a gap between ``self`` and ``other`` must clear (see the module docstring)."""
@@ -89,7 +90,11 @@ def entries(summary: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float, int 
         if row.get("acc_mean") is None:
             continue
         out[(row["method"], float(row["link_prob"]), row["switch_interval"])] = Entry(
-            mean=row["acc_mean"], client_std=row["acc_client_std"], seed_std=row["acc_seed_std"], seeds=row["seeds"]
+            mean=row["acc_mean"],
+            client_std=row["acc_client_std"],
+            seed_std=row["acc_seed_std"],
+            seeds=row["seeds"],
+            curve=row.get("acc_curve_mean"),
         )
     return out
 
@@ -177,16 +182,25 @@ def markdown(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], 
         f"Final dev accuracy (round {rounds}): mean over clients ± std over clients, averaged over the finished "
         "seeds (with two or more: ± std over seeds, n = seeds). — = not finished.",
         "",
-        "| method | " + " | ".join(f"p = {p:g}" for p in link_probs) + " |",
-        "|---|" + "---|" * len(link_probs),
     ]
     methods = grid_results["config"]["methods"]
+    header = ["| method | " + " | ".join(f"p = {p:g}" for p in link_probs) + " |", "|---|" + "---|" * len(link_probs)]
+    lines += header
+    curves = [
+        "",
+        "Mean accuracy over the run's evaluations (the area under the learning curve: how fast a method gets there):",
+        "",
+        *header,
+    ]
     for method in methods:
-        cells = []
+        cells, curve_cells = [], []
         for p in link_probs:
             found = [(t, e) for (m, q, t), e in grid.items() if m == method and math.isclose(q, p)]
             cells.append(" ".join((f"T={t}: " if t is not None else "") + e.text() for t, e in found) or "—")
+            curve_cells.append(" ".join(f"{e.curve:.3f}" for _t, e in found if e.curve is not None) or "—")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        curves.append(f"| {method} | " + " | ".join(curve_cells) + " |")
+    lines += curves
     sweep_ps = sorted(sweep_results["config"]["link_probs"], reverse=True)
     lines += ["", f"T sweep ({SWEEP_METHOD}):", "", "| T | " + " | ".join(f"p = {p:g}" for p in sweep_ps) + " |"]
     lines.append("|---|" + "---|" * len(sweep_ps))

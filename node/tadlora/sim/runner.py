@@ -323,7 +323,8 @@ def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
 
 def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Final accuracy per (method, topology, p, T): mean over seeds of the client mean, the spread over clients
-    (mean of per-seed std) and the spread over seeds."""
+    (mean of per-seed std) and the spread over seeds; and the mean accuracy over every evaluation of the run (the
+    area under the learning curve, which tells a fast learner from a slow one that ends at the same place)."""
     groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
     for run in runs:
         key = (run["method"], run["topology"], run["link_prob"], run["switch_interval"])
@@ -332,6 +333,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     for (method, topo, p, t), members in sorted(groups.items(), key=lambda kv: str(kv[0])):
         means = [m["final"]["acc_mean"] for m in members if m["final"]]
         stds = [m["final"]["acc_std"] for m in members if m["final"]]
+        curves = [np.mean([r["acc_mean"] for r in m["rounds"] if "acc_mean" in r]) for m in members if m["final"]]
         rows.append(
             {
                 "method": method,
@@ -342,6 +344,7 @@ def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "acc_mean": float(np.mean(means)) if means else None,
                 "acc_client_std": float(np.mean(stds)) if stds else None,
                 "acc_seed_std": float(np.std(means)) if means else None,
+                "acc_curve_mean": float(np.mean(curves)) if curves else None,
             }
         )
     return rows
