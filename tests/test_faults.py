@@ -164,7 +164,7 @@ class FlakyTransport:
     def __init__(self, clock: FakeClock) -> None:
         self.clock, self.up, self.tries = clock, False, list[float]()
 
-    def connect(self, address: str) -> Any:
+    def connect(self, address: str, node_id: str | None = None) -> Any:
         return FlakyConnection(self, address)
 
     def serve(self, *args: Any, **kwargs: Any) -> Any:

@@ -102,3 +102,63 @@ async def test_a_cluster_certificate_cannot_be_used_to_claim_another_node_id(tmp
     assert refused >= 1
     assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n1"))
     assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n9"))
+
+
+@pytest.mark.asyncio
+async def test_a_node_answering_under_an_id_its_certificate_lacks_is_never_a_peer(tmp_path) -> None:
+    """The callee's side: the honest node dials the impostor (a static address), which answers as node-9 while
+    holding node-0's valid certificate. Mixing would need the honest node to call it (node-1 < node-9)."""
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    stolen = TlsMaterial.from_dir(certs, "node-0")
+    async with contextlib.AsyncExitStack() as stack:
+        impostor_cfg = node_config(tmp_path, 9, 10, PeersOption(False, (), ()), min_peers=0, rounds=2)
+        impostor = await stack.enter_async_context(Node(impostor_cfg, transport=GrpcTransport.with_tls(stolen)))
+        honest_cfg = tls(tmp_path, certs, 1, 2, (impostor.address,), min_peers=1, peer_wait=3.0, rounds=2)
+        honest = await stack.enter_async_context(Node(honest_cfg))
+        async with asyncio.timeout(90):
+            await run_all([honest, impostor])
+        assert honest.status().neighbors == ()
+    assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n1"))
+
+
+@pytest.mark.asyncio
+async def test_a_connection_bound_to_a_node_id_needs_a_certificate_naming_it(tmp_path) -> None:
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.rpc import PeerUnavailable
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    async with contextlib.AsyncExitStack() as stack:
+        server = await stack.enter_async_context(Node(tls(tmp_path, certs, 0, 2, (), min_peers=0, rounds=1)))
+        client = GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-1"))
+        me = node_config(tmp_path, 1, 2, PeersOption(False, (), ()))  # only for a plausible PeerInfo
+        info = server.local_info()
+        for expected, ok in ((None, True), ("node-0", True), ("NODE-0", True), ("node-1", False), ("node", False)):
+            conn = client.connect(server.address, node_id=expected)
+            try:
+                if ok:
+                    assert (await conn.handshake(_caller_info(info, me.cluster), timeout=10)).node_id == "node-0"
+                else:
+                    with pytest.raises(PeerUnavailable):
+                        await conn.handshake(_caller_info(info, me.cluster), timeout=10)
+            finally:
+                await conn.aclose()
+
+
+def _caller_info(server_info, cluster: str):
+    import dataclasses
+
+    return dataclasses.replace(server_info, node_id="node-1", address="", cluster=cluster)
+
+
+def test_the_shared_certificate_name_cannot_be_a_node_id(tmp_path, capsys) -> None:
+    from tadlora.node.tls import TLS_SERVER_NAME, TlsMaterial
+
+    certs = make_certs(tmp_path / "certs")
+    assert main(["certs", "issue", TLS_SERVER_NAME, "--dir", str(certs)]) == 2
+    assert "reserved" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="reserved"):
+        TlsMaterial.from_dir(certs, TLS_SERVER_NAME)

@@ -154,9 +154,11 @@ class PeerClient(_Caller):
         *,
         credentials: grpc.ChannelCredentials | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        server_name: str | None = None,
     ) -> None:
         super().__init__(address, max_payload_bytes=max_payload_bytes)
         self._credentials = credentials
+        self._server_name = server_name or TLS_SERVER_NAME
         self._channel: grpc.aio.Channel | None = None
         self._stub: pb_grpc.NodeStub | None = None
         self._closed = False
@@ -170,9 +172,10 @@ class PeerClient(_Caller):
             if self._credentials is None:
                 self._channel = grpc.aio.insecure_channel(self.address, options=_CHANNEL_OPTIONS)
             else:
-                # Peers are dialled by IP; their certificates are checked against the cluster CA and the fixed
-                # name every node certificate carries.
-                options = (*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", TLS_SERVER_NAME))
+                # Peers are dialled by IP; their certificates are checked against the cluster CA and, instead of
+                # the address, against the node id we expect there (a DNS name in its certificate) or, before we
+                # know it, the fixed name every node certificate carries.
+                options = (*_CHANNEL_OPTIONS, ("grpc.ssl_target_name_override", self._server_name))
                 self._channel = grpc.aio.secure_channel(self.address, self._credentials, options=options)
             self._stub = pb_grpc.NodeStub(self._channel)
         return self._stub
@@ -265,5 +268,7 @@ class GrpcTransport:
             credentials=self._server_credentials,
         )
 
-    def connect(self, address: str) -> PeerClient:
-        return PeerClient(address, credentials=self._credentials, max_payload_bytes=self._max_payload_bytes)
+    def connect(self, address: str, node_id: str | None = None) -> PeerClient:
+        return PeerClient(
+            address, credentials=self._credentials, max_payload_bytes=self._max_payload_bytes, server_name=node_id
+        )

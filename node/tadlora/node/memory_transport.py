@@ -61,7 +61,8 @@ class InMemoryNetwork:
     ) -> InMemoryServer:
         return InMemoryServer(self, handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
 
-    def connect(self, address: str) -> InMemoryClient:
+    def connect(self, address: str, node_id: str | None = None) -> InMemoryClient:
+        # No authentication in memory: ``node_id`` is accepted and not checked (nothing here can hold a certificate).
         return InMemoryClient(self, address, max_payload_bytes=self._max_payload_bytes)
 
     def _bind(self, server: InMemoryServer, listen: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from tadlora.node.discovery import PeerCandidate
 from tadlora.node.rpc import PeerConnection, PeerInfo, PeerUnavailable, Transport, check_compatible
-from tadlora.node.wire import ExchangeRefused
+from tadlora.node.wire import ExchangeRefused, Reason
 
 log = logging.getLogger("tadlora.peers")
 
@@ -103,7 +103,9 @@ class PeerManager:
                 continue
             if cand is not None and not self._prefilter(cand):
                 continue
-            tries.append(self._try(key, address, "mdns" if cand is not None else "static", attempt))
+            # An advert names its node: dial that id, so that only a certificate naming it answers.
+            expected = cand.node_id if cand is not None else None
+            tries.append(self._try(key, address, "mdns" if cand is not None else "static", attempt, expected))
         if tries:
             await asyncio.gather(*tries)
 
@@ -128,8 +130,8 @@ class PeerManager:
             self._refused_logged.add((who, reason))
             log.warning("not a neighbour: %s: %s", who, reason)
 
-    async def _try(self, key: str, address: str, source: str, attempt: _Attempt) -> None:
-        conn = self._transport.connect(address)
+    async def _try(self, key: str, address: str, source: str, attempt: _Attempt, expected: str | None) -> None:
+        conn = self._transport.connect(address, node_id=expected)
         try:
             info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
         except ExchangeRefused as exc:
@@ -145,6 +147,26 @@ class PeerManager:
             await conn.aclose()  # our own static address
             attempt.retry_at = float("inf")
             return
+        if expected is not None and info.node_id != expected:
+            await conn.aclose()
+            self._log_refusal(key, f"advertised as {expected!r} but answers as {info.node_id!r}")
+            self._backoff(attempt, "advertised id differs")
+            return
+        if expected is None:
+            # Dialled by address: dial again expecting the id it claims, so that its certificate must name it
+            # (with TLS; the first call only proved it belongs to the cluster).
+            await conn.aclose()
+            claimed = info.node_id
+            conn = self._transport.connect(address, node_id=claimed)
+            try:
+                info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
+                if info.node_id != claimed:
+                    raise ExchangeRefused(Reason.IDENTITY_MISMATCH, f"then answered as {info.node_id!r}")
+            except (ExchangeRefused, PeerUnavailable) as exc:
+                await conn.aclose()
+                self._log_refusal(key, f"answers as {claimed!r}, which its certificate does not prove: {exc}")
+                self._backoff(attempt, "identity not proven")
+                return
         attempt.failures, attempt.retry_at = 0, 0.0  # its flaps stay counted (see drop)
         self._key_of[info.node_id] = key
         await self.add(info, conn, source)
@@ -176,7 +198,8 @@ class PeerManager:
                     await conn.aclose()
                 return
             await old.conn.aclose()
-        self.peers[info.node_id] = Peer(info, conn or self._transport.connect(info.address), source)
+        conn = conn or self._transport.connect(info.address, node_id=info.node_id)
+        self.peers[info.node_id] = Peer(info, conn, source)
         self._by_address[info.address] = info.node_id
         log.info("peer %s verified at %s (%s)", info.node_id, info.address, source)
         self._on_change()

@@ -672,4 +672,8 @@ class Transport(Protocol):
         """A server for `handler` on `listen` (port 0: any free port); `max_payload_bytes` overrides the cap."""
         ...
 
-    def connect(self, address: str) -> PeerConnection: ...
+    def connect(self, address: str, node_id: str | None = None) -> PeerConnection:
+        """A connection to the node at ``address``. With ``node_id``, a transport that authenticates servers (TLS)
+        lets the connection work only if the server's certificate names that node id; without it, any server of
+        the cluster is accepted (the id is not known yet, e.g. a static address before its first handshake)."""
+        ...

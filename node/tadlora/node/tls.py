@@ -38,6 +38,7 @@ class TlsMaterial:
     @classmethod
     def from_dir(cls, directory: Path, name: str) -> TlsMaterial:
         """Read ``ca.crt``, ``NAME.crt`` and ``NAME.key``; a clear error names what is missing and how to make it."""
+        _check_name(name)
         paths = [directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
@@ -61,6 +62,13 @@ class TlsMaterial:
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
+
+
+def _check_name(name: str) -> None:
+    """A node may not be named TLS_SERVER_NAME: every certificate carries that name, so a client that expects that
+    node would accept any node of the cluster."""
+    if name.lower() == TLS_SERVER_NAME:
+        raise ValueError(f"{name!r} is reserved (every node certificate carries it); choose another node id")
 
 
 def _write_private(path: Path, data: bytes, force: bool) -> None:
@@ -107,6 +115,7 @@ def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> P
 
 def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = False) -> Path:
     """Issue ``NAME.crt``/``NAME.key`` signed by the CA in ``directory`` (for server and client use)."""
+    _check_name(name)
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
         ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
