@@ -125,6 +125,8 @@ def recommended_switch_interval(expected_degree: float, max_interval: int = 15) 
     Sparse graphs need longer phases so that the frozen factor has time to reach consensus before it trains
     again; dense graphs reach consensus quickly and gain nothing from long phases. ``expected_degree`` is a
     node's expected number of live links per round (p·(m−1) for Erdős–Rényi). Result in [1, max_interval].
+    A rule of thumb of this project, after the paper's finding that the best T grows as connectivity falls (the
+    paper gives no formula); the T sweep in benchmarks/paper_table.py measures it.
     """
     if expected_degree <= 0:
         return max_interval
