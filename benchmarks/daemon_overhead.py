@@ -37,7 +37,7 @@ from tadlora.core.topology import client_name
 from tadlora.data import resolve_dataset
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import PeersOption
+from tadlora.node.peerspec import PeersOption
 from tadlora.node.state import read_rounds
 from tadlora.training import TrainSpec, encode, evaluate, local_steps
 from tadlora.workload import client_shards, eval_subset

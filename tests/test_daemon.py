@@ -21,7 +21,7 @@ from tadlora.core.topology import client_name, make_topology
 from tadlora.data import resolve_dataset
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import PeersOption, parse_peers_option
+from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.sim.engine import SequentialEngine
 from tadlora.sim.runner import simulate
 from tadlora.training import TrainSpec, encode

@@ -20,19 +20,10 @@ import pytest
 from zeroconf import IPVersion, _core
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 
-from tadlora.node import discovery
-from tadlora.node.discovery import (
-    SERVICE_TYPE,
-    Advertisement,
-    InterfaceError,
-    MdnsDiscovery,
-    PeerCandidate,
-    PeersOption,
-    StaticPeers,
-    interface_addresses,
-    parse_peers_option,
-    service_instance_name,
-)
+from tadlora.node import discovery, netif
+from tadlora.node.discovery import SERVICE_TYPE, Advertisement, MdnsDiscovery, PeerCandidate, service_instance_name
+from tadlora.node.netif import InterfaceError, interface_addresses
+from tadlora.node.peerspec import PeersOption, StaticPeers, parse_peers_option
 
 LOOPBACK = ["127.0.0.1"]
 UNSPECIFIED = "0.0.0.0"  # noqa: S104 -- only passed in to check that it is refused
@@ -492,19 +483,19 @@ def test_the_default_route_interfaces_are_read_lowest_metric_first() -> None:
         "eth0\t000200C0\t00000000\t0001\t0\t0\t0\t00FFFFFF\t0\t0\t0\n"
         "down0\t00000000\t01010101\t0002\t0\t0\t0\t00000000\t0\t0\t0\n"
     )
-    assert discovery._default_route_interfaces(table) == ["eth0", "wlan0"]
+    assert netif._default_route_interfaces(table) == ["eth0", "wlan0"]
 
 
 def test_no_interface_means_the_default_route_interface(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     routes = tmp_path / "route"
     routes.write_text(ROUTES_HEADER + "lo\t00000000\t00000000\t0001\t0\t0\t0\t00000000\t0\t0\t0\n")
-    monkeypatch.setattr(discovery, "_ROUTE_TABLE", routes)
+    monkeypatch.setattr(netif, "_ROUTE_TABLE", routes)
     assert interface_addresses(None) == ["127.0.0.1"]
 
 
 def test_no_default_route_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     routes = tmp_path / "route"
     routes.write_text(ROUTES_HEADER + "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
-    monkeypatch.setattr(discovery, "_ROUTE_TABLE", routes)
+    monkeypatch.setattr(netif, "_ROUTE_TABLE", routes)
     with pytest.raises(InterfaceError, match="--mdns-interface"):
         interface_addresses(None)

@@ -9,8 +9,8 @@ import socket
 import pytest
 
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import PeersOption
 from tadlora.node.dnspeers import DnsPeers, host_port, split_name
+from tadlora.node.peerspec import PeersOption
 from test_daemon import NO_PEERS, _rounds, node_config, run_all
 
 FAST_S = 0.01  # s between lookups in tests (the real interval is seconds)

@@ -15,9 +15,9 @@ import pytest
 from tadlora.node.cli import main
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import PeersOption, parse_peers_option
 from tadlora.node.doctor import compare_peer
 from tadlora.node.hostcheck import multicast_route_interfaces
+from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
 from test_daemon import cluster_name, node_config
 from test_node_cli import free_port

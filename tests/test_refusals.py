@@ -16,8 +16,8 @@ import torch
 from tadlora.core.factors import Factors, select
 from tadlora.core.mixing import sent_factors
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import PeersOption
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
+from tadlora.node.peerspec import PeersOption
 from tadlora.node.rpc import (
     MAX_DEGREE,
     MAX_ROUND,

@@ -11,7 +11,7 @@ import pytest
 
 from tadlora.node.cli import main
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import PeersOption
+from tadlora.node.peerspec import PeersOption
 from tadlora.node.state import read_rounds
 from test_daemon import node_config, run_all
 

@@ -33,7 +33,7 @@ from tadlora.cliutil import apply_env_defaults, csv_list
 from tadlora.core.methods import method_names
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
-from tadlora.node.discovery import parse_peers_option
+from tadlora.node.peerspec import parse_peers_option
 from tadlora.training import TrainSpec
 
 log = logging.getLogger("tadlora.node")

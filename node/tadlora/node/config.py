@@ -11,7 +11,7 @@ from pathlib import Path
 from tadlora.adapter import LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
-from tadlora.node.discovery import PeersOption, parse_peers_option
+from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.training import TrainSpec
 
 _NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")

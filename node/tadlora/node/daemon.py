@@ -37,10 +37,11 @@ from tadlora.core.topology import link_up, overlay_neighbours
 from tadlora.data import resolve_dataset
 from tadlora.node import state
 from tadlora.node.config import NodeConfig, new_node_id
-from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate, interface_addresses
+from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.metrics import NodeMetrics
+from tadlora.node.netif import interface_addresses
 from tadlora.node.peers import PeerManager
 from tadlora.node.rounds import Round, RoundState
 from tadlora.node.rpc import (

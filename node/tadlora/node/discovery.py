@@ -1,4 +1,6 @@
-"""Finding peers: mDNS (DNS-SD over multicast) on chosen interfaces, static HOST:PORT lists, the --peers grammar.
+"""Finding peers by mDNS (DNS-SD over multicast) on chosen interfaces: advertising this node, browsing for others.
+
+The --peers grammar is in `tadlora.node.peerspec`, interface selection in `tadlora.node.netif`.
 
 Discovery only reports candidates, with every field the node needs to decide; it never filters by cluster,
 fingerprint or protocol, because the node must be able to say *why* it refuses a peer.
@@ -10,30 +12,25 @@ import asyncio
 import contextlib
 import functools
 import hashlib
-import ipaddress
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-import ifaddr
 from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+
+from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
+from tadlora.node.peerspec import PORT_MAX
 
 __all__ = [
     "RESOLVE_TIMEOUT_MS",
     "SERVICE_TYPE",
     "Advertisement",
-    "InterfaceError",
     "MdnsDiscovery",
     "PeerCandidate",
-    "PeersOption",
-    "StaticPeers",
-    "interface_addresses",
-    "parse_peers_option",
     "service_instance_name",
 ]
 
@@ -43,21 +40,13 @@ SERVICE_TYPE = "_tadlora._tcp.local."
 RESOLVE_TIMEOUT_MS = 3000  # ms; one SRV/TXT/A resolution, zeroconf's own default (it re-asks several times)
 _INSTANCE_MAX_BYTES = 63  # bytes; RFC 6763 §4.1.1: a service instance name is a single DNS label
 _TXT_ENTRY_MAX_BYTES = 255  # bytes; RFC 6763 §6.1: one "key=value" string is length-prefixed by one byte
-_PORT_MAX = 65535
-_HOSTNAME_MAX_BYTES = 253  # bytes; RFC 1035 §2.3.4 limit on a name's text form
 # Ask for multicast answers (QM), not unicast (QU, RFC 6762 §5.4): several nodes on one host share UDP port 5353,
 # and the kernel hands a unicast answer to just one of those sockets, so a QU answer is often lost there.
 _QUESTION_TYPE = DNSQuestionType.QM
-_ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
 
 Source = Literal["mdns", "static", "dns"]
 _SECURITY = {"tls": True, "insecure": False}
 _HEX = re.compile(r"[0-9a-fA-F]+")
-_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
-
-
-class InterfaceError(ValueError):
-    """An --mdns-interface value that names no usable IPv4 interface."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +80,14 @@ class Advertisement:
             raise ValueError("node_id must not be empty")
         if not self.cluster:
             raise ValueError("cluster must not be empty")
-        if not 1 <= self.port <= _PORT_MAX:
+        if not 1 <= self.port <= PORT_MAX:
             raise ValueError(f"port {self.port} is outside 1..65535")
         if not _HEX.fullmatch(self.fingerprint):
             raise ValueError(f"fingerprint {self.fingerprint!r} is not a hex string")
         if self.protocol_version < 0:
             raise ValueError(f"protocol_version {self.protocol_version} is negative")
         if self.advertise_address is not None:
-            _require_unicast_ipv4(self.advertise_address, "advertise_address")
+            require_unicast_ipv4(self.advertise_address, "advertise_address")
         for key, value in self.txt().items():
             if len(f"{key}={value}".encode()) > _TXT_ENTRY_MAX_BYTES:
                 raise ValueError(f"TXT entry {key!r} is longer than {_TXT_ENTRY_MAX_BYTES} bytes")
@@ -170,9 +159,9 @@ class MdnsDiscovery:
     ) -> None:
         if not interfaces:
             raise ValueError("MdnsDiscovery needs at least one interface address; it never uses all of them")
-        local = {address for addresses in _ipv4_by_interface().values() for address in addresses}
+        local = {address for addresses in ipv4_by_interface().values() for address in addresses}
         for address in interfaces:
-            _require_unicast_ipv4(address, "interface address")
+            require_unicast_ipv4(address, "interface address")
             if address not in local:  # checked here: zeroconf would fail with ENODEV and leak its listen socket
                 raise ValueError(f"interface address {address} is not an address of this host")
         self._advert = advert
@@ -362,170 +351,3 @@ class MdnsDiscovery:
                 self._on_change()
             except Exception:
                 log.exception("mDNS: on_change callback failed")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Static peers and the --peers grammar
-
-
-@dataclass(frozen=True)
-class StaticPeers:
-    """Peers given as HOST:PORT; they have no node id until a handshake, so they are just addresses."""
-
-    addresses: tuple[str, ...]
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "addresses", tuple(_parse_host_port(a) for a in self.addresses))
-
-    @classmethod
-    def parse(cls, value: str) -> StaticPeers:
-        """Parse "HOST:PORT,HOST:PORT" (IPv4, host names, [IPv6]:PORT); ValueError names the bad entry."""
-        return cls(tuple(_split_entries(value)))
-
-
-@dataclass(frozen=True)
-class PeersOption:
-    """The parsed --peers flag: mDNS on or off, static addresses, DNS names (dns:NAME, resolved later)."""
-
-    auto: bool
-    static: tuple[str, ...]
-    dns: tuple[str, ...]
-
-
-def parse_peers_option(value: str) -> PeersOption:
-    """Parse --peers: comma-separated 'auto' (mDNS), 'dns:NAME[:PORT]', and HOST:PORT entries."""
-    if not value.strip().strip(",").strip():
-        raise ValueError("--peers needs at least one entry: 'auto', 'dns:NAME[:PORT]' or HOST:PORT")
-    auto = False
-    static: list[str] = []
-    dns: list[str] = []
-    for entry in _split_entries(value):
-        if entry.lower() == "auto":
-            auto = True
-        elif entry.lower().startswith("dns:"):
-            name = entry[4:]
-            host, _, port = name.partition(":")
-            if not _is_hostname(host) or _looks_like_ipv4(host):
-                raise ValueError(f"--peers entry {entry!r}: dns: needs a DNS name, e.g. dns:tadlora.default.svc")
-            if port:
-                _port(port, entry)
-            if name not in dns:
-                dns.append(name)
-        else:
-            address = _parse_host_port(entry)
-            if address not in static:
-                static.append(address)
-    return PeersOption(auto=auto, static=tuple(static), dns=tuple(dns))
-
-
-def _split_entries(value: str) -> list[str]:
-    entries = [entry.strip() for entry in value.split(",")]
-    if any(not entry for entry in entries):
-        raise ValueError(f"peer list {value!r} has an empty entry (stray comma?)")
-    return entries
-
-
-def _parse_host_port(entry: str) -> str:
-    """Validate HOST:PORT / [V6]:PORT and return it normalised (IPv6 compressed, in brackets)."""
-    if entry.startswith("["):
-        host, sep, port = entry[1:].partition("]:")
-        if not sep:
-            raise ValueError(f"peer {entry!r}: expected [IPv6]:PORT")
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise ValueError(f"peer {entry!r}: {host!r} is not an IPv6 address") from None
-        return f"[{host}]:{_port(port, entry)}"
-    if entry.count(":") > 1:
-        raise ValueError(f"peer {entry!r}: IPv6 addresses need brackets, e.g. [::1]:50051")
-    host, sep, port = entry.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"peer {entry!r}: expected HOST:PORT")
-    if not _is_hostname(host):
-        raise ValueError(f"peer {entry!r}: {host!r} is neither an IPv4 address nor a host name")
-    return f"{host}:{_port(port, entry)}"
-
-
-def _port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= _PORT_MAX:
-        raise ValueError(f"peer {entry!r}: port {text!r} is not a number in 1..65535")
-    return int(text)
-
-
-def _looks_like_ipv4(text: str) -> bool:
-    return re.fullmatch(r"[0-9.]+", text) is not None
-
-
-def _is_hostname(host: str) -> bool:
-    if _looks_like_ipv4(host):  # all digits and dots: must be a real IPv4 address, not a "host name"
-        try:
-            ipaddress.IPv4Address(host)
-        except ValueError:
-            return False
-        return True
-    labels = host.rstrip(".").split(".")
-    return len(host) <= _HOSTNAME_MAX_BYTES and all(_HOST_LABEL.fullmatch(label) for label in labels)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# --mdns-interface
-
-
-def interface_addresses(spec: str | None) -> list[str]:
-    """Map --mdns-interface to IPv4 addresses: an address (must be local), an interface name, or None.
-
-    None means the interface that carries the IPv4 default route (read from /proc/net/route on Linux).
-    Never answers "all interfaces"; raises InterfaceError with the choices when nothing fits.
-    """
-    by_name = _ipv4_by_interface()
-    if spec is None:
-        names = _default_route_interfaces(_ROUTE_TABLE.read_text() if _ROUTE_TABLE.exists() else "")
-        if not names:
-            raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
-        found = [addr for name in names for addr in by_name.get(name, [])]
-        if not found:
-            raise InterfaceError(f"default-route interface {names[0]} has no IPv4 address; use --mdns-interface")
-        return list(dict.fromkeys(found))
-    spec = spec.strip()
-    if _looks_like_ipv4(spec):
-        try:
-            _require_unicast_ipv4(spec, "--mdns-interface")
-        except ValueError as exc:
-            raise InterfaceError(str(exc)) from None
-        address = str(ipaddress.IPv4Address(spec))
-        if not any(address in addrs for addrs in by_name.values()):
-            raise InterfaceError(f"--mdns-interface {spec}: no local interface has this address")
-        return [address]
-    if spec not in by_name:
-        raise InterfaceError(f"--mdns-interface {spec!r}: no such interface; have {', '.join(sorted(by_name))}")
-    if not by_name[spec]:
-        raise InterfaceError(f"--mdns-interface {spec!r} has no IPv4 address")
-    return by_name[spec]
-
-
-def _ipv4_by_interface() -> dict[str, list[str]]:
-    """This host's IPv4 addresses by interface name (ifaddr lists IPv6 addresses as tuples)."""
-    return {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in ifaddr.get_adapters()}
-
-
-def _default_route_interfaces(route_table: str) -> list[str]:
-    """Interfaces of the IPv4 default routes in /proc/net/route text, lowest metric first."""
-    routes: list[tuple[int, str]] = []
-    for line in route_table.splitlines()[1:]:
-        match line.split():
-            case [iface, destination, _gateway, flags, _refcnt, _use, metric, mask, *_]:
-                pass
-            case _:
-                continue
-        if destination == "00000000" and mask == "00000000" and int(flags, 16) & 0x1:  # RTF_UP
-            routes.append((int(metric), iface))
-    return list(dict.fromkeys(iface for _, iface in sorted(routes)))
-
-
-def _require_unicast_ipv4(address: str, what: str) -> None:
-    try:
-        ip = ipaddress.IPv4Address(address)
-    except ValueError:
-        raise ValueError(f"{what} {address!r} is not an IPv4 address") from None
-    if ip.is_unspecified or ip.is_multicast:
-        raise ValueError(f"{what} {address} must be one interface's unicast address, not 0.0.0.0 or multicast")

@@ -15,7 +15,7 @@ from typing import Literal
 import ifaddr
 
 from tadlora.node.config import NodeConfig
-from tadlora.node.discovery import InterfaceError, interface_addresses
+from tadlora.node.netif import InterfaceError, interface_addresses
 
 __all__ = [
     "Check",

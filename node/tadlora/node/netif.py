@@ -1,0 +1,78 @@
+"""Which network interfaces mDNS uses (--mdns-interface): an address, an interface name, or the default route's."""
+
+from __future__ import annotations
+
+import ipaddress
+from pathlib import Path
+
+import ifaddr
+
+from tadlora.node.peerspec import looks_like_ipv4
+
+__all__ = ["InterfaceError", "interface_addresses", "ipv4_by_interface", "require_unicast_ipv4"]
+
+_ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
+
+
+class InterfaceError(ValueError):
+    """--mdns-interface names nothing usable (the message lists what is there)."""
+
+
+def interface_addresses(spec: str | None) -> list[str]:
+    """Map --mdns-interface to IPv4 addresses: an address (must be local), an interface name, or None.
+
+    None means the interface that carries the IPv4 default route (read from /proc/net/route on Linux).
+    Never answers "all interfaces"; raises InterfaceError with the choices when nothing fits.
+    """
+    by_name = ipv4_by_interface()
+    if spec is None:
+        names = _default_route_interfaces(_ROUTE_TABLE.read_text() if _ROUTE_TABLE.exists() else "")
+        if not names:
+            raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
+        found = [addr for name in names for addr in by_name.get(name, [])]
+        if not found:
+            raise InterfaceError(f"default-route interface {names[0]} has no IPv4 address; use --mdns-interface")
+        return list(dict.fromkeys(found))
+    spec = spec.strip()
+    if looks_like_ipv4(spec):
+        try:
+            require_unicast_ipv4(spec, "--mdns-interface")
+        except ValueError as exc:
+            raise InterfaceError(str(exc)) from None
+        address = str(ipaddress.IPv4Address(spec))
+        if not any(address in addrs for addrs in by_name.values()):
+            raise InterfaceError(f"--mdns-interface {spec}: no local interface has this address")
+        return [address]
+    if spec not in by_name:
+        raise InterfaceError(f"--mdns-interface {spec!r}: no such interface; have {', '.join(sorted(by_name))}")
+    if not by_name[spec]:
+        raise InterfaceError(f"--mdns-interface {spec!r} has no IPv4 address")
+    return by_name[spec]
+
+
+def ipv4_by_interface() -> dict[str, list[str]]:
+    """This host's IPv4 addresses by interface name (ifaddr lists IPv6 addresses as tuples)."""
+    return {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in ifaddr.get_adapters()}
+
+
+def _default_route_interfaces(route_table: str) -> list[str]:
+    """Interfaces of the IPv4 default routes in /proc/net/route text, lowest metric first."""
+    routes: list[tuple[int, str]] = []
+    for line in route_table.splitlines()[1:]:
+        match line.split():
+            case [iface, destination, _gateway, flags, _refcnt, _use, metric, mask, *_]:
+                pass
+            case _:
+                continue
+        if destination == "00000000" and mask == "00000000" and int(flags, 16) & 0x1:  # RTF_UP
+            routes.append((int(metric), iface))
+    return list(dict.fromkeys(iface for _, iface in sorted(routes)))
+
+
+def require_unicast_ipv4(address: str, what: str) -> None:
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        raise ValueError(f"{what} {address!r} is not an IPv4 address") from None
+    if ip.is_unspecified or ip.is_multicast:
+        raise ValueError(f"{what} {address} must be one interface's unicast address, not 0.0.0.0 or multicast")

@@ -1,0 +1,112 @@
+"""The --peers grammar: 'auto' (mDNS), static HOST:PORT lists and dns:NAME[:PORT] entries, parsed and validated."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+
+__all__ = ["PORT_MAX", "PeersOption", "StaticPeers", "is_hostname", "looks_like_ipv4", "parse_peers_option"]
+
+PORT_MAX = 65535
+_HOSTNAME_MAX_BYTES = 253  # bytes; RFC 1035 §2.3.4 limit on a name's text form
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+@dataclass(frozen=True)
+class StaticPeers:
+    """Peers given as HOST:PORT; they have no node id until a handshake, so they are just addresses."""
+
+    addresses: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "addresses", tuple(_parse_host_port(a) for a in self.addresses))
+
+    @classmethod
+    def parse(cls, value: str) -> StaticPeers:
+        """Parse "HOST:PORT,HOST:PORT" (IPv4, host names, [IPv6]:PORT); ValueError names the bad entry."""
+        return cls(tuple(_split_entries(value)))
+
+
+@dataclass(frozen=True)
+class PeersOption:
+    """The parsed --peers flag: mDNS on or off, static addresses, DNS names (dns:NAME, resolved later)."""
+
+    auto: bool
+    static: tuple[str, ...]
+    dns: tuple[str, ...]
+
+
+def parse_peers_option(value: str) -> PeersOption:
+    """Parse --peers: comma-separated 'auto' (mDNS), 'dns:NAME[:PORT]', and HOST:PORT entries."""
+    if not value.strip().strip(",").strip():
+        raise ValueError("--peers needs at least one entry: 'auto', 'dns:NAME[:PORT]' or HOST:PORT")
+    auto = False
+    static: list[str] = []
+    dns: list[str] = []
+    for entry in _split_entries(value):
+        if entry.lower() == "auto":
+            auto = True
+        elif entry.lower().startswith("dns:"):
+            name = entry[4:]
+            host, _, port = name.partition(":")
+            if not is_hostname(host) or looks_like_ipv4(host):
+                raise ValueError(f"--peers entry {entry!r}: dns: needs a DNS name, e.g. dns:tadlora.default.svc")
+            if port:
+                _port(port, entry)
+            if name not in dns:
+                dns.append(name)
+        else:
+            address = _parse_host_port(entry)
+            if address not in static:
+                static.append(address)
+    return PeersOption(auto=auto, static=tuple(static), dns=tuple(dns))
+
+
+def _split_entries(value: str) -> list[str]:
+    entries = [entry.strip() for entry in value.split(",")]
+    if any(not entry for entry in entries):
+        raise ValueError(f"peer list {value!r} has an empty entry (stray comma?)")
+    return entries
+
+
+def _parse_host_port(entry: str) -> str:
+    """Validate HOST:PORT / [V6]:PORT and return it normalised (IPv6 compressed, in brackets)."""
+    if entry.startswith("["):
+        host, sep, port = entry[1:].partition("]:")
+        if not sep:
+            raise ValueError(f"peer {entry!r}: expected [IPv6]:PORT")
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise ValueError(f"peer {entry!r}: {host!r} is not an IPv6 address") from None
+        return f"[{host}]:{_port(port, entry)}"
+    if entry.count(":") > 1:
+        raise ValueError(f"peer {entry!r}: IPv6 addresses need brackets, e.g. [::1]:50051")
+    host, sep, port = entry.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"peer {entry!r}: expected HOST:PORT")
+    if not is_hostname(host):
+        raise ValueError(f"peer {entry!r}: {host!r} is neither an IPv4 address nor a host name")
+    return f"{host}:{_port(port, entry)}"
+
+
+def _port(text: str, entry: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= PORT_MAX:
+        raise ValueError(f"peer {entry!r}: port {text!r} is not a number in 1..65535")
+    return int(text)
+
+
+def looks_like_ipv4(text: str) -> bool:
+    return re.fullmatch(r"[0-9.]+", text) is not None
+
+
+def is_hostname(host: str) -> bool:
+    if looks_like_ipv4(host):  # all digits and dots: must be a real IPv4 address, not a "host name"
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return False
+        return True
+    labels = host.rstrip(".").split(".")
+    return len(host) <= _HOSTNAME_MAX_BYTES and all(_HOST_LABEL.fullmatch(label) for label in labels)
