@@ -11,8 +11,9 @@ Each grid writes its results.json and plots; DIR/table.md and DIR/table.json hol
 paper's claims (tadlora.sim.paper). --report-only runs nothing and reports the cells finished so far, which is
 how to look at a grid that is still running elsewhere.
 
-A cpu-sst2 cell takes about 45-70 minutes on 2 CPU cores (docs/simulator.md): the full cpu-sst2 table
-(21 method cells + 11 sweep cells per seed) is days of CPU; on a GPU, minutes per cell.
+A cpu-sst2 cell took 58-75 minutes on one core of a shared 2-core machine (docs/simulator.md): the full cpu-sst2
+table (21 method cells + 11 more sweep cells per seed) is days of CPU; on a GPU, minutes per cell. Each process runs
+one cell at a time with one torch thread: to use two cores, run `--only methods` and `--only T-sweep` side by side.
 """
 
 from __future__ import annotations
