@@ -130,17 +130,19 @@ async def test_a_connection_bound_to_a_node_id_needs_a_certificate_naming_it(tmp
     from tadlora.node.rpc import PeerUnavailable
     from tadlora.node.tls import TlsMaterial
 
-    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    name = "Lab_box.0"  # every character class a node id may hold: letters of both cases, digits, '_', '.', '-'
+    certs = make_certs(tmp_path / "certs", name, "node-1")
     async with contextlib.AsyncExitStack() as stack:
-        server = await stack.enter_async_context(Node(tls(tmp_path, certs, 0, 2, (), min_peers=0, rounds=1)))
+        server_cfg = tls(tmp_path, certs, 0, 2, (), min_peers=0, rounds=1, node_id=name)
+        server = await stack.enter_async_context(Node(server_cfg))
         client = GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-1"))
         me = node_config(tmp_path, 1, 2, PeersOption(False, (), ()))  # only for a plausible PeerInfo
         info = server.local_info()
-        for expected, ok in ((None, True), ("node-0", True), ("NODE-0", True), ("node-1", False), ("node", False)):
+        for expected, ok in ((None, True), (name, True), (name.lower(), True), ("node-1", False), ("Lab_box", False)):
             conn = client.connect(server.address, node_id=expected)
             try:
                 if ok:
-                    assert (await conn.handshake(_caller_info(info, me.cluster), timeout=10)).node_id == "node-0"
+                    assert (await conn.handshake(_caller_info(info, me.cluster), timeout=10)).node_id == name
                 else:
                     with pytest.raises(PeerUnavailable):
                         await conn.handshake(_caller_info(info, me.cluster), timeout=10)
