@@ -338,7 +338,7 @@ GOOD_TXT = {"id": "peer", "cluster": "lab", "fp": "ab12", "proto": "3", "sec": "
 
 
 def test_a_well_formed_service_becomes_a_candidate() -> None:
-    assert discovery._candidate_from_info(_resolved(GOOD_TXT)) == PeerCandidate(
+    assert discovery.candidate_from_info(_resolved(GOOD_TXT)) == PeerCandidate(
         "peer", "127.0.0.1:50051", "lab", "ab12", 3, True, "mdns", f"peer.{SERVICE_TYPE}"
     )
 
@@ -355,15 +355,15 @@ def test_a_well_formed_service_becomes_a_candidate() -> None:
     ],
 )
 def test_malformed_txt_gives_a_reason_instead_of_a_candidate(txt: dict[str, str], reason: str) -> None:
-    result = discovery._candidate_from_info(_resolved(txt))
+    result = discovery.candidate_from_info(_resolved(txt))
     assert isinstance(result, str)
     assert reason in result
 
 
 def test_non_utf8_txt_and_missing_ipv4_are_reasons_too() -> None:
     raw = {k.encode(): v.encode() for k, v in GOOD_TXT.items()} | {b"id": b"\xff\xfe"}
-    assert "not UTF-8" in str(discovery._candidate_from_info(_resolved(raw)))
-    assert "no IPv4" in str(discovery._candidate_from_info(_resolved(GOOD_TXT, addresses=["::1"])))
+    assert "not UTF-8" in str(discovery.candidate_from_info(_resolved(raw)))
+    assert "no IPv4" in str(discovery.candidate_from_info(_resolved(GOOD_TXT, addresses=["::1"])))
 
 
 def test_instance_names_are_the_id_when_tame_and_a_unique_short_label_otherwise() -> None:

@@ -26,11 +26,13 @@ from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
 from tadlora.node.peerspec import PORT_MAX
 
 __all__ = [
+    "QUESTION_TYPE",
     "RESOLVE_TIMEOUT_MS",
     "SERVICE_TYPE",
     "Advertisement",
     "MdnsDiscovery",
     "PeerCandidate",
+    "candidate_from_info",
     "service_instance_name",
 ]
 
@@ -42,7 +44,7 @@ _INSTANCE_MAX_BYTES = 63  # bytes; RFC 6763 §4.1.1: a service instance name is 
 _TXT_ENTRY_MAX_BYTES = 255  # bytes; RFC 6763 §6.1: one "key=value" string is length-prefixed by one byte
 # Ask for multicast answers (QM), not unicast (QU, RFC 6762 §5.4): several nodes on one host share UDP port 5353,
 # and the kernel hands a unicast answer to just one of those sockets, so a QU answer is often lost there.
-_QUESTION_TYPE = DNSQuestionType.QM
+QUESTION_TYPE = DNSQuestionType.QM
 
 Source = Literal["mdns", "static", "dns"]
 _SECURITY = {"tls": True, "insecure": False}
@@ -113,7 +115,7 @@ def service_instance_name(node_id: str) -> str:
     return f"{clean[: _INSTANCE_MAX_BYTES - len(digest) - 1]}-{digest}"
 
 
-def _candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
+def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
     """A PeerCandidate from a resolved service, or the reason it is not one."""
     txt: dict[str, str] = {}
     for raw_key, raw_value in info.properties.items():
@@ -204,7 +206,7 @@ class MdnsDiscovery:
             self._stack.push_async_callback(aiozc.async_close)
             # Browse first, so peers are found while our own name is still being probed (~1.2 s).
             browser = AsyncServiceBrowser(
-                aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change], question_type=_QUESTION_TYPE
+                aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change], question_type=QUESTION_TYPE
             )
             self._stack.push_async_callback(browser.async_cancel)
             self._info = self._service_info(self._advert, name=None)
@@ -313,10 +315,10 @@ class MdnsDiscovery:
 
     async def _async_resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=_QUESTION_TYPE):
+        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
             log.debug("mDNS: %s did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
             return
-        result = _candidate_from_info(info)
+        result = candidate_from_info(info)
         if isinstance(result, str):
             if name not in self._logged_bad:
                 self._logged_bad.add(name)

@@ -20,7 +20,7 @@ import sys
 from typing import Any
 
 from tadlora.node.config import NodeConfig
-from tadlora.node.discovery import _QUESTION_TYPE, RESOLVE_TIMEOUT_MS, SERVICE_TYPE, PeerCandidate, _candidate_from_info
+from tadlora.node.discovery import QUESTION_TYPE, RESOLVE_TIMEOUT_MS, SERVICE_TYPE, PeerCandidate, candidate_from_info
 from tadlora.node.dnspeers import host_port, resolve_addresses, split_name
 from tadlora.node.hostcheck import (
     Check,
@@ -59,7 +59,7 @@ async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandida
 
     aiozc = AsyncZeroconf(interfaces=list(addresses), ip_version=IPVersion.V4Only)
     try:
-        browser = AsyncServiceBrowser(aiozc.zeroconf, SERVICE_TYPE, handlers=[on_change], question_type=_QUESTION_TYPE)
+        browser = AsyncServiceBrowser(aiozc.zeroconf, SERVICE_TYPE, handlers=[on_change], question_type=QUESTION_TYPE)
         try:
             await asyncio.sleep(seconds)
         finally:
@@ -67,9 +67,9 @@ async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandida
 
         async def resolve(name: str) -> PeerCandidate | str:
             info = AsyncServiceInfo(SERVICE_TYPE, name)
-            if not await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=_QUESTION_TYPE):
+            if not await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
                 return f"{name} did not resolve"
-            return _candidate_from_info(info)
+            return candidate_from_info(info)
 
         found = await asyncio.gather(*(resolve(n) for n in sorted(names)))
     finally:
