@@ -47,7 +47,7 @@ def share_cells(grids: dict[str, tuple[SimConfig, Path]]) -> int:
                 continue
             for path in sorted((other_out / "cells").glob("*.json")):
                 target = out / "cells" / path.name
-                if path.stem in wanted and not path.name.endswith(".partial.json") and not target.exists():
+                if path.stem in wanted and not target.exists():  # a checkpoint's .partial.json never matches
                     target.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, target)
                     copied += 1

@@ -140,12 +140,12 @@ def test_progress_estimates_the_time_left_in_a_cell_from_the_rounds_run_here() -
     progress = Progress(2, stream=out, clock=lambda: now[0])
     cell = Cell(method="tad", topology="er", link_prob=0.02, switch_interval=12, seed=0)
     evaluated = {"train_loss": 0.5, "acc_mean": 0.7, "acc_std": 0.1}
-    progress.begin(0)
+    progress.begin()
     for t in range(10):  # 10 s a round, 100 rounds: 900 s left after round 10
         now[0] += 10
         progress.update(0, cell, t, 100, {"train_loss": 0.5} if t < 9 else evaluated)
     # A resumed cell: its 60 earlier rounds (another process) do not count; 30 s a round from here.
-    progress.begin(1)
+    progress.begin()
     for t in range(60, 70):
         now[0] += 30
         progress.update(1, cell, t, 100, {"train_loss": 0.5} if t < 69 else evaluated)

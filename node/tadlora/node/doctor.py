@@ -175,7 +175,7 @@ def check_tls(cfg: NodeConfig) -> Check:
     if cfg.insecure:
         return Check("tls", "WARN", "--insecure: plaintext, and anyone who reaches the port may join", _TLS_FIX)
     if cfg.tls_dir is None or cfg.node_id is None:
-        return Check("tls", "FAIL", "no certificates (--tls-dir DIR --node-id NAME)", _TLS_FIX)
+        return _NO_CERTIFICATES
     from tadlora.node.tls import TlsMaterial
 
     try:
@@ -189,6 +189,7 @@ _TLS_FIX = (
     "tadlora-node certs init DIR (once per cluster), tadlora-node certs issue NODE_ID --dir DIR, "
     "then --tls-dir DIR --node-id NODE_ID"
 )
+_NO_CERTIFICATES = Check("tls", "FAIL", "no certificates (--tls-dir DIR --node-id NAME)", _TLS_FIX)
 
 
 async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> list[Check]:
@@ -273,7 +274,6 @@ def doctor_main(argv: list[str]) -> int:
         return 2
     checks = asyncio.run(async_doctor(cfg, max(a.browse_seconds, 0.0)))
     if no_tls:
-        missing = Check("tls", "FAIL", "no certificates (--tls-dir DIR --node-id NAME)", _TLS_FIX)
-        checks = [missing if c.name == "tls" else c for c in checks]
+        checks = [_NO_CERTIFICATES if c.name == "tls" else c for c in checks]
     sys.stdout.write(report(checks, a.json))
     return 0 if all(c.status != "FAIL" for c in checks) else 1

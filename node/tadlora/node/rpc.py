@@ -502,10 +502,11 @@ class _Responder:
         async def answer() -> tuple[ExchangeHeader, Factors]:
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
-            _check_info(_info_from_pb(request.caller), "fetch caller")
-            _check_identity(request.caller.node_id, identity)
-            check_compatible(self._handler.local_info(), _info_from_pb(request.caller))
-            at_round, factors = await self._handler.async_fetch(_info_from_pb(request.caller))
+            caller = _info_from_pb(request.caller)
+            _check_info(caller, "fetch caller")
+            _check_identity(caller.node_id, identity)
+            check_compatible(self._handler.local_info(), caller)
+            at_round, factors = await self._handler.async_fetch(caller)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round), factors
 
         async with contextlib.aclosing(self._reply("fetch", answer)) as replies:

@@ -125,22 +125,20 @@ class Progress:
         self.total, self.stream, self.quiet, self.clock = total_cells, stream or sys.stderr, quiet, clock
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.started = clock()
-        self._cell: tuple[int, float, int | None] = (-1, self.started, None)  # (index, begun at, first round here)
+        self._cell_begun, self._cell_first_round = self.started, -1  # the current cell: when, from which round
 
-    def begin(self, index: int) -> None:
-        """Cell ``index`` starts (or resumes) now."""
-        self._cell = (index, self.clock(), None)
+    def begin(self) -> None:
+        """The next cell starts (or resumes) now."""
+        self._cell_begun, self._cell_first_round = self.clock(), -1
 
     def update(self, index: int, cell: Cell, t: int, rounds: int, record: RoundRecord) -> None:
         """Round ``t`` of cell ``index`` is done (``record``: its numbers)."""
         now = self.clock()
-        begun, first = self._cell[1], self._cell[2]
-        if self._cell[0] != index or first is None:
-            begun, first = (begun if self._cell[0] == index else now), t
-            self._cell = (index, begun, first)
+        if self._cell_first_round < 0:
+            self._cell_first_round = t
         if self.quiet or not (self.tty or "acc_mean" in record):
             return
-        left = (now - begun) / (t + 1 - first) * (rounds - t - 1)
+        left = (now - self._cell_begun) / (t + 1 - self._cell_first_round) * (rounds - t - 1)
         acc = f" acc {record['acc_mean']:.3f}±{record['acc_std']:.3f}" if "acc_mean" in record else ""
         line = (
             f"[{index + 1}/{self.total}] {cell.method} {cell.topology} p={cell.link_prob:g} "
@@ -217,7 +215,7 @@ class Simulator:
         for index, cell in enumerate(cells):
             if report_only or (self.cells_dir / f"{cell.key}.json").exists():
                 continue
-            progress.begin(index)
+            progress.begin()
             self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
         finished = [c for c in cells if (self.cells_dir / f"{c.key}.json").exists()]
         results = self.collect(finished)
