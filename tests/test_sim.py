@@ -59,7 +59,12 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_
     with pytest.raises(Stop):
         sim.run_cell(cell, stop_after_round_2)
     assert (sim.cells_dir / f"{cell.key}.ckpt.safetensors").exists()
+    partial = sim.cells_dir / f"{cell.key}.partial.json"
+    saved = json.loads(partial.read_text())
+    assert saved["seconds"] > 0
+    partial.write_text(json.dumps({**saved, "seconds": 1000.0}))  # as if the first process had run for long
     resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
+    assert 1000.0 < resumed["seconds"] < 1000.0 + 300  # the cell's cost counts both processes
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
     for got, want in zip(resumed["rounds"], reference["rounds"], strict=True):
         for field in ("train_loss", "consensus_a", "consensus_b", "cross_term_norm", "acc_mean"):

@@ -259,8 +259,10 @@ class Simulator:
         topology = make_topology(cell.topology, cfg.num_clients, link_prob=cell.link_prob, seed=cell.seed)
         ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
         records: list[RoundRecord] = []
+        earlier = 0.0  # s the checkpointed rounds took in earlier processes
         if ckpt.exists() and partial.exists():
-            records = json.loads(partial.read_text(encoding="utf-8"))["records"]
+            saved = json.loads(partial.read_text(encoding="utf-8"))
+            records, earlier = saved["records"], float(saved.get("seconds", 0.0))
             tensors = load_file(str(ckpt))
             for i in range(cfg.num_clients):
                 engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
@@ -275,7 +277,7 @@ class Simulator:
                     f"{i}/{k}": v.contiguous() for i in range(cfg.num_clients) for k, v in engine.get_factors(i).items()
                 }
                 atomic_write_bytes(ckpt, save(state, metadata={"round": str(t + 1)}))
-                atomic_write_json(partial, {"records": records})
+                atomic_write_json(partial, {"records": records, "seconds": earlier + time.monotonic() - started})
 
         try:
             robust = parse_robust_mixing(cfg.robust_mixing)
@@ -287,7 +289,7 @@ class Simulator:
         result = {
             **cell.to_dict(),
             "key": cell.key,
-            "seconds": time.monotonic() - started,
+            "seconds": earlier + time.monotonic() - started,  # the rounds kept, over every process that ran them
             "rounds": records,
             "final": _final(records),
         }
