@@ -6,7 +6,9 @@ Runs (or resumes) two simulator grids into DIR (default benchmarks/paper/PRESET)
 * DIR/methods: tad, adf, lora, ffa, rolora, decaf, tad-nojoint x the preset's p x its seeds (T = auto);
 * DIR/T-sweep: tad with T in {1, 2, 3, 5, 10, 15} at the preset's lowest and highest p.
 Each finished cell is its own file (DIR/*/cells/KEY.json) and an unfinished one is checkpointed, so an
-interrupted run resumes where it stopped; a cell that both grids contain (e.g. tad T=1 at p=0.5) runs once.
+interrupted run resumes where it stopped. A computation runs once: a cell that both grids contain (tad T=1 at
+p=0.5), or one whose policy equals another's (adf is tad with T=5; tad-nojoint with T=1 is rolora), is copied
+from the finished one and names it under "same_as".
 Each grid writes its results.json and plots; DIR/table.md and DIR/table.json hold the table and the check of the
 paper's claims (tadlora.sim.paper). --report-only runs nothing and reports the cells finished so far, which is
 how to look at a grid that is still running elsewhere.
@@ -24,34 +26,16 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import dataclasses
-import shutil
 import sys
 from pathlib import Path
 
 from tadlora.cliutil import csv_list
 from tadlora.fsutil import atomic_write_json
-from tadlora.sim.config import PRESETS, SimConfig, preset
+from tadlora.sim.config import PRESETS, preset
 from tadlora.sim.paper import markdown, paper_grids
 from tadlora.sim.runner import Simulator
 
 HERE = Path(__file__).resolve().parent
-
-
-def share_cells(grids: dict[str, tuple[SimConfig, Path]]) -> int:
-    """Copy every finished cell that one grid holds and another grid also contains; return how many."""
-    copied = 0
-    for name, (config, out) in grids.items():
-        wanted = {cell.key for cell in config.cells()}
-        for other, (_config, other_out) in grids.items():
-            if other == name:
-                continue
-            for path in sorted((other_out / "cells").glob("*.json")):
-                target = out / "cells" / path.name
-                if path.stem in wanted and not target.exists():  # a checkpoint's .partial.json never matches
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(path, target)
-                    copied += 1
-    return copied
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,10 +60,11 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {}
     for name, (config, grid_out) in grids.items():
-        share_cells(grids)
         skip = args.report_only or (args.only is not None and args.only != name)
+        # The other grid, once it has started (its cells are this grid's wherever their computations are equal).
+        others = [o for other, (_c, o) in grids.items() if other != name and (o / "config.json").exists()]
         try:
-            results[name] = Simulator(config, grid_out, quiet=args.quiet).run(report_only=skip)
+            results[name] = Simulator(config, grid_out, quiet=args.quiet, share_from=others).run(report_only=skip)
         except ValueError as exc:  # another run's settings in this directory, a bad setting
             print(f"paper_table: error: {exc}", file=sys.stderr)
             return 2

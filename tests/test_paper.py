@@ -124,6 +124,10 @@ def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
     # smoke's T = auto at p = 0.5 with 4 clients is 2: that cell is shared, run once, copied to the sweep.
     shared = "tad__er__p0.5__T2__s0.json"
     assert (out / "methods" / "cells" / shared).read_bytes() == (out / "T-sweep" / "cells" / shared).read_bytes()
+    # adf is tad with T = 5: the sweep's T = 5 cell is the method grid's adf cell, not a second run.
+    adf = json.loads((out / "methods" / "cells" / "adf__er__p0.5__T5__s0.json").read_text())
+    tad5 = json.loads((out / "T-sweep" / "cells" / "tad__er__p0.5__T5__s0.json").read_text())
+    assert tad5["same_as"] == adf["key"] and tad5["rounds"] == adf["rounds"] and tad5["method"] == "tad"
 
     # A lost cell is rerun; --report-only runs nothing and reports it missing.
     (out / "methods" / "cells" / "lora__er__p0.5__T-__s0.json").unlink()

@@ -87,6 +87,40 @@ def test_a_finished_run_is_not_recomputed_and_a_changed_config_is_refused(tmp_pa
         Simulator(dataclasses.replace(config, rounds=3), tmp_path, quiet=True).run()
 
 
+@pytest.mark.parametrize(("first", "second"), [(("adf", 2), ("tad", 2)), (("rolora", None), ("tad-nojoint", 1))])
+def test_cells_of_one_computation_compute_the_same_run(tmp_path, first, second) -> None:
+    """The premise of sharing cells: policies equal but for their names give the same records, bit for bit."""
+    config = smoke_config(rounds=3, engine="sequential")
+    a, b = (Cell(m, "er", 0.5, t, 0) for m, t in (first, second))
+    assert a.computation == b.computation and a.computation != Cell("lora", "er", 0.5, None, 0).computation
+    run_a = Simulator(config, tmp_path / "a", quiet=True)
+    run_b = Simulator(config, tmp_path / "b", quiet=True)
+    for sim in (run_a, run_b):
+        sim.cells_dir.mkdir(parents=True)
+    assert run_a.run_cell(a)["rounds"] == run_b.run_cell(b)["rounds"]
+
+
+def test_a_computation_runs_once_and_is_shared_only_from_a_run_of_the_same_settings(tmp_path) -> None:
+    config = smoke_config(rounds=2, methods=["tad", "adf", "rolora", "tad-nojoint"], switch_intervals=[1])
+    Simulator(config, tmp_path / "grid", quiet=True).run()
+    cells = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "grid" / "cells").glob("*.json")}
+    # adf keeps its own T = 5; tad-nojoint with T = 1 is rolora: copied, not run, and saying from where.
+    assert cells["tad-nojoint__er__p0.5__T1__s0"]["same_as"] == "rolora__er__p0.5__T-__s0"
+    assert cells["tad-nojoint__er__p0.5__T1__s0"]["rounds"] == cells["rolora__er__p0.5__T-__s0"]["rounds"]
+    assert cells["tad-nojoint__er__p0.5__T1__s0"]["method"] == "tad-nojoint"
+    assert "same_as" not in cells["adf__er__p0.5__T5__s0"] and "same_as" not in cells["tad__er__p0.5__T1__s0"]
+
+    # Another run directory takes tad T = 5 from the grid's adf, and nothing else runs there ...
+    sweep = smoke_config(rounds=2, methods=["tad"], switch_intervals=[5])
+    results = Simulator(sweep, tmp_path / "sweep", quiet=True, share_from=[tmp_path / "grid"]).run(report_only=True)
+    assert [c["same_as"] for c in results["cells"]] == ["adf__er__p0.5__T5__s0"]
+    # ... but never from a run of other settings, whose results would not be this run's.
+    other = Simulator(
+        dataclasses.replace(sweep, rounds=3), tmp_path / "other", quiet=True, share_from=[tmp_path / "grid"]
+    )
+    assert other.run(report_only=True)["missing_cells"] == ["tad__er__p0.5__T5__s0"]
+
+
 def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:
     assert main(["--preset", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())
@@ -126,6 +160,24 @@ def test_cli_refuses_bad_input_with_a_message(tmp_path, capsys) -> None:
     assert "unknown preset" in capsys.readouterr().err
     assert main(["--preset", "smoke", "--methods", "tad,bogus", "--out", str(tmp_path)]) == 2
     assert "unknown method" in capsys.readouterr().err
+
+
+def test_cli_shares_cells_from_another_run_and_says_when_it_cannot(tmp_path, capsys) -> None:
+    base = ["--preset", "smoke", "--rounds", "2", "--quiet", "--methods", "adf"]
+    assert main([*base, "--out", str(tmp_path / "grid")]) == 0
+    sweep = ["--preset", "smoke", "--rounds", "2", "--quiet", "--methods", "tad", "--switch-intervals", "5"]
+    assert (
+        main([*sweep, "--out", str(tmp_path / "sweep"), "--share-from", str(tmp_path / "grid"), "--report-only"]) == 0
+    )
+    [cell] = json.loads((tmp_path / "sweep" / "results.json").read_text())["cells"]
+    assert cell["same_as"] == "adf__er__p0.5__T5__s0"
+    capsys.readouterr()
+    assert main([*sweep, "--out", str(tmp_path / "x"), "--share-from", str(tmp_path / "nothing")]) == 2
+    assert "no simulator run there" in capsys.readouterr().err
+    longer = [*sweep, "--rounds", "3", "--report-only", "--out", str(tmp_path / "y")]
+    assert main([*longer, "--share-from", str(tmp_path / "grid")]) == 0
+    err = capsys.readouterr().err
+    assert "not sharing cells from" in err and "other settings (rounds)" in err
 
 
 def test_bytes_count_only_what_the_method_sends() -> None:

@@ -6,6 +6,8 @@ Examples:
   tadlora-sim --config my.json --out runs/mine          # JSON object of SimConfig overrides
 A run writes DIR/results.json, DIR/cells/*.json (one per finished cell) and PNG plots. Running the same
 command again resumes: finished cells are kept and an unfinished one continues from its last checkpoint.
+A computation runs once: a cell whose policy equals a finished one's under another name (adf is tad with T=5;
+tad-nojoint with T=1 is rolora) is copied from it, with "same_as" naming the source.
 """
 
 from __future__ import annotations
@@ -44,6 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=ENGINES, help="auto (default: batched on CUDA, sequential on CPU), batched, or sequential"
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--share-from",
+        type=csv_list(Path),
+        default=[],
+        help="comma list of other run directories of the same settings: a cell whose computation one of them "
+        "has finished (the same cell, or an equal policy under another name: adf is tad with T=5) is copied "
+        "from there instead of being run",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress display")
     parser.add_argument(
         "--report-only", action="store_true", help="run nothing: write results.json and plots of the finished cells"
@@ -84,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         config = config_from_args(args)
         from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
 
-        results = Simulator(config, args.out, quiet=args.quiet).run(report_only=args.report_only)
+        results = Simulator(config, args.out, quiet=args.quiet, share_from=args.share_from).run(
+            report_only=args.report_only
+        )
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         sys.stderr.write(f"tadlora-sim: error: {exc}\n")
         return 2

@@ -9,7 +9,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tadlora.adapter import LoraSpec
-from tadlora.core.methods import make_method, method_names, recommended_switch_interval, takes_switch_interval
+from tadlora.core.methods import (
+    Method,
+    make_method,
+    method_names,
+    recommended_switch_interval,
+    takes_switch_interval,
+)
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.core.topology import make_topology
 from tadlora.training import TrainSpec
@@ -118,6 +124,22 @@ class Cell:
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
         return dataclasses.asdict(self)
+
+    @property
+    def computation(self) -> tuple[Method, str, float, int]:
+        """What the simulator computes for this cell. Under one config, two cells with equal computations produce
+        the same results: a method's name is only a label, its policy is what runs (``adf`` with T is ``tad``
+        with T; ``tad-nojoint`` with T = 1 is ``rolora``), so such a cell is run once and shared."""
+        policy = dataclasses.replace(make_method(self.method, self.switch_interval), name="")
+        return policy, self.topology, self.link_prob, self.seed
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Cell:
+        """The cell a results record names (ValueError if it names none)."""
+        try:
+            return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
+        except (KeyError, TypeError) as exc:
+            raise ValueError(f"not a cell record: {exc}") from None
 
 
 _SMOKE = SimConfig(

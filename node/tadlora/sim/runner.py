@@ -164,12 +164,20 @@ def _duration(seconds: float) -> str:
 
 
 class Simulator:
-    """Runs a SimConfig's grid into an output directory, resuming whatever is already there."""
+    """Runs a SimConfig's grid into an output directory, resuming whatever is already there.
 
-    def __init__(self, config: SimConfig, out_dir: str | Path, quiet: bool = False):
+    A cell is run once per computation (`Cell.computation`): one whose computation a finished cell already ran,
+    in this directory or in a ``share_from`` directory holding a run of the same settings, is copied from it (the
+    copy names its source under ``same_as``) instead of being run again."""
+
+    def __init__(
+        self, config: SimConfig, out_dir: str | Path, quiet: bool = False, share_from: Sequence[str | Path] = ()
+    ):
         self.config = config
         self.out = Path(out_dir)
         self.cells_dir = self.out / "cells"
+        self.share_from = [Path(d) for d in share_from]
+        self._noted: set[Path] = set()  # share_from directories already reported as of other settings
         self.device = resolve_device(config.device)
         self.quiet = quiet
         self._models: dict[int, AdapterModel] = {}
@@ -210,10 +218,11 @@ class Simulator:
         cfg = self.config
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         self._check_same_config()
+        self._compatible_share_dirs()  # a share_from that is no run directory fails before any work
         cells = list(cfg.cells())
         progress = Progress(len(cells), quiet=self.quiet)
         for index, cell in enumerate(cells):
-            if report_only or (self.cells_dir / f"{cell.key}.json").exists():
+            if (self.cells_dir / f"{cell.key}.json").exists() or self._adopt_equivalent(cell) or report_only:
                 continue
             progress.begin()
             self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
@@ -232,20 +241,59 @@ class Simulator:
     def _check_same_config(self) -> None:
         """Refuse to mix results of different configs in one directory (resume only what was started)."""
         stamp = self.out / "config.json"
-        mine = json.loads(json.dumps(self.config.to_dict()))
         if stamp.exists():
-            theirs = json.loads(stamp.read_text(encoding="utf-8"))
-            # A setting added since that run was started has its default there.
-            defaults = {f.name: f.default for f in dataclasses.fields(SimConfig) if isinstance(f.default, str)}
-            changed = sorted(
-                k for k in mine if mine[k] != theirs.get(k, defaults.get(k)) and k not in _RESUMABLE_CHANGES
-            )
+            changed = self._changed_settings(json.loads(stamp.read_text(encoding="utf-8")))
             if changed:
                 raise ValueError(
                     f"{self.out} holds a run with different settings ({', '.join(changed)}); "
                     "use another --out directory to start a new run"
                 )
-        atomic_write_json(stamp, mine)
+        atomic_write_json(stamp, self.config.to_dict())
+
+    def _changed_settings(self, theirs: dict[str, Any]) -> list[str]:
+        """The settings in which a run's stamped config differs from ours, other than the grid's axes."""
+        mine = json.loads(json.dumps(self.config.to_dict()))
+        # A setting added since that run was started has its default there.
+        defaults = {f.name: f.default for f in dataclasses.fields(SimConfig) if isinstance(f.default, str)}
+        return sorted(k for k in mine if mine[k] != theirs.get(k, defaults.get(k)) and k not in _RESUMABLE_CHANGES)
+
+    def _adopt_equivalent(self, cell: Cell) -> bool:
+        """Copy a finished cell of the same computation as ``cell`` to ``cell``'s file; whether there was one."""
+        for cells_dir in [self.cells_dir, *self._compatible_share_dirs()]:
+            for path in sorted(cells_dir.glob("*.json")):
+                if path.name.endswith(".partial.json"):  # a checkpoint's records, not a finished cell
+                    continue
+                record = json.loads(path.read_text(encoding="utf-8"))
+                try:
+                    source = Cell.from_dict(record)
+                except ValueError:
+                    continue
+                if source.computation != cell.computation:
+                    continue
+                if source != cell:
+                    record = {**record, **cell.to_dict(), "key": cell.key, "same_as": record.get("same_as", source.key)}
+                atomic_write_json(self.cells_dir / f"{cell.key}.json", record)
+                return True
+        return False
+
+    def _compatible_share_dirs(self) -> list[Path]:
+        """The ``share_from`` cell directories whose runs had our settings (their results would be ours); one
+        that is no run directory is an error, one of other settings is passed over with a note on stderr."""
+        dirs = []
+        for out in self.share_from:
+            stamp = out / "config.json"
+            if not stamp.is_file():
+                raise ValueError(f"cannot share cells from {out}: no simulator run there ({stamp} is missing)")
+            changed = self._changed_settings(json.loads(stamp.read_text(encoding="utf-8")))
+            if changed:
+                if out not in self._noted:
+                    sys.stderr.write(
+                        f"not sharing cells from {out}: its run has other settings ({', '.join(changed)})\n"
+                    )
+                    self._noted.add(out)
+                continue
+            dirs.append(out / "cells")
+        return dirs
 
     def run_cell(self, cell: Cell, on_round: Callable[[int, RoundRecord], None] | None = None) -> dict[str, Any]:
         """Run one cell (resuming its checkpoint if any) and write ``cells/KEY.json``."""
@@ -308,9 +356,18 @@ def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, rec
     progress.update(index, cell, t, rounds, record)
 
 
-# Settings that may differ when a run is resumed: they do not change any cell's numbers, and growing the grid
-# (more seeds, methods, p or T) only adds cells.
-_RESUMABLE_CHANGES = {"methods", "link_probs", "switch_intervals", "seeds", "topologies", "device", "name"}
+# Settings that may differ when a run is resumed, or between runs that share cells: the grid's axes (which cells
+# it holds; growing it only adds cells) and the device. None changes what a cell computes.
+_RESUMABLE_CHANGES = {
+    "methods",
+    "link_probs",
+    "switch_intervals",
+    "sweep_methods",
+    "seeds",
+    "topologies",
+    "device",
+    "name",
+}
 
 
 def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
