@@ -26,6 +26,8 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
     assert cfg.peers.auto and cfg.peers.static == ("10.0.0.5:7070",)
     assert cfg.lora.target_modules == ("query", "key", "value")
     assert parse(["--link-prob", "0.5"], monkeypatch).link_prob == 0.5
+    assert parse([], monkeypatch).train.precision == "auto"
+    assert parse(["--precision", "bf16"], monkeypatch).train.precision == "bf16"
 
 
 def test_help_names_the_environment_variables(capsys) -> None:

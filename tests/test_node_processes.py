@@ -341,6 +341,7 @@ FLAG_VALUES = {
     "lora_targets": "query,key",
     "seed": "5",
     "device": "cpu",
+    "precision": "bf16",
     "eval_every": "2",
     "eval_samples": "64",
     "out": "runs/x",

@@ -121,6 +121,26 @@ def test_a_computation_runs_once_and_is_shared_only_from_a_run_of_the_same_setti
     assert other.run(report_only=True)["missing_cells"] == ["tad__er__p0.5__T5__s0"]
 
 
+def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its_default(tmp_path) -> None:
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path, quiet=True).run()
+    stamp = json.loads((tmp_path / "config.json").read_text())
+    del stamp["train"]["precision"], stamp["robust_mixing"]  # as written before either setting existed
+    (tmp_path / "config.json").write_text(json.dumps(stamp))
+    assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
+    bf16 = override(config, {"train": {"precision": "bf16"}})
+    with pytest.raises(ValueError, match=r"different settings \(train\)"):
+        Simulator(bf16, tmp_path, quiet=True).run()
+
+
+def test_cli_precision_sets_the_training_precision() -> None:
+    from tadlora.sim.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["--preset", "cpu-sst2", "--out", "x", "--precision", "bf16"])
+    config = config_from_args(args)
+    assert config.train.precision == "bf16" and config.train.local_steps == preset("cpu-sst2").train.local_steps
+
+
 def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:
     assert main(["--preset", "smoke", "--out", str(tmp_path), "--quiet"]) == 0
     results = json.loads((tmp_path / "results.json").read_text())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,7 +17,7 @@ from tadlora.core.topology import make_topology
 from tadlora.sim.config import ALL_METHODS
 from tadlora.sim.engine import SequentialEngine
 from tadlora.sim.runner import mix_round
-from tadlora.training import local_steps, round_batches
+from tadlora.training import TrainSpec, autocast, local_steps, round_batches
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[Factor]:
@@ -73,3 +75,49 @@ def test_each_method_trains_and_mixes_exactly_its_factors(name: str, tiny_model,
                 else:
                     assert torch.equal(mixed[i][key], trained[i][key]), (name, t, key)
             engine.set_factors(i, mixed[i])
+
+
+def test_precision_bf16_autocasts_on_the_cpu_and_auto_does_only_on_cuda() -> None:
+    layer, x = torch.nn.Linear(4, 4), torch.ones(2, 4)
+    with autocast(torch.device("cpu"), "bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    for precision in ("auto", "fp32"):
+        with autocast(torch.device("cpu"), precision):
+            assert layer(x).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision"):
+        TrainSpec(precision="fp16")
+
+
+def test_bf16_local_steps_keep_fp32_factors_and_stay_close_to_fp32(tiny_shards) -> None:
+    updates = {}
+    for precision in ("fp32", "bf16"):
+        model = AdapterModel(tiny_spec())
+        before = model.factors()
+        spec = TrainSpec(local_steps=2, batch_size=4, max_length=32, lr=1e-2, precision=precision)
+        local_steps(model, tiny_shards[0], frozenset({Factor.A, Factor.B}), spec, seed=0, shard=0, t=0)
+        after = model.factors()
+        assert all(v.dtype == torch.float32 for v in after.values())
+        updates[precision] = torch.cat([(after[k] - before[k]).flatten() for k in before])
+    distance = float((updates["bf16"] - updates["fp32"]).norm() / updates["fp32"].norm())
+    assert 0 < distance < 0.25  # another computation (the flag is live), the same step up to rounding
+
+
+def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards) -> None:
+    """A resumed or shared simulator cell, and a daemon, draw the masks the uninterrupted run drew."""
+    from conftest import TINY_LORA
+    from tadlora.adapter import ModelSpec
+
+    model = AdapterModel(ModelSpec(model="tiny", lora=dataclasses.replace(TINY_LORA, dropout=0.5), seed=0))
+    init = model.factors()
+
+    def run(t: int) -> dict[str, torch.Tensor]:
+        model.load_factors(init)
+        local_steps(model, tiny_shards[0], frozenset({Factor.A, Factor.B}), TINY_TRAIN, seed=0, shard=0, t=t)
+        return model.factors()
+
+    first = run(0)
+    torch.rand(1000)  # the process's RNG stream moves on, as other cells or rounds would move it
+    state = torch.get_rng_state()
+    again = run(0)
+    assert torch.equal(torch.get_rng_state(), state)  # and the stream outside local steps is left alone
+    assert all(torch.equal(first[k], again[k]) for k in first)

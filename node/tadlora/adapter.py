@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tadlora import rng
 from tadlora.core.factors import Factor, Factors, factor_of
 
 TINY_CONFIG: dict[str, Any] = {
@@ -104,8 +105,7 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     num_labels = len(spec.label_names)
     # Everything the checkpoint does not hold (the head; for `tiny`, everything) is drawn from the global
     # RNG; seeding it from the run seed makes every node build the same model.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed_from("base", spec.seed))
+    with rng.seeded(torch.device("cpu"), _seed_from("base", spec.seed)):
         if spec.model == "tiny":
             tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
             config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=num_labels, **TINY_CONFIG)  # type: ignore[call-arg]

@@ -1,7 +1,9 @@
 """Local training and evaluation on one adapter model: shared by the node daemon and the simulator.
 
-Determinism is part of the contract: the examples a client uses in round t are a pure function of
-(run seed, shard index, t), so a daemon and the simulator given the same inputs take the same steps.
+Determinism is part of the contract: the examples a client uses in round t, and the base model's dropout masks
+(MiniLM's hidden and attention dropout are on during training), are a pure function of (run seed, shard index,
+t), so a daemon and the simulator given the same inputs take the same steps, and a resumed or shared simulator
+cell is the run it stands for, whatever ran before it in the process.
 The optimizer (AdamW) is created fresh every round over the factors that train in that round: mixing moves
 the parameters between rounds, so moment estimates from before the mix would describe a different point,
 and carrying no optimizer state makes a round's result depend only on the factors it starts from.
@@ -18,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from tadlora import rng
 from tadlora.adapter import AdapterModel
 from tadlora.core.factors import Factor
 from tadlora.data import TextDataset
@@ -36,12 +39,18 @@ class TrainSpec:
     max_length: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
+    # Matmul precision of the forward/backward passes (factors and optimizer stay fp32): "auto" is bf16 autocast
+    # on CUDA and fp32 on the CPU; "bf16" autocasts on the CPU too (much faster where the CPU has bf16 dot
+    # products, AVX512-BF16 or AMX; slower where it has not); "fp32" never autocasts.
+    precision: str = "auto"
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or self.max_length < 8:
             raise ValueError("local_steps and batch_size must be >= 1 and max_length >= 8")
         if self.lr <= 0:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
 
 
 @dataclass(frozen=True)
@@ -102,10 +111,19 @@ def round_batches(seed: int, shard: int, t: int, n: int, batch_size: int, steps:
     return [flat[s * batch_size : (s + 1) * batch_size] for s in range(steps)]
 
 
-def autocast(device: torch.device) -> contextlib.AbstractContextManager[None]:
-    """bf16 autocast on CUDA (the GPU path), nothing on CPU (bf16 there is slower and less exact)."""
-    if device.type == "cuda":
-        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def seeded_rng(device: torch.device, *key: int) -> contextlib.AbstractContextManager[None]:
+    """Torch's global RNG (which dropout draws from) seeded from ``key`` inside the block, and restored after it:
+    what runs there is a function of ``key`` (see `tadlora.rng`)."""
+    return rng.seeded(device, int(np.random.default_rng([*key]).integers(2**62)))
+
+
+def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[None]:
+    """The autocast context of ``precision`` (see `TrainSpec.precision`) on ``device``."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -129,20 +147,27 @@ def local_steps(
     optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
     model.model.train()
     losses = []
-    for indices in round_batches(seed, shard, t, len(data), spec.batch_size, spec.local_steps):
-        if stop is not None and stop.is_set():
-            model.set_trainable(frozenset())
-            raise Interrupted(f"round {t} stopped during local steps")
-        batch = data.batch(indices, model.device)
-        with autocast(model.device):
-            logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        loss = F.cross_entropy(logits.float(), batch["labels"])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(float(loss.detach()))
-    model.set_trainable(frozenset())
+    try:
+        with seeded_rng(model.device, seed, shard, t, DROPOUT_STREAM):
+            for indices in round_batches(seed, shard, t, len(data), spec.batch_size, spec.local_steps):
+                if stop is not None and stop.is_set():
+                    raise Interrupted(f"round {t} stopped during local steps")
+                batch = data.batch(indices, model.device)
+                with autocast(model.device, spec.precision):
+                    logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                loss = F.cross_entropy(logits.float(), batch["labels"])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(float(loss.detach()))
+    finally:
+        model.set_trainable(frozenset())
     return float(np.mean(losses))
+
+
+# The seed key of the dropout masks is (seed, shard, t, DROPOUT_STREAM): another stream than round_batches'
+# (seed, shard, t), so that the masks are not drawn from the numbers that chose the examples.
+DROPOUT_STREAM = 1
 
 
 def eval_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
@@ -152,13 +177,13 @@ def eval_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
 
 
 @torch.no_grad()
-def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64) -> tuple[float, float]:
-    """Accuracy and mean loss of ``model`` on ``data``. Blocking (torch work)."""
+def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64, precision: str = "auto") -> tuple[float, float]:
+    """Accuracy and mean loss of ``model`` on ``data`` (``precision``: as `TrainSpec.precision`). Blocking."""
     model.model.eval()
     correct, total_loss = 0, 0.0
     for indices in eval_batches(len(data), batch_size):
         batch = data.batch(indices, model.device)
-        with autocast(model.device):
+        with autocast(model.device, precision):
             logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         total_loss += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())

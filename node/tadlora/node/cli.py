@@ -34,7 +34,7 @@ from tadlora.core.methods import method_names
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.peerspec import parse_peers_option
-from tadlora.training import TrainSpec
+from tadlora.training import PRECISIONS, TrainSpec
 
 log = logging.getLogger("tadlora.node")
 
@@ -89,6 +89,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--batch-size", type=int, default=16, help="examples per local step")
     t.add_argument("--max-length", type=int, default=64, help="tokens per example")
     t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: "
+                   "faster where it has AVX512-BF16 or AMX), fp32")  # fmt: skip
     t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha")
     t.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
@@ -128,7 +131,9 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         method=a.method,
         switch_interval=a.switch_interval,
         lora=LoraSpec(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=tuple(a.lora_targets)),
-        train=TrainSpec(local_steps=a.local_steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr),
+        train=TrainSpec(
+            local_steps=a.local_steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, precision=a.precision
+        ),
         seed=a.seed,
         rounds=a.rounds,
         link_prob=a.link_prob,

@@ -638,7 +638,7 @@ class Node:
     def _evaluate(self) -> tuple[float, float]:
         assert self._model is not None and self._dev is not None  # noqa: S101
         self._model.load_factors(self.rounds.factors)
-        return evaluate(self._model, self._dev)
+        return evaluate(self._model, self._dev, precision=self.config.train.precision)
 
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""

@@ -21,6 +21,7 @@ from typing import Any
 from tadlora.cliutil import apply_env_defaults, csv_list, int_or_auto, join
 from tadlora.core.methods import method_names
 from tadlora.sim.config import ENGINES, PRESETS, SimConfig, config_from_json, override, preset
+from tadlora.training import PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=ENGINES, help="auto (default: batched on CUDA, sequential on CPU), batched, or sequential"
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: faster where "
+        "it has AVX512-BF16 or AMX), fp32",
+    )
     parser.add_argument(
         "--share-from",
         type=csv_list(Path),
@@ -83,6 +90,8 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.config is not None:
         config = config_from_json(args.config.read_text(encoding="utf-8"), base=config)
     changes: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}
+    if args.precision is not None:
+        changes["train"] = {"precision": args.precision}
     return override(config, changes) if changes else config
 
 

@@ -23,7 +23,19 @@ from torch import nn
 
 from tadlora.adapter import AdapterModel
 from tadlora.core.factors import Factor, Factors, factor_key, factor_of, modules
-from tadlora.training import Encoded, TrainSpec, autocast, eval_batches, evaluate, local_steps, round_batches
+from tadlora.training import (
+    DROPOUT_STREAM,
+    Encoded,
+    TrainSpec,
+    autocast,
+    eval_batches,
+    evaluate,
+    local_steps,
+    round_batches,
+    seeded_rng,
+)
+
+BATCHED_STREAM = 2  # the batched engine's dropout key: (seed, t, DROPOUT_STREAM, BATCHED_STREAM)
 
 
 class ClientEngine(Protocol):
@@ -64,7 +76,7 @@ class SequentialEngine:
         out = []
         for i in range(self.num_clients):
             self.model.load_factors(self._factors[i])
-            out.append(evaluate(self.model, self.dev))
+            out.append(evaluate(self.model, self.dev, precision=self.spec.precision))
         return out
 
 
@@ -135,7 +147,7 @@ class BatchedEngine:
         self._group = group
         try:
             # peft's own LoRA path is switched off; the hooks add every client's update instead.
-            with self.model.model.disable_adapter(), autocast(self.device):
+            with self.model.model.disable_adapter(), autocast(self.device, self.spec.precision):
                 out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
             return out.logits.float()
         finally:
@@ -158,16 +170,19 @@ class BatchedEngine:
         ]
         self.model.model.train()
         losses = np.zeros((self.num_clients, spec.local_steps))
-        for step in range(spec.local_steps):
-            optimizer.zero_grad(set_to_none=True)
-            for lo, hi in self._groups(self.train_group):
-                batch = _concat([self.shards[i].batch(plans[i][step], torch.device("cpu")) for i in range(lo, hi)])
-                batch = {k: v.to(self.device) for k, v in batch.items()}
-                logits = self._forward((lo, hi), batch)
-                per_client = F.cross_entropy(logits, batch["labels"], reduction="none").view(hi - lo, -1).mean(1)
-                per_client.sum().backward()
-                losses[lo:hi, step] = per_client.detach().cpu().numpy()
-            optimizer.step()
+        # One pass draws every client's dropout masks at once: seeded per round, not per client (so with
+        # dropout the batched engine is the same random process as the sequential one, not the same draws).
+        with seeded_rng(self.device, self.seed, t, DROPOUT_STREAM, BATCHED_STREAM):
+            for step in range(spec.local_steps):
+                optimizer.zero_grad(set_to_none=True)
+                for lo, hi in self._groups(self.train_group):
+                    plan = [self.shards[i].batch(plans[i][step], torch.device("cpu")) for i in range(lo, hi)]
+                    batch = {k: v.to(self.device) for k, v in _concat(plan).items()}
+                    logits = self._forward((lo, hi), batch)
+                    per_client = F.cross_entropy(logits, batch["labels"], reduction="none").view(hi - lo, -1).mean(1)
+                    per_client.sum().backward()
+                    losses[lo:hi, step] = per_client.detach().cpu().numpy()
+                optimizer.step()
         for s in self.stacks.values():
             s.requires_grad_(False)
             s.grad = None

@@ -10,7 +10,6 @@ checkpoint every ``checkpoint_every`` rounds, so an interrupted run resumes wher
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import json
 import sys
@@ -253,9 +252,8 @@ class Simulator:
     def _changed_settings(self, theirs: dict[str, Any]) -> list[str]:
         """The settings in which a run's stamped config differs from ours, other than the grid's axes."""
         mine = json.loads(json.dumps(self.config.to_dict()))
-        # A setting added since that run was started has its default there.
-        defaults = {f.name: f.default for f in dataclasses.fields(SimConfig) if isinstance(f.default, str)}
-        return sorted(k for k in mine if mine[k] != theirs.get(k, defaults.get(k)) and k not in _RESUMABLE_CHANGES)
+        theirs = _with_defaults(theirs)
+        return sorted(k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES)
 
     def _adopt_equivalent(self, cell: Cell) -> bool:
         """Copy a finished cell of the same computation as ``cell`` to ``cell``'s file; whether there was one."""
@@ -368,6 +366,19 @@ _RESUMABLE_CHANGES = {
     "device",
     "name",
 }
+
+
+def _with_defaults(stamped: dict[str, Any]) -> dict[str, Any]:
+    """A stamped config with the settings added since it was written at their defaults (top level and in the
+    nested ``lora`` and ``train``), which is what that run used."""
+    defaults = json.loads(json.dumps(SimConfig().to_dict()))
+    out = dict(stamped)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = default
+        elif isinstance(default, dict) and isinstance(out[key], dict):
+            out[key] = {**default, **out[key]}
+    return out
 
 
 def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
