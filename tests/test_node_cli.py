@@ -10,6 +10,7 @@ import pytest
 
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
+from tadlora.training import TrainSpec
 from test_daemon import NO_PEERS, node_config
 
 
@@ -28,6 +29,10 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
     assert parse(["--link-prob", "0.5"], monkeypatch).link_prob == 0.5
     assert parse([], monkeypatch).train.precision == "auto"
     assert parse(["--precision", "bf16"], monkeypatch).train.precision == "bf16"
+    assert parse([], monkeypatch).train.optimizer == "adamw"
+    assert parse(["--optimizer", "sgd", "--lr", "0.1"], monkeypatch).train == TrainSpec(
+        local_steps=10, batch_size=16, max_length=64, lr=0.1, optimizer="sgd"
+    )
 
 
 def test_help_names_the_environment_variables(capsys) -> None:

@@ -342,6 +342,7 @@ FLAG_VALUES = {
     "seed": "5",
     "device": "cpu",
     "precision": "bf16",
+    "optimizer": "sgd",
     "eval_every": "2",
     "eval_samples": "64",
     "out": "runs/x",

@@ -18,12 +18,13 @@ from tadlora.sim.engine import BatchedEngine, SequentialEngine
 from tadlora.sim.runner import Progress, Simulator, simulate
 
 
-@pytest.mark.parametrize("name", ["tad", "decaf"])
-def test_batched_engine_matches_the_sequential_reference(name, tiny_model, tiny_shards, tiny_dev) -> None:
+@pytest.mark.parametrize(("name", "optimizer"), [("tad", "adamw"), ("decaf", "adamw"), ("lora", "sgd")])
+def test_batched_engine_matches_the_sequential_reference(name, optimizer, tiny_model, tiny_shards, tiny_dev) -> None:
     method = make_method(name, 1) if name == "tad" else make_method(name)
     topology = make_topology("er", 4, link_prob=0.5, seed=1)
-    seq = SequentialEngine(tiny_model, tiny_shards, tiny_dev, TINY_TRAIN, seed=0)
-    bat = BatchedEngine(tiny_model, tiny_shards, tiny_dev, TINY_TRAIN, seed=0, max_group_sequences=8)  # 2 groups
+    spec = dataclasses.replace(TINY_TRAIN, optimizer=optimizer, lr=0.5 if optimizer == "sgd" else TINY_TRAIN.lr)
+    seq = SequentialEngine(tiny_model, tiny_shards, tiny_dev, spec, seed=0)
+    bat = BatchedEngine(tiny_model, tiny_shards, tiny_dev, spec, seed=0, max_group_sequences=8)  # 2 groups
     try:
         rec_seq = simulate(seq, method, topology, rounds=3, eval_every=3)
         rec_bat = simulate(bat, method, topology, rounds=3, eval_every=3)
@@ -125,7 +126,7 @@ def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
     stamp = json.loads((tmp_path / "config.json").read_text())
-    del stamp["train"]["precision"], stamp["robust_mixing"]  # as written before either setting existed
+    del stamp["train"]["precision"], stamp["train"]["optimizer"], stamp["robust_mixing"]  # as before they existed
     (tmp_path / "config.json").write_text(json.dumps(stamp))
     assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
     bf16 = override(config, {"train": {"precision": "bf16"}})
@@ -133,12 +134,17 @@ def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its
         Simulator(bf16, tmp_path, quiet=True).run()
 
 
-def test_cli_precision_sets_the_training_precision() -> None:
+def test_cli_precision_and_optimizer_set_the_training_spec_and_keep_the_rest() -> None:
     from tadlora.sim.cli import build_parser, config_from_args
 
     args = build_parser().parse_args(["--preset", "cpu-sst2", "--out", "x", "--precision", "bf16"])
     config = config_from_args(args)
     assert config.train.precision == "bf16" and config.train.local_steps == preset("cpu-sst2").train.local_steps
+    assert config.train.optimizer == "adamw"
+    flags = ["--preset", "cpu-sst2", "--out", "x", "--optimizer", "sgd", "--precision", "fp32"]
+    config = config_from_args(build_parser().parse_args(flags))
+    assert (config.train.optimizer, config.train.precision) == ("sgd", "fp32")
+    assert config.train.lr == preset("cpu-sst2").train.lr
 
 
 def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:

@@ -102,6 +102,30 @@ def test_bf16_local_steps_keep_fp32_factors_and_stay_close_to_fp32(tiny_shards) 
     assert 0 < distance < 0.25  # another computation (the flag is live), the same step up to rounding
 
 
+def test_sgd_steps_follow_the_gradient_and_adamw_first_steps_are_sign_steps(tiny_shards) -> None:
+    """One local step from the same point: plain SGD's update is linear in lr (it is −lr·grad), AdamW's is
+    about lr on every coordinate with a gradient, whatever the gradient's size (why the setting exists)."""
+
+    def one_step(optimizer: str, lr: float) -> torch.Tensor:
+        model = AdapterModel(tiny_spec())
+        before = model.factors()
+        spec = TrainSpec(local_steps=1, batch_size=4, max_length=32, lr=lr, optimizer=optimizer)
+        local_steps(model, tiny_shards[0], frozenset({Factor.B}), spec, seed=0, shard=0, t=0)
+        after = model.factors()
+        return torch.cat([(after[k] - before[k]).flatten() for k in before if factor_of(k) is Factor.B])
+
+    sgd, sgd2 = one_step("sgd", 0.1), one_step("sgd", 0.2)
+    torch.testing.assert_close(sgd2, 2 * sgd, rtol=1e-4, atol=1e-9)
+    assert float(sgd.abs().max() / sgd.abs()[sgd != 0].min()) > 100  # the gradients' sizes span decades
+    moved = sgd.abs() > 1e-6  # |grad| > 1e-5: far above AdamW's eps (1e-8), so its step is ~lr there
+    assert moved.sum() > 100
+    adamw = one_step("adamw", 1e-3)[moved]
+    assert float((adamw.abs() - 1e-3).abs().max()) < 1e-5  # every coordinate by lr, the gradients' sizes gone
+    assert torch.equal(torch.sign(adamw), torch.sign(sgd[moved]))  # in the same direction as SGD
+    with pytest.raises(ValueError, match="optimizer"):
+        TrainSpec(optimizer="adam")
+
+
 def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards) -> None:
     """A resumed or shared simulator cell, and a daemon, draw the masks the uninterrupted run drew."""
     from conftest import TINY_LORA

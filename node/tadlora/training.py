@@ -4,9 +4,12 @@ Determinism is part of the contract: the examples a client uses in round t, and 
 (MiniLM's hidden and attention dropout are on during training), are a pure function of (run seed, shard index,
 t), so a daemon and the simulator given the same inputs take the same steps, and a resumed or shared simulator
 cell is the run it stands for, whatever ran before it in the process.
-The optimizer (AdamW) is created fresh every round over the factors that train in that round: mixing moves
-the parameters between rounds, so moment estimates from before the mix would describe a different point,
-and carrying no optimizer state makes a round's result depend only on the factors it starts from.
+The optimizer (AdamW by default, or plain SGD) is created fresh every round over the factors that train in that
+round: mixing moves the parameters between rounds, so moment estimates from before the mix would describe a
+different point, and carrying no optimizer state makes a round's result depend only on the factors it starts
+from. The price is that AdamW's first steps of a round are close to sign steps (each coordinate moves by about
+lr, whatever its gradient's size); plain SGD keeps the gradients' magnitudes, which is what averaging across
+clients assumes (see docs/simulator.md, MNLI sizing).
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ class TrainSpec:
     # on CUDA and fp32 on the CPU; "bf16" autocasts on the CPU too (much faster where the CPU has bf16 dot
     # products, AVX512-BF16 or AMX; slower where it has not); "fp32" never autocasts.
     precision: str = "auto"
+    # Local optimizer, fresh every round: "adamw" (the paper's) or "sgd" (plain, no momentum: stateless, so a
+    # fresh one per round loses nothing; it needs a far larger lr than AdamW, e.g. 0.05-0.5 for LoRA factors).
+    optimizer: str = "adamw"
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or self.max_length < 8:
@@ -51,6 +57,8 @@ class TrainSpec:
             raise ValueError(f"learning rate must be > 0, got {self.lr}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 @dataclass(frozen=True)
@@ -112,6 +120,15 @@ def round_batches(seed: int, shard: int, t: int, n: int, batch_size: int, steps:
 
 
 PRECISIONS = ("auto", "fp32", "bf16")
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def make_optimizer(params: Sequence[torch.Tensor], spec: TrainSpec) -> torch.optim.Optimizer:
+    """A fresh optimizer of kind ``spec.optimizer`` over ``params``. Both kinds are elementwise, so one optimizer
+    over stacked per-client tensors is exactly one optimizer per client (the batched simulator relies on it)."""
+    if spec.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
 
 
 def seeded_rng(device: torch.device, *key: int) -> contextlib.AbstractContextManager[None]:
@@ -144,7 +161,7 @@ def local_steps(
     between two steps (raising `Interrupted`).
     """
     params = model.set_trainable(trained)
-    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    optimizer = make_optimizer(params, spec)
     model.model.train()
     losses = []
     try:

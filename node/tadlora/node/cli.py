@@ -34,7 +34,7 @@ from tadlora.core.methods import method_names
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.peerspec import parse_peers_option
-from tadlora.training import PRECISIONS, TrainSpec
+from tadlora.training import OPTIMIZERS, PRECISIONS, TrainSpec
 
 log = logging.getLogger("tadlora.node")
 
@@ -88,7 +88,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--local-steps", type=int, default=10, help="local steps per round (K)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per local step")
     t.add_argument("--max-length", type=int, default=64, help="tokens per example")
-    t.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW's 1e-3; plain SGD needs ~0.1)")
+    t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="local optimizer, fresh every round: adamw (the paper's) or sgd (plain)")  # fmt: skip
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: "
                    "faster where it has AVX512-BF16 or AMX), fp32")  # fmt: skip
@@ -132,7 +134,12 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         switch_interval=a.switch_interval,
         lora=LoraSpec(r=a.lora_r, alpha=a.lora_alpha, dropout=a.lora_dropout, target_modules=tuple(a.lora_targets)),
         train=TrainSpec(
-            local_steps=a.local_steps, batch_size=a.batch_size, max_length=a.max_length, lr=a.lr, precision=a.precision
+            local_steps=a.local_steps,
+            batch_size=a.batch_size,
+            max_length=a.max_length,
+            lr=a.lr,
+            precision=a.precision,
+            optimizer=a.optimizer,
         ),
         seed=a.seed,
         rounds=a.rounds,

@@ -21,7 +21,7 @@ from typing import Any
 from tadlora.cliutil import apply_env_defaults, csv_list, int_or_auto, join
 from tadlora.core.methods import method_names
 from tadlora.sim.config import ENGINES, PRESETS, SimConfig, config_from_json, override, preset
-from tadlora.training import PRECISIONS
+from tadlora.training import OPTIMIZERS, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=PRECISIONS,
         help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: faster where "
         "it has AVX512-BF16 or AMX), fp32",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=OPTIMIZERS,
+        help="local optimizer, fresh every round: adamw (the paper's) or sgd (plain; set its lr in --config, "
+        'e.g. {"train": {"optimizer": "sgd", "lr": 0.1}})',
     )
     parser.add_argument(
         "--share-from",
@@ -90,8 +96,9 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.config is not None:
         config = config_from_json(args.config.read_text(encoding="utf-8"), base=config)
     changes: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}
-    if args.precision is not None:
-        changes["train"] = {"precision": args.precision}
+    train = {f: getattr(args, f) for f in ("precision", "optimizer") if getattr(args, f) is not None}
+    if train:
+        changes["train"] = train
     return override(config, changes) if changes else config
 
 

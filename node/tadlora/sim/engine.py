@@ -4,7 +4,7 @@
   `tadlora.training.local_steps` the daemon calls: the reference, bit-for-bit what a node computes.
 * `BatchedEngine` runs all clients in one forward/backward pass: the base model is shared, so client i's
   batch only differs in its LoRA update, which a hook on every adapted layer adds with a batched matmul over
-  per-client stacked factors (m, r, in) and (m, out, r). AdamW is elementwise, so one optimizer over the
+  per-client stacked factors (m, r, in) and (m, out, r). AdamW and SGD are elementwise, so one optimizer over the
   stacks is exactly m per-client optimizers, and the summed per-client mean losses give each client's slice
   its own gradient. It agrees with the sequential engine to float tolerance (tested) and is faster.
 
@@ -31,6 +31,7 @@ from tadlora.training import (
     eval_batches,
     evaluate,
     local_steps,
+    make_optimizer,
     round_batches,
     seeded_rng,
 )
@@ -163,7 +164,7 @@ class BatchedEngine:
             s.requires_grad_(factor_of(k) in trained)
             if factor_of(k) in trained:
                 params.append(s)
-        optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+        optimizer = make_optimizer(params, spec)
         plans = [
             round_batches(self.seed, i, t, len(shard), spec.batch_size, spec.local_steps)
             for i, shard in enumerate(self.shards)
