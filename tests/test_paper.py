@@ -90,6 +90,16 @@ def test_missing_cells_make_a_claim_incomplete_not_a_verdict() -> None:
     assert claims(entries([]), entries([]), [0.5, 0.02])[0].status == "incomplete"
 
 
+def test_missing_cells_are_counted_as_the_runs_they_still_need() -> None:
+    from tadlora.sim.paper import distinct_computations
+
+    keys = ["tad__er__p0.5__T1__s0", "tad__er__p0.5__T5__s0", "adf__er__p0.5__T5__s0", "lora__er__p0.5__T-__s0"]
+    assert distinct_computations(keys) == 3  # adf with T = 5 is tad with T = 5
+    assert distinct_computations([*keys, "tad-nojoint__er__p0.5__T1__s0", "rolora__er__p0.5__T-__s0"]) == 4
+    assert distinct_computations(["tad__er__p0.5__T5__s0", "tad__er__p0.5__T5__s1", "tad__er__p0.02__T5__s0"]) == 3
+    assert distinct_computations([]) == 0
+
+
 def test_the_summary_has_final_accuracy_spreads_and_the_area_under_the_curve() -> None:
     def run(seed: int, accs: list[float]) -> dict[str, Any]:
         rounds = [{"round": 10 * i + 9, "acc_mean": a, "acc_std": 0.1} for i, a in enumerate(accs)]

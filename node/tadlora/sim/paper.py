@@ -26,7 +26,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from tadlora.sim.config import ALL_METHODS, SimConfig
+from tadlora.sim.config import ALL_METHODS, Cell, SimConfig
 
 SWEEP_INTERVALS: tuple[int, ...] = (1, 2, 3, 5, 10, 15)
 SWEEP_METHOD = "tad"
@@ -171,6 +171,20 @@ def claims(
     return out
 
 
+def distinct_computations(keys: Sequence[str]) -> int:
+    """How many runs the cells named by ``keys`` (`Cell.key`, from grids of one config) still need: cells of one
+    computation (`Cell.computation`: ``adf`` is ``tad`` with T = 5, a cell in both grids) run once."""
+    seen = set()
+    for key in keys:
+        # A key is method__topology__pP__TT__sS; its topology part is the sanitized name, which is enough to tell
+        # the grids' topologies apart (the key is unique per cell for that reason).
+        method, topology, p, t, seed = key.split("__")
+        interval = None if t == "T-" else int(t[1:])
+        cell = Cell(method, topology, float(p[1:]), interval, int(seed[1:]))
+        seen.add(cell.computation)
+    return len(seen)
+
+
 def markdown(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], title: str) -> tuple[str, list[Claim]]:
     """The Markdown table (methods × p, then T × p) and the claims, from the two grids' results.json."""
     grid, sweep = entries(grid_results["summary"]), entries(sweep_results["summary"])
@@ -212,5 +226,6 @@ def markdown(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], 
     lines += [f"* **{c.name}**: {c.status}. {c.detail}" for c in verdict]
     missing = list(grid_results.get("missing_cells", [])) + list(sweep_results.get("missing_cells", []))
     if missing:
-        lines += ["", f"{len(missing)} cells not finished yet."]
+        distinct = distinct_computations(missing)
+        lines += ["", f"{len(missing)} cells not finished yet: {distinct} distinct runs (the others are copies)."]
     return "\n".join(lines) + "\n", verdict
