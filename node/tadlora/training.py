@@ -47,7 +47,9 @@ class TrainSpec:
     # products, AVX512-BF16 or AMX; slower where it has not); "fp32" never autocasts.
     precision: str = "auto"
     # Local optimizer, fresh every round: "adamw" (the paper's) or "sgd" (plain, no momentum: stateless, so a
-    # fresh one per round loses nothing; it needs a far larger lr than AdamW, e.g. 0.05-0.5 for LoRA factors).
+    # fresh one per round loses nothing). SGD moves a coordinate by lr x |grad|, and LoRA gradients are small
+    # (mean 3e-5 to 1e-4 on MiniLM), so it needs lr ~10 to move as far as AdamW at 1e-3; on MNLI it did not leave
+    # the uniform prediction at lr 0.2-100 where AdamW learns (docs/simulator.md, MNLI sizing).
     optimizer: str = "adamw"
 
     def __post_init__(self) -> None:

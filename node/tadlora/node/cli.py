@@ -88,7 +88,7 @@ def build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--local-steps", type=int, default=10, help="local steps per round (K)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per local step")
     t.add_argument("--max-length", type=int, default=64, help="tokens per example")
-    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW's 1e-3; plain SGD needs ~0.1)")
+    t.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW: 1e-3; SGD: ~10)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="local optimizer, fresh every round: adamw (the paper's) or sgd (plain)")  # fmt: skip
     t.add_argument("--precision", choices=PRECISIONS, default="auto",

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer",
         choices=OPTIMIZERS,
         help="local optimizer, fresh every round: adamw (the paper's) or sgd (plain; set its lr in --config, "
-        'e.g. {"train": {"optimizer": "sgd", "lr": 0.1}})',
+        'e.g. {"train": {"optimizer": "sgd", "lr": 10}}: LoRA gradients are small)',
     )
     parser.add_argument(
         "--share-from",
