@@ -83,17 +83,23 @@ async def run_all(nodes: list[Node]) -> None:
 
 
 def simulated(
-    m: int, method_name: str, t: int | None, link_prob: float, rounds: int, topology: str = "er"
+    m: int,
+    method_name: str,
+    t: int | None,
+    link_prob: float,
+    rounds: int,
+    topology: str = "er",
+    train: TrainSpec = TRAIN,
 ) -> list[dict]:
-    """The simulator's factors after ``rounds`` for the same seed, data, topology and method."""
-    train = resolve_dataset("builtin:sst2-small", "train")
-    model = AdapterModel(ModelSpec(model="tiny", label_names=train.label_names, lora=TINY_LORA, seed=0))
+    """The simulator's factors after ``rounds`` for the same seed, data, topology, method and training spec."""
+    data = resolve_dataset("builtin:sst2-small", "train")
+    model = AdapterModel(ModelSpec(model="tiny", label_names=data.label_names, lora=TINY_LORA, seed=0))
     shards = [
-        encode(model.tokenizer, train.subset(idx), TRAIN.max_length)
-        for idx in client_shards(train, "label-skew", m, 0, 40)
+        encode(model.tokenizer, data.subset(idx), TRAIN.max_length)
+        for idx in client_shards(data, "label-skew", m, 0, 40)
     ]
     dev = encode(model.tokenizer, eval_subset(resolve_dataset("builtin:sst2-small", "dev"), 16), TRAIN.max_length)
-    engine = SequentialEngine(model, shards, dev, TRAIN, seed=0)
+    engine = SequentialEngine(model, shards, dev, train, seed=0)
     simulate(engine, make_method(method_name, t), make_topology(topology, m, link_prob, 0), rounds, eval_every=10**6)
     return [engine.get_factors(i) for i in range(m)]
 
@@ -116,6 +122,29 @@ async def test_daemon_adapters_equal_the_simulators(tmp_path, method, interval, 
     if link_prob < 1.0:  # the per-round graph really varied, on both drivers alike
         degrees = {r["degree"] for r in _rounds(tmp_path / "n0")}
         assert len(degrees) > 1
+
+
+@pytest.mark.asyncio
+async def test_persistent_optimizer_state_survives_a_restart_and_matches_the_simulator(tmp_path) -> None:
+    """Nodes keeping AdamW state across rounds, stopped after 2 rounds and restarted from their checkpoints,
+    end where the simulator's uninterrupted 4 rounds end: the state is carried in memory and in the checkpoint
+    (lora trains both factors every round, so rounds 2-3 need the state of rounds 0-1)."""
+    m, train = 2, dataclasses.replace(TRAIN, optimizer_state="persistent")
+    changes = {"method": "lora", "link_prob": 1.0, "train": train, "checkpoint_every": 1}
+    async with cluster(tmp_path, m, rounds=2, **changes) as nodes:
+        await run_all(nodes)
+    from tadlora.node.state import load_checkpoint
+
+    ckpt = load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == 2
+    assert {float(v) for k, v in ckpt.optimizer.items() if k.endswith("/step")} == {2.0 * train.local_steps}
+    async with cluster(tmp_path, m, rounds=4, **changes) as nodes:
+        await run_all(nodes)
+        got = [n.factors for n in nodes]
+    want = await asyncio.to_thread(simulated, m, "lora", None, 1.0, 4, "er", train)
+    for i in range(m):
+        for key in want[i]:
+            torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4, msg=f"node {i} {key}")
 
 
 def _rounds(out: Path) -> list[dict]:
@@ -183,10 +212,12 @@ async def test_a_late_node_catches_up_by_adopting_a_neighbours_round(tmp_path) -
 
 
 @pytest.mark.asyncio
-async def test_a_node_that_ran_alone_adopts_the_groups_state_and_never_the_reverse(tmp_path) -> None:
+@pytest.mark.parametrize("state", ["fresh", "persistent"])
+async def test_a_node_that_ran_alone_adopts_the_groups_state_and_never_the_reverse(tmp_path, state) -> None:
     # node-2 trains alone far ahead in round numbers (a partition, or a node started early); then node-0 and
     # node-1 start together and connect to it. Their rounds never jump to node-2's; node-2 adopts theirs.
-    solo_cfg = node_config(tmp_path, 2, 3, NO_PEERS, rounds=None, min_peers=0)
+    train = dataclasses.replace(TRAIN, optimizer_state=state)
+    solo_cfg = node_config(tmp_path, 2, 3, NO_PEERS, rounds=None, min_peers=0, train=train)
     async with Node(solo_cfg) as solo:
         solo_task = asyncio.ensure_future(solo.run())
         group: list[Node] = []
@@ -194,9 +225,13 @@ async def test_a_node_that_ran_alone_adopts_the_groups_state_and_never_the_rever
             async with asyncio.timeout(60):
                 await solo.async_wait_for_round(30)
             async with contextlib.AsyncExitStack() as stack:
-                first = node_config(tmp_path, 0, 3, PeersOption(False, (solo.address,), ()), rounds=None, min_peers=1)
+                first = node_config(
+                    tmp_path, 0, 3, PeersOption(False, (solo.address,), ()), rounds=None, min_peers=1, train=train
+                )
                 group.append(await stack.enter_async_context(Node(first)))
-                second = node_config(tmp_path, 1, 3, PeersOption(False, (group[0].address,), ()), rounds=None)
+                second = node_config(
+                    tmp_path, 1, 3, PeersOption(False, (group[0].address,), ()), rounds=None, train=train
+                )
                 group.append(await stack.enter_async_context(Node(dataclasses.replace(second, min_peers=1))))
                 tasks = [asyncio.ensure_future(n.run()) for n in group]
                 try:
@@ -217,6 +252,14 @@ async def test_a_node_that_ran_alone_adopts_the_groups_state_and_never_the_rever
     went_back = [b for a, b in itertools.pairwise(solo_rounds) if b < a]
     assert went_back and went_back[0] < 30, solo_rounds[-10:]
     assert any(r["degree"] >= 1 and r["neighbours"] for r in _rounds(tmp_path / "n2")[-3:])
+    if state == "persistent":  # the solo moments (30+ rounds of them) were dropped with the solo factors
+        from tadlora.node.state import load_checkpoint
+
+        since = len(solo_rounds) - max(i for i in range(1, len(solo_rounds)) if solo_rounds[i] < solo_rounds[i - 1])
+        ckpt = load_checkpoint(tmp_path / "n2")
+        assert ckpt is not None and ckpt.optimizer
+        steps = max(float(v) for k, v in ckpt.optimizer.items() if k.endswith("/step"))
+        assert steps <= since * TRAIN.local_steps, (steps, since)
 
 
 @pytest.mark.asyncio

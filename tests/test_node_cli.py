@@ -33,6 +33,10 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
     assert parse(["--optimizer", "sgd", "--lr", "0.1"], monkeypatch).train == TrainSpec(
         local_steps=10, batch_size=16, max_length=64, lr=0.1, optimizer="sgd"
     )
+    assert parse([], monkeypatch).train.optimizer_state == "fresh"
+    assert parse([], monkeypatch, TADLORA_OPTIMIZER_STATE="persistent").train.persistent
+    with pytest.raises(ValueError, match="needs adamw"):
+        parse(["--optimizer", "sgd", "--optimizer-state", "persistent"], monkeypatch)
 
 
 def test_help_names_the_environment_variables(capsys) -> None:

@@ -8,6 +8,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from conftest import TINY_TRAIN
 from tadlora.core.methods import make_method
@@ -18,11 +19,18 @@ from tadlora.sim.engine import BatchedEngine, SequentialEngine
 from tadlora.sim.runner import Progress, Simulator, simulate
 
 
-@pytest.mark.parametrize(("name", "optimizer"), [("tad", "adamw"), ("decaf", "adamw"), ("lora", "sgd")])
-def test_batched_engine_matches_the_sequential_reference(name, optimizer, tiny_model, tiny_shards, tiny_dev) -> None:
+@pytest.mark.parametrize(
+    ("name", "optimizer", "state"),
+    [("tad", "adamw", "fresh"), ("decaf", "adamw", "fresh"), ("lora", "sgd", "fresh"), ("tad", "adamw", "persistent")],
+)
+def test_batched_engine_matches_the_sequential_reference(
+    name, optimizer, state, tiny_model, tiny_shards, tiny_dev
+) -> None:
     method = make_method(name, 1) if name == "tad" else make_method(name)
     topology = make_topology("er", 4, link_prob=0.5, seed=1)
-    spec = dataclasses.replace(TINY_TRAIN, optimizer=optimizer, lr=0.5 if optimizer == "sgd" else TINY_TRAIN.lr)
+    spec = dataclasses.replace(
+        TINY_TRAIN, optimizer=optimizer, optimizer_state=state, lr=0.5 if optimizer == "sgd" else TINY_TRAIN.lr
+    )
     seq = SequentialEngine(tiny_model, tiny_shards, tiny_dev, spec, seed=0)
     bat = BatchedEngine(tiny_model, tiny_shards, tiny_dev, spec, seed=0, max_group_sequences=8)  # 2 groups
     try:
@@ -35,6 +43,11 @@ def test_batched_engine_matches_the_sequential_reference(name, optimizer, tiny_m
         assert rec_bat[-1]["acc_mean"] == pytest.approx(rec_seq[-1]["acc_mean"], abs=1 / 24 + 1e-9)
         for r_seq, r_bat in zip(rec_seq, rec_bat, strict=True):
             assert r_bat["train_loss"] == pytest.approx(r_seq["train_loss"], rel=1e-3)
+        for i in range(4):  # the per-client slices of the stacked optimizer state are each client's own
+            a, b = seq.get_optimizer_state(i), bat.get_optimizer_state(i)
+            assert a.keys() == b.keys() and bool(a) == (state == "persistent")
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], atol=2e-4, rtol=2e-3)
     finally:
         bat.close()
 
@@ -43,8 +56,12 @@ def smoke_config(**changes) -> SimConfig:
     return override(preset("smoke"), {"rounds": 4, "methods": ["tad", "lora"], **changes})
 
 
-def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_path) -> None:
-    config = smoke_config(engine="sequential")
+@pytest.mark.parametrize(
+    ("engine", "state"), [("sequential", "fresh"), ("sequential", "persistent"), ("batched", "persistent")]
+)
+def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_path, engine, state) -> None:
+    # lora trains both factors every round, so the rounds after the checkpoint need the state saved in it
+    config = smoke_config(engine=engine, methods=["lora"], train={"optimizer_state": state})
     cell = next(config.cells())
     reference = Simulator(config, tmp_path / "ref", quiet=True).run_cell(cell)
 
@@ -59,7 +76,9 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_
     sim.cells_dir.mkdir(parents=True)
     with pytest.raises(Stop):
         sim.run_cell(cell, stop_after_round_2)
-    assert (sim.cells_dir / f"{cell.key}.ckpt.safetensors").exists()
+    ckpt = sim.cells_dir / f"{cell.key}.ckpt.safetensors"
+    assert ckpt.exists()
+    assert any(k.startswith("opt/") for k in load_file(str(ckpt))) == (state == "persistent")
     partial = sim.cells_dir / f"{cell.key}.partial.json"
     saved = json.loads(partial.read_text())
     assert saved["seconds"] > 0
@@ -126,7 +145,9 @@ def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
     stamp = json.loads((tmp_path / "config.json").read_text())
-    del stamp["train"]["precision"], stamp["train"]["optimizer"], stamp["robust_mixing"]  # as before they existed
+    for name in ("precision", "optimizer", "optimizer_state"):  # as before they existed
+        del stamp["train"][name]
+    del stamp["robust_mixing"]
     (tmp_path / "config.json").write_text(json.dumps(stamp))
     assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
     bf16 = override(config, {"train": {"precision": "bf16"}})
@@ -145,6 +166,9 @@ def test_cli_precision_and_optimizer_set_the_training_spec_and_keep_the_rest() -
     config = config_from_args(build_parser().parse_args(flags))
     assert (config.train.optimizer, config.train.precision) == ("sgd", "fp32")
     assert config.train.lr == preset("cpu-sst2").train.lr
+    assert config.train.optimizer_state == "fresh"
+    flags = ["--preset", "cpu-sst2", "--out", "x", "--optimizer-state", "persistent"]
+    assert config_from_args(build_parser().parse_args(flags)).train.persistent
 
 
 def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import pytest
@@ -22,6 +23,16 @@ def test_checkpoint_round_trips_bit_exactly(tmp_path) -> None:
     assert loaded is not None and (loaded.round, loaded.node_id, loaded.fingerprint) == (7, "node-0", "ab" * 16)
     assert torch.equal(loaded.factors["m.lora_A.weight"], ckpt(7).factors["m.lora_A.weight"])
     assert state.load_checkpoint(tmp_path / "nothing-here") is None
+    assert loaded.optimizer == {}
+
+
+def test_a_checkpoint_carries_the_optimizer_state_apart_from_the_factors(tmp_path) -> None:
+    moments = {"m.lora_A.weight/exp_avg": torch.randn(2, 3), "m.lora_A.weight/step": torch.tensor(4.0)}
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), optimizer=moments))
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.factors.keys() == ckpt(3).factors.keys()
+    assert loaded.optimizer.keys() == moments.keys()
+    assert all(torch.equal(loaded.optimizer[k], v) for k, v in moments.items())
 
 
 def test_a_damaged_checkpoint_is_an_error_that_names_the_file(tmp_path) -> None:

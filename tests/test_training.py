@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import numpy as np
 import pytest
@@ -17,7 +18,15 @@ from tadlora.core.topology import make_topology
 from tadlora.sim.config import ALL_METHODS
 from tadlora.sim.engine import SequentialEngine
 from tadlora.sim.runner import mix_round
-from tadlora.training import TrainSpec, autocast, local_steps, round_batches
+from tadlora.training import (
+    DROPOUT_STREAM,
+    Interrupted,
+    TrainSpec,
+    autocast,
+    local_steps,
+    round_batches,
+    seeded_rng,
+)
 
 
 def changed(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> set[Factor]:
@@ -124,6 +133,66 @@ def test_sgd_steps_follow_the_gradient_and_adamw_first_steps_are_sign_steps(tiny
     assert torch.equal(torch.sign(adamw), torch.sign(sgd[moved]))  # in the same direction as SGD
     with pytest.raises(ValueError, match="optimizer"):
         TrainSpec(optimizer="adam")
+
+
+def test_persistent_optimizer_state_continues_one_adamw_across_rounds(tiny_shards) -> None:
+    """Two rounds with persistent state take exactly the steps of ONE AdamW run over both rounds' batches (a
+    reference written here from torch's AdamW), and a fresh state does not: the setting is live."""
+    spec = dataclasses.replace(TINY_TRAIN, optimizer_state="persistent")
+    shard, both = tiny_shards[0], frozenset({Factor.A, Factor.B})
+
+    model = AdapterModel(tiny_spec())
+    state: dict[str, torch.Tensor] = {}
+    for t in (0, 1):
+        local_steps(model, shard, both, spec, seed=0, shard=0, t=t, state=state)
+    got = model.factors()
+
+    ref = AdapterModel(tiny_spec())
+    params = ref.set_trainable(both)
+    optimizer = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    ref.model.train()
+    for t in (0, 1):
+        with seeded_rng(ref.device, 0, 0, t, DROPOUT_STREAM):
+            for indices in round_batches(0, 0, t, len(shard), spec.batch_size, spec.local_steps):
+                batch = shard.batch(indices, ref.device)
+                logits = ref.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                optimizer.zero_grad(set_to_none=True)
+                torch.nn.functional.cross_entropy(logits, batch["labels"]).backward()
+                optimizer.step()
+    want = ref.factors()
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=0, atol=0)
+    assert {float(v) for k, v in state.items() if k.endswith("/step")} == {2.0 * spec.local_steps}
+
+    fresh = AdapterModel(tiny_spec())
+    for t in (0, 1):
+        local_steps(fresh, shard, both, TINY_TRAIN, seed=0, shard=0, t=t)
+    assert any(not torch.equal(fresh.factors()[k], got[k]) for k in got)
+
+
+def test_persistent_state_keeps_the_frozen_factors_entries_and_an_interrupted_round_leaves_it(tiny_shards) -> None:
+    spec = dataclasses.replace(TINY_TRAIN, optimizer_state="persistent")
+    model = AdapterModel(tiny_spec())
+    state: dict[str, torch.Tensor] = {}
+    local_steps(model, tiny_shards[0], frozenset({Factor.B}), spec, seed=0, shard=0, t=0, state=state)
+    assert state and all(factor_of(k.rsplit("/", 1)[0]) is Factor.B for k in state)
+    after_b = {k: v.clone() for k, v in state.items()}
+    local_steps(model, tiny_shards[0], frozenset({Factor.A}), spec, seed=0, shard=0, t=1, state=state)
+    for key, value in after_b.items():  # B's moments wait, untouched, for B's next turn
+        assert torch.equal(state[key], value)
+    assert {factor_of(k.rsplit("/", 1)[0]) for k in state} == {Factor.A, Factor.B}
+    before = {k: v.clone() for k, v in state.items()}
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(Interrupted):
+        local_steps(model, tiny_shards[0], frozenset({Factor.B}), spec, seed=0, shard=0, t=2, stop=stop, state=state)
+    assert state.keys() == before.keys() and all(torch.equal(state[k], before[k]) for k in state)
+    with pytest.raises(ValueError, match="no state was passed"):
+        local_steps(model, tiny_shards[0], frozenset({Factor.B}), spec, seed=0, shard=0, t=3)
+    with pytest.raises(ValueError, match="needs adamw"):
+        TrainSpec(optimizer="sgd", optimizer_state="persistent")
+    with pytest.raises(ValueError, match="optimizer_state"):
+        TrainSpec(optimizer_state="kept")
 
 
 def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards) -> None:

@@ -4,19 +4,20 @@ Determinism is part of the contract: the examples a client uses in round t, and 
 (MiniLM's hidden and attention dropout are on during training), are a pure function of (run seed, shard index,
 t), so a daemon and the simulator given the same inputs take the same steps, and a resumed or shared simulator
 cell is the run it stands for, whatever ran before it in the process.
-The optimizer (AdamW by default, or plain SGD) is created fresh every round over the factors that train in that
-round: mixing moves the parameters between rounds, so moment estimates from before the mix would describe a
-different point, and carrying no optimizer state makes a round's result depend only on the factors it starts
-from. The price is that AdamW's first steps of a round are close to sign steps (each coordinate moves by about
-lr, whatever its gradient's size); plain SGD keeps the gradients' magnitudes, which is what averaging across
-clients assumes (see docs/simulator.md, MNLI sizing).
+By default the optimizer (AdamW, or plain SGD) is created fresh every round over the factors that train in that
+round: mixing moves the parameters between rounds, so moment estimates from before the mix describe a different
+point, and carrying no optimizer state makes a round's result depend only on the factors it starts from. The
+price is that AdamW's first steps of a round are close to sign steps (each coordinate moves by about lr, whatever
+its gradient's size). ``optimizer_state="persistent"`` keeps each client's AdamW moments (and step count) across
+rounds instead, per factor, as FedOpt-style local optimizer state: never mixed, never sent, carried by the
+checkpoints (see docs/simulator.md, MNLI sizing, for why both exist).
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,11 +47,14 @@ class TrainSpec:
     # on CUDA and fp32 on the CPU; "bf16" autocasts on the CPU too (much faster where the CPU has bf16 dot
     # products, AVX512-BF16 or AMX; slower where it has not); "fp32" never autocasts.
     precision: str = "auto"
-    # Local optimizer, fresh every round: "adamw" (the paper's) or "sgd" (plain, no momentum: stateless, so a
-    # fresh one per round loses nothing). SGD moves a coordinate by lr x |grad|, and LoRA gradients are small
+    # Local optimizer: "adamw" (the paper's) or "sgd" (plain, no momentum: stateless, so a fresh one per round
+    # loses nothing). SGD moves a coordinate by lr x |grad|, and LoRA gradients are small
     # (mean 3e-5 to 1e-4 on MiniLM), so it needs lr ~10 to move as far as AdamW at 1e-3; on MNLI it did not leave
     # the uniform prediction at lr 0.2-100 where AdamW learns (docs/simulator.md, MNLI sizing).
     optimizer: str = "adamw"
+    # AdamW's moments: "fresh" each round (the default), or "persistent": each client keeps its own across rounds
+    # (they are not mixed: they describe the client's own gradient history). SGD has no state to keep.
+    optimizer_state: str = "fresh"
 
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or self.max_length < 8:
@@ -61,6 +65,17 @@ class TrainSpec:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer_state not in OPTIMIZER_STATES:
+            raise ValueError(
+                f"optimizer_state must be one of {', '.join(OPTIMIZER_STATES)}, got {self.optimizer_state!r}"
+            )
+        if self.optimizer_state == "persistent" and self.optimizer == "sgd":
+            raise ValueError("optimizer_state 'persistent' needs adamw: plain sgd keeps no state")
+
+    @property
+    def persistent(self) -> bool:
+        """Whether the optimizer's state is carried from round to round."""
+        return self.optimizer_state == "persistent"
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,39 @@ def round_batches(seed: int, shard: int, t: int, n: int, batch_size: int, steps:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 OPTIMIZERS = ("adamw", "sgd")
+OPTIMIZER_STATES = ("fresh", "persistent")
+
+# One client's persistent optimizer state, flat so that safetensors can store it: for each factor key K that has
+# trained, "K/exp_avg" and "K/exp_avg_sq" (the factor's shape) and "K/step" (a 0-d float tensor): AdamW's own
+# per-parameter state under its own names. Always on the CPU between rounds.
+OptimizerState = dict[str, torch.Tensor]
+MOMENTS = ("exp_avg", "exp_avg_sq", "step")
+
+
+def restore_state(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor], state: OptimizerState) -> None:
+    """Give each parameter in ``params`` (by factor key) the state ``state`` holds for it; a parameter with no
+    entry starts fresh. The moments move to the parameter's device; the step count stays a CPU tensor, where
+    AdamW keeps it (neither fused nor capturable)."""
+    for key, param in params.items():
+        if f"{key}/step" not in state:
+            continue
+        entry = {name: state[f"{key}/{name}"].clone() for name in MOMENTS}
+        for name in ("exp_avg", "exp_avg_sq"):
+            if entry[name].shape != param.shape:
+                raise ValueError(f"optimizer state {key}/{name}: {tuple(entry[name].shape)} != {tuple(param.shape)}")
+            entry[name] = entry[name].to(param.device)
+        optimizer.state[param] = entry
+
+
+def export_state(optimizer: torch.optim.Optimizer, params: Mapping[str, torch.Tensor]) -> OptimizerState:
+    """The state ``optimizer`` holds for ``params`` (by factor key), as CPU copies (see `OptimizerState`)."""
+    out: OptimizerState = {}
+    for key, param in params.items():
+        entry = optimizer.state.get(param)
+        if entry:
+            for name in MOMENTS:
+                out[f"{key}/{name}"] = entry[name].detach().to("cpu", copy=True)
+    return out
 
 
 def make_optimizer(params: Sequence[torch.Tensor], spec: TrainSpec) -> torch.optim.Optimizer:
@@ -155,15 +203,24 @@ def local_steps(
     shard: int,
     t: int,
     stop: threading.Event | None = None,
+    state: OptimizerState | None = None,
 ) -> float:
     """Run round ``t``'s local steps on the factors in ``trained``; return the mean training loss.
 
     Only those factors change: the others and the base model have requires_grad off and are not in the
     optimizer. Blocking (torch work): the daemon calls it from a worker thread, with ``stop`` to end it
-    between two steps (raising `Interrupted`).
+    between two steps (raising `Interrupted`). With ``spec.persistent``, ``state`` is the client's optimizer
+    state: the trained factors' entries are read at the start and replaced in place when the round completes
+    (an interrupted round leaves it as it was, like the factors); the other factors' entries are kept.
     """
+    if spec.persistent and state is None:
+        raise ValueError("optimizer_state is 'persistent' but no state was passed to carry it")
     params = model.set_trainable(trained)
     optimizer = make_optimizer(params, spec)
+    by_key = {k: p for k, p in model.factor_parameters().items() if p.requires_grad}
+    if spec.persistent:
+        assert state is not None  # noqa: S101 (checked above; for mypy)
+        restore_state(optimizer, by_key, state)
     model.model.train()
     losses = []
     try:
@@ -179,6 +236,9 @@ def local_steps(
                 loss.backward()
                 optimizer.step()
                 losses.append(float(loss.detach()))
+        if spec.persistent:
+            assert state is not None  # noqa: S101
+            state.update(export_state(optimizer, by_key))
     finally:
         model.set_trainable(frozenset())
     return float(np.mean(losses))

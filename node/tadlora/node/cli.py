@@ -34,7 +34,7 @@ from tadlora.core.methods import method_names
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.peerspec import parse_peers_option
-from tadlora.training import OPTIMIZERS, PRECISIONS, TrainSpec
+from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, TrainSpec
 
 log = logging.getLogger("tadlora.node")
 
@@ -90,7 +90,10 @@ def build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--max-length", type=int, default=64, help="tokens per example")
     t.add_argument("--lr", type=float, default=1e-3, help="learning rate (AdamW: 1e-3; SGD: ~10)")
     t.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="local optimizer, fresh every round: adamw (the paper's) or sgd (plain)")  # fmt: skip
+                   help="local optimizer: adamw (the paper's) or sgd (plain)")  # fmt: skip
+    t.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="fresh",
+                   help="AdamW's moments: fresh every round, or persistent across rounds (kept in the "
+                   "checkpoint, never sent; reset when the node catches up from a peer)")  # fmt: skip
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: "
                    "faster where it has AVX512-BF16 or AMX), fp32")  # fmt: skip
@@ -140,6 +143,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
             lr=a.lr,
             precision=a.precision,
             optimizer=a.optimizer,
+            optimizer_state=a.optimizer_state,
         ),
         seed=a.seed,
         rounds=a.rounds,

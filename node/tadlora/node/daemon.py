@@ -57,7 +57,7 @@ from tadlora.node.rpc import (
 )
 from tadlora.node.tls import TlsMaterial
 from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
-from tadlora.training import Encoded, Interrupted, encode, evaluate, local_steps
+from tadlora.training import Encoded, Interrupted, OptimizerState, encode, evaluate, local_steps
 from tadlora.workload import client_shards, eval_subset
 
 log = logging.getLogger("tadlora.node")
@@ -105,6 +105,9 @@ class Node:
         self._model: AdapterModel | None = None
         self._shard: Encoded | None = None
         self._dev: Encoded | None = None
+        # With --optimizer-state persistent: this node's AdamW state, touched only in the worker thread (local
+        # steps, checkpoint writes) and replaced, never mutated, from the loop (catch-up).
+        self._opt_state: OptimizerState = {}
         self._stop = asyncio.Event()
         self._stop_training = threading.Event()
         self.rounds = RoundState(stopping=self._stop.is_set)  # the schedule position, shared with exchanges
@@ -166,6 +169,10 @@ class Node:
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
             self.rounds.restore(ckpt.round, ckpt.factors)
+            if cfg.train.persistent:
+                self._opt_state = dict(ckpt.optimizer)
+            elif ckpt.optimizer:
+                log.info("checkpoint holds optimizer state; --optimizer-state fresh ignores it")
             self._rounds_done = ckpt.round
             log.info("resuming at round %d from %s", ckpt.round, cfg.out / state.CHECKPOINT)
         else:
@@ -473,6 +480,9 @@ class Node:
                  info.node_id, rounds.t)  # fmt: skip
         # We now hold the state the group reached: its round, its factors, its last mixing.
         await rounds.adopt(result.peer.round, result.factors, info.last_mixed_round)
+        # Our moments describe our own gradient history at the factors we left; the adopted factors are the
+        # group's, so the optimizer starts fresh from them.
+        self._opt_state = {}
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
         cfg = self.config
@@ -489,7 +499,7 @@ class Node:
         self._model.load_factors(self.rounds.factors)
         loss = local_steps(
             self._model, self._shard, self.method.trained(t), self.config.train, self.config.seed,
-            self.config.shard, t, stop=self._stop_training,
+            self.config.shard, t, stop=self._stop_training, state=self._opt_state,
         )  # fmt: skip
         return loss, self._model.factors()
 
@@ -643,9 +653,10 @@ class Node:
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
         factors = self.rounds.factors
-        ckpt = state.Checkpoint(next_round, self.node_id, self.fingerprint, factors)
 
         def write() -> None:
+            # In the worker, so the optimizer state is not mid-round (local steps run there too).
+            ckpt = state.Checkpoint(next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state))
             state.save_checkpoint(self.config.out, ckpt)
             if export and self._model is not None:
                 self._model.load_factors(factors)

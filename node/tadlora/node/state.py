@@ -1,7 +1,8 @@
 """What a node keeps on disk: its id, checkpoints (atomic, safetensors) and the per-round log.
 
 Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint), ``checkpoint.safetensors`` (the factors at the
-start of a round, with the round in its metadata), ``rounds.jsonl`` (one JSON line per finished round) and
+start of a round, with the round in its metadata, and with ``--optimizer-state persistent`` the optimizer's state
+under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round) and
 ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
 full disk leaves the previous checkpoint intact.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from safetensors.torch import load, save
 
 from tadlora.core.factors import Factors
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
+from tadlora.training import OptimizerState
 
 log = logging.getLogger("tadlora.node")
 
@@ -26,6 +28,7 @@ CHECKPOINT = "checkpoint.safetensors"
 IDENTITY = "node.json"
 ROUNDS = "rounds.jsonl"
 ADAPTER = "adapter"
+OPT_PREFIX = "opt/"  # checkpoint keys of the optimizer state; factor keys never hold a "/"
 
 
 @dataclass(frozen=True)
@@ -36,13 +39,16 @@ class Checkpoint:
     node_id: str
     fingerprint: str
     factors: Factors
+    optimizer: OptimizerState = field(default_factory=dict)  # empty unless the optimizer state persists
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``out/checkpoint.safetensors``."""
     meta = {"round": str(ckpt.round), "node_id": ckpt.node_id, "fingerprint": ckpt.fingerprint}
     path = out / CHECKPOINT
-    atomic_write_bytes(path, save({k: v.contiguous() for k, v in ckpt.factors.items()}, metadata=meta))
+    tensors = {k: v.contiguous() for k, v in ckpt.factors.items()}
+    tensors.update({f"{OPT_PREFIX}{k}": v.contiguous() for k, v in ckpt.optimizer.items()})
+    atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
 
 
@@ -54,11 +60,13 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         return None
     data = path.read_bytes()
     try:
-        factors = load(data)  # safetensors: no code runs on load
+        tensors = load(data)  # safetensors: no code runs on load
+        factors = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
+        optimizer = {k.removeprefix(OPT_PREFIX): v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             meta = json.loads(f.read(header_len)).get("__metadata__", {})
-        return Checkpoint(int(meta["round"]), meta["node_id"], meta["fingerprint"], factors)
+        return Checkpoint(int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer)
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 

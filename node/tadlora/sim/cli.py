@@ -21,7 +21,7 @@ from typing import Any
 from tadlora.cliutil import apply_env_defaults, csv_list, int_or_auto, join
 from tadlora.core.methods import method_names
 from tadlora.sim.config import ENGINES, PRESETS, SimConfig, config_from_json, override, preset
-from tadlora.training import OPTIMIZERS, PRECISIONS
+from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,8 +56,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
-        help="local optimizer, fresh every round: adamw (the paper's) or sgd (plain; set its lr in --config, "
+        help="local optimizer: adamw (the paper's) or sgd (plain; set its lr in --config, "
         'e.g. {"train": {"optimizer": "sgd", "lr": 10}}: LoRA gradients are small)',
+    )
+    parser.add_argument(
+        "--optimizer-state",
+        choices=OPTIMIZER_STATES,
+        help="AdamW's moments: fresh every round (default), or persistent: each client keeps its own across "
+        "rounds (never mixed; carried by the checkpoints)",
     )
     parser.add_argument(
         "--share-from",
@@ -96,7 +102,7 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     if args.config is not None:
         config = config_from_json(args.config.read_text(encoding="utf-8"), base=config)
     changes: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}
-    train = {f: getattr(args, f) for f in ("precision", "optimizer") if getattr(args, f) is not None}
+    train = {f: getattr(args, f) for f in ("precision", "optimizer", "optimizer_state") if getattr(args, f) is not None}
     if train:
         changes["train"] = train
     return override(config, changes) if changes else config

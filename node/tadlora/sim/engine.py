@@ -8,6 +8,10 @@
   stacks is exactly m per-client optimizers, and the summed per-client mean losses give each client's slice
   its own gradient. It agrees with the sequential engine to float tolerance (tested) and is faster.
 
+With ``TrainSpec.optimizer_state == "persistent"`` both keep each client's AdamW state across rounds (the
+batched engine as (m, ...) stacks beside the factors' stacks; every client trains the same factors in the same
+rounds, so one step count serves them all), and expose it per client for checkpoints.
+
 Neither engine ever holds more than one copy of the base weights.
 """
 
@@ -26,6 +30,7 @@ from tadlora.core.factors import Factor, Factors, factor_key, factor_of, modules
 from tadlora.training import (
     DROPOUT_STREAM,
     Encoded,
+    OptimizerState,
     TrainSpec,
     autocast,
     eval_batches,
@@ -48,6 +53,8 @@ class ClientEngine(Protocol):
     def set_factors(self, i: int, factors: Factors) -> None: ...
     def train_round(self, t: int, trained: frozenset[Factor]) -> list[float]: ...
     def evaluate(self) -> list[tuple[float, float]]: ...
+    def get_optimizer_state(self, i: int) -> OptimizerState: ...
+    def set_optimizer_state(self, i: int, state: OptimizerState) -> None: ...
 
 
 class SequentialEngine:
@@ -58,9 +65,17 @@ class SequentialEngine:
         self.num_clients = len(self.shards)
         init = model.factors()
         self._factors = [{k: v.clone() for k, v in init.items()} for _ in self.shards]
+        self._states: list[OptimizerState] = [{} for _ in self.shards]
 
     def get_factors(self, i: int) -> Factors:
         return {k: v.clone() for k, v in self._factors[i].items()}
+
+    def get_optimizer_state(self, i: int) -> OptimizerState:
+        """Client ``i``'s persistent optimizer state (empty when the state is fresh each round)."""
+        return {k: v.clone() for k, v in self._states[i].items()}
+
+    def set_optimizer_state(self, i: int, state: OptimizerState) -> None:
+        self._states[i] = {k: v.detach().to("cpu", copy=True) for k, v in state.items()}
 
     def set_factors(self, i: int, factors: Factors) -> None:
         self._factors[i] = {k: v.detach().to("cpu", copy=True) for k, v in factors.items()}
@@ -69,7 +84,7 @@ class SequentialEngine:
         losses = []
         for i, shard in enumerate(self.shards):
             self.model.load_factors(self._factors[i])
-            losses.append(local_steps(self.model, shard, trained, self.spec, self.seed, i, t))
+            losses.append(local_steps(self.model, shard, trained, self.spec, self.seed, i, t, state=self._states[i]))
             self._factors[i] = self.model.factors()
         return losses
 
@@ -108,6 +123,8 @@ class BatchedEngine:
         self.stacks: dict[str, torch.Tensor] = {
             k: v.to(self.device).unsqueeze(0).repeat(m, *([1] * v.dim())).contiguous() for k, v in init.items()
         }
+        # With persistent optimizer state: the AdamW state of each stack, kept between rounds (see the module doc).
+        self._opt: dict[str, dict[str, torch.Tensor]] = {}
         self._group: tuple[int, int] | None = None
         self._hooks = [
             model.model.get_submodule(module).register_forward_hook(self._make_hook(module)) for module in modules(init)
@@ -144,6 +161,30 @@ class BatchedEngine:
             for k in self.keys:
                 self.stacks[k][i].copy_(factors[k])
 
+    def get_optimizer_state(self, i: int) -> OptimizerState:
+        """Client ``i``'s slice of the persistent optimizer state (empty when the state is fresh each round)."""
+        out: OptimizerState = {}
+        for k, entry in self._opt.items():
+            out[f"{k}/exp_avg"] = entry["exp_avg"][i].detach().to("cpu", copy=True)
+            out[f"{k}/exp_avg_sq"] = entry["exp_avg_sq"][i].detach().to("cpu", copy=True)
+            out[f"{k}/step"] = entry["step"].detach().to("cpu", copy=True)
+        return out
+
+    def set_optimizer_state(self, i: int, state: OptimizerState) -> None:
+        """Write client ``i``'s slice. Every client holds state for the same factors at the same step count
+        (they train in lockstep), so a slice that disagrees with the others' step is an error."""
+        for key in {name.rsplit("/", 1)[0] for name in state}:
+            stack = self.stacks[key]
+            step = state[f"{key}/step"].detach().to("cpu", torch.float32)
+            entry = self._opt.setdefault(
+                key, {"exp_avg": torch.zeros_like(stack), "exp_avg_sq": torch.zeros_like(stack), "step": step.clone()}
+            )
+            if float(entry["step"]) != float(step):
+                raise ValueError(f"optimizer state of {key}: client {i} is at step {float(step)}, "
+                                 f"the others at {float(entry['step'])}")  # fmt: skip
+            entry["exp_avg"][i].copy_(state[f"{key}/exp_avg"])
+            entry["exp_avg_sq"][i].copy_(state[f"{key}/exp_avg_sq"])
+
     def _forward(self, group: tuple[int, int], batch: dict[str, torch.Tensor]) -> torch.Tensor:
         self._group = group
         try:
@@ -159,12 +200,16 @@ class BatchedEngine:
 
     def train_round(self, t: int, trained: frozenset[Factor]) -> list[float]:
         spec = self.spec
-        params = []
+        params = {}
         for k, s in self.stacks.items():
             s.requires_grad_(factor_of(k) in trained)
             if factor_of(k) in trained:
-                params.append(s)
-        optimizer = make_optimizer(params, spec)
+                params[k] = s
+        optimizer = make_optimizer(list(params.values()), spec)
+        if spec.persistent:  # the stacks' state, not per-client slices: no copies through the CPU
+            for k, p in params.items():
+                if k in self._opt:
+                    optimizer.state[p] = self._opt[k]
         plans = [
             round_batches(self.seed, i, t, len(shard), spec.batch_size, spec.local_steps)
             for i, shard in enumerate(self.shards)
@@ -184,6 +229,9 @@ class BatchedEngine:
                     per_client.sum().backward()
                     losses[lo:hi, step] = per_client.detach().cpu().numpy()
                 optimizer.step()
+        if spec.persistent:
+            for k, p in params.items():
+                self._opt[k] = optimizer.state[p]
         for s in self.stacks.values():
             s.requires_grad_(False)
             s.grad = None

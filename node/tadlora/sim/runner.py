@@ -312,6 +312,9 @@ class Simulator:
             tensors = load_file(str(ckpt))
             for i in range(cfg.num_clients):
                 engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
+                opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}/{i}/")}
+                if opt:
+                    engine.set_optimizer_state(i, opt)
         started = time.monotonic()
 
         def after_round(t: int, record: RoundRecord) -> None:
@@ -319,9 +322,13 @@ class Simulator:
             if on_round is not None:
                 on_round(t, record)
             if (t + 1) % cfg.checkpoint_every == 0 and t + 1 < cfg.rounds:
+                # Client i's factors as "i/KEY", its persistent optimizer state (if any) as "opt/i/KEY/moment".
                 state = {
                     f"{i}/{k}": v.contiguous() for i in range(cfg.num_clients) for k, v in engine.get_factors(i).items()
                 }
+                for i in range(cfg.num_clients):
+                    state.update({f"{OPT_PREFIX}/{i}/{k}": v.contiguous()
+                                  for k, v in engine.get_optimizer_state(i).items()})  # fmt: skip
                 atomic_write_bytes(ckpt, save(state, metadata={"round": str(t + 1)}))
                 atomic_write_json(partial, {"records": records, "seconds": earlier + time.monotonic() - started})
 
@@ -366,6 +373,9 @@ _RESUMABLE_CHANGES = {
     "device",
     "name",
 }
+
+
+OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
 
 
 def _with_defaults(stamped: dict[str, Any]) -> dict[str, Any]:
