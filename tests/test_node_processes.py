@@ -343,6 +343,7 @@ FLAG_VALUES = {
     "device": "cpu",
     "precision": "bf16",
     "optimizer": "sgd",
+    "optimizer_state": "persistent",
     "eval_every": "2",
     "eval_samples": "64",
     "out": "runs/x",
