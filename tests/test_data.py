@@ -29,6 +29,7 @@ from tadlora.data import (
     split_iid,
     split_label_skew,
 )
+from tadlora.workload import client_shards
 
 SHARED_GLUE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "glue"
 
@@ -421,6 +422,42 @@ def test_label_skew_clients_get_equal_disjoint_shards_in_the_stated_mix(clients:
         assert np.all(np.abs(fractions - expected) <= 1 / n + 1e-12)
 
 
+@pytest.mark.parametrize(
+    ("scheme", "share", "per_client"), [("label-skew@0.7", 0.7, None), ("label-skew@0.6:90", 0.6, 90)]
+)
+def test_label_skew_with_another_dominant_share_keeps_the_groups_and_changes_the_mix(
+    scheme: str, share: float, per_client: int | None
+) -> None:
+    props = label_skew_proportions(10, 3, share)
+    paper = label_skew_proportions(10, 3)
+    assert (props.argmax(axis=1) == paper.argmax(axis=1)).all(), "the same 4/3/3 groups as the paper's split"
+    assert np.allclose(props.max(axis=1), share) and np.allclose(props.sum(axis=1), 1.0)
+    assert np.allclose(np.sort(props, axis=1)[:, :2], (1 - share) / 2)
+    labels = balanced_labels(3, 3000)
+    shards = make_shards(labels, scheme, 10, seed=0)
+    assert_disjoint(shards)
+    n = shards[0].size
+    assert per_client is None or n == per_client
+    for shard, expected in zip(shards, props, strict=True):
+        assert np.all(np.abs(np.bincount(labels[shard], minlength=3) / n - expected) <= 1 / n + 1e-12)
+    paper_shards = make_shards(labels, "label-skew", 10, seed=0)
+    assert [s.tolist() for s in make_shards(labels, "label-skew@0.9", 10, seed=0)] == [s.tolist() for s in paper_shards]
+
+
+def test_a_dominant_share_of_one_over_k_mixes_every_client_evenly() -> None:
+    assert np.allclose(label_skew_proportions(10, 2, 0.5), 0.5)
+    assert np.allclose(label_skew_proportions(9, 3, 1 / 3), 1 / 3)
+
+
+def test_a_capped_label_skew_keeps_its_dominant_share() -> None:
+    labels = balanced_labels(3, 3000)
+    texts = tuple(str(i) for i in range(labels.size))
+    data = TextDataset(name="t", text_a=texts, text_b=None, labels=labels, label_names=("a", "b", "c"))
+    for shard in client_shards(data, "label-skew@0.6", 10, seed=0, samples_per_client=100)[:4]:
+        assert shard.size == 100
+        assert np.bincount(labels[shard], minlength=3).tolist() == [60, 20, 20]
+
+
 def test_label_skew_default_size_is_the_largest_that_exhausts_no_class() -> None:
     labels = np.array([0] * 600 + [1] * 2000)
     shards = split_label_skew(labels, 10, seed=0)
@@ -493,6 +530,9 @@ def test_make_shards_accepts_a_dataset_and_uses_its_class_count() -> None:
         ("dirichlet:0", 10, "alpha must be a positive number"),
         ("label-skew:ten", 10, "label-skew:N needs an integer"),
         ("label-skew:0", 10, "samples_per_client must be >= 1"),
+        ("label-skew@most", 10, "label-skew@SHARE needs the dominant class's share"),
+        ("label-skew@0.4", 10, r"must lie in \[1/2, 1\], got 0.4"),
+        ("label-skew@1.5:20", 10, r"must lie in \[1/2, 1\], got 1.5"),
         ("iid", 0, "num_clients must be >= 1"),
         ("iid", 2000, "cannot give 2000 clients"),
     ],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from tadlora.data import TextDataset, make_shards
+from tadlora.data.splits import parse_label_skew
 
 DEV_SUBSET_SEED = 12345  # the evaluation subset is fixed: the same for every client, cell, seed and node
 
@@ -14,8 +15,10 @@ def client_shards(
 ) -> list[np.ndarray]:
     """Each client's training-set indices: the split scheme, capped at ``samples_per_client``."""
     n = samples_per_client
-    if n is not None and split == "label-skew":
-        return make_shards(train, f"label-skew:{n}", num_clients, seed)  # keeps the skew's proportions
+    skew = parse_label_skew(split)
+    if n is not None and skew is not None and skew[1] is None:
+        # n from the skew itself, so that every client keeps the skew's proportions (a cap would not)
+        return make_shards(train, f"label-skew@{skew[0]!r}:{n}", num_clients, seed)
     shards = make_shards(train, split, num_clients, seed)
     if n is None:
         return shards

@@ -17,6 +17,7 @@ __all__ = [
     "SHARD_SCHEMES",
     "label_skew_proportions",
     "make_shards",
+    "parse_label_skew",
     "split_dirichlet",
     "split_iid",
     "split_label_skew",
@@ -24,7 +25,7 @@ __all__ = [
 
 Shards = list[npt.NDArray[np.int64]]
 
-SHARD_SCHEMES = ("iid", "label-skew", "label-skew:N", "dirichlet:ALPHA")
+SHARD_SCHEMES = ("iid", "label-skew", "label-skew:N", "label-skew@SHARE", "label-skew@SHARE:N", "dirichlet:ALPHA")
 DOMINANT_SHARE = 0.9  # the paper's label skew: a skewed client holds 90% of one class
 _DIRICHLET_ATTEMPTS = 100  # redraws before concluding min_samples cannot be met
 
@@ -99,22 +100,30 @@ def split_dirichlet(
     )
 
 
-def label_skew_proportions(num_clients: int, num_classes: int) -> npt.NDArray[np.float64]:
+def label_skew_proportions(
+    num_clients: int, num_classes: int, dominant_share: float = DOMINANT_SHARE
+) -> npt.NDArray[np.float64]:
     """The paper's label-skew class mix: shape ``(num_clients, num_classes)``, rows sum to 1.
 
-    The rule, for m clients and K classes:
-      - K = 2: the first round(0.3 m) clients hold [0.9, 0.1], the next round(0.3 m) hold
-        [0.1, 0.9], the rest [0.5, 0.5] (round half up; m = 10 gives the paper's 3/3/4).
+    The rule, for m clients, K classes and dominant share s (the paper's s = 0.9):
+      - K = 2: the first round(0.3 m) clients hold [s, 1 - s], the next round(0.3 m) hold
+        [1 - s, s], the rest [0.5, 0.5] (round half up; m = 10 gives the paper's 3/3/4).
       - K >= 3: clients form K consecutive groups, as even as possible with earlier groups
         taking the extras (m = 10, K = 3 gives the paper's 4/3/3 for MNLI); group c holds
-        0.9 of class c and 0.1 / (K - 1) of each other class.
+        s of class c and (1 - s) / (K - 1) of each other class.
+    s = 1/K is an even mix on every client; s must lie in [1/K, 1].
     """
     if num_clients < 1:
         raise ValueError(f"num_clients must be >= 1, got {num_clients}")
     if num_classes < 2:
         raise ValueError(f"label skew needs at least 2 classes, got {num_classes}")
+    if not (math.isfinite(dominant_share) and 1.0 / num_classes - 1e-12 <= dominant_share <= 1.0):
+        raise ValueError(
+            f"the dominant share of a label skew over {num_classes} classes must lie in "
+            f"[1/{num_classes}, 1], got {dominant_share}"
+        )
     # round() so that binary tasks get exactly 0.1, not 1 - 0.9 = 0.09999999999999998.
-    minor = round(1.0 - DOMINANT_SHARE, 12) / (num_classes - 1)
+    minor = round(1.0 - dominant_share, 12) / (num_classes - 1)
     if num_classes == 2:
         skewed = (3 * num_clients + 5) // 10  # round(0.3 m) half up, in exact integers
         dominant = [0] * skewed + [1] * skewed + [-1] * (num_clients - 2 * skewed)
@@ -126,7 +135,7 @@ def label_skew_proportions(num_clients: int, num_classes: int) -> npt.NDArray[np
         if c < 0:
             props[client] = 1.0 / num_classes
         else:
-            props[client, c] = DOMINANT_SHARE
+            props[client, c] = dominant_share
     return props
 
 
@@ -165,9 +174,11 @@ def split_label_skew(
     seed: int,
     samples_per_client: int | None = None,
     num_classes: int | None = None,
+    dominant_share: float = DOMINANT_SHARE,
 ) -> Shards:
     """Give every client n samples, drawn without replacement in the class mix of
-    `label_skew_proportions` (largest-remainder rounding: each class count within 1 of exact).
+    `label_skew_proportions` with ``dominant_share`` (largest-remainder rounding: each class count
+    within 1 of exact).
 
     ``n`` defaults to the largest value, at most ``len(labels) // num_clients``, that exhausts
     no class; ``num_classes`` defaults to ``max(labels) + 1``. The shards need not cover the
@@ -178,7 +189,7 @@ def split_label_skew(
     k = int(y.max()) + 1 if num_classes is None else num_classes
     if y.max() >= k:
         raise ValueError(f"labels reach {y.max()} but num_classes is {k}")
-    props = label_skew_proportions(num_clients, k)
+    props = label_skew_proportions(num_clients, k, dominant_share)
     pools = np.bincount(y, minlength=k)
     upper = y.shape[0] // num_clients
     if samples_per_client is None:
@@ -207,6 +218,30 @@ def split_label_skew(
     return _finish(parts)
 
 
+def parse_label_skew(scheme: str) -> tuple[float, int | None] | None:
+    """``(dominant share, samples per client or None)`` of a ``label-skew[@SHARE][:N]`` scheme; None for a
+    scheme of another kind. Raises ``ValueError`` for a malformed label-skew scheme."""
+    head, sep, arg = scheme.strip().lower().partition(":")
+    kind, at, share_text = head.partition("@")
+    if kind != "label-skew":
+        return None
+    share = DOMINANT_SHARE
+    if at:
+        try:
+            share = float(share_text)
+        except ValueError:
+            raise ValueError(
+                f"shard scheme {scheme!r}: label-skew@SHARE needs the dominant class's share, e.g. label-skew@0.7"
+            ) from None
+    per_client = None
+    if sep:
+        try:
+            per_client = int(arg)
+        except ValueError:
+            raise ValueError(f"shard scheme {scheme!r}: label-skew:N needs an integer N samples per client") from None
+    return share, per_client
+
+
 def make_shards(
     dataset_or_labels: TextDataset | npt.ArrayLike,
     scheme: str,
@@ -215,27 +250,22 @@ def make_shards(
 ) -> Shards:
     """Partition a dataset (or its label array) for ``num_clients`` clients by a scheme string.
 
-    Schemes: ``iid``; ``label-skew`` (the paper's split, `split_label_skew`) or
-    ``label-skew:N`` for N samples per client; ``dirichlet:ALPHA``. Raises ``ValueError`` for
-    an unknown or malformed scheme (or one the data cannot satisfy).
+    Schemes: ``iid``; ``label-skew`` (the paper's split, `split_label_skew`), with ``@SHARE`` for
+    another dominant share than the paper's 0.9 and ``:N`` for N samples per client (``label-skew:500``,
+    ``label-skew@0.7``, ``label-skew@0.7:500``); ``dirichlet:ALPHA``. Raises ``ValueError`` for an
+    unknown or malformed scheme (or one the data cannot satisfy).
     """
     if isinstance(dataset_or_labels, TextDataset):
         labels, num_classes = dataset_or_labels.labels, dataset_or_labels.num_classes
     else:
         labels, num_classes = _labels(dataset_or_labels), None
+    skew = parse_label_skew(scheme)
+    if skew is not None:
+        share, per_client = skew
+        return split_label_skew(labels, num_clients, seed, per_client, num_classes, share)
     kind, sep, arg = scheme.strip().lower().partition(":")
     if kind == "iid" and not sep:
         return split_iid(labels, num_clients, seed)
-    if kind == "label-skew":
-        per_client = None
-        if sep:
-            try:
-                per_client = int(arg)
-            except ValueError:
-                raise ValueError(
-                    f"shard scheme {scheme!r}: label-skew:N needs an integer N samples per client"
-                ) from None
-        return split_label_skew(labels, num_clients, seed, per_client, num_classes)
     if kind == "dirichlet":
         try:
             alpha = float(arg)

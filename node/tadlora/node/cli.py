@@ -78,7 +78,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--model", default="minilm", help="minilm (packaged, offline), tiny, HF model id or local path")
     t.add_argument("--dataset", default="builtin:sst2-small", help="builtin:sst2-small, glue:TASK, file, hub:NAME")
-    t.add_argument("--split", default="label-skew", help="label-skew, iid or dirichlet:ALPHA")
+    t.add_argument("--split", default="label-skew",
+                   help="label-skew (the paper's: 0.9 of one class), label-skew@SHARE (another dominant share), "
+                   "iid or dirichlet:ALPHA")  # fmt: skip
     t.add_argument("--shard", type=int, default=0, help="this node's shard index (0-based)")
     t.add_argument("--num-shards", type=int, default=1, help="number of shards (= nodes in the cluster)")
     t.add_argument("--samples-per-client", type=int, help="cap on this node's training examples")
