@@ -6,6 +6,7 @@ Everything runs on 127.0.0.1 (mDNS too) with the tiny model; a real node in this
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 from pathlib import Path
@@ -16,7 +17,7 @@ from tadlora.node.cli import main
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.doctor import compare_peer
-from tadlora.node.hostcheck import multicast_route_interfaces
+from tadlora.node.hostcheck import check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
 from test_daemon import cluster_name, node_config
@@ -76,7 +77,7 @@ async def test_a_ready_host_with_a_matching_peer_is_all_ok(tmp_path, capsys) -> 
     assert not not_ok, not_ok
     assert by_name(doc)["tls"]["status"] == "WARN"  # --insecure is allowed, but said out loud
     checks = by_name(doc)
-    for name in ("interfaces", "mdns", "listen", "device", "out", "dataset", "model"):
+    for name in ("interfaces", "mdns", "listen", "device", "precision", "out", "dataset", "model"):
         assert name in checks
     assert "no GPU: training on CPU" in checks["device"]["detail"] or "GPU" in checks["device"]["detail"]
     assert node.fingerprint in checks["model"]["detail"]
@@ -123,6 +124,18 @@ async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> 
     for check in ours:
         assert f"fingerprint {node.fingerprint} differs" in check["detail"] and "will not mix" in check["detail"]
         assert "--seed" in check["fix"] and "--model" in check["fix"]
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_a_warn_with_the_fix(tmp_path) -> None:
+    avx2_only = "processor\t: 0\nflags\t\t: fpu avx avx2\n"
+    default = peer(tmp_path, device="cpu")
+    bf16 = dataclasses.replace(default, train=dataclasses.replace(default.train, precision="bf16"))
+    slow = check_precision(bf16, avx2_only)
+    assert slow.status == "WARN" and "slower than fp32" in slow.detail and "--precision auto" in slow.fix
+    fine = check_precision(bf16, "flags\t: avx2 amx_bf16\n")
+    assert fine.status == "OK" and "native bf16" in fine.detail
+    default = check_precision(default, avx2_only)
+    assert default.status == "OK" and "fp32 on cpu" in default.detail
 
 
 def test_bad_flags_exit_2(capsys) -> None:

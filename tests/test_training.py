@@ -23,7 +23,9 @@ from tadlora.training import (
     Interrupted,
     TrainSpec,
     autocast,
+    cpu_has_bf16,
     local_steps,
+    precision_warning,
     round_batches,
     seeded_rng,
 )
@@ -95,6 +97,24 @@ def test_precision_bf16_autocasts_on_the_cpu_and_auto_does_only_on_cuda() -> Non
             assert layer(x).dtype == torch.float32
     with pytest.raises(ValueError, match="precision"):
         TrainSpec(precision="fp16")
+
+
+AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
+WITH_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+
+
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about_and_nothing_else_is() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert cpu_has_bf16(AVX2_ONLY) is False
+    assert cpu_has_bf16(WITH_BF16) is True
+    assert cpu_has_bf16("processor\t: 0\n") is None  # no flags line: cannot tell, so no warning
+    warning = precision_warning("bf16", cpu, AVX2_ONLY)
+    assert warning is not None and "--precision auto" in warning and "avx512_bf16" in warning
+    assert precision_warning("bf16", cpu, WITH_BF16) is None
+    assert precision_warning("bf16", cpu, "") is None
+    for precision in ("auto", "fp32"):
+        assert precision_warning(precision, cpu, AVX2_ONLY) is None
+    assert precision_warning("bf16", cuda, AVX2_ONLY) is None  # the GPU's bf16 does not depend on the CPU's
 
 
 def test_bf16_local_steps_keep_fp32_factors_and_stay_close_to_fp32(tiny_shards) -> None:

@@ -57,7 +57,7 @@ from tadlora.node.rpc import (
 )
 from tadlora.node.tls import TlsMaterial
 from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
-from tadlora.training import Encoded, Interrupted, OptimizerState, encode, evaluate, local_steps
+from tadlora.training import Encoded, Interrupted, OptimizerState, encode, evaluate, local_steps, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
 log = logging.getLogger("tadlora.node")
@@ -223,6 +223,9 @@ class Node:
         dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
         spec = ModelSpec(model=cfg.model, label_names=train.label_names, lora=cfg.lora, seed=cfg.seed)
         self._model = AdapterModel(spec, device=resolve_device(cfg.device))
+        slow = precision_warning(cfg.train.precision, self._model.device)
+        if slow:
+            log.warning("%s", slow)
         shard = client_shards(train, cfg.split, cfg.num_shards, cfg.seed, cfg.samples_per_client)[cfg.shard]
         self._shard = encode(self._model.tokenizer, train.subset(shard), cfg.train.max_length)
         self._dev = encode(self._model.tokenizer, dev, cfg.train.max_length)

@@ -29,6 +29,7 @@ from tadlora.node.hostcheck import (
     check_listen,
     check_mdns_interface,
     check_out,
+    check_precision,
     check_training,
 )
 
@@ -201,6 +202,7 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
     try:
         checks.append(await asyncio.to_thread(check_listen, cfg))
         checks.append(await asyncio.to_thread(check_device, cfg))
+        checks.append(await asyncio.to_thread(check_precision, cfg))
         training, fingerprint = await asyncio.to_thread(check_training, cfg)
         checks.append(await asyncio.to_thread(check_out, cfg, fingerprint))
         checks += training

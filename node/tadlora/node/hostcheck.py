@@ -217,6 +217,30 @@ def check_device(cfg: NodeConfig) -> Check:
     return Check("device", "OK", f"no GPU: training on CPU ({build})")
 
 
+def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
+    """--precision against what the device runs fast (bf16 autocast on a CPU without native bf16 is a WARN)."""
+    from tadlora.adapter import resolve_device
+    from tadlora.training import cpu_has_bf16, precision_warning
+
+    precision = cfg.train.precision
+    try:
+        device = resolve_device(cfg.device)
+    except (RuntimeError, ValueError) as exc:
+        return Check("precision", "WARN", f"--precision {precision}: device unknown ({exc})", "see the 'device' check")
+    slow = precision_warning(precision, device, cpuinfo)
+    if slow:
+        return Check("precision", "WARN", slow, "--precision auto (fp32 on the CPU, bf16 autocast on CUDA)")
+    note = ""
+    if device.type == "cuda":
+        runs = "fp32" if precision == "fp32" else "bf16 autocast"
+    else:
+        runs = "bf16 autocast" if precision == "bf16" else "fp32"
+        native = cpu_has_bf16(cpuinfo)
+        if native is not None:
+            note = "; the CPU has native bf16" if native else "; the CPU has no native bf16"
+    return Check("precision", "OK", f"--precision {precision}: {runs} on {device}{note}")
+
+
 def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
     """--out is writable and, if it holds a run, a run of this model."""
     from tadlora.node import state

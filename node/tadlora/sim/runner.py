@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -33,10 +34,11 @@ from tadlora.data import TextDataset, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import Cell, SimConfig
 from tadlora.sim.engine import ClientEngine, make_engine
-from tadlora.training import Encoded, encode
+from tadlora.training import Encoded, encode, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
 RoundRecord = dict[str, Any]
+log = logging.getLogger("tadlora.sim")
 
 
 def mix_round(
@@ -178,6 +180,9 @@ class Simulator:
         self.share_from = [Path(d) for d in share_from]
         self._noted: set[Path] = set()  # share_from directories already reported as of other settings
         self.device = resolve_device(config.device)
+        slow = precision_warning(config.train.precision, self.device)
+        if slow:
+            log.warning("%s", slow)
         self.quiet = quiet
         self._models: dict[int, AdapterModel] = {}
         self._data: PreparedData | None = None
