@@ -168,6 +168,8 @@ def precision_warning(precision: str, device: torch.device, cpuinfo: str | None 
         "--precision bf16 on a CPU without native bf16 (no " + " or ".join(CPU_BF16_FLAGS) + " flag): bf16 autocast "
         "is emulated there and runs many times slower than fp32 (15x measured); use --precision auto or fp32"
     )
+
+
 OPTIMIZERS = ("adamw", "sgd")
 OPTIMIZER_STATES = ("fresh", "persistent")
 

@@ -105,8 +105,8 @@ class Node:
         self._model: AdapterModel | None = None
         self._shard: Encoded | None = None
         self._dev: Encoded | None = None
-        # With --optimizer-state persistent: this node's AdamW state, touched only in the worker thread (local
-        # steps, checkpoint writes) and replaced, never mutated, from the loop (catch-up).
+        # With --optimizer-state persistent: this node's AdamW state as of the last completed round; replaced,
+        # never mutated, from the loop (a completed round, a catch-up), read in the worker (local steps, checkpoints).
         self._opt_state: OptimizerState = {}
         self._stop = asyncio.Event()
         self._stop_training = threading.Event()
@@ -456,16 +456,14 @@ class Node:
         if not far and not rounds.gap_seen:
             return
         rounds.gap_seen = False
-        infos = []
-        for peer in list(self._peers.peers.values()):
-            try:
-                infos.append((await peer.conn.handshake(self.local_info(), timeout=5.0), peer))
-            except (ExchangeRefused, PeerUnavailable):
-                continue
+        # All at once: one by one, every peer that is cut off from us would hold the round loop for a full
+        # handshake timeout, and a node that is itself cut off would stall instead of training alone.
+        peers = list(self._peers.peers.items())
+        answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
         leaders = [
             (info, peer)
-            for info, peer in infos
-            if abs(info.round - rounds.t) >= 2 and info.last_mixed_round >= rounds.last_mixed + 2
+            for info, (_, peer) in zip(answers, peers, strict=True)
+            if info is not None and abs(info.round - rounds.t) >= 2 and info.last_mixed_round >= rounds.last_mixed + 2
         ]
         if not leaders:
             return
@@ -496,22 +494,26 @@ class Node:
             peers = overlay_neighbours(self.node_id, peers, cfg.max_neighbors)
         return frozenset(p for p in peers if link_up(cfg.seed, t, self.node_id, p, cfg.link_prob))
 
-    def _train(self, t: int) -> tuple[float, Factors]:
-        """Worker thread: local steps from the current factors; returns the loss and the snapshot."""
+    def _train(self, t: int) -> tuple[float, Factors, OptimizerState]:
+        """Worker thread: local steps from the current factors; returns the loss, the snapshot and the optimizer
+        state after the steps (a new dict: the node's own is replaced only when the round completes)."""
         assert self._model is not None and self._shard is not None  # noqa: S101
         self._model.load_factors(self.rounds.factors)
+        # A copy, so that a round interrupted in its exchange leaves no trace: the checkpoint then pairs the
+        # factors the round started from with the moments they had (local_steps replaces entries, never edits).
+        opt_state = dict(self._opt_state)
         loss = local_steps(
             self._model, self._shard, self.method.trained(t), self.config.train, self.config.seed,
-            self.config.shard, t, stop=self._stop_training, state=self._opt_state,
+            self.config.shard, t, stop=self._stop_training, state=opt_state,
         )  # fmt: skip
-        return loss, self._model.factors()
+        return loss, self._model.factors(), opt_state
 
     async def _run_round(self, t: int) -> None:
         cfg = self.config
         started = time.monotonic()
         self._state = "training"
         self.metrics.round.set(t)
-        loss, snapshot = await self._in_worker(self._train, t)
+        loss, snapshot, opt_state = await self._in_worker(self._train, t)
         neighbours = self._round_neighbours(t)
         cur = await self.rounds.open(snapshot, neighbours)
         self._state = "exchanging"
@@ -556,6 +558,7 @@ class Node:
         )  # fmt: skip
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
         await self.rounds.advance(mixed)
+        self._opt_state = opt_state
         self._rounds_done = t + 1
         self._last_loss = loss
         record = self._record(t, cur, weights.self_weight, loss, started)
@@ -586,7 +589,7 @@ class Node:
     async def _check_alive(self, j: str, t: int) -> None:
         assert self._peers is not None  # noqa: S101
         try:
-            await self._peers.check_alive(j, f"missed round {t}")
+            await self._peers.probe(j, f"missed round {t}")
         finally:
             self._probing.discard(j)
 

@@ -204,19 +204,21 @@ class PeerManager:
         log.info("peer %s verified at %s (%s)", info.node_id, info.address, source)
         self._on_change()
 
-    async def check_alive(self, node_id: str, why: str) -> None:
-        """Drop ``node_id`` if it no longer answers a handshake (``why``: what made us ask). Only the failed
-        caller of an exchange sees a dead peer fail; its callee needs this to stop waiting for it each round."""
+    async def probe(self, node_id: str, why: str) -> PeerInfo | None:
+        """Handshake with peer ``node_id``; its answer, or None. A peer that does not answer is dropped (``why``:
+        what made us ask). Only the failed caller of an exchange sees a dead peer fail; its callee, or a node
+        that was itself cut off, learns it here and stops waiting for the peer each round."""
         peer = self.peers.get(node_id)
         if peer is None:
-            return
+            return None
         try:
-            await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
+            return await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
         except ExchangeRefused:
-            return  # it answers, so it is alive
+            return None  # it answers, so it is alive, but will not tell us its state now
         except PeerUnavailable as exc:
             if self.peers.get(node_id) is peer:  # not replaced (e.g. restarted elsewhere) meanwhile
                 await self.drop(node_id, f"{why} and does not answer ({exc})")
+            return None
 
     async def drop(self, node_id: str, why: str) -> None:
         """Forget a peer (it left or failed); a failed one is retried with backoff."""
