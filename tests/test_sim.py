@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import logging
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safetensors.torch import load_file
 from conftest import TINY_TRAIN
 from tadlora.core.methods import make_method
 from tadlora.core.topology import make_topology
-from tadlora.sim.cli import main
+from tadlora.sim.cli import build_parser, main
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
 from tadlora.sim.runner import Progress, Simulator, simulate
@@ -260,3 +261,17 @@ def test_progress_estimates_the_time_left_in_a_cell_from_the_rounds_run_here() -
     assert len(lines) == 2
     assert "round 10/100" in lines[0] and "acc 0.700±0.100" in lines[0] and "(100s, cell done in ~15m)" in lines[0]
     assert "[2/2]" in lines[1] and "round 70/100" in lines[1] and "(400s, cell done in ~15m)" in lines[1]
+
+
+def test_an_unsized_preset_says_so_in_help_and_when_a_run_starts(tmp_path, capsys, caplog) -> None:
+    assert "cpu-mnli is not sized" in " ".join(build_parser().format_help().split())
+    # Refused right after the warning (nothing to share from), so that no MiniLM is loaded here.
+    argv = ["--preset", "cpu-mnli", "--out", str(tmp_path / "run"), "--share-from", str(tmp_path / "nothing")]
+    with caplog.at_level(logging.WARNING, logger="tadlora.sim"):
+        assert main(argv) == 2
+    assert "no simulator run there" in capsys.readouterr().err
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "tadlora.sim"]
+    assert warning.startswith("preset cpu-mnli is not sized") and "paper-mnli on a GPU" in warning
+    caplog.clear()
+    assert main(["--preset", "cpu-sst2", *argv[2:]]) == 2  # a sized preset runs without it
+    assert not [r for r in caplog.records if r.name == "tadlora.sim"]

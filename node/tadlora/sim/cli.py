@@ -20,7 +20,7 @@ from typing import Any
 
 from tadlora.cliutil import apply_env_defaults, csv_list, int_or_auto, join
 from tadlora.core.methods import method_names
-from tadlora.sim.config import ENGINES, PRESETS, SimConfig, config_from_json, override, preset
+from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS
 
 
@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tadlora-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", help=f"start from a named preset: {join(sorted(PRESETS))}")
+    caveats = "".join(f"; {name} is {note}" for name, note in sorted(PRESET_CAVEATS.items()))
+    parser.add_argument("--preset", help=f"start from a named preset: {join(sorted(PRESETS))}{caveats}")
     parser.add_argument("--config", type=Path, help="JSON file of SimConfig settings applied on top of the preset")
     parser.add_argument("--out", type=Path, required=True, help="output directory (created; resumed if it exists)")
     parser.add_argument("--methods", type=csv_list(str), help=f"comma list of: {join(method_names())}")
@@ -114,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         config = config_from_args(args)
+        if args.preset in PRESET_CAVEATS and not args.report_only:
+            logging.getLogger("tadlora.sim").warning("preset %s is %s", args.preset, PRESET_CAVEATS[args.preset])
         from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
 
         results = Simulator(config, args.out, quiet=args.quiet, share_from=args.share_from).run(

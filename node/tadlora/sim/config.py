@@ -212,6 +212,15 @@ _CPU_MNLI = dataclasses.replace(
 
 PRESETS: dict[str, SimConfig] = {c.name: c for c in (_SMOKE, _PAPER_MNLI, _CPU_SST2, _CPU_MNLI)}
 
+# What a user must know before spending hours on a preset (shown in --help and warned at the start of a run).
+PRESET_CAVEATS: dict[str, str] = {
+    "cpu-mnli": (
+        "not sized: with the paper's label skew, MiniLM's clients stay at chance (about 0.33) on every CPU budget "
+        "measured, up to 300 rounds, so its cells do not separate the methods (docs/simulator.md, MNLI); "
+        "the MNLI column needs paper-mnli on a GPU"
+    ),
+}
+
 
 def preset(name: str) -> SimConfig:
     """The named preset (ValueError listing the known ones otherwise)."""
