@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tadlora.cliutil import csv_list
 from tadlora.fsutil import atomic_write_json
-from tadlora.sim.config import PRESETS, preset
+from tadlora.sim.config import PRESET_CAVEATS, PRESETS, preset
 from tadlora.sim.paper import markdown, paper_grids
 from tadlora.sim.runner import Simulator
 
@@ -50,6 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     base = preset(args.preset)
+    if args.preset in PRESET_CAVEATS and not args.report_only:
+        print(f"paper_table: warning: preset {args.preset} is {PRESET_CAVEATS[args.preset]}", file=sys.stderr)
     if args.seeds:
         base = dataclasses.replace(base, seeds=tuple(args.seeds))
     if args.rounds:
