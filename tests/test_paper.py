@@ -67,6 +67,20 @@ def test_claims_not_reproduced_when_tad_trails_or_best_t_shrinks() -> None:
     assert statuses(grid, sweep) == ["not reproduced", "not reproduced", "not reproduced"]
 
 
+def test_best_t_grows_only_when_the_spread_cannot_have_ordered_the_two_best() -> None:
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    # The best T is 2 at p = 0.5 and 10 at p = 0.02, but T = 1 at p = 0.02 is only 0.02 behind its best (< 0.05).
+    high = [row("tad", 0.5, t, 0.9 if t == 2 else 0.7) for t in SWEEP_INTERVALS]
+    low = [row("tad", 0.02, t, {10: 0.9, 1: 0.88}.get(t, 0.7)) for t in SWEEP_INTERVALS]
+    claim = claims(entries(grid), entries(high + low), [0.5, 0.02])[2]
+    assert claim.status == "not reproduced" and "not told apart" in claim.detail, claim.detail
+    assert "T within the spread of it: [1, 10]" in claim.detail
+    low[0] = row("tad", 0.02, 1, 0.7)  # now T = 10 is the only contender at p = 0.02, above every one at p = 0.5
+    assert claims(entries(grid), entries(high + low), [0.5, 0.02])[2].status == "reproduced"
+    shrinks = claims(entries(grid), entries(sweep_rows(0.5, 10) + sweep_rows(0.02, 2)), [0.5, 0.02])[2]
+    assert shrinks.status == "not reproduced" and shrinks.detail.endswith("→ it shrinks")
+
+
 def test_the_spread_is_over_seeds_once_there_are_two() -> None:
     # A 0.03 lead: inside a client spread of 0.05, outside a seed spread of 0.01.
     one = method_rows(0.5, tad=0.8, others=0.8) + method_rows(0.02, tad=0.73, others=0.70)
