@@ -26,13 +26,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse
 import dataclasses
+import json
 import sys
 from pathlib import Path
 
 from tadlora.cliutil import csv_list
 from tadlora.fsutil import atomic_write_json
 from tadlora.sim.config import PRESET_CAVEATS, PRESETS, preset
-from tadlora.sim.paper import markdown, paper_grids
+from tadlora.sim.paper import checkpoint_progress, markdown, paper_grids
 from tadlora.sim.runner import Simulator
 
 HERE = Path(__file__).resolve().parent
@@ -71,7 +72,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"paper_table: error: {exc}", file=sys.stderr)
             return 2
 
-    text, verdict = markdown(results["methods"], results["T-sweep"], f"{args.preset}: the paper's table")
+    # Unfinished cells with a checkpoint (a grid still running, here or in another process): where each stands.
+    in_progress = {
+        path.name.removesuffix(".partial.json"): checkpoint_progress(json.loads(path.read_text(encoding="utf-8")))
+        for _config, grid_out in grids.values()
+        for path in sorted((grid_out / "cells").glob("*.partial.json"))
+    }
+    title = f"{args.preset}: the paper's table"
+    text, verdict = markdown(results["methods"], results["T-sweep"], title, in_progress)
     (out / "table.md").write_text(text, encoding="utf-8")
     atomic_write_json(
         out / "table.json",
@@ -81,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             "claims": [dataclasses.asdict(c) for c in verdict],
             "summary": {name: r["summary"] for name, r in results.items()},
             "missing_cells": {name: r["missing_cells"] for name, r in results.items()},
+            "in_progress": in_progress,
         },
     )
     print(text)

@@ -127,6 +127,19 @@ def test_the_summary_has_final_accuracy_spreads_and_the_area_under_the_curve() -
     assert entries([only])[("tad", 0.02, 12)].curve == pytest.approx(0.75)
 
 
+def test_a_checkpointed_cell_is_reported_with_its_rounds_and_last_evaluation() -> None:
+    from tadlora.sim.paper import checkpoint_progress
+
+    records = [{"round": r, "train_loss": 1.0} for r in range(20)]
+    records[9] |= {"acc_mean": 0.61, "acc_std": 0.05}
+    records[19] |= {"acc_mean": 0.72, "acc_std": 0.04}
+    where = checkpoint_progress({"records": records, "seconds": 1200.0})
+    last = {"round": 20, "acc_mean": 0.72, "acc_std": 0.04}
+    assert where == {"rounds_done": 20, "last_eval": last, "seconds": 1200.0}
+    assert checkpoint_progress({"records": records[:5]})["last_eval"] is None
+    assert checkpoint_progress({"records": []})["rounds_done"] == 0
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
@@ -153,11 +166,21 @@ def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
     tad5 = json.loads((out / "T-sweep" / "cells" / "tad__er__p0.5__T5__s0.json").read_text())
     assert tad5["same_as"] == adf["key"] and tad5["rounds"] == adf["rounds"] and tad5["method"] == "tad"
 
-    # A lost cell is rerun; --report-only runs nothing and reports it missing.
-    (out / "methods" / "cells" / "lora__er__p0.5__T-__s0.json").unlink()
+    # A lost cell is rerun; --report-only runs nothing and reports it missing, and where its checkpoint stands
+    # (the checkpoint's records here are the lost cell's first round, as the runner writes them).
+    lora = out / "methods" / "cells" / "lora__er__p0.5__T-__s0.json"
+    first_round = json.loads(lora.read_text())["rounds"][:1]
+    lora.unlink()
+    partial = out / "methods" / "cells" / "lora__er__p0.5__T-__s0.partial.json"
+    partial.write_text(json.dumps({"records": first_round, "seconds": 1.5}))
     stamps = {p: p.stat().st_mtime_ns for p in (out / "methods" / "cells").glob("*.json")}
     run_script("--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet", "--report-only")
-    assert json.loads((out / "table.json").read_text())["missing_cells"]["methods"] == ["lora__er__p0.5__T-__s0"]
+    table = json.loads((out / "table.json").read_text())
+    assert table["missing_cells"]["methods"] == ["lora__er__p0.5__T-__s0"]
+    assert table["in_progress"]["lora__er__p0.5__T-__s0"]["rounds_done"] == 1
+    assert "* `lora__er__p0.5__T-__s0`: 1 of 2 rounds" in (out / "table.md").read_text()
+    partial.unlink()  # no checkpoint to resume from: the cell reruns from the start
+    del stamps[partial]
     run_script("--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet")
     assert json.loads((out / "table.json").read_text())["missing_cells"]["methods"] == []
     assert all(p.stat().st_mtime_ns == ns for p, ns in stamps.items())  # the others were not rerun

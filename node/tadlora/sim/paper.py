@@ -189,8 +189,27 @@ def distinct_computations(keys: Sequence[str]) -> int:
     return len(seen)
 
 
-def markdown(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], title: str) -> tuple[str, list[Claim]]:
-    """The Markdown table (methods × p, then T × p) and the claims, from the two grids' results.json."""
+def checkpoint_progress(partial: Mapping[str, Any]) -> dict[str, Any]:
+    """Where an unfinished cell stands, from its checkpoint's ``KEY.partial.json``: the rounds it holds, and its
+    last evaluation (round counted from 1, accuracy mean and std over clients) when it has had one."""
+    records = partial.get("records", [])
+    done = max((int(r["round"]) + 1 for r in records), default=0)
+    evals = [r for r in records if r.get("acc_mean") is not None]
+    last = None
+    if evals:
+        r = evals[-1]
+        last = {"round": int(r["round"]) + 1, "acc_mean": r["acc_mean"], "acc_std": r.get("acc_std", 0.0)}
+    return {"rounds_done": done, "last_eval": last, "seconds": partial.get("seconds")}
+
+
+def markdown(
+    grid_results: Mapping[str, Any],
+    sweep_results: Mapping[str, Any],
+    title: str,
+    in_progress: Mapping[str, Mapping[str, Any]] | None = None,
+) -> tuple[str, list[Claim]]:
+    """The Markdown table (methods × p, then T × p) and the claims, from the two grids' results.json;
+    ``in_progress`` (cell key → `checkpoint_progress`) lists the unfinished cells that have a checkpoint."""
     grid, sweep = entries(grid_results["summary"]), entries(sweep_results["summary"])
     link_probs = sorted(grid_results["config"]["link_probs"], reverse=True)
     rounds = grid_results["config"]["rounds"]
@@ -232,4 +251,11 @@ def markdown(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], 
     if missing:
         distinct = distinct_computations(missing)
         lines += ["", f"{len(missing)} cells not finished yet: {distinct} distinct runs (the others are copies)."]
+    if in_progress:
+        rounds_total = grid_results["config"]["rounds"]
+        lines += ["", "Checkpointed, not finished (the command that started them resumes them):", ""]
+        for key, where in sorted(in_progress.items()):
+            last = where["last_eval"]
+            seen = "" if last is None else f"; at round {last['round']}: {last['acc_mean']:.3f} ± {last['acc_std']:.3f}"
+            lines.append(f"* `{key}`: {where['rounds_done']} of {rounds_total} rounds{seen}")
     return "\n".join(lines) + "\n", verdict
