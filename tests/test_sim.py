@@ -9,7 +9,8 @@ import logging
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from conftest import TINY_TRAIN
 from tadlora.core.methods import make_method
@@ -80,10 +81,13 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_
     ckpt = sim.cells_dir / f"{cell.key}.ckpt.safetensors"
     assert ckpt.exists()
     assert any(k.startswith("opt/") for k in load_file(str(ckpt))) == (state == "persistent")
-    partial = sim.cells_dir / f"{cell.key}.partial.json"
-    saved = json.loads(partial.read_text())
-    assert saved["seconds"] > 0
-    partial.write_text(json.dumps({**saved, "seconds": 1000.0}))  # as if the first process had run for long
+    partial = sim.cells_dir / f"{cell.key}.partial.json"  # a readable copy of the records the checkpoint carries
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata()
+    copy = {"records": json.loads(meta["records"]), "seconds": float(meta["seconds"])}
+    assert json.loads(partial.read_text()) == copy
+    assert float(meta["seconds"]) > 0 and meta["round"] == "2"
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={**meta, "seconds": "1000.0"})  # as if it had run for long
     resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
     assert 1000.0 < resumed["seconds"] < 1000.0 + 300  # the cell's cost counts both processes
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
@@ -94,6 +98,65 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_
             else:
                 assert got[field] == pytest.approx(want[field], rel=1e-6, abs=1e-12), field
     assert not (sim.cells_dir / f"{cell.key}.ckpt.safetensors").exists()
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_a_process_killed_between_checkpoint_and_records_resumes_from_the_checkpoint_s_own_records(tmp_path) -> None:
+    # lora with persistent AdamW: every round after the checkpoint depends on the state saved in it.
+    config = smoke_config(methods=["lora"], rounds=6, checkpoint_every=2, train={"optimizer_state": "persistent"})
+    cell = next(config.cells())
+    reference = Simulator(config, tmp_path / "ref", quiet=True).run_cell(cell)
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    partial = sim.cells_dir / f"{cell.key}.partial.json"
+    older: dict[str, str] = {}
+
+    def keep_round_2_records_then_stop(t: int, _record: dict) -> None:
+        if t == 3:  # the round-4 checkpoint is written after this call; the round-2 one is on disk
+            older["text"] = partial.read_text()
+        if t == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        sim.run_cell(cell, keep_round_2_records_then_stop)
+    # As if the process had died after writing the round-4 checkpoint and before rewriting the records file.
+    partial.write_text(older["text"])
+    resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
+    assert [r["round"] for r in resumed["rounds"]] == list(range(6))
+    for got, want in zip(resumed["rounds"], reference["rounds"], strict=True):
+        assert got["train_loss"] == pytest.approx(want["train_loss"], rel=1e-6), got["round"]
+    assert resumed["final"]["acc_mean"] == pytest.approx(reference["final"]["acc_mean"])
+
+
+def test_a_checkpoint_without_its_records_is_refused_when_its_records_file_is_behind(tmp_path) -> None:
+    config = smoke_config(methods=["lora"], rounds=6, checkpoint_every=2)
+    cell = next(config.cells())
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    ckpt, partial = (sim.cells_dir / f"{cell.key}.{ext}" for ext in ("ckpt.safetensors", "partial.json"))
+    older: dict[str, str] = {}
+
+    def keep_round_2_records_then_stop(t: int, _record: dict) -> None:
+        if t == 3:
+            older["text"] = partial.read_text()
+        if t == 4:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        sim.run_cell(cell, keep_round_2_records_then_stop)
+    # A checkpoint in the format written before records travelled inside it, with records two rounds behind it.
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"round": "4"})
+    partial.write_text(older["text"])
+    with pytest.raises(ValueError, match=r"holds round 4 but .* ends at round 2 .*delete both files"):
+        Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
+    # With matching records (how such checkpoints were always written) it resumes.
+    records = json.loads(older["text"])["records"]
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"round": str(len(records))})
+    resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
+    assert [r["round"] for r in resumed["rounds"]] == list(range(6))
 
 
 def test_a_finished_run_is_not_recomputed_and_a_changed_config_is_refused(tmp_path) -> None:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file, save
+from safetensors import safe_open
+from safetensors.torch import save
 
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
 from tadlora.core.diagnostics import diagnose
@@ -162,6 +163,31 @@ def _duration(seconds: float) -> str:
     if seconds < 5400:
         return f"{seconds / 60:.0f}m"
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
+
+
+def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
+    """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
+
+    A checkpoint carries its records in its metadata. One written before it did has them in ``partial`` beside it;
+    without that file it is ignored (the cell restarts), and if the two disagree on the round (the process died
+    between writing them) the cell cannot resume consistently: ValueError, naming the files to delete.
+    """
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the handle is not a mapping)
+    if "records" in meta:
+        return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0"))
+    if not partial.exists():
+        log.warning("%s has no records beside it: its cell starts over", ckpt)
+        return None
+    saved = json.loads(partial.read_text(encoding="utf-8"))
+    records = saved["records"]
+    if "round" in meta and int(meta["round"]) != len(records):
+        raise ValueError(
+            f"{ckpt} holds round {meta['round']} but {partial.name} ends at round {len(records)} (the process was "
+            "stopped between writing them): delete both files to run this cell from the start"
+        )
+    return tensors, records, float(saved.get("seconds", 0.0))
 
 
 class Simulator:
@@ -311,10 +337,9 @@ class Simulator:
         ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
         records: list[RoundRecord] = []
         earlier = 0.0  # s the checkpointed rounds took in earlier processes
-        if ckpt.exists() and partial.exists():
-            saved = json.loads(partial.read_text(encoding="utf-8"))
-            records, earlier = saved["records"], float(saved.get("seconds", 0.0))
-            tensors = load_file(str(ckpt))
+        resume = _read_checkpoint(ckpt, partial) if ckpt.exists() else None
+        if resume is not None:
+            tensors, records, earlier = resume
             for i in range(cfg.num_clients):
                 engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
                 opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}/{i}/")}
@@ -334,8 +359,14 @@ class Simulator:
                 for i in range(cfg.num_clients):
                     state.update({f"{OPT_PREFIX}/{i}/{k}": v.contiguous()
                                   for k, v in engine.get_optimizer_state(i).items()})  # fmt: skip
-                atomic_write_bytes(ckpt, save(state, metadata={"round": str(t + 1)}))
-                atomic_write_json(partial, {"records": records, "seconds": earlier + time.monotonic() - started})
+                # The records travel inside the checkpoint, so that state and records are one atomic write: a
+                # process killed between two files would otherwise leave a state rounds ahead of its records.
+                # KEY.partial.json is a readable copy for reports (benchmarks/paper_table.py), never resumed from
+                # when the checkpoint carries its own.
+                seconds = earlier + time.monotonic() - started
+                meta = {"round": str(t + 1), "records": json.dumps(records), "seconds": repr(seconds)}
+                atomic_write_bytes(ckpt, save(state, metadata=meta))
+                atomic_write_json(partial, {"records": records, "seconds": seconds})
 
         try:
             robust = parse_robust_mixing(cfg.robust_mixing)
