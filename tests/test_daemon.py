@@ -186,6 +186,18 @@ async def test_mixing_preserves_the_average_across_live_nodes(tmp_path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_nodes_that_mix_every_round_never_stop_to_ask_each_other_their_round(tmp_path) -> None:
+    # Catch-up asks a peer for its round only when what we know of it is two rounds old. Mixing with it tells us
+    # its round, so a healthy run asks nobody: a question to a peer that is cut off holds the round loop.
+    async with cluster(tmp_path, 3, method="lora", rounds=6) as nodes:
+        await run_all(nodes)
+        for node in nodes:
+            for why in ("catch-up", "missed"):
+                assert (node.metrics.registry.get_sample_value("tadlora_probes_total", {"why": why}) or 0.0) == 0, why
+            assert [r["degree"] for r in _rounds(node.config.out)] == [2] * 6
+
+
+@pytest.mark.asyncio
 async def test_a_late_node_catches_up_by_adopting_a_neighbours_round(tmp_path) -> None:
     async with cluster(tmp_path, 2, rounds=None, min_peers=1) as nodes:
         tasks = [asyncio.ensure_future(n.run()) for n in nodes]

@@ -452,13 +452,19 @@ class Node:
         if self._peers is None:
             return
         rounds = self.rounds
-        far = [p for p in self._peers.peers.values() if abs(p.info.round - rounds.t) >= 2]
+        # A peer's round is known from our last handshake or mixing with it (`PeerManager.note_mixed`): "far" is a
+        # peer not heard from since it was two rounds away, which a sparse topology makes common and harmless.
+        far = [j for j, p in self._peers.peers.items() if abs(p.info.round - rounds.t) >= 2]
         if not far and not rounds.gap_seen:
             return
+        # A refused exchange (gap_seen) does not say who is out of step: ask everyone. Otherwise only the far
+        # peers: asking one that is cut off holds the round loop for a handshake timeout.
+        asked = list(self._peers.peers) if rounds.gap_seen else far
         rounds.gap_seen = False
+        self.metrics.probes.labels("catch-up").inc(len(asked))
         # All at once: one by one, every peer that is cut off from us would hold the round loop for a full
         # handshake timeout, and a node that is itself cut off would stall instead of training alone.
-        peers = list(self._peers.peers.items())
+        peers = [(j, self._peers.peers[j]) for j in asked]
         answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
         leaders = [
             (info, peer)
@@ -542,6 +548,9 @@ class Node:
         if self._stop.is_set():
             raise Interrupted(f"stopped during round {t}'s exchange")
         received = await self.rounds.close(cur)
+        if self._peers is not None:
+            for j in received:
+                self._peers.note_mixed(j, t)
         for j in sorted(neighbours - set(received)):
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
@@ -588,6 +597,7 @@ class Node:
 
     async def _check_alive(self, j: str, t: int) -> None:
         assert self._peers is not None  # noqa: S101
+        self.metrics.probes.labels("missed").inc()
         try:
             await self._peers.probe(j, f"missed round {t}")
         finally:

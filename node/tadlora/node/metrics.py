@@ -24,6 +24,10 @@ class NodeMetrics:
         self.bytes_received = Counter("tadlora_bytes_received", "Payload bytes received", registry=r)
         self.latency = Histogram("tadlora_exchange_seconds", "Exchange latency", registry=r)
         self.loss = Gauge("tadlora_train_loss", "Mean training loss of the last round", registry=r)
+        self.probes = Counter(
+            "tadlora_probes", "Handshakes asking a peer whether it is alive and which round it is in, by why",
+            ["why"], registry=r,
+        )  # fmt: skip
         self.checkpoint_failures = Counter("tadlora_checkpoint_failures", "Checkpoints not written", registry=r)
         self.accuracy = Gauge("tadlora_eval_accuracy", "Last evaluation accuracy", registry=r)
         self._server: WSGIServer | None = None

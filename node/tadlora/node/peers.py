@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -212,13 +213,26 @@ class PeerManager:
         if peer is None:
             return None
         try:
-            return await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
+            info = await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
         except ExchangeRefused:
             return None  # it answers, so it is alive, but will not tell us its state now
         except PeerUnavailable as exc:
             if self.peers.get(node_id) is peer:  # not replaced (e.g. restarted elsewhere) meanwhile
                 await self.drop(node_id, f"{why} and does not answer ({exc})")
             return None
+        if self.peers.get(node_id) is peer and info.address == peer.info.address:
+            peer.info = info  # what we know of its round is now fresh
+        return info
+
+    def note_mixed(self, node_id: str, t: int) -> None:
+        """Peer ``node_id`` mixed with us in round ``t``: it is in round t or later and last mixed at t or later.
+        Keeping this current is what lets catch-up tell a peer that is out of step from one we merely have not
+        handshaken with since it started (`PeerInfo.round` would otherwise be its round at the last handshake)."""
+        peer = self.peers.get(node_id)
+        if peer is not None:
+            peer.info = dataclasses.replace(
+                peer.info, round=max(peer.info.round, t), last_mixed_round=max(peer.info.last_mixed_round, t + 1)
+            )
 
     async def drop(self, node_id: str, why: str) -> None:
         """Forget a peer (it left or failed); a failed one is retried with backoff."""
