@@ -452,8 +452,9 @@ class Node:
         if self._peers is None:
             return
         rounds = self.rounds
-        # A peer's round is known from our last handshake or mixing with it (`PeerManager.note_mixed`): "far" is a
-        # peer not heard from since it was two rounds away, which a sparse topology makes common and harmless.
+        # A peer's round is what our last handshake or mixing with it said (`PeerManager.note_mixed`). "Far" is
+        # two or more rounds from ours now: out of step, or not heard from for two rounds (common in a sparse
+        # topology, and cheap: one handshake refreshes it).
         far = [j for j, p in self._peers.peers.items() if abs(p.info.round - rounds.t) >= 2]
         if not far and not rounds.gap_seen:
             return
