@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,14 +105,12 @@ class _Stop(Exception):
     pass
 
 
-def test_a_process_killed_between_checkpoint_and_records_resumes_from_the_checkpoint_s_own_records(tmp_path) -> None:
-    # lora with persistent AdamW: every round after the checkpoint depends on the state saved in it.
-    config = smoke_config(methods=["lora"], rounds=6, checkpoint_every=2, train={"optimizer_state": "persistent"})
+def _stopped_after_round_4_keeping_round_2_records(config: SimConfig, sim: Simulator) -> tuple[Cell, Path, Path, str]:
+    """Run ``config``'s first cell (checkpoint_every=2) in ``sim`` and stop it after its round-4 checkpoint: the
+    cell, its checkpoint and records file, and the text the records file had at the round-2 checkpoint."""
     cell = next(config.cells())
-    reference = Simulator(config, tmp_path / "ref", quiet=True).run_cell(cell)
-    sim = Simulator(config, tmp_path / "run", quiet=True)
     sim.cells_dir.mkdir(parents=True)
-    partial = sim.cells_dir / f"{cell.key}.partial.json"
+    ckpt, partial = (sim.cells_dir / f"{cell.key}.{ext}" for ext in ("ckpt.safetensors", "partial.json"))
     older: dict[str, str] = {}
 
     def keep_round_2_records_then_stop(t: int, _record: dict) -> None:
@@ -122,8 +121,17 @@ def test_a_process_killed_between_checkpoint_and_records_resumes_from_the_checkp
 
     with pytest.raises(_Stop):
         sim.run_cell(cell, keep_round_2_records_then_stop)
+    return cell, ckpt, partial, older["text"]
+
+
+def test_a_process_killed_between_checkpoint_and_records_resumes_from_the_checkpoint_s_own_records(tmp_path) -> None:
+    # lora with persistent AdamW: every round after the checkpoint depends on the state saved in it.
+    config = smoke_config(methods=["lora"], rounds=6, checkpoint_every=2, train={"optimizer_state": "persistent"})
+    reference = Simulator(config, tmp_path / "ref", quiet=True).run_cell(next(config.cells()))
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    cell, _ckpt, partial, round_2_records = _stopped_after_round_4_keeping_round_2_records(config, sim)
     # As if the process had died after writing the round-4 checkpoint and before rewriting the records file.
-    partial.write_text(older["text"])
+    partial.write_text(round_2_records)
     resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
     assert [r["round"] for r in resumed["rounds"]] == list(range(6))
     for got, want in zip(resumed["rounds"], reference["rounds"], strict=True):
@@ -133,27 +141,15 @@ def test_a_process_killed_between_checkpoint_and_records_resumes_from_the_checkp
 
 def test_a_checkpoint_without_its_records_is_refused_when_its_records_file_is_behind(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=6, checkpoint_every=2)
-    cell = next(config.cells())
     sim = Simulator(config, tmp_path / "run", quiet=True)
-    sim.cells_dir.mkdir(parents=True)
-    ckpt, partial = (sim.cells_dir / f"{cell.key}.{ext}" for ext in ("ckpt.safetensors", "partial.json"))
-    older: dict[str, str] = {}
-
-    def keep_round_2_records_then_stop(t: int, _record: dict) -> None:
-        if t == 3:
-            older["text"] = partial.read_text()
-        if t == 4:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        sim.run_cell(cell, keep_round_2_records_then_stop)
+    cell, ckpt, partial, round_2_records = _stopped_after_round_4_keeping_round_2_records(config, sim)
     # A checkpoint in the format written before records travelled inside it, with records two rounds behind it.
     save_file(load_file(str(ckpt)), str(ckpt), metadata={"round": "4"})
-    partial.write_text(older["text"])
+    partial.write_text(round_2_records)
     with pytest.raises(ValueError, match=r"holds round 4 but .* ends at round 2 .*delete both files"):
         Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
     # With matching records (how such checkpoints were always written) it resumes.
-    records = json.loads(older["text"])["records"]
+    records = json.loads(round_2_records)["records"]
     save_file(load_file(str(ckpt)), str(ckpt), metadata={"round": str(len(records))})
     resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
     assert [r["round"] for r in resumed["rounds"]] == list(range(6))
