@@ -4,12 +4,17 @@ Daemon: 3 `Node`s in this process on real gRPC over 127.0.0.1 (static peers, pla
 the time is `asyncio.gather(node.run() ...)` (model building and serving excluded; peer wait, training in each
 node's worker thread, exchanges, mixing, the final evaluation, checkpoint and export included).
 
-Bare loop: the same work's compute alone, sequentially in this thread: for each round and each node, the same
+Bare loops: the same work's compute alone: for each round and each node, the same
 `tadlora.training.local_steps` call (same model, shard, trained factors, seed) on its own `AdapterModel`, then
-one `evaluate` per node at the end (the daemon evaluates at its last round). No mixing, no I/O.
+one `evaluate` per node at the end (the daemon evaluates at its last round). No mixing, no I/O. Two versions:
+- sequential: all of it in this thread, one node after the other;
+- threaded: one thread per node, as the daemon's worker threads are, meeting at a barrier after every round as
+  the daemon's nodes do at their exchange. This is the baseline the daemon's own machinery is measured against:
+  same compute, same overlap between nodes, same per-round synchronization, minus gRPC, mixing and disk.
 
-Both run in the same process one after the other, the bare loop first and again last; the ratio daemon/bare
-is what to read. CPU only (no GPU is lent to this machine); torch uses one thread.
+All run in the same process one after the other (sequential, threaded, daemon, threaded, sequential), so slow
+drift of the machine's load hits both sides of each ratio alike. CPU only (no GPU is lent to this machine);
+torch uses one thread per worker.
 
     .venv/bin/python benchmarks/daemon_overhead.py [--model minilm|tiny] [--rounds 5] [--local-steps 5]
 """
@@ -25,7 +30,9 @@ import asyncio
 import contextlib
 import logging
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -71,8 +78,12 @@ async def run_daemon(out: Path, args: argparse.Namespace, train: TrainSpec) -> t
     return elapsed, [read_rounds(out / f"n{i}") for i in range(M)]
 
 
-def bare_loop(args: argparse.Namespace, train: TrainSpec) -> float:
-    """Sequential compute of the daemon run's local steps and final evaluations, models built beforehand."""
+def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> float:
+    """Seconds of the daemon run's local steps and final evaluations, models built beforehand.
+
+    threaded=False runs every node's work in this thread; threaded=True runs each node in its own thread, the
+    threads meeting at a barrier after each round.
+    """
     data = resolve_dataset(DATASET, "train")
     dev_text = eval_subset(resolve_dataset(DATASET, "dev"), EVAL_SAMPLES)
     spec = ModelSpec(model=args.model, label_names=data.label_names, lora=LoraSpec(), seed=0)
@@ -83,12 +94,25 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec) -> float:
     ]
     dev = encode(models[0].tokenizer, dev_text, train.max_length)
     method = make_method(METHOD, None)
-    started = time.perf_counter()
-    for t in range(args.rounds):
-        for i in range(M):
+    barrier = threading.Barrier(M if threaded else 1)
+
+    def node_work(i: int) -> None:
+        for t in range(args.rounds):
             local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
-    for model in models:
-        evaluate(model, dev)
+            barrier.wait()
+        evaluate(models[i], dev)
+
+    started = time.perf_counter()
+    if threaded:
+        with ThreadPoolExecutor(max_workers=M) as pool:
+            # list() re-raises a worker's exception here instead of dropping it with its future.
+            list(pool.map(node_work, range(M)))
+    else:
+        for t in range(args.rounds):
+            for i in range(M):
+                local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
+        for model in models:
+            evaluate(model, dev)
     return time.perf_counter() - started
 
 
@@ -103,14 +127,21 @@ def main() -> None:
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
-    bare_first = bare_loop(args, train)
-    print(f"bare loop: {bare_first:.2f} s", flush=True)
+    timings: dict[str, list[float]] = {"sequential": [], "threaded": []}
+
+    def bare(kind: str) -> None:
+        timings[kind].append(bare_loop(args, train, threaded=kind == "threaded"))
+        print(f"bare loop, {kind}: {timings[kind][-1]:.2f} s", flush=True)
+
+    bare("sequential")
+    bare("threaded")
     with tempfile.TemporaryDirectory(prefix="tadlora-bench-") as tmp:
         daemon_s, rounds = asyncio.run(run_daemon(Path(tmp), args, train))
     print(f"daemon: {daemon_s:.2f} s", flush=True)
-    bare_last = bare_loop(args, train)
-    print(f"bare loop again: {bare_last:.2f} s", flush=True)
-    bare = (bare_first + bare_last) / 2
+    bare("threaded")
+    bare("sequential")
+    seq = sum(timings["sequential"]) / 2
+    thr = sum(timings["threaded"]) / 2
     per_round = [r["seconds"] for node in rounds for r in node]
     latency = [r["exchange_latency_s"] for node in rounds for r in node if r["exchange_latency_s"]]
     complete = all(len(r["neighbours"]) == M - 1 and not r["missed"] for node in rounds for r in node)
@@ -119,22 +150,25 @@ def main() -> None:
         "model": args.model, "nodes": M, "rounds": args.rounds, "method": METHOD,
         "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "max_length": args.max_length},
         "device": "cpu", "gpu": "not lent (CPU-only machine)",
-        "bare_loop_s": [bare_first, bare_last], "daemon_s": daemon_s, "ratio_daemon_over_bare": daemon_s / bare,
+        "bare_sequential_s": timings["sequential"], "bare_threaded_s": timings["threaded"], "daemon_s": daemon_s,
+        "ratio_daemon_over_sequential": daemon_s / seq, "ratio_daemon_over_threaded": daemon_s / thr,
         "rounds_all_neighbours": complete, "bytes_sent_total": bytes_sent,
         "round_seconds_mean": sum(per_round) / len(per_round),
         "exchange_latency_s_mean": sum(latency) / len(latency) if latency else None,
         "exchange_latency_s_max": max(latency, default=None),
     }  # fmt: skip
-    headers = ["model", "nodes x rounds", "local steps (batch, len)", "bare loop s (before, after)",
-               "daemon s", "daemon / bare", "mean exchange latency s", "all exchanges done"]  # fmt: skip
+    headers = ["model", "nodes x rounds", "local steps (batch, len)", "bare sequential s", "bare threaded s",
+               "daemon s", "daemon / threaded", "daemon / sequential", "mean exchange latency s",
+               "all exchanges done"]  # fmt: skip
     rows = [(args.model, f"{M} x {args.rounds}", f"{args.local_steps} ({args.batch_size}, {args.max_length})",
-             f"{bare_first:.2f}, {bare_last:.2f}", daemon_s, daemon_s / bare,
-             data["exchange_latency_s_mean"] or 0.0, complete)]  # fmt: skip
+             ", ".join(f"{x:.2f}" for x in timings["sequential"]), ", ".join(f"{x:.2f}" for x in timings["threaded"]),
+             daemon_s, daemon_s / thr, daemon_s / seq, data["exchange_latency_s_mean"] or 0.0, complete)]  # fmt: skip
     notes = (
-        "The daemon's 3 nodes each train in their own worker thread, so on 2 cores (one busy with another job) "
-        "their torch work can overlap, while the bare loop is strictly sequential: a ratio near or below 1 does "
-        "not mean the daemon is free. The daemon time also holds peer verification, the per-round exchange "
-        "barrier, mixing, the final checkpoint and adapter export. CPU only, one torch thread."
+        "daemon / threaded is the daemon's own cost: the threaded bare loop does the same compute with the same "
+        "overlap between nodes and the same per-round barrier, without gRPC, mixing, checkpoint or export. "
+        "daemon / sequential compares with one node after the other; on a machine with spare cores it can be "
+        "below 1 because the nodes' torch work overlaps. Each bare loop ran before and after the daemon; the "
+        "ratios use their means. CPU only, one torch thread per worker."
     )
     write_results("daemon_overhead", data, headers, rows, notes)
 
