@@ -28,6 +28,16 @@ def test_every_node_starts_identical_with_b_zero(tiny_model: AdapterModel) -> No
     assert tiny_model.fingerprint == other.fingerprint
 
 
+def test_initial_factors_are_the_seed_s_init_whatever_the_model_holds_now() -> None:
+    model = AdapterModel(tiny_spec())
+    init = model.factors()
+    model.load_factors({k: torch.randn_like(v) for k, v in init.items()})  # as after a client's training
+    again = model.initial_factors()
+    assert again.keys() == init.keys() and all(torch.equal(again[k], init[k]) for k in init)
+    other_seed = AdapterModel(dataclasses.replace(tiny_spec(), seed=1)).initial_factors()
+    assert any(not torch.equal(other_seed[k], init[k]) for k in init)
+
+
 def test_factors_hold_only_lora_a_and_b(tiny_model: AdapterModel) -> None:
     keys = list(tiny_model.factors())
     assert keys and all(".lora_A." in k or ".lora_B." in k for k in keys)

@@ -173,21 +173,26 @@ class AdapterModel:
             param.requires_grad_(False)
         if not self._factor_params:
             raise ValueError(f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)}")
-        self._init_factors()
+        factor_ids = {id(p) for p in self._factor_params.values()}
+        self._frozen = [p for p in self.model.parameters() if id(p) not in factor_ids]
+        self.load_factors(self.initial_factors())
         self.device = torch.device(device)
         self.model.to(self.device)
         self.fingerprint = fingerprint(identity, base_digest, spec)
 
-    def _init_factors(self) -> None:
-        """A ~ U(−1/√in, 1/√in) (peft's default distribution) from a per-module seeded generator; B = 0."""
-        with torch.no_grad():
-            for key, param in self._factor_params.items():
-                if factor_of(key) is Factor.B:
-                    param.zero_()
-                    continue
-                gen = torch.Generator().manual_seed(_seed_from("lora_A", self.spec.seed, key))
-                bound = 1.0 / math.sqrt(param.shape[1])
-                param.copy_(torch.empty(param.shape).uniform_(-bound, bound, generator=gen))
+    def initial_factors(self) -> Factors:
+        """The run seed's starting factors, on the CPU: A ~ U(−1/√in, 1/√in) (peft's default distribution) from a
+        per-module seeded generator, B = 0. A function of the spec alone, never of what the model holds now: the
+        simulator trains many cells through one model, and each must start here."""
+        init: Factors = {}
+        for key, param in self._factor_params.items():
+            if factor_of(key) is Factor.B:
+                init[key] = torch.zeros(param.shape, dtype=param.dtype)
+                continue
+            gen = torch.Generator().manual_seed(_seed_from("lora_A", self.spec.seed, key))
+            bound = 1.0 / math.sqrt(param.shape[1])
+            init[key] = torch.empty(param.shape, dtype=param.dtype).uniform_(-bound, bound, generator=gen)
+        return init
 
     @property
     def factor_keys(self) -> list[str]:
@@ -223,6 +228,13 @@ class AdapterModel:
             if on:
                 trainable.append(param)
         return trainable
+
+    def refreeze(self) -> None:
+        """Turn gradients off again on every parameter that is not a factor (the factors' flags are
+        ``set_trainable``'s). Needed after peft's ``disable_adapter``, whose exit turns them back on for the
+        classification head's trainable copy."""
+        for param in self._frozen:
+            param.requires_grad_(False)
 
     def factor_parameters(self) -> Mapping[str, nn.Parameter]:
         """The live factor parameters by key (for engines that drive them directly)."""

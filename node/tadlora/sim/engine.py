@@ -55,6 +55,7 @@ class ClientEngine(Protocol):
     def evaluate(self) -> list[tuple[float, float]]: ...
     def get_optimizer_state(self, i: int) -> OptimizerState: ...
     def set_optimizer_state(self, i: int, state: OptimizerState) -> None: ...
+    def close(self) -> None: ...
 
 
 class SequentialEngine:
@@ -63,7 +64,7 @@ class SequentialEngine:
     def __init__(self, model: AdapterModel, shards: Sequence[Encoded], dev: Encoded, spec: TrainSpec, seed: int):
         self.model, self.shards, self.dev, self.spec, self.seed = model, list(shards), dev, spec, seed
         self.num_clients = len(self.shards)
-        init = model.factors()
+        init = model.initial_factors()  # never what an earlier cell left in the shared model
         self._factors = [{k: v.clone() for k, v in init.items()} for _ in self.shards]
         self._states: list[OptimizerState] = [{} for _ in self.shards]
 
@@ -95,6 +96,10 @@ class SequentialEngine:
             out.append(evaluate(self.model, self.dev, precision=self.spec.precision))
         return out
 
+    def close(self) -> None:
+        """Put the run seed's initial factors back into the shared model (it holds a client's until then)."""
+        self.model.load_factors(self.model.initial_factors())
+
 
 class BatchedEngine:
     """All clients in one pass through the shared base, with per-client LoRA factors stacked."""
@@ -117,7 +122,7 @@ class BatchedEngine:
         self.eval_batch_size = eval_batch_size
         self.train_group = max(1, min(m, max_group_sequences // spec.batch_size))
         self.eval_group = max(1, min(m, max_group_sequences // eval_batch_size))
-        init = model.factors()
+        init = model.initial_factors()  # never what an earlier cell left in the shared model
         self.keys = list(init)
         # stacks[key]: (m, *shape) leaf tensor holding every client's copy of that factor
         self.stacks: dict[str, torch.Tensor] = {
@@ -194,6 +199,7 @@ class BatchedEngine:
             return out.logits.float()
         finally:
             self._group = None
+            self.model.refreeze()
 
     def _groups(self, size: int) -> list[tuple[int, int]]:
         return [(lo, min(self.num_clients, lo + size)) for lo in range(0, self.num_clients, size)]

@@ -372,9 +372,7 @@ class Simulator:
             robust = parse_robust_mixing(cfg.robust_mixing)
             simulate(engine, method, topology, cfg.rounds, cfg.eval_every, len(records), after_round, robust)
         finally:
-            close = getattr(engine, "close", None)
-            if close is not None:
-                close()
+            engine.close()
         result = {
             **cell.to_dict(),
             "key": cell.key,
