@@ -215,6 +215,25 @@ def test_local_csv_spec_takes_columns_from_the_query_and_dev_from_a_sibling(
     assert (train.text_a, dev.text_a, train.name) == (("good", "bad"), ("meh",), spec)
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".tsv"])
+def test_local_dev_labels_take_the_train_file_s_ids_even_when_dev_lacks_a_class(tmp_path: Path, suffix: str) -> None:
+    rows = {"train": [("a", "neg"), ("b", "neu"), ("c", "pos")], "dev": [("d", "pos"), ("e", "neg")]}
+    for name, data in rows.items():
+        if suffix == ".jsonl":
+            text = "".join(json.dumps({"text": t, "label": lab}) + "\n" for t, lab in data)
+        else:
+            sep = "," if suffix == ".csv" else "\t"
+            text = f"text{sep}label\n" + "".join(f"{t}{sep}{lab}\n" for t, lab in data)
+        write(tmp_path / f"{name}{suffix}", text)
+    spec = str(tmp_path / f"train{suffix}")
+    train, dev = resolve_dataset(spec, "train"), resolve_dataset(spec, "dev")
+    assert train.label_names == dev.label_names == ("neg", "neu", "pos")
+    assert [dev.label_names[i] for i in dev.labels] == ["pos", "neg"]
+    write(tmp_path / f"dev{suffix}", text.replace("neg", "maybe"))  # a class train never had
+    with pytest.raises(ValueError, match="maybe"):
+        resolve_dataset(spec, "dev")
+
+
 def test_local_jsonl_spec_uses_default_columns(tmp_path: Path) -> None:
     write(tmp_path / "data.jsonl", '{"sentence": "x", "text_b": "y", "label": 0}\n')
     ds = resolve_dataset(str(tmp_path / "data.jsonl"), "train")

@@ -37,6 +37,8 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
     assert parse([], monkeypatch, TADLORA_OPTIMIZER_STATE="persistent").train.persistent
     with pytest.raises(ValueError, match="needs adamw"):
         parse(["--optimizer", "sgd", "--optimizer-state", "persistent"], monkeypatch)
+    with pytest.raises(ValueError, match="'decaf' re-factors B and A every round"):
+        parse(["--method", "decaf", "--optimizer-state", "persistent"], monkeypatch)
 
 
 def test_help_names_the_environment_variables(capsys) -> None:

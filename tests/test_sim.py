@@ -245,7 +245,9 @@ def test_cli_precision_and_optimizer_set_the_training_spec_and_keep_the_rest() -
     assert config.train.lr == preset("cpu-sst2").train.lr
     assert config.train.optimizer_state == "fresh"
     flags = ["--preset", "cpu-sst2", "--out", "x", "--optimizer-state", "persistent"]
-    assert config_from_args(build_parser().parse_args(flags)).train.persistent
+    with pytest.raises(ValueError, match="'decaf' re-factors B and A every round"):  # its moments cannot carry over
+        config_from_args(build_parser().parse_args(flags))
+    assert config_from_args(build_parser().parse_args([*flags, "--methods", "tad,lora"])).train.persistent
 
 
 def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:

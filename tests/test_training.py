@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import threading
 
@@ -24,6 +25,7 @@ from tadlora.training import (
     TrainSpec,
     autocast,
     cpu_has_bf16,
+    encode,
     local_steps,
     precision_warning,
     round_batches,
@@ -40,6 +42,16 @@ def test_round_batches_are_deterministic_and_cover_the_shard() -> None:
     assert [x.tolist() for x in a] == [x.tolist() for x in round_batches(0, 3, 7, 10, 4, 3)]
     assert sorted(np.concatenate(a)[:10].tolist()) == list(range(10))
     assert [x.tolist() for x in a] != [x.tolist() for x in round_batches(0, 3, 8, 10, 4, 3)]
+
+
+def test_encoding_pads_on_the_right_and_a_left_padding_tokenizer_is_refused(tiny_model, sst2_small) -> None:
+    data = sst2_small.subset(np.arange(4))
+    enc = encode(tiny_model.tokenizer, data, 32)
+    assert enc.attention_mask[:, 0].all() and not enc.attention_mask[:, -1].any()  # short sentences, padded right
+    left = copy.deepcopy(tiny_model.tokenizer)
+    left.padding_side = "left"
+    with pytest.raises(ValueError, match="pads on the left"):
+        encode(left, data, 32)
 
 
 def test_a_frozen_factor_and_the_base_do_not_change_during_local_steps(tiny_shards) -> None:

@@ -123,6 +123,8 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                     "the hub reachable; the offline default is 'minilm'."
                 ) from exc
             identity = "minilm" if spec.model in ("minilm", "default") else Path(path).name or path
+    # Many decoder models' tokenizers pad on the left; batches are cut to their longest sequence from the right.
+    tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
         model.config.pad_token_id = tokenizer.pad_token_id

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from tadlora import rng
 from tadlora.adapter import AdapterModel
 from tadlora.core.factors import Factor
+from tadlora.core.methods import Method
 from tadlora.data import TextDataset
 
 
@@ -77,6 +78,16 @@ class TrainSpec:
         """Whether the optimizer's state is carried from round to round."""
         return self.optimizer_state == "persistent"
 
+    def check_method(self, method: Method) -> None:
+        """Raise ValueError for a method these settings cannot train: carried optimizer state with product mixing
+        (DeCAF re-factors B A by an SVD every round, so moments carried over would refer to other coordinates;
+        a sign flip of a singular vector would even turn them against the new factors)."""
+        if self.persistent and method.product_mixing:
+            raise ValueError(
+                f"method {method.name!r} re-factors B and A every round, so its optimizer state cannot carry "
+                "over: use optimizer_state 'fresh', or leave it out of the methods"
+            )
+
 
 @dataclass(frozen=True)
 class Encoded:
@@ -107,12 +118,19 @@ class Encoded:
 
 
 def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
-    """Tokenize ``data`` once (pairs as pairs), truncated and padded to ``max_length``."""
+    """Tokenize ``data`` once (pairs as pairs), truncated and padded to ``max_length`` on the right (a tokenizer
+    that pads on the left is refused: `Encoded.batch` cuts padding off the right end)."""
     kwargs = {"truncation": True, "max_length": max_length, "padding": "max_length", "return_tensors": "pt"}
     if data.text_b is not None:
         enc = tokenizer(list(data.text_a), list(data.text_b), **kwargs)  # type: ignore[operator]
     else:
         enc = tokenizer(list(data.text_a), **kwargs)  # type: ignore[operator]
+    mask = enc["attention_mask"]
+    if bool((mask[:, 1:] > mask[:, :-1]).any()):  # a 0 before a 1: padding on the left
+        raise ValueError(
+            "the tokenizer pads on the left; batches are cut to their longest sequence from the right, "
+            "so set tokenizer.padding_side = 'right'"
+        )
     return Encoded(
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],

@@ -351,12 +351,16 @@ def _resolve_local(spec: str, split: str) -> TextDataset:
     if not path.is_file():
         raise FileNotFoundError(f"dataset spec {spec!r}: file {path} not found")
     suffix = given.suffix.lower()
+    if suffix == ".tsv" and not query and looks_like_glue(read_tsv(path)[0]):
+        return load_glue_tsv(path)  # a GLUE task's labels are fixed
+    if split != "train" and label_names is None:
+        # Otherwise label ids come from one file's sorted label values: the dev file's own set (a class missing
+        # from dev, say) would give its labels other ids than train's, and the model's outputs follow train's.
+        label_names = list(_resolve_local(spec, "train").label_names)
     if suffix == ".jsonl":
         return load_jsonl(path, text, label, label_names)
     if suffix == ".csv":
         return load_csv(path, text, label, label_names)
-    if not query and looks_like_glue(read_tsv(path)[0]):
-        return load_glue_tsv(path)
     return load_csv(path, text, label, label_names, delimiter="\t")
 
 

@@ -95,7 +95,7 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="local optimizer: adamw (the paper's) or sgd (plain)")  # fmt: skip
     t.add_argument("--optimizer-state", choices=OPTIMIZER_STATES, default="fresh",
                    help="AdamW's moments: fresh every round, or persistent across rounds (kept in the "
-                   "checkpoint, never sent; reset when the node catches up from a peer)")  # fmt: skip
+                   "checkpoint, never sent; reset when the node catches up from a peer; not with decaf)")  # fmt: skip
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: "
                    "faster where it has AVX512-BF16 or AMX, ~15x slower where it has not: doctor says which), "

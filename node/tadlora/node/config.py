@@ -67,7 +67,7 @@ class NodeConfig:
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}")
         if self.switch_interval is not None and not takes_switch_interval(self.method):
             raise ValueError(f"--switch-interval does not apply to method {self.method!r}")
-        make_method(self.method, self.switch_interval)
+        self.train.check_method(make_method(self.method, self.switch_interval))
         if not 0 <= self.shard < self.num_shards:
             raise ValueError(f"--shard {self.shard} must be in 0..{self.num_shards - 1} (--num-shards)")
         if not 0.0 < self.link_prob <= 1.0:

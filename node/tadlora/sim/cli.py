@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--optimizer-state",
         choices=OPTIMIZER_STATES,
         help="AdamW's moments: fresh every round (default), or persistent: each client keeps its own across "
-        "rounds (never mixed; carried by the checkpoints)",
+        "rounds (never mixed; carried by the checkpoints; not with decaf)",
     )
     parser.add_argument(
         "--share-from",

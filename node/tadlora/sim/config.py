@@ -63,6 +63,7 @@ class SimConfig:
         for method in self.methods:
             if method not in method_names():
                 raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+            self.train.check_method(make_method(method))
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
         if self.num_clients < 1 or self.rounds < 1 or self.eval_every < 1:
