@@ -5,6 +5,7 @@ than a deadline; a failing peer is retried with growing delays."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import errno
 import itertools
 import logging
@@ -227,3 +228,20 @@ async def test_a_peer_that_flaps_waits_longer_after_each_drop_and_a_stable_one_i
     clock.now += peers_module.STABLE_S  # up for long this time: its next failure is a one-off
     await pm.drop("flaky", "exchange failed")
     assert pm.retry_at("10.0.0.9:7070") == clock.now + 1.0
+
+
+@pytest.mark.asyncio
+async def test_a_call_that_failed_on_a_replaced_connection_does_not_drop_the_replacement(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pm, transport, _ = manager(monkeypatch)
+    transport.up = True
+    await pm.scan()
+    stale = pm.peers["flaky"]
+    # It restarted elsewhere and called us: `add` closes the stale connection, which fails the calls on it.
+    await pm.add(dataclasses.replace(stale.info, address="10.0.0.10:7070"), None, "inbound")
+    await pm.drop("flaky", "exchange failed", expected=stale)
+    assert pm.peers["flaky"].info.address == "10.0.0.10:7070"
+    assert pm.retry_at("10.0.0.9:7070") is None  # nor was it put on backoff
+    await pm.drop("flaky", "exchange failed", expected=pm.peers["flaky"])  # a failure of its own connection
+    assert "flaky" not in pm.peers

@@ -218,6 +218,27 @@ async def test_incompatible_peers_are_refused_before_the_handler_sees_them(
     assert bob.handshakes == []
 
 
+@pytest.mark.asyncio
+async def test_a_peer_claiming_to_have_mixed_a_round_it_has_not_reached_is_refused_both_ways(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    # last_mixed_round is 1 + the last round mixed: a node in round r says at most r + 1 (it closed round r and
+    # has not moved on yet). Catch-up adopts the biggest claim, so a bigger one would pull every node with it.
+    bob.info = PeerInfo(**{**bob.info.__dict__, "round": 3, "last_mixed_round": 4})
+    async with serving(transport, bob) as (_, client):
+        assert (await client.handshake(alice.info, TIMEOUT)).last_mixed_round == 4
+        bob.info = PeerInfo(**{**bob.info.__dict__, "last_mixed_round": 10**12})
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.handshake(alice.info, TIMEOUT)  # bob's reply is refused
+        assert refused.value.reason is Reason.ROUND_MISMATCH
+        bob.info = PeerInfo(**{**bob.info.__dict__, "last_mixed_round": 4})
+        liar = PeerInfo(**{**alice.info.__dict__, "last_mixed_round": alice.info.round + 2})
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.handshake(liar, TIMEOUT)  # alice's request is refused
+        assert refused.value.reason is Reason.ROUND_MISMATCH
+    assert bob.handshakes == [alice.info, alice.info]  # the liar never reached the handler
+
+
 # ----------------------------------------------------------------------------------------- exchange
 
 

@@ -77,3 +77,84 @@ def test_round_log_skips_a_torn_last_line(tmp_path) -> None:
     resumed.write({"round": 2})
     resumed.close()
     assert [r["round"] for r in state.read_rounds(tmp_path)] == [0, 1, 2]
+
+
+def test_a_checkpoint_records_how_long_the_round_log_was(tmp_path) -> None:
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(2), rounds_bytes=123))
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.rounds_bytes == 123
+    state.save_checkpoint(tmp_path, ckpt(2))  # as a node before this field wrote it
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.rounds_bytes is None
+
+
+def test_resuming_cuts_the_round_log_back_to_the_checkpoint_so_redone_rounds_appear_once(tmp_path) -> None:
+    log = state.RoundLog(tmp_path)
+    for t in range(5):
+        log.write({"round": t})
+    at_checkpoint = log.size  # checkpoint of round 5 ...
+    for t in range(5, 8):
+        log.write({"round": t})  # ... then rounds 5-7 and a SIGKILL before the next checkpoint
+    log.close()
+    assert state.truncate_rounds(tmp_path, at_checkpoint) == 3
+    resumed = state.RoundLog(tmp_path)
+    for t in range(5, 9):
+        resumed.write({"round": t})
+    resumed.close()
+    assert [r["round"] for r in state.read_rounds(tmp_path)] == list(range(9))
+    assert state.truncate_rounds(tmp_path, 10**9) == 0  # a shorter log (e.g. moved away) is left alone
+
+
+def adapter_files(directory) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def write_adapter(content: bytes):
+    def write(directory) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "adapter_model.safetensors").write_bytes(content)
+        (directory / "adapter_config.json").write_text("{}")
+
+    return write
+
+
+def test_an_adapter_export_swaps_in_whole_and_leaves_no_temp_directory(tmp_path) -> None:
+    state.replace_adapter(tmp_path, write_adapter(b"old"))
+    state.replace_adapter(tmp_path, write_adapter(b"new"))
+    assert [p.name for p in tmp_path.iterdir()] == [state.ADAPTER]
+    want = {"adapter_config.json": b"{}", "adapter_model.safetensors": b"new"}
+    assert adapter_files(tmp_path / state.ADAPTER) == want
+
+
+def test_a_failed_adapter_export_keeps_the_previous_adapter_and_no_temp_directory(tmp_path) -> None:
+    state.replace_adapter(tmp_path, write_adapter(b"old"))
+
+    def disk_full(directory) -> None:
+        directory.mkdir()
+        (directory / "adapter_model.safetensors").write_bytes(b"ne")
+        raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError, match="No space"):
+        state.replace_adapter(tmp_path, disk_full)
+    assert [p.name for p in tmp_path.iterdir()] == [state.ADAPTER]
+    assert adapter_files(tmp_path / state.ADAPTER)["adapter_model.safetensors"] == b"old"
+
+
+@pytest.mark.parametrize("cut", ["while writing", "between the renames", "before removing the old one"])
+def test_an_export_cut_short_by_a_crash_is_settled_at_start_with_one_complete_adapter(tmp_path, cut) -> None:
+    old, new = write_adapter(b"old"), write_adapter(b"new")
+    if cut == "while writing":
+        old(tmp_path / state.ADAPTER)
+        (tmp_path / state.ADAPTER_NEW).mkdir()
+        (tmp_path / state.ADAPTER_NEW / "adapter_model.safetensors").write_bytes(b"ne")
+    elif cut == "between the renames":
+        old(tmp_path / state.ADAPTER_OLD)
+        new(tmp_path / state.ADAPTER_NEW)
+    else:
+        old(tmp_path / state.ADAPTER_OLD)
+        new(tmp_path / state.ADAPTER)
+    state.save_checkpoint(tmp_path, ckpt(1))
+    state.remove_torn_writes(tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [state.ADAPTER, state.CHECKPOINT]
+    want = b"new" if cut == "before removing the old one" else b"old"
+    assert adapter_files(tmp_path / state.ADAPTER)["adapter_model.safetensors"] == want

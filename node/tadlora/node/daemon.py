@@ -175,6 +175,8 @@ class Node:
                 log.info("checkpoint holds optimizer state; --optimizer-state fresh ignores it")
             self._rounds_done = ckpt.round
             log.info("resuming at round %d from %s", ckpt.round, cfg.out / state.CHECKPOINT)
+            if ckpt.rounds_bytes is not None:  # the rounds logged after it are run again: log them once
+                await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)
         else:
             self.rounds.restore(0, self._model.factors())
         self._round_log = state.RoundLog(cfg.out)
@@ -399,8 +401,8 @@ class Node:
         self.metrics.refusals.labels(exc.reason.name).inc()
 
     def _check_round_sane(self, r: int, who: str) -> None:
-        """Refuse (ROUND_MISMATCH) an exchange for a round past the run's last one, before it makes this node
-        think it is behind (`MAX_ROUND` is checked on every header already)."""
+        """Refuse (ROUND_MISMATCH) an exchange or a catch-up for a round past the run's last one, before it makes
+        this node think it is behind (`MAX_ROUND` is checked on every header already)."""
         if self.config.rounds is not None and r > self.config.rounds:
             raise ExchangeRefused(
                 Reason.ROUND_MISMATCH, f"{who} claims round {r}, past this run's last round {self.config.rounds}"
@@ -479,6 +481,16 @@ class Node:
             spec = FactorSpec.from_factors(rounds.factors)
             result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, spec)
             spec.check(result.factors, max_norm=cfg.max_factor_norm)
+            # What we are about to adopt must be a state a node can be in (the handshake's claims were checked
+            # on their own; the fetch may come from a peer that restarted or lies since): a round within the run,
+            # and a last mixing no later than that round's start allows (`rpc._check_info`).
+            self._check_round_sane(result.peer.round, info.node_id)
+            if info.last_mixed_round > result.peer.round + 1:
+                raise ExchangeRefused(
+                    Reason.ROUND_MISMATCH,
+                    f"{info.node_id} claims it last mixed in round {info.last_mixed_round - 1} "
+                    f"but sends the start of round {result.peer.round}",
+                )
         except (ExchangeRefused, PeerUnavailable) as exc:
             if isinstance(exc, ExchangeRefused):
                 self.metrics.refusals.labels(exc.reason.name).inc()
@@ -546,6 +558,7 @@ class Node:
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
+        self._report_failed_calls(t, outbound, calls)
         if self._stop.is_set():
             raise Interrupted(f"stopped during round {t}'s exchange")
         received = await self.rounds.close(cur)
@@ -596,6 +609,21 @@ class Node:
                 log.error("checkpoint of round %d failed, keeping the previous one: %s", t + 1, exc)
         self._state = "idle"
 
+    def _report_failed_calls(self, t: int, outbound: list[str], calls: list[asyncio.Task[None]]) -> None:
+        """Log (with the traceback) and count every exchange call of round ``t`` that raised.
+
+        `_exchange_with` handles all a peer can cause (a refusal, a bad reply, a lost connection), so what
+        reaches here is a fault on this side (a bug, a torch error). It is not re-raised: the pair is left out of
+        the round like a neighbour that missed the deadline (its other end leaves it out too, or mixed it once, as
+        with a lost reply), and the node keeps mixing over its other links instead of dying for one. Loud instead:
+        an ERROR with the traceback, and ``tadlora_exchanges_total{result="error"}``.
+        """
+        for j, call in zip(outbound, calls, strict=True):
+            if call.cancelled() or (exc := call.exception()) is None:
+                continue
+            self.metrics.exchanges.labels("error").inc()
+            log.error("exchange with %s in round %d failed inside this node", j, t, exc_info=exc)
+
     async def _check_alive(self, j: str, t: int) -> None:
         assert self._peers is not None  # noqa: S101
         self.metrics.probes.labels("missed").inc()
@@ -629,7 +657,7 @@ class Node:
         except PeerUnavailable as exc:
             self.metrics.exchanges.labels("failed").inc()
             log.info("exchange with %s in round %d failed: %s", j, t, exc)
-            await self._peers.drop(j, str(exc))
+            await self._peers.drop(j, str(exc), expected=peer)
             return
         stats = (j, result.bytes_sent, result.bytes_received, result.elapsed_s)
         if not await self.rounds.deliver(cur, j, (result.peer.degree, result.factors), stats):
@@ -670,14 +698,18 @@ class Node:
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
         factors = self.rounds.factors
+        # On the loop, which alone writes the log: every round before next_round has its line there by now.
+        rounds_bytes = self._round_log.size if self._round_log is not None else None
 
         def write() -> None:
             # In the worker, so the optimizer state is not mid-round (local steps run there too).
-            ckpt = state.Checkpoint(next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state))
+            ckpt = state.Checkpoint(
+                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes
+            )
             state.save_checkpoint(self.config.out, ckpt)
             if export and self._model is not None:
                 self._model.load_factors(factors)
-                self._model.export(self.config.out / state.ADAPTER)
+                state.replace_adapter(self.config.out, self._model.export)  # never a torn adapter/
 
         if not self.node_id:
             return

@@ -214,11 +214,11 @@ class PeerManager:
             return None
         try:
             info = await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
-        except ExchangeRefused:
+        except ExchangeRefused as exc:  # refused by it, or its reply by us (e.g. a state no node can be in)
+            log.info("handshake with peer %s (%s) refused: %s: %s", node_id, why, exc.reason.name, exc.detail)
             return None  # it answers, so it is alive, but will not tell us its state now
         except PeerUnavailable as exc:
-            if self.peers.get(node_id) is peer:  # not replaced (e.g. restarted elsewhere) meanwhile
-                await self.drop(node_id, f"{why} and does not answer ({exc})")
+            await self.drop(node_id, f"{why} and does not answer ({exc})", expected=peer)
             return None
         if self.peers.get(node_id) is peer and info.address == peer.info.address:
             peer.info = info  # what we know of its round is now fresh
@@ -234,11 +234,14 @@ class PeerManager:
                 peer.info, round=max(peer.info.round, t), last_mixed_round=max(peer.info.last_mixed_round, t + 1)
             )
 
-    async def drop(self, node_id: str, why: str) -> None:
-        """Forget a peer (it left or failed); a failed one is retried with backoff."""
-        peer = self.peers.pop(node_id, None)
-        if peer is None:
+    async def drop(self, node_id: str, why: str, expected: Peer | None = None) -> None:
+        """Forget a peer (it left or failed); a failed one is retried with backoff. With ``expected`` (the entry a
+        failed call used), only if that entry is still the one stored: `add` closes a peer's old connection when
+        its address changes, which fails calls in flight on it, and those must not drop the new, healthy entry."""
+        peer = self.peers.get(node_id)
+        if peer is None or (expected is not None and peer is not expected):
             return
+        del self.peers[node_id]
         for address in [a for a, n in self._by_address.items() if n == node_id]:
             del self._by_address[address]
         attempt = self._attempts.setdefault(self._key_of.pop(node_id, node_id), _Attempt())

@@ -124,8 +124,8 @@ class PeerInfo:
     last_mixed_round: int = 0  # 1 + the last round this node mixed with a neighbour; 0: never
 
     def __post_init__(self) -> None:
-        if min(self.round, self.degree, self.protocol_version) < 0:
-            raise ValueError(f"round, degree and protocol_version must be >= 0: {self}")
+        if min(self.round, self.degree, self.protocol_version, self.last_mixed_round) < 0:
+            raise ValueError(f"round, degree, protocol_version and last_mixed_round must be >= 0: {self}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,8 +267,17 @@ def check_sane(what: str, *, round: int, degree: int, texts: Iterable[str]) -> N
 
 
 def _check_info(info: PeerInfo, what: str) -> None:
+    """`check_sane`, and ROUND_MISMATCH for a ``last_mixed_round`` over ``round + 1``: a node mixes round t
+    before it moves on to t + 1, so it reports at most its own round + 1 (between closing a round and the next).
+    Catch-up follows the peer that claims the latest mixing and adopts that claim, so a bigger one would pull
+    every node to a round nobody reached."""
     texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method)
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
+    if info.last_mixed_round > info.round + 1:
+        raise ExchangeRefused(
+            Reason.ROUND_MISMATCH,
+            f"{what} claims it last mixed in round {info.last_mixed_round - 1}, past its round {info.round}",
+        )
 
 
 def _check_peer(protocol_version: int, cluster: str, fingerprint: str, *, ours: PeerInfo | ExchangeHeader) -> None:

@@ -4,13 +4,18 @@ Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint), ``checkpoint.safete
 start of a round, with the round in its metadata, and with ``--optimizer-state persistent`` the optimizer's state
 under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round) and
 ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
-full disk leaves the previous checkpoint intact.
+full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by renames
+(`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming from
+it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +33,8 @@ CHECKPOINT = "checkpoint.safetensors"
 IDENTITY = "node.json"
 ROUNDS = "rounds.jsonl"
 ADAPTER = "adapter"
+ADAPTER_NEW = ".adapter.tmp"  # the next adapter/ while it is written (a torn write, like any ".*.tmp")
+ADAPTER_OLD = ".adapter.old"  # the previous adapter/ while the next one is renamed into its place
 OPT_PREFIX = "opt/"  # checkpoint keys of the optimizer state; factor keys never hold a "/"
 
 
@@ -40,11 +47,14 @@ class Checkpoint:
     fingerprint: str
     factors: Factors
     optimizer: OptimizerState = field(default_factory=dict)  # empty unless the optimizer state persists
+    rounds_bytes: int | None = None  # bytes of rounds.jsonl when it was taken; None: not recorded (older node)
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``out/checkpoint.safetensors``."""
     meta = {"round": str(ckpt.round), "node_id": ckpt.node_id, "fingerprint": ckpt.fingerprint}
+    if ckpt.rounds_bytes is not None:
+        meta["rounds_bytes"] = str(ckpt.rounds_bytes)
     path = out / CHECKPOINT
     tensors = {k: v.contiguous() for k, v in ckpt.factors.items()}
     tensors.update({f"{OPT_PREFIX}{k}": v.contiguous() for k, v in ckpt.optimizer.items()})
@@ -66,19 +76,73 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         with open(path, "rb") as f:
             header_len = int.from_bytes(f.read(8), "little")
             meta = json.loads(f.read(header_len)).get("__metadata__", {})
-        return Checkpoint(int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer)
+        rounds_bytes = int(meta["rounds_bytes"]) if "rounds_bytes" in meta else None
+        return Checkpoint(int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes)
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 
 
 def remove_torn_writes(out: Path) -> list[Path]:
-    """Delete temp files of atomic writes cut short by a crash (SIGKILL, power loss); only the node that owns
-    ``out`` may call it, at start-up, before it writes anything. Returns what was removed."""
-    torn = sorted(out.glob(".*.tmp"))
-    for path in torn:
+    """Delete temp files (and the temp adapter directory) of atomic writes cut short by a crash (SIGKILL, power
+    loss), and finish an interrupted adapter swap; only the node that owns ``out`` may call it, at start-up,
+    before it writes anything. Returns what was removed."""
+    removed = _settle_adapter(out)
+    for path in sorted(out.glob(".*.tmp")):
         log.info("removing %s, left by an interrupted write", path.name)
-        path.unlink(missing_ok=True)
-    return torn
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+        removed.append(path)
+    return removed
+
+
+def _settle_adapter(out: Path) -> list[Path]:
+    """Undo a swap cut short between its renames: ``adapter/`` missing means ``.adapter.old`` is the last complete
+    adapter, so it goes back; with ``adapter/`` in place, the old one is stale. Returns what was removed."""
+    old, final = out / ADAPTER_OLD, out / ADAPTER
+    if not old.exists():
+        return []
+    if not final.exists():
+        log.info("restoring %s from %s, left by an interrupted export", final.name, old.name)
+        old.rename(final)
+        return []
+    log.info("removing %s, left by an interrupted export", old.name)
+    shutil.rmtree(old)
+    return [old]
+
+
+def replace_adapter(out: Path, write: Callable[[Path], object]) -> Path:
+    """Export with ``write(directory)`` into ``out/.adapter.tmp``, fsync it, and swap it in for ``out/adapter``
+    by renames. At every instant a complete adapter exists: ``adapter/`` (the old one, then the new one), or,
+    between the two renames, ``.adapter.old`` (which `remove_torn_writes` puts back after a crash there). If
+    ``write`` fails, the old ``adapter/`` stays and the temp directory is removed."""
+    new, old, final = out / ADAPTER_NEW, out / ADAPTER_OLD, out / ADAPTER
+    _settle_adapter(out)  # a rename onto a leftover .adapter.old would fail
+    shutil.rmtree(new, ignore_errors=True)
+    try:
+        write(new)
+        for path in [*sorted(new.rglob("*")), new]:
+            if path.is_file() or path.is_dir():
+                _fsync(path)  # the data is on disk before a rename can publish it
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
+        raise
+    # A directory cannot be renamed over a non-empty one: move the old one aside first.
+    if final.exists():
+        final.rename(old)
+    new.rename(final)
+    _fsync(out)
+    shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_identity(out: Path) -> dict[str, Any] | None:
@@ -110,9 +174,31 @@ class RoundLog:
         self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
         self._file.flush()
 
+    @property
+    def size(self) -> int:
+        """Bytes in the file now: every record written so far, whole (what a checkpoint records)."""
+        self._file.flush()  # the newline that ends a torn line is written, unflushed, before any record
+        return os.fstat(self._file.fileno()).st_size
+
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def truncate_rounds(out: Path, size: int) -> int:
+    """Cut ``rounds.jsonl`` back to its first ``size`` bytes (a checkpoint's `Checkpoint.rounds_bytes`), before a
+    `RoundLog` opens it. The lines past it are the rounds a crash undid: the node resumes from the checkpoint
+    and runs them again, so they would otherwise appear twice. One truncate(2): a crash sees the file before or
+    after it. A file already as short is left alone (e.g. moved away meanwhile). Returns the lines removed."""
+    path = out / ROUNDS
+    if not path.exists() or path.stat().st_size <= size:
+        return 0
+    with path.open("rb") as f:
+        f.seek(size)
+        undone = f.read().count(b"\n")
+    os.truncate(path, size)
+    log.info("removed the last %d line(s) of %s: rounds after the checkpoint, to be run again", undone, path.name)
+    return undone
 
 
 def read_rounds(out: Path) -> list[dict[str, Any]]:

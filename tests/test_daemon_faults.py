@@ -1,0 +1,213 @@
+"""The daemon against faults around its exchanges and its disk: a peer whose connection is replaced mid-call, a
+peer that lies about its mixing or its round, an exchange that fails inside this node, an export or a run cut
+short. One real node (tiny model) on the in-memory network, with a scripted peer beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import errno
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from tadlora.node import state
+from tadlora.node.daemon import Node
+from tadlora.node.memory_transport import InMemoryNetwork
+from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerUnavailable, StatusInfo
+from tadlora.node.wire import FactorSpec
+from test_daemon import NO_PEERS, node_config
+
+PEER_ID = "node-9"  # sorts after the node's own id ("node-0"), so the node calls it
+
+
+@contextlib.asynccontextmanager
+async def lone_node(tmp: Path, net: InMemoryNetwork, **changes: Any) -> AsyncIterator[Node]:
+    """node-0, started on ``net``, with no peers of its own and no wait for any."""
+    async with Node(node_config(tmp, 0, 2, NO_PEERS, min_peers=0, **changes), net) as node:
+        yield node
+
+
+class ScriptedPeer:
+    """A `NodeHandler` compatible with ``node``: it says what ``info`` says, echoes exchanges, and answers a
+    fetch with ``fetch_round`` and the node's own factors."""
+
+    def __init__(self, node: Node, *, round: int = 0, last_mixed_round: int = 0, fetch_round: int = 0) -> None:
+        self.info = PeerInfo(
+            node_id=PEER_ID, cluster=node.config.cluster, fingerprint=node.fingerprint, address="", round=round,
+            degree=1, method=node.method.name, last_mixed_round=last_mixed_round,
+        )  # fmt: skip
+        self.factors = dict(node.factors)
+        self.fetch_round = fetch_round
+
+    def local_info(self) -> PeerInfo:
+        return self.info
+
+    def expected_spec(self) -> FactorSpec | None:
+        return None
+
+    def status(self) -> StatusInfo:
+        return StatusInfo(node=self.info)
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        pass
+
+    async def async_exchange(self, header: ExchangeHeader, factors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        return factors
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, dict[str, Any]]:
+        return self.fetch_round, self.factors
+
+
+@contextlib.asynccontextmanager
+async def scripted_peer(node: Node, net: InMemoryNetwork, **kwargs: int) -> AsyncIterator[ScriptedPeer]:
+    """A `ScriptedPeer` served on ``net`` and made a verified peer of ``node``."""
+    peer = ScriptedPeer(node, **kwargs)
+    async with net.serve(peer, "10.0.0.9:0") as server:
+        peer.info = dataclasses.replace(peer.info, address=server.address)
+        assert node._peers is not None
+        await node._peers.add(peer.info, None, "static")
+        yield peer
+
+
+class HangingConnection:
+    """A connection whose exchange waits until the connection is closed, then fails as a closed one does."""
+
+    address = "10.0.0.8:7070"
+
+    def __init__(self) -> None:
+        self.called, self.closed = asyncio.Event(), asyncio.Event()
+
+    async def exchange(self, *args: Any, **kwargs: Any) -> Any:
+        self.called.set()
+        await self.closed.wait()
+        raise PeerUnavailable(self.address, "connection closed")
+
+    async def aclose(self) -> None:
+        self.closed.set()
+
+
+# ------------------------------------------------------------------------------------------------ peers
+
+
+@pytest.mark.asyncio
+async def test_an_exchange_cut_by_the_peer_moving_does_not_drop_its_new_connection(tmp_path: Path) -> None:
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net) as node:
+        assert node._peers is not None
+        at_old = PeerInfo(node_id=PEER_ID, cluster=node.config.cluster, fingerprint=node.fingerprint,
+                          address=HangingConnection.address)  # fmt: skip
+        conn = HangingConnection()
+        await node._peers.add(at_old, conn, "static")  # type: ignore[arg-type]
+        cur = await node.rounds.open(dict(node.factors), frozenset({PEER_ID}))
+        call = asyncio.ensure_future(node._exchange_with(PEER_ID, cur, asyncio.get_running_loop().time() + 30))
+        async with asyncio.timeout(30):
+            await conn.called.wait()
+            # It restarted at another address and handshook with us: the old connection closes under the call.
+            await node._peers.add(dataclasses.replace(at_old, address="10.0.0.9:7070"), None, "inbound")
+            await call
+        assert node._peers.peers[PEER_ID].info.address == "10.0.0.9:7070"
+        assert node._peers.retry_at(PEER_ID) is None
+
+
+# ------------------------------------------------------------------------------------------- catch-up
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("last_mixed_round", "fetch_round", "adopted"),
+    [(3, 3, True), (10**12, 3, False), (3, 10**9, False), (4, 1, False)],
+    ids=["sane", "mixed-a-round-it-never-reached", "fetch-past-the-last-round", "fetch-before-its-mixing"],
+)
+async def test_catch_up_never_adopts_a_state_no_node_can_be_in(
+    tmp_path: Path, last_mixed_round: int, fetch_round: int, adopted: bool
+) -> None:
+    net = InMemoryNetwork()
+    async with (
+        lone_node(tmp_path, net, rounds=5) as node,
+        scripted_peer(node, net, round=3, last_mixed_round=last_mixed_round, fetch_round=fetch_round),
+    ):
+        async with asyncio.timeout(30):
+            await node._catch_up_if_behind()
+        if adopted:
+            assert (node.round, node.last_mixed_round) == (3, 3)
+        else:
+            assert (node.round, node.last_mixed_round) == (0, 0)
+
+
+# ------------------------------------------------------------------------------------------- exchanges
+
+
+@pytest.mark.asyncio
+async def test_an_exchange_failing_inside_the_node_is_logged_counted_and_the_rounds_go_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=2) as node, scripted_peer(node, net):
+
+        def broken(*args: Any) -> None:
+            raise RuntimeError("injected fault")
+
+        monkeypatch.setattr(node, "_check_neighbour", broken)  # runs on every reply the node gets
+        with caplog.at_level(logging.ERROR, logger="tadlora.node"):
+            async with asyncio.timeout(60):
+                result = await node.run()
+    assert result.rounds_completed == 2
+    errors = [r for r in caplog.records if "failed inside this node" in r.getMessage()]
+    assert [r.exc_info[1].args for r in errors if r.exc_info] == [("injected fault",)] * 2
+    assert node.metrics.registry.get_sample_value("tadlora_exchanges_total", {"result": "error"}) == 2
+    assert [r["missed"] for r in state.read_rounds(tmp_path / "n0")] == [[PEER_ID]] * 2  # the pair left out
+
+
+# --------------------------------------------------------------------------------------------- on disk
+
+
+@pytest.mark.asyncio
+async def test_an_export_that_fails_midway_leaves_the_previous_adapter_whole(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with lone_node(tmp_path, InMemoryNetwork()) as node:
+        await node._save(0, export=True)
+        adapter = node.config.out / state.ADAPTER
+        before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+
+        def disk_full(directory: Path) -> Path:
+            directory.mkdir(parents=True, exist_ok=True)
+            (directory / "adapter_model.safetensors").write_bytes(b"torn")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        monkeypatch.setattr(node._model, "export", disk_full)
+        with pytest.raises(OSError, match="No space"):
+            await node._save(0, export=True)
+        assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+        assert not [p.name for p in node.config.out.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.asyncio
+async def test_a_node_resumed_after_a_crash_logs_each_round_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=4, checkpoint_every=3) as node:
+        save = node._save
+
+        async def killed_before_the_final_save(next_round: int, export: bool) -> None:
+            if not export:
+                await save(next_round, export)
+
+        # Checkpoint at round 3, round 3 runs and is logged, then the process dies (no final checkpoint).
+        monkeypatch.setattr(node, "_save", killed_before_the_final_save)
+        async with asyncio.timeout(60):
+            await node.run()
+    ckpt = state.load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == 3
+    async with lone_node(tmp_path, net, rounds=4, checkpoint_every=3) as node:
+        assert node.round == 3
+        async with asyncio.timeout(60):
+            await node.run()  # round 3 again
+    assert [r["round"] for r in state.read_rounds(tmp_path / "n0")] == [0, 1, 2, 3]
