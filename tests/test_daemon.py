@@ -294,6 +294,26 @@ async def test_nodes_of_another_cluster_or_fingerprint_are_never_mixed_with(tmp_
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("listen", ["0.0.0.0:0", "[::]:0"])
+async def test_a_wildcard_listen_without_mdns_or_advertise_address_is_refused_at_start(tmp_path, listen) -> None:
+    """It would announce 0.0.0.0:PORT (or [::]:PORT) in its handshakes, and a peer dialling that reaches its own
+    host: refused before anything is loaded or served, naming the flag to set."""
+    static = PeersOption(auto=False, static=("127.0.0.1:1",), dns=())
+    with pytest.raises(ValueError, match="--advertise-address") as refused:
+        async with Node(node_config(tmp_path, 0, 1, static, listen=listen, min_peers=0)):
+            pass
+    assert listen in str(refused.value)
+    assert not (tmp_path / "n0").exists()  # refused before it touched --out
+
+
+@pytest.mark.asyncio
+async def test_a_wildcard_listen_with_mdns_announces_the_interface_address(tmp_path) -> None:
+    async with Node(node_config(tmp_path, 0, 1, parse_peers_option("auto"), listen="0.0.0.0:0", min_peers=0)) as node:
+        assert node.address.startswith("127.0.0.1:")  # the --mdns-interface address, never 0.0.0.0
+        assert node.local_info().address == node.address
+
+
+@pytest.mark.asyncio
 async def test_graceful_stop_checkpoints_and_leaves_no_task_or_thread(tmp_path) -> None:
     threads_before = set(threading.enumerate())
     async with cluster(tmp_path, 2, rounds=None, min_peers=1, checkpoint_every=1000) as nodes:

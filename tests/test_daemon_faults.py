@@ -164,6 +164,25 @@ async def test_an_exchange_failing_inside_the_node_is_logged_counted_and_the_rou
     assert [r["missed"] for r in state.read_rounds(tmp_path / "n0")] == [[PEER_ID]] * 2  # the pair left out
 
 
+@pytest.mark.asyncio
+async def test_a_peer_whose_address_reaches_another_node_is_refused_not_mixed(tmp_path: Path) -> None:
+    """A peer that announced an address where another node answers (0.0.0.0:PORT reaches the dialler's own host):
+    the node calls it there, refuses the other node's reply (IDENTITY_MISMATCH) and mixes nothing."""
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=1) as node, scripted_peer(node, net) as other:
+        elsewhere = dataclasses.replace(other.info, node_id="node-7")  # node-9 answers at node-7's address
+        assert node._peers is not None
+        await node._peers.add(elsewhere, None, "inbound")  # as a node-7 that called us would be added
+        await node._peers.drop(PEER_ID, "only node-7 is meant to be a peer")
+        assert list(node._peers.peers) == ["node-7"]
+        async with asyncio.timeout(60):
+            result = await node.run()
+    assert result.rounds_completed == 1
+    assert node.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "IDENTITY_MISMATCH"}) == 1
+    [record] = state.read_rounds(tmp_path / "n0")
+    assert record["neighbours"] == [] and record["missed"] == ["node-7"]
+
+
 # --------------------------------------------------------------------------------------------- on disk
 
 

@@ -17,7 +17,7 @@ from tadlora.node.cli import main
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.doctor import compare_peer
-from tadlora.node.hostcheck import check_precision, multicast_route_interfaces
+from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
 from test_daemon import cluster_name, node_config
@@ -141,6 +141,16 @@ def test_bf16_on_a_cpu_without_native_bf16_is_a_warn_with_the_fix(tmp_path) -> N
 def test_bad_flags_exit_2(capsys) -> None:
     assert main(["doctor", "--shard", "5"]) == 2
     assert "--shard 5" in capsys.readouterr().err
+
+
+def test_a_wildcard_listen_without_mdns_or_advertise_address_fails_as_the_node_would(tmp_path) -> None:
+    """The node refuses to start so (peers told 0.0.0.0:PORT dial their own host): the doctor says FAIL, not WARN."""
+    static = PeersOption(auto=False, static=("127.0.0.1:1",), dns=())
+    wildcard = node_config(tmp_path, 0, 1, static, listen="0.0.0.0:0")
+    listen = check_listen(wildcard)
+    assert listen.status == "FAIL" and "--advertise-address" in listen.fix
+    assert check_listen(dataclasses.replace(wildcard, advertise_address="10.1.2.3")).status == "OK"
+    assert check_listen(dataclasses.replace(wildcard, peers=parse_peers_option("auto"))).status == "OK"
 
 
 def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -> None:

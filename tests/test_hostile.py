@@ -250,6 +250,30 @@ class QuietHandler:
         raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "no")
 
 
+def test_a_declared_size_over_what_the_expected_spec_takes_is_refused_before_a_chunk_is_read() -> None:
+    """Under the node's cap but over the most a payload of the expected spec can take: TOO_LARGE from the header."""
+    read = 0
+
+    async def requests() -> AsyncGenerator[pb.ExchangeMessage, None]:
+        nonlocal read
+        read += 1
+        total = SPEC.max_payload_bytes() + 1
+        yield pb.ExchangeMessage(header=pb.ExchangeHeader(
+            protocol_version=PROTOCOL_VERSION, node_id="caller", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0,
+            degree=1, total_bytes=total, sha256=digest(b""), num_chunks=-(-total // MAX_CHUNK_BYTES),
+        ))  # fmt: skip
+        read += 1  # asked for a chunk
+        await asyncio.Event().wait()
+
+    async def first_reply() -> pb.ExchangeMessage:
+        responder = _Responder(QuietHandler(), max_payload_bytes=1 << 30)
+        async with contextlib.aclosing(responder.exchange(requests())) as replies, asyncio.timeout(5):
+            return await anext(replies)
+
+    reply = asyncio.run(first_reply())
+    assert Reason(reply.refusal.reason) is Reason.TOO_LARGE and read == 1
+
+
 texts = st.one_of(st.text(max_size=40), st.text(min_size=MAX_TEXT_CHARS + 1, max_size=MAX_TEXT_CHARS + 2),
                   st.just("x" * 100_000), st.just(CLUSTER), st.just(FINGERPRINT))  # fmt: skip
 

@@ -64,6 +64,14 @@ def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:
     assert message in capsys.readouterr().err
 
 
+def test_a_wildcard_listen_that_peers_could_not_call_back_exits_1_naming_the_flag_to_set(tmp_path, capsys) -> None:
+    argv = ["--listen", "0.0.0.0:0", "--peers", "127.0.0.1:1", "--insecure", "--model", "tiny", "--rounds", "1",
+            "--min-peers", "0", "--device", "cpu", "--out", str(tmp_path / "n0")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--listen 0.0.0.0:0" in err and "--advertise-address" in err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+import threading
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -26,13 +27,17 @@ from tadlora.node.rpc import (
     PeerInfo,
     StatusInfo,
     _payload_messages,
+    _Responder,
 )
-from tadlora.node.wire import ExchangeRefused, Reason, chunk_count, digest, encode_factors
+from tadlora.node.wire import ExchangeRefused, FactorSpec, Reason, chunk_count, digest, encode_factors
 from tadlora.v1 import node_pb2 as pb
 from test_daemon import node_config
 
 HOSTILE = "a-hostile"  # sorts before node-0, so the honest node waits for its call instead of calling it
-ROUND_S = 3.0  # s: the exchange deadline of the honest nodes, long enough for every hostile attempt
+# s: the exchange deadline of the honest nodes, long enough for every hostile attempt of round 0 on a busy
+# machine: once round 0 closes, an exchange for it is refused from its header (ROUND_MISMATCH), before the
+# payload check an attempt is there to provoke.
+ROUND_S = 8.0
 
 
 @contextlib.asynccontextmanager
@@ -112,6 +117,15 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
                 good = select(n0.factors, sent_factors(n0.method, 0))
                 header = ExchangeHeader.from_info(hostile, at_round=0)
                 outcomes: dict[str, Reason] = {}
+                payload = encode_factors(good)
+                wrong = digest(payload + b"x")
+                reply = await raw_exchange(client, list(_payload_messages(header, payload, wrong)))
+                outcomes["bad digest"] = Reason(reply.refusal.reason)
+                head = pb.ExchangeHeader(protocol_version=PROTOCOL_VERSION, node_id=HOSTILE, cluster=header.cluster,
+                                         fingerprint=header.fingerprint, round=0, degree=1, total_bytes=100 << 30,
+                                         sha256=digest(b""), num_chunks=chunk_count(100 << 30))  # fmt: skip
+                reply = await raw_exchange(client, [pb.ExchangeMessage(header=head)])
+                outcomes["100 GB declared"] = Reason(reply.refusal.reason)
                 for name, spoil in BAD_FACTORS:
                     bad = {k: v.clone() for k, v in good.items()}
                     spoil(bad)
@@ -126,15 +140,6 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
                     with pytest.raises(ExchangeRefused) as caught:
                         await client.exchange(ExchangeHeader(**fields), good, timeout=10.0)
                     outcomes[name] = caught.value.reason
-                payload = encode_factors(good)
-                wrong = digest(payload + b"x")
-                reply = await raw_exchange(client, list(_payload_messages(header, payload, wrong)))
-                outcomes["bad digest"] = Reason(reply.refusal.reason)
-                head = pb.ExchangeHeader(protocol_version=PROTOCOL_VERSION, node_id=HOSTILE, cluster=header.cluster,
-                                         fingerprint=header.fingerprint, round=0, degree=1, total_bytes=100 << 30,
-                                         sha256=digest(b""), num_chunks=chunk_count(100 << 30))  # fmt: skip
-                reply = await raw_exchange(client, [pb.ExchangeMessage(header=head)])
-                outcomes["100 GB declared"] = Reason(reply.refusal.reason)
                 async with asyncio.timeout(60):
                     await asyncio.gather(n0.async_wait_for_round(3), n1.async_wait_for_round(3))
             finally:
@@ -224,3 +229,128 @@ async def test_a_callee_replying_with_a_bad_degree_or_absurd_factors_is_refused_
     records = _rounds(n0)
     assert [r["round"] for r in records] == [0, 1, 2] and all(r["neighbours"] == [] for r in records)
     assert all(bool(torch.isfinite(v).all()) for v in n0.factors.values())
+
+
+# ----------------------------------------------------------------------- refused from the header alone
+
+HEADER_ONLY_S = 5.0  # s: a refusal from the header comes at once; a callee reading chunks would wait forever
+
+
+async def reply_to_a_header_alone(
+    node: Node, wait: float = HEADER_ONLY_S, **fields: object
+) -> tuple[pb.ExchangeMessage | None, int]:
+    """Open an exchange with ``node`` that sends a header (``fields`` over a plausible one) and then never a chunk;
+    return the first reply (None: none within ``wait`` seconds) and how many request messages the node read."""
+    head = pb.ExchangeHeader(protocol_version=PROTOCOL_VERSION, node_id="node-1", cluster=node.config.cluster,
+                             fingerprint=node.fingerprint, round=0, degree=1, total_bytes=1024, sha256=digest(b""),
+                             num_chunks=1)  # fmt: skip
+    for name, value in fields.items():
+        setattr(head, name, value)
+    head.num_chunks = chunk_count(head.total_bytes)
+    read = 0
+    never = asyncio.Event()
+
+    async def requests() -> AsyncGenerator[pb.ExchangeMessage, None]:
+        nonlocal read
+        read += 1
+        yield pb.ExchangeMessage(header=head)
+        read += 1  # asked for the first chunk
+        await never.wait()
+        yield pb.ExchangeMessage(chunk=b"x")
+
+    # The serving side both transports drive, on the node as its handler (as `Node.start` serves it).
+    responder = _Responder(node, max_payload_bytes=node.config.max_payload_bytes)
+    async with contextlib.aclosing(responder.exchange(requests())) as replies:
+        try:
+            async with asyncio.timeout(wait):
+                return await anext(replies), read
+        except TimeoutError:
+            return None, read
+
+
+def round_spec(node: Node, t: int) -> FactorSpec:
+    return FactorSpec.from_factors(select(node.factors, sent_factors(node.method, t)))
+
+
+@pytest.mark.asyncio
+async def test_an_exchange_declaring_more_bytes_than_its_round_can_carry_is_refused_before_a_chunk_is_read(
+    tmp_path: Path,
+) -> None:
+    """Within the 512 MiB cap, but far over what the round's factors take: refused TOO_LARGE from the header, so a
+    caller cannot make the node hold hundreds of MiB per exchange for a payload it would refuse anyway."""
+    async with Node(node_config(tmp_path, 0, 2, PeersOption(False, (), ()), method="lora", min_peers=0)) as node:
+        most = round_spec(node, 0).max_payload_bytes()
+        declared = 256 << 20
+        assert most < declared < node.config.max_payload_bytes
+        reply, read = await reply_to_a_header_alone(node, total_bytes=declared)
+        fits, read_fitting = await reply_to_a_header_alone(node, wait=0.5, total_bytes=most)
+    assert reply is not None and Reason(reply.refusal.reason) is Reason.TOO_LARGE
+    assert str(most) in reply.refusal.detail
+    assert read == 1  # the header, and not one chunk
+    assert refusals(node, "TOO_LARGE") == 1
+    assert (fits, read_fitting) == (None, 2)  # the largest size the spec allows: the node reads on
+
+
+@pytest.mark.asyncio
+async def test_an_exchange_for_a_closed_round_or_from_a_non_neighbour_is_refused_before_a_chunk_is_read(
+    tmp_path: Path,
+) -> None:
+    cfg = node_config(tmp_path, 0, 2, PeersOption(False, (), ()), method="lora", min_peers=0, rounds=1)
+    async with Node(cfg) as node:
+        async with asyncio.timeout(60):
+            await node.run()  # round 0 is closed; the node is at round 1
+        assert node.round == 1
+        size = len(encode_factors(select(node.factors, sent_factors(node.method, 0))))
+        closed, read_closed = await reply_to_a_header_alone(node, round=0, total_bytes=size)
+        past_the_run, read_past = await reply_to_a_header_alone(node, round=2, total_bytes=size)
+        # Round 1 published with node-2 as the only neighbour: node-1 is not one, and that is known from the header.
+        await node.rounds.open(dict(node.factors), frozenset({"node-2"}))
+        stranger, read_stranger = await reply_to_a_header_alone(node, round=1, total_bytes=size)
+    assert closed is not None and past_the_run is not None and stranger is not None
+    assert Reason(closed.refusal.reason) is Reason.ROUND_MISMATCH and "over here" in closed.refusal.detail
+    assert Reason(past_the_run.refusal.reason) is Reason.ROUND_MISMATCH
+    assert Reason(stranger.refusal.reason) is Reason.NOT_A_NEIGHBOR
+    assert (read_closed, read_past, read_stranger) == (1, 1, 1)
+    assert refusals(node, "ROUND_MISMATCH") == 2 and refusals(node, "NOT_A_NEIGHBOR") == 1
+
+
+# ------------------------------------------------------------------------------- checks off the loop
+
+
+@pytest.mark.asyncio
+async def test_factor_checks_run_off_the_event_loop_and_not_behind_training_and_still_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """isfinite and the norm over a payload take tens of ms per 32 MB: on the loop they would hold up handshakes
+    and exchanges; in the torch worker they would wait for a training step. Both ends' checks, and a refusal."""
+    threads: list[threading.Thread] = []
+    check = FactorSpec.check
+
+    def recording(self: FactorSpec, factors: Factors, max_norm: float | None = None) -> None:
+        threads.append(threading.current_thread())
+        check(self, factors, max_norm)
+
+    monkeypatch.setattr(FactorSpec, "check", recording)
+    loop_thread = threading.current_thread()
+    network = InMemoryNetwork()
+    async with honest_pair(tmp_path, network) as (n0, n1):
+        hostile = PeerInfo(node_id=HOSTILE, cluster=n0.config.cluster, fingerprint=n0.fingerprint,
+                           address="127.0.0.1:9", round=0, degree=2)  # fmt: skip
+        async with network.connect(n0.address) as client:
+            await client.handshake(hostile, timeout=5.0)
+            tasks = [asyncio.ensure_future(n.run()) for n in (n0, n1)]
+            try:
+                bad = {k: v.clone() for k, v in select(n0.factors, sent_factors(n0.method, 0)).items()}
+                _nan(bad)
+                with pytest.raises(ExchangeRefused) as caught:
+                    await client.exchange(ExchangeHeader.from_info(hostile, at_round=0), bad, timeout=10.0)
+                async with asyncio.timeout(60):
+                    await asyncio.gather(n0.async_wait_for_round(2), n1.async_wait_for_round(2))
+            finally:
+                for n in (n0, n1):
+                    n.request_stop()
+                await asyncio.gather(*tasks)
+    assert caught.value.reason is Reason.BAD_PAYLOAD and "NaN" in caught.value.detail
+    assert len(threads) >= 3  # the hostile request, and both ends of node-0's call to node-1 in two rounds
+    assert loop_thread not in threads
+    assert not [t.name for t in threads if t.name.startswith("tadlora-torch")]

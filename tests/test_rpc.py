@@ -239,6 +239,29 @@ async def test_a_peer_claiming_to_have_mixed_a_round_it_has_not_reached_is_refus
     assert bob.handshakes == [alice.info, alice.info]  # the liar never reached the handler
 
 
+@pytest.mark.asyncio
+async def test_a_connection_made_for_one_node_refuses_the_answers_of_another(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    """An address can reach another node than the one it was dialled for (a peer that announced 0.0.0.0 reaches
+    the caller's own host): its handshake, exchange and fetch replies are refused, never taken for the peer's."""
+    async with transport.serve(bob, LISTEN) as server:
+        async with transport.connect(server.address, node_id="carol") as client:
+            calls = {
+                "handshake": client.handshake(alice.info, TIMEOUT),
+                "exchange": client.exchange(header_of(alice), alice.factors, TIMEOUT),
+                "fetch": client.fetch(alice.info, TIMEOUT),
+            }
+            for what, call in calls.items():
+                with pytest.raises(ExchangeRefused) as refused:
+                    await call
+                assert refused.value.reason is Reason.IDENTITY_MISMATCH, what
+                assert "'bob'" in refused.value.detail and "'carol'" in refused.value.detail, what
+        async with transport.connect(server.address, node_id="bob") as client:
+            assert (await client.handshake(alice.info, TIMEOUT)).node_id == "bob"
+            assert (await client.exchange(header_of(alice), alice.factors, TIMEOUT)).peer.node_id == "bob"
+
+
 # ----------------------------------------------------------------------------------------- exchange
 
 
@@ -324,6 +347,17 @@ async def test_reply_off_the_caller_spec_raises_payload_error(
             await client.exchange(header_of(alice), alice.factors, TIMEOUT, FactorSpec.from_factors(alice.factors))
     assert refused.value.reason is Reason.BAD_PAYLOAD
     assert "dtype" in refused.value.detail
+
+
+@pytest.mark.asyncio
+async def test_a_reply_declared_larger_than_the_caller_spec_allows_is_refused_too_large(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.factors = lora_factors(2, width=4096)  # ~0.5 MB where alice expects ~1 KB of factors
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(PayloadError) as refused:
+            await client.exchange(header_of(alice), alice.factors, TIMEOUT, FactorSpec.from_factors(alice.factors))
+    assert refused.value.reason is Reason.TOO_LARGE
 
 
 @pytest.mark.asyncio

@@ -219,6 +219,27 @@ def test_payload_off_the_spec_is_refused_as_bad_payload(
     decode_factors(payload)  # without a spec the same payload decodes: the spec is what refused it
 
 
+@pytest.mark.parametrize(
+    "factors",
+    [
+        lora_factors(),
+        lora_factors(torch.bfloat16, rank=64, width=384),
+        {},
+        {"x" * 300 + "\u00e9\u0001": torch.zeros(1, 2, 3, 4, 5, dtype=torch.float64), "s": torch.tensor(1.0)},
+        {f"layer.{i}.lora_A.weight": torch.zeros(1, 1, dtype=torch.int8) for i in range(200)},
+    ],
+    ids=["lora", "bf16 rank 64", "empty", "odd keys and shapes", "many small tensors"],
+)
+def test_a_payload_meeting_its_spec_fits_the_specs_size_bound_and_the_bound_is_near_the_data(
+    factors: Factors,
+) -> None:
+    """The bound is what a receiver refuses a declared size over (TOO_LARGE, from the header): never below a real
+    payload of the spec, and not far above its tensors' bytes (so it protects where the 512 MiB cap does not)."""
+    spec = FactorSpec.from_factors(factors)
+    data = sum(t.numel() * t.element_size() for t in factors.values())
+    assert len(encode_factors(factors)) <= spec.max_payload_bytes() <= data + (64 << 10) + 2000 * max(len(factors), 1)
+
+
 def test_many_missing_keys_are_summarised_not_dumped() -> None:
     spec = FactorSpec({f"k{i:03d}": ((1,), "float32") for i in range(100)})
     with pytest.raises(PayloadError, match=r"100 missing \(k000, k001, k002 and 97 more\)"):

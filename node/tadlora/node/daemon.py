@@ -74,6 +74,23 @@ def _progress(done: int, total: int | None, width: int = 20) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
 
 
+def _is_wildcard(host: str) -> bool:
+    """Whether a --listen host binds every address (0.0.0.0, ::), which names none a peer could dial."""
+    return host.strip("[]") in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
+
+
+def _check_callable_back(cfg: NodeConfig) -> None:
+    """Raise ValueError for a wildcard --listen with neither mDNS nor --advertise-address: the node would tell
+    its peers 0.0.0.0:PORT, and a peer that dials that reaches its own host (itself, or another node there)."""
+    host = cfg.listen.rpartition(":")[0]
+    if _is_wildcard(host) and cfg.advertise_address is None and not cfg.peers.auto:
+        raise ValueError(
+            f"--listen {cfg.listen} serves on every address but names none that peers can call back, and there "
+            "is no mDNS to announce one: set --advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IP peers "
+            "reach this node at (in Kubernetes: the pod IP), or --listen on that address"
+        )
+
+
 @dataclass(frozen=True)
 class NodeResult:
     """What a finished run reached."""
@@ -150,6 +167,7 @@ class Node:
     async def start(self) -> None:
         """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""
         cfg = self.config
+        _check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
         cfg.out.mkdir(parents=True, exist_ok=True)
         await self._in_worker(self._build)
         assert self._model is not None  # noqa: S101 - set by _build
@@ -185,8 +203,9 @@ class Node:
         host = cfg.listen.rpartition(":")[0]
         port = self._server.address.rpartition(":")[2]
         interfaces = interface_addresses(cfg.mdns_interface) if cfg.peers.auto else []
-        wildcard = host in ("0.0.0.0", "", "[::]")  # noqa: S104 - recognising it, not binding to it
-        advertised_host = cfg.advertise_address or (interfaces[0] if wildcard and interfaces else host)
+        # A wildcard host without --advertise-address has mDNS here (`_check_callable_back`), whose interface
+        # lookup raises unless it finds an address: so 0.0.0.0 is never what this node announces.
+        advertised_host = cfg.advertise_address or (interfaces[0] if _is_wildcard(host) and interfaces else host)
         self.address = f"{advertised_host}:{port}"
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port, addr=host)
@@ -408,17 +427,37 @@ class Node:
                 Reason.ROUND_MISMATCH, f"{who} claims round {r}, past this run's last round {self.config.rounds}"
             )
 
-    def _check_neighbour(self, who: str, t: int, degree: int, factors: Factors) -> None:
+    async def _async_check_neighbour(self, who: str, t: int, degree: int, factors: Factors) -> None:
         """Raise `PayloadError(BAD_PAYLOAD)` unless a neighbour's round-t degree and factors are fit to mix."""
+        spec = self._spec_for(t)  # on the loop, which alone replaces the round state it reads
+        # isfinite and a float64 norm over every factor take ~47 ms per 32 MB: off the loop, so that handshakes
+        # and other exchanges are answered meanwhile. In the loop's default executor (as payload decoding), not
+        # the node's one torch worker: there a check would queue behind a training step of seconds, and the
+        # caller's deadline or a peer's handshake timeout would run out while it waits.
+        await asyncio.to_thread(self._check_neighbour, who, spec, degree, factors)
+
+    def _check_neighbour(self, who: str, spec: FactorSpec, degree: int, factors: Factors) -> None:
+        """`_async_check_neighbour`'s checks, in any thread."""
         if not 1 <= degree <= MAX_DEGREE:
             raise PayloadError(Reason.BAD_PAYLOAD, f"{who} says its degree is {degree}, expected 1..{MAX_DEGREE}")
-        self._spec_for(t).check(factors, max_norm=self.config.max_factor_norm)
+        spec.check(factors, max_norm=self.config.max_factor_norm)
+
+    async def async_admit_exchange(self, header: ExchangeHeader) -> FactorSpec:
+        """Refuse from its header, before its payload is read, an exchange that `async_exchange` would refuse for
+        its round or its caller; return the spec its payload must meet (which bounds its size)."""
+        r = header.round
+        self._check_round_sane(r, header.node_id)
+        await self.rounds.admit(header.node_id, r)
+        return self._spec_for(r)
 
     async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
         """Answer a neighbour's round-r exchange with our round-r snapshot (waiting for it if we are training)."""
         r = header.round
         self._check_round_sane(r, header.node_id)
-        snapshot = await self.rounds.answer(header.node_id, r, header.degree, factors, self._check_neighbour)
+        # Checked before the round state is locked: the check takes a worker thread's time, and the lock holds
+        # the round loop and every other exchange. `answer` then re-checks the round and the pair under the lock.
+        await self._async_check_neighbour(header.node_id, r, header.degree, factors)
+        snapshot = await self.rounds.answer(header.node_id, r, header.degree, factors)
         return select(snapshot, sent_factors(self.method, r))
 
     # ------------------------------------------------------------------------------------------- rounds
@@ -480,7 +519,8 @@ class Node:
         try:
             spec = FactorSpec.from_factors(rounds.factors)
             result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, spec)
-            spec.check(result.factors, max_norm=cfg.max_factor_norm)
+            # Off the loop, and not behind training: see `_async_check_neighbour`.
+            await asyncio.to_thread(spec.check, result.factors, cfg.max_factor_norm)
             # What we are about to adopt must be a state a node can be in (the handshake's claims were checked
             # on their own; the fetch may come from a peer that restarted or lies since): a round within the run,
             # and a last mixing no later than that round's start allows (`rpc._check_info`).
@@ -646,7 +686,7 @@ class Node:
             result = await peer.conn.exchange(
                 header, select(cur.snapshot, sent_factors(self.method, t)), remaining, self._spec_for(t)
             )
-            self._check_neighbour(j, t, result.peer.degree, result.factors)  # its reply, before it counts
+            await self._async_check_neighbour(j, t, result.peer.degree, result.factors)  # its reply, before it counts
         except ExchangeRefused as exc:
             if exc.reason is Reason.ROUND_MISMATCH:
                 self.rounds.gap_seen = True  # out of step with j: see whether one of us should catch up

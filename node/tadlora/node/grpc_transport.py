@@ -156,7 +156,9 @@ class PeerClient(_Caller):
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         server_name: str | None = None,
     ) -> None:
-        super().__init__(address, max_payload_bytes=max_payload_bytes)
+        """``server_name``: the node id this connection is for; with ``credentials`` its certificate must name it,
+        and in any case the node that answers must say it is that one (None: any node of the cluster)."""
+        super().__init__(address, max_payload_bytes=max_payload_bytes, node_id=server_name)
         self._credentials = credentials
         self._server_name = server_name or TLS_SERVER_NAME
         self._channel: grpc.aio.Channel | None = None

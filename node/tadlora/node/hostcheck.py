@@ -164,7 +164,7 @@ def check_listen(cfg: NodeConfig) -> Check:
     if wildcard and cfg.advertise_address is None and not cfg.peers.auto:
         return Check(
             "listen",
-            "WARN",
+            "FAIL",  # the node refuses to start so: peers told 0.0.0.0:PORT would dial their own host
             f"{detail}, but peers would be told {cfg.listen}",
             "with a wildcard --listen and no mDNS, set --advertise-address to the IP peers reach "
             "this node at (in Kubernetes: the pod IP)",

@@ -62,8 +62,9 @@ class InMemoryNetwork:
         return InMemoryServer(self, handler, listen, max_payload_bytes=max_payload_bytes or self._max_payload_bytes)
 
     def connect(self, address: str, node_id: str | None = None) -> InMemoryClient:
-        # No authentication in memory: ``node_id`` is accepted and not checked (nothing here can hold a certificate).
-        return InMemoryClient(self, address, max_payload_bytes=self._max_payload_bytes)
+        # No authentication in memory (nothing here can hold a certificate); ``node_id`` is checked against the ids
+        # the node there answers with, as on gRPC.
+        return InMemoryClient(self, address, max_payload_bytes=self._max_payload_bytes, node_id=node_id)
 
     def _bind(self, server: InMemoryServer, listen: str) -> str:
         host, _, port = listen.rpartition(":")
@@ -148,8 +149,10 @@ class InMemoryServer:
 class InMemoryClient(_Caller):
     """A connection to an `InMemoryNetwork` address; same methods and errors as `PeerClient`."""
 
-    def __init__(self, network: InMemoryNetwork, address: str, *, max_payload_bytes: int) -> None:
-        super().__init__(address, max_payload_bytes=max_payload_bytes)
+    def __init__(
+        self, network: InMemoryNetwork, address: str, *, max_payload_bytes: int, node_id: str | None = None
+    ) -> None:
+        super().__init__(address, max_payload_bytes=max_payload_bytes, node_id=node_id)
         self._network = network
         self._closed = False
 

@@ -216,6 +216,8 @@ class PeerManager:
             info = await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
         except ExchangeRefused as exc:  # refused by it, or its reply by us (e.g. a state no node can be in)
             log.info("handshake with peer %s (%s) refused: %s: %s", node_id, why, exc.reason.name, exc.detail)
+            if exc.reason is Reason.IDENTITY_MISMATCH:  # its address reaches another node: it is not reachable
+                await self.drop(node_id, f"{why}, and {exc.detail}", expected=peer)
             return None  # it answers, so it is alive, but will not tell us its state now
         except PeerUnavailable as exc:
             await self.drop(node_id, f"{why} and does not answer ({exc})", expected=peer)

@@ -119,44 +119,69 @@ class RoundState:
 
     # -------------------------------------------------------------------------------------- callee side
 
-    async def answer(self, caller: str, r: int, degree: int, factors: Factors, check: CheckNeighbour) -> Factors:
+    async def admit(self, caller: str, r: int) -> None:
+        """Refuse at once, as `answer` would, a round-``r`` exchange from ``caller`` that no wait can make
+        acceptable: round r over here or too far ahead, the node stopping, and, once round r's snapshot is
+        published, a caller that is not a neighbour in it or has already exchanged in it. Notes the caller's round
+        as `answer` does. Called with the header, before the payload is read, so a refused exchange costs no memory.
+        """
+        async with self._changed:
+            cur = self._place(caller, r)
+            if r == cur.t and cur.snapshot is not None:
+                self._check_pair(cur, caller, r)
+
+    async def answer(
+        self, caller: str, r: int, degree: int, factors: Factors, check: CheckNeighbour | None = None
+    ) -> Factors:
         """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then record what it sent and return
         the snapshot (the caller's deadline cancels the wait).
 
         Refused with ROUND_MISMATCH when round r is over here or ``caller`` is more than `WAIT_GAP_ROUNDS` ahead,
-        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops; ``check`` raises
-        `PayloadError` for a degree or factors unfit to mix. A caller in another round than ours, two or more
-        away, sets `gap_seen`.
+        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops; ``check`` (run under
+        the lock, so keep it cheap: the daemon checks the factors before calling) raises `PayloadError` for a degree
+        or factors unfit to mix. A caller in another round than ours, two or more away, sets `gap_seen`.
         """
         async with self._changed:
             while True:
-                if self._stopping():
-                    raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
-                cur = self.current
-                if r < cur.t - 1:
-                    # The caller is far behind: it will not reach this round in time, so stop waiting for it,
-                    # and check at the next round whether one of us should catch up (we may have run alone).
-                    cur.ahead.add(caller)
-                    self._changed.notify_all()
-                    self.gap_seen = True
-                if r < cur.t or (r == cur.t and cur.closed):
-                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
-                if r > cur.t:
-                    # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
-                    cur.ahead.add(caller)
-                    self._changed.notify_all()
-                if r > cur.t + WAIT_GAP_ROUNDS:
-                    self.gap_seen = True
-                    raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
+                cur = self._place(caller, r)
                 if r == cur.t and cur.snapshot is not None:
                     snapshot = cur.snapshot
                     break
                 await self._changed.wait()
-            if caller not in cur.neighbours:
-                raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{caller} is not a neighbour in round {r}")
-            if caller in cur.received:
-                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {caller} in round {r}")
-            check(caller, r, degree, factors)
+            self._check_pair(cur, caller, r)
+            if check is not None:
+                check(caller, r, degree, factors)
             cur.received[caller] = (degree, factors)
             self._changed.notify_all()
             return snapshot
+
+    def _place(self, caller: str, r: int) -> Round:
+        """With the lock held: the current round, after refusing a round-``r`` exchange that can never be answered
+        and noting a caller in another round (it will not call us for ours)."""
+        if self._stopping():
+            raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
+        cur = self.current
+        if r < cur.t - 1:
+            # The caller is far behind: it will not reach this round in time, so stop waiting for it,
+            # and check at the next round whether one of us should catch up (we may have run alone).
+            cur.ahead.add(caller)
+            self._changed.notify_all()
+            self.gap_seen = True
+        if r < cur.t or (r == cur.t and cur.closed):
+            raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
+        if r > cur.t:
+            # The caller has left round cur.t behind, so it will not call us for it: stop waiting for it.
+            cur.ahead.add(caller)
+            self._changed.notify_all()
+        if r > cur.t + WAIT_GAP_ROUNDS:
+            self.gap_seen = True
+            raise ExchangeRefused(Reason.ROUND_MISMATCH, f"this node is behind (round {cur.t} < {r})")
+        return cur
+
+    @staticmethod
+    def _check_pair(cur: Round, caller: str, r: int) -> None:
+        """Refuse a caller that is not a neighbour in the published round ``cur`` or has exchanged in it already."""
+        if caller not in cur.neighbours:
+            raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{caller} is not a neighbour in round {r}")
+        if caller in cur.received:
+            raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {caller} in round {r}")

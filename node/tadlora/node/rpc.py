@@ -18,6 +18,7 @@ import math
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
+    AsyncIterator,
     Awaitable,
     Callable,
     Iterable,
@@ -188,7 +189,11 @@ class NodeHandler(Protocol):
     """What the node logic gives the transport; the server calls it for every incoming request.
 
     Optionally it also has ``observe_refusal(what: str, exc: ExchangeRefused) -> None``, which the server calls
-    for every refusal it sends (including those made before the handler sees a request), e.g. to count them.
+    for every refusal it sends (including those made before the handler sees a request), e.g. to count them; and
+    ``async async_admit_exchange(header: ExchangeHeader) -> FactorSpec | None``, awaited with an exchange's header
+    before any of its payload is read: it raises `ExchangeRefused` for an exchange the handler would refuse anyway
+    (its round, its caller), or returns the spec the payload must meet (None: `expected_spec()`), whose size
+    bounds the payload the caller may declare.
     """
 
     def local_info(self) -> PeerInfo: ...
@@ -417,6 +422,14 @@ async def _receive_payload(
 ) -> tuple[ExchangeHeader, bytes]:
     """Read header + chunks (or a refusal, raised as `ExchangeRefused`) into a verified payload."""
     iterator = aiter(messages)
+    head = await _receive_header(iterator, check)
+    return await _receive_chunks(iterator, head, max_payload_bytes=max_payload_bytes)
+
+
+async def _receive_header(
+    iterator: AsyncIterator[pb.ExchangeMessage], check: Callable[[pb.ExchangeHeader], None]
+) -> pb.ExchangeHeader:
+    """Read a stream's first message: a header that passes the caps and ``check``, or a refusal (raised)."""
     first = await anext(iterator, None)
     kind = None if first is None else first.WhichOneof("kind")
     if first is not None and kind == "refusal":
@@ -427,6 +440,13 @@ async def _receive_payload(
     texts = (head.node_id, head.cluster, head.fingerprint, head.sha256)
     check_sane("exchange header", round=head.round, degree=head.degree, texts=texts)
     check(head)
+    return head
+
+
+async def _receive_chunks(
+    iterator: AsyncIterator[pb.ExchangeMessage], head: pb.ExchangeHeader, *, max_payload_bytes: int
+) -> tuple[ExchangeHeader, bytes]:
+    """Read the chunks ``head`` announced (or a refusal, raised) into a verified payload."""
     assembler = Reassembler(head.total_bytes, head.sha256, head.num_chunks, max_payload_bytes=max_payload_bytes)
     async for message in iterator:
         kind = message.WhichOneof("kind")
@@ -435,10 +455,35 @@ async def _receive_payload(
         if kind != "chunk":
             raise PayloadError(Reason.BAD_PAYLOAD, f"unexpected {kind or 'empty message'} after the header")
         assembler.add(message.chunk)
-    header = ExchangeHeader(
+    return _header_from_pb(head), assembler.finish()
+
+
+def _header_from_pb(head: pb.ExchangeHeader) -> ExchangeHeader:
+    return ExchangeHeader(
         node_id=head.node_id, cluster=head.cluster, fingerprint=head.fingerprint, round=head.round, degree=head.degree
     )
-    return header, assembler.finish()
+
+
+def _check_declared_size(total_bytes: int, spec: FactorSpec | None) -> None:
+    """TOO_LARGE for a payload declared larger than any payload meeting ``spec`` can be (checked from the header,
+    so that a caller cannot make this node hold up to the cap's bytes for a payload it would refuse anyway)."""
+    if spec is not None and total_bytes > (most := spec.max_payload_bytes()):
+        raise PayloadError(
+            Reason.TOO_LARGE,
+            f"declared payload of {total_bytes} bytes, but the {len(spec.tensors)} factors expected take at most "
+            f"{most} bytes: their shapes or dtypes differ from this node's",
+        )
+
+
+def _check_answerer(node_id: str, expected: str | None, address: str) -> None:
+    """IDENTITY_MISMATCH unless the node that answered at ``address`` is the one the connection was made for (an
+    address can reach another node: one that announced 0.0.0.0, a restarted host, a reused port). ASCII case is
+    ignored, as TLS ignores it in the certificate's DNS name that binds the same connection."""
+    if expected is not None and node_id.encode().lower() != expected.encode().lower():
+        raise ExchangeRefused(
+            Reason.IDENTITY_MISMATCH,
+            f"{address} answers as {node_id[:MAX_TEXT_CHARS]!r}, not {expected!r}, the node it was dialled for",
+        )
 
 
 class _ServiceFault(Exception):
@@ -453,6 +498,10 @@ class _Responder:
         self._max_payload_bytes = max_payload_bytes
         # Optional: a handler with `observe_refusal(what, exc)` hears of every refusal this side gives (metrics).
         self._observe: Callable[[str, ExchangeRefused], None] | None = getattr(handler, "observe_refusal", None)
+        # Optional: a handler with `async_admit_exchange(header)` refuses exchanges from their header (NodeHandler).
+        self._admit: Callable[[ExchangeHeader], Awaitable[FactorSpec | None]] | None = getattr(
+            handler, "async_admit_exchange", None
+        )
 
     def _refused(self, what: str, exc: ExchangeRefused) -> None:
         if self._observe is not None:
@@ -496,7 +545,15 @@ class _Responder:
                 _check_identity(head.node_id, identity)  # before a byte of payload is read
                 _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=local)
 
-            header, payload = await _receive_payload(requests, max_payload_bytes=self._max_payload_bytes, check=check)
+            # Everything that can refuse an exchange from its header does so before a chunk is read: each payload
+            # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
+            iterator = aiter(requests)
+            head = await _receive_header(iterator, check)
+            expected = self._handler.expected_spec()
+            if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
+                expected = admitted
+            _check_declared_size(head.total_bytes, expected)
+            header, payload = await _receive_chunks(iterator, head, max_payload_bytes=self._max_payload_bytes)
             factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
             reply = await self._handler.async_exchange(header, factors)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
@@ -555,12 +612,16 @@ class _Caller(abc.ABC):
     (the peer, or this side, refused), `PeerUnavailable`/`PeerTimeout` (transport), never anything else
     for a peer's misbehaviour."""
 
-    def __init__(self, address: str, *, max_payload_bytes: int) -> None:
+    def __init__(self, address: str, *, max_payload_bytes: int, node_id: str | None = None) -> None:
+        """``node_id``: the node this connection is meant to reach; an answer from any other is refused
+        (IDENTITY_MISMATCH). None: whoever answers (an address dialled before we know its node)."""
         self.address = address
+        self.node_id = node_id
         self._max_payload_bytes = max_payload_bytes
 
     async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
-        """Introduce `info` to the peer; return the peer's own info if it accepted and is compatible."""
+        """Introduce `info` to the peer; return the peer's own info if it accepted, is compatible and is the node
+        this connection was made for."""
         reply = await self._call_handshake(pb.HandshakeRequest(caller=_info_to_pb(info)), timeout)
         if not reply.accepted:
             raise ExchangeRefused(_reason_from_wire(reply.reason), reply.detail or "refused without detail")
@@ -568,6 +629,7 @@ class _Caller(abc.ABC):
             raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} accepted without saying who it is")
         remote = _info_from_pb(reply.callee)
         _check_info(remote, f"{self.address}'s handshake reply")
+        _check_answerer(remote.node_id, self.node_id, self.address)
         check_compatible(info, remote)
         return remote
 
@@ -580,9 +642,11 @@ class _Caller(abc.ABC):
         payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
 
         def check_reply(head: pb.ExchangeHeader) -> None:
+            _check_answerer(head.node_id, self.node_id, self.address)
             _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=header)
             if head.round != header.round:
                 raise ExchangeRefused(Reason.ROUND_MISMATCH, f"asked for round {header.round}, got {head.round}")
+            _check_declared_size(head.total_bytes, expected)
 
         remaining = max(timeout - (loop.time() - started), 0.0)
         replies = self._call_exchange(_payload_messages(header, payload, sha256), remaining)
@@ -603,7 +667,9 @@ class _Caller(abc.ABC):
         started = loop.time()
 
         def check_reply(head: pb.ExchangeHeader) -> None:
+            _check_answerer(head.node_id, self.node_id, self.address)
             _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=info)
+            _check_declared_size(head.total_bytes, expected)
 
         replies = self._call_fetch(pb.FetchRequest(caller=_info_to_pb(info)), timeout)
         async with contextlib.aclosing(replies):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -43,6 +44,13 @@ MAX_PAYLOAD_BYTES: Final = 512 << 20  # bytes (512 MiB); default cap on one payl
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _HEADER_LENGTH_BYTES: Final = 8  # safetensors: little-endian u64 length of the JSON header that follows
 _LISTED_KEYS: Final = 3  # how many offending keys an error message names before summarising
+# Room for a safetensors header around the tensors' bytes, for `FactorSpec.max_payload_bytes`. Generous on purpose:
+# the bound refuses a declared size that no payload of the spec can have (a 512 MiB header for a 2 MB adapter),
+# it is no place to judge formatting. A tensor's entry is {"dtype":"BF16","shape":[..],"data_offsets":[a,b]}.
+_HEADER_FIXED_SLACK_BYTES: Final = 64 << 10  # bytes: the length prefix, braces, __metadata__, alignment padding
+_ENTRY_SLACK_BYTES: Final = 256  # bytes per tensor besides its key and shape: dtype, two offsets, punctuation
+_KEY_ESCAPE_FACTOR: Final = 6  # JSON may write one byte of a key as six (\u00XX)
+_DIM_CHARS: Final = 24  # chars per dimension of a shape: up to 20 digits and a comma, rounded up
 
 
 class Reason(enum.IntEnum):
@@ -128,6 +136,16 @@ class FactorSpec:
     def from_factors(cls, factors: Mapping[str, torch.Tensor]) -> FactorSpec:
         """The spec that `factors` satisfies (values aside)."""
         return cls({key: TensorSpec(tuple(t.shape), dtype_name(t.dtype)) for key, t in factors.items()})
+
+    def max_payload_bytes(self) -> int:
+        """The most bytes a safetensors payload (`encode_factors`) meeting this spec can take: its tensors' bytes
+        plus generous room for the header. A payload declared larger cannot meet the spec, whatever it holds."""
+        data = sum(math.prod(s.shape) * getattr(torch, s.dtype).itemsize for s in self.tensors.values())
+        entries = sum(
+            _ENTRY_SLACK_BYTES + _KEY_ESCAPE_FACTOR * len(key.encode()) + _DIM_CHARS * len(s.shape)
+            for key, s in self.tensors.items()
+        )
+        return data + entries + _HEADER_FIXED_SLACK_BYTES
 
     def fingerprint(self) -> str:
         """sha256 hex of the canonical spec: equal for equal specs, on every machine."""
