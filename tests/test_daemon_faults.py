@@ -1,6 +1,7 @@
 """The daemon against faults around its exchanges and its disk: a peer whose connection is replaced mid-call, a
 peer that lies about its mixing or its round, an exchange that fails inside this node, an export or a run cut
-short. One real node (tiny model) on the in-memory network, with a scripted peer beside it."""
+short, a close that fails midway. One real node (tiny model) on the in-memory network, with a scripted peer
+beside it."""
 
 from __future__ import annotations
 
@@ -230,3 +231,25 @@ async def test_a_node_resumed_after_a_crash_logs_each_round_once(
         async with asyncio.timeout(60):
             await node.run()  # round 3 again
     assert [r["round"] for r in state.read_rounds(tmp_path / "n0")] == [0, 1, 2, 3]
+
+
+@pytest.mark.asyncio
+async def test_closing_runs_every_step_when_one_fails_and_then_raises_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    net = InMemoryNetwork()
+    with pytest.raises(RuntimeError, match="goodbye lost"):
+        async with lone_node(tmp_path, net) as node:
+            assert node._peers is not None
+            address = node.address
+
+            async def failing_close() -> None:
+                raise RuntimeError("goodbye lost")
+
+            node._peers.aclose = failing_close  # type: ignore[method-assign]
+    # the steps after the failing one ran: nobody is served at the address, and the worker thread is gone
+    async with net.connect(address) as client:
+        with pytest.raises(PeerUnavailable):
+            await client.handshake(ScriptedPeer(node).info, timeout=5.0)
+    assert node._executor._shutdown  # type: ignore[attr-defined]
+    assert any("closing peer connections failed" in r.getMessage() for r in caplog.records)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import logging
 import threading
 import time
@@ -271,29 +272,46 @@ class Node:
         self._spawn(self.rounds.notify(), "stop-wake")
 
     async def aclose(self) -> None:
-        """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice."""
+        """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice.
+
+        Every step runs even if an earlier one raised (a failed mDNS goodbye must not leave the server serving or
+        the worker thread running); each failure is logged, and the first is raised once all steps are done."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         self._stop_training.set()
+        failures: list[Exception] = []
+
+        async def step(what: str, action: Callable[[], Awaitable[object] | object]) -> None:
+            try:
+                result = action()
+                if inspect.isawaitable(result):
+                    await result
+            except Exception as exc:
+                log.error("while closing, %s failed: %s", what, exc, exc_info=exc)
+                failures.append(exc)
+
         if self._discovery is not None:
-            await self._discovery.aclose()  # goodbye first: peers stop counting us promptly
+            await step("the mDNS goodbye", self._discovery.aclose)  # first: peers stop counting us promptly
         if self._dns is not None:
-            await self._dns.aclose()
+            await step("DNS discovery", self._dns.aclose)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.rounds.notify()
+        await step("waking the round loop", self.rounds.notify)
         if self._server is not None:
-            await self._server.aclose(SHUTDOWN_GRACE_S)
+            server = self._server
+            await step("stopping the server", lambda: server.aclose(SHUTDOWN_GRACE_S))
         if self._peers is not None:
-            await self._peers.aclose()
-        self.metrics.close()
+            await step("closing peer connections", self._peers.aclose)
+        await step("the metrics server", self.metrics.close)
         if self._round_log is not None:
-            self._round_log.close()
+            await step("the round log", self._round_log.close)
         # Training has been told to stop (between two steps), so this wait is short; nothing else runs now.
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        await step("the worker thread", lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+        if failures:
+            raise failures[0]
 
     # -------------------------------------------------------------------------------------------- peers
 
