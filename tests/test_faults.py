@@ -5,6 +5,7 @@ than a deadline; a failing peer is retried with growing delays."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import itertools
@@ -245,3 +246,59 @@ async def test_a_call_that_failed_on_a_replaced_connection_does_not_drop_the_rep
     assert pm.retry_at("10.0.0.9:7070") is None  # nor was it put on backoff
     await pm.drop("flaky", "exchange failed", expected=pm.peers["flaky"])  # a failure of its own connection
     assert "flaky" not in pm.peers
+
+
+@pytest.mark.asyncio
+async def test_a_handshake_cancelled_by_shutdown_closes_its_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    pm, transport, _ = manager(monkeypatch)
+    entered, closed = asyncio.Event(), asyncio.Event()
+
+    class Hanging(FlakyConnection):
+        async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+            entered.set()
+            await asyncio.Event().wait()  # a peer that never answers
+            raise AssertionError("unreachable")
+
+        async def aclose(self) -> None:
+            closed.set()
+
+    monkeypatch.setattr(transport, "connect", lambda address, node_id=None: Hanging(transport, address))
+    scan = asyncio.ensure_future(pm.scan())
+    async with asyncio.timeout(10):
+        await entered.wait()
+        scan.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scan
+    assert closed.is_set()
+
+
+@pytest.mark.asyncio
+async def test_a_discovery_change_during_a_scan_starts_the_next_scan_without_waiting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    pm = PeerManager(FlakyTransport(FakeClock()), lambda: me, list, lambda: None)  # the loop's own clock
+    monkeypatch.setattr(peers_module, "SCAN_INTERVAL_S", 3600.0)  # only a wake can start a second scan
+    scans = asyncio.Queue[int]()
+    scan = pm.scan
+
+    async def counting_scan() -> None:
+        await scan()
+        if scans.qsize() + done == 0:  # the first scan only
+            pm.wake()  # as mDNS does when a service appears while a scan runs
+        scans.put_nowait(1)
+        await asyncio.sleep(0)  # a scan without candidates never yields: let the test see this one
+
+    done = 0
+
+    monkeypatch.setattr(pm, "scan", counting_scan)
+    runner = asyncio.ensure_future(pm.run())
+    try:
+        async with asyncio.timeout(10):
+            await scans.get()
+            done += 1
+            await scans.get()
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner

@@ -80,8 +80,8 @@ class PeerManager:
     async def run(self) -> None:
         """Scan candidates until cancelled."""
         while True:
+            self._wake.clear()  # before the scan: a change that arrives during it wakes the next one at once
             await self.scan()
-            self._wake.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), SCAN_INTERVAL_S)
 
@@ -135,6 +135,9 @@ class PeerManager:
         conn = self._transport.connect(address, node_id=expected)
         try:
             info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
+        except asyncio.CancelledError:  # shutting down mid-handshake: the connection is nobody's yet
+            await conn.aclose()
+            raise
         except ExchangeRefused as exc:
             await conn.aclose()
             self._log_refusal(key, f"refused the handshake: {exc.reason.name}: {exc.detail}")
@@ -163,6 +166,9 @@ class PeerManager:
                 info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
                 if info.node_id != claimed:
                     raise ExchangeRefused(Reason.IDENTITY_MISMATCH, f"then answered as {info.node_id!r}")
+            except asyncio.CancelledError:
+                await conn.aclose()
+                raise
             except (ExchangeRefused, PeerUnavailable) as exc:
                 await conn.aclose()
                 self._log_refusal(key, f"answers as {claimed!r}, which its certificate does not prove: {exc}")
