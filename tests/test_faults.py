@@ -302,3 +302,31 @@ async def test_a_discovery_change_during_a_scan_starts_the_next_scan_without_wai
         runner.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await runner
+
+
+@pytest.mark.asyncio
+async def test_two_adds_of_a_moved_peer_at_once_leave_one_connection_and_close_the_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pm, transport, _ = manager(monkeypatch)
+    opened: list[Closing] = []
+
+    class Closing(FlakyConnection):
+        closed = False
+
+        async def aclose(self) -> None:
+            await asyncio.sleep(0)  # a real close yields, which is where two adds interleaved
+            self.closed = True
+
+    def connect(address: str, node_id: str | None = None) -> Closing:
+        opened.append(Closing(transport, address))
+        return opened[-1]
+
+    monkeypatch.setattr(transport, "connect", connect)
+    transport.up = True
+    await pm.scan()
+    info = pm.peers["flaky"].info
+    moved = [dataclasses.replace(info, address=f"10.0.0.{n}:7070") for n in (10, 11)]
+    await asyncio.gather(*(pm.add(i, None, "inbound") for i in moved))
+    current = pm.peers["flaky"].conn
+    assert [c.closed for c in opened if c is not current] == [True] * (len(opened) - 1) and not current.closed

@@ -196,20 +196,22 @@ class PeerManager:
         """Make ``info`` a verified peer (a handshake succeeded, in either direction)."""
         check_compatible(self._local_info(), info)
         old = self.peers.get(info.node_id)
-        if old is not None:
-            if old.info.address == info.address:
-                old.info = info
-                if source == "mdns":
-                    old.source = source  # as in scan: advertised on mDNS, so its goodbye drops it
-                if conn is not None:
-                    await conn.aclose()
-                return
-            await old.conn.aclose()
+        if old is not None and old.info.address == info.address:
+            old.info = info
+            if source == "mdns":
+                old.source = source  # as in scan: advertised on mDNS, so its goodbye drops it
+            if conn is not None:
+                await conn.aclose()
+            return
+        # The table changes before any await, so that two adds of one peer at once cannot both replace the same
+        # entry and leave one of their connections open and unreferenced; the replaced one is closed after.
         conn = conn or self._transport.connect(info.address, node_id=info.node_id)
         self.peers[info.node_id] = Peer(info, conn, source)
         self._by_address[info.address] = info.node_id
         log.info("peer %s verified at %s (%s)", info.node_id, info.address, source)
         self._on_change()
+        if old is not None:
+            await old.conn.aclose()
 
     async def probe(self, node_id: str, why: str) -> PeerInfo | None:
         """Handshake with peer ``node_id``; its answer, or None. A peer that does not answer is dropped (``why``:
