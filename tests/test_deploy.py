@@ -46,6 +46,31 @@ def node_config_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, argv:
         return config_from_args(build_run_parser().parse_args(list(argv)))
 
 
+def status_credentials_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, address: str) -> tuple:
+    """How `tadlora-node status ADDRESS`, run beside a node with exactly these TADLORA_ variables, would connect:
+    (channel credentials or None for plaintext, the node id the answering certificate must name)."""
+    from tadlora.node.cli import build_status_parser, status_credentials
+
+    with monkeypatch.context() as m:
+        for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+            m.delenv(key)
+        for key, value in env.items():
+            m.setenv(key, str(value))
+        return status_credentials(build_status_parser().parse_args([address]))
+
+
+def check_status_uses_the_nodes_tls(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
+    """`tadlora-node status 127.0.0.1:7070` beside this node (its healthcheck, `exec ... status`) presents the
+    node's own certificate and expects the node's id: certificates stand in at TADLORA_TLS_DIR."""
+    from tadlora.node.tls import init_ca, issue
+
+    node_id = env["TADLORA_NODE_ID"]
+    init_ca(tmp / "certs")
+    issue(tmp / "certs", node_id)
+    credentials, peer_id = status_credentials_from({**env, "TADLORA_TLS_DIR": str(tmp / "certs")}, monkeypatch, "x")
+    assert credentials is not None and peer_id == node_id
+
+
 def check_tadlora_variables(env: dict[str, str]) -> None:
     unknown = {k for k in env if k.startswith(ENV_PREFIX)} - flag_env_names()
     assert not unknown, f"no flag reads {sorted(unknown)}"
@@ -69,7 +94,7 @@ def test_compose_file_validates_with_docker_compose() -> None:
     assert "WARNING" not in result.stderr, result.stderr
 
 
-def test_compose_runs_three_nodes_on_one_network_each_with_its_shard_id_and_volume(monkeypatch) -> None:
+def test_compose_runs_three_nodes_on_one_network_each_with_its_shard_id_and_volume(monkeypatch, tmp_path) -> None:
     doc = yaml.safe_load(COMPOSE.read_text())
     services = doc["services"]
     assert len(services) == 3
@@ -88,6 +113,7 @@ def test_compose_runs_three_nodes_on_one_network_each_with_its_shard_id_and_volu
         assert cfg.node_id == name and cfg.peers.auto and cfg.mdns_interface == "eth0"
         assert cfg.tls_dir is not None and not cfg.insecure  # mutual TLS by default
         assert cfg.listen == "0.0.0.0:7070"
+        check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path / name)
         configs.append(cfg)
     assert sorted(c.shard for c in configs) == [0, 1, 2]
     assert {c.num_shards for c in configs} == {3}
@@ -120,7 +146,7 @@ def test_dockerfile_runs_tadlora_node_as_a_non_root_user_with_a_cuda_base_argume
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["tadlora-node"]' in stage and "EXPOSE 7070" in stage
     [health] = [x for x in stage if x.startswith("HEALTHCHECK")]
-    assert '"tadlora-node", "status", "127.0.0.1:7070"' in health
+    assert '"tadlora-node", "status", "127.0.0.1:7070"' in health  # TLS from TADLORA_TLS_DIR/_NODE_ID (or _OUT)
     assert "HF_HUB_OFFLINE=1" in text
 
 
@@ -183,13 +209,14 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path) -> None:
     assert set(settings["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
 
 
-def test_systemd_env_file_sets_real_flags_to_a_valid_configuration(monkeypatch) -> None:
+def test_systemd_env_file_sets_real_flags_to_a_valid_configuration(monkeypatch, tmp_path) -> None:
     env = dict(
         line.split("=", 1) for line in UNIT_ENV.read_text().splitlines() if line.strip() and not line.startswith("#")
     )
     check_tadlora_variables(env)
     cfg = node_config_from(env, monkeypatch)
     assert cfg.peers.auto and cfg.num_shards == 3
+    check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path)
 
 
 # ------------------------------------------------------------------------------------------- Kubernetes
@@ -224,15 +251,19 @@ def test_kubernetes_pieces_refer_to_each_other() -> None:
     [claim] = sts["spec"]["volumeClaimTemplates"]
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     assert mounts[claim["metadata"]["name"]] == config["data"]["TADLORA_OUT"]
-    port = container["ports"][0]["containerPort"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == int(config["data"]["TADLORA_LISTEN"].rpartition(":")[2])
+    # The kubelet's gRPC probe has no client certificate, so it cannot pass on the mutual-TLS port: the probes ask
+    # the node's plaintext health-only port.
+    assert ports["health"] == int(config["data"]["TADLORA_HEALTH_PORT"]) != ports["grpc"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert container[probe]["grpc"]["port"] == port  # grpc.health.v1, which the node serves
+        assert container[probe]["grpc"]["port"] == ports["health"]  # grpc.health.v1, which the node serves
     assert sts["spec"]["replicas"] == int(config["data"]["TADLORA_NUM_SHARDS"])
     assert "cpu" in container["resources"]["requests"] and "memory" in container["resources"]["requests"]
     assert pod["securityContext"]["runAsNonRoot"] is True
 
 
-def test_each_pod_gets_its_id_shard_and_peers_from_its_name(monkeypatch) -> None:
+def test_each_pod_gets_its_id_shard_and_peers_from_its_name(monkeypatch, tmp_path) -> None:
     docs = k8s_docs()
     sts = docs["StatefulSet"]
     [container] = sts["spec"]["template"]["spec"]["containers"]
@@ -254,3 +285,5 @@ def test_each_pod_gets_its_id_shard_and_peers_from_its_name(monkeypatch) -> None
     assert (cfg.node_id, cfg.shard, cfg.advertise_address) == ("tadlora-2", 2, "10.1.2.3")
     assert not cfg.peers.auto and cfg.peers.dns == ("tadlora-headless.ml.svc.cluster.local:7070",)
     assert cfg.peers.dns[0].startswith(docs["Service"]["metadata"]["name"] + ".")
+    assert cfg.health_port == 7071 and cfg.tls_dir is not None
+    check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path)  # `kubectl exec tadlora-2 -- tadlora-node status`

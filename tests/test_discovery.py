@@ -366,6 +366,35 @@ def test_non_utf8_txt_and_missing_ipv4_are_reasons_too() -> None:
     assert "no IPv4" in str(discovery.candidate_from_info(_resolved(GOOD_TXT, addresses=["::1"])))
 
 
+@pytest.mark.parametrize(
+    "node_id",
+    ["Peer", "PEER", "peer.", "pe.er", "-peer", "peer\n2026-01-01 INFO forged", "../peer", "p" * 64],
+)
+def test_a_txt_id_in_any_spelling_but_the_canonical_one_is_refused(node_id: str) -> None:
+    """TLS would accept 'peer''s certificate for 'PEER' or 'peer.': one certificate must not make two peers."""
+    result = discovery.candidate_from_info(_resolved({**GOOD_TXT, "id": node_id}))
+    assert isinstance(result, str)
+    assert "TXT id" in result and "\n" not in result  # quoted with repr: a newline cannot forge a log line
+
+
+@pytest.mark.parametrize("multicast", ["224.0.0.251", "239.255.255.250"])
+def test_a_multicast_address_is_never_a_peer_address(multicast: str) -> None:
+    assert "no unicast IPv4" in str(discovery.candidate_from_info(_resolved(GOOD_TXT, addresses=[multicast])))
+    both = discovery.candidate_from_info(_resolved(GOOD_TXT, addresses=[multicast, "127.0.0.1"]))
+    assert isinstance(both, PeerCandidate) and both.address == "127.0.0.1:50051"
+
+
+@pytest.mark.asyncio
+async def test_a_service_name_is_logged_quoted_so_it_cannot_forge_log_lines(
+    quick_timing: None, n: Names, discovery_log: LogWaiter
+) -> None:
+    bad = n("bad")  # zeroconf refuses to send control characters in a name, but another stack may not
+    async with raw_responder(raw_info(bad, {**GOOD_TXT, "id": "x\nforged"})), running(advert(n("w"))):
+        await discovery_log.wait_for_message(bad, WAIT_S)
+    [message] = [r.getMessage() for r in discovery_log.records if bad in r.getMessage()]
+    assert "\n" not in message and f"service '{bad}.{SERVICE_TYPE}'" in message and "TXT id" in message
+
+
 def test_instance_names_are_the_id_when_tame_and_a_unique_short_label_otherwise() -> None:
     assert service_instance_name("node-7_a") == "node-7_a"
     long_a, long_b = "x" * 70 + "a", "x" * 70 + "b"

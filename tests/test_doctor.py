@@ -188,3 +188,25 @@ async def test_missing_certificates_are_a_fail_with_the_fix_and_issued_ones_are_
     assert check_tls(cfg).status == "OK"
     wrong = node_config(tmp_path, 1, 2, PeersOption(False, (), ()), insecure=False, tls_dir=tmp_path / "certs")
     assert check_tls(wrong).status == "FAIL"  # no certificate for node-1
+
+
+@pytest.mark.asyncio
+async def test_peers_of_a_tls_cluster_are_asked_with_this_nodes_certificate(tmp_path, capsys) -> None:
+    from tadlora.node.tls import init_ca, issue
+
+    certs = tmp_path / "certs"
+    init_ca(certs)
+    for name in ("node-0", "node-1"):
+        issue(certs, name)
+    tls_peer = node_config(tmp_path, 1, 2, PeersOption(False, (), ()), min_peers=0, insecure=False, tls_dir=certs)
+    async with Node(tls_peer) as node:
+        port = node.address.rpartition(":")[2]
+        args = doctor_args(tmp_path, peers=f"127.0.0.1:{port},dns:localhost:{port}", browse_seconds="0.2")
+        argv = [a for a in args if a != "--insecure"]
+        code, doc = await run_doctor_json([*argv, "--tls-dir", str(certs), "--node-id", "node-0"], capsys)
+        _, plain = await run_doctor_json(args, capsys)  # the same peers in plaintext: they cannot answer
+    assert code == 0 and by_name(doc)["tls"]["status"] == "OK"
+    ours = [c for c in doc["checks"] if c["name"].startswith("peer node-1")]
+    assert len(ours) == 2 and all(c["status"] == "OK" and "match" in c["detail"] for c in ours), doc["checks"]
+    down = [c for c in plain["checks"] if c["name"] == f"peer 127.0.0.1:{port}"]
+    assert down and down[0]["status"] == "WARN" and "--tls-dir" in down[0]["fix"]

@@ -322,6 +322,7 @@ FLAG_VALUES = {
     "peer_wait": "7.5",
     "exchange_timeout": "9",
     "metrics_port": "9100",
+    "health_port": "9101",
     "model": "tiny",
     "dataset": "glue:sst2",
     "split": "iid",

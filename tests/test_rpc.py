@@ -262,6 +262,39 @@ async def test_a_connection_made_for_one_node_refuses_the_answers_of_another(
             assert (await client.exchange(header_of(alice), alice.factors, TIMEOUT)).peer.node_id == "bob"
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize("spelling", ["Bob", "BOB", "bob.", "bob\nforged"])
+async def test_a_node_id_in_another_spelling_is_refused_from_callers_and_callees(
+    transport: Transport, alice: FakeNode, bob: FakeNode, spelling: str
+) -> None:
+    """TLS accepts "bob"'s certificate for "BOB" or "bob.", so a node answering or calling under such an id could
+    pass as a second node with one certificate; every id from the network must be in its one spelling."""
+    caller = FakeNode(spelling, lora_factors(1))
+    async with serving(transport, bob) as (_, client):
+        for what, call in {
+            "handshake": client.handshake(caller.info, TIMEOUT),
+            "exchange": client.exchange(header_of(caller), caller.factors, TIMEOUT),
+            "fetch": client.fetch(caller.info, TIMEOUT),
+        }.items():
+            with pytest.raises(ExchangeRefused) as refused:
+                await call
+            assert refused.value.reason is Reason.BAD_PAYLOAD and "lowercase" in refused.value.detail, what
+    assert bob.handshakes == [] and bob.exchanges == []
+    callee = FakeNode(spelling, lora_factors(2))
+    async with (
+        transport.serve(callee, LISTEN) as server,
+        transport.connect(server.address, node_id=spelling) as client,  # dialled for that very id
+    ):
+        for what, call in {
+            "handshake": client.handshake(alice.info, TIMEOUT),
+            "exchange": client.exchange(header_of(alice), alice.factors, TIMEOUT),
+            "fetch": client.fetch(alice.info, TIMEOUT),
+        }.items():
+            with pytest.raises(ExchangeRefused) as refused:
+                await call
+            assert refused.value.reason is Reason.BAD_PAYLOAD and "lowercase" in refused.value.detail, what
+
+
 # ----------------------------------------------------------------------------------------- exchange
 
 

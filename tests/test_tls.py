@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import stat
 from pathlib import Path
 
@@ -129,22 +130,26 @@ async def test_a_connection_bound_to_a_node_id_needs_a_certificate_naming_it(tmp
     from tadlora.node.grpc_transport import GrpcTransport
     from tadlora.node.rpc import PeerUnavailable
     from tadlora.node.tls import TlsMaterial
+    from tadlora.node.wire import ExchangeRefused
 
-    name = "Lab_box.0"  # every character class a node id may hold: letters of both cases, digits, '_', '.', '-'
+    name = "lab_box-0"  # every character class a node id may hold: lowercase letters, digits, '_', '-'
     certs = make_certs(tmp_path / "certs", name, "node-1")
+    # TLS accepts the certificate for 'LAB_BOX-0' and 'lab_box-0.' too; the handshake must not.
+    others = ("node-1", "lab_box", "LAB_BOX-0", "Lab_box-0", "lab_box-0.")
     async with contextlib.AsyncExitStack() as stack:
         server_cfg = tls(tmp_path, certs, 0, 2, (), min_peers=0, rounds=1, node_id=name)
         server = await stack.enter_async_context(Node(server_cfg))
         client = GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-1"))
         me = node_config(tmp_path, 1, 2, PeersOption(False, (), ()))  # only for a plausible PeerInfo
         info = server.local_info()
-        for expected, ok in ((None, True), (name, True), (name.lower(), True), ("node-1", False), ("Lab_box", False)):
+        for expected, ok in ((None, True), (name, True), *((other, False) for other in others)):
             conn = client.connect(server.address, node_id=expected)
             try:
                 if ok:
                     assert (await conn.handshake(_caller_info(info, me.cluster), timeout=10)).node_id == name
                 else:
-                    with pytest.raises(PeerUnavailable):
+                    # TLS refuses another name (PeerUnavailable); another spelling passes TLS, not the handshake
+                    with pytest.raises((PeerUnavailable, ExchangeRefused)):
                         await conn.handshake(_caller_info(info, me.cluster), timeout=10)
             finally:
                 await conn.aclose()
@@ -164,3 +169,126 @@ def test_the_shared_certificate_name_cannot_be_a_node_id(tmp_path, capsys) -> No
     assert "reserved" in capsys.readouterr().err
     with pytest.raises(ValueError, match="reserved"):
         TlsMaterial.from_dir(certs, TLS_SERVER_NAME)
+
+
+async def status(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`tadlora-node status` (its own event loop, in a thread: ours serves the node meanwhile)."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, ["status", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.asyncio
+async def test_status_asks_a_tls_node_with_the_runs_tls_settings_and_says_what_to_pass_without_them(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    import json
+
+    for name in ("TADLORA_TLS_DIR", "TADLORA_NODE_ID", "TADLORA_OUT", "TADLORA_INSECURE", "TADLORA_PEER_ID"):
+        monkeypatch.delenv(name, raising=False)
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    async with Node(tls(tmp_path, certs, 0, 1, (), min_peers=0, rounds=1)) as node:
+        code, _, err = await status([node.address, "--timeout", "5"], capsys)  # plaintext to a TLS node
+        assert code == 1 and "--tls-dir" in err and "TADLORA_NODE_ID" in err
+        # The healthcheck's case: the node's own variables, nothing on the command line.
+        monkeypatch.setenv("TADLORA_TLS_DIR", str(certs))
+        monkeypatch.setenv("TADLORA_NODE_ID", "node-0")
+        code, out, err = await status([node.address], capsys)
+        assert code == 0, err
+        assert json.loads(out)["node_id"] == "node-0" and json.loads(out)["insecure"] is False
+        # Another node's certificate, asking for the node by its id.
+        code, out, _ = await status([node.address, "--node-id", "node-1", "--peer-id", "node-0"], capsys)
+        assert code == 0 and json.loads(out)["node_id"] == "node-0"
+        # The id the node keeps in --out stands in for --node-id.
+        monkeypatch.delenv("TADLORA_NODE_ID")
+        code, out, _ = await status([node.address, "--out", str(tmp_path / "n0")], capsys)
+        assert code == 0 and json.loads(out)["node_id"] == "node-0"
+        # A certificate that must name another node than the one answering: refused, with the flag to change.
+        code, _, err = await status([node.address, "--node-id", "node-0", "--peer-id", "node-1"], capsys)
+        assert code == 1 and "--peer-id" in err
+        code, _, err = await status([node.address], capsys)  # no id known
+        assert code == 2 and "--node-id" in err
+        code, _, err = await status([node.address, "--node-id", "node-7"], capsys)  # no such certificate
+        assert code == 2 and "node-7.crt" in err and "certs issue node-7" in err
+
+
+@pytest.mark.asyncio
+async def test_the_health_port_answers_serving_in_plaintext_while_the_main_port_requires_tls(tmp_path) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from tadlora.v1 import node_pb2, node_pb2_grpc
+    from test_node_cli import free_port
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    health_port = free_port()
+    async with Node(tls(tmp_path, certs, 0, 1, (), min_peers=0, rounds=1, health_port=health_port)) as node:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{health_port}") as channel:
+            for service in ("", "tadlora.v1.Node"):
+                reply = await health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=10
+                )
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as only_health:  # the node's service stays behind mutual TLS
+                await node_pb2_grpc.NodeStub(channel).Status(node_pb2.StatusRequest(), timeout=10)
+            assert only_health.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        async with grpc.aio.insecure_channel(node.address) as channel:
+            with pytest.raises(grpc.aio.AioRpcError) as plaintext:
+                await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert plaintext.value.code() == grpc.StatusCode.UNAVAILABLE
+    with pytest.raises(ConnectionRefusedError):  # closed with the node
+        socket.create_connection(("127.0.0.1", health_port), timeout=5).close()
+
+
+def test_the_health_port_may_not_be_the_listen_port(tmp_path) -> None:
+    with pytest.raises(ValueError, match="--health-port"):
+        node_config(tmp_path, 0, 1, PeersOption(False, (), ()), listen="127.0.0.1:7070", health_port=7070)
+    node_config(tmp_path, 0, 1, PeersOption(False, (), ()), listen="127.0.0.1:7070", health_port=7071)
+
+
+@pytest.mark.parametrize("name", ["Node-0", "node-0.", "../evil", "a.b", "_x", "x" * 64])
+def test_certificates_are_issued_only_to_node_ids_in_their_one_spelling(tmp_path, capsys, name) -> None:
+    from tadlora.node.tls import issue
+
+    certs = make_certs(tmp_path / "certs")
+    assert main(["certs", "issue", name, "--dir", str(certs)]) == 2
+    assert "lowercase" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="lowercase"):
+        issue(certs, name)
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["ca.crt", "ca.key"]
+    with pytest.raises(ValueError, match="lowercase"):
+        node_config(tmp_path, 0, 1, PeersOption(False, (), ()), node_id=name)
+
+
+def test_init_refuses_before_writing_anything_so_a_lone_ca_crt_keeps_no_stray_key(tmp_path, capsys) -> None:
+    from tadlora.node.tls import issue
+
+    certs = make_certs(tmp_path / "certs")
+    (certs / "ca.key").unlink()
+    assert main(["certs", "init", str(certs)]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert not (certs / "ca.key").exists()
+    # A CA key that does not match ca.crt would sign certificates that chain to nothing.
+    other = make_certs(tmp_path / "other")
+    (certs / "ca.key").write_bytes((other / "ca.key").read_bytes())
+    with pytest.raises(ValueError, match="does not belong to"):
+        issue(certs, "node-0")
+    assert not (certs / "node-0.key").exists()
+
+
+def test_keys_are_private_even_when_forced_over_a_public_file_and_never_written_through_a_link(tmp_path) -> None:
+    from tadlora.node.tls import issue
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    (certs / "node-0.key").chmod(0o644)
+    issue(certs, "node-0", force=True)
+    assert stat.S_IMODE((certs / "node-0.key").stat().st_mode) == 0o600
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"untouched")
+    (certs / "node-1.key").symlink_to(outside)
+    with pytest.raises(FileExistsError):
+        issue(certs, "node-1")
+    with pytest.raises(ValueError, match="symbolic link"):
+        issue(certs, "node-1", force=True)
+    assert outside.read_bytes() == b"untouched"

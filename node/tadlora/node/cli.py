@@ -2,7 +2,7 @@
 
   tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0 \
                --node-id n0 --tls-dir certs/          # or --insecure, to run without TLS
-  tadlora-node status 127.0.0.1:7070
+  tadlora-node status 127.0.0.1:7070 --tls-dir certs/ --node-id n0   # TADLORA_TLS_DIR/_NODE_ID work too
   tadlora-node certs init certs/ && tadlora-node certs issue n0 --dir certs/   # then --tls-dir certs --node-id n0
   tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
@@ -26,7 +26,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import LoraSpec
 from tadlora.cliutil import apply_env_defaults, csv_list
@@ -35,6 +35,9 @@ from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.peerspec import parse_peers_option
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, TrainSpec
+
+if TYPE_CHECKING:
+    import grpc
 
 log = logging.getLogger("tadlora.node")
 
@@ -70,6 +73,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument("--peer-wait", type=float, default=60.0, help="seconds to wait for --min-peers")
     g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")
     g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (listen host)")
+    g.add_argument("--health-port", type=int,
+                   help="also serve grpc.health.v1 alone, in plaintext, on this port (listen host): for probes "
+                   "that cannot do mutual TLS, such as Kubernetes' gRPC probe (default: off)")  # fmt: skip
     g.add_argument("--max-factor-norm", type=float, default=1e4,
                    help="refuse a neighbour's factor whose norm is over this (BAD_PAYLOAD)")  # fmt: skip
     g.add_argument("--robust-mixing", type=parse_robust_mixing, default="none",
@@ -158,6 +164,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
         checkpoint_every=a.checkpoint_every,
         device=a.device,
         metrics_port=a.metrics_port,
+        health_port=a.health_port,
         tls_dir=a.tls_dir,
         insecure=a.insecure,
         max_factor_norm=a.max_factor_norm,
@@ -243,11 +250,14 @@ async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) ->
     return 0
 
 
-async def query_status(address: str, timeout: float) -> dict[str, Any]:
-    """A node's status as a JSON-able dict."""
+async def query_status(
+    address: str, timeout: float, *, credentials: grpc.ChannelCredentials | None = None, peer_id: str | None = None
+) -> dict[str, Any]:
+    """A node's status as a JSON-able dict; plaintext unless ``credentials`` are given, and then the node's
+    certificate must name ``peer_id`` (None: any node of the cluster). PeerUnavailable if it does not answer."""
     from tadlora.node.grpc_transport import PeerClient
 
-    async with PeerClient(address) as client:
+    async with PeerClient(address, credentials=credentials, server_name=peer_id) as client:
         st = await client.status(timeout)
     nan_to_none = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
     return {
@@ -270,18 +280,81 @@ async def query_status(address: str, timeout: float) -> dict[str, Any]:
     }
 
 
-def status_main(argv: list[str]) -> int:
-    """`tadlora-node status HOST:PORT`."""
+def build_status_parser() -> argparse.ArgumentParser:
+    """Flags of `tadlora-node status`; the TLS ones read the same TADLORA_ variables as a run, so inside a node's
+    container or unit `tadlora-node status 127.0.0.1:7070` connects the way the node serves."""
     p = argparse.ArgumentParser(prog="tadlora-node status", description="Print a running node's state as JSON.")
     p.add_argument("address", help="HOST:PORT of the node")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    a = p.parse_args(argv)
-    from tadlora.node.rpc import PeerUnavailable
+    p.add_argument("--tls-dir", type=Path,
+                   help="connect with mutual TLS: DIR/ca.crt and this node's DIR/NODE_ID.crt/.key as the client "
+                   "certificate (default: plaintext)")  # fmt: skip
+    p.add_argument("--node-id", help="whose certificate in --tls-dir to present (default: the id kept in --out)")
+    p.add_argument("--peer-id", help="the node id the queried node's certificate must name (default: --node-id, "
+                   "i.e. asking this node itself)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="this node's --out, whose node.json gives --node-id if it is not set")
+    p.add_argument("--insecure", action="store_true", help="plaintext even when --tls-dir is set")
+    apply_env_defaults(p)
+    return p
+
+
+def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """The channel credentials and the node id the answering certificate must name, from `status`'s flags;
+    (None, None): plaintext. ValueError, saying what to pass, if TLS is asked for and cannot be set up."""
+    if a.insecure or a.tls_dir is None:
+        return None, None
+    from tadlora.node.tls import TlsMaterial
+
+    node_id = a.node_id or _kept_node_id(a.out)
+    if node_id is None:
+        raise ValueError(
+            f"--tls-dir {a.tls_dir} needs --node-id NODE_ID (or TADLORA_NODE_ID, or --out of a node that ran): "
+            "it names the client certificate NODE_ID.crt/.key"
+        )
+    material = TlsMaterial.from_dir(a.tls_dir, node_id)
+    return material.channel_credentials(), a.peer_id or node_id
+
+
+def _kept_node_id(out: Path | None) -> str | None:
+    """The node id a node saved in ``out`` (its node.json), if any."""
+    if out is None:
+        return None
+    from tadlora.node import state
 
     try:
-        doc = asyncio.run(query_status(a.address, a.timeout))
-    except PeerUnavailable as exc:
-        sys.stderr.write(f"tadlora-node status: {exc}\n")
+        identity = state.load_identity(out)
+    except (OSError, ValueError):  # unreadable or torn: as if absent; the error then asks for --node-id
+        return None
+    node_id = (identity or {}).get("node_id")
+    return node_id if isinstance(node_id, str) else None
+
+
+def status_main(argv: list[str]) -> int:
+    """`tadlora-node status HOST:PORT [--tls-dir DIR --node-id ID]`: 0 and the JSON if the node answers, 1 if it
+    does not, 2 for bad flags or TLS files."""
+    a = build_status_parser().parse_args(argv)
+    from tadlora.node.rpc import PeerUnavailable
+    from tadlora.node.wire import ExchangeRefused
+
+    try:
+        credentials, peer_id = status_credentials(a)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"tadlora-node status: error: {exc}\n")
+        return 2
+    try:
+        doc = asyncio.run(query_status(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
+    except (PeerUnavailable, ExchangeRefused) as exc:
+        if credentials is None:
+            hint = (
+                "if the node runs with TLS, pass --tls-dir DIR --node-id NODE_ID (or TADLORA_TLS_DIR and "
+                "TADLORA_NODE_ID) with a certificate of its cluster"
+            )
+        else:
+            hint = (
+                f"the node's certificate must name {peer_id!r} (--peer-id, for another node than --node-id) "
+                f"and be signed by {a.tls_dir / 'ca.crt'}; a node run with --insecure needs --insecure here"
+            )
+        sys.stderr.write(f"tadlora-node status: {exc}\n  {hint}\n")
         return 1
     sys.stdout.write(json.dumps(doc, indent=2) + "\n")
     return 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,9 +11,9 @@ from tadlora.adapter import LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
 from tadlora.node.peerspec import PeersOption, parse_peers_option
+from tadlora.node.rpc import node_id_problem
 from tadlora.training import TrainSpec
 
-_NODE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 DEFAULT_PORT = 7070
 
 
@@ -52,6 +51,8 @@ class NodeConfig:
     checkpoint_every: int = 5
     device: str = "auto"
     metrics_port: int | None = None
+    # Plaintext grpc.health.v1 only, for probes that cannot present a client certificate (kubelet's gRPC probe).
+    health_port: int | None = None
     max_payload_bytes: int = 512 << 20
     tls_dir: Path | None = None  # cluster CA + this node's certificate (tadlora-node certs ...)
     insecure: bool = False  # plaintext gRPC, explicitly asked for
@@ -61,8 +62,9 @@ class NodeConfig:
     robust_mixing: RobustMixing | None = None  # None: plain MH mixing; see tadlora.core.robust
 
     def __post_init__(self) -> None:
-        if self.node_id is not None and not _NODE_ID.fullmatch(self.node_id):
-            raise ValueError(f"node id {self.node_id!r}: use 1-63 letters, digits, '.', '_' or '-'")
+        if self.node_id is not None and (problem := node_id_problem(self.node_id)) is not None:
+            # TLS would take other spellings ('A', 'a.') as the same certificate name: one spelling per node.
+            raise ValueError(problem)
         if self.method not in method_names():
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}")
         if self.switch_interval is not None and not takes_switch_interval(self.method):
@@ -85,6 +87,10 @@ class NodeConfig:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
+        # gRPC binds with SO_REUSEPORT: the --listen port twice would not fail, but split the connections.
+        hp = self.health_port
+        if hp is not None and (not 0 <= hp <= 65535 or hp == int(port) != 0):
+            raise ValueError(f"--health-port {self.health_port}: must be in 0..65535 and not the --listen port")
         if self.tls_dir is None and not self.insecure:
             raise ValueError(
                 "no TLS certificates: create them with `tadlora-node certs init DIR` and "

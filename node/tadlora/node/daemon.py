@@ -112,9 +112,11 @@ class Node:
             self.transport: Transport = transport
         elif config.tls_dir is not None and config.node_id is not None:
             material = TlsMaterial.from_dir(config.tls_dir, config.node_id)
-            self.transport = GrpcTransport.with_tls(material, max_payload_bytes=config.max_payload_bytes)
+            self.transport = GrpcTransport.with_tls(
+                material, max_payload_bytes=config.max_payload_bytes, health_port=config.health_port
+            )
         else:
-            self.transport = GrpcTransport(max_payload_bytes=config.max_payload_bytes)
+            self.transport = GrpcTransport(max_payload_bytes=config.max_payload_bytes, health_port=config.health_port)
         self.method: Method = make_method(config.method, config.switch_interval)
         self.node_id = ""
         self.fingerprint = ""

@@ -24,6 +24,7 @@ from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZerocon
 
 from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
 from tadlora.node.peerspec import PORT_MAX
+from tadlora.node.rpc import node_id_problem
 
 __all__ = [
     "QUESTION_TYPE",
@@ -132,9 +133,14 @@ def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
         return f"TXT fp={txt['fp']!r} is not hex"
     if txt["sec"] not in _SECURITY:
         return f"TXT sec={txt['sec']!r} is neither 'tls' nor 'insecure'"
+    if (problem := node_id_problem(txt["id"])) is not None:
+        return f"TXT id: {problem}"  # another spelling of a node id would make its certificate count twice
     addresses = info.parsed_addresses(IPVersion.V4Only)
     if not addresses or not info.port:
         return "no IPv4 address or port"
+    addresses = [a for a in addresses if _is_unicast(a)]
+    if not addresses:
+        return f"no unicast IPv4 address in {info.parsed_addresses(IPVersion.V4Only)!r}"
     return PeerCandidate(
         node_id=txt["id"],
         address=f"{addresses[0]}:{info.port}",  # zeroconf lists the most recently announced address first
@@ -145,6 +151,14 @@ def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
         source="mdns",
         service_name=info.name,
     )
+
+
+def _is_unicast(address: str) -> bool:
+    try:
+        require_unicast_ipv4(address, "address")
+    except ValueError:
+        return False
+    return True
 
 
 class MdnsDiscovery:
@@ -316,20 +330,20 @@ class MdnsDiscovery:
     async def _async_resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
         info = AsyncServiceInfo(service_type, name)
         if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
-            log.debug("mDNS: %s did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
+            log.debug("mDNS: %r did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
             return
         result = candidate_from_info(info)
         if isinstance(result, str):
             if name not in self._logged_bad:
                 self._logged_bad.add(name)
-                log.warning("mDNS: ignoring service %s: %s", name, result)
+                log.warning("mDNS: ignoring service %r: %s", name, result)
             self._drop(name)
             return
         if result.node_id == self._advert.node_id:
             if self._info is not None and name != self._info.name and name not in self._logged_bad:
                 self._logged_bad.add(name)
                 log.warning(
-                    "mDNS: ignoring service %s at %s: it claims our node id %r", name, result.address, result.node_id
+                    "mDNS: ignoring service %r at %s: it claims our node id %r", name, result.address, result.node_id
                 )
             self._drop(name)
             return

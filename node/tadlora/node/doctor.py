@@ -17,7 +17,7 @@ import asyncio
 import dataclasses
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tadlora.node.config import NodeConfig
 from tadlora.node.discovery import QUESTION_TYPE, RESOLVE_TIMEOUT_MS, SERVICE_TYPE, PeerCandidate, candidate_from_info
@@ -32,6 +32,9 @@ from tadlora.node.hostcheck import (
     check_precision,
     check_training,
 )
+
+if TYPE_CHECKING:
+    import grpc
 
 __all__ = ["BROWSE_S", "Check", "async_doctor", "build_doctor_parser", "compare_peer", "doctor_main", "report"]
 
@@ -107,21 +110,43 @@ def compare_peer(
     return Check(name, "OK", f"cluster {cluster!r} and fingerprint {fingerprint} match")
 
 
-async def async_check_address(cfg: NodeConfig, fingerprint: str | None, address: str, via: str) -> Check:
-    """Ask the node at ``address`` for its status and compare it with ours."""
+def peer_credentials(cfg: NodeConfig) -> grpc.ChannelCredentials | None:
+    """How the node would dial its peers: mutual TLS with its certificate, or plaintext (None) with --insecure.
+    OSError or ValueError if the certificates cannot be loaded (the 'tls' check says why)."""
+    if cfg.insecure or cfg.tls_dir is None or cfg.node_id is None:
+        return None
+    from tadlora.node.tls import TlsMaterial
+
+    return TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id).channel_credentials()
+
+
+async def async_check_address(
+    cfg: NodeConfig,
+    fingerprint: str | None,
+    address: str,
+    via: str,
+    credentials: grpc.ChannelCredentials | None = None,
+) -> Check:
+    """Ask the node at ``address`` for its status, over TLS with ``credentials`` (any node of the cluster CA may
+    answer) or else in plaintext, and compare it with ours."""
     from tadlora.node.grpc_transport import PeerClient
     from tadlora.node.rpc import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused
 
     try:
-        async with PeerClient(address) as client:
+        async with PeerClient(address, credentials=credentials) as client:
             st = await client.status(STATUS_TIMEOUT_S)
     except (PeerUnavailable, ExchangeRefused) as exc:
+        if credentials is None:
+            tls_fix = "; if the peers run with TLS, give this node's --tls-dir and --node-id"
+        else:
+            tls_fix = f"; its certificate must come from the same cluster CA ({cfg.tls_dir}/ca.crt)"
         return Check(
             f"peer {address}",
             "WARN",
             f"({via}) does not answer: {exc}",
-            f"start it, or check the address and that TCP port {address.rpartition(':')[2]} is open between the hosts",
+            f"start it, or check the address and that TCP port {address.rpartition(':')[2]} is open between the "
+            f"hosts{tls_fix}",
         )
     check = compare_peer(
         cfg,
@@ -164,7 +189,15 @@ async def async_check_peers(
             checks.append(Check(f"peers (dns:{name})", "WARN", f"cannot resolve {host}: {exc}", _DNS_FIX))
             continue
         targets += [(a, f"dns:{name}") for a in addresses]
-    checks += await asyncio.gather(*(async_check_address(cfg, fingerprint, a, via) for a, via in targets))
+    if not targets:
+        return checks
+    try:
+        credentials = await asyncio.to_thread(peer_credentials, cfg)
+    except (OSError, ValueError) as exc:
+        # Plaintext would only make every TLS peer look down: say why they were not asked instead.
+        checks.append(Check("peers", "WARN", f"not asked: cannot load this node's certificate: {exc}", _TLS_FIX))
+        return checks
+    checks += await asyncio.gather(*(async_check_address(cfg, fingerprint, a, via, credentials) for a, via in targets))
     return checks
 
 

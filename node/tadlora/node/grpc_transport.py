@@ -1,4 +1,5 @@
-"""The gRPC transport of the node protocol: `RpcServer` (with health checking and reflection), `PeerClient`."""
+"""The gRPC transport of the node protocol: `RpcServer` (with health checking and reflection, and optionally a
+plaintext health-only port for probes that cannot do mutual TLS), `PeerClient`."""
 
 from __future__ import annotations
 
@@ -82,14 +83,20 @@ class RpcServer:
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
         grace_s: float = DEFAULT_GRACE_S,
         credentials: grpc.ServerCredentials | None = None,
+        health_listen: str | None = None,
     ) -> None:
+        """``health_listen``: HOST:PORT of a second, always plaintext server with only grpc.health.v1 (the same
+        status as the main server's), for probes that cannot present a client certificate; None: none."""
         self.listen = listen
+        self.health_listen = health_listen
         self._credentials = credentials  # None: plaintext (the node only allows that with --insecure)
         self._responder = _Responder(handler, max_payload_bytes=max_payload_bytes)
         self._grace_s = grace_s
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
         self._port = 0
+        self._health_port = 0
 
     @property
     def port(self) -> int:
@@ -102,6 +109,15 @@ class RpcServer:
         """host:port as bound (the real port when `listen` asked for port 0)."""
         return f"{self.listen.rpartition(':')[0]}:{self.port}"
 
+    @property
+    def health_address(self) -> str | None:
+        """host:port of the plaintext health server as bound; None without ``health_listen``."""
+        if self.health_listen is None:
+            return None
+        if not self._health_port:
+            raise RuntimeError("RpcServer is not started")
+        return f"{self.health_listen.rpartition(':')[0]}:{self._health_port}"
+
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("RpcServer already started")
@@ -110,32 +126,39 @@ class RpcServer:
         pb_grpc.add_NodeServicer_to_server(_NodeServicer(self._responder), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-        try:
-            if self._credentials is None:
-                port = server.add_insecure_port(self.listen)
-            else:
-                port = server.add_secure_port(self.listen, self._credentials)
-        except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
-            port, detail = 0, str(exc)
-        else:
-            detail = "gRPC could not bind the address"
-        await server.start()  # even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server
-        if not port:
-            await server.stop(None)
-            raise BindError(self.listen, detail)
+        port = await _bind_and_start(server, self.listen, self._credentials)
         self._server, self._port = server, port
+        if self.health_listen is not None:
+            # Only grpc.health.v1, never the Node service: plaintext here must not open a way around mutual TLS.
+            health_server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=_HEALTH_MAX_RPCS)
+            health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+            try:
+                self._health_port = await _bind_and_start(health_server, self.health_listen, None)
+            except BindError:
+                self._server, self._port = None, 0
+                await server.stop(None)
+                raise
+            self._health_server = health_server
         for service in ("", NODE_SERVICE_NAME):
             await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving %s on %s", NODE_SERVICE_NAME, self.address)
+        if self.health_listen is not None:
+            log.info("serving %s (plaintext, health only) on %s", health.SERVICE_NAME, self.health_address)
 
     async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
         """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds. Safe to call twice."""
         server, self._server = self._server, None
+        health_server, self._health_server = self._health_server, None
         if server is None:
             return
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
-        await server.stop(grace)
+        try:
+            if self._health is not None:
+                await self._health.enter_graceful_shutdown()
+            await server.stop(grace)
+        finally:
+            # After the main server: probes see NOT_SERVING, not a refused connection, while calls drain.
+            if health_server is not None:
+                await health_server.stop(None)
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -143,6 +166,25 @@ class RpcServer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose(self._grace_s)
+
+
+_HEALTH_MAX_RPCS = 16  # concurrent calls on the health-only port: probes are one call every few seconds
+
+
+async def _bind_and_start(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
+    """Bind ``listen`` (plaintext without ``credentials``) and start ``server``; the bound port. BindError (and the
+    server stopped) if it cannot bind."""
+    try:
+        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+    except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
+        port, detail = 0, str(exc)
+    else:
+        detail = "gRPC could not bind the address"
+    await server.start()  # even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server
+    if not port:
+        await server.stop(None)
+        raise BindError(listen, detail)
+    return port
 
 
 class PeerClient(_Caller):
@@ -248,18 +290,25 @@ class GrpcTransport:
         credentials: grpc.ChannelCredentials | None = None,
         server_credentials: grpc.ServerCredentials | None = None,
         max_payload_bytes: int = MAX_PAYLOAD_BYTES,
+        health_port: int | None = None,
     ) -> None:
+        """``health_port``: servers also serve grpc.health.v1 alone, in plaintext, on this port of their listen
+        host (see `RpcServer`); None: not."""
         self._credentials = credentials
         self._server_credentials = server_credentials
         self._max_payload_bytes = max_payload_bytes
+        self._health_port = health_port
 
     @classmethod
-    def with_tls(cls, material: TlsMaterial, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES) -> GrpcTransport:
+    def with_tls(
+        cls, material: TlsMaterial, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES, health_port: int | None = None
+    ) -> GrpcTransport:
         """Mutual TLS on both ends with the cluster CA in ``material``."""
         return cls(
             credentials=material.channel_credentials(),
             server_credentials=material.server_credentials(),
             max_payload_bytes=max_payload_bytes,
+            health_port=health_port,
         )
 
     def serve(self, handler: NodeHandler, listen: str, *, max_payload_bytes: int | None = None) -> RpcServer:
@@ -268,6 +317,7 @@ class GrpcTransport:
             listen,
             max_payload_bytes=max_payload_bytes or self._max_payload_bytes,
             credentials=self._server_credentials,
+            health_listen=None if self._health_port is None else f"{listen.rpartition(':')[0]}:{self._health_port}",
         )
 
     def connect(self, address: str, node_id: str | None = None) -> PeerClient:

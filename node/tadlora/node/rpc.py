@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 from collections.abc import (
     AsyncGenerator,
     AsyncIterable,
@@ -47,6 +48,7 @@ __all__ = [
     "MAX_DEGREE",
     "MAX_ROUND",
     "MAX_TEXT_CHARS",
+    "NODE_ID_CHARS",
     "NODE_SERVICE_NAME",
     "PROTOCOL_VERSION",
     "BindError",
@@ -62,6 +64,7 @@ __all__ = [
     "StatusInfo",
     "Transport",
     "check_compatible",
+    "node_id_problem",
 ]
 
 log = logging.getLogger("tadlora.rpc")
@@ -83,6 +86,12 @@ DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a serv
 MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
 MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address or method name (ids are <= 63)
+
+NODE_ID_CHARS: Final = 63  # chars; one DNS label, since a node id is also a DNS name in its certificate
+# One spelling per node id. TLS matches a certificate's DNS names ignoring ASCII case and a trailing dot, and
+# reads a dotted-digit name as an IP address, so uppercase and '.' would let one certificate pass as several
+# nodes (a Sybil that defeats the trimmed-mean bound of robust mixing).
+_NODE_ID: Final = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{NODE_ID_CHARS - 1}}}")
 
 _CHANNEL_OPTIONS: Final = (
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
@@ -271,6 +280,23 @@ def check_sane(what: str, *, round: int, degree: int, texts: Iterable[str]) -> N
         raise ExchangeRefused(Reason.BAD_PAYLOAD, f"{what} has a text field of {longest} chars (cap {MAX_TEXT_CHARS})")
 
 
+def node_id_problem(node_id: str) -> str | None:
+    """Why ``node_id`` is not a node id (1-63 lowercase letters, digits, '_' or '-', starting with a letter or
+    digit), or None when it is one."""
+    if _NODE_ID.fullmatch(node_id):
+        return None
+    return (
+        f"node id {node_id[:MAX_TEXT_CHARS]!r} is not 1-{NODE_ID_CHARS} lowercase letters, digits, '_' or '-' "
+        "starting with a letter or digit"
+    )
+
+
+def _check_node_id(node_id: str, what: str) -> None:
+    """BAD_PAYLOAD for a node id off the syntax: each node has exactly one spelling its certificate can bind."""
+    if (problem := node_id_problem(node_id)) is not None:
+        raise ExchangeRefused(Reason.BAD_PAYLOAD, f"{what}: {problem}")
+
+
 def _check_info(info: PeerInfo, what: str) -> None:
     """`check_sane`, and ROUND_MISMATCH for a ``last_mixed_round`` over ``round + 1``: a node mixes round t
     before it moves on to t + 1, so it reports at most its own round + 1 (between closing a round and the next).
@@ -278,6 +304,7 @@ def _check_info(info: PeerInfo, what: str) -> None:
     every node to a round nobody reached."""
     texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method)
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
+    _check_node_id(info.node_id, what)
     if info.last_mixed_round > info.round + 1:
         raise ExchangeRefused(
             Reason.ROUND_MISMATCH,
@@ -439,6 +466,7 @@ async def _receive_header(
     head = first.header
     texts = (head.node_id, head.cluster, head.fingerprint, head.sha256)
     check_sane("exchange header", round=head.round, degree=head.degree, texts=texts)
+    _check_node_id(head.node_id, "exchange header")
     check(head)
     return head
 
@@ -477,9 +505,9 @@ def _check_declared_size(total_bytes: int, spec: FactorSpec | None) -> None:
 
 def _check_answerer(node_id: str, expected: str | None, address: str) -> None:
     """IDENTITY_MISMATCH unless the node that answered at ``address`` is the one the connection was made for (an
-    address can reach another node: one that announced 0.0.0.0, a restarted host, a reused port). ASCII case is
-    ignored, as TLS ignores it in the certificate's DNS name that binds the same connection."""
-    if expected is not None and node_id.encode().lower() != expected.encode().lower():
+    address can reach another node: one that announced 0.0.0.0, a restarted host, a reused port). Exact: node ids
+    have one spelling (`node_id_problem`), so the case-blind match TLS makes on the same name cannot widen it."""
+    if expected is not None and node_id != expected:
         raise ExchangeRefused(
             Reason.IDENTITY_MISMATCH,
             f"{address} answers as {node_id[:MAX_TEXT_CHARS]!r}, not {expected!r}, the node it was dialled for",

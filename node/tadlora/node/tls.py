@@ -11,6 +11,7 @@ certificate also carries the fixed DNS name `TLS_SERVER_NAME`, which clients ver
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tadlora.node.rpc import node_id_problem
 
 TLS_SERVER_NAME = "tadlora-node"  # DNS name in every node certificate; what clients verify (peers are dialled by IP)
 CA_DAYS = 3650  # days a cluster CA is valid
@@ -65,17 +68,37 @@ class TlsMaterial:
 
 
 def _check_name(name: str) -> None:
-    """A node may not be named TLS_SERVER_NAME: every certificate carries that name, so a client that expects that
-    node would accept any node of the cluster."""
-    if name.lower() == TLS_SERVER_NAME:
+    """A certificate names one node id, in its only spelling (`node_id_problem`; this also keeps ``NAME.crt``
+    inside the directory). It may not be TLS_SERVER_NAME: every certificate carries that name, so a client that
+    expects that node would accept any node of the cluster."""
+    if (problem := node_id_problem(name)) is not None:
+        raise ValueError(f"{problem}; certificates are issued to node ids")
+    if name == TLS_SERVER_NAME:
         raise ValueError(f"{name!r} is reserved (every node certificate carries it); choose another node id")
 
 
-def _write_private(path: Path, data: bytes, force: bool) -> None:
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to replace it")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+def _refuse_existing(paths: list[Path], force: bool) -> None:
+    """FileExistsError naming every existing path, unless ``force``: checked before anything is written, so a
+    refusal never leaves half a CA or a key without its certificate."""
+    existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
+    if existing and not force:
+        raise FileExistsError(f"{', '.join(existing)} exist(s); pass --force to replace")
+
+
+def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
+    """Write ``data`` to ``path`` with exactly ``mode``. Never through a symlink (one could point a key anywhere),
+    never over an existing file unless ``force``, and chmod even a replaced file (it keeps its old mode else)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | (0 if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(f"{path} exists; pass --force to replace it") from None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ValueError(f"{path} is a symbolic link; refusing to write through it") from None
+        raise
     with os.fdopen(fd, "wb") as f:
+        os.fchmod(f.fileno(), mode)
         f.write(data)
 
 
@@ -105,11 +128,10 @@ def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> P
         )  # digital_signature, key_cert_sign, crl_sign
         .sign(key, hashes.SHA256())
     )
-    _write_private(directory / "ca.key", _key_pem(key), force)
-    path = directory / "ca.crt"
-    if path.exists() and not force:
-        raise FileExistsError(f"{path} exists; pass --force to replace it")
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path, path = directory / "ca.key", directory / "ca.crt"
+    _refuse_existing([key_path, path], force)
+    _write(key_path, _key_pem(key), 0o600, force)
+    _write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
     return path
 
 
@@ -123,6 +145,11 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
         raise ValueError(f"no CA in {directory}: run `tadlora-node certs init {directory}` first") from exc
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{directory / 'ca.key'} is not an EC key made by `tadlora-node certs init`")
+    if ca_key.public_key() != ca_cert.public_key():
+        # Certificates signed with it would chain to nothing the nodes trust.
+        raise ValueError(f"{directory / 'ca.key'} does not belong to {directory / 'ca.crt'}; run `certs init --force`")
+    key_path, path = directory / f"{name}.key", directory / f"{name}.crt"
+    _refuse_existing([key_path, path], force)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(TLS_SERVER_NAME), x509.DNSName(name)]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
@@ -142,7 +169,6 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
         )
         .sign(ca_key, hashes.SHA256())
     )
-    _write_private(directory / f"{name}.key", _key_pem(key), force)
-    path = directory / f"{name}.crt"
-    path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    _write(key_path, _key_pem(key), 0o600, force)
+    _write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
     return path
