@@ -41,6 +41,16 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
         parse(["--method", "decaf", "--optimizer-state", "persistent"], monkeypatch)
 
 
+@pytest.mark.parametrize("address", ["", "not-an-ip", "10.0.0.5:7070", "0.0.0.0", "224.0.0.251"])
+def test_an_advertise_address_peers_could_not_call_back_is_refused(monkeypatch, address: str) -> None:
+    # with static peers too, not only when mDNS announces it: handshakes tell peers to call this address back
+    with pytest.raises(ValueError, match="--advertise-address"):
+        parse(["--peers", "10.0.0.7:7070", "--advertise-address", address], monkeypatch)
+    with pytest.raises(ValueError, match="TADLORA_ADVERTISE_ADDRESS"):
+        parse(["--peers", "10.0.0.7:7070"], monkeypatch, TADLORA_ADVERTISE_ADDRESS=address)
+    assert parse(["--advertise-address", "10.0.0.5"], monkeypatch).advertise_address == "10.0.0.5"
+
+
 def test_help_names_the_environment_variables(capsys) -> None:
     with pytest.raises(SystemExit):
         build_run_parser().parse_args(["--help"])

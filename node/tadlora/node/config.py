@@ -10,6 +10,7 @@ from pathlib import Path
 from tadlora.adapter import LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
+from tadlora.node.netif import require_unicast_ipv4
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import node_id_problem
 from tadlora.training import TrainSpec
@@ -65,6 +66,10 @@ class NodeConfig:
         if self.node_id is not None and (problem := node_id_problem(self.node_id)) is not None:
             # TLS would take other spellings ('A', 'a.') as the same certificate name: one spelling per node.
             raise ValueError(problem)
+        if self.advertise_address is not None:
+            # Checked here, not only by mDNS's announcement: with static or dns: peers it is what handshakes tell
+            # peers to call back, and an empty one would let a wildcard --listen announce 0.0.0.0 after all.
+            require_unicast_ipv4(self.advertise_address, "--advertise-address (TADLORA_ADVERTISE_ADDRESS)")
         if self.method not in method_names():
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}")
         if self.switch_interval is not None and not takes_switch_interval(self.method):
