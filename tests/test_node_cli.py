@@ -41,7 +41,7 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
         parse(["--method", "decaf", "--optimizer-state", "persistent"], monkeypatch)
 
 
-@pytest.mark.parametrize("address", ["", "not-an-ip", "10.0.0.5:7070", "0.0.0.0", "224.0.0.251"])
+@pytest.mark.parametrize("address", ["", "not-an-ip", "10.0.0.5:7070", "0.0.0.0", "224.0.0.251"])  # noqa: S104 - refused, never bound
 def test_an_advertise_address_peers_could_not_call_back_is_refused(monkeypatch, address: str) -> None:
     # with static peers too, not only when mDNS announces it: handshakes tell peers to call this address back
     with pytest.raises(ValueError, match="--advertise-address"):
