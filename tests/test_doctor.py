@@ -190,6 +190,42 @@ async def test_missing_certificates_are_a_fail_with_the_fix_and_issued_ones_are_
     assert check_tls(wrong).status == "FAIL"  # no certificate for node-1
 
 
+def test_a_certificate_the_run_cannot_use_fails_and_one_expiring_within_30_days_warns(tmp_path, monkeypatch) -> None:
+    from tadlora.node import tls
+    from tadlora.node.doctor import check_tls
+
+    certs = tmp_path / "certs"
+    tls.init_ca(certs)
+    for name in ("node-0", "node-1"):
+        tls.issue(certs, name)
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()), insecure=False, tls_dir=certs)
+    ok = check_tls(cfg)
+    assert ok.status == "OK" and "valid until" in ok.detail
+    (certs / "node-0.key").write_bytes((certs / "node-1.key").read_bytes())
+    stolen = check_tls(cfg)
+    assert stolen.status == "FAIL" and "is not the key of" in stolen.detail
+    monkeypatch.setattr(tls, "NODE_DAYS", 10)
+    tls.issue(certs, "node-0", force=True)
+    expiring = check_tls(cfg)
+    assert expiring.status == "WARN" and "in 9 days" in expiring.detail
+    assert "certs issue node-0" in expiring.fix
+
+
+def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
+    """The daemon raises on start when --node-id differs from the id kept in --out/node.json."""
+    from tadlora.node import state
+    from tadlora.node.hostcheck import check_out
+
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
+    cfg.out.mkdir()
+    state.save_identity(cfg.out, "n0", cfg.cluster, "ab")
+    other = check_out(dataclasses.replace(cfg, node_id="n1"), "ab")
+    assert other.status == "FAIL" and "belongs to node 'n0', not --node-id 'n1'" in other.detail
+    assert "--node-id n0" in other.fix
+    assert check_out(dataclasses.replace(cfg, node_id="n0"), "ab").status == "OK"
+    assert check_out(dataclasses.replace(cfg, node_id=None), "ab").status == "OK"  # the node takes the kept id
+
+
 @pytest.mark.asyncio
 async def test_peers_of_a_tls_cluster_are_asked_with_this_nodes_certificate(tmp_path, capsys) -> None:
     from tadlora.node.tls import init_ca, issue

@@ -74,6 +74,47 @@ def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:
     assert message in capsys.readouterr().err
 
 
+def exit_code(argv: list[str]) -> int:
+    """`main`'s exit status, whether it returns it or argparse exits with it."""
+    try:
+        return main(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "message"),
+    [
+        (["--log-level", "verbose"], {}, "--log-level: invalid choice: 'VERBOSE'"),
+        (["--help"], {"TADLORA_LORA_TARGETS": ","}, "TADLORA_LORA_TARGETS=',': expected a comma-separated list"),
+        ([], {"TADLORA_LOG_FORMAT": "xml"}, "TADLORA_LOG_FORMAT='xml': invalid choice (choose from auto, json, text)"),
+        ([], {"TADLORA_LOG_LEVEL": "verbose"}, "TADLORA_LOG_LEVEL='verbose': invalid choice"),
+    ],
+)
+def test_a_bad_flag_or_environment_value_exits_2_with_one_line_not_a_traceback(
+    argv, env, message, monkeypatch, capsys
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    # "--listen nonsense" exits 2 from config_from_args without that message, so a regression never starts a node
+    assert exit_code([*argv, "--insecure", "--listen", "nonsense"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_log_level_takes_any_case_from_a_flag_or_the_environment(monkeypatch) -> None:
+    assert build_run_parser().parse_args(["--log-level", "debug"]).log_level == "DEBUG"
+    monkeypatch.setenv("TADLORA_LOG_LEVEL", "warning")
+    assert build_run_parser().parse_args([]).log_level == "WARNING"
+
+
+def test_certs_init_into_a_directory_it_cannot_create_exits_2_naming_it(tmp_path, capsys) -> None:
+    (tmp_path / "file").write_text("")
+    assert main(["certs", "init", str(tmp_path / "file" / "certs")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tadlora-node certs: error:") and str(tmp_path / "file") in err
+
+
 def test_a_wildcard_listen_that_peers_could_not_call_back_exits_1_naming_the_flag_to_set(tmp_path, capsys) -> None:
     argv = ["--listen", "0.0.0.0:0", "--peers", "127.0.0.1:1", "--insecure", "--model", "tiny", "--rounds", "1",
             "--min-peers", "0", "--device", "cpu", "--out", str(tmp_path / "n0")]  # fmt: skip

@@ -171,6 +171,44 @@ def test_the_shared_certificate_name_cannot_be_a_node_id(tmp_path, capsys) -> No
         TlsMaterial.from_dir(certs, TLS_SERVER_NAME)
 
 
+def _swap_in(certs: Path, name: str, source: Path) -> None:
+    """Replace ``certs/NAME`` by ``source``'s bytes (a file from another directory or node)."""
+    (certs / name).write_bytes(source.read_bytes())
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("certificate from another CA", "is not signed by"),
+        ("another node's key", "is not the key of"),
+        ("expired", "is valid only from"),
+    ],
+)
+def test_certificates_grpc_could_not_serve_with_are_refused_at_start_with_the_fix(
+    tmp_path, monkeypatch, capsys, case, message
+) -> None:
+    """gRPC would only say "Failed to bind to address" (read as a taken port): refuse them before, naming why."""
+    from tadlora.node import tls as tls_module
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    if case == "certificate from another CA":
+        other = make_certs(tmp_path / "other", "node-0")
+        _swap_in(certs, "node-0.crt", other / "node-0.crt")
+        _swap_in(certs, "node-0.key", other / "node-0.key")
+    elif case == "another node's key":
+        _swap_in(certs, "node-0.key", certs / "node-1.key")
+    else:
+        monkeypatch.setattr(tls_module, "NODE_DAYS", 0)  # valid until the second it was issued
+        assert main(["certs", "issue", "node-0", "--dir", str(certs), "--force"]) == 0
+    with pytest.raises(ValueError, match=message) as refused:
+        TlsMaterial.from_dir(certs, "node-0")
+    assert f"certs issue node-0 --dir {certs} --force" in str(refused.value)
+    with pytest.raises(ValueError, match=message):
+        Node(tls(tmp_path, certs, 0, 2, ()))  # the run stops here, before any port is bound
+    TlsMaterial.from_dir(certs, "node-1")  # the other node's own files still serve
+
+
 async def status(argv: list[str], capsys) -> tuple[int, str, str]:
     """`tadlora-node status` (its own event loop, in a thread: ours serves the node meanwhile)."""
     capsys.readouterr()

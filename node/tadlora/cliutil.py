@@ -17,7 +17,8 @@ def env_name(dest: str) -> str:
 
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
     """Let ``TADLORA_<FLAG>`` set each option's default (a flag given on the command line still wins), and
-    say so in ``--help``. Boolean flags accept 1/true/yes/on."""
+    say so in ``--help``. Boolean flags accept 1/true/yes/on. A value the flag would refuse (its type or its
+    ``choices``) is refused the same way, by ``parser.error`` (exit 2)."""
     env = os.environ if environ is None else environ
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "version"):
@@ -32,10 +33,14 @@ def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, st
         elif action.type is not None and callable(action.type):
             try:
                 action.default = action.type(raw)
-            except (TypeError, ValueError) as exc:
+            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
                 parser.error(f"{name}={raw!r}: {exc}")
         else:
             action.default = raw
+        # argparse checks choices only for values given on the command line, never for a default.
+        if action.choices is not None and action.default not in action.choices:
+            choices = ", ".join(map(str, action.choices))
+            parser.error(f"{name}={raw!r}: invalid choice (choose from {choices})")
         action.required = False
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     import grpc
 
 log = logging.getLogger("tadlora.node")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # --log-level; setup_logging would raise on any other
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -119,7 +120,8 @@ def build_run_parser() -> argparse.ArgumentParser:
     o.add_argument("--checkpoint-every", type=int, default=5, help="checkpoint every N rounds")
     o.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
                    help="auto: text on a terminal, JSON lines otherwise")  # fmt: skip
-    o.add_argument("--log-level", default="INFO", help="DEBUG, INFO, WARNING")
+    o.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO",
+                   help="what the node logs (any case)")  # fmt: skip
     apply_env_defaults(p)
     return p
 
@@ -381,7 +383,7 @@ def certs_main(argv: list[str]) -> int:
             path = tls.init_ca(a.dir, cluster=a.cluster, force=a.force)
         else:
             path = tls.issue(a.dir, a.name, ips=tuple(a.ip), force=a.force)
-    except (FileExistsError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # OSError: DIR cannot be created or written, say so without a traceback
         sys.stderr.write(f"tadlora-node certs: error: {exc}\n")
         return 2
     sys.stdout.write(f"wrote {path}\n")
@@ -400,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
         return doctor_main(args[1:])
     a = build_run_parser().parse_args(args)
-    json_fmt = setup_logging(a.log_format, a.log_level)
     try:
+        json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
     except ValueError as exc:
         sys.stderr.write(f"tadlora-node: error: {exc}\n")

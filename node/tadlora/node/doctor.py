@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import datetime as dt
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -40,6 +41,7 @@ __all__ = ["BROWSE_S", "Check", "async_doctor", "build_doctor_parser", "compare_
 
 BROWSE_S = 3.0  # s of mDNS browsing; peers answer a new browser in ~0.1 s, one still announcing itself in ~1.2 s
 STATUS_TIMEOUT_S = 5.0  # s for one peer's Status call
+CERT_EXPIRY_WARN_DAYS = 30  # days before a node certificate expires that the tls check WARNs (time to reissue)
 _DNS_FIX = "check the name (in Kubernetes: the headless Service and the namespace) and that the peers run"
 _SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets and --seed"
 
@@ -205,7 +207,8 @@ async def async_check_peers(
 
 
 def check_tls(cfg: NodeConfig) -> Check:
-    """Certificates present, readable and issued to this node id; or --insecure said out loud."""
+    """Certificates present, issued to this node id by the cluster CA, with their key, and not expiring within
+    CERT_EXPIRY_WARN_DAYS (WARN); or --insecure said out loud."""
     if cfg.insecure:
         return Check("tls", "WARN", "--insecure: plaintext, and anyone who reaches the port may join", _TLS_FIX)
     if cfg.tls_dir is None or cfg.node_id is None:
@@ -213,10 +216,20 @@ def check_tls(cfg: NodeConfig) -> Check:
     from tadlora.node.tls import TlsMaterial
 
     try:
-        TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id)
+        material = TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id)
     except (OSError, ValueError) as exc:
         return Check("tls", "FAIL", str(exc), _TLS_FIX)
-    return Check("tls", "OK", f"mutual TLS with {cfg.tls_dir / (cfg.node_id + '.crt')}")
+    path = cfg.tls_dir / f"{cfg.node_id}.crt"
+    expires = material.certificate().not_valid_after_utc
+    left = expires - dt.datetime.now(dt.UTC)
+    if left < dt.timedelta(days=CERT_EXPIRY_WARN_DAYS):
+        return Check(
+            "tls",
+            "WARN",
+            f"{path} expires on {expires:%Y-%m-%d %H:%M} UTC, in {left.days} days; then this node can serve no peer",
+            f"tadlora-node certs issue {cfg.node_id} --dir {cfg.tls_dir} --force (needs ca.key), then restart",
+        )
+    return Check("tls", "OK", f"mutual TLS with {path} (valid until {expires:%Y-%m-%d})")
 
 
 _TLS_FIX = (

@@ -242,7 +242,7 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
 
 
 def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
-    """--out is writable and, if it holds a run, a run of this model."""
+    """--out is writable and, if it holds a run, a run of this model and of this --node-id."""
     from tadlora.node import state
 
     out = cfg.out
@@ -265,8 +265,17 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
             f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})",
             "use another --out to start a new run, or the flags that run was started with",
         )
+    kept = (identity or {}).get("node_id")
+    if kept and cfg.node_id and kept != cfg.node_id:
+        # The daemon refuses this at start (Node.start): one --out holds one node's rounds and checkpoint.
+        return Check(
+            "out",
+            "FAIL",
+            f"{out} belongs to node {kept!r}, not --node-id {cfg.node_id!r}",
+            f"use another --out for node {cfg.node_id!r}, or --node-id {kept} to resume that node",
+        )
     if identity:
-        return Check("out", "OK", f"{out}: resumes node {identity.get('node_id')!r}")
+        return Check("out", "OK", f"{out}: resumes node {kept!r}")
     return Check("out", "OK", f"{out}: " + ("writable" if out.is_dir() else "will be created"))
 
 

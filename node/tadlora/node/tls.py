@@ -19,6 +19,7 @@ from pathlib import Path
 
 import grpc
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -40,7 +41,8 @@ class TlsMaterial:
 
     @classmethod
     def from_dir(cls, directory: Path, name: str) -> TlsMaterial:
-        """Read ``ca.crt``, ``NAME.crt`` and ``NAME.key``; a clear error names what is missing and how to make it."""
+        """Read ``ca.crt``, ``NAME.crt`` and ``NAME.key``: ValueError, naming the file and the fix, if one is missing,
+        or the certificate is not issued to NAME by this CA, the key is not its key, or now is outside its validity."""
         _check_name(name)
         paths = [directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -50,11 +52,44 @@ class TlsMaterial:
                 f"(once per cluster) and `tadlora-node certs issue {name} --dir {directory}`"
             )
         ca, cert, key = (p.read_bytes() for p in paths)
-        names = x509.load_pem_x509_certificate(cert).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+        material = cls(ca=ca, cert=cert, key=key)
+        names = material.certificate().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if [n.value for n in names] != [name]:
             # Peers only accept a node under the name in its certificate; catch the mix-up here, at start-up.
             raise ValueError(f"{paths[1]} is issued to {[n.value for n in names]}, not to node id {name!r}")
-        return cls(ca=ca, cert=cert, key=key)
+        material._check_usable(directory, name)
+        return material
+
+    def certificate(self) -> x509.Certificate:
+        """This node's certificate, parsed (ValueError if it is not PEM)."""
+        return x509.load_pem_x509_certificate(self.cert)
+
+    def _check_usable(self, directory: Path, name: str) -> None:
+        """ValueError unless gRPC could serve with this material: the certificate is signed by the CA, the key is
+        the certificate's, and now is within its validity. gRPC itself only says "Failed to bind to address"."""
+        ca_path, cert_path, key_path = directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"
+        reissue = f"`tadlora-node certs issue {name} --dir {directory} --force`"
+        ca, cert = x509.load_pem_x509_certificate(self.ca), self.certificate()
+        try:
+            cert.verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature) as exc:
+            raise ValueError(
+                f"{cert_path} is not signed by {ca_path} ({str(exc) or 'bad signature'}); issue it from this CA "
+                f"with {reissue}"
+            ) from None
+        try:
+            key = serialization.load_pem_private_key(self.key, password=None)
+        except (ValueError, TypeError) as exc:  # TypeError: the key is encrypted
+            raise ValueError(f"{key_path} is not an unencrypted PEM private key: {exc}") from None
+        if key.public_key() != cert.public_key():
+            raise ValueError(f"{key_path} is not the key of {cert_path} (another node's key?); reissue: {reissue}")
+        now = dt.datetime.now(dt.UTC)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            raise ValueError(
+                f"{cert_path} is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} to "
+                f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (now {now:%Y-%m-%d %H:%M}); "
+                f"fix this host's clock, or issue a new certificate: {reissue}"
+            )
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Serve with our certificate; require a client certificate signed by the cluster CA."""
