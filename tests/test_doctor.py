@@ -20,7 +20,7 @@ from tadlora.node.doctor import compare_peer
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
-from test_daemon import cluster_name, node_config
+from test_daemon import NO_PEERS, cluster_name, node_config
 from test_node_cli import free_port
 
 BROWSE_S = "2"  # s; the peer is registered before the doctor starts, so it answers the browse at once
@@ -151,6 +151,18 @@ def test_a_wildcard_listen_without_mdns_or_advertise_address_fails_as_the_node_w
     assert listen.status == "FAIL" and "--advertise-address" in listen.fix
     assert check_listen(dataclasses.replace(wildcard, advertise_address="10.1.2.3")).status == "OK"
     assert check_listen(dataclasses.replace(wildcard, peers=parse_peers_option("auto"))).status == "OK"
+
+
+def test_a_health_port_taken_by_another_process_fails_the_listen_check(tmp_path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        cfg = node_config(tmp_path, 0, 1, NO_PEERS, listen="127.0.0.1:0", health_port=busy)
+        listen = check_listen(cfg)
+    assert listen.status == "FAIL" and f"--health-port {busy}" in listen.detail and "--health-port" in listen.fix
+    free = check_listen(dataclasses.replace(cfg, health_port=busy))  # released with the socket
+    assert free.status == "OK" and f"health port {busy}" in free.detail
 
 
 def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -> None:

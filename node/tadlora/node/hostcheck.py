@@ -169,7 +169,32 @@ def check_listen(cfg: NodeConfig) -> Check:
             "with a wildcard --listen and no mDNS, set --advertise-address to the IP peers reach "
             "this node at (in Kubernetes: the pod IP)",
         )
+    if cfg.health_port is not None:
+        problem = _bind_problem(bind_host, cfg.health_port)
+        if problem is not None:
+            return Check(
+                "listen",
+                "FAIL",
+                f"{detail}, but the --health-port {cfg.health_port} cannot be bound: {problem}",
+                "choose a free --health-port (TADLORA_HEALTH_PORT), other than the --listen port",
+            )
+        detail += f"; health port {cfg.health_port} too"
     return Check("listen", "OK", detail)
+
+
+def _bind_problem(host: str, port: int) -> str | None:
+    """Why a plain socket cannot listen on host:port as gRPC would (SO_REUSEADDR), or None if it can."""
+    try:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(sockaddr)
+            sock.listen()
+    except OSError as exc:  # socket.gaierror included
+        return exc.strerror or str(exc)
+    return None
 
 
 # ------------------------------------------------------------------------------------- device and data
