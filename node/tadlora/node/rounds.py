@@ -22,7 +22,6 @@ from tadlora.node.wire import ExchangeRefused, Reason
 WAIT_GAP_ROUNDS = 8  # rounds
 
 Delivery = tuple[int, Factors]  # (the neighbour's degree in the round, its factors)
-CheckNeighbour = Callable[[str, int, int, Factors], None]  # (who, round, degree, factors); raises PayloadError
 
 
 @dataclass
@@ -130,16 +129,14 @@ class RoundState:
             if r == cur.t and cur.snapshot is not None:
                 self._check_pair(cur, caller, r)
 
-    async def answer(
-        self, caller: str, r: int, degree: int, factors: Factors, check: CheckNeighbour | None = None
-    ) -> Factors:
+    async def answer(self, caller: str, r: int, degree: int, factors: Factors) -> Factors:
         """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then record what it sent and return
-        the snapshot (the caller's deadline cancels the wait).
+        the snapshot (the caller's deadline cancels the wait). ``degree`` and ``factors`` must already be checked
+        fit to mix: the check is too slow to hold the lock for (the daemon runs it in a thread before calling).
 
         Refused with ROUND_MISMATCH when round r is over here or ``caller`` is more than `WAIT_GAP_ROUNDS` ahead,
-        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops; ``check`` (run under
-        the lock, so keep it cheap: the daemon checks the factors before calling) raises `PayloadError` for a degree
-        or factors unfit to mix. A caller in another round than ours, two or more away, sets `gap_seen`.
+        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops. A caller in another
+        round than ours, two or more away, sets `gap_seen`.
         """
         async with self._changed:
             while True:
@@ -149,8 +146,6 @@ class RoundState:
                     break
                 await self._changed.wait()
             self._check_pair(cur, caller, r)
-            if check is not None:
-                check(caller, r, degree, factors)
             cur.received[caller] = (degree, factors)
             self._changed.notify_all()
             return snapshot
