@@ -285,6 +285,19 @@ def test_the_health_port_may_not_be_the_listen_port(tmp_path) -> None:
     node_config(tmp_path, 0, 1, PeersOption(False, (), ()), listen="127.0.0.1:7070", health_port=7071)
 
 
+def test_a_given_transport_must_serve_the_configured_health_port(tmp_path) -> None:
+    """The health server is the transport's: a node given one that does not serve --health-port refuses to start
+    instead of leaving every probe failing."""
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.memory_transport import InMemoryNetwork
+
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()), listen="127.0.0.1:7070", health_port=7071)
+    for transport in (GrpcTransport(), GrpcTransport(health_port=7072), InMemoryNetwork()):
+        with pytest.raises(ValueError, match="health_port=7071"):
+            Node(cfg, transport=transport)
+    assert Node(cfg, transport=GrpcTransport(health_port=7071)).transport.health_port == 7071  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize("name", ["Node-0", "node-0.", "../evil", "a.b", "_x", "x" * 64])
 def test_certificates_are_issued_only_to_node_ids_in_their_one_spelling(tmp_path, capsys, name) -> None:
     from tadlora.node.tls import issue

@@ -109,6 +109,15 @@ class Node:
     def __init__(self, config: NodeConfig, transport: Transport | None = None) -> None:
         self.config = config
         if transport is not None:
+            # The health server is the transport's: a config asking for one that the given transport does not
+            # serve would leave probes failing with nothing said.
+            served = transport.health_port if isinstance(transport, GrpcTransport) else None
+            if config.health_port is not None and served != config.health_port:
+                raise ValueError(
+                    f"health_port={config.health_port} is served by the transport, and the given transport serves "
+                    f"{'no health port' if served is None else f'port {served}'}: build it with "
+                    f"health_port={config.health_port}, or leave the transport to the node"
+                )
             self.transport: Transport = transport
         elif config.tls_dir is not None and config.node_id is not None:
             material = TlsMaterial.from_dir(config.tls_dir, config.node_id)

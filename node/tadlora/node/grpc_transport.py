@@ -299,6 +299,11 @@ class GrpcTransport:
         self._max_payload_bytes = max_payload_bytes
         self._health_port = health_port
 
+    @property
+    def health_port(self) -> int | None:
+        """The port its servers serve grpc.health.v1 on (None: not served)."""
+        return self._health_port
+
     @classmethod
     def with_tls(
         cls, material: TlsMaterial, *, max_payload_bytes: int = MAX_PAYLOAD_BYTES, health_port: int | None = None
