@@ -23,6 +23,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
+    MAX_EXCHANGES_PER_CALLER,
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
     BindError,
@@ -349,12 +350,45 @@ async def test_payloads_far_over_the_grpc_message_limit_stream_through(transport
 
 @pytest.mark.asyncio
 async def test_several_exchanges_share_one_connection(transport: Transport, alice: FakeNode, bob: FakeNode) -> None:
+    callers = [FakeNode(f"caller-{i}", alice.factors) for i in range(4)]  # at most 2 in flight per caller
     async with serving(transport, bob) as (_, client):
         results = await asyncio.gather(
-            *(client.exchange(header_of(alice, r), alice.factors, TIMEOUT) for r in range(4))
+            *(client.exchange(header_of(c, r), c.factors, TIMEOUT) for r, c in enumerate(callers))
         )
     assert [r.peer.round for r in results] == [0, 1, 2, 3]
-    assert len(bob.exchanges) == 4
+    assert sorted(h.node_id for h, _ in bob.exchanges) == [c.info.node_id for c in callers]
+
+
+@pytest.mark.asyncio
+async def test_a_caller_over_its_exchanges_in_flight_is_refused_busy_and_others_are_not(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.hold = True  # bob's handler keeps every exchange waiting, as a node does for its own round
+    async with serving(transport, bob) as (_, client):
+        held = [asyncio.ensure_future(client.exchange(header_of(alice, r), alice.factors, TIMEOUT)) for r in (0, 1)]
+        async with asyncio.timeout(TIMEOUT):
+            while len(bob.exchanges) < MAX_EXCHANGES_PER_CALLER:
+                await bob.entered.wait()
+                bob.entered.clear()  # checked after clearing: no entry is missed
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice, 2), alice.factors, TIMEOUT)
+        assert refused.value.reason is Reason.BUSY and "alice" in refused.value.detail
+        assert len(bob.exchanges) == 2  # the third payload was never taken in
+        carol = FakeNode("carol", alice.factors)
+        bob.hold = False
+        assert (await client.exchange(header_of(carol, 2), carol.factors, TIMEOUT)).peer.node_id == "bob"
+        for call in held:
+            call.cancel()
+        await asyncio.gather(*held, return_exceptions=True)
+        async with asyncio.timeout(TIMEOUT):  # the cancelled calls end on bob's side and free alice's places
+            await bob.cancelled.wait()
+            while True:
+                try:
+                    await client.exchange(header_of(alice, 3), alice.factors, TIMEOUT)
+                    break
+                except ExchangeRefused as exc:
+                    assert exc.reason is Reason.BUSY
+                    await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio

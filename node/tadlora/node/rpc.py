@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import collections
 import contextlib
 import logging
 import math
@@ -46,6 +47,7 @@ from tadlora.v1 import node_pb2 as pb
 
 __all__ = [
     "MAX_DEGREE",
+    "MAX_EXCHANGES_PER_CALLER",
     "MAX_ROUND",
     "MAX_TEXT_CHARS",
     "NODE_ID_CHARS",
@@ -86,6 +88,10 @@ DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a serv
 MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
 MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address or method name (ids are <= 63)
+# Exchanges one caller may have in flight at a callee. A node calls each neighbour once per round, so one is the
+# norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
+# the callee its payload (up to the spec's size, about three times over) while it waits for the callee's round.
+MAX_EXCHANGES_PER_CALLER: Final = 2
 
 NODE_ID_CHARS: Final = 63  # chars; one DNS label, since a node id is also a DNS name in its certificate
 # One spelling per node id. TLS matches a certificate's DNS names ignoring ASCII case and a trailing dot, and
@@ -530,6 +536,7 @@ class _Responder:
         self._admit: Callable[[ExchangeHeader], Awaitable[FactorSpec | None]] | None = getattr(
             handler, "async_admit_exchange", None
         )
+        self._in_flight: collections.Counter[str] = collections.Counter()  # exchanges in flight, by caller id
 
     def _refused(self, what: str, exc: ExchangeRefused) -> None:
         if self._observe is not None:
@@ -577,18 +584,37 @@ class _Responder:
             # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
             iterator = aiter(requests)
             head = await _receive_header(iterator, check)
-            expected = self._handler.expected_spec()
-            if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
-                expected = admitted
-            _check_declared_size(head.total_bytes, expected)
-            header, payload = await _receive_chunks(iterator, head, max_payload_bytes=self._max_payload_bytes)
-            factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
-            reply = await self._handler.async_exchange(header, factors)
+            with self._one_more_exchange(head.node_id):
+                expected = self._handler.expected_spec()
+                if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
+                    expected = admitted
+                _check_declared_size(head.total_bytes, expected)
+                header, payload = await _receive_chunks(iterator, head, max_payload_bytes=self._max_payload_bytes)
+                factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
+                reply = await self._handler.async_exchange(header, factors)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
 
         async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
             async for message in replies:
                 yield message
+
+    @contextlib.contextmanager
+    def _one_more_exchange(self, caller: str) -> Iterator[None]:
+        """Count an exchange from ``caller`` while it runs; BUSY if it has `MAX_EXCHANGES_PER_CALLER` already.
+        Without the cap one neighbour could hold up to the server's concurrent-call limit of payloads here."""
+        if self._in_flight[caller] >= MAX_EXCHANGES_PER_CALLER:
+            raise ExchangeRefused(
+                Reason.BUSY,
+                f"{caller[:MAX_TEXT_CHARS]!r} already has {self._in_flight[caller]} exchanges in flight here "
+                f"(at most {MAX_EXCHANGES_PER_CALLER})",
+            )
+        self._in_flight[caller] += 1
+        try:
+            yield
+        finally:
+            self._in_flight[caller] -= 1
+            if not self._in_flight[caller]:
+                del self._in_flight[caller]  # the counter holds only callers with calls running
 
     async def fetch(
         self, request: pb.FetchRequest, identity: str | None = None

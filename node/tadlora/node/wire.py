@@ -69,6 +69,7 @@ class Reason(enum.IntEnum):
     DEADLINE = 10
     INTERNAL = 11
     IDENTITY_MISMATCH = 12
+    BUSY = 13
 
 
 class ExchangeRefused(Exception):

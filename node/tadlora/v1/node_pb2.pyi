@@ -22,6 +22,7 @@ class RefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFUSAL_REASON_DEADLINE: _ClassVar[RefusalReason]
     REFUSAL_REASON_INTERNAL: _ClassVar[RefusalReason]
     REFUSAL_REASON_IDENTITY_MISMATCH: _ClassVar[RefusalReason]
+    REFUSAL_REASON_BUSY: _ClassVar[RefusalReason]
 REFUSAL_REASON_UNSPECIFIED: RefusalReason
 REFUSAL_REASON_PROTOCOL_MISMATCH: RefusalReason
 REFUSAL_REASON_CLUSTER_MISMATCH: RefusalReason
@@ -35,6 +36,7 @@ REFUSAL_REASON_SHUTTING_DOWN: RefusalReason
 REFUSAL_REASON_DEADLINE: RefusalReason
 REFUSAL_REASON_INTERNAL: RefusalReason
 REFUSAL_REASON_IDENTITY_MISMATCH: RefusalReason
+REFUSAL_REASON_BUSY: RefusalReason
 
 class PeerInfo(_message.Message):
     __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round")
