@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 from tadlora.cliutil import csv_list
-from tadlora.fsutil import atomic_write_json
+from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import PRESET_CAVEATS, PRESETS, preset
 from tadlora.sim.paper import checkpoint_progress, markdown, paper_grids
 from tadlora.sim.runner import Simulator
@@ -53,34 +53,52 @@ def main(argv: list[str] | None = None) -> int:
     base = preset(args.preset)
     if args.preset in PRESET_CAVEATS and not args.report_only:
         print(f"paper_table: warning: preset {args.preset} is {PRESET_CAVEATS[args.preset]}", file=sys.stderr)
-    if args.seeds:
-        base = dataclasses.replace(base, seeds=tuple(args.seeds))
-    if args.rounds:
-        base = dataclasses.replace(base, rounds=args.rounds)
+    try:
+        if args.seeds:
+            base = dataclasses.replace(base, seeds=tuple(args.seeds))
+        if args.rounds is not None:  # 0 is refused by the config, not taken for "the preset's"
+            base = dataclasses.replace(base, rounds=args.rounds)
+    except ValueError as exc:
+        print(f"paper_table: error: {exc}", file=sys.stderr)
+        return 2
     out: Path = args.out or HERE / "paper" / args.preset
     methods, sweep = paper_grids(base)
     grids = {"methods": (methods, out / "methods"), "T-sweep": (sweep, out / "T-sweep")}
 
+    def reported_only(name: str) -> bool:
+        return args.report_only or (args.only is not None and args.only != name)
+
     results = {}
-    for name, (config, grid_out) in grids.items():
-        skip = args.report_only or (args.only is not None and args.only != name)
+    # The grids that run go first, so that a grid only reported sees (and copies) the cells they have just finished.
+    for name in sorted(grids, key=reported_only):
+        config, grid_out = grids[name]
         # The other grid, once it has started (its cells are this grid's wherever their computations are equal).
         others = [o for other, (_c, o) in grids.items() if other != name and (o / "config.json").exists()]
         try:
-            results[name] = Simulator(config, grid_out, quiet=args.quiet, share_from=others).run(report_only=skip)
-        except ValueError as exc:  # another run's settings in this directory, a bad setting
+            simulator = Simulator(config, grid_out, quiet=args.quiet, share_from=others)
+            results[name] = simulator.run(report_only=reported_only(name))
+        except (ValueError, OSError, RuntimeError) as exc:  # another run's settings here, a bad setting, a path
             print(f"paper_table: error: {exc}", file=sys.stderr)
             return 2
+        except KeyboardInterrupt:
+            print("\npaper_table: interrupted; run the same command again to resume", file=sys.stderr)
+            return 130
+    results = {name: results[name] for name in grids}  # table.json in the grids' order, whichever ran first
 
     # Unfinished cells with a checkpoint (a grid still running, here or in another process): where each stands.
-    in_progress = {
-        path.name.removesuffix(".partial.json"): checkpoint_progress(json.loads(path.read_text(encoding="utf-8")))
-        for _config, grid_out in grids.values()
-        for path in sorted((grid_out / "cells").glob("*.partial.json"))
-    }
+    in_progress = {}
+    for _config, grid_out in grids.values():
+        for path in sorted((grid_out / "cells").glob("*.partial.json")):
+            key = path.name.removesuffix(".partial.json")
+            if (path.parent / f"{key}.json").exists():  # finished (or copied) after its checkpoint: a leftover
+                continue
+            try:
+                in_progress[key] = checkpoint_progress(json.loads(path.read_text(encoding="utf-8")))
+            except FileNotFoundError:  # its cell finished in another process since the listing
+                continue
     title = f"{args.preset}: the paper's table"
     text, verdict = markdown(results["methods"], results["T-sweep"], title, in_progress)
-    (out / "table.md").write_text(text, encoding="utf-8")
+    atomic_write_bytes(out / "table.md", text.encode())
     atomic_write_json(
         out / "table.json",
         {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -191,3 +192,78 @@ def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert proc.returncode != 0 and "different settings (rounds)" in proc.stderr
+
+
+def test_tad_is_judged_against_every_other_method_not_only_the_best_one() -> None:
+    sweep = sweep_rows(0.5, 1) + sweep_rows(0.02, 10)
+    # At p = 0.5 the best other (lora) is within its wide spread, but ffa, a little lower, is ahead of tad by more
+    # than its own narrow one: some method is ahead of tad, so tad is not "competitive".
+    high = method_rows(0.5, tad=0.80, others=0.70, client_std=0.01)
+    high[ALL_METHODS.index("lora")] = row("lora", 0.5, None, 0.83, client_std=0.05)
+    high[ALL_METHODS.index("ffa")] = row("ffa", 0.5, None, 0.82, client_std=0.005)
+    # At p = 0.02 tad is ahead of the best other (lora) by more than the spread, but not of ffa, whose clients
+    # spread widely: tad is not ahead of every method.
+    low = method_rows(0.02, tad=0.80, others=0.70, client_std=0.01)
+    low[ALL_METHODS.index("lora")] = row("lora", 0.02, None, 0.78, client_std=0.01)
+    low[ALL_METHODS.index("ffa")] = row("ffa", 0.02, None, 0.77, client_std=0.05)
+    competitive, ahead, _ = claims(entries(high + low), entries(sweep), [0.5, 0.02])
+    assert competitive.status == "not reproduced" and "ffa 0.820" in competitive.detail, competitive.detail
+    assert ahead.status == "not reproduced" and "ffa 0.770" in ahead.detail, ahead.detail
+    assert "best other lora" in competitive.detail and "best other lora" in ahead.detail
+
+
+def load_script() -> Any:
+    spec = importlib.util.spec_from_file_location("paper_table_script", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_grid_run_alone_is_reported_with_what_the_other_grid_can_copy_from_it(tmp_path: Path) -> None:
+    # --only T-sweep used to report the method grid before the sweep ran: its tad (T = auto = 2) and adf (tad with
+    # T = 5) cells, computed by the sweep, were listed as not finished until the next run.
+    out = tmp_path / "table"
+    argv = ["--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet", "--only", "T-sweep"]
+    assert load_script().main(argv) == 0
+    table = json.loads((out / "table.json").read_text())
+    assert table["missing_cells"]["T-sweep"] == []
+    missing = set(table["missing_cells"]["methods"])
+    assert "tad__er__p0.5__T2__s0" not in missing and "adf__er__p0.5__T5__s0" not in missing
+    assert (out / "methods" / "cells" / "adf__er__p0.5__T5__s0.json").exists()
+
+
+def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path) -> None:
+    # A cell copied from the other grid while its own run had a checkpoint, or a process stopped between writing a
+    # finished cell and deleting its checkpoint, leaves KEY.partial.json beside KEY.json: it is finished.
+    cells = tmp_path / "table" / "methods" / "cells"
+    cells.mkdir(parents=True)
+    records = [{"round": r, "train_loss": 0.7, "acc_mean": 0.5, "acc_std": 0.1, "cross_term_norm": 0.1} for r in (0, 1)]
+    for key, method in (("lora__er__p0.5__T-__s0", "lora"), ("ffa__er__p0.5__T-__s0", "ffa")):
+        (cells / f"{key}.partial.json").write_text(json.dumps({"records": records[:1], "seconds": 1.0}))
+        if method == "lora":
+            cell = {"method": method, "topology": "er", "link_prob": 0.5, "switch_interval": None, "seed": 0,
+                    "key": key, "rounds": records, "final": {"acc_mean": 0.5, "acc_std": 0.1, "round": 1}}  # fmt: skip
+            (cells / f"{key}.json").write_text(json.dumps(cell))
+    argv = ["--preset", "smoke", "--rounds", "2", "--out", str(tmp_path / "table"), "--quiet", "--report-only"]
+    assert load_script().main(argv) == 0
+    table = json.loads((tmp_path / "table" / "table.json").read_text())
+    assert "lora__er__p0.5__T-__s0" not in table["missing_cells"]["methods"]
+    assert list(table["in_progress"]) == ["ffa__er__p0.5__T-__s0"]
+    assert "`lora__er__p0.5__T-__s0`" not in (tmp_path / "table" / "table.md").read_text()
+
+
+def test_paper_table_refuses_bad_arguments_and_stops_with_a_message(tmp_path: Path, monkeypatch, capsys) -> None:
+    script = load_script()
+    out = ["--preset", "smoke", "--out", str(tmp_path / "table"), "--quiet"]
+    for rounds in ("0", "-1"):  # 0 used to be ignored (the preset's rounds ran), -1 a traceback
+        assert script.main([*out, "--rounds", rounds, "--report-only"]) == 2
+        assert "paper_table: error: " in capsys.readouterr().err
+    assert not (tmp_path / "table").exists()
+
+    def interrupted(*_args: Any, **_kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(script.Simulator, "run", interrupted)
+    assert script.main(out) == 130
+    assert "interrupted; run the same command again to resume" in capsys.readouterr().err

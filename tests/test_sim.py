@@ -353,3 +353,49 @@ def test_an_unsized_preset_says_so_in_help_and_when_a_run_starts(tmp_path, capsy
     caplog.clear()
     assert main(["--preset", "cpu-sst2", *argv[2:]]) == 2  # a sized preset runs without it
     assert not [r for r in caplog.records if r.name == "tadlora.sim"]
+
+
+def test_a_grid_axis_value_given_twice_is_one_cell_not_two_seeds() -> None:
+    # `--seeds 0,0` or `--link-probs 0.5,0.50` used to yield the same cell twice: run once, but collected twice,
+    # so the summary reported n=2 seeds with a seed std of 0 (which then made every gap "more than the spread").
+    config = smoke_config(methods=["lora", "lora"], seeds=[0, 0], link_probs=[0.5, 0.50], topologies=["er", "er"])
+    assert [c.key for c in config.cells()] == ["lora__er__p0.5__T-__s0"]
+
+
+def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
+    from tadlora.sim.cli import config_from_args
+
+    help_text = " ".join(build_parser().format_help().split())
+    assert "edges:0-1,1-2,..." in help_text  # a comma list whose items may hold commas themselves
+    args = build_parser().parse_args(["--preset", "smoke", "--out", "x", "--topologies", "edges:0-1,1-2,2-3,ring"])
+    assert config_from_args(args).topologies == ("edges:0-1,1-2,2-3", "ring")
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"train": {"bogus": 1}}, "unknown train settings"),
+        ({"lora": 5}, "lora must be"),
+        ({"rounds": "5"}, "rounds must be"),
+        ({"seeds": 0}, "seeds must be"),
+        ({"lora": {"target_modules": "query"}}, "target_modules must be"),
+        ({"checkpoint_every": 0}, "checkpoint_every"),  # used to die after the first round: modulo by zero
+        ({"eval_samples": 0}, "eval_samples"),  # used to die at the first evaluation
+    ],
+)
+def test_cli_refuses_a_malformed_config_file_with_a_message(tmp_path, capsys, settings, message) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps(settings))
+    argv = ["--preset", "smoke", "--config", str(path), "--out", str(tmp_path / "run"), "--report-only", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tadlora-sim: error:") and message in err, err
+
+
+def test_cli_refuses_unusable_paths_with_a_message(tmp_path, capsys) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert main(["--preset", "smoke", "--config", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.startswith("tadlora-sim: error:")
+    assert main(["--preset", "smoke", "--methods", "lora", "--out", str(a_file), "--report-only", "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith("tadlora-sim: error:")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--methods", type=csv_list(str), help=f"comma list of: {join(method_names())}")
     parser.add_argument("--link-probs", type=csv_list(float), help="comma list of per-round link probabilities p")
     parser.add_argument("--switch-intervals", type=csv_list(int_or_auto), help="comma list of T (ints or auto)")
-    parser.add_argument("--topologies", type=csv_list(str), help="comma list: complete, er, ring, edges:0-1,...")
+    parser.add_argument(
+        "--topologies",
+        type=topology_list,
+        help="comma list: complete, er, ring, overlay:K, edges:0-1,1-2,... (its pairs are its own), file:PATH",
+    )
     parser.add_argument("--seeds", type=csv_list(int), help="comma list of run seeds")
     parser.add_argument("--rounds", type=int, help="communication rounds per cell")
     parser.add_argument("--num-clients", type=int, help="number of simulated clients m")
@@ -82,6 +87,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PAIR = re.compile(r"\s*\d+\s*-\s*\d+\s*")
+
+
+def topology_list(text: str) -> tuple[str, ...]:
+    """An argparse type for the comma list of topologies, in which ``edges:0-1,1-2`` is one item: a bare pair
+    ``i-j`` after an ``edges:`` item belongs to that item's edge list (no topology spec is a bare pair)."""
+    out: list[str] = []
+    for item in csv_list(str)(text):
+        if out and out[-1].startswith("edges:") and _PAIR.fullmatch(item):
+            out[-1] += "," + item
+        else:
+            out.append(item)
+    return tuple(out)
+
+
 _FLAG_FIELDS = (
     "methods",
     "link_probs",
@@ -122,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         results = Simulator(config, args.out, quiet=args.quiet, share_from=args.share_from).run(
             report_only=args.report_only
         )
-    except (ValueError, FileNotFoundError, RuntimeError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: a --config or --out path that cannot be used
         sys.stderr.write(f"tadlora-sim: error: {exc}\n")
         return 2
     except KeyboardInterrupt:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import types
+import typing
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,8 +68,12 @@ class SimConfig:
             self.train.check_method(make_method(method))
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if self.num_clients < 1 or self.rounds < 1 or self.eval_every < 1:
-            raise ValueError("num_clients, rounds and eval_every must be >= 1")
+        if min(self.num_clients, self.rounds, self.eval_every, self.checkpoint_every, self.max_group_sequences) < 1:
+            raise ValueError("num_clients, rounds, eval_every, checkpoint_every and max_group_sequences must be >= 1")
+        for name in ("samples_per_client", "eval_samples"):
+            value = getattr(self, name)
+            if value is not None and value < 1:  # 0 would fail only once a cell trains or evaluates
+                raise ValueError(f"{name} must be >= 1 or null (all of them), got {value}")
         for t in self.switch_intervals:
             if not (t == "auto" or (isinstance(t, int) and t >= 1)):
                 raise ValueError(f"switch interval must be an int >= 1 or 'auto', got {t!r}")
@@ -82,13 +88,20 @@ class SimConfig:
         return dataclasses.asdict(self)
 
     def cells(self) -> Iterator[Cell]:
-        """Every run of the grid, in a stable order (seeds outermost so early results cover all methods)."""
+        """Every run of the grid once, in a stable order (seeds outermost so early results cover all methods).
+
+        A value given twice on an axis (``--seeds 0,0``) names the same cells again: they are not yielded twice,
+        which would count one run as two seeds in the summary."""
+        seen: set[Cell] = set()
         for seed in self.seeds:
             for p in self.link_probs:
                 for topo in self.topologies:
                     for method in self.methods:
                         for t in self._intervals(method, topo, p):
-                            yield Cell(method=method, topology=topo, link_prob=p, switch_interval=t, seed=seed)
+                            cell = Cell(method=method, topology=topo, link_prob=p, switch_interval=t, seed=seed)
+                            if cell not in seen:
+                                seen.add(cell)
+                                yield cell
 
     def _intervals(self, method: str, topo: str, p: float) -> list[int | None]:
         if not takes_switch_interval(method):
@@ -240,20 +253,56 @@ def config_from_json(text: str, base: SimConfig | None = None) -> SimConfig:
 
 
 def override(base: SimConfig, changes: dict[str, Any]) -> SimConfig:
-    """``base`` with ``changes`` applied; nested ``lora``/``train`` may be given as partial dicts."""
-    known = {f.name for f in dataclasses.fields(SimConfig)}
-    unknown = sorted(set(changes) - known)
+    """``base`` with ``changes`` applied; nested ``lora``/``train`` may be given as partial dicts.
+
+    Every value must have its setting's type (a JSON list for a tuple, an object for ``lora``/``train``): a
+    ValueError names the one that has not, instead of a TypeError from deep in a run hours later."""
+    return _replaced(base, changes, "simulator")
+
+
+def _replaced(base: Any, changes: dict[str, Any], what: str) -> Any:
+    """The dataclass ``base`` with ``changes`` type-checked (`_typed`) and applied (``what``: for messages)."""
+    hints = typing.get_type_hints(type(base))
+    unknown = sorted(set(changes) - set(hints))
     if unknown:
-        raise ValueError(f"unknown simulator settings: {unknown}; known: {sorted(known)}")
+        raise ValueError(f"unknown {what} settings: {unknown}; known: {sorted(hints)}")
     fixed: dict[str, Any] = {}
     for key, value in changes.items():
-        if key == "lora" and isinstance(value, dict):
-            if "target_modules" in value:
-                value = {**value, "target_modules": tuple(value["target_modules"])}
-            value = dataclasses.replace(base.lora, **value)
-        elif key == "train" and isinstance(value, dict):
-            value = dataclasses.replace(base.train, **value)
-        elif isinstance(value, list):
-            value = tuple(value)
+        current = getattr(base, key)
+        if dataclasses.is_dataclass(current):  # lora, train: a partial object of their own settings
+            if isinstance(value, dict):
+                value = _replaced(current, value, key)
+            elif not isinstance(value, type(current)):
+                raise ValueError(f"{key} must be an object of {key} settings, got {value!r}")
+        else:
+            value = _typed(key, value, hints[key])
         fixed[key] = value
     return dataclasses.replace(base, **fixed)
+
+
+def _typed(name: str, value: Any, hint: Any) -> Any:
+    """``value`` as a setting of type ``hint`` (int, float, str, bool, None, unions, tuple[X, ...]), a JSON list
+    becoming a tuple; ValueError naming the setting if it is not one."""
+    if typing.get_origin(hint) in (types.UnionType, typing.Union):
+        for option in typing.get_args(hint):
+            try:
+                return _typed(name, value, option)
+            except ValueError:
+                pass
+    elif typing.get_origin(hint) is tuple:
+        if isinstance(value, list | tuple):
+            return tuple(_typed(name, v, typing.get_args(hint)[0]) for v in value)
+    elif hint is type(None):
+        if value is None:
+            return value
+    elif hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(hint, type) and isinstance(value, hint):
+        return value
+    shown = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    shown = "a list" if typing.get_origin(hint) is tuple else shown
+    raise ValueError(f"{name} must be {shown}, got {value!r}")

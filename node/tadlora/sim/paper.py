@@ -105,21 +105,33 @@ def _by_method(table: Mapping[tuple[str, float, int | None], Entry], p: float) -
     return {m: e for (m, q, _t), e in table.items() if math.isclose(q, p)}
 
 
+_RANK = {"behind": 0, "within the spread": 1, "ahead": 2}
+
+
 def _compare(at_p: Mapping[str, Entry], expected: int) -> tuple[str, str] | None:
-    """How tad stands against the best other method at one p: (relation, detail), or None without tad."""
+    """How tad stands against every other method at one p: (relation, detail), or None without tad.
+
+    The relation is tad's worst against any of them, each gap judged by that pair's own spread: the best other
+    method need not decide it (a slightly lower one with a narrow spread can be ahead of tad by more than its
+    spread while the best is not). The detail names the best other method, and the deciding one if it differs."""
     if SWEEP_METHOD not in at_p or len(at_p) < 2:
         return None
     tad = at_p[SWEEP_METHOD]
-    rival_name, rival = max(((m, e) for m, e in at_p.items() if m != SWEEP_METHOD), key=lambda me: me[1].mean)
-    gap = tad.mean - rival.mean
-    spread, kind = tad.spread(rival)
-    relation = "ahead" if gap > spread else "behind" if gap < -spread else "within the spread"
+    judged = {}  # method → (relation, detail)
+    for name, rival in at_p.items():
+        if name != SWEEP_METHOD:
+            gap = tad.mean - rival.mean
+            spread, kind = tad.spread(rival)
+            relation = "ahead" if gap > spread else "behind" if gap < -spread else "within the spread"
+            judged[name] = relation, f"{rival.mean:.3f}: gap {gap:+.3f}, spread over {kind} {spread:.3f} → {relation}"
+    best = max(judged, key=lambda m: at_p[m].mean)
+    decider = min(judged, key=lambda m: (_RANK[judged[m][0]], tad.mean - at_p[m].mean))
+    relation = judged[decider][0]
     missing = "" if len(at_p) >= expected else f"; only {len(at_p)} of {expected} methods finished"
-    detail = (
-        f"tad {tad.mean:.3f} vs best other {rival_name} {rival.mean:.3f}: gap {gap:+.3f}, "
-        f"spread over {kind} {spread:.3f} → {relation}{missing}"
-    )
-    return relation, detail
+    detail = f"tad {tad.mean:.3f} vs best other {best} {judged[best][1]}"
+    if judged[decider][0] != judged[best][0]:
+        detail += f"; vs {decider} {judged[decider][1]}"
+    return relation, detail + missing
 
 
 def claims(
