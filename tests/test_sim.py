@@ -19,7 +19,7 @@ from tadlora.core.topology import make_topology
 from tadlora.sim.cli import build_parser, main
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
-from tadlora.sim.runner import Progress, Simulator, simulate
+from tadlora.sim.runner import RESOLVED_KEY, Progress, Simulator, simulate
 
 
 @pytest.mark.parametrize(
@@ -224,12 +224,40 @@ def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its
     stamp = json.loads((tmp_path / "config.json").read_text())
     for name in ("precision", "optimizer", "optimizer_state"):  # as before they existed
         del stamp["train"][name]
-    del stamp["robust_mixing"]
+    del stamp["robust_mixing"], stamp[RESOLVED_KEY]
     (tmp_path / "config.json").write_text(json.dumps(stamp))
     assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
     bf16 = override(config, {"train": {"precision": "bf16"}})
     with pytest.raises(ValueError, match=r"different settings \(train\)"):
         Simulator(bf16, tmp_path, quiet=True).run()
+
+
+def test_a_grid_goes_on_only_in_the_precision_its_cells_computed_in(tmp_path, capsys) -> None:
+    """The stamp records the matmul precision the host resolved; "auto" means fp32 on a CPU but bf16 on CUDA, so a
+    grid stamped bf16 (as on a GPU) is refused here unless pinned, and auto and fp32 are one computation on a CPU."""
+    from tadlora.sim.config import config_from_json
+
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path, quiet=True).run()
+    stamp = json.loads((tmp_path / "config.json").read_text())
+    assert stamp[RESOLVED_KEY] == {"matmul_precision": "fp32"}  # this CPU, precision auto
+    assert config_from_json(json.dumps(stamp)) == config  # a stamp is still a config file
+    fp32 = override(config, {"train": {"precision": "fp32"}})
+    assert Simulator(fp32, tmp_path, quiet=True).run()["missing_cells"] == []  # the same computation here
+    on_gpu = {**stamp, RESOLVED_KEY: {"matmul_precision": "bf16"}}  # as a CUDA host stamps precision auto
+    (tmp_path / "config.json").write_text(json.dumps(on_gpu))
+    with pytest.raises(ValueError, match=r"matmul precision: bf16 there, fp32 here \(pin it with --precision bf16\)"):
+        Simulator(config, tmp_path, quiet=True).run(report_only=True)
+    Simulator(config, tmp_path / "other", quiet=True, share_from=[tmp_path]).run()  # nor lend its cells here
+    assert not any("same_as" in json.loads(p.read_text()) for p in (tmp_path / "other" / "cells").glob("*.json"))
+    assert "matmul precision: bf16 there" in capsys.readouterr().err
+    # A stamp from before the record: a report leaves it without one, a run that computes adds it.
+    legacy = {k: v for k, v in stamp.items() if k != RESOLVED_KEY}
+    (tmp_path / "config.json").write_text(json.dumps(legacy))
+    Simulator(config, tmp_path, quiet=True).run(report_only=True)
+    assert RESOLVED_KEY not in json.loads((tmp_path / "config.json").read_text())
+    Simulator(config, tmp_path, quiet=True).run()
+    assert json.loads((tmp_path / "config.json").read_text())[RESOLVED_KEY] == {"matmul_precision": "fp32"}
 
 
 def test_cli_precision_and_optimizer_set_the_training_spec_and_keep_the_rest() -> None:

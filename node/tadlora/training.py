@@ -238,9 +238,14 @@ def seeded_rng(device: torch.device, *key: int) -> contextlib.AbstractContextMan
     return rng.seeded(device, int(np.random.default_rng([*key]).integers(2**62)))
 
 
+def matmul_precision(device: torch.device, precision: str = "auto") -> str:
+    """What ``precision`` (see `TrainSpec.precision`) computes in on ``device``: "bf16" or "fp32"."""
+    return "bf16" if precision == "bf16" or (precision == "auto" and device.type == "cuda") else "fp32"
+
+
 def autocast(device: torch.device, precision: str = "auto") -> contextlib.AbstractContextManager[None]:
     """The autocast context of ``precision`` (see `TrainSpec.precision`) on ``device``."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+    if matmul_precision(device, precision) == "bf16":
         return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 

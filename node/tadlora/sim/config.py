@@ -244,11 +244,17 @@ def preset(name: str) -> SimConfig:
         raise ValueError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}") from None
 
 
+# A run's stamp (OUT/config.json) records, beside its settings, how the host resolved those that depend on it
+# (`Simulator._resolved`): not a setting, so a stamp given back as a config file leaves it out.
+RESOLVED_KEY = "resolved_on_host"
+
+
 def config_from_json(text: str, base: SimConfig | None = None) -> SimConfig:
-    """A SimConfig from a JSON object of overrides on ``base`` (default: SimConfig())."""
+    """A SimConfig from a JSON object of overrides on ``base`` (default: SimConfig()); a run's stamp is one."""
     raw = json.loads(text)
     if not isinstance(raw, dict):
         raise ValueError("a simulator config file holds a JSON object")
+    raw.pop(RESOLVED_KEY, None)
     return override(base or SimConfig(), raw)
 
 

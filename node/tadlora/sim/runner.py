@@ -33,9 +33,9 @@ from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.core.topology import Topology, make_topology
 from tadlora.data import TextDataset, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
-from tadlora.sim.config import Cell, SimConfig
+from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig
 from tadlora.sim.engine import ClientEngine, make_engine
-from tadlora.training import Encoded, encode, precision_warning
+from tadlora.training import Encoded, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
 RoundRecord = dict[str, Any]
@@ -247,7 +247,7 @@ class Simulator:
         ``report_only`` runs nothing: it reports the cells finished so far (e.g. while a long grid runs)."""
         cfg = self.config
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        self._check_same_config()
+        self._check_same_config(computes=not report_only)
         self._compatible_share_dirs()  # a share_from that is no run directory fails before any work
         cells = list(cfg.cells())
         progress = Progress(len(cells), quiet=self.quiet)
@@ -268,23 +268,47 @@ class Simulator:
         progress.done(f"{len(finished)}/{len(cells)} cells done; results in {self.out / 'results.json'}")
         return results
 
-    def _check_same_config(self) -> None:
-        """Refuse to mix results of different configs in one directory (resume only what was started)."""
+    def _check_same_config(self, computes: bool = True) -> None:
+        """Refuse to mix results of different configs in one directory (resume only what was started), then stamp
+        ours. The stamp also records what the run computes in on this host (`RESOLVED_KEY`), unless this run
+        ``computes`` nothing and the stamp had no such record: a report must not vouch for cells it did not run."""
         stamp = self.out / "config.json"
+        record: dict[str, Any] = {RESOLVED_KEY: self._resolved()}
         if stamp.exists():
-            changed = self._changed_settings(json.loads(stamp.read_text(encoding="utf-8")))
+            theirs = json.loads(stamp.read_text(encoding="utf-8"))
+            changed = self._changed_settings(theirs)
             if changed:
                 raise ValueError(
                     f"{self.out} holds a run with different settings ({', '.join(changed)}); "
                     "use another --out directory to start a new run"
                 )
-        atomic_write_json(stamp, self.config.to_dict())
+            if not computes and RESOLVED_KEY not in theirs:
+                record = {}
+        atomic_write_json(stamp, {**self.config.to_dict(), **record})
+
+    def _resolved(self) -> dict[str, str]:
+        """Settings as this host resolves them, where that changes what a cell computes."""
+        return {"matmul_precision": matmul_precision(self.device, self.config.train.precision)}
 
     def _changed_settings(self, theirs: dict[str, Any]) -> list[str]:
-        """The settings in which a run's stamped config differs from ours, other than the grid's axes."""
+        """The settings in which a run's stamped config differs from ours, other than the grid's axes.
+
+        Precision is compared as computed, where the stamp records it: "auto" is fp32 on a CPU and bf16 autocast on
+        CUDA, so a grid started on one may not go on, or lend its cells, on the other unless the precision is
+        pinned to the one its cells ran in; and "auto" and "fp32" are the same computation on a CPU."""
+        theirs = dict(theirs)
+        resolved = theirs.pop(RESOLVED_KEY, None)
         mine = json.loads(json.dumps(self.config.to_dict()))
         theirs = _with_defaults(theirs)
-        return sorted(k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES)
+        changed = []
+        if isinstance(resolved, dict) and isinstance(theirs.get("train"), dict):
+            ran, here = resolved.get("matmul_precision"), self._resolved()["matmul_precision"]
+            if ran != here:
+                changed.append(f"matmul precision: {ran} there, {here} here (pin it with --precision {ran})")
+            theirs["train"] = {**theirs["train"], "precision": None}
+            mine["train"] = {**mine["train"], "precision": None}
+        changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
+        return sorted(changed)
 
     def _adopt_equivalent(self, cell: Cell) -> bool:
         """Copy a finished cell of the same computation as ``cell`` to ``cell``'s file; whether there was one."""
