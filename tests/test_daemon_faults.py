@@ -116,6 +116,28 @@ async def test_an_exchange_cut_by_the_peer_moving_does_not_drop_its_new_connecti
         assert node._peers.retry_at(PEER_ID) is None
 
 
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "change",
+    [{"fingerprint": "ffff"}, {"cluster": "another-cluster"}],
+    ids=["another-model", "another-cluster"],
+)
+async def test_a_peer_that_restarted_incompatible_under_its_id_is_dropped_not_waited_for(
+    tmp_path: Path, change: dict[str, Any]
+) -> None:
+    """A peer that came back with the same id but another model or cluster (and no mDNS goodbye reached
+    us, or it is a static peer) refuses every exchange and handshake: it can no longer be a neighbour. Kept, it
+    would stay in every round's neighbour set, and a round waits for a neighbour that never calls."""
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=1) as node, scripted_peer(node, net) as peer:
+        assert node._peers is not None
+        peer.info = dataclasses.replace(peer.info, **change)  # its new self; it refuses our handshakes
+        async with asyncio.timeout(60):
+            await node.run()  # misses it, then asks it whether it is alive
+        async with asyncio.timeout(10):
+            await node.async_wait_until(lambda: PEER_ID not in node._peers.peers)  # type: ignore[union-attr]
+
+
 # ------------------------------------------------------------------------------------------- catch-up
 
 

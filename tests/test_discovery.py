@@ -282,6 +282,22 @@ async def test_malformed_txt_is_ignored_with_a_logged_reason_and_browsing_goes_o
 
 
 @pytest.mark.asyncio
+async def test_a_peer_whose_txt_turns_to_unicode_digits_is_dropped_without_an_error(
+    quick_timing: None, n: Names, caplog: pytest.LogCaptureFixture
+) -> None:
+    """str.isdigit() holds for '²', which int() refuses: the TXT must be refused, not crash its resolution and
+    leave the peer's previous candidate standing."""
+    caplog.set_level(logging.WARNING, logger="tadlora.discovery")
+    shifty = n("shifty")
+    good = advert(shifty).txt()
+    async with running(advert(n("watcher"))) as (watcher,), raw_responder(raw_info(shifty, good)) as foreign:
+        await watcher.async_wait_for(lambda c: shifty in c, WAIT_S)
+        await (await foreign.async_update_service(raw_info(shifty, {**good, "proto": "\u00b2"})))
+        await watcher.async_wait_for(lambda c: shifty not in c, WAIT_S)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+
+
+@pytest.mark.asyncio
 async def test_another_service_claiming_our_node_id_is_ignored_with_a_warning(
     quick_timing: None, n: Names, discovery_log: LogWaiter
 ) -> None:
@@ -350,6 +366,8 @@ def test_a_well_formed_service_becomes_a_candidate() -> None:
         ({**GOOD_TXT, "id": ""}, "lacks id"),
         ({**GOOD_TXT, "proto": "1.5"}, "proto='1.5' is not a non-negative integer"),
         ({**GOOD_TXT, "proto": "-1"}, "not a non-negative integer"),
+        ({**GOOD_TXT, "proto": "\u00b2"}, "not a non-negative integer"),  # isdigit(), yet int() refuses it
+        ({**GOOD_TXT, "proto": "\u0661"}, "not a non-negative integer"),  # int() reads 1: a second spelling of 1
         ({**GOOD_TXT, "fp": "xyz"}, "fp='xyz' is not hex"),
         ({**GOOD_TXT, "sec": "maybe"}, "neither 'tls' nor 'insecure'"),
     ],

@@ -118,3 +118,20 @@ async def test_two_nodes_find_each_other_through_a_dns_name(tmp_path) -> None:
         records = _rounds(tmp_path / f"n{i}")
         assert [r["round"] for r in records] == [0, 1]
         assert all([n["id"] for n in r["neighbours"]] == [other] and not r["missed"] for r in records)
+
+
+@pytest.mark.asyncio
+async def test_a_lookup_that_times_out_says_so_in_its_warning(caplog: pytest.LogCaptureFixture) -> None:
+    started = asyncio.Queue[None]()
+
+    async def hangs(host: str, port: int) -> list[str]:
+        started.put_nowait(None)
+        await asyncio.sleep(3600)
+        return []
+
+    async with DnsPeers(["peers"], interval=FAST_S, timeout=FAST_S, resolver=hangs):
+        async with asyncio.timeout(5):
+            for _ in range(2):  # the second lookup starts once the first has timed out and been logged
+                await started.get()
+    [warning] = [r.getMessage() for r in caplog.records if "cannot resolve peers" in r.getMessage()]
+    assert f"no answer in {FAST_S} s" in warning, warning  # a person must see why, not an empty reason

@@ -25,8 +25,9 @@ from nodeproc import STARTUP_S, node_args, running_node, unique_tag
 from tadlora.node import peers as peers_module
 from tadlora.node import state
 from tadlora.node.daemon import Node
+from tadlora.node.discovery import PeerCandidate
 from tadlora.node.peers import RETRY_MAX_S, PeerManager, retry_delay
-from tadlora.node.rpc import PeerInfo, PeerUnavailable
+from tadlora.node.rpc import PROTOCOL_VERSION, PeerInfo, PeerUnavailable
 from test_daemon import NO_PEERS, node_config
 
 log = logging.getLogger(__name__)
@@ -130,12 +131,14 @@ async def test_a_full_disk_loses_the_new_checkpoint_never_the_previous_and_the_n
             assert on_disk is not None and on_disk.round == kept.round
             for key, value in kept.factors.items():
                 assert torch.equal(on_disk.factors[key], value)
-            assert not list(cfg.out.glob(".*.tmp"))  # the failed writes left no temp files
             assert node.metrics.registry.get_sample_value("tadlora_checkpoint_failures_total") >= 2
             disk_full = False
         finally:
             node.request_stop()
             await task
+    # Checked once the node has stopped: while it runs, the write of the round just finished may be between
+    # creating its temp file and failing in fsync.
+    assert not list(cfg.out.glob(".*.tmp"))  # the failed writes left no temp files
     final = state.load_checkpoint(cfg.out)
     assert final is not None and final.round == node.round > kept.round  # with space again, the stop saved
 
@@ -330,3 +333,49 @@ async def test_two_adds_of_a_moved_peer_at_once_leave_one_connection_and_close_t
     await asyncio.gather(*(pm.add(i, None, "inbound") for i in moved))
     current = pm.peers["flaky"].conn
     assert [c.closed for c in opened if c is not current] == [True] * (len(opened) - 1) and not current.closed
+
+
+@pytest.mark.asyncio
+async def test_a_node_that_takes_over_the_address_a_peer_moved_from_is_dialled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In Kubernetes a restarted pod keeps its id but gets a new IP, and its old IP goes to another pod: the old
+    address must stop counting as the moved peer's, or the pod there is never dialled while the peer stays."""
+    pm, transport, _ = manager(monkeypatch)
+    transport.up = True
+    await pm.scan()
+    flaky = pm.peers["flaky"]
+    assert flaky.info.address == "10.0.0.9:7070"
+    await pm.add(dataclasses.replace(flaky.info, address="10.0.0.10:7070"), None, "inbound")  # it moved, called us
+
+    async def newcomer(self: FlakyConnection, info: PeerInfo, timeout: float) -> PeerInfo:
+        return PeerInfo(node_id="newcomer", cluster="c", fingerprint="f", address=self.address)
+
+    monkeypatch.setattr(FlakyConnection, "handshake", newcomer)  # now another node answers at 10.0.0.9
+    await pm.scan()
+    assert set(pm.peers) == {"flaky", "newcomer"}
+    assert pm.peers["newcomer"].info.address == "10.0.0.9:7070"
+
+
+@pytest.mark.asyncio
+async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Churn (pods that each lived once at an IP of their own, strangers announcing random ids) must not grow the
+    manager's bookkeeping without bound: what it keeps for a candidate goes once the candidate has been gone for
+    `STABLE_S`, by when its backoff has run out and a flap of it would be forgiven anyway."""
+    clock = FakeClock()
+    monkeypatch.setattr(peers_module.time, "monotonic", clock.monotonic)
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    live: list[tuple[str, str, PeerCandidate | None]] = []
+    pm = PeerManager(FlakyTransport(clock), lambda: me, lambda: list(live), lambda: None)  # every dial fails
+    for n in range(300):
+        address = f"10.1.{n // 256}.{n % 256}:7070"
+        stranger = PeerCandidate(f"stranger-{n}", f"10.2.0.1:{n + 1}", "other", "f", PROTOCOL_VERSION, False,
+                                 "mdns", f"stranger-{n}._tadlora._tcp.local.")  # fmt: skip
+        live[:] = [(address, address, None), (stranger.node_id, stranger.address, stranger)]
+        await pm.scan()
+        clock.now += 1.0
+    assert pm.retry_at(address) is not None  # gone only just now: its backoff still holds
+    live.clear()
+    clock.now += peers_module.STABLE_S
+    await pm.scan()
+    assert pm._attempts == {} and pm._refused_logged == set()

@@ -50,6 +50,8 @@ QUESTION_TYPE = DNSQuestionType.QM
 Source = Literal["mdns", "static", "dns"]
 _SECURITY = {"tls": True, "insecure": False}
 _HEX = re.compile(r"[0-9a-fA-F]+")
+# ASCII digits only: str.isdigit() also holds for '²' (which int() refuses) and '١' (which int() reads as 1).
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
     missing = [key for key in ("id", "cluster", "fp", "proto", "sec") if not txt.get(key)]
     if missing:
         return f"TXT lacks {', '.join(missing)}"
-    if not txt["proto"].isdigit():
+    if not _DECIMAL.fullmatch(txt["proto"]):
         return f"TXT proto={txt['proto']!r} is not a non-negative integer"
     if not _HEX.fullmatch(txt["fp"]):
         return f"TXT fp={txt['fp']!r} is not hex"

@@ -155,8 +155,11 @@ class DnsPeers:
                 self._by_name.pop(key, None)
             self._log_failure(key, f"{exc.strerror or exc}" + ("" if gone else " (keeping the last answer)"))
             return
-        except (TimeoutError, OSError) as exc:
-            self._log_failure(key, f"{exc or type(exc).__name__} (keeping the last answer)")
+        except TimeoutError:  # its str() is empty: say what happened
+            self._log_failure(key, f"no answer in {self._timeout} s (keeping the last answer)")
+            return
+        except OSError as exc:
+            self._log_failure(key, f"{str(exc) or type(exc).__name__} (keeping the last answer)")
             return
         self._errors.pop(key, None)
         self._by_name[key] = tuple(dict.fromkeys(host_port(ip, port) for ip in ips))

@@ -27,6 +27,11 @@ RETRY_MIN_S = 1.0  # s before the first retry of a failed peer
 RETRY_MAX_S = 30.0  # s; backoff doubles up to this
 SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
 STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as a flap (2x RETRY_MAX_S)
+# Refusals after which a peer cannot be ours as it is now: its address reaches another node, or it came back under
+# its id with another protocol, cluster or model. Others (SHUTTING_DOWN, BUSY, ...) come from a peer that still is.
+_NOT_A_PEER_NOW = frozenset(
+    {Reason.IDENTITY_MISMATCH, Reason.PROTOCOL_MISMATCH, Reason.CLUSTER_MISMATCH, Reason.FINGERPRINT_MISMATCH}
+)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class _Attempt:
     flaps: int = 0  # drops soon after being verified, in a row
     retry_at: float = 0.0
     last_reason: str = ""
+    seen_at: float = field(default_factory=lambda: time.monotonic())  # when discovery last listed it
 
 
 def retry_delay(failures: int) -> float:
@@ -90,6 +96,9 @@ class PeerManager:
         now = time.monotonic()
         wanted = self._candidates()
         live_keys = {key for key, _, _ in wanted}
+        for key in live_keys & self._attempts.keys():
+            self._attempts[key].seen_at = now
+        self._forget_gone(live_keys, now)
         for node_id, peer in list(self.peers.items()):
             if peer.source == "mdns" and node_id not in live_keys:
                 await self.drop(node_id, "left (mDNS goodbye)")
@@ -109,6 +118,19 @@ class PeerManager:
             tries.append(self._try(key, address, "mdns" if cand is not None else "static", attempt, expected))
         if tries:
             await asyncio.gather(*tries)
+
+    def _forget_gone(self, live_keys: set[str], now: float) -> None:
+        """Forget candidates that are no peer and have been unlisted for `STABLE_S`, so that churn (pods at new IPs,
+        nodes under new ids) cannot grow this bookkeeping without bound. By then their backoff has run out
+        (`RETRY_MAX_S` < `STABLE_S`); one that returns after so long starts afresh, as a peer that stayed up that
+        long does (see `drop`)."""
+        in_use = {self._key_of.get(node_id, node_id) for node_id in self.peers}
+        for key in [key for key, a in self._attempts.items() if now - a.seen_at >= STABLE_S]:
+            if key not in live_keys and key not in in_use:
+                del self._attempts[key]
+        # Refusals are logged once per candidate that is around; one that returns after this is logged again.
+        known = live_keys | self._attempts.keys()
+        self._refused_logged = {(who, why) for who, why in self._refused_logged if who in known}
 
     def _prefilter(self, cand: PeerCandidate) -> bool:
         """Skip adverts that say they cannot be our peer (logged once with the reason)."""
@@ -207,6 +229,8 @@ class PeerManager:
         # entry and leave one of their connections open and unreferenced; the replaced one is closed after.
         conn = conn or self._transport.connect(info.address, node_id=info.node_id)
         self.peers[info.node_id] = Peer(info, conn, source)
+        if old is not None:  # it moved: the addresses that reached it may reach another node now (a reused IP)
+            self._forget_addresses(info.node_id)
         self._by_address[info.address] = info.node_id
         log.info("peer %s verified at %s (%s)", info.node_id, info.address, source)
         self._on_change()
@@ -214,9 +238,10 @@ class PeerManager:
             await old.conn.aclose()
 
     async def probe(self, node_id: str, why: str) -> PeerInfo | None:
-        """Handshake with peer ``node_id``; its answer, or None. A peer that does not answer is dropped (``why``:
-        what made us ask). Only the failed caller of an exchange sees a dead peer fail; its callee, or a node
-        that was itself cut off, learns it here and stops waiting for the peer each round."""
+        """Handshake with peer ``node_id``; its answer, or None. A peer that does not answer, or that can no longer
+        be a peer (`_NOT_A_PEER_NOW`), is dropped (``why``: what made us ask). Only the failed caller of an exchange
+        sees a dead peer fail; its callee, or a node that was itself cut off, learns it here and stops waiting for
+        the peer each round."""
         peer = self.peers.get(node_id)
         if peer is None:
             return None
@@ -224,7 +249,7 @@ class PeerManager:
             info = await peer.conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
         except ExchangeRefused as exc:  # refused by it, or its reply by us (e.g. a state no node can be in)
             log.info("handshake with peer %s (%s) refused: %s: %s", node_id, why, exc.reason.name, exc.detail)
-            if exc.reason is Reason.IDENTITY_MISMATCH:  # its address reaches another node: it is not reachable
+            if exc.reason in _NOT_A_PEER_NOW:  # kept, it would stay a neighbour that never exchanges
                 await self.drop(node_id, f"{why}, and {exc.detail}", expected=peer)
             return None  # it answers, so it is alive, but will not tell us its state now
         except PeerUnavailable as exc:
@@ -252,8 +277,7 @@ class PeerManager:
         if peer is None or (expected is not None and peer is not expected):
             return
         del self.peers[node_id]
-        for address in [a for a, n in self._by_address.items() if n == node_id]:
-            del self._by_address[address]
+        self._forget_addresses(node_id)
         attempt = self._attempts.setdefault(self._key_of.pop(node_id, node_id), _Attempt())
         if time.monotonic() - peer.verified_at >= STABLE_S:
             attempt.flaps = 0  # it was up for long: a one-off failure, retried after RETRY_MIN_S
@@ -263,6 +287,10 @@ class PeerManager:
         log.info("peer %s dropped: %s", node_id, why)
         await peer.conn.aclose()
         self._on_change()
+
+    def _forget_addresses(self, node_id: str) -> None:
+        for address in [a for a, n in self._by_address.items() if n == node_id]:
+            del self._by_address[address]
 
     async def aclose(self) -> None:
         """Close every connection (safe to call twice)."""
