@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import hashlib
 import itertools
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -291,6 +292,28 @@ async def test_nodes_of_another_cluster_or_fingerprint_are_never_mixed_with(tmp_
         assert [n["id"] for n in record["neighbours"]] == ["node-3"]
     for i in (1, 2):
         assert all(r["degree"] == 0 for r in _rounds(tmp_path / f"n{i}"))
+
+
+@pytest.mark.asyncio
+async def test_a_static_peer_list_that_names_the_node_itself_is_shared_without_dialling_itself(
+    tmp_path, caplog
+) -> None:
+    """One --peers list for every host is the easy way to configure a static cluster; the entry that is the node
+    itself is skipped, not dialled and refused every 30 s for the whole run."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1)))
+        shared = PeersOption(False, (first.address, f"127.0.0.1:{port}"), ())
+        second = await stack.enter_async_context(
+            Node(node_config(tmp_path, 1, 2, shared, listen=f"127.0.0.1:{port}", min_peers=1))
+        )
+        await run_all([first, second])
+        refused = second.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "NOT_A_NEIGHBOR"})
+    assert not refused
+    assert "own id" not in caplog.text
+    assert all([n["id"] for n in r["neighbours"]] == ["node-0"] for r in _rounds(tmp_path / "n1"))
 
 
 @pytest.mark.asyncio

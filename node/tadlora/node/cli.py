@@ -53,7 +53,8 @@ def build_run_parser() -> argparse.ArgumentParser:
         "--peers",
         default="auto",
         help="auto (mDNS), HOST:PORT, dns:NAME[:PORT] (every A/AAAA record of NAME), comma-separated: "
-        "'auto,10.0.0.5:7070'",
+        "'auto,10.0.0.5:7070'; an entry equal to this node's advertised IP:PORT is skipped, so every host can "
+        "share one list",
     )
     g.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
     g.add_argument("--mdns-interface", help="IPv4 address or interface name for mDNS (default: default route's)")

@@ -327,10 +327,14 @@ class Node:
     # -------------------------------------------------------------------------------------------- peers
 
     def _candidates(self) -> list[tuple[str, str, PeerCandidate | None]]:
-        out: list[tuple[str, str, PeerCandidate | None]] = [(a, a, None) for a in self.config.peers.static]
+        # Static addresses and DNS answers skip this node's own address: one list shared by every host, or a name
+        # that resolves to every pod (k8s), would otherwise have the node dial itself and be refused all run.
+        out: list[tuple[str, str, PeerCandidate | None]] = [
+            (a, a, None) for a in self.config.peers.static if a != self.address
+        ]
         if self._discovery is not None:
             out += [(c.node_id, c.address, c) for c in self._discovery.candidates().values()]
-        if self._dns is not None:  # like static addresses; a name that lists this node too (k8s) skips it
+        if self._dns is not None:
             out += [(a, a, None) for a in self._dns.addresses() if a != self.address]
         return out
 
