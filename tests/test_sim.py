@@ -309,7 +309,8 @@ def test_report_only_reports_the_finished_cells_and_runs_nothing(tmp_path) -> No
     results = Simulator(bigger, tmp_path, quiet=True).run(report_only=True)
     assert [c["method"] for c in results["cells"]] == ["lora"]
     assert results["missing_cells"] and "ffa" in results["missing_cells"][0]
-    assert (tmp_path / "accuracy_vs_round.png").exists()
+    assert (tmp_path / "accuracy_vs_round.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert not list(tmp_path.glob(".*.tmp"))  # plots are written through a temp file, renamed over the old one
 
 
 def test_cli_refuses_bad_input_with_a_message(tmp_path, capsys) -> None:

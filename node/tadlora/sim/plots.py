@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt
 import numpy as np
+
+from tadlora.fsutil import atomic_write_bytes
 
 
 def _label(run: dict[str, Any]) -> str:
@@ -63,8 +66,7 @@ def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, lo
     band = " (band: ± std over clients)" if field == "acc_mean" else ""
     fig.suptitle(f"{results['config']['name']}: {ylabel}, mean over seeds{band}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -87,8 +89,7 @@ def _t_plot(results: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=7)
     fig.suptitle(f"{results['config']['name']}: accuracy vs T")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -102,3 +103,11 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     if t_plot is not None:
         paths.append(t_plot)
     return paths
+
+
+def _save(fig: Any, path: Path) -> None:
+    """Write ``fig`` as a PNG atomically (a run killed mid-write leaves the previous plot, not a torn file)."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
