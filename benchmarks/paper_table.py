@@ -16,6 +16,9 @@ how to look at a grid that is still running elsewhere.
 A cpu-sst2 cell took 58-75 minutes on one core of a shared 2-core machine (docs/simulator.md): the full cpu-sst2
 table (21 method cells + 11 more sweep cells per seed) is days of CPU; on a GPU, minutes per cell. Each process runs
 one cell at a time with one torch thread: to use two cores, run `--only methods` and `--only T-sweep` side by side.
+Side by side, a computation both grids hold (tad T=1 at p=0.5, adf = tad T=5) is copied only once the other process
+has finished it: the one that starts it first does not stop the other from starting it too. Where that matters,
+run the sweep first (`--only T-sweep`) or pick its cells with tadlora-sim (docs/benchmarks.md).
 """
 
 from __future__ import annotations
