@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -66,14 +67,31 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def add_out_argument(parser: argparse.ArgumentParser) -> None:
+    """``--out DIR``: where `write_results` writes (default: benchmarks/results, the committed results)."""
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RESULTS,
+        help="directory for NAME.json and NAME.md (default: benchmarks/results, which holds the committed results: "
+        "give another one for trial runs)",
+    )
+
+
 def write_results(
-    name: str, data: dict[str, Any], headers: Sequence[str], rows: Sequence[Sequence[Any]], notes: str = ""
+    name: str,
+    data: dict[str, Any],
+    headers: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+    notes: str = "",
+    out: Path = RESULTS,
 ) -> None:
-    """benchmarks/results/NAME.json (data + machine + command) and NAME.md (the table and the notes)."""
-    RESULTS.mkdir(exist_ok=True)
+    """OUT/NAME.json (data + machine + command) and OUT/NAME.md (the table and the notes); OUT defaults to
+    benchmarks/results."""
+    out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "command": command(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": machine(), **data}  # fmt: skip
-    (RESULTS / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     m = doc["machine"]
     text = (
         f"# {name}\n\n`{doc['command']}`\n\n"
@@ -83,7 +101,7 @@ def write_results(
         + "\n"
         + (f"\n{notes}\n" if notes else "")
     )
-    (RESULTS / f"{name}.md").write_text(text, encoding="utf-8")
+    (out / f"{name}.md").write_text(text, encoding="utf-8")
     print(text)
 
 

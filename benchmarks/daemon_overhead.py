@@ -36,7 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from _common import write_results
+from _common import add_out_argument, write_results
 
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
 from tadlora.core.methods import make_method
@@ -123,6 +123,7 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=64)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -172,7 +173,7 @@ def main() -> None:
         "below 1 because the nodes' torch work overlaps. Each bare loop ran before and after the daemon; the "
         "ratios use their means. CPU only, one torch thread per worker."
     )
-    write_results("daemon_overhead", data, headers, rows, notes)
+    write_results("daemon_overhead", data, headers, rows, notes, out=args.out)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from _common import REPO, median_range, write_results
+from _common import REPO, add_out_argument, median_range, write_results
 
 sys.path.insert(0, str(REPO / "tests"))
 from nodeproc import NodeProcess, node_args, running_node, unique_tag
@@ -86,6 +86,7 @@ def one_run(root: Path, index: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
@@ -127,7 +128,7 @@ def main() -> None:
         "mDNS + handshakes cost."
     )
     write_results("discovery", {"repeat": args.repeat, "summary_s": summary, "runs": runs},
-                  ["measure", "n", "seconds: median (range)"], rows, notes)  # fmt: skip
+                  ["measure", "n", "seconds: median (range)"], rows, notes, out=args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

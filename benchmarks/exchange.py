@@ -26,7 +26,7 @@ import time
 
 import grpc
 import torch
-from _common import write_results
+from _common import add_out_argument, write_results
 
 from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, StatusInfo
@@ -198,6 +198,7 @@ async def main_async(sizes: list[tuple[float, int]]) -> list[dict[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="skip the 200 MB adapter, fewer repetitions")
+    add_out_argument(parser)
     args = parser.parse_args()
     torch.set_num_threads(1)
     sizes = [(1.0, 5), (20.0, 3)] if args.quick else [(1.0, 10), (20.0, 5), (200.0, 2)]
@@ -218,7 +219,7 @@ def main() -> None:
         "absolute numbers noisy, read the ratio. 'encode+decode+sha share' = (2 encodes + 2 decodes + 4 sha256) "
         "measured alone / exchange time: the part of an exchange that is local CPU work outside gRPC."
     )
-    write_results("exchange", {"quick": args.quick, "sizes": results}, headers, rows, notes)
+    write_results("exchange", {"quick": args.quick, "sizes": results}, headers, rows, notes, out=args.out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import dataclasses
 import statistics
 import time
 
-from _common import write_results
+from _common import add_out_argument, write_results
 
 DATASET = "glue:SST-2"
 SAMPLES = 2000
@@ -35,6 +35,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=20, help="learning: rounds of 10 steps per precision")
     parser.add_argument("--speed-blocks", type=int, default=4, help="speed: blocks of 5 steps per precision")
+    add_out_argument(parser)
     args = parser.parse_args()
 
     import torch
@@ -105,6 +106,7 @@ def main() -> None:
         ["round", "train loss fp32", "train loss bf16", "dev acc fp32", "dev acc bf16"],
         rows,
         notes,
+        out=args.out,
     )
 
 

@@ -28,7 +28,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import write_results
+from _common import add_out_argument, write_results
 
 SAMPLES_PER_CLIENT = 24  # label-skew over 3000 SST-2 examples allows at most 26 for 100 clients
 EVAL_SAMPLES = 16
@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--m", type=int, help=argparse.SUPPRESS)
+    add_out_argument(parser)
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
@@ -158,7 +159,7 @@ def main() -> None:
     data = {"model": args.model, "train": {"local_steps": args.local_steps, "batch_size": args.batch_size,
             "max_length": args.max_length}, "rounds": args.rounds, "imports_only": imports, "one_model": one,
             "runs": runs}  # fmt: skip
-    write_results("sim_throughput", data, headers, rows, notes)
+    write_results("sim_throughput", data, headers, rows, notes, out=args.out)
 
 
 if __name__ == "__main__":
