@@ -3,8 +3,10 @@ that make a valid node configuration. No container engine or cluster is needed: 
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -167,6 +169,58 @@ def test_the_build_context_has_what_the_dockerfile_copies_and_not_the_venv_or_ru
     assert copies
     for source in (s for sources in copies for s in sources):
         assert (ROOT / source).exists() and source not in ignored, source
+
+
+def image_uid() -> str:
+    """The uid the image's final stage runs as (its last USER)."""
+    return [x.split()[1] for x in final_stage(DOCKERFILE.read_text()) if x.startswith("USER ")][-1].split(":")[0]
+
+
+def image_environment() -> dict[str, str]:
+    """The TADLORA_ variables the image itself sets (ENV of its final stage)."""
+    env: dict[str, str] = {}
+    for line in final_stage(DOCKERFILE.read_text()):
+        if line.startswith("ENV "):
+            env.update(word.split("=", 1) for word in shlex.split(line.removeprefix("ENV ")))
+    return {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+
+
+def documented_docker_runs(text: str) -> list[tuple[dict[str, str], list[str]]]:
+    """Each `docker run ... IMAGE FLAGS` of ``text`` (comment lines or a shell block) that starts a node: its
+    ``-e`` variables and the node's argv."""
+    text = re.sub(r"\\\n\s*", " ", "\n".join(re.sub(r"^#\s?", "", x).strip() for x in text.splitlines()))
+    runs = []
+    for line in text.splitlines():
+        if not line.startswith("docker run "):
+            continue
+        words = shlex.split(line, comments=True)
+        image = next(i for i, w in enumerate(words) if re.fullmatch(r"tadlora-node(:[\w.-]+)?", w))
+        env = dict(v.split("=", 1) for flag, v in itertools.pairwise(words[:image]) if flag == "-e")
+        argv = words[image + 1 :]
+        if argv[:1] not in (["doctor"], ["status"], ["certs"]):
+            runs.append((env, argv))
+    return runs
+
+
+@pytest.mark.parametrize("doc", [DOCKERFILE, ROOT / "docs" / "deploy.md"], ids=lambda p: p.name)
+def test_the_documented_docker_run_starts_a_node_whose_healthcheck_uses_its_tls(doc, monkeypatch, tmp_path) -> None:
+    from tadlora.node.daemon import _check_callable_back
+
+    runs = documented_docker_runs(doc.read_text())
+    assert runs
+    for env, argv in runs:
+        check_tadlora_variables(env)
+        cfg = node_config_from({**image_environment(), **env}, monkeypatch, argv)
+        _check_callable_back(cfg)  # the image listens on 0.0.0.0: peers need an address to call back
+        if cfg.tls_dir is not None:  # set where the HEALTHCHECK sees it, and the key readable by the image's user
+            assert "TADLORA_TLS_DIR" in env
+            check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path / str(cfg.node_id))
+            assert f"chown {image_uid()} " in doc.read_text()
+
+
+def test_the_compose_certificate_steps_give_each_key_to_the_image_user() -> None:
+    # `certs issue` writes a key readable by its owner only; the containers run as the image's user.
+    assert f"sudo chown {image_uid()} deploy/certs/node-*.key" in COMPOSE.read_text()
 
 
 def test_dockerfile_passes_hadolint() -> None:

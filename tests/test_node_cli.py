@@ -67,6 +67,14 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--method", "lora", "--switch-interval", "3"], "does not apply"),
         (["--listen", "nonsense"], "HOST:PORT"),
         (["--peers", ""], "--peers"),
+        # refused before the model loads: each would otherwise fail later, most as a traceback
+        (["--metrics-port", "70000"], "--metrics-port 70000"),
+        (["--metrics-port", "7071", "--health-port", "7071"], "--metrics-port 7071"),
+        (["--metrics-port", "7070", "--listen", "127.0.0.1:7070"], "--metrics-port 7070"),
+        (["--eval-samples", "0"], "--eval-samples must be >= 1"),
+        (["--samples-per-client", "0", "--split", "iid"], "--samples-per-client must be >= 1"),
+        (["--peer-wait", "nan"], "--peer-wait"),
+        (["--exchange-timeout", "nan"], "--exchange-timeout"),
     ],
 )
 def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:

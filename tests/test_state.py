@@ -105,6 +105,22 @@ def test_resuming_cuts_the_round_log_back_to_the_checkpoint_so_redone_rounds_app
     assert state.truncate_rounds(tmp_path, 10**9) == 0  # a shorter log (e.g. moved away) is left alone
 
 
+def test_a_resume_conflicts_on_each_setting_the_kept_run_recorded_and_on_nothing_else() -> None:
+    kept = {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
+    assert state.run_conflict(kept, cluster="a", method="tad", switch_interval=5) is None
+    assert state.run_conflict(kept, cluster="b", method="lora", switch_interval=None) == (
+        "cluster 'a' (now 'b'), method 'tad' (now 'lora'), switch_interval 5 (now None)"
+    )
+    older = {"node_id": "n0", "cluster": "a", "fingerprint": "ab"}  # node.json of a node that kept no method
+    assert state.run_conflict(older, cluster="a", method="lora", switch_interval=None) is None
+
+
+def test_save_identity_keeps_the_run_settings_it_is_given(tmp_path) -> None:
+    state.save_identity(tmp_path, "n0", "a", "ab", method="tad", switch_interval=5)
+    kept = state.load_identity(tmp_path)
+    assert kept == {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
+
+
 def adapter_files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 

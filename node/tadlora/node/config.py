@@ -83,8 +83,14 @@ class NodeConfig:
             raise ValueError("--max-neighbors must be >= 2 (a ring keeps the graph connected)")
         if self.rounds is not None and self.rounds < 1:
             raise ValueError("--rounds must be >= 1")
-        if self.exchange_timeout <= 0 or self.peer_wait < 0:
+        # Written so that NaN fails too: a NaN deadline times every exchange out at once, and a NaN --peer-wait
+        # spins the wait for --min-peers forever.
+        if not self.exchange_timeout > 0 or not self.peer_wait >= 0:
             raise ValueError("--exchange-timeout must be > 0 and --peer-wait >= 0")
+        # Zero examples would fail as a tokenizer traceback after the model has loaded.
+        for flag, count in (("--eval-samples", self.eval_samples), ("--samples-per-client", self.samples_per_client)):
+            if count is not None and count < 1:
+                raise ValueError(f"{flag} must be >= 1, got {count}")
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError("--checkpoint-every and --eval-every must be >= 1")
         if not self.max_factor_norm > 0:
@@ -96,6 +102,11 @@ class NodeConfig:
         hp = self.health_port
         if hp is not None and (not 0 <= hp <= 65535 or hp == int(port) != 0):
             raise ValueError(f"--health-port {self.health_port}: must be in 0..65535 and not the --listen port")
+        # Checked here: the metrics server binds only after the model has loaded, and a port out of range then
+        # fails as a traceback (OverflowError), one taken by --listen or --health-port as an address in use.
+        mp = self.metrics_port
+        if mp is not None and (not 0 <= mp <= 65535 or (mp != 0 and mp in (int(port), hp))):
+            raise ValueError(f"--metrics-port {mp}: must be in 0..65535 and not the --listen or --health-port port")
         if self.tls_dir is None and not self.insecure:
             raise ValueError(
                 "no TLS certificates: create them with `tadlora-node certs init DIR` and "

@@ -194,8 +194,23 @@ class Node:
         self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
         if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
             raise RuntimeError(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
-        state.save_identity(cfg.out, self.node_id, cfg.cluster, self.fingerprint)
+        # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster or method would
+        # carry this run's factors and round into another run, and append that run's rounds to this log.
+        method = {"method": self.method.name, "switch_interval": self.method.switch_interval}
+        if identity and (conflict := state.run_conflict(identity, cluster=cfg.cluster, **method)):
+            raise RuntimeError(
+                f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
+                "or the flags that run was started with"
+            )
+        state.save_identity(cfg.out, self.node_id, cfg.cluster, self.fingerprint, **method)
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
+        if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
+            # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another
+            # node, or another seed of this model) and would be taken as this node's own.
+            raise RuntimeError(
+                f"{cfg.out / state.CHECKPOINT} is node {ckpt.node_id!r}'s with model fingerprint {ckpt.fingerprint}, "
+                f"not node {self.node_id!r}'s with {self.fingerprint}: move it away to start from scratch"
+            )
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
             self.rounds.restore(ckpt.round, ckpt.factors)
@@ -209,6 +224,8 @@ class Node:
                 await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)
         else:
             self.rounds.restore(0, self._model.factors())
+            # Rounds logged before a crash that came ahead of the first checkpoint are run again from round 0.
+            await self._in_worker(state.truncate_rounds, cfg.out, 0)
         self._round_log = state.RoundLog(cfg.out)
         self._server = self.transport.serve(self, cfg.listen, max_payload_bytes=cfg.max_payload_bytes)
         await self._server.__aenter__()

@@ -1,12 +1,13 @@
 """What a node keeps on disk: its id, checkpoints (atomic, safetensors) and the per-round log.
 
-Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint), ``checkpoint.safetensors`` (the factors at the
+Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint, method), ``checkpoint.safetensors`` (the factors at the
 start of a round, with the round in its metadata, and with ``--optimizer-state persistent`` the optimizer's state
 under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round) and
 ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
 full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by renames
 (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming from
-it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice.
+it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
+that finds no checkpoint starts at round 0 and cuts it to nothing.
 """
 
 from __future__ import annotations
@@ -154,9 +155,18 @@ def load_identity(out: Path) -> dict[str, Any] | None:
     return loaded
 
 
-def save_identity(out: Path, node_id: str, cluster: str, fingerprint: str) -> None:
-    """Write ``node.json``."""
-    atomic_write_json(out / IDENTITY, {"node_id": node_id, "cluster": cluster, "fingerprint": fingerprint})
+def save_identity(out: Path, node_id: str, cluster: str, fingerprint: str, **run: str | int | None) -> None:
+    """Write ``node.json``: the node's id, cluster and model fingerprint, and ``run``, the other settings a node
+    resuming from ``out`` must share (`run_conflict`), e.g. ``method="tad", switch_interval=5``."""
+    atomic_write_json(out / IDENTITY, {"node_id": node_id, "cluster": cluster, "fingerprint": fingerprint, **run})
+
+
+def run_conflict(identity: dict[str, Any], **ours: str | int | None) -> str | None:
+    """How the run kept in ``node.json`` (``identity``) differs from ``ours`` (the settings of the node about to
+    resume it, by node.json key), e.g. ``"method 'tad' (now 'lora')"``; None when nothing differs. A key that
+    ``identity`` lacks (written by an older node) is not compared."""
+    diffs = [f"{k} {identity[k]!r} (now {v!r})" for k, v in ours.items() if k in identity and identity[k] != v]
+    return ", ".join(diffs) or None
 
 
 class RoundLog:

@@ -1,0 +1,74 @@
+"""A node restarted on its --out resumes its own run and only that: never another node's checkpoint, another
+cluster's or method's run, and never a round logged twice. One real node (tiny model) on the in-memory network."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import re
+from pathlib import Path
+
+import pytest
+
+from tadlora.node import state
+from tadlora.node.memory_transport import InMemoryNetwork
+from test_daemon_faults import lone_node
+
+
+async def run_rounds(tmp: Path, rounds: int, **changes: object) -> None:
+    """node-0 runs ``rounds`` rounds into tmp/n0 and stops cleanly (a final checkpoint at round ``rounds``)."""
+    async with lone_node(tmp, InMemoryNetwork(), rounds=rounds, **changes) as node:
+        async with asyncio.timeout(60):
+            await node.run()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        ({"cluster": "lab-a"}, {"cluster": "lab-b"}, "cluster 'lab-a' (now 'lab-b')"),
+        ({"method": "tad"}, {"method": "lora"}, "method 'tad' (now 'lora')"),
+        ({"method": "tad", "switch_interval": 2}, {"method": "tad", "switch_interval": 3}, "switch_interval 2"),
+    ],
+)
+async def test_an_out_of_another_cluster_or_method_is_refused_not_resumed(
+    tmp_path: Path, first: dict, then: dict, message: str
+) -> None:
+    await run_rounds(tmp_path, 1, **first)
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, **then):
+            pass
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, **first) as node:  # its own flags resume it
+        assert node.round == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("field", ["node_id", "fingerprint"])
+async def test_a_checkpoint_of_another_node_or_model_is_refused_not_loaded(tmp_path: Path, field: str) -> None:
+    await run_rounds(tmp_path, 1)
+    out = tmp_path / "n0"
+    ckpt = state.load_checkpoint(out)
+    assert ckpt is not None
+    # Same factor shapes as this node's (another node of the cluster, or another seed of the model), so only
+    # the checkpoint's own record of whose it is can tell.
+    state.save_checkpoint(out, dataclasses.replace(ckpt, **{field: "node-7" if field == "node_id" else "ab" * 8}))
+    with pytest.raises(RuntimeError, match=re.escape("checkpoint.safetensors is node")):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2):
+            pass
+
+
+@pytest.mark.asyncio
+async def test_a_node_that_crashed_before_its_first_checkpoint_logs_each_round_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, checkpoint_every=5) as node:
+
+        async def killed_before_any_checkpoint(next_round: int, export: bool) -> None:
+            pass
+
+        monkeypatch.setattr(node, "_save", killed_before_any_checkpoint)
+        async with asyncio.timeout(60):
+            await node.run()  # rounds 0 and 1 are logged, then the process dies
+    assert state.load_checkpoint(tmp_path / "n0") is None
+    await run_rounds(tmp_path, 2, checkpoint_every=5)  # from round 0 again
+    assert [r["round"] for r in state.read_rounds(tmp_path / "n0")] == [0, 1]
