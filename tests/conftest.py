@@ -31,18 +31,25 @@ def sst2_small() -> TextDataset:
 
 
 @pytest.fixture(scope="session")
-def tiny_model() -> AdapterModel:
-    """One shared tiny model; tests that change its factors must restore them (or build their own)."""
+def shared_tiny_model() -> AdapterModel:
+    """One tiny model for the session (building one per test would cost seconds each); use `tiny_model`."""
     return AdapterModel(tiny_spec())
 
 
+@pytest.fixture
+def tiny_model(shared_tiny_model: AdapterModel) -> AdapterModel:
+    """The shared tiny model at its seed's initial factors: a test may train it, the next one starts clean."""
+    shared_tiny_model.load_factors(shared_tiny_model.initial_factors())
+    return shared_tiny_model
+
+
 @pytest.fixture(scope="session")
-def tiny_shards(tiny_model: AdapterModel, sst2_small: TextDataset) -> list[Encoded]:
-    enc = encode(tiny_model.tokenizer, sst2_small.subset(np.arange(120)), TINY_TRAIN.max_length)
+def tiny_shards(shared_tiny_model: AdapterModel, sst2_small: TextDataset) -> list[Encoded]:
+    enc = encode(shared_tiny_model.tokenizer, sst2_small.subset(np.arange(120)), TINY_TRAIN.max_length)
     return [enc.subset(np.arange(i * 30, (i + 1) * 30)) for i in range(4)]
 
 
 @pytest.fixture(scope="session")
-def tiny_dev(tiny_model: AdapterModel) -> Encoded:
+def tiny_dev(shared_tiny_model: AdapterModel) -> Encoded:
     dev = resolve_dataset("builtin:sst2-small", "dev").subset(np.arange(24))
-    return encode(tiny_model.tokenizer, dev, TINY_TRAIN.max_length)
+    return encode(shared_tiny_model.tokenizer, dev, TINY_TRAIN.max_length)
