@@ -230,12 +230,27 @@ def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
 
     cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
     cfg.out.mkdir()
-    state.save_identity(cfg.out, "n0", cfg.cluster, "ab")
+    state.save_identity(cfg.out, "n0", "ab", cluster=cfg.cluster)
     other = check_out(dataclasses.replace(cfg, node_id="n1"), "ab")
     assert other.status == "FAIL" and "belongs to node 'n0', not --node-id 'n1'" in other.detail
     assert "--node-id n0" in other.fix
     assert check_out(dataclasses.replace(cfg, node_id="n0"), "ab").status == "OK"
     assert check_out(dataclasses.replace(cfg, node_id=None), "ab").status == "OK"  # the node takes the kept id
+
+
+def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
+    """The daemon refuses to resume a run of other settings (`NodeConfig.run_settings`): so does doctor."""
+    from tadlora.node import state
+    from tadlora.node.hostcheck import check_out
+
+    cfg = node_config(tmp_path, 0, 2, PeersOption(False, (), ()))
+    cfg.out.mkdir()
+    state.save_identity(cfg.out, "node-0", "ab", **cfg.run_settings())
+    assert check_out(cfg, "ab").status == "OK"
+    for change in ({"method": "lora"}, {"cluster": "other"}, {"shard": 1}, {"link_prob": 0.5}):
+        other = check_out(dataclasses.replace(cfg, **change), "ab")
+        assert other.status == "FAIL" and "holds a run of another" in other.detail, change
+        assert "the flags that run was started with" in other.fix
 
 
 @pytest.mark.asyncio

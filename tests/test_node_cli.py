@@ -75,6 +75,9 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--samples-per-client", "0", "--split", "iid"], "--samples-per-client must be >= 1"),
         (["--peer-wait", "nan"], "--peer-wait"),
         (["--exchange-timeout", "nan"], "--exchange-timeout"),
+        (["--lr", "nan"], "learning rate must be > 0 and finite"),
+        (["--lora-alpha", "nan"], "LoRA alpha must be > 0 and finite"),
+        (["--cluster", ""], "--cluster must not be empty"),
     ],
 )
 def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:

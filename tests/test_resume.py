@@ -29,6 +29,8 @@ async def run_rounds(tmp: Path, rounds: int, **changes: object) -> None:
         ({"cluster": "lab-a"}, {"cluster": "lab-b"}, "cluster 'lab-a' (now 'lab-b')"),
         ({"method": "tad"}, {"method": "lora"}, "method 'tad' (now 'lora')"),
         ({"method": "tad", "switch_interval": 2}, {"method": "tad", "switch_interval": 3}, "switch_interval 2"),
+        ({}, {"shard": 1}, "shard 0 (now 1)"),
+        ({}, {"link_prob": 0.5}, "link_prob 1.0 (now 0.5)"),
     ],
 )
 async def test_an_out_of_another_cluster_or_method_is_refused_not_resumed(

@@ -116,7 +116,7 @@ def test_a_resume_conflicts_on_each_setting_the_kept_run_recorded_and_on_nothing
 
 
 def test_save_identity_keeps_the_run_settings_it_is_given(tmp_path) -> None:
-    state.save_identity(tmp_path, "n0", "a", "ab", method="tad", switch_interval=5)
+    state.save_identity(tmp_path, "n0", "ab", cluster="a", method="tad", switch_interval=5)
     kept = state.load_identity(tmp_path)
     assert kept == {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
 

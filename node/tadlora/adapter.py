@@ -50,8 +50,8 @@ class LoraSpec:
     def __post_init__(self) -> None:
         if self.r < 1:
             raise ValueError(f"LoRA rank r must be >= 1, got {self.r}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be > 0, got {self.alpha}")
+        if not 0 < self.alpha < math.inf:  # written so that NaN fails: the scale alpha/r multiplies every update
+            raise ValueError(f"LoRA alpha must be > 0 and finite, got {self.alpha}")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"LoRA dropout must be in [0, 1), got {self.dropout}")
         if not self.target_modules:

@@ -16,6 +16,7 @@ checkpoints (see docs/simulator.md, MNLI sizing, for why both exist).
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -60,8 +61,10 @@ class TrainSpec:
     def __post_init__(self) -> None:
         if self.local_steps < 1 or self.batch_size < 1 or self.max_length < 8:
             raise ValueError("local_steps and batch_size must be >= 1 and max_length >= 8")
-        if self.lr <= 0:
-            raise ValueError(f"learning rate must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # written so that NaN fails: it would turn every factor to NaN
+            raise ValueError(f"learning rate must be > 0 and finite, got {self.lr}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight decay must be >= 0 and finite, got {self.weight_decay}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         if self.optimizer not in OPTIMIZERS:

@@ -70,6 +70,9 @@ class NodeConfig:
             # Checked here, not only by mDNS's announcement: with static or dns: peers it is what handshakes tell
             # peers to call back, and an empty one would let a wildcard --listen announce 0.0.0.0 after all.
             require_unicast_ipv4(self.advertise_address, "--advertise-address (TADLORA_ADVERTISE_ADDRESS)")
+        if not self.cluster:
+            # mDNS refuses an empty cluster only once the model has loaded; no cluster could match it anyway.
+            raise ValueError("--cluster must not be empty")
         if self.method not in method_names():
             raise ValueError(f"unknown method {self.method!r}; known: {', '.join(method_names())}")
         if self.switch_interval is not None and not takes_switch_interval(self.method):
@@ -117,6 +120,21 @@ class NodeConfig:
             raise ValueError("--tls-dir and --insecure contradict each other: choose one")
         if self.tls_dir is not None and self.node_id is None:
             raise ValueError("--tls-dir needs --node-id: it names this node's certificate (NODE_ID.crt/.key)")
+
+    def run_settings(self) -> dict[str, str | int | float | None]:
+        """The settings, besides the model fingerprint, that a node resuming a run from ``out`` must share with the
+        run kept there (`tadlora.node.state.run_conflict`): resumed under others, the run's factors and round would
+        carry into another run, and its rounds would be logged with that run's."""
+        return {
+            "cluster": self.cluster,
+            "method": self.method,
+            "switch_interval": make_method(self.method, self.switch_interval).switch_interval,
+            "dataset": self.dataset,
+            "split": self.split,
+            "shard": self.shard,
+            "num_shards": self.num_shards,
+            "link_prob": self.link_prob,
+        }
 
     @property
     def model_spec_base(self) -> ModelSpec:

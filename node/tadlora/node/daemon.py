@@ -194,15 +194,15 @@ class Node:
         self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
         if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
             raise RuntimeError(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
-        # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster or method would
-        # carry this run's factors and round into another run, and append that run's rounds to this log.
-        method = {"method": self.method.name, "switch_interval": self.method.switch_interval}
-        if identity and (conflict := state.run_conflict(identity, cluster=cfg.cluster, **method)):
+        # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster, method, data or
+        # topology would carry this run's factors and round into another run, and append its rounds to this log.
+        run = cfg.run_settings()
+        if identity and (conflict := state.run_conflict(identity, **run)):
             raise RuntimeError(
                 f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
-        state.save_identity(cfg.out, self.node_id, cfg.cluster, self.fingerprint, **method)
+        state.save_identity(cfg.out, self.node_id, self.fingerprint, **run)
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another

@@ -290,6 +290,14 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
             f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})",
             "use another --out to start a new run, or the flags that run was started with",
         )
+    if identity and (conflict := state.run_conflict(identity, **cfg.run_settings())):
+        # The daemon refuses this at start too (Node.start).
+        return Check(
+            "out",
+            "FAIL",
+            f"{out} holds a run of another {conflict}",
+            "use another --out to start a new run, or the flags that run was started with",
+        )
     kept = (identity or {}).get("node_id")
     if kept and cfg.node_id and kept != cfg.node_id:
         # The daemon refuses this at start (Node.start): one --out holds one node's rounds and checkpoint.

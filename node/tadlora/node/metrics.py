@@ -7,6 +7,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+EXCHANGE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)  # s
+
 
 class NodeMetrics:
     """The node's counters and gauges; `serve` exposes them over HTTP until `close`."""
@@ -22,7 +24,11 @@ class NodeMetrics:
         self.refusals = Counter("tadlora_refusals", "Refusals given or received, by reason", ["reason"], registry=r)
         self.bytes_sent = Counter("tadlora_bytes_sent", "Payload bytes sent", registry=r)
         self.bytes_received = Counter("tadlora_bytes_received", "Payload bytes received", registry=r)
-        self.latency = Histogram("tadlora_exchange_seconds", "Exchange latency", registry=r)
+        # Buckets up to the default --exchange-timeout (60 s) and past it: the client default stops at 10 s, which
+        # would put every slow exchange of a large adapter or a loaded edge device into +Inf.
+        self.latency = Histogram(
+            "tadlora_exchange_seconds", "Exchange latency", registry=r, buckets=EXCHANGE_SECONDS_BUCKETS
+        )
         self.loss = Gauge("tadlora_train_loss", "Mean training loss of the last round", registry=r)
         self.probes = Counter(
             "tadlora_probes", "Handshakes asking a peer whether it is alive and which round it is in, by why",

@@ -155,13 +155,13 @@ def load_identity(out: Path) -> dict[str, Any] | None:
     return loaded
 
 
-def save_identity(out: Path, node_id: str, cluster: str, fingerprint: str, **run: str | int | None) -> None:
-    """Write ``node.json``: the node's id, cluster and model fingerprint, and ``run``, the other settings a node
-    resuming from ``out`` must share (`run_conflict`), e.g. ``method="tad", switch_interval=5``."""
-    atomic_write_json(out / IDENTITY, {"node_id": node_id, "cluster": cluster, "fingerprint": fingerprint, **run})
+def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | float | None) -> None:
+    """Write ``node.json``: the node's id and model fingerprint, and ``run``, the other settings a node resuming
+    from ``out`` must share (`run_conflict`; `NodeConfig.run_settings`), e.g. ``cluster="lab", method="tad"``."""
+    atomic_write_json(out / IDENTITY, {"node_id": node_id, "fingerprint": fingerprint, **run})
 
 
-def run_conflict(identity: dict[str, Any], **ours: str | int | None) -> str | None:
+def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> str | None:
     """How the run kept in ``node.json`` (``identity``) differs from ``ours`` (the settings of the node about to
     resume it, by node.json key), e.g. ``"method 'tad' (now 'lora')"``; None when nothing differs. A key that
     ``identity`` lacks (written by an older node) is not compared."""
