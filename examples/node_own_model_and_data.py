@@ -1,9 +1,10 @@
 """Two nodes on your own model and data, with static peers instead of mDNS.
 
 Each node gets the same model, dataset, --num-shards, --method and --seed, and its own --shard, port and --out.
-Here the model is `tiny` (built from a config: seconds) and the data a generated JSONL file; give
-`--model /path/to/hf-model` and `--dataset /path/to/train.jsonl?text=sentence&label=label` for yours (a
-dev.jsonl beside it is used for evaluation).
+Here the model is `tiny` (built from a config: seconds) and the data a generated JSONL file. For yours, give this
+script `--model /path/to/hf-model`, and give the nodes `--dataset /path/to/train.jsonl?text=sentence&label=label`
+(the `--dataset` entry of `common` below; this script has no --dataset flag); a dev.jsonl beside the train file
+is used for evaluation.
 
     python examples/node_own_model_and_data.py --out runs/own-nodes
 """

@@ -1,8 +1,10 @@
 """Run the simulator on your own model and data, from Python.
 
 Your data: a CSV, JSONL or TSV file with a text column (or two, for sentence pairs) and a label column, and a
-sibling dev/validation file. Your model: any Hugging Face sequence-classification model id or local directory
-(here `tiny`, a 2-layer BERT built from a config, so this runs in seconds; try `minilm` or a path).
+sibling dev/validation file. `--data` reads the columns named `text` and `label`; for other names or a sentence
+pair, edit `?text=text&label=label` in `dataset=` below (e.g. `?text=sentence1,sentence2&label=gold`). Your model:
+any Hugging Face sequence-classification model id or local directory (here `tiny`, a 2-layer BERT built from a
+config, so this runs in seconds; try `minilm` or a path).
 
     python examples/sim_own_model_and_data.py --out runs/own
 """

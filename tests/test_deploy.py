@@ -258,6 +258,9 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path) -> None:
     assert settings["KillSignal"] == "SIGTERM" and settings["Restart"] == "on-failure"
     assert 30 <= int(settings["TimeoutStopSec"]) <= 300
     assert settings["ProtectSystem"] == "strict" and settings["DynamicUser"] == "yes"
+    # A dynamic user cannot own the 0600 key `certs issue` writes: the documented group must be the unit's.
+    assert settings["SupplementaryGroups"] == "tadlora-certs"
+    assert "-g tadlora-certs" in UNIT.read_text() and "-g tadlora-certs" in (ROOT / "docs" / "deploy.md").read_text()
     assert settings["NoNewPrivileges"] == "yes" and settings["PrivateTmp"] == "yes"
     assert settings["StateDirectory"] == "tadlora" and "TADLORA_OUT=%S/tadlora" in settings["Environment"]
     assert set(settings["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
