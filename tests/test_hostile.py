@@ -189,6 +189,25 @@ def test_memory_follows_what_arrived_not_what_was_declared() -> None:
     assert peak < 3 * (64 << 10) + SMALL_PEAK
 
 
+def test_tiny_chunks_cost_no_more_memory_than_the_bytes_they_carry() -> None:
+    """A peer may cut its payload into chunks as small as it likes; holding them must not cost Python's overhead
+    per object on each (~50 bytes to hold a 2-byte chunk: 25 times the payload's size)."""
+    size = 256 << 10
+    payload = bytes(range(256)) * (size // 256)
+    tracemalloc.start()
+    try:
+        assembler = Reassembler(size, digest(payload), size // 2)
+        for start in range(0, size, 2):
+            assembler.add(payload[start : start + 2])  # a new object for each chunk, as gRPC gives them
+        held, _ = tracemalloc.get_traced_memory()
+        assert assembler.finish() == payload
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert held < 2 * size
+    assert peak < 3 * size + SMALL_PEAK
+
+
 @FAST
 @given(st.lists(st.sampled_from(["header", "chunk", "refusal", "empty", "garbled"]), max_size=6), st.data())
 def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data: st.DataObject) -> None:
@@ -272,6 +291,79 @@ def test_a_declared_size_over_what_the_expected_spec_takes_is_refused_before_a_c
 
     reply = asyncio.run(first_reply())
     assert Reason(reply.refusal.reason) is Reason.TOO_LARGE and read == 1
+
+
+class ObservingHandler(QuietHandler):
+    """`QuietHandler` that records the refusals the server reports giving."""
+
+    def __init__(self) -> None:
+        self.refusals: list[Reason] = []
+
+    def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
+        self.refusals.append(exc.reason)
+
+
+def header_message(total_bytes: int, sha256: str) -> pb.ExchangeMessage:
+    return pb.ExchangeMessage(header=pb.ExchangeHeader(
+        protocol_version=PROTOCOL_VERSION, node_id="caller", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0,
+        degree=1, total_bytes=total_bytes, sha256=sha256, num_chunks=1,
+    ))  # fmt: skip
+
+
+def serve_exchange(handler: QuietHandler, messages: list[pb.ExchangeMessage]) -> list[pb.ExchangeMessage]:
+    """What a `_Responder` serving ``handler`` answers to an exchange stream of ``messages``."""
+
+    async def requests() -> AsyncGenerator[pb.ExchangeMessage, None]:
+        for message in messages:
+            yield message
+
+    async def replies() -> list[pb.ExchangeMessage]:
+        responder = _Responder(handler, max_payload_bytes=1 << 20)
+        async with contextlib.aclosing(responder.exchange(requests())) as answer, asyncio.timeout(5):
+            return [message async for message in answer]
+
+    return asyncio.run(replies())
+
+
+@pytest.mark.parametrize("after_header", [False, True])
+def test_a_caller_sending_a_refusal_is_refused_bad_payload_and_its_refusal_is_not_reflected(after_header: bool) -> None:
+    """A caller's stream is a header and chunks. A refusal in it is a malformed stream, not a reason this node gave:
+    reflected, its reason would be counted here and its detail (up to gRPC's 4 MiB) logged and sent back."""
+    handler = ObservingHandler()
+    refusal = pb.ExchangeMessage(refusal=pb.Refusal(reason=Reason.SHUTTING_DOWN, detail="x" * 100_000))
+    opening = [header_message(16, digest(bytes(16)))] if after_header else []
+    [reply] = serve_exchange(handler, [*opening, refusal])
+    assert Reason(reply.refusal.reason) is Reason.BAD_PAYLOAD
+    assert len(reply.refusal.detail) < 1000
+    assert handler.refusals == [Reason.BAD_PAYLOAD]
+
+
+class AdmittingHandler(QuietHandler):
+    """Takes any decodable payload at large (no `expected_spec`), but admits each exchange with `SPEC`."""
+
+    def __init__(self) -> None:
+        self.given: dict[str, torch.Tensor] | None = None
+
+    def expected_spec(self) -> FactorSpec | None:
+        return None
+
+    async def async_admit_exchange(self, header: ExchangeHeader) -> FactorSpec:
+        return SPEC
+
+    async def async_exchange(self, header: ExchangeHeader, factors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        self.given = factors
+        return factors
+
+
+def test_a_payload_off_the_spec_its_exchange_was_admitted_with_is_refused_bad_payload() -> None:
+    handler = AdmittingHandler()
+    payload = encode_factors({"c": torch.zeros(2, 3), "d": torch.zeros(3, dtype=torch.float16)})  # SPEC's size
+    assert len(payload) <= SPEC.max_payload_bytes()
+    [reply] = serve_exchange(
+        handler, [header_message(len(payload), digest(payload)), pb.ExchangeMessage(chunk=payload)]
+    )
+    assert Reason(reply.refusal.reason) is Reason.BAD_PAYLOAD and "differ from the spec" in reply.refusal.detail
+    assert handler.given is None
 
 
 texts = st.one_of(st.text(max_size=40), st.text(min_size=MAX_TEXT_CHARS + 1, max_size=MAX_TEXT_CHARS + 2),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -37,7 +38,8 @@ from tadlora.node.rpc import (
     StatusInfo,
     Transport,
 )
-from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
+from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason, digest, encode_factors
+from tadlora.v1 import node_pb2 as pb
 
 LISTEN = "127.0.0.1:0"
 CLUSTER = "glue-sst2"
@@ -576,6 +578,36 @@ async def test_serving_on_a_taken_address_fails_naming_it(transport: Transport, 
                 pass
 
 
+@pytest.mark.asyncio
+async def test_closing_a_stopped_server_again_leaves_the_server_now_on_its_address_serving(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    async with transport.serve(FakeNode("carol", bob.factors), LISTEN) as first:
+        address = first.address
+    async with transport.serve(bob, address), transport.connect(address) as client:
+        await first.aclose()  # closing is safe to call twice, even once another server took the address
+        assert (await client.handshake(alice.info, TIMEOUT)).node_id == "bob"
+
+
+@pytest.mark.asyncio
+async def test_closing_a_client_mid_call_fails_the_call_without_cancelling_the_caller(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    bob.hold = True
+    async with asyncio.timeout(TIMEOUT), transport.serve(bob, LISTEN) as server:
+        client = transport.connect(server.address)
+        call = asyncio.ensure_future(client.exchange(header_of(alice), alice.factors, 10 * TIMEOUT))
+        try:
+            await bob.entered.wait()
+            await client.aclose()  # e.g. another task dropped this peer
+            with pytest.raises(PeerUnavailable) as unavailable:
+                await call
+            assert not call.cancelled() and not isinstance(unavailable.value, PeerTimeout)
+        finally:
+            call.cancel()
+        await bob.cancelled.wait()  # and the callee stopped working on it
+
+
 # ------------------------------------------------------------------------------------------ gRPC only
 
 
@@ -588,19 +620,79 @@ async def channel_to(address: str) -> AsyncIterator[grpc.aio.Channel]:
         await channel.close()
 
 
+GARBLED = b"\xff\xff\xff"  # not a protobuf message: a field key whose varint never ends
+
+
+def header_message(node: FakeNode, payload: bytes) -> pb.ExchangeMessage:
+    return pb.ExchangeMessage(
+        header=pb.ExchangeHeader(
+            protocol_version=PROTOCOL_VERSION, node_id=node.info.node_id, cluster=CLUSTER, fingerprint=FINGERPRINT,
+            round=node.info.round, degree=node.info.degree, total_bytes=len(payload), sha256=digest(payload),
+            num_chunks=1,
+        )
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def raw_node_server(reply: bytes, stream: list[bytes]) -> AsyncIterator[str]:
+    """A gRPC server of the Node service that answers in raw bytes: ``reply`` to unary calls, ``stream`` to
+    streaming ones, whatever the request; its address."""
+
+    async def unary(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return reply
+
+    async def streaming(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        for message in stream:
+            yield message
+
+    handlers = {
+        "Handshake": grpc.unary_unary_rpc_method_handler(unary),
+        "Status": grpc.unary_unary_rpc_method_handler(unary),
+        "Exchange": grpc.stream_stream_rpc_method_handler(streaming),
+        "Fetch": grpc.unary_stream_rpc_method_handler(streaming),
+    }
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(NODE_SERVICE_NAME, handlers)])
+    port = server.add_insecure_port(LISTEN)
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
+
+
 @pytest.mark.asyncio
-async def test_closing_a_grpc_client_mid_call_fails_the_call_without_cancelling_the_caller(
-    alice: FakeNode, bob: FakeNode
+@pytest.mark.parametrize("call", ["handshake", "status", "exchange", "fetch"])
+async def test_a_grpc_peer_answering_with_a_message_that_does_not_parse_is_refused_bad_payload(
+    call: str, alice: FakeNode, bob: FakeNode
 ) -> None:
-    bob.hold = True
-    async with RpcServer(bob, LISTEN) as server:
-        client = PeerClient(server.address)
-        call = asyncio.ensure_future(client.exchange(header_of(alice), alice.factors, TIMEOUT))
-        await bob.entered.wait()
-        await client.aclose()  # e.g. another task dropped this peer
-        with pytest.raises(PeerUnavailable):
-            await call
-        assert not call.cancelled()
+    # grpc.aio gives the caller None for a message it cannot parse: the caller's contract still holds.
+    payload = encode_factors(bob.factors)
+    stream = [header_message(bob, payload).SerializeToString(), GARBLED]
+    async with raw_node_server(GARBLED, stream) as address, PeerClient(address) as client:
+        calls = {
+            "handshake": lambda: client.handshake(alice.info, TIMEOUT),
+            "status": lambda: client.status(TIMEOUT),
+            "exchange": lambda: client.exchange(header_of(alice), alice.factors, TIMEOUT),
+            "fetch": lambda: client.fetch(alice.info, TIMEOUT),
+        }
+        with pytest.raises(PayloadError) as refused:
+            await calls[call]()
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_caller_sending_a_message_that_does_not_parse_is_refused_bad_payload_not_logged_as_a_fault(
+    alice: FakeNode, bob: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    payload = encode_factors(alice.factors)
+    requests = [header_message(alice, payload).SerializeToString(), GARBLED]
+    async with RpcServer(bob, LISTEN) as server, channel_to(server.address) as channel:
+        exchange = channel.stream_stream(f"/{NODE_SERVICE_NAME}/Exchange")  # raw bytes both ways
+        replies = [pb.ExchangeMessage.FromString(r) async for r in exchange(iter(requests), timeout=TIMEOUT)]
+    assert [Reason(m.refusal.reason) for m in replies] == [Reason.BAD_PAYLOAD]
+    assert not [r for r in caplog.records if r.name == "tadlora.rpc" and r.levelno >= logging.ERROR]
+    assert bob.exchanges == []
 
 
 @pytest.mark.asyncio

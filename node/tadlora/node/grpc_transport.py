@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, Iterator
-from typing import Any, Self
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator
+from typing import Any, Self, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -28,7 +29,7 @@ from tadlora.node.rpc import (
     _ServiceFault,
 )
 from tadlora.node.tls import TLS_SERVER_NAME, TlsMaterial
-from tadlora.node.wire import MAX_PAYLOAD_BYTES, ExchangeRefused, Reason
+from tadlora.node.wire import MAX_PAYLOAD_BYTES, ExchangeRefused, PayloadError, Reason
 from tadlora.v1 import node_pb2 as pb
 from tadlora.v1 import node_pb2_grpc as pb_grpc
 
@@ -36,11 +37,28 @@ __all__ = ["GrpcTransport", "PeerClient", "RpcServer"]
 
 log = logging.getLogger("tadlora.rpc")
 
+_Message = TypeVar("_Message")
+
 
 def _certified_name(context: grpc.aio.ServicerContext) -> str | None:
     """The common name of the caller's verified TLS certificate; None on a plaintext server."""
     names = context.auth_context().get("x509_common_name")
     return names[0].decode() if names else None
+
+
+class _Parsed(AsyncIterator[pb.ExchangeMessage]):
+    """A caller's exchange stream, read through. grpc.aio parses each message as it is read and raises the parser's
+    DecodeError from the read: a message that does not parse is the caller's defect (BAD_PAYLOAD, refused as any
+    other), not a fault inside this node."""
+
+    def __init__(self, messages: AsyncIterable[pb.ExchangeMessage]) -> None:
+        self._messages = aiter(messages)
+
+    async def __anext__(self) -> pb.ExchangeMessage:
+        try:
+            return await anext(self._messages)
+        except DecodeError as exc:
+            raise PayloadError(Reason.BAD_PAYLOAD, f"a message that does not parse as tadlora.v1: {exc}") from None
 
 
 class _NodeServicer(pb_grpc.NodeServicer):
@@ -53,7 +71,8 @@ class _NodeServicer(pb_grpc.NodeServicer):
     async def Exchange(
         self, request_iterator: AsyncIterable[pb.ExchangeMessage], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        async with contextlib.aclosing(self._responder.exchange(request_iterator, _certified_name(context))) as replies:
+        requests = _Parsed(request_iterator)
+        async with contextlib.aclosing(self._responder.exchange(requests, _certified_name(context))) as replies:
             async for message in replies:
                 yield message
 
@@ -247,23 +266,30 @@ class PeerClient(_Caller):
                 raise
             raise PeerUnavailable(self.address, "connection closed during the call") from None
 
+    def _parsed(self, message: _Message | None) -> _Message:
+        """``message``, or BAD_PAYLOAD for None: what grpc.aio hands back for a message that does not parse (it
+        logs the parser's error and goes on), which would otherwise fail as None deep in the protocol code."""
+        if message is None:
+            raise PayloadError(Reason.BAD_PAYLOAD, f"{self.address} sent a message that does not parse as tadlora.v1")
+        return message
+
     async def _stream(self, call: Any) -> AsyncGenerator[pb.ExchangeMessage, None]:
         try:
             with self._translated():
                 async for message in call:
-                    yield message
+                    yield self._parsed(message)
         finally:
             call.cancel()  # a no-op once finished; stops the upload when we stop reading early
 
     async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
         with self._translated():
-            reply: pb.HandshakeReply = await self._node_stub().Handshake(request, timeout=timeout)
-        return reply
+            reply: pb.HandshakeReply | None = await self._node_stub().Handshake(request, timeout=timeout)
+        return self._parsed(reply)
 
     async def _call_status(self, timeout: float) -> pb.StatusReply:
         with self._translated():
-            reply: pb.StatusReply = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
-        return reply
+            reply: pb.StatusReply | None = await self._node_stub().Status(pb.StatusRequest(), timeout=timeout)
+        return self._parsed(reply)
 
     def _call_exchange(
         self, requests: Iterator[pb.ExchangeMessage], timeout: float

@@ -78,8 +78,10 @@ class InMemoryNetwork:
         self._servers[address] = server
         return address
 
-    def _unbind(self, address: str) -> None:
-        self._servers.pop(address, None)
+    def _unbind(self, server: InMemoryServer, address: str) -> None:
+        # Only ``server``'s own binding: once it is closed, another server may have taken the address.
+        if self._servers.get(address) is server:
+            del self._servers[address]
 
     def _lookup(self, address: str) -> InMemoryServer:
         try:
@@ -115,18 +117,21 @@ class InMemoryServer:
 
     async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
         """Stop taking calls, give those in flight `grace` seconds, cancel the rest. Safe to call twice."""
-        self._network._unbind(self._address)
+        self._network._unbind(self, self._address)
         if self._tasks:
             await asyncio.wait(self._tasks, timeout=grace)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    async def _call(self, work: Coroutine[Any, Any, _T], timeout: float) -> _T:
-        """Run `work` as a task of this server; the caller's deadline cancels it, as a gRPC deadline would."""
+    async def _call(self, work: Coroutine[Any, Any, _T], timeout: float, calls: set[asyncio.Task[Any]]) -> _T:
+        """Run `work` as a task of this server, also listed in ``calls`` (the calling connection's, which cancels
+        them when it closes, as closing a gRPC channel does); the caller's deadline cancels it, as a gRPC deadline
+        would."""
         task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        for owner in (self._tasks, calls):
+            owner.add(task)
+            task.add_done_callback(owner.discard)
         try:
             async with asyncio.timeout(timeout):
                 return await task
@@ -135,7 +140,8 @@ class InMemoryServer:
         except asyncio.CancelledError:
             current = asyncio.current_task()
             if task.cancelled() and (current is None or not current.cancelling()):
-                raise PeerUnavailable(self._address, "UNAVAILABLE: server shut down during the call") from None
+                detail = "UNAVAILABLE: server shut down or connection closed during the call"
+                raise PeerUnavailable(self._address, detail) from None
             raise
 
     async def __aenter__(self) -> Self:
@@ -155,6 +161,7 @@ class InMemoryClient(_Caller):
         super().__init__(address, max_payload_bytes=max_payload_bytes, node_id=node_id)
         self._network = network
         self._closed = False
+        self._calls: set[asyncio.Task[Any]] = set()  # server tasks of this connection's calls in flight
 
     def _server(self) -> InMemoryServer:
         if self._closed:
@@ -166,7 +173,7 @@ class InMemoryClient(_Caller):
     async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
         server = self._server()
         wire_request = _over_the_wire(request, pb.HandshakeRequest.FromString, self.address)
-        reply = await server._call(server._responder.handshake(wire_request), timeout)
+        reply = await server._call(server._responder.handshake(wire_request), timeout, self._calls)
         return _over_the_wire(reply, pb.HandshakeReply.FromString, self.address)
 
     async def _call_status(self, timeout: float) -> pb.StatusReply:
@@ -178,7 +185,8 @@ class InMemoryClient(_Caller):
             except _ServiceFault as exc:
                 raise PeerUnavailable(self.address, f"INTERNAL: {exc}") from None
 
-        return _over_the_wire(await server._call(status(), timeout), pb.StatusReply.FromString, self.address)
+        reply = await server._call(status(), timeout, self._calls)
+        return _over_the_wire(reply, pb.StatusReply.FromString, self.address)
 
     async def _call_exchange(
         self, requests: Iterator[pb.ExchangeMessage], timeout: float
@@ -190,7 +198,7 @@ class InMemoryClient(_Caller):
             async with contextlib.aclosing(server._responder.exchange(_Replay(sent))) as replies:
                 return [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) async for m in replies]
 
-        for message in await server._call(serve(), timeout):
+        for message in await server._call(serve(), timeout, self._calls):
             yield message
 
     async def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]:
@@ -201,8 +209,11 @@ class InMemoryClient(_Caller):
             async with contextlib.aclosing(server._responder.fetch(wire_request)) as replies:
                 return [_over_the_wire(m, pb.ExchangeMessage.FromString, self.address) async for m in replies]
 
-        for message in await server._call(serve(), timeout):
+        for message in await server._call(serve(), timeout, self._calls):
             yield message
 
     async def aclose(self) -> None:
+        """Close the connection, failing its calls in flight (`PeerUnavailable`), as gRPC does. Safe to call twice."""
         self._closed = True
+        for task in list(self._calls):
+            task.cancel()

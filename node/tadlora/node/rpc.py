@@ -453,19 +453,21 @@ async def _receive_payload(
     max_payload_bytes: int,
     check: Callable[[pb.ExchangeHeader], None],
 ) -> tuple[ExchangeHeader, bytes]:
-    """Read header + chunks (or a refusal, raised as `ExchangeRefused`) into a verified payload."""
+    """Read a callee's reply, header + chunks (or a refusal, raised as `ExchangeRefused`), into a verified payload."""
     iterator = aiter(messages)
-    head = await _receive_header(iterator, check)
-    return await _receive_chunks(iterator, head, max_payload_bytes=max_payload_bytes)
+    head = await _receive_header(iterator, check, from_callee=True)
+    return await _receive_chunks(iterator, head, max_payload_bytes=max_payload_bytes, from_callee=True)
 
 
 async def _receive_header(
-    iterator: AsyncIterator[pb.ExchangeMessage], check: Callable[[pb.ExchangeHeader], None]
+    iterator: AsyncIterator[pb.ExchangeMessage], check: Callable[[pb.ExchangeHeader], None], *, from_callee: bool
 ) -> pb.ExchangeHeader:
-    """Read a stream's first message: a header that passes the caps and ``check``, or a refusal (raised)."""
+    """Read a stream's first message: a header that passes the caps and ``check``, or, ``from_callee``, a refusal
+    (raised). A caller has no refusal to send: in its stream one is BAD_PAYLOAD, never taken for this node's own
+    (its reason would be counted here, its detail logged and sent back)."""
     first = await anext(iterator, None)
     kind = None if first is None else first.WhichOneof("kind")
-    if first is not None and kind == "refusal":
+    if first is not None and kind == "refusal" and from_callee:
         raise ExchangeRefused(_reason_from_wire(first.refusal.reason), first.refusal.detail)
     if first is None or kind != "header":
         raise PayloadError(Reason.BAD_PAYLOAD, f"exchange stream opened with {kind or 'nothing'}, not a header")
@@ -478,13 +480,13 @@ async def _receive_header(
 
 
 async def _receive_chunks(
-    iterator: AsyncIterator[pb.ExchangeMessage], head: pb.ExchangeHeader, *, max_payload_bytes: int
+    iterator: AsyncIterator[pb.ExchangeMessage], head: pb.ExchangeHeader, *, max_payload_bytes: int, from_callee: bool
 ) -> tuple[ExchangeHeader, bytes]:
-    """Read the chunks ``head`` announced (or a refusal, raised) into a verified payload."""
+    """Read the chunks ``head`` announced (or, ``from_callee``, a refusal, raised) into a verified payload."""
     assembler = Reassembler(head.total_bytes, head.sha256, head.num_chunks, max_payload_bytes=max_payload_bytes)
     async for message in iterator:
         kind = message.WhichOneof("kind")
-        if kind == "refusal":
+        if kind == "refusal" and from_callee:
             raise ExchangeRefused(_reason_from_wire(message.refusal.reason), message.refusal.detail)
         if kind != "chunk":
             raise PayloadError(Reason.BAD_PAYLOAD, f"unexpected {kind or 'empty message'} after the header")
@@ -583,14 +585,16 @@ class _Responder:
             # Everything that can refuse an exchange from its header does so before a chunk is read: each payload
             # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
             iterator = aiter(requests)
-            head = await _receive_header(iterator, check)
+            head = await _receive_header(iterator, check, from_callee=False)
             with self._one_more_exchange(head.node_id):
                 expected = self._handler.expected_spec()
                 if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
                     expected = admitted
                 _check_declared_size(head.total_bytes, expected)
-                header, payload = await _receive_chunks(iterator, head, max_payload_bytes=self._max_payload_bytes)
-                factors, _ = await asyncio.to_thread(decode_factors, payload, self._handler.expected_spec())
+                header, payload = await _receive_chunks(
+                    iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
+                )
+                factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
                 reply = await self._handler.async_exchange(header, factors)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
 

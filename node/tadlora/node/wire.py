@@ -269,7 +269,8 @@ def chunk(payload: bytes | memoryview, chunk_size: int = MAX_CHUNK_BYTES) -> lis
 class Reassembler:
     """Collects one payload's chunks and refuses anything that breaks the header's promises or this node's caps.
 
-    Memory is bounded by what was actually received, which never exceeds the declared (capped) total.
+    Memory follows the bytes actually received (never more than the declared, capped total), whatever the chunk
+    sizes: the payload is kept in one buffer, not as one object per chunk.
     """
 
     def __init__(
@@ -300,7 +301,10 @@ class Reassembler:
         self._sha256 = sha256
         self._max_chunk_bytes = max_chunk_bytes
         self._hash = hashlib.sha256()
-        self._parts: list[bytes] = []
+        # One growing buffer, not a list of chunks: a peer picks the chunk sizes, and kept one object apiece, 2-byte
+        # chunks would cost ~25 times the payload in object headers. Not reserved ahead: the size is only declared.
+        self._buffer = bytearray()
+        self._chunks = 0
         self._received = 0
 
     @property
@@ -314,27 +318,28 @@ class Reassembler:
             raise PayloadError(Reason.TOO_LARGE, f"chunk of {size} bytes is over the cap of {self._max_chunk_bytes}")
         if size == 0:
             raise PayloadError(Reason.BAD_PAYLOAD, "empty chunk")
-        if len(self._parts) >= self.num_chunks:
+        if self._chunks >= self.num_chunks:
             raise PayloadError(Reason.BAD_PAYLOAD, f"more chunks than the {self.num_chunks} declared")
         if self._received + size > self.total_bytes:
             raise PayloadError(
                 Reason.BAD_PAYLOAD, f"more bytes than the {self.total_bytes} declared ({self._received + size} so far)"
             )
         self._hash.update(data)
-        self._parts.append(bytes(data))
+        self._buffer += data
+        self._chunks += 1
         self._received += size
 
     def finish(self) -> bytes:
         """The whole payload, once every declared byte has arrived and its sha256 matches the header's."""
-        if self._received != self.total_bytes or len(self._parts) != self.num_chunks:
+        if self._received != self.total_bytes or self._chunks != self.num_chunks:
             raise PayloadError(
                 Reason.BAD_PAYLOAD,
                 f"payload truncated: {self._received} of {self.total_bytes} bytes "
-                f"in {len(self._parts)} of {self.num_chunks} chunks",
+                f"in {self._chunks} of {self.num_chunks} chunks",
             )
         actual = self._hash.hexdigest()
         if actual != self._sha256:
             raise PayloadError(Reason.DIGEST_MISMATCH, f"payload sha256 is {actual}, header says {self._sha256}")
-        payload = b"".join(self._parts)
-        self._parts.clear()
+        payload = bytes(self._buffer)
+        self._buffer = bytearray()
         return payload
