@@ -271,6 +271,14 @@ async def test_the_health_port_answers_serving_in_plaintext_while_the_main_port_
             with pytest.raises(grpc.aio.AioRpcError) as only_health:  # the node's service stays behind mutual TLS
                 await node_pb2_grpc.NodeStub(channel).Status(node_pb2.StatusRequest(), timeout=10)
             assert only_health.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            # Watch streams stay open: anyone could hold every call slot of the port with them and fail the probes.
+            watches = [health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest()) for _ in range(20)]
+            for watch in watches:
+                with pytest.raises(grpc.aio.AioRpcError) as watched:
+                    await watch.read()
+                assert watched.value.code() == grpc.StatusCode.UNIMPLEMENTED
+            reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
         async with grpc.aio.insecure_channel(node.address) as channel:
             with pytest.raises(grpc.aio.AioRpcError) as plaintext:
                 await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)

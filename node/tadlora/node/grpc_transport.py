@@ -61,6 +61,24 @@ class _Parsed(AsyncIterator[pb.ExchangeMessage]):
             raise PayloadError(Reason.BAD_PAYLOAD, f"a message that does not parse as tadlora.v1: {exc}") from None
 
 
+class _CheckOnly(health_pb2_grpc.HealthServicer):
+    """grpc.health.v1 for the unauthenticated health port: ``Check`` answers as ``servicer`` does; ``Watch`` is
+    UNIMPLEMENTED, because its streams stay open, and anyone who can connect could hold all of the port's few call
+    slots (`_HEALTH_MAX_RPCS`) with them and fail every probe. Probes (kubelet's gRPC probe, grpc_health_probe)
+    call ``Check``."""
+
+    def __init__(self, servicer: health.aio.HealthServicer) -> None:
+        self._servicer = servicer
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext
+    ) -> health_pb2.HealthCheckResponse:
+        return await self._servicer.Check(request, context)
+
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served on the health-only port: use Check")
+
+
 class _NodeServicer(pb_grpc.NodeServicer):
     def __init__(self, responder: _Responder) -> None:
         self._responder = responder
@@ -150,7 +168,7 @@ class RpcServer:
         if self.health_listen is not None:
             # Only grpc.health.v1, never the Node service: plaintext here must not open a way around mutual TLS.
             health_server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=_HEALTH_MAX_RPCS)
-            health_pb2_grpc.add_HealthServicer_to_server(self._health, health_server)
+            health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(self._health), health_server)
             try:
                 self._health_port = await _bind_and_start(health_server, self.health_listen, None)
             except BindError:
