@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from tadlora.node import grpc_transport, rpc
 from tadlora.node.rpc import (
+    MAX_DETAIL_CHARS,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     ExchangeHeader,
@@ -336,6 +337,21 @@ def test_a_caller_sending_a_refusal_is_refused_bad_payload_and_its_refusal_is_no
     assert Reason(reply.refusal.reason) is Reason.BAD_PAYLOAD
     assert len(reply.refusal.detail) < 1000
     assert handler.refusals == [Reason.BAD_PAYLOAD]
+
+
+def test_a_callees_refusal_detail_is_cut_before_this_node_keeps_or_logs_it() -> None:
+    """A callee chooses its refusal's detail (up to gRPC's 4 MiB a message); the caller keeps a bounded prefix."""
+
+    async def replies() -> AsyncGenerator[pb.ExchangeMessage, None]:
+        yield pb.ExchangeMessage(refusal=pb.Refusal(reason=Reason.SHUTTING_DOWN, detail="x" * 1_000_000))
+
+    async def receive() -> None:
+        await _receive_payload(replies(), max_payload_bytes=1 << 20, check=lambda head: None)
+
+    with pytest.raises(ExchangeRefused) as refused:
+        asyncio.run(receive())
+    assert refused.value.reason is Reason.SHUTTING_DOWN
+    assert refused.value.detail.startswith("xxx") and len(refused.value.detail) <= MAX_DETAIL_CHARS + 20
 
 
 class AdmittingHandler(QuietHandler):

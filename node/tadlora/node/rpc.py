@@ -88,6 +88,7 @@ DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a serv
 MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
 MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address or method name (ids are <= 63)
+MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours are one sentence)
 # Exchanges one caller may have in flight at a callee. A node calls each neighbour once per round, so one is the
 # norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
 # the callee its payload (up to the spec's size, about three times over) while it waits for the callee's round.
@@ -335,6 +336,12 @@ def _check_peer(protocol_version: int, cluster: str, fingerprint: str, *, ours: 
 # ------------------------------------------------------------------------------------- protobuf mapping
 
 
+def _peer_refusal(reason: int, detail: str) -> ExchangeRefused:
+    """A refusal a peer sent, its detail cut to `MAX_DETAIL_CHARS` (a peer chooses it, and it is logged here)."""
+    cut = detail if len(detail) <= MAX_DETAIL_CHARS else detail[:MAX_DETAIL_CHARS] + "... (cut)"
+    return ExchangeRefused(_reason_from_wire(reason), cut or "refused without detail")
+
+
 def _reason_from_wire(value: int) -> Reason:
     try:
         return Reason(value)
@@ -468,7 +475,7 @@ async def _receive_header(
     first = await anext(iterator, None)
     kind = None if first is None else first.WhichOneof("kind")
     if first is not None and kind == "refusal" and from_callee:
-        raise ExchangeRefused(_reason_from_wire(first.refusal.reason), first.refusal.detail)
+        raise _peer_refusal(first.refusal.reason, first.refusal.detail)
     if first is None or kind != "header":
         raise PayloadError(Reason.BAD_PAYLOAD, f"exchange stream opened with {kind or 'nothing'}, not a header")
     head = first.header
@@ -487,7 +494,7 @@ async def _receive_chunks(
     async for message in iterator:
         kind = message.WhichOneof("kind")
         if kind == "refusal" and from_callee:
-            raise ExchangeRefused(_reason_from_wire(message.refusal.reason), message.refusal.detail)
+            raise _peer_refusal(message.refusal.reason, message.refusal.detail)
         if kind != "chunk":
             raise PayloadError(Reason.BAD_PAYLOAD, f"unexpected {kind or 'empty message'} after the header")
         assembler.add(message.chunk)
@@ -682,7 +689,7 @@ class _Caller(abc.ABC):
         this connection was made for."""
         reply = await self._call_handshake(pb.HandshakeRequest(caller=_info_to_pb(info)), timeout)
         if not reply.accepted:
-            raise ExchangeRefused(_reason_from_wire(reply.reason), reply.detail or "refused without detail")
+            raise _peer_refusal(reply.reason, reply.detail)
         if not reply.HasField("callee"):
             raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} accepted without saying who it is")
         remote = _info_from_pb(reply.callee)
