@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from tadlora.node import grpc_transport, rpc
 from tadlora.node.rpc import (
     MAX_DETAIL_CHARS,
+    MAX_EXCHANGES_PER_CALLER,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     ExchangeHeader,
@@ -352,6 +353,33 @@ def test_a_callees_refusal_detail_is_cut_before_this_node_keeps_or_logs_it() -> 
         asyncio.run(receive())
     assert refused.value.reason is Reason.SHUTTING_DOWN
     assert refused.value.detail.startswith("xxx") and len(refused.value.detail) <= MAX_DETAIL_CHARS + 20
+
+
+@pytest.mark.parametrize("stall_after_header", [False, True])
+def test_a_caller_that_stops_sending_is_refused_deadline_and_frees_its_place(stall_after_header: bool) -> None:
+    """A caller that opens an exchange and then sends nothing more (whatever deadline it set itself) is refused with
+    DEADLINE after the callee's `payload_timeout_s`, and its place among its exchanges in flight is freed."""
+    handler = ObservingHandler()
+    handler.payload_timeout_s = 0.2  # type: ignore[attr-defined]
+
+    async def stalled() -> AsyncGenerator[pb.ExchangeMessage, None]:
+        if stall_after_header:
+            yield header_message(16, digest(bytes(16)))
+        await asyncio.Event().wait()  # never sends (more)
+        yield pb.ExchangeMessage()  # pragma: no cover
+
+    async def scenario() -> list[pb.ExchangeMessage]:
+        responder = _Responder(handler, max_payload_bytes=1 << 20)
+        replies = []
+        for _ in range(MAX_EXCHANGES_PER_CALLER + 1):  # a place held for good would refuse the last one BUSY
+            async with contextlib.aclosing(responder.exchange(stalled())) as answer, asyncio.timeout(5):
+                replies.append(await anext(answer))
+        return replies
+
+    replies = asyncio.run(scenario())
+    assert [Reason(r.refusal.reason) for r in replies] == [Reason.DEADLINE] * (MAX_EXCHANGES_PER_CALLER + 1)
+    assert "did not arrive within 0.2 s" in replies[0].refusal.detail
+    assert handler.refusals == [Reason.DEADLINE] * (MAX_EXCHANGES_PER_CALLER + 1)
 
 
 class AdmittingHandler(QuietHandler):

@@ -465,6 +465,12 @@ class Node:
             raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
         return self.rounds.t, dict(self.rounds.factors)  # between rounds these are the next round's start
 
+    @property
+    def payload_timeout_s(self) -> float:
+        """How long a caller may take to send an exchange's stream (`NodeHandler`): the time a caller of this
+        cluster gives a whole exchange, so an honest one is never cut short by it."""
+        return self.config.exchange_timeout
+
     def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
         """Count a refusal this node gave (the server has logged it); see `NodeHandler`."""
         self.metrics.refusals.labels(exc.reason.name).inc()

@@ -93,6 +93,9 @@ MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours ar
 # norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
 # the callee its payload (up to the spec's size, about three times over) while it waits for the callee's round.
 MAX_EXCHANGES_PER_CALLER: Final = 2
+# s a callee waits for a caller's exchange stream (header and payload) unless its handler says otherwise
+# (`payload_timeout_s`; the daemon uses its --exchange-timeout, the time a caller gives a whole exchange).
+DEFAULT_PAYLOAD_TIMEOUT_S: Final = 300.0
 
 NODE_ID_CHARS: Final = 63  # chars; one DNS label, since a node id is also a DNS name in its certificate
 # One spelling per node id. TLS matches a certificate's DNS names ignoring ASCII case and a trailing dot, and
@@ -204,7 +207,9 @@ class StatusInfo:
 class NodeHandler(Protocol):
     """What the node logic gives the transport; the server calls it for every incoming request.
 
-    Optionally it also has ``observe_refusal(what: str, exc: ExchangeRefused) -> None``, which the server calls
+    Optionally it also has ``payload_timeout_s: float``, the most seconds a caller may take to send an exchange's
+    header and payload (DEADLINE after; default `DEFAULT_PAYLOAD_TIMEOUT_S`); ``observe_refusal(what: str, exc:
+    ExchangeRefused) -> None``, which the server calls
     for every refusal it sends (including those made before the handler sees a request), e.g. to count them; and
     ``async async_admit_exchange(header: ExchangeHeader) -> FactorSpec | None``, awaited with an exchange's header
     before any of its payload is read: it raises `ExchangeRefused` for an exchange the handler would refuse anyway
@@ -546,6 +551,8 @@ class _Responder:
             handler, "async_admit_exchange", None
         )
         self._in_flight: collections.Counter[str] = collections.Counter()  # exchanges in flight, by caller id
+        # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
+        self._payload_timeout_s: float = getattr(handler, "payload_timeout_s", DEFAULT_PAYLOAD_TIMEOUT_S)
 
     def _refused(self, what: str, exc: ExchangeRefused) -> None:
         if self._observe is not None:
@@ -592,15 +599,21 @@ class _Responder:
             # Everything that can refuse an exchange from its header does so before a chunk is read: each payload
             # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
             iterator = aiter(requests)
-            head = await _receive_header(iterator, check, from_callee=False)
+            # The caller's stream, header and payload, must arrive within this node's bound, whatever deadline the
+            # caller set (or did not): a caller that stops sending would otherwise hold a call slot, and the
+            # chunks it sent, until its connection drops.
+            deadline = asyncio.get_running_loop().time() + self._payload_timeout_s
+            async with self._receiving(deadline):
+                head = await _receive_header(iterator, check, from_callee=False)
             with self._one_more_exchange(head.node_id):
                 expected = self._handler.expected_spec()
                 if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
                     expected = admitted
                 _check_declared_size(head.total_bytes, expected)
-                header, payload = await _receive_chunks(
-                    iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
-                )
+                async with self._receiving(deadline):
+                    header, payload = await _receive_chunks(
+                        iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
+                    )
                 factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
                 reply = await self._handler.async_exchange(header, factors)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
@@ -608,6 +621,17 @@ class _Responder:
         async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
             async for message in replies:
                 yield message
+
+    @contextlib.asynccontextmanager
+    async def _receiving(self, deadline: float) -> AsyncIterator[None]:
+        """Bound reading a caller's stream by ``deadline`` (loop time): DEADLINE once it passes."""
+        try:
+            async with asyncio.timeout_at(deadline):
+                yield
+        except TimeoutError:
+            raise ExchangeRefused(
+                Reason.DEADLINE, f"the exchange stream did not arrive within {self._payload_timeout_s:g} s"
+            ) from None
 
     @contextlib.contextmanager
     def _one_more_exchange(self, caller: str) -> Iterator[None]:
