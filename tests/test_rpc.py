@@ -265,6 +265,18 @@ async def test_a_connection_made_for_one_node_refuses_the_answers_of_another(
             assert (await client.exchange(header_of(alice), alice.factors, TIMEOUT)).peer.node_id == "bob"
 
 
+async def assert_every_call_refused_for_its_spelling(client: PeerConnection, caller: FakeNode) -> None:
+    """Handshake, exchange and fetch from ``caller`` over ``client`` are each refused for a node id's spelling."""
+    for what, call in {
+        "handshake": client.handshake(caller.info, TIMEOUT),
+        "exchange": client.exchange(header_of(caller), caller.factors, TIMEOUT),
+        "fetch": client.fetch(caller.info, TIMEOUT),
+    }.items():
+        with pytest.raises(ExchangeRefused) as refused:
+            await call
+        assert refused.value.reason is Reason.BAD_PAYLOAD and "lowercase" in refused.value.detail, what
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize("spelling", ["Bob", "BOB", "bob.", "bob\nforged"])
 async def test_a_node_id_in_another_spelling_is_refused_from_callers_and_callees(
@@ -274,28 +286,14 @@ async def test_a_node_id_in_another_spelling_is_refused_from_callers_and_callees
     pass as a second node with one certificate; every id from the network must be in its one spelling."""
     caller = FakeNode(spelling, lora_factors(1))
     async with serving(transport, bob) as (_, client):
-        for what, call in {
-            "handshake": client.handshake(caller.info, TIMEOUT),
-            "exchange": client.exchange(header_of(caller), caller.factors, TIMEOUT),
-            "fetch": client.fetch(caller.info, TIMEOUT),
-        }.items():
-            with pytest.raises(ExchangeRefused) as refused:
-                await call
-            assert refused.value.reason is Reason.BAD_PAYLOAD and "lowercase" in refused.value.detail, what
+        await assert_every_call_refused_for_its_spelling(client, caller)
     assert bob.handshakes == [] and bob.exchanges == []
     callee = FakeNode(spelling, lora_factors(2))
     async with (
         transport.serve(callee, LISTEN) as server,
         transport.connect(server.address, node_id=spelling) as client,  # dialled for that very id
     ):
-        for what, call in {
-            "handshake": client.handshake(alice.info, TIMEOUT),
-            "exchange": client.exchange(header_of(alice), alice.factors, TIMEOUT),
-            "fetch": client.fetch(alice.info, TIMEOUT),
-        }.items():
-            with pytest.raises(ExchangeRefused) as refused:
-                await call
-            assert refused.value.reason is Reason.BAD_PAYLOAD and "lowercase" in refused.value.detail, what
+        await assert_every_call_refused_for_its_spelling(client, alice)
 
 
 # ----------------------------------------------------------------------------------------- exchange
