@@ -131,7 +131,7 @@ def check_listen(cfg: NodeConfig) -> Check:
     port = int(port_text)
     bind_host = host.strip("[]")
     try:
-        infos = socket.getaddrinfo(bind_host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        bound = _bind(bind_host, port)
     except socket.gaierror as exc:
         return Check(
             "listen",
@@ -139,13 +139,6 @@ def check_listen(cfg: NodeConfig) -> Check:
             f"{cfg.listen}: {exc.strerror}",
             "give HOST:PORT with an address of this host, or 0.0.0.0 for all",
         )
-    family, kind, proto, _, sockaddr = infos[0]
-    try:
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
-            sock.bind(sockaddr)
-            sock.listen()
-            bound = sock.getsockname()[1]
     except OSError as exc:
         if exc.errno == errno.EADDRINUSE:
             fix = (
@@ -170,31 +163,30 @@ def check_listen(cfg: NodeConfig) -> Check:
             "this node at (in Kubernetes: the pod IP)",
         )
     if cfg.health_port is not None:
-        problem = _bind_problem(bind_host, cfg.health_port)
-        if problem is not None:
+        try:
+            _bind(bind_host, cfg.health_port)
+        except OSError as exc:  # the host resolved above: a bind error
             return Check(
                 "listen",
                 "FAIL",
-                f"{detail}, but the --health-port {cfg.health_port} cannot be bound: {problem}",
+                f"{detail}, but the --health-port {cfg.health_port} cannot be bound: {exc.strerror or exc}",
                 "choose a free --health-port (TADLORA_HEALTH_PORT), other than the --listen port",
             )
         detail += f"; health port {cfg.health_port} too"
     return Check("listen", "OK", detail)
 
 
-def _bind_problem(host: str, port: int) -> str | None:
-    """Why a plain socket cannot listen on host:port as gRPC would (SO_REUSEADDR), or None if it can."""
-    try:
-        family, kind, proto, _, sockaddr = socket.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )[0]
-        with socket.socket(family, kind, proto) as sock:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(sockaddr)
-            sock.listen()
-    except OSError as exc:  # socket.gaierror included
-        return exc.strerror or str(exc)
-    return None
+def _bind(host: str, port: int) -> int:
+    """Bind and listen a plain socket on host:port as gRPC would, then close it; the port bound (port 0: the free
+    port the kernel chose). OSError (socket.gaierror included) if it cannot be bound."""
+    family, kind, proto, _, sockaddr = socket.getaddrinfo(
+        host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC does: TIME_WAIT is no conflict
+        sock.bind(sockaddr)
+        sock.listen()
+        return int(sock.getsockname()[1])
 
 
 # ------------------------------------------------------------------------------------- device and data
