@@ -140,6 +140,99 @@ def test_malformed_glue_rows_name_the_file_and_line(tmp_path: Path) -> None:
         load_glue_tsv(write(tmp_path / "x.tsv", "foo\tlabel\na\t1\n"))
 
 
+def glue_mnli_tsv(votes: int) -> str:
+    """MNLI in GLUE's own layout: parse trees, the annotators' label1..label<votes>, gold_label last; no "label"."""
+    parses = ["sentence1_binary_parse", "sentence2_binary_parse", "sentence1_parse", "sentence2_parse"]
+    votes_header = [f"label{i}" for i in range(1, votes + 1)]
+    lines = [["index", "promptID", "pairID", "genre", *parses, "sentence1", "sentence2", *votes_header, "gold_label"]]
+    pairs = [("p0", "h0", "neutral"), ("p1", "h1", "contradiction"), ("p2", "h2", "entailment")]
+    for i, (a, b, gold) in enumerate(pairs):
+        lines.append([str(i), "1", f"{i}n", "fiction", "( p )", "( h )", "(R p)", "(R h)", a, b, *[gold] * votes, gold])
+    return "".join("\t".join(line) + "\n" for line in lines)
+
+
+def test_glue_s_own_mnli_files_with_a_gold_label_column_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "MNLI").mkdir()
+    write(tmp_path / "MNLI" / "train.tsv", glue_mnli_tsv(votes=1))
+    write(tmp_path / "MNLI" / "dev_matched.tsv", glue_mnli_tsv(votes=5))
+    monkeypatch.setenv(GLUE_DIR_ENV, str(tmp_path))
+    for split in ("train", "dev"):
+        ds = resolve_dataset("glue:MNLI", split)
+        assert (ds.text_a, ds.text_b, ds.labels.tolist()) == (("p0", "p1", "p2"), ("h0", "h1", "h2"), [1, 2, 0])
+    # Outside a task folder the header says MNLI: of the four tasks only its GLUE files name the column gold_label.
+    other = write(tmp_path / "other.tsv", glue_mnli_tsv(votes=5))
+    assert resolve_dataset(str(other), "train").label_names == ("entailment", "neutral", "contradiction")
+
+
+def test_a_glue_tsv_with_a_header_but_no_rows_is_refused(tmp_path: Path) -> None:
+    # Loaded, it would be an empty dev set (accuracy 0/0) or a train set no client can be given a shard of.
+    with pytest.raises(ValueError, match=r"dev\.tsv: no data rows"):
+        load_glue_tsv(write(tmp_path / "dev.tsv", "sentence\tlabel\n"), task="SST-2")
+    with pytest.raises(ValueError, match="no data rows"):
+        load_glue_tsv(write(tmp_path / "blank.tsv", "sentence\tlabel\n\n\n"), task="SST-2")
+
+
+def test_blank_lines_in_a_glue_tsv_hold_no_example_and_still_count_as_lines(tmp_path: Path) -> None:
+    path = write(tmp_path / "t.tsv", "sentence\tlabel\na \t1\n\nb \t0\n\n")
+    ds = load_glue_tsv(path, task="SST-2")
+    assert (ds.text_a, ds.labels.tolist()) == (("a ", "b "), [1, 0])
+    with pytest.raises(ValueError, match=r"u\.tsv:4: unknown SST-2 label '7'"):
+        load_glue_tsv(write(tmp_path / "u.tsv", "sentence\tlabel\na\t1\n\nb\t7\n"), task="SST-2")
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("SST-2.tsv", "sentence\tlabel\r\ngood \t1\r\nbad \t0\r\n"),
+        ("d.csv", "sentence,label\r\ngood ,1\r\nbad ,0\r\n"),
+        ("d.jsonl", '{"sentence": "good ", "label": 1}\r\n{"sentence": "bad ", "label": 0}\r\n'),
+    ],
+    ids=["glue-tsv", "csv", "jsonl"],
+)
+def test_a_file_saved_with_a_utf8_bom_and_crlf_line_ends_loads_like_a_plain_one(
+    tmp_path: Path, name: str, text: str
+) -> None:
+    # Excel's "CSV UTF-8" and Notepad write a BOM, which must not become part of the first column's name.
+    path = tmp_path / name
+    path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
+    ds = load_glue_tsv(path, task="SST-2") if name.endswith(".tsv") else resolve_dataset(str(path), "train")
+    assert (ds.text_a, ds.labels.tolist()) == (("good ", "bad "), [1, 0])
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "message"),
+    [
+        ("SST-2.tsv", "sentence\tlabel\nfine\t1\n \t0\n", r"SST-2\.tsv:3: 'sentence' is empty"),
+        ("RTE.tsv", "index\tsentence1\tsentence2\tlabel\n0\tp\t\tentailment\n", r"RTE\.tsv:2: 'sentence2' is empty"),
+        ("d.csv", "text,label\nfine,pos\n,neg\n", r"d\.csv:3: 'text' is empty"),
+        ("d.jsonl", '{"text": "fine", "label": 1}\n{"text": "", "label": 0}\n', r"d\.jsonl:2: 'text' is empty"),
+    ],
+    ids=["sst2-blank", "rte-empty", "csv", "jsonl"],
+)
+def test_an_empty_text_is_refused_naming_file_line_and_column(
+    tmp_path: Path, name: str, text: str, message: str
+) -> None:
+    path = write(tmp_path / name, text)
+    with pytest.raises(ValueError, match=message):
+        load_glue_tsv(path, task=path.stem) if name.endswith(".tsv") else resolve_dataset(str(path), "train")
+
+
+@pytest.mark.parametrize(
+    ("name", "body"),
+    [
+        ("d.tsv", "text\tlabel\ncaf\u00e9\t1\n"),
+        ("d.csv", "text,label\ncaf\u00e9,1\n"),
+        ("d.jsonl", '{"text": "caf\u00e9", "label": 1}\n'),
+    ],
+    ids=["tsv", "csv", "jsonl"],
+)
+def test_a_file_that_is_not_utf8_is_refused_naming_the_file(tmp_path: Path, name: str, body: str) -> None:
+    path = tmp_path / name
+    path.write_bytes(body.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{name}: not UTF-8 text"):
+        resolve_dataset(str(path), "train")
+
+
 # ------------------------------------------------------------------------------ csv / jsonl
 
 
@@ -240,6 +333,22 @@ def test_local_jsonl_spec_uses_default_columns(tmp_path: Path) -> None:
     assert (ds.text_a, ds.text_b) == (("x",), ("y",))
 
 
+@pytest.mark.parametrize(
+    ("header", "rows"),
+    [("sentence\tlabel", ["good\tpos", "bad\tneg"]), ("sentence1\tsentence2\tlabel", ["a\tb\t0", "c\td\t1"])],
+    ids=["sst2-header", "rte-header"],
+)
+def test_a_tsv_that_only_shares_a_glue_header_says_how_to_read_it_as_a_plain_tsv(
+    tmp_path: Path, header: str, rows: list[str]
+) -> None:
+    # The first would be forced into SST-2's labels, the second fits no GLUE task: a spec cannot pass task=.
+    path = write(tmp_path / "train.tsv", "\n".join([header, *rows]) + "\n")
+    with pytest.raises(ValueError, match=r"read it as a plain TSV .*train\.tsv\?text=COL\[,COL2\]&label=COL"):
+        resolve_dataset(str(path), "train")
+    ds = resolve_dataset(f"{path}?label=label", "train")  # the plain reading the message points to
+    assert len(ds) == 2 and ds.num_classes == 2
+
+
 def test_local_spec_without_a_dev_sibling_says_what_it_looked_for(
     tmp_path: Path,
 ) -> None:
@@ -279,7 +388,8 @@ def test_hub_spec_maps_name_config_and_dev_split(
 
     monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
     ds = resolve_dataset("hub:nyu-mll/glue/sst2", "dev")
-    assert calls == [("nyu-mll/glue", "sst2", "validation")]
+    # train first: a dev split takes train's label names (its ids are the model's)
+    assert calls == [("nyu-mll/glue", "sst2", "train"), ("nyu-mll/glue", "sst2", "validation")]
     assert (ds.text_a, ds.labels.tolist(), ds.label_names) == (
         ("fine", "awful"),
         [1, 0],
@@ -288,6 +398,33 @@ def test_hub_spec_maps_name_config_and_dev_split(
     # The fake rows are not MNLI's, but only the split name asked for matters here.
     load_hub("glue", "mnli", "dev")
     assert calls[-1] == ("glue", "mnli", "validation_matched")
+
+
+def test_hub_dev_labels_take_the_train_split_s_ids_when_the_label_is_not_a_class_label(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    rows = {
+        "train": [("a", "neg"), ("b", "neu"), ("c", "pos")],
+        "validation": [("d", "pos"), ("e", "neg")],  # no "neu": its own sorted ids would be neg=0, pos=1
+    }
+
+    class Split:
+        column_names = ("text", "label")
+        features: ClassVar[dict[str, Any]] = {"label": types.SimpleNamespace()}  # a plain string Value
+
+        def __init__(self, split: str) -> None:
+            self.rows = rows[split]
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            return iter({"text": t, "label": lab} for t, lab in self.rows)
+
+    def load_dataset(name: str, config: str | None, split: str) -> Split:
+        return Split(split)
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    train, dev = resolve_dataset("hub:reviews", "train"), resolve_dataset("hub:reviews", "dev")
+    assert train.label_names == dev.label_names == ("neg", "neu", "pos")
+    assert [dev.label_names[i] for i in dev.labels] == ["pos", "neg"]
 
 
 def test_hub_failures_become_runtime_errors_that_mention_reachability(

@@ -22,6 +22,7 @@ __all__ = [
     "glue_task",
     "load_glue_tsv",
     "looks_like_glue",
+    "not_utf8",
     "read_tsv",
 ]
 
@@ -38,6 +39,7 @@ class GlueTask:
     labels_are_ids: bool  # SST-2 writes "0"/"1"; the NLI tasks write the label name.
     train_file: str = "train.tsv"
     dev_file: str = "dev.tsv"
+    label_columns: tuple[str, ...] = ("label",)  # the first of these that a file's header has holds its labels
 
 
 _NLI2 = ("entailment", "not_entailment")
@@ -50,6 +52,8 @@ GLUE_TASKS: Mapping[str, GlueTask] = {
             ("entailment", "neutral", "contradiction"),
             labels_are_ids=False,
             dev_file="dev_matched.tsv",
+            # GLUE's own MNLI files have no "label" column: the gold label follows the annotators' label1..label5.
+            label_columns=("label", "gold_label"),
         ),
         GlueTask("QNLI", ("question", "sentence"), _NLI2, labels_are_ids=False),
         GlueTask("RTE", ("sentence1", "sentence2"), _NLI2, labels_are_ids=False),
@@ -76,23 +80,34 @@ def glue_task(name: str) -> GlueTask:
     return task
 
 
-def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
-    """Header and rows of a tab-separated file read with quoting off.
+def not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
+    """The error for a data file that does not decode as UTF-8, naming the file (the codec's own
+    message names neither the file nor, for a streamed read, the place in it)."""
+    return ValueError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8")
 
-    Raises ``ValueError`` for an empty file.
+
+def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of a tab-separated UTF-8 file (a leading BOM is allowed) read with quoting off.
+
+    Raises ``ValueError`` for an empty file or one that is not UTF-8.
     """
     # Quoting off: GLUE sentences contain '"', and default CSV quoting silently merges or
-    # alters rows (MNLI dev_matched would lose 101 of them).
-    with path.open(newline="", encoding="utf-8") as f:
-        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    # alters rows (MNLI dev_matched would lose 101 of them). utf-8-sig: a file saved by Excel
+    # or Notepad starts with a BOM, which would otherwise become part of the first column's name.
+    try:
+        with path.open(newline="", encoding="utf-8-sig") as f:
+            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    except UnicodeDecodeError as exc:
+        raise not_utf8(path, exc) from exc
     if not rows:
         raise ValueError(f"{path}: empty file (expected a header row)")
     return rows[0], rows[1:]
 
 
 def looks_like_glue(header: Sequence[str]) -> bool:
-    """True if ``header`` has a ``label`` column and the text columns of some GLUE task."""
-    return "label" in header and any(set(t.text_columns) <= set(header) for t in GLUE_TASKS.values())
+    """True if ``header`` has the text columns and a label column of some GLUE task."""
+    columns = set(header)
+    return any(set(t.text_columns) <= columns and not columns.isdisjoint(t.label_columns) for t in GLUE_TASKS.values())
 
 
 def _infer_task(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]) -> GlueTask:
@@ -102,6 +117,8 @@ def _infer_task(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]
     columns = set(header)
     if {"question", "sentence", "label"} <= columns:
         return GLUE_TASKS["QNLI"]
+    if {"sentence1", "sentence2", "gold_label"} <= columns and "label" not in columns:
+        return GLUE_TASKS["MNLI"]  # of the four, only MNLI's GLUE files name the column gold_label
     if {"sentence1", "sentence2", "label"} <= columns:
         # MNLI and RTE share a header; only MNLI has a third class.
         col = header.index("label")
@@ -122,17 +139,20 @@ def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> Text
     """Load a GLUE TSV (header row, tab-separated, quoting off) of MNLI, QNLI, RTE or SST-2.
 
     With ``task=None`` the task is inferred from a folder named after it, else from the header
-    (and, for the header MNLI and RTE share, from the labels). Label ids follow Hugging Face
-    ``glue``. Raises ``ValueError`` naming file and line for a malformed row or unknown label.
+    (and, for the header MNLI and RTE share, from the labels); MNLI's labels may be in GLUE's own
+    ``gold_label`` column. Label ids follow Hugging Face ``glue``. Blank lines are skipped.
+    Raises ``ValueError`` naming file and line for a malformed row, an unknown label or an empty
+    text, and for a file without data rows.
     """
     p = Path(path)
     header, rows = read_tsv(p)
     spec = glue_task(task) if task is not None else _infer_task(p, header, rows)
-    missing = [c for c in (*spec.text_columns, "label") if c not in header]
+    label_column = next((c for c in spec.label_columns if c in header), spec.label_columns[0])
+    missing = [c for c in (*spec.text_columns, label_column) if c not in header]
     if missing:
         raise ValueError(f"{p}: header {header} lacks {missing}, needed for GLUE {spec.name}")
     text_cols = [header.index(c) for c in spec.text_columns]
-    label_col = header.index("label")
+    label_col = header.index(label_column)
     if spec.labels_are_ids:
         label_ids = {str(i): i for i in range(len(spec.label_names))}
     else:
@@ -140,6 +160,8 @@ def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> Text
     texts: list[list[str]] = [[] for _ in text_cols]
     labels: list[int] = []
     for lineno, row in enumerate(rows, start=2):
+        if not row:
+            continue  # a blank line (one at the end of the file, say) holds no example, as in load_csv
         if len(row) != len(header):
             raise ValueError(f"{p}:{lineno}: expected {len(header)} tab-separated fields {header}, got {len(row)}")
         label = label_ids.get(row[label_col])
@@ -149,7 +171,11 @@ def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> Text
             )
         labels.append(label)
         for out, col in zip(texts, text_cols, strict=True):
+            if not row[col].strip():
+                raise ValueError(f"{p}:{lineno}: {header[col]!r} is empty")
             out.append(row[col])
+    if not labels:
+        raise ValueError(f"{p}: no data rows")
     return TextDataset(
         name=spec.name,
         text_a=tuple(texts[0]),

@@ -26,6 +26,7 @@ from tadlora.data.glue import (
     glue_task,
     load_glue_tsv,
     looks_like_glue,
+    not_utf8,
     read_tsv,
 )
 
@@ -151,8 +152,10 @@ def _build(
     for lineno, record in records:
         for out, col in zip(texts, cols, strict=True):
             match record.get(col):
-                case str(value):
+                case str(value) if value.strip():
                     out.append(value)
+                case str():
+                    raise ValueError(f"{source}:{lineno}: {col!r} is empty")
                 case value:
                     raise ValueError(f"{source}:{lineno}: {col!r} is {value!r}, not a string")
     labels, names = _encode_labels(
@@ -186,20 +189,24 @@ def load_csv(
     """
     p = Path(path)
     records: list[Record] = []
-    with p.open(newline="", encoding="utf-8") as f:
+    # utf-8-sig: a leading BOM (Excel's "CSV UTF-8") would otherwise become part of the first column's name.
+    with p.open(newline="", encoding="utf-8-sig") as f:
         if delimiter == "\t":
             reader = csv.reader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE)
         else:
             reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, None)
-        if header is None:
-            raise ValueError(f"{p}: empty file (expected a header row)")
-        for row in reader:
-            if not row:
-                continue
-            if len(row) != len(header):
-                raise ValueError(f"{p}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
-            records.append((reader.line_num, dict(zip(header, row, strict=True))))
+        try:
+            header = next(reader, None)
+            if header is None:
+                raise ValueError(f"{p}: empty file (expected a header row)")
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise ValueError(f"{p}:{reader.line_num}: expected {len(header)} fields {header}, got {len(row)}")
+                records.append((reader.line_num, dict(zip(header, row, strict=True))))
+        except UnicodeDecodeError as exc:
+            raise not_utf8(p, exc) from exc
     return _build(str(p), records, header, text_columns, label_column, label_names)
 
 
@@ -214,20 +221,24 @@ def load_jsonl(
     line for bad data."""
     p = Path(path)
     records: list[Record] = []
-    with p.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}:{lineno}: invalid JSON: {exc.msg}") from exc
-            match record:
-                case dict():
-                    records.append((lineno, record))
-                case _:
-                    kind = type(record).__name__
-                    raise ValueError(f"{p}:{lineno}: expected a JSON object, got {kind}")
+    # utf-8-sig: json.loads refuses a leading BOM, which some editors write.
+    with p.open(encoding="utf-8-sig") as f:
+        try:
+            for lineno, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{p}:{lineno}: invalid JSON: {exc.msg}") from exc
+                match record:
+                    case dict():
+                        records.append((lineno, record))
+                    case _:
+                        kind = type(record).__name__
+                        raise ValueError(f"{p}:{lineno}: expected a JSON object, got {kind}")
+        except UnicodeDecodeError as exc:
+            raise not_utf8(p, exc) from exc
     columns = list(records[0][1]) if records else []
     return _build(str(p), records, columns, text_columns, label_column, label_names)
 
@@ -238,12 +249,14 @@ def load_hub(
     split: str = "train",
     text_columns: Sequence[str] | str | None = None,
     label_column: str = "label",
+    label_names: Sequence[str] | None = None,
 ) -> TextDataset:
     """Load a split of a Hugging Face hub dataset with the optional ``datasets`` package.
 
     ``split="dev"`` means ``validation`` (``validation_matched`` for config ``mnli``); other
-    names pass through. A ``ClassLabel`` label feature supplies the class names. Raises
-    ``RuntimeError`` if ``datasets`` is missing or neither the hub nor a cache can serve it.
+    names pass through. The class names are ``label_names`` if given (the train split's, for a
+    dev split), else a ``ClassLabel`` label feature's. Raises ``RuntimeError`` if ``datasets``
+    is missing or neither the hub nor a cache can serve it.
     """
     try:
         # Imported by name so that neither import time nor mypy depend on the optional extra.
@@ -267,7 +280,7 @@ def load_hub(
         ) from exc
     class_names = getattr(ds.features.get(label_column), "names", None)
     records = [(i + 1, row) for i, row in enumerate(ds)]
-    names = tuple(class_names) if class_names else None
+    names = tuple(label_names) if label_names is not None else tuple(class_names) if class_names else None
     return _build(source, records, list(ds.column_names), text_columns, label_column, names)
 
 
@@ -329,7 +342,12 @@ def _resolve_hub(spec: str, target: str, split: str) -> TextDataset:
         name, config = f"{parts[0]}/{parts[1]}", parts[2] or None
     else:
         name, config = parts[0], (parts[1] or None) if len(parts) == 2 else None
-    return load_hub(name, config, split, text_columns=text, label_column=label)
+    train_names = None
+    if split != "train":
+        # As for local files: without a ClassLabel feature, dev's ids would come from dev's own sorted
+        # label values, which differ from train's (the model's) when dev lacks a class.
+        train_names = load_hub(name, config, "train", text_columns=text, label_column=label).label_names
+    return load_hub(name, config, split, text_columns=text, label_column=label, label_names=train_names)
 
 
 def _dev_sibling(spec: str, given: Path) -> Path:
@@ -352,7 +370,14 @@ def _resolve_local(spec: str, split: str) -> TextDataset:
         raise FileNotFoundError(f"dataset spec {spec!r}: file {path} not found")
     suffix = given.suffix.lower()
     if suffix == ".tsv" and not query and looks_like_glue(read_tsv(path)[0]):
-        return load_glue_tsv(path)  # a GLUE task's labels are fixed
+        try:
+            return load_glue_tsv(path)  # a GLUE task's labels are fixed
+        except ValueError as exc:
+            # A spec cannot pass task=, and a file of the user's own may merely share a GLUE header.
+            raise ValueError(
+                f"{exc}. If this is not GLUE data but only shares a GLUE header, read it as a plain TSV "
+                f"(labels as the file names them) by naming its columns: {path_str}?text=COL[,COL2]&label=COL"
+            ) from exc
     if split != "train" and label_names is None:
         # Otherwise label ids come from one file's sorted label values: the dev file's own set (a class missing
         # from dev, say) would give its labels other ids than train's, and the model's outputs follow train's.
