@@ -82,3 +82,17 @@ def test_recommended_interval_grows_as_connectivity_falls() -> None:
     ts = [recommended_switch_interval(p * (m - 1)) for p in (0.5, 0.1, 0.02)]
     assert ts == sorted(ts) and ts[0] < ts[-1]
     assert all(1 <= t <= 15 for t in ts)
+
+
+def test_a_t_given_to_rolora_is_refused_without_claiming_it_does_not_alternate() -> None:
+    assert make_method("rolora").alternating
+    with pytest.raises(ValueError, match="takes no switch interval") as info:
+        make_method("rolora", 2)
+    assert "does not alternate" not in str(info.value)
+
+
+def test_recommended_interval_refuses_inputs_that_give_no_valid_t() -> None:
+    with pytest.raises(ValueError, match="max_interval"):
+        recommended_switch_interval(0.0, max_interval=0)
+    with pytest.raises(ValueError, match="degree"):
+        recommended_switch_interval(float("nan"))

@@ -193,3 +193,53 @@ def test_apply_method_mixing_follows_the_method() -> None:
                 assert torch.equal(mixed[key], own[key])
             else:
                 assert not torch.equal(mixed[key], own[key])
+
+
+def test_the_self_weight_does_not_depend_on_the_order_the_neighbours_are_listed_in() -> None:
+    # The daemon lists neighbours as their replies arrive, the simulator by index; both must compute the same row.
+    # Summed in listing order, 1/5 + 1/5 + 1/5 + 1/6 and 1/5 + 1/5 + 1/6 + 1/5 round differently.
+    degrees = {"node-0": 1, "node-1": 1, "node-2": 1, "node-3": 5}
+    by_index = local_weights(4, degrees)
+    by_arrival = local_weights(4, {j: degrees[j] for j in ("node-0", "node-1", "node-3", "node-2")})
+    assert by_arrival.self_weight == by_index.self_weight
+
+
+def test_truncate_product_does_not_depend_on_the_signs_the_svd_returns(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Another LAPACK (or a GPU's solver) may return any singular pair (u_k, v_k) as (−u_k, −v_k).
+    p = torch.randn(10, 6, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+    want = truncate_product(p, 3)
+    svd = torch.linalg.svd
+
+    def flipped(x: torch.Tensor, full_matrices: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        u, s, vh = svd(x, full_matrices=full_matrices)
+        signs = torch.tensor([(-1.0) ** k for k in range(s.shape[0])], dtype=u.dtype)
+        return u * signs, s, vh * signs[:, None]
+
+    monkeypatch.setattr(torch.linalg, "svd", flipped)
+    got = truncate_product(p, 3)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_truncate_product_pads_with_zeros_when_r_exceeds_the_product_s_rank_bound() -> None:
+    p = torch.randn(5, 2, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    b, a = truncate_product(p, rank=4)
+    assert b.shape == (5, 4) and a.shape == (4, 2)
+    torch.testing.assert_close(b @ a, p)
+    assert not b[:, 2:].any() and not a[2:].any()
+
+
+@pytest.mark.parametrize("rank", [0, -1])
+def test_truncate_product_refuses_a_rank_below_one(rank: int) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        truncate_product(torch.ones(3, 3, dtype=torch.float64), rank)
+
+
+def test_decaf_keeps_the_factor_shapes_when_r_exceeds_the_module_s_dimensions() -> None:
+    gen = torch.Generator().manual_seed(11)
+    states = [make_factors(gen, r=3, d=2) for _ in range(2)]  # B (2, 3) @ A (3, 2): rank at most 2 < r
+    mixed = mix_products(states[0], {1: states[1]}, local_weights(1, {1: 1}))
+    for key, value in states[0].items():
+        assert mixed[key].shape == value.shape
+    ka, kb = factor_key("layer.0.query", Factor.A), factor_key("layer.0.query", Factor.B)
+    product = sum(s[kb].double() @ s[ka].double() for s in states) / 2
+    torch.testing.assert_close(mixed[kb].double() @ mixed[ka].double(), product, atol=1e-5, rtol=1e-5)

@@ -137,3 +137,19 @@ def test_decaf_product_mixing_accepts_a_rule() -> None:
     trimmed = apply_method_mixing(method, 0, nodes[0], {1: nodes[1], 2: nodes[2]}, weights, RobustMixing("trim", 1))
     # two neighbours, F = 1: nothing is kept, so the product is node 0's own (B = 0: zero product, A kept)
     torch.testing.assert_close(trimmed[A], nodes[0][A])
+
+
+def test_a_fractional_trim_count_is_refused_as_not_an_integer() -> None:
+    with pytest.raises(ValueError, match="not an integer"):
+        parse_robust_mixing("trim:1.5")
+
+
+@pytest.mark.parametrize("device", ["meta", *(["cuda"] if torch.cuda.is_available() else [])])
+def test_trim_works_on_the_values_device(device: str) -> None:
+    # meta stands in for a GPU on every machine: the weights must be made where the values are.
+    own = torch.zeros(2, dtype=torch.float64, device=device)
+    values = [torch.full((2,), float(v), dtype=torch.float64, device=device) for v in (1.0, 2.0, 9.0)]
+    got = trimmed_combination(own, values, 0.25, [0.25] * 3, f=1)
+    assert got.device == own.device
+    if device != "meta":
+        torch.testing.assert_close(got.cpu(), t(0.75 * 2.0, 0.75 * 2.0))

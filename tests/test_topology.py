@@ -38,10 +38,36 @@ def test_edge_list_file(tmp_path) -> None:
     assert make_topology(f"file:{path}", 3).live_edges(0) == [(0, 1), (1, 2)]
 
 
-@pytest.mark.parametrize("spec", ["star", "edges:0-9", "edges:1-1", "edges:a-b"])
+@pytest.mark.parametrize("spec", ["star", "edges:0-9", "edges:1-1", "edges:a-b", "overlay:x"])
 def test_bad_topologies_are_refused(spec: str) -> None:
     with pytest.raises(ValueError):
         make_topology(spec, 4)
+
+
+@pytest.mark.parametrize("spec", ["edges:-1-2", "edges:1--2", "edges:1-2-3"])
+def test_an_edge_with_a_sign_or_a_doubled_separator_is_refused_not_read_as_another_edge(spec: str) -> None:
+    with pytest.raises(ValueError, match="bad edge"):
+        make_topology(spec, 4)
+
+
+@pytest.mark.parametrize("spec", ["edges", "file", "overlay", "edges:", "overlay:"])
+def test_a_topology_kind_without_its_argument_is_refused(spec: str) -> None:
+    with pytest.raises(ValueError, match="argument"):
+        make_topology(spec, 4)
+
+
+def test_an_unknown_topology_s_error_names_every_kind_and_names_must_fit_m() -> None:
+    with pytest.raises(ValueError, match="overlay:K"):
+        make_topology("star", 4)
+    with pytest.raises(ValueError, match="names"):
+        make_topology("overlay:2", 4, names=["a", "b"])
+
+
+@pytest.mark.parametrize("p", [-0.1, 1.5, float("nan")])
+def test_a_link_probability_outside_zero_one_is_refused(p: float) -> None:
+    with pytest.raises(ValueError, match="probability"):
+        link_up(0, 0, "a", "b", p)
+    assert link_up(0, 0, "a", "b", 1.0) and not link_up(0, 0, "a", "b", 0.0)
 
 
 def test_simulator_names_match_what_a_daemon_would_use() -> None:

@@ -270,7 +270,8 @@ def local_steps(
     optimizer. Blocking (torch work): the daemon calls it from a worker thread, with ``stop`` to end it
     between two steps (raising `Interrupted`). With ``spec.persistent``, ``state`` is the client's optimizer
     state: the trained factors' entries are read at the start and replaced in place when the round completes
-    (an interrupted round leaves it as it was, like the factors); the other factors' entries are kept.
+    (an interrupted round leaves it as it was; the model's factors keep the steps already taken, for the caller
+    to discard); the other factors' entries are kept.
     """
     if spec.persistent and state is None:
         raise ValueError("optimizer_state is 'persistent' but no state was passed to carry it")

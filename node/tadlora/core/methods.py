@@ -107,12 +107,15 @@ def _lookup(name: str) -> tuple[MethodFactory, int | None]:
 
 def make_method(name: str, switch_interval: int | None = None) -> Method:
     """Build the method ``name``. ``switch_interval`` (T) applies to alternating methods only; None takes the
-    method's default. Giving T to a method that does not alternate is an error, not silently ignored."""
+    method's default. Giving T to a method that takes none (it does not alternate, or fixes T itself, as rolora) is
+    an error, not silently ignored."""
     factory, default_t = _lookup(name)
     if default_t is None:
+        method = factory(None)
         if switch_interval is not None:
-            raise ValueError(f"method {name!r} does not alternate; it takes no switch interval")
-        return factory(None)
+            why = f"its T = {method.switch_interval} is part of it" if method.alternating else "it does not alternate"
+            raise ValueError(f"method {name!r} takes no switch interval: {why}")
+        return method
     t = default_t if switch_interval is None else switch_interval
     if t < 1:
         raise ValueError(f"switch interval T must be >= 1, got {t}")
@@ -128,6 +131,10 @@ def recommended_switch_interval(expected_degree: float, max_interval: int = 15) 
     A rule of thumb of this project, after the paper's finding that the best T grows as connectivity falls (the
     paper gives no formula); the T sweep in benchmarks/paper_table.py measures it.
     """
+    if max_interval < 1:
+        raise ValueError(f"max_interval must be >= 1, got {max_interval}")
+    if math.isnan(expected_degree):
+        raise ValueError("expected degree is NaN")
     if expected_degree <= 0:
         return max_interval
     return max(1, min(max_interval, math.ceil(2.0 / expected_degree)))

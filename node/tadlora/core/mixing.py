@@ -11,6 +11,7 @@ use `edge_weight`, so they agree exactly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -47,7 +48,9 @@ def local_weights(own_degree: int, neighbour_degrees: Mapping[Hashable, int]) ->
     if len(neighbour_degrees) > own_degree:
         raise ValueError(f"{len(neighbour_degrees)} neighbours but own degree {own_degree}")
     weights = {j: edge_weight(own_degree, d_j) for j, d_j in neighbour_degrees.items()}
-    return LocalWeights(self_weight=1.0 - sum(weights.values()), neighbours=weights)
+    # fsum is exact, so the self weight does not depend on the order the neighbours are listed in (the daemon's
+    # is the order replies arrived in, the simulator's is by index): both drivers compute the same row.
+    return LocalWeights(self_weight=1.0 - math.fsum(weights.values()), neighbours=weights)
 
 
 def mh_matrix(adjacency: np.ndarray) -> np.ndarray:
@@ -130,10 +133,18 @@ def truncate_product(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     and (2) fixing each singular pair's sign so that the entry of largest magnitude in the column of U is
     positive — otherwise two nodes holding the same product could get factors of opposite sign, and mixing
     those would cancel instead of average. A zero product (e.g. B still at its zero init) has no direction;
-    the caller handles it (see `mix_products`).
+    the caller handles it (see `mix_products`). A rank above min(out, in) is padded with zero columns of B and
+    zero rows of A, so the factors keep their shapes.
     """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
     u, s, vh = torch.linalg.svd(product.to(torch.float64), full_matrices=False)
     u, s, vh = u[:, :rank], s[:rank], vh[:rank, :]
+    if s.shape[0] < rank:
+        pad = rank - s.shape[0]
+        u = torch.cat([u, u.new_zeros(u.shape[0], pad)], dim=1)
+        s = torch.cat([s, s.new_zeros(pad)])
+        vh = torch.cat([vh, vh.new_zeros(pad, vh.shape[1])])
     pivot = u.abs().argmax(dim=0)
     signs = torch.sign(u[pivot, torch.arange(u.shape[1])])
     signs[signs == 0] = 1.0

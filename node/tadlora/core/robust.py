@@ -62,7 +62,8 @@ def parse_robust_mixing(text: str) -> RobustMixing | None:
     try:
         number = float(value) if kind == "clip" else int(value)
     except ValueError:
-        raise ValueError(f"robust mixing {text!r}: {value!r} is not a number") from None
+        what = "a number" if kind == "clip" else "an integer"
+        raise ValueError(f"robust mixing {text!r}: {value!r} is not {what}") from None
     return RobustMixing(kind, float(number))  # type: ignore[arg-type]
 
 
@@ -107,7 +108,7 @@ def trimmed_combination(
     if n <= 2 * f:  # nothing survives the trim: the neighbours' weight returns to self
         return x.clone()
     values = torch.stack([v.detach().to(torch.float64) for v in neighbours])  # (n, *shape)
-    w = torch.tensor(weights, dtype=torch.float64).reshape((n,) + (1,) * x.dim()).expand_as(values)
+    w = torch.tensor(weights, dtype=torch.float64, device=x.device).reshape((n,) + (1,) * x.dim()).expand_as(values)
     order = torch.sort(values, dim=0, stable=True).indices
     kept_values = torch.gather(values, 0, order)[f : n - f]
     kept_weights = torch.gather(w, 0, order)[f : n - f]

@@ -9,6 +9,7 @@ names its clients with `client_name` so that a daemon started with the same name
 from __future__ import annotations
 
 import hashlib
+import re
 import struct
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,6 +34,8 @@ def link_uniform(seed: int, t: int, a: str, b: str) -> float:
 
 def link_up(seed: int, t: int, a: str, b: str, p: float) -> bool:
     """Whether the link between nodes ``a`` and ``b`` is up in round ``t`` when links live with prob. ``p``."""
+    if not 0.0 <= p <= 1.0:  # written so that NaN fails too
+        raise ValueError(f"link probability must be in [0, 1], got {p}")
     if p >= 1.0:
         return True
     return link_uniform(seed, t, a, b) < p
@@ -143,7 +146,8 @@ def parse_edges(text: str, m: int) -> frozenset[Edge]:
         item = raw.split("#", 1)[0].strip()
         if not item:
             continue
-        parts = item.replace("-", " ").split()
+        # One separator: "-1-2" or "1--2" must not pass as 1-2.
+        parts = re.split(r"\s*-\s*|\s+", item)
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
             raise ValueError(f"bad edge {item!r}: expected 'i-j' with node indices")
         pairs.append((int(parts[0]), int(parts[1])))
@@ -156,7 +160,11 @@ def make_topology(spec: str, m: int, link_prob: float = 1.0, seed: int = 0, name
     ``edges:0-1,1-2,...``, or ``file:PATH`` (an edge list, one ``i j`` per line)."""
     if m < 1:
         raise ValueError(f"a topology needs at least one node, got m={m}")
-    kind = spec.split(":", 1)[0]
+    if names and len(names) != m:
+        raise ValueError(f"names must be m distinct node ids: {len(names)} names for m={m}")
+    kind, _, arg = spec.partition(":")
+    if kind in ("overlay", "edges", "file") and not arg:
+        raise ValueError(f"topology {spec!r} needs its argument: overlay:K, edges:0-1,... or file:PATH")
     if spec in ("complete", "er"):
         edges = complete_edges(m)
     elif spec == "ring":
@@ -164,11 +172,11 @@ def make_topology(spec: str, m: int, link_prob: float = 1.0, seed: int = 0, name
     elif kind == "overlay":
         # Positions on the ring follow the sorted node ids, as a daemon orders its peers.
         order = sorted(range(m), key=lambda i: (list(names) or [client_name(x) for x in range(m)])[i])
-        edges = _normalise(((order[a], order[b]) for a, b in overlay_edges(m, int(spec.split(":", 1)[1]))), m)
+        edges = _normalise(((order[a], order[b]) for a, b in overlay_edges(m, int(arg))), m)
     elif kind == "edges":
-        edges = parse_edges(spec.split(":", 1)[1], m)
+        edges = parse_edges(arg, m)
     elif kind == "file":
-        edges = parse_edges(Path(spec.split(":", 1)[1]).read_text(encoding="utf-8"), m)
+        edges = parse_edges(Path(arg).read_text(encoding="utf-8"), m)
     else:
-        raise ValueError(f"unknown topology {spec!r}: use complete, er, ring, edges:0-1,... or file:PATH")
+        raise ValueError(f"unknown topology {spec!r}: use complete, er, ring, overlay:K, edges:0-1,... or file:PATH")
     return Topology(kind=kind, m=m, edges=edges, link_prob=link_prob, seed=seed, names=tuple(names))
