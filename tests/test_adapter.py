@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 
 from conftest import TINY_LORA, tiny_spec
-from tadlora.adapter import AdapterModel, ModelSpec, _load_base
+from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, _load_base, _weights_digest, resolve_model_path
 from tadlora.core.factors import Factor, factor_of
 
 
@@ -104,3 +105,38 @@ def test_bad_specs_are_refused() -> None:
         dataclasses.replace(TINY_LORA, r=0)
     with pytest.raises(ValueError, match="no module"):
         AdapterModel(dataclasses.replace(tiny_spec(), lora=dataclasses.replace(TINY_LORA, target_modules=("nope",))))
+
+
+def test_the_weights_digest_covers_scalar_tensors() -> None:
+    norm = torch.nn.BatchNorm1d(2)  # its num_batches_tracked is a 0-d buffer
+    before = _weights_digest(norm)
+    norm.num_batches_tracked += 1
+    assert _weights_digest(norm) != before
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+def test_a_decoder_whose_config_has_no_pad_id_classifies_padded_batches_at_the_last_real_token(tmp_path) -> None:
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    # A tokenizer with a pad token and a config without one (as some hub checkpoints ship): the classifier pools
+    # at the last token that is not the config's pad id, which must be the id batches are padded with.
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, n_positions=64)
+    assert config.pad_token_id is None
+    GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AdapterModel(ModelSpec(model=str(tmp_path), lora=LoraSpec(r=2, alpha=4.0, target_modules=("c_attn",))))
+    model.model.eval()
+    texts = ["a fine film", "dull"]
+    with torch.no_grad():
+        batch = model.model(**model.tokenizer(texts, return_tensors="pt", padding=True)).logits
+        alone = torch.cat([model.model(**model.tokenizer([x], return_tensors="pt")).logits for x in texts])
+    torch.testing.assert_close(batch, alone)
+
+
+def test_building_a_model_does_not_pass_peft_s_deprecation_warning_to_the_user() -> None:
+    # pytest's own filter hides it (pyproject), so this test starts from "always" to see what a CLI user would see.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        AdapterModel(tiny_spec())
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]

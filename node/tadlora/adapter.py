@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -127,6 +128,9 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # Decoder classifiers pool at the last token that is not the config's pad id: that must be the id batches are
+    # padded with, also when the tokenizer has a pad token and the checkpoint's config names none (or another).
+    if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
     model.config.id2label = dict(enumerate(spec.label_names))
     model.config.label2id = {n: i for i, n in enumerate(spec.label_names)}
@@ -137,7 +141,8 @@ def _weights_digest(model: nn.Module) -> str:
     h = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.state_dict().items()):
         h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        # reshape(-1): a 0-d tensor (BatchNorm's num_batches_tracked, scalar parameters) cannot be viewed as bytes.
+        h.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -163,7 +168,10 @@ class AdapterModel:
             task_type="SEQ_CLS",
         )
         try:
-            self.model = get_peft_model(base, config)
+            with warnings.catch_warnings():
+                # peft asks transformers' deprecated alias; the FutureWarning is theirs, not the user's to act on.
+                warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+                self.model = get_peft_model(base, config)
         except ValueError as exc:
             raise ValueError(
                 f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)} ({exc})"
