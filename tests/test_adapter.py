@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from conftest import TINY_LORA, tiny_spec
-from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, _load_base, _weights_digest, resolve_model_path
+from tadlora.adapter import (
+    TINY_CONFIG,
+    AdapterModel,
+    LoraSpec,
+    ModelSpec,
+    _load_base,
+    _weights_digest,
+    resolve_model_path,
+)
 from tadlora.core.factors import Factor, factor_of
 
 
@@ -140,3 +148,15 @@ def test_building_a_model_does_not_pass_peft_s_deprecation_warning_to_the_user()
         warnings.simplefilter("always")
         AdapterModel(tiny_spec())
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_a_checkpoint_with_only_pickled_weights_is_refused_not_unpickled(tmp_path) -> None:
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    model = BertForSequenceClassification(BertConfig(vocab_size=tokenizer.vocab_size, **TINY_CONFIG))
+    model.config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the pre-safetensors format
+    with pytest.raises(RuntimeError, match="safetensors files only"):
+        AdapterModel(ModelSpec(model=str(tmp_path), lora=TINY_LORA))

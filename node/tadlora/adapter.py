@@ -117,11 +117,14 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
                 config = AutoConfig.from_pretrained(path, num_labels=num_labels)
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+                # Safetensors only: a pickled checkpoint (pytorch_model.bin) is code as much as data, and a hub
+                # model crossed the network.
+                model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
             except OSError as exc:
                 raise RuntimeError(
                     f"cannot load model {spec.model!r} ({exc}). Give a local path, or a Hugging Face id with "
-                    "the hub reachable; the offline default is 'minilm'."
+                    "the hub reachable; the offline default is 'minilm'. Weights load from safetensors files only: "
+                    "convert a pickled checkpoint (pytorch_model.bin) with save_pretrained in transformers >= 5."
                 ) from exc
             identity = "minilm" if spec.model in ("minilm", "default") else Path(path).name or path
     # Many decoder models' tokenizers pad on the left; batches are cut to their longest sequence from the right.
