@@ -357,6 +357,125 @@ async def test_a_node_that_takes_over_the_address_a_peer_moved_from_is_dialled(
     assert pm.peers["newcomer"].info.address == "10.0.0.9:7070"
 
 
+class Hosts:
+    """A `Transport` over a map of addresses to the node ids that answer there (an address not in it refuses the
+    connection); it records every dial."""
+
+    def __init__(self) -> None:
+        self.at: dict[str, str] = {}
+        self.dials: list[tuple[str, str | None]] = []  # (address, the node id the connection is bound to)
+
+    def connect(self, address: str, node_id: str | None = None) -> HostConnection:
+        self.dials.append((address, node_id))
+        return HostConnection(self, address)
+
+    def serve(self, *args: Any, **kwargs: Any) -> Any:
+        raise NotImplementedError
+
+
+class HostConnection:
+    def __init__(self, hosts: Hosts, address: str) -> None:
+        self.hosts, self.address, self.closed = hosts, address, False
+
+    async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+        if self.address not in self.hosts.at:
+            raise PeerUnavailable(self.address, "connection refused")
+        node_id = self.hosts.at[self.address]
+        return PeerInfo(node_id=node_id, cluster=info.cluster, fingerprint=info.fingerprint, address=self.address)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+def advert(node_id: str, address: str) -> PeerCandidate:
+    return PeerCandidate(node_id, address, "c", "f", PROTOCOL_VERSION, False, "mdns", f"{node_id}._tadlora._tcp.local.")
+
+
+def advertised(
+    monkeypatch: pytest.MonkeyPatch, *adverts: PeerCandidate
+) -> tuple[PeerManager, Hosts, FakeClock, list[PeerCandidate]]:
+    """A manager whose candidates are the mDNS adverts in the returned list (change it to re-announce)."""
+    clock = FakeClock()
+    monkeypatch.setattr(peers_module.time, "monotonic", clock.monotonic)
+    hosts, live = Hosts(), list(adverts)
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    pm = PeerManager(hosts, lambda: me, lambda: [(c.node_id, c.address, c) for c in live], lambda: None)
+    return pm, hosts, clock, live
+
+
+OLD, NEW = "10.0.0.9:7070", "10.0.0.10:7070"
+
+
+@pytest.mark.asyncio
+async def test_a_peer_announced_at_a_new_address_is_handshaken_there_and_moves_at_the_next_scan(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A container restarted elsewhere (or a node given a new lease) re-announces its id at another address, and
+    often no goodbye came from the old one: the peer must not stay at its old address until an exchange there
+    fails (a whole deadline per round)."""
+    pm, hosts, _, live = advertised(monkeypatch, advert("flaky", OLD))
+    hosts.at = {OLD: "flaky"}
+    await pm.scan()
+    stale = pm.peers["flaky"]
+    hosts.at = {NEW: "flaky"}  # it moved: nothing answers at its old address any more
+    live[:] = [advert("flaky", NEW)]
+    await pm.scan()
+    assert hosts.dials[-1] == (NEW, "flaky")  # bound to its advertised id, as any advert is
+    assert pm.peers["flaky"].info.address == NEW and pm.peers["flaky"].source == "mdns"
+    assert stale.conn.closed  # type: ignore[attr-defined]
+    assert pm.retry_at("flaky") is None
+    dials = len(hosts.dials)
+    await pm.scan()
+    assert len(hosts.dials) == dials  # verified there: not handshaken again
+
+
+@pytest.mark.asyncio
+async def test_a_new_address_is_not_trusted_before_the_advertised_node_answers_there(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Until the handshake at the new address succeeds, the peer stays verified at the old one; failed tries
+    there are retried with the usual backoff, and an answer from another node is refused."""
+    pm, hosts, clock, live = advertised(monkeypatch, advert("flaky", OLD))
+    hosts.at = {OLD: "flaky"}
+    await pm.scan()
+    stale = pm.peers["flaky"]
+    live[:] = [advert("flaky", NEW)]
+    await pm.scan()  # nothing answers there yet
+    await pm.scan()
+    assert hosts.dials[-1] == (NEW, "flaky") and hosts.dials.count((NEW, "flaky")) == 1  # backing off
+    assert pm.peers["flaky"] is stale and not stale.conn.closed  # type: ignore[attr-defined]
+    hosts.at[NEW] = "stranger"  # another node answers at the advertised address
+    clock.now += retry_delay(1)
+    await pm.scan()
+    assert hosts.dials.count((NEW, "flaky")) == 2
+    assert set(pm.peers) == {"flaky"} and pm.peers["flaky"] is stale
+    hosts.at[NEW] = "flaky"
+    clock.now += retry_delay(2)
+    await pm.scan()
+    assert pm.peers["flaky"].info.address == NEW and stale.conn.closed  # type: ignore[attr-defined]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("verified_by", ["static", "inbound"])
+async def test_a_peer_advertised_where_it_is_verified_already_is_not_handshaken_again(
+    verified_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pm, hosts, _, live = advertised(monkeypatch)
+    hosts.at = {OLD: "flaky"}
+    if verified_by == "static":
+        monkeypatch.setattr(pm, "_candidates", lambda: [(OLD, OLD, None)] + [(c.node_id, c.address, c) for c in live])
+    else:  # it called us first
+        await pm.add(PeerInfo(node_id="flaky", cluster="c", fingerprint="f", address=OLD), None, "inbound")
+    await pm.scan()
+    live[:] = [advert("flaky", OLD)]
+    await pm.scan()
+    dials = len(hosts.dials)
+    for _ in range(3):
+        await pm.scan()
+    assert len(hosts.dials) == dials
+    assert pm.peers["flaky"].info.address == OLD and pm.peers["flaky"].source == "mdns"
+
+
 @pytest.mark.asyncio
 async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
     """Churn (pods that each lived once at an IP of their own, strangers announcing random ids) must not grow the

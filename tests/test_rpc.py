@@ -13,6 +13,7 @@ import logging
 import math
 import threading
 from collections.abc import AsyncIterator, Iterator
+from typing import Any
 
 import grpc
 import pytest
@@ -691,6 +692,88 @@ async def test_a_grpc_caller_sending_a_message_that_does_not_parse_is_refused_ba
     assert [Reason(m.refusal.reason) for m in replies] == [Reason.BAD_PAYLOAD]
     assert not [r for r in caplog.records if r.name == "tadlora.rpc" and r.levelno >= logging.ERROR]
     assert bob.exchanges == []
+
+
+NODE_METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["Node"].methods]
+
+
+async def refusal_of_a_garbled_request(channel: grpc.aio.Channel, method: str) -> tuple[Reason, str]:
+    """Send ``method`` bytes that are not a message (raw, as a broken or hostile caller would) and return the
+    refusal it gets: in-band where the reply can carry one, else the gRPC status INVALID_ARGUMENT."""
+    path = f"/{NODE_SERVICE_NAME}/{method}"
+    if method == "Handshake":
+        reply = pb.HandshakeReply.FromString(await channel.unary_unary(path)(GARBLED, timeout=TIMEOUT))
+        assert not reply.accepted
+        return Reason(reply.reason), reply.detail
+    if method in ("Exchange", "Fetch"):
+        if method == "Exchange":
+            call = channel.stream_stream(path)(iter([GARBLED]), timeout=TIMEOUT)
+        else:
+            call = channel.unary_stream(path)(GARBLED, timeout=TIMEOUT)
+        [refusal] = [pb.ExchangeMessage.FromString(r).refusal async for r in call]
+        return Reason(refusal.reason), refusal.detail
+    if method == "Status":  # a StatusReply has no place for a refusal
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            await channel.unary_unary(path)(GARBLED, timeout=TIMEOUT)
+        assert failed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        return Reason.BAD_PAYLOAD, failed.value.details() or ""
+    raise AssertionError(f"a new RPC {method!r}: say how it refuses a request that does not parse")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", NODE_METHODS)
+async def test_every_call_refuses_a_request_that_does_not_parse_bad_payload_never_with_an_error(
+    method: str, bob: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    # grpc.aio parses a unary request before the servicer runs; left to itself it answers UNKNOWN and logs the
+    # parser's traceback as an error of the server.
+    refused: list[tuple[str, Reason]] = []
+    bob.observe_refusal = lambda what, exc: refused.append((what, exc.reason))  # type: ignore[attr-defined]
+    async with RpcServer(bob, LISTEN) as server, channel_to(server.address) as channel:
+        reason, detail = await refusal_of_a_garbled_request(channel, method)
+    assert reason is Reason.BAD_PAYLOAD
+    assert "does not parse as tadlora.v1" in detail
+    assert refused == [(method.lower(), Reason.BAD_PAYLOAD)]  # counted as any refusal is
+    assert bob.handshakes == bob.exchanges == []  # the handler never saw it
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+class GarblingClient(PeerClient):
+    """A `PeerClient` whose requests reach the callee as bytes that are not a message."""
+
+    def _node_stub(self) -> Any:
+        stub = super()._node_stub()
+        assert self._channel is not None
+        for method, reply in (("Handshake", pb.HandshakeReply), ("Status", pb.StatusReply)):
+            call = self._channel.unary_unary(
+                f"/{NODE_SERVICE_NAME}/{method}",
+                request_serializer=lambda _: GARBLED,
+                response_deserializer=reply.FromString,
+            )
+            setattr(stub, method, call)
+        stub.Fetch = self._channel.unary_stream(
+            f"/{NODE_SERVICE_NAME}/Fetch",
+            request_serializer=lambda _: GARBLED,
+            response_deserializer=pb.ExchangeMessage.FromString,
+        )
+        return stub
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("call", ["handshake", "status", "fetch"])
+async def test_a_caller_whose_request_did_not_parse_gets_a_bad_payload_refusal_not_an_unavailable_peer(
+    call: str, alice: FakeNode, bob: FakeNode
+) -> None:
+    async with RpcServer(bob, LISTEN) as server, GarblingClient(server.address) as client:
+        calls = {
+            "handshake": lambda: client.handshake(alice.info, TIMEOUT),
+            "status": lambda: client.status(TIMEOUT),
+            "fetch": lambda: client.fetch(alice.info, TIMEOUT),
+        }
+        with pytest.raises(ExchangeRefused) as refused:
+            await calls[call]()
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+    assert "does not parse as tadlora.v1" in refused.value.detail
 
 
 @pytest.mark.asyncio

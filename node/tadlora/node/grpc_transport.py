@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Any, Self, TypeVar
 
 import grpc
@@ -25,6 +25,7 @@ from tadlora.node.rpc import (
     PeerTimeout,
     PeerUnavailable,
     _Caller,
+    _peer_refusal,
     _Responder,
     _ServiceFault,
 )
@@ -79,11 +80,58 @@ class _CheckOnly(health_pb2_grpc.HealthServicer):
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Watch is not served on the health-only port: use Check")
 
 
+def _or_none(parse: Callable[[bytes], _Message]) -> Callable[[bytes], _Message | None]:
+    """``parse``, giving None for bytes that do not parse instead of raising."""
+
+    def deserialize(data: bytes) -> _Message | None:
+        try:
+            return parse(data)
+        except DecodeError:
+            return None
+
+    return deserialize
+
+
+def _unary(behaviour: Callable[..., Any], request: Any, reply: Any) -> grpc.RpcMethodHandler:
+    """A unary-unary handler whose request reaches ``behaviour`` as None when it does not parse."""
+    return grpc.unary_unary_rpc_method_handler(
+        behaviour, request_deserializer=_or_none(request.FromString), response_serializer=reply.SerializeToString
+    )
+
+
+def _add_node_servicer(servicer: _NodeServicer, server: grpc.aio.Server) -> None:
+    """Register the Node service as the generated `add_NodeServicer_to_server` does, except that a unary request
+    that does not parse reaches the servicer as None. grpc.aio parses it before the servicer runs, and left to
+    itself fails the call UNKNOWN and logs the parser's error as a fault of this server; the protocol refuses a
+    message that does not parse (BAD_PAYLOAD), in-band where the reply can carry a refusal. Exchange's messages
+    are parsed as they are read, where `_Parsed` refuses them."""
+    handlers = {
+        "Handshake": _unary(servicer.Handshake, pb.HandshakeRequest, pb.HandshakeReply),
+        "Exchange": grpc.stream_stream_rpc_method_handler(
+            servicer.Exchange,
+            request_deserializer=pb.ExchangeMessage.FromString,
+            response_serializer=pb.ExchangeMessage.SerializeToString,
+        ),
+        "Fetch": grpc.unary_stream_rpc_method_handler(
+            servicer.Fetch,
+            request_deserializer=_or_none(pb.FetchRequest.FromString),
+            response_serializer=pb.ExchangeMessage.SerializeToString,
+        ),
+        "Status": _unary(servicer.Status, pb.StatusRequest, pb.StatusReply),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(NODE_SERVICE_NAME, handlers),))
+    server.add_registered_method_handlers(NODE_SERVICE_NAME, handlers)
+
+
 class _NodeServicer(pb_grpc.NodeServicer):
+    """The Node service over `_Responder`; a request given as None did not parse (see `_add_node_servicer`)."""
+
     def __init__(self, responder: _Responder) -> None:
         self._responder = responder
 
-    async def Handshake(self, request: pb.HandshakeRequest, context: grpc.aio.ServicerContext) -> pb.HandshakeReply:
+    async def Handshake(
+        self, request: pb.HandshakeRequest | None, context: grpc.aio.ServicerContext
+    ) -> pb.HandshakeReply:
         return await self._responder.handshake(request, _certified_name(context))
 
     async def Exchange(
@@ -95,15 +143,18 @@ class _NodeServicer(pb_grpc.NodeServicer):
                 yield message
 
     async def Fetch(
-        self, request: pb.FetchRequest, context: grpc.aio.ServicerContext
+        self, request: pb.FetchRequest | None, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
         async with contextlib.aclosing(self._responder.fetch(request, _certified_name(context))) as replies:
             async for message in replies:
                 yield message
 
-    async def Status(self, request: pb.StatusRequest, context: grpc.aio.ServicerContext) -> pb.StatusReply:
+    async def Status(self, request: pb.StatusRequest | None, context: grpc.aio.ServicerContext) -> pb.StatusReply:
         try:
             return self._responder.status(request)
+        except ExchangeRefused as exc:  # a StatusReply cannot carry a refusal: the status code does (see PeerClient)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, exc.detail)
+            raise  # unreachable: abort raises
         except _ServiceFault as exc:
             await context.abort(grpc.StatusCode.INTERNAL, str(exc))
             raise  # unreachable: abort raises
@@ -160,7 +211,7 @@ class RpcServer:
             raise RuntimeError("RpcServer already started")
         server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
         self._health = health.aio.HealthServicer()
-        pb_grpc.add_NodeServicer_to_server(_NodeServicer(self._responder), server)
+        _add_node_servicer(_NodeServicer(self._responder), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         port = await _bind_and_start(server, self.listen, self._credentials)
@@ -267,6 +318,10 @@ class PeerClient(_Caller):
             return PeerTimeout(self.address, "no answer before the deadline")
         if code == grpc.StatusCode.UNIMPLEMENTED:
             return ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} does not serve {NODE_SERVICE_NAME}")
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            # How a callee refuses a request whose reply has no place for a refusal (Status): a refusal like any
+            # other for the caller, not a peer that is down.
+            return _peer_refusal(Reason.BAD_PAYLOAD, exc.details() or "")
         return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
 
     @contextlib.contextmanager

@@ -3,7 +3,8 @@
 A candidate (an mDNS advert, a static address, a peer that called us) is only a hint. The `PeerManager`
 handshakes with it; a peer of another cluster, fingerprint or protocol is refused with the reason, logged
 once. A verified peer stays until discovery says it left or it fails: then it is dropped, and retried with
-an exponential backoff (so a flapping peer costs little).
+an exponential backoff (so a flapping peer costs little). When its mDNS advert names another address (it restarted
+elsewhere), it is handshaken there at the next scan and moves once that handshake succeeds.
 """
 
 from __future__ import annotations
@@ -106,8 +107,11 @@ class PeerManager:
         for key, address, cand in wanted:
             if cand is not None and key in self.peers and self.peers[key].info.address == address:
                 self.peers[key].source = "mdns"  # verified by its own call first: its mDNS goodbye must drop it too
-            if key in self.peers or self._by_address.get(address) in self.peers:
-                continue
+            if self._by_address.get(address) in self.peers:
+                continue  # the address reaches a verified peer
+            # Not known to reach anyone. For a verified peer, its advert names a new address (a restart elsewhere,
+            # a new lease): dial it there, bound to its id. Its entry changes only when that handshake succeeds
+            # (`add`); until then it stays at the old address, and a failure is retried with backoff.
             attempt = self._attempts.setdefault(key, _Attempt())
             if attempt.retry_at > now:
                 continue

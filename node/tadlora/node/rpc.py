@@ -538,8 +538,15 @@ class _ServiceFault(Exception):
     """The handler failed on a request that has no in-band refusal (Status); the detail is safe to send."""
 
 
+def _unparsed(what: str) -> PayloadError:
+    """The refusal of a request whose bytes did not parse (a transport hands it to `_Responder` as None)."""
+    return PayloadError(Reason.BAD_PAYLOAD, f"the {what} request does not parse as tadlora.v1")
+
+
 class _Responder:
-    """The serving side of the protocol on protobuf messages; both transports drive it."""
+    """The serving side of the protocol on protobuf messages; both transports drive it. A request given as None is
+    one whose bytes did not parse: it is refused BAD_PAYLOAD like any other malformed message, in-band where the
+    reply can carry a refusal."""
 
     def __init__(self, handler: NodeHandler, *, max_payload_bytes: int) -> None:
         self._handler = handler
@@ -561,12 +568,15 @@ class _Responder:
             except Exception:
                 log.exception("refusal observer failed")
 
-    async def handshake(self, request: pb.HandshakeRequest, identity: str | None = None) -> pb.HandshakeReply:
+    async def handshake(self, request: pb.HandshakeRequest | None, identity: str | None = None) -> pb.HandshakeReply:
         """``identity``: the caller's authenticated name (its TLS certificate's common name), None without TLS."""
         callee = None
+        who = "" if request is None else request.caller.node_id[:MAX_TEXT_CHARS]
         try:
             local = self._handler.local_info()
             callee = _info_to_pb(local)
+            if request is None:
+                raise _unparsed("handshake")
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "handshake carries no caller info")
             remote = _info_from_pb(request.caller)
@@ -575,13 +585,12 @@ class _Responder:
             check_compatible(local, remote)
             await self._handler.async_handshake(remote)
         except ExchangeRefused as exc:
-            who = request.caller.node_id[:MAX_TEXT_CHARS]
             log.info("refused a handshake from %r: %s: %s", who, exc.reason.name, exc.detail)
             self._refused("handshake", exc)
             reason = _reason_to_wire(exc.reason)
             return pb.HandshakeReply(accepted=False, reason=reason, detail=exc.detail, callee=callee)
         except Exception:
-            log.exception("handshake from %r failed inside this node", request.caller.node_id[:MAX_TEXT_CHARS])
+            log.exception("handshake from %r failed inside this node", who)
             internal = _reason_to_wire(Reason.INTERNAL)
             return pb.HandshakeReply(accepted=False, reason=internal, detail="internal error, see the callee's log")
         return pb.HandshakeReply(accepted=True, callee=callee)
@@ -652,9 +661,11 @@ class _Responder:
                 del self._in_flight[caller]  # the counter holds only callers with calls running
 
     async def fetch(
-        self, request: pb.FetchRequest, identity: str | None = None
+        self, request: pb.FetchRequest | None, identity: str | None = None
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
         async def answer() -> tuple[ExchangeHeader, Factors]:
+            if request is None:
+                raise _unparsed("fetch")
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
             caller = _info_from_pb(request.caller)
@@ -688,7 +699,14 @@ class _Responder:
         for message in replies:
             yield message
 
-    def status(self, request: pb.StatusRequest) -> pb.StatusReply:
+    def status(self, request: pb.StatusRequest | None) -> pb.StatusReply:
+        """The node's status; `PayloadError` (logged and counted) for a request that did not parse, since a
+        StatusReply cannot carry a refusal, and `_ServiceFault` if the handler fails."""
+        if request is None:
+            exc = _unparsed("status")
+            log.info("refused a status request: %s: %s", exc.reason.name, exc.detail)
+            self._refused("status", exc)
+            raise exc
         try:
             return _status_to_pb(self._handler.status())
         except Exception as exc:

@@ -74,8 +74,7 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Fetch(self, request, context):
-        """What the node is doing, for operators and dashboards.
-        Catch-up: a node that joins late or restarts pulls a peer's current round and its factors at the start of
+        """Catch-up: a node that joins late or restarts pulls a peer's current round and its factors at the start of
         that round (header + chunks, as in Exchange, or one refusal). Nothing is mixed.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -83,7 +82,8 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Status(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """What the node is doing, for operators and dashboards.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
