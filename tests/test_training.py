@@ -115,8 +115,11 @@ AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\
 WITH_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
 
 
-def test_bf16_on_a_cpu_without_native_bf16_is_warned_about_and_nothing_else_is() -> None:
+def test_bf16_on_a_cpu_without_native_bf16_is_warned_about_and_nothing_else_is(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))  # a GPU with native bf16
     assert cpu_has_bf16(AVX2_ONLY) is False
     assert cpu_has_bf16(WITH_BF16) is True
     assert cpu_has_bf16("processor\t: 0\n") is None  # no flags line: cannot tell, so no warning

@@ -294,6 +294,11 @@ def resolve_device(name: str) -> torch.device:
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
+        # Said here: torch would only say "invalid device ordinal" once the model moves there.
+        raise RuntimeError(
+            f"device {name!r} asked for, but torch sees {count} CUDA GPU(s): use cuda:0..cuda:{count - 1}"
+        )
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     return dev

@@ -24,5 +24,10 @@ def seeded(device: torch.device, seed: int) -> Iterator[None]:
     RNG is where it was before. Blocks of the process run one at a time (they hold a lock)."""
     devices = [device] if device.type == "cuda" else []
     with _LOCK, torch.random.fork_rng(devices=devices, device_type=device.type):
-        torch.manual_seed(seed)
+        # Only the generators fork_rng restores: torch.manual_seed would reseed every GPU and leave the others so
+        # (fork_rng has initialised CUDA, so the device's seed is set now, not queued for a later init).
+        torch.random.default_generator.manual_seed(seed)
+        for gpu in devices:
+            with torch.cuda.device(gpu):
+                torch.cuda.manual_seed(seed)
         yield

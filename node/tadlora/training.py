@@ -180,9 +180,24 @@ def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
     return any(flag in CPU_BF16_FLAGS for flag in flags[0])
 
 
+def cuda_has_bf16(device: torch.device) -> bool:
+    """Whether the GPU ``device`` has native bf16 matmuls: compute capability 8.0 (Ampere, Jetson Orin) or later.
+    Older ones (Pascal, Volta, Turing: Jetson TX2 and Xavier, T4) run bf16 autocast emulated, slower than fp32."""
+    return torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def precision_warning(precision: str, device: torch.device, cpuinfo: str | None = None) -> str | None:
-    """A sentence for the user when ``precision`` will run bf16 autocast on a CPU without native bf16 (much
-    slower than fp32 there, not faster); None otherwise."""
+    """A sentence for the user when ``precision`` will run bf16 autocast on a CPU or a GPU without native bf16
+    (slower than fp32 there, not faster); None otherwise."""
+    if device.type == "cuda":
+        if matmul_precision(device, precision) != "bf16" or cuda_has_bf16(device):
+            return None
+        major, minor = torch.cuda.get_device_capability(device)
+        return (
+            f"--precision {precision} runs bf16 autocast on {device}, a GPU without native bf16 (compute capability "
+            f"{major}.{minor}; bf16 needs 8.0, Ampere, or later): it is emulated there and slower than fp32; "
+            "use --precision fp32"
+        )
     if precision != "bf16" or device.type != "cpu" or cpu_has_bf16(cpuinfo) is not False:
         return None
     return (

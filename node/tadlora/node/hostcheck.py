@@ -204,14 +204,19 @@ def check_device(cfg: NodeConfig) -> Check:
     """GPU, driver and the torch build against --device."""
     import torch
 
+    from tadlora.adapter import resolve_device
+
     driver = _nvidia_driver()
     build = f"torch {torch.__version__}" + (f", CUDA {torch.version.cuda}" if torch.version.cuda else ", CPU build")
     if torch.cuda.is_available():
         count = torch.cuda.device_count()
         gpus = ", ".join(f"cuda:{i} {torch.cuda.get_device_name(i)}" for i in range(count))
         detail = f"{gpus}; driver {driver or '?'}; {build}"
-        if cfg.device.startswith("cuda:") and int(cfg.device[5:] or 0) >= count:
-            return Check("device", "FAIL", f"--device {cfg.device}, but {detail}", f"use cuda:0..cuda:{count - 1}")
+        try:  # the daemon's own check: a GPU index past the last, or a device string torch cannot read
+            resolve_device(cfg.device)
+        except (RuntimeError, ValueError) as exc:
+            fix = f"use --device auto, cpu or cuda:0..cuda:{count - 1}"
+            return Check("device", "FAIL", f"--device {cfg.device}: {exc} ({detail})", fix)
         if cfg.device == "cpu":
             return Check("device", "OK", f"--device cpu: training on CPU ({detail})")
         return Check("device", "OK", f"training on GPU: {detail}")
@@ -223,6 +228,10 @@ def check_device(cfg: NodeConfig) -> Check:
             "use --device auto or cpu, or install the NVIDIA driver and "
             "a CUDA build of torch (nvidia-smi must list the GPU)",
         )
+    try:
+        resolve_device(cfg.device)
+    except (RuntimeError, ValueError) as exc:
+        return Check("device", "FAIL", f"--device {cfg.device}: {exc}", "use --device auto or cpu")
     if driver is not None and not torch.version.cuda:
         return Check(
             "device",
@@ -246,7 +255,10 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
         return Check("precision", "WARN", f"--precision {precision}: device unknown ({exc})", "see the 'device' check")
     slow = precision_warning(precision, device, cpuinfo)
     if slow:
-        return Check("precision", "WARN", slow, "--precision auto (fp32 on the CPU, bf16 autocast on CUDA)")
+        fix = (
+            "--precision fp32" if device.type == "cuda" else "--precision auto (fp32 on the CPU, bf16 autocast on CUDA)"
+        )
+        return Check("precision", "WARN", slow, fix)
     note = ""
     if device.type == "cuda":
         runs = "fp32" if precision == "fp32" else "bf16 autocast"

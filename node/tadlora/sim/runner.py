@@ -229,6 +229,9 @@ class Simulator:
 
     def _model(self, seed: int, label_names: Sequence[str]) -> AdapterModel:
         if seed not in self._models:
+            # One model at a time: seeds are the grid's outermost axis (`SimConfig.cells`), and every seed's copy of
+            # the base weights kept would hold its (GPU) memory for the rest of the run.
+            self._models.clear()
             spec = ModelSpec(model=self.config.model, label_names=tuple(label_names), lora=self.config.lora, seed=seed)
             self._models[seed] = AdapterModel(spec, device=self.device)
         return self._models[seed]
