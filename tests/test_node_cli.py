@@ -7,6 +7,7 @@ import socket
 import urllib.request
 
 import pytest
+import torch
 
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
@@ -57,6 +58,8 @@ def test_help_names_the_environment_variables(capsys) -> None:
     text = capsys.readouterr().out
     for name in ("TADLORA_PEERS", "TADLORA_MDNS_INTERFACE", "TADLORA_LINK_PROB", "TADLORA_METRICS_PORT"):
         assert name in text
+    # The first example is two lines joined by a shell continuation, so that it pastes into a shell as shown.
+    assert "--out runs/n0 \\\n               --node-id n0" in text
 
 
 @pytest.mark.parametrize(
@@ -151,3 +154,14 @@ async def test_prometheus_metrics_are_served(tmp_path) -> None:
         )
     assert "tadlora_rounds_total 2.0" in body
     assert "tadlora_round " in body and "tadlora_train_loss" in body
+
+
+def test_a_node_out_of_gpu_memory_says_which_flags_shrink_a_step(tmp_path, monkeypatch, capsys) -> None:
+    async def out_of_memory(config: object, json_fmt: object = None) -> int:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr("tadlora.node.cli.run_node", out_of_memory)
+    argv = ["--node-id", "n0", "--out", str(tmp_path), "--listen", "127.0.0.1:0", "--model", "tiny"]
+    assert main([*argv, "--peers", "127.0.0.1:1", "--insecure"]) == 1
+    err = capsys.readouterr().err
+    assert "CUDA out of memory" in err and "--batch-size" in err and "--max-length" in err

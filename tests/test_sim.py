@@ -320,6 +320,16 @@ def test_cli_refuses_bad_input_with_a_message(tmp_path, capsys) -> None:
     assert "unknown method" in capsys.readouterr().err
 
 
+def test_cli_says_what_to_change_when_the_gpu_runs_out_of_memory(tmp_path, capsys, monkeypatch) -> None:
+    def out_of_memory(self: Simulator, report_only: bool = False) -> dict:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")  # what a too-large grid meets
+
+    monkeypatch.setattr(Simulator, "run", out_of_memory)
+    assert main(["--preset", "smoke", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "CUDA out of memory" in err and "--engine sequential" in err and "batch_size" in err
+
+
 def test_cli_shares_cells_from_another_run_and_says_when_it_cannot(tmp_path, capsys) -> None:
     base = ["--preset", "smoke", "--rounds", "2", "--quiet", "--methods", "adf"]
     assert main([*base, "--out", str(tmp_path / "grid")]) == 0

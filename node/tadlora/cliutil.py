@@ -70,3 +70,13 @@ def first_line(doc: str | None) -> str:
 def join(items: Sequence[str]) -> str:
     """Comma-joined, for help texts."""
     return ", ".join(items)
+
+
+def error_text(exc: BaseException, memory_hint: str) -> str:
+    """What a CLI prints for a run that failed with ``exc``: its message, and for a GPU out of memory (torch's
+    `OutOfMemoryError`, told by name so that this module does not import torch) ``memory_hint``, the flags that
+    shrink what a step holds."""
+    text = str(exc)
+    if type(exc).__name__ == "OutOfMemoryError":
+        text = f"{text.rstrip()}\n  the GPU ran out of memory: {memory_hint}"
+    return text

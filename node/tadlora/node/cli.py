@@ -1,6 +1,6 @@
 """`tadlora-node`: run a node, ask a running node for its status, or check a host before running one (doctor).
 
-  tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0 \
+  tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0 \\
                --node-id n0 --tls-dir certs/          # or --insecure, to run without TLS
   tadlora-node status 127.0.0.1:7070 --tls-dir certs/ --node-id n0   # TADLORA_TLS_DIR/_NODE_ID work too
   tadlora-node certs init certs/ && tadlora-node certs issue n0 --dir certs/   # then --tls-dir certs --node-id n0
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import LoraSpec
-from tadlora.cliutil import apply_env_defaults, csv_list
+from tadlora.cliutil import apply_env_defaults, csv_list, error_text
 from tadlora.core.methods import method_names
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
@@ -413,8 +413,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = asyncio.run(run_node(config, json_fmt))
     except (RuntimeError, OSError, ValueError) as exc:
-        log.error("%s", exc)
-        sys.stderr.write(f"tadlora-node: error: {exc}\n")
+        text = error_text(exc, "a smaller --batch-size or --max-length, or --precision bf16 on a GPU that has it")
+        log.error("%s", text)
+        sys.stderr.write(f"tadlora-node: error: {text}\n")
         return 1
     log.info("finished in %.1f s", time.monotonic() - started)
     return code

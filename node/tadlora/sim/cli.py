@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tadlora.cliutil import apply_env_defaults, csv_list, int_or_auto, join
+from tadlora.cliutil import apply_env_defaults, csv_list, error_text, int_or_auto, join
 from tadlora.core.methods import method_names
 from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS
@@ -143,7 +143,11 @@ def main(argv: list[str] | None = None) -> int:
             report_only=args.report_only
         )
     except (ValueError, OSError, RuntimeError) as exc:  # OSError: a --config or --out path that cannot be used
-        sys.stderr.write(f"tadlora-sim: error: {exc}\n")
+        hint = (
+            "--engine sequential (batched holds every client's batch at once), "
+            'or a smaller batch_size or max_length under "train" in --config'
+        )
+        sys.stderr.write(f"tadlora-sim: error: {error_text(exc, hint)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\ntadlora-sim: interrupted; run the same command again to resume\n")
