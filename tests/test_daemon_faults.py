@@ -1,7 +1,7 @@
 """The daemon against faults around its exchanges and its disk: a peer whose connection is replaced mid-call, a
-peer that lies about its mixing or its round, an exchange that fails inside this node, an export or a run cut
-short, a close that fails midway. One real node (tiny model) on the in-memory network, with a scripted peer
-beside it."""
+peer that lies about its mixing or its round, an exchange that fails inside this node, a stop while a peer hangs,
+an export or a run cut short, a close that fails midway. One real node (tiny model) on the in-memory network,
+with a scripted peer beside it."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import errno
 import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -65,10 +65,31 @@ class ScriptedPeer:
         return self.fetch_round, self.factors
 
 
+class SilentPeer(ScriptedPeer):
+    """A `ScriptedPeer` that takes exchanges and fetches and never answers them (its process hangs); ``called`` is
+    set once one arrives."""
+
+    def __init__(self, node: Node, **kwargs: int) -> None:
+        super().__init__(node, **kwargs)
+        self.called = asyncio.Event()
+
+    async def async_exchange(self, header: ExchangeHeader, factors: dict[str, torch.Tensor]) -> dict[str, Any]:
+        self.called.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    async def async_fetch(self, remote: PeerInfo) -> tuple[int, dict[str, Any]]:
+        self.called.set()
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
 @contextlib.asynccontextmanager
-async def scripted_peer(node: Node, net: InMemoryNetwork, **kwargs: int) -> AsyncIterator[ScriptedPeer]:
-    """A `ScriptedPeer` served on ``net`` and made a verified peer of ``node``."""
-    peer = ScriptedPeer(node, **kwargs)
+async def scripted_peer(
+    node: Node, net: InMemoryNetwork, kind: type[ScriptedPeer] = ScriptedPeer, **kwargs: int
+) -> AsyncIterator[ScriptedPeer]:
+    """A ``kind`` of `ScriptedPeer` served on ``net`` and made a verified peer of ``node``."""
+    peer = kind(node, **kwargs)
     async with net.serve(peer, "10.0.0.9:0") as server:
         peer.info = dataclasses.replace(peer.info, address=server.address)
         assert node._peers is not None
@@ -204,6 +225,50 @@ async def test_a_peer_whose_address_reaches_another_node_is_refused_not_mixed(tm
     assert node.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "IDENTITY_MISMATCH"}) == 1
     [record] = state.read_rounds(tmp_path / "n0")
     assert record["neighbours"] == [] and record["missed"] == ["node-7"]
+
+
+# -------------------------------------------------------------------------------------------- stopping
+
+STOP_S = 10.0  # s a stop may take here: a round's tiny-model checkpoint and export, on a loaded 2-core machine
+SILENT_DEADLINE_S = 60.0  # s, the default --exchange-timeout and FETCH_TIMEOUT_S: what a stop must not wait out
+
+
+@pytest.mark.asyncio
+async def test_a_stop_during_an_exchange_with_a_silent_peer_does_not_wait_out_the_rounds_deadline(
+    tmp_path: Path,
+) -> None:
+    net = InMemoryNetwork()
+    async with (
+        lone_node(tmp_path, net, rounds=None, exchange_timeout=SILENT_DEADLINE_S) as node,
+        scripted_peer(node, net, SilentPeer) as peer,
+    ):
+        run = asyncio.ensure_future(node.run())
+        async with asyncio.timeout(30):
+            await cast(SilentPeer, peer).called.wait()  # round 0's exchange with it is in flight
+        node.request_stop()
+        async with asyncio.timeout(STOP_S):
+            result = await run
+    assert result.rounds_completed == 0
+    ckpt = state.load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == 0  # the round it was in is run again after a restart
+
+
+@pytest.mark.asyncio
+async def test_a_stop_during_a_catch_up_from_a_silent_peer_does_not_wait_out_the_fetch(tmp_path: Path) -> None:
+    net = InMemoryNetwork()
+    async with (
+        lone_node(tmp_path, net, rounds=None) as node,
+        scripted_peer(node, net, SilentPeer, round=10, last_mixed_round=10) as peer,
+    ):
+        run = asyncio.ensure_future(node.run())
+        async with asyncio.timeout(30):
+            await cast(SilentPeer, peer).called.wait()  # the node is behind it and fetching its state
+        node.request_stop()
+        async with asyncio.timeout(STOP_S):
+            result = await run
+    assert result.rounds_completed == 0 and node.round == 0
+    ckpt = state.load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == 0
 
 
 # --------------------------------------------------------------------------------------------- on disk

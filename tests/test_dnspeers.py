@@ -135,3 +135,30 @@ async def test_a_lookup_that_times_out_says_so_in_its_warning(caplog: pytest.Log
                 await started.get()
     [warning] = [r.getMessage() for r in caplog.records if "cannot resolve peers" in r.getMessage()]
     assert f"no answer in {FAST_S} s" in warning, warning  # a person must see why, not an empty reason
+
+
+@pytest.mark.asyncio
+async def test_closing_does_not_swallow_a_cancel_of_the_task_that_closes() -> None:
+    """A lookup whose cancellation takes a while to finish (a resolver cleaning up) keeps `aclose` waiting; a cancel
+    of the task closing it (a shutdown bounded by a timeout) must still end that task, not vanish in `aclose`."""
+    looking_up, cleaning_up = asyncio.Event(), asyncio.Event()
+
+    async def slow_to_cancel(host: str, port: int) -> list[str]:
+        looking_up.set()
+        try:
+            await asyncio.sleep(3600)
+        finally:
+            cleaning_up.set()
+            await asyncio.sleep(3600)  # interrupted only by a second cancel
+        return []
+
+    dns = DnsPeers(["peers"], interval=FAST_S, resolver=slow_to_cancel)
+    dns.async_start()
+    async with asyncio.timeout(5):
+        await looking_up.wait()
+        closing = asyncio.ensure_future(dns.aclose())
+        await cleaning_up.wait()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    assert closing.cancelled()

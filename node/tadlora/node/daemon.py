@@ -291,6 +291,21 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             log.error("background task %s failed", task.get_name(), exc_info=task.exception())
 
+    async def _unless_stopped(self, work: Awaitable[Any]) -> None:
+        """Await ``work``, cancelling it once a stop is requested: a stop must not wait out a silent peer's deadline
+        (an exchange's, a fetch's), which can outlast the grace a supervisor gives before it kills the node."""
+        task = asyncio.ensure_future(work)
+        stopped = asyncio.ensure_future(self._stop.wait())
+        try:
+            await asyncio.wait((task, stopped), return_when=asyncio.FIRST_COMPLETED)
+            finished = task.done()
+        finally:
+            task.cancel()  # a no-op once done
+            stopped.cancel()
+            await asyncio.gather(task, stopped, return_exceptions=True)
+        if finished:  # not cancelled by us (a cancelled gather ends with CancelledError as its exception)
+            task.result()  # its failure, if any
+
     def request_stop(self) -> None:
         """Begin a graceful stop: the current round is abandoned at the next safe point."""
         if not self._stop.is_set():
@@ -524,8 +539,8 @@ class Node:
         try:
             await self._wait_for_peers()
             while not self._stop.is_set() and (cfg.rounds is None or self.rounds.t < cfg.rounds):
-                await self._catch_up_if_behind()
-                if cfg.rounds is not None and self.rounds.t >= cfg.rounds:
+                await self._unless_stopped(self._catch_up_if_behind())
+                if self._stop.is_set() or (cfg.rounds is not None and self.rounds.t >= cfg.rounds):
                     break
                 try:
                     await self._run_round(self.rounds.t)
@@ -640,7 +655,7 @@ class Node:
         try:
             async with asyncio.timeout_at(deadline):
                 if calls:
-                    await asyncio.gather(*calls, return_exceptions=True)
+                    await self._unless_stopped(asyncio.gather(*calls, return_exceptions=True))
                 # A neighbour that is no longer a peer (its mDNS goodbye came) will not call: stop waiting.
                 await self.rounds.wait_until(
                     lambda: (

@@ -8,7 +8,6 @@ disappear are followed. Lookups use the event loop's `getaddrinfo` (a worker thr
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import logging
 import socket
@@ -113,8 +112,12 @@ class DnsPeers:
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            try:
                 await task
+            except asyncio.CancelledError:
+                # Ours, the lookup task's; a cancel of the task that is closing this one must go on.
+                if (current := asyncio.current_task()) is not None and current.cancelling():
+                    raise
 
     def addresses(self) -> tuple[str, ...]:
         """The current peer addresses, ``HOST:PORT`` (``[V6]:PORT``), sorted and without duplicates."""
