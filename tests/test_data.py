@@ -605,6 +605,14 @@ def test_a_dominant_share_of_one_over_k_mixes_every_client_evenly() -> None:
     assert np.allclose(label_skew_proportions(9, 3, 1 / 3), 1 / 3)
 
 
+@pytest.mark.filterwarnings("error")  # numpy's divide-by-zero RuntimeWarning included
+def test_a_class_that_no_client_has_a_share_of_bounds_nothing_and_warns_of_nothing() -> None:
+    labels = balanced_labels(3, 100)
+    shards = make_shards(labels, "label-skew@1", 2, seed=0)  # two clients, one class each: the third is nobody's
+    assert [sorted(set(labels[s].tolist())) for s in shards] == [[0], [1]]
+    assert all(s.size == 100 for s in shards)
+
+
 def test_a_capped_label_skew_keeps_its_dominant_share() -> None:
     labels = balanced_labels(3, 3000)
     texts = tuple(str(i) for i in range(labels.size))

@@ -161,7 +161,10 @@ def _label_skew_capacity(props: npt.NDArray[np.float64], pools: npt.NDArray[np.i
     """Largest n <= ``upper`` whose `_client_counts` take no more of a class than ``pools``."""
     # Class c needs at least (sum of its shares) * n - num_clients samples, which bounds n
     # from above; scanning down from that bound takes a handful of steps.
-    bound = int(np.min((pools + props.shape[0]) / props.sum(axis=0)))
+    # A class no client has a share of (dominant share 1 with fewer clients than classes) bounds nothing.
+    shares = props.sum(axis=0)
+    used = shares > 0
+    bound = int(np.min((pools[used] + props.shape[0]) / shares[used]))
     n = min(upper, bound)
     while n > 0 and not _fits(props, pools, n):
         n -= 1
