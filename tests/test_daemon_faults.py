@@ -340,3 +340,12 @@ async def test_closing_runs_every_step_when_one_fails_and_then_raises_it(
             await client.handshake(ScriptedPeer(node).info, timeout=5.0)
     assert node._executor._shutdown  # type: ignore[attr-defined]
     assert any("closing peer connections failed" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_a_stop_requested_after_close_leaves_no_task_that_no_one_owns(tmp_path: Path) -> None:
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net) as node:
+        pass
+    node.request_stop()  # a second signal's handler, say, after the node has closed
+    assert not node._tasks, "a task spawned after aclose is never cancelled or awaited"

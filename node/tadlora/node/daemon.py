@@ -312,7 +312,8 @@ class Node:
             log.info("stop requested")
         self._stop.set()
         self._stop_training.set()
-        self._spawn(self.rounds.notify(), "stop-wake")
+        if not self._closed:  # after aclose nothing waits on the rounds, and no one would cancel the task
+            self._spawn(self.rounds.notify(), "stop-wake")
 
     async def aclose(self) -> None:
         """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice.
