@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 import torch
 
-from tadlora.node import state
+from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerUnavailable, StatusInfo
@@ -349,3 +349,32 @@ async def test_a_stop_requested_after_close_leaves_no_task_that_no_one_owns(tmp_
         pass
     node.request_stop()  # a second signal's handler, say, after the node has closed
     assert not node._tasks, "a task spawned after aclose is never cancelled or awaited"
+
+
+@pytest.mark.asyncio
+async def test_a_peer_whose_catch_up_fetch_failed_is_not_fetched_from_ahead_of_every_round(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(daemon, "FETCH_TIMEOUT_S", 0.2)
+    net = InMemoryNetwork()
+    async with (
+        lone_node(tmp_path, net, rounds=None) as node,
+        scripted_peer(node, net, SilentPeer, round=10, last_mixed_round=10) as peer,
+    ):
+        fetches = 0
+        hang = peer.async_fetch
+
+        async def counted(remote: PeerInfo) -> tuple[int, dict[str, Any]]:
+            nonlocal fetches
+            fetches += 1
+            return await hang(remote)
+
+        peer.async_fetch = counted  # type: ignore[method-assign]
+        async with asyncio.timeout(30):
+            await node._catch_up_if_behind()  # ahead of round 0: it answers the handshake, then hangs on Fetch
+            await node._catch_up_if_behind()  # ahead of round 1: the same again would cost another timeout
+        assert fetches == 1 and node.round == 0
+        node._fetch_failed = dict.fromkeys(node._fetch_failed, 0.0)  # its time is up: it is asked again
+        async with asyncio.timeout(30):
+            await node._catch_up_if_behind()
+        assert fetches == 2

@@ -64,6 +64,9 @@ from tadlora.workload import client_shards, eval_subset
 log = logging.getLogger("tadlora.node")
 
 FETCH_TIMEOUT_S = 60.0  # s for a catch-up download of a full adapter
+# s before a peer whose catch-up fetch failed is fetched from again: catch-up runs ahead of every round, and a peer
+# that answers handshakes but hangs on Fetch would otherwise hold each round for FETCH_TIMEOUT_S.
+FETCH_RETRY_S = 300.0
 SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
 
 
@@ -155,6 +158,7 @@ class Node:
         self._round_log: state.RoundLog | None = None
         self._peers_changed = asyncio.Event()
         self._probing: set[str] = set()  # peers whose liveness is being checked
+        self._fetch_failed: dict[str, float] = {}  # peer -> when (time.monotonic) it may be fetched from again
         self._closed = False
         # One worker thread owns the model: training, evaluation and export never overlap, and the event loop
         # never runs torch. It is this node's own, so shutting the node down ends it.
@@ -580,10 +584,15 @@ class Node:
         # handshake timeout, and a node that is itself cut off would stall instead of training alone.
         peers = [(j, self._peers.peers[j]) for j in asked]
         answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
+        now = time.monotonic()
+        self._fetch_failed = {j: until for j, until in self._fetch_failed.items() if until > now}
         leaders = [
             (info, peer)
             for info, (_, peer) in zip(answers, peers, strict=True)
-            if info is not None and abs(info.round - rounds.t) >= 2 and info.last_mixed_round >= rounds.last_mixed + 2
+            if info is not None
+            and abs(info.round - rounds.t) >= 2
+            and info.last_mixed_round >= rounds.last_mixed + 2
+            and info.node_id not in self._fetch_failed
         ]
         if not leaders:
             return
@@ -606,7 +615,8 @@ class Node:
         except (ExchangeRefused, PeerUnavailable) as exc:
             if isinstance(exc, ExchangeRefused):
                 self.metrics.refusals.labels(exc.reason.name).inc()
-            log.warning("catch-up from %s failed: %s", info.node_id, exc)
+            log.warning("catch-up from %s failed (not asked again for %.0f s): %s", info.node_id, FETCH_RETRY_S, exc)
+            self._fetch_failed[info.node_id] = time.monotonic() + FETCH_RETRY_S
             return
         log.info("catching up: adopting round %d and factors from %s (was at %d)", result.peer.round,
                  info.node_id, rounds.t)  # fmt: skip
