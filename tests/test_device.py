@@ -221,3 +221,26 @@ async def test_a_node_out_of_gpu_memory_in_its_local_steps_exits_with_the_round_
     for key, value in start_of_round_1.items():
         assert torch.equal(ckpt.factors[key], value)
     assert [r["round"] for r in state.read_rounds(tmp_path / "n0")] == [0]
+
+
+@pytest.mark.asyncio
+async def test_a_node_out_of_gpu_memory_in_its_evaluation_logs_the_round_it_mixed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tadlora.node.daemon as daemon
+
+    def out_of_memory(*args: Any, **kwargs: Any) -> tuple[float, float]:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
+
+    monkeypatch.setattr(daemon, "evaluate", out_of_memory)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=3, eval_every=2) as node:
+        async with asyncio.timeout(60):
+            with pytest.raises(torch.OutOfMemoryError):
+                await node.run()
+    # Rounds 0 and 1 have mixed, and the exit saved the start of round 2: a restart goes on from there, so the
+    # log must already hold round 1 (without an accuracy: its evaluation did not happen).
+    ckpt = state.load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == 2
+    rounds = state.read_rounds(tmp_path / "n0")
+    assert [r["round"] for r in rounds] == [0, 1]
+    assert "eval_accuracy" not in rounds[1]

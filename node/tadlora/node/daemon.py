@@ -707,14 +707,18 @@ class Node:
         self._rounds_done = t + 1
         self._last_loss = loss
         record = self._record(t, cur, weights.self_weight, loss, started)
-        if (t + 1) % cfg.eval_every == 0 or (cfg.rounds is not None and t + 1 == cfg.rounds):
-            self._state = "evaluating"
-            acc, eval_loss = await self._in_worker(self._evaluate)
-            self._last_accuracy = acc
-            self.metrics.accuracy.set(acc)
-            record.update(eval_accuracy=acc, eval_loss=eval_loss)
-        if self._round_log is not None:
-            self._round_log.write(record)
+        try:
+            if (t + 1) % cfg.eval_every == 0 or (cfg.rounds is not None and t + 1 == cfg.rounds):
+                self._state = "evaluating"
+                acc, eval_loss = await self._in_worker(self._evaluate)
+                self._last_accuracy = acc
+                self.metrics.accuracy.set(acc)
+                record.update(eval_accuracy=acc, eval_loss=eval_loss)
+        finally:
+            # The round has mixed and the exit's checkpoint will be at t + 1, so round t goes into the log even
+            # when its evaluation fails (out of GPU memory): a restart resumes after it and would never log it.
+            if self._round_log is not None:
+                self._round_log.write(record)
         self.metrics.rounds.inc()
         self.metrics.loss.set(loss)
         log.info(
