@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import logging
+import warnings
 from pathlib import Path
 
 import pytest
@@ -159,6 +160,19 @@ def test_a_checkpoint_without_its_records_is_refused_when_its_records_file_is_be
     assert [r["round"] for r in resumed["rounds"]] == list(range(6))
 
 
+def test_a_refused_checkpoint_leaves_the_shared_model_without_the_batched_engine_s_hooks(tmp_path) -> None:
+    config = smoke_config(methods=["lora"], rounds=6, checkpoint_every=2, engine="batched")
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    cell, ckpt, partial, round_2_records = _stopped_after_round_4_keeping_round_2_records(config, sim)
+    save_file(load_file(str(ckpt)), str(ckpt), metadata={"round": "4"})  # records two rounds behind: refused
+    partial.write_text(round_2_records)
+    refused = Simulator(config, tmp_path / "run", quiet=True)
+    with pytest.raises(ValueError, match="delete both files"):
+        refused.run_cell(cell)
+    [model] = refused._models.values()
+    assert not [name for name, module in model.model.named_modules() if module._forward_hooks]
+
+
 def test_a_finished_run_is_not_recomputed_and_a_changed_config_is_refused(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
@@ -240,7 +254,7 @@ def test_a_grid_goes_on_only_in_the_precision_its_cells_computed_in(tmp_path, ca
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
     stamp = json.loads((tmp_path / "config.json").read_text())
-    assert stamp[RESOLVED_KEY] == {"matmul_precision": "fp32"}  # this CPU, precision auto
+    assert stamp[RESOLVED_KEY] == {"matmul_precision": "fp32", "engine": "batched"}  # this CPU, precision auto
     assert config_from_json(json.dumps(stamp)) == config  # a stamp is still a config file
     fp32 = override(config, {"train": {"precision": "fp32"}})
     assert Simulator(fp32, tmp_path, quiet=True).run()["missing_cells"] == []  # the same computation here
@@ -257,7 +271,35 @@ def test_a_grid_goes_on_only_in_the_precision_its_cells_computed_in(tmp_path, ca
     Simulator(config, tmp_path, quiet=True).run(report_only=True)
     assert RESOLVED_KEY not in json.loads((tmp_path / "config.json").read_text())
     Simulator(config, tmp_path, quiet=True).run()
-    assert json.loads((tmp_path / "config.json").read_text())[RESOLVED_KEY] == {"matmul_precision": "fp32"}
+    assert json.loads((tmp_path / "config.json").read_text())[RESOLVED_KEY]["matmul_precision"] == "fp32"
+
+
+def test_a_grid_goes_on_only_with_the_engine_its_cells_computed_with(tmp_path) -> None:
+    """Engine "auto" is the batched engine on CUDA and the sequential one on a CPU, which agree only to float
+    tolerance: a grid stamped as run by the batched engine (as a GPU host stamps "auto") is refused here unless
+    pinned."""
+    config = smoke_config(methods=["lora"], rounds=2, engine="auto")
+    on_gpu = {"matmul_precision": "fp32", "engine": "batched"}
+    stamp = {**json.loads(json.dumps(config.to_dict())), RESOLVED_KEY: on_gpu}
+    (tmp_path / "config.json").write_text(json.dumps(stamp))
+    with pytest.raises(ValueError, match=r"engine: batched there, sequential here \(pin it with --engine batched\)"):
+        Simulator(config, tmp_path, quiet=True).run(report_only=True)
+    Simulator(dataclasses.replace(config, engine="batched"), tmp_path, quiet=True).run(report_only=True)
+    # A stamp of "auto" run sequentially here and a pinned "sequential" are one computation.
+    stamp[RESOLVED_KEY] = {"matmul_precision": "fp32", "engine": "sequential"}
+    (tmp_path / "config.json").write_text(json.dumps(stamp))
+    Simulator(dataclasses.replace(config, engine="sequential"), tmp_path, quiet=True).run(report_only=True)
+
+
+def test_a_report_vouches_for_no_host_it_did_not_compute_on(tmp_path) -> None:
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path / "new", quiet=True).run(report_only=True)  # a new directory: nothing was computed
+    assert RESOLVED_KEY not in json.loads((tmp_path / "new" / "config.json").read_text())
+    stamp = {**json.loads(json.dumps(config.to_dict())), RESOLVED_KEY: {"matmul_precision": "fp32"}}
+    (tmp_path / "old" / "config.json").parent.mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(stamp))
+    Simulator(config, tmp_path / "old", quiet=True).run(report_only=True)  # the record is kept as the run wrote it
+    assert json.loads((tmp_path / "old" / "config.json").read_text())[RESOLVED_KEY] == {"matmul_precision": "fp32"}
 
 
 def test_cli_precision_and_optimizer_set_the_training_spec_and_keep_the_rest() -> None:
@@ -311,6 +353,38 @@ def test_report_only_reports_the_finished_cells_and_runs_nothing(tmp_path) -> No
     assert results["missing_cells"] and "ffa" in results["missing_cells"][0]
     assert (tmp_path / "accuracy_vs_round.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert not list(tmp_path.glob(".*.tmp"))  # plots are written through a temp file, renamed over the old one
+
+
+def test_a_method_has_one_colour_in_every_panel_and_the_legend_names_every_line() -> None:
+    """A grid still running (a report) can have finished lora and rolora at p = 0.5 but only rolora at p = 0.02:
+    each panel used to colour its own lines in turn, so rolora took lora's colour there, in the one panel whose
+    lines the legend named."""
+    import matplotlib.pyplot as plt
+
+    from tadlora.sim.plots import _round_figure
+    from tadlora.sim.runner import summarize
+
+    def run(method: str, p: float) -> dict:
+        rounds = [{"round": 0, "acc_mean": 0.5, "acc_std": 0.1, "cross_term_norm": None}]  # NaN norms: null
+        final = {"acc_mean": 0.5, "acc_std": 0.1, "round": 0}
+        return {"method": method, "topology": "er", "link_prob": p, "switch_interval": None, "seed": 0,
+                "rounds": rounds, "final": final}  # fmt: skip
+
+    cells = [run("lora", 0.5), run("rolora", 0.5), run("rolora", 0.02)]
+    results = {"config": {"name": "partial"}, "cells": cells, "summary": summarize(cells)}
+    fig = _round_figure(results, "acc_mean", "accuracy")
+    try:
+        colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
+        assert [sorted(c) for c in colours] == [["lora", "rolora"], ["rolora"]]
+        assert colours[1]["rolora"] == colours[0]["rolora"] != colours[0]["lora"]
+        assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["lora", "rolora"]
+    finally:
+        plt.close(fig)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns of a legend without lines
+        empty = _round_figure(results, "cross_term_norm", "norm")  # nothing to draw: no legend
+    plt.close(empty)
+    assert all(ax.get_legend() is None for ax in empty.axes)
 
 
 def test_cli_refuses_bad_input_with_a_message(tmp_path, capsys) -> None:
@@ -401,6 +475,29 @@ def test_a_grid_axis_value_given_twice_is_one_cell_not_two_seeds() -> None:
     assert [c.key for c in config.cells()] == ["lora__er__p0.5__T-__s0"]
 
 
+def test_axis_values_that_a_cell_s_file_name_would_not_tell_apart_are_refused(tmp_path) -> None:
+    # Each would have made the second cell "finished" with the first one's file, then counted it twice.
+    with pytest.raises(ValueError, match=r"link_probs 0.1 and 0.1000001 would share result files"):
+        smoke_config(link_probs=[0.1, 0.1000001])
+    for name in ("ring-4.txt", "ring_4.txt"):
+        (tmp_path / name).write_text("0 1\n1 2\n2 3\n3 0\n")
+    dash, underscore = f"file:{tmp_path / 'ring-4.txt'}", f"file:{tmp_path / 'ring_4.txt'}"
+    with pytest.raises(ValueError, match="would share result files"):
+        smoke_config(topologies=[dash, underscore])
+    assert len({c.key for c in smoke_config(topologies=[dash, "ring"], link_probs=[0.1, 0.2]).cells()}) == 8
+
+
+def test_cli_refuses_switch_intervals_that_no_method_it_runs_would_use(tmp_path, capsys) -> None:
+    from tadlora.sim.cli import config_from_args
+
+    argv = ["--preset", "smoke", "--switch-intervals", "1,2", "--out", str(tmp_path), "--report-only", "--quiet"]
+    assert main([*argv, "--methods", "adf,lora"]) == 2  # adf keeps T = 5; the T grid used to be dropped silently
+    err = capsys.readouterr().err
+    assert "--switch-intervals would be ignored" in err and "tad, tad-nojoint" in err
+    config = config_from_args(build_parser().parse_args([*argv, "--methods", "tad,adf"]))
+    assert [(c.method, c.switch_interval) for c in config.cells()] == [("tad", 1), ("tad", 2), ("adf", 5)]
+
+
 def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
     from tadlora.sim.cli import config_from_args
 
@@ -420,6 +517,10 @@ def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
         ({"lora": {"target_modules": "query"}}, "target_modules must be"),
         ({"checkpoint_every": 0}, "checkpoint_every"),  # used to die after the first round: modulo by zero
         ({"eval_samples": 0}, "eval_samples"),  # used to die at the first evaluation
+        ({"seeds": [-1]}, "seeds must be >= 0"),  # used to die in the data split, after loading model and data
+        ({"switch_intervals": []}, "switch_intervals must name"),  # used to drop every tad cell without a word
+        ({"seeds": []}, "seeds must name"),  # used to run nothing and report success
+        ({"sweep_methods": ["tad-lora"]}, "unknown method 'tad-lora'"),  # used to run tad at its default T only
     ],
 )
 def test_cli_refuses_a_malformed_config_file_with_a_message(tmp_path, capsys, settings, message) -> None:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tadlora.cliutil import apply_env_defaults, csv_list, error_text, int_or_auto, join
-from tadlora.core.methods import method_names
+from tadlora.core.methods import method_names, takes_switch_interval
 from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS
 
@@ -36,7 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, required=True, help="output directory (created; resumed if it exists)")
     parser.add_argument("--methods", type=csv_list(str), help=f"comma list of: {join(method_names())}")
     parser.add_argument("--link-probs", type=csv_list(float), help="comma list of per-round link probabilities p")
-    parser.add_argument("--switch-intervals", type=csv_list(int_or_auto), help="comma list of T (ints or auto)")
+    parser.add_argument(
+        "--switch-intervals",
+        type=csv_list(int_or_auto),
+        help="comma list of T (ints or auto: TAD-LoRA's topology-aware T) run by the methods in sweep_methods "
+        f"({join(SimConfig().sweep_methods)} unless --config sets it); adf keeps its own T",
+    )
     parser.add_argument(
         "--topologies",
         type=topology_list,
@@ -126,7 +131,16 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     train = {f: getattr(args, f) for f in ("precision", "optimizer", "optimizer_state") if getattr(args, f) is not None}
     if train:
         changes["train"] = train
-    return override(config, changes) if changes else config
+    config = override(config, changes) if changes else config
+    if args.switch_intervals is not None and not any(
+        takes_switch_interval(m) and m in config.sweep_methods for m in config.methods
+    ):
+        raise ValueError(
+            f"--switch-intervals would be ignored: it sets T for the methods in sweep_methods "
+            f"({join(config.sweep_methods) or 'none'}), and the methods to run ({join(config.methods)}) "
+            "include none of them"
+        )
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,9 +62,13 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         parse_robust_mixing(self.robust_mixing)  # raises ValueError on a bad rule
-        for method in self.methods:
+        for axis in ("methods", "topologies", "link_probs", "switch_intervals", "seeds"):
+            if not getattr(self, axis):  # an empty axis would run no cell of the grid, or none of a swept method
+                raise ValueError(f"{axis} must name at least one value")
+        for method in (*self.methods, *self.sweep_methods):
             if method not in method_names():
                 raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+        for method in self.methods:
             self.train.check_method(make_method(method))
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
@@ -80,8 +84,21 @@ class SimConfig:
         for p in self.link_probs:
             if not 0.0 < p <= 1.0:
                 raise ValueError(f"link probability must be in (0, 1], got {p}")
+        if min(self.seeds) < 0:  # seeds the data split's numpy generator, which takes no negative seed
+            raise ValueError(f"seeds must be >= 0, got {min(self.seeds)}")
         for topo in self.topologies:
             make_topology(topo, self.num_clients)  # validates the spec early, before hours of compute
+        # A cell's file is named by its key, which shows these axes' values lossily: two values shown alike would
+        # share one file, and the second cell would be taken as finished with the first one's results.
+        for axis, shown in (("topologies", _topology_tag), ("link_probs", _prob_tag)):
+            tags: dict[str, Any] = {}
+            for value in getattr(self, axis):
+                other = tags.setdefault(shown(value), value)
+                if other != value:
+                    raise ValueError(
+                        f"{axis} {other!r} and {value!r} would share result files (both are {shown(value)!r} in a "
+                        "cell's file name): give only one of them"
+                    )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (written to results.json)."""
@@ -132,8 +149,7 @@ class Cell:
     def key(self) -> str:
         """A file-name-safe unique key."""
         t = "-" if self.switch_interval is None else str(self.switch_interval)
-        topo = "".join(c if c.isalnum() else "_" for c in self.topology)
-        return f"{self.method}__{topo}__p{self.link_prob:g}__T{t}__s{self.seed}"
+        return f"{self.method}__{_topology_tag(self.topology)}__p{_prob_tag(self.link_prob)}__T{t}__s{self.seed}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -154,6 +170,16 @@ class Cell:
             return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a cell record: {exc}") from None
+
+
+def _topology_tag(topology: str) -> str:
+    """A topology as a cell's key shows it (file-name-safe)."""
+    return "".join(c if c.isalnum() else "_" for c in topology)
+
+
+def _prob_tag(link_prob: float) -> str:
+    """A link probability as a cell's key shows it."""
+    return f"{link_prob:g}"
 
 
 _SMOKE = SimConfig(

@@ -287,10 +287,16 @@ def make_engine(
     max_group_sequences: int = 256,
 ) -> SequentialEngine | BatchedEngine:
     """The engine named ``kind``: "batched", "sequential", or "auto" (batched on CUDA, sequential on CPU)."""
-    if kind == "auto":
-        kind = "batched" if model.device.type == "cuda" else "sequential"
+    kind = resolve_engine(kind, model.device)
     if kind == "batched":
         return BatchedEngine(model, shards, dev, spec, seed, max_group_sequences)
     if kind == "sequential":
         return SequentialEngine(model, shards, dev, spec, seed)
     raise ValueError(f"unknown engine {kind!r}")
+
+
+def resolve_engine(kind: str, device: torch.device) -> str:
+    """The engine ``kind`` is on ``device``: "auto" is batched on CUDA and sequential elsewhere."""
+    if kind == "auto":
+        return "batched" if device.type == "cuda" else "sequential"
+    return kind

@@ -46,13 +46,26 @@ def _by_label(runs: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]
 
 
 def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, log: bool = False) -> Path:
+    _save(_round_figure(results, field, ylabel, log), path)
+    return path
+
+
+def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = False) -> Any:
+    """One panel per (topology, p), a line per method (and T). A method has one colour in every panel and the
+    legend names every line of every panel: the panels of a grid still running need not hold the same methods."""
     panels = _panels(results)
+    labels = sorted(_by_label(results["cells"]))
+    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
+    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
+    shown: dict[str, Any] = {}  # label → a line drawn with it, for the legend
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
     for ax, (topo, p, runs) in zip(axes[0], panels, strict=True):
         for label, members in sorted(_by_label(runs).items()):
             xs, ys = _series(members, field)
             if len(xs):
-                (line,) = ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, ms=3, label=label)
+                marker = "o" if len(xs) < 30 else None
+                (line,) = ax.plot(xs, ys, marker=marker, ms=3, label=label, color=colors[label])
+                shown.setdefault(label, line)
                 if field == "acc_mean":  # the spread over clients, which a gap between methods must exceed
                     _, std = _series(members, "acc_std")
                     ax.fill_between(xs, ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
@@ -62,12 +75,12 @@ def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, lo
         if log:
             ax.set_yscale("symlog", linthresh=1e-8)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    if shown:  # none when every value is missing (NaN, written as null)
+        axes[0][-1].legend([shown[label] for label in sorted(shown)], sorted(shown), fontsize=7, loc="best")
     band = " (band: ± std over clients)" if field == "acc_mean" else ""
     fig.suptitle(f"{results['config']['name']}: {ylabel}, mean over seeds{band}", fontsize=9)
     fig.tight_layout()
-    _save(fig, path)
-    return path
+    return fig
 
 
 def _t_plot(results: dict[str, Any], path: Path) -> Path | None:

@@ -34,7 +34,7 @@ from tadlora.core.topology import Topology, make_topology
 from tadlora.data import TextDataset, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig
-from tadlora.sim.engine import ClientEngine, make_engine
+from tadlora.sim.engine import ClientEngine, make_engine, resolve_engine
 from tadlora.training import Encoded, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
@@ -273,10 +273,10 @@ class Simulator:
 
     def _check_same_config(self, computes: bool = True) -> None:
         """Refuse to mix results of different configs in one directory (resume only what was started), then stamp
-        ours. The stamp also records what the run computes in on this host (`RESOLVED_KEY`), unless this run
-        ``computes`` nothing and the stamp had no such record: a report must not vouch for cells it did not run."""
+        ours. The stamp also records what the run computes in on this host (`RESOLVED_KEY`); a run that ``computes``
+        nothing keeps the record the stamp had, or none: a report must not vouch for cells it did not run."""
         stamp = self.out / "config.json"
-        record: dict[str, Any] = {RESOLVED_KEY: self._resolved()}
+        record: dict[str, Any] = {RESOLVED_KEY: self._resolved()} if computes else {}
         if stamp.exists():
             theirs = json.loads(stamp.read_text(encoding="utf-8"))
             changed = self._changed_settings(theirs)
@@ -285,20 +285,25 @@ class Simulator:
                     f"{self.out} holds a run with different settings ({', '.join(changed)}); "
                     "use another --out directory to start a new run"
                 )
-            if not computes and RESOLVED_KEY not in theirs:
-                record = {}
+            if not computes and RESOLVED_KEY in theirs:  # kept as the runs that computed wrote it
+                record = {RESOLVED_KEY: theirs[RESOLVED_KEY]}
         atomic_write_json(stamp, {**self.config.to_dict(), **record})
 
     def _resolved(self) -> dict[str, str]:
         """Settings as this host resolves them, where that changes what a cell computes."""
-        return {"matmul_precision": matmul_precision(self.device, self.config.train.precision)}
+        return {
+            "matmul_precision": matmul_precision(self.device, self.config.train.precision),
+            "engine": resolve_engine(self.config.engine, self.device),
+        }
 
     def _changed_settings(self, theirs: dict[str, Any]) -> list[str]:
         """The settings in which a run's stamped config differs from ours, other than the grid's axes.
 
         Precision is compared as computed, where the stamp records it: "auto" is fp32 on a CPU and bf16 autocast on
         CUDA, so a grid started on one may not go on, or lend its cells, on the other unless the precision is
-        pinned to the one its cells ran in; and "auto" and "fp32" are the same computation on a CPU."""
+        pinned to the one its cells ran in; and "auto" and "fp32" are the same computation on a CPU. The engine
+        likewise: "auto" is the batched engine on CUDA and the sequential one on a CPU, which agree only to float
+        tolerance (and with dropout draw other masks)."""
         theirs = dict(theirs)
         resolved = theirs.pop(RESOLVED_KEY, None)
         mine = json.loads(json.dumps(self.config.to_dict()))
@@ -310,6 +315,11 @@ class Simulator:
                 changed.append(f"matmul precision: {ran} there, {here} here (pin it with --precision {ran})")
             theirs["train"] = {**theirs["train"], "precision": None}
             mine["train"] = {**mine["train"], "precision": None}
+        if isinstance(resolved, dict) and "engine" in resolved:  # stamps before it was recorded compare the setting
+            ran, here = resolved["engine"], self._resolved()["engine"]
+            if ran != here:
+                changed.append(f"engine: {ran} there, {here} here (pin it with --engine {ran})")
+            theirs["engine"] = mine["engine"] = None
         changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
         return sorted(changed)
 
@@ -364,15 +374,6 @@ class Simulator:
         ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
         records: list[RoundRecord] = []
         earlier = 0.0  # s the checkpointed rounds took in earlier processes
-        resume = _read_checkpoint(ckpt, partial) if ckpt.exists() else None
-        if resume is not None:
-            tensors, records, earlier = resume
-            for i in range(cfg.num_clients):
-                engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
-                opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}/{i}/")}
-                if opt:
-                    engine.set_optimizer_state(i, opt)
-        started = time.monotonic()
 
         def after_round(t: int, record: RoundRecord) -> None:
             records.append(record)
@@ -395,7 +396,16 @@ class Simulator:
                 atomic_write_bytes(ckpt, save(state, metadata=meta))
                 atomic_write_json(partial, {"records": records, "seconds": seconds})
 
-        try:
+        try:  # the engine is closed however the cell ends, a refused checkpoint included
+            resume = _read_checkpoint(ckpt, partial) if ckpt.exists() else None
+            if resume is not None:
+                tensors, records, earlier = resume
+                for i in range(cfg.num_clients):
+                    engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
+                    opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}/{i}/")}
+                    if opt:
+                        engine.set_optimizer_state(i, opt)
+            started = time.monotonic()
             robust = parse_robust_mixing(cfg.robust_mixing)
             simulate(engine, method, topology, cfg.rounds, cfg.eval_every, len(records), after_round, robust)
         finally:
