@@ -693,10 +693,10 @@ def test_make_shards_accepts_a_dataset_and_uses_its_class_count() -> None:
         ("dirichlet:abc", 10, "dirichlet needs a concentration"),
         ("dirichlet:0", 10, "alpha must be a positive number"),
         ("label-skew:ten", 10, "label-skew:N needs an integer"),
-        ("label-skew:0", 10, "samples_per_client must be >= 1"),
+        ("label-skew:0", 10, "label-skew:N needs N >= 1 samples per client"),
         ("label-skew@most", 10, "label-skew@SHARE needs the dominant class's share"),
         ("label-skew@0.4", 10, r"must lie in \[1/2, 1\], got 0.4"),
-        ("label-skew@1.5:20", 10, r"must lie in \[1/2, 1\], got 1.5"),
+        ("label-skew@1.5:20", 10, r"the dominant share must lie in \(0, 1\]"),
         ("iid", 0, "num_clients must be >= 1"),
         ("iid", 2000, "cannot give 2000 clients"),
     ],
@@ -704,3 +704,22 @@ def test_make_shards_accepts_a_dataset_and_uses_its_class_count() -> None:
 def test_bad_shard_schemes_raise_value_errors(scheme: str, clients: int, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         make_shards(balanced_labels(2, 100), scheme, clients, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("scheme", "parsed"),
+    [
+        ("iid", ("iid", None)),
+        (" IID ", ("iid", None)),
+        ("label-skew", ("label-skew", (0.9, None))),
+        ("label-skew@0.7:50", ("label-skew", (0.7, 50))),
+        ("dirichlet:0.5", ("dirichlet", 0.5)),
+    ],
+)
+def test_a_shard_scheme_parses_without_data(scheme: str, parsed: tuple[str, object]) -> None:
+    from tadlora.data.splits import parse_shard_scheme
+
+    assert parse_shard_scheme(scheme) == parsed
+    for bad in ("shuffle", "iid:2", "dirichlet:nan", "label-skew:-3", "label-skew@0"):
+        with pytest.raises(ValueError, match="shard scheme"):
+            parse_shard_scheme(bad)

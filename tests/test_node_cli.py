@@ -40,6 +40,10 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
         parse(["--optimizer", "sgd", "--optimizer-state", "persistent"], monkeypatch)
     with pytest.raises(ValueError, match="'decaf' re-factors B and A every round"):
         parse(["--method", "decaf", "--optimizer-state", "persistent"], monkeypatch)
+    # A misspelt split used to pass until the model and data had loaded, minutes later on an edge device.
+    with pytest.raises(ValueError, match="--split: unknown shard scheme 'label-skw'"):
+        parse(["--split", "label-skw"], monkeypatch)
+    assert parse(["--split", "dirichlet:0.5"], monkeypatch).split == "dirichlet:0.5"
 
 
 @pytest.mark.parametrize("address", ["", "not-an-ip", "10.0.0.5:7070", "0.0.0.0", "224.0.0.251"])  # noqa: S104 - refused, never bound

@@ -521,6 +521,8 @@ def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
         ({"switch_intervals": []}, "switch_intervals must name"),  # used to drop every tad cell without a word
         ({"seeds": []}, "seeds must name"),  # used to run nothing and report success
         ({"sweep_methods": ["tad-lora"]}, "unknown method 'tad-lora'"),  # used to run tad at its default T only
+        ({"split": "label-skw"}, "unknown shard scheme 'label-skw'"),  # used to pass until the data had loaded
+        ({"split": "dirichlet:0"}, "dirichlet alpha must be a positive number"),
     ],
 )
 def test_cli_refuses_a_malformed_config_file_with_a_message(tmp_path, capsys, settings, message) -> None:

@@ -262,17 +262,37 @@ def make_shards(
         labels, num_classes = dataset_or_labels.labels, dataset_or_labels.num_classes
     else:
         labels, num_classes = _labels(dataset_or_labels), None
+    kind, arg = parse_shard_scheme(scheme)
+    if isinstance(arg, tuple):
+        share, per_client = arg
+        return split_label_skew(labels, num_clients, seed, per_client, num_classes, share)
+    if kind == "dirichlet":
+        assert isinstance(arg, float)  # noqa: S101 (what the parser returns for it)
+        return split_dirichlet(labels, num_clients, arg, seed)
+    return split_iid(labels, num_clients, seed)
+
+
+def parse_shard_scheme(scheme: str) -> tuple[str, tuple[float, int | None] | float | None]:
+    """``(kind, argument)`` of a `make_shards` scheme, checked without any data, so that a config can refuse a
+    bad one before loading a model: ("iid", None), ("label-skew", (share, n or None)), ("dirichlet", alpha).
+    Raises ``ValueError`` saying what is wrong (what only the data can tell, such as too few samples, is left to
+    `make_shards`)."""
     skew = parse_label_skew(scheme)
     if skew is not None:
-        share, per_client = skew
-        return split_label_skew(labels, num_clients, seed, per_client, num_classes, share)
+        if not (math.isfinite(skew[0]) and 0.0 < skew[0] <= 1.0):
+            raise ValueError(f"shard scheme {scheme!r}: the dominant share must lie in (0, 1]")
+        if skew[1] is not None and skew[1] < 1:
+            raise ValueError(f"shard scheme {scheme!r}: label-skew:N needs N >= 1 samples per client")
+        return "label-skew", skew
     kind, sep, arg = scheme.strip().lower().partition(":")
     if kind == "iid" and not sep:
-        return split_iid(labels, num_clients, seed)
+        return "iid", None
     if kind == "dirichlet":
         try:
             alpha = float(arg)
         except ValueError:
             raise ValueError(f"shard scheme {scheme!r}: dirichlet needs a concentration, e.g. dirichlet:0.5") from None
-        return split_dirichlet(labels, num_clients, alpha, seed)
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"shard scheme {scheme!r}: dirichlet alpha must be a positive number")
+        return "dirichlet", alpha
     raise ValueError(f"unknown shard scheme {scheme!r}; expected one of {', '.join(SHARD_SCHEMES)}")

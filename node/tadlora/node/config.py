@@ -10,6 +10,7 @@ from pathlib import Path
 from tadlora.adapter import LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
+from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.netif import require_unicast_ipv4
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import node_id_problem
@@ -96,6 +97,10 @@ class NodeConfig:
                 raise ValueError(f"{flag} must be >= 1, got {count}")
         if self.checkpoint_every < 1 or self.eval_every < 1:
             raise ValueError("--checkpoint-every and --eval-every must be >= 1")
+        try:
+            parse_shard_scheme(self.split)  # here, not after minutes of model and data loading
+        except ValueError as exc:
+            raise ValueError(f"--split: {exc}") from None
         if not self.max_factor_norm > 0:
             raise ValueError(f"--max-factor-norm must be > 0, got {self.max_factor_norm}")
         host, _, port = self.listen.rpartition(":")

@@ -20,6 +20,7 @@ from tadlora.core.methods import (
 )
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.core.topology import make_topology
+from tadlora.data.splits import parse_shard_scheme
 from tadlora.training import TrainSpec
 
 ALL_METHODS: tuple[str, ...] = ("tad", "adf", "lora", "ffa", "rolora", "decaf", "tad-nojoint")
@@ -88,6 +89,7 @@ class SimConfig:
             raise ValueError(f"seeds must be >= 0, got {min(self.seeds)}")
         for topo in self.topologies:
             make_topology(topo, self.num_clients)  # validates the spec early, before hours of compute
+        parse_shard_scheme(self.split)  # likewise, before the model and data load
         # A cell's file is named by its key, which shows these axes' values lossily: two values shown alike would
         # share one file, and the second cell would be taken as finished with the first one's results.
         for axis, shown in (("topologies", _topology_tag), ("link_probs", _prob_tag)):
