@@ -34,6 +34,27 @@ def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
     ]  # fmt: skip
 
 
+def interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def wait_with_progress(procs: list[subprocess.Popen[bytes]], args: argparse.Namespace) -> list[int]:
+    """Wait for the nodes, printing a line each time node-0 finishes a round (the full logs are in the files)."""
+    rounds_file = args.out / "node-0" / "rounds.jsonl"
+    shown = 0
+    while any(p.poll() is None for p in procs):
+        time.sleep(2)
+        text = rounds_file.read_text() if rounds_file.exists() else ""
+        lines = text.split("\n")[:-1]  # whole lines only: the node may be writing the last one
+        for line in lines[shown:]:
+            r = json.loads(line)
+            acc = f", dev accuracy {r['eval_accuracy']:.3f}" if "eval_accuracy" in r else ""
+            print(f"node-0 round {r['round'] + 1}/{args.rounds} (phase {r['phase']}): loss {r['loss']:.4f}, "
+                  f"{r['degree']} neighbours, {r['seconds']:.0f} s{acc}", flush=True)  # fmt: skip
+        shown = max(shown, len(lines))
+    return [p.wait() for p in procs]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", type=int, default=3, help="number of nodes")
@@ -54,16 +75,19 @@ def main() -> int:
         issue = [*certs, "issue", f"node-{i}", "--dir", str(args.out / "certs")]
         subprocess.run(issue, check=True, capture_output=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the nodes share the machine's cores
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # stop the nodes the same way when this script is stopped
+        signal.signal(sig, interrupt)
     procs = []
     started = time.monotonic()
     print(f"starting {args.nodes} nodes (cluster {cluster}); logs in {args.out}/node-*.log", flush=True)
     try:
         for i in range(args.nodes):
             log = (args.out / f"node-{i}.log").open("w")
-            procs.append(
-                subprocess.Popen(node_command(i, args, cluster), stdout=log, stderr=subprocess.STDOUT, env=env)
-            )
-        codes = [p.wait() for p in procs]
+            # A session of their own: Ctrl-C on a terminal reaches this script only, which then sends each node
+            # ONE SIGINT (a node takes a second signal as "exit now, without a checkpoint").
+            cmd = node_command(i, args, cluster)
+            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
+        codes = wait_with_progress(procs, args)
     except KeyboardInterrupt:
         for p in procs:
             p.send_signal(signal.SIGINT)  # graceful: each node checkpoints and says goodbye

@@ -46,3 +46,7 @@ def test_local_cluster_quickstart(tmp_path: Path) -> None:
     out = run_example("local_cluster.py", "--out", str(tmp_path), "--rounds", "3", "--model", "tiny",
                       "--eval-every", "3", timeout=600).stdout  # fmt: skip
     assert out.count("3 rounds, 2 neighbours") == 3
+    # Progress while it runs (the real demo is minutes of silence otherwise): node-0's every round, once.
+    progress = [line for line in out.splitlines() if line.startswith("node-0 round ")]
+    assert [line.split()[2] for line in progress] == ["1/3", "2/3", "3/3"], out
+    assert "dev accuracy" in progress[-1]

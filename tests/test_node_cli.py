@@ -21,6 +21,27 @@ def parse(argv: list[str], monkeypatch: pytest.MonkeyPatch, **env: str):
     return config_from_args(build_run_parser().parse_args([*argv, "--insecure"]))
 
 
+def test_help_shows_each_flag_s_default_and_where_a_variable_set_it(monkeypatch) -> None:
+    def flag_help(flag: str) -> str:
+        entry: list[str] = []  # the option's lines: from its own to the next option's
+        for line in build_run_parser().format_help().splitlines():
+            if line.lstrip().startswith("-"):
+                if entry:
+                    break
+                if line.lstrip().startswith(f"{flag} ") or line.strip() == flag:
+                    entry.append(line)
+            elif entry:
+                entry.append(line)
+        return " ".join(" ".join(entry).split())
+
+    monkeypatch.delenv("TADLORA_LOCAL_STEPS", raising=False)
+    assert flag_help("--local-steps").endswith("(default: 10) [env: TADLORA_LOCAL_STEPS]")
+    assert "(default:" not in flag_help("--insecure")  # a switch that is off says nothing
+    assert flag_help("--switch-interval").count("default") == 1  # its help names the default itself
+    monkeypatch.setenv("TADLORA_LOCAL_STEPS", "3")
+    assert flag_help("--local-steps").endswith("(default: 3) [env: TADLORA_LOCAL_STEPS]")
+
+
 def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) -> None:
     cfg = parse([], monkeypatch, TADLORA_LINK_PROB="0.1", TADLORA_METHOD="rolora", TADLORA_ROUNDS="7",
                 TADLORA_PEERS="auto,10.0.0.5:7070", TADLORA_LORA_TARGETS="query,key,value")  # fmt: skip

@@ -17,31 +17,46 @@ def env_name(dest: str) -> str:
 
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
     """Let ``TADLORA_<FLAG>`` set each option's default (a flag given on the command line still wins), and
-    say so in ``--help``. Boolean flags accept 1/true/yes/on. A value the flag would refuse (its type or its
-    ``choices``) is refused the same way, by ``parser.error`` (exit 2)."""
+    say so in ``--help``, with the default (unless the help already names it). Boolean flags accept
+    1/true/yes/on. A value the flag would refuse (its type or its ``choices``) is refused the same way, by
+    ``parser.error`` (exit 2)."""
     env = os.environ if environ is None else environ
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "version"):
             continue
         name = env_name(action.dest)
-        action.help = f"{action.help or ''} [env: {name}]".strip()
-        if name not in env:
-            continue
-        raw = env[name]
-        if isinstance(action, argparse._StoreTrueAction):
-            action.default = raw.strip().lower() in ("1", "true", "yes", "on")
-        elif action.type is not None and callable(action.type):
-            try:
-                action.default = action.type(raw)
-            except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-                parser.error(f"{name}={raw!r}: {exc}")
-        else:
-            action.default = raw
-        # argparse checks choices only for values given on the command line, never for a default.
-        if action.choices is not None and action.default not in action.choices:
-            choices = ", ".join(map(str, action.choices))
-            parser.error(f"{name}={raw!r}: invalid choice (choose from {choices})")
-        action.required = False
+        if name in env:
+            _default_from_env(parser, action, name, env[name])
+        shown = _shown_default(action.default)
+        default = f" (default: {shown})" if shown and "default" not in (action.help or "") else ""
+        action.help = f"{action.help or ''}{default} [env: {name}]".strip()
+
+
+def _shown_default(value: Any) -> str:
+    """A default as ``--help`` shows it ('' for none), escaped for argparse's %-formatting of help texts."""
+    if value is None or value is False or value == argparse.SUPPRESS:
+        return ""
+    if isinstance(value, list | tuple):
+        value = ",".join(map(str, value))
+    return str(value).replace("%", "%%")
+
+
+def _default_from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str) -> None:
+    """Set ``action``'s default from the environment variable ``name`` (value ``raw``), or exit 2."""
+    if isinstance(action, argparse._StoreTrueAction):
+        action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+    elif action.type is not None and callable(action.type):
+        try:
+            action.default = action.type(raw)
+        except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
+            parser.error(f"{name}={raw!r}: {exc}")
+    else:
+        action.default = raw
+    # argparse checks choices only for values given on the command line, never for a default.
+    if action.choices is not None and action.default not in action.choices:
+        choices = ", ".join(map(str, action.choices))
+        parser.error(f"{name}={raw!r}: invalid choice (choose from {choices})")
+    action.required = False
 
 
 def csv_list(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:

@@ -93,7 +93,8 @@ def build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-shards", type=int, default=1, help="number of shards (= nodes in the cluster)")
     t.add_argument("--samples-per-client", type=int, help="cap on this node's training examples")
     t.add_argument("--method", default="tad", choices=method_names(), help="decentralized LoRA method")
-    t.add_argument("--switch-interval", type=int, help="T: rounds between factor switches (alternating methods)")
+    t.add_argument("--switch-interval", type=int,
+                   help="T: rounds between factor switches, for tad, adf and tad-nojoint (default: 5)")  # fmt: skip
     t.add_argument("--rounds", type=int, help="rounds to run (default: until stopped)")
     t.add_argument("--local-steps", type=int, default=10, help="local steps per round (K)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per local step")

@@ -301,7 +301,9 @@ def build_doctor_parser() -> argparse.ArgumentParser:
     p.prog, p.description = "tadlora-node doctor", __doc__
     g = p.add_argument_group("doctor")
     g.add_argument("--json", action="store_true", help="print the checks as one JSON object")
-    g.add_argument("--browse-seconds", type=float, default=BROWSE_S, help="seconds to browse mDNS for peers")
+    g.add_argument(
+        "--browse-seconds", type=float, default=BROWSE_S, help="seconds to browse mDNS for peers (default: %(default)s)"
+    )
     return p
 
 
