@@ -154,6 +154,7 @@ def test_status_prints_a_running_nodes_id_cluster_round_and_state_as_json_and_si
 
     gone = status_cli(node.address)  # nothing serves there any more: a clear error, exit 1
     assert gone.returncode == 1 and "unavailable" in gone.stderr, gone.stderr
+    assert "nothing accepts connections there" in gone.stderr and "--tls-dir" not in gone.stderr, gone.stderr
 
 
 def test_a_signal_during_start_up_still_stops_gracefully(tmp_path: Path) -> None:

@@ -333,6 +333,19 @@ def _kept_node_id(out: Path | None) -> str | None:
     return node_id if isinstance(node_id, str) else None
 
 
+def _accepts_connections(address: str, timeout: float) -> bool:
+    """Whether a TCP connection to ``address`` (HOST:PORT) is accepted: tells "nothing listens" apart from a
+    listener that refused us (TLS, another protocol), which gRPC reports alike."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
 def status_main(argv: list[str]) -> int:
     """`tadlora-node status HOST:PORT [--tls-dir DIR --node-id ID]`: 0 and the JSON if the node answers, 1 if it
     does not, 2 for bad flags or TLS files."""
@@ -348,7 +361,9 @@ def status_main(argv: list[str]) -> int:
     try:
         doc = asyncio.run(query_status(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
     except (PeerUnavailable, ExchangeRefused) as exc:
-        if credentials is None:
+        if isinstance(exc, PeerUnavailable) and not _accepts_connections(a.address, a.timeout):
+            hint = "nothing accepts connections there: is the node running, and is this its --listen HOST:PORT?"
+        elif credentials is None:
             hint = (
                 "if the node runs with TLS, pass --tls-dir DIR --node-id NODE_ID (or TADLORA_TLS_DIR and "
                 "TADLORA_NODE_ID) with a certificate of its cluster"
