@@ -4,7 +4,8 @@ Each node gets the same model, dataset, --num-shards, --method and --seed, and i
 Here the model is `tiny` (built from a config: seconds) and the data a generated JSONL file. For yours, give this
 script `--model /path/to/hf-model`, and give the nodes `--dataset /path/to/train.jsonl?text=sentence&label=label`
 (the `--dataset` entry of `common` below; this script has no --dataset flag); a dev.jsonl beside the train file
-is used for evaluation.
+is used for evaluation. `tiny` has random weights, so its accuracy stays near chance (about 0.5) in these few
+rounds: the run shows the workflow, not learning; a pretrained model (`--model minilm`) is what learns.
 
     python examples/node_own_model_and_data.py --out runs/own-nodes
 """
