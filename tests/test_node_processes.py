@@ -143,6 +143,8 @@ def test_status_prints_a_running_nodes_id_cluster_round_and_state_as_json_and_si
         doc = json.loads(result.stdout)
         node.send(signal.SIGINT)
         assert node.wait_exit(30) == 0, node.tail()
+        # Every JSON log line names the node, the start-up's first lines (before the model loads) included.
+        assert {r["node_id"] for r in node.records()} == {f"solo-{tag}"}
     identity = json.loads((tmp_path / "out" / "node.json").read_text())
     assert doc["node_id"] == f"solo-{tag}"
     assert doc["cluster"] == tag

@@ -39,6 +39,8 @@ from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, TrainSpec
 if TYPE_CHECKING:
     import grpc
 
+    from tadlora.node.daemon import Node
+
 log = logging.getLogger("tadlora.node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # --log-level; setup_logging would raise on any other
 
@@ -177,16 +179,20 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line, with the node id and round when known."""
+    """One JSON object per line, with the node id and round when known.
+
+    The id is the node's (``node``, once it has one: a new node makes it up during its start-up), else
+    ``node_id`` (the id the flags or the kept ``--out`` give, known before the start-up logs anything)."""
 
     node_id = ""
+    node: Node | None = None
 
     def format(self, record: logging.LogRecord) -> str:
         doc: dict[str, Any] = {
             "time": round(record.created, 3),
             "level": record.levelname,
             "logger": record.name,
-            "node_id": self.node_id,
+            "node_id": (self.node.node_id if self.node is not None else "") or self.node_id,
             "message": record.getMessage(),
         }
         if hasattr(record, "round"):
@@ -237,9 +243,11 @@ async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) ->
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, on_signal, sig)
     try:
-        async with Node(config) as node:
-            if json_fmt is not None:
-                json_fmt.node_id = node.node_id
+        node = Node(config)
+        if json_fmt is not None:
+            json_fmt.node_id = config.node_id or _kept_node_id(config.out) or ""
+            json_fmt.node = node
+        async with node:
             if stop_requested.is_set():
                 node.request_stop()
             result = await node.run()
