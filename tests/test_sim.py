@@ -498,6 +498,11 @@ def test_cli_refuses_switch_intervals_that_no_method_it_runs_would_use(tmp_path,
     assert [(c.method, c.switch_interval) for c in config.cells()] == [("tad", 1), ("tad", 2), ("adf", 5)]
 
 
+def test_cli_help_says_what_a_run_without_a_preset_starts_from() -> None:
+    help_text = " ".join(build_parser().format_help().split())
+    assert "Without one the run starts from the defaults: minilm on builtin:sst2-small, 10 clients" in help_text
+
+
 def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
     from tadlora.sim.cli import config_from_args
 

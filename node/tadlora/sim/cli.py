@@ -31,7 +31,14 @@ def build_parser() -> argparse.ArgumentParser:
         prog="tadlora-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     caveats = "".join(f"; {name} is {note}" for name, note in sorted(PRESET_CAVEATS.items()))
-    parser.add_argument("--preset", help=f"start from a named preset: {join(sorted(PRESETS))}{caveats}")
+    base = SimConfig()
+    parser.add_argument(
+        "--preset",
+        help=f"start from a named preset: {join(sorted(PRESETS))}{caveats}. Without one the run starts from the "
+        f"defaults: {base.model} on {base.dataset}, {base.num_clients} clients, {base.rounds} rounds, "
+        f"methods {join(base.methods)}, p = {join([str(p) for p in base.link_probs])}, "
+        f"seed {join([str(s) for s in base.seeds])}",
+    )
     parser.add_argument("--config", type=Path, help="JSON file of SimConfig settings applied on top of the preset")
     parser.add_argument("--out", type=Path, required=True, help="output directory (created; resumed if it exists)")
     parser.add_argument("--methods", type=csv_list(str), help=f"comma list of: {join(method_names())}")
