@@ -47,3 +47,23 @@ def test_consensus_distance_of_identical_clients_is_zero() -> None:
     d = diagnose(clients([a] * 3, [b] * 3))
     assert (d.consensus_a, d.consensus_b, d.cross_term_norm) == (0.0, 0.0, 0.0)
     assert d.consensus_ba == pytest.approx(0.0, abs=1e-24)  # the mean of equal float products may round
+
+
+def test_diagnose_on_literal_inputs_sums_every_module() -> None:
+    # Two clients, two modules of 1x1 factors. Module m: A = (2, 6), B = (1, 3); module n: A = (1, 3), B = (0, 4).
+    # consensus_a = (4 + 4)/2 + (1 + 1)/2 = 5; consensus_b = (1 + 1)/2 + (4 + 4)/2 = 5;
+    # B·A: m (2, 18) → (64 + 64)/2, n (0, 12) → (36 + 36)/2, so consensus_ba = 100; C_m = 2, C_n = 2 → ‖C‖ = √8.
+    def one(value: float) -> torch.Tensor:
+        return torch.tensor([[value]], dtype=torch.float64)
+
+    ka_n, kb_n = factor_key("n", Factor.A), factor_key("n", Factor.B)
+    d = diagnose(
+        [
+            {KA: one(2.0), KB: one(1.0), ka_n: one(1.0), kb_n: one(0.0)},
+            {KA: one(6.0), KB: one(3.0), ka_n: one(3.0), kb_n: one(4.0)},
+        ]
+    )
+    assert d.consensus_a == pytest.approx(5.0)
+    assert d.consensus_b == pytest.approx(5.0)
+    assert d.consensus_ba == pytest.approx(100.0)
+    assert d.cross_term_norm == pytest.approx(8.0**0.5)

@@ -51,6 +51,7 @@ def test_each_method_trains_and_mixes_the_stated_factors(
     method = make_method(name)
     assert method.trained(t) == trained
     assert method.mixed(t) == mixed
+    assert method.phase(t) == "".join(sorted(f.value for f in trained))  # logs and status name what trains
 
 
 def test_adf_default_interval_is_five_and_equals_tad_with_that_interval() -> None:
@@ -79,9 +80,10 @@ def test_duplicate_registration_is_refused() -> None:
 
 def test_recommended_interval_grows_as_connectivity_falls() -> None:
     m = 10
-    ts = [recommended_switch_interval(p * (m - 1)) for p in (0.5, 0.1, 0.02)]
+    ts = [recommended_switch_interval(p * (m - 1)) for p in (0.5, 0.1, 0.02, 0.0)]
     assert ts == sorted(ts) and ts[0] < ts[-1]
-    assert all(1 <= t <= 15 for t in ts)
+    # T ≈ rounds to see two live links, ⌈2 / degree⌉, within [1, 15]; no live links at all: the longest T
+    assert ts == [1, 3, 12, 15]
 
 
 def test_a_t_given_to_rolora_is_refused_without_claiming_it_does_not_alternate() -> None:

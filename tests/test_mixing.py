@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tadlora.core.factors import BOTH, Factor, factor_key
+from tadlora.core.factors import BOTH, Factor, factor_key, factor_of
 from tadlora.core.methods import make_method
 from tadlora.core.mixing import (
     apply_method_mixing,
@@ -181,18 +181,39 @@ def test_decaf_keeps_a_when_every_b_is_still_zero() -> None:
         assert torch.equal(mixed[key], own[key])
 
 
-def test_apply_method_mixing_follows_the_method() -> None:
+@pytest.mark.parametrize(
+    ("name", "t", "mixed_factors"),
+    [
+        ("rolora", 0, "B"),  # round 0 trains and mixes B only
+        ("rolora", 1, "A"),
+        ("tad", 0, "AB"),  # trains B only, but mixes both (joint mixing): trained and mixed differ
+        ("tad", 5, "AB"),
+        ("tad-nojoint", 0, "B"),
+        ("tad-nojoint", 5, "A"),
+        ("ffa", 3, "B"),
+        ("lora", 3, "AB"),
+    ],
+)
+def test_apply_method_mixing_follows_the_method(name: str, t: int, mixed_factors: str) -> None:
+    gen = torch.Generator().manual_seed(8)
+    own, other = make_factors(gen), make_factors(gen)
+    w = local_weights(1, {"x": 1})  # w_ii = w_ix = 1/2
+    mixed = apply_method_mixing(make_method(name), t, own, {"x": other}, w)
+    for key in own:
+        if factor_of(key).value in mixed_factors:
+            torch.testing.assert_close(mixed[key], (own[key] + other[key]) / 2)
+        else:
+            assert torch.equal(mixed[key], own[key])
+
+
+def test_apply_method_mixing_mixes_products_for_decaf() -> None:
     gen = torch.Generator().manual_seed(8)
     own, other = make_factors(gen), make_factors(gen)
     w = local_weights(1, {"x": 1})
-    rolora = make_method("rolora")
-    for t, frozen_marker in [(0, ".lora_A."), (1, ".lora_B.")]:  # round 0 trains and mixes B only
-        mixed = apply_method_mixing(rolora, t, own, {"x": other}, w)
-        for key in own:
-            if frozen_marker in key:
-                assert torch.equal(mixed[key], own[key])
-            else:
-                assert not torch.equal(mixed[key], own[key])
+    mixed = apply_method_mixing(make_method("decaf"), 0, own, {"x": other}, w)
+    want = mix_products(own, {"x": other}, w)
+    assert all(torch.equal(mixed[key], want[key]) for key in own)
+    assert not torch.equal(mixed[factor_key("layer.0.query", Factor.A)], own[factor_key("layer.0.query", Factor.A)])
 
 
 def test_the_self_weight_does_not_depend_on_the_order_the_neighbours_are_listed_in() -> None:

@@ -210,8 +210,11 @@ def test_a_node_killed_mid_run_stalls_its_neighbours_at_most_a_deadline_and_resu
         if missed:  # once missed, dropped: never a neighbour (nor waited for) again
             assert all(victim.node_id not in neighbour_ids(r) + r["missed"] for r in records if r["round"] > missed[-1])
         assert (after[-1]["degree"], neighbour_ids(after[-1]), after[-1]["missed"]) == (1, [other.node_id], [])
-        for r in after:  # no round waited for the dead node longer than the exchange deadline
-            assert r["seconds"] < EXCHANGE_TIMEOUT_S + 2.0, r
+        # No round waited for the dead node longer than the exchange deadline. A round's own work comes on top:
+        # bounded by the slowest round before the kill (plus 2 s), not by a constant, as the machine may be loaded.
+        work = max((r["seconds"] for r in records if r["time"] <= killed_at), default=0.0)
+        for r in after:
+            assert r["seconds"] < EXCHANGE_TIMEOUT_S + work + 2.0, (r, work)
         recovered = next(r["time"] for r in after if r["degree"] == 1)
         log.info("%s: missed the killed node in rounds %s; degree 1 %.2f s after the kill", node.node_id, missed,
                  recovered - killed_at)  # fmt: skip

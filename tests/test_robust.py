@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable
 
 import pytest
 import torch
@@ -124,6 +125,15 @@ def test_robust_rules_reach_only_the_mixed_factors() -> None:
         torch.testing.assert_close(out[B], t(7.0))  # B is not mixed in this round
     clipped = mix_factors(own, nbrs, weights, frozenset({Factor.A}), RobustMixing("clip", 1.0))
     torch.testing.assert_close(clipped[A], t(0.5 * 1.0 + 0.5 * 2.0))  # difference 2 clipped to 1
+
+
+@pytest.mark.parametrize(("f", "kept_mean"), [(1, (-1.0 + 1.0 + 2.0) / 3), (2, 1.0)])
+def test_mixing_trims_the_f_the_rule_names(f: int, kept_mean: float) -> None:
+    own = {A: t(0.0)}
+    nbrs: dict[Hashable, dict[str, torch.Tensor]] = {j: {A: t(v)} for j, v in enumerate((-100, -1, 1, 2, 100))}
+    weights = local_weights(5, dict.fromkeys(nbrs, 5))  # every weight 1/6, so the neighbours share 5/6
+    out = mix_factors(own, nbrs, weights, frozenset({Factor.A}), RobustMixing("trim", f))
+    torch.testing.assert_close(out[A], t(5 / 6 * kept_mean))
 
 
 def test_decaf_product_mixing_accepts_a_rule() -> None:

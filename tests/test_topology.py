@@ -67,6 +67,8 @@ def test_an_unknown_topology_s_error_names_every_kind_and_names_must_fit_m() -> 
 def test_a_link_probability_outside_zero_one_is_refused(p: float) -> None:
     with pytest.raises(ValueError, match="probability"):
         link_up(0, 0, "a", "b", p)
+    with pytest.raises(ValueError, match="probability"):  # refused when the topology is built, not in round t
+        make_topology("er", 4, link_prob=p)
     assert link_up(0, 0, "a", "b", 1.0) and not link_up(0, 0, "a", "b", 0.0)
 
 
@@ -95,6 +97,17 @@ def test_overlay_is_connected_bounded_and_agreed_by_both_ends(n: int, k: int) ->
     assert seen == set(ids)
     if n > k + 1:
         assert max(len(v) for v in nbrs.values()) >= k - 1  # as many chords as the bound allows
+
+
+@pytest.mark.parametrize(("n", "k", "degree"), [(8, 5, 5), (8, 4, 4), (9, 5, 4), (16, 7, 7), (16, 6, 6)])
+def test_overlay_adds_every_chord_the_bound_allows_and_the_half_ring_chord_costs_one_link(
+    n: int, k: int, degree: int
+) -> None:
+    # Offsets 1, 2, 4, ...: each adds two links per node, except n/2 for even n, which adds one (8: 1, 2, 4 → 5).
+    from tadlora.core.topology import overlay_neighbours
+
+    ids = [f"peer-{i:03d}" for i in range(n)]
+    assert {len(overlay_neighbours(me, ids, k)) for me in ids} == {degree}
 
 
 def test_overlay_topology_in_the_simulator_matches_the_daemons_choice() -> None:

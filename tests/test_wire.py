@@ -240,6 +240,14 @@ def test_a_payload_meeting_its_spec_fits_the_specs_size_bound_and_the_bound_is_n
     assert len(encode_factors(factors)) <= spec.max_payload_bytes() <= data + (64 << 10) + 2000 * max(len(factors), 1)
 
 
+def test_a_factor_whose_norm_is_over_the_cap_is_refused_and_one_at_the_cap_is_not() -> None:
+    spec = FactorSpec({"a": ((2,), "float32"), "b": ((1,), "bfloat16")})
+    spec.check({"a": torch.tensor([3.0, 4.0]), "b": torch.ones(1, dtype=torch.bfloat16)}, max_norm=5.0)  # norm 5
+    with pytest.raises(PayloadError, match=r"'a' has norm 5\.01, over the cap of 5") as refused:
+        spec.check({"a": torch.tensor([3.0, 4.01]), "b": torch.ones(1, dtype=torch.bfloat16)}, max_norm=5.0)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
 def test_many_missing_keys_are_summarised_not_dumped() -> None:
     spec = FactorSpec({f"k{i:03d}": ((1,), "float32") for i in range(100)})
     with pytest.raises(PayloadError, match=r"100 missing \(k000, k001, k002 and 97 more\)"):
