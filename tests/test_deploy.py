@@ -149,6 +149,9 @@ def test_dockerfile_runs_tadlora_node_as_a_non_root_user_with_a_cuda_base_argume
     assert 'ENTRYPOINT ["tadlora-node"]' in stage and "EXPOSE 7070" in stage
     [health] = [x for x in stage if x.startswith("HEALTHCHECK")]
     assert '"tadlora-node", "status", "127.0.0.1:7070"' in health  # TLS from TADLORA_TLS_DIR/_NODE_ID (or _OUT)
+    # The check's limit covers the CLI's start-up (it imports torch: seconds on a busy device) on top of its call.
+    limit, call = re.search(r"--timeout=(\d+)s", health), re.search(r'"--timeout", "(\d+)"', health)
+    assert limit and call and int(limit.group(1)) >= int(call.group(1)) + 20, health
     assert "HF_HUB_OFFLINE=1" in text
 
 
@@ -162,9 +165,10 @@ def test_the_default_model_ships_inside_the_installed_package() -> None:
     assert "get_model_path()" in DOCKERFILE.read_text()
 
 
-def test_the_build_context_has_what_the_dockerfile_copies_and_not_the_venv_or_runs() -> None:
+def test_the_build_context_has_what_the_dockerfile_copies_and_not_the_venv_runs_or_keys() -> None:
     ignored = {x.strip() for x in (ROOT / ".dockerignore").read_text().splitlines() if x.strip()[:1] not in ("", "#")}
     assert {".venv", "runs", "**/__pycache__", ".git"} <= ignored
+    assert {"**/certs", "**/*.key"} <= ignored  # the documented `certs init certs/` puts ca.key in the tree
     copies = [x.split()[1:-1] for x in DOCKERFILE.read_text().splitlines() if x.startswith("COPY ") and "--" not in x]
     assert copies
     for source in (s for sources in copies for s in sources):
@@ -231,6 +235,36 @@ def test_dockerfile_passes_hadolint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def build_stage(dockerfile: str) -> list[str]:
+    """The instructions (continuation lines joined, comments dropped) of the first stage, up to the next FROM."""
+    joined = re.sub(r"\\\n", "", dockerfile)
+    lines = [x.strip() for x in joined.splitlines() if x.strip() and not x.strip().startswith("#")]
+    froms = [i for i, x in enumerate(lines) if x.upper().startswith("FROM ")]
+    return lines[froms[0] : froms[1]]
+
+
+def test_every_pip_install_keeps_the_pinned_torch_and_code_changes_keep_the_dependency_layer() -> None:
+    import tomllib
+
+    stage = build_stage(DOCKERFILE.read_text())
+    installs = [i for i, x in enumerate(stage) if x.startswith("RUN ") and "pip install" in x]
+    # On the same line, or pip would resolve an unpinned torch from PyPI: a CUDA build, GBs, in the CPU image.
+    for i in installs:
+        assert '"torch==${TORCH_VERSION}"' in stage[i], stage[i]
+    # The dependencies install before node/ is copied in, so editing the code does not download them all again.
+    code = stage.index("COPY node /src/node")
+    deps = next((i for i in installs if "-r " in stage[i]), None)
+    assert deps is not None, "no `pip install -r` of the dependencies in a layer of their own"
+    assert deps < code and not any(x.startswith("COPY ") and "node" in x.split()[1:-1] for x in stage[:deps])
+    # ...and that layer's list is pyproject.toml's: run its own command on this checkout's file.
+    found = re.search(r'python3 -c "(.*?)" > (\S+)', stage[deps])
+    assert found and f"pip install -r {found.group(2)} " in stage[deps]
+    script = found.group(1).replace("/src/pyproject.toml", str(ROOT / "pyproject.toml"))
+    listed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
+    expected = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert listed.splitlines() == expected
+
+
 # ---------------------------------------------------------------------------------------------- systemd
 
 
@@ -264,6 +298,31 @@ def test_systemd_unit_verifies_and_is_hardened(tmp_path) -> None:
     assert settings["NoNewPrivileges"] == "yes" and settings["PrivateTmp"] == "yes"
     assert settings["StateDirectory"] == "tadlora" and "TADLORA_OUT=%S/tadlora" in settings["Environment"]
     assert set(settings["RestrictAddressFamilies"].split()) == {"AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"}
+
+
+def syscalls(group: str, exe: str) -> set[str]:
+    """The system calls of a seccomp group, as `systemd-analyze syscall-filter` lists them, nested groups expanded."""
+    out = subprocess.run([exe, "syscall-filter", group], capture_output=True, text=True, timeout=60, check=True)
+    words = {w for line in out.stdout.splitlines()[1:] if not line.strip().startswith("#") for w in line.split()}
+    return {w for w in words if not w.startswith("@")} | {
+        s for w in words if w.startswith("@") for s in syscalls(w, exe)
+    }
+
+
+def test_systemd_unit_leaves_the_gpu_reachable_and_the_clock_protected() -> None:
+    settings = unit_settings(UNIT.read_text())
+    # Any device allow-list blocks every device not on it, /dev/nvidia* included (`--device auto` then trains on
+    # the CPU). ProtectClock=yes implies one (DeviceAllow=char-rtc r) on systemd < 252, e.g. Ubuntu 22.04's 249.
+    assert settings.get("PrivateDevices", "no") == "no" and settings.get("DevicePolicy", "auto") == "auto"
+    assert "DeviceAllow" not in settings and settings.get("ProtectClock", "no") == "no"
+    # The clock stays protected without it: no capabilities, and no clock-setting call passes the filter.
+    assert settings["CapabilityBoundingSet"] == ""
+    exe = tool("systemd-analyze")
+    if exe is None:
+        pytest.skip("systemd-analyze is not installed (Debian package systemd)")
+    allowed = {s for group in settings["SystemCallFilter"].split() for s in syscalls(group, exe)}
+    clock = syscalls("@clock", exe)
+    assert {"clock_settime", "settimeofday"} <= clock and not clock & allowed
 
 
 def test_systemd_env_file_sets_real_flags_to_a_valid_configuration(monkeypatch, tmp_path) -> None:
@@ -344,3 +403,15 @@ def test_each_pod_gets_its_id_shard_and_peers_from_its_name(monkeypatch, tmp_pat
     assert cfg.peers.dns[0].startswith(docs["Service"]["metadata"]["name"] + ".")
     assert cfg.health_port == 7071 and cfg.tls_dir is not None
     check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path)  # `kubectl exec tadlora-2 -- tadlora-node status`
+
+
+def test_pods_get_no_service_link_variables_that_would_set_node_flags(monkeypatch) -> None:
+    # Kubernetes gives each container NAME_PORT=tcp://IP:PORT (and more) for every Service NAME in the namespace,
+    # unless enableServiceLinks is false: a Service tadlora-metrics would set the node's --metrics-port.
+    links = {f: f.removesuffix("_PORT").lower().replace("_", "-") for f in flag_env_names() if f.endswith("_PORT")}
+    assert "TADLORA_METRICS_PORT" in links and links["TADLORA_METRICS_PORT"] == "tadlora-metrics"
+    for variable in links:
+        with pytest.raises(SystemExit) as refused:
+            node_config_from({variable: "tcp://10.96.0.12:9464"}, monkeypatch)
+        assert refused.value.code == 2  # the node exits with a bad setting: the pod would crash-loop
+    assert k8s_docs()["StatefulSet"]["spec"]["template"]["spec"].get("enableServiceLinks") is False
