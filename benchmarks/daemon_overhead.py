@@ -13,8 +13,9 @@ one `evaluate` per node at the end (the daemon evaluates at its last round). No 
   same compute, same overlap between nodes, same per-round synchronization, minus gRPC, mixing and disk.
 
 All run in the same process one after the other (sequential, threaded, daemon, threaded, sequential), so slow
-drift of the machine's load hits both sides of each ratio alike. CPU only (no GPU is lent to this machine);
-torch uses one thread per worker.
+drift of the machine's load hits both sides of each ratio alike; an uncounted one-round sequential loop runs
+first, so that the process's one-time costs (torch's first passes) do not land on the first sequential loop only.
+CPU only (no GPU is lent to this machine); torch uses one thread per worker.
 
     .venv/bin/python benchmarks/daemon_overhead.py [--model minilm|tiny] [--rounds 5] [--local-steps 5]
 """
@@ -136,6 +137,9 @@ def main() -> None:
         timings[kind].append(bare_loop(args, train, threaded=kind == "threaded"))
         print(f"bare loop, {kind}: {timings[kind][-1]:.2f} s", flush=True)
 
+    # Not counted: the first forward/backward passes in a process pay one-time costs that would otherwise fall on
+    # the first sequential loop alone, and the mean of the two sequential loops would not cancel them.
+    bare_loop(argparse.Namespace(**{**vars(args), "rounds": 1}), train, threaded=False)
     bare("sequential")
     bare("threaded")
     with tempfile.TemporaryDirectory(prefix="tadlora-bench-") as tmp:
@@ -170,8 +174,9 @@ def main() -> None:
         "daemon / threaded is the daemon's own cost: the threaded bare loop does the same compute with the same "
         "overlap between nodes and the same per-round barrier, without gRPC, mixing, checkpoint or export. "
         "daemon / sequential compares with one node after the other; on a machine with spare cores it can be "
-        "below 1 because the nodes' torch work overlaps. Each bare loop ran before and after the daemon; the "
-        "ratios use their means. CPU only, one torch thread per worker."
+        "below 1 because the nodes' torch work overlaps. Each bare loop ran before and after the daemon (after an "
+        "uncounted one-round warm-up); the ratios use their means. The daemon ran once: a ratio closer to 1 than "
+        "the two runs of one bare loop are to each other is within the noise. CPU only, one torch thread per worker."
     )
     write_results("daemon_overhead", data, headers, rows, notes, out=args.out)
 

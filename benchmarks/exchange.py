@@ -10,8 +10,8 @@ For adapters of about 1, 20 and 200 MB (dicts of float32 LoRA-shaped tensors), i
   many back. Same bytes in both directions, same chunk size, same loop.
 * encode / decode / sha256 alone: `encode_factors`, `decode_factors(payload, spec)`, `digest(payload)`.
 
-Exchange and raw runs alternate within each repetition, so load on the shared machine hits both alike; the ratio
-exchange/raw (time) is the number to read, not the absolute bytes/s.
+Exchange, raw, encode, decode and sha256 runs take turns within each repetition, so load on the shared machine hits
+all of them alike; the ratio exchange/raw (time) is the number to read, not the absolute bytes/s.
 
     .venv/bin/python benchmarks/exchange.py [--quick]
 """
@@ -119,13 +119,10 @@ async def raw_roundtrip(channel: grpc.aio.Channel, payload: bytes) -> tuple[floa
     return elapsed, 2 * len(payload)
 
 
-def timed(fn, reps: int) -> float:  # type: ignore[no-untyped-def]
-    times = []
-    for _ in range(reps):
-        started = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - started)
-    return statistics.median(times)
+def timed(fn) -> float:  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 async def bench_size(target_mb: float, reps: int) -> dict[str, float]:
@@ -138,7 +135,7 @@ async def bench_size(target_mb: float, reps: int) -> dict[str, float]:
     node = FixedNode("bob", theirs)
     me = FixedNode("alice", ours)
     header = ExchangeHeader.from_info(me.info)
-    exch_times, raw_times = [], []
+    exch_times, raw_times, encode_times, decode_times, sha_times = [], [], [], [], []
     raw, raw_port = await raw_server()
     try:
         async with (
@@ -156,11 +153,16 @@ async def bench_size(target_mb: float, reps: int) -> dict[str, float]:
                 gc.collect()
                 elapsed, _ = await raw_roundtrip(channel, payload)
                 raw_times.append(elapsed)
+                # In the same repetition as the exchange they are a share of: measured after the loop, they
+                # would divide one moment's costs by another's.
+                encode_times.append(timed(lambda: encode_factors(ours)))
+                decode_times.append(timed(lambda: decode_factors(payload, spec)))
+                sha_times.append(timed(lambda: digest(payload)))
     finally:
         await raw.stop(None)
-    encode_s = timed(lambda: encode_factors(ours), reps)
-    decode_s = timed(lambda: decode_factors(payload, spec), reps)
-    sha_s = timed(lambda: digest(payload), reps)
+    encode_s = statistics.median(encode_times)
+    decode_s = statistics.median(decode_times)
+    sha_s = statistics.median(sha_times)
     moved = 2 * size
     exch = statistics.median(exch_times)
     rawt = statistics.median(raw_times)
@@ -177,8 +179,11 @@ async def bench_size(target_mb: float, reps: int) -> dict[str, float]:
         "raw_bytes_per_s": moved / rawt,
         "ratio_exchange_over_raw_time": exch / rawt,
         "encode_s": encode_s,
+        "encode_s_all": encode_times,
         "decode_validate_s": decode_s,
+        "decode_validate_s_all": decode_times,
         "sha256_s": sha_s,
+        "sha256_s_all": sha_times,
         "encode_bytes_per_s": size / encode_s,
         "decode_validate_bytes_per_s": size / decode_s,
         "sha256_bytes_per_s": size / sha_s,
@@ -215,9 +220,10 @@ def main() -> None:
                "encode MB/s", "decode+validate MB/s", "sha256 MB/s", "encode+decode+sha share"]  # fmt: skip
     notes = (
         "MB = 10^6 bytes. Throughput counts the bytes moved both ways (2 x payload) over the median wall time of "
-        "one push-pull. Exchange and raw runs alternate in each repetition; the shared 2-core machine makes the "
-        "absolute numbers noisy, read the ratio. 'encode+decode+sha share' = (2 encodes + 2 decodes + 4 sha256) "
-        "measured alone / exchange time: the part of an exchange that is local CPU work outside gRPC."
+        "one push-pull. Exchange, raw, encode, decode and sha256 take turns in each repetition (medians over the "
+        "repetitions); the shared 2-core machine makes the absolute numbers noisy, read the ratio. "
+        "'encode+decode+sha share' = (2 encodes + 2 decodes + 4 sha256) measured alone / exchange time: the part of "
+        "an exchange that is local CPU work outside gRPC."
     )
     write_results("exchange", {"quick": args.quick, "sizes": results}, headers, rows, notes, out=args.out)
 

@@ -37,6 +37,11 @@ def main() -> None:
     parser.add_argument("--speed-blocks", type=int, default=4, help="speed: blocks of 5 steps per precision")
     add_out_argument(parser)
     args = parser.parse_args()
+    # Checked before minutes of model and data loading: 0 rounds has no first update to compare, 0 blocks no speed.
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.speed_blocks < 1:
+        parser.error(f"--speed-blocks must be >= 1, got {args.speed_blocks}")
 
     import torch
 

@@ -9,9 +9,15 @@ Memory is compared with what m separate models (one process per client, as m dae
 * params: m x the bytes of one model's parameters + buffers;
 * processes: m x the measured peak RSS of a subprocess that builds one model (interpreter, torch and
   transformers included: each daemon pays them).
-Two more subprocesses measure the baselines: "imports only" and "one model".
+Two more subprocesses measure the baselines: "imports only" and "one model" (which builds the model but does not
+train it: a training daemon also holds activations, gradients and optimizer state, so the "processes" column is a
+lower bound).
 
-    .venv/bin/python benchmarks/sim_throughput.py [--model tiny|minilm] [--clients 10 32 100] [--rounds 2]
+Speed is compared between engines, not across runs: for each m the engines take turns ``--repeat`` times, the order
+reversed every other turn (A B B A ...), and the table gives each one's median and its median ratio to the first
+engine over the turns (each turn's engines ran next to each other).
+
+    .venv/bin/python benchmarks/sim_throughput.py [--model tiny|minilm] [--clients 10 32 100] [--rounds 2] [--repeat 3]
 """
 
 from __future__ import annotations
@@ -23,14 +29,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from _common import add_out_argument, write_results
 
-SAMPLES_PER_CLIENT = 24  # label-skew over 3000 SST-2 examples allows at most 26 for 100 clients
+DATASET = "builtin:sst2-small"
+SAMPLES_PER_CLIENT = 24  # label-skew over its 3000 SST-2 examples allows at most 26 for 100 clients, 24 for 113
 EVAL_SAMPLES = 16
 LINK_PROB = 0.5
 
@@ -56,7 +65,7 @@ def worker(args: argparse.Namespace) -> dict:
     torch.set_num_threads(1)
     if args.engine == "imports":
         return {"maxrss_bytes": _maxrss_bytes()}
-    train_data = resolve_dataset("builtin:sst2-small", "train")
+    train_data = resolve_dataset(DATASET, "train")
     spec = ModelSpec(model=args.model, label_names=train_data.label_names, lora=LoraSpec(), seed=0)
     model = AdapterModel(spec)
     param_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
@@ -66,7 +75,7 @@ def worker(args: argparse.Namespace) -> dict:
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
     encoded = encode(model.tokenizer, train_data, train.max_length)
     shards = [encoded.subset(idx) for idx in client_shards(train_data, "label-skew", args.m, 0, SAMPLES_PER_CLIENT)]
-    dev = encode(model.tokenizer, eval_subset(resolve_dataset("builtin:sst2-small", "dev"), EVAL_SAMPLES),
+    dev = encode(model.tokenizer, eval_subset(resolve_dataset(DATASET, "dev"), EVAL_SAMPLES),
                  train.max_length)  # fmt: skip
     engine = make_engine(args.engine, model, shards, dev, train, seed=0)
     method = make_method("tad", None)
@@ -116,12 +125,63 @@ def run_worker(args: argparse.Namespace, engine: str, m: int) -> dict:
     return result
 
 
+def schedule(clients: Sequence[int], engines: Sequence[str], repeat: int) -> list[tuple[int, int, str]]:
+    """(m, turn, engine) in run order: per m, the engines take turns ``repeat`` times, every other turn in reverse
+    (A B B A ...), so that a drift in the shared machine's load hits every engine alike."""
+    return [
+        (m, turn, engine)
+        for m in clients
+        for turn in range(repeat)
+        for engine in (engines if turn % 2 == 0 else list(reversed(engines)))
+    ]
+
+
+def summarize(runs: Sequence[dict], engines: Sequence[str]) -> list[dict]:
+    """Per (m, engine): median client-steps/s (train+mix, train only), median peak RSS, and the median over turns of
+    its speed / the first engine's speed in the same turn (1.0 for the first engine)."""
+    out = []
+    for m in dict.fromkeys(r["m"] for r in runs):
+        by = {(r["engine"], r["turn"]): r for r in runs if r["m"] == m}
+        turns = sorted({t for _, t in by})
+        for engine in engines:
+            mine = [by[engine, t] for t in turns if (engine, t) in by]
+            ratios = [by[engine, t]["client_steps_per_s"] / by[engines[0], t]["client_steps_per_s"]
+                      for t in turns if (engine, t) in by and (engines[0], t) in by]  # fmt: skip
+            out.append({
+                "engine": engine, "m": m, "turns": len(mine),
+                "client_steps_per_s": statistics.median(r["client_steps_per_s"] for r in mine),
+                "client_steps_per_s_train_only": statistics.median(r["client_steps_per_s_train_only"] for r in mine),
+                "maxrss_bytes": statistics.median(r["maxrss_bytes"] for r in mine),
+                "speed_over_first_engine": statistics.median(ratios),
+                "speed_over_first_engine_all": ratios,
+            })  # fmt: skip
+    return out
+
+
+def check_clients(parser: argparse.ArgumentParser, clients: Sequence[int]) -> None:
+    """Refuse an m the label-skewed split cannot serve now, not after the configurations before it have run. No
+    torch here: a subprocess's ru_maxrss starts from this process's peak (exec keeps it), so this one stays small."""
+    from tadlora.data import resolve_dataset
+    from tadlora.workload import client_shards
+
+    train_data = resolve_dataset(DATASET, "train")
+    for m in clients:
+        if m < 1:
+            parser.error(f"--clients: {m} is not a number of clients")
+        try:
+            client_shards(train_data, "label-skew", m, 0, SAMPLES_PER_CLIENT)
+        except ValueError as exc:
+            parser.error(f"--clients {m}: {exc}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="tiny", help="tiny (default) or minilm")
     parser.add_argument("--clients", type=int, nargs="+", default=[10, 32, 100])
-    parser.add_argument("--engines", nargs="+", default=["sequential", "batched"])
+    parser.add_argument("--engines", nargs="+", default=["sequential", "batched"], choices=["sequential", "batched"],
+                        help="the first is the baseline of the speed ratio")  # fmt: skip
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds, after one warm-up round")
+    parser.add_argument("--repeat", type=int, default=3, help="turns of the engines per m, alternating order")
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)
@@ -132,33 +192,46 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    if args.repeat < 1:
+        parser.error(f"--repeat must be >= 1, got {args.repeat}")
     if args.worker:
         print(json.dumps(worker(args)))
         return
+    clients = list(dict.fromkeys(args.clients))
+    check_clients(parser, clients)
     imports = run_worker(args, "imports", 0)
     one = run_worker(args, "model", 1)
-    runs = [run_worker(args, engine, m) for m in args.clients for engine in args.engines]
+    engines = list(dict.fromkeys(args.engines))
+    runs = [
+        {**run_worker(args, engine, m), "turn": turn} for m, turn, engine in schedule(clients, engines, args.repeat)
+    ]
+    summary = summarize(runs, engines)
     mib = 2**20
     rows = []
-    for r in runs:
+    for r in summary:
         m = r["m"]
         separate_procs = m * one["maxrss_bytes"]
-        rows.append((r["engine"], m, r["client_steps_per_s"], r["client_steps_per_s_train_only"],
-                     r["maxrss_bytes"] / mib, m * one["param_buffer_bytes"] / mib, separate_procs / mib,
+        rows.append((r["engine"], m, r["turns"], r["client_steps_per_s"], r["client_steps_per_s_train_only"],
+                     f"{r['speed_over_first_engine']:.2f}", r["maxrss_bytes"] / mib,
+                     m * one["param_buffer_bytes"] / mib, separate_procs / mib,
                      separate_procs / r["maxrss_bytes"]))  # fmt: skip
-    headers = ["engine", "m", "client-steps/s (train+mix)", "client-steps/s (train)", "peak RSS MiB",
-               "m x params+buffers MiB", "m x one-model RSS MiB", "m processes / simulator RSS"]  # fmt: skip
+    headers = ["engine", "m", "turns", "client-steps/s (train+mix)", "client-steps/s (train)",
+               f"speed / {engines[0]} (same turn)", "peak RSS MiB", "m x params+buffers MiB",
+               "m x one-model RSS MiB", "m processes / simulator RSS"]  # fmt: skip
     notes = (
         f"Model {args.model}: one model's parameters + buffers = {one['param_buffer_bytes'] / mib:.1f} MiB; peak RSS "
         f"of a process that only imports = {imports['maxrss_bytes'] / mib:.0f} MiB, that builds one model = "
         f"{one['maxrss_bytes'] / mib:.0f} MiB. Local steps {args.local_steps}, batch {args.batch_size}, length "
         f"{args.max_length}; {args.rounds} timed rounds after a warm-up round; method tad, ER graph p = {LINK_PROB}. "
-        "One torch thread per subprocess, configurations one after another on the shared 2-core machine: compare "
-        "rows of this table, not with other runs."
+        f"Each (engine, m) ran {args.repeat} times, the engines taking turns per m in alternating order; medians "
+        "over the turns, and the speed ratio is the median of each turn's ratio. One torch thread per subprocess, on "
+        "a shared machine: compare rows of this table, not with other runs. "
+        "The one-model process builds a model without training it, so 'm x one-model RSS' is a lower bound on m "
+        "training daemons."
     )
     data = {"model": args.model, "train": {"local_steps": args.local_steps, "batch_size": args.batch_size,
-            "max_length": args.max_length}, "rounds": args.rounds, "imports_only": imports, "one_model": one,
-            "runs": runs}  # fmt: skip
+            "max_length": args.max_length}, "rounds": args.rounds, "repeat": args.repeat, "imports_only": imports,
+            "one_model": one, "summary": summary, "runs": runs}  # fmt: skip
     write_results("sim_throughput", data, headers, rows, notes, out=args.out)
 
 

@@ -1,0 +1,154 @@
+"""The performance benchmarks under benchmarks/: what each compares with what, and when, on literal inputs or with
+the expensive parts replaced; the full runs are not tests."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load(name: str, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """benchmarks/NAME.py as a module (the scripts import their `_common` from their own folder)."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------ sim_throughput
+
+
+def test_sim_engines_take_turns_per_m_in_alternating_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each configuration used to run once, all of one m's engines back to back in a fixed order.
+    sim = load("sim_throughput", monkeypatch)
+    order = sim.schedule([10, 32], ["sequential", "batched"], 3)
+    assert order == [
+        (10, 0, "sequential"), (10, 0, "batched"), (10, 1, "batched"), (10, 1, "sequential"),
+        (10, 2, "sequential"), (10, 2, "batched"),
+        (32, 0, "sequential"), (32, 0, "batched"), (32, 1, "batched"), (32, 1, "sequential"),
+        (32, 2, "sequential"), (32, 2, "batched"),
+    ]  # fmt: skip
+
+
+def test_sim_speed_ratio_is_the_median_of_each_turns_own_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = load("sim_throughput", monkeypatch)
+
+    def run(engine: str, turn: int, speed: float) -> dict[str, Any]:
+        return {"engine": engine, "m": 10, "turn": turn, "client_steps_per_s": speed,
+                "client_steps_per_s_train_only": 2 * speed, "maxrss_bytes": 100 + turn}  # fmt: skip
+
+    # The machine slowed down in turn 1: each turn's ratio is 2, whatever the load.
+    runs = [run("sequential", 0, 100), run("batched", 0, 200), run("batched", 1, 50), run("sequential", 1, 25),
+            run("sequential", 2, 90), run("batched", 2, 180)]  # fmt: skip
+    seq, bat = sim.summarize(runs, ["sequential", "batched"])
+    assert (seq["engine"], seq["turns"], seq["speed_over_first_engine"]) == ("sequential", 3, 1.0)
+    assert (bat["engine"], bat["turns"], bat["speed_over_first_engine"]) == ("batched", 3, 2.0)
+    assert bat["speed_over_first_engine_all"] == [2.0, 2.0, 2.0]
+    assert (bat["client_steps_per_s"], bat["client_steps_per_s_train_only"], bat["maxrss_bytes"]) == (180, 360, 101)
+
+
+def test_sim_refuses_an_engine_that_is_not_one() -> None:
+    # "--engines model" used to run the one-model baseline as an engine and crash on its missing speed.
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sim_throughput.py"), "--engines", "model"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "invalid choice: 'model'" in proc.stderr, proc.stderr
+
+
+def test_sim_refuses_a_number_of_clients_the_split_cannot_serve_before_running_anything(tmp_path: Path) -> None:
+    # --clients 10 130 used to run every m = 10 configuration, then crash in the m = 130 subprocess.
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sim_throughput.py"), "--clients", "10", "130", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--clients 130: samples_per_client=24 exceeds" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------ exchange
+
+
+def test_exchange_times_encode_decode_and_sha_in_every_repetition_beside_the_exchange(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The share of an exchange spent encoding, decoding and hashing divided costs timed after all the exchanges
+    # by the exchanges' own time; now each repetition times all five side by side.
+    exchange = load("exchange", monkeypatch)
+    result = asyncio.run(exchange.bench_size(0.3, 3))
+    for key in ("exchange_s_all", "raw_s_all", "encode_s_all", "decode_validate_s_all", "sha256_s_all"):
+        assert len(result[key]) == 3 and all(t > 0 for t in result[key]), key
+    assert result["encode_s"] == sorted(result["encode_s_all"])[1]
+    share = (2 * result["encode_s"] + 2 * result["decode_validate_s"] + 4 * result["sha256_s"]) / result[
+        "exchange_s_median"
+    ]
+    assert result["share_of_exchange_in_encode_decode_sha"] == pytest.approx(share)
+
+
+# ----------------------------------------------------------------------------------------------- daemon_overhead
+
+
+def test_daemon_overhead_warms_up_before_the_first_timed_loop_and_does_not_count_it(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    bench = load("daemon_overhead", monkeypatch)
+    calls: list[tuple[int, bool]] = []
+    times = iter([100.0, 10.0, 11.0, 12.0, 13.0])  # the first call is the cold one
+
+    def bare_loop(args: Any, train: Any, threaded: bool) -> float:
+        calls.append((args.rounds, threaded))
+        return next(times)
+
+    async def run_daemon(out: Path, args: Any, train: Any) -> tuple[float, list[list[dict[str, Any]]]]:
+        calls.append((args.rounds, "daemon"))  # type: ignore[arg-type]
+        row = {"seconds": 1.0, "exchange_latency_s": 0.1, "neighbours": ["a", "b"], "missed": [], "bytes_sent": 1}
+        return 12.0, [[row] * args.rounds for _ in range(bench.M)]
+
+    written: dict[str, Any] = {}
+    monkeypatch.setattr(bench, "bare_loop", bare_loop)
+    monkeypatch.setattr(bench, "run_daemon", run_daemon)
+    monkeypatch.setattr(bench, "write_results", lambda name, data, *a, **k: written.update(data))
+    monkeypatch.setattr(sys, "argv", ["daemon_overhead.py", "--model", "tiny", "--rounds", "4", "--out", str(tmp_path)])
+    bench.main()
+    assert calls == [(1, False), (4, False), (4, True), (4, "daemon"), (4, True), (4, False)]
+    assert written["bare_sequential_s"] == [10.0, 13.0] and written["bare_threaded_s"] == [11.0, 12.0]
+    assert written["ratio_daemon_over_sequential"] == pytest.approx(12.0 / 11.5)
+
+
+# ----------------------------------------------------------------------------------------------------- discovery
+
+
+def test_discovery_counts_a_peer_verified_twice_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # n1 was verified, dropped and verified again before n2 came: the second line of n1 is not "all peers".
+    discovery = load("discovery", monkeypatch)
+    records = [
+        {"time": 10.0, "message": "peer n1-x verified at 127.0.0.1:5001 (mdns)"},
+        {"time": 10.5, "message": "round 0 phase B: loss 0.6, 0/2 neighbours, 0.1 s"},
+        {"time": 11.0, "message": "peer n1-x verified at 127.0.0.1:5001 (handshake)"},
+        {"time": 12.0, "message": "peer n2-x verified at 127.0.0.1:5002 (mdns)"},
+    ]
+    assert discovery.peers_verified(records) == [10.0, 12.0]
+
+
+# ----------------------------------------------------------------------------------------------------- precision
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--speed-blocks"])
+def test_precision_refuses_zero_before_loading_anything(flag: str, tmp_path: Path) -> None:
+    # --rounds 0 crashed on the missing first update after the speed part; --speed-blocks 0 on an empty median.
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "precision.py"), flag, "0", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"{flag} must be >= 1, got 0" in proc.stderr, proc.stderr
+    assert not any(tmp_path.iterdir())
