@@ -159,8 +159,9 @@ def round_batches(seed: int, shard: int, t: int, n: int, batch_size: int, steps:
 
 PRECISIONS = ("auto", "fp32", "bf16")
 # CPU flags (Linux /proc/cpuinfo) of native bf16 dot products. Without them torch runs bf16 autocast through
-# conversions: measured 15x slower than fp32 on an AVX2-only EPYC (16.1 against 1.05 s per MiniLM step, batch 16,
-# length 64, one thread), where an AVX512-BF16 EPYC ran it at 1.75x fp32's speed (docs/benchmarks.md).
+# conversions: measured 11x slower than fp32 on an AVX2-only EPYC (10.6 against 0.95 s per MiniLM step, batch 16,
+# length 64, one thread; benchmarks/results/precision-avx2), where an AVX512-BF16 EPYC ran it at 1.75x fp32's
+# speed (docs/benchmarks.md).
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = "/proc/cpuinfo"
 
@@ -202,7 +203,7 @@ def precision_warning(precision: str, device: torch.device, cpuinfo: str | None 
         return None
     return (
         "--precision bf16 on a CPU without native bf16 (no " + " or ".join(CPU_BF16_FLAGS) + " flag): bf16 autocast "
-        "is emulated there and runs many times slower than fp32 (15x measured); use --precision auto or fp32"
+        "is emulated there and runs many times slower than fp32 (11x measured); use --precision auto or fp32"
     )
 
 

@@ -109,7 +109,7 @@ def build_run_parser() -> argparse.ArgumentParser:
                    "checkpoint, never sent; reset when the node catches up from a peer; not with decaf)")  # fmt: skip
     t.add_argument("--precision", choices=PRECISIONS, default="auto",
                    help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: "
-                   "faster where it has AVX512-BF16 or AMX, ~15x slower where it has not: doctor says which), "
+                   "faster where it has AVX512-BF16 or AMX, ~11x slower where it has not: doctor says which), "
                    "fp32")  # fmt: skip
     t.add_argument("--lora-r", type=int, default=8, help="LoRA rank")
     t.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha")

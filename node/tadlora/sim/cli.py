@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: faster where "
-        "it has AVX512-BF16 or AMX, ~15x slower where it has not), fp32",
+        "it has AVX512-BF16 or AMX, ~11x slower where it has not), fp32",
     )
     parser.add_argument(
         "--optimizer",
