@@ -64,6 +64,29 @@ def smoke_config(**changes) -> SimConfig:
     return override(preset("smoke"), {"rounds": 4, "methods": ["tad", "lora"], **changes})
 
 
+def test_a_cell_another_process_is_running_is_skipped_and_run_once_it_is_free(tmp_path, capsys) -> None:
+    import fcntl
+    import os
+
+    config = smoke_config(rounds=1, eval_every=1, methods=["tad", "lora"])
+    busy = next(c for c in config.cells() if c.method == "lora")
+    locks = tmp_path / ".locks"
+    locks.mkdir()
+    fd = os.open(locks / f"{busy.key}.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a second simulator process on this directory holds while it runs the cell
+    try:
+        results = Simulator(config, tmp_path, quiet=True).run()
+    finally:
+        os.close(fd)
+    assert results["missing_cells"] == [busy.key]  # the other cell ran; this one was left to its holder
+    assert f"skipping cell {busy.key}: process 4242 is running it" in capsys.readouterr().err
+    assert not (tmp_path / "cells" / f"{busy.key}.json").exists()
+    results = Simulator(config, tmp_path, quiet=True).run()  # the holder died (its flock went with it)
+    assert results["missing_cells"] == []
+    assert (locks / ".gitignore").read_text() == "*\n"  # a committed grid leaves the lock files out
+
+
 @pytest.mark.parametrize(
     ("engine", "state"), [("sequential", "fresh"), ("sequential", "persistent"), ("batched", "persistent")]
 )

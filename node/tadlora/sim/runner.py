@@ -10,12 +10,15 @@ checkpoint every ``checkpoint_every`` rounds, so an interrupted run resumes wher
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import json
 import logging
+import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,8 +260,14 @@ class Simulator:
         for index, cell in enumerate(cells):
             if (self.cells_dir / f"{cell.key}.json").exists() or self._adopt_equivalent(cell) or report_only:
                 continue
-            progress.begin()
-            self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
+            with self._cell_lock(cell) as holder:
+                if holder is not None:
+                    sys.stderr.write(f"skipping cell {cell.key}: process {holder} is running it in {self.out}\n")
+                    continue
+                if (self.cells_dir / f"{cell.key}.json").exists():  # another process finished it meanwhile
+                    continue
+                progress.begin()
+                self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
         finished = [c for c in cells if (self.cells_dir / f"{c.key}.json").exists()]
         results = self.collect(finished)
         results["missing_cells"] = [c.key for c in cells if c not in finished]
@@ -322,6 +331,32 @@ class Simulator:
             theirs["engine"] = mine["engine"] = None
         changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
         return sorted(changed)
+
+    @contextlib.contextmanager
+    def _cell_lock(self, cell: Cell) -> Iterator[str | None]:
+        """Hold ``cell``'s lock for the block; yields None when it is ours, else what the holder wrote (its pid).
+
+        Two processes on one output directory (one per core, or a second started by mistake) would otherwise run
+        the same cell side by side and write its checkpoint in turns. The lock is an flock, so a process that dies
+        drops it; its files stay in OUT/.locks, which holds a .gitignore so that a committed grid leaves them out.
+        """
+        locks = self.out / ".locks"
+        locks.mkdir(exist_ok=True)
+        ignore = locks / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("*\n", encoding="utf-8")
+        fd = os.open(locks / f"{cell.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
+                return
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield None
+        finally:
+            os.close(fd)  # releases the flock
 
     def _adopt_equivalent(self, cell: Cell) -> bool:
         """Copy a finished cell of the same computation as ``cell`` to ``cell``'s file; whether there was one."""
