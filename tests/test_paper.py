@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -15,6 +14,7 @@ import pytest
 from tadlora.sim.config import ALL_METHODS, preset
 from tadlora.sim.paper import SWEEP_INTERVALS, claims, entries, paper_grids
 from tadlora.sim.runner import summarize
+from test_benchmarks import load
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"
 
@@ -212,20 +212,12 @@ def test_tad_is_judged_against_every_other_method_not_only_the_best_one() -> Non
     assert "best other lora" in competitive.detail and "best other lora" in ahead.detail
 
 
-def load_script() -> Any:
-    spec = importlib.util.spec_from_file_location("paper_table_script", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_a_grid_run_alone_is_reported_with_what_the_other_grid_can_copy_from_it(tmp_path: Path) -> None:
+def test_a_grid_run_alone_is_reported_with_what_the_other_grid_can_copy_from_it(tmp_path: Path, monkeypatch) -> None:
     # --only T-sweep used to report the method grid before the sweep ran: its tad (T = auto = 2) and adf (tad with
     # T = 5) cells, computed by the sweep, were listed as not finished until the next run.
     out = tmp_path / "table"
     argv = ["--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet", "--only", "T-sweep"]
-    assert load_script().main(argv) == 0
+    assert load("paper_table", monkeypatch).main(argv) == 0
     table = json.loads((out / "table.json").read_text())
     assert table["missing_cells"]["T-sweep"] == []
     missing = set(table["missing_cells"]["methods"])
@@ -233,7 +225,7 @@ def test_a_grid_run_alone_is_reported_with_what_the_other_grid_can_copy_from_it(
     assert (out / "methods" / "cells" / "adf__er__p0.5__T5__s0.json").exists()
 
 
-def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path) -> None:
+def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path, monkeypatch) -> None:
     # A cell copied from the other grid while its own run had a checkpoint, or a process stopped between writing a
     # finished cell and deleting its checkpoint, leaves KEY.partial.json beside KEY.json: it is finished.
     cells = tmp_path / "table" / "methods" / "cells"
@@ -246,7 +238,7 @@ def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path) -> None:
                     "key": key, "rounds": records, "final": {"acc_mean": 0.5, "acc_std": 0.1, "round": 1}}  # fmt: skip
             (cells / f"{key}.json").write_text(json.dumps(cell))
     argv = ["--preset", "smoke", "--rounds", "2", "--out", str(tmp_path / "table"), "--quiet", "--report-only"]
-    assert load_script().main(argv) == 0
+    assert load("paper_table", monkeypatch).main(argv) == 0
     table = json.loads((tmp_path / "table" / "table.json").read_text())
     assert "lora__er__p0.5__T-__s0" not in table["missing_cells"]["methods"]
     assert list(table["in_progress"]) == ["ffa__er__p0.5__T-__s0"]
@@ -254,7 +246,7 @@ def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path) -> None:
 
 
 def test_paper_table_refuses_bad_arguments_and_stops_with_a_message(tmp_path: Path, monkeypatch, capsys) -> None:
-    script = load_script()
+    script = load("paper_table", monkeypatch)
     out = ["--preset", "smoke", "--out", str(tmp_path / "table"), "--quiet"]
     for rounds in ("0", "-1"):  # 0 used to be ignored (the preset's rounds ran), -1 a traceback
         assert script.main([*out, "--rounds", rounds, "--report-only"]) == 2

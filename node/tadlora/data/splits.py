@@ -263,7 +263,8 @@ def make_shards(
     else:
         labels, num_classes = _labels(dataset_or_labels), None
     kind, arg = parse_shard_scheme(scheme)
-    if isinstance(arg, tuple):
+    if kind == "label-skew":
+        assert isinstance(arg, tuple)  # noqa: S101 (what the parser returns for it)
         share, per_client = arg
         return split_label_skew(labels, num_clients, seed, per_client, num_classes, share)
     if kind == "dirichlet":

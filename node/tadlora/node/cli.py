@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import LoraSpec
 from tadlora.cliutil import apply_env_defaults, csv_list, error_text
-from tadlora.core.methods import method_names
+from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.peerspec import parse_peers_option
@@ -95,8 +95,12 @@ def build_run_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-shards", type=int, default=1, help="number of shards (= nodes in the cluster)")
     t.add_argument("--samples-per-client", type=int, help="cap on this node's training examples")
     t.add_argument("--method", default="tad", choices=method_names(), help="decentralized LoRA method")
-    t.add_argument("--switch-interval", type=int,
-                   help="T: rounds between factor switches, for tad, adf and tad-nojoint (default: 5)")  # fmt: skip
+    alternating = [m for m in method_names() if takes_switch_interval(m)]
+    default_t = ", ".join(sorted({str(make_method(m).switch_interval) for m in alternating}))
+    t.add_argument(
+        "--switch-interval", type=int,
+        help=f"T: rounds between factor switches, for {', '.join(alternating)} (default: {default_t})",
+    )  # fmt: skip
     t.add_argument("--rounds", type=int, help="rounds to run (default: until stopped)")
     t.add_argument("--local-steps", type=int, default=10, help="local steps per round (K)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per local step")

@@ -47,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--switch-intervals",
         type=csv_list(int_or_auto),
         help="comma list of T (ints or auto: TAD-LoRA's topology-aware T) run by the methods in sweep_methods "
-        f"({join(SimConfig().sweep_methods)} unless --config sets it); adf keeps its own T",
+        f"({join(base.sweep_methods)} unless --config sets it); adf keeps its own T",
     )
     parser.add_argument(
         "--topologies",
