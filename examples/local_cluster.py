@@ -25,7 +25,7 @@ from pathlib import Path
 
 def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
     return [
-        sys.executable, "-m", "tadlora.node.cli",
+        sys.executable, "-m", "tadlora.node.entry",
         "--peers", "auto", "--mdns-interface", "127.0.0.1", "--listen", "127.0.0.1:0",
         "--cluster", cluster, "--node-id", f"node-{i}", "--shard", str(i), "--num-shards", str(args.nodes),
         "--min-peers", str(args.nodes - 1), "--rounds", str(args.rounds), "--method", args.method,
@@ -69,7 +69,7 @@ def main() -> int:
     args.out.mkdir(parents=True)
     cluster = f"demo-{uuid.uuid4().hex[:8]}"  # never mixes with another demo running on this machine
     # Mutual TLS, as in production: a cluster CA and one certificate per node (tadlora-node certs ...).
-    certs = [sys.executable, "-m", "tadlora.node.cli", "certs"]
+    certs = [sys.executable, "-m", "tadlora.node.entry", "certs"]
     subprocess.run([*certs, "init", str(args.out / "certs"), "--cluster", cluster], check=True, capture_output=True)
     for i in range(args.nodes):
         issue = [*certs, "issue", f"node-{i}", "--dir", str(args.out / "certs")]

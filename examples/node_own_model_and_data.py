@@ -62,7 +62,7 @@ def main() -> int:
     procs = []
     for i in range(2):
         cmd = [
-            sys.executable, "-m", "tadlora.node.cli", *common, "--shard", str(i), "--node-id", f"own-{i}",
+            sys.executable, "-m", "tadlora.node.entry", *common, "--shard", str(i), "--node-id", f"own-{i}",
             "--listen", f"127.0.0.1:{ports[i]}", "--peers", f"127.0.0.1:{ports[1 - i]}",
             "--out", str(args.out / f"own-{i}"),
         ]  # fmt: skip

@@ -46,6 +46,23 @@ def node_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+HEAVY_MODULES = ("torch", "peft", "transformers")  # what `tadlora-node status` and `certs` must never import
+
+
+def console_script(name: str) -> str:
+    """The path of console script ``name`` installed beside this interpreter (the venv's bin/)."""
+    return str(Path(sys.executable).parent / name)
+
+
+def heavy_imports(importtime_stderr: str) -> set[str]:
+    """The top-level packages of `HEAVY_MODULES` that a process run with PYTHONPROFILEIMPORTTIME=1 imported,
+    read from its stderr's "import time: self | cumulative | module" lines."""
+    names = {
+        line.rsplit("|", 1)[-1].strip() for line in importtime_stderr.splitlines() if line.startswith("import time:")
+    }
+    return {n.split(".")[0] for n in names} & set(HEAVY_MODULES)
+
+
 class NodeProcess:
     """One running `tadlora-node`; its stderr (JSON log lines) and stdout go to files under ``logs``."""
 
@@ -77,7 +94,7 @@ class NodeProcess:
         self.started = time.time()
         with self.stderr_path.open("wb") as err, self.stdout_path.open("wb") as stdout:
             self.proc = subprocess.Popen(
-                [*enter, sys.executable, "-m", "tadlora.node.cli", *self.args],
+                [*enter, sys.executable, "-m", "tadlora.node.entry", *self.args],
                 cwd=logs,
                 env=dict(env),
                 stdin=subprocess.DEVNULL,

@@ -51,7 +51,7 @@ def node_config_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, argv:
 def status_credentials_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, address: str) -> tuple:
     """How `tadlora-node status ADDRESS`, run beside a node with exactly these TADLORA_ variables, would connect:
     (channel credentials or None for plaintext, the node id the answering certificate must name)."""
-    from tadlora.node.cli import build_status_parser, status_credentials
+    from tadlora.node.admin import build_status_parser, status_credentials
 
     with monkeypatch.context() as m:
         for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:

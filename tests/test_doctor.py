@@ -225,12 +225,12 @@ def test_a_certificate_the_run_cannot_use_fails_and_one_expiring_within_30_days_
 
 def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
     """The daemon raises on start when --node-id differs from the id kept in --out/node.json."""
-    from tadlora.node import state
     from tadlora.node.hostcheck import check_out
+    from tadlora.node.identity import save_identity
 
     cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
     cfg.out.mkdir()
-    state.save_identity(cfg.out, "n0", "ab", cluster=cfg.cluster)
+    save_identity(cfg.out, "n0", "ab", cluster=cfg.cluster)
     other = check_out(dataclasses.replace(cfg, node_id="n1"), "ab")
     assert other.status == "FAIL" and "belongs to node 'n0', not --node-id 'n1'" in other.detail
     assert "--node-id n0" in other.fix
@@ -240,12 +240,12 @@ def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
 
 def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
     """The daemon refuses to resume a run of other settings (`NodeConfig.run_settings`): so does doctor."""
-    from tadlora.node import state
     from tadlora.node.hostcheck import check_out
+    from tadlora.node.identity import save_identity
 
     cfg = node_config(tmp_path, 0, 2, PeersOption(False, (), ()))
     cfg.out.mkdir()
-    state.save_identity(cfg.out, "node-0", "ab", **cfg.run_settings())
+    save_identity(cfg.out, "node-0", "ab", **cfg.run_settings())
     assert check_out(cfg, "ab").status == "OK"
     for change in ({"method": "lora"}, {"cluster": "other"}, {"shard": 1}, {"link_prob": 0.5}):
         other = check_out(dataclasses.replace(cfg, **change), "ab")

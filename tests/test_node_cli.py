@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import subprocess
 import urllib.request
 
 import pytest
 import torch
 
+from nodeproc import console_script, heavy_imports, node_env
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
 from tadlora.training import TrainSpec
@@ -152,6 +154,31 @@ def test_certs_init_into_a_directory_it_cannot_create_exits_2_naming_it(tmp_path
     assert main(["certs", "init", str(tmp_path / "file" / "certs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tadlora-node certs: error:") and str(tmp_path / "file") in err
+
+
+def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
+    """A HEALTHCHECK runs `status` every 30 s: the installed script must not pay torch's import (seconds) for it,
+    with TLS neither. Run in fresh interpreters, as a container runs them; PYTHONPROFILEIMPORTTIME lists what each
+    imported."""
+    with socket.socket() as s:  # a port where nothing listens: status gets as far as connecting, then exits 1
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    certs = str(tmp_path / "certs")
+    commands = [
+        (["certs", "init", certs], 0),
+        (["certs", "issue", "n0", "--dir", certs], 0),
+        (["status", address, "--timeout", "2", "--tls-dir", certs, "--node-id", "n0"], 1),
+        (["status", address, "--timeout", "2"], 1),
+    ]
+    for argv, code in commands:
+        result = subprocess.run(
+            [console_script("tadlora-node"), *argv], capture_output=True, text=True, timeout=60, check=False,
+            env=node_env({"PYTHONPROFILEIMPORTTIME": "1"}),
+        )  # fmt: skip
+        assert result.returncode == code, (argv, result.stderr[-2000:])
+        assert heavy_imports(result.stderr) == set(), argv
+        assert "import time:" in result.stderr  # the profile ran, so the check above saw the imports
+    assert "nothing accepts connections there" in result.stderr
 
 
 def test_a_wildcard_listen_that_peers_could_not_call_back_exits_1_naming_the_flag_to_set(tmp_path, capsys) -> None:

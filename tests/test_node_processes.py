@@ -1,6 +1,6 @@
 """`tadlora-node` as separate OS processes: mDNS discovery, training, status, crashes, restarts, signals, refusals.
 
-Every node is a real `python -m tadlora.node.cli` process with one torch thread and the tiny model, serving on
+Every node is a real `python -m tadlora.node.entry` process with one torch thread and the tiny model, serving on
 127.0.0.1 and doing mDNS on 127.0.0.1 only (see nodeproc). Each test has its own cluster name and node ids, so
 concurrent runs on this machine never mix. Waits poll a log file or a process, each with a bound.
 """
@@ -14,7 +14,6 @@ import json
 import logging
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,17 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
-from nodeproc import SMALL_RUN, STARTUP_S, NodeProcess, node_args, node_env, running_node, unique_tag
+from nodeproc import (
+    SMALL_RUN,
+    STARTUP_S,
+    NodeProcess,
+    console_script,
+    heavy_imports,
+    node_args,
+    node_env,
+    running_node,
+    unique_tag,
+)
 from tadlora.adapter import LoraSpec, ModelSpec, _load_base
 from tadlora.node import state
 from tadlora.node.cli import build_run_parser, config_from_args
@@ -125,10 +134,13 @@ def assert_adapter_holds(adapter: Path, base: torch.nn.Module, factors: dict[str
 
 
 def status_cli(address: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tadlora.node.cli", "status", address, "--timeout", "10"],
-        capture_output=True, text=True, timeout=60, env=node_env(), check=False,
+    """The installed `tadlora-node status`, as a HEALTHCHECK runs it; it must not have imported torch."""
+    result = subprocess.run(
+        [console_script("tadlora-node"), "status", address, "--timeout", "10"],
+        capture_output=True, text=True, timeout=60, env=node_env({"PYTHONPROFILEIMPORTTIME": "1"}), check=False,
     )  # fmt: skip
+    assert heavy_imports(result.stderr) == set(), "`tadlora-node status` imported torch, peft or transformers"
+    return result
 
 
 def test_status_prints_a_running_nodes_id_cluster_round_and_state_as_json_and_sigint_stops_it(

@@ -10,6 +10,7 @@ import torch
 
 from tadlora.fsutil import atomic_write_bytes
 from tadlora.node import state
+from tadlora.node.identity import load_identity, run_conflict, save_identity
 
 
 def ckpt(round_: int) -> state.Checkpoint:
@@ -107,17 +108,17 @@ def test_resuming_cuts_the_round_log_back_to_the_checkpoint_so_redone_rounds_app
 
 def test_a_resume_conflicts_on_each_setting_the_kept_run_recorded_and_on_nothing_else() -> None:
     kept = {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
-    assert state.run_conflict(kept, cluster="a", method="tad", switch_interval=5) is None
-    assert state.run_conflict(kept, cluster="b", method="lora", switch_interval=None) == (
+    assert run_conflict(kept, cluster="a", method="tad", switch_interval=5) is None
+    assert run_conflict(kept, cluster="b", method="lora", switch_interval=None) == (
         "cluster 'a' (now 'b'), method 'tad' (now 'lora'), switch_interval 5 (now None)"
     )
     older = {"node_id": "n0", "cluster": "a", "fingerprint": "ab"}  # node.json of a node that kept no method
-    assert state.run_conflict(older, cluster="a", method="lora", switch_interval=None) is None
+    assert run_conflict(older, cluster="a", method="lora", switch_interval=None) is None
 
 
 def test_save_identity_keeps_the_run_settings_it_is_given(tmp_path) -> None:
-    state.save_identity(tmp_path, "n0", "ab", cluster="a", method="tad", switch_interval=5)
-    kept = state.load_identity(tmp_path)
+    save_identity(tmp_path, "n0", "ab", cluster="a", method="tad", switch_interval=5)
+    kept = load_identity(tmp_path)
     assert kept == {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
 
 

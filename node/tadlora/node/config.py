@@ -128,7 +128,7 @@ class NodeConfig:
 
     def run_settings(self) -> dict[str, str | int | float | None]:
         """The settings, besides the model fingerprint, that a node resuming a run from ``out`` must share with the
-        run kept there (`tadlora.node.state.run_conflict`): resumed under others, the run's factors and round would
+        run kept there (`tadlora.node.identity.run_conflict`): resumed under others, the run's factors and round would
         carry into another run, and its rounds would be logged with that run's."""
         return {
             "cluster": self.cluster,

@@ -41,6 +41,7 @@ from tadlora.node.config import NodeConfig, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
+from tadlora.node.identity import load_identity, run_conflict, save_identity
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import interface_addresses
 from tadlora.node.peers import PeerManager
@@ -189,7 +190,7 @@ class Node:
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
         await self._in_worker(state.remove_torn_writes, cfg.out)
-        identity = state.load_identity(cfg.out)
+        identity = load_identity(cfg.out)
         if identity and identity.get("fingerprint") != self.fingerprint:
             raise RuntimeError(
                 f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}); "
@@ -201,12 +202,12 @@ class Node:
         # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster, method, data or
         # topology would carry this run's factors and round into another run, and append its rounds to this log.
         run = cfg.run_settings()
-        if identity and (conflict := state.run_conflict(identity, **run)):
+        if identity and (conflict := run_conflict(identity, **run)):
             raise RuntimeError(
                 f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
-        state.save_identity(cfg.out, self.node_id, self.fingerprint, **run)
+        save_identity(cfg.out, self.node_id, self.fingerprint, **run)
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another

@@ -272,7 +272,7 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
 
 def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
     """--out is writable and, if it holds a run, a run of this model and of this --node-id."""
-    from tadlora.node import state
+    from tadlora.node.identity import IDENTITY, load_identity, run_conflict
 
     out = cfg.out
     existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
@@ -284,9 +284,9 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
             "choose another --out, or give this user write access to it",
         )
     try:
-        identity = state.load_identity(out) if out.is_dir() else None
+        identity = load_identity(out) if out.is_dir() else None
     except (OSError, ValueError) as exc:
-        return Check("out", "FAIL", f"{out}: unreadable {state.IDENTITY}: {exc}", "use another --out")
+        return Check("out", "FAIL", f"{out}: unreadable {IDENTITY}: {exc}", "use another --out")
     if identity and fingerprint and identity.get("fingerprint") != fingerprint:
         return Check(
             "out",
@@ -294,7 +294,7 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
             f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})",
             "use another --out to start a new run, or the flags that run was started with",
         )
-    if identity and (conflict := state.run_conflict(identity, **cfg.run_settings())):
+    if identity and (conflict := run_conflict(identity, **cfg.run_settings())):
         # The daemon refuses this at start too (Node.start).
         return Check(
             "out",

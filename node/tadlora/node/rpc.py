@@ -27,9 +27,7 @@ from collections.abc import (
     Iterator,
 )
 from dataclasses import dataclass
-from typing import Final, Protocol, Self, cast
-
-import torch
+from typing import TYPE_CHECKING, Final, Protocol, Self, cast
 
 from tadlora.node.wire import (
     ExchangeRefused,
@@ -122,7 +120,10 @@ _SERVER_OPTIONS: Final = (
     ("grpc.so_reuseport", 0),  # a second server on a taken port must fail, not share it silently
 )
 
-Factors = dict[str, torch.Tensor]
+if TYPE_CHECKING:  # torch stays out of the client's import (`tadlora.node.wire`'s docstring says why)
+    import torch
+
+    Factors = dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------------------------------- data

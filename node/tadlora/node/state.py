@@ -1,4 +1,4 @@
-"""What a node keeps on disk: its id, checkpoints (atomic, safetensors) and the per-round log.
+"""What a node keeps on disk: checkpoints (atomic, safetensors) and the per-round log; its id is `identity`'s.
 
 Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint, method), ``checkpoint.safetensors`` (the factors at the
 start of a round, with the round in its metadata, and with ``--optimizer-state persistent`` the optimizer's state
@@ -25,13 +25,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from tadlora.core.factors import Factors
-from tadlora.fsutil import atomic_write_bytes, atomic_write_json
+from tadlora.fsutil import atomic_write_bytes
 from tadlora.training import OptimizerState
 
 log = logging.getLogger("tadlora.node")
 
 CHECKPOINT = "checkpoint.safetensors"
-IDENTITY = "node.json"
 ROUNDS = "rounds.jsonl"
 ADAPTER = "adapter"
 ADAPTER_NEW = ".adapter.tmp"  # the next adapter/ while it is written (a torn write, like any ".*.tmp")
@@ -144,29 +143,6 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def load_identity(out: Path) -> dict[str, Any] | None:
-    """``node.json`` if present."""
-    path = out / IDENTITY
-    if not path.exists():
-        return None
-    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return loaded
-
-
-def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | float | None) -> None:
-    """Write ``node.json``: the node's id and model fingerprint, and ``run``, the other settings a node resuming
-    from ``out`` must share (`run_conflict`; `NodeConfig.run_settings`), e.g. ``cluster="lab", method="tad"``."""
-    atomic_write_json(out / IDENTITY, {"node_id": node_id, "fingerprint": fingerprint, **run})
-
-
-def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> str | None:
-    """How the run kept in ``node.json`` (``identity``) differs from ``ours`` (the settings of the node about to
-    resume it, by node.json key), e.g. ``"method 'tad' (now 'lora')"``; None when nothing differs. A key that
-    ``identity`` lacks (written by an older node) is not compared."""
-    diffs = [f"{k} {identity[k]!r} (now {v!r})" for k, v in ours.items() if k in identity and identity[k] != v]
-    return ", ".join(diffs) or None
 
 
 class RoundLog:

@@ -3,6 +3,10 @@
 Pure and free of I/O, so both transports (gRPC and in-memory) and the tests share it. Payloads from the network
 are decoded with safetensors only; nothing here unpickles. Every rejection is a `PayloadError` carrying a
 `Reason` that the receiving node sends back to its peer.
+
+torch is imported by the functions that touch tensors, not by the module: `tadlora-node status` and `certs` use
+the reasons, errors and caps here through the gRPC client, and a healthcheck should not pay torch's seconds-long
+import (see `tadlora.node.entry`).
 """
 
 from __future__ import annotations
@@ -15,11 +19,10 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, NamedTuple
+from typing import TYPE_CHECKING, Final, NamedTuple
 
-import torch
-from safetensors.torch import load as safetensors_load  # safetensors: parses, never executes
-from safetensors.torch import save as safetensors_save
+if TYPE_CHECKING:
+    import torch
 
 __all__ = [
     "MAX_CHUNK_BYTES",
@@ -101,6 +104,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def _is_dtype_name(name: str) -> bool:
+    import torch
+
     return isinstance(getattr(torch, name, None), torch.dtype)
 
 
@@ -141,6 +146,8 @@ class FactorSpec:
     def max_payload_bytes(self) -> int:
         """The most bytes a safetensors payload (`encode_factors`) meeting this spec can take: its tensors' bytes
         plus generous room for the header. A payload declared larger cannot meet the spec, whatever it holds."""
+        import torch
+
         data = sum(math.prod(s.shape) * getattr(torch, s.dtype).itemsize for s in self.tensors.values())
         entries = sum(
             _ENTRY_SLACK_BYTES + _KEY_ESCAPE_FACTOR * len(key.encode()) + _DIM_CHARS * len(s.shape)
@@ -156,6 +163,8 @@ class FactorSpec:
     def check(self, factors: Mapping[str, torch.Tensor], max_norm: float | None = None) -> None:
         """Raise `PayloadError(BAD_PAYLOAD)` unless `factors` has exactly these keys, shapes, dtypes, finite values
         and, with `max_norm`, no tensor of a Frobenius norm over it."""
+        import torch
+
         missing = self.tensors.keys() - factors.keys()
         unexpected = factors.keys() - self.tensors.keys()
         if missing or unexpected:
@@ -188,6 +197,9 @@ class FactorSpec:
 
 def encode_factors(factors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> bytes:
     """Serialize `factors` (any device, any layout) and str->str `metadata` as one safetensors payload."""
+    import torch
+    from safetensors.torch import save as safetensors_save
+
     prepared: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
     for key, tensor in factors.items():
@@ -210,6 +222,8 @@ def decode_factors(
 
     Any defect of the payload raises `PayloadError`; nothing else escapes, whatever the bytes.
     """
+    from safetensors.torch import load as safetensors_load  # safetensors: parses, never executes
+
     data = bytes(payload)
     try:
         factors = safetensors_load(data)

@@ -1,0 +1,161 @@
+"""`tadlora-node status` and `tadlora-node certs`: the subcommands that never import torch.
+
+A container's HEALTHCHECK runs `status` every 30 s; importing torch would cost it seconds each time (3-4 s on
+2 cores, more on a busy edge board). So this module, and everything it imports, stays free of torch, peft and
+transformers; tests/test_node_cli.py checks it in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tadlora.cliutil import apply_env_defaults
+from tadlora.node.identity import kept_node_id
+
+if TYPE_CHECKING:
+    import grpc
+
+
+async def query_status(
+    address: str, timeout: float, *, credentials: grpc.ChannelCredentials | None = None, peer_id: str | None = None
+) -> dict[str, Any]:
+    """A node's status as a JSON-able dict; plaintext unless ``credentials`` are given, and then the node's
+    certificate must name ``peer_id`` (None: any node of the cluster). PeerUnavailable if it does not answer."""
+    from tadlora.node.grpc_transport import PeerClient
+
+    async with PeerClient(address, credentials=credentials, server_name=peer_id) as client:
+        st = await client.status(timeout)
+    nan_to_none = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
+    return {
+        "node_id": st.node.node_id,
+        "address": st.node.address,
+        "cluster": st.node.cluster,
+        "fingerprint": st.node.fingerprint,
+        "method": st.node.method,
+        "round": st.node.round,
+        "state": st.state,
+        "phase": st.phase,
+        "rounds_completed": st.rounds_completed,
+        "last_loss": nan_to_none(st.last_loss),
+        "last_accuracy": nan_to_none(st.last_accuracy),
+        "insecure": st.node.insecure,
+        "uptime_seconds": round(st.uptime_seconds, 1),
+        "neighbours": [
+            {"id": n.node_id, "address": n.address, "degree": n.degree, "weight": n.weight} for n in st.neighbors
+        ],
+    }
+
+
+def build_status_parser() -> argparse.ArgumentParser:
+    """Flags of `tadlora-node status`; the TLS ones read the same TADLORA_ variables as a run, so inside a node's
+    container or unit `tadlora-node status 127.0.0.1:7070` connects the way the node serves."""
+    p = argparse.ArgumentParser(prog="tadlora-node status", description="Print a running node's state as JSON.")
+    p.add_argument("address", help="HOST:PORT of the node")
+    p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    p.add_argument("--tls-dir", type=Path,
+                   help="connect with mutual TLS: DIR/ca.crt and this node's DIR/NODE_ID.crt/.key as the client "
+                   "certificate (default: plaintext)")  # fmt: skip
+    p.add_argument("--node-id", help="whose certificate in --tls-dir to present (default: the id kept in --out)")
+    p.add_argument("--peer-id", help="the node id the queried node's certificate must name (default: --node-id, "
+                   "i.e. asking this node itself)")  # fmt: skip
+    p.add_argument("--out", type=Path, help="this node's --out, whose node.json gives --node-id if it is not set")
+    p.add_argument("--insecure", action="store_true", help="plaintext even when --tls-dir is set")
+    apply_env_defaults(p)
+    return p
+
+
+def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
+    """The channel credentials and the node id the answering certificate must name, from `status`'s flags;
+    (None, None): plaintext. ValueError, saying what to pass, if TLS is asked for and cannot be set up."""
+    if a.insecure or a.tls_dir is None:
+        return None, None
+    from tadlora.node.tls import TlsMaterial
+
+    node_id = a.node_id or kept_node_id(a.out)
+    if node_id is None:
+        raise ValueError(
+            f"--tls-dir {a.tls_dir} needs --node-id NODE_ID (or TADLORA_NODE_ID, or --out of a node that ran): "
+            "it names the client certificate NODE_ID.crt/.key"
+        )
+    material = TlsMaterial.from_dir(a.tls_dir, node_id)
+    return material.channel_credentials(), a.peer_id or node_id
+
+
+def _accepts_connections(address: str, timeout: float) -> bool:
+    """Whether a TCP connection to ``address`` (HOST:PORT) is accepted: tells "nothing listens" apart from a
+    listener that refused us (TLS, another protocol), which gRPC reports alike."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def status_main(argv: list[str]) -> int:
+    """`tadlora-node status HOST:PORT [--tls-dir DIR --node-id ID]`: 0 and the JSON if the node answers, 1 if it
+    does not, 2 for bad flags or TLS files."""
+    a = build_status_parser().parse_args(argv)
+    from tadlora.node.rpc import PeerUnavailable
+    from tadlora.node.wire import ExchangeRefused
+
+    try:
+        credentials, peer_id = status_credentials(a)
+    except (OSError, ValueError) as exc:
+        sys.stderr.write(f"tadlora-node status: error: {exc}\n")
+        return 2
+    try:
+        doc = asyncio.run(query_status(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
+    except (PeerUnavailable, ExchangeRefused) as exc:
+        if isinstance(exc, PeerUnavailable) and not _accepts_connections(a.address, a.timeout):
+            hint = "nothing accepts connections there: is the node running, and is this its --listen HOST:PORT?"
+        elif credentials is None:
+            hint = (
+                "if the node runs with TLS, pass --tls-dir DIR --node-id NODE_ID (or TADLORA_TLS_DIR and "
+                "TADLORA_NODE_ID) with a certificate of its cluster"
+            )
+        else:
+            hint = (
+                f"the node's certificate must name {peer_id!r} (--peer-id, for another node than --node-id) "
+                f"and be signed by {a.tls_dir / 'ca.crt'}; a node run with --insecure needs --insecure here"
+            )
+        sys.stderr.write(f"tadlora-node status: {exc}\n  {hint}\n")
+        return 1
+    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    return 0
+
+
+def certs_main(argv: list[str]) -> int:
+    """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`."""
+    p = argparse.ArgumentParser(prog="tadlora-node certs", description="Create the cluster CA and node certificates.")
+    sub = p.add_subparsers(dest="action", required=True)
+    init = sub.add_parser("init", help="create the cluster CA (DIR/ca.crt, DIR/ca.key)")
+    init.add_argument("dir", type=Path)
+    init.add_argument("--cluster", default="default", help="cluster name, written into the CA's subject")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    iss = sub.add_parser("issue", help="issue DIR/NAME.crt and DIR/NAME.key signed by the cluster CA")
+    iss.add_argument("name", help="the node id that will use this certificate")
+    iss.add_argument("--dir", type=Path, required=True, help="the directory made by `certs init`")
+    iss.add_argument("--ip", action="append", default=[], help="an IP address to add to the certificate (repeat)")
+    iss.add_argument("--force", action="store_true", help="replace existing files")
+    a = p.parse_args(argv)
+    from tadlora.node import tls
+
+    try:
+        if a.action == "init":
+            path = tls.init_ca(a.dir, cluster=a.cluster, force=a.force)
+        else:
+            path = tls.issue(a.dir, a.name, ips=tuple(a.ip), force=a.force)
+    except (OSError, ValueError) as exc:  # OSError: DIR cannot be created or written, say so without a traceback
+        sys.stderr.write(f"tadlora-node certs: error: {exc}\n")
+        return 2
+    sys.stdout.write(f"wrote {path}\n")
+    return 0

@@ -1,0 +1,36 @@
+"""Entry point of `tadlora-node`: dispatches a subcommand before anything heavy is imported.
+
+`status` and `certs` (`tadlora.node.admin`) start in a fraction of a second; `doctor` and a run import torch,
+peft and transformers (`tadlora.node.doctor`, `tadlora.node.cli`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run `tadlora-node` with ``argv`` (default: the process's arguments); its exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    command, rest = (args[0], args[1:]) if args else ("", [])
+    if command == "status":
+        from tadlora.node.admin import status_main
+
+        return status_main(rest)
+    if command == "certs":
+        from tadlora.node.admin import certs_main
+
+        return certs_main(rest)
+    if command == "doctor":
+        from tadlora.node.doctor import doctor_main
+
+        return doctor_main(rest)
+    from tadlora.node.cli import run_main
+
+    return run_main(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())

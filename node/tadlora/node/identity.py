@@ -1,0 +1,51 @@
+"""A node's ``OUT/node.json``: its id, its model fingerprint and the run settings a resumed run must share.
+
+Kept apart from `tadlora.node.state` (checkpoints, torch) so that `tadlora-node status --out DIR` can read a
+node's id without importing torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tadlora.fsutil import atomic_write_json
+
+IDENTITY = "node.json"
+
+
+def load_identity(out: Path) -> dict[str, Any] | None:
+    """``node.json`` if present."""
+    path = out / IDENTITY
+    if not path.exists():
+        return None
+    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    return loaded
+
+
+def kept_node_id(out: Path | None) -> str | None:
+    """The node id a node saved in ``out`` (its node.json), if any; None also when node.json is unreadable or
+    torn, so that a caller asks for the id instead."""
+    if out is None:
+        return None
+    try:
+        identity = load_identity(out)
+    except (OSError, ValueError):
+        return None
+    node_id = (identity or {}).get("node_id")
+    return node_id if isinstance(node_id, str) else None
+
+
+def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | float | None) -> None:
+    """Write ``node.json``: the node's id and model fingerprint, and ``run``, the other settings a node resuming
+    from ``out`` must share (`run_conflict`; `NodeConfig.run_settings`), e.g. ``cluster="lab", method="tad"``."""
+    atomic_write_json(out / IDENTITY, {"node_id": node_id, "fingerprint": fingerprint, **run})
+
+
+def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> str | None:
+    """How the run kept in ``node.json`` (``identity``) differs from ``ours`` (the settings of the node about to
+    resume it, by node.json key), e.g. ``"method 'tad' (now 'lora')"``; None when nothing differs. A key that
+    ``identity`` lacks (written by an older node) is not compared."""
+    diffs = [f"{k} {identity[k]!r} (now {v!r})" for k, v in ours.items() if k in identity and identity[k] != v]
+    return ", ".join(diffs) or None
