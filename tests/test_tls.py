@@ -223,7 +223,14 @@ async def test_status_asks_a_tls_node_with_the_runs_tls_settings_and_says_what_t
 ) -> None:
     import json
 
-    for name in ("TADLORA_TLS_DIR", "TADLORA_NODE_ID", "TADLORA_OUT", "TADLORA_INSECURE", "TADLORA_PEER_ID"):
+    for name in (
+        "TADLORA_TLS_DIR",
+        "TADLORA_NODE_ID",
+        "TADLORA_OUT",
+        "TADLORA_INSECURE",
+        "TADLORA_PEER_ID",
+        "TADLORA_ANY_PEER",
+    ):
         monkeypatch.delenv(name, raising=False)
     certs = make_certs(tmp_path / "certs", "node-0", "node-1")
     async with Node(tls(tmp_path, certs, 0, 1, (), min_peers=0, rounds=1)) as node:
@@ -245,6 +252,16 @@ async def test_status_asks_a_tls_node_with_the_runs_tls_settings_and_says_what_t
         # A certificate that must name another node than the one answering: refused, with the flag to change.
         code, _, err = await status([node.address, "--node-id", "node-0", "--peer-id", "node-1"], capsys)
         assert code == 1 and "--peer-id" in err
+        # ... unless any node of the cluster may answer: the JSON then says which one did.
+        code, out, err = await status([node.address, "--node-id", "node-1", "--any-peer"], capsys)
+        assert code == 0 and json.loads(out)["node_id"] == "node-0", err
+        other = make_certs(tmp_path / "other-ca", "node-0")  # same id, another cluster's CA: still refused
+        code, _, err = await status(
+            [node.address, "--tls-dir", str(other), "--node-id", "node-0", "--any-peer"], capsys
+        )
+        assert code == 1 and str(other / "ca.crt") in err and "must name" not in err
+        code, _, err = await status([node.address, "--node-id", "node-1", "--any-peer", "--peer-id", "x"], capsys)
+        assert code == 2 and "pass one of them" in err
         code, _, err = await status([node.address], capsys)  # no id known
         assert code == 2 and "--node-id" in err
         code, _, err = await status([node.address, "--node-id", "node-7"], capsys)  # no such certificate

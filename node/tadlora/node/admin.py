@@ -64,6 +64,9 @@ def build_status_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="whose certificate in --tls-dir to present (default: the id kept in --out)")
     p.add_argument("--peer-id", help="the node id the queried node's certificate must name (default: --node-id, "
                    "i.e. asking this node itself)")  # fmt: skip
+    p.add_argument("--any-peer", action="store_true",
+                   help="accept any node certificate signed by DIR/ca.crt instead of --peer-id's: to ask a node "
+                   "known only by its address (the JSON says which node answered)")  # fmt: skip
     p.add_argument("--out", type=Path, help="this node's --out, whose node.json gives --node-id if it is not set")
     p.add_argument("--insecure", action="store_true", help="plaintext even when --tls-dir is set")
     apply_env_defaults(p)
@@ -72,7 +75,10 @@ def build_status_parser() -> argparse.ArgumentParser:
 
 def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials | None, str | None]:
     """The channel credentials and the node id the answering certificate must name, from `status`'s flags;
-    (None, None): plaintext. ValueError, saying what to pass, if TLS is asked for and cannot be set up."""
+    (None, None): plaintext; (credentials, None): any node of the cluster (--any-peer). ValueError, saying what
+    to pass, if TLS is asked for and cannot be set up."""
+    if a.any_peer and a.peer_id:
+        raise ValueError("--any-peer accepts any node of the cluster, --peer-id one node: pass one of them")
     if a.insecure or a.tls_dir is None:
         return None, None
     from tadlora.node.tls import TlsMaterial
@@ -84,7 +90,7 @@ def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials |
             "it names the client certificate NODE_ID.crt/.key"
         )
     material = TlsMaterial.from_dir(a.tls_dir, node_id)
-    return material.channel_credentials(), a.peer_id or node_id
+    return material.channel_credentials(), None if a.any_peer else a.peer_id or node_id
 
 
 def _accepts_connections(address: str, timeout: float) -> bool:
@@ -123,9 +129,10 @@ def status_main(argv: list[str]) -> int:
                 "TADLORA_NODE_ID) with a certificate of its cluster"
             )
         else:
+            named = "" if peer_id is None else f"name {peer_id!r} (--peer-id, for another node than --node-id) and "
             hint = (
-                f"the node's certificate must name {peer_id!r} (--peer-id, for another node than --node-id) "
-                f"and be signed by {a.tls_dir / 'ca.crt'}; a node run with --insecure needs --insecure here"
+                f"the node's certificate must {named}be signed by {a.tls_dir / 'ca.crt'}; a node run with "
+                "--insecure needs --insecure here"
             )
         sys.stderr.write(f"tadlora-node status: {exc}\n  {hint}\n")
         return 1
