@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 
 import pytest
 
 from tadlora.node.daemon import Node
-from tadlora.node.dnspeers import DnsPeers, host_port, split_name
+from tadlora.node.dnspeers import DnsPeers, host_port, resolve_addresses, split_name
 from tadlora.node.peerspec import PeersOption
 from test_daemon import NO_PEERS, _rounds, node_config, run_all
 
@@ -54,6 +55,42 @@ async def test_localhost_resolves_to_its_loopback_address() -> None:
         addresses = await dns.async_wait_for(lambda a: "127.0.0.1:5000" in a, timeout=10)
     assert "127.0.0.1:7070" in addresses  # no port: the default
     assert all(a.startswith(("127.", "[::1]")) for a in addresses), addresses
+
+
+def test_a_lookup_the_resolver_leaves_hanging_does_not_hold_up_the_end_of_asyncio_run(monkeypatch) -> None:
+    """A DNS server that does not answer keeps getaddrinfo for ~10 s; the node must exit meanwhile. Run in a
+    thread of its own, `asyncio.run` must return while the lookup still hangs (bound: 30 s, i.e. not waiting)."""
+    release = threading.Event()
+
+    def hanging_getaddrinfo(host: str, *args: object, **kwargs: object) -> list[object]:
+        release.wait(60)  # bounded, so the thread ends even if the test fails
+        raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+
+    async def give_up_on_it() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.05):
+                await resolve_addresses("hung.example", 7070)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging_getaddrinfo)
+    runner = threading.Thread(target=asyncio.run, args=(give_up_on_it(),))
+    try:
+        runner.start()
+        runner.join(30)
+        assert not runner.is_alive() and not release.is_set(), "asyncio.run waited for the hanging lookup"
+    finally:
+        release.set()
+        runner.join()
+
+
+@pytest.mark.asyncio
+async def test_a_lookup_error_reaches_the_caller_as_the_resolver_raised_it(monkeypatch) -> None:
+    def no_such_name(host: str, *args: object, **kwargs: object) -> list[object]:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_such_name)
+    with pytest.raises(socket.gaierror) as raised:
+        await resolve_addresses("gone.example", 7070)
+    assert raised.value.errno == socket.EAI_NONAME
 
 
 @pytest.mark.asyncio

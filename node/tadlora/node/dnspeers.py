@@ -2,7 +2,9 @@
 
 This is discovery where multicast does not reach, e.g. Kubernetes, where a headless Service's name resolves to
 the addresses of its ready pods. Names are looked up again every `RESOLVE_INTERVAL_S`, so pods that appear or
-disappear are followed. Lookups use the event loop's `getaddrinfo` (a worker thread): the loop is never blocked.
+disappear are followed. Each lookup runs `socket.getaddrinfo` in a daemon thread of its own: the loop is never
+blocked, and a lookup the resolver leaves hanging (glibc waits 5 s x 2 attempts for a DNS server that does not
+answer) holds up neither the node's exit nor the default executor that `asyncio.run` joins when it ends.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import asyncio
 import ipaddress
 import logging
 import socket
+import threading
 from collections.abc import Awaitable, Callable, Iterable
 from types import TracebackType
 from typing import Self
@@ -40,9 +43,37 @@ _NO_RECORDS = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAM
 
 
 async def resolve_addresses(host: str, port: int) -> list[str]:
-    """The IPv4 and IPv6 addresses of ``host`` (A and AAAA records, or /etc/hosts), without blocking the loop."""
-    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    return [str(sockaddr[0]) for family, *_, sockaddr in infos if family in (socket.AF_INET, socket.AF_INET6)]
+    """The IPv4 and IPv6 addresses of ``host`` (A and AAAA records, or /etc/hosts), without blocking the loop.
+
+    Cancelling the wait (a timeout, the node closing) abandons the lookup: its daemon thread ends when the
+    resolver returns, or with the process. The loop's own `getaddrinfo` would keep `asyncio.run` from returning
+    until then, since it runs in the default executor."""
+    loop = asyncio.get_running_loop()
+    answer: asyncio.Future[list[str]] = loop.create_future()
+
+    def settle(result: list[str] | None, exc: BaseException | None) -> None:
+        if answer.done():  # abandoned: the waiter was cancelled
+            return
+        if exc is not None:
+            answer.set_exception(exc)
+        else:
+            answer.set_result(result or [])
+
+    def lookup() -> None:
+        result: list[str] | None = None
+        error: BaseException | None = None
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            result = [str(sa[0]) for family, *_, sa in infos if family in (socket.AF_INET, socket.AF_INET6)]
+        except Exception as exc:  # handed to the waiter, whose caller sorts gaierror from other OSErrors
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, result, error)
+        except RuntimeError:  # the loop is closed: nobody waits for this answer any more
+            pass
+
+    threading.Thread(target=lookup, name=f"tadlora-dns-{host}", daemon=True).start()
+    return await answer
 
 
 def split_name(name: str) -> tuple[str, int]:
