@@ -106,10 +106,15 @@ def test_compose_runs_three_nodes_on_one_network_each_with_its_shard_id_and_volu
         env = service["environment"]
         check_tadlora_variables(env)
         assert service["networks"] == ["tadlora"]
-        volume, certs = service["volumes"]
+        volume, *certs = service["volumes"]
         volume_name, mount = volume.split(":")
         assert volume_name in doc["volumes"] and mount == env["TADLORA_OUT"]
-        assert certs.split(":")[1:] == [env["TADLORA_TLS_DIR"], "ro"]  # certificates mounted read-only
+        # The CA certificate and the node's own certificate and key, read-only; no other node's key, no ca.key.
+        files = ("ca.crt", f"{name}.crt", f"{name}.key")
+        assert certs == [
+            {"type": "bind", "source": f"./certs/{f}", "target": f"{env['TADLORA_TLS_DIR']}/{f}", "read_only": True}
+            for f in files
+        ]
         assert service["stop_signal"] == "SIGTERM"
         cfg = node_config_from(env, monkeypatch)
         assert cfg.node_id == name and cfg.peers.auto and cfg.mdns_interface == "eth0"
