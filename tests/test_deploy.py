@@ -18,6 +18,7 @@ import yaml
 from tadlora.cliutil import ENV_PREFIX, env_name
 from tadlora.node.cli import build_run_parser, config_from_args
 from tadlora.node.config import NodeConfig
+from tadlora.node.tls import TlsMaterial, init_ca, issue
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -64,7 +65,6 @@ def status_credentials_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch
 def check_status_uses_the_nodes_tls(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, tmp: Path) -> None:
     """`tadlora-node status 127.0.0.1:7070` beside this node (its healthcheck, `exec ... status`) presents the
     node's own certificate and expects the node's id: certificates stand in at TADLORA_TLS_DIR."""
-    from tadlora.node.tls import init_ca, issue
 
     node_id = env["TADLORA_NODE_ID"]
     init_ca(tmp / "certs")
@@ -408,6 +408,38 @@ def test_each_pod_gets_its_id_shard_and_peers_from_its_name(monkeypatch, tmp_pat
     assert cfg.peers.dns[0].startswith(docs["Service"]["metadata"]["name"] + ".")
     assert cfg.health_port == 7071 and cfg.tls_dir is not None
     check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path)  # `kubectl exec tadlora-2 -- tadlora-node status`
+
+
+def test_the_node_container_holds_only_its_own_key_and_the_init_container_copies_it(tmp_path, monkeypatch) -> None:
+    """The Secret (every node's key) is mounted by the init container alone; its script, run here with the mount
+    paths moved under tmp_path, gives the node's TLS directory ca.crt and the pod's own files, which load."""
+    pod = k8s_docs()["StatefulSet"]["spec"]["template"]["spec"]
+    [container], [init] = pod["containers"], pod["initContainers"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    [secret_volume] = [name for name, v in volumes.items() if "secret" in v]
+    node_mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    init_mounts = {m["name"]: m["mountPath"] for m in init["volumeMounts"]}
+    assert secret_volume not in node_mounts and secret_volume in init_mounts
+    tls_dir = next(v["value"] for v in container["env"] if v["name"] == "TADLORA_TLS_DIR")
+    [certs_volume] = [name for name, path in node_mounts.items() if path == tls_dir]
+    assert volumes[certs_volume]["emptyDir"]["medium"] == "Memory" and init_mounts[certs_volume] == tls_dir
+    assert init["env"][0]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name"  # the pod's, as the node's id
+
+    secret, certs = tmp_path / "secret", tmp_path / "certs"
+    init_ca(secret)
+    for i in range(3):
+        issue(secret, f"tadlora-{i}")
+    certs.mkdir()
+    script = init["args"][0].replace(init_mounts[secret_volume], str(secret)).replace(tls_dir, str(certs))
+    env = {"TADLORA_NODE_ID": "tadlora-1", "PATH": os.environ["PATH"]}
+    done = subprocess.run([*init["command"], script], capture_output=True, text=True, env=env, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "tadlora-1.crt", "tadlora-1.key"]
+    assert {oct(p.stat().st_mode & 0o777) for p in certs.iterdir()} == {"0o400"}
+    TlsMaterial.from_dir(certs, "tadlora-1")  # what the node loads at start
+    missing = subprocess.run([*init["command"], script], capture_output=True, text=True, timeout=60,
+                             env={**env, "TADLORA_NODE_ID": "tadlora-3"})  # fmt: skip
+    assert missing.returncode != 0 and "tadlora-3.crt" in missing.stderr  # no files for this pod: Init:Error
 
 
 def test_pods_get_no_service_link_variables_that_would_set_node_flags(monkeypatch) -> None:
