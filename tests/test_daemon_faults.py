@@ -1,7 +1,7 @@
 """The daemon against faults around its exchanges and its disk: a peer whose connection is replaced mid-call, a
 peer that lies about its mixing or its round, an exchange that fails inside this node, a stop while a peer hangs,
-an export or a run cut short, a close that fails midway. One real node (tiny model) on the in-memory network,
-with a scripted peer beside it."""
+an export or a run cut short, a close that fails midway, a cancellation that comes with a peer change. One real
+node (tiny model) on the in-memory network, with a scripted peer beside it."""
 
 from __future__ import annotations
 
@@ -182,6 +182,23 @@ async def test_catch_up_never_adopts_a_state_no_node_can_be_in(
             assert (node.round, node.last_mixed_round) == (3, 3)
         else:
             assert (node.round, node.last_mixed_round) == (0, 0)
+
+
+@pytest.mark.asyncio
+async def test_a_node_that_caught_up_reports_the_round_it_reached_as_completed(tmp_path: Path) -> None:
+    """`Node.round` is the rounds completed when the node is idle; its status and its run's result say the same
+    after a catch-up (here: to the group's last round, so the run ends there) as after a resume."""
+    net = InMemoryNetwork()
+    async with (
+        lone_node(tmp_path, net, rounds=3) as node,
+        scripted_peer(node, net, round=3, last_mixed_round=3, fetch_round=3),
+    ):
+        async with asyncio.timeout(60):
+            result = await node.run()
+        assert node.round == 3
+        assert (result.rounds_completed, node.status().rounds_completed) == (3, 3)
+    ckpt = state.load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == result.rounds_completed
 
 
 # ------------------------------------------------------------------------------------------- exchanges
@@ -378,3 +395,41 @@ async def test_a_peer_whose_catch_up_fetch_failed_is_not_fetched_from_ahead_of_e
         async with asyncio.timeout(30):
             await node._catch_up_if_behind()
         assert fetches == 2
+
+
+# ------------------------------------------------------------------------------------------ cancelling
+
+
+@pytest.mark.asyncio
+async def test_a_close_that_comes_with_a_discovery_change_still_ends_the_peer_manager(tmp_path: Path) -> None:
+    """Discovery reports a change (a peer's goodbye, say) in the moment the node closes. The close cancels the peer
+    manager's task and waits for it: a task that took the change and dropped the cancellation would scan on for
+    ever, and the node would never exit."""
+    async with lone_node(tmp_path, InMemoryNetwork()) as node:
+        assert node._peers is not None
+        for _ in range(3):
+            await asyncio.sleep(0)  # the peer manager scans (no candidates) and waits for the next change
+        node._peers.wake()
+        async with asyncio.timeout(STOP_S):
+            await node.aclose()
+    assert not node._tasks
+
+
+@pytest.mark.asyncio
+async def test_a_run_cancelled_as_a_peer_arrives_is_cancelled_not_carried_on(tmp_path: Path) -> None:
+    """The run is cancelled (by whoever owns it) while it waits for its first peer, in the moment that peer is
+    verified: it must end cancelled, not take the peer and start training."""
+    net = InMemoryNetwork()
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1, rounds=None), net) as node:
+        run = asyncio.ensure_future(node.run())
+        for _ in range(3):
+            await asyncio.sleep(0)  # into its wait for peers
+        try:
+            async with scripted_peer(node, net):  # verified: the wait for peers is over
+                run.cancel()
+                done, _ = await asyncio.wait({run}, timeout=STOP_S)
+                assert run in done and run.cancelled(), f"still running in state {node._state!r}"
+        finally:
+            node.request_stop()
+            await asyncio.gather(run, return_exceptions=True)
+    assert node.round == 0

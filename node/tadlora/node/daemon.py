@@ -401,8 +401,9 @@ class Node:
                             self.config.peer_wait)  # fmt: skip
                 return
             self._peers_changed.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._peers_changed.wait(), min(left, 1.0))
+            with contextlib.suppress(TimeoutError):  # not wait_for, which drops a cancellation (`PeerManager.run`)
+                async with asyncio.timeout(min(left, 1.0)):
+                    await self._peers_changed.wait()
 
     # ------------------------------------------------------------------------------------- NodeHandler
 
@@ -623,6 +624,7 @@ class Node:
                  info.node_id, rounds.t)  # fmt: skip
         # We now hold the state the group reached: its round, its factors, its last mixing.
         await rounds.adopt(result.peer.round, result.factors, info.last_mixed_round)
+        self._rounds_done = rounds.t  # as after a resume: the rounds before the one we are in are done
         # Our moments describe our own gradient history at the factors we left; the adopted factors are the
         # group's, so the optimizer starts fresh from them.
         self._opt_state = {}

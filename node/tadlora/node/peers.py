@@ -89,8 +89,11 @@ class PeerManager:
         while True:
             self._wake.clear()  # before the scan: a change that arrives during it wakes the next one at once
             await self.scan()
+            # asyncio.timeout, not wait_for: Python 3.11's wait_for drops a cancellation that comes as the event is
+            # set, and this loop would scan on for ever while the node's close waits for it.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), SCAN_INTERVAL_S)
+                async with asyncio.timeout(SCAN_INTERVAL_S):
+                    await self._wake.wait()
 
     async def scan(self) -> None:
         """Handshake with every candidate that is not a peer yet and is due for a try; drop vanished peers."""
