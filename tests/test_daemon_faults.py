@@ -1,7 +1,7 @@
 """The daemon against faults around its exchanges and its disk: a peer whose connection is replaced mid-call, a
 peer that lies about its mixing or its round, an exchange that fails inside this node, a stop while a peer hangs,
-an export or a run cut short, a close that fails midway, a cancellation that comes with a peer change. One real
-node (tiny model) on the in-memory network, with a scripted peer beside it."""
+an export or a run cut short, a close that fails midway, a cancellation that comes with a peer change, a payload
+refused. One real node (tiny model) on the in-memory network, with a scripted peer (or a second node) beside it."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ import torch
 from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
 from tadlora.node.memory_transport import InMemoryNetwork
+from tadlora.node.peerspec import PeersOption
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerUnavailable, StatusInfo
 from tadlora.node.wire import FactorSpec
-from test_daemon import NO_PEERS, node_config
+from test_daemon import NO_PEERS, _rounds, node_config
 
 PEER_ID = "node-9"  # sorts after the node's own id ("node-0"), so the node calls it
 
@@ -395,6 +396,23 @@ async def test_a_peer_whose_catch_up_fetch_failed_is_not_fetched_from_ahead_of_e
         async with asyncio.timeout(30):
             await node._catch_up_if_behind()
         assert fetches == 2
+
+
+@pytest.mark.asyncio
+async def test_a_neighbour_whose_exchange_was_refused_is_not_waited_for_until_the_deadline(tmp_path: Path) -> None:
+    """node-1 refuses node-0's payload (over node-1's norm cap). node-0 leaves the pair out on the refusal and does
+    not call again, so node-1 must close the round then, not wait out the exchange deadline (600 s here: the
+    test's own bound of 120 s fails a node that waits). Both log the pair as missed; neither mixed."""
+    net, slow = InMemoryNetwork(), {"rounds": 1, "exchange_timeout": 600.0}
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, **slow), net) as caller:
+        strict = node_config(tmp_path, 1, 2, PeersOption(False, (caller.address,), ()), max_factor_norm=1e-6, **slow)
+        async with Node(strict, net) as callee:
+            assert caller.node_id < callee.node_id  # the caller is the end that calls
+            async with asyncio.timeout(120):
+                await asyncio.gather(caller.run(), callee.run())
+    [called], [refused] = _rounds(tmp_path / "n0"), _rounds(tmp_path / "n1")
+    assert (called["missed"], refused["missed"]) == ([callee.node_id], [caller.node_id])
+    assert called["neighbours"] == refused["neighbours"] == []
 
 
 # ------------------------------------------------------------------------------------------ cancelling

@@ -497,6 +497,10 @@ class Node:
         """Count a refusal this node gave (the server has logged it); see `NodeHandler`."""
         self.metrics.refusals.labels(exc.reason.name).inc()
 
+    async def async_exchange_refused(self, caller: str, r: int) -> None:
+        """A neighbour's round-r exchange was refused here (see `NodeHandler`): round r stops waiting for it."""
+        await self.rounds.refused(caller, r)
+
     def _check_round_sane(self, r: int, who: str) -> None:
         """Refuse (ROUND_MISMATCH) an exchange or a catch-up for a round past the run's last one, before it makes
         this node think it is behind (`MAX_ROUND` is checked on every header already)."""
@@ -670,11 +674,13 @@ class Node:
             async with asyncio.timeout_at(deadline):
                 if calls:
                     await self._unless_stopped(asyncio.gather(*calls, return_exceptions=True))
-                # A neighbour that is no longer a peer (its mDNS goodbye came) will not call: stop waiting.
+                # A neighbour that is no longer a peer (its mDNS goodbye came), or whose call we refused, will not
+                # call: stop waiting.
                 await self.rounds.wait_until(
                     lambda: (
                         self._stop.is_set()
-                        or neighbours <= set(cur.received) | set(outbound) | cur.ahead | self._departed(neighbours)
+                        or neighbours
+                        <= set(cur.received) | set(outbound) | cur.ahead | cur.refused | self._departed(neighbours)
                     )
                 )
         except TimeoutError:

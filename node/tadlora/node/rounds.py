@@ -34,6 +34,7 @@ class Round:
     degree: int = 0
     received: dict[str, Delivery] = field(default_factory=dict)
     ahead: set[str] = field(default_factory=set)  # neighbours in a later (or far earlier) round: no call for t
+    refused: set[str] = field(default_factory=set)  # callers whose round-t exchange we refused: no call either
     closed: bool = False
     stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
 
@@ -117,6 +118,15 @@ class RoundState:
             self._changed.notify_all()
 
     # -------------------------------------------------------------------------------------- callee side
+
+    async def refused(self, caller: str, r: int) -> None:
+        """Note that ``caller``'s round-``r`` exchange was refused here (its payload, its size, a fault): the caller
+        leaves the pair out on the refusal and will not call again for r, so the round loop need not wait for it."""
+        async with self._changed:
+            cur = self.current
+            if r == cur.t and not cur.closed and caller not in cur.received:
+                cur.refused.add(caller)
+                self._changed.notify_all()
 
     async def admit(self, caller: str, r: int) -> None:
         """Refuse at once, as `answer` would, a round-``r`` exchange from ``caller`` that no wait can make

@@ -215,7 +215,10 @@ class NodeHandler(Protocol):
     ``async async_admit_exchange(header: ExchangeHeader) -> FactorSpec | None``, awaited with an exchange's header
     before any of its payload is read: it raises `ExchangeRefused` for an exchange the handler would refuse anyway
     (its round, its caller), or returns the spec the payload must meet (None: `expected_spec()`), whose size
-    bounds the payload the caller may declare.
+    bounds the payload the caller may declare; and ``async async_exchange_refused(caller: str, r: int) -> None``,
+    awaited when this side refuses, or fails inside, an exchange whose header it accepted (``caller`` is then the
+    authenticated sender of a round-``r`` header): the caller leaves that pair out of round r on the refusal and
+    does not call again for it, so the handler need not wait for it.
     """
 
     def local_info(self) -> PeerInfo: ...
@@ -558,6 +561,10 @@ class _Responder:
         self._admit: Callable[[ExchangeHeader], Awaitable[FactorSpec | None]] | None = getattr(
             handler, "async_admit_exchange", None
         )
+        # Optional: a handler with `async_exchange_refused(caller, r)` hears of each exchange refused after its header.
+        self._refused_exchange: Callable[[str, int], Awaitable[None]] | None = getattr(
+            handler, "async_exchange_refused", None
+        )
         self._in_flight: collections.Counter[str] = collections.Counter()  # exchanges in flight, by caller id
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
         self._payload_timeout_s: float = getattr(handler, "payload_timeout_s", DEFAULT_PAYLOAD_TIMEOUT_S)
@@ -568,6 +575,13 @@ class _Responder:
                 self._observe(what, exc)
             except Exception:
                 log.exception("refusal observer failed")
+
+    async def _exchange_refused(self, caller: str, r: int) -> None:
+        if self._refused_exchange is not None:
+            try:
+                await self._refused_exchange(caller, r)
+            except Exception:
+                log.exception("refused-exchange observer failed")
 
     async def handshake(self, request: pb.HandshakeRequest | None, identity: str | None = None) -> pb.HandshakeReply:
         """``identity``: the caller's authenticated name (its TLS certificate's common name), None without TLS."""
@@ -615,17 +629,21 @@ class _Responder:
             deadline = asyncio.get_running_loop().time() + self._payload_timeout_s
             async with self._receiving(deadline):
                 head = await _receive_header(iterator, check, from_callee=False)
-            with self._one_more_exchange(head.node_id):
-                expected = self._handler.expected_spec()
-                if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
-                    expected = admitted
-                _check_declared_size(head.total_bytes, expected)
-                async with self._receiving(deadline):
-                    header, payload = await _receive_chunks(
-                        iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
-                    )
-                factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
-                reply = await self._handler.async_exchange(header, factors)
+            try:
+                with self._one_more_exchange(head.node_id):
+                    expected = self._handler.expected_spec()
+                    if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
+                        expected = admitted
+                    _check_declared_size(head.total_bytes, expected)
+                    async with self._receiving(deadline):
+                        header, payload = await _receive_chunks(
+                            iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
+                        )
+                    factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
+                    reply = await self._handler.async_exchange(header, factors)
+            except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
+                await self._exchange_refused(head.node_id, head.round)
+                raise
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
 
         async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
