@@ -18,7 +18,7 @@ import torch
 from conftest import TINY_LORA
 from tadlora.adapter import AdapterModel, ModelSpec
 from tadlora.core.methods import make_method
-from tadlora.core.topology import client_name, make_topology
+from tadlora.core.topology import client_name, link_up, make_topology
 from tadlora.data import resolve_dataset
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
@@ -273,6 +273,23 @@ async def test_a_node_that_ran_alone_adopts_the_groups_state_and_never_the_rever
         assert ckpt is not None and ckpt.optimizer
         steps = max(float(v) for k, v in ckpt.optimizer.items() if k.endswith("/step"))
         assert steps <= since * TRAIN.local_steps, (steps, since)
+
+
+@pytest.mark.asyncio
+async def test_status_says_the_last_round_each_neighbour_exchanged_in(tmp_path) -> None:
+    """Seed 12 keeps the link up in rounds 0 and 1 of 4 only: status (and `tadlora-node status`) must say round 1,
+    not the node's last round, for the neighbour."""
+    from tadlora.node.admin import query_status
+
+    up = [t for t in range(4) if link_up(12, t, "node-0", "node-1", 0.5)]
+    assert up and up[-1] < 3  # the case this test is about: the link was down in the last rounds
+    async with cluster(tmp_path, 2, rounds=4, seed=12, link_prob=0.5) as nodes:
+        await run_all(nodes)
+        for node, other in zip(nodes, reversed(nodes), strict=True):
+            [neighbour] = node.status().neighbors
+            assert (neighbour.node_id, neighbour.last_round) == (other.node_id, 1 + up[-1])
+        doc = await query_status(nodes[0].address, 10.0)
+    assert [n["last_exchanged_round"] for n in doc["neighbours"]] == [up[-1]]
 
 
 @pytest.mark.asyncio

@@ -47,7 +47,14 @@ async def query_status(
         "insecure": st.node.insecure,
         "uptime_seconds": round(st.uptime_seconds, 1),
         "neighbours": [
-            {"id": n.node_id, "address": n.address, "degree": n.degree, "weight": n.weight} for n in st.neighbors
+            {
+                "id": n.node_id,
+                "address": n.address,
+                "degree": n.degree,
+                "weight": n.weight,
+                "last_exchanged_round": n.last_round - 1 if n.last_round else None,
+            }
+            for n in st.neighbors
         ],
     }
 

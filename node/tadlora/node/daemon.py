@@ -148,6 +148,7 @@ class Node:
         self._last_loss: float | None = None
         self._last_accuracy: float | None = None
         self._last_weights: dict[str, tuple[int, float]] = {}
+        self._last_exchanged: dict[str, int] = {}  # peer -> 1 + the last round exchanged with it (status)
         self.last_snapshot: Factors = {}  # the last round's post-training factors (diagnostics and tests)
         self._rounds_done = 0
         self._started = time.monotonic()
@@ -465,7 +466,7 @@ class Node:
                     address=self._peers.peers[p].info.address if self._peers and p in self._peers.peers else "",
                     degree=weights.get(p, (0, 0.0))[0],
                     weight=weights.get(p, (0, 0.0))[1],
-                    last_round=max(self.rounds.t - 1, 0),
+                    last_round=self._last_exchanged.get(p, 0),
                 )
                 for p in self._peer_ids()
             ),
@@ -693,8 +694,9 @@ class Node:
         if self._stop.is_set():
             raise Interrupted(f"stopped during round {t}'s exchange")
         received = await self.rounds.close(cur)
-        if self._peers is not None:
-            for j in received:
+        for j in received:
+            self._last_exchanged[j] = t + 1
+            if self._peers is not None:
                 self._peers.note_mixed(j, t)
         for j in sorted(neighbours - set(received)):
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was

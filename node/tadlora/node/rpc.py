@@ -184,6 +184,9 @@ class ExchangeResult:
 
 @dataclass(frozen=True, kw_only=True)
 class NeighborStatus:
+    """One peer in a node's status: its degree and weight in the node's last round, and ``last_round``, 1 + the
+    last round the node exchanged with it (0: none yet; the convention of `PeerInfo.last_mixed_round`)."""
+
     node_id: str
     address: str = ""
     degree: int = 0
