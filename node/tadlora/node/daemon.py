@@ -798,7 +798,9 @@ class Node:
             return
         stats = (j, result.bytes_sent, result.bytes_received, result.elapsed_s)
         if not await self.rounds.deliver(cur, j, (result.peer.degree, result.factors), stats):
-            return  # the round closed meanwhile: both ends leave the pair out
+            # The round closed meanwhile. Not reached from `_run_round`, whose calls all end before it closes the
+            # round; were it reached, the callee would have mixed the pair already, as when its reply is lost.
+            return
         self.metrics.exchanges.labels("ok").inc()
         self.metrics.bytes_sent.inc(result.bytes_sent)
         self.metrics.bytes_received.inc(result.bytes_received)
