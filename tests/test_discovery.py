@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sys
 import threading
 import time
 import uuid
@@ -17,9 +18,12 @@ from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-from zeroconf import IPVersion, _core
+from zeroconf import DNSOutgoing, DNSPointer, IPVersion, _core
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
+from zeroconf.const import _CLASS_IN, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_PTR
 
+import netns
+from netns import Testbed
 from tadlora.node import discovery, netif
 from tadlora.node.discovery import SERVICE_TYPE, Advertisement, MdnsDiscovery, PeerCandidate, service_instance_name
 from tadlora.node.netif import InterfaceError, interface_addresses
@@ -106,6 +110,29 @@ async def raw_responder(*infos: AsyncServiceInfo) -> AsyncIterator[AsyncZeroconf
         for announced in await asyncio.gather(*(aiozc.async_register_service(info) for info in infos)):
             await announced
         yield aiozc
+
+
+@contextlib.asynccontextmanager
+async def pointer_spammer(aiozc: AsyncZeroconf, alias: str, every_s: float = 0.2) -> AsyncIterator[None]:
+    """Announce a bare PTR ``SERVICE_TYPE -> alias`` (as any host on the LAN may) every ``every_s`` s meanwhile."""
+    out = DNSOutgoing(_FLAGS_QR_RESPONSE | _FLAGS_AA)
+    out.add_answer_at_time(DNSPointer(SERVICE_TYPE, _TYPE_PTR, _CLASS_IN, 4500, alias), 0)
+
+    async def spam() -> None:
+        while True:
+            aiozc.zeroconf.async_send(out)
+            await asyncio.sleep(every_s)
+
+    task = asyncio.ensure_future(spam())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+# Names a PTR of our type may point at that zeroconf cannot resolve as one of our instances (BadTypeInName).
+FOREIGN_ALIASES = ["x._other._tcp.local.", "Upper._TADLORA._TCP.LOCAL."]
 
 
 class LogWaiter(logging.Handler):
@@ -304,6 +331,27 @@ async def test_another_service_claiming_our_node_id_is_ignored_with_a_warning(
         await discovery_log.wait_for_message("claims our node id", WAIT_S)
         assert n("me") not in node.candidates()
     assert any(n("impostor") in r.getMessage() and "127.0.0.1:50132" in r.getMessage() for r in discovery_log.records)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("alias", FOREIGN_ALIASES)
+async def test_a_pointer_to_a_name_that_is_not_our_service_is_ignored_with_one_warning_not_an_error(
+    quick_timing: None, n: Names, discovery_log: LogWaiter, caplog: pytest.LogCaptureFixture, alias: str
+) -> None:
+    """Anyone on the LAN can announce a PTR of our type to any name: it must be refused like a bad TXT, not fail
+    its resolution with a traceback at ERROR each time it is announced."""
+    caplog.set_level(logging.WARNING, logger="tadlora.discovery")
+    fine = n("fine")
+    async with (
+        running(advert(n("observer"))) as (observer,),
+        raw_responder(raw_info(fine, advert(fine).txt())) as foreign,
+        pointer_spammer(foreign, alias),
+    ):
+        await discovery_log.wait_for_message("not an instance of", WAIT_S)
+        await observer.async_wait_for(lambda c: fine in c, WAIT_S)  # the browser goes on
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    ignored = [r.getMessage() for r in discovery_log.records if "not an instance of" in r.getMessage()]
+    assert len(ignored) == 1 and repr(alias) in ignored[0], ignored
 
 
 @pytest.mark.asyncio
@@ -511,6 +559,8 @@ def test_an_interface_name_maps_to_its_ipv4_addresses() -> None:
         (UNSPECIFIED, "not 0.0.0.0"),
         ("203.0.113.77", "no local interface has this address"),
         ("no-such-if0", "no such interface"),
+        ("::1", "IPv6 address, but mDNS here is IPv4 only"),  # not "no such interface '::1'"
+        ("fe80::1%lo", "IPv6 address, but mDNS here is IPv4 only"),
     ],
 )
 def test_an_interface_that_is_not_one_of_ours_is_refused(spec: str, message: str) -> None:
@@ -544,3 +594,27 @@ def test_no_default_route_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     monkeypatch.setattr(netif, "_ROUTE_TABLE", routes)
     with pytest.raises(InterfaceError, match="--mdns-interface"):
         interface_addresses(None)
+
+
+testbeds = netns.testbeds  # the fixture
+
+
+@pytest.mark.netns
+def test_an_interface_that_exists_without_an_ipv4_address_is_named_as_such_not_as_missing(
+    testbeds: Callable[[int], Testbed],
+) -> None:
+    """An interface whose DHCP lease has not come yet is there: "no such interface" would send the user looking
+    for a typo. Checked in a namespace of our own, whose veth1 has its address removed."""
+    bed = testbeds(1)
+    [host] = bed.hosts
+    assert bed.run(host, "ip", "addr", "flush", "dev", host.interface).returncode == 0
+    code = (
+        "from tadlora.node.netif import InterfaceError, interface_addresses\n"
+        "try:\n"
+        f"    interface_addresses({host.interface!r})\n"
+        "except InterfaceError as exc:\n"
+        "    print(exc)\n"
+    )
+    result = bed.run(host, sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    assert f"--mdns-interface {host.interface!r} has no IPv4 address" in result.stdout, result.stdout

@@ -1,6 +1,7 @@
 """`tadlora-node doctor`: every check says OK, WARN or FAIL with a fix; nothing FAILs exits 0, else 1.
 
-Everything runs on 127.0.0.1 (mDNS too) with the tiny model; a real node in this process plays the peer.
+Everything runs on 127.0.0.1 (mDNS too) with the tiny model; a real node in this process plays the peer. The
+netns tests run their mDNS inside network namespaces of their own (tests/netns.py), never on a real interface.
 """
 
 from __future__ import annotations
@@ -9,19 +10,32 @@ import asyncio
 import dataclasses
 import json
 import socket
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+import netns
+import test_discovery
+from netns import Testbed
 from tadlora.node.cli import main
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
-from tadlora.node.doctor import compare_peer
+from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
+from tadlora.node.doctor import async_browse, compare_peer
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
 from test_daemon import NO_PEERS, cluster_name, node_config
+from test_discovery import FOREIGN_ALIASES, pointer_spammer, raw_info, raw_responder
 from test_node_cli import free_port
+
+quick_timing = test_discovery.quick_timing  # fixtures
+testbeds = netns.testbeds
 
 BROWSE_S = "2"  # s; the peer is registered before the doctor starts, so it answers the browse at once
 
@@ -273,3 +287,113 @@ async def test_peers_of_a_tls_cluster_are_asked_with_this_nodes_certificate(tmp_
     assert len(ours) == 2 and all(c["status"] == "OK" and "match" in c["detail"] for c in ours), doc["checks"]
     down = [c for c in plain["checks"] if c["name"] == f"peer 127.0.0.1:{port}"]
     assert down and down[0]["status"] == "WARN" and "--tls-dir" in down[0]["fix"]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("alias", FOREIGN_ALIASES)
+async def test_the_mdns_browse_survives_a_pointer_to_a_name_that_is_not_our_service(
+    quick_timing: None, alias: str
+) -> None:
+    """Anyone on the LAN may announce a PTR of our type to any name: the doctor must still report the others."""
+    fine = f"fine-{uuid.uuid4().hex[:8]}"
+    txt = {"id": fine, "cluster": "lab", "fp": "ab12", "proto": "1", "sec": "insecure"}
+    async with raw_responder(raw_info(fine, txt)) as foreign, pointer_spammer(foreign, alias):
+        found = await async_browse(["127.0.0.1"], DOCTOR_BROWSE_S)  # the doctor's: covers the 1 s multicast hold-off
+    assert fine in {c.node_id for c in found}
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("host", ["localhost", "[::1]"])
+async def test_a_listen_host_that_mdns_cannot_announce_fails_as_the_node_would(tmp_path: Path, host: str) -> None:
+    """With --peers auto and no --advertise-address the node announces its --listen host, which must then be an
+    IPv4 address: the node refuses to start on a host name or an IPv6 address, so the doctor must say FAIL."""
+    cfg = node_config(tmp_path, 0, 1, parse_peers_option("auto"), min_peers=0, listen=f"{host}:0")
+    with pytest.raises(ValueError, match="advertise_address"):
+        async with Node(cfg):
+            pass
+    listen = check_listen(cfg)
+    assert listen.status == "FAIL" and host in listen.detail and "--advertise-address" in listen.fix, listen
+    assert check_listen(dataclasses.replace(cfg, advertise_address="127.0.0.1")).status == "OK"
+    assert check_listen(dataclasses.replace(cfg, peers=NO_PEERS)).status == "OK"
+
+
+@pytest.mark.netns
+def test_a_loopback_listen_announced_on_a_network_interface_warns(testbeds: Callable[[int], Testbed]) -> None:
+    """`--peers auto --mdns-interface eth0` with the default --listen 127.0.0.1:7070 tells the other hosts
+    127.0.0.1:7070, which each of them dials on itself. Checked in a namespace of our own (veth1, 10.77.0.1)."""
+    bed = testbeds(1)
+    [host] = bed.hosts
+    code = textwrap.dedent(
+        f"""\
+        import dataclasses, pathlib
+        from tadlora.node.config import NodeConfig
+        from tadlora.node.hostcheck import check_listen
+        cfg = NodeConfig(pathlib.Path("unused"), insecure=True, listen="127.0.0.1:0", mdns_interface="{host.interface}")
+        print(check_listen(cfg))
+        print(check_listen(dataclasses.replace(cfg, listen="{host.address}:0")))
+        print(check_listen(dataclasses.replace(cfg, mdns_interface="lo")))
+        """
+    )
+    result = bed.run(host, sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    loopback_on_veth, own_address, loopback_on_lo = result.stdout.splitlines()
+    assert "status='WARN'" in loopback_on_veth and "127.0.0.1" in loopback_on_veth, loopback_on_veth
+    assert "--listen" in loopback_on_veth and "--advertise-address" in loopback_on_veth, loopback_on_veth
+    assert "status='OK'" in own_address, own_address
+    assert "status='OK'" in loopback_on_lo, loopback_on_lo
+
+
+MDNS_PEER_SCRIPT = textwrap.dedent(
+    """\
+    import asyncio, pathlib, sys
+    from tadlora.node.config import NodeConfig
+    from tadlora.node.discovery import Advertisement, MdnsDiscovery
+    from tadlora.node.hostcheck import check_mdns_interface
+
+    me, other, address, interface = sys.argv[1:]
+
+    async def main() -> None:
+        advert = Advertisement(me, 7070, "lab", "ab12", 1, False, advertise_address=address)
+        async with MdnsDiscovery(advert, [address]) as mdns:
+            seen = await mdns.async_wait_for(lambda c: other in c, 20.0)
+            print("found", seen[other].address, flush=True)
+            await asyncio.sleep(60.0)  # keep answering until the test is done with us
+
+    print(check_mdns_interface(NodeConfig(pathlib.Path("unused"), insecure=True, mdns_interface=interface))[0])
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.mark.netns
+def test_an_interface_without_the_multicast_flag_or_route_is_a_warning_since_mdns_still_runs_there(
+    testbeds: Callable[[int], Testbed], tmp_path: Path
+) -> None:
+    """The node gives zeroconf its interface's address, so the kernel needs neither IFF_MULTICAST nor a route for
+    224.0.0.0/4 to send and receive mDNS there: the doctor cannot tell, and must not FAIL a host that works."""
+    bed = testbeds(2)
+    script = tmp_path / "mdns_peer.py"
+    script.write_text(MDNS_PEER_SCRIPT)
+    for host in bed.hosts:
+        assert bed.run(host, "ip", "link", "set", host.interface, "multicast", "off").returncode == 0
+        assert bed.run(host, "ip", "route", "del", "224.0.0.0/4").returncode == 0
+    h1, h2 = bed.hosts
+    runs = [
+        subprocess.Popen(
+            h.command(sys.executable, str(script), f"n{h.index}", f"n{o.index}", h.address, h.interface),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for h, o in ((h1, h2), (h2, h1))
+    ]
+    try:
+        assert runs[0].stdout is not None
+        check = runs[0].stdout.readline()
+        found = runs[0].stdout.readline()  # ends when the script prints or fails (its wait is bounded)
+    finally:
+        for run in runs:
+            run.kill()
+            run.communicate()
+    assert found == f"found {h2.address}:7070\n", (found, runs[0].stderr)
+    assert "status='WARN'" in check and "no MULTICAST flag" in check and "fix=''" not in check, check

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
 
-from zeroconf import DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
+from zeroconf import BadTypeInNameException, DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
@@ -330,11 +330,15 @@ class MdnsDiscovery:
             log.error("mDNS: resolution failed unexpectedly", exc_info=exc)
 
     async def _async_resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
-        info = AsyncServiceInfo(service_type, name)
-        if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
-            log.debug("mDNS: %r did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
-            return
-        result = candidate_from_info(info)
+        try:
+            info = AsyncServiceInfo(service_type, name)
+        except BadTypeInNameException:  # anyone on the LAN may point a PTR of our type at any name
+            result: PeerCandidate | str = f"not an instance of {service_type}"
+        else:
+            if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
+                log.debug("mDNS: %r did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
+                return
+            result = candidate_from_info(info)
         if isinstance(result, str):
             if name not in self._logged_bad:
                 self._logged_bad.add(name)

@@ -52,7 +52,7 @@ _SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets
 async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandidate]:
     """Browse mDNS on ``addresses`` for ``seconds`` without advertising; the candidates that resolved.
     OSError if zeroconf cannot use the interface."""
-    from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+    from zeroconf import BadTypeInNameException, IPVersion, ServiceStateChange, Zeroconf
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
     names: set[str] = set()
@@ -72,7 +72,10 @@ async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandida
             await browser.async_cancel()
 
         async def resolve(name: str) -> PeerCandidate | str:
-            info = AsyncServiceInfo(SERVICE_TYPE, name)
+            try:
+                info = AsyncServiceInfo(SERVICE_TYPE, name)
+            except BadTypeInNameException:  # anyone on the LAN may point a PTR of our type at any name
+                return f"{name!r} is not an instance of {SERVICE_TYPE}"
             if not await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
                 return f"{name} did not resolve"
             return candidate_from_info(info)

@@ -15,7 +15,7 @@ from typing import Literal
 import ifaddr
 
 from tadlora.node.config import NodeConfig
-from tadlora.node.netif import InterfaceError, interface_addresses
+from tadlora.node.netif import InterfaceError, interface_addresses, require_unicast_ipv4
 
 __all__ = [
     "Check",
@@ -115,12 +115,14 @@ def check_mdns_interface(cfg: NodeConfig) -> tuple[Check, list[str]]:
             f"{where}: cannot tell whether it does multicast",
             "if peers are not found, use --peers HOST:PORT or dns:NAME",
         ), addresses
+    # A WARN, not a FAIL: zeroconf is given the interface's address, so the kernel sends and receives mDNS there
+    # without the flag or a route; but interfaces without the flag (tun, WireGuard, PPP) often carry no multicast.
     return Check(
         "mdns",
-        "FAIL",
-        f"{where}: no MULTICAST flag and no route for 224.0.0.0/4",
-        f"ip link set {name} multicast on (as root), or use --peers HOST:PORT or dns:NAME; in "
-        "Kubernetes multicast does not cross pods: use dns:",
+        "WARN",
+        f"{where}: no MULTICAST flag and no route for 224.0.0.0/4; the interface may carry no multicast",
+        f"if peers are not found: ip link set {name} multicast on (as root), or use --peers HOST:PORT or "
+        "dns:NAME; in Kubernetes multicast does not cross pods: use dns:",
     ), addresses
 
 
@@ -162,6 +164,18 @@ def check_listen(cfg: NodeConfig) -> Check:
             "with a wildcard --listen and no mDNS, set --advertise-address to the IP peers reach "
             "this node at (in Kubernetes: the pod IP)",
         )
+    announces_listen_host = cfg.peers.auto and cfg.advertise_address is None and not wildcard
+    if announces_listen_host:
+        try:  # the node refuses to start so: mDNS announces an IPv4 address only
+            require_unicast_ipv4(bind_host, "--listen host")
+        except ValueError as exc:
+            return Check(
+                "listen",
+                "FAIL",
+                f"{detail}, but mDNS announces the --listen host and cannot: {exc}",
+                "--listen on an IPv4 address of this host (or 0.0.0.0:PORT), or set --advertise-address to the "
+                "IPv4 address peers reach this node at",
+            )
     if cfg.health_port is not None:
         try:
             _bind(bind_host, cfg.health_port)
@@ -173,6 +187,20 @@ def check_listen(cfg: NodeConfig) -> Check:
                 "choose a free --health-port (TADLORA_HEALTH_PORT), other than the --listen port",
             )
         detail += f"; health port {cfg.health_port} too"
+    if announces_listen_host and ipaddress.IPv4Address(bind_host).is_loopback:
+        try:
+            mdns = interface_addresses(cfg.mdns_interface)
+        except InterfaceError:
+            mdns = []  # the 'mdns' check says why
+        if not all(ipaddress.IPv4Address(a).is_loopback for a in mdns):
+            return Check(
+                "listen",
+                "WARN",
+                f"{detail}, but mDNS on {', '.join(mdns)} tells other hosts {cfg.listen}, which each of them dials "
+                "on itself",
+                f"--listen {mdns[0]}:{port} or 0.0.0.0:{port}, or set --advertise-address; keep 127.0.0.1 only "
+                "when every node runs on this host (then --mdns-interface 127.0.0.1)",
+            )
     return Check("listen", "OK", detail)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 from pathlib import Path
 
 import ifaddr
@@ -43,10 +44,26 @@ def interface_addresses(spec: str | None) -> list[str]:
         if not any(address in addrs for addrs in by_name.values()):
             raise InterfaceError(f"--mdns-interface {spec}: no local interface has this address")
         return [address]
+    if ":" in spec:
+        try:
+            ipaddress.IPv6Address(spec)
+        except ValueError:
+            pass
+        else:
+            raise InterfaceError(
+                f"--mdns-interface {spec}: an IPv6 address, but mDNS here is IPv4 only; give the interface's name "
+                "or one of its IPv4 addresses"
+            )
     if spec not in by_name:
-        raise InterfaceError(f"--mdns-interface {spec!r}: no such interface; have {', '.join(sorted(by_name))}")
+        if spec in {name for _, name in socket.if_nameindex()}:  # ifaddr lists only interfaces with an address
+            by_name[spec] = []
+        else:
+            raise InterfaceError(f"--mdns-interface {spec!r}: no such interface; have {', '.join(sorted(by_name))}")
     if not by_name[spec]:
-        raise InterfaceError(f"--mdns-interface {spec!r} has no IPv4 address")
+        raise InterfaceError(
+            f"--mdns-interface {spec!r} has no IPv4 address (yet?): give it one (DHCP, ip addr add) or choose "
+            "another interface"
+        )
     return by_name[spec]
 
 
