@@ -588,6 +588,26 @@ def test_no_interface_means_the_default_route_interface(tmp_path: Path, monkeypa
     assert interface_addresses(None) == ["127.0.0.1"]
 
 
+def test_of_several_default_routes_the_lowest_metric_s_interface_alone_is_used(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A host with wired and Wi-Fi default routes: mDNS goes on the one the kernel uses, and the node announces its
+    address there only (announced on both, the other network would be told an address it may not reach)."""
+    by_name = netif.ipv4_by_interface()
+    other = next((name for name, addrs in by_name.items() if addrs and name != "lo"), None)
+    if other is None or not by_name.get("lo"):
+        pytest.skip("needs lo and one more interface with an IPv4 address")
+    routes = tmp_path / "route"
+    for first, second in (("lo", other), (other, "lo")):
+        routes.write_text(
+            ROUTES_HEADER
+            + f"{second}\t00000000\t0101A8C0\t0003\t0\t0\t600\t00000000\t0\t0\t0\n"
+            + f"{first}\t00000000\t010200C0\t0003\t0\t0\t100\t00000000\t0\t0\t0\n"
+        )
+        monkeypatch.setattr(netif, "_ROUTE_TABLE", routes)
+        assert interface_addresses(None) == by_name[first]
+
+
 def test_no_default_route_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     routes = tmp_path / "route"
     routes.write_text(ROUTES_HEADER + "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")

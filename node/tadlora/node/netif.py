@@ -22,18 +22,22 @@ class InterfaceError(ValueError):
 def interface_addresses(spec: str | None) -> list[str]:
     """Map --mdns-interface to IPv4 addresses: an address (must be local), an interface name, or None.
 
-    None means the interface that carries the IPv4 default route (read from /proc/net/route on Linux).
-    Never answers "all interfaces"; raises InterfaceError with the choices when nothing fits.
+    None means the interface of the IPv4 default route with the lowest metric (read from /proc/net/route on
+    Linux): the one the kernel sends through. A host with several (wired and Wi-Fi) announces on that one only,
+    with its address; --mdns-interface chooses another. Never answers "all interfaces"; raises InterfaceError
+    with the choices when nothing fits.
     """
     by_name = ipv4_by_interface()
     if spec is None:
         names = _default_route_interfaces(_ROUTE_TABLE.read_text() if _ROUTE_TABLE.exists() else "")
         if not names:
             raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
-        found = [addr for name in names for addr in by_name.get(name, [])]
-        if not found:
-            raise InterfaceError(f"default-route interface {names[0]} has no IPv4 address; use --mdns-interface")
-        return list(dict.fromkeys(found))
+        # One interface: announcing on several would tell each network the first one's address, which another
+        # network may not reach.
+        for name in names:
+            if by_name.get(name):
+                return list(by_name[name])
+        raise InterfaceError(f"default-route interface {names[0]} has no IPv4 address; use --mdns-interface")
     spec = spec.strip()
     if looks_like_ipv4(spec):
         try:
