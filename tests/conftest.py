@@ -53,3 +53,16 @@ def tiny_shards(shared_tiny_model: AdapterModel, sst2_small: TextDataset) -> lis
 def tiny_dev(shared_tiny_model: AdapterModel) -> Encoded:
     dev = resolve_dataset("builtin:sst2-small", "dev").subset(np.arange(24))
     return encode(shared_tiny_model.tokenizer, dev, TINY_TRAIN.max_length)
+
+
+def sentence_pairs(n: int = 24) -> TextDataset:
+    """n premise/hypothesis pairs with binary labels: a sentence-pair task in memory (MNLI-shaped, two classes)."""
+    premises = ("a cat sat on the mat", "the film ran long", "rain fell all day", "he sold the old car")
+    hypotheses = ("an animal rested", "nobody liked the film", "the ground stayed dry", "the car was his")
+    return TextDataset(
+        "pairs",
+        tuple(premises[i % 4] for i in range(n)),
+        tuple(hypotheses[(i // 4 + i) % 4] for i in range(n)),
+        np.array([i % 2 for i in range(n)], dtype=np.int64),
+        ("no", "yes"),
+    )

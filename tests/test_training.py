@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import TINY_TRAIN, tiny_spec
+from conftest import TINY_TRAIN, sentence_pairs, tiny_spec
 from tadlora.adapter import AdapterModel
 from tadlora.core.factors import Factor, factor_of
 from tadlora.core.methods import make_method
@@ -26,7 +26,9 @@ from tadlora.training import (
     autocast,
     cpu_has_bf16,
     encode,
+    evaluate,
     local_steps,
+    model_inputs,
     precision_warning,
     round_batches,
     seeded_rng,
@@ -249,3 +251,23 @@ def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards) -> No
     again = run(0)
     assert torch.equal(torch.get_rng_state(), state)  # and the stream outside local steps is left alone
     assert all(torch.equal(first[k], again[k]) for k in first)
+
+
+def test_sentence_pairs_keep_their_segment_ids_and_training_and_evaluation_pass_them(tiny_model) -> None:
+    """A BERT-style encoder tells premise from hypothesis by its segment ids; dropped, it reads each pair as one
+    sentence. A single sentence keeps the inputs it always had (no segment ids: the model's zeros)."""
+    pairs = sentence_pairs(8)
+    enc = encode(tiny_model.tokenizer, pairs, 32)
+    single = encode(tiny_model.tokenizer, dataclasses.replace(pairs, text_b=None), 32)
+    assert single.token_type_ids is None and "token_type_ids" not in single.batch(range(8), tiny_model.device)
+    assert enc.token_type_ids is not None and bool((enc.token_type_ids == 1).any())
+    batch = enc.batch(range(8), tiny_model.device)
+    assert batch["token_type_ids"].shape == batch["input_ids"].shape
+    tiny_model.model.eval()
+    with torch.no_grad():
+        with_types = tiny_model.model(**model_inputs(batch)).logits
+        without = tiny_model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert not torch.allclose(with_types, without)  # the segment ids matter to this model
+    _, loss = evaluate(tiny_model, enc, batch_size=8, precision="fp32")
+    expected = float(torch.nn.functional.cross_entropy(with_types, batch["labels"]))
+    assert loss == pytest.approx(expected, rel=1e-5)

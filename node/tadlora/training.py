@@ -94,11 +94,13 @@ class TrainSpec:
 
 @dataclass(frozen=True)
 class Encoded:
-    """A tokenized dataset: padded ids (N, L), attention mask (N, L) and labels (N,), all CPU tensors."""
+    """A tokenized dataset: padded ids (N, L), attention mask (N, L) and labels (N,), all CPU tensors; for sentence
+    pairs also the segment ids (N, L) the tokenizer gave (0 for the first sentence, 1 for the second), None else."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
+    token_type_ids: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -106,18 +108,28 @@ class Encoded:
     def subset(self, indices: np.ndarray | Sequence[int]) -> Encoded:
         """The rows ``indices`` as a new Encoded (copies)."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
-        return Encoded(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
+        types = None if self.token_type_ids is None else self.token_type_ids[idx]
+        return Encoded(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], types)
 
     def batch(self, indices: np.ndarray | Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """The rows ``indices``, cut to the longest real sequence among them, on ``device``."""
+        """The rows ``indices``, cut to the longest real sequence among them, on ``device``: input_ids,
+        attention_mask, labels and, for pairs, token_type_ids."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         mask = self.attention_mask[idx]
         width = max(1, int(mask.sum(dim=1).max()))
-        return {
+        batch = {
             "input_ids": self.input_ids[idx, :width].to(device),
             "attention_mask": mask[:, :width].to(device),
             "labels": self.labels[idx].to(device),
         }
+        if self.token_type_ids is not None:
+            batch["token_type_ids"] = self.token_type_ids[idx, :width].to(device)
+        return batch
+
+
+def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """What a model's forward takes from an `Encoded.batch`: everything but the labels."""
+    return {k: v for k, v in batch.items() if k != "labels"}
 
 
 def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
@@ -138,6 +150,9 @@ def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
         input_ids=enc["input_ids"],
         attention_mask=enc["attention_mask"],
         labels=torch.tensor(np.asarray(data.labels, dtype=np.int64)),  # a copy: the dataset is read-only
+        # Pairs only: a BERT-style encoder tells premise from hypothesis by them (a RoBERTa tokenizer gives none).
+        # A single sentence's would be all zeros, which is what the model assumes without them.
+        token_type_ids=enc.get("token_type_ids") if data.text_b is not None else None,
     )
 
 
@@ -306,7 +321,7 @@ def local_steps(
                     raise Interrupted(f"round {t} stopped during local steps")
                 batch = data.batch(indices, model.device)
                 with autocast(model.device, spec.precision):
-                    logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+                    logits = model.model(**model_inputs(batch)).logits
                 loss = F.cross_entropy(logits.float(), batch["labels"])
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -339,7 +354,7 @@ def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64, precision
     for indices in eval_batches(len(data), batch_size):
         batch = data.batch(indices, model.device)
         with autocast(model.device, precision):
-            logits = model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            logits = model.model(**model_inputs(batch)).logits
         total_loss += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
     return correct / len(data), total_loss / len(data)

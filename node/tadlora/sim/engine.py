@@ -37,6 +37,7 @@ from tadlora.training import (
     evaluate,
     local_steps,
     make_optimizer,
+    model_inputs,
     round_batches,
     seeded_rng,
 )
@@ -195,7 +196,7 @@ class BatchedEngine:
         try:
             # peft's own LoRA path is switched off; the hooks add every client's update instead.
             with self.model.model.disable_adapter(), autocast(self.device, self.spec.precision):
-                out = self.model.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+                out = self.model.model(**model_inputs(batch))
             return out.logits.float()
         finally:
             self._group = None
@@ -265,16 +266,10 @@ class BatchedEngine:
 def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Stack per-client batches into one, padded (with zeros, masked) to the widest."""
     width = max(b["input_ids"].shape[1] for b in batches)
-    ids, masks = [], []
-    for b in batches:
-        pad = width - b["input_ids"].shape[1]
-        ids.append(F.pad(b["input_ids"], (0, pad)))
-        masks.append(F.pad(b["attention_mask"], (0, pad)))
-    return {
-        "input_ids": torch.cat(ids),
-        "attention_mask": torch.cat(masks),
-        "labels": torch.cat([b["labels"] for b in batches]),
-    }
+    padded: list[str] = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches[0]]
+    out = {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1])) for b in batches]) for k in padded}
+    out["labels"] = torch.cat([b["labels"] for b in batches])
+    return out
 
 
 def make_engine(
