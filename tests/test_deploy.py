@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -440,6 +441,25 @@ def test_the_node_container_holds_only_its_own_key_and_the_init_container_copies
     missing = subprocess.run([*init["command"], script], capture_output=True, text=True, timeout=60,
                              env={**env, "TADLORA_NODE_ID": "tadlora-3"})  # fmt: skip
     assert missing.returncode != 0 and "tadlora-3.crt" in missing.stderr  # no files for this pod: Init:Error
+
+    # As the pod's user, twice: a restarted pod runs its init container again over the emptyDir it kept.
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return
+    uid = pod["securityContext"]["runAsUser"]
+    with tempfile.TemporaryDirectory() as base:  # pytest's tmp_path is root's alone: the pod's user cannot enter it
+        os.chmod(base, 0o755)  # noqa: S103 (a temporary directory the pod's user must enter)
+        pod_secret, pod_certs = shutil.copytree(secret, Path(base) / "secret"), Path(base) / "certs"
+        for path in (pod_secret, *pod_secret.iterdir()):
+            os.chmod(path, 0o755 if path.is_dir() else 0o444)  # the kubelet makes the Secret readable to fsGroup
+        pod_certs.mkdir()
+        os.chown(pod_certs, uid, uid)
+        as_pod_user = init["args"][0].replace(init_mounts[secret_volume], str(pod_secret))
+        as_pod_user = as_pod_user.replace(tls_dir, str(pod_certs))
+        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *init["command"], as_pod_user]
+        for run in ("first start", "restart"):
+            again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
+            assert again.returncode == 0, (run, again.stderr)
+        TlsMaterial.from_dir(pod_certs, "tadlora-1")
 
 
 def test_pods_get_no_service_link_variables_that_would_set_node_flags(monkeypatch) -> None:
