@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import errno
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -413,6 +414,30 @@ async def test_a_neighbour_whose_exchange_was_refused_is_not_waited_for_until_th
     [called], [refused] = _rounds(tmp_path / "n0"), _rounds(tmp_path / "n1")
     assert (called["missed"], refused["missed"]) == ([callee.node_id], [caller.node_id])
     assert called["neighbours"] == refused["neighbours"] == []
+
+
+@pytest.mark.asyncio
+async def test_every_checkpoint_follows_the_round_log_lines_it_counts_onto_the_disk(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkpoint records how long rounds.jsonl was; after a power loss the log must not be shorter than that,
+    or the rounds in between would never be logged again. So the log is fsynced before each checkpoint is."""
+    synced: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd: int) -> None:
+        synced.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node:
+        async with asyncio.timeout(60):
+            await node.run()
+    checkpoints = [i for i, name in enumerate(synced) if name.startswith(f".{state.CHECKPOINT}.")]  # its temp file
+    logged = [i for i, name in enumerate(synced) if name == state.ROUNDS]
+    assert checkpoints and logged, synced
+    for previous, i in zip([-1, *checkpoints], checkpoints, strict=False):
+        assert any(previous < j < i for j in logged), synced  # the log, since the last checkpoint, before this one
 
 
 # ------------------------------------------------------------------------------------------ cancelling

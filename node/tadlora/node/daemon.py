@@ -838,10 +838,13 @@ class Node:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
         factors = self.rounds.factors
         # On the loop, which alone writes the log: every round before next_round has its line there by now.
-        rounds_bytes = self._round_log.size if self._round_log is not None else None
+        round_log = self._round_log
+        rounds_bytes = round_log.size if round_log is not None else None
 
         def write() -> None:
             # In the worker, so the optimizer state is not mid-round (local steps run there too).
+            if round_log is not None:
+                round_log.sync()  # the lines this checkpoint counts reach the disk before it does
             ckpt = state.Checkpoint(
                 next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes
             )

@@ -146,8 +146,8 @@ def _fsync(path: Path) -> None:
 
 
 class RoundLog:
-    """Appends one JSON line per round to ``rounds.jsonl`` (flushed each line, so a crash loses nothing
-    that was reported)."""
+    """Appends one JSON line per round to ``rounds.jsonl`` (flushed each line, so a crash of the process loses
+    nothing that was reported; `sync` before a checkpoint, so a power loss does not either)."""
 
     def __init__(self, out: Path) -> None:
         self.path = out / ROUNDS
@@ -165,6 +165,13 @@ class RoundLog:
         """Bytes in the file now: every record written so far, whole (what a checkpoint records)."""
         self._file.flush()  # the newline that ends a torn line is written, unflushed, before any record
         return os.fstat(self._file.fileno()).st_size
+
+    def sync(self) -> None:
+        """fsync the records flushed so far (all of them, once `size` was read). Call it before writing a
+        checkpoint that records `size`: after a power loss the log must not be shorter than a checkpoint says,
+        or the rounds between would never be logged. Blocking; safe in a worker thread while the loop is not
+        writing, as no Python buffer is touched."""
+        os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
