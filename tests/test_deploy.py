@@ -431,7 +431,11 @@ def test_the_node_container_holds_only_its_own_key_and_the_init_container_copies
     for i in range(3):
         issue(secret, f"tadlora-{i}")
     certs.mkdir()
-    script = init["args"][0].replace(init_mounts[secret_volume], str(secret)).replace(tls_dir, str(certs))
+
+    def script_for(secret_dir: Path, certs_dir: Path) -> str:  # the init script with its mounts moved there
+        return init["args"][0].replace(init_mounts[secret_volume], str(secret_dir)).replace(tls_dir, str(certs_dir))
+
+    script = script_for(secret, certs)
     env = {"TADLORA_NODE_ID": "tadlora-1", "PATH": os.environ["PATH"]}
     done = subprocess.run([*init["command"], script], capture_output=True, text=True, env=env, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -453,9 +457,8 @@ def test_the_node_container_holds_only_its_own_key_and_the_init_container_copies
             os.chmod(path, 0o755 if path.is_dir() else 0o444)  # the kubelet makes the Secret readable to fsGroup
         pod_certs.mkdir()
         os.chown(pod_certs, uid, uid)
-        as_pod_user = init["args"][0].replace(init_mounts[secret_volume], str(pod_secret))
-        as_pod_user = as_pod_user.replace(tls_dir, str(pod_certs))
-        argv = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", *init["command"], as_pod_user]
+        as_pod_user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        argv = [*as_pod_user, *init["command"], script_for(pod_secret, pod_certs)]
         for run in ("first start", "restart"):
             again = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=60)
             assert again.returncode == 0, (run, again.stderr)

@@ -33,6 +33,7 @@ __all__ = [
     "Advertisement",
     "MdnsDiscovery",
     "PeerCandidate",
+    "async_resolve_candidate",
     "candidate_from_info",
     "service_instance_name",
 ]
@@ -116,6 +117,19 @@ def service_instance_name(node_id: str) -> str:
     # The hash keeps two ids that sanitise alike (or share a long prefix) on different names.
     digest = hashlib.sha256(node_id.encode()).hexdigest()[:8]
     return f"{clean[: _INSTANCE_MAX_BYTES - len(digest) - 1]}-{digest}"
+
+
+async def async_resolve_candidate(zeroconf: Zeroconf, service_type: str, name: str) -> PeerCandidate | str | None:
+    """Resolve the service instance ``name``: the candidate it announces, a reason it cannot be one (a foreign
+    name, a malformed TXT record; see `candidate_from_info`), or None if it did not answer within
+    `RESOLVE_TIMEOUT_MS`."""
+    try:
+        info = AsyncServiceInfo(service_type, name)
+    except BadTypeInNameException:  # anyone on the LAN may point a PTR of our type at any name
+        return f"not an instance of {service_type}"
+    if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
+        return None
+    return candidate_from_info(info)
 
 
 def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
@@ -330,15 +344,10 @@ class MdnsDiscovery:
             log.error("mDNS: resolution failed unexpectedly", exc_info=exc)
 
     async def _async_resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
-        try:
-            info = AsyncServiceInfo(service_type, name)
-        except BadTypeInNameException:  # anyone on the LAN may point a PTR of our type at any name
-            result: PeerCandidate | str = f"not an instance of {service_type}"
-        else:
-            if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
-                log.debug("mDNS: %r did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
-                return
-            result = candidate_from_info(info)
+        result = await async_resolve_candidate(zeroconf, service_type, name)
+        if result is None:
+            log.debug("mDNS: %r did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
+            return
         if isinstance(result, str):
             if name not in self._logged_bad:
                 self._logged_bad.add(name)

@@ -21,7 +21,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from tadlora.node.config import NodeConfig
-from tadlora.node.discovery import QUESTION_TYPE, RESOLVE_TIMEOUT_MS, SERVICE_TYPE, PeerCandidate, candidate_from_info
+from tadlora.node.discovery import QUESTION_TYPE, SERVICE_TYPE, PeerCandidate, async_resolve_candidate
 from tadlora.node.dnspeers import host_port, resolve_addresses, split_name
 from tadlora.node.hostcheck import (
     Check,
@@ -52,8 +52,8 @@ _SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets
 async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandidate]:
     """Browse mDNS on ``addresses`` for ``seconds`` without advertising; the candidates that resolved.
     OSError if zeroconf cannot use the interface."""
-    from zeroconf import BadTypeInNameException, IPVersion, ServiceStateChange, Zeroconf
-    from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
+    from zeroconf import IPVersion, ServiceStateChange, Zeroconf
+    from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
 
     names: set[str] = set()
 
@@ -70,17 +70,7 @@ async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandida
             await asyncio.sleep(seconds)
         finally:
             await browser.async_cancel()
-
-        async def resolve(name: str) -> PeerCandidate | str:
-            try:
-                info = AsyncServiceInfo(SERVICE_TYPE, name)
-            except BadTypeInNameException:  # anyone on the LAN may point a PTR of our type at any name
-                return f"{name!r} is not an instance of {SERVICE_TYPE}"
-            if not await info.async_request(aiozc.zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
-                return f"{name} did not resolve"
-            return candidate_from_info(info)
-
-        found = await asyncio.gather(*(resolve(n) for n in sorted(names)))
+        found = await asyncio.gather(*(async_resolve_candidate(aiozc.zeroconf, SERVICE_TYPE, n) for n in sorted(names)))
     finally:
         await aiozc.async_close()
     return [c for c in found if isinstance(c, PeerCandidate)]
