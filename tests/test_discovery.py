@@ -355,6 +355,76 @@ async def test_a_pointer_to_a_name_that_is_not_our_service_is_ignored_with_one_w
 
 
 @pytest.mark.asyncio
+async def test_a_rebind_keeps_the_peers_it_had_seen_listed_throughout_and_is_seen_again_by_them(
+    quick_timing: None, n: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebind (the host renumbered) closes zeroconf and opens it again: its own view must not blink, or the
+    node would drop every peer mid-round; the peers drop it at its goodbye and find it again at once. The view is
+    sampled through the rebind and for a while past the handover's end, when only the new browser's own sighting
+    can keep the peer listed. (Here that sighting takes about 1 s: the peer answered the old browser's query less
+    than a second before, and RFC 6762 §6 holds back a record's next multicast for that long.)"""
+    monkeypatch.setattr(discovery, "REBIND_GRACE_S", 2.0)
+    async with running(advert(n("mover"), 50151), advert(n("peer"), 50152)) as (mover, peer):
+        await mover.async_wait_for(lambda c: n("peer") in c, WAIT_S)
+        await peer.async_wait_for(lambda c: n("mover") in c, WAIT_S)
+        views: list[set[str]] = []
+
+        async def sample(seconds: float) -> None:
+            end = time.monotonic() + seconds
+            while time.monotonic() < end:
+                views.append(set(n.ours(mover.candidates())))
+                await asyncio.sleep(0.005)
+
+        sampler = asyncio.ensure_future(sample(60.0))
+        try:
+            await mover.async_rebind(LOOPBACK, advert(n("mover"), 50153))
+        finally:
+            sampler.cancel()
+        await sample(discovery.REBIND_GRACE_S + 1.0)
+        seen = await peer.async_wait_for(lambda c: n("mover") in c and c[n("mover")].address.endswith(":50153"), WAIT_S)
+    assert len(views) > 10
+    assert all(view == {n("peer")} for view in views), [v for v in views if v != {n("peer")}][:3]
+    assert seen[n("mover")].service_name == f"{n('mover')}.{SERVICE_TYPE}"  # the same name: no rename
+
+
+@pytest.mark.asyncio
+async def test_a_peer_that_leaves_while_a_node_rebinds_is_dropped_when_the_handover_ends(
+    quick_timing: None, n: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its goodbye went out while the mover had no browser: the handed-over entry must not stay for ever."""
+    monkeypatch.setattr(discovery, "REBIND_GRACE_S", 1.0)
+    changes: list[float] = []
+    mover = MdnsDiscovery(advert(n("mover")), LOOPBACK, on_change=lambda: changes.append(time.monotonic()))
+    async with mover, running(advert(n("stay"), 50161), advert(n("leave"), 50162)) as (_stay, leave):
+        await mover.async_wait_for(sees_exactly({n("stay"), n("leave")}, n), WAIT_S)
+        # The two halves of a rebind, with a goodbye between them that no browser of the mover's can hear.
+        await mover._async_unbind()
+        unbound_at = time.monotonic()
+        await leave.aclose()
+        assert set(n.ours(mover.candidates())) == {n("stay"), n("leave")}  # handed over
+        await mover._async_bind(name=None)
+        await mover.async_wait_for(sees_exactly({n("stay")}, n), WAIT_S)
+        dropped_at = time.monotonic()
+    assert dropped_at - unbound_at >= 1.0  # the handover's end dropped it, not a goodbye
+    assert changes and changes[-1] >= unbound_at + 1.0  # and told the owner, so that it rescans
+
+
+@pytest.mark.asyncio
+async def test_rebind_refuses_another_node_id_a_foreign_address_and_a_closed_discovery(
+    quick_timing: None, n: Names
+) -> None:
+    async with running(advert(n("mover"))) as (mover,):
+        with pytest.raises(ValueError, match="node id"):
+            await mover.async_rebind(LOOPBACK, advert(n("someone-else")))
+        with pytest.raises(ValueError, match="not an address of this host"):
+            await mover.async_rebind(["203.0.113.9"])
+    with pytest.raises(RuntimeError, match="not running"):
+        await mover.async_rebind(LOOPBACK)
+    with pytest.raises(RuntimeError, match="not running"):
+        await MdnsDiscovery(advert(n("idle")), LOOPBACK).async_rebind(LOOPBACK)
+
+
+@pytest.mark.asyncio
 async def test_close_is_idempotent_and_leaves_no_tasks_or_threads(quick_timing: None, n: Names) -> None:
     threads_before = set(threading.enumerate())
     tasks_before = asyncio.all_tasks()

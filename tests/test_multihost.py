@@ -9,6 +9,7 @@ here are logged (run with ``-o log_cli=true --log-cli-level=INFO`` to see them).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import signal
@@ -25,6 +26,7 @@ import pytest
 import netns
 from netns import Host, Testbed
 from nodeproc import STARTUP_S, NodeProcess, node_args, running_node, unique_tag
+from tadlora.node.daemon import INTERFACE_POLL_S
 from tadlora.node.peers import HANDSHAKE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
@@ -297,3 +299,50 @@ def test_a_host_leaving_with_sigterm_says_goodbye_and_the_others_stop_counting_i
             if started_at(r) > dropped["time"]:
                 assert r["degree"] == 1 and leaver.node_id not in neighbour_ids(r) + r["missed"], r
             assert r["seconds"] < GOODBYE_S, r  # no round waited out the exchange deadline for the departed node
+
+
+def test_a_host_renumbered_mid_run_announces_its_new_address_and_its_peer_mixes_with_it_there(
+    testbeds: Callable[[int], Testbed], tmp_path: Path
+) -> None:
+    """A new DHCP lease moves host 2 to another address while its node runs on --listen 0.0.0.0 and
+    --mdns-interface veth2 (a name, as on a real device): the node must move its mDNS sockets and announcement to
+    the new address, and host 1's node must find it there and mix with it again."""
+    bed, tag = testbeds(2), unique_tag()
+    first, moved = bed.hosts
+    new_address = f"{netns.SUBNET}.102"
+    extra = ["--min-peers", "1", *FREE_RUN[2:], "--exchange-timeout", str(EXCHANGE_TIMEOUT_S)]
+    with contextlib.ExitStack() as stack:
+        one = start_node(stack, bed, first, tmp_path, tag, extra)
+        out = tmp_path / "h2"
+        args = node_args(tag, f"h2-{tag}", out, shard=1, num_shards=2, listen=f"0.0.0.0:{PORT}", extra=extra)
+        two = stack.enter_context(
+            running_node(tmp_path, "h2", args, out, netns=moved.netns, mdns_interface=moved.interface)
+        )
+        for node in (one, two):
+            wait_rounds(node, lambda r: r["degree"] == 1, 2, "2 rounds together", RUN_S)
+        verified(one, two, moved)
+
+        # The lease changes: the old address goes, the new one comes (as a DHCP client does it).
+        for change in (["addr", "del", f"{moved.address}/24", "dev", moved.interface],
+                       ["addr", "add", f"{new_address}/24", "dev", moved.interface],
+                       ["route", "replace", "224.0.0.0/4", "dev", moved.interface]):  # fmt: skip
+            result = bed.run(moved, "ip", *change)
+            assert result.returncode == 0, result.stderr
+        renumbered_at = time.time()
+        moved_record = two.wait_for(
+            rf"^mDNS: interface address {moved.address} is now {new_address}: announcing {new_address}:{PORT} there$",
+            2 * INTERFACE_POLL_S + 5,
+        )
+        found = one.wait_for(rf"^peer {two.node_id} verified at {new_address}:{PORT} ", REJOIN_S)
+        for node in (one, two):
+            wait_rounds(node, lambda r: started_at(r) > found["time"] and r["degree"] == 1, 3,
+                        "3 rounds together after the move", 30)  # fmt: skip
+        asked = bed.run(moved, sys.executable, "-m", "tadlora.node.entry", "status", f"{new_address}:{PORT}")
+        assert asked.returncode == 0, asked.stderr
+        status = json.loads(asked.stdout)
+        stop_all([one, two])
+
+    log.info("renumbering: the node moved its announcement %.1f s after the new lease, its peer verified it there "
+             "%.1f s after", moved_record["time"] - renumbered_at, found["time"] - moved_record["time"])  # fmt: skip
+    assert status["address"] == f"{new_address}:{PORT}", status  # the node's own address followed
+    assert two.find(rf"^mDNS: advertising \S+ on {new_address}$"), two.tail()

@@ -58,7 +58,9 @@ def build_run_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
     g.add_argument(
-        "--mdns-interface", help="IPv4 address or interface name for mDNS (default: the lowest-metric default route's)"
+        "--mdns-interface",
+        help="IPv4 address or interface name for mDNS (default: the lowest-metric default route's); a name or the "
+        "default is followed when its address changes (a new DHCP lease)",
     )
     g.add_argument("--advertise-address", help="IPv4 address to announce (default: the listen/interface address)")
     g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import inspect
 import logging
 import threading
@@ -43,8 +44,9 @@ from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.identity import load_identity, run_conflict, save_identity
 from tadlora.node.metrics import NodeMetrics
-from tadlora.node.netif import interface_addresses
+from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peers import PeerManager
+from tadlora.node.peerspec import looks_like_ipv4
 from tadlora.node.rounds import Round, RoundState
 from tadlora.node.rpc import (
     MAX_DEGREE,
@@ -69,6 +71,9 @@ FETCH_TIMEOUT_S = 60.0  # s for a catch-up download of a full adapter
 # that answers handshakes but hangs on Fetch would otherwise hold each round for FETCH_TIMEOUT_S.
 FETCH_RETRY_S = 300.0
 SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
+# s between looks at the mDNS interface's addresses (`Node._follow_interface`): a renumbering is rare, and until it
+# is seen the node's peers only miss it for a round or two.
+INTERFACE_POLL_S = 5.0
 
 
 def _progress(done: int, total: int | None, width: int = 20) -> str:
@@ -238,9 +243,7 @@ class Node:
         host = cfg.listen.rpartition(":")[0]
         port = self._server.address.rpartition(":")[2]
         interfaces = interface_addresses(cfg.mdns_interface) if cfg.peers.auto else []
-        # A wildcard host without --advertise-address has mDNS here (`_check_callable_back`), whose interface
-        # lookup raises unless it finds an address: so 0.0.0.0 is never what this node announces.
-        advertised_host = cfg.advertise_address or (interfaces[0] if _is_wildcard(host) and interfaces else host)
+        advertised_host = self._advertised_host(interfaces)
         self.address = f"{advertised_host}:{port}"
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port, addr=host)
@@ -257,6 +260,8 @@ class Node:
             )
             self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
             await self._discovery.__aenter__()
+            if cfg.mdns_interface is None or not looks_like_ipv4(cfg.mdns_interface):  # a name can be renumbered
+                self._spawn(self._follow_interface(self._discovery, advert, interfaces), "mdns-interface")
         if cfg.peers.dns:
             self._dns = DnsPeers(cfg.peers.dns, on_change=self._peers.wake)
             await self._dns.__aenter__()
@@ -271,6 +276,51 @@ class Node:
                 "running WITHOUT TLS (--insecure): traffic is plaintext and any machine that reaches %s can join; "
                 "status and the mDNS record say so", self.address,
             )  # fmt: skip
+
+    def _advertised_host(self, interfaces: list[str]) -> str:
+        """The host this node tells its peers to dial: --advertise-address, else the --listen host, unless that is
+        a wildcard: then the first mDNS interface address. (A wildcard host without --advertise-address has mDNS
+        here (`_check_callable_back`), whose interface lookup raises unless it finds an address: so 0.0.0.0 is
+        never what this node announces.)"""
+        host = self.config.listen.rpartition(":")[0]
+        return self.config.advertise_address or (interfaces[0] if _is_wildcard(host) and interfaces else host)
+
+    async def _follow_interface(self, mdns: MdnsDiscovery, advert: Advertisement, interfaces: list[str]) -> None:
+        """Move mDNS to the interface's new address when the host is renumbered (a new DHCP lease) or, with no
+        --mdns-interface, when the default route moves to another interface (wired to Wi-Fi): the zeroconf sockets
+        are bound to the old address, and the old announcement names an address that may reach nobody. The new
+        advert names the new address (unless --advertise-address or a --listen address fixes it), and this node's
+        own address follows. An interface that has lost its address keeps the old announcement until it has one."""
+        spec = self.config.mdns_interface
+        missing: str | None = None
+        while True:
+            await asyncio.sleep(INTERFACE_POLL_S)
+            try:
+                now = await asyncio.to_thread(interface_addresses, spec)  # reads /proc and the interface list
+            except InterfaceError as exc:
+                if str(exc) != missing:
+                    log.warning("mDNS: %s; still announcing %s until it has one", exc, self.address)
+                    missing = str(exc)
+                continue
+            missing = None
+            if now == interfaces:
+                continue
+            host = self._advertised_host(now)
+            port = self.address.rpartition(":")[2]
+            log.info("mDNS: interface address %s is now %s: announcing %s:%s there", ", ".join(interfaces),
+                     ", ".join(now), host, port)  # fmt: skip
+            advert = dataclasses.replace(advert, advertise_address=host)
+            try:
+                await mdns.async_rebind(now, advert)
+            except RuntimeError:
+                if self._closed:  # the node is closing, and with it discovery
+                    return
+                raise
+            except (OSError, ValueError) as exc:  # the address went again meanwhile: the next look retries
+                log.warning("mDNS: cannot move to %s (%s); retrying in %.0f s", ", ".join(now), exc, INTERFACE_POLL_S)
+            else:
+                self.address = f"{host}:{port}"
+            interfaces = now
 
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""

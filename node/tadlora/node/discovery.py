@@ -28,6 +28,7 @@ from tadlora.node.rpc import node_id_problem
 
 __all__ = [
     "QUESTION_TYPE",
+    "REBIND_GRACE_S",
     "RESOLVE_TIMEOUT_MS",
     "SERVICE_TYPE",
     "Advertisement",
@@ -41,6 +42,9 @@ __all__ = [
 log = logging.getLogger("tadlora.discovery")
 
 SERVICE_TYPE = "_tadlora._tcp.local."
+# s a rebind keeps listing the peers seen before it: the new browser finds them in about 0.1 s (its first query),
+# or at their next announcement; a peer that left meanwhile is dropped after this.
+REBIND_GRACE_S = 10.0
 RESOLVE_TIMEOUT_MS = 3000  # ms; one SRV/TXT/A resolution, zeroconf's own default (it re-asks several times)
 _INSTANCE_MAX_BYTES = 63  # bytes; RFC 6763 §4.1.1: a service instance name is a single DNS label
 _TXT_ENTRY_MAX_BYTES = 255  # bytes; RFC 6763 §6.1: one "key=value" string is length-prefixed by one byte
@@ -169,6 +173,16 @@ def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
     )
 
 
+def _check_interfaces(interfaces: list[str]) -> None:
+    if not interfaces:
+        raise ValueError("MdnsDiscovery needs at least one interface address; it never uses all of them")
+    local = {address for addresses in ipv4_by_interface().values() for address in addresses}
+    for address in interfaces:
+        require_unicast_ipv4(address, "interface address")
+        if address not in local:  # checked here: zeroconf would fail with ENODEV and leak its listen socket
+            raise ValueError(f"interface address {address} is not an address of this host")
+
+
 def _is_unicast(address: str) -> bool:
     try:
         require_unicast_ipv4(address, "address")
@@ -189,21 +203,20 @@ class MdnsDiscovery:
         interfaces: list[str],
         on_change: Callable[[], None] | None = None,
     ) -> None:
-        if not interfaces:
-            raise ValueError("MdnsDiscovery needs at least one interface address; it never uses all of them")
-        local = {address for addresses in ipv4_by_interface().values() for address in addresses}
-        for address in interfaces:
-            require_unicast_ipv4(address, "interface address")
-            if address not in local:  # checked here: zeroconf would fail with ENODEV and leak its listen socket
-                raise ValueError(f"interface address {address} is not an address of this host")
+        _check_interfaces(interfaces)
         self._advert = advert
         self._interfaces = list(interfaces)
         self._on_change = on_change
         self._aiozc: AsyncZeroconf | None = None
         self._info: AsyncServiceInfo | None = None
-        self._stack = contextlib.AsyncExitStack()
+        self._binding = contextlib.AsyncExitStack()  # zeroconf, browser, registration on the current interfaces
+        self._binding_lock = asyncio.Lock()  # a rebind and a close never interleave (a close would miss its binding)
+        self._started = False
         self._closed = False
         self._by_service: dict[str, PeerCandidate] = {}  # service name -> candidate; last resolved last
+        # Across a rebind: what the previous binding had seen, listed until the new one sees it (or REBIND_GRACE_S).
+        self._handover: dict[str, PeerCandidate] = {}
+        self._handover_timer: asyncio.TimerHandle | None = None
         self._resolving: dict[str, asyncio.Task[None]] = {}  # service name -> its newest resolution
         self._tasks: set[asyncio.Task[None]] = set()
         self._logged_bad: set[str] = set()
@@ -223,8 +236,49 @@ class MdnsDiscovery:
 
     async def async_start(self) -> None:
         """Open zeroconf on the interfaces, register our service (probing takes ~1.2 s) and start browsing."""
-        if self._aiozc is not None or self._closed:
+        if self._started or self._closed:
             raise RuntimeError("MdnsDiscovery can be started once")
+        self._started = True
+        try:
+            await self._async_bind(name=None)
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        """Stop resolving, stop browsing, send goodbyes, close zeroconf; safe to call twice."""
+        self._closed = True
+        async with self._binding_lock:  # a rebind under way finishes first; its binding is closed here
+            self._end_handover(notify=False)
+            await self._async_cancel_resolutions()  # before the goodbyes, so nothing changes while they go out
+            await self._binding.aclose()
+
+    async def async_rebind(self, interfaces: list[str], advert: Advertisement | None = None) -> None:
+        """Move to other interface addresses: the host was renumbered (a new DHCP lease) or its default route moved.
+
+        Sends goodbyes from the old addresses where it still can (from an address that is gone they cannot leave;
+        peers then learn the move from the new announcement, under the same service name), and advertises
+        ``advert`` (default: the current one; same node id) on ``interfaces``. Peers seen before stay in
+        `candidates` until the new browser sees them again or for `REBIND_GRACE_S`, so that a move does not look
+        like every peer leaving. If the new addresses cannot be used, this raises and discovery sees nothing (the
+        handover aside) until a later rebind succeeds; `aclose` is still the owner's to call.
+        """
+        advert = advert or self._advert
+        if advert.node_id != self._advert.node_id:
+            raise ValueError("async_rebind cannot change the node id; close and start a new MdnsDiscovery")
+        _check_interfaces(interfaces)
+        async with self._binding_lock:
+            if not self._started or self._closed:
+                raise RuntimeError("MdnsDiscovery is not running")
+            name = self._info.name if self._info is not None else None
+            await self._async_unbind()
+            self._interfaces, self._advert = list(interfaces), advert
+            await self._async_bind(name=name)
+
+    async def _async_bind(self, name: str | None) -> None:
+        """Open zeroconf on ``self._interfaces``, browse, register ``self._advert`` (as ``name`` if given).
+        On failure, what was opened is closed again and the error raised."""
+        binding = self._binding = contextlib.AsyncExitStack()
         try:
             try:
                 aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
@@ -233,26 +287,46 @@ class MdnsDiscovery:
                     exc.errno, f"mDNS cannot use {', '.join(self._interfaces)} ({exc.strerror}); is it this host's?"
                 ) from exc
             self._aiozc = aiozc
-            self._stack.push_async_callback(aiozc.async_close)
+            binding.push_async_callback(aiozc.async_close)
             # Browse first, so peers are found while our own name is still being probed (~1.2 s).
             browser = AsyncServiceBrowser(
                 aiozc.zeroconf, SERVICE_TYPE, handlers=[self._on_service_state_change], question_type=QUESTION_TYPE
             )
-            self._stack.push_async_callback(browser.async_cancel)
-            self._info = self._service_info(self._advert, name=None)
+            binding.push_async_callback(browser.async_cancel)
+            info = self._service_info(self._advert, name=name)
             # allow_name_change: two ids may sanitise to one label; the TXT id stays the identity.
-            await (await aiozc.async_register_service(self._info, allow_name_change=True))
-            self._stack.push_async_callback(self._async_unregister)
+            await (await aiozc.async_register_service(info, allow_name_change=True))
+            self._info = info
+            binding.push_async_callback(self._async_unregister)
         except BaseException:
-            await self.aclose()
+            await self._async_unbind(handover=False)
             raise
-        log.info("mDNS: advertising %s on %s", self._info.name, ", ".join(self._interfaces))
+        log.info("mDNS: advertising %s on %s", info.name, ", ".join(self._interfaces))
 
-    async def aclose(self) -> None:
-        """Stop resolving, stop browsing, send goodbyes, close zeroconf; safe to call twice."""
-        self._closed = True
-        await self._async_cancel_resolutions()  # before the goodbyes, so nothing changes while they go out
-        await self._stack.aclose()
+    async def _async_unbind(self, handover: bool = True) -> None:
+        """Close the current binding (goodbyes where they can leave); with ``handover``, keep what it had seen
+        listed for `REBIND_GRACE_S`."""
+        if handover:
+            self._handover = {**self._handover, **self._by_service}  # a second move within the grace keeps both
+            if self._handover_timer is not None:
+                self._handover_timer.cancel()
+            self._handover_timer = asyncio.get_running_loop().call_later(REBIND_GRACE_S, self._end_handover)
+        await self._async_cancel_resolutions()
+        self._by_service = {}
+        try:
+            await self._binding.aclose()
+        except Exception as exc:  # an address that is gone: its sockets cannot send the goodbyes
+            log.warning("mDNS: leaving %s: %s", ", ".join(self._interfaces), exc)
+        self._aiozc = None
+
+    def _end_handover(self, notify: bool = True) -> None:
+        if self._handover_timer is not None:
+            self._handover_timer.cancel()
+            self._handover_timer = None
+        gone = self._handover.keys() - self._by_service.keys()
+        self._handover = {}
+        if gone and notify:
+            self._notify()
 
     async def async_update(self, advert: Advertisement) -> None:
         """Re-announce changed TXT/port/address under the same service name (the node id cannot change)."""
@@ -272,8 +346,10 @@ class MdnsDiscovery:
         def ours(c: PeerCandidate) -> bool:
             return (c.cluster, c.fingerprint) == (self._advert.cluster, self._advert.fingerprint)
 
+        # Handed over from before a rebind: older than anything the current binding resolved.
+        handed = [c for name, c in self._handover.items() if name not in self._by_service]
         out: dict[str, PeerCandidate] = {}
-        for candidate in self._by_service.values():  # oldest resolution first
+        for candidate in [*handed, *self._by_service.values()]:  # oldest resolution first
             seen = out.get(candidate.node_id)
             if seen is None or ours(candidate) or not ours(seen):
                 out[candidate.node_id] = candidate
@@ -370,7 +446,9 @@ class MdnsDiscovery:
         self._notify()
 
     def _drop(self, name: str) -> None:
-        if self._by_service.pop(name, None) is not None:
+        resolved = self._by_service.pop(name, None)
+        handed = self._handover.pop(name, None)  # a goodbye seen after a rebind ends its handover too
+        if resolved is not None or handed is not None:
             self._notify()
 
     def _notify(self) -> None:
