@@ -270,6 +270,23 @@ def test_csv_errors_name_the_problem(tmp_path: Path) -> None:
         load_csv(path, ["text", "text", "text"], "label")
 
 
+@pytest.mark.parametrize(
+    ("name", "spec_suffix"), [("d.csv", ""), ("SST-2/train.tsv", ""), ("plain.tsv", "?text=body&label=y")]
+)
+def test_a_field_longer_than_the_csv_module_reads_is_refused_naming_file_and_line(
+    tmp_path: Path, name: str, spec_suffix: str
+) -> None:
+    # Python's csv module stops at fields over 131,072 characters with its own csv.Error, which is no ValueError:
+    # it would escape the callers' handling (the simulator's CLI prints a ValueError's message, not a traceback).
+    long = "a" * 140_000
+    sep = "," if name.endswith(".csv") else "\t"
+    header = f"body{sep}y" if spec_suffix else ("text,label" if name.endswith(".csv") else "sentence\tlabel")
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    path = write(tmp_path / name, f"{header}\nshort{sep}1\n{long}{sep}0\n")
+    with pytest.raises(ValueError, match=rf"{name.rsplit('/', 1)[-1]}:3: .*field larger than field limit"):
+        resolve_dataset(f"{path}{spec_suffix}", "train")
+
+
 def test_jsonl_reads_pairs_and_mixed_label_types(tmp_path: Path) -> None:
     lines = [
         {"premise": "p1", "hypothesis": "h1", "label": "entailment"},
@@ -500,6 +517,14 @@ def test_text_dataset_subset_keeps_order_and_metadata() -> None:
         ds.subset([3])
     with pytest.raises(IndexError):
         ds.subset([-1])
+
+
+def test_text_dataset_subset_refuses_a_boolean_mask_instead_of_reading_it_as_indices_zero_and_one() -> None:
+    ds = TextDataset("d", ("a", "b", "c"), None, np.array([0, 1, 1]), ("n", "p"))
+    with pytest.raises(TypeError, match="boolean mask"):
+        ds.subset(ds.labels == 1)  # as indices it would be [0, 1, 1]: examples a, b, b
+    assert ds.subset(np.flatnonzero(ds.labels == 1)).text_a == ("b", "c")
+    assert len(ds.subset(np.array([], dtype=np.int64))) == 0
 
 
 def test_text_dataset_labels_are_a_private_read_only_copy() -> None:

@@ -115,6 +115,23 @@ def test_missing_cells_are_counted_as_the_runs_they_still_need() -> None:
     assert distinct_computations([]) == 0
 
 
+def test_missing_cells_on_a_topology_whose_key_holds_a_double_underscore_are_counted(tmp_path: Path) -> None:
+    from tadlora.sim.config import SimConfig
+    from tadlora.sim.paper import distinct_computations
+
+    # ":/" of a file topology's path becomes "__" in a cell's key, the separator of its fields
+    graph = tmp_path / "ring__4.txt"
+    graph.write_text("0 1\n1 2\n2 3\n3 0\n", encoding="utf-8")
+    config = SimConfig(
+        num_clients=4, methods=("tad", "adf", "rolora", "tad-nojoint"), topologies=(f"file:{graph}", "ring"),
+        switch_intervals=(1, 5), seeds=(0, 1),
+    )  # fmt: skip
+    keys = [cell.key for cell in config.cells()]
+    assert any(key.count("__") > 4 for key in keys)
+    # per topology and seed: tad T=1, tad T=5 (= adf), tad-nojoint T=1 (= rolora), tad-nojoint T=5
+    assert distinct_computations(keys) == len({cell.computation for cell in config.cells()}) == 2 * 2 * 4
+
+
 def test_the_summary_has_final_accuracy_spreads_and_the_area_under_the_curve() -> None:
     def run(seed: int, accs: list[float]) -> dict[str, Any]:
         rounds = [{"round": 10 * i + 9, "acc_mean": a, "acc_std": 0.1} for i, a in enumerate(accs)]

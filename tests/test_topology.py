@@ -56,6 +56,13 @@ def test_a_topology_kind_without_its_argument_is_refused(spec: str) -> None:
         make_topology(spec, 4)
 
 
+@pytest.mark.parametrize("spec", ["overlay:x", "overlay:2.5", "overlay:4,5"])
+def test_an_overlay_bound_that_is_no_integer_is_refused_naming_the_spec(spec: str) -> None:
+    # int()'s own "invalid literal for int() with base 10" names neither the topology nor what K is
+    with pytest.raises(ValueError, match=f"topology '{spec}': K, the most neighbours a node keeps, must be an integer"):
+        make_topology(spec, 6)
+
+
 def test_an_unknown_topology_s_error_names_every_kind_and_names_must_fit_m() -> None:
     with pytest.raises(ValueError, match="overlay:K"):
         make_topology("star", 4)

@@ -170,9 +170,15 @@ def make_topology(spec: str, m: int, link_prob: float = 1.0, seed: int = 0, name
     elif spec == "ring":
         edges = ring_edges(m)
     elif kind == "overlay":
+        try:
+            max_neighbours = int(arg)
+        except ValueError:
+            raise ValueError(
+                f"topology {spec!r}: K, the most neighbours a node keeps, must be an integer (overlay:4)"
+            ) from None
         # Positions on the ring follow the sorted node ids, as a daemon orders its peers.
         order = sorted(range(m), key=lambda i: (list(names) or [client_name(x) for x in range(m)])[i])
-        edges = _normalise(((order[a], order[b]) for a, b in overlay_edges(m, int(arg))), m)
+        edges = _normalise(((order[a], order[b]) for a, b in overlay_edges(m, max_neighbours)), m)
     elif kind == "edges":
         edges = parse_edges(arg, m)
     elif kind == "file":

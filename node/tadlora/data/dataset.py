@@ -72,8 +72,14 @@ class TextDataset:
 
         Raises ``IndexError`` for an index outside ``[0, len(self))``: a negative index in a
         shard is a bug, not a request for the tail, so it is refused rather than wrapped.
+        Raises ``TypeError`` for a boolean mask, which as int64 would name examples 0 and 1.
         """
-        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        raw = np.asarray(indices)
+        if raw.dtype == np.bool_:
+            raise TypeError(
+                f"dataset {self.name!r}: subset takes indices, not a boolean mask; use np.flatnonzero(mask)"
+            )
+        idx = raw.astype(np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= len(self)):
             raise IndexError(f"dataset {self.name!r} has {len(self)} examples; indices span [{idx.min()}, {idx.max()}]")
         picks = idx.tolist()

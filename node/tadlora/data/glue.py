@@ -18,6 +18,7 @@ __all__ = [
     "GLUE_DIR_ENV",
     "GLUE_TASKS",
     "GlueTask",
+    "csv_error",
     "find_glue_dir",
     "glue_task",
     "load_glue_tsv",
@@ -86,17 +87,27 @@ def not_utf8(path: Path, exc: UnicodeDecodeError) -> ValueError:
     return ValueError(f"{path}: not UTF-8 text ({exc.reason}); save it as UTF-8")
 
 
+def csv_error(path: Path, lineno: int, exc: csv.Error) -> ValueError:
+    """The error for a row the csv module cannot read (a field over its size limit, say), naming file and line:
+    csv.Error is no ValueError, so it would escape every caller that refuses bad data with a message."""
+    return ValueError(f"{path}:{lineno}: {exc}")
+
+
 def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
     """Header and rows of a tab-separated UTF-8 file (a leading BOM is allowed) read with quoting off.
 
-    Raises ``ValueError`` for an empty file or one that is not UTF-8.
+    Raises ``ValueError`` for an empty file, one that is not UTF-8 or a row the csv module cannot read.
     """
     # Quoting off: GLUE sentences contain '"', and default CSV quoting silently merges or
     # alters rows (MNLI dev_matched would lose 101 of them). utf-8-sig: a file saved by Excel
     # or Notepad starts with a BOM, which would otherwise become part of the first column's name.
     try:
         with path.open(newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            try:
+                rows = list(reader)
+            except csv.Error as exc:
+                raise csv_error(path, reader.line_num, exc) from exc
     except UnicodeDecodeError as exc:
         raise not_utf8(path, exc) from exc
     if not rows:

@@ -22,6 +22,7 @@ import numpy.typing as npt
 from tadlora.data.dataset import TextDataset
 from tadlora.data.glue import (
     GLUE_TASKS,
+    csv_error,
     find_glue_dir,
     glue_task,
     load_glue_tsv,
@@ -207,6 +208,8 @@ def load_csv(
                 records.append((reader.line_num, dict(zip(header, row, strict=True))))
         except UnicodeDecodeError as exc:
             raise not_utf8(p, exc) from exc
+        except csv.Error as exc:
+            raise csv_error(p, reader.line_num, exc) from exc
     return _build(str(p), records, header, text_columns, label_column, label_names)
 
 

@@ -193,8 +193,11 @@ def distinct_computations(keys: Sequence[str]) -> int:
     seen = set()
     for key in keys:
         # A key is method__topology__pP__TT__sS; its topology part is the sanitized name, which is enough to tell
-        # the grids' topologies apart (the key is unique per cell for that reason).
-        method, topology, p, t, seed = key.split("__")
+        # the grids' topologies apart (the key is unique per cell for that reason). That name may hold "__" itself
+        # (file:/PATH is file__PATH), so only the first separator and the last three delimit fields: no method
+        # name holds "__".
+        method, rest = key.split("__", 1)
+        topology, p, t, seed = rest.rsplit("__", 3)
         interval = None if t == "T-" else int(t[1:])
         cell = Cell(method, topology, float(p[1:]), interval, int(seed[1:]))
         seen.add(cell.computation)
