@@ -506,6 +506,10 @@ def test_grpc_limits_are_set_explicitly_on_the_server(monkeypatch: pytest.Monkey
     assert options["grpc.keepalive_timeout_ms"] == rpc.GRPC_KEEPALIVE_TIMEOUT_MS
     assert options["grpc.http2.min_ping_interval_without_data_ms"] == rpc.GRPC_MIN_PING_INTERVAL_MS
     assert seen["max_rpcs"] == rpc.GRPC_MAX_CONCURRENT_RPCS
+    # Connections end after an age and a grace, which is what bounds a caller that never reads its reply; the grace
+    # outlasts any honest call in flight at the end: its stream and its reply each take up to the payload timeout.
+    assert options["grpc.max_connection_age_ms"] == grpc_transport.GRPC_MAX_CONNECTION_AGE_MS
+    assert options["grpc.max_connection_age_grace_ms"] >= 2_000 * rpc.DEFAULT_PAYLOAD_TIMEOUT_S
     assert rpc.GRPC_MAX_MESSAGE_BYTES > MAX_CHUNK_BYTES  # a chunk and its framing always fit
 
 

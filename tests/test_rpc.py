@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from tadlora.node import grpc_transport
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
@@ -695,6 +696,49 @@ async def test_a_grpc_caller_sending_a_message_that_does_not_parse_is_refused_ba
     assert [Reason(m.refusal.reason) for m in replies] == [Reason.BAD_PAYLOAD]
     assert not [r for r in caplog.records if r.name == "tadlora.rpc" and r.levelno >= logging.ERROR]
     assert bob.exchanges == []
+
+
+STALL_S = 3.0  # s a caller sits on an unread reply: well past the connection's age and grace below
+MAX_AGE_MS = 500  # ms; the server's connection age in the test below, shrunk from minutes
+READ_BOUND_S = 0.3  # s; the callee's payload_timeout_s there: the grace is twice it
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", ["Exchange", "Fetch"])
+async def test_a_grpc_caller_that_stops_reading_the_reply_is_cut_off_and_holds_no_call(
+    method: str, alice: FakeNode, bob: FakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gRPC flow control holds a callee's writes until its caller reads. A caller that stops reading (no deadline
+    of its own, its connection kept up by keepalive) must not hold the call, and the reply's payload, for good:
+    its connection ends after the server's connection age and grace."""
+    monkeypatch.setattr(grpc_transport, "GRPC_MAX_CONNECTION_AGE_MS", MAX_AGE_MS)
+    monkeypatch.setattr(grpc_transport, "GRPC_MIN_CONNECTION_AGE_GRACE_MS", 0)
+    bob.factors = lora_factors(2, width=1 << 20)  # a 16 MiB reply: far more than HTTP/2 buffers for the caller
+    bob.payload_timeout_s = READ_BOUND_S  # type: ignore[attr-defined]
+    payload = encode_factors(alice.factors)
+    server = RpcServer(bob, LISTEN)
+    async with server, channel_to(server.address) as channel:
+        if method == "Exchange":
+            requests = [header_message(alice, payload), pb.ExchangeMessage(chunk=payload)]
+            call = channel.stream_stream(f"/{NODE_SERVICE_NAME}/Exchange")(m.SerializeToString() for m in requests)
+        else:
+            request = pb.FetchRequest(caller=pb.PeerInfo(
+                protocol_version=PROTOCOL_VERSION, cluster=CLUSTER, fingerprint=FINGERPRINT, node_id="alice",
+            ))  # fmt: skip
+            call = channel.unary_stream(f"/{NODE_SERVICE_NAME}/Fetch")(request.SerializeToString())
+        try:
+            await asyncio.sleep(STALL_S)  # reads nothing
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            await server.aclose(grace=TIMEOUT)  # waits for the calls in flight, up to the grace
+            assert loop.time() - started < TIMEOUT / 2, "the unread call was still running"
+            with pytest.raises(grpc.aio.AioRpcError) as cut:  # what arrived before, then the end: not the reply
+                async with asyncio.timeout(TIMEOUT):
+                    async for _ in call:
+                        pass
+            assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
+        finally:
+            call.cancel()
 
 
 NODE_METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["Node"].methods]

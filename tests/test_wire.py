@@ -240,6 +240,19 @@ def test_a_payload_meeting_its_spec_fits_the_specs_size_bound_and_the_bound_is_n
     assert len(encode_factors(factors)) <= spec.max_payload_bytes() <= data + (64 << 10) + 2000 * max(len(factors), 1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_factors_are_checked_for_nan_like_any_others_and_raise_nothing_but_payload_error(
+    dtype: torch.dtype,
+) -> None:
+    # torch has no isfinite for some 8-bit floats: the check must still refuse NaN, with the documented error.
+    finite = {"a": torch.tensor([1.0, -0.5]).to(dtype)}
+    spec = FactorSpec.from_factors(finite)
+    assert_bit_exact(decode_factors(encode_factors(finite), spec)[0], finite)
+    with pytest.raises(PayloadError, match="NaN or infinite") as refused:
+        decode_factors(encode_factors({"a": torch.tensor([1.0, math.nan]).to(dtype)}), spec)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
 def test_a_factor_whose_norm_is_over_the_cap_is_refused_and_one_at_the_cap_is_not() -> None:
     spec = FactorSpec({"a": ((2,), "float32"), "b": ((1,), "bfloat16")})
     spec.check({"a": torch.tensor([3.0, 4.0]), "b": torch.ones(1, dtype=torch.bfloat16)}, max_norm=5.0)  # norm 5

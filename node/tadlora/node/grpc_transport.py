@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
-from typing import Any, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -39,6 +39,14 @@ __all__ = ["GrpcTransport", "PeerClient", "RpcServer"]
 log = logging.getLogger("tadlora.rpc")
 
 _Message = TypeVar("_Message")
+
+# A connection to the server lives this long (gRPC adds up to 10% jitter), then gets a GOAWAY: its client reconnects
+# for new calls, and the calls in flight get the grace below before the connection is closed under them. gRPC flow
+# control holds a server's write until its caller reads, and grpc.aio cannot end one server call by itself, so this is
+# what stops a caller that never reads its reply (keepalive keeps its connection up) from holding a call slot and the
+# reply's payload for good.
+GRPC_MAX_CONNECTION_AGE_MS: Final = 10 * 60_000  # ms (10 min); a reconnection (TCP + TLS) that often costs little
+GRPC_MIN_CONNECTION_AGE_GRACE_MS: Final = 120_000  # ms; twice a catch-up Fetch's 60 s, whatever the payload timeout
 
 
 def _certified_name(context: grpc.aio.ServicerContext) -> str | None:
@@ -209,7 +217,15 @@ class RpcServer:
     async def start(self) -> None:
         if self._server is not None:
             raise RuntimeError("RpcServer already started")
-        server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
+        # The grace covers an honest call in flight at the GOAWAY: its stream may take the payload timeout to
+        # arrive, and the reply as long to be read.
+        grace_ms = max(GRPC_MIN_CONNECTION_AGE_GRACE_MS, round(2_000 * self._responder.payload_timeout_s))
+        options = (
+            *_SERVER_OPTIONS,
+            ("grpc.max_connection_age_ms", GRPC_MAX_CONNECTION_AGE_MS),
+            ("grpc.max_connection_age_grace_ms", grace_ms),
+        )
+        server = grpc.aio.server(options=options, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
         self._health = health.aio.HealthServicer()
         _add_node_servicer(_NodeServicer(self._responder), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

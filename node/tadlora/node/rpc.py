@@ -572,6 +572,11 @@ class _Responder:
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
         self._payload_timeout_s: float = getattr(handler, "payload_timeout_s", DEFAULT_PAYLOAD_TIMEOUT_S)
 
+    @property
+    def payload_timeout_s(self) -> float:
+        """The most seconds a caller may take to send its exchange stream (the handler's, or the default)."""
+        return self._payload_timeout_s
+
     def _refused(self, what: str, exc: ExchangeRefused) -> None:
         if self._observe is not None:
             try:

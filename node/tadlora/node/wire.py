@@ -184,7 +184,9 @@ class FactorSpec:
                 raise PayloadError(
                     Reason.BAD_PAYLOAD, f"factor {key!r} has dtype {dtype_name(tensor.dtype)}, expected {spec.dtype}"
                 )
-            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(tensor).all()):
+            # torch has no isfinite for some 8-bit floats (float8_e4m3fn); float32 holds each of their values exactly.
+            values = tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
+            if (tensor.is_floating_point() or tensor.is_complex()) and not bool(torch.isfinite(values).all()):
                 raise PayloadError(Reason.BAD_PAYLOAD, f"factor {key!r} holds NaN or infinite values")
             if max_norm is not None and (tensor.is_floating_point() or tensor.is_complex()):
                 norm = float(torch.linalg.vector_norm(tensor.detach().to(torch.float64 if tensor.is_floating_point()
