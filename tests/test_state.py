@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 
 import pytest
 import torch
 
-from tadlora.fsutil import atomic_write_bytes
+from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.node import state
 from tadlora.node.identity import load_identity, run_conflict, save_identity
 
@@ -175,3 +176,15 @@ def test_an_export_cut_short_by_a_crash_is_settled_at_start_with_one_complete_ad
     assert sorted(p.name for p in tmp_path.iterdir()) == [state.ADAPTER, state.CHECKPOINT]
     want = b"new" if cut == "before removing the old one" else b"old"
     assert adapter_files(tmp_path / state.ADAPTER)["adapter_model.safetensors"] == want
+
+
+def test_json_files_are_standard_json_with_every_non_finite_number_as_null(tmp_path) -> None:
+    """A diverged run's loss (inf) or an empty evaluation (NaN) must not make results.json unreadable to strict
+    parsers (JavaScript, jq), which refuse the NaN and Infinity that json.dumps writes by default."""
+    path = tmp_path / "results.json"
+    atomic_write_json(path, {"loss": float("inf"), "rows": [float("-inf"), (float("nan"), 1.5)], "n": 3})
+
+    def refuse(constant: str) -> None:
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    assert json.loads(path.read_text(), parse_constant=refuse) == {"loss": None, "rows": [None, [None, 1.5]], "n": 3}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -31,15 +32,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """`atomic_write_bytes` of ``obj`` as indented JSON (NaN written as null)."""
-    atomic_write_bytes(path, (json.dumps(_nan_to_none(obj), indent=1) + "\n").encode())
+    """`atomic_write_bytes` of ``obj`` as indented, standard JSON: NaN and ±inf (which json.dumps would write as
+    NaN and Infinity, which strict parsers refuse) are written as null."""
+    atomic_write_bytes(path, (json.dumps(_non_finite_to_none(obj), indent=1, allow_nan=False) + "\n").encode())
 
 
-def _nan_to_none(obj: Any) -> Any:
-    if isinstance(obj, float) and obj != obj:  # NaN is not JSON
+def _non_finite_to_none(obj: Any) -> Any:
+    if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _nan_to_none(v) for k, v in obj.items()}
+        return {k: _non_finite_to_none(v) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
-        return [_nan_to_none(v) for v in obj]
+        return [_non_finite_to_none(v) for v in obj]
     return obj

@@ -131,10 +131,12 @@ def truncate_product(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     The singular values are split evenly: B = U_r √S_r, A = √S_r V_rᵀ, so both factors carry the same
     scale. The factorization is made deterministic by (1) ordering singular values descending (SVD's order)
     and (2) fixing each singular pair's sign so that the entry of largest magnitude in the column of U is
-    positive — otherwise two nodes holding the same product could get factors of opposite sign, and mixing
-    those would cancel instead of average. A zero product (e.g. B still at its zero init) has no direction;
-    the caller handles it (see `mix_products`). A rank above min(out, in) is padded with zero columns of B and
-    zero rows of A, so the factors keep their shapes.
+    positive — otherwise two nodes holding the same product could get factors of opposite sign: the same
+    product (all that DeCAF mixes), and sign-equivariant local training (SGD, AdamW) keeps them the same product,
+    but the consensus distances of A and B and the cross term would report a disagreement that is not there, and
+    a result would depend on the LAPACK build that computed it. A zero product (e.g. B still at its zero init)
+    has no direction; the caller handles it (see `mix_products`). A rank above min(out, in) is padded with zero
+    columns of B and zero rows of A, so the factors keep their shapes.
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
