@@ -25,6 +25,7 @@ from netns import Testbed
 from tadlora.node.cli import main
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
+from tadlora.node.discovery import SERVICE_TYPE
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
 from tadlora.node.doctor import async_browse, compare_peer
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
@@ -87,7 +88,8 @@ async def test_a_ready_host_with_a_matching_peer_is_all_ok(tmp_path, capsys) -> 
         argv = doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port},dns:localhost:{port}")
         code, doc = await run_doctor_json(argv, capsys)
     assert code == 0 and doc["ok"]
-    not_ok = [c for c in doc["checks"] if c["status"] != "OK" and c["name"] != "tls"]
+    # Services that cannot be peers (WARN) may come from other test runs sharing 127.0.0.1: not this host's doing.
+    not_ok = [c for c in doc["checks"] if c["status"] != "OK" and c["name"] != "tls" and c["name"][:8] != "service "]
     assert not not_ok, not_ok
     assert by_name(doc)["tls"]["status"] == "WARN"  # --insecure is allowed, but said out loud
     checks = by_name(doc)
@@ -299,7 +301,26 @@ async def test_the_mdns_browse_survives_a_pointer_to_a_name_that_is_not_our_serv
     txt = {"id": fine, "cluster": "lab", "fp": "ab12", "proto": "1", "sec": "insecure"}
     async with raw_responder(raw_info(fine, txt)) as foreign, pointer_spammer(foreign, alias):
         found = await async_browse(["127.0.0.1"], DOCTOR_BROWSE_S)  # the doctor's: covers the 1 s multicast hold-off
-    assert fine in {c.node_id for c in found}
+    assert fine in {c.node_id for c in found.candidates}
+    assert (alias, f"not an instance of {SERVICE_TYPE}") in found.ignored  # and says what it passed over
+
+
+@pytest.mark.asyncio
+async def test_a_service_no_node_would_take_is_reported_with_the_reason_not_hidden(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], quick_timing: None
+) -> None:
+    """A node of another tadlora version (here: a TXT proto that is no number) is passed over by every node, with
+    one log line on each: the doctor, where a user looks first, must name it and say why, not just "no peers"."""
+    odd = f"odd-{uuid.uuid4().hex[:8]}"
+    txt = {"id": odd, "cluster": cluster_name(tmp_path), "fp": "ab12", "proto": "v2", "sec": "insecure"}
+    async with raw_responder(raw_info(odd, txt)):
+        code, doc = await run_doctor_json(doctor_args(tmp_path), capsys)
+    service = by_name(doc)[f"service {f'{odd}.{SERVICE_TYPE}'!r}"]
+    assert code == 0 and service["status"] == "WARN", service  # this node itself can run
+    assert "proto='v2' is not a non-negative integer" in service["detail"]
+    assert "same tadlora version" in service["fix"]
+    alone = by_name(doc)["peers (mdns)"]
+    assert alone["status"] == "WARN" and "only services that cannot be peers" in alone["detail"], alone
 
 
 @pytest.mark.asyncio

@@ -21,7 +21,13 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from tadlora.node.config import NodeConfig
-from tadlora.node.discovery import QUESTION_TYPE, SERVICE_TYPE, PeerCandidate, async_resolve_candidate
+from tadlora.node.discovery import (
+    QUESTION_TYPE,
+    RESOLVE_TIMEOUT_MS,
+    SERVICE_TYPE,
+    PeerCandidate,
+    async_resolve_candidate,
+)
 from tadlora.node.dnspeers import host_port, resolve_addresses, split_name
 from tadlora.node.hostcheck import (
     Check,
@@ -37,7 +43,16 @@ from tadlora.node.hostcheck import (
 if TYPE_CHECKING:
     import grpc
 
-__all__ = ["BROWSE_S", "Check", "async_doctor", "build_doctor_parser", "compare_peer", "doctor_main", "report"]
+__all__ = [
+    "BROWSE_S",
+    "Browsed",
+    "Check",
+    "async_doctor",
+    "build_doctor_parser",
+    "compare_peer",
+    "doctor_main",
+    "report",
+]
 
 BROWSE_S = 3.0  # s of mDNS browsing; peers answer a new browser in ~0.1 s, one still announcing itself in ~1.2 s
 STATUS_TIMEOUT_S = 5.0  # s for one peer's Status call
@@ -49,8 +64,17 @@ _SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets
 # ---------------------------------------------------------------------------------------------- peers
 
 
-async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandidate]:
-    """Browse mDNS on ``addresses`` for ``seconds`` without advertising; the candidates that resolved.
+@dataclasses.dataclass(frozen=True)
+class Browsed:
+    """What an mDNS browse saw: the candidates, and the services a node would pass over, with the reason."""
+
+    candidates: list[PeerCandidate]
+    ignored: list[tuple[str, str]]  # (service name, why it cannot be a peer: a foreign name, a malformed TXT)
+    unresolved: list[str]  # service names that did not answer a resolution within RESOLVE_TIMEOUT_MS
+
+
+async def async_browse(addresses: list[str], seconds: float) -> Browsed:
+    """Browse mDNS on ``addresses`` for ``seconds`` without advertising, then resolve what was seen.
     OSError if zeroconf cannot use the interface."""
     from zeroconf import IPVersion, ServiceStateChange, Zeroconf
     from zeroconf.asyncio import AsyncServiceBrowser, AsyncZeroconf
@@ -70,10 +94,15 @@ async def async_browse(addresses: list[str], seconds: float) -> list[PeerCandida
             await asyncio.sleep(seconds)
         finally:
             await browser.async_cancel()
-        found = await asyncio.gather(*(async_resolve_candidate(aiozc.zeroconf, SERVICE_TYPE, n) for n in sorted(names)))
+        seen = sorted(names)
+        found = await asyncio.gather(*(async_resolve_candidate(aiozc.zeroconf, SERVICE_TYPE, n) for n in seen))
     finally:
         await aiozc.async_close()
-    return [c for c in found if isinstance(c, PeerCandidate)]
+    return Browsed(
+        candidates=[c for c in found if isinstance(c, PeerCandidate)],
+        ignored=[(name, c) for name, c in zip(seen, found, strict=True) if isinstance(c, str)],
+        unresolved=[name for name, c in zip(seen, found, strict=True) if c is None],
+    )
 
 
 def compare_peer(
@@ -155,21 +184,42 @@ async def async_check_address(
 
 
 async def async_check_peers(
-    cfg: NodeConfig, fingerprint: str | None, browsed: list[PeerCandidate] | None, mdns_where: str
+    cfg: NodeConfig, fingerprint: str | None, browsed: Browsed | None, mdns_where: str
 ) -> list[Check]:
-    """One check per peer found by mDNS, and per static or dns: address."""
+    """One check per peer found by mDNS (and per service that cannot be one), and per static or dns: address."""
     checks = []
-    for c in browsed or []:
+    for c in browsed.candidates if browsed is not None else []:
         check = compare_peer(
             cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version
         )
         checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
-    if browsed is not None and not browsed:
+    for name, why in browsed.ignored if browsed is not None else []:
+        checks.append(
+            Check(
+                f"service {name!r}",  # quoted: the name is anyone's to choose
+                "WARN",
+                f"(mdns) announced as {SERVICE_TYPE} but ignored by every node: {why}",
+                "if it is a tadlora node, run the same tadlora version as this one; otherwise stop it announcing "
+                f"{SERVICE_TYPE}",
+            )
+        )
+    for name in browsed.unresolved if browsed is not None else []:
+        checks.append(
+            Check(
+                f"service {name!r}",
+                "WARN",
+                f"(mdns) announced, but its address and TXT records did not come within {RESOLVE_TIMEOUT_MS} ms",
+                "it may be shutting down; if it stays, check that multicast from its host reaches this one both "
+                "ways (UDP 5353)",
+            )
+        )
+    if browsed is not None and not browsed.candidates:
         checks.append(
             Check(
                 "peers (mdns)",
                 "WARN",
-                f"no tadlora node answered on {mdns_where}",
+                f"no tadlora node answered on {mdns_where}"
+                + (" (only services that cannot be peers, above)" if browsed.ignored or browsed.unresolved else ""),
                 "start the other nodes; their --mdns-interface must be on this network, and UDP 5353 "
                 "multicast must pass between the hosts (else use --peers HOST:PORT or dns:NAME)",
             )
@@ -245,7 +295,7 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
         training, fingerprint = await asyncio.to_thread(check_training, cfg)
         checks.append(await asyncio.to_thread(check_out, cfg, fingerprint))
         checks += training
-        browsed: list[PeerCandidate] | None = None
+        browsed: Browsed | None = None
         if browse is not None:
             try:
                 browsed = await browse
