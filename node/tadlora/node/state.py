@@ -73,9 +73,10 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         tensors = load(data)  # safetensors: no code runs on load
         factors = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
         optimizer = {k.removeprefix(OPT_PREFIX): v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
-        with open(path, "rb") as f:
-            header_len = int.from_bytes(f.read(8), "little")
-            meta = json.loads(f.read(header_len)).get("__metadata__", {})
+        # The metadata from the bytes just loaded (safetensors' format: an 8-byte little-endian header length, then
+        # the JSON header), not from a second read of a file that could have been replaced in between.
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
         rounds_bytes = int(meta["rounds_bytes"]) if "rounds_bytes" in meta else None
         return Checkpoint(int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes)
     except (SafetensorError, KeyError, ValueError) as exc:
