@@ -3,7 +3,8 @@
 The nodes are separate `tadlora-node` processes that find each other by mDNS on 127.0.0.1 (nothing leaves the
 machine) over mutual TLS with certificates the script makes first, train the packaged MiniLM encoder on the
 shipped SST-2 slice (each its own label-skewed shard), mix
-their LoRA factors with TAD-LoRA every round, and stop after --rounds. Offline; a few minutes on 2 cores.
+their LoRA factors with TAD-LoRA every round, and stop after --rounds. Offline; the default 20 rounds took about
+11 minutes on 2 cores that two other jobs were using too (less on an idle machine).
 
     python examples/local_cluster.py                  # 3 nodes, 20 rounds
     python examples/local_cluster.py --nodes 4 --rounds 10 --method lora --out runs/demo

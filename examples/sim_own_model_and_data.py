@@ -6,7 +6,7 @@ pair, edit `?text=text&label=label` in `dataset=` below (e.g. `?text=sentence1,s
 any Hugging Face sequence-classification model id or local directory (here `tiny`, a 2-layer BERT built from a
 config, so this runs in seconds; try `minilm` or a path). `tiny` has random weights and 8 rounds teach it little:
 its accuracy stays near chance (about 0.5), which shows the workflow, not learning. `--model minilm` learns the toy
-data (0.87 after the same 8 rounds, about 3 minutes on 2 cores).
+data (0.87 after the same 8 rounds, under 2 minutes on 2 cores).
 
     python examples/sim_own_model_and_data.py --out runs/own
 """

@@ -155,7 +155,7 @@ def test_dockerfile_runs_tadlora_node_as_a_non_root_user_with_a_cuda_base_argume
     assert 'ENTRYPOINT ["tadlora-node"]' in stage and "EXPOSE 7070" in stage
     [health] = [x for x in stage if x.startswith("HEALTHCHECK")]
     assert '"tadlora-node", "status", "127.0.0.1:7070"' in health  # TLS from TADLORA_TLS_DIR/_NODE_ID (or _OUT)
-    # The check's limit covers the CLI's start-up (it imports torch: seconds on a busy device) on top of its call.
+    # The check's limit covers the CLI's start-up (no torch, but on cores a training node keeps busy) and its call.
     limit, call = re.search(r"--timeout=(\d+)s", health), re.search(r'"--timeout", "(\d+)"', health)
     assert limit and call and int(limit.group(1)) >= int(call.group(1)) + 20, health
     assert "HF_HUB_OFFLINE=1" in text
@@ -339,6 +339,32 @@ def test_systemd_env_file_sets_real_flags_to_a_valid_configuration(monkeypatch, 
     cfg = node_config_from(env, monkeypatch)
     assert cfg.peers.auto and cfg.num_shards == 3
     check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path)
+
+
+def systemd_environment_value(raw: str) -> str:
+    """How systemd's EnvironmentFile= reads a value (systemd.exec(5)): surrounding whitespace dropped, a
+    single-quoted value verbatim, an unquoted one as written (the file keeps to these two forms)."""
+    value = raw.strip()
+    if len(value) >= 2 and value[0] == value[-1] == "'":
+        return value[1:-1]
+    assert value[:1] not in ("'", '"') and "\\" not in value, f"keep {raw!r} unquoted or single-quoted"
+    return value
+
+
+def test_systemd_env_file_reads_alike_in_systemd_and_in_the_shell_the_docs_source_it_with(tmp_path) -> None:
+    # docs/deploy.md loads the file into a shell (`set -a && . /etc/tadlora/tadlora-node.env`) to run `status`
+    # with the node's settings; every assignment, the commented-out examples too (they are there to be
+    # uncommented), must give the shell the value systemd gives the node. An unquoted `&` or `;` would not.
+    lines = [re.sub(r"^#\s*", "", x) for x in UNIT_ENV.read_text().splitlines()]
+    assignments = [x for x in lines if re.match(rf"{ENV_PREFIX}\w+=", x)]
+    assert len(assignments) > 10
+    for line in assignments:
+        key, raw = line.split("=", 1)
+        (tmp_path / "one.env").write_text(line + "\n")
+        script = f'set -a && . "$1" && printf %s "${{{key}-<unset>}}"'
+        shell = subprocess.run(["sh", "-c", script, "sh", str(tmp_path / "one.env")], capture_output=True,
+                               text=True, timeout=30, env={"PATH": os.environ["PATH"]})  # fmt: skip
+        assert shell.returncode == 0 and shell.stdout == systemd_environment_value(raw), (line, shell.stdout)
 
 
 # ------------------------------------------------------------------------------------------- Kubernetes
