@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import subprocess
 import urllib.request
@@ -13,6 +14,7 @@ import torch
 from nodeproc import console_script, heavy_imports, node_env
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
+from tadlora.node.metrics import NodeMetrics
 from tadlora.training import TrainSpec
 from test_daemon import NO_PEERS, node_config
 
@@ -108,6 +110,12 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--lr", "nan"], "learning rate must be > 0 and finite"),
         (["--lora-alpha", "nan"], "LoRA alpha must be > 0 and finite"),
         (["--cluster", ""], "--cluster must not be empty"),
+        # each of these used to pass here and fail after the model had loaded: as a traceback, or exit 1 naming no flag
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--exchange-timeout", "inf"], "--exchange-timeout"),
+        (["--exchange-timeout", "1e12"], "--exchange-timeout"),
+        (["--listen", "::1:7070"], "IPv6 addresses need brackets"),
+        (["--min-peers", "-1"], "--min-peers must be >= 0"),
     ],
 )
 def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:
@@ -130,6 +138,11 @@ def exit_code(argv: list[str]) -> int:
         (["--help"], {"TADLORA_LORA_TARGETS": ","}, "TADLORA_LORA_TARGETS=',': expected a comma-separated list"),
         ([], {"TADLORA_LOG_FORMAT": "xml"}, "TADLORA_LOG_FORMAT='xml': invalid choice (choose from auto, json, text)"),
         ([], {"TADLORA_LOG_LEVEL": "verbose"}, "TADLORA_LOG_LEVEL='verbose': invalid choice"),
+        # argparse prints "invalid parse_robust_mixing value" for a ValueError: the reason must get through
+        (["--robust-mixing", "clip:x"], {}, "--robust-mixing: robust mixing 'clip:x': 'x' is not a number"),
+        (["--robust-mixing", "clip:-1"], {}, "--robust-mixing: clip:TAU needs a finite TAU > 0"),
+        # a switch's variable that is neither on nor off used to be read as off, silently
+        ([], {"TADLORA_INSECURE": "y"}, "TADLORA_INSECURE='y': expected 1/true/yes/on or 0/false/no/off"),
     ],
 )
 def test_a_bad_flag_or_environment_value_exits_2_with_one_line_not_a_traceback(
@@ -143,6 +156,29 @@ def test_a_bad_flag_or_environment_value_exits_2_with_one_line_not_a_traceback(
     assert message in err and "Traceback" not in err
 
 
+def test_a_setting_refused_after_parsing_names_the_variable_that_set_it(monkeypatch, capsys) -> None:
+    # In a container the flag named in the error is nowhere on the command line: say which variable it came from.
+    monkeypatch.setenv("TADLORA_LINK_PROB", "2")
+    monkeypatch.setenv("TADLORA_NUM_SHARDS", "2")
+    assert main(["--insecure", "--shard", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--link-prob must be in (0, 1]" not in err  # the shard is checked first
+    assert "--num-shards is TADLORA_NUM_SHARDS='2'" in err and "TADLORA_SHARD" not in err
+    assert main(["--insecure"]) == 2
+    assert "--link-prob is TADLORA_LINK_PROB='2'" in capsys.readouterr().err
+    assert main(["--insecure", "--link-prob", "3"]) == 2  # the flag wins: the variable is not blamed
+    assert "TADLORA_LINK_PROB" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
+def test_a_switch_s_variable_turns_it_on_and_off(monkeypatch, value: str) -> None:
+    monkeypatch.setenv("TADLORA_INSECURE", value)
+    assert build_run_parser().parse_args([]).insecure
+    for off in ("0", "false", "No", "off", ""):
+        monkeypatch.setenv("TADLORA_INSECURE", off)
+        assert not build_run_parser().parse_args([]).insecure
+
+
 def test_log_level_takes_any_case_from_a_flag_or_the_environment(monkeypatch) -> None:
     assert build_run_parser().parse_args(["--log-level", "debug"]).log_level == "DEBUG"
     monkeypatch.setenv("TADLORA_LOG_LEVEL", "warning")
@@ -154,6 +190,32 @@ def test_certs_init_into_a_directory_it_cannot_create_exits_2_naming_it(tmp_path
     assert main(["certs", "init", str(tmp_path / "file" / "certs")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("tadlora-node certs: error:") and str(tmp_path / "file") in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        # gRPC dialled port 443 for a missing port and 99999 - 65536 = 34463 for one past the last
+        (["127.0.0.1"], "expected HOST:PORT"),
+        (["127.0.0.1:99999"], "port '99999' is not a number in 1..65535"),
+        (["::1:7070"], "IPv6 addresses need brackets"),
+        (["127.0.0.1:7070,127.0.0.1:7071"], "status asks one node"),
+        (["127.0.0.1:7070", "--timeout", "0"], "--timeout must be > 0"),
+        (["127.0.0.1:7070", "--timeout", "nan"], "--timeout must be > 0"),
+        (["127.0.0.1:7070", "--timeout", "-1"], "--timeout must be > 0"),
+    ],
+)
+def test_status_refuses_an_address_or_timeout_it_cannot_use_with_exit_2(argv, message, capsys) -> None:
+    assert main(["status", *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tadlora-node status: error:") and message in err, err
+
+
+@pytest.mark.parametrize("kept", ['["n0"]', '"n0"', "null"])
+def test_status_with_an_out_whose_node_json_is_not_an_object_asks_for_the_node_id(tmp_path, capsys, kept) -> None:
+    (tmp_path / "node.json").write_text(kept)
+    assert main(["status", "127.0.0.1:7070", "--tls-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "needs --node-id" in capsys.readouterr().err
 
 
 def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
@@ -206,6 +268,30 @@ async def test_prometheus_metrics_are_served(tmp_path) -> None:
         )
     assert "tadlora_rounds_total 2.0" in body
     assert "tadlora_round " in body and "tadlora_train_loss" in body
+
+
+def test_metrics_serve_on_an_ipv6_listen_host_and_say_where(caplog) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    metrics = NodeMetrics()
+    with caplog.at_level(logging.INFO, logger="tadlora.node"):
+        metrics.serve(0, "[::1]")  # the host of --listen [::1]:7070, brackets and all
+    try:
+        port = metrics.port
+        assert f"http://[::1]:{port}/metrics" in caplog.text  # port 0 picks one: the log is where to find it
+        body = urllib.request.urlopen(f"http://[::1]:{port}/metrics", timeout=5).read().decode()
+        assert "tadlora_rounds_total 0.0" in body
+    finally:
+        metrics.close()
+
+
+def test_a_metrics_port_in_use_is_an_error_naming_the_flag() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"--metrics-port {port}: cannot serve on 127.0.0.1:{port}"):
+            NodeMetrics().serve(port, "127.0.0.1")
 
 
 def test_a_node_out_of_gpu_memory_says_which_flags_shrink_a_step(tmp_path, monkeypatch, capsys) -> None:

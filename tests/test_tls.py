@@ -368,3 +368,48 @@ def test_keys_are_private_even_when_forced_over_a_public_file_and_never_written_
     with pytest.raises(ValueError, match="symbolic link"):
         issue(certs, "node-1", force=True)
     assert outside.read_bytes() == b"untouched"
+
+
+def test_a_node_certificate_never_outlives_its_ca_and_an_expired_ca_issues_none(tmp_path, monkeypatch, capsys) -> None:
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+
+    from tadlora.node import tls
+
+    monkeypatch.setattr(tls, "CA_DAYS", 10)  # a CA near its end: a node certificate of 825 days would outlive it
+    certs = make_certs(tmp_path / "certs", "node-0")
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    cert = x509.load_pem_x509_certificate((certs / "node-0.crt").read_bytes())
+    assert cert.not_valid_after_utc <= ca.not_valid_after_utc
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc > dt.timedelta(days=9)
+
+    # The same CA, re-signed as it would read once its ten years are over.
+    key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    now = dt.datetime.now(dt.UTC)
+    expired = (
+        x509.CertificateBuilder(ca.issuer, ca.subject, ca.public_key(), ca.serial_number, extensions=ca.extensions)
+        .not_valid_before(now - dt.timedelta(days=20))
+        .not_valid_after(now - dt.timedelta(days=10))
+        .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    (certs / "ca.crt").write_bytes(expired.public_bytes(serialization.Encoding.PEM))
+    assert main(["certs", "issue", "node-1", "--dir", str(certs)]) == 2
+    err = capsys.readouterr().err
+    assert "ca.crt expired on" in err and "certs init" in err
+    assert not (certs / "node-1.key").exists()
+
+
+def test_certs_flags_it_cannot_use_exit_2_naming_them(tmp_path, capsys) -> None:
+    certs = make_certs(tmp_path / "certs")
+    with pytest.raises(SystemExit) as exited:  # argparse's error: usage, then the flag and why
+        main(["certs", "issue", "node-0", "--dir", str(certs), "--ip", "bogus"])
+    assert exited.value.code == 2
+    assert "argument --ip: 'bogus' does not appear to be an IPv4 or IPv6 address" in capsys.readouterr().err
+    assert not (certs / "node-0.key").exists()
+    # An unset shell variable (`certs init $DIR`) used to put the CA into the working directory.
+    assert main(["certs", "init", ""]) == 2
+    assert "DIR must not be empty" in capsys.readouterr().err
+    assert main(["certs", "issue", "node-0", "--dir", ""]) == 2
+    assert "--dir must not be empty" in capsys.readouterr().err

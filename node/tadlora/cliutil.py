@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 ENV_PREFIX = "TADLORA_"
+_ON = ("1", "true", "yes", "on")  # what a switch's variable may say, in any case; anything else is refused
+_OFF = ("0", "false", "no", "off", "")
 
 
 def env_name(dest: str) -> str:
@@ -18,8 +21,8 @@ def env_name(dest: str) -> str:
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
     """Let ``TADLORA_<FLAG>`` set each option's default (a flag given on the command line still wins), and
     say so in ``--help``, with the default (unless the help already names it). Boolean flags accept
-    1/true/yes/on. A value the flag would refuse (its type or its ``choices``) is refused the same way, by
-    ``parser.error`` (exit 2)."""
+    1/true/yes/on and 0/false/no/off (or empty). A value the flag would refuse (its type or its ``choices``, or
+    another word for a switch) is refused the same way, by ``parser.error`` (exit 2)."""
     env = os.environ if environ is None else environ
     for action in parser._actions:
         if not action.option_strings or action.dest in ("help", "version"):
@@ -44,7 +47,11 @@ def _shown_default(value: Any) -> str:
 def _default_from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str) -> None:
     """Set ``action``'s default from the environment variable ``name`` (value ``raw``), or exit 2."""
     if isinstance(action, argparse._StoreTrueAction):
-        action.default = raw.strip().lower() in ("1", "true", "yes", "on")
+        word = raw.strip().lower()
+        if word not in _ON + _OFF:
+            # Read as off, TADLORA_REPORT_ONLY=y would start a whole grid and TADLORA_INSECURE=y refuse to start.
+            parser.error(f"{name}={raw!r}: expected {'/'.join(_ON)} or {'/'.join(_OFF[:-1])} (or empty)")
+        action.default = word in _ON
     elif action.type is not None and callable(action.type):
         try:
             action.default = action.type(raw)
@@ -57,6 +64,21 @@ def _default_from_env(parser: argparse.ArgumentParser, action: argparse.Action, 
         choices = ", ".join(map(str, action.choices))
         parser.error(f"{name}={raw!r}: invalid choice (choose from {choices})")
     action.required = False
+
+
+def from_environment(parser: argparse.ArgumentParser, args: argparse.Namespace, message: str) -> str:
+    """A line to add to an error ``message`` about parsed ``args``, naming the flags it mentions that took their
+    value from a ``TADLORA_`` variable (``(--link-prob is TADLORA_LINK_PROB='2')``), or '' for none: in a container
+    the flag an error names is on no command line. A variable is named only while the value is still the one it
+    set (a flag given on the command line wins)."""
+    notes = []
+    for action in parser._actions:
+        name = env_name(action.dest)
+        if not action.option_strings or name not in os.environ or getattr(args, action.dest) != action.default:
+            continue
+        if any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) for flag in action.option_strings):
+            notes.append(f"{action.option_strings[0]} is {name}={os.environ[name]!r}")
+    return f"\n  ({'; '.join(notes)})" if notes else ""
 
 
 def csv_list(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:

@@ -15,8 +15,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tadlora.cliutil import apply_env_defaults
+from tadlora.cliutil import apply_env_defaults, from_environment
 from tadlora.node.identity import kept_node_id
+from tadlora.node.peerspec import StaticPeers
 
 if TYPE_CHECKING:
     import grpc
@@ -86,6 +87,8 @@ def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials |
     to pass, if TLS is asked for and cannot be set up."""
     if a.any_peer and a.peer_id:
         raise ValueError("--any-peer accepts any node of the cluster, --peer-id one node: pass one of them")
+    if not 0 < a.timeout < math.inf:  # NaN too: gRPC gives up at once, and the hint would blame the address
+        raise ValueError(f"--timeout must be > 0 and finite seconds, got {a.timeout}")
     if a.insecure or a.tls_dir is None:
         return None, None
     from tadlora.node.tls import TlsMaterial
@@ -116,14 +119,20 @@ def _accepts_connections(address: str, timeout: float) -> bool:
 def status_main(argv: list[str]) -> int:
     """`tadlora-node status HOST:PORT [--tls-dir DIR --node-id ID]`: 0 and the JSON if the node answers, 1 if it
     does not, 2 for bad flags or TLS files."""
-    a = build_status_parser().parse_args(argv)
+    parser = build_status_parser()
+    a = parser.parse_args(argv)
     from tadlora.node.rpc import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused
 
     try:
+        # gRPC would dial port 443 for an address without one, and 99999 - 65536 for 99999.
+        addresses = StaticPeers.parse(a.address).addresses
+        if len(addresses) != 1:
+            raise ValueError(f"{a.address!r}: status asks one node, at one HOST:PORT")
+        a.address = addresses[0]
         credentials, peer_id = status_credentials(a)
     except (OSError, ValueError) as exc:
-        sys.stderr.write(f"tadlora-node status: error: {exc}\n")
+        sys.stderr.write(f"tadlora-node status: error: {exc}{from_environment(parser, a, str(exc))}\n")
         return 2
     try:
         doc = asyncio.run(query_status(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
@@ -147,27 +156,54 @@ def status_main(argv: list[str]) -> int:
     return 0
 
 
-def certs_main(argv: list[str]) -> int:
-    """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`."""
-    p = argparse.ArgumentParser(prog="tadlora-node certs", description="Create the cluster CA and node certificates.")
-    sub = p.add_subparsers(dest="action", required=True)
-    init = sub.add_parser("init", help="create the cluster CA (DIR/ca.crt, DIR/ca.key)")
-    init.add_argument("dir", type=Path)
-    init.add_argument("--cluster", default="default", help="cluster name, written into the CA's subject")
-    init.add_argument("--force", action="store_true", help="replace existing files")
-    iss = sub.add_parser("issue", help="issue DIR/NAME.crt and DIR/NAME.key signed by the cluster CA")
-    iss.add_argument("name", help="the node id that will use this certificate")
-    iss.add_argument("--dir", type=Path, required=True, help="the directory made by `certs init`")
-    iss.add_argument("--ip", action="append", default=[], help="an IP address to add to the certificate (repeat)")
-    iss.add_argument("--force", action="store_true", help="replace existing files")
-    a = p.parse_args(argv)
-    from tadlora.node import tls
+def ip_address(text: str) -> str:
+    """An argparse type: an IPv4 or IPv6 address, as given."""
+    import ipaddress
 
     try:
+        ipaddress.ip_address(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
+def certs_main(argv: list[str]) -> int:
+    """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`: 0 when written, 2 for bad flags
+    or files that cannot be written."""
+    from tadlora.node import tls
+
+    p = argparse.ArgumentParser(prog="tadlora-node certs", description="Create the cluster CA and node certificates.")
+    sub = p.add_subparsers(dest="action", required=True)
+    init = sub.add_parser(
+        "init",
+        help="create the cluster CA (DIR/ca.crt, DIR/ca.key)",
+        description=f"Create the cluster CA: DIR/ca.crt (valid {tls.CA_DAYS} days) and DIR/ca.key (mode "
+        "0600; keep it off the nodes). Existing files are never replaced without --force.",
+    )
+    init.add_argument("dir", help="directory for ca.crt and ca.key (created if missing)")
+    init.add_argument("--cluster", default="default", help="cluster name, written into the CA's subject")
+    init.add_argument("--force", action="store_true", help="replace existing files")
+    iss = sub.add_parser(
+        "issue",
+        help="issue DIR/NAME.crt and DIR/NAME.key signed by the cluster CA",
+        description=f"Issue DIR/NAME.crt (valid {tls.NODE_DAYS} days, never past the CA's end) and "
+        "DIR/NAME.key (mode 0600) for node id NAME, signed by DIR/ca.key. Existing files are never replaced without "
+        "--force.",
+    )
+    iss.add_argument("name", help="the node id that will use this certificate (its --node-id)")
+    iss.add_argument("--dir", required=True, help="the directory made by `certs init`")
+    iss.add_argument("--ip", action="append", default=[], type=ip_address,
+                     help="an IP address to add to the certificate (repeat)")  # fmt: skip
+    iss.add_argument("--force", action="store_true", help="replace existing files")
+    a = p.parse_args(argv)
+    try:
+        # An unset shell variable (`certs init $DIR`) would otherwise put the CA into the working directory.
+        if not (a.dir or "").strip():
+            raise ValueError(f"{'DIR' if a.action == 'init' else '--dir'} must not be empty")
         if a.action == "init":
-            path = tls.init_ca(a.dir, cluster=a.cluster, force=a.force)
+            path = tls.init_ca(Path(a.dir), cluster=a.cluster, force=a.force)
         else:
-            path = tls.issue(a.dir, a.name, ips=tuple(a.ip), force=a.force)
+            path = tls.issue(Path(a.dir), a.name, ips=tuple(a.ip), force=a.force)
     except (OSError, ValueError) as exc:  # OSError: DIR cannot be created or written, say so without a traceback
         sys.stderr.write(f"tadlora-node certs: error: {exc}\n")
         return 2

@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import LoraSpec
-from tadlora.cliutil import apply_env_defaults, csv_list, error_text
+from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
-from tadlora.core.robust import parse_robust_mixing
+from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.identity import kept_node_id
 from tadlora.node.peerspec import parse_peers_option
@@ -41,6 +41,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tadlora.node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # --log-level; setup_logging would raise on any other
+
+
+def robust_mixing_type(text: str) -> RobustMixing | None:
+    """`parse_robust_mixing` as an argparse type: its reason reaches the error line (for a plain ValueError
+    argparse prints only "invalid parse_robust_mixing value")."""
+    try:
+        return parse_robust_mixing(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_run_parser() -> argparse.ArgumentParser:
@@ -75,16 +84,19 @@ def build_run_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--max-neighbors", type=int, help="bound the degree: ring plus chords over sorted peer ids (default: all)"
     )
-    g.add_argument("--min-peers", type=int, default=1, help="peers to wait for before round 0")
-    g.add_argument("--peer-wait", type=float, default=60.0, help="seconds to wait for --min-peers")
+    g.add_argument("--min-peers", type=int, default=1, help="peers to wait for before round 0 (0: start at once)")
+    g.add_argument("--peer-wait", type=float, default=60.0,
+                   help="seconds to wait for --min-peers, then start with the peers there are")  # fmt: skip
     g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")
-    g.add_argument("--metrics-port", type=int, help="serve Prometheus metrics on this port (listen host)")
+    g.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus metrics on this port of the listen host (0: any free port; the log says "
+                   "which)")  # fmt: skip
     g.add_argument("--health-port", type=int,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (listen host): for probes "
                    "that cannot do mutual TLS, such as Kubernetes' gRPC probe (default: off)")  # fmt: skip
     g.add_argument("--max-factor-norm", type=float, default=1e4,
                    help="refuse a neighbour's factor whose norm is over this (BAD_PAYLOAD)")  # fmt: skip
-    g.add_argument("--robust-mixing", type=parse_robust_mixing, default="none",
+    g.add_argument("--robust-mixing", type=robust_mixing_type, default="none",
                    help="none, clip:TAU (clip each neighbour's difference to norm TAU) or trim:F "
                    "(drop the F largest and F smallest neighbour values per coordinate)")  # fmt: skip
     t = p.add_argument_group("training")
@@ -278,12 +290,13 @@ def main(argv: list[str] | None = None) -> int:
 def run_main(args: list[str]) -> int:
     """`tadlora-node [FLAGS]`: run a node until its rounds are done or it is stopped; 0 when it finished, 1 when
     it failed, 2 for bad flags."""
-    a = build_run_parser().parse_args(args)
+    parser = build_run_parser()
+    a = parser.parse_args(args)
     try:
         json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
     except ValueError as exc:
-        sys.stderr.write(f"tadlora-node: error: {exc}\n")
+        sys.stderr.write(f"tadlora-node: error: {exc}{from_environment(parser, a, str(exc))}\n")
         return 2
     started = time.monotonic()
     try:

@@ -17,6 +17,9 @@ from tadlora.node.rpc import node_id_problem
 from tadlora.training import TrainSpec
 
 DEFAULT_PORT = 7070
+# s; gRPC holds each connection's grace (twice the exchange timeout) as a C int of ms, so a timeout over ~12 days
+# fails at start as an OverflowError. A day is far past what any exchange needs.
+MAX_EXCHANGE_TIMEOUT_S = 86_400.0
 
 
 @dataclass(frozen=True)
@@ -88,9 +91,16 @@ class NodeConfig:
         if self.rounds is not None and self.rounds < 1:
             raise ValueError("--rounds must be >= 1")
         # Written so that NaN fails too: a NaN deadline times every exchange out at once, and a NaN --peer-wait
-        # spins the wait for --min-peers forever.
-        if not self.exchange_timeout > 0 or not self.peer_wait >= 0:
-            raise ValueError("--exchange-timeout must be > 0 and --peer-wait >= 0")
+        # spins the wait for --min-peers forever. (An infinite --peer-wait is fine: wait for the peers, however long.)
+        if not 0 < self.exchange_timeout <= MAX_EXCHANGE_TIMEOUT_S or not self.peer_wait >= 0:
+            raise ValueError(
+                f"--exchange-timeout must be in (0, {MAX_EXCHANGE_TIMEOUT_S:.0f}] seconds and --peer-wait >= 0, got "
+                f"{self.exchange_timeout} and {self.peer_wait}"
+            )
+        if self.min_peers < 0:
+            raise ValueError(f"--min-peers must be >= 0, got {self.min_peers}")
+        if self.seed < 0:  # it seeds numpy's generators, which take no negative seed: exit 1 after the model loaded
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         # Zero examples would fail as a tokenizer traceback after the model has loaded.
         for flag, count in (("--eval-samples", self.eval_samples), ("--samples-per-client", self.samples_per_client)):
             if count is not None and count < 1:
@@ -106,6 +116,9 @@ class NodeConfig:
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
+        if ":" in host and not (host.startswith("[") and host.endswith("]")):
+            # gRPC would read '::1:7070' as another address and port ([::0.1.112.112]:443), and fail to bind.
+            raise ValueError(f"--listen {self.listen!r}: IPv6 addresses need brackets, e.g. [::1]:{port}")
         # gRPC binds with SO_REUSEPORT: the --listen port twice would not fail, but split the connections.
         hp = self.health_port
         if hp is not None and (not 0 <= hp <= 65535 or hp == int(port) != 0):

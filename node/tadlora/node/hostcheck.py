@@ -128,7 +128,8 @@ def check_mdns_interface(cfg: NodeConfig) -> tuple[Check, list[str]]:
 
 def check_listen(cfg: NodeConfig) -> Check:
     """Whether the gRPC --listen address can be bound (by a plain socket: gRPC's SO_REUSEPORT would hide a
-    running node), and whether peers will be told a reachable address."""
+    running node), and the --health-port and --metrics-port beside it, and whether peers will be told a reachable
+    address."""
     host, _, port_text = cfg.listen.rpartition(":")
     port = int(port_text)
     bind_host = host.strip("[]")
@@ -176,17 +177,20 @@ def check_listen(cfg: NodeConfig) -> Check:
                 "--listen on an IPv4 address of this host (or 0.0.0.0:PORT), or set --advertise-address to the "
                 "IPv4 address peers reach this node at",
             )
-    if cfg.health_port is not None:
+    # The node binds these beside --listen, and a taken one ends it once its model has loaded.
+    for flag, extra in (("health", cfg.health_port), ("metrics", cfg.metrics_port)):
+        if extra is None:
+            continue
         try:
-            _bind(bind_host, cfg.health_port)
+            _bind(bind_host, extra)
         except OSError as exc:  # the host resolved above: a bind error
             return Check(
                 "listen",
                 "FAIL",
-                f"{detail}, but the --health-port {cfg.health_port} cannot be bound: {exc.strerror or exc}",
-                "choose a free --health-port (TADLORA_HEALTH_PORT), other than the --listen port",
+                f"{detail}, but the --{flag}-port {extra} cannot be bound: {exc.strerror or exc}",
+                f"choose a free --{flag}-port (TADLORA_{flag.upper()}_PORT), other than the --listen port",
             )
-        detail += f"; health port {cfg.health_port} too"
+        detail += f"; {flag} port {extra} too"
     if announces_listen_host and ipaddress.IPv4Address(bind_host).is_loopback:
         try:
             mdns = interface_addresses(cfg.mdns_interface)

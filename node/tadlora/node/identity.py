@@ -16,11 +16,15 @@ IDENTITY = "node.json"
 
 
 def load_identity(out: Path) -> dict[str, Any] | None:
-    """``node.json`` if present."""
+    """``node.json`` if present; ValueError if it is not a JSON object (callers would fail on it as a traceback)."""
     path = out / IDENTITY
     if not path.exists():
         return None
-    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+    loaded = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(loaded, dict):
+        raise ValueError(
+            f"{path} is not a JSON object (a node's id and run settings); move it away or use another --out"
+        )
     return loaded
 
 

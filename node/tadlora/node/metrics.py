@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger("tadlora.node")
 
 EXCHANGE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)  # s
 
@@ -40,8 +43,22 @@ class NodeMetrics:
         self._thread: threading.Thread | None = None
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
-        """Expose /metrics on ``addr:port`` (a daemon thread owned by this object)."""
-        self._server, self._thread = start_http_server(port, addr=addr, registry=self.registry)
+        """Expose /metrics on ``addr:port`` (a daemon thread owned by this object); ``addr`` may be a --listen host,
+        an IPv6 one in brackets. Logs the URL (port 0: the port chosen). OSError naming --metrics-port if it cannot
+        be bound."""
+        host = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr  # getaddrinfo takes no brackets
+        try:
+            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as exc:  # raised once the model has loaded: say which flag to change
+            raise OSError(f"--metrics-port {port}: cannot serve on {addr}:{port}: {exc.strerror or exc}") from None
+        log.info("serving Prometheus metrics on http://%s:%d/metrics", addr, self.port)
+
+    @property
+    def port(self) -> int:
+        """The port /metrics is served on (the one chosen, for port 0); RuntimeError before `serve`."""
+        if self._server is None:
+            raise RuntimeError("NodeMetrics is not serving")
+        return int(self._server.server_address[1])
 
     def close(self) -> None:
         """Stop the HTTP endpoint (safe to call twice)."""

@@ -171,7 +171,8 @@ def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> P
 
 
 def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = False) -> Path:
-    """Issue ``NAME.crt``/``NAME.key`` signed by the CA in ``directory`` (for server and client use)."""
+    """Issue ``NAME.crt``/``NAME.key`` signed by the CA in ``directory`` (for server and client use), valid for
+    `NODE_DAYS` or until the CA expires, whichever comes first; ValueError if the CA has expired."""
     _check_name(name)
     try:
         ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
@@ -183,12 +184,18 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
     if ca_key.public_key() != ca_cert.public_key():
         # Certificates signed with it would chain to nothing the nodes trust.
         raise ValueError(f"{directory / 'ca.key'} does not belong to {directory / 'ca.crt'}; run `certs init --force`")
+    now = dt.datetime.now(dt.UTC)
+    if now > ca_cert.not_valid_after_utc:
+        # Its certificates would be refused by every peer: a new cluster CA, and new certificates from it, are due.
+        raise ValueError(
+            f"{directory / 'ca.crt'} expired on {ca_cert.not_valid_after_utc:%Y-%m-%d}: create a new cluster CA with "
+            f"`tadlora-node certs init {directory} --force`, then issue every node's certificate again"
+        )
     key_path, path = directory / f"{name}.key", directory / f"{name}.crt"
     _refuse_existing([key_path, path], force)
     key = ec.generate_private_key(ec.SECP256R1())
     names: list[x509.GeneralName] = [x509.DNSName(TLS_SERVER_NAME), x509.DNSName(name)]
     names += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips]
-    now = dt.datetime.now(dt.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
@@ -196,7 +203,8 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=NODE_DAYS))
+        # Never past the CA's end: a certificate that claims more would fail its handshakes then, not on its date.
+        .not_valid_after(min(now + dt.timedelta(days=NODE_DAYS), ca_cert.not_valid_after_utc))
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
