@@ -20,9 +20,9 @@ import torch
 
 from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
-from tadlora.node.memory_transport import InMemoryNetwork
+from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peerspec import PeersOption
-from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerUnavailable, StatusInfo
+from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerTimeout, PeerUnavailable, StatusInfo
 from tadlora.node.wire import FactorSpec
 from test_daemon import NO_PEERS, _rounds, node_config
 
@@ -414,6 +414,35 @@ async def test_a_neighbour_whose_exchange_was_refused_is_not_waited_for_until_th
     [called], [refused] = _rounds(tmp_path / "n0"), _rounds(tmp_path / "n1")
     assert (called["missed"], refused["missed"]) == ([callee.node_id], [caller.node_id])
     assert called["neighbours"] == refused["neighbours"] == []
+
+
+@pytest.mark.asyncio
+async def test_an_exchange_whose_commit_never_arrives_is_left_out_at_both_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The callee answered and the caller took the reply, but the caller's Commit is lost (its deadline passed, the
+    link broke). The caller leaves the pair out; the callee must too: mixing it alone would move the network
+    average by w_ij times the difference of the two snapshots. (Before Commit existed the callee mixed every pair
+    it answered.)"""
+    lost: list[int] = []
+
+    async def lost_commit(self: Any, header: ExchangeHeader, accept: bool, timeout: float) -> None:
+        lost.append(header.round)
+        raise PeerTimeout(self.address, "no answer before the deadline")
+
+    monkeypatch.setattr(InMemoryClient, "commit", lost_commit)
+    net, quick = InMemoryNetwork(), {"rounds": 2, "exchange_timeout": 3.0}
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, **quick), net) as caller:
+        callee_cfg = node_config(tmp_path, 1, 2, PeersOption(False, (caller.address,), ()), **quick)
+        async with Node(callee_cfg, net) as callee:
+            assert caller.node_id < callee.node_id  # the caller is the end that calls
+            async with asyncio.timeout(120):
+                await asyncio.gather(caller.run(), callee.run())
+    assert lost  # the exchange itself went through: only its commit was lost
+    for out, other in ((tmp_path / "n0", callee), (tmp_path / "n1", caller)):
+        for record in _rounds(out):
+            if record["round"] in lost:
+                assert record["neighbours"] == [] and record["missed"] == [other.node_id], record
 
 
 @pytest.mark.asyncio

@@ -459,6 +459,9 @@ class ScriptedCaller(_Caller):
     def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> Any:
         raise NotImplementedError
 
+    async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply:
+        raise NotImplementedError
+
     async def aclose(self) -> None:
         pass
 

@@ -179,6 +179,7 @@ class HostileCallee:
         self.replies: list[tuple[int, Callable[[Factors], None] | None]] = [(0, None), (MAX_DEGREE, _huge), (1, _nan)]
         self.calls = 0
         self.degree = 1  # what local_info says: the reply header's degree
+        self.commits: list[tuple[str, int, bool]] = []
 
     def local_info(self) -> PeerInfo:
         return dataclasses.replace(self.info, degree=self.degree)
@@ -203,6 +204,9 @@ class HostileCallee:
     async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
         raise ExchangeRefused(Reason.ROUND_MISMATCH, "no")
 
+    async def async_commit(self, caller: str, r: int, accept: bool) -> None:
+        self.commits.append((caller, r, accept))
+
     def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
         pass
 
@@ -226,6 +230,8 @@ async def test_a_callee_replying_with_a_bad_degree_or_absurd_factors_is_refused_
                 await n0.run()
     assert hostile.calls == 3
     assert refusals(n0, "BAD_PAYLOAD") == 3  # degree 0, a norm over the cap, NaN: each refused, none mixed
+    # ... and the callee is told, so that it leaves each pair out too (and at once, not at its deadline).
+    assert hostile.commits == [(n0.node_id, r, False) for r in range(3)]
     records = _rounds(n0)
     assert [r["round"] for r in records] == [0, 1, 2] and all(r["neighbours"] == [] for r in records)
     assert all(bool(torch.isfinite(v).all()) for v in n0.factors.values())

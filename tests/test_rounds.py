@@ -35,7 +35,9 @@ async def test_a_caller_waits_for_the_snapshot_and_gets_it() -> None:
     assert not call.done()  # we are still training: the caller waits
     cur = await rs.open(fac(1.0), frozenset({"b"}))
     assert torch.equal((await call)["m.lora_B.weight"], fac(1.0)["m.lora_B.weight"])
-    assert set(cur.received) == {"b"} and cur.received["b"][0] == 1
+    assert cur.received == {} and set(cur.pending) == {"b"}  # answered: held aside until b commits
+    await rs.commit("b", 0, accept=True)
+    assert set(cur.received) == {"b"} and cur.received["b"][0] == 1 and cur.pending == {}
     assert await rs.close(cur) == cur.received and rs.last_mixed == 1
     await rs.advance(fac(1.5))
     assert rs.t == 1 and torch.equal(rs.factors["m.lora_B.weight"], fac(1.5)["m.lora_B.weight"])
@@ -53,7 +55,7 @@ async def test_a_caller_a_few_rounds_ahead_waits_until_we_get_there() -> None:
         await rs.advance(fac(0.0))
     assert not call.done()
     cur = await rs.open(fac(3.0), frozenset({"b"}))
-    assert (await call)["m.lora_B.weight"][0, 0] == 3.0 and "b" in cur.received
+    assert (await call)["m.lora_B.weight"][0, 0] == 3.0 and "b" in cur.pending
     assert not rs.gap_seen
 
 
@@ -85,8 +87,44 @@ async def test_only_a_neighbour_of_this_round_is_mixed_and_only_once() -> None:
     cur = await rs.open(fac(0.0), frozenset({"b", "c"}))
     assert await refused(rs.answer("x", 0, 1, fac(1.0))) is Reason.NOT_A_NEIGHBOR
     await rs.answer("b", 0, 1, fac(1.0))
-    assert await refused(rs.answer("b", 0, 1, fac(1.0))) is Reason.ROUND_MISMATCH  # twice
+    assert await refused(rs.answer("b", 0, 1, fac(1.0))) is Reason.ROUND_MISMATCH  # twice, before its commit
+    await rs.commit("b", 0, accept=True)
+    assert await refused(rs.answer("b", 0, 1, fac(1.0))) is Reason.ROUND_MISMATCH  # and after
     assert set(cur.received) == {"b"}
+
+
+@pytest.mark.asyncio
+async def test_an_answered_pair_counts_only_once_committed_in_its_open_round() -> None:
+    """A reply lost on the way, or refused by the caller, must leave the pair out at this end too: the caller leaves
+    it out, and mixing it here alone would move the network average."""
+    rs = state()
+    cur = await rs.open(fac(0.0), frozenset({"b", "c", "d"}))
+    for caller in ("b", "c", "d"):
+        await rs.answer(caller, 0, 1, fac(1.0))
+    waiting = asyncio.ensure_future(rs.wait_until(lambda: {"b", "c", "d"} <= set(cur.received) | cur.refused))
+    await rs.commit("b", 0, accept=True)
+    await rs.commit("c", 0, accept=False)  # c refused our reply: it leaves the pair out, and so do we, at once
+    assert "c" in cur.refused and "c" not in cur.received
+    await asyncio.sleep(0.01)
+    assert not waiting.done()  # d answered but has not committed (its reply may be on the way): the round waits
+    assert await refused(rs.commit("x", 0, accept=True)) is Reason.ROUND_MISMATCH  # nothing of x's to commit
+    assert await refused(rs.commit("b", 0, accept=True)) is Reason.ROUND_MISMATCH  # committed already
+    assert set(await rs.close(cur)) == {"b"}  # d never committed: left out, as d leaves it out
+    waiting.cancel()
+    assert await refused(rs.commit("d", 0, accept=True)) is Reason.ROUND_MISMATCH  # too late: d leaves it out too
+    assert set(cur.received) == {"b"}
+    await rs.advance(fac(0.0))
+    assert await refused(rs.commit("d", 0, accept=True)) is Reason.ROUND_MISMATCH  # and in the next round
+
+
+@pytest.mark.asyncio
+async def test_a_refused_exchange_drops_the_pair_it_had_answered() -> None:
+    rs = state()
+    cur = await rs.open(fac(0.0), frozenset({"b"}))
+    await rs.answer("b", 0, 1, fac(1.0))
+    await rs.refused("b", 0)  # e.g. our reply could not be sent
+    assert cur.pending == {} and "b" in cur.refused
+    assert await refused(rs.commit("b", 0, accept=True)) is Reason.ROUND_MISMATCH
 
 
 @pytest.mark.asyncio

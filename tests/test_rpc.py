@@ -752,6 +752,10 @@ async def refusal_of_a_garbled_request(channel: grpc.aio.Channel, method: str) -
         reply = pb.HandshakeReply.FromString(await channel.unary_unary(path)(GARBLED, timeout=TIMEOUT))
         assert not reply.accepted
         return Reason(reply.reason), reply.detail
+    if method == "Commit":
+        committed = pb.CommitReply.FromString(await channel.unary_unary(path)(GARBLED, timeout=TIMEOUT))
+        assert not committed.committed
+        return Reason(committed.reason), committed.detail
     if method in ("Exchange", "Fetch"):
         if method == "Exchange":
             call = channel.stream_stream(path)(iter([GARBLED]), timeout=TIMEOUT)
@@ -870,4 +874,5 @@ async def test_reflection_lists_the_services_and_describes_the_node_service(bob:
         "Exchange": (True, True),
         "Fetch": (False, True),
         "Status": (False, False),
+        "Commit": (False, False),
     }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import stat
 from pathlib import Path
@@ -14,6 +15,7 @@ from tadlora.node.cli import main
 from tadlora.node.daemon import Node
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.state import read_rounds
+from tadlora.node.wire import ExchangeRefused, Reason
 from test_daemon import node_config, run_all
 
 
@@ -103,6 +105,27 @@ async def test_a_cluster_certificate_cannot_be_used_to_claim_another_node_id(tmp
     assert refused >= 1
     assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n1"))
     assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n9"))
+
+
+@pytest.mark.asyncio
+async def test_a_commit_is_taken_only_from_the_node_its_certificate_names(tmp_path) -> None:
+    """A Commit decides whether a pair counts: a member of the cluster must not be able to commit, or cancel, the
+    exchange of another node by naming it."""
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.rpc import ExchangeHeader
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1", "node-2")
+    async with Node(tls(tmp_path, certs, 1, 3, (), min_peers=0)) as honest:
+        header = ExchangeHeader(node_id="node-2", cluster=honest.config.cluster, fingerprint=honest.fingerprint,
+                                round=0, degree=1)  # fmt: skip
+        transport = GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-0"))
+        async with transport.connect(honest.address, node_id=honest.node_id) as conn:
+            with pytest.raises(ExchangeRefused) as refused:
+                await conn.commit(header, True, 10.0)
+            await conn.commit(dataclasses.replace(header, node_id="node-0"), False, 10.0)  # its own: taken
+    assert refused.value.reason is Reason.IDENTITY_MISMATCH, refused.value
+    assert honest.metrics.refusals.labels("IDENTITY_MISMATCH")._value.get() == 1
 
 
 @pytest.mark.asyncio

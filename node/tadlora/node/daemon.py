@@ -552,6 +552,11 @@ class Node:
         """A neighbour's round-r exchange was refused here (see `NodeHandler`): round r stops waiting for it."""
         await self.rounds.refused(caller, r)
 
+    async def async_commit(self, caller: str, r: int, accept: bool) -> None:
+        """A neighbour ends its round-r exchange (see `NodeHandler`): the pair counts only if it accepted our reply
+        and round r is still open here (else ROUND_MISMATCH, and it leaves the pair out too)."""
+        await self.rounds.commit(caller, r, accept)
+
     def _check_round_sane(self, r: int, who: str) -> None:
         """Refuse (ROUND_MISMATCH) an exchange or a catch-up for a round past the run's last one, before it makes
         this node think it is behind (`MAX_ROUND` is checked on every header already)."""
@@ -802,8 +807,8 @@ class Node:
         `_exchange_with` handles all a peer can cause (a refusal, a bad reply, a lost connection), so what
         reaches here is a fault on this side (a bug, a torch error). It is not re-raised: the pair is left out of
         the round like a neighbour that missed the deadline (its other end leaves it out too, or mixed it once, as
-        with a lost reply), and the node keeps mixing over its other links instead of dying for one. Loud instead:
-        an ERROR with the traceback, and ``tadlora_exchanges_total{result="error"}``.
+        when a commit's answer is lost), and the node keeps mixing over its other links instead of dying for one.
+        Loud instead: an ERROR with the traceback, and ``tadlora_exchanges_total{result="error"}``.
         """
         for j, call in zip(outbound, calls, strict=True):
             if call.cancelled() or (exc := call.exception()) is None:
@@ -828,12 +833,26 @@ class Node:
         header = ExchangeHeader(
             node_id=self.node_id, cluster=self.config.cluster, fingerprint=self.fingerprint, round=t, degree=cur.degree
         )
-        remaining = deadline - asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
         try:
             result = await peer.conn.exchange(
-                header, select(cur.snapshot, sent_factors(self.method, t)), remaining, self._spec_for(t)
+                header, select(cur.snapshot, sent_factors(self.method, t)), deadline - loop.time(), self._spec_for(t)
             )
-            await self._async_check_neighbour(j, t, result.peer.degree, result.factors)  # its reply, before it counts
+            try:  # its reply, before it counts
+                await self._async_check_neighbour(j, t, result.peer.degree, result.factors)
+            except ExchangeRefused:
+                # Tell j, so that it leaves the pair out at once instead of waiting for a commit until its deadline.
+                with contextlib.suppress(ExchangeRefused, PeerUnavailable):
+                    await peer.conn.commit(header, False, max(deadline - loop.time(), 0.0))
+                raise
+            # Only a committed exchange counts at either end: a reply lost on the way, or refused here, is left out
+            # by both. If this commit's answer is lost, j may have mixed the pair alone (docs/protocol.md).
+            try:
+                await peer.conn.commit(header, True, max(deadline - loop.time(), 0.0))
+            except PeerUnavailable as exc:
+                log.warning("commit of the exchange with %s in round %d got no answer (%s): %s may have mixed the "
+                            "pair, which this node leaves out", j, t, exc, j)  # fmt: skip
+                raise
         except ExchangeRefused as exc:
             if exc.reason is Reason.ROUND_MISMATCH:
                 self.rounds.gap_seen = True  # out of step with j: see whether one of us should catch up
@@ -849,7 +868,7 @@ class Node:
         stats = (j, result.bytes_sent, result.bytes_received, result.elapsed_s)
         if not await self.rounds.deliver(cur, j, (result.peer.degree, result.factors), stats):
             # The round closed meanwhile. Not reached from `_run_round`, whose calls all end before it closes the
-            # round; were it reached, the callee would have mixed the pair already, as when its reply is lost.
+            # round; were it reached, the callee would have mixed the pair already, as when a commit's answer is lost.
             return
         self.metrics.exchanges.labels("ok").inc()
         self.metrics.bytes_sent.inc(result.bytes_sent)

@@ -126,6 +126,7 @@ def _add_node_servicer(servicer: _NodeServicer, server: grpc.aio.Server) -> None
             response_serializer=pb.ExchangeMessage.SerializeToString,
         ),
         "Status": _unary(servicer.Status, pb.StatusRequest, pb.StatusReply),
+        "Commit": _unary(servicer.Commit, pb.CommitRequest, pb.CommitReply),
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(NODE_SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(NODE_SERVICE_NAME, handlers)
@@ -149,6 +150,9 @@ class _NodeServicer(pb_grpc.NodeServicer):
         async with contextlib.aclosing(self._responder.exchange(requests, _certified_name(context))) as replies:
             async for message in replies:
                 yield message
+
+    async def Commit(self, request: pb.CommitRequest | None, context: grpc.aio.ServicerContext) -> pb.CommitReply:
+        return await self._responder.commit(request, _certified_name(context))
 
     async def Fetch(
         self, request: pb.FetchRequest | None, context: grpc.aio.ServicerContext
@@ -373,6 +377,11 @@ class PeerClient(_Caller):
     async def _call_handshake(self, request: pb.HandshakeRequest, timeout: float) -> pb.HandshakeReply:
         with self._translated():
             reply: pb.HandshakeReply | None = await self._node_stub().Handshake(request, timeout=timeout)
+        return self._parsed(reply)
+
+    async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply:
+        with self._translated():
+            reply: pb.CommitReply | None = await self._node_stub().Commit(request, timeout=timeout)
         return self._parsed(reply)
 
     async def _call_status(self, timeout: float) -> pb.StatusReply:

@@ -176,6 +176,12 @@ class InMemoryClient(_Caller):
         reply = await server._call(server._responder.handshake(wire_request), timeout, self._calls)
         return _over_the_wire(reply, pb.HandshakeReply.FromString, self.address)
 
+    async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply:
+        server = self._server()
+        wire_request = _over_the_wire(request, pb.CommitRequest.FromString, self.address)
+        reply = await server._call(server._responder.commit(wire_request), timeout, self._calls)
+        return _over_the_wire(reply, pb.CommitReply.FromString, self.address)
+
     async def _call_status(self, timeout: float) -> pb.StatusReply:
         server = self._server()
 

@@ -3,7 +3,9 @@
 `RoundState` holds the round the node is in, the factors it started that round from, each round's post-training
 snapshot and what neighbours delivered, under one `asyncio.Condition`. The daemon's round loop publishes a
 snapshot (`open`), collects replies (`deliver`), closes the round and moves on (`advance`, or `adopt` after a
-catch-up); a neighbour's exchange waits here for the snapshot it must be answered with (`answer`). Keeping these
+catch-up); a neighbour's exchange waits here for the snapshot it must be answered with (`answer`), and what it sent
+is held aside until the neighbour commits the exchange (`commit`): the callee mixes a pair only once the caller has
+taken its reply, so a reply lost on the way or refused by the caller leaves the pair out at both ends. Keeping these
 transitions in one small object is what lets them be tested without a network, a model or a clock.
 """
 
@@ -32,7 +34,8 @@ class Round:
     snapshot: Factors | None = None  # the factors after this round's training; None while training
     neighbours: frozenset[str] = frozenset()
     degree: int = 0
-    received: dict[str, Delivery] = field(default_factory=dict)
+    received: dict[str, Delivery] = field(default_factory=dict)  # what this round mixes
+    pending: dict[str, Delivery] = field(default_factory=dict)  # answered callers' factors, until they commit
     ahead: set[str] = field(default_factory=set)  # neighbours in a later (or far earlier) round: no call for t
     refused: set[str] = field(default_factory=set)  # callers whose round-t exchange we refused: no call either
     closed: bool = False
@@ -94,8 +97,8 @@ class RoundState:
             return True
 
     async def close(self, cur: Round) -> dict[str, Delivery]:
-        """End the exchanges of ``cur``: later callers for it are refused, so both ends leave such a pair out.
-        Returns what arrived."""
+        """End the exchanges of ``cur``: later callers and commits for it are refused, so both ends leave such a
+        pair out (an answered exchange still uncommitted is left out too). Returns what arrived and counts."""
         async with self._changed:
             cur.closed = True
             if cur.received:
@@ -125,8 +128,27 @@ class RoundState:
         async with self._changed:
             cur = self.current
             if r == cur.t and not cur.closed and caller not in cur.received:
+                cur.pending.pop(caller, None)
                 cur.refused.add(caller)
                 self._changed.notify_all()
+
+    async def commit(self, caller: str, r: int, accept: bool) -> None:
+        """End ``caller``'s answered round-``r`` exchange: with ``accept`` its factors count in round r, else (the
+        caller refused our reply) the pair is left out and the round stops waiting for it. Raises ROUND_MISMATCH
+        when there is nothing to commit: round r is over here (closed: the pair was left out at its deadline) or
+        no exchange of ``caller``'s awaits a commit in it; the caller then leaves the pair out too."""
+        async with self._changed:
+            cur = self.current
+            if r != cur.t or cur.closed:
+                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
+            delivery = cur.pending.pop(caller, None)
+            if delivery is None:
+                raise ExchangeRefused(Reason.ROUND_MISMATCH, f"no exchange of {caller}'s awaits a commit in round {r}")
+            if accept:
+                cur.received[caller] = delivery
+            else:
+                cur.refused.add(caller)
+            self._changed.notify_all()
 
     async def admit(self, caller: str, r: int) -> None:
         """Refuse at once, as `answer` would, a round-``r`` exchange from ``caller`` that no wait can make
@@ -140,9 +162,10 @@ class RoundState:
                 self._check_pair(cur, caller, r)
 
     async def answer(self, caller: str, r: int, degree: int, factors: Factors) -> Factors:
-        """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then record what it sent and return
-        the snapshot (the caller's deadline cancels the wait). ``degree`` and ``factors`` must already be checked
-        fit to mix: the check is too slow to hold the lock for (the daemon runs it in a thread before calling).
+        """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then hold what it sent aside until
+        the caller's `commit`, and return the snapshot (the caller's deadline cancels the wait). ``degree`` and
+        ``factors`` must already be checked fit to mix: the check is too slow to hold the lock for (the daemon runs
+        it in a thread before calling).
 
         Refused with ROUND_MISMATCH when round r is over here or ``caller`` is more than `WAIT_GAP_ROUNDS` ahead,
         NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops. A caller in another
@@ -156,8 +179,7 @@ class RoundState:
                     break
                 await self._changed.wait()
             self._check_pair(cur, caller, r)
-            cur.received[caller] = (degree, factors)
-            self._changed.notify_all()
+            cur.pending[caller] = (degree, factors)
             return snapshot
 
     def _place(self, caller: str, r: int) -> Round:
@@ -188,5 +210,5 @@ class RoundState:
         """Refuse a caller that is not a neighbour in the published round ``cur`` or has exchanged in it already."""
         if caller not in cur.neighbours:
             raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{caller} is not a neighbour in round {r}")
-        if caller in cur.received:
+        if caller in cur.received or caller in cur.pending:
             raise ExchangeRefused(Reason.ROUND_MISMATCH, f"already exchanged with {caller} in round {r}")

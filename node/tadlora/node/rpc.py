@@ -69,7 +69,9 @@ __all__ = [
 
 log = logging.getLogger("tadlora.rpc")
 
-PROTOCOL_VERSION: Final = 1  # bump on any change a peer of the previous version would misread
+# Bump on any change a peer of the previous version would misread. 2: Exchange is ended by a Commit, without which
+# the callee leaves the pair out (a version-1 caller never commits: its pairs would never count).
+PROTOCOL_VERSION: Final = 2
 NODE_SERVICE_NAME: Final = pb.DESCRIPTOR.services_by_name["Node"].full_name  # "tadlora.v1.Node"
 
 # gRPC limits, set explicitly on both ends. Payloads travel in chunks of <= 1 MiB (wire.MAX_CHUNK_BYTES).
@@ -221,7 +223,11 @@ class NodeHandler(Protocol):
     bounds the payload the caller may declare; and ``async async_exchange_refused(caller: str, r: int) -> None``,
     awaited when this side refuses, or fails inside, an exchange whose header it accepted (``caller`` is then the
     authenticated sender of a round-``r`` header): the caller leaves that pair out of round r on the refusal and
-    does not call again for it, so the handler need not wait for it.
+    does not call again for it, so the handler need not wait for it; and ``async async_commit(caller: str, r: int,
+    accept: bool) -> None``, awaited with an authenticated caller's Commit of its round-``r`` exchange: with
+    ``accept`` the pair it answered in `async_exchange` counts, else it is left out; it raises `ExchangeRefused`
+    when it cannot commit (the round is over), and the caller then leaves the pair out too. A handler without it
+    has nothing to commit and accepts every Commit.
     """
 
     def local_info(self) -> PeerInfo: ...
@@ -569,6 +575,8 @@ class _Responder:
         self._refused_exchange: Callable[[str, int], Awaitable[None]] | None = getattr(
             handler, "async_exchange_refused", None
         )
+        # Optional: a handler with `async_commit(caller, r, accept)` counts an answered pair only once it is committed.
+        self._commit: Callable[[str, int, bool], Awaitable[None]] | None = getattr(handler, "async_commit", None)
         self._in_flight: collections.Counter[str] = collections.Counter()  # exchanges in flight, by caller id
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
         self._payload_timeout_s: float = getattr(handler, "payload_timeout_s", DEFAULT_PAYLOAD_TIMEOUT_S)
@@ -658,6 +666,28 @@ class _Responder:
         async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
             async for message in replies:
                 yield message
+
+    async def commit(self, request: pb.CommitRequest | None, identity: str | None = None) -> pb.CommitReply:
+        """End the caller's exchange (see `NodeHandler`): committed, or refused with the reason. ``identity``: the
+        caller's authenticated name, None without TLS; a Commit is only ever taken from the exchange's own caller."""
+        who = "" if request is None else request.node_id[:MAX_TEXT_CHARS]
+        try:
+            if request is None:
+                raise _unparsed("commit")
+            check_sane("commit", round=request.round, degree=0, texts=(request.node_id,))
+            _check_node_id(request.node_id, "commit")
+            _check_identity(request.node_id, identity)
+            if self._commit is not None:
+                await self._commit(request.node_id, request.round, request.accept)
+        except ExchangeRefused as exc:
+            log.info("refused a commit from %r: %s: %s", who, exc.reason.name, exc.detail)
+            self._refused("commit", exc)
+            return pb.CommitReply(committed=False, reason=_reason_to_wire(exc.reason), detail=exc.detail)
+        except Exception:
+            log.exception("commit from %r failed inside this node", who)
+            internal = _reason_to_wire(Reason.INTERNAL)
+            return pb.CommitReply(committed=False, reason=internal, detail="internal error, see the callee's log")
+        return pb.CommitReply(committed=request.accept)
 
     @contextlib.asynccontextmanager
     async def _receiving(self, deadline: float) -> AsyncIterator[None]:
@@ -771,12 +801,18 @@ class _Caller(abc.ABC):
     async def exchange(
         self, header: ExchangeHeader, factors: Factors, timeout: float, expected: FactorSpec | None = None
     ) -> ExchangeResult:
-        """Push `factors` for `header.round`; pull the peer's factors for that round, checked against `expected`."""
+        """Push `factors` for `header.round`; pull the peer's factors for that round, checked against `expected`.
+
+        The exchange is not over until `commit`: the callee holds the pair aside until then. A reply refused here
+        (`ExchangeRefused`) is un-committed on the way out, so that the callee leaves the pair out at once."""
         loop = asyncio.get_running_loop()
         started = loop.time()
         payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
+        answered = False  # the callee sent a reply header: it holds our factors aside, awaiting a commit
 
         def check_reply(head: pb.ExchangeHeader) -> None:
+            nonlocal answered
+            answered = True
             _check_answerer(head.node_id, self.node_id, self.address)
             _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=header)
             if head.round != header.round:
@@ -785,9 +821,17 @@ class _Caller(abc.ABC):
 
         remaining = max(timeout - (loop.time() - started), 0.0)
         replies = self._call_exchange(_payload_messages(header, payload, sha256), remaining)
-        async with contextlib.aclosing(replies):
-            peer, reply = await _receive_payload(replies, max_payload_bytes=self._max_payload_bytes, check=check_reply)
-        received, _ = await asyncio.to_thread(decode_factors, reply, expected)
+        try:
+            async with contextlib.aclosing(replies):
+                peer, reply = await _receive_payload(
+                    replies, max_payload_bytes=self._max_payload_bytes, check=check_reply
+                )
+            received, _ = await asyncio.to_thread(decode_factors, reply, expected)
+        except ExchangeRefused:
+            if answered:  # best effort: without it the callee waits for a commit until its round's deadline
+                with contextlib.suppress(ExchangeRefused, PeerUnavailable):
+                    await self.commit(header, False, max(timeout - (loop.time() - started), 0.0))
+            raise
         return ExchangeResult(
             peer=peer,
             factors=received,
@@ -795,6 +839,16 @@ class _Caller(abc.ABC):
             bytes_received=len(reply),
             elapsed_s=loop.time() - started,
         )
+
+    async def commit(self, header: ExchangeHeader, accept: bool, timeout: float) -> None:
+        """End the round-``header.round`` exchange made with ``header``: ``accept`` tells the callee to mix the pair
+        (returns once it has; `ExchangeRefused` if it will not, e.g. its round closed meanwhile, and then neither
+        end mixes it), or to leave it out (the reply was refused here). Transport failures raise `PeerUnavailable`:
+        then whether the callee mixed the pair is unknown (see docs/protocol.md)."""
+        request = pb.CommitRequest(node_id=header.node_id, round=header.round, accept=accept)
+        reply = await self._call_commit(request, timeout)
+        if accept and not reply.committed:
+            raise _peer_refusal(reply.reason, reply.detail)
 
     async def fetch(self, info: PeerInfo, timeout: float, expected: FactorSpec | None = None) -> ExchangeResult:
         """Pull the peer's current round and start-of-round factors (catch-up); `result.peer.round` is that round."""
@@ -827,6 +881,9 @@ class _Caller(abc.ABC):
     async def _call_status(self, timeout: float) -> pb.StatusReply: ...
 
     @abc.abstractmethod
+    async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply: ...
+
+    @abc.abstractmethod
     def _call_exchange(
         self, requests: Iterator[pb.ExchangeMessage], timeout: float
     ) -> AsyncGenerator[pb.ExchangeMessage, None]: ...
@@ -851,6 +908,8 @@ class PeerConnection(Protocol):
     async def exchange(
         self, header: ExchangeHeader, factors: Factors, timeout: float, expected: FactorSpec | None = None
     ) -> ExchangeResult: ...
+
+    async def commit(self, header: ExchangeHeader, accept: bool, timeout: float) -> None: ...
 
     async def fetch(self, info: PeerInfo, timeout: float, expected: FactorSpec | None = None) -> ExchangeResult: ...
 

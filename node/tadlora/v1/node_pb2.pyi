@@ -120,6 +120,26 @@ class ExchangeMessage(_message.Message):
     refusal: Refusal
     def __init__(self, header: _Optional[_Union[ExchangeHeader, _Mapping]] = ..., chunk: _Optional[bytes] = ..., refusal: _Optional[_Union[Refusal, _Mapping]] = ...) -> None: ...
 
+class CommitRequest(_message.Message):
+    __slots__ = ("node_id", "round", "accept")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ACCEPT_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    round: int
+    accept: bool
+    def __init__(self, node_id: _Optional[str] = ..., round: _Optional[int] = ..., accept: _Optional[bool] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ("committed", "reason", "detail")
+    COMMITTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    committed: bool
+    reason: RefusalReason
+    detail: str
+    def __init__(self, committed: _Optional[bool] = ..., reason: _Optional[_Union[RefusalReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class FetchRequest(_message.Message):
     __slots__ = ("caller",)
     CALLER_FIELD_NUMBER: _ClassVar[int]

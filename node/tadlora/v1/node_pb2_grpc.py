@@ -44,6 +44,11 @@ class NodeStub:
                 request_serializer=tadlora_dot_v1_dot_node__pb2.ExchangeMessage.SerializeToString,
                 response_deserializer=tadlora_dot_v1_dot_node__pb2.ExchangeMessage.FromString,
                 _registered_method=True)
+        self.Commit = channel.unary_unary(
+                '/tadlora.v1.Node/Commit',
+                request_serializer=tadlora_dot_v1_dot_node__pb2.CommitRequest.SerializeToString,
+                response_deserializer=tadlora_dot_v1_dot_node__pb2.CommitReply.FromString,
+                _registered_method=True)
         self.Fetch = channel.unary_stream(
                 '/tadlora.v1.Node/Fetch',
                 request_serializer=tadlora_dot_v1_dot_node__pb2.FetchRequest.SerializeToString,
@@ -67,7 +72,17 @@ class NodeServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Exchange(self, request_iterator, context):
-        """Push-pull: the caller sends header + chunks; the callee replies with header + chunks, or one refusal.
+        """Push-pull: the caller sends header + chunks; the callee replies with header + chunks, or one refusal. The
+        callee holds the caller's factors aside until the caller's Commit: neither end mixes the pair before then.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Commit(self, request, context):
+        """Ends an Exchange: the caller took the callee's reply (accept) or refused it. The callee mixes the pair only if
+        it accepts a Commit with accept = true while the round is still open here, and says so; the caller mixes it
+        only when told so. See docs/protocol.md ("What is and is not guaranteed").
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -100,6 +115,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Exchange,
                     request_deserializer=tadlora_dot_v1_dot_node__pb2.ExchangeMessage.FromString,
                     response_serializer=tadlora_dot_v1_dot_node__pb2.ExchangeMessage.SerializeToString,
+            ),
+            'Commit': grpc.unary_unary_rpc_method_handler(
+                    servicer.Commit,
+                    request_deserializer=tadlora_dot_v1_dot_node__pb2.CommitRequest.FromString,
+                    response_serializer=tadlora_dot_v1_dot_node__pb2.CommitReply.SerializeToString,
             ),
             'Fetch': grpc.unary_stream_rpc_method_handler(
                     servicer.Fetch,
@@ -166,6 +186,33 @@ class Node:
             '/tadlora.v1.Node/Exchange',
             tadlora_dot_v1_dot_node__pb2.ExchangeMessage.SerializeToString,
             tadlora_dot_v1_dot_node__pb2.ExchangeMessage.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Commit(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tadlora.v1.Node/Commit',
+            tadlora_dot_v1_dot_node__pb2.CommitRequest.SerializeToString,
+            tadlora_dot_v1_dot_node__pb2.CommitReply.FromString,
             options,
             channel_credentials,
             insecure,
