@@ -159,6 +159,25 @@ def test_bad_flags_exit_2(capsys) -> None:
     assert "--shard 5" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("seconds", ["nan", "-1", "inf"])
+def test_the_doctors_own_flags_take_variables_too_and_a_bad_one_is_named(
+    seconds: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--json` and `--browse-seconds` were added after the variables had been read: TADLORA_JSON did nothing, and
+    a NaN browse time was taken."""
+    monkeypatch.setenv("TADLORA_BROWSE_SECONDS", seconds)
+    assert main(["doctor", "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "--browse-seconds must be a number of seconds >= 0" in err and "TADLORA_BROWSE_SECONDS" in err, err
+
+
+def test_tadlora_json_makes_the_report_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    monkeypatch.setenv("TADLORA_JSON", "1")
+    args = [a for a in doctor_args(tmp_path, browse_seconds="0", model=str(tmp_path / "none")) if a != "--json"]
+    assert main(args) == 1  # the model does not load
+    assert json.loads(capsys.readouterr().out)["ok"] is False
+
+
 def test_a_wildcard_listen_without_mdns_or_advertise_address_fails_as_the_node_would(tmp_path) -> None:
     """The node refuses to start so (peers told 0.0.0.0:PORT dial their own host): the doctor says FAIL, not WARN."""
     static = PeersOption(auto=False, static=("127.0.0.1:1",), dns=())

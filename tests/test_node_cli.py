@@ -123,6 +123,22 @@ def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:
     assert message in capsys.readouterr().err
 
 
+def test_tls_files_a_node_cannot_use_exit_2_before_the_model_loads(tmp_path, capsys) -> None:
+    """Missing or foreign certificates are fixed by a person, not by a restart: exit 2, which the systemd unit's
+    RestartPreventExitStatus=2 takes as "stop restarting" (exit 1 restarted it every 5 s for ever)."""
+    assert main(["certs", "init", str(tmp_path / "certs"), "--cluster", "c"]) == 0
+    assert main(["certs", "issue", "node-1", "--dir", str(tmp_path / "certs")]) == 0
+    capsys.readouterr()
+    # --model points nowhere: reaching the model would fail differently (exit 1), so exit 2 means "refused first".
+    common = ["--model", str(tmp_path / "no-model"), "--out", str(tmp_path / "out"), "--node-id", "node-0"]
+    assert main([*common, "--tls-dir", str(tmp_path / "certs")]) == 2
+    assert "TLS files missing" in capsys.readouterr().err  # node-0 has no certificate there
+    (tmp_path / "certs" / "node-0.crt").write_bytes((tmp_path / "certs" / "node-1.crt").read_bytes())
+    (tmp_path / "certs" / "node-0.key").write_bytes((tmp_path / "certs" / "node-1.key").read_bytes())
+    assert main([*common, "--tls-dir", str(tmp_path / "certs")]) == 2
+    assert "is issued to ['node-1'], not to node id 'node-0'" in capsys.readouterr().err
+
+
 def exit_code(argv: list[str]) -> int:
     """`main`'s exit status, whether it returns it or argparse exits with it."""
     try:

@@ -74,7 +74,13 @@ def from_environment(parser: argparse.ArgumentParser, args: argparse.Namespace, 
     notes = []
     for action in parser._actions:
         name = env_name(action.dest)
-        if not action.option_strings or name not in os.environ or getattr(args, action.dest) != action.default:
+        value = getattr(args, action.dest, None)
+        # `is` first: a NaN the variable set is not == itself, yet it is still the variable's.
+        if (
+            not action.option_strings
+            or name not in os.environ
+            or (value is not action.default and value != action.default)
+        ):
             continue
         if any(re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])", message) for flag in action.option_strings):
             notes.append(f"{action.option_strings[0]} is {name}={os.environ[name]!r}")

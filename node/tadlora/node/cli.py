@@ -24,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +53,11 @@ def robust_mixing_type(text: str) -> RobustMixing | None:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def build_run_parser() -> argparse.ArgumentParser:
-    """Flags of `tadlora-node` (run)."""
+def build_run_parser(
+    extend: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.ArgumentParser:
+    """Flags of `tadlora-node` (run); ``extend`` adds a subcommand's own (doctor's) before the ``TADLORA_``
+    variables are read, so that those flags take variables too."""
     p = argparse.ArgumentParser(
         prog="tadlora-node", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -144,6 +148,8 @@ def build_run_parser() -> argparse.ArgumentParser:
                    help="auto: text on a terminal, JSON lines otherwise")  # fmt: skip
     o.add_argument("--log-level", type=str.upper, choices=LOG_LEVELS, default="INFO",
                    help="what the node logs (any case)")  # fmt: skip
+    if extend is not None:
+        extend(p)
     apply_env_defaults(p)
     return p
 
@@ -289,12 +295,17 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(args: list[str]) -> int:
     """`tadlora-node [FLAGS]`: run a node until its rounds are done or it is stopped; 0 when it finished, 1 when
-    it failed, 2 for bad flags."""
+    it failed, 2 for bad flags or TLS files it cannot use (missing, not this node's, expired): what no restart
+    fixes, so that a supervisor that restarts on failure (systemd's RestartPreventExitStatus=2) stops there."""
     parser = build_run_parser()
     a = parser.parse_args(args)
     try:
         json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
+        if config.tls_dir is not None and config.node_id is not None:
+            from tadlora.node.tls import TlsMaterial  # no torch: checked before the model loads
+
+            TlsMaterial.from_dir(config.tls_dir, config.node_id)  # ValueError naming the file and the fix
     except ValueError as exc:
         sys.stderr.write(f"tadlora-node: error: {exc}{from_environment(parser, a, str(exc))}\n")
         return 2

@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -340,32 +341,36 @@ def build_doctor_parser() -> argparse.ArgumentParser:
     """The run flags plus the doctor's own."""
     from tadlora.node.cli import build_run_parser
 
-    p = build_run_parser()
+    def doctor_flags(p: argparse.ArgumentParser) -> None:
+        g = p.add_argument_group("doctor")
+        g.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+        g.add_argument("--browse-seconds", type=float, default=BROWSE_S, help="seconds to browse mDNS for peers")
+
+    p = build_run_parser(doctor_flags)
     p.prog, p.description = "tadlora-node doctor", __doc__
-    g = p.add_argument_group("doctor")
-    g.add_argument("--json", action="store_true", help="print the checks as one JSON object")
-    g.add_argument(
-        "--browse-seconds", type=float, default=BROWSE_S, help="seconds to browse mDNS for peers (default: %(default)s)"
-    )
     return p
 
 
 def doctor_main(argv: list[str]) -> int:
     """`tadlora-node doctor [run flags] [--json]`: 0 if no check FAILs, 1 if one does, 2 for bad flags."""
+    from tadlora.cliutil import from_environment
     from tadlora.node.cli import config_from_args, setup_logging
 
-    a = build_doctor_parser().parse_args(argv)
+    parser = build_doctor_parser()
+    a = parser.parse_args(argv)
     setup_logging(a.log_format, "WARNING")  # the checks are the output; a node's INFO lines would be noise
     # No certificates yet is something to diagnose, not a reason to refuse: check the rest as if --insecure and
     # report TLS as a FAIL with its fix.
     no_tls = a.tls_dir is None and not a.insecure
     a.insecure = a.insecure or no_tls
     try:
+        if not 0 <= a.browse_seconds < math.inf:  # NaN too
+            raise ValueError(f"--browse-seconds must be a number of seconds >= 0, got {a.browse_seconds}")
         cfg = config_from_args(a)
     except ValueError as exc:
-        sys.stderr.write(f"tadlora-node doctor: error: {exc}\n")
+        sys.stderr.write(f"tadlora-node doctor: error: {exc}{from_environment(parser, a, str(exc))}\n")
         return 2
-    checks = asyncio.run(async_doctor(cfg, max(a.browse_seconds, 0.0)))
+    checks = asyncio.run(async_doctor(cfg, a.browse_seconds))
     if no_tls:
         checks = [_NO_CERTIFICATES if c.name == "tls" else c for c in checks]
     sys.stdout.write(report(checks, a.json))
