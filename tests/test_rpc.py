@@ -27,6 +27,7 @@ from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
     MAX_EXCHANGES_PER_CALLER,
+    MAX_FETCHES_PER_CALLER,
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
     BindError,
@@ -124,6 +125,7 @@ class FakeNode:
 
     async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
         self.handshakes.append(remote)
+        self.entered.set()
         if self.refusal is not None:
             raise ExchangeRefused(*self.refusal)
         return self.info.round, self.factors
@@ -739,6 +741,54 @@ async def test_a_grpc_caller_that_stops_reading_the_reply_is_cut_off_and_holds_n
             assert cut.value.code() == grpc.StatusCode.UNAVAILABLE
         finally:
             call.cancel()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("method", ["Exchange", "Fetch"])
+async def test_a_caller_sitting_on_unread_replies_holds_its_own_places_only(
+    method: str, alice: FakeNode, bob: FakeNode
+) -> None:
+    """A caller's place is held until its reply has been sent, not only until it was answered: otherwise one
+    caller could open call after call, read none of the replies, and hold every call slot of the server (and a
+    copy of the payload in each) until the connections' age ends them. Fetch has its cap too. Others are served."""
+    bob.factors = lora_factors(2, width=1 << 20)  # a 16 MiB reply: far more than HTTP/2 buffers for the caller
+    bob.spec = None  # any payload of alice's shape is taken
+    payload = encode_factors(alice.factors)
+    fetch_request = pb.FetchRequest(caller=pb.PeerInfo(
+        protocol_version=PROTOCOL_VERSION, cluster=CLUSTER, fingerprint=FINGERPRINT, node_id="alice",
+    ))  # fmt: skip
+    carol = FakeNode("carol", alice.factors)
+    limit = MAX_EXCHANGES_PER_CALLER if method == "Exchange" else MAX_FETCHES_PER_CALLER
+    async with RpcServer(bob, LISTEN) as server, channel_to(server.address) as channel:
+        unread = []
+        for _ in range(limit):
+            if method == "Exchange":
+                requests = [header_message(alice, payload), pb.ExchangeMessage(chunk=payload)]
+                stub = channel.stream_stream(f"/{NODE_SERVICE_NAME}/Exchange")
+                unread.append(stub(m.SerializeToString() for m in requests))
+            else:
+                unread.append(channel.unary_stream(f"/{NODE_SERVICE_NAME}/Fetch")(fetch_request.SerializeToString()))
+        try:
+            async with PeerClient(server.address) as client:
+
+                async def as_caller(node: FakeNode) -> object:
+                    if method == "Exchange":
+                        return await client.exchange(header_of(node, limit), node.factors, TIMEOUT)
+                    return await client.fetch(node.info, TIMEOUT)
+
+                answered = bob.exchanges if method == "Exchange" else bob.handshakes  # what bob's handler took
+                async with asyncio.timeout(TIMEOUT):
+                    while len(answered) < limit:
+                        await bob.entered.wait()
+                        bob.entered.clear()  # checked after clearing: no entry is missed
+                await asyncio.sleep(0.5)  # the handler has answered: the replies are on their way, and stuck
+                with pytest.raises(ExchangeRefused) as busy:
+                    await as_caller(alice)
+                assert busy.value.reason is Reason.BUSY and "alice" in busy.value.detail, busy.value
+                await as_caller(carol)  # another caller is served meanwhile
+        finally:
+            for call in unread:
+                call.cancel()
 
 
 NODE_METHODS = [m.name for m in pb.DESCRIPTOR.services_by_name["Node"].methods]

@@ -46,6 +46,7 @@ from tadlora.v1 import node_pb2 as pb
 __all__ = [
     "MAX_DEGREE",
     "MAX_EXCHANGES_PER_CALLER",
+    "MAX_FETCHES_PER_CALLER",
     "MAX_ROUND",
     "MAX_TEXT_CHARS",
     "NODE_ID_CHARS",
@@ -93,6 +94,9 @@ MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours ar
 # norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
 # the callee its payload (up to the spec's size, about three times over) while it waits for the callee's round.
 MAX_EXCHANGES_PER_CALLER: Final = 2
+# Fetches (catch-ups) one caller may have in flight at a callee: a node fetches from one peer at a time, and each
+# fetch costs the callee an encoded copy of its factors until the caller has read it.
+MAX_FETCHES_PER_CALLER: Final = 2
 # s a callee waits for a caller's exchange stream (header and payload) unless its handler says otherwise
 # (`payload_timeout_s`; the daemon uses its --exchange-timeout, the time a caller gives a whole exchange).
 DEFAULT_PAYLOAD_TIMEOUT_S: Final = 300.0
@@ -577,7 +581,8 @@ class _Responder:
         )
         # Optional: a handler with `async_commit(caller, r, accept)` counts an answered pair only once it is committed.
         self._commit: Callable[[str, int, bool], Awaitable[None]] | None = getattr(handler, "async_commit", None)
-        self._in_flight: collections.Counter[str] = collections.Counter()  # exchanges in flight, by caller id
+        # Calls in flight, by (call, caller id), from the caller's first message until its reply has been sent.
+        self._in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
         self._payload_timeout_s: float = getattr(handler, "payload_timeout_s", DEFAULT_PAYLOAD_TIMEOUT_S)
 
@@ -630,6 +635,10 @@ class _Responder:
     async def exchange(
         self, requests: AsyncIterable[pb.ExchangeMessage], identity: str | None = None
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        # The caller's place (`_one_more`) is held until its reply has been sent: a caller that stops reading its
+        # reply holds the call, and the reply's payload, until the connection's age ends it (grpc_transport).
+        held = contextlib.ExitStack()
+
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
 
@@ -647,25 +656,26 @@ class _Responder:
             async with self._receiving(deadline):
                 head = await _receive_header(iterator, check, from_callee=False)
             try:
-                with self._one_more_exchange(head.node_id):
-                    expected = self._handler.expected_spec()
-                    if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
-                        expected = admitted
-                    _check_declared_size(head.total_bytes, expected)
-                    async with self._receiving(deadline):
-                        header, payload = await _receive_chunks(
-                            iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
-                        )
-                    factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
-                    reply = await self._handler.async_exchange(header, factors)
+                held.enter_context(self._one_more("exchange", head.node_id, MAX_EXCHANGES_PER_CALLER))
+                expected = self._handler.expected_spec()
+                if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
+                    expected = admitted
+                _check_declared_size(head.total_bytes, expected)
+                async with self._receiving(deadline):
+                    header, payload = await _receive_chunks(
+                        iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
+                    )
+                factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
+                reply = await self._handler.async_exchange(header, factors)
             except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
                 await self._exchange_refused(head.node_id, head.round)
                 raise
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
 
-        async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
-            async for message in replies:
-                yield message
+        with held:
+            async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
+                async for message in replies:
+                    yield message
 
     async def commit(self, request: pb.CommitRequest | None, identity: str | None = None) -> pb.CommitReply:
         """End the caller's exchange (see `NodeHandler`): committed, or refused with the reason. ``identity``: the
@@ -701,26 +711,29 @@ class _Responder:
             ) from None
 
     @contextlib.contextmanager
-    def _one_more_exchange(self, caller: str) -> Iterator[None]:
-        """Count an exchange from ``caller`` while it runs; BUSY if it has `MAX_EXCHANGES_PER_CALLER` already.
-        Without the cap one neighbour could hold up to the server's concurrent-call limit of payloads here."""
-        if self._in_flight[caller] >= MAX_EXCHANGES_PER_CALLER:
+    def _one_more(self, what: str, caller: str, most: int) -> Iterator[None]:
+        """Count a ``what`` call from ``caller`` while it runs; BUSY if it has ``most`` already. Without the cap one
+        peer could hold up to the server's concurrent-call limit of payloads here."""
+        key = (what, caller)
+        if self._in_flight[key] >= most:
             raise ExchangeRefused(
                 Reason.BUSY,
-                f"{caller[:MAX_TEXT_CHARS]!r} already has {self._in_flight[caller]} exchanges in flight here "
-                f"(at most {MAX_EXCHANGES_PER_CALLER})",
+                f"{caller[:MAX_TEXT_CHARS]!r} already has {self._in_flight[key]} {what} calls in flight here "
+                f"(at most {most})",
             )
-        self._in_flight[caller] += 1
+        self._in_flight[key] += 1
         try:
             yield
         finally:
-            self._in_flight[caller] -= 1
-            if not self._in_flight[caller]:
-                del self._in_flight[caller]  # the counter holds only callers with calls running
+            self._in_flight[key] -= 1
+            if not self._in_flight[key]:
+                del self._in_flight[key]  # the counter holds only callers with calls running
 
     async def fetch(
         self, request: pb.FetchRequest | None, identity: str | None = None
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        held = contextlib.ExitStack()  # the caller's place, until its reply has been sent (as in `exchange`)
+
         async def answer() -> tuple[ExchangeHeader, Factors]:
             if request is None:
                 raise _unparsed("fetch")
@@ -730,12 +743,14 @@ class _Responder:
             _check_info(caller, "fetch caller")
             _check_identity(caller.node_id, identity)
             check_compatible(self._handler.local_info(), caller)
+            held.enter_context(self._one_more("fetch", caller.node_id, MAX_FETCHES_PER_CALLER))
             at_round, factors = await self._handler.async_fetch(caller)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round), factors
 
-        async with contextlib.aclosing(self._reply("fetch", answer)) as replies:
-            async for message in replies:
-                yield message
+        with held:
+            async with contextlib.aclosing(self._reply("fetch", answer)) as replies:
+                async for message in replies:
+                    yield message
 
     async def _reply(
         self, what: str, answer: Callable[[], Awaitable[tuple[ExchangeHeader, Factors]]]
