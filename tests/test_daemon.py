@@ -20,6 +20,7 @@ from tadlora.adapter import AdapterModel, ModelSpec
 from tadlora.core.methods import make_method
 from tadlora.core.topology import client_name, link_up, make_topology
 from tadlora.data import resolve_dataset
+from tadlora.node import peers as peers_module
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.peerspec import PeersOption, parse_peers_option
@@ -331,6 +332,27 @@ async def test_a_static_peer_list_that_names_the_node_itself_is_shared_without_d
     assert not refused
     assert "own id" not in caplog.text
     assert all([n["id"] for n in r["neighbours"]] == ["node-0"] for r in _rounds(tmp_path / "n1"))
+
+
+@pytest.mark.asyncio
+async def test_the_node_s_own_address_in_another_spelling_is_dialled_once_not_every_backoff(
+    tmp_path, monkeypatch
+) -> None:
+    """A static list (or a dual-stack DNS name) may name the node itself in a spelling other than its own address
+    (localhost for 127.0.0.1, its IPv6 record): the skip by address cannot see it, its handshake reaches the node
+    itself and is refused. Once is enough: it must not be dialled again at every backoff for the whole run."""
+    monkeypatch.setattr(peers_module, "RETRY_MIN_S", 0.05)  # retries that would come every 50 ms, not every 1-30 s
+    monkeypatch.setattr(peers_module, "RETRY_MAX_S", 0.05)
+    monkeypatch.setattr(peers_module, "SCAN_INTERVAL_S", 0.05)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    itself = PeersOption(False, (f"localhost:{port}",), ())
+    async with Node(node_config(tmp_path, 0, 1, itself, listen=f"127.0.0.1:{port}", min_peers=0)) as node:
+        await asyncio.sleep(1.5)  # about 30 retries' worth
+        refused = node.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "NOT_A_NEIGHBOR"})
+        assert node._peers is not None and not node._peers.peers
+    assert refused == 1
 
 
 @pytest.mark.asyncio

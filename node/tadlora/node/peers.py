@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tadlora.node.discovery import PeerCandidate
-from tadlora.node.rpc import PeerConnection, PeerInfo, PeerUnavailable, Transport, check_compatible
+from tadlora.node.rpc import OwnAddress, PeerConnection, PeerInfo, PeerUnavailable, Transport, check_compatible
 from tadlora.node.wire import ExchangeRefused, Reason
 
 log = logging.getLogger("tadlora.peers")
@@ -167,6 +167,11 @@ class PeerManager:
         except asyncio.CancelledError:  # shutting down mid-handshake: the connection is nobody's yet
             await conn.aclose()
             raise
+        except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record): never again
+            await conn.aclose()
+            log.debug("%s reaches this node itself: not dialled again", address)
+            attempt.retry_at = float("inf")
+            return
         except ExchangeRefused as exc:
             await conn.aclose()
             self._log_refusal(key, f"refused the handshake: {exc.reason.name}: {exc.detail}")

@@ -57,6 +57,7 @@ __all__ = [
     "ExchangeResult",
     "NeighborStatus",
     "NodeHandler",
+    "OwnAddress",
     "PeerConnection",
     "PeerInfo",
     "PeerTimeout",
@@ -273,6 +274,11 @@ class PeerUnavailable(Exception):
 
 class PeerTimeout(PeerUnavailable):
     """The peer did not answer before the caller's deadline."""
+
+
+class OwnAddress(ExchangeRefused):
+    """A handshake reached the calling node itself (its own address in another spelling: a host name, an IPv6
+    record of a dual-stack name): the callee refused it, naming the caller's own id as its own."""
 
 
 class BindError(RuntimeError):
@@ -804,6 +810,8 @@ class _Caller(abc.ABC):
         this connection was made for."""
         reply = await self._call_handshake(pb.HandshakeRequest(caller=_info_to_pb(info)), timeout)
         if not reply.accepted:
+            if reply.HasField("callee") and reply.callee.node_id == info.node_id:
+                raise OwnAddress(Reason.NOT_A_NEIGHBOR, f"{self.address} is this node itself")
             raise _peer_refusal(reply.reason, reply.detail)
         if not reply.HasField("callee"):
             raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, f"{self.address} accepted without saying who it is")
