@@ -20,6 +20,7 @@ import torch
 
 from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
+from tadlora.node.discovery import Advertisement
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerTimeout, PeerUnavailable, StatusInfo
@@ -443,6 +444,43 @@ async def test_an_exchange_whose_commit_never_arrives_is_left_out_at_both_ends(
         for record in _rounds(out):
             if record["round"] in lost:
                 assert record["neighbours"] == [] and record["missed"] == [other.node_id], record
+
+
+@pytest.mark.asyncio
+async def test_a_move_of_mdns_to_a_new_address_that_fails_is_tried_again_at_the_next_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The interface got a new address, and moving zeroconf there failed (the address went again in between: a
+    DHCP client that retries). The node must try again at its next look, not take the move as done and stay
+    unbound, announcing nothing, until the address changes once more. (A stand-in discovery: no kernel lets a test
+    make a bind fail on cue; the real move is tested in test_multihost.py.)"""
+    monkeypatch.setattr(daemon, "INTERFACE_POLL_S", 0.01)
+    monkeypatch.setattr(daemon, "interface_addresses", lambda spec: ["10.9.0.2"])  # the new lease, at every look
+
+    class FailsOnce:
+        def __init__(self) -> None:
+            self.moves: list[list[str]] = []
+            self.twice = asyncio.Event()
+
+        async def async_rebind(self, interfaces: list[str], advert: Advertisement) -> None:
+            self.moves.append(interfaces)
+            if len(self.moves) == 1:
+                raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+            self.twice.set()
+
+    mdns = FailsOnce()
+    async with lone_node(tmp_path, InMemoryNetwork()) as node:
+        advert = Advertisement(node_id=node.node_id, port=7070, cluster="c", fingerprint="ab", protocol_version=2,
+                               secure=False)  # fmt: skip
+        follow = asyncio.ensure_future(node._follow_interface(cast(Any, mdns), advert, ["10.9.0.1"]))
+        try:
+            async with asyncio.timeout(10):
+                await mdns.twice.wait()
+            await asyncio.sleep(0.2)  # twenty more looks: the move is done, nothing more to do
+        finally:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+    assert mdns.moves == [["10.9.0.2"], ["10.9.0.2"]]
 
 
 @pytest.mark.asyncio

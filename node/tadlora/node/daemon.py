@@ -320,7 +320,7 @@ class Node:
                 log.warning("mDNS: cannot move to %s (%s); retrying in %.0f s", ", ".join(now), exc, INTERFACE_POLL_S)
             else:
                 self.address = f"{host}:{port}"
-            interfaces = now
+                interfaces = now  # only once there: after a failed move the next look tries again
 
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""
