@@ -484,6 +484,44 @@ async def test_a_move_of_mdns_to_a_new_address_that_fails_is_tried_again_at_the_
 
 
 @pytest.mark.asyncio
+async def test_a_failed_move_of_mdns_is_undone_when_the_interface_gets_its_old_address_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed move has closed the old binding already (it leaves first, then binds anew), so the interface getting
+    its old address back (a DHCP lease that flapped) is a move too: taken as "nothing changed", discovery would stay
+    unbound, announcing nothing and seeing no one, for the rest of the run."""
+    monkeypatch.setattr(daemon, "INTERFACE_POLL_S", 0.01)
+    looks = iter([["10.9.0.2"]])  # the new lease at the first look, the old address at every later one
+    monkeypatch.setattr(daemon, "interface_addresses", lambda spec: next(looks, ["10.9.0.1"]))
+
+    class FailsOnce:
+        def __init__(self) -> None:
+            self.moves: list[list[str]] = []
+            self.back = asyncio.Event()
+
+        async def async_rebind(self, interfaces: list[str], advert: Advertisement) -> None:
+            self.moves.append(interfaces)
+            if len(self.moves) == 1:
+                raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+            self.back.set()
+
+    mdns = FailsOnce()
+    async with lone_node(tmp_path, InMemoryNetwork()) as node:
+        advert = Advertisement(node_id=node.node_id, port=7070, cluster="c", fingerprint="ab", protocol_version=2,
+                               secure=False)  # fmt: skip
+        follow = asyncio.ensure_future(node._follow_interface(cast(Any, mdns), advert, ["10.9.0.1"]))
+        try:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # a hundred looks
+                    await mdns.back.wait()
+            await asyncio.sleep(0.2)  # twenty more looks: back where it was, nothing more to do
+        finally:
+            follow.cancel()
+            await asyncio.gather(follow, return_exceptions=True)
+    assert mdns.moves == [["10.9.0.2"], ["10.9.0.1"]]
+
+
+@pytest.mark.asyncio
 async def test_every_checkpoint_follows_the_round_log_lines_it_counts_onto_the_disk(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -410,6 +410,32 @@ async def test_a_peer_that_leaves_while_a_node_rebinds_is_dropped_when_the_hando
 
 
 @pytest.mark.asyncio
+async def test_moves_that_keep_failing_do_not_keep_the_handed_over_peers_listed_past_the_grace(
+    quick_timing: None, n: Names, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failed move leaves discovery unbound, and its owner tries again at every look (5 s, under the 10 s grace).
+    Each retry leaves a binding that saw nothing: it must not start the grace again for the peers seen before the
+    first move, or a peer that left meanwhile stays listed for as long as the moves fail."""
+    monkeypatch.setattr(discovery, "REBIND_GRACE_S", 1.0)
+    mover = MdnsDiscovery(advert(n("mover")), LOOPBACK)
+    async with mover, running(advert(n("peer"), 50171)):
+        await mover.async_wait_for(sees_exactly({n("peer")}, n), WAIT_S)
+
+        def unusable(*args: object, **kwargs: object) -> AsyncZeroconf:
+            raise OSError(99, "Cannot assign requested address")
+
+        monkeypatch.setattr(discovery, "AsyncZeroconf", unusable)
+        first = time.monotonic()
+        while time.monotonic() - first < 2.5 * discovery.REBIND_GRACE_S:
+            with pytest.raises(OSError, match="mDNS cannot use"):
+                await mover.async_rebind(LOOPBACK)
+            listed = set(n.ours(mover.candidates()))
+            if time.monotonic() - first > discovery.REBIND_GRACE_S + 0.5:
+                assert listed == set(), "the handover outlived its grace"
+            await asyncio.sleep(0.1)
+
+
+@pytest.mark.asyncio
 async def test_rebind_refuses_another_node_id_a_foreign_address_and_a_closed_discovery(
     quick_timing: None, n: Names
 ) -> None:

@@ -139,6 +139,20 @@ async def test_a_stop_releases_waiting_callers() -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_commit_that_comes_once_the_node_is_stopping_is_refused() -> None:
+    """A stopping node abandons its open round (the round loop raises Interrupted, never closing or mixing it), so a
+    commit answered "committed" then would have the caller mix a pair that this end never mixes."""
+    flag = [False]
+    rs = state(stopping=flag)
+    cur = await rs.open(fac(0.0), frozenset({"b"}))
+    await rs.answer("b", 0, 1, fac(1.0))
+    flag[0] = True
+    await rs.notify()
+    assert await refused(rs.commit("b", 0, accept=True)) is Reason.SHUTTING_DOWN
+    assert cur.received == {}
+
+
+@pytest.mark.asyncio
 async def test_adopting_a_neighbours_state_moves_round_factors_and_mixing_together() -> None:
     rs = state(t=1)
     waiter = asyncio.ensure_future(rs.wait_until(lambda: rs.t >= 7))

@@ -293,6 +293,9 @@ class Node:
         own address follows. An interface that has lost its address keeps the old announcement until it has one."""
         spec = self.config.mdns_interface
         missing: str | None = None
+        # A failed move may have left the old binding already (it leaves, then binds anew): until a move succeeds,
+        # even the old address coming back (a lease that flapped) is a move to make.
+        unbound = False
         while True:
             await asyncio.sleep(INTERFACE_POLL_S)
             try:
@@ -303,7 +306,7 @@ class Node:
                     missing = str(exc)
                 continue
             missing = None
-            if now == interfaces:
+            if now == interfaces and not unbound:
                 continue
             host = self._advertised_host(now)
             port = self.address.rpartition(":")[2]
@@ -318,9 +321,10 @@ class Node:
                 raise
             except (OSError, ValueError) as exc:  # the address went again meanwhile: the next look retries
                 log.warning("mDNS: cannot move to %s (%s); retrying in %.0f s", ", ".join(now), exc, INTERFACE_POLL_S)
+                unbound = True
             else:
                 self.address = f"{host}:{port}"
-                interfaces = now  # only once there: after a failed move the next look tries again
+                interfaces, unbound = now, False  # only once there: after a failed move the next look tries again
 
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""

@@ -305,8 +305,9 @@ class MdnsDiscovery:
 
     async def _async_unbind(self, handover: bool = True) -> None:
         """Close the current binding (goodbyes where they can leave); with ``handover``, keep what it had seen
-        listed for `REBIND_GRACE_S`."""
-        if handover:
+        listed for `REBIND_GRACE_S`. A binding that saw nothing (a move that failed) hands nothing over and leaves
+        the grace of what was handed over before it as it was: moves that keep failing must not keep it listed."""
+        if handover and self._by_service:
             self._handover = {**self._handover, **self._by_service}  # a second move within the grace keeps both
             if self._handover_timer is not None:
                 self._handover_timer.cancel()

@@ -136,8 +136,11 @@ class RoundState:
         """End ``caller``'s answered round-``r`` exchange: with ``accept`` its factors count in round r, else (the
         caller refused our reply) the pair is left out and the round stops waiting for it. Raises ROUND_MISMATCH
         when there is nothing to commit: round r is over here (closed: the pair was left out at its deadline) or
-        no exchange of ``caller``'s awaits a commit in it; the caller then leaves the pair out too."""
+        no exchange of ``caller``'s awaits a commit in it; the caller then leaves the pair out too. SHUTTING_DOWN
+        once the node is stopping: its round loop abandons the open round without mixing it."""
         async with self._changed:
+            if self._stopping():
+                raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
             cur = self.current
             if r != cur.t or cur.closed:
                 raise ExchangeRefused(Reason.ROUND_MISMATCH, f"round {r} is over here (at round {cur.t})")
