@@ -188,29 +188,20 @@ def test_a_wildcard_listen_without_mdns_or_advertise_address_fails_as_the_node_w
     assert check_listen(dataclasses.replace(wildcard, peers=parse_peers_option("auto"))).status == "OK"
 
 
-def test_a_health_port_taken_by_another_process_fails_the_listen_check(tmp_path) -> None:
+@pytest.mark.parametrize("port", ["health", "metrics"])
+def test_a_health_or_metrics_port_taken_by_another_process_fails_the_listen_check(tmp_path, port: str) -> None:
+    # The node binds the metrics port only once the model has loaded, and exits then: the doctor is where to learn
+    # it first.
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         busy = taken.getsockname()[1]
-        cfg = node_config(tmp_path, 0, 1, NO_PEERS, listen="127.0.0.1:0", health_port=busy)
+        cfg = node_config(tmp_path, 0, 1, NO_PEERS, listen="127.0.0.1:0", **{f"{port}_port": busy})
         listen = check_listen(cfg)
-    assert listen.status == "FAIL" and f"--health-port {busy}" in listen.detail and "--health-port" in listen.fix
-    free = check_listen(dataclasses.replace(cfg, health_port=busy))  # released with the socket
-    assert free.status == "OK" and f"health port {busy}" in free.detail
-
-
-def test_a_metrics_port_taken_by_another_process_fails_the_listen_check(tmp_path) -> None:
-    # The node binds it only once the model has loaded, and exits then: the doctor is where to learn it first.
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        busy = taken.getsockname()[1]
-        cfg = node_config(tmp_path, 0, 1, NO_PEERS, listen="127.0.0.1:0", metrics_port=busy)
-        listen = check_listen(cfg)
-    assert listen.status == "FAIL" and f"--metrics-port {busy}" in listen.detail and "--metrics-port" in listen.fix
+    flag = f"--{port}-port"
+    assert listen.status == "FAIL" and f"{flag} {busy}" in listen.detail and flag in listen.fix
     free = check_listen(cfg)  # released with the socket
-    assert free.status == "OK" and f"metrics port {busy}" in free.detail
+    assert free.status == "OK" and f"{port} port {busy}" in free.detail
 
 
 def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -> None:
