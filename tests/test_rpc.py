@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
@@ -26,6 +27,7 @@ from tadlora.node import grpc_transport
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
+    MAX_DEGREE,
     MAX_EXCHANGES_PER_CALLER,
     MAX_FETCHES_PER_CALLER,
     NODE_SERVICE_NAME,
@@ -94,6 +96,9 @@ class FakeNode:
         self.exchanges: list[tuple[ExchangeHeader, Factors]] = []
         self.cancelled = asyncio.Event()
         self.status_info = StatusInfo(node=self.info)
+        self.left_out: list[tuple[str, int]] = []  # exchanges the server told us to stop waiting a commit for
+        self.left_out_seen = asyncio.Event()
+        self.commits: list[tuple[str, int, bool]] = []
 
     def local_info(self) -> PeerInfo:
         return self.info
@@ -122,6 +127,13 @@ class FakeNode:
             finally:
                 self.cancelled.set()
         return self.factors
+
+    async def async_exchange_refused(self, caller: str, r: int) -> None:
+        self.left_out.append((caller, r))
+        self.left_out_seen.set()
+
+    async def async_commit(self, caller: str, r: int, accept: bool) -> None:
+        self.commits.append((caller, r, accept))
 
     async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
         self.handshakes.append(remote)
@@ -500,6 +512,62 @@ async def test_callee_that_never_answers_gives_the_caller_a_prompt_timeout(
                 await client.exchange(header_of(alice), alice.factors, SHORT_TIMEOUT)
             await bob.cancelled.wait()  # the deadline reached the callee, whose handler was cancelled
     assert issubclass(PeerTimeout, PeerUnavailable)
+
+
+# ------------------------------------------------------------------- an answered exchange that never ends
+
+
+@pytest.mark.asyncio
+async def test_a_reply_the_callee_cannot_send_leaves_the_pair_out_at_once(transport: Transport) -> None:
+    """The handler answered (it holds the caller's factors aside for a commit), then the reply failed to encode:
+    the caller gets a refusal, so no commit will come, and the callee must stop waiting for one now rather than
+    hold its round open until the deadline."""
+    small = lora_factors(1)
+    alice = FakeNode("alice", small)
+    bob = FakeNode("bob", {f"{PREFIX}.query.lora_A.weight": torch.randn(1_000_000)})  # a 4 MB reply
+    bob.spec = None
+    async with serving(transport, bob, max_payload_bytes=1 << 20) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice), small, TIMEOUT)
+        assert refused.value.reason is Reason.TOO_LARGE
+    assert len(bob.exchanges) == 1  # answered by the handler...
+    assert bob.left_out == [("alice", alice.info.round)]  # ...then left out, since the reply never went
+    assert bob.commits == []  # the reply was a refusal: the caller has nothing to un-commit
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_caller_gone_mid_reply_leaves_the_pair_out_at_once(alice: FakeNode, bob: FakeNode) -> None:
+    """A caller that cancels its call (its deadline, its stop) after the reply began cannot commit: the callee
+    hears of the cancelled call and leaves the pair out then, not at its round's deadline."""
+    bob.factors = lora_factors(2, width=1 << 20)  # a 16 MiB reply: many chunks, far more than HTTP/2 buffers
+    bob.spec = None
+    payload = encode_factors(alice.factors)
+    async with RpcServer(bob, LISTEN) as server, channel_to(server.address) as channel:
+        requests = [header_message(alice, payload), pb.ExchangeMessage(chunk=payload)]
+        call = channel.stream_stream(f"/{NODE_SERVICE_NAME}/Exchange")(m.SerializeToString() for m in requests)
+        try:
+            first = pb.ExchangeMessage.FromString(await call.read())
+            assert first.WhichOneof("kind") == "header"  # the reply began: bob holds alice's factors aside
+            assert bob.left_out == []
+        finally:
+            call.cancel()
+        async with asyncio.timeout(TIMEOUT):
+            await bob.left_out_seen.wait()
+    assert bob.left_out == [("alice", alice.info.round)]
+
+
+@pytest.mark.asyncio
+async def test_a_caller_refusing_a_reply_header_unfit_to_read_still_un_commits_it(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    """A reply header that fails the caller's first checks (here a degree over MAX_DEGREE) still means the callee
+    answered and holds the pair aside: the caller tells it so (accept = false) rather than leave it waiting."""
+    bob.info = dataclasses.replace(bob.info, degree=MAX_DEGREE + 1)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.exchange(header_of(alice), alice.factors, TIMEOUT)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+    assert bob.commits == [("alice", alice.info.round, False)]
 
 
 # ------------------------------------------------------------------------------- status and lifecycle

@@ -487,25 +487,34 @@ async def _receive_payload(
     *,
     max_payload_bytes: int,
     check: Callable[[pb.ExchangeHeader], None],
+    opened: Callable[[], None] | None = None,
 ) -> tuple[ExchangeHeader, bytes]:
-    """Read a callee's reply, header + chunks (or a refusal, raised as `ExchangeRefused`), into a verified payload."""
+    """Read a callee's reply, header + chunks (or a refusal, raised as `ExchangeRefused`), into a verified payload.
+    ``opened`` is called once the reply opens with a header, before any check of it."""
     iterator = aiter(messages)
-    head = await _receive_header(iterator, check, from_callee=True)
+    head = await _receive_header(iterator, check, from_callee=True, opened=opened)
     return await _receive_chunks(iterator, head, max_payload_bytes=max_payload_bytes, from_callee=True)
 
 
 async def _receive_header(
-    iterator: AsyncIterator[pb.ExchangeMessage], check: Callable[[pb.ExchangeHeader], None], *, from_callee: bool
+    iterator: AsyncIterator[pb.ExchangeMessage],
+    check: Callable[[pb.ExchangeHeader], None],
+    *,
+    from_callee: bool,
+    opened: Callable[[], None] | None = None,
 ) -> pb.ExchangeHeader:
     """Read a stream's first message: a header that passes the caps and ``check``, or, ``from_callee``, a refusal
     (raised). A caller has no refusal to send: in its stream one is BAD_PAYLOAD, never taken for this node's own
-    (its reason would be counted here, its detail logged and sent back)."""
+    (its reason would be counted here, its detail logged and sent back). ``opened``: called once the stream is
+    seen to open with a header, before any check of it."""
     first = await anext(iterator, None)
     kind = None if first is None else first.WhichOneof("kind")
     if first is not None and kind == "refusal" and from_callee:
         raise _peer_refusal(first.refusal.reason, first.refusal.detail)
     if first is None or kind != "header":
         raise PayloadError(Reason.BAD_PAYLOAD, f"exchange stream opened with {kind or 'nothing'}, not a header")
+    if opened is not None:
+        opened()
     head = first.header
     texts = (head.node_id, head.cluster, head.fingerprint, head.sha256)
     check_sane("exchange header", round=head.round, degree=head.degree, texts=texts)
@@ -644,6 +653,12 @@ class _Responder:
         # The caller's place (`_one_more`) is held until its reply has been sent: a caller that stops reading its
         # reply holds the call, and the reply's payload, until the connection's age ends it (grpc_transport).
         held = contextlib.ExitStack()
+        # (caller, round) once the handler has answered: it holds the caller's factors aside for a commit, which
+        # can come only if the whole reply is sent. A reply that fails after that (its encoding, the caller gone
+        # mid-reply, its deadline) is noted as refused here at once, so the round does not wait for that commit
+        # until its deadline. Safe if the caller did take the reply: its commit then finds nothing and both ends
+        # leave the pair out.
+        aside: tuple[str, int] | None = None
 
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
@@ -676,12 +691,21 @@ class _Responder:
             except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
                 await self._exchange_refused(head.node_id, head.round)
                 raise
+            nonlocal aside
+            aside = (head.node_id, head.round)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
 
+        delivered = False  # the whole reply was handed to the transport, and it was the payload, not a refusal
         with held:
-            async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
-                async for message in replies:
-                    yield message
+            try:
+                last = None
+                async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
+                    async for last in replies:
+                        yield last
+                delivered = last is not None and last.WhichOneof("kind") != "refusal"
+            finally:
+                if aside is not None and not delivered:
+                    await self._exchange_refused(*aside)
 
     async def commit(self, request: pb.CommitRequest | None, identity: str | None = None) -> pb.CommitReply:
         """End the caller's exchange (see `NodeHandler`): committed, or refused with the reason. ``identity``: the
@@ -833,9 +857,11 @@ class _Caller(abc.ABC):
         payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
         answered = False  # the callee sent a reply header: it holds our factors aside, awaiting a commit
 
-        def check_reply(head: pb.ExchangeHeader) -> None:
+        def opened() -> None:  # before the header's checks: a header they refuse was an answer all the same
             nonlocal answered
             answered = True
+
+        def check_reply(head: pb.ExchangeHeader) -> None:
             _check_answerer(head.node_id, self.node_id, self.address)
             _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=header)
             if head.round != header.round:
@@ -847,7 +873,7 @@ class _Caller(abc.ABC):
         try:
             async with contextlib.aclosing(replies):
                 peer, reply = await _receive_payload(
-                    replies, max_payload_bytes=self._max_payload_bytes, check=check_reply
+                    replies, max_payload_bytes=self._max_payload_bytes, check=check_reply, opened=opened
                 )
             received, _ = await asyncio.to_thread(decode_factors, reply, expected)
         except ExchangeRefused:
