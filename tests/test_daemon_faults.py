@@ -17,11 +17,13 @@ from typing import Any, cast
 
 import pytest
 import torch
+import zeroconf
 
 from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import Advertisement
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
+from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerTimeout, PeerUnavailable, StatusInfo
 from tadlora.node.wire import FactorSpec
@@ -447,25 +449,29 @@ async def test_an_exchange_whose_commit_never_arrives_is_left_out_at_both_ends(
 
 
 class FailsOnce:
-    """A stand-in for the node's MdnsDiscovery whose first move fails, as when the new address went again in
-    between (a DHCP client that retries): no kernel lets a test make a bind fail on cue. The real move is tested in
-    test_multihost.py."""
+    """A stand-in for the node's MdnsDiscovery whose first move fails with ``error``, as when the new address went
+    again in between (a DHCP client that retries): no kernel lets a test make a bind fail on cue. The real move is
+    tested in test_multihost.py."""
 
-    def __init__(self) -> None:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
         self.moves: list[list[str]] = []
         self.moved_again = asyncio.Event()
 
     async def async_rebind(self, interfaces: list[str], advert: Advertisement) -> None:
         self.moves.append(interfaces)
         if len(self.moves) == 1:
-            raise OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address")
+            raise self.error
         self.moved_again.set()
 
 
-async def moves_of_a_node_following(tmp_path: Path, interfaces: list[str]) -> list[list[str]]:
+async def moves_of_a_node_following(
+    tmp_path: Path, interfaces: list[str], error: Exception | None = None
+) -> list[list[str]]:
     """The moves a lone node's interface watcher makes from ``interfaces`` (the looks are the caller's to patch
-    into ``daemon.interface_addresses``), the first of which fails: until a second move, then twenty more looks."""
-    mdns = FailsOnce()
+    into ``daemon.interface_addresses``), the first of which fails (with ``error``, default a bind's OSError):
+    until a second move, then twenty more looks."""
+    mdns = FailsOnce(error or OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
     async with lone_node(tmp_path, InMemoryNetwork()) as node:
         advert = Advertisement(node_id=node.node_id, port=7070, cluster="c", fingerprint="ab", protocol_version=2,
                                secure=False)  # fmt: skip
@@ -490,6 +496,40 @@ async def test_a_move_of_mdns_to_a_new_address_that_fails_is_tried_again_at_the_
     monkeypatch.setattr(daemon, "INTERFACE_POLL_S", 0.01)
     monkeypatch.setattr(daemon, "interface_addresses", lambda spec: ["10.9.0.2"])  # the new lease, at every look
     assert await moves_of_a_node_following(tmp_path, ["10.9.0.1"]) == [["10.9.0.2"], ["10.9.0.2"]]
+
+
+@pytest.mark.asyncio
+async def test_a_move_of_mdns_failing_inside_zeroconf_is_tried_again_not_the_end_of_the_watcher(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """zeroconf's own errors (a name conflict while registering, a busy loop) are not OSErrors. One of them used to
+    end the watcher's task: discovery stayed unbound for the rest of the run and nothing tried again."""
+    monkeypatch.setattr(daemon, "INTERFACE_POLL_S", 0.01)
+    monkeypatch.setattr(daemon, "interface_addresses", lambda spec: ["10.9.0.2"])
+    error = zeroconf.NonUniqueNameException("node-0._tadlora._tcp.local.")
+    assert await moves_of_a_node_following(tmp_path, ["10.9.0.1"], error) == [["10.9.0.2"], ["10.9.0.2"]]
+    assert any("moving to 10.9.0.2 failed" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+@pytest.mark.asyncio
+async def test_a_background_task_that_fails_stops_the_node_with_an_error_and_a_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node whose peer manager died would go on training alone, its peers never refreshed, with one log line to
+    show for it. It stops instead, saving its checkpoint, and `run` raises naming the task: the CLI exits 1, and a
+    supervisor's restart resumes from the checkpoint."""
+
+    async def broken(self: Any) -> None:
+        await asyncio.sleep(0.5)
+        raise KeyError("a bug in the peer manager")
+
+    monkeypatch.setattr(PeerManager, "run", broken)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=None) as node:
+        with pytest.raises(RuntimeError, match="background task peer-manager failed") as failed:
+            async with asyncio.timeout(60):
+                await node.run()
+    assert isinstance(failed.value.__cause__, KeyError)
+    assert (tmp_path / "n0" / state.CHECKPOINT).exists()
 
 
 @pytest.mark.asyncio

@@ -162,6 +162,7 @@ class Node:
         self._dns: DnsPeers | None = None
         self._peers: PeerManager | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._failed: tuple[str, BaseException] | None = None  # the first background task that failed, and how
         self._round_log: state.RoundLog | None = None
         self._peers_changed = asyncio.Event()
         self._probing: set[str] = set()  # peers whose liveness is being checked
@@ -300,7 +301,7 @@ class Node:
             await asyncio.sleep(INTERFACE_POLL_S)
             try:
                 now = await asyncio.to_thread(interface_addresses, spec)  # reads /proc and the interface list
-            except InterfaceError as exc:
+            except (InterfaceError, OSError) as exc:
                 if str(exc) != missing:
                     log.warning("mDNS: %s; still announcing %s until it has one", exc, self.address)
                     missing = str(exc)
@@ -321,6 +322,10 @@ class Node:
                 raise
             except (OSError, ValueError) as exc:  # the address went again meanwhile: the next look retries
                 log.warning("mDNS: cannot move to %s (%s); retrying in %.0f s", ", ".join(now), exc, INTERFACE_POLL_S)
+                unbound = True
+            except Exception:  # zeroconf's own errors (a name conflict, a busy loop): retried too, never the end
+                # of the watcher, which would leave discovery unbound for the rest of the run with nothing retrying
+                log.exception("mDNS: moving to %s failed; retrying in %.0f s", ", ".join(now), INTERFACE_POLL_S)
                 unbound = True
             else:
                 self.address = f"{host}:{port}"
@@ -347,9 +352,16 @@ class Node:
         task.add_done_callback(self._task_done)
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        """A background task ended. One that failed stops the node (`run` then raises): running on without its
+        peer manager or its mDNS watcher would leave it training alone, or unreachable, with nothing said but
+        one log line; a stop saves a checkpoint, and a supervisor's restart resumes from it."""
         self._tasks.discard(task)
-        if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed", task.get_name(), exc_info=task.exception())
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("background task %s failed; stopping the node", task.get_name(), exc_info=exc)
+        if self._failed is None and not self._closed:
+            self._failed = (task.get_name(), exc)
+            self.request_stop()
 
     async def _unless_stopped(self, work: Awaitable[Any]) -> None:
         """Await ``work``, cancelling it once a stop is requested: a stop must not wait out a silent peer's deadline
@@ -620,6 +632,12 @@ class Node:
         finally:
             self._state = "stopping"
             await self._save(self.rounds.t, export=True)
+        if self._failed is not None:
+            name, exc = self._failed
+            raise RuntimeError(
+                f"background task {name} failed ({type(exc).__name__}: {exc}); the node stopped after round "
+                f"{self.rounds.t} with its checkpoint saved in {cfg.out}: run it again to resume"
+            ) from exc
         return NodeResult(self.node_id, self._rounds_done, self._last_accuracy, self._last_loss, cfg.out)
 
     async def _catch_up_if_behind(self) -> None:
