@@ -193,6 +193,31 @@ def test_a_switch_s_variable_turns_it_on_and_off(monkeypatch, value: str) -> Non
     for off in ("0", "false", "No", "off", ""):
         monkeypatch.setenv("TADLORA_INSECURE", off)
         assert not build_run_parser().parse_args([]).insecure
+        assert build_run_parser().parse_args(["--insecure"]).insecure
+
+
+@pytest.mark.parametrize(
+    ("build", "flag", "variable", "required"),
+    [
+        ("tadlora.node.cli:build_run_parser", "insecure", "TADLORA_INSECURE", []),
+        ("tadlora.node.doctor:build_doctor_parser", "json", "TADLORA_JSON", []),
+        ("tadlora.sim.cli:build_parser", "report_only", "TADLORA_REPORT_ONLY", ["--out", "grid"]),
+        ("tadlora.sim.cli:build_parser", "quiet", "TADLORA_QUIET", ["--out", "grid"]),
+    ],
+)
+def test_a_switch_turned_on_by_its_variable_can_be_turned_off_by_a_flag(
+    monkeypatch, build: str, flag: str, variable: str, required: list[str]
+) -> None:
+    """A compose file or unit that sets TADLORA_INSECURE=1 for a demo must not leave one node unable to ask for TLS
+    (or a grid's TADLORA_REPORT_ONLY=1 one run unable to compute) short of editing the environment."""
+    import importlib
+
+    module, _, name = build.partition(":")
+    parser_of = getattr(importlib.import_module(module), name)
+    monkeypatch.setenv(variable, "1")
+    assert getattr(parser_of().parse_args(required), flag) is True
+    negated = "--no-" + flag.replace("_", "-")
+    assert getattr(parser_of().parse_args([*required, negated]), flag) is False
 
 
 def test_log_level_takes_any_case_from_a_flag_or_the_environment(monkeypatch) -> None:

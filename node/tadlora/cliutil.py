@@ -46,7 +46,7 @@ def _shown_default(value: Any) -> str:
 
 def _default_from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str) -> None:
     """Set ``action``'s default from the environment variable ``name`` (value ``raw``), or exit 2."""
-    if isinstance(action, argparse._StoreTrueAction):
+    if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
         word = raw.strip().lower()
         if word not in _ON + _OFF:
             # Read as off, TADLORA_REPORT_ONLY=y would start a whole grid and TADLORA_INSECURE=y refuse to start.

@@ -72,11 +72,13 @@ def build_status_parser() -> argparse.ArgumentParser:
     p.add_argument("--node-id", help="whose certificate in --tls-dir to present (default: the id kept in --out)")
     p.add_argument("--peer-id", help="the node id the queried node's certificate must name (default: --node-id, "
                    "i.e. asking this node itself)")  # fmt: skip
-    p.add_argument("--any-peer", action="store_true",
+    p.add_argument("--any-peer", action=argparse.BooleanOptionalAction, default=False,
                    help="accept any node certificate signed by DIR/ca.crt instead of --peer-id's: to ask a node "
                    "known only by its address (the JSON says which node answered)")  # fmt: skip
     p.add_argument("--out", type=Path, help="this node's --out, whose node.json gives --node-id if it is not set")
-    p.add_argument("--insecure", action="store_true", help="plaintext even when --tls-dir is set")
+    p.add_argument(
+        "--insecure", action=argparse.BooleanOptionalAction, default=False, help="plaintext even when --tls-dir is set"
+    )
     apply_env_defaults(p)
     return p
 

@@ -82,7 +82,11 @@ def build_run_parser(
         "--tls-dir", type=Path, help="certificates: DIR/ca.crt and DIR/NODE_ID.crt/.key (see `tadlora-node certs`)"
     )
     g.add_argument(
-        "--insecure", action="store_true", help="run without TLS: plaintext, and anyone who reaches the port may join"
+        "--insecure",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run without TLS: plaintext, and anyone who reaches the port may join (--no-insecure: require TLS "
+        "even where TADLORA_INSECURE turns this on)",
     )
     g.add_argument("--link-prob", type=float, default=1.0, help="probability a link is up in a round (paper's p)")
     g.add_argument(

@@ -343,7 +343,9 @@ def build_doctor_parser() -> argparse.ArgumentParser:
 
     def doctor_flags(p: argparse.ArgumentParser) -> None:
         g = p.add_argument_group("doctor")
-        g.add_argument("--json", action="store_true", help="print the checks as one JSON object")
+        g.add_argument(
+            "--json", action=argparse.BooleanOptionalAction, default=False, help="print the checks as one JSON object"
+        )
         g.add_argument("--browse-seconds", type=float, default=BROWSE_S, help="seconds to browse mDNS for peers")
 
     p = build_run_parser(doctor_flags)

@@ -91,9 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "has finished (the same cell, or an equal policy under another name: adf is tad with T=5) is copied "
         "from there instead of being run",
     )
-    parser.add_argument("--quiet", action="store_true", help="no progress display")
+    parser.add_argument("--quiet", action=argparse.BooleanOptionalAction, default=False, help="no progress display")
     parser.add_argument(
-        "--report-only", action="store_true", help="run nothing: write results.json and plots of the finished cells"
+        "--report-only",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run nothing: write results.json and plots of the finished cells",
     )
     apply_env_defaults(parser)
     return parser
