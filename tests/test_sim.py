@@ -278,6 +278,27 @@ def test_a_computation_runs_once_and_is_shared_only_from_a_run_of_the_same_setti
     assert other.run(report_only=True)["missing_cells"] == ["tad__er__p0.5__T5__s0"]
 
 
+def test_runs_of_parts_of_a_grid_add_up_in_its_stamp_and_results_instead_of_overwriting_them(tmp_path) -> None:
+    """A long grid is run in parts (a seed at a time, one process per core). Each part used to stamp config.json
+    and write results.json with its own few cells: the directory's record shrank to whichever part ended last."""
+    first = smoke_config(rounds=1, methods=["lora"], seeds=[0], name="the-grid")
+    Simulator(first, tmp_path, quiet=True).run()
+    part = smoke_config(rounds=1, methods=["ffa"], seeds=[1])  # the preset's name, another method and seed
+    results = Simulator(part, tmp_path, quiet=True).run()
+    stamp = json.loads((tmp_path / "config.json").read_text())
+    assert (stamp["name"], stamp["methods"], stamp["seeds"]) == ("the-grid", ["lora", "ffa"], [0, 1])
+    assert sorted(c["key"] for c in results["cells"]) == ["ffa__er__p0.5__T-__s1", "lora__er__p0.5__T-__s0"]
+    assert sorted(results["missing_cells"]) == ["ffa__er__p0.5__T-__s0", "lora__er__p0.5__T-__s1"]
+    assert list(results["config"]["methods"]) == ["lora", "ffa"]
+    assert json.loads((tmp_path / "results.json").read_text())["missing_cells"] == results["missing_cells"]
+    # A report of one cell reports the whole grid too, and a stamp is still a config file that runs the grid.
+    again = Simulator(part, tmp_path, quiet=True).run(report_only=True)
+    assert sorted(again["missing_cells"]) == sorted(results["missing_cells"])
+    from tadlora.sim.config import config_from_json
+
+    assert config_from_json((tmp_path / "config.json").read_text()).methods == ("lora", "ffa")
+
+
 def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its_default(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()

@@ -36,7 +36,7 @@ from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.core.topology import Topology, make_topology
 from tadlora.data import TextDataset, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
-from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig
+from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig, override
 from tadlora.sim.engine import ClientEngine, make_engine, resolve_engine
 from tadlora.training import Encoded, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
@@ -253,7 +253,7 @@ class Simulator:
         ``report_only`` runs nothing: it reports the cells finished so far (e.g. while a long grid runs)."""
         cfg = self.config
         self.cells_dir.mkdir(parents=True, exist_ok=True)
-        self._check_same_config(computes=not report_only)
+        grid = self._check_same_config(computes=not report_only)
         self._compatible_share_dirs()  # a share_from that is no run directory fails before any work
         cells = list(cfg.cells())
         progress = Progress(len(cells), quiet=self.quiet)
@@ -268,9 +268,12 @@ class Simulator:
                     continue
                 progress.begin()
                 self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
-        finished = [c for c in cells if (self.cells_dir / f"{c.key}.json").exists()]
-        results = self.collect(finished)
-        results["missing_cells"] = [c.key for c in cells if c not in finished]
+        # Reported: the directory's whole grid, not only the cells this run was given, so that runs of its parts
+        # (one per core, a seed at a time) add up in results.json instead of each overwriting the others'.
+        every = list(grid.cells())
+        finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
+        results = self.collect(finished, grid)
+        results["missing_cells"] = [c.key for c in every if c not in finished]
         atomic_write_json(self.out / "results.json", results)
         if finished:
             from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
@@ -280,23 +283,31 @@ class Simulator:
         progress.done(f"{len(finished)}/{len(cells)} cells done; results in {self.out / 'results.json'}")
         return results
 
-    def _check_same_config(self, computes: bool = True) -> None:
+    def _check_same_config(self, computes: bool = True) -> SimConfig:
         """Refuse to mix results of different configs in one directory (resume only what was started), then stamp
-        ours. The stamp also records what the run computes in on this host (`RESOLVED_KEY`); a run that ``computes``
+        the directory's grid and return it: ours, each axis grown by the values the stamp's grid had (`_grown`), so
+        that a run of some of the cells neither shrinks the record of what the directory holds nor needs a revert.
+        The stamp also records what the run computes in on this host (`RESOLVED_KEY`); a run that ``computes``
         nothing keeps the record the stamp had, or none: a report must not vouch for cells it did not run."""
         stamp = self.out / "config.json"
         record: dict[str, Any] = {RESOLVED_KEY: self._resolved()} if computes else {}
-        if stamp.exists():
-            theirs = json.loads(stamp.read_text(encoding="utf-8"))
-            changed = self._changed_settings(theirs)
-            if changed:
-                raise ValueError(
-                    f"{self.out} holds a run with different settings ({', '.join(changed)}); "
-                    "use another --out directory to start a new run"
-                )
-            if not computes and RESOLVED_KEY in theirs:  # kept as the runs that computed wrote it
-                record = {RESOLVED_KEY: theirs[RESOLVED_KEY]}
-        atomic_write_json(stamp, {**self.config.to_dict(), **record})
+        grid = self.config
+        # Two processes on one directory (one per core) stamp in turn: else one could write its grid over the
+        # other's, which it had not read.
+        with self._locked("config"):
+            if stamp.exists():
+                theirs = json.loads(stamp.read_text(encoding="utf-8"))
+                changed = self._changed_settings(theirs)
+                if changed:
+                    raise ValueError(
+                        f"{self.out} holds a run with different settings ({', '.join(changed)}); "
+                        "use another --out directory to start a new run"
+                    )
+                if not computes and RESOLVED_KEY in theirs:  # kept as the runs that computed wrote it
+                    record = {RESOLVED_KEY: theirs[RESOLVED_KEY]}
+                grid = _grown(self.config, theirs)
+            atomic_write_json(stamp, {**grid.to_dict(), **record})
+        return grid
 
     def _resolved(self) -> dict[str, str]:
         """Settings as this host resolves them, where that changes what a cell computes."""
@@ -332,20 +343,34 @@ class Simulator:
         changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
         return sorted(changed)
 
+    def _lock_file(self, name: str) -> int:
+        """Open (creating) OUT/.locks/NAME.lock. Locks are flocks, so a process that dies drops them; their files
+        stay in OUT/.locks, which holds a .gitignore so that a committed grid leaves them out."""
+        locks = self.out / ".locks"
+        locks.mkdir(parents=True, exist_ok=True)
+        ignore = locks / ".gitignore"
+        if not ignore.exists():
+            ignore.write_text("*\n", encoding="utf-8")
+        return os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+
+    @contextlib.contextmanager
+    def _locked(self, name: str) -> Iterator[None]:
+        """Hold the lock ``name`` for the block, waiting for another process that holds it."""
+        fd = self._lock_file(name)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)  # releases the flock
+
     @contextlib.contextmanager
     def _cell_lock(self, cell: Cell) -> Iterator[str | None]:
         """Hold ``cell``'s lock for the block; yields None when it is ours, else what the holder wrote (its pid).
 
         Two processes on one output directory (one per core, or a second started by mistake) would otherwise run
-        the same cell side by side and write its checkpoint in turns. The lock is an flock, so a process that dies
-        drops it; its files stay in OUT/.locks, which holds a .gitignore so that a committed grid leaves them out.
+        the same cell side by side and write its checkpoint in turns.
         """
-        locks = self.out / ".locks"
-        locks.mkdir(exist_ok=True)
-        ignore = locks / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text("*\n", encoding="utf-8")
-        fd = os.open(locks / f"{cell.key}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        fd = self._lock_file(cell.key)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -457,10 +482,10 @@ class Simulator:
         partial.unlink(missing_ok=True)
         return result
 
-    def collect(self, cells: Sequence[Cell]) -> dict[str, Any]:
-        """results.json: the config, every cell's per-round records, and a summary table."""
+    def collect(self, cells: Sequence[Cell], grid: SimConfig | None = None) -> dict[str, Any]:
+        """results.json: the config (``grid``'s, default ours), every cell's per-round records, and a summary."""
         runs = [json.loads((self.cells_dir / f"{c.key}.json").read_text(encoding="utf-8")) for c in cells]
-        return {"config": self.config.to_dict(), "cells": runs, "summary": summarize(runs)}
+        return {"config": (grid or self.config).to_dict(), "cells": runs, "summary": summarize(runs)}
 
 
 def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, record: RoundRecord) -> None:
@@ -479,6 +504,24 @@ _RESUMABLE_CHANGES = {
     "device",
     "name",
 }
+
+
+# The axes among them: a directory's grid is the union, axis by axis, of the grids run in it.
+_GRID_AXES = ("methods", "link_probs", "switch_intervals", "sweep_methods", "seeds", "topologies")
+
+
+def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
+    """``mine`` with each grid axis the stamped grid's values followed by those of mine it lacks, and the stamped
+    name (the directory's, e.g. a benchmark's, not that of the preset a part of it was run with). A stamp's axis
+    that is not a list (hand-edited) is left out of the union rather than trusted."""
+    changes: dict[str, Any] = {}
+    for axis in _GRID_AXES:
+        theirs = stamped.get(axis)
+        if isinstance(theirs, list):
+            changes[axis] = list(dict.fromkeys([*theirs, *getattr(mine, axis)]))
+    if isinstance(stamped.get("name"), str):
+        changes["name"] = stamped["name"]
+    return override(mine, changes)
 
 
 OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
