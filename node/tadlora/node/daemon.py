@@ -328,8 +328,11 @@ class Node:
                 log.exception("mDNS: moving to %s failed; retrying in %.0f s", ", ".join(now), INTERFACE_POLL_S)
                 unbound = True
             else:
+                moved = self.address != f"{host}:{port}"
                 self.address = f"{host}:{port}"
                 interfaces, unbound = now, False  # only once there: after a failed move the next look tries again
+                if moved and self._peers is not None:
+                    self._peers.own_address_changed()
 
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""

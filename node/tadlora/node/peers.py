@@ -45,6 +45,10 @@ class Peer:
     verified_at: float = field(default_factory=lambda: time.monotonic())
 
 
+# An attempt's retry time for an address that reached this node itself: never, until this node moves.
+SELF = float("inf")
+
+
 @dataclass
 class _Attempt:
     failures: int = 0  # failed tries in a row (handshakes, or drops counted as flaps)
@@ -82,6 +86,14 @@ class PeerManager:
 
     def wake(self) -> None:
         """Scan now (discovery changed)."""
+        self._wake.set()
+
+    def own_address_changed(self) -> None:
+        """This node moved to another address (a renumbering): the addresses it found to be itself may now reach
+        another node (its old one, given to someone else), so they are tried again at the next scan."""
+        for attempt in self._attempts.values():
+            if attempt.retry_at == SELF:
+                attempt.retry_at = 0.0
         self._wake.set()
 
     async def run(self) -> None:
@@ -170,7 +182,7 @@ class PeerManager:
         except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record): never again
             await conn.aclose()
             log.debug("%s reaches this node itself: not dialled again", address)
-            attempt.retry_at = float("inf")
+            attempt.retry_at = SELF
             return
         except ExchangeRefused as exc:
             await conn.aclose()
@@ -183,7 +195,7 @@ class PeerManager:
             return
         if info.node_id == self._local_info().node_id:
             await conn.aclose()  # our own static address
-            attempt.retry_at = float("inf")
+            attempt.retry_at = SELF
             return
         if expected is not None and info.node_id != expected:
             await conn.aclose()
