@@ -619,11 +619,24 @@ def test_peers_mixes_auto_static_and_dns_entries_in_order_without_duplicates() -
         ("dns:", "dns: needs a DNS name"),
         ("dns:10.0.0.1", "dns: needs a DNS name"),
         ("dns:svc.lab:99999", "1..65535"),
+        # An empty label makes getaddrinfo raise UnicodeError (the idna codec), which no lookup expects.
+        ("dns:tadlora..lab", "dns: needs a DNS name"),
+        ("dns:tadlora.lab..", "dns: needs a DNS name"),
+        ("node-b.lab..:7000", "neither an IPv4 address nor a host name"),
+        # str.isdigit() holds for '²', which int() refuses with a message that names no entry.
+        ("10.0.0.2:²", "1..65535"),
+        ("dns:svc.lab:²", "1..65535"),
     ],
 )
 def test_peers_refuses_bad_entries_with_a_message_naming_them(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_peers_option(value)
+
+
+def test_a_fully_qualified_name_with_one_trailing_dot_is_a_host_name() -> None:
+    assert parse_peers_option("dns:tadlora.lab.,node-b.lab.:7000") == PeersOption(
+        auto=False, static=("node-b.lab.:7000",), dns=("tadlora.lab.",)
+    )
 
 
 def test_static_peers_parse_ipv4_host_names_and_bracketed_ipv6() -> None:

@@ -11,6 +11,7 @@ __all__ = ["PORT_MAX", "PeersOption", "StaticPeers", "is_hostname", "looks_like_
 PORT_MAX = 65535
 _HOSTNAME_MAX_BYTES = 253  # bytes; RFC 1035 §2.3.4 limit on a name's text form
 _HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+_DECIMAL = re.compile(r"[0-9]+")
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,8 @@ def _parse_host_port(entry: str) -> str:
 
 
 def _port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 1 <= int(text) <= PORT_MAX:
+    # ASCII digits only: str.isdigit() also holds for '²' (which int() refuses) and '١' (which int() reads as 1).
+    if not _DECIMAL.fullmatch(text) or not 1 <= int(text) <= PORT_MAX:
         raise ValueError(f"peer {entry!r}: port {text!r} is not a number in 1..65535")
     return int(text)
 
@@ -108,5 +110,6 @@ def is_hostname(host: str) -> bool:
         except ValueError:
             return False
         return True
-    labels = host.rstrip(".").split(".")
+    # One trailing dot (a fully qualified name) at most: an empty label makes getaddrinfo raise UnicodeError.
+    labels = host.removesuffix(".").split(".")
     return len(host) <= _HOSTNAME_MAX_BYTES and all(_HOST_LABEL.fullmatch(label) for label in labels)
