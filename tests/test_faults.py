@@ -235,6 +235,34 @@ async def test_a_peer_that_flaps_waits_longer_after_each_drop_and_a_stable_one_i
 
 
 @pytest.mark.asyncio
+async def test_a_peer_that_called_us_first_and_flaps_is_backed_off_at_the_address_we_would_dial(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With every node listing the others (--peers HOST:PORT, or a dns: name), a peer is often verified by its own
+    handshake before our scan dials its address: its drop must back off that address too, or the next scan dials
+    it at once and a flapping peer is never slowed down."""
+    pm, transport, clock = manager(monkeypatch)
+    transport.up = True
+    called_us = PeerInfo(node_id="flaky", cluster="c", fingerprint="f", address="10.0.0.9:7070")
+    delays = []
+    for _ in range(4):
+        await pm.add(called_us, None, "inbound")
+        await pm.scan()  # verified already: not dialled
+        clock.now += 0.5
+        await pm.drop("flaky", "exchange failed")
+        dials = len(transport.tries)
+        await pm.scan()
+        assert len(transport.tries) == dials  # not dialled again at once
+        retry_at = pm.retry_at("10.0.0.9:7070")
+        assert retry_at is not None
+        delays.append(round(retry_at - clock.now, 2))
+        clock.now = retry_at
+    assert delays == [retry_delay(n) for n in range(1, 5)]
+    await pm.scan()
+    assert "flaky" in pm.peers  # its backoff over, it is dialled and verified
+
+
+@pytest.mark.asyncio
 async def test_a_call_that_failed_on_a_replaced_connection_does_not_drop_the_replacement(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -301,13 +301,19 @@ class PeerManager:
         if peer is None or (expected is not None and peer is not expected):
             return
         del self.peers[node_id]
+        key = self._key_of.pop(node_id, node_id)
+        # Every candidate that reached it would dial it again at the next scan: a static or dns: address that it
+        # was verified at by its own call (so `_key_of` has no key for it), or its mDNS id. All wait alike.
+        others = {node_id, *(a for a, n in self._by_address.items() if n == node_id)} - {key}
         self._forget_addresses(node_id)
-        attempt = self._attempts.setdefault(self._key_of.pop(node_id, node_id), _Attempt())
+        attempt = self._attempts.setdefault(key, _Attempt())
         if time.monotonic() - peer.verified_at >= STABLE_S:
             attempt.flaps = 0  # it was up for long: a one-off failure, retried after RETRY_MIN_S
         attempt.flaps += 1
         attempt.failures = attempt.flaps - 1
         self._backoff(attempt, why)  # a peer dropped again soon after it was verified waits longer each time
+        for other in others:
+            self._attempts[other] = dataclasses.replace(attempt, seen_at=self._attempts.get(other, attempt).seen_at)
         log.info("peer %s dropped: %s", node_id, why)
         await peer.conn.aclose()
         self._on_change()
