@@ -505,6 +505,24 @@ async def test_a_peer_advertised_where_it_is_verified_already_is_not_handshaken_
 
 
 @pytest.mark.asyncio
+async def test_a_node_advertised_at_our_own_address_is_dialled_once_its_advert_names_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An advert naming this node's own address under another id (stale: that node had our address before us; or
+    forged) reaches this node itself. That address is not dialled again, but the node it names is not us: once
+    its advert names another address, it is dialled there."""
+    pm, hosts, _, live = advertised(monkeypatch, advert("flaky", OLD))
+    hosts.at = {OLD: "me"}
+    await pm.scan()
+    await pm.scan()
+    assert hosts.dials.count((OLD, "flaky")) == 1  # ourselves: not dialled again
+    hosts.at[NEW] = "flaky"
+    live[:] = [advert("flaky", NEW)]
+    await pm.scan()
+    assert "flaky" in pm.peers and pm.peers["flaky"].info.address == NEW
+
+
+@pytest.mark.asyncio
 async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
     """Churn (pods that each lived once at an IP of their own, strangers announcing random ids) must not grow the
     manager's bookkeeping without bound: what it keeps for a candidate goes once the candidate has been gone for

@@ -56,6 +56,7 @@ class _Attempt:
     retry_at: float = 0.0
     last_reason: str = ""
     seen_at: float = field(default_factory=lambda: time.monotonic())  # when discovery last listed it
+    own_address: str = ""  # with retry_at SELF: the address that reached this node itself
 
 
 def retry_delay(failures: int) -> float:
@@ -128,6 +129,10 @@ class PeerManager:
             # a new lease): dial it there, bound to its id. Its entry changes only when that handshake succeeds
             # (`add`); until then it stays at the old address, and a failure is retried with backoff.
             attempt = self._attempts.setdefault(key, _Attempt())
+            if attempt.retry_at == SELF and address != attempt.own_address:
+                # An mDNS key is a node id, whose advert named our address (a stale one, or forged) and now names
+                # another: the address was us, the node is not.
+                attempt.retry_at = 0.0
             if attempt.retry_at > now:
                 continue
             if cand is not None and not self._prefilter(cand):
@@ -182,7 +187,7 @@ class PeerManager:
         except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record): never again
             await conn.aclose()
             log.debug("%s reaches this node itself: not dialled again", address)
-            attempt.retry_at = SELF
+            attempt.retry_at, attempt.own_address = SELF, address
             return
         except ExchangeRefused as exc:
             await conn.aclose()
@@ -195,7 +200,7 @@ class PeerManager:
             return
         if info.node_id == self._local_info().node_id:
             await conn.aclose()  # our own static address
-            attempt.retry_at = SELF
+            attempt.retry_at, attempt.own_address = SELF, address
             return
         if expected is not None and info.node_id != expected:
             await conn.aclose()
