@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 
 from tadlora.node import state
+from tadlora.node.daemon import Node
 from tadlora.node.memory_transport import InMemoryNetwork
-from test_daemon_faults import lone_node
+from tadlora.node.peerspec import PeersOption
+from test_daemon import node_config
+from test_daemon_faults import lone_node, scripted_peer
 
 
 async def run_rounds(tmp: Path, rounds: int, **changes: object) -> None:
@@ -74,3 +77,23 @@ async def test_a_node_that_crashed_before_its_first_checkpoint_logs_each_round_o
     assert state.load_checkpoint(tmp_path / "n0") is None
     await run_rounds(tmp_path, 2, checkpoint_every=5)  # from round 0 again
     assert [r["round"] for r in state.read_rounds(tmp_path / "n0")] == [0, 1]
+
+
+@pytest.mark.asyncio
+async def test_a_resumed_node_still_knows_the_last_round_it_mixed_in(tmp_path: Path) -> None:
+    """A node resumed from its checkpoint has mixed as recently as before it stopped, and says so: claiming it never
+    mixed makes it look like a newcomer, so a late joiner (which catches up only from a peer that mixed two or more
+    rounds after it did) would never adopt its state, and the two would train alone side by side."""
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=2) as node, scripted_peer(node, net):
+        async with asyncio.timeout(60):
+            await node.run()
+        assert node.last_mixed_round == 2  # it mixed with the peer in both rounds
+    async with lone_node(tmp_path, net, rounds=4) as resumed:
+        assert (resumed.round, resumed.last_mixed_round) == (2, 2)
+        late_cfg = node_config(tmp_path, 1, 2, PeersOption(False, (resumed.address,), ()), min_peers=1, rounds=4)
+        async with Node(late_cfg, net) as late:
+            async with asyncio.timeout(60):
+                await late._wait_for_peers()
+                await late._catch_up_if_behind()
+            assert (late.round, late.last_mixed_round) == (2, 2)

@@ -225,7 +225,9 @@ class Node:
             )
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
-            self.rounds.restore(ckpt.round, ckpt.factors)
+            # Its last mixing too: a resumed node that claimed never to have mixed would pass for a newcomer, whose
+            # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
+            self.rounds.restore(ckpt.round, ckpt.factors, min(ckpt.last_mixed, ckpt.round))
             if cfg.train.persistent:
                 self._opt_state = dict(ckpt.optimizer)
             elif ckpt.optimizer:
@@ -930,7 +932,7 @@ class Node:
 
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
-        factors = self.rounds.factors
+        factors, last_mixed = self.rounds.factors, self.rounds.last_mixed
         # On the loop, which alone writes the log: every round before next_round has its line there by now.
         round_log = self._round_log
         rounds_bytes = round_log.size if round_log is not None else None
@@ -940,7 +942,7 @@ class Node:
             if round_log is not None:
                 round_log.sync()  # the lines this checkpoint counts reach the disk before it does
             ckpt = state.Checkpoint(
-                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes
+                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes, last_mixed
             )
             state.save_checkpoint(self.config.out, ckpt)
             if export and self._model is not None:

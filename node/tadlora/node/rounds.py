@@ -62,9 +62,10 @@ class RoundState:
         """The round the node is in (= rounds completed when idle)."""
         return self.current.t
 
-    def restore(self, t: int, factors: Factors) -> None:
-        """Start from a checkpoint: round ``t`` from ``factors`` (before anything is served)."""
-        self.current, self.factors = Round(t), dict(factors)
+    def restore(self, t: int, factors: Factors, last_mixed: int = 0) -> None:
+        """Start from a checkpoint: round ``t`` from ``factors``, having last mixed in round ``last_mixed - 1``
+        (before anything is served)."""
+        self.current, self.factors, self.last_mixed = Round(t), dict(factors), last_mixed
 
     async def notify(self) -> None:
         """Wake every waiter to re-check its condition (a stop was requested, the peers changed)."""

@@ -1,9 +1,9 @@
 """What a node keeps on disk: checkpoints (atomic, safetensors) and the per-round log; its id is `identity`'s.
 
 Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint, method), ``checkpoint.safetensors`` (the factors at the
-start of a round, with the round in its metadata, and with ``--optimizer-state persistent`` the optimizer's state
-under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round) and
-``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
+start of a round, with the round and the node's last mixing in its metadata, and with ``--optimizer-state
+persistent`` the optimizer's state under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round)
+and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
 full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by renames
 (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming from
 it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
@@ -48,11 +48,19 @@ class Checkpoint:
     factors: Factors
     optimizer: OptimizerState = field(default_factory=dict)  # empty unless the optimizer state persists
     rounds_bytes: int | None = None  # bytes of rounds.jsonl when it was taken; None: not recorded (older node)
+    # 1 + the last round the node mixed with a neighbour (`RoundState.last_mixed`): catch-up compares it between
+    # peers, so a resumed node must not pass for one that never mixed. 0 in a checkpoint that did not record it.
+    last_mixed: int = 0
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``out/checkpoint.safetensors``."""
-    meta = {"round": str(ckpt.round), "node_id": ckpt.node_id, "fingerprint": ckpt.fingerprint}
+    meta = {
+        "round": str(ckpt.round),
+        "node_id": ckpt.node_id,
+        "fingerprint": ckpt.fingerprint,
+        "last_mixed": str(ckpt.last_mixed),
+    }
     if ckpt.rounds_bytes is not None:
         meta["rounds_bytes"] = str(ckpt.rounds_bytes)
     path = out / CHECKPOINT
@@ -78,7 +86,10 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
         rounds_bytes = int(meta["rounds_bytes"]) if "rounds_bytes" in meta else None
-        return Checkpoint(int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes)
+        last_mixed = int(meta.get("last_mixed", 0))
+        return Checkpoint(
+            int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed
+        )
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 
