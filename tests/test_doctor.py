@@ -25,9 +25,9 @@ from netns import Testbed
 from tadlora.node.cli import main
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
-from tadlora.node.discovery import SERVICE_TYPE
+from tadlora.node.discovery import SERVICE_TYPE, PeerCandidate
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
-from tadlora.node.doctor import async_browse, compare_peer
+from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
@@ -209,6 +209,18 @@ def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -
     assert compare_peer(cfg, "ab", "x", "elsewhere", "cd", PROTOCOL_VERSION).status == "OK"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1).status == "WARN"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION).status == "OK"
+
+
+@pytest.mark.asyncio
+async def test_an_mdns_peer_that_differs_in_tls_warns_since_the_node_would_pass_it_over(tmp_path) -> None:
+    """A node skips an advert whose TLS setting is not its own (`PeerManager._prefilter`): cluster and fingerprint
+    matching is then no reason to say OK."""
+    cfg = node_config(tmp_path, 0, 1, PeersOption(auto=True, static=(), dns=()))  # --insecure
+    tls = PeerCandidate("node-1", "127.0.0.1:7070", cfg.cluster, "ab", PROTOCOL_VERSION, True, "mdns", "node-1.x.")
+    [check] = await async_check_peers(cfg, "ab", Browsed([tls], [], []), "127.0.0.1")
+    assert check.status == "WARN" and "TLS" in check.detail and "--insecure" in check.fix
+    [check] = await async_check_peers(cfg, "ab", Browsed([dataclasses.replace(tls, secure=False)], [], []), "lo")
+    assert check.status == "OK"
 
 
 def test_multicast_routes_are_read_from_the_kernel_table() -> None:

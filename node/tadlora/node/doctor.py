@@ -107,9 +107,16 @@ async def async_browse(addresses: list[str], seconds: float) -> Browsed:
 
 
 def compare_peer(
-    cfg: NodeConfig, fingerprint: str | None, who: str, cluster: str, peer_fingerprint: str, protocol: int
+    cfg: NodeConfig,
+    fingerprint: str | None,
+    who: str,
+    cluster: str,
+    peer_fingerprint: str,
+    protocol: int,
+    secure: bool | None = None,
 ) -> Check:
-    """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not."""
+    """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not.
+    ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown."""
     from tadlora.node.rpc import PROTOCOL_VERSION
 
     name = f"peer {who}"
@@ -131,6 +138,14 @@ def compare_peer(
             f"cluster {cluster!r} matches, but fingerprint {peer_fingerprint} differs from "
             f"ours ({fingerprint}): the nodes will not mix",
             f"start every node of a cluster with the same {_SAME_TRAINING_FLAGS}",
+        )
+    if secure is not None and secure == cfg.insecure:  # the node passes such an advert over (PeerManager)
+        theirs, ours = ("with", "without (--insecure)") if secure else ("without (--insecure)", "with")
+        return Check(
+            name,
+            "WARN",
+            f"cluster and fingerprint match, but it runs {theirs} TLS and this node {ours}: the nodes will not mix",
+            "run every node of a cluster with TLS (--tls-dir and --node-id), or every one with --insecure",
         )
     return Check(name, "OK", f"cluster {cluster!r} and fingerprint {fingerprint} match")
 
@@ -191,7 +206,7 @@ async def async_check_peers(
     checks = []
     for c in browsed.candidates if browsed is not None else []:
         check = compare_peer(
-            cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version
+            cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version, c.secure
         )
         checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
     for name, why in browsed.ignored if browsed is not None else []:
