@@ -263,6 +263,18 @@ async def test_a_peer_that_called_us_first_and_flaps_is_backed_off_at_the_addres
 
 
 @pytest.mark.asyncio
+async def test_an_address_listed_twice_is_dialled_once_per_try_and_backs_off_as_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--peers 10.0.0.9:7070,dns:peers.lab where the name resolves to that address lists it twice: it is one
+    candidate, dialled once per try, and its delays double once per failure."""
+    pm, transport, clock = manager(monkeypatch)
+    monkeypatch.setattr(pm, "_candidates", lambda: [("10.0.0.9:7070", "10.0.0.9:7070", None)] * 2)
+    await scan_for(pm, clock, 20)
+    assert gaps(transport.tries)[:4] == [1.0, 2.0, 4.0, 8.0]
+
+
+@pytest.mark.asyncio
 async def test_a_call_that_failed_on_a_replaced_connection_does_not_drop_the_replacement(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

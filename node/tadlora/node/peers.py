@@ -120,6 +120,7 @@ class PeerManager:
             if peer.source == "mdns" and node_id not in live_keys:
                 await self.drop(node_id, "left (mDNS goodbye)")
         tries = []
+        tried: set[str] = set()
         for key, address, cand in wanted:
             if cand is not None and key in self.peers and self.peers[key].info.address == address:
                 self.peers[key].source = "mdns"  # verified by its own call first: its mDNS goodbye must drop it too
@@ -137,6 +138,9 @@ class PeerManager:
                 continue
             if cand is not None and not self._prefilter(cand):
                 continue
+            if key in tried:  # listed twice (a static address that a dns: name resolves to): one try, one backoff
+                continue
+            tried.add(key)
             # An advert names its node: dial that id, so that only a certificate naming it answers.
             expected = cand.node_id if cand is not None else None
             tries.append(self._try(key, address, "mdns" if cand is not None else "static", attempt, expected))
