@@ -27,7 +27,7 @@ from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerTimeout, PeerUnavailable, StatusInfo
 from tadlora.node.wire import FactorSpec
-from test_daemon import NO_PEERS, _rounds, node_config
+from test_daemon import NO_PEERS, TRAIN, _rounds, node_config
 
 PEER_ID = "node-9"  # sorts after the node's own id ("node-0"), so the node calls it
 
@@ -605,3 +605,32 @@ async def test_a_run_cancelled_as_a_peer_arrives_is_cancelled_not_carried_on(tmp
             node.request_stop()
             await asyncio.gather(run, return_exceptions=True)
     assert node.round == 0
+
+
+@pytest.mark.asyncio
+async def test_a_run_cancelled_during_local_steps_ends_them_and_checkpoints_the_rounds_start(tmp_path: Path) -> None:
+    """The run is cancelled while the worker thread runs the round's local steps (here 10^5 of them, minutes of
+    work). The steps must end too: their result is thrown away, the final checkpoint waits behind them in the
+    one worker thread, and the owner that cancelled the run would wait out the whole round."""
+    long_round = dataclasses.replace(TRAIN, local_steps=10**5)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=None, train=long_round) as node:
+        loop, training = asyncio.get_running_loop(), asyncio.Event()
+        train = node._train
+
+        def observed(t: int) -> Any:
+            loop.call_soon_threadsafe(training.set)
+            return train(t)
+
+        node._train = observed  # type: ignore[method-assign]
+        run = asyncio.ensure_future(node.run())
+        try:
+            async with asyncio.timeout(30):
+                await training.wait()  # the worker thread is in round 0's local steps
+            run.cancel()
+            done, _ = await asyncio.wait({run}, timeout=STOP_S)
+            assert run in done and run.cancelled(), "the cancelled run is still waiting for its local steps"
+        finally:
+            node.request_stop()
+            await asyncio.gather(run, return_exceptions=True)
+    ckpt = state.load_checkpoint(tmp_path / "n0")
+    assert ckpt is not None and ckpt.round == 0  # the round it was in is run again after a restart

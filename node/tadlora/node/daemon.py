@@ -634,6 +634,11 @@ class Node:
                     await self._run_round(self.rounds.t)
                 except Interrupted:
                     break
+        except BaseException:
+            # Cancelled, or failed: local steps may still be running in the worker thread, which a cancelled await
+            # does not end. Their round is abandoned, and the checkpoint below would queue behind all of them.
+            self._stop_training.set()
+            raise
         finally:
             self._state = "stopping"
             await self._save(self.rounds.t, export=True)
