@@ -130,6 +130,21 @@ async def test_a_failing_lookup_keeps_the_last_answer(caplog) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_lookup_failing_with_no_os_error_keeps_the_last_answer_and_the_lookups_going(caplog) -> None:
+    """getaddrinfo raises UnicodeError for a name the idna codec refuses (an empty or over-long label): the lookup
+    task used to die of it, silently, and DNS peers stopped for the rest of the run."""
+    resolver = FakeResolver({"peers": ["10.0.0.1"]})
+    async with DnsPeers(["peers"], interval=FAST_S, resolver=resolver) as dns:
+        await dns.async_wait_for(bool, timeout=5)
+        resolver.records["peers"] = UnicodeError("encoding with 'idna' codec failed (label empty or too long)")
+        await asyncio.wait_for(resolver.wait_for_lookups(resolver.lookups + 2), timeout=5)
+        assert dns.addresses() == ("10.0.0.1:7070",)
+        resolver.records["peers"] = ["10.0.0.2"]  # and it goes on looking
+        assert await dns.async_wait_for(lambda a: a == ("10.0.0.2:7070",), timeout=5)
+    assert any("UnicodeError" in r.getMessage() and "keeping the last answer" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.asyncio
 async def test_a_slow_lookup_times_out_and_close_is_safe_twice() -> None:
     async def hangs(host: str, port: int) -> list[str]:
         await asyncio.sleep(3600)

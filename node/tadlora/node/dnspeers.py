@@ -195,6 +195,9 @@ class DnsPeers:
         except OSError as exc:
             self._log_failure(key, f"{str(exc) or type(exc).__name__} (keeping the last answer)")
             return
+        except Exception as exc:  # e.g. the idna codec's UnicodeError for a label it refuses: not the end of the task
+            self._log_failure(key, f"{type(exc).__name__}: {exc} (keeping the last answer)")
+            return
         self._errors.pop(key, None)
         self._by_name[key] = tuple(dict.fromkeys(host_port(ip, port) for ip in ips))
 
