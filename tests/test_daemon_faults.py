@@ -11,6 +11,7 @@ import dataclasses
 import errno
 import logging
 import os
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any, cast
@@ -634,3 +635,36 @@ async def test_a_run_cancelled_during_local_steps_ends_them_and_checkpoints_the_
             await asyncio.gather(run, return_exceptions=True)
     ckpt = state.load_checkpoint(tmp_path / "n0")
     assert ckpt is not None and ckpt.round == 0  # the round it was in is run again after a restart
+
+
+@pytest.mark.asyncio
+async def test_a_start_cancelled_while_the_model_loads_closes_without_blocking_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The start is cancelled while the worker thread loads the model (a download can take minutes). Closing waits
+    for that thread, but off the event loop: other nodes and servers in the process go on meanwhile. Here the
+    load finishes only when the loop gets to release it; a close that blocked the loop would see it time out."""
+    loop, loading, release = asyncio.get_running_loop(), asyncio.Event(), threading.Event()
+    released: list[bool] = []
+    build = Node._build
+
+    def slow_build(self: Node) -> None:
+        loop.call_soon_threadsafe(loading.set)
+        released.append(release.wait(timeout=30))  # False: the loop never got to release it
+        build(self)
+
+    monkeypatch.setattr(Node, "_build", slow_build)
+    node = Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=0), InMemoryNetwork())
+    start = asyncio.ensure_future(node.__aenter__())
+    async with asyncio.timeout(30):
+        await loading.wait()
+    start.cancel()
+
+    async def release_once_the_close_waits() -> None:
+        await asyncio.sleep(0)
+        release.set()
+
+    async with asyncio.timeout(60):
+        await asyncio.gather(start, release_once_the_close_waits(), return_exceptions=True)
+    assert start.cancelled() and node._executor._shutdown  # type: ignore[attr-defined]
+    assert released == [True], "closing blocked the event loop while it waited for the worker thread"

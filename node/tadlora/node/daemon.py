@@ -429,8 +429,10 @@ class Node:
         await step("the metrics server", self.metrics.close)
         if self._round_log is not None:
             await step("the round log", self._round_log.close)
-        # Training has been told to stop (between two steps), so this wait is short; nothing else runs now.
-        await step("the worker thread", lambda: self._executor.shutdown(wait=True, cancel_futures=True))
+        # Training has been told to stop (between two steps), but a model load, an evaluation or an export is not
+        # cut short: the wait for the thread is itself in a thread, so the loop (other nodes, servers) goes on.
+        executor = self._executor
+        await step("the worker thread", lambda: asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True))
         if failures:
             raise failures[0]
 
