@@ -12,13 +12,13 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from unittest.mock import patch
 
 import pytest
-from zeroconf import DNSOutgoing, DNSPointer, IPVersion, _core
+from zeroconf import DNSOutgoing, DNSPointer, IPVersion, ServiceStateChange, _core
 from zeroconf.asyncio import AsyncServiceInfo, AsyncZeroconf
 from zeroconf.const import _CLASS_IN, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_PTR
 
@@ -433,6 +433,32 @@ async def test_moves_that_keep_failing_do_not_keep_the_handed_over_peers_listed_
             if time.monotonic() - first > discovery.REBIND_GRACE_S + 0.5:
                 assert listed == set(), "the handover outlived its grace"
             await asyncio.sleep(0.1)
+
+
+@pytest.mark.asyncio
+async def test_an_event_from_the_binding_being_left_is_not_acted_on(quick_timing: None, n: Names) -> None:
+    """The old browser lives on while a move sends its goodbyes. An event it delivers then used to start a resolution
+    on the old zeroconf whose answer landed in the new binding's list, where no browser would ever remove it: a
+    peer that left at that moment stayed listed. Here the old browser's event is delivered during the goodbyes."""
+    ghost = f"{n('ghost')}.{SERVICE_TYPE}"
+    async with running(advert(n("mover"))) as (mover,):
+        aiozc = mover._aiozc
+        assert aiozc is not None
+        old = aiozc.zeroconf
+        real_unregister = aiozc.async_unregister_service
+        started: list[bool] = []
+
+        async def goodbyes_with_a_late_event(info: AsyncServiceInfo) -> Awaitable[None]:
+            mover._on_service_state_change(old, SERVICE_TYPE, ghost, ServiceStateChange.Added)
+            started.append(ghost in mover._resolving)
+            return await real_unregister(info)
+
+        aiozc.async_unregister_service = goodbyes_with_a_late_event  # type: ignore[method-assign]
+        await mover.async_rebind(LOOPBACK)
+        assert started == [False]  # the old binding's event was ignored
+        assert mover._aiozc is not None and mover._aiozc.zeroconf is not old
+        mover._on_service_state_change(mover._aiozc.zeroconf, SERVICE_TYPE, ghost, ServiceStateChange.Added)
+        assert ghost in mover._resolving  # the new binding's events count
 
 
 @pytest.mark.asyncio

@@ -208,6 +208,10 @@ class MdnsDiscovery:
         self._interfaces = list(interfaces)
         self._on_change = on_change
         self._aiozc: AsyncZeroconf | None = None
+        # The zeroconf whose browser events count: the current binding's, None while it is being left. The old
+        # browser lives on while its goodbyes are sent; an event from it then would start a resolution whose answer
+        # lands in the next binding, where no browser of its own would ever remove it.
+        self._browsing: Zeroconf | None = None
         self._info: AsyncServiceInfo | None = None
         self._binding = contextlib.AsyncExitStack()  # zeroconf, browser, registration on the current interfaces
         self._binding_lock = asyncio.Lock()  # a rebind and a close never interleave (a close would miss its binding)
@@ -287,6 +291,7 @@ class MdnsDiscovery:
                     exc.errno, f"mDNS cannot use {', '.join(self._interfaces)} ({exc.strerror}); is it this host's?"
                 ) from exc
             self._aiozc = aiozc
+            self._browsing = aiozc.zeroconf
             binding.push_async_callback(aiozc.async_close)
             # Browse first, so peers are found while our own name is still being probed (~1.2 s).
             browser = AsyncServiceBrowser(
@@ -312,6 +317,7 @@ class MdnsDiscovery:
             if self._handover_timer is not None:
                 self._handover_timer.cancel()
             self._handover_timer = asyncio.get_running_loop().call_later(REBIND_GRACE_S, self._end_handover)
+        self._browsing = None
         await self._async_cancel_resolutions()
         self._by_service = {}
         try:
@@ -396,8 +402,9 @@ class MdnsDiscovery:
     def _on_service_state_change(
         self, zeroconf: Zeroconf, service_type: str, name: str, state_change: ServiceStateChange
     ) -> None:
-        """Browser handler (runs on the loop): resolve added/updated services, drop removed ones."""
-        if self._closed:
+        """Browser handler (runs on the loop): resolve added/updated services, drop removed ones. Events from a
+        binding that is not the current one (being left) are ignored."""
+        if self._closed or zeroconf is not self._browsing:
             return
         previous = self._resolving.pop(name, None)
         if previous is not None:
