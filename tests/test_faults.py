@@ -447,6 +447,38 @@ OLD, NEW = "10.0.0.9:7070", "10.0.0.10:7070"
 
 
 @pytest.mark.asyncio
+async def test_a_peer_failing_at_one_address_is_dialled_at_once_when_announced_at_another(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node that went down (its dials failing, backed off up to 30 s) and comes back elsewhere announces its new
+    address: that is dialled at the next scan, not after the backoff its old address earned. Failing there too
+    backs off further."""
+    pm, hosts, clock, live = advertised(monkeypatch, advert("flaky", OLD))
+    for _ in range(4):  # down: 4 failures, the next try 8 s away
+        await pm.scan()
+        clock.now = pm.retry_at("flaky") or clock.now
+    await pm.scan()
+    assert [a for a, _ in hosts.dials] == [OLD] * 5
+    waiting = pm.retry_at("flaky")
+    assert waiting is not None and waiting - clock.now >= 16
+    hosts.at = {NEW: "flaky"}
+    live[:] = [advert("flaky", NEW)]
+    await pm.scan()
+    assert hosts.dials[-1] == (NEW, "flaky") and "flaky" in pm.peers
+    # ... and a move to an address that fails too is tried once, then backed off from where it was.
+    pm2, hosts2, clock2, live2 = advertised(monkeypatch, advert("flaky", OLD))
+    for _ in range(3):
+        await pm2.scan()
+        clock2.now = pm2.retry_at("flaky") or clock2.now
+    live2[:] = [advert("flaky", NEW)]
+    await pm2.scan()
+    await pm2.scan()
+    assert [a for a, _ in hosts2.dials] == [OLD, OLD, OLD, NEW]
+    later = pm2.retry_at("flaky")
+    assert later is not None and later - clock2.now >= 8
+
+
+@pytest.mark.asyncio
 async def test_a_peer_announced_at_a_new_address_is_handshaken_there_and_moves_at_the_next_scan(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

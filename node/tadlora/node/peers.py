@@ -56,7 +56,7 @@ class _Attempt:
     retry_at: float = 0.0
     last_reason: str = ""
     seen_at: float = field(default_factory=lambda: time.monotonic())  # when discovery last listed it
-    own_address: str = ""  # with retry_at SELF: the address that reached this node itself
+    address: str = ""  # the address last dialled (with retry_at SELF: the one that reached this node itself)
 
 
 def retry_delay(failures: int) -> float:
@@ -130,9 +130,11 @@ class PeerManager:
             # a new lease): dial it there, bound to its id. Its entry changes only when that handshake succeeds
             # (`add`); until then it stays at the old address, and a failure is retried with backoff.
             attempt = self._attempts.setdefault(key, _Attempt())
-            if attempt.retry_at == SELF and address != attempt.own_address:
-                # An mDNS key is a node id, whose advert named our address (a stale one, or forged) and now names
-                # another: the address was us, the node is not.
+            if attempt.retry_at > now and attempt.address and address != attempt.address:
+                # An mDNS key is a node id, and its advert now names another address than the one that failed or
+                # was us (a restart elsewhere, a new lease; or a stale or forged advert had named our address):
+                # what happened there says nothing of here, so it is dialled now, not after up to RETRY_MAX_S. Its
+                # failures stay counted: one here too backs off further.
                 attempt.retry_at = 0.0
             if attempt.retry_at > now:
                 continue
@@ -182,6 +184,7 @@ class PeerManager:
             log.warning("not a neighbour: %s: %s", who, reason)
 
     async def _try(self, key: str, address: str, source: str, attempt: _Attempt, expected: str | None) -> None:
+        attempt.address = address
         conn = self._transport.connect(address, node_id=expected)
         try:
             info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
@@ -191,7 +194,7 @@ class PeerManager:
         except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record): never again
             await conn.aclose()
             log.debug("%s reaches this node itself: not dialled again", address)
-            attempt.retry_at, attempt.own_address = SELF, address
+            attempt.retry_at = SELF
             return
         except ExchangeRefused as exc:
             await conn.aclose()
@@ -204,7 +207,7 @@ class PeerManager:
             return
         if info.node_id == self._local_info().node_id:
             await conn.aclose()  # our own static address
-            attempt.retry_at, attempt.own_address = SELF, address
+            attempt.retry_at = SELF
             return
         if expected is not None and info.node_id != expected:
             await conn.aclose()
