@@ -271,9 +271,12 @@ async def test_a_stop_during_an_exchange_with_a_silent_peer_does_not_wait_out_th
         node.request_stop()
         async with asyncio.timeout(STOP_S):
             result = await run
-    assert result.rounds_completed == 0
+    # The round ends where the stop found it: trained, mixed with no one (the silent peer never answered).
+    assert result.rounds_completed == 1
+    [record] = _rounds(tmp_path / "n0")
+    assert record["stopped"] is True and record["neighbours"] == [] and record["missed"] == [PEER_ID]
     ckpt = state.load_checkpoint(tmp_path / "n0")
-    assert ckpt is not None and ckpt.round == 0  # the round it was in is run again after a restart
+    assert ckpt is not None and ckpt.round == 1
 
 
 @pytest.mark.asyncio
@@ -418,6 +421,41 @@ async def test_a_neighbour_whose_exchange_was_refused_is_not_waited_for_until_th
     [called], [refused] = _rounds(tmp_path / "n0"), _rounds(tmp_path / "n1")
     assert (called["missed"], refused["missed"]) == ([callee.node_id], [caller.node_id])
     assert called["neighbours"] == refused["neighbours"] == []
+
+
+@pytest.mark.asyncio
+async def test_a_stop_during_the_exchange_mixes_the_pairs_already_committed_as_their_other_ends_did(
+    tmp_path: Path,
+) -> None:
+    """node-1 has committed node-0's pair of round 0 (node-0 has mixed it) and is still waiting for a silent
+    neighbour when it is stopped. Abandoning the round, as a stop used to, left the pair mixed at node-0 only,
+    moving the network average; the round ends instead with that pair, and is checkpointed as done."""
+    net = InMemoryNetwork()
+    slow = {"exchange_timeout": 60.0, "rounds": None}
+    async with (
+        Node(node_config(tmp_path, 1, 2, NO_PEERS, min_peers=2, **slow), net) as callee,
+        scripted_peer(callee, net, SilentPeer),
+    ):
+        caller_cfg = node_config(tmp_path, 0, 2, PeersOption(False, (callee.address,), ()), min_peers=1, **slow)
+        async with Node(caller_cfg, net) as caller:
+            runs = [asyncio.ensure_future(n.run()) for n in (callee, caller)]
+            try:
+                async with asyncio.timeout(60):
+                    await callee.rounds.wait_until(lambda: "node-0" in callee.rounds.current.received)
+                    callee.request_stop()
+                    await runs[0]
+                    await caller.rounds.wait_until(lambda: caller.rounds.t >= 1)
+            finally:
+                caller.request_stop()
+                await asyncio.gather(*runs, return_exceptions=True)
+    [stopped] = _rounds(tmp_path / "n1")
+    assert stopped["round"] == 0 and stopped.get("stopped") is True
+    assert [n["id"] for n in stopped["neighbours"]] == ["node-0"] and stopped["missed"] == [PEER_ID]
+    first = _rounds(tmp_path / "n0")[0]
+    assert [n["id"] for n in first["neighbours"]] == ["node-1"]
+    assert first["neighbours"][0]["weight"] == stopped["neighbours"][0]["weight"] == pytest.approx(1 / 3)
+    checkpoint = state.load_checkpoint(tmp_path / "n1")
+    assert checkpoint is not None and checkpoint.round == 1  # resumes after the round it mixed
 
 
 @pytest.mark.asyncio

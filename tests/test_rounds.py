@@ -140,8 +140,8 @@ async def test_a_stop_releases_waiting_callers() -> None:
 
 @pytest.mark.asyncio
 async def test_a_commit_that_comes_once_the_node_is_stopping_is_refused() -> None:
-    """A stopping node abandons its open round (the round loop raises Interrupted, never closing or mixing it), so a
-    commit answered "committed" then would have the caller mix a pair that this end never mixes."""
+    """A stopping node ends its open round with the pairs committed before the stop; a commit answered "committed"
+    after that would have the caller mix a pair that this end never mixes."""
     flag = [False]
     rs = state(stopping=flag)
     cur = await rs.open(fac(0.0), frozenset({"b"}))

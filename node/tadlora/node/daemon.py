@@ -384,7 +384,8 @@ class Node:
             task.result()  # its failure, if any
 
     def request_stop(self) -> None:
-        """Begin a graceful stop: the current round is abandoned at the next safe point."""
+        """Begin a graceful stop at the next safe point: local steps in progress are abandoned (the round is run
+        again on resume); a round in its exchange ends there, mixed with the pairs committed so far."""
         if not self._stop.is_set():
             log.info("stop requested")
         self._stop.set()
@@ -780,14 +781,17 @@ class Node:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
         self._report_failed_calls(t, outbound, calls)
-        if self._stop.is_set():
-            raise Interrupted(f"stopped during round {t}'s exchange")
+        # A stop during the exchange ends the round with the pairs committed so far rather than abandoning it:
+        # their other ends have mixed them, and leaving them out here would move the network average
+        # (docs/protocol.md). A stopping node refuses every commit (SHUTTING_DOWN), so what `close` returns is
+        # final. No evaluation and no periodic checkpoint then: the stop's own checkpoint, at t + 1, follows.
+        stopping = self._stop.is_set()
         received = await self.rounds.close(cur)
         for j in received:
             self._last_exchanged[j] = t + 1
             if self._peers is not None:
                 self._peers.note_mixed(j, t)
-        for j in sorted(neighbours - set(received)):
+        for j in sorted(neighbours - set(received)) if not stopping else ():
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
             # Without this check every later round would wait for it in full.
@@ -807,8 +811,10 @@ class Node:
         self._rounds_done = t + 1
         self._last_loss = loss
         record = self._record(t, cur, weights.self_weight, loss, started)
+        if stopping:
+            record["stopped"] = True
         try:
-            if (t + 1) % cfg.eval_every == 0 or (cfg.rounds is not None and t + 1 == cfg.rounds):
+            if not stopping and ((t + 1) % cfg.eval_every == 0 or (cfg.rounds is not None and t + 1 == cfg.rounds)):
                 self._state = "evaluating"
                 acc, eval_loss = await self._in_worker(self._evaluate)
                 self._last_accuracy = acc
@@ -827,6 +833,8 @@ class Node:
             f", accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
             extra={"round": t},
         )  # fmt: skip
+        if stopping:
+            raise Interrupted(f"stopped during round {t}'s exchange, which was mixed with the pairs committed so far")
         if (t + 1) % cfg.checkpoint_every == 0:
             try:
                 await self._save(t + 1, export=False)

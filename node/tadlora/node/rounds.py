@@ -138,7 +138,9 @@ class RoundState:
         caller refused our reply) the pair is left out and the round stops waiting for it. Raises ROUND_MISMATCH
         when there is nothing to commit: round r is over here (closed: the pair was left out at its deadline) or
         no exchange of ``caller``'s awaits a commit in it; the caller then leaves the pair out too. SHUTTING_DOWN
-        once the node is stopping: its round loop abandons the open round without mixing it."""
+        once the node is stopping: its round loop then ends the open round with the pairs committed before the
+        stop, and this refusal is what keeps that set final (a commit accepted after `close` would count at the
+        caller only)."""
         async with self._changed:
             if self._stopping():
                 raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
