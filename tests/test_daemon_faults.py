@@ -487,6 +487,51 @@ async def test_an_exchange_whose_commit_never_arrives_is_left_out_at_both_ends(
                 assert record["neighbours"] == [] and record["missed"] == [other.node_id], record
 
 
+@pytest.mark.asyncio
+async def test_a_commit_that_times_out_with_the_round_s_time_nearly_spent_does_not_drop_the_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply that arrives just before the deadline leaves its commit next to no time, and the commit times out.
+    That says the round's time ran out, not that the peer is gone: it used to be dropped (re-handshaken, and missing
+    the rounds until verified again). The pair is left out, at both ends."""
+    real_exchange, real_commit = InMemoryClient.exchange, InMemoryClient.commit
+    late: list[int] = []
+    drops: list[str] = []
+
+    async def answered_at_the_deadline(self: Any, header: ExchangeHeader, factors: Any, timeout: float, *a: Any) -> Any:
+        result = await real_exchange(self, header, factors, timeout, *a)
+        if header.round == 0:
+            await asyncio.sleep(max(timeout - 0.3, 0.0))  # the reply took almost all of the round's time
+        return result
+
+    async def commit(self: Any, header: ExchangeHeader, accept: bool, timeout: float) -> None:
+        if timeout < daemon.COMMIT_SLACK_S:
+            late.append(header.round)
+            raise PeerTimeout(self.address, "DEADLINE_EXCEEDED: no answer before the deadline")
+        await real_commit(self, header, accept, timeout)
+
+    real_drop = PeerManager.drop
+
+    async def recording_drop(self: PeerManager, node_id: str, why: str, expected: Any = None) -> None:
+        drops.append(node_id)
+        await real_drop(self, node_id, why, expected)
+
+    monkeypatch.setattr(InMemoryClient, "exchange", answered_at_the_deadline)
+    monkeypatch.setattr(InMemoryClient, "commit", commit)
+    monkeypatch.setattr(PeerManager, "drop", recording_drop)
+    net, quick = InMemoryNetwork(), {"rounds": 2, "exchange_timeout": 3.0}
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, **quick), net) as caller:
+        callee_cfg = node_config(tmp_path, 1, 2, PeersOption(False, (caller.address,), ()), **quick)
+        async with Node(callee_cfg, net) as callee:
+            async with asyncio.timeout(120):
+                await asyncio.gather(caller.run(), callee.run())
+    assert late == [0] and drops == []
+    for out, other in ((tmp_path / "n0", "node-1"), (tmp_path / "n1", "node-0")):
+        first, second = _rounds(out)
+        assert first["neighbours"] == [] and first["missed"] == [other]  # left out at both ends
+        assert [n["id"] for n in second["neighbours"]] == [other]  # and still a peer in the next round
+
+
 class FailsOnce:
     """A stand-in for the node's MdnsDiscovery whose first move fails with ``error``, as when the new address went
     again in between (a DHCP client that retries): no kernel lets a test make a bind fail on cue. The real move is

@@ -54,6 +54,7 @@ from tadlora.node.rpc import (
     ExchangeHeader,
     NeighborStatus,
     PeerInfo,
+    PeerTimeout,
     PeerUnavailable,
     Server,
     StatusInfo,
@@ -74,6 +75,8 @@ SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
 # s between looks at the mDNS interface's addresses (`Node._follow_interface`): a renumbering is rare, and until it
 # is seen the node's peers only miss it for a round or two.
 INTERFACE_POLL_S = 5.0
+# s: a commit left less than this of the round's time that times out says nothing of the peer (`_exchange_with`).
+COMMIT_SLACK_S = 1.0
 
 
 def _progress(done: int, total: int | None, width: int = 20) -> str:
@@ -889,11 +892,17 @@ class Node:
                 raise
             # Only a committed exchange counts at either end: a reply lost on the way, or refused here, is left out
             # by both. If this commit's answer is lost, j may have mixed the pair alone (docs/protocol.md).
+            remaining = deadline - loop.time()
             try:
-                await peer.conn.commit(header, True, max(deadline - loop.time(), 0.0))
+                await peer.conn.commit(header, True, max(remaining, 0.0))
             except PeerUnavailable as exc:
                 log.warning("commit of the exchange with %s in round %d got no answer (%s): %s may have mixed the "
                             "pair, which this node leaves out", j, t, exc, j)  # fmt: skip
+                if isinstance(exc, PeerTimeout) and remaining < COMMIT_SLACK_S:
+                    # The round's time ran out, not the peer: its reply came just before the deadline. Dropping it
+                    # would cost a handshake and the rounds until it is verified again, for being answered late.
+                    self.metrics.exchanges.labels("failed").inc()
+                    return
                 raise
         except ExchangeRefused as exc:
             if exc.reason is Reason.ROUND_MISMATCH:
