@@ -691,6 +691,10 @@ class _Responder:
             except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
                 await self._exchange_refused(head.node_id, head.round)
                 raise
+            except asyncio.CancelledError:  # the caller's deadline (or its stop) ended the call: it will not call
+                # again for this round, so the round stops waiting for it now, not at its own deadline
+                await self._exchange_refused(head.node_id, head.round)
+                raise
             nonlocal aside
             aside = (head.node_id, head.round)
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=header.round), reply
