@@ -532,6 +532,28 @@ async def test_a_commit_that_times_out_with_the_round_s_time_nearly_spent_does_n
         assert [n["id"] for n in second["neighbours"]] == [other]  # and still a peer in the next round
 
 
+@pytest.mark.asyncio
+async def test_a_run_that_fails_reports_its_own_error_even_when_the_final_checkpoint_fails_too(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run that fails (here a round, as a torch error would) still saves a checkpoint on its way out; if that fails
+    too (the disk the first error filled), the save's error used to replace the run's, and the operator was told
+    about the disk, not about what stopped the node."""
+
+    async def broken_round(self: Node, t: int) -> None:
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async def full_disk(self: Node, next_round: int, export: bool) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Node, "_run_round", broken_round)
+    monkeypatch.setattr(Node, "_save", full_disk)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=None) as node:
+        with pytest.raises(RuntimeError, match="illegal memory access"):
+            await node.run()
+    assert any("final checkpoint (round 0) failed too" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
 class FailsOnce:
     """A stand-in for the node's MdnsDiscovery whose first move fails with ``error``, as when the new address went
     again in between (a DHCP client that retries): no kernel lets a test make a bind fail on cue. The real move is

@@ -630,6 +630,7 @@ class Node:
     async def run(self) -> NodeResult:
         """Run rounds until ``config.rounds`` are done or a stop is requested; checkpoint and export at the end."""
         cfg = self.config
+        failed = True  # until the rounds end without an exception: then a failed final save is the error to raise
         try:
             await self._wait_for_peers()
             while not self._stop.is_set() and (cfg.rounds is None or self.rounds.t < cfg.rounds):
@@ -640,6 +641,7 @@ class Node:
                     await self._run_round(self.rounds.t)
                 except Interrupted:
                     break
+            failed = False
         except BaseException:
             # Cancelled, or failed: local steps may still be running in the worker thread, which a cancelled await
             # does not end. Their round is abandoned, and the checkpoint below would queue behind all of them.
@@ -647,7 +649,14 @@ class Node:
             raise
         finally:
             self._state = "stopping"
-            await self._save(self.rounds.t, export=True)
+            try:
+                await self._save(self.rounds.t, export=True)
+            except Exception:
+                if not failed and self._failed is None:
+                    raise
+                # The run's own error (on its way out, or a background task's) is the one to report; this one only
+                # adds to it.
+                log.exception("the final checkpoint (round %d) failed too", self.rounds.t)
         if self._failed is not None:
             name, exc = self._failed
             raise RuntimeError(
