@@ -572,13 +572,16 @@ class FailsOnce:
 
 
 async def moves_of_a_node_following(
-    tmp_path: Path, interfaces: list[str], error: Exception | None = None
+    tmp_path: Path, interfaces: list[str], error: Exception | None = None, listen: str | None = None
 ) -> list[list[str]]:
     """The moves a lone node's interface watcher makes from ``interfaces`` (the looks are the caller's to patch
     into ``daemon.interface_addresses``), the first of which fails (with ``error``, default a bind's OSError):
-    until a second move, then twenty more looks."""
+    until a second move, then twenty more looks. ``listen``: the --listen the watcher sees (a wildcard makes the
+    node's own address follow the interface's)."""
     mdns = FailsOnce(error or OSError(errno.EADDRNOTAVAIL, "Cannot assign requested address"))
     async with lone_node(tmp_path, InMemoryNetwork()) as node:
+        if listen is not None:
+            node.config = dataclasses.replace(node.config, listen=listen)
         advert = Advertisement(node_id=node.node_id, port=7070, cluster="c", fingerprint="ab", protocol_version=2,
                                secure=False)  # fmt: skip
         follow = asyncio.ensure_future(node._follow_interface(cast(Any, mdns), advert, interfaces))
@@ -591,6 +594,21 @@ async def moves_of_a_node_following(
             follow.cancel()
             await asyncio.gather(follow, return_exceptions=True)
     return mdns.moves
+
+
+@pytest.mark.asyncio
+async def test_a_node_whose_address_follows_its_interface_retries_the_addresses_it_had_found_to_be_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Renumbered, the node's old address may go to another node: the peer manager is told once the move has
+    succeeded (not for the failed first try), so that the addresses it had found to reach this node are dialled
+    again."""
+    monkeypatch.setattr(daemon, "INTERFACE_POLL_S", 0.01)
+    monkeypatch.setattr(daemon, "interface_addresses", lambda spec: ["10.9.0.2"])
+    told: list[bool] = []
+    monkeypatch.setattr(PeerManager, "own_address_changed", lambda self: told.append(True))
+    moves = await moves_of_a_node_following(tmp_path, ["10.9.0.1"], listen="0.0.0.0:7070")
+    assert moves == [["10.9.0.2"], ["10.9.0.2"]] and told == [True]
 
 
 @pytest.mark.asyncio
