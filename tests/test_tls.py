@@ -436,3 +436,29 @@ def test_certs_flags_it_cannot_use_exit_2_naming_them(tmp_path, capsys) -> None:
     assert "DIR must not be empty" in capsys.readouterr().err
     assert main(["certs", "issue", "node-0", "--dir", ""]) == 2
     assert "--dir must not be empty" in capsys.readouterr().err
+
+
+def test_a_forced_reissue_replaces_the_key_file_whole_so_no_earlier_reader_or_link_sees_the_new_key(tmp_path) -> None:
+    """A key file written over in place would hand the new private key to whoever opened the old (perhaps public)
+    file before, and write it into every hard link of it; a crash mid-write would leave half a key. A forced
+    reissue or CA replacement writes a new file and renames it over the old one."""
+    import os
+
+    from tadlora.node.tls import init_ca, issue
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    key = certs / "node-0.key"
+    key.chmod(0o644)  # e.g. copied with the wrong mode: someone may have it open
+    backup = tmp_path / "node-0.key.bak"
+    os.link(key, backup)
+    old = key.read_bytes()
+    with key.open("rb") as earlier_reader:
+        issue(certs, "node-0", force=True)
+        assert earlier_reader.read() == old  # the old file, not the new key
+    assert backup.read_bytes() == old and key.read_bytes() != old
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    os.link(certs / "ca.key", tmp_path / "ca.key.bak")
+    old_ca = (certs / "ca.key").read_bytes()
+    init_ca(certs, force=True)
+    assert (tmp_path / "ca.key.bak").read_bytes() == old_ca != (certs / "ca.key").read_bytes()
+    assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "ca.key", "node-0.crt", "node-0.key"]  # no temp

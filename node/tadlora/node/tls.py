@@ -14,6 +14,7 @@ import datetime as dt
 import errno
 import ipaddress
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,19 +123,34 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
 
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
     """Write ``data`` to ``path`` with exactly ``mode``. Never through a symlink (one could point a key anywhere),
-    never over an existing file unless ``force``, and chmod even a replaced file (it keeps its old mode else)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | (0 if force else os.O_EXCL)
+    never over an existing file unless ``force``. A replaced file is replaced whole: the data goes to a new file
+    that is renamed over it, so whoever opened the old one (it may have been readable by others), or a hard link
+    to it, never sees the new key, and a crash leaves the old file or the new one, never half of one."""
+    if path.is_symlink():
+        raise ValueError(f"{path} is a symbolic link; refusing to write through it")
+    if not force:
+        flags, target = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, path
+    else:  # a fresh name next to it, so that the rename stays on one file system
+        flags, target = os.O_WRONLY | os.O_CREAT | os.O_EXCL, path.with_name(f".{path.name}.{secrets.token_hex(8)}")
     try:
-        fd = os.open(path, flags, 0o600)
+        fd = os.open(target, flags, 0o600)  # never more than the owner's until it holds what it should
     except FileExistsError:
         raise FileExistsError(f"{path} exists; pass --force to replace it") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ValueError(f"{path} is a symbolic link; refusing to write through it") from None
         raise
-    with os.fdopen(fd, "wb") as f:
-        os.fchmod(f.fileno(), mode)
-        f.write(data)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if target != path:
+            os.replace(target, path)
+    except BaseException:
+        target.unlink(missing_ok=True)
+        raise
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
