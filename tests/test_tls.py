@@ -462,3 +462,24 @@ def test_a_forced_reissue_replaces_the_key_file_whole_so_no_earlier_reader_or_li
     init_ca(certs, force=True)
     assert (tmp_path / "ca.key.bak").read_bytes() == old_ca != (certs / "ca.key").read_bytes()
     assert sorted(p.name for p in certs.iterdir()) == ["ca.crt", "ca.key", "node-0.crt", "node-0.key"]  # no temp
+
+
+def test_certificates_follow_rfc_5280_so_strict_verifiers_accept_nodes_for_server_and_client_use(tmp_path) -> None:
+    """An RFC 5280 path validator (cryptography's, as OpenSSL's -x509_strict and Python 3.13's default ssl
+    context) needs the key identifiers; a node key signs TLS handshakes only, and may never sign a certificate."""
+    from cryptography import x509
+    from cryptography.x509.verification import PolicyBuilder, Store
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    node = x509.load_pem_x509_certificate((certs / "node-0.crt").read_bytes())
+    policy = PolicyBuilder().store(Store([ca]))
+    for name in ("node-0", "tadlora-node"):
+        assert policy.build_server_verifier(x509.DNSName(name)).verify(node, [])[-1] == ca
+    assert policy.build_client_verifier().verify(node, []).chain[-1] == ca
+    usage = node.extensions.get_extension_for_class(x509.KeyUsage)
+    assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
+    assert not usage.value.key_encipherment  # an EC key: no RSA key transport
+    ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    aki = node.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
+    assert aki.key_identifier == ski.digest

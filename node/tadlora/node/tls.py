@@ -177,6 +177,8 @@ def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> P
         .add_extension(
             x509.KeyUsage(True, False, False, False, False, True, True, False, False), critical=True
         )  # digital_signature, key_cert_sign, crl_sign
+        # RFC 5280 requires it of a CA; strict verifiers (OpenSSL's -x509_strict, Python 3.13's ssl) refuse without.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     key_path, path = directory / "ca.key", directory / "ca.crt"
@@ -224,8 +226,14 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
         .add_extension(x509.SubjectAlternativeName(names), critical=False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
+            x509.KeyUsage(True, False, False, False, False, False, False, False, False), critical=True
+        )  # digital_signature only: the key signs TLS handshakes (ECDHE), nothing else
+        .add_extension(
             x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
         )
+        # RFC 5280 requires both of a certificate a CA issued; strict verifiers refuse one without them.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     _write(key_path, _key_pem(key), 0o600, force)
