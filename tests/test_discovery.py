@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import sys
 import threading
@@ -525,6 +526,30 @@ def test_a_well_formed_service_becomes_a_candidate() -> None:
     assert discovery.candidate_from_info(_resolved(GOOD_TXT)) == PeerCandidate(
         "peer", "127.0.0.1:50051", "lab", "ab12", 3, True, "mdns", f"peer.{SERVICE_TYPE}"
     )
+
+
+def test_of_a_peer_s_addresses_the_one_on_this_node_s_subnets_is_the_one_dialled() -> None:
+    """An interface may carry addresses on several subnets (a secondary address), and an advert lists them all:
+    the first one, taken blindly, may be one this node has no route to, and the peer is never reached."""
+    info = _resolved(GOOD_TXT, addresses=["10.1.0.5", "192.168.7.5"])
+    first = discovery.candidate_from_info(info)
+    assert isinstance(first, PeerCandidate) and first.address == "10.1.0.5:50051"  # nothing known: zeroconf's first
+    near = discovery.candidate_from_info(info, [ipaddress.IPv4Network("192.168.7.0/24")])
+    assert isinstance(near, PeerCandidate) and near.address == "192.168.7.5:50051"
+
+
+@pytest.mark.asyncio
+async def test_a_peer_announcing_several_addresses_is_taken_at_the_one_on_the_mdns_interface_s_subnet(
+    quick_timing: None, n: Names
+) -> None:
+    multi = n("multi")
+    info = AsyncServiceInfo(
+        SERVICE_TYPE, f"{multi}.{SERVICE_TYPE}", port=40000, properties={**advert("x").txt(), "id": multi},
+        server=f"{multi}-raw.local.", addresses=["198.51.100.7", "127.0.0.1"],
+    )  # fmt: skip
+    async with running(advert(n("observer"))) as (observer,), raw_responder(info):
+        seen = await observer.async_wait_for(lambda c: multi in c, WAIT_S)
+    assert seen[multi].address == "127.0.0.1:40000"
 
 
 @pytest.mark.parametrize(

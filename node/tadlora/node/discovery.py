@@ -12,9 +12,10 @@ import asyncio
 import contextlib
 import functools
 import hashlib
+import ipaddress
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Literal, Self
@@ -22,7 +23,7 @@ from typing import Literal, Self
 from zeroconf import BadTypeInNameException, DNSQuestionType, IPVersion, ServiceStateChange, Zeroconf
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
-from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
+from tadlora.node.netif import ipv4_by_interface, ipv4_networks, require_unicast_ipv4
 from tadlora.node.peerspec import PORT_MAX
 from tadlora.node.rpc import node_id_problem
 
@@ -123,21 +124,25 @@ def service_instance_name(node_id: str) -> str:
     return f"{clean[: _INSTANCE_MAX_BYTES - len(digest) - 1]}-{digest}"
 
 
-async def async_resolve_candidate(zeroconf: Zeroconf, service_type: str, name: str) -> PeerCandidate | str | None:
+async def async_resolve_candidate(
+    zeroconf: Zeroconf, service_type: str, name: str, reachable: Sequence[ipaddress.IPv4Network] = ()
+) -> PeerCandidate | str | None:
     """Resolve the service instance ``name``: the candidate it announces, a reason it cannot be one (a foreign
-    name, a malformed TXT record; see `candidate_from_info`), or None if it did not answer within
-    `RESOLVE_TIMEOUT_MS`."""
+    name, a malformed TXT record; see `candidate_from_info`, which ``reachable`` is passed to), or None if it did
+    not answer within `RESOLVE_TIMEOUT_MS`."""
     try:
         info = AsyncServiceInfo(service_type, name)
     except BadTypeInNameException:  # anyone on the LAN may point a PTR of our type at any name
         return f"not an instance of {service_type}"
     if not await info.async_request(zeroconf, RESOLVE_TIMEOUT_MS, question_type=QUESTION_TYPE):
         return None
-    return candidate_from_info(info)
+    return candidate_from_info(info, reachable)
 
 
-def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
-    """A PeerCandidate from a resolved service, or the reason it is not one."""
+def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IPv4Network] = ()) -> PeerCandidate | str:
+    """A PeerCandidate from a resolved service, or the reason it is not one. Of the addresses it announces (an
+    interface may have several, on different subnets), the candidate's is the first on one of the ``reachable``
+    networks (this node's mDNS interfaces'), else the first: a peer is dialled where this node reaches it."""
     txt: dict[str, str] = {}
     for raw_key, raw_value in info.properties.items():
         try:
@@ -161,9 +166,11 @@ def candidate_from_info(info: AsyncServiceInfo) -> PeerCandidate | str:
     addresses = [a for a in addresses if _is_unicast(a)]
     if not addresses:
         return f"no unicast IPv4 address in {info.parsed_addresses(IPVersion.V4Only)!r}"
+    # zeroconf lists the most recently announced address first: that one, unless another is on our own subnets.
+    near = [a for a in addresses if any(ipaddress.IPv4Address(a) in net for net in reachable)]
     return PeerCandidate(
         node_id=txt["id"],
-        address=f"{addresses[0]}:{info.port}",  # zeroconf lists the most recently announced address first
+        address=f"{(near or addresses)[0]}:{info.port}",
         cluster=txt["cluster"],
         fingerprint=txt["fp"],
         protocol_version=int(txt["proto"]),
@@ -212,6 +219,7 @@ class MdnsDiscovery:
         # browser lives on while its goodbyes are sent; an event from it then would start a resolution whose answer
         # lands in the next binding, where no browser of its own would ever remove it.
         self._browsing: Zeroconf | None = None
+        self._reachable: list[ipaddress.IPv4Network] = []  # the networks of the bound addresses (see candidates)
         self._info: AsyncServiceInfo | None = None
         self._binding = contextlib.AsyncExitStack()  # zeroconf, browser, registration on the current interfaces
         self._binding_lock = asyncio.Lock()  # a rebind and a close never interleave (a close would miss its binding)
@@ -283,6 +291,7 @@ class MdnsDiscovery:
         """Open zeroconf on ``self._interfaces``, browse, register ``self._advert`` (as ``name`` if given).
         On failure, what was opened is closed again and the error raised."""
         binding = self._binding = contextlib.AsyncExitStack()
+        self._reachable = ipv4_networks(self._interfaces)
         try:
             try:
                 aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
@@ -428,7 +437,7 @@ class MdnsDiscovery:
             log.error("mDNS: resolution failed unexpectedly", exc_info=exc)
 
     async def _async_resolve(self, zeroconf: Zeroconf, service_type: str, name: str) -> None:
-        result = await async_resolve_candidate(zeroconf, service_type, name)
+        result = await async_resolve_candidate(zeroconf, service_type, name, self._reachable)
         if result is None:
             log.debug("mDNS: %r did not resolve within %d ms", name, RESOLVE_TIMEOUT_MS)
             return

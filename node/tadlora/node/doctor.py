@@ -40,6 +40,7 @@ from tadlora.node.hostcheck import (
     check_precision,
     check_training,
 )
+from tadlora.node.netif import ipv4_networks
 
 if TYPE_CHECKING:
     import grpc
@@ -96,7 +97,10 @@ async def async_browse(addresses: list[str], seconds: float) -> Browsed:
         finally:
             await browser.async_cancel()
         seen = sorted(names)
-        found = await asyncio.gather(*(async_resolve_candidate(aiozc.zeroconf, SERVICE_TYPE, n) for n in seen))
+        reachable = ipv4_networks(list(addresses))
+        found = await asyncio.gather(
+            *(async_resolve_candidate(aiozc.zeroconf, SERVICE_TYPE, n, reachable) for n in seen)
+        )
     finally:
         await aiozc.async_close()
     return Browsed(

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 import ifaddr
 
 from tadlora.node.peerspec import looks_like_ipv4
 
-__all__ = ["InterfaceError", "interface_addresses", "ipv4_by_interface", "require_unicast_ipv4"]
+__all__ = ["InterfaceError", "interface_addresses", "ipv4_by_interface", "ipv4_networks", "require_unicast_ipv4"]
 
 _ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
 
@@ -69,6 +70,18 @@ def interface_addresses(spec: str | None) -> list[str]:
             "another interface"
         )
     return by_name[spec]
+
+
+def ipv4_networks(addresses: Sequence[str]) -> list[ipaddress.IPv4Network]:
+    """The networks (address and prefix, as the host has them configured) of those of this host's IPv4
+    ``addresses`` it still has: where a peer's address is on one of them, this host reaches it directly."""
+    wanted = set(addresses)
+    return [
+        ipaddress.IPv4Interface(f"{ip.ip}/{ip.network_prefix}").network
+        for adapter in ifaddr.get_adapters()
+        for ip in adapter.ips
+        if isinstance(ip.ip, str) and ip.ip in wanted
+    ]
 
 
 def ipv4_by_interface() -> dict[str, list[str]]:
