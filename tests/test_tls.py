@@ -483,3 +483,36 @@ def test_certificates_follow_rfc_5280_so_strict_verifiers_accept_nodes_for_serve
     ski = ca.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
     aki = node.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
     assert aki.key_identifier == ski.digest
+
+
+@pytest.mark.parametrize("case", ["no ca.key", "encrypted ca.key", "garbled ca.key", "garbled ca.crt"])
+def test_certs_issue_names_the_ca_file_it_cannot_use_and_never_advises_replacing_the_ca(tmp_path, capsys, case) -> None:
+    """Exit 2 naming the file, without a traceback. A machine with ``ca.crt`` but no ``ca.key`` (the documented
+    node layout) must not be told to run ``certs init``: forced, that replaces the cluster's CA."""
+    from cryptography.hazmat.primitives import serialization
+
+    certs = make_certs(tmp_path / "certs")
+    capsys.readouterr()
+    if case == "no ca.key":
+        (certs / "ca.key").unlink()
+    elif case == "encrypted ca.key":  # a CA key kept under a passphrase, as it well may be
+        key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+        encryption = serialization.BestAvailableEncryption(b"passphrase")
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
+        (certs / "ca.key").write_bytes(pem)
+    else:
+        (certs / case.split()[1]).write_bytes(b"not PEM\n")
+    assert main(["certs", "issue", "node-0", "--dir", str(certs)]) == 2
+    err = capsys.readouterr().err
+    assert str(certs / case.split()[1]) in err and "certs init" not in err, err
+    assert not (certs / "node-0.key").exists()
+
+
+@pytest.mark.parametrize("file", ["ca.crt", "node-0.crt"])
+def test_a_node_names_the_certificate_file_it_cannot_parse(tmp_path, file) -> None:
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    (certs / file).write_bytes(b"not PEM\n")
+    with pytest.raises(ValueError, match=f"{certs / file} is not a PEM certificate"):
+        TlsMaterial.from_dir(certs, "node-0")

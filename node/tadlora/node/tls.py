@@ -53,6 +53,7 @@ class TlsMaterial:
                 f"(once per cluster) and `tadlora-node certs issue {name} --dir {directory}`"
             )
         ca, cert, key = (p.read_bytes() for p in paths)
+        _certificate(paths[0], ca), _certificate(paths[1], cert)  # each parse error names its file
         material = cls(ca=ca, cert=cert, key=key)
         names = material.certificate().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if [n.value for n in names] != [name]:
@@ -101,6 +102,14 @@ class TlsMaterial:
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
         )
+
+
+def _certificate(path: Path, pem: bytes) -> x509.Certificate:
+    """``pem`` (read from ``path``) parsed; ValueError naming ``path`` if it is not a PEM certificate."""
+    try:
+        return x509.load_pem_x509_certificate(pem)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a PEM certificate ({exc})") from None
 
 
 def _check_name(name: str) -> None:
@@ -192,16 +201,32 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
     """Issue ``NAME.crt``/``NAME.key`` signed by the CA in ``directory`` (for server and client use), valid for
     `NODE_DAYS` or until the CA expires, whichever comes first; ValueError if the CA has expired."""
     _check_name(name)
+    ca_key_path, ca_path = directory / "ca.key", directory / "ca.crt"
+    missing = [p for p in (ca_key_path, ca_path) if not p.is_file()]
+    if len(missing) == 2:
+        raise ValueError(f"no CA in {directory}: run `tadlora-node certs init {directory}` first")
+    if missing:
+        # Not `certs init`: forced, it would replace the cluster's CA, which every node trusts (a node's directory
+        # holds ca.crt alone; keeping ca.key off the nodes is what the docs ask).
+        raise ValueError(
+            f"{missing[0]} is missing: issue certificates in the directory that holds both ca.crt and ca.key of "
+            "the cluster CA"
+        )
+    ca_cert = _certificate(ca_path, ca_path.read_bytes())
     try:
-        ca_key = serialization.load_pem_private_key((directory / "ca.key").read_bytes(), password=None)
-        ca_cert = x509.load_pem_x509_certificate((directory / "ca.crt").read_bytes())
-    except FileNotFoundError as exc:
-        raise ValueError(f"no CA in {directory}: run `tadlora-node certs init {directory}` first") from exc
+        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+    except TypeError:  # encrypted
+        raise ValueError(f"{ca_key_path} is encrypted; `certs issue` needs the unencrypted key") from None
+    except ValueError as exc:
+        raise ValueError(f"{ca_key_path} is not a PEM private key ({exc})") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{directory / 'ca.key'} is not an EC key made by `tadlora-node certs init`")
+        raise ValueError(f"{ca_key_path} is not an EC key made by `tadlora-node certs init`")
     if ca_key.public_key() != ca_cert.public_key():
         # Certificates signed with it would chain to nothing the nodes trust.
-        raise ValueError(f"{directory / 'ca.key'} does not belong to {directory / 'ca.crt'}; run `certs init --force`")
+        raise ValueError(
+            f"{ca_key_path} does not belong to {ca_path}: put back the key made with it (a new cluster CA, "
+            "`certs init --force`, means issuing every node's certificate again)"
+        )
     now = dt.datetime.now(dt.UTC)
     if now > ca_cert.not_valid_after_utc:
         # Its certificates would be refused by every peer: a new cluster CA, and new certificates from it, are due.
