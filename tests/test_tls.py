@@ -516,3 +516,25 @@ def test_a_node_names_the_certificate_file_it_cannot_parse(tmp_path, file) -> No
     (certs / file).write_bytes(b"not PEM\n")
     with pytest.raises(ValueError, match=f"{certs / file} is not a PEM certificate"):
         TlsMaterial.from_dir(certs, "node-0")
+
+
+def test_the_documented_docker_run_gives_the_node_only_its_own_key_and_never_ca_key() -> None:
+    """`certs init certs/` leaves ca.key (and `certs issue`, every node's key) in certs/: mounting the directory
+    would put the cluster's CA key, and other nodes' keys, inside the node's container."""
+    import itertools
+    import re
+    import shlex
+
+    text = (Path(__file__).parents[1] / "docs" / "deploy.md").read_text()
+    runs = [
+        shlex.split(run.replace("\\\n", " ")) for run in re.findall(r"^docker run (?:.*\\\n)*.*$", text, flags=re.M)
+    ]
+    checked = 0
+    for words in (w for w in runs if "TADLORA_TLS_DIR" in " ".join(w)):
+        tls_dir = next(w.split("=", 1)[1] for w in words if w.startswith("TADLORA_TLS_DIR="))
+        node_id = next(w.split("=", 1)[1] for w in words if w.startswith("TADLORA_NODE_ID="))
+        mounts = [v.split(":") for flag, v in itertools.pairwise(words) if flag == "-v"]
+        into_tls_dir = sorted(Path(target).name for _, target, *_ in mounts if target.startswith(tls_dir))
+        assert into_tls_dir == sorted(["ca.crt", f"{node_id}.crt", f"{node_id}.key"]), mounts
+        checked += 1
+    assert checked
