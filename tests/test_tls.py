@@ -538,3 +538,13 @@ def test_the_documented_docker_run_gives_the_node_only_its_own_key_and_never_ca_
         assert into_tls_dir == sorted(["ca.crt", f"{node_id}.crt", f"{node_id}.key"]), mounts
         checked += 1
     assert checked
+
+
+def test_the_private_key_never_shows_in_the_materials_repr(tmp_path) -> None:
+    """A repr reaches logs and tracebacks (those that print locals, an error reporter's): the key must not."""
+    from tadlora.node.tls import TlsMaterial
+
+    material = TlsMaterial.from_dir(make_certs(tmp_path / "certs", "node-0"), "node-0")
+    assert b"PRIVATE KEY" in material.key
+    assert "PRIVATE KEY" not in repr(material) and "PRIVATE KEY" not in str(material)
+    assert "BEGIN CERTIFICATE" in repr(material)  # the public parts still show

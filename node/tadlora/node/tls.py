@@ -15,7 +15,7 @@ import errno
 import ipaddress
 import os
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -38,7 +38,7 @@ class TlsMaterial:
 
     ca: bytes
     cert: bytes
-    key: bytes
+    key: bytes = field(repr=False)  # a repr reaches logs and tracebacks
 
     @classmethod
     def from_dir(cls, directory: Path, name: str) -> TlsMaterial:
