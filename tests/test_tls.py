@@ -548,3 +548,71 @@ def test_the_private_key_never_shows_in_the_materials_repr(tmp_path) -> None:
     assert b"PRIVATE KEY" in material.key
     assert "PRIVATE KEY" not in repr(material) and "PRIVATE KEY" not in str(material)
     assert "BEGIN CERTIFICATE" in repr(material)  # the public parts still show
+
+
+def _sign_node_certificate(certs: Path, name: str, common_names: list[str]) -> Path:
+    """A directory holding ``ca.crt`` and ``NAME.crt``/``.key``, signed by the CA in ``certs`` for DNS names
+    TLS_SERVER_NAME and NAME with ``common_names`` in its subject: as another tool with the CA key might issue it."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    from tadlora.node.tls import TLS_SERVER_NAME
+
+    ca_key = serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in common_names]))
+        .issuer_name(ca.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_SERVER_NAME), x509.DNSName(name)]), False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(usage, critical=False)
+        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
+    )
+    out = certs.parent / "foreign"
+    out.mkdir()
+    (out / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
+    (out / f"{name}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    no_password = serialization.NoEncryption()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, no_password)
+    (out / f"{name}.key").write_bytes(pem)
+    return out
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "common_names", [[], ["node-2"]], ids=["no common name", "common name not among its DNS names"]
+)
+async def test_a_certificate_whose_common_name_is_not_one_of_its_dns_names_speaks_for_no_node(
+    tmp_path, common_names
+) -> None:
+    """Callers verify a node by a DNS name of its certificate, the node its callers by the common name: a certificate
+    must name its node in both, or one certificate could speak for one node and answer for another. (`certs issue`
+    writes both; another tool with the CA key may not, and cert-manager writes no common name.)"""
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.rpc import ExchangeHeader
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1")
+    foreign = _sign_node_certificate(certs, "node-0", common_names)
+    files = (foreign / "ca.crt", foreign / "node-0.crt", foreign / "node-0.key")
+    material = TlsMaterial(*(f.read_bytes() for f in files))  # as an impostor would, without from_dir's checks
+    async with Node(tls(tmp_path, certs, 1, 3, (), min_peers=0)) as honest:
+        header = ExchangeHeader(node_id="node-2", cluster=honest.config.cluster, fingerprint=honest.fingerprint,
+                                round=0, degree=1)  # fmt: skip
+        async with GrpcTransport.with_tls(material).connect(honest.address, node_id=honest.node_id) as conn:
+            for claimed in ("node-0", "node-2"):
+                with pytest.raises(ExchangeRefused) as refused:
+                    await conn.commit(dataclasses.replace(header, node_id=claimed), True, 10.0)
+                assert refused.value.reason is Reason.IDENTITY_MISMATCH, (claimed, refused.value)

@@ -50,9 +50,16 @@ GRPC_MIN_CONNECTION_AGE_GRACE_MS: Final = 120_000  # ms; twice a catch-up Fetch'
 
 
 def _certified_name(context: grpc.aio.ServicerContext) -> str | None:
-    """The common name of the caller's verified TLS certificate; None on a plaintext server."""
-    names = context.auth_context().get("x509_common_name")
-    return names[0].decode() if names else None
+    """The node id the caller's verified TLS certificate names: its common name, if that is also one of its DNS
+    names (else "", which no node id equals); None on a plaintext server. A caller checks its callee by a DNS
+    name (`PeerClient`), so a certificate whose common name were another node's would speak for one node and
+    answer for another; `tls.issue` writes the node id in both."""
+    auth = context.auth_context()
+    names = auth.get("x509_common_name")  # b"" for a certificate without one
+    if not names:
+        return None
+    name = names[0].decode()
+    return name if name.encode() in auth.get("peer_dns", []) else ""
 
 
 class _Parsed(AsyncIterator[pb.ExchangeMessage]):
