@@ -272,6 +272,13 @@ def test_a_certificate_the_run_cannot_use_fails_and_one_expiring_within_30_days_
     expiring = check_tls(cfg)
     assert expiring.status == "WARN" and "in 9 days" in expiring.detail
     assert "certs issue node-0" in expiring.fix
+    monkeypatch.undo()  # certificates of the usual lifetime again
+    tls.issue(certs, "node-0", force=True)
+    (certs / "node-0.key").chmod(0o644)  # as a copy that did not keep the mode may leave it
+    exposed = check_tls(cfg)
+    assert exposed.status == "WARN" and "mode 644" in exposed.detail and exposed.fix == f"chmod 600 {certs}/node-0.key"
+    (certs / "node-0.key").chmod(0o600)
+    assert check_tls(cfg).status == "OK"
 
 
 def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:

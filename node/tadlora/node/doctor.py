@@ -270,8 +270,8 @@ async def async_check_peers(
 
 
 def check_tls(cfg: NodeConfig) -> Check:
-    """Certificates present, issued to this node id by the cluster CA, with their key, and not expiring within
-    CERT_EXPIRY_WARN_DAYS (WARN); or --insecure said out loud."""
+    """Certificates present, issued to this node id by the cluster CA, with their key (WARN if others may read
+    it), and not expiring within CERT_EXPIRY_WARN_DAYS (WARN); or --insecure said out loud."""
     if cfg.insecure:
         return Check("tls", "WARN", "--insecure: plaintext, and anyone who reaches the port may join", _TLS_FIX)
     if cfg.tls_dir is None or cfg.node_id is None:
@@ -283,6 +283,16 @@ def check_tls(cfg: NodeConfig) -> Check:
     except (OSError, ValueError) as exc:
         return Check("tls", "FAIL", str(exc), _TLS_FIX)
     path = cfg.tls_dir / f"{cfg.node_id}.crt"
+    key = cfg.tls_dir / f"{cfg.node_id}.key"
+    if (mode := key.stat().st_mode) & 0o077:
+        # `certs issue` writes it 0600; a copy (scp, a volume, an archive) may not keep that, and then any user
+        # of this host can take the node's identity.
+        return Check(
+            "tls",
+            "WARN",
+            f"{key} can be read by users other than its owner (mode {mode & 0o777:o})",
+            f"chmod 600 {key}",
+        )
     expires = material.certificate().not_valid_after_utc
     left = expires - dt.datetime.now(dt.UTC)
     if left < dt.timedelta(days=CERT_EXPIRY_WARN_DAYS):
