@@ -36,6 +36,12 @@ def test_certs_commands_make_a_ca_and_private_node_keys(tmp_path, capsys) -> Non
     assert "--force" in capsys.readouterr().err
     assert main(["certs", "issue", "x", "--dir", str(tmp_path / "nothing")]) == 2
     assert "certs init" in capsys.readouterr().err
+    # A forced new CA leaves the node certificates of the old one in place: say they must be reissued.
+    assert main(["certs", "issue", "node-1", "--dir", str(certs)]) == 0
+    capsys.readouterr()
+    assert main(["certs", "init", str(certs), "--force"]) == 0
+    err = capsys.readouterr().err
+    assert "2 node certificates" in err and "(node-0, node-1)" in err and "certs issue NAME" in err, err
 
 
 def test_a_node_without_certificates_refuses_to_start_unless_insecure(tmp_path) -> None:

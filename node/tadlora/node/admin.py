@@ -203,7 +203,14 @@ def certs_main(argv: list[str]) -> int:
         if not (a.dir or "").strip():
             raise ValueError(f"{'DIR' if a.action == 'init' else '--dir'} must not be empty")
         if a.action == "init":
+            stale = sorted(c.stem for c in Path(a.dir).glob("*.crt") if c.name != "ca.crt") if a.force else []
             path = tls.init_ca(Path(a.dir), cluster=a.cluster, force=a.force)
+            if stale:  # issued by the CA just replaced: no node of the new one accepts them
+                sys.stderr.write(
+                    f"tadlora-node certs: note: {len(stale)} node certificates in {a.dir} were issued by the CA just "
+                    f"replaced and no longer verify ({', '.join(stale)}): reissue each with `tadlora-node certs issue "
+                    f"NAME --dir {a.dir} --force`, and give every node the new {path}\n"
+                )
         else:
             path = tls.issue(Path(a.dir), a.name, ips=tuple(a.ip), force=a.force)
     except (OSError, ValueError) as exc:  # OSError: DIR cannot be created or written, say so without a traceback
