@@ -460,3 +460,46 @@ def test_an_interface_without_the_multicast_flag_or_route_is_a_warning_since_mdn
             run.communicate()
     assert found == f"found {h2.address}:7070\n", (found, runs[0].stderr)
     assert "status='WARN'" in check and "no MULTICAST flag" in check and "fix=''" not in check, check
+
+
+@pytest.mark.netns
+def test_an_interface_that_is_down_fails_and_one_without_a_link_warns(testbeds: Callable[[int], Testbed]) -> None:
+    """An interface set down keeps its address, but zeroconf's sends there fail (Network is unreachable); one
+    that is up without a link (a cable unplugged, the far end of a veth down) drops them unseen. Neither is
+    "multicast capable"."""
+    bed = testbeds(1)
+    [host] = bed.hosts
+    code = textwrap.dedent(
+        f"""\
+        import pathlib
+        from tadlora.node.config import NodeConfig
+        from tadlora.node.hostcheck import check_mdns_interface
+        cfg = NodeConfig(pathlib.Path("unused"), insecure=True, mdns_interface="{host.interface}")
+        print(check_mdns_interface(cfg)[0])
+        """
+    )
+
+    def check() -> str:
+        result = bed.run(host, sys.executable, "-c", code)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    assert "status='OK'" in check()
+    bed.cut(host)  # the bridge's end of the veth goes down: no carrier here
+    no_link = check()
+    assert "status='WARN'" in no_link and "no link" in no_link, no_link
+    assert bed.run(host, "ip", "link", "set", host.interface, "down").returncode == 0
+    down = check()
+    assert "status='FAIL'" in down and "is down" in down and f"ip link set {host.interface} up" in down, down
+
+
+def test_an_out_that_is_a_dangling_symbolic_link_fails_since_the_node_cannot_create_it(tmp_path) -> None:
+    """`mkdir(parents=True, exist_ok=True)`, as the node makes --out, raises FileExistsError on a symbolic link to
+    nothing (a volume not mounted), in --out or above it."""
+    from tadlora.node.hostcheck import check_out
+
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
+    (tmp_path / "link").symlink_to(tmp_path / "not-mounted")
+    for out in (tmp_path / "link", tmp_path / "link" / "run"):
+        check = check_out(dataclasses.replace(cfg, out=out), None)
+        assert check.status == "FAIL" and "not-mounted" in check.detail, check

@@ -31,7 +31,9 @@ __all__ = [
 
 Status = Literal["OK", "WARN", "FAIL"]
 
+_IFF_UP = 0x1  # <linux/if.h>: the interface is up (`ip link set NAME up`)
 _IFF_MULTICAST = 0x1000  # <linux/if.h>: the interface supports multicast
+_NO_LINK = ("down", "lowerlayerdown")  # /sys/class/net/IFACE/operstate of an interface that is up without a link
 _SYS_NET = Path("/sys/class/net")  # Linux: /sys/class/net/IFACE/flags holds the interface flags in hex
 _ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table
 _NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present while the NVIDIA kernel driver is loaded
@@ -105,6 +107,24 @@ def check_mdns_interface(cfg: NodeConfig) -> tuple[Check, list[str]]:
         return Check("mdns", "OK", f"{where}: loopback, so mDNS reaches nodes on this host only"), addresses
     flags_file = _SYS_NET / name / "flags"
     flags = int(flags_file.read_text().strip(), 16) if flags_file.exists() else None
+    if flags is not None and not flags & _IFF_UP:
+        # It keeps its address, so zeroconf binds there; but every send fails (Network is unreachable).
+        return Check(
+            "mdns",
+            "FAIL",
+            f"{where}: the interface is down, so mDNS can neither send nor receive there",
+            f"ip link set {name} up (as root), or pick another --mdns-interface (see 'interfaces')",
+        ), addresses
+    operstate_file = _SYS_NET / name / "operstate"
+    operstate = operstate_file.read_text().strip() if operstate_file.exists() else None
+    if operstate in _NO_LINK:  # up, but the kernel drops what is sent: a link may come later, so a WARN
+        return Check(
+            "mdns",
+            "WARN",
+            f"{where}: no link (operstate {operstate}), so mDNS reaches no one until it has one",
+            "plug in the cable or join the Wi-Fi network (for a veth: set its other end up), or pick another "
+            "--mdns-interface (see 'interfaces')",
+        ), addresses
     routes = multicast_route_interfaces(_ROUTE_TABLE.read_text()) if _ROUTE_TABLE.exists() else set()
     if (flags is not None and flags & _IFF_MULTICAST) or name in routes:
         return Check("mdns", "OK", f"{where}: multicast capable"), addresses
@@ -307,7 +327,14 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
     from tadlora.node.identity import IDENTITY, load_identity, run_conflict
 
     out = cfg.out
-    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), Path("."))
+    if not existing.exists():  # a symbolic link to nothing (a volume not mounted): the node's mkdir raises
+        return Check(
+            "out",
+            "FAIL",
+            f"{out}: {existing} is a symbolic link to {os.readlink(existing)}, which does not exist",
+            "mount or create what it points to, or choose another --out",
+        )
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         return Check(
             "out",
