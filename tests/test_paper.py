@@ -276,3 +276,22 @@ def test_paper_table_refuses_bad_arguments_and_stops_with_a_message(tmp_path: Pa
     monkeypatch.setattr(script.Simulator, "run", interrupted)
     assert script.main(out) == 130
     assert "interrupted; run the same command again to resume" in capsys.readouterr().err
+
+
+def test_a_claim_waiting_for_a_seed_is_incomplete_not_a_verdict() -> None:
+    # Every method and T has seed 0 but the grids hold seeds 0 and 1: the cells are not all finished, so no claim
+    # is "reproduced" or "not reproduced" yet (the second seed moves every mean and spread), only what they say so far.
+    from tadlora.sim.paper import markdown
+
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    sweep = sweep_rows(0.5, best_t=1) + sweep_rows(0.02, best_t=10)
+    assert statuses(grid, sweep) == ["reproduced", "reproduced", "reproduced"]  # with one seed, all finished
+    config = {"link_probs": [0.5, 0.02], "rounds": 100, "methods": list(ALL_METHODS), "seeds": [0, 1]}
+    _text, verdict = markdown({"config": config, "summary": grid}, {"config": config, "summary": sweep}, "t")
+    assert [c.status for c in verdict] == ["incomplete"] * 3, verdict
+    assert "7 of 14 cells not finished" in verdict[1].detail and "ahead" in verdict[1].detail
+    assert "6 of 12 cells not finished" in verdict[2].detail and "best T = 10" in verdict[2].detail
+    # A claim waits only for its own cells: seed 1 finished at p = 0.5 makes the first claim a verdict.
+    both = [{**r, "seeds": 2, "acc_seed_std": 0.02} if r["link_prob"] == 0.5 else r for r in grid]
+    _text, verdict = markdown({"config": config, "summary": both}, {"config": config, "summary": sweep}, "t")
+    assert [c.status for c in verdict] == ["reproduced", "incomplete", "incomplete"], verdict

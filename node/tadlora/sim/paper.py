@@ -139,8 +139,12 @@ def claims(
     sweep: Mapping[tuple[str, float, int | None], Entry],
     link_probs: Sequence[float],
     methods: int = len(ALL_METHODS),
+    seeds: int = 1,
+    sweep_seeds: int | None = None,
 ) -> list[Claim]:
-    """The three claims (module docstring), judged from the method grid and the T sweep."""
+    """The three claims (module docstring), judged from the method grid and the T sweep; ``seeds`` and
+    ``sweep_seeds`` (default ``seeds``) are how many seeds each grid holds: an entry with fewer is unfinished."""
+    sweep_seeds = seeds if sweep_seeds is None else sweep_seeds
     high, low = max(link_probs), min(link_probs)
     out = []
     for name, p, wanted, needs_two_ps in (
@@ -156,7 +160,16 @@ def claims(
             out.append(Claim(name, "incomplete", "tad or every other method has no finished cell at this p"))
             continue
         relation, detail = compared
-        status = "incomplete" if len(at_p) < methods else "reproduced" if relation in wanted else "not reproduced"
+        unfinished = sum(max(seeds - e.seeds, 0) for e in at_p.values())  # the seeds of the methods that have one
+        if unfinished and len(at_p) >= methods:
+            detail += f"; {unfinished} of {methods * seeds} cells not finished"
+        status = (
+            "incomplete"
+            if len(at_p) < methods or unfinished
+            else "reproduced"
+            if relation in wanted
+            else "not reproduced"
+        )
         out.append(Claim(name, status, detail))
 
     contenders: dict[float, list[int]] = {}  # at each p: the T within the spread of the best one
@@ -164,7 +177,8 @@ def claims(
     complete = True
     for p in sorted({high, low}, reverse=True):
         row = {t: e for (m, q, t), e in sweep.items() if m == SWEEP_METHOD and math.isclose(q, p) and t is not None}
-        complete = complete and all(t in row for t in SWEEP_INTERVALS)
+        unfinished = sum(max(sweep_seeds - e.seeds, 0) for e in row.values())
+        complete = complete and all(t in row for t in SWEEP_INTERVALS) and not unfinished
         if row:
             t_best, e_best = max(row.items(), key=lambda te: te[1].mean)
             close = sorted(t for t, e in row.items() if e_best.mean - e.mean <= e_best.spread(e)[0])
@@ -172,6 +186,7 @@ def claims(
             notes.append(
                 f"p = {p:g}: best T = {t_best} ({e_best.mean:.3f}); T within the spread of it: {close}"
                 + ("" if len(row) == len(SWEEP_INTERVALS) else f" ({len(row)} of {len(SWEEP_INTERVALS)} T finished)")
+                + (f" ({unfinished} of {len(row) * sweep_seeds} cells not finished)" if unfinished else "")
             )
     name = "best T grows as connectivity falls"
     if high == low:
@@ -259,7 +274,8 @@ def markdown(
     for t in SWEEP_INTERVALS:
         row = [sweep.get((SWEEP_METHOD, float(p), t)) for p in sweep_ps]
         lines.append(f"| {t} | " + " | ".join(e.text() if e else "—" for e in row) + " |")
-    verdict = claims(grid, sweep, link_probs, methods=len(methods))
+    seeds = len(set(grid_results["config"]["seeds"]))
+    verdict = claims(grid, sweep, link_probs, len(methods), seeds, len(set(sweep_results["config"]["seeds"])))
     lines += ["", "Claims:", ""]
     lines += [f"* **{c.name}**: {c.status}. {c.detail}" for c in verdict]
     missing = list(grid_results.get("missing_cells", [])) + list(sweep_results.get("missing_cells", []))
