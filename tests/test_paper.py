@@ -295,3 +295,24 @@ def test_a_claim_waiting_for_a_seed_is_incomplete_not_a_verdict() -> None:
     both = [{**r, "seeds": 2, "acc_seed_std": 0.02} if r["link_prob"] == 0.5 else r for r in grid]
     _text, verdict = markdown({"config": config, "summary": both}, {"config": config, "summary": sweep}, "t")
     assert [c.status for c in verdict] == ["reproduced", "incomplete", "incomplete"], verdict
+
+
+def test_a_method_grid_grown_to_more_than_one_t_judges_tad_at_t_auto() -> None:
+    # A run of the preset's own T axis in the method grid's directory (paper-mnli's is 1..15) grows its grid: tad has
+    # several T at a p. The claims judge the paper's tad, T = auto (1 at p = 0.5, 12 at p = 0.02 with 10 clients),
+    # not whichever T the summary happened to list last.
+    import dataclasses
+
+    from tadlora.sim.paper import markdown
+
+    config = dataclasses.replace(
+        preset("cpu-sst2"), link_probs=(0.5, 0.02), switch_intervals=("auto", 5), seeds=(0,)
+    ).to_dict()
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    grid = [{**r, "switch_interval": 12} if r["method"] in ("tad", "tad-nojoint") and r["link_prob"] == 0.02 else r
+            for r in grid]  # fmt: skip
+    grid += [row("tad", 0.5, 5, 0.70), row("tad", 0.02, 5, 0.60)]  # far behind: a T the paper's table does not judge
+    sweep = sweep_rows(0.5, best_t=1) + sweep_rows(0.02, best_t=10)
+    _text, verdict = markdown({"config": config, "summary": grid}, {"config": config, "summary": sweep}, "t")
+    assert [c.status for c in verdict] == ["reproduced", "reproduced", "reproduced"], verdict
+    assert "tad 0.850" in verdict[0].detail and "tad 0.800" in verdict[1].detail
