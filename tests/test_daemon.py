@@ -127,6 +127,30 @@ async def test_daemon_adapters_equal_the_simulators(tmp_path, method, interval, 
 
 
 @pytest.mark.asyncio
+async def test_both_ends_of_an_exchange_count_it_and_its_bytes_and_the_peer_gauge_is_live(tmp_path) -> None:
+    """Only the calling end used to count exchanges and bytes: the node with the highest id showed none, though it
+    exchanged every round. The callee counts each committed pair as "served", with the same payload bytes the
+    caller counts the other way round. The verified-peer gauge is set as peers come, not only when a round starts."""
+    async with cluster(tmp_path, 2, rounds=2, min_peers=1) as nodes:
+        caller, callee = nodes
+        async with asyncio.timeout(30):
+            while any(n.metrics.registry.get_sample_value("tadlora_peers") != 1 for n in nodes):  # noqa: ASYNC110
+                await asyncio.sleep(0.02)  # before any round: the gauge follows the peer set itself
+        await run_all(nodes)
+
+    def value(node: Node, name: str, **labels: str) -> float:
+        return node.metrics.registry.get_sample_value(name, labels) or 0.0
+
+    assert value(caller, "tadlora_exchanges_total", result="ok") == 2
+    assert value(callee, "tadlora_exchanges_total", result="served") == 2
+    assert value(callee, "tadlora_exchanges_total", result="ok") == 0  # the two ends under two labels
+    sent, received = value(caller, "tadlora_bytes_sent_total"), value(caller, "tadlora_bytes_received_total")
+    assert sent > 0 and received > 0
+    assert value(callee, "tadlora_bytes_received_total") == sent
+    assert value(callee, "tadlora_bytes_sent_total") == received
+
+
+@pytest.mark.asyncio
 async def test_persistent_optimizer_state_survives_a_restart_and_matches_the_simulator(tmp_path) -> None:
     """Nodes keeping AdamW state across rounds, stopped after 2 rounds and restarted from their checkpoints,
     end where the simulator's uninterrupted 4 rounds end: the state is carried in memory and in the checkpoint

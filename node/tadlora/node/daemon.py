@@ -166,6 +166,8 @@ class Node:
         self._peers: PeerManager | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._failed: tuple[str, BaseException] | None = None  # the first background task that failed, and how
+        # caller -> (round, payload bytes received, sent) of its exchange served last, until it commits (metrics)
+        self._served: dict[str, tuple[int, int, int]] = {}
         self._round_log: state.RoundLog | None = None
         self._peers_changed = asyncio.Event()
         self._probing: set[str] = set()  # peers whose liveness is being checked
@@ -456,6 +458,7 @@ class Node:
 
     def _on_peers_changed(self) -> None:
         self._peers_changed.set()
+        self.metrics.peers.set(len(self._peer_ids()))  # not only at a round's start: while waiting for peers too
         if not self._closed:
             self._spawn(self.rounds.notify(), "peers-changed")  # a round may be waiting for a departed peer
 
@@ -579,10 +582,22 @@ class Node:
         """A neighbour's round-r exchange was refused here (see `NodeHandler`): round r stops waiting for it."""
         await self.rounds.refused(caller, r)
 
+    def observe_served(self, caller: str, r: int, received: int, sent: int) -> None:
+        """The payload sizes of ``caller``'s round-``r`` exchange, whose reply went out (see `_Responder`): counted
+        once the caller commits it, as a caller counts its own exchanges only when they count."""
+        self._served[caller] = (r, received, sent)
+
     async def async_commit(self, caller: str, r: int, accept: bool) -> None:
         """A neighbour ends its round-r exchange (see `NodeHandler`): the pair counts only if it accepted our reply
         and round r is still open here (else ROUND_MISMATCH, and it leaves the pair out too)."""
+        sizes = self._served.pop(caller, None)
         await self.rounds.commit(caller, r, accept)
+        if accept and sizes is not None and sizes[0] == r:
+            # The callee's side of the exchange: `_exchange_with` counts the caller's ("ok"), so the two ends of
+            # one pair are told apart and a cluster's totals are not counted twice under one label.
+            self.metrics.exchanges.labels("served").inc()
+            self.metrics.bytes_received.inc(sizes[1])
+            self.metrics.bytes_sent.inc(sizes[2])
 
     def _check_round_sane(self, r: int, who: str) -> None:
         """Refuse (ROUND_MISMATCH) an exchange or a catch-up for a round past the run's last one, before it makes

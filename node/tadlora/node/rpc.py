@@ -596,6 +596,9 @@ class _Responder:
         )
         # Optional: a handler with `async_commit(caller, r, accept)` counts an answered pair only once it is committed.
         self._commit: Callable[[str, int, bool], Awaitable[None]] | None = getattr(handler, "async_commit", None)
+        # Optional: a handler with `observe_served(caller, r, received, sent)` hears the payload sizes of each
+        # exchange whose whole reply was handed to the transport (metrics; the pair counts only once committed).
+        self._served: Callable[[str, int, int, int], None] | None = getattr(handler, "observe_served", None)
         # Calls in flight, by (call, caller id), from the caller's first message until its reply has been sent.
         self._in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
@@ -659,6 +662,7 @@ class _Responder:
         # until its deadline. Safe if the caller did take the reply: its commit then finds nothing and both ends
         # leave the pair out.
         aside: tuple[str, int] | None = None
+        received = 0  # the caller's payload, bytes
 
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
@@ -687,6 +691,8 @@ class _Responder:
                         iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
                     )
                 factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
+                nonlocal received
+                received = len(payload)
                 reply = await self._handler.async_exchange(header, factors)
             except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
                 await self._exchange_refused(head.node_id, head.round)
@@ -702,14 +708,20 @@ class _Responder:
         delivered = False  # the whole reply was handed to the transport, and it was the payload, not a refusal
         with held:
             try:
-                last = None
+                last, sent = None, 0
                 async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
                     async for last in replies:
                         yield last
+                        sent += len(last.chunk)  # 0 for a header or a refusal
                 delivered = last is not None and last.WhichOneof("kind") != "refusal"
             finally:
                 if aside is not None and not delivered:
                     await self._exchange_refused(*aside)
+            if aside is not None and delivered and self._served is not None:
+                try:
+                    self._served(*aside, received, sent)
+                except Exception:
+                    log.exception("served-exchange observer failed")
 
     async def commit(self, request: pb.CommitRequest | None, identity: str | None = None) -> pb.CommitReply:
         """End the caller's exchange (see `NodeHandler`): committed, or refused with the reason. ``identity``: the
