@@ -149,6 +149,30 @@ def test_without_a_gpu_the_doctor_fails_a_device_string_the_node_would_refuse() 
     assert check.status == "FAIL" and "unsupported device" in check.detail
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+@pytest.mark.parametrize("hidden", [None, ""])
+def test_a_driver_and_a_cuda_build_with_no_gpu_seen_warns_that_the_node_falls_back_to_the_cpu(
+    hidden: str | None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NVIDIA driver is loaded and torch is a CUDA build, yet torch sees no GPU (CUDA_VISIBLE_DEVICES empty, or a
+    driver too old for torch's CUDA): --device auto trains on the CPU, hours slower, and doctor used to say OK. (No
+    CUDA build or driver here: both are stood in for; the branch for a CPU build already had its WARN.)"""
+    from tadlora.node import hostcheck
+
+    version = tmp_path / "version"
+    version.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  470.57.02  Tue Jul 13 16:14:05 UTC 2021\n")
+    monkeypatch.setattr(hostcheck, "_NVIDIA_DRIVER", version)
+    monkeypatch.setattr(torch.version, "cuda", "12.8")
+    if hidden is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+    check = check_device(node_config(Path("/nonexistent"), 0, 1, NO_PEERS, device="auto"))
+    assert check.status == "WARN" and "470.57.02" in check.detail and "training on CPU" in check.detail
+    assert ("CUDA_VISIBLE_DEVICES=''" in check.detail) == (hidden == "")
+    assert "CUDA 12.8" in check.fix
+
+
 # ------------------------------------------------------------------------------------------------ precision
 
 

@@ -292,6 +292,16 @@ def check_device(cfg: NodeConfig) -> Check:
             "install a CUDA build of torch, e.g. pip install torch==VERSION --index-url "
             "https://download.pytorch.org/whl/cu128",
         )
+    if driver is not None:  # a driver and a CUDA build, and still no GPU: the node falls back to the CPU silently
+        hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+        why = f"CUDA_VISIBLE_DEVICES={hidden!r} hides the GPUs" if hidden is not None else "the driver may be too old"
+        return Check(
+            "device",
+            "WARN",
+            f"NVIDIA driver {driver} and {build}, yet torch sees no GPU ({why}): training on CPU",
+            "unset CUDA_VISIBLE_DEVICES or name a GPU in it; or update the driver to one that supports "
+            f"CUDA {torch.version.cuda} (nvidia-smi shows the CUDA version the driver supports); or --device cpu",
+        )
     return Check("device", "OK", f"no GPU: training on CPU ({build})")
 
 
