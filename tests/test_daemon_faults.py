@@ -191,6 +191,34 @@ async def test_catch_up_never_adopts_a_state_no_node_can_be_in(
 
 
 @pytest.mark.asyncio
+async def test_catch_up_fetches_over_the_leader_s_connection_of_now_not_the_one_before_its_probe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the catch-up probes ran, a scan moved the leader to a new address (its advert changed), closing the
+    old connection. A fetch over that one failed, and the leader was not asked again for FETCH_RETRY_S."""
+    net = InMemoryNetwork()
+    async with (
+        lone_node(tmp_path, net, rounds=5) as node,
+        scripted_peer(node, net, round=3, last_mixed_round=3, fetch_round=3) as leader,
+        net.serve(leader, "10.0.0.10:0") as moved,
+    ):
+        assert node._peers is not None
+        pm, real_probe = node._peers, PeerManager.probe
+
+        async def probe_then_moved(self: PeerManager, node_id: str, why: str) -> PeerInfo | None:
+            info = await real_probe(self, node_id, why)
+            # As a scan does when the advert names a new address: a new entry, the old connection closed.
+            await self.add(dataclasses.replace(leader.info, address=moved.address), None, "mdns")
+            return info
+
+        monkeypatch.setattr(PeerManager, "probe", probe_then_moved)
+        async with asyncio.timeout(30):
+            await node._catch_up_if_behind()
+        assert pm.peers[PEER_ID].info.address == moved.address
+        assert (node.round, node.last_mixed_round) == (3, 3)
+
+
+@pytest.mark.asyncio
 async def test_a_node_that_caught_up_reports_the_round_it_reached_as_completed(tmp_path: Path) -> None:
     """`Node.round` is the rounds completed when the node is idle; its status and its run's result say the same
     after a catch-up (here: to the group's last round, so the run ends there) as after a resume."""

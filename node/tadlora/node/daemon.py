@@ -720,10 +720,15 @@ class Node:
         ]
         if not leaders:
             return
-        info, peer = max(leaders, key=lambda x: (x[0].last_mixed_round, x[0].round))
+        info, _ = max(leaders, key=lambda x: (x[0].last_mixed_round, x[0].round))
+        # Its entry now, not the one the probes started from: meanwhile a scan may have moved it to a new address
+        # (closing the old connection, so a fetch on it would fail and bar the leader for FETCH_RETRY_S).
+        current = self._peers.peers.get(info.node_id)
+        if current is None:  # dropped meanwhile
+            return
         try:
             spec = FactorSpec.from_factors(rounds.factors)
-            result = await peer.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, spec)
+            result = await current.conn.fetch(self.local_info(), FETCH_TIMEOUT_S, spec)
             # Off the loop, and not behind training: see `_async_check_neighbour`.
             await asyncio.to_thread(spec.check, result.factors, cfg.max_factor_norm)
             # What we are about to adopt must be a state a node can be in (the handshake's claims were checked
