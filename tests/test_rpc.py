@@ -572,11 +572,12 @@ async def test_a_caller_refusing_a_reply_header_unfit_to_read_still_un_commits_i
 
 @pytest.mark.asyncio
 async def test_a_caller_whose_deadline_ends_the_wait_for_the_callee_s_snapshot_is_not_waited_for(
-    transport: Transport, alice: FakeNode, bob: FakeNode
+    transport: Transport, alice: FakeNode, bob: FakeNode, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The callee is still training when the caller's deadline cancels the exchange: the caller leaves the pair out
     and will not call again for the round, so the callee's round must stop waiting for it then, not at its own
     deadline."""
+    caplog.set_level(logging.INFO, logger="tadlora.rpc")
     bob.hold = True  # the handler waits (for a snapshot) until the call is cancelled
     async with serving(transport, bob) as (_, client):
         with pytest.raises(PeerTimeout):
@@ -584,6 +585,8 @@ async def test_a_caller_whose_deadline_ends_the_wait_for_the_callee_s_snapshot_i
         async with asyncio.timeout(TIMEOUT):
             await bob.left_out_seen.wait()
     assert bob.left_out == [("alice", alice.info.round)]
+    assert any("from 'alice'" in r.getMessage() and "ended before it was answered" in r.getMessage()
+               for r in caplog.records)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------- status and lifecycle

@@ -699,6 +699,8 @@ class _Responder:
                 raise
             except asyncio.CancelledError:  # the caller's deadline (or its stop) ended the call: it will not call
                 # again for this round, so the round stops waiting for it now, not at its own deadline
+                log.info("exchange from %r for round %d ended before it was answered (the caller's deadline or stop, "
+                         "or the transport refused a message of it)", head.node_id, head.round)  # fmt: skip
                 await self._exchange_refused(head.node_id, head.round)
                 raise
             nonlocal aside
