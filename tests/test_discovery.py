@@ -534,8 +534,10 @@ def test_of_a_peer_s_addresses_the_one_on_this_node_s_subnets_is_the_one_dialled
     info = _resolved(GOOD_TXT, addresses=["10.1.0.5", "192.168.7.5"])
     first = discovery.candidate_from_info(info)
     assert isinstance(first, PeerCandidate) and first.address == "10.1.0.5:50051"  # nothing known: zeroconf's first
+    assert first.alternates == ("192.168.7.5:50051",)
     near = discovery.candidate_from_info(info, [ipaddress.IPv4Network("192.168.7.0/24")])
     assert isinstance(near, PeerCandidate) and near.address == "192.168.7.5:50051"
+    assert near.alternates == ("10.1.0.5:50051",)  # still tried, if the one on our subnet does not answer
 
 
 @pytest.mark.asyncio

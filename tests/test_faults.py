@@ -427,8 +427,10 @@ class HostConnection:
         self.closed = True
 
 
-def advert(node_id: str, address: str) -> PeerCandidate:
-    return PeerCandidate(node_id, address, "c", "f", PROTOCOL_VERSION, False, "mdns", f"{node_id}._tadlora._tcp.local.")
+def advert(node_id: str, address: str, *alternates: str) -> PeerCandidate:
+    return PeerCandidate(
+        node_id, address, "c", "f", PROTOCOL_VERSION, False, "mdns", f"{node_id}._tadlora._tcp.local.", alternates
+    )
 
 
 def advertised(
@@ -564,6 +566,75 @@ async def test_a_node_advertised_at_our_own_address_is_dialled_once_its_advert_n
     live[:] = [advert("flaky", NEW)]
     await pm.scan()
     assert "flaky" in pm.peers and pm.peers["flaky"].info.address == NEW
+
+
+SECOND, THIRD = "192.168.7.5:7070", "172.17.0.5:7070"
+
+
+@pytest.mark.asyncio
+async def test_a_peer_is_dialled_at_the_other_addresses_its_advert_names_when_the_first_does_not_answer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A host's interface may carry addresses on several subnets, and the one dialled first may be one this node
+    has no route to: the peer must be reached at another it announces, not be retried at the dead one for ever."""
+    pm, hosts, _, _ = advertised(monkeypatch, advert("multi", OLD, SECOND, THIRD))
+    hosts.at = {THIRD: "multi"}
+    await pm.scan()
+    assert hosts.dials == [(OLD, "multi"), (SECOND, "multi"), (THIRD, "multi")]  # in order, bound to its id
+    assert "multi" in pm.peers and pm.retry_at("multi") is None
+    await pm.scan()
+    await pm.scan()
+    assert len(hosts.dials) == 3  # verified: not handshaken again at any of them
+
+
+@pytest.mark.asyncio
+async def test_a_peer_reached_at_none_of_its_addresses_backs_off_once_per_try(monkeypatch: pytest.MonkeyPatch) -> None:
+    pm, hosts, clock, _ = advertised(monkeypatch, advert("multi", OLD, SECOND))
+    await pm.scan()
+    first = pm.retry_at("multi")
+    assert first is not None and first - clock.now == retry_delay(1)  # one failure, not one per address
+    await pm.scan()
+    assert hosts.dials == [(OLD, "multi"), (SECOND, "multi")]  # backing off: nothing dialled
+    clock.now = first
+    hosts.at = {OLD: "multi"}  # its first address answers again: that is where it is taken
+    await pm.scan()
+    assert hosts.dials[-1] == (OLD, "multi") and "multi" in pm.peers
+
+
+@pytest.mark.asyncio
+async def test_another_node_at_an_alternate_address_is_not_taken_for_the_advertised_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pm, hosts, _, _ = advertised(monkeypatch, advert("multi", OLD, SECOND, THIRD))
+    hosts.at = {SECOND: "stranger", THIRD: "multi"}
+    await pm.scan()
+    assert set(pm.peers) == {"multi"} and hosts.dials[-1] == (THIRD, "multi")
+    pm2, hosts2, _, _ = advertised(monkeypatch, advert("multi", OLD, SECOND))
+    hosts2.at = {SECOND: "stranger"}
+    await pm2.scan()
+    assert pm2.peers == {} and pm2.retry_at("multi") is not None
+
+
+@pytest.mark.asyncio
+async def test_an_advert_whose_first_address_is_ours_is_still_dialled_at_its_others(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale advert may list our address first (the node had it before us). Its other addresses may reach it;
+    one that fails now is retried with backoff, not given up as if all of them were us."""
+    pm, hosts, clock, _ = advertised(monkeypatch, advert("multi", OLD, SECOND))
+    hosts.at = {OLD: "me"}
+    await pm.scan()
+    later = pm.retry_at("multi")
+    assert later is not None and later < float("inf")
+    hosts.at[SECOND] = "multi"
+    clock.now = later
+    await pm.scan()
+    assert "multi" in pm.peers and hosts.dials[-1] == (SECOND, "multi")
+    pm2, hosts2, _, _ = advertised(monkeypatch, advert("multi", OLD, SECOND))
+    hosts2.at = {OLD: "me", SECOND: "me"}  # every address is ours: not dialled again
+    await pm2.scan()
+    await pm2.scan()
+    assert len(hosts2.dials) == 2 and pm2.peers == {}
 
 
 @pytest.mark.asyncio

@@ -72,6 +72,9 @@ class PeerCandidate:
     secure: bool
     source: Source
     service_name: str
+    # The other addresses its advert names ("host:port", in order of preference): tried in turn when ``address`` does
+    # not answer (a peer's interface may carry addresses on several subnets, and only some reach this node).
+    alternates: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,7 +145,8 @@ async def async_resolve_candidate(
 def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IPv4Network] = ()) -> PeerCandidate | str:
     """A PeerCandidate from a resolved service, or the reason it is not one. Of the addresses it announces (an
     interface may have several, on different subnets), the candidate's is the first on one of the ``reachable``
-    networks (this node's mDNS interfaces'), else the first: a peer is dialled where this node reaches it."""
+    networks (this node's mDNS interfaces'), else the first: a peer is dialled where this node reaches it. The others
+    are its ``alternates``, dialled in turn when that one does not answer."""
     txt: dict[str, str] = {}
     for raw_key, raw_value in info.properties.items():
         try:
@@ -167,16 +171,19 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
     if not addresses:
         return f"no unicast IPv4 address in {info.parsed_addresses(IPVersion.V4Only)!r}"
     # zeroconf lists the most recently announced address first: that one, unless another is on our own subnets.
+    # The rest follow as alternates, those on our subnets first.
     near = [a for a in addresses if any(ipaddress.IPv4Address(a) in net for net in reachable)]
+    ordered = [f"{a}:{info.port}" for a in dict.fromkeys(near + addresses)]
     return PeerCandidate(
         node_id=txt["id"],
-        address=f"{(near or addresses)[0]}:{info.port}",
+        address=ordered[0],
         cluster=txt["cluster"],
         fingerprint=txt["fp"],
         protocol_version=int(txt["proto"]),
         secure=_SECURITY[txt["sec"]],
         source="mdns",
         service_name=info.name,
+        alternates=tuple(ordered[1:]),
     )
 
 

@@ -145,7 +145,10 @@ class PeerManager:
             tried.add(key)
             # An advert names its node: dial that id, so that only a certificate naming it answers.
             expected = cand.node_id if cand is not None else None
-            tries.append(self._try(key, address, "mdns" if cand is not None else "static", attempt, expected))
+            if cand is not None:
+                tries.append(self._try(key, (address, *cand.alternates), "mdns", attempt, expected))
+            else:
+                tries.append(self._try(key, (address,), "static", attempt, expected))
         if tries:
             await asyncio.gather(*tries)
 
@@ -183,37 +186,51 @@ class PeerManager:
             self._refused_logged.add((who, reason))
             log.warning("not a neighbour: %s: %s", who, reason)
 
-    async def _try(self, key: str, address: str, source: str, attempt: _Attempt, expected: str | None) -> None:
-        attempt.address = address
-        conn = self._transport.connect(address, node_id=expected)
-        try:
-            info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
-        except asyncio.CancelledError:  # shutting down mid-handshake: the connection is nobody's yet
-            await conn.aclose()
-            raise
-        except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record): never again
-            await conn.aclose()
-            log.debug("%s reaches this node itself: not dialled again", address)
-            attempt.retry_at = SELF
+    async def _try(
+        self, key: str, addresses: tuple[str, ...], source: str, attempt: _Attempt, expected: str | None
+    ) -> None:
+        """Handshake with candidate ``key`` at the first of ``addresses`` (its address, then the other addresses its
+        advert names) where ``expected`` (None: whoever) answers. If none does, it is backed off; if every one reached
+        this node itself, it is not dialled again (`SELF`) until its advert or this node's address changes."""
+        attempt.address = addresses[0]
+        failure: str | None = None  # why the last address that did not reach this node itself failed
+        for address in addresses:
+            conn = self._transport.connect(address, node_id=expected)
+            try:
+                info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
+            except asyncio.CancelledError:  # shutting down mid-handshake: the connection is nobody's yet
+                await conn.aclose()
+                raise
+            except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record)
+                await conn.aclose()
+                log.debug("%s reaches this node itself", address)
+                continue
+            except ExchangeRefused as exc:
+                await conn.aclose()
+                self._log_refusal(key, f"refused the handshake: {exc.reason.name}: {exc.detail}")
+                failure = exc.reason.name
+                continue
+            except PeerUnavailable as exc:
+                await conn.aclose()
+                failure = str(exc)
+                continue
+            if info.node_id == self._local_info().node_id:
+                await conn.aclose()  # our own static address
+                continue
+            if expected is not None and info.node_id != expected:
+                await conn.aclose()
+                self._log_refusal(key, f"advertised as {expected!r} but answers as {info.node_id!r}")
+                failure = "advertised id differs"
+                continue
+            break
+        else:
+            if failure is None:
+                attempt.retry_at = SELF
+            else:
+                self._backoff(attempt, failure)
             return
-        except ExchangeRefused as exc:
-            await conn.aclose()
-            self._log_refusal(key, f"refused the handshake: {exc.reason.name}: {exc.detail}")
-            self._backoff(attempt, f"{exc.reason.name}")
-            return
-        except PeerUnavailable as exc:
-            await conn.aclose()
-            self._backoff(attempt, str(exc))
-            return
-        if info.node_id == self._local_info().node_id:
-            await conn.aclose()  # our own static address
-            attempt.retry_at = SELF
-            return
-        if expected is not None and info.node_id != expected:
-            await conn.aclose()
-            self._log_refusal(key, f"advertised as {expected!r} but answers as {info.node_id!r}")
-            self._backoff(attempt, "advertised id differs")
-            return
+        if address != addresses[0]:
+            log.info("%s answers at %s, not at %s", key, address, addresses[0])
         if expected is None:
             # Dialled by address: dial again expecting the id it claims, so that its certificate must name it
             # (with TLS; the first call only proved it belongs to the cluster).
@@ -236,9 +253,10 @@ class PeerManager:
         self._key_of[info.node_id] = key
         await self.add(info, conn, source)
         # The address we dialled may differ from the one the peer announces (localhost, a DNS record, another
-        # interface): remember it too, so the next scan does not handshake the same peer again.
+        # interface), and from the candidate's own (when an alternate answered): remember them too, so the next scan
+        # does not handshake the same peer again.
         if info.node_id in self.peers:
-            self._by_address[address] = info.node_id
+            self._by_address[address] = self._by_address[addresses[0]] = info.node_id
 
     def _backoff(self, attempt: _Attempt, reason: str) -> None:
         attempt.failures += 1
