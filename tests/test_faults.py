@@ -84,11 +84,12 @@ def kill_and_restart(tmp_path: Path, trials: int) -> None:
     assert any(victim_id in [n["id"] for n in r["neighbours"]] for r in records)  # and it did mix with it
 
 
-# Six node processes start one after another, each importing torch and building a model: ~10 s apiece on an idle
-# 2-core machine, over 20 s with two simulator runs beside it (120 s was hit there, not a hang).
+# Four node processes start one after another, each importing torch and building a model: ~10 s apiece on an idle
+# 2-core machine, over 20 s with two simulator runs beside it (120 s was hit there, not a hang). Three kills keep
+# the default suite short; the slow test below makes twenty.
 @pytest.mark.timeout(300)
 def test_a_node_killed_at_random_points_always_resumes_from_an_intact_checkpoint(tmp_path: Path) -> None:
-    kill_and_restart(tmp_path, trials=5)
+    kill_and_restart(tmp_path, trials=3)
 
 
 @pytest.mark.slow

@@ -144,7 +144,11 @@ async def test_a_node_answering_under_an_id_its_certificate_lacks_is_never_a_pee
     certs = make_certs(tmp_path / "certs", "node-0", "node-1")
     stolen = TlsMaterial.from_dir(certs, "node-0")
     async with contextlib.AsyncExitStack() as stack:
-        impostor_cfg = node_config(tmp_path, 9, 10, PeersOption(False, (), ()), min_peers=0, rounds=2)
+        # The impostor takes the honest node's first (unbound) handshake for a peer and waits its exchange deadline
+        # for a call that never comes: a short one, since its rounds are not what this test is about.
+        impostor_cfg = node_config(
+            tmp_path, 9, 10, PeersOption(False, (), ()), min_peers=0, rounds=2, exchange_timeout=3.0
+        )
         impostor = await stack.enter_async_context(Node(impostor_cfg, transport=GrpcTransport.with_tls(stolen)))
         honest_cfg = tls(tmp_path, certs, 1, 2, (impostor.address,), min_peers=1, peer_wait=3.0, rounds=2)
         honest = await stack.enter_async_context(Node(honest_cfg))
