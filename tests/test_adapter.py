@@ -200,3 +200,16 @@ def test_fingerprint_is_the_same_for_the_same_lora_settings_written_another_way(
 def test_a_device_string_torch_cannot_read_is_refused_with_the_ones_to_use(name: str) -> None:
     with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
         resolve_device(name)
+
+
+def test_building_a_model_leaves_torch_s_global_rng_where_it_was() -> None:
+    # peft draws A's throwaway init from torch's global RNG, which every thread shares: drawn outside `rng.seeded`'s
+    # lock, it would move the stream another node's local steps (in their own thread) draw dropout masks from.
+    before = torch.get_rng_state()
+    AdapterModel(tiny_spec())
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_a_label_set_naming_one_label_twice_is_refused() -> None:
+    with pytest.raises(ValueError, match="distinct"):
+        ModelSpec(label_names=("yes", "no", "yes"))

@@ -77,6 +77,9 @@ class ModelSpec:
     def __post_init__(self) -> None:
         if len(self.label_names) < 2:
             raise ValueError("a classifier needs at least two labels")
+        if len(set(self.label_names)) != len(self.label_names):
+            # label2id would map a repeated name to one output of the head, and the others would never be predicted.
+            raise ValueError(f"label names must be distinct, got {self.label_names}")
 
 
 def resolve_model_path(name: str) -> str:
@@ -176,7 +179,9 @@ class AdapterModel:
             task_type="SEQ_CLS",
         )
         try:
-            with warnings.catch_warnings():
+            # peft draws A's init (replaced below by `initial_factors`) from torch's global RNG: inside a seeded
+            # block, so that it neither draws from nor moves the stream of another thread's seeded block (`rng`).
+            with warnings.catch_warnings(), rng.seeded(torch.device("cpu"), _seed_from("peft", spec.seed)):
                 # peft asks transformers' deprecated alias; the FutureWarning is theirs, not the user's to act on.
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 self.model = get_peft_model(base, config)
