@@ -448,3 +448,12 @@ def test_committed_protobuf_code_is_what_protoc_generates_now(tmp_path: Path) ->
         fresh = (tmp_path / name).read_bytes()
         committed = (REPO / "node" / name).read_bytes()
         assert fresh == committed, f"node/{name} is stale: run scripts/gen_proto.sh and commit the result"
+
+
+def test_a_spec_written_with_a_dtype_alias_is_the_spec_of_its_dtype() -> None:
+    # torch.float is torch.float32: a spec naming it "float" must accept float32 factors and equal the spec that
+    # says "float32", not refuse every payload with "has dtype float32, expected float".
+    spec = FactorSpec({"a": ((2,), "float"), "b": ((1,), "half")})
+    assert spec == FactorSpec({"a": ((2,), "float32"), "b": ((1,), "float16")})
+    assert spec.fingerprint() == FactorSpec({"a": ((2,), "float32"), "b": ((1,), "float16")}).fingerprint()
+    spec.check({"a": torch.zeros(2), "b": torch.zeros(1, dtype=torch.float16)})

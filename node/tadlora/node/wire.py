@@ -103,10 +103,12 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _is_dtype_name(name: str) -> bool:
+def _canonical_dtype_name(name: str) -> str | None:
+    """`dtype_name` of the torch dtype ``name`` names ("float" -> "float32"); None if it names none."""
     import torch
 
-    return isinstance(getattr(torch, name, None), torch.dtype)
+    dtype = getattr(torch, name, None)
+    return dtype_name(dtype) if isinstance(dtype, torch.dtype) else None
 
 
 def _some(keys: set[str]) -> str:
@@ -130,9 +132,11 @@ class FactorSpec:
             dims = tuple(int(d) for d in shape)
             if any(d < 0 for d in dims):
                 raise ValueError(f"factor {key!r}: negative dimension in shape {dims}")
-            if not _is_dtype_name(dtype):
+            # Canonical, as `check` compares with `dtype_name`: an alias ("float", "half") would refuse every payload.
+            canonical = _canonical_dtype_name(dtype)
+            if canonical is None:
                 raise ValueError(f"factor {key!r}: unknown dtype {dtype!r} (expected e.g. 'float32')")
-            entries[key] = TensorSpec(dims, dtype)
+            entries[key] = TensorSpec(dims, canonical)
         object.__setattr__(self, "tensors", MappingProxyType(dict(sorted(entries.items()))))
 
     def __hash__(self) -> int:
