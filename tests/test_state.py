@@ -29,7 +29,11 @@ def test_checkpoint_round_trips_bit_exactly(tmp_path) -> None:
 
 
 def test_a_checkpoint_carries_the_optimizer_state_apart_from_the_factors(tmp_path) -> None:
-    moments = {"m.lora_A.weight/exp_avg": torch.randn(2, 3), "m.lora_A.weight/step": torch.tensor(4.0)}
+    moments = {
+        "m.lora_A.weight/exp_avg": torch.randn(2, 3),
+        "m.lora_A.weight/exp_avg_sq": torch.rand(2, 3),
+        "m.lora_A.weight/step": torch.tensor(4.0),
+    }
     state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), optimizer=moments))
     loaded = state.load_checkpoint(tmp_path)
     assert loaded is not None and loaded.factors.keys() == ckpt(3).factors.keys()
@@ -188,3 +192,21 @@ def test_json_files_are_standard_json_with_every_non_finite_number_as_null(tmp_p
         raise ValueError(f"non-standard JSON constant {constant}")
 
     assert json.loads(path.read_text(), parse_constant=refuse) == {"loss": None, "rows": [None, [None, 1.5]], "n": 3}
+
+
+@pytest.mark.parametrize(
+    "moments",
+    [
+        {"m.lora_A.weight/step": torch.tensor(4.0)},  # its moments lost
+        {"m.lora_A.weight/exp_avg": torch.zeros(2, 3), "m.lora_A.weight/exp_avg_sq": torch.zeros(2, 3)},  # no step
+        {"m.lora_A.weight/momentum": torch.zeros(2, 3)},  # not one of AdamW's
+    ],
+    ids=["moments missing", "step missing", "unknown entry"],
+)
+def test_a_checkpoint_with_incomplete_optimizer_state_is_damaged_not_a_key_error_in_the_first_round(
+    tmp_path, moments: dict[str, torch.Tensor]
+) -> None:
+    # Loaded as it was, it would pass until the first round's local steps, and fail there with a bare KeyError.
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), optimizer=moments))
+    with pytest.raises(RuntimeError, match=r"damaged \(optimizer state of"):
+        state.load_checkpoint(tmp_path)

@@ -26,7 +26,7 @@ from safetensors.torch import load, save
 
 from tadlora.core.factors import Factors
 from tadlora.fsutil import atomic_write_bytes
-from tadlora.training import OptimizerState
+from tadlora.training import MOMENTS, OptimizerState
 
 log = logging.getLogger("tadlora.node")
 
@@ -81,6 +81,7 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         tensors = load(data)  # safetensors: no code runs on load
         factors = {k: v for k, v in tensors.items() if not k.startswith(OPT_PREFIX)}
         optimizer = {k.removeprefix(OPT_PREFIX): v for k, v in tensors.items() if k.startswith(OPT_PREFIX)}
+        _check_optimizer_state(optimizer)
         # The metadata from the bytes just loaded (safetensors' format: an 8-byte little-endian header length, then
         # the JSON header), not from a second read of a file that could have been replaced in between.
         header_len = int.from_bytes(data[:8], "little")
@@ -92,6 +93,17 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         )
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
+
+
+def _check_optimizer_state(optimizer: OptimizerState) -> None:
+    """ValueError unless every factor's entry in ``optimizer`` has each of AdamW's `MOMENTS` and nothing else: local
+    steps would otherwise fail at the first round with a bare KeyError, or quietly restart a factor's moments."""
+    names: dict[str, set[str]] = {}
+    for key in optimizer:
+        factor, _, name = key.rpartition("/")
+        names.setdefault(factor, set()).add(name)
+    if bad := sorted(f for f, got in names.items() if got != set(MOMENTS)):
+        raise ValueError(f"optimizer state of {bad[0]!r} (and {len(bad) - 1} more) lacks or adds to {list(MOMENTS)}")
 
 
 def remove_torn_writes(out: Path) -> list[Path]:
