@@ -16,9 +16,12 @@ from tadlora.adapter import (
     AdapterModel,
     LoraSpec,
     ModelSpec,
+    _draw_portably,
     _load_base,
     _weights_digest,
     fingerprint,
+    portable_normal,
+    portable_uniform,
     resolve_device,
     resolve_model_path,
 )
@@ -72,6 +75,7 @@ def test_no_base_weight_is_trainable_and_freezing_is_per_factor(tiny_model: Adap
         {"label_names": ("a", "b", "c")},
         {"lora": dataclasses.replace(TINY_LORA, r=2)},
         {"lora": dataclasses.replace(TINY_LORA, target_modules=("query",))},
+        {"init": "torch"},
     ],
 )
 def test_fingerprint_changes_with_anything_nodes_must_share(tiny_model: AdapterModel, change: dict) -> None:
@@ -113,6 +117,8 @@ def test_export_loads_with_peft_from_pretrained_and_computes_the_same_logits(tmp
 def test_bad_specs_are_refused() -> None:
     with pytest.raises(ValueError):
         ModelSpec(label_names=("only",))
+    with pytest.raises(ValueError, match="init must be one of portable, torch"):
+        ModelSpec(init="xavier")
     with pytest.raises(ValueError):
         dataclasses.replace(TINY_LORA, r=0)
     with pytest.raises(ValueError, match="no module"):
@@ -189,11 +195,13 @@ def test_fingerprint_is_the_same_for_the_same_lora_settings_written_another_way(
     spec = ModelSpec(model="tiny", lora=LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("query", "value")))
     same = ModelSpec(model="tiny", lora=LoraSpec(r=4, alpha=8, dropout=0, target_modules=("value", "query")))
     assert fingerprint("tiny", "00", spec) == fingerprint("tiny", "00", same)
-    # ... and unchanged for the settings the CLI writes, so runs kept in --out by earlier versions still resume.
+    # ... and unchanged for the settings the CLI writes, so runs kept in --out by earlier versions (which drew their
+    # model with torch's init; `kept_init`) still resume.
     labels, lora = list(spec.label_names), dataclasses.asdict(spec.lora)
     old_style = {"base": "tiny", "weights": "00", "lora": lora, "labels": labels, "seed": spec.seed}
     old = hashlib.blake2b(json.dumps(old_style, sort_keys=True).encode(), digest_size=16).hexdigest()
-    assert fingerprint("tiny", "00", spec) == old
+    assert fingerprint("tiny", "00", dataclasses.replace(spec, init="torch")) == old
+    assert fingerprint("tiny", "00", spec) != old
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU", ""])
@@ -213,3 +221,56 @@ def test_building_a_model_leaves_torch_s_global_rng_where_it_was() -> None:
 def test_a_label_set_naming_one_label_twice_is_refused() -> None:
     with pytest.raises(ValueError, match="distinct"):
         ModelSpec(label_names=("yes", "no", "yes"))
+
+
+_DRAW = """
+import hashlib, sys, torch
+from tadlora.adapter import AdapterModel, ModelSpec, resolve_model_path
+model = AdapterModel(ModelSpec(model=sys.argv[1], init=sys.argv[2]))
+start = b"".join(t.numpy().tobytes() for t in model.initial_factors().values())
+print(torch.backends.cpu.get_cpu_capability(), model.fingerprint, hashlib.sha256(start).hexdigest())
+"""
+
+
+@pytest.mark.parametrize("model", ["tiny", "minilm"])
+def test_nodes_on_cpus_with_other_vector_instructions_start_from_the_same_bits(model: str) -> None:
+    """An x86 lab box (AVX2) and an ARM edge board must build the same model, or their fingerprints differ and they
+    never mix. torch's uniform_ and normal_ draw other bits for one seed on its vector code paths; the portable
+    init does not. The paths are chosen here as torch lets one (ATEN_CPU_CAPABILITY); a CPU without AVX2 runs both
+    processes on the default path and compares it with itself."""
+    import os
+    import subprocess
+    import sys
+
+    seen = {}
+    for capability in ("default", "avx2"):
+        env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+        out = subprocess.run([sys.executable, "-c", _DRAW, model, "portable"], env=env, capture_output=True,
+                             text=True, timeout=120, check=True).stdout.split()  # fmt: skip
+        seen[out[0]] = tuple(out[1:])
+    assert len(set(seen.values())) == 1, seen  # fingerprint (so the head and base weights) and A alike
+
+
+def test_portable_draws_have_the_distributions_they_stand_in_for() -> None:
+    gen = torch.Generator().manual_seed(0)
+    u = portable_uniform((200_000,), 0.25, gen)
+    assert u.dtype == torch.float32 and float(u.min()) > -0.25 and float(u.max()) < 0.25
+    assert abs(float(u.mean())) < 2e-3 and abs(float(u.std()) - 0.25 / 3**0.5) < 2e-3
+    n = portable_normal((200_000,), 0.02, gen)
+    assert abs(float(n.mean())) < 2e-4 and abs(float(n.std()) - 0.02) < 2e-4
+    assert abs(float(((n / 0.02) ** 4).mean()) - 3.0) < 0.1  # kurtosis near a normal's 3 (Irwin-Hall's: 2.9)
+    again = torch.Generator().manual_seed(0)
+    assert torch.equal(portable_uniform((200_000,), 0.25, again), u)
+
+
+def test_the_portable_init_draws_what_the_checkpoint_lacks_and_nothing_it_holds() -> None:
+    """MiniLM's checkpoint holds the encoder, not the classification head: the head is drawn (linear weight
+    ~ N(0, 0.02²), bias 0), every loaded weight is the checkpoint's, whatever the init."""
+    portable, _, _ = _load_base(ModelSpec(model="minilm"))
+    legacy, _, _ = _load_base(ModelSpec(model="minilm", init="torch"))
+    differ = {k for k, v in portable.state_dict().items() if not torch.equal(v, legacy.state_dict()[k])}
+    assert differ == {"classifier.weight"}
+    weight, bias = portable.classifier.weight.detach(), portable.classifier.bias.detach()
+    assert abs(float(weight.std()) - 0.02) < 0.003 and float(bias.abs().max()) == 0.0
+    with pytest.raises(ValueError, match=r"cannot draw 0\.weight \(Conv1d\) portably"):
+        _draw_portably(torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1)), {"0.weight"}, seed=0)

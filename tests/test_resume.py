@@ -97,3 +97,30 @@ async def test_a_resumed_node_still_knows_the_last_round_it_mixed_in(tmp_path: P
                 await late._wait_for_peers()
                 await late._catch_up_if_behind()
             assert (late.round, late.last_mixed_round) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_run_kept_from_before_the_portable_init_resumes_with_the_init_it_was_drawn_with(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node upgraded in place must resume its run: that run's head was drawn with torch's init, and its
+    node.json and checkpoint carry the fingerprint of that model. A new --out draws portably and records it."""
+    import json
+
+    from tadlora.node import config as config_module
+
+    out = tmp_path / "n0"
+    monkeypatch.setattr(config_module, "kept_init", lambda _out: "torch")  # as an earlier version built it
+    await run_rounds(tmp_path, 1)
+    monkeypatch.undo()
+    identity = json.loads((out / "node.json").read_text())
+    assert identity.pop("init") == "torch"
+    old_fingerprint = identity["fingerprint"]
+    (out / "node.json").write_text(json.dumps(identity))  # as an earlier version wrote it: no "init"
+    with caplog.at_level("INFO", logger="tadlora.node"):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node:
+            assert node.round == 1 and node.fingerprint == old_fingerprint
+    assert "resumed with init 'torch'" in caplog.text
+    await run_rounds(tmp_path / "new", 1)
+    fresh = json.loads((tmp_path / "new" / "n0" / "node.json").read_text())
+    assert fresh["init"] == "portable" and fresh["fingerprint"] != old_fingerprint

@@ -613,3 +613,25 @@ def test_cli_refuses_unusable_paths_with_a_message(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("tadlora-sim: error:")
     assert main(["--preset", "smoke", "--methods", "lora", "--out", str(a_file), "--report-only", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("tadlora-sim: error:")
+
+
+def test_a_grid_stamped_before_the_init_setting_existed_goes_on_only_with_torch_s_init(tmp_path) -> None:
+    """Runs before `init` existed drew A and the head with torch's own init: their directory resumes with that,
+    and a portable run is refused instead of mixed in (its cells would start elsewhere)."""
+    config = override(smoke_config(methods=["lora"], rounds=2), {"init": "torch"})
+    Simulator(config, tmp_path, quiet=True).run()
+    stamp = json.loads((tmp_path / "config.json").read_text())
+    assert stamp.pop("init") == "torch"
+    (tmp_path / "config.json").write_text(json.dumps(stamp))
+    assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
+    with pytest.raises(ValueError, match=r"different settings \(init\)"):
+        Simulator(override(config, {"init": "portable"}), tmp_path, quiet=True).run()
+
+
+def test_the_committed_cpu_sst2_grid_goes_on_with_its_preset() -> None:
+    """The grid in benchmarks/paper was stamped before `init` existed; the preset keeps its init (torch), so the
+    documented commands resume it instead of being refused."""
+    root = Path(__file__).resolve().parents[1] / "benchmarks" / "paper" / "cpu-sst2"
+    for grid in ("methods", "T-sweep"):
+        stamp = json.loads((root / grid / "config.json").read_text())
+        assert Simulator(preset("cpu-sst2"), root / grid, quiet=True)._changed_settings(stamp) == []

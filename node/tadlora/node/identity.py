@@ -41,6 +41,22 @@ def kept_node_id(out: Path | None) -> str | None:
     return node_id if isinstance(node_id, str) else None
 
 
+def kept_init(out: Path | None) -> str:
+    """How a node resuming from ``out`` draws its model (`tadlora.adapter.INITS`): as the run kept there did, so that
+    its head and fingerprint stay that run's. ``node.json`` records it; one written before it did is a run of the
+    ``torch`` init; a new run (no node.json, or none readable: the node then refuses it itself) is ``portable``."""
+    if out is None:
+        return "portable"
+    try:
+        identity = load_identity(out)
+    except (OSError, ValueError):
+        return "portable"
+    if identity is None:
+        return "portable"
+    init = identity.get("init", "torch")
+    return init if isinstance(init, str) else "portable"
+
+
 def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | float | None) -> None:
     """Write ``node.json``: the node's id and model fingerprint, and ``run``, the other settings a node resuming
     from ``out`` must share (`run_conflict`; `NodeConfig.run_settings`), e.g. ``cluster="lab", method="tad"``."""

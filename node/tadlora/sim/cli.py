@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tadlora.adapter import INITS
 from tadlora.cliutil import apply_env_defaults, csv_list, error_text, int_or_auto, join
 from tadlora.core.methods import method_names, takes_switch_interval
 from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
@@ -65,6 +66,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--engine", choices=ENGINES, help="auto (default: batched on CUDA, sequential on CPU), batched, or sequential"
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--init",
+        choices=INITS,
+        help="how A and the classification head are drawn: portable (default; the same bits on every CPU, as the "
+        "daemon draws them) or torch (torch's uniform_/normal_, whose bits depend on the CPU's vector instructions; "
+        "what runs made before 'portable' existed used, cpu-sst2 among them)",
+    )
     parser.add_argument(
         "--precision",
         choices=PRECISIONS,
@@ -129,6 +137,7 @@ _FLAG_FIELDS = (
     "dataset",
     "engine",
     "device",
+    "init",
 )
 
 

@@ -235,7 +235,13 @@ class Simulator:
             # One model at a time: seeds are the grid's outermost axis (`SimConfig.cells`), and every seed's copy of
             # the base weights kept would hold its (GPU) memory for the rest of the run.
             self._models.clear()
-            spec = ModelSpec(model=self.config.model, label_names=tuple(label_names), lora=self.config.lora, seed=seed)
+            spec = ModelSpec(
+                model=self.config.model,
+                label_names=tuple(label_names),
+                lora=self.config.lora,
+                seed=seed,
+                init=self.config.init,
+            )
             self._models[seed] = AdapterModel(spec, device=self.device)
         return self._models[seed]
 
@@ -527,14 +533,18 @@ def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
 OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
 
 
+# Settings whose default is not what runs made before they existed did: those runs' value.
+_BEFORE_IT_EXISTED: dict[str, Any] = {"init": "torch"}
+
+
 def _with_defaults(stamped: dict[str, Any]) -> dict[str, Any]:
-    """A stamped config with the settings added since it was written at their defaults (top level and in the
-    nested ``lora`` and ``train``), which is what that run used."""
+    """A stamped config with the settings added since it was written at what that run used: their defaults (top
+    level and in the nested ``lora`` and ``train``), or `_BEFORE_IT_EXISTED`."""
     defaults = json.loads(json.dumps(SimConfig().to_dict()))
     out = dict(stamped)
     for key, default in defaults.items():
         if key not in out:
-            out[key] = default
+            out[key] = _BEFORE_IT_EXISTED.get(key, default)
         elif isinstance(default, dict) and isinstance(out[key], dict):
             out[key] = {**default, **out[key]}
     return out
