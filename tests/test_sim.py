@@ -299,6 +299,31 @@ def test_runs_of_parts_of_a_grid_add_up_in_its_stamp_and_results_instead_of_over
     assert config_from_json((tmp_path / "config.json").read_text()).methods == ("lora", "ffa")
 
 
+def test_the_results_of_the_last_process_to_finish_cover_the_grid_a_later_started_process_grew(
+    tmp_path, capsys
+) -> None:
+    """Two processes on one directory, one per core: A starts (stamping lora), B starts while A runs (growing the
+    stamp to lora and ffa) and finishes first. A, finishing last, used to write results.json from the grid it read
+    when it started: B's cell vanished from the report, not even listed as missing."""
+    first = smoke_config(rounds=1, methods=["lora"])
+    second = smoke_config(rounds=1, methods=["ffa"])
+    a = Simulator(first, tmp_path, quiet=False)
+    run_cell = a.run_cell
+
+    def b_starts_and_finishes_while_a_runs(cell, on_round=None):
+        Simulator(second, tmp_path, quiet=True).run()
+        return run_cell(cell, on_round)
+
+    a.run_cell = b_starts_and_finishes_while_a_runs  # type: ignore[method-assign]
+    results = a.run()
+    keys = ["ffa__er__p0.5__T-__s0", "lora__er__p0.5__T-__s0"]
+    assert sorted(c["key"] for c in results["cells"]) == keys and results["missing_cells"] == []
+    assert list(results["config"]["methods"]) == ["lora", "ffa"]
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(c["key"] for c in written["cells"]) == keys
+    assert "2/2 cells of the grid done" in capsys.readouterr().err  # not "2/1": the grid, not this run's part
+
+
 def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its_default(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()

@@ -269,18 +269,23 @@ class Simulator:
                 progress.begin()
                 self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
         # Reported: the directory's whole grid, not only the cells this run was given, so that runs of its parts
-        # (one per core, a seed at a time) add up in results.json instead of each overwriting the others'.
-        every = list(grid.cells())
-        finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
-        results = self.collect(finished, grid)
-        results["missing_cells"] = [c.key for c in every if c not in finished]
-        atomic_write_json(self.out / "results.json", results)
-        if finished:
-            from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
-
-            results["plots"] = [p.name for p in write_plots(results, self.out)]
+        # (one per core, a seed at a time) add up in results.json instead of each overwriting the others'. The grid
+        # is the stamp's now, not at our start: a process started since may have grown it, and finished before us.
+        # Under a lock from reading the stamp to writing the report, so that the last report written is of the
+        # last grid stamped.
+        with self._locked("results"):
+            grid = _grown(grid, json.loads((self.out / "config.json").read_text(encoding="utf-8")))
+            every = list(grid.cells())
+            finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
+            results = self.collect(finished, grid)
+            results["missing_cells"] = [c.key for c in every if c not in finished]
             atomic_write_json(self.out / "results.json", results)
-        progress.done(f"{len(finished)}/{len(cells)} cells done; results in {self.out / 'results.json'}")
+            if finished:
+                from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
+
+                results["plots"] = [p.name for p in write_plots(results, self.out)]
+                atomic_write_json(self.out / "results.json", results)
+        progress.done(f"{len(finished)}/{len(every)} cells of the grid done; results in {self.out / 'results.json'}")
         return results
 
     def _check_same_config(self, computes: bool = True) -> SimConfig:
