@@ -638,3 +638,26 @@ def test_cli_refuses_unusable_paths_with_a_message(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("tadlora-sim: error:")
     assert main(["--preset", "smoke", "--methods", "lora", "--out", str(a_file), "--report-only", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("tadlora-sim: error:")
+
+
+def test_cli_names_the_file_of_a_run_directory_that_cannot_be_read(tmp_path, capsys) -> None:
+    """A damaged file of a run used to end it with json's bare "Expecting value: line 1 column 1", or, for a
+    checkpoint, a traceback; which of the directory's many files was meant, the user had to find out."""
+    argv = ["--preset", "smoke", "--methods", "lora", "--rounds", "2", "--out", str(tmp_path), "--quiet"]
+    assert main([*argv, "--report-only"]) == 0
+    for name in ("config.json", "cells/lora__er__p0.5__T-__s0.ckpt.safetensors"):
+        damaged = tmp_path / name
+        original = damaged.read_bytes() if damaged.exists() else None
+        damaged.write_bytes(b"{\x00 not what was written")
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tadlora-sim: error: ") and str(damaged) in err, err
+        if original is None:
+            damaged.unlink()
+        else:
+            damaged.write_bytes(original)
+    assert main(argv) == 0
+    (tmp_path / "cells" / "lora__er__p0.5__T-__s0.json").write_text('{"rounds": [')  # a finished cell, cut short
+    assert main([*argv, "--methods", "lora,ffa", "--report-only"]) == 2
+    assert "lora__er__p0.5__T-__s0.json holds no valid JSON" in capsys.readouterr().err

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
@@ -168,6 +168,15 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON document in ``path``. One that holds none (a hand edit, a merge conflict) is a ValueError naming the
+    file: json's own error names a line and a column, not the file among the run's many."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} holds no valid JSON ({exc}): repair or remove it") from None
+
+
 def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
     """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
 
@@ -175,15 +184,20 @@ def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[Ro
     without that file it is ignored (the cell restarts), and if the two disagree on the round (the process died
     between writing them) the cell cannot resume consistently: ValueError, naming the files to delete.
     """
-    with safe_open(str(ckpt), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the handle is not a mapping)
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the handle is not a mapping)
+    except SafetensorError as exc:  # not a ValueError: it would end the CLI with a traceback naming no file
+        raise ValueError(
+            f"{ckpt} is not a readable checkpoint ({exc}): delete it and {partial.name} to run this cell from the start"
+        ) from None
     if "records" in meta:
         return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0"))
     if not partial.exists():
         log.warning("%s has no records beside it: its cell starts over", ckpt)
         return None
-    saved = json.loads(partial.read_text(encoding="utf-8"))
+    saved = _read_json(partial)
     records = saved["records"]
     if "round" in meta and int(meta["round"]) != len(records):
         raise ValueError(
@@ -274,7 +288,7 @@ class Simulator:
         # Under a lock from reading the stamp to writing the report, so that the last report written is of the
         # last grid stamped.
         with self._locked("results"):
-            grid = _grown(grid, json.loads((self.out / "config.json").read_text(encoding="utf-8")))
+            grid = _grown(grid, _read_json(self.out / "config.json"))
             every = list(grid.cells())
             finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
             results = self.collect(finished, grid)
@@ -301,7 +315,7 @@ class Simulator:
         # other's, which it had not read.
         with self._locked("config"):
             if stamp.exists():
-                theirs = json.loads(stamp.read_text(encoding="utf-8"))
+                theirs = _read_json(stamp)
                 changed = self._changed_settings(theirs)
                 if changed:
                     raise ValueError(
@@ -394,7 +408,7 @@ class Simulator:
             for path in sorted(cells_dir.glob("*.json")):
                 if path.name.endswith(".partial.json"):  # a checkpoint's records, not a finished cell
                     continue
-                record = json.loads(path.read_text(encoding="utf-8"))
+                record = _read_json(path)
                 try:
                     source = Cell.from_dict(record)
                 except ValueError:
@@ -415,7 +429,7 @@ class Simulator:
             stamp = out / "config.json"
             if not stamp.is_file():
                 raise ValueError(f"cannot share cells from {out}: no simulator run there ({stamp} is missing)")
-            changed = self._changed_settings(json.loads(stamp.read_text(encoding="utf-8")))
+            changed = self._changed_settings(_read_json(stamp))
             if changed:
                 if out not in self._noted:
                     sys.stderr.write(
@@ -489,7 +503,7 @@ class Simulator:
 
     def collect(self, cells: Sequence[Cell], grid: SimConfig | None = None) -> dict[str, Any]:
         """results.json: the config (``grid``'s, default ours), every cell's per-round records, and a summary."""
-        runs = [json.loads((self.cells_dir / f"{c.key}.json").read_text(encoding="utf-8")) for c in cells]
+        runs = [_read_json(self.cells_dir / f"{c.key}.json") for c in cells]
         return {"config": (grid or self.config).to_dict(), "cells": runs, "summary": summarize(runs)}
 
 
