@@ -219,6 +219,19 @@ def test_a_refused_checkpoint_leaves_the_shared_model_without_the_batched_engine
     assert not [name for name, module in model.model.named_modules() if module._forward_hooks]
 
 
+def test_a_cell_whose_topology_fails_leaves_the_shared_model_without_the_batched_engine_s_hooks(tmp_path) -> None:
+    ring = tmp_path / "ring.txt"
+    ring.write_text("0 1\n1 2\n2 3\n3 0\n")
+    config = smoke_config(methods=["lora"], rounds=1, engine="batched", topologies=[f"file:{ring}"])
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    ring.unlink()  # gone since the grid was checked
+    with pytest.raises(FileNotFoundError):
+        sim.run_cell(next(config.cells()))
+    [model] = sim._models.values()
+    assert not [name for name, module in model.model.named_modules() if module._forward_hooks]
+
+
 def test_a_finished_run_is_not_recomputed_and_a_changed_config_is_refused(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()

@@ -445,11 +445,13 @@ class Simulator:
         cfg = self.config
         data = self._prepare()
         model = self._model(cell.seed, data.train.label_names)
+        method = make_method(cell.method, cell.switch_interval)
+        # Before the engine: the batched one hooks the shared model, and a topology that fails (a file: one whose
+        # file went away since the grid was checked) would leave the hooks on it for the next cell.
+        topology = make_topology(cell.topology, cfg.num_clients, link_prob=cell.link_prob, seed=cell.seed)
         engine = make_engine(
             cfg.engine, model, self.shards(cell.seed), data.dev_encoded, cfg.train, cell.seed, cfg.max_group_sequences
         )
-        method = make_method(cell.method, cell.switch_interval)
-        topology = make_topology(cell.topology, cfg.num_clients, link_prob=cell.link_prob, seed=cell.seed)
         ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
         records: list[RoundRecord] = []
         earlier = 0.0  # s the checkpointed rounds took in earlier processes
