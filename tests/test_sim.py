@@ -608,6 +608,13 @@ def test_cli_help_says_what_a_run_without_a_preset_starts_from() -> None:
     assert "Without one the run starts from the defaults: minilm on builtin:sst2-small, 10 clients" in help_text
 
 
+def test_cli_help_names_the_engine_a_preset_runs_with() -> None:
+    """The help called auto the default, but the presets pin theirs: smoke runs batched, the CPU presets sequential."""
+    help_text = " ".join(build_parser().format_help().split())
+    assert "auto (default" not in help_text
+    assert "default auto, or the preset's (cpu-mnli sequential, cpu-sst2 sequential, smoke batched)" in help_text
+
+
 def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
     from tadlora.sim.cli import config_from_args
 
