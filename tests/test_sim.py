@@ -219,6 +219,19 @@ def test_a_refused_checkpoint_leaves_the_shared_model_without_the_batched_engine
     assert not [name for name, module in model.model.named_modules() if module._forward_hooks]
 
 
+def test_a_cell_whose_topology_fails_leaves_the_shared_model_without_the_batched_engine_s_hooks(tmp_path) -> None:
+    ring = tmp_path / "ring.txt"
+    ring.write_text("0 1\n1 2\n2 3\n3 0\n")
+    config = smoke_config(methods=["lora"], rounds=1, engine="batched", topologies=[f"file:{ring}"])
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    ring.unlink()  # gone since the grid was checked
+    with pytest.raises(FileNotFoundError):
+        sim.run_cell(next(config.cells()))
+    [model] = sim._models.values()
+    assert not [name for name, module in model.model.named_modules() if module._forward_hooks]
+
+
 def test_a_finished_run_is_not_recomputed_and_a_changed_config_is_refused(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
@@ -297,6 +310,31 @@ def test_runs_of_parts_of_a_grid_add_up_in_its_stamp_and_results_instead_of_over
     from tadlora.sim.config import config_from_json
 
     assert config_from_json((tmp_path / "config.json").read_text()).methods == ("lora", "ffa")
+
+
+def test_the_results_of_the_last_process_to_finish_cover_the_grid_a_later_started_process_grew(
+    tmp_path, capsys
+) -> None:
+    """Two processes on one directory, one per core: A starts (stamping lora), B starts while A runs (growing the
+    stamp to lora and ffa) and finishes first. A, finishing last, used to write results.json from the grid it read
+    when it started: B's cell vanished from the report, not even listed as missing."""
+    first = smoke_config(rounds=1, methods=["lora"])
+    second = smoke_config(rounds=1, methods=["ffa"])
+    a = Simulator(first, tmp_path, quiet=False)
+    run_cell = a.run_cell
+
+    def b_starts_and_finishes_while_a_runs(cell, on_round=None):
+        Simulator(second, tmp_path, quiet=True).run()
+        return run_cell(cell, on_round)
+
+    a.run_cell = b_starts_and_finishes_while_a_runs  # type: ignore[method-assign]
+    results = a.run()
+    keys = ["ffa__er__p0.5__T-__s0", "lora__er__p0.5__T-__s0"]
+    assert sorted(c["key"] for c in results["cells"]) == keys and results["missing_cells"] == []
+    assert list(results["config"]["methods"]) == ["lora", "ffa"]
+    written = json.loads((tmp_path / "results.json").read_text())
+    assert sorted(c["key"] for c in written["cells"]) == keys
+    assert "2/2 cells of the grid done" in capsys.readouterr().err  # not "2/1": the grid, not this run's part
 
 
 def test_a_run_stamped_before_a_setting_existed_resumes_with_that_setting_at_its_default(tmp_path) -> None:
@@ -570,6 +608,13 @@ def test_cli_help_says_what_a_run_without_a_preset_starts_from() -> None:
     assert "Without one the run starts from the defaults: minilm on builtin:sst2-small, 10 clients" in help_text
 
 
+def test_cli_help_names_the_engine_a_preset_runs_with() -> None:
+    """The help called auto the default, but the presets pin theirs: smoke runs batched, the CPU presets sequential."""
+    help_text = " ".join(build_parser().format_help().split())
+    assert "auto (default" not in help_text
+    assert "default auto, or the preset's (cpu-mnli sequential, cpu-sst2 sequential, smoke batched)" in help_text
+
+
 def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
     from tadlora.sim.cli import config_from_args
 
@@ -635,3 +680,26 @@ def test_the_committed_cpu_sst2_grid_goes_on_with_its_preset() -> None:
     for grid in ("methods", "T-sweep"):
         stamp = json.loads((root / grid / "config.json").read_text())
         assert Simulator(preset("cpu-sst2"), root / grid, quiet=True)._changed_settings(stamp) == []
+
+
+def test_cli_names_the_file_of_a_run_directory_that_cannot_be_read(tmp_path, capsys) -> None:
+    """A damaged file of a run used to end it with json's bare "Expecting value: line 1 column 1", or, for a
+    checkpoint, a traceback; which of the directory's many files was meant, the user had to find out."""
+    argv = ["--preset", "smoke", "--methods", "lora", "--rounds", "2", "--out", str(tmp_path), "--quiet"]
+    assert main([*argv, "--report-only"]) == 0
+    for name in ("config.json", "cells/lora__er__p0.5__T-__s0.ckpt.safetensors"):
+        damaged = tmp_path / name
+        original = damaged.read_bytes() if damaged.exists() else None
+        damaged.write_bytes(b"{\x00 not what was written")
+        capsys.readouterr()
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("tadlora-sim: error: ") and str(damaged) in err, err
+        if original is None:
+            damaged.unlink()
+        else:
+            damaged.write_bytes(original)
+    assert main(argv) == 0
+    (tmp_path / "cells" / "lora__er__p0.5__T-__s0.json").write_text('{"rounds": [')  # a finished cell, cut short
+    assert main([*argv, "--methods", "lora,ffa", "--report-only"]) == 2
+    assert "lora__er__p0.5__T-__s0.json holds no valid JSON" in capsys.readouterr().err

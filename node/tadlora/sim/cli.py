@@ -62,8 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--dataset", help="builtin:sst2-small, glue:SST-2|MNLI|QNLI|RTE, a .tsv/.csv/.jsonl path, or hub:NAME"
     )
+    pinned = ", ".join(f"{name} {p.engine}" for name, p in sorted(PRESETS.items()) if p.engine != base.engine)
     parser.add_argument(
-        "--engine", choices=ENGINES, help="auto (default: batched on CUDA, sequential on CPU), batched, or sequential"
+        "--engine",
+        choices=ENGINES,
+        help=f"auto (batched on CUDA, sequential on CPU), batched, or sequential; default {base.engine}, or the "
+        f"preset's ({pinned})",
     )
     parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     parser.add_argument(

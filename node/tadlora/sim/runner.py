@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
@@ -168,6 +168,15 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
+def _read_json(path: Path) -> Any:
+    """The JSON document in ``path``. One that holds none (a hand edit, a merge conflict) is a ValueError naming the
+    file: json's own error names a line and a column, not the file among the run's many."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path} holds no valid JSON ({exc}): repair or remove it") from None
+
+
 def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
     """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
 
@@ -175,15 +184,20 @@ def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[Ro
     without that file it is ignored (the cell restarts), and if the two disagree on the round (the process died
     between writing them) the cell cannot resume consistently: ValueError, naming the files to delete.
     """
-    with safe_open(str(ckpt), framework="pt") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the handle is not a mapping)
+    try:
+        with safe_open(str(ckpt), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the handle is not a mapping)
+    except SafetensorError as exc:  # not a ValueError: it would end the CLI with a traceback naming no file
+        raise ValueError(
+            f"{ckpt} is not a readable checkpoint ({exc}): delete it and {partial.name} to run this cell from the start"
+        ) from None
     if "records" in meta:
         return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0"))
     if not partial.exists():
         log.warning("%s has no records beside it: its cell starts over", ckpt)
         return None
-    saved = json.loads(partial.read_text(encoding="utf-8"))
+    saved = _read_json(partial)
     records = saved["records"]
     if "round" in meta and int(meta["round"]) != len(records):
         raise ValueError(
@@ -275,18 +289,23 @@ class Simulator:
                 progress.begin()
                 self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
         # Reported: the directory's whole grid, not only the cells this run was given, so that runs of its parts
-        # (one per core, a seed at a time) add up in results.json instead of each overwriting the others'.
-        every = list(grid.cells())
-        finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
-        results = self.collect(finished, grid)
-        results["missing_cells"] = [c.key for c in every if c not in finished]
-        atomic_write_json(self.out / "results.json", results)
-        if finished:
-            from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
-
-            results["plots"] = [p.name for p in write_plots(results, self.out)]
+        # (one per core, a seed at a time) add up in results.json instead of each overwriting the others'. The grid
+        # is the stamp's now, not at our start: a process started since may have grown it, and finished before us.
+        # Under a lock from reading the stamp to writing the report, so that the last report written is of the
+        # last grid stamped.
+        with self._locked("results"):
+            grid = _grown(grid, _read_json(self.out / "config.json"))
+            every = list(grid.cells())
+            finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
+            results = self.collect(finished, grid)
+            results["missing_cells"] = [c.key for c in every if c not in finished]
             atomic_write_json(self.out / "results.json", results)
-        progress.done(f"{len(finished)}/{len(cells)} cells done; results in {self.out / 'results.json'}")
+            if finished:
+                from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
+
+                results["plots"] = [p.name for p in write_plots(results, self.out)]
+                atomic_write_json(self.out / "results.json", results)
+        progress.done(f"{len(finished)}/{len(every)} cells of the grid done; results in {self.out / 'results.json'}")
         return results
 
     def _check_same_config(self, computes: bool = True) -> SimConfig:
@@ -302,7 +321,7 @@ class Simulator:
         # other's, which it had not read.
         with self._locked("config"):
             if stamp.exists():
-                theirs = json.loads(stamp.read_text(encoding="utf-8"))
+                theirs = _read_json(stamp)
                 changed = self._changed_settings(theirs)
                 if changed:
                     raise ValueError(
@@ -395,7 +414,7 @@ class Simulator:
             for path in sorted(cells_dir.glob("*.json")):
                 if path.name.endswith(".partial.json"):  # a checkpoint's records, not a finished cell
                     continue
-                record = json.loads(path.read_text(encoding="utf-8"))
+                record = _read_json(path)
                 try:
                     source = Cell.from_dict(record)
                 except ValueError:
@@ -416,7 +435,7 @@ class Simulator:
             stamp = out / "config.json"
             if not stamp.is_file():
                 raise ValueError(f"cannot share cells from {out}: no simulator run there ({stamp} is missing)")
-            changed = self._changed_settings(json.loads(stamp.read_text(encoding="utf-8")))
+            changed = self._changed_settings(_read_json(stamp))
             if changed:
                 if out not in self._noted:
                     sys.stderr.write(
@@ -432,11 +451,13 @@ class Simulator:
         cfg = self.config
         data = self._prepare()
         model = self._model(cell.seed, data.train.label_names)
+        method = make_method(cell.method, cell.switch_interval)
+        # Before the engine: the batched one hooks the shared model, and a topology that fails (a file: one whose
+        # file went away since the grid was checked) would leave the hooks on it for the next cell.
+        topology = make_topology(cell.topology, cfg.num_clients, link_prob=cell.link_prob, seed=cell.seed)
         engine = make_engine(
             cfg.engine, model, self.shards(cell.seed), data.dev_encoded, cfg.train, cell.seed, cfg.max_group_sequences
         )
-        method = make_method(cell.method, cell.switch_interval)
-        topology = make_topology(cell.topology, cfg.num_clients, link_prob=cell.link_prob, seed=cell.seed)
         ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
         records: list[RoundRecord] = []
         earlier = 0.0  # s the checkpointed rounds took in earlier processes
@@ -490,7 +511,7 @@ class Simulator:
 
     def collect(self, cells: Sequence[Cell], grid: SimConfig | None = None) -> dict[str, Any]:
         """results.json: the config (``grid``'s, default ours), every cell's per-round records, and a summary."""
-        runs = [json.loads((self.cells_dir / f"{c.key}.json").read_text(encoding="utf-8")) for c in cells]
+        runs = [_read_json(self.cells_dir / f"{c.key}.json") for c in cells]
         return {"config": (grid or self.config).to_dict(), "cells": runs, "summary": summarize(runs)}
 
 
