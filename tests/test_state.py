@@ -71,6 +71,21 @@ def test_atomic_write_replaces_whole_files(tmp_path) -> None:
     assert target.read_bytes() == b"new"
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077, 0o002])
+def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path, umask: int) -> None:
+    """mkstemp creates its files 0600: node.json, checkpoints and a simulator's results.json came out readable by
+    their owner alone, so `tadlora-node status` run by another user could not read the node's id."""
+    old = os.umask(umask)
+    try:
+        plain = tmp_path / f"plain-{umask:o}"
+        plain.write_bytes(b"x")
+        atomic = tmp_path / f"atomic-{umask:o}"
+        atomic_write_bytes(atomic, b"x")
+    finally:
+        os.umask(old)
+    assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def test_round_log_skips_a_torn_last_line(tmp_path) -> None:
     log = state.RoundLog(tmp_path)
     log.write({"round": 0})

@@ -10,13 +10,33 @@ from pathlib import Path
 from typing import Any
 
 
+def _umask() -> int:
+    """The process's umask, read without setting it: `os.umask` can only be read by changing it, and a file another
+    thread created meanwhile would get the temporary one."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return _UMASK_AT_IMPORT
+
+
+_UMASK_AT_IMPORT = os.umask(0o022)  # the fallback: read once, as the module is imported
+os.umask(_UMASK_AT_IMPORT)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to a temp file in the same directory, fsync it, rename it over ``path``, fsync the dir."""
+    """Write ``data`` to a temp file in the same directory, fsync it, rename it over ``path``, fsync the dir. The
+    file gets the mode a plain ``open(path, "w")`` would give it (0666 less the umask), not mkstemp's 0600: a
+    node's node.json, checkpoints and a simulator's results are read by other users as any of its files are."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o666 & ~_umask())
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
