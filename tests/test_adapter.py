@@ -125,6 +125,14 @@ def test_bad_specs_are_refused() -> None:
         AdapterModel(dataclasses.replace(tiny_spec(), lora=dataclasses.replace(TINY_LORA, target_modules=("nope",))))
 
 
+def test_lora_on_an_embedding_layer_is_refused_not_left_untrained() -> None:
+    """peft names an embedding's factors lora_embedding_A/B: they were frozen with the base and never exchanged, a
+    target that silently did nothing."""
+    lora = dataclasses.replace(TINY_LORA, target_modules=("query", "word_embeddings"))
+    with pytest.raises(ValueError, match=r"LoRA on embedding layers is not supported \(.*word_embeddings\)"):
+        AdapterModel(dataclasses.replace(tiny_spec(), lora=lora))
+
+
 def test_the_weights_digest_covers_scalar_tensors() -> None:
     norm = torch.nn.BatchNorm1d(2)  # its num_batches_tracked is a 0-d buffer
     before = _weights_digest(norm)

@@ -271,3 +271,9 @@ def test_sentence_pairs_keep_their_segment_ids_and_training_and_evaluation_pass_
     _, loss = evaluate(tiny_model, enc, batch_size=8, precision="fp32")
     expected = float(torch.nn.functional.cross_entropy(with_types, batch["labels"]))
     assert loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_evaluating_on_an_empty_dev_set_is_a_clear_error_not_a_division_by_zero(tiny_model, tiny_dev) -> None:
+    empty = tiny_dev.subset(np.arange(0))
+    with pytest.raises(ValueError, match="the dev set is empty"):
+        evaluate(tiny_model, empty)

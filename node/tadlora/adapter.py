@@ -261,6 +261,11 @@ class AdapterModel:
             raise ValueError(
                 f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)} ({exc})"
             ) from exc
+        embedded = sorted({n.rsplit(".lora_embedding_", 1)[0] for n, _ in self.model.named_parameters()
+                           if ".lora_embedding_" in n})  # fmt: skip
+        if embedded:  # peft's lora_embedding_A/B: not factors of the (out, r) x (r, in) shape mixing and DeCAF take
+            raise ValueError(f"LoRA on embedding layers is not supported ({', '.join(embedded)}): target linear "
+                             f"layers only, e.g. query,value")  # fmt: skip
         self._factor_params: dict[str, nn.Parameter] = {}
         for name, param in self.model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:

@@ -348,7 +348,10 @@ def eval_batches(n: int, batch_size: int) -> Iterator[np.ndarray]:
 
 @torch.no_grad()
 def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64, precision: str = "auto") -> tuple[float, float]:
-    """Accuracy and mean loss of ``model`` on ``data`` (``precision``: as `TrainSpec.precision`). Blocking."""
+    """Accuracy and mean loss of ``model`` on ``data`` (``precision``: as `TrainSpec.precision`). Blocking.
+    ValueError for an empty ``data``, which has neither."""
+    if len(data) == 0:
+        raise ValueError("nothing to evaluate on: the dev set is empty")
     model.model.eval()
     correct, total_loss = 0, 0.0
     for indices in eval_batches(len(data), batch_size):
