@@ -452,10 +452,15 @@ def test_smoke_preset_runs_every_method_end_to_end(tmp_path, capsys) -> None:
 def test_report_only_reports_the_finished_cells_and_runs_nothing(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
+    stamp = (tmp_path / "config.json").read_bytes()
     bigger = dataclasses.replace(config, methods=("lora", "ffa"))
     results = Simulator(bigger, tmp_path, quiet=True).run(report_only=True)
     assert [c["method"] for c in results["cells"]] == ["lora"]
     assert results["missing_cells"] and "ffa" in results["missing_cells"][0]
+    # ... and leaves the directory's record of its grid as it was: a report asked of a larger grid does not make
+    # its cells missing from the directory for good.
+    assert (tmp_path / "config.json").read_bytes() == stamp
+    assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
     assert (tmp_path / "accuracy_vs_round.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert not list(tmp_path.glob(".*.tmp"))  # plots are written through a temp file, renamed over the old one
 

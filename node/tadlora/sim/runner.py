@@ -294,7 +294,7 @@ class Simulator:
         # Under a lock from reading the stamp to writing the report, so that the last report written is of the
         # last grid stamped.
         with self._locked("results"):
-            grid = _grown(grid, _read_json(self.out / "config.json"))
+            grid = _grown(grid, _read_json(self.out / "config.json"))  # ours stays in it: a report's is not stamped
             every = list(grid.cells())
             finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
             results = self.collect(finished, grid)
@@ -312,8 +312,9 @@ class Simulator:
         """Refuse to mix results of different configs in one directory (resume only what was started), then stamp
         the directory's grid and return it: ours, each axis grown by the values the stamp's grid had (`_grown`), so
         that a run of some of the cells neither shrinks the record of what the directory holds nor needs a revert.
-        The stamp also records what the run computes in on this host (`RESOLVED_KEY`); a run that ``computes``
-        nothing keeps the record the stamp had, or none: a report must not vouch for cells it did not run."""
+        The stamp also records what the run computes in on this host (`RESOLVED_KEY`). A run that ``computes``
+        nothing leaves a stamp as it was (a report neither vouches for cells it did not run nor adds its axes to
+        the directory's grid for good), and writes one without that record where there is none."""
         stamp = self.out / "config.json"
         record: dict[str, Any] = {RESOLVED_KEY: self._resolved()} if computes else {}
         grid = self.config
@@ -328,9 +329,9 @@ class Simulator:
                         f"{self.out} holds a run with different settings ({', '.join(changed)}); "
                         "use another --out directory to start a new run"
                     )
-                if not computes and RESOLVED_KEY in theirs:  # kept as the runs that computed wrote it
-                    record = {RESOLVED_KEY: theirs[RESOLVED_KEY]}
                 grid = _grown(self.config, theirs)
+                if not computes:
+                    return grid
             atomic_write_json(stamp, {**grid.to_dict(), **record})
         return grid
 
