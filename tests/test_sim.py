@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -708,3 +709,55 @@ def test_cli_names_the_file_of_a_run_directory_that_cannot_be_read(tmp_path, cap
     (tmp_path / "cells" / "lora__er__p0.5__T-__s0.json").write_text('{"rounds": [')  # a finished cell, cut short
     assert main([*argv, "--methods", "lora,ffa", "--report-only"]) == 2
     assert "lora__er__p0.5__T-__s0.json holds no valid JSON" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("other_finishes", [True, False])
+def test_a_cell_whose_computation_another_process_runs_waits_for_it_and_copies_it(
+    tmp_path, capsys, monkeypatch, other_finishes: bool
+) -> None:
+    """rolora and tad-nojoint with T = 1 are one computation: a process given one while another runs the other
+    (one process per core) must not run it a second time, but copy it once it is done; and run it itself if the
+    other died before it finished."""
+    import fcntl
+    import os
+    import shutil
+
+    from tadlora.sim import runner
+
+    config = smoke_config(rounds=1, eval_every=1, methods=["rolora"], sweep_methods=["tad-nojoint"])
+    rolora = next(config.cells())
+    Simulator(config, tmp_path / "ref", quiet=True).run()
+    mine = dataclasses.replace(config, methods=("tad-nojoint",), switch_intervals=(1,))
+    cell = next(mine.cells())
+    assert cell.computation == rolora.computation and cell.key != rolora.key
+    out = tmp_path / "run"
+    (out / ".locks").mkdir(parents=True)
+    fd = os.open(out / ".locks" / f"{runner._computation_lock_name(cell)}.lock", os.O_RDWR | os.O_CREAT)
+    os.write(fd, b"4242")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what the other process holds while it runs rolora
+    waited = []
+    locked = Simulator._locked
+
+    @contextlib.contextmanager
+    def the_other_ends_while_we_wait(self, name):  # the wait ends when the other process's run does
+        if name.startswith("computation-"):
+            waited.append(name)
+            if other_finishes:
+                (out / "cells").mkdir(exist_ok=True)
+                shutil.copy(tmp_path / "ref" / "cells" / f"{rolora.key}.json", out / "cells")
+            os.close(fd)
+        with locked(self, name):
+            yield
+
+    monkeypatch.setattr(Simulator, "_locked", the_other_ends_while_we_wait)
+    ran = []
+    run_cell = Simulator.run_cell
+    monkeypatch.setattr(Simulator, "run_cell", lambda self, c, *a: ran.append(c.key) or run_cell(self, c, *a))
+    results = Simulator(mine, out, quiet=True).run()
+    assert waited and f"cell {cell.key} waits: process 4242 is running the same computation" in capsys.readouterr().err
+    assert results["missing_cells"] == []
+    (record,) = results["cells"]
+    if other_finishes:
+        assert ran == [] and record["same_as"] == rolora.key
+    else:
+        assert ran == [cell.key] and "same_as" not in record

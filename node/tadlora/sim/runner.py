@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import functools
+import hashlib
 import json
 import logging
 import os
@@ -168,6 +169,13 @@ def _duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
 
 
+def _computation_lock_name(cell: Cell) -> str:
+    """The lock of ``cell``'s computation (`Cell.computation`), shared by the cells that compute it (``adf`` and
+    ``tad`` with T = 5, ``rolora`` and ``tad-nojoint`` with T = 1)."""
+    digest = hashlib.blake2b(repr(cell.computation).encode(), digest_size=8).hexdigest()
+    return f"computation-{digest}"
+
+
 def _read_json(path: Path) -> Any:
     """The JSON document in ``path``. One that holds none (a hand edit, a merge conflict) is a ValueError naming the
     file: json's own error names a line and a column, not the file among the run's many."""
@@ -277,17 +285,17 @@ class Simulator:
         self._compatible_share_dirs()  # a share_from that is no run directory fails before any work
         cells = list(cfg.cells())
         progress = Progress(len(cells), quiet=self.quiet)
+        deferred: list[tuple[int, Cell]] = []  # of a computation another process is running: copied once it is done
         for index, cell in enumerate(cells):
             if (self.cells_dir / f"{cell.key}.json").exists() or self._adopt_equivalent(cell) or report_only:
                 continue
-            with self._cell_lock(cell) as holder:
-                if holder is not None:
-                    sys.stderr.write(f"skipping cell {cell.key}: process {holder} is running it in {self.out}\n")
-                    continue
-                if (self.cells_dir / f"{cell.key}.json").exists():  # another process finished it meanwhile
-                    continue
-                progress.begin()
-                self.run_cell(cell, functools.partial(_report, progress, index, cell, cfg.rounds))
+            if self._run_unless_busy(index, cell, progress) == "computation":
+                deferred.append((index, cell))
+        for index, cell in deferred:
+            with self._locked(_computation_lock_name(cell)):  # wait for the other process's run of it to end
+                pass
+            if not self._adopt_equivalent(cell):  # it died before finishing: ours to run
+                self._run_unless_busy(index, cell, progress)
         # Reported: the directory's whole grid, not only the cells this run was given, so that runs of its parts
         # (one per core, a seed at a time) add up in results.json instead of each overwriting the others'. The grid
         # is the stamp's now, not at our start: a process started since may have grown it, and finished before us.
@@ -389,14 +397,35 @@ class Simulator:
         finally:
             os.close(fd)  # releases the flock
 
+    def _run_unless_busy(self, index: int, cell: Cell, progress: Progress) -> str | None:
+        """Run ``cell`` unless another process holds it ("cell": left to that process) or runs a cell of the same
+        computation ("computation": its result is ours once it is done; `run` waits for it at the end). None when
+        ``cell`` is done here (run, or finished meanwhile by another process)."""
+        with self._try_lock(cell.key) as holder:
+            if holder is not None:
+                sys.stderr.write(f"skipping cell {cell.key}: process {holder} is running it in {self.out}\n")
+                return "cell"
+            # Both locks: processes of earlier versions take only the cell's, and must still see this one's.
+            with self._try_lock(_computation_lock_name(cell)) as other:
+                if other is not None:
+                    sys.stderr.write(f"cell {cell.key} waits: process {other} is running the same computation in "
+                                     f"{self.out}; its result is copied once it is done\n")  # fmt: skip
+                    return "computation"
+                if (self.cells_dir / f"{cell.key}.json").exists() or self._adopt_equivalent(cell):
+                    return None  # another process finished it, or its computation, meanwhile
+                progress.begin()
+                self.run_cell(cell, functools.partial(_report, progress, index, cell, self.config.rounds))
+        return None
+
     @contextlib.contextmanager
-    def _cell_lock(self, cell: Cell) -> Iterator[str | None]:
-        """Hold ``cell``'s lock for the block; yields None when it is ours, else what the holder wrote (its pid).
+    def _try_lock(self, name: str) -> Iterator[str | None]:
+        """Hold the lock ``name`` (a cell's key, or `_computation_lock_name`) for the block without waiting; yields
+        None when it is ours, else what the holder wrote (its pid).
 
         Two processes on one output directory (one per core, or a second started by mistake) would otherwise run
-        the same cell side by side and write its checkpoint in turns.
+        the same cell, or two cells of one computation, side by side and write its checkpoint in turns.
         """
-        fd = self._lock_file(cell.key)
+        fd = self._lock_file(name)
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
