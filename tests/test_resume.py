@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import re
 from pathlib import Path
 
@@ -105,8 +106,6 @@ async def test_a_run_kept_from_before_the_portable_init_resumes_with_the_init_it
 ) -> None:
     """A node upgraded in place must resume its run: that run's head was drawn with torch's init, and its
     node.json and checkpoint carry the fingerprint of that model. A new --out draws portably and records it."""
-    import json
-
     from tadlora.node import config as config_module
 
     out = tmp_path / "n0"
@@ -124,3 +123,21 @@ async def test_a_run_kept_from_before_the_portable_init_resumes_with_the_init_it
     await run_rounds(tmp_path / "new", 1)
     fresh = json.loads((tmp_path / "new" / "n0" / "node.json").read_text())
     assert fresh["init"] == "portable" and fresh["fingerprint"] != old_fingerprint
+
+
+@pytest.mark.asyncio
+async def test_a_new_node_joins_a_cluster_of_torch_s_init_with_init_torch_and_a_kept_run_refuses_another_init(
+    tmp_path: Path,
+) -> None:
+    """An upgraded cluster resumes with torch's init (above); a node added to it later has no kept run, so it must be
+    told: with --init torch it builds that cluster's model. A kept run resumed with another init is refused, and
+    the error names the init it was drawn with."""
+    await run_rounds(tmp_path / "old", 1, init="torch")
+    await run_rounds(tmp_path / "new", 1)
+    old, new = (json.loads((tmp_path / d / "n0" / "node.json").read_text()) for d in ("old", "new"))
+    assert (old["init"], new["init"]) == ("torch", "portable") and old["fingerprint"] != new["fingerprint"]
+    with pytest.raises(RuntimeError, match=re.escape("(drawn with --init torch, now portable)")):
+        async with lone_node(tmp_path / "old", InMemoryNetwork(), rounds=2, init="portable"):
+            pass
+    async with lone_node(tmp_path / "old", InMemoryNetwork(), rounds=2) as node:  # auto: the kept run's
+        assert node.round == 1 and node.fingerprint == old["fingerprint"]

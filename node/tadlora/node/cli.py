@@ -28,7 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tadlora.adapter import LoraSpec
+from tadlora.adapter import INITS, LoraSpec
 from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
@@ -142,6 +142,11 @@ def build_run_parser(
     t.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout")
     t.add_argument("--lora-targets", type=csv_list(str), default=("query", "value"), help="modules to adapt")
     t.add_argument("--seed", type=int, default=0, help="run seed (shared by all nodes of a cluster)")
+    t.add_argument("--init", choices=("auto", *INITS), default="auto",
+                   help="how LoRA's A and the classification head are drawn from --seed: portable (the same bits on "
+                   "every CPU, x86 or ARM), torch (torch's own, whose bits depend on the CPU; how nodes drew them "
+                   "before 2026-12-05: a new node joins such a cluster with it), or auto (default: the init of the "
+                   "run kept in --out, else portable)")  # fmt: skip
     t.add_argument("--device", default="auto", help="auto (GPU when there is one), cpu, cuda, cuda:N")
     t.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
     t.add_argument("--eval-samples", type=int, default=200, help="dev examples to evaluate on")
@@ -189,6 +194,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
             optimizer_state=a.optimizer_state,
         ),
         seed=a.seed,
+        init=a.init,
         rounds=a.rounds,
         link_prob=a.link_prob,
         max_neighbors=a.max_neighbors,

@@ -7,7 +7,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tadlora.adapter import LoraSpec, ModelSpec
+from tadlora.adapter import INITS, LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
 from tadlora.data.splits import parse_shard_scheme
@@ -48,6 +48,7 @@ class NodeConfig:
     lora: LoraSpec = field(default_factory=LoraSpec)
     train: TrainSpec = field(default_factory=lambda: TrainSpec(local_steps=10, batch_size=16, max_length=64))
     seed: int = 0
+    init: str = "auto"  # how A and the head are drawn: auto (a kept run's, else portable), or one of INITS
     rounds: int | None = None  # None: run until stopped
     link_prob: float = 1.0
     max_neighbors: int | None = None  # None: every verified peer; K: a ring-plus-chords overlay of degree <= K
@@ -100,6 +101,8 @@ class NodeConfig:
             )
         if self.min_peers < 0:
             raise ValueError(f"--min-peers must be >= 0, got {self.min_peers}")
+        if self.init not in ("auto", *INITS):
+            raise ValueError(f"--init must be auto, {' or '.join(INITS)}, got {self.init!r}")
         if self.seed < 0:  # it seeds numpy's generators, which take no negative seed: exit 1 after the model loaded
             raise ValueError(f"--seed must be >= 0, got {self.seed}")
         # Zero examples would fail as a tokenizer traceback after the model has loaded.
@@ -156,10 +159,10 @@ class NodeConfig:
         }
 
     def model_spec(self, label_names: tuple[str, ...]) -> ModelSpec:
-        """The model this node builds for a dataset of ``label_names``: drawn portably (the same bits on every CPU),
-        unless ``out`` holds a run that was not (`tadlora.node.identity.kept_init`)."""
-        return ModelSpec(model=self.model, label_names=label_names, lora=self.lora, seed=self.seed,
-                         init=kept_init(self.out))  # fmt: skip
+        """The model this node builds for a dataset of ``label_names``, drawn with ``init``; with "auto", portably
+        (the same bits on every CPU) unless ``out`` holds a run that was not (`tadlora.node.identity.kept_init`)."""
+        init = kept_init(self.out) if self.init == "auto" else self.init
+        return ModelSpec(model=self.model, label_names=label_names, lora=self.lora, seed=self.seed, init=init)
 
     def with_node_id(self, node_id: str) -> NodeConfig:
         """A copy with ``node_id`` set."""

@@ -204,8 +204,10 @@ class Node:
         await self._in_worker(state.remove_torn_writes, cfg.out)
         identity = load_identity(cfg.out)
         if identity and identity.get("fingerprint") != self.fingerprint:
+            kept = identity.get("init", "torch")
+            hint = f" (drawn with --init {kept}, now {self._model.spec.init})" if kept != self._model.spec.init else ""
             raise RuntimeError(
-                f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}); "
+                f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}; "
                 "use another --out to start a new run"
             )
         self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
