@@ -191,6 +191,22 @@ def save_tiny_checkpoint(directory, dtype: torch.dtype = torch.float32, **config
     tokenizer.save_pretrained(directory)
 
 
+def test_a_model_directory_with_another_tokenizer_has_another_fingerprint(tmp_path) -> None:
+    """Same weights and directory name, a tokenizer that keeps case: the nodes would read every text differently
+    (other ids for "Hello"), so they must not mix."""
+    from transformers import AutoTokenizer
+
+    for name in ("a", "b"):
+        save_tiny_checkpoint(tmp_path / name / "model")
+    cased = AutoTokenizer.from_pretrained(resolve_model_path("minilm"), do_lower_case=False)
+    cased.save_pretrained(tmp_path / "b" / "model")
+    spec = ModelSpec(model=str(tmp_path / "a" / "model"), lora=TINY_LORA)
+    same = AdapterModel(spec)
+    assert AdapterModel(spec).fingerprint == same.fingerprint
+    other = AdapterModel(dataclasses.replace(spec, model=str(tmp_path / "b" / "model")))
+    assert _weights_digest(other.model) == _weights_digest(same.model) and other.fingerprint != same.fingerprint
+
+
 def test_a_half_precision_checkpoint_is_loaded_in_fp32(tmp_path) -> None:
     # transformers loads a checkpoint in the dtype it was saved in unless told otherwise; bf16 or fp16 base weights
     # would make precision "fp32" compute in half precision, and fp16 backward passes underflow without scaling.

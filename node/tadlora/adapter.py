@@ -278,7 +278,7 @@ class AdapterModel:
         self.load_factors(self.initial_factors())
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.fingerprint = fingerprint(identity, base_digest, spec)
+        self.fingerprint = fingerprint(identity, base_digest, spec, tokenizer_digest(self.tokenizer))
 
     def initial_factors(self) -> Factors:
         """The run seed's starting factors, on the CPU: A ~ U(−1/√in, 1/√in) (peft's default distribution) from a
@@ -361,13 +361,35 @@ def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     return asdict(spec)
 
 
-def fingerprint(identity: str, weights_digest: str, spec: ModelSpec) -> str:
+# Texts whose tokens show how a tokenizer normalizes (case, accents), splits (punctuation, digits, whitespace) and
+# joins a sentence pair: two tokenizers that agree on these and on their vocabulary read text alike.
+_TOKENIZER_PROBES = ("Hello, World!", "naïve CAFÉ déjà-vu", "12,345.67 e-mail@example.com", "a  b\tc\nd")
+
+
+def tokenizer_digest(tokenizer: Any) -> str:
+    """A digest of how ``tokenizer`` reads text: its vocabulary, its special tokens and its ids for a few probe texts
+    and a sentence pair. From behaviour, not from its files, whose serialisation changes between versions of
+    tokenizers and transformers (a fleet of mixed versions must still mix)."""
+    vocab = tokenizer.get_vocab()
+    pair = tokenizer(_TOKENIZER_PROBES[0], _TOKENIZER_PROBES[1])
+    doc = {
+        "vocab": sorted((i, token) for token, i in vocab.items()),  # by id: ints, unique, sort fast
+        "special": sorted(tokenizer.all_special_tokens),
+        "probes": [tokenizer(text)["input_ids"] for text in _TOKENIZER_PROBES],
+        "pair": [pair["input_ids"], pair.get("token_type_ids")],
+    }
+    return hashlib.blake2b(json.dumps(doc, ensure_ascii=False).encode(), digest_size=16).hexdigest()
+
+
+def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: str = "") -> str:
     """32 hex chars summarising what two nodes must share before mixing: the same for the same settings however they
-    were written (alpha 16 or 16.0, targets in any order).
+    were written (alpha 16 or 16.0, targets in any order). ``tokenizer``: its `tokenizer_digest`.
 
     The base model's configuration is not in it: transformers versions add configuration keys, and nodes of one
     model on different versions (a mixed fleet of edge devices) must still mix. Two models with the same weights
-    and directory name but, say, another activation function therefore share a fingerprint."""
+    and directory name but, say, another activation function therefore share a fingerprint. The init and the
+    tokenizer are in it for runs drawn portably; a run of torch's init (made before either was) keeps the
+    fingerprint it had."""
     lora = spec.lora
     doc = {
         "base": identity,
@@ -384,6 +406,7 @@ def fingerprint(identity: str, weights_digest: str, spec: ModelSpec) -> str:
     }
     if spec.init != "torch":  # the init of runs made before it was a setting: their fingerprints stay as they were
         doc["init"] = spec.init
+        doc["tokenizer"] = tokenizer
     return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
