@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import subprocess
 import urllib.request
@@ -309,6 +310,45 @@ async def test_prometheus_metrics_are_served(tmp_path) -> None:
         )
     assert "tadlora_rounds_total 2.0" in body
     assert "tadlora_round " in body and "tadlora_train_loss" in body
+
+
+def test_loss_and_accuracy_are_nan_until_there_is_one_not_zero() -> None:
+    """A gauge starts at 0: an accuracy of 0 before the first evaluation would read as a broken model (and fire an
+    alert on every restart); `status` says null then, and the metrics say NaN."""
+    metrics = NodeMetrics()
+    for name in ("tadlora_train_loss", "tadlora_eval_accuracy"):
+        assert math.isnan(metrics.registry.get_sample_value(name)), name
+
+
+@pytest.mark.asyncio
+async def test_a_resumed_node_s_round_metric_is_its_checkpoint_s_round_before_its_first_round(tmp_path) -> None:
+    async with Node(node_config(tmp_path, 0, 1, NO_PEERS, rounds=2, min_peers=0, checkpoint_every=1)) as node:
+        await node.run()
+    async with Node(node_config(tmp_path, 0, 1, NO_PEERS, rounds=4, min_peers=0)) as resumed:
+        assert resumed.metrics.registry.get_sample_value("tadlora_round") == 2  # while it waits for peers
+
+
+@pytest.mark.asyncio
+async def test_closing_a_node_with_metrics_does_not_stall_the_event_loop(tmp_path) -> None:
+    config = node_config(tmp_path, 0, 1, NO_PEERS, rounds=1, min_peers=0, metrics_port=0)
+    async with Node(config) as node:
+        await node.run()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await node.aclose()
+        finally:
+            ticker.cancel()
+    # The HTTP server's shutdown waits for its poll loop (0.5 s); on the loop, that stalled every other task.
+    assert gaps and max(gaps) < 0.25, max(gaps, default=None)
 
 
 def test_metrics_serve_on_an_ipv6_listen_host_and_say_where(caplog) -> None:
