@@ -9,8 +9,10 @@ import socket
 import subprocess
 import urllib.request
 
+import grpc
 import pytest
 import torch
+from grpc_health.v1 import health, health_pb2_grpc
 
 from nodeproc import console_script, heavy_imports, node_env
 from tadlora.node.cli import build_run_parser, config_from_args, main
@@ -258,6 +260,21 @@ def test_status_with_an_out_whose_node_json_is_not_an_object_asks_for_the_node_i
     (tmp_path / "node.json").write_text(kept)
     assert main(["status", "127.0.0.1:7070", "--tls-dir", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "needs --node-id" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
+async def test_status_pointed_at_a_health_port_says_to_use_the_listen_port_not_tls(capsys) -> None:
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        code = await asyncio.to_thread(main, ["status", f"127.0.0.1:{port}", "--timeout", "5"])
+    finally:
+        await server.stop(None)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--health-port" in err and "--listen HOST:PORT" in err and "--tls-dir" not in err, err
 
 
 def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
