@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import socket
 import subprocess
 import urllib.request
 
+import grpc
 import pytest
 import torch
+from grpc_health.v1 import health, health_pb2_grpc
 
 from nodeproc import console_script, heavy_imports, node_env
 from tadlora.node.cli import build_run_parser, config_from_args, main
@@ -259,6 +262,21 @@ def test_status_with_an_out_whose_node_json_is_not_an_object_asks_for_the_node_i
     assert "needs --node-id" in capsys.readouterr().err
 
 
+@pytest.mark.asyncio
+async def test_status_pointed_at_a_health_port_says_to_use_the_listen_port_not_tls(capsys) -> None:
+    server = grpc.aio.server()
+    health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        code = await asyncio.to_thread(main, ["status", f"127.0.0.1:{port}", "--timeout", "5"])
+    finally:
+        await server.stop(None)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "--health-port" in err and "--listen HOST:PORT" in err and "--tls-dir" not in err, err
+
+
 def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
     """A HEALTHCHECK runs `status` every 30 s: the installed script must not pay torch's import (seconds) for it,
     with TLS neither. Run in fresh interpreters, as a container runs them; PYTHONPROFILEIMPORTTIME lists what each
@@ -309,6 +327,45 @@ async def test_prometheus_metrics_are_served(tmp_path) -> None:
         )
     assert "tadlora_rounds_total 2.0" in body
     assert "tadlora_round " in body and "tadlora_train_loss" in body
+
+
+def test_loss_and_accuracy_are_nan_until_there_is_one_not_zero() -> None:
+    """A gauge starts at 0: an accuracy of 0 before the first evaluation would read as a broken model (and fire an
+    alert on every restart); `status` says null then, and the metrics say NaN."""
+    metrics = NodeMetrics()
+    for name in ("tadlora_train_loss", "tadlora_eval_accuracy"):
+        assert math.isnan(metrics.registry.get_sample_value(name)), name
+
+
+@pytest.mark.asyncio
+async def test_a_resumed_node_s_round_metric_is_its_checkpoint_s_round_before_its_first_round(tmp_path) -> None:
+    async with Node(node_config(tmp_path, 0, 1, NO_PEERS, rounds=2, min_peers=0, checkpoint_every=1)) as node:
+        await node.run()
+    async with Node(node_config(tmp_path, 0, 1, NO_PEERS, rounds=4, min_peers=0)) as resumed:
+        assert resumed.metrics.registry.get_sample_value("tadlora_round") == 2  # while it waits for peers
+
+
+@pytest.mark.asyncio
+async def test_closing_a_node_with_metrics_does_not_stall_the_event_loop(tmp_path) -> None:
+    config = node_config(tmp_path, 0, 1, NO_PEERS, rounds=1, min_peers=0, metrics_port=0)
+    async with Node(config) as node:
+        await node.run()
+        gaps: list[float] = []
+
+        async def tick() -> None:
+            loop = asyncio.get_running_loop()
+            while True:
+                before = loop.time()
+                await asyncio.sleep(0.01)
+                gaps.append(loop.time() - before)
+
+        ticker = asyncio.create_task(tick())
+        try:
+            await node.aclose()
+        finally:
+            ticker.cancel()
+    # The HTTP server's shutdown waits for its poll loop (0.5 s); on the loop, that stalled every other task.
+    assert gaps and max(gaps) < 0.25, max(gaps, default=None)
 
 
 def test_metrics_serve_on_an_ipv6_listen_host_and_say_where(caplog) -> None:

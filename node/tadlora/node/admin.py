@@ -124,7 +124,7 @@ def status_main(argv: list[str]) -> int:
     parser = build_status_parser()
     a = parser.parse_args(argv)
     from tadlora.node.rpc import PeerUnavailable
-    from tadlora.node.wire import ExchangeRefused
+    from tadlora.node.wire import ExchangeRefused, Reason
 
     try:
         # gRPC would dial port 443 for an address without one, and 99999 - 65536 for 99999.
@@ -141,6 +141,10 @@ def status_main(argv: list[str]) -> int:
     except (PeerUnavailable, ExchangeRefused) as exc:
         if isinstance(exc, PeerUnavailable) and not _accepts_connections(a.address, a.timeout):
             hint = "nothing accepts connections there: is the node running, and is this its --listen HOST:PORT?"
+        elif isinstance(exc, ExchangeRefused) and exc.reason is Reason.PROTOCOL_MISMATCH:
+            # A gRPC server without the node's service: TLS flags would not help, the port is wrong (most likely
+            # the plaintext --health-port, which sits next to the --listen port in every deployment).
+            hint = "another gRPC service answers there (a node's --health-port?): give the node's --listen HOST:PORT"
         elif credentials is None:
             hint = (
                 "if the node runs with TLS, pass --tls-dir DIR --node-id NODE_ID (or TADLORA_TLS_DIR and "

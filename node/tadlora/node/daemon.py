@@ -247,6 +247,9 @@ class Node:
             self.rounds.restore(0, self._model.factors())
             # Rounds logged before a crash that came ahead of the first checkpoint are run again from round 0.
             await self._in_worker(state.truncate_rounds, cfg.out, 0)
+        # A resumed node is in its checkpoint's round from now on, not in round 0 until its first round starts
+        # (which may be --peer-wait away).
+        self.metrics.round.set(self.rounds.t)
         self._round_log = state.RoundLog(cfg.out)
         self._server = self.transport.serve(self, cfg.listen, max_payload_bytes=cfg.max_payload_bytes)
         await self._server.__aenter__()
@@ -439,7 +442,8 @@ class Node:
             await step("stopping the server", lambda: server.aclose(SHUTDOWN_GRACE_S))
         if self._peers is not None:
             await step("closing peer connections", self._peers.aclose)
-        await step("the metrics server", self.metrics.close)
+        # In a thread: the HTTP server's shutdown waits for its poll loop, up to half a second of a stalled loop.
+        await step("the metrics server", lambda: asyncio.to_thread(self.metrics.close))
         if self._round_log is not None:
             await step("the round log", self._round_log.close)
         # Training has been told to stop (between two steps), but a model load, an evaluation or an export is not

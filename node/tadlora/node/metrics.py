@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from wsgiref.simple_server import WSGIServer
 
@@ -32,13 +33,17 @@ class NodeMetrics:
         self.latency = Histogram(
             "tadlora_exchange_seconds", "Exchange latency", registry=r, buckets=EXCHANGE_SECONDS_BUCKETS
         )
+        # NaN until there is a value (as `status` says null): a gauge starts at 0, and a loss or an accuracy of 0
+        # before the first round or evaluation (after every restart too) reads as a model that is perfect or broken.
         self.loss = Gauge("tadlora_train_loss", "Mean training loss of the last round", registry=r)
+        self.loss.set(math.nan)
         self.probes = Counter(
             "tadlora_probes", "Handshakes asking a peer whether it is alive and which round it is in, by why",
             ["why"], registry=r,
         )  # fmt: skip
         self.checkpoint_failures = Counter("tadlora_checkpoint_failures", "Checkpoints not written", registry=r)
         self.accuracy = Gauge("tadlora_eval_accuracy", "Last evaluation accuracy", registry=r)
+        self.accuracy.set(math.nan)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -61,7 +66,8 @@ class NodeMetrics:
         return int(self._server.server_address[1])
 
     def close(self) -> None:
-        """Stop the HTTP endpoint (safe to call twice)."""
+        """Stop the HTTP endpoint (safe to call twice). Blocking, up to the server's poll interval (0.5 s): call it
+        off the event loop."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
