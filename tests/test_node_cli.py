@@ -119,6 +119,8 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--exchange-timeout", "1e12"], "--exchange-timeout"),
         (["--listen", "::1:7070"], "IPv6 addresses need brackets"),
         (["--min-peers", "-1"], "--min-peers must be >= 0"),
+        (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
+        (["--device", "cuda:x"], "--device must be"),
     ],
 )
 def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,6 +102,9 @@ class NodeConfig:
             )
         if self.min_peers < 0:
             raise ValueError(f"--min-peers must be >= 0, got {self.min_peers}")
+        if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", self.device):  # else only once the model loads: exit 1, and
+            # a supervisor restarting the node for ever
+            raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if self.init not in ("auto", *INITS):
             raise ValueError(f"--init must be auto, {' or '.join(INITS)}, got {self.init!r}")
         if self.seed < 0:  # it seeds numpy's generators, which take no negative seed: exit 1 after the model loaded
