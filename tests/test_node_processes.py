@@ -363,6 +363,7 @@ FLAG_VALUES = {
     "lora_dropout": "0.1",
     "lora_targets": "query,key",
     "seed": "5",
+    "init": "torch",
     "device": "cpu",
     "precision": "bf16",
     "optimizer": "sgd",
