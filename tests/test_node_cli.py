@@ -279,6 +279,28 @@ async def test_status_pointed_at_a_health_port_says_to_use_the_listen_port_not_t
     assert "--health-port" in err and "--listen HOST:PORT" in err and "--tls-dir" not in err, err
 
 
+def test_status_pointed_at_an_http_port_says_to_use_the_listen_port_not_tls(capsys) -> None:
+    """The --metrics-port speaks HTTP/1: gRPC fails to parse its answer, and TLS flags would not help."""
+    import http.server
+    import threading
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), http.server.BaseHTTPRequestHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        code = main(["status", f"127.0.0.1:{server.server_address[1]}", "--timeout", "5"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capsys.readouterr().err
+    assert code == 1 and "--metrics-port" in err and "--listen HOST:PORT" in err and "--tls-dir" not in err, err
+
+
+@pytest.mark.parametrize("address", ["dns:localhost:7070", "auto"])
+def test_status_given_a_peers_source_says_it_takes_one_host_port(address: str, capsys) -> None:
+    assert main(["status", address]) == 2
+    assert "status asks one node, at its HOST:PORT (not auto or dns:NAME)" in capsys.readouterr().err
+
+
 def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
     """A HEALTHCHECK runs `status` every 30 s: the installed script must not pay torch's import (seconds) for it,
     with TLS neither. Run in fresh interpreters, as a container runs them; PYTHONPROFILEIMPORTTIME lists what each

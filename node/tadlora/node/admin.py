@@ -127,6 +127,8 @@ def status_main(argv: list[str]) -> int:
     from tadlora.node.wire import ExchangeRefused, Reason
 
     try:
+        if a.address.strip() == "auto" or a.address.strip().startswith("dns:"):  # --peers sources, not an address
+            raise ValueError(f"{a.address!r}: status asks one node, at its HOST:PORT (not auto or dns:NAME)")
         # gRPC would dial port 443 for an address without one, and 99999 - 65536 for 99999.
         addresses = StaticPeers.parse(a.address).addresses
         if len(addresses) != 1:
@@ -141,6 +143,8 @@ def status_main(argv: list[str]) -> int:
     except (PeerUnavailable, ExchangeRefused) as exc:
         if isinstance(exc, PeerUnavailable) and not _accepts_connections(a.address, a.timeout):
             hint = "nothing accepts connections there: is the node running, and is this its --listen HOST:PORT?"
+        elif isinstance(exc, PeerUnavailable) and "HTTP/2" in str(exc):  # an HTTP/1 server: not gRPC at all
+            hint = "something other than gRPC answers there (a node's --metrics-port?): give its --listen HOST:PORT"
         elif isinstance(exc, ExchangeRefused) and exc.reason is Reason.PROTOCOL_MISMATCH:
             # A gRPC server without the node's service: TLS flags would not help, the port is wrong (most likely
             # the plaintext --health-port, which sits next to the --listen port in every deployment).
