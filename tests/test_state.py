@@ -86,6 +86,27 @@ def test_atomic_writes_get_the_mode_a_plain_write_would(tmp_path, umask: int) ->
     assert atomic.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+def test_without_proc_the_umask_is_still_read_and_left_as_it_was(monkeypatch) -> None:
+    import builtins
+
+    from tadlora import fsutil
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    old = os.umask(0o027)
+    try:
+        assert fsutil._umask() == 0o027
+        assert os.umask(0o027) == 0o027  # restored
+    finally:
+        os.umask(old)
+
+
 def test_round_log_skips_a_torn_last_line(tmp_path) -> None:
     log = state.RoundLog(tmp_path)
     log.write({"round": 0})

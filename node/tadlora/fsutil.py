@@ -11,8 +11,9 @@ from typing import Any
 
 
 def _umask() -> int:
-    """The process's umask, read without setting it: `os.umask` can only be read by changing it, and a file another
-    thread created meanwhile would get the temporary one."""
+    """The process's umask, read from /proc without setting it (Linux): `os.umask` can only be read by changing it,
+    and a file another thread created meanwhile would get the temporary one. Elsewhere that is the fallback, with
+    the most restrictive temporary mask, so that such a file is at worst private."""
     try:
         with open("/proc/self/status", encoding="ascii") as status:
             for line in status:
@@ -20,11 +21,9 @@ def _umask() -> int:
                     return int(line.split()[1], 8)
     except (OSError, ValueError):
         pass
-    return _UMASK_AT_IMPORT
-
-
-_UMASK_AT_IMPORT = os.umask(0o022)  # the fallback: read once, as the module is imported
-os.umask(_UMASK_AT_IMPORT)
+    mask = os.umask(0o777)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
