@@ -278,7 +278,7 @@ class AdapterModel:
         self.load_factors(self.initial_factors())
         self.device = torch.device(device)
         self.model.to(self.device)
-        self.fingerprint = fingerprint(identity, base_digest, spec, tokenizer_digest(self.tokenizer))
+        self.fingerprint = fingerprint(identity, base_digest, spec, self.tokenizer)
 
     def initial_factors(self) -> Factors:
         """The run seed's starting factors, on the CPU: A ~ U(−1/√in, 1/√in) (peft's default distribution) from a
@@ -381,9 +381,10 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.blake2b(json.dumps(doc, ensure_ascii=False).encode(), digest_size=16).hexdigest()
 
 
-def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: str = "") -> str:
+def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: Any = None) -> str:
     """32 hex chars summarising what two nodes must share before mixing: the same for the same settings however they
-    were written (alpha 16 or 16.0, targets in any order). ``tokenizer``: its `tokenizer_digest`.
+    were written (alpha 16 or 16.0, targets in any order). ``tokenizer``: the model's (its `tokenizer_digest` is
+    taken only where the fingerprint covers it), or None for none.
 
     The base model's configuration is not in it: transformers versions add configuration keys, and nodes of one
     model on different versions (a mixed fleet of edge devices) must still mix. Two models with the same weights
@@ -406,7 +407,7 @@ def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: 
     }
     if spec.init != "torch":  # the init of runs made before it was a setting: their fingerprints stay as they were
         doc["init"] = spec.init
-        doc["tokenizer"] = tokenizer
+        doc["tokenizer"] = tokenizer_digest(tokenizer) if tokenizer is not None else ""
     return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 

@@ -42,7 +42,7 @@ from tadlora.node.config import NodeConfig, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
-from tadlora.node.identity import load_identity, run_conflict, save_identity
+from tadlora.node.identity import load_identity, recorded_init, run_conflict, save_identity
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peers import PeerManager
@@ -204,7 +204,7 @@ class Node:
         await self._in_worker(state.remove_torn_writes, cfg.out)
         identity = load_identity(cfg.out)
         if identity and identity.get("fingerprint") != self.fingerprint:
-            kept = identity.get("init", "torch")
+            kept = recorded_init(identity)
             hint = f" (drawn with --init {kept}, now {self._model.spec.init})" if kept != self._model.spec.init else ""
             raise RuntimeError(
                 f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}; "
@@ -352,7 +352,7 @@ class Node:
         train = resolve_dataset(cfg.dataset, "train")
         dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
         spec = cfg.model_spec(train.label_names)
-        if spec.init != "portable":
+        if cfg.init == "auto" and spec.init != "portable":  # not when asked for: then it says nothing of a kept run
             log.info(
                 "%s holds a run started before nodes drew their model portably: resumed with init %r (a node on a "
                 "CPU with other vector instructions draws another head, and is refused)", cfg.out, spec.init,

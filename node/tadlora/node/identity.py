@@ -41,20 +41,22 @@ def kept_node_id(out: Path | None) -> str | None:
     return node_id if isinstance(node_id, str) else None
 
 
-def kept_init(out: Path | None) -> str:
-    """How a node resuming from ``out`` draws its model (`tadlora.adapter.INITS`): as the run kept there did, so that
-    its head and fingerprint stay that run's. ``node.json`` records it; one written before it did is a run of the
-    ``torch`` init; a new run (no node.json, or none readable: the node then refuses it itself) is ``portable``."""
-    if out is None:
-        return "portable"
-    try:
-        identity = load_identity(out)
-    except (OSError, ValueError):
-        return "portable"
-    if identity is None:
-        return "portable"
+def recorded_init(identity: dict[str, Any]) -> str:
+    """The init (`tadlora.adapter.INITS`) the run a ``node.json`` describes was drawn with: the one it records, or
+    ``torch`` for one written before it did."""
     init = identity.get("init", "torch")
-    return init if isinstance(init, str) else "portable"
+    return init if isinstance(init, str) else "portable"  # not a name: the node then refuses the fingerprint
+
+
+def kept_init(out: Path | None) -> str:
+    """How a node resuming from ``out`` draws its model: as the run kept there was (`recorded_init`), so that its
+    head and fingerprint stay that run's; a new run (no node.json, or none readable: the node then refuses it itself)
+    is ``portable``."""
+    try:
+        identity = load_identity(out) if out is not None else None
+    except (OSError, ValueError):
+        identity = None
+    return "portable" if identity is None else recorded_init(identity)
 
 
 def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | float | None) -> None:
