@@ -25,9 +25,16 @@ def row(method: str, p: float, t: int | None, mean: float, client_std: float = 0
             "acc_mean": mean, "acc_client_std": client_std, "acc_seed_std": seed_std}  # fmt: skip
 
 
+# The T of the paper's method grid (cpu-sst2's 10 clients): T = auto for tad and tad-nojoint, adf's own 5.
+AUTO_T = {0.5: 1, 0.1: 3, 0.02: 12}
+
+
+def paper_t(method: str, p: float) -> int | None:
+    return AUTO_T[p] if method in ("tad", "tad-nojoint") else 5 if method == "adf" else None
+
+
 def method_rows(p: float, tad: float, others: float, **kw: Any) -> list[dict[str, Any]]:
-    return [row(m, p, 1 if m in ("tad", "tad-nojoint") else None, tad if m == "tad" else others, **kw)
-            for m in ALL_METHODS]  # fmt: skip
+    return [row(m, p, paper_t(m, p), tad if m == "tad" else others, **kw) for m in ALL_METHODS]
 
 
 def sweep_rows(p: float, best_t: int) -> list[dict[str, Any]]:
@@ -316,3 +323,23 @@ def test_a_method_grid_grown_to_more_than_one_t_judges_tad_at_t_auto() -> None:
     _text, verdict = markdown({"config": config, "summary": grid}, {"config": config, "summary": sweep}, "t")
     assert [c.status for c in verdict] == ["reproduced", "reproduced", "reproduced"], verdict
     assert "tad 0.850" in verdict[0].detail and "tad 0.800" in verdict[1].detail
+
+
+def test_a_method_whose_t_auto_cell_is_unfinished_is_not_judged_by_another_t() -> None:
+    # The directory's grid grew to T = 5 (a run of another T axis there) and only that T of tad has finished at
+    # p = 0.5: tad at T = auto (1) is unfinished there, so the first claim waits; it used to judge tad by its T = 5
+    # cell, the only one at that p ("not reproduced": 0.16 behind).
+    import dataclasses
+
+    from tadlora.sim.paper import markdown
+
+    config = dataclasses.replace(
+        preset("cpu-sst2"), link_probs=(0.5, 0.02), switch_intervals=("auto", 5), seeds=(0,)
+    ).to_dict()
+    grid = [r for r in method_rows(0.5, tad=0.85, others=0.86) if r["method"] != "tad"]
+    grid += [row("tad", 0.5, 5, 0.70), *method_rows(0.02, tad=0.80, others=0.70)]
+    sweep = sweep_rows(0.5, best_t=1) + sweep_rows(0.02, best_t=10)
+    text, verdict = markdown({"config": config, "summary": grid}, {"config": config, "summary": sweep}, "t")
+    assert [c.status for c in verdict] == ["incomplete", "reproduced", "reproduced"], verdict
+    assert "0.700" not in verdict[0].detail, verdict[0].detail
+    assert "T=5: 0.700" in text  # the table still shows the cell

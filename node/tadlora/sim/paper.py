@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections import Counter
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -110,12 +109,14 @@ def _by_method(table: Mapping[tuple[str, float, int | None], Entry], p: float) -
 def _paper_entries(
     grid: Mapping[tuple[str, float, int | None], Entry], config: Mapping[str, Any]
 ) -> dict[tuple[str, float, int | None], Entry]:
-    """The method grid's entries that the claims judge: where the directory's grid grew to more than one T of a
-    method at a p (a run of another T axis there), the one of the paper's grid (T = auto, `paper_grids`)."""
+    """The method grid's entries that the claims judge: those of the paper's grid (T = auto, `paper_grids`) only.
+
+    Where the directory's grid grew to another T of a method (a run of another T axis there), that T's entry is
+    left out even when it is the method's only one at a p: a method whose T = auto cell has no finished seed yet is
+    unfinished there, not judged by another T."""
     paper = dataclasses.replace(config_from_json(json.dumps(config)), switch_intervals=("auto",))
     wanted = {(c.method, c.link_prob, c.switch_interval) for c in paper.cells()}
-    per_p = Counter((m, q) for m, q, _t in grid)
-    return {k: e for k, e in grid.items() if per_p[k[:2]] == 1 or k in wanted}
+    return {k: e for k, e in grid.items() if k in wanted}
 
 
 _RANK = {"behind": 0, "within the spread": 1, "ahead": 2}
