@@ -343,3 +343,18 @@ def test_a_method_whose_t_auto_cell_is_unfinished_is_not_judged_by_another_t() -
     assert [c.status for c in verdict] == ["incomplete", "reproduced", "reproduced"], verdict
     assert "0.700" not in verdict[0].detail, verdict[0].detail
     assert "T=5: 0.700" in text  # the table still shows the cell
+
+
+def test_a_t_sweep_grown_to_another_t_is_judged_on_the_papers_six() -> None:
+    # A run of another T axis in the sweep's directory added T = 20 at p = 0.02: the table shows the six T of the
+    # paper's sweep, and the claim is judged on those. It used to count T = 20 as one of them ("7 of 6 T finished"),
+    # take it for the best T (so that "best T grows" read as reproduced where the six say it shrinks), and, with
+    # its seeds unfinished, hold the claim back as incomplete.
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    sweep = sweep_rows(0.5, best_t=10) + sweep_rows(0.02, best_t=2)
+    claim = claims(entries(grid), entries([*sweep, row("tad", 0.02, 20, 0.99)]), [0.5, 0.02])[2]
+    assert claim.status == "not reproduced" and claim.detail.endswith("→ it shrinks"), claim.detail
+    assert "7 of 6" not in claim.detail and "best T = 2 " in claim.detail
+    two_seeds = [{**r, "seeds": 2} for r in sweep]
+    claim = claims(entries(grid), entries([*two_seeds, row("tad", 0.02, 20, 0.5)]), [0.5, 0.02], 7, 1, 2)[2]
+    assert claim.status == "not reproduced", claim
