@@ -358,3 +358,26 @@ def test_a_t_sweep_grown_to_another_t_is_judged_on_the_papers_six() -> None:
     two_seeds = [{**r, "seeds": 2} for r in sweep]
     claim = claims(entries(grid), entries([*two_seeds, row("tad", 0.02, 20, 0.5)]), [0.5, 0.02], 7, 1, 2)[2]
     assert claim.status == "not reproduced", claim
+
+
+def test_the_learning_curve_table_says_which_t_each_number_is_of_where_a_method_has_several() -> None:
+    # A method grid grown to T = 5 beside T = auto: the curve table used to list tad's two numbers at a p as
+    # "0.780 0.650", with nothing to say which T each is of; one T per cell stays unlabelled, as before.
+    import dataclasses
+
+    from tadlora.sim.paper import markdown
+
+    config = dataclasses.replace(
+        preset("cpu-sst2"), link_probs=(0.5, 0.02), switch_intervals=("auto", 5), seeds=(0,)
+    ).to_dict()
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    grid += [row("tad", 0.5, 5, 0.70), row("tad", 0.02, 5, 0.60)]
+    curves = {(0.5, 1): 0.78, (0.5, 5): 0.65, (0.02, 12): 0.71, (0.02, 5): 0.55}
+    grid = [{**r, "acc_curve_mean": curves[r["link_prob"], r["switch_interval"]] if r["method"] == "tad" else 0.5}
+            for r in grid]  # fmt: skip
+    sweep = sweep_rows(0.5, best_t=1) + sweep_rows(0.02, best_t=10)
+    text, _verdict = markdown({"config": config, "summary": grid}, {"config": config, "summary": sweep}, "t")
+    curve_table = text.split("Mean accuracy over the run's evaluations")[1].split("T sweep")[0]
+    (tad,) = [line for line in curve_table.splitlines() if line.startswith("| tad |")]
+    assert tad == "| tad | T=1: 0.780 T=5: 0.650 | T=12: 0.710 T=5: 0.550 |", tad
+    assert "| lora | 0.500 | 0.500 |" in curve_table and "| adf | 0.500 | 0.500 |" in curve_table

@@ -284,7 +284,14 @@ def markdown(
         for p in link_probs:
             found = [(t, e) for (m, q, t), e in grid.items() if m == method and math.isclose(q, p)]
             cells.append(" ".join((f"T={t}: " if t is not None else "") + e.text() for t, e in found) or "—")
-            curve_cells.append(" ".join(f"{e.curve:.3f}" for _t, e in found if e.curve is not None) or "—")
+            # Several T of a method at a p (a grid grown by a run of another T axis): each number says its T, as
+            # in the table above, else they would be a row of numbers of unknown T.
+            curve_cells.append(
+                " ".join(
+                    (f"T={t}: " if len(found) > 1 else "") + f"{e.curve:.3f}" for t, e in found if e.curve is not None
+                )
+                or "—"
+            )
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
         curves.append(f"| {method} | " + " | ".join(curve_cells) + " |")
     lines += curves
