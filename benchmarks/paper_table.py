@@ -13,7 +13,7 @@ Each grid writes its results.json and plots; DIR/table.md and DIR/table.json hol
 paper's claims (tadlora.sim.paper). --report-only runs nothing and reports the cells finished so far, which is
 how to look at a grid that is still running elsewhere.
 
-A cpu-sst2 cell took 58-75 minutes on one core of a shared 2-core machine (docs/simulator.md): the full cpu-sst2
+A cpu-sst2 cell took 13-122 minutes on one core of a shared 2-core machine (docs/benchmarks.md): the full cpu-sst2
 table (21 method cells + 11 more sweep cells per seed) is days of CPU; on a GPU, minutes per cell. Each process runs
 one cell at a time with one torch thread: to use two cores, run `--only methods` and `--only T-sweep` side by side.
 Side by side, a computation both grids hold (tad T=1 at p=0.5, adf = tad T=5) is copied only once the other process
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             except FileNotFoundError:  # its cell finished in another process since the listing
                 continue
     title = f"{args.preset}: the paper's table"
-    text, verdict = markdown(results["methods"], results["T-sweep"], title, in_progress)
+    text, verdict = markdown(results["methods"], results["T-sweep"], title, in_progress, paper=(methods, sweep))
     atomic_write_bytes(out / "table.md", text.encode())
     atomic_write_json(
         out / "table.json",

@@ -26,7 +26,7 @@ def row(method: str, p: float, t: int | None, mean: float, client_std: float = 0
 
 
 # The T of the paper's method grid (cpu-sst2's 10 clients): T = auto for tad and tad-nojoint, adf's own 5.
-AUTO_T = {0.5: 1, 0.1: 3, 0.02: 12}
+AUTO_T = {0.5: 1, 0.1: 3, 0.02: 12, 0.01: 15}  # 0.01: a p beyond the preset's (clipped to 15)
 
 
 def paper_t(method: str, p: float) -> int | None:
@@ -381,3 +381,26 @@ def test_the_learning_curve_table_says_which_t_each_number_is_of_where_a_method_
     (tad,) = [line for line in curve_table.splitlines() if line.startswith("| tad |")]
     assert tad == "| tad | T=1: 0.780 T=5: 0.650 | T=12: 0.710 T=5: 0.550 |", tad
     assert "| lora | 0.500 | 0.500 |" in curve_table and "| adf | 0.500 | 0.500 |" in curve_table
+
+
+def test_the_claims_judge_the_papers_p_and_seeds_where_other_runs_grew_the_directory() -> None:
+    # Another run put p = 0.01 and seed 1 into the method grid's directory (its stamp is the union of the runs'):
+    # the table shows the p = 0.01 column, but the claims are about the paper's grids (p 0.5 and 0.02, seed 0), so
+    # TAD-LoRA leading at 0.02 is "reproduced"; judged from the stamp they moved to p = 0.01, where TAD-LoRA trails
+    # and the sweep has no cells (so "best T grows" could never finish), and waited for seed 1.
+    import dataclasses
+
+    from tadlora.sim.paper import markdown
+
+    paper = dataclasses.replace(preset("cpu-sst2"), link_probs=(0.5, 0.02), seeds=(0,))
+    methods, sweep_grid = paper_grids(paper)
+    grown = dataclasses.replace(methods, link_probs=(0.5, 0.02, 0.01), seeds=(0, 1)).to_dict()
+    grid = method_rows(0.5, tad=0.85, others=0.86) + method_rows(0.02, tad=0.80, others=0.70)
+    grid += method_rows(0.01, tad=0.50, others=0.70)
+    sweep = sweep_rows(0.5, best_t=1) + sweep_rows(0.02, best_t=10)
+    results = {"config": grown, "summary": grid}, {"config": sweep_grid.to_dict(), "summary": sweep}
+    text, verdict = markdown(*results, "t", paper=(methods, sweep_grid))
+    assert [c.status for c in verdict] == ["reproduced"] * 3, verdict
+    assert "p = 0.01" in text.splitlines()[4]  # the table's header: the grown column is shown
+    _text, unpinned = markdown(*results, "t")  # without the paper's grids: judged from the grown stamp
+    assert [c.status for c in unpinned] == ["incomplete"] * 3, unpinned

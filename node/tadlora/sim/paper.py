@@ -107,14 +107,15 @@ def _by_method(table: Mapping[tuple[str, float, int | None], Entry], p: float) -
 
 
 def _paper_entries(
-    grid: Mapping[tuple[str, float, int | None], Entry], config: Mapping[str, Any]
+    grid: Mapping[tuple[str, float, int | None], Entry], config: SimConfig
 ) -> dict[tuple[str, float, int | None], Entry]:
-    """The method grid's entries that the claims judge: those of the paper's grid (T = auto, `paper_grids`) only.
+    """The method grid's entries that the claims judge: those of the paper's grid (T = auto, `paper_grids`) at
+    ``config``'s p only.
 
     Where the directory's grid grew to another T of a method (a run of another T axis there), that T's entry is
     left out even when it is the method's only one at a p: a method whose T = auto cell has no finished seed yet is
     unfinished there, not judged by another T."""
-    paper = dataclasses.replace(config_from_json(json.dumps(config)), switch_intervals=("auto",))
+    paper = dataclasses.replace(config, switch_intervals=("auto",))
     wanted = {(c.method, c.link_prob, c.switch_interval) for c in paper.cells()}
     return {k: e for k, e in grid.items() if k in wanted}
 
@@ -257,9 +258,14 @@ def markdown(
     sweep_results: Mapping[str, Any],
     title: str,
     in_progress: Mapping[str, Mapping[str, Any]] | None = None,
+    paper: tuple[SimConfig, SimConfig] | None = None,
 ) -> tuple[str, list[Claim]]:
     """The Markdown table (methods × p, then T × p) and the claims, from the two grids' results.json;
-    ``in_progress`` (cell key → `checkpoint_progress`) lists the unfinished cells that have a checkpoint."""
+    ``in_progress`` (cell key → `checkpoint_progress`) lists the unfinished cells that have a checkpoint.
+
+    ``paper``: the method grid and the T sweep the claims are about (`paper_grids` of the preset): the tables show
+    every cell of the directories, which other runs may have grown (another p, seed or T), but the claims judge
+    only these grids' p, T and seeds. None: the grids the results' configs describe."""
     grid, sweep = entries(grid_results["summary"]), entries(sweep_results["summary"])
     link_probs = sorted(grid_results["config"]["link_probs"], reverse=True)
     rounds = grid_results["config"]["rounds"]
@@ -301,9 +307,20 @@ def markdown(
     for t in SWEEP_INTERVALS:
         row = [sweep.get((SWEEP_METHOD, float(p), t)) for p in sweep_ps]
         lines.append(f"| {t} | " + " | ".join(e.text() if e else "—" for e in row) + " |")
-    seeds = len(set(grid_results["config"]["seeds"]))
-    judged = _paper_entries(grid, grid_results["config"])
-    verdict = claims(judged, sweep, link_probs, len(methods), seeds, len(set(sweep_results["config"]["seeds"])))
+    if paper is None:
+        paper = (
+            config_from_json(json.dumps(grid_results["config"])),
+            config_from_json(json.dumps(sweep_results["config"])),
+        )
+    judged_grid, judged_sweep = paper
+    verdict = claims(
+        _paper_entries(grid, judged_grid),
+        sweep,
+        judged_grid.link_probs,
+        len(judged_grid.methods),
+        len(set(judged_grid.seeds)),
+        len(set(judged_sweep.seeds)),
+    )
     lines += ["", "Claims:", ""]
     lines += [f"* **{c.name}**: {c.status}. {c.detail}" for c in verdict]
     missing = list(grid_results.get("missing_cells", [])) + list(sweep_results.get("missing_cells", []))
