@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -503,3 +505,36 @@ def test_an_out_that_is_a_dangling_symbolic_link_fails_since_the_node_cannot_cre
     for out in (tmp_path / "link", tmp_path / "link" / "run"):
         check = check_out(dataclasses.replace(cfg, out=out), None)
         assert check.status == "FAIL" and "not-mounted" in check.detail, check
+
+
+def test_an_out_below_a_directory_this_user_cannot_search_fails_as_a_check_not_a_traceback(tmp_path: Path) -> None:
+    """`--out /var/lib/tadlora` checked by an administrator while the node's user owns the directory above it
+    (systemd's DynamicUser: /var/lib/private is mode 700): `Path.exists` raises PermissionError there, and the whole
+    doctor ended in that traceback with no report. The node's mkdir fails there too: a FAIL of the 'out' check.
+    Root searches every directory, so as root the child runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to drop root's right to search any directory")
+        os.chown(locked, 65534, 65534)  # nobody's, mode 700: root without the DAC capabilities may not search it
+        locked.chmod(0o700)
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    else:
+        locked.chmod(0o000)
+        prefix = []
+    out = locked / "out"
+    code = (
+        "import pathlib\n"
+        "from tadlora.node.config import NodeConfig\n"
+        "from tadlora.node.hostcheck import check_out\n"
+        f"print(check_out(NodeConfig(pathlib.Path({str(out)!r}), insecure=True), None))\n"
+    )
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o700)  # for pytest's clean-up of tmp_path
+    assert result.returncode == 0, result.stderr
+    assert "status='FAIL'" in result.stdout and "Permission denied" in result.stdout, result.stdout
+    assert "the user the node runs as" in result.stdout, result.stdout

@@ -333,11 +333,23 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
 
 
 def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
-    """--out is writable and, if it holds a run, a run of this model and of this --node-id."""
+    """--out is writable and, if it holds a run, a run of this model and of this --node-id. One this user cannot
+    look into (a parent directory it may not search) is a FAIL too: the node's mkdir fails there."""
     from tadlora.node.identity import IDENTITY, load_identity, run_conflict
 
     out = cfg.out
-    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), Path("."))
+    try:
+        existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), Path("."))
+    except OSError as exc:
+        # exists() raises (EACCES) below a directory this user may not search, e.g. the node user's own state
+        # directory (mode 700) looked at by an administrator: the node, run so, fails the same way.
+        return Check(
+            "out",
+            "FAIL",
+            f"{out}: cannot look at {exc.filename or out}: {exc.strerror or exc}",
+            "run doctor as the user the node runs as (or as root), give this user access to the directories "
+            "above it, or choose another --out",
+        )
     if not existing.exists():  # a symbolic link to nothing (a volume not mounted): the node's mkdir raises
         return Check(
             "out",
