@@ -29,7 +29,7 @@ from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import SERVICE_TYPE, PeerCandidate
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
-from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer
+from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer, own_address
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
@@ -538,3 +538,34 @@ def test_an_out_below_a_directory_this_user_cannot_search_fails_as_a_check_not_a
     assert result.returncode == 0, result.stderr
     assert "status='FAIL'" in result.stdout and "Permission denied" in result.stdout, result.stdout
     assert "the user the node runs as" in result.stdout, result.stdout
+
+
+@pytest.mark.asyncio
+async def test_this_nodes_own_address_in_a_shared_peer_list_is_skipped_as_the_node_skips_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One --peers list for every host (or a dns: name that resolves to every pod) holds each node's own address,
+    which the node leaves out (`Node._candidates`): the doctor asked it, and WARNed that it "does not answer"."""
+    port, other = free_port(), free_port()
+    peers = f"127.0.0.1:{port},127.0.0.1:{other}"
+    argv = doctor_args(tmp_path, peers=peers, listen=f"127.0.0.1:{port}", browse_seconds="0")
+    code, doc = await run_doctor_json(argv, capsys)
+    checks = by_name(doc)
+    assert code == 0
+    own = checks[f"peer 127.0.0.1:{port}"]
+    assert own["status"] == "OK" and "own address" in own["detail"], own
+    assert checks[f"peer 127.0.0.1:{other}"]["status"] == "WARN"  # any other peer that is down is still asked
+
+
+@pytest.mark.asyncio
+async def test_the_doctors_own_address_is_the_one_the_node_gives(tmp_path: Path) -> None:
+    port = free_port()
+    static = PeersOption(auto=False, static=(f"127.0.0.1:{port}",), dns=())
+    cfg = node_config(tmp_path, 0, 1, static, listen=f"127.0.0.1:{port}", min_peers=0)
+    async with Node(cfg) as node:
+        assert own_address(cfg, []) == node.address
+    # A wildcard --listen gives the first mDNS interface address, unless --advertise-address names one.
+    wildcard = dataclasses.replace(cfg, listen=f"0.0.0.0:{port}")
+    assert own_address(wildcard, ["10.1.2.3", "10.1.2.4"]) == f"10.1.2.3:{port}"
+    assert own_address(dataclasses.replace(wildcard, advertise_address="10.9.9.9"), ["10.1.2.3"]) == f"10.9.9.9:{port}"
+    assert own_address(dataclasses.replace(cfg, listen="127.0.0.1:0"), []) is None  # known once the node binds it
