@@ -569,3 +569,24 @@ async def test_the_doctors_own_address_is_the_one_the_node_gives(tmp_path: Path)
     assert own_address(wildcard, ["10.1.2.3", "10.1.2.4"]) == f"10.1.2.3:{port}"
     assert own_address(dataclasses.replace(wildcard, advertise_address="10.9.9.9"), ["10.1.2.3"]) == f"10.9.9.9:{port}"
     assert own_address(dataclasses.replace(cfg, listen="127.0.0.1:0"), []) is None  # known once the node binds it
+
+
+@pytest.mark.netns
+def test_a_host_with_ipv6_beside_loopback_is_not_told_that_no_machine_can_reach_it(
+    testbeds: Callable[[int], Testbed],
+) -> None:
+    """--listen and static or dns: peers take IPv6 (only mDNS is IPv4 only): a host whose only addresses beyond
+    loopback are IPv6 is reachable, and the 'interfaces' WARN used to say "nodes on other machines cannot reach
+    this one". Checked in a namespace of our own, whose veth1 has its IPv4 address replaced by 2001:db8::1."""
+    bed = testbeds(1)
+    [host] = bed.hosts
+    assert bed.run(host, "ip", "-4", "addr", "flush", "dev", host.interface).returncode == 0
+    added = bed.run(host, "ip", "addr", "add", "2001:db8::1/64", "dev", host.interface, "nodad")
+    assert added.returncode == 0, added.stderr
+    code = "from tadlora.node.hostcheck import check_interfaces\nprint(check_interfaces())\n"
+    result = bed.run(host, sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    check = result.stdout
+    assert "status='WARN'" in check and f"{host.interface} 2001:db8::1" in check, check
+    assert "cannot reach this one" not in check and "--listen [ADDRESS]:PORT" in check, check
+    assert "fe80:" not in check, check  # link-local: no peer can be given it
