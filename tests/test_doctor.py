@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -27,7 +29,7 @@ from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import SERVICE_TYPE, PeerCandidate
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
-from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer
+from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer, own_address
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
@@ -503,3 +505,88 @@ def test_an_out_that_is_a_dangling_symbolic_link_fails_since_the_node_cannot_cre
     for out in (tmp_path / "link", tmp_path / "link" / "run"):
         check = check_out(dataclasses.replace(cfg, out=out), None)
         assert check.status == "FAIL" and "not-mounted" in check.detail, check
+
+
+def test_an_out_below_a_directory_this_user_cannot_search_fails_as_a_check_not_a_traceback(tmp_path: Path) -> None:
+    """`--out /var/lib/tadlora` checked by an administrator while the node's user owns the directory above it
+    (systemd's DynamicUser: /var/lib/private is mode 700): `Path.exists` raises PermissionError there, and the whole
+    doctor ended in that traceback with no report. The node's mkdir fails there too: a FAIL of the 'out' check.
+    Root searches every directory, so as root the child runs without CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to drop root's right to search any directory")
+        os.chown(locked, 65534, 65534)  # nobody's, mode 700: root without the DAC capabilities may not search it
+        locked.chmod(0o700)
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    else:
+        locked.chmod(0o000)
+        prefix = []
+    out = locked / "out"
+    code = (
+        "import pathlib\n"
+        "from tadlora.node.config import NodeConfig\n"
+        "from tadlora.node.hostcheck import check_out\n"
+        f"print(check_out(NodeConfig(pathlib.Path({str(out)!r}), insecure=True), None))\n"
+    )
+    try:
+        result = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    finally:
+        locked.chmod(0o700)  # for pytest's clean-up of tmp_path
+    assert result.returncode == 0, result.stderr
+    assert "status='FAIL'" in result.stdout and "Permission denied" in result.stdout, result.stdout
+    assert "the user the node runs as" in result.stdout, result.stdout
+
+
+@pytest.mark.asyncio
+async def test_this_nodes_own_address_in_a_shared_peer_list_is_skipped_as_the_node_skips_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """One --peers list for every host (or a dns: name that resolves to every pod) holds each node's own address,
+    which the node leaves out (`Node._candidates`): the doctor asked it, and WARNed that it "does not answer"."""
+    port, other = free_port(), free_port()
+    peers = f"127.0.0.1:{port},127.0.0.1:{other}"
+    argv = doctor_args(tmp_path, peers=peers, listen=f"127.0.0.1:{port}", browse_seconds="0")
+    code, doc = await run_doctor_json(argv, capsys)
+    checks = by_name(doc)
+    assert code == 0
+    own = checks[f"peer 127.0.0.1:{port}"]
+    assert own["status"] == "OK" and "own address" in own["detail"], own
+    assert checks[f"peer 127.0.0.1:{other}"]["status"] == "WARN"  # any other peer that is down is still asked
+
+
+@pytest.mark.asyncio
+async def test_the_doctors_own_address_is_the_one_the_node_gives(tmp_path: Path) -> None:
+    port = free_port()
+    static = PeersOption(auto=False, static=(f"127.0.0.1:{port}",), dns=())
+    cfg = node_config(tmp_path, 0, 1, static, listen=f"127.0.0.1:{port}", min_peers=0)
+    async with Node(cfg) as node:
+        assert own_address(cfg, []) == node.address
+    # A wildcard --listen gives the first mDNS interface address, unless --advertise-address names one.
+    wildcard = dataclasses.replace(cfg, listen=f"0.0.0.0:{port}")
+    assert own_address(wildcard, ["10.1.2.3", "10.1.2.4"]) == f"10.1.2.3:{port}"
+    assert own_address(dataclasses.replace(wildcard, advertise_address="10.9.9.9"), ["10.1.2.3"]) == f"10.9.9.9:{port}"
+    assert own_address(dataclasses.replace(cfg, listen="127.0.0.1:0"), []) is None  # known once the node binds it
+
+
+@pytest.mark.netns
+def test_a_host_with_ipv6_beside_loopback_is_not_told_that_no_machine_can_reach_it(
+    testbeds: Callable[[int], Testbed],
+) -> None:
+    """--listen and static or dns: peers take IPv6 (only mDNS is IPv4 only): a host whose only addresses beyond
+    loopback are IPv6 is reachable, and the 'interfaces' WARN used to say "nodes on other machines cannot reach
+    this one". Checked in a namespace of our own, whose veth1 has its IPv4 address replaced by 2001:db8::1."""
+    bed = testbeds(1)
+    [host] = bed.hosts
+    assert bed.run(host, "ip", "-4", "addr", "flush", "dev", host.interface).returncode == 0
+    added = bed.run(host, "ip", "addr", "add", "2001:db8::1/64", "dev", host.interface, "nodad")
+    assert added.returncode == 0, added.stderr
+    code = "from tadlora.node.hostcheck import check_interfaces\nprint(check_interfaces())\n"
+    result = bed.run(host, sys.executable, "-c", code)
+    assert result.returncode == 0, result.stderr
+    check = result.stdout
+    assert "status='WARN'" in check and f"{host.interface} 2001:db8::1" in check, check
+    assert "cannot reach this one" not in check and "--listen [ADDRESS]:PORT" in check, check
+    assert "fe80:" not in check, check  # link-local: no peer can be given it

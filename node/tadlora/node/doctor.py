@@ -203,10 +203,22 @@ async def async_check_address(
     return dataclasses.replace(check, detail=f"({via}) {check.detail}")
 
 
+def own_address(cfg: NodeConfig, interfaces: list[str]) -> str | None:
+    """The IP:PORT the node would give as its own (`Node.address`, from `Node._advertised_host`), with
+    ``interfaces`` its mDNS interface addresses ([] without mDNS): --advertise-address, else the --listen host, or
+    for a wildcard one the first interface address. None for --listen port 0, known only once the node binds it."""
+    host, _, port = cfg.listen.rpartition(":")
+    if int(port) == 0:
+        return None
+    wildcard = host.strip("[]") in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
+    return f"{cfg.advertise_address or (interfaces[0] if wildcard and interfaces else host)}:{int(port)}"
+
+
 async def async_check_peers(
-    cfg: NodeConfig, fingerprint: str | None, browsed: Browsed | None, mdns_where: str
+    cfg: NodeConfig, fingerprint: str | None, browsed: Browsed | None, mdns_where: str, own: str | None = None
 ) -> list[Check]:
-    """One check per peer found by mDNS (and per service that cannot be one), and per static or dns: address."""
+    """One check per peer found by mDNS (and per service that cannot be one), and per static or dns: address;
+    ``own`` (this node's `own_address`) is not asked but said to be skipped, as the node skips it."""
     checks = []
     for c in browsed.candidates if browsed is not None else []:
         check = compare_peer(
@@ -254,6 +266,14 @@ async def async_check_peers(
             checks.append(Check(f"peers (dns:{name})", "WARN", f"cannot resolve {host}: {exc}", _DNS_FIX))
             continue
         targets += [(a, f"dns:{name}") for a in addresses]
+    # One --peers list shared by every host, or a name that resolves to every pod, holds this node's own address:
+    # the node leaves it out (`Node._candidates`), and asked now it would only "not answer", as no node runs yet.
+    checks += [
+        Check(f"peer {a}", "OK", f"({via}) this node's own address: the node leaves it out")
+        for a, via in targets
+        if a == own
+    ]
+    targets = [(a, via) for a, via in targets if a != own]
     if not targets:
         return checks
     try:
@@ -342,7 +362,7 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
         if browse is not None and not browse.done():
             browse.cancel()
             await asyncio.gather(browse, return_exceptions=True)
-    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses))
+    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses), own_address(cfg, addresses))
     return checks
 
 

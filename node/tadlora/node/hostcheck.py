@@ -54,11 +54,30 @@ class Check:
 
 
 def check_interfaces() -> Check:
-    """This host's IPv4 interfaces; only loopback means no other machine can reach the node."""
-    found = {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in ifaddr.get_adapters()}
+    """This host's IPv4 interfaces. Only loopback means no other machine can reach the node, unless the host has
+    IPv6 addresses beyond loopback and link-local: then peers reach it over IPv6 only (static or dns: peers, since
+    mDNS here is IPv4 only), and the WARN says so."""
+    adapters = ifaddr.get_adapters()
+    found = {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in adapters}
     found = {name: ips for name, ips in found.items() if ips}
     listing = "; ".join(f"{name} {', '.join(ips)}" for name, ips in sorted(found.items())) or "none"
     if not any(not ipaddress.IPv4Address(ip).is_loopback for ips in found.values() for ip in ips):
+        # ifaddr lists IPv6 addresses as (address, flowinfo, scope id). A link-local one cannot be given to a peer
+        # (--listen and --peers take no scope), so it does not count.
+        ipv6 = [
+            f"{a.name} {ip.ip[0]}"
+            for a in adapters
+            for ip in a.ips
+            if isinstance(ip.ip, tuple) and _routable_ipv6(ip.ip[0])
+        ]
+        if ipv6:
+            return Check(
+                "interfaces",
+                "WARN",
+                f"IPv4: {listing}; IPv6: {'; '.join(ipv6)}",
+                "no IPv4 address beside loopback: mDNS (IPv4 only) reaches no other host, but peers can reach this "
+                "node over IPv6: --listen [ADDRESS]:PORT with --peers [ADDRESS]:PORT or dns:NAME",
+            )
         return Check(
             "interfaces",
             "WARN",
@@ -67,6 +86,12 @@ def check_interfaces() -> Check:
             "reach this one; connect a network, or run every node on this host",
         )
     return Check("interfaces", "OK", f"IPv4: {listing}")
+
+
+def _routable_ipv6(address: str) -> bool:
+    """Whether an IPv6 address of this host can be given to a peer: not loopback, link-local or unspecified."""
+    ip = ipaddress.IPv6Address(address.partition("%")[0])
+    return not (ip.is_loopback or ip.is_link_local or ip.is_unspecified or ip.is_multicast)
 
 
 def multicast_route_interfaces(route_table: str) -> set[str]:
@@ -333,11 +358,23 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
 
 
 def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
-    """--out is writable and, if it holds a run, a run of this model and of this --node-id."""
+    """--out is writable and, if it holds a run, a run of this model and of this --node-id. One this user cannot
+    look into (a parent directory it may not search) is a FAIL too: the node's mkdir fails there."""
     from tadlora.node.identity import IDENTITY, load_identity, run_conflict
 
     out = cfg.out
-    existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), Path("."))
+    try:
+        existing = next((p for p in (out, *out.parents) if p.exists() or p.is_symlink()), Path("."))
+    except OSError as exc:
+        # exists() raises (EACCES) below a directory this user may not search, e.g. the node user's own state
+        # directory (mode 700) looked at by an administrator: the node, run so, fails the same way.
+        return Check(
+            "out",
+            "FAIL",
+            f"{out}: cannot look at {exc.filename or out}: {exc.strerror or exc}",
+            "run doctor as the user the node runs as (or as root), give this user access to the directories "
+            "above it, or choose another --out",
+        )
     if not existing.exists():  # a symbolic link to nothing (a volume not mounted): the node's mkdir raises
         return Check(
             "out",
