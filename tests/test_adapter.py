@@ -290,6 +290,21 @@ def test_portable_draws_have_the_distributions_they_stand_in_for() -> None:
     assert torch.equal(portable_uniform((200_000,), 0.25, again), u)
 
 
+def test_portable_normal_draws_the_bits_of_its_definition_summand_by_summand() -> None:
+    # Its bits are in every portable run's fingerprint, so drawing the 12 summands one at a time (a twelfth of the
+    # memory) must give exactly what one (12, *shape) draw summed gives, and leave the generator where that does.
+    for shape in [(5,), (33, 7), (2, 1, 3)]:
+        ref_gen, gen = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        k = torch.randint(0, 1 << 24, (12, *shape), generator=ref_gen, dtype=torch.int64).sum(dim=0)
+        ref = (((k.double() + 6.0) * (1.0 / (1 << 24)) - 6.0) * 0.02).float()
+        assert torch.equal(portable_normal(shape, 0.02, gen), ref), shape
+        after = torch.randint(0, 1 << 30, (4,), generator=gen)
+        assert torch.equal(after, torch.randint(0, 1 << 30, (4,), generator=ref_gen)), shape
+    # And the values themselves, as drawn when the portable init was introduced.
+    drawn = portable_normal((4,), 1.0, torch.Generator().manual_seed(0)).tolist()
+    assert drawn == [-1.6853983402252197, 0.5305216908454895, -0.6888291239738464, -0.3263266086578369]
+
+
 def test_the_portable_init_draws_what_the_checkpoint_lacks_and_nothing_it_holds() -> None:
     """MiniLM's checkpoint holds the encoder, not the classification head: the head is drawn (linear weight
     ~ N(0, 0.02²), bias 0), every loaded weight is the checkpoint's, whatever the init."""

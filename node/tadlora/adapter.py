@@ -126,9 +126,16 @@ def portable_normal(shape: Sequence[int], std: float, generator: torch.Generator
     """float32 values close to N(0, std²), the same bits on every CPU: the sum of 12 portable uniforms on (0, 1)
     less 6 (Irwin–Hall: mean 0, variance 1, within ±6), summed as integers and scaled exactly. No log or cos,
     whose vectorized float64 results differ in the last bit between CPUs."""
-    k = torch.randint(0, 1 << _UNIT_BITS, (12, *shape), generator=generator, dtype=torch.int64).sum(dim=0)
-    unit = (k.double() + 6.0) * (1.0 / (1 << _UNIT_BITS)) - 6.0  # exact: < 2^28 units of 2^-24
-    return (unit * std).float()
+    # One summand at a time: the draws of one (12, *shape) randint, in its order (the generator is consumed element
+    # by element), in a fraction of its memory (it was ~400 MiB of int64 for a 30k-row embedding). int32 holds the
+    # sum (< 12 * 2^24 < 2^31), and torch draws the same integers for it as for int64 (the range picks the path).
+    k = torch.zeros(tuple(shape), dtype=torch.int32)
+    for _ in range(12):
+        k += torch.randint(0, 1 << _UNIT_BITS, tuple(shape), generator=generator, dtype=torch.int32)
+    unit = k.double()
+    del k
+    unit.add_(6.0).mul_(1.0 / (1 << _UNIT_BITS)).sub_(6.0)  # exact: < 2^28 units of 2^-24
+    return unit.mul_(std).float()
 
 
 def _draw_portably(model: nn.Module, fresh: set[str], seed: int) -> None:
