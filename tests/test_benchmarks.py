@@ -161,6 +161,19 @@ def test_discovery_counts_a_peer_verified_twice_once(monkeypatch: pytest.MonkeyP
     assert discovery.peers_verified(records) == [10.0, 12.0]
 
 
+def test_discovery_takes_the_first_round_that_mixed_even_when_round_0_did_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only "round 0" lines were read: a node whose round 0 exchanged with nobody had no first exchange at all, and
+    # "every node exchanged" became n/a, though the docstring promises its first round that mixed.
+    discovery = load("discovery", monkeypatch)
+    records = [
+        {"time": 10.0, "message": "[#####-----] 1/2 round 0 phase B: loss 0.6, 0/2 neighbours, 0.1 s"},
+        {"time": 11.0, "message": "[##########] 2/2 round 1 phase B: loss 0.5, 1/2 neighbours, 0.1 s"},
+        {"time": 12.0, "message": "[##########] 3/3 round 2 phase B: loss 0.5, 2/2 neighbours, 0.1 s"},
+    ]
+    assert discovery.first_mixed_round(records) == records[1]
+    assert discovery.first_mixed_round(records[:1]) is None
+
+
 # ----------------------------------------------------------------------------------------------------- precision
 
 
