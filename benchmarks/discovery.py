@@ -18,6 +18,7 @@ import re
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from _common import REPO, add_out_argument, median_range, write_results
 
@@ -31,15 +32,16 @@ FINISH_S = 300.0  # s for a whole run of 2 tiny rounds, 3 processes on 2 busy co
 # daemon's "node X serving on" line comes after discovery has started, so peers can be verified before it).
 SERVING = r"^serving tadlora\.v1\.Node on |^node \S+ serving on "
 _VERIFIED = re.compile(r"peer (?P<peer>\S+) verified at ")
-_ROUND = re.compile(r"round 0 phase \S+: loss \S+, (?P<got>\d+)/(?P<degree>\d+) neighbours")
+_ROUND = re.compile(r"round (?P<round>\d+) phase \S+: loss \S+, (?P<got>\d+)/(?P<degree>\d+) neighbours")
 
 
 def first_time(node: NodeProcess, pattern: str) -> float | None:
+    """The log time of the node's first record matching ``pattern``."""
     found = node.find(pattern)
-    return found[0]["time"] if found else None
+    return float(found[0]["time"]) if found else None
 
 
-def peers_verified(records: list[dict]) -> list[float]:
+def peers_verified(records: list[dict[str, Any]]) -> list[float]:
     """When each peer was first verified, earliest first: a peer logged again (dropped and verified anew, or met at
     another address) counts once, or "all peers verified" could be a repeat before the last peer came."""
     first: dict[str, float] = {}
@@ -49,7 +51,16 @@ def peers_verified(records: list[dict]) -> list[float]:
     return sorted(first.values())
 
 
-def one_run(root: Path, index: int) -> dict:
+def first_mixed_round(records: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The first round log record that mixed with at least one neighbour, whatever its round: a node whose round 0
+    exchanged with nobody (its exchanges timed out) had its first exchange in a later round, not none."""
+    for record in records:
+        if (found := _ROUND.search(record["message"])) and int(found["got"]) > 0:
+            return record
+    return None
+
+
+def one_run(root: Path, index: int) -> dict[str, Any]:
     tag = unique_tag()
     logs = root / f"run{index}"
     with contextlib.ExitStack() as stack:
@@ -64,21 +75,25 @@ def one_run(root: Path, index: int) -> dict:
             if code != 0:
                 raise RuntimeError(f"{node.name} exited with {code}\n{node.tail()}")
         t0 = min(n.started for n in nodes)
-        per_node = []
+        per_node: list[dict[str, Any]] = []
         for node in nodes:
             records = node.records()
-            mixed = [r for r in records if (m := _ROUND.search(r["message"])) and int(m["got"]) > 0]
+            mixed = first_mixed_round(records)
             verified = peers_verified(records)
+            serving = first_time(node, SERVING)
+            if serving is None:  # it exited 0, so it served; a log without the line is this script's mistake
+                raise RuntimeError(f"{node.name} never logged {SERVING!r}\n{node.tail()}")
             per_node.append({
                 "node": node.name,
-                "serving_s": first_time(node, SERVING) - node.started,
-                "serving_abs": first_time(node, SERVING),
+                "serving_s": serving - node.started,
+                "serving_abs": serving,
                 "all_peers_abs": verified[M - 2] if len(verified) >= M - 1 else None,
                 "first_peer_s": verified[0] - node.started if verified else None,
                 "all_peers_s": verified[M - 2] - node.started if len(verified) >= M - 1 else None,
-                "first_exchange_round_s": mixed[0]["time"] - node.started if mixed else None,
-                "first_exchange_round_abs": mixed[0]["time"] if mixed else None,
-                "round0_neighbours": mixed[0]["message"] if mixed else None,
+                "first_exchange_round_s": mixed["time"] - node.started if mixed else None,
+                "first_exchange_round_abs": mixed["time"] if mixed else None,
+                # the key predates rounds after 0 being counted: kept, so that runs stay comparable
+                "round0_neighbours": mixed["message"] if mixed else None,
             })  # fmt: skip
     done = [p["first_exchange_round_abs"] for p in per_node if p["first_exchange_round_abs"] is not None]
     last_serving = max(p["serving_abs"] for p in per_node)
@@ -117,7 +132,7 @@ def main() -> None:
         "process start -> gRPC serving (per node)": [p["serving_s"] for r in runs for p in r["nodes"]],
         "process start -> first peer verified (per node)": [p["first_peer_s"] for r in runs for p in r["nodes"]],
         "process start -> all peers verified (per node)": [p["all_peers_s"] for r in runs for p in r["nodes"]],
-        "process start -> round 0 mixed with a neighbour (per node)":
+        "process start -> first round mixed with a neighbour (per node)":
             [p["first_exchange_round_s"] for r in runs for p in r["nodes"]],
         "last node serving -> every node has verified all peers (mDNS + handshakes)":
             [r["last_serving_to_all_peers_everywhere_s"] for r in runs],

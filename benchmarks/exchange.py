@@ -23,6 +23,7 @@ import asyncio
 import gc
 import statistics
 import time
+from typing import Any
 
 import grpc
 import torch
@@ -125,7 +126,9 @@ def timed(fn) -> float:  # type: ignore[no-untyped-def]
     return time.perf_counter() - started
 
 
-async def bench_size(target_mb: float, reps: int) -> dict[str, float]:
+async def bench_size(target_mb: float, reps: int) -> dict[str, Any]:
+    """One adapter size's measurements: medians, every repetition's times (``*_all``), the rates and the
+    exchange/raw ratio; JSON-ready."""
     ours = make_factors(target_mb, seed=1)
     theirs = make_factors(target_mb, seed=2)
     spec = FactorSpec.from_factors(theirs)
@@ -192,7 +195,7 @@ async def bench_size(target_mb: float, reps: int) -> dict[str, float]:
     }
 
 
-async def main_async(sizes: list[tuple[float, int]]) -> list[dict[str, float]]:
+async def main_async(sizes: list[tuple[float, int]]) -> list[dict[str, Any]]:
     out = []
     for mb, reps in sizes:
         print(f"-- {mb:g} MB x {reps}", flush=True)

@@ -7,11 +7,14 @@ ru_maxrss: torch allocates outside Python's heap, so tracemalloc would miss it).
 
 Memory is compared with what m separate models (one process per client, as m daemons would be) would need:
 * params: m x the bytes of one model's parameters + buffers;
-* processes: m x the measured peak RSS of a subprocess that builds one model (interpreter, torch and
-  transformers included: each daemon pays them).
+* processes: m one-model processes (interpreter, torch and transformers included: each daemon pays them), each
+  holding its own private memory at its peak, and the file-backed pages (the shared libraries' code and read-only
+  data, from the page cache) once, as processes mapping the same files share them: m x (peak RSS - file-backed
+  RSS) + file-backed RSS of a subprocess that builds one model. m x its peak RSS would count libtorch's resident
+  pages m times (108 MiB of a tiny-model process with torch 2.13 on x86).
 Two more subprocesses measure the baselines: "imports only" and "one model" (which builds the model but does not
-train it: a training daemon also holds activations, gradients and optimizer state, so the "processes" column is a
-lower bound).
+train it: a training daemon also holds activations, gradients and optimizer state, which the "processes" column
+leaves out).
 
 Speed is compared between engines, not across runs: for each m the engines take turns ``--repeat`` times, the order
 reversed every other turn (A B B A ...), and the table gives each one's median and its median ratio to the first
@@ -48,6 +51,27 @@ def _maxrss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
+def _rss_file_bytes() -> int:
+    """This process's resident file-backed bytes now (``RssFile`` of /proc/self/status, Linux >= 4.5): pages of
+    mapped files, the shared libraries above all, which every process mapping the same files shares."""
+    with open("/proc/self/status", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) * 1024  # kB there means KiB
+    raise RuntimeError("/proc/self/status has no RssFile line: the memory comparison needs Linux >= 4.5")
+
+
+def separate_processes_bytes(m: int, one: dict) -> int:
+    """What m one-model processes hold at their peaks: each its own private memory (its peak RSS less its
+    file-backed pages), and the file-backed pages once, since the processes share them through the page cache.
+
+    ``one``: the one-model subprocess's ``maxrss_bytes`` and ``rss_file_bytes``. The file-backed RSS is read at
+    the end of that process (there is no high-water mark of it alone); the libraries it counts are mapped at
+    import and stay. Training's own memory (activations, gradients, optimizer state) is not in it."""
+    shared = one["rss_file_bytes"]
+    return m * (one["maxrss_bytes"] - shared) + shared
+
+
 def worker(args: argparse.Namespace) -> dict:
     """Runs inside the subprocess; returns what it measured."""
     import numpy as np
@@ -64,14 +88,14 @@ def worker(args: argparse.Namespace) -> dict:
 
     torch.set_num_threads(1)
     if args.engine == "imports":
-        return {"maxrss_bytes": _maxrss_bytes()}
+        return {"maxrss_bytes": _maxrss_bytes(), "rss_file_bytes": _rss_file_bytes()}
     train_data = resolve_dataset(DATASET, "train")
     spec = ModelSpec(model=args.model, label_names=train_data.label_names, lora=LoraSpec(), seed=0)
     model = AdapterModel(spec)
     param_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in model.model.buffers())
     if args.engine == "model":
-        return {"maxrss_bytes": _maxrss_bytes(), "param_buffer_bytes": param_bytes}
+        return {"maxrss_bytes": _maxrss_bytes(), "rss_file_bytes": _rss_file_bytes(), "param_buffer_bytes": param_bytes}
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
     encoded = encode(model.tokenizer, train_data, train.max_length)
     shards = [encoded.subset(idx) for idx in client_shards(train_data, "label-skew", args.m, 0, SAMPLES_PER_CLIENT)]
@@ -158,6 +182,18 @@ def summarize(runs: Sequence[dict], engines: Sequence[str]) -> list[dict]:
     return out
 
 
+def table_rows(summary: Sequence[dict]) -> list[tuple]:
+    """One table row per `summarize` row, its memory columns (``m_params_buffers_bytes``, ``m_processes_bytes``)
+    added by `main`; memory in MiB."""
+    mib = 2**20
+    return [
+        (r["engine"], r["m"], r["turns"], r["client_steps_per_s"], r["client_steps_per_s_train_only"],
+         f"{r['speed_over_first_engine']:.2f}", r["maxrss_bytes"] / mib, r["m_params_buffers_bytes"] / mib,
+         r["m_processes_bytes"] / mib, r["m_processes_bytes"] / r["maxrss_bytes"])
+        for r in summary
+    ]  # fmt: skip
+
+
 def check_clients(parser: argparse.ArgumentParser, clients: Sequence[int]) -> None:
     """Refuse an m the label-skewed split cannot serve now, not after the configurations before it have run. No
     torch here: a subprocess's ru_maxrss starts from this process's peak (exec keeps it), so this one stays small."""
@@ -206,28 +242,26 @@ def main() -> None:
         {**run_worker(args, engine, m), "turn": turn} for m, turn, engine in schedule(clients, engines, args.repeat)
     ]
     summary = summarize(runs, engines)
+    for r in summary:  # in the JSON too, so that the table's memory columns can be checked against it
+        r["m_params_buffers_bytes"] = r["m"] * one["param_buffer_bytes"]
+        r["m_processes_bytes"] = separate_processes_bytes(r["m"], one)
     mib = 2**20
-    rows = []
-    for r in summary:
-        m = r["m"]
-        separate_procs = m * one["maxrss_bytes"]
-        rows.append((r["engine"], m, r["turns"], r["client_steps_per_s"], r["client_steps_per_s_train_only"],
-                     f"{r['speed_over_first_engine']:.2f}", r["maxrss_bytes"] / mib,
-                     m * one["param_buffer_bytes"] / mib, separate_procs / mib,
-                     separate_procs / r["maxrss_bytes"]))  # fmt: skip
+    rows = table_rows(summary)
     headers = ["engine", "m", "turns", "client-steps/s (train+mix)", "client-steps/s (train)",
                f"speed / {engines[0]} (same turn)", "peak RSS MiB", "m x params+buffers MiB",
-               "m x one-model RSS MiB", "m processes / simulator RSS"]  # fmt: skip
+               "m one-model processes MiB (libraries once)", "m processes / simulator RSS"]  # fmt: skip
     notes = (
         f"Model {args.model}: one model's parameters + buffers = {one['param_buffer_bytes'] / mib:.1f} MiB; peak RSS "
         f"of a process that only imports = {imports['maxrss_bytes'] / mib:.0f} MiB, that builds one model = "
-        f"{one['maxrss_bytes'] / mib:.0f} MiB. Local steps {args.local_steps}, batch {args.batch_size}, length "
+        f"{one['maxrss_bytes'] / mib:.0f} MiB (file-backed at its end: {one['rss_file_bytes'] / mib:.0f} MiB, the "
+        "libraries' pages, which m processes share: 'm one-model processes' counts them once and the rest of the "
+        f"peak m times). Local steps {args.local_steps}, batch {args.batch_size}, length "
         f"{args.max_length}; {args.rounds} timed rounds after a warm-up round; method tad, ER graph p = {LINK_PROB}. "
         f"Each (engine, m) ran {args.repeat} times, the engines taking turns per m in alternating order; medians "
         "over the turns, and the speed ratio is the median of each turn's ratio. One torch thread per subprocess, on "
         "a shared machine: compare rows of this table, not with other runs. "
-        "The one-model process builds a model without training it, so 'm x one-model RSS' is a lower bound on m "
-        "training daemons."
+        "The one-model process builds a model without training it, so 'm one-model processes' leaves out what m "
+        "training daemons would add for training (activations, gradients, optimizer state)."
     )
     data = {"model": args.model, "train": {"local_steps": args.local_steps, "batch_size": args.batch_size,
             "max_length": args.max_length}, "rounds": args.rounds, "repeat": args.repeat, "imports_only": imports,

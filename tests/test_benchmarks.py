@@ -57,6 +57,27 @@ def test_sim_speed_ratio_is_the_median_of_each_turns_own_ratio(monkeypatch: pyte
     assert (bat["client_steps_per_s"], bat["client_steps_per_s_train_only"], bat["maxrss_bytes"]) == (180, 360, 101)
 
 
+def test_sim_counts_the_shared_library_pages_of_m_processes_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # "m x one-model RSS" counted the libraries' file-backed pages (libtorch's, about a quarter of a tiny-model
+    # process's RSS) m times, though m processes share them through the page cache, and called that a lower bound.
+    sim = load("sim_throughput", monkeypatch)
+    mib = 2**20
+    one = {"maxrss_bytes": 400 * mib, "rss_file_bytes": 100 * mib, "param_buffer_bytes": 8 * mib}
+    assert sim.separate_processes_bytes(1, one) == 400 * mib
+    assert sim.separate_processes_bytes(10, one) == (10 * 300 + 100) * mib
+    row = {"engine": "batched", "m": 10, "turns": 3, "client_steps_per_s": 100.0,
+           "client_steps_per_s_train_only": 110.0, "speed_over_first_engine": 1.5, "maxrss_bytes": 500 * mib,
+           "m_params_buffers_bytes": 80 * mib, "m_processes_bytes": sim.separate_processes_bytes(10, one)}  # fmt: skip
+    [cells] = sim.table_rows([row])
+    assert cells[-4:] == (500.0, 80.0, 3100.0, 3100 / 500)
+
+
+def test_sim_reads_this_process_file_backed_rss(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = load("sim_throughput", monkeypatch)
+    # The interpreter's own libraries are mapped files: some of them are resident, and not more than the whole RSS.
+    assert 0 < sim._rss_file_bytes() <= sim._maxrss_bytes()
+
+
 def test_sim_refuses_an_engine_that_is_not_one() -> None:
     # "--engines model" used to run the one-model baseline as an engine and crash on its missing speed.
     proc = subprocess.run(
@@ -138,6 +159,19 @@ def test_discovery_counts_a_peer_verified_twice_once(monkeypatch: pytest.MonkeyP
         {"time": 12.0, "message": "peer n2-x verified at 127.0.0.1:5002 (mdns)"},
     ]
     assert discovery.peers_verified(records) == [10.0, 12.0]
+
+
+def test_discovery_takes_the_first_round_that_mixed_even_when_round_0_did_not(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Only "round 0" lines were read: a node whose round 0 exchanged with nobody had no first exchange at all, and
+    # "every node exchanged" became n/a, though the docstring promises its first round that mixed.
+    discovery = load("discovery", monkeypatch)
+    records = [
+        {"time": 10.0, "message": "[#####-----] 1/2 round 0 phase B: loss 0.6, 0/2 neighbours, 0.1 s"},
+        {"time": 11.0, "message": "[##########] 2/2 round 1 phase B: loss 0.5, 1/2 neighbours, 0.1 s"},
+        {"time": 12.0, "message": "[##########] 3/3 round 2 phase B: loss 0.5, 2/2 neighbours, 0.1 s"},
+    ]
+    assert discovery.first_mixed_round(records) == records[1]
+    assert discovery.first_mixed_round(records[:1]) is None
 
 
 # ----------------------------------------------------------------------------------------------------- precision
