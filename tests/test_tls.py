@@ -640,6 +640,7 @@ async def test_a_certificate_whose_common_name_is_not_one_of_its_dns_names_speak
                 with pytest.raises(ExchangeRefused) as refused:
                     await conn.commit(dataclasses.replace(header, node_id=claimed), True, 10.0)
                 assert refused.value.reason is Reason.IDENTITY_MISMATCH, (claimed, refused.value)
+                assert "certificate is for no node id" in refused.value.detail  # not "for ''"
 
 
 @pytest.mark.parametrize(
