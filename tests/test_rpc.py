@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import logging
 import math
+import socket
 import threading
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -660,6 +661,69 @@ async def test_stopping_a_server_ends_calls_still_running_after_the_grace_period
             call.cancel()
         await bob.cancelled.wait()
     assert not isinstance(unavailable.value, PeerTimeout)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("when", ["as it begins", "during the grace"])
+async def test_a_stop_cancelled_before_its_grace_is_over_ends_the_calls_in_flight_at_once(
+    transport: Transport, alice: FakeNode, bob: FakeNode, when: str
+) -> None:
+    """Cancelling a stop means stopping now: the calls it was giving a grace end with it, never run on with no
+    server left to end them (grpc.aio leaves the calls of a server whose stop was cancelled running)."""
+    bob.hold = True
+    async with (
+        asyncio.timeout(TIMEOUT),
+        transport.serve(bob, LISTEN) as server,
+        transport.connect(server.address) as client,
+    ):
+        call = asyncio.create_task(client.exchange(header_of(alice), alice.factors, 10 * TIMEOUT))
+        try:
+            await bob.entered.wait()
+            stopping = asyncio.create_task(server.aclose(grace=10 * TIMEOUT))
+            await asyncio.sleep(0 if when == "as it begins" else SHORT_TIMEOUT)  # where the cancellation lands
+            assert not stopping.done()
+            stopping.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await stopping
+            await bob.cancelled.wait()  # at once: the grace, and the caller's deadline, are ten times the timeout
+            with pytest.raises(PeerUnavailable):
+                await call
+        finally:
+            call.cancel()
+
+
+@pytest.mark.asyncio
+async def test_a_start_cancelled_half_way_leaves_nothing_listening(bob: FakeNode) -> None:
+    """`async with` does not call ``__aexit__`` when ``__aenter__`` raises, so a start that is cancelled must close
+    what it opened itself: else its ports stay bound, serving, with no owner to close them."""
+    steps = 0  # the loop iterations a start takes, counted, then a cancellation at each of them
+    while True:
+        listen, health_listen = (f"127.0.0.1:{port}" for port in free_ports(2))
+        server = RpcServer(bob, listen, health_listen=health_listen)
+        starting = asyncio.create_task(server.start())
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        starting.cancel()
+        try:
+            await starting
+        except asyncio.CancelledError:
+            for address in (listen, health_listen):
+                async with RpcServer(bob, address):  # BindError if the cancelled start left it bound
+                    pass
+            steps += 1
+            continue
+        await server.aclose(0)
+        break
+    assert steps > 1, "the cancellation never landed inside a start"
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct ports of 127.0.0.1 free a moment ago (bound together, so never the same twice)."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
 
 
 @pytest.mark.asyncio

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import re
 import socket
 import stat
 from pathlib import Path
@@ -563,9 +564,17 @@ def test_the_private_key_never_shows_in_the_materials_repr(tmp_path) -> None:
     assert "BEGIN CERTIFICATE" in repr(material)  # the public parts still show
 
 
-def _sign_node_certificate(certs: Path, name: str, common_names: list[str]) -> Path:
+def _sign_node_certificate(
+    certs: Path,
+    name: str,
+    common_names: list[str],
+    *,
+    dns_names: list[str] | None = None,
+    usages: tuple[str, ...] | None = ("server", "client"),
+) -> Path:
     """A directory holding ``ca.crt`` and ``NAME.crt``/``.key``, signed by the CA in ``certs`` for DNS names
-    TLS_SERVER_NAME and NAME with ``common_names`` in its subject: as another tool with the CA key might issue it."""
+    TLS_SERVER_NAME and NAME (or ``dns_names``) with ``common_names`` in its subject and extended key usages
+    ``usages`` (None: no such extension): as another tool with the CA key might issue it."""
     import datetime as dt
 
     from cryptography import x509
@@ -579,8 +588,8 @@ def _sign_node_certificate(certs: Path, name: str, common_names: list[str]) -> P
     ca = x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes())
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
-    usage = x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
-    cert = (
+    dns = [TLS_SERVER_NAME, name] if dns_names is None else dns_names
+    builder = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn) for cn in common_names]))
         .issuer_name(ca.subject)
@@ -588,11 +597,13 @@ def _sign_node_certificate(certs: Path, name: str, common_names: list[str]) -> P
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5))
         .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName(TLS_SERVER_NAME), x509.DNSName(name)]), False)
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in dns]), False)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(usage, critical=False)
-        .sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     )
+    if usages is not None:
+        oids = {"server": ExtendedKeyUsageOID.SERVER_AUTH, "client": ExtendedKeyUsageOID.CLIENT_AUTH}
+        builder = builder.add_extension(x509.ExtendedKeyUsage([oids[u] for u in usages]), critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())  # type: ignore[arg-type]
     out = certs.parent / "foreign"
     out.mkdir()
     (out / "ca.crt").write_bytes((certs / "ca.crt").read_bytes())
@@ -629,3 +640,34 @@ async def test_a_certificate_whose_common_name_is_not_one_of_its_dns_names_speak
                 with pytest.raises(ExchangeRefused) as refused:
                     await conn.commit(dataclasses.replace(header, node_id=claimed), True, 10.0)
                 assert refused.value.reason is Reason.IDENTITY_MISMATCH, (claimed, refused.value)
+                assert "certificate is for no node id" in refused.value.detail  # not "for ''"
+
+
+@pytest.mark.parametrize(
+    ("dns_names", "usages", "message"),
+    [
+        (["node-0"], ("server", "client"), "lacks the DNS name(s) tadlora-node"),
+        (["tadlora-node"], ("server", "client"), "lacks the DNS name(s) node-0"),
+        (["tadlora-node", "Node-0"], ("server", "client"), "lacks the DNS name(s) node-0"),
+        (["tadlora-node", "node-0"], ("client",), "may not be used as a TLS server certificate"),
+        (["tadlora-node", "node-0"], ("server",), "may not be used as a TLS client certificate"),
+        (["tadlora-node", "node-0"], None, None),  # no extended key usage: any use, and gRPC takes it
+    ],
+    ids=["no shared name", "no node id", "node id in another spelling", "client only", "server only", "no EKU"],
+)
+def test_a_certificate_every_peer_would_refuse_is_refused_at_start_naming_what_it_lacks(
+    tmp_path, dns_names, usages, message
+) -> None:
+    """gRPC serves with such a certificate (another tool with the CA key may issue one), and then every peer
+    refuses the node: a caller with "Hostname Verification Check failed" or "unsupported certificate purpose", a
+    callee as IDENTITY_MISMATCH. Refuse it at start, as the other unusable certificates are, with the fix."""
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs")
+    foreign = _sign_node_certificate(certs, "node-0", ["node-0"], dns_names=dns_names, usages=usages)
+    if message is None:
+        TlsMaterial.from_dir(foreign, "node-0")
+        return
+    with pytest.raises(ValueError, match=re.escape(message)) as refused:
+        TlsMaterial.from_dir(foreign, "node-0")
+    assert f"certs issue node-0 --dir {foreign} --force" in str(refused.value)

@@ -226,6 +226,9 @@ class RpcServer:
         return f"{self.health_listen.rpartition(':')[0]}:{self._health_port}"
 
     async def start(self) -> None:
+        """Bind and serve; `BindError` if an address cannot be bound. A start that does not end serving (that,
+        another error, its cancellation) leaves nothing listening: its owner holds no server to close then, and
+        `async with` does not call ``__aexit__`` when ``__aenter__`` raises."""
         if self._server is not None:
             raise RuntimeError("RpcServer already started")
         # The grace covers an honest call in flight at the GOAWAY: its stream may take the payload timeout to
@@ -237,31 +240,36 @@ class RpcServer:
             ("grpc.max_connection_age_grace_ms", grace_ms),
         )
         server = grpc.aio.server(options=options, maximum_concurrent_rpcs=GRPC_MAX_CONCURRENT_RPCS)
-        self._health = health.aio.HealthServicer()
+        servicer = health.aio.HealthServicer()
         _add_node_servicer(_NodeServicer(self._responder), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
         reflection.enable_server_reflection((NODE_SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         port = await _bind_and_start(server, self.listen, self._credentials)
-        self._server, self._port = server, port
-        if self.health_listen is not None:
-            # Only grpc.health.v1, never the Node service: plaintext here must not open a way around mutual TLS.
-            health_server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=_HEALTH_MAX_RPCS)
-            health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(self._health), health_server)
-            try:
+        health_server: grpc.aio.Server | None = None
+        try:
+            if self.health_listen is not None:
+                # Only grpc.health.v1, never the Node service: plaintext here must not open a way around mutual TLS.
+                health_server = grpc.aio.server(options=_SERVER_OPTIONS, maximum_concurrent_rpcs=_HEALTH_MAX_RPCS)
+                health_pb2_grpc.add_HealthServicer_to_server(_CheckOnly(servicer), health_server)
                 self._health_port = await _bind_and_start(health_server, self.health_listen, None)
-            except BindError:
-                self._server, self._port = None, 0
+            for service in ("", NODE_SERVICE_NAME):
+                await servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+        except BaseException:
+            self._health_port = 0
+            try:
                 await server.stop(None)
-                raise
-            self._health_server = health_server
-        for service in ("", NODE_SERVICE_NAME):
-            await self._health.set(service, health_pb2.HealthCheckResponse.SERVING)
+            finally:
+                if health_server is not None:  # a no-op if `_bind_and_start` stopped it already
+                    await health_server.stop(None)
+            raise
+        self._server, self._health_server, self._health, self._port = server, health_server, servicer, port
         log.info("serving %s on %s", NODE_SERVICE_NAME, self.address)
         if self.health_listen is not None:
             log.info("serving %s (plaintext, health only) on %s", health.SERVICE_NAME, self.health_address)
 
     async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
-        """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds. Safe to call twice."""
+        """Report NOT_SERVING, then stop, giving in-flight calls `grace` seconds; cancelled, stop at once, ending
+        the calls in flight. Safe to call twice."""
         server, self._server = self._server, None
         health_server, self._health_server = self._health_server, None
         if server is None:
@@ -270,6 +278,11 @@ class RpcServer:
             if self._health is not None:
                 await self._health.enter_graceful_shutdown()
             await server.stop(grace)
+        except BaseException:
+            # grpc.aio leaves a server whose stop was cancelled serving the calls in flight, and this object no
+            # longer holds it: nothing would ever end them.
+            await server.stop(None)
+            raise
         finally:
             # After the main server: probes see NOT_SERVING, not a refused connection, while calls drain.
             if health_server is not None:
@@ -287,18 +300,26 @@ _HEALTH_MAX_RPCS = 16  # concurrent calls on the health-only port: probes are on
 
 
 async def _bind_and_start(server: grpc.aio.Server, listen: str, credentials: grpc.ServerCredentials | None) -> int:
-    """Bind ``listen`` (plaintext without ``credentials``) and start ``server``; the bound port. BindError (and the
-    server stopped) if it cannot bind."""
+    """Bind ``listen`` (plaintext without ``credentials``) and start ``server``; the bound port. BindError if it
+    cannot bind; then, or if this is cancelled, the server is stopped (no caller holds it yet)."""
     try:
         port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
     except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
         port, detail = 0, str(exc)
     else:
         detail = "gRPC could not bind the address"
-    await server.start()  # even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server
-    if not port:
+    # Started even when unbound: grpcio 1.85 can segfault garbage-collecting a never-started server. Shielded:
+    # grpc.aio's start, cancelled while it waits for its serving loop to begin, breaks that loop (InvalidStateError),
+    # and the stop after it fails; so a start always runs to its end, and a cancellation stops the server after it.
+    starting = asyncio.ensure_future(server.start())
+    try:
+        await asyncio.shield(starting)
+        if not port:
+            raise BindError(listen, detail)
+    except BaseException:
+        await asyncio.wait((starting,))
         await server.stop(None)
-        raise BindError(listen, detail)
+        raise
     return port
 
 

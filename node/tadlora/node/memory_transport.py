@@ -116,12 +116,15 @@ class InMemoryServer:
         self._address = self._network._bind(self, self._listen)
 
     async def aclose(self, grace: float = DEFAULT_GRACE_S) -> None:
-        """Stop taking calls, give those in flight `grace` seconds, cancel the rest. Safe to call twice."""
+        """Stop taking calls, give those in flight `grace` seconds, cancel the rest; cancelled, cancel them at once.
+        Safe to call twice."""
         self._network._unbind(self, self._address)
-        if self._tasks:
-            await asyncio.wait(self._tasks, timeout=grace)
-        for task in list(self._tasks):
-            task.cancel()
+        try:
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=grace)
+        finally:  # as `RpcServer`: a cancelled stop must not leave the calls running
+            for task in list(self._tasks):
+                task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def _call(self, work: Coroutine[Any, Any, _T], timeout: float, calls: set[asyncio.Task[Any]]) -> _T:

@@ -290,11 +290,14 @@ class BindError(RuntimeError):
 
 
 def _check_identity(claimed: str, identity: str | None) -> None:
-    """With TLS, a caller may only speak as the node its certificate names."""
+    """With TLS, a caller may only speak as the node its certificate names; ``identity`` "" (a certificate whose
+    common name is not one of its DNS names, see grpc_transport) names none."""
     if identity is not None and claimed != identity:
+        # "" would read as a certificate issued to an empty name: say what is wrong with it instead.
+        unnamed = "no node id (its common name is not among its DNS names)"
+        names = repr(identity[:MAX_TEXT_CHARS]) if identity else unnamed
         raise ExchangeRefused(
-            Reason.IDENTITY_MISMATCH,
-            f"claims node id {claimed[:MAX_TEXT_CHARS]!r} but its certificate is for {identity[:MAX_TEXT_CHARS]!r}",
+            Reason.IDENTITY_MISMATCH, f"claims node id {claimed[:MAX_TEXT_CHARS]!r} but its certificate is for {names}"
         )
 
 

@@ -43,7 +43,8 @@ class TlsMaterial:
     @classmethod
     def from_dir(cls, directory: Path, name: str) -> TlsMaterial:
         """Read ``ca.crt``, ``NAME.crt`` and ``NAME.key``: ValueError, naming the file and the fix, if one is missing,
-        or the certificate is not issued to NAME by this CA, the key is not its key, or now is outside its validity."""
+        or the certificate is not issued to NAME by this CA, the key is not its key, now is outside its validity, or
+        peers would refuse it (`_check_usable`)."""
         _check_name(name)
         paths = [directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"]
         missing = [str(p) for p in paths if not p.is_file()]
@@ -67,8 +68,11 @@ class TlsMaterial:
         return x509.load_pem_x509_certificate(self.cert)
 
     def _check_usable(self, directory: Path, name: str) -> None:
-        """ValueError unless gRPC could serve with this material: the certificate is signed by the CA, the key is
-        the certificate's, and now is within its validity. gRPC itself only says "Failed to bind to address"."""
+        """ValueError unless gRPC could serve with this material and peers would take it as node ``name``: the
+        certificate is signed by the CA, the key is the certificate's, now is within its validity, it carries the
+        DNS names ``name`` and `TLS_SERVER_NAME`, and it may serve as both TLS server and client. gRPC itself only
+        says "Failed to bind to address" for the first three, and nothing for the others, which only its peers
+        refuse."""
         ca_path, cert_path, key_path = directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"
         reissue = f"`tadlora-node certs issue {name} --dir {directory} --force`"
         ca, cert = x509.load_pem_x509_certificate(self.ca), self.certificate()
@@ -92,6 +96,7 @@ class TlsMaterial:
                 f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC (now {now:%Y-%m-%d %H:%M}); "
                 f"fix this host's clock, or issue a new certificate: {reissue}"
             )
+        _check_peers_accept(cert, cert_path, name, reissue)
 
     def server_credentials(self) -> grpc.ServerCredentials:
         """Serve with our certificate; require a client certificate signed by the cluster CA."""
@@ -101,6 +106,39 @@ class TlsMaterial:
         """Present our certificate; accept only a server certificate signed by the cluster CA."""
         return grpc.ssl_channel_credentials(
             root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+def _check_peers_accept(cert: x509.Certificate, path: Path, name: str, reissue: str) -> None:
+    """ValueError, naming ``path`` and the fix, unless peers would accept ``cert`` (read from ``path``) as node
+    ``name`` in both directions: callers check a callee by a DNS name (`TLS_SERVER_NAME` before they know its id,
+    then ``name``), callees take a caller's id from its common name only if that is one of its DNS names, and each
+    end needs the certificate usable for its side of TLS (extended key usage, where the certificate has one).
+    `issue` writes all of this; a certificate from another tool may lack some, and the node would start and then
+    be refused by every peer, with nothing said here."""
+    try:
+        sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = sans.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    # Exact: node ids have one spelling, and the callee's check of a caller compares them exactly.
+    missing = [n for n in (name, TLS_SERVER_NAME) if n not in dns]
+    if missing:
+        raise ValueError(
+            f"{path} lacks the DNS name(s) {', '.join(missing)} (it has {', '.join(dns) or 'none'}): peers accept a "
+            f"node only under DNS names {name} and {TLS_SERVER_NAME}; issue it with {reissue}"
+        )
+    try:
+        usages = set(cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value)
+    except x509.ExtensionNotFound:
+        return  # no extended key usage: any use
+    # Exactly these two: gRPC's TLS (BoringSSL) refuses anyExtendedKeyUsage alone for either side.
+    needed = (("server", ExtendedKeyUsageOID.SERVER_AUTH), ("client", ExtendedKeyUsageOID.CLIENT_AUTH))
+    lacking = [what for what, oid in needed if oid not in usages]
+    if lacking:
+        raise ValueError(
+            f"{path} may not be used as a TLS {' or '.join(lacking)} certificate (its extended key usage), and a "
+            f"node is both, to the peers it calls and to those that call it; issue it with {reissue}"
         )
 
 
