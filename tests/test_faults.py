@@ -215,6 +215,18 @@ async def test_a_peer_that_keeps_failing_is_retried_with_doubling_delays_up_to_t
 
 
 @pytest.mark.asyncio
+async def test_a_static_peer_down_for_a_day_is_still_retried_every_retry_max_s(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 2 ** 1024 does not fit a float: a backoff computed from the raw failure count raised OverflowError at the
+    # 1025th failure in a row (8.5 h of a static peer that is down), which ended the peer manager and the node.
+    pm, transport, clock = manager(monkeypatch)
+    for _ in range(3000):  # ~25 h of tries, at most RETRY_MAX_S apart
+        await pm.scan()
+        clock.now = pm.retry_at("10.0.0.9:7070")  # type: ignore[assignment]
+    assert set(gaps(transport.tries)[-100:]) == {RETRY_MAX_S}
+    assert retry_delay(10**6) == RETRY_MAX_S
+
+
+@pytest.mark.asyncio
 async def test_a_peer_that_flaps_waits_longer_after_each_drop_and_a_stable_one_is_forgiven(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -60,8 +61,11 @@ class _Attempt:
 
 
 def retry_delay(failures: int) -> float:
-    """Seconds before the next try of a candidate that failed ``failures`` (>= 1) times in a row: 1, 2, 4 ... 30."""
-    return min(RETRY_MAX_S, RETRY_MIN_S * 2 ** (failures - 1))
+    """Seconds before the next try of a candidate that failed ``failures`` (>= 1) times in a row: 1, 2, 4 ... 30,
+    and 30 however many failures (a static peer may stay down for days)."""
+    # Past the cap the exponent no longer matters; left unbounded, 2 ** 1024 overflows the float product.
+    doublings = min(failures - 1, math.ceil(math.log2(RETRY_MAX_S / RETRY_MIN_S)))
+    return min(RETRY_MAX_S, RETRY_MIN_S * 2**doublings)
 
 
 class PeerManager:
