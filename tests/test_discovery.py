@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import logging
 import sys
@@ -277,6 +278,21 @@ async def test_other_cluster_and_fingerprint_are_still_reported_so_the_node_can_
         7,
         True,
     )
+
+
+@pytest.mark.asyncio
+async def test_two_nodes_sharing_a_node_id_are_each_seen_at_their_own_address(quick_timing: None, n: Names) -> None:
+    # Two clusters' "node-0" on one network: their services get two names, and their addresses must not mix (a host
+    # name derived from the node id alone was one name for both, whose A records flushed each other's).
+    ours = advert(n("twin"), 50201, advertise_address="10.77.0.1")
+    theirs = advert(n("twin"), 50202, cluster="other", advertise_address="10.77.0.2")
+    observers = advert(n("obs"), 50203), advert(n("obs2"), 50204, cluster="other")
+    # One after the other: zeroconf's probing does not settle two claims of one name made at the same moment.
+    async with running(ours), running(theirs), running(*observers) as (lab, other):
+        for observer, cluster, address in ((lab, "lab", "10.77.0.1:50201"), (other, "other", "10.77.0.2:50202")):
+            twin_of = functools.partial(lambda cl, c: n("twin") in c and c[n("twin")].cluster == cl, cluster)
+            seen = await observer.async_wait_for(twin_of, WAIT_S)
+            assert (seen[n("twin")].address, seen[n("twin")].alternates) == (address, ())
 
 
 @pytest.mark.asyncio
