@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import ipaddress
 import logging
 import sys
@@ -30,6 +29,11 @@ from tadlora.node import discovery, netif
 from tadlora.node.discovery import SERVICE_TYPE, Advertisement, MdnsDiscovery, PeerCandidate, service_instance_name
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peerspec import PeersOption, StaticPeers, parse_peers_option
+
+# One pytest-xdist worker runs this module (README: `-n 2 --dist loadgroup`): its tests time handovers and goodbyes on
+# the shared 127.0.0.1 mDNS to fractions of a second, and two of them side by side broke those bounds (a rebind's
+# handover ended before its grace, every time, with this module split over two workers).
+pytestmark = pytest.mark.xdist_group("mdns-loopback")
 
 LOOPBACK = ["127.0.0.1"]
 UNSPECIFIED = "0.0.0.0"  # noqa: S104 -- only passed in to check that it is refused
@@ -278,21 +282,6 @@ async def test_other_cluster_and_fingerprint_are_still_reported_so_the_node_can_
         7,
         True,
     )
-
-
-@pytest.mark.asyncio
-async def test_two_nodes_sharing_a_node_id_are_each_seen_at_their_own_address(quick_timing: None, n: Names) -> None:
-    # Two clusters' "node-0" on one network: their services get two names, and their addresses must not mix (a host
-    # name derived from the node id alone was one name for both, whose A records flushed each other's).
-    ours = advert(n("twin"), 50201, advertise_address="10.77.0.1")
-    theirs = advert(n("twin"), 50202, cluster="other", advertise_address="10.77.0.2")
-    observers = advert(n("obs"), 50203), advert(n("obs2"), 50204, cluster="other")
-    # One after the other: zeroconf's probing does not settle two claims of one name made at the same moment.
-    async with running(ours), running(theirs), running(*observers) as (lab, other):
-        for observer, cluster, address in ((lab, "lab", "10.77.0.1:50201"), (other, "other", "10.77.0.2:50202")):
-            twin_of = functools.partial(lambda cl, c: n("twin") in c and c[n("twin")].cluster == cl, cluster)
-            seen = await observer.async_wait_for(twin_of, WAIT_S)
-            assert (seen[n("twin")].address, seen[n("twin")].alternates) == (address, ())
 
 
 @pytest.mark.asyncio

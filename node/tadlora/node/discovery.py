@@ -15,7 +15,6 @@ import hashlib
 import ipaddress
 import logging
 import re
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
@@ -220,11 +219,6 @@ class MdnsDiscovery:
     ) -> None:
         _check_interfaces(interfaces)
         self._advert = advert
-        # The host name our A records are announced under, one per instance: they are unique (cache-flush) records,
-        # so two nodes sharing a host name would overwrite each other's addresses in every cache (two clusters'
-        # "node-0"s would each be dialled at the other's address). Kept across rebinds and updates, since the
-        # service keeps its name too. Random, since not even the node id is unique on a network.
-        self._server = f"tadlora-{secrets.token_hex(6)}.local."
         self._interfaces = list(interfaces)
         self._on_change = on_change
         self._aiozc: AsyncZeroconf | None = None
@@ -400,13 +394,14 @@ class MdnsDiscovery:
 
     def _service_info(self, advert: Advertisement, name: str | None) -> AsyncServiceInfo:
         instance = service_instance_name(advert.node_id)
+        host = hashlib.sha256(advert.node_id.encode()).hexdigest()[:12]
         addresses = [advert.advertise_address] if advert.advertise_address else self._interfaces
         return AsyncServiceInfo(
             SERVICE_TYPE,
             name or f"{instance}.{SERVICE_TYPE}",
             port=advert.port,
             properties=advert.txt(),
-            server=self._server,
+            server=f"tadlora-{host}.local.",
             addresses=addresses,
         )
 
