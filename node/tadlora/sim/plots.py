@@ -83,24 +83,53 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
     return fig
 
 
+def _t_curves(
+    results: dict[str, Any],
+) -> dict[tuple[str, str, float], tuple[list[int], list[tuple[int, float, float]]]]:
+    """Per (method, topology, p) swept over T: the seeds that finished every T of it, and per T (ascending) the
+    mean over those seeds of the final client-mean accuracy and of the final std over clients. Only the common
+    seeds: a T that has finished a second seed would otherwise be a mean of other seeds than its neighbours, and
+    the curve would move with the seeds rather than with T. Curves of fewer than two T are left out."""
+    finals: dict[tuple[str, str, float], dict[int, dict[int, dict[str, float]]]] = {}
+    for run in results["cells"]:
+        final = run.get("final") or {}
+        if run["switch_interval"] is None or final.get("acc_mean") is None:
+            continue
+        key = (run["method"], run["topology"], run["link_prob"])
+        finals.setdefault(key, {}).setdefault(run["switch_interval"], {})[run["seed"]] = final
+    curves = {}
+    for key, by_t in finals.items():
+        seeds = sorted(set.intersection(*(set(by_seed) for by_seed in by_t.values())))
+        if len(by_t) < 2 or not seeds:
+            continue
+        points = [
+            (
+                t,
+                float(np.mean([by_t[t][s]["acc_mean"] for s in seeds])),
+                float(np.mean([by_t[t][s]["acc_std"] for s in seeds])),
+            )
+            for t in sorted(by_t)
+        ]
+        curves[key] = (seeds, points)
+    return curves
+
+
 def _t_plot(results: dict[str, Any], path: Path) -> Path | None:
-    swept = [r for r in results["summary"] if r["switch_interval"] is not None and r["acc_mean"] is not None]
-    series: dict[tuple[str, str, float], list[tuple[int, float, float]]] = {}
-    for row in swept:
-        key = (row["method"], row["topology"], row["link_prob"])
-        series.setdefault(key, []).append((row["switch_interval"], row["acc_mean"], row["acc_client_std"]))
-    series = {k: sorted(v) for k, v in series.items() if len(v) > 1}
-    if not series:
+    """Final accuracy vs T, a line per (method, topology, p) over the seeds that finished each of its T
+    (`_t_curves`), error bars ± the std over clients; None (no file) when no curve has two T."""
+    curves = _t_curves(results)
+    if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, topo, p), pts in sorted(series.items()):
+    for (method, topo, p), (seeds, pts) in sorted(curves.items()):
         ts, acc, std = zip(*pts, strict=True)
-        ax.errorbar(ts, acc, yerr=std, marker="o", capsize=3, label=f"{method} {topo} p={p:g}")
+        seed_label = ",".join(map(str, seeds))
+        ax.errorbar(ts, acc, yerr=std, marker="o", capsize=3, label=f"{method} {topo} p={p:g} (seeds {seed_label})")
     ax.set_xlabel("switching interval T")
     ax.set_ylabel("final accuracy (mean ± client std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{results['config']['name']}: accuracy vs T")
+    fig.suptitle(f"{results['config']['name']}: accuracy vs T, over the seeds that finished every T")
     fig.tight_layout()
     _save(fig, path)
     return path
