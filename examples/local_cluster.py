@@ -39,6 +39,22 @@ def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def stop(procs: list[subprocess.Popen[bytes]], grace: float = 120.0) -> list[int]:
+    """Send each node still running ONE SIGINT (graceful: it checkpoints and says goodbye; a second signal would
+    mean "exit now, without a checkpoint"), wait up to ``grace`` seconds for them, SIGKILL any left; return the
+    exit codes. Nodes that have exited are left alone, so calling it again is harmless."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()  # a node stuck past the grace period: the script must not leave it running
+    return [p.wait() for p in procs]
+
+
 def wait_with_progress(procs: list[subprocess.Popen[bytes]], args: argparse.Namespace) -> list[int]:
     """Wait for the nodes, printing a line each time node-0 finishes a round (the full logs are in the files)."""
     rounds_file = args.out / "node-0" / "rounds.jsonl"
@@ -78,21 +94,26 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the nodes share the machine's cores
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stop the nodes the same way when this script is stopped
         signal.signal(sig, interrupt)
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     print(f"starting {args.nodes} nodes (cluster {cluster}); logs in {args.out}/node-*.log", flush=True)
     try:
-        for i in range(args.nodes):
-            log = (args.out / f"node-{i}.log").open("w")
-            # A session of their own: Ctrl-C on a terminal reaches this script only, which then sends each node
-            # ONE SIGINT (a node takes a second signal as "exit now, without a checkpoint").
-            cmd = node_command(i, args, cluster)
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        codes = wait_with_progress(procs, args)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)  # graceful: each node checkpoints and says goodbye
-        codes = [p.wait() for p in procs]
+        try:
+            for i in range(args.nodes):
+                # A session of their own: Ctrl-C on a terminal reaches this script only, which then sends each node
+                # ONE SIGINT (a node takes a second signal as "exit now, without a checkpoint").
+                cmd = node_command(i, args, cluster)
+                with (args.out / f"node-{i}.log").open("w") as log:  # the node holds its own copy of the file
+                    procs.append(
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    )
+            codes = wait_with_progress(procs, args)
+        except KeyboardInterrupt:
+            codes = stop(procs)
+    finally:
+        # Any other way out (an error here, a second Ctrl-C while they stop): the nodes are in sessions of their
+        # own, so nothing else would stop them.
+        stop(procs)
     print(f"finished in {time.monotonic() - started:.0f} s; exit codes {codes}")
     for i in range(args.nodes):
         rounds_file = args.out / f"node-{i}" / "rounds.jsonl"
