@@ -22,14 +22,16 @@ def _label(run: dict[str, Any]) -> str:
 
 
 def _series(runs: Sequence[dict[str, Any]], field: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rounds (1-based) and the seed-mean of ``field`` over the runs (records lacking it are skipped)."""
+    """Rounds (1-based) at which any run has ``field``, and there the seed-mean of it: NaN (a gap in the line)
+    at a round where some run lacks it (a NaN written as null), since a mean of the other seeds alone would make
+    the curve jump from one set of seeds to another partway."""
     by_round: dict[int, list[float]] = {}
     for run in runs:
         for rec in run["rounds"]:
             if rec.get(field) is not None:
                 by_round.setdefault(rec["round"] + 1, []).append(rec[field])
     xs = np.array(sorted(by_round))
-    return xs, np.array([np.mean(by_round[x]) for x in xs])
+    return xs, np.array([np.mean(by_round[x]) if len(by_round[x]) == len(runs) else np.nan for x in xs])
 
 
 def _panels(results: dict[str, Any]) -> list[tuple[str, float, list[dict[str, Any]]]]:
@@ -67,7 +69,9 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
                 (line,) = ax.plot(xs, ys, marker=marker, ms=3, label=label, color=colors[label])
                 shown.setdefault(label, line)
                 if field == "acc_mean":  # the spread over clients, which a gap between methods must exceed
-                    _, std = _series(members, "acc_std")
+                    std_xs, std = _series(members, "acc_std")
+                    at = dict(zip(std_xs.tolist(), std.tolist(), strict=True))
+                    std = np.array([at.get(x, np.nan) for x in xs.tolist()])  # on the line's rounds, none missing
                     ax.fill_between(xs, ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(f"{topo}, p = {p:g}")
         ax.set_xlabel("round")
