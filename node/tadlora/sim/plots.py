@@ -53,8 +53,9 @@ def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, lo
 
 
 def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = False) -> Any:
-    """One panel per (topology, p), a line per method (and T). A method has one colour in every panel and the
-    legend names every line of every panel: the panels of a grid still running need not hold the same methods."""
+    """One panel per (topology, p), a line per method and T. A (method, T) line has one colour in every panel and
+    the legend names every line of every panel: the panels of a grid still running need not hold the same methods.
+    A method whose T differs by panel (``switch_intervals: auto``) is a different line, and colour, in each."""
     panels = _panels(results)
     labels = sorted(_by_label(results["cells"]))
     palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
