@@ -35,6 +35,12 @@ def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
     ]  # fmt: skip
 
 
+def replaceable(out: Path) -> bool:
+    """Whether ``out`` may be deleted to make room for this run: empty, or holding only what a run of this script
+    writes (certs/, node-*/, node-*.log). ``--out .`` or a folder of other runs is refused rather than deleted."""
+    return all(entry.name == "certs" or entry.name.startswith("node-") for entry in out.iterdir())
+
+
 def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -79,9 +85,16 @@ def main() -> int:
     parser.add_argument("--method", default="tad", help="tad, adf, lora, ffa, rolora, decaf, tad-nojoint")
     parser.add_argument("--model", default="minilm", help="minilm (offline default) or tiny (seconds, for a try)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
-    parser.add_argument("--out", type=Path, default=Path("runs/local-cluster"), help="output directory (replaced)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/local-cluster"),
+        help="output directory (a previous run of this script in it is replaced)",
+    )
     args = parser.parse_args()
     if args.out.exists():
+        if not args.out.is_dir() or not replaceable(args.out):
+            parser.error(f"--out {args.out} holds files this script did not write; give a new or empty directory")
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     cluster = f"demo-{uuid.uuid4().hex[:8]}"  # never mixes with another demo running on this machine

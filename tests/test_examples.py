@@ -116,3 +116,16 @@ def test_two_nodes_example_stops_its_nodes_when_they_overrun(monkeypatch: pytest
     """Nodes that outlive its 10-minute wait used to be left running when the timeout ended the script."""
     nodes = fail_partway(monkeypatch, "node_own_model_and_data", ["--out", str(tmp_path)], "")
     assert len(nodes) == 2 and all(n.poll() is not None for n in nodes)
+
+
+def test_local_cluster_replaces_only_its_own_output(tmp_path: Path) -> None:
+    """--out was deleted whatever it held (``--out .``, ``--out runs``); now only a previous run's output is."""
+    (tmp_path / "keep.txt").write_text("not the script's")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "local_cluster.py"), "--nodes", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
+    assert proc.returncode == 2 and "did not write" in proc.stderr
+    assert (tmp_path / "keep.txt").exists()
+    (tmp_path / "keep.txt").unlink()
+    (tmp_path / "node-0.log").write_text("a previous run's")
+    run_example("local_cluster.py", "--nodes", "0", "--out", str(tmp_path))  # no nodes: only the certificates
+    assert not (tmp_path / "node-0.log").exists() and (tmp_path / "certs" / "ca.crt").exists()
