@@ -35,8 +35,30 @@ def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
     ]  # fmt: skip
 
 
+def replaceable(out: Path) -> bool:
+    """Whether ``out`` may be deleted to make room for this run: empty, or holding only what a run of this script
+    writes (certs/, node-*/, node-*.log). ``--out .`` or a folder of other runs is refused rather than deleted."""
+    return all(entry.name == "certs" or entry.name.startswith("node-") for entry in out.iterdir())
+
+
 def interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def stop(procs: list[subprocess.Popen[bytes]], grace: float = 120.0) -> list[int]:
+    """Send each node still running ONE SIGINT (graceful: it checkpoints and says goodbye; a second signal would
+    mean "exit now, without a checkpoint"), wait up to ``grace`` seconds for them, SIGKILL any left; return the
+    exit codes. Nodes that have exited are left alone, so calling it again is harmless."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + grace
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            p.kill()  # a node stuck past the grace period: the script must not leave it running
+    return [p.wait() for p in procs]
 
 
 def wait_with_progress(procs: list[subprocess.Popen[bytes]], args: argparse.Namespace) -> list[int]:
@@ -63,9 +85,16 @@ def main() -> int:
     parser.add_argument("--method", default="tad", help="tad, adf, lora, ffa, rolora, decaf, tad-nojoint")
     parser.add_argument("--model", default="minilm", help="minilm (offline default) or tiny (seconds, for a try)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
-    parser.add_argument("--out", type=Path, default=Path("runs/local-cluster"), help="output directory (replaced)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/local-cluster"),
+        help="output directory (a previous run of this script in it is replaced)",
+    )
     args = parser.parse_args()
     if args.out.exists():
+        if not args.out.is_dir() or not replaceable(args.out):
+            parser.error(f"--out {args.out} holds files this script did not write; give a new or empty directory")
         shutil.rmtree(args.out)
     args.out.mkdir(parents=True)
     cluster = f"demo-{uuid.uuid4().hex[:8]}"  # never mixes with another demo running on this machine
@@ -78,21 +107,26 @@ def main() -> int:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the nodes share the machine's cores
     for sig in (signal.SIGTERM, signal.SIGHUP):  # stop the nodes the same way when this script is stopped
         signal.signal(sig, interrupt)
-    procs = []
+    procs: list[subprocess.Popen[bytes]] = []
     started = time.monotonic()
     print(f"starting {args.nodes} nodes (cluster {cluster}); logs in {args.out}/node-*.log", flush=True)
     try:
-        for i in range(args.nodes):
-            log = (args.out / f"node-{i}.log").open("w")
-            # A session of their own: Ctrl-C on a terminal reaches this script only, which then sends each node
-            # ONE SIGINT (a node takes a second signal as "exit now, without a checkpoint").
-            cmd = node_command(i, args, cluster)
-            procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True))
-        codes = wait_with_progress(procs, args)
-    except KeyboardInterrupt:
-        for p in procs:
-            p.send_signal(signal.SIGINT)  # graceful: each node checkpoints and says goodbye
-        codes = [p.wait() for p in procs]
+        try:
+            for i in range(args.nodes):
+                # A session of their own: Ctrl-C on a terminal reaches this script only, which then sends each node
+                # ONE SIGINT (a node takes a second signal as "exit now, without a checkpoint").
+                cmd = node_command(i, args, cluster)
+                with (args.out / f"node-{i}.log").open("w") as log:  # the node holds its own copy of the file
+                    procs.append(
+                        subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+                    )
+            codes = wait_with_progress(procs, args)
+        except KeyboardInterrupt:
+            codes = stop(procs)
+    finally:
+        # Any other way out (an error here, a second Ctrl-C while they stop): the nodes are in sessions of their
+        # own, so nothing else would stop them.
+        stop(procs)
     print(f"finished in {time.monotonic() - started:.0f} s; exit codes {codes}")
     for i in range(args.nodes):
         rounds_file = args.out / f"node-{i}" / "rounds.jsonl"

@@ -19,6 +19,7 @@ import random
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from sim_own_model_and_data import WORDS
@@ -59,15 +60,23 @@ def main() -> int:
         "--insecure",  # plaintext on loopback for brevity; see examples/local_cluster.py for TLS
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = []
-    for i in range(2):
-        cmd = [
-            sys.executable, "-m", "tadlora.node.entry", *common, "--shard", str(i), "--node-id", f"own-{i}",
-            "--listen", f"127.0.0.1:{ports[i]}", "--peers", f"127.0.0.1:{ports[1 - i]}",
-            "--out", str(args.out / f"own-{i}"),
-        ]  # fmt: skip
-        procs.append(subprocess.Popen(cmd, env=env))
-    codes = [p.wait(timeout=600) for p in procs]
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        for i in range(2):
+            cmd = [
+                sys.executable, "-m", "tadlora.node.entry", *common, "--shard", str(i), "--node-id", f"own-{i}",
+                "--listen", f"127.0.0.1:{ports[i]}", "--peers", f"127.0.0.1:{ports[1 - i]}",
+                "--out", str(args.out / f"own-{i}"),
+            ]  # fmt: skip
+            procs.append(subprocess.Popen(cmd, env=env))
+        deadline = time.monotonic() + 600
+        codes = [p.wait(timeout=max(0.0, deadline - time.monotonic())) for p in procs]
+    finally:
+        # However this ends (the 10-minute limit, an error, Ctrl-C), no node is left running.
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     print(f"exit codes {codes}; adapters in {args.out}/own-*/adapter")
     return 0 if codes == [0, 0] else 1
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import ClassVar
+
+import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -50,3 +55,77 @@ def test_local_cluster_quickstart(tmp_path: Path) -> None:
     progress = [line for line in out.splitlines() if line.startswith("node-0 round ")]
     assert [line.split()[2] for line in progress] == ["1/3", "2/3", "3/3"], out
     assert "dev accuracy" in progress[-1]
+
+
+class FakeNode:
+    """A stand-in for a node process that never exits on its own: what each example is left holding when it fails
+    partway. It records the signals it gets, and exits on one (SIGINT included, as a node does)."""
+
+    started: ClassVar[list[FakeNode]] = []
+
+    def __init__(self, cmd: list[str], **kwargs: object) -> None:
+        self.signals: list[int] = []
+        self.returncode: int | None = None
+        FakeNode.started.append(self)
+
+    def poll(self) -> int | None:
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        self.signals.append(sig)
+        self.returncode = -sig
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            raise subprocess.TimeoutExpired("node", timeout or 0)
+        return self.returncode
+
+
+def fail_partway(monkeypatch: pytest.MonkeyPatch, module: str, argv: list[str], where: str) -> list[FakeNode]:
+    """Run ``module``'s main with its nodes faked and ``where`` (a function of it, or '' for none) raising; return
+    the nodes it started."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = importlib.import_module(module)
+    FakeNode.started = []
+    monkeypatch.setattr(subprocess, "Popen", FakeNode)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)  # certificates: not needed by fakes
+    monkeypatch.setattr(signal, "signal", lambda *a: None)  # the example's handlers stay out of pytest's process
+    monkeypatch.setattr(sys, "argv", [module, *argv])
+
+    def broken(*args: object) -> None:
+        raise RuntimeError("failed partway")
+
+    if where:
+        monkeypatch.setattr(example, where, broken)
+    with pytest.raises((RuntimeError, subprocess.TimeoutExpired)):
+        example.main()
+    return FakeNode.started
+
+
+def test_local_cluster_stops_its_nodes_when_it_fails(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The nodes run in sessions of their own (Ctrl-C reaches the script only): an error other than Ctrl-C used
+    to leave them running, training and holding their ports, after the script had exited."""
+    nodes = fail_partway(monkeypatch, "local_cluster", ["--out", str(tmp_path)], "wait_with_progress")
+    assert len(nodes) == 3 and all(n.signals == [signal.SIGINT] for n in nodes)
+
+
+def test_two_nodes_example_stops_its_nodes_when_they_overrun(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Nodes that outlive its 10-minute wait used to be left running when the timeout ended the script."""
+    nodes = fail_partway(monkeypatch, "node_own_model_and_data", ["--out", str(tmp_path)], "")
+    assert len(nodes) == 2 and all(n.poll() is not None for n in nodes)
+
+
+def test_local_cluster_replaces_only_its_own_output(tmp_path: Path) -> None:
+    """--out was deleted whatever it held (``--out .``, ``--out runs``); now only a previous run's output is."""
+    (tmp_path / "keep.txt").write_text("not the script's")
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "local_cluster.py"), "--nodes", "0", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
+    assert proc.returncode == 2 and "did not write" in proc.stderr
+    assert (tmp_path / "keep.txt").exists()
+    (tmp_path / "keep.txt").unlink()
+    (tmp_path / "node-0.log").write_text("a previous run's")
+    run_example("local_cluster.py", "--nodes", "0", "--out", str(tmp_path))  # no nodes: only the certificates
+    assert not (tmp_path / "node-0.log").exists() and (tmp_path / "certs" / "ca.crt").exists()

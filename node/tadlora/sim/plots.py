@@ -22,14 +22,16 @@ def _label(run: dict[str, Any]) -> str:
 
 
 def _series(runs: Sequence[dict[str, Any]], field: str) -> tuple[np.ndarray, np.ndarray]:
-    """Rounds (1-based) and the seed-mean of ``field`` over the runs (records lacking it are skipped)."""
+    """Rounds (1-based) at which any run has ``field``, and there the seed-mean of it: NaN (a gap in the line)
+    at a round where some run lacks it (a NaN written as null), since a mean of the other seeds alone would make
+    the curve jump from one set of seeds to another partway."""
     by_round: dict[int, list[float]] = {}
     for run in runs:
         for rec in run["rounds"]:
             if rec.get(field) is not None:
                 by_round.setdefault(rec["round"] + 1, []).append(rec[field])
     xs = np.array(sorted(by_round))
-    return xs, np.array([np.mean(by_round[x]) for x in xs])
+    return xs, np.array([np.mean(by_round[x]) if len(by_round[x]) == len(runs) else np.nan for x in xs])
 
 
 def _panels(results: dict[str, Any]) -> list[tuple[str, float, list[dict[str, Any]]]]:
@@ -51,8 +53,9 @@ def _round_plot(results: dict[str, Any], field: str, ylabel: str, path: Path, lo
 
 
 def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = False) -> Any:
-    """One panel per (topology, p), a line per method (and T). A method has one colour in every panel and the
-    legend names every line of every panel: the panels of a grid still running need not hold the same methods."""
+    """One panel per (topology, p), a line per method and T. A (method, T) line has one colour in every panel and
+    the legend names every line of every panel: the panels of a grid still running need not hold the same methods.
+    A method whose T differs by panel (``switch_intervals: auto``) is a different line, and colour, in each."""
     panels = _panels(results)
     labels = sorted(_by_label(results["cells"]))
     palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
@@ -67,7 +70,9 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
                 (line,) = ax.plot(xs, ys, marker=marker, ms=3, label=label, color=colors[label])
                 shown.setdefault(label, line)
                 if field == "acc_mean":  # the spread over clients, which a gap between methods must exceed
-                    _, std = _series(members, "acc_std")
+                    std_xs, std = _series(members, "acc_std")
+                    at = dict(zip(std_xs.tolist(), std.tolist(), strict=True))
+                    std = np.array([at.get(x, np.nan) for x in xs.tolist()])  # on the line's rounds, none missing
                     ax.fill_between(xs, ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(f"{topo}, p = {p:g}")
         ax.set_xlabel("round")
@@ -83,24 +88,53 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
     return fig
 
 
+def _t_curves(
+    results: dict[str, Any],
+) -> dict[tuple[str, str, float], tuple[list[int], list[tuple[int, float, float]]]]:
+    """Per (method, topology, p) swept over T: the seeds that finished every T of it, and per T (ascending) the
+    mean over those seeds of the final client-mean accuracy and of the final std over clients. Only the common
+    seeds: a T that has finished a second seed would otherwise be a mean of other seeds than its neighbours, and
+    the curve would move with the seeds rather than with T. Curves of fewer than two T are left out."""
+    finals: dict[tuple[str, str, float], dict[int, dict[int, dict[str, float]]]] = {}
+    for run in results["cells"]:
+        final = run.get("final") or {}
+        if run["switch_interval"] is None or final.get("acc_mean") is None:
+            continue
+        key = (run["method"], run["topology"], run["link_prob"])
+        finals.setdefault(key, {}).setdefault(run["switch_interval"], {})[run["seed"]] = final
+    curves = {}
+    for key, by_t in finals.items():
+        seeds = sorted(set.intersection(*(set(by_seed) for by_seed in by_t.values())))
+        if len(by_t) < 2 or not seeds:
+            continue
+        points = [
+            (
+                t,
+                float(np.mean([by_t[t][s]["acc_mean"] for s in seeds])),
+                float(np.mean([by_t[t][s]["acc_std"] for s in seeds])),
+            )
+            for t in sorted(by_t)
+        ]
+        curves[key] = (seeds, points)
+    return curves
+
+
 def _t_plot(results: dict[str, Any], path: Path) -> Path | None:
-    swept = [r for r in results["summary"] if r["switch_interval"] is not None and r["acc_mean"] is not None]
-    series: dict[tuple[str, str, float], list[tuple[int, float, float]]] = {}
-    for row in swept:
-        key = (row["method"], row["topology"], row["link_prob"])
-        series.setdefault(key, []).append((row["switch_interval"], row["acc_mean"], row["acc_client_std"]))
-    series = {k: sorted(v) for k, v in series.items() if len(v) > 1}
-    if not series:
+    """Final accuracy vs T, a line per (method, topology, p) over the seeds that finished each of its T
+    (`_t_curves`), error bars ± the std over clients; None (no file) when no curve has two T."""
+    curves = _t_curves(results)
+    if not curves:
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (method, topo, p), pts in sorted(series.items()):
+    for (method, topo, p), (seeds, pts) in sorted(curves.items()):
         ts, acc, std = zip(*pts, strict=True)
-        ax.errorbar(ts, acc, yerr=std, marker="o", capsize=3, label=f"{method} {topo} p={p:g}")
+        seed_label = ",".join(map(str, seeds))
+        ax.errorbar(ts, acc, yerr=std, marker="o", capsize=3, label=f"{method} {topo} p={p:g} (seeds {seed_label})")
     ax.set_xlabel("switching interval T")
     ax.set_ylabel("final accuracy (mean ± client std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{results['config']['name']}: accuracy vs T")
+    fig.suptitle(f"{results['config']['name']}: accuracy vs T, over the seeds that finished every T")
     fig.tight_layout()
     _save(fig, path)
     return path

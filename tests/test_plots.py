@@ -1,0 +1,64 @@
+"""The simulator's plots draw what results.json holds: the seeds each point averages, and no other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+
+from tadlora.sim import plots
+from tadlora.sim.runner import summarize
+
+
+def cell(t: int | None, seed: int, acc: float, std: float = 0.01, method: str = "tad") -> dict[str, Any]:
+    rounds = [{"round": 0, "acc_mean": acc, "acc_std": std, "cross_term_norm": 0.0}]
+    return {"method": method, "topology": "er", "link_prob": 0.02, "switch_interval": t, "seed": seed,
+            "rounds": rounds, "final": {"acc_mean": acc, "acc_std": std, "round": 0}}  # fmt: skip
+
+
+def drawn(monkeypatch: pytest.MonkeyPatch, results: dict[str, Any], tmp_path: Path) -> list[Any]:
+    """Every figure write_plots draws, kept open (not saved) so that its lines can be read."""
+    figures: list[Any] = []
+    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
+    plots.write_plots(results, tmp_path)
+    return figures
+
+
+def test_accuracy_vs_t_averages_the_same_seeds_at_every_t(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Seed 1 finished T = 5 only (a sweep still running, as benchmarks/paper/cpu-sst2/T-sweep was): a mean over
+    seeds 0 and 1 at T = 5 beside seed 0 alone at the other T made a dip that was seed 1's, not T = 5's."""
+    cells = [cell(1, 0, 0.78), cell(5, 0, 0.78, std=0.02), cell(10, 0, 0.78), cell(5, 1, 0.70, std=0.2)]
+    figures = drawn(monkeypatch, {"config": {"name": "sweep"}, "cells": cells, "summary": summarize(cells)}, tmp_path)
+    try:
+        (ax,) = figures[-1].axes
+        (bars,) = ax.containers  # one errorbar: its data line, caps and bars
+        line = bars[0]
+        assert list(line.get_xdata()) == [1, 5, 10]
+        assert list(line.get_ydata()) == pytest.approx([0.78, 0.78, 0.78])
+        assert "seeds 0" in ax.get_legend().get_texts()[0].get_text()
+    finally:
+        for fig in figures:
+            plt.close(fig)
+
+
+def test_accuracy_vs_round_never_switches_seeds_partway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Seed 1's value at round 2 is missing (a NaN, written as null): the point there was seed 0's alone, so the
+    curve jumped from the two seeds' mean to one seed's; now there is a gap. Round 4 has no std in any run: the
+    band's rounds were then fewer than the line's, and drawing it failed the whole plot."""
+
+    def run(seed: int, accs: list[float | None], stds: list[float | None]) -> dict[str, Any]:
+        rounds = [{"round": i, "acc_mean": a, "acc_std": s} for i, (a, s) in enumerate(zip(accs, stds, strict=True))]
+        return {**cell(None, seed, 0.0, method="lora"), "rounds": rounds}
+
+    cells = [run(0, [0.6, 0.9, 0.7, 0.8], [0.1, 0.1, 0.1, None]), run(1, [0.4, None, 0.5, 0.8], [0.1, 0.1, None, None])]
+    figures = drawn(monkeypatch, {"config": {"name": "nan"}, "cells": cells, "summary": []}, tmp_path)
+    try:
+        (line,) = figures[0].axes[0].get_lines()
+        assert list(line.get_xdata()) == [1, 2, 3, 4]
+        assert line.get_ydata()[0] == pytest.approx(0.5) and np.isnan(line.get_ydata()[1])
+    finally:
+        for fig in figures:
+            plt.close(fig)
