@@ -30,11 +30,6 @@ from tadlora.node.discovery import SERVICE_TYPE, Advertisement, MdnsDiscovery, P
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peerspec import PeersOption, StaticPeers, parse_peers_option
 
-# One pytest-xdist worker runs this module (README: `-n 2 --dist loadgroup`): its tests time handovers and goodbyes on
-# the shared 127.0.0.1 mDNS to fractions of a second, and two of them side by side broke those bounds (a rebind's
-# handover ended before its grace, every time, with this module split over two workers).
-pytestmark = pytest.mark.xdist_group("mdns-loopback")
-
 LOOPBACK = ["127.0.0.1"]
 UNSPECIFIED = "0.0.0.0"  # noqa: S104 -- only passed in to check that it is refused
 WAIT_S = 5.0  # s; generous bound for one discovery step on loopback (they take well under 0.5 s)

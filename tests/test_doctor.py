@@ -79,6 +79,12 @@ def by_name(doc: dict) -> dict[str, dict]:
     return {c["name"]: c for c in doc["checks"]}
 
 
+def ours_at(doc: dict, port: str) -> list[dict]:
+    """The peer checks of this test's node (node-1, at ``port``): other tests, in this session's other workers or
+    other sessions, run their own node-1 on 127.0.0.1's shared mDNS, and the doctor lists them too."""
+    return [c for c in doc["checks"] if c["name"].startswith("peer node-1 ") and c["name"].endswith(f":{port}")]
+
+
 def peer(tmp: Path, **changes) -> NodeConfig:
     return node_config(tmp, 1, 2, parse_peers_option("auto"), min_peers=0, **changes)
 
@@ -99,7 +105,7 @@ async def test_a_ready_host_with_a_matching_peer_is_all_ok(tmp_path, capsys) -> 
         assert name in checks
     assert "no GPU: training on CPU" in checks["device"]["detail"] or "GPU" in checks["device"]["detail"]
     assert node.fingerprint in checks["model"]["detail"]
-    ours = [c for c in doc["checks"] if c["name"].startswith("peer node-1")]
+    ours = ours_at(doc, port)
     assert sorted(c["detail"].split(")")[0] for c in ours) == ["(dns:localhost:" + port, "(mdns", "(static"]
     assert all("fingerprint" in c["detail"] and "match" in c["detail"] for c in ours)
 
@@ -136,7 +142,7 @@ async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> 
     async with Node(peer(tmp_path, seed=7)) as node:  # the seed is part of the fingerprint
         port = node.address.rpartition(":")[2]
         code, doc = await run_doctor_json(doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port}"), capsys)
-    ours = [c for c in doc["checks"] if c["name"].startswith("peer node-1")]
+    ours = ours_at(doc, port)
     assert code == 0  # a mismatched peer is a warning: this node itself can run
     assert len(ours) == 2 and all(c["status"] == "WARN" for c in ours), ours
     for check in ours:
@@ -329,7 +335,7 @@ async def test_peers_of_a_tls_cluster_are_asked_with_this_nodes_certificate(tmp_
         code, doc = await run_doctor_json([*argv, "--tls-dir", str(certs), "--node-id", "node-0"], capsys)
         _, plain = await run_doctor_json(args, capsys)  # the same peers in plaintext: they cannot answer
     assert code == 0 and by_name(doc)["tls"]["status"] == "OK"
-    ours = [c for c in doc["checks"] if c["name"].startswith("peer node-1")]
+    ours = ours_at(doc, port)
     assert len(ours) == 2 and all(c["status"] == "OK" and "match" in c["detail"] for c in ours), doc["checks"]
     down = [c for c in plain["checks"] if c["name"] == f"peer 127.0.0.1:{port}"]
     assert down and down[0]["status"] == "WARN" and "--tls-dir" in down[0]["fix"]
