@@ -168,9 +168,22 @@ class NodeConfig:
         init = kept_init(self.out) if self.init == "auto" else self.init
         return ModelSpec(model=self.model, label_names=label_names, lora=self.lora, seed=self.seed, init=init)
 
+    def advertised_host(self, interfaces: list[str]) -> str:
+        """The host this node tells its peers to dial, with ``interfaces`` its mDNS interface addresses ([] without
+        mDNS): --advertise-address, else the --listen host, unless that is a wildcard: then the first of
+        ``interfaces``. (The node refuses a wildcard host with neither --advertise-address nor mDNS, and its mDNS
+        interface lookup raises unless it finds an address: so it never announces 0.0.0.0.)"""
+        host = self.listen.rpartition(":")[0]
+        return self.advertise_address or (interfaces[0] if is_wildcard(host) and interfaces else host)
+
     def with_node_id(self, node_id: str) -> NodeConfig:
         """A copy with ``node_id`` set."""
         return dataclasses.replace(self, node_id=node_id)
+
+
+def is_wildcard(host: str) -> bool:
+    """Whether a --listen host binds every address (0.0.0.0, ::), which names none a peer could dial."""
+    return host.strip("[]") in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
 
 
 def new_node_id() -> str:

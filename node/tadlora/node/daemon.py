@@ -38,7 +38,7 @@ from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.topology import link_up, overlay_neighbours
 from tadlora.data import resolve_dataset
 from tadlora.node import state
-from tadlora.node.config import NodeConfig, new_node_id
+from tadlora.node.config import NodeConfig, is_wildcard, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
@@ -87,16 +87,11 @@ def _progress(done: int, total: int | None, width: int = 20) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
 
 
-def _is_wildcard(host: str) -> bool:
-    """Whether a --listen host binds every address (0.0.0.0, ::), which names none a peer could dial."""
-    return host.strip("[]") in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
-
-
 def _check_callable_back(cfg: NodeConfig) -> None:
     """Raise ValueError for a wildcard --listen with neither mDNS nor --advertise-address: the node would tell
     its peers 0.0.0.0:PORT, and a peer that dials that reaches its own host (itself, or another node there)."""
     host = cfg.listen.rpartition(":")[0]
-    if _is_wildcard(host) and cfg.advertise_address is None and not cfg.peers.auto:
+    if is_wildcard(host) and cfg.advertise_address is None and not cfg.peers.auto:
         raise ValueError(
             f"--listen {cfg.listen} serves on every address but names none that peers can call back, and there "
             "is no mDNS to announce one: set --advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IP peers "
@@ -256,7 +251,7 @@ class Node:
         host = cfg.listen.rpartition(":")[0]
         port = self._server.address.rpartition(":")[2]
         interfaces = interface_addresses(cfg.mdns_interface) if cfg.peers.auto else []
-        advertised_host = self._advertised_host(interfaces)
+        advertised_host = self.config.advertised_host(interfaces)
         self.address = f"{advertised_host}:{port}"
         if cfg.metrics_port is not None:
             self.metrics.serve(cfg.metrics_port, addr=host)
@@ -290,14 +285,6 @@ class Node:
                 "status and the mDNS record say so", self.address,
             )  # fmt: skip
 
-    def _advertised_host(self, interfaces: list[str]) -> str:
-        """The host this node tells its peers to dial: --advertise-address, else the --listen host, unless that is
-        a wildcard: then the first mDNS interface address. (A wildcard host without --advertise-address has mDNS
-        here (`_check_callable_back`), whose interface lookup raises unless it finds an address: so 0.0.0.0 is
-        never what this node announces.)"""
-        host = self.config.listen.rpartition(":")[0]
-        return self.config.advertise_address or (interfaces[0] if _is_wildcard(host) and interfaces else host)
-
     async def _follow_interface(self, mdns: MdnsDiscovery, advert: Advertisement, interfaces: list[str]) -> None:
         """Move mDNS to the interface's new address when the host is renumbered (a new DHCP lease) or, with no
         --mdns-interface, when the default route moves to another interface (wired to Wi-Fi): the zeroconf sockets
@@ -321,7 +308,7 @@ class Node:
             missing = None
             if now == interfaces and not unbound:
                 continue
-            host = self._advertised_host(now)
+            host = self.config.advertised_host(now)
             port = self.address.rpartition(":")[2]
             log.info("mDNS: interface address %s is now %s: announcing %s:%s there", ", ".join(interfaces),
                      ", ".join(now), host, port)  # fmt: skip

@@ -204,14 +204,11 @@ async def async_check_address(
 
 
 def own_address(cfg: NodeConfig, interfaces: list[str]) -> str | None:
-    """The IP:PORT the node would give as its own (`Node.address`, from `Node._advertised_host`), with
-    ``interfaces`` its mDNS interface addresses ([] without mDNS): --advertise-address, else the --listen host, or
-    for a wildcard one the first interface address. None for --listen port 0, known only once the node binds it."""
-    host, _, port = cfg.listen.rpartition(":")
-    if int(port) == 0:
-        return None
-    wildcard = host.strip("[]") in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
-    return f"{cfg.advertise_address or (interfaces[0] if wildcard and interfaces else host)}:{int(port)}"
+    """The IP:PORT the node would give as its own (`Node.address`: `NodeConfig.advertised_host` and the --listen
+    port), with ``interfaces`` its mDNS interface addresses ([] without mDNS). None for --listen port 0, known only
+    once the node binds it."""
+    port = int(cfg.listen.rpartition(":")[2])
+    return None if port == 0 else f"{cfg.advertised_host(interfaces)}:{port}"
 
 
 async def async_check_peers(

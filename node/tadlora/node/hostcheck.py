@@ -14,7 +14,7 @@ from typing import Literal
 
 import ifaddr
 
-from tadlora.node.config import NodeConfig
+from tadlora.node.config import NodeConfig, is_wildcard
 from tadlora.node.netif import InterfaceError, interface_addresses, require_unicast_ipv4
 
 __all__ = [
@@ -201,7 +201,7 @@ def check_listen(cfg: NodeConfig) -> Check:
             fix = "choose another --listen address"
         return Check("listen", "FAIL", f"cannot bind {cfg.listen}: {exc.strerror or exc}", fix)
     detail = f"{cfg.listen} can be bound" + (f" (port 0: any free port, e.g. {bound})" if port == 0 else "")
-    wildcard = bind_host in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it
+    wildcard = is_wildcard(bind_host)
     if wildcard and cfg.advertise_address is None and not cfg.peers.auto:
         return Check(
             "listen",
