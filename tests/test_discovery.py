@@ -27,6 +27,7 @@ import netns
 from netns import Testbed
 from tadlora.node import discovery, netif
 from tadlora.node.discovery import SERVICE_TYPE, Advertisement, MdnsDiscovery, PeerCandidate, service_instance_name
+from tadlora.node.doctor import async_browse
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peerspec import PeersOption, StaticPeers, parse_peers_option
 
@@ -186,7 +187,7 @@ async def test_two_nodes_find_each_other_with_address_port_and_txt_but_not_thems
             protocol_version=1,
             secure=True,
             source="mdns",
-            service_name=f"{n('beta')}.{SERVICE_TYPE}",
+            service_name=f"{n('beta')}@lab.{SERVICE_TYPE}",
         )
     }
     assert set(seen_by_b) == {n("alpha")}
@@ -277,6 +278,29 @@ async def test_other_cluster_and_fingerprint_are_still_reported_so_the_node_can_
         7,
         True,
     )
+
+
+@pytest.mark.asyncio
+async def test_two_clusters_nodes_of_one_id_are_both_announced_each_at_its_own_address_and_port(
+    quick_timing: None, n: Names
+) -> None:
+    # Ids are unique only within a cluster: two clusters' "node-0" on one network must not share an mDNS instance or
+    # host name, or one hides the other or takes its address. Distinct advertised addresses make a shared host name
+    # (whose A records would mix) show up as a wrong address.
+    twin = n("twin")
+    expected = {("lab-a", "127.0.0.2:41001"), ("lab-b", "127.0.0.3:41002")}
+    a = advert(twin, 41001, cluster="lab-a", advertise_address="127.0.0.2")
+    b = advert(twin, 41002, cluster="lab-b", advertise_address="127.0.0.3")
+    async with running(a, b):
+        deadline = asyncio.get_running_loop().time() + WAIT_S * 4
+        while True:  # a browse may come before both have finished announcing
+            browsed = await async_browse(LOOPBACK, 1.0)
+            seen = {(c.cluster, c.address) for c in browsed.candidates if c.node_id == twin}
+            if seen == expected or asyncio.get_running_loop().time() > deadline:
+                break
+    assert seen == expected
+    names = {c.service_name for c in browsed.candidates if c.node_id == twin}
+    assert names == {f"{twin}@lab-a.{SERVICE_TYPE}", f"{twin}@lab-b.{SERVICE_TYPE}"}
 
 
 @pytest.mark.asyncio
@@ -385,7 +409,7 @@ async def test_a_rebind_keeps_the_peers_it_had_seen_listed_throughout_and_is_see
         seen = await peer.async_wait_for(lambda c: n("mover") in c and c[n("mover")].address.endswith(":50153"), WAIT_S)
     assert len(views) > 10
     assert all(view == {n("peer")} for view in views), [v for v in views if v != {n("peer")}][:3]
-    assert seen[n("mover")].service_name == f"{n('mover')}.{SERVICE_TYPE}"  # the same name: no rename
+    assert seen[n("mover")].service_name == f"{n('mover')}@lab.{SERVICE_TYPE}"  # the same name: no rename
 
 
 @pytest.mark.asyncio
@@ -398,9 +422,10 @@ async def test_a_peer_that_leaves_while_a_node_rebinds_is_dropped_when_the_hando
     mover = MdnsDiscovery(advert(n("mover")), LOOPBACK, on_change=lambda: changes.append(time.monotonic()))
     async with mover, running(advert(n("stay"), 50161), advert(n("leave"), 50162)) as (_stay, leave):
         await mover.async_wait_for(sees_exactly({n("stay"), n("leave")}, n), WAIT_S)
-        # The two halves of a rebind, with a goodbye between them that no browser of the mover's can hear.
-        await mover._async_unbind()
+        # The two halves of a rebind, with a goodbye between them that no browser of the mover's can hear. The clock
+        # is read before the unbind: it arms the grace timer first, then sends its own goodbyes (which take a while).
         unbound_at = time.monotonic()
+        await mover._async_unbind()
         await leave.aclose()
         assert set(n.ours(mover.candidates())) == {n("stay"), n("leave")}  # handed over
         await mover._async_bind(name=None)
@@ -608,13 +633,17 @@ async def test_a_service_name_is_logged_quoted_so_it_cannot_forge_log_lines(
     assert "\n" not in message and f"service '{bad}.{SERVICE_TYPE}'" in message and "TXT id" in message
 
 
-def test_instance_names_are_the_id_when_tame_and_a_unique_short_label_otherwise() -> None:
-    assert service_instance_name("node-7_a") == "node-7_a"
+def test_instance_names_are_id_at_cluster_when_tame_and_a_unique_short_label_otherwise() -> None:
+    assert service_instance_name("node-7_a", "lab") == "node-7_a@lab"
+    assert service_instance_name("node-0", "lab-a") != service_instance_name("node-0", "lab-b")
     long_a, long_b = "x" * 70 + "a", "x" * 70 + "b"
-    assert len(service_instance_name(long_a).encode()) <= 63
-    assert service_instance_name(long_a) != service_instance_name(long_b)
-    assert service_instance_name("gpu box/1") != service_instance_name("gpu-box-1")
-    assert service_instance_name("gpu box/1").startswith("gpu-box-1-")
+    assert len(service_instance_name(long_a, "lab").encode()) <= 63
+    assert service_instance_name(long_a, "lab") != service_instance_name(long_b, "lab")
+    assert service_instance_name("node", "x" * 60 + "a") != service_instance_name("node", "x" * 60 + "b")
+    assert service_instance_name("gpu box/1", "lab") != service_instance_name("gpu-box-1", "lab")
+    assert service_instance_name("gpu box/1", "lab").startswith("gpu-box-1@lab-")
+    # "@" is the separator, so an id or cluster holding one is hashed: ("a@b", "c") and ("a", "b@c") differ.
+    assert service_instance_name("a@b", "c") != service_instance_name("a", "b@c")
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import hashlib
 import ipaddress
+import json
 import logging
 import re
 from collections.abc import Callable, Sequence
@@ -117,14 +118,25 @@ class Advertisement:
         }
 
 
-def service_instance_name(node_id: str) -> str:
-    """The DNS-SD instance label for a node id: the id itself when it is tame, else a sanitised prefix + hash."""
-    clean = re.sub(r"[^A-Za-z0-9_-]+", "-", node_id).strip("-") or "node"
-    if clean == node_id and len(clean) <= _INSTANCE_MAX_BYTES:
+def service_instance_name(node_id: str, cluster: str) -> str:
+    """The DNS-SD instance label for a node: ``id@cluster`` when both are tame and it fits, else a sanitised prefix
+    and a hash of both.
+
+    The cluster is part of it because node ids are only unique within a cluster: two clusters' ``node-0`` on one
+    network would otherwise announce under one name, and zeroconf's renaming of the second is a race between probes.
+    """
+    parts = [re.sub(r"[^A-Za-z0-9_-]+", "-", part).strip("-") or "node" for part in (node_id, cluster)]
+    clean = "@".join(parts)
+    if parts == [node_id, cluster] and len(clean) <= _INSTANCE_MAX_BYTES:
         return clean
     # The hash keeps two ids that sanitise alike (or share a long prefix) on different names.
-    digest = hashlib.sha256(node_id.encode()).hexdigest()[:8]
+    digest = _identity_digest(node_id, cluster)[:8]
     return f"{clean[: _INSTANCE_MAX_BYTES - len(digest) - 1]}-{digest}"
+
+
+def _identity_digest(node_id: str, cluster: str) -> str:
+    # JSON, so that no two (id, cluster) pairs encode alike.
+    return hashlib.sha256(json.dumps([node_id, cluster]).encode()).hexdigest()
 
 
 async def async_resolve_candidate(
@@ -393,8 +405,9 @@ class MdnsDiscovery:
         return snapshot
 
     def _service_info(self, advert: Advertisement, name: str | None) -> AsyncServiceInfo:
-        instance = service_instance_name(advert.node_id)
-        host = hashlib.sha256(advert.node_id.encode()).hexdigest()[:12]
+        instance = service_instance_name(advert.node_id, advert.cluster)
+        # The host name (its A records) is per cluster too: shared, two clusters' node-0 would mix their addresses.
+        host = _identity_digest(advert.node_id, advert.cluster)[:12]
         addresses = [advert.advertise_address] if advert.advertise_address else self._interfaces
         return AsyncServiceInfo(
             SERVICE_TYPE,
