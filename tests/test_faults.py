@@ -329,6 +329,36 @@ async def test_a_handshake_cancelled_by_shutdown_closes_its_connection(monkeypat
 
 
 @pytest.mark.asyncio
+async def test_a_handshake_failing_unexpectedly_ends_the_scan_with_the_others_cancelled_and_closed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A bug in one handshake ends the scan (and so the peer manager) with that error, but first the handshakes
+    beside it are cancelled and their connections closed: none runs on with no owner."""
+    pm, transport, _ = manager(monkeypatch)
+    pm._candidates = lambda: [("hang", "10.0.0.8:7070", None), ("bug", "10.0.0.9:7070", None)]
+    entered, closed = asyncio.Event(), set[str]()
+
+    class Mixed(FlakyConnection):
+        async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+            if self.address == "10.0.0.9:7070":
+                await entered.wait()  # fail only once the other handshake is under way
+                raise RuntimeError("a bug")
+            entered.set()
+            await asyncio.Event().wait()  # a peer that never answers
+            raise AssertionError("unreachable")
+
+        async def aclose(self) -> None:
+            closed.add(self.address)
+
+    monkeypatch.setattr(transport, "connect", lambda address, node_id=None: Mixed(transport, address))
+    async with asyncio.timeout(10):
+        with pytest.raises(RuntimeError, match="a bug"):
+            await pm.scan()
+    assert closed == {"10.0.0.8:7070", "10.0.0.9:7070"}
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+
+
+@pytest.mark.asyncio
 async def test_a_discovery_change_during_a_scan_starts_the_next_scan_without_waiting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

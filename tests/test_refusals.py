@@ -34,9 +34,9 @@ from tadlora.v1 import node_pb2 as pb
 from test_daemon import node_config
 
 HOSTILE = "a-hostile"  # sorts before node-0, so the honest node waits for its call instead of calling it
-# s: the exchange deadline of the honest nodes, long enough for every hostile attempt of round 0 on a busy
-# machine: once round 0 closes, an exchange for it is refused from its header (ROUND_MISMATCH), before the
-# payload check an attempt is there to provoke.
+# s: the exchange deadline of the honest nodes, long enough for a hostile attempt made while they run (one) on a busy
+# machine: once round 0 closes, an exchange for it is refused from its header (ROUND_MISMATCH), before the payload
+# check the attempt is there to provoke. The test making a dozen attempts makes them before the nodes run.
 ROUND_S = 8.0
 
 
@@ -112,7 +112,7 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
                            address="127.0.0.1:9", round=0, degree=2)  # fmt: skip
         async with network.connect(n0.address) as client:
             await client.handshake(hostile, timeout=5.0)  # a verified peer: a neighbour in round 0
-            tasks = [asyncio.ensure_future(n.run()) for n in (n0, n1)]
+            tasks: list[asyncio.Future[None]] = []
             try:
                 good = select(n0.factors, sent_factors(n0.method, 0))
                 header = ExchangeHeader.from_info(hostile, at_round=0)
@@ -140,6 +140,10 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
                     with pytest.raises(ExchangeRefused) as caught:
                         await client.exchange(ExchangeHeader(**fields), good, timeout=10.0)
                     outcomes[name] = caught.value.reason
+                # The honest nodes start once the attacks are over: started before, they could close round 0
+                # meanwhile on a busy machine, and an attempt then is refused from its header (ROUND_MISMATCH) before
+                # the check it is there to provoke.
+                tasks = [asyncio.ensure_future(n.run()) for n in (n0, n1)]
                 async with asyncio.timeout(60):
                     await asyncio.gather(n0.async_wait_for_round(3), n1.async_wait_for_round(3))
             finally:

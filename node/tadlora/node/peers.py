@@ -123,7 +123,7 @@ class PeerManager:
         for node_id, peer in list(self.peers.items()):
             if peer.source == "mdns" and node_id not in live_keys:
                 await self.drop(node_id, "left (mDNS goodbye)")
-        tries = []
+        tries: list[tuple[str, tuple[str, ...], str, _Attempt, str | None]] = []
         tried: set[str] = set()
         for key, address, cand in wanted:
             if cand is not None and key in self.peers and self.peers[key].info.address == address:
@@ -150,11 +150,17 @@ class PeerManager:
             # An advert names its node: dial that id, so that only a certificate naming it answers.
             expected = cand.node_id if cand is not None else None
             if cand is not None:
-                tries.append(self._try(key, (address, *cand.alternates), "mdns", attempt, expected))
+                tries.append((key, (address, *cand.alternates), "mdns", attempt, expected))
             else:
-                tries.append(self._try(key, (address,), "static", attempt, expected))
-        if tries:
-            await asyncio.gather(*tries)
+                tries.append((key, (address,), "static", attempt, expected))
+        # A task group, not gather: should one handshake fail unexpectedly (a bug, not a peer being down), the others
+        # are cancelled and awaited here, closing their connections, instead of running on with no owner.
+        try:
+            async with asyncio.TaskGroup() as group:
+                for args in tries:
+                    group.create_task(self._try(*args), name=f"tadlora-handshake {args[0]}")
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None  # as itself: the node's owner reports what ended the peer manager
 
     def _forget_gone(self, live_keys: set[str], now: float) -> None:
         """Forget candidates that are no peer and have been unlisted for `STABLE_S`, so that churn (pods at new IPs,
@@ -202,9 +208,6 @@ class PeerManager:
             conn = self._transport.connect(address, node_id=expected)
             try:
                 info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
-            except asyncio.CancelledError:  # shutting down mid-handshake: the connection is nobody's yet
-                await conn.aclose()
-                raise
             except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record)
                 await conn.aclose()
                 log.debug("%s reaches this node itself", address)
@@ -218,6 +221,9 @@ class PeerManager:
                 await conn.aclose()
                 failure = str(exc)
                 continue
+            except BaseException:  # shutting down mid-handshake, or a failure of ours: the connection is nobody's yet
+                await conn.aclose()
+                raise
             if info.node_id == self._local_info().node_id:
                 await conn.aclose()  # our own static address
                 continue
