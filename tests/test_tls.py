@@ -69,6 +69,42 @@ async def test_nodes_with_certificates_from_the_cluster_ca_train_together_over_t
 
 
 @pytest.mark.asyncio
+async def test_nodes_with_certificates_of_two_cas_train_together_when_ca_crt_bundles_both(tmp_path) -> None:
+    """A cluster moving to a new CA (docs/deploy.md): node-0 still has a certificate of the old CA, node-1 one of the
+    new; each trusts both. Each node's own certificate is checked at start against the bundle, not its first CA."""
+    old, new = make_certs(tmp_path / "old", "node-0"), make_certs(tmp_path / "new", "node-1")
+    bundle = (old / "ca.crt").read_bytes() + (new / "ca.crt").read_bytes()
+    for certs in (old, new):
+        (certs / "ca.crt").write_bytes(bundle)
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(tls(tmp_path, old, 0, 2, ())))
+        b = await stack.enter_async_context(Node(tls(tmp_path, new, 1, 2, (a.address,))))
+        await run_all([a, b])
+    for i in (0, 1):
+        rounds = read_rounds(tmp_path / f"n{i}")
+        assert len(rounds) == 3 and all(r["degree"] == 1 and not r["missed"] for r in rounds)
+
+
+def test_certs_issue_in_a_bundle_directory_signs_with_the_ca_whose_key_it_holds(tmp_path, capsys) -> None:
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+
+    old, new = make_certs(tmp_path / "old"), make_certs(tmp_path / "new")
+    old_ca, new_ca = (x509.load_pem_x509_certificate((d / "ca.crt").read_bytes()) for d in (old, new))
+    (new / "ca.crt").write_bytes((old / "ca.crt").read_bytes() + (new / "ca.crt").read_bytes())  # new CA second
+    assert main(["certs", "issue", "node-2", "--dir", str(new)]) == 0
+    issued = x509.load_pem_x509_certificate((new / "node-2.crt").read_bytes())
+    issued.verify_directly_issued_by(new_ca)
+    with pytest.raises(InvalidSignature):  # both CAs have one subject name (one cluster): only the key tells
+        issued.verify_directly_issued_by(old_ca)
+    # A key of neither CA in the bundle is refused, naming the bundle.
+    (new / "ca.key").write_bytes((make_certs(tmp_path / "third") / "ca.key").read_bytes())
+    capsys.readouterr()
+    assert main(["certs", "issue", "node-3", "--dir", str(new)]) == 2
+    assert f"does not belong to any CA in {new / 'ca.crt'}" in capsys.readouterr().err
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("intruder", ["another CA", "no TLS"])
 async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(tmp_path, intruder) -> None:
     certs = make_certs(tmp_path / "certs", "node-0", "node-1")

@@ -6,6 +6,9 @@ started with ``--tls-dir DIR --node-id NAME`` serves with its certificate, requi
 signed by the same CA, and checks the callee's the same way, so a machine without a certificate from the cluster
 CA cannot complete the TLS handshake and never becomes a peer. Nodes are dialled by IP address, so every node
 certificate also carries the fixed DNS name `TLS_SERVER_NAME`, which clients verify instead of the address.
+
+``ca.crt`` may hold several CA certificates (PEM blocks one after the other): a node then accepts peers, and its own
+certificate, from any of them. That is how a cluster moves to a new CA without a flag day (docs/deploy.md).
 """
 
 from __future__ import annotations
@@ -54,7 +57,7 @@ class TlsMaterial:
                 f"(once per cluster) and `tadlora-node certs issue {name} --dir {directory}`"
             )
         ca, cert, key = (p.read_bytes() for p in paths)
-        _certificate(paths[0], ca), _certificate(paths[1], cert)  # each parse error names its file
+        _ca_certificates(paths[0], ca), _certificate(paths[1], cert)  # each parse error names its file
         material = cls(ca=ca, cert=cert, key=key)
         names = material.certificate().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
         if [n.value for n in names] != [name]:
@@ -75,13 +78,19 @@ class TlsMaterial:
         refuse."""
         ca_path, cert_path, key_path = directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"
         reissue = f"`tadlora-node certs issue {name} --dir {directory} --force`"
-        ca, cert = x509.load_pem_x509_certificate(self.ca), self.certificate()
-        try:
-            cert.verify_directly_issued_by(ca)
-        except (ValueError, TypeError, InvalidSignature) as exc:
+        cas, cert = _ca_certificates(ca_path, self.ca), self.certificate()
+        problems = []
+        for ca in cas:
+            try:
+                cert.verify_directly_issued_by(ca)
+                break
+            except (ValueError, TypeError, InvalidSignature) as exc:
+                problems.append(str(exc) or "bad signature")
+        else:
+            by = "" if len(cas) == 1 else f"any of the {len(cas)} CAs in "
             raise ValueError(
-                f"{cert_path} is not signed by {ca_path} ({str(exc) or 'bad signature'}); issue it from this CA "
-                f"with {reissue}"
+                f"{cert_path} is not signed by {by}{ca_path} ({'; '.join(dict.fromkeys(problems))}); issue it from "
+                f"this CA with {reissue}"
             ) from None
         try:
             key = serialization.load_pem_private_key(self.key, password=None)
@@ -140,6 +149,18 @@ def _check_peers_accept(cert: x509.Certificate, path: Path, name: str, reissue: 
             f"{path} may not be used as a TLS {' or '.join(lacking)} certificate (its extended key usage), and a "
             f"node is both, to the peers it calls and to those that call it; issue it with {reissue}"
         )
+
+
+def _ca_certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
+    """The CA certificates in ``pem`` (read from ``path``), in file order; ValueError naming ``path`` if it holds
+    none or one that does not parse."""
+    try:
+        cas = x509.load_pem_x509_certificates(pem)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a PEM certificate ({exc})") from None
+    if not cas:  # load_pem_x509_certificates raises on none today; gRPC would take an empty bundle as no CA at all
+        raise ValueError(f"{path} holds no PEM certificate")
+    return cas
 
 
 def _certificate(path: Path, pem: bytes) -> x509.Certificate:
@@ -250,7 +271,7 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
             f"{missing[0]} is missing: issue certificates in the directory that holds both ca.crt and ca.key of "
             "the cluster CA"
         )
-    ca_cert = _certificate(ca_path, ca_path.read_bytes())
+    cas = _ca_certificates(ca_path, ca_path.read_bytes())
     try:
         ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
     except TypeError:  # encrypted
@@ -259,11 +280,13 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
         raise ValueError(f"{ca_key_path} is not a PEM private key ({exc})") from None
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca_key_path} is not an EC key made by `tadlora-node certs init`")
-    if ca_key.public_key() != ca_cert.public_key():
+    # ca.crt may be a bundle (a cluster moving to a new CA): the key says which of its CAs issues.
+    ca_cert = next((ca for ca in cas if ca.public_key() == ca_key.public_key()), None)
+    if ca_cert is None:
         # Certificates signed with it would chain to nothing the nodes trust.
         raise ValueError(
-            f"{ca_key_path} does not belong to {ca_path}: put back the key made with it (a new cluster CA, "
-            "`certs init --force`, means issuing every node's certificate again)"
+            f"{ca_key_path} does not belong to {'any CA in ' if len(cas) > 1 else ''}{ca_path}: put back the key "
+            "made with it (a new cluster CA, `certs init --force`, means issuing every node's certificate again)"
         )
     now = dt.datetime.now(dt.UTC)
     if now > ca_cert.not_valid_after_utc:
