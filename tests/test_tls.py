@@ -533,11 +533,14 @@ def test_certificates_follow_rfc_5280_so_strict_verifiers_accept_nodes_for_serve
 
 
 @pytest.mark.parametrize("case", ["no ca.key", "encrypted ca.key", "garbled ca.key", "garbled ca.crt"])
-def test_certs_issue_names_the_ca_file_it_cannot_use_and_never_advises_replacing_the_ca(tmp_path, capsys, case) -> None:
+def test_certs_issue_names_the_ca_file_it_cannot_use_and_never_advises_replacing_the_ca(
+    tmp_path, capsys, monkeypatch, case
+) -> None:
     """Exit 2 naming the file, without a traceback. A machine with ``ca.crt`` but no ``ca.key`` (the documented
     node layout) must not be told to run ``certs init``: forced, that replaces the cluster's CA."""
     from cryptography.hazmat.primitives import serialization
 
+    monkeypatch.delenv("TADLORA_CA_PASSPHRASE", raising=False)
     certs = make_certs(tmp_path / "certs")
     capsys.readouterr()
     if case == "no ca.key":
@@ -553,6 +556,51 @@ def test_certs_issue_names_the_ca_file_it_cannot_use_and_never_advises_replacing
     err = capsys.readouterr().err
     assert str(certs / case.split()[1]) in err and "certs init" not in err, err
     assert not (certs / "node-0.key").exists()
+
+
+def test_an_encrypted_ca_key_issues_with_its_passphrase_and_only_with_it(tmp_path, capsys, monkeypatch) -> None:
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    certs = tmp_path / "certs"
+    monkeypatch.setenv("TADLORA_CA_PASSPHRASE", "correct horse")
+    assert main(["certs", "init", str(certs), "--encrypt"]) == 0
+    with pytest.raises(TypeError):  # encrypted: no key without the passphrase
+        serialization.load_pem_private_key((certs / "ca.key").read_bytes(), password=None)
+    assert main(["certs", "issue", "node-0", "--dir", str(certs)]) == 0
+    issued = x509.load_pem_x509_certificate((certs / "node-0.crt").read_bytes())
+    issued.verify_directly_issued_by(x509.load_pem_x509_certificate((certs / "ca.crt").read_bytes()))
+    serialization.load_pem_private_key((certs / "node-0.key").read_bytes(), password=None)  # a node starts unattended
+    capsys.readouterr()
+    monkeypatch.setenv("TADLORA_CA_PASSPHRASE", "wrong")
+    assert main(["certs", "issue", "node-1", "--dir", str(certs)]) == 2
+    assert f"{certs / 'ca.key'}: the passphrase given does not decrypt it" in capsys.readouterr().err
+    monkeypatch.delenv("TADLORA_CA_PASSPHRASE")  # and no terminal to ask on: the variable is named
+    assert main(["certs", "issue", "node-1", "--dir", str(certs)]) == 2
+    assert "TADLORA_CA_PASSPHRASE" in capsys.readouterr().err
+    assert not (certs / "node-1.key").exists() and not (certs / "node-1.crt").exists()
+
+
+def test_certs_init_encrypt_asks_twice_on_a_terminal_and_writes_nothing_without_a_passphrase(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    import getpass
+    import sys
+
+    from cryptography.hazmat.primitives import serialization
+
+    monkeypatch.delenv("TADLORA_CA_PASSPHRASE", raising=False)
+    assert main(["certs", "init", str(tmp_path / "script"), "--encrypt"]) == 2  # no variable, no terminal
+    assert "TADLORA_CA_PASSPHRASE" in capsys.readouterr().err and not (tmp_path / "script").exists()
+    monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
+    answers = iter(["one", "another"])
+    monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
+    assert main(["certs", "init", str(tmp_path / "typo"), "--encrypt"]) == 2
+    assert "differ" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    answers = iter(["same", "same", "same"])  # init asks twice, issue once
+    assert main(["certs", "init", str(tmp_path / "typed"), "--encrypt"]) == 0
+    assert main(["certs", "issue", "node-0", "--dir", str(tmp_path / "typed")]) == 0
+    serialization.load_pem_private_key((tmp_path / "typed" / "ca.key").read_bytes(), password=b"same")
 
 
 @pytest.mark.parametrize("file", ["ca.crt", "node-0.crt"])

@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -177,6 +178,23 @@ def ip_address(text: str) -> str:
     return text
 
 
+def _ca_passphrase(confirm: bool) -> bytes | None:
+    """The CA key's passphrase: from `tls.CA_PASSPHRASE_ENV`, else asked on the terminal (twice with ``confirm``);
+    None where neither can give one (no variable, no terminal: a script)."""
+    import getpass
+
+    from tadlora.node.tls import CA_PASSPHRASE_ENV
+
+    if given := os.environ.get(CA_PASSPHRASE_ENV):
+        return given.encode()
+    if not sys.stdin.isatty():
+        return None
+    first = getpass.getpass("CA key passphrase: ")
+    if confirm and getpass.getpass("CA key passphrase, again: ") != first:
+        raise ValueError("the two passphrases differ; nothing was written")
+    return first.encode() or None
+
+
 def certs_main(argv: list[str]) -> int:
     """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`: 0 when written, 2 for bad flags
     or files that cannot be written."""
@@ -193,12 +211,20 @@ def certs_main(argv: list[str]) -> int:
     init.add_argument("dir", help="directory for ca.crt and ca.key (created if missing)")
     init.add_argument("--cluster", default="default", help="cluster name, written into the CA's subject")
     init.add_argument("--force", action="store_true", help="replace existing files")
+    init.add_argument(
+        "--encrypt",
+        action="store_true",
+        help=f"encrypt ca.key under a passphrase: ${tls.CA_PASSPHRASE_ENV}, else asked twice on the terminal "
+        "(`certs issue` then asks for it the same way)",
+    )
     iss = sub.add_parser(
         "issue",
         help="issue DIR/NAME.crt and DIR/NAME.key signed by the cluster CA",
         description=f"Issue DIR/NAME.crt (valid {tls.NODE_DAYS} days, never past the CA's end) and "
         "DIR/NAME.key (mode 0600) for node id NAME, signed by DIR/ca.key. Existing files are never replaced without "
-        "--force.",
+        f"--force. An encrypted ca.key is decrypted with ${tls.CA_PASSPHRASE_ENV}, else with a passphrase asked on "
+        "the terminal. If DIR/ca.crt bundles several CAs (a cluster moving to a new one), the one whose key is "
+        "ca.key signs.",
     )
     iss.add_argument("name", help="the node id that will use this certificate (its --node-id)")
     iss.add_argument("--dir", required=True, help="the directory made by `certs init`")
@@ -212,7 +238,10 @@ def certs_main(argv: list[str]) -> int:
             raise ValueError(f"{'DIR' if a.action == 'init' else '--dir'} must not be empty")
         if a.action == "init":
             stale = sorted(c.stem for c in Path(a.dir).glob("*.crt") if c.name != "ca.crt") if a.force else []
-            path = tls.init_ca(Path(a.dir), cluster=a.cluster, force=a.force)
+            secret = None
+            if a.encrypt and (secret := _ca_passphrase(confirm=True)) is None:
+                raise ValueError(f"--encrypt needs a passphrase: set {tls.CA_PASSPHRASE_ENV}, or run on a terminal")
+            path = tls.init_ca(Path(a.dir), cluster=a.cluster, force=a.force, passphrase=secret)
             if stale:  # issued by the CA just replaced: no node of the new one accepts them
                 sys.stderr.write(
                     f"tadlora-node certs: note: {len(stale)} node certificates in {a.dir} were issued by the CA just "
@@ -220,7 +249,9 @@ def certs_main(argv: list[str]) -> int:
                     f"NAME --dir {a.dir} --force`, and give every node the new {path}\n"
                 )
         else:
-            path = tls.issue(Path(a.dir), a.name, ips=tuple(a.ip), force=a.force)
+            path = tls.issue(
+                Path(a.dir), a.name, ips=tuple(a.ip), force=a.force, passphrase=lambda: _ca_passphrase(confirm=False)
+            )
     except (OSError, ValueError) as exc:  # OSError: DIR cannot be created or written, say so without a traceback
         sys.stderr.write(f"tadlora-node certs: error: {exc}\n")
         return 2

@@ -18,6 +18,7 @@ import errno
 import ipaddress
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tadlora.node.rpc import node_id_problem
@@ -33,6 +35,7 @@ from tadlora.node.rpc import node_id_problem
 TLS_SERVER_NAME = "tadlora-node"  # DNS name in every node certificate; what clients verify (peers are dialled by IP)
 CA_DAYS = 3650  # days a cluster CA is valid
 NODE_DAYS = 825  # days a node certificate is valid (the CA/Browser Forum's former maximum)
+CA_PASSPHRASE_ENV = "TADLORA_CA_PASSPHRASE"  # noqa: S105 -- a variable name: `certs` reads the ca.key passphrase there
 
 
 @dataclass(frozen=True)
@@ -151,6 +154,24 @@ def _check_peers_accept(cert: x509.Certificate, path: Path, name: str, reissue: 
         )
 
 
+def _load_ca_key(path: Path, passphrase: Callable[[], bytes | None]) -> PrivateKeyTypes:
+    """The private key in ``path``, decrypted with ``passphrase()`` if it is encrypted; ValueError naming ``path``."""
+    pem = path.read_bytes()
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except TypeError:  # encrypted: only now is a passphrase asked for
+        pass
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a PEM private key ({exc})") from None
+    secret = passphrase()
+    if not secret:
+        raise ValueError(f"{path} is encrypted: give its passphrase in {CA_PASSPHRASE_ENV}, or type it when asked")
+    try:
+        return serialization.load_pem_private_key(pem, password=secret)
+    except ValueError:  # cryptography says "Bad decrypt. Incorrect password?"
+        raise ValueError(f"{path}: the passphrase given does not decrypt it") from None
+
+
 def _ca_certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
     """The CA certificates in ``pem`` (read from ``path``), in file order; ValueError naming ``path`` if it holds
     none or one that does not parse."""
@@ -221,14 +242,16 @@ def _write(path: Path, data: bytes, mode: int, force: bool) -> None:
         raise
 
 
-def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
+def _key_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption = serialization.BestAvailableEncryption(passphrase) if passphrase else serialization.NoEncryption()
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption)
 
 
-def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> Path:
-    """Create the cluster CA (``ca.crt``, ``ca.key``) in ``directory``; return the certificate's path."""
+def init_ca(directory: Path, cluster: str = "default", force: bool = False, passphrase: bytes | None = None) -> Path:
+    """Create the cluster CA (``ca.crt``, ``ca.key``) in ``directory``; return the certificate's path. With
+    ``passphrase``, ``ca.key`` is encrypted under it (PKCS#8, the best encryption `cryptography` offers)."""
+    if passphrase is not None and not passphrase:
+        raise ValueError("the CA key's passphrase must not be empty")
     directory.mkdir(parents=True, exist_ok=True)
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"tadlora cluster CA ({cluster})")])
@@ -251,14 +274,22 @@ def init_ca(directory: Path, cluster: str = "default", force: bool = False) -> P
     )
     key_path, path = directory / "ca.key", directory / "ca.crt"
     _refuse_existing([key_path, path], force)
-    _write(key_path, _key_pem(key), 0o600, force)
+    _write(key_path, _key_pem(key, passphrase), 0o600, force)
     _write(path, cert.public_bytes(serialization.Encoding.PEM), 0o644, force)
     return path
 
 
-def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = False) -> Path:
+def issue(
+    directory: Path,
+    name: str,
+    ips: tuple[str, ...] = (),
+    force: bool = False,
+    passphrase: Callable[[], bytes | None] = lambda: None,
+) -> Path:
     """Issue ``NAME.crt``/``NAME.key`` signed by the CA in ``directory`` (for server and client use), valid for
-    `NODE_DAYS` or until the CA expires, whichever comes first; ValueError if the CA has expired."""
+    `NODE_DAYS` or until the CA expires, whichever comes first; ValueError if the CA has expired. ``passphrase`` is
+    asked only if ``ca.key`` is encrypted (None: there is none to give, and that is an error naming the file). The
+    node's own key is never encrypted: a node starts unattended."""
     _check_name(name)
     ca_key_path, ca_path = directory / "ca.key", directory / "ca.crt"
     missing = [p for p in (ca_key_path, ca_path) if not p.is_file()]
@@ -272,12 +303,7 @@ def issue(directory: Path, name: str, ips: tuple[str, ...] = (), force: bool = F
             "the cluster CA"
         )
     cas = _ca_certificates(ca_path, ca_path.read_bytes())
-    try:
-        ca_key = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
-    except TypeError:  # encrypted
-        raise ValueError(f"{ca_key_path} is encrypted; `certs issue` needs the unencrypted key") from None
-    except ValueError as exc:
-        raise ValueError(f"{ca_key_path} is not a PEM private key ({exc})") from None
+    ca_key = _load_ca_key(ca_key_path, passphrase)
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{ca_key_path} is not an EC key made by `tadlora-node certs init`")
     # ca.crt may be a bundle (a cluster moving to a new CA): the key says which of its CAs issues.
