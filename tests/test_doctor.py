@@ -31,6 +31,7 @@ from tadlora.node.discovery import SERVICE_TYPE, PeerCandidate
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
 from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer, own_address
 from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
+from tadlora.node.identity import save_identity
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
 from test_daemon import NO_PEERS, cluster_name, node_config
@@ -148,6 +149,28 @@ async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> 
     for check in ours:
         assert f"fingerprint {node.fingerprint} differs" in check["detail"] and "will not mix" in check["detail"]
         assert "--seed" in check["fix"] and "--model" in check["fix"]
+
+
+@pytest.mark.asyncio
+async def test_a_peer_of_this_cluster_already_running_under_this_nodes_id_fails(tmp_path, capsys) -> None:
+    """Found by mDNS and asked at its static address alike; another cluster's node of that id is no conflict."""
+    async with Node(peer(tmp_path)) as node:
+        port = node.address.rpartition(":")[2]
+        argv = doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port}", node_id="node-1")
+        code, doc = await run_doctor_json(argv, capsys)
+        _, other_cluster = await run_doctor_json(
+            doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port}", node_id="node-1", cluster="elsewhere"), capsys
+        )
+        # No --node-id: the node would take the id its --out kept from an earlier run.
+        save_identity(tmp_path / "doctor-out", "node-1", node.fingerprint, cluster=cluster_name(tmp_path))
+        _, kept = await run_doctor_json(doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port}"), capsys)
+    ours = ours_at(doc, port)
+    assert code == 1 and not doc["ok"]
+    assert sorted(c["detail"].split(")")[0] for c in ours) == ["(mdns", "(static"]
+    assert all(c["status"] == "FAIL" and "runs under this node's id" in c["detail"] for c in ours), ours
+    assert all("--node-id" in c["fix"] for c in ours)
+    assert [c["status"] for c in ours_at(other_cluster, port)] == ["OK", "OK"]
+    assert [c["status"] for c in ours_at(kept, port)] == ["FAIL", "FAIL"], ours_at(kept, port)
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_a_warn_with_the_fix(tmp_path) -> None:
@@ -292,7 +315,6 @@ def test_a_certificate_the_run_cannot_use_fails_and_one_expiring_within_30_days_
 def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
     """The daemon raises on start when --node-id differs from the id kept in --out/node.json."""
     from tadlora.node.hostcheck import check_out
-    from tadlora.node.identity import save_identity
 
     cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
     cfg.out.mkdir()
@@ -307,7 +329,6 @@ def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
 def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
     """The daemon refuses to resume a run of other settings (`NodeConfig.run_settings`): so does doctor."""
     from tadlora.node.hostcheck import check_out
-    from tadlora.node.identity import save_identity
 
     cfg = node_config(tmp_path, 0, 2, PeersOption(False, (), ()))
     cfg.out.mkdir()

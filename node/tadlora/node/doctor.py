@@ -40,6 +40,7 @@ from tadlora.node.hostcheck import (
     check_precision,
     check_training,
 )
+from tadlora.node.identity import kept_node_id
 from tadlora.node.netif import ipv4_networks
 
 if TYPE_CHECKING:
@@ -118,14 +119,27 @@ def compare_peer(
     peer_fingerprint: str,
     protocol: int,
     secure: bool | None = None,
+    *,
+    same_id: bool = False,
 ) -> Check:
     """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not.
-    ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown."""
+    ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown. ``same_id``: the peer
+    runs under the node id this node would take, a FAIL within one cluster."""
     from tadlora.node.rpc import PROTOCOL_VERSION
 
     name = f"peer {who}"
     if cluster != cfg.cluster:
         return Check(name, "OK", f"cluster {cluster!r}, not ours ({cfg.cluster!r}): ignored by this node")
+    if same_id:
+        # Each would ignore the other's advert as a claim on its own id, and every other node keeps one of the two.
+        return Check(
+            name,
+            "FAIL",
+            "runs under this node's id in this cluster: two nodes under one id never mix with each other, and "
+            "their peers take one for the other",
+            "give this node another --node-id (ids must be unique within a cluster), or another --out if the id "
+            "was kept from a run in it",
+        )
     if protocol != PROTOCOL_VERSION:
         return Check(name, "WARN", f"protocol {protocol}, ours {PROTOCOL_VERSION}", "run the same tadlora version")
     if fingerprint is None:
@@ -170,9 +184,11 @@ async def async_check_address(
     address: str,
     via: str,
     credentials: grpc.ChannelCredentials | None = None,
+    node_id: str | None = None,
 ) -> Check:
     """Ask the node at ``address`` for its status, over TLS with ``credentials`` (any node of the cluster CA may
-    answer) or else in plaintext, and compare it with ours."""
+    answer) or else in plaintext, and compare it with ours (``node_id``: the id this node would run under, None for
+    one it will draw)."""
     from tadlora.node.grpc_transport import PeerClient
     from tadlora.node.rpc import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused
@@ -199,6 +215,7 @@ async def async_check_address(
         st.node.cluster,
         st.node.fingerprint,
         st.node.protocol_version,
+        same_id=st.node.node_id == node_id,
     )
     return dataclasses.replace(check, detail=f"({via}) {check.detail}")
 
@@ -212,15 +229,22 @@ def own_address(cfg: NodeConfig, interfaces: list[str]) -> str | None:
 
 
 async def async_check_peers(
-    cfg: NodeConfig, fingerprint: str | None, browsed: Browsed | None, mdns_where: str, own: str | None = None
+    cfg: NodeConfig,
+    fingerprint: str | None,
+    browsed: Browsed | None,
+    mdns_where: str,
+    own: str | None = None,
+    node_id: str | None = None,
 ) -> list[Check]:
     """One check per peer found by mDNS (and per service that cannot be one), and per static or dns: address;
-    ``own`` (this node's `own_address`) is not asked but said to be skipped, as the node skips it."""
+    ``own`` (this node's `own_address`) is not asked but said to be skipped, as the node skips it. ``node_id``: the
+    id this node would run under (None for one it will draw): a peer of this cluster under it is a FAIL."""
     checks = []
     for c in browsed.candidates if browsed is not None else []:
         check = compare_peer(
-            cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version, c.secure
-        )
+            cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version, c.secure,
+            same_id=c.node_id == node_id and c.address != own,  # at our own address: this node, already running
+        )  # fmt: skip
         checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
     for name, why in browsed.ignored if browsed is not None else []:
         checks.append(
@@ -279,7 +303,9 @@ async def async_check_peers(
         # Plaintext would only make every TLS peer look down: say why they were not asked instead.
         checks.append(Check("peers", "WARN", f"not asked: cannot load this node's certificate: {exc}", _TLS_FIX))
         return checks
-    checks += await asyncio.gather(*(async_check_address(cfg, fingerprint, a, via, credentials) for a, via in targets))
+    checks += await asyncio.gather(
+        *(async_check_address(cfg, fingerprint, a, via, credentials, node_id) for a, via in targets)
+    )
     return checks
 
 
@@ -359,7 +385,10 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
         if browse is not None and not browse.done():
             browse.cancel()
             await asyncio.gather(browse, return_exceptions=True)
-    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses), own_address(cfg, addresses))
+    # The id the node would run under: given, or kept in --out from an earlier run (else it draws a new one).
+    node_id = cfg.node_id or await asyncio.to_thread(kept_node_id, cfg.out)
+    own = own_address(cfg, addresses)
+    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses), own, node_id)
     return checks
 
 
