@@ -492,7 +492,9 @@ def test_an_interface_without_the_multicast_flag_or_route_is_a_warning_since_mdn
 
 
 @pytest.mark.netns
-def test_an_interface_that_is_down_fails_and_one_without_a_link_warns(testbeds: Callable[[int], Testbed]) -> None:
+def test_an_interface_that_is_down_fails_and_one_without_a_link_warns(
+    testbeds: Callable[[int], Testbed], tmp_path: Path
+) -> None:
     """An interface set down keeps its address, but zeroconf's sends there fail (Network is unreachable); one
     that is up without a link (a cable unplugged, the far end of a veth down) drops them unseen. Neither is
     "multicast capable"."""
@@ -520,6 +522,22 @@ def test_an_interface_that_is_down_fails_and_one_without_a_link_warns(testbeds: 
     assert bed.run(host, "ip", "link", "set", host.interface, "down").returncode == 0
     down = check()
     assert "status='FAIL'" in down and "is down" in down and f"ip link set {host.interface} up" in down, down
+    # The whole doctor there: the FAIL says it, and no browse of that interface adds "no node answered" to it.
+    doctor = textwrap.dedent(
+        f"""        import asyncio, pathlib
+        from tadlora.node.config import NodeConfig
+        from tadlora.node.doctor import async_doctor
+        from tadlora.node.peerspec import parse_peers_option
+        cfg = NodeConfig(pathlib.Path("{tmp_path / "out"}"), insecure=True, model="tiny", device="cpu",
+                         peers=parse_peers_option("auto"), mdns_interface="{host.interface}")
+        for c in asyncio.run(async_doctor(cfg, browse_seconds=1.0)):
+            print(c.name, c.status)
+        """
+    )
+    result = bed.run(host, sys.executable, "-c", doctor, timeout=120.0)
+    assert result.returncode == 0, result.stderr
+    checks = dict(line.rsplit(" ", 1) for line in result.stdout.splitlines())
+    assert checks["mdns"] == "FAIL" and "peers (mdns)" not in checks, checks
 
 
 def test_an_out_that_is_a_dangling_symbolic_link_fails_since_the_node_cannot_create_it(tmp_path) -> None:

@@ -360,7 +360,9 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
     checks: list[Check] = await asyncio.to_thread(lambda: [check_interfaces(), check_tls(cfg)])
     mdns, addresses = await asyncio.to_thread(check_mdns_interface, cfg)
     checks.append(mdns)
-    browse = asyncio.ensure_future(async_browse(addresses, browse_seconds)) if addresses else None
+    # Not on an interface found unusable (down): the browse would only add a "no node answered" to its FAIL.
+    usable = addresses if mdns.status != "FAIL" else []
+    browse = asyncio.ensure_future(async_browse(usable, browse_seconds)) if usable else None
     try:
         checks.append(await asyncio.to_thread(check_listen, cfg))
         checks.append(await asyncio.to_thread(check_device, cfg))
