@@ -250,7 +250,8 @@ class Node:
         await self._server.__aenter__()
         host = cfg.listen.rpartition(":")[0]
         port = self._server.address.rpartition(":")[2]
-        interfaces = interface_addresses(cfg.mdns_interface) if cfg.peers.auto else []
+        # Off the loop, as the watcher reads them: /proc and the interface list (the loop already serves).
+        interfaces = await asyncio.to_thread(interface_addresses, cfg.mdns_interface) if cfg.peers.auto else []
         advertised_host = self.config.advertised_host(interfaces)
         self.address = f"{advertised_host}:{port}"
         if cfg.metrics_port is not None:
