@@ -281,16 +281,17 @@ async def test_other_cluster_and_fingerprint_are_still_reported_so_the_node_can_
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("clusters", [("lab-a", "lab-b"), ("Lab", "lab")])  # DNS names compare ignoring case
 async def test_two_clusters_nodes_of_one_id_are_both_announced_each_at_its_own_address_and_port(
-    quick_timing: None, n: Names
+    quick_timing: None, n: Names, clusters: tuple[str, str]
 ) -> None:
     # Ids are unique only within a cluster: two clusters' "node-0" on one network must not share an mDNS instance or
     # host name, or one hides the other or takes its address. Distinct advertised addresses make a shared host name
     # (whose A records would mix) show up as a wrong address.
-    twin = n("twin")
-    expected = {("lab-a", "127.0.0.2:41001"), ("lab-b", "127.0.0.3:41002")}
-    a = advert(twin, 41001, cluster="lab-a", advertise_address="127.0.0.2")
-    b = advert(twin, 41002, cluster="lab-b", advertise_address="127.0.0.3")
+    twin, (one, other) = n("twin"), clusters
+    expected = {(one, "127.0.0.2:41001"), (other, "127.0.0.3:41002")}
+    a = advert(twin, 41001, cluster=one, advertise_address="127.0.0.2")
+    b = advert(twin, 41002, cluster=other, advertise_address="127.0.0.3")
     async with running(a, b):
         deadline = asyncio.get_running_loop().time() + WAIT_S * 4
         while True:  # a browse may come before both have finished announcing
@@ -300,7 +301,23 @@ async def test_two_clusters_nodes_of_one_id_are_both_announced_each_at_its_own_a
                 break
     assert seen == expected
     names = {c.service_name for c in browsed.candidates if c.node_id == twin}
-    assert names == {f"{twin}@lab-a.{SERVICE_TYPE}", f"{twin}@lab-b.{SERVICE_TYPE}"}
+    assert names == {f"{service_instance_name(twin, c)}.{SERVICE_TYPE}" for c in clusters}
+    assert f"{twin}@lab-a.{SERVICE_TYPE}" in names or one == "Lab"  # tame names are readable as they are
+
+
+@pytest.mark.asyncio
+async def test_another_clusters_node_of_our_id_is_not_logged_as_claiming_it(
+    quick_timing: None, n: Names, discovery_log: LogWaiter
+) -> None:
+    """Only a node of our own cluster under our id is an impostor, or a misconfiguration, worth a warning
+    (`test_another_service_claiming_our_node_id_is_ignored_with_a_warning`)."""
+    twin = n("twin")
+    lab_a, watcher_advert = advert(twin, 41011, cluster="lab-a"), advert(n("watcher"), 41013, cluster="lab-a")
+    async with running(lab_a, watcher_advert) as (_, watcher), running(advert(twin, 41012, cluster="lab-b")):
+        # Started after lab-a's twin has its name, so that twin resolves the other as a peer would.
+        await watcher.async_wait_for(lambda _: {c.cluster for c in watcher._by_service.values()} >= {"lab-b"}, WAIT_S)
+        await asyncio.sleep(2.0)  # the twins resolve each other about as fast as the watcher resolves them
+    assert not [r.getMessage() for r in discovery_log.records if "claims our node id" in r.getMessage()]
 
 
 @pytest.mark.asyncio
@@ -504,6 +521,7 @@ async def test_rebind_refuses_another_node_id_a_foreign_address_and_a_closed_dis
 
 @pytest.mark.asyncio
 async def test_close_is_idempotent_and_leaves_no_tasks_or_threads(quick_timing: None, n: Names) -> None:
+    await asyncio.to_thread(int)  # the loop's default executor (discovery reads interfaces there) is the loop's own
     threads_before = set(threading.enumerate())
     tasks_before = asyncio.all_tasks()
     a = MdnsDiscovery(advert(n("tidy-a")), LOOPBACK)

@@ -359,6 +359,64 @@ async def test_a_handshake_failing_unexpectedly_ends_the_scan_with_the_others_ca
 
 
 @pytest.mark.asyncio
+async def test_the_identity_redial_failing_unexpectedly_closes_its_connection_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A static peer is dialled again bound to the id it answered with (so that its certificate must prove it):
+    that second connection is closed on any error, as the first is."""
+    pm, transport, _ = manager(monkeypatch)
+    transport.up = True
+    closed: list[tuple[str, str | None]] = []
+
+    class Redial(FlakyConnection):
+        def __init__(self, transport: FlakyTransport, address: str, node_id: str | None) -> None:
+            super().__init__(transport, address)
+            self.node_id = node_id
+
+        async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+            if self.node_id is not None:  # the identity-proving second dial
+                raise RuntimeError("a bug")
+            return await super().handshake(info, timeout)
+
+        async def aclose(self) -> None:
+            closed.append((self.address, self.node_id))
+
+    monkeypatch.setattr(transport, "connect", lambda address, node_id=None: Redial(transport, address, node_id))
+    with pytest.raises(RuntimeError, match="a bug"):
+        await pm.scan()
+    assert closed == [("10.0.0.9:7070", None), ("10.0.0.9:7070", "flaky")]
+
+
+@pytest.mark.asyncio
+async def test_a_scan_cancelled_at_shutdown_ends_cancelled_even_when_a_connection_fails_to_close(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The owner must see its own cancellation, not a close's error in its place (it would report a failure)."""
+    pm, transport, _ = manager(monkeypatch)
+    pm._candidates = lambda: [("a", "10.0.0.8:7070", None), ("b", "10.0.0.9:7070", None)]
+    started = asyncio.Event()
+
+    class Hang(FlakyConnection):
+        async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+            started.set()
+            await asyncio.Event().wait()  # peers that never answer
+            raise AssertionError("unreachable")
+
+        async def aclose(self) -> None:
+            if self.address == "10.0.0.9:7070":
+                raise RuntimeError("close failed")
+
+    monkeypatch.setattr(transport, "connect", lambda address, node_id=None: Hang(transport, address))
+    scan = asyncio.ensure_future(pm.scan())
+    async with asyncio.timeout(10):
+        await started.wait()
+        await asyncio.sleep(0)  # both handshakes under way
+        scan.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await scan
+
+
+@pytest.mark.asyncio
 async def test_a_discovery_change_during_a_scan_starts_the_next_scan_without_waiting(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import io
 import re
 import socket
 import stat
@@ -541,6 +542,7 @@ def test_certs_issue_names_the_ca_file_it_cannot_use_and_never_advises_replacing
     from cryptography.hazmat.primitives import serialization
 
     monkeypatch.delenv("TADLORA_CA_PASSPHRASE", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # no terminal, even under `pytest -s` at one
     certs = make_certs(tmp_path / "certs")
     capsys.readouterr()
     if case == "no ca.key":
@@ -576,6 +578,7 @@ def test_an_encrypted_ca_key_issues_with_its_passphrase_and_only_with_it(tmp_pat
     assert main(["certs", "issue", "node-1", "--dir", str(certs)]) == 2
     assert f"{certs / 'ca.key'}: the passphrase given does not decrypt it" in capsys.readouterr().err
     monkeypatch.delenv("TADLORA_CA_PASSPHRASE")  # and no terminal to ask on: the variable is named
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # no terminal, even under `pytest -s` at one
     assert main(["certs", "issue", "node-1", "--dir", str(certs)]) == 2
     assert "TADLORA_CA_PASSPHRASE" in capsys.readouterr().err
     assert not (certs / "node-1.key").exists() and not (certs / "node-1.crt").exists()
@@ -590,6 +593,7 @@ def test_certs_init_encrypt_asks_twice_on_a_terminal_and_writes_nothing_without_
     from cryptography.hazmat.primitives import serialization
 
     monkeypatch.delenv("TADLORA_CA_PASSPHRASE", raising=False)
+    monkeypatch.setattr("sys.stdin", io.StringIO())  # no terminal, even under `pytest -s` at one
     assert main(["certs", "init", str(tmp_path / "script"), "--encrypt"]) == 2  # no variable, no terminal
     assert "TADLORA_CA_PASSPHRASE" in capsys.readouterr().err and not (tmp_path / "script").exists()
     monkeypatch.setattr(sys.stdin, "isatty", lambda: True)
@@ -601,6 +605,17 @@ def test_certs_init_encrypt_asks_twice_on_a_terminal_and_writes_nothing_without_
     assert main(["certs", "init", str(tmp_path / "typed"), "--encrypt"]) == 0
     assert main(["certs", "issue", "node-0", "--dir", str(tmp_path / "typed")]) == 0
     serialization.load_pem_private_key((tmp_path / "typed" / "ca.key").read_bytes(), password=b"same")
+
+
+@pytest.mark.parametrize("order", ["key last", "key first"])
+def test_a_ca_crt_holding_a_private_key_is_refused_so_no_node_carries_the_ca_key_unseen(tmp_path, order) -> None:
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    cert, key = (certs / "ca.crt").read_bytes(), (certs / "ca.key").read_bytes()
+    (certs / "ca.crt").write_bytes(cert + key if order == "key last" else key + cert)
+    with pytest.raises(ValueError, match=f"{certs / 'ca.crt'} holds a private key"):
+        TlsMaterial.from_dir(certs, "node-0")
 
 
 @pytest.mark.parametrize("file", ["ca.crt", "node-0.crt"])

@@ -125,7 +125,8 @@ def service_instance_name(node_id: str, cluster: str) -> str:
     The cluster is part of it because node ids are only unique within a cluster: two clusters' ``node-0`` on one
     network would otherwise announce under one name, and zeroconf's renaming of the second is a race between probes.
     """
-    parts = [re.sub(r"[^A-Za-z0-9_-]+", "-", part).strip("-") or "node" for part in (node_id, cluster)]
+    # Lowercase only: DNS compares names case-insensitively, so clusters "Lab" and "lab" must not both be tame.
+    parts = [re.sub(r"[^a-z0-9_-]+", "-", part.lower()).strip("-") or "node" for part in (node_id, cluster)]
     clean = "@".join(parts)
     if parts == [node_id, cluster] and len(clean) <= _INSTANCE_MAX_BYTES:
         return clean
@@ -297,7 +298,7 @@ class MdnsDiscovery:
         advert = advert or self._advert
         if advert.node_id != self._advert.node_id:
             raise ValueError("async_rebind cannot change the node id; close and start a new MdnsDiscovery")
-        _check_interfaces(interfaces)
+        await asyncio.to_thread(_check_interfaces, interfaces)  # reads the interface list: off the loop
         async with self._binding_lock:
             if not self._started or self._closed:
                 raise RuntimeError("MdnsDiscovery is not running")
@@ -310,7 +311,8 @@ class MdnsDiscovery:
         """Open zeroconf on ``self._interfaces``, browse, register ``self._advert`` (as ``name`` if given).
         On failure, what was opened is closed again and the error raised."""
         binding = self._binding = contextlib.AsyncExitStack()
-        self._reachable = ipv4_networks(self._interfaces)
+        # The interface list is read off the loop (zeroconf's own start, below, must run on it).
+        self._reachable = await asyncio.to_thread(ipv4_networks, self._interfaces)
         try:
             try:
                 aiozc = AsyncZeroconf(interfaces=list(self._interfaces), ip_version=IPVersion.V4Only)
@@ -468,7 +470,9 @@ class MdnsDiscovery:
             self._drop(name)
             return
         if result.node_id == self._advert.node_id:
-            if self._info is not None and name != self._info.name and name not in self._logged_bad:
+            # Another cluster's node of our id is no impostor: ids are unique only within a cluster.
+            ours = result.cluster == self._advert.cluster
+            if ours and self._info is not None and name != self._info.name and name not in self._logged_bad:
                 self._logged_bad.add(name)
                 log.warning(
                     "mDNS: ignoring service %r at %s: it claims our node id %r", name, result.address, result.node_id

@@ -60,6 +60,13 @@ class _Attempt:
     address: str = ""  # the address last dialled (with retry_at SELF: the one that reached this node itself)
 
 
+async def _aclose_quietly(conn: PeerConnection) -> None:
+    try:
+        await conn.aclose()
+    except Exception:
+        log.exception("closing a connection whose handshake did not finish failed")
+
+
 def retry_delay(failures: int) -> float:
     """Seconds before the next try of a candidate that failed ``failures`` (>= 1) times in a row: 1, 2, 4 ... 30,
     and 30 however many failures (a static peer may stay down for days)."""
@@ -222,7 +229,7 @@ class PeerManager:
                 failure = str(exc)
                 continue
             except BaseException:  # shutting down mid-handshake, or a failure of ours: the connection is nobody's yet
-                await conn.aclose()
+                await _aclose_quietly(conn)  # a failing close must not replace what ended the handshake
                 raise
             if info.node_id == self._local_info().node_id:
                 await conn.aclose()  # our own static address
@@ -251,14 +258,14 @@ class PeerManager:
                 info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
                 if info.node_id != claimed:
                     raise ExchangeRefused(Reason.IDENTITY_MISMATCH, f"then answered as {info.node_id!r}")
-            except asyncio.CancelledError:
-                await conn.aclose()
-                raise
             except (ExchangeRefused, PeerUnavailable) as exc:
                 await conn.aclose()
                 self._log_refusal(key, f"answers as {claimed!r}, which its certificate does not prove: {exc}")
                 self._backoff(attempt, "identity not proven")
                 return
+            except BaseException:  # as for the first dial: shutting down, or a failure of ours
+                await _aclose_quietly(conn)
+                raise
         attempt.failures, attempt.retry_at = 0, 0.0  # its flaps stay counted (see drop)
         self._key_of[info.node_id] = key
         await self.add(info, conn, source)

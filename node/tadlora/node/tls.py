@@ -175,6 +175,9 @@ def _load_ca_key(path: Path, passphrase: Callable[[], bytes | None]) -> PrivateK
 def _ca_certificates(path: Path, pem: bytes) -> list[x509.Certificate]:
     """The CA certificates in ``pem`` (read from ``path``), in file order; ValueError naming ``path`` if it holds
     none or one that does not parse."""
+    if b"PRIVATE KEY-----" in pem:
+        # load_pem_x509_certificates skips other blocks: `cat new/ca.*` would put the CA key on every node unseen.
+        raise ValueError(f"{path} holds a private key: it must hold CA certificates only (keep ca.key off the nodes)")
     try:
         cas = x509.load_pem_x509_certificates(pem)
     except ValueError as exc:
