@@ -601,6 +601,9 @@ def test_certs_init_encrypt_asks_twice_on_a_terminal_and_writes_nothing_without_
     monkeypatch.setattr(getpass, "getpass", lambda prompt="": next(answers))
     assert main(["certs", "init", str(tmp_path / "typo"), "--encrypt"]) == 2
     assert "differ" in capsys.readouterr().err and not (tmp_path / "typo").exists()
+    answers = iter([""])
+    assert main(["certs", "init", str(tmp_path / "empty"), "--encrypt"]) == 2
+    assert "passphrase is empty" in capsys.readouterr().err and not (tmp_path / "empty").exists()
     answers = iter(["same", "same", "same"])  # init asks twice, issue once
     assert main(["certs", "init", str(tmp_path / "typed"), "--encrypt"]) == 0
     assert main(["certs", "issue", "node-0", "--dir", str(tmp_path / "typed")]) == 0

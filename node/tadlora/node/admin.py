@@ -190,9 +190,11 @@ def _ca_passphrase(confirm: bool) -> bytes | None:
     if not sys.stdin.isatty():
         return None
     first = getpass.getpass("CA key passphrase: ")
+    if not first:  # said here: None would tell a user at a terminal to "run on a terminal"
+        raise ValueError("the passphrase is empty; nothing was written")
     if confirm and getpass.getpass("CA key passphrase, again: ") != first:
         raise ValueError("the two passphrases differ; nothing was written")
-    return first.encode() or None
+    return first.encode()
 
 
 def certs_main(argv: list[str]) -> int:
