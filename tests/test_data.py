@@ -287,6 +287,63 @@ def test_a_field_longer_than_the_csv_module_reads_is_refused_naming_file_and_lin
         resolve_dataset(f"{path}{spec_suffix}", "train")
 
 
+def test_integer_labels_counted_from_one_name_their_classes_without_a_phantom_class_zero(tmp_path: Path) -> None:
+    # AG News, Yelp and Amazon polarity CSVs count their classes from 1: read as ids from 0, class "0" would be a
+    # head output no example has, and the paper's label skew (90% of class "0" on three clients) could not be met.
+    write(tmp_path / "train.csv", "text,label\n" + "".join(f"t{i},{1 + i % 2}\n" for i in range(200)))
+    write(tmp_path / "dev.csv", "text,label\na,2\nb,1\n")
+    spec = str(tmp_path / "train.csv")
+    train, dev = resolve_dataset(spec, "train"), resolve_dataset(spec, "dev")
+    assert train.label_names == dev.label_names == ("1", "2")
+    assert train.labels.tolist()[:2] == [0, 1] and dev.labels.tolist() == [1, 0]
+    shards = make_shards(train, "label-skew", 10, seed=0)
+    assert np.bincount(train.labels[shards[0]], minlength=2).tolist() == [18, 2]  # [0.9, 0.1] of 20
+    write(tmp_path / "dev.csv", "text,label\na,0\n")  # not one of train's classes: refused, not taken as id 0 ("1")
+    with pytest.raises(ValueError, match=r"dev\.csv:2: label '0'"):
+        resolve_dataset(spec, "dev")
+
+
+def test_integer_label_names_match_by_value_never_as_ids(tmp_path: Path) -> None:
+    path = write(tmp_path / "d.csv", "text,label\na,01\nb,2\n")
+    assert load_csv(path, label_names=["1", "2"]).labels.tolist() == [0, 1]
+    with pytest.raises(ValueError, match=r"d\.csv:2: label '0'"):
+        load_csv(write(path, "text,label\na,0\n"), label_names=["1", "2"])
+
+
+def test_integer_labels_spanning_more_ids_than_a_head_can_have_are_refused_without_allocating_them(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": 10000000000}\n')
+    with pytest.raises(ValueError, match=r"d\.jsonl:2: label 10000000000 .*class ids"):
+        load_jsonl(path)
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_an_empty_label_is_refused_naming_file_and_line_not_made_a_class(tmp_path: Path, suffix: str) -> None:
+    # An unlabelled row would otherwise become class "" and shift every other class's id ("0" -> 1, "1" -> 2).
+    if suffix == ".csv":
+        path = write(tmp_path / "d.csv", "text,label\na,0\nb, \nc,1\n")
+    else:
+        path = write(tmp_path / "d.jsonl", '{"text": "a", "label": 0}\n{"text": "b", "label": ""}\n')
+    with pytest.raises(ValueError, match=rf"d\{suffix}:\d: label '\s*' is empty"):
+        resolve_dataset(str(path), "train")
+
+
+def test_label_names_are_read_without_surrounding_spaces(tmp_path: Path) -> None:
+    ds = load_csv(write(tmp_path / "d.csv", "text,label\na,pos\nb,pos \nc, neg\n"))
+    assert ds.label_names == ("neg", "pos")
+    assert ds.labels.tolist() == [1, 1, 0]
+
+
+def test_a_column_named_twice_in_the_header_is_refused_when_it_is_read(tmp_path: Path) -> None:
+    # dict(zip(header, row)) would keep the last of the two, where a GLUE reader keeps the first.
+    with pytest.raises(ValueError, match=r"d\.csv: column 'text' appears 2 times in the header"):
+        load_csv(write(tmp_path / "d.csv", "text,text,label\na,b,1\nc,d,0\n"))
+    with pytest.raises(ValueError, match=r"d\.tsv: column 'sentence' appears 2 times in the header"):
+        load_glue_tsv(write(tmp_path / "d.tsv", "sentence\tsentence\tlabel\na\tb\t1\n"), task="SST-2")
+    assert load_csv(write(tmp_path / "e.csv", "note,text,note,label\nx,a,y,1\n")).text_a == ("a",)
+
+
 def test_jsonl_reads_pairs_and_mixed_label_types(tmp_path: Path) -> None:
     lines = [
         {"premise": "p1", "hypothesis": "h1", "label": "entailment"},
@@ -366,6 +423,18 @@ def test_a_tsv_that_only_shares_a_glue_header_says_how_to_read_it_as_a_plain_tsv
     assert len(ds) == 2 and ds.num_classes == 2
 
 
+def test_a_local_glue_dev_file_is_read_as_the_train_file_s_task(tmp_path: Path) -> None:
+    # Outside a task folder, RTE and MNLI are told apart by their labels: a dev file holding only "entailment"
+    # (a small slice, say) cannot tell on its own, though train already did.
+    header = "index\tsentence1\tsentence2\tlabel\n"
+    write(tmp_path / "train.tsv", header + "0\ta\tb\tentailment\n1\tc\td\tnot_entailment\n")
+    write(tmp_path / "dev.tsv", header + "0\te\tf\tentailment\n")
+    spec = str(tmp_path / "train.tsv")
+    dev = resolve_dataset(spec, "dev")
+    assert dev.label_names == resolve_dataset(spec, "train").label_names == ("entailment", "not_entailment")
+    assert dev.labels.tolist() == [0]
+
+
 def test_local_spec_without_a_dev_sibling_says_what_it_looked_for(
     tmp_path: Path,
 ) -> None:
@@ -442,6 +511,23 @@ def test_hub_dev_labels_take_the_train_split_s_ids_when_the_label_is_not_a_class
     train, dev = resolve_dataset("hub:reviews", "train"), resolve_dataset("hub:reviews", "dev")
     assert train.label_names == dev.label_names == ("neg", "neu", "pos")
     assert [dev.label_names[i] for i in dev.labels] == ["pos", "neg"]
+
+
+def test_hub_class_label_ids_keep_their_class_even_when_the_class_names_are_digits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A ClassLabel of star ratings names id 0 "1": the id, not the digits of a name, says which class a row is.
+    class Split:
+        column_names = ("text", "label")
+        features: ClassVar[dict[str, Any]] = {"label": types.SimpleNamespace(names=["1", "2", "3"])}
+
+        def __iter__(self) -> Iterator[dict[str, Any]]:
+            return iter([{"text": "a", "label": 2}, {"text": "b", "label": 0}])
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=lambda *a, **k: Split()))
+    for split in ("train", "dev"):
+        ds = resolve_dataset("hub:stars", split)
+        assert (ds.label_names, ds.labels.tolist()) == (("1", "2", "3"), [2, 0])
 
 
 def test_hub_failures_become_runtime_errors_that_mention_reachability(
@@ -647,6 +733,16 @@ def test_a_capped_label_skew_keeps_its_dominant_share() -> None:
         assert np.bincount(labels[shard], minlength=3).tolist() == [60, 20, 20]
 
 
+def test_a_label_skew_of_n_per_client_capped_lower_still_keeps_its_mix() -> None:
+    # label-skew:100 with samples_per_client=10: a random 10 of each 100 would give [10, 0] or [7, 3], not [9, 1].
+    labels = balanced_labels(2, 2000)
+    texts = tuple(str(i) for i in range(labels.size))
+    data = TextDataset(name="t", text_a=texts, text_b=None, labels=labels, label_names=("a", "b"))
+    shards = client_shards(data, "label-skew:100", 10, seed=0, samples_per_client=10)
+    assert [np.bincount(labels[s], minlength=2).tolist() for s in shards] == [[9, 1]] * 3 + [[1, 9]] * 3 + [[5, 5]] * 4
+    assert client_shards(data, "label-skew:5", 10, seed=0, samples_per_client=10)[0].size == 5
+
+
 def test_label_skew_default_size_is_the_largest_that_exhausts_no_class() -> None:
     labels = np.array([0] * 600 + [1] * 2000)
     shards = split_label_skew(labels, 10, seed=0)
@@ -678,6 +774,16 @@ def test_dirichlet_shards_partition_the_dataset(alpha: float) -> None:
     shards = split_dirichlet(labels, 10, alpha, seed=3)
     assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(labels.size))
     assert all(s.size >= 1 for s in shards)
+
+
+def test_a_near_iid_dirichlet_split_gives_every_client_samples_when_a_class_has_fewer_than_the_clients() -> None:
+    # Cut at the same near-uniform shares, every class's samples would land on the same clients and leave the
+    # rest empty in every redraw; the refusal would even advise a larger alpha, which only makes it certain.
+    labels = balanced_labels(10, 20)  # 20 of each class for 50 clients
+    for alpha in (100.0, 1e6):
+        shards = split_dirichlet(labels, 50, alpha, seed=0)
+        assert np.array_equal(np.sort(np.concatenate(shards)), np.arange(labels.size))
+        assert min(s.size for s in shards) >= 1
 
 
 def test_dirichlet_skew_grows_as_alpha_shrinks() -> None:

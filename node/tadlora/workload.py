@@ -16,9 +16,10 @@ def client_shards(
     """Each client's training-set indices: the split scheme, capped at ``samples_per_client``."""
     n = samples_per_client
     skew = parse_label_skew(split)
-    if n is not None and skew is not None and skew[1] is None:
-        # n from the skew itself, so that every client keeps the skew's proportions (a cap would not)
-        return make_shards(train, f"label-skew@{skew[0]!r}:{n}", num_clients, seed)
+    if n is not None and skew is not None:
+        # n from the skew itself, so that every client keeps the skew's proportions (a random cap would not)
+        per_client = n if skew[1] is None else min(n, skew[1])
+        return make_shards(train, f"label-skew@{skew[0]!r}:{per_client}", num_clients, seed)
     shards = make_shards(train, split, num_clients, seed)
     if n is None:
         return shards

@@ -21,10 +21,12 @@ __all__ = [
     "csv_error",
     "find_glue_dir",
     "glue_task",
+    "glue_task_of",
     "load_glue_tsv",
     "looks_like_glue",
     "not_utf8",
     "read_tsv",
+    "refuse_repeated_columns",
 ]
 
 GLUE_DIR_ENV = "TADLORA_GLUE_DIR"
@@ -115,6 +117,14 @@ def read_tsv(path: Path) -> tuple[list[str], list[list[str]]]:
     return rows[0], rows[1:]
 
 
+def refuse_repeated_columns(source: object, header: Sequence[str], used: Sequence[str]) -> None:
+    """Raise ``ValueError`` if a column in ``used`` is named more than once in ``header``: which of the two a reader
+    takes is an accident of its code (a dict keeps the last, ``list.index`` finds the first)."""
+    for column in dict.fromkeys(used):
+        if (times := list(header).count(column)) > 1:
+            raise ValueError(f"{source}: column {column!r} appears {times} times in the header {list(header)}")
+
+
 def looks_like_glue(header: Sequence[str]) -> bool:
     """True if ``header`` has the text columns and a label column of some GLUE task."""
     columns = set(header)
@@ -146,6 +156,14 @@ def _infer_task(path: Path, header: Sequence[str], rows: Sequence[Sequence[str]]
     )
 
 
+def glue_task_of(path: str | os.PathLike[str]) -> str:
+    """The name of the GLUE task `load_glue_tsv` reads ``path`` as without ``task=`` (from its folder, else its
+    header and labels). Raises ``ValueError`` as it would."""
+    p = Path(path)
+    header, rows = read_tsv(p)
+    return _infer_task(p, header, rows).name
+
+
 def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> TextDataset:
     """Load a GLUE TSV (header row, tab-separated, quoting off) of MNLI, QNLI, RTE or SST-2.
 
@@ -162,6 +180,7 @@ def load_glue_tsv(path: str | os.PathLike[str], task: str | None = None) -> Text
     missing = [c for c in (*spec.text_columns, label_column) if c not in header]
     if missing:
         raise ValueError(f"{p}: header {header} lacks {missing}, needed for GLUE {spec.name}")
+    refuse_repeated_columns(p, header, (*spec.text_columns, label_column))
     text_cols = [header.index(c) for c in spec.text_columns]
     label_col = header.index(label_column)
     if spec.labels_are_ids:

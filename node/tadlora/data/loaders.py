@@ -25,10 +25,12 @@ from tadlora.data.glue import (
     csv_error,
     find_glue_dir,
     glue_task,
+    glue_task_of,
     load_glue_tsv,
     looks_like_glue,
     not_utf8,
     read_tsv,
+    refuse_repeated_columns,
 )
 
 __all__ = [
@@ -60,6 +62,9 @@ _DEFAULT_TEXT_COLUMNS: tuple[tuple[str, ...], ...] = (
 )
 
 Record = tuple[int, Mapping[str, Any]]  # (line number, column -> value)
+# Integer labels are class ids, and ids up to the largest get a name each: one far larger (an index column given as
+# the label) would allocate names by the billion. No text classification head here is anywhere near this wide.
+_MAX_CLASS_ID = 100_000
 
 
 def _parse_int(value: object) -> int | None:
@@ -90,23 +95,44 @@ def _text_columns(requested: Sequence[str] | str | None, available: Sequence[str
     return cols
 
 
+def _label_text(value: object, lineno: int, source: str) -> object:
+    """``value`` with a string's surrounding spaces cut ("pos " is "pos"); an empty one refused: an unlabelled row
+    would otherwise become a class "" and move every other class's id."""
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            raise ValueError(f"{source}:{lineno}: label {value!r} is empty (an unlabelled row?)")
+    return value
+
+
 def _encode_labels(
     raw: Sequence[object],
     linenos: Sequence[int],
     label_names: Sequence[str] | None,
     source: str,
 ) -> tuple[npt.NDArray[np.int64], tuple[str, ...]]:
-    """Label ids and names: by ``label_names`` if given (a value may be a name or an id);
-    else all-integer labels are ids, and otherwise labels are names with ids in sorted order."""
+    """Label ids and names: by ``label_names`` if given (a value may be a name or, unless the names are integers,
+    an id); else all-integer labels are ids counted from 0, or from 1 when none is 0 (names "1", "2", ...), and
+    otherwise labels are names with ids in sorted order."""
+    raw = [_label_text(v, lineno, source) for v, lineno in zip(raw, linenos, strict=True)]
     if label_names is not None:
         names = tuple(label_names)
         if not names or len(set(names)) != len(names):
             raise ValueError(f"{source}: label_names must be distinct and non-empty: {names}")
         index = {n: i for i, n in enumerate(names)}
+        name_ints = [_parse_int(n) for n in names]
+        # Integer names ("1", "2" of a file counted from 1) are matched by value: read as an id, a "0" would
+        # silently be the class named "1".
+        by_value = {v: i for i, v in enumerate(name_ints) if v is not None} if None not in name_ints else None
         ids = []
         for value, lineno in zip(raw, linenos, strict=True):
             label = index.get(value) if isinstance(value, str) else None
-            label = _parse_int(value) if label is None else label
+            if label is None:
+                as_int = _parse_int(value)
+                if by_value is None:
+                    label = as_int
+                elif as_int is not None:
+                    label = by_value.get(as_int)
             if label is None or not 0 <= label < len(names):
                 raise ValueError(
                     f"{source}:{lineno}: label {value!r} is neither one of {list(names)} nor an id in [0, {len(names)})"
@@ -119,8 +145,14 @@ def _encode_labels(
         for value, lineno in zip(int_ids, linenos, strict=True):
             if value < 0:
                 raise ValueError(f"{source}:{lineno}: label {value} is negative (unlabelled?)")
-        names = tuple(str(i) for i in range(max(int_ids) + 1))
-        return np.asarray(int_ids, dtype=np.int64), names
+            if value > _MAX_CLASS_ID:
+                raise ValueError(
+                    f"{source}:{lineno}: label {value} is past the largest of class ids 0..{_MAX_CLASS_ID}: is this "
+                    "column an index rather than the label? Name the label column with label=COL"
+                )
+        first = 0 if 0 in int_ids else 1  # no 0: the file counts its classes from 1
+        names = tuple(str(i) for i in range(first, max(int_ids) + 1))
+        return np.asarray(int_ids, dtype=np.int64) - first, names
     for value, lineno in zip(raw, linenos, strict=True):
         match value:
             case bool():
@@ -149,6 +181,7 @@ def _build(
     cols = _text_columns(text_columns, columns, source)
     if label_column not in columns:
         raise ValueError(f"{source}: label column {label_column!r} not in {list(columns)}")
+    refuse_repeated_columns(source, columns, (*cols, label_column))
     texts: list[list[str]] = [[] for _ in cols]
     for lineno, record in records:
         for out, col in zip(texts, cols, strict=True):
@@ -183,8 +216,9 @@ def load_csv(
 ) -> TextDataset:
     """Load a delimited file with a header: 1 or 2 text columns and a label column.
 
-    All-integer labels are ids; other labels are names, given ids in sorted order unless
-    ``label_names`` fixes them. ``text_columns=None`` takes ``text``/``sentence`` (+ ``text_b``)
+    All-integer labels are ids, counted from 0 or, when no label is 0, from 1 (named "1", "2", ...);
+    other labels are names (spaces around them cut), given ids in sorted order unless ``label_names``
+    fixes them. An empty label is refused. ``text_columns=None`` takes ``text``/``sentence`` (+ ``text_b``)
     or a known pair such as ``sentence1``/``sentence2``. A tab delimiter reads with quoting off,
     as GLUE-style TSVs need. Raises ``ValueError`` naming file and line for bad data.
     """
@@ -282,9 +316,19 @@ def load_hub(
             "(or the dataset already cached, with HF_HUB_OFFLINE=1)"
         ) from exc
     class_names = getattr(ds.features.get(label_column), "names", None)
-    records = [(i + 1, row) for i, row in enumerate(ds)]
+    records: list[Record] = [(i + 1, row) for i, row in enumerate(ds)]
+    if class_names:
+        # A ClassLabel's ids become its names, so that names made of digits ("1".."5" stars) are not read by value.
+        records = [(n, {**row, label_column: _class_name(row.get(label_column), class_names)}) for n, row in records]
     names = tuple(label_names) if label_names is not None else tuple(class_names) if class_names else None
     return _build(source, records, list(ds.column_names), text_columns, label_column, names)
+
+
+def _class_name(value: object, names: Sequence[str]) -> object:
+    """The ClassLabel name of id ``value``; any other value (-1, unlabelled) as it is, for `_build` to refuse."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < len(names):
+        return names[value]
+    return value
 
 
 # ------------------------------------------------------------------------ resolve_dataset
@@ -372,9 +416,11 @@ def _resolve_local(spec: str, split: str) -> TextDataset:
     if not path.is_file():
         raise FileNotFoundError(f"dataset spec {spec!r}: file {path} not found")
     suffix = given.suffix.lower()
-    if suffix == ".tsv" and not query and looks_like_glue(read_tsv(path)[0]):
+    if suffix == ".tsv" and not query and looks_like_glue(read_tsv(given)[0]):
         try:
-            return load_glue_tsv(path)  # a GLUE task's labels are fixed
+            # A GLUE task's labels are fixed. Dev is read as train's task: outside a task folder RTE and MNLI are
+            # told apart by their labels, and a dev slice holding only "entailment" could not tell on its own.
+            return load_glue_tsv(path, task=None if split == "train" else glue_task_of(given))
         except ValueError as exc:
             # A spec cannot pass task=, and a file of the user's own may merely share a GLUE header.
             raise ValueError(

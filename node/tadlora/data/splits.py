@@ -89,7 +89,10 @@ def split_dirichlet(
             idx = rng.permutation(np.flatnonzero(y == c))
             share = rng.dirichlet(np.full(num_clients, alpha))
             cuts = (np.cumsum(share)[:-1] * idx.size).astype(np.int64)
-            for client, piece in enumerate(np.split(idx, cuts)):
+            # Dealt in an order of its own per class: with near-equal shares and fewer samples of a class than
+            # clients, the same cuts would give every class's samples to the same clients and none to the rest.
+            order = rng.permutation(num_clients)
+            for client, piece in zip(order, np.split(idx, cuts), strict=True):
                 parts[client].append(piece)
         shards = _finish(parts)
         if min(s.size for s in shards) >= min_samples:
