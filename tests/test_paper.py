@@ -252,8 +252,9 @@ def test_a_grid_run_alone_is_reported_with_what_the_other_grid_can_copy_from_it(
 def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path, monkeypatch) -> None:
     # A cell copied from the other grid while its own run had a checkpoint, or a process stopped between writing a
     # finished cell and deleting its checkpoint, leaves KEY.partial.json beside KEY.json: it is finished.
+    argv = ["--preset", "smoke", "--rounds", "2", "--out", str(tmp_path / "table"), "--quiet", "--report-only"]
+    assert load("paper_table", monkeypatch).main(argv) == 0  # stamps the grids: cells without a stamp are refused
     cells = tmp_path / "table" / "methods" / "cells"
-    cells.mkdir(parents=True)
     records = [{"round": r, "train_loss": 0.7, "acc_mean": 0.5, "acc_std": 0.1, "cross_term_norm": 0.1} for r in (0, 1)]
     for key, method in (("lora__er__p0.5__T-__s0", "lora"), ("ffa__er__p0.5__T-__s0", "ffa")):
         (cells / f"{key}.partial.json").write_text(json.dumps({"records": records[:1], "seconds": 1.0}))
@@ -261,7 +262,6 @@ def test_a_finished_cell_is_not_listed_as_checkpointed(tmp_path: Path, monkeypat
             cell = {"method": method, "topology": "er", "link_prob": 0.5, "switch_interval": None, "seed": 0,
                     "key": key, "rounds": records, "final": {"acc_mean": 0.5, "acc_std": 0.1, "round": 1}}  # fmt: skip
             (cells / f"{key}.json").write_text(json.dumps(cell))
-    argv = ["--preset", "smoke", "--rounds", "2", "--out", str(tmp_path / "table"), "--quiet", "--report-only"]
     assert load("paper_table", monkeypatch).main(argv) == 0
     table = json.loads((tmp_path / "table" / "table.json").read_text())
     assert "lora__er__p0.5__T-__s0" not in table["missing_cells"]["methods"]

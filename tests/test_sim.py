@@ -791,3 +791,122 @@ def test_a_cell_whose_computation_another_process_runs_waits_for_it_and_copies_i
         assert ran == [] and record["same_as"] == rolora.key
     else:
         assert ran == [cell.key] and "same_as" not in record
+
+
+def test_a_directory_of_cells_without_its_stamp_is_refused_instead_of_stamped_anew(tmp_path) -> None:
+    """config.json is the only record of the settings a directory's cells ran with. Lost (a merge conflict removed
+    as the damaged-file error advised), the next run stamped its own settings and mixed its cells with the old."""
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path, quiet=True).run()
+    stamp = tmp_path / "config.json"
+    stamp.write_text("<<<<<<< HEAD\n" + stamp.read_text() + "=======\n>>>>>>> theirs\n")
+    with pytest.raises(ValueError, match=r"config.json holds no valid JSON .*repair it"):
+        Simulator(config, tmp_path, quiet=True).run()
+    stamp.unlink()
+    other = override(config, {"seeds": [0, 1], "train": {"lr": 0.05}})
+    for report_only in (True, False):
+        with pytest.raises(ValueError, match=r"holds 1 cell file \(cells/lora__.*\) but no config.json.*restore it"):
+            Simulator(other, tmp_path, quiet=True).run(report_only=report_only)
+    assert not stamp.exists() and len(list((tmp_path / "cells").iterdir())) == 1
+
+
+def test_a_grid_on_a_topology_file_goes_on_only_while_the_file_holds_the_graph_its_cells_ran_on(
+    tmp_path, capsys
+) -> None:
+    """A cell's key names a file topology by its path: an edited file used to go on in the same directory, its
+    new cells summarised with the old graph's as seeds of one row."""
+    graph = tmp_path / "graph.txt"
+    graph.write_text("0 1\n1 2\n2 3\n3 0\n")  # a ring
+    config = smoke_config(methods=["lora"], rounds=1, topologies=[f"file:{graph}"])
+    Simulator(config, tmp_path / "run", quiet=True).run()
+    graph.write_text("# the same ring\n3-0\n2 1\n0 1\n2 3\n")  # written otherwise: the same graph, goes on
+    assert Simulator(config, tmp_path / "run", quiet=True).run(report_only=True)["missing_cells"] == []
+    graph.write_text("0 1\n0 2\n0 3\n")  # a star now
+    both = override(config, {"seeds": [0, 1]})
+    with pytest.raises(ValueError, match=rf"topology file:{graph}: .*not those the cells there ran on"):
+        Simulator(both, tmp_path / "run", quiet=True).run()
+    with pytest.raises(ValueError, match="not those the cells there ran on"):
+        Simulator(both, tmp_path / "run", quiet=True).run(report_only=True)
+    # Nor are that directory's cells lent to a run of the new graph.
+    results = Simulator(config, tmp_path / "star", quiet=True, share_from=[tmp_path / "run"]).run(report_only=True)
+    assert results["missing_cells"] and "not sharing cells from" in capsys.readouterr().err
+
+
+def test_a_method_one_part_runs_at_its_own_t_and_another_part_sweeps_keeps_its_cell_in_the_results(tmp_path) -> None:
+    """The directory's grid is the union of its parts' grids, axis by axis; a part that sweeps tad-nojoint's T made
+    the cell another part had run at tad-nojoint's own T (5) fall out of the union, and so out of results.json."""
+    own = smoke_config(rounds=1, methods=["tad-nojoint"], sweep_methods=[])
+    Simulator(own, tmp_path, quiet=True).run()
+    swept = smoke_config(rounds=1, methods=["tad-nojoint"], switch_intervals=[3])
+    results = Simulator(swept, tmp_path, quiet=True).run()
+    keys = ["tad-nojoint__er__p0.5__T3__s0", "tad-nojoint__er__p0.5__T5__s0"]
+    assert sorted(c["key"] for c in results["cells"]) == keys
+    assert not set(keys) & set(results["missing_cells"])
+
+
+def test_a_topology_whose_cell_files_would_have_names_too_long_is_refused_before_any_work(tmp_path) -> None:
+    """A file system takes names of up to 255 bytes. A long topology spec (a file at a deep path, an edge list of a
+    larger graph) passed, ran a checkpoint interval, and died writing the checkpoint: File name too long."""
+    base = smoke_config(methods=["lora"])
+    key_room = 255 - len(".ckpt.safetensors") - len("..12345678.tmp")  # the longest name a cell writes
+
+    def file_topology(key_length: int) -> str:
+        fixed = len(Cell("lora", "x", 0.5, None, 0).key) - 1  # the key but its topology
+        graph = tmp_path / f"{key_length}" / ("g" * (key_length - fixed - len(f"file:{tmp_path}/{key_length}/")))
+        graph.parent.mkdir()
+        graph.write_text("0 1\n1 2\n2 3\n3 0\n")
+        return f"file:{graph}"
+
+    fits = override(base, {"topologies": [file_topology(key_room)]})
+    assert len(next(fits.cells()).key) == key_room
+    with pytest.raises(ValueError, match=r"topology 'file:.*' makes cell file names of 256 bytes, over the 255"):
+        override(base, {"topologies": [file_topology(key_room + 1)]})
+
+
+def test_a_grid_goes_on_with_another_checkpoint_interval(tmp_path) -> None:
+    """How often a cell is checkpointed changes nothing it computes: a grid may go on checkpointing more often."""
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path, quiet=True).run()
+    assert Simulator(override(config, {"checkpoint_every": 1}), tmp_path, quiet=True).run()["missing_cells"] == []
+
+
+def test_cli_names_the_environment_variables_behind_the_settings_it_refuses_or_takes(
+    tmp_path, capsys, monkeypatch, caplog
+) -> None:
+    """TADLORA_ROUNDS, TADLORA_MODEL, ... are also the node's: set for a node in a container, they silently
+    replaced a preset's values, and a refusal named settings the command line never gave."""
+    argv = ["--preset", "smoke", "--methods", "lora", "--out", str(tmp_path), "--quiet", "--report-only"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("TADLORA_ROUNDS", "150")
+    with caplog.at_level(logging.WARNING, logger="tadlora.sim"):
+        assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different settings (rounds)" in err and "--rounds is TADLORA_ROUNDS='150'" in err, err
+    assert main([*argv, "--out", str(tmp_path / "new")]) == 0  # a run that takes it says so
+    assert any("--rounds is TADLORA_ROUNDS='150'" in r.getMessage() for r in caplog.records)
+
+
+def test_cli_refuses_a_config_file_that_gives_a_setting_twice(tmp_path, capsys) -> None:
+    """json keeps the last of two equal keys: the first "train" object (its lr and steps) was dropped unseen."""
+    path = tmp_path / "twice.json"
+    path.write_text('{"train": {"lr": 0.001, "local_steps": 10},\n "rounds": 100,\n "train": {"batch_size": 16}}')
+    argv = ["--preset", "smoke", "--config", str(path), "--out", str(tmp_path / "run"), "--report-only", "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "gives 'train' twice" in err and str(path) in err, err
+
+
+def test_a_finished_cell_s_file_of_another_shape_is_refused_naming_it(tmp_path, capsys) -> None:
+    """Valid JSON that is no cell's record (a hand edit, a conflict resolved by hand) ended a report in a KeyError
+    traceback, naming neither the file nor what to do."""
+    argv = ["--preset", "smoke", "--methods", "lora", "--rounds", "1", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    cell_file = tmp_path / "cells" / "lora__er__p0.5__T-__s0.json"
+    record = json.loads(cell_file.read_text())
+    for damaged in ({"rounds": []}, {**record, "seed": 1}, [record]):
+        cell_file.write_text(json.dumps(damaged))
+        capsys.readouterr()
+        assert main([*argv, "--report-only"]) == 2
+        err = capsys.readouterr().err
+        assert f"{cell_file} holds no finished record of cell lora__er__p0.5__T-__s0: remove it" in err, err

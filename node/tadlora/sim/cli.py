@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tadlora.adapter import INITS
-from tadlora.cliutil import apply_env_defaults, csv_list, error_text, int_or_auto, join
+from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment, int_or_auto, join
 from tadlora.core.methods import method_names, takes_switch_interval
 from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS
@@ -143,15 +143,19 @@ _FLAG_FIELDS = (
     "device",
     "init",
 )
+_TRAIN_FLAG_FIELDS = ("precision", "optimizer", "optimizer_state")  # set under "train"
 
 
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Preset, then config file, then flags."""
     config = preset(args.preset) if args.preset else SimConfig()
     if args.config is not None:
-        config = config_from_json(args.config.read_text(encoding="utf-8"), base=config)
+        try:
+            config = config_from_json(args.config.read_text(encoding="utf-8"), base=config)
+        except ValueError as exc:  # which file: the error names a setting, a line, or a key given twice
+            raise ValueError(f"{args.config}: {exc}") from None
     changes: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}
-    train = {f: getattr(args, f) for f in ("precision", "optimizer", "optimizer_state") if getattr(args, f) is not None}
+    train = {f: getattr(args, f) for f in _TRAIN_FLAG_FIELDS if getattr(args, f) is not None}
     if train:
         changes["train"] = train
     config = override(config, changes) if changes else config
@@ -166,10 +170,27 @@ def config_from_args(args: argparse.Namespace) -> SimConfig:
     return config
 
 
+def _environment_notes(parser: argparse.ArgumentParser, args: argparse.Namespace, message: str) -> str:
+    """`from_environment` for a message that names settings (``different settings (rounds, train)``) as well as
+    flags: the flags of the settings it names count as named. TADLORA_MODEL, TADLORA_ROUNDS, ... are also the
+    node's: set for one in a container, they are on no command line of the simulator's."""
+    named = [
+        "--" + dest.replace("_", "-")
+        for dest in (*_FLAG_FIELDS, *_TRAIN_FLAG_FIELDS)
+        if re.search(rf"(?<![\w-]){'train' if dest in _TRAIN_FLAG_FIELDS else dest}(?![\w-])", message)
+    ]
+    return from_environment(parser, args, " ".join([message, *named]))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `tadlora-sim`."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    every_flag = " ".join(a.option_strings[0] for a in parser._actions if a.option_strings)
+    taken = from_environment(parser, args, every_flag).strip()
+    if taken:  # they replace a preset's values as flags would: never unseen
+        logging.getLogger("tadlora.sim").warning("settings from the environment %s", taken)
     try:
         config = config_from_args(args)
         if args.preset in PRESET_CAVEATS and not args.report_only:
@@ -184,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
             "--engine sequential (batched holds every client's batch at once), "
             'or a smaller batch_size or max_length under "train" in --config'
         )
-        sys.stderr.write(f"tadlora-sim: error: {error_text(exc, hint)}\n")
+        text = error_text(exc, hint)
+        sys.stderr.write(f"tadlora-sim: error: {text}{_environment_notes(parser, args, text)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("\ntadlora-sim: interrupted; run the same command again to resume\n")

@@ -104,6 +104,16 @@ class SimConfig:
                         f"{axis} {other!r} and {value!r} would share result files (both are {shown(value)!r} in a "
                         "cell's file name): give only one of them"
                     )
+        # A cell's files are named by its key: one longer than a file system takes would be refused only once the
+        # cell had run a checkpoint interval (hours of compute).
+        for cell in self.cells():
+            longest = len(cell.key.encode()) + CELL_FILE_EXTRA
+            if longest > NAME_MAX:
+                raise ValueError(
+                    f"topology {cell.topology!r} makes cell file names of {longest} bytes, over the {NAME_MAX} a "
+                    "file name may have: give it a shorter spec (for a file:PATH, a shorter path, e.g. a link beside "
+                    "the run)"
+                )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (written to results.json)."""
@@ -175,6 +185,12 @@ class Cell:
             return cls(**{f.name: raw[f.name] for f in dataclasses.fields(cls)})
         except (KeyError, TypeError) as exc:
             raise ValueError(f"not a cell record: {exc}") from None
+
+
+NAME_MAX = 255  # bytes in a file name (ext4, xfs, btrfs, APFS, NTFS in characters)
+# What the longest file of a cell adds to its key: a checkpoint's temporary file, ".KEY.ckpt.safetensors.XXXXXXXX.tmp"
+# (`tadlora.fsutil.atomic_write_bytes`, whose mkstemp draws 8 characters).
+CELL_FILE_EXTRA = len(".") + len(".ckpt.safetensors") + len(".XXXXXXXX") + len(".tmp")
 
 
 def _topology_tag(topology: str) -> str:
@@ -285,11 +301,22 @@ RESOLVED_KEY = "resolved_on_host"
 
 def config_from_json(text: str, base: SimConfig | None = None) -> SimConfig:
     """A SimConfig from a JSON object of overrides on ``base`` (default: SimConfig()); a run's stamp is one."""
-    raw = json.loads(text)
+    raw = json.loads(text, object_pairs_hook=_object_of_unique_keys)
     if not isinstance(raw, dict):
         raise ValueError("a simulator config file holds a JSON object")
     raw.pop(RESOLVED_KEY, None)
     return override(base or SimConfig(), raw)
+
+
+def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object of a config file, each key given once: json keeps the last of two equal keys unseen (a second
+    ``"train"`` object would drop the first one's settings)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"the config gives {key!r} twice: merge them into one")
+        out[key] = value
+    return out
 
 
 def override(base: SimConfig, changes: dict[str, Any]) -> SimConfig:

@@ -31,7 +31,7 @@ from safetensors.torch import save
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
 from tadlora.core.diagnostics import diagnose
 from tadlora.core.factors import Factors, num_bytes, select
-from tadlora.core.methods import Method, make_method
+from tadlora.core.methods import Method, make_method, method_names, takes_switch_interval
 from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.core.topology import Topology, make_topology
@@ -176,13 +176,17 @@ def _computation_lock_name(cell: Cell) -> str:
     return f"computation-{digest}"
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path, remedy: str = "repair or remove it") -> Any:
     """The JSON document in ``path``. One that holds none (a hand edit, a merge conflict) is a ValueError naming the
-    file: json's own error names a line and a column, not the file among the run's many."""
+    file and ``remedy``: json's own error names a line and a column, not the file among the run's many."""
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} holds no valid JSON ({exc}): repair or remove it") from None
+        raise ValueError(f"{path} holds no valid JSON ({exc}): {remedy}") from None
+
+
+# A run's stamp cannot be removed like a cell's file: it is the one record of the settings its cells ran with.
+_STAMP_REMEDY = "repair it (resolve the merge conflict, or restore it from git): it records the settings of the cells"
 
 
 def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
@@ -302,7 +306,8 @@ class Simulator:
         # Under a lock from reading the stamp to writing the report, so that the last report written is of the
         # last grid stamped.
         with self._locked("results"):
-            grid = _grown(grid, _read_json(self.out / "config.json"))  # ours stays in it: a report's is not stamped
+            # Ours stays in it: a report's is not stamped.
+            grid = _grown(grid, _read_json(self.out / "config.json", _STAMP_REMEDY))
             every = list(grid.cells())
             finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
             results = self.collect(finished, grid)
@@ -329,8 +334,18 @@ class Simulator:
         # Two processes on one directory (one per core) stamp in turn: else one could write its grid over the
         # other's, which it had not read.
         with self._locked("config"):
-            if stamp.exists():
-                theirs = _read_json(stamp)
+            if not stamp.exists():
+                # Every run stamps before it writes a cell: cells without a stamp lost it (a merge, a removal), and
+                # a new stamp would vouch for cells of settings no one can tell any more.
+                kept = sorted(p.name for p in self.cells_dir.iterdir() if not p.name.startswith("."))
+                if kept:
+                    raise ValueError(
+                        f"{self.out} holds {len(kept)} cell file{'s' if len(kept) > 1 else ''} (cells/{kept[0]}"
+                        f"{', ...' if len(kept) > 1 else ''}) but no config.json, the record of the settings they "
+                        "ran with: restore it (e.g. from git), or use another --out directory to start a new run"
+                    )
+            else:
+                theirs = _read_json(stamp, _STAMP_REMEDY)
                 changed = self._changed_settings(theirs)
                 if changed:
                     raise ValueError(
@@ -340,15 +355,24 @@ class Simulator:
                 grid = _grown(self.config, theirs)
                 if not computes:
                     return grid
+                there = theirs.get(RESOLVED_KEY)
+                ran = there.get("topology_files") if isinstance(there, dict) else None
+                if isinstance(ran, dict) and ran:  # the graphs of the other parts' file topologies stay on record
+                    record[RESOLVED_KEY]["topology_files"] = {**ran, **record[RESOLVED_KEY].get("topology_files", {})}
             atomic_write_json(stamp, {**grid.to_dict(), **record})
         return grid
 
-    def _resolved(self) -> dict[str, str]:
-        """Settings as this host resolves them, where that changes what a cell computes."""
-        return {
+    def _resolved(self) -> dict[str, Any]:
+        """Settings as this host resolves them, where that changes what a cell computes: also the graph each
+        ``file:`` topology reads now (`_topology_files`), where there is one."""
+        resolved: dict[str, Any] = {
             "matmul_precision": matmul_precision(self.device, self.config.train.precision),
             "engine": resolve_engine(self.config.engine, self.device),
         }
+        files = _topology_files(self.config)
+        if files:
+            resolved["topology_files"] = files
+        return resolved
 
     def _changed_settings(self, theirs: dict[str, Any]) -> list[str]:
         """The settings in which a run's stamped config differs from ours, other than the grid's axes.
@@ -374,6 +398,14 @@ class Simulator:
             if ran != here:
                 changed.append(f"engine: {ran} there, {here} here (pin it with --engine {ran})")
             theirs["engine"] = mine["engine"] = None
+        ran_on = resolved.get("topology_files") if isinstance(resolved, dict) else None
+        if isinstance(ran_on, dict):
+            for spec, graph in _topology_files(self.config).items():
+                if ran_on.get(spec, graph) != graph:
+                    changed.append(
+                        f"topology {spec}: its edges are not those the cells there ran on (restore the file, or "
+                        "give the new graph a file of its own)"
+                    )
         changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
         return sorted(changed)
 
@@ -465,7 +497,7 @@ class Simulator:
             stamp = out / "config.json"
             if not stamp.is_file():
                 raise ValueError(f"cannot share cells from {out}: no simulator run there ({stamp} is missing)")
-            changed = self._changed_settings(_read_json(stamp))
+            changed = self._changed_settings(_read_json(stamp, _STAMP_REMEDY))
             if changed:
                 if out not in self._noted:
                     sys.stderr.write(
@@ -541,8 +573,21 @@ class Simulator:
 
     def collect(self, cells: Sequence[Cell], grid: SimConfig | None = None) -> dict[str, Any]:
         """results.json: the config (``grid``'s, default ours), every cell's per-round records, and a summary."""
-        runs = [_read_json(self.cells_dir / f"{c.key}.json") for c in cells]
+        runs = [_read_cell(self.cells_dir / f"{c.key}.json", c) for c in cells]
         return {"config": (grid or self.config).to_dict(), "cells": runs, "summary": summarize(runs)}
+
+
+def _read_cell(path: Path, cell: Cell) -> dict[str, Any]:
+    """The finished ``cell``'s record in ``path``; ValueError naming the file if it holds JSON of another shape (a
+    hand edit, a merge resolved by hand), which would otherwise end the report in a KeyError."""
+    record = _read_json(path)
+    try:
+        same = isinstance(record, dict) and Cell.from_dict(record) == cell
+    except ValueError:
+        same = False
+    if not (same and isinstance(record.get("rounds"), list) and isinstance(record.get("final"), dict)):
+        raise ValueError(f"{path} holds no finished record of cell {cell.key}: remove it to run the cell again")
+    return dict(record)
 
 
 def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, record: RoundRecord) -> None:
@@ -550,8 +595,10 @@ def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, rec
 
 
 # Settings that may differ when a run is resumed, or between runs that share cells: the grid's axes (which cells
-# it holds; growing it only adds cells) and the device. None changes what a cell computes.
+# it holds; growing it only adds cells), the device, and how often a cell is checkpointed (a checkpoint of any
+# round resumes). None changes what a cell computes.
 _RESUMABLE_CHANGES = {
+    "checkpoint_every",
     "methods",
     "link_probs",
     "switch_intervals",
@@ -576,6 +623,20 @@ def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
         theirs = stamped.get(axis)
         if isinstance(theirs, list):
             changes[axis] = list(dict.fromkeys([*theirs, *getattr(mine, axis)]))
+    # A method one grid runs at its own T and the other sweeps is swept in the union: its own T joins the T grid,
+    # or the cells run at it would fall out of the directory's grid (and its results).
+    swept = changes.get("sweep_methods", list(mine.sweep_methods))
+    own_t = []
+    for methods, sweep in ((mine.methods, mine.sweep_methods), (stamped.get("methods"), stamped.get("sweep_methods"))):
+        if isinstance(methods, list | tuple) and isinstance(sweep, list | tuple):
+            own_t += [
+                make_method(m).switch_interval
+                for m in methods
+                if m in swept and m not in sweep and m in method_names() and takes_switch_interval(m)
+            ]
+    if own_t:
+        grown = [*changes.get("switch_intervals", mine.switch_intervals), *own_t]
+        changes["switch_intervals"] = list(dict.fromkeys(grown))
     if isinstance(stamped.get("name"), str):
         changes["name"] = stamped["name"]
     return override(mine, changes)
@@ -599,6 +660,18 @@ def _with_defaults(stamped: dict[str, Any]) -> dict[str, Any]:
         elif isinstance(default, dict) and isinstance(out[key], dict):
             out[key] = {**default, **out[key]}
     return out
+
+
+def _topology_files(config: SimConfig) -> dict[str, str]:
+    """A digest of the graph (its edges, however the file writes them) that each ``file:`` topology of ``config``
+    reads now. A cell's key names such a topology by its path only: an edited file would go on under it unseen."""
+    return {
+        spec: hashlib.blake2b(
+            repr(sorted(make_topology(spec, config.num_clients).edges)).encode(), digest_size=8
+        ).hexdigest()
+        for spec in config.topologies
+        if spec.startswith("file:")
+    }
 
 
 def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
