@@ -200,6 +200,9 @@ class BatchedEngine:
             return out.logits.float()
         finally:
             self._group = None
+            # peft's exit from disable_adapter turns requires_grad back on for the model's own factors (and the
+            # head's copy): this engine trains neither, it trains its stacks.
+            self.model.set_trainable(frozenset())
             self.model.refreeze()
 
     def _groups(self, size: int) -> list[tuple[int, int]]:
