@@ -16,8 +16,11 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from conftest import TINY_TRAIN, sentence_pairs
+from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_model_path
+from tadlora.core.factors import Factor
 from tadlora.core.methods import make_method
 from tadlora.core.topology import make_topology
+from tadlora.data import resolve_dataset
 from tadlora.sim.cli import build_parser, main
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
@@ -42,9 +45,9 @@ def test_batched_engine_matches_the_sequential_reference(
     try:
         rec_seq = simulate(seq, method, topology, rounds=3, eval_every=3)
         rec_bat = simulate(bat, method, topology, rounds=3, eval_every=3)
-        factor_ids = {id(p) for p in tiny_model.factor_parameters().values()}
-        # the base and the frozen head stay frozen through the batched engine's passes (no wasted gradients)
-        assert not [n for n, p in tiny_model.model.named_parameters() if p.requires_grad and id(p) not in factor_ids]
+        # the base, the frozen head and the model's own factors (the batched engine trains its stacks instead) stay
+        # frozen through the batched engine's passes: no wasted gradients, and the shared model is left as it was
+        assert not [n for n, p in tiny_model.model.named_parameters() if p.requires_grad]
         for i in range(4):
             a, b = seq.get_factors(i), bat.get_factors(i)
             for key in a:
@@ -112,6 +115,40 @@ def test_batched_engine_matches_the_sequential_reference_on_sentence_pairs(tiny_
     finally:
         bat.close()
         seq.close()
+
+
+@pytest.mark.filterwarnings("ignore:fan_in_fan_out is set to False")
+def test_batched_engine_pads_a_joint_batch_as_the_tokenizer_does_for_a_decoder_classifier(tmp_path) -> None:
+    """A decoder classifier pools at the last token that is not the pad id: a joint batch of clients whose
+    sentences have other lengths must be padded with the tokenizer's pad id (here not 0), not with zeros."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2ForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    tokenizer.pad_token = tokenizer.unk_token  # a pad id other than 0, as GPT-2's (its eos) or RoBERTa's (1) is
+    ids = {"bos_token_id": tokenizer.cls_token_id, "eos_token_id": tokenizer.sep_token_id}
+    no_dropout = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0, "summary_first_dropout": 0.0}
+    config = GPT2Config(vocab_size=tokenizer.vocab_size, n_embd=16, n_layer=1, n_head=2, **ids, **no_dropout)
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        GPT2ForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = AdapterModel(ModelSpec(model=str(tmp_path), lora=LoraSpec(r=2, alpha=4.0, target_modules=("c_attn",))))
+    assert model.tokenizer.pad_token_id != 0
+    enc = encode(model.tokenizer, resolve_dataset("builtin:sst2-small", "train").subset(range(40)), 32)
+    shards = [enc.subset(range(i * 10, (i + 1) * 10)) for i in range(4)]  # sentences of many lengths
+    trained = frozenset({Factor.A, Factor.B})
+    seq = SequentialEngine(model, shards, enc.subset(range(8)), TINY_TRAIN, seed=0)
+    loss_seq = seq.train_round(0, trained)
+    seq.close()
+    bat = BatchedEngine(model, shards, enc.subset(range(8)), TINY_TRAIN, seed=0)  # one joint pass of 4 clients
+    try:
+        assert bat.train_round(0, trained) == pytest.approx(loss_seq, rel=1e-4)
+        for i in range(4):
+            a, b = seq.get_factors(i), bat.get_factors(i)
+            for key in a:
+                torch.testing.assert_close(b[key], a[key], atol=2e-5, rtol=2e-4)
+    finally:
+        bat.close()
 
 
 def smoke_config(**changes) -> SimConfig:

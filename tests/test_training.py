@@ -56,6 +56,23 @@ def test_encoding_pads_on_the_right_and_a_left_padding_tokenizer_is_refused(tiny
         encode(left, data, 32)
 
 
+def test_a_batch_cut_wider_keeps_the_tokenizer_s_padding_and_a_width_that_cuts_real_tokens_is_refused(
+    tiny_model, sst2_small
+) -> None:
+    tokenizer = copy.deepcopy(tiny_model.tokenizer)
+    tokenizer.pad_token = tokenizer.unk_token  # a pad id other than 0
+    enc = encode(tokenizer, sst2_small.subset(np.arange(4)), 32)
+    narrow = enc.batch([0, 1], torch.device("cpu"))
+    real = enc.width([0, 1])
+    assert narrow["input_ids"].shape[1] == real
+    wide = enc.batch([0, 1], torch.device("cpu"), width=real + 3)
+    assert torch.equal(wide["input_ids"][:, :real], narrow["input_ids"])
+    assert (wide["input_ids"][:, real:] == tokenizer.pad_token_id).all() and not wide["attention_mask"][:, real:].any()
+    for width in (real - 1, 33):
+        with pytest.raises(ValueError, match=f"to width {width}"):
+            enc.batch([0, 1], torch.device("cpu"), width=width)
+
+
 def test_a_frozen_factor_and_the_base_do_not_change_during_local_steps(tiny_shards) -> None:
     model = AdapterModel(tiny_spec())
     base_before = {n: p.clone() for n, p in model.model.named_parameters() if ".lora_" not in n}

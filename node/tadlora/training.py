@@ -111,12 +111,25 @@ class Encoded:
         types = None if self.token_type_ids is None else self.token_type_ids[idx]
         return Encoded(self.input_ids[idx], self.attention_mask[idx], self.labels[idx], types)
 
-    def batch(self, indices: np.ndarray | Sequence[int], device: torch.device) -> dict[str, torch.Tensor]:
-        """The rows ``indices``, cut to the longest real sequence among them, on ``device``: input_ids,
-        attention_mask, labels and, for pairs, token_type_ids."""
+    def width(self, indices: np.ndarray | Sequence[int]) -> int:
+        """The longest real (unpadded) sequence among the rows ``indices``: the width `batch` cuts them to."""
+        mask = self.attention_mask[torch.as_tensor(np.asarray(indices, dtype=np.int64))]
+        return max(1, int(mask.sum(dim=1).max()))
+
+    def batch(
+        self, indices: np.ndarray | Sequence[int], device: torch.device, width: int | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The rows ``indices``, cut to the longest real sequence among them (or to ``width``, no less than that
+        and no more than the encoded length), on ``device``: input_ids, attention_mask, labels and, for pairs,
+        token_type_ids. Columns past a row's end hold the tokenizer's own padding (its pad id, mask 0), so a
+        batch cut wider, to be stacked with others, classifies each row as the narrow one does."""
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         mask = self.attention_mask[idx]
-        width = max(1, int(mask.sum(dim=1).max()))
+        if width is None:
+            width = max(1, int(mask.sum(dim=1).max()))
+        elif not self.width(indices) <= width <= mask.shape[1]:
+            raise ValueError(f"cannot cut rows of {self.width(indices)} real tokens to width {width} "
+                             f"(encoded length {mask.shape[1]})")  # fmt: skip
         batch = {
             "input_ids": self.input_ids[idx, :width].to(device),
             "attention_mask": mask[:, :width].to(device),

@@ -200,6 +200,9 @@ class BatchedEngine:
             return out.logits.float()
         finally:
             self._group = None
+            # peft's exit from disable_adapter turns requires_grad back on for the model's own factors (and the
+            # head's copy): this engine trains neither, it trains its stacks.
+            self.model.set_trainable(frozenset())
             self.model.refreeze()
 
     def _groups(self, size: int) -> list[tuple[int, int]]:
@@ -229,7 +232,10 @@ class BatchedEngine:
             for step in range(spec.local_steps):
                 optimizer.zero_grad(set_to_none=True)
                 for lo, hi in self._groups(self.train_group):
-                    plan = [self.shards[i].batch(plans[i][step], torch.device("cpu")) for i in range(lo, hi)]
+                    # One width for the group, each client's rows padded by its tokenizer (not with zeros: a
+                    # decoder classifier pools at the last token that is not the pad id).
+                    width = max(self.shards[i].width(plans[i][step]) for i in range(lo, hi))
+                    plan = [self.shards[i].batch(plans[i][step], torch.device("cpu"), width) for i in range(lo, hi)]
                     batch = {k: v.to(self.device) for k, v in _concat(plan).items()}
                     logits = self._forward((lo, hi), batch)
                     per_client = F.cross_entropy(logits, batch["labels"], reduction="none").view(hi - lo, -1).mean(1)
@@ -264,12 +270,8 @@ class BatchedEngine:
 
 
 def _concat(batches: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Stack per-client batches into one, padded (with zeros, masked) to the widest."""
-    width = max(b["input_ids"].shape[1] for b in batches)
-    padded: list[str] = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batches[0]]
-    out = {k: torch.cat([F.pad(b[k], (0, width - b[k].shape[1])) for b in batches]) for k in padded}
-    out["labels"] = torch.cat([b["labels"] for b in batches])
-    return out
+    """Stack per-client batches of one width into one."""
+    return {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
 
 
 def make_engine(
