@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -161,6 +162,14 @@ def test_save_identity_keeps_the_run_settings_it_is_given(tmp_path) -> None:
     save_identity(tmp_path, "n0", "ab", cluster="a", method="tad", switch_interval=5)
     kept = load_identity(tmp_path)
     assert kept == {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
+
+
+@pytest.mark.parametrize("content", [b"", b'{"node_id": "n0",', b"\xff\xfe{}"], ids=["empty", "cut", "not UTF-8"])
+def test_an_unreadable_node_json_is_an_error_that_names_the_file(tmp_path, content: bytes) -> None:
+    # The node fails on it at start: the error line must say which file, not only "Expecting value: line 1".
+    (tmp_path / "node.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "node.json"))):
+        load_identity(tmp_path)
 
 
 def adapter_files(directory) -> dict[str, bytes]:
