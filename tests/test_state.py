@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import struct
 
 import pytest
 import torch
@@ -254,4 +255,31 @@ def test_a_checkpoint_with_incomplete_optimizer_state_is_damaged_not_a_key_error
     # Loaded as it was, it would pass until the first round's local steps, and fail there with a bare KeyError.
     state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), optimizer=moments))
     with pytest.raises(RuntimeError, match=r"damaged \(optimizer state of"):
+        state.load_checkpoint(tmp_path)
+
+
+def with_metadata(data: bytes, metadata: object) -> bytes:
+    """A safetensors file ``data`` with its header's __metadata__ replaced (hand-edited, or damaged on disk)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [None, {"round": "-1"}, {"rounds_bytes": "-5"}, {"last_mixed": "-2"}],
+    ids=["metadata null", "negative round", "negative log size", "negative last mixing"],
+)
+def test_a_checkpoint_with_null_or_negative_metadata_is_damaged_not_a_traceback(tmp_path, change) -> None:
+    # Loaded as they are, a null __metadata__ fails as a TypeError and a negative log size as truncate(2)'s
+    # EINVAL on rounds.jsonl: neither says that the checkpoint is the file to look at.
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), rounds_bytes=10))
+    path = tmp_path / state.CHECKPOINT
+    data = path.read_bytes()
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    path.write_bytes(with_metadata(data, None if change is None else {**meta, **change}))
+    with pytest.raises(RuntimeError, match=re.escape(f"checkpoint {path} is damaged")):
         state.load_checkpoint(tmp_path)

@@ -85,14 +85,22 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         # The metadata from the bytes just loaded (safetensors' format: an 8-byte little-endian header length, then
         # the JSON header), not from a second read of a file that could have been replaced in between.
         header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        rounds_bytes = int(meta["rounds_bytes"]) if "rounds_bytes" in meta else None
-        last_mixed = int(meta.get("last_mixed", 0))
-        return Checkpoint(
-            int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed
-        )
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}  # safetensors allows a null one
+        round_ = _count(meta["round"], "round")
+        rounds_bytes = _count(meta["rounds_bytes"], "rounds_bytes") if "rounds_bytes" in meta else None
+        last_mixed = _count(meta.get("last_mixed", "0"), "last_mixed")
+        return Checkpoint(round_, meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed)
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
+
+
+def _count(text: str, name: str) -> int:
+    """``text`` as a round or a byte count: ValueError if it is negative (a resume would start before round 0, or
+    fail on truncate(2) of rounds.jsonl with an error that names the log instead of the checkpoint)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{name} {value} is negative")
+    return value
 
 
 def _check_optimizer_state(optimizer: OptimizerState) -> None:
