@@ -141,3 +141,22 @@ async def test_a_new_node_joins_a_cluster_of_torch_s_init_with_init_torch_and_a_
             pass
     async with lone_node(tmp_path / "old", InMemoryNetwork(), rounds=2) as node:  # auto: the kept run's
         assert node.round == 1 and node.fingerprint == old["fingerprint"]
+
+
+@pytest.mark.asyncio
+async def test_a_second_node_on_an_out_in_use_is_refused_and_leaves_the_first_ones_writes_alone(tmp_path: Path) -> None:
+    """One --out holds one running node: a second one started on it (a duplicated unit, a restart while the old
+    process still stops) would delete the first one's writes in flight as torn, overwrite its checkpoint and
+    interleave its rounds into the same log. It is refused, and the --out is free again once the first one stops."""
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=1) as first:
+        in_flight = first.config.out / ".checkpoint.safetensors.abcd1234.tmp"  # the first one's write, mid-way
+        in_flight.write_bytes(b"half a checkpoint")
+        with pytest.raises(RuntimeError, match=re.escape(f"{first.config.out} is in use by another node")):
+            async with lone_node(tmp_path, InMemoryNetwork(), rounds=1):
+                pass
+        assert in_flight.exists()
+        in_flight.unlink()
+        async with asyncio.timeout(60):
+            await first.run()
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as resumed:
+        assert resumed.round == 1

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -164,6 +165,7 @@ class Node:
         # caller -> (round, payload bytes received, sent) of its exchange served last, until it commits (metrics)
         self._served: dict[str, tuple[int, int, int]] = {}
         self._round_log: state.RoundLog | None = None
+        self._out_lock: int | None = None  # the descriptor holding --out's lock (`state.hold_out`) while running
         self._peers_changed = asyncio.Event()
         self._probing: set[str] = set()  # peers whose liveness is being checked
         self._fetch_failed: dict[str, float] = {}  # peer -> when (time.monotonic) it may be fetched from again
@@ -193,6 +195,9 @@ class Node:
         cfg = self.config
         _check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
         cfg.out.mkdir(parents=True, exist_ok=True)
+        # Before the (seconds-long) model load and before anything in --out is read or written: a node already
+        # running on it would have its writes in flight removed as torn.
+        self._out_lock = state.hold_out(cfg.out)
         await self._in_worker(self._build)
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
@@ -438,6 +443,9 @@ class Node:
         # cut short: the wait for the thread is itself in a thread, so the loop (other nodes, servers) goes on.
         executor = self._executor
         await step("the worker thread", lambda: asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True))
+        if self._out_lock is not None:  # last: until the worker has ended, a checkpoint or export may be under way
+            lock, self._out_lock = self._out_lock, None
+            await step("releasing --out", lambda: os.close(lock))
         if failures:
             raise failures[0]
 

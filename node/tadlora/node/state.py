@@ -7,11 +7,13 @@ and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynce
 full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by renames
 (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming from
 it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
-that finds no checkpoint starts at round 0 and cuts it to nothing.
+that finds no checkpoint starts at round 0 and cuts it to nothing. While a node runs it holds ``.node.lock``
+(`hold_out`): a second node started on the same ``OUT`` is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +37,7 @@ ROUNDS = "rounds.jsonl"
 ADAPTER = "adapter"
 ADAPTER_NEW = ".adapter.tmp"  # the next adapter/ while it is written (a torn write, like any ".*.tmp")
 ADAPTER_OLD = ".adapter.old"  # the previous adapter/ while the next one is renamed into its place
+LOCK = ".node.lock"  # flocked by the node running on OUT (`hold_out`); the file stays, the lock goes with it
 OPT_PREFIX = "opt/"  # checkpoint keys of the optimizer state; factor keys never hold a "/"
 
 
@@ -112,6 +115,33 @@ def _check_optimizer_state(optimizer: OptimizerState) -> None:
         names.setdefault(factor, set()).add(name)
     if bad := sorted(f for f, got in names.items() if got != set(MOMENTS)):
         raise ValueError(f"optimizer state of {bad[0]!r} (and {len(bad) - 1} more) lacks or adds to {list(MOMENTS)}")
+
+
+def hold_out(out: Path) -> int:
+    """Make ``out`` this process's: an exclusive flock on ``out/.node.lock``, held until the returned descriptor is
+    closed or the process ends (SIGKILL included, so a crash leaves nothing to clean). RuntimeError if another
+    process holds it: two nodes on one ``OUT`` would delete each other's writes in flight as torn
+    (`remove_torn_writes`), overwrite each other's checkpoint and log their rounds into one file."""
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise RuntimeError(
+            f"{out} is in use by another node (process {holder} holds {path}): stop that one first, or give this "
+            "node another --out"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:  # who holds it, for the message above (a pid on another host, if OUT is shared over NFS)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the lock is what counts
+    return fd
 
 
 def remove_torn_writes(out: Path) -> list[Path]:
