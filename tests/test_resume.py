@@ -160,3 +160,18 @@ async def test_a_second_node_on_an_out_in_use_is_refused_and_leaves_the_first_on
             await first.run()
     async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as resumed:
         assert resumed.round == 1
+
+
+@pytest.mark.asyncio
+async def test_a_refused_start_leaves_node_json_as_it_was(tmp_path: Path) -> None:
+    """A checkpoint restored without its node.json is refused to a node that draws a new id, and that refusal must
+    not write node.json: with the new id kept there, the node the checkpoint names could not resume it either."""
+    await run_rounds(tmp_path, 1)
+    out = tmp_path / "n0"
+    (out / "node.json").unlink()  # only the checkpoint came back from a backup
+    with pytest.raises(RuntimeError, match=re.escape("checkpoint.safetensors is node 'node-0'")):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, node_id=None):
+            pass
+    assert not (out / "node.json").exists()
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node:  # --node-id node-0: its own checkpoint
+        assert node.round == 1

@@ -221,7 +221,6 @@ class Node:
                 f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
-        save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=self._model.spec.init)
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another
@@ -232,6 +231,10 @@ class Node:
             )
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
+        # Only once the checkpoint is accepted: a refused start leaves node.json as it was. Written with an id drawn
+        # anew, it would keep out the node the checkpoint names (--node-id), and the start refused for it.
+        save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=self._model.spec.init)
+        if ckpt is not None:
             # Its last mixing too: a resumed node that claimed never to have mixed would pass for a newcomer, whose
             # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
             self.rounds.restore(ckpt.round, ckpt.factors, min(ckpt.last_mixed, ckpt.round))
