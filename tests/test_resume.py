@@ -175,3 +175,18 @@ async def test_a_refused_start_leaves_node_json_as_it_was(tmp_path: Path) -> Non
     assert not (out / "node.json").exists()
     async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node:  # --node-id node-0: its own checkpoint
         assert node.round == 1
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_is_resumed_only_under_the_run_settings_it_was_taken_with(tmp_path: Path) -> None:
+    """node.json is not the only record of the run: a checkpoint kept without it (node.json deleted as "just the
+    node id", or the checkpoint copied from another --out of the same node and model) must not carry its factors
+    and round into another cluster's or method's run."""
+    await run_rounds(tmp_path, 1, method="tad")
+    out = tmp_path / "n0"
+    (out / "node.json").unlink()
+    with pytest.raises(RuntimeError, match=re.escape("method 'tad' (now 'lora')")):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="lora"):
+            pass
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="tad") as node:
+        assert node.round == 1

@@ -270,8 +270,8 @@ def with_metadata(data: bytes, metadata: object) -> bytes:
 
 @pytest.mark.parametrize(
     "change",
-    [None, {"round": "-1"}, {"rounds_bytes": "-5"}, {"last_mixed": "-2"}],
-    ids=["metadata null", "negative round", "negative log size", "negative last mixing"],
+    [None, {"round": "-1"}, {"rounds_bytes": "-5"}, {"last_mixed": "-2"}, {"run": "[1]"}, {"run": "{"}],
+    ids=["metadata null", "negative round", "negative log size", "negative last mixing", "run a list", "run cut"],
 )
 def test_a_checkpoint_with_null_or_negative_metadata_is_damaged_not_a_traceback(tmp_path, change) -> None:
     # Loaded as they are, a null __metadata__ fails as a TypeError and a negative log size as truncate(2)'s
@@ -283,3 +283,13 @@ def test_a_checkpoint_with_null_or_negative_metadata_is_damaged_not_a_traceback(
     path.write_bytes(with_metadata(data, None if change is None else {**meta, **change}))
     with pytest.raises(RuntimeError, match=re.escape(f"checkpoint {path} is damaged")):
         state.load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_keeps_the_run_settings_it_was_taken_with(tmp_path) -> None:
+    run = {"cluster": "a", "method": "tad", "switch_interval": 5, "link_prob": 0.5, "dataset": None}
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), run=run))
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.run == run
+    state.save_checkpoint(tmp_path, ckpt(4))  # as a node that did not record them wrote it
+    older = state.load_checkpoint(tmp_path)
+    assert older is not None and older.run is None

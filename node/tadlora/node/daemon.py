@@ -229,6 +229,12 @@ class Node:
                 f"{cfg.out / state.CHECKPOINT} is node {ckpt.node_id!r}'s with model fingerprint {ckpt.fingerprint}, "
                 f"not node {self.node_id!r}'s with {self.fingerprint}: move it away to start from scratch"
             )
+        if ckpt is not None and ckpt.run is not None and (conflict := run_conflict(ckpt.run, **run)):
+            # node.json says the same, unless it is gone (or was written by a node that recorded fewer settings).
+            raise RuntimeError(
+                f"{cfg.out / state.CHECKPOINT} is of a run of another {conflict}: use another --out to start a new "
+                "run, or the flags that run was started with"
+            )
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
         # Only once the checkpoint is accepted: a refused start leaves node.json as it was. Written with an id drawn
@@ -1005,8 +1011,9 @@ class Node:
             if round_log is not None:
                 round_log.sync()  # the lines this checkpoint counts reach the disk before it does
             ckpt = state.Checkpoint(
-                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes, last_mixed
-            )
+                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes, last_mixed,
+                self.config.run_settings(),
+            )  # fmt: skip
             state.save_checkpoint(self.config.out, ckpt)
             if export and self._model is not None:
                 self._model.load_factors(factors)

@@ -1,12 +1,12 @@
 """What a node keeps on disk: checkpoints (atomic, safetensors) and the per-round log; its id is `identity`'s.
 
 Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint, method), ``checkpoint.safetensors`` (the factors at the
-start of a round, with the round and the node's last mixing in its metadata, and with ``--optimizer-state
-persistent`` the optimizer's state under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round)
-and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
-full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by renames
-(`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming from
-it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
+start of a round, with the round, the node's last mixing and its run settings in its metadata, and with
+``--optimizer-state persistent`` the optimizer's state under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line
+per finished round) and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed,
+so a crash or a full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by
+renames (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming
+from it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
 that finds no checkpoint starts at round 0 and cuts it to nothing. While a node runs it holds ``.node.lock``
 (`hold_out`): a second node started on the same ``OUT`` is refused.
 """
@@ -54,6 +54,9 @@ class Checkpoint:
     # 1 + the last round the node mixed with a neighbour (`RoundState.last_mixed`): catch-up compares it between
     # peers, so a resumed node must not pass for one that never mixed. 0 in a checkpoint that did not record it.
     last_mixed: int = 0
+    # The run settings (`NodeConfig.run_settings`) it was taken under: a resume checks them against its own even
+    # where node.json is gone. None in a checkpoint that did not record them.
+    run: dict[str, Any] | None = None
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
@@ -66,6 +69,8 @@ def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     }
     if ckpt.rounds_bytes is not None:
         meta["rounds_bytes"] = str(ckpt.rounds_bytes)
+    if ckpt.run is not None:
+        meta["run"] = json.dumps(ckpt.run, allow_nan=False)
     path = out / CHECKPOINT
     tensors = {k: v.contiguous() for k, v in ckpt.factors.items()}
     tensors.update({f"{OPT_PREFIX}{k}": v.contiguous() for k, v in ckpt.optimizer.items()})
@@ -92,7 +97,12 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         round_ = _count(meta["round"], "round")
         rounds_bytes = _count(meta["rounds_bytes"], "rounds_bytes") if "rounds_bytes" in meta else None
         last_mixed = _count(meta.get("last_mixed", "0"), "last_mixed")
-        return Checkpoint(round_, meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed)
+        run = json.loads(meta["run"]) if "run" in meta else None
+        if not isinstance(run, dict | None):
+            raise ValueError(f"its run settings are a JSON {type(run).__name__}, not an object")
+        return Checkpoint(
+            round_, meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed, run
+        )
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 
