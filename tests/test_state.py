@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -293,3 +294,17 @@ def test_a_checkpoint_keeps_the_run_settings_it_was_taken_with(tmp_path) -> None
     state.save_checkpoint(tmp_path, ckpt(4))  # as a node that did not record them wrote it
     older = state.load_checkpoint(tmp_path)
     assert older is not None and older.run is None
+
+
+def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path, monkeypatch) -> None:
+    # write(2) and fsync(2) fail with an errno alone: "[Errno 28] No space left on device" is all a node that
+    # stops on it would print, with no word of which file (and so which file system) it was writing.
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    target = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{target}'")) as failed:
+        atomic_write_bytes(target, b"data")
+    assert failed.value.errno == errno.ENOSPC  # callers that tell a full disk by its errno still can
+    assert list(tmp_path.iterdir()) == []
