@@ -141,3 +141,52 @@ async def test_a_new_node_joins_a_cluster_of_torch_s_init_with_init_torch_and_a_
             pass
     async with lone_node(tmp_path / "old", InMemoryNetwork(), rounds=2) as node:  # auto: the kept run's
         assert node.round == 1 and node.fingerprint == old["fingerprint"]
+
+
+@pytest.mark.asyncio
+async def test_a_second_node_on_an_out_in_use_is_refused_and_leaves_the_first_ones_writes_alone(tmp_path: Path) -> None:
+    """One --out holds one running node: a second one started on it (a duplicated unit, a restart while the old
+    process still stops) would delete the first one's writes in flight as torn, overwrite its checkpoint and
+    interleave its rounds into the same log. It is refused, and the --out is free again once the first one stops."""
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=1) as first:
+        in_flight = first.config.out / ".checkpoint.safetensors.abcd1234.tmp"  # the first one's write, mid-way
+        in_flight.write_bytes(b"half a checkpoint")
+        with pytest.raises(RuntimeError, match=re.escape(f"{first.config.out} is in use by another node")):
+            async with lone_node(tmp_path, InMemoryNetwork(), rounds=1):
+                pass
+        assert in_flight.exists()
+        in_flight.unlink()
+        async with asyncio.timeout(60):
+            await first.run()
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as resumed:
+        assert resumed.round == 1
+
+
+@pytest.mark.asyncio
+async def test_a_refused_start_leaves_node_json_as_it_was(tmp_path: Path) -> None:
+    """A checkpoint restored without its node.json is refused to a node that draws a new id, and that refusal must
+    not write node.json: with the new id kept there, the node the checkpoint names could not resume it either."""
+    await run_rounds(tmp_path, 1)
+    out = tmp_path / "n0"
+    (out / "node.json").unlink()  # only the checkpoint came back from a backup
+    with pytest.raises(RuntimeError, match=re.escape("checkpoint.safetensors is node 'node-0'")):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, node_id=None):
+            pass
+    assert not (out / "node.json").exists()
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node:  # --node-id node-0: its own checkpoint
+        assert node.round == 1
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_is_resumed_only_under_the_run_settings_it_was_taken_with(tmp_path: Path) -> None:
+    """node.json is not the only record of the run: a checkpoint kept without it (node.json deleted as "just the
+    node id", or the checkpoint copied from another --out of the same node and model) must not carry its factors
+    and round into another cluster's or method's run."""
+    await run_rounds(tmp_path, 1, method="tad")
+    out = tmp_path / "n0"
+    (out / "node.json").unlink()
+    with pytest.raises(RuntimeError, match=re.escape("method 'tad' (now 'lora')")):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="lora"):
+            pass
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="tad") as node:
+        assert node.round == 1

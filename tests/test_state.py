@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
+import re
+import struct
 
 import pytest
 import torch
@@ -163,6 +166,14 @@ def test_save_identity_keeps_the_run_settings_it_is_given(tmp_path) -> None:
     assert kept == {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
 
 
+@pytest.mark.parametrize("content", [b"", b'{"node_id": "n0",', b"\xff\xfe{}"], ids=["empty", "cut", "not UTF-8"])
+def test_an_unreadable_node_json_is_an_error_that_names_the_file(tmp_path, content: bytes) -> None:
+    # The node fails on it at start: the error line must say which file, not only "Expecting value: line 1".
+    (tmp_path / "node.json").write_bytes(content)
+    with pytest.raises(ValueError, match=re.escape(str(tmp_path / "node.json"))):
+        load_identity(tmp_path)
+
+
 def adapter_files(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
@@ -246,3 +257,54 @@ def test_a_checkpoint_with_incomplete_optimizer_state_is_damaged_not_a_key_error
     state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), optimizer=moments))
     with pytest.raises(RuntimeError, match=r"damaged \(optimizer state of"):
         state.load_checkpoint(tmp_path)
+
+
+def with_metadata(data: bytes, metadata: object) -> bytes:
+    """A safetensors file ``data`` with its header's __metadata__ replaced (hand-edited, or damaged on disk)."""
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    header["__metadata__"] = metadata
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw + data[8 + length :]
+
+
+@pytest.mark.parametrize(
+    "change",
+    [None, {"round": "-1"}, {"rounds_bytes": "-5"}, {"last_mixed": "-2"}, {"run": "[1]"}, {"run": "{"}],
+    ids=["metadata null", "negative round", "negative log size", "negative last mixing", "run a list", "run cut"],
+)
+def test_a_checkpoint_with_null_or_negative_metadata_is_damaged_not_a_traceback(tmp_path, change) -> None:
+    # Loaded as they are, a null __metadata__ fails as a TypeError and a negative log size as truncate(2)'s
+    # EINVAL on rounds.jsonl: neither says that the checkpoint is the file to look at.
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), rounds_bytes=10))
+    path = tmp_path / state.CHECKPOINT
+    data = path.read_bytes()
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    path.write_bytes(with_metadata(data, None if change is None else {**meta, **change}))
+    with pytest.raises(RuntimeError, match=re.escape(f"checkpoint {path} is damaged")):
+        state.load_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_keeps_the_run_settings_it_was_taken_with(tmp_path) -> None:
+    run = {"cluster": "a", "method": "tad", "switch_interval": 5, "link_prob": 0.5, "dataset": None}
+    state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(3), run=run))
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.run == run
+    state.save_checkpoint(tmp_path, ckpt(4))  # as a node that did not record them wrote it
+    older = state.load_checkpoint(tmp_path)
+    assert older is not None and older.run is None
+
+
+def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path, monkeypatch) -> None:
+    # write(2) and fsync(2) fail with an errno alone: "[Errno 28] No space left on device" is all a node that
+    # stops on it would print, with no word of which file (and so which file system) it was writing.
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    target = tmp_path / "checkpoint.safetensors"
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{target}'")) as failed:
+        atomic_write_bytes(target, b"data")
+    assert failed.value.errno == errno.ENOSPC  # callers that tell a full disk by its errno still can
+    assert list(tmp_path.iterdir()) == []

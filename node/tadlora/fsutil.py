@@ -7,7 +7,7 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeGuard
 
 
 def _umask() -> int:
@@ -40,14 +40,27 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if _names_no_file(exc):
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
         raise
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
+    except OSError as exc:
+        if _names_no_file(exc):
+            raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        raise
     finally:
         os.close(dir_fd)
+
+
+def _names_no_file(exc: BaseException) -> TypeGuard[OSError]:
+    """An OSError with an errno and no file name, as write(2) and fsync(2) fail (ENOSPC, EDQUOT, EIO): raised
+    again as the same error (same errno, so the same subclass) naming the file, which is what a person has to go
+    on ("[Errno 28] No space left on device" alone says neither which file nor which file system)."""
+    return isinstance(exc, OSError) and exc.filename is None and exc.errno is not None
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:

@@ -23,6 +23,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import os
 import threading
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -164,6 +165,7 @@ class Node:
         # caller -> (round, payload bytes received, sent) of its exchange served last, until it commits (metrics)
         self._served: dict[str, tuple[int, int, int]] = {}
         self._round_log: state.RoundLog | None = None
+        self._out_lock: int | None = None  # the descriptor holding --out's lock (`state.hold_out`) while running
         self._peers_changed = asyncio.Event()
         self._probing: set[str] = set()  # peers whose liveness is being checked
         self._fetch_failed: dict[str, float] = {}  # peer -> when (time.monotonic) it may be fetched from again
@@ -193,6 +195,9 @@ class Node:
         cfg = self.config
         _check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
         cfg.out.mkdir(parents=True, exist_ok=True)
+        # Before the (seconds-long) model load and before anything in --out is read or written: a node already
+        # running on it would have its writes in flight removed as torn.
+        self._out_lock = state.hold_out(cfg.out)
         await self._in_worker(self._build)
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
@@ -216,7 +221,6 @@ class Node:
                 f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
-        save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=self._model.spec.init)
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another
@@ -225,8 +229,18 @@ class Node:
                 f"{cfg.out / state.CHECKPOINT} is node {ckpt.node_id!r}'s with model fingerprint {ckpt.fingerprint}, "
                 f"not node {self.node_id!r}'s with {self.fingerprint}: move it away to start from scratch"
             )
+        if ckpt is not None and ckpt.run is not None and (conflict := run_conflict(ckpt.run, **run)):
+            # node.json says the same, unless it is gone (or was written by a node that recorded fewer settings).
+            raise RuntimeError(
+                f"{cfg.out / state.CHECKPOINT} is of a run of another {conflict}: use another --out to start a new "
+                "run, or the flags that run was started with"
+            )
         if ckpt is not None:
             self._model.load_factors(ckpt.factors)  # checks keys and shapes
+        # Only once the checkpoint is accepted: a refused start leaves node.json as it was. Written with an id drawn
+        # anew, it would keep out the node the checkpoint names (--node-id), and the start refused for it.
+        save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=self._model.spec.init)
+        if ckpt is not None:
             # Its last mixing too: a resumed node that claimed never to have mixed would pass for a newcomer, whose
             # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
             self.rounds.restore(ckpt.round, ckpt.factors, min(ckpt.last_mixed, ckpt.round))
@@ -438,6 +452,9 @@ class Node:
         # cut short: the wait for the thread is itself in a thread, so the loop (other nodes, servers) goes on.
         executor = self._executor
         await step("the worker thread", lambda: asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True))
+        if self._out_lock is not None:  # last: until the worker has ended, a checkpoint or export may be under way
+            lock, self._out_lock = self._out_lock, None
+            await step("releasing --out", lambda: os.close(lock))
         if failures:
             raise failures[0]
 
@@ -994,8 +1011,9 @@ class Node:
             if round_log is not None:
                 round_log.sync()  # the lines this checkpoint counts reach the disk before it does
             ckpt = state.Checkpoint(
-                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes, last_mixed
-            )
+                next_round, self.node_id, self.fingerprint, factors, dict(self._opt_state), rounds_bytes, last_mixed,
+                self.config.run_settings(),
+            )  # fmt: skip
             state.save_checkpoint(self.config.out, ckpt)
             if export and self._model is not None:
                 self._model.load_factors(factors)

@@ -16,11 +16,18 @@ IDENTITY = "node.json"
 
 
 def load_identity(out: Path) -> dict[str, Any] | None:
-    """``node.json`` if present; ValueError if it is not a JSON object (callers would fail on it as a traceback)."""
+    """``node.json`` if present; ValueError, naming the file, if it is not a JSON object (callers would fail on it
+    as a traceback) or not JSON at all (the error would say only where in which file the parse stopped)."""
     path = out / IDENTITY
     if not path.exists():
         return None
-    loaded = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        loaded = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(
+            f"{path} is not readable JSON ({exc}); move it away or use another --out (a node whose node.json is "
+            "moved away needs --node-id to resume its checkpoint)"
+        ) from exc
     if not isinstance(loaded, dict):
         raise ValueError(
             f"{path} is not a JSON object (a node's id and run settings); move it away or use another --out"

@@ -1,17 +1,19 @@
 """What a node keeps on disk: checkpoints (atomic, safetensors) and the per-round log; its id is `identity`'s.
 
 Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint, method), ``checkpoint.safetensors`` (the factors at the
-start of a round, with the round and the node's last mixing in its metadata, and with ``--optimizer-state
-persistent`` the optimizer's state under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line per finished round)
-and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed, so a crash or a
-full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by renames
-(`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming from
-it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
-that finds no checkpoint starts at round 0 and cuts it to nothing.
+start of a round, with the round, the node's last mixing and its run settings in its metadata, and with
+``--optimizer-state persistent`` the optimizer's state under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line
+per finished round) and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed,
+so a crash or a full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by
+renames (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming
+from it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
+that finds no checkpoint starts at round 0 and cuts it to nothing. While a node runs it holds ``.node.lock``
+(`hold_out`): a second node started on the same ``OUT`` is refused.
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -35,6 +37,7 @@ ROUNDS = "rounds.jsonl"
 ADAPTER = "adapter"
 ADAPTER_NEW = ".adapter.tmp"  # the next adapter/ while it is written (a torn write, like any ".*.tmp")
 ADAPTER_OLD = ".adapter.old"  # the previous adapter/ while the next one is renamed into its place
+LOCK = ".node.lock"  # flocked by the node running on OUT (`hold_out`); the file stays, the lock goes with it
 OPT_PREFIX = "opt/"  # checkpoint keys of the optimizer state; factor keys never hold a "/"
 
 
@@ -51,6 +54,9 @@ class Checkpoint:
     # 1 + the last round the node mixed with a neighbour (`RoundState.last_mixed`): catch-up compares it between
     # peers, so a resumed node must not pass for one that never mixed. 0 in a checkpoint that did not record it.
     last_mixed: int = 0
+    # The run settings (`NodeConfig.run_settings`) it was taken under: a resume checks them against its own even
+    # where node.json is gone. None in a checkpoint that did not record them.
+    run: dict[str, Any] | None = None
 
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
@@ -63,6 +69,8 @@ def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     }
     if ckpt.rounds_bytes is not None:
         meta["rounds_bytes"] = str(ckpt.rounds_bytes)
+    if ckpt.run is not None:
+        meta["run"] = json.dumps(ckpt.run, allow_nan=False)
     path = out / CHECKPOINT
     tensors = {k: v.contiguous() for k, v in ckpt.factors.items()}
     tensors.update({f"{OPT_PREFIX}{k}": v.contiguous() for k, v in ckpt.optimizer.items()})
@@ -85,14 +93,27 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         # The metadata from the bytes just loaded (safetensors' format: an 8-byte little-endian header length, then
         # the JSON header), not from a second read of a file that could have been replaced in between.
         header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__", {})
-        rounds_bytes = int(meta["rounds_bytes"]) if "rounds_bytes" in meta else None
-        last_mixed = int(meta.get("last_mixed", 0))
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}  # safetensors allows a null one
+        round_ = _count(meta["round"], "round")
+        rounds_bytes = _count(meta["rounds_bytes"], "rounds_bytes") if "rounds_bytes" in meta else None
+        last_mixed = _count(meta.get("last_mixed", "0"), "last_mixed")
+        run = json.loads(meta["run"]) if "run" in meta else None
+        if not isinstance(run, dict | None):
+            raise ValueError(f"its run settings are a JSON {type(run).__name__}, not an object")
         return Checkpoint(
-            int(meta["round"]), meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed
+            round_, meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed, run
         )
     except (SafetensorError, KeyError, ValueError) as exc:
         raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
+
+
+def _count(text: str, name: str) -> int:
+    """``text`` as a round or a byte count: ValueError if it is negative (a resume would start before round 0, or
+    fail on truncate(2) of rounds.jsonl with an error that names the log instead of the checkpoint)."""
+    value = int(text)
+    if value < 0:
+        raise ValueError(f"{name} {value} is negative")
+    return value
 
 
 def _check_optimizer_state(optimizer: OptimizerState) -> None:
@@ -104,6 +125,33 @@ def _check_optimizer_state(optimizer: OptimizerState) -> None:
         names.setdefault(factor, set()).add(name)
     if bad := sorted(f for f, got in names.items() if got != set(MOMENTS)):
         raise ValueError(f"optimizer state of {bad[0]!r} (and {len(bad) - 1} more) lacks or adds to {list(MOMENTS)}")
+
+
+def hold_out(out: Path) -> int:
+    """Make ``out`` this process's: an exclusive flock on ``out/.node.lock``, held until the returned descriptor is
+    closed or the process ends (SIGKILL included, so a crash leaves nothing to clean). RuntimeError if another
+    process holds it: two nodes on one ``OUT`` would delete each other's writes in flight as torn
+    (`remove_torn_writes`), overwrite each other's checkpoint and log their rounds into one file."""
+    path = out / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+        os.close(fd)
+        raise RuntimeError(
+            f"{out} is in use by another node (process {holder} holds {path}): stop that one first, or give this "
+            "node another --out"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    try:  # who holds it, for the message above (a pid on another host, if OUT is shared over NFS)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError:
+        pass  # the lock is what counts
+    return fd
 
 
 def remove_torn_writes(out: Path) -> list[Path]:
