@@ -9,6 +9,7 @@ import hashlib
 import itertools
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -92,17 +93,19 @@ def simulated(
     rounds: int,
     topology: str = "er",
     train: TrainSpec = TRAIN,
+    seed: int = 0,
 ) -> list[dict]:
     """The simulator's factors after ``rounds`` for the same seed, data, topology, method and training spec."""
     data = resolve_dataset("builtin:sst2-small", "train")
-    model = AdapterModel(ModelSpec(model="tiny", label_names=data.label_names, lora=TINY_LORA, seed=0))
+    model = AdapterModel(ModelSpec(model="tiny", label_names=data.label_names, lora=TINY_LORA, seed=seed))
     shards = [
         encode(model.tokenizer, data.subset(idx), TRAIN.max_length)
-        for idx in client_shards(data, "label-skew", m, 0, 40)
+        for idx in client_shards(data, "label-skew", m, seed, 40)
     ]
     dev = encode(model.tokenizer, eval_subset(resolve_dataset("builtin:sst2-small", "dev"), 16), TRAIN.max_length)
-    engine = SequentialEngine(model, shards, dev, train, seed=0)
-    simulate(engine, make_method(method_name, t), make_topology(topology, m, link_prob, 0), rounds, eval_every=10**6)
+    engine = SequentialEngine(model, shards, dev, train, seed=seed)
+    topo = make_topology(topology, m, link_prob, seed)
+    simulate(engine, make_method(method_name, t), topo, rounds, eval_every=10**6)
     return [engine.get_factors(i) for i in range(m)]
 
 
@@ -168,6 +171,37 @@ async def test_persistent_optimizer_state_survives_a_restart_and_matches_the_sim
         await run_all(nodes)
         got = [n.factors for n in nodes]
     want = await asyncio.to_thread(simulated, m, "lora", None, 1.0, 4, "er", train)
+    for i in range(m):
+        for key in want[i]:
+            torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4, msg=f"node {i} {key}")
+
+
+@pytest.mark.asyncio
+async def test_a_slow_node_whose_links_the_schedule_kept_down_trains_its_own_rounds_as_the_simulator_does(
+    tmp_path,
+) -> None:
+    """Seed 203, p = 0.5: node-2 has no live link in rounds 0-3 while node-0 and node-1 mix in rounds 1-3; node-0
+    and node-2 are linked in round 4. node-2 trains slower, so the others reach round 4 (and wait there for it)
+    while it is in round 1 or 2. Nothing failed: node-2 was not cut off, its links were down by the schedule, so it
+    must run its own rounds as the simulator's client does, not adopt node-0's round and factors (it did: a
+    catch-up took its missing mixing for a cut)."""
+    m, rounds, seed, p = 3, 6, 203, 0.5
+    names = [client_name(i) for i in range(m)]
+    assert not any(link_up(seed, t, names[2], names[j], p) for t in range(4) for j in (0, 1))
+    assert all(link_up(seed, t, names[0], names[1], p) for t in (1, 2, 3)) and link_up(seed, 4, names[0], names[2], p)
+    async with cluster(tmp_path, m, method="lora", link_prob=p, seed=seed, rounds=rounds) as nodes:
+        slow = nodes[2]
+        train = slow._train
+
+        def slow_train(t: int):  # in the worker thread: a slower machine
+            time.sleep(1.0)
+            return train(t)
+
+        slow._train = slow_train  # type: ignore[method-assign]
+        await run_all(nodes)
+        got = [n.factors for n in nodes]
+    assert [r["round"] for r in _rounds(tmp_path / "n2")] == list(range(rounds))
+    want = await asyncio.to_thread(simulated, m, "lora", None, p, rounds, "er", TRAIN, seed)
     for i in range(m):
         for key in want[i]:
             torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4, msg=f"node {i} {key}")

@@ -155,6 +155,11 @@ class Node:
         self._last_exchanged: dict[str, int] = {}  # peer -> 1 + the last round exchanged with it (status)
         self.last_snapshot: Factors = {}  # the last round's post-training factors (diagnostics and tests)
         self._rounds_done = 0
+        # Whether this process has run a round (a node that has not is new or restarted: it may adopt a peer's
+        # state whatever it did before), and 1 + the last round in which it left out a neighbour its link schedule
+        # gave it (a deadline, a refusal: a failure; 0: never). See `_may_be_out_of_step`.
+        self._ran_a_round = False
+        self._last_missed = 0
         self._started = time.monotonic()
         self._server: Server | None = None
         self._discovery: MdnsDiscovery | None = None
@@ -703,7 +708,10 @@ class Node:
         neighbours at least two rounds later than we last did. That covers a late or restarted node (never mixed,
         or long ago), and it settles a healed partition the right way round: a node cut off from the others keeps
         training alone and may run far ahead in round numbers, but its ``last_mixed_round`` stays at the cut, so
-        it adopts the group's state and the group never adopts its solo weights.
+        it adopts the group's state and the group never adopts its solo weights. Only a node that may be out of
+        step follows anyone (`_may_be_out_of_step`): with p < 1, a node whose links the schedule kept down runs
+        ahead of or behind its peers in round numbers without having failed, and holds what the simulator's client
+        holds; a live link's exchange waits for the end that reaches its round last instead.
         """
         cfg = self.config
         if self._peers is None:
@@ -714,6 +722,12 @@ class Node:
         # topology, and cheap: one handshake refreshes it).
         far = [j for j, p in self._peers.peers.items() if abs(p.info.round - rounds.t) >= 2]
         if not far and not rounds.gap_seen:
+            return
+        if not self._may_be_out_of_step():
+            # Peers rounds away are normal here: with p < 1 a node whose links are down runs ahead (or falls
+            # behind) in round numbers, and a live link's exchange waits for the end that reaches its round last.
+            # Its state is the simulator's client's; adopting a peer's would throw its own rounds away.
+            rounds.gap_seen = False
             return
         # A refused exchange (gap_seen) does not say who is out of step: ask everyone. Otherwise only the far
         # peers: asking one that is cut off holds the round loop for a handshake timeout.
@@ -771,6 +785,17 @@ class Node:
         # Our moments describe our own gradient history at the factors we left; the adopted factors are the
         # group's, so the optimizer starts fresh from them.
         self._opt_state = {}
+
+    def _may_be_out_of_step(self) -> bool:
+        """Whether not having mixed lately may mean this node fell out of step with its peers, so that a catch-up
+        may adopt a peer's state: it has run no round yet (new, or restarted), it left out a neighbour since it last
+        mixed (a failure), or a round since then had a link up to one of its peers of now (it ran without them: cut
+        off, or started alone). False when the link schedule alone explains every round since it last mixed: then
+        it is where the simulator's client would be, whatever round its peers are in."""
+        rounds = self.rounds
+        if not self._ran_a_round or (self._last_missed and self._last_missed >= rounds.last_mixed):
+            return True
+        return any(self._round_neighbours(s) for s in range(rounds.last_mixed, rounds.t))
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
         cfg = self.config
@@ -839,6 +864,8 @@ class Node:
             self._last_exchanged[j] = t + 1
             if self._peers is not None:
                 self._peers.note_mixed(j, t)
+        if not stopping and neighbours - set(received):
+            self._last_missed = t + 1
         for j in sorted(neighbours - set(received)) if not stopping else ():
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
@@ -855,6 +882,7 @@ class Node:
         )  # fmt: skip
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
         await self.rounds.advance(mixed)
+        self._ran_a_round = True
         self._opt_state = opt_state
         self._rounds_done = t + 1
         self._last_loss = loss
