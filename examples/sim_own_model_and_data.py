@@ -46,9 +46,14 @@ def write_toy_data(folder: Path, n_train: int = 400, n_dev: int = 100) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, minilm, a HF model id or a local path")
+    parser.add_argument("--model", default="tiny", help="tiny (default), minilm, a HF model id or a local path")
     parser.add_argument("--data", type=Path, help="your train file (default: a generated toy CSV)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory: results.json, cells/, plots (and data/, the toy data, without --data)",
+    )
     args = parser.parse_args()
     train_file = args.data or write_toy_data(args.out / "data")
     config = SimConfig(
