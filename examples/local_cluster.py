@@ -93,7 +93,7 @@ def main() -> int:
     parser.add_argument("--nodes", type=int, default=3, help="number of nodes")
     parser.add_argument("--rounds", type=int, default=20, help="rounds each node runs")
     parser.add_argument("--method", default="tad", choices=METHODS, help="decentralized LoRA method (README, Methods)")
-    parser.add_argument("--model", default="minilm", help="minilm (offline default) or tiny (seconds, for a try)")
+    parser.add_argument("--model", default="minilm", help="minilm (packaged, offline) or tiny (random: seconds, a try)")
     parser.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
     parser.add_argument(
         "--out",
