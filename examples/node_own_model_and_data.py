@@ -47,9 +47,15 @@ def free_port() -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny")
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--model",
+        default="tiny",
+        help="tiny (default: random weights, seconds), minilm, a Hugging Face model id or a local path",
+    )
+    parser.add_argument("--rounds", type=int, default=4, help="rounds each node runs (default: 4)")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="directory for the generated data (data/) and the nodes' own-0/, own-1/"
+    )
     args = parser.parse_args()
     data = write_jsonl(args.out / "data")
     ports = [free_port(), free_port()]

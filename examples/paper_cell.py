@@ -20,9 +20,16 @@ from tadlora.sim.runner import Simulator
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="cpu-sst2", help="cpu-sst2 (default), cpu-mnli, paper-mnli or smoke")
-    parser.add_argument("--link-prob", type=float, default=0.02, help="the table's column: 0.5, 0.1 or 0.02")
-    parser.add_argument("--seeds", default="0", help="comma list of seeds")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--link-prob", type=float, default=0.02, help="the table's column: 0.5, 0.1 or 0.02 (default: 0.02)"
+    )
+    parser.add_argument("--seeds", default="0", help="comma list of seeds (default: 0)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory: results.json, cells/, plots; the same --out again resumes",
+    )
     args = parser.parse_args()
     config = override(
         preset(args.preset),

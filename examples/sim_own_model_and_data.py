@@ -4,9 +4,10 @@ Your data: a CSV, JSONL or TSV file with a text column (or two, for sentence pai
 sibling dev/validation file. `--data` reads the columns named `text` and `label`; for other names or a sentence
 pair, edit `?text=text&label=label` in `dataset=` below (e.g. `?text=sentence1,sentence2&label=gold`). Your model:
 any Hugging Face sequence-classification model id or local directory (here `tiny`, a 2-layer BERT built from a
-config, so this runs in seconds; try `minilm` or a path). `tiny` has random weights and 8 rounds teach it little:
-its accuracy stays near chance (about 0.5), which shows the workflow, not learning. `--model minilm` learns the toy
-data (0.87 after the same 8 rounds, under 2 minutes on 2 cores).
+config, nothing to load; try `minilm` or a path). `tiny` has random weights, so its run shows the workflow, not
+learning: on this toy data, where every word gives the label away, LoRA still reached 0.97 at round 8 while TAD-LoRA
+stayed at chance (0.49). `--model minilm` reached 1.00 with both by round 4. Each run took under a minute on 2
+cores that two other jobs were using too.
 
     python examples/sim_own_model_and_data.py --out runs/own
 """
@@ -46,9 +47,14 @@ def write_toy_data(folder: Path, n_train: int = 400, n_dev: int = 100) -> Path:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="tiny, minilm, a HF model id or a local path")
+    parser.add_argument("--model", default="tiny", help="tiny (default), minilm, a HF model id or a local path")
     parser.add_argument("--data", type=Path, help="your train file (default: a generated toy CSV)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="output directory: results.json, cells/, plots (and data/, the toy data, without --data)",
+    )
     args = parser.parse_args()
     train_file = args.data or write_toy_data(args.out / "data")
     config = SimConfig(

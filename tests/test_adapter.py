@@ -180,6 +180,15 @@ def test_a_checkpoint_with_only_pickled_weights_is_refused_not_unpickled(tmp_pat
         AdapterModel(ModelSpec(model=str(tmp_path), lora=TINY_LORA))
 
 
+@pytest.mark.parametrize("name", ["/no/such/model", "./no-such-model"])
+def test_a_model_path_that_does_not_exist_is_named_as_a_missing_directory(tmp_path, monkeypatch, name) -> None:
+    """It used to be passed to the hub as an id: "Repo id must be in the form 'repo_name' or ..."."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RuntimeError, match=f"cannot load model '{name}': no such directory") as caught:
+        AdapterModel(ModelSpec(model=name, lora=TINY_LORA))
+    assert "Repo id" not in str(caught.value)
+
+
 def save_tiny_checkpoint(directory, dtype: torch.dtype = torch.float32, **config_changes) -> None:
     """A tiny BERT classifier (weights from the seed 0) with the MiniLM tokenizer, saved as a local model."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification

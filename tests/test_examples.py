@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import io
 import json
 import os
 import signal
@@ -129,3 +130,47 @@ def test_local_cluster_replaces_only_its_own_output(tmp_path: Path) -> None:
     (tmp_path / "node-0.log").write_text("a previous run's")
     run_example("local_cluster.py", "--nodes", "0", "--out", str(tmp_path))  # no nodes: only the certificates
     assert not (tmp_path / "node-0.log").exists() and (tmp_path / "certs" / "ca.crt").exists()
+
+
+def test_local_cluster_refuses_an_unknown_method_before_starting_anything(tmp_path: Path) -> None:
+    """A typo'd --method used to start three nodes that each exited 2, and the script printed only their exit
+    codes; the script now knows the names, and they are the ones the node takes."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "local_cluster.py"), "--method", "tadd", "--out",
+                           str(tmp_path / "run")], capture_output=True, text=True, timeout=120, env=ENV)  # fmt: skip
+    assert proc.returncode == 2 and "invalid choice: 'tadd'" in proc.stderr
+    assert not (tmp_path / "run").exists()
+    sys.path.insert(0, str(EXAMPLES))
+    try:
+        local_cluster = importlib.import_module("local_cluster")
+    finally:
+        sys.path.remove(str(EXAMPLES))
+    from tadlora.core.methods import method_names
+
+    assert list(local_cluster.METHODS) == method_names()
+
+
+def test_local_cluster_shows_why_a_node_failed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A node that exits with an error has its log's last lines printed, not just its exit code."""
+
+    class FailingNode(FakeNode):
+        def __init__(self, cmd: list[str], **kwargs: object) -> None:
+            super().__init__(cmd, **kwargs)
+            log = kwargs["stdout"]
+            assert isinstance(log, io.TextIOBase)  # the node's log file, as the script opened it
+            log.write("tadlora-node: error: --listen '127.0.0.1:0' is taken\n")
+            log.flush()
+            self.returncode = 1
+
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+    example = importlib.import_module("local_cluster")
+    monkeypatch.setattr(subprocess, "Popen", FailingNode)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: None)
+    monkeypatch.setattr(signal, "signal", lambda *a: None)
+    monkeypatch.setattr(example.time, "sleep", lambda s: None)
+    monkeypatch.setattr(sys, "argv", ["local_cluster", "--nodes", "2", "--out", str(tmp_path / "run")])
+    assert example.main() == 1
+    out = capsys.readouterr().out
+    assert out.count("failed (exit code 1)") == 2, out
+    assert "    tadlora-node: error: --listen '127.0.0.1:0' is taken" in out

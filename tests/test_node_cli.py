@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import math
+import os
 import socket
 import subprocess
 import urllib.request
@@ -47,6 +49,22 @@ def test_help_shows_each_flag_s_default_and_where_a_variable_set_it(monkeypatch)
     assert flag_help("--switch-interval").count("default") == 1  # its help names the default itself
     monkeypatch.setenv("TADLORA_LOCAL_STEPS", "3")
     assert flag_help("--local-steps").endswith("(default: 3) [env: TADLORA_LOCAL_STEPS]")
+
+
+def test_help_says_what_each_flag_without_a_default_does_when_left_out(monkeypatch) -> None:
+    """--metrics-port, --samples-per-client and --tls-dir used to say nothing of what their absence means."""
+    for key in [k for k in os.environ if k.startswith("TADLORA_")]:
+        monkeypatch.delenv(key)
+    parser = build_run_parser()
+    silent = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings
+        and action.default is None
+        and not isinstance(action, argparse.BooleanOptionalAction)
+        and "default" not in (action.help or "")
+    ]
+    assert silent == []
 
 
 def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) -> None:
@@ -425,3 +443,17 @@ def test_a_node_out_of_gpu_memory_says_which_flags_shrink_a_step(tmp_path, monke
     assert main([*argv, "--peers", "127.0.0.1:1", "--insecure"]) == 1
     err = capsys.readouterr().err
     assert "CUDA out of memory" in err and "--batch-size" in err and "--max-length" in err
+
+
+def test_a_listen_port_in_use_says_what_holds_it_and_the_fix(tmp_path, capsys) -> None:
+    """gRPC's own message ("Failed to bind ...; set GRPC_VERBOSITY=debug ...") named no cause; the node now says
+    what `tadlora-node doctor` would."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--listen", f"127.0.0.1:{port}", "--peers", "127.0.0.1:1", "--model", "tiny", "--out", str(tmp_path)]
+        assert main([*argv, "--insecure", "--log-level", "error"]) == 1
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "Address already in use" in err, err
+    assert f"tadlora-node status 127.0.0.1:{port}" in err and "choose another --listen port" in err, err

@@ -34,8 +34,16 @@ def test_certs_commands_make_a_ca_and_private_node_keys(tmp_path, capsys) -> Non
         assert (certs / name).is_file()
     for key in ("ca.key", "node-0.key"):
         assert stat.S_IMODE((certs / key).stat().st_mode) == 0o600
+    # Both files each command wrote are named, the keys too (ca.key is the file to keep off the nodes).
+    assert capsys.readouterr().out.splitlines() == [
+        f"wrote {certs / 'ca.crt'} and {certs / 'ca.key'}",
+        f"wrote {certs / 'node-0.crt'} and {certs / 'node-0.key'}",
+    ]
     assert main(["certs", "init", str(certs)]) == 2  # never overwrites a CA by accident
-    assert "--force" in capsys.readouterr().err
+    assert capsys.readouterr().err.endswith(" exist; pass --force to replace\n")
+    (certs / "node-0.key").unlink()
+    assert main(["certs", "issue", "node-0", "--dir", str(certs)]) == 2
+    assert capsys.readouterr().err.endswith(f"{certs / 'node-0.crt'} exists; pass --force to replace\n")
     assert main(["certs", "issue", "x", "--dir", str(tmp_path / "nothing")]) == 2
     assert "certs init" in capsys.readouterr().err
     # A forced new CA leaves the node certificates of the old one in place: say they must be reissued.

@@ -191,6 +191,13 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
             fresh = {name for name, _ in model.named_parameters()}
         else:
             path = resolve_model_path(spec.model)
+            if path.startswith(("/", ".")) and not Path(path).exists():
+                # A path, not a hub id: transformers would try it as one ("Repo id must be in the form ...").
+                raise RuntimeError(
+                    f"cannot load model {spec.model!r}: no such directory. Give a directory that holds the model "
+                    "(config.json, its tokenizer and *.safetensors, as save_pretrained writes them), a Hugging Face "
+                    "id with the hub reachable, or 'minilm', the offline default."
+                )
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
                 config = AutoConfig.from_pretrained(path, num_labels=num_labels)

@@ -257,5 +257,5 @@ def certs_main(argv: list[str]) -> int:
     except (OSError, ValueError) as exc:  # OSError: DIR cannot be created or written, say so without a traceback
         sys.stderr.write(f"tadlora-node certs: error: {exc}\n")
         return 2
-    sys.stdout.write(f"wrote {path}\n")
+    sys.stdout.write(f"wrote {path} and {path.with_suffix('.key')}\n")  # the key too: the file to keep safe
     return 0

@@ -35,6 +35,7 @@ from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
 from tadlora.node.identity import kept_node_id
 from tadlora.node.peerspec import parse_peers_option
+from tadlora.node.rpc import BindError
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, TrainSpec
 
 if TYPE_CHECKING:
@@ -42,6 +43,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tadlora.node")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")  # --log-level; setup_logging would raise on any other
+
+
+def _why_unbound(config: NodeConfig) -> str:
+    """For a node that could not bind its --listen (or --health-port) address: what `tadlora-node doctor` finds there,
+    with its fix. gRPC's own message names no cause ("Failed to bind ...; set GRPC_VERBOSITY=debug ...")."""
+    from tadlora.node.hostcheck import check_listen
+
+    check = check_listen(config)
+    return f"\n  {check.detail}\n  fix: {check.fix}" if check.status == "FAIL" else ""
 
 
 def robust_mixing_type(text: str) -> RobustMixing | None:
@@ -79,7 +89,10 @@ def build_run_parser(
     g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")
     g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
     g.add_argument(
-        "--tls-dir", type=Path, help="certificates: DIR/ca.crt and DIR/NODE_ID.crt/.key (see `tadlora-node certs`)"
+        "--tls-dir",
+        type=Path,
+        help="certificates: DIR/ca.crt and DIR/NODE_ID.crt/.key (see `tadlora-node certs`) (default: none; a node "
+        "without it refuses to start unless --insecure)",
     )
     g.add_argument(
         "--insecure",
@@ -98,7 +111,7 @@ def build_run_parser(
     g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")
     g.add_argument("--metrics-port", type=int,
                    help="serve Prometheus metrics on this port of the listen host (0: any free port; the log says "
-                   "which)")  # fmt: skip
+                   "which) (default: off)")  # fmt: skip
     g.add_argument("--health-port", type=int,
                    help="also serve grpc.health.v1 alone, in plaintext, on this port (listen host): for probes "
                    "that cannot do mutual TLS, such as Kubernetes' gRPC probe (default: off)")  # fmt: skip
@@ -109,13 +122,18 @@ def build_run_parser(
                    "(drop the F largest and F smallest neighbour values per coordinate)")  # fmt: skip
     t = p.add_argument_group("training")
     t.add_argument("--model", default="minilm", help="minilm (packaged, offline), tiny, HF model id or local path")
-    t.add_argument("--dataset", default="builtin:sst2-small", help="builtin:sst2-small, glue:TASK, file, hub:NAME")
+    t.add_argument("--dataset", default="builtin:sst2-small",
+                   help="builtin:sst2-small (shipped), glue:SST-2|MNLI|QNLI|RTE (the GLUE files in "
+                   "$TADLORA_GLUE_DIR, else ../shared/data/glue), a .tsv/.csv/.jsonl file "
+                   "(path.csv?text=COL&label=COL, with a dev or validation file of the same type beside it), "
+                   "or hub:NAME[/CONFIG]")  # fmt: skip
     t.add_argument("--split", default="label-skew",
                    help="label-skew (the paper's: 0.9 of one class), label-skew@SHARE (another dominant share), "
                    "iid or dirichlet:ALPHA")  # fmt: skip
     t.add_argument("--shard", type=int, default=0, help="this node's shard index (0-based)")
     t.add_argument("--num-shards", type=int, default=1, help="number of shards (= nodes in the cluster)")
-    t.add_argument("--samples-per-client", type=int, help="cap on this node's training examples")
+    t.add_argument("--samples-per-client", type=int,
+                   help="cap on this node's training examples (default: its whole shard)")  # fmt: skip
     t.add_argument("--method", default="tad", choices=method_names(), help="decentralized LoRA method")
     alternating = [m for m in method_names() if takes_switch_interval(m)]
     default_t = ", ".join(sorted({str(make_method(m).switch_interval) for m in alternating}))
@@ -151,7 +169,9 @@ def build_run_parser(
     t.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
     t.add_argument("--eval-samples", type=int, default=200, help="dev examples to evaluate on")
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=Path("tadlora-out"), help="directory for checkpoints and logs")
+    o.add_argument("--out", type=Path, default=Path("tadlora-out"),
+                   help="the run's directory: checkpoint, rounds.jsonl (one line per round), node.json (its id) and "
+                   "adapter/ (peft); the same --out again resumes (the log goes to stderr)")  # fmt: skip
     o.add_argument("--checkpoint-every", type=int, default=5, help="checkpoint every N rounds")
     o.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
                    help="auto: text on a terminal, JSON lines otherwise")  # fmt: skip
@@ -324,6 +344,8 @@ def run_main(args: list[str]) -> int:
         code = asyncio.run(run_node(config, json_fmt))
     except (RuntimeError, OSError, ValueError) as exc:
         text = error_text(exc, "a smaller --batch-size or --max-length, or --precision bf16 on a GPU that has it")
+        if isinstance(exc, BindError):
+            text += _why_unbound(config)
         log.error("%s", text)
         sys.stderr.write(f"tadlora-node: error: {text}\n")
         return 1

@@ -210,7 +210,9 @@ def _refuse_existing(paths: list[Path], force: bool) -> None:
     refusal never leaves half a CA or a key without its certificate."""
     existing = [str(p) for p in paths if p.exists() or p.is_symlink()]
     if existing and not force:
-        raise FileExistsError(f"{', '.join(existing)} exist(s); pass --force to replace")
+        raise FileExistsError(
+            f"{', '.join(existing)} {'exists' if len(existing) == 1 else 'exist'}; pass --force to replace"
+        )
 
 
 def _write(path: Path, data: bytes, mode: int, force: bool) -> None:

@@ -332,7 +332,16 @@ def _replaced(base: Any, changes: dict[str, Any], what: str) -> Any:
     hints = typing.get_type_hints(type(base))
     unknown = sorted(set(changes) - set(hints))
     if unknown:
-        raise ValueError(f"unknown {what} settings: {unknown}; known: {sorted(hints)}")
+        # A nested setting given at the top ("lr" for "train": {"lr": ...}): say where it goes.
+        nested = [
+            f'{key!r} is a {name} setting: {{"{name}": {{"{key}": ...}}}}'
+            for key in unknown
+            for name in sorted(hints)
+            if dataclasses.is_dataclass(group := getattr(base, name))
+            and key in {f.name for f in dataclasses.fields(group)}
+        ]
+        where = f" ({'; '.join(nested)})" if nested else ""
+        raise ValueError(f"unknown {what} settings: {unknown}{where}; known: {sorted(hints)}")
     fixed: dict[str, Any] = {}
     for key, value in changes.items():
         current = getattr(base, key)
