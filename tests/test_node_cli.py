@@ -445,6 +445,24 @@ def test_a_node_out_of_gpu_memory_says_which_flags_shrink_a_step(tmp_path, monke
     assert "CUDA out of memory" in err and "--batch-size" in err and "--max-length" in err
 
 
+@pytest.mark.parametrize(("log_format", "times"), [("text", 1), ("json", 2)])
+def test_a_fatal_error_is_said_once_on_a_terminal_and_also_as_a_record_in_json(
+    tmp_path, monkeypatch, capsys, log_format: str, times: int
+) -> None:
+    """Text logs and the plain error line reach the same stderr: the error was printed twice there. JSON logs keep
+    the record (a collector reads it) beside the line a person reads."""
+
+    async def fails(config: object, json_fmt: object = None) -> int:
+        raise RuntimeError("the model went away")
+
+    monkeypatch.setattr("tadlora.node.cli.run_node", fails)
+    argv = ["--node-id", "n0", "--out", str(tmp_path), "--listen", "127.0.0.1:0", "--model", "tiny", "--insecure"]
+    assert main([*argv, "--peers", "127.0.0.1:1", "--log-format", log_format]) == 1
+    err = capsys.readouterr().err
+    assert err.count("the model went away") == times, err
+    assert "tadlora-node: error: the model went away" in err
+
+
 def test_a_listen_port_in_use_says_what_holds_it_and_the_fix(tmp_path, capsys) -> None:
     """gRPC's own message ("Failed to bind ...; set GRPC_VERBOSITY=debug ...") named no cause; the node now says
     what `tadlora-node doctor` would."""
