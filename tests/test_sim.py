@@ -617,19 +617,25 @@ def test_progress_estimates_the_time_left_in_a_cell_from_the_rounds_run_here() -
     progress = Progress(2, stream=out, clock=lambda: now[0])
     cell = Cell(method="tad", topology="er", link_prob=0.02, switch_interval=12, seed=0)
     evaluated = {"train_loss": 0.5, "acc_mean": 0.7, "acc_std": 0.1}
-    progress.begin()
+    progress.begin(0, cell)
     for t in range(10):  # 10 s a round, 100 rounds: 900 s left after round 10
         now[0] += 10
         progress.update(0, cell, t, 100, {"train_loss": 0.5} if t < 9 else evaluated)
     # A resumed cell: its 60 earlier rounds (another process) do not count; 30 s a round from here.
-    progress.begin()
+    progress.begin(1, cell, resuming=True)
     for t in range(60, 70):
         now[0] += 30
         progress.update(1, cell, t, 100, {"train_loss": 0.5} if t < 69 else evaluated)
-    lines = out.getvalue().splitlines()  # not a terminal: a line per evaluation only
-    assert len(lines) == 2
+    lines = out.getvalue().splitlines()  # not a terminal: a line per cell's start and per evaluation only
+    assert lines[0] == "[1/2] tad er p=0.02 T=12 seed=0: starting"
+    assert lines[2] == "[2/2] tad er p=0.02 T=12 seed=0: resuming from its checkpoint"
+    lines = [lines[1], lines[3]]
+    assert len(out.getvalue().splitlines()) == 4
     assert "round 10/100" in lines[0] and "acc 0.700±0.100" in lines[0] and "(100s, cell done in ~15m)" in lines[0]
     assert "[2/2]" in lines[1] and "round 70/100" in lines[1] and "(400s, cell done in ~15m)" in lines[1]
+    quiet = io.StringIO()
+    Progress(1, stream=quiet, quiet=True).begin(0, cell)
+    assert quiet.getvalue() == ""
 
 
 def test_an_unsized_preset_says_so_in_help_and_when_a_run_starts(tmp_path, capsys, caplog) -> None:

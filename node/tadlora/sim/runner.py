@@ -133,9 +133,19 @@ class Progress:
         self.started = clock()
         self._cell_begun, self._cell_first_round = self.started, -1  # the current cell: when, from which round
 
-    def begin(self) -> None:
-        """The next cell starts (or resumes) now."""
+    def begin(self, index: int, cell: Cell, resuming: bool = False) -> None:
+        """Cell ``index`` starts (or, ``resuming``, goes on from its checkpoint) now: said on a line of its own, since
+        off a terminal the next line comes only with the cell's first evaluation (minutes of silence otherwise)."""
         self._cell_begun, self._cell_first_round = self.clock(), -1
+        if not self.quiet:
+            what = "resuming from its checkpoint" if resuming else "starting"
+            line = f"[{index + 1}/{self.total}] {self._name(cell)}: {what}"
+            self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
+            self.stream.flush()
+
+    @staticmethod
+    def _name(cell: Cell) -> str:
+        return f"{cell.method} {cell.topology} p={cell.link_prob:g} T={cell.switch_interval or '-'} seed={cell.seed}"
 
     def update(self, index: int, cell: Cell, t: int, rounds: int, record: RoundRecord) -> None:
         """Round ``t`` of cell ``index`` is done (``record``: its numbers)."""
@@ -147,8 +157,7 @@ class Progress:
         left = (now - self._cell_begun) / (t + 1 - self._cell_first_round) * (rounds - t - 1)
         acc = f" acc {record['acc_mean']:.3f}±{record['acc_std']:.3f}" if "acc_mean" in record else ""
         line = (
-            f"[{index + 1}/{self.total}] {cell.method} {cell.topology} p={cell.link_prob:g} "
-            f"T={cell.switch_interval or '-'} seed={cell.seed} round {t + 1}/{rounds} "
+            f"[{index + 1}/{self.total}] {self._name(cell)} round {t + 1}/{rounds} "
             f"loss {record['train_loss']:.3f}{acc} ({now - self.started:.0f}s, cell done in ~{_duration(left)})"
         )
         self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
@@ -445,7 +454,7 @@ class Simulator:
                     return "computation"
                 if (self.cells_dir / f"{cell.key}.json").exists() or self._adopt_equivalent(cell):
                     return None  # another process finished it, or its computation, meanwhile
-                progress.begin()
+                progress.begin(index, cell, resuming=(self.cells_dir / f"{cell.key}.ckpt.safetensors").exists())
                 self.run_cell(cell, functools.partial(_report, progress, index, cell, self.config.rounds))
         return None
 
