@@ -349,25 +349,30 @@ async def test_status_says_the_last_round_each_neighbour_exchanged_in(tmp_path) 
             assert (neighbour.node_id, neighbour.last_round) == (other.node_id, 1 + up[-1])
         doc = await query_status(nodes[0].address, 10.0)
     assert [n["last_exchanged_round"] for n in doc["neighbours"]] == [up[-1]]
+    assert doc["schedule"] == "tad T=5 p=0.5 max-neighbors=all"
 
 
 @pytest.mark.asyncio
-async def test_nodes_of_another_cluster_or_fingerprint_are_never_mixed_with(tmp_path) -> None:
+async def test_nodes_of_another_cluster_fingerprint_or_schedule_are_never_mixed_with(tmp_path) -> None:
     async with contextlib.AsyncExitStack() as stack:
         good = await stack.enter_async_context(Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1)))
         addr = (good.address,)
         other_cluster = node_config(tmp_path, 1, 2, PeersOption(False, addr, ()), cluster="elsewhere", min_peers=0)
         other_seed = node_config(tmp_path, 2, 3, PeersOption(False, addr, ()), seed=7, min_peers=0, rounds=1)
-        foreign = [await stack.enter_async_context(Node(c)) for c in (other_cluster, other_seed)]
+        # The same model, so the same fingerprint, but another method: it would mix B and A as tad does, silently.
+        other_method = node_config(tmp_path, 4, 5, PeersOption(False, addr, ()), method="lora", min_peers=0, rounds=1)
+        foreign = [await stack.enter_async_context(Node(c)) for c in (other_cluster, other_seed, other_method)]
         mate = await stack.enter_async_context(
             Node(node_config(tmp_path, 3, 4, PeersOption(False, addr, ()), min_peers=1))
         )
         assert foreign[1].fingerprint != good.fingerprint
+        assert foreign[2].fingerprint == good.fingerprint and foreign[2].schedule != good.schedule
         await run_all([good, mate, *foreign])
     for record in _rounds(tmp_path / "n0"):
         assert [n["id"] for n in record["neighbours"]] == ["node-3"]
-    for i in (1, 2):
+    for i in (1, 2, 4):
         assert all(r["degree"] == 0 for r in _rounds(tmp_path / f"n{i}"))
+    assert good.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "SCHEDULE_MISMATCH"})
 
 
 @pytest.mark.asyncio

@@ -47,7 +47,7 @@ class ScriptedPeer:
     def __init__(self, node: Node, *, round: int = 0, last_mixed_round: int = 0, fetch_round: int = 0) -> None:
         self.info = PeerInfo(
             node_id=PEER_ID, cluster=node.config.cluster, fingerprint=node.fingerprint, address="", round=round,
-            degree=1, method=node.method.name, last_mixed_round=last_mixed_round,
+            degree=1, method=node.method.name, last_mixed_round=last_mixed_round, schedule=node.schedule,
         )  # fmt: skip
         self.factors = dict(node.factors)
         self.fetch_round = fetch_round
@@ -146,13 +146,13 @@ async def test_an_exchange_cut_by_the_peer_moving_does_not_drop_its_new_connecti
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     "change",
-    [{"fingerprint": "ffff"}, {"cluster": "another-cluster"}],
-    ids=["another-model", "another-cluster"],
+    [{"fingerprint": "ffff"}, {"cluster": "another-cluster"}, {"schedule": "lora T=none p=1.0 max-neighbors=all"}],
+    ids=["another-model", "another-cluster", "another-schedule"],
 )
 async def test_a_peer_that_restarted_incompatible_under_its_id_is_dropped_not_waited_for(
     tmp_path: Path, change: dict[str, Any]
 ) -> None:
-    """A peer that came back with the same id but another model or cluster (and no mDNS goodbye reached
+    """A peer that came back with the same id but another model, cluster or schedule (and no mDNS goodbye reached
     us, or it is a static peer) refuses every exchange and handshake: it can no longer be a neighbour. Kept, it
     would stay in every round's neighbour set, and a round waits for a neighbour that never calls."""
     net = InMemoryNetwork()

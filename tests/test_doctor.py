@@ -152,6 +152,19 @@ async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> 
 
 
 @pytest.mark.asyncio
+async def test_a_peer_with_another_schedule_is_reported(tmp_path, capsys) -> None:
+    """Same model, so the same fingerprint, but another method: the node would refuse it at handshake."""
+    async with Node(peer(tmp_path, method="lora")) as node:
+        port = node.address.rpartition(":")[2]
+        code, doc = await run_doctor_json(doctor_args(tmp_path, peers=f"127.0.0.1:{port}"), capsys)
+    [check] = ours_at(doc, port)
+    assert code == 0  # a warning, as for another fingerprint: this node itself can run
+    assert check["status"] == "WARN" and "will not mix" in check["detail"]
+    assert f"{node.schedule!r}" in check["detail"] and "'tad T=5 p=1.0 max-neighbors=all'" in check["detail"]
+    assert "--method" in check["fix"] and "--link-prob" in check["fix"]
+
+
+@pytest.mark.asyncio
 async def test_a_peer_of_this_cluster_already_running_under_this_nodes_id_fails(tmp_path, capsys) -> None:
     """Found by mDNS and asked at its static address alike; another cluster's node of that id is no conflict."""
     async with Node(peer(tmp_path)) as node:
@@ -240,6 +253,14 @@ def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -
     assert compare_peer(cfg, "ab", "x", "elsewhere", "cd", PROTOCOL_VERSION).status == "OK"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1).status == "WARN"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION).status == "OK"
+    # A schedule: the peer's status says it; an mDNS advert does not, and one not known is not compared.
+    ours = cfg.schedule()
+    assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION, schedule=ours).status == "OK"
+    assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION, schedule="").status == "OK"
+    other = compare_peer(
+        cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION, schedule="lora T=none p=1.0 max-neighbors=all"
+    )
+    assert other.status == "WARN" and "'lora T=none p=1.0 max-neighbors=all'" in other.detail and ours in other.detail
 
 
 @pytest.mark.asyncio

@@ -48,6 +48,7 @@ from tadlora.v1 import node_pb2 as pb
 
 NODE_SRC = Path(__file__).resolve().parents[1] / "node"
 CLUSTER, FINGERPRINT = "hostile-test", "f" * 64
+SCHEDULE = "tad T=5 p=1.0 max-neighbors=all"
 SPEC = FactorSpec({"a": ((2, 3), "float32"), "b": ((3,), "float16")})
 SMALL_PEAK = 1 << 20  # bytes: what a refused 100 GB header may cost at most (Python allocations)
 FAST = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -221,6 +222,7 @@ def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data
                 round=data.draw(st.integers(0, 2**64 - 1)), degree=data.draw(st.integers(0, 2**32 - 1)),
                 total_bytes=data.draw(st.integers(0, 2**64 - 1)), sha256=data.draw(st.text(max_size=70)),
                 num_chunks=data.draw(st.integers(0, 2**32 - 1)),
+                schedule=data.draw(st.one_of(st.just(SCHEDULE), st.text(max_size=300))),
             ))  # fmt: skip
         if kind == "chunk":
             return pb.ExchangeMessage(chunk=data.draw(st.binary(max_size=32)))
@@ -236,8 +238,11 @@ def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data
             yield message(kind)
 
     async def receive() -> None:
-        ours = ExchangeHeader(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0, degree=1)
-        check = lambda head: rpc._check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=ours)  # noqa: E731
+        ours = ExchangeHeader(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0, degree=1,
+                              schedule=SCHEDULE)  # fmt: skip
+        check = lambda head: rpc._check_peer(  # noqa: E731
+            head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=ours
+        )
         with contextlib.suppress(ExchangeRefused):
             await _receive_payload(stream(), max_payload_bytes=1 << 20, check=check)
 
@@ -419,6 +424,7 @@ def garbled_infos(draw: st.DrawFn) -> pb.PeerInfo:
     return pb.PeerInfo(
         protocol_version=draw(st.sampled_from([PROTOCOL_VERSION, 0, 2, 2**32 - 1])),
         cluster=draw(texts), fingerprint=draw(texts), node_id=draw(texts), address=draw(texts), method=draw(texts),
+        schedule=draw(texts),
         round=draw(st.sampled_from([0, 1, 2**40, 2**40 + 1, 2**63, 2**64 - 1])),
         degree=draw(st.sampled_from([0, 1, 1024, 1025, 2**31, 2**32 - 1])),
         insecure=draw(st.booleans()),
@@ -433,7 +439,7 @@ def test_garbled_handshakes_are_answered_with_a_reply_never_an_exception(info: p
     reply = asyncio.run(responder.handshake(request))
     if reply.accepted:
         assert (info.cluster, info.fingerprint, info.protocol_version) == (CLUSTER, FINGERPRINT, PROTOCOL_VERSION)
-        assert max(len(info.node_id), len(info.address), len(info.method)) <= MAX_TEXT_CHARS
+        assert max(len(info.node_id), len(info.address), len(info.method), len(info.schedule)) <= MAX_TEXT_CHARS
         assert info.round <= rpc.MAX_ROUND and info.degree <= rpc.MAX_DEGREE
     else:
         assert reply.reason not in (Reason.UNSPECIFIED, Reason.INTERNAL), reply.detail

@@ -92,6 +92,22 @@ def test_every_flag_reads_its_environment_variable_and_a_flag_wins(monkeypatch) 
     assert parse(["--split", "dirichlet:0.5"], monkeypatch).split == "dirichlet:0.5"
 
 
+def test_the_schedule_is_canonical_so_that_equal_settings_agree_however_they_were_written(monkeypatch) -> None:
+    """Peers compare it as a string: a default written out, or 0.10 for 0.1, must not refuse a peer."""
+    assert parse([], monkeypatch).schedule() == "tad T=5 p=1.0 max-neighbors=all"
+    assert parse(["--switch-interval", "5"], monkeypatch).schedule() == parse([], monkeypatch).schedule()
+    assert parse(["--link-prob", "0.10"], monkeypatch).schedule() == "tad T=5 p=0.1 max-neighbors=all"
+    assert parse(["--link-prob", "1"], monkeypatch).schedule() == parse([], monkeypatch).schedule()
+    assert parse(["--method", "rolora"], monkeypatch).schedule() == "rolora T=1 p=1.0 max-neighbors=all"
+    assert parse(["--method", "lora", "--max-neighbors", "4"], monkeypatch).schedule() == (
+        "lora T=none p=1.0 max-neighbors=4"
+    )
+    # What may differ between the nodes of one cluster is left out: they may still mix.
+    assert parse(["--shard", "1", "--num-shards", "2", "--split", "iid", "--exchange-timeout", "5"],
+                 monkeypatch).schedule() == parse([], monkeypatch).schedule()  # fmt: skip
+    assert parse([], monkeypatch, TADLORA_LINK_PROB="0.10").schedule() == "tad T=5 p=0.1 max-neighbors=all"
+
+
 @pytest.mark.parametrize("address", ["", "not-an-ip", "10.0.0.5:7070", "0.0.0.0", "224.0.0.251"])  # noqa: S104 - refused, never bound
 def test_an_advertise_address_peers_could_not_call_back_is_refused(monkeypatch, address: str) -> None:
     # with static peers too, not only when mDNS announces it: handshakes tell peers to call this address back

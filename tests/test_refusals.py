@@ -364,3 +364,41 @@ async def test_factor_checks_run_off_the_event_loop_and_not_behind_training_and_
     assert len(threads) >= 3  # the hostile request, and both ends of node-0's call to node-1 in two rounds
     assert loop_thread not in threads
     assert not [t.name for t in threads if t.name.startswith("tadlora-torch")]
+
+
+# ------------------------------------------------------------------------------------- another schedule
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("ours", "theirs", "their_schedule"),
+    [
+        ({"method": "lora"}, {"method": "tad"}, "tad T=5 p=1.0 max-neighbors=all"),
+        ({"method": "lora"}, {"method": "lora", "link_prob": 0.5}, "lora T=none p=0.5 max-neighbors=all"),
+        ({"method": "tad"}, {"method": "tad", "switch_interval": 3}, "tad T=3 p=1.0 max-neighbors=all"),
+        ({"method": "lora"}, {"method": "lora", "max_neighbors": 2}, "lora T=none p=1.0 max-neighbors=2"),
+    ],
+    ids=["method", "link-prob", "switch-interval", "max-neighbors"],
+)
+async def test_a_node_of_another_schedule_is_refused_at_handshake_naming_both_and_neither_takes_the_other(
+    tmp_path: Path, ours: dict[str, object], theirs: dict[str, object], their_schedule: str
+) -> None:
+    """Two methods would mix silently (both send A and B); two link probabilities or degree caps would disagree on
+    which links are up, and one end would wait out its deadline every round. Refused, counted, and said why."""
+    network = InMemoryNetwork()
+    cfg0 = node_config(tmp_path, 0, 2, PeersOption(False, (), ()), min_peers=0, **ours)
+    async with Node(cfg0, network) as n0:
+        cfg1 = node_config(tmp_path, 1, 2, PeersOption(False, (n0.address,), ()), min_peers=0, **theirs)
+        async with Node(cfg1, network) as n1:
+            assert n1.schedule == their_schedule != n0.schedule
+            async with network.connect(n0.address) as client:
+                with pytest.raises(ExchangeRefused) as refused:
+                    await client.handshake(n1.local_info(), timeout=5.0)
+            async with asyncio.timeout(30):  # n1's peer manager has dialled n0 too, and been refused
+                while refusals(n0, "SCHEDULE_MISMATCH") < 2:  # noqa: ASYNC110 - a counter: no event to await
+                    await asyncio.sleep(0.05)
+            assert n0._peers is not None and n1._peers is not None
+            assert (n0._peers.peers, n1._peers.peers) == ({}, {})
+    assert refused.value.reason is Reason.SCHEDULE_MISMATCH
+    assert f"peer runs {their_schedule!r}, this node {n0.schedule!r}" in refused.value.detail
+    assert "--method, --switch-interval, --link-prob and --max-neighbors" in refused.value.detail

@@ -31,6 +31,7 @@ from tadlora.node.rpc import (
     MAX_DEGREE,
     MAX_EXCHANGES_PER_CALLER,
     MAX_FETCHES_PER_CALLER,
+    MAX_TEXT_CHARS,
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
     BindError,
@@ -50,6 +51,7 @@ from tadlora.v1 import node_pb2 as pb
 LISTEN = "127.0.0.1:0"
 CLUSTER = "glue-sst2"
 FINGERPRINT = "sha256:" + "ab" * 32
+SCHEDULE = "tad T=5 p=1.0 max-neighbors=all"  # as `NodeConfig.schedule` spells it
 TIMEOUT = 10.0  # s; generous: calls expected to succeed never come near it
 SHORT_TIMEOUT = 0.3  # s; the caller's deadline in tests where the callee never answers
 THREAD_EXIT_TIMEOUT = 2.0  # s; join() returns as soon as a finished thread has exited
@@ -85,7 +87,8 @@ class FakeNode:
             address=f"{node_id}.test:7000",
             round=round,
             degree=2,
-            method="tad-lora",
+            method="tad",
+            schedule=SCHEDULE,
         )
         self.factors = factors
         self.spec: FactorSpec | None = FactorSpec.from_factors(factors)
@@ -224,8 +227,9 @@ async def test_refused_handshake_carries_the_handler_reason_and_detail(
         ({"cluster": "other-cluster"}, Reason.CLUSTER_MISMATCH),
         ({"fingerprint": "sha256:" + "cd" * 32}, Reason.FINGERPRINT_MISMATCH),
         ({"protocol_version": PROTOCOL_VERSION + 1}, Reason.PROTOCOL_MISMATCH),
+        ({"schedule": "lora T=none p=1.0 max-neighbors=all"}, Reason.SCHEDULE_MISMATCH),
     ],
-    ids=["cluster", "fingerprint", "protocol"],
+    ids=["cluster", "fingerprint", "protocol", "schedule"],
 )
 async def test_incompatible_peers_are_refused_before_the_handler_sees_them(
     transport: Transport, alice: FakeNode, bob: FakeNode, change: dict[str, object], reason: Reason
@@ -236,6 +240,47 @@ async def test_incompatible_peers_are_refused_before_the_handler_sees_them(
             await client.handshake(stranger, TIMEOUT)
     assert refused.value.reason is reason
     assert bob.handshakes == []
+
+
+@pytest.mark.asyncio
+async def test_a_peer_of_another_schedule_is_refused_naming_both_and_an_older_peer_without_one_is_accepted(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    """Handshake and exchange header alike: another method, T, p or degree cap would mix or wait silently, so it is
+    refused with both schedules and the flags to align. An empty schedule is an older node's, which sends none."""
+    other = "lora T=none p=0.5 max-neighbors=all"
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as at_handshake:
+            await client.handshake(dataclasses.replace(alice.info, schedule=other), TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_exchange:  # alice restarted under its id, once verified
+            await client.exchange(dataclasses.replace(header_of(alice), schedule=other), alice.factors, TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_fetch:
+            await client.fetch(dataclasses.replace(alice.info, schedule=other), TIMEOUT)
+        older = dataclasses.replace(alice.info, schedule="")
+        assert (await client.handshake(older, TIMEOUT)).schedule == SCHEDULE
+        result = await client.exchange(dataclasses.replace(header_of(alice), schedule=""), alice.factors, TIMEOUT)
+    for refused in (at_handshake, at_exchange, at_fetch):
+        assert refused.value.reason is Reason.SCHEDULE_MISMATCH
+        assert f"peer runs {other!r}, this node {SCHEDULE!r}" in refused.value.detail
+        assert "--method, --switch-interval, --link-prob and --max-neighbors" in refused.value.detail
+    assert bob.handshakes == [older]  # the refused ones never reached the handler
+    assert [h.schedule for h, _ in bob.exchanges] == [""]
+    assert result.peer.schedule == SCHEDULE
+
+
+@pytest.mark.asyncio
+async def test_a_schedule_over_the_text_cap_is_refused_like_any_other_text_field(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    huge = "x" * (MAX_TEXT_CHARS + 1)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as at_handshake:
+            await client.handshake(dataclasses.replace(alice.info, schedule=huge), TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_exchange:
+            await client.exchange(dataclasses.replace(header_of(alice), schedule=huge), alice.factors, TIMEOUT)
+    for refused in (at_handshake, at_exchange):
+        assert refused.value.reason is Reason.BAD_PAYLOAD and "text field" in refused.value.detail
+    assert bob.handshakes == [] and bob.exchanges == []
 
 
 @pytest.mark.asyncio

@@ -40,6 +40,7 @@ async def query_status(
         "cluster": st.node.cluster,
         "fingerprint": st.node.fingerprint,
         "method": st.node.method,
+        "schedule": st.node.schedule,
         "round": st.node.round,
         "state": st.state,
         "phase": st.phase,

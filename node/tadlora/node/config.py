@@ -27,7 +27,8 @@ MAX_EXCHANGE_TIMEOUT_S = 86_400.0
 @dataclass(frozen=True)
 class NodeConfig:
     """Everything one node needs. Nodes of one cluster must agree on model, LoRA, labels, seed, method, T,
-    link probability and sharding; the model fingerprint and the handshake check what can be checked."""
+    link probability, degree cap and sharding; the handshake checks the model fingerprint (model, LoRA, labels,
+    seed) and the `schedule` (method, T, link probability, degree cap)."""
 
     out: Path
     node_id: str | None = None  # None: reuse the id saved in ``out``, else make one
@@ -161,6 +162,19 @@ class NodeConfig:
             "num_shards": self.num_shards,
             "link_prob": self.link_prob,
         }
+
+    def schedule(self) -> str:
+        """What the nodes of one cluster must share, beyond the model fingerprint, for both ends of every link to
+        agree each round: the method (which factors train and are mixed, and how), its effective switch interval T,
+        the link probability p and the overlay degree cap (both decide which links are up; the seed, the third
+        input, is in the fingerprint). Canonical, e.g. ``"tad T=5 p=0.5 max-neighbors=all"``: a default T written
+        out and 0.10 for 0.1 give the same string. Peers compare it as a string (`tadlora.node.rpc`), so its
+        spelling is part of the protocol. Per-node settings (shard, data, split, robust mixing, timeouts) are not in
+        it: nodes that differ in them still mix consistently."""
+        t = make_method(self.method, self.switch_interval).switch_interval
+        cap = "all" if self.max_neighbors is None else str(self.max_neighbors)
+        # repr: the shortest string that reads back as the same float, the same on every machine.
+        return f"{self.method} T={'none' if t is None else t} p={float(self.link_prob)!r} max-neighbors={cap}"
 
     def model_spec(self, label_names: tuple[str, ...]) -> ModelSpec:
         """The model this node builds for a dataset of ``label_names``, drawn with ``init``; with "auto", portably

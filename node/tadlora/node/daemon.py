@@ -135,6 +135,7 @@ class Node:
         else:
             self.transport = GrpcTransport(max_payload_bytes=config.max_payload_bytes, health_port=config.health_port)
         self.method: Method = make_method(config.method, config.switch_interval)
+        self.schedule = config.schedule()  # sent in every handshake and exchange header; peers refuse another
         self.node_id = ""
         self.fingerprint = ""
         self.address = ""
@@ -296,8 +297,8 @@ class Node:
         self._spawn(self._peers.run(), "peer-manager")
         self._state = "idle"
         log.info(
-            "node %s serving on %s (cluster %s, fingerprint %s, method %s, shard %d/%d)",
-            self.node_id, self.address, cfg.cluster, self.fingerprint, self.method.name, cfg.shard, cfg.num_shards,
+            "node %s serving on %s (cluster %s, fingerprint %s, schedule %s, shard %d/%d)",
+            self.node_id, self.address, cfg.cluster, self.fingerprint, self.schedule, cfg.shard, cfg.num_shards,
         )  # fmt: skip
         if cfg.insecure:
             log.warning(
@@ -544,6 +545,7 @@ class Node:
             insecure=self.config.insecure,
             protocol_version=PROTOCOL_VERSION,
             last_mixed_round=self.rounds.last_mixed,
+            schedule=self.schedule,
         )
 
     def expected_spec(self) -> FactorSpec | None:
@@ -949,7 +951,12 @@ class Node:
             return
         t = cur.t
         header = ExchangeHeader(
-            node_id=self.node_id, cluster=self.config.cluster, fingerprint=self.fingerprint, round=t, degree=cur.degree
+            node_id=self.node_id,
+            cluster=self.config.cluster,
+            fingerprint=self.fingerprint,
+            round=t,
+            degree=cur.degree,
+            schedule=self.schedule,
         )
         loop = asyncio.get_running_loop()
         try:

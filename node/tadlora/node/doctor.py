@@ -6,8 +6,9 @@ cannot. It takes the same flags (and TADLORA_ variables) as a run, changes nothi
 
 Checks: network interfaces; multicast on the --mdns-interface; that the --listen port can be bound; GPU and
 driver; --out; that --dataset and --model load (and the model fingerprint); and every peer it can find (mDNS
-browse, static and dns: peers), with whether its cluster and fingerprint match. Each check prints OK, WARN or FAIL
-and, unless OK, how to fix it. Exit status 0 when nothing FAILs, 1 otherwise, 2 for bad flags.
+browse, static and dns: peers), with whether its cluster and fingerprint match, and, for the static and dns: peers
+it asks, its schedule. Each check prints OK, WARN or FAIL and, unless OK, how to fix it. Exit status 0 when nothing
+FAILs, 1 otherwise, 2 for bad flags.
 """
 
 from __future__ import annotations
@@ -62,6 +63,7 @@ STATUS_TIMEOUT_S = 5.0  # s for one peer's Status call
 CERT_EXPIRY_WARN_DAYS = 30  # days before a node certificate expires that the tls check WARNs (time to reissue)
 _DNS_FIX = "check the name (in Kubernetes: the headless Service and the namespace) and that the peers run"
 _SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets and --seed"
+_SAME_SCHEDULE_FLAGS = "--method, --switch-interval, --link-prob and --max-neighbors"
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -121,10 +123,12 @@ def compare_peer(
     secure: bool | None = None,
     *,
     same_id: bool = False,
+    schedule: str = "",
 ) -> Check:
     """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not.
     ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown. ``same_id``: the peer
-    runs under the node id this node would take, a FAIL within one cluster."""
+    runs under the node id this node would take, a FAIL within one cluster. ``schedule``: the peer's
+    (`NodeConfig.schedule`, from its status), "" if unknown (an mDNS record does not carry it) or too old to say."""
     from tadlora.node.rpc import PROTOCOL_VERSION
 
     name = f"peer {who}"
@@ -156,6 +160,13 @@ def compare_peer(
             f"cluster {cluster!r} matches, but fingerprint {peer_fingerprint} differs from "
             f"ours ({fingerprint}): the nodes will not mix",
             f"start every node of a cluster with the same {_SAME_TRAINING_FLAGS}",
+        )
+    if schedule and schedule != (ours := cfg.schedule()):  # as the handshake compares them (rpc._check_peer)
+        return Check(
+            name,
+            "WARN",
+            f"cluster and fingerprint match, but it runs {schedule!r} and this node {ours!r}: the nodes will not mix",
+            f"start every node of a cluster with the same {_SAME_SCHEDULE_FLAGS}",
         )
     if secure is not None and secure == cfg.insecure:  # the node passes such an advert over (PeerManager)
         theirs, ours = ("with", "without (--insecure)") if secure else ("without (--insecure)", "with")
@@ -216,6 +227,7 @@ async def async_check_address(
         st.node.fingerprint,
         st.node.protocol_version,
         same_id=st.node.node_id == node_id,
+        schedule=st.node.schedule,
     )
     return dataclasses.replace(check, detail=f"({via}) {check.detail}")
 

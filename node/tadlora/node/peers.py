@@ -1,7 +1,7 @@
 """The node's view of its peers: candidates from discovery become peers only after a verified handshake.
 
 A candidate (an mDNS advert, a static address, a peer that called us) is only a hint. The `PeerManager`
-handshakes with it; a peer of another cluster, fingerprint or protocol is refused with the reason, logged
+handshakes with it; a peer of another cluster, fingerprint, schedule or protocol is refused with the reason, logged
 once. A verified peer stays until discovery says it left or it fails: then it is dropped, and retried with
 an exponential backoff (so a flapping peer costs little). When its mDNS advert names another address (it restarted
 elsewhere), it is handshaken there at the next scan and moves once that handshake succeeds.
@@ -30,9 +30,16 @@ RETRY_MAX_S = 30.0  # s; backoff doubles up to this
 SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
 STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as a flap (2x RETRY_MAX_S)
 # Refusals after which a peer cannot be ours as it is now: its address reaches another node, or it came back under
-# its id with another protocol, cluster or model. Others (SHUTTING_DOWN, BUSY, ...) come from a peer that still is.
+# its id with another protocol, cluster, model or schedule. Others (SHUTTING_DOWN, BUSY, ...) come from a peer that
+# still is.
 _NOT_A_PEER_NOW = frozenset(
-    {Reason.IDENTITY_MISMATCH, Reason.PROTOCOL_MISMATCH, Reason.CLUSTER_MISMATCH, Reason.FINGERPRINT_MISMATCH}
+    {
+        Reason.IDENTITY_MISMATCH,
+        Reason.PROTOCOL_MISMATCH,
+        Reason.CLUSTER_MISMATCH,
+        Reason.FINGERPRINT_MISMATCH,
+        Reason.SCHEDULE_MISMATCH,
+    }
 )
 
 

@@ -89,7 +89,7 @@ DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a serv
 # Sanity caps on what a peer says about itself; anything over them is refused, never stored or computed with.
 MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
-MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address or method name (ids are <= 63)
+MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address, method or schedule (ids are <= 63)
 MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours are one sentence)
 # Exchanges one caller may have in flight at a callee. A node calls each neighbour once per round, so one is the
 # norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
@@ -150,6 +150,7 @@ class PeerInfo:
     insecure: bool = True  # the only transport so far; a TLS node will say False
     protocol_version: int = PROTOCOL_VERSION
     last_mixed_round: int = 0  # 1 + the last round this node mixed with a neighbour; 0: never
+    schedule: str = ""  # `NodeConfig.schedule`; "" from a node too old to send it, and then not compared
 
     def __post_init__(self) -> None:
         if min(self.round, self.degree, self.protocol_version, self.last_mixed_round) < 0:
@@ -165,6 +166,7 @@ class ExchangeHeader:
     fingerprint: str
     round: int
     degree: int
+    schedule: str = ""  # as in `PeerInfo`
 
     @classmethod
     def from_info(cls, info: PeerInfo, at_round: int | None = None) -> ExchangeHeader:
@@ -175,6 +177,7 @@ class ExchangeHeader:
             fingerprint=info.fingerprint,
             round=info.round if at_round is None else at_round,
             degree=info.degree,
+            schedule=info.schedule,
         )
 
 
@@ -302,8 +305,9 @@ def _check_identity(claimed: str, identity: str | None) -> None:
 
 
 def check_compatible(local: PeerInfo, remote: PeerInfo) -> None:
-    """Raise `ExchangeRefused` (PROTOCOL/CLUSTER/FINGERPRINT_MISMATCH) unless the two nodes can exchange factors."""
-    _check_peer(remote.protocol_version, remote.cluster, remote.fingerprint, ours=local)
+    """Raise `ExchangeRefused` (PROTOCOL/CLUSTER/FINGERPRINT/SCHEDULE_MISMATCH) unless the two nodes can exchange
+    factors."""
+    _check_peer(remote.protocol_version, remote.cluster, remote.fingerprint, remote.schedule, ours=local)
 
 
 def check_sane(what: str, *, round: int, degree: int, texts: Iterable[str]) -> None:
@@ -340,7 +344,7 @@ def _check_info(info: PeerInfo, what: str) -> None:
     before it moves on to t + 1, so it reports at most its own round + 1 (between closing a round and the next).
     Catch-up follows the peer that claims the latest mixing and adopts that claim, so a bigger one would pull
     every node to a round nobody reached."""
-    texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method)
+    texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method, info.schedule)
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
     _check_node_id(info.node_id, what)
     if info.last_mixed_round > info.round + 1:
@@ -350,7 +354,10 @@ def _check_info(info: PeerInfo, what: str) -> None:
         )
 
 
-def _check_peer(protocol_version: int, cluster: str, fingerprint: str, *, ours: PeerInfo | ExchangeHeader) -> None:
+def _check_peer(
+    protocol_version: int, cluster: str, fingerprint: str, schedule: str, *, ours: PeerInfo | ExchangeHeader
+) -> None:
+    """Refuse a peer (or its header) whose protocol, cluster, model fingerprint or schedule is not ``ours``."""
     if protocol_version != PROTOCOL_VERSION:
         raise ExchangeRefused(
             Reason.PROTOCOL_MISMATCH, f"peer speaks protocol {protocol_version}, this node {PROTOCOL_VERSION}"
@@ -361,6 +368,14 @@ def _check_peer(protocol_version: int, cluster: str, fingerprint: str, *, ours: 
         raise ExchangeRefused(
             Reason.FINGERPRINT_MISMATCH,
             f"peer's model fingerprint {fingerprint[:16]!r} differs from this node's {ours.fingerprint[:16]!r}",
+        )
+    # An empty schedule is not compared: nodes of protocol 2 before the field existed send none, and refusing them
+    # would split a cluster during a rolling upgrade. Such a pair is no worse off than before the check.
+    if schedule and ours.schedule and schedule != ours.schedule:
+        raise ExchangeRefused(
+            Reason.SCHEDULE_MISMATCH,
+            f"peer runs {schedule!r}, this node {ours.schedule!r}: start every node of a cluster with the same "
+            "--method, --switch-interval, --link-prob and --max-neighbors",
         )
 
 
@@ -396,6 +411,7 @@ def _info_to_pb(info: PeerInfo) -> pb.PeerInfo:
         method=info.method,
         insecure=info.insecure,
         last_mixed_round=info.last_mixed_round,
+        schedule=info.schedule,
     )
 
 
@@ -411,6 +427,7 @@ def _info_from_pb(msg: pb.PeerInfo) -> PeerInfo:
         method=msg.method,
         insecure=msg.insecure,
         last_mixed_round=msg.last_mixed_round,
+        schedule=msg.schedule,
     )
 
 
@@ -479,6 +496,7 @@ def _payload_messages(header: ExchangeHeader, payload: bytes, sha256: str) -> It
             total_bytes=len(payload),
             sha256=sha256,
             num_chunks=chunk_count(len(payload)),
+            schedule=header.schedule,
         )
     )
     for piece in chunk(payload):
@@ -519,7 +537,7 @@ async def _receive_header(
     if opened is not None:
         opened()
     head = first.header
-    texts = (head.node_id, head.cluster, head.fingerprint, head.sha256)
+    texts = (head.node_id, head.cluster, head.fingerprint, head.sha256, head.schedule)
     check_sane("exchange header", round=head.round, degree=head.degree, texts=texts)
     _check_node_id(head.node_id, "exchange header")
     check(head)
@@ -544,7 +562,12 @@ async def _receive_chunks(
 
 def _header_from_pb(head: pb.ExchangeHeader) -> ExchangeHeader:
     return ExchangeHeader(
-        node_id=head.node_id, cluster=head.cluster, fingerprint=head.fingerprint, round=head.round, degree=head.degree
+        node_id=head.node_id,
+        cluster=head.cluster,
+        fingerprint=head.fingerprint,
+        round=head.round,
+        degree=head.degree,
+        schedule=head.schedule,
     )
 
 
@@ -672,7 +695,7 @@ class _Responder:
 
             def check(head: pb.ExchangeHeader) -> None:
                 _check_identity(head.node_id, identity)  # before a byte of payload is read
-                _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=local)
+                _check_peer(head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=local)
 
             # Everything that can refuse an exchange from its header does so before a chunk is read: each payload
             # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
@@ -884,7 +907,7 @@ class _Caller(abc.ABC):
 
         def check_reply(head: pb.ExchangeHeader) -> None:
             _check_answerer(head.node_id, self.node_id, self.address)
-            _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=header)
+            _check_peer(head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=header)
             if head.round != header.round:
                 raise ExchangeRefused(Reason.ROUND_MISMATCH, f"asked for round {header.round}, got {head.round}")
             _check_declared_size(head.total_bytes, expected)
@@ -927,7 +950,7 @@ class _Caller(abc.ABC):
 
         def check_reply(head: pb.ExchangeHeader) -> None:
             _check_answerer(head.node_id, self.node_id, self.address)
-            _check_peer(head.protocol_version, head.cluster, head.fingerprint, ours=info)
+            _check_peer(head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=info)
             _check_declared_size(head.total_bytes, expected)
 
         replies = self._call_fetch(pb.FetchRequest(caller=_info_to_pb(info)), timeout)

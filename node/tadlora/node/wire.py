@@ -73,6 +73,7 @@ class Reason(enum.IntEnum):
     INTERNAL = 11
     IDENTITY_MISMATCH = 12
     BUSY = 13
+    SCHEDULE_MISMATCH = 14
 
 
 class ExchangeRefused(Exception):

@@ -23,6 +23,7 @@ class RefusalReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     REFUSAL_REASON_INTERNAL: _ClassVar[RefusalReason]
     REFUSAL_REASON_IDENTITY_MISMATCH: _ClassVar[RefusalReason]
     REFUSAL_REASON_BUSY: _ClassVar[RefusalReason]
+    REFUSAL_REASON_SCHEDULE_MISMATCH: _ClassVar[RefusalReason]
 REFUSAL_REASON_UNSPECIFIED: RefusalReason
 REFUSAL_REASON_PROTOCOL_MISMATCH: RefusalReason
 REFUSAL_REASON_CLUSTER_MISMATCH: RefusalReason
@@ -37,9 +38,10 @@ REFUSAL_REASON_DEADLINE: RefusalReason
 REFUSAL_REASON_INTERNAL: RefusalReason
 REFUSAL_REASON_IDENTITY_MISMATCH: RefusalReason
 REFUSAL_REASON_BUSY: RefusalReason
+REFUSAL_REASON_SCHEDULE_MISMATCH: RefusalReason
 
 class PeerInfo(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round")
+    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round", "schedule")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -50,6 +52,7 @@ class PeerInfo(_message.Message):
     METHOD_FIELD_NUMBER: _ClassVar[int]
     INSECURE_FIELD_NUMBER: _ClassVar[int]
     LAST_MIXED_ROUND_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     fingerprint: str
@@ -60,7 +63,8 @@ class PeerInfo(_message.Message):
     method: str
     insecure: bool
     last_mixed_round: int
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ...) -> None: ...
+    schedule: str
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("caller",)
@@ -81,7 +85,7 @@ class HandshakeReply(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[_Union[RefusalReason, str]] = ..., detail: _Optional[str] = ..., callee: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
 
 class ExchangeHeader(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "cluster", "fingerprint", "round", "degree", "total_bytes", "sha256", "num_chunks")
+    __slots__ = ("protocol_version", "node_id", "cluster", "fingerprint", "round", "degree", "total_bytes", "sha256", "num_chunks", "schedule")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +95,7 @@ class ExchangeHeader(_message.Message):
     TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     NUM_CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     cluster: str
@@ -100,7 +105,8 @@ class ExchangeHeader(_message.Message):
     total_bytes: int
     sha256: str
     num_chunks: int
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ...) -> None: ...
+    schedule: str
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., num_chunks: _Optional[int] = ..., schedule: _Optional[str] = ...) -> None: ...
 
 class Refusal(_message.Message):
     __slots__ = ("reason", "detail")
