@@ -35,6 +35,7 @@ async def run_rounds(tmp: Path, rounds: int, **changes: object) -> None:
         ({"method": "tad", "switch_interval": 2}, {"method": "tad", "switch_interval": 3}, "switch_interval 2"),
         ({}, {"shard": 1}, "shard 0 (now 1)"),
         ({}, {"link_prob": 0.5}, "link_prob 1.0 (now 0.5)"),
+        ({}, {"max_neighbors": 4}, "max_neighbors None (now 4)"),
     ],
 )
 async def test_an_out_of_another_cluster_or_method_is_refused_not_resumed(

@@ -161,6 +161,8 @@ class NodeConfig:
             "shard": self.shard,
             "num_shards": self.num_shards,
             "link_prob": self.link_prob,
+            # With link_prob, which links are up (`schedule`): resumed under another cap, its peers refuse it.
+            "max_neighbors": self.max_neighbors,
         }
 
     def schedule(self) -> str:
