@@ -104,7 +104,7 @@ def test_three_processes_find_each_other_by_mdns_train_every_round_together_and_
         assert identity == {
             "node_id": ids[i], "cluster": tag, "fingerprint": ckpt.fingerprint, "method": "tad", "switch_interval": 5,
             "dataset": "builtin:sst2-small", "split": "label-skew", "shard": i, "num_shards": 3, "link_prob": 1.0,
-            "init": "portable",
+            "max_neighbors": None, "init": "portable",
         }  # fmt: skip
         assert_adapter_holds(node.out / "adapter", base, ckpt.factors)
 
