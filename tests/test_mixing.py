@@ -63,6 +63,7 @@ def test_local_view_equals_the_matrix_row() -> None:
     for i in range(12):
         row = local_weights(int(deg[i]), {int(j): int(deg[j]) for j in np.flatnonzero(adj[i])})
         assert row.self_weight == pytest.approx(w[i, i])
+        assert set(row.neighbours) == set(np.flatnonzero(adj[i]).tolist())  # a weight for every neighbour
         for j, wij in row.neighbours.items():
             assert wij == w[i, j]
 
