@@ -221,7 +221,9 @@ async def test_work_per_round_follows_the_degree_bound_not_the_network_size(tmp_
         got = [n.factors for n in nodes]
         per_message = sum(v.numel() * v.element_size() for v in nodes[0].last_snapshot.values())
     for i in range(m):
-        for record in _rounds(tmp_path / f"n{i}"):
+        records = _rounds(tmp_path / f"n{i}")
+        assert [r["round"] for r in records] == [0, 1]
+        for record in records:
             assert record["degree"] == k and len(record["neighbours"]) == k and not record["missed"]
             assert record["bytes_sent"] == k * per_message  # k exchanges, whatever m is
     want = await asyncio.to_thread(simulated, m, "lora", None, 1.0, 2, f"overlay:{k}")
@@ -240,7 +242,9 @@ async def test_mixing_preserves_the_average_across_live_nodes(tmp_path) -> None:
         mean_before = torch.stack([b[key].double() for b in before]).mean(0)
         mean_after = torch.stack([a[key].double() for a in after]).mean(0)
         torch.testing.assert_close(mean_after, mean_before, atol=1e-6, rtol=0)
-    for record in _rounds(tmp_path / "n0"):
+    records = _rounds(tmp_path / "n0")
+    assert [r["round"] for r in records] == [0, 1]
+    for record in records:
         assert record["degree"] == 3 and not record["missed"]
         assert record["self_weight"] == pytest.approx(0.25)
 
@@ -368,10 +372,14 @@ async def test_nodes_of_another_cluster_fingerprint_or_schedule_are_never_mixed_
         assert foreign[1].fingerprint != good.fingerprint
         assert foreign[2].fingerprint == good.fingerprint and foreign[2].schedule != good.schedule
         await run_all([good, mate, *foreign])
-    for record in _rounds(tmp_path / "n0"):
+    records = _rounds(tmp_path / "n0")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    for record in records:
         assert [n["id"] for n in record["neighbours"]] == ["node-3"]
-    for i in (1, 2, 4):
-        assert all(r["degree"] == 0 for r in _rounds(tmp_path / f"n{i}"))
+    for i, rounds in ((1, 3), (2, 1), (4, 1)):
+        records = _rounds(tmp_path / f"n{i}")
+        assert [r["round"] for r in records] == list(range(rounds)), i
+        assert all(r["degree"] == 0 for r in records)
     assert good.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "SCHEDULE_MISMATCH"})
 
 
@@ -394,7 +402,9 @@ async def test_a_static_peer_list_that_names_the_node_itself_is_shared_without_d
         refused = second.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "NOT_A_NEIGHBOR"})
     assert not refused
     assert "own id" not in caplog.text
-    assert all([n["id"] for n in r["neighbours"]] == ["node-0"] for r in _rounds(tmp_path / "n1"))
+    records = _rounds(tmp_path / "n1")
+    assert [r["round"] for r in records] == [0, 1, 2]
+    assert all([n["id"] for n in r["neighbours"]] == ["node-0"] for r in records)
 
 
 @pytest.mark.asyncio

@@ -510,7 +510,9 @@ async def test_an_exchange_whose_commit_never_arrives_is_left_out_at_both_ends(
                 await asyncio.gather(caller.run(), callee.run())
     assert lost  # the exchange itself went through: only its commit was lost
     for out, other in ((tmp_path / "n0", callee), (tmp_path / "n1", caller)):
-        for record in _rounds(out):
+        records = _rounds(out)
+        assert [r["round"] for r in records] == [0, 1]  # the lost rounds among them
+        for record in records:
             if record["round"] in lost:
                 assert record["neighbours"] == [] and record["missed"] == [other.node_id], record
 

@@ -63,6 +63,7 @@ def test_local_view_equals_the_matrix_row() -> None:
     for i in range(12):
         row = local_weights(int(deg[i]), {int(j): int(deg[j]) for j in np.flatnonzero(adj[i])})
         assert row.self_weight == pytest.approx(w[i, i])
+        assert set(row.neighbours) == set(np.flatnonzero(adj[i]).tolist())  # a weight for every neighbour
         for j, wij in row.neighbours.items():
             assert wij == w[i, j]
 
@@ -264,3 +265,23 @@ def test_decaf_keeps_the_factor_shapes_when_r_exceeds_the_module_s_dimensions() 
     ka, kb = factor_key("layer.0.query", Factor.A), factor_key("layer.0.query", Factor.B)
     product = sum(s[kb].double() @ s[ka].double() for s in states) / 2
     torch.testing.assert_close(mixed[kb].double() @ mixed[ka].double(), product, atol=1e-5, rtol=1e-5)
+
+
+def test_mixing_is_bit_identical_whatever_order_the_neighbours_arrive_in() -> None:
+    # The daemon lists neighbours as their replies arrive, the simulator by index: the sum must run in one order.
+    gen = torch.Generator().manual_seed(12)
+    own = {k: v.double() for k, v in make_factors(gen).items()}
+    nbrs = {f"node-{j}": {k: v.double() for k, v in make_factors(gen).items()} for j in range(6)}
+    by_index = mix_factors(own, nbrs, local_weights(6, dict.fromkeys(nbrs, 6)), BOTH)
+    arrival = dict(reversed(nbrs.items()))
+    by_arrival = mix_factors(own, arrival, local_weights(6, dict.fromkeys(arrival, 6)), BOTH)
+    assert all(torch.equal(by_arrival[k], by_index[k]) for k in own)
+
+
+def test_weights_and_matrices_that_no_undirected_graph_gives_are_refused() -> None:
+    with pytest.raises(ValueError, match="symmetric"):
+        mh_matrix(np.array([[0, 1], [0, 0]], dtype=bool))
+    with pytest.raises(ValueError, match="self loops"):
+        mh_matrix(np.eye(2, dtype=bool))
+    with pytest.raises(ValueError, match="2 neighbours but own degree 1"):
+        local_weights(1, {"a": 1, "b": 1})

@@ -100,7 +100,9 @@ def test_clip_with_a_tau_no_difference_reaches_is_exactly_plain_mixing() -> None
 
 def test_symmetric_clipping_with_one_tau_everywhere_still_preserves_the_average() -> None:
     nodes, _, _ = _network()
-    mixed = _mix_all(RobustMixing("clip", 0.5))  # every difference is clipped
+    mixed, plain = _mix_all(RobustMixing("clip", 0.5)), _mix_all(None)
+    for m, p in zip(mixed, plain, strict=True):  # every difference is clipped: no node mixes as plain MH would
+        assert all(not torch.allclose(m[key], p[key]) for key in (A, B))
     for key in (A, B):
         torch.testing.assert_close(_mean(mixed, key), _mean(nodes, key).float().double(), atol=1e-6, rtol=0)
 

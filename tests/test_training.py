@@ -249,17 +249,18 @@ def test_persistent_state_keeps_the_frozen_factors_entries_and_an_interrupted_ro
         TrainSpec(optimizer_state="kept")
 
 
-def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards) -> None:
+def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards, monkeypatch) -> None:
     """A resumed or shared simulator cell, and a daemon, draw the masks the uninterrupted run drew."""
     from conftest import TINY_LORA
+    from tadlora import training
     from tadlora.adapter import ModelSpec
 
     model = AdapterModel(ModelSpec(model="tiny", lora=dataclasses.replace(TINY_LORA, dropout=0.5), seed=0))
     init = model.factors()
 
-    def run(t: int) -> dict[str, torch.Tensor]:
+    def run(t: int, shard: int = 0, seed: int = 0) -> dict[str, torch.Tensor]:
         model.load_factors(init)
-        local_steps(model, tiny_shards[0], frozenset({Factor.A, Factor.B}), TINY_TRAIN, seed=0, shard=0, t=t)
+        local_steps(model, tiny_shards[0], frozenset({Factor.A, Factor.B}), TINY_TRAIN, seed=seed, shard=shard, t=t)
         return model.factors()
 
     first = run(0)
@@ -268,6 +269,13 @@ def test_dropout_masks_are_a_function_of_seed_shard_and_round(tiny_shards) -> No
     again = run(0)
     assert torch.equal(torch.get_rng_state(), state)  # and the stream outside local steps is left alone
     assert all(torch.equal(first[k], again[k]) for k in first)
+    # Each part of the key draws other masks: with every run's batches held to those of (seed 0, shard 0, round 0),
+    # only the masks can differ (the tiny base has no dropout of its own).
+    batches = training.round_batches
+    monkeypatch.setattr(training, "round_batches", lambda _seed, _shard, _t, *rest: batches(0, 0, 0, *rest))
+    assert all(torch.equal(run(0)[k], first[k]) for k in first)
+    for other in ({"t": 1}, {"t": 0, "shard": 1}, {"t": 0, "seed": 1}):
+        assert any(not torch.equal(run(**other)[k], first[k]) for k in first), other
 
 
 def test_sentence_pairs_keep_their_segment_ids_and_training_and_evaluation_pass_them(tiny_model) -> None:
