@@ -308,3 +308,29 @@ def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path, monkeypat
         atomic_write_bytes(target, b"data")
     assert failed.value.errno == errno.ENOSPC  # callers that tell a full disk by its errno still can
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_round_log_the_disk_refuses_is_an_error_naming_it(tmp_path, monkeypatch) -> None:
+    # A full disk mid-run stopped the node with "[Errno 28] No space left on device" and no word of the file.
+    log = state.RoundLog(tmp_path)
+    log.write({"round": 0})
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fsync", disk_full)
+        with pytest.raises(OSError, match=re.escape(f"No space left on device: '{log.path}'")) as failed:
+            log.sync()
+    assert failed.value.errno == errno.ENOSPC
+    log.close()
+    assert state.read_rounds(tmp_path) == [{"round": 0}]
+    if not os.path.exists("/dev/full"):
+        return
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / state.ROUNDS).symlink_to("/dev/full")  # every write(2) fails with ENOSPC, as on a full disk
+    log = state.RoundLog(full)
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{log.path}'")) as failed:
+        log.write({"round": 1})
+    assert failed.value.errno == errno.ENOSPC

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
@@ -47,13 +49,21 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         raise
     dir_fd = os.open(target.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)
-    except OSError as exc:
-        if _names_no_file(exc):
-            raise OSError(exc.errno, exc.strerror, str(target)) from exc
-        raise
+        with naming(target):
+            os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Re-raise an OSError of the block that names no file (`_names_no_file`) as the same error naming ``path``."""
+    try:
+        yield
+    except OSError as exc:
+        if _names_no_file(exc):
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
 
 
 def _names_no_file(exc: BaseException) -> TypeGuard[OSError]:

@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load, save
 
 from tadlora.core.factors import Factors
-from tadlora.fsutil import atomic_write_bytes
+from tadlora.fsutil import atomic_write_bytes, naming
 from tadlora.training import MOMENTS, OptimizerState
 
 log = logging.getLogger("tadlora.node")
@@ -229,13 +229,16 @@ class RoundLog:
             self._file.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
-        self._file.flush()
+        """Append ``record`` as a line; OSError naming the file if the disk refuses it (full, I/O error)."""
+        with naming(self.path):
+            self._file.write(json.dumps(record, separators=(",", ":")) + "\n")
+            self._file.flush()
 
     @property
     def size(self) -> int:
         """Bytes in the file now: every record written so far, whole (what a checkpoint records)."""
-        self._file.flush()  # the newline that ends a torn line is written, unflushed, before any record
+        with naming(self.path):
+            self._file.flush()  # the newline that ends a torn line is written, unflushed, before any record
         return os.fstat(self._file.fileno()).st_size
 
     def sync(self) -> None:
@@ -243,7 +246,8 @@ class RoundLog:
         checkpoint that records `size`: after a power loss the log must not be shorter than a checkpoint says,
         or the rounds between would never be logged. Blocking; safe in a worker thread while the loop is not
         writing, as no Python buffer is touched."""
-        os.fsync(self._file.fileno())
+        with naming(self.path):
+            os.fsync(self._file.fileno())
 
     def close(self) -> None:
         if not self._file.closed:
