@@ -555,7 +555,7 @@ def test_a_method_has_one_colour_in_every_panel_and_the_legend_names_every_line(
         colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
         assert [sorted(c) for c in colours] == [["lora", "rolora"], ["rolora"]]
         assert colours[1]["rolora"] == colours[0]["rolora"] != colours[0]["lora"]
-        assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["lora", "rolora"]
+        assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["lora (n=1)", "rolora (n=1)"]
     finally:
         plt.close(fig)
     with warnings.catch_warnings():
