@@ -62,3 +62,44 @@ def test_accuracy_vs_round_never_switches_seeds_partway(monkeypatch: pytest.Monk
     finally:
         for fig in figures:
             plt.close(fig)
+
+
+def test_accuracy_vs_round_legend_orders_t_by_value_and_says_how_many_seeds(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The T sweep's legend read "tad T=1, T=10, T=15, T=2, ...", and nothing said that two of its lines were means of
+    two seeds and the others one seed's run (benchmarks/paper/cpu-sst2/T-sweep while seed 1 was running)."""
+
+    def at(p: float, c: dict[str, Any]) -> dict[str, Any]:
+        return {**c, "link_prob": p}
+
+    cells = [cell(1, 0, 0.8), cell(1, 1, 0.7), cell(2, 0, 0.8), cell(10, 0, 0.8), at(0.5, cell(1, 0, 0.8))]
+    cells.append(at(0.5, cell(10, 0, 0.8)))
+    figures = drawn(monkeypatch, {"config": {"name": "sweep"}, "cells": cells, "summary": summarize(cells)}, tmp_path)
+    try:
+        legend = [t.get_text() for t in figures[0].axes[-1].get_legend().get_texts()]
+        assert legend == ["tad T=1 (n=1|2)", "tad T=2 (n=1)", "tad T=10 (n=1)"]
+        assert "n: seeds averaged" in figures[0].texts[0].get_text()
+        for fig in figures:  # rounds and T are whole numbers: a tick at round 2.5 or T = 2.2 was drawn
+            assert all(float(x).is_integer() for ax in fig.axes for x in ax.get_xticks())
+    finally:
+        for fig in figures:
+            plt.close(fig)
+
+
+def test_more_than_ten_lines_take_ten_hues_before_any_shade_repeats_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With 11 lines (the cpu-sst2 method grid) tab20's pairs of shades went to neighbours in the legend: ffa and lora
+    both orange, rolora and tad T=1 both green, adf and decaf both blue."""
+    methods = ["adf", "decaf", "ffa", "lora", "rolora", "m5", "m6", "m7", "m8", "m9", "m10"]
+    cells = [cell(None, 0, 0.8, method=m) for m in methods]
+    figures = drawn(monkeypatch, {"config": {"name": "grid"}, "cells": cells, "summary": summarize(cells)}, tmp_path)
+    try:
+        lines = {line.get_label(): line.get_color() for line in figures[0].axes[0].get_lines()}
+        tab20 = [plt.get_cmap("tab20")(i) for i in range(20)]
+        pairs = [tab20.index(tuple(lines[m])) // 2 for m in sorted(methods)[:10]]
+        assert len(set(pairs)) == 10  # the first ten lines: ten different hues
+    finally:
+        for fig in figures:
+            plt.close(fig)

@@ -555,7 +555,7 @@ def test_a_method_has_one_colour_in_every_panel_and_the_legend_names_every_line(
         colours = [{line.get_label(): line.get_color() for line in ax.get_lines()} for ax in fig.axes]
         assert [sorted(c) for c in colours] == [["lora", "rolora"], ["rolora"]]
         assert colours[1]["rolora"] == colours[0]["rolora"] != colours[0]["lora"]
-        assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["lora", "rolora"]
+        assert [t.get_text() for t in fig.axes[-1].get_legend().get_texts()] == ["lora (n=1)", "rolora (n=1)"]
     finally:
         plt.close(fig)
     with warnings.catch_warnings():
@@ -955,3 +955,50 @@ def test_a_finished_cell_s_file_of_another_shape_is_refused_naming_it(tmp_path, 
         assert main([*argv, "--report-only"]) == 2
         err = capsys.readouterr().err
         assert f"{cell_file} holds no finished record of cell lora__er__p0.5__T-__s0: remove it" in err, err
+
+
+def test_a_topology_error_names_the_topology_and_the_clients(tmp_path) -> None:
+    """An edge list's error said only "edge (1, 7) names a node outside 0..4" or "bad edge '0'": not which of the
+    grid's topologies (nor which file) it came from, nor that the nodes are the run's clients 0..m-1."""
+    out_of_range = tmp_path / "big.txt"
+    out_of_range.write_text("0 1\n1 7\n")
+    with pytest.raises(ValueError, match=rf"topology file:{out_of_range} \(4 clients, nodes 0\.\.3\): edge \(1, 7\)"):
+        smoke_config(topologies=["ring", f"file:{out_of_range}"])
+    commas = tmp_path / "commas.csv"
+    commas.write_text("0,1\n")  # commas separate edges, not the two ends of one
+    with pytest.raises(ValueError, match=rf"topology file:{commas} .*bad edge '0'"):
+        smoke_config(topologies=[f"file:{commas}"])
+    with pytest.raises(ValueError, match=rf"topology file:{tmp_path / 'gone.txt'} .*No such file"):
+        smoke_config(topologies=[f"file:{tmp_path / 'gone.txt'}"])
+    with pytest.raises(ValueError, match=r"topology edges:0-9 \(4 clients, nodes 0\.\.3\)"):
+        smoke_config(topologies=["edges:0-9"])
+
+
+def test_clients_that_an_edge_list_leaves_without_a_link_are_warned_of(tmp_path, caplog) -> None:
+    """A file of 3 nodes for a 4-client run left client 3 without any link: it never mixed, silently."""
+    edges = tmp_path / "three.txt"
+    edges.write_text("0 1\n1 2\n")
+    config = smoke_config(topologies=["ring", f"file:{edges}"])
+    with caplog.at_level(logging.WARNING, logger="tadlora.sim"):
+        Simulator(config, tmp_path / "run", quiet=True).run(report_only=True)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "tadlora.sim"]
+    assert f"topology file:{edges}" in warning and "client 3 has no link" in warning and "never mix" in warning
+
+
+def test_a_setting_below_one_is_named_with_its_value() -> None:
+    # The message listed five settings without saying which one was wrong.
+    with pytest.raises(ValueError, match=r"^rounds must be >= 1, got 0$"):
+        smoke_config(rounds=0)
+
+
+def test_cli_help_gives_the_default_of_every_setting_flag() -> None:
+    """--link-probs, --topologies, --seeds, --rounds, ... said what they take but not what a run without them uses."""
+    parser = build_parser()
+    no_default = {"-h", "--preset", "--config", "--out", "--share-from", "--quiet", "--report-only"}
+    lacking = [
+        action.option_strings[0]
+        for action in parser._actions
+        if action.option_strings and action.option_strings[0] not in no_default
+        and "default" not in " ".join((action.help or "").split())
+    ]  # fmt: skip
+    assert lacking == []

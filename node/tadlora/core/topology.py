@@ -149,7 +149,9 @@ def parse_edges(text: str, m: int) -> frozenset[Edge]:
         # One separator: "-1-2" or "1--2" must not pass as 1-2.
         parts = re.split(r"\s*-\s*|\s+", item)
         if len(parts) != 2 or not all(p.isdigit() for p in parts):
-            raise ValueError(f"bad edge {item!r}: expected 'i-j' with node indices")
+            raise ValueError(
+                f"bad edge {item!r}: expected 'i-j' or 'i j' with node indices (edges are separated by commas or lines)"
+            )
         pairs.append((int(parts[0]), int(parts[1])))
     return _normalise(pairs, m)
 

@@ -42,25 +42,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config", type=Path, help="JSON file of SimConfig settings applied on top of the preset")
     parser.add_argument("--out", type=Path, required=True, help="output directory (created; resumed if it exists)")
-    parser.add_argument("--methods", type=csv_list(str), help=f"comma list of: {join(method_names())}")
-    parser.add_argument("--link-probs", type=csv_list(float), help="comma list of per-round link probabilities p")
+
+    def default(value: object) -> str:  # a setting's default: --config's value, else the preset's, else SimConfig's
+        return f"; default: --config's, else the preset's, else {value}"
+
+    parser.add_argument(
+        "--methods", type=csv_list(str), help=f"comma list of: {join(method_names())}{default('all of them')}"
+    )
+    parser.add_argument(
+        "--link-probs",
+        type=csv_list(float),
+        help="comma list of per-round link probabilities p, each in (0, 1]: every link of the base graph is up in a "
+        f"round with probability p{default(join([f'{p:g}' for p in base.link_probs]))}",
+    )
     parser.add_argument(
         "--switch-intervals",
         type=csv_list(int_or_auto),
         help="comma list of T (ints or auto: TAD-LoRA's topology-aware T) run by the methods in sweep_methods "
-        f"({join(base.sweep_methods)} unless --config sets it); adf keeps its own T",
+        f"({join(base.sweep_methods)} unless --config sets it); adf keeps its own T (5)"
+        f"{default(join([str(t) for t in base.switch_intervals]))}",
     )
     parser.add_argument(
         "--topologies",
         type=topology_list,
-        help="comma list: complete, er, ring, overlay:K, edges:0-1,1-2,... (its pairs are its own), file:PATH",
+        help="comma list of base graphs: complete (alias er: with p < 1, an Erdos-Renyi graph each round), ring, "
+        "overlay:K, edges:0-1,1-2,... (its pairs are its own), file:PATH (one 'i j' pair per line, nodes 0..m-1)"
+        f"{default(join(base.topologies))}",
     )
-    parser.add_argument("--seeds", type=csv_list(int), help="comma list of run seeds")
-    parser.add_argument("--rounds", type=int, help="communication rounds per cell")
-    parser.add_argument("--num-clients", type=int, help="number of simulated clients m")
-    parser.add_argument("--model", help="minilm (offline default), tiny, a HF model id or a local path")
     parser.add_argument(
-        "--dataset", help="builtin:sst2-small, glue:SST-2|MNLI|QNLI|RTE, a .tsv/.csv/.jsonl path, or hub:NAME"
+        "--seeds",
+        type=csv_list(int),
+        help=f"comma list of run seeds (ints >= 0){default(join([str(s) for s in base.seeds]))}",
+    )
+    parser.add_argument("--rounds", type=int, help=f"communication rounds per cell{default(base.rounds)}")
+    parser.add_argument("--num-clients", type=int, help=f"number of simulated clients m{default(base.num_clients)}")
+    parser.add_argument("--model", help=f"minilm (offline), tiny, a HF model id or a local path{default(base.model)}")
+    parser.add_argument(
+        "--dataset",
+        help="builtin:sst2-small, glue:SST-2|MNLI|QNLI|RTE, a .tsv/.csv/.jsonl path, or hub:NAME"
+        + default(base.dataset),
     )
     pinned = ", ".join(f"{name} {p.engine}" for name, p in sorted(PRESETS.items()) if p.engine != base.engine)
     parser.add_argument(
@@ -69,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"auto (batched on CUDA, sequential on CPU), batched, or sequential; default {base.engine}, or the "
         f"preset's ({pinned})",
     )
-    parser.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    parser.add_argument("--device", help=f"auto, cpu, cuda or cuda:N{default(base.device)}")
     parser.add_argument(
         "--init",
         choices=INITS,
@@ -81,19 +101,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--precision",
         choices=PRECISIONS,
         help="matmul precision: auto (bf16 autocast on CUDA, fp32 on the CPU), bf16 (also on the CPU: faster where "
-        "it has AVX512-BF16 or AMX, ~11x slower where it has not), fp32",
+        f"it has AVX512-BF16 or AMX, ~11x slower where it has not), fp32{default(base.train.precision)}",
     )
     parser.add_argument(
         "--optimizer",
         choices=OPTIMIZERS,
         help="local optimizer: adamw (the paper's) or sgd (plain; set its lr in --config, "
-        'e.g. {"train": {"optimizer": "sgd", "lr": 10}}: LoRA gradients are small)',
+        'e.g. {"train": {"optimizer": "sgd", "lr": 10}}: LoRA gradients are small)' + default(base.train.optimizer),
     )
     parser.add_argument(
         "--optimizer-state",
         choices=OPTIMIZER_STATES,
-        help="AdamW's moments: fresh every round (default), or persistent: each client keeps its own across "
-        "rounds (never mixed; carried by the checkpoints; not with decaf)",
+        help="AdamW's moments: fresh every round, or persistent: each client keeps its own across "
+        f"rounds (never mixed; carried by the checkpoints; not with decaf){default(base.train.optimizer_state)}",
     )
     parser.add_argument(
         "--share-from",

@@ -76,8 +76,9 @@ class SimConfig:
             self.train.check_method(make_method(method))
         if self.engine not in ENGINES:
             raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
-        if min(self.num_clients, self.rounds, self.eval_every, self.checkpoint_every, self.max_group_sequences) < 1:
-            raise ValueError("num_clients, rounds, eval_every, checkpoint_every and max_group_sequences must be >= 1")
+        for name in ("num_clients", "rounds", "eval_every", "checkpoint_every", "max_group_sequences"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("samples_per_client", "eval_samples"):
             value = getattr(self, name)
             if value is not None and value < 1:  # 0 would fail only once a cell trains or evaluates
@@ -91,7 +92,14 @@ class SimConfig:
         if min(self.seeds) < 0:  # seeds the data split's numpy generator, which takes no negative seed
             raise ValueError(f"seeds must be >= 0, got {min(self.seeds)}")
         for topo in self.topologies:
-            make_topology(topo, self.num_clients)  # validates the spec early, before hours of compute
+            try:
+                make_topology(topo, self.num_clients)  # validates the spec early, before hours of compute
+            except (ValueError, OSError) as exc:
+                if not topo.startswith(("file:", "edges:")):
+                    raise
+                # Which of the grid's topologies, and that its nodes are the run's clients (a file of another m).
+                clients = f"{self.num_clients} clients, nodes 0..{self.num_clients - 1}"
+                raise ValueError(f"topology {topo} ({clients}): {exc}") from None
         parse_shard_scheme(self.split)  # likewise, before the model and data load
         # A cell's file is named by its key, which shows these axes' values lossily: two values shown alike would
         # share one file, and the second cell would be taken as finished with the first one's results.

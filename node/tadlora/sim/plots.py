@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 
 from tadlora.fsutil import atomic_write_bytes
 
@@ -19,6 +20,23 @@ from tadlora.fsutil import atomic_write_bytes
 def _label(run: dict[str, Any]) -> str:
     t = run["switch_interval"]
     return run["method"] if t is None else f"{run['method']} T={t}"
+
+
+def _label_order(runs: Sequence[dict[str, Any]]) -> list[str]:
+    """The labels of ``runs`` by method, then T by value (T=2 before T=10; a method without T first)."""
+    keys = {_label(r): (r["method"], -1 if r["switch_interval"] is None else r["switch_interval"]) for r in runs}
+    return sorted(keys, key=keys.__getitem__)
+
+
+def _palette(n: int) -> list[Any]:
+    """``n`` colours: tab10's, or for more lines tab20's ten dark shades before its ten light ones (tab20 pairs a dark
+    and a light shade of one hue, which in label order went to neighbours: ffa and lora both orange)."""
+    if n <= 10:
+        cmap = plt.get_cmap("tab10")
+        return [cmap(i % 10) for i in range(n)]
+    cmap = plt.get_cmap("tab20")
+    order = [*range(0, 20, 2), *range(1, 20, 2)]
+    return [cmap(order[i % 20]) for i in range(n)]
 
 
 def _series(runs: Sequence[dict[str, Any]], field: str) -> tuple[np.ndarray, np.ndarray]:
@@ -57,15 +75,18 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
     the legend names every line of every panel: the panels of a grid still running need not hold the same methods.
     A method whose T differs by panel (``switch_intervals: auto``) is a different line, and colour, in each."""
     panels = _panels(results)
-    labels = sorted(_by_label(results["cells"]))
-    palette = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
-    colors = {label: palette(i % palette.N) for i, label in enumerate(labels)}
+    labels = _label_order(results["cells"])
+    colors = dict(zip(labels, _palette(len(labels)), strict=True))
     shown: dict[str, Any] = {}  # label → a line drawn with it, for the legend
+    # label → per panel, the seeds its line averages there (None: no line there): lines of one seed and lines of
+    # several (a grid still running) look alike otherwise.
+    seeds: dict[str, list[int | None]] = {label: [None] * len(panels) for label in labels}
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
-    for ax, (topo, p, runs) in zip(axes[0], panels, strict=True):
-        for label, members in sorted(_by_label(runs).items()):
+    for k, (ax, (topo, p, runs)) in enumerate(zip(axes[0], panels, strict=True)):
+        for label, members in sorted(_by_label(runs).items(), key=lambda lm: labels.index(lm[0])):
             xs, ys = _series(members, field)
             if len(xs):
+                seeds[label][k] = len(members)
                 marker = "o" if len(xs) < 30 else None
                 (line,) = ax.plot(xs, ys, marker=marker, ms=3, label=label, color=colors[label])
                 shown.setdefault(label, line)
@@ -76,16 +97,29 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
                     ax.fill_between(xs, ys - std, ys + std, color=line.get_color(), alpha=0.15, linewidth=0)
         ax.set_title(f"{topo}, p = {p:g}")
         ax.set_xlabel("round")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # rounds are whole: no tick at round 2.5
         ax.set_ylabel(ylabel)
         if log:
             ax.set_yscale("symlog", linthresh=1e-8)
         ax.grid(alpha=0.3)
     if shown:  # none when every value is missing (NaN, written as null)
-        axes[0][-1].legend([shown[label] for label in sorted(shown)], sorted(shown), fontsize=7, loc="best")
+        ordered = [label for label in labels if label in shown]
+        texts = [f"{label} (n={_seed_counts(seeds[label])})" for label in ordered]
+        axes[0][-1].legend([shown[label] for label in ordered], texts, fontsize=7, loc="best")
     band = " (band: ± std over clients)" if field == "acc_mean" else ""
-    fig.suptitle(f"{results['config']['name']}: {ylabel}, mean over seeds{band}", fontsize=9)
+    where = "; n: seeds averaged, panel by panel where they differ" if len(panels) > 1 else "; n: seeds averaged"
+    fig.suptitle(f"{results['config']['name']}: {ylabel}, mean over seeds{band}{where}", fontsize=9)
     fig.tight_layout()
     return fig
+
+
+def _seed_counts(per_panel: Sequence[int | None]) -> str:
+    """``2`` when a line averages the same number of seeds in every panel it is in, else ``2|1|–`` panel by panel
+    (– where it has no line)."""
+    drawn = {n for n in per_panel if n is not None}
+    if len(drawn) == 1:
+        return str(drawn.pop())
+    return "|".join("–" if n is None else str(n) for n in per_panel)
 
 
 def _t_curves(
@@ -131,6 +165,7 @@ def _t_plot(results: dict[str, Any], path: Path) -> Path | None:
         seed_label = ",".join(map(str, seeds))
         ax.errorbar(ts, acc, yerr=std, marker="o", capsize=3, label=f"{method} {topo} p={p:g} (seeds {seed_label})")
     ax.set_xlabel("switching interval T")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax.set_ylabel("final accuracy (mean ± client std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)

@@ -293,6 +293,8 @@ class Simulator:
         """Run (or resume) every cell, then write results.json and the plots; return the results.
         ``report_only`` runs nothing: it reports the cells finished so far (e.g. while a long grid runs)."""
         cfg = self.config
+        for spec in cfg.topologies:
+            _warn_of_isolated_clients(spec, cfg.num_clients)
         self.cells_dir.mkdir(parents=True, exist_ok=True)
         grid = self._check_same_config(computes=not report_only)
         self._compatible_share_dirs()  # a share_from that is no run directory fails before any work
@@ -681,6 +683,22 @@ def _topology_files(config: SimConfig) -> dict[str, str]:
         for spec in config.topologies
         if spec.startswith("file:")
     }
+
+
+def _warn_of_isolated_clients(spec: str, num_clients: int) -> None:
+    """Warn when the base graph of ``spec`` leaves clients without any link (an edge list written for fewer
+    clients than the run has): they never mix, and the run would average them in unseen."""
+    linked = {node for edge in make_topology(spec, num_clients).edges for node in edge}
+    alone = [i for i in range(num_clients) if i not in linked]
+    if alone and num_clients > 1:
+        if len(alone) == 1:
+            who, fate = f"client {alone[0]} has", "it never mixes: it trains on its own shard alone"
+        else:
+            who, fate = f"clients {', '.join(map(str, alone))} have", "they never mix: each trains on its own shard"
+        log.warning(
+            "topology %s: %s no link among the %d clients (nodes 0..%d), so %s", spec, who, num_clients,
+            num_clients - 1, fate,
+        )  # fmt: skip
 
 
 def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
