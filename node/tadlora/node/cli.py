@@ -7,10 +7,12 @@
   tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
 Nodes of one cluster must be started with the same model, dataset, --num-shards, --method, --switch-interval,
---seed and --link-prob; each with its own --shard, --listen port and --out. With no model or data flags a node
-trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it gracefully
-(checkpoint, mDNS goodbye, exit 0); a second signal forces the exit. Running it again with the same --out
-resumes from the checkpoint with the same node id.
+--seed, --link-prob and --max-neighbors; each with its own --shard, --listen port and --out. With no model or data
+flags a node trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it
+gracefully (checkpoint, mDNS goodbye, exit 0); a second signal forces the exit. Running it again with the same
+--out resumes from the checkpoint with the same node id; it is refused under another model fingerprint (model,
+LoRA, --seed) or another --cluster, --method, --switch-interval, --dataset, --split, --shard, --num-shards,
+--link-prob or --max-neighbors than the run kept there.
 """
 
 from __future__ import annotations
@@ -170,8 +172,9 @@ def build_run_parser(
     t.add_argument("--eval-samples", type=int, default=200, help="dev examples to evaluate on")
     o = p.add_argument_group("output")
     o.add_argument("--out", type=Path, default=Path("tadlora-out"),
-                   help="the run's directory: checkpoint, rounds.jsonl (one line per round), node.json (its id) and "
-                   "adapter/ (peft); the same --out again resumes (the log goes to stderr)")  # fmt: skip
+                   help="the run's directory: checkpoint, rounds.jsonl (one line per round), node.json (its id and "
+                   "run settings), adapter/ (peft) and .node.lock (held while it runs: one node per --out); the same "
+                   "--out again resumes (the log goes to stderr)")  # fmt: skip
     o.add_argument("--checkpoint-every", type=int, default=5, help="checkpoint every N rounds")
     o.add_argument("--log-format", choices=("auto", "json", "text"), default="auto",
                    help="auto: text on a terminal, JSON lines otherwise")  # fmt: skip

@@ -1,14 +1,14 @@
 """What a node keeps on disk: checkpoints (atomic, safetensors) and the per-round log; its id is `identity`'s.
 
-Layout of ``OUT``: ``node.json`` (id, cluster, fingerprint, method), ``checkpoint.safetensors`` (the factors at the
-start of a round, with the round, the node's last mixing and its run settings in its metadata, and with
-``--optimizer-state persistent`` the optimizer's state under ``opt/KEY/moment``), ``rounds.jsonl`` (one JSON line
-per finished round) and ``adapter/`` (peft's format). Checkpoints are written to a temp file, fsynced and renamed,
-so a crash or a full disk leaves the previous checkpoint intact; ``adapter/`` is written beside it and swapped in by
-renames (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was when it was taken: a node resuming
-from it cuts the log back to that length (`truncate_rounds`), so the rounds it redoes are not logged twice; a node
-that finds no checkpoint starts at round 0 and cuts it to nothing. While a node runs it holds ``.node.lock``
-(`hold_out`): a second node started on the same ``OUT`` is refused.
+Layout of ``OUT``: ``node.json`` (id, fingerprint, init and run settings: `tadlora.node.identity`),
+``checkpoint.safetensors`` (the factors at the start of a round, with the round, the node's last mixing and its run
+settings in its metadata, and with ``--optimizer-state persistent`` the optimizer's state under ``opt/KEY/moment``),
+``rounds.jsonl`` (one JSON line per finished round) and ``adapter/`` (peft's format). Checkpoints are written to a
+temp file, fsynced and renamed, so a crash or a full disk leaves the previous checkpoint intact; ``adapter/`` is
+written beside it and swapped in by renames (`replace_adapter`). A checkpoint records how long ``rounds.jsonl`` was
+when it was taken: a node resuming from it cuts the log back to that length (`truncate_rounds`), so the rounds it
+redoes are not logged twice; a node that finds no checkpoint starts at round 0 and cuts it to nothing. While a node
+runs it holds ``.node.lock`` (`hold_out`): a second node started on the same ``OUT`` is refused.
 """
 
 from __future__ import annotations
