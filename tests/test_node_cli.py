@@ -491,3 +491,32 @@ def test_a_listen_port_in_use_says_what_holds_it_and_the_fix(tmp_path, capsys) -
     err = capsys.readouterr().err
     assert f"cannot listen on 127.0.0.1:{port}" in err and "Address already in use" in err, err
     assert f"tadlora-node status 127.0.0.1:{port}" in err and "choose another --listen port" in err, err
+
+
+@pytest.mark.parametrize("kept", ["other-run", "damaged-checkpoint", "held"])
+def test_an_out_no_restart_can_use_exits_2_and_one_held_by_a_running_node_exits_1(tmp_path, capsys, kept) -> None:
+    """A supervisor restarts on failure (systemd: RestartPreventExitStatus=2): an --out that holds another run, or a
+    damaged checkpoint, would be refused the same way by every restart, and looped on with exit 1. A held
+    .node.lock clears once the node holding it stops: worth a restart."""
+    from tadlora.node import state
+    from tadlora.node.identity import save_identity
+
+    out = tmp_path / "out"
+    out.mkdir()
+    argv = ["--node-id", "n0", "--out", str(out), "--listen", "127.0.0.1:0", "--model", "tiny", "--insecure",
+            "--peers", "127.0.0.1:1", "--log-format", "text"]  # fmt: skip
+    held = None
+    if kept == "other-run":  # a run of another model (fingerprint)
+        save_identity(out, "n0", "0" * 16, method="lora")
+    elif kept == "damaged-checkpoint":
+        (out / state.CHECKPOINT).write_bytes(b"not a checkpoint")
+    else:
+        held = state.hold_out(out)
+    try:
+        code = main(argv)
+    finally:
+        if held is not None:
+            os.close(held)
+    err = capsys.readouterr().err
+    assert code == (1 if kept == "held" else 2), err
+    assert {"other-run": "another model fingerprint", "damaged-checkpoint": "is damaged", "held": "in use"}[kept] in err

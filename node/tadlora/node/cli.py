@@ -35,7 +35,7 @@ from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_envir
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig
-from tadlora.node.identity import kept_node_id
+from tadlora.node.identity import OutRefused, kept_node_id
 from tadlora.node.peerspec import parse_peers_option
 from tadlora.node.rpc import BindError
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, TrainSpec
@@ -328,7 +328,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_main(args: list[str]) -> int:
     """`tadlora-node [FLAGS]`: run a node until its rounds are done or it is stopped; 0 when it finished, 1 when
-    it failed, 2 for bad flags or TLS files it cannot use (missing, not this node's, expired): what no restart
+    it failed, 2 for bad flags, TLS files it cannot use (missing, not this node's, expired) or an --out it must not
+    use (`OutRefused`: a run of other settings, another node's or model's state, a damaged file): what no restart
     fixes, so that a supervisor that restarts on failure (systemd's RestartPreventExitStatus=2) stops there."""
     parser = build_run_parser()
     a = parser.parse_args(args)
@@ -345,6 +346,11 @@ def run_main(args: list[str]) -> int:
     started = time.monotonic()
     try:
         code = asyncio.run(run_node(config, json_fmt))
+    except OutRefused as exc:  # --out as it is: a restart would be refused the same way, so 2, not 1
+        if json_fmt:
+            log.error("%s", exc)
+        sys.stderr.write(f"tadlora-node: error: {exc}\n")
+        return 2
     except (RuntimeError, OSError, ValueError) as exc:
         text = error_text(exc, "a smaller --batch-size or --max-length, or --precision bf16 on a GPU that has it")
         if isinstance(exc, BindError):

@@ -43,7 +43,7 @@ from tadlora.node.config import NodeConfig, is_wildcard, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
-from tadlora.node.identity import load_identity, recorded_init, run_conflict, save_identity
+from tadlora.node.identity import OutRefused, load_identity, recorded_init, run_conflict, save_identity
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peers import PeerManager
@@ -212,18 +212,18 @@ class Node:
         if identity and identity.get("fingerprint") != self.fingerprint:
             kept = recorded_init(identity)
             hint = f" (drawn with --init {kept}, now {self._model.spec.init})" if kept != self._model.spec.init else ""
-            raise RuntimeError(
+            raise OutRefused(
                 f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}; "
                 "use another --out to start a new run"
             )
         self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
         if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
-            raise RuntimeError(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
+            raise OutRefused(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
         # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster, method, data or
         # topology would carry this run's factors and round into another run, and append its rounds to this log.
         run = cfg.run_settings()
         if identity and (conflict := run_conflict(identity, **run)):
-            raise RuntimeError(
+            raise OutRefused(
                 f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
@@ -231,13 +231,13 @@ class Node:
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another
             # node, or another seed of this model) and would be taken as this node's own.
-            raise RuntimeError(
+            raise OutRefused(
                 f"{cfg.out / state.CHECKPOINT} is node {ckpt.node_id!r}'s with model fingerprint {ckpt.fingerprint}, "
                 f"not node {self.node_id!r}'s with {self.fingerprint}: move it away to start from scratch"
             )
         if ckpt is not None and ckpt.run is not None and (conflict := run_conflict(ckpt.run, **run)):
             # node.json says the same, unless it is gone (or was written by a node that recorded fewer settings).
-            raise RuntimeError(
+            raise OutRefused(
                 f"{cfg.out / state.CHECKPOINT} is of a run of another {conflict}: use another --out to start a new "
                 "run, or the flags that run was started with"
             )

@@ -15,6 +15,14 @@ from tadlora.fsutil import atomic_write_json
 IDENTITY = "node.json"
 
 
+class OutRefused(RuntimeError, ValueError):
+    """``--out`` holds what a node started with these flags must not use: a run of other settings, another node's
+    or model's state, a damaged ``node.json`` or checkpoint. No restart changes that, so the node exits 2, which
+    supervisors are told not to restart (`tadlora.node.cli.run_main`); a held ``.node.lock``, which goes with the
+    node holding it, is not one. Both a RuntimeError (the node's start-up) and a ValueError (``node.json`` read as
+    configuration), as the callers of each catch it."""
+
+
 def load_identity(out: Path) -> dict[str, Any] | None:
     """``node.json`` if present; ValueError, naming the file, if it is not a JSON object (callers would fail on it
     as a traceback) or not JSON at all (the error would say only where in which file the parse stopped)."""
@@ -24,12 +32,12 @@ def load_identity(out: Path) -> dict[str, Any] | None:
     try:
         loaded = json.loads(path.read_text(encoding="utf-8"))
     except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(
+        raise OutRefused(
             f"{path} is not readable JSON ({exc}); move it away or use another --out (a node whose node.json is "
             "moved away needs --node-id to resume its checkpoint)"
         ) from exc
     if not isinstance(loaded, dict):
-        raise ValueError(
+        raise OutRefused(
             f"{path} is not a JSON object (a node's id and run settings); move it away or use another --out"
         )
     return loaded

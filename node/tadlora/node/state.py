@@ -28,6 +28,7 @@ from safetensors.torch import load, save
 
 from tadlora.core.factors import Factors
 from tadlora.fsutil import atomic_write_bytes, naming
+from tadlora.node.identity import OutRefused
 from tadlora.training import MOMENTS, OptimizerState
 
 log = logging.getLogger("tadlora.node")
@@ -104,7 +105,7 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
             round_, meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed, run
         )
     except (SafetensorError, KeyError, ValueError) as exc:
-        raise RuntimeError(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
+        raise OutRefused(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 
 
 def _count(text: str, name: str) -> int:
