@@ -7,8 +7,8 @@
   tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
 Nodes of one cluster must be started with the same model, dataset, --num-shards, --method, --switch-interval,
---seed and --link-prob; each with its own --shard, --listen port and --out. With no model or data flags a node
-trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it gracefully
+--seed, --link-prob and --max-neighbors; each with its own --shard, --listen port and --out. With no model or data
+flags a node trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it gracefully
 (checkpoint, mDNS goodbye, exit 0); a second signal forces the exit. Running it again with the same --out
 resumes from the checkpoint with the same node id.
 """
