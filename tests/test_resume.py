@@ -191,3 +191,34 @@ async def test_a_checkpoint_is_resumed_only_under_the_run_settings_it_was_taken_
             pass
     async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="tad") as node:
         assert node.round == 1
+
+
+@pytest.mark.asyncio
+async def test_an_out_is_free_again_after_a_close_that_was_cancelled(tmp_path: Path) -> None:
+    """A close cut short (a second Ctrl-C in a notebook, an outer timeout) still gives --out back once the worker has
+    ended: the process goes on, and a node it starts on the same --out was refused as "in use by another node
+    (process <its own pid>)" for as long as the process lived."""
+    node = Node(node_config(tmp_path, 0, 2, PeersOption(False, (), ()), min_peers=0, rounds=1), InMemoryNetwork())
+    await node.start()
+    assert node._peers is not None
+    stalled = asyncio.Event()
+
+    async def stalls() -> None:  # a peer connection that takes its time to close
+        stalled.set()
+        await asyncio.sleep(3600)
+
+    node._peers.aclose = stalls  # type: ignore[method-assign]
+    closing = asyncio.ensure_future(node.aclose())
+    await stalled.wait()
+    closing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await closing
+    async with asyncio.timeout(15):
+        while True:  # the lock goes once the worker thread has ended, in a thread of its own
+            try:
+                async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as resumed:
+                    assert resumed.round == 0
+                break
+            except RuntimeError as exc:
+                assert "is in use by another node" in str(exc)
+                await asyncio.sleep(0.1)

@@ -334,3 +334,17 @@ def test_a_round_log_the_disk_refuses_is_an_error_naming_it(tmp_path, monkeypatc
     with pytest.raises(OSError, match=re.escape(f"No space left on device: '{log.path}'")) as failed:
         log.write({"round": 1})
     assert failed.value.errno == errno.ENOSPC
+
+
+def test_an_out_whose_file_system_refuses_locks_is_an_error_naming_the_lock_file(tmp_path, monkeypatch) -> None:
+    # NFS without its lock daemon answers flock(2) with ENOLCK: "[Errno 37] No locks available" alone was all a node
+    # refused on it printed, with no word of which file (so which mount) it was locking.
+    import fcntl
+
+    def no_locks(fd: int, operation: int) -> None:
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(OSError, match=re.escape(f"No locks available: '{tmp_path / state.LOCK}'")) as failed:
+        state.hold_out(tmp_path)
+    assert failed.value.errno == errno.ENOLCK

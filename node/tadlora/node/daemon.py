@@ -437,32 +437,43 @@ class Node:
                 log.error("while closing, %s failed: %s", what, exc, exc_info=exc)
                 failures.append(exc)
 
-        if self._discovery is not None:
-            await step("the mDNS goodbye", self._discovery.aclose)  # first: peers stop counting us promptly
-        if self._dns is not None:
-            await step("DNS discovery", self._dns.aclose)
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await step("waking the round loop", self.rounds.notify)
-        if self._server is not None:
-            server = self._server
-            await step("stopping the server", lambda: server.aclose(SHUTDOWN_GRACE_S))
-        if self._peers is not None:
-            await step("closing peer connections", self._peers.aclose)
-        # In a thread: the HTTP server's shutdown waits for its poll loop, up to half a second of a stalled loop.
-        await step("the metrics server", lambda: asyncio.to_thread(self.metrics.close))
-        if self._round_log is not None:
-            await step("the round log", self._round_log.close)
-        # Training has been told to stop (between two steps), but a model load, an evaluation or an export is not
-        # cut short: the wait for the thread is itself in a thread, so the loop (other nodes, servers) goes on.
-        executor = self._executor
-        await step("the worker thread", lambda: asyncio.to_thread(executor.shutdown, wait=True, cancel_futures=True))
-        if self._out_lock is not None:  # last: until the worker has ended, a checkpoint or export may be under way
+        try:
+            if self._discovery is not None:
+                await step("the mDNS goodbye", self._discovery.aclose)  # first: peers stop counting us promptly
+            if self._dns is not None:
+                await step("DNS discovery", self._dns.aclose)
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await step("waking the round loop", self.rounds.notify)
+            if self._server is not None:
+                server = self._server
+                await step("stopping the server", lambda: server.aclose(SHUTDOWN_GRACE_S))
+            if self._peers is not None:
+                await step("closing peer connections", self._peers.aclose)
+            # In a thread: the HTTP server's shutdown waits for its poll loop, up to half a second of a stalled loop.
+            await step("the metrics server", lambda: asyncio.to_thread(self.metrics.close))
+            if self._round_log is not None:
+                await step("the round log", self._round_log.close)
+        finally:
+            # Training has been told to stop (between two steps), but a model load, an evaluation or an export is
+            # not cut short: the wait for the worker is in a thread, so the loop (other nodes, servers) goes on. That
+            # thread then releases --out (last: until the worker has ended, a checkpoint or export may be under
+            # way), and goes on even if this close is cancelled: the process may go on, and start a node on --out.
             lock, self._out_lock = self._out_lock, None
-            await step("releasing --out", lambda: os.close(lock))
+            ending = asyncio.get_running_loop().run_in_executor(None, self._end_worker, lock)
+        await step("the worker thread and --out's lock", lambda: asyncio.shield(ending))
         if failures:
             raise failures[0]
+
+    def _end_worker(self, lock: int | None) -> None:
+        """Any thread: wait until the worker thread has ended (work queued behind it is cancelled), then release
+        --out (``lock``, `state.hold_out`)."""
+        try:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        finally:
+            if lock is not None:
+                os.close(lock)
 
     # -------------------------------------------------------------------------------------------- peers
 

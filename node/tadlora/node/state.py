@@ -136,8 +136,9 @@ def hold_out(out: Path) -> int:
     path = out / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
+        with naming(path):  # a file system without locks (NFS without its lock daemon: ENOLCK) is named
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:  # named or not, EWOULDBLOCK is still a BlockingIOError
         holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
         os.close(fd)
         raise RuntimeError(
