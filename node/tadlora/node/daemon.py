@@ -725,6 +725,14 @@ class Node:
         step follows anyone (`_may_be_out_of_step`): with p < 1, a node whose links the schedule kept down runs
         ahead of or behind its peers in round numbers without having failed, and holds what the simulator's client
         holds; a live link's exchange waits for the end that reaches its round last instead.
+
+        A node that has run no round in this process but has mixed before (restarted from its checkpoint) also
+        follows a peer two or more rounds *ahead* of it that mixed no earlier than it did: its state is a
+        checkpoint, older than that of a peer that mixed as late and went on. Without this, a node that stopped
+        while its neighbour trained on alone (the neighbour's last mixing stays that of the pair) found no leader
+        on its return, the two were too far apart for an exchange to wait, and each trained alone for ever. A fresh
+        node (never mixed) is not covered, so it never takes a lone node's rounds for the group's; nor a node that
+        has run a round here (with p < 1, its own rounds are the simulator's client's).
         """
         cfg = self.config
         if self._peers is None:
@@ -753,13 +761,16 @@ class Node:
         answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
         now = time.monotonic()
         self._fetch_failed = {j: until for j, until in self._fetch_failed.items() if until > now}
+        restored = not self._ran_a_round and rounds.last_mixed > 0  # our state is a checkpoint's
         leaders = [
             (info, peer)
             for info, (_, peer) in zip(answers, peers, strict=True)
             if info is not None
-            and abs(info.round - rounds.t) >= 2
-            and info.last_mixed_round >= rounds.last_mixed + 2
             and info.node_id not in self._fetch_failed
+            and (
+                (abs(info.round - rounds.t) >= 2 and info.last_mixed_round >= rounds.last_mixed + 2)
+                or (restored and info.round >= rounds.t + 2 and info.last_mixed_round >= rounds.last_mixed)
+            )
         ]
         if not leaders:
             return
