@@ -237,24 +237,25 @@ async def test_a_node_that_caught_up_reports_the_round_it_reached_as_completed(t
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
-    ("last_mixed", "ran_a_round", "peer_round", "peer_last_mixed", "adopted"),
+    ("last_mixed", "mixed_here", "peer_round", "peer_last_mixed", "adopted"),
     [
         (3, False, 5, 3, True),  # restored, a peer two rounds ahead that mixed as late: followed
         (3, False, 5, 4, True),
         (3, False, 4, 3, False),  # one round ahead: an exchange waits for it
         (3, False, 9, 2, False),  # it mixed earlier than we did: its rounds since are solo
         (0, False, 9, 0, False),  # never mixed: a fresh node never takes a lone node's rounds for the group's
-        (3, True, 9, 3, False),  # it ran a round here: its state is its own rounds', not a checkpoint's
+        (3, True, 9, 3, False),  # it mixed here: its state is its own rounds', not a checkpoint's
     ],
-    ids=["same-mixing", "later-mixing", "one-ahead", "earlier-mixing", "fresh", "ran-a-round"],
+    ids=["same-mixing", "later-mixing", "one-ahead", "earlier-mixing", "fresh", "mixed-here"],
 )
 async def test_a_restored_node_follows_a_peer_ahead_of_it_that_mixed_no_earlier(
-    tmp_path: Path, last_mixed: int, ran_a_round: bool, peer_round: int, peer_last_mixed: int, adopted: bool
+    tmp_path: Path, last_mixed: int, mixed_here: bool, peer_round: int, peer_last_mixed: int, adopted: bool
 ) -> None:
     net = InMemoryNetwork()
     async with lone_node(tmp_path, net, rounds=20) as node:
-        node.rounds.restore(3, node.factors, last_mixed)  # as from a checkpoint at round 3
-        node._ran_a_round = ran_a_round
+        node.rounds.restore(3, node.factors, last_mixed)  # as from a checkpoint at round 3 (`Node.start`)
+        node._from_checkpoint = last_mixed > 0 and not mixed_here
+        node._ran_a_round = mixed_here
         async with scripted_peer(node, net, round=peer_round, last_mixed_round=peer_last_mixed, fetch_round=peer_round):
             async with asyncio.timeout(30):
                 await node._catch_up_if_behind()
@@ -265,14 +266,16 @@ async def test_a_restored_node_follows_a_peer_ahead_of_it_that_mixed_no_earlier(
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("min_peers", [1, 0], ids=["waits-for-its-peer", "trains-alone-first"])
 async def test_a_node_restarted_from_its_checkpoint_follows_a_peer_that_mixed_as_late_and_went_on(
-    tmp_path: Path,
+    tmp_path: Path, min_peers: int
 ) -> None:
     """node-1 and node-0 mix every round; node-1 stops (its checkpoint: the round after, and that mixing) and
     node-0 trains alone 12 rounds further, its last mixing still the same as node-1's. Restarted, node-1 found no
     leader (none mixed two rounds later than it), and the two, too far apart for an exchange to wait, each trained
     alone for ever. Its checkpoint is older than the state of a peer that mixed as late and went on: it adopts
-    that peer's round, and they mix again."""
+    that peer's round, and they mix again; also when it ran a round alone first (--min-peers 0), before it found
+    that peer."""
     net = InMemoryNetwork()
     common: dict[str, Any] = {"rounds": None, "min_peers": 1, "checkpoint_every": 1, "exchange_timeout": 10.0}
     async with Node(node_config(tmp_path, 0, 2, NO_PEERS, **common), net) as ahead:
@@ -293,7 +296,7 @@ async def test_a_node_restarted_from_its_checkpoint_follows_a_peer_that_mixed_as
             async with asyncio.timeout(60):  # node-0 drops node-1 and trains alone, far out of an exchange's wait
                 await ahead.async_wait_for_round(stopped_at + 12)
             assert ahead.last_mixed_round == ckpt.last_mixed  # neither is a leader for the other
-            async with Node(restarted_cfg, net) as node:
+            async with Node(dataclasses.replace(restarted_cfg, min_peers=min_peers), net) as node:
                 assert (node.round, node.last_mixed_round) == (stopped_at, ckpt.last_mixed)
                 run = asyncio.ensure_future(node.run())
                 try:
@@ -307,7 +310,11 @@ async def test_a_node_restarted_from_its_checkpoint_follows_a_peer_that_mixed_as
             ahead.request_stop()
             await ahead_run
     resumed = _rounds(tmp_path / "n1")[logged:]
-    assert resumed and resumed[0]["round"] >= stopped_at + 12, resumed[:1]  # it adopted node-0's round...
+    here = [r["round"] for r in resumed]
+    adopted = next((i for i, r in enumerate(here) if r >= stopped_at + 12), None)  # it adopted node-0's round...
+    assert adopted is not None, here
+    # ...at once, or after the rounds it ran alone before it found node-0 (--min-peers 0)
+    assert here[:adopted] == list(range(stopped_at, stopped_at + adopted)) and (min_peers == 0 or adopted == 0), here
     for log in (resumed, _rounds(tmp_path / "n0")):  # ...and the two mixed again
         assert any(r["round"] >= stopped_at + 12 and r["neighbours"] and not r["missed"] for r in log), log[-3:]
 

@@ -161,6 +161,9 @@ class Node:
         # gave it (a deadline, a refusal: a failure; 0: never). See `_may_be_out_of_step`.
         self._ran_a_round = False
         self._last_missed = 0
+        # Whether our factors are a checkpoint's (restored, with a mixing in its past), plus rounds run alone since,
+        # with no mixing or catch-up in this process yet: see `_catch_up_if_behind`.
+        self._from_checkpoint = False
         self._started = time.monotonic()
         self._server: Server | None = None
         self._discovery: MdnsDiscovery | None = None
@@ -250,6 +253,7 @@ class Node:
             # Its last mixing too: a resumed node that claimed never to have mixed would pass for a newcomer, whose
             # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
             self.rounds.restore(ckpt.round, ckpt.factors, min(ckpt.last_mixed, ckpt.round))
+            self._from_checkpoint = self.rounds.last_mixed > 0
             if cfg.train.persistent:
                 self._opt_state = dict(ckpt.optimizer)
             elif ckpt.optimizer:
@@ -726,13 +730,14 @@ class Node:
         ahead of or behind its peers in round numbers without having failed, and holds what the simulator's client
         holds; a live link's exchange waits for the end that reaches its round last instead.
 
-        A node that has run no round in this process but has mixed before (restarted from its checkpoint) also
-        follows a peer two or more rounds *ahead* of it that mixed no earlier than it did: its state is a
-        checkpoint, older than that of a peer that mixed as late and went on. Without this, a node that stopped
-        while its neighbour trained on alone (the neighbour's last mixing stays that of the pair) found no leader
-        on its return, the two were too far apart for an exchange to wait, and each trained alone for ever. A fresh
-        node (never mixed) is not covered, so it never takes a lone node's rounds for the group's; nor a node that
-        has run a round here (with p < 1, its own rounds are the simulator's client's).
+        A node restarted from a checkpoint that has a mixing in its past, and that has neither mixed nor caught up
+        in this process since (it may have trained rounds alone, e.g. with --min-peers 0 before its peers were
+        found), also follows a peer two or more rounds *ahead* of it that mixed no earlier than it did: its state
+        is a checkpoint's, older than that of a peer that mixed as late and went on. Without this, a node that
+        stopped while its neighbour trained on alone (the neighbour's last mixing stays that of the pair) found no
+        leader on its return, the two were too far apart for an exchange to wait, and each trained alone for ever.
+        A fresh node (never mixed) is not covered, so it never takes a lone node's rounds for the group's; nor a
+        node that has mixed here (with p < 1, its own rounds are the simulator's client's).
         """
         cfg = self.config
         if self._peers is None:
@@ -761,7 +766,7 @@ class Node:
         answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
         now = time.monotonic()
         self._fetch_failed = {j: until for j, until in self._fetch_failed.items() if until > now}
-        restored = not self._ran_a_round and rounds.last_mixed > 0  # our state is a checkpoint's
+        restored = self._from_checkpoint  # our state is a checkpoint's (and maybe rounds alone since)
         leaders = [
             (info, peer)
             for info, (_, peer) in zip(answers, peers, strict=True)
@@ -805,6 +810,7 @@ class Node:
                  info.node_id, rounds.t)  # fmt: skip
         # We now hold the state the group reached: its round, its factors, its last mixing.
         await rounds.adopt(result.peer.round, result.factors, info.last_mixed_round)
+        self._from_checkpoint = False
         self._rounds_done = rounds.t  # as after a resume: the rounds before the one we are in are done
         # Our moments describe our own gradient history at the factors we left; the adopted factors are the
         # group's, so the optimizer starts fresh from them.
@@ -890,6 +896,8 @@ class Node:
                 self._peers.note_mixed(j, t)
         if not stopping and neighbours - set(received):
             self._last_missed = t + 1
+        if received:
+            self._from_checkpoint = False
         for j in sorted(neighbours - set(received)) if not stopping else ():
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
