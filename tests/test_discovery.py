@@ -571,6 +571,29 @@ def test_a_well_formed_service_becomes_a_candidate() -> None:
     )
 
 
+def test_the_schedule_travels_in_the_txt_record_and_an_advert_without_it_parses_as_empty() -> None:
+    """Nodes of another schedule refuse each other at handshake; the advert says it, so that a node need not dial
+    them. An older node's advert has no ``sched`` key: its schedule is "" (unknown, not compared)."""
+    schedule = "tad T=5 p=0.5 max-neighbors=all"
+    txt = advert("peer", schedule=schedule).txt()
+    assert txt["sched"] == schedule
+    parsed = discovery.candidate_from_info(_resolved(txt))
+    assert isinstance(parsed, PeerCandidate) and parsed.schedule == schedule
+    assert "sched" not in advert("peer").txt()  # an advert built without one publishes none, as an older node
+    old = discovery.candidate_from_info(_resolved(GOOD_TXT))
+    assert isinstance(old, PeerCandidate) and old.schedule == ""
+
+
+@pytest.mark.asyncio
+async def test_a_browsed_advert_carries_its_schedule(quick_timing: None, n: Names) -> None:
+    schedule = "lora T=none p=1.0 max-neighbors=3"
+    async with running(advert(n("alpha")), advert(n("beta"), 50052, schedule=schedule)) as (a, b):
+        seen_by_a = await a.async_wait_for(lambda c: n("beta") in c, WAIT_S)
+        seen_by_b = await b.async_wait_for(lambda c: n("alpha") in c, WAIT_S)
+    assert seen_by_a[n("beta")].schedule == schedule
+    assert seen_by_b[n("alpha")].schedule == ""
+
+
 def test_of_a_peer_s_addresses_the_one_on_this_node_s_subnets_is_the_one_dialled() -> None:
     """An interface may carry addresses on several subnets (a secondary address), and an advert lists them all:
     the first one, taken blindly, may be one this node has no route to, and the peer is never reached."""
@@ -673,6 +696,7 @@ def test_instance_names_are_id_at_cluster_when_tame_and_a_unique_short_label_oth
         ({"advertise_address": UNSPECIFIED}, "advertise_address"),
         ({"advertise_address": "host.example"}, "advertise_address"),
         ({"cluster": "c" * 300}, "TXT entry"),
+        ({"schedule": "s" * 300}, "TXT entry"),
     ],
 )
 def test_an_advertisement_refuses_what_it_could_not_announce(overrides: dict[str, object], message: str) -> None:

@@ -153,15 +153,18 @@ async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> 
 
 @pytest.mark.asyncio
 async def test_a_peer_with_another_schedule_is_reported(tmp_path, capsys) -> None:
-    """Same model, so the same fingerprint, but another method: the node would refuse it at handshake."""
+    """Same model, so the same fingerprint, but another method: the node would refuse it at handshake (asked for
+    its status) and pass its advert over (its mDNS TXT record says its schedule)."""
     async with Node(peer(tmp_path, method="lora")) as node:
         port = node.address.rpartition(":")[2]
-        code, doc = await run_doctor_json(doctor_args(tmp_path, peers=f"127.0.0.1:{port}"), capsys)
-    [check] = ours_at(doc, port)
+        code, doc = await run_doctor_json(doctor_args(tmp_path, peers=f"auto,127.0.0.1:{port}"), capsys)
+    ours = ours_at(doc, port)
     assert code == 0  # a warning, as for another fingerprint: this node itself can run
-    assert check["status"] == "WARN" and "will not mix" in check["detail"]
-    assert f"{node.schedule!r}" in check["detail"] and "'tad T=5 p=1.0 max-neighbors=all'" in check["detail"]
-    assert "--method" in check["fix"] and "--link-prob" in check["fix"]
+    assert len(ours) == 2 and {c["detail"].startswith("(mdns) ") for c in ours} == {True, False}, ours
+    for check in ours:
+        assert check["status"] == "WARN" and "will not mix" in check["detail"]
+        assert f"{node.schedule!r}" in check["detail"] and "'tad T=5 p=1.0 max-neighbors=all'" in check["detail"]
+        assert "--method" in check["fix"] and "--link-prob" in check["fix"]
 
 
 @pytest.mark.asyncio
@@ -253,7 +256,7 @@ def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -
     assert compare_peer(cfg, "ab", "x", "elsewhere", "cd", PROTOCOL_VERSION).status == "OK"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1).status == "WARN"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION).status == "OK"
-    # A schedule: the peer's status says it; an mDNS advert does not, and one not known is not compared.
+    # A schedule: the peer's status or mDNS advert says it; one not known (an older node's) is not compared.
     ours = cfg.schedule()
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION, schedule=ours).status == "OK"
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION, schedule="").status == "OK"
@@ -273,6 +276,24 @@ async def test_an_mdns_peer_that_differs_in_tls_warns_since_the_node_would_pass_
     assert check.status == "WARN" and "TLS" in check.detail and "--insecure" in check.fix
     [check] = await async_check_peers(cfg, "ab", Browsed([dataclasses.replace(tls, secure=False)], [], []), "lo")
     assert check.status == "OK"
+
+
+@pytest.mark.asyncio
+async def test_an_mdns_peer_of_another_schedule_warns_since_the_node_would_pass_it_over(tmp_path) -> None:
+    """Its advert says its schedule: another one is a WARN with the flags to fix, as a static peer's is; the same
+    one, or none (an older node's advert), is not compared."""
+    cfg = node_config(tmp_path, 0, 1, PeersOption(auto=True, static=(), dns=()))
+    theirs = "lora T=none p=1.0 max-neighbors=all"
+    cand = PeerCandidate(
+        "node-1", "127.0.0.1:7070", cfg.cluster, "ab", PROTOCOL_VERSION, False, "mdns", "node-1.x.", schedule=theirs
+    )
+    [check] = await async_check_peers(cfg, "ab", Browsed([cand], [], []), "127.0.0.1")
+    assert check.status == "WARN" and check.detail.startswith("(mdns) ") and "will not mix" in check.detail
+    assert repr(theirs) in check.detail and repr(cfg.schedule()) in check.detail
+    assert "--method" in check.fix and "--max-neighbors" in check.fix
+    for same in (cfg.schedule(), ""):
+        [check] = await async_check_peers(cfg, "ab", Browsed([dataclasses.replace(cand, schedule=same)], [], []), "lo")
+        assert check.status == "OK"
 
 
 def test_multicast_routes_are_read_from_the_kernel_table() -> None:

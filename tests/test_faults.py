@@ -739,6 +739,43 @@ async def test_an_advert_whose_first_address_is_ours_is_still_dialled_at_its_oth
 
 
 @pytest.mark.asyncio
+async def test_an_advert_of_another_schedule_is_not_dialled_but_one_of_ours_or_of_none_is(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake would refuse a node of another schedule (SCHEDULE_MISMATCH): its advert says so, and it is
+    skipped like one of another cluster or fingerprint, logged once with the flags to fix. An advert without a
+    schedule (an older node) is dialled, and so is any advert when this node sends none."""
+    ours, theirs = "tad T=5 p=0.5 max-neighbors=all", "tad T=3 p=0.5 max-neighbors=all"
+    clock = FakeClock()
+    monkeypatch.setattr(peers_module.time, "monotonic", clock.monotonic)
+    hosts = Hosts()
+    live = [
+        dataclasses.replace(advert("same", "10.0.0.1:7070"), schedule=ours),
+        dataclasses.replace(advert("other", "10.0.0.2:7070"), schedule=theirs),
+        advert("old", "10.0.0.3:7070"),  # no schedule in its advert
+    ]
+    hosts.at = {c.address: c.node_id for c in live}
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1", schedule=ours)
+    pm = PeerManager(hosts, lambda: me, lambda: [(c.node_id, c.address, c) for c in live], lambda: None)
+    with caplog.at_level(logging.WARNING, logger="tadlora.peers"):
+        for _ in range(3):
+            await pm.scan()
+            clock.now += 1.0
+    assert set(pm.peers) == {"same", "old"}
+    assert "10.0.0.2:7070" not in {a for a, _ in hosts.dials}
+    [line] = [r.getMessage() for r in caplog.records if "other" in r.getMessage()]  # logged once
+    assert repr(theirs) in line and repr(ours) in line
+    assert all(flag in line for flag in ("--method", "--switch-interval", "--link-prob", "--max-neighbors"))
+    # This node sends no schedule (not compared): every advert of its cluster and fingerprint is dialled.
+    hosts2 = Hosts()
+    hosts2.at = dict(hosts.at)
+    unknown = dataclasses.replace(me, schedule="")
+    pm2 = PeerManager(hosts2, lambda: unknown, lambda: [(c.node_id, c.address, c) for c in live], lambda: None)
+    await pm2.scan()
+    assert set(pm2.peers) == {"same", "other", "old"}
+
+
+@pytest.mark.asyncio
 async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
     """Churn (pods that each lived once at an IP of their own, strangers announcing random ids) must not grow the
     manager's bookkeeping without bound: what it keeps for a candidate goes once the candidate has been gone for

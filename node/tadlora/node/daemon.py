@@ -290,6 +290,7 @@ class Node:
                 protocol_version=PROTOCOL_VERSION,
                 secure=not cfg.insecure,
                 advertise_address=advertised_host,
+                schedule=self.schedule,  # peers of another schedule pass this advert over instead of dialling it
             )
             self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
             await self._discovery.__aenter__()

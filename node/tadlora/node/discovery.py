@@ -3,7 +3,7 @@
 The --peers grammar is in `tadlora.node.peerspec`, interface selection in `tadlora.node.netif`.
 
 Discovery only reports candidates, with every field the node needs to decide; it never filters by cluster,
-fingerprint or protocol, because the node must be able to say *why* it refuses a peer.
+fingerprint, schedule or protocol, because the node must be able to say *why* it refuses a peer.
 """
 
 from __future__ import annotations
@@ -63,7 +63,8 @@ _DECIMAL = re.compile(r"[0-9]+")
 
 @dataclass(frozen=True)
 class PeerCandidate:
-    """A peer as discovery saw it; the node decides whether to talk to it (cluster, fingerprint, proto, sec)."""
+    """A peer as discovery saw it; the node decides whether to talk to it (cluster, fingerprint, proto, sec,
+    schedule)."""
 
     node_id: str
     address: str  # "host:port", host an IPv4 address
@@ -76,6 +77,9 @@ class PeerCandidate:
     # The other addresses its advert names ("host:port", in order of preference): tried in turn when ``address`` does
     # not answer (a peer's interface may carry addresses on several subnets, and only some reach this node).
     alternates: tuple[str, ...] = ()
+    # Its `NodeConfig.schedule` (TXT "sched"); "" from an advert without one (a node older than the key): unknown,
+    # and then not compared, as the handshake does not compare an empty one.
+    schedule: str = ""
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,7 @@ class Advertisement:
     protocol_version: int
     secure: bool
     advertise_address: str | None = None
+    schedule: str = ""  # `NodeConfig.schedule`; "" publishes none (as a node older than the "sched" key)
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -109,13 +114,16 @@ class Advertisement:
 
     def txt(self) -> dict[str, str]:
         """The TXT record this advertisement publishes."""
-        return {
+        txt = {
             "id": self.node_id,
             "cluster": self.cluster,
             "fp": self.fingerprint,
             "proto": str(self.protocol_version),
             "sec": "tls" if self.secure else "insecure",
         }
+        if self.schedule:
+            txt["sched"] = self.schedule
+        return txt
 
 
 def service_instance_name(node_id: str, cluster: str) -> str:
@@ -197,6 +205,7 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
         source="mdns",
         service_name=info.name,
         alternates=tuple(ordered[1:]),
+        schedule=txt.get("sched", ""),  # absent from an older node's advert
     )
 
 

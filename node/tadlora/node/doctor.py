@@ -6,9 +6,10 @@ cannot. It takes the same flags (and TADLORA_ variables) as a run, changes nothi
 
 Checks: network interfaces; multicast on the --mdns-interface; that the --listen port can be bound; GPU and
 driver; --out; that --dataset and --model load (and the model fingerprint); and every peer it can find (mDNS
-browse, static and dns: peers), with whether its cluster and fingerprint match, and, for the static and dns: peers
-it asks, its schedule. Each check prints OK, WARN or FAIL and, unless OK, how to fix it. Exit status 0 when nothing
-FAILs, 1 otherwise, 2 for bad flags.
+browse, static and dns: peers), with whether its cluster, fingerprint and schedule match (the static and dns: peers
+it asks say their schedule, and an mDNS advert carries it unless it comes from a node older than that). Each check
+prints OK, WARN or FAIL and, unless OK, how to fix it. Exit status 0 when nothing FAILs, 1 otherwise, 2 for bad
+flags.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def compare_peer(
     """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not.
     ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown. ``same_id``: the peer
     runs under the node id this node would take, a FAIL within one cluster. ``schedule``: the peer's
-    (`NodeConfig.schedule`, from its status), "" if unknown (an mDNS record does not carry it) or too old to say."""
+    (`NodeConfig.schedule`, from its status or mDNS record), "" if unknown (a node too old to say)."""
     from tadlora.node.rpc import PROTOCOL_VERSION
 
     name = f"peer {who}"
@@ -256,6 +257,7 @@ async def async_check_peers(
         check = compare_peer(
             cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version, c.secure,
             same_id=c.node_id == node_id and c.address != own,  # at our own address: this node, already running
+            schedule=c.schedule,
         )  # fmt: skip
         checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
     for name, why in browsed.ignored if browsed is not None else []:

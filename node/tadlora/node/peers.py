@@ -199,6 +199,11 @@ class PeerManager:
             reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint})"
         elif cand.protocol_version != local.protocol_version:
             reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version})"
+        elif cand.schedule and local.schedule and cand.schedule != local.schedule:  # as rpc._check_peer compares
+            reason = (
+                f"schedule {cand.schedule!r} differs from ours ({local.schedule!r}): start every node of a cluster "
+                "with the same --method, --switch-interval, --link-prob and --max-neighbors"
+            )
         elif cand.secure == local.insecure:
             reason = "it requires TLS and we run --insecure" if local.insecure else "it runs without TLS, we require it"
         if reason:
