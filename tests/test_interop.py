@@ -25,6 +25,7 @@ import pytest
 import netns
 from netns import Host, Testbed
 from nodeproc import STARTUP_S, NodeProcess, node_args, running_node, unique_tag
+from tadlora.node.config import NodeConfig
 from tadlora.node.discovery import service_instance_name
 from tadlora.node.rpc import PROTOCOL_VERSION
 
@@ -194,9 +195,13 @@ def test_avahi_browse_in_another_host_lists_the_nodes_service_with_its_srv_addre
     assert hostname.startswith("tadlora-") and hostname.endswith(".local"), hostname
     assert (address, int(port)) == (node_host.address, PORT)  # the SRV port and the A record
     entries = dict(item.strip('"').split("=", 1) for item in txt.split('" "'))
+    # node_args leaves method, T, p and the degree cap at their defaults
+    schedule = NodeConfig(out=out, insecure=True).schedule()
     assert entries == {
         "id": node_id, "cluster": tag, "fp": fingerprint, "proto": str(PROTOCOL_VERSION), "sec": "insecure",
+        "sched": schedule,
     }  # fmt: skip
+    assert schedule == "tad T=5 p=1.0 max-neighbors=all"
 
 
 # ---------------------------------------------------------------------------------------------------------------
