@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,29 +21,34 @@ def cell(t: int | None, seed: int, acc: float, std: float = 0.01, method: str = 
             "rounds": rounds, "final": {"acc_mean": acc, "acc_std": std, "round": 0}}  # fmt: skip
 
 
-def drawn(monkeypatch: pytest.MonkeyPatch, results: dict[str, Any], tmp_path: Path) -> list[Any]:
-    """Every figure write_plots draws, kept open (not saved) so that its lines can be read."""
+@contextlib.contextmanager
+def drawn(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, name: str, cells: list[dict[str, Any]], summary: Any = None
+) -> Iterator[list[Any]]:
+    """Every figure write_plots draws for run ``name`` of ``cells`` (``summary``: `summarize`'s of them unless
+    given), kept open (not saved) so that its lines can be read, and closed at the end."""
     figures: list[Any] = []
     monkeypatch.setattr(plots, "_save", lambda fig, path: figures.append(fig))
-    plots.write_plots(results, tmp_path)
-    return figures
+    results = {"config": {"name": name}, "cells": cells, "summary": summarize(cells) if summary is None else summary}
+    try:
+        plots.write_plots(results, tmp_path)
+        yield figures
+    finally:
+        for fig in figures:
+            plt.close(fig)
 
 
 def test_accuracy_vs_t_averages_the_same_seeds_at_every_t(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Seed 1 finished T = 5 only (a sweep still running, as benchmarks/paper/cpu-sst2/T-sweep was): a mean over
     seeds 0 and 1 at T = 5 beside seed 0 alone at the other T made a dip that was seed 1's, not T = 5's."""
     cells = [cell(1, 0, 0.78), cell(5, 0, 0.78, std=0.02), cell(10, 0, 0.78), cell(5, 1, 0.70, std=0.2)]
-    figures = drawn(monkeypatch, {"config": {"name": "sweep"}, "cells": cells, "summary": summarize(cells)}, tmp_path)
-    try:
+    with drawn(monkeypatch, tmp_path, "sweep", cells) as figures:
         (ax,) = figures[-1].axes
         (bars,) = ax.containers  # one errorbar: its data line, caps and bars
         line = bars[0]
         assert list(line.get_xdata()) == [1, 5, 10]
         assert list(line.get_ydata()) == pytest.approx([0.78, 0.78, 0.78])
         assert "seeds 0" in ax.get_legend().get_texts()[0].get_text()
-    finally:
-        for fig in figures:
-            plt.close(fig)
 
 
 def test_accuracy_vs_round_never_switches_seeds_partway(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
@@ -54,14 +61,10 @@ def test_accuracy_vs_round_never_switches_seeds_partway(monkeypatch: pytest.Monk
         return {**cell(None, seed, 0.0, method="lora"), "rounds": rounds}
 
     cells = [run(0, [0.6, 0.9, 0.7, 0.8], [0.1, 0.1, 0.1, None]), run(1, [0.4, None, 0.5, 0.8], [0.1, 0.1, None, None])]
-    figures = drawn(monkeypatch, {"config": {"name": "nan"}, "cells": cells, "summary": []}, tmp_path)
-    try:
+    with drawn(monkeypatch, tmp_path, "nan", cells, summary=[]) as figures:
         (line,) = figures[0].axes[0].get_lines()
         assert list(line.get_xdata()) == [1, 2, 3, 4]
         assert line.get_ydata()[0] == pytest.approx(0.5) and np.isnan(line.get_ydata()[1])
-    finally:
-        for fig in figures:
-            plt.close(fig)
 
 
 def test_accuracy_vs_round_legend_orders_t_by_value_and_says_how_many_seeds(
@@ -75,16 +78,12 @@ def test_accuracy_vs_round_legend_orders_t_by_value_and_says_how_many_seeds(
 
     cells = [cell(1, 0, 0.8), cell(1, 1, 0.7), cell(2, 0, 0.8), cell(10, 0, 0.8), at(0.5, cell(1, 0, 0.8))]
     cells.append(at(0.5, cell(10, 0, 0.8)))
-    figures = drawn(monkeypatch, {"config": {"name": "sweep"}, "cells": cells, "summary": summarize(cells)}, tmp_path)
-    try:
+    with drawn(monkeypatch, tmp_path, "sweep", cells) as figures:
         legend = [t.get_text() for t in figures[0].axes[-1].get_legend().get_texts()]
         assert legend == ["tad T=1 (n=1|2)", "tad T=2 (n=1)", "tad T=10 (n=1)"]
         assert "n: seeds averaged" in figures[0].texts[0].get_text()
         for fig in figures:  # rounds and T are whole numbers: a tick at round 2.5 or T = 2.2 was drawn
             assert all(float(x).is_integer() for ax in fig.axes for x in ax.get_xticks())
-    finally:
-        for fig in figures:
-            plt.close(fig)
 
 
 def test_more_than_ten_lines_take_ten_hues_before_any_shade_repeats_one(
@@ -94,12 +93,8 @@ def test_more_than_ten_lines_take_ten_hues_before_any_shade_repeats_one(
     both orange, rolora and tad T=1 both green, adf and decaf both blue."""
     methods = ["adf", "decaf", "ffa", "lora", "rolora", "m5", "m6", "m7", "m8", "m9", "m10"]
     cells = [cell(None, 0, 0.8, method=m) for m in methods]
-    figures = drawn(monkeypatch, {"config": {"name": "grid"}, "cells": cells, "summary": summarize(cells)}, tmp_path)
-    try:
+    with drawn(monkeypatch, tmp_path, "grid", cells) as figures:
         lines = {line.get_label(): line.get_color() for line in figures[0].axes[0].get_lines()}
         tab20 = [plt.get_cmap("tab20")(i) for i in range(20)]
         pairs = [tab20.index(tuple(lines[m])) // 2 for m in sorted(methods)[:10]]
         assert len(set(pairs)) == 10  # the first ten lines: ten different hues
-    finally:
-        for fig in figures:
-            plt.close(fig)
