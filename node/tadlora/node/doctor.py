@@ -44,6 +44,7 @@ from tadlora.node.hostcheck import (
 )
 from tadlora.node.identity import kept_node_id
 from tadlora.node.netif import ipv4_networks
+from tadlora.node.rpc import SAME_SCHEDULE_FIX, schedules_differ
 
 if TYPE_CHECKING:
     import grpc
@@ -64,7 +65,6 @@ STATUS_TIMEOUT_S = 5.0  # s for one peer's Status call
 CERT_EXPIRY_WARN_DAYS = 30  # days before a node certificate expires that the tls check WARNs (time to reissue)
 _DNS_FIX = "check the name (in Kubernetes: the headless Service and the namespace) and that the peers run"
 _SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets and --seed"
-_SAME_SCHEDULE_FLAGS = "--method, --switch-interval, --link-prob and --max-neighbors"
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -162,12 +162,12 @@ def compare_peer(
             f"ours ({fingerprint}): the nodes will not mix",
             f"start every node of a cluster with the same {_SAME_TRAINING_FLAGS}",
         )
-    if schedule and schedule != (ours := cfg.schedule()):  # as the handshake compares them (rpc._check_peer)
+    if schedules_differ(schedule, ours := cfg.schedule()):
         return Check(
             name,
             "WARN",
             f"cluster and fingerprint match, but it runs {schedule!r} and this node {ours!r}: the nodes will not mix",
-            f"start every node of a cluster with the same {_SAME_SCHEDULE_FLAGS}",
+            SAME_SCHEDULE_FIX,
         )
     if secure is not None and secure == cfg.insecure:  # the node passes such an advert over (PeerManager)
         theirs, ours = ("with", "without (--insecure)") if secure else ("without (--insecure)", "with")

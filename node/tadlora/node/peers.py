@@ -19,7 +19,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tadlora.node.discovery import PeerCandidate
-from tadlora.node.rpc import OwnAddress, PeerConnection, PeerInfo, PeerUnavailable, Transport, check_compatible
+from tadlora.node.rpc import (
+    SAME_SCHEDULE_FIX,
+    OwnAddress,
+    PeerConnection,
+    PeerInfo,
+    PeerUnavailable,
+    Transport,
+    check_compatible,
+    schedules_differ,
+)
 from tadlora.node.wire import ExchangeRefused, Reason
 
 log = logging.getLogger("tadlora.peers")
@@ -199,11 +208,8 @@ class PeerManager:
             reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint})"
         elif cand.protocol_version != local.protocol_version:
             reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version})"
-        elif cand.schedule and local.schedule and cand.schedule != local.schedule:  # as rpc._check_peer compares
-            reason = (
-                f"schedule {cand.schedule!r} differs from ours ({local.schedule!r}): start every node of a cluster "
-                "with the same --method, --switch-interval, --link-prob and --max-neighbors"
-            )
+        elif schedules_differ(cand.schedule, local.schedule):
+            reason = f"schedule {cand.schedule!r} differs from ours ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
         elif cand.secure == local.insecure:
             reason = "it requires TLS and we run --insecure" if local.insecure else "it runs without TLS, we require it"
         if reason:

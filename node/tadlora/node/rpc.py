@@ -369,14 +369,24 @@ def _check_peer(
             Reason.FINGERPRINT_MISMATCH,
             f"peer's model fingerprint {fingerprint[:16]!r} differs from this node's {ours.fingerprint[:16]!r}",
         )
-    # An empty schedule is not compared: nodes of protocol 2 before the field existed send none, and refusing them
-    # would split a cluster during a rolling upgrade. Such a pair is no worse off than before the check.
-    if schedule and ours.schedule and schedule != ours.schedule:
+    if schedules_differ(schedule, ours.schedule):
         raise ExchangeRefused(
-            Reason.SCHEDULE_MISMATCH,
-            f"peer runs {schedule!r}, this node {ours.schedule!r}: start every node of a cluster with the same "
-            "--method, --switch-interval, --link-prob and --max-neighbors",
+            Reason.SCHEDULE_MISMATCH, f"peer runs {schedule!r}, this node {ours.schedule!r}: {SAME_SCHEDULE_FIX}"
         )
+
+
+# What to do about a peer of another schedule (`NodeConfig.schedule`), wherever one is found.
+SAME_SCHEDULE_FIX: Final = (
+    "start every node of a cluster with the same --method, --switch-interval, --link-prob and --max-neighbors"
+)
+
+
+def schedules_differ(theirs: str, ours: str) -> bool:
+    """Whether two nodes' schedules rule out mixing: both known and not equal. An empty one is not compared: nodes
+    of protocol 2 before the field existed send none (nor does their mDNS advert), and refusing them would split a
+    cluster during a rolling upgrade; such a pair is no worse off than before the check. The handshake, the peer
+    manager's advert filter and doctor all decide by this."""
+    return bool(theirs and ours and theirs != ours)
 
 
 # ------------------------------------------------------------------------------------- protobuf mapping
