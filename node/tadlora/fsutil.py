@@ -35,24 +35,22 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o666 & ~_umask())
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        Path(tmp).unlink(missing_ok=True)
-        if _names_no_file(exc):
-            raise OSError(exc.errno, exc.strerror, str(target)) from exc
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        with naming(target):
+    with naming(target):
+        try:
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(target.parent, os.O_RDONLY)
+        try:
             os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 @contextlib.contextmanager

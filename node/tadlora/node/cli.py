@@ -346,11 +346,6 @@ def run_main(args: list[str]) -> int:
     started = time.monotonic()
     try:
         code = asyncio.run(run_node(config, json_fmt))
-    except OutRefused as exc:  # --out as it is: a restart would be refused the same way, so 2, not 1
-        if json_fmt:
-            log.error("%s", exc)
-        sys.stderr.write(f"tadlora-node: error: {exc}\n")
-        return 2
     except (RuntimeError, OSError, ValueError) as exc:
         text = error_text(exc, "a smaller --batch-size or --max-length, or --precision bf16 on a GPU that has it")
         if isinstance(exc, BindError):
@@ -358,7 +353,7 @@ def run_main(args: list[str]) -> int:
         if json_fmt:  # a log collector reads the record; in text both would reach the same terminal, twice
             log.error("%s", text)
         sys.stderr.write(f"tadlora-node: error: {text}\n")
-        return 1
+        return 2 if isinstance(exc, OutRefused) else 1  # --out as it is: every restart would be refused alike
     log.info("finished in %.1f s", time.monotonic() - started)
     return code
 
