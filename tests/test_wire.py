@@ -6,8 +6,10 @@ import contextlib
 import hashlib
 import math
 import os
+import re
 import subprocess
 import sys
+import tomllib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -439,15 +441,53 @@ def test_inconsistent_headers_are_refused_as_bad_payload(total: int, sha: str, n
 # ----------------------------------------------------------------------------------- generated code
 
 
+# The version stamps protoc writes: the protobuf gencode version (a comment and the runtime check's arguments) and
+# GRPC_GENERATED_VERSION. They name the grpcio-tools release that ran, not the proto, so a new patch release on the
+# registry must not make the committed code "stale"; what they demand of the runtime is checked against
+# pyproject.toml's floors below instead.
+_PROTOBUF_STAMP = re.compile(rb"(# Protobuf Python Version: )[0-9.]+|(Domain\.PUBLIC,\n)\s*\d+,\n\s*\d+,\n\s*\d+,\n")
+_GRPC_STAMP = re.compile(rb"(GRPC_GENERATED_VERSION = )'[0-9.]+'")
+
+
+def _unstamped(code: bytes) -> bytes:
+    code = _PROTOBUF_STAMP.sub(lambda m: (m.group(1) or m.group(2)) + b"<version>", code)
+    return _GRPC_STAMP.sub(rb"\1<version>", code)
+
+
 def test_committed_protobuf_code_is_what_protoc_generates_now(tmp_path: Path) -> None:
     env = {**os.environ, "PYTHON": sys.executable}
     subprocess.run(
         ["/bin/sh", str(REPO / "scripts" / "gen_proto.sh"), str(tmp_path)], check=True, env=env, capture_output=True
     )
     for name in GENERATED:
-        fresh = (tmp_path / name).read_bytes()
-        committed = (REPO / "node" / name).read_bytes()
+        fresh = _unstamped((tmp_path / name).read_bytes())
+        committed = _unstamped((REPO / "node" / name).read_bytes())
         assert fresh == committed, f"node/{name} is stale: run scripts/gen_proto.sh and commit the result"
+
+
+def test_a_stamp_is_replaced_and_nothing_else() -> None:
+    code = (REPO / "node" / GENERATED[0]).read_bytes()
+    assert b"<version>" in _unstamped(code)
+    assert _unstamped(code.replace(b"node.proto", b"other.proto")) != _unstamped(code)
+
+
+def _floor(requirement: str) -> tuple[int, ...]:
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    (spec,) = [d for d in deps if re.fullmatch(rf"{requirement}>=[0-9.]+", d)]
+    return tuple(int(part) for part in spec.split(">=")[1].split("."))
+
+
+def test_committed_protobuf_code_needs_no_newer_runtime_than_the_package_declares() -> None:
+    # The generated code refuses to import under a grpcio or protobuf older than the tools that wrote it. Code written
+    # by a newer grpcio-tools than the floors in pyproject.toml would fail on an install pip calls valid.
+    grpc_code = (REPO / "node" / GENERATED[2]).read_text()
+    stamp = re.search(r"GRPC_GENERATED_VERSION = '([0-9.]+)'", grpc_code)
+    assert stamp is not None
+    assert tuple(int(part) for part in stamp.group(1).split(".")) <= _floor("grpcio")
+    pb_code = (REPO / "node" / GENERATED[0]).read_text()
+    pb_stamp = re.search(r"Domain\.PUBLIC,\n\s*(\d+),\n\s*(\d+),\n\s*(\d+),", pb_code)
+    assert pb_stamp is not None
+    assert tuple(int(part) for part in pb_stamp.groups()) <= _floor("protobuf")
 
 
 def test_a_spec_written_with_a_dtype_alias_is_the_spec_of_its_dtype() -> None:
