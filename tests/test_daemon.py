@@ -24,6 +24,7 @@ from tadlora.data import resolve_dataset
 from tadlora.node import peers as peers_module
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
+from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.sim.engine import SequentialEngine
 from tadlora.sim.runner import simulate
@@ -201,6 +202,65 @@ async def test_a_slow_node_whose_links_the_schedule_kept_down_trains_its_own_rou
         await run_all(nodes)
         got = [n.factors for n in nodes]
     assert [r["round"] for r in _rounds(tmp_path / "n2")] == list(range(rounds))
+    want = await asyncio.to_thread(simulated, m, "lora", None, p, rounds, "er", TRAIN, seed)
+    for i in range(m):
+        for key in want[i]:
+            torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4, msg=f"node {i} {key}")
+
+
+@pytest.mark.asyncio
+async def test_a_node_restarted_where_the_schedule_alone_kept_its_links_down_resumes_its_own_rounds(tmp_path) -> None:
+    """Seed 203, p = 0.5 (as above): node-2 has no live link in rounds 0-3. It is stopped after round 1 and started
+    again from its checkpoint at round 2 while node-0 and node-1 are in round 4, two rounds ahead. Nothing was lost:
+    no link of node-2's was up in the rounds it did not run, and node-0 waits for it in round 4 as for any slow
+    node. It must resume its own rounds as the simulator's client does; it took its restart for a sign that it was
+    out of step and adopted node-0's round and factors, throwing its own rounds away."""
+    m, rounds, seed, p = 3, 6, 203, 0.5
+    names = [client_name(i) for i in range(m)]
+    assert not any(link_up(seed, t, names[2], names[j], p) for t in range(4) for j in (0, 1))
+    net = InMemoryNetwork()
+    addresses = [f"10.0.0.{i + 1}:7070" for i in range(m)]
+
+    def config(i: int, **changes) -> NodeConfig:
+        peers = PeersOption(auto=False, static=tuple(a for a in addresses if a != addresses[i]), dns=())
+        return node_config(
+            tmp_path, i, m, peers, **{"method": "lora", "link_prob": p, "seed": seed, "rounds": rounds,
+                                      "listen": addresses[i], "checkpoint_every": 1, **changes},
+        )  # fmt: skip
+
+    in_round_4 = threading.Event()  # node-0 and node-1 train round 4 once node-2 is back
+
+    def gated(train):
+        def run(t: int):  # in the worker thread
+            if t == 4:
+                assert in_round_4.wait(60)
+            return train(t)
+
+        return run
+
+    async with contextlib.AsyncExitStack() as stack:
+        group = [await stack.enter_async_context(Node(config(i), net)) for i in (0, 1)]
+        for node in group:
+            node._train = gated(node._train)  # type: ignore[method-assign]
+        tasks = [asyncio.ensure_future(n.run()) for n in group]
+        try:
+            async with Node(config(2, rounds=2), net) as first:  # stopped at round 2, its checkpoint's
+                async with asyncio.timeout(60):
+                    await first.run()
+            async with asyncio.timeout(60):
+                await asyncio.gather(*(n.async_wait_for_round(4) for n in group))
+            async with Node(config(2), net) as node:
+                assert node.round == 2
+                in_round_4.set()
+                async with asyncio.timeout(90):
+                    await asyncio.gather(node.run(), *tasks)
+                got = [n.factors for n in (*group, node)]
+        finally:
+            in_round_4.set()
+            for n in group:
+                n.request_stop()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    assert [r["round"] for r in _rounds(tmp_path / "n2")] == list(range(rounds))  # its own rounds, each once
     want = await asyncio.to_thread(simulated, m, "lora", None, p, rounds, "er", TRAIN, seed)
     for i in range(m):
         for key in want[i]:

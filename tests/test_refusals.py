@@ -400,5 +400,5 @@ async def test_a_node_of_another_schedule_is_refused_at_handshake_naming_both_an
             assert n0._peers is not None and n1._peers is not None
             assert (n0._peers.peers, n1._peers.peers) == ({}, {})
     assert refused.value.reason is Reason.SCHEDULE_MISMATCH
-    assert f"peer runs {their_schedule!r}, this node {n0.schedule!r}" in refused.value.detail
+    assert f"{n1.node_id!r} runs {their_schedule!r}, {n0.node_id!r} runs {n0.schedule!r}" in refused.value.detail
     assert "--method, --switch-interval, --link-prob and --max-neighbors" in refused.value.detail

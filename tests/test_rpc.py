@@ -261,11 +261,49 @@ async def test_a_peer_of_another_schedule_is_refused_naming_both_and_an_older_pe
         result = await client.exchange(dataclasses.replace(header_of(alice), schedule=""), alice.factors, TIMEOUT)
     for refused in (at_handshake, at_exchange, at_fetch):
         assert refused.value.reason is Reason.SCHEDULE_MISMATCH
-        assert f"peer runs {other!r}, this node {SCHEDULE!r}" in refused.value.detail
+        assert f"'alice' runs {other!r}, 'bob' runs {SCHEDULE!r}" in refused.value.detail
         assert "--method, --switch-interval, --link-prob and --max-neighbors" in refused.value.detail
     assert bob.handshakes == [older]  # the refused ones never reached the handler
     assert [h.schedule for h, _ in bob.exchanges] == [""]
     assert result.peer.schedule == SCHEDULE
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("field", "theirs", "words"),
+    [
+        ("cluster", "other-cluster", "is in cluster"),
+        ("fingerprint", "sha256:" + "cd" * 32, "has model fingerprint"),
+        ("protocol_version", PROTOCOL_VERSION + 1, "speaks protocol"),
+        ("schedule", "lora T=none p=0.5 max-neighbors=all", "runs"),
+    ],
+    ids=["cluster", "fingerprint", "protocol", "schedule"],
+)
+async def test_a_refusal_for_another_cluster_model_or_schedule_says_which_node_has_which_read_at_either_end(
+    transport: Transport, alice: FakeNode, bob: FakeNode, field: str, theirs: object, words: str
+) -> None:
+    """The refused caller logs the callee's detail as the reason it was refused. Written as "peer runs X, this node
+    Y", it told the caller that it ran the callee's schedule (a node restarted with another --method read, in its
+    own log, that it ran the method it had just left): each value is named with the node that has it."""
+    stranger = dataclasses.replace(alice.info, **{field: theirs})
+    ours = repr(getattr(bob.info, field)) if field != "fingerprint" else repr(FINGERPRINT[:16])
+    mine = repr(theirs) if field != "fingerprint" else repr(str(theirs)[:16])
+    if field == "protocol_version":
+        ours, mine = str(PROTOCOL_VERSION), str(theirs)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as at_handshake:
+            await client.handshake(stranger, TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_fetch:
+            await client.fetch(stranger, TIMEOUT)
+        if field != "protocol_version":  # an exchange header's protocol is the one this code speaks
+            with pytest.raises(ExchangeRefused) as at_exchange:
+                await client.exchange(ExchangeHeader.from_info(stranger), alice.factors, TIMEOUT)
+            assert f"'alice' {words} {mine}" in at_exchange.value.detail, at_exchange.value.detail
+            assert f"'bob' {words} {ours}" in at_exchange.value.detail, at_exchange.value.detail
+    for refused in (at_handshake, at_fetch):
+        assert f"'alice' {words} {mine}" in refused.value.detail, refused.value.detail
+        assert f"'bob' {words} {ours}" in refused.value.detail, refused.value.detail
+        assert "this node" not in refused.value.detail  # whose node that is depends on which log it is read in
 
 
 @pytest.mark.asyncio

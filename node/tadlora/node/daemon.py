@@ -156,14 +156,16 @@ class Node:
         self._last_exchanged: dict[str, int] = {}  # peer -> 1 + the last round exchanged with it (status)
         self.last_snapshot: Factors = {}  # the last round's post-training factors (diagnostics and tests)
         self._rounds_done = 0
-        # Whether this process has run a round (a node that has not is new or restarted: it may adopt a peer's
-        # state whatever it did before), and 1 + the last round in which it left out a neighbour its link schedule
-        # gave it (a deadline, a refusal: a failure; 0: never). See `_may_be_out_of_step`.
+        # Whether this process has run a round (a new node that has not may adopt a peer's state whatever it did
+        # before; a restarted one, if its peers ran rounds with a link up to it meanwhile), and 1 + the last round in
+        # which it left out a neighbour its link schedule gave it (a deadline, a refusal: a failure; 0: never). See
+        # `_may_be_out_of_step`.
         self._ran_a_round = False
         self._last_missed = 0
         # Whether our factors are a checkpoint's (restored, with a mixing in its past), plus rounds run alone since,
         # with no mixing or catch-up in this process yet: see `_catch_up_if_behind`.
         self._from_checkpoint = False
+        self._resumed = False  # started from a checkpoint (its rounds before it are this node's own)
         self._started = time.monotonic()
         self._server: Server | None = None
         self._discovery: MdnsDiscovery | None = None
@@ -254,6 +256,7 @@ class Node:
             # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
             self.rounds.restore(ckpt.round, ckpt.factors, min(ckpt.last_mixed, ckpt.round))
             self._from_checkpoint = self.rounds.last_mixed > 0
+            self._resumed = True
             if cfg.train.persistent:
                 self._opt_state = dict(ckpt.optimizer)
             elif ckpt.optimizer:
@@ -819,14 +822,22 @@ class Node:
 
     def _may_be_out_of_step(self) -> bool:
         """Whether not having mixed lately may mean this node fell out of step with its peers, so that a catch-up
-        may adopt a peer's state: it has run no round yet (new, or restarted), it left out a neighbour since it last
-        mixed (a failure), or a round since then had a link up to one of its peers of now (it ran without them: cut
-        off, or started alone). False when the link schedule alone explains every round since it last mixed: then
-        it is where the simulator's client would be, whatever round its peers are in."""
+        may adopt a peer's state: it is new (no round run yet, nor a checkpoint's), it left out a neighbour since it
+        last mixed (a failure), or a round since then had a link up to one of its peers of now (it ran without them:
+        cut off, or started alone). For a node restarted from its checkpoint that has run no round yet, those rounds
+        reach to the furthest round its peers have reached: the ones they ran while it was down count too. False
+        when the link schedule alone explains every such round: then it is where the simulator's client would be,
+        whatever round its peers are in (a restart that lost nothing is no reason to drop its own rounds)."""
         rounds = self.rounds
-        if not self._ran_a_round or (self._last_missed and self._last_missed >= rounds.last_mixed):
+        if self._last_missed and self._last_missed >= rounds.last_mixed:
             return True
-        return any(self._round_neighbours(s) for s in range(rounds.last_mixed, rounds.t))
+        if self._ran_a_round:
+            return any(self._round_neighbours(s) for s in range(rounds.last_mixed, rounds.t))
+        if not self._resumed:
+            return True
+        # Their rounds as their handshakes said since it started (it has run no round yet): fresh enough.
+        reached = max((p.info.round for p in self._peers.peers.values()), default=0) if self._peers else 0
+        return any(self._round_neighbours(s) for s in range(rounds.last_mixed, max(rounds.t, reached)))
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
         cfg = self.config
