@@ -45,8 +45,9 @@ STEP_S = 60.0  # s a scenario's step (a node reaching a hold, a restart, the las
 EXCHANGE_TIMEOUT_S = 120.0  # s: never the bound in these runs (every wait ends within a scenario's few seconds)
 
 # The seeds of the default run, a few seconds each: two restarts of one node at p = 0.5 with persistent optimizer
-# state, its peer held behind it the first time (2); a restart at p = 1 (4); a restart at p = 0.3 over gRPC (7).
-QUICK_SEEDS = (2, 4, 7)
+# state, its peer held behind it the first time (2); a restart at p = 0.3 over gRPC (7); two restarts at p = 0.5 on
+# four nodes, one peer run two rounds ahead of the restarted node and another waiting for it (12).
+QUICK_SEEDS = (2, 7, 12)
 # The seeds of the slow run: 0:200, or TADLORA_FUZZ_SEEDS=FIRST:END for another range.
 SLOW_SEEDS = range(*(int(x) for x in os.environ.get("TADLORA_FUZZ_SEEDS", "0:200").split(":")))
 
@@ -333,3 +334,19 @@ async def test_daemons_that_lose_no_exchange_end_on_the_simulators_factors_over_
     tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: int
 ) -> None:
     await check(draw(seed), tmp_path, caplog)
+
+
+@pytest.mark.asyncio
+async def test_a_node_restarted_while_one_peer_ran_ahead_and_another_waits_for_it_resumes_its_own_rounds(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Link seed 18, p = 0.3 (found by this harness): links node-0/node-2 in rounds 0, 1 and 3, node-1/node-2 in
+    round 2, node-0/node-1 in round 5. node-0 stops after round 2 (it last mixed in round 1) and is restarted while
+    node-1 has run on to round 5 (its next link to node-0) and node-2 waits in round 3 (its link to node-0). Nothing
+    was lost: node-2 has yet to run round 3, and waits for node-0 there. node-0 took that link for one a peer had
+    run without it, because node-1 had gone past round 3, and adopted node-1's round 5 and factors: node-2 waited
+    for it in round 3 until its deadline, and both left the simulator's factors."""
+    no_delays = ((0.0,) * 6,) * 3
+    s = Scenario(18, 3, "lora", None, 0.3, 6, "fresh", no_delays, (Restart(node=0, at=3, advance=2),))
+    assert s.reach(0) == [3, 5, 3]
+    await check(s, tmp_path, caplog)
