@@ -1,15 +1,15 @@
 """A seeded differential test: daemons that lose no exchange end on exactly the simulator's factors.
 
 One integer seed draws a scenario (`draw`): 2-4 nodes, a method, a link probability, 4-8 rounds, uneven speeds (a
-delay per node and round), up to two clean stops (a node stopped before it trains round k, restarted from its
-checkpoint once its peers have run on, or while they lag behind it) and in-memory or real gRPC transport. The
-scenario stays inside what docs/protocol.md promises: no exchange is lost, because nobody calls a node while it is
-down. Each peer is held before the first round in which its link to the stopped node is up (or earlier, as the
-seed says); holds are events, not sleeps; the restart waits until every peer is where the holds leave it
-(`Scenario.reach`), and the restarted node is verified by everyone before they go on. Exchange waits stay under
-`WAIT_GAP_ROUNDS` (at most 8 rounds are run) and far under the exchange timeout. Then every node must end on the
-simulator's factors, with each of its own rounds logged once, no neighbour missed and nothing logged as an error;
-a step that does not finish within `STEP_S` fails as a stall, naming every node's round and state.
+delay per node and round), up to two clean stops (a node stopped before it trains round k, or whose run of k rounds
+ends, restarted from its checkpoint once its peers have run on, or while they lag behind it) and in-memory or real
+gRPC transport. The scenario stays inside what docs/protocol.md promises: no exchange is lost, because nobody calls
+a node while it is down. Each peer is held before the first round in which its link to the stopped node is up (or
+earlier, as the seed says); holds are events, not sleeps; the restart waits until every peer is where the holds
+leave it (`Scenario.reach`), and the restarted node is verified by everyone before they go on. Exchange waits
+stay under `WAIT_GAP_ROUNDS` (at most 8 rounds are run) and far under the exchange timeout. Then every node must
+end on the simulator's factors, with each of its own rounds logged once, no neighbour missed and nothing logged as
+an error; a step that does not finish within `STEP_S` fails as a stall, naming every node's round and state.
 """
 
 from __future__ import annotations
@@ -45,8 +45,9 @@ STEP_S = 60.0  # s a scenario's step (a node reaching a hold, a restart, the las
 EXCHANGE_TIMEOUT_S = 120.0  # s: never the bound in these runs (every wait ends within a scenario's few seconds)
 
 # The seeds of the default run, a few seconds each: two restarts of one node at p = 0.5 with persistent optimizer
-# state, its peer held behind it the first time (2); a restart at p = 0.3 over gRPC (7); two restarts at p = 0.5 on
-# four nodes, one peer run two rounds ahead of the restarted node and another waiting for it (12).
+# state, first at the end of a 1-round run while its peer is held behind it, then on a stop request (2); the end of
+# a run and its resumption at p = 0.3 over gRPC (7); two stop requests at p = 0.5 on four nodes, one peer run two
+# rounds ahead of the restarted node and another waiting for it (12).
 QUICK_SEEDS = (2, 7, 12)
 # The seeds of the slow run: 0:200, or TADLORA_FUZZ_SEEDS=FIRST:END for another range.
 SLOW_SEEDS = range(*(int(x) for x in os.environ.get("TADLORA_FUZZ_SEEDS", "0:200").split(":")))
@@ -56,11 +57,13 @@ SLOW_SEEDS = range(*(int(x) for x in os.environ.get("TADLORA_FUZZ_SEEDS", "0:200
 class Restart:
     """Node ``node`` stops cleanly before training round ``at`` (it finished round at - 1) and is started again
     from its checkpoint once each peer has run up to round ``at + advance`` (behind it when negative) or to its
-    first round with a link up to it."""
+    first round with a link up to it. With ``ends_run`` the stop is the end of a run of ``at`` rounds (--rounds),
+    else a stop requested while it waits to train round ``at``."""
 
     node: int
     at: int
     advance: int
+    ends_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -138,7 +141,10 @@ def draw(seed: int) -> Scenario:
             if all(_feasible(candidate, e) for e in range(len(candidate.restarts))):
                 restarts.append(restart)
                 break
-    return dataclasses.replace(base, restarts=tuple(restarts), grpc=rng.random() < 0.25)
+    grpc = rng.random() < 0.25
+    ends_run = [rng.random() < 0.5 for _ in restarts]
+    restarts = [dataclasses.replace(r, ends_run=end) for r, end in zip(restarts, ends_run, strict=True)]
+    return dataclasses.replace(base, restarts=tuple(restarts), grpc=grpc)
 
 
 def _feasible(s: Scenario, e: int) -> bool:
@@ -219,11 +225,14 @@ async def run_scenario(s: Scenario, tmp: Path) -> list[dict[str, torch.Tensor]]:
     )
     train = dataclasses.replace(TRAIN, optimizer_state=s.optimizer_state)
 
-    def config(i: int) -> Any:
+    def config(i: int, after: int) -> Any:
+        """Node i's config for its run after restart ``after`` (-1: its first run)."""
         peers = PeersOption(auto=False, static=tuple(a for a in addresses if a != addresses[i]), dns=())
+        stop = next((r for r in s.restarts[after + 1 :] if r.node == i), None)  # the one that ends this run
+        rounds = stop.at if stop is not None and stop.ends_run else s.rounds
         return node_config(
             tmp, i, s.m, peers, method=s.method, switch_interval=s.interval, link_prob=s.link_prob, seed=s.seed,
-            rounds=s.rounds, listen=addresses[i], train=train, exchange_timeout=EXCHANGE_TIMEOUT_S,
+            rounds=rounds, listen=addresses[i], train=train, exchange_timeout=EXCHANGE_TIMEOUT_S,
             checkpoint_every=2,
         )  # fmt: skip
 
@@ -238,8 +247,8 @@ async def run_scenario(s: Scenario, tmp: Path) -> list[dict[str, torch.Tensor]]:
             for n, t in zip(nodes, tasks, strict=True)
         )
 
-    async def start(i: int) -> tuple[Node, asyncio.Task[Any]]:
-        node = Node(config(i), net)
+    async def start(i: int, after: int = -1) -> tuple[Node, asyncio.Task[Any]]:
+        node = Node(config(i, after), net)
         await node.__aenter__()
         instrument(node, i, s, gates)
         return node, asyncio.ensure_future(node.run())
@@ -258,11 +267,12 @@ async def run_scenario(s: Scenario, tmp: Path) -> list[dict[str, torch.Tensor]]:
             tasks.append(task)
         for e, r in enumerate(s.restarts):
             reach = s.reach(e)
-            await until(f"node-{r.node} to finish round {r.at - 1}", gates.arrived[(r.node, r.at)].is_set, describe)
+            stopped = tasks[r.node].done if r.ends_run else gates.arrived[(r.node, r.at)].is_set
+            await until(f"node-{r.node} to finish round {r.at - 1}", stopped, describe)
             await stop(nodes[r.node], tasks[r.node])
             want = {j: reach[j] for j in range(s.m) if j != r.node}
             await until(f"restart {e}'s holds ({reach})", at_rounds(nodes, want), describe)
-            nodes[r.node], tasks[r.node] = await start(r.node)
+            nodes[r.node], tasks[r.node] = await start(r.node, e)
             assert nodes[r.node].round == r.at  # resumed from the stop's checkpoint
             # Clean: everyone knows everyone again before anyone trains a round with a link up to it.
             await until(
