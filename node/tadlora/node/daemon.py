@@ -824,20 +824,26 @@ class Node:
         """Whether not having mixed lately may mean this node fell out of step with its peers, so that a catch-up
         may adopt a peer's state: it is new (no round run yet, nor a checkpoint's), it left out a neighbour since it
         last mixed (a failure), or a round since then had a link up to one of its peers of now (it ran without them:
-        cut off, or started alone). For a node restarted from its checkpoint that has run no round yet, those rounds
-        reach to the furthest round its peers have reached: the ones they ran while it was down count too. False
-        when the link schedule alone explains every such round: then it is where the simulator's client would be,
-        whatever round its peers are in (a restart that lost nothing is no reason to drop its own rounds)."""
+        cut off, or started alone). For a node restarted from its checkpoint that has run no round yet, the rounds
+        each peer ran while it was down count too: one with a link up to that peer, which the peer ran without it.
+        False when the link schedule alone explains every such round: then it is where the simulator's client would
+        be, whatever round its peers are in (a restart that lost nothing is no reason to drop its own rounds)."""
         rounds = self.rounds
         if self._last_missed and self._last_missed >= rounds.last_mixed:
             return True
+        if any(self._round_neighbours(s) for s in range(rounds.last_mixed, rounds.t)):
+            return True
         if self._ran_a_round:
-            return any(self._round_neighbours(s) for s in range(rounds.last_mixed, rounds.t))
+            return False
         if not self._resumed:
             return True
-        # Their rounds as their handshakes said since it started (it has run no round yet): fresh enough.
-        reached = max((p.info.round for p in self._peers.peers.values()), default=0) if self._peers else 0
-        return any(self._round_neighbours(s) for s in range(rounds.last_mixed, max(rounds.t, reached)))
+        # Their rounds as their handshakes said since it started (it has run no round yet): fresh enough. Only a
+        # peer's own rounds count: a link up to a peer in a round it has yet to run is an exchange still to come
+        # (it waits for this node there), not one lost, however far another peer has run meanwhile.
+        peers = self._peers.peers if self._peers is not None else {}
+        return any(
+            j in self._round_neighbours(s) for j, peer in peers.items() for s in range(rounds.t, peer.info.round)
+        )
 
     def _round_neighbours(self, t: int) -> frozenset[str]:
         cfg = self.config
