@@ -330,17 +330,10 @@ def test_the_drawn_scenarios_stay_inside_what_the_docs_promise() -> None:
 
 
 @pytest.mark.asyncio
-@pytest.mark.parametrize("seed", QUICK_SEEDS)
+@pytest.mark.parametrize(
+    "seed", [*QUICK_SEEDS, *(pytest.param(x, marks=pytest.mark.slow) for x in SLOW_SEEDS if x not in QUICK_SEEDS)]
+)
 async def test_daemons_that_lose_no_exchange_end_on_the_simulators_factors(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: int
-) -> None:
-    await check(draw(seed), tmp_path, caplog)
-
-
-@pytest.mark.slow
-@pytest.mark.asyncio
-@pytest.mark.parametrize("seed", SLOW_SEEDS)
-async def test_daemons_that_lose_no_exchange_end_on_the_simulators_factors_over_many_seeds(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, seed: int
 ) -> None:
     await check(draw(seed), tmp_path, caplog)
