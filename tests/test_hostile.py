@@ -240,9 +240,7 @@ def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data
     async def receive() -> None:
         ours = ExchangeHeader(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0, degree=1,
                               schedule=SCHEDULE)  # fmt: skip
-        check = lambda head: rpc._check_peer(  # noqa: E731
-            head.node_id, head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=ours
-        )
+        check = lambda head: rpc._check_peer(head, ours=ours)  # noqa: E731
         with contextlib.suppress(ExchangeRefused):
             await _receive_payload(stream(), max_payload_bytes=1 << 20, check=check)
 

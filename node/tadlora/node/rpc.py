@@ -307,9 +307,7 @@ def _check_identity(claimed: str, identity: str | None) -> None:
 def check_compatible(local: PeerInfo, remote: PeerInfo) -> None:
     """Raise `ExchangeRefused` (PROTOCOL/CLUSTER/FINGERPRINT/SCHEDULE_MISMATCH) unless the two nodes can exchange
     factors."""
-    _check_peer(
-        remote.node_id, remote.protocol_version, remote.cluster, remote.fingerprint, remote.schedule, ours=local
-    )
+    _check_peer(remote, ours=local)
 
 
 def check_sane(what: str, *, round: int, degree: int, texts: Iterable[str]) -> None:
@@ -356,36 +354,46 @@ def _check_info(info: PeerInfo, what: str) -> None:
         )
 
 
-def _check_peer(
-    node_id: str,
-    protocol_version: int,
-    cluster: str,
-    fingerprint: str,
-    schedule: str,
-    *,
-    ours: PeerInfo | ExchangeHeader,
-) -> None:
-    """Refuse peer ``node_id`` (or its header) whose protocol, cluster, model fingerprint or schedule is not
+class _Claims(Protocol):
+    """What a peer says of itself that decides whether two nodes may mix: a `PeerInfo`, or an exchange header
+    (ours, or the protobuf one as it arrived)."""
+
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def protocol_version(self) -> int: ...
+    @property
+    def cluster(self) -> str: ...
+    @property
+    def fingerprint(self) -> str: ...
+    @property
+    def schedule(self) -> str: ...
+
+
+def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
+    """Refuse a peer (its info, or its header) whose protocol, cluster, model fingerprint or schedule is not
     ``ours``. The detail names each node with its own value, not "peer" and "this node": a refusal is sent to the
     peer, which logs it as the reason it was refused, and there "this node" would be the peer itself."""
-    them, us = repr(node_id[:MAX_TEXT_CHARS]), repr(ours.node_id)
-    if protocol_version != PROTOCOL_VERSION:
+    them, us = repr(theirs.node_id[:MAX_TEXT_CHARS]), repr(ours.node_id)
+    if theirs.protocol_version != PROTOCOL_VERSION:
         raise ExchangeRefused(
             Reason.PROTOCOL_MISMATCH,
-            f"{them} speaks protocol {protocol_version}, {us} speaks protocol {PROTOCOL_VERSION}",
+            f"{them} speaks protocol {theirs.protocol_version}, {us} speaks protocol {PROTOCOL_VERSION}",
         )
-    if cluster != ours.cluster:
+    if theirs.cluster != ours.cluster:
         raise ExchangeRefused(
-            Reason.CLUSTER_MISMATCH, f"{them} is in cluster {cluster!r}, {us} is in cluster {ours.cluster!r}"
+            Reason.CLUSTER_MISMATCH, f"{them} is in cluster {theirs.cluster!r}, {us} is in cluster {ours.cluster!r}"
         )
-    if fingerprint != ours.fingerprint:
+    if theirs.fingerprint != ours.fingerprint:
         raise ExchangeRefused(
             Reason.FINGERPRINT_MISMATCH,
-            f"{them} has model fingerprint {fingerprint[:16]!r}, {us} has model fingerprint {ours.fingerprint[:16]!r}",
+            f"{them} has model fingerprint {theirs.fingerprint[:16]!r}, "
+            f"{us} has model fingerprint {ours.fingerprint[:16]!r}",
         )
-    if schedules_differ(schedule, ours.schedule):
+    if schedules_differ(theirs.schedule, ours.schedule):
         raise ExchangeRefused(
-            Reason.SCHEDULE_MISMATCH, f"{them} runs {schedule!r}, {us} runs {ours.schedule!r}: {SAME_SCHEDULE_FIX}"
+            Reason.SCHEDULE_MISMATCH,
+            f"{them} runs {theirs.schedule!r}, {us} runs {ours.schedule!r}: {SAME_SCHEDULE_FIX}",
         )
 
 
@@ -719,9 +727,7 @@ class _Responder:
 
             def check(head: pb.ExchangeHeader) -> None:
                 _check_identity(head.node_id, identity)  # before a byte of payload is read
-                _check_peer(
-                    head.node_id, head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=local
-                )
+                _check_peer(head, ours=local)
 
             # Everything that can refuse an exchange from its header does so before a chunk is read: each payload
             # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
@@ -933,7 +939,7 @@ class _Caller(abc.ABC):
 
         def check_reply(head: pb.ExchangeHeader) -> None:
             _check_answerer(head.node_id, self.node_id, self.address)
-            _check_peer(head.node_id, head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=header)
+            _check_peer(head, ours=header)
             if head.round != header.round:
                 raise ExchangeRefused(Reason.ROUND_MISMATCH, f"asked for round {header.round}, got {head.round}")
             _check_declared_size(head.total_bytes, expected)
@@ -976,7 +982,7 @@ class _Caller(abc.ABC):
 
         def check_reply(head: pb.ExchangeHeader) -> None:
             _check_answerer(head.node_id, self.node_id, self.address)
-            _check_peer(head.node_id, head.protocol_version, head.cluster, head.fingerprint, head.schedule, ours=info)
+            _check_peer(head, ours=info)
             _check_declared_size(head.total_bytes, expected)
 
         replies = self._call_fetch(pb.FetchRequest(caller=_info_to_pb(info)), timeout)
