@@ -296,6 +296,22 @@ async def test_an_mdns_peer_of_another_schedule_warns_since_the_node_would_pass_
         assert check.status == "OK"
 
 
+@pytest.mark.asyncio
+async def test_nodes_of_other_clusters_alone_are_reported_as_no_peer_of_this_one(tmp_path: Path) -> None:
+    """Another cluster's node is listed as OK (the node ignores it), but it is no peer: with only such nodes on the
+    network the doctor must still warn that none of this cluster answered, as it does when nothing answers."""
+    cfg = node_config(tmp_path, 0, 1, parse_peers_option("auto"), min_peers=0, insecure=True)
+    other = PeerCandidate("node-1", "127.0.0.1:7070", "elsewhere", "ab", PROTOCOL_VERSION, False, "mdns", "node-1.x.")
+    checks = {c.name: c for c in await async_check_peers(cfg, "ab", Browsed([other], [], []), "127.0.0.1")}
+    assert checks["peer node-1 at 127.0.0.1:7070"].status == "OK"
+    alone = checks["peers (mdns)"]
+    assert alone.status == "WARN" and repr(cfg.cluster) in alone.detail, alone
+    assert "(only nodes of other clusters, above)" in alone.detail, alone
+    ours = dataclasses.replace(other, cluster=cfg.cluster)
+    checks = {c.name: c for c in await async_check_peers(cfg, "ab", Browsed([other, ours], [], []), "127.0.0.1")}
+    assert "peers (mdns)" not in checks, checks
+
+
 def test_multicast_routes_are_read_from_the_kernel_table() -> None:
     table = (
         "Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\tMTU\tWindow\tIRTT\n"

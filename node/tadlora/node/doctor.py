@@ -280,13 +280,17 @@ async def async_check_peers(
                 "ways (UDP 5353)",
             )
         )
-    if browsed is not None and not browsed.candidates:
+    # Nodes of other clusters are listed above as OK (this node ignores them), so they are no peers either: a LAN
+    # or a shared 127.0.0.1 with other clusters' nodes on it must still say that none of this one answered.
+    if browsed is not None and not any(c.cluster == cfg.cluster for c in browsed.candidates):
+        seen = ["services that cannot be peers"] if browsed.ignored or browsed.unresolved else []
+        seen += ["nodes of other clusters"] if browsed.candidates else []
         checks.append(
             Check(
                 "peers (mdns)",
                 "WARN",
-                f"no tadlora node answered on {mdns_where}"
-                + (" (only services that cannot be peers, above)" if browsed.ignored or browsed.unresolved else ""),
+                f"no tadlora node of cluster {cfg.cluster!r} answered on {mdns_where}"
+                + (f" (only {' and '.join(seen)}, above)" if seen else ""),
                 "start the other nodes; their --mdns-interface must be on this network, and UDP 5353 "
                 "multicast must pass between the hosts (else use --peers HOST:PORT or dns:NAME)",
             )
