@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from conftest import TINY_TRAIN, sentence_pairs, tiny_spec
-from tadlora.adapter import AdapterModel
+from tadlora.adapter import TINY_CONFIG, AdapterModel
 from tadlora.core.factors import Factor, factor_of
 from tadlora.core.methods import make_method
 from tadlora.core.mixing import mh_matrix
 from tadlora.core.topology import make_topology
+from tadlora.data import TextDataset
 from tadlora.sim.config import ALL_METHODS
 from tadlora.sim.engine import SequentialEngine
 from tadlora.sim.runner import mix_round
@@ -54,6 +55,17 @@ def test_encoding_pads_on_the_right_and_a_left_padding_tokenizer_is_refused(tiny
     left.padding_side = "left"
     with pytest.raises(ValueError, match="pads on the left"):
         encode(left, data, 32)
+
+
+def test_a_max_length_past_the_model_s_positions_is_refused_and_one_up_to_them_evaluates(tiny_model) -> None:
+    """tiny has 256 positions (its tokenizer, MiniLM's, says 512): a longer --max-length would fail in the first
+    forward pass on a long text, as a shape error that names neither."""
+    limit = TINY_CONFIG["max_position_embeddings"]
+    long = TextDataset("long", (" ".join(["word"] * 1000), "short"), None, np.array([0, 1]), ("no", "yes"))
+    with pytest.raises(ValueError, match=f"max_length {limit + 1} .* {limit} "):
+        encode(tiny_model.tokenizer, long, limit + 1)
+    accuracy, _ = evaluate(tiny_model, encode(tiny_model.tokenizer, long, limit))
+    assert 0.0 <= accuracy <= 1.0
 
 
 def test_a_batch_cut_wider_keeps_the_tokenizer_s_padding_and_a_width_that_cuts_real_tokens_is_refused(

@@ -229,9 +229,24 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     # padded with, also when the tokenizer has a pad token and the checkpoint's config names none (or another).
     if tokenizer.pad_token_id is not None:
         model.config.pad_token_id = tokenizer.pad_token_id
+    # Past its position embeddings a model fails in its first forward pass, as a shape error naming neither;
+    # `encode` refuses a max_length past the tokenizer's limit, which some tokenizers set higher (MiniLM's says 512
+    # for `tiny`'s 256 positions).
+    if (limit := _position_limit(model)) is not None:
+        tokenizer.model_max_length = min(tokenizer.model_max_length, limit)
     model.config.id2label = dict(enumerate(spec.label_names))
     model.config.label2id = {n: i for i, n in enumerate(spec.label_names)}
     return model, tokenizer, identity
+
+
+def _position_limit(model: nn.Module) -> int | None:
+    """The most tokens ``model``'s position embeddings take, or None where its config names no limit."""
+    positions = getattr(model.config, "max_position_embeddings", None)
+    if not isinstance(positions, int):
+        return None
+    # The RoBERTa family counts positions from its padding id + 1 (514 positions take 512 tokens).
+    padding_idx = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+    return positions - (padding_idx + 1) if isinstance(padding_idx, int) else positions
 
 
 def _weights_digest(model: nn.Module) -> str:

@@ -147,7 +147,14 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
     """Tokenize ``data`` once (pairs as pairs), truncated and padded to ``max_length`` on the right (a tokenizer
-    that pads on the left is refused: `Encoded.batch` cuts padding off the right end)."""
+    that pads on the left is refused: `Encoded.batch` cuts padding off the right end). A ``max_length`` past the
+    tokenizer's ``model_max_length`` (for an `AdapterModel`'s, at most its position embeddings) is refused."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    if isinstance(limit, int) and max_length > limit:
+        raise ValueError(
+            f"max_length {max_length} is past the {limit} tokens the model takes (its position embeddings): use a "
+            f"--max-length of at most {limit}"
+        )
     kwargs = {"truncation": True, "max_length": max_length, "padding": "max_length", "return_tensors": "pt"}
     if data.text_b is not None:
         enc = tokenizer(list(data.text_a), list(data.text_b), **kwargs)  # type: ignore[operator]
