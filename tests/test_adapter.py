@@ -216,6 +216,18 @@ def test_a_model_directory_with_another_tokenizer_has_another_fingerprint(tmp_pa
     assert _weights_digest(other.model) == _weights_digest(same.model) and other.fingerprint != same.fingerprint
 
 
+def test_a_model_directory_has_one_fingerprint_however_its_path_is_spelt(tmp_path, monkeypatch) -> None:
+    """The fingerprint names a local model by its directory's name: `--model .` run inside the directory (a
+    container's workdir) must mix with `--model /models/mine` on the next node, not differ as "." from "mine"."""
+    save_tiny_checkpoint(tmp_path / "mine")
+    monkeypatch.chdir(tmp_path / "mine" / "..")
+    prints = {AdapterModel(ModelSpec(model=model, lora=TINY_LORA)).fingerprint
+              for model in (str(tmp_path / "mine"), "mine/", "mine/.", "./mine/../mine")}  # fmt: skip
+    monkeypatch.chdir(tmp_path / "mine")
+    prints |= {AdapterModel(ModelSpec(model=model, lora=TINY_LORA)).fingerprint for model in (".", "./")}
+    assert len(prints) == 1
+
+
 def test_a_half_precision_checkpoint_is_loaded_in_fp32(tmp_path) -> None:
     # transformers loads a checkpoint in the dtype it was saved in unless told otherwise; bf16 or fp16 base weights
     # would make precision "fp32" compute in half precision, and fp16 backward passes underflow without scaling.

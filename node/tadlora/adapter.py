@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -214,7 +215,8 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                     "the hub reachable; the offline default is 'minilm'. Weights load from safetensors files only: "
                     "convert a pickled checkpoint (pytorch_model.bin) with save_pretrained in transformers >= 5."
                 ) from exc
-            identity = "minilm" if spec.model in ("minilm", "default") else Path(path).name or path
+            # A local model by its directory's name, however its path is spelt ("." inside it, "mine/." beside it).
+            identity = "minilm" if spec.model in ("minilm", "default") else Path(os.path.abspath(path)).name or path
             # What the checkpoint lacked (the head) was drawn by transformers: those are the ones to redraw (not
             # missing buffers, such as position ids, which transformers fills without drawing).
             params = {name for name, _ in model.named_parameters()}
