@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import warnings
 
 import pytest
@@ -226,6 +227,21 @@ def test_a_model_directory_has_one_fingerprint_however_its_path_is_spelt(tmp_pat
     monkeypatch.chdir(tmp_path / "mine")
     prints |= {AdapterModel(ModelSpec(model=model, lora=TINY_LORA)).fingerprint for model in (".", "./")}
     assert len(prints) == 1
+
+
+def test_a_checkpoint_s_head_for_another_label_count_is_drawn_anew_from_the_seed(tmp_path, caplog) -> None:
+    """A classifier fine-tuned on 2 labels, brought for a 3-label task: its head cannot be used, so it is drawn
+    from the seed like a missing one (and said so), not refused as transformers' "ignore_mismatched_sizes" error."""
+    save_tiny_checkpoint(tmp_path)  # BertForSequenceClassification: a head of 2 labels
+    spec = ModelSpec(model=str(tmp_path), label_names=("a", "b", "c"), lora=TINY_LORA)
+    with caplog.at_level(logging.WARNING, logger="tadlora.adapter"):
+        model = AdapterModel(spec)
+    assert "classifier.weight" in caplog.text and "3 labels" in caplog.text
+    heads = [{n: p for n, p in m.model.named_parameters() if "classifier" in n and "lora" not in n}
+             for m in (model, AdapterModel(spec), AdapterModel(dataclasses.replace(spec, seed=1)))]  # fmt: skip
+    assert {p.shape[0] for p in heads[0].values()} == {3}
+    assert all(torch.equal(heads[0][n], heads[1][n]) for n in heads[0])
+    assert any(not torch.equal(heads[0][n], heads[2][n]) for n in heads[0] if n.endswith("weight"))
 
 
 def test_a_half_precision_checkpoint_is_loaded_in_fp32(tmp_path) -> None:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import warnings
@@ -34,6 +35,8 @@ from torch import nn
 
 from tadlora import rng
 from tadlora.core.factors import Factor, Factors, factor_of
+
+log = logging.getLogger(__name__)
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
@@ -206,8 +209,15 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                 # model crossed the network. fp32 whatever dtype it was saved in (transformers would keep a bf16 or
                 # fp16 one so): precision is autocast's business (`TrainSpec.precision`), and fp16 backward passes
                 # without loss scaling underflow.
+                # A head for another number of labels (a classifier fine-tuned elsewhere) cannot serve this label
+                # set: it is drawn anew below, as a checkpoint without one has it drawn.
                 model, loading = AutoModelForSequenceClassification.from_pretrained(
-                    path, config=config, use_safetensors=True, dtype=torch.float32, output_loading_info=True
+                    path,
+                    config=config,
+                    use_safetensors=True,
+                    dtype=torch.float32,
+                    output_loading_info=True,
+                    ignore_mismatched_sizes=True,
                 )
             except OSError as exc:
                 raise RuntimeError(
@@ -220,7 +230,13 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
             # What the checkpoint lacked (the head) was drawn by transformers: those are the ones to redraw (not
             # missing buffers, such as position ids, which transformers fills without drawing).
             params = {name for name, _ in model.named_parameters()}
-            fresh = {str(key) for key in loading["missing_keys"]} & params
+            mismatched = sorted(str(key) for key, *_ in loading["mismatched_keys"])
+            if mismatched:
+                log.warning(
+                    "model %r: %s in the checkpoint fit(s) another number of labels, not these %d labels: drawn "
+                    "anew from the seed", spec.model, ", ".join(mismatched), num_labels,
+                )  # fmt: skip
+            fresh = ({str(key) for key in loading["missing_keys"]} | set(mismatched)) & params
     if spec.init == "portable":
         _draw_portably(model, fresh, spec.seed)
     # Many decoder models' tokenizers pad on the left; batches are cut to their longest sequence from the right.
