@@ -743,6 +743,19 @@ def test_a_label_skew_of_n_per_client_capped_lower_still_keeps_its_mix() -> None
     assert client_shards(data, "label-skew:5", 10, seed=0, samples_per_client=10)[0].size == 5
 
 
+@pytest.mark.parametrize("split", ["label-skew", "label-skew@0.6", "iid"])
+def test_a_samples_per_client_cap_above_a_shard_s_size_leaves_the_shards_as_they_are(split: str) -> None:
+    """--samples-per-client is a cap ("default: its whole shard"): one above what the split gives a client changes
+    nothing, for a label skew too, whose natural size the class counts decide (here 120 of 2600 for 10 clients)."""
+    labels = np.array([0] * 600 + [1] * 2000)
+    data = TextDataset(name="t", text_a=tuple(map(str, range(2600))), text_b=None, labels=labels,
+                       label_names=("a", "b"))  # fmt: skip
+    uncapped = client_shards(data, split, 10, seed=0)
+    for cap in (max(s.size for s in uncapped), 10_000):
+        capped = client_shards(data, split, 10, seed=0, samples_per_client=cap)
+        assert [s.tolist() for s in capped] == [s.tolist() for s in uncapped]
+
+
 def test_label_skew_default_size_is_the_largest_that_exhausts_no_class() -> None:
     labels = np.array([0] * 600 + [1] * 2000)
     shards = split_label_skew(labels, 10, seed=0)

@@ -13,16 +13,17 @@ DEV_SUBSET_SEED = 12345  # the evaluation subset is fixed: the same for every cl
 def client_shards(
     train: TextDataset, split: str, num_clients: int, seed: int, samples_per_client: int | None = None
 ) -> list[np.ndarray]:
-    """Each client's training-set indices: the split scheme, capped at ``samples_per_client``."""
+    """Each client's training-set indices: the split scheme, capped at ``samples_per_client`` (a cap no shard
+    exceeds changes nothing)."""
     n = samples_per_client
-    skew = parse_label_skew(split)
-    if n is not None and skew is not None:
-        # n from the skew itself, so that every client keeps the skew's proportions (a random cap would not)
-        per_client = n if skew[1] is None else min(n, skew[1])
-        return make_shards(train, f"label-skew@{skew[0]!r}:{per_client}", num_clients, seed)
     shards = make_shards(train, split, num_clients, seed)
-    if n is None:
+    if n is None or all(len(s) <= n for s in shards):
+        # For a label skew too: asked for more per client than its class counts allow, it would refuse the cap.
         return shards
+    skew = parse_label_skew(split)
+    if skew is not None:
+        # n from the skew itself, so that every client keeps the skew's proportions (a random cap would not)
+        return make_shards(train, f"label-skew@{skew[0]!r}:{n}", num_clients, seed)
     rng = np.random.default_rng([seed, 7])
     return [s if len(s) <= n else np.sort(rng.choice(s, n, replace=False)) for s in shards]
 
