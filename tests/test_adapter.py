@@ -244,6 +244,16 @@ def test_a_checkpoint_s_head_for_another_label_count_is_drawn_anew_from_the_seed
     assert any(not torch.equal(heads[0][n], heads[2][n]) for n in heads[0] if n.endswith("weight"))
 
 
+def test_a_model_directory_without_its_tokenizer_is_refused_not_read_as_unknown_words(tmp_path) -> None:
+    """model.save_pretrained without tokenizer.save_pretrained: transformers builds a BERT tokenizer of the five
+    special tokens from config.json alone, which reads every word as [UNK], and the node would train on that."""
+    save_tiny_checkpoint(tmp_path)
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
+        (tmp_path / name).unlink(missing_ok=True)
+    with pytest.raises(RuntimeError, match=f"cannot load model '{tmp_path}': no tokenizer.*save_pretrained"):
+        AdapterModel(ModelSpec(model=str(tmp_path), lora=TINY_LORA))
+
+
 def test_a_half_precision_checkpoint_is_loaded_in_fp32(tmp_path) -> None:
     # transformers loads a checkpoint in the dtype it was saved in unless told otherwise; bf16 or fp16 base weights
     # would make precision "fp32" compute in half precision, and fp16 backward passes underflow without scaling.

@@ -204,6 +204,14 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                 )
             try:
                 tokenizer = AutoTokenizer.from_pretrained(path)
+                if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
+                    # What transformers builds for a directory without tokenizer files (model.save_pretrained
+                    # alone): a tokenizer of the special tokens from config.json, which reads every word as unknown.
+                    raise RuntimeError(
+                        f"cannot load model {spec.model!r}: no tokenizer in {path} (what loads from it knows only "
+                        f"the special tokens {sorted(tokenizer.get_vocab())}, so every word would be unknown). Save "
+                        "the tokenizer beside the model: tokenizer.save_pretrained(DIRECTORY)"
+                    )
                 config = AutoConfig.from_pretrained(path, num_labels=num_labels)
                 # Safetensors only: a pickled checkpoint (pytorch_model.bin) is code as much as data, and a hub
                 # model crossed the network. fp32 whatever dtype it was saved in (transformers would keep a bf16 or
