@@ -190,6 +190,13 @@ def test_a_model_path_that_does_not_exist_is_named_as_a_missing_directory(tmp_pa
     assert "Repo id" not in str(caught.value)
 
 
+def test_a_model_directory_that_holds_no_model_is_named_in_the_error(tmp_path) -> None:
+    """An empty directory (a wrong path, a download not yet done): transformers says "Couldn't instantiate the backend
+    tokenizer from one of: (1) a `tokenizers` library serialization file, ...", naming neither model nor path."""
+    with pytest.raises(RuntimeError, match=f"cannot load model '{tmp_path}'"):
+        AdapterModel(ModelSpec(model=str(tmp_path), lora=TINY_LORA))
+
+
 def save_tiny_checkpoint(directory, dtype: torch.dtype = torch.float32, **config_changes) -> None:
     """A tiny BERT classifier (weights from the seed 0) with the MiniLM tokenizer, saved as a local model."""
     from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification

@@ -227,7 +227,8 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                     output_loading_info=True,
                     ignore_mismatched_sizes=True,
                 )
-            except OSError as exc:
+            # ValueError: what transformers raises for a directory without a config or tokenizer it can read.
+            except (OSError, ValueError) as exc:
                 raise RuntimeError(
                     f"cannot load model {spec.model!r} ({exc}). Give a local path, or a Hugging Face id with "
                     "the hub reachable; the offline default is 'minilm'. Weights load from safetensors files only: "
