@@ -303,6 +303,16 @@ def test_integer_labels_counted_from_one_name_their_classes_without_a_phantom_cl
         resolve_dataset(spec, "dev")
 
 
+def test_labels_minus_one_and_one_are_refused_with_the_way_to_read_them_as_classes(tmp_path: Path) -> None:
+    # -1/+1 is a common binary convention, and -1 is also the hub's "unlabelled": the refusal must say how to
+    # read it as a class, which `label_names` does (matched by value).
+    write(tmp_path / "train.csv", "text,label\na,-1\nb,1\n")
+    with pytest.raises(ValueError, match=r"train\.csv:2: label -1 is negative.*label_names=-1,1"):
+        resolve_dataset(str(tmp_path / "train.csv"), "train")
+    train = resolve_dataset(f"{tmp_path / 'train.csv'}?label_names=-1,1", "train")
+    assert train.label_names == ("-1", "1") and train.labels.tolist() == [0, 1]
+
+
 def test_integer_label_names_match_by_value_never_as_ids(tmp_path: Path) -> None:
     path = write(tmp_path / "d.csv", "text,label\na,01\nb,2\n")
     assert load_csv(path, label_names=["1", "2"]).labels.tolist() == [0, 1]

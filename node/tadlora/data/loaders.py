@@ -143,8 +143,13 @@ def _encode_labels(
     if all(v is not None for v in as_ints):
         int_ids = [v for v in as_ints if v is not None]
         for value, lineno in zip(int_ids, linenos, strict=True):
-            if value < 0:
-                raise ValueError(f"{source}:{lineno}: label {value} is negative (unlabelled?)")
+            if value < 0:  # -1 is the hub's "unlabelled", but -1/+1 is also a binary convention
+                distinct = sorted(set(int_ids))
+                names_hint = ",".join(map(str, distinct[:10])) + (",..." if len(distinct) > 10 else "")
+                raise ValueError(
+                    f"{source}:{lineno}: label {value} is negative (unlabelled?); if it is a class, name the classes "
+                    f"in id order: label_names={names_hint} (a dataset spec's ?label_names=...)"
+                )
             if value > _MAX_CLASS_ID:
                 raise ValueError(
                     f"{source}:{lineno}: label {value} is past the largest of class ids 0..{_MAX_CLASS_ID}: is this "
