@@ -303,6 +303,18 @@ def test_integer_labels_counted_from_one_name_their_classes_without_a_phantom_cl
         resolve_dataset(spec, "dev")
 
 
+def test_a_train_file_of_one_class_is_refused_naming_it_and_loads_with_its_classes_named(tmp_path: Path) -> None:
+    # The model would refuse one label as "a classifier needs at least two labels", naming neither file nor fix.
+    write(tmp_path / "train.csv", "text,label\na,pos\nb,pos\n")
+    write(tmp_path / "dev.csv", "text,label\nc,neg\nd,pos\n")
+    spec = str(tmp_path / "train.csv")
+    with pytest.raises(ValueError, match=r"train\.csv' \(train\): one class only \('pos'\).*label_names="):
+        resolve_dataset(spec, "train")
+    named = f"{spec}?label_names=neg,pos"
+    assert resolve_dataset(named, "train").labels.tolist() == [1, 1]
+    assert resolve_dataset(named, "dev").labels.tolist() == [0, 1]
+
+
 def test_labels_minus_one_and_one_are_refused_with_the_way_to_read_them_as_classes(tmp_path: Path) -> None:
     # -1/+1 is a common binary convention, and -1 is also the hub's "unlabelled": the refusal must say how to
     # read it as a class, which `label_names` does (matched by value).
@@ -412,9 +424,12 @@ def test_local_dev_labels_take_the_train_file_s_ids_even_when_dev_lacks_a_class(
 
 
 def test_local_jsonl_spec_uses_default_columns(tmp_path: Path) -> None:
-    write(tmp_path / "data.jsonl", '{"sentence": "x", "text_b": "y", "label": 0}\n')
+    write(
+        tmp_path / "data.jsonl",
+        '{"sentence": "x", "text_b": "y", "label": 0}\n{"sentence": "z", "text_b": "w", "label": 1}\n',
+    )
     ds = resolve_dataset(str(tmp_path / "data.jsonl"), "train")
-    assert (ds.text_a, ds.text_b) == (("x",), ("y",))
+    assert (ds.text_a, ds.text_b) == (("x", "z"), ("y", "w"))
 
 
 @pytest.mark.parametrize(

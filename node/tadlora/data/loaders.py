@@ -477,4 +477,12 @@ def resolve_dataset(spec: str, split: str) -> TextDataset:
             f"({', '.join(BUILTIN_DATASETS)}), glue:TASK ({', '.join(GLUE_TASKS)}), "
             "a path ending in .tsv, .csv or .jsonl, or hub:NAME[/CONFIG]"
         )
+    if len(dataset.label_names) < 2:
+        # Caught here, where the data is known: the model would refuse it later as "a classifier needs at least two
+        # labels", naming neither the data nor the way out.
+        raise ValueError(
+            f"dataset {spec!r} ({split}): one class only ({', '.join(map(repr, dataset.label_names))}), and a "
+            "classifier needs at least two; if the task has others, name all of them in id order with "
+            "?label_names=A,B,..."
+        )
     return replace(dataset, name=spec)
