@@ -404,3 +404,51 @@ def test_the_claims_judge_the_papers_p_and_seeds_where_other_runs_grew_the_direc
     assert "p = 0.01" in text.splitlines()[4]  # the table's header: the grown column is shown
     _text, unpinned = markdown(*results, "t")  # without the paper's grids: judged from the grown stamp
     assert [c.status for c in unpinned] == ["incomplete"] * 3, unpinned
+
+
+def finished(method: str, p: float, t: int | None, seed: int, acc: float) -> dict[str, Any]:
+    """A finished cell's record as results.json holds it (one evaluation, at the last of 100 rounds)."""
+    final = {"acc_mean": acc, "acc_std": 0.05, "round": 99}
+    return {"method": method, "topology": "er", "link_prob": p, "switch_interval": t, "seed": seed,
+            "rounds": [{"round": 99, "acc_mean": acc, "acc_std": 0.05}], "final": final}  # fmt: skip
+
+
+def test_the_claims_judge_the_papers_seeds_only_where_another_run_finished_other_seeds_in_the_directory() -> None:
+    # A run of seed 1 (paper_table.py --seeds 1) shares the directories with the paper's seed 0, whose lora cell at
+    # p = 0.5 has not finished. The summary rows count seed 1 as a finished seed: lora at p = 0.5 looked finished,
+    # and tad at p = 0.02 was judged by the mean of seeds 0 and 1, neither of which is the paper's grid.
+    import dataclasses
+
+    from tadlora.sim.paper import markdown
+
+    paper = dataclasses.replace(preset("cpu-sst2"), link_probs=(0.5, 0.02), seeds=(0,))
+    methods, sweep_grid = paper_grids(paper)
+
+    def accuracy(method: str, p: float, seed: int) -> float:  # seed 1 puts tad level with the others at p = 0.02
+        if method != "tad":
+            return 0.80 if p == 0.5 else 0.70
+        return 0.85 if p == 0.5 else 0.80 if seed == 0 else 0.60
+
+    grid_cells = [
+        finished(m, p, paper_t(m, p), seed, accuracy(m, p, seed))
+        for seed in (0, 1)
+        for p in (0.5, 0.02)
+        for m in ALL_METHODS
+        if (m, p, seed) != ("lora", 0.5, 0)
+    ]
+    sweep_cells = [
+        finished("tad", p, t, seed, 0.9 if t == (1 if p == 0.5 else 10) else 0.7)
+        for seed in (0, 1)
+        for p in (0.5, 0.02)
+        for t in SWEEP_INTERVALS
+    ]
+    grown = dataclasses.replace(methods, seeds=(0, 1)).to_dict()
+    grown_sweep = dataclasses.replace(sweep_grid, seeds=(0, 1)).to_dict()
+    results = (
+        {"config": grown, "cells": grid_cells, "summary": summarize(grid_cells)},
+        {"config": grown_sweep, "cells": sweep_cells, "summary": summarize(sweep_cells)},
+    )
+    _text, verdict = markdown(*results, "t", paper=(methods, sweep_grid))
+    assert [c.status for c in verdict] == ["incomplete", "reproduced", "reproduced"], verdict
+    assert "only 6 of 7 methods finished" in verdict[0].detail, verdict[0].detail
+    assert "tad 0.800" in verdict[1].detail, verdict[1].detail

@@ -29,6 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, config_from_json
+from tadlora.sim.runner import summarize
 
 SWEEP_INTERVALS: tuple[int, ...] = (1, 2, 3, 5, 10, 15)
 SWEEP_METHOD = "tad"
@@ -104,6 +105,18 @@ def entries(summary: Sequence[Mapping[str, Any]]) -> dict[tuple[str, float, int 
 def _by_method(table: Mapping[tuple[str, float, int | None], Entry], p: float) -> dict[str, Entry]:
     """The method grid's entry of every method at p (its T is whatever auto/default chose)."""
     return {m: e for (m, q, _t), e in table.items() if math.isclose(q, p)}
+
+
+def _judged_entries(results: Mapping[str, Any], config: SimConfig) -> dict[tuple[str, float, int | None], Entry]:
+    """The entries of ``results`` (a results.json) summarized over the finished cells of ``config``'s grid only.
+
+    A directory's summary is over every seed finished there, and other runs may have finished seeds ``config`` lacks:
+    they would stand in for its unfinished ones (a claim judged as finished before its cells are) and move its means.
+    Results without per-cell records are taken by their summary."""
+    if "cells" not in results:
+        return entries(results["summary"])
+    wanted = set(config.cells())
+    return entries(summarize([run for run in results["cells"] if Cell.from_dict(run) in wanted]))
 
 
 def _paper_entries(
@@ -314,8 +327,8 @@ def markdown(
         )
     judged_grid, judged_sweep = paper
     verdict = claims(
-        _paper_entries(grid, judged_grid),
-        sweep,
+        _paper_entries(_judged_entries(grid_results, judged_grid), judged_grid),
+        _judged_entries(sweep_results, judged_sweep),
         judged_grid.link_probs,
         len(judged_grid.methods),
         len(set(judged_grid.seeds)),
