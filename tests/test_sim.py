@@ -877,6 +877,31 @@ def test_a_grid_on_a_topology_file_goes_on_only_while_the_file_holds_the_graph_i
     assert results["missing_cells"] and "not sharing cells from" in capsys.readouterr().err
 
 
+def test_a_grid_on_a_dataset_file_goes_on_only_while_the_file_holds_the_examples_its_cells_ran_on(
+    tmp_path, capsys
+) -> None:
+    """The stamp names a dataset given as a file by its path: a file edited since (labels fixed, rows added) used
+    to go on in the same directory, its new cells summarised with the old data's as seeds of one row."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = [f"good movie {i}\t1\nbad film {i}\t0\n" for i in range(40)]
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows))
+    (data / "dev.tsv").write_text("sentence\tlabel\n" + "".join(rows[:10]))
+    config = smoke_config(
+        methods=["lora"], rounds=1, dataset=str(data / "train.tsv"), samples_per_client=8, eval_samples=None
+    )
+    Simulator(config, tmp_path / "run", quiet=True).run()
+    assert Simulator(config, tmp_path / "run", quiet=True).run(report_only=True)["missing_cells"] == []
+    (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows).replace("\t1\n", "\tX\n")
+                                    .replace("\t0\n", "\t1\n").replace("\tX\n", "\t0\n"))  # fmt: skip
+    both = override(config, {"seeds": [0, 1]})
+    with pytest.raises(ValueError, match=r"dataset .*train.tsv: its examples are not those the cells there ran on"):
+        Simulator(both, tmp_path / "run", quiet=True).run()
+    # Nor are that directory's cells lent to a run of the new data.
+    results = Simulator(config, tmp_path / "new", quiet=True, share_from=[tmp_path / "run"]).run(report_only=True)
+    assert results["missing_cells"] and "not sharing cells from" in capsys.readouterr().err
+
+
 def test_a_method_one_part_runs_at_its_own_t_and_another_part_sweeps_keeps_its_cell_in_the_results(tmp_path) -> None:
     """The directory's grid is the union of its parts' grids, axis by axis; a part that sweeps tad-nojoint's T made
     the cell another part had run at tad-nojoint's own T (5) fall out of the union, and so out of results.json."""

@@ -375,7 +375,8 @@ class Simulator:
 
     def _resolved(self) -> dict[str, Any]:
         """Settings as this host resolves them, where that changes what a cell computes: also the graph each
-        ``file:`` topology reads now (`_topology_files`), where there is one."""
+        ``file:`` topology reads now (`_topology_files`), where there is one, and the examples a dataset file holds
+        now (`_dataset_digest`), where the dataset is one."""
         resolved: dict[str, Any] = {
             "matmul_precision": matmul_precision(self.device, self.config.train.precision),
             "engine": resolve_engine(self.config.engine, self.device),
@@ -383,7 +384,22 @@ class Simulator:
         files = _topology_files(self.config)
         if files:
             resolved["topology_files"] = files
+        if self._dataset_digest is not None:
+            resolved["dataset_digest"] = self._dataset_digest
         return resolved
+
+    @functools.cached_property
+    def _dataset_digest(self) -> str | None:
+        """A digest of the examples (train and dev, texts and labels) that a dataset given as a file path reads now;
+        None for named data (builtin:, glue:, hub:). The stamp names such a dataset by its path only: an edited file
+        would go on under it unseen, its new cells summarised with the old data's as seeds of one row."""
+        if self.config.dataset.strip().startswith(_NAMED_DATA):
+            return None
+        digest = hashlib.blake2b(digest_size=8)
+        for split in ("train", "dev"):
+            data = resolve_dataset(self.config.dataset, split)
+            digest.update(repr((data.text_a, data.text_b, data.labels.tolist(), data.label_names)).encode())
+        return digest.hexdigest()
 
     def _changed_settings(self, theirs: dict[str, Any]) -> list[str]:
         """The settings in which a run's stamped config differs from ours, other than the grid's axes.
@@ -409,6 +425,12 @@ class Simulator:
             if ran != here:
                 changed.append(f"engine: {ran} there, {here} here (pin it with --engine {ran})")
             theirs["engine"] = mine["engine"] = None
+        ran_data = resolved.get("dataset_digest") if isinstance(resolved, dict) else None
+        if ran_data is not None and ran_data != self._dataset_digest:
+            changed.append(
+                f"dataset {self.config.dataset}: its examples are not those the cells there ran on (restore the "
+                "file, or give the new data a file of its own)"
+            )
         ran_on = resolved.get("topology_files") if isinstance(resolved, dict) else None
         if isinstance(ran_on, dict):
             for spec, graph in _topology_files(self.config).items():
@@ -652,6 +674,9 @@ def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
         changes["name"] = stamped["name"]
     return override(mine, changes)
 
+
+# Dataset specs that name their data (shipped, GLUE's files, a hub dataset) rather than a file of the user's own.
+_NAMED_DATA = ("builtin:", "glue:", "hub:")
 
 OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
 
