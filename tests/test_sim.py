@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 import warnings
 from pathlib import Path
 
@@ -847,6 +848,10 @@ def test_a_directory_of_cells_without_its_stamp_is_refused_instead_of_stamped_an
     stamp.write_text("<<<<<<< HEAD\n" + stamp.read_text() + "=======\n>>>>>>> theirs\n")
     with pytest.raises(ValueError, match=r"config.json holds no valid JSON .*repair it"):
         Simulator(config, tmp_path, quiet=True).run()
+    for edited in ("null", "[]"):  # JSON, but no settings: a TypeError in the comparison before
+        stamp.write_text(edited)
+        with pytest.raises(ValueError, match=rf"config.json holds {re.escape(edited)}, not the object .*repair it"):
+            Simulator(config, tmp_path, quiet=True).run()
     stamp.unlink()
     other = override(config, {"seeds": [0, 1], "train": {"lr": 0.05}})
     for report_only in (True, False):

@@ -198,6 +198,15 @@ def _read_json(path: Path, remedy: str = "repair or remove it") -> Any:
 _STAMP_REMEDY = "repair it (resolve the merge conflict, or restore it from git): it records the settings of the cells"
 
 
+def _read_stamp(path: Path) -> dict[str, Any]:
+    """The settings a run directory's ``config.json`` records; ValueError naming the file where it holds no JSON
+    object (a hand edit's ``null`` or list would otherwise end in a TypeError far from the file)."""
+    stamp = _read_json(path, _STAMP_REMEDY)
+    if not isinstance(stamp, dict):
+        raise ValueError(f"{path} holds {json.dumps(stamp)[:40]}, not the object of a run's settings: {_STAMP_REMEDY}")
+    return stamp
+
+
 def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
     """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
 
@@ -318,7 +327,7 @@ class Simulator:
         # last grid stamped.
         with self._locked("results"):
             # Ours stays in it: a report's is not stamped.
-            grid = _grown(grid, _read_json(self.out / "config.json", _STAMP_REMEDY))
+            grid = _grown(grid, _read_stamp(self.out / "config.json"))
             every = list(grid.cells())
             finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
             results = self.collect(finished, grid)
@@ -356,7 +365,7 @@ class Simulator:
                         "ran with: restore it (e.g. from git), or use another --out directory to start a new run"
                     )
             else:
-                theirs = _read_json(stamp, _STAMP_REMEDY)
+                theirs = _read_stamp(stamp)
                 changed = self._changed_settings(theirs)
                 if changed:
                     raise ValueError(
@@ -530,7 +539,7 @@ class Simulator:
             stamp = out / "config.json"
             if not stamp.is_file():
                 raise ValueError(f"cannot share cells from {out}: no simulator run there ({stamp} is missing)")
-            changed = self._changed_settings(_read_json(stamp, _STAMP_REMEDY))
+            changed = self._changed_settings(_read_stamp(stamp))
             if changed:
                 if out not in self._noted:
                     sys.stderr.write(
