@@ -360,6 +360,31 @@ def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
     assert "nothing accepts connections there" in result.stderr
 
 
+def test_ctrl_c_in_the_installed_script_exits_130_without_a_traceback() -> None:
+    """The console script calls `entry.main` itself (no `python -m` guard): a Ctrl-C before a run's own handlers
+    are in (while it imports torch) or during `status` or `doctor`, which have none, used to print a traceback."""
+    import signal
+
+    with socket.socket() as listener:  # accepts the TCP connection, never answers: status waits for its --timeout
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        listener.settimeout(60)
+        process = subprocess.Popen(
+            [console_script("tadlora-node"), "status", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=node_env(),
+        )  # fmt: skip
+        try:
+            connection, _ = listener.accept()  # status is past its imports, inside asyncio.run
+            with connection:
+                process.send_signal(signal.SIGINT)
+                _, err = process.communicate(timeout=30)
+        finally:
+            process.kill()
+            process.wait()
+    assert process.returncode == 128 + signal.SIGINT, err
+    assert err == "tadlora-node: interrupted\n"
+
+
 def test_a_wildcard_listen_that_peers_could_not_call_back_exits_1_naming_the_flag_to_set(tmp_path, capsys) -> None:
     argv = ["--listen", "0.0.0.0:0", "--peers", "127.0.0.1:1", "--insecure", "--model", "tiny", "--rounds", "1",
             "--min-peers", "0", "--device", "cpu", "--out", str(tmp_path / "n0")]  # fmt: skip

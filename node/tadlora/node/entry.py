@@ -6,13 +6,24 @@ peft and transformers (`tadlora.node.doctor`, `tadlora.node.cli`).
 
 from __future__ import annotations
 
-import contextlib
+import signal
 import sys
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run `tadlora-node` with ``argv`` (default: the process's arguments); its exit code."""
+    """Run `tadlora-node` with ``argv`` (default: the process's arguments); its exit code (128 + SIGINT for a
+    Ctrl-C that no handler of a running node took)."""
     args = sys.argv[1:] if argv is None else argv
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        # The installed script calls main() itself: without this, a Ctrl-C while a run still imports torch (before
+        # its own handlers are in), or during `status`, `doctor` or a passphrase prompt, ends in a traceback.
+        sys.stderr.write("tadlora-node: interrupted\n")
+        return 128 + signal.SIGINT
+
+
+def _dispatch(args: list[str]) -> int:
     command, rest = (args[0], args[1:]) if args else ("", [])
     if command == "status":
         from tadlora.node.admin import status_main
@@ -32,5 +43,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":  # pragma: no cover
-    with contextlib.suppress(KeyboardInterrupt):
-        sys.exit(main())
+    sys.exit(main())
