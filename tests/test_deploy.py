@@ -214,14 +214,14 @@ def documented_docker_runs(text: str) -> list[tuple[dict[str, str], list[str]]]:
 
 @pytest.mark.parametrize("doc", [DOCKERFILE, ROOT / "docs" / "deploy.md"], ids=lambda p: p.name)
 def test_the_documented_docker_run_starts_a_node_whose_healthcheck_uses_its_tls(doc, monkeypatch, tmp_path) -> None:
-    from tadlora.node.daemon import _check_callable_back
+    from tadlora.node.config import check_callable_back
 
     runs = documented_docker_runs(doc.read_text())
     assert runs
     for env, argv in runs:
         check_tadlora_variables(env)
         cfg = node_config_from({**image_environment(), **env}, monkeypatch, argv)
-        _check_callable_back(cfg)  # the image listens on 0.0.0.0: peers need an address to call back
+        check_callable_back(cfg)  # the image listens on 0.0.0.0: peers need an address to call back
         if cfg.tls_dir is not None:  # set where the HEALTHCHECK sees it, and the key readable by the image's user
             assert "TADLORA_TLS_DIR" in env
             check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path / str(cfg.node_id))

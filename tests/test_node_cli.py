@@ -385,12 +385,19 @@ def test_ctrl_c_in_the_installed_script_exits_130_without_a_traceback() -> None:
     assert err == "tadlora-node: interrupted\n"
 
 
-def test_a_wildcard_listen_that_peers_could_not_call_back_exits_1_naming_the_flag_to_set(tmp_path, capsys) -> None:
-    argv = ["--listen", "0.0.0.0:0", "--peers", "127.0.0.1:1", "--insecure", "--model", "tiny", "--rounds", "1",
+def test_a_wildcard_listen_that_peers_could_not_call_back_exits_2_naming_the_flag_to_set(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """The flags alone decide it, so no restart fixes it: exit 2 (RestartPreventExitStatus=2), not 1, before the
+    model loads (--model points nowhere: reaching it would fail otherwise), naming where --listen came from."""
+    argv = ["--peers", "127.0.0.1:1", "--insecure", "--model", str(tmp_path / "no-model"), "--rounds", "1",
             "--min-peers", "0", "--device", "cpu", "--out", str(tmp_path / "n0")]  # fmt: skip
-    assert main(argv) == 1
+    assert main(["--listen", "0.0.0.0:0", *argv]) == 2
     err = capsys.readouterr().err
     assert "--listen 0.0.0.0:0" in err and "--advertise-address" in err
+    monkeypatch.setenv("TADLORA_LISTEN", "0.0.0.0:7070")  # as the image sets it
+    assert main(argv) == 2
+    assert "(--listen is TADLORA_LISTEN='0.0.0.0:7070')" in capsys.readouterr().err
 
 
 def free_port() -> int:

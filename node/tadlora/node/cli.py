@@ -34,7 +34,7 @@ from tadlora.adapter import INITS, LoraSpec
 from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
-from tadlora.node.config import DEFAULT_PORT, NodeConfig
+from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back
 from tadlora.node.identity import OutRefused, kept_node_id
 from tadlora.node.peerspec import parse_peers_option
 from tadlora.node.rpc import BindError
@@ -336,6 +336,7 @@ def run_main(args: list[str]) -> int:
     try:
         json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
+        check_callable_back(config)  # flags alone decide it: exit 2 here, not 1 (restarted for ever) once running
         if config.tls_dir is not None and config.node_id is not None:
             from tadlora.node.tls import TlsMaterial  # no torch: checked before the model loads
 

@@ -197,6 +197,19 @@ class NodeConfig:
         return dataclasses.replace(self, node_id=node_id)
 
 
+def check_callable_back(cfg: NodeConfig) -> None:
+    """Raise ValueError for a wildcard --listen with neither mDNS nor --advertise-address: the node would tell
+    its peers 0.0.0.0:PORT, and a peer that dials that reaches its own host (itself, or another node there).
+    Not one of `NodeConfig`'s own checks: `tadlora-node doctor` reports it as a FAIL with the others."""
+    host = cfg.listen.rpartition(":")[0]
+    if is_wildcard(host) and cfg.advertise_address is None and not cfg.peers.auto:
+        raise ValueError(
+            f"--listen {cfg.listen} serves on every address but names none that peers can call back, and there "
+            "is no mDNS to announce one: set --advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IP peers "
+            "reach this node at (in Kubernetes: the pod IP), or --listen on that address"
+        )
+
+
 def is_wildcard(host: str) -> bool:
     """Whether a --listen host binds every address (0.0.0.0, ::), which names none a peer could dial."""
     return host.strip("[]") in ("0.0.0.0", "", "::")  # noqa: S104 - recognising it, not binding to it

@@ -39,7 +39,7 @@ from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.topology import link_up, overlay_neighbours
 from tadlora.data import resolve_dataset
 from tadlora.node import state
-from tadlora.node.config import NodeConfig, is_wildcard, new_node_id
+from tadlora.node.config import NodeConfig, check_callable_back, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
@@ -86,18 +86,6 @@ def _progress(done: int, total: int | None, width: int = 20) -> str:
         return f"[{done}]"
     filled = round(width * done / total)
     return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
-
-
-def _check_callable_back(cfg: NodeConfig) -> None:
-    """Raise ValueError for a wildcard --listen with neither mDNS nor --advertise-address: the node would tell
-    its peers 0.0.0.0:PORT, and a peer that dials that reaches its own host (itself, or another node there)."""
-    host = cfg.listen.rpartition(":")[0]
-    if is_wildcard(host) and cfg.advertise_address is None and not cfg.peers.auto:
-        raise ValueError(
-            f"--listen {cfg.listen} serves on every address but names none that peers can call back, and there "
-            "is no mDNS to announce one: set --advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IP peers "
-            "reach this node at (in Kubernetes: the pod IP), or --listen on that address"
-        )
 
 
 @dataclass(frozen=True)
@@ -204,7 +192,7 @@ class Node:
     async def start(self) -> None:
         """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""
         cfg = self.config
-        _check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
+        check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
         cfg.out.mkdir(parents=True, exist_ok=True)
         # Before the (seconds-long) model load and before anything in --out is read or written: a node already
         # running on it would have its writes in flight removed as torn.
