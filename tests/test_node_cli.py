@@ -198,6 +198,10 @@ def exit_code(argv: list[str]) -> int:
         (["--robust-mixing", "clip:-1"], {}, "--robust-mixing: clip:TAU needs a finite TAU > 0"),
         # a switch's variable that is neither on nor off used to be read as off, silently
         ([], {"TADLORA_INSECURE": "y"}, "TADLORA_INSECURE='y': expected 1/true/yes/on or 0/false/no/off"),
+        # the variable's flag is named too, as argparse names it for a value on the command line
+        ([], {"TADLORA_ROUNDS": "ten"}, "error: argument --rounds: TADLORA_ROUNDS='ten': invalid literal for int()"),
+        ([], {"TADLORA_LOG_FORMAT": "xml"}, "error: argument --log-format: TADLORA_LOG_FORMAT='xml'"),
+        ([], {"TADLORA_INSECURE": "y"}, "error: argument --insecure/--no-insecure: TADLORA_INSECURE='y'"),
     ],
 )
 def test_a_bad_flag_or_environment_value_exits_2_with_one_line_not_a_traceback(

@@ -45,24 +45,27 @@ def _shown_default(value: Any) -> str:
 
 
 def _default_from_env(parser: argparse.ArgumentParser, action: argparse.Action, name: str, raw: str) -> None:
-    """Set ``action``'s default from the environment variable ``name`` (value ``raw``), or exit 2."""
+    """Set ``action``'s default from the environment variable ``name`` (value ``raw``), or exit 2 naming the flag
+    as argparse does for a command-line value (``argument --rounds: TADLORA_ROUNDS='x': ...``): the variable alone
+    does not say which flag of ``--help`` it is."""
+    where = f"argument {'/'.join(action.option_strings)}: {name}={raw!r}"
     if isinstance(action, argparse._StoreTrueAction | argparse.BooleanOptionalAction):
         word = raw.strip().lower()
         if word not in _ON + _OFF:
             # Read as off, TADLORA_REPORT_ONLY=y would start a whole grid and TADLORA_INSECURE=y refuse to start.
-            parser.error(f"{name}={raw!r}: expected {'/'.join(_ON)} or {'/'.join(_OFF[:-1])} (or empty)")
+            parser.error(f"{where}: expected {'/'.join(_ON)} or {'/'.join(_OFF[:-1])} (or empty)")
         action.default = word in _ON
     elif action.type is not None and callable(action.type):
         try:
             action.default = action.type(raw)
         except (TypeError, ValueError, argparse.ArgumentTypeError) as exc:
-            parser.error(f"{name}={raw!r}: {exc}")
+            parser.error(f"{where}: {exc}")
     else:
         action.default = raw
     # argparse checks choices only for values given on the command line, never for a default.
     if action.choices is not None and action.default not in action.choices:
         choices = ", ".join(map(str, action.choices))
-        parser.error(f"{name}={raw!r}: invalid choice (choose from {choices})")
+        parser.error(f"{where}: invalid choice (choose from {choices})")
     action.required = False
 
 
