@@ -529,6 +529,18 @@ def test_a_listen_port_in_use_says_what_holds_it_and_the_fix(tmp_path, capsys) -
     assert f"tadlora-node status 127.0.0.1:{port}" in err and "choose another --listen port" in err, err
 
 
+@pytest.mark.parametrize("out", ["file", "file/run"])
+def test_an_out_where_a_file_is_in_the_way_exits_2_naming_the_flag(tmp_path, monkeypatch, capsys, out) -> None:
+    """It used to reach the node's mkdir, after torch had loaded: "[Errno 17] File exists: '...'" and exit 1."""
+    (tmp_path / "file").write_text("")
+    argv = ["--insecure", "--model", str(tmp_path / "no-model"), "--peers", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    assert main([*argv, "--out", str(tmp_path / out)]) == 2
+    assert f"--out {tmp_path / out}: {tmp_path / 'file'} is a file, not a directory" in capsys.readouterr().err
+    monkeypatch.setenv("TADLORA_OUT", str(tmp_path / out))
+    assert main(argv) == 2
+    assert f"(--out is TADLORA_OUT='{tmp_path / out}')" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kept", ["other-run", "damaged-checkpoint", "held"])
 def test_an_out_no_restart_can_use_exits_2_and_one_held_by_a_running_node_exits_1(tmp_path, capsys, kept) -> None:
     """A supervisor restarts on failure (systemd: RestartPreventExitStatus=2): an --out that holds another run, or a
