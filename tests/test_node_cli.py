@@ -229,6 +229,16 @@ def test_a_setting_refused_after_parsing_names_the_variable_that_set_it(monkeypa
     assert "TADLORA_LINK_PROB" not in capsys.readouterr().err
 
 
+def test_a_node_id_off_the_syntax_names_the_flag_and_the_variable_that_set_it(tmp_path, monkeypatch, capsys) -> None:
+    """The refusal "node id 'Node-0' is not ..." named neither --node-id nor TADLORA_NODE_ID, the only place it is
+    set in a container or unit; `status` said it as a TLS error after the certificate lookup."""
+    monkeypatch.setenv("TADLORA_NODE_ID", "Node-0")
+    for argv in (["--insecure"], ["status", "127.0.0.1:1", "--tls-dir", str(tmp_path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "--node-id: node id 'Node-0' is not" in err and "(--node-id is TADLORA_NODE_ID='Node-0')" in err, err
+
+
 @pytest.mark.parametrize("value", ["1", "true", "YES", "on"])
 def test_a_switch_s_variable_turns_it_on_and_off(monkeypatch, value: str) -> None:
     monkeypatch.setenv("TADLORA_INSECURE", value)

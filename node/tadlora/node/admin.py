@@ -95,7 +95,11 @@ def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials |
         raise ValueError(f"--timeout must be > 0 and finite seconds, got {a.timeout}")
     if a.insecure or a.tls_dir is None:
         return None, None
+    from tadlora.node.rpc import node_id_problem
     from tadlora.node.tls import TlsMaterial
+
+    if a.node_id and (problem := node_id_problem(a.node_id)):  # named, so that a TADLORA_NODE_ID that set it is too
+        raise ValueError(f"--node-id: {problem}")
 
     node_id = a.node_id or kept_node_id(a.out)
     if node_id is None:

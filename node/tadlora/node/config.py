@@ -73,7 +73,7 @@ class NodeConfig:
     def __post_init__(self) -> None:
         if self.node_id is not None and (problem := node_id_problem(self.node_id)) is not None:
             # TLS would take other spellings ('A', 'a.') as the same certificate name: one spelling per node.
-            raise ValueError(problem)
+            raise ValueError(f"--node-id: {problem}")  # the flag, so that a TADLORA_NODE_ID that set it is named
         if self.advertise_address is not None:
             # Checked here, not only by mDNS's announcement: with static or dns: peers it is what handshakes tell
             # peers to call back, and an empty one would let a wildcard --listen announce 0.0.0.0 after all.
