@@ -202,6 +202,9 @@ def exit_code(argv: list[str]) -> int:
         ([], {"TADLORA_ROUNDS": "ten"}, "error: argument --rounds: TADLORA_ROUNDS='ten': invalid literal for int()"),
         ([], {"TADLORA_LOG_FORMAT": "xml"}, "error: argument --log-format: TADLORA_LOG_FORMAT='xml'"),
         ([], {"TADLORA_INSECURE": "y"}, "error: argument --insecure/--no-insecure: TADLORA_INSECURE='y'"),
+        # an empty path was the working directory: a blank TADLORA_OUT wrote the run wherever the process started
+        ([], {"TADLORA_OUT": ""}, "error: argument --out: TADLORA_OUT='': an empty path"),
+        (["--tls-dir", " "], {}, "error: argument --tls-dir: an empty path"),
     ],
 )
 def test_a_bad_flag_or_environment_value_exits_2_with_one_line_not_a_traceback(
@@ -213,6 +216,17 @@ def test_a_bad_flag_or_environment_value_exits_2_with_one_line_not_a_traceback(
     assert exit_code([*argv, "--insecure", "--listen", "nonsense"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_an_empty_path_is_refused_by_status_and_the_simulator_too(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("TADLORA_TLS_DIR", "")
+    assert exit_code(["status", "127.0.0.1:1"]) == 2
+    assert "argument --tls-dir: TADLORA_TLS_DIR='': an empty path" in capsys.readouterr().err
+    from tadlora.sim.cli import main as sim_main
+
+    with pytest.raises(SystemExit) as exited:
+        sim_main(["--preset", "smoke", "--out", ""])
+    assert exited.value.code == 2 and "argument --out: an empty path" in capsys.readouterr().err
 
 
 def test_a_setting_refused_after_parsing_names_the_variable_that_set_it(monkeypatch, capsys) -> None:

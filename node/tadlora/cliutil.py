@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 ENV_PREFIX = "TADLORA_"
@@ -101,6 +102,14 @@ def csv_list(kind: Callable[[str], Any]) -> Callable[[str], tuple[Any, ...]]:
 
     parse.__name__ = f"list of {getattr(kind, '__name__', 'values')}"
     return parse
+
+
+def path_arg(text: str) -> Path:
+    """An argparse type for a file or directory: an empty value is refused, not read as the working directory
+    (``TADLORA_OUT=`` from a template left blank would otherwise write the run wherever the process started)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path (leave the variable unset for the default)")
+    return Path(text)
 
 
 def int_or_auto(text: str) -> int | str:

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tadlora.cliutil import apply_env_defaults, from_environment
+from tadlora.cliutil import apply_env_defaults, from_environment, path_arg
 from tadlora.node.identity import kept_node_id
 from tadlora.node.peerspec import StaticPeers
 
@@ -68,7 +68,7 @@ def build_status_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tadlora-node status", description="Print a running node's state as JSON.")
     p.add_argument("address", help="HOST:PORT of the node")
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    p.add_argument("--tls-dir", type=Path,
+    p.add_argument("--tls-dir", type=path_arg,
                    help="connect with mutual TLS: DIR/ca.crt and this node's DIR/NODE_ID.crt/.key as the client "
                    "certificate (default: plaintext)")  # fmt: skip
     p.add_argument("--node-id", help="whose certificate in --tls-dir to present (default: the id kept in --out)")
@@ -77,7 +77,7 @@ def build_status_parser() -> argparse.ArgumentParser:
     p.add_argument("--any-peer", action=argparse.BooleanOptionalAction, default=False,
                    help="accept any node certificate signed by DIR/ca.crt instead of --peer-id's: to ask a node "
                    "known only by its address (the JSON says which node answered)")  # fmt: skip
-    p.add_argument("--out", type=Path, help="this node's --out, whose node.json gives --node-id if it is not set")
+    p.add_argument("--out", type=path_arg, help="this node's --out, whose node.json gives --node-id if it is not set")
     p.add_argument(
         "--insecure", action=argparse.BooleanOptionalAction, default=False, help="plaintext even when --tls-dir is set"
     )

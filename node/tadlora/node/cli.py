@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import INITS, LoraSpec
-from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment
+from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment, path_arg
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back
@@ -102,7 +102,7 @@ def build_run_parser(
     g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
     g.add_argument(
         "--tls-dir",
-        type=Path,
+        type=path_arg,
         help="certificates: DIR/ca.crt and DIR/NODE_ID.crt/.key (see `tadlora-node certs`) (default: none; a node "
         "without it refuses to start unless --insecure)",
     )
@@ -181,7 +181,7 @@ def build_run_parser(
     t.add_argument("--eval-every", type=int, default=5, help="evaluate every N rounds")
     t.add_argument("--eval-samples", type=int, default=200, help="dev examples to evaluate on")
     o = p.add_argument_group("output")
-    o.add_argument("--out", type=Path, default=Path("tadlora-out"),
+    o.add_argument("--out", type=path_arg, default=Path("tadlora-out"),
                    help="the run's directory: checkpoint, rounds.jsonl (one line per round), node.json (its id and "
                    "run settings), adapter/ (peft) and .node.lock (held while it runs: one node per --out); the same "
                    "--out again resumes (the log goes to stderr)")  # fmt: skip

@@ -20,7 +20,15 @@ from pathlib import Path
 from typing import Any
 
 from tadlora.adapter import INITS
-from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment, int_or_auto, join
+from tadlora.cliutil import (
+    apply_env_defaults,
+    csv_list,
+    error_text,
+    from_environment,
+    int_or_auto,
+    join,
+    path_arg,
+)
 from tadlora.core.methods import method_names, takes_switch_interval
 from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS
@@ -40,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
         f"methods {join(base.methods)}, p = {join([str(p) for p in base.link_probs])}, "
         f"seed {join([str(s) for s in base.seeds])}",
     )
-    parser.add_argument("--config", type=Path, help="JSON file of SimConfig settings applied on top of the preset")
-    parser.add_argument("--out", type=Path, required=True, help="output directory (created; resumed if it exists)")
+    parser.add_argument("--config", type=path_arg, help="JSON file of SimConfig settings applied on top of the preset")
+    parser.add_argument("--out", type=path_arg, required=True, help="output directory (created; resumed if it exists)")
 
     def default(value: object) -> str:  # a setting's default: --config's value, else the preset's, else SimConfig's
         return f"; default: --config's, else the preset's, else {value}"
