@@ -205,9 +205,15 @@ def check_clients(parser: argparse.ArgumentParser, clients: Sequence[int]) -> No
         if m < 1:
             parser.error(f"--clients: {m} is not a number of clients")
         try:
-            client_shards(train_data, "label-skew", m, 0, SAMPLES_PER_CLIENT)
+            shards = client_shards(train_data, "label-skew", m, 0, SAMPLES_PER_CLIENT)
         except ValueError as exc:
             parser.error(f"--clients {m}: {exc}")
+        # SAMPLES_PER_CLIENT is a cap: a split that serves fewer would time m clients on other shards than the rest
+        if (least := min(len(s) for s in shards)) < SAMPLES_PER_CLIENT:
+            parser.error(
+                f"--clients {m}: the label-skewed split of {DATASET} gives a client {least} examples, fewer than "
+                f"the {SAMPLES_PER_CLIENT} every m is measured with"
+            )
 
 
 def main() -> None:

@@ -93,7 +93,8 @@ def test_sim_refuses_a_number_of_clients_the_split_cannot_serve_before_running_a
         [sys.executable, str(BENCHMARKS / "sim_throughput.py"), "--clients", "10", "130", "--out", str(tmp_path)],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
-    assert proc.returncode == 2 and "--clients 130: samples_per_client=24 exceeds" in proc.stderr, proc.stderr
+    expected = "--clients 130: the label-skewed split of builtin:sst2-small gives a client 20 examples, fewer than"
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())
 
 
