@@ -134,7 +134,11 @@ def truncate_product(product: torch.Tensor, rank: int) -> tuple[torch.Tensor, to
     positive — otherwise two nodes holding the same product could get factors of opposite sign: the same
     product (all that DeCAF mixes), and sign-equivariant local training (SGD, AdamW) keeps them the same product,
     but the consensus distances of A and B and the cross term would report a disagreement that is not there, and
-    a result would depend on the LAPACK build that computed it. A zero product (e.g. B still at its zero init)
+    a result would depend on the LAPACK build that computed it. Nodes whose products only nearly agree can still
+    get a pair of opposite signs (where a column's two largest entries nearly tie with opposite signs; no rule
+    that each node applies alone avoids every such flip, as no continuous choice of sign exists): so for DeCAF the
+    consensus distances of A and B and the cross term overstate the disagreement, and only that of BA is free of
+    the factorization (docs/simulator.md). A zero product (e.g. B still at its zero init)
     has no direction; the caller handles it (see `mix_products`). A rank above min(out, in) is padded with zero
     columns of B and zero rows of A, so the factors keep their shapes.
     """
