@@ -444,6 +444,24 @@ async def test_nodes_of_another_cluster_fingerprint_or_schedule_are_never_mixed_
 
 
 @pytest.mark.asyncio
+async def test_a_node_waiting_for_its_min_peers_says_so_in_its_status_and_log(tmp_path, caplog) -> None:
+    """A node started alone (the README's single-node command) waits --peer-wait for --min-peers before round 0.
+    It used to show nothing of it: no log line until "starting anyway" a minute later, and "idle" in `status`."""
+    caplog.set_level("INFO", logger="tadlora.node")
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1, peer_wait=3.0, rounds=1)) as node:
+        assert node.status().state == "idle"  # serving, not waiting yet
+        run = asyncio.create_task(node.run())
+        async with asyncio.timeout(2.5):  # well inside the wait
+            while node.status().state != "waiting-for-peers":  # noqa: ASYNC110
+                await asyncio.sleep(0.02)
+        assert "waiting up to 3 s for 1 peer(s) before round 0" in caplog.text
+        await run
+        assert node.status().state != "waiting-for-peers"
+    assert "only 0 of 1 peers after 3 s; starting anyway" in caplog.text
+    assert [r["round"] for r in _rounds(tmp_path / "n0")] == [0]
+
+
+@pytest.mark.asyncio
 async def test_a_static_peer_list_that_names_the_node_itself_is_shared_without_dialling_itself(
     tmp_path, caplog
 ) -> None:

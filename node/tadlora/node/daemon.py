@@ -503,17 +503,27 @@ class Node:
         need = self.config.min_peers
         if need <= 0:
             return
-        deadline = time.monotonic() + self.config.peer_wait
-        while len(self._peer_ids()) < need and not self._stop.is_set():
-            left = deadline - time.monotonic()
-            if left <= 0:
-                log.warning("only %d of %d peers after %.0f s; starting anyway", len(self._peer_ids()), need,
-                            self.config.peer_wait)  # fmt: skip
-                return
-            self._peers_changed.clear()
-            with contextlib.suppress(TimeoutError):  # not wait_for, which drops a cancellation (`PeerManager.run`)
-                async with asyncio.timeout(min(left, 1.0)):
-                    await self._peers_changed.wait()
+        if len(self._peer_ids()) >= need:
+            return
+        # Said in the log and the status: otherwise a node started alone shows nothing but "idle" for --peer-wait.
+        log.info("waiting up to %.0f s for %d peer(s) before round %d (--min-peers, --peer-wait); %d so far",
+                 self.config.peer_wait, need, self.rounds.t, len(self._peer_ids()))  # fmt: skip
+        self._state = "waiting-for-peers"
+        try:
+            deadline = time.monotonic() + self.config.peer_wait
+            while len(self._peer_ids()) < need and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    log.warning("only %d of %d peers after %.0f s; starting anyway", len(self._peer_ids()), need,
+                                self.config.peer_wait)  # fmt: skip
+                    return
+                self._peers_changed.clear()
+                with contextlib.suppress(TimeoutError):  # not wait_for, which drops a cancellation (PeerManager.run)
+                    async with asyncio.timeout(min(left, 1.0)):
+                        await self._peers_changed.wait()
+        finally:
+            if self._state == "waiting-for-peers":
+                self._state = "idle"
 
     # ------------------------------------------------------------------------------------- NodeHandler
 
