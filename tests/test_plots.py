@@ -98,3 +98,20 @@ def test_more_than_ten_lines_take_ten_hues_before_any_shade_repeats_one(
         tab20 = [plt.get_cmap("tab20")(i) for i in range(20)]
         pairs = [tab20.index(tuple(lines[m])) // 2 for m in sorted(methods)[:10]]
         assert len(set(pairs)) == 10  # the first ten lines: ten different hues
+
+
+def test_every_plot_title_fits_inside_its_figure(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The README's redraw of its cpu-sst2 figure (one panel: tad and lora at p = 0.02) cut the title at both edges,
+    "u-sst2: accuracy, mean over seeds (band: ± std over clients); n: seeds averag": one 5-inch panel is narrower
+    than that line. A title wraps to the figure's width instead; so does the T plot's."""
+    cells = [cell(12, 0, 0.75), cell(None, 0, 0.76, method="lora"), cell(1, 0, 0.7), cell(12, 1, 0.74)]
+    with drawn(monkeypatch, tmp_path, "cpu-sst2", cells) as figures:
+        assert len(figures) == 3  # accuracy and cross term vs round, accuracy vs T
+        for fig in figures:
+            fig.canvas.draw()
+            width = fig.bbox.width
+            for text in fig.texts:
+                box = text.get_window_extent()
+                assert box.x0 >= 0 and box.x1 <= width, (text.get_text(), box, width)
+            for ax in fig.axes:  # and the title leaves the panels' own titles clear
+                assert ax.title.get_window_extent().y1 <= min(t.get_window_extent().y0 for t in fig.texts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -108,7 +109,7 @@ def _round_figure(results: dict[str, Any], field: str, ylabel: str, log: bool = 
         axes[0][-1].legend([shown[label] for label in ordered], texts, fontsize=7, loc="best")
     band = " (band: ± std over clients)" if field == "acc_mean" else ""
     where = "; n: seeds averaged, panel by panel where they differ" if len(panels) > 1 else "; n: seeds averaged"
-    fig.suptitle(f"{results['config']['name']}: {ylabel}, mean over seeds{band}{where}", fontsize=9)
+    _suptitle(fig, f"{results['config']['name']}: {ylabel}, mean over seeds{band}{where}", fontsize=9)
     fig.tight_layout()
     return fig
 
@@ -169,7 +170,7 @@ def _t_plot(results: dict[str, Any], path: Path) -> Path | None:
     ax.set_ylabel("final accuracy (mean ± client std)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.suptitle(f"{results['config']['name']}: accuracy vs T, over the seeds that finished every T")
+    _suptitle(fig, f"{results['config']['name']}: accuracy vs T, over the seeds that finished every T", fontsize=12)
     fig.tight_layout()
     _save(fig, path)
     return path
@@ -185,6 +186,13 @@ def write_plots(results: dict[str, Any], out_dir: Path) -> list[Path]:
     if t_plot is not None:
         paths.append(t_plot)
     return paths
+
+
+def _suptitle(fig: Any, text: str, fontsize: float) -> None:
+    """``text`` as ``fig``'s title, wrapped to the figure's width: one 5-inch panel is narrower than a long title,
+    which was cut at both edges. A character is taken as 0.6 em wide (DejaVu Sans averages about 0.55)."""
+    chars = max(20, int(fig.get_figwidth() * 72 / (0.6 * fontsize)))
+    fig.suptitle(textwrap.fill(text, width=chars), fontsize=fontsize)
 
 
 def _save(fig: Any, path: Path) -> None:
