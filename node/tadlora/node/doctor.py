@@ -342,6 +342,12 @@ def check_tls(cfg: NodeConfig) -> Check:
     try:
         material = TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id)
     except (OSError, ValueError) as exc:
+        if (cfg.tls_dir / "ca.crt").is_file():  # the cluster has its CA: `certs init` would refuse, or replace it
+            fix = (
+                f"tadlora-node certs issue {cfg.node_id} --dir DIR_WITH_CA_KEY (--force to replace one it holds), "
+                f"then its {cfg.node_id}.crt and .key into {cfg.tls_dir}"
+            )
+            return Check("tls", "FAIL", str(exc), fix)
         return Check("tls", "FAIL", str(exc), _TLS_FIX)
     path = cfg.tls_dir / f"{cfg.node_id}.crt"
     key = cfg.tls_dir / f"{cfg.node_id}.key"

@@ -55,10 +55,16 @@ class TlsMaterial:
         paths = [directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"]
         missing = [str(p) for p in paths if not p.is_file()]
         if missing:
-            raise ValueError(
-                f"TLS files missing: {', '.join(missing)}. Create them with `tadlora-node certs init {directory}` "
-                f"(once per cluster) and `tadlora-node certs issue {name} --dir {directory}`"
+            issue = f"`tadlora-node certs issue {name} --dir {directory}`"
+            # With the cluster's ca.crt there, `certs init` would refuse, and forced it replaces the CA every node
+            # trusts: only this node's certificate is missing.
+            how = (
+                f"Issue this node's with {issue} (where the cluster's ca.key is; copy the two files here if that is "
+                "another machine)"
+                if paths[0].is_file()
+                else f"Create them with `tadlora-node certs init {directory}` (once per cluster) and {issue}"
             )
+            raise ValueError(f"TLS files missing: {', '.join(missing)}. {how}")
         ca, cert, key = (p.read_bytes() for p in paths)
         _ca_certificates(paths[0], ca), _certificate(paths[1], cert)  # each parse error names its file
         material = cls(ca=ca, cert=cert, key=key)
