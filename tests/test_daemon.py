@@ -450,6 +450,8 @@ async def test_a_node_waiting_for_its_min_peers_says_so_in_its_status_and_log(tm
     caplog.set_level("INFO", logger="tadlora.node")
     async with Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1, peer_wait=3.0, rounds=1)) as node:
         assert node.status().state == "idle"  # serving, not waiting yet
+        # an --insecure node of static peers publishes no mDNS record that could say so
+        assert "WITHOUT TLS" in caplog.text and "status says so" in caplog.text and "mDNS record" not in caplog.text
         run = asyncio.create_task(node.run())
         async with asyncio.timeout(2.5):  # well inside the wait
             while node.status().state != "waiting-for-peers":  # noqa: ASYNC110

@@ -297,9 +297,10 @@ class Node:
             self.node_id, self.address, cfg.cluster, self.fingerprint, self.schedule, cfg.shard, cfg.num_shards,
         )  # fmt: skip
         if cfg.insecure:
+            told = "status and the mDNS record say" if cfg.peers.auto else "status says"  # static peers: no record
             log.warning(
                 "running WITHOUT TLS (--insecure): traffic is plaintext and any machine that reaches %s can join; "
-                "status and the mDNS record say so", self.address,
+                "%s so", self.address, told,
             )  # fmt: skip
 
     async def _follow_interface(self, mdns: MdnsDiscovery, advert: Advertisement, interfaces: list[str]) -> None:
