@@ -627,11 +627,14 @@ def test_progress_estimates_the_time_left_in_a_cell_from_the_rounds_run_here() -
     for t in range(60, 70):
         now[0] += 30
         progress.update(1, cell, t, 100, {"train_loss": 0.5} if t < 69 else evaluated)
-    lines = out.getvalue().splitlines()  # not a terminal: a line per cell's start and per evaluation only
+    # Not a terminal: a line per cell's start, after its first round here (the first estimate), and per evaluation.
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 6
     assert lines[0] == "[1/2] tad er p=0.02 T=12 seed=0: starting"
-    assert lines[2] == "[2/2] tad er p=0.02 T=12 seed=0: resuming from its checkpoint"
-    lines = [lines[1], lines[3]]
-    assert len(out.getvalue().splitlines()) == 4
+    assert "round 1/100 loss 0.500 (10s, cell done in ~16m)" in lines[1]
+    assert lines[3] == "[2/2] tad er p=0.02 T=12 seed=0: resuming from its checkpoint"
+    assert "round 61/100 loss 0.500 (130s, cell done in ~20m)" in lines[4]
+    lines = [lines[2], lines[5]]
     assert "round 10/100" in lines[0] and "acc 0.700±0.100" in lines[0] and "(100s, cell done in ~15m)" in lines[0]
     assert "[2/2]" in lines[1] and "round 70/100" in lines[1] and "(400s, cell done in ~15m)" in lines[1]
     quiet = io.StringIO()

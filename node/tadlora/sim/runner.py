@@ -120,7 +120,8 @@ class PreparedData:
 
 
 class Progress:
-    """A one-line progress display on a terminal, plain lines otherwise (stderr, never stdout).
+    """A one-line progress display on a terminal, plain lines otherwise (stderr, never stdout): off a terminal, a
+    line when a cell starts, after its first round here and at each evaluation.
 
     Each line ends with the time since the start and an estimate of the time left in the current cell, from the
     rounds this process has run of it (a resumed cell's earlier rounds do not count)."""
@@ -152,7 +153,9 @@ class Progress:
         now = self.clock()
         if self._cell_first_round < 0:
             self._cell_first_round = t
-        if self.quiet or not (self.tty or "acc_mean" in record):
+        # Off a terminal: a line per evaluation, and one after the first round run here, whose estimate of the
+        # time left is the first word on it (else minutes to an hour of silence until the first evaluation).
+        if self.quiet or not (self.tty or "acc_mean" in record or t == self._cell_first_round):
             return
         left = (now - self._cell_begun) / (t + 1 - self._cell_first_round) * (rounds - t - 1)
         acc = f" acc {record['acc_mean']:.3f}±{record['acc_std']:.3f}" if "acc_mean" in record else ""
