@@ -1160,3 +1160,30 @@ async def test_reflection_lists_the_services_and_describes_the_node_service(bob:
         "Status": (False, False),
         "Commit": (False, False),
     }
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_failure_that_ends_a_cancelled_call_is_reported_as_the_cancellation() -> None:
+    """grpc.aio may end a call whose task is being cancelled with a failure of its own (a connection attempt that
+    times out), not CancelledError: taken as a peer failure, the cancellation was lost and its caller went on (the
+    likely cause of a Ctrl-C in `status`, while it connected, that once exited 1 after the connect timeout, not 130)."""
+    client = PeerClient("127.0.0.1:1")
+    entered = asyncio.Event()
+
+    async def call() -> None:
+        with client._translated():
+            entered.set()
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:  # what grpc.aio can raise where the cancel meets a failing connection
+                metadata = grpc.aio.Metadata()
+                raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, metadata, metadata, "timed out") from None
+
+    task = asyncio.create_task(call())
+    await entered.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    # the same failure, uncancelled
+    with pytest.raises(PeerUnavailable, match="UNAVAILABLE: timed out"), client._translated():
+        raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "timed out")
