@@ -165,8 +165,10 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
     assert sum("BAD_PAYLOAD" in m for m in logged) == len(bad_payload)
     for n in (n0, n1):  # nothing hostile was mixed: the honest factors stay finite and sane
         assert all(bool(torch.isfinite(v).all()) and float(v.norm()) < 1e3 for v in n.factors.values())
-    rounds = [r for r in _rounds(n0) if r["round"] >= 1]
-    assert rounds and all([x["id"] for x in r["neighbours"]] == ["node-1"] for r in rounds)
+    # Rounds 1 and 2, which both nodes finished before the stop: a node already in round 3 then closes it with the
+    # pairs committed so far (none, when the stop came first; the documented graceful stop), logged all the same.
+    rounds = [r for r in _rounds(n0) if 1 <= r["round"] < 3]
+    assert len(rounds) == 2 and all([x["id"] for x in r["neighbours"]] == ["node-1"] for r in rounds), rounds
 
 
 def _rounds(node: Node) -> list[dict]:
