@@ -342,7 +342,9 @@ def check_tls(cfg: NodeConfig) -> Check:
     try:
         material = TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id)
     except (OSError, ValueError) as exc:
-        if (cfg.tls_dir / "ca.crt").is_file():  # the cluster has its CA: `certs init` would refuse, or replace it
+        own = [cfg.tls_dir / f"{cfg.node_id}.{suffix}" for suffix in ("crt", "key")]
+        if (cfg.tls_dir / "ca.crt").is_file() and not all(p.is_file() for p in own):
+            # Only this node's files are missing: `certs init` would refuse there, and forced replace the CA.
             fix = (
                 f"tadlora-node certs issue {cfg.node_id} --dir DIR_WITH_CA_KEY (--force to replace one it holds), "
                 f"then its {cfg.node_id}.crt and .key into {cfg.tls_dir}"
