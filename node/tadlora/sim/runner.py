@@ -153,8 +153,8 @@ class Progress:
         now = self.clock()
         if self._cell_first_round < 0:
             self._cell_first_round = t
-        # Off a terminal: a line per evaluation, and one after the first round run here, whose estimate of the
-        # time left is the first word on it (else minutes to an hour of silence until the first evaluation).
+        # Off a terminal: a line per evaluation, and one after the first round run here, with the first estimate of
+        # the time left (else minutes to an hour of silence until the first evaluation).
         if self.quiet or not (self.tty or "acc_mean" in record or t == self._cell_first_round):
             return
         left = (now - self._cell_begun) / (t + 1 - self._cell_first_round) * (rounds - t - 1)
