@@ -14,6 +14,7 @@ from tadlora.data.glue import (
 from tadlora.data.loaders import (
     BUILTIN_DATASETS,
     DATASET_SPLITS,
+    is_local_spec,
     load_csv,
     load_hub,
     load_jsonl,
@@ -37,6 +38,7 @@ __all__ = [
     "GlueTask",
     "TextDataset",
     "find_glue_dir",
+    "is_local_spec",
     "label_skew_proportions",
     "load_csv",
     "load_glue_tsv",

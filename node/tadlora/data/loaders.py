@@ -443,6 +443,16 @@ def _resolve_local(spec: str, split: str) -> TextDataset:
     return load_csv(path, text, label, label_names, delimiter="\t")
 
 
+def is_local_spec(spec: str) -> bool:
+    """Whether ``spec`` names a file of the user's own (a path ending in .tsv, .csv or .jsonl, as `resolve_dataset`
+    reads it), not named data (``builtin:``, ``glue:``, ``hub:``)."""
+    spec = spec.strip()
+    scheme, sep, _ = spec.partition(":")
+    if sep and scheme in ("builtin", "glue", "hub"):
+        return False
+    return Path(spec.partition("?")[0]).suffix.lower() in _LOCAL_SUFFIXES
+
+
 def resolve_dataset(spec: str, split: str) -> TextDataset:
     """The data that ``spec`` names, for ``split`` ``"train"`` or ``"dev"``; named ``spec``.
 
@@ -469,7 +479,7 @@ def resolve_dataset(spec: str, split: str) -> TextDataset:
         dataset = _resolve_glue(rest, split)
     elif sep and scheme == "hub":
         dataset = _resolve_hub(spec, rest, split)
-    elif Path(spec.partition("?")[0]).suffix.lower() in _LOCAL_SUFFIXES:
+    elif is_local_spec(spec):
         dataset = _resolve_local(spec, split)
     else:
         raise ValueError(

@@ -35,7 +35,7 @@ from tadlora.core.methods import Method, make_method, method_names, takes_switch
 from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.core.topology import Topology, make_topology
-from tadlora.data import TextDataset, resolve_dataset
+from tadlora.data import TextDataset, is_local_spec, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig, override
 from tadlora.sim.engine import ClientEngine, make_engine, resolve_engine
@@ -405,7 +405,7 @@ class Simulator:
         """A digest of the examples (train and dev, texts and labels) that a dataset given as a file path reads now;
         None for named data (builtin:, glue:, hub:). The stamp names such a dataset by its path only: an edited file
         would go on under it unseen, its new cells summarised with the old data's as seeds of one row."""
-        if self.config.dataset.strip().startswith(_NAMED_DATA):
+        if not is_local_spec(self.config.dataset):
             return None
         digest = hashlib.blake2b(digest_size=8)
         for split in ("train", "dev"):
@@ -686,9 +686,6 @@ def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
         changes["name"] = stamped["name"]
     return override(mine, changes)
 
-
-# Dataset specs that name their data (shipped, GLUE's files, a hub dataset) rather than a file of the user's own.
-_NAMED_DATA = ("builtin:", "glue:", "hub:")
 
 OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
 
