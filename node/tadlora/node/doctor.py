@@ -337,19 +337,13 @@ def check_tls(cfg: NodeConfig) -> Check:
         return Check("tls", "WARN", "--insecure: plaintext, and anyone who reaches the port may join", _TLS_FIX)
     if cfg.tls_dir is None or cfg.node_id is None:
         return _NO_CERTIFICATES
-    from tadlora.node.tls import TlsMaterial
+    from tadlora.node.tls import TlsFilesMissing, TlsMaterial
 
     try:
         material = TlsMaterial.from_dir(cfg.tls_dir, cfg.node_id)
+    except TlsFilesMissing as exc:  # its fix knows what is there: beside the cluster's ca.crt, not `certs init`
+        return Check("tls", "FAIL", str(exc), exc.fix)
     except (OSError, ValueError) as exc:
-        own = [cfg.tls_dir / f"{cfg.node_id}.{suffix}" for suffix in ("crt", "key")]
-        if (cfg.tls_dir / "ca.crt").is_file() and not all(p.is_file() for p in own):
-            # Only this node's files are missing: `certs init` would refuse there, and forced replace the CA.
-            fix = (
-                f"tadlora-node certs issue {cfg.node_id} --dir DIR_WITH_CA_KEY (--force to replace one it holds), "
-                f"then its {cfg.node_id}.crt and .key into {cfg.tls_dir}"
-            )
-            return Check("tls", "FAIL", str(exc), fix)
         return Check("tls", "FAIL", str(exc), _TLS_FIX)
     path = cfg.tls_dir / f"{cfg.node_id}.crt"
     key = cfg.tls_dir / f"{cfg.node_id}.key"

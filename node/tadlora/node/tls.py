@@ -38,6 +38,15 @@ NODE_DAYS = 825  # days a node certificate is valid (the CA/Browser Forum's form
 CA_PASSPHRASE_ENV = "TADLORA_CA_PASSPHRASE"  # noqa: S105 -- a variable name: `certs` reads the ca.key passphrase there
 
 
+class TlsFilesMissing(ValueError):
+    """Some of a node's TLS files are not in its directory; ``fix`` says how to make them (`tadlora-node doctor`
+    shows it as the check's fix)."""
+
+    def __init__(self, missing: list[str], fix: str) -> None:
+        super().__init__(f"TLS files missing: {', '.join(missing)}. {fix}")
+        self.fix = fix
+
+
 @dataclass(frozen=True)
 class TlsMaterial:
     """PEM bytes of the CA certificate and of this node's certificate and key."""
@@ -59,12 +68,12 @@ class TlsMaterial:
             # With the cluster's ca.crt there, `certs init` would refuse, and forced it replaces the CA every node
             # trusts: only this node's certificate is missing.
             how = (
-                f"Issue this node's with {issue} (where the cluster's ca.key is; copy the two files here if that is "
-                "another machine)"
+                f"Issue this node's with {issue} where the cluster's ca.key is (--force to replace one it holds), and "
+                f"copy {name}.crt and {name}.key here if that is another machine"
                 if paths[0].is_file()
                 else f"Create them with `tadlora-node certs init {directory}` (once per cluster) and {issue}"
             )
-            raise ValueError(f"TLS files missing: {', '.join(missing)}. {how}")
+            raise TlsFilesMissing(missing, how)
         ca, cert, key = (p.read_bytes() for p in paths)
         _ca_certificates(paths[0], ca), _certificate(paths[1], cert)  # each parse error names its file
         material = cls(ca=ca, cert=cert, key=key)
