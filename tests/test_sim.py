@@ -476,6 +476,19 @@ def test_a_report_vouches_for_no_host_it_did_not_compute_on(tmp_path) -> None:
     assert json.loads((tmp_path / "old" / "config.json").read_text())[RESOLVED_KEY] == {"matmul_precision": "fp32"}
 
 
+def test_a_run_replaces_the_stamp_of_a_report_under_which_nothing_ran(tmp_path, capsys) -> None:
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(dataclasses.replace(config, rounds=3), tmp_path, quiet=True).run(report_only=True)  # a mistyped look
+    with pytest.raises(ValueError, match="different settings"):  # a report of other settings is still refused
+        Simulator(dataclasses.replace(config, rounds=4), tmp_path, quiet=True).run(report_only=True)
+    assert Simulator(config, tmp_path, quiet=True).run()["missing_cells"] == []
+    assert "replacing" in capsys.readouterr().err
+    assert json.loads((tmp_path / "config.json").read_text())["rounds"] == 2
+    # Once a cell ran under a stamp, another run's settings are refused, as before.
+    with pytest.raises(ValueError, match="different settings"):
+        Simulator(dataclasses.replace(config, rounds=3), tmp_path, quiet=True).run()
+
+
 def test_cli_precision_and_optimizer_set_the_training_spec_and_keep_the_rest() -> None:
     from tadlora.sim.cli import build_parser, config_from_args
 

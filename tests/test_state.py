@@ -124,6 +124,14 @@ def test_round_log_skips_a_torn_last_line(tmp_path) -> None:
     assert [r["round"] for r in state.read_rounds(tmp_path)] == [0, 1, 2]
 
 
+def test_round_log_reopened_whole_adds_no_blank_line(tmp_path) -> None:
+    for r in range(3):  # a fresh file, then two restarts on a log whose lines are whole
+        log = state.RoundLog(tmp_path)
+        log.write({"round": r})
+        log.close()
+    assert (tmp_path / state.ROUNDS).read_text().splitlines() == [f'{{"round":{r}}}' for r in range(3)]
+
+
 def test_a_checkpoint_records_how_long_the_round_log_was(tmp_path) -> None:
     state.save_checkpoint(tmp_path, dataclasses.replace(ckpt(2), rounds_bytes=123))
     loaded = state.load_checkpoint(tmp_path)

@@ -260,7 +260,7 @@ class Node:
         # A resumed node is in its checkpoint's round from now on, not in round 0 until its first round starts
         # (which may be --peer-wait away).
         self.metrics.round.set(self.rounds.t)
-        self._round_log = state.RoundLog(cfg.out)
+        self._round_log = await self._in_worker(state.RoundLog, cfg.out)  # it reads the log's end: off the loop
         self._server = self.transport.serve(self, cfg.listen, max_payload_bytes=cfg.max_payload_bytes)
         await self._server.__aenter__()
         host = cfg.listen.rpartition(":")[0]

@@ -224,10 +224,10 @@ class RoundLog:
     nothing that was reported; `sync` before a checkpoint, so a power loss does not either)."""
 
     def __init__(self, out: Path) -> None:
+        """Open (or create) ``out/rounds.jsonl`` for appending. Blocking file I/O: open it in a worker thread."""
         self.path = out / ROUNDS
-        torn = self.path.exists() and self.path.stat().st_size > 0 and not self.path.read_bytes().endswith(b"\n")
         self._file = self.path.open("a", encoding="utf-8")
-        if torn:  # a crash mid-line: end that line, so the next record is not glued onto it
+        if not _ends_a_line(self.path):  # a crash mid-line: end that line, so the next record is not glued onto it
             self._file.write("\n")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -254,6 +254,16 @@ class RoundLog:
     def close(self) -> None:
         if not self._file.closed:
             self._file.close()
+
+
+def _ends_a_line(path: Path) -> bool:
+    """Whether ``path`` is empty or ends with a newline; reads its last byte only (the log grows for ever)."""
+    with path.open("rb") as f:
+        end = f.seek(0, os.SEEK_END)
+        if end == 0:
+            return True
+        f.seek(end - 1)
+        return f.read(1) == b"\n"
 
 
 def truncate_rounds(out: Path, size: int) -> int:

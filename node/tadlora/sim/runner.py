@@ -357,10 +357,22 @@ class Simulator:
         # Two processes on one directory (one per core) stamp in turn: else one could write its grid over the
         # other's, which it had not read.
         with self._locked("config"):
-            if not stamp.exists():
+            kept = sorted(p.name for p in self.cells_dir.iterdir() if not p.name.startswith("."))
+            theirs = _read_stamp(stamp) if stamp.exists() else None
+            if (
+                theirs is not None
+                and computes
+                and RESOLVED_KEY not in theirs
+                and not kept
+                and self._changed_settings(theirs)
+            ):
+                # Only a report writes a stamp without the record, and no cell ran under this one: it vouches for
+                # nothing, and refusing would strand a directory that a mistyped --report-only merely looked at.
+                sys.stderr.write(f"replacing {stamp}: a report wrote it, and no cell has run under it\n")
+                theirs = None
+            if theirs is None:
                 # Every run stamps before it writes a cell: cells without a stamp lost it (a merge, a removal), and
                 # a new stamp would vouch for cells of settings no one can tell any more.
-                kept = sorted(p.name for p in self.cells_dir.iterdir() if not p.name.startswith("."))
                 if kept:
                     raise ValueError(
                         f"{self.out} holds {len(kept)} cell file{'s' if len(kept) > 1 else ''} (cells/{kept[0]}"
@@ -368,7 +380,6 @@ class Simulator:
                         "ran with: restore it (e.g. from git), or use another --out directory to start a new run"
                     )
             else:
-                theirs = _read_stamp(stamp)
                 changed = self._changed_settings(theirs)
                 if changed:
                     raise ValueError(
