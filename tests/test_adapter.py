@@ -18,6 +18,7 @@ from tadlora.adapter import (
     LoraSpec,
     ModelSpec,
     _draw_portably,
+    _identity,
     _load_base,
     _weights_digest,
     fingerprint,
@@ -234,6 +235,17 @@ def test_a_model_directory_has_one_fingerprint_however_its_path_is_spelt(tmp_pat
     monkeypatch.chdir(tmp_path / "mine")
     prints |= {AdapterModel(ModelSpec(model=model, lora=TINY_LORA)).fingerprint for model in (".", "./")}
     assert len(prints) == 1
+
+
+def test_the_packaged_minilm_has_one_fingerprint_by_alias_or_by_path(tmp_path) -> None:
+    """A node given MiniLM's directory (one without the package on its path, say) mixes with one given `minilm`:
+    before, the path named the model by its directory's name, "model", and the two refused each other."""
+    path = resolve_model_path("minilm")
+    (tmp_path / "link").symlink_to(path)
+    prints = {AdapterModel(ModelSpec(model=model)).fingerprint for model in ("minilm", path, str(tmp_path / "link"))}
+    assert len(prints) == 1
+    save_tiny_checkpoint(tmp_path / "model")  # another directory of that name is another model
+    assert _identity(str(tmp_path / "model"), str(tmp_path / "model")) == "model"
 
 
 def test_a_checkpoint_s_head_for_another_label_count_is_drawn_anew_from_the_seed(tmp_path, caplog) -> None:

