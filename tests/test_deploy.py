@@ -3,7 +3,10 @@ that make a valid node configuration. No container engine or cluster is needed: 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
+import json
 import os
 import re
 import shlex
@@ -338,6 +341,9 @@ def test_systemd_env_file_sets_real_flags_to_a_valid_configuration(monkeypatch, 
     check_tadlora_variables(env)
     cfg = node_config_from(env, monkeypatch)
     assert cfg.peers.auto and cfg.num_shards == 3
+    # mDNS on the default route's interface: a fixed name (eth0) is missing on hosts with predictable interface
+    # names (enp3s0, ens5), where the node exits 1 at start and Restart=on-failure retries it every 5 s for ever.
+    assert cfg.mdns_interface is None
     check_status_uses_the_nodes_tls(env, monkeypatch, tmp_path)
 
 
@@ -501,3 +507,92 @@ def test_pods_get_no_service_link_variables_that_would_set_node_flags(monkeypatc
             node_config_from({variable: "tcp://10.96.0.12:9464"}, monkeypatch)
         assert refused.value.code == 2  # the node exits with a bad setting: the pod would crash-loop
     assert k8s_docs()["StatefulSet"]["spec"]["template"]["spec"].get("enableServiceLinks") is False
+
+
+# --------------------------------------------------------------------- every documented tadlora-node command
+
+NODE_COMMAND = re.compile(r"(?:/opt/tadlora/bin/)?tadlora-node(?::[\w.-]+)?")  # the script, or the image + tag
+# Words after which a `tadlora-node` word is the command run (and not, say, `journalctl -u tadlora-node`).
+COMMAND_POSITION = {";", "&&", "||", "|", "(", "do", "then", "exec", "--", "-", "sudo"}
+COMMAND_END = {";", "&&", "||", "|", "&", "(", ")", "<", ">", "done"}
+
+
+def shell_lines(path: Path) -> list[str]:
+    """The lines of ``path`` that may hold commands: every line of a deploy file with its comment marker
+    dropped (their usage notes are comments), the fenced code blocks of a Markdown file; continuations joined."""
+    text = path.read_text()
+    if path.suffix == ".md":
+        text = "\n".join(re.findall(r"^```[\w-]*\n(.*?)^```", text, re.M | re.S))
+    else:
+        text = "\n".join(re.sub(r"^\s*#\s?", "", line) for line in text.splitlines())
+    return re.sub(r"\\\n\s*", " ", text).splitlines()
+
+
+def documented_node_commands(path: Path) -> list[tuple[str, list[str]]]:
+    """Each `tadlora-node ...` command ``path`` runs or tells a user to run: (its line, its argv after
+    `tadlora-node`). An exec-form CMD/ENTRYPOINT, a shell line (`docker run ... IMAGE FLAGS` too: the image's
+    entrypoint is `tadlora-node`); shell variables read as 0 (`node-$i` -> `node-0`)."""
+    found = []
+    for line in shell_lines(path):
+        for exec_form in re.finditer(r"\b(?:CMD|ENTRYPOINT)\s+(\[.*?\])", line):
+            words = json.loads(exec_form.group(1))
+            if NODE_COMMAND.fullmatch(words[0]):
+                found.append((line, words[1:]))
+        lexer = shlex.shlex(re.sub(r"\$\{[^}]*\}|\$[A-Za-z_]\w*", "0", line), posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        try:
+            words = list(lexer)
+        except ValueError:  # an unbalanced quote: prose, not a command
+            continue
+        for i, word in enumerate(words):
+            before = words[i - 1] if i else None
+            in_docker = "docker" in words[:i] and before not in ("-t", "--tag")  # `docker build -t IMAGE` names it
+            if NODE_COMMAND.fullmatch(word) and (before is None or before in COMMAND_POSITION or in_docker):
+                found.append((line, list(itertools.takewhile(lambda w: w not in COMMAND_END, words[i + 1 :]))))
+    return found
+
+
+def deploy_and_doc_files() -> list[Path]:
+    return [*sorted(p for p in DEPLOY.rglob("*") if p.is_file()), ROOT / "docs" / "deploy.md"]
+
+
+def parse_node_command(argv: list[str]) -> None:
+    """Parse ``argv`` as `tadlora-node` does (the subcommand's parser, or a run's): SystemExit(2) for a flag or
+    value the parser refuses. (Whether a file's whole setting, its variables included, makes a valid NodeConfig is
+    checked per file above.)"""
+    from tadlora.node.admin import build_certs_parser, build_status_parser
+    from tadlora.node.doctor import build_doctor_parser
+
+    command, rest = (argv[0], argv[1:]) if argv else ("", [])
+    if command == "status":
+        build_status_parser().parse_args(rest)
+    elif command == "certs":
+        build_certs_parser().parse_args(rest)
+    elif command == "doctor":
+        build_doctor_parser().parse_args(rest)
+    else:
+        build_run_parser().parse_args(argv)
+
+
+def test_every_tadlora_node_command_in_the_deploy_files_and_docs_is_accepted_by_its_parser(monkeypatch) -> None:
+    """The usage notes, HEALTHCHECK, container args and docs/deploy.md's blocks run flags the real parsers take: a
+    misspelt, renamed or removed flag (or a subcommand's flag given to another) fails here, not on a user's host."""
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    commands = [(path, line, argv) for path in deploy_and_doc_files() for line, argv in documented_node_commands(path)]
+    # The extraction finds what it should, so that a change to it cannot make this test pass by finding nothing.
+    kinds = {argv[0] if argv and argv[0] in ("status", "certs", "doctor") else "run" for _, _, argv in commands}
+    assert kinds == {"run", "status", "certs", "doctor"}, kinds
+    assert {path.name for path, _, _ in commands} >= {
+        "Dockerfile", "compose.yaml", "statefulset.yaml", "tadlora-node.service", "tadlora-node.env", "deploy.md"
+    }  # fmt: skip
+    assert ["status", "127.0.0.1:7070", "--timeout", "5"] in [argv for *_, argv in commands]  # the HEALTHCHECK
+    refused = []
+    for path, line, argv in commands:
+        err = io.StringIO()
+        try:
+            with contextlib.redirect_stderr(err):
+                parse_node_command(argv)
+        except SystemExit as exc:
+            refused.append(f"{path.relative_to(ROOT)}: {line.strip()}\n    {err.getvalue().strip() or exc}")
+    assert not refused, "\n".join(refused)

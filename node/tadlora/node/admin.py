@@ -202,9 +202,8 @@ def _ca_passphrase(confirm: bool) -> bytes | None:
     return first.encode()
 
 
-def certs_main(argv: list[str]) -> int:
-    """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`: 0 when written, 2 for bad flags
-    or files that cannot be written."""
+def build_certs_parser() -> argparse.ArgumentParser:
+    """Flags of `tadlora-node certs` (its subcommands ``init`` and ``issue``)."""
     from tadlora.node import tls
 
     p = argparse.ArgumentParser(prog="tadlora-node certs", description="Create the cluster CA and node certificates.")
@@ -238,7 +237,15 @@ def certs_main(argv: list[str]) -> int:
     iss.add_argument("--ip", action="append", default=[], type=ip_address,
                      help="an IP address to add to the certificate (repeat)")  # fmt: skip
     iss.add_argument("--force", action="store_true", help="replace existing files")
-    a = p.parse_args(argv)
+    return p
+
+
+def certs_main(argv: list[str]) -> int:
+    """`tadlora-node certs init DIR` and `tadlora-node certs issue NAME --dir DIR`: 0 when written, 2 for bad flags
+    or files that cannot be written."""
+    from tadlora.node import tls
+
+    a = build_certs_parser().parse_args(argv)
     try:
         # An unset shell variable (`certs init $DIR`) would otherwise put the CA into the working directory.
         if not (a.dir or "").strip():
