@@ -59,7 +59,8 @@ def command() -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+            # 999.5 and up round to 4 digits: ".3g" would write them as "1e+03"
+            return f"{v:.3g}" if abs(v) < 999.5 else f"{v:,.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]

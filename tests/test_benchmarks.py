@@ -187,3 +187,13 @@ def test_precision_refuses_zero_before_loading_anything(flag: str, tmp_path: Pat
     )  # fmt: skip
     assert proc.returncode == 2 and f"{flag} must be >= 1, got 0" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------- _common
+
+
+def test_markdown_table_writes_numbers_just_under_1000_without_an_exponent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ".3g" below 1000 wrote 999.7 (a sha256 or encode rate in MB/s, say) as "1e+03".
+    common = load("_common", monkeypatch)
+    table = common.markdown_table(["a", "b", "c", "d"], [[999.4, 999.7, 1234.5, 0.0412]])
+    assert table.splitlines()[-1] == "| 999 | 1,000 | 1,234 | 0.0412 |"
