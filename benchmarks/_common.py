@@ -79,6 +79,16 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--local-steps``, ``--batch-size`` or ``--max-length`` that `tadlora.training.TrainSpec` would refuse,
+    as a usage error (exit 2) before anything runs. Its bounds, restated: importing it imports torch, which
+    sim_throughput's parent process must not (its subprocesses' peak RSS starts from the parent's)."""
+    for flag, value, least in (("--local-steps", args.local_steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--max-length", args.max_length, 8)):  # fmt: skip
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
+
+
 def write_results(
     name: str,
     data: dict[str, Any],

@@ -37,7 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from _common import add_out_argument, write_results
+from _common import add_out_argument, check_train_args, write_results
 
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
 from tadlora.core.methods import make_method
@@ -128,6 +128,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    check_train_args(parser, args)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)

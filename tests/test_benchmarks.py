@@ -3,6 +3,7 @@ the expensive parts replaced; the full runs are not tests."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.util
 import subprocess
@@ -96,6 +97,46 @@ def test_sim_refuses_a_number_of_clients_the_split_cannot_serve_before_running_a
     expected = "--clients 130: the label-skewed split of builtin:sst2-small gives a client 20 examples, fewer than"
     assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("script", "flag", "value", "least"),
+    [("sim_throughput", "--local-steps", "0", 1), ("sim_throughput", "--batch-size", "0", 1),
+     ("sim_throughput", "--max-length", "7", 8), ("daemon_overhead", "--local-steps", "0", 1)],
+)  # fmt: skip
+def test_training_flags_a_train_spec_refuses_are_usage_errors_before_anything_runs(
+    script: str, flag: str, value: str, least: int, tmp_path: Path
+) -> None:
+    # daemon_overhead died on TrainSpec's ValueError with a traceback (exit 1); sim_throughput ran its two baseline
+    # subprocesses first, then died on the first engine's.
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), flag, value, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"{flag} must be >= {least}, got {value}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_training_flags_bounds_are_train_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_train_args restates TrainSpec's bounds (sim_throughput's parent must not import torch): they must agree.
+    from tadlora.training import TrainSpec
+
+    common = load("_common", monkeypatch)
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(parser, "error", lambda message: (_ for _ in ()).throw(ValueError(message)))
+    for steps, batch, length in [(1, 1, 8), (0, 1, 8), (1, 0, 8), (1, 1, 7), (2, 4, 32)]:
+        args = argparse.Namespace(local_steps=steps, batch_size=batch, max_length=length)
+        try:
+            TrainSpec(local_steps=steps, batch_size=batch, max_length=length)
+            spec_ok = True
+        except ValueError:
+            spec_ok = False
+        try:
+            common.check_train_args(parser, args)
+            args_ok = True
+        except ValueError:
+            args_ok = False
+        assert args_ok == spec_ok, (steps, batch, length)
 
 
 # ------------------------------------------------------------------------------------------------------ exchange
