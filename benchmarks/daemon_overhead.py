@@ -35,6 +35,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 from _common import add_out_argument, check_train_args, write_results
@@ -117,6 +118,21 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
     return time.perf_counter() - started
 
 
+def table(data: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The Markdown table's headers and its one row, from the JSON's fields."""
+    headers = ["model", "nodes x rounds", "local steps (batch, len)", "bare sequential s", "bare threaded s",
+               "daemon s", "daemon / threaded", "daemon / sequential", "mean exchange latency s",
+               "all exchanges done"]  # fmt: skip
+    train = data["train"]
+    rows = [(data["model"], f"{data['nodes']} x {data['rounds']}",
+             f"{train['local_steps']} ({train['batch_size']}, {train['max_length']})",
+             ", ".join(f"{x:.2f}" for x in data["bare_sequential_s"]),
+             ", ".join(f"{x:.2f}" for x in data["bare_threaded_s"]), data["daemon_s"],
+             data["ratio_daemon_over_threaded"], data["ratio_daemon_over_sequential"],
+             data["exchange_latency_s_mean"] or 0.0, data["rounds_all_neighbours"])]  # fmt: skip
+    return headers, rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="minilm", help="minilm (default) or tiny (a quick run)")
@@ -165,12 +181,7 @@ def main() -> None:
         "exchange_latency_s_mean": sum(latency) / len(latency) if latency else None,
         "exchange_latency_s_max": max(latency, default=None),
     }  # fmt: skip
-    headers = ["model", "nodes x rounds", "local steps (batch, len)", "bare sequential s", "bare threaded s",
-               "daemon s", "daemon / threaded", "daemon / sequential", "mean exchange latency s",
-               "all exchanges done"]  # fmt: skip
-    rows = [(args.model, f"{M} x {args.rounds}", f"{args.local_steps} ({args.batch_size}, {args.max_length})",
-             ", ".join(f"{x:.2f}" for x in timings["sequential"]), ", ".join(f"{x:.2f}" for x in timings["threaded"]),
-             daemon_s, daemon_s / thr, daemon_s / seq, data["exchange_latency_s_mean"] or 0.0, complete)]  # fmt: skip
+    headers, rows = table(data)
     notes = (
         "daemon / threaded is the daemon's own cost: the threaded bare loop does the same compute with the same "
         "overlap between nodes and the same per-round barrier, without gRPC, mixing, checkpoint or export. "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -238,3 +239,39 @@ def test_markdown_table_writes_numbers_just_under_1000_without_an_exponent(monke
     common = load("_common", monkeypatch)
     table = common.markdown_table(["a", "b", "c", "d"], [[999.4, 999.7, 1234.5, 0.0412]])
     assert table.splitlines()[-1] == "| 999 | 1,000 | 1,234 | 0.0412 |"
+
+
+RESULTS = BENCHMARKS / "results"
+DOCS = BENCHMARKS.parent / "docs" / "benchmarks.md"
+
+
+def table_lines(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize(
+    ("name", "field"), [("exchange", "sizes"), ("daemon_overhead", None), ("discovery", "summary_s")]
+)
+def test_the_committed_markdown_table_is_the_scripts_table_of_the_committed_json(
+    name: str, field: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing tied results/NAME.md to results/NAME.json: a table edited by hand, or a script whose table drifted
+    # from what it stores, went unnoticed. (sim_throughput's committed JSON predates its current memory columns.)
+    bench = load(name, monkeypatch)
+    common = load("_common", monkeypatch)
+    data = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+    headers, rows = bench.table(data if field is None else data[field])
+    expected = table_lines((RESULTS / f"{name}.md").read_text(encoding="utf-8"))
+    assert table_lines(common.markdown_table(headers, rows)) == expected
+
+
+@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery"])
+def test_docs_benchmarks_shows_the_committed_table(name: str) -> None:
+    # docs/benchmarks.md quotes each performance benchmark's committed table: a rerun whose results were committed
+    # without the page (or the reverse) leaves the page's numbers those of another run.
+    docs = DOCS.read_text(encoding="utf-8")
+    markdown = (RESULTS / f"{name}.md").read_text(encoding="utf-8")
+    table = "\n".join(table_lines(markdown))
+    assert table in docs, f"docs/benchmarks.md does not show results/{name}.md's table"
+    command = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))["command"]
+    assert f"\n{command}\n" in docs, f"docs/benchmarks.md does not give results/{name}.json's command {command!r}"
