@@ -99,16 +99,23 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
     barrier = threading.Barrier(M if threaded else 1)
 
     def node_work(i: int) -> None:
-        for t in range(args.rounds):
-            local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
-            barrier.wait()
-        evaluate(models[i], dev)
+        try:
+            for t in range(args.rounds):
+                local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
+                barrier.wait()
+            evaluate(models[i], dev)
+        except BaseException:
+            barrier.abort()  # the other nodes' threads would wait at the barrier for this one for ever
+            raise
 
     started = time.perf_counter()
     if threaded:
         with ThreadPoolExecutor(max_workers=M) as pool:
-            # list() re-raises a worker's exception here instead of dropping it with its future.
-            list(pool.map(node_work, range(M)))
+            futures = [pool.submit(node_work, i) for i in range(M)]
+        # The failure itself, not the BrokenBarrierError it gave the nodes that were waiting for it.
+        errors = [exc for f in futures if (exc := f.exception()) is not None]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     else:
         for t in range(args.rounds):
             for i in range(M):

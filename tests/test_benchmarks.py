@@ -189,6 +189,38 @@ def test_daemon_overhead_warms_up_before_the_first_timed_loop_and_does_not_count
     assert written["ratio_daemon_over_sequential"] == pytest.approx(12.0 / 11.5)
 
 
+def test_daemon_overhead_threaded_loop_reports_a_nodes_failure_instead_of_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A node whose local steps raised left the other nodes' threads at the round's barrier for ever: the benchmark
+    # hung. (The barrier gets a timeout here only so that a regression fails instead of hanging the test.)
+    import functools
+    import threading
+
+    bench = load("daemon_overhead", monkeypatch)
+
+    class Stub:  # a dataset, model or spec: bare_loop only passes them on to local_steps and evaluate
+        label_names, tokenizer = (), None
+
+        def subset(self, indices: Any) -> Stub:
+            return self
+
+    for name in ("resolve_dataset", "eval_subset", "ModelSpec", "AdapterModel", "encode", "evaluate"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: Stub())
+    monkeypatch.setattr(bench, "client_shards", lambda *a, **k: [[0]] * bench.M)
+    monkeypatch.setattr(bench.threading, "Barrier", functools.partial(threading.Barrier, timeout=20))
+
+    def local_steps(model: Any, shard: Any, trained: Any, train: Any, seed: int, i: int, t: int) -> float:
+        if i == 1:
+            raise RuntimeError("node 1 failed")
+        return 0.5
+
+    monkeypatch.setattr(bench, "local_steps", local_steps)
+    args = argparse.Namespace(model="tiny", rounds=3)
+    with pytest.raises(RuntimeError, match="node 1 failed"):
+        bench.bare_loop(args, argparse.Namespace(max_length=32), threaded=True)
+
+
 # ----------------------------------------------------------------------------------------------------- discovery
 
 
