@@ -59,7 +59,8 @@ def command() -> str:
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     def cell(v: Any) -> str:
         if isinstance(v, float):
-            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+            # 999.5 and up round to 4 digits: ".3g" would write them as "1e+03"
+            return f"{v:.3g}" if abs(v) < 999.5 else f"{v:,.0f}"
         return str(v)
 
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -76,6 +77,16 @@ def add_out_argument(parser: argparse.ArgumentParser) -> None:
         help="directory for NAME.json and NAME.md (default: benchmarks/results, which holds the committed results: "
         "give another one for trial runs)",
     )
+
+
+def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse ``--local-steps``, ``--batch-size`` or ``--max-length`` that `tadlora.training.TrainSpec` would refuse,
+    as a usage error (exit 2) before anything runs. Its bounds, restated: importing it imports torch, which
+    sim_throughput's parent process must not (its subprocesses' peak RSS starts from the parent's)."""
+    for flag, value, least in (("--local-steps", args.local_steps, 1), ("--batch-size", args.batch_size, 1),
+                               ("--max-length", args.max_length, 8)):  # fmt: skip
+        if value < least:
+            parser.error(f"{flag} must be >= {least}, got {value}")
 
 
 def write_results(

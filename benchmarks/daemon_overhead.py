@@ -35,9 +35,10 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
-from _common import add_out_argument, write_results
+from _common import add_out_argument, check_train_args, write_results
 
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
 from tadlora.core.methods import make_method
@@ -98,16 +99,23 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
     barrier = threading.Barrier(M if threaded else 1)
 
     def node_work(i: int) -> None:
-        for t in range(args.rounds):
-            local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
-            barrier.wait()
-        evaluate(models[i], dev)
+        try:
+            for t in range(args.rounds):
+                local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
+                barrier.wait()
+            evaluate(models[i], dev)
+        except BaseException:
+            barrier.abort()  # the other nodes' threads would wait at the barrier for this one for ever
+            raise
 
     started = time.perf_counter()
     if threaded:
         with ThreadPoolExecutor(max_workers=M) as pool:
-            # list() re-raises a worker's exception here instead of dropping it with its future.
-            list(pool.map(node_work, range(M)))
+            futures = [pool.submit(node_work, i) for i in range(M)]
+        # The failure itself, not the BrokenBarrierError it gave the nodes that were waiting for it.
+        errors = [exc for f in futures if (exc := f.exception()) is not None]
+        if errors:
+            raise next((e for e in errors if not isinstance(e, threading.BrokenBarrierError)), errors[0])
     else:
         for t in range(args.rounds):
             for i in range(M):
@@ -115,6 +123,21 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
         for model in models:
             evaluate(model, dev)
     return time.perf_counter() - started
+
+
+def table(data: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The Markdown table's headers and its one row, from the JSON's fields."""
+    headers = ["model", "nodes x rounds", "local steps (batch, len)", "bare sequential s", "bare threaded s",
+               "daemon s", "daemon / threaded", "daemon / sequential", "mean exchange latency s",
+               "all exchanges done"]  # fmt: skip
+    train = data["train"]
+    rows = [(data["model"], f"{data['nodes']} x {data['rounds']}",
+             f"{train['local_steps']} ({train['batch_size']}, {train['max_length']})",
+             ", ".join(f"{x:.2f}" for x in data["bare_sequential_s"]),
+             ", ".join(f"{x:.2f}" for x in data["bare_threaded_s"]), data["daemon_s"],
+             data["ratio_daemon_over_threaded"], data["ratio_daemon_over_sequential"],
+             data["exchange_latency_s_mean"] or 0.0, data["rounds_all_neighbours"])]  # fmt: skip
+    return headers, rows
 
 
 def main() -> None:
@@ -128,6 +151,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    check_train_args(parser, args)
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
@@ -164,12 +188,7 @@ def main() -> None:
         "exchange_latency_s_mean": sum(latency) / len(latency) if latency else None,
         "exchange_latency_s_max": max(latency, default=None),
     }  # fmt: skip
-    headers = ["model", "nodes x rounds", "local steps (batch, len)", "bare sequential s", "bare threaded s",
-               "daemon s", "daemon / threaded", "daemon / sequential", "mean exchange latency s",
-               "all exchanges done"]  # fmt: skip
-    rows = [(args.model, f"{M} x {args.rounds}", f"{args.local_steps} ({args.batch_size}, {args.max_length})",
-             ", ".join(f"{x:.2f}" for x in timings["sequential"]), ", ".join(f"{x:.2f}" for x in timings["threaded"]),
-             daemon_s, daemon_s / thr, daemon_s / seq, data["exchange_latency_s_mean"] or 0.0, complete)]  # fmt: skip
+    headers, rows = table(data)
     notes = (
         "daemon / threaded is the daemon's own cost: the threaded bare loop does the same compute with the same "
         "overlap between nodes and the same per-round barrier, without gRPC, mixing, checkpoint or export. "

@@ -108,6 +108,18 @@ def one_run(root: Path, index: int) -> dict[str, Any]:
     }
 
 
+def table(summary: dict[str, list[float]]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The Markdown table's headers and rows, from the JSON's ``summary_s`` (each measure's values, Nones left out)."""
+
+    def stat(values: list[float]) -> str:
+        if not values:
+            return "n/a"
+        med, lo, hi = median_range(values)
+        return f"{med:.2f} ({lo:.2f} to {hi:.2f})"
+
+    return ["measure", "n", "seconds: median (range)"], [(name, len(v), stat(v)) for name, v in summary.items()]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeat", type=int, default=3)
@@ -121,13 +133,6 @@ def main() -> None:
             runs.append(one_run(Path(tmp), i))
             print(f"run {i}: first exchange after {runs[-1]['cluster_first_exchange_s']} s", flush=True)
 
-    def stat(values: list[float | None]) -> tuple[str, list[float]]:
-        clean = [v for v in values if v is not None]
-        if not clean:
-            return "n/a", []
-        med, lo, hi = median_range(clean)
-        return f"{med:.2f} ({lo:.2f} to {hi:.2f})", clean
-
     measures = {
         "process start -> gRPC serving (per node)": [p["serving_s"] for r in runs for p in r["nodes"]],
         "process start -> first peer verified (per node)": [p["first_peer_s"] for r in runs for p in r["nodes"]],
@@ -140,11 +145,8 @@ def main() -> None:
         "first process start -> first exchange in the cluster": [r["cluster_first_exchange_s"] for r in runs],
         "first process start -> every node exchanged": [r["cluster_all_exchanged_s"] for r in runs],
     }  # fmt: skip
-    rows, summary = [], {}
-    for name, values in measures.items():
-        text, clean = stat(values)
-        summary[name] = clean
-        rows.append((name, len(clean), text))
+    summary = {name: [v for v in values if v is not None] for name, values in measures.items()}
+    headers, rows = table(summary)
     notes = (
         f"{args.repeat} runs of {M} processes; seconds, median (min to max). Tiny model, --insecure, mDNS on "
         "127.0.0.1. Process start includes importing torch and transformers and building the model, with 3 "
@@ -152,8 +154,8 @@ def main() -> None:
         "and it is CPU-bound, not discovery-bound; the 'last node serving ->' rows are what "
         "mDNS + handshakes cost."
     )
-    write_results("discovery", {"repeat": args.repeat, "summary_s": summary, "runs": runs},
-                  ["measure", "n", "seconds: median (range)"], rows, notes, out=args.out)  # fmt: skip
+    write_results("discovery", {"repeat": args.repeat, "summary_s": summary, "runs": runs}, headers, rows, notes,
+                  out=args.out)  # fmt: skip
 
 
 if __name__ == "__main__":

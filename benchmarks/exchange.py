@@ -203,14 +203,12 @@ async def main_async(sizes: list[tuple[float, int]]) -> list[dict[str, Any]]:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="skip the 200 MB adapter, fewer repetitions")
-    add_out_argument(parser)
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    sizes = [(1.0, 5), (20.0, 3)] if args.quick else [(1.0, 10), (20.0, 5), (200.0, 2)]
-    results = asyncio.run(main_async(sizes))
+HEADERS = ["payload MB", "tensors", "reps", "exchange MB/s", "raw gRPC MB/s", "exchange/raw time", "encode MB/s",
+           "decode+validate MB/s", "sha256 MB/s", "encode+decode+sha share"]  # fmt: skip
+
+
+def table(results: list[dict[str, Any]]) -> tuple[list[str], list[tuple[Any, ...]]]:
+    """The Markdown table's headers and rows, from the JSON's ``sizes``."""
     mb = 1e6
     rows = [
         (f"{r['payload_bytes'] / mb:.1f}", r["tensors"], r["repetitions"], r["exchange_bytes_per_s"] / mb,
@@ -219,8 +217,18 @@ def main() -> None:
          f"{100 * r['share_of_exchange_in_encode_decode_sha']:.0f}%")
         for r in results
     ]  # fmt: skip
-    headers = ["payload MB", "tensors", "reps", "exchange MB/s", "raw gRPC MB/s", "exchange/raw time",
-               "encode MB/s", "decode+validate MB/s", "sha256 MB/s", "encode+decode+sha share"]  # fmt: skip
+    return HEADERS, rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="skip the 200 MB adapter, fewer repetitions")
+    add_out_argument(parser)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    sizes = [(1.0, 5), (20.0, 3)] if args.quick else [(1.0, 10), (20.0, 5), (200.0, 2)]
+    results = asyncio.run(main_async(sizes))
+    headers, rows = table(results)
     notes = (
         "MB = 10^6 bytes. Throughput counts the bytes moved both ways (2 x payload) over the median wall time of "
         "one push-pull. Exchange, raw, encode, decode and sha256 take turns in each repetition (medians over the "

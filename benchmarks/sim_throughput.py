@@ -39,7 +39,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from _common import add_out_argument, write_results
+from _common import add_out_argument, check_train_args, write_results
 
 DATASET = "builtin:sst2-small"
 SAMPLES_PER_CLIENT = 24  # label-skew over its 3000 SST-2 examples allows at most 26 for 100 clients, 24 for 113
@@ -236,6 +236,8 @@ def main() -> None:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.repeat < 1:
         parser.error(f"--repeat must be >= 1, got {args.repeat}")
+    # Before the two baseline subprocesses: each worker would otherwise fail on its TrainSpec after they ran.
+    check_train_args(parser, args)
     if args.worker:
         print(json.dumps(worker(args)))
         return

@@ -3,8 +3,10 @@ the expensive parts replaced; the full runs are not tests."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -98,6 +100,46 @@ def test_sim_refuses_a_number_of_clients_the_split_cannot_serve_before_running_a
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    ("script", "flag", "value", "least"),
+    [("sim_throughput", "--local-steps", "0", 1), ("sim_throughput", "--batch-size", "0", 1),
+     ("sim_throughput", "--max-length", "7", 8), ("daemon_overhead", "--local-steps", "0", 1)],
+)  # fmt: skip
+def test_training_flags_a_train_spec_refuses_are_usage_errors_before_anything_runs(
+    script: str, flag: str, value: str, least: int, tmp_path: Path
+) -> None:
+    # daemon_overhead died on TrainSpec's ValueError with a traceback (exit 1); sim_throughput ran its two baseline
+    # subprocesses first, then died on the first engine's.
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), flag, value, "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and f"{flag} must be >= {least}, got {value}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_the_training_flags_bounds_are_train_specs(monkeypatch: pytest.MonkeyPatch) -> None:
+    # check_train_args restates TrainSpec's bounds (sim_throughput's parent must not import torch): they must agree.
+    from tadlora.training import TrainSpec
+
+    common = load("_common", monkeypatch)
+    parser = argparse.ArgumentParser()
+    monkeypatch.setattr(parser, "error", lambda message: (_ for _ in ()).throw(ValueError(message)))
+    for steps, batch, length in [(1, 1, 8), (0, 1, 8), (1, 0, 8), (1, 1, 7), (2, 4, 32)]:
+        args = argparse.Namespace(local_steps=steps, batch_size=batch, max_length=length)
+        try:
+            TrainSpec(local_steps=steps, batch_size=batch, max_length=length)
+            spec_ok = True
+        except ValueError:
+            spec_ok = False
+        try:
+            common.check_train_args(parser, args)
+            args_ok = True
+        except ValueError:
+            args_ok = False
+        assert args_ok == spec_ok, (steps, batch, length)
+
+
 # ------------------------------------------------------------------------------------------------------ exchange
 
 
@@ -147,6 +189,38 @@ def test_daemon_overhead_warms_up_before_the_first_timed_loop_and_does_not_count
     assert written["ratio_daemon_over_sequential"] == pytest.approx(12.0 / 11.5)
 
 
+def test_daemon_overhead_threaded_loop_reports_a_nodes_failure_instead_of_waiting_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A node whose local steps raised left the other nodes' threads at the round's barrier for ever: the benchmark
+    # hung. (The barrier gets a timeout here only so that a regression fails instead of hanging the test.)
+    import functools
+    import threading
+
+    bench = load("daemon_overhead", monkeypatch)
+
+    class Stub:  # a dataset, model or spec: bare_loop only passes them on to local_steps and evaluate
+        label_names, tokenizer = (), None
+
+        def subset(self, indices: Any) -> Stub:
+            return self
+
+    for name in ("resolve_dataset", "eval_subset", "ModelSpec", "AdapterModel", "encode", "evaluate"):
+        monkeypatch.setattr(bench, name, lambda *a, **k: Stub())
+    monkeypatch.setattr(bench, "client_shards", lambda *a, **k: [[0]] * bench.M)
+    monkeypatch.setattr(bench.threading, "Barrier", functools.partial(threading.Barrier, timeout=20))
+
+    def local_steps(model: Any, shard: Any, trained: Any, train: Any, seed: int, i: int, t: int) -> float:
+        if i == 1:
+            raise RuntimeError("node 1 failed")
+        return 0.5
+
+    monkeypatch.setattr(bench, "local_steps", local_steps)
+    args = argparse.Namespace(model="tiny", rounds=3)
+    with pytest.raises(RuntimeError, match="node 1 failed"):
+        bench.bare_loop(args, argparse.Namespace(max_length=32), threaded=True)
+
+
 # ----------------------------------------------------------------------------------------------------- discovery
 
 
@@ -187,3 +261,49 @@ def test_precision_refuses_zero_before_loading_anything(flag: str, tmp_path: Pat
     )  # fmt: skip
     assert proc.returncode == 2 and f"{flag} must be >= 1, got 0" in proc.stderr, proc.stderr
     assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------------- _common
+
+
+def test_markdown_table_writes_numbers_just_under_1000_without_an_exponent(monkeypatch: pytest.MonkeyPatch) -> None:
+    # ".3g" below 1000 wrote 999.7 (a sha256 or encode rate in MB/s, say) as "1e+03".
+    common = load("_common", monkeypatch)
+    table = common.markdown_table(["a", "b", "c", "d"], [[999.4, 999.7, 1234.5, 0.0412]])
+    assert table.splitlines()[-1] == "| 999 | 1,000 | 1,234 | 0.0412 |"
+
+
+RESULTS = BENCHMARKS / "results"
+DOCS = BENCHMARKS.parent / "docs" / "benchmarks.md"
+
+
+def table_lines(markdown: str) -> list[str]:
+    return [line for line in markdown.splitlines() if line.startswith("|")]
+
+
+@pytest.mark.parametrize(
+    ("name", "field"), [("exchange", "sizes"), ("daemon_overhead", None), ("discovery", "summary_s")]
+)
+def test_the_committed_markdown_table_is_the_scripts_table_of_the_committed_json(
+    name: str, field: str | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Nothing tied results/NAME.md to results/NAME.json: a table edited by hand, or a script whose table drifted
+    # from what it stores, went unnoticed. (sim_throughput's committed JSON predates its current memory columns.)
+    bench = load(name, monkeypatch)
+    common = load("_common", monkeypatch)
+    data = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
+    headers, rows = bench.table(data if field is None else data[field])
+    expected = table_lines((RESULTS / f"{name}.md").read_text(encoding="utf-8"))
+    assert table_lines(common.markdown_table(headers, rows)) == expected
+
+
+@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery"])
+def test_docs_benchmarks_shows_the_committed_table(name: str) -> None:
+    # docs/benchmarks.md quotes each performance benchmark's committed table: a rerun whose results were committed
+    # without the page (or the reverse) leaves the page's numbers those of another run.
+    docs = DOCS.read_text(encoding="utf-8")
+    markdown = (RESULTS / f"{name}.md").read_text(encoding="utf-8")
+    table = "\n".join(table_lines(markdown))
+    assert table in docs, f"docs/benchmarks.md does not show results/{name}.md's table"
+    command = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))["command"]
+    assert f"\n{command}\n" in docs, f"docs/benchmarks.md does not give results/{name}.json's command {command!r}"
