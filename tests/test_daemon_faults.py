@@ -171,8 +171,14 @@ async def test_a_peer_that_restarted_incompatible_under_its_id_is_dropped_not_wa
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("last_mixed_round", "fetch_round", "adopted"),
-    [(3, 3, True), (10**12, 3, False), (3, 10**9, False), (4, 1, False)],
-    ids=["sane", "mixed-a-round-it-never-reached", "fetch-past-the-last-round", "fetch-before-its-mixing"],
+    [(3, 3, True), (4, 3, True), (10**12, 3, False), (3, 10**9, False), (4, 1, False)],
+    ids=[
+        "sane",
+        "closed-its-round-not-yet-in-the-next",
+        "mixed-a-round-it-never-reached",
+        "fetch-past-the-last-round",
+        "fetch-before-its-mixing",
+    ],  # fmt: skip
 )
 async def test_catch_up_never_adopts_a_state_no_node_can_be_in(
     tmp_path: Path, last_mixed_round: int, fetch_round: int, adopted: bool
@@ -184,7 +190,7 @@ async def test_catch_up_never_adopts_a_state_no_node_can_be_in(
     ):
         async with asyncio.timeout(30):
             await node._catch_up_if_behind()
-        if adopted:
+        if adopted:  # the start of round 3 holds mixing up to round 2 (last_mixed_round 3), whatever was claimed
             assert (node.round, node.last_mixed_round) == (3, 3)
         else:
             assert (node.round, node.last_mixed_round) == (0, 0)

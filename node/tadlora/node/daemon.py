@@ -811,8 +811,10 @@ class Node:
             return
         log.info("catching up: adopting round %d and factors from %s (was at %d)", result.peer.round,
                  info.node_id, rounds.t)  # fmt: skip
-        # We now hold the state the group reached: its round, its factors, its last mixing.
-        await rounds.adopt(result.peer.round, result.factors, info.last_mixed_round)
+        # We now hold the state the group reached: its round, its factors, its last mixing. That mixing is at most
+        # the round before the one whose start we hold: a peer between closing round t and entering t + 1 already
+        # says it mixed t (last_mixed_round t + 1) while it still serves the start of t.
+        await rounds.adopt(result.peer.round, result.factors, min(info.last_mixed_round, result.peer.round))
         self._from_checkpoint = False
         self._rounds_done = rounds.t  # as after a resume: the rounds before the one we are in are done
         # Our moments describe our own gradient history at the factors we left; the adopted factors are the
