@@ -178,7 +178,7 @@ async def test_a_peer_that_restarted_incompatible_under_its_id_is_dropped_not_wa
         "mixed-a-round-it-never-reached",
         "fetch-past-the-last-round",
         "fetch-before-its-mixing",
-    ],  # fmt: skip
+    ],
 )
 async def test_catch_up_never_adopts_a_state_no_node_can_be_in(
     tmp_path: Path, last_mixed_round: int, fetch_round: int, adopted: bool
