@@ -67,3 +67,26 @@ def test_diagnose_on_literal_inputs_sums_every_module() -> None:
     assert d.consensus_b == pytest.approx(5.0)
     assert d.consensus_ba == pytest.approx(100.0)
     assert d.cross_term_norm == pytest.approx(8.0**0.5)
+
+
+def test_diagnose_on_literal_matrices_uses_the_product_b_a_and_the_frobenius_norm() -> None:
+    # The literal test above uses 1x1 factors, where B·A = A·B and every norm of C is |C|. Module p (r = 1):
+    # client 0 B = e1, A = e1ᵀ; client 1 B = e2, A = e2ᵀ. Their B·A are diag(1, 0) and diag(0, 1), so
+    # consensus_ba = (0.5 + 0.5)/2 = 0.5, while their A·B are both [[1]] (consensus 0). Module q (r = 2): B = A = I on
+    # client 0 and −I on client 1: B·A = I on both (consensus 0) but C = I, whose Frobenius norm is √2 (its spectral
+    # norm is 1). Module p's C = [[1, −1], [−1, 1]]/4 has ‖C‖²_F = 0.25, so ‖C‖_F over both modules is √2.25 = 1.5.
+    def m(rows: list[list[float]]) -> torch.Tensor:
+        return torch.tensor(rows, dtype=torch.float64)
+
+    eye = torch.eye(2, dtype=torch.float64)
+    ka_p, kb_p = factor_key("p", Factor.A), factor_key("p", Factor.B)
+    ka_q, kb_q = factor_key("q", Factor.A), factor_key("q", Factor.B)
+    d = diagnose(
+        [
+            {kb_p: m([[1.0], [0.0]]), ka_p: m([[1.0, 0.0]]), kb_q: eye, ka_q: eye},
+            {kb_p: m([[0.0], [1.0]]), ka_p: m([[0.0, 1.0]]), kb_q: -eye, ka_q: -eye},
+        ]
+    )
+    assert d.consensus_ba == pytest.approx(0.5)
+    assert d.cross_term_norm == pytest.approx(1.5)
+    assert d.consensus_a == pytest.approx(0.5 + 2.0) and d.consensus_b == pytest.approx(0.5 + 2.0)

@@ -98,3 +98,28 @@ def test_recommended_interval_refuses_inputs_that_give_no_valid_t() -> None:
         recommended_switch_interval(0.0, max_interval=0)
     with pytest.raises(ValueError, match="degree"):
         recommended_switch_interval(float("nan"))
+
+
+@pytest.mark.parametrize(
+    ("name", "t", "schedule"),
+    [
+        ("tad", None, "BBBBBAAAAABBBBB"),  # the registered default T = 5
+        ("adf", None, "BBBBBAAAAABBBBB"),
+        ("tad-nojoint", None, "BBBBBAAAAABBBBB"),  # tad's schedule
+        ("tad", 3, "BBBAAABBBAAA"),
+        ("adf", 2, "BBAABBAA"),
+        ("tad-nojoint", 2, "BBAABBAA"),
+        ("rolora", None, "BABABA"),
+    ],
+)
+def test_alternating_methods_hold_each_factor_for_t_rounds_including_the_rounds_inside_a_phase(
+    name: str, t: int | None, schedule: str
+) -> None:
+    # The cases above sample rounds 0, 4, 5, 10, where T = 5 and T = 1 (or T = 4) happen to agree; a method that
+    # ignored its T, or a default T other than 5, passed them. Every round of a few phases pins the schedule.
+    method = make_method(name, t)
+    joint = name in ("tad", "adf")
+    for r, active in enumerate(schedule):
+        assert method.trained(r) == frozenset({Factor(active)}), (name, r)
+        assert method.mixed(r) == (AB if joint else frozenset({Factor(active)})), (name, r)
+    assert "".join(method.phase(r) for r in range(len(schedule))) == schedule

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tadlora.core.factors import BOTH, Factor, factor_key, factor_of
-from tadlora.core.methods import make_method
+from tadlora.core.methods import make_method, method_names
 from tadlora.core.mixing import (
     apply_method_mixing,
     edge_weight,
@@ -15,6 +15,7 @@ from tadlora.core.mixing import (
     mh_matrix,
     mix_factors,
     mix_products,
+    sent_factors,
     truncate_product,
 )
 from tadlora.core.topology import ring_edges
@@ -285,3 +286,41 @@ def test_weights_and_matrices_that_no_undirected_graph_gives_are_refused() -> No
         mh_matrix(np.eye(2, dtype=bool))
     with pytest.raises(ValueError, match="2 neighbours but own degree 1"):
         local_weights(1, {"a": 1, "b": 1})
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_a_node_sends_every_factor_its_neighbours_mix(name: str) -> None:
+    # The daemon sends select(snapshot, sent_factors(method, t)) and the simulator counts those bytes: tad and adf
+    # must send both factors in every round (joint mixing), not only the one they train.
+    method = make_method(name)
+    for t in range(12):
+        want = BOTH if method.product_mixing else method.mixed(t)
+        assert sent_factors(method, t) == want, (name, t)
+    if name in ("tad", "adf", "lora", "decaf"):
+        assert all(sent_factors(method, t) == BOTH for t in range(12))
+
+
+def test_decaf_is_bit_identical_whatever_order_the_neighbours_arrive_in() -> None:
+    # As for factor mixing: the daemon lists neighbours in arrival order, the simulator by index. DeCAF sums the
+    # products, and the SVD after it must see the same bits on every driver.
+    gen = torch.Generator().manual_seed(13)
+    own = {k: v.double() for k, v in make_factors(gen).items()}
+    nbrs = {f"node-{j}": {k: v.double() for k, v in make_factors(gen).items()} for j in range(6)}
+    by_index = mix_products(own, nbrs, local_weights(6, dict.fromkeys(nbrs, 6)))
+    arrival = dict(reversed(nbrs.items()))
+    by_arrival = mix_products(own, arrival, local_weights(6, dict.fromkeys(arrival, 6)))
+    assert all(torch.equal(by_arrival[k], by_index[k]) for k in own)
+
+
+def test_decaf_gives_a_zero_b_when_the_mixed_product_is_zero_though_the_own_b_is_not() -> None:
+    # Two clients whose products cancel (B_1 = −B_0, same A): the mixed product is 0, so B·A must become 0 (B zero,
+    # A kept), not stay the node's own nonzero B_0·A_0.
+    gen = torch.Generator().manual_seed(14)
+    own = {k: v.double() for k, v in make_factors(gen).items()}
+    other = {k: (-v if factor_of(k) is Factor.B else v) for k, v in own.items()}
+    mixed = mix_products(own, {"x": other}, local_weights(1, {"x": 1}))
+    for key, value in own.items():
+        if factor_of(key) is Factor.B:
+            assert value.abs().max() > 0.1 and not mixed[key].any()
+        else:
+            assert torch.equal(mixed[key], value)

@@ -129,3 +129,9 @@ def test_overlay_topology_in_the_simulator_matches_the_daemons_choice() -> None:
     adj = topo.adjacency(0)
     for i, me in enumerate(names):
         assert {names[j] for j in np.flatnonzero(adj[i])} == overlay_neighbours(me, names, 4)
+
+
+def test_a_topology_whose_links_are_never_up_is_refused() -> None:
+    # link_up accepts p = 0 (a link that is down), but a topology is built for links that live: (0, 1].
+    with pytest.raises(ValueError, match=r"probability must be in \(0, 1\]"):
+        make_topology("er", 4, link_prob=0.0)
