@@ -91,6 +91,16 @@ def _mean(nodes: list[dict[str, torch.Tensor]], key: str) -> torch.Tensor:
     return torch.stack([n[key].double() for n in nodes]).mean(0)
 
 
+def test_trim_breaks_a_tie_at_its_cut_by_neighbour_order() -> None:
+    # Two neighbours hold 1.0 and one of them is trimmed as the lowest: the first listed, as the docstring says
+    # (stable ascending sort). Their weights differ, so which one is kept changes the result; the same rule at the
+    # top cut drops the last listed of a tie.
+    low = trimmed_combination(t(0.0), [t(1.0), t(1.0), t(3.0), t(9.0)], 0.3, [0.1, 0.3, 0.2, 0.1], f=1)
+    torch.testing.assert_close(low, t((1.0 * 0.3 + 3.0 * 0.2) * 0.7 / 0.5))  # kept: the second 1.0 (w 0.3) and 3.0
+    high = trimmed_combination(t(0.0), [t(-9.0), t(3.0), t(5.0), t(5.0)], 0.3, [0.1, 0.2, 0.3, 0.1], f=1)
+    torch.testing.assert_close(high, t((3.0 * 0.2 + 5.0 * 0.3) * 0.7 / 0.5))  # kept: 3.0 and the first 5.0 (w 0.3)
+
+
 def test_clip_with_a_tau_no_difference_reaches_is_exactly_plain_mixing() -> None:
     plain, clipped = _mix_all(None), _mix_all(RobustMixing("clip", 1e9))
     for p, c in zip(plain, clipped, strict=True):
