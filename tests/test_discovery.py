@@ -750,11 +750,24 @@ def test_peers_mixes_auto_static_and_dns_entries_in_order_without_duplicates() -
         # str.isdigit() holds for '²', which int() refuses with a message that names no entry.
         ("10.0.0.2:²", "1..65535"),
         ("dns:svc.lab:²", "1..65535"),
+        ("10.0.0.2:80x", "1..65535"),  # digits first: a prefix match would leave int() to fail naming nothing
+        ("fe80::1", "need brackets"),
+        # RFC 1035 labels: 1-63 letters, digits or '-', neither first nor last; names of at most 253 characters
+        ("-node.lab:7000", "neither an IPv4 address nor a host name"),
+        ("node-.lab:7000", "neither an IPv4 address nor a host name"),
+        ("n" * 64 + ".lab:7000", "neither an IPv4 address nor a host name"),
+        ("n." * 126 + "nn:7000", "neither an IPv4 address nor a host name"),
     ],
 )
 def test_peers_refuses_bad_entries_with_a_message_naming_them(value: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         parse_peers_option(value)
+
+
+def test_host_names_at_the_rfc_1035_limits_are_taken() -> None:
+    longest_label, longest_name = "n" * 63 + ".lab", "n." * 126 + "n"  # 63 characters; 253
+    parsed = parse_peers_option(f"{longest_label}:1,{longest_name}:2")
+    assert parsed.static == (f"{longest_label}:1", f"{longest_name}:2")
 
 
 def test_a_fully_qualified_name_with_one_trailing_dot_is_a_host_name() -> None:

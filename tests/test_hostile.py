@@ -483,6 +483,85 @@ def test_garbled_handshake_replies_raise_nothing_but_a_refusal(
         assert remote.cluster == CLUSTER and len(remote.node_id) <= MAX_TEXT_CHARS
 
 
+class ReplyingCaller(ScriptedCaller):
+    """A caller whose 'peer' answers every exchange and fetch with the given messages, and takes every Commit."""
+
+    def __init__(self, replies: list[pb.ExchangeMessage]) -> None:
+        super().__init__(pb.HandshakeReply())
+        self.replies = replies
+        self.commits: list[tuple[int, bool]] = []
+
+    async def _stream(self) -> AsyncGenerator[pb.ExchangeMessage, None]:
+        for message in self.replies:
+            yield message
+
+    def _call_exchange(self, requests: Iterator[pb.ExchangeMessage], timeout: float) -> Any:
+        return self._stream()
+
+    def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> Any:
+        return self._stream()
+
+    async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply:
+        self.commits.append((request.round, request.accept))
+        return pb.CommitReply(committed=request.accept)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "reason"),
+    [
+        ("cluster", "other-cluster", Reason.CLUSTER_MISMATCH),
+        ("fingerprint", "e" * 64, Reason.FINGERPRINT_MISMATCH),
+        ("schedule", "lora T=none p=0.5 max-neighbors=all", Reason.SCHEDULE_MISMATCH),
+        ("protocol_version", PROTOCOL_VERSION + 1, Reason.PROTOCOL_MISMATCH),
+        ("round", 4, Reason.ROUND_MISMATCH),
+        ("round", 6, Reason.ROUND_MISMATCH),
+        (None, None, None),
+    ],
+    ids=["cluster", "fingerprint", "schedule", "protocol", "earlier round", "later round", "compatible"],
+)
+def test_a_reply_from_a_node_this_one_may_not_mix_with_is_refused_by_the_caller(
+    field: str | None, value: object, reason: Reason | None
+) -> None:
+    """The callee's header is checked as the caller's is at the callee: a node of another cluster, model, schedule
+    or protocol, or a reply for another round than the one asked, is never mixed (exchange) or adopted (fetch, whose
+    reply is the callee's own round), and an exchange reply refused is un-committed. The in-process tests only ever
+    meet callees that refuse such a caller first."""
+    factors = {"a": torch.ones(2, 3), "b": torch.ones(3, dtype=torch.float16)}
+    payload = encode_factors(factors)
+    callee = ExchangeHeader(node_id="callee", cluster=CLUSTER, fingerprint=FINGERPRINT, round=5, degree=1,
+                            schedule=SCHEDULE)  # fmt: skip
+    replies = list(rpc._payload_messages(callee, payload, digest(payload)))
+    if field is not None:
+        setattr(replies[0].header, field, value)
+    ours = PeerInfo(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, address="", round=5, degree=1,
+                    schedule=SCHEDULE)  # fmt: skip
+
+    async def scenario() -> tuple[ExchangeRefused | None, ExchangeRefused | None, list[tuple[int, bool]]]:
+        caller = ReplyingCaller(replies)
+        outcomes: list[ExchangeRefused | None] = []
+        for call in (
+            caller.exchange(ExchangeHeader.from_info(ours), factors, 5.0, SPEC),
+            caller.fetch(ours, 5.0, SPEC),
+        ):
+            try:
+                await call
+                outcomes.append(None)
+            except ExchangeRefused as exc:
+                outcomes.append(exc)
+        return outcomes[0], outcomes[1], caller.commits
+
+    exchanged, fetched, commits = asyncio.run(scenario())
+    if reason is None:
+        assert exchanged is None and fetched is None and commits == []
+        return
+    assert exchanged is not None and exchanged.reason is reason, exchanged
+    assert commits == [(5, False)]  # the callee holds the pair aside until told: told to leave it out
+    if field == "round":
+        assert fetched is None  # a fetch asks for whatever round the callee is in
+    else:
+        assert fetched is not None and fetched.reason is reason, fetched
+
+
 # ------------------------------------------------------------------------------ gRPC limits, no pickle
 
 

@@ -179,6 +179,36 @@ async def test_a_refused_start_leaves_node_json_as_it_was(tmp_path: Path) -> Non
 
 
 @pytest.mark.asyncio
+async def test_an_out_of_another_node_id_is_refused_even_without_a_checkpoint(tmp_path: Path) -> None:
+    """node.json names the node an --out belongs to. With a checkpoint the checkpoint's own id refuses another node
+    as well; without one (a crash before the first, or moved away) node.json is the only record, and another
+    --node-id must not take over the run's log and directory."""
+    await run_rounds(tmp_path, 1)
+    out = tmp_path / "n0"
+    (out / state.CHECKPOINT).unlink()
+    kept = (out / "node.json").read_bytes()
+    with pytest.raises(RuntimeError, match=re.escape(f"{out} belongs to node 'node-0', not 'node-7'")):
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, node_id="node-7"):
+            pass
+    assert (out / "node.json").read_bytes() == kept
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_claiming_to_have_mixed_past_its_round_resumes_claiming_at_most_its_round(
+    tmp_path: Path,
+) -> None:
+    """A node reports ``last_mixed_round`` <= its round + 1, or every peer refuses it (ROUND_MISMATCH); a damaged
+    checkpoint claiming more is read as having mixed up to its round, as the daemon documents."""
+    await run_rounds(tmp_path, 1)
+    out = tmp_path / "n0"
+    ckpt = state.load_checkpoint(out)
+    assert ckpt is not None and ckpt.round == 1
+    state.save_checkpoint(out, dataclasses.replace(ckpt, last_mixed=9))
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node:
+        assert (node.round, node.last_mixed_round) == (1, 1)
+
+
+@pytest.mark.asyncio
 async def test_a_checkpoint_is_resumed_only_under_the_run_settings_it_was_taken_with(tmp_path: Path) -> None:
     """node.json is not the only record of the run: a checkpoint kept without it (node.json deleted as "just the
     node id", or the checkpoint copied from another --out of the same node and model) must not carry its factors

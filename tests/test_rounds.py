@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 import torch
@@ -159,3 +160,31 @@ async def test_adopting_a_neighbours_state_moves_round_factors_and_mixing_togeth
     await rs.adopt(7, fac(4.0), last_mixed=7)
     await asyncio.wait_for(waiter, 1)
     assert (rs.t, rs.last_mixed, rs.factors["m.lora_B.weight"][0, 0].item()) == (7, 7, 4.0)
+
+
+@pytest.mark.asyncio
+async def test_a_caller_8_rounds_ahead_waits_and_one_9_ahead_is_refused_as_the_protocol_documents() -> None:
+    """docs/protocol.md: an exchange more than 8 rounds ahead is refused ROUND_MISMATCH; up to 8 it waits. Literal
+    numbers: the tests above count from `WAIT_GAP_ROUNDS`, so they pass whatever the window is."""
+    rs = state()
+    await rs.admit("b", 8)
+    call = asyncio.ensure_future(rs.answer("b", 8, 1, fac(1.0)))
+    await asyncio.sleep(0.01)
+    assert not call.done() and not rs.gap_seen and "b" in rs.current.ahead
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    assert await refused(rs.admit("c", 9)) is Reason.ROUND_MISMATCH
+    assert await refused(rs.answer("c", 9, 1, fac(1.0))) is Reason.ROUND_MISMATCH
+    assert rs.gap_seen
+
+
+@pytest.mark.asyncio
+async def test_a_caller_two_rounds_behind_sets_gap_seen_and_one_round_behind_does_not() -> None:
+    """Two or more rounds behind, a caller will not reach our round in time: we stop waiting for it and look for a
+    catch-up (`gap_seen`). One behind is the ordinary race at a round's end."""
+    rs = state(t=5)
+    assert await refused(rs.answer("b", 4, 1, fac(1.0))) is Reason.ROUND_MISMATCH
+    assert not rs.gap_seen and "b" not in rs.current.ahead
+    assert await refused(rs.answer("b", 3, 1, fac(1.0))) is Reason.ROUND_MISMATCH
+    assert rs.gap_seen and "b" in rs.current.ahead

@@ -31,7 +31,9 @@ from tadlora.node.rpc import (
     MAX_DEGREE,
     MAX_EXCHANGES_PER_CALLER,
     MAX_FETCHES_PER_CALLER,
+    MAX_ROUND,
     MAX_TEXT_CHARS,
+    NODE_ID_CHARS,
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
     BindError,
@@ -44,6 +46,8 @@ from tadlora.node.rpc import (
     Server,
     StatusInfo,
     Transport,
+    check_sane,
+    node_id_problem,
 )
 from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason, digest, encode_factors
 from tadlora.v1 import node_pb2 as pb
@@ -387,13 +391,52 @@ async def test_a_node_id_in_another_spelling_is_refused_from_callers_and_callees
     caller = FakeNode(spelling, lora_factors(1))
     async with serving(transport, bob) as (_, client):
         await assert_every_call_refused_for_its_spelling(client, caller)
-    assert bob.handshakes == [] and bob.exchanges == []
+        with pytest.raises(ExchangeRefused) as refused:  # a Commit names its caller too
+            await client.commit(header_of(caller), True, TIMEOUT)
+        assert refused.value.reason is Reason.BAD_PAYLOAD and "lowercase" in refused.value.detail
+    assert bob.handshakes == [] and bob.exchanges == [] and bob.commits == []
     callee = FakeNode(spelling, lora_factors(2))
     async with (
         transport.serve(callee, LISTEN) as server,
         transport.connect(server.address, node_id=spelling) as client,  # dialled for that very id
     ):
         await assert_every_call_refused_for_its_spelling(client, alice)
+
+
+@pytest.mark.parametrize(
+    ("node_id", "ok"),
+    [
+        ("a", True), ("7", True), ("lab_box-0", True), ("n-", True), ("n" * NODE_ID_CHARS, True),
+        ("", False), ("n" * (NODE_ID_CHARS + 1), False), ("-n", False), ("_n", False), ("node-A", False),
+        ("bOB", False), ("a.b", False), ("a b", False), ("n\u00e9", False), ("n\n", False),
+    ],
+)  # fmt: skip
+def test_a_node_id_is_1_to_63_lowercase_letters_digits_underscores_or_hyphens_starting_with_a_letter_or_digit(
+    node_id: str, ok: bool
+) -> None:
+    """The one spelling `node_id_problem` documents. Uppercase past the first character ("node-A") would let one
+    certificate, which TLS matches ignoring case, pass as two nodes; the spelling tests above only vary the first."""
+    assert (node_id_problem(node_id) is None) is ok, node_id
+
+
+def test_a_peers_self_description_is_refused_just_over_each_cap_and_taken_at_it() -> None:
+    check_sane("peer", round=MAX_ROUND, degree=MAX_DEGREE, texts=["x" * MAX_TEXT_CHARS])
+    for changes, reason in [
+        ({"round": MAX_ROUND + 1}, Reason.ROUND_MISMATCH),
+        ({"degree": MAX_DEGREE + 1}, Reason.BAD_PAYLOAD),
+        ({"texts": ["", "x" * (MAX_TEXT_CHARS + 1)]}, Reason.BAD_PAYLOAD),
+    ]:
+        fields: dict[str, Any] = {"round": MAX_ROUND, "degree": MAX_DEGREE, "texts": ["x"], **changes}
+        with pytest.raises(ExchangeRefused) as refused:
+            check_sane("peer", **fields)
+        assert refused.value.reason is reason, changes
+
+
+@pytest.mark.parametrize("field", ["round", "degree", "protocol_version", "last_mixed_round"])
+def test_peer_info_refuses_a_negative_count(field: str) -> None:
+    fields: dict[str, Any] = {"node_id": "a", "cluster": CLUSTER, "fingerprint": FINGERPRINT, "address": ""}
+    with pytest.raises(ValueError, match=">= 0"):
+        PeerInfo(**fields, **{field: -1})
 
 
 # ----------------------------------------------------------------------------------------- exchange

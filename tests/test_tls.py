@@ -5,11 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import datetime as dt
 import io
 import re
 import socket
 import stat
+import types
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -181,6 +184,30 @@ async def test_a_commit_is_taken_only_from_the_node_its_certificate_names(tmp_pa
 
 
 @pytest.mark.asyncio
+async def test_an_exchange_or_fetch_is_taken_only_from_the_node_its_certificate_names(tmp_path) -> None:
+    """As a Commit: a member of the cluster that names another node in an exchange header or a fetch request is
+    refused IDENTITY_MISMATCH, from the header (an exchange taken would be mixed as the other node's). The handshake
+    refusal tested above keeps an honest node from calling such a peer; it does not keep the peer from calling."""
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.rpc import ExchangeHeader
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1", "node-2")
+    async with Node(tls(tmp_path, certs, 1, 3, (), min_peers=0)) as honest:
+        other = dataclasses.replace(honest.local_info(), node_id="node-2", address="")
+        transport = GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-0"))
+        async with transport.connect(honest.address, node_id=honest.node_id) as conn:
+            with pytest.raises(ExchangeRefused) as exchanged:
+                await conn.exchange(ExchangeHeader.from_info(other), {}, 10.0)
+            with pytest.raises(ExchangeRefused) as fetched:
+                await conn.fetch(other, 10.0)
+    for refused in (exchanged, fetched):
+        assert refused.value.reason is Reason.IDENTITY_MISMATCH, refused.value
+        assert "claims node id 'node-2' but its certificate is for 'node-0'" in refused.value.detail
+    assert honest.metrics.refusals.labels("IDENTITY_MISMATCH")._value.get() == 2
+
+
+@pytest.mark.asyncio
 async def test_a_node_answering_under_an_id_its_certificate_lacks_is_never_a_peer(tmp_path) -> None:
     """The callee's side: the honest node dials the impostor (a static address), which answers as node-9 while
     holding node-0's valid certificate. Mixing would need the honest node to call it (node-1 < node-9)."""
@@ -261,6 +288,7 @@ def _swap_in(certs: Path, name: str, source: Path) -> None:
         ("certificate from another CA", "is not signed by"),
         ("another node's key", "is not the key of"),
         ("expired", "is valid only from"),
+        ("not yet valid", "is valid only from"),
     ],
 )
 def test_certificates_grpc_could_not_serve_with_are_refused_at_start_with_the_fix(
@@ -277,6 +305,11 @@ def test_certificates_grpc_could_not_serve_with_are_refused_at_start_with_the_fi
         _swap_in(certs, "node-0.key", other / "node-0.key")
     elif case == "another node's key":
         _swap_in(certs, "node-0.key", certs / "node-1.key")
+    elif case == "not yet valid":  # issued on a host whose clock is two days ahead
+        later = _clock_ahead(dt.timedelta(days=2))
+        with monkeypatch.context() as ahead:
+            ahead.setattr(tls_module, "dt", types.SimpleNamespace(datetime=later, timedelta=dt.timedelta, UTC=dt.UTC))
+            assert main(["certs", "issue", "node-0", "--dir", str(certs), "--force"]) == 0
     else:
         monkeypatch.setattr(tls_module, "NODE_DAYS", 0)  # valid until the second it was issued
         assert main(["certs", "issue", "node-0", "--dir", str(certs), "--force"]) == 0
@@ -286,6 +319,40 @@ def test_certificates_grpc_could_not_serve_with_are_refused_at_start_with_the_fi
     with pytest.raises(ValueError, match=message):
         Node(tls(tmp_path, certs, 0, 2, ()))  # the run stops here, before any port is bound
     TlsMaterial.from_dir(certs, "node-1")  # the other node's own files still serve
+
+
+def _clock_ahead(by: dt.timedelta) -> type[dt.datetime]:
+    """A `datetime` class whose ``now`` is ``by`` ahead of the real clock."""
+
+    class Later(dt.datetime):
+        @classmethod
+        def now(cls, tz: dt.tzinfo | None = None) -> Later:
+            return cast("Later", dt.datetime.now(tz) + by)
+
+    return Later
+
+
+def test_a_certificate_naming_its_node_and_another_in_its_common_names_is_refused_at_start(tmp_path) -> None:
+    """Peers take a caller's id from its certificate's common name: one with two names speaks for whichever of them
+    its peers read, so it must name exactly the node it is given to."""
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs")
+    foreign = _sign_node_certificate(certs, "node-0", ["node-0", "node-9"])
+    with pytest.raises(ValueError, match=re.escape("is issued to ['node-0', 'node-9'], not to node id 'node-0'")):
+        TlsMaterial.from_dir(foreign, "node-0")
+
+
+def test_a_key_or_certificate_is_never_written_over_an_existing_file_unless_forced(tmp_path) -> None:
+    """`_write` opens with O_EXCL itself: the callers' check for existing files comes before the key is generated,
+    and a file made in between must not be written over."""
+    from tadlora.node import tls as tls_module
+
+    target = tmp_path / "node-0.key"
+    target.write_bytes(b"theirs")
+    with pytest.raises(FileExistsError, match="pass --force"):
+        tls_module._write(target, b"ours", 0o600, force=False)
+    assert target.read_bytes() == b"theirs"
 
 
 async def status(argv: list[str], capsys) -> tuple[int, str, str]:

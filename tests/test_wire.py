@@ -263,6 +263,16 @@ def test_a_factor_whose_norm_is_over_the_cap_is_refused_and_one_at_the_cap_is_no
     assert refused.value.reason is Reason.BAD_PAYLOAD
 
 
+def test_a_complex_factor_whose_norm_is_over_the_cap_is_refused_like_a_real_one() -> None:
+    """`check` caps the Frobenius norm of every floating or complex factor: |3+4j| is 5, so the cap of 5 holds and
+    4.9 does not (a cap read for real dtypes only passed the real-valued test above)."""
+    spec = FactorSpec({"c": ((1,), "complex64")})
+    spec.check({"c": torch.tensor([3 + 4j], dtype=torch.complex64)}, max_norm=5.0)
+    with pytest.raises(PayloadError, match=r"'c' has norm 5, over the cap of 4\.9") as refused:
+        spec.check({"c": torch.tensor([3 + 4j], dtype=torch.complex64)}, max_norm=4.9)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
 def test_many_missing_keys_are_summarised_not_dumped() -> None:
     spec = FactorSpec({f"k{i:03d}": ((1,), "float32") for i in range(100)})
     with pytest.raises(PayloadError, match=r"100 missing \(k000, k001, k002 and 97 more\)"):
@@ -407,6 +417,24 @@ def test_truncated_stream_is_refused() -> None:
     assert refused.value.reason is Reason.BAD_PAYLOAD
 
 
+@pytest.mark.parametrize(
+    ("received", "num_chunks"),
+    [(9, 1), (10, 2)],
+    ids=["a byte short in the chunks declared", "every byte in fewer chunks than declared"],
+)
+def test_a_stream_short_of_either_declared_count_is_refused_even_when_its_digest_matches(
+    received: int, num_chunks: int
+) -> None:
+    """The header's total and chunk count are promises, each checked on its own: a sender picks the digest too, so
+    a matching digest does not stand in for either."""
+    payload = payload_of(received)
+    assembler = Reassembler(10, digest(payload), num_chunks)
+    assembler.add(payload)
+    with pytest.raises(PayloadError, match="truncated") as refused:
+        assembler.finish()
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
 def test_digest_mismatch_is_refused() -> None:
     payload = payload_of(10)
     corrupted = b"\xff" + payload[1:]
@@ -425,12 +453,23 @@ def test_empty_chunks_are_refused() -> None:
     [
         (10, "ABC", 1, "sha256"),
         (10, digest(b"").upper(), 1, "sha256"),
+        (10, digest(b"") + "0", 1, "sha256"),
+        (10, "0" + digest(b""), 1, "sha256"),
         (MAX_CHUNK_BYTES + 1, digest(b""), 1, "cannot carry"),
         (3, digest(b""), 4, "cannot carry"),
         (0, digest(b""), 1, "cannot carry"),
         (-1, digest(b""), 0, "negative"),
     ],
-    ids=["short digest", "uppercase digest", "too few chunks", "too many chunks", "chunks for nothing", "negative"],
+    ids=[
+        "short digest",
+        "uppercase digest",
+        "long digest",
+        "digest after a prefix",
+        "too few chunks",
+        "too many chunks",
+        "chunks for nothing",
+        "negative",
+    ],
 )
 def test_inconsistent_headers_are_refused_as_bad_payload(total: int, sha: str, num_chunks: int, says: str) -> None:
     with pytest.raises(PayloadError, match=says) as refused:
