@@ -9,6 +9,7 @@ import math
 import os
 import socket
 import subprocess
+import sys
 import urllib.request
 
 import grpc
@@ -388,6 +389,11 @@ def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
     assert "nothing accepts connections there" in result.stderr
 
 
+_EXEC_WITH_DEFAULT_SIGINT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def test_ctrl_c_in_the_installed_script_exits_130_without_a_traceback() -> None:
     """The console script calls `entry.main` itself (no `python -m` guard): a Ctrl-C before a run's own handlers
     are in (while it imports torch) or during `status` or `doctor`, which have none, used to print a traceback."""
@@ -397,8 +403,12 @@ def test_ctrl_c_in_the_installed_script_exits_130_without_a_traceback() -> None:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         listener.settimeout(60)
+        # Through an exec that gives SIGINT its default first: a suite started in the background of a
+        # non-interactive shell (`pytest ... &`, nohup) hands its processes SIGINT ignored, which Python (and so
+        # asyncio.run) keeps, as POSIX asks of a background job; the status would then rightly ignore the Ctrl-C.
         process = subprocess.Popen(
-            [console_script("tadlora-node"), "status", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60"],
+            [sys.executable, "-c", _EXEC_WITH_DEFAULT_SIGINT, console_script("tadlora-node"),
+             "status", f"127.0.0.1:{listener.getsockname()[1]}", "--timeout", "60"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=node_env(),
         )  # fmt: skip
         try:

@@ -384,8 +384,7 @@ class PeerClient(_Caller):
             if task is not None and task.cancelling():
                 # Our task was cancelled (a Ctrl-C in `status`, a node stopping) while grpc.aio finished the call
                 # with a failure of its own: the cancellation wins, or the caller would handle a peer failure and
-                # go on, the cancellation lost (the likely cause of a `status` interrupted while connecting that once
-                # exited 1, after gRPC's connect timeout, where a Ctrl-C exits 130).
+                # go on, the cancellation lost.
                 raise asyncio.CancelledError from exc
             raise self._failure(exc) from exc
         except asyncio.CancelledError:
