@@ -148,14 +148,12 @@ def test_truncate_product_gives_the_best_rank_r_approximation_with_a_balanced_sp
     torch.testing.assert_close(torch.linalg.norm(a, dim=1), torch.sqrt(s[:3]))
 
 
-def test_truncate_product_is_sign_deterministic() -> None:
+def test_truncate_product_makes_the_largest_entry_of_each_column_of_b_positive() -> None:
     gen = torch.Generator().manual_seed(5)
     p = torch.randn(10, 6, generator=gen, dtype=torch.float64)
-    b1, a1 = truncate_product(p, 2)
-    b2, a2 = truncate_product(p.clone(), 2)
-    torch.testing.assert_close(b1, b2)
-    torch.testing.assert_close(a1, a2)
-    # each column of B has its largest-magnitude entry positive
+    b1, _ = truncate_product(p, 2)
+    # each column of B has its largest-magnitude entry positive (that the rule holds whatever signs the SVD returns
+    # is tested with a monkeypatched SVD below)
     pivot = b1.abs().argmax(dim=0)
     assert (b1[pivot, torch.arange(2)] > 0).all()
 
