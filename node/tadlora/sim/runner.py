@@ -359,13 +359,8 @@ class Simulator:
         with self._locked("config"):
             kept = sorted(p.name for p in self.cells_dir.iterdir() if not p.name.startswith("."))
             theirs = _read_stamp(stamp) if stamp.exists() else None
-            if (
-                theirs is not None
-                and computes
-                and RESOLVED_KEY not in theirs
-                and not kept
-                and self._changed_settings(theirs)
-            ):
+            changed = self._changed_settings(theirs) if theirs is not None else []
+            if theirs is not None and changed and computes and RESOLVED_KEY not in theirs and not kept:
                 # Only a report writes a stamp without the record, and no cell ran under this one: it vouches for
                 # nothing, and refusing would strand a directory that a mistyped --report-only merely looked at.
                 sys.stderr.write(f"replacing {stamp}: a report wrote it, and no cell has run under it\n")
@@ -380,7 +375,6 @@ class Simulator:
                         "ran with: restore it (e.g. from git), or use another --out directory to start a new run"
                     )
             else:
-                changed = self._changed_settings(theirs)
                 if changed:
                     raise ValueError(
                         f"{self.out} holds a run with different settings ({', '.join(changed)}); "
