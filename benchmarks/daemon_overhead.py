@@ -15,9 +15,11 @@ one `evaluate` per node at the end (the daemon evaluates at its last round). No 
 All run in the same process one after the other (sequential, threaded, daemon, threaded, sequential), so slow
 drift of the machine's load hits both sides of each ratio alike; an uncounted one-round sequential loop runs
 first, so that the process's one-time costs (torch's first passes) do not land on the first sequential loop only.
-CPU only (no GPU is lent to this machine); torch uses one thread per worker.
+On the CPU by default, torch using one thread per worker; `--device cuda` puts the three nodes' models (daemon
+and bare loops alike) on one GPU, for the ratio on a GPU (benchmarks/gpu/ runs it on a lent one).
 
-    .venv/bin/python benchmarks/daemon_overhead.py [--model minilm|tiny] [--rounds 5] [--local-steps 5]
+    .venv/bin/python benchmarks/daemon_overhead.py [--model minilm|tiny|PATH] [--rounds 5] [--local-steps 5]
+        [--device cpu|cuda|cuda:N]
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ from typing import Any
 import torch
 from _common import add_out_argument, check_train_args, write_results
 
-from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
+from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_device
 from tadlora.core.methods import make_method
 from tadlora.core.topology import client_name
 from tadlora.data import resolve_dataset
@@ -64,7 +66,7 @@ def node_config(out: Path, i: int, peers: tuple[str, ...], args: argparse.Namesp
         peers=PeersOption(auto=False, static=peers, dns=()), model=args.model, dataset=DATASET, shard=i,
         num_shards=M, samples_per_client=SAMPLES_PER_CLIENT, eval_samples=EVAL_SAMPLES, eval_every=10**6,
         method=METHOD, lora=LoraSpec(), train=train, rounds=args.rounds, min_peers=M - 1, peer_wait=60.0,
-        exchange_timeout=120.0, device="cpu", insecure=True,
+        exchange_timeout=120.0, device=args.device, insecure=True,
     )  # fmt: skip
 
 
@@ -89,7 +91,7 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
     data = resolve_dataset(DATASET, "train")
     dev_text = eval_subset(resolve_dataset(DATASET, "dev"), EVAL_SAMPLES)
     spec = ModelSpec(model=args.model, label_names=data.label_names, lora=LoraSpec(), seed=0)
-    models = [AdapterModel(spec) for _ in range(M)]
+    models = [AdapterModel(spec, resolve_device(args.device)) for _ in range(M)]
     shards = [
         encode(models[0].tokenizer, data.subset(idx), train.max_length)
         for idx in client_shards(data, "label-skew", M, 0, SAMPLES_PER_CLIENT)
@@ -122,7 +124,23 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
                 local_steps(models[i], shards[i], method.trained(t), train, 0, i, t)
         for model in models:
             evaluate(model, dev)
+    # Each pass already ends in a host read (its loss, its predictions) that waits for the GPU; the clock's reading
+    # is not left to rest on that.
+    synchronize(args.device)
     return time.perf_counter() - started
+
+
+def synchronize(device: str) -> None:
+    """Wait for the GPU's queued work, where the run is on one."""
+    if resolve_device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_line(dev: torch.device) -> str:
+    """What the JSON's "gpu" field records: the GPU the run used, by name, or whether the machine has one."""
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return "present, not used" if torch.cuda.is_available() else "none on this machine"
 
 
 def table(data: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
@@ -131,7 +149,9 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
                "daemon s", "daemon / threaded", "daemon / sequential", "mean exchange latency s",
                "all exchanges done"]  # fmt: skip
     train = data["train"]
-    rows = [(data["model"], f"{data['nodes']} x {data['rounds']}",
+    # A GPU run names its device beside the model; the CPU runs' tables (committed before runs on a GPU) do not.
+    model = data["model"] if data.get("device", "cpu") == "cpu" else f"{data['model']} on {data['gpu']}"
+    rows = [(model, f"{data['nodes']} x {data['rounds']}",
              f"{train['local_steps']} ({train['batch_size']}, {train['max_length']})",
              ", ".join(f"{x:.2f}" for x in data["bare_sequential_s"]),
              ", ".join(f"{x:.2f}" for x in data["bare_threaded_s"]), data["daemon_s"],
@@ -142,7 +162,8 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="minilm", help="minilm (default) or tiny (a quick run)")
+    parser.add_argument("--model", default="minilm", help="minilm (default), tiny (a quick run) or a model's path")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto: where the models run")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--local-steps", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=8)
@@ -152,6 +173,11 @@ def main() -> None:
     if args.rounds < 1:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     check_train_args(parser, args)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        parser.error(str(exc))
+    args.device, gpu = str(device), device_line(device)  # "auto" is recorded as what it resolved to
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
@@ -180,7 +206,7 @@ def main() -> None:
     data = {
         "model": args.model, "nodes": M, "rounds": args.rounds, "method": METHOD,
         "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "max_length": args.max_length},
-        "device": "cpu", "gpu": "not lent (CPU-only machine)",
+        "device": args.device, "gpu": gpu,
         "bare_sequential_s": timings["sequential"], "bare_threaded_s": timings["threaded"], "daemon_s": daemon_s,
         "ratio_daemon_over_sequential": daemon_s / seq, "ratio_daemon_over_threaded": daemon_s / thr,
         "rounds_all_neighbours": complete, "bytes_sent_total": bytes_sent,
@@ -195,7 +221,8 @@ def main() -> None:
         "daemon / sequential compares with one node after the other; on a machine with spare cores it can be "
         "below 1 because the nodes' torch work overlaps. Each bare loop ran before and after the daemon (after an "
         "uncounted one-round warm-up); the ratios use their means. The daemon ran once: a ratio closer to 1 than "
-        "the two runs of one bare loop are to each other is within the noise. CPU only, one torch thread per worker."
+        "the two runs of one bare loop are to each other is within the noise. "
+        + ("CPU only, one torch thread per worker." if args.device == "cpu" else f"Models on {args.device} ({gpu}).")
     )
     write_results("daemon_overhead", data, headers, rows, notes, out=args.out)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
@@ -189,6 +190,24 @@ def test_daemon_overhead_warms_up_before_the_first_timed_loop_and_does_not_count
     assert written["ratio_daemon_over_sequential"] == pytest.approx(12.0 / 11.5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_daemon_overhead_on_a_gpu_the_machine_lacks_is_a_usage_error_before_anything_runs(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "daemon_overhead.py"), "--device", "cuda", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "torch sees no CUDA GPU" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
+
+
+def test_daemon_overhead_s_table_names_the_gpu_a_run_used_and_only_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    bench = load("daemon_overhead", monkeypatch)
+    data = json.loads((RESULTS / "daemon_overhead.json").read_text(encoding="utf-8"))
+    assert bench.table(data)[1][0][0] == data["model"]  # the committed CPU run
+    gpu = {**data, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
+    assert bench.table(gpu)[1][0][0] == f"{data['model']} on NVIDIA H100 80GB HBM3"
+
+
 def test_daemon_overhead_threaded_loop_reports_a_nodes_failure_instead_of_waiting_for_it(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -216,7 +235,7 @@ def test_daemon_overhead_threaded_loop_reports_a_nodes_failure_instead_of_waitin
         return 0.5
 
     monkeypatch.setattr(bench, "local_steps", local_steps)
-    args = argparse.Namespace(model="tiny", rounds=3)
+    args = argparse.Namespace(model="tiny", rounds=3, device="cpu")
     with pytest.raises(RuntimeError, match="node 1 failed"):
         bench.bare_loop(args, argparse.Namespace(max_length=32), threaded=True)
 
