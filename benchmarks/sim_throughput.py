@@ -21,6 +21,7 @@ reversed every other turn (A B B A ...), and the table gives each one's median a
 engine over the turns (each turn's engines ran next to each other).
 
     .venv/bin/python benchmarks/sim_throughput.py [--model tiny|minilm] [--clients 10 32 100] [--rounds 2] [--repeat 3]
+        [--device cpu|cuda]   # on a GPU the table adds its peak allocation
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from _common import add_out_argument, check_train_args, write_results
 
@@ -45,6 +47,7 @@ DATASET = "builtin:sst2-small"
 SAMPLES_PER_CLIENT = 24  # label-skew over its 3000 SST-2 examples allows at most 26 for 100 clients, 24 for 113
 EVAL_SAMPLES = 16
 LINK_PROB = 0.5
+USAGE = 2  # a worker's exit status for a bad --device, which the parent (no torch) cannot check itself
 
 
 def _maxrss_bytes() -> int:
@@ -77,7 +80,7 @@ def worker(args: argparse.Namespace) -> dict:
     import numpy as np
     import torch
 
-    from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec
+    from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_device
     from tadlora.core.methods import make_method
     from tadlora.core.topology import make_topology
     from tadlora.data import resolve_dataset
@@ -87,11 +90,16 @@ def worker(args: argparse.Namespace) -> dict:
     from tadlora.workload import client_shards, eval_subset
 
     torch.set_num_threads(1)
+    try:
+        device = resolve_device(args.device)  # no CUDA context yet: the imports-only baseline stays one
+    except (ValueError, RuntimeError) as exc:
+        print(f"--device: {exc}", file=sys.stderr)
+        raise SystemExit(USAGE) from None
     if args.engine == "imports":
         return {"maxrss_bytes": _maxrss_bytes(), "rss_file_bytes": _rss_file_bytes()}
     train_data = resolve_dataset(DATASET, "train")
     spec = ModelSpec(model=args.model, label_names=train_data.label_names, lora=LoraSpec(), seed=0)
-    model = AdapterModel(spec)
+    model = AdapterModel(spec, device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in model.model.buffers())
     if args.engine == "model":
@@ -108,12 +116,18 @@ def worker(args: argparse.Namespace) -> dict:
     def one_round(t: int) -> tuple[float, float]:
         started = time.perf_counter()
         engine.train_round(t, method.trained(t))
+        synchronize()
         trained = time.perf_counter()
         snapshots = [engine.get_factors(i) for i in range(args.m)]
         mixed, _ = mix_round(method, t, topology, snapshots)
         for i, factors in enumerate(mixed):
             engine.set_factors(i, factors)
+        synchronize()
         return trained - started, time.perf_counter() - started
+
+    def synchronize() -> None:  # queued GPU work counts in the interval that queued it
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     one_round(0)  # warm-up
     train_s, total_s = [], []
@@ -122,7 +136,9 @@ def worker(args: argparse.Namespace) -> dict:
         train_s.append(a)
         total_s.append(b)
     steps = args.m * args.local_steps * args.rounds
+    gpu = {"gpu_peak_bytes": torch.cuda.max_memory_allocated(device)} if device.type == "cuda" else {}
     return {
+        **gpu,
         "maxrss_bytes": _maxrss_bytes(),
         "param_buffer_bytes": param_bytes,
         "client_steps": steps,
@@ -136,10 +152,14 @@ def worker(args: argparse.Namespace) -> dict:
 def run_worker(args: argparse.Namespace, engine: str, m: int) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", "--engine", engine, "--m", str(m),
            "--model", args.model, "--rounds", str(args.rounds), "--local-steps", str(args.local_steps),
-           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length)]  # fmt: skip
+           "--batch-size", str(args.batch_size), "--max-length", str(args.max_length),
+           "--device", args.device]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if done.returncode == USAGE:  # a device the machine lacks, said by the first subprocess before anything ran
+        print(f"sim_throughput.py: error: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
+        raise SystemExit(USAGE)
     if done.returncode != 0:
         raise RuntimeError(f"{engine} m={m} failed:\n{done.stderr[-3000:]}")
     result = json.loads(done.stdout.strip().splitlines()[-1])
@@ -176,22 +196,34 @@ def summarize(runs: Sequence[dict], engines: Sequence[str]) -> list[dict]:
                 "client_steps_per_s": statistics.median(r["client_steps_per_s"] for r in mine),
                 "client_steps_per_s_train_only": statistics.median(r["client_steps_per_s_train_only"] for r in mine),
                 "maxrss_bytes": statistics.median(r["maxrss_bytes"] for r in mine),
+                **({"gpu_peak_bytes": statistics.median(r["gpu_peak_bytes"] for r in mine)}
+                   if "gpu_peak_bytes" in mine[0] else {}),
                 "speed_over_first_engine": statistics.median(ratios),
                 "speed_over_first_engine_all": ratios,
             })  # fmt: skip
     return out
 
 
-def table_rows(summary: Sequence[dict]) -> list[tuple]:
-    """One table row per `summarize` row, its memory columns (``m_params_buffers_bytes``, ``m_processes_bytes``)
-    added by `main`; memory in MiB."""
+HEADERS = ["engine", "m", "turns", "client-steps/s (train+mix)", "client-steps/s (train)",
+           "speed / {first} (same turn)", "peak RSS MiB", "m x params+buffers MiB",
+           "m one-model processes MiB (libraries once)", "m processes / simulator RSS"]  # fmt: skip
+GPU_HEADERS = ["GPU peak MiB", "m x params+buffers / GPU peak"]  # a run on a GPU: what its memory holds
+
+
+def table(data: dict[str, Any]) -> tuple[list[str], list[tuple]]:
+    """The Markdown table's headers and rows, from the JSON's fields (memory in MiB); a run on a GPU adds the GPU's
+    peak allocation, against the parameters and buffers of m models that m one-GPU daemons would hold there."""
     mib = 2**20
-    return [
+    gpu = data.get("device", "cpu") != "cpu"
+    headers = [h.format(first=data["summary"][0]["engine"]) for h in HEADERS] + (GPU_HEADERS if gpu else [])
+    rows = [
         (r["engine"], r["m"], r["turns"], r["client_steps_per_s"], r["client_steps_per_s_train_only"],
          f"{r['speed_over_first_engine']:.2f}", r["maxrss_bytes"] / mib, r["m_params_buffers_bytes"] / mib,
          r["m_processes_bytes"] / mib, r["m_processes_bytes"] / r["maxrss_bytes"])
-        for r in summary
+        + ((r["gpu_peak_bytes"] / mib, r["m_params_buffers_bytes"] / r["gpu_peak_bytes"]) if gpu else ())
+        for r in data["summary"]
     ]  # fmt: skip
+    return headers, rows
 
 
 def check_clients(parser: argparse.ArgumentParser, clients: Sequence[int]) -> None:
@@ -227,6 +259,9 @@ def main() -> None:
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)
+    parser.add_argument(
+        "--device", default="cpu", help="cpu (default), cuda or cuda:N: where each subprocess's model runs"
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
     parser.add_argument("--m", type=int, help=argparse.SUPPRESS)
@@ -254,10 +289,6 @@ def main() -> None:
         r["m_params_buffers_bytes"] = r["m"] * one["param_buffer_bytes"]
         r["m_processes_bytes"] = separate_processes_bytes(r["m"], one)
     mib = 2**20
-    rows = table_rows(summary)
-    headers = ["engine", "m", "turns", "client-steps/s (train+mix)", "client-steps/s (train)",
-               f"speed / {engines[0]} (same turn)", "peak RSS MiB", "m x params+buffers MiB",
-               "m one-model processes MiB (libraries once)", "m processes / simulator RSS"]  # fmt: skip
     notes = (
         f"Model {args.model}: one model's parameters + buffers = {one['param_buffer_bytes'] / mib:.1f} MiB; peak RSS "
         f"of a process that only imports = {imports['maxrss_bytes'] / mib:.0f} MiB, that builds one model = "
@@ -270,10 +301,13 @@ def main() -> None:
         "a shared machine: compare rows of this table, not with other runs. "
         "The one-model process builds a model without training it, so 'm one-model processes' leaves out what m "
         "training daemons would add for training (activations, gradients, optimizer state)."
+        + ("" if args.device == "cpu" else f" Models on {args.device}: the GPU peak is torch's peak allocation there.")
     )
-    data = {"model": args.model, "train": {"local_steps": args.local_steps, "batch_size": args.batch_size,
-            "max_length": args.max_length}, "rounds": args.rounds, "repeat": args.repeat, "imports_only": imports,
-            "one_model": one, "summary": summary, "runs": runs}  # fmt: skip
+    data = {"model": args.model, "device": args.device,
+            "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "max_length": args.max_length},
+            "rounds": args.rounds, "repeat": args.repeat, "imports_only": imports, "one_model": one,
+            "summary": summary, "runs": runs}  # fmt: skip
+    headers, rows = table(data)
     write_results("sim_throughput", data, headers, rows, notes, out=args.out)
 
 

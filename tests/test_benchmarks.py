@@ -71,8 +71,30 @@ def test_sim_counts_the_shared_library_pages_of_m_processes_once(monkeypatch: py
     row = {"engine": "batched", "m": 10, "turns": 3, "client_steps_per_s": 100.0,
            "client_steps_per_s_train_only": 110.0, "speed_over_first_engine": 1.5, "maxrss_bytes": 500 * mib,
            "m_params_buffers_bytes": 80 * mib, "m_processes_bytes": sim.separate_processes_bytes(10, one)}  # fmt: skip
-    [cells] = sim.table_rows([row])
+    _, [cells] = sim.table({"summary": [row]})
     assert cells[-4:] == (500.0, 80.0, 3100.0, 3100 / 500)
+
+
+def test_sim_s_table_adds_the_gpu_s_memory_for_a_run_on_one_and_only_then(monkeypatch: pytest.MonkeyPatch) -> None:
+    sim = load("sim_throughput", monkeypatch)
+    mib = 2**20
+    row = {"engine": "sequential", "m": 10, "turns": 1, "client_steps_per_s": 100.0,
+           "client_steps_per_s_train_only": 110.0, "speed_over_first_engine": 1.0, "maxrss_bytes": 500 * mib,
+           "m_params_buffers_bytes": 800 * mib, "m_processes_bytes": 3100 * mib}  # fmt: skip
+    headers, [cells] = sim.table({"summary": [row]})
+    assert len(headers) == len(cells) == 10 and headers[5] == "speed / sequential (same turn)"
+    headers, [cells] = sim.table({"device": "cuda", "summary": [{**row, "gpu_peak_bytes": 200 * mib}]})
+    assert headers[-2:] == ["GPU peak MiB", "m x params+buffers / GPU peak"] and cells[-2:] == (200.0, 4.0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_sim_on_a_gpu_the_machine_lacks_is_a_usage_error_before_anything_is_measured(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "sim_throughput.py"), "--device", "cuda", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--device: device 'cuda' asked for, but torch sees no CUDA GPU" in proc.stderr
+    assert "Traceback" not in proc.stderr and not any(tmp_path.iterdir())
 
 
 def test_sim_reads_this_process_file_backed_rss(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -301,13 +323,14 @@ def table_lines(markdown: str) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    ("name", "field"), [("exchange", "sizes"), ("daemon_overhead", None), ("discovery", "summary_s")]
+    ("name", "field"),
+    [("exchange", "sizes"), ("daemon_overhead", None), ("discovery", "summary_s"), ("sim_throughput", None)],
 )
 def test_the_committed_markdown_table_is_the_scripts_table_of_the_committed_json(
     name: str, field: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Nothing tied results/NAME.md to results/NAME.json: a table edited by hand, or a script whose table drifted
-    # from what it stores, went unnoticed. (sim_throughput's committed JSON predates its current memory columns.)
+    # from what it stores, went unnoticed.
     bench = load(name, monkeypatch)
     common = load("_common", monkeypatch)
     data = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))
