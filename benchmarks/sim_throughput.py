@@ -102,8 +102,9 @@ def worker(args: argparse.Namespace) -> dict:
     model = AdapterModel(spec, device)
     param_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in model.model.buffers())
-    if args.engine == "model":
-        return {"maxrss_bytes": _maxrss_bytes(), "rss_file_bytes": _rss_file_bytes(), "param_buffer_bytes": param_bytes}
+    if args.engine == "model":  # its device is the run's: --device auto resolved
+        return {"maxrss_bytes": _maxrss_bytes(), "rss_file_bytes": _rss_file_bytes(), "param_buffer_bytes": param_bytes,
+                "device": str(device)}  # fmt: skip
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)
     encoded = encode(model.tokenizer, train_data, train.max_length)
     shards = [encoded.subset(idx) for idx in client_shards(train_data, "label-skew", args.m, 0, SAMPLES_PER_CLIENT)]
@@ -214,7 +215,7 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[tuple]]:
     """The Markdown table's headers and rows, from the JSON's fields (memory in MiB); a run on a GPU adds the GPU's
     peak allocation, against the parameters and buffers of m models that m one-GPU daemons would hold there."""
     mib = 2**20
-    gpu = data.get("device", "cpu") != "cpu"
+    gpu = "gpu_peak_bytes" in data["summary"][0]  # what the runs measured, whatever --device said
     headers = [h.format(first=data["summary"][0]["engine"]) for h in HEADERS] + (GPU_HEADERS if gpu else [])
     rows = [
         (r["engine"], r["m"], r["turns"], r["client_steps_per_s"], r["client_steps_per_s_train_only"],
@@ -260,7 +261,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=32)
     parser.add_argument(
-        "--device", default="cpu", help="cpu (default), cuda or cuda:N: where each subprocess's model runs"
+        "--device", default="cpu", help="cpu (default), cuda, cuda:N or auto: where each subprocess's model runs"
     )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--engine", help=argparse.SUPPRESS)
@@ -301,9 +302,13 @@ def main() -> None:
         "a shared machine: compare rows of this table, not with other runs. "
         "The one-model process builds a model without training it, so 'm one-model processes' leaves out what m "
         "training daemons would add for training (activations, gradients, optimizer state)."
-        + ("" if args.device == "cpu" else f" Models on {args.device}: the GPU peak is torch's peak allocation there.")
+        + (
+            ""
+            if one["device"] == "cpu"
+            else f" Models on {one['device']}: the GPU peak is torch's peak allocation there."
+        )
     )
-    data = {"model": args.model, "device": args.device,
+    data = {"model": args.model, "device": one["device"],
             "train": {"local_steps": args.local_steps, "batch_size": args.batch_size, "max_length": args.max_length},
             "rounds": args.rounds, "repeat": args.repeat, "imports_only": imports, "one_model": one,
             "summary": summary, "runs": runs}  # fmt: skip

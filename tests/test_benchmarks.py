@@ -83,6 +83,8 @@ def test_sim_s_table_adds_the_gpu_s_memory_for_a_run_on_one_and_only_then(monkey
            "m_params_buffers_bytes": 800 * mib, "m_processes_bytes": 3100 * mib}  # fmt: skip
     headers, [cells] = sim.table({"summary": [row]})
     assert len(headers) == len(cells) == 10 and headers[5] == "speed / sequential (same turn)"
+    # --device auto on a machine without a GPU measured no GPU memory: the table used to look for it, and raise.
+    assert sim.table({"device": "auto", "summary": [row]}) == (headers, [cells])
     headers, [cells] = sim.table({"device": "cuda", "summary": [{**row, "gpu_peak_bytes": 200 * mib}]})
     assert headers[-2:] == ["GPU peak MiB", "m x params+buffers / GPU peak"] and cells[-2:] == (200.0, 4.0)
 

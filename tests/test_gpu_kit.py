@@ -133,8 +133,12 @@ def test_set_aside_deletes_committed_checkpoints_and_refuses_to_lose_a_changed_o
         prepare.set_aside(tmp_path)
     assert ckpt.read_bytes() == b"resumed here, not committed"
     git(tmp_path, "checkout", "--", ".")
+    # A cell brought home from a GPU and not committed is no committed checkpoint: neither refused nor deleted.
+    untracked = tmp_path / "benchmarks" / "sizing" / "gpu-mnli" / "cells" / "c.ckpt.safetensors"
+    untracked.parent.mkdir(parents=True)
+    untracked.write_bytes(b"not in git")
     assert prepare.set_aside(tmp_path) == [ckpt]
-    assert not ckpt.exists() and other.exists()
+    assert not ckpt.exists() and other.exists() and untracked.exists()
 
 
 def test_device_sh_refuses_a_stage_it_does_not_know_and_a_missing_out(tmp_path: Path) -> None:
@@ -158,7 +162,7 @@ def sim_call(prepare: ModuleType, tmp_path: Path, sim_args: str) -> tuple[subpro
     prepare.archive(root / ".gpu" / "sim.tar.gz", MINILM_PACKAGE, weights=False, glue=mnli(tmp_path))
     out = tmp_path / "out"
     out.mkdir()
-    env = {**os.environ, "OUT": str(out), "KIT_DEVICE": "cpu", "KIT_PY": sys.executable, "SIM_ARGS": sim_args,
+    env = {"KIT_PY": sys.executable, **os.environ, "OUT": str(out), "KIT_DEVICE": "cpu", "SIM_ARGS": sim_args,
            "TMPDIR": str(tmp_path)}  # fmt: skip
     proc = subprocess.run(["bash", str(DEVICE_SH), "sim"], cwd=root, env=env, capture_output=True, text=True,
                           timeout=600, check=False)  # fmt: skip
@@ -177,12 +181,60 @@ def test_the_sim_call_runs_its_four_cells_and_brings_back_their_curves(prepare: 
         results = json.loads((tmp_path / "back" / "gpu-mnli" / f"{method}-p{p}" / "results.json").read_text())
         [cell] = results["cells"]
         assert (cell["method"], cell["link_prob"], cell["final"]["round"]) == (method, p, 1)
-        assert results["config"]["device"] == "cpu" and results["config"]["train"]["precision"] == "fp32"
+        assert results["config"]["device"] == "cpu" and results["config"]["train"]["precision"] == "auto"
 
 
 def test_the_sim_call_fails_when_its_cells_fail_and_shows_why(prepare: ModuleType, tmp_path: Path) -> None:
-    # Its cells used to be waited for as a group, whose status is 0 whatever each cell's was.
     proc, out = sim_call(prepare, tmp_path, "--model tiny --rounds 2 --num-clients 2 --switch-intervals 0")
     assert proc.returncode == 1, proc.stdout[-3000:]
-    assert "== MNLI cells: exit 1" in proc.stdout and "switch interval must be" in proc.stdout
+    assert "== failed cells:" in proc.stdout and "switch interval must be" in proc.stdout
     assert (out / "gpu-mnli.tar.gz").exists()
+
+
+def test_a_cell_that_fails_while_the_box_cuts_the_others_fails_the_call(
+    prepare: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The box's exit status (124) counted as the plan, and hid a cell that had died on its own long before.
+    stub = tmp_path / "python"
+    stub.write_text(
+        "#!/bin/bash\n"
+        'case "$*" in\n'
+        '  *"--methods lora --link-probs 0.02"*) echo "CUDA error: out of memory" >&2; exit 1;;\n'
+        "  *tadlora.sim.cli*) sleep 60;;\n"
+        f'  *) exec {sys.executable} "$@";;\n'
+        "esac\n"
+    )
+    stub.chmod(0o755)
+    monkeypatch.setenv("KIT_PY", str(stub))
+    monkeypatch.setenv("SIM_SECONDS", "5")
+    proc, _ = sim_call(prepare, tmp_path, "")
+    assert proc.returncode == 1, proc.stdout[-3000:]
+    assert "== MNLI cells: exit 124" in proc.stdout and "CUDA error: out of memory" in proc.stdout
+    [failed] = [line for line in proc.stdout.splitlines() if line.startswith("== failed cells:")]
+    assert failed.endswith("lora-p0.02.rc")
+    assert proc.stdout.count("cut by the time box") == 3
+
+
+@pytest.mark.slow
+def test_the_node_call_runs_its_steps_on_the_tiny_model_where_no_minilm_was_left(
+    prepare: ModuleType, tmp_path: Path
+) -> None:
+    # A fresh machine (the sim call's MiniLM is gone) and no wheels carried: the interpreter's own packages.
+    root = tmp_path / "repo"
+    (root / ".gpu" / "whl").mkdir(parents=True)
+    for name in ("node", "tests", "benchmarks"):
+        (root / name).symlink_to(ROOT / name)
+    (root / "pyproject.toml").symlink_to(ROOT / "pyproject.toml")
+    prepare.archive(root / ".gpu" / "tokenizer.tar.gz", MINILM_PACKAGE, weights=False, glue=None)
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OUT": str(out), "KIT_DEVICE": "cpu", "KIT_PY": sys.executable, "THROUGHPUT_CLIENTS": "4",
+           "TMPDIR": str(tmp_path)}  # fmt: skip
+    proc = subprocess.run(["bash", str(DEVICE_SH), "node"], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=900, check=False)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "== model: tiny" in proc.stdout and "install the carried wheels" not in proc.stdout
+    back = sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    assert back == ["daemon_overhead.json", "daemon_overhead.md", "m4/sim_throughput.json", "m4/sim_throughput.md",
+                    "node.log"]  # fmt: skip
+    assert json.loads((out / "daemon_overhead.json").read_text())["device"] == "cpu"

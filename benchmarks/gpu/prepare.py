@@ -47,9 +47,11 @@ MNLI_FILES = ("train.tsv", "dev_matched.tsv")
 # device tool's KINDS.md); grpcio and protobuf are there, but at a version this checkout's stubs may refuse.
 WHEELS = ("zeroconf", "ifaddr", "grpcio", "grpcio-health-checking", "grpcio-reflection", "protobuf", "cryptography",
           "cffi", "pycparser", "pytest-asyncio")  # fmt: skip
-PLATFORMS = ("manylinux_2_34_x86_64", "manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
+# Up to glibc 2.28: a wheel that needs a newer one than the image has would fail the whole install.
+PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64",
              "manylinux2014_x86_64", "manylinux1_x86_64")  # fmt: skip
-SET_ASIDE_GLOB = "benchmarks/sizing/**/*.ckpt.safetensors"
+# The sizing study's probe checkpoints, at any depth (a git pathspec's * matches '/' too).
+SET_ASIDE = "benchmarks/sizing/*.ckpt.safetensors"
 
 
 def package_copy(src: Path, dst: Path, weights: bool) -> None:
@@ -96,14 +98,19 @@ def archive(dst: Path, package: Path, weights: bool, glue: Path | None) -> None:
 
 
 def fetch_wheels(dst: Path, names: Iterable[str] = WHEELS) -> None:
-    """One wheel per name, at the version installed here, for CPython 3.12 on x86-64 (the GPU image's Python)."""
-    dst.mkdir(parents=True, exist_ok=True)
+    """``dst``: one wheel per name, at the version installed here, for CPython 3.12 on x86-64 (the GPU image's
+    Python), and nothing else: two versions of one package would fail the whole install there."""
+    partial = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
     for name in names:
         version = importlib.metadata.version(name)
         cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:", "--python-version",
-               "3.12", "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(dst),
+               "3.12", "--implementation", "cp", *(f"--platform={p}" for p in PLATFORMS), "-d", str(partial),
                f"{name}=={version}"]  # fmt: skip
         subprocess.run(cmd, check=True)
+    shutil.rmtree(dst, ignore_errors=True)
+    partial.replace(dst)
 
 
 def tree_files(root: Path) -> list[Path]:
@@ -123,8 +130,11 @@ def size(path: Path) -> int:
 
 def set_aside(root: Path) -> list[Path]:
     """Delete the sizing study's probe checkpoints that git holds unchanged; refuse (ValueError) if one differs from
-    its committed version, which deleting would lose."""
-    paths = [p for p in root.glob(SET_ASIDE_GLOB) if p.is_file()]
+    its committed version, which deleting would lose. Untracked ones are not touched (nor counted away: they
+    travel)."""
+    out = subprocess.run(["git", "ls-files", "-z", "--", SET_ASIDE], cwd=root,
+                         capture_output=True, check=True).stdout  # fmt: skip
+    paths = [root / p for p in out.decode().split("\0") if p and (root / p).is_file()]
     if not paths:
         return []
     rel = [str(p.relative_to(root)) for p in paths]
@@ -164,7 +174,7 @@ def report(root: Path) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--set-aside", action="store_true", help=f"delete the committed {SET_ASIDE_GLOB}")
+    parser.add_argument("--set-aside", action="store_true", help=f"delete the committed {SET_ASIDE}")
     parser.add_argument("--skip-wheels", action="store_true", help="keep .gpu/whl as it is (pip download needs the "
                         "package registry)")  # fmt: skip
     args = parser.parse_args(argv)
