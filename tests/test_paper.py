@@ -181,7 +181,8 @@ def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
     assert table["missing_cells"] == {"methods": [], "T-sweep": []}
     assert table["claims"][0]["name"] == "competitive at p = 0.5"
     text = (out / "table.md").read_text()
-    assert all(text.count(f"| {m} |") == 2 for m in ALL_METHODS)  # final accuracy, then the learning curve
+    # final accuracy, the learning curve, then (every method but tad) the gap to tad seed by seed
+    assert all(text.count(f"| {m} |") == (2 if m == "tad" else 3) for m in ALL_METHODS)
     assert (out / "methods" / "accuracy_vs_round.png").exists() and (out / "T-sweep" / "accuracy_vs_T.png").exists()
     # smoke's T = auto at p = 0.5 with 4 clients is 2: that cell is shared, run once, copied to the sweep.
     shared = "tad__er__p0.5__T2__s0.json"
@@ -452,3 +453,40 @@ def test_the_claims_judge_the_papers_seeds_only_where_another_run_finished_other
     assert [c.status for c in verdict] == ["incomplete", "reproduced", "reproduced"], verdict
     assert "only 6 of 7 methods finished" in verdict[0].detail, verdict[0].detail
     assert "tad 0.800" in verdict[1].detail, verdict[1].detail
+
+
+def test_paired_gaps_are_tad_minus_the_other_on_each_common_seed_then_their_mean() -> None:
+    from tadlora.sim.paper import paired_gaps
+
+    assert paired_gaps({0: 0.80, 1: 0.70}, {0: 0.81, 1: 0.66}) == "s0 +0.010, s1 −0.040 → −0.015"
+    assert paired_gaps({0: 0.80, 1: 0.70}, {1: 0.75, 2: 0.90}) == "s1 +0.050"  # seed 2 has no pair
+    assert paired_gaps({0: 0.80}, {1: 0.75}) == "—"
+
+
+def test_the_table_pairs_tad_with_each_method_seed_by_seed_at_the_papers_t() -> None:
+    # The docs compared seeds by hand from the cell files, and twice quoted a stale gap; the pairs also cancel the
+    # seeds' spread, which the mean ± spread cannot.
+    import dataclasses
+
+    from tadlora.sim.paper import markdown
+
+    paper = dataclasses.replace(preset("cpu-sst2"), link_probs=(0.5, 0.02), seeds=(0, 1))
+    methods, sweep_grid = paper_grids(paper)
+    base = {"tad": 0.80, "lora": 0.75}
+    grid_cells = [
+        finished(m, p, paper_t(m, p), seed, base.get(m, 0.70) - 0.1 * seed + (0.02 if (m, seed) == ("tad", 1) else 0))
+        for seed in (0, 1)
+        for p in (0.5, 0.02)
+        for m in ALL_METHODS
+    ]
+    grid_cells.append(finished("tad", 0.5, 2, 0, 0.99))  # another T of tad in the directory: not the paper's
+    sweep_cells = [finished("tad", 0.5, t, 0, 0.70 + t / 100) for t in SWEEP_INTERVALS]
+    results = (
+        {"config": methods.to_dict(), "cells": grid_cells, "summary": summarize(grid_cells)},
+        {"config": sweep_grid.to_dict(), "cells": sweep_cells, "summary": summarize(sweep_cells)},
+    )
+    text, _verdict = markdown(*results, "t", paper=(methods, sweep_grid))
+    assert "| lora | s0 +0.050, s1 +0.070 → +0.060 | s0 +0.050, s1 +0.070 → +0.060 |" in text
+    assert "| ffa | s0 +0.100, s1 +0.120 → +0.110 |" in text
+    assert "| tad |" not in text.split("seed by seed, then their mean")[1].split("T sweep")[0]
+    assert "| 10 | s0 0.800 |" in text and "| 15 | s0 0.850 |" in text

@@ -133,6 +133,65 @@ def _paper_entries(
     return {k: e for k, e in grid.items() if k in wanted}
 
 
+def per_seed(results: Mapping[str, Any]) -> dict[tuple[str, float, int | None], dict[int, float]]:
+    """(method, p, T) → {seed: the clients' mean final accuracy}, from the finished cells of a results.json."""
+    out: dict[tuple[str, float, int | None], dict[int, float]] = {}
+    for run in results.get("cells", []):
+        final = run.get("final") or {}
+        if final.get("acc_mean") is not None:
+            key = (run["method"], float(run["link_prob"]), run["switch_interval"])
+            out.setdefault(key, {})[int(run["seed"])] = float(final["acc_mean"])
+    return out
+
+
+def _signed(x: float) -> str:
+    return f"{x:+.3f}".replace("-", "−")
+
+
+def paired_gaps(by_seed: Mapping[int, float], tad: Mapping[int, float]) -> str:
+    """``s0 +0.012, s1 −0.003 → +0.005``: tad minus the other method on each seed both finished, then their mean;
+    — without a common seed."""
+    common = sorted(set(by_seed) & set(tad))
+    if not common:
+        return "—"
+    gaps = [tad[s] - by_seed[s] for s in common]
+    return ", ".join(f"s{s} {_signed(g)}" for s, g in zip(common, gaps, strict=True)) + (
+        f" → {_signed(sum(gaps) / len(gaps))}" if len(gaps) > 1 else ""
+    )
+
+
+def _seed_tables(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], paper_grid: SimConfig) -> list[str]:
+    """The Markdown lines of tad's gaps to each other method seed by seed (the paper's T of each method), and of the
+    T sweep's accuracy seed by seed."""
+    wanted = {(c.method, c.link_prob, c.switch_interval) for c in dataclasses.replace(
+        paper_grid, switch_intervals=("auto",)).cells()}  # fmt: skip
+    grid = {(m, q): seeds for (m, q, t), seeds in per_seed(grid_results).items() if (m, q, t) in wanted}
+    link_probs = sorted({q for _m, q in grid}, reverse=True)
+    lines = [
+        "",
+        f"{SWEEP_METHOD} minus each other method, seed by seed, then their mean (a seed draws the same split, initial "
+        "factors and link states for every method: a pair differs by the method, and the seeds' spread cancels):",
+        "",
+        "| method | " + " | ".join(f"p = {p:g}" for p in link_probs) + " |",
+        "|---|" + "---|" * len(link_probs),
+    ]
+    for method in paper_grid.methods:
+        if method != SWEEP_METHOD:
+            cells = [paired_gaps(grid.get((method, p), {}), grid.get((SWEEP_METHOD, p), {})) for p in link_probs]
+            lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    sweep = per_seed(sweep_results)
+    sweep_ps = sorted({q for (m, q, _t) in sweep if m == SWEEP_METHOD}, reverse=True)
+    lines += ["", f"T sweep ({SWEEP_METHOD}), seed by seed:", "", "| T | " + " | ".join(f"p = {p:g}" for p in sweep_ps)
+              + " |", "|---|" + "---|" * len(sweep_ps)]  # fmt: skip
+    for t in SWEEP_INTERVALS:
+        cells = [
+            ", ".join(f"s{s} {a:.3f}" for s, a in sorted(sweep.get((SWEEP_METHOD, p, t), {}).items())) or "—"
+            for p in sweep_ps
+        ]
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return lines
+
+
 _RANK = {"behind": 0, "within the spread": 1, "ahead": 2}
 
 
@@ -326,6 +385,7 @@ def markdown(
             config_from_json(json.dumps(sweep_results["config"])),
         )
     judged_grid, judged_sweep = paper
+    lines += _seed_tables(grid_results, sweep_results, judged_grid)
     verdict = claims(
         _paper_entries(_judged_entries(grid_results, judged_grid), judged_grid),
         _judged_entries(sweep_results, judged_sweep),
