@@ -128,9 +128,14 @@ def _paper_entries(
     Where the directory's grid grew to another T of a method (a run of another T axis there), that T's entry is
     left out even when it is the method's only one at a p: a method whose T = auto cell has no finished seed yet is
     unfinished there, not judged by another T."""
-    paper = dataclasses.replace(config, switch_intervals=("auto",))
-    wanted = {(c.method, c.link_prob, c.switch_interval) for c in paper.cells()}
+    wanted = _paper_keys(config)
     return {k: e for k, e in grid.items() if k in wanted}
+
+
+def _paper_keys(config: SimConfig) -> set[tuple[str, float, int | None]]:
+    """(method, p, T) of the paper's method grid at ``config``'s p: each method at its T = auto."""
+    paper = dataclasses.replace(config, switch_intervals=("auto",))
+    return {(c.method, c.link_prob, c.switch_interval) for c in paper.cells()}
 
 
 def per_seed(results: Mapping[str, Any]) -> dict[tuple[str, float, int | None], dict[int, float]]:
@@ -163,8 +168,7 @@ def paired_gaps(by_seed: Mapping[int, float], tad: Mapping[int, float]) -> str:
 def _seed_tables(grid_results: Mapping[str, Any], sweep_results: Mapping[str, Any], paper_grid: SimConfig) -> list[str]:
     """The Markdown lines of tad's gaps to each other method seed by seed (the paper's T of each method), and of the
     T sweep's accuracy seed by seed."""
-    wanted = {(c.method, c.link_prob, c.switch_interval) for c in dataclasses.replace(
-        paper_grid, switch_intervals=("auto",)).cells()}  # fmt: skip
+    wanted = _paper_keys(paper_grid)
     grid = {(m, q): seeds for (m, q, t), seeds in per_seed(grid_results).items() if (m, q, t) in wanted}
     link_probs = sorted({q for _m, q in grid}, reverse=True)
     lines = [
