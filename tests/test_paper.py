@@ -490,3 +490,16 @@ def test_the_table_pairs_tad_with_each_method_seed_by_seed_at_the_papers_t() -> 
     assert "| ffa | s0 +0.100, s1 +0.120 → +0.110 |" in text
     assert "| tad |" not in text.split("seed by seed, then their mean")[1].split("T sweep")[0]
     assert "| 10 | s0 0.800 |" in text and "| 15 | s0 0.850 |" in text
+
+
+def test_a_claim_so_far_says_where_its_means_are_over_different_seeds() -> None:
+    # tad's third seed finished before the others': its mean then moves by a seed no other method has yet, and the
+    # check read it like for like (p = 0.5's best T moved from 2 to 1 on that one seed).
+    grid = [r if r["method"] != "tad" else {**r, "seeds": 3} for r in method_rows(0.5, tad=0.8, others=0.8, seeds=2)]
+    grid += method_rows(0.02, tad=0.8, others=0.7, seeds=2)
+    sweep = [r if r["switch_interval"] != 1 else {**r, "seeds": 3} for r in sweep_rows(0.5, 1)] + sweep_rows(0.02, 5)
+    high, low, best_t = claims(entries(grid), entries(sweep), [0.5, 0.02], seeds=3)
+    assert "gap +0.000 (seeds: tad 3, adf 2)" in high.detail, high.detail
+    assert "(seeds:" not in low.detail, low.detail
+    assert "best T = 1 (0.900, 3 seeds; the T have 1 to 3)" in best_t.detail, best_t.detail
+    assert "best T = 5 (0.900);" in best_t.detail, best_t.detail

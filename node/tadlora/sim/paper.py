@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, config_from_json
@@ -196,6 +196,13 @@ def _seed_tables(grid_results: Mapping[str, Any], sweep_results: Mapping[str, An
     return lines
 
 
+def _seed_counts(best: Entry, row: Iterable[Entry]) -> str:
+    """``, 3 seeds; the T have 1 to 3``: where the T of a sweep row have different numbers of seeds, whose means are
+    not like for like; empty where they have the same."""
+    counts = sorted({e.seeds for e in row})
+    return "" if len(counts) == 1 else f", {best.seeds} seeds; the T have {counts[0]} to {counts[-1]}"
+
+
 _RANK = {"behind": 0, "within the spread": 1, "ahead": 2}
 
 
@@ -214,7 +221,12 @@ def _compare(at_p: Mapping[str, Entry], expected: int) -> tuple[str, str] | None
             gap = tad.mean - rival.mean
             spread, kind = tad.spread(rival)
             relation = "ahead" if gap > spread else "behind" if gap < -spread else "within the spread"
-            judged[name] = relation, f"{rival.mean:.3f}: gap {gap:+.3f}, spread over {kind} {spread:.3f} → {relation}"
+            # Means over different seeds are not like for like (a seed can be easier for every method): said.
+            seeds = "" if rival.seeds == tad.seeds else f" (seeds: tad {tad.seeds}, {name} {rival.seeds})"
+            judged[name] = (
+                relation,
+                f"{rival.mean:.3f}: gap {gap:+.3f}{seeds}, spread over {kind} {spread:.3f} → {relation}",
+            )
     best = max(judged, key=lambda m: at_p[m].mean)
     decider = min(judged, key=lambda m: (_RANK[judged[m][0]], tad.mean - at_p[m].mean))
     relation = judged[decider][0]
@@ -281,7 +293,9 @@ def claims(
             close = sorted(t for t, e in row.items() if e_best.mean - e.mean <= e_best.spread(e)[0])
             contenders[p] = close
             notes.append(
-                f"p = {p:g}: best T = {t_best} ({e_best.mean:.3f}); T within the spread of it: {close}"
+                f"p = {p:g}: best T = {t_best} ({e_best.mean:.3f}"
+                + _seed_counts(e_best, row.values())
+                + f"); T within the spread of it: {close}"
                 + ("" if len(row) == len(SWEEP_INTERVALS) else f" ({len(row)} of {len(SWEEP_INTERVALS)} T finished)")
                 + (f" ({unfinished} of {len(row) * sweep_seeds} cells not finished)" if unfinished else "")
             )
