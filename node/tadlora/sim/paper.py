@@ -6,8 +6,9 @@ Two grids come from one preset (``paper_grids``):
   that take it (TAD-LoRA's topology-aware interval);
 * the **T sweep**: ``tad`` with T ∈ {1, 2, 3, 5, 10, 15} at the preset's lowest and highest p.
 
-``paper_table`` turns the finished cells of both into a table (mean ± spread of the clients' final dev accuracy)
-and checks the paper's three claims about TAD-LoRA against it:
+``paper_table`` turns the finished cells of both into a table (mean ± spread of the clients' final dev accuracy;
+then tad's gap to each other method and the T sweep, seed by seed, which a seed's shared split, initial factors and
+link states make like for like) and checks the paper's three claims about TAD-LoRA against it:
 
 1. *competitive at high connectivity*: at the highest p no other method is ahead of ``tad`` by more than the spread;
 2. *ahead at low connectivity*: at the lowest p, ``tad`` is ahead of every other method by more than the spread;
