@@ -118,3 +118,13 @@ def write_results(
 
 def median_range(values: Sequence[float]) -> tuple[float, float, float]:
     return statistics.median(values), min(values), max(values)
+
+
+def synchronize(device: str) -> None:
+    """Wait for the work queued on ``device`` where it is a GPU, so that a clock read next counts it (torch is
+    imported here, not at the top: sim_throughput's parent process must not load it)."""
+    import torch
+
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)

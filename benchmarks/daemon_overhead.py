@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_out_argument, check_train_args, write_results
+from _common import add_out_argument, check_train_args, synchronize, write_results
 
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_device
 from tadlora.core.methods import make_method
@@ -128,12 +128,6 @@ def bare_loop(args: argparse.Namespace, train: TrainSpec, threaded: bool) -> flo
     # is not left to rest on that.
     synchronize(args.device)
     return time.perf_counter() - started
-
-
-def synchronize(device: str) -> None:
-    """Wait for the GPU's queued work, where the run is on one."""
-    if resolve_device(device).type == "cuda":
-        torch.cuda.synchronize()
 
 
 def device_line(dev: torch.device) -> str:

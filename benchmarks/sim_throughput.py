@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import add_out_argument, check_train_args, write_results
+from _common import add_out_argument, check_train_args, synchronize, write_results
 
 DATASET = "builtin:sst2-small"
 SAMPLES_PER_CLIENT = 24  # label-skew over its 3000 SST-2 examples allows at most 26 for 100 clients, 24 for 113
@@ -117,18 +117,14 @@ def worker(args: argparse.Namespace) -> dict:
     def one_round(t: int) -> tuple[float, float]:
         started = time.perf_counter()
         engine.train_round(t, method.trained(t))
-        synchronize()
+        synchronize(str(device))  # queued GPU work counts in the interval that queued it
         trained = time.perf_counter()
         snapshots = [engine.get_factors(i) for i in range(args.m)]
         mixed, _ = mix_round(method, t, topology, snapshots)
         for i, factors in enumerate(mixed):
             engine.set_factors(i, factors)
-        synchronize()
+        synchronize(str(device))
         return trained - started, time.perf_counter() - started
-
-    def synchronize() -> None:  # queued GPU work counts in the interval that queued it
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
     one_round(0)  # warm-up
     train_s, total_s = [], []
