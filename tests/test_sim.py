@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -756,6 +757,29 @@ def test_cli_refuses_unusable_paths_with_a_message(tmp_path, capsys) -> None:
     assert capsys.readouterr().err.startswith("tadlora-sim: error:")
     assert main(["--preset", "smoke", "--methods", "lora", "--out", str(a_file), "--report-only", "--quiet"]) == 2
     assert capsys.readouterr().err.startswith("tadlora-sim: error:")
+
+
+def test_a_refused_run_directory_says_how_to_go_on_with_it(tmp_path, capsys) -> None:
+    """The refusal of a directory of other settings used to say only "use another --out directory to start a new
+    run": no way to report or resume it (its stamp is a config file), and a run that stopped before any cell (a
+    mistyped --model) left a directory that refused the corrected command, although it held no result."""
+    out = tmp_path / "run"
+    argv = ["--preset", "smoke", "--methods", "lora", "--rounds", "2", "--out", str(out), "--quiet"]
+    assert main([*argv, "--model", str(tmp_path / "no-such-model")]) == 2
+    assert "cannot load model" in capsys.readouterr().err
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "different settings (model)" in err and f"rm -r {out}" in err, err
+    shutil.rmtree(out)
+    assert main(argv) == 0
+    # With a finished cell: a report (or a resume) without the run's flags is told how to give its settings.
+    capsys.readouterr()
+    assert main(["--out", str(out), "--report-only", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--config {out / 'config.json'}" in err and "rm -r" not in err, err
+    assert main(["--config", str(out / "config.json"), "--out", str(out), "--report-only", "--quiet"]) == 0
+    assert main(["--preset", "smoke", "--rounds", "3", "--out", str(out), "--quiet"]) == 2
+    assert f"to go on with that run, give its own settings (--config {out / 'config.json'})" in capsys.readouterr().err
 
 
 def test_a_grid_stamped_before_the_init_setting_existed_goes_on_only_with_torch_s_init(tmp_path) -> None:

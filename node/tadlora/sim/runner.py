@@ -210,6 +210,26 @@ def _read_stamp(path: Path) -> dict[str, Any]:
     return stamp
 
 
+def _refusal_remedy(out: Path, computes: bool, kept: Sequence[str]) -> str:
+    """What to do about a run directory ``out`` whose stamp has other settings than ours, for the error that refuses
+    it: ``computes`` is false for a report, ``kept`` the files in its cells/ folder.
+
+    "Use another --out" alone fits only a new run: a report, or a resume that left out the flags the run was started
+    with, wants the directory's own settings, which its stamp gives back as a config file; and a directory where a
+    run stopped before any cell finished or checkpointed (a mistyped --model, data too small for the split) holds
+    nothing to keep, yet its stamp refuses the corrected command for good."""
+    own = f"--config {out / 'config.json'}"
+    if not kept:
+        return (
+            "no cell has finished or checkpointed there, so it holds no result: unless a process is running in it "
+            f"now, remove it (rm -r {out}) and run again to start anew with these settings, or use another --out "
+            "directory"
+        )
+    if not computes:
+        return f"to report it, give its own settings: {own}"
+    return f"to go on with that run, give its own settings ({own}); to start a new run, use another --out directory"
+
+
 def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
     """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
 
@@ -378,7 +398,7 @@ class Simulator:
                 if changed:
                     raise ValueError(
                         f"{self.out} holds a run with different settings ({', '.join(changed)}); "
-                        "use another --out directory to start a new run"
+                        + _refusal_remedy(self.out, computes, kept)
                     )
                 grid = _grown(self.config, theirs)
                 if not computes:
