@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import re
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -23,7 +24,7 @@ from tadlora.core.factors import Factor, factor_key, factor_of
 from tadlora.core.methods import make_method
 from tadlora.core.topology import make_topology
 from tadlora.data import resolve_dataset
-from tadlora.sim.cli import build_parser, main
+from tadlora.sim.cli import build_parser, config_from_args, main
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
 from tadlora.sim.runner import RESOLVED_KEY, Progress, Simulator, mix_round, simulate
@@ -802,6 +803,50 @@ def test_the_committed_cpu_sst2_grid_goes_on_with_its_preset() -> None:
     for grid in ("methods", "T-sweep"):
         stamp = json.loads((root / grid / "config.json").read_text())
         assert Simulator(preset("cpu-sst2"), root / grid, quiet=True)._changed_settings(stamp) == []
+
+
+def _documented_sim_commands() -> list[tuple[str, str]]:
+    """(document, arguments) of every `tadlora-sim` command that names its settings (--preset or --config) in the
+    README, docs/ and the benchmarks' READMEs: in fenced blocks (a line, with its backslash continuations) and in
+    inline code (which may wrap). A bare mention of a flag ("`tadlora-sim --report-only` cannot ...") is no command."""
+    root = Path(__file__).resolve().parents[1]
+    found = []
+    docs = [root / "README.md", *sorted((root / "docs").glob("*.md")), *sorted(root.glob("benchmarks/**/README.md"))]
+    for doc in docs:
+        text = doc.read_text(encoding="utf-8")
+        fenced = re.findall(r"```[a-z]*\n(.*?)```", text, flags=re.S)
+        inline = re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))
+        lines = [line for block in fenced for line in block.replace("\\\n", " ").splitlines()]
+        for line in [*lines, *(span.replace("\n", " ") for span in inline)]:
+            command = re.search(r"tadlora-sim\s+(--.*)", line)
+            if command:
+                arguments = command.group(1).split(" #")[0].strip().rstrip('"')  # a comment; a shell variable's quote
+                if re.search(r"--(preset|config)\b", arguments):
+                    found.append((str(doc.relative_to(root)), arguments))
+    return found
+
+
+def test_every_documented_simulator_command_runs_and_resumes_the_directory_it_names(monkeypatch) -> None:
+    """The docs' commands are what a reader copies: each must parse, read a config file that exists, and, where its
+    --out is a committed run, go on with that run instead of being refused. docs/simulator.md gave the MNLI
+    segment-id probe's command without its --out, which the simulator requires."""
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # the commands are written from the repository's root
+    commands = _documented_sim_commands()
+    assert len(commands) >= 8, commands  # the extraction still finds them
+    for doc, arguments in commands:
+        try:
+            args = build_parser().parse_args(shlex.split(arguments))
+        except SystemExit:
+            pytest.fail(f"{doc}: tadlora-sim {arguments}: refused by the parser")
+        # A file of the repository's, not a reader's own (my.json, FILE): one in a folder.
+        if args.config is not None and args.config.parent != Path("."):
+            assert args.config.is_file(), f"{doc}: {arguments}: no {args.config}"
+        stamp = args.out / "config.json"
+        if stamp.is_file():
+            config = config_from_args(args)
+            changed = Simulator(config, args.out, quiet=True)._changed_settings(json.loads(stamp.read_text()))
+            assert changed == [], f"{doc}: tadlora-sim {arguments}: refused by {stamp} ({changed})"
 
 
 def test_cli_names_the_file_of_a_run_directory_that_cannot_be_read(tmp_path, capsys) -> None:
