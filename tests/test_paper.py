@@ -152,6 +152,19 @@ def test_the_summary_has_final_accuracy_spreads_and_the_area_under_the_curve() -
     assert entries([only])[("tad", 0.02, 12)].curve == pytest.approx(0.75)
 
 
+def test_the_summary_lists_a_t_sweep_and_the_link_probabilities_in_numeric_order() -> None:
+    """Its rows were sorted as text: a T sweep read T = 1, 10, 15, 2, 3, 5 in results.json and tadlora-sim's table."""
+
+    def run(method: str, p: float, t: int | None) -> dict[str, Any]:
+        return {"method": method, "topology": "er", "link_prob": p, "switch_interval": t, "seed": 0,
+                "rounds": [{"round": 0, "acc_mean": 0.5}], "final": {"acc_mean": 0.5, "acc_std": 0.0}}  # fmt: skip
+
+    runs = [run("tad", p, t) for t in (15, 2, 10, 1) for p in (0.5, 0.02, 1.0)] + [run("lora", 0.1, None)]
+    rows = [(r["method"], r["link_prob"], r["switch_interval"]) for r in summarize(runs)]
+    tad = [(p, t) for p in (0.02, 0.5, 1.0) for t in (1, 2, 10, 15)]
+    assert rows == [("lora", 0.1, None), *(("tad", p, t) for p, t in tad)]
+
+
 def test_a_checkpointed_cell_is_reported_with_its_rounds_and_last_evaluation() -> None:
     from tadlora.sim.paper import checkpoint_progress
 
