@@ -394,9 +394,9 @@ def test_the_results_of_the_last_process_to_finish_cover_the_grid_a_later_starte
     a = Simulator(first, tmp_path, quiet=False)
     run_cell = a.run_cell
 
-    def b_starts_and_finishes_while_a_runs(cell, on_round=None):
+    def b_starts_and_finishes_while_a_runs(cell, on_round=None, on_start=None):
         Simulator(second, tmp_path, quiet=True).run()
-        return run_cell(cell, on_round)
+        return run_cell(cell, on_round, on_start)
 
     a.run_cell = b_starts_and_finishes_while_a_runs  # type: ignore[method-assign]
     results = a.run()
@@ -657,6 +657,38 @@ def test_progress_estimates_the_time_left_in_a_cell_from_the_rounds_run_here() -
     assert quiet.getvalue() == ""
 
 
+def test_progress_leaves_a_cell_s_loading_out_of_its_first_estimate(tmp_path) -> None:
+    """The first estimate of a cell divided everything since its "starting" line by one round: the model and data
+    loading (tokenizing a GLUE train set) and a checkpoint's reading counted as a round's time, times the rounds left
+    (a tiny resumed cell said "~12m" for 8 s of rounds)."""
+    now = [0.0]
+    out = io.StringIO()
+    progress = Progress(1, stream=out, clock=lambda: now[0])
+    cell = Cell(method="lora", topology="er", link_prob=0.5, switch_interval=None, seed=0)
+    progress.begin(0, cell)
+    now[0] += 60  # loading
+    progress.rounds_start()
+    now[0] += 2  # round 1
+    progress.update(0, cell, 0, 31, {"train_loss": 0.5})
+    assert "round 1/31 loss 0.500 (62s, cell done in ~60s)" in out.getvalue(), out.getvalue()
+    # The simulator calls it once its cell is loaded and before the first round, resumed or not.
+    sim = Simulator(smoke_config(methods=["lora"], rounds=4, checkpoint_every=2), tmp_path, quiet=True)
+    events: list[str] = []
+
+    def started() -> None:
+        events.append("start" if sim._data is not None and sim._models else "start before loading")
+
+    def stop_in_round_2(t: int, _record: dict) -> None:  # after the checkpoint of rounds 0-1, as a Ctrl-C would
+        events.append(f"round {t}")
+        if t == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sim.run_cell(cell, stop_in_round_2, on_start=started)
+    sim.run_cell(cell, lambda t, _r: events.append(f"round {t}"), on_start=started)
+    assert events == ["start", "round 0", "round 1", "round 2", "start", "round 2", "round 3"]
+
+
 def test_an_unsized_preset_says_so_in_help_and_when_a_run_starts(tmp_path, capsys, caplog) -> None:
     assert "cpu-mnli is not sized" in " ".join(build_parser().format_help().split())
     # Refused right after the warning (nothing to share from), so that no MiniLM is loaded here.
@@ -913,7 +945,7 @@ def test_a_cell_whose_computation_another_process_runs_waits_for_it_and_copies_i
     monkeypatch.setattr(Simulator, "_locked", the_other_ends_while_we_wait)
     ran = []
     run_cell = Simulator.run_cell
-    monkeypatch.setattr(Simulator, "run_cell", lambda self, c, *a: ran.append(c.key) or run_cell(self, c, *a))
+    monkeypatch.setattr(Simulator, "run_cell", lambda self, c, *a, **k: ran.append(c.key) or run_cell(self, c, *a, **k))
     results = Simulator(mine, out, quiet=True).run()
     assert waited and f"cell {cell.key} waits: process 4242 is running the same computation" in capsys.readouterr().err
     assert results["missing_cells"] == []

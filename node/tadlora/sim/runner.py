@@ -144,6 +144,12 @@ class Progress:
             self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
             self.stream.flush()
 
+    def rounds_start(self) -> None:
+        """The current cell's rounds start now, its model, data and checkpoint loaded: the estimate of the time left
+        counts from here, since the loading, however long, is not a round's time (on a cell's first round it made the
+        estimate the loading's time times the rounds left)."""
+        self._cell_begun = self.clock()
+
     @staticmethod
     def _name(cell: Cell) -> str:
         return f"{cell.method} {cell.topology} p={cell.link_prob:g} T={cell.switch_interval or '-'} seed={cell.seed}"
@@ -516,7 +522,8 @@ class Simulator:
                 if (self.cells_dir / f"{cell.key}.json").exists() or self._adopt_equivalent(cell):
                     return None  # another process finished it, or its computation, meanwhile
                 progress.begin(index, cell, resuming=(self.cells_dir / f"{cell.key}.ckpt.safetensors").exists())
-                self.run_cell(cell, functools.partial(_report, progress, index, cell, self.config.rounds))
+                on_round = functools.partial(_report, progress, index, cell, self.config.rounds)
+                self.run_cell(cell, on_round, on_start=progress.rounds_start)
         return None
 
     @contextlib.contextmanager
@@ -578,8 +585,14 @@ class Simulator:
             dirs.append(out / "cells")
         return dirs
 
-    def run_cell(self, cell: Cell, on_round: Callable[[int, RoundRecord], None] | None = None) -> dict[str, Any]:
-        """Run one cell (resuming its checkpoint if any) and write ``cells/KEY.json``."""
+    def run_cell(
+        self,
+        cell: Cell,
+        on_round: Callable[[int, RoundRecord], None] | None = None,
+        on_start: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """Run one cell (resuming its checkpoint if any) and write ``cells/KEY.json``; ``on_round`` is called after
+        each round, ``on_start`` once before the first, when the model, data and checkpoint are loaded."""
         cfg = self.config
         data = self._prepare()
         model = self._model(cell.seed, data.train.label_names)
@@ -626,6 +639,8 @@ class Simulator:
                         engine.set_optimizer_state(i, opt)
             started = time.monotonic()
             robust = parse_robust_mixing(cfg.robust_mixing)
+            if on_start is not None:
+                on_start()
             simulate(engine, method, topology, cfg.rounds, cfg.eval_every, len(records), after_round, robust)
         finally:
             engine.close()
