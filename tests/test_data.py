@@ -793,6 +793,13 @@ def test_label_skew_default_size_is_the_largest_that_exhausts_no_class() -> None
     assert all(s.size == 50 for s in make_shards(labels, "label-skew:50", 10, seed=0))
 
 
+def test_a_label_skew_too_large_for_its_classes_says_how_to_fit() -> None:
+    # 4 clients, 2 rows of each class: a client at [0.9, 0.1] needs more of one class than the split can give.
+    labels = np.array([0, 0, 1, 1])
+    with pytest.raises(ValueError, match=r"class counts \[2, 2\] .* fewer clients or more rows, or another split"):
+        split_label_skew(labels, 4, seed=0)
+
+
 @pytest.mark.parametrize("scheme", ["iid", "label-skew", "dirichlet:0.5"])
 def test_every_scheme_is_deterministic_for_a_seed_and_varies_with_it(
     scheme: str,

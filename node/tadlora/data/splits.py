@@ -201,7 +201,10 @@ def split_label_skew(
     if samples_per_client is None:
         n = _label_skew_capacity(props, pools, upper)
         if n == 0:
-            raise ValueError(f"class counts {pools.tolist()} are too small for {num_clients} label-skewed clients")
+            raise ValueError(
+                f"class counts {pools.tolist()} are too small for {num_clients} label-skewed clients: give fewer "
+                "clients or more rows, or another split (iid or dirichlet:ALPHA)"
+            )
     else:
         n = samples_per_client
         if n < 1:
