@@ -13,13 +13,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from tadlora.sim.config import override, preset
+from tadlora.sim.config import PRESETS, override, preset
 from tadlora.sim.runner import Simulator
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default="cpu-sst2", help="cpu-sst2 (default), cpu-mnli, paper-mnli or smoke")
+    parser.add_argument(
+        "--preset",
+        default="cpu-sst2",
+        choices=sorted(PRESETS),
+        help="cpu-sst2 (default), cpu-mnli, paper-mnli or smoke",
+    )
     parser.add_argument(
         "--link-prob", type=float, default=0.02, help="the table's column: 0.5, 0.1 or 0.02 (default: 0.02)"
     )

@@ -39,6 +39,15 @@ def test_paper_cell_runs_through_its_smoke_path(tmp_path: Path) -> None:
     assert "rolora" in out and (tmp_path / "accuracy_vs_round.png").exists()
 
 
+def test_paper_cell_refuses_an_unknown_preset_with_the_choices() -> None:
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "paper_cell.py"), "--preset", "smok", "--out", "unused"],
+        capture_output=True, text=True, timeout=120, env=ENV, cwd=EXAMPLES,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert "invalid choice: 'smok'" in proc.stderr and "smoke" in proc.stderr and "Traceback" not in proc.stderr
+
+
 def test_two_nodes_on_your_own_model_and_data(tmp_path: Path) -> None:
     run_example("node_own_model_and_data.py", "--out", str(tmp_path), "--rounds", "2")
     for i in range(2):
