@@ -760,6 +760,12 @@ def test_cli_takes_the_edge_list_topology_its_help_shows() -> None:
         ({"train": {"bogus": 1}}, "unknown train settings"),
         # a flat "lr" named only the top-level settings, where it is not; the message says where it goes
         ({"lr": 0.1}, """unknown simulator settings: ['lr'] ('lr' is a train setting: {"train": {"lr": ...}})"""),
+        # and the other way round: a top-level setting inside a group, or one group's setting in the other
+        (
+            {"train": {"rounds": 5}},
+            """unknown train settings: ['rounds'] ('rounds' is a top-level setting: {"rounds": ...})""",
+        ),
+        ({"lora": {"lr": 0.1}}, """unknown lora settings: ['lr'] ('lr' is a train setting: {"train": {"lr": ...}})"""),
         ({"lora": 5}, "lora must be"),
         ({"rounds": "5"}, "rounds must be"),
         ({"seeds": 0}, "seeds must be"),

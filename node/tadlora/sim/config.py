@@ -332,36 +332,47 @@ def override(base: SimConfig, changes: dict[str, Any]) -> SimConfig:
 
     Every value must have its setting's type (a JSON list for a tuple, an object for ``lora``/``train``): a
     ValueError names the one that has not, instead of a TypeError from deep in a run hours later."""
-    return _replaced(base, changes, "simulator")
+    return _replaced(base, changes, "simulator", base)
 
 
-def _replaced(base: Any, changes: dict[str, Any], what: str) -> Any:
-    """The dataclass ``base`` with ``changes`` type-checked (`_typed`) and applied (``what``: for messages)."""
+def _replaced(base: Any, changes: dict[str, Any], what: str, root: SimConfig) -> Any:
+    """The dataclass ``base`` with ``changes`` type-checked (`_typed`) and applied (``what``: for messages;
+    ``root``: the whole config, to say where a misplaced setting goes)."""
     hints = typing.get_type_hints(type(base))
     unknown = sorted(set(changes) - set(hints))
     if unknown:
-        # A nested setting given at the top ("lr" for "train": {"lr": ...}): say where it goes.
-        nested = [
-            f'{key!r} is a {name} setting: {{"{name}": {{"{key}": ...}}}}'
-            for key in unknown
-            for name in sorted(hints)
-            if dataclasses.is_dataclass(group := getattr(base, name))
-            and key in {f.name for f in dataclasses.fields(group)}
-        ]
-        where = f" ({'; '.join(nested)})" if nested else ""
+        # A setting given in the wrong place ("lr" at the top for "train": {"lr": ...}, "rounds" inside "train"):
+        # say where it goes.
+        places = [_where(key, group) for key in unknown for group in _places(root, key)]
+        where = f" ({'; '.join(places)})" if places else ""
         raise ValueError(f"unknown {what} settings: {unknown}{where}; known: {sorted(hints)}")
     fixed: dict[str, Any] = {}
     for key, value in changes.items():
         current = getattr(base, key)
         if dataclasses.is_dataclass(current):  # lora, train: a partial object of their own settings
             if isinstance(value, dict):
-                value = _replaced(current, value, key)
+                value = _replaced(current, value, key, root)
             elif not isinstance(value, type(current)):
                 raise ValueError(f"{key} must be an object of {key} settings, got {value!r}")
         else:
             value = _typed(key, value, hints[key])
         fixed[key] = value
     return dataclasses.replace(base, **fixed)
+
+
+def _places(root: SimConfig, key: str) -> list[str]:
+    """Where ``key`` is a setting of a simulator config: "simulator" (the top level) and/or the names of the nested
+    groups (lora, train) that have it."""
+    groups = [f.name for f in dataclasses.fields(root) if dataclasses.is_dataclass(getattr(root, f.name))]
+    top = ["simulator"] if key in {f.name for f in dataclasses.fields(root)} else []
+    return top + [g for g in groups if key in {f.name for f in dataclasses.fields(getattr(root, g))}]
+
+
+def _where(key: str, group: str) -> str:
+    """How to write ``key`` where it belongs (`_places`), for a message."""
+    if group == "simulator":
+        return f'{key!r} is a top-level setting: {{"{key}": ...}}'
+    return f'{key!r} is a {group} setting: {{"{group}": {{"{key}": ...}}}}'
 
 
 def _typed(name: str, value: Any, hint: Any) -> Any:
