@@ -832,6 +832,13 @@ def test_a_grid_stamped_before_the_init_setting_existed_goes_on_only_with_torch_
     assert Simulator(config, tmp_path, quiet=True).run(report_only=True)["missing_cells"] == []
     with pytest.raises(ValueError, match=r"different settings \(init\)"):
         Simulator(override(config, {"init": "portable"}), tmp_path, quiet=True).run()
+    # Its stamp given back (what the refusal advises) is read as that run's settings, init included; another file
+    # without "init" is a user's own config and takes today's default.
+    stamp_file = str(tmp_path / "config.json")
+    assert main(["--config", stamp_file, "--out", str(tmp_path), "--report-only", "--quiet"]) == 0
+    assert (
+        config_from_args(build_parser().parse_args(["--config", stamp_file, "--out", "elsewhere"])).init == "portable"
+    )
 
 
 def test_the_committed_cpu_sst2_grid_goes_on_with_its_preset() -> None:

@@ -13,6 +13,7 @@ tad-nojoint with T=1 is rolora) is copied from it, with "same_as" naming the sou
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import re
 import sys
@@ -174,12 +175,21 @@ _FLAG_FIELDS = (
 _TRAIN_FLAG_FIELDS = ("precision", "optimizer", "optimizer_state")  # set under "train"
 
 
+def _is_stamp_of(config_file: Path, out: Path) -> bool:
+    """Whether ``config_file`` is the stamp of the run in ``out`` (``--config OUT/config.json``: go on with it)."""
+    stamp = out / "config.json"
+    with contextlib.suppress(OSError):
+        return stamp.exists() and config_file.samefile(stamp)
+    return False
+
+
 def config_from_args(args: argparse.Namespace) -> SimConfig:
     """Preset, then config file, then flags."""
     config = preset(args.preset) if args.preset else SimConfig()
     if args.config is not None:
         try:
-            config = config_from_json(args.config.read_text(encoding="utf-8"), base=config)
+            text = args.config.read_text(encoding="utf-8")
+            config = config_from_json(text, base=config, stamp=_is_stamp_of(args.config, args.out))
         except ValueError as exc:  # which file: the error names a setting, a line, or a key given twice
             raise ValueError(f"{args.config}: {exc}") from None
     changes: dict[str, Any] = {f: getattr(args, f) for f in _FLAG_FIELDS if getattr(args, f) is not None}

@@ -307,13 +307,32 @@ def preset(name: str) -> SimConfig:
 RESOLVED_KEY = "resolved_on_host"
 
 
-def config_from_json(text: str, base: SimConfig | None = None) -> SimConfig:
-    """A SimConfig from a JSON object of overrides on ``base`` (default: SimConfig()); a run's stamp is one."""
+def config_from_json(text: str, base: SimConfig | None = None, *, stamp: bool = False) -> SimConfig:
+    """A SimConfig from a JSON object of overrides on ``base`` (default: SimConfig()). With ``stamp`` the object
+    is a run's stamp (OUT/config.json), whose settings added since it was written are what that run used
+    (`stamp_settings`), not today's defaults: given back to go on with its run, it must match what the run ran."""
     raw = json.loads(text, object_pairs_hook=_object_of_unique_keys)
     if not isinstance(raw, dict):
         raise ValueError("a simulator config file holds a JSON object")
     raw.pop(RESOLVED_KEY, None)
-    return override(base or SimConfig(), raw)
+    return override(base or SimConfig(), stamp_settings(raw) if stamp else raw)
+
+
+# Settings whose default is not what runs made before they existed did: those runs' value.
+_BEFORE_IT_EXISTED: dict[str, Any] = {"init": "torch"}
+
+
+def stamp_settings(stamped: dict[str, Any]) -> dict[str, Any]:
+    """A run's stamped config with the settings added since it was written at what that run used: their defaults
+    (top level and in the nested ``lora`` and ``train``), or `_BEFORE_IT_EXISTED`."""
+    defaults = json.loads(json.dumps(SimConfig().to_dict()))
+    out = dict(stamped)
+    for key, default in defaults.items():
+        if key not in out:
+            out[key] = _BEFORE_IT_EXISTED.get(key, default)
+        elif isinstance(default, dict) and isinstance(out[key], dict):
+            out[key] = {**default, **out[key]}
+    return out
 
 
 def _object_of_unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:

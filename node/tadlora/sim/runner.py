@@ -37,7 +37,7 @@ from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.core.topology import Topology, make_topology
 from tadlora.data import TextDataset, is_local_spec, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
-from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig, override
+from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig, override, stamp_settings
 from tadlora.sim.engine import ClientEngine, make_engine, resolve_engine
 from tadlora.training import Encoded, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
@@ -455,7 +455,7 @@ class Simulator:
         theirs = dict(theirs)
         resolved = theirs.pop(RESOLVED_KEY, None)
         mine = json.loads(json.dumps(self.config.to_dict()))
-        theirs = _with_defaults(theirs)
+        theirs = stamp_settings(theirs)
         changed = []
         if isinstance(resolved, dict) and isinstance(theirs.get("train"), dict):
             ran, here = resolved.get("matmul_precision"), self._resolved()["matmul_precision"]
@@ -728,23 +728,6 @@ def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
 
 
 OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
-
-
-# Settings whose default is not what runs made before they existed did: those runs' value.
-_BEFORE_IT_EXISTED: dict[str, Any] = {"init": "torch"}
-
-
-def _with_defaults(stamped: dict[str, Any]) -> dict[str, Any]:
-    """A stamped config with the settings added since it was written at what that run used: their defaults (top
-    level and in the nested ``lora`` and ``train``), or `_BEFORE_IT_EXISTED`."""
-    defaults = json.loads(json.dumps(SimConfig().to_dict()))
-    out = dict(stamped)
-    for key, default in defaults.items():
-        if key not in out:
-            out[key] = _BEFORE_IT_EXISTED.get(key, default)
-        elif isinstance(default, dict) and isinstance(out[key], dict):
-            out[key] = {**default, **out[key]}
-    return out
 
 
 def _topology_files(config: SimConfig) -> dict[str, str]:
