@@ -438,6 +438,21 @@ def test_a_wildcard_listen_that_peers_could_not_call_back_exits_2_naming_the_fla
     assert "(--listen is TADLORA_LISTEN='0.0.0.0:7070')" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("listen", ["localhost:0", "[::1]:0"])
+def test_an_mdns_node_whose_listen_host_its_advert_cannot_name_exits_2_naming_the_flag(
+    listen: str, tmp_path, capsys
+) -> None:
+    """mDNS announces the --listen host, as IPv4 only: a host name or an IPv6 one used to fail once the model had
+    loaded, with exit 1 (restarted for ever) naming an internal field, "advertise_address 'localhost'". Now
+    exit 2 before the model loads (--model points nowhere), naming --listen and the two ways out."""
+    argv = ["--peers", "auto", "--mdns-interface", "127.0.0.1", "--insecure", "--model", str(tmp_path / "no-model"),
+            "--rounds", "1", "--min-peers", "0", "--device", "cpu", "--out", str(tmp_path / "n0")]  # fmt: skip
+    assert main(["--listen", listen, *argv]) == 2
+    err = capsys.readouterr().err
+    assert f"--listen {listen}: mDNS (--peers auto) announces the --listen host" in err
+    assert "--advertise-address" in err and "advertise_address" not in err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -199,7 +199,9 @@ class NodeConfig:
 
 def check_callable_back(cfg: NodeConfig) -> None:
     """Raise ValueError for a wildcard --listen with neither mDNS nor --advertise-address: the node would tell
-    its peers 0.0.0.0:PORT, and a peer that dials that reaches its own host (itself, or another node there).
+    its peers 0.0.0.0:PORT, and a peer that dials that reaches its own host (itself, or another node there); and
+    for an mDNS node without --advertise-address whose --listen host is not an IPv4 address, which its mDNS advert
+    could not name.
     Not one of `NodeConfig`'s own checks: `tadlora-node doctor` reports it as a FAIL with the others."""
     host = cfg.listen.rpartition(":")[0]
     if is_wildcard(host) and cfg.advertise_address is None and not cfg.peers.auto:
@@ -208,6 +210,17 @@ def check_callable_back(cfg: NodeConfig) -> None:
             "is no mDNS to announce one: set --advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IP peers "
             "reach this node at (in Kubernetes: the pod IP), or --listen on that address"
         )
+    if cfg.peers.auto and cfg.advertise_address is None and not is_wildcard(host):
+        # mDNS announces the --listen host, and an advert holds IPv4 addresses only: a name (localhost) or an IPv6
+        # host would fail there, once the model has loaded, as exit 1 naming no flag (and be restarted for ever).
+        try:
+            require_unicast_ipv4(host.strip("[]"), "")
+        except ValueError as exc:
+            raise ValueError(
+                f"--listen {cfg.listen}: mDNS (--peers auto) announces the --listen host, and "
+                f"{str(exc).strip()}: --listen on an IPv4 address of this host (or 0.0.0.0:PORT), or set "
+                "--advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IPv4 address peers reach this node at"
+            ) from None
 
 
 def is_wildcard(host: str) -> bool:
