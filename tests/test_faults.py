@@ -215,6 +215,26 @@ async def test_a_peer_that_keeps_failing_is_retried_with_doubling_delays_up_to_t
 
 
 @pytest.mark.asyncio
+async def test_a_peer_that_does_not_answer_is_logged_once_per_outage_with_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A static peer that never answers (a typo in its address, a firewall) used to be retried in silence: the node
+    said only "only 0 of 1 peers ... starting anyway" and trained alone. Its first failure is logged with the
+    transport's reason; the retries that follow are not, nor is anything while it stays verified."""
+    pm, transport, clock = manager(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="tadlora.peers"):
+        await scan_for(pm, clock, 100)
+        transport.up = True
+        await scan_for(pm, clock, RETRY_MAX_S + 1)
+    assert len(transport.tries) > 5 and "flaky" in pm.peers
+    said = [r.getMessage() for r in caplog.records if "does not answer" in r.getMessage()]
+    assert said == [
+        "10.0.0.9:7070 (static) does not answer, retried up to every 30 s: peer 10.0.0.9:7070 unavailable: "
+        "connection refused"
+    ]
+
+
+@pytest.mark.asyncio
 async def test_a_static_peer_down_for_a_day_is_still_retried_every_retry_max_s(monkeypatch: pytest.MonkeyPatch) -> None:
     # 2 ** 1024 does not fit a float: a backoff computed from the raw failure count raised OverflowError at the
     # 1025th failure in a row (8.5 h of a static peer that is down), which ended the peer manager and the node.

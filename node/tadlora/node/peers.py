@@ -229,6 +229,7 @@ class PeerManager:
         this node itself, it is not dialled again (`SELF`) until its advert or this node's address changes."""
         attempt.address = addresses[0]
         failure: str | None = None  # why the last address that did not reach this node itself failed
+        unanswered = ""  # why the last address that did not answer at all did not (refusals are logged as they come)
         for address in addresses:
             conn = self._transport.connect(address, node_id=expected)
             try:
@@ -244,7 +245,7 @@ class PeerManager:
                 continue
             except PeerUnavailable as exc:
                 await conn.aclose()
-                failure = str(exc)
+                failure = unanswered = str(exc)
                 continue
             except BaseException:  # shutting down mid-handshake, or a failure of ours: the connection is nobody's yet
                 await _aclose_quietly(conn)  # a failing close must not replace what ended the handshake
@@ -262,6 +263,11 @@ class PeerManager:
             if failure is None:
                 attempt.retry_at = SELF
             else:
+                if unanswered and attempt.failures == 0:
+                    # Once per outage (a drop logs its own): without it, a static peer with a typo in its address or
+                    # behind a firewall is retried in silence, and the node trains alone with nothing saying why.
+                    log.info("%s (%s) does not answer, retried up to every %.0f s: %s", key, source, RETRY_MAX_S,
+                             unanswered)  # fmt: skip
                 self._backoff(attempt, failure)
             return
         if address != addresses[0]:
