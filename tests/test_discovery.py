@@ -376,6 +376,20 @@ async def test_another_service_claiming_our_node_id_is_ignored_with_a_warning(
 
 
 @pytest.mark.asyncio
+async def test_a_node_started_under_the_id_of_one_already_announced_warns_too(
+    n: Names, discovery_log: LogWaiter
+) -> None:
+    """The node that comes second under a taken id is the one to fix, and it browses before its own name is
+    registered (RFC 6762 probing, ~1.2 s, so real timings here): the first node's service, resolved in that time, was
+    dropped without a word, and only the first node warned."""
+    me = advert(n("me"), 50133)
+    async with raw_responder(raw_info(n("first"), me.txt(), port=50134)), running(me) as (node,):
+        await discovery_log.wait_for_message("claims our node id", REAL_TIMERS_WAIT_S)
+        assert n("me") not in node.candidates()
+    assert any(n("first") in r.getMessage() and "127.0.0.1:50134" in r.getMessage() for r in discovery_log.records)
+
+
+@pytest.mark.asyncio
 @pytest.mark.parametrize("alias", FOREIGN_ALIASES)
 async def test_a_pointer_to_a_name_that_is_not_our_service_is_ignored_with_one_warning_not_an_error(
     quick_timing: None, n: Names, discovery_log: LogWaiter, caplog: pytest.LogCaptureFixture, alias: str

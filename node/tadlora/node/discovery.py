@@ -261,6 +261,9 @@ class MdnsDiscovery:
         self._resolving: dict[str, asyncio.Task[None]] = {}  # service name -> its newest resolution
         self._tasks: set[asyncio.Task[None]] = set()
         self._logged_bad: set[str] = set()
+        # Services of our cluster under our node id resolved while our own name was still being probed: judged, and
+        # warned of, once it is known (zeroconf may rename ours on a conflict). Service name -> its address.
+        self._early_claims: dict[str, str] = {}
         self._changed = asyncio.Event()
 
     async def __aenter__(self) -> Self:
@@ -341,6 +344,10 @@ class MdnsDiscovery:
             # allow_name_change: two ids may sanitise to one label; the TXT id stays the identity.
             await (await aiozc.async_register_service(info, allow_name_change=True))
             self._info = info
+            for claimed, address in self._early_claims.items():
+                if claimed != info.name:
+                    self._warn_claim(claimed, address)
+            self._early_claims.clear()
             binding.push_async_callback(self._async_unregister)
         except BaseException:
             await self._async_unbind(handover=False)
@@ -451,6 +458,7 @@ class MdnsDiscovery:
             previous.cancel()  # the newest event about a service wins
         if state_change is ServiceStateChange.Removed:
             self._logged_bad.discard(name)
+            self._early_claims.pop(name, None)
             self._drop(name)
             return
         task = asyncio.get_running_loop().create_task(
@@ -481,11 +489,12 @@ class MdnsDiscovery:
         if result.node_id == self._advert.node_id:
             # Another cluster's node of our id is no impostor: ids are unique only within a cluster.
             ours = result.cluster == self._advert.cluster
-            if ours and self._info is not None and name != self._info.name and name not in self._logged_bad:
-                self._logged_bad.add(name)
-                log.warning(
-                    "mDNS: ignoring service %r at %s: it claims our node id %r", name, result.address, result.node_id
-                )
+            if ours and self._info is None:
+                # Browsing starts before our name is registered (~1.2 s of probing), and a node already running is
+                # resolved in that time: dropped here, it would never be warned of by the node that came second.
+                self._early_claims[name] = result.address
+            elif ours and self._info is not None and name != self._info.name:
+                self._warn_claim(name, result.address)
             self._drop(name)
             return
         self._logged_bad.discard(name)
@@ -494,6 +503,14 @@ class MdnsDiscovery:
         self._by_service.pop(name, None)  # re-insert so the newest resolution is last
         self._by_service[name] = result
         self._notify()
+
+    def _warn_claim(self, name: str, address: str) -> None:
+        """Warn, once per service, that ``name`` (at ``address``) is another service of our cluster under our id."""
+        if name not in self._logged_bad:
+            self._logged_bad.add(name)
+            log.warning(
+                "mDNS: ignoring service %r at %s: it claims our node id %r", name, address, self._advert.node_id
+            )
 
     def _drop(self, name: str) -> None:
         resolved = self._by_service.pop(name, None)
