@@ -387,6 +387,26 @@ def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
     assert check_out(dataclasses.replace(cfg, node_id=None), "ab").status == "OK"  # the node takes the kept id
 
 
+def test_an_out_held_by_a_running_node_fails_as_the_node_would(tmp_path) -> None:
+    """The daemon refuses an --out whose lock another node holds (exit 1, retried for ever); doctor said "OK:
+    resumes node ..." for it. The lock is this test's own `hold_out`, as a running node holds it."""
+    from tadlora.node import state
+    from tadlora.node.hostcheck import check_out
+
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
+    cfg.out.mkdir()
+    save_identity(cfg.out, "node-0", "ab", **cfg.run_settings())
+    fd = state.hold_out(cfg.out)
+    try:
+        held = check_out(cfg, "ab")
+    finally:
+        os.close(fd)
+    assert held.status == "FAIL" and f"process {os.getpid()} holds {cfg.out / state.LOCK}" in held.detail, held
+    assert "stop that node" in held.fix
+    assert check_out(cfg, "ab").status == "OK"  # released: a node stopped, or one that crashed, holds nothing
+    assert sorted(p.name for p in cfg.out.iterdir()) == [state.LOCK, "node.json"]  # asking created nothing new
+
+
 def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
     """The daemon refuses to resume a run of other settings (`NodeConfig.run_settings`): so does doctor."""
     from tadlora.node.hostcheck import check_out

@@ -358,9 +358,11 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
 
 
 def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
-    """--out is writable and, if it holds a run, a run of this model and of this --node-id. One this user cannot
-    look into (a parent directory it may not search) is a FAIL too: the node's mkdir fails there."""
+    """--out is writable, not held by a running node and, if it holds a run, a run of this model and of this
+    --node-id. One this user cannot look into (a parent directory it may not search) is a FAIL too: the node's
+    mkdir fails there."""
     from tadlora.node.identity import IDENTITY, load_identity, run_conflict
+    from tadlora.node.state import LOCK, out_holder
 
     out = cfg.out
     try:
@@ -388,6 +390,14 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
             "FAIL",
             f"{out}: {existing} is not a writable directory",
             "choose another --out, or give this user write access to it",
+        )
+    if out.is_dir() and (holder := out_holder(out)) is not None:
+        # The node refuses a held --out first of all (`hold_out`): it would be retried, and refused, for ever.
+        return Check(
+            "out",
+            "FAIL",
+            f"{out} is in use by a running node (process {holder} holds {out / LOCK})",
+            "stop that node first, or give this node another --out",
         )
     try:
         identity = load_identity(out) if out.is_dir() else None

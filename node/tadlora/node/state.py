@@ -156,6 +156,24 @@ def hold_out(out: Path) -> int:
     return fd
 
 
+def out_holder(out: Path) -> str | None:
+    """Who holds ``out``'s lock (`hold_out`): the pid its holder wrote ("?" if none), or None when no process holds
+    it (or there is no lock file). Creates nothing, and holds the lock only for the moment of asking."""
+    try:
+        fd = os.open(out / LOCK, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file, or none this user may open: hold_out then says why, if anything
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "?"
+    except OSError:
+        return None  # a file system without locks: not held by anyone here
+    finally:
+        os.close(fd)  # releases the lock, if this took it
+    return None
+
+
 def remove_torn_writes(out: Path) -> list[Path]:
     """Delete temp files (and the temp adapter directory) of atomic writes cut short by a crash (SIGKILL, power
     loss), and finish an interrupted adapter swap; only the node that owns ``out`` may call it, at start-up,
