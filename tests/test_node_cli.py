@@ -590,6 +590,16 @@ def test_an_out_where_a_file_is_in_the_way_exits_2_naming_the_flag(tmp_path, mon
     assert f"(--out is TADLORA_OUT='{tmp_path / out}')" in capsys.readouterr().err
 
 
+def test_an_out_that_cannot_be_created_names_the_flag(tmp_path, capsys) -> None:
+    """A directory nobody can create in (procfs here; a read-only file system, a path outside the systemd unit's
+    writable ones) failed as "[Errno 2] No such file or directory: '/proc/...'", naming no flag. Still exit 1: a
+    mount that is not there yet may come."""
+    out = "/proc/tadlora-no-such-dir/run"
+    argv = ["--insecure", "--model", str(tmp_path / "no-model"), "--peers", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    assert main([*argv, "--out", out]) == 1
+    assert f"tadlora-node: error: --out {out}: cannot create it: " in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("kept", ["other-run", "damaged-checkpoint", "held"])
 def test_an_out_no_restart_can_use_exits_2_and_one_held_by_a_running_node_exits_1(tmp_path, capsys, kept) -> None:
     """A supervisor restarts on failure (systemd: RestartPreventExitStatus=2): an --out that holds another run, or a

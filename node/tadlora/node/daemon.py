@@ -193,7 +193,15 @@ class Node:
         """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""
         cfg = self.config
         check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
-        cfg.out.mkdir(parents=True, exist_ok=True)
+        try:
+            cfg.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            # Else only "[Errno 30] Read-only file system: '/srv/run'": no flag named (in a container or a unit,
+            # TADLORA_OUT set it), nor that systemd's ProtectSystem=strict leaves only the state directory writable.
+            raise OSError(  # one argument: str() is the message alone, without an "[Errno N]" in front
+                f"--out {cfg.out}: cannot create it: {exc.strerror or exc}: choose a --out this user can write "
+                "(`tadlora-node doctor` checks it), e.g. under the systemd unit its state directory",
+            ) from exc
         # Before the (seconds-long) model load and before anything in --out is read or written: a node already
         # running on it would have its writes in flight removed as torn.
         self._out_lock = state.hold_out(cfg.out)
