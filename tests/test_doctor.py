@@ -264,6 +264,12 @@ def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -
         cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION, schedule="lora T=none p=1.0 max-neighbors=all"
     )
     assert other.status == "WARN" and "'lora T=none p=1.0 max-neighbors=all'" in other.detail and ours in other.detail
+    # Another fingerprint and another schedule: both said, with both fixes (one restart, not two).
+    both = compare_peer(
+        cfg, "ab", "x", cfg.cluster, "cd", PROTOCOL_VERSION, schedule="lora T=none p=1.0 max-neighbors=all"
+    )
+    assert both.status == "WARN" and "fingerprint cd differs" in both.detail and "'lora T=none" in both.detail
+    assert all(flag in both.fix for flag in ("--seed", "--lora-dropout", "--init", "--method", "--link-prob"))
 
 
 @pytest.mark.asyncio

@@ -796,6 +796,25 @@ async def test_an_advert_of_another_schedule_is_not_dialled_but_one_of_ours_or_o
 
 
 @pytest.mark.asyncio
+async def test_an_advert_of_another_fingerprint_and_schedule_is_logged_with_both_and_their_fixes(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Skipped for its fingerprint alone, a node started with another --seed and another --method told its operator
+    of the seed (by a hash) and, once that was fixed and restarted, of the method."""
+    ours, theirs = "tad T=5 p=0.5 max-neighbors=all", "lora T=none p=0.5 max-neighbors=all"
+    stranger = dataclasses.replace(advert("stranger", "10.0.0.2:7070"), fingerprint="g", schedule=theirs)
+    hosts = Hosts()
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1", schedule=ours)
+    pm = PeerManager(hosts, lambda: me, lambda: [(stranger.node_id, stranger.address, stranger)], lambda: None)
+    with caplog.at_level(logging.WARNING, logger="tadlora.peers"):
+        await pm.scan()
+    assert pm.peers == {} and hosts.dials == []
+    [line] = [r.getMessage() for r in caplog.records if "stranger" in r.getMessage()]
+    assert "model fingerprint g differs from ours (f)" in line and "--seed" in line and "--lora-r" in line, line
+    assert repr(theirs) in line and repr(ours) in line and "--switch-interval" in line, line
+
+
+@pytest.mark.asyncio
 async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
     """Churn (pods that each lived once at an IP of their own, strangers announcing random ids) must not grow the
     manager's bookkeeping without bound: what it keeps for a candidate goes once the candidate has been gone for

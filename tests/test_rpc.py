@@ -311,6 +311,27 @@ async def test_a_refusal_for_another_cluster_model_or_schedule_says_which_node_h
 
 
 @pytest.mark.asyncio
+async def test_a_fingerprint_refusal_says_what_the_fingerprint_covers_and_a_schedule_that_differs_too(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    """A node started with another --seed and another --method was refused for the fingerprint alone, a hash that
+    names nothing: the operator fixed the seed, restarted, and only then learned of the method."""
+    other = "lora T=none p=0.5 max-neighbors=all"
+    stranger = dataclasses.replace(alice.info, fingerprint="sha256:" + "cd" * 32, schedule=other)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as both:
+            await client.handshake(stranger, TIMEOUT)
+        with pytest.raises(ExchangeRefused) as fingerprint_only:
+            await client.handshake(dataclasses.replace(stranger, schedule=SCHEDULE), TIMEOUT)
+    assert both.value.reason is fingerprint_only.value.reason is Reason.FINGERPRINT_MISMATCH
+    for refused in (both, fingerprint_only):
+        assert "--lora-r" in refused.value.detail and "--seed" in refused.value.detail, refused.value.detail
+    assert f"'alice' runs {other!r}, 'bob' runs {SCHEDULE!r}" in both.value.detail, both.value.detail
+    assert "--switch-interval" in both.value.detail
+    assert " runs " not in fingerprint_only.value.detail and "--switch-interval" not in fingerprint_only.value.detail
+
+
+@pytest.mark.asyncio
 async def test_a_schedule_over_the_text_cap_is_refused_like_any_other_text_field(
     transport: Transport, alice: FakeNode, bob: FakeNode
 ) -> None:

@@ -44,7 +44,7 @@ from tadlora.node.hostcheck import (
 )
 from tadlora.node.identity import kept_node_id
 from tadlora.node.netif import ipv4_networks
-from tadlora.node.rpc import SAME_SCHEDULE_FIX, schedules_differ
+from tadlora.node.rpc import SAME_MODEL_FIX, SAME_SCHEDULE_FIX, schedules_differ
 
 if TYPE_CHECKING:
     import grpc
@@ -64,7 +64,6 @@ BROWSE_S = 3.0  # s of mDNS browsing; peers answer a new browser in ~0.1 s, one 
 STATUS_TIMEOUT_S = 5.0  # s for one peer's Status call
 CERT_EXPIRY_WARN_DAYS = 30  # days before a node certificate expires that the tls check WARNs (time to reissue)
 _DNS_FIX = "check the name (in Kubernetes: the headless Service and the namespace) and that the peers run"
-_SAME_TRAINING_FLAGS = "--model, --dataset, --lora-r/--lora-alpha/--lora-targets and --seed"
 
 
 # ---------------------------------------------------------------------------------------------- peers
@@ -155,12 +154,14 @@ def compare_peer(
             "fix the model check first",
         )
     if peer_fingerprint != fingerprint:
+        also = schedules_differ(schedule, ours := cfg.schedule())  # said with it: else one restart finds each
         return Check(
             name,
             "WARN",
-            f"cluster {cluster!r} matches, but fingerprint {peer_fingerprint} differs from "
-            f"ours ({fingerprint}): the nodes will not mix",
-            f"start every node of a cluster with the same {_SAME_TRAINING_FLAGS}",
+            f"cluster {cluster!r} matches, but fingerprint {peer_fingerprint} differs from ours ({fingerprint})"
+            + (f", and it runs {schedule!r} and this node {ours!r}" if also else "")
+            + ": the nodes will not mix",
+            SAME_MODEL_FIX + (f"; {SAME_SCHEDULE_FIX}" if also else ""),
         )
     if schedules_differ(schedule, ours := cfg.schedule()):
         return Check(

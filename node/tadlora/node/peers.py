@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from tadlora.node.discovery import PeerCandidate
 from tadlora.node.rpc import (
+    SAME_MODEL_FIX,
     SAME_SCHEDULE_FIX,
     OwnAddress,
     PeerConnection,
@@ -205,7 +206,9 @@ class PeerManager:
         if cand.cluster != local.cluster:
             reason = f"cluster {cand.cluster!r} is not ours ({local.cluster!r})"
         elif cand.fingerprint != local.fingerprint:
-            reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint})"
+            reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint}): {SAME_MODEL_FIX}"
+            if schedules_differ(cand.schedule, local.schedule):  # both said at once: else one restart finds each
+                reason += f"; its schedule {cand.schedule!r} differs too ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
         elif cand.protocol_version != local.protocol_version:
             reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version})"
         elif schedules_differ(cand.schedule, local.schedule):

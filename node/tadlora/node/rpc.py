@@ -385,10 +385,18 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
             Reason.CLUSTER_MISMATCH, f"{them} is in cluster {theirs.cluster!r}, {us} is in cluster {ours.cluster!r}"
         )
     if theirs.fingerprint != ours.fingerprint:
+        # A schedule that differs too is said here as well: refused for the fingerprint alone, a pair started with
+        # another --seed and another --method would find the second mistake only after fixing the first.
+        also = (
+            f"; and {them} runs {theirs.schedule!r}, {us} runs {ours.schedule!r}"
+            if schedules_differ(theirs.schedule, ours.schedule)
+            else ""
+        )
         raise ExchangeRefused(
             Reason.FINGERPRINT_MISMATCH,
             f"{them} has model fingerprint {theirs.fingerprint[:16]!r}, "
-            f"{us} has model fingerprint {ours.fingerprint[:16]!r}",
+            f"{us} has model fingerprint {ours.fingerprint[:16]!r}{also}: {SAME_MODEL_FIX}"
+            + (f"; {SAME_SCHEDULE_FIX}" if also else ""),
         )
     if schedules_differ(theirs.schedule, ours.schedule):
         raise ExchangeRefused(
@@ -396,6 +404,14 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
             f"{them} runs {theirs.schedule!r}, {us} runs {ours.schedule!r}: {SAME_SCHEDULE_FIX}",
         )
 
+
+# What to do about a peer of another model fingerprint (`tadlora.adapter.fingerprint`: one hash of what it covers,
+# so which part differs cannot be told from it), wherever one is found.
+SAME_MODEL_FIX: Final = (
+    "the fingerprint covers --model (its weights, and its tokenizer under --init portable), the label set of "
+    "--dataset, --lora-r, --lora-alpha, --lora-dropout, --lora-targets, --init and --seed: start every node of a "
+    "cluster with the same"
+)
 
 # What to do about a peer of another schedule (`NodeConfig.schedule`), wherever one is found.
 SAME_SCHEDULE_FIX: Final = (
