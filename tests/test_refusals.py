@@ -161,8 +161,10 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
     assert refusals(n0, "BAD_PAYLOAD") == len(bad_payload)
     assert refusals(n0, "DIGEST_MISMATCH") == 1 and refusals(n0, "TOO_LARGE") == 1
     assert refusals(n0, "ROUND_MISMATCH") >= 2
-    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a exchange")]
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused an exchange from ")]
     assert sum("BAD_PAYLOAD" in m for m in logged) == len(bad_payload)
+    # Each refusal names whom it refused (the header's id): this node's log is the one that must say it.
+    assert all(m.startswith(f"refused an exchange from {HOSTILE!r}: ") for m in logged if "BAD_PAYLOAD" in m), logged
     for n in (n0, n1):  # nothing hostile was mixed: the honest factors stay finite and sane
         assert all(bool(torch.isfinite(v).all()) and float(v.norm()) < 1e3 for v in n.factors.values())
     # Rounds 1 and 2, which both nodes finished before the stop: a node already in round 3 then closes it with the

@@ -91,6 +91,7 @@ MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far 
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
 MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address, method or schedule (ids are <= 63)
 MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours are one sentence)
+_CALLS: Final = {"exchange": "an exchange", "fetch": "a fetch"}  # the streamed calls, as a log line names them
 # Exchanges one caller may have in flight at a callee. A node calls each neighbour once per round, so one is the
 # norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
 # the callee its payload (up to the spec's size, about three times over) while it waits for the callee's round.
@@ -556,7 +557,7 @@ async def _receive_payload(
     *,
     max_payload_bytes: int,
     check: Callable[[pb.ExchangeHeader], None],
-    opened: Callable[[], None] | None = None,
+    opened: Callable[[pb.ExchangeHeader], None] | None = None,
 ) -> tuple[ExchangeHeader, bytes]:
     """Read a callee's reply, header + chunks (or a refusal, raised as `ExchangeRefused`), into a verified payload.
     ``opened`` is called once the reply opens with a header, before any check of it."""
@@ -570,21 +571,21 @@ async def _receive_header(
     check: Callable[[pb.ExchangeHeader], None],
     *,
     from_callee: bool,
-    opened: Callable[[], None] | None = None,
+    opened: Callable[[pb.ExchangeHeader], None] | None = None,
 ) -> pb.ExchangeHeader:
     """Read a stream's first message: a header that passes the caps and ``check``, or, ``from_callee``, a refusal
     (raised). A caller has no refusal to send: in its stream one is BAD_PAYLOAD, never taken for this node's own
-    (its reason would be counted here, its detail logged and sent back). ``opened``: called once the stream is
-    seen to open with a header, before any check of it."""
+    (its reason would be counted here, its detail logged and sent back). ``opened``: called with the header once
+    the stream is seen to open with one, before any check of it."""
     first = await anext(iterator, None)
     kind = None if first is None else first.WhichOneof("kind")
     if first is not None and kind == "refusal" and from_callee:
         raise _peer_refusal(first.refusal.reason, first.refusal.detail)
     if first is None or kind != "header":
         raise PayloadError(Reason.BAD_PAYLOAD, f"exchange stream opened with {kind or 'nothing'}, not a header")
-    if opened is not None:
-        opened()
     head = first.header
+    if opened is not None:
+        opened(head)
     texts = (head.node_id, head.cluster, head.fingerprint, head.sha256, head.schedule)
     check_sane("exchange header", round=head.round, degree=head.degree, texts=texts)
     _check_node_id(head.node_id, "exchange header")
@@ -737,9 +738,14 @@ class _Responder:
         # leave the pair out.
         aside: tuple[str, int] | None = None
         received = 0  # the caller's payload, bytes
+        who = identity or ""  # the caller's node id, once its header says it (its certificate's before that)
 
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
+
+            def named(head: pb.ExchangeHeader) -> None:  # before its checks: a refusal of them names whom it refused
+                nonlocal who
+                who = head.node_id
 
             def check(head: pb.ExchangeHeader) -> None:
                 _check_identity(head.node_id, identity)  # before a byte of payload is read
@@ -753,7 +759,7 @@ class _Responder:
             # chunks it sent, until its connection drops.
             deadline = asyncio.get_running_loop().time() + self._payload_timeout_s
             async with self._receiving(deadline):
-                head = await _receive_header(iterator, check, from_callee=False)
+                head = await _receive_header(iterator, check, from_callee=False, opened=named)
             try:
                 held.enter_context(self._one_more("exchange", head.node_id, MAX_EXCHANGES_PER_CALLER))
                 expected = self._handler.expected_spec()
@@ -785,7 +791,7 @@ class _Responder:
         with held:
             try:
                 last, sent = None, 0
-                async with contextlib.aclosing(self._reply("exchange", answer)) as replies:
+                async with contextlib.aclosing(self._reply("exchange", answer, lambda: who)) as replies:
                     async for last in replies:
                         yield last
                         sent += len(last.chunk)  # 0 for a header or a refusal
@@ -855,12 +861,15 @@ class _Responder:
         self, request: pb.FetchRequest | None, identity: str | None = None
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
         held = contextlib.ExitStack()  # the caller's place, until its reply has been sent (as in `exchange`)
+        who = identity or ""  # the caller's node id, once its request says it (its certificate's before that)
 
         async def answer() -> tuple[ExchangeHeader, Factors]:
             if request is None:
                 raise _unparsed("fetch")
             if not request.HasField("caller"):
                 raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "fetch carries no caller info")
+            nonlocal who
+            who = request.caller.node_id
             caller = _info_from_pb(request.caller)
             _check_info(caller, "fetch caller")
             _check_identity(caller.node_id, identity)
@@ -870,20 +879,27 @@ class _Responder:
             return ExchangeHeader.from_info(self._handler.local_info(), at_round=at_round), factors
 
         with held:
-            async with contextlib.aclosing(self._reply("fetch", answer)) as replies:
+            async with contextlib.aclosing(self._reply("fetch", answer, lambda: who)) as replies:
                 async for message in replies:
                     yield message
 
     async def _reply(
-        self, what: str, answer: Callable[[], Awaitable[tuple[ExchangeHeader, Factors]]]
+        self,
+        what: str,
+        answer: Callable[[], Awaitable[tuple[ExchangeHeader, Factors]]],
+        caller: Callable[[], str],
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        """Stream ``answer()``'s factors back (header + chunks), or one in-band refusal."""
+        """Stream ``answer()``'s factors back (header + chunks), or one in-band refusal; ``caller()``: the caller's
+        node id as far as ``answer`` got ("" before it knew it), for the log of a refusal."""
         replies: Iterable[pb.ExchangeMessage]
         try:
             own, factors = await answer()
             payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
         except ExchangeRefused as exc:
-            log.info("refused a %s: %s: %s", what, exc.reason.name, exc.detail)  # plain values: records outlive calls
+            # Plain values: records outlive calls. Named, as handshakes and commits are: this node's log must say whom
+            # it refused (the refused end is told why, not this node's operator).
+            who = repr(caller()[:MAX_TEXT_CHARS]) if caller() else "a caller not yet known"
+            log.info("refused %s from %s: %s: %s", _CALLS[what], who, exc.reason.name, exc.detail)
             self._refused(what, exc)
             replies = [_refusal_message(exc)]
         except Exception:
@@ -949,7 +965,7 @@ class _Caller(abc.ABC):
         payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
         answered = False  # the callee sent a reply header: it holds our factors aside, awaiting a commit
 
-        def opened() -> None:  # before the header's checks: a header they refuse was an answer all the same
+        def opened(_: pb.ExchangeHeader) -> None:  # before the header's checks: one they refuse was an answer too
             nonlocal answered
             answered = True
 
