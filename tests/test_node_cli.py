@@ -564,6 +564,19 @@ def test_a_fatal_error_is_said_once_on_a_terminal_and_also_as_a_record_in_json(
     assert "tadlora-node: error: the model went away" in err
 
 
+def test_a_dataset_that_fails_to_load_names_the_flag_and_the_variable_that_set_it(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    """A dataset is loaded once torch is (a mount may bring the file later: exit 1, retried). Its error named no flag,
+    and in a container, where TADLORA_DATASET set it, no command line shows one."""
+    monkeypatch.setenv("TADLORA_DATASET", str(tmp_path / "nope.csv"))
+    argv = ["--listen", "127.0.0.1:0", "--peers", "127.0.0.1:1", "--model", "tiny", "--out", str(tmp_path / "o")]
+    assert main([*argv, "--insecure", "--log-level", "error"]) == 1
+    err = capsys.readouterr().err
+    assert f"tadlora-node: error: --dataset: dataset spec '{tmp_path / 'nope.csv'}': file" in err, err
+    assert f"(--dataset is TADLORA_DATASET='{tmp_path / 'nope.csv'}')" in err, err
+
+
 def test_a_listen_port_in_use_says_what_holds_it_and_the_fix(tmp_path, capsys) -> None:
     """gRPC's own message ("Failed to bind ...; set GRPC_VERBOSITY=debug ...") named no cause; the node now says
     what `tadlora-node doctor` would."""

@@ -363,6 +363,7 @@ def run_main(args: list[str]) -> int:
         text = error_text(exc, "a smaller --batch-size or --max-length, or --precision bf16 on a GPU that has it")
         if isinstance(exc, BindError):
             text += _why_unbound(config)
+        text += from_environment(parser, a, text)  # as for the errors above: a flag it names may be a TADLORA_ one
         if json_fmt:  # a log collector reads the record; in text both would reach the same terminal, twice
             log.error("%s", text)
         sys.stderr.write(f"tadlora-node: error: {text}\n")

@@ -362,8 +362,13 @@ class Node:
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""
         cfg = self.config
-        train = resolve_dataset(cfg.dataset, "train")
-        dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
+        try:
+            train = resolve_dataset(cfg.dataset, "train")
+            dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
+        except (OSError, ValueError) as exc:
+            # Named as a flag: in a container or a unit the spec came from TADLORA_DATASET, on no command line, and
+            # the CLI then says so. An OSError stays one (exit 1 either way: retried, as a mount may come later).
+            raise (OSError if isinstance(exc, OSError) else ValueError)(f"--dataset: {exc}") from exc
         spec = cfg.model_spec(train.label_names)
         if cfg.init == "auto" and spec.init != "portable":  # not when asked for: then it says nothing of a kept run
             log.info(
