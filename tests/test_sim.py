@@ -894,6 +894,15 @@ def test_every_documented_simulator_command_runs_and_resumes_the_directory_it_na
             assert changed == [], f"{doc}: tadlora-sim {arguments}: refused by {stamp} ({changed})"
 
 
+@pytest.mark.parametrize("out", ["file", "file/run"])
+def test_cli_refuses_an_out_that_a_file_is_in_the_way_of_as_the_node_does(tmp_path, capsys, out: str) -> None:
+    """It said "[Errno 20] Not a directory: '.../file/cells'", naming a path inside --out, after the model loaded."""
+    (tmp_path / "file").write_text("not a run")
+    assert main(["--preset", "smoke", "--out", str(tmp_path / out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out {tmp_path / out}: {tmp_path / 'file'} is a file, not a directory: choose another --out" in err, err
+
+
 def test_cli_names_the_file_of_a_run_directory_that_cannot_be_read(tmp_path, capsys) -> None:
     """A damaged file of a run used to end it with json's bare "Expecting value: line 1 column 1", or, for a
     checkpoint, a traceback; which of the directory's many files was meant, the user had to find out."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -135,3 +136,14 @@ def error_text(exc: BaseException, memory_hint: str) -> str:
     if type(exc).__name__ == "OutOfMemoryError":
         text = f"{text.rstrip()}\n  the GPU ran out of memory: {memory_hint}"
     return text
+
+
+def out_not_a_directory(out: Path) -> str | None:
+    """Why an --out ``out`` cannot be made a directory, when a file is in the way (it, or one above it); else None.
+    The mkdir would say only "File exists" or "Not a directory" (the node's after torch loaded, and exit 1 to be
+    retried; the simulator's naming a path inside --out)."""
+    with contextlib.suppress(OSError):  # a path this user cannot look at: the mkdir itself then says why
+        existing = next((p for p in (out, *out.parents) if p.exists()), None)
+        if existing is not None and not existing.is_dir():
+            return f"--out {out}: {existing} is a file, not a directory: choose another --out"
+    return None

@@ -31,7 +31,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import INITS, LoraSpec
-from tadlora.cliutil import apply_env_defaults, csv_list, error_text, from_environment, path_arg
+from tadlora.cliutil import (
+    apply_env_defaults,
+    csv_list,
+    error_text,
+    from_environment,
+    out_not_a_directory,
+    path_arg,
+)
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back
@@ -54,16 +61,6 @@ def _why_unbound(config: NodeConfig) -> str:
 
     check = check_listen(config)
     return f"\n  {check.detail}\n  fix: {check.fix}" if check.status == "FAIL" else ""
-
-
-def _out_not_a_directory(out: Path) -> str | None:
-    """Why ``out`` cannot be made a directory, when a file is in the way (it, or one above it); else None. The
-    node's mkdir would say only "File exists" or "Not a directory", after torch loaded, and exit 1 to be retried."""
-    with contextlib.suppress(OSError):  # a path this user cannot look at: the node's own start-up says why
-        existing = next((p for p in (out, *out.parents) if p.exists()), None)
-        if existing is not None and not existing.is_dir():
-            return f"--out {out}: {existing} is a file, not a directory: choose another --out"
-    return None
 
 
 def robust_mixing_type(text: str) -> RobustMixing | None:
@@ -347,7 +344,7 @@ def run_main(args: list[str]) -> int:
         json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
         check_callable_back(config)  # flags alone decide it: exit 2 here, not 1 (restarted for ever) once running
-        if problem := _out_not_a_directory(config.out):
+        if problem := out_not_a_directory(config.out):
             raise ValueError(problem)
         if config.tls_dir is not None and config.node_id is not None:
             from tadlora.node.tls import TlsMaterial  # no torch: checked before the model loads

@@ -28,6 +28,7 @@ from tadlora.cliutil import (
     from_environment,
     int_or_auto,
     join,
+    out_not_a_directory,
     path_arg,
 )
 from tadlora.core.methods import method_names, takes_switch_interval
@@ -231,6 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("tadlora.sim").warning("settings from the environment %s", taken)
     try:
         config = config_from_args(args)
+        if problem := out_not_a_directory(args.out):
+            raise ValueError(problem)
         if args.preset in PRESET_CAVEATS and not args.report_only:
             logging.getLogger("tadlora.sim").warning("preset %s is %s", args.preset, PRESET_CAVEATS[args.preset])
         from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
