@@ -102,6 +102,21 @@ async def test_a_resumed_node_still_knows_the_last_round_it_mixed_in(tmp_path: P
 
 
 @pytest.mark.asyncio
+async def test_a_resumed_node_reports_the_last_loss_and_accuracy_its_log_holds(tmp_path: Path) -> None:
+    """Status, the metrics and the result said NaN / "n/a" until the resumed node's next round or evaluation, and
+    for ever when its rounds were all done, though rounds.jsonl held both."""
+    await run_rounds(tmp_path, 2)
+    [*_, last] = state.read_rounds(tmp_path / "n0")
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as resumed:
+        status = resumed.status()
+        assert (status.last_loss, status.last_accuracy) == (last["loss"], last["eval_accuracy"])
+        assert resumed.metrics.accuracy._value.get() == last["eval_accuracy"]
+        async with asyncio.timeout(60):
+            result = await resumed.run()
+    assert (result.rounds_completed, result.last_accuracy, result.last_loss) == (2, last["eval_accuracy"], last["loss"])
+
+
+@pytest.mark.asyncio
 async def test_a_run_kept_from_before_the_portable_init_resumes_with_the_init_it_was_drawn_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
