@@ -25,7 +25,7 @@ from tadlora.node.daemon import Node
 from tadlora.node.discovery import Advertisement
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peers import PeerManager
-from tadlora.node.peerspec import PeersOption
+from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerTimeout, PeerUnavailable, StatusInfo
 from tadlora.node.wire import FactorSpec
 from test_daemon import NO_PEERS, TRAIN, _rounds, node_config
@@ -911,3 +911,36 @@ async def test_a_start_cancelled_while_the_model_loads_closes_without_blocking_t
         await asyncio.gather(start, release_once_the_close_waits(), return_exceptions=True)
     assert start.cancelled() and node._executor._shutdown  # type: ignore[attr-defined]
     assert released == [True], "closing blocked the event loop while it waited for the worker thread"
+
+
+@pytest.mark.asyncio
+async def test_a_close_cancelled_during_the_mdns_goodbye_still_closes_everything_after_it(tmp_path: Path) -> None:
+    """The close is cancelled while zeroconf sends the goodbyes (its first step, hundreds of ms). The steps after it
+    must run all the same: a second close returns at once (the node counts itself closed), so nothing else would
+    ever stop the server, the peer manager, the metrics endpoint or close the round log."""
+    net = InMemoryNetwork()
+    node = Node(node_config(tmp_path, 0, 2, parse_peers_option("auto"), min_peers=0, metrics_port=0), net)
+    await node.__aenter__()
+    address, round_log, discovery = node.address, node._round_log, node._discovery
+    assert round_log is not None and discovery is not None and node._tasks and node.metrics._server is not None
+    goodbye, say_goodbye = asyncio.Event(), discovery.aclose
+
+    async def observed_goodbye() -> None:
+        goodbye.set()
+        await say_goodbye()
+
+    discovery.aclose = observed_goodbye  # type: ignore[method-assign]
+    closing = asyncio.ensure_future(node.aclose())
+    async with asyncio.timeout(STOP_S):
+        await goodbye.wait()
+        await asyncio.sleep(0.05)  # into zeroconf's goodbyes
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+    assert closing.cancelled()  # the cancellation still reaches the one who closes
+    async with net.connect(address) as client:
+        with pytest.raises(PeerUnavailable):
+            await client.handshake(ScriptedPeer(node).info, timeout=5.0)
+    assert not node._tasks, node._tasks
+    assert node.metrics._server is None
+    assert round_log._file.closed
+    assert node._executor._shutdown  # type: ignore[attr-defined]

@@ -431,35 +431,44 @@ class Node:
         """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice.
 
         Every step runs even if an earlier one raised (a failed mDNS goodbye must not leave the server serving or
-        the worker thread running); each failure is logged, and the first is raised once all steps are done."""
+        the worker thread running); each failure is logged, and the first is raised once all steps are done. A
+        cancellation does not cut the steps short either (a second call returns at once, so nothing would close what
+        they left): the rest run, the server's without its grace, and then the cancellation is raised."""
         if self._closed:
             return
         self._closed = True
         self._stop.set()
         self._stop_training.set()
         failures: list[Exception] = []
+        cancelled: asyncio.CancelledError | None = None
 
         async def step(what: str, action: Callable[[], Awaitable[object] | object]) -> None:
+            nonlocal cancelled
             try:
                 result = action()
                 if inspect.isawaitable(result):
                     await result
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc
             except Exception as exc:
                 log.error("while closing, %s failed: %s", what, exc, exc_info=exc)
                 failures.append(exc)
+
+        async def end_tasks() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
         try:
             if self._discovery is not None:
                 await step("the mDNS goodbye", self._discovery.aclose)  # first: peers stop counting us promptly
             if self._dns is not None:
                 await step("DNS discovery", self._dns.aclose)
-            for task in list(self._tasks):
-                task.cancel()
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+            await step("ending the background tasks", end_tasks)
             await step("waking the round loop", self.rounds.notify)
             if self._server is not None:
                 server = self._server
-                await step("stopping the server", lambda: server.aclose(SHUTDOWN_GRACE_S))
+                await step("stopping the server", lambda: server.aclose(0.0 if cancelled else SHUTDOWN_GRACE_S))
             if self._peers is not None:
                 await step("closing peer connections", self._peers.aclose)
             # In a thread: the HTTP server's shutdown waits for its poll loop, up to half a second of a stalled loop.
@@ -474,6 +483,8 @@ class Node:
             lock, self._out_lock = self._out_lock, None
             ending = asyncio.get_running_loop().run_in_executor(None, self._end_worker, lock)
         await step("the worker thread and --out's lock", lambda: asyncio.shield(ending))
+        if cancelled is not None:
+            raise cancelled
         if failures:
             raise failures[0]
 
