@@ -26,6 +26,7 @@ from tadlora.node import peers as peers_module
 from tadlora.node import state
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import PeerCandidate
+from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peers import RETRY_MAX_S, PeerManager, retry_delay
 from tadlora.node.rpc import PROTOCOL_VERSION, PeerInfo, PeerUnavailable
 from test_daemon import NO_PEERS, node_config
@@ -836,3 +837,51 @@ async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(mo
     clock.now += peers_module.STABLE_S
     await pm.scan()
     assert pm._attempts == {} and pm._refused_logged == set()
+
+
+async def two_peers_of(pm: PeerManager, net: InMemoryNetwork) -> list[InMemoryClient]:
+    """Verified peers p1 and p2 of ``pm``, on connections of ``net``; their connections, in that order."""
+    conns = []
+    for i in (1, 2):
+        conn = net.connect(f"10.0.0.{i}:7070", node_id=f"p{i}")
+        await pm.add(PeerInfo(node_id=f"p{i}", cluster="c", fingerprint="f", address=conn.address), conn, "static")
+        conns.append(conn)
+    return conns
+
+
+@pytest.mark.asyncio
+async def test_closing_the_peers_closes_every_connection_even_when_one_fails_to_close() -> None:
+    net = InMemoryNetwork()
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    pm = PeerManager(net, lambda: me, lambda: [], lambda: None)
+    first, second = await two_peers_of(pm, net)
+
+    async def fails() -> None:
+        raise RuntimeError("close failed")
+
+    first.aclose = fails  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="close failed"):
+        await pm.aclose()
+    assert second._closed, "a connection after the one that failed to close was left open, and no one holds it now"
+
+
+@pytest.mark.asyncio
+async def test_closing_the_peers_cancelled_midway_still_closes_the_other_connections() -> None:
+    net = InMemoryNetwork()
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    pm = PeerManager(net, lambda: me, lambda: [], lambda: None)
+    first, second = await two_peers_of(pm, net)
+    closing_first = asyncio.Event()
+
+    async def slow_close() -> None:  # a gRPC channel's close waits for its calls to end
+        closing_first.set()
+        await asyncio.Event().wait()
+
+    first.aclose = slow_close  # type: ignore[method-assign]
+    closing = asyncio.ensure_future(pm.aclose())
+    async with asyncio.timeout(10):
+        await closing_first.wait()
+        closing.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await closing
+    assert second._closed, "the connections after the cancelled close were left open, and no one holds them now"

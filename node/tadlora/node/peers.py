@@ -397,8 +397,22 @@ class PeerManager:
             del self._by_address[address]
 
     async def aclose(self) -> None:
-        """Close every connection (safe to call twice)."""
+        """Close every connection (safe to call twice). Each one is closed even if closing another failed or this
+        was cancelled (the table is empty by then, so no one else would); then the cancellation, else the first
+        failure, is raised."""
         peers, self.peers = self.peers, {}
         self._by_address.clear()
-        for peer in peers.values():
-            await peer.conn.aclose()
+        cancelled: asyncio.CancelledError | None = None
+        failures: list[Exception] = []
+        for node_id, peer in peers.items():
+            try:
+                await peer.conn.aclose()
+            except asyncio.CancelledError as exc:
+                cancelled = cancelled or exc
+            except Exception as exc:
+                log.error("closing the connection to peer %s failed: %s", node_id, exc, exc_info=exc)
+                failures.append(exc)
+        if cancelled is not None:
+            raise cancelled
+        if failures:
+            raise failures[0]
