@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import dataclasses
 import errno
+import io
 import logging
 import os
 import threading
@@ -20,6 +21,7 @@ import pytest
 import torch
 import zeroconf
 
+from tadlora.adapter import AdapterModel
 from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import Advertisement
@@ -944,3 +946,50 @@ async def test_a_close_cancelled_during_the_mdns_goodbye_still_closes_everything
     assert node.metrics._server is None
     assert round_log._file.closed
     assert node._executor._shutdown  # type: ignore[attr-defined]
+
+
+# ------------------------------------------------------------------------------------------ the event loop
+
+
+def on_the_loop_recorder(monkeypatch: pytest.MonkeyPatch, within: Path) -> list[str]:
+    """Record (in the returned list) each fsync, each open of a file under ``within`` and each torch read or write
+    of the model's factors that runs on this thread, the event loop's: each belongs in a worker thread."""
+    loop_thread, on_loop = threading.get_ident(), list[str]()
+
+    def probe(name: str, real: Any) -> Any:
+        def probed(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(name)
+            return real(*args, **kwargs)
+
+        return probed
+
+    real_open = io.open
+
+    def probed_open(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if threading.get_ident() == loop_thread and isinstance(file, str | Path) and Path(file).is_relative_to(within):
+            on_loop.append(f"open {Path(file).name}")
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(os, "fsync", probe("fsync", os.fsync))
+    monkeypatch.setattr(io, "open", probed_open)
+    monkeypatch.setattr(AdapterModel, "load_factors", probe("AdapterModel.load_factors", AdapterModel.load_factors))
+    monkeypatch.setattr(AdapterModel, "factors", probe("AdapterModel.factors", AdapterModel.factors))
+    return on_loop
+
+
+@pytest.mark.asyncio
+async def test_a_start_fresh_or_resumed_leaves_the_disk_and_torch_to_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting, a node reads and writes node.json (written atomically: two fsyncs) and takes its first factors from
+    the model, or loads its checkpoint's into it. None of it may run on the event loop: other nodes and servers of
+    the process (and, from the same loop, its own server once it serves) would stall behind a busy disk, and the
+    model is the worker thread's alone."""
+    net = InMemoryNetwork()
+    on_loop = on_the_loop_recorder(monkeypatch, tmp_path)
+    async with lone_node(tmp_path, net) as node:
+        await node._save(0, export=False)
+    async with lone_node(tmp_path, net) as node:
+        assert node._resumed
+    assert not on_loop, on_loop

@@ -209,7 +209,7 @@ class Node:
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
         await self._in_worker(state.remove_torn_writes, cfg.out)
-        identity = load_identity(cfg.out)
+        identity = await self._in_worker(load_identity, cfg.out)
         if identity and identity.get("fingerprint") != self.fingerprint:
             kept = recorded_init(identity)
             hint = f" (drawn with --init {kept}, now {self._model.spec.init})" if kept != self._model.spec.init else ""
@@ -243,10 +243,11 @@ class Node:
                 "run, or the flags that run was started with"
             )
         if ckpt is not None:
-            self._model.load_factors(ckpt.factors)  # checks keys and shapes
+            await self._in_worker(self._model.load_factors, ckpt.factors)  # checks keys and shapes
         # Only once the checkpoint is accepted: a refused start leaves node.json as it was. Written with an id drawn
         # anew, it would keep out the node the checkpoint names (--node-id), and the start refused for it.
-        save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=self._model.spec.init)
+        init = self._model.spec.init
+        await self._in_worker(lambda: save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=init))
         if ckpt is not None:
             # Its last mixing too: a resumed node that claimed never to have mixed would pass for a newcomer, whose
             # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
@@ -263,7 +264,7 @@ class Node:
                 await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)
             self._last_logged(await self._in_worker(state.read_rounds, cfg.out))
         else:
-            self.rounds.restore(0, self._model.factors())
+            self.rounds.restore(0, await self._in_worker(self._model.factors))
             # Rounds logged before a crash that came ahead of the first checkpoint are run again from round 0.
             await self._in_worker(state.truncate_rounds, cfg.out, 0)
         # A resumed node is in its checkpoint's round from now on, not in round 0 until its first round starts
