@@ -12,6 +12,7 @@ import errno
 import io
 import logging
 import os
+import socket
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -992,4 +993,28 @@ async def test_a_start_fresh_or_resumed_leaves_the_disk_and_torch_to_threads(
         await node._save(0, export=False)
     async with lone_node(tmp_path, net) as node:
         assert node._resumed
+    assert not on_loop, on_loop
+
+
+@pytest.mark.asyncio
+async def test_serving_metrics_resolves_no_name_on_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Binding /metrics looks its host up (getaddrinfo) and, as Python's HTTP server does, its name by reverse DNS
+    (getfqdn): with a resolver that does not answer, seconds in which the loop, already serving the node's peers,
+    would stall."""
+    loop_thread, on_loop = threading.get_ident(), list[str]()
+
+    def probe(name: str, real: Any) -> Any:
+        def probed(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(f"{name}{args[:1]}")
+            return real(*args, **kwargs)
+
+        return probed
+
+    monkeypatch.setattr(socket, "getaddrinfo", probe("getaddrinfo", socket.getaddrinfo))
+    monkeypatch.setattr(socket, "getfqdn", probe("getfqdn", socket.getfqdn))
+    async with lone_node(tmp_path, InMemoryNetwork(), metrics_port=0) as node:
+        assert node.metrics.port
     assert not on_loop, on_loop

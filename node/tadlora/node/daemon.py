@@ -280,7 +280,15 @@ class Node:
         advertised_host = self.config.advertised_host(interfaces)
         self.address = f"{advertised_host}:{port}"
         if cfg.metrics_port is not None:
-            self.metrics.serve(cfg.metrics_port, addr=host)
+            # In a thread: binding looks the host up, and Python's HTTP server its name (reverse DNS, seconds with a
+            # resolver that does not answer). Waited for even when cancelled: the close that follows must find the
+            # endpoint to stop, not have it bound after.
+            serving = asyncio.ensure_future(asyncio.to_thread(self.metrics.serve, cfg.metrics_port, addr=host))
+            try:
+                await asyncio.shield(serving)
+            except asyncio.CancelledError:
+                await asyncio.wait((serving,))
+                raise
         self._peers = PeerManager(self.transport, self.local_info, self._candidates, self._on_peers_changed)
         if cfg.peers.auto:
             advert = Advertisement(
