@@ -1018,3 +1018,30 @@ async def test_serving_metrics_resolves_no_name_on_the_event_loop(
     async with lone_node(tmp_path, InMemoryNetwork(), metrics_port=0) as node:
         assert node.metrics.port
     assert not on_loop, on_loop
+
+
+@pytest.mark.asyncio
+async def test_the_round_log_is_written_and_closed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each round appends (and flushes) a line to rounds.jsonl, each checkpoint reads its size, and the close closes
+    it: file I/O, which on a busy or network disk stalls whatever thread does it. Not the loop's: it serves the
+    node's peers meanwhile."""
+    loop_thread, on_loop = threading.get_ident(), list[str]()
+
+    def probe(name: str, real: Any) -> Any:
+        def probed(*args: Any, **kwargs: Any) -> Any:
+            if threading.get_ident() == loop_thread:
+                on_loop.append(name)
+            return real(*args, **kwargs)
+
+        return probed
+
+    monkeypatch.setattr(state.RoundLog, "write", probe("write", state.RoundLog.write))
+    monkeypatch.setattr(state.RoundLog, "size", property(probe("size", state.RoundLog.size.fget)))
+    monkeypatch.setattr(state.RoundLog, "close", probe("close", state.RoundLog.close))
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, checkpoint_every=1) as node:
+        async with asyncio.timeout(60):
+            await node.run()
+    assert [r["round"] for r in _rounds(tmp_path / "n0")] == [0, 1]
+    assert not on_loop, on_loop

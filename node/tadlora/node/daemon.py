@@ -482,29 +482,32 @@ class Node:
                 await step("closing peer connections", self._peers.aclose)
             # In a thread: the HTTP server's shutdown waits for its poll loop, up to half a second of a stalled loop.
             await step("the metrics server", lambda: asyncio.to_thread(self.metrics.close))
-            if self._round_log is not None:
-                await step("the round log", self._round_log.close)
         finally:
             # Training has been told to stop (between two steps), but a model load, an evaluation or an export is
             # not cut short: the wait for the worker is in a thread, so the loop (other nodes, servers) goes on. That
-            # thread then releases --out (last: until the worker has ended, a checkpoint or export may be under
-            # way), and goes on even if this close is cancelled: the process may go on, and start a node on --out.
+            # thread then closes the round log (which the worker writes) and releases --out (last: until the worker
+            # has ended, a checkpoint or export may be under way), and goes on even if this close is cancelled: the
+            # process may go on, and start a node on --out.
             lock, self._out_lock = self._out_lock, None
-            ending = asyncio.get_running_loop().run_in_executor(None, self._end_worker, lock)
-        await step("the worker thread and --out's lock", lambda: asyncio.shield(ending))
+            ending = asyncio.get_running_loop().run_in_executor(None, self._end_worker, lock, self._round_log)
+        await step("the worker thread, the round log and --out's lock", lambda: asyncio.shield(ending))
         if cancelled is not None:
             raise cancelled
         if failures:
             raise failures[0]
 
-    def _end_worker(self, lock: int | None) -> None:
-        """Any thread: wait until the worker thread has ended (work queued behind it is cancelled), then release
-        --out (``lock``, `state.hold_out`)."""
+    def _end_worker(self, lock: int | None, round_log: state.RoundLog | None) -> None:
+        """Any thread: wait until the worker thread has ended (work queued behind it is cancelled), then close
+        ``round_log`` and release --out (``lock``, `state.hold_out`), whatever failed before."""
         try:
             self._executor.shutdown(wait=True, cancel_futures=True)
         finally:
-            if lock is not None:
-                os.close(lock)
+            try:
+                if round_log is not None:
+                    round_log.close()
+            finally:
+                if lock is not None:
+                    os.close(lock)
 
     # -------------------------------------------------------------------------------------------- peers
 
@@ -985,7 +988,10 @@ class Node:
             # The round has mixed and the exit's checkpoint will be at t + 1, so round t goes into the log even
             # when its evaluation fails (out of GPU memory): a restart resumes after it and would never log it.
             if self._round_log is not None:
-                self._round_log.write(record)
+                # In the worker, as the checkpoints that count its lines are; shielded, so that a cancelled run
+                # still logs the round its checkpoint (queued behind) will say is done.
+                write = asyncio.get_running_loop().run_in_executor(self._executor, self._round_log.write, record)
+                await asyncio.shield(write)
         self.metrics.rounds.inc()
         self.metrics.loss.set(loss)
         log.info(
@@ -1135,12 +1141,12 @@ class Node:
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
         factors, last_mixed = self.rounds.factors, self.rounds.last_mixed
-        # On the loop, which alone writes the log: every round before next_round has its line there by now.
         round_log = self._round_log
-        rounds_bytes = round_log.size if round_log is not None else None
 
         def write() -> None:
-            # In the worker, so the optimizer state is not mid-round (local steps run there too).
+            # In the worker, so the optimizer state is not mid-round (local steps run there too), and so is the log
+            # (`_run_round`): every round before next_round has its line there by now.
+            rounds_bytes = round_log.size if round_log is not None else None
             if round_log is not None:
                 round_log.sync()  # the lines this checkpoint counts reach the disk before it does
             ckpt = state.Checkpoint(
