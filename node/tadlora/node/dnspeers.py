@@ -115,6 +115,9 @@ class DnsPeers:
         self._on_change = on_change
         self._by_name: dict[tuple[str, int], tuple[str, ...]] = {}
         self._errors: dict[tuple[str, int], str] = {}  # the last failure per name, logged once
+        # The latest lookup of each name: one that outlasted its timeout runs on (its thread waits in the resolver),
+        # and the next lookup of the name waits for it instead of starting a thread more.
+        self._lookups: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._changed = asyncio.Event()
@@ -141,6 +144,10 @@ class DnsPeers:
         """Stop looking names up; safe to call twice."""
         self._closed = True
         task, self._task = self._task, None
+        lookups, self._lookups = list(self._lookups.values()), {}
+        for lookup in lookups:
+            lookup.cancel()  # its thread, if any, ends with the resolver's answer (`resolve_addresses`)
+        await asyncio.gather(*lookups, return_exceptions=True)
         if task is not None:
             task.cancel()
             try:
@@ -180,9 +187,12 @@ class DnsPeers:
 
     async def _async_lookup(self, key: tuple[str, int]) -> None:
         host, port = key
+        lookup = self._lookups.get(key)
+        if lookup is None or lookup.done():
+            lookup = self._lookups[key] = asyncio.ensure_future(self._resolver(host, port))
         try:
             async with asyncio.timeout(self._timeout):
-                ips = await self._resolver(host, port)
+                ips = await asyncio.shield(lookup)  # a timeout abandons the wait, not the lookup
         except socket.gaierror as exc:
             gone = exc.errno in _NO_RECORDS
             if gone:
