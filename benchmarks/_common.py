@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tadlora.cliutil import out_not_a_directory
+
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parent.parent
 
@@ -68,11 +70,23 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
     return "\n".join(lines)
 
 
+def out_dir(text: str) -> Path:
+    """An argparse type for ``--out``, checked when the flag is read, not when the results are written at the end
+    of a run (minutes later; a file in the way made the mkdir fail with a traceback, and an empty value wrote the
+    results into the working directory)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: leave --out out for the default, benchmarks/results")
+    out = Path(text)
+    if problem := out_not_a_directory(out):
+        raise argparse.ArgumentTypeError(problem.removeprefix(f"--out {out}: "))
+    return out
+
+
 def add_out_argument(parser: argparse.ArgumentParser) -> None:
     """``--out DIR``: where `write_results` writes (default: benchmarks/results, the committed results)."""
     parser.add_argument(
         "--out",
-        type=Path,
+        type=out_dir,
         default=RESULTS,
         help="directory for NAME.json and NAME.md (default: benchmarks/results, which holds the committed results: "
         "give another one for trial runs)",

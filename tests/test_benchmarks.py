@@ -308,6 +308,35 @@ def test_markdown_table_writes_numbers_just_under_1000_without_an_exponent(monke
     assert table.splitlines()[-1] == "| 999 | 1,000 | 1,234 | 0.0412 |"
 
 
+# The smallest run of each script: what a regression here would run before failing.
+SMALLEST = {
+    "exchange": ["--quick"],
+    "daemon_overhead": ["--model", "tiny", "--rounds", "1", "--local-steps", "1"],
+    "sim_throughput": ["--clients", "2", "--repeat", "1", "--rounds", "1"],
+    "discovery": ["--repeat", "1"],
+    "precision": ["--rounds", "1", "--speed-blocks", "1"],
+}
+
+
+@pytest.mark.parametrize("script", sorted(SMALLEST))
+@pytest.mark.parametrize("where", ["file", "below a file", "empty"])
+def test_an_out_that_cannot_be_a_directory_is_a_usage_error_before_anything_runs(
+    script: str, where: str, tmp_path: Path
+) -> None:
+    # --out was first used by the mkdir at the end of the run: a file in the way cost the whole run and ended in a
+    # FileExistsError traceback; an empty --out wrote NAME.json and NAME.md into the working directory.
+    blocker = tmp_path / "results"
+    blocker.write_text("not a directory\n", encoding="utf-8")
+    out = {"file": str(blocker), "below a file": str(blocker / "sub"), "empty": ""}[where]
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), *SMALLEST[script], "--out", out],
+        capture_output=True, text=True, timeout=60, check=False, cwd=tmp_path,
+    )  # fmt: skip
+    expected = "an empty path" if where == "empty" else f"{blocker} is a file, not a directory"
+    assert proc.returncode == 2 and f"argument --out: {expected}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
 RESULTS = BENCHMARKS / "results"
 DOCS = BENCHMARKS.parent / "docs" / "benchmarks.md"
 
