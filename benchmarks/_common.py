@@ -10,7 +10,7 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +103,21 @@ def check_train_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
             parser.error(f"{flag} must be >= {least}, got {value}")
 
 
+WRITTEN: list[Path] = []  # what write_results wrote in this process, for run_main's word on an interrupted run
+
+
+def run_main(main: Callable[[], object]) -> int:
+    """A script's ``main()`` and its exit status: 0, or 130 after a Ctrl-C, said in one line (which results, if
+    any, were written) instead of a KeyboardInterrupt traceback through asyncio's or a thread pool's frames."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        done = f"{', '.join(map(str, WRITTEN))} written" if WRITTEN else "no results written"
+        sys.stderr.write(f"\n{Path(sys.argv[0]).name}: interrupted; {done}\n")
+        return 130
+    return 0
+
+
 def write_results(
     name: str,
     data: dict[str, Any],
@@ -116,7 +131,6 @@ def write_results(
     out.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "command": command(), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
            "machine": machine(), **data}  # fmt: skip
-    (out / f"{name}.json").write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     m = doc["machine"]
     text = (
         f"# {name}\n\n`{doc['command']}`\n\n"
@@ -126,7 +140,11 @@ def write_results(
         + "\n"
         + (f"\n{notes}\n" if notes else "")
     )
-    (out / f"{name}.md").write_text(text, encoding="utf-8")
+    # Both texts are made before either file is written: a run interrupted in between would leave one run's JSON
+    # beside another's table.
+    for path, content in ((out / f"{name}.json", json.dumps(doc, indent=2) + "\n"), (out / f"{name}.md", text)):
+        path.write_text(content, encoding="utf-8")
+        WRITTEN.append(path)
     print(text)
 
 

@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import sys
 import tempfile
 import threading
 import time
@@ -40,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import add_out_argument, check_train_args, synchronize, write_results
+from _common import add_out_argument, check_train_args, run_main, synchronize, write_results
 
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_device
 from tadlora.core.methods import make_method
@@ -222,4 +223,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

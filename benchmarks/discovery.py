@@ -20,7 +20,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from _common import REPO, add_out_argument, median_range, write_results
+from _common import REPO, add_out_argument, median_range, run_main, write_results
 
 sys.path.insert(0, str(REPO / "tests"))
 from nodeproc import NodeProcess, node_args, running_node, unique_tag
@@ -159,4 +159,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import statistics
+import sys
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
 import torch
-from _common import add_out_argument, write_results
+from _common import add_out_argument, run_main, write_results
 
 from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, StatusInfo
@@ -92,14 +95,24 @@ async def _raw_echo(request_iterator, context):  # type: ignore[no-untyped-def]
         yield part
 
 
-async def raw_server() -> tuple[grpc.aio.Server, int]:
+@contextlib.asynccontextmanager
+async def raw_server() -> AsyncIterator[int]:
+    """The raw echo server's port, the server stopped on the way out, however it is left: one left to the garbage
+    collector (a Ctrl-C while it started) failed with "Event loop is closed" after asyncio.run had returned."""
     server = grpc.aio.server(options=RAW_OPTIONS)
     echo = grpc.stream_stream_rpc_method_handler(_raw_echo)
     handler = grpc.method_handlers_generic_handler("bench.Raw", {"Echo": echo})
     server.add_generic_rpc_handlers((handler,))
     port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    return server, port
+    started = asyncio.ensure_future(server.start())
+    try:
+        await asyncio.shield(started)
+        yield port
+    finally:
+        # Cancelled while it started (a Ctrl-C), it lets the start finish: grpc refuses to stop a server in the middle
+        # of its start ("invalid state").
+        await started
+        await server.stop(None)
 
 
 async def raw_roundtrip(channel: grpc.aio.Channel, payload: bytes) -> tuple[float, int]:
@@ -139,30 +152,27 @@ async def bench_size(target_mb: float, reps: int) -> dict[str, Any]:
     me = FixedNode("alice", ours)
     header = ExchangeHeader.from_info(me.info)
     exch_times, raw_times, encode_times, decode_times, sha_times = [], [], [], [], []
-    raw, raw_port = await raw_server()
-    try:
-        async with (
-            transport.serve(node, "127.0.0.1:0") as server,
-            transport.connect(server.address) as client,
-            grpc.aio.insecure_channel(f"127.0.0.1:{raw_port}", options=RAW_OPTIONS) as channel,
-        ):
-            await client.exchange(header, ours, TIMEOUT_S, spec)  # warm-up: connection, thread pool
-            await raw_roundtrip(channel, payload)
-            for _ in range(reps):
-                gc.collect()
-                result = await client.exchange(header, ours, TIMEOUT_S, spec)
-                assert result.bytes_sent == size and result.bytes_received == len(encode_factors(theirs))
-                exch_times.append(result.elapsed_s)
-                gc.collect()
-                elapsed, _ = await raw_roundtrip(channel, payload)
-                raw_times.append(elapsed)
-                # In the same repetition as the exchange they are a share of: measured after the loop, they
-                # would divide one moment's costs by another's.
-                encode_times.append(timed(lambda: encode_factors(ours)))
-                decode_times.append(timed(lambda: decode_factors(payload, spec)))
-                sha_times.append(timed(lambda: digest(payload)))
-    finally:
-        await raw.stop(None)
+    async with (
+        raw_server() as raw_port,
+        transport.serve(node, "127.0.0.1:0") as server,
+        transport.connect(server.address) as client,
+        grpc.aio.insecure_channel(f"127.0.0.1:{raw_port}", options=RAW_OPTIONS) as channel,
+    ):
+        await client.exchange(header, ours, TIMEOUT_S, spec)  # warm-up: connection, thread pool
+        await raw_roundtrip(channel, payload)
+        for _ in range(reps):
+            gc.collect()
+            result = await client.exchange(header, ours, TIMEOUT_S, spec)
+            assert result.bytes_sent == size and result.bytes_received == len(encode_factors(theirs))
+            exch_times.append(result.elapsed_s)
+            gc.collect()
+            elapsed, _ = await raw_roundtrip(channel, payload)
+            raw_times.append(elapsed)
+            # In the same repetition as the exchange they are a share of: measured after the loop, they
+            # would divide one moment's costs by another's.
+            encode_times.append(timed(lambda: encode_factors(ours)))
+            decode_times.append(timed(lambda: decode_factors(payload, spec)))
+            sha_times.append(timed(lambda: digest(payload)))
     encode_s = statistics.median(encode_times)
     decode_s = statistics.median(decode_times)
     sha_s = statistics.median(sha_times)
@@ -240,4 +250,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -21,9 +21,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import argparse
 import dataclasses
 import statistics
+import sys
 import time
 
-from _common import add_out_argument, write_results
+from _common import add_out_argument, run_main, write_results
 
 DATASET = "glue:SST-2"
 SAMPLES = 2000
@@ -116,4 +117,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

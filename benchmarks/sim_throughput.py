@@ -41,7 +41,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from _common import add_out_argument, check_train_args, synchronize, write_results
+from _common import add_out_argument, check_train_args, run_main, synchronize, write_results
 
 DATASET = "builtin:sst2-small"
 SAMPLES_PER_CLIENT = 24  # label-skew over its 3000 SST-2 examples allows at most 26 for 100 clients, 24 for 113
@@ -313,4 +313,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -337,6 +337,49 @@ def test_an_out_that_cannot_be_a_directory_is_a_usage_error_before_anything_runs
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
+def test_an_interrupted_run_says_so_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    # Ctrl-C during a run ended in a KeyboardInterrupt traceback through asyncio's frames (exit -2 from the signal).
+    import signal
+
+    proc = subprocess.Popen(
+        [sys.executable, "-u", str(BENCHMARKS / "exchange.py"), "--quick", "--out", str(tmp_path / "out")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever this process ignores
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first size has started: the interrupt lands inside the measurements
+            if line.startswith("-- 1 MB"):
+                break
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and stderr.strip() == "exchange.py: interrupted; no results written"
+    assert not (tmp_path / "out").exists()
+
+
+def test_write_results_writes_both_files_and_names_them_for_an_interrupt(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = load("_common", monkeypatch)
+    common.write_results("demo", {"x": 1}, ["a"], [[1.5]], out=tmp_path)
+    assert list(common.WRITTEN) == [tmp_path / "demo.json", tmp_path / "demo.md"]
+    assert json.loads((tmp_path / "demo.json").read_text(encoding="utf-8"))["x"] == 1
+
+    def interrupted() -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["demo.py"])
+    assert common.run_main(interrupted) == 130
+    assert (
+        capsys.readouterr().err.strip()
+        == f"demo.py: interrupted; {tmp_path / 'demo.json'}, {tmp_path / 'demo.md'} written"
+    )
+
+
 RESULTS = BENCHMARKS / "results"
 DOCS = BENCHMARKS.parent / "docs" / "benchmarks.md"
 
