@@ -415,3 +415,14 @@ def test_docs_benchmarks_shows_the_committed_table(name: str) -> None:
     assert table in docs, f"docs/benchmarks.md does not show results/{name}.md's table"
     command = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))["command"]
     assert f"\n{command}\n" in docs, f"docs/benchmarks.md does not give results/{name}.json's command {command!r}"
+
+
+@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery"])
+def test_docs_benchmarks_caveats_name_the_machine_of_each_committed_run(name: str) -> None:
+    # The caveats put section 3 on the AMD EPYC with grpcio 1.85.3 after its rerun on an Intel Xeon (grpcio 1.85.4,
+    # 23.6 GiB) had been committed.
+    caveats = DOCS.read_text(encoding="utf-8").split("\n## 1.", 1)[0]
+    machine = json.loads((RESULTS / f"{name}.json").read_text(encoding="utf-8"))["machine"]
+    cpu = " ".join(w for w in machine["cpu_model"].replace("(R)", "").split() if w != "Processor")
+    for fact in (cpu, f"{machine['memory_gib']} GiB", f"grpcio {machine['grpcio']}", f"torch {machine['torch']}"):
+        assert fact in caveats, f"docs/benchmarks.md's caveats do not say {fact!r} of results/{name}.json's machine"
