@@ -75,7 +75,7 @@ def out_dir(text: str) -> Path:
     of a run (minutes later; a file in the way made the mkdir fail with a traceback, and an empty value wrote the
     results into the working directory)."""
     if not text.strip():
-        raise argparse.ArgumentTypeError("an empty path: leave --out out for the default, benchmarks/results")
+        raise argparse.ArgumentTypeError("an empty path: leave --out out for its default")
     out = Path(text)
     if problem := out_not_a_directory(out):
         raise argparse.ArgumentTypeError(problem.removeprefix(f"--out {out}: "))

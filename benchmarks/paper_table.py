@@ -33,6 +33,8 @@ import json
 import sys
 from pathlib import Path
 
+from _common import out_dir
+
 from tadlora.cliutil import csv_list
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import PRESET_CAVEATS, PRESETS, preset
@@ -45,7 +47,7 @@ HERE = Path(__file__).resolve().parent
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", required=True, choices=sorted(PRESETS), help="the simulator preset to tabulate")
-    parser.add_argument("--out", type=Path, help="output directory (default benchmarks/paper/PRESET)")
+    parser.add_argument("--out", type=out_dir, help="output directory (default benchmarks/paper/PRESET)")
     parser.add_argument("--seeds", type=csv_list(int), help="comma list of seeds (default: the preset's)")
     parser.add_argument("--rounds", type=int, help="rounds per cell (default: the preset's; for a quick look)")
     parser.add_argument("--only", choices=("methods", "T-sweep"), help="run only this grid (both are reported)")

@@ -426,3 +426,20 @@ def test_docs_benchmarks_caveats_name_the_machine_of_each_committed_run(name: st
     cpu = " ".join(w for w in machine["cpu_model"].replace("(R)", "").split() if w != "Processor")
     for fact in (cpu, f"{machine['memory_gib']} GiB", f"grpcio {machine['grpcio']}", f"torch {machine['torch']}"):
         assert fact in caveats, f"docs/benchmarks.md's caveats do not say {fact!r} of results/{name}.json's machine"
+
+
+@pytest.mark.parametrize("where", ["file", "empty"])
+def test_paper_table_refuses_an_out_that_cannot_be_a_directory_as_a_usage_error(
+    where: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # An empty --out ran (or reported) the grids into the working directory (methods/, T-sweep/, table.md); a file
+    # in the way was said as "[Errno 20] Not a directory: 'FILE/methods/cells'".
+    script = load("paper_table", monkeypatch)
+    blocker = tmp_path / "table"
+    blocker.write_text("not a directory\n", encoding="utf-8")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        script.main(["--preset", "smoke", "--report-only", "--quiet", "--out", str(blocker) if where == "file" else ""])
+    expected = "an empty path" if where == "empty" else f"{blocker} is a file, not a directory"
+    assert exc.value.code == 2 and f"argument --out: {expected}" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir()] == ["table"]
