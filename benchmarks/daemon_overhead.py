@@ -173,6 +173,10 @@ def main() -> None:
     except (ValueError, RuntimeError) as exc:
         parser.error(str(exc))
     args.device, gpu = str(device), device_line(device)  # "auto" is recorded as what it resolved to
+    try:  # a model that does not load is a usage error now, not a traceback from the first loop's first model
+        AdapterModel(ModelSpec(model=args.model, label_names=resolve_dataset(DATASET, "train").label_names), device)
+    except RuntimeError as exc:
+        parser.error(f"--model: {exc}")
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.WARNING)
     train = TrainSpec(local_steps=args.local_steps, batch_size=args.batch_size, max_length=args.max_length, lr=1e-3)

@@ -99,7 +99,11 @@ def worker(args: argparse.Namespace) -> dict:
         return {"maxrss_bytes": _maxrss_bytes(), "rss_file_bytes": _rss_file_bytes()}
     train_data = resolve_dataset(DATASET, "train")
     spec = ModelSpec(model=args.model, label_names=train_data.label_names, lora=LoraSpec(), seed=0)
-    model = AdapterModel(spec, device)
+    try:
+        model = AdapterModel(spec, device)
+    except RuntimeError as exc:  # said by the one-model subprocess, before any engine runs
+        print(f"--model: {' '.join(str(exc).split())}", file=sys.stderr)  # one line: the parent shows the last
+        raise SystemExit(USAGE) from None
     param_bytes = sum(p.numel() * p.element_size() for p in model.model.parameters())
     param_bytes += sum(b.numel() * b.element_size() for b in model.model.buffers())
     if args.engine == "model":  # its device is the run's: --device auto resolved
@@ -154,7 +158,9 @@ def run_worker(args: argparse.Namespace, engine: str, m: int) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     started = time.perf_counter()
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if done.returncode == USAGE:  # a device the machine lacks, said by the first subprocess before anything ran
+    # A device the machine lacks, said by the first subprocess, or a model that does not load, by the second: before
+    # anything is measured.
+    if done.returncode == USAGE:
         print(f"sim_throughput.py: error: {done.stderr.strip().splitlines()[-1]}", file=sys.stderr)
         raise SystemExit(USAGE)
     if done.returncode != 0:

@@ -443,3 +443,18 @@ def test_paper_table_refuses_an_out_that_cannot_be_a_directory_as_a_usage_error(
     expected = "an empty path" if where == "empty" else f"{blocker} is a file, not a directory"
     assert exc.value.code == 2 and f"argument --out: {expected}" in capsys.readouterr().err
     assert [p.name for p in tmp_path.iterdir()] == ["table"]
+
+
+@pytest.mark.parametrize("script", ["daemon_overhead", "sim_throughput"])
+def test_a_model_that_does_not_load_is_a_usage_error_before_anything_is_measured(script: str, tmp_path: Path) -> None:
+    # daemon_overhead died in its warm-up loop with a RuntimeError traceback (exit 1); sim_throughput's parent
+    # raised "model m=1 failed:" with the subprocess's traceback inside its own.
+    missing = tmp_path / "no-such-model"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / f"{script}.py"), *SMALLEST[script], "--model", str(missing),
+         "--out", str(tmp_path / "out")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    expected = f"error: --model: cannot load model '{missing}': no such directory"
+    assert proc.returncode == 2 and expected in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "out").exists()
