@@ -328,6 +328,19 @@ async def test_an_exchange_for_a_closed_round_or_from_a_non_neighbour_is_refused
     assert refusals(node, "ROUND_MISMATCH") == 2 and refusals(node, "NOT_A_NEIGHBOR") == 1
 
 
+@pytest.mark.asyncio
+async def test_an_exchange_declaring_degree_0_is_refused_before_a_chunk_is_read(tmp_path: Path) -> None:
+    """docs/protocol.md: degree 0 is refused from the header, as a degree over `MAX_DEGREE` is: a caller is a
+    neighbour of the node it calls, so no payload of it is worth reading."""
+    async with Node(node_config(tmp_path, 0, 2, PeersOption(False, (), ()), method="lora", min_peers=0)) as node:
+        size = len(encode_factors(select(node.factors, sent_factors(node.method, 0))))
+        reply, read = await reply_to_a_header_alone(node, degree=0, total_bytes=size)
+    assert reply is not None and Reason(reply.refusal.reason) is Reason.BAD_PAYLOAD
+    assert "degree" in reply.refusal.detail
+    assert read == 1  # the header, and not one chunk
+    assert refusals(node, "BAD_PAYLOAD") == 1
+
+
 # ------------------------------------------------------------------------------- checks off the loop
 
 

@@ -702,9 +702,11 @@ class Node:
 
     async def async_admit_exchange(self, header: ExchangeHeader) -> FactorSpec:
         """Refuse from its header, before its payload is read, an exchange that `async_exchange` would refuse for
-        its round or its caller; return the spec its payload must meet (which bounds its size)."""
+        its round, its caller or its degree; return the spec its payload must meet (which bounds its size)."""
         r = header.round
         self._check_round_sane(r, header.node_id)
+        if header.degree < 1:  # over MAX_DEGREE is refused with every header (`rpc.check_sane`)
+            raise PayloadError(Reason.BAD_PAYLOAD, f"{header.node_id} says its degree is 0, expected 1..{MAX_DEGREE}")
         await self.rounds.admit(header.node_id, r)
         return self._spec_for(r)
 
