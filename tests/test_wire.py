@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import math
 import os
@@ -83,6 +84,70 @@ def test_refusals_say_their_reason_and_payload_errors_are_refusals() -> None:
     assert isinstance(error, ExchangeRefused)
     assert (error.reason, error.detail) == (Reason.DIGEST_MISMATCH, "sha256 differs")
     assert str(error) == "DIGEST_MISMATCH: sha256 differs"
+
+
+PROTOCOL_DOC = REPO / "docs" / "protocol.md"
+
+
+def _refusal_table(doc: str) -> list[str]:
+    """The rows of docs/protocol.md's table of checks and their refusals."""
+    section = doc.split("### What is checked, and the refusal each failure gets", 1)[1]
+    table = section[section.index("\n| check |") :].split("\n\n", 1)[0]
+    return [line for line in table.splitlines() if line.startswith("| ")][1:]  # past the head (the rule is "|-")
+
+
+def test_every_refusal_reason_is_in_the_docs_table_and_the_table_names_no_other() -> None:
+    """A peer implementer learns when each reason is sent from docs/protocol.md's table alone: every reason a node
+    can send (all but UNSPECIFIED, which stands for one it does not know) has a row, and no row names a reason that
+    does not exist."""
+    doc = PROTOCOL_DOC.read_text(encoding="utf-8")
+    refusals = [row.rsplit(" | ", 1)[1] for row in _refusal_table(doc)]  # the last column
+    in_table = {name for cell in refusals for name in re.findall(r"`([A-Z][A-Z_]+)`", cell)}
+    sent = {reason.name for reason in Reason} - {"UNSPECIFIED"}
+    assert sent <= in_table, f"reasons without a row in docs/protocol.md: {sorted(sent - in_table)}"
+    assert in_table - {"INVALID_ARGUMENT", "INTERNAL"} <= sent, sorted(in_table - sent)
+    listed = set(re.findall(r"`([A-Z][A-Z_]+)`", doc.split("Refusals carry a `RefusalReason` (", 1)[1].split(")")[0]))
+    assert listed == sent, "the list of reasons at the top of docs/protocol.md"
+
+
+def test_the_caps_and_timeouts_docs_protocol_quotes_are_the_codes() -> None:
+    """Each number docs/protocol.md gives a peer implementer is the constant the code enforces."""
+    from tadlora.node import daemon, peers, rounds, rpc, wire
+    from tadlora.node.config import NodeConfig
+    from tadlora.node.grpc_transport import GRPC_MAX_CONNECTION_AGE_MS, GRPC_MIN_CONNECTION_AGE_GRACE_MS
+
+    doc = " ".join(PROTOCOL_DOC.read_text(encoding="utf-8").split())  # one line: quotes may wrap anywhere
+    defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
+    mib, kib = 1 << 20, 1 << 10
+    quoted = {
+        f"`MAX_DEGREE` ({rpc.MAX_DEGREE})": True,
+        "`MAX_ROUND` (2^40)": rpc.MAX_ROUND == 2**40,
+        f"more than {rounds.WAIT_GAP_ROUNDS} (`WAIT_GAP_ROUNDS`)": True,
+        f"{rpc.MAX_EXCHANGES_PER_CALLER} exchanges (`MAX_EXCHANGES_PER_CALLER`)": True,
+        f"{rpc.MAX_FETCHES_PER_CALLER} fetches (`MAX_FETCHES_PER_CALLER`)": True,
+        f"over {rpc.MAX_TEXT_CHARS} characters (`MAX_TEXT_CHARS`)": True,
+        f"first {rpc.MAX_DETAIL_CHARS} characters": True,
+        f"`NodeConfig.max_payload_bytes`, {defaults['max_payload_bytes'] // mib} MiB)": True,
+        f"chunks of at most {wire.MAX_CHUNK_BYTES // mib} MiB": wire.MAX_CHUNK_BYTES % mib == 0,
+        f"a chunk over {wire.MAX_CHUNK_BYTES // mib} MiB": True,
+        f"their bytes + {wire._HEADER_FIXED_SLACK_BYTES // kib} KiB, and per tensor {wire._ENTRY_SLACK_BYTES} bytes "
+        f"+ {wire._KEY_ESCAPE_FACTOR} a byte of its key + {wire._DIM_CHARS} a dimension": True,
+        "`--max-factor-norm` (default 1e4)": defaults["max_factor_norm"] == 1e4,
+        f"`--exchange-timeout` (default {defaults['exchange_timeout']:g} s;": True,
+        f"grace: 2 × `--exchange-timeout`, at least {GRPC_MIN_CONNECTION_AGE_GRACE_MS // 1000} s)": True,
+        f"connection age, {GRPC_MAX_CONNECTION_AGE_MS // 60_000} min,": True,
+        "message size 4 MiB + 64 KiB": rpc.GRPC_MAX_MESSAGE_BYTES == 4 * mib + 64 * kib,
+        f"{rpc.GRPC_MAX_CONCURRENT_STREAMS} concurrent streams": True,
+        f"{rpc.GRPC_MAX_CONCURRENT_RPCS} concurrent RPCs": True,
+        f"keepalive pings every {rpc.GRPC_CLIENT_KEEPALIVE_MS // 1000} s (client) / "
+        f"{rpc.GRPC_SERVER_KEEPALIVE_MS // 1000} s (server) with a {rpc.GRPC_KEEPALIVE_TIMEOUT_MS // 1000} s ack": True,
+        f"pings at most every {rpc.GRPC_MIN_PING_INTERVAL_MS // 1000} s": True,
+        f"handshake timeout ({peers.HANDSHAKE_TIMEOUT_S:g} s)": True,
+        f"no answer within {daemon.FETCH_TIMEOUT_S:g} s": True,
+        f"for {daemon.FETCH_RETRY_S / 60:g} minutes": True,
+        f"Protocol version {rpc.PROTOCOL_VERSION};": True,
+    }
+    assert [quote for quote, holds in quoted.items() if not holds or quote not in doc] == []
 
 
 # ------------------------------------------------------------------------------------- round trips
