@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 
@@ -138,3 +140,43 @@ def test_a_topology_whose_links_are_never_up_is_refused() -> None:
     # link_up accepts p = 0 (a link that is down), but a topology is built for links that live: (0, 1].
     with pytest.raises(ValueError, match=r"probability must be in \(0, 1\]"):
         make_topology("er", 4, link_prob=0.0)
+
+
+def _documented_link_up(seed: int, t: int, a: str, b: str, p: float) -> bool:
+    """`link_up` as docs/protocol.md ("A round, seen from the wire") spells it for a peer implementation."""
+    if p >= 1:
+        return True
+    lo, hi = sorted((a, b))
+    data = f"{seed}\0{t}\0{lo}\0{hi}".encode()
+    u = int.from_bytes(hashlib.blake2b(data, digest_size=8, person=b"tadlora-link").digest(), "big") / 2**64
+    return u < p
+
+
+def _documented_overlay(me: str, members: list[str], k: int) -> frozenset[str]:
+    """The `--max-neighbors` overlay as docs/protocol.md spells it."""
+    ids = sorted({*members, me})
+    n, i = len(ids), ids.index(me)
+    if n <= k + 1:
+        return frozenset(ids) - {me}
+    out, degree, d = set(), 0, 1
+    while 2 * d <= n and degree + (cost := 1 if 2 * d == n else 2) <= k:
+        out |= {ids[(i + d) % n], ids[(i - d) % n]}
+        degree, d = degree + cost, 2 * d
+    return frozenset(out)
+
+
+def test_link_up_and_the_overlay_are_what_docs_protocol_spells_out() -> None:
+    """A third party's node must pick the same links as ours from docs/protocol.md alone."""
+    from tadlora.core.topology import overlay_neighbours
+
+    ids = [client_name(i) for i in range(7)] + ["a", "zz-9", "node_x"]
+    for seed, t, p in [(0, 0, 0.5), (7, 123, 0.3), (2**31, 10**9, 0.9), (1, 2, 1.0), (1, 2, 0.0)]:
+        for a in ids:
+            for b in ids:
+                if a != b:
+                    assert link_up(seed, t, a, b, p) == _documented_link_up(seed, t, a, b, p), (seed, t, a, b, p)
+    for n in (2, 5, 8, 9, 16, 33):
+        members = [f"peer-{i:03d}" for i in range(n)]
+        for k in (2, 3, 4, 6):
+            for me in members:
+                assert overlay_neighbours(me, members, k) == _documented_overlay(me, members, k), (n, k, me)
