@@ -180,3 +180,22 @@ def test_link_up_and_the_overlay_are_what_docs_protocol_spells_out() -> None:
         for k in (2, 3, 4, 6):
             for me in members:
                 assert overlay_neighbours(me, members, k) == _documented_overlay(me, members, k), (n, k, me)
+
+
+def test_link_uniform_reaches_one_for_the_top_digests_and_link_up_reads_it_as_down_below_p_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A digest of 2^64 − 2^10 or more rounds to 2^64 in float64, so the draw is 1.0 (about 2^-54 of digests). The
+    # range is [0, 1], not [0, 1): what matters is that `u < p` still says "down" for every p < 1.
+    import types
+
+    from tadlora.core import topology
+
+    class Digest:
+        def digest(self) -> bytes:
+            return b"\xff" * 8
+
+    monkeypatch.setattr(topology, "hashlib", types.SimpleNamespace(blake2b=lambda *a, **k: Digest()))
+    assert link_uniform(0, 0, "a", "b") == 1.0
+    assert not link_up(0, 0, "a", "b", float(np.nextafter(1.0, 0.0)))
+    assert link_up(0, 0, "a", "b", 1.0)

@@ -26,7 +26,10 @@ def client_name(index: int) -> str:
 
 
 def link_uniform(seed: int, t: int, a: str, b: str) -> float:
-    """A uniform number in [0, 1) that depends only on (seed, t, {a, b}); symmetric in a and b."""
+    """A uniform number in [0, 1] that depends only on (seed, t, {a, b}); symmetric in a and b.
+
+    1.0 is reached by the top 2^-54 of digests (those round to 2^64 in float64); `link_up`'s ``u < p`` reads it as
+    down for every p < 1, as it should."""
     lo, hi = sorted((a, b))
     digest = hashlib.blake2b(f"{seed}\x00{t}\x00{lo}\x00{hi}".encode(), digest_size=8, person=b"tadlora-link").digest()
     return struct.unpack(">Q", digest)[0] / 2.0**64
