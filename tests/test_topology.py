@@ -199,3 +199,16 @@ def test_link_uniform_reaches_one_for_the_top_digests_and_link_up_reads_it_as_do
     assert link_uniform(0, 0, "a", "b") == 1.0
     assert not link_up(0, 0, "a", "b", float(np.nextafter(1.0, 0.0)))
     assert link_up(0, 0, "a", "b", 1.0)
+
+
+@pytest.mark.parametrize(
+    ("n", "k", "offsets"),
+    [(12, 10, [1, 2, 4]), (20, 10, [1, 2, 4, 8]), (16, 10, [1, 2, 4, 8]), (8, 10, [1, 2, 4]), (9, 10, [1, 2, 4])],
+)
+def test_overlay_chords_are_powers_of_two_up_to_n_over_2_and_n_over_2_only_when_it_is_one(
+    n: int, k: int, offsets: list[int]
+) -> None:
+    # n = 12: n/2 = 6 is no power of two and is no chord; n = 16: n/2 = 8 is one, and it is.
+    from tadlora.core.topology import overlay_offsets
+
+    assert overlay_offsets(n, k) == offsets

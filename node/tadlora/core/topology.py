@@ -105,8 +105,9 @@ def ring_edges(m: int) -> frozenset[Edge]:
 
 
 def overlay_offsets(n: int, max_neighbours: int) -> list[int]:
-    """Ring offsets of the bounded-degree overlay on n nodes: 1 (the ring), then chords 2, 4, 8, ... (< n/2,
-    plus n/2 itself for even n, which adds one link instead of two), while the degree stays <= max_neighbours."""
+    """Ring offsets of the bounded-degree overlay on n nodes: 1 (the ring), then chords 2, 4, 8, ..., every power of
+    two up to n/2 (n/2 itself only when it is a power of two, and then it adds one link per node instead of two:
+    n = 16 takes 8, n = 12 stops at 4), while the degree stays <= max_neighbours."""
     if max_neighbours < 2:
         raise ValueError(f"max neighbours must be >= 2 (a ring), got {max_neighbours}")
     offsets: list[int] = []
