@@ -146,12 +146,14 @@ def table(data: dict[str, Any]) -> tuple[list[str], list[tuple[Any, ...]]]:
     train = data["train"]
     # A GPU run names its device beside the model; the CPU runs' tables (committed before runs on a GPU) do not.
     model = data["model"] if data.get("device", "cpu") == "cpu" else f"{data['model']} on {data['gpu']}"
+    # No completed exchange has no latency: "n/a", not 0 s.
     rows = [(model, f"{data['nodes']} x {data['rounds']}",
              f"{train['local_steps']} ({train['batch_size']}, {train['max_length']})",
              ", ".join(f"{x:.2f}" for x in data["bare_sequential_s"]),
              ", ".join(f"{x:.2f}" for x in data["bare_threaded_s"]), data["daemon_s"],
              data["ratio_daemon_over_threaded"], data["ratio_daemon_over_sequential"],
-             data["exchange_latency_s_mean"] or 0.0, data["rounds_all_neighbours"])]  # fmt: skip
+             "n/a" if data["exchange_latency_s_mean"] is None else data["exchange_latency_s_mean"],
+             data["rounds_all_neighbours"])]  # fmt: skip
     return headers, rows
 
 

@@ -222,6 +222,8 @@ def test_daemon_overhead_s_table_names_the_gpu_a_run_used_and_only_then(monkeypa
     assert bench.table(data)[1][0][0] == data["model"]  # the committed CPU run
     gpu = {**data, "device": "cuda", "gpu": "NVIDIA H100 80GB HBM3"}
     assert bench.table(gpu)[1][0][0] == f"{data['model']} on NVIDIA H100 80GB HBM3"
+    # A run without a completed exchange has no latency: said so, not as 0 s.
+    assert bench.table({**data, "exchange_latency_s_mean": None})[1][0][-2] == "n/a"
 
 
 def test_daemon_overhead_threaded_loop_reports_a_nodes_failure_instead_of_waiting_for_it(
