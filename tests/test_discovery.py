@@ -339,13 +339,18 @@ async def test_malformed_txt_is_ignored_with_a_logged_reason_and_browsing_goes_o
         await (await foreign.async_update_service(raw_info(fixed_later, {"id": fixed_later, "cluster": "c"})))
         # The browser survived: a well-formed peer arriving later is found, and so is a broken one once fixed.
         await (await foreign.async_update_service(raw_info(fixed_later, {**ok_txt, "id": fixed_later})))
+        await observer.async_wait_for(lambda c: fixed_later in c, WAIT_S)
+        # Counted up to its fix, which ends "broken" (a later broken TXT is logged anew): three TXTs within a second
+        # may all stay in the observer's cache (RFC 6762 §10.2 keeps records younger than 1 s on a cache flush), so
+        # a resolution after the fix may still read an older one. Seen once in a suite run under heavy load.
+        while_broken = [r.getMessage() for r in caplog.records if fixed_later in r.getMessage()]
         async with running(advert(n("late-but-fine"), 50111)):
             seen = await observer.async_wait_for(lambda c: {n("late-but-fine"), fixed_later} <= set(c), WAIT_S)
     assert set(n.ours(seen)) == {n("late-but-fine"), fixed_later}
     messages = [r.getMessage() for r in caplog.records if r.name == "tadlora.discovery"]
     assert any(no_fp in m and "lacks fp" in m for m in messages), messages
     assert any(bad_proto in m and "proto='one'" in m for m in messages), messages
-    assert sum(fixed_later in m for m in messages) == 1, messages  # once per service, not per refresh
+    assert len(while_broken) == 1, while_broken  # once per service, not per refresh
 
 
 @pytest.mark.asyncio
