@@ -14,7 +14,7 @@ import logging
 import os
 import socket
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -952,19 +952,27 @@ async def test_a_close_cancelled_during_the_mdns_goodbye_still_closes_everything
 # ------------------------------------------------------------------------------------------ the event loop
 
 
-def on_the_loop_recorder(monkeypatch: pytest.MonkeyPatch, within: Path) -> list[str]:
-    """Record (in the returned list) each fsync, each open of a file under ``within`` and each torch read or write
-    of the model's factors that runs on this thread, the event loop's: each belongs in a worker thread."""
-    loop_thread, on_loop = threading.get_ident(), list[str]()
+def loop_thread_probe(on_loop: list[str], name_call: Callable[[str, tuple[Any, ...]], str] = lambda n, _: n) -> Any:
+    """A factory of wrappers that append ``name_call(name, args)`` to ``on_loop`` for each call made on this thread
+    (the test's, the event loop's), then call the wrapped function."""
+    loop_thread = threading.get_ident()
 
     def probe(name: str, real: Any) -> Any:
         def probed(*args: Any, **kwargs: Any) -> Any:
             if threading.get_ident() == loop_thread:
-                on_loop.append(name)
+                on_loop.append(name_call(name, args))
             return real(*args, **kwargs)
 
         return probed
 
+    return probe
+
+
+def on_the_loop_recorder(monkeypatch: pytest.MonkeyPatch, within: Path) -> list[str]:
+    """Record (in the returned list) each fsync, each open of a file under ``within`` and each torch read or write
+    of the model's factors that runs on this thread, the event loop's: each belongs in a worker thread."""
+    loop_thread, on_loop = threading.get_ident(), list[str]()
+    probe = loop_thread_probe(on_loop)
     real_open = io.open
 
     def probed_open(file: Any, *args: Any, **kwargs: Any) -> Any:
@@ -1003,16 +1011,8 @@ async def test_serving_metrics_resolves_no_name_on_the_event_loop(
     """Binding /metrics looks its host up (getaddrinfo) and, as Python's HTTP server does, its name by reverse DNS
     (getfqdn): with a resolver that does not answer, seconds in which the loop, already serving the node's peers,
     would stall."""
-    loop_thread, on_loop = threading.get_ident(), list[str]()
-
-    def probe(name: str, real: Any) -> Any:
-        def probed(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == loop_thread:
-                on_loop.append(f"{name}{args[:1]}")
-            return real(*args, **kwargs)
-
-        return probed
-
+    on_loop = list[str]()
+    probe = loop_thread_probe(on_loop, lambda name, args: f"{name}{args[:1]}")
     monkeypatch.setattr(socket, "getaddrinfo", probe("getaddrinfo", socket.getaddrinfo))
     monkeypatch.setattr(socket, "getfqdn", probe("getfqdn", socket.getfqdn))
     async with lone_node(tmp_path, InMemoryNetwork(), metrics_port=0) as node:
@@ -1027,16 +1027,8 @@ async def test_the_round_log_is_written_and_closed_off_the_event_loop(
     """Each round appends (and flushes) a line to rounds.jsonl, each checkpoint reads its size, and the close closes
     it: file I/O, which on a busy or network disk stalls whatever thread does it. Not the loop's: it serves the
     node's peers meanwhile."""
-    loop_thread, on_loop = threading.get_ident(), list[str]()
-
-    def probe(name: str, real: Any) -> Any:
-        def probed(*args: Any, **kwargs: Any) -> Any:
-            if threading.get_ident() == loop_thread:
-                on_loop.append(name)
-            return real(*args, **kwargs)
-
-        return probed
-
+    on_loop = list[str]()
+    probe = loop_thread_probe(on_loop)
     monkeypatch.setattr(state.RoundLog, "write", probe("write", state.RoundLog.write))
     monkeypatch.setattr(state.RoundLog, "size", property(probe("size", state.RoundLog.size.fget)))
     monkeypatch.setattr(state.RoundLog, "close", probe("close", state.RoundLog.close))

@@ -839,22 +839,22 @@ async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(mo
     assert pm._attempts == {} and pm._refused_logged == set()
 
 
-async def two_peers_of(pm: PeerManager, net: InMemoryNetwork) -> list[InMemoryClient]:
-    """Verified peers p1 and p2 of ``pm``, on connections of ``net``; their connections, in that order."""
+async def manager_with_two_peers() -> tuple[PeerManager, list[InMemoryClient]]:
+    """A peer manager with verified peers p1 and p2 on an in-memory network; their connections, in that order."""
+    net = InMemoryNetwork()
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    pm = PeerManager(net, lambda: me, lambda: [], lambda: None)
     conns = []
     for i in (1, 2):
         conn = net.connect(f"10.0.0.{i}:7070", node_id=f"p{i}")
         await pm.add(PeerInfo(node_id=f"p{i}", cluster="c", fingerprint="f", address=conn.address), conn, "static")
         conns.append(conn)
-    return conns
+    return pm, conns
 
 
 @pytest.mark.asyncio
 async def test_closing_the_peers_closes_every_connection_even_when_one_fails_to_close() -> None:
-    net = InMemoryNetwork()
-    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
-    pm = PeerManager(net, lambda: me, lambda: [], lambda: None)
-    first, second = await two_peers_of(pm, net)
+    pm, (first, second) = await manager_with_two_peers()
 
     async def fails() -> None:
         raise RuntimeError("close failed")
@@ -867,10 +867,7 @@ async def test_closing_the_peers_closes_every_connection_even_when_one_fails_to_
 
 @pytest.mark.asyncio
 async def test_closing_the_peers_cancelled_midway_still_closes_the_other_connections() -> None:
-    net = InMemoryNetwork()
-    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
-    pm = PeerManager(net, lambda: me, lambda: [], lambda: None)
-    first, second = await two_peers_of(pm, net)
+    pm, (first, second) = await manager_with_two_peers()
     closing_first = asyncio.Event()
 
     async def slow_close() -> None:  # a gRPC channel's close waits for its calls to end
