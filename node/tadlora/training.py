@@ -3,7 +3,13 @@
 Determinism is part of the contract: the examples a client uses in round t, and the base model's dropout masks
 (MiniLM's hidden and attention dropout are on during training), are a pure function of (run seed, shard index,
 t), so a daemon and the simulator given the same inputs take the same steps, and a resumed or shared simulator
-cell is the run it stands for, whatever ran before it in the process.
+cell is the run it stands for, whatever ran before it in the process. On one kind of device, that is: the masks
+come from the device's generator, so for one key a CPU (Mersenne Twister) and a GPU (Philox) draw other masks, and
+so may two GPUs with other multiprocessor counts (a GPU model, a MIG slice: CUDA's dropout spreads its draws over
+a grid sized by them; pytorch/pytorch#25690). Same distribution, other draws. On a GPU, moreover, the attention
+backward of scaled_dot_product_attention may sum in no fixed order (torch calls its memory-efficient kernel's
+nondeterministic), so two runs of one round there may agree to float tolerance only. Nodes never need each
+other's masks (each draws its own shard's), so a fleet of CPUs and GPUs still mixes.
 By default the optimizer (AdamW, or plain SGD) is created fresh every round over the factors that train in that
 round: mixing moves the parameters between rounds, so moment estimates from before the mix describe a different
 point, and carrying no optimizer state makes a round's result depend only on the factors it starts from. The

@@ -1,7 +1,8 @@
 """Client engines: how the simulator runs m clients' local steps on ONE shared frozen base model.
 
 * `SequentialEngine` swaps each client's factors into the one peft model and calls the same
-  `tadlora.training.local_steps` the daemon calls: the reference, bit-for-bit what a node computes.
+  `tadlora.training.local_steps` the daemon calls: the reference, bit-for-bit what a node on the same kind of
+  device computes (a GPU's dropout masks are not a CPU's: see `tadlora.training`).
 * `BatchedEngine` runs all clients in one forward/backward pass: the base model is shared, so client i's
   batch only differs in its LoRA update, which a hook on every adapted layer adds with a batched matmul over
   per-client stacked factors (m, r, in) and (m, out, r). AdamW and SGD are elementwise, so one optimizer over the

@@ -681,7 +681,9 @@ def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, rec
 
 # Settings that may differ when a run is resumed, or between runs that share cells: the grid's axes (which cells
 # it holds; growing it only adds cells), the device, and how often a cell is checkpointed (a checkpoint of any
-# round resumes). None changes what a cell computes.
+# round resumes). None changes what a cell computes, but for the device's own draws: a cell resumed on another
+# kind of device (precision and engine as computed are checked apart) goes on with that device's dropout masks,
+# from the same distribution (`tadlora.training`).
 _RESUMABLE_CHANGES = {
     "checkpoint_every",
     "methods",
