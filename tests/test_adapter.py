@@ -382,3 +382,21 @@ def test_the_portable_init_draws_what_the_checkpoint_lacks_and_nothing_it_holds(
     assert abs(float(weight.std()) - 0.02) < 0.003 and float(bias.abs().max()) == 0.0
     with pytest.raises(ValueError, match=r"cannot draw 0\.weight \(Conv1d\) portably"):
         _draw_portably(torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1)), {"0.weight"}, seed=0)
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_the_factors_read_and_trained_are_the_moved_model_s_own(overwrite: bool) -> None:
+    # Moving a module to a device may replace its Parameter objects: always for tensors that cannot take the old
+    # data in place (meta stands in for such a device on every machine), and on any device, CUDA included, under
+    # torch.__future__.set_overwrite_module_params_on_conversion(True). Factors collected before the move are then
+    # parameters the model no longer computes with: local steps would train nothing and `factors` read stale values.
+    before = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    try:
+        model = AdapterModel(tiny_spec(), device="meta" if not overwrite else "cpu")
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(before)
+    own = {id(p) for p in model.model.parameters()}
+    assert all(id(p) in own for p in model.factor_parameters().values())
+    assert all(id(p) in own for p in model._frozen)
+    assert next(iter(model.factor_parameters().values())).device == model.device

@@ -335,6 +335,11 @@ class AdapterModel:
         if embedded:  # peft's lora_embedding_A/B: not factors of the (out, r) x (r, in) shape mixing and DeCAF take
             raise ValueError(f"LoRA on embedding layers is not supported ({', '.join(embedded)}): target linear "
                              f"layers only, e.g. query,value")  # fmt: skip
+        # Moved before its parameters are collected: a move may replace them with new Parameter objects (where the
+        # device's tensors cannot take the old data in place, or under torch's overwrite-on-conversion setting), and
+        # factors collected before it would be parameters the model no longer computes with.
+        self.device = torch.device(device)
+        self.model.to(self.device)
         self._factor_params: dict[str, nn.Parameter] = {}
         for name, param in self.model.named_parameters():
             if ".lora_A." in name or ".lora_B." in name:
@@ -345,8 +350,6 @@ class AdapterModel:
         factor_ids = {id(p) for p in self._factor_params.values()}
         self._frozen = [p for p in self.model.parameters() if id(p) not in factor_ids]
         self.load_factors(self.initial_factors())
-        self.device = torch.device(device)
-        self.model.to(self.device)
         self.fingerprint = fingerprint(identity, base_digest, spec, self.tokenizer)
 
     def initial_factors(self) -> Factors:
