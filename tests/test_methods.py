@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from tadlora.core import methods
 from tadlora.core.factors import Factor
 from tadlora.core.methods import (
     Method,
@@ -123,3 +124,26 @@ def test_alternating_methods_hold_each_factor_for_t_rounds_including_the_rounds_
         assert method.trained(r) == frozenset({Factor(active)}), (name, r)
         assert method.mixed(r) == (AB if joint else frozenset({Factor(active)})), (name, r)
     assert "".join(method.phase(r) for r in range(len(schedule))) == schedule
+
+
+@pytest.mark.parametrize("name", ["my/lora", "a,b", "two words", "", "-x", "tad T=5"])
+def test_a_method_name_a_run_cannot_use_is_refused_at_registration(name: str) -> None:
+    """A name is a part of a cell's file name, an item of --methods' comma list and a word of the node's schedule:
+    "my/lora" used to be registered and then fail on a lock file in a missing folder, "a,b" as "unknown method 'a'"."""
+    with pytest.raises(ValueError, match="method name"):
+        register(name)(lambda t: Method(name))
+    assert name not in method_names()
+
+
+def test_a_default_switch_interval_below_one_is_refused_at_registration() -> None:
+    with pytest.raises(ValueError, match="default switch interval"):
+        register("zero-t", default_switch_interval=0)(lambda t: Method("zero-t", switch_interval=t, alternating=True))
+    assert "zero-t" not in method_names()
+
+
+def test_a_factory_whose_method_carries_another_name_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The node's status and logs name ``Method.name``, its schedule the registered name: they must be one."""
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # this test's registration ends with it
+    register("named-wrong")(lambda t: Method("lora", mixes_a=False))
+    with pytest.raises(ValueError, match="made a Method named 'lora'"):
+        make_method("named-wrong")

@@ -25,6 +25,7 @@ How the alternating methods relate:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,8 +77,24 @@ MethodFactory = Callable[[int | None], Method]
 _REGISTRY: dict[str, tuple[MethodFactory, int | None]] = {}
 
 
+# A method's name is a file name part (a simulator cell's files), an item of a comma list (--methods) and a word of
+# the node's schedule string: letters, digits, '.', '_' and '-', starting with a letter or digit.
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def register(name: str, default_switch_interval: int | None = None) -> Callable[[MethodFactory], MethodFactory]:
-    """Register a method factory under ``name``; a duplicate name is refused (ValueError)."""
+    """Register a method factory under ``name``, which the factory's `Method` must carry as its ``name``.
+
+    ``default_switch_interval``: None for a method that takes no T (it does not alternate, or fixes T itself, as
+    rolora), else the T it runs at unless one is given. A duplicate name, a name that is not letters, digits, '.',
+    '_' and '-' (it names files and is an item of comma lists) and a default T below 1 are refused (ValueError).
+    A method of your own is registered from your module before a run: docs/simulator.md#extending."""
+    if not _NAME.fullmatch(name):
+        raise ValueError(
+            f"method name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
+        )
+    if default_switch_interval is not None and default_switch_interval < 1:
+        raise ValueError(f"method {name!r}: default switch interval T must be >= 1, got {default_switch_interval}")
 
     def decorator(factory: MethodFactory) -> MethodFactory:
         if name in _REGISTRY:
@@ -111,7 +128,7 @@ def make_method(name: str, switch_interval: int | None = None) -> Method:
     an error, not silently ignored."""
     factory, default_t = _lookup(name)
     if default_t is None:
-        method = factory(None)
+        method = _named(name, factory(None))
         if switch_interval is not None:
             why = f"its T = {method.switch_interval} is part of it" if method.alternating else "it does not alternate"
             raise ValueError(f"method {name!r} takes no switch interval: {why}")
@@ -119,7 +136,15 @@ def make_method(name: str, switch_interval: int | None = None) -> Method:
     t = default_t if switch_interval is None else switch_interval
     if t < 1:
         raise ValueError(f"switch interval T must be >= 1, got {t}")
-    return factory(t)
+    return _named(name, factory(t))
+
+
+def _named(name: str, method: Method) -> Method:
+    """``method``, which the factory registered as ``name`` made: refused unless it carries that name (a node's status,
+    logs and refusals name ``method.name``, its schedule and run settings the registered name)."""
+    if method.name != name:
+        raise ValueError(f"the factory registered as method {name!r} made a Method named {method.name!r}")
+    return method
 
 
 def recommended_switch_interval(expected_degree: float, max_interval: int = 15) -> int:
