@@ -1232,3 +1232,15 @@ def test_simulate_reports_the_diagnostics_of_the_mixed_factors() -> None:
         assert record["cross_term_norm"] == 0.0
     assert all(torch.equal(engine.factors[0][k], f[k]) for f in engine.factors for k in f)
     assert not torch.equal(engine.factors[0][next(iter(engine.factors[0]))], torch.ones(2, 3))  # they did train
+
+
+def test_a_grid_stamped_with_a_method_this_process_has_not_registered_says_so(tmp_path) -> None:
+    """A method of a user's own exists only in the processes that register it. Reporting or growing its directory
+    from one that does not (plain tadlora-sim) used to fail as "unknown method 'own-m'", as if --methods had named
+    it, though the run named only lora."""
+    config = smoke_config(methods=["lora"], rounds=2)
+    stamp = {**json.loads(json.dumps(config.to_dict())), "methods": ["lora", "own-m"]}
+    (tmp_path / "config.json").write_text(json.dumps(stamp))
+    (tmp_path / "cells").mkdir()
+    with pytest.raises(ValueError, match=r"config.json\) has method 'own-m', which this process has not registered"):
+        Simulator(config, tmp_path, quiet=True).run(report_only=True)

@@ -704,7 +704,23 @@ _GRID_AXES = ("methods", "link_probs", "switch_intervals", "sweep_methods", "see
 def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
     """``mine`` with each grid axis the stamped grid's values followed by those of mine it lacks, and the stamped
     name (the directory's, e.g. a benchmark's, not that of the preset a part of it was run with). A stamp's axis
-    that is not a list (hand-edited) is left out of the union rather than trusted."""
+    that is not a list (hand-edited) is left out of the union rather than trusted. A stamped method that this
+    process has not registered (one of a user's own, registered by the module the grid was run through) is refused
+    as such: the grid's check would call it unknown, as if the run's own --methods had named it."""
+    unregistered = [
+        m
+        for axis in ("methods", "sweep_methods")
+        if isinstance(stamped.get(axis), list)
+        for m in stamped[axis]
+        if isinstance(m, str) and m not in method_names()
+    ]
+    if unregistered:
+        names = ", ".join(map(repr, dict.fromkeys(unregistered)))
+        raise ValueError(
+            f"the directory's grid (its config.json) has method {names}, which this process has not registered "
+            f"(known: {', '.join(method_names())}): a method of your own is registered by your module, so run this "
+            "command through that module, as the run that stamped it was (docs/simulator.md#extending)"
+        )
     changes: dict[str, Any] = {}
     for axis in _GRID_AXES:
         theirs = stamped.get(axis)
