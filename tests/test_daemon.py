@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import dataclasses
 import hashlib
+import importlib.util
 import itertools
 import socket
 import threading
@@ -18,6 +19,7 @@ import torch
 
 from conftest import TINY_LORA
 from tadlora.adapter import AdapterModel, ModelSpec
+from tadlora.core import methods
 from tadlora.core.methods import make_method
 from tadlora.core.topology import client_name, link_up, make_topology
 from tadlora.data import resolve_dataset
@@ -128,6 +130,29 @@ async def test_daemon_adapters_equal_the_simulators(tmp_path, method, interval, 
     if link_prob < 1.0:  # the per-round graph really varied, on both drivers alike
         degrees = {r["degree"] for r in _rounds(tmp_path / "n0")}
         assert len(degrees) > 1
+
+
+@pytest.mark.asyncio
+async def test_a_method_registered_from_a_user_module_runs_in_the_daemon_as_in_the_simulator(
+    tmp_path, monkeypatch
+) -> None:
+    """examples/own_method.py (docs/simulator.md#extending): its method, registered before the nodes start, runs in
+    the daemon (payload: B alone) to the simulator's adapters, and the nodes' schedule names it."""
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # the registration ends with this test
+    spec = importlib.util.spec_from_file_location("own_method", Path(__file__).parent.parent / "examples/own_method.py")
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    m, rounds = 3, 3
+    async with cluster(tmp_path, m, method="lora-bmix", link_prob=1.0, rounds=rounds) as nodes:
+        assert nodes[0].schedule.startswith("lora-bmix T=none ")
+        await run_all(nodes)
+        got = [n.factors for n in nodes]
+    want = await asyncio.to_thread(simulated, m, "lora-bmix", None, 1.0, rounds)
+    for i in range(m):
+        for key in want[i]:
+            torch.testing.assert_close(got[i][key], want[i][key], atol=1e-5, rtol=1e-4, msg=f"node {i} {key}")
+    a_keys = [k for k in got[0] if k.endswith("lora_A.weight")]
+    assert any(not torch.equal(got[0][k], got[1][k]) for k in a_keys)  # A is each node's own
 
 
 @pytest.mark.asyncio

@@ -34,6 +34,33 @@ def test_sim_on_your_own_model_and_data(tmp_path: Path) -> None:
     assert {c["method"] for c in results["cells"]} == {"tad", "lora"}
 
 
+def test_a_method_of_your_own_runs_in_the_simulator_and_the_node_takes_it(tmp_path: Path) -> None:
+    """docs/simulator.md#extending: a module registers a method, then runs tadlora-sim or tadlora-node through it."""
+    out = run_example("own_method.py", "sim", "--preset", "smoke", "--methods", "tad,lora-bmix", "--rounds", "2",
+                      "--out", str(tmp_path), "--quiet").stdout  # fmt: skip
+    assert "lora-bmix" in out
+    cells = {c["method"]: c for c in json.loads((tmp_path / "results.json").read_text())["cells"]}
+    bmix, tad = cells["lora-bmix"]["rounds"], cells["tad"]["rounds"]
+    assert [r["phase"] for r in bmix] == ["AB", "AB"]
+    assert bmix[-1]["consensus_a"] > 0  # A trains and is never mixed
+    # B alone crosses a link: half of tad's A and B (A and B have the same size for square layers)
+    assert [r["bytes"] / r["live_links"] for r in bmix] == [r["bytes"] / r["live_links"] / 2 for r in tad]
+    plot = run_example("plot_results.py", str(tmp_path)).stdout.strip()
+    assert Path(plot) == tmp_path / "consensus_ba_vs_round.png" and Path(plot).stat().st_size > 0
+    assert "lora-bmix" in run_example("own_method.py", "node", "--help").stdout  # a choice of --method
+    # Plain tadlora-sim on the directory: refused, naming the method it lacks and what to do.
+    plain = [sys.executable, "-m", "tadlora.sim.cli", "--preset", "smoke", "--methods", "tad", "--rounds", "2"]
+    proc = subprocess.run([*plain, "--report-only", "--out", str(tmp_path)], capture_output=True, text=True,
+                          timeout=120, env=ENV)  # fmt: skip
+    assert proc.returncode == 2 and "has method 'lora-bmix', which this process has not registered" in proc.stderr
+
+
+def test_a_link_pattern_and_a_diagnostic_of_your_own_through_the_python_api() -> None:
+    lines = [json.loads(line) for line in run_example("own_topology.py", "--rounds", "3").stdout.splitlines()]
+    assert [r["live_links"] for r in lines] == [2, 2, 2]  # a perfect matching of 4 clients each round
+    assert lines[0]["max_client_distance_b"] > 0 and lines[1]["max_client_distance_b"] == 0  # 2 matchings: all mixed
+
+
 def test_paper_cell_runs_through_its_smoke_path(tmp_path: Path) -> None:
     out = run_example("paper_cell.py", "--preset", "smoke", "--out", str(tmp_path)).stdout
     assert "rolora" in out and (tmp_path / "accuracy_vs_round.png").exists()
