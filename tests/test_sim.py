@@ -1244,3 +1244,18 @@ def test_a_grid_stamped_with_a_method_this_process_has_not_registered_says_so(tm
     (tmp_path / "cells").mkdir()
     with pytest.raises(ValueError, match=r"config.json\) has method 'own-m', which this process has not registered"):
         Simulator(config, tmp_path, quiet=True).run(report_only=True)
+
+
+def test_cells_of_a_method_this_process_has_not_registered_are_passed_over_when_shared(tmp_path) -> None:
+    """A --share-from directory may hold cells of a user's own method (registered by the module it was run through):
+    a plain run sharing from it used to stop on them with "unknown method 'own-m'", naming none of its own methods."""
+    config = smoke_config(methods=["lora"], rounds=2)
+    Simulator(config, tmp_path / "theirs", quiet=True).run()
+    [cell] = (tmp_path / "theirs" / "cells").glob("*.json")
+    record = json.loads(cell.read_text())
+    own = {**record, "method": "own-m", "key": "own-m__er__p0.5__T-__s0"}
+    (cell.parent / "own-m__er__p0.5__T-__s0.json").write_text(json.dumps(own))
+    cell.unlink()  # what is left to share: the unknown method's cell alone
+    results = Simulator(config, tmp_path / "mine", quiet=True, share_from=[tmp_path / "theirs"]).run()
+    [mine] = results["cells"]
+    assert mine["method"] == "lora" and "same_as" not in mine

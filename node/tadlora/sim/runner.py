@@ -556,9 +556,11 @@ class Simulator:
                 record = _read_json(path)
                 try:
                     source = Cell.from_dict(record)
+                    # A method this process has not registered (a user's own, of another module) has no policy here
+                    # to compare: its cells are passed over, not the whole run refused as of an "unknown method".
+                    if source.computation != cell.computation:
+                        continue
                 except ValueError:
-                    continue
-                if source.computation != cell.computation:
                     continue
                 if source != cell:
                     record = {**record, **cell.to_dict(), "key": cell.key, "same_as": record.get("same_as", source.key)}
