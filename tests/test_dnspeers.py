@@ -238,3 +238,25 @@ async def test_a_resolver_that_hangs_holds_one_lookup_thread_per_name_not_one_pe
     finally:
         release.set()
     assert len(hung) == 1, f"{len(hung)} lookup threads of one name"
+
+
+@pytest.mark.asyncio
+async def test_a_close_cancelled_while_it_ends_the_lookups_still_ends_the_lookup_task() -> None:
+    """`aclose` takes the lookup task out of the object before it waits for anything: a close cancelled while it
+    waited for the lookups (a shutdown bounded by a timeout) used to leave the task looking names up for ever,
+    owned by no one (a second close finds none to cancel)."""
+    resolver = FakeResolver({"peers": ["10.0.0.1"]})
+    dns = DnsPeers(["peers"], interval=3600, resolver=resolver)
+    dns.async_start()
+    task = dns._task
+    assert task is not None
+    async with asyncio.timeout(5):
+        await resolver.wait_for_lookups(1)
+        await asyncio.sleep(0)  # the lookup task is asleep until its next interval
+        closing = asyncio.ensure_future(dns.aclose())
+        await asyncio.sleep(0)  # the close waits for the (finished) lookups
+        closing.cancel()
+        await asyncio.gather(closing, return_exceptions=True)
+        await dns.aclose()  # finds nothing left to close
+        await asyncio.sleep(0)
+    assert task.done(), "the lookup task outlived the close"

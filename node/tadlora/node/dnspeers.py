@@ -145,11 +145,15 @@ class DnsPeers:
         self._closed = True
         task, self._task = self._task, None
         lookups, self._lookups = list(self._lookups.values()), {}
+        # Everything is cancelled before anything is waited for: this close may itself be cancelled while it waits,
+        # and the task, out of the object already, would then be no one's to cancel. Cancelled first, it starts no
+        # lookup that the list above lacks.
+        if task is not None:
+            task.cancel()
         for lookup in lookups:
             lookup.cancel()  # its thread, if any, ends with the resolver's answer (`resolve_addresses`)
         await asyncio.gather(*lookups, return_exceptions=True)
         if task is not None:
-            task.cancel()
             try:
                 await task
             except asyncio.CancelledError:
