@@ -44,6 +44,8 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--clients", type=int, default=4, help="a power of two")
     args = parser.parse_args()
+    if args.clients < 2 or args.clients & (args.clients - 1):  # else a client is linked to one that does not exist
+        parser.error(f"--clients must be a power of two (2, 4, 8, ...), got {args.clients}")
     m, seed, train = args.clients, 0, TrainSpec(local_steps=2, batch_size=4, max_length=32, lr=1e-2)
     data, dev = resolve_dataset("builtin:sst2-small", "train"), resolve_dataset("builtin:sst2-small", "dev")
     model = AdapterModel(

@@ -61,6 +61,16 @@ def test_a_link_pattern_and_a_diagnostic_of_your_own_through_the_python_api() ->
     assert lines[0]["max_client_distance_b"] > 0 and lines[1]["max_client_distance_b"] == 0  # 2 matchings: all mixed
 
 
+def test_the_link_pattern_example_refuses_a_client_count_its_matching_does_not_fit() -> None:
+    # 6 clients: round 0 links client 5 to client 7, which does not exist (a traceback from deep in the mixing).
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "own_topology.py"), "--clients", "6"],
+        capture_output=True, text=True, timeout=120, env=ENV, cwd=EXAMPLES,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "--clients must be a power of two" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 def test_paper_cell_runs_through_its_smoke_path(tmp_path: Path) -> None:
     out = run_example("paper_cell.py", "--preset", "smoke", "--out", str(tmp_path)).stdout
     assert "rolora" in out and (tmp_path / "accuracy_vs_round.png").exists()
