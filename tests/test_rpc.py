@@ -1251,3 +1251,26 @@ async def test_a_grpc_failure_that_ends_a_cancelled_call_is_reported_as_the_canc
     # the same failure, uncancelled
     with pytest.raises(PeerUnavailable, match="UNAVAILABLE: timed out"), client._translated():
         raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), grpc.aio.Metadata(), "timed out")
+
+
+@pytest.mark.asyncio
+async def test_every_refusal_logs_its_caller_alike_and_one_not_yet_known_as_such(
+    bob: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Handshakes and commits logged a request that did not parse as "from ''", exchanges and fetches "from a caller
+    not yet known"; and only the latter fell back on the caller's certificate before its request named it."""
+    from tadlora.node.rpc import _Responder
+
+    responder = _Responder(bob, max_payload_bytes=1 << 20)
+    with caplog.at_level(logging.INFO, logger="tadlora.rpc"):
+        await responder.handshake(None)
+        await responder.commit(None)
+        await responder.handshake(None, identity="carol")
+        await responder.commit(None, identity="carol")
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a ")]
+    assert [m.split(": ")[0] for m in logged] == [
+        "refused a handshake from a caller not yet known",
+        "refused a commit from a caller not yet known",
+        "refused a handshake from 'carol'",
+        "refused a commit from 'carol'",
+    ], logged

@@ -646,6 +646,12 @@ class _ServiceFault(Exception):
     """The handler failed on a request that has no in-band refusal (Status); the detail is safe to send."""
 
 
+def _caller_named(who: str) -> str:
+    """A caller as a refusal's log line names it: its node id as far as its request said it (quoted, cut to
+    `MAX_TEXT_CHARS`: a peer chooses it), or that it is not known yet (a request that did not parse)."""
+    return repr(who[:MAX_TEXT_CHARS]) if who else "a caller not yet known"
+
+
 def _unparsed(what: str) -> PayloadError:
     """The refusal of a request whose bytes did not parse (a transport hands it to `_Responder` as None)."""
     return PayloadError(Reason.BAD_PAYLOAD, f"the {what} request does not parse as tadlora.v1")
@@ -701,7 +707,8 @@ class _Responder:
     async def handshake(self, request: pb.HandshakeRequest | None, identity: str | None = None) -> pb.HandshakeReply:
         """``identity``: the caller's authenticated name (its TLS certificate's common name), None without TLS."""
         callee = None
-        who = "" if request is None else request.caller.node_id[:MAX_TEXT_CHARS]
+        # As far as the request names it, else as its certificate does (as for exchanges and fetches).
+        who = ("" if request is None else request.caller.node_id) or identity or ""
         try:
             local = self._handler.local_info()
             callee = _info_to_pb(local)
@@ -715,12 +722,12 @@ class _Responder:
             check_compatible(local, remote)
             await self._handler.async_handshake(remote)
         except ExchangeRefused as exc:
-            log.info("refused a handshake from %r: %s: %s", who, exc.reason.name, exc.detail)
+            log.info("refused a handshake from %s: %s: %s", _caller_named(who), exc.reason.name, exc.detail)
             self._refused("handshake", exc)
             reason = _reason_to_wire(exc.reason)
             return pb.HandshakeReply(accepted=False, reason=reason, detail=exc.detail, callee=callee)
         except Exception:
-            log.exception("handshake from %r failed inside this node", who)
+            log.exception("handshake from %s failed inside this node", _caller_named(who))
             internal = _reason_to_wire(Reason.INTERNAL)
             return pb.HandshakeReply(accepted=False, reason=internal, detail="internal error, see the callee's log")
         return pb.HandshakeReply(accepted=True, callee=callee)
@@ -808,7 +815,7 @@ class _Responder:
     async def commit(self, request: pb.CommitRequest | None, identity: str | None = None) -> pb.CommitReply:
         """End the caller's exchange (see `NodeHandler`): committed, or refused with the reason. ``identity``: the
         caller's authenticated name, None without TLS; a Commit is only ever taken from the exchange's own caller."""
-        who = "" if request is None else request.node_id[:MAX_TEXT_CHARS]
+        who = ("" if request is None else request.node_id) or identity or ""
         try:
             if request is None:
                 raise _unparsed("commit")
@@ -818,11 +825,11 @@ class _Responder:
             if self._commit is not None:
                 await self._commit(request.node_id, request.round, request.accept)
         except ExchangeRefused as exc:
-            log.info("refused a commit from %r: %s: %s", who, exc.reason.name, exc.detail)
+            log.info("refused a commit from %s: %s: %s", _caller_named(who), exc.reason.name, exc.detail)
             self._refused("commit", exc)
             return pb.CommitReply(committed=False, reason=_reason_to_wire(exc.reason), detail=exc.detail)
         except Exception:
-            log.exception("commit from %r failed inside this node", who)
+            log.exception("commit from %s failed inside this node", _caller_named(who))
             internal = _reason_to_wire(Reason.INTERNAL)
             return pb.CommitReply(committed=False, reason=internal, detail="internal error, see the callee's log")
         return pb.CommitReply(committed=request.accept)
@@ -898,8 +905,7 @@ class _Responder:
         except ExchangeRefused as exc:
             # Plain values: records outlive calls. Named, as handshakes and commits are: this node's log must say whom
             # it refused (the refused end is told why, not this node's operator).
-            who = repr(caller()[:MAX_TEXT_CHARS]) if caller() else "a caller not yet known"
-            log.info("refused %s from %s: %s: %s", _CALLS[what], who, exc.reason.name, exc.detail)
+            log.info("refused %s from %s: %s: %s", _CALLS[what], _caller_named(caller()), exc.reason.name, exc.detail)
             self._refused(what, exc)
             replies = [_refusal_message(exc)]
         except Exception:
