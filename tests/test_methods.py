@@ -126,13 +126,23 @@ def test_alternating_methods_hold_each_factor_for_t_rounds_including_the_rounds_
     assert "".join(method.phase(r) for r in range(len(schedule))) == schedule
 
 
-@pytest.mark.parametrize("name", ["my/lora", "a,b", "two words", "", "-x", "tad T=5"])
+@pytest.mark.parametrize("name", ["my/lora", "a,b", "two words", "", "-x", "tad T=5", "m" * 65])
 def test_a_method_name_a_run_cannot_use_is_refused_at_registration(name: str) -> None:
     """A name is a part of a cell's file name, an item of --methods' comma list and a word of the node's schedule:
-    "my/lora" used to be registered and then fail on a lock file in a missing folder, "a,b" as "unknown method 'a'"."""
+    "my/lora" used to be registered and then fail on a lock file in a missing folder, "a,b" as "unknown method 'a'";
+    a name of hundreds of characters would make the schedule too long for the wire (256), refused by every peer."""
     with pytest.raises(ValueError, match="method name"):
         register(name)(lambda t: Method(name))
     assert name not in method_names()
+
+
+def test_a_method_name_of_64_characters_is_registered(monkeypatch: pytest.MonkeyPatch) -> None:
+    from tadlora.core import methods
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))  # this test's registration ends with it
+    name = "m" * 64
+    register(name)(lambda t: Method(name))
+    assert name in method_names()
 
 
 def test_a_default_switch_interval_below_one_is_refused_at_registration() -> None:

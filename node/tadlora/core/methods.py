@@ -79,7 +79,7 @@ _REGISTRY: dict[str, tuple[MethodFactory, int | None]] = {}
 
 # A method's name is a file name part (a simulator cell's files), an item of a comma list (--methods) and a word of
 # the node's schedule string: letters, digits, '.', '_' and '-', starting with a letter or digit.
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # at most 64: the schedule, of 256 at most, holds it
 
 
 def register(name: str, default_switch_interval: int | None = None) -> Callable[[MethodFactory], MethodFactory]:
@@ -91,7 +91,7 @@ def register(name: str, default_switch_interval: int | None = None) -> Callable[
     A method of your own is registered from your module before a run: docs/simulator.md#extending."""
     if not _NAME.fullmatch(name):
         raise ValueError(
-            f"method name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter or digit)"
+            f"method name {name!r}: use at most 64 letters, digits, '.', '_' and '-' (starting with a letter or digit)"
         )
     if default_switch_interval is not None and default_switch_interval < 1:
         raise ValueError(f"method {name!r}: default switch interval T must be >= 1, got {default_switch_interval}")
