@@ -935,8 +935,7 @@ async def test_a_close_cancelled_during_the_mdns_goodbye_still_closes_everything
     discovery.aclose = observed_goodbye  # type: ignore[method-assign]
     closing = asyncio.ensure_future(node.aclose())
     async with asyncio.timeout(STOP_S):
-        await goodbye.wait()
-        await asyncio.sleep(0.05)  # into zeroconf's goodbyes
+        await goodbye.wait()  # the close is in the goodbye now: it set the event, then awaited zeroconf's
         closing.cancel()
         await asyncio.gather(closing, return_exceptions=True)
     assert closing.cancelled()  # the cancellation still reaches the one who closes
