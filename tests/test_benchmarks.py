@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -361,6 +362,31 @@ def test_an_interrupted_run_says_so_in_one_line_and_writes_nothing(tmp_path: Pat
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and stderr.strip() == "exchange.py: interrupted; no results written"
     assert not (tmp_path / "out").exists()
+
+
+def test_paper_table_interrupted_says_how_to_resume_without_a_traceback(tmp_path: Path) -> None:
+    """The longest-running script (hours per cell): a Ctrl-C once the grid runs says how to resume, no traceback."""
+    import signal
+    import time
+
+    out = tmp_path / "grid"
+    proc = subprocess.Popen(
+        [sys.executable, str(BENCHMARKS / "paper_table.py"), "--preset", "smoke", "--out", str(out), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever this process ignores
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / "methods" / "config.json").exists():  # the grid has started: past the imports
+            assert proc.poll() is None and time.monotonic() < deadline, "the grid did not start"
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "paper_table: interrupted; run the same command again to resume" in stderr
 
 
 def test_write_results_writes_both_files_and_names_them_for_an_interrupt(
