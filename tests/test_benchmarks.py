@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -340,52 +341,56 @@ def test_an_out_that_cannot_be_a_directory_is_a_usage_error_before_anything_runs
     assert "Traceback" not in proc.stderr and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
 
 
-def test_an_interrupted_run_says_so_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
-    # Ctrl-C during a run ended in a KeyboardInterrupt traceback through asyncio's frames (exit -2 from the signal).
+def interrupted(script: str, *args: str, started: Callable[[subprocess.Popen[str]], None]) -> tuple[int, str]:
+    """Run a benchmark ``script``, send it SIGINT once ``started(proc)`` returns (it is past its imports, inside its
+    work); its exit status and stderr."""
     import signal
 
     proc = subprocess.Popen(
-        [sys.executable, "-u", str(BENCHMARKS / "exchange.py"), "--quick", "--out", str(tmp_path / "out")],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-u", str(BENCHMARKS / script), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever this process ignores
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        for line in proc.stdout:  # the first size has started: the interrupt lands inside the measurements
-            if line.startswith("-- 1 MB"):
-                break
+        started(proc)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)
     finally:
         proc.kill()
         proc.wait()
-    assert proc.returncode == 130, stderr
+    return proc.returncode, stderr
+
+
+def test_an_interrupted_run_says_so_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    # Ctrl-C during a run ended in a KeyboardInterrupt traceback through asyncio's frames (exit -2 from the signal).
+    def first_size(proc: subprocess.Popen[str]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:  # the first size has started: the interrupt lands inside the measurements
+            if line.startswith("-- 1 MB"):
+                break
+
+    code, stderr = interrupted("exchange.py", "--quick", "--out", str(tmp_path / "out"), started=first_size)
+    assert code == 130, stderr
     assert "Traceback" not in stderr and stderr.strip() == "exchange.py: interrupted; no results written"
     assert not (tmp_path / "out").exists()
 
 
 def test_paper_table_interrupted_says_how_to_resume_without_a_traceback(tmp_path: Path) -> None:
     """The longest-running script (hours per cell): a Ctrl-C once the grid runs says how to resume, no traceback."""
-    import signal
     import time
 
     out = tmp_path / "grid"
-    proc = subprocess.Popen(
-        [sys.executable, str(BENCHMARKS / "paper_table.py"), "--preset", "smoke", "--out", str(out), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # whatever this process ignores
-    )  # fmt: skip
-    try:
+
+    def grid_started(proc: subprocess.Popen[str]) -> None:
         deadline = time.monotonic() + 120
         while not (out / "methods" / "config.json").exists():  # the grid has started: past the imports
             assert proc.poll() is None and time.monotonic() < deadline, "the grid did not start"
             time.sleep(0.1)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-        proc.wait()
-    assert proc.returncode == 130, stderr
+
+    code, stderr = interrupted(
+        "paper_table.py", "--preset", "smoke", "--out", str(out), "--quiet", started=grid_started
+    )
+    assert code == 130, stderr
     assert "Traceback" not in stderr and "paper_table: interrupted; run the same command again to resume" in stderr
 
 
