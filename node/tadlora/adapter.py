@@ -1,7 +1,7 @@
 """LoRA adapter handling on top of peft: build, initialise deterministically, read/write factors, export.
 
 Every node of a run must start from the same point: the same base weights, the same frozen classification
-head, the same A and B = 0. `build_adapter_model` guarantees that from the run seed alone, and
+head, the same A and B = 0. `AdapterModel` guarantees that from the run seed alone, and
 `AdapterModel.fingerprint` summarises everything two nodes must share before they mix anything (base model
 identity and weights, LoRA config, label set, run seed, init). Base weights are loaded in fp32 whatever dtype the
 checkpoint holds.
@@ -370,11 +370,6 @@ class AdapterModel:
                 init[key] = torch.empty(param.shape, dtype=param.dtype).uniform_(-bound, bound, generator=gen)
         return init
 
-    @property
-    def factor_keys(self) -> list[str]:
-        """Factor keys in a fixed order (peft's parameter order)."""
-        return list(self._factor_params)
-
     def factors(self) -> Factors:
         """A detached CPU copy of every A and B (never the base weights)."""
         return {k: p.detach().to("cpu", copy=True) for k, p in self._factor_params.items()}
@@ -483,11 +478,6 @@ def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: 
     return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
 
 
-def build_adapter_model(spec: ModelSpec, device: str | torch.device = "cpu") -> AdapterModel:
-    """Build the LoRA model ``spec`` describes on ``device``."""
-    return AdapterModel(spec, device=device)
-
-
 def resolve_device(name: str) -> torch.device:
     """``auto`` → the first CUDA GPU when there is one, else CPU; ``cpu``; ``cuda`` / ``cuda:N``."""
     if name == "auto":
@@ -506,8 +496,3 @@ def resolve_device(name: str) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ValueError(f"unsupported device {name!r}: use auto, cpu, cuda or cuda:N")
     return dev
-
-
-def label_names_or_default(names: Sequence[str] | None) -> tuple[str, ...]:
-    """The label names to build a head for (binary by default)."""
-    return tuple(names) if names else ("negative", "positive")

@@ -118,11 +118,6 @@ def int_or_auto(text: str) -> int | str:
     return "auto" if text == "auto" else int(text)
 
 
-def first_line(doc: str | None) -> str:
-    """The first line of a docstring (for parser descriptions)."""
-    return (doc or "").strip().splitlines()[0] if doc else ""
-
-
 def join(items: Sequence[str]) -> str:
     """Comma-joined, for help texts."""
     return ", ".join(items)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -191,10 +190,6 @@ class NodeConfig:
         interface lookup raises unless it finds an address: so it never announces 0.0.0.0.)"""
         host = self.listen.rpartition(":")[0]
         return self.advertise_address or (interfaces[0] if is_wildcard(host) and interfaces else host)
-
-    def with_node_id(self, node_id: str) -> NodeConfig:
-        """A copy with ``node_id`` set."""
-        return dataclasses.replace(self, node_id=node_id)
 
 
 def check_callable_back(cfg: NodeConfig) -> None:

@@ -72,7 +72,6 @@ class _Attempt:
     failures: int = 0  # failed tries in a row (handshakes, or drops counted as flaps)
     flaps: int = 0  # drops soon after being verified, in a row
     retry_at: float = 0.0
-    last_reason: str = ""
     seen_at: float = field(default_factory=lambda: time.monotonic())  # when discovery last listed it
     address: str = ""  # the address last dialled (with retry_at SELF: the one that reached this node itself)
 
@@ -304,7 +303,6 @@ class PeerManager:
 
     def _backoff(self, attempt: _Attempt, reason: str) -> None:
         attempt.failures += 1
-        attempt.last_reason = reason
         attempt.retry_at = time.monotonic() + retry_delay(attempt.failures)
 
     def retry_at(self, key: str) -> float | None:
