@@ -443,6 +443,9 @@ async def test_status_says_the_last_round_each_neighbour_exchanged_in(tmp_path) 
 
 @pytest.mark.asyncio
 async def test_nodes_of_another_cluster_fingerprint_or_schedule_are_never_mixed_with(tmp_path) -> None:
+    """... and each says why in its status: the address it was given is listed as a candidate, refused."""
+    from tadlora.node.admin import query_status
+
     async with contextlib.AsyncExitStack() as stack:
         good = await stack.enter_async_context(Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=1)))
         addr = (good.address,)
@@ -457,6 +460,15 @@ async def test_nodes_of_another_cluster_fingerprint_or_schedule_are_never_mixed_
         assert foreign[1].fingerprint != good.fingerprint
         assert foreign[2].fingerprint == good.fingerprint and foreign[2].schedule != good.schedule
         await run_all([good, mate, *foreign])
+        refusals = ("CLUSTER_MISMATCH", "FINGERPRINT_MISMATCH", "SCHEDULE_MISMATCH")
+        for node, reason in zip(foreign, refusals, strict=True):
+            [candidate] = node.status().candidates
+            assert (candidate.key, candidate.source) == (good.address, "static")
+            assert candidate.failures >= 1 and f"refused the handshake: {reason}: " in candidate.reason, candidate
+        assert not good.status().candidates and not mate.status().candidates  # each other's peer: nothing failing
+        doc = await query_status(foreign[0].address, 10.0)
+    [listed] = doc["candidates"]
+    assert listed["key"] == listed["address"] == good.address and "CLUSTER_MISMATCH" in listed["reason"]
     records = _rounds(tmp_path / "n0")
     assert [r["round"] for r in records] == [0, 1, 2]
     for record in records:

@@ -28,7 +28,7 @@ from tadlora.node.daemon import Node
 from tadlora.node.discovery import PeerCandidate
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peers import RETRY_MAX_S, PeerManager, retry_delay
-from tadlora.node.rpc import PROTOCOL_VERSION, PeerInfo, PeerUnavailable
+from tadlora.node.rpc import PROTOCOL_VERSION, CandidateStatus, PeerInfo, PeerUnavailable
 from test_daemon import NO_PEERS, node_config
 
 log = logging.getLogger(__name__)
@@ -688,6 +688,54 @@ async def test_a_node_advertised_at_our_own_address_is_dialled_once_its_advert_n
     live[:] = [advert("flaky", NEW)]
     await pm.scan()
     assert "flaky" in pm.peers and pm.peers["flaky"].info.address == NEW
+
+
+@pytest.mark.asyncio
+async def test_status_lists_each_candidate_that_is_no_peer_with_why_until_it_is_verified(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A node training alone showed no neighbours in `status` and nothing else: why (a peer down, refused, an advert
+    of another cluster, a dropped peer) was only in the log, once per outage. Each listed candidate that is no peer
+    is now in `unreachable()` with its last reason; a peer, ourselves and a candidate no longer listed are not."""
+    stranger = dataclasses.replace(advert("stranger", "10.0.0.3:7070"), cluster="elsewhere")
+    pm, hosts, clock, live = advertised(monkeypatch, advert("flaky", OLD), advert("mirror", NEW), stranger)
+    hosts.at = {NEW: "me"}  # "mirror"'s advert names our own address: that is us, not a failing candidate
+    await pm.scan()
+    assert pm.unreachable() == [
+        CandidateStatus(key="flaky", address=OLD, source="mdns", failures=1, retry_in_seconds=1.0,
+                        reason=f"peer {OLD} unavailable: connection refused"),
+        CandidateStatus(key="stranger", address="10.0.0.3:7070", source="mdns",
+                        reason="not dialled: its advert says cluster 'elsewhere' is not ours ('c')"),
+    ]  # fmt: skip
+    clock.now += 0.25
+    await pm.scan()
+    assert pm.unreachable()[0].retry_in_seconds == 0.75  # counting down to the next try
+    hosts.at[OLD] = "flaky"
+    clock.now += 1.0
+    await pm.scan()
+    assert "flaky" in pm.peers and [c.key for c in pm.unreachable()] == ["stranger"]
+    await pm.drop("flaky", "exchange failed")
+    [dropped, _] = pm.unreachable()
+    assert (dropped.key, dropped.failures, dropped.reason) == ("flaky", 1, "dropped: exchange failed")
+    live[:] = [advert("flaky", OLD)]  # the stranger left
+    clock.now += 1.0
+    await pm.scan()
+    assert "flaky" in pm.peers and pm.unreachable() == []
+
+
+@pytest.mark.asyncio
+async def test_a_static_address_that_reaches_a_peer_verified_another_way_is_not_listed_as_failing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A peer that called us first is verified under its id: its static address, which failed while it was down,
+    reaches that peer now and must not be shown as failing for the rest of its backoff."""
+    pm, transport, _ = manager(monkeypatch)
+    await pm.scan()
+    assert [c.key for c in pm.unreachable()] == ["10.0.0.9:7070"]
+    transport.up = True
+    await pm.add(PeerInfo(node_id="flaky", cluster="c", fingerprint="f", address="10.0.0.9:7070"), None, "inbound")
+    await pm.scan()
+    assert pm.unreachable() == []
 
 
 SECOND, THIRD = "192.168.7.5:7070", "172.17.0.5:7070"

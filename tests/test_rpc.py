@@ -37,6 +37,7 @@ from tadlora.node.rpc import (
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
     BindError,
+    CandidateStatus,
     ExchangeHeader,
     NeighborStatus,
     PeerConnection,
@@ -754,6 +755,17 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
             NeighborStatus(node_id="carol", address="10.0.0.3:7000", degree=3, last_round=12, weight=0.25),
         ),
         uptime_seconds=42.5,
+        candidates=(
+            CandidateStatus(key="dave", address="10.0.0.4:7000", source="mdns", reason="not dialled: its advert says"),
+            CandidateStatus(
+                key="10.0.0.5:7000",
+                address="10.0.0.5:7000",
+                source="static",
+                failures=3,
+                retry_in_seconds=3.5,
+                reason="peer 10.0.0.5:7000 unavailable: connection refused",
+            ),
+        ),
     )
     async with serving(transport, bob) as (_, client):
         status = await client.status(TIMEOUT)

@@ -59,6 +59,17 @@ async def query_status(
             }
             for n in st.neighbors
         ],
+        "candidates": [
+            {
+                "key": c.key,
+                "address": c.address,
+                "source": c.source,
+                "failures": c.failures,
+                "retry_in_seconds": round(c.retry_in_seconds, 1),
+                "reason": c.reason,
+            }
+            for c in st.candidates
+        ],
     }
 
 

@@ -50,6 +50,7 @@ from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import looks_like_ipv4
 from tadlora.node.rounds import Round, RoundState
 from tadlora.node.rpc import (
+    MAX_CANDIDATES_SHOWN,
     MAX_DEGREE,
     PROTOCOL_VERSION,
     ExchangeHeader,
@@ -629,6 +630,7 @@ class Node:
                 for p in self._peer_ids()
             ),
             uptime_seconds=time.monotonic() - self._started,
+            candidates=tuple(self._peers.unreachable()[:MAX_CANDIDATES_SHOWN]) if self._peers else (),
         )
 
     async def async_handshake(self, remote: PeerInfo) -> None:

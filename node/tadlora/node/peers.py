@@ -22,6 +22,7 @@ from tadlora.node.discovery import PeerCandidate
 from tadlora.node.rpc import (
     SAME_MODEL_FIX,
     SAME_SCHEDULE_FIX,
+    CandidateStatus,
     OwnAddress,
     PeerConnection,
     PeerInfo,
@@ -72,6 +73,8 @@ class _Attempt:
     failures: int = 0  # failed tries in a row (handshakes, or drops counted as flaps)
     flaps: int = 0  # drops soon after being verified, in a row
     retry_at: float = 0.0
+    why: str = ""  # why it is not a peer: its last failure, or its advert's refusal; "" once verified
+    source: str = ""  # "static" (an address, or one a dns: name gave) or "mdns"
     seen_at: float = field(default_factory=lambda: time.monotonic())  # when discovery last listed it
     address: str = ""  # the address last dialled (with retry_at SELF: the one that reached this node itself)
 
@@ -110,6 +113,7 @@ class PeerManager:
         self._attempts: dict[str, _Attempt] = {}
         self._key_of: dict[str, str] = {}  # node id -> the candidate key it was verified through
         self._refused_logged: set[tuple[str, str]] = set()
+        self._listed: dict[str, str] = {}  # key -> address of every candidate the last scan listed
         self._wake = asyncio.Event()
 
     def wake(self) -> None:
@@ -140,6 +144,7 @@ class PeerManager:
         now = time.monotonic()
         wanted = self._candidates()
         live_keys = {key for key, _, _ in wanted}
+        self._listed = {key: address for key, address, _ in wanted}
         for key in live_keys & self._attempts.keys():
             self._attempts[key].seen_at = now
         self._forget_gone(live_keys, now)
@@ -157,6 +162,7 @@ class PeerManager:
             # a new lease): dial it there, bound to its id. Its entry changes only when that handshake succeeds
             # (`add`); until then it stays at the old address, and a failure is retried with backoff.
             attempt = self._attempts.setdefault(key, _Attempt())
+            attempt.source = "static" if cand is None else "mdns"
             if attempt.retry_at > now and attempt.address and address != attempt.address:
                 # An mDNS key is a node id, and its advert now names another address than the one that failed or
                 # was us (a restart elsewhere, a new lease; or a stale or forged advert had named our address):
@@ -165,7 +171,8 @@ class PeerManager:
                 attempt.retry_at = 0.0
             if attempt.retry_at > now:
                 continue
-            if cand is not None and not self._prefilter(cand):
+            if cand is not None and (refused := self._prefilter(cand)):
+                attempt.address, attempt.why = address, f"not dialled: its advert says {refused}"
                 continue
             if key in tried:  # listed twice (a static address that a dns: name resolves to): one try, one backoff
                 continue
@@ -198,8 +205,8 @@ class PeerManager:
         known = live_keys | self._attempts.keys()
         self._refused_logged = {(who, why) for who, why in self._refused_logged if who in known}
 
-    def _prefilter(self, cand: PeerCandidate) -> bool:
-        """Skip adverts that say they cannot be our peer (logged once with the reason)."""
+    def _prefilter(self, cand: PeerCandidate) -> str:
+        """Why ``cand``'s advert says it cannot be our peer (logged once), or "" when it may be."""
         local = self._local_info()
         reason = ""
         if cand.cluster != local.cluster:
@@ -216,7 +223,7 @@ class PeerManager:
             reason = "it requires TLS and we run --insecure" if local.insecure else "it runs without TLS, we require it"
         if reason:
             self._log_refusal(cand.node_id, reason)
-        return not reason
+        return reason
 
     def _log_refusal(self, who: str, reason: str) -> None:
         if (who, reason) not in self._refused_logged:
@@ -242,8 +249,8 @@ class PeerManager:
                 continue
             except ExchangeRefused as exc:
                 await conn.aclose()
-                self._log_refusal(key, f"refused the handshake: {exc.reason.name}: {exc.detail}")
-                failure = exc.reason.name
+                failure = f"refused the handshake: {exc.reason.name}: {exc.detail}"
+                self._log_refusal(key, failure)
                 continue
             except PeerUnavailable as exc:
                 await conn.aclose()
@@ -257,8 +264,8 @@ class PeerManager:
                 continue
             if expected is not None and info.node_id != expected:
                 await conn.aclose()
-                self._log_refusal(key, f"advertised as {expected!r} but answers as {info.node_id!r}")
-                failure = "advertised id differs"
+                failure = f"advertised as {expected!r} but answers as {info.node_id!r}"
+                self._log_refusal(key, failure)
                 continue
             break
         else:
@@ -286,13 +293,14 @@ class PeerManager:
                     raise ExchangeRefused(Reason.IDENTITY_MISMATCH, f"then answered as {info.node_id!r}")
             except (ExchangeRefused, PeerUnavailable) as exc:
                 await conn.aclose()
-                self._log_refusal(key, f"answers as {claimed!r}, which its certificate does not prove: {exc}")
-                self._backoff(attempt, "identity not proven")
+                failure = f"answers as {claimed!r}, which its certificate does not prove: {exc}"
+                self._log_refusal(key, failure)
+                self._backoff(attempt, failure)
                 return
             except BaseException:  # as for the first dial: shutting down, or a failure of ours
                 await _aclose_quietly(conn)
                 raise
-        attempt.failures, attempt.retry_at = 0, 0.0  # its flaps stay counted (see drop)
+        attempt.failures, attempt.retry_at, attempt.why = 0, 0.0, ""  # its flaps stay counted (see drop)
         self._key_of[info.node_id] = key
         await self.add(info, conn, source)
         # The address we dialled may differ from the one the peer announces (localhost, a DNS record, another
@@ -303,12 +311,33 @@ class PeerManager:
 
     def _backoff(self, attempt: _Attempt, reason: str) -> None:
         attempt.failures += 1
+        attempt.why = reason
         attempt.retry_at = time.monotonic() + retry_delay(attempt.failures)
 
     def retry_at(self, key: str) -> float | None:
         """When (time.monotonic) candidate ``key`` is tried next after failing; None if it is not failing."""
         attempt = self._attempts.get(key)
         return attempt.retry_at if attempt is not None and attempt.failures else None
+
+    def unreachable(self) -> list[CandidateStatus]:
+        """The candidates the last scan listed that are no peer and failed or were refused, each with why (by key):
+        what `status` shows, so that a node training alone says why without a look at its log. A candidate not tried
+        yet, one whose address reaches a verified peer, and one that turned out to be this node itself are left
+        out."""
+        now = time.monotonic()
+        verified = set(self.peers) | {self._key_of.get(node_id, node_id) for node_id in self.peers}
+        found = []
+        for key, address in sorted(self._listed.items()):
+            attempt = self._attempts.get(key)
+            if key in verified or self._by_address.get(address) in self.peers or attempt is None:
+                continue
+            if attempt.why and attempt.retry_at != SELF:
+                retry_in = max(0.0, attempt.retry_at - now) if attempt.failures else 0.0
+                found.append(
+                    CandidateStatus(key=key, address=attempt.address or address, source=attempt.source,
+                                    failures=attempt.failures, retry_in_seconds=retry_in, reason=attempt.why)
+                )  # fmt: skip
+        return found
 
     async def add(self, info: PeerInfo, conn: PeerConnection | None, source: str) -> None:
         """Make ``info`` a verified peer (a handshake succeeded, in either direction)."""
@@ -383,7 +412,8 @@ class PeerManager:
             attempt.flaps = 0  # it was up for long: a one-off failure, retried after RETRY_MIN_S
         attempt.flaps += 1
         attempt.failures = attempt.flaps - 1
-        self._backoff(attempt, why)  # a peer dropped again soon after it was verified waits longer each time
+        # A peer dropped again soon after it was verified waits longer each time.
+        self._backoff(attempt, f"dropped: {why}")
         for other in others:
             self._attempts[other] = dataclasses.replace(attempt, seen_at=self._attempts.get(other, attempt).seen_at)
         log.info("peer %s dropped: %s", node_id, why)

@@ -44,6 +44,7 @@ from tadlora.node.wire import (
 from tadlora.v1 import node_pb2 as pb
 
 __all__ = [
+    "MAX_CANDIDATES_SHOWN",
     "MAX_DEGREE",
     "MAX_EXCHANGES_PER_CALLER",
     "MAX_FETCHES_PER_CALLER",
@@ -53,6 +54,7 @@ __all__ = [
     "NODE_SERVICE_NAME",
     "PROTOCOL_VERSION",
     "BindError",
+    "CandidateStatus",
     "ExchangeHeader",
     "ExchangeResult",
     "NeighborStatus",
@@ -88,6 +90,7 @@ DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a serv
 
 # Sanity caps on what a peer says about itself; anything over them is refused, never stored or computed with.
 MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
+MAX_CANDIDATES_SHOWN: Final = 64  # failing candidates a status reply lists (the first by key): a flood of adverts
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
 MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address, method or schedule (ids are <= 63)
 MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours are one sentence)
@@ -206,6 +209,20 @@ class NeighborStatus:
 
 
 @dataclass(frozen=True, kw_only=True)
+class CandidateStatus:
+    """A candidate in a node's status that is not its neighbour: what discovery listed (``key``: an address, or an
+    mDNS advert's node id), the address last dialled, how many tries in a row failed (0: its advert was refused
+    before any dial), the seconds until the next try, and why."""
+
+    key: str
+    address: str = ""
+    source: str = ""
+    failures: int = 0
+    retry_in_seconds: float = 0.0
+    reason: str = ""
+
+
+@dataclass(frozen=True, kw_only=True)
 class StatusInfo:
     """What a node is doing; mirrors `tadlora.v1.StatusReply`. Loss and accuracy are NaN until known."""
 
@@ -217,6 +234,7 @@ class StatusInfo:
     last_accuracy: float = math.nan
     neighbors: tuple[NeighborStatus, ...] = ()
     uptime_seconds: float = 0.0
+    candidates: tuple[CandidateStatus, ...] = ()  # listed by discovery, not neighbours: see `CandidateStatus`
 
 
 class NodeHandler(Protocol):
@@ -495,6 +513,17 @@ def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
             for n in status.neighbors
         ],
         uptime_seconds=status.uptime_seconds,
+        candidates=[
+            pb.CandidateStatus(
+                key=c.key,
+                address=c.address,
+                source=c.source,
+                failures=c.failures,
+                retry_in_seconds=c.retry_in_seconds,
+                reason=c.reason,
+            )
+            for c in status.candidates
+        ],
     )
 
 
@@ -513,6 +542,17 @@ def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
             for n in msg.neighbors
         ),
         uptime_seconds=msg.uptime_seconds,
+        candidates=tuple(
+            CandidateStatus(
+                key=c.key,
+                address=c.address,
+                source=c.source,
+                failures=c.failures,
+                retry_in_seconds=c.retry_in_seconds,
+                reason=c.reason,
+            )
+            for c in msg.candidates
+        ),
     )
 
 

@@ -170,8 +170,24 @@ class NeighborStatus(_message.Message):
     weight: float
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., degree: _Optional[int] = ..., last_round: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
 
+class CandidateStatus(_message.Message):
+    __slots__ = ("key", "address", "source", "failures", "retry_in_seconds", "reason")
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_IN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    key: str
+    address: str
+    source: str
+    failures: int
+    retry_in_seconds: float
+    reason: str
+    def __init__(self, key: _Optional[str] = ..., address: _Optional[str] = ..., source: _Optional[str] = ..., failures: _Optional[int] = ..., retry_in_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class StatusReply(_message.Message):
-    __slots__ = ("node", "phase", "rounds_completed", "last_loss", "last_accuracy", "state", "neighbors", "uptime_seconds")
+    __slots__ = ("node", "phase", "rounds_completed", "last_loss", "last_accuracy", "state", "neighbors", "uptime_seconds", "candidates")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +196,7 @@ class StatusReply(_message.Message):
     STATE_FIELD_NUMBER: _ClassVar[int]
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     node: PeerInfo
     phase: str
     rounds_completed: int
@@ -188,4 +205,5 @@ class StatusReply(_message.Message):
     state: str
     neighbors: _containers.RepeatedCompositeFieldContainer[NeighborStatus]
     uptime_seconds: float
-    def __init__(self, node: _Optional[_Union[PeerInfo, _Mapping]] = ..., phase: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., state: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    candidates: _containers.RepeatedCompositeFieldContainer[CandidateStatus]
+    def __init__(self, node: _Optional[_Union[PeerInfo, _Mapping]] = ..., phase: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., state: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateStatus, _Mapping]]] = ...) -> None: ...
