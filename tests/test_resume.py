@@ -117,6 +117,24 @@ async def test_a_resumed_node_reports_the_last_loss_and_accuracy_its_log_holds(t
 
 
 @pytest.mark.asyncio
+async def test_a_resumed_node_takes_its_last_loss_and_accuracy_from_the_end_of_its_log_without_reading_all_of_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The log grows by a line a round for as long as the run lasts: a start that read it all took memory and time
+    in proportion to the run's length, at every restart."""
+    await run_rounds(tmp_path, 2)
+    [*_, last] = state.read_rounds(tmp_path / "n0")
+
+    def whole_log(out: Path) -> list[dict]:
+        raise AssertionError(f"a resume read all of {out / state.ROUNDS}")
+
+    monkeypatch.setattr(state, "read_rounds", whole_log)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as resumed:
+        status = resumed.status()
+    assert (status.last_loss, status.last_accuracy) == (last["loss"], last["eval_accuracy"])
+
+
+@pytest.mark.asyncio
 async def test_a_run_kept_from_before_the_portable_init_resumes_with_the_init_it_was_drawn_with(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -8,6 +8,7 @@ import json
 import os
 import re
 import struct
+import tracemalloc
 
 import pytest
 import torch
@@ -158,6 +159,59 @@ def test_resuming_cuts_the_round_log_back_to_the_checkpoint_so_redone_rounds_app
     whole = (tmp_path / state.ROUNDS).read_bytes()
     assert state.truncate_rounds(tmp_path, len(whole) + 100) == 0  # a shorter log (e.g. moved away) is left alone:
     assert (tmp_path / state.ROUNDS).read_bytes() == whole  # not padded out to the size given (truncate(2) would)
+
+
+def _oracle_last_numbers(out, keys) -> dict[str, float]:
+    """`state.last_numbers` by way of the whole log (`read_rounds`): what it must agree with."""
+    found: dict[str, float] = {}
+    for record in reversed(state.read_rounds(out)):
+        for key in keys:
+            if key not in found and isinstance(record.get(key), int | float):
+                found[key] = float(record[key])
+    return found
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 7, 16, 64, 4096])
+def test_the_last_numbers_of_the_round_log_are_those_the_whole_log_gives_whatever_the_block_size(
+    tmp_path, monkeypatch, block: int
+) -> None:
+    log = state.RoundLog(tmp_path)
+    for t in range(12):  # an evaluation every 5 rounds, lines of several lengths, one far longer than a small block
+        record: dict[str, object] = {"round": t, "loss": 1.0 / (t + 1), "note": "x" * (t * 7 % 23)}
+        if t % 5 == 4:
+            record["eval_accuracy"] = t / 100
+        log.write(record)
+    log.close()
+    with (tmp_path / state.ROUNDS).open("a") as f:
+        f.write('{"round": 12, "loss": 9')  # torn by a crash: skipped
+    monkeypatch.setattr(state, "TAIL_BLOCK_BYTES", block)
+    keys = ("loss", "eval_accuracy", "absent")
+    expected = {"loss": 1.0 / 12, "eval_accuracy": 0.09}
+    assert state.last_numbers(tmp_path, keys) == _oracle_last_numbers(tmp_path, keys) == expected
+    assert state.last_numbers(tmp_path / "nothing-here", keys) == {}
+
+
+def test_a_resume_reads_the_end_of_a_long_round_log_not_all_of_it(tmp_path) -> None:
+    """rounds.jsonl grows by a line a round for as long as the run lasts (~350 bytes; 20,000 rounds here): a resume
+    that parsed all of it held every record in memory at once (~10x the file), more with each restart."""
+    record = {"round": 0, "phase": "A", "node_id": "node-0", "degree": 2, "self_weight": 0.3333333333333333,
+              "neighbours": [{"id": "node-1", "degree": 2, "weight": 0.3333333333333333},
+                             {"id": "node-2", "degree": 2, "weight": 0.3333333333333333}],
+              "missed": [], "bytes_sent": 24576, "bytes_received": 24576, "exchange_latency_s": 0.0123456789,
+              "loss": 0.6931471805599453, "seconds": 1.234567890123, "time": 1796582616.3860188}  # fmt: skip
+    with (tmp_path / state.ROUNDS).open("w") as f:
+        for t in range(20_000):
+            extra = {"eval_accuracy": t / 20_000, "eval_loss": 0.5} if t % 5 == 4 else {}
+            f.write(json.dumps({**record, "round": t, "loss": t / 10, **extra}, separators=(",", ":")) + "\n")
+    size = (tmp_path / state.ROUNDS).stat().st_size
+    tracemalloc.start()
+    try:
+        last = state.last_numbers(tmp_path, ("loss", "eval_accuracy"))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert last == {"loss": 1999.9, "eval_accuracy": 19_999 / 20_000}
+    assert size > 6_000_000 and peak < 4 * state.TAIL_BLOCK_BYTES, (size, peak)
 
 
 def test_a_resume_conflicts_on_each_setting_the_kept_run_recorded_and_on_nothing_else() -> None:

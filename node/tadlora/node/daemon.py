@@ -263,7 +263,7 @@ class Node:
             log.info("resuming at round %d from %s", ckpt.round, cfg.out / state.CHECKPOINT)
             if ckpt.rounds_bytes is not None:  # the rounds logged after it are run again: log them once
                 await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)
-            self._last_logged(await self._in_worker(state.read_rounds, cfg.out))
+            self._last_logged(await self._in_worker(state.last_numbers, cfg.out, ("loss", "eval_accuracy")))
         else:
             self.rounds.restore(0, await self._in_worker(self._model.factors))
             # Rounds logged before a crash that came ahead of the first checkpoint are run again from round 0.
@@ -1122,18 +1122,14 @@ class Node:
             "time": time.time(),
         }
 
-    def _last_logged(self, records: list[dict[str, Any]]) -> None:
-        """Take a resumed run's last loss and accuracy from its log ``records``: status, the metrics and the result
-        said NaN or "n/a" until the next round or evaluation (never, for a run resumed with its rounds all done),
-        though the log held them."""
-
-        def last(key: str) -> float | None:
-            return next((float(r[key]) for r in reversed(records) if isinstance(r.get(key), int | float)), None)
-
-        if (loss := last("loss")) is not None:
+    def _last_logged(self, last: dict[str, float]) -> None:
+        """Take a resumed run's last loss and accuracy from its log (``last``: `state.last_numbers`): status, the
+        metrics and the result said NaN or "n/a" until the next round or evaluation (never, for a run resumed with
+        its rounds all done), though the log held them."""
+        if (loss := last.get("loss")) is not None:
             self._last_loss = loss
             self.metrics.loss.set(loss)
-        if (accuracy := last("eval_accuracy")) is not None:
+        if (accuracy := last.get("eval_accuracy")) is not None:
             self._last_accuracy = accuracy
             self.metrics.accuracy.set(accuracy)
 

@@ -18,10 +18,10 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from safetensors import SafetensorError
 from safetensors.torch import load, save
@@ -40,6 +40,7 @@ ADAPTER_NEW = ".adapter.tmp"  # the next adapter/ while it is written (a torn wr
 ADAPTER_OLD = ".adapter.old"  # the previous adapter/ while the next one is renamed into its place
 LOCK = ".node.lock"  # flocked by the node running on OUT (`hold_out`); the file stays, the lock goes with it
 OPT_PREFIX = "opt/"  # checkpoint keys of the optimizer state; factor keys never hold a "/"
+TAIL_BLOCK_BYTES = 64 * 1024  # bytes `last_numbers` reads at a time from the end of rounds.jsonl (~200 of its lines)
 
 
 @dataclass(frozen=True)
@@ -312,3 +313,45 @@ def read_rounds(out: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             log.warning("skipping a torn line in %s", path)
     return records
+
+
+def last_numbers(out: Path, keys: Collection[str]) -> dict[str, float]:
+    """The last number each of ``keys`` has in ``rounds.jsonl`` (a key no record gives a number is left out), read
+    backwards from the end, `TAIL_BLOCK_BYTES` at a time, until every key is found. The log grows by a line a round
+    for as long as the run lasts, so a resume must not hold all of it, as `read_rounds` does: with an evaluation
+    every few rounds this reads one block. A torn line from a crash is skipped."""
+    path = out / ROUNDS
+    found: dict[str, float] = {}
+    if not path.exists():
+        return found
+    with path.open("rb") as f:
+        for line in _lines_from_the_end(f):
+            try:
+                record = json.loads(line)
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError from a line cut inside a character
+                log.warning("skipping a torn line in %s", path)
+                continue
+            if not isinstance(record, dict):
+                continue
+            for key in keys:
+                value = record.get(key)
+                if key not in found and isinstance(value, int | float):
+                    found[key] = float(value)
+            if found.keys() >= set(keys):
+                break
+    return found
+
+
+def _lines_from_the_end(f: BinaryIO) -> Iterator[bytes]:
+    """The non-empty lines of ``f``, last first, read `TAIL_BLOCK_BYTES` at a time (at most that plus the longest
+    line is held at once)."""
+    end = f.seek(0, os.SEEK_END)
+    head = b""  # the start of the earliest line read so far, whose beginning is in a block not yet read
+    while end > 0:
+        start = max(0, end - TAIL_BLOCK_BYTES)
+        f.seek(start)
+        head, *lines = (f.read(end - start) + head).split(b"\n")
+        end = start
+        yield from (line for line in reversed(lines) if line.strip())
+    if head.strip():
+        yield head
