@@ -954,6 +954,7 @@ class Node:
             self._last_exchanged[j] = t + 1
             if self._peers is not None:
                 self._peers.note_mixed(j, t)
+        self._forget_departed(t)
         if not stopping and neighbours - set(received):
             self._last_missed = t + 1
         if received:
@@ -1013,6 +1014,16 @@ class Node:
                 self.metrics.checkpoint_failures.inc()
                 log.error("checkpoint of round %d failed, keeping the previous one: %s", t + 1, exc)
         self._state = "idle"
+
+    def _forget_departed(self, t: int) -> None:
+        """Once round ``t`` is closed, drop what this node keeps per peer for peers it is done with: the exchanges it
+        answered in round t or before whose commit never came (a commit for them is refused now), and the last
+        round exchanged with each peer the peer manager has forgotten (`PeerManager.knows`). Without this, churn
+        under new node ids (fresh --out directories, strangers) grew both for as long as the node ran."""
+        self._served = {caller: sizes for caller, sizes in self._served.items() if sizes[0] > t}
+        if self._peers is not None:
+            known = self._peers.knows
+            self._last_exchanged = {j: r for j, r in self._last_exchanged.items() if known(j)}
 
     def _report_failed_calls(self, t: int, outbound: list[str], calls: list[asyncio.Task[None]]) -> None:
         """Log (with the traceback) and count every exchange call of round ``t`` that raised.

@@ -314,6 +314,12 @@ class PeerManager:
         attempt.why = reason
         attempt.retry_at = time.monotonic() + retry_delay(attempt.failures)
 
+    def knows(self, node_id: str) -> bool:
+        """Whether ``node_id`` is a peer, or one this manager still tracks (dropped and backed off, or still listed by
+        discovery); one it has forgotten (`_forget_gone`: gone for `STABLE_S`) returns as a stranger, so what others
+        keep about it may go too."""
+        return node_id in self.peers or node_id in self._attempts
+
     def retry_at(self, key: str) -> float | None:
         """When (time.monotonic) candidate ``key`` is tried next after failing; None if it is not failing."""
         attempt = self._attempts.get(key)
