@@ -48,6 +48,7 @@ from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import looks_like_ipv4
+from tadlora.node.progress import ExchangeProgress, describe
 from tadlora.node.rounds import Round, RoundState
 from tadlora.node.rpc import (
     MAX_CANDIDATES_SHOWN,
@@ -923,7 +924,9 @@ class Node:
         self.metrics.peers.set(len(self._peer_ids()))
         deadline = asyncio.get_running_loop().time() + cfg.exchange_timeout
         outbound = sorted(j for j in neighbours if self.node_id < j)
-        calls = [asyncio.ensure_future(self._exchange_with(j, cur, deadline)) for j in outbound]
+        progress = {j: ExchangeProgress() for j in outbound}
+        calls = [asyncio.ensure_future(self._exchange_with(j, cur, deadline, progress[j])) for j in outbound]
+        timed_out = False
         try:
             async with asyncio.timeout_at(deadline):
                 if calls:
@@ -938,12 +941,17 @@ class Node:
                     )
                 )
         except TimeoutError:
-            pass
+            timed_out = True
         finally:
             for call in calls:
                 call.cancel()
             await asyncio.gather(*calls, return_exceptions=True)
         self._report_failed_calls(t, outbound, calls)
+        for j, call in zip(outbound, calls, strict=True):
+            # Cancelled: still running when the round's time ran out (the cancellation above, or the one the
+            # timeout's own cancelling of the wait passed on), unless a stop cut it.
+            if timed_out and call.cancelled() and not self._stop.is_set():
+                self._exchange_timed_out(j, t, progress[j])
         # A stop during the exchange ends the round with the pairs committed so far rather than abandoning it:
         # their other ends have mixed them, and leaving them out here would move the network average
         # (docs/protocol.md). A stopping node refuses every commit (SHUTTING_DOWN), so what `close` returns is
@@ -1048,8 +1056,24 @@ class Node:
         finally:
             self._probing.discard(j)
 
-    async def _exchange_with(self, j: str, cur: Round, deadline: float) -> None:
+    def _exchange_timed_out(self, j: str, t: int, progress: ExchangeProgress) -> None:
+        """Say, and count (``tadlora_exchanges_total{result="timeout"}``), that the exchange with ``j`` ran into
+        round ``t``'s deadline, with how far it got and, when the link is shown too slow for the payload, what
+        --exchange-timeout it needs: such an exchange fails the same way every round, and nothing else says why."""
+        self.metrics.exchanges.labels("timeout").inc()
+        got, _ = describe(progress, asyncio.get_running_loop().time(), self.config.exchange_timeout)
+        if progress.rate(asyncio.get_running_loop().time()) is None:  # no bytes of the reply to time
+            got += f" ({j}'s log says how fast our payload reached it)"
+        log.warning("exchange with %s in round %d did not finish within --exchange-timeout (%g s), and the pair is "
+                    "left out: %s", j, t, self.config.exchange_timeout, got)  # fmt: skip
+
+    async def _exchange_with(
+        self, j: str, cur: Round, deadline: float, progress: ExchangeProgress | None = None
+    ) -> None:
+        """Exchange with ``j`` in round ``cur.t`` and deliver the pair, or leave it out saying why; ``progress``
+        follows the payloads, for the round to say how far a call it cut at its deadline got."""
         assert self._peers is not None and cur.snapshot is not None  # noqa: S101
+        progress = progress if progress is not None else ExchangeProgress()
         peer = self._peers.peers.get(j)
         if peer is None:
             return
@@ -1064,9 +1088,18 @@ class Node:
         )
         loop = asyncio.get_running_loop()
         try:
-            result = await peer.conn.exchange(
-                header, select(cur.snapshot, sent_factors(self.method, t)), deadline - loop.time(), self._spec_for(t)
-            )
+            try:
+                result = await peer.conn.exchange(
+                    header, select(cur.snapshot, sent_factors(self.method, t)), deadline - loop.time(),
+                    self._spec_for(t), progress,
+                )  # fmt: skip
+            except PeerTimeout:
+                # The round's deadline, reached by the transport's clock before the round's own: a peer that is
+                # slow to answer (a slow link, a long training step), not one that is gone. Dropping it would cost
+                # a handshake and the rounds until it is verified again; the round's probe of a neighbour it left
+                # out (`_check_alive`) drops one that does not answer.
+                self._exchange_timed_out(j, t, progress)
+                return
             try:  # its reply, before it counts
                 await self._async_check_neighbour(j, t, result.peer.degree, result.factors)
             except ExchangeRefused:

@@ -29,6 +29,7 @@ from collections.abc import (
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Protocol, Self, cast
 
+from tadlora.node.progress import ExchangeProgress, Transfer, describe
 from tadlora.node.wire import (
     ExchangeRefused,
     FactorSpec,
@@ -572,8 +573,11 @@ def _encode_capped(factors: Factors, max_payload_bytes: int) -> tuple[bytes, str
     return payload, digest(payload)
 
 
-def _payload_messages(header: ExchangeHeader, payload: bytes, sha256: str) -> Iterator[pb.ExchangeMessage]:
-    """Header, then the payload in chunks: lazily, so only the chunk in flight is copied."""
+def _payload_messages(
+    header: ExchangeHeader, payload: bytes, sha256: str, progress: Transfer | None = None
+) -> Iterator[pb.ExchangeMessage]:
+    """Header, then the payload in chunks: lazily, so only the chunk in flight is copied; ``progress`` counts the
+    bytes the transport has taken."""
     yield pb.ExchangeMessage(
         header=pb.ExchangeHeader(
             protocol_version=PROTOCOL_VERSION,
@@ -590,6 +594,10 @@ def _payload_messages(header: ExchangeHeader, payload: bytes, sha256: str) -> It
     )
     for piece in chunk(payload):
         yield pb.ExchangeMessage(chunk=bytes(piece))
+        if progress is not None:
+            progress.moved += len(piece)
+    if progress is not None:
+        progress.ended = asyncio.get_running_loop().time()
 
 
 async def _receive_payload(
@@ -598,12 +606,16 @@ async def _receive_payload(
     max_payload_bytes: int,
     check: Callable[[pb.ExchangeHeader], None],
     opened: Callable[[pb.ExchangeHeader], None] | None = None,
+    progress: Transfer | None = None,
 ) -> tuple[ExchangeHeader, bytes]:
     """Read a callee's reply, header + chunks (or a refusal, raised as `ExchangeRefused`), into a verified payload.
-    ``opened`` is called once the reply opens with a header, before any check of it."""
+    ``opened`` is called once the reply opens with a header, before any check of it; ``progress`` follows its
+    bytes."""
     iterator = aiter(messages)
     head = await _receive_header(iterator, check, from_callee=True, opened=opened)
-    return await _receive_chunks(iterator, head, max_payload_bytes=max_payload_bytes, from_callee=True)
+    return await _receive_chunks(
+        iterator, head, max_payload_bytes=max_payload_bytes, from_callee=True, progress=progress
+    )
 
 
 async def _receive_header(
@@ -634,10 +646,19 @@ async def _receive_header(
 
 
 async def _receive_chunks(
-    iterator: AsyncIterator[pb.ExchangeMessage], head: pb.ExchangeHeader, *, max_payload_bytes: int, from_callee: bool
+    iterator: AsyncIterator[pb.ExchangeMessage],
+    head: pb.ExchangeHeader,
+    *,
+    max_payload_bytes: int,
+    from_callee: bool,
+    progress: Transfer | None = None,
 ) -> tuple[ExchangeHeader, bytes]:
-    """Read the chunks ``head`` announced (or, ``from_callee``, a refusal, raised) into a verified payload."""
+    """Read the chunks ``head`` announced (or, ``from_callee``, a refusal, raised) into a verified payload;
+    ``progress`` (if given) follows the bytes as they come."""
     assembler = Reassembler(head.total_bytes, head.sha256, head.num_chunks, max_payload_bytes=max_payload_bytes)
+    progress = progress if progress is not None else Transfer()
+    loop = asyncio.get_running_loop()
+    progress.size, progress.began = head.total_bytes, loop.time()
     async for message in iterator:
         kind = message.WhichOneof("kind")
         if kind == "refusal" and from_callee:
@@ -645,6 +666,8 @@ async def _receive_chunks(
         if kind != "chunk":
             raise PayloadError(Reason.BAD_PAYLOAD, f"unexpected {kind or 'empty message'} after the header")
         assembler.add(message.chunk)
+        progress.moved = assembler.received_bytes
+    progress.ended = loop.time()
     # finish() copies the whole payload (up to max_payload_bytes: ~0.1 s at 512 MiB): not on the event loop.
     return _header_from_pb(head), await asyncio.to_thread(assembler.finish)
 
@@ -786,6 +809,8 @@ class _Responder:
         aside: tuple[str, int] | None = None
         received = 0  # the caller's payload, bytes
         who = identity or ""  # the caller's node id, once its header says it (its certificate's before that)
+        # How far the caller's payload and our reply got: what a log line says of an exchange cut short.
+        progress = ExchangeProgress(started=asyncio.get_running_loop().time())
 
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
@@ -805,7 +830,7 @@ class _Responder:
             # caller set (or did not): a caller that stops sending would otherwise hold a call slot, and the
             # chunks it sent, until its connection drops.
             deadline = asyncio.get_running_loop().time() + self._payload_timeout_s
-            async with self._receiving(deadline):
+            async with self._receiving(deadline, progress):
                 head = await _receive_header(iterator, check, from_callee=False, opened=named)
             try:
                 held.enter_context(self._one_more("exchange", head.node_id, MAX_EXCHANGES_PER_CALLER))
@@ -813,9 +838,13 @@ class _Responder:
                 if self._admit is not None and (admitted := await self._admit(_header_from_pb(head))) is not None:
                     expected = admitted
                 _check_declared_size(head.total_bytes, expected)
-                async with self._receiving(deadline):
+                async with self._receiving(deadline, progress):
                     header, payload = await _receive_chunks(
-                        iterator, head, max_payload_bytes=self._max_payload_bytes, from_callee=False
+                        iterator,
+                        head,
+                        max_payload_bytes=self._max_payload_bytes,
+                        from_callee=False,
+                        progress=progress.received,
                     )
                 factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
                 nonlocal received
@@ -826,8 +855,11 @@ class _Responder:
                 raise
             except asyncio.CancelledError:  # the caller's deadline (or its stop) ended the call: it will not call
                 # again for this round, so the round stops waiting for it now, not at its own deadline
-                log.info("exchange from %r for round %d ended before it was answered (the caller's deadline or stop, "
-                         "or the transport refused a message of it)", head.node_id, head.round)  # fmt: skip
+                self._log_cut(
+                    f"exchange from {head.node_id!r} for round {head.round} ended before it was answered (the "
+                    "caller's deadline or stop, or the transport refused a message of it)",
+                    progress,
+                )
                 await self._exchange_refused(head.node_id, head.round)
                 raise
             nonlocal aside
@@ -840,11 +872,21 @@ class _Responder:
                 last, sent = None, 0
                 async with contextlib.aclosing(self._reply("exchange", answer, lambda: who)) as replies:
                     async for last in replies:
+                        if last.HasField("header"):
+                            progress.sent.size = last.header.total_bytes
+                            progress.sent.began = asyncio.get_running_loop().time()
                         yield last
                         sent += len(last.chunk)  # 0 for a header or a refusal
+                        progress.sent.moved = sent
                 delivered = last is not None and last.WhichOneof("kind") != "refusal"
             finally:
                 if aside is not None and not delivered:
+                    if progress.sent.began is not None:  # the caller went (its deadline, its stop) mid-reply
+                        self._log_cut(
+                            f"exchange from {aside[0]!r} for round {aside[1]} ended while this node's reply was on "
+                            "its way (the caller's deadline or stop)",
+                            progress,
+                        )
                     await self._exchange_refused(*aside)
             if aside is not None and delivered and self._served is not None:
                 try:
@@ -875,15 +917,23 @@ class _Responder:
         return pb.CommitReply(committed=request.accept)
 
     @contextlib.asynccontextmanager
-    async def _receiving(self, deadline: float) -> AsyncIterator[None]:
-        """Bound reading a caller's stream by ``deadline`` (loop time): DEADLINE once it passes."""
+    async def _receiving(self, deadline: float, progress: ExchangeProgress) -> AsyncIterator[None]:
+        """Bound reading a caller's stream by ``deadline`` (loop time): DEADLINE once it passes, saying how much of
+        it came (``progress``) and, for a link too slow for it, what it needs."""
         try:
             async with asyncio.timeout_at(deadline):
                 yield
         except TimeoutError:
+            got, _ = describe(progress, asyncio.get_running_loop().time(), self._payload_timeout_s)
             raise ExchangeRefused(
-                Reason.DEADLINE, f"the exchange stream did not arrive within {self._payload_timeout_s:g} s"
+                Reason.DEADLINE, f"the exchange stream did not arrive within {self._payload_timeout_s:g} s: {got}"
             ) from None
+
+    def _log_cut(self, what: str, progress: ExchangeProgress) -> None:
+        """Log an exchange the caller ended before it was over, with how far it got: a WARNING where that shows
+        the link too slow for the payload (nothing else would say so on this end), else INFO."""
+        got, too_slow = describe(progress, asyncio.get_running_loop().time(), self._payload_timeout_s)
+        log.log(logging.WARNING if too_slow else logging.INFO, "%s: %s", what, got)
 
     @contextlib.contextmanager
     def _one_more(self, what: str, caller: str, most: int) -> Iterator[None]:
@@ -1000,15 +1050,24 @@ class _Caller(abc.ABC):
         return remote
 
     async def exchange(
-        self, header: ExchangeHeader, factors: Factors, timeout: float, expected: FactorSpec | None = None
+        self,
+        header: ExchangeHeader,
+        factors: Factors,
+        timeout: float,
+        expected: FactorSpec | None = None,
+        progress: ExchangeProgress | None = None,
     ) -> ExchangeResult:
         """Push `factors` for `header.round`; pull the peer's factors for that round, checked against `expected`.
 
         The exchange is not over until `commit`: the callee holds the pair aside until then. A reply refused here
-        (`ExchangeRefused`) is un-committed on the way out, so that the callee leaves the pair out at once."""
+        (`ExchangeRefused`) is un-committed on the way out, so that the callee leaves the pair out at once.
+        ``progress`` is filled in as the payloads go and come, for the caller to say how far a cut one got."""
         loop = asyncio.get_running_loop()
         started = loop.time()
+        progress = progress if progress is not None else ExchangeProgress()
+        progress.started = started
         payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
+        progress.sent.size, progress.sent.began = len(payload), loop.time()
         answered = False  # the callee sent a reply header: it holds our factors aside, awaiting a commit
 
         def opened(_: pb.ExchangeHeader) -> None:  # before the header's checks: one they refuse was an answer too
@@ -1023,11 +1082,15 @@ class _Caller(abc.ABC):
             _check_declared_size(head.total_bytes, expected)
 
         remaining = max(timeout - (loop.time() - started), 0.0)
-        replies = self._call_exchange(_payload_messages(header, payload, sha256), remaining)
+        replies = self._call_exchange(_payload_messages(header, payload, sha256, progress.sent), remaining)
         try:
             async with contextlib.aclosing(replies):
                 peer, reply = await _receive_payload(
-                    replies, max_payload_bytes=self._max_payload_bytes, check=check_reply, opened=opened
+                    replies,
+                    max_payload_bytes=self._max_payload_bytes,
+                    check=check_reply,
+                    opened=opened,
+                    progress=progress.received,
                 )
             received, _ = await asyncio.to_thread(decode_factors, reply, expected)
         except ExchangeRefused:
@@ -1109,7 +1172,12 @@ class PeerConnection(Protocol):
     async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo: ...
 
     async def exchange(
-        self, header: ExchangeHeader, factors: Factors, timeout: float, expected: FactorSpec | None = None
+        self,
+        header: ExchangeHeader,
+        factors: Factors,
+        timeout: float,
+        expected: FactorSpec | None = None,
+        progress: ExchangeProgress | None = None,
     ) -> ExchangeResult: ...
 
     async def commit(self, header: ExchangeHeader, accept: bool, timeout: float) -> None: ...
