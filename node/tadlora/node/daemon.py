@@ -169,6 +169,9 @@ class Node:
         self._out_lock: int | None = None  # the descriptor holding --out's lock (`state.hold_out`) while running
         self._peers_changed = asyncio.Event()
         self._probing: set[str] = set()  # peers whose liveness is being checked
+        # (peer, round) of the exchanges that reached this node before their round closed, however slowly: the
+        # caller's header admitted here, or the callee's reply begun. A peer that did is alive in that round.
+        self._heard: set[tuple[str, int]] = set()
         self._fetch_failed: dict[str, float] = {}  # peer -> when (time.monotonic) it may be fetched from again
         self._closed = False
         # One worker thread owns the model: training, evaluation and export never overlap, and the event loop
@@ -711,6 +714,7 @@ class Node:
         if header.degree < 1:  # over MAX_DEGREE is refused with every header (`rpc.check_sane`)
             raise PayloadError(Reason.BAD_PAYLOAD, f"{header.node_id} says its degree is 0, expected 1..{MAX_DEGREE}")
         await self.rounds.admit(header.node_id, r)
+        self._heard.add((header.node_id, r))
         return self._spec_for(r)
 
     async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
@@ -962,12 +966,17 @@ class Node:
             self._last_exchanged[j] = t + 1
             if self._peers is not None:
                 self._peers.note_mixed(j, t)
-        self._forget_departed(t)
         if not stopping and neighbours - set(received):
             self._last_missed = t + 1
         if received:
             self._from_checkpoint = False
-        for j in sorted(neighbours - set(received)) if not stopping else ():
+        # A neighbour whose exchange reached us this round is alive, only slow (a link too slow for the payload):
+        # not checked. Its check would queue behind what is left of the cut exchange on that link, run out of its
+        # 5 s and drop a live peer (measured on a 1 Mbit/s link), which then misses rounds until verified again.
+        heard = {j for j, p in progress.items() if p.received.began is not None}
+        heard |= {j for j, r in self._heard if r == t}
+        self._forget_departed(t)
+        for j in sorted(neighbours - set(received) - heard) if not stopping else ():
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
             # Without this check every later round would wait for it in full.
@@ -1025,10 +1034,12 @@ class Node:
 
     def _forget_departed(self, t: int) -> None:
         """Once round ``t`` is closed, drop what this node keeps per peer for peers it is done with: the exchanges it
-        answered in round t or before whose commit never came (a commit for them is refused now), and the last
-        round exchanged with each peer the peer manager has forgotten (`PeerManager.knows`). Without this, churn
-        under new node ids (fresh --out directories, strangers) grew both for as long as the node ran."""
+        answered in round t or before whose commit never came (a commit for them is refused now), the exchanges that
+        reached it in round t or before (`_heard`), and the last round exchanged with each peer the peer manager has
+        forgotten (`PeerManager.knows`). Without this, churn under new node ids (fresh --out directories, strangers)
+        grew them for as long as the node ran."""
         self._served = {caller: sizes for caller, sizes in self._served.items() if sizes[0] > t}
+        self._heard = {(j, r) for j, r in self._heard if r > t}
         if self._peers is not None:
             known = self._peers.knows
             self._last_exchanged = {j: r for j, r in self._last_exchanged.items() if known(j)}
