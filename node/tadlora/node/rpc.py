@@ -26,7 +26,7 @@ from collections.abc import (
     Iterable,
     Iterator,
 )
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import TYPE_CHECKING, Final, Protocol, Self, cast
 
 from tadlora.node.progress import ExchangeProgress, Transfer, describe
@@ -514,17 +514,7 @@ def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
             for n in status.neighbors
         ],
         uptime_seconds=status.uptime_seconds,
-        candidates=[
-            pb.CandidateStatus(
-                key=c.key,
-                address=c.address,
-                source=c.source,
-                failures=c.failures,
-                retry_in_seconds=c.retry_in_seconds,
-                reason=c.reason,
-            )
-            for c in status.candidates
-        ],
+        candidates=[pb.CandidateStatus(**asdict(c)) for c in status.candidates],
     )
 
 
@@ -544,15 +534,7 @@ def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
         ),
         uptime_seconds=msg.uptime_seconds,
         candidates=tuple(
-            CandidateStatus(
-                key=c.key,
-                address=c.address,
-                source=c.source,
-                failures=c.failures,
-                retry_in_seconds=c.retry_in_seconds,
-                reason=c.reason,
-            )
-            for c in msg.candidates
+            CandidateStatus(**{f.name: getattr(c, f.name) for f in fields(CandidateStatus)}) for c in msg.candidates
         ),
     )
 
