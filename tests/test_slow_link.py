@@ -34,7 +34,6 @@ def test_an_exchange_cut_mid_reply_says_what_it_needs_at_the_rate_the_reply_came
     # Measured on a 1 Mbit/s link (tbf): 1 MiB each way, the caller's payload took 8.8 s to arrive, the reply
     # was cut by a 10 s deadline 1.2 s into it.
     progress = ExchangeProgress(
-        started=0.0,
         sent=Transfer(size=MiB, moved=MiB, began=0.0, ended=4.2),
         received=Transfer(size=MiB, moved=150_000, began=8.8),
     )
@@ -46,17 +45,16 @@ def test_an_exchange_cut_mid_reply_says_what_it_needs_at_the_rate_the_reply_came
 
 def test_a_payload_that_stalls_at_the_callee_is_estimated_with_the_reply_as_large_as_it() -> None:
     # 0.5 MiB of 1 MiB in 10 s: 0.5 MiB still to come and a reply of 1 MiB, at 0.05 MiB/s.
-    progress = ExchangeProgress(started=0.0, received=Transfer(size=MiB, moved=MiB // 2, began=0.0))
+    progress = ExchangeProgress(received=Transfer(size=MiB, moved=MiB // 2, began=0.0))
     text, too_slow = describe(progress, 10.0, 10.0)
     assert too_slow and "need ~40 s" in text and "--exchange-timeout 60 " in text
 
 
 def test_an_exchange_with_no_measured_rate_or_one_fast_enough_gives_no_advice() -> None:
-    nothing_back = ExchangeProgress(started=0.0, sent=Transfer(size=MiB, moved=MiB, began=0.0, ended=1.0))
+    nothing_back = ExchangeProgress(sent=Transfer(size=MiB, moved=MiB, began=0.0, ended=1.0))
     assert describe(nothing_back, 10.0, 10.0) == ("1.0 MiB of 1.0 MiB sent, nothing received yet", False)
     # The reply came fast; the deadline was spent waiting for the peer's training, not on the link.
     fast = ExchangeProgress(
-        started=0.0,
         sent=Transfer(size=MiB, moved=MiB, began=0.0, ended=0.1),
         received=Transfer(size=MiB, moved=MiB - 1, began=9.9),
     )
@@ -184,7 +182,7 @@ class _TimingOut:
 
     async def exchange(self, *args: Any, **kwargs: Any) -> Any:
         progress = args[4] if len(args) > 4 else kwargs["progress"]
-        progress.sent = Transfer(size=MiB, moved=MiB // 4, began=progress.started)
+        progress.sent = Transfer(size=MiB, moved=MiB // 4, began=0.0)
         raise PeerTimeout(self.address, "no answer before the deadline")
 
     async def aclose(self) -> None:

@@ -1072,8 +1072,9 @@ class Node:
         round ``t``'s deadline, with how far it got and, when the link is shown too slow for the payload, what
         --exchange-timeout it needs: such an exchange fails the same way every round, and nothing else says why."""
         self.metrics.exchanges.labels("timeout").inc()
-        got, _ = describe(progress, asyncio.get_running_loop().time(), self.config.exchange_timeout)
-        if progress.rate(asyncio.get_running_loop().time()) is None:  # no bytes of the reply to time
+        now = asyncio.get_running_loop().time()
+        got, _ = describe(progress, now, self.config.exchange_timeout)
+        if progress.rate(now) is None:  # no bytes of the reply to time
             got += f" ({j}'s log says how fast our payload reached it)"
         log.warning("exchange with %s in round %d did not finish within --exchange-timeout (%g s), and the pair is "
                     "left out: %s", j, t, self.config.exchange_timeout, got)  # fmt: skip

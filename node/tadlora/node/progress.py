@@ -23,8 +23,8 @@ TIMEOUT_HEADROOM: Final = 1.5
 @dataclass(kw_only=True, eq=False)
 class Transfer:
     """One payload on its way: its size in bytes (0 until its header says), the bytes moved so far (received; or,
-    on the sending end, handed to the transport, which runs ahead of the wire by its buffers), and the loop times
-    its header went or came and its last byte (None: not yet)."""
+    on the sending end, handed to the transport, which runs ahead of the wire by its buffers), the loop time its
+    header went or came, and, on the receiving end, the loop time its last byte came (None: not yet)."""
 
     size: int = 0
     moved: int = 0
@@ -34,9 +34,8 @@ class Transfer:
 
 @dataclass(kw_only=True, eq=False)
 class ExchangeProgress:
-    """How far one exchange got, seen from one end (``started``: loop time); filled in while it runs."""
+    """How far one exchange got, seen from one end; filled in while it runs."""
 
-    started: float = 0.0
     sent: Transfer = field(default_factory=Transfer)
     received: Transfer = field(default_factory=Transfer)
 

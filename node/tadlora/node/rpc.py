@@ -578,8 +578,6 @@ def _payload_messages(
         yield pb.ExchangeMessage(chunk=bytes(piece))
         if progress is not None:
             progress.moved += len(piece)
-    if progress is not None:
-        progress.ended = asyncio.get_running_loop().time()
 
 
 async def _receive_payload(
@@ -792,7 +790,7 @@ class _Responder:
         received = 0  # the caller's payload, bytes
         who = identity or ""  # the caller's node id, once its header says it (its certificate's before that)
         # How far the caller's payload and our reply got: what a log line says of an exchange cut short.
-        progress = ExchangeProgress(started=asyncio.get_running_loop().time())
+        progress = ExchangeProgress()
 
         async def answer() -> tuple[ExchangeHeader, Factors]:
             local = self._handler.local_info()
@@ -1047,7 +1045,6 @@ class _Caller(abc.ABC):
         loop = asyncio.get_running_loop()
         started = loop.time()
         progress = progress if progress is not None else ExchangeProgress()
-        progress.started = started
         payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
         progress.sent.size, progress.sent.began = len(payload), loop.time()
         answered = False  # the callee sent a reply header: it holds our factors aside, awaiting a commit
