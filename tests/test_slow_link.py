@@ -10,12 +10,23 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from tadlora.node.grpc_transport import RpcServer, _Parsed
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.progress import ExchangeProgress, Transfer, describe, size_text
-from tadlora.node.rpc import PROTOCOL_VERSION, ExchangeHeader, PeerInfo, PeerTimeout, StatusInfo, _Responder
-from tadlora.node.wire import MAX_CHUNK_BYTES, FactorSpec, Reason
+from tadlora.node.rpc import (
+    NODE_SERVICE_NAME,
+    PROTOCOL_VERSION,
+    CallEnded,
+    ExchangeHeader,
+    PeerInfo,
+    PeerTimeout,
+    StatusInfo,
+    _Responder,
+)
+from tadlora.node.wire import MAX_CHUNK_BYTES, ExchangeRefused, FactorSpec, Reason
 from tadlora.v1 import node_pb2 as pb
 from test_daemon_faults import PEER_ID, SilentPeer, lone_node, scripted_peer
 
@@ -148,6 +159,109 @@ async def test_a_caller_that_gives_up_on_a_slow_payload_is_logged_with_how_much_
         await serving
     [line] = [r for r in caplog.records if "ended before it was answered" in r.getMessage()]
     assert "1.0 MiB of 2.0 MiB received" in line.getMessage()
+
+
+class _Recording(_Callee):
+    """A `_Callee` that records the refusals it is told of and the exchanges it is told to stop waiting for."""
+
+    def __init__(self) -> None:
+        self.refusals: list[tuple[str, Reason]] = []
+        self.left_out: list[tuple[str, int]] = []
+
+    def observe_refusal(self, what: str, exc: ExchangeRefused) -> None:
+        self.refusals.append((what, exc.reason))
+
+    async def async_exchange_refused(self, caller: str, r: int) -> None:
+        self.left_out.append((caller, r))
+
+
+async def _cut_stream(chunks_sent: int, chunks_declared: int) -> AsyncIterator[pb.ExchangeMessage]:
+    """A caller's stream whose call ends (its deadline, its cancel) after ``chunks_sent`` of ``chunks_declared``
+    chunks, as the gRPC transport's read reports it."""
+    async for message in _stalling_stream(chunks_sent, chunks_declared, asyncio.Event()):
+        yield message
+        if message.HasField("chunk"):
+            chunks_sent -= 1
+            if chunks_sent == 0:
+                raise CallEnded
+
+
+@pytest.mark.asyncio
+async def test_a_caller_s_stream_cut_by_its_call_ending_is_logged_as_cut_not_refused_as_truncated(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Measured through a 1 Mbit/s link: grpc.aio sometimes ends the read of a call whose deadline passed before it
+    cancels the handler, so the stream looked finished and the payload was refused BAD_PAYLOAD "payload truncated",
+    counted as a malformed peer, without the slow link's advice. A cut stream is logged as cut, with how far it
+    got, and neither refused nor counted."""
+    caplog.set_level(logging.INFO, logger="tadlora.rpc")
+    callee = _Recording()
+    callee.payload_timeout_s = 600.0  # the caller's deadline comes first
+    async with asyncio.timeout(30):
+        replies = [m async for m in _Responder(callee, max_payload_bytes=64 * MiB).exchange(_cut_stream(1, 2))]
+    assert replies == []  # nobody is left to read a refusal
+    assert callee.refusals == []
+    assert callee.left_out == [("caller", 0)]  # the round stops waiting for the caller's commit
+    [line] = [r for r in caplog.records if "ended before it was answered" in r.getMessage()]
+    assert "1.0 MiB of 2.0 MiB received" in line.getMessage()
+    assert not [r for r in caplog.records if r.getMessage().startswith("refused") or r.levelno >= logging.ERROR]
+
+
+class _Call:
+    """The state of a gRPC call as `grpc.aio.ServicerContext` reports it."""
+
+    def __init__(self, remaining: float | None, cancelled: bool = False) -> None:
+        self.remaining, self._cancelled = remaining, cancelled
+
+    def cancelled(self) -> bool:
+        return self._cancelled
+
+    def time_remaining(self) -> float | None:
+        return self.remaining
+
+
+async def _one_message() -> AsyncIterator[pb.ExchangeMessage]:
+    yield pb.ExchangeMessage(chunk=b"x")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("call", "ended"),
+    [(_Call(None), False), (_Call(5.0), False), (_Call(0.0), True), (_Call(None, cancelled=True), True)],
+    ids=["no-deadline", "deadline-ahead", "deadline-passed", "cancelled"],
+)
+async def test_the_grpc_read_tells_a_caller_s_last_message_from_its_call_ending(call: _Call, ended: bool) -> None:
+    """What grpc.aio's read reports as the end of the stream is the caller's last message unless the call is over
+    (at the end of the stream above, its deadline had passed: time_remaining() was 0, cancelled() False)."""
+    messages = _Parsed(_one_message(), call)
+    assert (await anext(messages)).chunk == b"x"
+    with pytest.raises(CallEnded if ended else StopAsyncIteration):
+        await anext(messages)
+
+
+@pytest.mark.asyncio
+async def test_a_grpc_caller_whose_deadline_passes_mid_payload_is_never_refused_as_malformed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The same through gRPC: the caller's deadline passes with half its payload sent. Either way grpc.aio ends the
+    call (the handler cancelled, or its read ended first), the cut is logged and no refusal is given."""
+    caplog.set_level(logging.INFO, logger="tadlora.rpc")
+    callee = _Recording()
+    callee.payload_timeout_s = 600.0
+    async with RpcServer(callee, "127.0.0.1:0") as server, grpc.aio.insecure_channel(server.address) as channel:
+        call = channel.stream_stream(f"/{NODE_SERVICE_NAME}/Exchange")(
+            (m.SerializeToString() async for m in _stalling_stream(1, 2)), timeout=SHORT_TIMEOUT_S
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as failed:
+            async for _ in call:
+                pass
+        assert failed.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        async with asyncio.timeout(30):
+            while not callee.left_out:  # noqa: ASYNC110 - the handler's end, on the server's side
+                await asyncio.sleep(0.01)
+    assert callee.refusals == []
+    assert [r for r in caplog.records if "ended before it was answered" in r.getMessage()]
+    assert not [r for r in caplog.records if r.getMessage().startswith("refused")]
 
 
 # ------------------------------------------------------------------------------------------------ the caller

@@ -7,7 +7,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
-from typing import Any, Final, Self, TypeVar
+from typing import Any, Final, Protocol, Self, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -21,6 +21,7 @@ from tadlora.node.rpc import (
     GRPC_MAX_CONCURRENT_RPCS,
     NODE_SERVICE_NAME,
     BindError,
+    CallEnded,
     NodeHandler,
     PeerTimeout,
     PeerUnavailable,
@@ -62,17 +63,34 @@ def _certified_name(context: grpc.aio.ServicerContext) -> str | None:
     return name if name.encode() in auth.get("peer_dns", []) else ""
 
 
+class _CallState(Protocol):
+    """What `_Parsed` asks of a call: the part of `grpc.aio.ServicerContext` that says whether the call is over."""
+
+    def cancelled(self) -> bool: ...
+
+    def time_remaining(self) -> float | None: ...
+
+
 class _Parsed(AsyncIterator[pb.ExchangeMessage]):
     """A caller's exchange stream, read through. grpc.aio parses each message as it is read and raises the parser's
     DecodeError from the read: a message that does not parse is the caller's defect (BAD_PAYLOAD, refused as any
-    other), not a fault inside this node."""
+    other), not a fault inside this node. A stream that ends because its call did raises `CallEnded`."""
 
-    def __init__(self, messages: AsyncIterable[pb.ExchangeMessage]) -> None:
+    def __init__(self, messages: AsyncIterable[pb.ExchangeMessage], context: _CallState) -> None:
         self._messages = aiter(messages)
+        self._context = context
 
     async def __anext__(self) -> pb.ExchangeMessage:
         try:
             return await anext(self._messages)
+        except StopAsyncIteration:
+            # grpc.aio ends the read of a call whose deadline passed (or that its caller cancelled) as if the caller
+            # had sent its last message, and only then cancels the handler: read as the end of the stream, a payload
+            # cut short by a slow link's deadline would be refused as malformed (BAD_PAYLOAD, "payload truncated").
+            remaining = self._context.time_remaining()
+            if self._context.cancelled() or (remaining is not None and remaining <= 0):
+                raise CallEnded from None
+            raise
         except DecodeError as exc:
             raise PayloadError(Reason.BAD_PAYLOAD, f"a message that does not parse as tadlora.v1: {exc}") from None
 
@@ -153,7 +171,7 @@ class _NodeServicer(pb_grpc.NodeServicer):
     async def Exchange(
         self, request_iterator: AsyncIterable[pb.ExchangeMessage], context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
-        requests = _Parsed(request_iterator)
+        requests = _Parsed(request_iterator, context)
         async with contextlib.aclosing(self._responder.exchange(requests, _certified_name(context))) as replies:
             async for message in replies:
                 yield message

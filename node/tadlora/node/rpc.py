@@ -299,6 +299,13 @@ class PeerTimeout(PeerUnavailable):
     """The peer did not answer before the caller's deadline."""
 
 
+class CallEnded(Exception):
+    """Raised by a transport's read of a caller's stream that ended because the call did (its deadline passed, the
+    caller cancelled it), not because the caller sent its last message: the stream is cut, not malformed, and no
+    reply can reach the caller. The responder logs it as an exchange cut short (with how far it got, and the
+    advice for a slow link), refuses nothing and counts no refusal."""
+
+
 class OwnAddress(ExchangeRefused):
     """A handshake reached the calling node itself (its own address in another spelling: a host name, an IPv6
     record of a dual-stack name): the callee refused it, naming the caller's own id as its own."""
@@ -830,16 +837,16 @@ class _Responder:
                 nonlocal received
                 received = len(payload)
                 reply = await self._handler.async_exchange(header, factors)
-            except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
-                await self._exchange_refused(head.node_id, head.round)
-                raise
-            except asyncio.CancelledError:  # the caller's deadline (or its stop) ended the call: it will not call
-                # again for this round, so the round stops waiting for it now, not at its own deadline
+            except (asyncio.CancelledError, CallEnded):  # the caller's deadline (or its stop) ended the call: it
+                # will not call again for this round, so the round stops waiting for it now, not at its own deadline
                 self._log_cut(
                     f"exchange from {head.node_id!r} for round {head.round} ended before it was answered (the "
                     "caller's deadline or stop, or the transport refused a message of it)",
                     progress,
                 )
+                await self._exchange_refused(head.node_id, head.round)
+                raise
+            except Exception:  # a refusal, or a fault here that `_reply` turns into one: the caller gets either
                 await self._exchange_refused(head.node_id, head.round)
                 raise
             nonlocal aside
@@ -972,6 +979,8 @@ class _Responder:
         try:
             own, factors = await answer()
             payload, sha256 = await asyncio.to_thread(_encode_capped, factors, self._max_payload_bytes)
+        except CallEnded:  # no one is left to send a refusal to; `answer` logged it if it got as far as a header
+            return
         except ExchangeRefused as exc:
             # Plain values: records outlive calls. Named, as handshakes and commits are: this node's log must say whom
             # it refused (the refused end is told why, not this node's operator).
