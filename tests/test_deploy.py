@@ -532,8 +532,13 @@ def documented_node_commands(path: Path) -> list[tuple[str, list[str]]]:
     """Each `tadlora-node ...` command ``path`` runs or tells a user to run: (its line, its argv after
     `tadlora-node`). An exec-form CMD/ENTRYPOINT, a shell line (`docker run ... IMAGE FLAGS` too: the image's
     entrypoint is `tadlora-node`); shell variables read as 0 (`node-$i` -> `node-0`)."""
+    return node_commands_in(shell_lines(path))
+
+
+def node_commands_in(lines: list[str]) -> list[tuple[str, list[str]]]:
+    """`documented_node_commands` of some lines of shell (continuations already joined)."""
     found = []
-    for line in shell_lines(path):
+    for line in lines:
         for exec_form in re.finditer(r"\b(?:CMD|ENTRYPOINT)\s+(\[.*?\])", line):
             words = json.loads(exec_form.group(1))
             if NODE_COMMAND.fullmatch(words[0]):
@@ -553,7 +558,7 @@ def documented_node_commands(path: Path) -> list[tuple[str, list[str]]]:
 
 
 def deploy_and_doc_files() -> list[Path]:
-    return [*sorted(p for p in DEPLOY.rglob("*") if p.is_file()), ROOT / "docs" / "deploy.md"]
+    return [*sorted(p for p in DEPLOY.rglob("*") if p.is_file()), ROOT / "docs" / "deploy.md", ROOT / "README.md"]
 
 
 def parse_node_command(argv: list[str]) -> None:
@@ -575,8 +580,9 @@ def parse_node_command(argv: list[str]) -> None:
 
 
 def test_every_tadlora_node_command_in_the_deploy_files_and_docs_is_accepted_by_its_parser(monkeypatch) -> None:
-    """The usage notes, HEALTHCHECK, container args and docs/deploy.md's blocks run flags the real parsers take: a
-    misspelt, renamed or removed flag (or a subcommand's flag given to another) fails here, not on a user's host."""
+    """The usage notes, HEALTHCHECK, container args and the blocks of docs/deploy.md and the README run flags the
+    real parsers take: a misspelt, renamed or removed flag (or a subcommand's flag given to another) fails here, not
+    on a user's host."""
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     commands = [(path, line, argv) for path in deploy_and_doc_files() for line, argv in documented_node_commands(path)]
@@ -584,15 +590,41 @@ def test_every_tadlora_node_command_in_the_deploy_files_and_docs_is_accepted_by_
     kinds = {argv[0] if argv and argv[0] in ("status", "certs", "doctor") else "run" for _, _, argv in commands}
     assert kinds == {"run", "status", "certs", "doctor"}, kinds
     assert {path.name for path, _, _ in commands} >= {
-        "Dockerfile", "compose.yaml", "statefulset.yaml", "tadlora-node.service", "tadlora-node.env", "deploy.md"
+        "Dockerfile", "compose.yaml", "statefulset.yaml", "tadlora-node.service", "tadlora-node.env", "deploy.md",
+        "README.md",
     }  # fmt: skip
     assert ["status", "127.0.0.1:7070", "--timeout", "5"] in [argv for *_, argv in commands]  # the HEALTHCHECK
-    refused = []
-    for path, line, argv in commands:
-        err = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(err):
-                parse_node_command(argv)
-        except SystemExit as exc:
-            refused.append(f"{path.relative_to(ROOT)}: {line.strip()}\n    {err.getvalue().strip() or exc}")
+    refused = [
+        f"{path.relative_to(ROOT)}: {line.strip()}\n    {why}"
+        for path, line, argv in commands
+        if (why := node_command_refusal(argv))
+    ]
+    assert not refused, "\n".join(refused)
+
+
+def node_command_refusal(argv: list[str]) -> str | None:
+    """Why the parser of ``argv``'s subcommand refuses it, or None (`--help` is taken: it exits 0)."""
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+            parse_node_command(argv)
+    except SystemExit as exc:
+        return (err.getvalue().strip() or str(exc)) if exc.code else None
+    return None
+
+
+def test_the_examples_in_tadlora_node_help_are_accepted_by_their_parsers(monkeypatch) -> None:
+    """`tadlora-node --help` and `tadlora-node doctor --help` open with commands to copy; they take the same check
+    as the docs' (the README sends a reader to `--help` for every flag)."""
+    from tadlora.node.doctor import build_doctor_parser
+
+    for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
+        monkeypatch.delenv(key)
+    texts = [build_run_parser().description or "", build_doctor_parser().description or ""]
+    lines = [line for text in texts for line in re.sub(r"\\\n\s*", " ", text).splitlines()]
+    commands = node_commands_in([re.sub(r"\s#.*", "", line) for line in lines if "tadlora-node" in line])
+    assert {argv[0] if argv[0] in ("status", "certs", "doctor") else "run" for _, argv in commands} == {
+        "run", "status", "certs", "doctor"
+    }  # fmt: skip
+    refused = [f"{line.strip()}\n    {why}" for line, argv in commands if (why := node_command_refusal(argv))]
     assert not refused, "\n".join(refused)
