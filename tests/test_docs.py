@@ -87,3 +87,13 @@ def test_every_repository_path_the_docs_name_exists() -> None:
                 missing.append(f"{doc.relative_to(ROOT)}: {path}")
     assert checked >= 50, checked
     assert not missing, "\n".join(missing)
+
+
+def test_the_readme_layout_names_every_module_of_the_daemon() -> None:
+    """The README's Layout says what each module of `node/tadlora/node/` holds; a module added since is named there
+    too (progress.py was not)."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :].split("\n## ", 1)[0]
+    modules = sorted(p.name for p in (ROOT / "node" / "tadlora" / "node").glob("*.py") if p.name != "__init__.py")
+    assert modules, "no modules found"
+    assert [m for m in modules if f"`{m}`" not in layout] == []
