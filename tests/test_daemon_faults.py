@@ -12,6 +12,7 @@ import errno
 import io
 import logging
 import os
+import re
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -440,6 +441,25 @@ async def test_an_export_that_fails_midway_leaves_the_previous_adapter_whole(
             await node._save(0, export=True)
         assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
         assert not [p.name for p in node.config.out.iterdir() if p.name.startswith(".") and p.name != state.LOCK]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose every write(2) fails with ENOSPC")
+@pytest.mark.asyncio
+async def test_a_node_stopped_by_a_full_disk_reports_the_file_it_could_not_write(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The round log's record the disk refused stays in its buffer, so closing the log fails on it again: that
+    close's bare "[Errno 28] No space left on device" used to replace the run's error, which names the file."""
+    out = tmp_path / "n0"
+    out.mkdir()
+    (out / state.ROUNDS).symlink_to("/dev/full")  # every write(2) fails with ENOSPC, as on a full disk
+    with pytest.raises(OSError, match=re.escape(f"No space left on device: '{out / state.ROUNDS}'")) as failed:
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2) as node, asyncio.timeout(60):
+            await node.run()
+    assert failed.value.errno == errno.ENOSPC
+    closing = [r.getMessage() for r in caplog.records if r.getMessage().startswith("while closing")]
+    assert closing and str(out / state.ROUNDS) in closing[0]  # said too, and naming the file
+    assert node._round_log is not None and node._round_log._file.closed  # closed even though its flush failed
 
 
 @pytest.mark.asyncio

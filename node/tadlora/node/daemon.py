@@ -191,8 +191,15 @@ class Node:
             raise
         return self
 
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.aclose()
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        try:
+            await self.aclose()
+        except Exception:
+            if exc is None:
+                raise
+            # `aclose` has logged it. The error that ended the block is what stopped the node: a close that fails
+            # on the same cause (the round log's flush on a full or read-only disk) would replace it, and the
+            # operator be told "[Errno 28] No space left on device" without a word of which file.
 
     async def start(self) -> None:
         """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""

@@ -271,8 +271,10 @@ class RoundLog:
             os.fsync(self._file.fileno())
 
     def close(self) -> None:
+        """Close the file (even if the flush of a record the disk refused fails again: OSError naming it)."""
         if not self._file.closed:
-            self._file.close()
+            with naming(self.path):
+                self._file.close()
 
 
 def _ends_a_line(path: Path) -> bool:
