@@ -443,6 +443,34 @@ async def test_an_export_that_fails_midway_leaves_the_previous_adapter_whole(
         assert not [p.name for p in node.config.out.iterdir() if p.name.startswith(".") and p.name != state.LOCK]
 
 
+@pytest.mark.asyncio
+async def test_an_export_the_disk_refuses_ends_the_run_with_an_os_error_naming_the_adapter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """safetensors writes an export's weights in Rust and raises its own SafetensorError for a full disk, which the
+    CLI (catching OSError) let through as a traceback, with no word of which file system was full."""
+    import peft.peft_model
+    from safetensors import SafetensorError
+
+    def disk_full(tensors: object, filename: str, metadata: object = None) -> None:
+        # safetensors 0.8's own words for it: it writes a temp file beside the target, then renames it
+        raise SafetensorError(
+            "Error while serializing: I/O error: No space left on device (os error 28) at path "
+            f'"{Path(filename).parent / ".tmpAbC123"}"'
+        )
+
+    monkeypatch.setattr(peft.peft_model, "safe_save_file", disk_full)
+    weights = tmp_path / "n0" / state.ADAPTER_NEW / "adapter_model.safetensors"
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=1) as node:
+        with pytest.raises(OSError, match=re.escape(f"No space left on device: '{weights}'")) as failed:
+            async with asyncio.timeout(60):
+                await node.run()
+    assert failed.value.errno == errno.ENOSPC
+    ckpt = state.load_checkpoint(node.config.out)
+    assert ckpt is not None and ckpt.round == 1  # written before the export: a restart resumes, and exports again
+    assert not (node.config.out / state.ADAPTER_NEW).exists()
+
+
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose every write(2) fails with ENOSPC")
 @pytest.mark.asyncio
 async def test_a_node_stopped_by_a_full_disk_reports_the_file_it_could_not_write(

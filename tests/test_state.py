@@ -13,7 +13,7 @@ import tracemalloc
 import pytest
 import torch
 
-from tadlora.fsutil import atomic_write_bytes, atomic_write_json
+from tadlora.fsutil import atomic_write_bytes, atomic_write_json, os_error_of
 from tadlora.node import state
 from tadlora.node.identity import load_identity, run_conflict, save_identity
 
@@ -372,6 +372,13 @@ def test_a_failed_atomic_write_names_the_file_it_was_writing(tmp_path, monkeypat
         atomic_write_bytes(target, b"data")
     assert failed.value.errno == errno.ENOSPC  # callers that tell a full disk by its errno still can
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_rust_writers_io_error_becomes_an_os_error_naming_the_file_and_nothing_else_does(tmp_path) -> None:
+    target = tmp_path / "adapter_model.safetensors"
+    full = os_error_of(ValueError('I/O error: No space left on device (os error 28) at path "/x/.tmpAbC"'), target)
+    assert isinstance(full, OSError) and full.errno == errno.ENOSPC and full.filename == str(target)
+    assert os_error_of(ValueError("Some tensors share memory, this will lead to duplicate memory"), target) is None
 
 
 def test_a_round_log_the_disk_refuses_is_an_error_naming_it(tmp_path, monkeypatch) -> None:

@@ -32,12 +32,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from tadlora import rng
 from tadlora.core.factors import Factor, Factors, factor_of
+from tadlora.fsutil import os_error_of
 
 log = logging.getLogger(__name__)
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file of an export's factors (peft's SAFETENSORS_WEIGHTS_NAME)
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
@@ -415,7 +419,12 @@ class AdapterModel:
         """Write the adapter in peft's format (adapter_model.safetensors + adapter_config.json)."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
-        self.model.save_pretrained(str(out), safe_serialization=True)
+        try:
+            self.model.save_pretrained(str(out), safe_serialization=True)
+        except SafetensorError as exc:  # a full disk, in the Rust writer: an OSError, for callers to catch as one
+            if (error := os_error_of(exc, out / ADAPTER_WEIGHTS)) is None:
+                raise
+            raise error from exc
         (out / "tadlora.json").write_text(
             json.dumps({"fingerprint": self.fingerprint, "spec": spec_to_dict(self.spec)}, indent=2) + "\n",
             encoding="utf-8",

@@ -6,6 +6,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -69,6 +70,21 @@ def _names_no_file(exc: BaseException) -> TypeGuard[OSError]:
     again as the same error (same errno, so the same subclass) naming the file, which is what a person has to go
     on ("[Errno 28] No space left on device" alone says neither which file nor which file system)."""
     return isinstance(exc, OSError) and exc.filename is None and exc.errno is not None
+
+
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # how Rust's std::io::Error ends its text
+
+
+def os_error_of(exc: Exception, path: str | Path) -> OSError | None:
+    """The OSError that a library in Rust (safetensors' file writer) hit, as a Python OSError naming ``path``, or
+    None if ``exc`` says of none: such a library raises its own exception type, which callers that catch a full
+    or read-only disk as an OSError miss, with the error number in its text ("I/O error: No space left on device
+    (os error 28) at path .../.tmpXXXXXX", a temp file that is gone by then)."""
+    found = _RUST_OS_ERROR.search(str(exc))
+    if found is None:
+        return None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), str(path))
 
 
 def atomic_write_json(path: str | Path, obj: Any) -> None:
