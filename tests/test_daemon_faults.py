@@ -13,6 +13,7 @@ import io
 import logging
 import os
 import re
+import shutil
 import socket
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -469,6 +470,45 @@ async def test_an_export_the_disk_refuses_ends_the_run_with_an_os_error_naming_t
     ckpt = state.load_checkpoint(node.config.out)
     assert ckpt is not None and ckpt.round == 1  # written before the export: a restart resumes, and exports again
     assert not (node.config.out / state.ADAPTER_NEW).exists()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("replaced", [False, True], ids=["removed", "replaced"])
+async def test_a_node_whose_out_is_removed_or_replaced_while_it_runs_writes_nothing_there_and_says_so(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, replaced: bool
+) -> None:
+    """`rm -r OUT` under a running node: its next checkpoint silently made OUT again, holding that checkpoint alone
+    (no node.json, no rounds.jsonl, no lock, so a second node could start there), and a restart resumed from it with
+    its log begun anew. Replaced by another directory, OUT may be another node's by then."""
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=None, checkpoint_every=1) as node:
+        out = node.config.out
+        run = asyncio.ensure_future(node.run())
+        try:
+            async with asyncio.timeout(60):
+                await node.async_wait_for_round(2)
+
+            def remove() -> None:
+                shutil.rmtree(out)
+                if replaced:  # as by another node started there meanwhile, or a restore from a backup
+                    out.mkdir()
+                    (out / state.LOCK).write_text("4242\n")
+
+            # In the node's worker, between two of its jobs: not while a checkpoint is being written there.
+            await node._in_worker(remove)
+            failures = node.metrics.registry.get_sample_value("tadlora_checkpoint_failures_total") or 0
+            async with asyncio.timeout(60):
+                await node.async_wait_for_round(node.round + 3)  # training goes on
+            assert node.metrics.registry.get_sample_value("tadlora_checkpoint_failures_total") > failures
+        finally:
+            node.request_stop()
+            with pytest.raises(OSError, match=re.escape(f"--out {out} was removed or replaced while this node ran")):
+                await run  # the stop's checkpoint is refused too: exit 1, saying why
+    if replaced:
+        assert [p.name for p in out.iterdir()] == [state.LOCK]
+    else:
+        assert not out.exists()
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any(f"--out {out} was removed or replaced" in message for message in errors)
 
 
 @pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full, whose every write(2) fails with ENOSPC")

@@ -1204,9 +1204,11 @@ class Node:
     async def _save(self, next_round: int, export: bool) -> None:
         """Checkpoint the factors at the start of ``next_round`` (and export the adapter) in a worker thread."""
         factors, last_mixed = self.rounds.factors, self.rounds.last_mixed
-        round_log = self._round_log
+        round_log, lock = self._round_log, self._out_lock
 
         def write() -> None:
+            if lock is not None:  # not into an --out removed or replaced meanwhile (OSError, as a full disk)
+                state.check_out_held(self.config.out, lock)
             # In the worker, so the optimizer state is not mid-round (local steps run there too), and so is the log
             # (`_run_round`): every round before next_round has its line there by now.
             rounds_bytes = round_log.size if round_log is not None else None

@@ -157,6 +157,25 @@ def hold_out(out: Path) -> int:
     return fd
 
 
+def check_out_held(out: Path, lock: int) -> None:
+    """OSError unless ``out/.node.lock`` is still the file that ``lock`` (`hold_out`'s descriptor) holds. Once it
+    is not (--out removed, moved away, or replaced by a copy while the node ran), the lock no longer keeps anyone
+    out: another node may have started on ``out``, and writing there would recreate (with only a checkpoint, and
+    no node.json or log for it) or clobber a directory that is no longer this node's."""
+    held = os.fstat(lock)
+    try:
+        there = os.stat(out / LOCK)
+    except FileNotFoundError:
+        there = None
+    if there is not None and (there.st_dev, there.st_ino) == (held.st_dev, held.st_ino):
+        return
+    raise OSError(  # one argument: str() is the message alone
+        f"--out {out} was removed or replaced while this node ran ({out / LOCK} is not the lock file it holds): "
+        "nothing more is written there, lest it recreate the directory in part or overwrite another node's; "
+        "restart the node to take --out anew (it resumes from what is there, if anything)"
+    )
+
+
 def out_holder(out: Path) -> str | None:
     """Who holds ``out``'s lock (`hold_out`): the pid its holder wrote ("?" if none), or None when no process holds
     it (or there is no lock file). Creates nothing, and holds the lock only for the moment of asking."""
