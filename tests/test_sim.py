@@ -7,9 +7,11 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import warnings
 from pathlib import Path
 
@@ -156,6 +158,32 @@ def test_batched_engine_pads_a_joint_batch_as_the_tokenizer_does_for_a_decoder_c
 
 def smoke_config(**changes) -> SimConfig:
     return override(preset("smoke"), {"rounds": 4, "methods": ["tad", "lora"], **changes})
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() != 0, reason="mounts a tmpfs: needs root")
+def test_a_run_started_on_a_full_disk_names_the_file_and_leaves_no_empty_gitignore(tmp_path) -> None:
+    """A run started on a full disk failed with a bare "[Errno 28] No space left on device" and left .locks/
+    .gitignore empty, so no later run wrote it and a committed grid's git status showed its lock files."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)], check=False).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        filler = disk / "filler"
+        with contextlib.suppress(OSError), filler.open("wb") as f:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        sim = Simulator(smoke_config(), disk / "run", quiet=True)
+        ignore = disk / "run" / ".locks" / ".gitignore"
+        with pytest.raises(OSError, match=re.escape(f"No space left on device: '{ignore}'")):
+            sim._lock_file("config")
+        assert not ignore.exists()
+        filler.unlink()
+        os.close(sim._lock_file("config"))
+        assert ignore.read_text() == "*\n"
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
 
 
 def test_a_cell_another_process_is_running_is_skipped_and_run_once_it_is_free(tmp_path, capsys) -> None:

@@ -491,8 +491,8 @@ class Simulator:
         locks = self.out / ".locks"
         locks.mkdir(parents=True, exist_ok=True)
         ignore = locks / ".gitignore"
-        if not ignore.exists():
-            ignore.write_text("*\n", encoding="utf-8")
+        if not ignore.exists():  # atomic: a full disk left it empty, and no later run wrote it again
+            atomic_write_bytes(ignore, b"*\n")
         return os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
 
     @contextlib.contextmanager
