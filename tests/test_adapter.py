@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import TINY_LORA, tiny_spec
+from tadlora import fsutil
 from tadlora.adapter import (
     TINY_CONFIG,
     AdapterModel,
@@ -105,6 +106,11 @@ def test_export_loads_with_peft_from_pretrained_and_computes_the_same_logits(tmp
     model.load_factors({k: torch.randn_like(v) * 0.1 for k, v in factors.items()})  # a non-trivial adapter
     out = model.export(tmp_path / "adapter")
     assert (out / "adapter_model.safetensors").exists() and (out / "adapter_config.json").exists()
+    # The factors' file as readable as the config beside it (0666 less the umask), not safetensors' private 0600.
+    named = ("adapter_model.safetensors", "adapter_config.json", "tadlora.json")
+    assert {name: (out / name).stat().st_mode & 0o777 for name in named} == dict.fromkeys(
+        named, 0o666 & ~fsutil._umask()
+    )
     base, _, _ = _load_base(tiny_spec())  # the same base and seeded head, no adapter
     loaded = PeftModel.from_pretrained(base, str(out))
     ids = model.tokenizer(["a fine film", "dull"], return_tensors="pt", padding=True)

@@ -37,7 +37,7 @@ from torch import nn
 
 from tadlora import rng
 from tadlora.core.factors import Factor, Factors, factor_of
-from tadlora.fsutil import os_error_of
+from tadlora.fsutil import give_plain_mode, os_error_of
 
 log = logging.getLogger(__name__)
 
@@ -425,6 +425,7 @@ class AdapterModel:
             if (error := os_error_of(exc, out / ADAPTER_WEIGHTS)) is None:
                 raise
             raise error from exc
+        give_plain_mode(out / ADAPTER_WEIGHTS)  # read by other users as its two JSON files beside it are
         (out / "tadlora.json").write_text(
             json.dumps({"fingerprint": self.fingerprint, "spec": spec_to_dict(self.spec)}, indent=2) + "\n",
             encoding="utf-8",

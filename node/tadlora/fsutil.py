@@ -29,6 +29,12 @@ def _umask() -> int:
     return mask
 
 
+def give_plain_mode(path: str | Path) -> None:
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have (0666 less the umask): for a file that a
+    library wrote through a private temp file of its own (safetensors' writer leaves 0600)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to a temp file in the same directory, fsync it, rename it over ``path``, fsync the dir. The
     file gets the mode a plain ``open(path, "w")`` would give it (0666 less the umask), not mkstemp's 0600: a
