@@ -14,6 +14,7 @@ import logging
 import math
 import socket
 import threading
+import tracemalloc
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -47,6 +48,8 @@ from tadlora.node.rpc import (
     Server,
     StatusInfo,
     Transport,
+    _payload_messages,
+    _Responder,
     check_sane,
     node_id_problem,
 )
@@ -514,6 +517,67 @@ async def test_payloads_far_over_the_grpc_message_limit_stream_through(transport
     assert result.bytes_sent > 4 * (1 << 20)
     assert_bit_exact(bob.exchanges[0][1], big)
     assert_bit_exact(result.factors, bob.factors)
+
+
+# A payload of 4 MiB (four float32 factors of 1 MiB): big beside everything else an exchange allocates in Python, small
+# enough to run fast. tracemalloc sees what the payload costs: bytes, bytearrays and the tensors safetensors decodes
+# (backed by bytes); not gRPC's C buffers, nor tensors torch allocates.
+MEMORY_WIDTH, MEMORY_RANK = 4096, 64
+
+
+class MeasuringNode(FakeNode):
+    """A `FakeNode` that notes the bytes Python holds (tracemalloc) as its handler is called: what the exchange
+    keeps while the handler waits, e.g. for the node's training."""
+
+    held: int = 0
+
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
+        gc.collect()
+        self.held = tracemalloc.get_traced_memory()[0]
+        return await super().async_exchange(header, factors)
+
+
+def measuring_pair() -> tuple[FakeNode, MeasuringNode]:
+    alice = FakeNode("alice", lora_factors(1, width=MEMORY_WIDTH, rank=MEMORY_RANK))
+    bob = MeasuringNode("bob", lora_factors(2, width=MEMORY_WIDTH, rank=MEMORY_RANK))
+    return alice, bob
+
+
+@pytest.mark.asyncio
+async def test_a_callee_lets_go_of_a_payload_s_bytes_once_decoded_not_after_its_handler_has_answered() -> None:
+    alice, bob = measuring_pair()
+    payload = encode_factors(alice.factors)
+    responder = _Responder(bob, max_payload_bytes=len(payload))
+
+    async def stream() -> AsyncIterator[pb.ExchangeMessage]:
+        for message in _payload_messages(header_of(alice), payload, digest(payload)):
+            yield message
+
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        replies = [m async for m in responder.exchange(stream())]
+    finally:
+        tracemalloc.stop()
+    assert replies[0].HasField("header") and bob.exchanges
+    # The caller's factors, decoded; their bytes as they came (joined) went with the decoding.
+    assert bob.held - before < 1.5 * len(payload)
+
+
+@pytest.mark.asyncio
+async def test_a_caller_lets_go_of_its_own_payload_once_sent_not_after_the_reply(transport: Transport) -> None:
+    alice, bob = measuring_pair()
+    size = len(encode_factors(alice.factors))
+    async with serving(transport, bob) as (_, client):
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            result = await client.exchange(header_of(alice), alice.factors, TIMEOUT, bob.spec)
+        finally:
+            tracemalloc.stop()
+    assert result.bytes_sent == size
+    # While the callee answers, the exchange holds the factors it decoded there, and the caller's encoding no more.
+    assert bob.held - before < 1.5 * size
 
 
 @pytest.mark.asyncio

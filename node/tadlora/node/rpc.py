@@ -811,7 +811,7 @@ class _Responder:
                 _check_peer(head, ours=local)
 
             # Everything that can refuse an exchange from its header does so before a chunk is read: each payload
-            # read costs this node its size about three times over (chunks, joined bytes, tensors) until decoded.
+            # read costs this node its size twice over (chunks, then joined bytes, then tensors) until decoded.
             iterator = aiter(requests)
             # The caller's stream, header and payload, must arrive within this node's bound, whatever deadline the
             # caller set (or did not): a caller that stops sending would otherwise hold a call slot, and the
@@ -833,9 +833,12 @@ class _Responder:
                         from_callee=False,
                         progress=progress.received,
                     )
-                factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
                 nonlocal received
                 received = len(payload)
+                factors, _ = await asyncio.to_thread(decode_factors, payload, expected)
+                # Decoded: its bytes go now, not once the handler has answered, which may mean waiting out this
+                # node's training (each caller's bytes would double what its factors cost here meanwhile).
+                del payload
                 reply = await self._handler.async_exchange(header, factors)
             except (asyncio.CancelledError, CallEnded):  # the caller's deadline (or its stop) ended the call: it
                 # will not call again for this round, so the round stops waiting for it now, not at its own deadline
@@ -1070,7 +1073,11 @@ class _Caller(abc.ABC):
             _check_declared_size(head.total_bytes, expected)
 
         remaining = max(timeout - (loop.time() - started), 0.0)
+        sent = len(payload)
         replies = self._call_exchange(_payload_messages(header, payload, sha256, progress.sent), remaining)
+        # The request stream holds our payload until it is sent, and lets go of it then: the reply's bytes and
+        # tensors need not sit beside it.
+        del payload
         try:
             async with contextlib.aclosing(replies):
                 peer, reply = await _receive_payload(
@@ -1080,6 +1087,7 @@ class _Caller(abc.ABC):
                     opened=opened,
                     progress=progress.received,
                 )
+            reply_bytes = len(reply)
             received, _ = await asyncio.to_thread(decode_factors, reply, expected)
         except ExchangeRefused:
             if answered:  # best effort: without it the callee waits for a commit until its round's deadline
@@ -1089,8 +1097,8 @@ class _Caller(abc.ABC):
         return ExchangeResult(
             peer=peer,
             factors=received,
-            bytes_sent=len(payload),
-            bytes_received=len(reply),
+            bytes_sent=sent,
+            bytes_received=reply_bytes,
             elapsed_s=loop.time() - started,
         )
 
