@@ -24,6 +24,7 @@ from tadlora.core.methods import make_method
 from tadlora.core.topology import client_name, link_up, make_topology
 from tadlora.data import resolve_dataset
 from tadlora.node import peers as peers_module
+from tadlora.node import wire
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.memory_transport import InMemoryNetwork
@@ -296,6 +297,21 @@ def _rounds(out: Path) -> list[dict]:
     from tadlora.node.state import read_rounds
 
     return read_rounds(out)
+
+
+@pytest.mark.asyncio
+async def test_a_round_encodes_its_snapshot_once_for_all_its_exchanges_both_ways(tmp_path, monkeypatch) -> None:
+    # Each exchange used to encode the snapshot itself: a node with d neighbours held d encodings of it at once
+    # (each as big as the adapter), half of them as their caller, half answering them.
+    encodes = []
+    encode = wire.encode_factors
+    monkeypatch.setattr(wire, "encode_factors", lambda *a, **k: encodes.append(1) or encode(*a, **k))
+    m, rounds = 3, 2
+    async with cluster(tmp_path, m, method="lora", rounds=rounds) as nodes:
+        await run_all(nodes)
+    for i in range(m):
+        assert [len(r["neighbours"]) for r in _rounds(tmp_path / f"n{i}")] == [m - 1] * rounds
+    assert len(encodes) == m * rounds  # not m * rounds * (m - 1)
 
 
 @pytest.mark.asyncio

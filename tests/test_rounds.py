@@ -35,7 +35,8 @@ async def test_a_caller_waits_for_the_snapshot_and_gets_it() -> None:
     await asyncio.sleep(0.01)
     assert not call.done()  # we are still training: the caller waits
     cur = await rs.open(fac(1.0), frozenset({"b"}))
-    assert torch.equal((await call)["m.lora_B.weight"], fac(1.0)["m.lora_B.weight"])
+    answered = await call  # the round, whose snapshot answers the caller
+    assert answered is cur and torch.equal(answered.snapshot["m.lora_B.weight"], fac(1.0)["m.lora_B.weight"])
     assert cur.received == {} and set(cur.pending) == {"b"}  # answered: held aside until b commits
     await rs.commit("b", 0, accept=True)
     assert set(cur.received) == {"b"} and cur.received["b"][0] == 1 and cur.pending == {}
@@ -56,7 +57,7 @@ async def test_a_caller_a_few_rounds_ahead_waits_until_we_get_there() -> None:
         await rs.advance(fac(0.0))
     assert not call.done()
     cur = await rs.open(fac(3.0), frozenset({"b"}))
-    assert (await call)["m.lora_B.weight"][0, 0] == 3.0 and "b" in cur.pending
+    assert (await call).snapshot["m.lora_B.weight"][0, 0] == 3.0 and "b" in cur.pending
     assert not rs.gap_seen
 
 

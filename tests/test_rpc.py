@@ -25,7 +25,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from tadlora.node import grpc_transport
+from tadlora.node import grpc_transport, wire
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.rpc import (
@@ -53,7 +53,15 @@ from tadlora.node.rpc import (
     check_sane,
     node_id_problem,
 )
-from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason, digest, encode_factors
+from tadlora.node.wire import (
+    ExchangeRefused,
+    FactorSpec,
+    Payload,
+    PayloadError,
+    Reason,
+    digest,
+    encode_factors,
+)
 from tadlora.v1 import node_pb2 as pb
 
 LISTEN = "127.0.0.1:0"
@@ -517,6 +525,21 @@ async def test_payloads_far_over_the_grpc_message_limit_stream_through(transport
     assert result.bytes_sent > 4 * (1 << 20)
     assert_bit_exact(bob.exchanges[0][1], big)
     assert_bit_exact(result.factors, bob.factors)
+
+
+@pytest.mark.asyncio
+async def test_an_encoded_payload_is_sent_as_it_is_by_either_end_never_encoded_again(
+    transport: Transport, alice: FakeNode, bob: FakeNode, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ours, theirs = Payload.encode(alice.factors), Payload.encode(bob.factors)
+    answer = bob.factors
+    bob.factors = theirs  # type: ignore[assignment]  # a handler may answer with a Payload
+    monkeypatch.setattr(wire, "encode_factors", lambda *_: pytest.fail("encoded again"))
+    async with serving(transport, bob) as (_, client):
+        result = await client.exchange(header_of(alice), ours, TIMEOUT, FactorSpec.from_factors(answer))
+    assert_bit_exact(bob.exchanges[0][1], alice.factors)
+    assert_bit_exact(result.factors, answer)
+    assert (result.bytes_sent, result.bytes_received) == (len(ours.data), len(theirs.data))
 
 
 # A payload of 4 MiB (four float32 factors of 1 MiB): big beside everything else an exchange allocates in Python, small

@@ -64,7 +64,7 @@ from tadlora.node.rpc import (
     Transport,
 )
 from tadlora.node.tls import TlsMaterial
-from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
+from tadlora.node.wire import ExchangeRefused, FactorSpec, Payload, PayloadError, Reason
 from tadlora.training import Encoded, Interrupted, OptimizerState, encode, evaluate, local_steps, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
@@ -724,15 +724,24 @@ class Node:
         self._heard.add((header.node_id, r))
         return self._spec_for(r)
 
-    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Payload:
         """Answer a neighbour's round-r exchange with our round-r snapshot (waiting for it if we are training)."""
         r = header.round
         self._check_round_sane(r, header.node_id)
         # Checked before the round state is locked: the check takes a worker thread's time, and the lock holds
         # the round loop and every other exchange. `answer` then re-checks the round and the pair under the lock.
         await self._async_check_neighbour(header.node_id, r, header.degree, factors)
-        snapshot = await self.rounds.answer(header.node_id, r, header.degree, factors)
-        return select(snapshot, sent_factors(self.method, r))
+        return await self._sent_payload(await self.rounds.answer(header.node_id, r, header.degree, factors))
+
+    async def _sent_payload(self, cur: Round) -> Payload:
+        """Round ``cur``'s snapshot as sent, encoded once for all of the round's exchanges, both ways: encoded by
+        each, a node with d neighbours held d encodings of the same factors at once."""
+        async with cur.encoding:
+            if cur.payload is None:
+                assert cur.snapshot is not None  # noqa: S101
+                sent = select(cur.snapshot, sent_factors(self.method, cur.t))
+                cur.payload = await asyncio.to_thread(Payload.encode, sent)
+            return cur.payload
 
     # ------------------------------------------------------------------------------------------- rounds
 
@@ -969,6 +978,7 @@ class Node:
         # final. No evaluation and no periodic checkpoint then: the stop's own checkpoint, at t + 1, follows.
         stopping = self._stop.is_set()
         received = await self.rounds.close(cur)
+        cur.payload = None  # its exchanges are over (a reply still on its way holds the bytes it sends)
         for j in received:
             self._last_exchanged[j] = t + 1
             if self._peers is not None:
@@ -1109,9 +1119,8 @@ class Node:
         try:
             try:
                 result = await peer.conn.exchange(
-                    header, select(cur.snapshot, sent_factors(self.method, t)), deadline - loop.time(),
-                    self._spec_for(t), progress,
-                )  # fmt: skip
+                    header, await self._sent_payload(cur), deadline - loop.time(), self._spec_for(t), progress
+                )
             except PeerTimeout:
                 # The round's deadline, reached by the transport's clock before the round's own: a peer that is
                 # slow to answer (a slow link, a long training step), not one that is gone. Dropping it would cost

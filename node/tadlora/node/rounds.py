@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tadlora.core.factors import Factors
-from tadlora.node.wire import ExchangeRefused, Reason
+from tadlora.node.wire import ExchangeRefused, Payload, Reason
 
 # A caller up to this many rounds ahead is kept waiting (within its deadline) while we run the rounds between; one
 # further ahead is refused and we catch up by Fetch. Refusing at once left a node that had just caught up with a
@@ -40,6 +40,10 @@ class Round:
     refused: set[str] = field(default_factory=set)  # callers whose round-t exchange we refused: no call either
     closed: bool = False
     stats: list[tuple[str, int, int, float]] = field(default_factory=list)  # (peer, sent, received, seconds)
+    # The snapshot's factors as sent, encoded once for all of the round's exchanges (the daemon fills it in when
+    # the first needs it, under ``encoding``); None until then, and again once the round is closed.
+    payload: Payload | None = None
+    encoding: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
 
 
 class RoundState:
@@ -167,9 +171,10 @@ class RoundState:
             if r == cur.t and cur.snapshot is not None:
                 self._check_pair(cur, caller, r)
 
-    async def answer(self, caller: str, r: int, degree: int, factors: Factors) -> Factors:
+    async def answer(self, caller: str, r: int, degree: int, factors: Factors) -> Round:
         """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then hold what it sent aside until
-        the caller's `commit`, and return the snapshot (the caller's deadline cancels the wait). ``degree`` and
+        the caller's `commit`, and return the round, whose snapshot answers it (the caller's deadline cancels the
+        wait). ``degree`` and
         ``factors`` must already be checked fit to mix: the check is too slow to hold the lock for (the daemon runs
         it in a thread before calling).
 
@@ -181,12 +186,11 @@ class RoundState:
             while True:
                 cur = self._place(caller, r)
                 if r == cur.t and cur.snapshot is not None:
-                    snapshot = cur.snapshot
                     break
                 await self._changed.wait()
             self._check_pair(cur, caller, r)
             cur.pending[caller] = (degree, factors)
-            return snapshot
+            return cur
 
     def _place(self, caller: str, r: int) -> Round:
         """With the lock held: the current round, after refusing a round-``r`` exchange that can never be answered

@@ -33,14 +33,13 @@ from tadlora.node.progress import ExchangeProgress, Transfer, describe
 from tadlora.node.wire import (
     ExchangeRefused,
     FactorSpec,
+    Payload,
     PayloadError,
     Reason,
     Reassembler,
     chunk,
     chunk_count,
     decode_factors,
-    digest,
-    encode_factors,
 )
 from tadlora.v1 import node_pb2 as pb
 
@@ -98,7 +97,8 @@ MAX_DETAIL_CHARS: Final = 1024  # chars of a peer's refusal detail kept (ours ar
 _CALLS: Final = {"exchange": "an exchange", "fetch": "a fetch"}  # the streamed calls, as a log line names them
 # Exchanges one caller may have in flight at a callee. A node calls each neighbour once per round, so one is the
 # norm; the second covers a call for the next round arriving before the cancellation of the last one. Each costs
-# the callee its payload (up to the spec's size, about three times over) while it waits for the callee's round.
+# the callee its payload (up to the spec's size: twice over while it arrives and is decoded, its decoded factors
+# once) while it waits for the callee's round.
 MAX_EXCHANGES_PER_CALLER: Final = 2
 # Fetches (catch-ups) one caller may have in flight at a callee: a node fetches from one peer at a time, and each
 # fetch costs the callee an encoded copy of its factors until the caller has read it.
@@ -270,8 +270,9 @@ class NodeHandler(Protocol):
         """Accept `remote` as a peer or raise `ExchangeRefused`."""
         ...
 
-    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors:
-        """Take the caller's round-`header.round` factors, return ours for that round, or raise `ExchangeRefused`.
+    async def async_exchange(self, header: ExchangeHeader, factors: Factors) -> Factors | Payload:
+        """Take the caller's round-`header.round` factors, return ours for that round (or their `Payload`, encoded
+        once for every caller of the round), or raise `ExchangeRefused`.
 
         May wait (e.g. until the local node reaches that round); it is cancelled if the caller gives up.
         """
@@ -553,13 +554,14 @@ def _refusal_message(exc: ExchangeRefused) -> pb.ExchangeMessage:
 # ---------------------------------------------------------------------------- the protocol, both sides
 
 
-def _encode_capped(factors: Factors, max_payload_bytes: int) -> tuple[bytes, str]:
-    payload = encode_factors(factors)
-    if len(payload) > max_payload_bytes:
+def _encode_capped(factors: Factors | Payload, max_payload_bytes: int) -> tuple[bytes, str]:
+    """``factors`` encoded (or as already encoded), within the cap; in a worker thread, as encoding takes time."""
+    payload = factors if isinstance(factors, Payload) else Payload.encode(factors)
+    if len(payload.data) > max_payload_bytes:
         raise PayloadError(
-            Reason.TOO_LARGE, f"own payload of {len(payload)} bytes is over the cap of {max_payload_bytes} bytes"
+            Reason.TOO_LARGE, f"own payload of {len(payload.data)} bytes is over the cap of {max_payload_bytes} bytes"
         )
-    return payload, digest(payload)
+    return payload.data, payload.sha256
 
 
 def _payload_messages(
@@ -799,7 +801,7 @@ class _Responder:
         # How far the caller's payload and our reply got: what a log line says of an exchange cut short.
         progress = ExchangeProgress()
 
-        async def answer() -> tuple[ExchangeHeader, Factors]:
+        async def answer() -> tuple[ExchangeHeader, Factors | Payload]:
             local = self._handler.local_info()
 
             def named(head: pb.ExchangeHeader) -> None:  # before its checks: a refusal of them names whom it refused
@@ -973,7 +975,7 @@ class _Responder:
     async def _reply(
         self,
         what: str,
-        answer: Callable[[], Awaitable[tuple[ExchangeHeader, Factors]]],
+        answer: Callable[[], Awaitable[tuple[ExchangeHeader, Factors | Payload]]],
         caller: Callable[[], str],
     ) -> AsyncGenerator[pb.ExchangeMessage, None]:
         """Stream ``answer()``'s factors back (header + chunks), or one in-band refusal; ``caller()``: the caller's
@@ -1044,12 +1046,13 @@ class _Caller(abc.ABC):
     async def exchange(
         self,
         header: ExchangeHeader,
-        factors: Factors,
+        factors: Factors | Payload,
         timeout: float,
         expected: FactorSpec | None = None,
         progress: ExchangeProgress | None = None,
     ) -> ExchangeResult:
-        """Push `factors` for `header.round`; pull the peer's factors for that round, checked against `expected`.
+        """Push `factors` (or their `Payload`) for `header.round`; pull the peer's factors for that round, checked
+        against `expected`.
 
         The exchange is not over until `commit`: the callee holds the pair aside until then. A reply refused here
         (`ExchangeRefused`) is un-committed on the way out, so that the callee leaves the pair out at once.
@@ -1170,7 +1173,7 @@ class PeerConnection(Protocol):
     async def exchange(
         self,
         header: ExchangeHeader,
-        factors: Factors,
+        factors: Factors | Payload,
         timeout: float,
         expected: FactorSpec | None = None,
         progress: ExchangeProgress | None = None,

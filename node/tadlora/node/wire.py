@@ -29,6 +29,7 @@ __all__ = [
     "MAX_PAYLOAD_BYTES",
     "ExchangeRefused",
     "FactorSpec",
+    "Payload",
     "PayloadError",
     "Reason",
     "Reassembler",
@@ -220,6 +221,21 @@ def encode_factors(factors: Mapping[str, torch.Tensor], metadata: Mapping[str, s
         storages.add(flat.untyped_storage().data_ptr())
         prepared[key] = flat
     return safetensors_save(prepared, metadata=dict(metadata) if metadata is not None else None)
+
+
+@dataclass(frozen=True, eq=False, repr=False)
+class Payload:
+    """Factors encoded once (`encode_factors`) with their sha256 (`digest`). An exchange sends one as it is, so any
+    number of exchanges can share one encoding: a node answering d neighbours with one snapshot holds it once,
+    not d times (bytes are immutable, so sharing them is safe)."""
+
+    data: bytes
+    sha256: str
+
+    @classmethod
+    def encode(cls, factors: Mapping[str, torch.Tensor]) -> Payload:
+        data = encode_factors(factors)
+        return cls(data, digest(data))
 
 
 def decode_factors(
