@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import hashlib
 import importlib.util
 import itertools
 import socket
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -23,8 +25,8 @@ from tadlora.core import methods
 from tadlora.core.methods import make_method
 from tadlora.core.topology import client_name, link_up, make_topology
 from tadlora.data import resolve_dataset
+from tadlora.node import daemon, wire
 from tadlora.node import peers as peers_module
-from tadlora.node import wire
 from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.memory_transport import InMemoryNetwork
@@ -312,6 +314,35 @@ async def test_a_round_encodes_its_snapshot_once_for_all_its_exchanges_both_ways
     for i in range(m):
         assert [len(r["neighbours"]) for r in _rounds(tmp_path / f"n{i}")] == [m - 1] * rounds
     assert len(encodes) == m * rounds  # not m * rounds * (m - 1)
+
+
+@pytest.mark.asyncio
+async def test_a_round_lets_go_of_its_neighbours_factors_once_mixed_not_after_evaluating(tmp_path, monkeypatch) -> None:
+    # They were held through the round's evaluation and checkpoint: d adapters as large as the node's own, for
+    # nothing. Each evaluation checks that the factors its node mixed in last are gone by then.
+    mixed_in: dict[int, list[weakref.ref[torch.Tensor]]] = {}  # id of the snapshot mixed -> what was mixed into it
+    mix = daemon.apply_method_mixing
+
+    def mixing(method, t, snapshot, received, *rest):  # type: ignore[no-untyped-def]
+        mixed_in[id(snapshot)] = [weakref.ref(x) for factors in received.values() for x in factors.values()]
+        return mix(method, t, snapshot, received, *rest)
+
+    evaluate = Node._evaluate
+    alive: list[int] = []
+
+    def evaluating(self: Node) -> tuple[float, float]:
+        gc.collect()
+        refs = mixed_in[id(self.last_snapshot)]
+        assert refs  # it did mix something
+        alive.append(sum(ref() is not None for ref in refs))
+        return evaluate(self)
+
+    monkeypatch.setattr(daemon, "apply_method_mixing", mixing)
+    monkeypatch.setattr(Node, "_evaluate", evaluating)
+    m, rounds = 3, 2
+    async with cluster(tmp_path, m, method="lora", rounds=rounds, eval_every=1) as nodes:
+        await run_all(nodes)
+    assert alive == [0] * m * rounds
 
 
 @pytest.mark.asyncio

@@ -112,6 +112,7 @@ async def test_an_answered_pair_counts_only_once_committed_in_its_open_round() -
     assert await refused(rs.commit("x", 0, accept=True)) is Reason.ROUND_MISMATCH  # nothing of x's to commit
     assert await refused(rs.commit("b", 0, accept=True)) is Reason.ROUND_MISMATCH  # committed already
     assert set(await rs.close(cur)) == {"b"}  # d never committed: left out, as d leaves it out
+    assert cur.pending == {}  # and its factors, which nothing can commit now, are let go of
     waiting.cancel()
     assert await refused(rs.commit("d", 0, accept=True)) is Reason.ROUND_MISMATCH  # too late: d leaves it out too
     assert set(cur.received) == {"b"}

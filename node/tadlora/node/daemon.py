@@ -1014,6 +1014,11 @@ class Node:
         self._rounds_done = t + 1
         self._last_loss = loss
         record = self._record(t, cur, weights.self_weight, loss, started)
+        # The neighbours' factors are mixed in and recorded: let them go now, not after the evaluation and the
+        # checkpoint below (d adapters, each as large as this node's own, held for nothing meanwhile).
+        mixed_with = len(received)
+        del received
+        cur.received.clear()
         if stopping:
             record["stopped"] = True
         try:
@@ -1035,7 +1040,7 @@ class Node:
         self.metrics.loss.set(loss)
         log.info(
             "%s round %d phase %s: loss %.4f, %d/%d neighbours, %.1f s%s", _progress(t + 1, cfg.rounds), t,
-            self.method.phase(t), loss, len(received), cur.degree, record["seconds"],
+            self.method.phase(t), loss, mixed_with, cur.degree, record["seconds"],
             f", accuracy {record['eval_accuracy']:.4f}" if "eval_accuracy" in record else "",
             extra={"round": t},
         )  # fmt: skip

@@ -106,6 +106,7 @@ class RoundState:
         pair out (an answered exchange still uncommitted is left out too). Returns what arrived and counts."""
         async with self._changed:
             cur.closed = True
+            cur.pending.clear()  # left out: a commit for a closed round is refused, so these factors are spent
             if cur.received:
                 self.last_mixed = cur.t + 1
             return dict(cur.received)
