@@ -18,6 +18,7 @@ import torch
 from grpc_health.v1 import health, health_pb2_grpc
 
 from nodeproc import console_script, heavy_imports, node_env
+from tadlora.node import cli
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
 from tadlora.node.metrics import NodeMetrics
@@ -603,6 +604,30 @@ def test_an_out_where_a_file_is_in_the_way_exits_2_naming_the_flag(tmp_path, mon
     assert f"(--out is TADLORA_OUT='{tmp_path / out}')" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize(
+    ("limits", "wanted", "after"),
+    [((64, 4096), 65536, (4096, 4096)), ((64, 4096), 1000, (1000, 4096)), ((2000, 4096), 1000, (2000, 4096))],
+    ids=["to-the-hard-limit", "to-what-it-wants", "already-higher"],
+)
+def test_a_node_raises_its_open_file_limit_within_the_hard_one(limits, wanted, after) -> None:
+    """A node at systemd's default soft limit (1024) failed its checkpoints with EMFILE while callers held its port;
+    it raises the soft limit as far as the hard one lets it (run in a child: the limit is the process's)."""
+    import resource
+
+    def limited() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    code = (
+        "import resource; from tadlora.node.cli import raise_open_file_limit as r; "
+        f"print(r({wanted}), resource.getrlimit(resource.RLIMIT_NOFILE))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], preexec_fn=limited, capture_output=True, text=True, timeout=120, check=True
+    )
+    raised = None if after == limits else (limits[0], after[0])
+    assert proc.stdout.split("\n")[0] == f"{raised} {after}"
+
+
 def test_an_out_that_cannot_be_created_names_the_flag(tmp_path, capsys) -> None:
     """A directory nobody can create in (procfs here; a read-only file system, a path outside the systemd unit's
     writable ones) failed as "[Errno 2] No such file or directory: '/proc/...'", naming no flag. Still exit 1: a
@@ -611,6 +636,14 @@ def test_an_out_that_cannot_be_created_names_the_flag(tmp_path, capsys) -> None:
     argv = ["--insecure", "--model", str(tmp_path / "no-model"), "--peers", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
     assert main([*argv, "--out", out]) == 1
     assert f"tadlora-node: error: --out {out}: cannot create it: " in capsys.readouterr().err
+
+
+def test_a_node_run_raises_its_open_file_limit_before_it_starts(tmp_path, monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(cli, "raise_open_file_limit", lambda: calls.append(1))
+    argv = ["--insecure", "--model", str(tmp_path / "no-model"), "--peers", "127.0.0.1:1", "--listen", "127.0.0.1:0"]
+    assert main([*argv, "--out", "/proc/tadlora-no-such-dir/run"]) == 1
+    assert calls == [1]
 
 
 @pytest.mark.parametrize("kept", ["other-run", "damaged-checkpoint", "held"])

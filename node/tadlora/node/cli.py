@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import sys
 import time
@@ -282,6 +283,27 @@ def setup_logging(fmt: str, level: str) -> JsonFormatter | None:
     return json_fmt
 
 
+# Open files a node asks for: each peer's connection (both ways), each caller's, the checkpoint and log writes, the
+# model's files. systemd's default soft limit (1024; its hard one is 524288) leaves a node whose port many callers
+# hold (a misconfigured fleet, a scan) failing its checkpoints with EMFILE; the hard limit is the administrator's.
+WANTED_OPEN_FILES = 65536
+
+
+def raise_open_file_limit(wanted: int = WANTED_OPEN_FILES) -> tuple[int, int] | None:
+    """Raise this process's soft limit on open files towards ``wanted``, within its hard limit (which only the
+    administrator can raise). Returns (before, after) when it raised it; None when it was high enough already or
+    cannot be changed here."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if soft != resource.RLIM_INFINITY and soft < target:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            return soft, target
+    except (OSError, ValueError):  # a sandbox that refuses it: the limit stays as the administrator set it
+        pass
+    return None
+
+
 async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) -> int:
     """Run one node until done or signalled; 0 on a clean finish or graceful stop."""
     from tadlora.node.daemon import Node  # torch import: only once the flags are known to be good
@@ -353,6 +375,8 @@ def run_main(args: list[str]) -> int:
     except ValueError as exc:
         sys.stderr.write(f"tadlora-node: error: {exc}{from_environment(parser, a, str(exc))}\n")
         return 2
+    if raised := raise_open_file_limit():
+        log.info("open-file limit raised from %d to %d (the hard limit allows it)", *raised)
     started = time.monotonic()
     try:
         code = asyncio.run(run_node(config, json_fmt))
