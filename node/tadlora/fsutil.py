@@ -29,10 +29,15 @@ def _umask() -> int:
     return mask
 
 
+def _plain_mode() -> int:
+    """The mode a plain ``open(path, "w")`` gives a new file: 0666 less the umask."""
+    return 0o666 & ~_umask()
+
+
 def give_plain_mode(path: str | Path) -> None:
-    """Give ``path`` the mode a plain ``open(path, "w")`` would have (0666 less the umask): for a file that a
-    library wrote through a private temp file of its own (safetensors' writer leaves 0600)."""
-    os.chmod(path, 0o666 & ~_umask())
+    """Give ``path`` the mode a plain ``open(path, "w")`` would have (`_plain_mode`): for a file that a library
+    wrote through a private temp file of its own (safetensors' writer leaves 0600)."""
+    os.chmod(path, _plain_mode())
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -45,7 +50,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with naming(target):
         try:
             with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), 0o666 & ~_umask())
+                os.fchmod(f.fileno(), _plain_mode())
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())

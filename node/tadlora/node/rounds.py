@@ -175,9 +175,8 @@ class RoundState:
     async def answer(self, caller: str, r: int, degree: int, factors: Factors) -> Round:
         """A neighbour's round-``r`` exchange: wait for our round-r snapshot, then hold what it sent aside until
         the caller's `commit`, and return the round, whose snapshot answers it (the caller's deadline cancels the
-        wait). ``degree`` and
-        ``factors`` must already be checked fit to mix: the check is too slow to hold the lock for (the daemon runs
-        it in a thread before calling).
+        wait). ``degree`` and ``factors`` must already be checked fit to mix: the check is too slow to hold the lock
+        for (the daemon runs it in a thread before calling).
 
         Refused with ROUND_MISMATCH when round r is over here or ``caller`` is more than `WAIT_GAP_ROUNDS` ahead,
         NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops. A caller in another
