@@ -155,6 +155,11 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--exchange-timeout", "1e12"], "--exchange-timeout"),
         (["--listen", "::1:7070"], "IPv6 addresses need brackets"),
         (["--min-peers", "-1"], "--min-peers must be >= 0"),
+        # each names the one flag that is wrong, and its value, as the others do
+        (["--rounds", "0"], "--rounds must be >= 1, got 0"),
+        (["--max-neighbors", "1"], "--max-neighbors must be >= 2 (a ring keeps the graph connected), got 1"),
+        (["--eval-every", "0"], "--eval-every must be >= 1, got 0"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 1, got -1"),
         (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cuda:x"], "--device must be"),
     ],

@@ -90,9 +90,11 @@ class NodeConfig:
         if not 0.0 < self.link_prob <= 1.0:
             raise ValueError(f"--link-prob must be in (0, 1], got {self.link_prob}")
         if self.max_neighbors is not None and self.max_neighbors < 2:
-            raise ValueError("--max-neighbors must be >= 2 (a ring keeps the graph connected)")
+            raise ValueError(
+                f"--max-neighbors must be >= 2 (a ring keeps the graph connected), got {self.max_neighbors}"
+            )
         if self.rounds is not None and self.rounds < 1:
-            raise ValueError("--rounds must be >= 1")
+            raise ValueError(f"--rounds must be >= 1, got {self.rounds}")
         # Written so that NaN fails too: a NaN deadline times every exchange out at once, and a NaN --peer-wait
         # spins the wait for --min-peers forever. (An infinite --peer-wait is fine: wait for the peers, however long.)
         if not 0 < self.exchange_timeout <= MAX_EXCHANGE_TIMEOUT_S or not self.peer_wait >= 0:
@@ -113,8 +115,9 @@ class NodeConfig:
         for flag, count in (("--eval-samples", self.eval_samples), ("--samples-per-client", self.samples_per_client)):
             if count is not None and count < 1:
                 raise ValueError(f"{flag} must be >= 1, got {count}")
-        if self.checkpoint_every < 1 or self.eval_every < 1:
-            raise ValueError("--checkpoint-every and --eval-every must be >= 1")
+        for flag, every in (("--checkpoint-every", self.checkpoint_every), ("--eval-every", self.eval_every)):
+            if every < 1:
+                raise ValueError(f"{flag} must be >= 1, got {every}")
         try:
             parse_shard_scheme(self.split)  # here, not after minutes of model and data loading
         except ValueError as exc:
