@@ -5,14 +5,15 @@ is symmetric and doubly stochastic for any undirected graph (isolated nodes get 
 round preserves the network average and repeated rounds on a connected graph converge to it.
 
 `local_weights` computes one node's row from what that node can know (its degree and its neighbours'
-degrees, exchanged in the daemon's handshake); `mh_matrix` computes the whole matrix for the simulator. Both
-use `edge_weight`, so they agree exactly.
+degrees, which the daemon's exchanges carry); both drivers mix with it, the simulator one client's row at a time
+(`tadlora.sim.runner.mix_round`). `mh_matrix` builds the whole matrix from those rows, for tests that check its
+invariants.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,8 +227,3 @@ def apply_method_mixing(
 def sent_factors(method: Method, t: int) -> frozenset[Factor]:
     """Factors a node must send its neighbours in round ``t`` (DeCAF sends both and multiplies locally)."""
     return frozenset({Factor.A, Factor.B}) if method.product_mixing else method.mixed(t)
-
-
-def degrees(adjacency: np.ndarray) -> Sequence[int]:
-    """Node degrees of an adjacency matrix, as ints."""
-    return [int(d) for d in np.asarray(adjacency, dtype=bool).sum(axis=1)]
