@@ -179,8 +179,9 @@ class RoundState:
         for (the daemon runs it in a thread before calling).
 
         Refused with ROUND_MISMATCH when round r is over here or ``caller`` is more than `WAIT_GAP_ROUNDS` ahead,
-        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops. A caller in another
-        round than ours, two or more away, sets `gap_seen`.
+        NOT_A_NEIGHBOR when its link is down in round r, SHUTTING_DOWN when the node stops. A caller two or more
+        rounds behind us, or more than `WAIT_GAP_ROUNDS` ahead, sets `gap_seen`; one ahead by less is waited
+        for, not caught up with.
         """
         async with self._changed:
             while True:
