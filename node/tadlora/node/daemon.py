@@ -674,7 +674,7 @@ class Node:
         await self.rounds.refused(caller, r)
 
     def observe_served(self, caller: str, r: int, received: int, sent: int) -> None:
-        """The payload sizes of ``caller``'s round-``r`` exchange, whose reply went out (see `_Responder`): counted
+        """The payload sizes of ``caller``'s round-``r`` exchange, whose reply went out (see `NodeHandler`): counted
         once the caller commits it, as a caller counts its own exchanges only when they count."""
         self._served[caller] = (r, received, sent)
 

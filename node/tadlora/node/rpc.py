@@ -152,7 +152,7 @@ class PeerInfo:
     round: int = 0
     degree: int = 0
     method: str = ""
-    insecure: bool = True  # the only transport so far; a TLS node will say False
+    insecure: bool = True  # it serves plaintext (--insecure); a node with --tls-dir says False
     protocol_version: int = PROTOCOL_VERSION
     last_mixed_round: int = 0  # 1 + the last round this node mixed with a neighbour; 0: never
     schedule: str = ""  # `NodeConfig.schedule`; "" from a node too old to send it, and then not compared
@@ -241,21 +241,27 @@ class StatusInfo:
 class NodeHandler(Protocol):
     """What the node logic gives the transport; the server calls it for every incoming request.
 
-    Optionally it also has ``payload_timeout_s: float``, the most seconds a caller may take to send an exchange's
-    header and payload (DEADLINE after; default `DEFAULT_PAYLOAD_TIMEOUT_S`); ``observe_refusal(what: str, exc:
-    ExchangeRefused) -> None``, which the server calls
-    for every refusal it sends (including those made before the handler sees a request), e.g. to count them; and
-    ``async async_admit_exchange(header: ExchangeHeader) -> FactorSpec | None``, awaited with an exchange's header
-    before any of its payload is read: it raises `ExchangeRefused` for an exchange the handler would refuse anyway
-    (its round, its caller), or returns the spec the payload must meet (None: `expected_spec()`), whose size
-    bounds the payload the caller may declare; and ``async async_exchange_refused(caller: str, r: int) -> None``,
-    awaited when this side refuses, or fails inside, an exchange whose header it accepted (``caller`` is then the
-    authenticated sender of a round-``r`` header): the caller leaves that pair out of round r on the refusal and
-    does not call again for it, so the handler need not wait for it; and ``async async_commit(caller: str, r: int,
-    accept: bool) -> None``, awaited with an authenticated caller's Commit of its round-``r`` exchange: with
-    ``accept`` the pair it answered in `async_exchange` counts, else it is left out; it raises `ExchangeRefused`
-    when it cannot commit (the round is over), and the caller then leaves the pair out too. A handler without it
-    has nothing to commit and accepts every Commit.
+    Optionally it also has (`_Responder` looks each up by name, and does without it):
+
+    * ``payload_timeout_s: float``: the most seconds a caller may take to send an exchange's header and payload
+      (DEADLINE after; default `DEFAULT_PAYLOAD_TIMEOUT_S`).
+    * ``observe_refusal(what: str, exc: ExchangeRefused) -> None``: called for every refusal the server sends
+      (including those made before the handler sees a request), e.g. to count them.
+    * ``async async_admit_exchange(header: ExchangeHeader) -> FactorSpec | None``: awaited with an exchange's
+      header before any of its payload is read; it raises `ExchangeRefused` for an exchange the handler would
+      refuse anyway (its round, its caller), or returns the spec the payload must meet (None: `expected_spec()`),
+      whose size bounds the payload the caller may declare.
+    * ``async async_exchange_refused(caller: str, r: int) -> None``: awaited when this side refuses, or fails
+      inside, an exchange whose header it accepted (``caller`` is then the authenticated sender of a round-``r``
+      header): the caller leaves that pair out of round r on the refusal and does not call again for it, so the
+      handler need not wait for it.
+    * ``async async_commit(caller: str, r: int, accept: bool) -> None``: awaited with an authenticated caller's
+      Commit of its round-``r`` exchange: with ``accept`` the pair it answered in `async_exchange` counts, else it
+      is left out; it raises `ExchangeRefused` when it cannot commit (the round is over), and the caller then
+      leaves the pair out too. A handler without it has nothing to commit and accepts every Commit.
+    * ``observe_served(caller: str, r: int, received: int, sent: int) -> None``: called with the payload sizes
+      (bytes) of each exchange whose whole reply was handed to the transport, e.g. to count them once the caller
+      commits.
     """
 
     def local_info(self) -> PeerInfo: ...
