@@ -173,6 +173,25 @@ async def test_a_peer_that_restarted_incompatible_under_its_id_is_dropped_not_wa
 # ------------------------------------------------------------------------------------------- catch-up
 
 
+@pytest.mark.parametrize(
+    ("peer_round", "peer_last_mixed", "restored", "leads"),
+    [
+        (12, 12, False, True),  # a group that kept mixing, far ahead of a late joiner (t 2, last mixed 3)
+        (3, 3, False, False),  # one round ahead: an exchange waits for it instead
+        (12, 4, False, False),  # far ahead but alone since about our last mixing: its solo rounds are not adopted
+        (0, 12, False, True),  # far behind in rounds (a healed partition) but mixed later: the group's state
+        (12, 4, True, True),  # restored from a checkpoint: one far ahead that mixed no earlier than us leads
+        (12, 2, True, False),  # ... but not one that mixed before our checkpoint's last mixing
+        (0, 3, True, False),  # ... nor one behind
+    ],
+)
+def test_a_catch_up_follows_a_peer_far_away_that_mixed_later_or_one_far_ahead_of_a_restored_node(
+    peer_round: int, peer_last_mixed: int, restored: bool, leads: bool
+) -> None:
+    """`daemon.is_catch_up_leader` on literal numbers, for a node in round 2 that last mixed in round 2 (3)."""
+    assert daemon.is_catch_up_leader(peer_round, peer_last_mixed, 2, 3, restored=restored) is leads
+
+
 @pytest.mark.asyncio
 @pytest.mark.parametrize(
     ("last_mixed_round", "fetch_round", "adopted"),

@@ -90,6 +90,17 @@ def _progress(done: int, total: int | None, width: int = 20) -> str:
     return f"[{'#' * filled}{'-' * (width - filled)}] {done}/{total}"
 
 
+def is_catch_up_leader(peer_round: int, peer_last_mixed: int, t: int, last_mixed: int, *, restored: bool) -> bool:
+    """Whether a node in round ``t`` that last mixed at ``last_mixed`` (1 + the round; 0: never) adopts the state of
+    a peer in round ``peer_round`` that last mixed at ``peer_last_mixed`` (`Node._catch_up_if_behind` says why):
+    the peer is two or more rounds away, either way, and mixed two or more rounds later; or, ``restored`` (the
+    node's state is a checkpoint's with a mixing in its past, and it has not mixed since), the peer is two or more
+    rounds ahead and mixed no earlier."""
+    if abs(peer_round - t) >= 2 and peer_last_mixed >= last_mixed + 2:
+        return True
+    return restored and peer_round >= t + 2 and peer_last_mixed >= last_mixed
+
+
 @dataclass(frozen=True)
 class NodeResult:
     """What a finished run reached."""
@@ -831,15 +842,13 @@ class Node:
         answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
         now = time.monotonic()
         self._fetch_failed = {j: until for j, until in self._fetch_failed.items() if until > now}
-        restored = self._from_checkpoint  # our state is a checkpoint's (and maybe rounds alone since)
         leaders = [
             (info, peer)
             for info, (_, peer) in zip(answers, peers, strict=True)
             if info is not None
             and info.node_id not in self._fetch_failed
-            and (
-                (abs(info.round - rounds.t) >= 2 and info.last_mixed_round >= rounds.last_mixed + 2)
-                or (restored and info.round >= rounds.t + 2 and info.last_mixed_round >= rounds.last_mixed)
+            and is_catch_up_leader(
+                info.round, info.last_mixed_round, rounds.t, rounds.last_mixed, restored=self._from_checkpoint
             )
         ]
         if not leaders:
