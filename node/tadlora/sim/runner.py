@@ -45,6 +45,10 @@ from tadlora.workload import client_shards, eval_subset
 RoundRecord = dict[str, Any]
 log = logging.getLogger("tadlora.sim")
 
+# A cell checkpoint's keys of the persistent optimizer state, "opt/CLIENT/KEY/MOMENT" (factor keys start with the
+# client index); spelt with its "/" as a node checkpoint's `tadlora.node.state.OPT_PREFIX` is.
+OPT_PREFIX = "opt/"
+
 
 def mix_round(
     method: Method, t: int, topology: Topology, snapshots: Sequence[Factors], robust: RobustMixing | None = None
@@ -619,7 +623,7 @@ class Simulator:
                     f"{i}/{k}": v.contiguous() for i in range(cfg.num_clients) for k, v in engine.get_factors(i).items()
                 }
                 for i in range(cfg.num_clients):
-                    state.update({f"{OPT_PREFIX}/{i}/{k}": v.contiguous()
+                    state.update({f"{OPT_PREFIX}{i}/{k}": v.contiguous()
                                   for k, v in engine.get_optimizer_state(i).items()})  # fmt: skip
                 # The records travel inside the checkpoint, so that state and records are one atomic write: a
                 # process killed between two files would otherwise leave a state rounds ahead of its records.
@@ -636,7 +640,7 @@ class Simulator:
                 tensors, records, earlier = resume
                 for i in range(cfg.num_clients):
                     engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
-                    opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}/{i}/")}
+                    opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}{i}/")}
                     if opt:
                         engine.set_optimizer_state(i, opt)
             started = time.monotonic()
@@ -745,9 +749,6 @@ def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
     if isinstance(stamped.get("name"), str):
         changes["name"] = stamped["name"]
     return override(mine, changes)
-
-
-OPT_PREFIX = "opt"  # checkpoint keys of the persistent optimizer state (factor keys start with the client index)
 
 
 def _topology_files(config: SimConfig) -> dict[str, str]:
