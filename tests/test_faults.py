@@ -691,6 +691,21 @@ async def test_a_node_advertised_at_our_own_address_is_dialled_once_its_advert_n
 
 
 @pytest.mark.asyncio
+async def test_an_advert_of_another_protocol_is_not_dialled_and_its_reason_says_to_upgrade_the_older_node(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    newer = dataclasses.replace(advert("newer", OLD), protocol_version=PROTOCOL_VERSION + 1)
+    pm, hosts, _, _ = advertised(monkeypatch, newer)
+    await pm.scan()
+    assert hosts.dials == []
+    [candidate] = pm.unreachable()
+    assert candidate.reason == (
+        f"not dialled: its advert says protocol {PROTOCOL_VERSION + 1} is not ours ({PROTOCOL_VERSION}): upgrade "
+        "the node of the older protocol: every node of a cluster must speak the same one"
+    )
+
+
+@pytest.mark.asyncio
 async def test_status_lists_each_candidate_that_is_no_peer_with_why_until_it_is_verified(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:

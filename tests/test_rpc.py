@@ -50,6 +50,7 @@ from tadlora.node.rpc import (
     Transport,
     _payload_messages,
     _Responder,
+    check_compatible,
     check_sane,
     node_id_problem,
 )
@@ -282,6 +283,19 @@ async def test_a_peer_of_another_schedule_is_refused_naming_both_and_an_older_pe
     assert bob.handshakes == [older]  # the refused ones never reached the handler
     assert [h.schedule for h, _ in bob.exchanges] == [""]
     assert result.peer.schedule == SCHEDULE
+
+
+def test_a_peer_of_another_protocol_is_told_to_upgrade_the_older_node() -> None:
+    """A protocol refusal says what to do, as those for another model or schedule do, not only the two versions."""
+    ours = PeerInfo(node_id="bob", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    older = dataclasses.replace(ours, node_id="alice", protocol_version=PROTOCOL_VERSION - 1)
+    with pytest.raises(ExchangeRefused) as refused:
+        check_compatible(ours, older)
+    assert refused.value.reason is Reason.PROTOCOL_MISMATCH
+    assert refused.value.detail == (
+        f"'alice' speaks protocol {PROTOCOL_VERSION - 1}, 'bob' speaks protocol {PROTOCOL_VERSION}: upgrade the node "
+        "of the older protocol: every node of a cluster must speak the same one"
+    )
 
 
 @pytest.mark.asyncio

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from tadlora.node.discovery import PeerCandidate
 from tadlora.node.rpc import (
     SAME_MODEL_FIX,
+    SAME_PROTOCOL_FIX,
     SAME_SCHEDULE_FIX,
     CandidateStatus,
     OwnAddress,
@@ -216,7 +217,7 @@ class PeerManager:
             if schedules_differ(cand.schedule, local.schedule):  # both said at once: else one restart finds each
                 reason += f"; its schedule {cand.schedule!r} differs too ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
         elif cand.protocol_version != local.protocol_version:
-            reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version})"
+            reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version}): {SAME_PROTOCOL_FIX}"
         elif schedules_differ(cand.schedule, local.schedule):
             reason = f"schedule {cand.schedule!r} differs from ours ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
         elif cand.secure == local.insecure:

@@ -412,7 +412,8 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
     if theirs.protocol_version != PROTOCOL_VERSION:
         raise ExchangeRefused(
             Reason.PROTOCOL_MISMATCH,
-            f"{them} speaks protocol {theirs.protocol_version}, {us} speaks protocol {PROTOCOL_VERSION}",
+            f"{them} speaks protocol {theirs.protocol_version}, {us} speaks protocol {PROTOCOL_VERSION}: "
+            f"{SAME_PROTOCOL_FIX}",
         )
     if theirs.cluster != ours.cluster:
         raise ExchangeRefused(
@@ -446,6 +447,9 @@ SAME_MODEL_FIX: Final = (
     "--dataset, --lora-r, --lora-alpha, --lora-dropout, --lora-targets, --init and --seed: start every node of a "
     "cluster with the same"
 )
+
+# What to do about a peer of another protocol version (`PROTOCOL_VERSION`), wherever one is found.
+SAME_PROTOCOL_FIX: Final = "upgrade the node of the older protocol: every node of a cluster must speak the same one"
 
 # What to do about a peer of another schedule (`NodeConfig.schedule`), wherever one is found.
 SAME_SCHEDULE_FIX: Final = (
