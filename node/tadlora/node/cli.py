@@ -6,8 +6,9 @@
   tadlora-node certs init certs/ && tadlora-node certs issue n0 --dir certs/   # then --tls-dir certs --node-id n0
   tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
-Nodes of one cluster must be started with the same model, dataset, --num-shards, --method, --switch-interval,
---seed, --link-prob and --max-neighbors; each with its own --shard, --listen port and --out. With no model or data
+Nodes of one cluster must be started with the same model, dataset, --num-shards, LoRA flags (--lora-*), --init,
+--method, --switch-interval, --seed, --link-prob and --max-neighbors; each with its own --shard, --listen port and
+--out. With no model or data
 flags a node trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it
 gracefully (checkpoint, mDNS goodbye, exit 0); a second signal forces the exit. Running it again with the same
 --out resumes from the checkpoint with the same node id; it is refused under another model fingerprint (model,

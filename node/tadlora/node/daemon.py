@@ -4,8 +4,9 @@ Round t on node i (every node runs the same schedule, so the phase follows from 
 
 1. **Train**: K local steps on the factor(s) the method trains in round t, in a worker thread; the event loop
    keeps serving gRPC and mDNS.
-2. **Snapshot**: the factors after training. The round's neighbours are the verified peers whose link is up in
-   round t (`link_up(seed, t, i, j, p)`: both ends agree without talking); d_i is their number.
+2. **Snapshot**: the factors after training. The round's neighbours are the verified peers (narrowed to their
+   overlay under --max-neighbors, `overlay_neighbours`) whose link is up in round t (`link_up(seed, t, i, j, p)`:
+   both ends agree on both without talking); d_i is their number.
 3. **Exchange**: one push-pull exchange per link, called by the end with the smaller node id, so both ends apply
    the same pair. A callee answers only with its own round-t snapshot (waiting for its training if need be).
    Every exchange carries the sender's d, and w_ij = 1/(1+max(d_i, d_j)) comes from that pair, so both ends
