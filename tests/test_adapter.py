@@ -141,6 +141,27 @@ def test_lora_on_an_embedding_layer_is_refused_not_left_untrained() -> None:
         AdapterModel(dataclasses.replace(tiny_spec(), lora=lora))
 
 
+def test_targets_another_family_names_otherwise_are_refused_with_the_model_s_own_linear_names(tmp_path) -> None:
+    """The default targets are BERT's (query, value); DistilBERT calls them q_lin and v_lin. peft's message ("No
+    modules were targeted for adaptation...") names neither, so the user had to read the model's code to find out."""
+    from transformers import AutoTokenizer, DistilBertConfig, DistilBertForSequenceClassification
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    config = DistilBertConfig(vocab_size=tokenizer.vocab_size, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    DistilBertForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    spec = ModelSpec(model=str(tmp_path), lora=dataclasses.replace(TINY_LORA, target_modules=("query", "value")))
+    with pytest.raises(ValueError, match="matches LoRA targets query,value") as caught:
+        AdapterModel(spec)
+    # The encoder's layers, not the head's (pre_classifier, classifier: frozen and saved whole, never targets).
+    assert "its linear layers are named k_lin, lin1, lin2, out_lin, q_lin, v_lin;" in str(caught.value)
+    assert "--lora-targets" in str(caught.value)
+    model = AdapterModel(
+        dataclasses.replace(spec, lora=dataclasses.replace(spec.lora, target_modules=("q_lin", "v_lin")))
+    )
+    assert {k.split(".")[-3] for k in model.factors()} == {"q_lin", "v_lin"}
+
+
 def test_the_weights_digest_covers_scalar_tensors() -> None:
     norm = torch.nn.BatchNorm1d(2)  # its num_batches_tracked is a 0-d buffer
     before = _weights_digest(norm)

@@ -302,6 +302,20 @@ def _weights_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _unmatched_targets(spec: ModelSpec, base: nn.Module) -> str:
+    """Why ``spec``'s LoRA targets adapt nothing in ``base``, with the names they could have been: target names
+    are per model family (BERT and RoBERTa ``query,value``, DistilBERT ``q_lin,v_lin``, DeBERTa-v2
+    ``query_proj,value_proj``), and peft's own message does not say which names the model has."""
+    # The encoder's linear layers only: the classification head is frozen and saved whole, never a LoRA target.
+    encoder = getattr(base, getattr(base, "base_model_prefix", ""), None) or base
+    names = sorted({name.rsplit(".", 1)[-1] for name, module in encoder.named_modules()
+                    if isinstance(module, nn.Linear) and name})  # fmt: skip
+    have = f"its linear layers are named {', '.join(names)}" if names else "it has no linear layers"
+    return (f"no module of {spec.model!r} matches LoRA targets {','.join(spec.lora.target_modules)}: {have}; "
+            "set the targets (tadlora-node --lora-targets; a simulator config's \"lora\": {\"target_modules\": [...]}) "
+            "to the attention's query and value among them")  # fmt: skip
+
+
 class AdapterModel:
     """A peft LoRA model for sequence classification with factor-level access.
 
@@ -331,9 +345,7 @@ class AdapterModel:
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 self.model = get_peft_model(base, config)
         except ValueError as exc:
-            raise ValueError(
-                f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)} ({exc})"
-            ) from exc
+            raise ValueError(_unmatched_targets(spec, base)) from exc  # peft's message names no module
         embedded = sorted({n.rsplit(".lora_embedding_", 1)[0] for n, _ in self.model.named_parameters()
                            if ".lora_embedding_" in n})  # fmt: skip
         if embedded:  # peft's lora_embedding_A/B: not factors of the (out, r) x (r, in) shape mixing and DeCAF take
@@ -350,7 +362,7 @@ class AdapterModel:
                 self._factor_params[name.replace(".default.", ".")] = param
             param.requires_grad_(False)
         if not self._factor_params:
-            raise ValueError(f"no module of {spec.model!r} matches LoRA targets {list(spec.lora.target_modules)}")
+            raise ValueError(_unmatched_targets(spec, base))
         factor_ids = {id(p) for p in self._factor_params.values()}
         self._frozen = [p for p in self.model.parameters() if id(p) not in factor_ids]
         self.load_factors(self.initial_factors())
