@@ -210,14 +210,16 @@ class PeerManager:
         """Why ``cand``'s advert says it cannot be our peer (logged once), or "" when it may be."""
         local = self._local_info()
         reason = ""
-        if cand.cluster != local.cluster:
+        # In the handshake's order (`rpc._check_peer`): protocol first, since another protocol's node may compute
+        # its fingerprint or spell its schedule otherwise, and those reasons would send the user to the wrong fix.
+        if cand.protocol_version != local.protocol_version:
+            reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version}): {SAME_PROTOCOL_FIX}"
+        elif cand.cluster != local.cluster:
             reason = f"cluster {cand.cluster!r} is not ours ({local.cluster!r})"
         elif cand.fingerprint != local.fingerprint:
             reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint}): {SAME_MODEL_FIX}"
             if schedules_differ(cand.schedule, local.schedule):  # both said at once: else one restart finds each
                 reason += f"; its schedule {cand.schedule!r} differs too ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
-        elif cand.protocol_version != local.protocol_version:
-            reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version}): {SAME_PROTOCOL_FIX}"
         elif schedules_differ(cand.schedule, local.schedule):
             reason = f"schedule {cand.schedule!r} differs from ours ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
         elif cand.secure == local.insecure:
