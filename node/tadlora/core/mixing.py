@@ -192,6 +192,8 @@ def mix_products(
         if robust is not None:
             acc = combined[module]
         else:
+            # `_combine`'s weighted sum, written out so that only one module's d x k products are alive at a time:
+            # `_combine` takes every neighbour's products at once, which only robust rules need.
             acc = (b.detach().to(torch.float64) @ a.detach().to(torch.float64)) * weights.self_weight
             for j in order:
                 bj, aj = neighbours[j][kb].to(torch.float64), neighbours[j][ka].to(torch.float64)
