@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from tadlora.node import state
 from tadlora.node.daemon import Node
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.peerspec import PeersOption
-from test_daemon import node_config
+from test_daemon import NO_PEERS, node_config
 from test_daemon_faults import lone_node, scripted_peer
 
 
@@ -99,6 +100,25 @@ async def test_a_resumed_node_still_knows_the_last_round_it_mixed_in(tmp_path: P
                 await late._wait_for_peers()
                 await late._catch_up_if_behind()
             assert (late.round, late.last_mixed_round) == (2, 2)
+
+
+@pytest.mark.asyncio
+async def test_a_resumed_node_rejoins_with_one_peer_where_a_new_one_waits_for_min_peers(tmp_path: Path) -> None:
+    """--min-peers is for round 0. A node that had mixed, restarted while another peer was down (a rolling restart,
+    a host in maintenance), waited --peer-wait for it beside its live peer, which trained alone meanwhile."""
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=2) as node, scripted_peer(node, net):
+        async with asyncio.timeout(60):
+            await node.run()
+    waited = {}
+    for out in (tmp_path, tmp_path / "new"):  # tmp_path/n0 resumes; new/n0 is a new node
+        config = node_config(out, 0, 2, NO_PEERS, min_peers=2, peer_wait=2.0, rounds=4)
+        async with Node(config, net) as again, scripted_peer(again, net):
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                await again._wait_for_peers()
+            waited[out] = time.monotonic() - started
+    assert waited[tmp_path] < 1.0 <= 2.0 <= waited[tmp_path / "new"], waited
 
 
 @pytest.mark.asyncio

@@ -563,6 +563,12 @@ class Node:
 
     async def _wait_for_peers(self) -> None:
         need = self.config.min_peers
+        if self._from_checkpoint:
+            # --min-peers is for round 0, so that a new cluster starts together. A node resumed from a checkpoint that
+            # has mixed before rejoins a running cluster: one peer is enough. Waiting for all of them, a node restarted
+            # while another was down (a rolling restart, a host in maintenance) idled for --peer-wait beside live
+            # peers, which trained alone meanwhile, or each waited out a deadline a round for its answer.
+            need = min(need, 1)
         if need <= 0:
             return
         if len(self._peer_ids()) >= need:
