@@ -902,6 +902,26 @@ async def test_calling_a_stopped_server_raises_peer_unavailable(transport: Trans
 
 
 @pytest.mark.asyncio
+async def test_a_new_connection_reaches_a_restarted_peer_while_an_old_one_to_its_address_still_backs_off(
+    alice: FakeNode, bob: FakeNode
+) -> None:
+    """A rolling restart: while a peer is down, connections to its address fail and gRPC backs them off. A new
+    connection made once it serves again (its inbound handshake verified it) must reach it. With gRPC's shared
+    subchannels it failed at once with the old connection's "Connection refused", so the probe of a neighbour that
+    missed the restart's round dropped the peer that had just come back, and the cluster waited a whole deadline."""
+    [port] = free_ports(1)
+    address = f"127.0.0.1:{port}"
+    transport = GrpcTransport()
+    async with transport.connect(address) as old:  # e.g. the retry of a static address, or a dropped peer's
+        for _ in range(3):
+            with pytest.raises(PeerUnavailable):
+                await old.handshake(alice.info, TIMEOUT)
+            await asyncio.sleep(0.5)  # into gRPC's reconnect backoff (1 s, then 1.6x)
+        async with transport.serve(bob, address), transport.connect(address) as new:
+            assert (await new.handshake(alice.info, TIMEOUT)).node_id == "bob"
+
+
+@pytest.mark.asyncio
 async def test_stopping_a_server_ends_calls_still_running_after_the_grace_period(
     transport: Transport, alice: FakeNode, bob: FakeNode
 ) -> None:

@@ -120,6 +120,10 @@ _CHANNEL_OPTIONS: Final = (
     ("grpc.keepalive_timeout_ms", GRPC_KEEPALIVE_TIMEOUT_MS),
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # 0 = unlimited: keepalive works on idle connections
+    # Each connection its own subchannel. gRPC otherwise shares one per address among a process's channels, and a
+    # new connection to a peer that has just restarted failed at once with the "Connection refused" of another one
+    # still backing off there (a static address's retry): the peer, verified a moment before, was dropped again.
+    ("grpc.use_local_subchannel_pool", 1),
 )
 _SERVER_OPTIONS: Final = (
     ("grpc.max_send_message_length", GRPC_MAX_MESSAGE_BYTES),
