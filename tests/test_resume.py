@@ -103,22 +103,27 @@ async def test_a_resumed_node_still_knows_the_last_round_it_mixed_in(tmp_path: P
 
 
 @pytest.mark.asyncio
-async def test_a_resumed_node_rejoins_with_one_peer_where_a_new_one_waits_for_min_peers(tmp_path: Path) -> None:
-    """--min-peers is for round 0. A node that had mixed, restarted while another peer was down (a rolling restart,
-    a host in maintenance), waited --peer-wait for it beside its live peer, which trained alone meanwhile."""
+async def test_a_resumed_node_rejoins_a_peer_running_ahead_but_waits_for_min_peers_beside_one_in_step(
+    tmp_path: Path,
+) -> None:
+    """--min-peers makes a cluster start, and restart, together. But a node restarted while another was down (a
+    rolling restart, a host in maintenance) waited --peer-wait for it beside a live peer running rounds without it,
+    which trained alone meanwhile. A peer two or more rounds ahead says the cluster runs on: rejoin it at once. One in
+    the node's own round is restarting with it (the whole cluster was stopped), and they wait for the rest, in step."""
     net = InMemoryNetwork()
     async with lone_node(tmp_path, net, rounds=2) as node, scripted_peer(node, net):
         async with asyncio.timeout(60):
             await node.run()
     waited = {}
-    for out in (tmp_path, tmp_path / "new"):  # tmp_path/n0 resumes; new/n0 is a new node
-        config = node_config(out, 0, 2, NO_PEERS, min_peers=2, peer_wait=2.0, rounds=4)
-        async with Node(config, net) as again, scripted_peer(again, net):
+    for name, out, peer_round in (("ahead", tmp_path, 4), ("in step", tmp_path, 2), ("new", tmp_path / "new", 4)):
+        config = node_config(out, 0, 2, NO_PEERS, min_peers=2, peer_wait=2.0, rounds=6)
+        async with Node(config, net) as again, scripted_peer(again, net, round=peer_round):
+            assert again.round == (0 if name == "new" else 2)
             started = time.monotonic()
             async with asyncio.timeout(10):
                 await again._wait_for_peers()
-            waited[out] = time.monotonic() - started
-    assert waited[tmp_path] < 1.0 <= 2.0 <= waited[tmp_path / "new"], waited
+            waited[name] = time.monotonic() - started
+    assert waited["ahead"] < 1.0 <= 2.0 <= min(waited["in step"], waited["new"]), waited
 
 
 @pytest.mark.asyncio

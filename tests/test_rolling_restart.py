@@ -199,7 +199,8 @@ def test_a_rolling_restart_resumes_each_node_which_rejoins_and_no_one_waits_long
 def test_a_fast_rollout_twice_over_four_nodes_and_a_restart_beside_a_node_that_is_down(tmp_path: Path) -> None:
     """As Kubernetes does it: the next node goes down as soon as the previous one is Ready (its health port SERVING,
     which it is once its model is loaded, before it has rejoined), two passes with no pause. Then a node restarted
-    while another is down must rejoin the one that is up at once, not wait --peer-wait for --min-peers."""
+    while another is down must rejoin the ones that are up once they run on without it (a round's deadline), not
+    wait --peer-wait for --min-peers."""
     with cluster(tmp_path, 4, min_peers=3, peer_wait=300) as c:
         restarts = [restart(c, k) for _ in range(2) for k in (3, 2, 1, 0)]
         c.wait_all_mixing(time.time(), REJOIN_S)
@@ -210,3 +211,32 @@ def test_a_fast_rollout_twice_over_four_nodes_and_a_restart_beside_a_node_that_i
         r = restart(c, 3)
         up = [c.ids[0], c.ids[2]]
         c.nodes[3].wait_until(lambda: c.mixed_with(3, r["started"], up) is not None, "mixing with the two up", REJOIN_S)
+
+
+def test_a_whole_cluster_stopped_and_started_at_once_resumes_each_node_and_mixes_again(tmp_path: Path) -> None:
+    """`docker compose restart`, a power cut with graceful stops, a host reboot: every node stops, then all start
+    together. Each resumes from its own checkpoint (the nodes stopped within a round of each other), none waits
+    for --min-peers as a new cluster would, and all mix with all again, each round logged once."""
+    with cluster(tmp_path, 3, min_peers=2) as c:
+        for node in c.nodes:
+            node.send(signal.SIGTERM)
+        kept, ckpts = [], []
+        for i, node in enumerate(c.nodes):
+            assert node.wait_exit(STOP_S) == 0, node.tail()
+            kept.append(c.rounds(i))
+            ckpts.append(node.checkpoint().round)
+            assert ckpts[i] == kept[i][-1]["round"] + 1, (i, ckpts[i], kept[i][-1])
+        started = time.time()
+        for i in range(c.n):
+            c.start(i)
+        for i, node in enumerate(c.nodes):
+            node.serving()
+            node.wait_for(rf"^resuming at round {ckpts[i]} from ", 0)
+        c.wait_all_mixing(started, REJOIN_S)
+        for i in range(c.n):
+            lines = c.rounds(i)
+            assert lines[: len(kept[i])] == kept[i]
+            numbers = [r["round"] for r in lines]
+            assert all(b > a for a, b in itertools.pairwise(numbers)), numbers
+            # In step when they stopped, in step after: no node had to adopt another's state to rejoin.
+            assert not [r for r in lines[len(kept[i]) :] if r["round"] > ckpts[i] + len(lines) - len(kept[i])]

@@ -116,7 +116,9 @@ def build_run_parser(
     g.add_argument(
         "--max-neighbors", type=int, help="bound the degree: ring plus chords over sorted peer ids (default: all)"
     )
-    g.add_argument("--min-peers", type=int, default=1, help="peers to wait for before round 0 (0: start at once)")
+    g.add_argument("--min-peers", type=int, default=1,
+                   help="peers to wait for before round 0, and on a resume until a peer is 2 rounds ahead "
+                        "(0: start at once)")  # fmt: skip
     g.add_argument("--peer-wait", type=float, default=60.0,
                    help="seconds to wait for --min-peers, then start with the peers there are")  # fmt: skip
     g.add_argument("--exchange-timeout", type=float, default=60.0, help="seconds a round waits for neighbours")

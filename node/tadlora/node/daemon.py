@@ -561,14 +561,21 @@ class Node:
     def _peer_ids(self) -> list[str]:
         return sorted(self._peers.peers) if self._peers is not None else []
 
+    def _running_on(self) -> tuple[str, int] | None:
+        """A verified peer two or more rounds ahead of this node resumed from a checkpoint, and its round: the
+        cluster runs on without it. None for a node not resumed, or when every peer is within a round of it (a
+        cluster restarting together, as it stopped: in step)."""
+        if not self._from_checkpoint or self._peers is None:
+            return None
+        ahead = [(j, p.info.round) for j, p in self._peers.peers.items() if p.info.round >= self.rounds.t + 2]
+        return max(ahead, key=lambda a: a[1]) if ahead else None
+
     async def _wait_for_peers(self) -> None:
+        """Wait up to --peer-wait for --min-peers verified peers, so that a cluster starts (or restarts) together.
+        A node resumed from a checkpoint stops waiting once a peer is two or more rounds ahead of it: that cluster
+        runs on without it (a rolling restart while another node is down), and catch-up follows. Waiting for
+        --min-peers there, it idled for --peer-wait beside live peers, which trained alone meanwhile."""
         need = self.config.min_peers
-        if self._from_checkpoint:
-            # --min-peers is for round 0, so that a new cluster starts together. A node resumed from a checkpoint that
-            # has mixed before rejoins a running cluster: one peer is enough. Waiting for all of them, a node restarted
-            # while another was down (a rolling restart, a host in maintenance) idled for --peer-wait beside live
-            # peers, which trained alone meanwhile, or each waited out a deadline a round for its answer.
-            need = min(need, 1)
         if need <= 0:
             return
         if len(self._peer_ids()) >= need:
@@ -580,6 +587,14 @@ class Node:
         try:
             deadline = time.monotonic() + self.config.peer_wait
             while len(self._peer_ids()) < need and not self._stop.is_set():
+                if self._from_checkpoint and self._peers is not None:
+                    # What their rounds are now: a peer's round is otherwise the one it had when it was verified.
+                    await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j in self._peer_ids()))
+                    if (ahead := self._running_on()) is not None:
+                        log.info("peer %s is in round %d, past this node's %d: the cluster runs on without it, so it "
+                                 "rejoins with %d of %d peers (--min-peers)", ahead[0], ahead[1], self.rounds.t,
+                                 len(self._peer_ids()), need)  # fmt: skip
+                        return
                 left = deadline - time.monotonic()
                 if left <= 0:
                     log.warning("only %d of %d peers after %.0f s; starting anyway", len(self._peer_ids()), need,
