@@ -24,6 +24,7 @@ import contextlib
 import dataclasses
 import inspect
 import logging
+import math
 import os
 import threading
 import time
@@ -49,7 +50,7 @@ from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import looks_like_ipv4
-from tadlora.node.progress import ExchangeProgress, describe
+from tadlora.node.progress import TIMEOUT_HEADROOM, ExchangeProgress, describe
 from tadlora.node.rounds import Round, RoundState
 from tadlora.node.rpc import (
     MAX_CANDIDATES_SHOWN,
@@ -81,6 +82,9 @@ SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
 INTERFACE_POLL_S = 5.0
 # s: a commit left less than this of the round's time that times out says nothing of the peer (`_exchange_with`).
 COMMIT_SLACK_S = 1.0
+# Rounds in a row whose local steps outlast --exchange-timeout, and miss neighbours, before the node says it is too
+# slow for its cluster's deadline: one such round is a stall (a freeze, a swap storm), two in a row its pace.
+SLOW_ROUNDS_TO_WARN = 2
 
 
 def _progress(done: int, total: int | None, width: int = 20) -> str:
@@ -164,6 +168,7 @@ class Node:
         # `_may_be_out_of_step`.
         self._ran_a_round = False
         self._last_missed = 0
+        self._slow_rounds = 0  # rounds in a row whose local steps outlasted --exchange-timeout and missed neighbours
         # Whether our factors are a checkpoint's (restored, with a mixing in its past), plus rounds run alone since,
         # with no mixing or catch-up in this process yet: see `_catch_up_if_behind`.
         self._from_checkpoint = False
@@ -968,6 +973,7 @@ class Node:
         self._state = "training"
         self.metrics.round.set(t)
         loss, snapshot, opt_state = await self._in_worker(self._train, t)
+        train_s = time.monotonic() - started
         neighbours = self._round_neighbours(t)
         cur = await self.rounds.open(snapshot, neighbours)
         self._state = "exchanging"
@@ -1016,6 +1022,8 @@ class Node:
                 self._peers.note_mixed(j, t)
         if not stopping and neighbours - set(received):
             self._last_missed = t + 1
+        if not stopping:
+            self._note_training_pace(t, train_s, len(neighbours - set(received)))
         if received:
             self._from_checkpoint = False
         # A neighbour whose exchange reached us this round is alive, only slow (a link too slow for the payload):
@@ -1084,6 +1092,28 @@ class Node:
                 self.metrics.checkpoint_failures.inc()
                 log.error("checkpoint of round %d failed, keeping the previous one: %s", t + 1, exc)
         self._state = "idle"
+
+    def _note_training_pace(self, t: int, train_s: float, missed: int) -> None:
+        """Say once (a WARNING) when this node's local steps outlast --exchange-timeout round after round and it misses
+        neighbours: a neighbour waits that long for its answer after its own steps, so a node this much slower than
+        its peers never mixes (it trains alone, catches up from them, and they wait out the deadline every round for
+        it). Its peers' logs only say that its exchanges timed out, and its own that they were cut, which reads as a
+        slow link; this names the cause and the flags."""
+        timeout = self.config.exchange_timeout
+        if train_s <= timeout or not missed:
+            self._slow_rounds = 0
+            return
+        self._slow_rounds += 1
+        if self._slow_rounds != SLOW_ROUNDS_TO_WARN:
+            return
+        log.warning(
+            "round %d's local steps took %.1f s, and the round before's also longer than the %g s a neighbour waits "
+            "for this node's answer after its own (--exchange-timeout), and %d neighbour(s) left it out: this node is "
+            "too slow for the cluster (a slower or busier machine, or it was stopped meanwhile), so it misses its "
+            "exchanges, and its neighbours wait out their deadline for it every round. Give it less work per round "
+            "(--local-steps or --batch-size, each node's own), or set --exchange-timeout %d (or more) on every node",
+            t, train_s, timeout, missed, math.ceil(train_s * TIMEOUT_HEADROOM),
+        )  # fmt: skip
 
     def _forget_departed(self, t: int) -> None:
         """Once round ``t`` is closed, drop what this node keeps per peer for peers it is done with: the exchanges it
