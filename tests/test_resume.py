@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 
 from tadlora.node import state
 from tadlora.node.daemon import Node
@@ -310,3 +311,30 @@ async def test_an_out_is_free_again_after_a_close_that_was_cancelled(tmp_path: P
             except RuntimeError as exc:
                 assert "is in use by another node" in str(exc)
                 await asyncio.sleep(0.1)
+
+
+@pytest.mark.asyncio
+async def test_a_checkpoint_that_did_not_record_its_last_mixing_resumes_with_the_last_one_its_log_shows(
+    tmp_path: Path,
+) -> None:
+    """Checkpoints written before nodes kept their last mixing (2026-12-05, c3d18ba; f9c940b, the last node of
+    protocol 1, wrote them) have no ``last_mixed`` in their metadata. Read as 0, a node upgraded onto such an --out
+    resumed as a newcomer: two of them resumed rounds apart (a rolling upgrade across a protocol change splits the
+    cluster) never adopted each other's state, and trained alone side by side. Its rounds.jsonl, cut back to the
+    checkpoint, says when it last mixed."""
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=2) as node, scripted_peer(node, net):
+        async with asyncio.timeout(60):
+            await node.run()  # rounds 0 and 1 mixed with the peer
+    await run_rounds(tmp_path, 3)  # round 2 alone: the checkpoint is at round 3, its last mixing round 1's
+    out = tmp_path / "n0"
+    ckpt = state.load_checkpoint(out)
+    assert ckpt is not None and (ckpt.round, ckpt.last_mixed) == (3, 2)
+    # The checkpoint as f9c940b wrote it: its metadata held the round, ids and the log's length, nothing else.
+    old_meta = {"round": "3", "node_id": ckpt.node_id, "fingerprint": ckpt.fingerprint}
+    old_meta["rounds_bytes"] = str(ckpt.rounds_bytes)
+    (out / state.CHECKPOINT).write_bytes(safetensors.torch.save(dict(ckpt.factors), metadata=old_meta))
+    with (out / state.ROUNDS).open("a") as f:  # a round mixed after the checkpoint, then SIGKILL: to be run again
+        f.write(json.dumps({"round": 3, "neighbours": [{"id": "node-1", "degree": 1, "weight": 0.5}]}) + "\n")
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=4) as resumed:
+        assert (resumed.round, resumed.last_mixed_round) == (3, 2)

@@ -278,9 +278,17 @@ class Node:
         init = self._model.spec.init
         await self._in_worker(lambda: save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=init))
         if ckpt is not None:
+            if ckpt.rounds_bytes is not None:  # the rounds logged after it are run again: log them once
+                await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)
+            last_mixed = ckpt.last_mixed
+            if last_mixed is None:  # written by a node from before checkpoints recorded it: the log says
+                last_mixed = await self._in_worker(state.last_mixed_logged, cfg.out)
+                said = f"round {last_mixed - 1}" if last_mixed else "never"
+                log.info("%s (an older node's) does not say when this node last mixed; %s says %s",
+                         state.CHECKPOINT, state.ROUNDS, said)  # fmt: skip
             # Its last mixing too: a resumed node that claimed never to have mixed would pass for a newcomer, whose
             # state no late joiner adopts (`_catch_up_if_behind`). At most its round: that one it has yet to mix.
-            self.rounds.restore(ckpt.round, ckpt.factors, min(ckpt.last_mixed, ckpt.round))
+            self.rounds.restore(ckpt.round, ckpt.factors, min(last_mixed, ckpt.round))
             self._from_checkpoint = self.rounds.last_mixed > 0
             self._resumed = True
             if cfg.train.persistent:
@@ -289,8 +297,6 @@ class Node:
                 log.info("checkpoint holds optimizer state; --optimizer-state fresh ignores it")
             self._rounds_done = ckpt.round
             log.info("resuming at round %d from %s", ckpt.round, cfg.out / state.CHECKPOINT)
-            if ckpt.rounds_bytes is not None:  # the rounds logged after it are run again: log them once
-                await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)
             self._last_logged(await self._in_worker(state.last_numbers, cfg.out, ("loss", "eval_accuracy")))
         else:
             self.rounds.restore(0, await self._in_worker(self._model.factors))

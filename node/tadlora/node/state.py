@@ -54,8 +54,9 @@ class Checkpoint:
     optimizer: OptimizerState = field(default_factory=dict)  # empty unless the optimizer state persists
     rounds_bytes: int | None = None  # bytes of rounds.jsonl when it was taken; None: not recorded (older node)
     # 1 + the last round the node mixed with a neighbour (`RoundState.last_mixed`): catch-up compares it between
-    # peers, so a resumed node must not pass for one that never mixed. 0 in a checkpoint that did not record it.
-    last_mixed: int = 0
+    # peers, so a resumed node must not pass for one that never mixed. None in a checkpoint that did not record it
+    # (nodes before 2026-12-05): the resume reads it from rounds.jsonl instead (`last_mixed_logged`).
+    last_mixed: int | None = 0
     # The run settings (`NodeConfig.run_settings`) it was taken under: a resume checks them against its own even
     # where node.json is gone. None in a checkpoint that did not record them.
     run: dict[str, Any] | None = None
@@ -63,12 +64,9 @@ class Checkpoint:
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``out/checkpoint.safetensors``."""
-    meta = {
-        "round": str(ckpt.round),
-        "node_id": ckpt.node_id,
-        "fingerprint": ckpt.fingerprint,
-        "last_mixed": str(ckpt.last_mixed),
-    }
+    meta = {"round": str(ckpt.round), "node_id": ckpt.node_id, "fingerprint": ckpt.fingerprint}
+    if ckpt.last_mixed is not None:
+        meta["last_mixed"] = str(ckpt.last_mixed)
     if ckpt.rounds_bytes is not None:
         meta["rounds_bytes"] = str(ckpt.rounds_bytes)
     if ckpt.run is not None:
@@ -98,7 +96,7 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}  # safetensors allows a null one
         round_ = _count(meta["round"], "round")
         rounds_bytes = _count(meta["rounds_bytes"], "rounds_bytes") if "rounds_bytes" in meta else None
-        last_mixed = _count(meta.get("last_mixed", "0"), "last_mixed")
+        last_mixed = _count(meta["last_mixed"], "last_mixed") if "last_mixed" in meta else None
         run = json.loads(meta["run"]) if "run" in meta else None
         if not isinstance(run, dict | None):
             raise ValueError(f"its run settings are a JSON {type(run).__name__}, not an object")
@@ -361,6 +359,27 @@ def last_numbers(out: Path, keys: Collection[str]) -> dict[str, float]:
             if found.keys() >= set(keys):
                 break
     return found
+
+
+def last_mixed_logged(out: Path) -> int:
+    """1 + the last round ``rounds.jsonl`` logs as mixed with a neighbour (0: none), read backwards from the end:
+    the last mixing of a node whose checkpoint did not record it (`Checkpoint.last_mixed` None, nodes before
+    2026-12-05). Read once the log is cut back to the checkpoint (`truncate_rounds`): a round logged after it is
+    run again. A state adopted by a catch-up after that round is not in the log, so this may say earlier, never
+    later: the node then follows a group that mixed since rather than pass for a newcomer that never did."""
+    path = out / ROUNDS
+    if not path.exists():
+        return 0
+    with path.open("rb") as f:
+        for line in _lines_from_the_end(f):
+            try:
+                record = json.loads(line)
+            except ValueError:  # JSONDecodeError, or UnicodeDecodeError from a line cut inside a character
+                continue
+            t = record.get("round") if isinstance(record, dict) else None
+            if isinstance(t, int) and t >= 0 and record.get("neighbours"):
+                return t + 1
+    return 0
 
 
 def _lines_from_the_end(f: BinaryIO) -> Iterator[bytes]:
