@@ -102,9 +102,9 @@ def test_three_processes_find_each_other_by_mdns_train_every_round_together_and_
         identity = json.loads((node.out / "node.json").read_text())
         assert (ckpt.round, ckpt.node_id, ckpt.fingerprint) == (rounds, ids[i], identity["fingerprint"])
         assert identity == {
-            "node_id": ids[i], "cluster": tag, "fingerprint": ckpt.fingerprint, "method": "tad", "switch_interval": 5,
-            "dataset": "builtin:sst2-small", "split": "label-skew", "shard": i, "num_shards": 3, "link_prob": 1.0,
-            "max_neighbors": None, "init": "portable",
+            "format": 1, "node_id": ids[i], "cluster": tag, "fingerprint": ckpt.fingerprint, "method": "tad",
+            "switch_interval": 5, "dataset": "builtin:sst2-small", "split": "label-skew", "shard": i, "num_shards": 3,
+            "link_prob": 1.0, "max_neighbors": None, "init": "portable",
         }  # fmt: skip
         assert_adapter_holds(node.out / "adapter", base, ckpt.factors)
 

@@ -15,7 +15,7 @@ import torch
 
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json, os_error_of
 from tadlora.node import state
-from tadlora.node.identity import load_identity, run_conflict, save_identity
+from tadlora.node.identity import OUT_FORMAT, OutRefused, load_identity, run_conflict, save_identity
 
 
 def ckpt(round_: int) -> state.Checkpoint:
@@ -227,7 +227,8 @@ def test_a_resume_conflicts_on_each_setting_the_kept_run_recorded_and_on_nothing
 def test_save_identity_keeps_the_run_settings_it_is_given(tmp_path) -> None:
     save_identity(tmp_path, "n0", "ab", cluster="a", method="tad", switch_interval=5)
     kept = load_identity(tmp_path)
-    assert kept == {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
+    run = {"cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
+    assert kept == {"format": OUT_FORMAT, "node_id": "n0", **run}
 
 
 @pytest.mark.parametrize("content", [b"", b'{"node_id": "n0",', b"\xff\xfe{}"], ids=["empty", "cut", "not UTF-8"])
@@ -348,6 +349,32 @@ def test_a_checkpoint_with_null_or_negative_metadata_is_damaged_not_a_traceback(
     path.write_bytes(with_metadata(data, None if change is None else {**meta, **change}))
     with pytest.raises(RuntimeError, match=re.escape(f"checkpoint {path} is damaged")):
         state.load_checkpoint(tmp_path)
+
+
+def test_files_a_newer_tadlora_wrote_in_another_format_are_refused_as_such_and_older_ones_read(tmp_path) -> None:
+    """A downgrade over the same --out: an older version would read a newer layout as its own and could resume the
+    run wrongly. Both files say their format; one without it (written before it was) reads as format 1."""
+    save_identity(tmp_path, "n0", "ab", cluster="a")
+    state.save_checkpoint(tmp_path, ckpt(3))
+    path = tmp_path / state.CHECKPOINT
+    data = path.read_bytes()
+    meta = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])["__metadata__"]
+    assert meta["format"] == str(OUT_FORMAT) and load_identity(tmp_path)["format"] == OUT_FORMAT  # type: ignore[index]
+    for newer, said in ((str(OUT_FORMAT + 1), "was written by a newer tadlora (format"), ("2.0", "unknown format")):
+        path.write_bytes(with_metadata(data, {**meta, "format": newer}))
+        with pytest.raises(OutRefused, match=re.escape(f"{path} ") + ".*" + re.escape(said)) as caught:
+            state.load_checkpoint(tmp_path)
+        assert "damaged" not in str(caught.value)
+    path.write_bytes(with_metadata(data, {k: v for k, v in meta.items() if k != "format"}))
+    loaded = state.load_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 3
+    identity = tmp_path / "node.json"
+    for newer, said in ((OUT_FORMAT + 1, "a newer tadlora"), ("1", "an unknown format '1'"), (True, "unknown")):
+        identity.write_text(json.dumps({"format": newer, "node_id": "n0", "fingerprint": "ab"}))
+        with pytest.raises(OutRefused, match=re.escape(said)):
+            load_identity(tmp_path)
+    identity.write_text(json.dumps({"node_id": "n0", "fingerprint": "ab"}))
+    assert load_identity(tmp_path) == {"node_id": "n0", "fingerprint": "ab"}
 
 
 def test_a_checkpoint_keeps_the_run_settings_it_was_taken_with(tmp_path) -> None:

@@ -13,6 +13,10 @@ from typing import Any
 from tadlora.fsutil import atomic_write_json
 
 IDENTITY = "node.json"
+# The layout of what a node keeps in --out (node.json and the checkpoint's metadata), written into both. Raised when
+# a change would make an older tadlora misread them, so that it refuses them instead (`check_format`); files from
+# before it was written carry none and read as format 1.
+OUT_FORMAT = 1
 
 
 class OutRefused(RuntimeError, ValueError):
@@ -40,7 +44,25 @@ def load_identity(out: Path) -> dict[str, Any] | None:
         raise OutRefused(
             f"{path} is not a JSON object (a node's id and run settings); move it away or use another --out"
         )
+    check_format(path, loaded.get("format"))
     return loaded
+
+
+def check_format(path: Path, found: object) -> None:
+    """Refuse a file of ``--out`` that a newer tadlora wrote in a layout this one does not know (`OUT_FORMAT`):
+    read as this version's, it could resume a run wrongly. ``found`` None: written before the format was."""
+    if found is None:
+        return
+    if isinstance(found, int) and not isinstance(found, bool) and found > OUT_FORMAT:
+        raise OutRefused(
+            f"{path} was written by a newer tadlora (format {found}; this one reads format {OUT_FORMAT} and older): "
+            "run that version, or a newer one, on this --out; going back to an older version over the same --out is "
+            "not supported"
+        )
+    if isinstance(found, int) and not isinstance(found, bool) and found >= 1:
+        return
+    raise OutRefused(f"{path} says it is in an unknown format {found!r} (this tadlora writes format {OUT_FORMAT}); "
+                     "move it away or use another --out")  # fmt: skip
 
 
 def kept_node_id(out: Path | None) -> str | None:
@@ -77,7 +99,7 @@ def kept_init(out: Path | None) -> str:
 def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | float | None) -> None:
     """Write ``node.json``: the node's id and model fingerprint, and ``run``, the other settings a node resuming
     from ``out`` must share (`run_conflict`; `NodeConfig.run_settings`), e.g. ``cluster="lab", method="tad"``."""
-    atomic_write_json(out / IDENTITY, {"node_id": node_id, "fingerprint": fingerprint, **run})
+    atomic_write_json(out / IDENTITY, {"format": OUT_FORMAT, "node_id": node_id, "fingerprint": fingerprint, **run})
 
 
 def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> str | None:

@@ -28,7 +28,7 @@ from safetensors.torch import load, save
 
 from tadlora.core.factors import Factors
 from tadlora.fsutil import atomic_write_bytes, naming
-from tadlora.node.identity import OutRefused
+from tadlora.node.identity import OUT_FORMAT, OutRefused, check_format
 from tadlora.training import MOMENTS, OptimizerState
 
 log = logging.getLogger("tadlora.node")
@@ -64,7 +64,12 @@ class Checkpoint:
 
 def save_checkpoint(out: Path, ckpt: Checkpoint) -> Path:
     """Write ``ckpt`` atomically to ``out/checkpoint.safetensors``."""
-    meta = {"round": str(ckpt.round), "node_id": ckpt.node_id, "fingerprint": ckpt.fingerprint}
+    meta = {
+        "format": str(OUT_FORMAT),
+        "round": str(ckpt.round),
+        "node_id": ckpt.node_id,
+        "fingerprint": ckpt.fingerprint,
+    }
     if ckpt.last_mixed is not None:
         meta["last_mixed"] = str(ckpt.last_mixed)
     if ckpt.rounds_bytes is not None:
@@ -94,6 +99,8 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         # the JSON header), not from a second read of a file that could have been replaced in between.
         header_len = int.from_bytes(data[:8], "little")
         meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}  # safetensors allows a null one
+        if "format" in meta:
+            check_format(path, int(meta["format"]) if meta["format"].isdigit() else meta["format"])
         round_ = _count(meta["round"], "round")
         rounds_bytes = _count(meta["rounds_bytes"], "rounds_bytes") if "rounds_bytes" in meta else None
         last_mixed = _count(meta["last_mixed"], "last_mixed") if "last_mixed" in meta else None
@@ -103,6 +110,8 @@ def load_checkpoint(out: Path) -> Checkpoint | None:
         return Checkpoint(
             round_, meta["node_id"], meta["fingerprint"], factors, optimizer, rounds_bytes, last_mixed, run
         )
+    except OutRefused:
+        raise
     except (SafetensorError, KeyError, ValueError) as exc:
         raise OutRefused(f"checkpoint {path} is damaged ({exc}); move it away to start from scratch") from exc
 
