@@ -14,7 +14,6 @@ import contextlib
 import itertools
 import logging
 import signal
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from nodeproc import SMALL_RUN, STARTUP_S, NodeProcess, node_env, unique_tag
+from nodeproc import SMALL_RUN, STARTUP_S, NodeProcess, free_ports, node_env, unique_tag
 
 log = logging.getLogger(__name__)
 
@@ -32,14 +31,6 @@ EXCHANGE_TIMEOUT_S = 10.0  # s; a restart that takes longer is caught up by a fe
 REJOIN_S = 60.0  # s from a restarted node serving to its first round mixed with every other node
 SLACK_S = 3.0  # s a round may take beyond its wait for a restarting node: its own work, on two busy cores
 STOP_S = 30.0  # s for a SIGTERM to end a node (a checkpoint; it takes under a second here)
-
-
-def free_ports(n: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
 
 
 def health(port: int) -> str | None:

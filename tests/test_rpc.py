@@ -12,7 +12,6 @@ import dataclasses
 import gc
 import logging
 import math
-import socket
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -25,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from nodeproc import free_ports
 from tadlora.node import grpc_transport, wire
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
@@ -995,15 +995,6 @@ async def test_a_start_cancelled_half_way_leaves_nothing_listening(bob: FakeNode
         await server.aclose(0)
         break
     assert steps > 1, "the cancellation never landed inside a start"
-
-
-def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports of 127.0.0.1 free a moment ago (bound together, so never the same twice)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:
-            sock.bind(("127.0.0.1", 0))
-        return [sock.getsockname()[1] for sock in sockets]
 
 
 @pytest.mark.asyncio
