@@ -598,6 +598,7 @@ class Node:
         try:
             deadline = time.monotonic() + self.config.peer_wait
             while len(self._peer_ids()) < need and not self._stop.is_set():
+                self._peers_changed.clear()  # before the probes: a peer verified meanwhile ends the wait below
                 if self._from_checkpoint and self._peers is not None:
                     # What their rounds are now: a peer's round is otherwise the one it had when it was verified.
                     await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j in self._peer_ids()))
@@ -611,7 +612,6 @@ class Node:
                     log.warning("only %d of %d peers after %.0f s; starting anyway", len(self._peer_ids()), need,
                                 self.config.peer_wait)  # fmt: skip
                     return
-                self._peers_changed.clear()
                 with contextlib.suppress(TimeoutError):  # not wait_for, which drops a cancellation (PeerManager.run)
                     async with asyncio.timeout(min(left, 1.0)):
                         await self._peers_changed.wait()
