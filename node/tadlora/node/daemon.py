@@ -1026,10 +1026,11 @@ class Node:
             self._last_exchanged[j] = t + 1
             if self._peers is not None:
                 self._peers.note_mixed(j, t)
-        if not stopping and neighbours - set(received):
+        missed = neighbours - set(received)
+        if not stopping and missed:
             self._last_missed = t + 1
         if not stopping:
-            self._note_training_pace(t, train_s, len(neighbours - set(received)))
+            self._note_training_pace(t, train_s, len(missed))
         if received:
             self._from_checkpoint = False
         # A neighbour whose exchange reached us this round is alive, only slow (a link too slow for the payload):
@@ -1038,7 +1039,7 @@ class Node:
         heard = {j for j, p in progress.items() if p.received.began is not None}
         heard |= {j for j, r in self._heard if r == t}
         self._forget_departed(t)
-        for j in sorted(neighbours - set(received) - heard) if not stopping else ():
+        for j in sorted(missed - heard) if not stopping else ():
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
             # Without this check every later round would wait for it in full.

@@ -51,16 +51,15 @@ def load_identity(out: Path) -> dict[str, Any] | None:
 def check_format(path: Path, found: object) -> None:
     """Refuse a file of ``--out`` that a newer tadlora wrote in a layout this one does not know (`OUT_FORMAT`):
     read as this version's, it could resume a run wrongly. ``found`` None: written before the format was."""
-    if found is None:
+    number = found if isinstance(found, int) and not isinstance(found, bool) else None
+    if found is None or (number is not None and 1 <= number <= OUT_FORMAT):
         return
-    if isinstance(found, int) and not isinstance(found, bool) and found > OUT_FORMAT:
+    if number is not None and number > OUT_FORMAT:
         raise OutRefused(
             f"{path} was written by a newer tadlora (format {found}; this one reads format {OUT_FORMAT} and older): "
             "run that version, or a newer one, on this --out; going back to an older version over the same --out is "
             "not supported"
         )
-    if isinstance(found, int) and not isinstance(found, bool) and found >= 1:
-        return
     raise OutRefused(f"{path} says it is in an unknown format {found!r} (this tadlora writes format {OUT_FORMAT}); "
                      "move it away or use another --out")  # fmt: skip
 
