@@ -90,13 +90,21 @@ def build_run_parser(
         "'auto,10.0.0.5:7070'; an entry equal to this node's advertised IP:PORT is skipped, so every host can "
         "share one list",
     )
-    g.add_argument("--listen", default=f"127.0.0.1:{DEFAULT_PORT}", help="HOST:PORT to serve on (port 0: any)")
+    g.add_argument(
+        "--listen",
+        default=f"127.0.0.1:{DEFAULT_PORT}",
+        help="HOST:PORT to serve on, an IPv6 address in brackets: [::1]:7070 (port 0: any)",
+    )
     g.add_argument(
         "--mdns-interface",
-        help="IPv4 address or interface name for mDNS (default: the lowest-metric default route's); a name or the "
-        "default is followed when its address changes (a new DHCP lease)",
+        help="IPv4 address or interface name for mDNS, which is IPv4 only (default: the lowest-metric default "
+        "route's); a name or the default is followed when its address changes (a new DHCP lease)",
     )
-    g.add_argument("--advertise-address", help="IPv4 address to announce (default: the listen/interface address)")
+    g.add_argument(
+        "--advertise-address",
+        help="IP address peers are told to dial: IPv4, or IPv6 with static or dns: peers (mDNS announces IPv4 only) "
+        "(default: the listen/interface address)",
+    )
     g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")
     g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
     g.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import secrets
 from dataclasses import dataclass, field
@@ -13,7 +14,7 @@ from tadlora.core.robust import RobustMixing
 from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.identity import kept_init
 from tadlora.node.netif import require_unicast_ipv4
-from tadlora.node.peerspec import PeersOption, parse_peers_option
+from tadlora.node.peerspec import PeersOption, join_host_port, parse_peers_option, unbracketed_hint
 from tadlora.node.rpc import node_id_problem
 from tadlora.training import TrainSpec
 
@@ -76,7 +77,8 @@ class NodeConfig:
         if self.advertise_address is not None:
             # Checked here, not only by mDNS's announcement: with static or dns: peers it is what handshakes tell
             # peers to call back, and an empty one would let a wildcard --listen announce 0.0.0.0 after all.
-            require_unicast_ipv4(self.advertise_address, "--advertise-address (TADLORA_ADVERTISE_ADDRESS)")
+            # Kept in one spelling (IPv6 compressed, no brackets), which the self-skip compares with peer lists.
+            object.__setattr__(self, "advertise_address", callable_ip(self.advertise_address))
         if not self.cluster:
             # mDNS refuses an empty cluster only once the model has loaded; no cluster could match it anyway.
             raise ValueError("--cluster must not be empty")
@@ -126,10 +128,28 @@ class NodeConfig:
             raise ValueError(f"--max-factor-norm must be > 0, got {self.max_factor_norm}")
         host, _, port = self.listen.rpartition(":")
         if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            if self.listen.count(":") > 1 and not self.listen.startswith("["):
+                raise ValueError(f"--listen {self.listen!r}: {unbracketed_hint(self.listen)}")
             raise ValueError(f"--listen {self.listen!r}: expected HOST:PORT")
         if ":" in host and not (host.startswith("[") and host.endswith("]")):
             # gRPC would read '::1:7070' as another address and port ([::0.1.112.112]:443), and fail to bind.
-            raise ValueError(f"--listen {self.listen!r}: IPv6 addresses need brackets, e.g. [::1]:{port}")
+            raise ValueError(f"--listen {self.listen!r}: {unbracketed_hint(self.listen)}")
+        if host.startswith("["):
+            try:
+                ipaddress.IPv6Address(host[1:-1])
+            except ValueError:  # gRPC would fail to bind it only once the model has loaded: exit 1, retried for ever
+                raise ValueError(
+                    f"--listen {self.listen!r}: {host[1:-1]!r} in brackets is not an IPv6 address"
+                ) from None
+            # One spelling ([::1], not [0::1]): the node's own address is compared as text with its peer lists.
+            object.__setattr__(self, "listen", join_host_port(host, port))
+        if self.peers.auto and self.mdns_interface is not None and _is_ipv6(self.mdns_interface.strip()):
+            # Here, not once the model has loaded (exit 1, restarted for ever): the flag alone decides it.
+            raise ValueError(
+                f"--mdns-interface {self.mdns_interface}: an IPv6 address, but mDNS here is IPv4 only; give the "
+                "interface's name or one of its IPv4 addresses, or find IPv6 peers with --peers [ADDRESS]:PORT or "
+                "dns:NAME"
+            )
         # gRPC binds with SO_REUSEPORT: the --listen port twice would not fail, but split the connections.
         hp = self.health_port
         if hp is not None and (not 0 <= hp <= 65535 or hp == int(port) != 0):
@@ -187,12 +207,14 @@ class NodeConfig:
         return ModelSpec(model=self.model, label_names=label_names, lora=self.lora, seed=self.seed, init=init)
 
     def advertised_host(self, interfaces: list[str]) -> str:
-        """The host this node tells its peers to dial, with ``interfaces`` its mDNS interface addresses ([] without
-        mDNS): --advertise-address, else the --listen host, unless that is a wildcard: then the first of
-        ``interfaces``. (The node refuses a wildcard host with neither --advertise-address nor mDNS, and its mDNS
-        interface lookup raises unless it finds an address: so it never announces 0.0.0.0.)"""
+        """The host this node tells its peers to dial, as it stands in HOST:PORT (an IPv6 address in brackets),
+        with ``interfaces`` its mDNS interface addresses ([] without mDNS): --advertise-address, else the --listen
+        host, unless that is a wildcard: then the first of ``interfaces``. (The node refuses a wildcard host with
+        neither --advertise-address nor mDNS, and its mDNS interface lookup raises unless it finds an address: so it
+        never announces 0.0.0.0.)"""
         host = self.listen.rpartition(":")[0]
-        return self.advertise_address or (interfaces[0] if is_wildcard(host) and interfaces else host)
+        chosen = self.advertise_address or (interfaces[0] if is_wildcard(host) and interfaces else host)
+        return join_host_port(chosen, 0).rpartition(":")[0]
 
 
 def check_callable_back(cfg: NodeConfig) -> None:
@@ -208,6 +230,13 @@ def check_callable_back(cfg: NodeConfig) -> None:
             "is no mDNS to announce one: set --advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IP peers "
             "reach this node at (in Kubernetes: the pod IP), or --listen on that address"
         )
+    if cfg.peers.auto and cfg.advertise_address is not None and _is_ipv6(cfg.advertise_address):
+        # An mDNS advert carries IPv4 addresses only (see docs/protocol.md), and would fail once the model has loaded.
+        raise ValueError(
+            f"--advertise-address {cfg.advertise_address}: mDNS (--peers auto) announces it, and announces IPv4 "
+            "addresses only: find IPv6 peers with --peers [ADDRESS]:PORT or dns:NAME instead of auto, or advertise "
+            "an IPv4 address"
+        )
     if cfg.peers.auto and cfg.advertise_address is None and not is_wildcard(host):
         # mDNS announces the --listen host, and an advert holds IPv4 addresses only: a name (localhost) or an IPv6
         # host would fail there, once the model has loaded, as exit 1 naming no flag (and be restarted for ever).
@@ -219,6 +248,33 @@ def check_callable_back(cfg: NodeConfig) -> None:
                 f"{str(exc).strip()}: --listen on an IPv4 address of this host (or 0.0.0.0:PORT), or set "
                 "--advertise-address (TADLORA_ADVERTISE_ADDRESS) to the IPv4 address peers reach this node at"
             ) from None
+
+
+def callable_ip(text: str) -> str:
+    """``text`` as an --advertise-address: an IPv4 or IPv6 address (bare or in brackets) that a peer can dial,
+    in one spelling (IPv6 compressed, without brackets). ValueError naming the flag for anything else: a host name,
+    a port, a wildcard, a multicast address, or an IPv6 link-local one (its zone is this host's own: no peer can
+    dial it as written)."""
+    what = "--advertise-address (TADLORA_ADVERTISE_ADDRESS)"
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if not _is_ipv6(bare):
+        require_unicast_ipv4(bare, what)  # raises, naming the flag, for all but a unicast IPv4 address
+        return str(ipaddress.IPv4Address(bare))
+    ip = ipaddress.IPv6Address(bare)
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local or ip.scope_id:
+        raise ValueError(
+            f"{what} {text} must be a unicast IPv6 address peers can dial: not ::, multicast or link-local (fe80::/10, "
+            "whose zone only this host knows)"
+        )
+    return str(ip)
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def is_wildcard(host: str) -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Callable, Iterator
 from typing import Any, Final, Protocol, Self, TypeVar
 
@@ -35,7 +36,7 @@ from tadlora.node.wire import MAX_PAYLOAD_BYTES, ExchangeRefused, PayloadError, 
 from tadlora.v1 import node_pb2 as pb
 from tadlora.v1 import node_pb2_grpc as pb_grpc
 
-__all__ = ["GrpcTransport", "PeerClient", "RpcServer"]
+__all__ = ["GrpcTransport", "PeerClient", "RpcServer", "readable_details"]
 
 log = logging.getLogger("tadlora.rpc")
 
@@ -61,6 +62,16 @@ def _certified_name(context: grpc.aio.ServicerContext) -> str | None:
         return None
     name = names[0].decode()
     return name if name.encode() in auth.get("peer_dns", []) else ""
+
+
+# gRPC names an IPv6 peer in its errors by URI, its brackets (and a zone's %) escaped: ipv6:%5B::1%5D:7070.
+_ESCAPED_IPV6 = re.compile(r"ipv6:%5B([0-9A-Fa-f:.]+(?:%25[^%\s]+)?)%5D")
+
+
+def readable_details(details: str) -> str:
+    """gRPC's error text with the IPv6 addresses it escapes as URIs written as --peers writes them:
+    ``ipv6:%5B::1%5D:7070`` -> ``ipv6:[::1]:7070``."""
+    return _ESCAPED_IPV6.sub(lambda m: f"ipv6:[{m[1].replace('%25', '%')}]", details)
 
 
 class _CallState(Protocol):
@@ -388,7 +399,7 @@ class PeerClient(_Caller):
             # How a callee refuses a request whose reply has no place for a refusal (Status): a refusal like any
             # other for the caller, not a peer that is down.
             return _peer_refusal(Reason.BAD_PAYLOAD, exc.details() or "")
-        return PeerUnavailable(self.address, f"{code.name}: {exc.details()}")
+        return PeerUnavailable(self.address, f"{code.name}: {readable_details(exc.details() or '')}")
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

@@ -210,6 +210,14 @@ def check_listen(cfg: NodeConfig) -> Check:
             "with a wildcard --listen and no mDNS, set --advertise-address to the IP peers reach "
             "this node at (in Kubernetes: the pod IP)",
         )
+    if cfg.peers.auto and cfg.advertise_address is not None and ":" in cfg.advertise_address:
+        return Check(
+            "listen",
+            "FAIL",  # the node refuses to start so (check_callable_back): an mDNS advert names IPv4 addresses only
+            f"{detail}, but mDNS would announce --advertise-address {cfg.advertise_address}, an IPv6 address, and "
+            "announces IPv4 addresses only",
+            "find IPv6 peers with --peers [ADDRESS]:PORT or dns:NAME instead of auto, or advertise an IPv4 address",
+        )
     announces_listen_host = cfg.peers.auto and cfg.advertise_address is None and not wildcard
     if announces_listen_host:
         try:  # the node refuses to start so: mDNS announces an IPv4 address only

@@ -11,9 +11,25 @@ import ifaddr
 
 from tadlora.node.peerspec import looks_like_ipv4
 
-__all__ = ["InterfaceError", "interface_addresses", "ipv4_by_interface", "ipv4_networks", "require_unicast_ipv4"]
+__all__ = [
+    "InterfaceError",
+    "has_ipv6_default_route",
+    "interface_addresses",
+    "ipv4_by_interface",
+    "ipv4_networks",
+    "ipv6_by_interface",
+    "require_unicast_ipv4",
+]
 
 _ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
+_IPV6_ROUTE_TABLE = Path("/proc/net/ipv6_route")  # Linux IPv6 routing table: only to say why there is no IPv4 one
+_RTF_UP = 0x1  # <linux/route.h>
+_RTF_REJECT = 0x200  # <linux/route.h>: an unreachable route
+# Why an IPv6-only network has no mDNS here, and what to use instead (see docs/deploy.md, "IPv6").
+_IPV4_ONLY = (
+    "mDNS (--peers auto) is IPv4 only; on an IPv6-only network give the peers as --peers [ADDRESS]:PORT or "
+    "dns:NAME (AAAA records), with --listen [::]:PORT (and --advertise-address, an IPv6 address, for a wildcard)"
+)
 
 
 class InterfaceError(ValueError):
@@ -32,6 +48,8 @@ def interface_addresses(spec: str | None) -> list[str]:
     if spec is None:
         names = _default_route_interfaces(_ROUTE_TABLE.read_text() if _ROUTE_TABLE.exists() else "")
         if not names:
+            if has_ipv6_default_route(_ipv6_route_table()):
+                raise InterfaceError(f"no IPv4 default route, only an IPv6 one: {_IPV4_ONLY}")
             raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
         # One interface: announcing on several would tell each network the first one's address, which another
         # network may not reach.
@@ -64,6 +82,8 @@ def interface_addresses(spec: str | None) -> list[str]:
             by_name[spec] = []
         else:
             raise InterfaceError(f"--mdns-interface {spec!r}: no such interface; have {', '.join(sorted(by_name))}")
+    if not by_name[spec] and (ipv6 := ipv6_by_interface().get(spec)):
+        raise InterfaceError(f"--mdns-interface {spec!r} has IPv6 addresses only ({', '.join(ipv6)}): {_IPV4_ONLY}")
     if not by_name[spec]:
         raise InterfaceError(
             f"--mdns-interface {spec!r} has no IPv4 address (yet?): give it one (DHCP, ip addr add) or choose "
@@ -87,6 +107,36 @@ def ipv4_networks(addresses: Sequence[str]) -> list[ipaddress.IPv4Network]:
 def ipv4_by_interface() -> dict[str, list[str]]:
     """This host's IPv4 addresses by interface name (ifaddr lists IPv6 addresses as tuples)."""
     return {a.name: [ip.ip for ip in a.ips if isinstance(ip.ip, str)] for a in ifaddr.get_adapters()}
+
+
+def ipv6_by_interface() -> dict[str, list[str]]:
+    """This host's IPv6 addresses by interface name, link-local ones included (with their zone)."""
+    out: dict[str, list[str]] = {}
+    for adapter in ifaddr.get_adapters():
+        for ip in adapter.ips:
+            if isinstance(ip.ip, tuple):  # (address, flowinfo, scope id)
+                out.setdefault(adapter.name, []).append(ip.ip[0])
+    return out
+
+
+def has_ipv6_default_route(route_table: str) -> bool:
+    """Whether /proc/net/ipv6_route text holds a default route (::/0) that is up."""
+    for line in route_table.splitlines():
+        fields = line.split()
+        # destination, its prefix length (hex), ..., flags (hex) at index 8: up (RTF_UP), and not the kernel's
+        # "unreachable" placeholder on lo (RTF_REJECT)
+        if len(fields) >= 10 and fields[0] == "0" * 32 and fields[1] == "00":
+            flags = int(fields[8], 16)
+            if flags & _RTF_UP and not flags & _RTF_REJECT:
+                return True
+    return False
+
+
+def _ipv6_route_table() -> str:
+    try:
+        return _IPV6_ROUTE_TABLE.read_text()
+    except OSError:  # no IPv6 in this kernel: no such route
+        return ""
 
 
 def _default_route_interfaces(route_table: str) -> list[str]:

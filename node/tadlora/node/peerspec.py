@@ -6,7 +6,16 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-__all__ = ["PORT_MAX", "PeersOption", "StaticPeers", "is_hostname", "looks_like_ipv4", "parse_peers_option"]
+__all__ = [
+    "PORT_MAX",
+    "PeersOption",
+    "StaticPeers",
+    "is_hostname",
+    "join_host_port",
+    "looks_like_ipv4",
+    "parse_peers_option",
+    "unbracketed_hint",
+]
 
 PORT_MAX = 65535
 _HOSTNAME_MAX_BYTES = 253  # bytes; RFC 1035 §2.3.4 limit on a name's text form
@@ -83,7 +92,7 @@ def _parse_host_port(entry: str) -> str:
             raise ValueError(f"peer {entry!r}: {host!r} is not an IPv6 address") from None
         return f"[{host}]:{_port(port, entry)}"
     if entry.count(":") > 1:
-        raise ValueError(f"peer {entry!r}: IPv6 addresses need brackets, e.g. [::1]:50051")
+        raise ValueError(f"peer {entry!r}: {unbracketed_hint(entry)}")
     host, sep, port = entry.rpartition(":")
     if not sep or not host:
         raise ValueError(f"peer {entry!r}: expected HOST:PORT")
@@ -97,6 +106,32 @@ def _port(text: str, entry: str) -> int:
     if not _DECIMAL.fullmatch(text) or not 1 <= int(text) <= PORT_MAX:
         raise ValueError(f"peer {entry!r}: port {text!r} is not a number in 1..65535")
     return int(text)
+
+
+def unbracketed_hint(entry: str) -> str:
+    """What to say of a HOST:PORT with several colons and no brackets (an IPv6 address written bare): where its
+    last group reads as a port, the bracketed spelling to use instead. gRPC itself would not refuse it: it reads
+    '::1:7070' as the address ::0.1.112.112 on its default port 443."""
+    host, _, port = entry.rpartition(":")
+    try:
+        ipaddress.IPv6Address(host)
+    except ValueError:
+        return "IPv6 addresses need brackets, e.g. [::1]:7070"
+    if not _DECIMAL.fullmatch(port) or not 1 <= int(port) <= PORT_MAX:
+        return "IPv6 addresses need brackets, e.g. [::1]:7070"
+    # fd00::1:7070 is itself a valid IPv6 address: the port can only be a guess, so it is said as one.
+    return f"IPv6 addresses need brackets: [{ipaddress.IPv6Address(host)}]:{port} if {port} is the port"
+
+
+def join_host_port(host: str, port: int | str) -> str:
+    """``HOST:PORT`` for a host as it stands alone (an IPv4 address, a name, a bare IPv6 address) or already in
+    brackets: an IPv6 address is bracketed (and compressed), so that the port cannot be read as one of its groups."""
+    bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    try:
+        ip = ipaddress.ip_address(bare)
+    except ValueError:
+        return f"{host}:{port}"
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
 
 
 def looks_like_ipv4(text: str) -> bool:
