@@ -251,7 +251,8 @@ def test_grpcurl_lists_the_node_health_and_reflection_services_and_the_node_meth
     services = run_grpcurl(grpcurl, idle_node, "list").split()
     assert sorted(services) == ["grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection", "tadlora.v1.Node"]
     methods = run_grpcurl(grpcurl, idle_node, "list", "tadlora.v1.Node").split()
-    assert sorted(methods) == [f"tadlora.v1.Node.{m}" for m in ("Commit", "Exchange", "Fetch", "Handshake", "Status")]
+    names = ("Commit", "Exchange", "Fetch", "Handshake", "Leave", "Status")
+    assert sorted(methods) == [f"tadlora.v1.Node.{m}" for m in names]
 
 
 def test_grpcurl_health_check_says_serving_for_the_server_and_the_node_service(

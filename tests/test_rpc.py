@@ -1228,6 +1228,10 @@ async def refusal_of_a_garbled_request(channel: grpc.aio.Channel, method: str) -
         committed = pb.CommitReply.FromString(await channel.unary_unary(path)(GARBLED, timeout=TIMEOUT))
         assert not committed.committed
         return Reason(committed.reason), committed.detail
+    if method == "Leave":
+        left = pb.LeaveReply.FromString(await channel.unary_unary(path)(GARBLED, timeout=TIMEOUT))
+        assert not left.dropped
+        return Reason(left.reason), left.detail
     if method in ("Exchange", "Fetch"):
         if method == "Exchange":
             call = channel.stream_stream(path)(iter([GARBLED]), timeout=TIMEOUT)
@@ -1347,6 +1351,7 @@ async def test_reflection_lists_the_services_and_describes_the_node_service(bob:
         "Fetch": (False, True),
         "Status": (False, False),
         "Commit": (False, False),
+        "Leave": (False, False),
     }
 
 
@@ -1389,12 +1394,16 @@ async def test_every_refusal_logs_its_caller_alike_and_one_not_yet_known_as_such
     with caplog.at_level(logging.INFO, logger="tadlora.rpc"):
         await responder.handshake(None)
         await responder.commit(None)
+        await responder.leave(None)
         await responder.handshake(None, identity="carol")
         await responder.commit(None, identity="carol")
+        await responder.leave(None, identity="carol")
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused a ")]
     assert [m.split(": ")[0] for m in logged] == [
         "refused a handshake from a caller not yet known",
         "refused a commit from a caller not yet known",
+        "refused a leave from a caller not yet known",
         "refused a handshake from 'carol'",
         "refused a commit from 'carol'",
+        "refused a leave from 'carol'",
     ], logged

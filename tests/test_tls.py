@@ -208,6 +208,35 @@ async def test_an_exchange_or_fetch_is_taken_only_from_the_node_its_certificate_
 
 
 @pytest.mark.asyncio
+async def test_a_leave_is_taken_only_from_the_node_its_certificate_names(tmp_path) -> None:
+    """A Leave makes a node drop a peer: a member of the cluster that names another node in it is refused
+    IDENTITY_MISMATCH and that peer stays; the peer's own leave, under its own certificate, drops it."""
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.tls import TlsMaterial
+
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1", "node-2")
+    async with contextlib.AsyncExitStack() as stack:
+        honest = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 3, (), min_peers=0)))
+        peer = await stack.enter_async_context(Node(tls(tmp_path, certs, 2, 3, (honest.address,), min_peers=0)))
+        async with asyncio.timeout(60):
+            await honest.async_wait_until(lambda: "node-2" in honest._peer_ids())
+        async with GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-0")).connect(
+            honest.address, node_id="node-1"
+        ) as conn:
+            with pytest.raises(ExchangeRefused) as refused:
+                await conn.leave(peer.local_info(), 10.0)
+        assert refused.value.reason is Reason.IDENTITY_MISMATCH, refused.value
+        assert "claims node id 'node-2' but its certificate is for 'node-0'" in refused.value.detail
+        assert honest._peer_ids() == ["node-2"]
+        async with GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-2")).connect(
+            honest.address, node_id="node-1"
+        ) as conn:
+            assert await conn.leave(peer.local_info(), 10.0) is True
+        assert honest._peer_ids() == []
+    assert honest.metrics.refusals.labels("IDENTITY_MISMATCH")._value.get() == 1
+
+
+@pytest.mark.asyncio
 async def test_a_node_answering_under_an_id_its_certificate_lacks_is_never_a_peer(tmp_path) -> None:
     """The callee's side: the honest node dials the impostor (a static address), which answers as node-9 while
     holding node-0's valid certificate. Mixing would need the honest node to call it (node-1 < node-9)."""

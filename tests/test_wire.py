@@ -143,6 +143,7 @@ def test_the_caps_and_timeouts_docs_protocol_quotes_are_the_codes() -> None:
         f"{rpc.GRPC_SERVER_KEEPALIVE_MS // 1000} s (server) with a {rpc.GRPC_KEEPALIVE_TIMEOUT_MS // 1000} s ack": True,
         f"pings at most every {rpc.GRPC_MIN_PING_INTERVAL_MS // 1000} s": True,
         f"handshake timeout ({peers.HANDSHAKE_TIMEOUT_S:g} s)": True,
+        f"within {peers.LEAVE_TIMEOUT_S:g} s (`LEAVE_TIMEOUT_S`)": True,
         f"no answer within {daemon.FETCH_TIMEOUT_S:g} s": True,
         f"for {daemon.FETCH_RETRY_S / 60:g} minutes": True,
         f"Protocol version {rpc.PROTOCOL_VERSION};": True,

@@ -472,7 +472,8 @@ class Node:
             self._spawn(self.rounds.notify(), "stop-wake")
 
     async def aclose(self) -> None:
-        """Unregister from mDNS, stop serving, close connections and tasks. Safe to call twice.
+        """Unregister from mDNS, tell the peers this node leaves, stop serving, close connections and tasks. Safe to
+        call twice.
 
         Every step runs even if an earlier one raised (a failed mDNS goodbye must not leave the server serving or
         the worker thread running); each failure is logged, and the first is raised once all steps are done. A
@@ -509,6 +510,12 @@ class Node:
             if self._dns is not None:
                 await step("DNS discovery", self._dns.aclose)
             await step("ending the background tasks", end_tasks)
+            if self._peers is not None and cancelled is None:
+                # Every peer, however it found this node (static, dns:, mDNS), drops it now instead of waiting out a
+                # round's deadline for it: after the peer manager's task has ended (a handshake of ours would have
+                # the peer take us back), before the server stops. Bounded (`LEAVE_TIMEOUT_S`); skipped when
+                # cancelled, as the server's grace is.
+                await step("telling the peers this node leaves", self._peers.tell_leaving)
             await step("waking the round loop", self.rounds.notify)
             if self._server is not None:
                 server = self._server
@@ -697,6 +704,15 @@ class Node:
             await self._peers.add(remote, None, "inbound")
         if abs(remote.round - self.rounds.t) >= 2:
             self.rounds.gap_seen = True
+
+    async def async_leave(self, remote: PeerInfo) -> None:
+        """Peer ``remote`` is stopping (see `NodeHandler`, `PeerManager.left`): dropped now, so that no round waits
+        out --exchange-timeout for it; it is a peer again at its next handshake."""
+        if self._stop.is_set():
+            raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
+        if self._peers is None:
+            raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "node is starting: it has no peers yet")
+        await self._peers.left(remote)
 
     async def async_fetch(self, remote: PeerInfo) -> tuple[int, Factors]:
         if self._stop.is_set():
@@ -1039,7 +1055,8 @@ class Node:
         heard = {j for j, p in progress.items() if p.received.began is not None}
         heard |= {j for j, r in self._heard if r == t}
         self._forget_departed(t)
-        for j in sorted(missed - heard) if not stopping else ():
+        # A neighbour that is no peer any more (it said it left, or its mDNS goodbye came) has nothing to check.
+        for j in sorted(missed - heard - self._departed(missed)) if not stopping else ():
             # If j crashed or is cut off, no call tells us: our call to it ran into the round's deadline (and was
             # cancelled there, not failed), or it never called us; mDNS keeps its record until the TTL runs out.
             # Without this check every later round would wait for it in full.

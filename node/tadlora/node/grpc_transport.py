@@ -143,13 +143,13 @@ def _unary(behaviour: Callable[..., Any], request: Any, reply: Any) -> grpc.RpcM
     )
 
 
-def _add_node_servicer(servicer: _NodeServicer, server: grpc.aio.Server) -> None:
-    """Register the Node service as the generated `add_NodeServicer_to_server` does, except that a unary request
-    that does not parse reaches the servicer as None. grpc.aio parses it before the servicer runs, and left to
-    itself fails the call UNKNOWN and logs the parser's error as a fault of this server; the protocol refuses a
-    message that does not parse (BAD_PAYLOAD), in-band where the reply can carry a refusal. Exchange's messages
-    are parsed as they are read, where `_Parsed` refuses them."""
-    handlers = {
+def _node_handlers(servicer: _NodeServicer) -> dict[str, grpc.RpcMethodHandler]:
+    """The Node service's methods by name, as the generated `add_NodeServicer_to_server` builds them, except that a
+    unary request that does not parse reaches the servicer as None. grpc.aio parses it before the servicer runs, and
+    left to itself fails the call UNKNOWN and logs the parser's error as a fault of this server; the protocol
+    refuses a message that does not parse (BAD_PAYLOAD), in-band where the reply can carry a refusal. Exchange's
+    messages are parsed as they are read, where `_Parsed` refuses them."""
+    return {
         "Handshake": _unary(servicer.Handshake, pb.HandshakeRequest, pb.HandshakeReply),
         "Exchange": grpc.stream_stream_rpc_method_handler(
             servicer.Exchange,
@@ -163,7 +163,13 @@ def _add_node_servicer(servicer: _NodeServicer, server: grpc.aio.Server) -> None
         ),
         "Status": _unary(servicer.Status, pb.StatusRequest, pb.StatusReply),
         "Commit": _unary(servicer.Commit, pb.CommitRequest, pb.CommitReply),
+        "Leave": _unary(servicer.Leave, pb.LeaveRequest, pb.LeaveReply),
     }
+
+
+def _add_node_servicer(servicer: _NodeServicer, server: grpc.aio.Server) -> None:
+    """Register the Node service (`_node_handlers`) on ``server``."""
+    handlers = _node_handlers(servicer)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(NODE_SERVICE_NAME, handlers),))
     server.add_registered_method_handlers(NODE_SERVICE_NAME, handlers)
 
@@ -189,6 +195,9 @@ class _NodeServicer(pb_grpc.NodeServicer):
 
     async def Commit(self, request: pb.CommitRequest | None, context: grpc.aio.ServicerContext) -> pb.CommitReply:
         return await self._responder.commit(request, _certified_name(context))
+
+    async def Leave(self, request: pb.LeaveRequest | None, context: grpc.aio.ServicerContext) -> pb.LeaveReply:
+        return await self._responder.leave(request, _certified_name(context))
 
     async def Fetch(
         self, request: pb.FetchRequest | None, context: grpc.aio.ServicerContext
@@ -445,6 +454,20 @@ class PeerClient(_Caller):
     async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply:
         with self._translated():
             reply: pb.CommitReply | None = await self._node_stub().Commit(request, timeout=timeout)
+        return self._parsed(reply)
+
+    async def _call_leave(self, request: pb.LeaveRequest, timeout: float) -> pb.LeaveReply | None:
+        with self._translated():
+            try:
+                reply: pb.LeaveReply | None = await self._node_stub().Leave(request, timeout=timeout)
+            except grpc.aio.AioRpcError as exc:
+                # A node of an earlier release serves the Node service without Leave: gRPC answers UNIMPLEMENTED for
+                # the method alone, and that peer is as good a peer as before (unlike a server that lacks the whole
+                # service, which a handshake refuses PROTOCOL_MISMATCH). Not while cancelled: `_translated` decides.
+                task = asyncio.current_task()
+                if exc.code() != grpc.StatusCode.UNIMPLEMENTED or (task is not None and task.cancelling()):
+                    raise
+                return None
         return self._parsed(reply)
 
     async def _call_status(self, timeout: float) -> pb.StatusReply:

@@ -185,6 +185,12 @@ class InMemoryClient(_Caller):
         reply = await server._call(server._responder.commit(wire_request), timeout, self._calls)
         return _over_the_wire(reply, pb.CommitReply.FromString, self.address)
 
+    async def _call_leave(self, request: pb.LeaveRequest, timeout: float) -> pb.LeaveReply | None:
+        server = self._server()
+        wire_request = _over_the_wire(request, pb.LeaveRequest.FromString, self.address)
+        reply = await server._call(server._responder.leave(wire_request), timeout, self._calls)
+        return _over_the_wire(reply, pb.LeaveReply.FromString, self.address)
+
     async def _call_status(self, timeout: float) -> pb.StatusReply:
         server = self._server()
 

@@ -2,8 +2,9 @@
 
 A candidate (an mDNS advert, a static address, a peer that called us) is only a hint. The `PeerManager`
 handshakes with it; a peer of another cluster, fingerprint, schedule or protocol is refused with the reason, logged
-once. A verified peer stays until discovery says it left or it fails: then it is dropped, and retried with
-an exponential backoff (so a flapping peer costs little). When its mDNS advert names another address (it restarted
+once. A verified peer stays until it says it leaves (a `Leave` call, or its mDNS goodbye) or fails: then it is
+dropped, and retried with an exponential backoff (so a flapping peer costs little); one that comes back is a peer
+again at its first handshake, whichever end makes it. When its mDNS advert names another address (it restarted
 elsewhere), it is handshaken there at the next scan and moves once that handshake succeeds.
 """
 
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 
 from tadlora.node.discovery import PeerCandidate
 from tadlora.node.rpc import (
+    MAX_TEXT_CHARS,
     SAME_MODEL_FIX,
     SAME_PROTOCOL_FIX,
     SAME_SCHEDULE_FIX,
@@ -41,6 +43,10 @@ RETRY_MIN_S = 1.0  # s before the first retry of a failed peer
 RETRY_MAX_S = 30.0  # s; backoff doubles up to this
 SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
 STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as a flap (2x RETRY_MAX_S)
+# s for all of a stopping node's peers together to take its Leave: one small unary call each, in parallel, on
+# connections already open (a LAN answers in milliseconds). A peer that has not answered by then finds out as before
+# (its round's deadline, then a probe), and the stop is never held longer than this for any number of peers.
+LEAVE_TIMEOUT_S = 1.0
 # Refusals after which a peer cannot be ours as it is now: its address reaches another node, or it came back under
 # its id with another protocol, cluster, model or schedule. Others (SHUTTING_DOWN, BUSY, ...) come from a peer that
 # still is.
@@ -428,6 +434,56 @@ class PeerManager:
         log.info("peer %s dropped: %s", node_id, why)
         await peer.conn.aclose()
         self._on_change()
+
+    async def left(self, info: PeerInfo) -> None:
+        """Peer ``info`` says it is stopping (its `Leave`, authenticated by the transport): drop it now, as its mDNS
+        goodbye does, so that no round waits out its deadline for it. It is not forgotten: its address stays a
+        candidate, retried with backoff, and it is a peer again at its next handshake (a restarted node dials its
+        peers). `ExchangeRefused` NOT_A_NEIGHBOR, and nothing dropped, for a node that is no peer here, or one that
+        is a peer at another address than the one it leaves from (it has moved there since)."""
+        peer = self.peers.get(info.node_id)
+        me = self._local_info().node_id
+        if peer is None:
+            raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, f"{info.node_id!r} is not a peer of {me!r}")
+        if peer.info.address != info.address:
+            raise ExchangeRefused(
+                Reason.NOT_A_NEIGHBOR,
+                f"{info.node_id!r} is a peer of {me!r} at {peer.info.address}, not at {info.address[:MAX_TEXT_CHARS]}",
+            )
+        await self.drop(info.node_id, "left (it said so as it stopped)", expected=peer)
+
+    async def tell_leaving(self, timeout: float = LEAVE_TIMEOUT_S) -> None:
+        """Tell every verified peer, in parallel, that this node is stopping (`Leave`), so that none waits out a
+        round's deadline for it. Best effort: returns within ``timeout`` s whatever the peers do (one that does not
+        answer, or refuses, finds out as before), and logs what each said in one line. Call it once nothing of this
+        node handshakes any more (a handshake of ours would make a peer take us back)."""
+        peers = list(self.peers.items())
+        if not peers:
+            return
+        info = self._local_info()
+        said: dict[str, str] = {}
+
+        async def tell(node_id: str, peer: Peer) -> None:
+            try:
+                known = await peer.conn.leave(info, timeout)
+            except ExchangeRefused as exc:
+                said[node_id] = f"refused: {exc.reason.name}: {exc.detail}"
+            except PeerUnavailable as exc:
+                said[node_id] = f"no answer: {exc.detail}"
+            else:
+                said[node_id] = "dropped this node" if known else "an earlier release, without Leave"
+
+        try:
+            async with asyncio.timeout(timeout):
+                async with asyncio.TaskGroup() as group:  # as in `scan`: no call outlives this, whatever happens
+                    for node_id, peer in peers:
+                        group.create_task(tell(node_id, peer), name=f"tadlora-leave {node_id}")
+        except TimeoutError:
+            pass  # those that did not answer in time are said below
+        except BaseExceptionGroup as failed:
+            raise failed.exceptions[0] from None
+        told = "; ".join(f"{j}: {said.get(j, f'no answer within {timeout:g} s')}" for j, _ in peers)
+        log.info("told %d peer(s) that this node is leaving: %s", len(peers), told)
 
     def _forget_addresses(self, node_id: str) -> None:
         for address in [a for a, n in self._by_address.items() if n == node_id]:

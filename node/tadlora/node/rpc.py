@@ -266,6 +266,9 @@ class NodeHandler(Protocol):
     * ``observe_served(caller: str, r: int, received: int, sent: int) -> None``: called with the payload sizes
       (bytes) of each exchange whose whole reply was handed to the transport, e.g. to count them once the caller
       commits.
+    * ``async async_leave(remote: PeerInfo) -> None``: awaited with an authenticated caller's Leave (it is stopping):
+      the handler stops counting it as a peer, or raises `ExchangeRefused` (e.g. NOT_A_NEIGHBOR for a node that is
+      not its peer). A handler without it keeps no peers and takes every Leave.
     """
 
     def local_info(self) -> PeerInfo: ...
@@ -746,6 +749,8 @@ class _Responder:
         # Optional: a handler with `observe_served(caller, r, received, sent)` hears the payload sizes of each
         # exchange whose whole reply was handed to the transport (metrics; the pair counts only once committed).
         self._served: Callable[[str, int, int, int], None] | None = getattr(handler, "observe_served", None)
+        # Optional: a handler with `async_leave(remote)` drops a peer that says it is stopping (NodeHandler).
+        self._leave: Callable[[PeerInfo], Awaitable[None]] | None = getattr(handler, "async_leave", None)
         # Calls in flight, by (call, caller id), from the caller's first message until its reply has been sent.
         self._in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
@@ -921,6 +926,32 @@ class _Responder:
             internal = _reason_to_wire(Reason.INTERNAL)
             return pb.CommitReply(committed=False, reason=internal, detail="internal error, see the callee's log")
         return pb.CommitReply(committed=request.accept)
+
+    async def leave(self, request: pb.LeaveRequest | None, identity: str | None = None) -> pb.LeaveReply:
+        """A peer says it is stopping (see `NodeHandler`): dropped, or refused with the reason. ``identity``: the
+        caller's authenticated name, None without TLS; a Leave is only ever taken from the node it names, so that no
+        one can make this node drop another."""
+        who = ("" if request is None else request.caller.node_id) or identity or ""
+        try:
+            if request is None:
+                raise _unparsed("leave")
+            if not request.HasField("caller"):
+                raise ExchangeRefused(Reason.PROTOCOL_MISMATCH, "leave carries no caller info")
+            remote = _info_from_pb(request.caller)
+            _check_info(remote, "leave caller")
+            _check_identity(remote.node_id, identity)
+            check_compatible(self._handler.local_info(), remote)
+            if self._leave is not None:
+                await self._leave(remote)
+        except ExchangeRefused as exc:
+            log.info("refused a leave from %s: %s: %s", _caller_named(who), exc.reason.name, exc.detail)
+            self._refused("leave", exc)
+            return pb.LeaveReply(dropped=False, reason=_reason_to_wire(exc.reason), detail=exc.detail)
+        except Exception:
+            log.exception("leave from %s failed inside this node", _caller_named(who))
+            internal = _reason_to_wire(Reason.INTERNAL)
+            return pb.LeaveReply(dropped=False, reason=internal, detail="internal error, see the callee's log")
+        return pb.LeaveReply(dropped=True)
 
     @contextlib.asynccontextmanager
     async def _receiving(self, deadline: float, progress: ExchangeProgress) -> AsyncIterator[None]:
@@ -1150,6 +1181,18 @@ class _Caller(abc.ABC):
     async def status(self, timeout: float) -> StatusInfo:
         return _status_from_pb(await self._call_status(timeout))
 
+    async def leave(self, info: PeerInfo, timeout: float) -> bool:
+        """Tell the peer that the node ``info`` describes is stopping, so that it drops it now. True once it has;
+        False from a peer that does not serve Leave (an earlier release of protocol 2: it finds out as before).
+        `ExchangeRefused` if it refused (e.g. it does not count this node as a peer), `PeerUnavailable` if it did
+        not answer."""
+        reply = await self._call_leave(pb.LeaveRequest(caller=_info_to_pb(info)), timeout)
+        if reply is None:
+            return False
+        if not reply.dropped:
+            raise _peer_refusal(reply.reason, reply.detail)
+        return True
+
     @abc.abstractmethod
     def _call_fetch(self, request: pb.FetchRequest, timeout: float) -> AsyncGenerator[pb.ExchangeMessage, None]: ...
 
@@ -1161,6 +1204,10 @@ class _Caller(abc.ABC):
 
     @abc.abstractmethod
     async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply: ...
+
+    @abc.abstractmethod
+    async def _call_leave(self, request: pb.LeaveRequest, timeout: float) -> pb.LeaveReply | None:
+        """The peer's reply; None when it does not serve Leave (gRPC UNIMPLEMENTED: an earlier release)."""
 
     @abc.abstractmethod
     def _call_exchange(
@@ -1198,6 +1245,8 @@ class PeerConnection(Protocol):
     async def fetch(self, info: PeerInfo, timeout: float, expected: FactorSpec | None = None) -> ExchangeResult: ...
 
     async def status(self, timeout: float) -> StatusInfo: ...
+
+    async def leave(self, info: PeerInfo, timeout: float) -> bool: ...
 
     async def aclose(self) -> None: ...
 

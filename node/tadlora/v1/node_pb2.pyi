@@ -152,6 +152,22 @@ class FetchRequest(_message.Message):
     caller: PeerInfo
     def __init__(self, caller: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
 
+class LeaveRequest(_message.Message):
+    __slots__ = ("caller",)
+    CALLER_FIELD_NUMBER: _ClassVar[int]
+    caller: PeerInfo
+    def __init__(self, caller: _Optional[_Union[PeerInfo, _Mapping]] = ...) -> None: ...
+
+class LeaveReply(_message.Message):
+    __slots__ = ("dropped", "reason", "detail")
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    dropped: bool
+    reason: RefusalReason
+    detail: str
+    def __init__(self, dropped: _Optional[bool] = ..., reason: _Optional[_Union[RefusalReason, str]] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class StatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...

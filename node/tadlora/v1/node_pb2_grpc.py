@@ -59,6 +59,11 @@ class NodeStub:
                 request_serializer=tadlora_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
                 response_deserializer=tadlora_dot_v1_dot_node__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.Leave = channel.unary_unary(
+                '/tadlora.v1.Node/Leave',
+                request_serializer=tadlora_dot_v1_dot_node__pb2.LeaveRequest.SerializeToString,
+                response_deserializer=tadlora_dot_v1_dot_node__pb2.LeaveReply.FromString,
+                _registered_method=True)
 
 
 class NodeServicer:
@@ -103,6 +108,16 @@ class NodeServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Leave(self, request, context):
+        """Says the caller is stopping (a graceful stop, sent to each of its peers before its server stops): the callee
+        drops it as a peer at once instead of waiting out a round's deadline for it, and takes it back, as any peer, at
+        its next handshake. Optional: a node of an earlier release of protocol 2 answers UNIMPLEMENTED, which the
+        caller ignores (that peer finds out as before). Added without a protocol bump: see docs/protocol.md.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +145,11 @@ def add_NodeServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=tadlora_dot_v1_dot_node__pb2.StatusRequest.FromString,
                     response_serializer=tadlora_dot_v1_dot_node__pb2.StatusReply.SerializeToString,
+            ),
+            'Leave': grpc.unary_unary_rpc_method_handler(
+                    servicer.Leave,
+                    request_deserializer=tadlora_dot_v1_dot_node__pb2.LeaveRequest.FromString,
+                    response_serializer=tadlora_dot_v1_dot_node__pb2.LeaveReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -267,6 +287,33 @@ class Node:
             '/tadlora.v1.Node/Status',
             tadlora_dot_v1_dot_node__pb2.StatusRequest.SerializeToString,
             tadlora_dot_v1_dot_node__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Leave(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tadlora.v1.Node/Leave',
+            tadlora_dot_v1_dot_node__pb2.LeaveRequest.SerializeToString,
+            tadlora_dot_v1_dot_node__pb2.LeaveReply.FromString,
             options,
             channel_credentials,
             insecure,
