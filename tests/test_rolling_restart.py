@@ -186,6 +186,36 @@ def test_a_rolling_restart_resumes_each_node_which_rejoins_and_no_one_waits_long
         check_rollout(c, restarts, one_at_a_time=True)
 
 
+@pytest.mark.timeout(240)  # three nodes' start and one restart, on two busy cores
+def test_a_node_stopped_gracefully_is_dropped_by_its_static_peers_at_once_and_rejoins_them_when_restarted(
+    tmp_path: Path,
+) -> None:
+    """Node 0 has the smallest id, so both others wait for its call in every round. Stopped without a word to its
+    static peers, it was waited for until --exchange-timeout, then probed and dropped ("missed round T and does not
+    answer"), once per stop. Now it tells them as it stops (Leave): each drops it at once, goes on with the other
+    alone, and takes it back when it starts again."""
+    with cluster(tmp_path, 3, min_peers=2) as c:
+        old, others = c.nodes[0], (1, 2)
+        old.send(signal.SIGTERM)
+        stopped_at = time.time()
+        assert old.wait_exit(STOP_S) == 0, old.tail()
+        for i in others:
+            # Dropped however it happened: the reason says whether the leave did it or a round's deadline and a probe.
+            drop = c.nodes[i].wait_for(rf"^peer {c.ids[0]} dropped: ", EXCHANGE_TIMEOUT_S + 3 * SLACK_S)
+            assert drop["message"].endswith("dropped: left (it said so as it stopped)"), drop
+            # ... and its next rounds are with the other node alone.
+            j = 3 - i
+            c.nodes[i].wait_until(lambda i=i, j=j: c.mixed_with(i, stopped_at, [c.ids[j]]) is not None,
+                                  "a round with the other node alone", REJOIN_S)  # fmt: skip
+            # No round waited out its deadline for it: none logs a cut exchange with it or a probe it failed.
+            assert not c.nodes[i].find(rf"{c.ids[0]}.*(did not finish within|does not answer)")
+        told = old.wait_for(r"^told 2 peer\(s\) that this node is leaving: ", 0)["message"]
+        assert all(f"{c.ids[i]}: dropped this node" in told for i in others), told
+        started = time.time()
+        c.start(0).serving()
+        c.wait_all_mixing(started, REJOIN_S)
+
+
 @pytest.mark.slow
 def test_a_fast_rollout_twice_over_four_nodes_and_a_restart_beside_a_node_that_is_down(tmp_path: Path) -> None:
     """As Kubernetes does it: the next node goes down as soon as the previous one is Ready (its health port SERVING,

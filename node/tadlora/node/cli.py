@@ -10,10 +10,10 @@ Nodes of one cluster must be started with the same model, dataset, --num-shards,
 --method, --switch-interval, --seed, --link-prob and --max-neighbors; each with its own --shard, --listen port and
 --out. With no model or data
 flags a node trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it
-gracefully (checkpoint, mDNS goodbye, exit 0); a second signal forces the exit. Running it again with the same
---out resumes from the checkpoint with the same node id; it is refused under another model fingerprint (model,
-LoRA, --seed) or another --cluster, --method, --switch-interval, --dataset, --split, --shard, --num-shards,
---link-prob or --max-neighbors than the run kept there.
+gracefully (checkpoint, a goodbye to every peer so that none waits for it, exit 0); a second signal forces the
+exit. Running it again with the same --out resumes from the checkpoint with the same node id; it is refused under
+another model fingerprint (model, LoRA, --seed) or another --cluster, --method, --switch-interval, --dataset,
+--split, --shard, --num-shards, --link-prob or --max-neighbors than the run kept there.
 """
 
 from __future__ import annotations
