@@ -652,6 +652,34 @@ async def test_a_neighbour_whose_exchange_was_refused_is_not_waited_for_until_th
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize("gone", [True, False], ids=["stopped", "already-in-a-later-round"])
+async def test_a_neighbour_that_should_call_and_does_not_is_asked_in_the_round_not_waited_for_until_the_deadline(
+    tmp_path: Path, gone: bool
+) -> None:
+    """node-0 sorts first, so it is the end that calls node-1. Stopped without a goodbye (a static peer stopped
+    or killed: nothing tells its callee), or alive but already past round 0 (it will not call for it), it was waited
+    for the whole exchange deadline (600 s here; the test's own bound of 120 s fails a node that waits): at 16 nodes
+    such waits pushed the cluster out of step for tens of seconds. node-1 asks it in the round instead, drops the
+    stopped one and stops waiting for the one that is ahead, which stays a peer."""
+    net = InMemoryNetwork()
+    async with Node(node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=600.0), net) as node:
+        peer = ScriptedPeer(node, round=0 if gone else 5)
+        peer.info = dataclasses.replace(peer.info, node_id="node-0")
+        async with net.serve(peer, "10.0.0.9:0") as server:
+            peer.info = dataclasses.replace(peer.info, address=server.address)
+            assert node._peers is not None
+            await node._peers.add(peer.info, None, "static")
+            assert peer.info.node_id < node.node_id  # the peer is the end that calls
+            if gone:
+                await server.aclose()
+            async with asyncio.timeout(120):
+                await node.run()
+            assert ("node-0" in node._peers.peers) is not gone
+    [record] = _rounds(tmp_path / "n1")
+    assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
+
+
+@pytest.mark.asyncio
 async def test_a_stop_during_the_exchange_mixes_the_pairs_already_committed_as_their_other_ends_did(
     tmp_path: Path,
 ) -> None:

@@ -82,6 +82,11 @@ SHUTDOWN_GRACE_S = 2.0  # s in-flight calls get when the server stops
 INTERFACE_POLL_S = 5.0
 # s: a commit left less than this of the round's time that times out says nothing of the peer (`_exchange_with`).
 COMMIT_SLACK_S = 1.0
+# s a round waits for a neighbour's call before asking that neighbour whether it is still there (`Node._probe_quiet`):
+# a node gone without an mDNS goodbye (a static or dns: peer stopped or killed, a crash) was waited for the whole
+# --exchange-timeout, and with 16 nodes at --link-prob 0.1 each such wait put its neighbours out of step, which
+# then waited out theirs for each other: rounds of the timeout, cluster-wide, for tens of seconds after 4 stopped.
+QUIET_CALLER_S = 2.0
 # Rounds in a row whose local steps outlast --exchange-timeout, and miss neighbours, before the node says it is too
 # slow for its cluster's deadline: one such round is a stall (a freeze, a swap storm), two in a row its pace.
 SLOW_ROUNDS_TO_WARN = 2
@@ -1005,6 +1010,7 @@ class Node:
         outbound = sorted(j for j in neighbours if self.node_id < j)
         progress = {j: ExchangeProgress() for j in outbound}
         calls = [asyncio.ensure_future(self._exchange_with(j, cur, deadline, progress[j])) for j in outbound]
+        quiet = asyncio.ensure_future(self._probe_quiet(cur, neighbours - set(outbound)))
         timed_out = False
         try:
             async with asyncio.timeout_at(deadline):
@@ -1022,9 +1028,9 @@ class Node:
         except TimeoutError:
             timed_out = True
         finally:
-            for call in calls:
+            for call in [*calls, quiet]:
                 call.cancel()
-            await asyncio.gather(*calls, return_exceptions=True)
+            await asyncio.gather(*calls, quiet, return_exceptions=True)
         self._report_failed_calls(t, outbound, calls)
         for j, call in zip(outbound, calls, strict=True):
             # Cancelled: still running when the round's time ran out (the cancellation above, or the one the
@@ -1165,6 +1171,31 @@ class Node:
                 continue
             self.metrics.exchanges.labels("error").inc()
             log.error("exchange with %s in round %d failed inside this node", j, t, exc_info=exc)
+
+    async def _probe_quiet(self, cur: Round, inbound: Collection[str]) -> None:
+        """`QUIET_CALLER_S` into round ``cur``'s exchanges, ask each neighbour that calls this node (``inbound``) and
+        has not yet whether it is there: one that does not answer is dropped, so the round stops waiting for it,
+        and one already in a later round will not call for this one, so it is noted ahead. Owned by `_run_round`,
+        which cancels it when the round's exchanges end; a neighbour that called meanwhile is not asked."""
+        assert self._peers is not None  # noqa: S101
+        await asyncio.sleep(QUIET_CALLER_S)
+        quiet = sorted(
+            j for j in inbound
+            if j not in cur.received and j not in cur.pending and j not in cur.ahead and j not in cur.refused
+            and (j, cur.t) not in self._heard and j not in self._probing
+        )  # fmt: skip
+        if not quiet:
+            return
+        self._probing.update(quiet)
+        self.metrics.probes.labels("quiet").inc(len(quiet))
+        try:
+            why = f"had not called in round {cur.t} after {QUIET_CALLER_S:g} s"
+            answers = await asyncio.gather(*(self._peers.probe(j, why) for j in quiet))
+        finally:
+            self._probing.difference_update(quiet)
+        for j, info in zip(quiet, answers, strict=True):
+            if info is not None:
+                await self.rounds.note_round(j, info.round)
 
     async def _check_alive(self, j: str, t: int) -> None:
         assert self._peers is not None  # noqa: S101

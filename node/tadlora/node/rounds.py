@@ -138,6 +138,15 @@ class RoundState:
                 cur.refused.add(caller)
                 self._changed.notify_all()
 
+    async def note_round(self, peer: str, r: int) -> None:
+        """``peer`` said (in a handshake) that it is in round ``r``: past the current round, it will not call for
+        this one, so the round loop need not wait for it."""
+        async with self._changed:
+            cur = self.current
+            if r > cur.t and not cur.closed:
+                cur.ahead.add(peer)
+                self._changed.notify_all()
+
     async def commit(self, caller: str, r: int, accept: bool) -> None:
         """End ``caller``'s answered round-``r`` exchange: with ``accept`` its factors count in round r, else (the
         caller refused our reply) the pair is left out and the round stops waiting for it. Raises ROUND_MISMATCH
