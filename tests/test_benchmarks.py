@@ -417,13 +417,39 @@ RESULTS = BENCHMARKS / "results"
 DOCS = BENCHMARKS.parent / "docs" / "benchmarks.md"
 
 
+def test_scale_counts_one_sided_pairs_degree_disagreements_missed_links_and_catch_up_jumps(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    scale = load("scale", monkeypatch)
+
+    def line(t: int, degree: int, mixed: dict[str, int]) -> dict[str, Any]:
+        return {"round": t, "degree": degree, "neighbours": [{"id": j, "degree": d} for j, d in mixed.items()]}
+
+    # Three nodes, complete graph at p = 1: in round 1, a mixed b but b's line does not list a (one-sided), and c was
+    # told b's degree 1 where b's own line says 2; c jumped from round 1 to 3 (a catch-up) and never logged round 2.
+    by_id = {
+        "a": [line(0, 2, {"b": 2, "c": 2}), line(1, 2, {"b": 2, "c": 2})],
+        "b": [line(0, 2, {"a": 2, "c": 2}), line(1, 2, {"c": 2})],
+        "c": [line(0, 2, {"a": 2, "b": 2}), line(1, 2, {"a": 2, "b": 1}), line(3, 2, {})],
+    }
+    counts = scale.agreement(by_id, 1.0, None)
+    assert counts == {"rounds": 7, "catch_up_jumps": 1, "one_sided_pairs": 1, "degree_disagreements": 1,
+                      "scheduled_links": 14, "scheduled_links_missed": 3, "unscheduled_links_mixed": 0}  # fmt: skip
+
+
 def table_lines(markdown: str) -> list[str]:
     return [line for line in markdown.splitlines() if line.startswith("|")]
 
 
 @pytest.mark.parametrize(
     ("name", "field"),
-    [("exchange", "sizes"), ("daemon_overhead", None), ("discovery", "summary_s"), ("sim_throughput", None)],
+    [
+        ("exchange", "sizes"),
+        ("daemon_overhead", None),
+        ("discovery", "summary_s"),
+        ("sim_throughput", None),
+        ("scale", None),
+    ],
 )
 def test_the_committed_markdown_table_is_the_scripts_table_of_the_committed_json(
     name: str, field: str | None, monkeypatch: pytest.MonkeyPatch
@@ -438,7 +464,7 @@ def test_the_committed_markdown_table_is_the_scripts_table_of_the_committed_json
     assert table_lines(common.markdown_table(headers, rows)) == expected
 
 
-@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery"])
+@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery", "scale"])
 def test_docs_benchmarks_shows_the_committed_table(name: str) -> None:
     # docs/benchmarks.md quotes each performance benchmark's committed table: a rerun whose results were committed
     # without the page (or the reverse) leaves the page's numbers those of another run.
@@ -450,7 +476,7 @@ def test_docs_benchmarks_shows_the_committed_table(name: str) -> None:
     assert f"\n{command}\n" in docs, f"docs/benchmarks.md does not give results/{name}.json's command {command!r}"
 
 
-@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery"])
+@pytest.mark.parametrize("name", ["exchange", "daemon_overhead", "sim_throughput", "discovery", "scale"])
 def test_docs_benchmarks_caveats_name_the_machine_of_each_committed_run(name: str) -> None:
     # The caveats put section 3 on the AMD EPYC with grpcio 1.85.3 after its rerun on an Intel Xeon (grpcio 1.85.4,
     # 23.6 GiB) had been committed.
