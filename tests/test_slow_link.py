@@ -299,6 +299,9 @@ class _TimingOut:
         progress.sent = Transfer(size=MiB, moved=MiB // 4, began=0.0)
         raise PeerTimeout(self.address, "no answer before the deadline")
 
+    async def leave(self, info: PeerInfo, timeout: float) -> bool:
+        raise PeerTimeout(self.address, "no answer before the deadline")
+
     async def aclose(self) -> None:
         pass
 
@@ -346,6 +349,9 @@ class _SlowLink:
     async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
         self.handshakes += 1
         raise PeerTimeout(self.address, "no answer before the deadline")
+
+    async def leave(self, info: PeerInfo, timeout: float) -> bool:
+        raise PeerTimeout(self.address, "no answer before the deadline")  # queued behind the cut exchange too
 
     async def aclose(self) -> None:
         pass
