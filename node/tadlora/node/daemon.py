@@ -709,6 +709,8 @@ class Node:
             await self._peers.add(remote, None, "inbound")
         if abs(remote.round - self.rounds.t) >= 2:
             self.rounds.gap_seen = True
+        # A neighbour that handshakes from a later round (its catch-up or quiet-caller probe) will not call for ours.
+        await self.rounds.note_round(remote.node_id, remote.round)
 
     async def async_leave(self, remote: PeerInfo) -> None:
         """Peer ``remote`` is stopping (see `NodeHandler`, `PeerManager.left`): dropped now, so that no round waits
@@ -1173,29 +1175,35 @@ class Node:
             log.error("exchange with %s in round %d failed inside this node", j, t, exc_info=exc)
 
     async def _probe_quiet(self, cur: Round, inbound: Collection[str]) -> None:
-        """`QUIET_CALLER_S` into round ``cur``'s exchanges, ask each neighbour that calls this node (``inbound``) and
-        has not yet whether it is there: one that does not answer is dropped, so the round stops waiting for it,
-        and one already in a later round will not call for this one, so it is noted ahead. Owned by `_run_round`,
-        which cancels it when the round's exchanges end; a neighbour that called meanwhile is not asked."""
+        """Every `QUIET_CALLER_S` of round ``cur``'s exchanges, ask each neighbour that calls this node (``inbound``)
+        and has not yet whether it is there: one that does not answer is dropped, so the round stops waiting for it,
+        and one that is in a later round, or too far behind to reach this one, will not call for it, so the round
+        stops waiting for it too (`RoundState.note_round`). Asked again while it stays quiet: a caller one round
+        behind is waited for, but it may then skip this round by a catch-up, and nothing else would tell this node
+        (it waited out --exchange-timeout, and its own callers waited for it in turn). Owned by `_run_round`, which
+        cancels it when the round's exchanges end; a neighbour that called meanwhile is not asked."""
         assert self._peers is not None  # noqa: S101
-        await asyncio.sleep(QUIET_CALLER_S)
-        quiet = sorted(
-            j for j in inbound
-            if j not in cur.received and j not in cur.pending and j not in cur.ahead and j not in cur.refused
-            and (j, cur.t) not in self._heard and j not in self._probing
-        )  # fmt: skip
-        if not quiet:
-            return
-        self._probing.update(quiet)
-        self.metrics.probes.labels("quiet").inc(len(quiet))
-        try:
-            why = f"had not called in round {cur.t} after {QUIET_CALLER_S:g} s"
-            answers = await asyncio.gather(*(self._peers.probe(j, why) for j in quiet))
-        finally:
-            self._probing.difference_update(quiet)
-        for j, info in zip(quiet, answers, strict=True):
-            if info is not None:
-                await self.rounds.note_round(j, info.round)
+        waited = 0.0
+        while True:
+            await asyncio.sleep(QUIET_CALLER_S)
+            waited += QUIET_CALLER_S
+            quiet = sorted(
+                j for j in inbound
+                if j not in cur.received and j not in cur.pending and j not in cur.ahead and j not in cur.refused
+                and (j, cur.t) not in self._heard and j not in self._probing
+            )  # fmt: skip
+            if not quiet:
+                continue
+            self._probing.update(quiet)
+            self.metrics.probes.labels("quiet").inc(len(quiet))
+            try:
+                why = f"had not called in round {cur.t} after {waited:g} s"
+                answers = await asyncio.gather(*(self._peers.probe(j, why) for j in quiet))
+            finally:
+                self._probing.difference_update(quiet)
+            for j, info in zip(quiet, answers, strict=True):
+                if info is not None:
+                    await self.rounds.note_round(j, info.round)
 
     async def _check_alive(self, j: str, t: int) -> None:
         assert self._peers is not None  # noqa: S101
