@@ -20,18 +20,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tadlora.node import grpc_transport, rpc
+from tadlora.node import exchange_stream, grpc_transport, limits, peer_checks
+from tadlora.node.caller import _Caller
+from tadlora.node.exchange_stream import _receive_payload
+from tadlora.node.limits import MAX_DETAIL_CHARS
+from tadlora.node.responder import _Responder
 from tadlora.node.rpc import (
-    MAX_DETAIL_CHARS,
     MAX_EXCHANGES_PER_CALLER,
     MAX_TEXT_CHARS,
     PROTOCOL_VERSION,
     ExchangeHeader,
     PeerInfo,
     StatusInfo,
-    _Caller,
-    _receive_payload,
-    _Responder,
 )
 from tadlora.node.wire import (
     MAX_CHUNK_BYTES,
@@ -240,7 +240,7 @@ def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data
     async def receive() -> None:
         ours = ExchangeHeader(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, round=0, degree=1,
                               schedule=SCHEDULE)  # fmt: skip
-        check = lambda head: rpc._check_peer(head, ours=ours)  # noqa: E731
+        check = lambda head: peer_checks._check_peer(head, ours=ours)  # noqa: E731
         with contextlib.suppress(ExchangeRefused):
             await _receive_payload(stream(), max_payload_bytes=1 << 20, check=check)
 
@@ -438,7 +438,7 @@ def test_garbled_handshakes_are_answered_with_a_reply_never_an_exception(info: p
     if reply.accepted:
         assert (info.cluster, info.fingerprint, info.protocol_version) == (CLUSTER, FINGERPRINT, PROTOCOL_VERSION)
         assert max(len(info.node_id), len(info.address), len(info.method), len(info.schedule)) <= MAX_TEXT_CHARS
-        assert info.round <= rpc.MAX_ROUND and info.degree <= rpc.MAX_DEGREE
+        assert info.round <= limits.MAX_ROUND and info.degree <= limits.MAX_DEGREE
     else:
         assert reply.reason not in (Reason.UNSPECIFIED, Reason.INTERNAL), reply.detail
         assert len(reply.detail) < 1000  # the detail never echoes a huge field back
@@ -530,7 +530,7 @@ def test_a_reply_from_a_node_this_one_may_not_mix_with_is_refused_by_the_caller(
     payload = encode_factors(factors)
     callee = ExchangeHeader(node_id="callee", cluster=CLUSTER, fingerprint=FINGERPRINT, round=5, degree=1,
                             schedule=SCHEDULE)  # fmt: skip
-    replies = list(rpc._payload_messages(callee, payload, digest(payload)))
+    replies = list(exchange_stream._payload_messages(callee, payload, digest(payload)))
     if field is not None:
         setattr(replies[0].header, field, value)
     ours = PeerInfo(node_id="me", cluster=CLUSTER, fingerprint=FINGERPRINT, address="", round=5, degree=1,
@@ -585,18 +585,18 @@ def test_grpc_limits_are_set_explicitly_on_the_server(monkeypatch: pytest.Monkey
 
     asyncio.run(start_stop())
     options = seen["options"]
-    assert options["grpc.max_receive_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
-    assert options["grpc.max_send_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
-    assert options["grpc.max_concurrent_streams"] == rpc.GRPC_MAX_CONCURRENT_STREAMS
-    assert options["grpc.keepalive_time_ms"] == rpc.GRPC_SERVER_KEEPALIVE_MS
-    assert options["grpc.keepalive_timeout_ms"] == rpc.GRPC_KEEPALIVE_TIMEOUT_MS
-    assert options["grpc.http2.min_ping_interval_without_data_ms"] == rpc.GRPC_MIN_PING_INTERVAL_MS
-    assert seen["max_rpcs"] == rpc.GRPC_MAX_CONCURRENT_RPCS
+    assert options["grpc.max_receive_message_length"] == limits.GRPC_MAX_MESSAGE_BYTES
+    assert options["grpc.max_send_message_length"] == limits.GRPC_MAX_MESSAGE_BYTES
+    assert options["grpc.max_concurrent_streams"] == limits.GRPC_MAX_CONCURRENT_STREAMS
+    assert options["grpc.keepalive_time_ms"] == limits.GRPC_SERVER_KEEPALIVE_MS
+    assert options["grpc.keepalive_timeout_ms"] == limits.GRPC_KEEPALIVE_TIMEOUT_MS
+    assert options["grpc.http2.min_ping_interval_without_data_ms"] == limits.GRPC_MIN_PING_INTERVAL_MS
+    assert seen["max_rpcs"] == limits.GRPC_MAX_CONCURRENT_RPCS
     # Connections end after an age and a grace, which is what bounds a caller that never reads its reply; the grace
     # outlasts any honest call in flight at the end: its stream and its reply each take up to the payload timeout.
     assert options["grpc.max_connection_age_ms"] == grpc_transport.GRPC_MAX_CONNECTION_AGE_MS
-    assert options["grpc.max_connection_age_grace_ms"] >= 2_000 * rpc.DEFAULT_PAYLOAD_TIMEOUT_S
-    assert rpc.GRPC_MAX_MESSAGE_BYTES > MAX_CHUNK_BYTES  # a chunk and its framing always fit
+    assert options["grpc.max_connection_age_grace_ms"] >= 2_000 * limits.DEFAULT_PAYLOAD_TIMEOUT_S
+    assert limits.GRPC_MAX_MESSAGE_BYTES > MAX_CHUNK_BYTES  # a chunk and its framing always fit
 
 
 @pytest.mark.parametrize("secure", [False, True])
@@ -617,12 +617,12 @@ def test_grpc_limits_are_set_explicitly_on_the_client(monkeypatch: pytest.Monkey
         await client.aclose()
 
     asyncio.run(connect())
-    assert seen["grpc.max_receive_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
-    assert seen["grpc.max_send_message_length"] == rpc.GRPC_MAX_MESSAGE_BYTES
-    assert seen["grpc.keepalive_time_ms"] == rpc.GRPC_CLIENT_KEEPALIVE_MS
-    assert seen["grpc.keepalive_timeout_ms"] == rpc.GRPC_KEEPALIVE_TIMEOUT_MS
+    assert seen["grpc.max_receive_message_length"] == limits.GRPC_MAX_MESSAGE_BYTES
+    assert seen["grpc.max_send_message_length"] == limits.GRPC_MAX_MESSAGE_BYTES
+    assert seen["grpc.keepalive_time_ms"] == limits.GRPC_CLIENT_KEEPALIVE_MS
+    assert seen["grpc.keepalive_timeout_ms"] == limits.GRPC_KEEPALIVE_TIMEOUT_MS
     # The client pings no more often than the server tolerates, or the server would drop it.
-    assert rpc.GRPC_CLIENT_KEEPALIVE_MS >= rpc.GRPC_MIN_PING_INTERVAL_MS
+    assert limits.GRPC_CLIENT_KEEPALIVE_MS >= limits.GRPC_MIN_PING_INTERVAL_MS
 
 
 _UNSAFE = re.compile(r"\bimport pickle\b|\bfrom pickle\b|\bpickle\.|(?<![\w.])torch\.load\(|\bcloudpickle\b|\bdill\b")

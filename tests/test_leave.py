@@ -25,7 +25,8 @@ from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import PeersOption
-from tadlora.node.rpc import NODE_SERVICE_NAME, PeerInfo, Transport, _Responder
+from tadlora.node.responder import _Responder
+from tadlora.node.rpc import NODE_SERVICE_NAME, PeerInfo, Transport
 from tadlora.node.wire import ExchangeRefused, Reason
 from test_daemon import node_config
 from test_rpc import LISTEN, TIMEOUT, FakeNode, lora_factors

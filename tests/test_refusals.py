@@ -17,18 +17,11 @@ import torch
 from tadlora.core.factors import Factors, select
 from tadlora.core.mixing import sent_factors
 from tadlora.node.daemon import Node
+from tadlora.node.exchange_stream import _payload_messages
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peerspec import PeersOption
-from tadlora.node.rpc import (
-    MAX_DEGREE,
-    MAX_ROUND,
-    PROTOCOL_VERSION,
-    ExchangeHeader,
-    PeerInfo,
-    StatusInfo,
-    _payload_messages,
-    _Responder,
-)
+from tadlora.node.responder import _Responder
+from tadlora.node.rpc import MAX_DEGREE, MAX_ROUND, PROTOCOL_VERSION, ExchangeHeader, PeerInfo, StatusInfo
 from tadlora.node.wire import ExchangeRefused, FactorSpec, Reason, chunk_count, digest, encode_factors
 from tadlora.v1 import node_pb2 as pb
 from test_daemon import node_config

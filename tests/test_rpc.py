@@ -26,8 +26,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from nodeproc import free_ports
 from tadlora.node import grpc_transport, wire
+from tadlora.node.exchange_stream import _payload_messages
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.memory_transport import InMemoryNetwork
+from tadlora.node.peer_checks import check_sane
+from tadlora.node.responder import _Responder
 from tadlora.node.rpc import (
     MAX_DEGREE,
     MAX_EXCHANGES_PER_CALLER,
@@ -48,10 +51,7 @@ from tadlora.node.rpc import (
     Server,
     StatusInfo,
     Transport,
-    _payload_messages,
-    _Responder,
     check_compatible,
-    check_sane,
     node_id_problem,
 )
 from tadlora.node.wire import (
@@ -1388,7 +1388,7 @@ async def test_every_refusal_logs_its_caller_alike_and_one_not_yet_known_as_such
 ) -> None:
     """Handshakes and commits logged a request that did not parse as "from ''", exchanges and fetches "from a caller
     not yet known"; and only the latter fell back on the caller's certificate before its request named it."""
-    from tadlora.node.rpc import _Responder
+    from tadlora.node.responder import _Responder
 
     responder = _Responder(bob, max_payload_bytes=1 << 20)
     with caplog.at_level(logging.INFO, logger="tadlora.rpc"):

@@ -16,16 +16,9 @@ import pytest
 from tadlora.node.grpc_transport import RpcServer, _Parsed
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.progress import ExchangeProgress, Transfer, describe, size_text
-from tadlora.node.rpc import (
-    NODE_SERVICE_NAME,
-    PROTOCOL_VERSION,
-    CallEnded,
-    ExchangeHeader,
-    PeerInfo,
-    PeerTimeout,
-    StatusInfo,
-    _Responder,
-)
+from tadlora.node.protocol_types import CallEnded
+from tadlora.node.responder import _Responder
+from tadlora.node.rpc import NODE_SERVICE_NAME, PROTOCOL_VERSION, ExchangeHeader, PeerInfo, PeerTimeout, StatusInfo
 from tadlora.node.wire import MAX_CHUNK_BYTES, ExchangeRefused, FactorSpec, Reason
 from tadlora.v1 import node_pb2 as pb
 from test_daemon_faults import PEER_ID, SilentPeer, lone_node, scripted_peer

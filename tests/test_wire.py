@@ -112,7 +112,7 @@ def test_every_refusal_reason_is_in_the_docs_table_and_the_table_names_no_other(
 
 def test_the_caps_and_timeouts_docs_protocol_quotes_are_the_codes() -> None:
     """Each number docs/protocol.md gives a peer implementer is the constant the code enforces."""
-    from tadlora.node import daemon, peers, rounds, rpc, wire
+    from tadlora.node import daemon, limits, peers, protocol_types, rounds, wire
     from tadlora.node.config import NodeConfig
     from tadlora.node.grpc_transport import GRPC_MAX_CONNECTION_AGE_MS, GRPC_MIN_CONNECTION_AGE_GRACE_MS
 
@@ -120,13 +120,13 @@ def test_the_caps_and_timeouts_docs_protocol_quotes_are_the_codes() -> None:
     defaults = {f.name: f.default for f in dataclasses.fields(NodeConfig)}
     mib, kib = 1 << 20, 1 << 10
     quoted = {
-        f"`MAX_DEGREE` ({rpc.MAX_DEGREE})": True,
-        "`MAX_ROUND` (2^40)": rpc.MAX_ROUND == 2**40,
+        f"`MAX_DEGREE` ({limits.MAX_DEGREE})": True,
+        "`MAX_ROUND` (2^40)": limits.MAX_ROUND == 2**40,
         f"more than {rounds.WAIT_GAP_ROUNDS} (`WAIT_GAP_ROUNDS`)": True,
-        f"{rpc.MAX_EXCHANGES_PER_CALLER} exchanges (`MAX_EXCHANGES_PER_CALLER`)": True,
-        f"{rpc.MAX_FETCHES_PER_CALLER} fetches (`MAX_FETCHES_PER_CALLER`)": True,
-        f"over {rpc.MAX_TEXT_CHARS} characters (`MAX_TEXT_CHARS`)": True,
-        f"first {rpc.MAX_DETAIL_CHARS} characters": True,
+        f"{limits.MAX_EXCHANGES_PER_CALLER} exchanges (`MAX_EXCHANGES_PER_CALLER`)": True,
+        f"{limits.MAX_FETCHES_PER_CALLER} fetches (`MAX_FETCHES_PER_CALLER`)": True,
+        f"over {limits.MAX_TEXT_CHARS} characters (`MAX_TEXT_CHARS`)": True,
+        f"first {limits.MAX_DETAIL_CHARS} characters": True,
         f"`NodeConfig.max_payload_bytes`, {defaults['max_payload_bytes'] // mib} MiB)": True,
         f"chunks of at most {wire.MAX_CHUNK_BYTES // mib} MiB": wire.MAX_CHUNK_BYTES % mib == 0,
         f"a chunk over {wire.MAX_CHUNK_BYTES // mib} MiB": True,
@@ -136,17 +136,18 @@ def test_the_caps_and_timeouts_docs_protocol_quotes_are_the_codes() -> None:
         f"`--exchange-timeout` (default {defaults['exchange_timeout']:g} s;": True,
         f"grace: 2 × `--exchange-timeout`, at least {GRPC_MIN_CONNECTION_AGE_GRACE_MS // 1000} s)": True,
         f"connection age, {GRPC_MAX_CONNECTION_AGE_MS // 60_000} min,": True,
-        "message size 4 MiB + 64 KiB": rpc.GRPC_MAX_MESSAGE_BYTES - 64 * kib == 4 * mib,
-        f"{rpc.GRPC_MAX_CONCURRENT_STREAMS} concurrent streams": True,
-        f"{rpc.GRPC_MAX_CONCURRENT_RPCS} concurrent RPCs": True,
-        f"keepalive pings every {rpc.GRPC_CLIENT_KEEPALIVE_MS // 1000} s (client) / "
-        f"{rpc.GRPC_SERVER_KEEPALIVE_MS // 1000} s (server) with a {rpc.GRPC_KEEPALIVE_TIMEOUT_MS // 1000} s ack": True,
-        f"pings at most every {rpc.GRPC_MIN_PING_INTERVAL_MS // 1000} s": True,
+        "message size 4 MiB + 64 KiB": limits.GRPC_MAX_MESSAGE_BYTES - 64 * kib == 4 * mib,
+        f"{limits.GRPC_MAX_CONCURRENT_STREAMS} concurrent streams": True,
+        f"{limits.GRPC_MAX_CONCURRENT_RPCS} concurrent RPCs": True,
+        f"keepalive pings every {limits.GRPC_CLIENT_KEEPALIVE_MS // 1000} s (client) / "
+        f"{limits.GRPC_SERVER_KEEPALIVE_MS // 1000} s (server) "
+        f"with a {limits.GRPC_KEEPALIVE_TIMEOUT_MS // 1000} s ack": True,
+        f"pings at most every {limits.GRPC_MIN_PING_INTERVAL_MS // 1000} s": True,
         f"handshake timeout ({peers.HANDSHAKE_TIMEOUT_S:g} s)": True,
         f"within {peers.LEAVE_TIMEOUT_S:g} s (`LEAVE_TIMEOUT_S`)": True,
         f"no answer within {daemon.FETCH_TIMEOUT_S:g} s": True,
         f"for {daemon.FETCH_RETRY_S / 60:g} minutes": True,
-        f"Protocol version {rpc.PROTOCOL_VERSION};": True,
+        f"Protocol version {protocol_types.PROTOCOL_VERSION};": True,
     }
     assert [quote for quote, holds in quoted.items() if not holds or quote not in doc] == []
 

@@ -106,7 +106,7 @@ def status_credentials(a: argparse.Namespace) -> tuple[grpc.ChannelCredentials |
         raise ValueError(f"--timeout must be > 0 and finite seconds, got {a.timeout}")
     if a.insecure or a.tls_dir is None:
         return None, None
-    from tadlora.node.rpc import node_id_problem
+    from tadlora.node.peer_checks import node_id_problem
     from tadlora.node.tls import TlsMaterial
 
     if a.node_id and (problem := node_id_problem(a.node_id)):  # named, so that a TADLORA_NODE_ID that set it is too
@@ -140,7 +140,7 @@ def status_main(argv: list[str]) -> int:
     does not, 2 for bad flags or TLS files."""
     parser = build_status_parser()
     a = parser.parse_args(argv)
-    from tadlora.node.rpc import PeerUnavailable
+    from tadlora.node.protocol_types import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused, Reason
 
     try:

@@ -46,7 +46,7 @@ from tadlora.core.robust import RobustMixing, parse_robust_mixing
 from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back
 from tadlora.node.identity import OutRefused, kept_node_id
 from tadlora.node.peerspec import parse_peers_option
-from tadlora.node.rpc import BindError
+from tadlora.node.protocol_types import BindError
 from tadlora.training import OPTIMIZER_STATES, OPTIMIZERS, PRECISIONS, TrainSpec
 
 if TYPE_CHECKING:

@@ -14,8 +14,8 @@ from tadlora.core.robust import RobustMixing
 from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.identity import kept_init
 from tadlora.node.netif import require_unicast_ipv4
+from tadlora.node.peer_checks import node_id_problem
 from tadlora.node.peerspec import PeersOption, join_host_port, parse_peers_option, unbracketed_hint
-from tadlora.node.rpc import node_id_problem
 from tadlora.training import TrainSpec
 
 DEFAULT_PORT = 7070
@@ -192,7 +192,7 @@ class NodeConfig:
         agree each round: the method (which factors train and are mixed, and how), its effective switch interval T,
         the link probability p and the overlay degree cap (both decide which links are up; the seed, the third
         input, is in the fingerprint). Canonical, e.g. ``"tad T=5 p=0.5 max-neighbors=all"``: a default T written
-        out and 0.10 for 0.1 give the same string. Peers compare it as a string (`tadlora.node.rpc`), so its
+        out and 0.10 for 0.1 give the same string. Peers compare it as a string (`tadlora.node.peer_checks`), so its
         spelling is part of the protocol. Per-node settings (shard, data, split, robust mixing, timeouts) are not in
         it: nodes that differ in them still mix consistently."""
         t = make_method(self.method, self.switch_interval).switch_interval

@@ -46,26 +46,24 @@ from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
 from tadlora.node.identity import OutRefused, load_identity, recorded_init, run_conflict, save_identity
+from tadlora.node.limits import MAX_CANDIDATES_SHOWN, MAX_DEGREE
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
 from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import looks_like_ipv4
 from tadlora.node.progress import TIMEOUT_HEADROOM, ExchangeProgress, describe
-from tadlora.node.rounds import Round, RoundState
-from tadlora.node.rpc import (
-    MAX_CANDIDATES_SHOWN,
-    MAX_DEGREE,
+from tadlora.node.protocol_types import (
     PROTOCOL_VERSION,
     ExchangeHeader,
     NeighborStatus,
     PeerInfo,
     PeerTimeout,
     PeerUnavailable,
-    Server,
     StatusInfo,
-    Transport,
 )
+from tadlora.node.rounds import Round, RoundState
 from tadlora.node.tls import TlsMaterial
+from tadlora.node.transport import Server, Transport
 from tadlora.node.wire import ExchangeRefused, FactorSpec, Payload, PayloadError, Reason
 from tadlora.training import Encoded, Interrupted, OptimizerState, encode, evaluate, local_steps, precision_warning
 from tadlora.workload import client_shards, eval_subset

@@ -25,8 +25,8 @@ from zeroconf import BadTypeInNameException, DNSQuestionType, IPVersion, Service
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from tadlora.node.netif import ipv4_by_interface, ipv4_networks, require_unicast_ipv4
+from tadlora.node.peer_checks import node_id_problem
 from tadlora.node.peerspec import PORT_MAX
-from tadlora.node.rpc import node_id_problem
 
 __all__ = [
     "QUESTION_TYPE",

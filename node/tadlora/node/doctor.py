@@ -44,7 +44,7 @@ from tadlora.node.hostcheck import (
 )
 from tadlora.node.identity import kept_node_id
 from tadlora.node.netif import ipv4_networks
-from tadlora.node.rpc import SAME_MODEL_FIX, SAME_SCHEDULE_FIX, schedules_differ
+from tadlora.node.peer_checks import SAME_MODEL_FIX, SAME_SCHEDULE_FIX, schedules_differ
 
 if TYPE_CHECKING:
     import grpc
@@ -129,7 +129,7 @@ def compare_peer(
     ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown. ``same_id``: the peer
     runs under the node id this node would take, a FAIL within one cluster. ``schedule``: the peer's
     (`NodeConfig.schedule`, from its status or mDNS record), "" if unknown (a node too old to say)."""
-    from tadlora.node.rpc import PROTOCOL_VERSION
+    from tadlora.node.protocol_types import PROTOCOL_VERSION
 
     name = f"peer {who}"
     if cluster != cfg.cluster:
@@ -203,7 +203,7 @@ async def async_check_address(
     answer) or else in plaintext, and compare it with ours (``node_id``: the id this node would run under, None for
     one it will draw)."""
     from tadlora.node.grpc_transport import PeerClient
-    from tadlora.node.rpc import PeerUnavailable
+    from tadlora.node.protocol_types import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused
 
     try:

@@ -15,23 +15,13 @@ from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tadlora.node.rpc import (
-    _CHANNEL_OPTIONS,
-    _SERVER_OPTIONS,
-    DEFAULT_GRACE_S,
-    GRPC_MAX_CONCURRENT_RPCS,
-    NODE_SERVICE_NAME,
-    BindError,
-    CallEnded,
-    NodeHandler,
-    PeerTimeout,
-    PeerUnavailable,
-    _Caller,
-    _peer_refusal,
-    _Responder,
-    _ServiceFault,
-)
+from tadlora.node.caller import _Caller
+from tadlora.node.limits import _CHANNEL_OPTIONS, _SERVER_OPTIONS, DEFAULT_GRACE_S, GRPC_MAX_CONCURRENT_RPCS
+from tadlora.node.pb_mapping import _peer_refusal
+from tadlora.node.protocol_types import NODE_SERVICE_NAME, BindError, CallEnded, PeerTimeout, PeerUnavailable
+from tadlora.node.responder import _Responder, _ServiceFault
 from tadlora.node.tls import TLS_SERVER_NAME, TlsMaterial
+from tadlora.node.transport import NodeHandler
 from tadlora.node.wire import MAX_PAYLOAD_BYTES, ExchangeRefused, PayloadError, Reason
 from tadlora.v1 import node_pb2 as pb
 from tadlora.v1 import node_pb2_grpc as pb_grpc

@@ -7,17 +7,11 @@ import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Coroutine, Iterable, Iterator
 from typing import Any, Self, TypeVar
 
-from tadlora.node.rpc import (
-    DEFAULT_GRACE_S,
-    GRPC_MAX_MESSAGE_BYTES,
-    BindError,
-    NodeHandler,
-    PeerTimeout,
-    PeerUnavailable,
-    _Caller,
-    _Responder,
-    _ServiceFault,
-)
+from tadlora.node.caller import _Caller
+from tadlora.node.limits import DEFAULT_GRACE_S, GRPC_MAX_MESSAGE_BYTES
+from tadlora.node.protocol_types import BindError, PeerTimeout, PeerUnavailable
+from tadlora.node.responder import _Responder, _ServiceFault
+from tadlora.node.transport import NodeHandler
 from tadlora.node.wire import MAX_PAYLOAD_BYTES
 from tadlora.v1 import node_pb2 as pb
 

@@ -20,20 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tadlora.node.discovery import PeerCandidate
-from tadlora.node.rpc import (
-    MAX_TEXT_CHARS,
+from tadlora.node.limits import MAX_TEXT_CHARS
+from tadlora.node.peer_checks import (
     SAME_MODEL_FIX,
     SAME_PROTOCOL_FIX,
     SAME_SCHEDULE_FIX,
-    CandidateStatus,
-    OwnAddress,
-    PeerConnection,
-    PeerInfo,
-    PeerUnavailable,
-    Transport,
     check_compatible,
     schedules_differ,
 )
+from tadlora.node.protocol_types import CandidateStatus, OwnAddress, PeerInfo, PeerUnavailable
+from tadlora.node.transport import PeerConnection, Transport
 from tadlora.node.wire import ExchangeRefused, Reason
 
 log = logging.getLogger("tadlora.peers")

@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tadlora.node.rpc import node_id_problem
+from tadlora.node.peer_checks import node_id_problem
 
 TLS_SERVER_NAME = "tadlora-node"  # DNS name in every node certificate; what clients verify (peers are dialled by IP)
 CA_DAYS = 3650  # days a cluster CA is valid
