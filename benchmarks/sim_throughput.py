@@ -85,7 +85,7 @@ def worker(args: argparse.Namespace) -> dict:
     from tadlora.core.topology import make_topology
     from tadlora.data import resolve_dataset
     from tadlora.sim.engine import make_engine
-    from tadlora.sim.runner import mix_round
+    from tadlora.sim.rounds import mix_round
     from tadlora.training import TrainSpec, encode
     from tadlora.workload import client_shards, eval_subset
 

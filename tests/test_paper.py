@@ -13,7 +13,7 @@ import pytest
 
 from tadlora.sim.config import ALL_METHODS, preset
 from tadlora.sim.paper import SWEEP_INTERVALS, claims, entries, paper_grids
-from tadlora.sim.runner import summarize
+from tadlora.sim.summary import summarize
 from test_benchmarks import load
 
 SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "paper_table.py"

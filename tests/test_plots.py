@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from tadlora.sim import plots
-from tadlora.sim.runner import summarize
+from tadlora.sim.summary import summarize
 
 
 def cell(t: int | None, seed: int, acc: float, std: float = 0.01, method: str = "tad") -> dict[str, Any]:

@@ -27,9 +27,11 @@ from tadlora.core.methods import make_method
 from tadlora.core.topology import make_topology
 from tadlora.data import resolve_dataset
 from tadlora.sim.cli import build_parser, config_from_args, main
-from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, override, preset
+from tadlora.sim.config import ALL_METHODS, RESOLVED_KEY, Cell, SimConfig, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
-from tadlora.sim.runner import RESOLVED_KEY, Progress, Simulator, mix_round, simulate
+from tadlora.sim.progress import Progress
+from tadlora.sim.rounds import mix_round
+from tadlora.sim.runner import Simulator, simulate
 from tadlora.training import encode
 
 
@@ -584,7 +586,7 @@ def test_a_method_has_one_colour_in_every_panel_and_the_legend_names_every_line(
     import matplotlib.pyplot as plt
 
     from tadlora.sim.plots import _round_figure
-    from tadlora.sim.runner import summarize
+    from tadlora.sim.summary import summarize
 
     def run(method: str, p: float) -> dict:
         rounds = [{"round": 0, "acc_mean": 0.5, "acc_std": 0.1, "cross_term_norm": None}]  # NaN norms: null
@@ -646,7 +648,7 @@ def test_cli_shares_cells_from_another_run_and_says_when_it_cannot(tmp_path, cap
 
 def test_bytes_count_only_what_the_method_sends() -> None:
     from tadlora.core.factors import Factor, factor_key
-    from tadlora.sim.runner import mix_round
+    from tadlora.sim.rounds import mix_round
 
     snap = {factor_key("m", Factor.A): torch.zeros(2, 3), factor_key("m", Factor.B): torch.zeros(3, 2)}
     topo = make_topology("complete", 3)  # 3 links, 6 messages

@@ -19,7 +19,7 @@ from tadlora.core.topology import make_topology
 from tadlora.data import TextDataset
 from tadlora.sim.config import ALL_METHODS
 from tadlora.sim.engine import SequentialEngine
-from tadlora.sim.runner import mix_round
+from tadlora.sim.rounds import mix_round
 from tadlora.training import (
     DROPOUT_STREAM,
     Interrupted,

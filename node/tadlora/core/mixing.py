@@ -6,7 +6,7 @@ round preserves the network average and repeated rounds on a connected graph con
 
 `local_weights` computes one node's row from what that node can know (its degree and its neighbours'
 degrees, which the daemon's exchanges carry); both drivers mix with it, the simulator one client's row at a time
-(`tadlora.sim.runner.mix_round`). `mh_matrix` builds the whole matrix from those rows, for tests that check its
+(`tadlora.sim.rounds.mix_round`). `mh_matrix` builds the whole matrix from those rows, for tests that check its
 invariants.
 """
 

@@ -30,7 +30,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from tadlora.sim.config import ALL_METHODS, Cell, SimConfig, config_from_json
-from tadlora.sim.runner import summarize
+from tadlora.sim.summary import summarize
 
 SWEEP_INTERVALS: tuple[int, ...] = (1, 2, 3, 5, 10, 15)
 SWEEP_METHOD = "tad"

@@ -6,6 +6,11 @@ this round's degrees — the same function, fed the same numbers, that the node 
 
 Results are written as they are made: a finished cell to ``cells/KEY.json``, an unfinished one to a
 checkpoint every ``checkpoint_every`` rounds, so an interrupted run resumes where it stopped.
+
+The run (`Simulator`) is here; its parts are in their own modules, whose names this one re-exports:
+`tadlora.sim.rounds` (`simulate`, `mix_round`), `tadlora.sim.progress` (`Progress`), `tadlora.sim.cell_files` (a
+cell's checkpoint and record read back), `tadlora.sim.stamp` (the run directory's config.json) and
+`tadlora.sim.summary` (`summarize`).
 """
 
 from __future__ import annotations
@@ -24,94 +29,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
-from tadlora.core.diagnostics import diagnose
-from tadlora.core.factors import Factors, num_bytes, select
-from tadlora.core.methods import Method, make_method, method_names, takes_switch_interval
-from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
-from tadlora.core.robust import RobustMixing, parse_robust_mixing
-from tadlora.core.topology import Topology, make_topology
+from tadlora.core.methods import make_method
+from tadlora.core.robust import parse_robust_mixing
+from tadlora.core.topology import make_topology
 from tadlora.data import TextDataset, is_local_spec, resolve_dataset
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
-from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig, override, stamp_settings
-from tadlora.sim.engine import ClientEngine, make_engine, resolve_engine
+from tadlora.sim.cell_files import OPT_PREFIX as OPT_PREFIX
+from tadlora.sim.cell_files import _read_cell, _read_checkpoint, _read_json
+from tadlora.sim.config import RESOLVED_KEY, Cell, SimConfig, stamp_settings
+from tadlora.sim.engine import make_engine, resolve_engine
+from tadlora.sim.progress import Progress as Progress
+from tadlora.sim.rounds import RoundRecord as RoundRecord
+from tadlora.sim.rounds import mix_round as mix_round
+from tadlora.sim.rounds import simulate as simulate
+from tadlora.sim.stamp import _RESUMABLE_CHANGES, _grown, _read_stamp, _refusal_remedy, _topology_files
+from tadlora.sim.summary import _final
+from tadlora.sim.summary import summarize as summarize
 from tadlora.training import Encoded, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
-RoundRecord = dict[str, Any]
 log = logging.getLogger("tadlora.sim")
-
-# A cell checkpoint's keys of the persistent optimizer state, "opt/CLIENT/KEY/MOMENT" (factor keys start with the
-# client index); spelt with its "/" as a node checkpoint's `tadlora.node.state.OPT_PREFIX` is.
-OPT_PREFIX = "opt/"
-
-
-def mix_round(
-    method: Method, t: int, topology: Topology, snapshots: Sequence[Factors], robust: RobustMixing | None = None
-) -> tuple[list[Factors], int]:
-    """Every client's end-of-round mixing from the round-``t`` snapshots; also the bytes that would cross
-    the network (each live link carries the sent factors once in each direction)."""
-    adj = topology.adjacency(t)
-    deg = adj.sum(axis=1)
-    mixed = []
-    for i in range(topology.m):
-        nbrs = [int(j) for j in np.flatnonzero(adj[i])]
-        weights = local_weights(int(deg[i]), {j: int(deg[j]) for j in nbrs})
-        mixed.append(apply_method_mixing(method, t, snapshots[i], {j: snapshots[j] for j in nbrs}, weights, robust))
-    per_message = num_bytes(select(snapshots[0], sent_factors(method, t)))
-    return mixed, int(adj.sum()) * per_message  # adj.sum() counts each link twice: one message each way
-
-
-def simulate(
-    engine: ClientEngine,
-    method: Method,
-    topology: Topology,
-    rounds: int,
-    eval_every: int,
-    start_round: int = 0,
-    on_round: Callable[[int, RoundRecord], None] | None = None,
-    robust: RobustMixing | None = None,
-) -> list[RoundRecord]:
-    """Run rounds ``start_round .. rounds-1`` on ``engine``; return one record per round (``robust``: see
-    `tadlora.core.robust`)."""
-    records = []
-    for t in range(start_round, rounds):
-        trained = method.trained(t)
-        losses = engine.train_round(t, trained)
-        snapshots = [engine.get_factors(i) for i in range(engine.num_clients)]
-        mixed, sent = mix_round(method, t, topology, snapshots, robust)
-        for i, factors in enumerate(mixed):
-            engine.set_factors(i, factors)
-        diag = diagnose(mixed)
-        record: RoundRecord = {
-            "round": t,
-            "phase": method.phase(t),
-            "train_loss": float(np.mean(losses)),
-            "live_links": len(topology.live_edges(t)),
-            "bytes": sent,
-            "consensus_a": diag.consensus_a,
-            "consensus_b": diag.consensus_b,
-            "consensus_ba": diag.consensus_ba,
-            "cross_term_norm": diag.cross_term_norm,
-        }
-        if (t + 1) % eval_every == 0 or t == rounds - 1:
-            results = engine.evaluate()
-            accs = np.array([a for a, _ in results])
-            record.update(
-                acc_mean=float(accs.mean()),
-                acc_std=float(accs.std()),
-                acc_min=float(accs.min()),
-                acc_max=float(accs.max()),
-                eval_loss=float(np.mean([lo for _, lo in results])),
-            )
-        records.append(record)
-        if on_round is not None:
-            on_round(t, record)
-    return records
 
 
 @dataclass
@@ -123,151 +63,11 @@ class PreparedData:
     dev_encoded: Encoded
 
 
-class Progress:
-    """A one-line progress display on a terminal, plain lines otherwise (stderr, never stdout): off a terminal, a
-    line when a cell starts, after its first round here and at each evaluation.
-
-    Each line ends with the time since the start and an estimate of the time left in the current cell, from the
-    rounds this process has run of it (a resumed cell's earlier rounds do not count)."""
-
-    def __init__(
-        self, total_cells: int, stream: Any = None, quiet: bool = False, clock: Callable[[], float] = time.monotonic
-    ):
-        self.total, self.stream, self.quiet, self.clock = total_cells, stream or sys.stderr, quiet, clock
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self.started = clock()
-        self._cell_begun, self._cell_first_round = self.started, -1  # the current cell: when, from which round
-
-    def begin(self, index: int, cell: Cell, resuming: bool = False) -> None:
-        """Cell ``index`` starts (or, ``resuming``, goes on from its checkpoint) now: said on a line of its own, since
-        off a terminal the next line comes only with the cell's first evaluation (minutes of silence otherwise)."""
-        self._cell_begun, self._cell_first_round = self.clock(), -1
-        if not self.quiet:
-            what = "resuming from its checkpoint" if resuming else "starting"
-            line = f"[{index + 1}/{self.total}] {self._name(cell)}: {what}"
-            self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
-            self.stream.flush()
-
-    def rounds_start(self) -> None:
-        """The current cell's rounds start now, its model, data and checkpoint loaded: the estimate of the time left
-        counts from here, since the loading, however long, is not a round's time (on a cell's first round it made the
-        estimate the loading's time times the rounds left)."""
-        self._cell_begun = self.clock()
-
-    @staticmethod
-    def _name(cell: Cell) -> str:
-        return f"{cell.method} {cell.topology} p={cell.link_prob:g} T={cell.switch_interval or '-'} seed={cell.seed}"
-
-    def update(self, index: int, cell: Cell, t: int, rounds: int, record: RoundRecord) -> None:
-        """Round ``t`` of cell ``index`` is done (``record``: its numbers)."""
-        now = self.clock()
-        if self._cell_first_round < 0:
-            self._cell_first_round = t
-        # Off a terminal: a line per evaluation, and one after the first round run here, with the first estimate of
-        # the time left (else minutes to an hour of silence until the first evaluation).
-        if self.quiet or not (self.tty or "acc_mean" in record or t == self._cell_first_round):
-            return
-        left = (now - self._cell_begun) / (t + 1 - self._cell_first_round) * (rounds - t - 1)
-        acc = f" acc {record['acc_mean']:.3f}±{record['acc_std']:.3f}" if "acc_mean" in record else ""
-        line = (
-            f"[{index + 1}/{self.total}] {self._name(cell)} round {t + 1}/{rounds} "
-            f"loss {record['train_loss']:.3f}{acc} ({now - self.started:.0f}s, cell done in ~{_duration(left)})"
-        )
-        self.stream.write(("\r\x1b[2K" + line) if self.tty else line + "\n")
-        self.stream.flush()
-
-    def done(self, message: str) -> None:
-        if not self.quiet:
-            self.stream.write(("\r\x1b[2K" if self.tty else "") + message + "\n")
-            self.stream.flush()
-
-
-def _duration(seconds: float) -> str:
-    """``42s``, ``17m`` or ``2h05m``: the precision an estimate deserves."""
-    if seconds < 90:
-        return f"{seconds:.0f}s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f}m"
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m"
-
-
 def _computation_lock_name(cell: Cell) -> str:
     """The lock of ``cell``'s computation (`Cell.computation`), shared by the cells that compute it (``adf`` and
     ``tad`` with T = 5, ``rolora`` and ``tad-nojoint`` with T = 1)."""
     digest = hashlib.blake2b(repr(cell.computation).encode(), digest_size=8).hexdigest()
     return f"computation-{digest}"
-
-
-def _read_json(path: Path, remedy: str = "repair or remove it") -> Any:
-    """The JSON document in ``path``. One that holds none (a hand edit, a merge conflict) is a ValueError naming the
-    file and ``remedy``: json's own error names a line and a column, not the file among the run's many."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path} holds no valid JSON ({exc}): {remedy}") from None
-
-
-# A run's stamp cannot be removed like a cell's file: it is the one record of the settings its cells ran with.
-_STAMP_REMEDY = "repair it (resolve the merge conflict, or restore it from git): it records the settings of the cells"
-
-
-def _read_stamp(path: Path) -> dict[str, Any]:
-    """The settings a run directory's ``config.json`` records; ValueError naming the file where it holds no JSON
-    object (a hand edit's ``null`` or list would otherwise end in a TypeError far from the file)."""
-    stamp = _read_json(path, _STAMP_REMEDY)
-    if not isinstance(stamp, dict):
-        raise ValueError(f"{path} holds {json.dumps(stamp)[:40]}, not the object of a run's settings: {_STAMP_REMEDY}")
-    return stamp
-
-
-def _refusal_remedy(out: Path, computes: bool, kept: Sequence[str]) -> str:
-    """What to do about a run directory ``out`` whose stamp has other settings than ours, for the error that refuses
-    it: ``computes`` is false for a report, ``kept`` the files in its cells/ folder.
-
-    "Use another --out" alone fits only a new run: a report, or a resume that left out the flags the run was started
-    with, wants the directory's own settings, which its stamp gives back as a config file; and a directory where a
-    run stopped before any cell finished or checkpointed (a mistyped --model, data too small for the split) holds
-    nothing to keep, yet its stamp refuses the corrected command for good."""
-    own = f"--config {out / 'config.json'}"
-    if not kept:
-        return (
-            "no cell has finished or checkpointed there, so it holds no result: unless a process is running in it "
-            f"now, remove it (rm -r {out}) and run again to start anew with these settings, or use another --out "
-            "directory"
-        )
-    if not computes:
-        return f"to report it, give its own settings: {own}"
-    return f"to go on with that run, give its own settings ({own}); to start a new run, use another --out directory"
-
-
-def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
-    """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
-
-    A checkpoint carries its records in its metadata. One written before it did has them in ``partial`` beside it;
-    without that file it is ignored (the cell restarts), and if the two disagree on the round (the process died
-    between writing them) the cell cannot resume consistently: ValueError, naming the files to delete.
-    """
-    try:
-        with safe_open(str(ckpt), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (the handle is not a mapping)
-    except SafetensorError as exc:  # not a ValueError: it would end the CLI with a traceback naming no file
-        raise ValueError(
-            f"{ckpt} is not a readable checkpoint ({exc}): delete it and {partial.name} to run this cell from the start"
-        ) from None
-    if "records" in meta:
-        return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0"))
-    if not partial.exists():
-        log.warning("%s has no records beside it: its cell starts over", ckpt)
-        return None
-    saved = _read_json(partial)
-    records = saved["records"]
-    if "round" in meta and int(meta["round"]) != len(records):
-        raise ValueError(
-            f"{ckpt} holds round {meta['round']} but {partial.name} ends at round {len(records)} (the process was "
-            "stopped between writing them): delete both files to run this cell from the start"
-        )
-    return tensors, records, float(saved.get("seconds", 0.0))
 
 
 class Simulator:
@@ -668,99 +468,8 @@ class Simulator:
         return {"config": (grid or self.config).to_dict(), "cells": runs, "summary": summarize(runs)}
 
 
-def _read_cell(path: Path, cell: Cell) -> dict[str, Any]:
-    """The finished ``cell``'s record in ``path``; ValueError naming the file if it holds JSON of another shape (a
-    hand edit, a merge resolved by hand), which would otherwise end the report in a KeyError."""
-    record = _read_json(path)
-    try:
-        same = isinstance(record, dict) and Cell.from_dict(record) == cell
-    except ValueError:
-        same = False
-    if not (same and isinstance(record.get("rounds"), list) and isinstance(record.get("final"), dict)):
-        raise ValueError(f"{path} holds no finished record of cell {cell.key}: remove it to run the cell again")
-    return dict(record)
-
-
 def _report(progress: Progress, index: int, cell: Cell, rounds: int, t: int, record: RoundRecord) -> None:
     progress.update(index, cell, t, rounds, record)
-
-
-# Settings that may differ when a run is resumed, or between runs that share cells: the grid's axes (which cells
-# it holds; growing it only adds cells), the device, and how often a cell is checkpointed (a checkpoint of any
-# round resumes). None changes what a cell computes, but for the device's own draws: a cell resumed on another
-# kind of device (precision and engine as computed are checked apart) goes on with that device's dropout masks,
-# from the same distribution (`tadlora.training`).
-_RESUMABLE_CHANGES = {
-    "checkpoint_every",
-    "methods",
-    "link_probs",
-    "switch_intervals",
-    "sweep_methods",
-    "seeds",
-    "topologies",
-    "device",
-    "name",
-}
-
-
-# The axes among them: a directory's grid is the union, axis by axis, of the grids run in it.
-_GRID_AXES = ("methods", "link_probs", "switch_intervals", "sweep_methods", "seeds", "topologies")
-
-
-def _grown(mine: SimConfig, stamped: dict[str, Any]) -> SimConfig:
-    """``mine`` with each grid axis the stamped grid's values followed by those of mine it lacks, and the stamped
-    name (the directory's, e.g. a benchmark's, not that of the preset a part of it was run with). A stamp's axis
-    that is not a list (hand-edited) is left out of the union rather than trusted. A stamped method that this
-    process has not registered (one of a user's own, registered by the module the grid was run through) is refused
-    as such: the grid's check would call it unknown, as if the run's own --methods had named it."""
-    unregistered = [
-        m
-        for axis in ("methods", "sweep_methods")
-        if isinstance(stamped.get(axis), list)
-        for m in stamped[axis]
-        if isinstance(m, str) and m not in method_names()
-    ]
-    if unregistered:
-        names = ", ".join(map(repr, dict.fromkeys(unregistered)))
-        raise ValueError(
-            f"the directory's grid (its config.json) has method {names}, which this process has not registered "
-            f"(known: {', '.join(method_names())}): a method of your own is registered by your module, so run this "
-            "command through that module, as the run that stamped it was (docs/simulator.md#extending)"
-        )
-    changes: dict[str, Any] = {}
-    for axis in _GRID_AXES:
-        theirs = stamped.get(axis)
-        if isinstance(theirs, list):
-            changes[axis] = list(dict.fromkeys([*theirs, *getattr(mine, axis)]))
-    # A method one grid runs at its own T and the other sweeps is swept in the union: its own T joins the T grid,
-    # or the cells run at it would fall out of the directory's grid (and its results).
-    swept = changes.get("sweep_methods", list(mine.sweep_methods))
-    own_t = []
-    for methods, sweep in ((mine.methods, mine.sweep_methods), (stamped.get("methods"), stamped.get("sweep_methods"))):
-        if isinstance(methods, list | tuple) and isinstance(sweep, list | tuple):
-            own_t += [
-                make_method(m).switch_interval
-                for m in methods
-                if m in swept and m not in sweep and m in method_names() and takes_switch_interval(m)
-            ]
-    if own_t:
-        grown = [*changes.get("switch_intervals", mine.switch_intervals), *own_t]
-        changes["switch_intervals"] = list(dict.fromkeys(grown))
-    if isinstance(stamped.get("name"), str):
-        changes["name"] = stamped["name"]
-    return override(mine, changes)
-
-
-def _topology_files(config: SimConfig) -> dict[str, str]:
-    """A digest of the graph (its edges, however the file writes them) that each ``file:`` topology of ``config``
-    reads now. A cell's key names such a topology by its path only: an edited file would go on under it unseen."""
-    return {
-        spec: hashlib.blake2b(
-            repr(sorted(make_topology(spec, config.num_clients).edges)).encode(), digest_size=8
-        ).hexdigest()
-        for spec in config.topologies
-        if spec.startswith("file:")
-    }
 
 
 def _warn_of_isolated_clients(spec: str, num_clients: int) -> None:
@@ -777,47 +486,3 @@ def _warn_of_isolated_clients(spec: str, num_clients: int) -> None:
             "topology %s: %s no link among the %d clients (nodes 0..%d), so %s", spec, who, num_clients,
             num_clients - 1, fate,
         )  # fmt: skip
-
-
-def _final(records: Sequence[RoundRecord]) -> dict[str, float]:
-    evals = [r for r in records if "acc_mean" in r]
-    if not evals:
-        return {}
-    last = evals[-1]
-    return {"acc_mean": last["acc_mean"], "acc_std": last["acc_std"], "round": last["round"]}
-
-
-def _row_order(key: tuple[Any, ...]) -> tuple[str, str, float, int]:
-    """A summary row's place: by method and topology, then by p and T as numbers (as text, a T sweep's rows came
-    as T = 1, 10, 15, 2, 3, 5); a method without T (None) has one row per p."""
-    method, topology, link_prob, switch_interval = key
-    return str(method), str(topology), float(link_prob), -1 if switch_interval is None else int(switch_interval)
-
-
-def summarize(runs: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Final accuracy per (method, topology, p, T): mean over seeds of the client mean, the spread over clients
-    (mean of per-seed std) and the spread over seeds; and the mean accuracy over every evaluation of the run (the
-    area under the learning curve, which tells a fast learner from a slow one that ends at the same place)."""
-    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
-    for run in runs:
-        key = (run["method"], run["topology"], run["link_prob"], run["switch_interval"])
-        groups.setdefault(key, []).append(run)
-    rows = []
-    for (method, topo, p, t), members in sorted(groups.items(), key=lambda kv: _row_order(kv[0])):
-        means = [m["final"]["acc_mean"] for m in members if m["final"]]
-        stds = [m["final"]["acc_std"] for m in members if m["final"]]
-        curves = [np.mean([r["acc_mean"] for r in m["rounds"] if "acc_mean" in r]) for m in members if m["final"]]
-        rows.append(
-            {
-                "method": method,
-                "topology": topo,
-                "link_prob": p,
-                "switch_interval": t,
-                "seeds": len(means),
-                "acc_mean": float(np.mean(means)) if means else None,
-                "acc_client_std": float(np.mean(stds)) if stds else None,
-                "acc_seed_std": float(np.std(means)) if means else None,
-                "acc_curve_mean": float(np.mean(curves)) if curves else None,
-            }
-        )
-    return rows
