@@ -877,6 +877,9 @@ def test_no_default_route_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.M
     routes = tmp_path / "route"
     routes.write_text(ROUTES_HEADER + "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
     monkeypatch.setattr(netif, "_ROUTE_TABLE", routes)
+    ipv6_routes = tmp_path / "ipv6_route"  # nor an IPv6 one (this host's own may have one: another message)
+    ipv6_routes.write_text("")
+    monkeypatch.setattr(netif, "_IPV6_ROUTE_TABLE", ipv6_routes)
     with pytest.raises(InterfaceError, match="--mdns-interface"):
         interface_addresses(None)
 

@@ -466,8 +466,25 @@ class ScriptedCaller(_Caller):
     async def _call_commit(self, request: pb.CommitRequest, timeout: float) -> pb.CommitReply:
         raise NotImplementedError
 
+    async def _call_leave(self, request: pb.LeaveRequest, timeout: float) -> pb.LeaveReply | None:
+        return self.leave_reply
+
+    leave_reply: pb.LeaveReply | None = None
+
     async def aclose(self) -> None:
         pass
+
+
+@FAST
+@given(st.booleans(), st.integers(0, 2**31 - 1), st.text(max_size=5000))
+def test_garbled_leave_replies_raise_nothing_but_a_refusal(dropped: bool, reason: int, detail: str) -> None:
+    """A stopping node's `Leave` reply, whatever it holds: taken (True), or a refusal with a bounded detail."""
+    caller = ScriptedCaller(pb.HandshakeReply())
+    caller.leave_reply = pb.LeaveReply(dropped=dropped, reason=reason, detail=detail)  # type: ignore[arg-type]
+    try:
+        assert asyncio.run(caller.leave(QuietHandler.info, timeout=1.0)) is dropped
+    except ExchangeRefused as exc:
+        assert not dropped and len(exc.detail) <= MAX_TEXT_CHARS
 
 
 @FAST

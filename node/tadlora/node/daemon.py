@@ -783,7 +783,7 @@ class Node:
         its round, its caller or its degree; return the spec its payload must meet (which bounds its size)."""
         r = header.round
         self._check_round_sane(r, header.node_id)
-        if header.degree < 1:  # over MAX_DEGREE is refused with every header (`rpc.check_sane`)
+        if header.degree < 1:  # over MAX_DEGREE is refused with every header (`peer_checks.check_sane`)
             raise PayloadError(Reason.BAD_PAYLOAD, f"{header.node_id} says its degree is 0, expected 1..{MAX_DEGREE}")
         await self.rounds.admit(header.node_id, r)
         self._heard.add((header.node_id, r))
@@ -920,7 +920,7 @@ class Node:
             await asyncio.to_thread(spec.check, result.factors, cfg.max_factor_norm)
             # What we are about to adopt must be a state a node can be in (the handshake's claims were checked
             # on their own; the fetch may come from a peer that restarted or lies since): a round within the run,
-            # and a last mixing no later than that round's start allows (`rpc._check_info`).
+            # and a last mixing no later than that round's start allows (`peer_checks._check_info`).
             self._check_round_sane(result.peer.round, info.node_id)
             if info.last_mixed_round > result.peer.round + 1:
                 raise ExchangeRefused(

@@ -212,8 +212,9 @@ class PeerManager:
         """Why ``cand``'s advert says it cannot be our peer (logged once), or "" when it may be."""
         local = self._local_info()
         reason = ""
-        # In the handshake's order (`rpc._check_peer`): protocol first, since another protocol's node may compute
-        # its fingerprint or spell its schedule otherwise, and those reasons would send the user to the wrong fix.
+        # In the handshake's order (`peer_checks._check_peer`): protocol first, since another protocol's node may
+        # compute its fingerprint or spell its schedule otherwise, and those reasons would send the user to the wrong
+        # fix.
         if cand.protocol_version != local.protocol_version:
             reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version}): {SAME_PROTOCOL_FIX}"
         elif cand.cluster != local.cluster:
