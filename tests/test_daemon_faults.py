@@ -718,20 +718,19 @@ async def test_a_quiet_caller_that_skips_the_round_after_the_first_question_is_n
     assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
 
 
-def test_a_handshake_from_a_neighbour_in_a_later_round_or_far_behind_ends_the_wait_for_its_call() -> None:
-    """`RoundState.note_round` applies the rule a call from round r meets (`answer`): a neighbour past the round, or
-    two or more behind it, will not call for it; one a round behind, or in it, may still."""
+def test_a_handshake_from_a_neighbour_in_a_later_round_ends_the_wait_for_its_call_and_one_behind_does_not() -> None:
+    """`RoundState.note_round`: a neighbour past the round will not call for it; one in it or behind, however far,
+    may still (a node restarted from its checkpoint runs its rounds up to its peers': test_daemon_fuzz's restart
+    scenarios fail if it is not waited for)."""
     from tadlora.node.rounds import RoundState
 
     async def main() -> None:
         rs = RoundState(lambda: False, t=10)
-        for r in (9, 10):
+        for r in (0, 8, 9, 10):
             await rs.note_round(f"p{r}", r)
-        assert rs.current.ahead == set() and not rs.gap_seen
+        assert rs.current.ahead == set()
         await rs.note_round("later", 11)
-        assert rs.current.ahead == {"later"} and not rs.gap_seen
-        await rs.note_round("far-behind", 8)
-        assert rs.current.ahead == {"later", "far-behind"} and rs.gap_seen
+        assert rs.current.ahead == {"later"}
 
     asyncio.run(main())
 

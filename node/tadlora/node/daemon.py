@@ -1175,11 +1175,11 @@ class Node:
     async def _probe_quiet(self, cur: Round, inbound: Collection[str]) -> None:
         """Every `QUIET_CALLER_S` of round ``cur``'s exchanges, ask each neighbour that calls this node (``inbound``)
         and has not yet whether it is there: one that does not answer is dropped, so the round stops waiting for it,
-        and one that is in a later round, or too far behind to reach this one, will not call for it, so the round
-        stops waiting for it too (`RoundState.note_round`). Asked again while it stays quiet: a caller one round
-        behind is waited for, but it may then skip this round by a catch-up, and nothing else would tell this node
-        (it waited out --exchange-timeout, and its own callers waited for it in turn). Owned by `_run_round`, which
-        cancels it when the round's exchanges end; a neighbour that called meanwhile is not asked."""
+        and one that is in a later round will not call for it, so the round stops waiting for it too
+        (`RoundState.note_round`). Asked again while it stays quiet: a caller behind is waited for, but it may then
+        skip this round by a catch-up, and nothing else would tell this node (it waited out --exchange-timeout, and
+        its own callers waited for it in turn). Owned by `_run_round`, which cancels it when the round's exchanges
+        end; a neighbour that called meanwhile is not asked."""
         assert self._peers is not None  # noqa: S101
         waited = 0.0
         while True:

@@ -139,17 +139,14 @@ class RoundState:
                 self._changed.notify_all()
 
     async def note_round(self, peer: str, r: int) -> None:
-        """``peer`` said (in a handshake) that it is in round ``r``: past the current round, or too far behind to
-        reach it in time (the rule `answer` applies to a call from round ``r``), it will not call for this one, so
-        the round loop need not wait for it."""
+        """``peer`` said (in a handshake) that it is in round ``r``: past the current round, it will not call for
+        this one, so the round loop need not wait for it. One behind, however far, may still reach this round and
+        call (a node restarted from its checkpoint runs its rounds up to its peers'), and is waited for."""
         async with self._changed:
             cur = self.current
-            if cur.closed or cur.t - 1 <= r <= cur.t:
-                return
-            if r < cur.t - 1:
-                self.gap_seen = True  # as for such a call: check at the next round whether one of us should catch up
-            cur.ahead.add(peer)
-            self._changed.notify_all()
+            if r > cur.t and not cur.closed:
+                cur.ahead.add(peer)
+                self._changed.notify_all()
 
     async def commit(self, caller: str, r: int, accept: bool) -> None:
         """End ``caller``'s answered round-``r`` exchange: with ``accept`` its factors count in round r, else (the
