@@ -718,6 +718,48 @@ async def test_a_quiet_caller_that_skips_the_round_after_the_first_question_is_n
     assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
 
 
+class SlowCaller(ScriptedPeer):
+    """A `ScriptedPeer` that says it is in round 0 to every handshake and never calls: a neighbour whose local steps
+    take longer than the round's exchanges have so far (a slower machine), alive and in step; ``asked`` counts the
+    handshakes it was asked."""
+
+    def __init__(self, node: Node) -> None:
+        super().__init__(node, round=0)
+        self.asked = 0
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        self.asked += 1
+
+
+@pytest.mark.asyncio
+async def test_a_slow_caller_that_answers_is_asked_a_few_times_a_round_not_every_quiet_caller_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """node-0 calls node-1 and is slow: it answers every question in round 0 and has not called by the deadline.
+    Asked every `QUIET_CALLER_S`, each of its callees sent it deadline / 2 s handshakes a round (14 for steps of 30 s),
+    for nothing: it was in step each time. The questions come after as long as the round has waited, up to
+    `QUIET_CALLER_MAX_S`; it is asked again (a catch-up could still take it past the round), and not dropped."""
+    first, longest, deadline = 0.05, 0.4, 4.0  # s: the constants shrunk (2 s, 16 s, a 160 s deadline)
+    monkeypatch.setattr(daemon, "QUIET_CALLER_S", first)
+    monkeypatch.setattr(daemon, "QUIET_CALLER_MAX_S", longest)
+    net = InMemoryNetwork()
+    cfg = node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=deadline)
+    async with Node(cfg, net) as node:
+        peer = SlowCaller(node)
+        peer.info = dataclasses.replace(peer.info, node_id="node-0")
+        async with net.serve(peer, "10.0.0.9:0") as server:
+            peer.info = dataclasses.replace(peer.info, address=server.address)
+            assert node._peers is not None
+            await node._peers.add(peer.info, None, "static")
+            async with asyncio.timeout(120):
+                await node.run()
+            assert "node-0" in node._peers.peers  # waited for, never dropped
+    # At 0.05, 0.1, 0.2, 0.4, then every 0.4 s up to the deadline: 4 + 9. Every 0.05 s it was 80.
+    assert 2 <= peer.asked <= 4 + deadline / longest, peer.asked
+    [record] = _rounds(tmp_path / "n1")
+    assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
+
+
 def test_a_handshake_from_a_neighbour_in_a_later_round_ends_the_wait_for_its_call_and_one_behind_does_not() -> None:
     """`RoundState.note_round`: a neighbour past the round will not call for it; one in it or behind, however far,
     may still (a node restarted from its checkpoint runs its rounds up to its peers': test_daemon_fuzz's restart

@@ -85,6 +85,10 @@ COMMIT_SLACK_S = 1.0
 # --exchange-timeout, and with 16 nodes at --link-prob 0.1 each such wait put its neighbours out of step, which
 # then waited out theirs for each other: rounds of the timeout, cluster-wide, for tens of seconds after 4 stopped.
 QUIET_CALLER_S = 2.0
+# s: the longest gap between two of those questions to one quiet neighbour in a round. They come at 2, 4, 8, 16, 32,
+# 48 ... s into the round. Every 2 s, a neighbour whose local steps take 30 s was asked 14 times a round by each of
+# its callees; now 4. A slow one answers each time and calls when its steps are done; a gone one is still caught.
+QUIET_CALLER_MAX_S = 16.0
 # Rounds in a row whose local steps outlast --exchange-timeout, and miss neighbours, before the node says it is too
 # slow for its cluster's deadline: one such round is a stall (a freeze, a swap storm), two in a row its pace.
 SLOW_ROUNDS_TO_WARN = 2
@@ -1173,18 +1177,21 @@ class Node:
             log.error("exchange with %s in round %d failed inside this node", j, t, exc_info=exc)
 
     async def _probe_quiet(self, cur: Round, inbound: Collection[str]) -> None:
-        """Every `QUIET_CALLER_S` of round ``cur``'s exchanges, ask each neighbour that calls this node (``inbound``)
-        and has not yet whether it is there: one that does not answer is dropped, so the round stops waiting for it,
-        and one that is in a later round will not call for it, so the round stops waiting for it too
-        (`RoundState.note_round`). Asked again while it stays quiet: a caller behind is waited for, but it may then
-        skip this round by a catch-up, and nothing else would tell this node (it waited out --exchange-timeout, and
-        its own callers waited for it in turn). Owned by `_run_round`, which cancels it when the round's exchanges
-        end; a neighbour that called meanwhile is not asked."""
+        """`QUIET_CALLER_S` into round ``cur``'s exchanges, ask each neighbour that calls this node (``inbound``) and
+        has not yet whether it is there: one that does not answer is dropped, so the round stops waiting for it, and
+        one that is in a later round will not call for it, so the round stops waiting for it too
+        (`RoundState.note_round`). Asked again while it stays quiet, each time after as long as the round has waited
+        so far (at most `QUIET_CALLER_MAX_S`): a caller behind is waited for, but it may then skip this round by a
+        catch-up, and nothing else would tell this node (it waited out --exchange-timeout, and its own callers waited
+        for it in turn); a caller that is only slow is asked a few times a round, not every 2 s. Owned by
+        `_run_round`, which cancels it when the round's exchanges end; a neighbour that called meanwhile is not
+        asked."""
         assert self._peers is not None  # noqa: S101
         waited = 0.0
         while True:
-            await asyncio.sleep(QUIET_CALLER_S)
-            waited += QUIET_CALLER_S
+            pause = min(max(waited, QUIET_CALLER_S), QUIET_CALLER_MAX_S)
+            await asyncio.sleep(pause)
+            waited += pause
             quiet = sorted(
                 j for j in inbound
                 if j not in cur.received and j not in cur.pending and j not in cur.ahead and j not in cur.refused
