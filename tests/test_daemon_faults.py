@@ -108,6 +108,19 @@ async def scripted_peer(
         yield peer
 
 
+@contextlib.asynccontextmanager
+async def calling_peer(node: Node, net: InMemoryNetwork, peer: ScriptedPeer) -> AsyncIterator[Any]:
+    """``peer`` served as node-0, which sorts first and so is the end that calls ``node`` (node-1), made a verified
+    peer of it; yields its server (close it to stop the peer without a word)."""
+    peer.info = dataclasses.replace(peer.info, node_id="node-0")
+    async with net.serve(peer, "10.0.0.9:0") as server:
+        peer.info = dataclasses.replace(peer.info, address=server.address)
+        assert node._peers is not None
+        await node._peers.add(peer.info, None, "static")
+        assert peer.info.node_id < node.node_id
+        yield server
+
+
 class HangingConnection:
     """A connection whose exchange waits until the connection is closed, then fails as a closed one does."""
 
@@ -662,58 +675,13 @@ async def test_a_neighbour_that_should_call_and_does_not_is_asked_in_the_round_n
     such waits pushed the cluster out of step for tens of seconds. node-1 asks it in the round instead, drops the
     stopped one and stops waiting for the one that is ahead, which stays a peer."""
     net = InMemoryNetwork()
-    async with Node(node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=600.0), net) as node:
-        peer = ScriptedPeer(node, round=0 if gone else 5)
-        peer.info = dataclasses.replace(peer.info, node_id="node-0")
-        async with net.serve(peer, "10.0.0.9:0") as server:
-            peer.info = dataclasses.replace(peer.info, address=server.address)
-            assert node._peers is not None
-            await node._peers.add(peer.info, None, "static")
-            assert peer.info.node_id < node.node_id  # the peer is the end that calls
-            if gone:
-                await server.aclose()
-            async with asyncio.timeout(120):
-                await node.run()
-            assert ("node-0" in node._peers.peers) is not gone
-    [record] = _rounds(tmp_path / "n1")
-    assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
-
-
-class CatchingUpPeer(ScriptedPeer):
-    """A `ScriptedPeer` that says round 0 to the first handshake it is asked and round 5 to every later one: a
-    neighbour in the round, still training at the first question, that then skips the round by a catch-up (it adopts
-    a later round from another peer) and never calls for it."""
-
-    def __init__(self, node: Node) -> None:
-        super().__init__(node, round=0)
-        self.asked = 0
-
-    async def async_handshake(self, remote: PeerInfo) -> None:
-        self.asked += 1
-
-    def local_info(self) -> PeerInfo:
-        return dataclasses.replace(self.info, round=0 if self.asked <= 1 else 5)
-
-
-@pytest.mark.asyncio
-async def test_a_quiet_caller_that_skips_the_round_after_the_first_question_is_not_waited_for_until_the_deadline(
-    tmp_path: Path,
-) -> None:
-    """node-0 calls node-1. Asked 2 s into the round, it is still in round 0 (training), so node-1 waits for it; then
-    it jumps past round 0 by a catch-up, which nothing tells node-1. Asked only once, node-1 waited out the whole
-    deadline (600 s here; the test's bound of 120 s fails it), and at 16 nodes those waits chained from neighbour to
-    neighbour; it asks again every 2 s while the caller stays quiet, sees round 5 and stops waiting."""
-    net = InMemoryNetwork()
-    async with Node(node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=600.0), net) as node:
-        peer = CatchingUpPeer(node)
-        peer.info = dataclasses.replace(peer.info, node_id="node-0")
-        async with net.serve(peer, "10.0.0.9:0") as server:
-            peer.info = dataclasses.replace(peer.info, address=server.address)
-            assert node._peers is not None
-            await node._peers.add(peer.info, None, "static")
-            async with asyncio.timeout(120):
-                await node.run()
-            assert "node-0" in node._peers.peers and peer.asked >= 2
+    cfg = node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=600.0)
+    async with Node(cfg, net) as node, calling_peer(node, net, ScriptedPeer(node, round=0 if gone else 5)) as server:
+        if gone:
+            await server.aclose()
+        async with asyncio.timeout(120):
+            await node.run()
+        assert node._peers is not None and ("node-0" in node._peers.peers) is not gone
     [record] = _rounds(tmp_path / "n1")
     assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
 
@@ -731,6 +699,33 @@ class SlowCaller(ScriptedPeer):
         self.asked += 1
 
 
+class CatchingUpPeer(SlowCaller):
+    """A `SlowCaller` that says round 0 to the first handshake it is asked and round 5 to every later one: a
+    neighbour in the round, still training at the first question, that then skips the round by a catch-up (it adopts
+    a later round from another peer) and never calls for it."""
+
+    def local_info(self) -> PeerInfo:
+        return dataclasses.replace(self.info, round=0 if self.asked <= 1 else 5)
+
+
+@pytest.mark.asyncio
+async def test_a_quiet_caller_that_skips_the_round_after_the_first_question_is_not_waited_for_until_the_deadline(
+    tmp_path: Path,
+) -> None:
+    """node-0 calls node-1. Asked 2 s into the round, it is still in round 0 (training), so node-1 waits for it; then
+    it jumps past round 0 by a catch-up, which nothing tells node-1. Asked only once, node-1 waited out the whole
+    deadline (600 s here; the test's bound of 120 s fails it), and at 16 nodes those waits chained from neighbour to
+    neighbour; it asks again every 2 s while the caller stays quiet, sees round 5 and stops waiting."""
+    net = InMemoryNetwork()
+    cfg = node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=600.0)
+    async with Node(cfg, net) as node, calling_peer(node, net, peer := CatchingUpPeer(node)):
+        async with asyncio.timeout(120):
+            await node.run()
+        assert node._peers is not None and "node-0" in node._peers.peers and peer.asked >= 2
+    [record] = _rounds(tmp_path / "n1")
+    assert (record["neighbours"], record["missed"]) == ([], ["node-0"])
+
+
 @pytest.mark.asyncio
 async def test_a_slow_caller_that_answers_is_asked_a_few_times_a_round_not_every_quiet_caller_interval(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
@@ -744,16 +739,10 @@ async def test_a_slow_caller_that_answers_is_asked_a_few_times_a_round_not_every
     monkeypatch.setattr(daemon, "QUIET_CALLER_MAX_S", longest)
     net = InMemoryNetwork()
     cfg = node_config(tmp_path, 1, 2, NO_PEERS, min_peers=0, rounds=1, exchange_timeout=deadline)
-    async with Node(cfg, net) as node:
-        peer = SlowCaller(node)
-        peer.info = dataclasses.replace(peer.info, node_id="node-0")
-        async with net.serve(peer, "10.0.0.9:0") as server:
-            peer.info = dataclasses.replace(peer.info, address=server.address)
-            assert node._peers is not None
-            await node._peers.add(peer.info, None, "static")
-            async with asyncio.timeout(120):
-                await node.run()
-            assert "node-0" in node._peers.peers  # waited for, never dropped
+    async with Node(cfg, net) as node, calling_peer(node, net, peer := SlowCaller(node)):
+        async with asyncio.timeout(120):
+            await node.run()
+        assert node._peers is not None and "node-0" in node._peers.peers  # waited for, never dropped
     # At 0.05, 0.1, 0.2, 0.4, then every 0.4 s up to the deadline: 4 + 9. Every 0.05 s it was 80.
     assert 2 <= peer.asked <= 4 + deadline / longest, peer.asked
     [record] = _rounds(tmp_path / "n1")
