@@ -217,6 +217,7 @@ def test_a_node_stopped_gracefully_is_dropped_by_its_static_peers_at_once_and_re
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(480)  # four starts, nine restarts: 95 s alone on two busy cores, over 120 s beside other tests
 def test_a_fast_rollout_twice_over_four_nodes_and_a_restart_beside_a_node_that_is_down(tmp_path: Path) -> None:
     """As Kubernetes does it: the next node goes down as soon as the previous one is Ready (its health port SERVING,
     which it is once its model is loaded, before it has rejoined), two passes with no pause. Then a node restarted
