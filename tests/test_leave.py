@@ -16,7 +16,6 @@ import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import grpc
 import pytest
 
 from tadlora.node import grpc_transport
@@ -26,10 +25,10 @@ from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.responder import _Responder
-from tadlora.node.rpc import NODE_SERVICE_NAME, PeerInfo, Transport
+from tadlora.node.rpc import PeerInfo, Transport
 from tadlora.node.wire import ExchangeRefused, Reason
 from test_daemon import node_config
-from test_rpc import LISTEN, TIMEOUT, FakeNode, lora_factors
+from test_rpc import LISTEN, TIMEOUT, FakeNode, lora_factors, node_service
 
 SHORT_S = 0.5  # s; the bound given to a leave in the tests where a peer never answers
 
@@ -63,14 +62,8 @@ async def earlier_release(handler: FakeNode) -> AsyncIterator[str]:
     servicer = grpc_transport._NodeServicer(_Responder(handler, max_payload_bytes=1 << 20))
     handlers = grpc_transport._node_handlers(servicer)
     del handlers["Leave"]
-    server = grpc.aio.server()
-    server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(NODE_SERVICE_NAME, handlers)])
-    port = server.add_insecure_port(LISTEN)
-    await server.start()
-    try:
-        yield f"127.0.0.1:{port}"
-    finally:
-        await server.stop(None)
+    async with node_service(handlers) as address:
+        yield address
 
 
 # ------------------------------------------------------------------------------------------------ the call

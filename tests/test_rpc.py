@@ -1078,6 +1078,13 @@ async def raw_node_server(reply: bytes, stream: list[bytes]) -> AsyncIterator[st
         "Exchange": grpc.stream_stream_rpc_method_handler(streaming),
         "Fetch": grpc.unary_stream_rpc_method_handler(streaming),
     }
+    async with node_service(handlers) as address:
+        yield address
+
+
+@contextlib.asynccontextmanager
+async def node_service(handlers: dict[str, grpc.RpcMethodHandler]) -> AsyncIterator[str]:
+    """A plaintext gRPC server of the Node service with ``handlers`` (by method name) on loopback; its address."""
     server = grpc.aio.server()
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(NODE_SERVICE_NAME, handlers)])
     port = server.add_insecure_port(LISTEN)
