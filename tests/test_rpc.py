@@ -751,6 +751,42 @@ async def test_handler_crash_is_an_internal_refusal_and_the_server_keeps_serving
         await client.exchange(header_of(alice), alice.factors, TIMEOUT)
 
 
+class CrashingNode(FakeNode):
+    """A `FakeNode` whose handshake, commit and leave handlers fail with a bug of their own."""
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        raise RuntimeError("bug in bob's handshake")
+
+    async def async_commit(self, caller: str, r: int, accept: bool) -> None:
+        raise RuntimeError("bug in bob's commit")
+
+    async def async_leave(self, remote: PeerInfo) -> None:
+        raise RuntimeError("bug in bob's leave")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("call", ["handshake", "commit", "leave"])
+async def test_unary_handler_crash_is_an_internal_refusal_logged_with_its_traceback(
+    transport: Transport, alice: FakeNode, call: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    bob = CrashingNode("bob", alice.factors)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            if call == "handshake":
+                await client.handshake(alice.info, TIMEOUT)
+            elif call == "commit":
+                await client.commit(header_of(alice), True, TIMEOUT)
+            else:
+                await client.leave(alice.info, TIMEOUT)
+        assert refused.value.reason is Reason.INTERNAL
+        assert "bug in bob" not in refused.value.detail  # internals stay in the callee's log...
+        [record] = [r for r in caplog.records if r.exc_info]
+        assert record.exc_info is not None
+        assert f"bug in bob's {call}" in str(record.exc_info[1])  # ...with their traceback
+        assert record.getMessage() == f"{call} from 'alice' failed inside this node"
+        assert (await client.status(TIMEOUT)).node.node_id == "bob"  # and the server keeps serving
+
+
 @pytest.mark.asyncio
 async def test_callee_that_never_answers_gives_the_caller_a_prompt_timeout(
     transport: Transport, alice: FakeNode, bob: FakeNode

@@ -9,7 +9,7 @@ import collections
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from tadlora.node.exchange_stream import _encode_capped, _payload_messages, _receive_chunks, _receive_header
 from tadlora.node.limits import (
@@ -46,6 +46,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tadlora.rpc")
 
+_Reply = TypeVar("_Reply")
+
 
 _CALLS: Final = {"exchange": "an exchange", "fetch": "a fetch"}  # the streamed calls, as a log line names them
 
@@ -58,6 +60,12 @@ def _caller_named(who: str) -> str:
     """A caller as a refusal's log line names it: its node id as far as its request said it (quoted, cut to
     `MAX_TEXT_CHARS`: a peer chooses it), or that it is not known yet (a request that did not parse)."""
     return repr(who[:MAX_TEXT_CHARS]) if who else "a caller not yet known"
+
+
+def _named_by(request: pb.HandshakeRequest | pb.LeaveRequest | None, identity: str | None) -> str:
+    """The caller of a handshake or a leave as far as its request names it, else as its certificate does (as for
+    exchanges and fetches); "" when neither says."""
+    return ("" if request is None else request.caller.node_id) or identity or ""
 
 
 def _unparsed(what: str) -> PayloadError:
@@ -114,12 +122,32 @@ class _Responder:
             except Exception:
                 log.exception("refused-exchange observer failed")
 
+    async def _unary(
+        self,
+        what: str,
+        who: Callable[[], str],
+        answer: Callable[[], Awaitable[_Reply]],
+        refusal: Callable[[pb.RefusalReason, str], _Reply],
+    ) -> _Reply:
+        """A unary call's reply: ``answer()``'s, or ``refusal(wire reason, detail)`` for an `ExchangeRefused` it
+        raises (logged and observed) or for a fault inside this node (logged with its traceback here, sent as
+        INTERNAL with no detail of it). ``who()`` names the caller as far as its request said it so far."""
+        try:
+            return await answer()
+        except ExchangeRefused as exc:
+            log.info("refused a %s from %s: %s: %s", what, _caller_named(who()), exc.reason.name, exc.detail)
+            self._refused(what, exc)
+            return refusal(_reason_to_wire(exc.reason), exc.detail)
+        except Exception:
+            log.exception("%s from %s failed inside this node", what, _caller_named(who()))
+            return refusal(_reason_to_wire(Reason.INTERNAL), "internal error, see the callee's log")
+
     async def handshake(self, request: pb.HandshakeRequest | None, identity: str | None = None) -> pb.HandshakeReply:
         """``identity``: the caller's authenticated name (its TLS certificate's common name), None without TLS."""
-        callee = None
-        # As far as the request names it, else as its certificate does (as for exchanges and fetches).
-        who = ("" if request is None else request.caller.node_id) or identity or ""
-        try:
+        callee: pb.PeerInfo | None = None  # this node's info once it is had: a refusal carries it too
+
+        async def answer() -> pb.HandshakeReply:
+            nonlocal callee
             local = self._handler.local_info()
             callee = _info_to_pb(local)
             if request is None:
@@ -131,16 +159,12 @@ class _Responder:
             _check_identity(remote.node_id, identity)
             check_compatible(local, remote)
             await self._handler.async_handshake(remote)
-        except ExchangeRefused as exc:
-            log.info("refused a handshake from %s: %s: %s", _caller_named(who), exc.reason.name, exc.detail)
-            self._refused("handshake", exc)
-            reason = _reason_to_wire(exc.reason)
-            return pb.HandshakeReply(accepted=False, reason=reason, detail=exc.detail, callee=callee)
-        except Exception:
-            log.exception("handshake from %s failed inside this node", _caller_named(who))
-            internal = _reason_to_wire(Reason.INTERNAL)
-            return pb.HandshakeReply(accepted=False, reason=internal, detail="internal error, see the callee's log")
-        return pb.HandshakeReply(accepted=True, callee=callee)
+            return pb.HandshakeReply(accepted=True, callee=callee)
+
+        def refusal(reason: pb.RefusalReason, detail: str) -> pb.HandshakeReply:
+            return pb.HandshakeReply(accepted=False, reason=reason, detail=detail, callee=callee)
+
+        return await self._unary("handshake", lambda: _named_by(request, identity), answer, refusal)
 
     async def exchange(
         self, requests: AsyncIterable[pb.ExchangeMessage], identity: str | None = None
@@ -247,8 +271,8 @@ class _Responder:
     async def commit(self, request: pb.CommitRequest | None, identity: str | None = None) -> pb.CommitReply:
         """End the caller's exchange (see `NodeHandler`): committed, or refused with the reason. ``identity``: the
         caller's authenticated name, None without TLS; a Commit is only ever taken from the exchange's own caller."""
-        who = ("" if request is None else request.node_id) or identity or ""
-        try:
+
+        async def answer() -> pb.CommitReply:
             if request is None:
                 raise _unparsed("commit")
             check_sane("commit", round=request.round, degree=0, texts=(request.node_id,))
@@ -256,22 +280,20 @@ class _Responder:
             _check_identity(request.node_id, identity)
             if self._commit is not None:
                 await self._commit(request.node_id, request.round, request.accept)
-        except ExchangeRefused as exc:
-            log.info("refused a commit from %s: %s: %s", _caller_named(who), exc.reason.name, exc.detail)
-            self._refused("commit", exc)
-            return pb.CommitReply(committed=False, reason=_reason_to_wire(exc.reason), detail=exc.detail)
-        except Exception:
-            log.exception("commit from %s failed inside this node", _caller_named(who))
-            internal = _reason_to_wire(Reason.INTERNAL)
-            return pb.CommitReply(committed=False, reason=internal, detail="internal error, see the callee's log")
-        return pb.CommitReply(committed=request.accept)
+            return pb.CommitReply(committed=request.accept)
+
+        def refusal(reason: pb.RefusalReason, detail: str) -> pb.CommitReply:
+            return pb.CommitReply(committed=False, reason=reason, detail=detail)
+
+        who = ("" if request is None else request.node_id) or identity or ""
+        return await self._unary("commit", lambda: who, answer, refusal)
 
     async def leave(self, request: pb.LeaveRequest | None, identity: str | None = None) -> pb.LeaveReply:
         """A peer says it is stopping (see `NodeHandler`): dropped, or refused with the reason. ``identity``: the
         caller's authenticated name, None without TLS; a Leave is only ever taken from the node it names, so that no
         one can make this node drop another."""
-        who = ("" if request is None else request.caller.node_id) or identity or ""
-        try:
+
+        async def answer() -> pb.LeaveReply:
             if request is None:
                 raise _unparsed("leave")
             if not request.HasField("caller"):
@@ -282,15 +304,12 @@ class _Responder:
             check_compatible(self._handler.local_info(), remote)
             if self._leave is not None:
                 await self._leave(remote)
-        except ExchangeRefused as exc:
-            log.info("refused a leave from %s: %s: %s", _caller_named(who), exc.reason.name, exc.detail)
-            self._refused("leave", exc)
-            return pb.LeaveReply(dropped=False, reason=_reason_to_wire(exc.reason), detail=exc.detail)
-        except Exception:
-            log.exception("leave from %s failed inside this node", _caller_named(who))
-            internal = _reason_to_wire(Reason.INTERNAL)
-            return pb.LeaveReply(dropped=False, reason=internal, detail="internal error, see the callee's log")
-        return pb.LeaveReply(dropped=True)
+            return pb.LeaveReply(dropped=True)
+
+        def refusal(reason: pb.RefusalReason, detail: str) -> pb.LeaveReply:
+            return pb.LeaveReply(dropped=False, reason=reason, detail=detail)
+
+        return await self._unary("leave", lambda: _named_by(request, identity), answer, refusal)
 
     @contextlib.asynccontextmanager
     async def _receiving(self, deadline: float, progress: ExchangeProgress) -> AsyncIterator[None]:
