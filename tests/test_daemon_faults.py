@@ -29,7 +29,7 @@ from tadlora.node import daemon, state
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import Advertisement
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
-from tadlora.node.peers import PeerManager
+from tadlora.node.peers import DropCause, PeerManager
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import ExchangeHeader, PeerInfo, PeerTimeout, PeerUnavailable, StatusInfo
 from tadlora.node.wire import FactorSpec
@@ -395,7 +395,7 @@ async def test_a_peer_whose_address_reaches_another_node_is_refused_not_mixed(tm
         elsewhere = dataclasses.replace(other.info, node_id="node-7")  # node-9 answers at node-7's address
         assert node._peers is not None
         await node._peers.add(elsewhere, None, "inbound")  # as a node-7 that called us would be added
-        await node._peers.drop(PEER_ID, "only node-7 is meant to be a peer")
+        await node._peers.drop(PEER_ID, "only node-7 is meant to be a peer", cause="refused")
         assert list(node._peers.peers) == ["node-7"]
         async with asyncio.timeout(60):
             result = await node.run()
@@ -857,9 +857,11 @@ async def test_a_commit_that_times_out_with_the_round_s_time_nearly_spent_does_n
 
     real_drop = PeerManager.drop
 
-    async def recording_drop(self: PeerManager, node_id: str, why: str, expected: Any = None) -> None:
+    async def recording_drop(
+        self: PeerManager, node_id: str, why: str, expected: Any = None, *, cause: DropCause
+    ) -> None:
         drops.append(f"{node_id}: {why}")
-        await real_drop(self, node_id, why, expected)
+        await real_drop(self, node_id, why, expected, cause=cause)
 
     monkeypatch.setattr(InMemoryClient, "exchange", answered_at_the_deadline)
     monkeypatch.setattr(InMemoryClient, "commit", commit)

@@ -258,13 +258,13 @@ async def test_a_peer_that_flaps_waits_longer_after_each_drop_and_a_stable_one_i
         await pm.scan()
         assert "flaky" in pm.peers
         clock.now += 0.5
-        await pm.drop("flaky", "exchange failed")
+        await pm.drop("flaky", "exchange failed", cause="exchange")
         delays.append(round(pm.retry_at("10.0.0.9:7070") - clock.now, 2))  # type: ignore[operator]
         clock.now = pm.retry_at("10.0.0.9:7070")  # type: ignore[assignment]
     assert delays == [retry_delay(n) for n in range(1, 6)] == [1.0, 2.0, 4.0, 8.0, 16.0]
     await pm.scan()
     clock.now += peers_module.STABLE_S  # up for long this time: its next failure is a one-off
-    await pm.drop("flaky", "exchange failed")
+    await pm.drop("flaky", "exchange failed", cause="exchange")
     assert pm.retry_at("10.0.0.9:7070") == clock.now + 1.0
 
 
@@ -283,7 +283,7 @@ async def test_a_peer_that_called_us_first_and_flaps_is_backed_off_at_the_addres
         await pm.add(called_us, None, "inbound")
         await pm.scan()  # verified already: not dialled
         clock.now += 0.5
-        await pm.drop("flaky", "exchange failed")
+        await pm.drop("flaky", "exchange failed", cause="exchange")
         dials = len(transport.tries)
         await pm.scan()
         assert len(transport.tries) == dials  # not dialled again at once
@@ -318,10 +318,12 @@ async def test_a_call_that_failed_on_a_replaced_connection_does_not_drop_the_rep
     stale = pm.peers["flaky"]
     # It restarted elsewhere and called us: `add` closes the stale connection, which fails the calls on it.
     await pm.add(dataclasses.replace(stale.info, address="10.0.0.10:7070"), None, "inbound")
-    await pm.drop("flaky", "exchange failed", expected=stale)
+    await pm.drop("flaky", "exchange failed", expected=stale, cause="exchange")
     assert pm.peers["flaky"].info.address == "10.0.0.10:7070"
     assert pm.retry_at("10.0.0.9:7070") is None  # nor was it put on backoff
-    await pm.drop("flaky", "exchange failed", expected=pm.peers["flaky"])  # a failure of its own connection
+    await pm.drop(
+        "flaky", "exchange failed", expected=pm.peers["flaky"], cause="exchange"
+    )  # a failure of its own connection
     assert "flaky" not in pm.peers
 
 
@@ -731,7 +733,7 @@ async def test_status_lists_each_candidate_that_is_no_peer_with_why_until_it_is_
     clock.now += 1.0
     await pm.scan()
     assert "flaky" in pm.peers and [c.key for c in pm.unreachable()] == ["stranger"]
-    await pm.drop("flaky", "exchange failed")
+    await pm.drop("flaky", "exchange failed", cause="exchange")
     [dropped, _] = pm.unreachable()
     assert (dropped.key, dropped.failures, dropped.reason) == ("flaky", 1, "dropped: exchange failed")
     live[:] = [advert("flaky", OLD)]  # the stranger left

@@ -131,19 +131,51 @@ async def test_a_peer_that_leaves_is_dropped_at_once_kept_as_a_candidate_and_a_p
 ):
     net = InMemoryNetwork()
     changes: list[int] = []
-    pm = PeerManager(net, me, lambda: [("10.0.0.1:7070", "10.0.0.1:7070", None)], lambda: changes.append(1))
+    causes: list[str] = []
+    pm = PeerManager(
+        net, me, lambda: [("10.0.0.1:7070", "10.0.0.1:7070", None)], lambda: changes.append(1), causes.append
+    )
     p1, p2 = peer_info("p1", "10.0.0.1:7070"), peer_info("p2", "10.0.0.2:7070")
     for info in (p1, p2):
         await pm.add(info, net.connect(info.address, node_id=info.node_id), "static")
     changes.clear()
     await pm.left(p1)
     assert set(pm.peers) == {"p2"} and changes == [1]  # a round waiting for p1 is woken (`Node._departed`)
+    assert causes == ["leave"]
+    await pm.left(p2)
+    await pm.drop("p2", "again", cause="unanswered")  # no longer a peer: neither dropped nor counted twice
+    assert causes == ["leave", "leave"]
     assert pm.knows("p1") and pm.retry_at("10.0.0.1:7070") is not None  # not forgotten: retried with backoff
     await pm.scan()  # not due yet: nothing dialled, and status says why it is no peer
     [candidate] = pm.unreachable()
     assert candidate.key == "10.0.0.1:7070" and candidate.reason == "dropped: left (it said so as it stopped)"
     await pm.add(p1, None, "inbound")  # it restarted and called us
-    assert set(pm.peers) == {"p1", "p2"}
+    assert set(pm.peers) == {"p1"}
+    await pm.aclose()
+
+
+@pytest.mark.asyncio
+async def test_each_drop_is_counted_once_by_its_cause() -> None:
+    """The causes a probe gives (`tadlora_peer_drops_total{cause}`): a peer that refuses because it can no longer
+    be one (another cluster at its address now), one that does not answer, and one that answers BUSY (kept)."""
+    net = InMemoryNetwork()
+    causes: list[str] = []
+    pm = PeerManager(net, me, list, lambda: None, causes.append)
+    other_cluster, busy = FakeNode("moved", lora_factors(1)), FakeNode("busy", lora_factors(1))
+    other_cluster.refusal = (Reason.CLUSTER_MISMATCH, "this is another cluster now")
+    busy.refusal = (Reason.BUSY, "too many calls")
+    async with net.serve(other_cluster, LISTEN) as moved_at, net.serve(busy, LISTEN) as busy_at:
+        peers = {
+            "moved": peer_info("moved", moved_at.address),
+            "busy": peer_info("busy", busy_at.address),
+            "gone": peer_info("gone", "10.0.0.9:7070"),  # nothing serves there
+        }
+        for info in peers.values():
+            await pm.add(info, net.connect(info.address, node_id=info.node_id), "static")
+        for node_id in peers:
+            assert await pm.probe(node_id, "asked") is None
+        assert set(pm.peers) == {"busy"}  # alive and still a peer: it will answer when it can
+        assert sorted(causes) == ["refused", "unanswered"]
     await pm.aclose()
 
 
@@ -226,8 +258,11 @@ async def test_a_node_that_closes_is_dropped_by_its_static_peer_at_once_and_a_st
                     await conn.leave(impostor, TIMEOUT)
             assert refused.value.reason is Reason.NOT_A_NEIGHBOR
             assert second._peer_ids() == [first.node_id]
+            drops = "tadlora_peer_drops_total"
+            assert second.metrics.registry.get_sample_value(drops, {"cause": "leave"}) == 0  # present at 0 from start
             with caplog.at_level(logging.INFO, logger="tadlora"):
                 await first.aclose()
             assert second._peer_ids() == []
+            assert second.metrics.registry.get_sample_value(drops, {"cause": "leave"}) == 1
     assert f"peer {first.node_id} dropped: left (it said so as it stopped)" in caplog.text
     assert f"told 1 peer(s) that this node is leaving: {second.node_id}: dropped this node" in caplog.text

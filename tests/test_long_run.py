@@ -53,7 +53,7 @@ async def test_peers_that_came_mixed_and_left_for_good_leave_nothing_behind_in_t
                 async with asyncio.timeout(60):
                     await node._run_round(node.round)
                 assert node.status().neighbors[0].last_round == node.round  # it mixed in the round just run
-            await node._peers.drop(f"peer-{k}", "gone")
+            await node._peers.drop(f"peer-{k}", "gone", cause="unanswered")
         assert node._peers.knows("peer-0")  # just dropped: backed off, not forgotten
         shift_the_peer_managers_clock(monkeypatch, peers_module.STABLE_S)
         await node._peers.scan()  # gone for STABLE_S: forgotten
@@ -73,7 +73,7 @@ async def test_a_peer_dropped_but_not_yet_forgotten_keeps_its_last_exchanged_rou
             async with asyncio.timeout(60):
                 await node._run_round(node.round)
             mixed = node.round
-            await node._peers.drop("peer-0", "flapped")
+            await node._peers.drop("peer-0", "flapped", cause="unanswered")
             async with asyncio.timeout(60):
                 await node._run_round(node.round)  # without it
             async with peer_named(node, net, "peer-0"):
@@ -103,5 +103,5 @@ async def test_an_answered_exchange_whose_commit_never_came_is_forgotten_with_it
                         await exchanged
                 finally:
                     await conn.aclose()
-            await node._peers.drop(caller, "killed")
+            await node._peers.drop(caller, "killed", cause="unanswered")
         assert node._served == {}

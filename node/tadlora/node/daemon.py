@@ -331,7 +331,13 @@ class Node:
             except asyncio.CancelledError:
                 await asyncio.wait((serving,))
                 raise
-        self._peers = PeerManager(self.transport, self.local_info, self._candidates, self._on_peers_changed)
+        self._peers = PeerManager(
+            self.transport,
+            self.local_info,
+            self._candidates,
+            self._on_peers_changed,
+            on_drop=lambda cause: self.metrics.peer_drops.labels(cause).inc(),
+        )
         if cfg.peers.auto:
             advert = Advertisement(
                 node_id=self.node_id,
@@ -1293,7 +1299,7 @@ class Node:
         except PeerUnavailable as exc:
             self.metrics.exchanges.labels("failed").inc()
             log.info("exchange with %s in round %d failed: %s", j, t, exc)
-            await self._peers.drop(j, str(exc), expected=peer)
+            await self._peers.drop(j, str(exc), expected=peer, cause="exchange")
             return
         stats = (j, result.bytes_sent, result.bytes_received, result.elapsed_s)
         if not await self.rounds.deliver(cur, j, (result.peer.degree, result.factors), stats):

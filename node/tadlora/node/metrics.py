@@ -9,6 +9,8 @@ from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from tadlora.node.peers import DROP_CAUSES
+
 log = logging.getLogger("tadlora.node")
 
 EXCHANGE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)  # s
@@ -41,6 +43,12 @@ class NodeMetrics:
             "tadlora_probes", "Handshakes asking a peer whether it is alive and which round it is in, by why",
             ["why"], registry=r,
         )  # fmt: skip
+        self.peer_drops = Counter(
+            "tadlora_peer_drops", "Peers dropped, by cause (goodbye, leave, refused, unanswered, exchange)",
+            ["cause"], registry=r,
+        )  # fmt: skip
+        for cause in DROP_CAUSES:  # each at 0 from the start: a rate() over a series that appears late misses it
+            self.peer_drops.labels(cause)
         self.checkpoint_failures = Counter("tadlora_checkpoint_failures", "Checkpoints not written", registry=r)
         self.accuracy = Gauge("tadlora_eval_accuracy", "Last evaluation accuracy", registry=r)
         self.accuracy.set(math.nan)

@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Final, Literal, get_args
 
 from tadlora.node.discovery import PeerCandidate
 from tadlora.node.limits import MAX_TEXT_CHARS
@@ -43,6 +44,12 @@ STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as
 # connections already open (a LAN answers in milliseconds). A peer that has not answered by then finds out as before
 # (its round's deadline, then a probe), and the stop is never held longer than this for any number of peers.
 LEAVE_TIMEOUT_S = 1.0
+
+# Why a peer was dropped, as `PeerManager`'s ``on_drop`` hears it (the node's tadlora_peer_drops_total{cause}):
+# its mDNS goodbye, its Leave, a handshake it refused (it can no longer be a peer: another cluster, fingerprint or
+# protocol), a handshake it did not answer, or an exchange call to it that failed in transport.
+DropCause = Literal["goodbye", "leave", "refused", "unanswered", "exchange"]
+DROP_CAUSES: Final = get_args(DropCause)
 # Refusals after which a peer cannot be ours as it is now: its address reaches another node, or it came back under
 # its id with another protocol, cluster, model or schedule. Others (SHUTTING_DOWN, BUSY, ...) come from a peer that
 # still is.
@@ -106,11 +113,14 @@ class PeerManager:
         local_info: Callable[[], PeerInfo],
         candidates: Callable[[], list[tuple[str, str, PeerCandidate | None]]],
         on_change: Callable[[], None],
+        on_drop: Callable[[DropCause], None] | None = None,
     ) -> None:
+        """``on_change``: the peer set changed. ``on_drop``: a peer was dropped, and why (metrics)."""
         self._transport = transport
         self._local_info = local_info
         self._candidates = candidates  # (key, address, mdns candidate or None) to try
         self._on_change = on_change
+        self._on_drop = on_drop
         self.peers: dict[str, Peer] = {}
         self._by_address: dict[str, str] = {}
         self._attempts: dict[str, _Attempt] = {}
@@ -153,7 +163,7 @@ class PeerManager:
         self._forget_gone(live_keys, now)
         for node_id, peer in list(self.peers.items()):
             if peer.source == "mdns" and node_id not in live_keys:
-                await self.drop(node_id, "left (mDNS goodbye)")
+                await self.drop(node_id, "left (mDNS goodbye)", cause="goodbye")
         tries: list[tuple[str, tuple[str, ...], str, _Attempt, str | None]] = []
         tried: set[str] = set()
         for key, address, cand in wanted:
@@ -387,10 +397,10 @@ class PeerManager:
         except ExchangeRefused as exc:  # refused by it, or its reply by us (e.g. a state no node can be in)
             log.info("handshake with peer %s (%s) refused: %s: %s", node_id, why, exc.reason.name, exc.detail)
             if exc.reason in _NOT_A_PEER_NOW:  # kept, it would stay a neighbour that never exchanges
-                await self.drop(node_id, f"{why}, and {exc.detail}", expected=peer)
+                await self.drop(node_id, f"{why}, and {exc.detail}", expected=peer, cause="refused")
             return None  # it answers, so it is alive, but will not tell us its state now
         except PeerUnavailable as exc:
-            await self.drop(node_id, f"{why} and does not answer ({exc})", expected=peer)
+            await self.drop(node_id, f"{why} and does not answer ({exc})", expected=peer, cause="unanswered")
             return None
         if self.peers.get(node_id) is peer and info.address == peer.info.address:
             peer.info = info  # what we know of its round is now fresh
@@ -406,13 +416,19 @@ class PeerManager:
                 peer.info, round=max(peer.info.round, t), last_mixed_round=max(peer.info.last_mixed_round, t + 1)
             )
 
-    async def drop(self, node_id: str, why: str, expected: Peer | None = None) -> None:
+    async def drop(self, node_id: str, why: str, expected: Peer | None = None, *, cause: DropCause) -> None:
         """Forget a peer (it left or failed); a failed one is retried with backoff. With ``expected`` (the entry a
         failed call used), only if that entry is still the one stored: `add` closes a peer's old connection when
-        its address changes, which fails calls in flight on it, and those must not drop the new, healthy entry."""
+        its address changes, which fails calls in flight on it, and those must not drop the new, healthy entry.
+        ``why`` goes to the log line; ``cause`` (one of `DROP_CAUSES`) to ``on_drop``, once per peer dropped."""
         peer = self.peers.get(node_id)
         if peer is None or (expected is not None and peer is not expected):
             return
+        if self._on_drop is not None:
+            try:
+                self._on_drop(cause)
+            except Exception:  # an observer's bug must not keep a dead peer in the set
+                log.exception("peer-drop observer failed")
         del self.peers[node_id]
         key = self._key_of.pop(node_id, node_id)
         # Every candidate that reached it would dial it again at the next scan: a static or dns: address that it
@@ -447,7 +463,7 @@ class PeerManager:
                 Reason.NOT_A_NEIGHBOR,
                 f"{info.node_id!r} is a peer of {me!r} at {peer.info.address}, not at {info.address[:MAX_TEXT_CHARS]}",
             )
-        await self.drop(info.node_id, "left (it said so as it stopped)", expected=peer)
+        await self.drop(info.node_id, "left (it said so as it stopped)", expected=peer, cause="leave")
 
     async def tell_leaving(self, timeout: float = LEAVE_TIMEOUT_S) -> None:
         """Tell every verified peer, in parallel, that this node is stopping (`Leave`), so that none waits out a
