@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import logging
 import math
 import os
@@ -19,6 +20,7 @@ from grpc_health.v1 import health, health_pb2_grpc
 
 from nodeproc import console_script, heavy_imports, node_env
 from tadlora.node import cli
+from tadlora.node import metrics as metrics_module
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
 from tadlora.node.metrics import NodeMetrics
@@ -530,6 +532,52 @@ def test_metrics_serve_on_an_ipv6_listen_host_and_say_where(caplog) -> None:
         assert "tadlora_rounds_total 0.0" in body
     finally:
         metrics.close()
+
+
+WILDCARD = "0.0.0.0"  # noqa: S104 -- an ephemeral port of this test's own, closed at its end
+
+
+def scrape(url: str) -> str:
+    return str(urllib.request.urlopen(url, timeout=5).read().decode())  # noqa: S310 -- http://, built here
+
+
+@pytest.mark.parametrize("wildcard", [WILDCARD, "[::]"])
+def test_metrics_on_a_wildcard_listen_host_answer_ipv4_and_ipv6_alike(wildcard: str) -> None:
+    """As gRPC serves a wildcard --listen: the shipped files' 0.0.0.0 must be scrapable on an IPv6 network too."""
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    metrics = NodeMetrics()
+    metrics.serve(0, wildcard)
+    try:
+        for host in ("127.0.0.1", "[::1]"):
+            assert "tadlora_rounds_total 0.0" in scrape(f"http://{host}:{metrics.port}/metrics"), host
+    finally:
+        metrics.close()
+
+
+def test_metrics_on_a_wildcard_fall_back_to_ipv4_on_a_host_without_ipv6(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A kernel booted without IPv6 refuses the family (EAFNOSUPPORT): IPv4 alone is served, not an error."""
+
+    def no_ipv6(self: object) -> None:
+        raise OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")
+
+    monkeypatch.setattr(metrics_module._DualStackServer, "server_bind", no_ipv6)
+    metrics = NodeMetrics()
+    metrics.serve(0, WILDCARD)
+    try:
+        assert "tadlora_rounds_total 0.0" in scrape(f"http://127.0.0.1:{metrics.port}/metrics")
+    finally:
+        metrics.close()
+
+
+def test_a_wildcard_metrics_port_taken_on_ipv4_is_an_error_naming_the_flag() -> None:
+    """Not served on IPv6 alone: the IPv4 scrapers would find another process's port."""
+    with socket.socket() as taken:
+        taken.bind((WILDCARD, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(OSError, match=f"--metrics-port {port}: cannot serve on 0.0.0.0:{port}"):
+            NodeMetrics().serve(port, WILDCARD)
 
 
 def test_a_metrics_port_in_use_is_an_error_naming_the_flag() -> None:

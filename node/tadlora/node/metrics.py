@@ -2,18 +2,57 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
+import socket
 import threading
-from wsgiref.simple_server import WSGIServer
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app, start_http_server
+from prometheus_client.exposition import ThreadingWSGIServer
 
+from tadlora.node.config import is_wildcard
 from tadlora.node.peers import DROP_CAUSES
 
 log = logging.getLogger("tadlora.node")
 
 EXCHANGE_SECONDS_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0)  # s
+
+
+# What binding an IPv6 socket fails with on a host or a container without IPv6 (disabled, or no such family).
+_NO_IPV6 = frozenset({errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT})
+
+
+class _DualStackServer(ThreadingWSGIServer):
+    """/metrics on every address, IPv4 (as mapped addresses) and IPv6 alike, whatever the host's
+    net.ipv6.bindv6only says: as gRPC serves a wildcard --listen."""
+
+    address_family = socket.AF_INET6
+
+    def server_bind(self) -> None:
+        self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        super().server_bind()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:
+        """Not a line on stderr per scrape."""
+
+
+def _serve_dual_stack(port: int, registry: CollectorRegistry) -> tuple[WSGIServer, threading.Thread] | None:
+    """/metrics on ``[::]:port`` taking IPv4 too; None where this host has no IPv6 (then IPv4 alone will do)."""
+    if not socket.has_ipv6:
+        return None
+    try:
+        server = make_server("::", port, make_wsgi_app(registry), _DualStackServer, handler_class=_QuietHandler)
+    except OSError as exc:
+        if exc.errno in _NO_IPV6:
+            return None
+        raise  # e.g. the port is taken: binding IPv4 alone would say the same, less clearly
+    thread = threading.Thread(target=server.serve_forever, name="tadlora-metrics", daemon=True)
+    thread.start()
+    return server, thread
 
 
 class NodeMetrics:
@@ -57,11 +96,15 @@ class NodeMetrics:
 
     def serve(self, port: int, addr: str = "127.0.0.1") -> None:
         """Expose /metrics on ``addr:port`` (a daemon thread owned by this object); ``addr`` may be a --listen host,
-        an IPv6 one in brackets. Logs the URL (port 0: the port chosen). OSError naming --metrics-port if it cannot
-        be bound."""
+        an IPv6 one in brackets. A wildcard (``0.0.0.0`` as much as ``[::]``) serves IPv4 and IPv6 alike, as the
+        node's gRPC port does, or IPv4 alone on a host without IPv6. Logs the URL (port 0: the port chosen).
+        OSError naming --metrics-port if it cannot be bound."""
         host = addr[1:-1] if addr.startswith("[") and addr.endswith("]") else addr  # getaddrinfo takes no brackets
         try:
-            self._server, self._thread = start_http_server(port, addr=host, registry=self.registry)
+            served = _serve_dual_stack(port, self.registry) if is_wildcard(host) else None
+            if served is None:
+                served = start_http_server(port, addr=host, registry=self.registry)
+            self._server, self._thread = served
         except OSError as exc:  # raised once the model has loaded: say which flag to change
             raise OSError(f"--metrics-port {port}: cannot serve on {addr}:{port}: {exc.strerror or exc}") from None
         log.info("serving Prometheus metrics on http://%s:%d/metrics", addr, self.port)
