@@ -321,6 +321,42 @@ def test_fingerprint_is_the_same_for_the_same_lora_settings_written_another_way(
     assert fingerprint("tiny", "00", spec) != old
 
 
+class _ProbeTokenizer:
+    """Just enough of a tokenizer for `tokenizer_digest`: a fixed vocabulary and ids for any text."""
+
+    all_special_tokens = ("[CLS]", "[SEP]")
+
+    def get_vocab(self) -> dict[str, int]:
+        return {"[CLS]": 0, "[SEP]": 1, "a": 2}
+
+    def __call__(self, text: str, pair: str | None = None) -> dict[str, list[int]]:
+        ids = [0, *(2 for _ in text.split()), 1] + ([2, 1] if pair is not None else [])
+        return {"input_ids": ids, "token_type_ids": [0] * len(ids)}
+
+
+@pytest.mark.parametrize(
+    ("identity", "digest", "spec", "tokenizer", "expected"),
+    [
+        ("tiny", "00", ModelSpec(model="tiny", lora=TINY_LORA), None, "5dcdf457007f122c4118680fc374281e"),
+        ("tiny", "00", ModelSpec(model="tiny", lora=TINY_LORA), _ProbeTokenizer(), "f2f801d75b158ddad0b61bf8e98e2f9a"),
+        ("minilm", "ab" * 16, ModelSpec(), _ProbeTokenizer(), "dc9a003565c7176f71f820ddc4ae9f58"),
+        (
+            "minilm",
+            "ab" * 16,
+            ModelSpec(init="torch", seed=3, label_names=("x", "y", "z")),
+            None,
+            "e2611a22afb50e16c3bd327dc5d7b2e7",
+        ),
+    ],
+)
+def test_fingerprint_values_stay_what_runs_recorded(
+    identity: str, digest: str, spec: ModelSpec, tokenizer: object, expected: str
+) -> None:
+    # A fingerprint is kept in every checkpoint and node.json, and compared with peers of other versions: a change
+    # to how it is computed would refuse every resume and split every mixed-version cluster.
+    assert fingerprint(identity, digest, spec, tokenizer) == expected
+
+
 @pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU", ""])
 def test_a_device_string_torch_cannot_read_is_refused_with_the_ones_to_use(name: str) -> None:
     with pytest.raises(ValueError, match="use auto, cpu, cuda or cuda:N"):
