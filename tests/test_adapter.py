@@ -6,14 +6,19 @@ import dataclasses
 import hashlib
 import json
 import logging
+import re
 import warnings
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import TINY_LORA, tiny_spec
 from tadlora import fsutil
 from tadlora.adapter import (
+    _PART_CAPS,
+    FINGERPRINT_PARTS_MAX_CHARS,
     TINY_CONFIG,
     AdapterModel,
     LoraSpec,
@@ -23,12 +28,14 @@ from tadlora.adapter import (
     _load_base,
     _weights_digest,
     fingerprint,
+    fingerprint_parts,
     portable_normal,
     portable_uniform,
     resolve_device,
     resolve_model_path,
 )
 from tadlora.core.factors import Factor, factor_of
+from tadlora.node.limits import MAX_TEXT_CHARS
 
 
 def test_every_node_starts_identical_with_b_zero(tiny_model: AdapterModel) -> None:
@@ -355,6 +362,132 @@ def test_fingerprint_values_stay_what_runs_recorded(
     # A fingerprint is kept in every checkpoint and node.json, and compared with peers of other versions: a change
     # to how it is computed would refuse every resume and split every mixed-version cluster.
     assert fingerprint(identity, digest, spec, tokenizer) == expected
+
+
+_PORTABLE_PARTS = (
+    "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 init=portable weights=#1a03c612 "
+    "tokenizer=#468b5ab8"
+)
+
+
+def _parts(text: str) -> dict[str, str]:
+    return dict(token.split("=", 1) for token in text.split(" "))
+
+
+def test_fingerprint_parts_show_each_part_the_fingerprint_covers() -> None:
+    tokenizer = _ProbeTokenizer()
+    assert fingerprint_parts("minilm", "ab" * 16, ModelSpec(), tokenizer) == _PORTABLE_PARTS
+    assert hashlib.blake2b(b"ab" * 16, digest_size=4).hexdigest() == "1a03c612"  # a digest: '#', 8 hex of BLAKE2b
+    # torch's init: the fingerprint leaves out the tokenizer, and so do the parts; the init is shown, as the
+    # fingerprint tells it apart from portable by leaving out both.
+    torch_init = fingerprint_parts("minilm", "ab" * 16, ModelSpec(init="torch", seed=3), tokenizer)
+    assert torch_init == "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=3 init=torch " \
+        "weights=#1a03c612"  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"identity": "tiny"}, "model"),
+        ({"weights": "cd" * 16}, "weights"),
+        ({"tokenizer": None}, "tokenizer"),
+        ({"label_names": ("no", "yes")}, "labels"),
+        ({"lora": LoraSpec(r=4)}, "lora"),
+        ({"lora": LoraSpec(alpha=32)}, "lora"),
+        ({"lora": LoraSpec(dropout=0.1)}, "lora"),
+        ({"lora": LoraSpec(target_modules=("query",))}, "lora"),
+        ({"seed": 1}, "seed"),
+    ],
+)
+def test_a_setting_changed_changes_its_part_alone(change: dict, key: str) -> None:
+    args = {"identity": "minilm", "weights": "ab" * 16, "tokenizer": _ProbeTokenizer()}
+    spec_change = {k: v for k, v in change.items() if k not in args}
+    changed = {**args, **{k: v for k, v in change.items() if k in args}}
+    base = _parts(fingerprint_parts(args["identity"], args["weights"], ModelSpec(), args["tokenizer"]))
+    other_spec = dataclasses.replace(ModelSpec(), **spec_change)
+    other = _parts(fingerprint_parts(changed["identity"], changed["weights"], other_spec, changed["tokenizer"]))
+    assert {k for k in base if base[k] != other[k]} == {key}, (base, other)
+
+
+def test_fingerprint_parts_are_the_same_for_settings_written_another_way() -> None:
+    spec = ModelSpec(lora=LoraSpec(r=4, alpha=8.0, dropout=0.0, target_modules=("query", "value")))
+    same = ModelSpec(lora=LoraSpec(r=4, alpha=8, dropout=0, target_modules=("value", "query", "value")))
+    assert fingerprint_parts("tiny", "00", spec) == fingerprint_parts("tiny", "00", same)
+    assert "lora=r4/a8/d0/query+value" in fingerprint_parts("tiny", "00", same)
+    # Numbers are shown exactly: 0.1 and 0.1 + 2^-56 are two alphas to peft and to the fingerprint.
+    close = ModelSpec(lora=LoraSpec(alpha=0.1 + 2**-56))
+    assert fingerprint_parts("t", "0", ModelSpec(lora=LoraSpec(alpha=0.1))) != fingerprint_parts("t", "0", close)
+
+
+@pytest.mark.parametrize(
+    ("identity", "labels", "key"),
+    [
+        ("hub model with spaces", ("negative", "positive"), "model"),
+        ("m" * 41, ("negative", "positive"), "model"),  # over its cap
+        ("tiny:" + json.dumps(TINY_CONFIG, sort_keys=True), ("negative", "positive"), "model"),
+        ("minilm", ("a,b", "c"), "labels"),  # would read as three labels
+        ("minilm", ("x=y", "z"), "labels"),
+        ("minilm", ("positif", "négatif"), "labels"),  # not ASCII
+        ("minilm", tuple(f"label{i}" for i in range(10)), "labels"),  # over its cap
+    ],
+)
+def test_a_long_or_unsafe_value_is_shown_as_a_digest(identity: str, labels: tuple[str, ...], key: str) -> None:
+    parts = _parts(fingerprint_parts(identity, "00", ModelSpec(label_names=labels)))
+    assert re.fullmatch(r"#[0-9a-f]{8}", parts[key]), parts
+    assert parts["model" if key == "labels" else "labels"] in ("minilm", "negative,positive")
+
+
+def test_one_label_holding_a_comma_is_not_shown_as_two_labels() -> None:
+    one = fingerprint_parts("m", "00", ModelSpec(label_names=("a,b", "c")))
+    three = fingerprint_parts("m", "00", ModelSpec(label_names=("a", "b", "c")))
+    assert _parts(one)["labels"] != _parts(three)["labels"] == "a,b,c"
+
+
+def test_the_caps_keep_the_longest_parts_text_within_the_protocol_s_text_cap() -> None:
+    # A value takes at most its cap in clear, or 9 chars as a digest; keys, '=' and the spaces between come on top.
+    longest = sum(len(key) + 1 + max(cap, 9) for key, cap in _PART_CAPS.items()) + len(_PART_CAPS) - 1
+    assert longest <= FINGERPRINT_PARTS_MAX_CHARS
+    assert len("fpp=") + FINGERPRINT_PARTS_MAX_CHARS <= 255 and FINGERPRINT_PARTS_MAX_CHARS <= MAX_TEXT_CHARS
+
+
+def test_values_at_their_caps_fit() -> None:
+    lora = LoraSpec(r=123456789, alpha=0.12345678, dropout=0.12345678, target_modules=("q" * 15, "v" * 16))
+    spec = ModelSpec(label_names=("a" * 21, "b" * 22), lora=lora, seed=10**19, init="portable")
+    text = fingerprint_parts("m" * 40, "ab" * 16, spec, _ProbeTokenizer())
+    assert "#" not in text.split(" weights=")[0]  # each at its cap, and in clear
+    assert len(text) <= FINGERPRINT_PARTS_MAX_CHARS
+
+
+_ANY_TEXT = st.text(min_size=1, max_size=400)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    identity=_ANY_TEXT,
+    labels=st.lists(_ANY_TEXT, min_size=2, max_size=50, unique=True),
+    targets=st.lists(_ANY_TEXT, min_size=1, max_size=50),
+    r=st.integers(min_value=1, max_value=10**60),
+    alpha=st.floats(min_value=0, max_value=1e300, exclude_min=True),
+    dropout=st.floats(min_value=0, max_value=1, exclude_max=True),
+    seed=st.integers(min_value=-(10**60), max_value=10**60),
+    init=st.sampled_from(["portable", "torch"]),
+)
+def test_fingerprint_parts_fit_whatever_the_model_path_labels_or_numbers(
+    identity: str, labels: list[str], targets: list[str], r: int, alpha: float, dropout: float, seed: int, init: str
+) -> None:
+    lora = LoraSpec(r=r, alpha=alpha, dropout=dropout, target_modules=tuple(targets))
+    text = fingerprint_parts(identity, "ab" * 16, ModelSpec(label_names=tuple(labels), lora=lora, seed=seed, init=init))
+    assert len(text) <= FINGERPRINT_PARTS_MAX_CHARS
+    # One line of printable ASCII, "key=value" tokens, whatever the inputs held (newlines, '=', spaces, non-ASCII).
+    assert re.fullmatch(r"[a-z]+=[!-~]+( [a-z]+=[!-~]+)*", text), text
+    assert list(_parts(text)) == [k for k in _PART_CAPS if k != "tokenizer" or init == "portable"]
+
+
+def test_a_model_s_parts_are_those_of_its_fingerprint(tiny_model: AdapterModel) -> None:
+    parts = _parts(tiny_model.fingerprint_parts)
+    assert parts["lora"] == "r4/a8/d0/query+value" and parts["seed"] == "0" and parts["init"] == "portable"
+    other = AdapterModel(dataclasses.replace(tiny_spec(), seed=1))
+    assert {k for k, v in _parts(other.fingerprint_parts).items() if v != parts[k]} == {"weights", "seed"}
 
 
 @pytest.mark.parametrize("name", ["gpu", "cuda0", "CPU", ""])

@@ -3,8 +3,9 @@
 Every node of a run must start from the same point: the same base weights, the same frozen classification
 head, the same A and B = 0. `AdapterModel` guarantees that from the run seed alone, and
 `AdapterModel.fingerprint` summarises everything two nodes must share before they mix anything (base model
-identity and weights, LoRA config, label set, run seed, init). Base weights are loaded in fp32 whatever dtype the
-checkpoint holds.
+identity and weights, LoRA config, label set, run seed, init); `AdapterModel.fingerprint_parts` shows the same part
+by part, so that a node refusing a peer can say which part differs. Base weights are loaded in fp32 whatever dtype
+the checkpoint holds.
 
 Initialization (`ModelSpec.init`): torch's own ``uniform_`` and ``normal_`` give other bits for one seed on CPUs
 with other vector instructions (x86 with AVX2, without, ARM), so nodes on an x86 lab box and an ARM edge board
@@ -25,6 +26,7 @@ import json
 import logging
 import math
 import os
+import re
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -367,6 +369,7 @@ class AdapterModel:
         self._frozen = [p for p in self.model.parameters() if id(p) not in factor_ids]
         self.load_factors(self.initial_factors())
         self.fingerprint = fingerprint(identity, base_digest, spec, self.tokenizer)
+        self.fingerprint_parts = fingerprint_parts(identity, base_digest, spec, self.tokenizer)
 
     def initial_factors(self) -> Factors:
         """The run seed's starting factors, on the CPU: A ~ U(−1/√in, 1/√in) (peft's default distribution) from a
@@ -470,18 +473,10 @@ def tokenizer_digest(tokenizer: Any) -> str:
     return hashlib.blake2b(json.dumps(doc, ensure_ascii=False).encode(), digest_size=16).hexdigest()
 
 
-def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: Any = None) -> str:
-    """32 hex chars summarising what two nodes must share before mixing: the same for the same settings however they
-    were written (alpha 16 or 16.0, targets in any order). ``tokenizer``: the model's (its `tokenizer_digest` is
-    taken only where the fingerprint covers it), or None for none.
-
-    The base model's configuration is not in it: transformers versions add configuration keys, and nodes of one
-    model on different versions (a mixed fleet of edge devices) must still mix. Two models with the same weights
-    and directory name but, say, another activation function therefore share a fingerprint. The init and the
-    tokenizer are in it for runs drawn portably; a run of torch's init (made before either was) keeps the
-    fingerprint it had."""
+def _fingerprint_doc(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: Any) -> dict[str, Any]:
+    """What `fingerprint` hashes and `fingerprint_parts` shows (their arguments)."""
     lora = spec.lora
-    doc = {
+    doc: dict[str, Any] = {
         "base": identity,
         "weights": weights_digest,
         # peft matches target modules as a set, and alpha and dropout as numbers.
@@ -497,7 +492,97 @@ def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: 
     if spec.init != "torch":  # the init of runs made before it was a setting: their fingerprints stay as they were
         doc["init"] = spec.init
         doc["tokenizer"] = tokenizer_digest(tokenizer) if tokenizer is not None else ""
+    return doc
+
+
+def fingerprint(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: Any = None) -> str:
+    """32 hex chars summarising what two nodes must share before mixing: the same for the same settings however they
+    were written (alpha 16 or 16.0, targets in any order). ``tokenizer``: the model's (its `tokenizer_digest` is
+    taken only where the fingerprint covers it), or None for none.
+
+    The base model's configuration is not in it: transformers versions add configuration keys, and nodes of one
+    model on different versions (a mixed fleet of edge devices) must still mix. Two models with the same weights
+    and directory name but, say, another activation function therefore share a fingerprint. The init and the
+    tokenizer are in it for runs drawn portably; a run of torch's init (made before either was) keeps the
+    fingerprint it had."""
+    doc = _fingerprint_doc(identity, weights_digest, spec, tokenizer)
     return hashlib.blake2b(json.dumps(doc, sort_keys=True).encode(), digest_size=16).hexdigest()
+
+
+# A value `fingerprint_parts` shows as it is: ASCII letters, digits, '_', '.' and '-' (none of the text's separators,
+# space, '=', ',', '/', '+', nor '#', which starts a digest), up to its cap in chars. Others are shown as '#' and the 8
+# hex of a 4-byte BLAKE2b (9 chars).
+_CLEAR = re.compile(r"[A-Za-z0-9_.-]+")
+_HASHED_CHARS = 9
+# chars; within the protocol's cap on a text field (256, `tadlora.node.limits.MAX_TEXT_CHARS`) and, after its key
+# "fpp=", within one mDNS TXT string (255 bytes, RFC 6763 §6.1).
+FINGERPRINT_PARTS_MAX_CHARS = 250
+# chars of each value in clear: the caps keep the whole text, keys and separators included, within
+# `FINGERPRINT_PARTS_MAX_CHARS` (tests/test_adapter.py adds them up). Wide where a person names the value (a model's
+# directory or hub name, a label set, LoRA targets), narrow where it is a number.
+_LORA_CAPS = {"r": 9, "alpha": 10, "dropout": 10, "targets": 32}  # "r8/a16/d0/query+value"
+_PART_CAPS = {
+    "model": 40,
+    "labels": 44,
+    "lora": len("r/a/d/") + sum(max(cap, _HASHED_CHARS) for cap in _LORA_CAPS.values()),
+    "seed": 20,
+    "init": _HASHED_CHARS,
+    "weights": 0,  # a 32-hex digest: always shown as a digest of its own
+    "tokenizer": 0,
+}
+
+
+def _digest_of(value: str) -> str:
+    return "#" + hashlib.blake2b(value.encode(), digest_size=4).hexdigest()
+
+
+def _shown(value: str, cap: int) -> str:
+    """``value`` as it is when it is clear and at most ``cap`` chars, else as a digest ('#' and 8 hex)."""
+    return value if len(value) <= cap and _CLEAR.fullmatch(value) else _digest_of(value)
+
+
+def _shown_list(values: Sequence[str], separator: str, cap: int) -> str:
+    """``values`` joined by ``separator`` when each is clear and the whole is at most ``cap`` chars, else as a
+    digest of the list: one value "a,b" must not read as the two values "a" and "b"."""
+    joined = separator.join(values)
+    clear = len(joined) <= cap and all(_CLEAR.fullmatch(value) for value in values)
+    return joined if clear else _digest_of(json.dumps(list(values)))
+
+
+def _number(value: float) -> str:
+    """A float as its shortest exact spelling, without a trailing '.0' (16.0 -> '16', 0.1 -> '0.1')."""
+    text = repr(float(value))
+    return text.removesuffix(".0")
+
+
+def fingerprint_parts(identity: str, weights_digest: str, spec: ModelSpec, tokenizer: Any = None) -> str:
+    """What `fingerprint` covers (same arguments), part by part, as one canonical line of at most 250 chars
+    (`FINGERPRINT_PARTS_MAX_CHARS`), e.g. ``model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0
+    init=portable weights=#1a2b3c4d tokenizer=#9f8e7d6c``: keys in that order, the tokenizer only where the
+    fingerprint covers it (not for init ``torch``). Equal for the settings `fingerprint` takes as
+    equal (alpha 16 or 16.0, targets in any order). A value is shown in clear when short and made of safe
+    characters, else as '#' and 8 hex of its BLAKE2b. Two nodes' texts tell which parts differ
+    (`tadlora.node.peer_checks.fingerprint_differences`), not that all are equal (those digests are 32 bits)."""
+    doc = _fingerprint_doc(identity, weights_digest, spec, tokenizer)
+    lora = doc["lora"]
+    shown_lora = (
+        f"r{_shown(str(lora['r']), _LORA_CAPS['r'])}/a{_shown(_number(lora['alpha']), _LORA_CAPS['alpha'])}"
+        f"/d{_shown(_number(lora['dropout']), _LORA_CAPS['dropout'])}"
+        f"/{_shown_list(lora['target_modules'], '+', _LORA_CAPS['targets'])}"
+    )
+    # The settings first, then the digests: the weights' covers what the seed and init draw (the head, `tiny`'s
+    # every weight), so a refusal that names the parts that differ names the seed before the weights it changed.
+    parts = {
+        "model": _shown(doc["base"], _PART_CAPS["model"]),
+        "labels": _shown_list(doc["labels"], ",", _PART_CAPS["labels"]),
+        "lora": shown_lora,
+        "seed": _shown(str(doc["seed"]), _PART_CAPS["seed"]),
+        # Shown for init "torch" too, which the fingerprint covers by leaving the init and tokenizer out.
+        "init": _shown(spec.init, _PART_CAPS["init"]),
+        "weights": _shown(doc["weights"], _PART_CAPS["weights"]),
+        "tokenizer": _shown(doc["tokenizer"], _PART_CAPS["tokenizer"]) if "tokenizer" in doc else None,
+    }
+    return " ".join(f"{key}={value}" for key, value in parts.items() if value is not None)
 
 
 def resolve_device(name: str) -> torch.device:
