@@ -512,10 +512,13 @@ async def test_nodes_of_another_cluster_fingerprint_or_schedule_are_never_mixed_
             [candidate] = node.status().candidates
             assert (candidate.key, candidate.source) == (good.address, "static")
             assert candidate.failures >= 1 and f"refused the handshake: {reason}: " in candidate.reason, candidate
+        # Another seed: the refusal names it with both values, not only two hashes.
+        assert "differ in seed ('node-2' 7, 'node-0' 0)" in foreign[1].status().candidates[0].reason
         assert not good.status().candidates and not mate.status().candidates  # each other's peer: nothing failing
         doc = await query_status(foreign[0].address, 10.0)
     [listed] = doc["candidates"]
     assert listed["key"] == listed["address"] == good.address and "CLUSTER_MISMATCH" in listed["reason"]
+    assert doc["fingerprint_parts"] == foreign[0].fingerprint_parts and " seed=0 " in doc["fingerprint_parts"]
     records = _rounds(tmp_path / "n0")
     assert [r["round"] for r in records] == [0, 1, 2]
     for record in records:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import logging
 import sys
@@ -25,6 +26,7 @@ from zeroconf.const import _CLASS_IN, _FLAGS_AA, _FLAGS_QR_RESPONSE, _TYPE_PTR
 
 import netns
 from netns import Testbed
+from tadlora.adapter import FINGERPRINT_PARTS_MAX_CHARS
 from tadlora.node import discovery, netif
 from tadlora.node.discovery import SERVICE_TYPE, Advertisement, MdnsDiscovery, PeerCandidate, service_instance_name
 from tadlora.node.doctor import async_browse
@@ -603,14 +605,45 @@ def test_the_schedule_travels_in_the_txt_record_and_an_advert_without_it_parses_
     assert isinstance(old, PeerCandidate) and old.schedule == ""
 
 
+PARTS = "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 init=portable weights=#1a03c612"
+
+
+@pytest.mark.parametrize(
+    "garbage",
+    ["", "not parts", "seed=1 seed=2", "seed=0\nfp=ff", "seed=\x1b[2J", "init=portable  seed=0", "Seed=0"],
+    ids=["empty", "no '='", "a key twice", "a line break", "a control character", "two spaces", "uppercase key"],
+)
+def test_the_fingerprint_parts_travel_in_the_txt_record_and_a_missing_or_bad_fpp_is_passed_over(garbage: str) -> None:
+    """A node passes over an advert of another fingerprint naming the parts that differ, from ``fpp``. An advert
+    without it (an older node) or with one that is not a parts text (anyone on the LAN may announce anything) is a
+    candidate as before, with no parts: the key only helps say why a peer cannot be one."""
+    txt = advert("peer", fingerprint_parts=PARTS).txt()
+    assert txt["fpp"] == PARTS
+    parsed = discovery.candidate_from_info(_resolved(txt))
+    assert isinstance(parsed, PeerCandidate) and parsed.fingerprint_parts == PARTS
+    assert "fpp" not in advert("peer").txt()  # an advert built without them publishes none, as an older node
+    for properties in (GOOD_TXT, {**GOOD_TXT, "fpp": garbage}):
+        candidate = discovery.candidate_from_info(_resolved(properties))
+        assert candidate == dataclasses.replace(parsed, fingerprint="ab12", protocol_version=3, secure=True,
+                                                fingerprint_parts="")  # fmt: skip
+
+
+def test_the_longest_fingerprint_parts_fit_one_txt_string() -> None:
+    longest = "model=" + "m" * (FINGERPRINT_PARTS_MAX_CHARS - len("model="))
+    assert len(f"fpp={longest}".encode()) <= 255
+    assert discovery.candidate_from_info(_resolved(advert("peer", fingerprint_parts=longest).txt())).fingerprint_parts \
+        == longest  # fmt: skip
+
+
 @pytest.mark.asyncio
-async def test_a_browsed_advert_carries_its_schedule(quick_timing: None, n: Names) -> None:
+async def test_a_browsed_advert_carries_its_schedule_and_fingerprint_parts(quick_timing: None, n: Names) -> None:
     schedule = "lora T=none p=1.0 max-neighbors=3"
-    async with running(advert(n("alpha")), advert(n("beta"), 50052, schedule=schedule)) as (a, b):
+    beta = advert(n("beta"), 50052, schedule=schedule, fingerprint_parts=PARTS)
+    async with running(advert(n("alpha")), beta) as (a, b):
         seen_by_a = await a.async_wait_for(lambda c: n("beta") in c, WAIT_S)
         seen_by_b = await b.async_wait_for(lambda c: n("alpha") in c, WAIT_S)
-    assert seen_by_a[n("beta")].schedule == schedule
-    assert seen_by_b[n("alpha")].schedule == ""
+    assert (seen_by_a[n("beta")].schedule, seen_by_a[n("beta")].fingerprint_parts) == (schedule, PARTS)
+    assert (seen_by_b[n("alpha")].schedule, seen_by_b[n("alpha")].fingerprint_parts) == ("", "")
 
 
 def test_of_a_peer_s_addresses_the_one_on_this_node_s_subnets_is_the_one_dialled() -> None:
@@ -716,6 +749,8 @@ def test_instance_names_are_id_at_cluster_when_tame_and_a_unique_short_label_oth
         ({"advertise_address": "host.example"}, "advertise_address"),
         ({"cluster": "c" * 300}, "TXT entry"),
         ({"schedule": "s" * 300}, "TXT entry"),
+        ({"fingerprint_parts": "s=" + "s" * 253}, "TXT entry"),  # a parts text of 255 chars: 259 bytes with "fpp="
+        ({"fingerprint_parts": "seed 0"}, "fingerprint_parts"),
     ],
 )
 def test_an_advertisement_refuses_what_it_could_not_announce(overrides: dict[str, object], message: str) -> None:

@@ -883,6 +883,33 @@ async def test_an_advert_of_another_fingerprint_and_schedule_is_logged_with_both
 
 
 @pytest.mark.asyncio
+async def test_an_advert_of_another_fingerprint_names_the_parts_that_differ_when_it_carries_them(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """An advert's ``fpp`` says which settings differ (the node passes it over without dialling it); an older node's
+    advert, without the key, is said as before: the fingerprints and the flags they cover."""
+    ours = "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 init=portable weights=#1a03c612"
+    theirs = ours.replace("seed=0", "seed=3").replace("r8/", "r16/")
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1", fingerprint_parts=ours)
+    named = dataclasses.replace(advert("named", "10.0.0.2:7070"), fingerprint="g", fingerprint_parts=theirs)
+    older = dataclasses.replace(advert("older", "10.0.0.3:7070"), fingerprint="g")
+    hosts = Hosts()
+    listed = [(c.node_id, c.address, c) for c in (named, older)]
+    pm = PeerManager(hosts, lambda: me, lambda: listed, lambda: None)
+    with caplog.at_level(logging.WARNING, logger="tadlora.peers"):
+        await pm.scan()
+    assert pm.peers == {} and hosts.dials == []
+    [line] = [r.getMessage() for r in caplog.records if "named" in r.getMessage()]
+    said = (
+        "model fingerprint g differs from ours (f) in lora (its r16/a16/d0/query+value, ours r8/a16/d0/query+value) "
+        "and seed (its 3, ours 0): the fingerprint covers"
+    )
+    assert said in line, line
+    [line] = [r.getMessage() for r in caplog.records if "older" in r.getMessage()]
+    assert "model fingerprint g differs from ours (f): the fingerprint covers" in line, line
+
+
+@pytest.mark.asyncio
 async def test_candidates_that_came_and_went_are_forgotten_once_gone_for_long(monkeypatch: pytest.MonkeyPatch) -> None:
     """Churn (pods that each lived once at an IP of their own, strangers announcing random ids) must not grow the
     manager's bookkeeping without bound: what it keeps for a candidate goes once the candidate has been gone for

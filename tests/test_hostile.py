@@ -253,7 +253,9 @@ def test_any_exchange_stream_raises_nothing_but_a_refusal(kinds: list[str], data
 class QuietHandler:
     """A `NodeHandler` that accepts any compatible handshake."""
 
-    info = PeerInfo(node_id="callee", cluster=CLUSTER, fingerprint=FINGERPRINT, address="127.0.0.1:1", degree=1)
+    info = PeerInfo(node_id="callee", cluster=CLUSTER, fingerprint=FINGERPRINT, address="127.0.0.1:1", degree=1,
+                    fingerprint_parts="model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 "
+                    "init=portable weights=#1a03c612")  # fmt: skip
 
     def local_info(self) -> PeerInfo:
         return self.info
@@ -415,6 +417,13 @@ def test_a_payload_off_the_spec_its_exchange_was_admitted_with_is_refused_bad_pa
 
 texts = st.one_of(st.text(max_size=40), st.text(min_size=MAX_TEXT_CHARS + 1, max_size=MAX_TEXT_CHARS + 2),
                   st.just("x" * 100_000), st.just(CLUSTER), st.just(FINGERPRINT))  # fmt: skip
+# `fingerprint_parts` texts that parse, with values of any length up to the text cap: each differing part is echoed
+# in a refusal's detail.
+parts_texts = st.lists(
+    st.tuples(st.sampled_from(["model", "labels", "lora", "seed", "init", "weights"]),
+              st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), min_size=1, max_size=120)),
+    unique_by=lambda kv: kv[0], min_size=1,
+).map(lambda kvs: " ".join(f"{k}={v}" for k, v in kvs)[:MAX_TEXT_CHARS])  # fmt: skip
 
 
 @st.composite
@@ -422,7 +431,7 @@ def garbled_infos(draw: st.DrawFn) -> pb.PeerInfo:
     return pb.PeerInfo(
         protocol_version=draw(st.sampled_from([PROTOCOL_VERSION, 0, 2, 2**32 - 1])),
         cluster=draw(texts), fingerprint=draw(texts), node_id=draw(texts), address=draw(texts), method=draw(texts),
-        schedule=draw(texts),
+        schedule=draw(texts), fingerprint_parts=draw(st.one_of(texts, parts_texts)),
         round=draw(st.sampled_from([0, 1, 2**40, 2**40 + 1, 2**63, 2**64 - 1])),
         degree=draw(st.sampled_from([0, 1, 1024, 1025, 2**31, 2**32 - 1])),
         insecure=draw(st.booleans()),
@@ -437,7 +446,8 @@ def test_garbled_handshakes_are_answered_with_a_reply_never_an_exception(info: p
     reply = asyncio.run(responder.handshake(request))
     if reply.accepted:
         assert (info.cluster, info.fingerprint, info.protocol_version) == (CLUSTER, FINGERPRINT, PROTOCOL_VERSION)
-        assert max(len(info.node_id), len(info.address), len(info.method), len(info.schedule)) <= MAX_TEXT_CHARS
+        texts = (info.node_id, info.address, info.method, info.schedule, info.fingerprint_parts)
+        assert max(len(text) for text in texts) <= MAX_TEXT_CHARS
         assert info.round <= limits.MAX_ROUND and info.degree <= limits.MAX_DEGREE
     else:
         assert reply.reason not in (Reason.UNSPECIFIED, Reason.INTERNAL), reply.detail

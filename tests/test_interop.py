@@ -173,7 +173,7 @@ def test_avahi_browse_in_another_host_lists_the_nodes_service_with_its_srv_addre
         running_node(tmp_path, "node", args, out, netns=node_host.netns, mdns_interface=node_host.interface) as node,
         avahi_in(avahi_host, tmp_path / "avahi") as browse,
     ):
-        node.serving()
+        serving = node.serving()["message"]
         instance = service_instance_name(node_id, tag)
         deadline = time.monotonic() + BROWSE_S
         while True:  # the first browse may come before the daemon has asked and heard the answer
@@ -197,11 +197,14 @@ def test_avahi_browse_in_another_host_lists_the_nodes_service_with_its_srv_addre
     entries = dict(item.strip('"').split("=", 1) for item in txt.split('" "'))
     # node_args leaves method, T, p and the degree cap at their defaults
     schedule = NodeConfig(out=out, insecure=True).schedule()
+    parts = serving.split(" [", 1)[1].split("], ", 1)[0]  # "fingerprint F [PARTS], schedule ..." in its log
     assert entries == {
         "id": node_id, "cluster": tag, "fp": fingerprint, "proto": str(PROTOCOL_VERSION), "sec": "insecure",
-        "sched": schedule,
+        "sched": schedule, "fpp": parts,
     }  # fmt: skip
     assert schedule == "tad T=5 p=1.0 max-neighbors=all"
+    assert re.fullmatch(r"model=#[0-9a-f]{8} labels=negative,positive lora=r8/a16/d0/query\+value seed=0 "
+                        r"init=portable weights=#[0-9a-f]{8} tokenizer=#[0-9a-f]{8}", parts), parts  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------------------

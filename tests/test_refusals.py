@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tadlora.adapter import LoraSpec
 from tadlora.core.factors import Factors, select
 from tadlora.core.mixing import sent_factors
 from tadlora.node.daemon import Node
@@ -21,7 +22,15 @@ from tadlora.node.exchange_stream import _payload_messages
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.responder import _Responder
-from tadlora.node.rpc import MAX_DEGREE, MAX_ROUND, PROTOCOL_VERSION, ExchangeHeader, PeerInfo, StatusInfo
+from tadlora.node.rpc import (
+    MAX_DEGREE,
+    MAX_ROUND,
+    PROTOCOL_VERSION,
+    SAME_MODEL_FIX,
+    ExchangeHeader,
+    PeerInfo,
+    StatusInfo,
+)
 from tadlora.node.wire import ExchangeRefused, FactorSpec, Reason, chunk_count, digest, encode_factors
 from tadlora.v1 import node_pb2 as pb
 from test_daemon import node_config
@@ -412,3 +421,43 @@ async def test_a_node_of_another_schedule_is_refused_at_handshake_naming_both_an
     assert refused.value.reason is Reason.SCHEDULE_MISMATCH
     assert f"{n1.node_id!r} runs {their_schedule!r}, {n0.node_id!r} runs {n0.schedule!r}" in refused.value.detail
     assert "--method, --switch-interval, --link-prob and --max-neighbors" in refused.value.detail
+
+
+# -------------------------------------------------------------------------------------- another fingerprint
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    ("theirs", "named"),
+    [
+        ({"seed": 7}, "seed ('node-1' 7, 'node-0' 0) and weights ('node-1' #"),
+        ({"init": "torch"}, "init ('node-1' torch, 'node-0' portable) and weights ('node-1' #"),
+        ({"lora": LoraSpec(r=2, alpha=8.0)}, "lora ('node-1' r2/a8/d0/query+value, 'node-0' r4/a8/d0/query+value)"),
+    ],
+    ids=["seed", "init", "lora-r"],
+)
+async def test_a_node_of_another_fingerprint_is_refused_naming_the_settings_that_differ(
+    tmp_path: Path, theirs: dict[str, object], named: str
+) -> None:
+    """The most common mistake, one node started with another --seed, --init or --lora-r, was refused with two
+    hashes: the refusal names the part that differs with each node's value (the weights' digest too where the seed
+    or init drew them: `tiny` draws every weight), on both nodes, and in the refused node's status."""
+    network = InMemoryNetwork()
+    cfg0 = node_config(tmp_path, 0, 2, PeersOption(False, (), ()), min_peers=0)
+    async with Node(cfg0, network) as n0:
+        cfg1 = node_config(tmp_path, 1, 2, PeersOption(False, (n0.address,), ()), min_peers=0, **theirs)
+        async with Node(cfg1, network) as n1:
+            assert n1.fingerprint != n0.fingerprint
+            async with network.connect(n0.address) as client:
+                with pytest.raises(ExchangeRefused) as refused:
+                    await client.handshake(n1.local_info(), timeout=5.0)
+            async with asyncio.timeout(30):  # n1's peer manager has dialled n0 too, and been refused
+                while not n1.status().candidates:  # noqa: ASYNC110 - status has no event to await
+                    await asyncio.sleep(0.05)
+            [candidate] = n1.status().candidates
+    assert refused.value.reason is Reason.FINGERPRINT_MISMATCH
+    detail = refused.value.detail
+    assert f"'node-1' has model fingerprint {n1.fingerprint[:16]!r}, 'node-0' has model fingerprint " in detail
+    assert f"; 'node-1' and 'node-0' differ in {named}" in detail, detail
+    assert detail.endswith(": " + SAME_MODEL_FIX)
+    assert f"FINGERPRINT_MISMATCH: {detail}" in candidate.reason, candidate

@@ -28,8 +28,10 @@ from nodeproc import free_ports
 from tadlora.node import grpc_transport, wire
 from tadlora.node.exchange_stream import _payload_messages
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
+from tadlora.node.limits import MAX_DETAIL_CHARS
 from tadlora.node.memory_transport import InMemoryNetwork
-from tadlora.node.peer_checks import check_sane
+from tadlora.node.pb_mapping import _info_from_pb, _info_to_pb
+from tadlora.node.peer_checks import check_sane, fingerprint_differences, parse_fingerprint_parts
 from tadlora.node.responder import _Responder
 from tadlora.node.rpc import (
     MAX_DEGREE,
@@ -40,6 +42,7 @@ from tadlora.node.rpc import (
     NODE_ID_CHARS,
     NODE_SERVICE_NAME,
     PROTOCOL_VERSION,
+    SAME_MODEL_FIX,
     BindError,
     CandidateStatus,
     ExchangeHeader,
@@ -69,6 +72,8 @@ LISTEN = "127.0.0.1:0"
 CLUSTER = "glue-sst2"
 FINGERPRINT = "sha256:" + "ab" * 32
 SCHEDULE = "tad T=5 p=1.0 max-neighbors=all"  # as `NodeConfig.schedule` spells it
+# As `tadlora.adapter.fingerprint_parts` spells them
+PARTS = "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 init=portable weights=#1a03c612"
 TIMEOUT = 10.0  # s; generous: calls expected to succeed never come near it
 SHORT_TIMEOUT = 0.3  # s; the caller's deadline in tests where the callee never answers
 THREAD_EXIT_TIMEOUT = 2.0  # s; join() returns as soon as a finished thread has exited
@@ -106,6 +111,7 @@ class FakeNode:
             degree=2,
             method="tad",
             schedule=SCHEDULE,
+            fingerprint_parts=PARTS,
         )
         self.factors = factors
         self.spec: FactorSpec | None = FactorSpec.from_factors(factors)
@@ -296,6 +302,115 @@ def test_a_peer_of_another_protocol_is_told_to_upgrade_the_older_node() -> None:
         f"'alice' speaks protocol {PROTOCOL_VERSION - 1}, 'bob' speaks protocol {PROTOCOL_VERSION}: upgrade the node "
         "of the older protocol: every node of a cluster must speak the same one"
     )
+
+
+def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_parts() -> None:
+    info = PeerInfo(
+        node_id="n1",
+        cluster="c",
+        fingerprint="f",
+        address="a:1",
+        round=2,
+        degree=3,
+        method="tad",
+        insecure=False,
+        protocol_version=7,
+        last_mixed_round=2,
+        schedule="s",
+        fingerprint_parts="seed=1",
+    )
+    defaults = PeerInfo(node_id="", cluster="", fingerprint="", address="")
+    assert all(getattr(info, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(PeerInfo)[4:])
+    assert _info_from_pb(pb.PeerInfo.FromString(_info_to_pb(info).SerializeToString())) == info
+    older = _info_to_pb(info)
+    older.ClearField("fingerprint_parts")  # what a node from before field 12 sends
+    assert _info_from_pb(pb.PeerInfo.FromString(older.SerializeToString())).fingerprint_parts == ""
+
+
+@pytest.mark.asyncio
+async def test_a_fingerprint_refusal_names_the_parts_that_differ_with_each_node_s_value(
+    transport: Transport, alice: FakeNode, bob: FakeNode
+) -> None:
+    """A node started with another --seed (or --init, --lora-r, model, dataset) was refused with two hashes that
+    named nothing: the refusal names each part that differs, with both values, at the handshake and at a fetch."""
+    seed_1 = PARTS.replace("seed=0", "seed=1")
+    other_seed = dataclasses.replace(alice.info, fingerprint="cd" * 16, fingerprint_parts=seed_1)
+    torch_init = seed_1.replace("init=portable", "init=torch")
+    other_init = dataclasses.replace(other_seed, fingerprint_parts=torch_init)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as at_handshake:
+            await client.handshake(other_seed, TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_fetch:
+            await client.fetch(other_seed, TIMEOUT)
+        with pytest.raises(ExchangeRefused) as two_parts:
+            await client.handshake(other_init, TIMEOUT)
+    for refused in (at_handshake, at_fetch, two_parts):
+        assert refused.value.reason is Reason.FINGERPRINT_MISMATCH
+        # The fingerprints and the fix are said as before.
+        assert refused.value.detail.startswith(f"'alice' has model fingerprint {'cd' * 8!r}, 'bob' has model "
+                                               f"fingerprint {FINGERPRINT[:16]!r}; "), refused.value.detail  # fmt: skip
+        assert refused.value.detail.endswith(": " + SAME_MODEL_FIX), refused.value.detail
+    for refused in (at_handshake, at_fetch):
+        assert "; 'alice' and 'bob' differ in seed ('alice' 1, 'bob' 0): " in refused.value.detail
+    assert "; 'alice' and 'bob' differ in seed ('alice' 1, 'bob' 0) and init ('alice' torch, 'bob' portable): " \
+        in two_parts.value.detail  # fmt: skip
+    assert bob.handshakes == []
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "theirs",
+    ["", "seed=1 seed=1", "seed 1", "seed=one\ntwo", "model=m\x1b[31m"],
+    ids=["older node", "a key twice", "no '='", "a line break", "a control character"],
+)
+async def test_a_fingerprint_refusal_without_both_nodes_parts_says_the_fingerprints_alone(
+    transport: Transport, alice: FakeNode, bob: FakeNode, theirs: str
+) -> None:
+    """From a node older than the parts (or one sending something else), as before them: the two fingerprints and
+    the fix, and nothing of what it sent. An exchange header carries no parts either."""
+    stranger = dataclasses.replace(alice.info, fingerprint="cd" * 16, fingerprint_parts=theirs)
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as at_handshake:
+            await client.handshake(stranger, TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_exchange:
+            await client.exchange(ExchangeHeader.from_info(stranger), alice.factors, TIMEOUT)
+    expected = (f"'alice' has model fingerprint {'cd' * 8!r}, 'bob' has model fingerprint {FINGERPRINT[:16]!r}: "
+                f"{SAME_MODEL_FIX}")  # fmt: skip
+    assert at_handshake.value.detail == at_exchange.value.detail == expected
+
+
+def test_parts_that_differ_are_named_in_our_order_and_parts_one_side_lacks_are_passed_over() -> None:
+    ours = "model=m labels=a,b lora=r8/a16/d0/q+v seed=0 init=portable weights=#00000000 tokenizer=#11111111"
+    theirs = "model=n labels=a,b lora=r4/a16/d0/q+v seed=0 init=torch weights=#22222222 future=x"
+    assert fingerprint_differences(theirs, ours, "'x'", "'y'") == (
+        "model ('x' n, 'y' m), lora ('x' r4/a16/d0/q+v, 'y' r8/a16/d0/q+v), init ('x' torch, 'y' portable) and "
+        "weights ('x' #22222222, 'y' #00000000)"
+    )
+    assert fingerprint_differences(ours, ours, "'x'", "'y'") == ""  # equal parts, other fingerprints: a 32-bit clash
+    assert fingerprint_differences("", ours, "'x'", "'y'") == fingerprint_differences(ours, "", "'x'", "'y'") == ""
+    assert parse_fingerprint_parts(ours) == {
+        "model": "m", "labels": "a,b", "lora": "r8/a16/d0/q+v", "seed": "0", "init": "portable",
+        "weights": "#00000000", "tokenizer": "#11111111",
+    }  # fmt: skip
+    for bad in ("", " seed=0", "seed=0 ", "Seed=0", "seed=", "=0", "seed=0  init=torch", "seed=\u00e9"):
+        assert parse_fingerprint_parts(bad) is None, bad
+
+
+def test_parts_whose_values_would_make_a_long_refusal_are_named_without_them() -> None:
+    # Every part of one node differs from the other's, each value long: listing them would push the fix, said last,
+    # past what the refused node keeps of a detail.
+    ours = " ".join(f"{key}={key[0] * 30}" for key in ("model", "labels", "lora", "seed", "init", "weights"))
+    theirs = ours.replace("=", "=x")
+    named = fingerprint_differences(theirs, ours, "'n1'", "'n0'")
+    assert named == "model, labels, lora, seed, init and weights"
+    # The longest refusal for another fingerprint (ids of 63 chars, every part differing at full length) keeps its
+    # fix within what the refused node keeps of a detail.
+    mine = PeerInfo(node_id="a" * 63, cluster="c", fingerprint="f", address="x:1", fingerprint_parts=ours[:250])
+    other = dataclasses.replace(mine, node_id="b" * 63, fingerprint="g", fingerprint_parts=theirs[:MAX_TEXT_CHARS])
+    with pytest.raises(ExchangeRefused) as refused:
+        check_compatible(mine, other)
+    assert refused.value.detail.endswith(SAME_MODEL_FIX) and len(refused.value.detail) <= MAX_DETAIL_CHARS
+    assert " differ in model, labels, lora, seed, init and weights: " in refused.value.detail
 
 
 @pytest.mark.asyncio

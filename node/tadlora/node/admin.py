@@ -39,6 +39,7 @@ async def query_status(
         "address": st.node.address,
         "cluster": st.node.cluster,
         "fingerprint": st.node.fingerprint,
+        "fingerprint_parts": st.node.fingerprint_parts,
         "method": st.node.method,
         "schedule": st.node.schedule,
         "round": st.node.round,

@@ -151,6 +151,7 @@ class Node:
         self.schedule = config.schedule()  # sent in every handshake and exchange header; peers refuse another
         self.node_id = ""
         self.fingerprint = ""
+        self.fingerprint_parts = ""  # sent in every handshake and mDNS advert: a refusal names the parts that differ
         self.address = ""
         self.metrics = NodeMetrics()
         self._model: AdapterModel | None = None
@@ -244,6 +245,7 @@ class Node:
         await self._in_worker(self._build)
         assert self._model is not None  # noqa: S101 - set by _build
         self.fingerprint = self._model.fingerprint
+        self.fingerprint_parts = self._model.fingerprint_parts
         await self._in_worker(state.remove_torn_writes, cfg.out)
         identity = await self._in_worker(load_identity, cfg.out)
         if identity and identity.get("fingerprint") != self.fingerprint:
@@ -348,6 +350,7 @@ class Node:
                 secure=not cfg.insecure,
                 advertise_address=advertised_host,
                 schedule=self.schedule,  # peers of another schedule pass this advert over instead of dialling it
+                fingerprint_parts=self.fingerprint_parts,  # and of another fingerprint say which parts differ
             )
             self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
             await self._discovery.__aenter__()
@@ -359,8 +362,9 @@ class Node:
         self._spawn(self._peers.run(), "peer-manager")
         self._state = "idle"
         log.info(
-            "node %s serving on %s (cluster %s, fingerprint %s, schedule %s, shard %d/%d)",
-            self.node_id, self.address, cfg.cluster, self.fingerprint, self.schedule, cfg.shard, cfg.num_shards,
+            "node %s serving on %s (cluster %s, fingerprint %s [%s], schedule %s, shard %d/%d)",
+            self.node_id, self.address, cfg.cluster, self.fingerprint, self.fingerprint_parts, self.schedule,
+            cfg.shard, cfg.num_shards,
         )  # fmt: skip
         if cfg.insecure:
             told = "status and the mDNS record say" if cfg.peers.auto else "status says"  # static peers: no record
@@ -677,6 +681,7 @@ class Node:
             protocol_version=PROTOCOL_VERSION,
             last_mixed_round=self.rounds.last_mixed,
             schedule=self.schedule,
+            fingerprint_parts=self.fingerprint_parts,
         )
 
     def expected_spec(self) -> FactorSpec | None:

@@ -25,7 +25,7 @@ from zeroconf import BadTypeInNameException, DNSQuestionType, IPVersion, Service
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from tadlora.node.netif import ipv4_by_interface, ipv4_networks, require_unicast_ipv4
-from tadlora.node.peer_checks import node_id_problem
+from tadlora.node.peer_checks import node_id_problem, parse_fingerprint_parts
 from tadlora.node.peerspec import PORT_MAX
 
 __all__ = [
@@ -80,6 +80,9 @@ class PeerCandidate:
     # Its `NodeConfig.schedule` (TXT "sched"); "" from an advert without one (a node older than the key): unknown,
     # and then not compared, as the handshake does not compare an empty one.
     schedule: str = ""
+    # Its `tadlora.adapter.fingerprint_parts` (TXT "fpp"); "" from an advert without one (a node older than the key)
+    # or with one that is not such a text: then a refusal for another fingerprint names no part.
+    fingerprint_parts: str = ""
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,7 @@ class Advertisement:
     secure: bool
     advertise_address: str | None = None
     schedule: str = ""  # `NodeConfig.schedule`; "" publishes none (as a node older than the "sched" key)
+    fingerprint_parts: str = ""  # `tadlora.adapter.fingerprint_parts`; "" publishes none (as before the "fpp" key)
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -108,6 +112,8 @@ class Advertisement:
             raise ValueError(f"protocol_version {self.protocol_version} is negative")
         if self.advertise_address is not None:
             require_unicast_ipv4(self.advertise_address, "advertise_address")
+        if self.fingerprint_parts and parse_fingerprint_parts(self.fingerprint_parts) is None:
+            raise ValueError(f"fingerprint_parts {self.fingerprint_parts!r} is not a fingerprint_parts text")
         for key, value in self.txt().items():
             if len(f"{key}={value}".encode()) > _TXT_ENTRY_MAX_BYTES:
                 raise ValueError(f"TXT entry {key!r} is longer than {_TXT_ENTRY_MAX_BYTES} bytes")
@@ -123,6 +129,8 @@ class Advertisement:
         }
         if self.schedule:
             txt["sched"] = self.schedule
+        if self.fingerprint_parts:
+            txt["fpp"] = self.fingerprint_parts
         return txt
 
 
@@ -195,6 +203,10 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
     # The rest follow as alternates, those on our subnets first.
     near = [a for a in addresses if any(ipaddress.IPv4Address(a) in net for net in reachable)]
     ordered = [f"{a}:{info.port}" for a in dict.fromkeys(near + addresses)]
+    # Absent from an older node's advert. One that is not a parts text is passed over, not the advert with it: it only
+    # says which parts of another fingerprint differ, and the advert is good without it.
+    parts = txt.get("fpp", "")
+    parts = parts if parse_fingerprint_parts(parts) is not None else ""
     return PeerCandidate(
         node_id=txt["id"],
         address=ordered[0],
@@ -206,6 +218,7 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
         service_name=info.name,
         alternates=tuple(ordered[1:]),
         schedule=txt.get("sched", ""),  # absent from an older node's advert
+        fingerprint_parts=parts,
     )
 
 

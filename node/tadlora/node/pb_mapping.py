@@ -45,6 +45,7 @@ def _info_to_pb(info: PeerInfo) -> pb.PeerInfo:
         insecure=info.insecure,
         last_mixed_round=info.last_mixed_round,
         schedule=info.schedule,
+        fingerprint_parts=info.fingerprint_parts,
     )
 
 
@@ -61,6 +62,7 @@ def _info_from_pb(msg: pb.PeerInfo) -> PeerInfo:
         insecure=msg.insecure,
         last_mixed_round=msg.last_mixed_round,
         schedule=msg.schedule,
+        fingerprint_parts=msg.fingerprint_parts,
     )
 
 

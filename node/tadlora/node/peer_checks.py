@@ -1,6 +1,7 @@
 """The checks on what a peer says of itself and sends: node-id syntax, the sanity caps, the identity a
 certificate vouches for, whether two nodes can mix (protocol, cluster, fingerprint, schedule; with what to do about
-each mismatch), and a payload's declared size. Each raises `ExchangeRefused` with a reason a person can act on.
+each mismatch, and which parts of two fingerprints differ), and a payload's declared size. Each raises
+`ExchangeRefused` with a reason a person can act on.
 """
 
 from __future__ import annotations
@@ -72,7 +73,8 @@ def _check_info(info: PeerInfo, what: str) -> None:
     before it moves on to t + 1, so it reports at most its own round + 1 (between closing a round and the next).
     Catch-up follows the peer that claims the latest mixing and adopts that claim, so a bigger one would pull
     every node to a round nobody reached."""
-    texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method, info.schedule)
+    texts = (info.node_id, info.cluster, info.fingerprint, info.address, info.method, info.schedule,
+             info.fingerprint_parts)  # fmt: skip
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
     _check_node_id(info.node_id, what)
     if info.last_mixed_round > info.round + 1:
@@ -114,6 +116,9 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
             Reason.CLUSTER_MISMATCH, f"{them} is in cluster {theirs.cluster!r}, {us} is in cluster {ours.cluster!r}"
         )
     if theirs.fingerprint != ours.fingerprint:
+        # Which parts differ, where both sides said their parts (a handshake's infos; an exchange header has none).
+        parts = fingerprint_differences(_parts_of(theirs), _parts_of(ours), them, us)
+        differ = f"; {them} and {us} differ in {parts}" if parts else ""
         # A schedule that differs too is said here as well: refused for the fingerprint alone, a pair started with
         # another --seed and another --method would find the second mistake only after fixing the first.
         also = (
@@ -124,7 +129,7 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
         raise ExchangeRefused(
             Reason.FINGERPRINT_MISMATCH,
             f"{them} has model fingerprint {theirs.fingerprint[:16]!r}, "
-            f"{us} has model fingerprint {ours.fingerprint[:16]!r}{also}: {SAME_MODEL_FIX}"
+            f"{us} has model fingerprint {ours.fingerprint[:16]!r}{differ}{also}: {SAME_MODEL_FIX}"
             + (f"; {SAME_SCHEDULE_FIX}" if also else ""),
         )
     if schedules_differ(theirs.schedule, ours.schedule):
@@ -134,8 +139,9 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
         )
 
 
-# What to do about a peer of another model fingerprint (`tadlora.adapter.fingerprint`: one hash of what it covers,
-# so which part differs cannot be told from it), wherever one is found.
+# What to do about a peer of another model fingerprint (`tadlora.adapter.fingerprint`: one hash of what it covers;
+# which part differs is told from the two nodes' parts, `fingerprint_differences`, where both send them), wherever
+# one is found.
 SAME_MODEL_FIX: Final = (
     "the fingerprint covers --model (its weights, and its tokenizer under --init portable), the label set of "
     "--dataset, --lora-r, --lora-alpha, --lora-dropout, --lora-targets, --init and --seed: start every node of a "
@@ -149,6 +155,54 @@ SAME_PROTOCOL_FIX: Final = "upgrade the node of the older protocol: every node o
 SAME_SCHEDULE_FIX: Final = (
     "start every node of a cluster with the same --method, --switch-interval, --link-prob and --max-neighbors"
 )
+
+
+def _parts_of(claims: object) -> str:
+    """A node's `PeerInfo.fingerprint_parts`; "" from an exchange header, which carries none."""
+    return claims.fingerprint_parts if isinstance(claims, PeerInfo) else ""
+
+
+# chars of `fingerprint_differences` with the values; past it the parts are named without them, so that a refusal's
+# detail keeps within the `MAX_DETAIL_CHARS` its receiver keeps, the fix at its end included.
+DIFFERENCES_MAX_CHARS: Final = 400
+
+# One "key=value" of a `tadlora.adapter.fingerprint_parts` text: a lowercase key, a value of printable ASCII without
+# spaces (what a peer sends is logged: no control characters, no line breaks).
+_PART: Final = re.compile(r"([a-z][a-z0-9_-]*)=([!-~]+)")
+
+
+def parse_fingerprint_parts(text: str) -> dict[str, str] | None:
+    """The parts of a `tadlora.adapter.fingerprint_parts` text by key, in its order; None for "" (a node too old to
+    send one) or a text that is not one (over `MAX_TEXT_CHARS`, a token that is not "key=value", a key twice): a
+    peer's, from its handshake or mDNS advert, is read only to say which parts differ, never trusted further."""
+    if not text or len(text) > MAX_TEXT_CHARS:
+        return None
+    parts: dict[str, str] = {}
+    for token in text.split(" "):
+        if (match := _PART.fullmatch(token)) is None or match.group(1) in parts:
+            return None
+        parts[match.group(1)] = match.group(2)
+    return parts
+
+
+def fingerprint_differences(theirs: str, ours: str, them: str, us: str) -> str:
+    """The parts of two `fingerprint_parts` texts that differ, each with both values, ``them``'s first, e.g.
+    "seed ('n1' 1, 'n0' 0) and init ('n1' torch, 'n0' portable)", in ``ours``' order; the parts alone ("model,
+    labels and lora") where that would pass `DIFFERENCES_MAX_CHARS`; "" when either text is missing or unreadable
+    (`parse_fingerprint_parts`) or no part both name differs (then the fingerprints alone say it). A part one side
+    alone names is passed over: a newer node's, or the tokenizer, which torch's init leaves out (the init then
+    differs too, and is named)."""
+    theirs_parts, ours_parts = parse_fingerprint_parts(theirs), parse_fingerprint_parts(ours)
+    if theirs_parts is None or ours_parts is None:
+        return ""
+    keys = [key for key, value in ours_parts.items() if theirs_parts.get(key, value) != value]
+    named = _listed([f"{key} ({them} {theirs_parts[key]}, {us} {ours_parts[key]})" for key in keys])
+    return named if len(named) <= DIFFERENCES_MAX_CHARS else _listed(keys)
+
+
+def _listed(items: list[str]) -> str:
+    """The items as a sentence lists them: a; a and b; a, b and c."""
+    return " and ".join(items) if len(items) < 3 else ", ".join(items[:-1]) + " and " + items[-1]
 
 
 def schedules_differ(theirs: str, ours: str) -> bool:

@@ -27,6 +27,7 @@ from tadlora.node.peer_checks import (
     SAME_PROTOCOL_FIX,
     SAME_SCHEDULE_FIX,
     check_compatible,
+    fingerprint_differences,
     schedules_differ,
 )
 from tadlora.node.protocol_types import CandidateStatus, OwnAddress, PeerInfo, PeerUnavailable
@@ -230,7 +231,13 @@ class PeerManager:
         elif cand.cluster != local.cluster:
             reason = f"cluster {cand.cluster!r} is not ours ({local.cluster!r})"
         elif cand.fingerprint != local.fingerprint:
-            reason = f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint}): {SAME_MODEL_FIX}"
+            # Which parts differ, where its advert names them ("" from a node older than the "fpp" key).
+            parts = fingerprint_differences(cand.fingerprint_parts, local.fingerprint_parts, "its", "ours")
+            reason = (
+                f"model fingerprint {cand.fingerprint} differs from ours ({local.fingerprint})"
+                + (f" in {parts}" if parts else "")
+                + f": {SAME_MODEL_FIX}"
+            )
             if schedules_differ(cand.schedule, local.schedule):  # both said at once: else one restart finds each
                 reason += f"; its schedule {cand.schedule!r} differs too ({local.schedule!r}): {SAME_SCHEDULE_FIX}"
         elif schedules_differ(cand.schedule, local.schedule):

@@ -41,6 +41,9 @@ class PeerInfo:
     protocol_version: int = PROTOCOL_VERSION
     last_mixed_round: int = 0  # 1 + the last round this node mixed with a neighbour; 0: never
     schedule: str = ""  # `NodeConfig.schedule`; "" from a node too old to send it, and then not compared
+    # `tadlora.adapter.fingerprint_parts`: what a refusal for another fingerprint names the differing parts from; ""
+    # from a node too old to send it (the refusal then gives the fingerprints alone)
+    fingerprint_parts: str = ""
 
     def __post_init__(self) -> None:
         if min(self.round, self.degree, self.protocol_version, self.last_mixed_round) < 0:

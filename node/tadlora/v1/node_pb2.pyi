@@ -41,7 +41,7 @@ REFUSAL_REASON_BUSY: RefusalReason
 REFUSAL_REASON_SCHEDULE_MISMATCH: RefusalReason
 
 class PeerInfo(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round", "schedule")
+    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round", "schedule", "fingerprint_parts")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -53,6 +53,7 @@ class PeerInfo(_message.Message):
     INSECURE_FIELD_NUMBER: _ClassVar[int]
     LAST_MIXED_ROUND_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
+    FINGERPRINT_PARTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     fingerprint: str
@@ -64,7 +65,8 @@ class PeerInfo(_message.Message):
     insecure: bool
     last_mixed_round: int
     schedule: str
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ..., schedule: _Optional[str] = ...) -> None: ...
+    fingerprint_parts: str
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ..., schedule: _Optional[str] = ..., fingerprint_parts: _Optional[str] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("caller",)
