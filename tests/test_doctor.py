@@ -146,8 +146,9 @@ async def test_a_peer_with_another_fingerprint_is_reported(tmp_path, capsys) -> 
     ours = ours_at(doc, port)
     assert code == 0  # a mismatched peer is a warning: this node itself can run
     assert len(ours) == 2 and all(c["status"] == "WARN" for c in ours), ours
-    for check in ours:
+    for check in ours:  # its status (static) and its advert (mdns) both say its parts: the seed is named
         assert f"fingerprint {node.fingerprint} differs" in check["detail"] and "will not mix" in check["detail"]
+        assert ") in seed (its 7, ours 0) and weights (its #" in check["detail"], check
         assert "--seed" in check["fix"] and "--model" in check["fix"]
 
 
@@ -270,6 +271,24 @@ def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -
     )
     assert both.status == "WARN" and "fingerprint cd differs" in both.detail and "'lora T=none" in both.detail
     assert all(flag in both.fix for flag in ("--seed", "--lora-dropout", "--init", "--method", "--link-prob"))
+
+
+def test_a_peer_of_another_fingerprint_is_told_the_parts_that_differ_when_both_are_known(tmp_path) -> None:
+    cfg = node_config(tmp_path, 0, 1, PeersOption(auto=True, static=(), dns=()))
+    ours = "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 init=portable"
+    theirs = ours.replace("init=portable", "init=torch")
+    named = compare_peer(cfg, "ab", "x", cfg.cluster, "cd", PROTOCOL_VERSION, fingerprint_parts=theirs, our_parts=ours)
+    assert named.status == "WARN"
+    assert named.detail == (f"cluster {cfg.cluster!r} matches, but fingerprint cd differs from ours (ab) in init "
+                            "(its torch, ours portable): the nodes will not mix")  # fmt: skip
+    assert "--init" in named.fix
+    # A peer too old to say its parts (or this node's model failed): the fingerprints alone, as before.
+    for peer_parts, our_parts in ((theirs, ""), ("", ours)):
+        plain = compare_peer(
+            cfg, "ab", "x", cfg.cluster, "cd", PROTOCOL_VERSION, fingerprint_parts=peer_parts, our_parts=our_parts
+        )
+        assert plain.detail == f"cluster {cfg.cluster!r} matches, but fingerprint cd differs from ours (ab): the " \
+            "nodes will not mix"  # fmt: skip
 
 
 @pytest.mark.asyncio

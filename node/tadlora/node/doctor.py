@@ -44,7 +44,7 @@ from tadlora.node.hostcheck import (
 )
 from tadlora.node.identity import kept_node_id
 from tadlora.node.netif import ipv4_networks
-from tadlora.node.peer_checks import SAME_MODEL_FIX, SAME_SCHEDULE_FIX, schedules_differ
+from tadlora.node.peer_checks import SAME_MODEL_FIX, SAME_SCHEDULE_FIX, fingerprint_differences, schedules_differ
 
 if TYPE_CHECKING:
     import grpc
@@ -124,11 +124,15 @@ def compare_peer(
     *,
     same_id: bool = False,
     schedule: str = "",
+    fingerprint_parts: str = "",
+    our_parts: str = "",
 ) -> Check:
     """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not.
     ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown. ``same_id``: the peer
-    runs under the node id this node would take, a FAIL within one cluster. ``schedule``: the peer's
-    (`NodeConfig.schedule`, from its status or mDNS record), "" if unknown (a node too old to say)."""
+    runs under the node id this node would take, a FAIL within one cluster. ``schedule`` and
+    ``fingerprint_parts``: the peer's (`NodeConfig.schedule`, `tadlora.adapter.fingerprint_parts`, from its status
+    or mDNS record), "" if unknown (a node too old to say); ``our_parts``: this node's, to name the parts of
+    another fingerprint that differ."""
     from tadlora.node.protocol_types import PROTOCOL_VERSION
 
     name = f"peer {who}"
@@ -155,10 +159,12 @@ def compare_peer(
         )
     if peer_fingerprint != fingerprint:
         also = schedules_differ(schedule, ours := cfg.schedule())  # said with it: else one restart finds each
+        parts = fingerprint_differences(fingerprint_parts, our_parts, "its", "ours")
         return Check(
             name,
             "WARN",
             f"cluster {cluster!r} matches, but fingerprint {peer_fingerprint} differs from ours ({fingerprint})"
+            + (f" in {parts}" if parts else "")
             + (f", and it runs {schedule!r} and this node {ours!r}" if also else "")
             + ": the nodes will not mix",
             SAME_MODEL_FIX + (f"; {SAME_SCHEDULE_FIX}" if also else ""),
@@ -198,10 +204,11 @@ async def async_check_address(
     via: str,
     credentials: grpc.ChannelCredentials | None = None,
     node_id: str | None = None,
+    our_parts: str = "",
 ) -> Check:
     """Ask the node at ``address`` for its status, over TLS with ``credentials`` (any node of the cluster CA may
     answer) or else in plaintext, and compare it with ours (``node_id``: the id this node would run under, None for
-    one it will draw)."""
+    one it will draw; ``our_parts``: this node's `tadlora.adapter.fingerprint_parts`, "" if the model failed)."""
     from tadlora.node.grpc_transport import PeerClient
     from tadlora.node.protocol_types import PeerUnavailable
     from tadlora.node.wire import ExchangeRefused
@@ -230,6 +237,8 @@ async def async_check_address(
         st.node.protocol_version,
         same_id=st.node.node_id == node_id,
         schedule=st.node.schedule,
+        fingerprint_parts=st.node.fingerprint_parts,
+        our_parts=our_parts,
     )
     return dataclasses.replace(check, detail=f"({via}) {check.detail}")
 
@@ -249,16 +258,19 @@ async def async_check_peers(
     mdns_where: str,
     own: str | None = None,
     node_id: str | None = None,
+    our_parts: str = "",
 ) -> list[Check]:
     """One check per peer found by mDNS (and per service that cannot be one), and per static or dns: address;
     ``own`` (this node's `own_address`) is not asked but said to be skipped, as the node skips it. ``node_id``: the
-    id this node would run under (None for one it will draw): a peer of this cluster under it is a FAIL."""
+    id this node would run under (None for one it will draw): a peer of this cluster under it is a FAIL.
+    ``our_parts``: this node's `tadlora.adapter.fingerprint_parts`, to name the parts of another fingerprint that
+    differ."""
     checks = []
     for c in browsed.candidates if browsed is not None else []:
         check = compare_peer(
             cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version, c.secure,
             same_id=c.node_id == node_id and c.address != own,  # at our own address: this node, already running
-            schedule=c.schedule,
+            schedule=c.schedule, fingerprint_parts=c.fingerprint_parts, our_parts=our_parts,
         )  # fmt: skip
         checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
     for name, why in browsed.ignored if browsed is not None else []:
@@ -323,7 +335,7 @@ async def async_check_peers(
         checks.append(Check("peers", "WARN", f"not asked: cannot load this node's certificate: {exc}", _TLS_FIX))
         return checks
     checks += await asyncio.gather(
-        *(async_check_address(cfg, fingerprint, a, via, credentials, node_id) for a, via in targets)
+        *(async_check_address(cfg, fingerprint, a, via, credentials, node_id, our_parts) for a, via in targets)
     )
     return checks
 
@@ -388,7 +400,7 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
         checks.append(await asyncio.to_thread(check_listen, cfg))
         checks.append(await asyncio.to_thread(check_device, cfg))
         checks.append(await asyncio.to_thread(check_precision, cfg))
-        training, fingerprint = await asyncio.to_thread(check_training, cfg)
+        training, fingerprint, our_parts = await asyncio.to_thread(check_training, cfg)
         checks.append(await asyncio.to_thread(check_out, cfg, fingerprint))
         checks += training
         browsed: Browsed | None = None
@@ -411,7 +423,7 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
     # The id the node would run under: given, or kept in --out from an earlier run (else it draws a new one).
     node_id = cfg.node_id or await asyncio.to_thread(kept_node_id, cfg.out)
     own = own_address(cfg, addresses)
-    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses), own, node_id)
+    checks += await async_check_peers(cfg, fingerprint, browsed, ", ".join(addresses), own, node_id, our_parts)
     return checks
 
 

@@ -440,8 +440,9 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
     return Check("out", "OK", f"{out}: " + ("writable" if out.is_dir() else "will be created"))
 
 
-def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None]:
-    """Load --dataset and --model as a run would (on CPU); returns the checks and the model fingerprint."""
+def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None, str]:
+    """Load --dataset and --model as a run would (on CPU); returns the checks, the model fingerprint (None if the
+    model did not load) and its `tadlora.adapter.fingerprint_parts` ("" then)."""
     from tadlora.adapter import AdapterModel
     from tadlora.data import resolve_dataset
     from tadlora.workload import client_shards
@@ -451,16 +452,15 @@ def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None]:
         dev = resolve_dataset(cfg.dataset, "dev")
         shard = client_shards(train, cfg.split, cfg.num_shards, cfg.seed, cfg.samples_per_client)[cfg.shard]
     except Exception as exc:  # a user's dataset can fail in many ways; say how, whatever it is
-        return [
-            Check(
-                "dataset",
-                "FAIL",
-                f"{cfg.dataset}: {exc}",
-                "give builtin:sst2-small, glue:TASK (with the "
-                "GLUE files in $TADLORA_GLUE_DIR), a .tsv/.csv/.jsonl file (path.csv?text=COL&label=COL), or "
-                "hub:NAME with the hub reachable",
-            )
-        ], None
+        failed = Check(
+            "dataset",
+            "FAIL",
+            f"{cfg.dataset}: {exc}",
+            "give builtin:sst2-small, glue:TASK (with the "
+            "GLUE files in $TADLORA_GLUE_DIR), a .tsv/.csv/.jsonl file (path.csv?text=COL&label=COL), or "
+            "hub:NAME with the hub reachable",
+        )
+        return [failed], None, ""
     checks = [
         Check(
             "dataset",
@@ -474,17 +474,15 @@ def check_training(cfg: NodeConfig) -> tuple[list[Check], str | None]:
     try:
         model = AdapterModel(cfg.model_spec(train.label_names))
     except Exception as exc:  # as above: any failure to load is this check's finding
-        return [
-            *checks,
-            Check(
-                "model",
-                "FAIL",
-                f"{cfg.model}: {exc}",
-                "give a local directory with config.json, "
-                "tokenizer and weights, a Hugging Face id with the hub reachable (or cached, "
-                "HF_HUB_OFFLINE=1), or minilm (packaged) / tiny",
-            ),
-        ], None
+        failed = Check(
+            "model",
+            "FAIL",
+            f"{cfg.model}: {exc}",
+            "give a local directory with config.json, "
+            "tokenizer and weights, a Hugging Face id with the hub reachable (or cached, "
+            "HF_HUB_OFFLINE=1), or minilm (packaged) / tiny",
+        )
+        return [*checks, failed], None, ""
     trainable = sum(v.numel() for v in model.factors().values())
     detail = f"{cfg.model}: fingerprint {model.fingerprint}, {trainable} LoRA parameters (r={cfg.lora.r})"
-    return [*checks, Check("model", "OK", detail)], model.fingerprint
+    return [*checks, Check("model", "OK", detail)], model.fingerprint, model.fingerprint_parts
