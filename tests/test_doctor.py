@@ -446,6 +446,25 @@ def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
         assert "the flags that run was started with" in other.fix
 
 
+def test_an_out_of_another_model_fingerprint_fails_naming_the_part_as_the_node_would(tmp_path) -> None:
+    """node.json keeps the fingerprint's parts (Node.start): doctor names the one that changed, as the node does."""
+    from tadlora.node.hostcheck import check_out
+
+    cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
+    cfg.out.mkdir()
+    kept = "model=minilm labels=negative,positive lora=r8/a16/d0/query+value seed=0 init=portable weights=#00000001"
+    now = kept.replace("seed=0", "seed=7").replace("#00000001", "#00000002")
+    save_identity(cfg.out, "node-0", "ab", **cfg.run_settings(), fingerprint_parts=kept)
+    other = check_out(cfg, "cd", now)
+    assert other.status == "FAIL", other
+    assert other.detail == (
+        f"{cfg.out} holds a run of another model fingerprint (ab); it differs in seed (kept 0, now 7) and weights "
+        "(kept #00000001, now #00000002)"
+    )
+    assert check_out(cfg, "cd").detail == f"{cfg.out} holds a run of another model fingerprint (ab)"  # model failed
+    assert check_out(cfg, "ab", kept).status == "OK"
+
+
 @pytest.mark.asyncio
 async def test_peers_of_a_tls_cluster_are_asked_with_this_nodes_certificate(tmp_path, capsys) -> None:
     from tadlora.node.tls import init_ca, issue

@@ -67,6 +67,28 @@ async def test_a_checkpoint_of_another_node_or_model_is_refused_not_loaded(tmp_p
 
 
 @pytest.mark.asyncio
+async def test_an_out_of_another_model_fingerprint_is_refused_naming_the_part_that_changed(tmp_path: Path) -> None:
+    """node.json keeps the fingerprint's parts, so a restart with another --seed (or --lora-r, ...) is told which;
+    a node.json written before it kept them gets the fingerprint alone."""
+    await run_rounds(tmp_path, 1, seed=3)
+    identity_path = tmp_path / "n0" / "node.json"
+    assert "seed=3" in json.loads(identity_path.read_text())["fingerprint_parts"]
+    with pytest.raises(RuntimeError, match=re.escape("another model fingerprint")) as refused:
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, seed=7):
+            pass
+    assert "; it differs in seed (kept 3, now 7) and weights (kept #" in str(refused.value)
+    older = {k: v for k, v in json.loads(identity_path.read_text()).items() if k != "fingerprint_parts"}
+    identity_path.write_text(json.dumps(older))
+    with pytest.raises(RuntimeError, match=re.escape("another model fingerprint")) as refused:
+        async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, seed=7):
+            pass
+    assert "differs in" not in str(refused.value)
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, seed=3) as node:  # its own seed resumes it
+        assert node.round == 1
+    assert "seed=3" in json.loads(identity_path.read_text())["fingerprint_parts"]  # kept again
+
+
+@pytest.mark.asyncio
 async def test_a_node_that_crashed_before_its_first_checkpoint_logs_each_round_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -45,7 +45,14 @@ from tadlora.node.config import NodeConfig, check_callable_back, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
-from tadlora.node.identity import OutRefused, load_identity, recorded_init, run_conflict, save_identity
+from tadlora.node.identity import (
+    OutRefused,
+    fingerprint_change,
+    load_identity,
+    recorded_init,
+    run_conflict,
+    save_identity,
+)
 from tadlora.node.limits import MAX_CANDIDATES_SHOWN, MAX_DEGREE
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
@@ -251,9 +258,10 @@ class Node:
         if identity and identity.get("fingerprint") != self.fingerprint:
             kept = recorded_init(identity)
             hint = f" (drawn with --init {kept}, now {self._model.spec.init})" if kept != self._model.spec.init else ""
+            differ = fingerprint_change(identity, self.fingerprint_parts)
             raise OutRefused(
-                f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}; "
-                "use another --out to start a new run"
+                f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}"
+                f"{differ}; use another --out to start a new run"
             )
         self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
         if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
@@ -285,7 +293,11 @@ class Node:
         # Only once the checkpoint is accepted: a refused start leaves node.json as it was. Written with an id drawn
         # anew, it would keep out the node the checkpoint names (--node-id), and the start refused for it.
         init = self._model.spec.init
-        await self._in_worker(lambda: save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=init))
+        # With the fingerprint's parts: a later start under another fingerprint is told which part changed.
+        parts = self.fingerprint_parts
+        await self._in_worker(
+            lambda: save_identity(cfg.out, self.node_id, self.fingerprint, **run, init=init, fingerprint_parts=parts)
+        )
         if ckpt is not None:
             if ckpt.rounds_bytes is not None:  # the rounds logged after it are run again: log them once
                 await self._in_worker(state.truncate_rounds, cfg.out, ckpt.rounds_bytes)

@@ -401,7 +401,7 @@ async def async_doctor(cfg: NodeConfig, browse_seconds: float = BROWSE_S) -> lis
         checks.append(await asyncio.to_thread(check_device, cfg))
         checks.append(await asyncio.to_thread(check_precision, cfg))
         training, fingerprint, our_parts = await asyncio.to_thread(check_training, cfg)
-        checks.append(await asyncio.to_thread(check_out, cfg, fingerprint))
+        checks.append(await asyncio.to_thread(check_out, cfg, fingerprint, our_parts))
         checks += training
         browsed: Browsed | None = None
         if browse is not None:

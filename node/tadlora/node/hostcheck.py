@@ -365,11 +365,11 @@ def check_precision(cfg: NodeConfig, cpuinfo: str | None = None) -> Check:
     return Check("precision", "OK", f"--precision {precision}: {runs} on {device}{note}")
 
 
-def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
-    """--out is writable, not held by a running node and, if it holds a run, a run of this model and of this
-    --node-id. One this user cannot look into (a parent directory it may not search) is a FAIL too: the node's
-    mkdir fails there."""
-    from tadlora.node.identity import IDENTITY, load_identity, run_conflict
+def check_out(cfg: NodeConfig, fingerprint: str | None, parts: str = "") -> Check:
+    """--out is writable, not held by a running node and, if it holds a run, a run of this model (``fingerprint``;
+    ``parts``, its `tadlora.adapter.fingerprint_parts`, name what differs) and of this --node-id. One this user
+    cannot look into (a parent directory it may not search) is a FAIL too: the node's mkdir fails there."""
+    from tadlora.node.identity import IDENTITY, fingerprint_change, load_identity, run_conflict
     from tadlora.node.state import LOCK, out_holder
 
     out = cfg.out
@@ -415,7 +415,8 @@ def check_out(cfg: NodeConfig, fingerprint: str | None) -> Check:
         return Check(
             "out",
             "FAIL",
-            f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})",
+            f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})"
+            f"{fingerprint_change(identity, parts)}",
             "use another --out to start a new run, or the flags that run was started with",
         )
     if identity and (conflict := run_conflict(identity, **cfg.run_settings())):

@@ -84,6 +84,18 @@ def recorded_init(identity: dict[str, Any]) -> str:
     return init if isinstance(init, str) else "portable"  # not a name: the node then refuses the fingerprint
 
 
+def fingerprint_change(identity: dict[str, Any], parts: str) -> str:
+    """Which parts of the model fingerprint differ between the run a ``node.json`` describes and a node about to
+    resume it with ``parts`` (`tadlora.adapter.fingerprint_parts`), as a refusal's clause, e.g. ``"; it differs in
+    seed (kept 0, now 7) and weights (kept #21e9c55d, now #fbc811dc)"``; "" where that cannot be told (a node.json
+    written before the parts were kept, or none differs by them)."""
+    from tadlora.node.peer_checks import fingerprint_differences  # wire and torch: not for `status --out`
+
+    kept = identity.get("fingerprint_parts")
+    differ = fingerprint_differences(kept, parts, "kept", "now") if isinstance(kept, str) else ""
+    return f"; it differs in {differ}" if differ else ""
+
+
 def kept_init(out: Path | None) -> str:
     """How a node resuming from ``out`` draws its model: as the run kept there was (`recorded_init`), so that its
     head and fingerprint stay that run's; a new run (no node.json, or none readable: the node then refuses it itself)
