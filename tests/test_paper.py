@@ -178,6 +178,16 @@ def test_a_checkpointed_cell_is_reported_with_its_rounds_and_last_evaluation() -
     assert checkpoint_progress({"records": []})["rounds_done"] == 0
 
 
+def test_a_checkpointed_cell_s_line_gives_its_pace_and_the_time_left_at_it() -> None:
+    from tadlora.sim.paper import _pace
+
+    where = {"rounds_done": 20, "last_eval": None, "seconds": 1200.0}  # 60 s a round, 80 rounds left: 80 minutes
+    assert _pace(where, 100) == "; 60 s a round so far, about 1.3 h to go at that pace"
+    assert _pace(where, 50) == "; 60 s a round so far, about 30 min to go at that pace"
+    assert _pace(where | {"seconds": None}, 100) == ""  # a checkpoint from before cells kept their seconds
+    assert _pace(where | {"rounds_done": 0}, 100) == ""
+
+
 def run_script(*args: str) -> subprocess.CompletedProcess[str]:
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), *args], capture_output=True, text=True, timeout=300,
@@ -217,7 +227,9 @@ def test_paper_table_script_runs_resumes_and_reports(tmp_path: Path) -> None:
     table = json.loads((out / "table.json").read_text())
     assert table["missing_cells"]["methods"] == ["lora__er__p0.5__T-__s0"]
     assert table["in_progress"]["lora__er__p0.5__T-__s0"]["rounds_done"] == 1
-    assert "* `lora__er__p0.5__T-__s0`: 1 of 2 rounds" in (out / "table.md").read_text()
+    # smoke evaluates at its last round alone: the checkpoint's one round has no evaluation to report
+    line = "* `lora__er__p0.5__T-__s0`: 1 of 2 rounds; 2 s a round so far, about 0 min to go at that pace\n"
+    assert line in (out / "table.md").read_text()
     partial.unlink()  # no checkpoint to resume from: the cell reruns from the start
     del stamps[partial]
     run_script("--preset", "smoke", "--rounds", "2", "--out", str(out), "--quiet")

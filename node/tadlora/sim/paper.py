@@ -344,6 +344,19 @@ def checkpoint_progress(partial: Mapping[str, Any]) -> dict[str, Any]:
     return {"rounds_done": done, "last_eval": last, "seconds": partial.get("seconds")}
 
 
+def _pace(where: Mapping[str, Any], rounds_total: int) -> str:
+    """A checkpointed cell's pace so far and the time its other rounds would take at it (`checkpoint_progress`),
+    as a clause of its line; "" where its checkpoint does not say its seconds. The seconds are summed over every
+    process that ran its rounds, each on its own machine and load: an estimate, not a promise."""
+    seconds, done = where.get("seconds"), where["rounds_done"]
+    if not seconds or done <= 0:
+        return ""
+    per_round = seconds / done
+    left = max(rounds_total - done, 0) * per_round
+    to_go = f"{left / 60:.0f} min" if left < 3600 else f"{left / 3600:.1f} h"
+    return f"; {per_round:.0f} s a round so far, about {to_go} to go at that pace"
+
+
 def markdown(
     grid_results: Mapping[str, Any],
     sweep_results: Mapping[str, Any],
@@ -425,5 +438,6 @@ def markdown(
         for key, where in sorted(in_progress.items()):
             last = where["last_eval"]
             seen = "" if last is None else f"; at round {last['round']}: {last['acc_mean']:.3f} ± {last['acc_std']:.3f}"
-            lines.append(f"* `{key}`: {where['rounds_done']} of {rounds_total} rounds{seen}")
+            pace = _pace(where, rounds_total)
+            lines.append(f"* `{key}`: {where['rounds_done']} of {rounds_total} rounds{seen}{pace}")
     return "\n".join(lines) + "\n", verdict
