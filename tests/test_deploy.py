@@ -558,7 +558,8 @@ def node_commands_in(lines: list[str]) -> list[tuple[str, list[str]]]:
 
 
 def deploy_and_doc_files() -> list[Path]:
-    return [*sorted(p for p in DEPLOY.rglob("*") if p.is_file()), ROOT / "docs" / "deploy.md", ROOT / "README.md"]
+    docs = [ROOT / "docs" / "deploy.md", ROOT / "docs" / "troubleshooting.md", ROOT / "README.md"]
+    return [*sorted(p for p in DEPLOY.rglob("*") if p.is_file()), *docs]
 
 
 def parse_node_command(argv: list[str]) -> None:
@@ -580,9 +581,9 @@ def parse_node_command(argv: list[str]) -> None:
 
 
 def test_every_tadlora_node_command_in_the_deploy_files_and_docs_is_accepted_by_its_parser(monkeypatch) -> None:
-    """The usage notes, HEALTHCHECK, container args and the blocks of docs/deploy.md and the README run flags the
-    real parsers take: a misspelt, renamed or removed flag (or a subcommand's flag given to another) fails here, not
-    on a user's host."""
+    """The usage notes, HEALTHCHECK, container args and the blocks of docs/deploy.md, docs/troubleshooting.md and the
+    README run flags the real parsers take: a misspelt, renamed or removed flag (or a subcommand's flag given to
+    another) fails here, not on a user's host."""
     for key in [k for k in os.environ if k.startswith(ENV_PREFIX)]:
         monkeypatch.delenv(key)
     commands = [(path, line, argv) for path in deploy_and_doc_files() for line, argv in documented_node_commands(path)]
@@ -591,7 +592,7 @@ def test_every_tadlora_node_command_in_the_deploy_files_and_docs_is_accepted_by_
     assert kinds == {"run", "status", "certs", "doctor"}, kinds
     assert {path.name for path, _, _ in commands} >= {
         "Dockerfile", "compose.yaml", "statefulset.yaml", "tadlora-node.service", "tadlora-node.env", "deploy.md",
-        "README.md",
+        "troubleshooting.md", "README.md",
     }  # fmt: skip
     assert ["status", "127.0.0.1:7070", "--timeout", "5"] in [argv for *_, argv in commands]  # the HEALTHCHECK
     refused = [
