@@ -442,7 +442,7 @@ def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
     assert check_out(cfg, "ab").status == "OK"
     for change in ({"method": "lora"}, {"cluster": "other"}, {"shard": 1}, {"link_prob": 0.5}, {"max_neighbors": 4}):
         other = check_out(dataclasses.replace(cfg, **change), "ab")
-        assert other.status == "FAIL" and "holds a run of another" in other.detail, change
+        assert other.status == "FAIL" and "holds a run of other settings, --" in other.detail, change
         assert "the flags that run was started with" in other.fix
 
 

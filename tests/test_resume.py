@@ -32,12 +32,12 @@ async def run_rounds(tmp: Path, rounds: int, **changes: object) -> None:
 @pytest.mark.parametrize(
     ("first", "then", "message"),
     [
-        ({"cluster": "lab-a"}, {"cluster": "lab-b"}, "cluster 'lab-a' (now 'lab-b')"),
-        ({"method": "tad"}, {"method": "lora"}, "method 'tad' (now 'lora')"),
-        ({"method": "tad", "switch_interval": 2}, {"method": "tad", "switch_interval": 3}, "switch_interval 2"),
-        ({}, {"shard": 1}, "shard 0 (now 1)"),
-        ({}, {"link_prob": 0.5}, "link_prob 1.0 (now 0.5)"),
-        ({}, {"max_neighbors": 4}, "max_neighbors None (now 4)"),
+        ({"cluster": "lab-a"}, {"cluster": "lab-b"}, "of other settings, --cluster 'lab-a' (now 'lab-b')"),
+        ({"method": "tad"}, {"method": "lora"}, "--method 'tad' (now 'lora'), --switch-interval 5 (now none)"),
+        ({"method": "tad", "switch_interval": 2}, {"method": "tad", "switch_interval": 3}, "--switch-interval 2 (now 3)"),
+        ({}, {"shard": 1}, "--shard 0 (now 1)"),
+        ({}, {"link_prob": 0.5}, "--link-prob 1.0 (now 0.5)"),
+        ({}, {"max_neighbors": 4}, "--max-neighbors all (now 4)"),
     ],
 )
 async def test_an_out_of_another_cluster_or_method_is_refused_not_resumed(
@@ -268,7 +268,8 @@ async def test_an_out_of_another_node_id_is_refused_even_without_a_checkpoint(tm
     out = tmp_path / "n0"
     (out / state.CHECKPOINT).unlink()
     kept = (out / "node.json").read_bytes()
-    with pytest.raises(RuntimeError, match=re.escape(f"{out} belongs to node 'node-0', not 'node-7'")):
+    said = f"{out} belongs to node 'node-0', not 'node-7': use another --out for node 'node-7', or --node-id node-0"
+    with pytest.raises(RuntimeError, match=re.escape(said)):
         async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, node_id="node-7"):
             pass
     assert (out / "node.json").read_bytes() == kept
@@ -297,7 +298,7 @@ async def test_a_checkpoint_is_resumed_only_under_the_run_settings_it_was_taken_
     await run_rounds(tmp_path, 1, method="tad")
     out = tmp_path / "n0"
     (out / "node.json").unlink()
-    with pytest.raises(RuntimeError, match=re.escape("method 'tad' (now 'lora')")):
+    with pytest.raises(RuntimeError, match=re.escape("--method 'tad' (now 'lora')")):
         async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="lora"):
             pass
     async with lone_node(tmp_path, InMemoryNetwork(), rounds=2, method="tad") as node:

@@ -218,7 +218,7 @@ def test_a_resume_conflicts_on_each_setting_the_kept_run_recorded_and_on_nothing
     kept = {"node_id": "n0", "cluster": "a", "fingerprint": "ab", "method": "tad", "switch_interval": 5}
     assert run_conflict(kept, cluster="a", method="tad", switch_interval=5) is None
     assert run_conflict(kept, cluster="b", method="lora", switch_interval=None) == (
-        "cluster 'a' (now 'b'), method 'tad' (now 'lora'), switch_interval 5 (now None)"
+        "--cluster 'a' (now 'b'), --method 'tad' (now 'lora'), --switch-interval 5 (now none)"
     )
     older = {"node_id": "n0", "cluster": "a", "fingerprint": "ab"}  # node.json of a node that kept no method
     assert run_conflict(older, cluster="a", method="lora", switch_interval=None) is None

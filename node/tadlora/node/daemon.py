@@ -265,13 +265,17 @@ class Node:
             )
         self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
         if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
-            raise OutRefused(f"{cfg.out} belongs to node {identity['node_id']!r}, not {cfg.node_id!r}")
+            kept = identity["node_id"]
+            raise OutRefused(
+                f"{cfg.out} belongs to node {kept!r}, not {cfg.node_id!r}: use another --out for node "
+                f"{cfg.node_id!r}, or --node-id {kept} to resume that node"
+            )
         # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster, method, data or
         # topology would carry this run's factors and round into another run, and append its rounds to this log.
         run = cfg.run_settings()
         if identity and (conflict := run_conflict(identity, **run)):
             raise OutRefused(
-                f"{cfg.out} holds a run of another {conflict}: use another --out to start a new run, "
+                f"{cfg.out} holds a run of other settings, {conflict}: use another --out to start a new run, "
                 "or the flags that run was started with"
             )
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
@@ -285,8 +289,8 @@ class Node:
         if ckpt is not None and ckpt.run is not None and (conflict := run_conflict(ckpt.run, **run)):
             # node.json says the same, unless it is gone (or was written by a node that recorded fewer settings).
             raise OutRefused(
-                f"{cfg.out / state.CHECKPOINT} is of a run of another {conflict}: use another --out to start a new "
-                "run, or the flags that run was started with"
+                f"{cfg.out / state.CHECKPOINT} is of a run of other settings, {conflict}: use another --out to start "
+                "a new run, or the flags that run was started with"
             )
         if ckpt is not None:
             await self._in_worker(self._model.load_factors, ckpt.factors)  # checks keys and shapes

@@ -424,7 +424,7 @@ def check_out(cfg: NodeConfig, fingerprint: str | None, parts: str = "") -> Chec
         return Check(
             "out",
             "FAIL",
-            f"{out} holds a run of another {conflict}",
+            f"{out} holds a run of other settings, {conflict}",
             "use another --out to start a new run, or the flags that run was started with",
         )
     kept = (identity or {}).get("node_id")

@@ -113,9 +113,36 @@ def save_identity(out: Path, node_id: str, fingerprint: str, **run: str | int | 
     atomic_write_json(out / IDENTITY, {"format": OUT_FORMAT, "node_id": node_id, "fingerprint": fingerprint, **run})
 
 
+# A run setting's flag, by its node.json key (`NodeConfig.run_settings`): a refusal names what the user typed.
+_FLAGS = {
+    "cluster": "--cluster",
+    "method": "--method",
+    "switch_interval": "--switch-interval",
+    "dataset": "--dataset",
+    "split": "--split",
+    "shard": "--shard",
+    "num_shards": "--num-shards",
+    "link_prob": "--link-prob",
+    "max_neighbors": "--max-neighbors",
+}
+# What a setting's None means, by key, as the schedule spells it ("lora T=none ... max-neighbors=all").
+_NONE = {"switch_interval": "none", "max_neighbors": "all"}
+
+
+def _setting(key: str, value: object) -> str:
+    """A run setting's value as a refusal shows it: a text quoted, a number as it is, None as what it means."""
+    if value is None:
+        return _NONE.get(key, "none")
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> str | None:
     """How the run kept in ``node.json`` (``identity``) differs from ``ours`` (the settings of the node about to
-    resume it, by node.json key), e.g. ``"method 'tad' (now 'lora')"``; None when nothing differs. A key that
-    ``identity`` lacks (written by an older node) is not compared."""
-    diffs = [f"{k} {identity[k]!r} (now {v!r})" for k, v in ours.items() if k in identity and identity[k] != v]
+    resume it, by node.json key), by flag, e.g. ``"--method 'tad' (now 'lora'), --switch-interval 5 (now none)"``;
+    None when nothing differs. A key that ``identity`` lacks (written by an older node) is not compared."""
+    diffs = [
+        f"{_FLAGS.get(k, k)} {_setting(k, identity[k])} (now {_setting(k, v)})"
+        for k, v in ours.items()
+        if k in identity and identity[k] != v
+    ]
     return ", ".join(diffs) or None
