@@ -34,7 +34,7 @@ async def run_rounds(tmp: Path, rounds: int, **changes: object) -> None:
     [
         ({"cluster": "lab-a"}, {"cluster": "lab-b"}, "of other settings, --cluster 'lab-a' (now 'lab-b')"),
         ({"method": "tad"}, {"method": "lora"}, "--method 'tad' (now 'lora'), --switch-interval 5 (now none)"),
-        ({"method": "tad", "switch_interval": 2}, {"method": "tad", "switch_interval": 3}, "--switch-interval 2 (now 3)"),
+        ({"method": "tad", "switch_interval": 2}, {"switch_interval": 3}, "--switch-interval 2 (now 3)"),
         ({}, {"shard": 1}, "--shard 0 (now 1)"),
         ({}, {"link_prob": 0.5}, "--link-prob 1.0 (now 0.5)"),
         ({}, {"max_neighbors": 4}, "--max-neighbors all (now 4)"),

@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import datetime as dt
 import io
+import logging
 import re
 import socket
 import stat
@@ -118,7 +119,7 @@ def test_certs_issue_in_a_bundle_directory_signs_with_the_ca_whose_key_it_holds(
 
 @pytest.mark.asyncio
 @pytest.mark.parametrize("intruder", ["another CA", "no TLS"])
-async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(tmp_path, intruder) -> None:
+async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(tmp_path, intruder, caplog) -> None:
     certs = make_certs(tmp_path / "certs", "node-0", "node-1")
     rogue_certs = make_certs(tmp_path / "rogue", "node-2")  # a valid certificate, from the wrong CA
     async with contextlib.AsyncExitStack() as stack:
@@ -130,8 +131,13 @@ async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(
             rogue_cfg = node_config(tmp_path, 2, 3, PeersOption(False, (a.address,), ()), min_peers=0, rounds=2)
         rogue = await stack.enter_async_context(Node(rogue_cfg))
         b = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 3, (a.address, rogue.address), min_peers=1)))
-        async with asyncio.timeout(90):
-            await run_all([a, b, rogue])
+        with caplog.at_level(logging.INFO, logger="tadlora"):
+            async with asyncio.timeout(90):
+                await run_all([a, b, rogue])
+    # b dialled the rogue, which answered: the log says it is the certificates, not the network, and what to look at.
+    why = {"another CA": "its certificate is not signed by this node's CA", "no TLS": "not in TLS: a node run with"}
+    assert f"{rogue.address} (static) answers, but {why[intruder]}" in caplog.text
+    assert f"{rogue.address} (static) does not answer" not in caplog.text
     for i in (0, 1):
         for record in read_rounds(tmp_path / f"n{i}"):
             assert "node-2" not in [n["id"] for n in record["neighbours"]] + record["missed"]

@@ -105,6 +105,20 @@ def retry_delay(failures: int) -> float:
     return min(RETRY_MAX_S, RETRY_MIN_S * 2**doublings)
 
 
+# What gRPC's error says of a TLS handshake that failed, and what it means here: the peer did answer, so "does not
+# answer" would send the operator to the network, not to the certificates.
+_TLS_FAILURES: Final = (
+    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by this node's CA (--tls-dir): another cluster CA?"),
+    ("WRONG_VERSION_NUMBER", "not in TLS: a node run with --insecure?"),
+    ("Tls handshake failed", "the TLS handshake failed"),
+)
+
+
+def _tls_failure(error: str) -> str | None:
+    """What a dial's error says went wrong in TLS (`_TLS_FAILURES`), or None for one that is not about TLS."""
+    return next((meaning for marker, meaning in _TLS_FAILURES if marker in error), None)
+
+
 class PeerManager:
     """Turns candidates into verified peers. Owns one background task (`run`) and the peer connections."""
 
@@ -277,7 +291,9 @@ class PeerManager:
                 continue
             except PeerUnavailable as exc:
                 await conn.aclose()
-                failure = unanswered = str(exc)
+                unanswered = str(exc)
+                tls = _tls_failure(unanswered)  # the status's reason says it too
+                failure = unanswered if tls is None else f"answers, but {tls}: {unanswered}"
                 continue
             except BaseException:  # shutting down mid-handshake, or a failure of ours: the connection is nobody's yet
                 await _aclose_quietly(conn)  # a failing close must not replace what ended the handshake
@@ -298,8 +314,12 @@ class PeerManager:
                 if unanswered and attempt.failures == 0:
                     # Once per outage (a drop logs its own): without it, a static peer with a typo in its address or
                     # behind a firewall is retried in silence, and the node trains alone with nothing saying why.
-                    log.info("%s (%s) does not answer, retried up to every %.0f s: %s", key, source, RETRY_MAX_S,
-                             unanswered)  # fmt: skip
+                    if (tls := _tls_failure(unanswered)) is not None:
+                        log.info("%s (%s) answers, but %s; retried up to every %.0f s: %s", key, source, tls,
+                                 RETRY_MAX_S, unanswered)  # fmt: skip
+                    else:
+                        log.info("%s (%s) does not answer, retried up to every %.0f s: %s", key, source, RETRY_MAX_S,
+                                 unanswered)  # fmt: skip
                 self._backoff(attempt, failure)
             return
         if address != addresses[0]:
