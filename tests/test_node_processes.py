@@ -101,6 +101,7 @@ def test_three_processes_find_each_other_by_mdns_train_every_round_together_and_
         ckpt = node.checkpoint()
         identity = json.loads((node.out / "node.json").read_text())
         assert (ckpt.round, ckpt.node_id, ckpt.fingerprint) == (rounds, ids[i], identity["fingerprint"])
+        assert "lora=r8/a16/d0/query+value seed=0 init=portable" in identity.pop("fingerprint_parts")
         assert identity == {
             "format": 1, "node_id": ids[i], "cluster": tag, "fingerprint": ckpt.fingerprint, "method": "tad",
             "switch_interval": 5, "dataset": "builtin:sst2-small", "split": "label-skew", "shard": i, "num_shards": 3,

@@ -11,12 +11,14 @@ import logging
 import re
 import socket
 import stat
+import threading
 import types
 from pathlib import Path
 from typing import cast
 
 import pytest
 
+from nodeproc import SMALL_RUN, running_node, unique_tag
 from tadlora.node.cli import main
 from tadlora.node.daemon import Node
 from tadlora.node.peerspec import PeersOption
@@ -142,6 +144,32 @@ async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(
         for record in read_rounds(tmp_path / f"n{i}"):
             assert "node-2" not in [n["id"] for n in record["neighbours"]] + record["missed"]
     assert all(r["degree"] == 0 for r in read_rounds(tmp_path / "n2"))
+
+
+def test_a_peer_that_does_not_speak_tls_is_logged_once_by_the_node_not_at_each_try_by_grpc(tmp_path) -> None:
+    """A real `tadlora-node` with TLS whose static peer answers in plaintext (a TCP server that is no node): the
+    node says what that means in its JSON log, and gRPC's core does not add its own "Handshake failed" lines to
+    stderr at each try (the node defaults GRPC_VERBOSITY to ERROR)."""
+    certs = make_certs(tmp_path / "certs", "node-0")
+    with socket.create_server(("127.0.0.1", 0)) as plain:
+        port = plain.getsockname()[1]
+
+        def answer_in_plaintext() -> None:
+            with contextlib.suppress(OSError):
+                while True:
+                    conn, _ = plain.accept()
+                    with conn:
+                        conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+        threading.Thread(target=answer_in_plaintext, daemon=True).start()
+        args = ["--peers", f"127.0.0.1:{port}", "--listen", "127.0.0.1:0", "--cluster", unique_tag(),
+                "--node-id", "node-0", "--out", str(tmp_path / "n0"), "--tls-dir", str(certs), "--log-format", "json",
+                *SMALL_RUN, "--rounds", "1", "--min-peers", "1", "--peer-wait", "4"]  # fmt: skip
+        with running_node(tmp_path / "logs", "n0", args, tmp_path / "n0") as node:
+            assert node.wait_exit(120) == 0, node.tail()
+    stderr = node.stderr_path.read_text()
+    assert f"127.0.0.1:{port} (static) answers, but not in TLS: a node run with --insecure?" in stderr
+    assert "Handshake failed" not in stderr and "ssl_transport_security" not in stderr, stderr[-2000:]
 
 
 @pytest.mark.asyncio

@@ -6,6 +6,7 @@ peft and transformers (`tadlora.node.doctor`, `tadlora.node.cli`).
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 
@@ -14,6 +15,10 @@ def main(argv: list[str] | None = None) -> int:
     """Run `tadlora-node` with ``argv`` (default: the process's arguments); its exit code (128 + SIGINT for a
     Ctrl-C that no handler of a running node took)."""
     args = sys.argv[1:] if argv is None else argv
+    # Before gRPC's core starts: it writes its own INFO lines to stderr (a TLS handshake that failed, at each try),
+    # in its own format between the node's JSON lines, repeating what the node logs of it. A user's setting wins
+    # (GRPC_VERBOSITY=debug to see them).
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     try:
         return _dispatch(args)
     except KeyboardInterrupt:
