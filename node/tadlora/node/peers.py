@@ -276,6 +276,7 @@ class PeerManager:
         attempt.address = addresses[0]
         failure: str | None = None  # why the last address that did not reach this node itself failed
         unanswered = ""  # why the last address that did not answer at all did not (refusals are logged as they come)
+        tls: str | None = None  # what its error says went wrong in TLS, where it did answer (`_tls_failure`)
         for address in addresses:
             conn = self._transport.connect(address, node_id=expected)
             try:
@@ -292,7 +293,7 @@ class PeerManager:
             except PeerUnavailable as exc:
                 await conn.aclose()
                 unanswered = str(exc)
-                tls = _tls_failure(unanswered)  # the status's reason says it too
+                tls = _tls_failure(unanswered)  # the status's reason says it too, and the log line below
                 failure = unanswered if tls is None else f"answers, but {tls}: {unanswered}"
                 continue
             except BaseException:  # shutting down mid-handshake, or a failure of ours: the connection is nobody's yet
@@ -314,7 +315,7 @@ class PeerManager:
                 if unanswered and attempt.failures == 0:
                     # Once per outage (a drop logs its own): without it, a static peer with a typo in its address or
                     # behind a firewall is retried in silence, and the node trains alone with nothing saying why.
-                    if (tls := _tls_failure(unanswered)) is not None:
+                    if tls is not None:
                         log.info("%s (%s) answers, but %s; retried up to every %.0f s: %s", key, source, tls,
                                  RETRY_MAX_S, unanswered)  # fmt: skip
                     else:
