@@ -461,6 +461,33 @@ def test_an_mdns_node_whose_listen_host_its_advert_cannot_name_exits_2_naming_th
     assert "--advertise-address" in err and "advertise_address" not in err
 
 
+def test_an_mdns_interface_that_names_nothing_here_is_said_before_the_data_and_model_load(tmp_path, capsys) -> None:
+    """It was said only once the dataset and the model had loaded (a minute for a large model). Exit 1 as before:
+    an interface that comes up later (Wi-Fi, a lease at boot) is there for the restart. --dataset and --model point
+    nowhere, so reaching either would fail with its own message; --out is not touched."""
+    argv = ["--peers", "auto", "--mdns-interface", "nosuch0", "--listen", "127.0.0.1:0", "--insecure", "--model",
+            str(tmp_path / "no-model"), "--dataset", str(tmp_path / "no-data.csv"), "--rounds", "1", "--device",
+            "cpu", "--out", str(tmp_path / "n0")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "--mdns-interface 'nosuch0': no such interface; have " in err and "lo" in err, err
+    assert "--dataset" not in err and "no-model" not in err, err
+    assert not (tmp_path / "n0").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the machine has a GPU")
+def test_a_cuda_device_on_a_machine_without_one_is_said_before_the_data_loads(tmp_path, capsys) -> None:
+    """--dataset points nowhere: the device was resolved after the data had been read (seconds for MNLI's
+    400,000 lines), so it is reached first only if the device is checked first."""
+    argv = ["--peers", "127.0.0.1:1", "--listen", "127.0.0.1:0", "--insecure", "--dataset",
+            str(tmp_path / "no-data.csv"), "--rounds", "1", "--device", "cuda",
+            "--out", str(tmp_path / "n0")]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "device 'cuda' asked for, but torch sees no CUDA GPU (use --device cpu or auto)" in err, err
+    assert "--dataset" not in err, err
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

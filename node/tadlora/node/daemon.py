@@ -237,6 +237,11 @@ class Node:
         """Load model and data (worker thread), restore a checkpoint, serve, start discovery."""
         cfg = self.config
         check_callable_back(cfg)  # before the (seconds-long) model load: a config error should fail fast
+        # Also before it (and before --out is touched): an --mdns-interface that names nothing here, or no default
+        # route, would otherwise be said only once the data and model had loaded. Exit 1 all the same: an interface
+        # that comes up later (Wi-Fi, a DHCP lease at boot) is there for the restart. Off the loop: /proc is read.
+        if cfg.peers.auto:
+            await asyncio.to_thread(interface_addresses, cfg.mdns_interface)  # InterfaceError (a ValueError)
         try:
             cfg.out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -335,7 +340,8 @@ class Node:
         await self._server.__aenter__()
         host = cfg.listen.rpartition(":")[0]
         port = self._server.address.rpartition(":")[2]
-        # Off the loop, as the watcher reads them: /proc and the interface list (the loop already serves).
+        # Off the loop, as the watcher reads them: /proc and the interface list (the loop already serves). Read
+        # again, not kept from the check before the model load: an address renumbered since would not bind.
         interfaces = await asyncio.to_thread(interface_addresses, cfg.mdns_interface) if cfg.peers.auto else []
         advertised_host = self.config.advertised_host(interfaces)
         self.address = f"{advertised_host}:{port}"
@@ -440,6 +446,7 @@ class Node:
     def _build(self) -> None:
         """Blocking setup: dataset, model, this node's shard and the dev subset."""
         cfg = self.config
+        device = resolve_device(cfg.device)  # first: "no CUDA GPU" should not wait for a large dataset to be read
         try:
             train = resolve_dataset(cfg.dataset, "train")
             dev = eval_subset(resolve_dataset(cfg.dataset, "dev"), cfg.eval_samples)
@@ -453,7 +460,7 @@ class Node:
                 "%s holds a run started before nodes drew their model portably: resumed with init %r (a node on a "
                 "CPU with other vector instructions draws another head, and is refused)", cfg.out, spec.init,
             )  # fmt: skip
-        self._model = AdapterModel(spec, device=resolve_device(cfg.device))
+        self._model = AdapterModel(spec, device=device)
         slow = precision_warning(cfg.train.precision, self._model.device)
         if slow:
             log.warning("%s", slow)
