@@ -108,6 +108,7 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tadlora")
+    caplog.set_level(logging.DEBUG, logger="tadlora.rpc")  # an identical refusal again within minutes is DEBUG
     network = InMemoryNetwork()
     async with honest_pair(tmp_path, network) as (n0, n1):
         hostile = PeerInfo(node_id=HOSTILE, cluster=n0.config.cluster, fingerprint=n0.fingerprint,
@@ -164,7 +165,9 @@ async def test_a_hostile_neighbours_bad_payloads_are_refused_with_their_reason_a
     assert refusals(n0, "DIGEST_MISMATCH") == 1 and refusals(n0, "TOO_LARGE") == 1
     assert refusals(n0, "ROUND_MISMATCH") >= 2
     logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("refused an exchange from ")]
-    assert sum("BAD_PAYLOAD" in m for m in logged) == len(bad_payload)
+    assert sum("BAD_PAYLOAD" in m for m in logged) == len(bad_payload)  # each logged, the first of a kind at INFO
+    first = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO and "BAD_PAYLOAD" in r.getMessage()]
+    assert len(first) == len({m.removesuffix(" (again)") for m in logged if "BAD_PAYLOAD" in m}), first
     # Each refusal names whom it refused (the header's id): this node's log is the one that must say it.
     assert all(m.startswith(f"refused an exchange from {HOSTILE!r}: ") for m in logged if "BAD_PAYLOAD" in m), logged
     for n in (n0, n1):  # nothing hostile was mixed: the honest factors stay finite and sane

@@ -1541,6 +1541,57 @@ async def test_a_grpc_failure_that_ends_a_cancelled_call_is_reported_as_the_canc
 
 
 @pytest.mark.asyncio
+async def test_a_refusal_repeated_by_a_retrying_peer_is_logged_once_per_quiet_period_with_its_count(
+    bob: FakeNode, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer refused for its settings retries its handshake every 30 s for as long as both run: the refusing node
+    wrote a line at each try, for ever. Now an identical refusal (call, caller, reason, detail) is INFO once per
+    `REFUSAL_LOG_QUIET_S`, its repeats DEBUG and counted on the next INFO line; any other refusal is INFO at once."""
+    from tadlora.node import responder as responder_module
+
+    now = [1000.0]
+    responder = responder_module._Responder(bob, max_payload_bytes=1 << 20)
+    responder._refusal_log = responder_module._RefusalLog(clock=lambda: now[0])
+    quiet = responder_module.REFUSAL_LOG_QUIET_S
+
+    async def refused_handshake(caller: str = "carol") -> None:
+        reply = await responder.handshake(None, identity=caller)
+        assert not reply.accepted  # each is refused all the same: only its log line is spared
+
+    def lines(level: int) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.levelno == level and r.name == "tadlora.rpc"]
+
+    with caplog.at_level(logging.DEBUG, logger="tadlora.rpc"):
+        for _ in range(4):  # every 30 s, as the dialling side retries
+            await refused_handshake()
+            now[0] += 30
+        await refused_handshake("dave")  # another caller
+        await responder.commit(None, identity="carol")  # another call
+        assert len(lines(logging.INFO)) == 3 and len(lines(logging.DEBUG)) == 3, caplog.text
+        assert lines(logging.DEBUG)[0] == (
+            "refused a handshake from 'carol': BAD_PAYLOAD: the handshake request does not parse as tadlora.v1 (again)"
+        )
+        now[0] = 1000.0 + quiet
+        await refused_handshake()
+    again = lines(logging.INFO)[-1]
+    assert again == (
+        "refused a handshake from 'carol': BAD_PAYLOAD: the handshake request does not parse as tadlora.v1 (refused "
+        f"alike 3 more times since it was last logged, {quiet:.0f} s ago)"
+    ), again
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tadlora.rpc"):
+        now[0] += 1
+        await refused_handshake()  # within the new quiet period
+        assert not lines(logging.INFO)
+        # Only so many are remembered: the oldest is forgotten first, and logged anew.
+        for i in range(responder_module._REFUSALS_REMEMBERED):
+            await refused_handshake(f"n{i}")
+        await refused_handshake()
+    assert lines(logging.INFO)[-1].startswith("refused a handshake from 'carol': BAD_PAYLOAD: ")
+    assert len(responder._refusal_log._seen) == responder_module._REFUSALS_REMEMBERED
+
+
+@pytest.mark.asyncio
 async def test_every_refusal_logs_its_caller_alike_and_one_not_yet_known_as_such(
     bob: FakeNode, caplog: pytest.LogCaptureFixture
 ) -> None:

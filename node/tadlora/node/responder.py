@@ -8,6 +8,8 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
+import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Final, TypeVar
 
@@ -50,6 +52,43 @@ _Reply = TypeVar("_Reply")
 
 
 _CALLS: Final = {"exchange": "an exchange", "fetch": "a fetch"}  # the streamed calls, as a log line names them
+
+
+# An identical refusal (the same call, caller, reason and detail) is logged at INFO again only this often. A peer
+# refused for its settings (another seed, cluster or schedule) retries its handshake every RETRY_MAX_S (30 s) for as
+# long as both run: without this, one such peer wrote a line here every 30 s, for ever. Its repeats go to DEBUG, and
+# the next INFO line says how many there were; the refusal counter counts each.
+REFUSAL_LOG_QUIET_S: Final = 600.0
+_REFUSALS_REMEMBERED: Final = 256  # distinct refusals remembered (the oldest forgotten first): a bound on memory
+
+
+class _RefusalLog:
+    """Logs refusals on this node's side, an identical one at INFO at most once per `REFUSAL_LOG_QUIET_S`."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        # (call, caller, reason, detail) -> (when last logged at INFO, repeats since)
+        self._seen: collections.OrderedDict[tuple[str, str, str, str], tuple[float, int]] = collections.OrderedDict()
+
+    def refused(self, what: str, caller: str, exc: ExchangeRefused) -> None:
+        """Log that ``what`` (as a log line names the call: "a handshake") from ``caller`` was refused."""
+        key = (what, caller, exc.reason.name, exc.detail)
+        now = self._clock()
+        logged, repeats = self._seen.get(key, (-math.inf, 0))
+        line = f"refused {what} from {_caller_named(caller)}: {exc.reason.name}: {exc.detail}"
+        if now - logged < REFUSAL_LOG_QUIET_S:
+            self._seen[key] = (logged, repeats + 1)
+            self._seen.move_to_end(key)
+            log.debug("%s (again)", line)
+            return
+        if repeats:
+            times = "time" if repeats == 1 else "times"
+            line += f" (refused alike {repeats} more {times} since it was last logged, {now - logged:.0f} s ago)"
+        log.info("%s", line)
+        self._seen[key] = (now, 0)
+        self._seen.move_to_end(key)
+        while len(self._seen) > _REFUSALS_REMEMBERED:
+            self._seen.popitem(last=False)
 
 
 class _ServiceFault(Exception):
@@ -98,6 +137,7 @@ class _Responder:
         self._served: Callable[[str, int, int, int], None] | None = getattr(handler, "observe_served", None)
         # Optional: a handler with `async_leave(remote)` drops a peer that says it is stopping (NodeHandler).
         self._leave: Callable[[PeerInfo], Awaitable[None]] | None = getattr(handler, "async_leave", None)
+        self._refusal_log = _RefusalLog()
         # Calls in flight, by (call, caller id), from the caller's first message until its reply has been sent.
         self._in_flight: collections.Counter[tuple[str, str]] = collections.Counter()
         # Optional: a handler with `payload_timeout_s` bounds how long a caller may take to send its stream.
@@ -135,7 +175,7 @@ class _Responder:
         try:
             return await answer()
         except ExchangeRefused as exc:
-            log.info("refused a %s from %s: %s: %s", what, _caller_named(who()), exc.reason.name, exc.detail)
+            self._refusal_log.refused(f"a {what}", who(), exc)
             self._refused(what, exc)
             return refusal(_reason_to_wire(exc.reason), exc.detail)
         except Exception:
@@ -392,7 +432,7 @@ class _Responder:
         except ExchangeRefused as exc:
             # Plain values: records outlive calls. Named, as handshakes and commits are: this node's log must say whom
             # it refused (the refused end is told why, not this node's operator).
-            log.info("refused %s from %s: %s: %s", _CALLS[what], _caller_named(caller()), exc.reason.name, exc.detail)
+            self._refusal_log.refused(_CALLS[what], caller(), exc)
             self._refused(what, exc)
             replies = [_refusal_message(exc)]
         except Exception:
