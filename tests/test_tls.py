@@ -124,6 +124,7 @@ def test_certs_issue_in_a_bundle_directory_signs_with_the_ca_whose_key_it_holds(
 async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(tmp_path, intruder, caplog) -> None:
     certs = make_certs(tmp_path / "certs", "node-0", "node-1")
     rogue_certs = make_certs(tmp_path / "rogue", "node-2")  # a valid certificate, from the wrong CA
+    caplog.set_level(logging.INFO, logger="tadlora")  # from the start: each node dials its peers as it starts
     async with contextlib.AsyncExitStack() as stack:
         # a waits for two peers, but only b can ever be verified: it starts alone with b after --peer-wait
         a = await stack.enter_async_context(Node(tls(tmp_path, certs, 0, 3, (), peer_wait=3.0)))
@@ -133,13 +134,16 @@ async def test_a_node_without_a_certificate_from_the_cluster_ca_is_never_a_peer(
             rogue_cfg = node_config(tmp_path, 2, 3, PeersOption(False, (a.address,), ()), min_peers=0, rounds=2)
         rogue = await stack.enter_async_context(Node(rogue_cfg))
         b = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 3, (a.address, rogue.address), min_peers=1)))
-        with caplog.at_level(logging.INFO, logger="tadlora"):
-            async with asyncio.timeout(90):
-                await run_all([a, b, rogue])
+        async with asyncio.timeout(90):
+            await run_all([a, b, rogue])
     # b dialled the rogue, which answered: the log says it is the certificates, not the network, and what to look at.
     why = {"another CA": "its certificate is not signed by this node's CA", "no TLS": "not in TLS: a node run with"}
     assert f"{rogue.address} (static) answers, but {why[intruder]}" in caplog.text
     assert f"{rogue.address} (static) does not answer" not in caplog.text
+    if intruder == "no TLS":  # and the rogue, dialling a in plaintext, is told why a closes its connections
+        said = "closes plaintext connections: a node that requires TLS? (this node runs --insecure)"
+        assert f"{a.address} (static) answers, but {said}; retried up to every 30 s: " in caplog.text, caplog.text
+        assert f"{a.address} (static) does not answer" not in caplog.text
     for i in (0, 1):
         for record in read_rounds(tmp_path / f"n{i}"):
             assert "node-2" not in [n["id"] for n in record["neighbours"]] + record["missed"]
@@ -911,3 +915,16 @@ def test_a_certificate_every_peer_would_refuse_is_refused_at_start_naming_what_i
     with pytest.raises(ValueError, match=re.escape(message)) as refused:
         TlsMaterial.from_dir(foreign, "node-0")
     assert f"certs issue node-0 --dir {foreign} --force" in str(refused.value)
+
+
+def test_a_closed_connection_is_read_as_a_tls_node_only_by_a_node_that_dials_in_plaintext() -> None:
+    """gRPC says only "Socket closed" when a TLS node closes a plaintext connection. A TLS node that sees it was not
+    refused for speaking plaintext (a peer restarting, say): it is told nothing of TLS."""
+    from tadlora.node.peers import _tls_failure
+
+    closed = "peer 10.0.0.2:7070 unavailable: UNAVAILABLE: ipv4:10.0.0.2:7070: Socket closed"
+    assert _tls_failure(closed, insecure=True) == (
+        "closes plaintext connections: a node that requires TLS? (this node runs --insecure)"
+    )
+    assert _tls_failure(closed, insecure=False) is None
+    assert _tls_failure("ipv4:10.0.0.2:7070: Connection refused", insecure=True) is None

@@ -114,8 +114,16 @@ _TLS_FAILURES: Final = (
 )
 
 
-def _tls_failure(error: str) -> str | None:
-    """What a dial's error says went wrong in TLS (`_TLS_FAILURES`), or None for one that is not about TLS."""
+# A node run with --insecure that dials one requiring TLS: the TLS server closes the plaintext connection it accepted,
+# and gRPC says no more than this. The connection was accepted, so the peer does answer.
+_CLOSED_ON_PLAINTEXT: Final = "Socket closed"
+
+
+def _tls_failure(error: str, *, insecure: bool = False) -> str | None:
+    """What a dial's error says went wrong in TLS (`_TLS_FAILURES`), or None for one that is not about TLS.
+    ``insecure``: this node dials in plaintext (--insecure), so a connection closed at once is likely a TLS node."""
+    if insecure and _CLOSED_ON_PLAINTEXT in error:
+        return "closes plaintext connections: a node that requires TLS? (this node runs --insecure)"
     return next((meaning for marker, meaning in _TLS_FAILURES if marker in error), None)
 
 
@@ -293,7 +301,8 @@ class PeerManager:
             except PeerUnavailable as exc:
                 await conn.aclose()
                 unanswered = str(exc)
-                tls = _tls_failure(unanswered)  # the status's reason says it too, and the log line below
+                # The status's reason says it too, and the log line below.
+                tls = _tls_failure(unanswered, insecure=self._local_info().insecure)
                 failure = unanswered if tls is None else f"answers, but {tls}: {unanswered}"
                 continue
             except BaseException:  # shutting down mid-handshake, or a failure of ours: the connection is nobody's yet
