@@ -406,8 +406,8 @@ def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:
     cfg.out.mkdir()
     save_identity(cfg.out, "n0", "ab", cluster=cfg.cluster)
     other = check_out(dataclasses.replace(cfg, node_id="n1"), "ab")
-    assert other.status == "FAIL" and "belongs to node 'n0', not --node-id 'n1'" in other.detail
-    assert "--node-id n0" in other.fix
+    assert other.status == "FAIL" and other.detail == f"{cfg.out} belongs to node 'n0', not 'n1'", other
+    assert other.fix == "use another --out for node 'n1', or --node-id n0 to resume that node"
     assert check_out(dataclasses.replace(cfg, node_id="n0"), "ab").status == "OK"
     assert check_out(dataclasses.replace(cfg, node_id=None), "ab").status == "OK"  # the node takes the kept id
 
@@ -447,7 +447,8 @@ def test_an_out_of_another_run_fails_as_the_node_would(tmp_path) -> None:
 
 
 def test_an_out_of_another_model_fingerprint_fails_naming_the_part_as_the_node_would(tmp_path) -> None:
-    """node.json keeps the fingerprint's parts (Node.start): doctor names the one that changed, as the node does."""
+    """node.json keeps the fingerprint's parts (Node.start): doctor names the one that changed, in the node's words
+    (`identity.out_refusal`, which both use)."""
     from tadlora.node.hostcheck import check_out
 
     cfg = node_config(tmp_path, 0, 1, PeersOption(False, (), ()))
@@ -458,10 +459,12 @@ def test_an_out_of_another_model_fingerprint_fails_naming_the_part_as_the_node_w
     other = check_out(cfg, "cd", now)
     assert other.status == "FAIL", other
     assert other.detail == (
-        f"{cfg.out} holds a run of another model fingerprint (ab); it differs in seed (kept 0, now 7) and weights "
-        "(kept #00000001, now #00000002)"
+        f"{cfg.out} belongs to a run with another model fingerprint (ab); it differs in seed (kept 0, now 7) and "
+        "weights (kept #00000001, now #00000002)"
     )
-    assert check_out(cfg, "cd").detail == f"{cfg.out} holds a run of another model fingerprint (ab)"  # model failed
+    assert other.fix == "use another --out to start a new run, or the flags that run was started with"
+    assert check_out(cfg, "cd").detail == f"{cfg.out} belongs to a run with another model fingerprint (ab)"  # no parts
+    assert check_out(cfg, None).status == "OK"  # the model did not load (its own check fails): nothing to compare
     assert check_out(cfg, "ab", kept).status == "OK"
 
 

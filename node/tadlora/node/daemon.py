@@ -45,14 +45,7 @@ from tadlora.node.config import NodeConfig, check_callable_back, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
-from tadlora.node.identity import (
-    OutRefused,
-    fingerprint_change,
-    load_identity,
-    recorded_init,
-    run_conflict,
-    save_identity,
-)
+from tadlora.node.identity import OutRefused, load_identity, out_refusal, run_conflict, save_identity
 from tadlora.node.limits import MAX_CANDIDATES_SHOWN, MAX_DEGREE
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
@@ -260,29 +253,16 @@ class Node:
         self.fingerprint_parts = self._model.fingerprint_parts
         await self._in_worker(state.remove_torn_writes, cfg.out)
         identity = await self._in_worker(load_identity, cfg.out)
-        if identity and identity.get("fingerprint") != self.fingerprint:
-            kept = recorded_init(identity)
-            hint = f" (drawn with --init {kept}, now {self._model.spec.init})" if kept != self._model.spec.init else ""
-            differ = fingerprint_change(identity, self.fingerprint_parts)
-            raise OutRefused(
-                f"{cfg.out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}"
-                f"{differ}; use another --out to start a new run"
-            )
-        self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
-        if identity and cfg.node_id and identity["node_id"] != cfg.node_id:
-            kept = identity["node_id"]
-            raise OutRefused(
-                f"{cfg.out} belongs to node {kept!r}, not {cfg.node_id!r}: use another --out for node "
-                f"{cfg.node_id!r}, or --node-id {kept} to resume that node"
-            )
-        # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster, method, data or
-        # topology would carry this run's factors and round into another run, and append its rounds to this log.
         run = cfg.run_settings()
-        if identity and (conflict := run_conflict(identity, **run)):
-            raise OutRefused(
-                f"{cfg.out} holds a run of other settings, {conflict}: use another --out to start a new run, "
-                "or the flags that run was started with"
-            )
+        init = self._model.spec.init
+        refusal = out_refusal(
+            cfg.out, identity, fingerprint=self.fingerprint, parts=self.fingerprint_parts, node_id=cfg.node_id,
+            run=run, init=init,
+        ) if identity else None  # fmt: skip
+        if refusal is not None:
+            problem, fix = refusal
+            raise OutRefused(f"{problem}: {fix}")
+        self.node_id = cfg.node_id or (identity or {}).get("node_id") or new_node_id()
         ckpt = await self._in_worker(state.load_checkpoint, cfg.out)
         if ckpt is not None and (ckpt.node_id, ckpt.fingerprint) != (self.node_id, self.fingerprint):
             # Copied in or restored from elsewhere: its factors may have the shapes load_factors checks (another
@@ -301,7 +281,6 @@ class Node:
             await self._in_worker(self._model.load_factors, ckpt.factors)  # checks keys and shapes
         # Only once the checkpoint is accepted: a refused start leaves node.json as it was. Written with an id drawn
         # anew, it would keep out the node the checkpoint names (--node-id), and the start refused for it.
-        init = self._model.spec.init
         # With the fingerprint's parts: a later start under another fingerprint is told which part changed.
         parts = self.fingerprint_parts
         await self._in_worker(

@@ -369,7 +369,7 @@ def check_out(cfg: NodeConfig, fingerprint: str | None, parts: str = "") -> Chec
     """--out is writable, not held by a running node and, if it holds a run, a run of this model (``fingerprint``;
     ``parts``, its `tadlora.adapter.fingerprint_parts`, name what differs) and of this --node-id. One this user
     cannot look into (a parent directory it may not search) is a FAIL too: the node's mkdir fails there."""
-    from tadlora.node.identity import IDENTITY, fingerprint_change, load_identity, run_conflict
+    from tadlora.node.identity import IDENTITY, load_identity, out_refusal
     from tadlora.node.state import LOCK, out_holder
 
     out = cfg.out
@@ -411,31 +411,12 @@ def check_out(cfg: NodeConfig, fingerprint: str | None, parts: str = "") -> Chec
         identity = load_identity(out) if out.is_dir() else None
     except (OSError, ValueError) as exc:
         return Check("out", "FAIL", f"{out}: unreadable {IDENTITY}: {exc}", "use another --out")
-    if identity and fingerprint and identity.get("fingerprint") != fingerprint:
-        return Check(
-            "out",
-            "FAIL",
-            f"{out} holds a run of another model fingerprint ({identity.get('fingerprint')})"
-            f"{fingerprint_change(identity, parts)}",
-            "use another --out to start a new run, or the flags that run was started with",
-        )
-    if identity and (conflict := run_conflict(identity, **cfg.run_settings())):
-        # The daemon refuses this at start too (Node.start).
-        return Check(
-            "out",
-            "FAIL",
-            f"{out} holds a run of other settings, {conflict}",
-            "use another --out to start a new run, or the flags that run was started with",
-        )
+    refusal = out_refusal(
+        out, identity, fingerprint=fingerprint, parts=parts, node_id=cfg.node_id, run=cfg.run_settings()
+    ) if identity else None  # fmt: skip
+    if refusal is not None:  # as the node's own refusal at start (exit 2)
+        return Check("out", "FAIL", *refusal)
     kept = (identity or {}).get("node_id")
-    if kept and cfg.node_id and kept != cfg.node_id:
-        # The daemon refuses this at start (Node.start): one --out holds one node's rounds and checkpoint.
-        return Check(
-            "out",
-            "FAIL",
-            f"{out} belongs to node {kept!r}, not --node-id {cfg.node_id!r}",
-            f"use another --out for node {cfg.node_id!r}, or --node-id {kept} to resume that node",
-        )
     if identity:
         return Check("out", "OK", f"{out}: resumes node {kept!r}")
     return Check("out", "OK", f"{out}: " + ("writable" if out.is_dir() else "will be created"))

@@ -146,3 +146,42 @@ def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> 
         if k in identity and identity[k] != v
     ]
     return ", ".join(diffs) or None
+
+
+def out_refusal(
+    out: Path,
+    identity: dict[str, Any],
+    *,
+    fingerprint: str | None,
+    parts: str,
+    node_id: str | None,
+    run: dict[str, str | int | float | None],
+    init: str | None = None,
+) -> tuple[str, str] | None:
+    """Why a node must not resume the run kept in ``out`` (its ``node.json``, ``identity``), and the fix; None when
+    it may. The node's settings: its model ``fingerprint`` and ``parts`` (`tadlora.adapter.fingerprint_parts`; a
+    fingerprint of None is not compared: the model did not load), its ``--node-id`` (None takes the kept one), its
+    ``run`` settings (`NodeConfig.run_settings`) and, where known, the ``init`` it draws its model with. One wording
+    for the node's refusal (`Node.start`, which exits 2) and doctor's ``out`` check."""
+    if fingerprint is not None and identity.get("fingerprint") != fingerprint:
+        kept = recorded_init(identity)
+        hint = f" (drawn with --init {kept}, now {init})" if init is not None and kept != init else ""
+        return (
+            f"{out} belongs to a run with another model fingerprint ({identity.get('fingerprint')}){hint}"
+            f"{fingerprint_change(identity, parts)}",
+            "use another --out to start a new run, or the flags that run was started with",
+        )
+    kept_id = identity.get("node_id")
+    if kept_id and node_id and kept_id != node_id:
+        return (
+            f"{out} belongs to node {kept_id!r}, not {node_id!r}",
+            f"use another --out for node {node_id!r}, or --node-id {kept_id} to resume that node",
+        )
+    if conflict := run_conflict(identity, **run):
+        # The fingerprint covers model, LoRA, labels and seed; a resume under another cluster, method, data or
+        # topology would carry this run's factors and round into another run, and append its rounds to its log.
+        return (
+            f"{out} holds a run of other settings, {conflict}",
+            "use another --out to start a new run, or the flags that run was started with",
+        )
+    return None
