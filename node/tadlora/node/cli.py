@@ -8,12 +8,15 @@
 
 Nodes of one cluster must be started with the same model, dataset, --num-shards, LoRA flags (--lora-*), --init,
 --method, --switch-interval, --seed, --link-prob and --max-neighbors; each with its own --shard, --listen port and
---out. With no model or data
-flags a node trains the packaged MiniLM encoder on the shipped SST-2 slice, offline. SIGINT/SIGTERM stop it
-gracefully (checkpoint, a goodbye to every peer so that none waits for it, exit 0); a second signal forces the
-exit. Running it again with the same --out resumes from the checkpoint with the same node id; it is refused under
-another model fingerprint (model, LoRA, --seed) or another --cluster, --method, --switch-interval, --dataset,
---split, --shard, --num-shards, --link-prob or --max-neighbors than the run kept there.
+--out. With no model or data flags a node trains the packaged MiniLM encoder on the shipped SST-2 slice, offline.
+SIGINT/SIGTERM stop it gracefully (checkpoint, a goodbye to every peer so that none waits for it, exit 0); a second
+signal forces the exit. Running it again with the same --out resumes from the checkpoint with the same node id; it
+is refused under another model fingerprint (model, LoRA, --seed) or another --cluster, --method, --switch-interval,
+--dataset, --split, --shard, --num-shards, --link-prob or --max-neighbors than the run kept there.
+
+Exit status: 0 when it finished its --rounds or was stopped gracefully; 2 for what no restart fixes (bad flags, TLS
+files it cannot use, an --out it must not use); 1 for the rest (a port in use, an --out held by a running node, a
+GPU out of memory), which a restart may fix. docs/troubleshooting.md goes from each message to its fix.
 """
 
 from __future__ import annotations
