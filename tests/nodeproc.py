@@ -85,16 +85,18 @@ class NodeProcess:
         env: Mapping[str, str],
         *,
         netns: str | None = None,
-        mdns_interface: str = LOOPBACK,
+        mdns_interface: str | None = LOOPBACK,
     ) -> None:
         if mdns_interface != LOOPBACK and netns is None:
-            raise ValueError(f"mDNS on {mdns_interface} only inside a test's own network namespace (netns=)")
+            # None (the node's own choice) too: outside a namespace that is the machine's real network.
+            raise ValueError(f"mDNS on {mdns_interface or 'the default'} only inside a test's own namespace (netns=)")
         self.out = out
         self.name = name
         self.netns = netns
         self.stderr_path = logs / f"{name}.stderr"
         self.stdout_path = logs / f"{name}.stdout"
-        self.args = [*args, "--mdns-interface", mdns_interface]  # last: wins over anything before it
+        # Last: wins over anything before it. None: the node chooses, as it does with no flag (in a namespace).
+        self.args = [*args, "--mdns-interface", mdns_interface] if mdns_interface is not None else [*args]
         # `ip netns exec` execs the node after entering the namespace: proc.pid is the node, signals reach it.
         enter = ["ip", "netns", "exec", netns] if netns is not None else []
         self._records: list[dict[str, Any]] = []
@@ -231,11 +233,12 @@ def running_node(
     env: Mapping[str, str] | None = None,
     *,
     netns: str | None = None,
-    mdns_interface: str = LOOPBACK,
+    mdns_interface: str | None = LOOPBACK,
 ) -> Iterator[NodeProcess]:
     """Start `tadlora-node ARGS` (with ``--mdns-interface 127.0.0.1``) and stop it at exit, whatever happens.
     ``out`` is where the node's ``--out`` (flag or TADLORA_OUT) points; logs go to ``logs/NAME.std{err,out}``.
-    With ``netns`` the node runs inside that namespace, and only then may ``mdns_interface`` be another one."""
+    With ``netns`` the node runs inside that namespace, and only then may ``mdns_interface`` be another one, or
+    None (no flag: the node chooses, as on a real host)."""
     logs.mkdir(parents=True, exist_ok=True)
     node = NodeProcess(args, out, logs, name, node_env(env), netns=netns, mdns_interface=mdns_interface)
     try:

@@ -908,15 +908,54 @@ def test_of_several_default_routes_the_lowest_metric_s_interface_alone_is_used(
         assert interface_addresses(None) == by_name[first]
 
 
-def test_no_default_route_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.fixture
+def no_default_route(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host with no IPv4 default route (only lo's own), nor an IPv6 one (this host's own may have one)."""
     routes = tmp_path / "route"
     routes.write_text(ROUTES_HEADER + "lo\t0000007F\t00000000\t0001\t0\t0\t0\t000000FF\t0\t0\t0\n")
     monkeypatch.setattr(netif, "_ROUTE_TABLE", routes)
-    ipv6_routes = tmp_path / "ipv6_route"  # nor an IPv6 one (this host's own may have one: another message)
+    ipv6_routes = tmp_path / "ipv6_route"
     ipv6_routes.write_text("")
     monkeypatch.setattr(netif, "_IPV6_ROUTE_TABLE", ipv6_routes)
-    with pytest.raises(InterfaceError, match="--mdns-interface"):
+
+
+def test_no_default_route_and_no_interface_but_loopback_is_a_clear_error(
+    no_default_route: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(netif, "ipv4_by_interface", lambda: {"lo": ["127.0.0.1"], "eth0": []})
+    with pytest.raises(InterfaceError, match="no IPv4 default route; choose one with --mdns-interface"):
         interface_addresses(None)
+
+
+def test_no_default_route_takes_the_one_interface_with_an_address_and_a_link(
+    no_default_route: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A LAN testbed or an air-gapped lab has no default route: --peers auto was an error there unless every node
+    was given --mdns-interface. The one interface with an IPv4 address and a link is the LAN; a bridge with nothing
+    attached (docker0 with no container) has no link, and loopback is never it."""
+    interfaces = {"lo": ["127.0.0.1"], "eth0": ["10.0.0.5"], "docker0": ["172.17.0.1"], "wlan0": []}
+    monkeypatch.setattr(netif, "ipv4_by_interface", lambda: interfaces)
+    monkeypatch.setattr(netif, "has_link", lambda name: name != "docker0")
+    assert interface_addresses(None) == ["10.0.0.5"]
+    # Two with a link: which network the peers are on is the user's to say.
+    monkeypatch.setattr(netif, "has_link", lambda name: True)
+    with pytest.raises(InterfaceError) as refused:
+        interface_addresses(None)
+    assert str(refused.value) == (
+        "no IPv4 default route to choose by, and 2 interfaces with an IPv4 address and a link: docker0 (172.17.0.1), "
+        "eth0 (10.0.0.5); choose the peers' one with --mdns-interface (a name or an address)"
+    )
+
+
+def test_an_interface_s_link_is_read_from_sys_class_net(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, flags, operstate in [("up0", "0x1003", "up"), ("lo", "0x9", "unknown"), ("cable0", "0x1003", "down"),
+                                   ("off0", "0x1002", "down"), ("bad0", "garbage", "up")]:  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "flags").write_text(flags + "\n")
+        (tmp_path / name / "operstate").write_text(operstate + "\n")
+    monkeypatch.setattr(netif, "SYS_NET", tmp_path)
+    linked = [n for n in ("up0", "lo", "cable0", "off0", "bad0", "gone0") if netif.has_link(n)]
+    assert linked == ["up0", "lo", "bad0", "gone0"]  # unreadable: counted as linked (no sysfs, a sandbox)
 
 
 testbeds = netns.testbeds  # the fixture

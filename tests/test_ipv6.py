@@ -196,6 +196,8 @@ def test_mdns_on_an_interface_with_ipv6_addresses_only_says_mdns_is_ipv4_only(mo
 
 
 def test_mdns_on_a_host_whose_only_default_route_is_ipv6_says_mdns_is_ipv4_only(monkeypatch, tmp_path) -> None:
+    # and no IPv4 address but loopback's (one interface with one would be taken: test_discovery)
+    monkeypatch.setattr(netif, "ipv4_by_interface", lambda: {"lo": ["127.0.0.1"], "eth0": []})
     (tmp_path / "route").write_text("Iface\tDestination\tGateway\tFlags\tRefCnt\tUse\tMetric\tMask\n")
     (tmp_path / "ipv6_route").write_text(IPV6_ROUTES)
     monkeypatch.setattr(netif, "_ROUTE_TABLE", tmp_path / "route")

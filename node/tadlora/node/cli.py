@@ -101,7 +101,8 @@ def build_run_parser(
     g.add_argument(
         "--mdns-interface",
         help="IPv4 address or interface name for mDNS, which is IPv4 only (default: the lowest-metric default "
-        "route's); a name or the default is followed when its address changes (a new DHCP lease)",
+        "route's; with no default route, the one interface with an IPv4 address and a link); a name or the default "
+        "is followed when its address changes (a new DHCP lease)",
     )
     g.add_argument(
         "--advertise-address",

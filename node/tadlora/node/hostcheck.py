@@ -15,7 +15,14 @@ from typing import Literal
 import ifaddr
 
 from tadlora.node.config import NodeConfig, is_wildcard
-from tadlora.node.netif import InterfaceError, interface_addresses, require_unicast_ipv4
+from tadlora.node.netif import (
+    IFF_UP,
+    NO_LINK,
+    SYS_NET,
+    InterfaceError,
+    interface_addresses,
+    require_unicast_ipv4,
+)
 
 __all__ = [
     "Check",
@@ -31,10 +38,7 @@ __all__ = [
 
 Status = Literal["OK", "WARN", "FAIL"]
 
-_IFF_UP = 0x1  # <linux/if.h>: the interface is up (`ip link set NAME up`)
 _IFF_MULTICAST = 0x1000  # <linux/if.h>: the interface supports multicast
-_NO_LINK = ("down", "lowerlayerdown")  # /sys/class/net/IFACE/operstate of an interface that is up without a link
-_SYS_NET = Path("/sys/class/net")  # Linux: /sys/class/net/IFACE/flags holds the interface flags in hex
 _ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table
 _NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")  # present while the NVIDIA kernel driver is loaded
 _MULTICAST_NET = ipaddress.IPv4Network("224.0.0.0/4")
@@ -130,9 +134,9 @@ def check_mdns_interface(cfg: NodeConfig) -> tuple[Check, list[str]]:
     where = f"{name} {', '.join(addresses)}"
     if all(ipaddress.IPv4Address(a).is_loopback for a in addresses):
         return Check("mdns", "OK", f"{where}: loopback, so mDNS reaches nodes on this host only"), addresses
-    flags_file = _SYS_NET / name / "flags"
+    flags_file = SYS_NET / name / "flags"
     flags = int(flags_file.read_text().strip(), 16) if flags_file.exists() else None
-    if flags is not None and not flags & _IFF_UP:
+    if flags is not None and not flags & IFF_UP:
         # It keeps its address, so zeroconf binds there; but every send fails (Network is unreachable).
         return Check(
             "mdns",
@@ -140,9 +144,9 @@ def check_mdns_interface(cfg: NodeConfig) -> tuple[Check, list[str]]:
             f"{where}: the interface is down, so mDNS can neither send nor receive there",
             f"ip link set {name} up (as root), or pick another --mdns-interface (see 'interfaces')",
         ), addresses
-    operstate_file = _SYS_NET / name / "operstate"
+    operstate_file = SYS_NET / name / "operstate"
     operstate = operstate_file.read_text().strip() if operstate_file.exists() else None
-    if operstate in _NO_LINK:  # up, but the kernel drops what is sent: a link may come later, so a WARN
+    if operstate in NO_LINK:  # up, but the kernel drops what is sent: a link may come later, so a WARN
         return Check(
             "mdns",
             "WARN",

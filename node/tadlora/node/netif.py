@@ -24,6 +24,9 @@ __all__ = [
 _ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
 _IPV6_ROUTE_TABLE = Path("/proc/net/ipv6_route")  # Linux IPv6 routing table: only to say why there is no IPv4 one
 _RTF_UP = 0x1  # <linux/route.h>
+SYS_NET = Path("/sys/class/net")  # Linux: /sys/class/net/IFACE/flags (hex) and operstate
+IFF_UP = 0x1  # <linux/if.h>: the interface is up (`ip link set NAME up`)
+NO_LINK = ("down", "lowerlayerdown")  # /sys/class/net/IFACE/operstate of an interface that is up without a link
 _RTF_REJECT = 0x200  # <linux/route.h>: an unreachable route
 # Why an IPv6-only network has no mDNS here, and what to use instead (see docs/deploy.md, "IPv6").
 _IPV4_ONLY = (
@@ -48,9 +51,7 @@ def interface_addresses(spec: str | None) -> list[str]:
     if spec is None:
         names = _default_route_interfaces(_ROUTE_TABLE.read_text() if _ROUTE_TABLE.exists() else "")
         if not names:
-            if has_ipv6_default_route(_ipv6_route_table()):
-                raise InterfaceError(f"no IPv4 default route, only an IPv6 one: {_IPV4_ONLY}")
-            raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
+            return _lone_lan_interface(by_name)
         # One interface: announcing on several would tell each network the first one's address, which another
         # network may not reach.
         for name in names:
@@ -90,6 +91,40 @@ def interface_addresses(spec: str | None) -> list[str]:
             "another interface"
         )
     return by_name[spec]
+
+
+def _lone_lan_interface(by_name: dict[str, list[str]]) -> list[str]:
+    """With no IPv4 default route (a LAN testbed with no way out, an air-gapped lab): the addresses of the one
+    interface that has a link and an IPv4 address other than loopback, there being exactly one; else
+    InterfaceError, naming them where there are several."""
+    lan = {
+        name: [a for a in addrs if not ipaddress.IPv4Address(a).is_loopback]
+        for name, addrs in sorted(by_name.items())
+        if has_link(name)
+    }
+    lan = {name: addrs for name, addrs in lan.items() if addrs}
+    if len(lan) == 1:
+        return next(iter(lan.values()))
+    if lan:
+        listed = ", ".join(f"{name} ({', '.join(addrs)})" for name, addrs in lan.items())
+        raise InterfaceError(
+            f"no IPv4 default route to choose by, and {len(lan)} interfaces with an IPv4 address and a link: "
+            f"{listed}; choose the peers' one with --mdns-interface (a name or an address)"
+        )
+    if has_ipv6_default_route(_ipv6_route_table()):
+        raise InterfaceError(f"no IPv4 default route, only an IPv6 one: {_IPV4_ONLY}")
+    raise InterfaceError("no IPv4 default route; choose one with --mdns-interface (an address or a name)")
+
+
+def has_link(name: str) -> bool:
+    """Whether interface ``name`` is up with a link, as far as /sys/class/net says (True where it cannot be read):
+    not a cable out, nor a bridge with nothing attached (docker0 with no container)."""
+    try:
+        flags = int((SYS_NET / name / "flags").read_text().strip(), 16)
+        operstate = (SYS_NET / name / "operstate").read_text().strip()
+    except (OSError, ValueError):
+        return True
+    return bool(flags & IFF_UP) and operstate not in NO_LINK
 
 
 def ipv4_networks(addresses: Sequence[str]) -> list[ipaddress.IPv4Network]:
