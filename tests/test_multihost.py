@@ -54,13 +54,17 @@ def host_args(tag: str, host: Host, out: Path, hosts: int, extra: Sequence[str])
 
 
 def start_node(stack: contextlib.ExitStack, bed: Testbed, host: Host, tmp_path: Path, tag: str,
-               extra: Sequence[str], *, choose_interface: bool = False) -> NodeProcess:  # fmt: skip
-    """A node inside ``host``, doing mDNS on its veth only (``--mdns-interface``, or with ``choose_interface`` its
-    own choice: the host has no default route, and its veth is its one interface with a link, lo aside); stopped
-    when ``stack`` closes."""
+               extra: Sequence[str], *, defaults: bool = False) -> NodeProcess:  # fmt: skip
+    """A node inside ``host``, listening on its address and doing mDNS on its veth only; with ``defaults``, given
+    neither --listen nor --mdns-interface, as `tadlora-node --peers auto` on a LAN box: the host has no default
+    route, its veth is its one interface with a link (lo aside), and the node listens on every address, port
+    7070 (= PORT). Stopped when ``stack`` closes."""
     out = tmp_path / f"h{host.index}"
     args = host_args(tag, host, out, len(bed.hosts), extra)
-    mdns = None if choose_interface else host.interface
+    if defaults:
+        at = args.index("--listen")
+        del args[at : at + 2]
+    mdns = None if defaults else host.interface
     return stack.enter_context(running_node(tmp_path, f"h{host.index}", args, out, netns=host.netns,
                                             mdns_interface=mdns))  # fmt: skip
 
@@ -148,12 +152,14 @@ def test_testbed_hosts_reach_each_other_only_through_their_bridge_ports_and_vani
 def test_nodes_on_three_hosts_find_each_other_by_mdns_and_mix_every_round_across_hosts(
     testbeds: Callable[[int], Testbed], tmp_path: Path
 ) -> None:
-    """The third is given no --mdns-interface: its host, as a LAN testbed with no way out, has no default route,
-    and mDNS goes on its one interface with an IPv4 address and a link (it was an error, "no IPv4 default route")."""
+    """The third is given neither --listen nor --mdns-interface. Its host, as a LAN testbed with no way out, has no
+    default route: mDNS goes on its one interface with an IPv4 address and a link (this was an error, "no IPv4
+    default route"), and the node listens on every address and announces that interface's (it listened on
+    127.0.0.1 and announced that, so that each other node dialled itself at it)."""
     bed, tag, rounds = testbeds(3), unique_tag(), 5
     extra = ["--rounds", str(rounds), "--min-peers", "2", "--eval-every", "1000"]
     with contextlib.ExitStack() as stack:
-        nodes = [start_node(stack, bed, host, tmp_path, tag, extra, choose_interface=host.index == 3)
+        nodes = [start_node(stack, bed, host, tmp_path, tag, extra, defaults=host.index == 3)
                  for host in bed.hosts]  # fmt: skip
         for node in nodes:
             assert node.wait_exit(RUN_S) == 0, node.tail()

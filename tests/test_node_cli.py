@@ -24,6 +24,7 @@ from tadlora.node import metrics as metrics_module
 from tadlora.node.cli import build_run_parser, config_from_args, main
 from tadlora.node.daemon import Node
 from tadlora.node.metrics import NodeMetrics
+from tadlora.node.peerspec import PeersOption
 from tadlora.training import TrainSpec
 from test_daemon import NO_PEERS, node_config
 
@@ -459,6 +460,57 @@ def test_an_mdns_node_whose_listen_host_its_advert_cannot_name_exits_2_naming_th
     err = capsys.readouterr().err
     assert f"--listen {listen}: mDNS (--peers auto) announces the --listen host" in err
     assert "--advertise-address" in err and "advertise_address" not in err
+
+
+@pytest.mark.parametrize(
+    ("argv", "listen"),
+    [
+        (["--peers", "auto"], "0.0.0.0:7070"),  # on the default route's interface: the LAN
+        (["--peers", "auto", "--mdns-interface", "eth9"], "0.0.0.0:7070"),  # a name this host lacks: not loopback
+        (["--peers", "auto,10.0.0.5:7070"], "0.0.0.0:7070"),
+        (["--peers", "auto", "--mdns-interface", "127.0.0.1"], "127.0.0.1:7070"),  # a cluster on this host
+        (["--peers", "auto", "--mdns-interface", "lo"], "127.0.0.1:7070"),
+        (["--peers", "10.0.0.5:7070"], "127.0.0.1:7070"),  # no mDNS to announce an address: the node warns
+        (["--peers", "dns:tadlora.default.svc"], "127.0.0.1:7070"),
+        (["--peers", "auto", "--listen", "127.0.0.1:7071"], "127.0.0.1:7071"),  # given: as given
+    ],
+)
+def test_the_default_listen_serves_the_network_an_mdns_node_announces_itself_on(
+    argv: list[str], listen: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`tadlora-node --peers auto` listened on 127.0.0.1 and announced that to the LAN: every other node dialled
+    itself there, and none ever mixed (seen on two hosts of a testbed). Now it listens on every address and
+    announces its interface's; a cluster on this host alone keeps loopback."""
+    assert parse(argv, monkeypatch).listen == listen
+    assert parse(argv, monkeypatch, TADLORA_LISTEN="127.0.0.1:7072").listen == (
+        "127.0.0.1:7072" if "--listen" not in argv else listen
+    )
+
+
+@pytest.mark.asyncio
+async def test_a_loopback_listen_given_to_static_peers_on_other_hosts_is_warned_of(
+    tmp_path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A peer on another host told 127.0.0.1:PORT dials itself there; the node used to say nothing of it (doctor's
+    `listen` check did). Two static peers that cannot answer here: the node runs its round alone all the same."""
+    peers = PeersOption(False, ("192.0.2.7:7070", "127.0.0.1:7999"), ())
+    config = node_config(tmp_path, 0, 1, peers, rounds=1, min_peers=0, listen="127.0.0.1:0")
+    with caplog.at_level(logging.WARNING, logger="tadlora.node"):
+        async with Node(config) as node:
+            await node.run()
+    warned = [r.getMessage() for r in caplog.records if "is reachable from this host only" in r.getMessage()]
+    assert warned == [
+        "--listen 127.0.0.1:0 is reachable from this host only, but static peers on other hosts (192.0.2.7:7070) "
+        "are told 127.0.0.1:0, which each of them dials on itself: --listen 0.0.0.0:0 (or this host's address on "
+        "the peers' network), or set --advertise-address; keep a loopback --listen only when every node runs on "
+        "this host"
+    ], caplog.text
+    caplog.clear()
+    local = node_config(tmp_path / "b", 0, 1, PeersOption(False, ("127.0.0.1:7999",), ()), rounds=1, min_peers=0)
+    with caplog.at_level(logging.WARNING, logger="tadlora.node"):
+        async with Node(local) as node:
+            await node.run()
+    assert "is reachable from this host only" not in caplog.text  # every peer on this host: nothing to say
 
 
 def test_an_mdns_interface_that_names_nothing_here_is_said_before_the_data_and_model_load(tmp_path, capsys) -> None:

@@ -46,7 +46,7 @@ from tadlora.cliutil import (
 )
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
-from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back
+from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back, default_listen
 from tadlora.node.identity import OutRefused, kept_node_id
 from tadlora.node.peerspec import parse_peers_option
 from tadlora.node.protocol_types import BindError
@@ -95,8 +95,9 @@ def build_run_parser(
     )
     g.add_argument(
         "--listen",
-        default=f"127.0.0.1:{DEFAULT_PORT}",
-        help="HOST:PORT to serve on, an IPv6 address in brackets: [::1]:7070 (port 0: any)",
+        help="HOST:PORT to serve on, an IPv6 address in brackets: [::1]:7070 (port 0: any) (default: "
+        f"0.0.0.0:{DEFAULT_PORT} with --peers auto on a network interface, which announces that interface's "
+        f"address; else 127.0.0.1:{DEFAULT_PORT}, this host only)",
     )
     g.add_argument(
         "--mdns-interface",
@@ -211,13 +212,14 @@ def build_run_parser(
 
 def config_from_args(a: argparse.Namespace) -> NodeConfig:
     """Map parsed flags onto a NodeConfig (validated there)."""
+    peers = parse_peers_option(a.peers)
     return NodeConfig(
         out=a.out,
         node_id=a.node_id,
         cluster=a.cluster,
-        listen=a.listen,
+        listen=a.listen if a.listen is not None else default_listen(peers, a.mdns_interface),
         advertise_address=a.advertise_address,
-        peers=parse_peers_option(a.peers),
+        peers=peers,
         mdns_interface=a.mdns_interface,
         model=a.model,
         dataset=a.dataset,

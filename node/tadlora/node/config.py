@@ -285,3 +285,67 @@ def is_wildcard(host: str) -> bool:
 def new_node_id() -> str:
     """A fresh random node id."""
     return f"node-{secrets.token_hex(4)}"
+
+
+def _loopback_interface(spec: str) -> bool:
+    """Whether --mdns-interface ``spec`` (an address or a name) is loopback: an address in 127.0.0.0/8, or an
+    interface whose IPv4 addresses all are (lo)."""
+    from tadlora.node.netif import ipv4_by_interface
+
+    spec = spec.strip()
+    try:
+        return ipaddress.IPv4Address(spec).is_loopback
+    except ValueError:
+        pass
+    addresses = ipv4_by_interface().get(spec)
+    return bool(addresses) and all(ipaddress.IPv4Address(a).is_loopback for a in addresses or ())
+
+
+def default_listen(peers: PeersOption, mdns_interface: str | None) -> str:
+    """--listen when neither the flag nor TADLORA_LISTEN gives it: every address (``0.0.0.0:7070``) for an mDNS
+    node on a network interface, which then announces that interface's address (and follows it when renumbered);
+    else ``127.0.0.1:7070``, reachable from this host only. A loopback default there made `tadlora-node --peers
+    auto` announce 127.0.0.1 to the LAN, where every other node dialled itself at it and none ever mixed."""
+    if peers.auto and not (mdns_interface is not None and _loopback_interface(mdns_interface)):
+        return f"0.0.0.0:{DEFAULT_PORT}"
+    return f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def loopback_told_to_others(cfg: NodeConfig, mdns_addresses: list[str]) -> tuple[str, str] | None:
+    """(problem, fix) when this node would give other hosts a loopback address to dial, which each of them would
+    dial on itself: its --listen host is loopback (and no --advertise-address says otherwise), and mDNS announces
+    it on a network interface (``mdns_addresses``, its addresses) or a static peer is an address on another host.
+    None otherwise: a cluster on this host alone runs so (``--mdns-interface 127.0.0.1``)."""
+    host, _, port = cfg.listen.rpartition(":")
+    try:
+        if cfg.advertise_address is not None or not ipaddress.ip_address(host.strip("[]")).is_loopback:
+            return None
+    except ValueError:  # a host name: what it names is not known here
+        return None
+    fix = (
+        f"--listen 0.0.0.0:{port} (or this host's address on the peers' network), or set --advertise-address; keep "
+        "a loopback --listen only when every node runs on this host"
+    )
+    lan = [a for a in mdns_addresses if not ipaddress.IPv4Address(a).is_loopback]
+    if lan:
+        return (
+            f"--listen {cfg.listen} is reachable from this host only, but mDNS on {', '.join(lan)} tells other hosts "
+            f"{cfg.listen}, which each of them dials on itself",
+            fix + " (then --mdns-interface 127.0.0.1)",
+        )
+    remote = [p for p in cfg.peers.static if _is_remote_address(p.rpartition(":")[0].strip("[]"))]
+    if remote:
+        return (
+            f"--listen {cfg.listen} is reachable from this host only, but static peers on other hosts "
+            f"({', '.join(remote)}) are told {cfg.listen}, which each of them dials on itself",
+            fix,
+        )
+    return None
+
+
+def _is_remote_address(host: str) -> bool:
+    """Whether ``host`` is an IP address other than loopback (a name: not known here, so not counted)."""
+    try:
+        return not ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

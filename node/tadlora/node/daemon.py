@@ -41,7 +41,7 @@ from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.topology import link_up, overlay_neighbours
 from tadlora.data import resolve_dataset
 from tadlora.node import state
-from tadlora.node.config import NodeConfig, check_callable_back, new_node_id
+from tadlora.node.config import NodeConfig, check_callable_back, loopback_told_to_others, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
@@ -324,6 +324,8 @@ class Node:
         interfaces = await asyncio.to_thread(interface_addresses, cfg.mdns_interface) if cfg.peers.auto else []
         advertised_host = self.config.advertised_host(interfaces)
         self.address = f"{advertised_host}:{port}"
+        if (unreachable := loopback_told_to_others(cfg, interfaces)) is not None:  # as doctor's `listen` check
+            log.warning("%s: %s", *unreachable)
         if cfg.metrics_port is not None:
             # In a thread: binding looks the host up, and Python's HTTP server its name (reverse DNS, seconds with a
             # resolver that does not answer). Waited for even when cancelled: the close that follows must find the

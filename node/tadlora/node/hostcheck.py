@@ -14,7 +14,7 @@ from typing import Literal
 
 import ifaddr
 
-from tadlora.node.config import NodeConfig, is_wildcard
+from tadlora.node.config import NodeConfig, is_wildcard, loopback_told_to_others
 from tadlora.node.netif import (
     IFF_UP,
     NO_LINK,
@@ -248,20 +248,13 @@ def check_listen(cfg: NodeConfig) -> Check:
                 f"choose a free --{flag}-port (TADLORA_{flag.upper()}_PORT), other than the --listen port",
             )
         detail += f"; {flag} port {extra} too"
-    if announces_listen_host and ipaddress.IPv4Address(bind_host).is_loopback:
-        try:
-            mdns = interface_addresses(cfg.mdns_interface)
-        except InterfaceError:
-            mdns = []  # the 'mdns' check says why
-        if not all(ipaddress.IPv4Address(a).is_loopback for a in mdns):
-            return Check(
-                "listen",
-                "WARN",
-                f"{detail}, but mDNS on {', '.join(mdns)} tells other hosts {cfg.listen}, which each of them dials "
-                "on itself",
-                f"--listen {mdns[0]}:{port} or 0.0.0.0:{port}, or set --advertise-address; keep 127.0.0.1 only "
-                "when every node runs on this host (then --mdns-interface 127.0.0.1)",
-            )
+    try:
+        mdns = interface_addresses(cfg.mdns_interface) if announces_listen_host else []
+    except InterfaceError:
+        mdns = []  # the 'mdns' check says why
+    if (told := loopback_told_to_others(cfg, mdns)) is not None:  # the node warns of it too, as it starts
+        problem, fix = told
+        return Check("listen", "WARN", f"{detail}; {problem}", fix)
     return Check("listen", "OK", detail)
 
 
