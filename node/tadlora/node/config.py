@@ -13,7 +13,7 @@ from tadlora.core.methods import make_method, method_names, takes_switch_interva
 from tadlora.core.robust import RobustMixing
 from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.identity import kept_init
-from tadlora.node.netif import require_unicast_ipv4
+from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
 from tadlora.node.peer_checks import node_id_problem
 from tadlora.node.peerspec import PeersOption, join_host_port, parse_peers_option, unbracketed_hint
 from tadlora.training import TrainSpec
@@ -290,8 +290,6 @@ def new_node_id() -> str:
 def _loopback_interface(spec: str) -> bool:
     """Whether --mdns-interface ``spec`` (an address or a name) is loopback: an address in 127.0.0.0/8, or an
     interface whose IPv4 addresses all are (lo)."""
-    from tadlora.node.netif import ipv4_by_interface
-
     spec = spec.strip()
     try:
         return ipaddress.IPv4Address(spec).is_loopback

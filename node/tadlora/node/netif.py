@@ -24,10 +24,10 @@ __all__ = [
 _ROUTE_TABLE = Path("/proc/net/route")  # Linux IPv4 routing table; where "the default route" is read from
 _IPV6_ROUTE_TABLE = Path("/proc/net/ipv6_route")  # Linux IPv6 routing table: only to say why there is no IPv4 one
 _RTF_UP = 0x1  # <linux/route.h>
+_RTF_REJECT = 0x200  # <linux/route.h>: an unreachable route
 SYS_NET = Path("/sys/class/net")  # Linux: /sys/class/net/IFACE/flags (hex) and operstate
 IFF_UP = 0x1  # <linux/if.h>: the interface is up (`ip link set NAME up`)
 NO_LINK = ("down", "lowerlayerdown")  # /sys/class/net/IFACE/operstate of an interface that is up without a link
-_RTF_REJECT = 0x200  # <linux/route.h>: an unreachable route
 # Why an IPv6-only network has no mDNS here, and what to use instead (see docs/deploy.md, "IPv6").
 _IPV4_ONLY = (
     "mDNS (--peers auto) is IPv4 only; on an IPv6-only network give the peers as --peers [ADDRESS]:PORT or "
