@@ -122,6 +122,16 @@ def test_missing_cells_are_counted_as_the_runs_they_still_need() -> None:
     assert distinct_computations([]) == 0
 
 
+def test_what_is_left_is_said_in_words_that_fit_its_numbers() -> None:
+    """It said "1 cells not finished yet: 1 distinct runs (the others are copies)" for the grid's last cell."""
+    from tadlora.sim.paper import left_to_run
+
+    assert left_to_run(1, 1) == "1 cell not finished yet."
+    assert left_to_run(3, 3) == "3 cells not finished yet, each a run of its own."
+    assert left_to_run(4, 3) == "4 cells not finished yet: 3 distinct runs (the others are copies)."
+    assert left_to_run(2, 1) == "2 cells not finished yet: 1 distinct run (the others are copies)."
+
+
 def test_missing_cells_on_a_topology_whose_key_holds_a_double_underscore_are_counted(tmp_path: Path) -> None:
     from tadlora.sim.config import SimConfig
     from tadlora.sim.paper import distinct_computations

@@ -331,6 +331,16 @@ def distinct_computations(keys: Sequence[str]) -> int:
     return len(seen)
 
 
+def left_to_run(cells: int, runs: int) -> str:
+    """The table's line on what is left: ``cells`` not finished, which ``runs`` distinct computations produce (a cell
+    whose policy equals another's under another name is a copy of it)."""
+    if cells == 1:
+        return "1 cell not finished yet."
+    if runs == cells:
+        return f"{cells} cells not finished yet, each a run of its own."
+    return f"{cells} cells not finished yet: {runs} distinct run{'' if runs == 1 else 's'} (the others are copies)."
+
+
 def checkpoint_progress(partial: Mapping[str, Any]) -> dict[str, Any]:
     """Where an unfinished cell stands, from its checkpoint's ``KEY.partial.json``: the rounds it holds, and its
     last evaluation (round counted from 1, accuracy mean and std over clients) when it has had one."""
@@ -430,8 +440,7 @@ def markdown(
     lines += [f"* **{c.name}**: {c.status}. {c.detail}" for c in verdict]
     missing = list(grid_results.get("missing_cells", [])) + list(sweep_results.get("missing_cells", []))
     if missing:
-        distinct = distinct_computations(missing)
-        lines += ["", f"{len(missing)} cells not finished yet: {distinct} distinct runs (the others are copies)."]
+        lines += ["", left_to_run(len(missing), distinct_computations(missing))]
     if in_progress:
         rounds_total = grid_results["config"]["rounds"]
         lines += ["", "Checkpointed, not finished (the command that started them resumes them):", ""]
