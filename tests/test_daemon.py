@@ -9,6 +9,7 @@ import gc
 import hashlib
 import importlib.util
 import itertools
+import logging
 import socket
 import threading
 import time
@@ -614,10 +615,15 @@ async def test_a_wildcard_listen_without_mdns_or_advertise_address_is_refused_at
 
 
 @pytest.mark.asyncio
-async def test_a_wildcard_listen_with_mdns_announces_the_interface_address(tmp_path) -> None:
-    async with Node(node_config(tmp_path, 0, 1, parse_peers_option("auto"), listen="0.0.0.0:0", min_peers=0)) as node:
-        assert node.address.startswith("127.0.0.1:")  # the --mdns-interface address, never 0.0.0.0
-        assert node.local_info().address == node.address
+async def test_a_wildcard_listen_with_mdns_announces_the_interface_address(tmp_path, caplog) -> None:
+    with caplog.at_level(logging.WARNING, logger="tadlora.node"):
+        config = node_config(tmp_path, 0, 1, parse_peers_option("auto"), listen="0.0.0.0:0", min_peers=0)
+        async with Node(config) as node:
+            assert node.address.startswith("127.0.0.1:")  # the --mdns-interface address, never 0.0.0.0
+            assert node.local_info().address == node.address
+    # --insecure: what anyone can reach is every address's port, not only the one announced
+    port = node.address.rpartition(":")[2]
+    assert f"any machine that reaches port {port} of any address of this host can join" in caplog.text, caplog.text
 
 
 @pytest.mark.asyncio

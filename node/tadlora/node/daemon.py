@@ -41,7 +41,7 @@ from tadlora.core.mixing import apply_method_mixing, local_weights, sent_factors
 from tadlora.core.topology import link_up, overlay_neighbours
 from tadlora.data import resolve_dataset
 from tadlora.node import state
-from tadlora.node.config import NodeConfig, check_callable_back, loopback_told_to_others, new_node_id
+from tadlora.node.config import NodeConfig, check_callable_back, is_wildcard, loopback_told_to_others, new_node_id
 from tadlora.node.discovery import Advertisement, MdnsDiscovery, PeerCandidate
 from tadlora.node.dnspeers import DnsPeers
 from tadlora.node.grpc_transport import GrpcTransport
@@ -371,9 +371,12 @@ class Node:
         )  # fmt: skip
         if cfg.insecure:
             told = "status and the mDNS record say" if cfg.peers.auto else "status says"  # static peers: no record
+            # A wildcard --listen (the default for mDNS on a network interface) serves every address, not only the
+            # one announced.
+            reach = f"port {port} of any address of this host" if is_wildcard(host) else self.address
             log.warning(
                 "running WITHOUT TLS (--insecure): traffic is plaintext and any machine that reaches %s can join; "
-                "%s so", self.address, told,
+                "%s so", reach, told,
             )  # fmt: skip
 
     async def _follow_interface(self, mdns: MdnsDiscovery, advert: Advertisement, interfaces: list[str]) -> None:
