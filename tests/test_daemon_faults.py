@@ -832,6 +832,48 @@ async def test_an_exchange_whose_commit_never_arrives_is_left_out_at_both_ends(
                 assert record["neighbours"] == [] and record["missed"] == [other.node_id], record
 
 
+@pytest.mark.parametrize("ended_by", ["a stop", "the round's deadline"])
+@pytest.mark.asyncio
+async def test_a_commit_on_its_way_when_the_round_ends_is_seen_through_so_both_ends_count_the_pair(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ended_by: str
+) -> None:
+    """The callee committed the pair (and mixes it), but the commit's answer was still on its way back when the
+    caller's round ended: a stop (SIGTERM), or the round's deadline. The caller cancelled the call there and left
+    the pair out, with nothing logged at either end: seen as "n2 mixed n1 in round 142, and n1 did not mix n2" in
+    the freeze test (1 run in 5 on two busy cores). The commit is now seen through, bounded by its own timeout."""
+    real_commit = InMemoryClient.commit
+    committed = asyncio.Event()
+    # s the answer takes to come back: past the round's 3 s deadline for the second (the transport's own clock,
+    # which would say PeerTimeout, runs late: a busy loop)
+    slow = {"a stop": 1.0, "the round's deadline": 3.5}[ended_by]
+
+    async def answer_on_its_way(self: Any, header: ExchangeHeader, accept: bool, timeout: float) -> None:
+        await real_commit(self, header, accept, timeout)  # the callee has committed
+        if header.round == 1:
+            committed.set()
+            await asyncio.sleep(slow)
+
+    monkeypatch.setattr(InMemoryClient, "commit", answer_on_its_way)
+    net, quick = InMemoryNetwork(), {"exchange_timeout": 3.0, "checkpoint_every": 1000}
+    rounds = 2 if ended_by == "a stop" else 3
+    async with Node(node_config(tmp_path, 0, 2, NO_PEERS, rounds=None if ended_by == "a stop" else rounds,
+                                **quick), net) as caller:  # fmt: skip
+        callee_cfg = node_config(tmp_path, 1, 2, PeersOption(False, (caller.address,), ()), rounds=rounds, **quick)
+        async with Node(callee_cfg, net) as callee:
+            assert caller.node_id < callee.node_id  # the caller is the end that calls and commits
+
+            async def stop_once_committed() -> None:
+                await committed.wait()
+                if ended_by == "a stop":
+                    caller.request_stop()
+
+            async with asyncio.timeout(120):
+                await asyncio.gather(caller.run(), callee.run(), stop_once_committed())
+    by_end = {n: {r["round"]: r for r in _rounds(tmp_path / n)} for n in ("n0", "n1")}
+    assert [x["id"] for x in by_end["n1"][1]["neighbours"]] == [caller.node_id]  # the callee mixed it
+    assert [x["id"] for x in by_end["n0"][1]["neighbours"]] == [callee.node_id], by_end["n0"][1]  # and the caller
+
+
 @pytest.mark.asyncio
 async def test_a_commit_that_times_out_with_the_round_s_time_nearly_spent_does_not_drop_the_peer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch

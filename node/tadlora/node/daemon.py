@@ -49,12 +49,13 @@ from tadlora.node.identity import OutRefused, load_identity, out_refusal, run_co
 from tadlora.node.limits import MAX_CANDIDATES_SHOWN, MAX_DEGREE
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.netif import InterfaceError, interface_addresses
-from tadlora.node.peers import PeerManager
+from tadlora.node.peers import Peer, PeerManager
 from tadlora.node.peerspec import looks_like_ipv4
 from tadlora.node.progress import TIMEOUT_HEADROOM, ExchangeProgress, describe
 from tadlora.node.protocol_types import (
     PROTOCOL_VERSION,
     ExchangeHeader,
+    ExchangeResult,
     NeighborStatus,
     PeerInfo,
     PeerTimeout,
@@ -1287,31 +1288,51 @@ class Node:
                 with contextlib.suppress(ExchangeRefused, PeerUnavailable):
                     await peer.conn.commit(header, False, max(deadline - loop.time(), 0.0))
                 raise
-            # Only a committed exchange counts at either end: a reply lost on the way, or refused here, is left out
-            # by both. If this commit's answer is lost, j may have mixed the pair alone (docs/protocol.md).
-            remaining = deadline - loop.time()
-            try:
-                await peer.conn.commit(header, True, max(remaining, 0.0))
-            except PeerUnavailable as exc:
-                log.warning("commit of the exchange with %s in round %d got no answer (%s): %s may have mixed the "
-                            "pair, which this node leaves out", j, t, exc, j)  # fmt: skip
-                if isinstance(exc, PeerTimeout) and remaining < COMMIT_SLACK_S:
-                    # The round's time ran out, not the peer: its reply came just before the deadline. Dropping it
-                    # would cost a handshake and the rounds until it is verified again, for being answered late.
-                    self.metrics.exchanges.labels("failed").inc()
-                    return
-                raise
         except ExchangeRefused as exc:
-            if exc.reason is Reason.ROUND_MISMATCH:
-                self.rounds.gap_seen = True  # out of step with j: see whether one of us should catch up
-            self.metrics.refusals.labels(exc.reason.name).inc()
-            self.metrics.exchanges.labels("refused").inc()
-            log.info("exchange with %s in round %d refused: %s: %s", j, t, exc.reason.name, exc.detail)
+            self._exchange_refused(j, t, exc)
             return
         except PeerUnavailable as exc:
-            self.metrics.exchanges.labels("failed").inc()
-            log.info("exchange with %s in round %d failed: %s", j, t, exc)
-            await self._peers.drop(j, str(exc), expected=peer, cause="exchange")
+            await self._exchange_failed(j, t, peer, exc)
+            return
+        # Only a committed exchange counts at either end: a reply lost on the way, or refused here, is left out by
+        # both. Once the commit is on its way j may mix the pair, so the commit is seen through, and the pair
+        # delivered, even when the round ends meanwhile (its deadline, or a stop: `_run_round` then cancels the calls
+        # still running and waits for them). Cut there, j would have counted a pair this node left out, with
+        # nothing logged at either end. The commit's own timeout, the round's deadline, bounds the wait.
+        committing = asyncio.ensure_future(self._commit(j, cur, peer, header, result, deadline))
+        try:
+            await asyncio.shield(committing)
+        except asyncio.CancelledError:
+            try:
+                await asyncio.wait({committing})
+            finally:
+                committing.cancel()  # a second cancellation (the node forced to close): nothing is waited for
+            # The call has ended with its pair settled at both ends: not a call cut at the deadline, which
+            # `_run_round` would report as one (its own cancellation is its task's, not this call's).
+            return
+
+    async def _commit(
+        self, j: str, cur: Round, peer: Peer, header: ExchangeHeader, result: ExchangeResult, deadline: float
+    ) -> None:
+        """Commit the exchange with ``j`` in round ``cur.t`` whose reply (``result``) passed its checks, and deliver
+        the pair; or leave it out, saying why. If the commit's answer is lost, j may have mixed the pair alone
+        (docs/protocol.md)."""
+        t = cur.t
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await peer.conn.commit(header, True, max(remaining, 0.0))
+        except ExchangeRefused as exc:
+            self._exchange_refused(j, t, exc)
+            return
+        except PeerUnavailable as exc:
+            log.warning("commit of the exchange with %s in round %d got no answer (%s): %s may have mixed the "
+                        "pair, which this node leaves out", j, t, exc, j)  # fmt: skip
+            if isinstance(exc, PeerTimeout) and remaining < COMMIT_SLACK_S:
+                # The round's time ran out, not the peer: its reply came just before the deadline. Dropping it
+                # would cost a handshake and the rounds until it is verified again, for being answered late.
+                self.metrics.exchanges.labels("failed").inc()
+                return
+            await self._exchange_failed(j, t, peer, exc)
             return
         stats = (j, result.bytes_sent, result.bytes_received, result.elapsed_s)
         if not await self.rounds.deliver(cur, j, (result.peer.degree, result.factors), stats):
@@ -1322,6 +1343,22 @@ class Node:
         self.metrics.bytes_sent.inc(result.bytes_sent)
         self.metrics.bytes_received.inc(result.bytes_received)
         self.metrics.latency.observe(result.elapsed_s)
+
+    def _exchange_refused(self, j: str, t: int, exc: ExchangeRefused) -> None:
+        """Count and log the exchange with ``j`` in round ``t`` that ``j`` (or its reply's check here) refused."""
+        if exc.reason is Reason.ROUND_MISMATCH:
+            self.rounds.gap_seen = True  # out of step with j: see whether one of us should catch up
+        self.metrics.refusals.labels(exc.reason.name).inc()
+        self.metrics.exchanges.labels("refused").inc()
+        log.info("exchange with %s in round %d refused: %s: %s", j, t, exc.reason.name, exc.detail)
+
+    async def _exchange_failed(self, j: str, t: int, peer: Peer, exc: PeerUnavailable) -> None:
+        """Count and log the exchange with ``j`` in round ``t`` that failed on the way, and drop ``j`` (``peer``,
+        the entry it failed as: one verified anew meanwhile stays)."""
+        self.metrics.exchanges.labels("failed").inc()
+        log.info("exchange with %s in round %d failed: %s", j, t, exc)
+        if self._peers is not None:
+            await self._peers.drop(j, str(exc), expected=peer, cause="exchange")
 
     def _record(self, t: int, cur: Round, self_weight: float, loss: float, started: float) -> dict[str, Any]:
         sent = num_bytes(select(cur.snapshot or {}, sent_factors(self.method, t)))
