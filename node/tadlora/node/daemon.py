@@ -1307,6 +1307,7 @@ class Node:
                 await asyncio.wait({committing})
             finally:
                 committing.cancel()  # a second cancellation (the node forced to close): nothing is waited for
+            committing.result()  # a fault of its own, raised as in the shielded path
             # The call has ended with its pair settled at both ends: not a call cut at the deadline, which
             # `_run_round` would report as one (its own cancellation is its task's, not this call's).
             return
