@@ -397,7 +397,9 @@ class Node:
                 now = await asyncio.to_thread(interface_addresses, spec)  # reads /proc and the interface list
             except (InterfaceError, OSError) as exc:
                 if str(exc) != missing:
-                    log.warning("mDNS: %s; still announcing %s until it has one", exc, self.address)
+                    # Not only an address gone: with no default route, a second interface with a link is a choice
+                    # this node does not make for the user (`netif`).
+                    log.warning("mDNS: %s; still announcing %s until that is settled", exc, self.address)
                     missing = str(exc)
                 continue
             missing = None
