@@ -115,3 +115,20 @@ def test_every_plot_title_fits_inside_its_figure(monkeypatch: pytest.MonkeyPatch
                 assert box.x0 >= 0 and box.x1 <= width, (text.get_text(), box, width)
             for ax in fig.axes:  # and the title leaves the panels' own titles clear
                 assert ax.title.get_window_extent().y1 <= min(t.get_window_extent().y0 for t in fig.texts)
+
+
+def test_the_round_plot_s_legend_sits_beside_the_panels_inside_the_figure(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With the method grid's 11 lines the legend, placed "best" inside the last panel, covered the lowest lines
+    of p = 0.02 (FFA-LoRA's, at the end). It goes beside the panels now, and within the figure."""
+    methods = ["adf", "decaf", "ffa", "lora", "rolora", "m5", "m6", "m7", "m8", "m9", "m10"]
+    cells = [cell(None, 0, 0.8, method=m) | {"link_prob": p} for m in methods for p in (0.5, 0.02)]
+    with drawn(monkeypatch, tmp_path, "grid", cells) as figures:
+        fig = figures[0]
+        fig.canvas.draw()
+        legend = fig.axes[-1].get_legend().get_window_extent()
+        assert len(fig.axes) == 2
+        for ax in fig.axes:
+            assert not legend.overlaps(ax.get_window_extent()), (legend, ax.get_window_extent())
+        assert legend.x0 >= 0 and legend.x1 <= fig.bbox.width, (legend, fig.bbox.width)
