@@ -1589,6 +1589,9 @@ async def test_a_refusal_repeated_by_a_retrying_peer_is_logged_once_per_quiet_pe
         await refused_handshake()
     assert lines(logging.INFO)[-1].startswith("refused a handshake from 'carol': BAD_PAYLOAD: ")
     assert len(responder._refusal_log._seen) == responder_module._REFUSALS_REMEMBERED
+    # A caller's id is its own to choose, of any length a request can carry: what is remembered of it is cut.
+    await refused_handshake("x" * 1_000_000)
+    assert max(len(caller) for _, caller, _, _ in responder._refusal_log._seen) == responder_module.MAX_TEXT_CHARS
 
 
 @pytest.mark.asyncio

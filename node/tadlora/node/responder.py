@@ -60,6 +60,7 @@ _CALLS: Final = {"exchange": "an exchange", "fetch": "a fetch"}  # the streamed 
 # the next INFO line says how many there were; the refusal counter counts each.
 REFUSAL_LOG_QUIET_S: Final = 600.0
 _REFUSALS_REMEMBERED: Final = 256  # distinct refusals remembered (the oldest forgotten first): a bound on memory
+_DETAIL_KEPT: Final = 1024  # characters of a refusal's detail that tell it from another
 
 
 class _RefusalLog:
@@ -72,7 +73,9 @@ class _RefusalLog:
 
     def refused(self, what: str, caller: str, exc: ExchangeRefused) -> None:
         """Log that ``what`` (as a log line names the call: "a handshake") from ``caller`` was refused."""
-        key = (what, caller, exc.reason.name, exc.detail)
+        # Cut as the line cuts them: a caller's id is its own to choose, and a refusal may be for its length (a
+        # request can be megabytes), so the raw text would make this bound one of count, not of memory.
+        key = (what, caller[:MAX_TEXT_CHARS], exc.reason.name, exc.detail[:_DETAIL_KEPT])
         now = self._clock()
         logged, repeats = self._seen.get(key, (-math.inf, 0))
         line = f"refused {what} from {_caller_named(caller)}: {exc.reason.name}: {exc.detail}"
