@@ -259,7 +259,7 @@ class Node:
         refusal = out_refusal(
             cfg.out, identity, fingerprint=self.fingerprint, parts=self.fingerprint_parts, node_id=cfg.node_id,
             run=run, init=init,
-        ) if identity else None  # fmt: skip
+        )  # fmt: skip
         if refusal is not None:
             problem, fix = refusal
             raise OutRefused(f"{problem}: {fix}")

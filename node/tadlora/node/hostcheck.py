@@ -408,9 +408,8 @@ def check_out(cfg: NodeConfig, fingerprint: str | None, parts: str = "") -> Chec
         identity = load_identity(out) if out.is_dir() else None
     except (OSError, ValueError) as exc:
         return Check("out", "FAIL", f"{out}: unreadable {IDENTITY}: {exc}", "use another --out")
-    refusal = out_refusal(
-        out, identity, fingerprint=fingerprint, parts=parts, node_id=cfg.node_id, run=cfg.run_settings()
-    ) if identity else None  # fmt: skip
+    refusal = out_refusal(out, identity, fingerprint=fingerprint, parts=parts, node_id=cfg.node_id,
+                          run=cfg.run_settings())  # fmt: skip
     if refusal is not None:  # as the node's own refusal at start (exit 2)
         return Check("out", "FAIL", *refusal)
     kept = (identity or {}).get("node_id")

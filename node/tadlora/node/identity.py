@@ -150,7 +150,7 @@ def run_conflict(identity: dict[str, Any], **ours: str | int | float | None) -> 
 
 def out_refusal(
     out: Path,
-    identity: dict[str, Any],
+    identity: dict[str, Any] | None,
     *,
     fingerprint: str | None,
     parts: str,
@@ -159,10 +159,13 @@ def out_refusal(
     init: str | None = None,
 ) -> tuple[str, str] | None:
     """Why a node must not resume the run kept in ``out`` (its ``node.json``, ``identity``), and the fix; None when
-    it may. The node's settings: its model ``fingerprint`` and ``parts`` (`tadlora.adapter.fingerprint_parts`; a
-    fingerprint of None is not compared: the model did not load), its ``--node-id`` (None takes the kept one), its
-    ``run`` settings (`NodeConfig.run_settings`) and, where known, the ``init`` it draws its model with. One wording
-    for the node's refusal (`Node.start`, which exits 2) and doctor's ``out`` check."""
+    it may, or when ``out`` keeps no run (``identity`` None or empty). The node's settings: its model
+    ``fingerprint`` and ``parts`` (`tadlora.adapter.fingerprint_parts`; a fingerprint of None is not compared: the
+    model did not load), its ``--node-id`` (None takes the kept one), its ``run`` settings
+    (`NodeConfig.run_settings`) and, where known, the ``init`` it draws its model with. One wording for the node's
+    refusal (`Node.start`, which exits 2) and doctor's ``out`` check."""
+    if not identity:
+        return None
     if fingerprint is not None and identity.get("fingerprint") != fingerprint:
         kept = recorded_init(identity)
         hint = f" (drawn with --init {kept}, now {init})" if init is not None and kept != init else ""

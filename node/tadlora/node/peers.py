@@ -106,25 +106,25 @@ def retry_delay(failures: int) -> float:
 
 
 # What gRPC's error says of a TLS handshake that failed, and what it means here: the peer did answer, so "does not
-# answer" would send the operator to the network, not to the certificates.
+# answer" would send the operator to the network, not to the certificates. Each row: the marker, what it means, and
+# whether it means that only when this node dials in plaintext (--insecure): a TLS node closes the plaintext
+# connection it accepted, and gRPC says no more than "Socket closed", which a TLS dial can meet for other reasons.
 _TLS_FAILURES: Final = (
-    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by this node's CA (--tls-dir): another cluster CA?"),
-    ("WRONG_VERSION_NUMBER", "not in TLS: a node run with --insecure?"),
-    ("Tls handshake failed", "the TLS handshake failed"),
-)
-
-
-# A node run with --insecure that dials one requiring TLS: the TLS server closes the plaintext connection it accepted,
-# and gRPC says no more than this. The connection was accepted, so the peer does answer.
-_CLOSED_ON_PLAINTEXT: Final = "Socket closed"
+    ("CERTIFICATE_VERIFY_FAILED", "its certificate is not signed by this node's CA (--tls-dir): another cluster CA?",
+     False),
+    ("WRONG_VERSION_NUMBER", "not in TLS: a node run with --insecure?", False),
+    ("Tls handshake failed", "the TLS handshake failed", False),
+    ("Socket closed", "closes plaintext connections: a node that requires TLS? (this node runs --insecure)", True),
+)  # fmt: skip
 
 
 def _tls_failure(error: str, *, insecure: bool = False) -> str | None:
     """What a dial's error says went wrong in TLS (`_TLS_FAILURES`), or None for one that is not about TLS.
-    ``insecure``: this node dials in plaintext (--insecure), so a connection closed at once is likely a TLS node."""
-    if insecure and _CLOSED_ON_PLAINTEXT in error:
-        return "closes plaintext connections: a node that requires TLS? (this node runs --insecure)"
-    return next((meaning for marker, meaning in _TLS_FAILURES if marker in error), None)
+    ``insecure``: this node dials in plaintext (--insecure)."""
+    return next(
+        (meaning for marker, meaning, plaintext in _TLS_FAILURES if marker in error and (insecure or not plaintext)),
+        None,
+    )
 
 
 class PeerManager:
@@ -324,6 +324,7 @@ class PeerManager:
                 if unanswered and attempt.failures == 0:
                     # Once per outage (a drop logs its own): without it, a static peer with a typo in its address or
                     # behind a firewall is retried in silence, and the node trains alone with nothing saying why.
+                    # Two lines, each whole in the code: troubleshooting.md quotes them (test_troubleshooting).
                     if tls is not None:
                         log.info("%s (%s) answers, but %s; retried up to every %.0f s: %s", key, source, tls,
                                  RETRY_MAX_S, unanswered)  # fmt: skip

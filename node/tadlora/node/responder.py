@@ -51,7 +51,14 @@ log = logging.getLogger("tadlora.rpc")
 _Reply = TypeVar("_Reply")
 
 
-_CALLS: Final = {"exchange": "an exchange", "fetch": "a fetch"}  # the streamed calls, as a log line names them
+# The calls a refusal's log line names its caller for, as it names them.
+_CALLS: Final = {
+    "handshake": "a handshake",
+    "commit": "a commit",
+    "leave": "a leave",
+    "exchange": "an exchange",
+    "fetch": "a fetch",
+}
 
 
 # An identical refusal (the same call, caller, reason and detail) is logged at INFO again only this often. A peer
@@ -151,7 +158,11 @@ class _Responder:
         """The most seconds a caller may take to send its exchange stream (the handler's, or the default)."""
         return self._payload_timeout_s
 
-    def _refused(self, what: str, exc: ExchangeRefused) -> None:
+    def _refused(self, what: str, exc: ExchangeRefused, caller: str | None = None) -> None:
+        """Log (`_RefusalLog`, naming ``caller``: "" for one not known yet) and observe a refusal of call ``what``;
+        None for a call that names no caller (status), whose own line says it."""
+        if caller is not None:
+            self._refusal_log.refused(_CALLS[what], caller, exc)
         if self._observe is not None:
             try:
                 self._observe(what, exc)
@@ -178,8 +189,7 @@ class _Responder:
         try:
             return await answer()
         except ExchangeRefused as exc:
-            self._refusal_log.refused(f"a {what}", who(), exc)
-            self._refused(what, exc)
+            self._refused(what, exc, who())
             return refusal(_reason_to_wire(exc.reason), exc.detail)
         except Exception:
             log.exception("%s from %s failed inside this node", what, _caller_named(who()))
@@ -435,8 +445,7 @@ class _Responder:
         except ExchangeRefused as exc:
             # Plain values: records outlive calls. Named, as handshakes and commits are: this node's log must say whom
             # it refused (the refused end is told why, not this node's operator).
-            self._refusal_log.refused(_CALLS[what], caller(), exc)
-            self._refused(what, exc)
+            self._refused(what, exc, caller())
             replies = [_refusal_message(exc)]
         except Exception:
             log.exception("%s failed inside this node", what)
