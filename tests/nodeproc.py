@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -64,10 +65,31 @@ def heavy_imports(importtime_stderr: str) -> set[str]:
     return {n.split(".")[0] for n in names} & set(HEAVY_MODULES)
 
 
+_PORT_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")  # where the kernel takes ephemeral ports from
+
+
 def free_ports(count: int) -> list[int]:
-    """``count`` distinct ports of 127.0.0.1 free a moment ago (bound together, so never the same twice)."""
+    """``count`` distinct ports of 127.0.0.1 free a moment ago (bound together, so never the same twice), below the
+    kernel's ephemeral range where it can tell it: a node restarted on its port found it taken (Address already in
+    use) by another test's outgoing connection or port-0 bind, which the kernel draws from that range while the
+    node is down."""
+    try:
+        low = int(_PORT_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    candidates = random.sample(range(10_000, low), min(low - 10_000, 64 * count)) if low > 10_000 + 64 * count else []
     with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        ports: list[int] = []
+        for port in candidates:
+            sock = stack.enter_context(socket.socket())
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # in use (another worker's node): the next one
+                continue
+            ports.append(port)
+            if len(ports) == count:
+                return ports
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]  # no such range here: any free port
         for sock in sockets:
             sock.bind(("127.0.0.1", 0))
         return [sock.getsockname()[1] for sock in sockets]
