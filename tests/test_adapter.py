@@ -129,6 +129,24 @@ def test_export_loads_with_peft_from_pretrained_and_computes_the_same_logits(tmp
     torch.testing.assert_close(got, expected)
 
 
+def test_an_export_never_reads_the_base_models_config_which_for_a_hub_id_is_a_network_call(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # peft's default export asks whether the vocabulary was resized: it loads the base's config by its name, which
+    # for a model given by hub id means the hub, at every checkpoint of a node that may be offline.
+    from transformers import BertConfig
+
+    save_tiny_checkpoint(tmp_path / "base")
+    model = AdapterModel(ModelSpec(model=str(tmp_path / "base"), lora=TINY_LORA))
+
+    def no_config(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"the export read the base model's config: {args}")
+
+    monkeypatch.setattr(BertConfig, "from_pretrained", no_config)
+    out = model.export(tmp_path / "adapter")
+    assert (out / "adapter_model.safetensors").exists()
+
+
 def test_bad_specs_are_refused() -> None:
     with pytest.raises(ValueError):
         ModelSpec(label_names=("only",))

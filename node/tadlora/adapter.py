@@ -194,6 +194,13 @@ def _draw_portably(model: nn.Module, fresh: set[str], seed: int) -> None:
         raise ValueError(f"cannot draw {sorted(missing)[0]} portably: build with init 'torch' instead")
 
 
+def _no_tokenizer(model: str, path: str, why: str) -> RuntimeError:
+    return RuntimeError(
+        f"cannot load model {model!r}: no tokenizer in {path} ({why}). Save the tokenizer beside the model: "
+        "tokenizer.save_pretrained(DIRECTORY)"
+    )
+
+
 def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
     """Base model with a seeded classification head, its tokenizer, and a name for the fingerprint."""
     from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, BertConfig
@@ -223,14 +230,20 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
                     "id with the hub reachable, or 'minilm', the offline default."
                 )
             try:
-                tokenizer = AutoTokenizer.from_pretrained(path)
+                try:
+                    tokenizer = AutoTokenizer.from_pretrained(path)
+                except TypeError as exc:
+                    # What transformers 4 raises for a directory without tokenizer files (model.save_pretrained
+                    # alone): it opens a vocabulary path of None.
+                    raise _no_tokenizer(spec.model, path, "no tokenizer file") from exc
                 if not set(tokenizer.get_vocab()) - set(tokenizer.all_special_tokens):
-                    # What transformers builds for a directory without tokenizer files (model.save_pretrained
-                    # alone): a tokenizer of the special tokens from config.json, which reads every word as unknown.
-                    raise RuntimeError(
-                        f"cannot load model {spec.model!r}: no tokenizer in {path} (what loads from it knows only "
-                        f"the special tokens {sorted(tokenizer.get_vocab())}, so every word would be unknown). Save "
-                        "the tokenizer beside the model: tokenizer.save_pretrained(DIRECTORY)"
+                    # What transformers 5 builds for the same directory: a tokenizer of the special tokens from
+                    # config.json, which reads every word as unknown.
+                    raise _no_tokenizer(
+                        spec.model,
+                        path,
+                        f"what loads from it knows only the special tokens {sorted(tokenizer.get_vocab())}, so every "
+                        "word would be unknown",
                     )
                 config = AutoConfig.from_pretrained(path, num_labels=num_labels)
                 # Safetensors only: a pickled checkpoint (pytorch_model.bin) is code as much as data, and a hub
@@ -258,7 +271,8 @@ def _load_base(spec: ModelSpec) -> tuple[nn.Module, Any, str]:
             # What the checkpoint lacked (the head) was drawn by transformers: those are the ones to redraw (not
             # missing buffers, such as position ids, which transformers fills without drawing).
             params = {name for name, _ in model.named_parameters()}
-            mismatched = sorted(str(key) for key, *_ in loading["mismatched_keys"])
+            # transformers 5 lists a mismatched key with its two shapes, transformers 4 alone.
+            mismatched = sorted(key if isinstance(key, str) else str(key[0]) for key in loading["mismatched_keys"])
             if mismatched:
                 log.warning(
                     "model %r: %s in the checkpoint fit(s) another number of labels, not these %d labels: drawn "
@@ -435,7 +449,9 @@ class AdapterModel:
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         try:
-            self.model.save_pretrained(str(out), safe_serialization=True)
+            # save_embedding_layers: the vocabulary is never resized here. peft's "auto" reads the base model's
+            # config at every export to check — from the hub for a hub id, a network call on an offline node.
+            self.model.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
         except SafetensorError as exc:  # a full disk, in the Rust writer: an OSError, for callers to catch as one
             if (error := os_error_of(exc, out / ADAPTER_WEIGHTS)) is None:
                 raise
