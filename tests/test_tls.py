@@ -666,7 +666,10 @@ def test_certificates_follow_rfc_5280_so_strict_verifiers_accept_nodes_for_serve
     policy = PolicyBuilder().store(Store([ca]))
     for name in ("node-0", "tadlora-node"):
         assert policy.build_server_verifier(x509.DNSName(name)).verify(node, [])[-1] == ca
-    assert policy.build_client_verifier().verify(node, []).chain[-1] == ca
+    if hasattr(policy, "build_client_verifier"):
+        # cryptography 43 and later; the runtime's floor, 42, makes certificates as well but verifies servers only
+        # (.ci/floors runs this test there).
+        assert policy.build_client_verifier().verify(node, []).chain[-1] == ca
     usage = node.extensions.get_extension_for_class(x509.KeyUsage)
     assert usage.critical and usage.value.digital_signature and not usage.value.key_cert_sign
     assert not usage.value.key_encipherment  # an EC key: no RSA key transport
