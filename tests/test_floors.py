@@ -49,3 +49,9 @@ def test_the_floors_script_installs_under_the_pins_and_runs_the_suite() -> None:
     script = (ROOT / ".ci" / "floors").read_text()
     assert "-c .ci/floors.txt" in script and "-m pytest" in script
     assert (ROOT / ".ci" / "floors").stat().st_mode & 0o111
+
+
+def test_the_package_says_the_release_pyproject_declares() -> None:
+    import tadlora
+
+    assert tadlora.__version__ == tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]

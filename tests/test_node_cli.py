@@ -373,15 +373,16 @@ def test_status_given_a_peers_source_says_it_takes_one_host_port(address: str, c
     assert "status asks one node, at its HOST:PORT (not auto or dns:NAME)" in capsys.readouterr().err
 
 
-def test_status_and_certs_start_without_importing_torch(tmp_path) -> None:
+def test_status_certs_and_version_start_without_importing_torch(tmp_path) -> None:
     """A HEALTHCHECK runs `status` every 30 s: the installed script must not pay torch's import (seconds) for it,
-    with TLS neither. Run in fresh interpreters, as a container runs them; PYTHONPROFILEIMPORTTIME lists what each
-    imported."""
+    with TLS neither (nor for `--version`). Run in fresh interpreters, as a container runs them;
+    PYTHONPROFILEIMPORTTIME lists what each imported."""
     with socket.socket() as s:  # a port where nothing listens: status gets as far as connecting, then exits 1
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
     certs = str(tmp_path / "certs")
     commands = [
+        (["--version"], 0),
         (["certs", "init", certs], 0),
         (["certs", "issue", "n0", "--dir", certs], 0),
         (["status", address, "--timeout", "2", "--tls-dir", certs, "--node-id", "n0"], 1),
@@ -805,3 +806,29 @@ def test_an_out_no_restart_can_use_exits_2_and_one_held_by_a_running_node_exits_
     err = capsys.readouterr().err
     assert code == (1 if kept == "held" else 2), err
     assert {"other-run": "another model fingerprint", "damaged-checkpoint": "is damaged", "held": "in use"}[kept] in err
+
+
+def test_version_names_the_release_python_and_the_libraries_alike_in_each_command(capsys) -> None:
+    from importlib import metadata
+
+    import tadlora
+    from tadlora.node.entry import main as entry_main
+    from tadlora.sim.cli import main as sim_main
+
+    said = {}
+    for name, run, argv in (
+        ("fast", entry_main, ["--version"]),  # before any flag parsing: no torch import (test above)
+        ("parser", entry_main, ["--insecure", "--version"]),  # from the run's own parser, among other flags
+        ("sim", sim_main, ["--version"]),  # without the --out every other use of tadlora-sim needs
+    ):
+        try:
+            code = run(argv)
+        except SystemExit as exc:  # argparse's version action
+            code = exc.code
+        assert code in (0, None), name
+        said[name] = capsys.readouterr().out.strip()
+    expected = f"tadlora-node {tadlora.__version__} (Python {sys.version.split()[0]}; "
+    assert said["fast"].startswith(expected), said
+    assert f"torch {metadata.version('torch')}, transformers {metadata.version('transformers')}," in said["fast"]
+    assert said["parser"] == said["fast"]
+    assert said["sim"] == said["fast"].replace("tadlora-node", "tadlora-sim", 1)

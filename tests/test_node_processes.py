@@ -23,6 +23,7 @@ import torch
 from peft import PeftModel
 from safetensors import safe_open
 
+import tadlora
 from nodeproc import (
     SMALL_RUN,
     STARTUP_S,
@@ -79,6 +80,7 @@ def test_three_processes_find_each_other_by_mdns_train_every_round_together_and_
         for node in nodes:
             assert node.wait_exit(RUN_S) == 0, node.tail()
     launched, served = min(n.started for n in nodes), max(n.serving()["time"] for n in nodes)
+    assert all(n.serving()["message"].endswith(f"; tadlora {tadlora.__version__})") for n in nodes)  # for reports
     formed = max(peers_verified_at(n, 2) for n in nodes)
     log.info("3 nodes: all serving %.1f s after launch; every node had both peers %.2f s after the last served",
              served - launched, formed - served)  # fmt: skip

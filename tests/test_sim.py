@@ -1193,7 +1193,7 @@ def test_a_setting_below_one_is_named_with_its_value() -> None:
 def test_cli_help_gives_the_default_of_every_setting_flag() -> None:
     """--link-probs, --topologies, --seeds, --rounds, ... said what they take but not what a run without them uses."""
     parser = build_parser()
-    no_default = {"-h", "--preset", "--config", "--out", "--share-from", "--quiet", "--report-only"}
+    no_default = {"-h", "--preset", "--config", "--out", "--share-from", "--quiet", "--report-only", "--version"}
     lacking = [
         action.option_strings[0]
         for action in parser._actions

@@ -10,9 +10,32 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tadlora import __version__
+
 ENV_PREFIX = "TADLORA_"
 _ON = ("1", "true", "yes", "on")  # what a switch's variable may say, in any case; anything else is refused
 _OFF = ("0", "false", "no", "off", "")
+
+
+# What a bug report needs beside tadlora's own version: the libraries that build the model and carry the exchange.
+VERSION_HELP = "print tadlora's release and those of Python and the libraries it runs on (for a bug report), and exit"
+_REPORTED = ("torch", "transformers", "peft", "safetensors", "grpcio", "zeroconf")
+
+
+def version_text(prog: str) -> str:
+    """``--version``'s line: this package's release, Python's, and the installed release of each library that
+    builds the model or carries the exchange. Read from the packages' metadata: nothing is imported (torch takes
+    seconds)."""
+    import platform
+    from importlib import metadata
+
+    libraries = []
+    for dist in _REPORTED:
+        try:
+            libraries.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            libraries.append(f"{dist} not installed")
+    return f"{prog} {__version__} (Python {platform.python_version()}; {', '.join(libraries)})"
 
 
 def env_name(dest: str) -> str:

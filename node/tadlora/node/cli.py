@@ -37,12 +37,14 @@ from typing import TYPE_CHECKING, Any
 
 from tadlora.adapter import INITS, LoraSpec
 from tadlora.cliutil import (
+    VERSION_HELP,
     apply_env_defaults,
     csv_list,
     error_text,
     from_environment,
     out_not_a_directory,
     path_arg,
+    version_text,
 )
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
@@ -85,6 +87,7 @@ def build_run_parser(
     p = argparse.ArgumentParser(
         prog="tadlora-node", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    p.add_argument("--version", action="version", version=version_text("tadlora-node"), help=VERSION_HELP)
     g = p.add_argument_group("network")
     g.add_argument(
         "--peers",

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from tadlora import __version__
 from tadlora.adapter import AdapterModel, resolve_device
 from tadlora.core.factors import Factors, num_bytes, select
 from tadlora.core.methods import Method, make_method
@@ -366,9 +367,9 @@ class Node:
         self._spawn(self._peers.run(), "peer-manager")
         self._state = "idle"
         log.info(
-            "node %s serving on %s (cluster %s, fingerprint %s [%s], schedule %s, shard %d/%d)",
+            "node %s serving on %s (cluster %s, fingerprint %s [%s], schedule %s, shard %d/%d; tadlora %s)",
             self.node_id, self.address, cfg.cluster, self.fingerprint, self.fingerprint_parts, self.schedule,
-            cfg.shard, cfg.num_shards,
+            cfg.shard, cfg.num_shards, __version__,
         )  # fmt: skip
         if cfg.insecure:
             told = "status and the mDNS record say" if cfg.peers.auto else "status says"  # static peers: no record

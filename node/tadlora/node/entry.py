@@ -30,6 +30,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _dispatch(args: list[str]) -> int:
     command, rest = (args[0], args[1:]) if args else ("", [])
+    if args == ["--version"]:  # what the run's parser says too, without its imports
+        from tadlora.cliutil import version_text
+
+        sys.stdout.write(version_text("tadlora-node") + "\n")
+        return 0
     if command == "status":
         from tadlora.node.admin import status_main
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from tadlora.adapter import INITS
 from tadlora.cliutil import (
+    VERSION_HELP,
     apply_env_defaults,
     csv_list,
     error_text,
@@ -30,6 +31,7 @@ from tadlora.cliutil import (
     join,
     out_not_a_directory,
     path_arg,
+    version_text,
 )
 from tadlora.core.methods import method_names, takes_switch_interval
 from tadlora.sim.config import ENGINES, PRESET_CAVEATS, PRESETS, SimConfig, config_from_json, override, preset
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tadlora-sim", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--version", action="version", version=version_text("tadlora-sim"), help=VERSION_HELP)
     caveats = "".join(f"; {name} is {note}" for name, note in sorted(PRESET_CAVEATS.items()))
     base = SimConfig()
     parser.add_argument(
