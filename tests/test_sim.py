@@ -12,6 +12,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import tadlora
 from conftest import TINY_TRAIN, sentence_pairs
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_model_path
 from tadlora.core.factors import Factor, factor_key, factor_of
@@ -211,6 +213,48 @@ def test_a_cell_another_process_is_running_is_skipped_and_run_once_it_is_free(tm
     assert (locks / ".gitignore").read_text() == "*\n"  # a committed grid leaves the lock files out
 
 
+def test_a_cell_records_the_releases_and_device_that_ran_it_once_per_process(tmp_path) -> None:
+    from importlib import metadata
+
+    config = smoke_config(methods=["lora"])
+    cell = next(config.cells())
+    record = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
+    [ran] = record["ran_with"]
+    assert ran["tadlora"] == tadlora.__version__ and ran["python"] == sys.version.split()[0]
+    assert (ran["torch"], ran["transformers"], ran["peft"]) == tuple(
+        metadata.version(d) for d in ("torch", "transformers", "peft")
+    )
+    assert ran["device"].startswith("cpu")
+    # ...and results.json carries it, cell by cell, as the cell's file does.
+    results = Simulator(config, tmp_path / "run", quiet=True).collect([cell])
+    assert results["cells"][0]["ran_with"] == [ran]
+
+
+def test_a_checkpoint_written_before_cells_kept_what_ran_them_resumes_with_the_resuming_process_alone(
+    tmp_path,
+) -> None:
+    config = smoke_config(methods=["lora"])
+    cell = next(config.cells())
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_2(t: int, _record: dict) -> None:
+        if t == 2:
+            raise Stop
+
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    with pytest.raises(Stop):
+        sim.run_cell(cell, stop_after_round_2)
+    ckpt = sim.cells_dir / f"{cell.key}.ckpt.safetensors"
+    with safe_open(str(ckpt), framework="pt") as f:
+        meta = {k: v for k, v in f.metadata().items() if k != "ran_with"}
+    save_file(load_file(str(ckpt)), str(ckpt), metadata=meta)
+    resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
+    assert len(resumed["ran_with"]) == 1 and resumed["ran_with"][0]["tadlora"] == tadlora.__version__
+
+
 @pytest.mark.parametrize(
     ("engine", "state"), [("sequential", "fresh"), ("sequential", "persistent"), ("batched", "persistent")]
 )
@@ -237,12 +281,17 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_
     partial = sim.cells_dir / f"{cell.key}.partial.json"  # a readable copy of the records the checkpoint carries
     with safe_open(str(ckpt), framework="pt") as f:
         meta = f.metadata()
-    copy = {"records": json.loads(meta["records"]), "seconds": float(meta["seconds"])}
+    copy = {"records": json.loads(meta["records"]), "seconds": float(meta["seconds"]),
+            "ran_with": json.loads(meta["ran_with"])}  # fmt: skip
     assert json.loads(partial.read_text()) == copy
     assert float(meta["seconds"]) > 0 and meta["round"] == "2"
-    save_file(load_file(str(ckpt)), str(ckpt), metadata={**meta, "seconds": "1000.0"})  # as if it had run for long
+    # As if it had run for long, on another machine with another torch: the resumed cell keeps both on record.
+    elsewhere = {**json.loads(meta["ran_with"])[0], "torch": "2.12.0", "device": "cuda:0: NVIDIA H100"}
+    save_file(load_file(str(ckpt)), str(ckpt),
+              metadata={**meta, "seconds": "1000.0", "ran_with": json.dumps([elsewhere])})  # fmt: skip
     resumed = Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)
     assert 1000.0 < resumed["seconds"] < 1000.0 + 300  # the cell's cost counts both processes
+    assert resumed["ran_with"] == [elsewhere, reference["ran_with"][0]]
     assert [r["round"] for r in resumed["rounds"]] == [0, 1, 2, 3]
     for got, want in zip(resumed["rounds"], reference["rounds"], strict=True):
         for field in ("train_loss", "consensus_a", "consensus_b", "cross_term_norm", "acc_mean"):

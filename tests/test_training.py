@@ -26,6 +26,7 @@ from tadlora.training import (
     TrainSpec,
     autocast,
     cpu_has_bf16,
+    device_name,
     encode,
     evaluate,
     local_steps,
@@ -144,6 +145,15 @@ def test_precision_bf16_autocasts_on_the_cpu_and_auto_does_only_on_cuda() -> Non
 
 AVX2_ONLY = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx avx2 fma\n"
 WITH_BF16 = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+
+
+def test_a_device_is_named_by_its_model_where_the_machine_says_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpu = torch.device("cpu")
+    xeon = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz\nflags\t\t: avx2\n"
+    assert device_name(cpu, xeon) == "cpu: Intel(R) Xeon(R) Gold 6338 CPU @ 2.00GHz"
+    assert device_name(cpu, AVX2_ONLY) == "cpu"  # no model name line (an ARM board's cpuinfo may lack one)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 80GB HBM3")
+    assert device_name(torch.device("cuda:1")) == "cuda:1: NVIDIA H100 80GB HBM3"
 
 
 def test_bf16_on_a_cpu_without_native_bf16_is_warned_about_and_nothing_else_is(

@@ -22,20 +22,27 @@ VERSION_HELP = "print tadlora's release and those of Python and the libraries it
 _REPORTED = ("torch", "transformers", "peft", "safetensors", "grpcio", "zeroconf")
 
 
-def version_text(prog: str) -> str:
-    """``--version``'s line: this package's release, Python's, and the installed release of each library that
-    builds the model or carries the exchange. Read from the packages' metadata: nothing is imported (torch takes
-    seconds)."""
+def releases() -> dict[str, str]:
+    """This package's release, Python's, and the installed release of each library that builds the model or carries
+    the exchange ("not installed" for one that is not). Read from the packages' metadata: nothing is imported (torch
+    takes seconds)."""
     import platform
     from importlib import metadata
 
-    libraries = []
+    found = {"tadlora": __version__, "python": platform.python_version()}
     for dist in _REPORTED:
         try:
-            libraries.append(f"{dist} {metadata.version(dist)}")
+            found[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:
-            libraries.append(f"{dist} not installed")
-    return f"{prog} {__version__} (Python {platform.python_version()}; {', '.join(libraries)})"
+            found[dist] = "not installed"
+    return found
+
+
+def version_text(prog: str) -> str:
+    """``--version``'s line: `releases`, for a bug report."""
+    found = releases()
+    libraries = ", ".join(f"{dist} {found[dist]}" for dist in _REPORTED)
+    return f"{prog} {found['tadlora']} (Python {found['python']}; {libraries})"
 
 
 def env_name(dest: str) -> str:

@@ -228,6 +228,21 @@ def cuda_has_bf16(device: torch.device) -> bool:
     return torch.cuda.get_device_capability(device) >= (8, 0)
 
 
+def device_name(device: torch.device, cpuinfo: str | None = None) -> str:
+    """What ``device`` is, for a record of where something ran: a GPU's name, or the CPU's model name from the
+    text of /proc/cpuinfo (read when ``cpuinfo`` is None; "cpu" alone where it names none)."""
+    if device.type == "cuda":
+        return f"{device}: {torch.cuda.get_device_name(device)}"
+    if cpuinfo is None:
+        try:
+            with open(CPUINFO, encoding="utf-8", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            cpuinfo = ""
+    models = [line.partition(":")[2].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
+    return f"{device}: {models[0]}" if models and models[0] else str(device)
+
+
 def precision_warning(precision: str, device: torch.device, cpuinfo: str | None = None) -> str | None:
     """A sentence for the user when ``precision`` will run bf16 autocast on a CPU or a GPU without native bf16
     (slower than fp32 there, not faster); None otherwise."""

@@ -31,8 +31,11 @@ def _read_json(path: Path, remedy: str = "repair or remove it") -> Any:
         raise ValueError(f"{path} holds no valid JSON ({exc}): {remedy}") from None
 
 
-def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[RoundRecord], float] | None:
-    """A cell's checkpoint as (tensors, records so far, seconds they took); None when there is nothing to resume.
+def _read_checkpoint(
+    ckpt: Path, partial: Path
+) -> tuple[dict[str, Any], list[RoundRecord], float, list[dict[str, str]]] | None:
+    """A cell's checkpoint as (tensors, records so far, seconds they took, what ran them: the ``ran_with`` of a
+    cell's record, empty for a checkpoint written before it was kept); None when there is nothing to resume.
 
     A checkpoint carries its records in its metadata. One written before it did has them in ``partial`` beside it;
     without that file it is ignored (the cell restarts), and if the two disagree on the round (the process died
@@ -47,7 +50,8 @@ def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[Ro
             f"{ckpt} is not a readable checkpoint ({exc}): delete it and {partial.name} to run this cell from the start"
         ) from None
     if "records" in meta:
-        return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0"))
+        ran_with = json.loads(meta.get("ran_with", "[]"))
+        return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0")), ran_with
     if not partial.exists():
         log.warning("%s has no records beside it: its cell starts over", ckpt)
         return None
@@ -58,7 +62,7 @@ def _read_checkpoint(ckpt: Path, partial: Path) -> tuple[dict[str, Any], list[Ro
             f"{ckpt} holds round {meta['round']} but {partial.name} ends at round {len(records)} (the process was "
             "stopped between writing them): delete both files to run this cell from the start"
         )
-    return tensors, records, float(saved.get("seconds", 0.0))
+    return tensors, records, float(saved.get("seconds", 0.0)), list(saved.get("ran_with", []))
 
 
 def _read_cell(path: Path, cell: Cell) -> dict[str, Any]:

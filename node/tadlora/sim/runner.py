@@ -32,6 +32,7 @@ from typing import Any
 from safetensors.torch import save
 
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
+from tadlora.cliutil import releases
 from tadlora.core.methods import make_method
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.core.topology import make_topology
@@ -48,7 +49,7 @@ from tadlora.sim.rounds import simulate as simulate
 from tadlora.sim.stamp import _RESUMABLE_CHANGES, _grown, _read_stamp, _refusal_remedy, _topology_files
 from tadlora.sim.summary import _final
 from tadlora.sim.summary import summarize as summarize
-from tadlora.training import Encoded, encode, matmul_precision, precision_warning
+from tadlora.training import Encoded, device_name, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
 log = logging.getLogger("tadlora.sim")
@@ -412,6 +413,10 @@ class Simulator:
         ckpt, partial = self.cells_dir / f"{cell.key}.ckpt.safetensors", self.cells_dir / f"{cell.key}.partial.json"
         records: list[RoundRecord] = []
         earlier = 0.0  # s the checkpointed rounds took in earlier processes
+        # The releases and device of each process that ran the cell's rounds, in order: what `seconds` was spent on,
+        # and what a result that differs from another machine's was computed with.
+        ran_with: list[dict[str, str]] = []
+        here = {**releases(), "device": device_name(self.device)}
 
         def after_round(t: int, record: RoundRecord) -> None:
             records.append(record)
@@ -430,19 +435,22 @@ class Simulator:
                 # KEY.partial.json is a readable copy for reports (benchmarks/paper_table.py), never resumed from
                 # when the checkpoint carries its own.
                 seconds = earlier + time.monotonic() - started
-                meta = {"round": str(t + 1), "records": json.dumps(records), "seconds": repr(seconds)}
+                meta = {"round": str(t + 1), "records": json.dumps(records), "seconds": repr(seconds),
+                        "ran_with": json.dumps(ran_with)}  # fmt: skip
                 atomic_write_bytes(ckpt, save(state, metadata=meta))
-                atomic_write_json(partial, {"records": records, "seconds": seconds})
+                atomic_write_json(partial, {"records": records, "seconds": seconds, "ran_with": ran_with})
 
         try:  # the engine is closed however the cell ends, a refused checkpoint included
             resume = _read_checkpoint(ckpt, partial) if ckpt.exists() else None
             if resume is not None:
-                tensors, records, earlier = resume
+                tensors, records, earlier, ran_with = resume
                 for i in range(cfg.num_clients):
                     engine.set_factors(i, {k.split("/", 1)[1]: v for k, v in tensors.items() if k.startswith(f"{i}/")})
                     opt = {k.split("/", 2)[2]: v for k, v in tensors.items() if k.startswith(f"{OPT_PREFIX}{i}/")}
                     if opt:
                         engine.set_optimizer_state(i, opt)
+            if not ran_with or ran_with[-1] != here:
+                ran_with.append(here)
             started = time.monotonic()
             robust = parse_robust_mixing(cfg.robust_mixing)
             if on_start is not None:
@@ -454,6 +462,7 @@ class Simulator:
             **cell.to_dict(),
             "key": cell.key,
             "seconds": earlier + time.monotonic() - started,  # the rounds kept, over every process that ran them
+            "ran_with": ran_with,
             "rounds": records,
             "final": _final(records),
         }
