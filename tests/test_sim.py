@@ -213,6 +213,24 @@ def test_a_cell_another_process_is_running_is_skipped_and_run_once_it_is_free(tm
     assert (locks / ".gitignore").read_text() == "*\n"  # a committed grid leaves the lock files out
 
 
+def stopped_after_round_2(config: SimConfig, cell: Cell, out: Path) -> tuple[Simulator, Path]:
+    """A simulator of ``config`` in ``out`` whose run of ``cell`` stopped (an exception) after round 2's checkpoint,
+    and that checkpoint's path."""
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_round_2(t: int, _record: dict) -> None:
+        if t == 2:
+            raise Stop
+
+    sim = Simulator(config, out, quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    with pytest.raises(Stop):
+        sim.run_cell(cell, stop_after_round_2)
+    return sim, sim.cells_dir / f"{cell.key}.ckpt.safetensors"
+
+
 def test_a_cell_records_the_releases_and_device_that_ran_it_once_per_process(tmp_path) -> None:
     from importlib import metadata
 
@@ -235,19 +253,7 @@ def test_a_checkpoint_written_before_cells_kept_what_ran_them_resumes_with_the_r
 ) -> None:
     config = smoke_config(methods=["lora"])
     cell = next(config.cells())
-
-    class Stop(Exception):
-        pass
-
-    def stop_after_round_2(t: int, _record: dict) -> None:
-        if t == 2:
-            raise Stop
-
-    sim = Simulator(config, tmp_path / "run", quiet=True)
-    sim.cells_dir.mkdir(parents=True)
-    with pytest.raises(Stop):
-        sim.run_cell(cell, stop_after_round_2)
-    ckpt = sim.cells_dir / f"{cell.key}.ckpt.safetensors"
+    _, ckpt = stopped_after_round_2(config, cell, tmp_path / "run")
     with safe_open(str(ckpt), framework="pt") as f:
         meta = {k: v for k, v in f.metadata().items() if k != "ran_with"}
     save_file(load_file(str(ckpt)), str(ckpt), metadata=meta)
@@ -264,18 +270,7 @@ def test_an_interrupted_cell_resumes_from_its_checkpoint_to_the_same_result(tmp_
     cell = next(config.cells())
     reference = Simulator(config, tmp_path / "ref", quiet=True).run_cell(cell)
 
-    class Stop(Exception):
-        pass
-
-    def stop_after_round_2(t: int, _record: dict) -> None:
-        if t == 2:
-            raise Stop
-
-    sim = Simulator(config, tmp_path / "run", quiet=True)
-    sim.cells_dir.mkdir(parents=True)
-    with pytest.raises(Stop):
-        sim.run_cell(cell, stop_after_round_2)
-    ckpt = sim.cells_dir / f"{cell.key}.ckpt.safetensors"
+    sim, ckpt = stopped_after_round_2(config, cell, tmp_path / "run")
     assert ckpt.exists()
     assert any(k.startswith("opt/") for k in load_file(str(ckpt))) == (state == "persistent")
     partial = sim.cells_dir / f"{cell.key}.partial.json"  # a readable copy of the records the checkpoint carries
