@@ -40,7 +40,8 @@ def tool(name: str) -> str | None:
 
 
 def flag_env_names() -> set[str]:
-    return {env_name(a.dest) for a in build_run_parser()._actions if a.option_strings and a.dest != "help"}
+    actions = build_run_parser()._actions
+    return {env_name(a.dest) for a in actions if a.option_strings and a.dest not in ("help", "version")}
 
 
 def node_config_from(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, argv: list[str] = ()) -> NodeConfig:
