@@ -50,8 +50,7 @@ def _read_checkpoint(
             f"{ckpt} is not a readable checkpoint ({exc}): delete it and {partial.name} to run this cell from the start"
         ) from None
     if "records" in meta:
-        ran_with = json.loads(meta.get("ran_with", "[]"))
-        return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0")), ran_with
+        return tensors, json.loads(meta["records"]), float(meta.get("seconds", "0")), _ran_with(meta.get("ran_with"))
     if not partial.exists():
         log.warning("%s has no records beside it: its cell starts over", ckpt)
         return None
@@ -62,7 +61,20 @@ def _read_checkpoint(
             f"{ckpt} holds round {meta['round']} but {partial.name} ends at round {len(records)} (the process was "
             "stopped between writing them): delete both files to run this cell from the start"
         )
-    return tensors, records, float(saved.get("seconds", 0.0)), list(saved.get("ran_with", []))
+    return tensors, records, float(saved.get("seconds", 0.0)), _ran_with(saved.get("ran_with"))
+
+
+def _ran_with(kept: object) -> list[dict[str, str]]:
+    """A checkpoint's ``ran_with`` (JSON text in its metadata, a list in a partial file) as a list of entries; an
+    empty one where it is missing or unreadable: it is a record of where rounds ran, never a reason to refuse them."""
+    if isinstance(kept, str):
+        try:
+            kept = json.loads(kept)
+        except ValueError:
+            return []
+    if not isinstance(kept, list):
+        return []
+    return [entry for entry in kept if isinstance(entry, dict)]
 
 
 def _read_cell(path: Path, cell: Cell) -> dict[str, Any]:
