@@ -23,6 +23,7 @@ from typing import Any
 import pytest
 
 import netns
+import tadlora
 from netns import Host, Testbed
 from nodeproc import STARTUP_S, NodeProcess, node_args, running_node, unique_tag
 from tadlora.node.config import NodeConfig
@@ -279,3 +280,4 @@ def test_grpcurl_status_call_returns_the_node_id_cluster_and_address_as_json(
     # No round yet: it waits for its --min-peers.
     assert (reply["state"], reply["last_loss"], reply["last_accuracy"]) == ("waiting-for-peers", "NaN", "NaN")
     assert reply["phase"] in {"A", "B"} and reply["uptime_seconds"] > 0
+    assert reply["release"] == tadlora.__version__  # what a rolling upgrade asks each node

@@ -169,6 +169,7 @@ def test_status_prints_a_running_nodes_id_cluster_round_and_state_as_json_and_si
     assert isinstance(doc["round"], int) and doc["round"] >= 1  # it had finished a round before we asked
     assert doc["state"] in {"idle", "training", "exchanging", "evaluating"}
     assert doc["method"] == "tad" and doc["insecure"] is True and doc["neighbours"] == []
+    assert doc["release"] == tadlora.__version__
 
     gone = status_cli(node.address)  # nothing serves there any more: a clear error, exit 1
     assert gone.returncode == 1 and "unavailable" in gone.stderr, gone.stderr

@@ -1018,6 +1018,7 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
                 reason="peer 10.0.0.5:7000 unavailable: connection refused",
             ),
         ),
+        release="0.1.0",
     )
     async with serving(transport, bob) as (_, client):
         status = await client.status(TIMEOUT)

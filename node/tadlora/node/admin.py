@@ -50,6 +50,7 @@ async def query_status(
         "last_accuracy": nan_to_none(st.last_accuracy),
         "insecure": st.node.insecure,
         "uptime_seconds": round(st.uptime_seconds, 1),
+        "release": st.release or None,  # None: a node older than the field
         "neighbours": [
             {
                 "id": n.node_id,

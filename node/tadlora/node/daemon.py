@@ -722,6 +722,7 @@ class Node:
             ),
             uptime_seconds=time.monotonic() - self._started,
             candidates=tuple(self._peers.unreachable()[:MAX_CANDIDATES_SHOWN]) if self._peers else (),
+            release=__version__,
         )
 
     async def async_handshake(self, remote: PeerInfo) -> None:

@@ -82,6 +82,7 @@ def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
         ],
         uptime_seconds=status.uptime_seconds,
         candidates=[pb.CandidateStatus(**asdict(c)) for c in status.candidates],
+        release=status.release,
     )
 
 
@@ -103,6 +104,7 @@ def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
         candidates=tuple(
             CandidateStatus(**{f.name: getattr(c, f.name) for f in fields(CandidateStatus)}) for c in msg.candidates
         ),
+        release=msg.release,
     )
 
 

@@ -124,6 +124,7 @@ class StatusInfo:
     neighbors: tuple[NeighborStatus, ...] = ()
     uptime_seconds: float = 0.0
     candidates: tuple[CandidateStatus, ...] = ()  # listed by discovery, not neighbours: see `CandidateStatus`
+    release: str = ""  # the node's tadlora release; empty from a node older than the field
 
 
 class PeerUnavailable(Exception):

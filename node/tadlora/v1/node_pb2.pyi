@@ -205,7 +205,7 @@ class CandidateStatus(_message.Message):
     def __init__(self, key: _Optional[str] = ..., address: _Optional[str] = ..., source: _Optional[str] = ..., failures: _Optional[int] = ..., retry_in_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node", "phase", "rounds_completed", "last_loss", "last_accuracy", "state", "neighbors", "uptime_seconds", "candidates")
+    __slots__ = ("node", "phase", "rounds_completed", "last_loss", "last_accuracy", "state", "neighbors", "uptime_seconds", "candidates", "release")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,7 @@ class StatusReply(_message.Message):
     NEIGHBORS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     node: PeerInfo
     phase: str
     rounds_completed: int
@@ -224,4 +225,5 @@ class StatusReply(_message.Message):
     neighbors: _containers.RepeatedCompositeFieldContainer[NeighborStatus]
     uptime_seconds: float
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateStatus]
-    def __init__(self, node: _Optional[_Union[PeerInfo, _Mapping]] = ..., phase: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., state: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateStatus, _Mapping]]] = ...) -> None: ...
+    release: str
+    def __init__(self, node: _Optional[_Union[PeerInfo, _Mapping]] = ..., phase: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., state: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateStatus, _Mapping]]] = ..., release: _Optional[str] = ...) -> None: ...
