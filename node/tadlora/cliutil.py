@@ -17,8 +17,8 @@ _ON = ("1", "true", "yes", "on")  # what a switch's variable may say, in any cas
 _OFF = ("0", "false", "no", "off", "")
 
 
-# What a bug report needs beside tadlora's own version: the libraries that build the model and carry the exchange.
 VERSION_HELP = "print tadlora's release and those of Python and the libraries it runs on (for a bug report), and exit"
+# What a bug report needs beside tadlora's own version: the libraries that build the model and carry the exchange.
 _REPORTED = ("torch", "transformers", "peft", "safetensors", "grpcio", "zeroconf")
 
 
