@@ -25,19 +25,15 @@ def machine() -> dict[str, Any]:
     import grpc
     import torch
 
-    cpu = "unknown"
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from tadlora.training import cpuinfo_field
+
     mem_gib = None
     with open("/proc/meminfo", encoding="utf-8") as f:
         for line in f:
             if line.startswith("MemTotal:"):
                 mem_gib = round(int(line.split()[1]) / 2**20, 1)
     return {
-        "cpu_model": cpu,
+        "cpu_model": cpuinfo_field("model name") or "unknown",
         "cores": os.cpu_count(),
         "memory_gib": mem_gib,
         "load_average_1_5_15": list(os.getloadavg()),

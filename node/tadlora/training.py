@@ -207,19 +207,29 @@ CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 CPUINFO = "/proc/cpuinfo"
 
 
-def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU has native bf16 dot products (`CPU_BF16_FLAGS`), from the text of /proc/cpuinfo
-    (read when ``cpuinfo`` is None); None when that cannot be told (no /proc/cpuinfo, or no flags line)."""
+def cpuinfo_field(name: str, cpuinfo: str | None = None) -> str | None:
+    """The first value of field ``name`` ("flags", "model name") in the text of /proc/cpuinfo (read when ``cpuinfo``
+    is None); None where there is none (no /proc/cpuinfo, or no such line: an ARM board's lacks both)."""
     if cpuinfo is None:
         try:
             with open(CPUINFO, encoding="utf-8", errors="replace") as f:
                 cpuinfo = f.read()
         except OSError:
             return None
-    flags = [line.partition(":")[2].split() for line in cpuinfo.splitlines() if line.startswith("flags")]
-    if not flags:
+    for line in cpuinfo.splitlines():
+        key, colon, value = line.partition(":")
+        if colon and key.strip() == name:
+            return value.strip()
+    return None
+
+
+def cpu_has_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU has native bf16 dot products (`CPU_BF16_FLAGS`), from the text of /proc/cpuinfo
+    (read when ``cpuinfo`` is None); None when that cannot be told (no /proc/cpuinfo, or no flags line)."""
+    flags = cpuinfo_field("flags", cpuinfo)
+    if flags is None:
         return None
-    return any(flag in CPU_BF16_FLAGS for flag in flags[0])
+    return any(flag in CPU_BF16_FLAGS for flag in flags.split())
 
 
 def cuda_has_bf16(device: torch.device) -> bool:
@@ -233,14 +243,8 @@ def device_name(device: torch.device, cpuinfo: str | None = None) -> str:
     text of /proc/cpuinfo (read when ``cpuinfo`` is None; "cpu" alone where it names none)."""
     if device.type == "cuda":
         return f"{device}: {torch.cuda.get_device_name(device)}"
-    if cpuinfo is None:
-        try:
-            with open(CPUINFO, encoding="utf-8", errors="replace") as f:
-                cpuinfo = f.read()
-        except OSError:
-            cpuinfo = ""
-    models = [line.partition(":")[2].strip() for line in cpuinfo.splitlines() if line.startswith("model name")]
-    return f"{device}: {models[0]}" if models and models[0] else str(device)
+    model = cpuinfo_field("model name", cpuinfo)
+    return f"{device}: {model}" if model else str(device)
 
 
 def precision_warning(precision: str, device: torch.device, cpuinfo: str | None = None) -> str | None:
