@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tadlora
 from conftest import TINY_LORA
 from tadlora.adapter import AdapterModel, ModelSpec
 from tadlora.core import methods
@@ -486,6 +487,7 @@ async def test_status_says_the_last_round_each_neighbour_exchanged_in(tmp_path) 
             assert (neighbour.node_id, neighbour.last_round) == (other.node_id, 1 + up[-1])
         doc = await query_status(nodes[0].address, 10.0)
     assert [n["last_exchanged_round"] for n in doc["neighbours"]] == [up[-1]]
+    assert [n["release"] for n in doc["neighbours"]] == [tadlora.__version__]  # what its handshake said
     assert doc["schedule"] == "tad T=5 p=0.5 max-neighbors=all"
 
 

@@ -32,6 +32,7 @@ from tadlora.node.limits import MAX_DETAIL_CHARS
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.pb_mapping import _info_from_pb, _info_to_pb
 from tadlora.node.peer_checks import check_sane, fingerprint_differences, parse_fingerprint_parts
+from tadlora.node.peers import PeerManager
 from tadlora.node.responder import _Responder
 from tadlora.node.rpc import (
     MAX_DEGREE,
@@ -304,7 +305,68 @@ def test_a_peer_of_another_protocol_is_told_to_upgrade_the_older_node() -> None:
     )
 
 
-def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_parts() -> None:
+def test_a_protocol_refusal_names_the_release_each_node_runs_where_it_says() -> None:
+    """Which release to install is what the operator of the older node needs; a node older than the field says
+    none, and is named by its protocol alone."""
+    ours = PeerInfo(node_id="bob", cluster="c", fingerprint="f", address="127.0.0.1:1", release="0.3.0")
+    newer = dataclasses.replace(ours, node_id="alice", protocol_version=PROTOCOL_VERSION + 1, release="0.4.0rc1")
+    with pytest.raises(ExchangeRefused) as refused:
+        check_compatible(ours, newer)
+    assert refused.value.detail.startswith(
+        f"'alice' speaks protocol {PROTOCOL_VERSION + 1} (tadlora 0.4.0rc1), 'bob' speaks protocol {PROTOCOL_VERSION} "
+        "(tadlora 0.3.0): upgrade the node of the older protocol"
+    )
+    with pytest.raises(ExchangeRefused) as unsaid:
+        check_compatible(ours, dataclasses.replace(newer, release=""))
+    assert unsaid.value.detail.startswith(f"'alice' speaks protocol {PROTOCOL_VERSION + 1}, 'bob' speaks protocol")
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("release", ["0.1\n0", "0.1.0 (evil)", "\x1b[31m0.1.0", "1" * 65], ids=repr)
+async def test_a_release_that_is_no_version_is_refused_before_the_handler_sees_it(
+    transport: Transport, alice: FakeNode, bob: FakeNode, release: str
+) -> None:
+    """What a peer says it runs is logged and shown in status: one with a line break or a terminal escape in it is
+    refused, as an id off its syntax is."""
+    async with serving(transport, bob) as (_, client):
+        with pytest.raises(ExchangeRefused) as refused:
+            await client.handshake(dataclasses.replace(alice.info, release=release), TIMEOUT)
+        with pytest.raises(ExchangeRefused) as at_fetch:
+            await client.fetch(dataclasses.replace(alice.info, release=release), TIMEOUT)
+        for fine in ("", "0.1.0", "2!1.0.post1+local.7", "1.0rc1.dev3"):  # PEP 440, and an older node's nothing
+            await client.handshake(dataclasses.replace(alice.info, release=fine), TIMEOUT)
+    for error in (refused, at_fetch):
+        assert error.value.reason is Reason.BAD_PAYLOAD
+        assert "runs release" in error.value.detail and "not a version" in error.value.detail
+    assert [h.release for h in bob.handshakes] == ["", "0.1.0", "2!1.0.post1+local.7", "1.0rc1.dev3"]
+
+
+@pytest.mark.asyncio
+async def test_a_peer_verified_on_another_release_is_logged_with_it_one_on_ours_without(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """In a rolling upgrade the verified line says which peers still run the old code, and says nothing more of
+    those that run this node's."""
+
+    class Conn:
+        async def aclose(self) -> None:
+            pass
+
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1", release="0.2.0")
+    pm = PeerManager(InMemoryNetwork(), lambda: me, list, lambda: None)
+    caplog.set_level(logging.INFO, logger="tadlora.peers")
+    for node_id, release in (("same", "0.2.0"), ("old", "0.1.0"), ("older", "")):
+        info = dataclasses.replace(me, node_id=node_id, address=f"127.0.0.1:{len(node_id)}", release=release)
+        await pm.add(info, Conn(), "static")  # type: ignore[arg-type]
+    assert [r.getMessage() for r in caplog.records if "verified" in r.getMessage()] == [
+        "peer same verified at 127.0.0.1:4 (static)",
+        "peer old verified at 127.0.0.1:3 (static; it runs tadlora 0.1.0, this node 0.2.0)",
+        "peer older verified at 127.0.0.1:5 (static; it runs a tadlora too old to say, this node 0.2.0)",
+    ]
+    await pm.aclose()
+
+
+def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_parts_nor_release() -> None:
     info = PeerInfo(
         node_id="n1",
         cluster="c",
@@ -318,13 +380,16 @@ def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_
         last_mixed_round=2,
         schedule="s",
         fingerprint_parts="seed=1",
+        release="9.9.9",
     )
     defaults = PeerInfo(node_id="", cluster="", fingerprint="", address="")
     assert all(getattr(info, f.name) != getattr(defaults, f.name) for f in dataclasses.fields(PeerInfo)[4:])
     assert _info_from_pb(pb.PeerInfo.FromString(_info_to_pb(info).SerializeToString())) == info
     older = _info_to_pb(info)
     older.ClearField("fingerprint_parts")  # what a node from before field 12 sends
-    assert _info_from_pb(pb.PeerInfo.FromString(older.SerializeToString())).fingerprint_parts == ""
+    older.ClearField("release")  # and from before field 13
+    received = _info_from_pb(pb.PeerInfo.FromString(older.SerializeToString()))
+    assert (received.fingerprint_parts, received.release) == ("", "")
 
 
 @pytest.mark.asyncio
@@ -1003,7 +1068,10 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
         last_loss=0.25,
         last_accuracy=math.nan,
         neighbors=(
-            NeighborStatus(node_id="alice", address="10.0.0.1:7000", degree=2, last_round=11, weight=1 / 3),
+            NeighborStatus(
+                node_id="alice", address="10.0.0.1:7000", degree=2, last_round=11, weight=1 / 3, release="0.2.0"
+            ),
+            # a neighbour too old to say its release
             NeighborStatus(node_id="carol", address="10.0.0.3:7000", degree=3, last_round=12, weight=0.25),
         ),
         uptime_seconds=42.5,
@@ -1020,6 +1088,8 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
         ),
         release="0.1.0",
     )
+    alice = bob.status_info.neighbors[0]
+    assert all(getattr(alice, f.name) != f.default for f in dataclasses.fields(NeighborStatus))  # every field crosses
     async with serving(transport, bob) as (_, client):
         status = await client.status(TIMEOUT)
     assert math.isnan(status.last_accuracy)

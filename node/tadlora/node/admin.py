@@ -58,6 +58,7 @@ async def query_status(
                 "degree": n.degree,
                 "weight": n.weight,
                 "last_exchanged_round": n.last_round - 1 if n.last_round else None,
+                "release": n.release or None,  # None: a node older than the field
             }
             for n in st.neighbors
         ],

@@ -693,6 +693,7 @@ class Node:
             last_mixed_round=self.rounds.last_mixed,
             schedule=self.schedule,
             fingerprint_parts=self.fingerprint_parts,
+            release=__version__,
         )
 
     def expected_spec(self) -> FactorSpec | None:
@@ -703,6 +704,7 @@ class Node:
 
     def status(self) -> StatusInfo:
         weights = self._last_weights
+        infos = {p: peer.info for p, peer in self._peers.peers.items()} if self._peers else {}
         return StatusInfo(
             node=self.local_info(),
             state=self._state,
@@ -713,10 +715,11 @@ class Node:
             neighbors=tuple(
                 NeighborStatus(
                     node_id=p,
-                    address=self._peers.peers[p].info.address if self._peers and p in self._peers.peers else "",
+                    address=infos[p].address if p in infos else "",
                     degree=weights.get(p, (0, 0.0))[0],
                     weight=weights.get(p, (0, 0.0))[1],
                     last_round=self._last_exchanged.get(p, 0),
+                    release=infos[p].release if p in infos else "",
                 )
                 for p in self._peer_ids()
             ),

@@ -46,6 +46,7 @@ def _info_to_pb(info: PeerInfo) -> pb.PeerInfo:
         last_mixed_round=info.last_mixed_round,
         schedule=info.schedule,
         fingerprint_parts=info.fingerprint_parts,
+        release=info.release,
     )
 
 
@@ -63,6 +64,7 @@ def _info_from_pb(msg: pb.PeerInfo) -> PeerInfo:
         last_mixed_round=msg.last_mixed_round,
         schedule=msg.schedule,
         fingerprint_parts=msg.fingerprint_parts,
+        release=msg.release,
     )
 
 
@@ -74,12 +76,7 @@ def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
         last_loss=status.last_loss,
         last_accuracy=status.last_accuracy,
         state=status.state,
-        neighbors=[
-            pb.NeighborStatus(
-                node_id=n.node_id, address=n.address, degree=n.degree, last_round=n.last_round, weight=n.weight
-            )
-            for n in status.neighbors
-        ],
+        neighbors=[pb.NeighborStatus(**asdict(n)) for n in status.neighbors],
         uptime_seconds=status.uptime_seconds,
         candidates=[pb.CandidateStatus(**asdict(c)) for c in status.candidates],
         release=status.release,
@@ -95,10 +92,7 @@ def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
         last_accuracy=msg.last_accuracy,
         state=msg.state,
         neighbors=tuple(
-            NeighborStatus(
-                node_id=n.node_id, address=n.address, degree=n.degree, last_round=n.last_round, weight=n.weight
-            )
-            for n in msg.neighbors
+            NeighborStatus(**{f.name: getattr(n, f.name) for f in fields(NeighborStatus)}) for n in msg.neighbors
         ),
         uptime_seconds=msg.uptime_seconds,
         candidates=tuple(

@@ -19,6 +19,10 @@ NODE_ID_CHARS: Final = 63  # chars; one DNS label, since a node id is also a DNS
 # reads a dotted-digit name as an IP address, so uppercase and '.' would let one certificate pass as several
 # nodes (a Sybil that defeats the trimmed-mean bound of robust mixing).
 _NODE_ID: Final = re.compile(rf"[a-z0-9][a-z0-9_-]{{0,{NODE_ID_CHARS - 1}}}")
+RELEASE_CHARS: Final = 64  # chars of a `PeerInfo.release`
+# A release as PEP 440 spells one ("0.1.0", "1.0rc1", "2!1.0.post1+local.7"), or "" from a node too old to say:
+# it is logged and shown in `status`, so no spaces, control characters or line breaks.
+_RELEASE: Final = re.compile(rf"[0-9A-Za-z.+!_-]{{0,{RELEASE_CHARS}}}")
 
 
 def _check_identity(claimed: str, identity: str | None) -> None:
@@ -77,6 +81,12 @@ def _check_info(info: PeerInfo, what: str) -> None:
              info.fingerprint_parts)  # fmt: skip
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
     _check_node_id(info.node_id, what)
+    if not _RELEASE.fullmatch(info.release):
+        raise ExchangeRefused(
+            Reason.BAD_PAYLOAD,
+            f"{what} says it runs release {info.release[:RELEASE_CHARS]!r}, not a version of up to {RELEASE_CHARS} "
+            "letters, digits and '.+!_-'",
+        )
     if info.last_mixed_round > info.round + 1:
         raise ExchangeRefused(
             Reason.ROUND_MISMATCH,
@@ -108,8 +118,8 @@ def _check_peer(theirs: _Claims, *, ours: PeerInfo | ExchangeHeader) -> None:
     if theirs.protocol_version != PROTOCOL_VERSION:
         raise ExchangeRefused(
             Reason.PROTOCOL_MISMATCH,
-            f"{them} speaks protocol {theirs.protocol_version}, {us} speaks protocol {PROTOCOL_VERSION}: "
-            f"{SAME_PROTOCOL_FIX}",
+            f"{them} speaks protocol {theirs.protocol_version}{_running(theirs)}, {us} speaks protocol "
+            f"{PROTOCOL_VERSION}{_running(ours)}: {SAME_PROTOCOL_FIX}",
         )
     if theirs.cluster != ours.cluster:
         raise ExchangeRefused(
@@ -155,6 +165,13 @@ SAME_PROTOCOL_FIX: Final = "upgrade the node of the older protocol: every node o
 SAME_SCHEDULE_FIX: Final = (
     "start every node of a cluster with the same --method, --switch-interval, --link-prob and --max-neighbors"
 )
+
+
+def _running(claims: object) -> str:
+    """What a refusal says of a node's release: ' (tadlora RELEASE)' for a node that said it (a handshake's info),
+    nothing for one that did not (an exchange header carries none, a node older than `PeerInfo.release` sends none)."""
+    release = claims.release if isinstance(claims, PeerInfo) else ""
+    return f" (tadlora {release})" if release else ""
 
 
 def _parts_of(claims: object) -> str:

@@ -97,6 +97,18 @@ async def _aclose_quietly(conn: PeerConnection) -> None:
         log.exception("closing a connection whose handshake did not finish failed")
 
 
+def _other_release(theirs: str, ours: str) -> str:
+    """Nothing when a peer runs this node's release; else what it runs, for the line that says it was verified: in
+    a rolling upgrade, which peers still run the old code."""
+    if theirs == ours:
+        return ""
+    return (
+        f"; it runs tadlora {theirs}, this node {ours}"
+        if theirs
+        else f"; it runs a tadlora too old to say, this node {ours}"
+    )
+
+
 def retry_delay(failures: int) -> float:
     """Seconds before the next try of a candidate that failed ``failures`` (>= 1) times in a row: 1, 2, 4 ... 30,
     and 30 however many failures (a static peer may stay down for days)."""
@@ -417,7 +429,8 @@ class PeerManager:
         if old is not None:  # it moved: the addresses that reached it may reach another node now (a reused IP)
             self._forget_addresses(info.node_id)
         self._by_address[info.address] = info.node_id
-        log.info("peer %s verified at %s (%s)", info.node_id, info.address, source)
+        log.info("peer %s verified at %s (%s%s)", info.node_id, info.address, source,
+                 _other_release(info.release, self._local_info().release))  # fmt: skip
         self._on_change()
         if old is not None:
             await old.conn.aclose()

@@ -44,6 +44,7 @@ class PeerInfo:
     # `tadlora.adapter.fingerprint_parts`: what a refusal for another fingerprint names the differing parts from; ""
     # from a node too old to send it (the refusal then gives the fingerprints alone)
     fingerprint_parts: str = ""
+    release: str = ""  # the tadlora release it runs (`tadlora.__version__`); "" from a node too old to send it
 
     def __post_init__(self) -> None:
         if min(self.round, self.degree, self.protocol_version, self.last_mixed_round) < 0:
@@ -95,6 +96,7 @@ class NeighborStatus:
     degree: int = 0
     last_round: int = 0
     weight: float = 0.0
+    release: str = ""  # its `PeerInfo.release`
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,45 +24,45 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tadlora/v1/node.proto\x12\ntadlora.v1\"\xf4\x01\n\x08PeerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65gree\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x10\n\x08insecure\x18\t \x01(\x08\x12\x18\n\x10last_mixed_round\x18\n \x01(\x04\x12\x10\n\x08schedule\x18\x0b \x01(\t\x12\x19\n\x11\x66ingerprint_parts\x18\x0c \x01(\t\"8\n\x10HandshakeRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"\x83\x01\n\x0eHandshakeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12$\n\x06\x63\x61llee\x18\x04 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"\xcb\x01\n\x0e\x45xchangeHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65gree\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x12\n\nnum_chunks\x18\t \x01(\r\x12\x10\n\x08schedule\x18\n \x01(\t\"D\n\x07Refusal\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\x80\x01\n\x0f\x45xchangeMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.tadlora.v1.ExchangeHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x07refusal\x18\x03 \x01(\x0b\x32\x13.tadlora.v1.RefusalH\x00\x42\x06\n\x04kind\"?\n\rCommitRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\"[\n\x0b\x43ommitReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"4\n\x0c\x46\x65tchRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"4\n\x0cLeaveRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"X\n\nLeaveReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"f\n\x0eNeighborStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65gree\x18\x03 \x01(\r\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"{\n\x0f\x43\x61ndidateStatus\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\r\x12\x18\n\x10retry_in_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x9c\x02\n\x0bStatusReply\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x18\n\x10rounds_completed\x18\x03 \x01(\x04\x12\x11\n\tlast_loss\x18\x04 \x01(\x01\x12\x15\n\rlast_accuracy\x18\x05 \x01(\x01\x12\r\n\x05state\x18\x06 \x01(\t\x12-\n\tneighbors\x18\x07 \x03(\x0b\x32\x1a.tadlora.v1.NeighborStatus\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12/\n\ncandidates\x18\t \x03(\x0b\x32\x1b.tadlora.v1.CandidateStatus\x12\x0f\n\x07release\x18\n \x01(\t*\x8c\x04\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12$\n REFUSAL_REASON_PROTOCOL_MISMATCH\x10\x01\x12#\n\x1fREFUSAL_REASON_CLUSTER_MISMATCH\x10\x02\x12\'\n#REFUSAL_REASON_FINGERPRINT_MISMATCH\x10\x03\x12!\n\x1dREFUSAL_REASON_ROUND_MISMATCH\x10\x04\x12!\n\x1dREFUSAL_REASON_NOT_A_NEIGHBOR\x10\x05\x12\x1e\n\x1aREFUSAL_REASON_BAD_PAYLOAD\x10\x06\x12\"\n\x1eREFUSAL_REASON_DIGEST_MISMATCH\x10\x07\x12\x1c\n\x18REFUSAL_REASON_TOO_LARGE\x10\x08\x12 \n\x1cREFUSAL_REASON_SHUTTING_DOWN\x10\t\x12\x1b\n\x17REFUSAL_REASON_DEADLINE\x10\n\x12\x1b\n\x17REFUSAL_REASON_INTERNAL\x10\x0b\x12$\n REFUSAL_REASON_IDENTITY_MISMATCH\x10\x0c\x12\x17\n\x13REFUSAL_REASON_BUSY\x10\r\x12$\n REFUSAL_REASON_SCHEDULE_MISMATCH\x10\x0e\x32\x90\x03\n\x04Node\x12\x45\n\tHandshake\x12\x1c.tadlora.v1.HandshakeRequest\x1a\x1a.tadlora.v1.HandshakeReply\x12H\n\x08\x45xchange\x12\x1b.tadlora.v1.ExchangeMessage\x1a\x1b.tadlora.v1.ExchangeMessage(\x01\x30\x01\x12<\n\x06\x43ommit\x12\x19.tadlora.v1.CommitRequest\x1a\x17.tadlora.v1.CommitReply\x12@\n\x05\x46\x65tch\x12\x18.tadlora.v1.FetchRequest\x1a\x1b.tadlora.v1.ExchangeMessage0\x01\x12<\n\x06Status\x12\x19.tadlora.v1.StatusRequest\x1a\x17.tadlora.v1.StatusReply\x12\x39\n\x05Leave\x12\x18.tadlora.v1.LeaveRequest\x1a\x16.tadlora.v1.LeaveReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15tadlora/v1/node.proto\x12\ntadlora.v1\"\x85\x02\n\x08PeerInfo\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07\x63luster\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0f\n\x07node_id\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65gree\x18\x06 \x01(\r\x12\x0f\n\x07\x61\x64\x64ress\x18\x07 \x01(\t\x12\x0e\n\x06method\x18\x08 \x01(\t\x12\x10\n\x08insecure\x18\t \x01(\x08\x12\x18\n\x10last_mixed_round\x18\n \x01(\x04\x12\x10\n\x08schedule\x18\x0b \x01(\t\x12\x19\n\x11\x66ingerprint_parts\x18\x0c \x01(\t\x12\x0f\n\x07release\x18\r \x01(\t\"8\n\x10HandshakeRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"\x83\x01\n\x0eHandshakeReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\x12$\n\x06\x63\x61llee\x18\x04 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"\xcb\x01\n\x0e\x45xchangeHeader\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x04 \x01(\t\x12\r\n\x05round\x18\x05 \x01(\x04\x12\x0e\n\x06\x64\x65gree\x18\x06 \x01(\r\x12\x13\n\x0btotal_bytes\x18\x07 \x01(\x04\x12\x0e\n\x06sha256\x18\x08 \x01(\t\x12\x12\n\nnum_chunks\x18\t \x01(\r\x12\x10\n\x08schedule\x18\n \x01(\t\"D\n\x07Refusal\x12)\n\x06reason\x18\x01 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x02 \x01(\t\"\x80\x01\n\x0f\x45xchangeMessage\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.tadlora.v1.ExchangeHeaderH\x00\x12\x0f\n\x05\x63hunk\x18\x02 \x01(\x0cH\x00\x12&\n\x07refusal\x18\x03 \x01(\x0b\x32\x13.tadlora.v1.RefusalH\x00\x42\x06\n\x04kind\"?\n\rCommitRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x04\x12\x0e\n\x06\x61\x63\x63\x65pt\x18\x03 \x01(\x08\"[\n\x0b\x43ommitReply\x12\x11\n\tcommitted\x18\x01 \x01(\x08\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"4\n\x0c\x46\x65tchRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"4\n\x0cLeaveRequest\x12$\n\x06\x63\x61ller\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\"X\n\nLeaveReply\x12\x0f\n\x07\x64ropped\x18\x01 \x01(\x08\x12)\n\x06reason\x18\x02 \x01(\x0e\x32\x19.tadlora.v1.RefusalReason\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"w\n\x0eNeighborStatus\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06\x64\x65gree\x18\x03 \x01(\r\x12\x12\n\nlast_round\x18\x04 \x01(\x04\x12\x0e\n\x06weight\x18\x05 \x01(\x01\x12\x0f\n\x07release\x18\x06 \x01(\t\"{\n\x0f\x43\x61ndidateStatus\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x10\n\x08\x66\x61ilures\x18\x04 \x01(\r\x12\x18\n\x10retry_in_seconds\x18\x05 \x01(\x01\x12\x0e\n\x06reason\x18\x06 \x01(\t\"\x9c\x02\n\x0bStatusReply\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.tadlora.v1.PeerInfo\x12\r\n\x05phase\x18\x02 \x01(\t\x12\x18\n\x10rounds_completed\x18\x03 \x01(\x04\x12\x11\n\tlast_loss\x18\x04 \x01(\x01\x12\x15\n\rlast_accuracy\x18\x05 \x01(\x01\x12\r\n\x05state\x18\x06 \x01(\t\x12-\n\tneighbors\x18\x07 \x03(\x0b\x32\x1a.tadlora.v1.NeighborStatus\x12\x16\n\x0euptime_seconds\x18\x08 \x01(\x01\x12/\n\ncandidates\x18\t \x03(\x0b\x32\x1b.tadlora.v1.CandidateStatus\x12\x0f\n\x07release\x18\n \x01(\t*\x8c\x04\n\rRefusalReason\x12\x1e\n\x1aREFUSAL_REASON_UNSPECIFIED\x10\x00\x12$\n REFUSAL_REASON_PROTOCOL_MISMATCH\x10\x01\x12#\n\x1fREFUSAL_REASON_CLUSTER_MISMATCH\x10\x02\x12\'\n#REFUSAL_REASON_FINGERPRINT_MISMATCH\x10\x03\x12!\n\x1dREFUSAL_REASON_ROUND_MISMATCH\x10\x04\x12!\n\x1dREFUSAL_REASON_NOT_A_NEIGHBOR\x10\x05\x12\x1e\n\x1aREFUSAL_REASON_BAD_PAYLOAD\x10\x06\x12\"\n\x1eREFUSAL_REASON_DIGEST_MISMATCH\x10\x07\x12\x1c\n\x18REFUSAL_REASON_TOO_LARGE\x10\x08\x12 \n\x1cREFUSAL_REASON_SHUTTING_DOWN\x10\t\x12\x1b\n\x17REFUSAL_REASON_DEADLINE\x10\n\x12\x1b\n\x17REFUSAL_REASON_INTERNAL\x10\x0b\x12$\n REFUSAL_REASON_IDENTITY_MISMATCH\x10\x0c\x12\x17\n\x13REFUSAL_REASON_BUSY\x10\r\x12$\n REFUSAL_REASON_SCHEDULE_MISMATCH\x10\x0e\x32\x90\x03\n\x04Node\x12\x45\n\tHandshake\x12\x1c.tadlora.v1.HandshakeRequest\x1a\x1a.tadlora.v1.HandshakeReply\x12H\n\x08\x45xchange\x12\x1b.tadlora.v1.ExchangeMessage\x1a\x1b.tadlora.v1.ExchangeMessage(\x01\x30\x01\x12<\n\x06\x43ommit\x12\x19.tadlora.v1.CommitRequest\x1a\x17.tadlora.v1.CommitReply\x12@\n\x05\x46\x65tch\x12\x18.tadlora.v1.FetchRequest\x1a\x1b.tadlora.v1.ExchangeMessage0\x01\x12<\n\x06Status\x12\x19.tadlora.v1.StatusRequest\x1a\x17.tadlora.v1.StatusReply\x12\x39\n\x05Leave\x12\x18.tadlora.v1.LeaveRequest\x1a\x16.tadlora.v1.LeaveReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tadlora.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REFUSALREASON']._serialized_start=1773
-  _globals['_REFUSALREASON']._serialized_end=2297
+  _globals['_REFUSALREASON']._serialized_start=1807
+  _globals['_REFUSALREASON']._serialized_end=2331
   _globals['_PEERINFO']._serialized_start=38
-  _globals['_PEERINFO']._serialized_end=282
-  _globals['_HANDSHAKEREQUEST']._serialized_start=284
-  _globals['_HANDSHAKEREQUEST']._serialized_end=340
-  _globals['_HANDSHAKEREPLY']._serialized_start=343
-  _globals['_HANDSHAKEREPLY']._serialized_end=474
-  _globals['_EXCHANGEHEADER']._serialized_start=477
-  _globals['_EXCHANGEHEADER']._serialized_end=680
-  _globals['_REFUSAL']._serialized_start=682
-  _globals['_REFUSAL']._serialized_end=750
-  _globals['_EXCHANGEMESSAGE']._serialized_start=753
-  _globals['_EXCHANGEMESSAGE']._serialized_end=881
-  _globals['_COMMITREQUEST']._serialized_start=883
-  _globals['_COMMITREQUEST']._serialized_end=946
-  _globals['_COMMITREPLY']._serialized_start=948
-  _globals['_COMMITREPLY']._serialized_end=1039
-  _globals['_FETCHREQUEST']._serialized_start=1041
-  _globals['_FETCHREQUEST']._serialized_end=1093
-  _globals['_LEAVEREQUEST']._serialized_start=1095
-  _globals['_LEAVEREQUEST']._serialized_end=1147
-  _globals['_LEAVEREPLY']._serialized_start=1149
-  _globals['_LEAVEREPLY']._serialized_end=1237
-  _globals['_STATUSREQUEST']._serialized_start=1239
-  _globals['_STATUSREQUEST']._serialized_end=1254
-  _globals['_NEIGHBORSTATUS']._serialized_start=1256
-  _globals['_NEIGHBORSTATUS']._serialized_end=1358
-  _globals['_CANDIDATESTATUS']._serialized_start=1360
-  _globals['_CANDIDATESTATUS']._serialized_end=1483
-  _globals['_STATUSREPLY']._serialized_start=1486
-  _globals['_STATUSREPLY']._serialized_end=1770
-  _globals['_NODE']._serialized_start=2300
-  _globals['_NODE']._serialized_end=2700
+  _globals['_PEERINFO']._serialized_end=299
+  _globals['_HANDSHAKEREQUEST']._serialized_start=301
+  _globals['_HANDSHAKEREQUEST']._serialized_end=357
+  _globals['_HANDSHAKEREPLY']._serialized_start=360
+  _globals['_HANDSHAKEREPLY']._serialized_end=491
+  _globals['_EXCHANGEHEADER']._serialized_start=494
+  _globals['_EXCHANGEHEADER']._serialized_end=697
+  _globals['_REFUSAL']._serialized_start=699
+  _globals['_REFUSAL']._serialized_end=767
+  _globals['_EXCHANGEMESSAGE']._serialized_start=770
+  _globals['_EXCHANGEMESSAGE']._serialized_end=898
+  _globals['_COMMITREQUEST']._serialized_start=900
+  _globals['_COMMITREQUEST']._serialized_end=963
+  _globals['_COMMITREPLY']._serialized_start=965
+  _globals['_COMMITREPLY']._serialized_end=1056
+  _globals['_FETCHREQUEST']._serialized_start=1058
+  _globals['_FETCHREQUEST']._serialized_end=1110
+  _globals['_LEAVEREQUEST']._serialized_start=1112
+  _globals['_LEAVEREQUEST']._serialized_end=1164
+  _globals['_LEAVEREPLY']._serialized_start=1166
+  _globals['_LEAVEREPLY']._serialized_end=1254
+  _globals['_STATUSREQUEST']._serialized_start=1256
+  _globals['_STATUSREQUEST']._serialized_end=1271
+  _globals['_NEIGHBORSTATUS']._serialized_start=1273
+  _globals['_NEIGHBORSTATUS']._serialized_end=1392
+  _globals['_CANDIDATESTATUS']._serialized_start=1394
+  _globals['_CANDIDATESTATUS']._serialized_end=1517
+  _globals['_STATUSREPLY']._serialized_start=1520
+  _globals['_STATUSREPLY']._serialized_end=1804
+  _globals['_NODE']._serialized_start=2334
+  _globals['_NODE']._serialized_end=2734
 # @@protoc_insertion_point(module_scope)

@@ -41,7 +41,7 @@ REFUSAL_REASON_BUSY: RefusalReason
 REFUSAL_REASON_SCHEDULE_MISMATCH: RefusalReason
 
 class PeerInfo(_message.Message):
-    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round", "schedule", "fingerprint_parts")
+    __slots__ = ("protocol_version", "cluster", "fingerprint", "node_id", "round", "degree", "address", "method", "insecure", "last_mixed_round", "schedule", "fingerprint_parts", "release")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class PeerInfo(_message.Message):
     LAST_MIXED_ROUND_FIELD_NUMBER: _ClassVar[int]
     SCHEDULE_FIELD_NUMBER: _ClassVar[int]
     FINGERPRINT_PARTS_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     cluster: str
     fingerprint: str
@@ -66,7 +67,8 @@ class PeerInfo(_message.Message):
     last_mixed_round: int
     schedule: str
     fingerprint_parts: str
-    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ..., schedule: _Optional[str] = ..., fingerprint_parts: _Optional[str] = ...) -> None: ...
+    release: str
+    def __init__(self, protocol_version: _Optional[int] = ..., cluster: _Optional[str] = ..., fingerprint: _Optional[str] = ..., node_id: _Optional[str] = ..., round: _Optional[int] = ..., degree: _Optional[int] = ..., address: _Optional[str] = ..., method: _Optional[str] = ..., insecure: _Optional[bool] = ..., last_mixed_round: _Optional[int] = ..., schedule: _Optional[str] = ..., fingerprint_parts: _Optional[str] = ..., release: _Optional[str] = ...) -> None: ...
 
 class HandshakeRequest(_message.Message):
     __slots__ = ("caller",)
@@ -175,18 +177,20 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class NeighborStatus(_message.Message):
-    __slots__ = ("node_id", "address", "degree", "last_round", "weight")
+    __slots__ = ("node_id", "address", "degree", "last_round", "weight", "release")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DEGREE_FIELD_NUMBER: _ClassVar[int]
     LAST_ROUND_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     address: str
     degree: int
     last_round: int
     weight: float
-    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., degree: _Optional[int] = ..., last_round: _Optional[int] = ..., weight: _Optional[float] = ...) -> None: ...
+    release: str
+    def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., degree: _Optional[int] = ..., last_round: _Optional[int] = ..., weight: _Optional[float] = ..., release: _Optional[str] = ...) -> None: ...
 
 class CandidateStatus(_message.Message):
     __slots__ = ("key", "address", "source", "failures", "retry_in_seconds", "reason")
