@@ -628,6 +628,22 @@ def test_the_fingerprint_parts_travel_in_the_txt_record_and_a_missing_or_bad_fpp
                                                 fingerprint_parts="")  # fmt: skip
 
 
+@pytest.mark.parametrize("garbage", ["0.1.0 (evil)", "0.1\n0", "1" * 65], ids=["a space", "a line break", "too long"])
+def test_the_release_travels_in_the_txt_record_and_a_missing_or_bad_rel_is_passed_over(garbage: str) -> None:
+    """The release is only said (a passed-over advert of another protocol names it), so an advert without ``rel``
+    (an older node) or with one that is no version is a candidate as before, with none."""
+    txt = advert("peer", release="0.2.0rc1").txt()
+    assert txt["rel"] == "0.2.0rc1"
+    parsed = discovery.candidate_from_info(_resolved(txt))
+    assert isinstance(parsed, PeerCandidate) and parsed.release == "0.2.0rc1"
+    assert "rel" not in advert("peer").txt()  # an advert built without one publishes none, as an older node
+    for properties in (GOOD_TXT, {**GOOD_TXT, "rel": garbage}):
+        candidate = discovery.candidate_from_info(_resolved(properties))
+        assert isinstance(candidate, PeerCandidate) and candidate.release == ""
+    with pytest.raises(ValueError, match="not a version"):
+        advert("peer", release=garbage)
+
+
 def test_the_longest_fingerprint_parts_fit_one_txt_string() -> None:
     longest = "model=" + "m" * (FINGERPRINT_PARTS_MAX_CHARS - len("model="))
     assert len(f"fpp={longest}".encode()) <= 255

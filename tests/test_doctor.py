@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 import netns
+import tadlora
 import test_discovery
 from netns import Testbed
 from tadlora.node.cli import main
@@ -255,7 +256,13 @@ def test_a_health_or_metrics_port_taken_by_another_process_fails_the_listen_chec
 def test_another_clusters_node_is_fine_and_a_protocol_mismatch_warns(tmp_path) -> None:
     cfg = node_config(tmp_path, 0, 1, PeersOption(auto=True, static=(), dns=()))
     assert compare_peer(cfg, "ab", "x", "elsewhere", "cd", PROTOCOL_VERSION).status == "OK"
-    assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1).status == "WARN"
+    newer = compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1, release="9.0.0")
+    assert newer.status == "WARN"
+    assert newer.detail == f"protocol {PROTOCOL_VERSION + 1} (tadlora 9.0.0), ours {PROTOCOL_VERSION} (tadlora " \
+        f"{tadlora.__version__})"  # fmt: skip
+    assert newer.fix.startswith("upgrade the node of the older protocol")
+    unsaid = compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION + 1)  # a node too old to say it
+    assert unsaid.detail.startswith(f"protocol {PROTOCOL_VERSION + 1}, ours {PROTOCOL_VERSION} (tadlora ")
     assert compare_peer(cfg, "ab", "x", cfg.cluster, "ab", PROTOCOL_VERSION).status == "OK"
     # A schedule: the peer's status or mDNS advert says it; one not known (an older node's) is not compared.
     ours = cfg.schedule()

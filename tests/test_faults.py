@@ -558,13 +558,14 @@ def advert(node_id: str, address: str, *alternates: str) -> PeerCandidate:
 
 
 def advertised(
-    monkeypatch: pytest.MonkeyPatch, *adverts: PeerCandidate
+    monkeypatch: pytest.MonkeyPatch, *adverts: PeerCandidate, release: str = ""
 ) -> tuple[PeerManager, Hosts, FakeClock, list[PeerCandidate]]:
-    """A manager whose candidates are the mDNS adverts in the returned list (change it to re-announce)."""
+    """A manager (of a node that runs ``release``) whose candidates are the mDNS adverts in the returned list
+    (change it to re-announce)."""
     clock = FakeClock()
     monkeypatch.setattr(peers_module.time, "monotonic", clock.monotonic)
     hosts, live = Hosts(), list(adverts)
-    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1")
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="127.0.0.1:1", release=release)
     pm = PeerManager(hosts, lambda: me, lambda: [(c.node_id, c.address, c) for c in live], lambda: None)
     return pm, hosts, clock, live
 
@@ -706,6 +707,22 @@ async def test_an_advert_of_another_protocol_is_not_dialled_and_its_reason_says_
     assert candidate.reason == (
         f"not dialled: its advert says protocol {PROTOCOL_VERSION + 1} is not ours ({PROTOCOL_VERSION}): upgrade "
         "the node of the older protocol: every node of a cluster must speak the same one"
+    )
+
+
+@pytest.mark.asyncio
+async def test_an_advert_of_another_protocol_that_says_its_release_is_passed_over_naming_both_releases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Which release the older node must be upgraded to is what its operator needs (TXT ``rel``)."""
+    newer = dataclasses.replace(advert("newer", OLD), protocol_version=PROTOCOL_VERSION + 1, release="0.4.0")
+    pm, hosts, _, _ = advertised(monkeypatch, newer, release="0.3.0")
+    await pm.scan()
+    assert hosts.dials == []
+    [candidate] = pm.unreachable()
+    assert candidate.reason.startswith(
+        f"not dialled: its advert says protocol {PROTOCOL_VERSION + 1} (tadlora 0.4.0) is not ours "
+        f"({PROTOCOL_VERSION}, tadlora 0.3.0): upgrade the node of the older protocol"
     )
 
 

@@ -201,7 +201,7 @@ def test_avahi_browse_in_another_host_lists_the_nodes_service_with_its_srv_addre
     parts = serving.split(" [", 1)[1].split("], ", 1)[0]  # "fingerprint F [PARTS], schedule ..." in its log
     assert entries == {
         "id": node_id, "cluster": tag, "fp": fingerprint, "proto": str(PROTOCOL_VERSION), "sec": "insecure",
-        "sched": schedule, "fpp": parts,
+        "sched": schedule, "fpp": parts, "rel": tadlora.__version__,
     }  # fmt: skip
     assert schedule == "tad T=5 p=1.0 max-neighbors=all"
     assert re.fullmatch(r"model=#[0-9a-f]{8} labels=negative,positive lora=r8/a16/d0/query\+value seed=0 "

@@ -356,6 +356,7 @@ class Node:
                 advertise_address=advertised_host,
                 schedule=self.schedule,  # peers of another schedule pass this advert over instead of dialling it
                 fingerprint_parts=self.fingerprint_parts,  # and of another fingerprint say which parts differ
+                release=__version__,  # and of another protocol which release they run
             )
             self._discovery = MdnsDiscovery(advert, interfaces, on_change=self._peers.wake)
             await self._discovery.__aenter__()

@@ -25,7 +25,7 @@ from zeroconf import BadTypeInNameException, DNSQuestionType, IPVersion, Service
 from zeroconf.asyncio import AsyncServiceBrowser, AsyncServiceInfo, AsyncZeroconf
 
 from tadlora.node.netif import ipv4_by_interface, ipv4_networks, require_unicast_ipv4
-from tadlora.node.peer_checks import node_id_problem, parse_fingerprint_parts
+from tadlora.node.peer_checks import is_release, node_id_problem, parse_fingerprint_parts
 from tadlora.node.peerspec import PORT_MAX
 
 __all__ = [
@@ -83,6 +83,9 @@ class PeerCandidate:
     # Its `tadlora.adapter.fingerprint_parts` (TXT "fpp"); "" from an advert without one (a node older than the key)
     # or with one that is not such a text: then a refusal for another fingerprint names no part.
     fingerprint_parts: str = ""
+    # The tadlora release it runs (TXT "rel"); "" from an advert without one (a node older than the key) or with one
+    # that is no version (`is_release`). Only said, never compared.
+    release: str = ""
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,7 @@ class Advertisement:
     advertise_address: str | None = None
     schedule: str = ""  # `NodeConfig.schedule`; "" publishes none (as a node older than the "sched" key)
     fingerprint_parts: str = ""  # `tadlora.adapter.fingerprint_parts`; "" publishes none (as before the "fpp" key)
+    release: str = ""  # `tadlora.__version__`; "" publishes none (as before the "rel" key)
 
     def __post_init__(self) -> None:
         if not self.node_id:
@@ -114,6 +118,8 @@ class Advertisement:
             require_unicast_ipv4(self.advertise_address, "advertise_address")
         if self.fingerprint_parts and parse_fingerprint_parts(self.fingerprint_parts) is None:
             raise ValueError(f"fingerprint_parts {self.fingerprint_parts!r} is not a fingerprint_parts text")
+        if not is_release(self.release):
+            raise ValueError(f"release {self.release!r} is not a version")
         for key, value in self.txt().items():
             if len(f"{key}={value}".encode()) > _TXT_ENTRY_MAX_BYTES:
                 raise ValueError(f"TXT entry {key!r} is longer than {_TXT_ENTRY_MAX_BYTES} bytes")
@@ -131,6 +137,8 @@ class Advertisement:
             txt["sched"] = self.schedule
         if self.fingerprint_parts:
             txt["fpp"] = self.fingerprint_parts
+        if self.release:
+            txt["rel"] = self.release
         return txt
 
 
@@ -207,6 +215,8 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
     # says which parts of another fingerprint differ, and the advert is good without it.
     parts = txt.get("fpp", "")
     parts = parts if parse_fingerprint_parts(parts) is not None else ""
+    release = txt.get("rel", "")  # the same for the release, which is only ever said
+    release = release if is_release(release) else ""
     return PeerCandidate(
         node_id=txt["id"],
         address=ordered[0],
@@ -219,6 +229,7 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
         alternates=tuple(ordered[1:]),
         schedule=txt.get("sched", ""),  # absent from an older node's advert
         fingerprint_parts=parts,
+        release=release,
     )
 
 

@@ -126,13 +126,17 @@ def compare_peer(
     schedule: str = "",
     fingerprint_parts: str = "",
     our_parts: str = "",
+    release: str = "",
 ) -> Check:
     """Would this node mix with that peer? OK if so (or it is another cluster's), WARN with the fix if not.
     ``secure``: whether the peer says it runs with TLS (its mDNS record), None if unknown. ``same_id``: the peer
     runs under the node id this node would take, a FAIL within one cluster. ``schedule`` and
     ``fingerprint_parts``: the peer's (`NodeConfig.schedule`, `tadlora.adapter.fingerprint_parts`, from its status
     or mDNS record), "" if unknown (a node too old to say); ``our_parts``: this node's, to name the parts of
-    another fingerprint that differ."""
+    another fingerprint that differ; ``release``: the tadlora release the peer runs, "" if unknown (said where the
+    protocols differ: the release to upgrade to)."""
+    from tadlora import __version__
+    from tadlora.node.peer_checks import SAME_PROTOCOL_FIX
     from tadlora.node.protocol_types import PROTOCOL_VERSION
 
     name = f"peer {who}"
@@ -149,7 +153,13 @@ def compare_peer(
             "was kept from a run in it",
         )
     if protocol != PROTOCOL_VERSION:
-        return Check(name, "WARN", f"protocol {protocol}, ours {PROTOCOL_VERSION}", "run the same tadlora version")
+        theirs = f" (tadlora {release})" if release else ""
+        return Check(
+            name,
+            "WARN",
+            f"protocol {protocol}{theirs}, ours {PROTOCOL_VERSION} (tadlora {__version__})",
+            SAME_PROTOCOL_FIX,
+        )
     if fingerprint is None:
         return Check(
             name,
@@ -239,6 +249,7 @@ async def async_check_address(
         schedule=st.node.schedule,
         fingerprint_parts=st.node.fingerprint_parts,
         our_parts=our_parts,
+        release=st.node.release or st.release,  # the second from a node between the two fields
     )
     return dataclasses.replace(check, detail=f"({via}) {check.detail}")
 
@@ -270,7 +281,7 @@ async def async_check_peers(
         check = compare_peer(
             cfg, fingerprint, f"{c.node_id} at {c.address}", c.cluster, c.fingerprint, c.protocol_version, c.secure,
             same_id=c.node_id == node_id and c.address != own,  # at our own address: this node, already running
-            schedule=c.schedule, fingerprint_parts=c.fingerprint_parts, our_parts=our_parts,
+            schedule=c.schedule, fingerprint_parts=c.fingerprint_parts, our_parts=our_parts, release=c.release,
         )  # fmt: skip
         checks.append(dataclasses.replace(check, detail=f"(mdns) {check.detail}"))
     for name, why in browsed.ignored if browsed is not None else []:

@@ -25,6 +25,11 @@ RELEASE_CHARS: Final = 64  # chars of a `PeerInfo.release`
 _RELEASE: Final = re.compile(rf"[0-9A-Za-z.+!_-]{{0,{RELEASE_CHARS}}}")
 
 
+def is_release(text: str) -> bool:
+    """Whether ``text`` may be a `PeerInfo.release` (or TXT ``rel``): "", or a version as PEP 440 spells one."""
+    return _RELEASE.fullmatch(text) is not None
+
+
 def _check_identity(claimed: str, identity: str | None) -> None:
     """With TLS, a caller may only speak as the node its certificate names; ``identity`` "" (a certificate whose
     common name is not one of its DNS names, see grpc_transport) names none."""
@@ -81,7 +86,7 @@ def _check_info(info: PeerInfo, what: str) -> None:
              info.fingerprint_parts)  # fmt: skip
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
     _check_node_id(info.node_id, what)
-    if not _RELEASE.fullmatch(info.release):
+    if not is_release(info.release):
         raise ExchangeRefused(
             Reason.BAD_PAYLOAD,
             f"{what} says it runs release {info.release[:RELEASE_CHARS]!r}, not a version of up to {RELEASE_CHARS} "

@@ -261,7 +261,13 @@ class PeerManager:
         # compute its fingerprint or spell its schedule otherwise, and those reasons would send the user to the wrong
         # fix.
         if cand.protocol_version != local.protocol_version:
-            reason = f"protocol {cand.protocol_version} is not ours ({local.protocol_version}): {SAME_PROTOCOL_FIX}"
+            # With the releases, where the advert says its ("" from a node older than the "rel" key): which to install.
+            theirs = f" (tadlora {cand.release})" if cand.release else ""
+            ours = f", tadlora {local.release}" if local.release else ""
+            reason = (
+                f"protocol {cand.protocol_version}{theirs} is not ours ({local.protocol_version}{ours}): "
+                f"{SAME_PROTOCOL_FIX}"
+            )
         elif cand.cluster != local.cluster:
             reason = f"cluster {cand.cluster!r} is not ours ({local.cluster!r})"
         elif cand.fingerprint != local.fingerprint:
