@@ -579,11 +579,14 @@ async def test_a_static_peer_list_that_names_the_node_itself_is_shared_without_d
 
 @pytest.mark.asyncio
 async def test_the_node_s_own_address_in_another_spelling_is_dialled_once_not_every_backoff(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, caplog
 ) -> None:
     """A static list (or a dual-stack DNS name) may name the node itself in a spelling other than its own address
     (localhost for 127.0.0.1, its IPv6 record): the skip by address cannot see it, its handshake reaches the node
-    itself and is refused. Once is enough: it must not be dialled again at every backoff for the whole run."""
+    itself and is refused. Once is enough: it must not be dialled again at every backoff for the whole run. The
+    dialling side says so once, naming the entry; the answering side, the same node, said it as a refusal of a
+    caller under its own id, which sent the reader looking for a second node."""
+    caplog.set_level(logging.INFO)
     monkeypatch.setattr(peers_module, "RETRY_MIN_S", 0.05)  # retries that would come every 50 ms, not every 1-30 s
     monkeypatch.setattr(peers_module, "RETRY_MAX_S", 0.05)
     monkeypatch.setattr(peers_module, "SCAN_INTERVAL_S", 0.05)
@@ -596,11 +599,47 @@ async def test_the_node_s_own_address_in_another_spelling_is_dialled_once_not_ev
         refused = node.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "NOT_A_NEIGHBOR"})
         assert node._peers is not None and not node._peers.peers
         assert refused == 1
+        said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+        assert [m for m in said if "itself" in m] == [
+            f"localhost:{port} (static) reaches this node itself at localhost:{port}: not a peer there"
+        ]
+        assert not [m for m in said if "own id" in m]
         # Once the node has moved (renumbered), that address may reach another node: it is tried again, once.
         node._peers.own_address_changed()
         await asyncio.sleep(1.0)
         again = node.metrics.registry.get_sample_value("tadlora_refusals_total", {"reason": "NOT_A_NEIGHBOR"})
     assert again == 2
+
+
+@pytest.mark.asyncio
+async def test_two_nodes_under_one_id_say_so_in_their_status_and_logs_not_that_they_reached_themselves(
+    tmp_path, caplog
+) -> None:
+    """A --node-id given twice (or an --out copied with its node.json): the two never mix. Each caller took the
+    refusal it got for a dial of itself and went silent (logged at DEBUG, left out of status, never dialled again);
+    now the caller sees the id at another address, and both sides name the two addresses and the fix."""
+    caplog.set_level(logging.INFO)
+    async with contextlib.AsyncExitStack() as stack:
+        first = await stack.enter_async_context(
+            Node(node_config(tmp_path, 0, 2, NO_PEERS, min_peers=0, rounds=None, peer_wait=0.0))
+        )
+        twin = await stack.enter_async_context(
+            Node(node_config(tmp_path, 1, 2, PeersOption(False, (first.address,), ()), node_id=first.node_id,
+                             min_peers=0, rounds=None, peer_wait=0.0))
+        )  # fmt: skip
+        async with asyncio.timeout(30):  # its first dial comes at once
+            while not twin.status().candidates:  # noqa: ASYNC110 - status has no event to wait on
+                await asyncio.sleep(0.05)
+        [candidate] = twin.status().candidates
+    assert candidate.key == first.address
+    assert candidate.reason == (
+        f"refused the handshake: NOT_A_NEIGHBOR: that is this node's own id: {twin.address} and {first.address} run "
+        "under one id, and never mix; give one of them another --node-id (or another --out, if it kept the id from "
+        "a run there)"
+    )
+    said = [r.getMessage() for r in caplog.records if r.levelno >= logging.INFO]
+    assert f"refused a handshake from {first.node_id!r}: NOT_A_NEIGHBOR: {candidate.reason.split(': ', 2)[2]}" in said
+    assert not [m for m in said if "itself" in m]
 
 
 @pytest.mark.asyncio

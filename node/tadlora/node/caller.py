@@ -46,7 +46,12 @@ class _Caller(abc.ABC):
         this connection was made for."""
         reply = await self._call_handshake(pb.HandshakeRequest(caller=_info_to_pb(info)), timeout)
         if not reply.accepted:
-            if reply.HasField("callee") and reply.callee.node_id == info.node_id:
+            # This node itself answered: its own id at its own address. Its id at another address is another node
+            # started under it (a copied --out, a --node-id given twice): a refusal like any other, logged.
+            if reply.HasField("callee") and (reply.callee.node_id, reply.callee.address) == (
+                info.node_id,
+                info.address,
+            ):
                 raise OwnAddress(Reason.NOT_A_NEIGHBOR, f"{self.address} is this node itself")
             raise _peer_refusal(reply.reason, reply.detail)
         if not reply.HasField("callee"):

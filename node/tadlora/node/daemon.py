@@ -732,8 +732,12 @@ class Node:
     async def async_handshake(self, remote: PeerInfo) -> None:
         if self._stop.is_set():
             raise ExchangeRefused(Reason.SHUTTING_DOWN, "node is stopping")
-        if remote.node_id == self.node_id:
-            raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, "that is this node's own id")
+        if remote.node_id == self.node_id:  # at another address (its own dial is the responder's): another node
+            raise ExchangeRefused(
+                Reason.NOT_A_NEIGHBOR,
+                f"that is this node's own id: {remote.address} and {self.address} run under one id, and never mix; "
+                "give one of them another --node-id (or another --out, if it kept the id from a run there)",
+            )
         if self._peers is not None and remote.address:
             await self._peers.add(remote, None, "inbound")
         if abs(remote.round - self.rounds.t) >= 2:

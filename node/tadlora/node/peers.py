@@ -309,7 +309,12 @@ class PeerManager:
                 info = await conn.handshake(self._local_info(), timeout=HANDSHAKE_TIMEOUT_S)
             except OwnAddress:  # our own address in another spelling (a host name, our IPv6 record)
                 await conn.aclose()
-                log.debug("%s reaches this node itself", address)
+                # Said once per candidate and address while it is listed (a candidate whose other address fails is
+                # dialled here again at each backoff): expected of a dual-stack name's record of this node, a slip
+                # in a static list, or an advert that names an address of this host (a loopback --listen elsewhere).
+                if (key, itself := f"itself at {address}") not in self._refused_logged:
+                    self._refused_logged.add((key, itself))
+                    log.info("%s (%s) reaches this node itself at %s: not a peer there", key, source, address)
                 continue
             except ExchangeRefused as exc:
                 await conn.aclose()

@@ -101,6 +101,12 @@ class _RefusalLog:
             self._seen.popitem(last=False)
 
 
+class _OwnDial(ExchangeRefused):
+    """A handshake from this node itself: its own address in another spelling (``localhost``, a host name, the IPv6
+    record of a dual-stack name), or another node's advert that names an address of this host. Refused as any caller
+    under this node's id is (the caller tells it apart by the reply's ``callee``), and left to the caller to log."""
+
+
 class _ServiceFault(Exception):
     """The handler failed on a request that has no in-band refusal (Status); the detail is safe to send."""
 
@@ -161,7 +167,10 @@ class _Responder:
     def _refused(self, what: str, exc: ExchangeRefused, caller: str | None = None) -> None:
         """Log (`_RefusalLog`, naming ``caller``: "" for one not known yet) and observe a refusal of call ``what``;
         None for a call that names no caller (status), whose own line says it."""
-        if caller is not None:
+        if isinstance(exc, _OwnDial):
+            # The calling side says it, naming the entry or advert that led there (`PeerManager._try`).
+            log.debug("refused %s from this node itself: %s", _CALLS[what], exc)
+        elif caller is not None:
             self._refusal_log.refused(_CALLS[what], caller, exc)
         if self._observe is not None:
             try:
@@ -210,6 +219,8 @@ class _Responder:
             remote = _info_from_pb(request.caller)
             _check_info(remote, "handshake caller")
             _check_identity(remote.node_id, identity)
+            if (remote.node_id, remote.address) == (local.node_id, local.address):
+                raise _OwnDial(Reason.NOT_A_NEIGHBOR, "that is this node's own id")
             check_compatible(local, remote)
             await self._handler.async_handshake(remote)
             return pb.HandshakeReply(accepted=True, callee=callee)
