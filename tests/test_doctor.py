@@ -31,7 +31,7 @@ from tadlora.node.daemon import Node
 from tadlora.node.discovery import SERVICE_TYPE, PeerCandidate
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
 from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer, own_address
-from tadlora.node.hostcheck import check_listen, check_precision, multicast_route_interfaces
+from tadlora.node.hostcheck import check_listen, check_precision, check_training, multicast_route_interfaces
 from tadlora.node.identity import save_identity
 from tadlora.node.peerspec import PeersOption, parse_peers_option
 from tadlora.node.rpc import PROTOCOL_VERSION
@@ -235,6 +235,23 @@ def test_a_wildcard_listen_without_mdns_or_advertise_address_fails_as_the_node_w
     assert listen.status == "FAIL" and "--advertise-address" in listen.fix
     assert check_listen(dataclasses.replace(wildcard, advertise_address="10.1.2.3")).status == "OK"
     assert check_listen(dataclasses.replace(wildcard, peers=parse_peers_option("auto"))).status == "OK"
+
+
+def test_a_listen_address_this_host_does_not_have_fails_naming_the_fix(tmp_path) -> None:
+    # 192.0.2.1 (TEST-NET-1, RFC 5737) is no address of any host: the node would fail to bind it at start.
+    listen = check_listen(node_config(tmp_path, 0, 1, NO_PEERS, listen="192.0.2.1:7070"))
+    assert listen.status == "FAIL" and "cannot bind 192.0.2.1:7070" in listen.detail
+    assert listen.fix == "use an address of this host (see 'interfaces') or 0.0.0.0"
+
+
+def test_a_dataset_that_does_not_load_fails_the_dataset_check_with_what_went_wrong(tmp_path) -> None:
+    """A user's file can fail in many ways; the check says how, in the loader's words, and what it takes."""
+    data = tmp_path / "mine.csv"
+    data.write_text("text,stars\ngood film,5\n", encoding="utf-8")  # no "label" column
+    checks, _, _ = check_training(node_config(tmp_path, 0, 1, NO_PEERS, dataset=str(data)))
+    [dataset] = [c for c in checks if c.name == "dataset"]
+    assert dataset.status == "FAIL" and dataset.detail.startswith(f"{data}: ") and "label" in dataset.detail
+    assert "path.csv?text=COL&label=COL" in dataset.fix
 
 
 @pytest.mark.parametrize("port", ["health", "metrics"])
