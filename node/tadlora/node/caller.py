@@ -48,10 +48,8 @@ class _Caller(abc.ABC):
         if not reply.accepted:
             # This node itself answered: its own id at its own address. Its id at another address is another node
             # started under it (a copied --out, a --node-id given twice): a refusal like any other, logged.
-            if reply.HasField("callee") and (reply.callee.node_id, reply.callee.address) == (
-                info.node_id,
-                info.address,
-            ):
+            callee = _info_from_pb(reply.callee) if reply.HasField("callee") else None
+            if callee is not None and (callee.node_id, callee.address) == (info.node_id, info.address):
                 raise OwnAddress(Reason.NOT_A_NEIGHBOR, f"{self.address} is this node itself")
             raise _peer_refusal(reply.reason, reply.detail)
         if not reply.HasField("callee"):
