@@ -35,7 +35,7 @@ from pathlib import Path
 
 from _common import out_dir
 
-from tadlora.cliutil import csv_list
+from tadlora.cliutil import csv_list, interrupts_kept
 from tadlora.fsutil import atomic_write_bytes, atomic_write_json
 from tadlora.sim.config import PRESET_CAVEATS, PRESETS, preset
 from tadlora.sim.paper import checkpoint_progress, markdown, paper_grids
@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         # The other grid, once it has started (its cells are this grid's wherever their computations are equal).
         others = [o for other, (_c, o) in grids.items() if other != name and (o / "config.json").exists()]
         try:
-            simulator = Simulator(config, grid_out, quiet=args.quiet, share_from=others)
-            results[name] = simulator.run(report_only=reported_only(name))
+            with interrupts_kept():  # one Ctrl-C stops the run, wherever it lands
+                simulator = Simulator(config, grid_out, quiet=args.quiet, share_from=others)
+                results[name] = simulator.run(report_only=reported_only(name))
         except (ValueError, OSError, RuntimeError) as exc:  # another run's settings here, a bad setting, a path
             print(f"paper_table: error: {exc}", file=sys.stderr)
             return 2

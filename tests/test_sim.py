@@ -11,6 +11,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import warnings
@@ -23,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import tadlora
 from conftest import TINY_TRAIN, sentence_pairs
+from tadlora import cliutil
 from tadlora.adapter import AdapterModel, LoraSpec, ModelSpec, resolve_model_path
 from tadlora.core.factors import Factor, factor_key, factor_of
 from tadlora.core.methods import make_method
@@ -229,6 +231,30 @@ def stopped_after_round_2(config: SimConfig, cell: Cell, out: Path) -> tuple[Sim
     with pytest.raises(Stop):
         sim.run_cell(cell, stop_after_round_2)
     return sim, sim.cells_dir / f"{cell.key}.ckpt.safetensors"
+
+
+def test_a_ctrl_c_dropped_where_it_landed_still_stops_the_run_after_the_round_it_came_in(tmp_path) -> None:
+    """Python drops an exception raised in a finalizer the garbage collector runs, and numpy.random's compiled init
+    drops one too: a Ctrl-C landing there was lost, and the run went on to its end (the paper_table interrupt test
+    failed so, about one run in six). Within `interrupts_kept` it is remembered and raised after the round."""
+    config = smoke_config(methods=["lora"])
+    cell = next(config.cells())
+    sim = Simulator(config, tmp_path / "run", quiet=True)
+    sim.cells_dir.mkdir(parents=True)
+    rounds: list[int] = []
+    previous = signal.getsignal(signal.SIGINT)
+    with cliutil.interrupts_kept():
+        handler = signal.getsignal(signal.SIGINT)
+        assert callable(handler) and handler is not previous
+        with contextlib.suppress(KeyboardInterrupt):  # what a finalizer, or that init, does with it
+            handler(signal.SIGINT, None)
+        with pytest.raises(KeyboardInterrupt):
+            sim.run_cell(cell, lambda t, _record: rounds.append(t))
+    assert rounds == []  # stopped after the round it came in, which is not kept
+    assert not (sim.cells_dir / f"{cell.key}.json").exists()
+    assert signal.getsignal(signal.SIGINT) is previous
+    cliutil.raise_if_interrupted()  # the block is over: nothing is pending
+    assert Simulator(config, tmp_path / "run", quiet=True).run_cell(cell)["final"]  # and the run goes on after
 
 
 def test_a_cell_records_the_releases_and_device_that_ran_it_once_per_process(tmp_path) -> None:

@@ -6,7 +6,9 @@ import argparse
 import contextlib
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +22,42 @@ _OFF = ("0", "false", "no", "off", "")
 VERSION_HELP = "print tadlora's release and those of Python and the libraries it runs on (for a bug report), and exit"
 # What a bug report needs beside tadlora's own version: the libraries that build the model and carry the exchange.
 _REPORTED = ("torch", "transformers", "peft", "safetensors", "grpcio", "zeroconf")
+
+
+_interrupted = False  # a Ctrl-C came while `interrupts_kept` was on (`raise_if_interrupted`)
+
+
+@contextlib.contextmanager
+def interrupts_kept() -> Iterator[None]:
+    """Within the block, a Ctrl-C (SIGINT) is a KeyboardInterrupt that is not lost. Python drops an exception raised
+    where it cannot propagate: in a finalizer (``__del__``) the garbage collector runs, and in the init of some
+    compiled modules (numpy.random's swallows it). A Ctrl-C landing there was lost, and a run went on to its end.
+    The handler raises it and remembers it; `raise_if_interrupted` raises it again where it propagates (the
+    simulator calls it after each round). The previous handler is back after the block. In the main thread only,
+    where signal handlers run; elsewhere the block changes nothing."""
+    global _interrupted
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, handler)
+    _interrupted = False
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        _interrupted = False
+
+
+def raise_if_interrupted() -> None:
+    """Raise KeyboardInterrupt if a Ctrl-C came within `interrupts_kept` (it may have been dropped where it landed)."""
+    if _interrupted:
+        raise KeyboardInterrupt
 
 
 def releases() -> dict[str, str]:

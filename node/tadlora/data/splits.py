@@ -11,6 +11,11 @@ import math
 import numpy as np
 import numpy.typing as npt
 
+# Imported here, with the package, not at the first use as `np.random`: numpy loads numpy.random on first
+# access, and a Ctrl-C landing in that load is lost (its compiled module's init swallows the KeyboardInterrupt),
+# so the simulator's first cell could not be interrupted. tadlora.data imports this module before anything runs.
+from numpy.random import default_rng
+
 from tadlora.data.dataset import TextDataset
 
 __all__ = [
@@ -60,7 +65,7 @@ def split_iid(labels: npt.ArrayLike, num_clients: int, seed: int) -> Shards:
     """
     n = _labels(labels).shape[0]
     _check_clients(num_clients, n)
-    perm = np.random.default_rng(seed).permutation(n)
+    perm = default_rng(seed).permutation(n)
     return [np.sort(s).astype(np.int64) for s in np.array_split(perm, num_clients)]
 
 
@@ -82,7 +87,7 @@ def split_dirichlet(
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"dirichlet alpha must be a positive number, got {alpha}")
     _check_clients(num_clients, y.shape[0], min_samples)
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     for _ in range(_DIRICHLET_ATTEMPTS):
         parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]
         for c in np.unique(y):
@@ -216,7 +221,7 @@ def split_label_skew(
                 f"{num_clients} label-skewed clients (at most {capacity})"
             )
     counts = _client_counts(props, n)
-    rng = np.random.default_rng(seed)
+    rng = default_rng(seed)
     class_pools = [rng.permutation(np.flatnonzero(y == c)) for c in range(k)]
     taken = np.zeros(k, dtype=np.int64)
     parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]

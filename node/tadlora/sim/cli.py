@@ -28,6 +28,7 @@ from tadlora.cliutil import (
     error_text,
     from_environment,
     int_or_auto,
+    interrupts_kept,
     join,
     out_not_a_directory,
     path_arg,
@@ -241,9 +242,10 @@ def main(argv: list[str] | None = None) -> int:
             logging.getLogger("tadlora.sim").warning("preset %s is %s", args.preset, PRESET_CAVEATS[args.preset])
         from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
 
-        results = Simulator(config, args.out, quiet=args.quiet, share_from=args.share_from).run(
-            report_only=args.report_only
-        )
+        with interrupts_kept():  # one Ctrl-C stops the run, wherever it lands
+            results = Simulator(config, args.out, quiet=args.quiet, share_from=args.share_from).run(
+                report_only=args.report_only
+            )
     except (ValueError, OSError, RuntimeError) as exc:  # OSError: a --config or --out path that cannot be used
         hint = (
             "--engine sequential (batched holds every client's batch at once), "

@@ -32,7 +32,7 @@ from typing import Any
 from safetensors.torch import save
 
 from tadlora.adapter import AdapterModel, ModelSpec, resolve_device
-from tadlora.cliutil import releases
+from tadlora.cliutil import raise_if_interrupted, releases
 from tadlora.core.methods import make_method
 from tadlora.core.robust import parse_robust_mixing
 from tadlora.core.topology import make_topology
@@ -419,6 +419,7 @@ class Simulator:
         here = {**releases(), "device": device_name(self.device)}
 
         def after_round(t: int, record: RoundRecord) -> None:
+            raise_if_interrupted()  # a Ctrl-C dropped where it landed stops the run here, before this round is kept
             records.append(record)
             if on_round is not None:
                 on_round(t, record)
