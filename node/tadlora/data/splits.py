@@ -13,7 +13,8 @@ import numpy.typing as npt
 
 # Imported here, with the package, not at the first use as `np.random`: numpy loads numpy.random on first
 # access, and a Ctrl-C landing in that load is lost (its compiled module's init swallows the KeyboardInterrupt),
-# so the simulator's first cell could not be interrupted. tadlora.data imports this module before anything runs.
+# so one pressed during the simulator's first cell could go unheard. tadlora.data imports this module before
+# anything runs (`tadlora.cliutil.interrupts_kept` covers the other places a Ctrl-C is dropped).
 from numpy.random import default_rng
 
 from tadlora.data.dataset import TextDataset
