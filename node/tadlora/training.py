@@ -30,7 +30,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numpy.random import default_rng
 
 from tadlora import rng
 from tadlora.adapter import AdapterModel
@@ -191,7 +190,7 @@ def round_batches(seed: int, shard: int, t: int, n: int, batch_size: int, steps:
     """
     if n < 1:
         raise ValueError("a client needs at least one training example")
-    rng = default_rng([seed, shard, t])
+    rng = np.random.default_rng([seed, shard, t])
     order = rng.permutation(n)
     need = steps * batch_size
     reps = -(-need // n)
@@ -315,7 +314,7 @@ def make_optimizer(params: Sequence[torch.Tensor], spec: TrainSpec) -> torch.opt
 def seeded_rng(device: torch.device, *key: int) -> contextlib.AbstractContextManager[None]:
     """Torch's global RNG (which dropout draws from) seeded from ``key`` inside the block, and restored after it:
     what runs there is a function of ``key`` (see `tadlora.rng`)."""
-    return rng.seeded(device, int(default_rng([*key]).integers(2**62)))
+    return rng.seeded(device, int(np.random.default_rng([*key]).integers(2**62)))
 
 
 def matmul_precision(device: torch.device, precision: str = "auto") -> str:

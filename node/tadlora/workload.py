@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-from numpy.random import default_rng
 
 from tadlora.data import TextDataset, make_shards
 from tadlora.data.splits import parse_label_skew
@@ -25,7 +24,7 @@ def client_shards(
     if skew is not None:
         # n from the skew itself, so that every client keeps the skew's proportions (a random cap would not)
         return make_shards(train, f"label-skew@{skew[0]!r}:{n}", num_clients, seed)
-    rng = default_rng([seed, 7])
+    rng = np.random.default_rng([seed, 7])
     return [s if len(s) <= n else np.sort(rng.choice(s, n, replace=False)) for s in shards]
 
 
@@ -33,5 +32,5 @@ def eval_subset(dev: TextDataset, eval_samples: int | None) -> TextDataset:
     """A fixed random subset of ``eval_samples`` dev examples (all of them when None or larger)."""
     if eval_samples is None or eval_samples >= len(dev):
         return dev
-    rng = default_rng(DEV_SUBSET_SEED)
+    rng = np.random.default_rng(DEV_SUBSET_SEED)
     return dev.subset(np.sort(rng.choice(len(dev), eval_samples, replace=False)))

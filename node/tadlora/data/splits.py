@@ -11,12 +11,6 @@ import math
 import numpy as np
 import numpy.typing as npt
 
-# Imported here, with the package, not at the first use as `np.random`: numpy loads numpy.random on first
-# access, and a Ctrl-C landing in that load is lost (its compiled module's init swallows the KeyboardInterrupt),
-# so one pressed during the simulator's first cell could go unheard. tadlora.data imports this module before
-# anything runs (`tadlora.cliutil.interrupts_kept` covers the other places a Ctrl-C is dropped).
-from numpy.random import default_rng
-
 from tadlora.data.dataset import TextDataset
 
 __all__ = [
@@ -66,7 +60,7 @@ def split_iid(labels: npt.ArrayLike, num_clients: int, seed: int) -> Shards:
     """
     n = _labels(labels).shape[0]
     _check_clients(num_clients, n)
-    perm = default_rng(seed).permutation(n)
+    perm = np.random.default_rng(seed).permutation(n)
     return [np.sort(s).astype(np.int64) for s in np.array_split(perm, num_clients)]
 
 
@@ -88,7 +82,7 @@ def split_dirichlet(
     if not (math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"dirichlet alpha must be a positive number, got {alpha}")
     _check_clients(num_clients, y.shape[0], min_samples)
-    rng = default_rng(seed)
+    rng = np.random.default_rng(seed)
     for _ in range(_DIRICHLET_ATTEMPTS):
         parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]
         for c in np.unique(y):
@@ -222,7 +216,7 @@ def split_label_skew(
                 f"{num_clients} label-skewed clients (at most {capacity})"
             )
     counts = _client_counts(props, n)
-    rng = default_rng(seed)
+    rng = np.random.default_rng(seed)
     class_pools = [rng.permutation(np.flatnonzero(y == c)) for c in range(k)]
     taken = np.zeros(k, dtype=np.int64)
     parts: list[list[npt.NDArray[np.int64]]] = [[] for _ in range(num_clients)]
