@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import dataclasses
 import gc
+import json
 import logging
 import math
 import threading
@@ -1095,6 +1096,70 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
     assert math.isnan(status.last_accuracy)
     expected = bob.status_info.__dict__ | {"last_accuracy": status.last_accuracy}
     assert status.__dict__ == expected
+
+
+@pytest.mark.asyncio
+async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_that_does_not_answer(
+    alice: FakeNode, bob: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bob lists alice, carol (nothing serves at her address) and dave (no address); alice lists bob, carol and erin,
+    at whose address mallory answers. The walk from bob reaches alice through bob's list, and names the three that
+    did not answer, each with who lists it and why; `tadlora-node status --all` exits 1 for them."""
+    from tadlora.node import admin
+
+    [dead] = free_ports(1)
+    carol = f"127.0.0.1:{dead}"
+    mallory = FakeNode("mallory", alice.factors)
+    transport = GrpcTransport()
+    async with (
+        transport.serve(alice, LISTEN) as a,
+        transport.serve(bob, LISTEN) as b,
+        transport.serve(mallory, LISTEN) as m,
+    ):
+        alice.info = dataclasses.replace(alice.info, address=a.address)
+        bob.info = dataclasses.replace(bob.info, address=b.address)
+        listed = lambda *pairs: tuple(NeighborStatus(node_id=i, address=at) for i, at in pairs)  # noqa: E731
+        bob.status_info = StatusInfo(
+            node=bob.info, neighbors=listed(("alice", a.address), ("carol", carol), ("dave", ""))
+        )
+        alice.status_info = StatusInfo(
+            node=alice.info,
+            neighbors=listed(("bob", b.address), ("carol", carol), ("erin", m.address)),
+            release="0.2.0",
+        )
+        walked = await admin.walk_cluster(b.address, TIMEOUT)
+        capsys.readouterr()
+        code = await asyncio.to_thread(admin.status_main, [b.address, "--all", "--timeout", "5"])
+        out, err = capsys.readouterr()
+        table_code = await asyncio.to_thread(admin.status_main, [b.address, "--all", "--table", "--timeout", "5"])
+        table = capsys.readouterr().out
+        monkeypatch.setattr(admin, "WALK_LIMIT", 2)  # bob, then the first of the three he lists
+        cut = await admin.walk_cluster(b.address, TIMEOUT)
+
+    assert [n["node_id"] for n in walked["nodes"]] == ["alice", "bob"] and walked["complete"]
+    assert [n["release"] for n in walked["nodes"]] == ["0.2.0", None]
+    unreachable = {u["node_id"]: u for u in walked["unreachable"]}
+    assert list(unreachable) == ["carol", "dave", "erin"]
+    assert unreachable["carol"]["listed_by"] == ["alice", "bob"] and unreachable["carol"]["address"] == carol
+    assert f"peer {carol} unavailable" in unreachable["carol"]["error"]
+    assert (unreachable["dave"]["listed_by"], unreachable["dave"]["error"]) == (["bob"], "listed without an address")
+    assert unreachable["erin"] == {"node_id": "erin", "address": m.address, "listed_by": ["alice"],
+                                   "error": f"node 'mallory' answers at {m.address}, not 'erin'"}  # fmt: skip
+    assert code == table_code == 1
+    assert json.loads(out) == walked
+    assert (
+        err.startswith("tadlora-node status: 3 of the nodes listed did not answer: carol at ") and "dave at (no" in err
+    )
+    lines = table.splitlines()
+    assert lines[0].split() == ["NODE", "ADDRESS", "ROUND", "STATE", "PHASE", "PEERS", "CANDIDATES", "LOSS",
+                                "ACCURACY", "RELEASE", "UPTIME"]  # fmt: skip
+    assert [line.split()[:2] for line in lines[1:3]] == [["alice", a.address], ["bob", b.address]]
+    assert lines[1].split()[4:] == ["-", "3", "0", "-", "-", "0.2.0", "0m00s"]  # no phase, loss or accuracy yet
+    assert lines[2].split()[9] == "-"  # too old to say its release
+    assert lines[3].split()[:2] == ["carol", carol] and "did not answer (listed by alice, bob): peer" in lines[3]
+    assert lines[-1] == "2 nodes answered, 3 did not; round 3; release 0.2.0 (1), too old to say (1)"
+    assert [n["node_id"] for n in cut["nodes"]] == ["alice", "bob"] and not cut["unreachable"]
+    assert cut["complete"] is False
 
 
 @pytest.mark.asyncio

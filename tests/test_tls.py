@@ -482,6 +482,44 @@ async def test_status_asks_a_tls_node_with_the_runs_tls_settings_and_says_what_t
 
 
 @pytest.mark.asyncio
+async def test_status_all_walks_a_chain_of_tls_nodes_checking_each_certificate_against_the_id_it_is_listed_by(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """node-0 - node-1 - node-2 in a chain (each lists the one before it): asked at node-0 with node-0's own
+    variables, as in its container, the walk reaches node-2 through node-1's list; each certificate must name the id
+    the node is listed by, and it does."""
+    import json
+
+    import tadlora
+
+    for name in ("TADLORA_OUT", "TADLORA_INSECURE", "TADLORA_PEER_ID", "TADLORA_ANY_PEER"):
+        monkeypatch.delenv(name, raising=False)
+    certs = make_certs(tmp_path / "certs", "node-0", "node-1", "node-2")
+    monkeypatch.setenv("TADLORA_TLS_DIR", str(certs))
+    monkeypatch.setenv("TADLORA_NODE_ID", "node-0")
+    async with contextlib.AsyncExitStack() as stack:
+        a = await stack.enter_async_context(Node(tls(tmp_path, certs, 0, 3, (), min_peers=1, rounds=2)))
+        b = await stack.enter_async_context(Node(tls(tmp_path, certs, 1, 3, (a.address,), min_peers=2, rounds=2)))
+        c = await stack.enter_async_context(Node(tls(tmp_path, certs, 2, 3, (b.address,), min_peers=1, rounds=2)))
+        await run_all([a, b, c])
+        code, out, err = await status([a.address, "--all"], capsys)
+        table_code, table, _ = await status([a.address, "--all", "--table"], capsys)
+    assert code == table_code == 0, err
+    walked = json.loads(out)
+    assert [(n["node_id"], n["address"]) for n in walked["nodes"]] == [(x.node_id, x.address) for x in (a, b, c)]
+    assert walked["unreachable"] == [] and walked["complete"] is True
+    assert [sorted(x["id"] for x in n["neighbours"]) for n in walked["nodes"]] == [
+        ["node-1"],
+        ["node-0", "node-2"],
+        ["node-1"],
+    ]
+    rows = [line.split() for line in table.splitlines()]
+    assert [r[:3] for r in rows[1:4]] == [[x.node_id, x.address, "2"] for x in (a, b, c)]
+    assert [r[5] for r in rows[1:4]] == ["1", "2", "1"]  # peers
+    assert table.splitlines()[-1] == f"3 nodes answered; round 2; release {tadlora.__version__}"
+
+
+@pytest.mark.asyncio
 async def test_the_health_port_answers_serving_in_plaintext_while_the_main_port_requires_tls(tmp_path) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

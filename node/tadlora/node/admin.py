@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import math
 import os
@@ -76,11 +77,131 @@ async def query_status(
     }
 
 
+WALK_LIMIT = 1000  # nodes `status --all` asks at most: a cluster has tens; a bound, should listings run away
+WALK_CONCURRENCY = 32  # status calls in flight at once during a walk
+
+
+async def walk_cluster(
+    address: str, timeout: float, *, credentials: grpc.ChannelCredentials | None = None, peer_id: str | None = None
+) -> dict[str, Any]:
+    """The status of every node that the node at ``address`` reaches through neighbour lists: it is asked first
+    (as `query_status`, which raises if it does not answer), then each neighbour it lists at that neighbour's
+    address, then theirs, and so on. Returns ``{"nodes": [status, ...], "unreachable": [...], "complete": bool}``:
+    the statuses by node id; each listed node that did not answer, with the address it was listed at, the nodes
+    that list it and the error; ``complete`` is False when the walk stopped at `WALK_LIMIT` nodes.
+
+    Under TLS each listed node's certificate must name the id its neighbours list it by; in plaintext the node
+    that answers must say it is that one, so that an address taken over by another node is not read as it."""
+    first = await query_status(address, timeout, credentials=credentials, peer_id=peer_id)
+    answered: dict[str, dict[str, Any]] = {first["node_id"]: first}
+    failed: dict[str, dict[str, Any]] = {}
+    gate = asyncio.Semaphore(WALK_CONCURRENCY)
+
+    async def ask(node_id: str, at: str) -> dict[str, Any] | str:
+        """Its status, or why there is none."""
+        from tadlora.node.protocol_types import PeerUnavailable
+        from tadlora.node.wire import ExchangeRefused
+
+        if not at:  # a neighbour its peer lists without an address (one known only by its inbound calls)
+            return "listed without an address"
+        async with gate:
+            try:
+                doc = await query_status(
+                    at, timeout, credentials=credentials, peer_id=None if credentials is None else node_id
+                )
+            except (PeerUnavailable, ExchangeRefused) as exc:
+                return str(exc)
+        if doc["node_id"] != node_id:
+            return f"node {doc['node_id']!r} answers at {at}, not {node_id!r}"
+        return doc
+
+    frontier = [first]
+    complete = True
+    while frontier:
+        listing: dict[str, tuple[str, list[str]]] = {}  # node id -> (its address, the nodes listing it)
+        for doc in frontier:
+            for n in doc["neighbours"]:
+                if n["id"] in answered:
+                    continue
+                if n["id"] in failed:
+                    failed[n["id"]]["listed_by"] = sorted({*failed[n["id"]]["listed_by"], doc["node_id"]})
+                    continue
+                listing.setdefault(n["id"], (n["address"], []))[1].append(doc["node_id"])
+        room = WALK_LIMIT - len(answered) - len(failed)
+        if len(listing) > room:
+            complete = False
+            listing = dict(sorted(listing.items())[: max(room, 0)])
+        ids = sorted(listing)
+        replies = await asyncio.gather(*(ask(i, listing[i][0]) for i in ids))
+        frontier = []
+        for node_id, reply in zip(ids, replies, strict=True):
+            at, listed_by = listing[node_id]
+            if isinstance(reply, str):
+                failed[node_id] = {"node_id": node_id, "address": at, "listed_by": sorted(listed_by), "error": reply}
+            else:
+                answered[node_id] = reply
+                frontier.append(reply)
+    return {
+        "nodes": [answered[i] for i in sorted(answered)],
+        "unreachable": [failed[i] for i in sorted(failed)],
+        "complete": complete,
+    }
+
+
+def _cell(value: Any, digits: int = 3) -> str:
+    if value is None or value == "":  # not known (yet), or not said by an older node
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def _uptime(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def status_table(nodes: list[dict[str, Any]], unreachable: list[dict[str, Any]]) -> str:
+    """The statuses as a table for a terminal: one line per node (id, address, round, state, phase, neighbours,
+    candidates that are no peer, last loss and accuracy, release, uptime), then one per node listed that did not
+    answer, and a last line on what the rows have in common or not (the rounds' range, the releases)."""
+    header = ("NODE", "ADDRESS", "ROUND", "STATE", "PHASE", "PEERS", "CANDIDATES", "LOSS", "ACCURACY", "RELEASE",
+              "UPTIME")  # fmt: skip
+    rows = [header]
+    for d in nodes:
+        rows.append((d["node_id"], d["address"], str(d["round"]), d["state"], _cell(d["phase"]),
+                     str(len(d["neighbours"])), str(len(d["candidates"])), _cell(d["last_loss"], 4),
+                     _cell(d["last_accuracy"]), _cell(d["release"]), _uptime(d["uptime_seconds"])))  # fmt: skip
+    widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    for u in unreachable:
+        lines.append(f"{u['node_id'].ljust(widths[0])}  {(u['address'] or '-').ljust(widths[1])}  did not answer "
+                     f"(listed by {', '.join(u['listed_by'])}): {u['error']}")  # fmt: skip
+    rounds = sorted({d["round"] for d in nodes})
+    releases = collections.Counter(d["release"] or "too old to say" for d in nodes)
+    span = f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]}-{rounds[-1]}"
+    said = ", ".join(f"{r} ({n})" for r, n in sorted(releases.items())) if len(releases) > 1 else next(iter(releases))
+    missing = f", {len(unreachable)} did not" if unreachable else ""
+    lines.append(f"{len(nodes)} node{'s' * (len(nodes) != 1)} answered{missing}; {span}; release {said}")
+    return "\n".join(lines) + "\n"
+
+
 def build_status_parser() -> argparse.ArgumentParser:
     """Flags of `tadlora-node status`; the TLS ones read the same TADLORA_ variables as a run, so inside a node's
     container or unit `tadlora-node status 127.0.0.1:7070` connects the way the node serves."""
-    p = argparse.ArgumentParser(prog="tadlora-node status", description="Print a running node's state as JSON.")
+    p = argparse.ArgumentParser(
+        prog="tadlora-node status",
+        description="Print a running node's state as JSON; with --all, that of every node its neighbour lists lead "
+        "to. Exit 0 when every node asked answered, 1 when one did not (what the others said is printed all the "
+        "same), 2 for bad flags or TLS files.",
+    )
     p.add_argument("address", help="HOST:PORT of the node")
+    p.add_argument("--all", action=argparse.BooleanOptionalAction, default=False,
+                   help="walk the cluster: ask the node, then each neighbour it lists, then theirs...; prints "
+                   '{"nodes": [...], "unreachable": [...], "complete": ...}, a node listed but not answering in '
+                   f"unreachable (at most {WALK_LIMIT} nodes are asked). Under --tls-dir each neighbour's "
+                   "certificate must name the id it is listed by")  # fmt: skip
+    p.add_argument("--table", action=argparse.BooleanOptionalAction, default=False,
+                   help="a table for a terminal instead of JSON: one line per node (round, state, phase, peers, "
+                   "candidates, loss, accuracy, release, uptime), then one on the rounds and releases")  # fmt: skip
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--tls-dir", type=path_arg,
                    help="connect with mutual TLS: DIR/ca.crt and this node's DIR/NODE_ID.crt/.key as the client "
@@ -139,8 +260,9 @@ def _accepts_connections(address: str, timeout: float) -> bool:
 
 
 def status_main(argv: list[str]) -> int:
-    """`tadlora-node status HOST:PORT [--tls-dir DIR --node-id ID]`: 0 and the JSON if the node answers, 1 if it
-    does not, 2 for bad flags or TLS files."""
+    """`tadlora-node status HOST:PORT [--all] [--table] [--tls-dir DIR --node-id ID]`: 0 and the JSON (or table)
+    if the node answers, and with --all every node it leads to; 1 if it, or with --all any node listed, does not
+    (the rest is printed all the same); 2 for bad flags or TLS files."""
     parser = build_status_parser()
     a = parser.parse_args(argv)
     from tadlora.node.protocol_types import PeerUnavailable
@@ -159,7 +281,11 @@ def status_main(argv: list[str]) -> int:
         sys.stderr.write(f"tadlora-node status: error: {exc}{from_environment(parser, a, str(exc))}\n")
         return 2
     try:
-        doc = asyncio.run(query_status(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
+        if a.all:
+            walked = asyncio.run(walk_cluster(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
+        else:
+            doc = asyncio.run(query_status(a.address, a.timeout, credentials=credentials, peer_id=peer_id))
+            walked = {"nodes": [doc], "unreachable": [], "complete": True}
     except (PeerUnavailable, ExchangeRefused) as exc:
         if isinstance(exc, PeerUnavailable) and not _accepts_connections(a.address, a.timeout):
             hint = "nothing accepts connections there: is the node running, and is this its --listen HOST:PORT?"
@@ -182,7 +308,16 @@ def status_main(argv: list[str]) -> int:
             )
         sys.stderr.write(f"tadlora-node status: {exc}\n  {hint}\n")
         return 1
-    sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+    if a.table:
+        sys.stdout.write(status_table(walked["nodes"], walked["unreachable"]))
+    else:
+        sys.stdout.write(json.dumps(walked if a.all else walked["nodes"][0], indent=2) + "\n")
+    if not walked["complete"]:
+        sys.stderr.write(f"tadlora-node status: stopped after {WALK_LIMIT} nodes; more are listed\n")
+    if walked["unreachable"]:
+        said = [f"{u['node_id']} at {u['address'] or '(no address)'}: {u['error']}" for u in walked["unreachable"]]
+        sys.stderr.write(f"tadlora-node status: {len(said)} of the nodes listed did not answer: {'; '.join(said)}\n")
+        return 1
     return 0
 
 

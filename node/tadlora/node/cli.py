@@ -3,6 +3,7 @@
   tadlora-node --peers auto --mdns-interface 127.0.0.1 --listen 127.0.0.1:7070 --rounds 20 --out runs/n0 \\
                --node-id n0 --tls-dir certs/          # or --insecure, to run without TLS
   tadlora-node status 127.0.0.1:7070 --tls-dir certs/ --node-id n0   # TADLORA_TLS_DIR/_NODE_ID work too
+  tadlora-node status 127.0.0.1:7070 --all --table   # every node the neighbour lists lead to, a line each
   tadlora-node certs init certs/ && tadlora-node certs issue n0 --dir certs/   # then --tls-dir certs --node-id n0
   tadlora-node doctor --peers auto --mdns-interface eth0     # checks network, GPU, model, data and peers
 
