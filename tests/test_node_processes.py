@@ -137,10 +137,10 @@ def assert_adapter_holds(adapter: Path, base: torch.nn.Module, factors: dict[str
 # `tadlora-node status`
 
 
-def status_cli(address: str) -> subprocess.CompletedProcess[str]:
+def status_cli(address: str, *flags: str) -> subprocess.CompletedProcess[str]:
     """The installed `tadlora-node status`, as a HEALTHCHECK runs it; it must not have imported torch."""
     result = subprocess.run(
-        [console_script("tadlora-node"), "status", address, "--timeout", "10"],
+        [console_script("tadlora-node"), "status", address, "--timeout", "10", *flags],
         capture_output=True, text=True, timeout=60, env=node_env({"PYTHONPROFILEIMPORTTIME": "1"}), check=False,
     )  # fmt: skip
     assert heavy_imports(result.stderr) == set(), "`tadlora-node status` imported torch, peft or transformers"
@@ -157,6 +157,9 @@ def test_status_prints_a_running_nodes_id_cluster_round_and_state_as_json_and_si
         result = status_cli(node.address)
         assert result.returncode == 0, result.stderr
         doc = json.loads(result.stdout)
+        walked = status_cli(node.address, "--all", "--table")  # a node alone: a cluster of one
+        assert walked.returncode == 0, walked.stderr
+        assert walked.stdout.splitlines()[-1].startswith("1 node answered; round ")
         node.send(signal.SIGINT)
         assert node.wait_exit(30) == 0, node.tail()
         # Every JSON log line names the node, the start-up's first lines (before the model loads) included.
