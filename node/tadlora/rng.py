@@ -26,7 +26,7 @@ def seeded(device: torch.device, seed: int) -> Iterator[None]:
     with _LOCK, torch.random.fork_rng(devices=devices, device_type=device.type):
         # Only the generators fork_rng restores: torch.manual_seed would reseed every GPU and leave the others so
         # (fork_rng has initialised CUDA, so the device's seed is set now, not queued for a later init).
-        torch.random.default_generator.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
         for gpu in devices:
             with torch.cuda.device(gpu):
                 torch.cuda.manual_seed(seed)

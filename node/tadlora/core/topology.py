@@ -32,7 +32,8 @@ def link_uniform(seed: int, t: int, a: str, b: str) -> float:
     down for every p < 1, as it should."""
     lo, hi = sorted((a, b))
     digest = hashlib.blake2b(f"{seed}\x00{t}\x00{lo}\x00{hi}".encode(), digest_size=8, person=b"tadlora-link").digest()
-    return struct.unpack(">Q", digest)[0] / 2.0**64
+    (value,) = struct.unpack(">Q", digest)
+    return int(value) / 2.0**64
 
 
 def link_up(seed: int, t: int, a: str, b: str, p: float) -> bool:

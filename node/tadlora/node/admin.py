@@ -34,7 +34,6 @@ async def query_status(
 
     async with PeerClient(address, credentials=credentials, server_name=peer_id) as client:
         st = await client.status(timeout)
-    nan_to_none = lambda x: None if isinstance(x, float) and math.isnan(x) else x  # noqa: E731
     return {
         "node_id": st.node.node_id,
         "address": st.node.address,
@@ -47,8 +46,8 @@ async def query_status(
         "state": st.state,
         "phase": st.phase,
         "rounds_completed": st.rounds_completed,
-        "last_loss": nan_to_none(st.last_loss),
-        "last_accuracy": nan_to_none(st.last_accuracy),
+        "last_loss": None if math.isnan(st.last_loss) else st.last_loss,
+        "last_accuracy": None if math.isnan(st.last_accuracy) else st.last_accuracy,
         "insecure": st.node.insecure,
         "uptime_seconds": round(st.uptime_seconds, 1),
         "release": st.release or None,  # None: a node older than the field

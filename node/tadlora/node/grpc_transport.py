@@ -96,7 +96,7 @@ class _Parsed(AsyncIterator[pb.ExchangeMessage]):
             raise PayloadError(Reason.BAD_PAYLOAD, f"a message that does not parse as tadlora.v1: {exc}") from None
 
 
-class _CheckOnly(health_pb2_grpc.HealthServicer):
+class _CheckOnly(health_pb2_grpc.HealthServicer):  # type: ignore[misc]  # grpcio-health ships no types
     """grpc.health.v1 for the unauthenticated health port: ``Check`` answers as ``servicer`` does; ``Watch`` is
     UNIMPLEMENTED, because its streams stay open, and anyone who can connect could hold all of the port's few call
     slots (`_HEALTH_MAX_RPCS`) with them and fail every probe. Probes (kubelet's gRPC probe, grpc_health_probe)
@@ -331,7 +331,9 @@ async def _bind_and_start(server: grpc.aio.Server, listen: str, credentials: grp
     """Bind ``listen`` (plaintext without ``credentials``) and start ``server``; the bound port. BindError if it
     cannot bind; then, or if this is cancelled, the server is stopped (no caller holds it yet)."""
     try:
-        port = server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+        port = int(
+            server.add_insecure_port(listen) if credentials is None else server.add_secure_port(listen, credentials)
+        )
     except RuntimeError as exc:  # grpcio >= 1.60 raises; older versions returned 0
         port, detail = 0, str(exc)
     else:

@@ -114,7 +114,7 @@ def retry_delay(failures: int) -> float:
     and 30 however many failures (a static peer may stay down for days)."""
     # Past the cap the exponent no longer matters; left unbounded, 2 ** 1024 overflows the float product.
     doublings = min(failures - 1, math.ceil(math.log2(RETRY_MAX_S / RETRY_MIN_S)))
-    return min(RETRY_MAX_S, RETRY_MIN_S * 2**doublings)
+    return min(RETRY_MAX_S, RETRY_MIN_S * 2.0**doublings)
 
 
 # What gRPC's error says of a TLS handshake that failed, and what it means here: the peer did answer, so "does not

@@ -154,7 +154,7 @@ class FactorSpec:
         plus generous room for the header. A payload declared larger cannot meet the spec, whatever it holds."""
         import torch
 
-        data = sum(math.prod(s.shape) * getattr(torch, s.dtype).itemsize for s in self.tensors.values())
+        data = sum(math.prod(s.shape) * int(getattr(torch, s.dtype).itemsize) for s in self.tensors.values())
         entries = sum(
             _ENTRY_SLACK_BYTES + _KEY_ESCAPE_FACTOR * len(key.encode()) + _DIM_CHARS * len(s.shape)
             for key, s in self.tensors.items()

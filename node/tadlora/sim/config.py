@@ -351,7 +351,8 @@ def override(base: SimConfig, changes: dict[str, Any]) -> SimConfig:
 
     Every value must have its setting's type (a JSON list for a tuple, an object for ``lora``/``train``): a
     ValueError names the one that has not, instead of a TypeError from deep in a run hours later."""
-    return _replaced(base, changes, "simulator", base)
+    replaced: SimConfig = _replaced(base, changes, "simulator", base)
+    return replaced
 
 
 def _replaced(base: Any, changes: dict[str, Any], what: str, root: SimConfig) -> Any:

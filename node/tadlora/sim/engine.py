@@ -198,7 +198,8 @@ class BatchedEngine:
             # peft's own LoRA path is switched off; the hooks add every client's update instead.
             with self.model.model.disable_adapter(), autocast(self.device, self.spec.precision):
                 out = self.model.model(**model_inputs(batch))
-            return out.logits.float()
+            logits: torch.Tensor = out.logits
+            return logits.float()
         finally:
             self._group = None
             # peft's exit from disable_adapter turns requires_grad back on for the model's own factors (and the
