@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -28,6 +30,7 @@ from pathlib import Path
 # torch's start-up): a typo is refused here, before certificates are made and nodes started.
 METHODS = ("adf", "decaf", "ffa", "lora", "rolora", "tad", "tad-nojoint")
 LOG_TAIL = 5  # lines of a failed node's log shown
+SERVING = re.compile(r"node node-0 serving on (\S+) ")  # node-0's log line once it serves, with its address
 
 
 def node_command(i: int, args: argparse.Namespace, cluster: str) -> list[str]:
@@ -67,12 +70,27 @@ def stop(procs: list[subprocess.Popen[bytes]], grace: float = 120.0) -> list[int
     return [p.wait() for p in procs]
 
 
+def status_command(address: str, args: argparse.Namespace) -> str:
+    """The command that shows every node of the cluster while it runs, a line each, asked at node-0's ``address``
+    with node-0's certificate (the tadlora-node installed beside this Python)."""
+    node = Path(sys.executable).parent / "tadlora-node"
+    return shlex.join([str(node), "status", address, "--all", "--table", "--tls-dir", str(args.out / "certs"),
+                       "--node-id", "node-0"])  # fmt: skip
+
+
 def wait_with_progress(procs: list[subprocess.Popen[bytes]], args: argparse.Namespace) -> list[int]:
-    """Wait for the nodes, printing a line each time node-0 finishes a round (the full logs are in the files)."""
+    """Wait for the nodes, printing a line each time node-0 finishes a round (the full logs are in the files), and
+    once node-0 serves, the command that shows them all."""
     rounds_file = args.out / "node-0" / "rounds.jsonl"
+    node_log = args.out / "node-0.log"
     shown = 0
+    hinted = False
     while any(p.poll() is None for p in procs):
         time.sleep(2)
+        if not hinted and node_log.exists() and (serving := SERVING.search(node_log.read_text(errors="replace"))):
+            print(f"to see every node while they run, in another shell: {status_command(serving[1], args)}",
+                  flush=True)  # fmt: skip
+            hinted = True
         text = rounds_file.read_text() if rounds_file.exists() else ""
         lines = text.split("\n")[:-1]  # whole lines only: the node may be writing the last one
         for line in lines[shown:]:

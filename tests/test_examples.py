@@ -6,6 +6,8 @@ import importlib
 import io
 import json
 import os
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -102,6 +104,13 @@ def test_local_cluster_quickstart(tmp_path: Path) -> None:
     progress = [line for line in out.splitlines() if line.startswith("node-0 round ")]
     assert [line.split()[2] for line in progress] == ["1/3", "2/3", "3/3"], out
     assert "dev accuracy" in progress[-1]
+    # Before node-0's first round: how to see them all, at node-0's address, with its certificate.
+    [hint] = [i for i, line in enumerate(out.splitlines()) if line.startswith("to see every node while they run")]
+    assert hint < out.splitlines().index(progress[0])
+    command = shlex.split(out.splitlines()[hint].split(": ", 1)[1])
+    [address] = re.findall(r"node node-0 serving on (\S+) ", (tmp_path / "node-0.log").read_text())
+    assert command == [str(Path(sys.executable).parent / "tadlora-node"), "status", address, "--all", "--table",
+                       "--tls-dir", str(tmp_path / "certs"), "--node-id", "node-0"]  # fmt: skip
 
 
 class FakeNode:
