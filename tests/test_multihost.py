@@ -354,9 +354,17 @@ def test_a_host_renumbered_mid_run_announces_its_new_address_and_its_peer_mixes_
         asked = bed.run(moved, sys.executable, "-m", "tadlora.node.entry", "status", f"{new_address}:{PORT}")
         assert asked.returncode == 0, asked.stderr
         status = json.loads(asked.stdout)
+        # Walked from the other host: its neighbour list leads to the moved node at its new address.
+        walk = bed.run(first, sys.executable, "-m", "tadlora.node.entry", "status", f"{first.address}:{PORT}", "--all")
+        assert walk.returncode == 0, walk.stderr
+        walked = json.loads(walk.stdout)
         stop_all([one, two])
 
     log.info("renumbering: the node moved its announcement %.1f s after the new lease, its peer verified it there "
              "%.1f s after", moved_record["time"] - renumbered_at, found["time"] - moved_record["time"])  # fmt: skip
     assert status["address"] == f"{new_address}:{PORT}", status  # the node's own address followed
+    assert sorted((n["node_id"], n["address"]) for n in walked["nodes"]) == sorted(
+        [(one.node_id, f"{first.address}:{PORT}"), (two.node_id, f"{new_address}:{PORT}")]
+    ), walked
+    assert walked["unreachable"] == [], walked
     assert two.find(rf"^mDNS: advertising \S+ on {new_address}$"), two.tail()
