@@ -157,6 +157,8 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--exchange-timeout", "inf"], "--exchange-timeout"),
         (["--exchange-timeout", "1e12"], "--exchange-timeout"),
         (["--listen", "::1:7070"], "IPv6 addresses need brackets"),
+        # it is the address peers are told to dial back, and they refuse one that is no HOST:PORT
+        (["--listen", "my_host:7070"], "'my_host' is neither an IPv4 address nor a host name"),
         (["--min-peers", "-1"], "--min-peers must be >= 0"),
         # each names the one flag that is wrong, and its value, as the others do
         (["--rounds", "0"], "--rounds must be >= 1, got 0"),

@@ -343,6 +343,40 @@ async def test_a_release_that_is_no_version_is_refused_before_the_handler_sees_i
 
 
 @pytest.mark.asyncio
+@pytest.mark.parametrize(
+    "address",
+    ["unix:/run/containerd/containerd.sock", "127.0.0.1:99999", "dns://10.0.0.53/evil.example:7070",
+     "ipv4:10.0.0.1:80,10.0.0.2:80", "[::1", "10.0.0.5", "10.0.0.5:0", "a b:7070"],
+    ids=repr,
+)  # fmt: skip
+async def test_an_address_that_is_no_host_and_port_is_refused_both_ways_before_anyone_dials_it(
+    transport: Transport, alice: FakeNode, bob: FakeNode, address: str
+) -> None:
+    """A node dials back the address an inbound peer gives, and gRPC takes more than HOST:PORT as a target: a unix
+    socket of this host, another DNS resolver, a list of addresses, and a port over 65535 as itself less 65536 (it
+    dialled 34463 for 99999). So an address that is no HOST:PORT is refused in every call that carries one, and in
+    a handshake's reply, before the handler (and with it the peer table) sees it."""
+    bad = dataclasses.replace(alice.info, address=address)
+    async with serving(transport, bob) as (_, client):
+        refusals = []
+        for call in (client.handshake, client.fetch, client.leave):
+            with pytest.raises(ExchangeRefused) as refused:
+                await call(bad, TIMEOUT)
+            refusals.append(refused.value)
+        for fine in ("", "10.0.0.5:7070", "[fd00::5]:7070", "node-5.lab:7070", "localhost:1"):
+            await client.handshake(dataclasses.replace(alice.info, address=fine), TIMEOUT)
+        bob.info = dataclasses.replace(bob.info, address=address)  # the callee's own claim, in its reply
+        with pytest.raises(ExchangeRefused) as in_reply:
+            await client.handshake(alice.info, TIMEOUT)
+    for error in [*refusals, in_reply.value]:
+        assert error.reason is Reason.BAD_PAYLOAD
+        assert f"says it is at {address!r}, which is no address to dial: " in error.detail
+    assert "handshake reply" in in_reply.value.detail
+    assert [h.address for h in bob.handshakes] == ["", "10.0.0.5:7070", "[fd00::5]:7070", "node-5.lab:7070",
+                                                   "localhost:1", alice.info.address]  # fmt: skip
+
+
+@pytest.mark.asyncio
 async def test_a_peer_verified_on_another_release_is_logged_with_it_one_on_ours_without(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -1102,9 +1136,11 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
 async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_that_does_not_answer(
     alice: FakeNode, bob: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """bob lists alice, carol (nothing serves at her address) and dave (no address); alice lists bob, carol and erin,
-    at whose address mallory answers. The walk from bob reaches alice through bob's list, and names the three that
-    did not answer, each with who lists it and why; `tadlora-node status --all` exits 1 for them."""
+    """bob lists alice, carol (nothing serves at her address), dave (no address) and frank (at a unix socket, which
+    gRPC would dial); alice lists bob, carol and erin, at whose address mallory answers. The walk from bob reaches
+    alice through bob's list, and names the four that did not answer, each with who lists it and why, without
+    dialling frank's; `tadlora-node status --all` exits 1 for them. A terminal escape in what alice says is shown
+    escaped in the table."""
     from tadlora.node import admin
 
     [dead] = free_ports(1)
@@ -1120,12 +1156,14 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
         bob.info = dataclasses.replace(bob.info, address=b.address)
         listed = lambda *pairs: tuple(NeighborStatus(node_id=i, address=at) for i, at in pairs)  # noqa: E731
         bob.status_info = StatusInfo(
-            node=bob.info, neighbors=listed(("alice", a.address), ("carol", carol), ("dave", ""))
+            node=bob.info,
+            neighbors=listed(("alice", a.address), ("carol", carol), ("dave", ""), ("frank", "unix:/run/x.sock")),
         )
         alice.status_info = StatusInfo(
             node=alice.info,
             neighbors=listed(("bob", b.address), ("carol", carol), ("erin", m.address)),
             release="0.2.0",
+            phase="\x1b[2JB",  # clears the screen, printed as it came
         )
         walked = await admin.walk_cluster(b.address, TIMEOUT)
         capsys.readouterr()
@@ -1133,31 +1171,38 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
         out, err = capsys.readouterr()
         table_code = await asyncio.to_thread(admin.status_main, [b.address, "--all", "--table", "--timeout", "5"])
         table = capsys.readouterr().out
-        monkeypatch.setattr(admin, "WALK_LIMIT", 2)  # bob, then the first of the three he lists
+        monkeypatch.setattr(admin, "WALK_LIMIT", 2)  # bob, then the first of the four he lists
         cut = await admin.walk_cluster(b.address, TIMEOUT)
 
     assert [n["node_id"] for n in walked["nodes"]] == ["alice", "bob"] and walked["complete"]
     assert [n["release"] for n in walked["nodes"]] == ["0.2.0", None]
     unreachable = {u["node_id"]: u for u in walked["unreachable"]}
-    assert list(unreachable) == ["carol", "dave", "erin"]
+    assert list(unreachable) == ["carol", "dave", "erin", "frank"]
     assert unreachable["carol"]["listed_by"] == ["alice", "bob"] and unreachable["carol"]["address"] == carol
     assert f"peer {carol} unavailable" in unreachable["carol"]["error"]
     assert (unreachable["dave"]["listed_by"], unreachable["dave"]["error"]) == (["bob"], "listed without an address")
     assert unreachable["erin"] == {"node_id": "erin", "address": m.address, "listed_by": ["alice"],
                                    "error": f"node 'mallory' answers at {m.address}, not 'erin'"}  # fmt: skip
+    assert unreachable["frank"]["error"] == (
+        "listed at an address that is no HOST:PORT: port '/run/x.sock' is not a number in 1..65535"
+    )
     assert code == table_code == 1
     assert json.loads(out) == walked
     assert (
-        err.startswith("tadlora-node status: 3 of the nodes listed did not answer: carol at ") and "dave at (no" in err
+        err.startswith("tadlora-node status: 4 of the nodes listed did not answer: carol at ") and "dave at (no" in err
     )
     lines = table.splitlines()
     assert lines[0].split() == ["NODE", "ADDRESS", "ROUND", "STATE", "PHASE", "PEERS", "CANDIDATES", "LOSS",
                                 "ACCURACY", "RELEASE", "UPTIME"]  # fmt: skip
     assert [line.split()[:2] for line in lines[1:3]] == [["alice", a.address], ["bob", b.address]]
-    assert lines[1].split()[4:] == ["-", "3", "0", "-", "-", "0.2.0", "0m00s"]  # no phase, loss or accuracy yet
+    assert lines[1].split()[4:] == ["\\x1b[2JB", "3", "0", "-", "-", "0.2.0", "0m00s"]  # no loss or accuracy yet
+    assert lines[2].split()[4] == "-"  # no phase
     assert lines[2].split()[9] == "-"  # too old to say its release
     assert lines[3].split()[:2] == ["carol", carol] and "did not answer (listed by alice, bob): peer" in lines[3]
-    assert lines[-1] == "2 nodes answered, 3 did not; round 3; release 0.2.0 (1), too old to say (1)"
+    assert (
+        "\x1b" not in table
+        and lines[-1] == "2 nodes answered, 4 did not; round 3; release 0.2.0 (1), too old to say (1)"
+    )
     assert [n["node_id"] for n in cut["nodes"]] == ["alice", "bob"] and not cut["unreachable"]
     assert cut["complete"] is False
 

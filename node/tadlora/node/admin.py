@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from tadlora.cliutil import apply_env_defaults, from_environment, path_arg
 from tadlora.node.identity import kept_node_id
-from tadlora.node.peerspec import StaticPeers
+from tadlora.node.peerspec import StaticPeers, address_problem
 
 if TYPE_CHECKING:
     import grpc
@@ -103,6 +103,8 @@ async def walk_cluster(
 
         if not at:  # a neighbour its peer lists without an address (one known only by its inbound calls)
             return "listed without an address"
+        if (problem := address_problem(at)) is not None:  # a reply need not come from a node that checks them
+            return f"listed at an address that is no HOST:PORT: {problem}"
         async with gate:
             try:
                 doc = await query_status(
@@ -147,10 +149,16 @@ async def walk_cluster(
     }
 
 
+def _printable(text: str) -> str:
+    """``text`` with each character a terminal would act on (an escape sequence, a line break) written as its
+    Python escape: what a table shows comes from the nodes' replies, not all of which need be honest."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _cell(value: Any, digits: int = 3) -> str:
     if value is None or value == "":  # not known (yet), or not said by an older node
         return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+    return f"{value:.{digits}f}" if isinstance(value, float) else _printable(str(value))
 
 
 def _uptime(seconds: float) -> str:
@@ -166,16 +174,17 @@ def status_table(nodes: list[dict[str, Any]], unreachable: list[dict[str, Any]])
               "UPTIME")  # fmt: skip
     rows = [header]
     for d in nodes:
-        rows.append((d["node_id"], d["address"], str(d["round"]), d["state"], _cell(d["phase"]),
+        rows.append((_cell(d["node_id"]), _cell(d["address"]), str(d["round"]), _cell(d["state"]), _cell(d["phase"]),
                      str(len(d["neighbours"])), str(len(d["candidates"])), _cell(d["last_loss"], 4),
                      _cell(d["last_accuracy"]), _cell(d["release"]), _uptime(d["uptime_seconds"])))  # fmt: skip
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for u in unreachable:
-        lines.append(f"{u['node_id'].ljust(widths[0])}  {(u['address'] or '-').ljust(widths[1])}  did not answer "
-                     f"(listed by {', '.join(u['listed_by'])}): {u['error']}")  # fmt: skip
+        listed_by = ", ".join(map(_cell, u["listed_by"]))
+        lines.append(f"{_cell(u['node_id']).ljust(widths[0])}  {_cell(u['address']).ljust(widths[1])}  did not "
+                     f"answer (listed by {listed_by}): {_printable(u['error'])}")  # fmt: skip
     rounds = sorted({d["round"] for d in nodes})
-    releases = collections.Counter(d["release"] or "too old to say" for d in nodes)
+    releases = collections.Counter(_printable(d["release"] or "too old to say") for d in nodes)
     span = f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]}-{rounds[-1]}"
     said = ", ".join(f"{r} ({n})" for r, n in sorted(releases.items())) if len(releases) > 1 else next(iter(releases))
     missing = f", {len(unreachable)} did not" if unreachable else ""
@@ -314,7 +323,10 @@ def status_main(argv: list[str]) -> int:
     if not walked["complete"]:
         sys.stderr.write(f"tadlora-node status: stopped after {WALK_LIMIT} nodes; more are listed\n")
     if walked["unreachable"]:
-        said = [f"{u['node_id']} at {u['address'] or '(no address)'}: {u['error']}" for u in walked["unreachable"]]
+        said = [
+            _printable(f"{u['node_id']} at {u['address'] or '(no address)'}: {u['error']}")
+            for u in walked["unreachable"]
+        ]
         sys.stderr.write(f"tadlora-node status: {len(said)} of the nodes listed did not answer: {'; '.join(said)}\n")
         return 1
     return 0

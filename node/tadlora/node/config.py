@@ -15,7 +15,7 @@ from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.identity import kept_init
 from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
 from tadlora.node.peer_checks import node_id_problem
-from tadlora.node.peerspec import PeersOption, join_host_port, parse_peers_option, unbracketed_hint
+from tadlora.node.peerspec import PeersOption, is_hostname, join_host_port, parse_peers_option, unbracketed_hint
 from tadlora.training import TrainSpec
 
 DEFAULT_PORT = 7070
@@ -143,6 +143,8 @@ class NodeConfig:
                 ) from None
             # One spelling ([::1], not [0::1]): the node's own address is compared as text with its peer lists.
             object.__setattr__(self, "listen", join_host_port(host, port))
+        elif not is_hostname(host):  # peers would refuse it as the address to call back (`address_problem`)
+            raise ValueError(f"--listen {self.listen!r}: {host!r} is neither an IPv4 address nor a host name")
         if self.peers.auto and self.mdns_interface is not None and _is_ipv6(self.mdns_interface.strip()):
             # Here, not once the model has loaded (exit 1, restarted for ever): the flag alone decides it.
             raise ValueError(

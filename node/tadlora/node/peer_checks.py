@@ -11,6 +11,7 @@ from collections.abc import Iterable
 from typing import Final, Protocol
 
 from tadlora.node.limits import MAX_DEGREE, MAX_ROUND, MAX_TEXT_CHARS
+from tadlora.node.peerspec import address_problem
 from tadlora.node.protocol_types import PROTOCOL_VERSION, ExchangeHeader, PeerInfo
 from tadlora.node.wire import ExchangeRefused, FactorSpec, PayloadError, Reason
 
@@ -78,7 +79,8 @@ def _check_node_id(node_id: str, what: str) -> None:
 
 
 def _check_info(info: PeerInfo, what: str) -> None:
-    """`check_sane`, and ROUND_MISMATCH for a ``last_mixed_round`` over ``round + 1``: a node mixes round t
+    """`check_sane`, BAD_PAYLOAD for an address that is no HOST:PORT (`address_problem`), and ROUND_MISMATCH for
+    a ``last_mixed_round`` over ``round + 1``: a node mixes round t
     before it moves on to t + 1, so it reports at most its own round + 1 (between closing a round and the next).
     Catch-up follows the peer that claims the latest mixing and adopts that claim, so a bigger one would pull
     every node to a round nobody reached."""
@@ -86,6 +88,11 @@ def _check_info(info: PeerInfo, what: str) -> None:
              info.fingerprint_parts)  # fmt: skip
     check_sane(what, round=info.round, degree=info.degree, texts=texts)
     _check_node_id(info.node_id, what)
+    # Dialled back (an inbound peer's, every probe and exchange after): only HOST:PORT, never another gRPC target.
+    if info.address and (problem := address_problem(info.address)) is not None:
+        raise ExchangeRefused(
+            Reason.BAD_PAYLOAD, f"{what} says it is at {info.address!r}, which is no address to dial: {problem}"
+        )
     if not is_release(info.release):
         raise ExchangeRefused(
             Reason.BAD_PAYLOAD,

@@ -10,6 +10,7 @@ __all__ = [
     "PORT_MAX",
     "PeersOption",
     "StaticPeers",
+    "address_problem",
     "is_hostname",
     "join_host_port",
     "looks_like_ipv4",
@@ -71,6 +72,18 @@ def parse_peers_option(value: str) -> PeersOption:
             if address not in static:
                 static.append(address)
     return PeersOption(auto=auto, static=tuple(static), dns=tuple(dns))
+
+
+def address_problem(address: str) -> str | None:
+    """Why ``address`` is not one a node can be dialled at (HOST:PORT: an IPv4 address or a host name, or an
+    [IPv6] address, and a port in 1..65535), or None when it is one. For an address another node gave: gRPC takes
+    more than that as a target ('unix:/run/x.sock', 'dns://resolver/name', 'ipv4:a,b'), and a port over 65535 as
+    itself less 65536, so a peer could otherwise have this node dial a local socket or another port than it said."""
+    try:
+        _parse_host_port(address)
+    except ValueError as exc:
+        return str(exc).removeprefix(f"peer {address!r}: ")
+    return None
 
 
 def _split_entries(value: str) -> list[str]:
