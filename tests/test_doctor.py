@@ -30,7 +30,7 @@ from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import SERVICE_TYPE, PeerCandidate
 from tadlora.node.doctor import BROWSE_S as DOCTOR_BROWSE_S
-from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer, own_address
+from tadlora.node.doctor import Browsed, async_browse, async_check_peers, compare_peer, own_address, report
 from tadlora.node.hostcheck import check_listen, check_precision, check_training, multicast_route_interfaces
 from tadlora.node.identity import save_identity
 from tadlora.node.peerspec import PeersOption, parse_peers_option
@@ -359,6 +359,25 @@ async def test_nodes_of_other_clusters_alone_are_reported_as_no_peer_of_this_one
     ours = dataclasses.replace(other, cluster=cfg.cluster)
     checks = {c.name: c for c in await async_check_peers(cfg, "ab", Browsed([other, ours], [], []), "127.0.0.1")}
     assert "peers (mdns)" not in checks, checks
+
+
+@pytest.mark.asyncio
+async def test_the_text_report_escapes_what_a_peer_said_that_a_terminal_would_act_on(tmp_path: Path) -> None:
+    """The peer lines quote what mDNS adverts said, and anyone on the LAN can send one: a fingerprint or schedule
+    with a terminal escape in it (one that clears the screen), or a line break and a forged line, is printed escaped
+    on one line. It was printed as sent."""
+    cfg = node_config(tmp_path, 0, 1, parse_peers_option("auto"), min_peers=0, insecure=True)
+    odd = [
+        PeerCandidate("node-1", "127.0.0.1:7070", cfg.cluster, "cd\x1b[2J", PROTOCOL_VERSION, False, "mdns", "n1.x."),
+        PeerCandidate("node-2", "127.0.0.1:7071", cfg.cluster, "ab", PROTOCOL_VERSION, False, "mdns", "n2.x.",
+                      schedule="tad\nOK    peer node-9 at 10.0.0.9:7070  all fine"),
+    ]  # fmt: skip
+    text = report(await async_check_peers(cfg, "ab", Browsed(odd, [], []), "127.0.0.1"), False)
+    assert "\x1b" not in text and "fingerprint cd\\x1b[2J differs" in text
+    assert [line for line in text.splitlines() if "node-9" in line] == [
+        "WARN  peer node-2 at 127.0.0.1:7071  (mdns) cluster and fingerprint match, but it runs 'tad\\nOK    peer "
+        f"node-9 at 10.0.0.9:7070  all fine' and this node {cfg.schedule()!r}: the nodes will not mix"
+    ]
 
 
 def test_multicast_routes_are_read_from_the_kernel_table() -> None:

@@ -305,6 +305,35 @@ def test_log_level_takes_any_case_from_a_flag_or_the_environment(monkeypatch) ->
     assert build_run_parser().parse_args([]).log_level == "WARNING"
 
 
+def test_text_logs_escape_what_a_peer_said_that_a_terminal_would_act_on(capsys) -> None:
+    """On a terminal the node logs text, and a refusal's detail is the peer's own words: a terminal escape (one that
+    clears the screen) or a line break and a forged line in it is logged escaped, on the one line. A traceback still
+    follows on lines of its own."""
+    from tadlora.node.cli import setup_logging
+
+    root, node_log = logging.getLogger(), logging.getLogger("tadlora")
+    saved = (root.handlers[:], root.level, node_log.level)
+    try:
+        assert setup_logging("text", "INFO") is None
+        capsys.readouterr()
+        detail = "\x1b[2Jnot ours\n12:00:00 INFO    peer n9 verified at 10.0.0.9:7070 (static)"
+        logging.getLogger("tadlora.node").info("exchange with %s in round %d refused: %s: %s", "n1", 4, "BAD", detail)
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logging.getLogger("tadlora.node").exception("with a traceback")
+        err = capsys.readouterr().err
+    finally:
+        root.handlers[:], _, _ = saved
+        root.setLevel(saved[1])
+        node_log.setLevel(saved[2])
+    first, second, *traceback = err.splitlines()
+    assert first.endswith(" INFO    exchange with n1 in round 4 refused: BAD: \\x1b[2Jnot ours\\n12:00:00 INFO    "
+                          "peer n9 verified at 10.0.0.9:7070 (static)"), first  # fmt: skip
+    assert "\x1b" not in err and second.endswith(" ERROR   with a traceback")
+    assert traceback[0] == "Traceback (most recent call last):" and traceback[-1] == "RuntimeError: boom"
+
+
 def test_certs_init_into_a_directory_it_cannot_create_exits_2_naming_it(tmp_path, capsys) -> None:
     (tmp_path / "file").write_text("")
     assert main(["certs", "init", str(tmp_path / "file" / "certs")]) == 2

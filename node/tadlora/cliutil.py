@@ -27,6 +27,13 @@ _REPORTED = ("torch", "transformers", "peft", "safetensors", "grpcio", "zeroconf
 _interrupted = False  # a Ctrl-C came while `interrupts_kept` was on (`raise_if_interrupted`)
 
 
+def printable(text: str) -> str:
+    """``text`` with each character a terminal would act on (an escape sequence, a line break, a carriage return)
+    written as its Python escape (``\\x1b``, ``\\n``): for text shown on a terminal that a peer chose (a refusal's
+    detail, a status reply), which could otherwise clear the screen or forge a line of its own."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 @contextlib.contextmanager
 def interrupts_kept() -> Iterator[None]:
     """Within the block, a Ctrl-C (SIGINT) is a KeyboardInterrupt that is not lost. Python drops an exception raised

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tadlora.cliutil import apply_env_defaults, from_environment, path_arg
+from tadlora.cliutil import apply_env_defaults, from_environment, path_arg, printable
 from tadlora.node.identity import kept_node_id
 from tadlora.node.peerspec import StaticPeers, address_problem
 
@@ -149,16 +149,11 @@ async def walk_cluster(
     }
 
 
-def _printable(text: str) -> str:
-    """``text`` with each character a terminal would act on (an escape sequence, a line break) written as its
-    Python escape: what a table shows comes from the nodes' replies, not all of which need be honest."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
 def _cell(value: Any, digits: int = 3) -> str:
+    # What a table shows comes from the nodes' replies, not all of which need be honest: `printable`.
     if value is None or value == "":  # not known (yet), or not said by an older node
         return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else _printable(str(value))
+    return f"{value:.{digits}f}" if isinstance(value, float) else printable(str(value))
 
 
 def _uptime(seconds: float) -> str:
@@ -182,9 +177,9 @@ def status_table(nodes: list[dict[str, Any]], unreachable: list[dict[str, Any]])
     for u in unreachable:
         listed_by = ", ".join(map(_cell, u["listed_by"]))
         lines.append(f"{_cell(u['node_id']).ljust(widths[0])}  {_cell(u['address']).ljust(widths[1])}  did not "
-                     f"answer (listed by {listed_by}): {_printable(u['error'])}")  # fmt: skip
+                     f"answer (listed by {listed_by}): {printable(u['error'])}")  # fmt: skip
     rounds = sorted({d["round"] for d in nodes})
-    releases = collections.Counter(_printable(d["release"] or "too old to say") for d in nodes)
+    releases = collections.Counter(printable(d["release"] or "too old to say") for d in nodes)
     span = f"round {rounds[0]}" if len(rounds) == 1 else f"rounds {rounds[0]}-{rounds[-1]}"
     said = ", ".join(f"{r} ({n})" for r, n in sorted(releases.items())) if len(releases) > 1 else next(iter(releases))
     missing = f", {len(unreachable)} did not" if unreachable else ""
@@ -324,7 +319,7 @@ def status_main(argv: list[str]) -> int:
         sys.stderr.write(f"tadlora-node status: stopped after {WALK_LIMIT} nodes; more are listed\n")
     if walked["unreachable"]:
         said = [
-            _printable(f"{u['node_id']} at {u['address'] or '(no address)'}: {u['error']}")
+            printable(f"{u['node_id']} at {u['address'] or '(no address)'}: {u['error']}")
             for u in walked["unreachable"]
         ]
         sys.stderr.write(f"tadlora-node status: {len(said)} of the nodes listed did not answer: {'; '.join(said)}\n")

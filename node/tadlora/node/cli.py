@@ -45,6 +45,7 @@ from tadlora.cliutil import (
     from_environment,
     out_not_a_directory,
     path_arg,
+    printable,
     version_text,
 )
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
@@ -288,6 +289,18 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc)
 
 
+class TextFormatter(logging.Formatter):
+    """``HH:MM:SS LEVEL message``, one line per record (a traceback follows on lines of its own): the message with
+    the characters a terminal acts on escaped (`printable`), as it carries what peers said (a refusal's detail)."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def setup_logging(fmt: str, level: str) -> JsonFormatter | None:
     """Text on a terminal, JSON lines otherwise (or as asked). Returns the JSON formatter, if any."""
     handler = logging.StreamHandler(sys.stderr)
@@ -296,7 +309,7 @@ def setup_logging(fmt: str, level: str) -> JsonFormatter | None:
         json_fmt = JsonFormatter()
         handler.setFormatter(json_fmt)
     else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(message)s", "%H:%M:%S"))
+        handler.setFormatter(TextFormatter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)

@@ -23,6 +23,7 @@ import math
 import sys
 from typing import TYPE_CHECKING, Any
 
+from tadlora.cliutil import printable
 from tadlora.node.config import NodeConfig
 from tadlora.node.discovery import (
     QUESTION_TYPE,
@@ -448,12 +449,13 @@ def report(checks: list[Check], as_json: bool) -> str:
             "checks": [dataclasses.asdict(c) for c in checks],
         }
         return json.dumps(doc, indent=2) + "\n"
-    width = max(len(c.name) for c in checks)
+    # The peer checks quote what other nodes and mDNS adverts said, which anyone on the LAN can send: `printable`.
+    width = max(len(printable(c.name)) for c in checks)
     lines = []
     for c in checks:
-        lines.append(f"{c.status:<4}  {c.name:<{width}}  {c.detail}")
+        lines.append(f"{c.status:<4}  {printable(c.name):<{width}}  {printable(c.detail)}")
         if c.fix:
-            lines.append(f"{'':<4}  {'':<{width}}  fix: {c.fix}")
+            lines.append(f"{'':<4}  {'':<{width}}  fix: {printable(c.fix)}")
     lines.append(f"{counts['OK']} OK, {counts['WARN']} WARN, {counts['FAIL']} FAIL")
     return "\n".join(lines) + "\n"
 
