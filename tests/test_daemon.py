@@ -700,3 +700,49 @@ async def test_graceful_stop_checkpoints_and_leaves_no_task_or_thread(tmp_path) 
         t for t in set(threading.enumerate()) - threads_before if t.is_alive() and "_poll_wrapper" not in t.name
     ]
     assert not leftover, leftover
+
+
+@pytest.mark.parametrize("link_prob", [1.0, 0.02])
+def test_a_peer_claiming_a_round_far_ahead_costs_a_bounded_look_at_the_link_schedule(
+    tmp_path, monkeypatch, link_prob
+) -> None:
+    """A node resumed from its checkpoint that has run no round yet asks, of each peer ahead of it, whether a round
+    that peer ran had a link up to this node (`_may_be_out_of_step`), on the event loop. It looked through every
+    round up to the peer's claim, and a peer may claim up to MAX_ROUND (2^40): days, for one whose link is never up
+    (outside this node's overlay). Now a peer outside the overlay is not looked at, and one inside for at most 20 / p
+    rounds; the answers stay those of the schedule."""
+    from types import SimpleNamespace
+
+    from tadlora.node.limits import MAX_ROUND
+
+    ids = ["node-1", "node-2", "node-3", "node-4", "node-5"]
+    node = Node(node_config(tmp_path, 0, 6, NO_PEERS, max_neighbors=2, link_prob=link_prob))
+    node.node_id = "node-0"
+    node.rounds.restore(10, {}, 10)
+    node._resumed = True
+    calls: list[tuple] = []
+    up = daemon.link_up
+    monkeypatch.setattr(daemon, "link_up", lambda *a: calls.append(a) or up(*a))
+
+    def claims(rounds: dict[str, int]) -> bool:
+        peers = {j: SimpleNamespace(info=SimpleNamespace(round=r)) for j, r in rounds.items()}
+        node._peers = SimpleNamespace(peers=peers)  # type: ignore[assignment]
+        calls.clear()
+        return node._may_be_out_of_step()
+
+    at_ten = dict.fromkeys(ids, 10)
+    claims(at_ten)
+    overlay = sorted(node._overlay())
+    outside = sorted(set(ids) - set(overlay))
+    assert len(overlay) == 2 and outside
+    scan = node._link_scan_rounds()
+    assert scan == (20 if link_prob == 1.0 else 1000)
+    assert claims(at_ten) is False and calls == []  # no one ahead: nothing to look through
+    # One outside the overlay claims the last round there is: no link to it, ever, and nothing looked through.
+    assert claims({**at_ten, outside[0]: MAX_ROUND}) is False and calls == []
+    # One inside it that ran rounds ahead had a link up in one of them (at p = 0.02, within 1,000 rounds).
+    assert claims({**at_ten, overlay[0]: MAX_ROUND}) is True
+    assert 0 < len(calls) <= scan
+    # Were its link down in every round, the look ends after `scan` rounds.
+    monkeypatch.setattr(daemon, "link_up", lambda *a: calls.append(a) and False)
+    assert claims({**at_ten, overlay[0]: MAX_ROUND}) is False and len(calls) == scan

@@ -1208,6 +1208,54 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
 
 
 @pytest.mark.asyncio
+async def test_a_status_reply_is_read_within_what_a_node_sends_and_printed_as_valid_json_or_a_narrow_table(
+    bob: FakeNode, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whoever answers chooses its status reply, and `status` prints it, `doctor` compares it. A reply with numbers
+    that are not finite made `status --table` die on a traceback and `status` print NaN, which JSON readers refuse;
+    thousands of neighbours or a 20,000-character field went through whole, and a table padded every line to it.
+    Now: NaN for such numbers (null in JSON), the lists and texts cut to what a node sends, table cells to 64
+    characters; and a reply whose node says of itself what a handshake would refuse is refused, BAD_PAYLOAD."""
+    from tadlora.node import admin
+
+    transport = GrpcTransport()
+    async with transport.serve(bob, LISTEN) as server:
+        bob.info = dataclasses.replace(bob.info, address=server.address)
+        bob.status_info = StatusInfo(
+            node=bob.info, state="x" * 20_000, last_loss=math.inf, uptime_seconds=math.nan,
+            neighbors=tuple(NeighborStatus(node_id=f"n{i}", address="", weight=-math.inf) for i in range(3000)),
+            candidates=tuple(CandidateStatus(key=f"c{i}", retry_in_seconds=math.inf, reason="r" * 3000)
+                             for i in range(500)),
+        )  # fmt: skip
+        async with transport.connect(server.address) as client:
+            status = await client.status(TIMEOUT)
+        capsys.readouterr()
+        code = await asyncio.to_thread(admin.status_main, [server.address, "--timeout", "5"])
+        out = capsys.readouterr().out
+        table_code = await asyncio.to_thread(admin.status_main, [server.address, "--table", "--timeout", "5"])
+        table = capsys.readouterr().out
+        bob.status_info = dataclasses.replace(bob.status_info, node=dataclasses.replace(bob.info, address="unix:/x"))
+        refused_code = await asyncio.to_thread(admin.status_main, [server.address, "--timeout", "5"])
+        refused = capsys.readouterr().err
+
+    assert (len(status.neighbors), len(status.candidates)) == (1024, 64)
+    assert len(status.state) == 256 + len("... (cut)") and len(status.candidates[0].reason) == 2048 + len("... (cut)")
+    assert math.isnan(status.last_loss) and math.isnan(status.uptime_seconds)
+    assert math.isnan(status.neighbors[0].weight) and math.isnan(status.candidates[0].retry_in_seconds)
+    assert code == table_code == 0
+
+    def no_constants(name: str) -> None:
+        raise AssertionError(f"{name} in the JSON")
+
+    doc = json.loads(out, parse_constant=no_constants)
+    assert doc["last_loss"] is None and doc["uptime_seconds"] is None and doc["neighbours"][0]["weight"] is None
+    lines = table.splitlines()
+    assert max(len(line) for line in lines) < 300, [len(line) for line in lines]
+    assert lines[1].split()[3] == "x" * 61 + "..." and lines[1].split()[-1] == "-"  # the state; no uptime known
+    assert refused_code == 1 and "which is no address to dial" in refused and "no tadlora node would" in refused
+
+
+@pytest.mark.asyncio
 async def test_closing_twice_is_safe(transport: Transport, bob: FakeNode) -> None:
     async with transport.serve(bob, LISTEN) as server:
         client = transport.connect(server.address)

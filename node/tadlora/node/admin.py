@@ -46,17 +46,17 @@ async def query_status(
         "state": st.state,
         "phase": st.phase,
         "rounds_completed": st.rounds_completed,
-        "last_loss": None if math.isnan(st.last_loss) else st.last_loss,
-        "last_accuracy": None if math.isnan(st.last_accuracy) else st.last_accuracy,
+        "last_loss": _number(st.last_loss),
+        "last_accuracy": _number(st.last_accuracy),
         "insecure": st.node.insecure,
-        "uptime_seconds": round(st.uptime_seconds, 1),
+        "uptime_seconds": _number(st.uptime_seconds, 1),
         "release": st.release or None,  # None: a node older than the field
         "neighbours": [
             {
                 "id": n.node_id,
                 "address": n.address,
                 "degree": n.degree,
-                "weight": n.weight,
+                "weight": _number(n.weight),
                 "last_exchanged_round": n.last_round - 1 if n.last_round else None,
                 "release": n.release or None,  # None: a node older than the field
             }
@@ -68,7 +68,7 @@ async def query_status(
                 "address": c.address,
                 "source": c.source,
                 "failures": c.failures,
-                "retry_in_seconds": round(c.retry_in_seconds, 1),
+                "retry_in_seconds": _number(c.retry_in_seconds, 1),
                 "reason": c.reason,
             }
             for c in st.candidates
@@ -149,14 +149,21 @@ async def walk_cluster(
     }
 
 
+TABLE_CELL_CHARS = 64  # a cell past this is cut ("..."): an id is at most 63, an address rarely more
+
+
 def _cell(value: Any, digits: int = 3) -> str:
-    # What a table shows comes from the nodes' replies, not all of which need be honest: `printable`.
+    # What a table shows comes from the nodes' replies, not all of which need be honest: `printable`, and cut, so
+    # that one long value does not pad every line of the table to its width.
     if value is None or value == "":  # not known (yet), or not said by an older node
         return "-"
-    return f"{value:.{digits}f}" if isinstance(value, float) else printable(str(value))
+    text = f"{value:.{digits}f}" if isinstance(value, float) else printable(str(value))
+    return text if len(text) <= TABLE_CELL_CHARS else text[: TABLE_CELL_CHARS - 3] + "..."
 
 
-def _uptime(seconds: float) -> str:
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
     s = int(seconds)
     return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
@@ -185,6 +192,14 @@ def status_table(nodes: list[dict[str, Any]], unreachable: list[dict[str, Any]])
     missing = f", {len(unreachable)} did not" if unreachable else ""
     lines.append(f"{len(nodes)} node{'s' * (len(nodes) != 1)} answered{missing}; {span}; release {said}")
     return "\n".join(lines) + "\n"
+
+
+def _number(value: float, digits: int | None = None) -> float | None:
+    """A status number for JSON: None for NaN (not known yet, or not a number the node could have meant:
+    `pb_mapping._status_from_pb`), which JSON has no spelling for."""
+    if math.isnan(value):
+        return None
+    return value if digits is None else round(value, digits)
 
 
 def build_status_parser() -> argparse.ArgumentParser:
@@ -298,6 +313,8 @@ def status_main(argv: list[str]) -> int:
             # A gRPC server without the node's service: TLS flags would not help, the port is wrong (most likely
             # the plaintext --health-port, which sits next to the --listen port in every deployment).
             hint = "another gRPC service answers there (a node's --health-port?): give the node's --listen HOST:PORT"
+        elif isinstance(exc, ExchangeRefused) and exc.reason is Reason.BAD_PAYLOAD:
+            hint = "the node there says of itself what no tadlora node would: it is not shown"
         elif credentials is None:
             hint = (
                 "if the node runs with TLS, pass --tls-dir DIR --node-id NODE_ID (or TADLORA_TLS_DIR and "
@@ -314,7 +331,8 @@ def status_main(argv: list[str]) -> int:
     if a.table:
         sys.stdout.write(status_table(walked["nodes"], walked["unreachable"]))
     else:
-        sys.stdout.write(json.dumps(walked if a.all else walked["nodes"][0], indent=2) + "\n")
+        # allow_nan=False: no bare NaN, which JSON readers (jq, JSON.parse) refuse; `_number` leaves none.
+        sys.stdout.write(json.dumps(walked if a.all else walked["nodes"][0], indent=2, allow_nan=False) + "\n")
     if not walked["complete"]:
         sys.stderr.write(f"tadlora-node status: stopped after {WALK_LIMIT} nodes; more are listed\n")
     if walked["unreachable"]:

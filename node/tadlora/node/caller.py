@@ -151,7 +151,11 @@ class _Caller(abc.ABC):
         )
 
     async def status(self, timeout: float) -> StatusInfo:
-        return _status_from_pb(await self._call_status(timeout))
+        """The peer's status (`_status_from_pb` bounds it); `ExchangeRefused` (BAD_PAYLOAD) if what it says of
+        itself would be refused in a handshake, as its status is printed and compared."""
+        status = _status_from_pb(await self._call_status(timeout))
+        _check_info(status.node, f"{self.address}'s status reply")
+        return status
 
     async def leave(self, info: PeerInfo, timeout: float) -> bool:
         """Tell the peer that the node ``info`` describes is stopping, so that it drops it now. True once it has;

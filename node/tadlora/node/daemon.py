@@ -94,6 +94,8 @@ QUIET_CALLER_MAX_S = 16.0
 # Rounds in a row whose local steps outlast --exchange-timeout, and miss neighbours, before the node says it is too
 # slow for its cluster's deadline: one such round is a stall (a freeze, a swap storm), two in a row its pace.
 SLOW_ROUNDS_TO_WARN = 2
+# The schedule looked through for a link up (`Node._link_scan_rounds`) is this many nats of evidence long: e^-20.
+LINK_SCAN_NATS = 20.0
 
 
 def _progress(done: int, total: int | None, width: int = 20) -> str:
@@ -989,10 +991,17 @@ class Node:
         each peer ran while it was down count too: one with a link up to that peer, which the peer ran without it.
         False when the link schedule alone explains every such round: then it is where the simulator's client would
         be, whatever round its peers are in (a restart that lost nothing is no reason to drop its own rounds)."""
-        rounds = self.rounds
+        rounds, cfg = self.rounds, self.config
         if self._last_missed and self._last_missed >= rounds.last_mixed:
             return True
-        if any(self._round_neighbours(s) for s in range(rounds.last_mixed, rounds.t)):
+        overlay = self._overlay()
+        # A link up is looked for in the first `_link_scan_rounds` rounds of a span only: a span can be as long as a
+        # peer claims (up to MAX_ROUND), and this runs on the event loop.
+        scan = self._link_scan_rounds()
+        if any(
+            self._round_neighbours(s, overlay)
+            for s in range(rounds.last_mixed, min(rounds.t, rounds.last_mixed + scan))
+        ):
             return True
         if self._ran_a_round:
             return False
@@ -1003,17 +1012,32 @@ class Node:
         # (it waits for this node there), not one lost, however far another peer has run meanwhile.
         peers = self._peers.peers if self._peers is not None else {}
         return any(
-            j in self._round_neighbours(s) for j, peer in peers.items() for s in range(rounds.t, peer.info.round)
+            link_up(cfg.seed, s, self.node_id, j, cfg.link_prob)
+            for j, peer in peers.items()
+            if j in overlay
+            for s in range(rounds.t, min(peer.info.round, rounds.t + scan))
         )
 
-    def _round_neighbours(self, t: int) -> frozenset[str]:
-        cfg = self.config
+    def _link_scan_rounds(self) -> int:
+        """How many rounds of the link schedule `_may_be_out_of_step` looks through for a link up: ``20 / p``, in
+        which a link up with probability p in each round is missed with probability e^-20 (2e-9): 20 rounds at
+        p = 1, 1,000 at p = 0.02. Unbounded, a peer that claimed round 2^40 held the event loop for days."""
+        return math.ceil(LINK_SCAN_NATS / self.config.link_prob)
+
+    def _overlay(self) -> Collection[str]:
+        """The peers this node may have a link to: all of them, or its overlay among them under --max-neighbors."""
         peers: Collection[str] = self._peer_ids()
-        if cfg.max_neighbors is not None:
+        if self.config.max_neighbors is not None:
             # Work per round follows the degree, not the network size; every node that sees the same members
             # computes the same overlay, so both ends of a link agree on it.
-            peers = overlay_neighbours(self.node_id, peers, cfg.max_neighbors)
-        return frozenset(p for p in peers if link_up(cfg.seed, t, self.node_id, p, cfg.link_prob))
+            peers = overlay_neighbours(self.node_id, peers, self.config.max_neighbors)
+        return peers
+
+    def _round_neighbours(self, t: int, overlay: Collection[str] | None = None) -> frozenset[str]:
+        """The peers whose link to this node is up in round ``t`` (``overlay``: `_overlay`, if the caller has it)."""
+        cfg = self.config
+        members = self._overlay() if overlay is None else overlay
+        return frozenset(p for p in members if link_up(cfg.seed, t, self.node_id, p, cfg.link_prob))
 
     def _train(self, t: int) -> tuple[float, Factors, OptimizerState]:
         """Worker thread: local steps from the current factors; returns the loss, the snapshot and the optimizer

@@ -4,10 +4,11 @@ protobuf messages (`tadlora.v1`), both ways.
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+import math
+from dataclasses import asdict
 from typing import cast
 
-from tadlora.node.limits import MAX_DETAIL_CHARS
+from tadlora.node.limits import MAX_CANDIDATES_SHOWN, MAX_DEGREE, MAX_DETAIL_CHARS, MAX_TEXT_CHARS
 from tadlora.node.protocol_types import CandidateStatus, ExchangeHeader, NeighborStatus, PeerInfo, StatusInfo
 from tadlora.node.wire import ExchangeRefused, Reason
 from tadlora.v1 import node_pb2 as pb
@@ -84,22 +85,51 @@ def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
 
 
 def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
+    """A node's status reply, within what a node sends: at most `MAX_DEGREE` neighbours and `MAX_CANDIDATES_SHOWN`
+    candidates, their texts cut to `MAX_TEXT_CHARS` (a candidate's reason, which quotes a refusal, to twice
+    `MAX_DETAIL_CHARS`), and NaN for a number that is not finite (the time fields: not negative either). What it
+    says is printed and compared (`tadlora-node status`, `doctor`), and whoever answers chooses it; its `node` is
+    checked as a handshake's is, by the caller."""
     return StatusInfo(
         node=_info_from_pb(msg.node),
-        phase=msg.phase,
+        phase=_cut(msg.phase, MAX_TEXT_CHARS),
         rounds_completed=msg.rounds_completed,
-        last_loss=msg.last_loss,
-        last_accuracy=msg.last_accuracy,
-        state=msg.state,
+        last_loss=_finite(msg.last_loss),
+        last_accuracy=_finite(msg.last_accuracy),
+        state=_cut(msg.state, MAX_TEXT_CHARS),
         neighbors=tuple(
-            NeighborStatus(**{f.name: getattr(n, f.name) for f in fields(NeighborStatus)}) for n in msg.neighbors
+            NeighborStatus(
+                node_id=_cut(n.node_id, MAX_TEXT_CHARS),
+                address=_cut(n.address, MAX_TEXT_CHARS),
+                degree=n.degree,
+                last_round=n.last_round,
+                weight=_finite(n.weight),
+                release=_cut(n.release, MAX_TEXT_CHARS),
+            )
+            for n in msg.neighbors[:MAX_DEGREE]
         ),
-        uptime_seconds=msg.uptime_seconds,
+        uptime_seconds=_finite(msg.uptime_seconds, low=0.0),
         candidates=tuple(
-            CandidateStatus(**{f.name: getattr(c, f.name) for f in fields(CandidateStatus)}) for c in msg.candidates
+            CandidateStatus(
+                key=_cut(c.key, MAX_TEXT_CHARS),
+                address=_cut(c.address, MAX_TEXT_CHARS),
+                source=_cut(c.source, MAX_TEXT_CHARS),
+                failures=c.failures,
+                retry_in_seconds=_finite(c.retry_in_seconds, low=0.0),
+                reason=_cut(c.reason, 2 * MAX_DETAIL_CHARS),
+            )
+            for c in msg.candidates[:MAX_CANDIDATES_SHOWN]
         ),
-        release=msg.release,
+        release=_cut(msg.release, MAX_TEXT_CHARS),
     )
+
+
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "... (cut)"
+
+
+def _finite(value: float, low: float = -math.inf) -> float:
+    return value if math.isfinite(value) and value >= low else math.nan
 
 
 def _refusal_message(exc: ExchangeRefused) -> pb.ExchangeMessage:
