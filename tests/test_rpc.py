@@ -1271,6 +1271,29 @@ async def test_closing_twice_is_safe(transport: Transport, bob: FakeNode) -> Non
 
 
 @pytest.mark.asyncio
+async def test_a_failure_whose_grpc_details_are_long_is_cut_as_a_refusals_detail_is(alice: FakeNode) -> None:
+    """What answers at a peer's address chooses the text of the gRPC status it fails a call with; it was kept whole,
+    logged, and shown as the candidate's reason in this node's own status (up to 64 of them)."""
+    from tadlora.node.limits import MAX_DETAIL_CHARS
+
+    async def abort(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAVAILABLE, "X" * 7000)
+
+    handlers = {name: grpc.unary_unary_rpc_method_handler(abort) for name in ("Handshake", "Status")}
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tadlora.v1.Node", handlers),))
+    port = server.add_insecure_port(LISTEN)
+    await server.start()
+    try:
+        async with PeerClient(f"127.0.0.1:{port}") as client:
+            with pytest.raises(PeerUnavailable) as failed:
+                await client.handshake(alice.info, TIMEOUT)
+    finally:
+        await server.stop(None)
+    assert failed.value.detail == "UNAVAILABLE: " + "X" * MAX_DETAIL_CHARS + "... (cut)"
+
+
+@pytest.mark.asyncio
 async def test_calling_a_stopped_server_raises_peer_unavailable(transport: Transport, alice: FakeNode) -> None:
     async with transport.serve(FakeNode("bob", alice.factors), LISTEN) as server:
         address = server.address

@@ -288,6 +288,20 @@ def test_payload_off_the_spec_is_refused_as_bad_payload(
     decode_factors(payload)  # without a spec the same payload decodes: the spec is what refused it
 
 
+def test_a_refusal_names_a_few_of_a_payloads_keys_each_cut_however_long_the_peer_made_them() -> None:
+    """A payload's header may carry keys of 12,000 characters and still fit the size cap (its 64 KiB of header
+    slack); naming three of them whole made a 36,000-character detail, logged by the callee and sent back."""
+    spec = FactorSpec.from_factors(lora_factors())
+    odd = {("k" * 12_000 + str(i)): torch.zeros(1) for i in range(5)}
+    payload = encode_factors(odd)
+    assert len(payload) <= spec.max_payload_bytes()
+    with pytest.raises(PayloadError) as refused:
+        decode_factors(payload, spec)
+    detail = refused.value.detail
+    assert len(detail) < 1000, len(detail)
+    assert f"5 unexpected ({'k' * 117}..., {'k' * 117}..., {'k' * 117}... and 2 more)" in detail, detail
+
+
 @pytest.mark.parametrize(
     "factors",
     [

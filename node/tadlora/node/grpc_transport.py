@@ -16,7 +16,13 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tadlora.node.caller import _Caller
-from tadlora.node.limits import _CHANNEL_OPTIONS, _SERVER_OPTIONS, DEFAULT_GRACE_S, GRPC_MAX_CONCURRENT_RPCS
+from tadlora.node.limits import (
+    _CHANNEL_OPTIONS,
+    _SERVER_OPTIONS,
+    DEFAULT_GRACE_S,
+    GRPC_MAX_CONCURRENT_RPCS,
+    MAX_DETAIL_CHARS,
+)
 from tadlora.node.pb_mapping import _peer_refusal
 from tadlora.node.protocol_types import NODE_SERVICE_NAME, BindError, CallEnded, PeerTimeout, PeerUnavailable
 from tadlora.node.responder import _Responder, _ServiceFault
@@ -400,7 +406,12 @@ class PeerClient(_Caller):
             # How a callee refuses a request whose reply has no place for a refusal (Status): a refusal like any
             # other for the caller, not a peer that is down.
             return _peer_refusal(Reason.BAD_PAYLOAD, exc.details() or "")
-        return PeerUnavailable(self.address, f"{code.name}: {readable_details(exc.details() or '')}")
+        # Cut as a refusal's detail is: the peer (or what answers at its address) chose it, and it is logged and
+        # kept as the candidate's reason that this node's own status shows.
+        details = readable_details(exc.details() or "")
+        if len(details) > MAX_DETAIL_CHARS:
+            details = details[:MAX_DETAIL_CHARS] + "... (cut)"
+        return PeerUnavailable(self.address, f"{code.name}: {details}")
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

@@ -48,6 +48,7 @@ MAX_PAYLOAD_BYTES: Final = 512 << 20  # bytes (512 MiB); default cap on one payl
 _SHA256_HEX: Final = re.compile(r"[0-9a-f]{64}")
 _HEADER_LENGTH_BYTES: Final = 8  # safetensors: little-endian u64 length of the JSON header that follows
 _LISTED_KEYS: Final = 3  # how many offending keys an error message names before summarising
+_LISTED_KEY_CHARS: Final = 120  # chars of each (peft's keys for a 7B model's layers are about 70)
 # Room for a safetensors header around the tensors' bytes, for `FactorSpec.max_payload_bytes`. Generous on purpose:
 # the bound refuses a declared size that no payload of the spec can have (a 512 MiB header for a 2 MB adapter),
 # it is no place to judge formatting. A tensor's entry is {"dtype":"BF16","shape":[..],"data_offsets":[a,b]}.
@@ -114,9 +115,11 @@ def _canonical_dtype_name(name: str) -> str | None:
 
 
 def _some(keys: set[str]) -> str:
-    listed = sorted(keys)[:_LISTED_KEYS]
-    more = len(keys) - len(listed)
-    return ", ".join(listed) + (f" and {more} more" if more else "")
+    """A few of ``keys`` for a message, each cut to `_LISTED_KEY_CHARS`: they are a peer's (a payload's header
+    may hold keys of 20,000 characters and still fit its size cap), and the message is logged and sent back."""
+    listed = [k if len(k) <= _LISTED_KEY_CHARS else k[: _LISTED_KEY_CHARS - 3] + "..." for k in sorted(keys)]
+    more = len(keys) - _LISTED_KEYS
+    return ", ".join(listed[:_LISTED_KEYS]) + (f" and {more} more" if more > 0 else "")
 
 
 @dataclass(frozen=True, init=False)
