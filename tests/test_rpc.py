@@ -346,7 +346,10 @@ async def test_a_release_that_is_no_version_is_refused_before_the_handler_sees_i
 @pytest.mark.parametrize(
     "address",
     ["unix:/run/containerd/containerd.sock", "127.0.0.1:99999", "dns://10.0.0.53/evil.example:7070",
-     "ipv4:10.0.0.1:80,10.0.0.2:80", "[::1", "10.0.0.5", "10.0.0.5:0", "a b:7070"],
+     "ipv4:10.0.0.1:80,10.0.0.2:80", "[::1", "10.0.0.5", "10.0.0.5:0", "a b:7070",
+     # HOST:PORT, but of no one host, or of an interface of the sender's (and a zone may hold any text)
+     "0.0.0.0:7070", "[::]:7070", "224.0.0.251:5353", "[ff02::1]:7070", "255.255.255.255:7070",
+     "[fe80::1%eth0]:7070", "[::1%x,ipv4:127.0.0.1:22]:7070"],
     ids=repr,
 )  # fmt: skip
 async def test_an_address_that_is_no_host_and_port_is_refused_both_ways_before_anyone_dials_it(

@@ -76,13 +76,25 @@ def parse_peers_option(value: str) -> PeersOption:
 
 def address_problem(address: str) -> str | None:
     """Why ``address`` is not one a node can be dialled at (HOST:PORT: an IPv4 address or a host name, or an
-    [IPv6] address, and a port in 1..65535), or None when it is one. For an address another node gave: gRPC takes
-    more than that as a target ('unix:/run/x.sock', 'dns://resolver/name', 'ipv4:a,b'), and a port over 65535 as
-    itself less 65536, so a peer could otherwise have this node dial a local socket or another port than it said."""
+    [IPv6] address, and a port in 1..65535; not an address of no host, of many, or of a zone of the sender's own),
+    or None when it is one. For an address another node gave: gRPC takes more than that as a target
+    ('unix:/run/x.sock', 'dns://resolver/name', 'ipv4:a,b'), and a port over 65535 as itself less 65536, so a peer
+    could otherwise have this node dial a local socket or another port than it said."""
     try:
-        _parse_host_port(address)
+        normal = _parse_host_port(address)
     except ValueError as exc:
         return str(exc).removeprefix(f"peer {address!r}: ")
+    host = normal.rpartition(":")[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a host name
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        return f"{host!r} has a zone ({ip.scope_id!r}), an interface of the sending host, not of this one"
+    kind = ("unspecified" if ip.is_unspecified else "multicast" if ip.is_multicast
+            else "broadcast" if ip == ipaddress.IPv4Address("255.255.255.255") else None)  # fmt: skip
+    if kind is not None:
+        return f"{host!r} is no one host's address ({kind})"
     return None
 
 
