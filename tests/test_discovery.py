@@ -674,6 +674,18 @@ def test_of_a_peer_s_addresses_the_one_on_this_node_s_subnets_is_the_one_dialled
     assert near.alternates == ("10.1.0.5:50051",)  # still tried, if the one on our subnet does not answer
 
 
+def test_an_advert_naming_hundreds_of_addresses_is_dialled_at_the_first_few_the_nearest_first() -> None:
+    """Each address of an advert is dialled in turn, up to a handshake timeout each, and a scan waits for them: an
+    advert (anyone on the LAN may send one, copying a node's TXT) naming 303 addresses held every scan for about 25
+    minutes, and no other peer was verified meanwhile. Now `MAX_ADVERT_ADDRESSES` of them, ours first."""
+    many = [f"10.9.{i // 250}.{i % 250 + 1}" for i in range(300)] + ["192.168.7.5", "192.168.7.6", "192.168.7.7"]
+    cand = discovery.candidate_from_info(_resolved(GOOD_TXT, addresses=many), [ipaddress.IPv4Network("192.168.7.0/24")])
+    assert isinstance(cand, PeerCandidate)
+    assert (cand.address, *cand.alternates) == ("192.168.7.5:50051", "192.168.7.6:50051", "192.168.7.7:50051",
+                                                "10.9.0.1:50051")  # fmt: skip
+    assert discovery.MAX_ADVERT_ADDRESSES == 4
+
+
 @pytest.mark.asyncio
 async def test_a_peer_announcing_several_addresses_is_taken_at_the_one_on_the_mdns_interface_s_subnet(
     quick_timing: None, n: Names

@@ -118,6 +118,26 @@ async def test_records_that_appear_and_disappear_are_followed() -> None:
 
 
 @pytest.mark.asyncio
+async def test_an_answer_is_kept_to_host_addresses_and_its_first_1024_said_once(caplog, monkeypatch) -> None:
+    """The DNS server chooses the answer, and each address in it is dialled every scan: one of no host (0.0.0.0, a
+    group address) is left out, and past `MAX_NAME_ADDRESSES` (a neighbour count no cluster reaches) the rest, with a
+    warning once while it lasts."""
+    from tadlora.node import dnspeers
+
+    monkeypatch.setattr(dnspeers, "MAX_NAME_ADDRESSES", 3)
+    no_host = "0.0.0.0"  # noqa: S104 - an answer, never bound
+    resolver = FakeResolver({"peers": [no_host, "10.0.0.1", "224.0.0.251", "255.255.255.255", "::", "ff02::1",
+                                       "10.0.0.2", "fd00::3", "10.0.0.4", "10.0.0.5"]})  # fmt: skip
+    async with DnsPeers(["peers"], interval=FAST_S, resolver=resolver) as dns:
+        assert await dns.async_wait_for(bool, timeout=5) == ("10.0.0.1:7070", "10.0.0.2:7070", "[fd00::3]:7070")
+        await asyncio.wait_for(resolver.wait_for_lookups(resolver.lookups + 3), timeout=5)
+        resolver.records["peers"] = ["10.0.0.1", no_host]
+        assert await dns.async_wait_for(lambda a: len(a) == 1, timeout=5) == ("10.0.0.1:7070",)
+    warnings = [r.getMessage() for r in caplog.records if "answers" in r.getMessage()]
+    assert warnings == ["DNS peers: peers answers 5 addresses; the first 3 are dialled"]
+
+
+@pytest.mark.asyncio
 async def test_a_failing_lookup_keeps_the_last_answer(caplog) -> None:
     resolver = FakeResolver({"peers": ["10.0.0.1"]})
     async with DnsPeers(["peers"], interval=FAST_S, resolver=resolver) as dns:

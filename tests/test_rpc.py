@@ -404,6 +404,41 @@ async def test_a_peer_verified_on_another_release_is_logged_with_it_one_on_ours_
     await pm.aclose()
 
 
+@pytest.mark.asyncio
+async def test_a_scan_tries_at_most_64_candidates_at_once_however_many_discovery_lists() -> None:
+    """Every candidate a scan is due to try was dialled at once: a flood of adverts or a DNS answer of thousands of
+    addresses opened as many connections together. They are all tried, `MAX_SCAN_HANDSHAKES` at a time."""
+    from tadlora.node import peers as peers_module
+
+    in_flight = most = tried = 0
+
+    class Conn:
+        async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+            nonlocal in_flight, most, tried
+            in_flight += 1
+            most = max(most, in_flight)
+            try:
+                await asyncio.sleep(0.01)
+            finally:
+                in_flight -= 1
+                tried += 1
+            raise PeerUnavailable("x", "nothing there")
+
+        async def aclose(self) -> None:
+            pass
+
+    class Dialler:
+        def connect(self, address: str, node_id: str | None = None) -> Conn:
+            return Conn()
+
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="10.0.0.1:7070")
+    listed = [(f"10.1.{i // 200}.{i % 200 + 1}:7070",) * 2 + (None,) for i in range(300)]
+    pm = PeerManager(Dialler(), lambda: me, lambda: listed, lambda: None)  # type: ignore[arg-type]
+    await pm.scan()
+    await pm.aclose()
+    assert (tried, most) == (300, peers_module.MAX_SCAN_HANDSHAKES) and most == 64
+
+
 def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_parts_nor_release() -> None:
     info = PeerInfo(
         node_id="n1",

@@ -47,6 +47,9 @@ SERVICE_TYPE = "_tadlora._tcp.local."
 # s a rebind keeps listing the peers seen before it: the new browser finds them in about 0.1 s (its first query),
 # or at their next announcement; a peer that left meanwhile is dropped after this.
 REBIND_GRACE_S = 10.0
+# Addresses of one advert dialled in turn (`PeerManager._try`: up to a handshake timeout each): a host has a few, and
+# an advert may name hundreds, which held every scan for minutes (the nearest, on this node's subnets, come first).
+MAX_ADVERT_ADDRESSES = 4
 RESOLVE_TIMEOUT_MS = 3000  # ms; one SRV/TXT/A resolution, zeroconf's own default (it re-asks several times)
 _INSTANCE_MAX_BYTES = 63  # bytes; RFC 6763 §4.1.1: a service instance name is a single DNS label
 _TXT_ENTRY_MAX_BYTES = 255  # bytes; RFC 6763 §6.1: one "key=value" string is length-prefixed by one byte
@@ -183,7 +186,7 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
     """A PeerCandidate from a resolved service, or the reason it is not one. Of the addresses it announces (an
     interface may have several, on different subnets), the candidate's is the first on one of the ``reachable``
     networks (this node's mDNS interfaces'), else the first: a peer is dialled where this node reaches it. The others
-    are its ``alternates``, dialled in turn when that one does not answer."""
+    are its ``alternates``, dialled in turn when that one does not answer (`MAX_ADVERT_ADDRESSES` in all)."""
     txt: dict[str, str] = {}
     for raw_key, raw_value in info.properties.items():
         try:
@@ -210,7 +213,7 @@ def candidate_from_info(info: AsyncServiceInfo, reachable: Sequence[ipaddress.IP
     # zeroconf lists the most recently announced address first: that one, unless another is on our own subnets.
     # The rest follow as alternates, those on our subnets first.
     near = [a for a in addresses if any(ipaddress.IPv4Address(a) in net for net in reachable)]
-    ordered = [f"{a}:{info.port}" for a in dict.fromkeys(near + addresses)]
+    ordered = [f"{a}:{info.port}" for a in dict.fromkeys(near + addresses)][:MAX_ADVERT_ADDRESSES]
     # Absent from an older node's advert. One that is not a parts text is passed over, not the advert with it: it only
     # says which parts of another fingerprint differ, and the advert is good without it.
     parts = txt.get("fpp", "")

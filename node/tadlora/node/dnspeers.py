@@ -19,6 +19,7 @@ from types import TracebackType
 from typing import Self
 
 from tadlora.node.config import DEFAULT_PORT
+from tadlora.node.peerspec import address_problem
 
 __all__ = [
     "RESOLVE_INTERVAL_S",
@@ -32,6 +33,10 @@ __all__ = [
 
 log = logging.getLogger("tadlora.discovery")
 
+# Addresses kept of one name's answer: a headless Service's are its ready pods, and a cluster mixes with at most
+# MAX_DEGREE neighbours; each address is a handshake per scan, and the answer is the DNS server's to choose.
+MAX_NAME_ADDRESSES = 1024
+_TOO_MANY = "too many addresses"  # `DnsPeers._errors`' entry for a name past MAX_NAME_ADDRESSES
 RESOLVE_INTERVAL_S = 5.0  # s between lookups; a Kubernetes headless Service changes within seconds of a pod
 RESOLVE_TIMEOUT_S = 10.0  # s for one lookup; glibc's resolver gives up after 5 s x 2 attempts by default
 
@@ -212,8 +217,15 @@ class DnsPeers:
         except Exception as exc:  # e.g. the idna codec's UnicodeError for a label it refuses: not the end of the task
             self._log_failure(key, f"{type(exc).__name__}: {exc} (keeping the last answer)")
             return
-        self._errors.pop(key, None)
-        self._by_name[key] = tuple(dict.fromkeys(host_port(ip, port) for ip in ips))
+        # A host's own addresses only: one of no host (0.0.0.0), of a group or with a zone is not dialled.
+        previous = self._errors.pop(key, None)
+        kept = [address for address in dict.fromkeys(host_port(ip, port) for ip in ips) if not address_problem(address)]
+        if len(kept) > MAX_NAME_ADDRESSES:
+            if previous != _TOO_MANY:  # said once while it stays so
+                log.warning("DNS peers: %s answers %d addresses; the first %d are dialled", key[0], len(kept),
+                            MAX_NAME_ADDRESSES)  # fmt: skip
+            self._errors[key] = _TOO_MANY
+        self._by_name[key] = tuple(kept[:MAX_NAME_ADDRESSES])
 
     def _log_failure(self, key: tuple[str, int], reason: str) -> None:
         if self._errors.get(key) != reason:

@@ -39,6 +39,9 @@ log = logging.getLogger("tadlora.peers")
 HANDSHAKE_TIMEOUT_S = 5.0  # s; a handshake is one small unary call
 RETRY_MIN_S = 1.0  # s before the first retry of a failed peer
 RETRY_MAX_S = 30.0  # s; backoff doubles up to this
+# Handshakes in flight at once in a scan: every candidate is tried at once up to this, so a flood of adverts or
+# addresses (up to zeroconf's cache of 10,000 records) does not open as many connections together.
+MAX_SCAN_HANDSHAKES = 64
 SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
 STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as a flap (2x RETRY_MAX_S)
 # s for all of a stopping node's peers together to take its Leave: one small unary call each, in parallel, on
@@ -163,6 +166,7 @@ class PeerManager:
         self._refused_logged: set[tuple[str, str]] = set()
         self._listed: dict[str, str] = {}  # key -> address of every candidate the last scan listed
         self._wake = asyncio.Event()
+        self._scan_slots = asyncio.Semaphore(MAX_SCAN_HANDSHAKES)  # candidates being tried at once
 
     def wake(self) -> None:
         """Scan now (discovery changed)."""
@@ -236,7 +240,7 @@ class PeerManager:
         try:
             async with asyncio.TaskGroup() as group:
                 for args in tries:
-                    group.create_task(self._try(*args), name=f"tadlora-handshake {args[0]}")
+                    group.create_task(self._try_in_slot(*args), name=f"tadlora-handshake {args[0]}")
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None  # as itself: the node's owner reports what ended the peer manager
 
@@ -292,6 +296,13 @@ class PeerManager:
         if (who, reason) not in self._refused_logged:
             self._refused_logged.add((who, reason))
             log.warning("not a neighbour: %s: %s", who, reason)
+
+    async def _try_in_slot(
+        self, key: str, addresses: tuple[str, ...], source: str, attempt: _Attempt, expected: str | None
+    ) -> None:
+        """`_try`, once one of `MAX_SCAN_HANDSHAKES` slots is free."""
+        async with self._scan_slots:
+            await self._try(key, addresses, source, attempt, expected)
 
     async def _try(
         self, key: str, addresses: tuple[str, ...], source: str, attempt: _Attempt, expected: str | None
