@@ -746,3 +746,25 @@ def test_a_peer_claiming_a_round_far_ahead_costs_a_bounded_look_at_the_link_sche
     # Were its link down in every round, the look ends after `scan` rounds.
     monkeypatch.setattr(daemon, "link_up", lambda *a: calls.append(a) and False)
     assert claims({**at_ten, overlay[0]: MAX_ROUND}) is False and len(calls) == scan
+
+
+@pytest.mark.asyncio
+async def test_status_lists_at_most_max_degree_neighbours_however_many_peers_handshook(tmp_path) -> None:
+    """Without TLS anyone may handshake under thousands of ids; listed whole, a status reply past gRPC's 4 MiB
+    failed every health check (about 40,000 peers). It lists the first MAX_DEGREE, as its readers keep."""
+    from tadlora.node.limits import MAX_DEGREE
+    from tadlora.node.peers import PeerManager
+
+    class Conn:
+        async def aclose(self) -> None:
+            pass
+
+    node = Node(node_config(tmp_path, 0, 1, NO_PEERS))
+    node.node_id, node.address = "node-0", "127.0.0.1:7070"
+    node._peers = PeerManager(InMemoryNetwork(), node.local_info, list, lambda: None)
+    for i in range(MAX_DEGREE + 5):
+        info = dataclasses.replace(node.local_info(), node_id=f"p{i:05d}", address=f"127.0.1.{i % 250 + 1}:{i + 1}")
+        await node._peers.add(info, Conn(), "inbound")  # type: ignore[arg-type]
+    listed = node.status().neighbors
+    assert len(listed) == MAX_DEGREE and listed[0].node_id == "p00000"
+    await node._peers.aclose()

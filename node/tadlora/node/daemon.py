@@ -724,7 +724,9 @@ class Node:
                     last_round=self._last_exchanged.get(p, 0),
                     release=infos[p].release if p in infos else "",
                 )
-                for p in self._peer_ids()
+                # The first MAX_DEGREE, as a reader keeps (`pb_mapping._status_from_pb`): without TLS anyone may
+                # handshake under thousands of ids, and a reply past gRPC's 4 MiB would fail every health check.
+                for p in self._peer_ids()[:MAX_DEGREE]
             ),
             uptime_seconds=time.monotonic() - self._started,
             candidates=tuple(self._peers.unreachable()[:MAX_CANDIDATES_SHOWN]) if self._peers else (),
