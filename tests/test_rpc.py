@@ -1175,10 +1175,10 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
     alice: FakeNode, bob: FakeNode, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """bob lists alice, carol (nothing serves at her address), dave (no address) and frank (at a unix socket, which
-    gRPC would dial); alice lists bob, carol and erin, at whose address mallory answers. The walk from bob reaches
-    alice through bob's list, and names the four that did not answer, each with who lists it and why, without
-    dialling frank's; `tadlora-node status --all` exits 1 for them. A terminal escape in what alice says is shown
-    escaped in the table."""
+    gRPC would dial); alice lists bob, carol, erin, at whose address mallory answers, and Evil, no node id. The walk
+    from bob reaches alice through bob's list, and names the five that did not answer, each with who lists it and
+    why, without dialling frank's or Evil's; `tadlora-node status --all` exits 1 for them. A terminal escape in what
+    alice says is shown escaped in the table."""
     from tadlora.node import admin
 
     [dead] = free_ports(1)
@@ -1199,7 +1199,7 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
         )
         alice.status_info = StatusInfo(
             node=alice.info,
-            neighbors=listed(("bob", b.address), ("carol", carol), ("erin", m.address)),
+            neighbors=listed(("bob", b.address), ("carol", carol), ("erin", m.address), ("Evil", b.address)),
             release="0.2.0",
             phase="\x1b[2JB",  # clears the screen, printed as it came
         )
@@ -1215,7 +1215,8 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
     assert [n["node_id"] for n in walked["nodes"]] == ["alice", "bob"] and walked["complete"]
     assert [n["release"] for n in walked["nodes"]] == ["0.2.0", None]
     unreachable = {u["node_id"]: u for u in walked["unreachable"]}
-    assert list(unreachable) == ["carol", "dave", "erin", "frank"]
+    assert list(unreachable) == ["Evil", "carol", "dave", "erin", "frank"]
+    assert unreachable["Evil"]["error"].startswith("listed under an id that is none: node id 'Evil' is not")
     assert unreachable["carol"]["listed_by"] == ["alice", "bob"] and unreachable["carol"]["address"] == carol
     assert f"peer {carol} unavailable" in unreachable["carol"]["error"]
     assert (unreachable["dave"]["listed_by"], unreachable["dave"]["error"]) == (["bob"], "listed without an address")
@@ -1227,19 +1228,19 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
     assert code == table_code == 1
     assert json.loads(out) == walked
     assert (
-        err.startswith("tadlora-node status: 4 of the nodes listed did not answer: carol at ") and "dave at (no" in err
+        err.startswith("tadlora-node status: 5 of the nodes listed did not answer: Evil at ") and "dave at (no" in err
     )
     lines = table.splitlines()
     assert lines[0].split() == ["NODE", "ADDRESS", "ROUND", "STATE", "PHASE", "PEERS", "CANDIDATES", "LOSS",
                                 "ACCURACY", "RELEASE", "UPTIME"]  # fmt: skip
     assert [line.split()[:2] for line in lines[1:3]] == [["alice", a.address], ["bob", b.address]]
-    assert lines[1].split()[4:] == ["\\x1b[2JB", "3", "0", "-", "-", "0.2.0", "0m00s"]  # no loss or accuracy yet
+    assert lines[1].split()[4:] == ["\\x1b[2JB", "4", "0", "-", "-", "0.2.0", "0m00s"]  # no loss or accuracy yet
     assert lines[2].split()[4] == "-"  # no phase
     assert lines[2].split()[9] == "-"  # too old to say its release
-    assert lines[3].split()[:2] == ["carol", carol] and "did not answer (listed by alice, bob): peer" in lines[3]
+    assert lines[4].split()[:2] == ["carol", carol] and "did not answer (listed by alice, bob): peer" in lines[4]
     assert (
         "\x1b" not in table
-        and lines[-1] == "2 nodes answered, 4 did not; round 3; release 0.2.0 (1), too old to say (1)"
+        and lines[-1] == "2 nodes answered, 5 did not; round 3; release 0.2.0 (1), too old to say (1)"
     )
     assert [n["node_id"] for n in cut["nodes"]] == ["alice", "bob"] and not cut["unreachable"]
     assert cut["complete"] is False

@@ -98,9 +98,12 @@ async def walk_cluster(
 
     async def ask(node_id: str, at: str) -> dict[str, Any] | str:
         """Its status, or why there is none."""
+        from tadlora.node.peer_checks import node_id_problem
         from tadlora.node.protocol_types import PeerUnavailable
         from tadlora.node.wire import ExchangeRefused
 
+        if (problem := node_id_problem(node_id)) is not None:  # its certificate could name no such id
+            return f"listed under an id that is none: {problem}"
         if not at:  # a neighbour its peer lists without an address (one known only by its inbound calls)
             return "listed without an address"
         if (problem := address_problem(at)) is not None:  # a reply need not come from a node that checks them
@@ -138,7 +141,8 @@ async def walk_cluster(
         for node_id, reply in zip(ids, replies, strict=True):
             at, listed_by = listing[node_id]
             if isinstance(reply, str):
-                failed[node_id] = {"node_id": node_id, "address": at, "listed_by": sorted(listed_by), "error": reply}
+                failed[node_id] = {"node_id": node_id, "address": at, "listed_by": sorted(set(listed_by)),
+                                   "error": reply}  # fmt: skip
             else:
                 answered[node_id] = reply
                 frontier.append(reply)
