@@ -74,8 +74,10 @@ def status_command(address: str, args: argparse.Namespace) -> str:
     """The command that shows every node of the cluster while it runs, a line each, asked at node-0's ``address``
     with node-0's certificate (the tadlora-node installed beside this Python)."""
     node = Path(sys.executable).parent / "tadlora-node"
-    return shlex.join([str(node), "status", address, "--all", "--table", "--tls-dir", str(args.out / "certs"),
-                       "--node-id", "node-0"])  # fmt: skip
+    # Absolute: the other shell may be in another directory.
+    certs = (args.out / "certs").resolve()
+    return shlex.join([str(node), "status", address, "--all", "--table", "--tls-dir", str(certs), "--node-id",
+                       "node-0"])  # fmt: skip
 
 
 def wait_with_progress(procs: list[subprocess.Popen[bytes]], args: argparse.Namespace) -> list[int]:

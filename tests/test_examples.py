@@ -97,8 +97,10 @@ def test_two_nodes_on_your_own_model_and_data(tmp_path: Path) -> None:
 
 
 def test_local_cluster_quickstart(tmp_path: Path) -> None:
-    out = run_example("local_cluster.py", "--out", str(tmp_path), "--rounds", "3", "--model", "tiny",
-                      "--eval-every", "3", timeout=600).stdout  # fmt: skip
+    # --out relative (to the example's working directory): the command it prints for another shell names it whole.
+    relative = os.path.relpath(tmp_path, EXAMPLES)
+    out = run_example("local_cluster.py", "--out", relative, "--rounds", "3", "--model", "tiny", "--eval-every", "3",
+                      timeout=600).stdout  # fmt: skip
     assert out.count("3 rounds, 2 neighbours") == 3
     # Progress while it runs (the real demo is minutes of silence otherwise): node-0's every round, once.
     progress = [line for line in out.splitlines() if line.startswith("node-0 round ")]
@@ -110,7 +112,7 @@ def test_local_cluster_quickstart(tmp_path: Path) -> None:
     command = shlex.split(out.splitlines()[hint].split(": ", 1)[1])
     [address] = re.findall(r"node node-0 serving on (\S+) ", (tmp_path / "node-0.log").read_text())
     assert command == [str(Path(sys.executable).parent / "tadlora-node"), "status", address, "--all", "--table",
-                       "--tls-dir", str(tmp_path / "certs"), "--node-id", "node-0"]  # fmt: skip
+                       "--tls-dir", str((tmp_path / "certs").resolve()), "--node-id", "node-0"]  # fmt: skip
 
 
 class FakeNode:
