@@ -16,6 +16,7 @@ import math
 import threading
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 
 from nodeproc import free_ports
 from tadlora.node import grpc_transport, wire
+from tadlora.node.doctor import async_check_address
 from tadlora.node.exchange_stream import _payload_messages
 from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.limits import MAX_DETAIL_CHARS
@@ -34,6 +36,7 @@ from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.pb_mapping import _info_from_pb, _info_to_pb
 from tadlora.node.peer_checks import check_sane, fingerprint_differences, parse_fingerprint_parts
 from tadlora.node.peers import PeerManager
+from tadlora.node.peerspec import PeersOption
 from tadlora.node.responder import _Responder
 from tadlora.node.rpc import (
     MAX_DEGREE,
@@ -69,6 +72,7 @@ from tadlora.node.wire import (
     encode_factors,
 )
 from tadlora.v1 import node_pb2 as pb
+from test_daemon import node_config
 
 LISTEN = "127.0.0.1:0"
 CLUSTER = "glue-sst2"
@@ -1248,7 +1252,7 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
 
 @pytest.mark.asyncio
 async def test_a_status_reply_is_read_within_what_a_node_sends_and_printed_as_valid_json_or_a_narrow_table(
-    bob: FakeNode, capsys: pytest.CaptureFixture[str]
+    bob: FakeNode, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
     """Whoever answers chooses its status reply, and `status` prints it, `doctor` compares it. A reply with numbers
     that are not finite made `status --table` die on a traceback and `status` print NaN, which JSON readers refuse;
@@ -1276,6 +1280,8 @@ async def test_a_status_reply_is_read_within_what_a_node_sends_and_printed_as_va
         bob.status_info = dataclasses.replace(bob.status_info, node=dataclasses.replace(bob.info, address="unix:/x"))
         refused_code = await asyncio.to_thread(admin.status_main, [server.address, "--timeout", "5"])
         refused = capsys.readouterr().err
+        cfg = node_config(tmp_path, 0, 1, PeersOption(False, (server.address,), ()), min_peers=0)
+        doctor = await async_check_address(cfg, "ab", server.address, "static")
 
     assert (len(status.neighbors), len(status.candidates)) == (1024, 64)
     assert len(status.state) == 256 + len("... (cut)") and len(status.candidates[0].reason) == 2048 + len("... (cut)")
@@ -1292,6 +1298,31 @@ async def test_a_status_reply_is_read_within_what_a_node_sends_and_printed_as_va
     assert max(len(line) for line in lines) < 300, [len(line) for line in lines]
     assert lines[1].split()[3] == "x" * 61 + "..." and lines[1].split()[-1] == "-"  # the state; no uptime known
     assert refused_code == 1 and "which is no address to dial" in refused and "no tadlora node would" in refused
+    # doctor says so too, not that it "does not answer"
+    assert doctor.status == "WARN" and "answers, but says of itself what no tadlora node would" in doctor.detail
+
+
+@pytest.mark.asyncio
+async def test_status_escapes_what_a_node_that_fails_the_call_said(capsys: pytest.CaptureFixture[str]) -> None:
+    """The error of a node that refuses `status` is the refuser's own words, printed on the terminal: escaped."""
+    from tadlora.node import admin
+
+    async def refuse(request: object, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "\x1b[2Jforged\nline")
+
+    server = grpc.aio.server()
+    handlers = {"Status": grpc.unary_unary_rpc_method_handler(refuse)}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("tadlora.v1.Node", handlers),))
+    port = server.add_insecure_port(LISTEN)
+    await server.start()
+    try:
+        code = await asyncio.to_thread(admin.status_main, [f"127.0.0.1:{port}", "--all", "--timeout", "5"])
+    finally:
+        await server.stop(None)
+    err = capsys.readouterr().err
+    assert code == 1 and "\x1b" not in err
+    assert err.splitlines()[0] == "tadlora-node status: BAD_PAYLOAD: \\x1b[2Jforged\\nline", err
+    assert "no tadlora node would" not in err  # it refused our call; it said nothing of itself
 
 
 @pytest.mark.asyncio

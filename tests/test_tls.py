@@ -520,6 +520,46 @@ async def test_status_all_walks_a_chain_of_tls_nodes_checking_each_certificate_a
 
 
 @pytest.mark.asyncio
+async def test_status_all_refuses_a_node_whose_certificate_names_another_id_than_it_is_listed_by(
+    tmp_path, capsys, monkeypatch
+) -> None:
+    """node-2 (a stand-in serving with node-2's certificate) lists node-0 at node-0's address, and node-7 there too.
+    The walk asks node-7's address for a certificate naming node-7: node-0's answers there, and TLS refuses it
+    before any reply is read (not only the reply's id, as in plaintext)."""
+    import json
+
+    from tadlora.node.grpc_transport import GrpcTransport
+    from tadlora.node.protocol_types import NeighborStatus, StatusInfo
+    from tadlora.node.tls import TlsMaterial
+    from test_rpc import FakeNode, lora_factors
+
+    for name in ("TADLORA_OUT", "TADLORA_INSECURE", "TADLORA_PEER_ID", "TADLORA_ANY_PEER", "TADLORA_NODE_ID"):
+        monkeypatch.delenv(name, raising=False)
+    certs = make_certs(tmp_path / "certs", "node-0", "node-2")
+    monkeypatch.setenv("TADLORA_TLS_DIR", str(certs))
+    stand_in = FakeNode("node-2", lora_factors(1))
+    transport = GrpcTransport.with_tls(TlsMaterial.from_dir(certs, "node-2"))
+    async with (
+        Node(tls(tmp_path, certs, 0, 3, (), min_peers=0, rounds=1)) as a,
+        transport.serve(stand_in, "127.0.0.1:0") as served,
+    ):
+        await run_all([a])
+        stand_in.info = dataclasses.replace(stand_in.info, address=served.address)
+        listed = (
+            NeighborStatus(node_id="node-0", address=a.address),
+            NeighborStatus(node_id="node-7", address=a.address),
+        )
+        stand_in.status_info = StatusInfo(node=stand_in.info, neighbors=listed)
+        code, out, err = await status([served.address, "--all", "--node-id", "node-2"], capsys)
+    walked = json.loads(out)
+    assert code == 1, err
+    assert [n["node_id"] for n in walked["nodes"]] == ["node-0", "node-2"]
+    [seven] = walked["unreachable"]
+    assert (seven["node_id"], seven["address"], seven["listed_by"]) == ("node-7", a.address, ["node-2"])
+    assert seven["error"].startswith(f"peer {a.address} unavailable: ") and "answers at" not in seven["error"], seven
+
+
+@pytest.mark.asyncio
 async def test_the_health_port_answers_serving_in_plaintext_while_the_main_port_requires_tls(tmp_path) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc

@@ -287,7 +287,7 @@ def status_main(argv: list[str]) -> int:
     (the rest is printed all the same); 2 for bad flags or TLS files."""
     parser = build_status_parser()
     a = parser.parse_args(argv)
-    from tadlora.node.protocol_types import PeerUnavailable
+    from tadlora.node.protocol_types import PeerUnavailable, ReplyRefused
     from tadlora.node.wire import ExchangeRefused, Reason
 
     try:
@@ -317,7 +317,7 @@ def status_main(argv: list[str]) -> int:
             # A gRPC server without the node's service: TLS flags would not help, the port is wrong (most likely
             # the plaintext --health-port, which sits next to the --listen port in every deployment).
             hint = "another gRPC service answers there (a node's --health-port?): give the node's --listen HOST:PORT"
-        elif isinstance(exc, ExchangeRefused) and exc.reason is Reason.BAD_PAYLOAD:
+        elif isinstance(exc, ReplyRefused):
             hint = "the node there says of itself what no tadlora node would: it is not shown"
         elif credentials is None:
             hint = (
@@ -330,7 +330,8 @@ def status_main(argv: list[str]) -> int:
                 f"the node's certificate must {named}be signed by {a.tls_dir / 'ca.crt'}; a node run with "
                 "--insecure needs --insecure here"
             )
-        sys.stderr.write(f"tadlora-node status: {exc}\n  {hint}\n")
+        # Escaped: the detail is what answered there chose (a refusal's, a gRPC error's).
+        sys.stderr.write(f"tadlora-node status: {printable(str(exc))}\n  {hint}\n")
         return 1
     if a.table:
         sys.stdout.write(status_table(walked["nodes"], walked["unreachable"]))

@@ -20,6 +20,7 @@ from tadlora.node.protocol_types import (
     OwnAddress,
     PeerInfo,
     PeerUnavailable,
+    ReplyRefused,
     StatusInfo,
 )
 from tadlora.node.wire import ExchangeRefused, FactorSpec, Payload, Reason, decode_factors
@@ -151,10 +152,13 @@ class _Caller(abc.ABC):
         )
 
     async def status(self, timeout: float) -> StatusInfo:
-        """The peer's status (`_status_from_pb` bounds it); `ExchangeRefused` (BAD_PAYLOAD) if what it says of
-        itself would be refused in a handshake, as its status is printed and compared."""
+        """The peer's status (`_status_from_pb` bounds it); `ReplyRefused` (BAD_PAYLOAD) if what it says of itself
+        would be refused in a handshake, as its status is printed and compared."""
         status = _status_from_pb(await self._call_status(timeout))
-        _check_info(status.node, f"{self.address}'s status reply")
+        try:
+            _check_info(status.node, f"{self.address}'s status reply")
+        except ExchangeRefused as exc:
+            raise ReplyRefused(exc.reason, exc.detail) from None
         return status
 
     async def leave(self, info: PeerInfo, timeout: float) -> bool:

@@ -221,12 +221,19 @@ async def async_check_address(
     answer) or else in plaintext, and compare it with ours (``node_id``: the id this node would run under, None for
     one it will draw; ``our_parts``: this node's `tadlora.adapter.fingerprint_parts`, "" if the model failed)."""
     from tadlora.node.grpc_transport import PeerClient
-    from tadlora.node.protocol_types import PeerUnavailable
+    from tadlora.node.protocol_types import PeerUnavailable, ReplyRefused
     from tadlora.node.wire import ExchangeRefused
 
     try:
         async with PeerClient(address, credentials=credentials) as client:
             st = await client.status(STATUS_TIMEOUT_S)
+    except ReplyRefused as exc:  # it answers: but not as a node would
+        return Check(
+            f"peer {address}",
+            "WARN",
+            f"({via}) answers, but says of itself what no tadlora node would: {exc}",
+            f"find out what runs at {address}: the node would refuse it the same way",
+        )
     except (PeerUnavailable, ExchangeRefused) as exc:
         if credentials is None:
             tls_fix = "; if the peers run with TLS, give this node's --tls-dir and --node-id"

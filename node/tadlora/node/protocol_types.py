@@ -1,6 +1,6 @@
 """What the node protocol carries and raises, as the node logic sees it: the protocol version, who a node is
 (`PeerInfo`), an exchange's header and result, a node's status, and the errors a call raises (`PeerUnavailable`,
-`PeerTimeout`, `CallEnded`, `OwnAddress`, `BindError`).
+`PeerTimeout`, `CallEnded`, `OwnAddress`, `ReplyRefused`, `BindError`).
 """
 
 from __future__ import annotations
@@ -155,6 +155,11 @@ class CallEnded(Exception):
 class OwnAddress(ExchangeRefused):
     """A handshake reached the calling node itself (its own address in another spelling: a host name, an IPv6
     record of a dual-stack name): the callee refused it, naming the caller's own id as its own."""
+
+
+class ReplyRefused(ExchangeRefused):
+    """A reply the caller refuses: what the peer says of itself in it (a status reply's `PeerInfo`) is what a
+    handshake would refuse. Not the peer's refusal of the call: this side's of the answer."""
 
 
 class BindError(RuntimeError):
