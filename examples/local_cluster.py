@@ -72,12 +72,12 @@ def stop(procs: list[subprocess.Popen[bytes]], grace: float = 120.0) -> list[int
 
 def status_command(address: str, args: argparse.Namespace) -> str:
     """The command that shows every node of the cluster while it runs, a line each, asked at node-0's ``address``
-    with node-0's certificate (the tadlora-node installed beside this Python)."""
-    node = Path(sys.executable).parent / "tadlora-node"
-    # Absolute: the other shell may be in another directory.
-    certs = (args.out / "certs").resolve()
-    return shlex.join([str(node), "status", address, "--all", "--table", "--tls-dir", str(certs), "--node-id",
-                       "node-0"])  # fmt: skip
+    with node-0's certificate."""
+    # The installed command where there is one (the README's venv); else the module the nodes were started as.
+    script = Path(sys.executable).parent / "tadlora-node"
+    node = [str(script)] if script.exists() else [sys.executable, "-m", "tadlora.node.entry"]
+    certs = (args.out / "certs").resolve()  # absolute: the other shell may be in another directory
+    return shlex.join([*node, "status", address, "--all", "--table", "--tls-dir", str(certs), "--node-id", "node-0"])
 
 
 def wait_with_progress(procs: list[subprocess.Popen[bytes]], args: argparse.Namespace) -> list[int]:

@@ -768,3 +768,12 @@ async def test_status_lists_at_most_max_degree_neighbours_however_many_peers_han
     listed = node.status().neighbors
     assert len(listed) == MAX_DEGREE and listed[0].node_id == "p00000"
     await node._peers.aclose()
+
+
+@pytest.mark.parametrize(("link_prob", "rounds"), [(1.0, 20), (0.02, 1000), (1e-4, 100_000), (5e-324, 100_000)])
+def test_the_look_at_the_link_schedule_is_20_over_p_rounds_and_never_more_than_100_000(
+    tmp_path, link_prob, rounds
+) -> None:
+    """The smallest --link-prob there is made 20 / p overflow (and a tiny one a scan of tens of seconds)."""
+    node = Node(node_config(tmp_path, 0, 2, NO_PEERS, link_prob=link_prob))
+    assert node._link_scan_rounds() == rounds == min(daemon.LINK_SCAN_MAX_ROUNDS, rounds)

@@ -133,8 +133,15 @@ async def test_an_answer_is_kept_to_host_addresses_and_its_first_1024_said_once(
         await asyncio.wait_for(resolver.wait_for_lookups(resolver.lookups + 3), timeout=5)
         resolver.records["peers"] = ["10.0.0.1", no_host]
         assert await dns.async_wait_for(lambda a: len(a) == 1, timeout=5) == ("10.0.0.1:7070",)
+        resolver.records["peers"] = [no_host, "224.0.0.251"]  # nothing left to dial: said, not silent
+        assert await dns.async_wait_for(lambda a: not a, timeout=5) == ()
+        await asyncio.wait_for(resolver.wait_for_lookups(resolver.lookups + 3), timeout=5)
     warnings = [r.getMessage() for r in caplog.records if "answers" in r.getMessage()]
-    assert warnings == ["DNS peers: peers answers 5 addresses; the first 3 are dialled"]
+    assert warnings == [
+        "DNS peers: peers answers 5 addresses; the first 3 are dialled",
+        "DNS peers: peers answers no address of one host (0.0.0.0, 224.0.0.251), which nodes cannot be at; none is "
+        "dialled",
+    ]
 
 
 @pytest.mark.asyncio

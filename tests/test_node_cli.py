@@ -22,6 +22,7 @@ from nodeproc import console_script, heavy_imports, node_env
 from tadlora.node import cli
 from tadlora.node import metrics as metrics_module
 from tadlora.node.cli import build_run_parser, config_from_args, main
+from tadlora.node.config import NodeConfig
 from tadlora.node.daemon import Node
 from tadlora.node.metrics import NodeMetrics
 from tadlora.node.peerspec import PeersOption
@@ -159,6 +160,7 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--listen", "::1:7070"], "IPv6 addresses need brackets"),
         # it is the address peers are told to dial back, and they refuse one that is no HOST:PORT
         (["--listen", "my_host:7070"], "'my_host' is neither an IPv4 address nor a host name"),
+        (["--listen", "[fe80::1%eth0]:7070"], "peers would refuse it as this node's address: 'fe80::1%eth0' has"),
         (["--min-peers", "-1"], "--min-peers must be >= 0"),
         # each names the one flag that is wrong, and its value, as the others do
         (["--rounds", "0"], "--rounds must be >= 1, got 0"),
@@ -297,6 +299,16 @@ def test_a_switch_turned_on_by_its_variable_can_be_turned_off_by_a_flag(
     assert getattr(parser_of().parse_args(required), flag) is True
     negated = "--no-" + flag.replace("_", "-")
     assert getattr(parser_of().parse_args([*required, negated]), flag) is False
+
+
+def test_a_listen_host_peers_never_see_need_not_be_one_they_would_accept(tmp_path) -> None:
+    """With --advertise-address the peers are told that address, not the --listen host: a name only this host
+    resolves (an /etc/hosts entry with an underscore) is then the node's own business."""
+    from tadlora.node.peerspec import PeersOption
+
+    told = NodeConfig(out=tmp_path, listen="my_host:7070", advertise_address="10.0.0.5",
+                      peers=PeersOption(False, ("10.0.0.6:7070",), ()), insecure=True)  # fmt: skip
+    assert told.advertised_host([]) == "10.0.0.5"
 
 
 def test_log_level_takes_any_case_from_a_flag_or_the_environment(monkeypatch) -> None:

@@ -91,6 +91,10 @@ async def walk_cluster(
 
     Under TLS each listed node's certificate must name the id its neighbours list it by; in plaintext the node
     that answers must say it is that one, so that an address taken over by another node is not read as it."""
+    from tadlora.node.peer_checks import node_id_problem
+    from tadlora.node.protocol_types import PeerUnavailable
+    from tadlora.node.wire import ExchangeRefused
+
     first = await query_status(address, timeout, credentials=credentials, peer_id=peer_id)
     answered: dict[str, dict[str, Any]] = {first["node_id"]: first}
     failed: dict[str, dict[str, Any]] = {}
@@ -98,10 +102,6 @@ async def walk_cluster(
 
     async def ask(node_id: str, at: str) -> dict[str, Any] | str:
         """Its status, or why there is none."""
-        from tadlora.node.peer_checks import node_id_problem
-        from tadlora.node.protocol_types import PeerUnavailable
-        from tadlora.node.wire import ExchangeRefused
-
         if (problem := node_id_problem(node_id)) is not None:  # its certificate could name no such id
             return f"listed under an id that is none: {problem}"
         if not at:  # a neighbour its peer lists without an address (one known only by its inbound calls)
@@ -182,7 +182,7 @@ def status_table(nodes: list[dict[str, Any]], unreachable: list[dict[str, Any]])
     for d in nodes:
         rows.append((_cell(d["node_id"]), _cell(d["address"]), str(d["round"]), _cell(d["state"]), _cell(d["phase"]),
                      str(len(d["neighbours"])), str(len(d["candidates"])), _cell(d["last_loss"], 4),
-                     _cell(d["last_accuracy"]), _cell(d["release"]), _uptime(d["uptime_seconds"])))  # fmt: skip
+                     _cell(d["last_accuracy"]), _cell(d["release"]), _cell(_uptime(d["uptime_seconds"]))))  # fmt: skip
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     for u in unreachable:

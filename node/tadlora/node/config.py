@@ -15,7 +15,14 @@ from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.identity import kept_init
 from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
 from tadlora.node.peer_checks import node_id_problem
-from tadlora.node.peerspec import PeersOption, is_hostname, join_host_port, parse_peers_option, unbracketed_hint
+from tadlora.node.peerspec import (
+    PeersOption,
+    address_problem,
+    is_hostname,
+    join_host_port,
+    parse_peers_option,
+    unbracketed_hint,
+)
 from tadlora.training import TrainSpec
 
 DEFAULT_PORT = 7070
@@ -143,8 +150,15 @@ class NodeConfig:
                 ) from None
             # One spelling ([::1], not [0::1]): the node's own address is compared as text with its peer lists.
             object.__setattr__(self, "listen", join_host_port(host, port))
-        elif not is_hostname(host):  # peers would refuse it as the address to call back (`address_problem`)
+        elif self.advertise_address is None and not is_hostname(host):  # what peers are told, unless advertised
             raise ValueError(f"--listen {self.listen!r}: {host!r} is neither an IPv4 address nor a host name")
+        told = None if self.advertise_address is not None or is_wildcard(host) else join_host_port(host, 1)
+        if told is not None and (problem := address_problem(told)) is not None:
+            # Peers refuse it as the address to call back (BAD_PAYLOAD), each handshake, once the model has loaded.
+            raise ValueError(
+                f"--listen {self.listen!r}: peers would refuse it as this node's address: {problem}; listen on an "
+                "address they can dial, or set --advertise-address to one"
+            )
         if self.peers.auto and self.mdns_interface is not None and _is_ipv6(self.mdns_interface.strip()):
             # Here, not once the model has loaded (exit 1, restarted for ever): the flag alone decides it.
             raise ValueError(

@@ -94,8 +94,11 @@ QUIET_CALLER_MAX_S = 16.0
 # Rounds in a row whose local steps outlast --exchange-timeout, and miss neighbours, before the node says it is too
 # slow for its cluster's deadline: one such round is a stall (a freeze, a swap storm), two in a row its pace.
 SLOW_ROUNDS_TO_WARN = 2
-# The schedule looked through for a link up (`Node._link_scan_rounds`) is this many nats of evidence long: e^-20.
-LINK_SCAN_NATS = 20.0
+# Rounds of the link schedule `Node._may_be_out_of_step` looks through for a link up: LINK_SCAN_FACTOR / p, in which
+# a link up with probability p in each round is missed with probability e^-LINK_SCAN_FACTOR, and never more than
+# LINK_SCAN_MAX_ROUNDS (~0.6 s on the event loop per peer ahead, reached below p = 2e-4).
+LINK_SCAN_FACTOR = 20.0
+LINK_SCAN_MAX_ROUNDS = 100_000
 
 
 def _progress(done: int, total: int | None, width: int = 20) -> str:
@@ -1023,19 +1026,21 @@ class Node:
     def _link_scan_rounds(self) -> int:
         """How many rounds of the link schedule `_may_be_out_of_step` looks through for a link up: ``20 / p``, in
         which a link up with probability p in each round is missed with probability e^-20 (2e-9): 20 rounds at
-        p = 1, 1,000 at p = 0.02. Unbounded, a peer that claimed round 2^40 held the event loop for days."""
-        return math.ceil(LINK_SCAN_NATS / self.config.link_prob)
+        p = 1, 1,000 at p = 0.02; at most `LINK_SCAN_MAX_ROUNDS`. Unbounded, a peer that claimed round 2^40 held
+        the event loop for days."""
+        rounds = LINK_SCAN_FACTOR / self.config.link_prob  # inf for a p so small that the quotient overflows
+        return LINK_SCAN_MAX_ROUNDS if rounds >= LINK_SCAN_MAX_ROUNDS else math.ceil(rounds)
 
-    def _overlay(self) -> Collection[str]:
+    def _overlay(self) -> frozenset[str]:
         """The peers this node may have a link to: all of them, or its overlay among them under --max-neighbors."""
-        peers: Collection[str] = self._peer_ids()
+        peers = self._peer_ids()
         if self.config.max_neighbors is not None:
             # Work per round follows the degree, not the network size; every node that sees the same members
             # computes the same overlay, so both ends of a link agree on it.
-            peers = overlay_neighbours(self.node_id, peers, self.config.max_neighbors)
-        return peers
+            return overlay_neighbours(self.node_id, peers, self.config.max_neighbors)
+        return frozenset(peers)
 
-    def _round_neighbours(self, t: int, overlay: Collection[str] | None = None) -> frozenset[str]:
+    def _round_neighbours(self, t: int, overlay: frozenset[str] | None = None) -> frozenset[str]:
         """The peers whose link to this node is up in round ``t`` (``overlay``: `_overlay`, if the caller has it)."""
         cfg = self.config
         members = self._overlay() if overlay is None else overlay

@@ -37,6 +37,7 @@ log = logging.getLogger("tadlora.discovery")
 # MAX_DEGREE neighbours; each address is a handshake per scan, and the answer is the DNS server's to choose.
 MAX_NAME_ADDRESSES = 1024
 _TOO_MANY = "too many addresses"  # `DnsPeers._errors`' entry for a name past MAX_NAME_ADDRESSES
+_NO_HOST = "no host address"  # ... and for one whose answer holds none (0.0.0.0, group or zoned addresses only)
 RESOLVE_INTERVAL_S = 5.0  # s between lookups; a Kubernetes headless Service changes within seconds of a pod
 RESOLVE_TIMEOUT_S = 10.0  # s for one lookup; glibc's resolver gives up after 5 s x 2 attempts by default
 
@@ -119,7 +120,8 @@ class DnsPeers:
         self._resolver = resolver
         self._on_change = on_change
         self._by_name: dict[tuple[str, int], tuple[str, ...]] = {}
-        self._errors: dict[tuple[str, int], str] = {}  # the last failure per name, logged once
+        # What was last said of each name, once: a failure, or `_TOO_MANY` / `_NO_HOST` of an answer it gave
+        self._errors: dict[tuple[str, int], str] = {}
         # The latest lookup of each name: one that outlasted its timeout runs on (its thread waits in the resolver),
         # and the next lookup of the name waits for it instead of starting a thread more.
         self._lookups: dict[tuple[str, int], asyncio.Task[list[str]]] = {}
@@ -225,6 +227,11 @@ class DnsPeers:
                 log.warning("DNS peers: %s answers %d addresses; the first %d are dialled", key[0], len(kept),
                             MAX_NAME_ADDRESSES)  # fmt: skip
             self._errors[key] = _TOO_MANY
+        elif ips and not kept:
+            if previous != _NO_HOST:
+                log.warning("DNS peers: %s answers no address of one host (%s), which nodes cannot be at; none is "
+                            "dialled", key[0], ", ".join(map(str, list(ips)[:4])))  # fmt: skip
+            self._errors[key] = _NO_HOST
         self._by_name[key] = tuple(kept[:MAX_NAME_ADDRESSES])
 
     def _log_failure(self, key: tuple[str, int], reason: str) -> None:

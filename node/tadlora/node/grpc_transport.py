@@ -23,7 +23,7 @@ from tadlora.node.limits import (
     GRPC_MAX_CONCURRENT_RPCS,
     MAX_DETAIL_CHARS,
 )
-from tadlora.node.pb_mapping import _peer_refusal
+from tadlora.node.pb_mapping import _cut, _peer_refusal
 from tadlora.node.protocol_types import NODE_SERVICE_NAME, BindError, CallEnded, PeerTimeout, PeerUnavailable
 from tadlora.node.responder import _Responder, _ServiceFault
 from tadlora.node.tls import TLS_SERVER_NAME, TlsMaterial
@@ -408,10 +408,9 @@ class PeerClient(_Caller):
             return _peer_refusal(Reason.BAD_PAYLOAD, exc.details() or "")
         # Cut as a refusal's detail is: the peer (or what answers at its address) chose it, and it is logged and
         # kept as the candidate's reason that this node's own status shows.
-        details = readable_details(exc.details() or "")
-        if len(details) > MAX_DETAIL_CHARS:
-            details = details[:MAX_DETAIL_CHARS] + "... (cut)"
-        return PeerUnavailable(self.address, f"{code.name}: {details}")
+        return PeerUnavailable(
+            self.address, f"{code.name}: {_cut(readable_details(exc.details() or ''), MAX_DETAIL_CHARS)}"
+        )
 
     @contextlib.contextmanager
     def _translated(self) -> Iterator[None]:

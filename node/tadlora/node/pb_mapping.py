@@ -18,8 +18,7 @@ from tadlora.v1 import node_pb2 as pb
 
 def _peer_refusal(reason: int, detail: str) -> ExchangeRefused:
     """A refusal a peer sent, its detail cut to `MAX_DETAIL_CHARS` (a peer chooses it, and it is logged here)."""
-    cut = detail if len(detail) <= MAX_DETAIL_CHARS else detail[:MAX_DETAIL_CHARS] + "... (cut)"
-    return ExchangeRefused(_reason_from_wire(reason), cut or "refused without detail")
+    return ExchangeRefused(_reason_from_wire(reason), _cut(detail, MAX_DETAIL_CHARS) or "refused without detail")
 
 
 def _reason_from_wire(value: int) -> Reason:
@@ -125,6 +124,7 @@ def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
 
 
 def _cut(text: str, limit: int) -> str:
+    """``text``, or its first ``limit`` characters and a mark that it was cut: for what a peer chose, kept here."""
     return text if len(text) <= limit else text[:limit] + "... (cut)"
 
 

@@ -64,7 +64,7 @@ def parse_peers_option(value: str) -> PeersOption:
             if not is_hostname(host) or looks_like_ipv4(host):
                 raise ValueError(f"--peers entry {entry!r}: dns: needs a DNS name, e.g. dns:tadlora.default.svc")
             if port:
-                _port(port, entry)
+                _entry_port(port, entry)
             if name not in dns:
                 dns.append(name)
         else:
@@ -81,9 +81,9 @@ def address_problem(address: str) -> str | None:
     ('unix:/run/x.sock', 'dns://resolver/name', 'ipv4:a,b'), and a port over 65535 as itself less 65536, so a peer
     could otherwise have this node dial a local socket or another port than it said."""
     try:
-        normal = _parse_host_port(address)
-    except ValueError as exc:
-        return str(exc).removeprefix(f"peer {address!r}: ")
+        normal = _host_port(address)
+    except _NotHostPort as exc:
+        return str(exc)
     host = normal.rpartition(":")[0].strip("[]")
     try:
         ip = ipaddress.ip_address(host)
@@ -91,6 +91,8 @@ def address_problem(address: str) -> str | None:
         return None  # a host name
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         return f"{host!r} has a zone ({ip.scope_id!r}), an interface of the sending host, not of this one"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:  # ::ffff:a.b.c.d is a.b.c.d
+        ip = ip.ipv4_mapped
     kind = ("unspecified" if ip.is_unspecified else "multicast" if ip.is_multicast
             else "broadcast" if ip == ipaddress.IPv4Address("255.255.255.255") else None)  # fmt: skip
     if kind is not None:
@@ -105,32 +107,54 @@ def _split_entries(value: str) -> list[str]:
     return entries
 
 
+class _NotHostPort(ValueError):
+    """Why a text is not HOST:PORT, without the text: `_parse_host_port` names it as a --peers entry,
+    `address_problem` as an address a peer gave."""
+
+
 def _parse_host_port(entry: str) -> str:
-    """Validate HOST:PORT / [V6]:PORT and return it normalised (IPv6 compressed, in brackets)."""
+    """Validate HOST:PORT / [V6]:PORT and return it normalised (IPv6 compressed, in brackets); the ValueError names
+    the entry."""
+    try:
+        return _host_port(entry)
+    except _NotHostPort as exc:
+        raise ValueError(f"peer {entry!r}: {exc}") from None
+
+
+def _host_port(entry: str) -> str:
+    """`_parse_host_port`, raising `_NotHostPort`."""
     if entry.startswith("["):
         host, sep, port = entry[1:].partition("]:")
         if not sep:
-            raise ValueError(f"peer {entry!r}: expected [IPv6]:PORT")
+            raise _NotHostPort("expected [IPv6]:PORT")
         try:
             host = str(ipaddress.IPv6Address(host))
         except ValueError:
-            raise ValueError(f"peer {entry!r}: {host!r} is not an IPv6 address") from None
-        return f"[{host}]:{_port(port, entry)}"
+            raise _NotHostPort(f"{host!r} is not an IPv6 address") from None
+        return f"[{host}]:{_port(port)}"
     if entry.count(":") > 1:
-        raise ValueError(f"peer {entry!r}: {unbracketed_hint(entry)}")
+        raise _NotHostPort(unbracketed_hint(entry))
     host, sep, port = entry.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"peer {entry!r}: expected HOST:PORT")
+        raise _NotHostPort("expected HOST:PORT")
     if not is_hostname(host):
-        raise ValueError(f"peer {entry!r}: {host!r} is neither an IPv4 address nor a host name")
-    return f"{host}:{_port(port, entry)}"
+        raise _NotHostPort(f"{host!r} is neither an IPv4 address nor a host name")
+    return f"{host}:{_port(port)}"
 
 
-def _port(text: str, entry: str) -> int:
+def _port(text: str) -> int:
     # ASCII digits only: str.isdigit() also holds for '²' (which int() refuses) and '١' (which int() reads as 1).
     if not _DECIMAL.fullmatch(text) or not 1 <= int(text) <= PORT_MAX:
-        raise ValueError(f"peer {entry!r}: port {text!r} is not a number in 1..65535")
+        raise _NotHostPort(f"port {text!r} is not a number in 1..65535")
     return int(text)
+
+
+def _entry_port(text: str, entry: str) -> int:
+    """`_port` of a --peers entry, the ValueError naming it."""
+    try:
+        return _port(text)
+    except _NotHostPort as exc:
+        raise ValueError(f"peer {entry!r}: {exc}") from None
 
 
 def unbracketed_hint(entry: str) -> str:

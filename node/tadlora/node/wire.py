@@ -117,9 +117,11 @@ def _canonical_dtype_name(name: str) -> str | None:
 def _some(keys: set[str]) -> str:
     """A few of ``keys`` for a message, each cut to `_LISTED_KEY_CHARS`: they are a peer's (a payload's header
     may hold keys of 20,000 characters and still fit its size cap), and the message is logged and sent back."""
-    listed = [k if len(k) <= _LISTED_KEY_CHARS else k[: _LISTED_KEY_CHARS - 3] + "..." for k in sorted(keys)]
-    more = len(keys) - _LISTED_KEYS
-    return ", ".join(listed[:_LISTED_KEYS]) + (f" and {more} more" if more > 0 else "")
+    listed = [
+        k if len(k) <= _LISTED_KEY_CHARS else k[: _LISTED_KEY_CHARS - 3] + "..." for k in sorted(keys)[:_LISTED_KEYS]
+    ]
+    more = len(keys) - len(listed)
+    return ", ".join(listed) + (f" and {more} more" if more else "")
 
 
 @dataclass(frozen=True, init=False)
