@@ -881,8 +881,9 @@ def test_the_status_table_keeps_every_cell_within_64_characters_uptime_included(
     """A finite uptime can still be absurd (1e300 s from a node that lies): its cell is cut as the others are."""
     from tadlora.node.admin import status_table
 
-    doc = {"node_id": "n0", "address": "10.0.0.5:7070", "round": 3, "state": "idle", "phase": "B", "neighbours": [],
-           "candidates": [], "last_loss": None, "last_accuracy": None, "release": "0.1.0", "uptime_seconds": 1e300}  # fmt: skip
+    doc = {"node_id": "n0", "address": "10.0.0.5:7070", "round": 3, "state": "idle", "phase": "B", "release": "0.1.0",
+           "neighbours": [], "candidates": [], "last_loss": None, "last_accuracy": None,
+           "uptime_seconds": 1e300}  # fmt: skip
     row = status_table([doc], []).splitlines()[1]
     assert len(row.split()[-1]) == 64 and row.split()[-1].endswith("...")
     assert status_table([{**doc, "uptime_seconds": 3725.0}], []).splitlines()[1].split()[-1] == "1h02m"
