@@ -311,6 +311,20 @@ def test_a_listen_host_peers_never_see_need_not_be_one_they_would_accept(tmp_pat
     assert told.advertised_host([]) == "10.0.0.5"
 
 
+def test_status_all_and_table_are_never_turned_on_by_a_nodes_environment(monkeypatch) -> None:
+    """The HEALTHCHECK runs `tadlora-node status` in the node's environment: a TADLORA_ALL there would make the
+    node's health the whole cluster's (exit 1 for any neighbour down). The two take no variable."""
+    from tadlora.node.admin import build_status_parser
+
+    monkeypatch.setenv("TADLORA_ALL", "1")
+    monkeypatch.setenv("TADLORA_TABLE", "1")
+    parsed = build_status_parser().parse_args(["127.0.0.1:7070"])
+    assert (parsed.all, parsed.table) == (False, False)
+    assert build_status_parser().parse_args(["127.0.0.1:7070", "--all", "--table"]).all is True
+    shown = build_status_parser().format_help()
+    assert "TADLORA_ALL" not in shown and "TADLORA_TABLE" not in shown and "TADLORA_TIMEOUT" in shown
+
+
 def test_log_level_takes_any_case_from_a_flag_or_the_environment(monkeypatch) -> None:
     assert build_run_parser().parse_args(["--log-level", "debug"]).log_level == "DEBUG"
     monkeypatch.setenv("TADLORA_LOG_LEVEL", "warning")

@@ -95,14 +95,26 @@ def env_name(dest: str) -> str:
     return ENV_PREFIX + dest.upper()
 
 
+_LINE_ONLY = "tadlora_command_line_only"
+
+
+def command_line_only(action: argparse.Action) -> argparse.Action:
+    """Mark an option that `apply_env_defaults` gives no ``TADLORA_`` variable: one that changes what a command
+    does, not how it connects, which a variable set for a node's container or unit must not turn on for every
+    command run there (`status --all` in a HEALTHCHECK would report the whole cluster's health as the node's)."""
+    setattr(action, _LINE_ONLY, True)
+    return action
+
+
 def apply_env_defaults(parser: argparse.ArgumentParser, environ: Mapping[str, str] | None = None) -> None:
     """Let ``TADLORA_<FLAG>`` set each option's default (a flag given on the command line still wins), and
     say so in ``--help``, with the default (unless the help already names it). Boolean flags accept
     1/true/yes/on and 0/false/no/off (or empty). A value the flag would refuse (its type or its ``choices``, or
-    another word for a switch) is refused the same way, by ``parser.error`` (exit 2)."""
+    another word for a switch) is refused the same way, by ``parser.error`` (exit 2). An option marked with
+    `command_line_only` takes no variable."""
     env = os.environ if environ is None else environ
     for action in parser._actions:
-        if not action.option_strings or action.dest in ("help", "version"):
+        if not action.option_strings or action.dest in ("help", "version") or getattr(action, _LINE_ONLY, False):
             continue
         name = env_name(action.dest)
         if name in env:

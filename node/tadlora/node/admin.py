@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tadlora.cliutil import apply_env_defaults, from_environment, path_arg, printable
+from tadlora.cliutil import apply_env_defaults, command_line_only, from_environment, path_arg, printable
 from tadlora.node.identity import kept_node_id
 from tadlora.node.peerspec import StaticPeers, address_problem
 
@@ -216,14 +216,15 @@ def build_status_parser() -> argparse.ArgumentParser:
         "same), 2 for bad flags or TLS files.",
     )
     p.add_argument("address", help="HOST:PORT of the node")
-    p.add_argument("--all", action=argparse.BooleanOptionalAction, default=False,
+    command_line_only(p.add_argument("--all", action="store_true",
                    help="walk the cluster: ask the node, then each neighbour it lists, then theirs...; prints "
                    '{"nodes": [...], "unreachable": [...], "complete": ...}, a node listed but not answering in '
                    f"unreachable (at most {WALK_LIMIT} nodes are asked). Under --tls-dir each neighbour's "
-                   "certificate must name the id it is listed by")  # fmt: skip
-    p.add_argument("--table", action=argparse.BooleanOptionalAction, default=False,
+                   "certificate must name the id it is listed by (no TADLORA_ variable: a node's environment must not "
+                   "make its health check ask the whole cluster)"))  # fmt: skip
+    command_line_only(p.add_argument("--table", action="store_true",
                    help="a table for a terminal instead of JSON: one line per node (round, state, phase, peers, "
-                   "candidates, loss, accuracy, release, uptime), then one on the rounds and releases")  # fmt: skip
+                   "candidates, loss, accuracy, release, uptime), then one on the rounds and releases"))  # fmt: skip
     p.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
     p.add_argument("--tls-dir", type=path_arg,
                    help="connect with mutual TLS: DIR/ca.crt and this node's DIR/NODE_ID.crt/.key as the client "
