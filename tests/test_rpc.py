@@ -409,38 +409,50 @@ async def test_a_peer_verified_on_another_release_is_logged_with_it_one_on_ours_
 
 
 @pytest.mark.asyncio
-async def test_a_scan_tries_at_most_64_candidates_at_once_however_many_discovery_lists() -> None:
-    """Every candidate a scan is due to try was dialled at once: a flood of adverts or a DNS answer of thousands of
-    addresses opened as many connections together. They are all tried, `MAX_SCAN_HANDSHAKES` at a time."""
+async def test_a_scan_tries_at_most_64_candidates_those_that_failed_least_first() -> None:
+    """Every candidate a scan was due to try was dialled at once: a flood of adverts or a DNS answer of thousands of
+    addresses opened as many connections together. A scan now tries `MAX_SCAN_HANDSHAKES`, those that have failed
+    least first and, among them, those listed last; the next scan the next ones: a node that appears among 300 dead
+    addresses is tried in the scan after it appears."""
     from tadlora.node import peers as peers_module
 
-    in_flight = most = tried = 0
+    in_flight = most = 0
+    dialled: list[str] = []
 
     class Conn:
+        def __init__(self, address: str) -> None:
+            self.address = address
+
         async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
-            nonlocal in_flight, most, tried
+            nonlocal in_flight, most
             in_flight += 1
             most = max(most, in_flight)
+            dialled.append(self.address)
             try:
                 await asyncio.sleep(0.01)
             finally:
                 in_flight -= 1
-                tried += 1
-            raise PeerUnavailable("x", "nothing there")
+            raise PeerUnavailable(self.address, "nothing there")
 
         async def aclose(self) -> None:
             pass
 
     class Dialler:
         def connect(self, address: str, node_id: str | None = None) -> Conn:
-            return Conn()
+            return Conn(address)
 
     me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="10.0.0.1:7070")
-    listed = [(f"10.1.{i // 200}.{i % 200 + 1}:7070",) * 2 + (None,) for i in range(300)]
+    dead = [f"10.1.{i // 200}.{i % 200 + 1}:7070" for i in range(300)]
+    listed = [(a, a, None) for a in dead]
     pm = PeerManager(Dialler(), lambda: me, lambda: listed, lambda: None)  # type: ignore[arg-type]
-    await pm.scan()
+    await pm.scan()  # 64 of the 300, all failing
+    first = set(dialled)
+    listed.append(("10.2.0.1:7070", "10.2.0.1:7070", None))  # a new node appears
+    dialled.clear()
+    await pm.scan()  # the next 64 that have never failed, the new one among them
     await pm.aclose()
-    assert (tried, most) == (300, peers_module.MAX_SCAN_HANDSHAKES) and most == 64
+    assert len(first) == 64 and most == peers_module.MAX_SCAN_HANDSHAKES == 64
+    assert len(dialled) == 64 and "10.2.0.1:7070" in dialled and not first & set(dialled)
 
 
 def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_parts_nor_release() -> None:

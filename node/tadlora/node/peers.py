@@ -39,8 +39,10 @@ log = logging.getLogger("tadlora.peers")
 HANDSHAKE_TIMEOUT_S = 5.0  # s; a handshake is one small unary call
 RETRY_MIN_S = 1.0  # s before the first retry of a failed peer
 RETRY_MAX_S = 30.0  # s; backoff doubles up to this
-# Handshakes in flight at once in a scan: every candidate is tried at once up to this, so a flood of adverts or
-# addresses (up to zeroconf's cache of 10,000 records) does not open as many connections together.
+# Candidates a scan tries (at once): a flood of adverts or addresses (up to zeroconf's cache of 10,000 records) would
+# otherwise open as many connections together. Those that have failed least go first, and among them those listed
+# last, so a node that just started is tried at once however many dead ones are listed; the rest wait for the next
+# scan, which follows at once, and a scan still ends within one candidate's time.
 MAX_SCAN_HANDSHAKES = 64
 SCAN_INTERVAL_S = 2.0  # s between scans for candidates to (re)try, besides discovery's change events
 STABLE_S = 60.0  # s a peer must stay verified before a drop no longer counts as a flap (2x RETRY_MAX_S)
@@ -90,6 +92,7 @@ class _Attempt:
     why: str = ""  # why it is not a peer: its last failure, or its advert's refusal; "" once verified
     source: str = ""  # "static" (an address, or one a dns: name gave) or "mdns"
     seen_at: float = field(default_factory=lambda: time.monotonic())  # when discovery last listed it
+    since: float = field(default_factory=lambda: time.monotonic())  # when discovery first listed it
     address: str = ""  # the address last dialled (with retry_at SELF: the one that reached this node itself)
 
 
@@ -166,7 +169,6 @@ class PeerManager:
         self._refused_logged: set[tuple[str, str]] = set()
         self._listed: dict[str, str] = {}  # key -> address of every candidate the last scan listed
         self._wake = asyncio.Event()
-        self._scan_slots = asyncio.Semaphore(MAX_SCAN_HANDSHAKES)  # candidates being tried at once
 
     def wake(self) -> None:
         """Scan now (discovery changed)."""
@@ -235,12 +237,16 @@ class PeerManager:
                 tries.append((key, (address, *cand.alternates), "mdns", attempt, expected))
             else:
                 tries.append((key, (address,), "static", attempt, expected))
+        if len(tries) > MAX_SCAN_HANDSHAKES:
+            tries.sort(key=lambda t: (t[3].failures, -t[3].since, t[0]))
+            tries = tries[:MAX_SCAN_HANDSHAKES]
+            self._wake.set()  # the others are due: the next scan follows at once
         # A task group, not gather: should one handshake fail unexpectedly (a bug, not a peer being down), the others
         # are cancelled and awaited here, closing their connections, instead of running on with no owner.
         try:
             async with asyncio.TaskGroup() as group:
                 for args in tries:
-                    group.create_task(self._try_in_slot(*args), name=f"tadlora-handshake {args[0]}")
+                    group.create_task(self._try(*args), name=f"tadlora-handshake {args[0]}")
         except BaseExceptionGroup as failed:
             raise failed.exceptions[0] from None  # as itself: the node's owner reports what ended the peer manager
 
@@ -296,13 +302,6 @@ class PeerManager:
         if (who, reason) not in self._refused_logged:
             self._refused_logged.add((who, reason))
             log.warning("not a neighbour: %s: %s", who, reason)
-
-    async def _try_in_slot(
-        self, key: str, addresses: tuple[str, ...], source: str, attempt: _Attempt, expected: str | None
-    ) -> None:
-        """`_try`, once one of `MAX_SCAN_HANDSHAKES` slots is free."""
-        async with self._scan_slots:
-            await self._try(key, addresses, source, attempt, expected)
 
     async def _try(
         self, key: str, addresses: tuple[str, ...], source: str, attempt: _Attempt, expected: str | None
