@@ -455,6 +455,51 @@ async def test_a_scan_tries_at_most_64_candidates_those_that_failed_least_first(
     assert len(dialled) == 64 and "10.2.0.1:7070" in dialled and not first & set(dialled)
 
 
+@pytest.mark.asyncio
+async def test_a_node_keeps_at_most_max_peers_and_refuses_or_backs_off_a_new_one_past_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without TLS anyone who reaches a node may handshake under as many ids as it likes, and each verified peer
+    was kept (a connection, its info, its place in every round's overlay) for as long as it answered. Past
+    `MAX_PEERS` a new one is refused NOT_A_NEIGHBOR when it calls, and backed off when this node calls it; the
+    peers it has stay, and one of them may handshake again (its round refreshed)."""
+    from tadlora.node import peers as peers_module
+
+    monkeypatch.setattr(peers_module, "MAX_PEERS", 3)
+
+    class Conn:
+        def __init__(self, answers: PeerInfo | None = None) -> None:
+            self.answers = answers
+
+        async def handshake(self, info: PeerInfo, timeout: float) -> PeerInfo:
+            assert self.answers is not None
+            return self.answers
+
+        async def aclose(self) -> None:
+            pass
+
+    me = PeerInfo(node_id="me", cluster="c", fingerprint="f", address="10.0.0.1:7070")
+    other = lambda i: dataclasses.replace(me, node_id=f"p{i}", address=f"10.0.0.{i + 2}:7070")  # noqa: E731
+
+    class Dialler:
+        def connect(self, address: str, node_id: str | None = None) -> Conn:
+            return Conn(other(9))  # the static candidate below answers as p9
+
+    pm = PeerManager(Dialler(), lambda: me, lambda: [("10.0.0.11:7070", "10.0.0.11:7070", None)], lambda: None)  # type: ignore[arg-type]
+    for i in range(3):
+        await pm.add(other(i), Conn(), "inbound")  # type: ignore[arg-type]
+    with pytest.raises(ExchangeRefused) as refused:
+        await pm.add(other(3), Conn(), "inbound")  # type: ignore[arg-type]
+    assert refused.value.reason is Reason.NOT_A_NEIGHBOR and "the most it keeps" in refused.value.detail
+    await pm.add(dataclasses.replace(other(1), round=7), Conn(), "inbound")  # type: ignore[arg-type]
+    await pm.scan()  # dials the static candidate, which answers: no room, backed off, nothing raised
+    [candidate] = pm.unreachable()
+    kept = sorted(pm.peers), pm.peers["p1"].info.round
+    await pm.aclose()
+    assert kept == (["p0", "p1", "p2"], 7)
+    assert candidate.failures == 1 and candidate.reason == "this node has 3 peers, the most it keeps", candidate
+
+
 def test_every_peer_info_field_crosses_the_wire_and_an_older_node_s_info_has_no_parts_nor_release() -> None:
     info = PeerInfo(
         node_id="n1",

@@ -19,6 +19,9 @@ DEFAULT_GRACE_S: Final = 5.0  # s that in-flight calls get to finish when a serv
 
 # Sanity caps on what a peer says about itself; anything over them is refused, never stored or computed with.
 MAX_DEGREE: Final = 1024  # neighbours; --max-neighbors bounds real degrees far below this
+# Verified peers a node keeps: past this a new one is refused (NOT_A_NEIGHBOR). A cluster mixes over at most
+# MAX_DEGREE of them a round; without TLS anyone who reaches a node may handshake under as many ids as it likes.
+MAX_PEERS: Final = 4 * MAX_DEGREE
 MAX_CANDIDATES_SHOWN: Final = 64  # failing candidates a status reply lists (the first by key): a flood of adverts
 MAX_ROUND: Final = 1 << 40  # rounds; ~35 000 years of one-second rounds, and exact as a float in JSON logs
 MAX_TEXT_CHARS: Final = 256  # chars in an id, cluster, fingerprint, address, method or schedule (ids are <= 63)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Final, Literal, get_args
 
 from tadlora.node.discovery import PeerCandidate
-from tadlora.node.limits import MAX_TEXT_CHARS
+from tadlora.node.limits import MAX_PEERS, MAX_TEXT_CHARS
 from tadlora.node.peer_checks import (
     SAME_MODEL_FIX,
     SAME_PROTOCOL_FIX,
@@ -387,6 +387,11 @@ class PeerManager:
             except BaseException:  # as for the first dial: shutting down, or a failure of ours
                 await _aclose_quietly(conn)
                 raise
+        if not self._has_room_for(info.node_id):  # `add` would refuse it: backed off like a refusal
+            await conn.aclose()
+            self._log_refusal(key, self._full())
+            self._backoff(attempt, self._full())
+            return
         attempt.failures, attempt.retry_at, attempt.why = 0, 0.0, ""  # its flaps stay counted (see drop)
         self._key_of[info.node_id] = key
         await self.add(info, conn, source)
@@ -395,6 +400,15 @@ class PeerManager:
         # does not handshake the same peer again.
         if info.node_id in self.peers:
             self._by_address[address] = self._by_address[addresses[0]] = info.node_id
+
+    def _has_room_for(self, node_id: str) -> bool:
+        """Whether ``node_id`` is a peer, or may become one (fewer than `MAX_PEERS` are kept)."""
+        return node_id in self.peers or len(self.peers) < MAX_PEERS
+
+    @staticmethod
+    def _full() -> str:
+        """Why a new peer is refused while this node keeps `MAX_PEERS`."""
+        return f"this node has {MAX_PEERS} peers, the most it keeps"
 
     def _backoff(self, attempt: _Attempt, reason: str) -> None:
         attempt.failures += 1
@@ -433,8 +447,11 @@ class PeerManager:
         return found
 
     async def add(self, info: PeerInfo, conn: PeerConnection | None, source: str) -> None:
-        """Make ``info`` a verified peer (a handshake succeeded, in either direction)."""
+        """Make ``info`` a verified peer (a handshake succeeded, in either direction). `ExchangeRefused`
+        (NOT_A_NEIGHBOR) for a new one while this node keeps `MAX_PEERS` already."""
         check_compatible(self._local_info(), info)
+        if not self._has_room_for(info.node_id):
+            raise ExchangeRefused(Reason.NOT_A_NEIGHBOR, self._full())
         old = self.peers.get(info.node_id)
         if old is not None and old.info.address == info.address:
             old.info = info
