@@ -18,7 +18,6 @@ from tadlora.node.peer_checks import node_id_problem
 from tadlora.node.peerspec import (
     PeersOption,
     address_problem,
-    is_hostname,
     join_host_port,
     parse_peers_option,
     unbracketed_hint,
@@ -150,8 +149,8 @@ class NodeConfig:
                 ) from None
             # One spelling ([::1], not [0::1]): the node's own address is compared as text with its peer lists.
             object.__setattr__(self, "listen", join_host_port(host, port))
-        elif self.advertise_address is None and not is_hostname(host):  # what peers are told, unless advertised
-            raise ValueError(f"--listen {self.listen!r}: {host!r} is neither an IPv4 address nor a host name")
+        # What peers are told to dial, unless --advertise-address or a wildcard names another: they refuse it
+        # unless it is one host's HOST:PORT (`address_problem`, which also refuses a host that is no name).
         told = None if self.advertise_address is not None or is_wildcard(host) else join_host_port(host, 1)
         if told is not None and (problem := address_problem(told)) is not None:
             # Peers refuse it as the address to call back (BAD_PAYLOAD), each handshake, once the model has loaded.
