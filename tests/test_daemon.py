@@ -767,6 +767,7 @@ async def test_status_lists_at_most_max_degree_neighbours_however_many_peers_han
         await node._peers.add(info, Conn(), "inbound")  # type: ignore[arg-type]
     listed = node.status().neighbors
     assert len(listed) == MAX_DEGREE and listed[0].node_id == "p00000"
+    assert node.status().neighbors_total == MAX_DEGREE + 5  # all of them counted
     await node._peers.aclose()
 
 

@@ -1221,6 +1221,8 @@ async def test_status_round_trips(transport: Transport, bob: FakeNode) -> None:
             ),
         ),
         release="0.1.0",
+        neighbors_total=1500,  # more than a reply lists
+        candidates_total=70,
     )
     alice = bob.status_info.neighbors[0]
     assert all(getattr(alice, f.name) != f.default for f in dataclasses.fields(NeighborStatus))  # every field crosses
@@ -1272,6 +1274,13 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
         table = capsys.readouterr().out
         monkeypatch.setattr(admin, "WALK_LIMIT", 2)  # bob, then the first of the four he lists
         cut = await admin.walk_cluster(b.address, TIMEOUT)
+        monkeypatch.setattr(admin, "WALK_LIMIT", 1000)
+        # alice has more neighbours than her reply lists (past MAX_DEGREE): those it leaves out are not asked
+        alice.status_info = dataclasses.replace(alice.status_info, neighbors_total=1500, candidates_total=80)
+        capsys.readouterr()
+        capped_code = await asyncio.to_thread(admin.status_main, [b.address, "--all", "--table", "--timeout", "5"])
+        capped_table, capped_err = capsys.readouterr()
+        capped = await admin.walk_cluster(b.address, TIMEOUT)
 
     assert [n["node_id"] for n in walked["nodes"]] == ["alice", "bob"] and walked["complete"]
     assert [n["release"] for n in walked["nodes"]] == ["0.2.0", None]
@@ -1305,6 +1314,13 @@ async def test_status_all_walks_the_neighbour_lists_and_names_each_listed_node_t
     )
     assert [n["node_id"] for n in cut["nodes"]] == ["alice", "bob"] and not cut["unreachable"]
     assert cut["complete"] is False
+    # Counted, not listed: the totals are in the JSON and the table, and the walk says it could not be complete.
+    assert [(n["neighbours_total"], n["candidates_total"]) for n in walked["nodes"]] == [(4, 0), (4, 0)]
+    assert [(n["neighbours_total"], n["candidates_total"]) for n in capped["nodes"]] == [(1500, 80), (4, 0)]
+    assert capped["complete"] is False and walked["complete"] is True and capped_code == 1
+    assert capped_table.splitlines()[1].split()[5:7] == ["1500", "80"]
+    assert "alice lists 4 of its 1500 neighbours; the walk asked those alone" in capped_err
+    assert "stopped after" not in capped_err
 
 
 @pytest.mark.asyncio
@@ -1341,6 +1357,8 @@ async def test_a_status_reply_is_read_within_what_a_node_sends_and_printed_as_va
         doctor = await async_check_address(cfg, "ab", server.address, "static")
 
     assert (len(status.neighbors), len(status.candidates)) == (1024, 64)
+    # It said no totals (as a node older than them): they are what it lists, as far as anyone can tell.
+    assert (status.neighbors_total, status.candidates_total) == (1024, 64)
     assert len(status.state) == 256 + len("... (cut)") and len(status.candidates[0].reason) == 2048 + len("... (cut)")
     assert math.isnan(status.last_loss) and math.isnan(status.uptime_seconds)
     assert math.isnan(status.neighbors[0].weight) and math.isnan(status.candidates[0].retry_in_seconds)

@@ -73,6 +73,9 @@ async def query_status(
             }
             for c in st.candidates
         ],
+        # A node lists at most 1,024 neighbours and 64 candidates; these say how many it has.
+        "neighbours_total": st.neighbors_total,
+        "candidates_total": st.candidates_total,
     }
 
 
@@ -87,7 +90,8 @@ async def walk_cluster(
     (as `query_status`, which raises if it does not answer), then each neighbour it lists at that neighbour's
     address, then theirs, and so on. Returns ``{"nodes": [status, ...], "unreachable": [...], "complete": bool}``:
     the statuses by node id; each listed node that did not answer, with the address it was listed at, the nodes
-    that list it and the error; ``complete`` is False when the walk stopped at `WALK_LIMIT` nodes.
+    that list it and the error; ``complete`` is False when the walk stopped at `WALK_LIMIT` nodes, or a node has
+    more neighbours than its reply lists (`MAX_DEGREE`).
 
     Under TLS each listed node's certificate must name the id its neighbours list it by; in plaintext the node
     that answers must say it is that one, so that an address taken over by another node is not read as it."""
@@ -124,6 +128,8 @@ async def walk_cluster(
     while frontier:
         listing: dict[str, tuple[str, list[str]]] = {}  # node id -> (its address, the nodes listing it)
         for doc in frontier:
+            if doc["neighbours_total"] > len(doc["neighbours"]):
+                complete = False  # the neighbours it did not list may lead to nodes that none lists
             for n in doc["neighbours"]:
                 if n["id"] in answered:
                     continue
@@ -181,7 +187,7 @@ def status_table(nodes: list[dict[str, Any]], unreachable: list[dict[str, Any]])
     rows = [header]
     for d in nodes:
         rows.append((_cell(d["node_id"]), _cell(d["address"]), str(d["round"]), _cell(d["state"]), _cell(d["phase"]),
-                     str(len(d["neighbours"])), str(len(d["candidates"])), _cell(d["last_loss"], 4),
+                     str(d["neighbours_total"]), str(d["candidates_total"]), _cell(d["last_loss"], 4),
                      _cell(d["last_accuracy"]), _cell(d["release"]), _cell(_uptime(d["uptime_seconds"]))))  # fmt: skip
     widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
@@ -340,7 +346,14 @@ def status_main(argv: list[str]) -> int:
         # allow_nan=False: no bare NaN, which JSON readers (jq, JSON.parse) refuse; `_number` leaves none.
         sys.stdout.write(json.dumps(walked if a.all else walked["nodes"][0], indent=2, allow_nan=False) + "\n")
     if not walked["complete"]:
-        sys.stderr.write(f"tadlora-node status: stopped after {WALK_LIMIT} nodes; more are listed\n")
+        capped = [d for d in walked["nodes"] if d["neighbours_total"] > len(d["neighbours"])]
+        if len(walked["nodes"]) + len(walked["unreachable"]) >= WALK_LIMIT:
+            sys.stderr.write(f"tadlora-node status: stopped after {WALK_LIMIT} nodes; more are listed\n")
+        for d in capped:
+            sys.stderr.write(
+                printable(f"tadlora-node status: {d['node_id']} lists {len(d['neighbours'])} of its "
+                          f"{d['neighbours_total']} neighbours; the walk asked those alone") + "\n"
+            )  # fmt: skip
     if walked["unreachable"]:
         said = [
             printable(f"{u['node_id']} at {u['address'] or '(no address)'}: {u['error']}")

@@ -711,6 +711,8 @@ class Node:
     def status(self) -> StatusInfo:
         weights = self._last_weights
         infos = {p: peer.info for p, peer in self._peers.peers.items()} if self._peers else {}
+        peer_ids = self._peer_ids()
+        unreachable = self._peers.unreachable() if self._peers else []
         return StatusInfo(
             node=self.local_info(),
             state=self._state,
@@ -729,11 +731,13 @@ class Node:
                 )
                 # The first MAX_DEGREE, as a reader keeps (`pb_mapping._status_from_pb`): without TLS anyone may
                 # handshake under thousands of ids, and a reply past gRPC's 4 MiB would fail every health check.
-                for p in self._peer_ids()[:MAX_DEGREE]
+                for p in peer_ids[:MAX_DEGREE]
             ),
             uptime_seconds=time.monotonic() - self._started,
-            candidates=tuple(self._peers.unreachable()[:MAX_CANDIDATES_SHOWN]) if self._peers else (),
+            candidates=tuple(unreachable[:MAX_CANDIDATES_SHOWN]),
             release=__version__,
+            neighbors_total=len(peer_ids),
+            candidates_total=len(unreachable),
         )
 
     async def async_handshake(self, remote: PeerInfo) -> None:

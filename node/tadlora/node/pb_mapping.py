@@ -80,15 +80,39 @@ def _status_to_pb(status: StatusInfo) -> pb.StatusReply:
         uptime_seconds=status.uptime_seconds,
         candidates=[pb.CandidateStatus(**asdict(c)) for c in status.candidates],
         release=status.release,
+        neighbors_total=status.neighbors_total,
+        candidates_total=status.candidates_total,
     )
 
 
 def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
     """A node's status reply, within what a node sends: at most `MAX_DEGREE` neighbours and `MAX_CANDIDATES_SHOWN`
-    candidates, their texts cut to `MAX_TEXT_CHARS` (a candidate's reason, which quotes a refusal, to twice
-    `MAX_DETAIL_CHARS`), and NaN for a number that is not finite (the time fields: not negative either). What it
-    says is printed and compared (`tadlora-node status`, `doctor`), and whoever answers chooses it; its `node` is
-    checked as a handshake's is, by the caller."""
+    candidates (its totals say how many it has), their texts cut to `MAX_TEXT_CHARS` (a candidate's reason, which
+    quotes a refusal, to twice `MAX_DETAIL_CHARS`), and NaN for a number that is not finite (the time fields: not
+    negative either). What it says is printed and compared (`tadlora-node status`, `doctor`), and whoever answers
+    chooses it; its `node` is checked as a handshake's is, by the caller."""
+    neighbors = tuple(
+        NeighborStatus(
+            node_id=_cut(n.node_id, MAX_TEXT_CHARS),
+            address=_cut(n.address, MAX_TEXT_CHARS),
+            degree=n.degree,
+            last_round=n.last_round,
+            weight=_finite(n.weight),
+            release=_cut(n.release, MAX_TEXT_CHARS),
+        )
+        for n in msg.neighbors[:MAX_DEGREE]
+    )
+    candidates = tuple(
+        CandidateStatus(
+            key=_cut(c.key, MAX_TEXT_CHARS),
+            address=_cut(c.address, MAX_TEXT_CHARS),
+            source=_cut(c.source, MAX_TEXT_CHARS),
+            failures=c.failures,
+            retry_in_seconds=_finite(c.retry_in_seconds, low=0.0),
+            reason=_cut(c.reason, 2 * MAX_DETAIL_CHARS),
+        )
+        for c in msg.candidates[:MAX_CANDIDATES_SHOWN]
+    )
     return StatusInfo(
         node=_info_from_pb(msg.node),
         phase=_cut(msg.phase, MAX_TEXT_CHARS),
@@ -96,30 +120,13 @@ def _status_from_pb(msg: pb.StatusReply) -> StatusInfo:
         last_loss=_finite(msg.last_loss),
         last_accuracy=_finite(msg.last_accuracy),
         state=_cut(msg.state, MAX_TEXT_CHARS),
-        neighbors=tuple(
-            NeighborStatus(
-                node_id=_cut(n.node_id, MAX_TEXT_CHARS),
-                address=_cut(n.address, MAX_TEXT_CHARS),
-                degree=n.degree,
-                last_round=n.last_round,
-                weight=_finite(n.weight),
-                release=_cut(n.release, MAX_TEXT_CHARS),
-            )
-            for n in msg.neighbors[:MAX_DEGREE]
-        ),
+        neighbors=neighbors,
         uptime_seconds=_finite(msg.uptime_seconds, low=0.0),
-        candidates=tuple(
-            CandidateStatus(
-                key=_cut(c.key, MAX_TEXT_CHARS),
-                address=_cut(c.address, MAX_TEXT_CHARS),
-                source=_cut(c.source, MAX_TEXT_CHARS),
-                failures=c.failures,
-                retry_in_seconds=_finite(c.retry_in_seconds, low=0.0),
-                reason=_cut(c.reason, 2 * MAX_DETAIL_CHARS),
-            )
-            for c in msg.candidates[:MAX_CANDIDATES_SHOWN]
-        ),
+        candidates=candidates,
         release=_cut(msg.release, MAX_TEXT_CHARS),
+        # 0 from a node older than the fields: what it lists is all that is known
+        neighbors_total=max(msg.neighbors_total, len(neighbors)),
+        candidates_total=max(msg.candidates_total, len(candidates)),
     )
 
 

@@ -127,6 +127,10 @@ class StatusInfo:
     uptime_seconds: float = 0.0
     candidates: tuple[CandidateStatus, ...] = ()  # listed by discovery, not neighbours: see `CandidateStatus`
     release: str = ""  # the node's tadlora release; empty from a node older than the field
+    # How many there are, listed or not: a reply lists at most `MAX_DEGREE` neighbours and `MAX_CANDIDATES_SHOWN`
+    # candidates. Never fewer than it lists (`pb_mapping` reads a node older than the fields so).
+    neighbors_total: int = 0
+    candidates_total: int = 0
 
 
 class PeerUnavailable(Exception):

@@ -209,7 +209,7 @@ class CandidateStatus(_message.Message):
     def __init__(self, key: _Optional[str] = ..., address: _Optional[str] = ..., source: _Optional[str] = ..., failures: _Optional[int] = ..., retry_in_seconds: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("node", "phase", "rounds_completed", "last_loss", "last_accuracy", "state", "neighbors", "uptime_seconds", "candidates", "release")
+    __slots__ = ("node", "phase", "rounds_completed", "last_loss", "last_accuracy", "state", "neighbors", "uptime_seconds", "candidates", "release", "neighbors_total", "candidates_total")
     NODE_FIELD_NUMBER: _ClassVar[int]
     PHASE_FIELD_NUMBER: _ClassVar[int]
     ROUNDS_COMPLETED_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +220,8 @@ class StatusReply(_message.Message):
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
+    NEIGHBORS_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     node: PeerInfo
     phase: str
     rounds_completed: int
@@ -230,4 +232,6 @@ class StatusReply(_message.Message):
     uptime_seconds: float
     candidates: _containers.RepeatedCompositeFieldContainer[CandidateStatus]
     release: str
-    def __init__(self, node: _Optional[_Union[PeerInfo, _Mapping]] = ..., phase: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., state: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateStatus, _Mapping]]] = ..., release: _Optional[str] = ...) -> None: ...
+    neighbors_total: int
+    candidates_total: int
+    def __init__(self, node: _Optional[_Union[PeerInfo, _Mapping]] = ..., phase: _Optional[str] = ..., rounds_completed: _Optional[int] = ..., last_loss: _Optional[float] = ..., last_accuracy: _Optional[float] = ..., state: _Optional[str] = ..., neighbors: _Optional[_Iterable[_Union[NeighborStatus, _Mapping]]] = ..., uptime_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateStatus, _Mapping]]] = ..., release: _Optional[str] = ..., neighbors_total: _Optional[int] = ..., candidates_total: _Optional[int] = ...) -> None: ...
