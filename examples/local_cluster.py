@@ -170,6 +170,12 @@ def main() -> int:
             print(f"node-{i} failed (exit code {codes[i]}); the end of {log}:")
             print("\n".join(f"    {line}" for line in tail) or "    (empty)")
     print(f"adapters (peft format): {args.out}/node-*/adapter")
+    if all(c == 0 for c in codes):
+        # Absolute paths, as for the status command above: the example runs from anywhere.
+        classify = Path(__file__).resolve().parent / "classify_with_adapter.py"
+        adapter = (args.out / "node-0" / "adapter").resolve()
+        print(f"to classify with it: {shlex.quote(sys.executable)} {shlex.quote(str(classify))} "
+              f"{shlex.quote(str(adapter))} 'a gripping, funny film' 'dull and far too long'")  # fmt: skip
     return 0 if all(c == 0 for c in codes) else 1
 
 

@@ -129,6 +129,62 @@ def test_export_loads_with_peft_from_pretrained_and_computes_the_same_logits(tmp
     torch.testing.assert_close(got, expected)
 
 
+def test_an_export_loads_back_into_the_trained_model_and_classifies_as_it_does(tmp_path) -> None:
+    """`AdapterModel.from_export` is what `examples/classify_with_adapter.py` stands on: the same base, built from
+    the spec the export names, with the exported factors; `classify` gives the trained model's softmax, pairs as
+    pairs, in the order of the label names."""
+    from tadlora.training import classify
+
+    spec = dataclasses.replace(tiny_spec(), label_names=("entailment", "neutral", "contradiction"))
+    model = AdapterModel(spec)
+    model.load_factors({k: torch.randn_like(v) * 0.1 for k, v in model.factors().items()})
+    out = model.export(tmp_path / "adapter", max_length=32)
+    info = json.loads((out / "tadlora.json").read_text())
+    assert info["max_length"] == 32 and info["fingerprint_parts"] == model.fingerprint_parts
+
+    loaded = AdapterModel.from_export(out)
+    assert loaded.spec == spec and loaded.fingerprint == model.fingerprint
+    assert all(torch.equal(loaded.factors()[k], v) for k, v in model.factors().items())
+    first, second = ["a cat sat on the mat", "nobody came"], ["an animal sat", "everyone came"]
+    probs = classify(loaded, first, second, max_length=32)
+    ids = model.tokenizer(first, second, return_tensors="pt", padding="max_length", max_length=32, truncation=True)
+    model.model.eval()
+    with torch.no_grad():
+        expected = torch.softmax(model.model(**ids).logits, dim=-1)
+    assert probs.shape == (2, 3)
+    torch.testing.assert_close(probs, expected)
+    assert not torch.allclose(probs, classify(loaded, first, max_length=32))  # the second sentence counts
+    with pytest.raises(ValueError, match="2 first texts but 1 second"):
+        classify(loaded, first, second[:1])
+    with pytest.raises(ValueError, match="nothing to classify"):
+        classify(loaded, [])
+
+
+def test_an_export_is_refused_on_a_base_that_is_not_the_one_it_was_trained_on(tmp_path) -> None:
+    """The same path with other weights behind it (a model re-downloaded at another revision, another checkpoint
+    copied there): the factors would compute something else than they were trained to. Refused, naming the part
+    that differs; and a directory that holds no export, or a damaged one, says so."""
+    from transformers import AutoModelForSequenceClassification
+
+    base = tmp_path / "base"
+    save_tiny_checkpoint(base)
+    spec = ModelSpec(model=str(base), lora=TINY_LORA)
+    out = AdapterModel(spec).export(tmp_path / "adapter")
+    AdapterModel.from_export(out)  # the same base: loads
+    other = AutoModelForSequenceClassification.from_pretrained(base)
+    with torch.no_grad():
+        other.bert.encoder.layer[0].attention.self.query.weight.add_(0.01)
+    other.save_pretrained(base)
+    with pytest.raises(ValueError, match=r"is not the one the adapter in .* was trained on .*; weights differ\)"):
+        AdapterModel.from_export(out)
+
+    with pytest.raises(ValueError, match=r"is no tadlora export: it has no tadlora\.json"):
+        AdapterModel.from_export(tmp_path / "base")
+    (out / "tadlora.json").write_text('{"fingerprint": "x"}')
+    with pytest.raises(ValueError, match=r"tadlora\.json is damaged or not tadlora's: 'spec'"):
+        AdapterModel.from_export(out)
+
+
 def test_an_export_never_reads_the_base_models_config_which_for_a_hub_id_is_a_network_call(
     tmp_path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -94,6 +94,23 @@ def test_two_nodes_on_your_own_model_and_data(tmp_path: Path) -> None:
         assert [r["round"] for r in records] == [0, 1]
         assert all(r["degree"] == 1 for r in records)
         assert (tmp_path / f"own-{i}" / "adapter" / "adapter_config.json").exists()
+    # What the nodes trained, put to use: each text gets one of the dataset's labels and its probability.
+    adapter = str(tmp_path / "own-0" / "adapter")
+    info = json.loads((tmp_path / "own-0" / "adapter" / "tadlora.json").read_text())
+    assert info["max_length"] == 16  # the nodes' --max-length
+    lines = run_example("classify_with_adapter.py", adapter, "good fine great", "bad awful dull").stdout.splitlines()
+    assert [line.split()[0] in ("0", "1") and 0.5 <= float(line.split()[1]) <= 1 for line in lines] == [True, True]
+    assert lines[1].endswith("  bad awful dull")
+    docs = [json.loads(line) for line in run_example("classify_with_adapter.py", adapter, "good", "--json").stdout
+            .splitlines()]  # fmt: skip
+    assert docs[0]["text"] == "good" and sum(docs[0]["probabilities"].values()) == pytest.approx(1.0)
+    classify = [sys.executable, str(EXAMPLES / "classify_with_adapter.py")]
+    odd = subprocess.run([*classify, adapter, "a", "b", "c", "--pairs"], capture_output=True, text=True, env=ENV,
+                         timeout=120)  # fmt: skip
+    assert odd.returncode == 2 and "--pairs takes the texts two by two, and 3 is odd" in odd.stderr
+    elsewhere = subprocess.run([*classify, str(tmp_path), "a"], capture_output=True, text=True, env=ENV,
+                               timeout=120)  # fmt: skip
+    assert elsewhere.returncode == 2 and "is no tadlora export" in elsewhere.stderr
 
 
 def test_local_cluster_quickstart(tmp_path: Path) -> None:
@@ -113,6 +130,13 @@ def test_local_cluster_quickstart(tmp_path: Path) -> None:
     [address] = re.findall(r"node node-0 serving on (\S+) ", (tmp_path / "node-0.log").read_text())
     assert command == [str(Path(sys.executable).parent / "tadlora-node"), "status", address, "--all", "--table",
                        "--tls-dir", str((tmp_path / "certs").resolve()), "--node-id", "node-0"]  # fmt: skip
+    # After the run: a command that puts node-0's adapter to use, which runs as printed, from anywhere.
+    [classify] = [line.split(": ", 1)[1] for line in out.splitlines() if line.startswith("to classify with it: ")]
+    proc = subprocess.run(shlex.split(classify), capture_output=True, text=True, env=ENV, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert [line.split()[0] for line in proc.stdout.splitlines()] in (
+        [a, b] for a in ("negative", "positive") for b in ("negative", "positive")
+    )
 
 
 class FakeNode:

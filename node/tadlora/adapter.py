@@ -44,6 +44,7 @@ from tadlora.fsutil import give_plain_mode, os_error_of
 log = logging.getLogger(__name__)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"  # the file of an export's factors (peft's SAFETENSORS_WEIGHTS_NAME)
+EXPORT_INFO = "tadlora.json"  # beside them: the model spec and fingerprint the export was trained under
 
 TINY_CONFIG: dict[str, Any] = {
     "hidden_size": 64,
@@ -444,8 +445,10 @@ class AdapterModel:
         """The live factor parameters by key (for engines that drive them directly)."""
         return dict(self._factor_params)
 
-    def export(self, directory: str | Path) -> Path:
-        """Write the adapter in peft's format (adapter_model.safetensors + adapter_config.json)."""
+    def export(self, directory: str | Path, *, max_length: int | None = None) -> Path:
+        """Write the adapter in peft's format (adapter_model.safetensors + adapter_config.json), and beside it
+        `EXPORT_INFO`: the fingerprint, its parts, the model spec and (when given) the ``max_length`` in tokens that
+        training cut its examples to. `from_export` reads them back."""
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         try:
@@ -457,16 +460,78 @@ class AdapterModel:
                 raise
             raise error from exc
         give_plain_mode(out / ADAPTER_WEIGHTS)  # read by other users as its two JSON files beside it are
-        (out / "tadlora.json").write_text(
-            json.dumps({"fingerprint": self.fingerprint, "spec": spec_to_dict(self.spec)}, indent=2) + "\n",
-            encoding="utf-8",
-        )
+        info: dict[str, Any] = {
+            "fingerprint": self.fingerprint,
+            "fingerprint_parts": self.fingerprint_parts,
+            "spec": spec_to_dict(self.spec),
+        }
+        if max_length is not None:
+            info["max_length"] = max_length
+        (out / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
         return out
+
+    @classmethod
+    def from_export(cls, directory: str | Path, device: str | torch.device = "cpu") -> AdapterModel:
+        """The model an export (`export`: a node's ``--out/adapter``) holds, ready to classify: its base model built
+        from the spec it names (as a node builds it: ``minilm`` is the packaged MiniLM, offline), its factors loaded.
+        ValueError when ``directory`` holds no export, or when the base built here is not the one the adapter was
+        trained on (another model behind the same path or hub id, another tokenizer): its factors would compute
+        something else than they were trained to."""
+        from safetensors.torch import load_file
+
+        where = Path(directory)
+        try:
+            info = json.loads((where / EXPORT_INFO).read_text(encoding="utf-8"))
+            spec = spec_from_dict(info["spec"])
+            expected = str(info["fingerprint"])
+        except FileNotFoundError as exc:
+            raise ValueError(
+                f"{where} is no tadlora export: it has no {EXPORT_INFO} (a node writes one into --out/adapter when "
+                "it stops)"
+            ) from exc
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{where / EXPORT_INFO} is damaged or not tadlora's: {exc}") from exc
+        model = cls(spec, device)
+        if model.fingerprint != expected:
+            ours = set(model.fingerprint_parts.split(" "))
+            differ = [part.split("=")[0] for part in str(info.get("fingerprint_parts", "")).split(" ") if part
+                      and part not in ours]  # fmt: skip
+            raise ValueError(
+                f"the base model {spec.model!r} here is not the one the adapter in {where} was trained on "
+                f"(its fingerprint {expected}, here {model.fingerprint}"
+                + (f"; {' and '.join(differ)} differ" if differ else "")
+                + "): give this machine the model files the nodes trained on"
+            )
+        weights = where / ADAPTER_WEIGHTS
+        try:
+            saved = load_file(str(weights))  # safetensors: tensors only, never code
+        except (OSError, SafetensorError) as exc:
+            raise ValueError(f"cannot read the adapter's factors in {weights}: {exc}") from exc
+        # The head beside them (peft's modules_to_save) is the seeded one the fingerprint covers: built, not read.
+        model.load_factors({k: v for k, v in saved.items() if ".lora_A." in k or ".lora_B." in k})
+        return model
 
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:
     """A JSON-able description of a ModelSpec."""
     return asdict(spec)
+
+
+def spec_from_dict(doc: Mapping[str, Any]) -> ModelSpec:
+    """The ModelSpec that `spec_to_dict` described (ValueError, KeyError or TypeError for what it never writes)."""
+    lora = doc["lora"]
+    return ModelSpec(
+        model=str(doc["model"]),
+        label_names=tuple(str(name) for name in doc["label_names"]),
+        lora=LoraSpec(
+            r=int(lora["r"]),
+            alpha=float(lora["alpha"]),
+            dropout=float(lora["dropout"]),
+            target_modules=tuple(str(m) for m in lora["target_modules"]),
+        ),
+        seed=int(doc["seed"]),
+        init=str(doc.get("init", "torch")),  # an export older than the setting was drawn by torch's init
+    )
 
 
 # Texts whose tokens show how a tokenizer normalizes (case, accents), splits (punctuation, digits, whitespace) and

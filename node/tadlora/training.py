@@ -406,3 +406,34 @@ def evaluate(model: AdapterModel, data: Encoded, batch_size: int = 64, precision
         total_loss += float(F.cross_entropy(logits.float(), batch["labels"], reduction="sum"))
         correct += int((logits.argmax(dim=-1) == batch["labels"]).sum())
     return correct / len(data), total_loss / len(data)
+
+
+@torch.no_grad()
+def classify(
+    model: AdapterModel,
+    texts: Sequence[str],
+    second: Sequence[str] | None = None,
+    *,
+    max_length: int = 128,
+    batch_size: int = 64,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """Class probabilities of ``model`` for each text (or pair: ``texts[i]`` with ``second[i]``, as MNLI's premise
+    and hypothesis), a float32 (n, classes) CPU tensor in the order of ``model.spec.label_names``. Tokenized as
+    training tokenized (`encode`), cut to ``max_length`` tokens. Blocking. ValueError for no texts, or a ``second``
+    of another length."""
+    if not texts:
+        raise ValueError("nothing to classify: no texts")
+    if second is not None and len(second) != len(texts):
+        raise ValueError(f"{len(texts)} first texts but {len(second)} second ones: a pair needs both")
+    labels = np.zeros(len(texts), dtype=np.int64)  # not used: `encode` takes a labelled dataset
+    data = TextDataset("input", tuple(texts), None if second is None else tuple(second), labels, model.spec.label_names)
+    encoded = encode(model.tokenizer, data, max_length)
+    model.model.eval()
+    out = []
+    for indices in eval_batches(len(data), batch_size):
+        batch = encoded.batch(indices, model.device)
+        with autocast(model.device, precision):
+            logits = model.model(**model_inputs(batch)).logits
+        out.append(torch.softmax(logits.float(), dim=-1).cpu())
+    return torch.cat(out)

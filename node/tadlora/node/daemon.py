@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import inspect
 import logging
 import math
@@ -1467,7 +1468,9 @@ class Node:
             state.save_checkpoint(self.config.out, ckpt)
             if export and self._model is not None:
                 self._model.load_factors(factors)
-                state.replace_adapter(self.config.out, self._model.export)  # never a torn adapter/
+                # Never a torn adapter/; it says what length to cut texts to when it classifies (`from_export`).
+                writer = functools.partial(self._model.export, max_length=self.config.train.max_length)
+                state.replace_adapter(self.config.out, writer)
 
         if not self.node_id:
             return
