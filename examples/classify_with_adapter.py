@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from tadlora.adapter import AdapterModel
+from tadlora.adapter import AdapterModel, resolve_device
 from tadlora.training import classify
 
 
@@ -35,14 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokens each text is cut to (default: the --max-length the node trained with, as its export says)",
     )
-    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda or cuda:N"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object per text, with every probability")
     args = parser.parse_args(argv)
     if args.pairs and len(args.texts) % 2:
         parser.error(f"--pairs takes the texts two by two, and {len(args.texts)} is odd")
     try:
-        model = AdapterModel.from_export(args.adapter, args.device)
-    except (ValueError, OSError) as exc:
+        model = AdapterModel.from_export(args.adapter, resolve_device(args.device))
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"classify_with_adapter: {exc}", file=sys.stderr)
         return 2
     with open(f"{args.adapter}/tadlora.json", encoding="utf-8") as f:
