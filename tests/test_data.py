@@ -18,6 +18,7 @@ import pytest
 from tadlora.data import (
     GLUE_DIR_ENV,
     TextDataset,
+    check_dataset_spec,
     label_skew_proportions,
     load_csv,
     load_glue_tsv,
@@ -609,6 +610,17 @@ def test_builtin_files_are_the_first_rows_of_glue_sst2(glue_dir: Path) -> None:
 def test_bad_dataset_specs_raise_value_errors_that_say_what_is_accepted(spec: str, split: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         resolve_dataset(spec, split)
+    if split == "train":  # the spec's own form is wrong: said as well before anything is read (a node's exit 2)
+        with pytest.raises(ValueError, match=message):
+            check_dataset_spec(spec)
+
+
+@pytest.mark.parametrize(
+    "spec", ["builtin:sst2-small", "glue:sst2", "glue:MNLI", "/not/yet/mounted/train.jsonl?text=s&label=l",
+             "data/dev.tsv", "hub:glue/sst2", "hub:org/name/"]
+)  # fmt: skip
+def test_a_well_formed_dataset_spec_passes_the_check_without_its_data_being_read(spec: str) -> None:
+    check_dataset_spec(spec)  # no file, no hub, no GLUE directory is touched
 
 
 # ---------------------------------------------------------------------------- TextDataset

@@ -436,9 +436,23 @@ def test_a_certificate_the_run_cannot_use_fails_and_one_expiring_within_30_days_
     tls.issue(certs, "node-0", force=True)
     (certs / "node-0.key").chmod(0o644)  # as a copy that did not keep the mode may leave it
     exposed = check_tls(cfg)
-    assert exposed.status == "WARN" and "mode 644" in exposed.detail and exposed.fix == f"chmod 600 {certs}/node-0.key"
-    (certs / "node-0.key").chmod(0o600)
+    assert exposed.status == "WARN" and "mode 644" in exposed.detail and exposed.fix == f"chmod 640 {certs}/node-0.key"
+    (certs / "node-0.key").chmod(0o604)
+    assert check_tls(cfg).fix == f"chmod 600 {certs}/node-0.key"  # no group read to keep
+    # The systemd recipe's key: its group (the unit's, tadlora-certs) reads it; nothing to warn of, nor to "fix"
+    # into a mode the service could not read.
+    (certs / "node-0.key").chmod(0o640)
     assert check_tls(cfg).status == "OK"
+    # Both at once: neither hides the other (the mode's WARN once came back before the expiry was looked at).
+    (certs / "node-0.key").chmod(0o644)
+    monkeypatch.setattr(tls, "NODE_DAYS", 10)
+    tls.issue(certs, "node-0", force=True)
+    (certs / "node-0.key").chmod(0o644)
+    both = check_tls(cfg)
+    assert both.status == "WARN" and "mode 644" in both.detail and "in 9 days" in both.detail, both
+    assert both.fix.startswith(f"chmod 640 {certs}/node-0.key; tadlora-node certs issue node-0"), both.fix
+    (certs / "node-0.key").chmod(0o600)
+    assert "mode" not in check_tls(cfg).detail
 
 
 def test_an_out_of_another_node_id_fails_as_the_node_would(tmp_path) -> None:

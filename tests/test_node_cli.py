@@ -169,11 +169,35 @@ def test_help_names_the_environment_variables(capsys) -> None:
         (["--checkpoint-every", "-1"], "--checkpoint-every must be >= 1, got -1"),
         (["--device", "tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["--device", "cuda:x"], "--device must be"),
+        # a --dataset whose form alone is wrong: it failed once the model had loaded, exit 1, restarted for ever
+        (["--insecure", "--dataset", "glue:FOO"], "--dataset: unknown GLUE task 'FOO'; known tasks: MNLI"),
+        (["--insecure", "--dataset", "builtin:sst3"], "--dataset: unknown builtin dataset 'sst3'"),
+        (["--insecure", "--dataset", "hub:a//b"], "--dataset: dataset spec 'hub:a//b': expected hub:NAME"),
+        (["--insecure", "--dataset", "train.txt"], "--dataset: unrecognised dataset spec 'train.txt'"),
+        (["--insecure", "--dataset", "train.csv?txt=a"], "unknown option(s) ['txt']"),
     ],
 )
 def test_bad_settings_exit_2_with_a_reason(argv, message, capsys) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lora-targets", "nosuchmodule"], "no module of 'tiny' matches LoRA targets nosuchmodule"),
+        (["--max-length", "1000"], "max_length 1000 is past the 256 tokens the model takes"),
+    ],
+)
+def test_settings_the_model_cannot_take_exit_2_once_it_has_loaded(tmp_path, argv, message, capsys) -> None:
+    """Found only once the model is built, and then exit 1 (what a restart may fix): systemd and Compose restarted
+    the node every few seconds for ever, loading the model each time. No restart fixes them: exit 2."""
+    common = ["--insecure", "--model", "tiny", "--peers", "127.0.0.1:1", "--min-peers", "0", "--rounds", "1"]
+    assert main([*common, "--out", str(tmp_path / "out"), "--log-format", "json", *argv]) == 2
+    assert f"tadlora-node: error: {message}" in capsys.readouterr().err
+    # whereas a dataset file not there (yet: a volume still to mount) is what a restart may fix
+    missing = ["--dataset", str(tmp_path / "later" / "train.csv")]
+    assert main([*common, "--out", str(tmp_path / "out2"), "--log-format", "json", *missing]) == 1
 
 
 def test_tls_files_a_node_cannot_use_exit_2_before_the_model_loads(tmp_path, capsys) -> None:
@@ -896,8 +920,8 @@ def test_the_status_table_keeps_every_cell_within_64_characters_uptime_included(
     from tadlora.node.admin import status_table
 
     doc = {"node_id": "n0", "address": "10.0.0.5:7070", "round": 3, "state": "idle", "phase": "B", "release": "0.1.0",
-           "neighbours": [], "candidates": [], "last_loss": None, "last_accuracy": None,
-           "uptime_seconds": 1e300}  # fmt: skip
+           "neighbours": [], "candidates": [], "neighbours_total": 0, "candidates_total": 0, "last_loss": None,
+           "last_accuracy": None, "uptime_seconds": 1e300}  # fmt: skip
     row = status_table([doc], []).splitlines()[1]
     assert len(row.split()[-1]) == 64 and row.split()[-1].endswith("...")
     assert status_table([{**doc, "uptime_seconds": 3725.0}], []).splitlines()[1].split()[-1] == "1h02m"

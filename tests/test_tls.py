@@ -7,7 +7,9 @@ import contextlib
 import dataclasses
 import datetime as dt
 import io
+import json
 import logging
+import os
 import re
 import socket
 import stat
@@ -1009,3 +1011,47 @@ def test_a_closed_connection_is_read_as_a_tls_node_only_by_a_node_that_dials_in_
     )
     assert _tls_failure(closed, insecure=False) is None
     assert _tls_failure("ipv4:10.0.0.2:7070: Connection refused", insecure=True) is None
+
+
+def test_tls_files_the_user_cannot_read_are_exit_2_naming_the_file_not_a_traceback(tmp_path) -> None:
+    """A key the node's user may not read (a volume that kept root's 0600 under the image's uid 10001, a unit
+    without the key's group): the run died on a PermissionError traceback, exit 1, restarted every 5 s for ever.
+    Now exit 2 (what no restart fixes) with a line naming the file and whose it must be; `status` and `doctor`
+    say the same. Root reads any file, so as root the children run without CAP_DAC_OVERRIDE and
+    CAP_DAC_READ_SEARCH, and the key belongs to nobody (uid 65534), mode 600."""
+    import shutil
+    import subprocess
+
+    from nodeproc import console_script, node_env
+
+    certs = make_certs(tmp_path / "certs", "node-0")
+    key = certs / "node-0.key"
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to drop root's right to read any file")
+        os.chown(key, 65534, 65534)
+        caps = "-dac_override,-dac_read_search"
+        prefix = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}"]
+    else:
+        key.chmod(0o000)
+        prefix = []
+    tls_flags = ["--tls-dir", str(certs), "--node-id", "node-0"]
+    commands = {
+        "run": ["--model", "tiny", "--peers", "127.0.0.1:1", "--out", str(tmp_path / "out"), *tls_flags],
+        "status": ["status", "127.0.0.1:1", *tls_flags],
+        "doctor": ["doctor", "--model", "tiny", "--peers", "127.0.0.1:1", "--out", str(tmp_path / "out"),
+                   "--browse-seconds", "0", "--json", *tls_flags],
+    }  # fmt: skip
+    said = {
+        name: subprocess.run([*prefix, console_script("tadlora-node"), *argv], capture_output=True, text=True,
+                             env=node_env(), timeout=120)
+        for name, argv in commands.items()
+    }  # fmt: skip
+    for name in ("run", "status"):
+        assert said[name].returncode == 2, (name, said[name].stderr)
+        assert "Traceback" not in said[name].stderr
+        assert f"error: cannot read {key} as uid" in said[name].stderr and "Permission denied" in said[name].stderr
+        assert "must be able to read its TLS files" in said[name].stderr
+    doctor = said["doctor"]
+    [check] = [c for c in json.loads(doctor.stdout)["checks"] if c["name"] == "tls"]
+    assert check["status"] == "FAIL" and f"cannot read {key}" in check["detail"], doctor.stdout + doctor.stderr

@@ -58,6 +58,11 @@ TINY_CONFIG: dict[str, Any] = {
 }
 
 
+class UnusableSettings(ValueError):
+    """Settings that cannot work with this model, found only once it is built (LoRA targets that name none of its
+    modules, or its embeddings; a max length past its positions): no restart fixes them, so a node exits 2."""
+
+
 @dataclass(frozen=True)
 class LoraSpec:
     """LoRA hyper-parameters (the paper: r = 8, alpha = 16 on query/value)."""
@@ -362,11 +367,11 @@ class AdapterModel:
                 warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
                 self.model = get_peft_model(base, config)
         except ValueError as exc:
-            raise ValueError(_unmatched_targets(spec, base)) from exc  # peft's message names no module
+            raise UnusableSettings(_unmatched_targets(spec, base)) from exc  # peft's message names no module
         embedded = sorted({n.rsplit(".lora_embedding_", 1)[0] for n, _ in self.model.named_parameters()
                            if ".lora_embedding_" in n})  # fmt: skip
         if embedded:  # peft's lora_embedding_A/B: not factors of the (out, r) x (r, in) shape mixing and DeCAF take
-            raise ValueError(f"LoRA on embedding layers is not supported ({', '.join(embedded)}): target linear "
+            raise UnusableSettings(f"LoRA on embedding layers is not supported ({', '.join(embedded)}): target linear "
                              f"layers only, e.g. query,value")  # fmt: skip
         # Moved before its parameters are collected: a move may replace them with new Parameter objects (where the
         # device's tensors cannot take the old data in place, or under torch's overwrite-on-conversion setting), and
@@ -379,7 +384,7 @@ class AdapterModel:
                 self._factor_params[name.replace(".default.", ".")] = param
             param.requires_grad_(False)
         if not self._factor_params:
-            raise ValueError(_unmatched_targets(spec, base))
+            raise UnusableSettings(_unmatched_targets(spec, base))
         factor_ids = {id(p) for p in self._factor_params.values()}
         self._frozen = [p for p in self.model.parameters() if id(p) not in factor_ids]
         self.load_factors(self.initial_factors())

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from tadlora import rng
-from tadlora.adapter import AdapterModel
+from tadlora.adapter import AdapterModel, UnusableSettings
 from tadlora.core.factors import Factor
 from tadlora.core.methods import Method
 from tadlora.data import TextDataset
@@ -157,7 +157,7 @@ def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
     tokenizer's ``model_max_length`` (for an `AdapterModel`'s, at most its position embeddings) is refused."""
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and max_length > limit:
-        raise ValueError(
+        raise UnusableSettings(
             f"max_length {max_length} is past the {limit} tokens the model takes (its position embeddings): use a "
             f"--max-length of at most {limit}"
         )

@@ -14,6 +14,7 @@ from tadlora.data.glue import (
 from tadlora.data.loaders import (
     BUILTIN_DATASETS,
     DATASET_SPLITS,
+    check_dataset_spec,
     is_local_spec,
     load_csv,
     load_hub,
@@ -37,6 +38,7 @@ __all__ = [
     "SHARD_SCHEMES",
     "GlueTask",
     "TextDataset",
+    "check_dataset_spec",
     "find_glue_dir",
     "is_local_spec",
     "label_skew_proportions",

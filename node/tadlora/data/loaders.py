@@ -36,6 +36,7 @@ from tadlora.data.glue import (
 __all__ = [
     "BUILTIN_DATASETS",
     "DATASET_SPLITS",
+    "check_dataset_spec",
     "load_csv",
     "load_glue_tsv",
     "load_hub",
@@ -339,11 +340,16 @@ def _class_name(value: object, names: Sequence[str]) -> object:
 # ------------------------------------------------------------------------ resolve_dataset
 
 
-def _resolve_builtin(name: str, split: str) -> TextDataset:
+def _builtin(name: str) -> tuple[str, str]:
+    """The folder and GLUE task of builtin dataset ``name``; ValueError listing those there are."""
     if name not in BUILTIN_DATASETS:
         known = ", ".join(BUILTIN_DATASETS)
         raise ValueError(f"unknown builtin dataset {name!r}; available: {known}")
-    folder, task = BUILTIN_DATASETS[name]
+    return BUILTIN_DATASETS[name]
+
+
+def _resolve_builtin(name: str, split: str) -> TextDataset:
+    folder, task = _builtin(name)
     resource = resources.files("tadlora.data") / "builtin" / folder / f"{split}.tsv"
     if not resource.is_file():
         raise FileNotFoundError(f"builtin data file {resource} is missing; reinstall tadlora")
@@ -379,7 +385,8 @@ def _parse_options(spec: str, query: str) -> tuple[list[str] | None, str, list[s
     return options.get("text"), label[0], options.get("label_names")
 
 
-def _resolve_hub(spec: str, target: str, split: str) -> TextDataset:
+def _hub_target(spec: str, target: str) -> tuple[str, str | None, list[str] | None, str]:
+    """(name, config, text columns, label column) of a ``hub:`` spec's ``target``; ValueError for a malformed one."""
     target, _, query = target.partition("?")
     text, label, label_names = _parse_options(spec, query)
     if label_names is not None:
@@ -391,9 +398,12 @@ def _resolve_hub(spec: str, target: str, split: str) -> TextDataset:
             "hub:ORG/NAME/CONFIG or hub:ORG/NAME/ (no config)"
         )
     if len(parts) == 3:
-        name, config = f"{parts[0]}/{parts[1]}", parts[2] or None
-    else:
-        name, config = parts[0], (parts[1] or None) if len(parts) == 2 else None
+        return f"{parts[0]}/{parts[1]}", parts[2] or None, text, label
+    return parts[0], (parts[1] or None) if len(parts) == 2 else None, text, label
+
+
+def _resolve_hub(spec: str, target: str, split: str) -> TextDataset:
+    name, config, text, label = _hub_target(spec, target)
     train_names = None
     if split != "train":
         # As for local files: without a ClassLabel feature, dev's ids would come from dev's own sorted
@@ -453,6 +463,31 @@ def is_local_spec(spec: str) -> bool:
     return Path(spec.partition("?")[0]).suffix.lower() in _LOCAL_SUFFIXES
 
 
+def check_dataset_spec(spec: str) -> None:
+    """ValueError, as `resolve_dataset` raises it, for a spec whose form alone is wrong: an unknown builtin or GLUE
+    task, malformed options, a hub name out of its grammar, no scheme or suffix it reads. Reads nothing (no file, no
+    hub), so a node refuses such a --dataset at once, as bad flags (exit 2), not once its model has loaded."""
+    spec = spec.strip()
+    scheme, sep, rest = spec.partition(":")
+    if sep and scheme == "builtin":
+        _builtin(rest)
+    elif sep and scheme == "glue":
+        glue_task(rest)
+    elif sep and scheme == "hub":
+        _hub_target(spec, rest)
+    elif is_local_spec(spec):
+        _parse_options(spec, spec.partition("?")[2])
+    else:
+        raise ValueError(_unrecognised(spec))
+
+
+def _unrecognised(spec: str) -> str:
+    return (
+        f"unrecognised dataset spec {spec!r}; expected builtin:NAME ({', '.join(BUILTIN_DATASETS)}), glue:TASK "
+        f"({', '.join(GLUE_TASKS)}), a path ending in .tsv, .csv or .jsonl, or hub:NAME[/CONFIG]"
+    )
+
+
 def resolve_dataset(spec: str, split: str) -> TextDataset:
     """The data that ``spec`` names, for ``split`` ``"train"`` or ``"dev"``; named ``spec``.
 
@@ -482,11 +517,7 @@ def resolve_dataset(spec: str, split: str) -> TextDataset:
     elif is_local_spec(spec):
         dataset = _resolve_local(spec, split)
     else:
-        raise ValueError(
-            f"unrecognised dataset spec {spec!r}; expected builtin:NAME "
-            f"({', '.join(BUILTIN_DATASETS)}), glue:TASK ({', '.join(GLUE_TASKS)}), "
-            "a path ending in .tsv, .csv or .jsonl, or hub:NAME[/CONFIG]"
-        )
+        raise ValueError(_unrecognised(spec))
     if len(dataset.label_names) < 2:
         # Caught here, where the data is known: the model would refuse it later as "a classifier needs at least two
         # labels", naming neither the data nor the way out.

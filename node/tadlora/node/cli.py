@@ -36,7 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tadlora.adapter import INITS, LoraSpec
+from tadlora.adapter import INITS, LoraSpec, UnusableSettings
 from tadlora.cliutil import (
     VERSION_HELP,
     apply_env_defaults,
@@ -50,6 +50,7 @@ from tadlora.cliutil import (
 )
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
+from tadlora.data import check_dataset_spec
 from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back, default_listen
 from tadlora.node.identity import OutRefused, kept_node_id
 from tadlora.node.peerspec import parse_peers_option
@@ -116,7 +117,10 @@ def build_run_parser(
         "(default: the listen/interface address)",
     )
     g.add_argument("--cluster", default="default", help="cluster name; only nodes of the same cluster mix")
-    g.add_argument("--node-id", help="this node's id (default: kept in --out, else random)")
+    g.add_argument(
+        "--node-id",
+        help="this node's id (default: kept in --out, else random; required with --tls-dir: it names the certificate)",
+    )
     g.add_argument(
         "--tls-dir",
         type=path_arg,
@@ -400,6 +404,10 @@ def run_main(args: list[str]) -> int:
         json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
         check_callable_back(config)  # flags alone decide it: exit 2 here, not 1 (restarted for ever) once running
+        try:  # the same for a --dataset whose form alone is wrong (glue:NO-SUCH-TASK); said as the daemon says it
+            check_dataset_spec(config.dataset)
+        except ValueError as exc:
+            raise ValueError(f"--dataset: {exc}") from exc
         if problem := out_not_a_directory(config.out):
             raise ValueError(problem)
         if config.tls_dir is not None and config.node_id is not None:
@@ -422,7 +430,8 @@ def run_main(args: list[str]) -> int:
         if json_fmt:  # a log collector reads the record; in text both would reach the same terminal, twice
             log.error("%s", text)
         sys.stderr.write(f"tadlora-node: error: {text}\n")
-        return 2 if isinstance(exc, OutRefused) else 1  # --out as it is: every restart would be refused alike
+        # --out as it is, or settings the model cannot take (LoRA targets it lacks): every restart fails alike.
+        return 2 if isinstance(exc, OutRefused | UnusableSettings) else 1
     log.info("finished in %.1f s", time.monotonic() - started)
     return code
 

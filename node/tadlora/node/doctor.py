@@ -379,24 +379,23 @@ def check_tls(cfg: NodeConfig) -> Check:
         return Check("tls", "FAIL", str(exc), _TLS_FIX)
     path = cfg.tls_dir / f"{cfg.node_id}.crt"
     key = cfg.tls_dir / f"{cfg.node_id}.key"
-    if (mode := key.stat().st_mode) & 0o077:
+    warnings: list[tuple[str, str]] = []  # (what, its fix): each is said, neither hides the other
+    if (mode := key.stat().st_mode) & 0o037:
         # `certs issue` writes it 0600; a copy (scp, a volume, an archive) may not keep that, and then any user
-        # of this host can take the node's identity.
-        return Check(
-            "tls",
-            "WARN",
-            f"{key} can be read by users other than its owner (mode {mode & 0o777:o})",
-            f"chmod 600 {key}",
-        )
+        # of this host can take the node's identity. Its group may read it: the systemd unit's dynamic user reads
+        # it so, through a group of its own (deploy/systemd: 0640, group tadlora-certs).
+        keep = "640" if mode & 0o040 else "600"
+        warnings.append((f"{key} can be read or written by users other than its owner and group (mode "
+                         f"{mode & 0o777:o})", f"chmod {keep} {key}"))  # fmt: skip
     expires = material.certificate().not_valid_after_utc
     left = expires - dt.datetime.now(dt.UTC)
     if left < dt.timedelta(days=CERT_EXPIRY_WARN_DAYS):
-        return Check(
-            "tls",
-            "WARN",
+        warnings.append((
             f"{path} expires on {expires:%Y-%m-%d %H:%M} UTC, in {left.days} days; then this node can serve no peer",
             f"tadlora-node certs issue {cfg.node_id} --dir {cfg.tls_dir} --force (needs ca.key), then restart",
-        )
+        ))  # fmt: skip
+    if warnings:
+        return Check("tls", "WARN", "; ".join(w for w, _ in warnings), "; ".join(f for _, f in warnings))
     return Check("tls", "OK", f"mutual TLS with {path} (valid until {expires:%Y-%m-%d})")
 
 

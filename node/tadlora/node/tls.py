@@ -62,7 +62,17 @@ class TlsMaterial:
         peers would refuse it (`_check_usable`)."""
         _check_name(name)
         paths = [directory / "ca.crt", directory / f"{name}.crt", directory / f"{name}.key"]
-        missing = [str(p) for p in paths if not p.is_file()]
+        try:
+            missing = [str(p) for p in paths if not p.is_file()]  # PermissionError in a directory it cannot enter
+            files = [] if missing else [p.read_bytes() for p in paths]
+        except OSError as exc:
+            # A key the node's user may not read (a volume or copy that kept root's 0600, a unit without the key's
+            # group): no restart reads it either, so a ValueError (exit 2), naming the file, not a traceback.
+            raise ValueError(
+                f"cannot read {exc.filename or directory} as uid {os.geteuid()}: {exc.strerror or exc}; the user "
+                "that runs the node must be able to read its TLS files (docs/deploy.md: the image runs as uid "
+                "10001, the systemd unit reads them through the group tadlora-certs)"
+            ) from exc
         if missing:
             issue = f"`tadlora-node certs issue {name} --dir {directory}`"
             # With the cluster's ca.crt there, `certs init` would refuse, and forced it replaces the CA every node
@@ -74,7 +84,7 @@ class TlsMaterial:
                 else f"Create them with `tadlora-node certs init {directory}` (once per cluster) and {issue}"
             )
             raise TlsFilesMissing(missing, how)
-        ca, cert, key = (p.read_bytes() for p in paths)
+        ca, cert, key = files
         _ca_certificates(paths[0], ca), _certificate(paths[1], cert)  # each parse error names its file
         material = cls(ca=ca, cert=cert, key=key)
         names = material.certificate().subject.get_attributes_for_oid(NameOID.COMMON_NAME)
