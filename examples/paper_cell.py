@@ -13,8 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from tadlora.sim.cli import run_grid
 from tadlora.sim.config import PRESETS, override, preset
-from tadlora.sim.runner import Simulator
 
 
 def main() -> int:
@@ -44,7 +44,11 @@ def main() -> int:
             "seeds": [int(s) for s in args.seeds.split(",")],
         },
     )
-    results = Simulator(config, args.out).run()
+    # As tadlora-sim runs it: a refusal or failure is one line, exit 2; a Ctrl-C exits 130 and the same command
+    # resumes.
+    code, results = run_grid(config, args.out, prog="paper_cell.py")
+    if results is None:
+        return code
     print(f"{'method':<8} {'T':>3}  accuracy (mean ± std over clients, seed-averaged)")
     for row in results["summary"]:
         t = row["switch_interval"] if row["switch_interval"] is not None else "-"

@@ -4,7 +4,8 @@ Your data: a CSV, JSONL or TSV file with a text column (or two, for sentence pai
 sibling dev/validation file. `--data` reads the columns named `text` and `label`; for other names or a sentence
 pair, edit `?text=text&label=label` in `dataset=` below (e.g. `?text=sentence1,sentence2&label=gold`). Your model:
 any Hugging Face sequence-classification model id or local directory (here `tiny`, a 2-layer BERT built from a
-config, nothing to load; try `minilm` or a path). `tiny` has random weights, so its run shows the workflow, not
+config, nothing to load; try `minilm` or a path, each with an --out of its own: a directory keeps one run's
+settings). `tiny` has random weights, so its run shows the workflow, not
 learning: on this toy data, where every word gives the label away, LoRA still reached 0.97 at round 8 while TAD-LoRA
 stayed at chance (0.49). `--model minilm` reached 1.00 with both by round 4. Each run took under a minute on 2
 cores that two other jobs were using too.
@@ -21,8 +22,8 @@ import sys
 from pathlib import Path
 
 from tadlora.adapter import LoraSpec
+from tadlora.sim.cli import run_grid
 from tadlora.sim.config import SimConfig
-from tadlora.sim.runner import Simulator
 from tadlora.training import TrainSpec
 
 WORDS = {0: ["dull", "boring", "awful", "flat", "tedious"], 1: ["great", "moving", "sharp", "funny", "lovely"]}
@@ -73,7 +74,11 @@ def main() -> int:
         engine="batched",
         device="cpu",
     )
-    results = Simulator(config, args.out).run()
+    # As tadlora-sim runs it: a refusal (an --out holding another run, say of another --model) or a failure is one
+    # line and exit 2; a Ctrl-C exits 130, and the same command resumes.
+    code, results = run_grid(config, args.out, prog="sim_own_model_and_data.py")
+    if results is None:
+        return code
     for row in results["summary"]:
         print(f"{row['method']:<6} accuracy {row['acc_mean']:.3f} ± {row['acc_client_std']:.3f}")
     return 0

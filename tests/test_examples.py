@@ -77,6 +77,15 @@ def test_the_link_pattern_example_refuses_a_client_count_its_matching_does_not_f
 def test_paper_cell_runs_through_its_smoke_path(tmp_path: Path) -> None:
     out = run_example("paper_cell.py", "--preset", "smoke", "--out", str(tmp_path)).stdout
     assert "rolora" in out and (tmp_path / "accuracy_vs_round.png").exists()
+    # Another preset on that --out: refused in one line that says what this script can do, not a traceback that
+    # named tadlora-sim's --config and --engine.
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "paper_cell.py"), "--preset", "cpu-sst2", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=ENV, cwd=EXAMPLES,
+    )  # fmt: skip
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stderr.startswith("paper_cell.py: error: ") and "holds a run with different settings" in proc.stderr
+    assert "(those are tadlora-sim's flags: paper_cell.py takes another --out" in proc.stderr
 
 
 def test_paper_cell_refuses_an_unknown_preset_with_the_choices() -> None:

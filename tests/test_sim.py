@@ -31,7 +31,7 @@ from tadlora.core.methods import make_method
 from tadlora.core.topology import make_topology
 from tadlora.data import resolve_dataset
 from tadlora.sim.cli import build_parser, config_from_args, main
-from tadlora.sim.config import ALL_METHODS, RESOLVED_KEY, Cell, SimConfig, override, preset
+from tadlora.sim.config import ALL_METHODS, RESOLVED_KEY, Cell, SimConfig, config_from_json, override, preset
 from tadlora.sim.engine import BatchedEngine, SequentialEngine
 from tadlora.sim.progress import Progress
 from tadlora.sim.rounds import mix_round
@@ -479,8 +479,6 @@ def test_runs_of_parts_of_a_grid_add_up_in_its_stamp_and_results_instead_of_over
     # A report of one cell reports the whole grid too, and a stamp is still a config file that runs the grid.
     again = Simulator(part, tmp_path, quiet=True).run(report_only=True)
     assert sorted(again["missing_cells"]) == sorted(results["missing_cells"])
-    from tadlora.sim.config import config_from_json
-
     assert config_from_json((tmp_path / "config.json").read_text()).methods == ("lora", "ffa")
 
 
@@ -572,6 +570,9 @@ def test_a_report_vouches_for_no_host_it_did_not_compute_on(tmp_path) -> None:
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path / "new", quiet=True).run(report_only=True)  # a new directory: nothing was computed
     assert RESOLVED_KEY not in json.loads((tmp_path / "new" / "config.json").read_text())
+    # results.json has every key docs/simulator.md lists, "plots" included (none to list yet)
+    report = json.loads((tmp_path / "new" / "results.json").read_text())
+    assert set(report) == {"config", "cells", "summary", "missing_cells", "plots"} and report["plots"] == []
     stamp = {**json.loads(json.dumps(config.to_dict())), RESOLVED_KEY: {"matmul_precision": "fp32"}}
     (tmp_path / "old" / "config.json").parent.mkdir()
     (tmp_path / "old" / "config.json").write_text(json.dumps(stamp))
@@ -1140,8 +1141,15 @@ def test_a_grid_on_a_dataset_file_goes_on_only_while_the_file_holds_the_examples
     (data / "train.tsv").write_text("sentence\tlabel\n" + "".join(rows).replace("\t1\n", "\tX\n")
                                     .replace("\t0\n", "\t1\n").replace("\tX\n", "\t0\n"))  # fmt: skip
     both = override(config, {"seeds": [0, 1]})
-    with pytest.raises(ValueError, match=r"dataset .*train.tsv: its examples are not those the cells there ran on"):
+    changed = r"dataset .*train.tsv: its examples are not those the cells there ran on"
+    with pytest.raises(ValueError, match=changed) as e:
         Simulator(both, tmp_path / "run", quiet=True).run()
+    # Its own settings would be refused alike: not offered (they were, as "--config .../config.json").
+    assert "the same settings on other data" in str(e.value) and "--config" not in str(e.value)
+    assert str(e.value).endswith("to start a new run on the files as they are now, use another --out directory")
+    with pytest.raises(ValueError, match=changed) as e:  # a report names the files, as if the cells were of them
+        Simulator(config, tmp_path / "run", quiet=True).run(report_only=True)
+    assert str(e.value).endswith("to report it, restore the files it ran on")
     # Nor are that directory's cells lent to a run of the new data.
     results = Simulator(config, tmp_path / "new", quiet=True, share_from=[tmp_path / "run"]).run(report_only=True)
     assert results["missing_cells"] and "not sharing cells from" in capsys.readouterr().err
@@ -1345,6 +1353,9 @@ def test_a_grid_stamped_with_a_method_this_process_has_not_registered_says_so(tm
     (tmp_path / "cells").mkdir()
     with pytest.raises(ValueError, match=r"config.json\) has method 'own-m', which this process has not registered"):
         Simulator(config, tmp_path, quiet=True).run(report_only=True)
+    # The directory's own config.json as --config, as docs/simulator.md says to report a run: said there too.
+    with pytest.raises(ValueError, match=r"unknown method 'own-m'; .* known only to a run made through the module"):
+        config_from_json(json.dumps(stamp), stamp=True)
 
 
 def test_cells_of_a_method_this_process_has_not_registered_are_passed_over_when_shared(tmp_path) -> None:

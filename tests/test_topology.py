@@ -41,6 +41,9 @@ def test_edge_list_file(tmp_path) -> None:
     path = tmp_path / "g.txt"
     path.write_text("0 1\n1 2  # comment\n\n")
     assert make_topology(f"file:{path}", 3).live_edges(0) == [(0, 1), (1, 2)]
+    # A comment ends at its line, commas and edges in it included; commas still separate edges before one.
+    path.write_text("# a chain, then a shortcut: 0-3 would close it\n0-1, 1-2  # the chain, in two\n2-3\n")
+    assert make_topology(f"file:{path}", 4).live_edges(0) == [(0, 1), (1, 2), (2, 3)]
 
 
 @pytest.mark.parametrize("spec", ["star", "edges:0-9", "edges:1-1", "edges:a-b", "overlay:x"])

@@ -147,8 +147,9 @@ def overlay_neighbours(me: str, members: Collection[str], max_neighbours: int) -
 def parse_edges(text: str, m: int) -> frozenset[Edge]:
     """Parse ``"0-1,1-2"`` (or one ``i j`` / ``i-j`` pair per line) into edges on nodes 0..m−1."""
     pairs: list[Edge] = []
-    for raw in text.replace("\n", ",").split(","):
-        item = raw.split("#", 1)[0].strip()
+    # A comment runs to the end of its line, commas in it included: cut per line, before splitting on commas.
+    items = (item.strip() for line in text.splitlines() for item in line.split("#", 1)[0].split(","))
+    for item in items:
         if not item:
             continue
         # One separator: "-1-2" or "1--2" must not pass as 1-2.

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -225,6 +226,45 @@ def _environment_notes(parser: argparse.ArgumentParser, args: argparse.Namespace
     return from_environment(parser, args, " ".join([message, *named]))
 
 
+# What to try when a run runs out of memory (`error_text` adds it to such an error).
+_MEMORY_HINT = (
+    "--engine sequential (batched holds every client's batch at once), "
+    'or a smaller batch_size or max_length under "train" in --config'
+)
+
+
+def run_grid(
+    config: SimConfig,
+    out: Path,
+    *,
+    prog: str = "tadlora-sim",
+    quiet: bool = False,
+    share_from: list[Path] | None = None,
+    report_only: bool = False,
+    notes: Callable[[str], str] = lambda text: "",
+) -> tuple[int, dict[str, Any] | None]:
+    """Run (or report) ``config``'s grid into ``out`` as `tadlora-sim` does, for a script of one's own: ``(0,
+    results)``; or, after one line on stderr that starts with ``prog``, ``(2, None)`` for a run it refused or that
+    failed (an --out of other settings, a model that does not load, out of memory) and ``(130, None)`` for a
+    Ctrl-C, which is never lost wherever it lands (`interrupts_kept`): the same command again resumes. ``notes``
+    adds to an error's text (the CLI's: which settings came from the environment)."""
+    try:
+        from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
+
+        with interrupts_kept():  # one Ctrl-C stops the run, wherever it lands
+            simulator = Simulator(config, out, quiet=quiet, share_from=share_from or [])
+            return 0, simulator.run(report_only=report_only)
+    except (ValueError, OSError, RuntimeError) as exc:  # OSError: an --out path that cannot be used
+        text = error_text(exc, _MEMORY_HINT)
+        if prog != "tadlora-sim" and ("--config" in text or "--engine" in text):  # the remedy names tadlora-sim's
+            text += f" (those are tadlora-sim's flags: {prog} takes another --out, or tadlora-sim that directory)"
+        sys.stderr.write(f"{prog}: error: {text}{notes(text)}\n")
+        return 2, None
+    except KeyboardInterrupt:
+        sys.stderr.write(f"\n{prog}: interrupted; run the same command again to resume\n")
+        return 130, None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `tadlora-sim`."""
     parser = build_parser()
@@ -240,23 +280,16 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(problem)
         if args.preset in PRESET_CAVEATS and not args.report_only:
             logging.getLogger("tadlora.sim").warning("preset %s is %s", args.preset, PRESET_CAVEATS[args.preset])
-        from tadlora.sim.runner import Simulator  # torch/transformers import: after the arguments are checked
-
-        with interrupts_kept():  # one Ctrl-C stops the run, wherever it lands
-            results = Simulator(config, args.out, quiet=args.quiet, share_from=args.share_from).run(
-                report_only=args.report_only
-            )
     except (ValueError, OSError, RuntimeError) as exc:  # OSError: a --config or --out path that cannot be used
-        hint = (
-            "--engine sequential (batched holds every client's batch at once), "
-            'or a smaller batch_size or max_length under "train" in --config'
-        )
-        text = error_text(exc, hint)
+        text = error_text(exc, _MEMORY_HINT)
         sys.stderr.write(f"tadlora-sim: error: {text}{_environment_notes(parser, args, text)}\n")
         return 2
-    except KeyboardInterrupt:
-        sys.stderr.write("\ntadlora-sim: interrupted; run the same command again to resume\n")
-        return 130
+    code, results = run_grid(
+        config, args.out, quiet=args.quiet, share_from=args.share_from, report_only=args.report_only,
+        notes=lambda text: _environment_notes(parser, args, text),
+    )  # fmt: skip
+    if results is None:
+        return code
     for row in results["summary"]:
         t = row["switch_interval"] if row["switch_interval"] is not None else "-"
         if row["acc_mean"] is None:

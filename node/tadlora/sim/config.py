@@ -71,7 +71,11 @@ class SimConfig:
                 raise ValueError(f"{axis} must name at least one value")
         for method in (*self.methods, *self.sweep_methods):
             if method not in method_names():
-                raise ValueError(f"unknown method {method!r}; known: {', '.join(method_names())}")
+                # A config file may be a run directory's own config.json, of a grid run through a user's module.
+                raise ValueError(
+                    f"unknown method {method!r}; known: {', '.join(method_names())} (a method of your own is known "
+                    "only to a run made through the module that registers it: docs/simulator.md#extending)"
+                )
         for method in self.methods:
             self.train.check_method(make_method(method))
         if self.engine not in ENGINES:

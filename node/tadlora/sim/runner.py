@@ -166,6 +166,7 @@ class Simulator:
             finished = [c for c in every if (self.cells_dir / f"{c.key}.json").exists()]
             results = self.collect(finished, grid)
             results["missing_cells"] = [c.key for c in every if c not in finished]
+            results["plots"] = []  # none until a cell has finished: the key is there for readers all the same
             atomic_write_json(self.out / "results.json", results)
             if finished:
                 from tadlora.sim.plots import write_plots  # matplotlib is slow to import; only needed here
@@ -191,6 +192,7 @@ class Simulator:
             kept = sorted(p.name for p in self.cells_dir.iterdir() if not p.name.startswith("."))
             theirs = _read_stamp(stamp) if stamp.exists() else None
             changed = self._changed_settings(theirs) if theirs is not None else []
+            contents = self._changed_contents(theirs) if theirs is not None else []
             if theirs is not None and changed and computes and RESOLVED_KEY not in theirs and not kept:
                 # Only a report writes a stamp without the record, and no cell ran under this one: it vouches for
                 # nothing, and refusing would strand a directory that a mistyped --report-only merely looked at.
@@ -206,10 +208,11 @@ class Simulator:
                         "ran with: restore it (e.g. from git), or use another --out directory to start a new run"
                     )
             else:
-                if changed:
+                if changed or contents:
+                    what = "different settings" if changed else "the same settings on other data"
                     raise ValueError(
-                        f"{self.out} holds a run with different settings ({', '.join(changed)}); "
-                        + _refusal_remedy(self.out, computes, kept)
+                        f"{self.out} holds a run with {what} ({', '.join(changed + contents)}); "
+                        + _refusal_remedy(self.out, computes, kept, settings_changed=bool(changed))
                     )
                 grid = _grown(self.config, theirs)
                 if not computes:
@@ -273,13 +276,24 @@ class Simulator:
             if ran != here:
                 changed.append(f"engine: {ran} there, {here} here (pin it with --engine {ran})")
             theirs["engine"] = mine["engine"] = None
-        ran_data = resolved.get("dataset_digest") if isinstance(resolved, dict) else None
+        changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
+        return sorted(changed)
+
+    def _changed_contents(self, theirs: dict[str, Any]) -> list[str]:
+        """The files a run's stamp names (a dataset, a ``file:`` graph) whose contents are not those its cells ran
+        on: the settings read alike, so the run's own settings (--config) would be refused alike; each says what
+        to do instead."""
+        resolved = theirs.get(RESOLVED_KEY)
+        if not isinstance(resolved, dict):
+            return []
+        changed = []
+        ran_data = resolved.get("dataset_digest")
         if ran_data is not None and ran_data != self._dataset_digest:
             changed.append(
                 f"dataset {self.config.dataset}: its examples are not those the cells there ran on (restore the "
                 "file, or give the new data a file of its own)"
             )
-        ran_on = resolved.get("topology_files") if isinstance(resolved, dict) else None
+        ran_on = resolved.get("topology_files")
         if isinstance(ran_on, dict):
             for spec, graph in _topology_files(self.config).items():
                 if ran_on.get(spec, graph) != graph:
@@ -287,8 +301,7 @@ class Simulator:
                         f"topology {spec}: its edges are not those the cells there ran on (restore the file, or "
                         "give the new graph a file of its own)"
                     )
-        changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
-        return sorted(changed)
+        return changed
 
     def _lock_file(self, name: str) -> int:
         """Open (creating) OUT/.locks/NAME.lock. Locks are flocks, so a process that dies drops them; their files
@@ -381,7 +394,8 @@ class Simulator:
             stamp = out / "config.json"
             if not stamp.is_file():
                 raise ValueError(f"cannot share cells from {out}: no simulator run there ({stamp} is missing)")
-            changed = self._changed_settings(_read_stamp(stamp))
+            theirs = _read_stamp(stamp)
+            changed = self._changed_settings(theirs) + self._changed_contents(theirs)  # its cells are ours only so
             if changed:
                 if out not in self._noted:
                     sys.stderr.write(
