@@ -33,7 +33,14 @@ def main(argv: list[str] | None = None) -> int:
         "--max-length",
         type=int,
         default=None,
-        help="tokens each text is cut to (default: the --max-length the node trained with, as its export says)",
+        help="tokens each text is cut to, at least 8 (default: the --max-length the node trained with, as its "
+        "export says; 64, the node's default, for an export too old to say)",
+    )
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="the base model, where it is not at the path the export names (another machine, outside the "
+        "container that trained it); it must be the same model, which is checked",
     )
     parser.add_argument(
         "--device", default="auto", help="auto (default: the GPU when there is one), cpu, cuda or cuda:N"
@@ -42,17 +49,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.pairs and len(args.texts) % 2:
         parser.error(f"--pairs takes the texts two by two, and {len(args.texts)} is odd")
-    try:
-        model = AdapterModel.from_export(args.adapter, resolve_device(args.device))
-    except (ValueError, OSError, RuntimeError) as exc:
-        print(f"classify_with_adapter: {exc}", file=sys.stderr)
-        return 2
-    with open(f"{args.adapter}/tadlora.json", encoding="utf-8") as f:
-        trained_length = json.load(f).get("max_length")
-    max_length = args.max_length or trained_length or 128
+    if args.max_length is not None and args.max_length < 8:
+        parser.error(f"--max-length must be >= 8 (as a node's), got {args.max_length}")
     first = args.texts[0::2] if args.pairs else args.texts
     second = args.texts[1::2] if args.pairs else None
-    probs = classify(model, first, second, max_length=max_length)
+    try:
+        model = AdapterModel.from_export(args.adapter, resolve_device(args.device), model=args.model)
+        max_length = args.max_length
+        if max_length is None:
+            with open(f"{args.adapter}/tadlora.json", encoding="utf-8") as f:
+                max_length = json.load(f).get("max_length")
+            if max_length is None:
+                max_length = 64
+                note = "the export does not say the --max-length it was trained with (it is older than that record)"
+                sys.stderr.write(f"classify_with_adapter: {note}: 64, a node's default; else give --max-length\n")
+        probs = classify(model, first, second, max_length=max_length)
+    except (ValueError, OSError, RuntimeError) as exc:  # a length past the model's positions is a ValueError too
+        print(f"classify_with_adapter: {exc}", file=sys.stderr)
+        return 2
     names = model.spec.label_names
     for i, row in enumerate(probs.tolist()):
         best = max(range(len(row)), key=row.__getitem__)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import re
+import shutil
 import warnings
 
 import pytest
@@ -158,9 +159,11 @@ def test_an_export_loads_back_into_the_trained_model_and_classifies_as_it_does(t
         classify(loaded, first, second[:1])
     with pytest.raises(ValueError, match="nothing to classify"):
         classify(loaded, [])
+    with pytest.raises(TypeError, match="a list of texts"):  # a str is a sequence of one-character texts
+        classify(loaded, "a cat sat")
 
 
-def test_an_export_is_refused_on_a_base_that_is_not_the_one_it_was_trained_on(tmp_path) -> None:
+def test_an_export_is_refused_on_a_base_that_is_not_the_one_it_was_trained_on(tmp_path, monkeypatch) -> None:
     """The same path with other weights behind it (a model re-downloaded at another revision, another checkpoint
     copied there): the factors would compute something else than they were trained to. Refused, naming the part
     that differs; and a directory that holds no export, or a damaged one, says so."""
@@ -168,15 +171,32 @@ def test_an_export_is_refused_on_a_base_that_is_not_the_one_it_was_trained_on(tm
 
     base = tmp_path / "base"
     save_tiny_checkpoint(base)
-    spec = ModelSpec(model=str(base), lora=TINY_LORA)
+    monkeypatch.chdir(tmp_path)
+    spec = ModelSpec(model="base", lora=TINY_LORA)  # as a node given --model base, relative to where it ran
     out = AdapterModel(spec).export(tmp_path / "adapter")
-    AdapterModel.from_export(out)  # the same base: loads
+    monkeypatch.chdir(out)
+    AdapterModel.from_export(out)  # the same base, from another directory: loads
     other = AutoModelForSequenceClassification.from_pretrained(base)
     with torch.no_grad():
         other.bert.encoder.layer[0].attention.self.query.weight.add_(0.01)
     other.save_pretrained(base)
     with pytest.raises(ValueError, match=r"is not the one the adapter in .* was trained on .*; weights differ\)"):
         AdapterModel.from_export(out)
+
+    # A local model is recorded by its full path (a node's --model is often relative to where it ran), and may be
+    # given anew where it lives elsewhere (another machine, outside a container), under its own name: checked.
+    save_tiny_checkpoint(base)  # the weights it was trained on, back
+    assert json.loads((out / "tadlora.json").read_text())["spec"]["model"] == str(base)
+    moved = tmp_path / "elsewhere" / "base"
+    shutil.copytree(base, moved)
+    shutil.rmtree(base)
+    with pytest.raises(RuntimeError, match="cannot load model"):
+        AdapterModel.from_export(out)  # not where the export says any more
+    trained = json.loads((out / "tadlora.json").read_text())["fingerprint"]
+    assert AdapterModel.from_export(out, model=str(moved)).fingerprint == trained
+    shutil.copytree(moved, tmp_path / "renamed")
+    with pytest.raises(ValueError, match=r"model differ"):  # the fingerprint names a local model by its directory
+        AdapterModel.from_export(out, model=str(tmp_path / "renamed"))
 
     with pytest.raises(ValueError, match=r"is no tadlora export: it has no tadlora\.json"):
         AdapterModel.from_export(tmp_path / "base")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import grp
 import json
 import os
 import shutil
@@ -442,7 +443,11 @@ def test_a_certificate_the_run_cannot_use_fails_and_one_expiring_within_30_days_
     # The systemd recipe's key: its group (the unit's, tadlora-certs) reads it; nothing to warn of, nor to "fix"
     # into a mode the service could not read.
     (certs / "node-0.key").chmod(0o640)
-    assert check_tls(cfg).status == "OK"
+    grouped = check_tls(cfg)
+    group = grp.getgrgid((certs / "node-0.key").stat().st_gid).gr_name
+    assert grouped.status == "OK" and grouped.detail.endswith(f"; its key readable by the group {group}"), grouped
+    (certs / "node-0.key").chmod(0o660)  # a group that may write it is warned of, as such
+    assert "its group can write it (mode 660)" in check_tls(cfg).detail
     # Both at once: neither hides the other (the mode's WARN once came back before the expiry was looked at).
     (certs / "node-0.key").chmod(0o644)
     monkeypatch.setattr(tls, "NODE_DAYS", 10)

@@ -130,6 +130,15 @@ def test_two_nodes_on_your_own_model_and_data(tmp_path: Path) -> None:
     elsewhere = subprocess.run([*classify, str(tmp_path), "a"], capture_output=True, text=True, env=ENV,
                                timeout=120)  # fmt: skip
     assert elsewhere.returncode == 2 and "is no tadlora export" in elsewhere.stderr
+    for length, said in (("4", "--max-length must be >= 8"), ("300", "max_length 300 is past the 256 tokens")):
+        proc = subprocess.run([*classify, adapter, "good", "--max-length", length], capture_output=True, text=True,
+                              env=ENV, timeout=120)  # fmt: skip
+        assert proc.returncode == 2 and said in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    # An export older than the length's record: a node's default, said.
+    (tmp_path / "own-0" / "adapter" / "tadlora.json").write_text(json.dumps({k: v for k, v in info.items()
+                                                                             if k != "max_length"}))  # fmt: skip
+    old = subprocess.run([*classify, adapter, "good"], capture_output=True, text=True, env=ENV, timeout=120)
+    assert old.returncode == 0 and "64, a node's default" in old.stderr, old.stderr
 
 
 def test_local_cluster_quickstart(tmp_path: Path) -> None:

@@ -29,7 +29,7 @@ import os
 import re
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -465,10 +465,15 @@ class AdapterModel:
                 raise
             raise error from exc
         give_plain_mode(out / ADAPTER_WEIGHTS)  # read by other users as its two JSON files beside it are
+        spec = spec_to_dict(self.spec)
+        # A local model by its full path, so that the export reads from any directory (the fingerprint names it by
+        # its directory alone); the names `_load_base` reads as its own models stay as they are.
+        if self.spec.model not in ("minilm", "default", "tiny") and Path(self.spec.model).is_dir():
+            spec["model"] = os.path.abspath(self.spec.model)
         info: dict[str, Any] = {
             "fingerprint": self.fingerprint,
             "fingerprint_parts": self.fingerprint_parts,
-            "spec": spec_to_dict(self.spec),
+            "spec": spec,
         }
         if max_length is not None:
             info["max_length"] = max_length
@@ -476,12 +481,15 @@ class AdapterModel:
         return out
 
     @classmethod
-    def from_export(cls, directory: str | Path, device: str | torch.device = "cpu") -> AdapterModel:
+    def from_export(
+        cls, directory: str | Path, device: str | torch.device = "cpu", *, model: str | None = None
+    ) -> AdapterModel:
         """The model an export (`export`: a node's ``--out/adapter``) holds, ready to classify: its base model built
-        from the spec it names (as a node builds it: ``minilm`` is the packaged MiniLM, offline), its factors loaded.
-        ValueError when ``directory`` holds no export, or when the base built here is not the one the adapter was
-        trained on (another model behind the same path or hub id, another tokenizer): its factors would compute
-        something else than they were trained to."""
+        from the spec it names (as a node builds it: ``minilm`` is the packaged MiniLM, offline), or from ``model``
+        (the same model at another path: on another machine, outside the container that trained it), its factors
+        loaded. ValueError when ``directory`` holds no export, or when the base built here is not the one the
+        adapter was trained on (another model behind the path or hub id, another tokenizer): its factors would
+        compute something else than they were trained to."""
         from safetensors.torch import load_file
 
         where = Path(directory)
@@ -489,6 +497,8 @@ class AdapterModel:
             info = json.loads((where / EXPORT_INFO).read_text(encoding="utf-8"))
             spec = spec_from_dict(info["spec"])
             expected = str(info["fingerprint"])
+            if model is not None:
+                spec = replace(spec, model=model)
         except FileNotFoundError as exc:
             raise ValueError(
                 f"{where} is no tadlora export: it has no {EXPORT_INFO} (a node writes one into --out/adapter when "
@@ -496,14 +506,14 @@ class AdapterModel:
             ) from exc
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where / EXPORT_INFO} is damaged or not tadlora's: {exc}") from exc
-        model = cls(spec, device)
-        if model.fingerprint != expected:
-            ours = set(model.fingerprint_parts.split(" "))
+        built = cls(spec, device)
+        if built.fingerprint != expected:
+            ours = set(built.fingerprint_parts.split(" "))
             differ = [part.split("=")[0] for part in str(info.get("fingerprint_parts", "")).split(" ") if part
                       and part not in ours]  # fmt: skip
             raise ValueError(
                 f"the base model {spec.model!r} here is not the one the adapter in {where} was trained on "
-                f"(its fingerprint {expected}, here {model.fingerprint}"
+                f"(its fingerprint {expected}, here {built.fingerprint}"
                 + (f"; {' and '.join(differ)} differ" if differ else "")
                 + "): give this machine the model files the nodes trained on"
             )
@@ -513,8 +523,8 @@ class AdapterModel:
         except (OSError, SafetensorError) as exc:
             raise ValueError(f"cannot read the adapter's factors in {weights}: {exc}") from exc
         # The head beside them (peft's modules_to_save) is the seeded one the fingerprint covers: built, not read.
-        model.load_factors({k: v for k, v in saved.items() if ".lora_A." in k or ".lora_B." in k})
-        return model
+        built.load_factors({k: v for k, v in saved.items() if ".lora_A." in k or ".lora_B." in k})
+        return built
 
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:

@@ -422,6 +422,8 @@ def classify(
     and hypothesis), a float32 (n, classes) CPU tensor in the order of ``model.spec.label_names``. Tokenized as
     training tokenized (`encode`), cut to ``max_length`` tokens. Blocking. ValueError for no texts, or a ``second``
     of another length."""
+    if isinstance(texts, str) or isinstance(second, str):  # a str is a sequence too: of one-character texts
+        raise TypeError("classify takes a list of texts (and of second texts), not one str")
     if not texts:
         raise ValueError("nothing to classify: no texts")
     if second is not None and len(second) != len(texts):

@@ -256,7 +256,8 @@ def run_grid(
             return 0, simulator.run(report_only=report_only)
     except (ValueError, OSError, RuntimeError) as exc:  # OSError: an --out path that cannot be used
         text = error_text(exc, _MEMORY_HINT)
-        if prog != "tadlora-sim" and ("--config" in text or "--engine" in text):  # the remedy names tadlora-sim's
+        said = str(exc)  # a refusal's own remedy, not the memory hint `error_text` may add (another --out: no help)
+        if prog != "tadlora-sim" and ("--config" in said or "--engine" in said):  # the remedy names tadlora-sim's
             text += f" (those are tadlora-sim's flags: {prog} takes another --out, or tadlora-sim that directory)"
         sys.stderr.write(f"{prog}: error: {text}{notes(text)}\n")
         return 2, None

@@ -212,7 +212,8 @@ class Simulator:
                     what = "different settings" if changed else "the same settings on other data"
                     raise ValueError(
                         f"{self.out} holds a run with {what} ({', '.join(changed + contents)}); "
-                        + _refusal_remedy(self.out, computes, kept, settings_changed=bool(changed))
+                        # Its own settings would be refused for the contents too: offered only when they'd do.
+                        + _refusal_remedy(self.out, computes, kept, settings_changed=bool(changed) and not contents)
                     )
                 grid = _grown(self.config, theirs)
                 if not computes:
