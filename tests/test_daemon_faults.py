@@ -464,7 +464,7 @@ async def test_an_export_that_fails_midway_leaves_the_previous_adapter_whole(
         adapter = node.config.out / state.ADAPTER
         before = {p.name: p.read_bytes() for p in adapter.iterdir()}
 
-        def disk_full(directory: Path) -> Path:
+        def disk_full(directory: Path, **_: object) -> Path:  # as `AdapterModel.export` (max_length=...)
             directory.mkdir(parents=True, exist_ok=True)
             (directory / "adapter_model.safetensors").write_bytes(b"torn")
             raise OSError(errno.ENOSPC, "No space left on device")
