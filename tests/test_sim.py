@@ -36,7 +36,7 @@ from tadlora.sim.engine import BatchedEngine, SequentialEngine
 from tadlora.sim.progress import Progress
 from tadlora.sim.rounds import mix_round
 from tadlora.sim.runner import Simulator, simulate
-from tadlora.training import encode
+from tadlora.training import INPUTS_VERSION, encode
 
 
 @pytest.mark.parametrize(
@@ -529,7 +529,7 @@ def test_a_grid_goes_on_only_in_the_precision_its_cells_computed_in(tmp_path, ca
     config = smoke_config(methods=["lora"], rounds=2)
     Simulator(config, tmp_path, quiet=True).run()
     stamp = json.loads((tmp_path / "config.json").read_text())
-    assert stamp[RESOLVED_KEY] == {"matmul_precision": "fp32", "engine": "batched"}  # this CPU, precision auto
+    assert stamp[RESOLVED_KEY] == {"matmul_precision": "fp32", "engine": "batched", "inputs": INPUTS_VERSION}
     assert config_from_json(json.dumps(stamp)) == config  # a stamp is still a config file
     fp32 = override(config, {"train": {"precision": "fp32"}})
     assert Simulator(fp32, tmp_path, quiet=True).run()["missing_cells"] == []  # the same computation here
@@ -547,6 +547,46 @@ def test_a_grid_goes_on_only_in_the_precision_its_cells_computed_in(tmp_path, ca
     assert RESOLVED_KEY not in json.loads((tmp_path / "config.json").read_text())
     Simulator(config, tmp_path, quiet=True).run()
     assert json.loads((tmp_path / "config.json").read_text())[RESOLVED_KEY]["matmul_precision"] == "fp32"
+
+
+def test_a_grid_of_sentence_pairs_read_as_one_sentence_is_not_resumed_under_segment_ids(tmp_path, capsys) -> None:
+    """Since inputs version 2 a sentence pair's segment ids reach the model; a checkpoint of the rounds before
+    (every MNLI probe of docs/simulator.md) resumed under them without a word, its cell read one way, then the
+    other. A stamp without the record is such a run: refused for a dataset of pairs (a report, which reads the
+    cells as computed, goes on), and its cells are not lent; a grid of single sentences, read alike by both, goes
+    on."""
+    data = tmp_path / "data"
+    data.mkdir()
+    rows = "".join(f"a dog {i}\tan animal {i}\t1\na cat {i}\ta car {i}\t0\n" for i in range(40))
+    for name in ("train.tsv", "dev.tsv"):
+        (data / name).write_text("premise\thypothesis\tlabel\n" + rows)
+    spec = f"{data / 'train.tsv'}?text=premise,hypothesis&label=label"
+    pairs = smoke_config(methods=["lora"], rounds=1, dataset=spec, samples_per_client=8, eval_samples=None)
+    singles = smoke_config(methods=["lora"], rounds=1)
+    for config, name in ((pairs, "pairs"), (singles, "singles")):
+        Simulator(config, tmp_path / name, quiet=True).run()
+        stamp = json.loads((tmp_path / name / "config.json").read_text())
+        del stamp[RESOLVED_KEY]["inputs"]  # as written before the record
+        (tmp_path / name / "config.json").write_text(json.dumps(stamp))
+    # Older still: no record of the host at all, as the MNLI probes' stamps; cells there, so computed by such a run.
+    shutil.copytree(tmp_path / "pairs", tmp_path / "older")
+    stamp = json.loads((tmp_path / "older" / "config.json").read_text())
+    del stamp[RESOLVED_KEY]
+    (tmp_path / "older" / "config.json").write_text(json.dumps(stamp))
+    with pytest.raises(ValueError, match=r"inputs: its cells read each sentence pair as one sentence"):
+        Simulator(override(pairs, {"seeds": [0, 1]}), tmp_path / "older", quiet=True).run()
+    # A report's stamp (no record) over no cell vouches for nothing: a run goes on there.
+    Simulator(pairs, tmp_path / "reported", quiet=True).run(report_only=True)
+    assert Simulator(pairs, tmp_path / "reported", quiet=True).run()["missing_cells"] == []
+    grown = override(pairs, {"seeds": [0, 1]})
+    with pytest.raises(ValueError, match=r"inputs: its cells read each sentence pair as one sentence") as e:
+        Simulator(grown, tmp_path / "pairs", quiet=True).run()
+    assert "--config" not in str(e.value)  # its own settings would be refused alike
+    assert Simulator(pairs, tmp_path / "pairs", quiet=True).run(report_only=True)["missing_cells"] == []
+    lent = Simulator(pairs, tmp_path / "new", quiet=True, share_from=[tmp_path / "pairs"]).run(report_only=True)
+    assert lent["missing_cells"] and "not sharing cells from" in capsys.readouterr().err
+    grown_singles = override(singles, {"seeds": [0, 1]})
+    assert Simulator(grown_singles, tmp_path / "singles", quiet=True).run()["missing_cells"] == []
 
 
 def test_a_grid_goes_on_only_with_the_engine_its_cells_computed_with(tmp_path) -> None:
@@ -1145,7 +1185,7 @@ def test_a_grid_on_a_dataset_file_goes_on_only_while_the_file_holds_the_examples
     with pytest.raises(ValueError, match=changed) as e:
         Simulator(both, tmp_path / "run", quiet=True).run()
     # Its own settings would be refused alike: not offered (they were, as "--config .../config.json").
-    assert "the same settings on other data" in str(e.value) and "--config" not in str(e.value)
+    assert "the same settings on other data or inputs" in str(e.value) and "--config" not in str(e.value)
     assert str(e.value).endswith("to start a new run on the files as they are now, use another --out directory")
     with pytest.raises(ValueError, match=changed) as e:  # a report names the files, as if the cells were of them
         Simulator(config, tmp_path / "run", quiet=True).run(report_only=True)

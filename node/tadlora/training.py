@@ -151,6 +151,12 @@ def model_inputs(batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+# How `encode` turns examples into model inputs, for a simulator run's record (its stamp): a resumed cell must go on
+# reading examples as its first rounds did. 2 (2026-12-05): a sentence pair's segment ids reach the model; before,
+# a pair was read as one sentence. Single sentences read alike in both.
+INPUTS_VERSION = 2
+
+
 def encode(tokenizer: object, data: TextDataset, max_length: int) -> Encoded:
     """Tokenize ``data`` once (pairs as pairs), truncated and padded to ``max_length`` on the right (a tokenizer
     that pads on the left is refused: `Encoded.batch` cuts padding off the right end). A ``max_length`` past the

@@ -49,7 +49,7 @@ from tadlora.sim.rounds import simulate as simulate
 from tadlora.sim.stamp import _RESUMABLE_CHANGES, _grown, _read_stamp, _refusal_remedy, _topology_files
 from tadlora.sim.summary import _final
 from tadlora.sim.summary import summarize as summarize
-from tadlora.training import Encoded, device_name, encode, matmul_precision, precision_warning
+from tadlora.training import INPUTS_VERSION, Encoded, device_name, encode, matmul_precision, precision_warning
 from tadlora.workload import client_shards, eval_subset
 
 log = logging.getLogger("tadlora.sim")
@@ -192,7 +192,7 @@ class Simulator:
             kept = sorted(p.name for p in self.cells_dir.iterdir() if not p.name.startswith("."))
             theirs = _read_stamp(stamp) if stamp.exists() else None
             changed = self._changed_settings(theirs) if theirs is not None else []
-            contents = self._changed_contents(theirs) if theirs is not None else []
+            contents = self._changed_contents(theirs, computes, bool(kept)) if theirs is not None else []
             if theirs is not None and changed and computes and RESOLVED_KEY not in theirs and not kept:
                 # Only a report writes a stamp without the record, and no cell ran under this one: it vouches for
                 # nothing, and refusing would strand a directory that a mistyped --report-only merely looked at.
@@ -209,7 +209,7 @@ class Simulator:
                     )
             else:
                 if changed or contents:
-                    what = "different settings" if changed else "the same settings on other data"
+                    what = "different settings" if changed else "the same settings on other data or inputs"
                     raise ValueError(
                         f"{self.out} holds a run with {what} ({', '.join(changed + contents)}); "
                         # Its own settings would be refused for the contents too: offered only when they'd do.
@@ -232,6 +232,7 @@ class Simulator:
         resolved: dict[str, Any] = {
             "matmul_precision": matmul_precision(self.device, self.config.train.precision),
             "engine": resolve_engine(self.config.engine, self.device),
+            "inputs": INPUTS_VERSION,
         }
         files = _topology_files(self.config)
         if files:
@@ -239,6 +240,12 @@ class Simulator:
         if self._dataset_digest is not None:
             resolved["dataset_digest"] = self._dataset_digest
         return resolved
+
+    @functools.cached_property
+    def _reads_pairs(self) -> bool:
+        """Whether the dataset's examples are sentence pairs (MNLI, QNLI, RTE), whose inputs `INPUTS_VERSION` 2
+        changed."""
+        return resolve_dataset(self.config.dataset, "train").is_pair
 
     @functools.cached_property
     def _dataset_digest(self) -> str | None:
@@ -280,14 +287,32 @@ class Simulator:
         changed += [k for k in mine if mine[k] != theirs.get(k) and k not in _RESUMABLE_CHANGES]
         return sorted(changed)
 
-    def _changed_contents(self, theirs: dict[str, Any]) -> list[str]:
+    def _changed_contents(self, theirs: dict[str, Any], computes: bool = True, cells_kept: bool = True) -> list[str]:
         """The files a run's stamp names (a dataset, a ``file:`` graph) whose contents are not those its cells ran
-        on: the settings read alike, so the run's own settings (--config) would be refused alike; each says what
-        to do instead."""
+        on, and (for a run that ``computes``) inputs read otherwise than its cells read them (`INPUTS_VERSION`):
+        the settings read alike, so the run's own settings (--config) would be refused alike; each says what to do
+        instead. ``cells_kept``: whether the run's directory holds any cell or checkpoint."""
         resolved = theirs.get(RESOLVED_KEY)
         if not isinstance(resolved, dict):
-            return []
+            # No record: a report's stamp, under which nothing was computed, or one older than the record, whose
+            # cells are older than the inputs' version too (every MNLI probe of docs/simulator.md).
+            if not cells_kept:
+                return []
+            resolved = {}
         changed = []
+        # A stamp without the record is older than it: its pairs were read as one sentence. Looked at only then,
+        # since it loads the data; a report reads the cells as they were computed, which stays true.
+        ran = resolved.get("inputs", 1)
+        if computes and ran != INPUTS_VERSION and self._reads_pairs:
+            how = (
+                "read each sentence pair as one sentence, and this tadlora gives the model a pair's segment ids"
+                if isinstance(ran, int) and ran < INPUTS_VERSION
+                else f"were computed by a newer tadlora (inputs version {ran}, ours {INPUTS_VERSION})"
+            )
+            changed.append(
+                f"inputs: its cells {how}: a cell resumed would go on reading the data otherwise than it started "
+                "(start the run over)"
+            )
         ran_data = resolved.get("dataset_digest")
         if ran_data is not None and ran_data != self._dataset_digest:
             changed.append(
