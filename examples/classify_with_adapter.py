@@ -20,7 +20,7 @@ import argparse
 import json
 import sys
 
-from tadlora.adapter import AdapterModel, resolve_device
+from tadlora.adapter import AdapterModel, read_export_info, resolve_device
 from tadlora.training import classify
 
 
@@ -57,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         model = AdapterModel.from_export(args.adapter, resolve_device(args.device), model=args.model)
         max_length = args.max_length
         if max_length is None:
-            with open(f"{args.adapter}/tadlora.json", encoding="utf-8") as f:
-                max_length = json.load(f).get("max_length")
+            max_length = read_export_info(args.adapter).get("max_length")
             if max_length is None:
                 max_length = 64
                 note = "the export does not say the --max-length it was trained with (it is older than that record)"

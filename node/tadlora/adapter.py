@@ -493,20 +493,13 @@ class AdapterModel:
         from safetensors.torch import load_file
 
         where = Path(directory)
+        info = read_export_info(where)
         try:
-            info = json.loads((where / EXPORT_INFO).read_text(encoding="utf-8"))
             spec = spec_from_dict(info["spec"])
             expected = str(info["fingerprint"])
-            if model is not None:
-                spec = replace(spec, model=model)
-        except FileNotFoundError as exc:
-            raise ValueError(
-                f"{where} is no tadlora export: it has no {EXPORT_INFO} (a node writes one into --out/adapter when "
-                "it stops)"
-            ) from exc
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"{where / EXPORT_INFO} is damaged or not tadlora's: {exc}") from exc
-        built = cls(spec, device)
+        built = cls(spec if model is None else replace(spec, model=model), device)
         if built.fingerprint != expected:
             ours = set(built.fingerprint_parts.split(" "))
             differ = [part.split("=")[0] for part in str(info.get("fingerprint_parts", "")).split(" ") if part
@@ -525,6 +518,24 @@ class AdapterModel:
         # The head beside them (peft's modules_to_save) is the seeded one the fingerprint covers: built, not read.
         built.load_factors({k: v for k, v in saved.items() if ".lora_A." in k or ".lora_B." in k})
         return built
+
+
+def read_export_info(directory: str | Path) -> dict[str, Any]:
+    """An export's `EXPORT_INFO` (`AdapterModel.export`): the fingerprint, its parts, the model spec and, from exports
+    that record it, ``max_length``. ValueError when ``directory`` holds none, or one that is no JSON object."""
+    path = Path(directory) / EXPORT_INFO
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ValueError(
+            f"{directory} is no tadlora export: it has no {EXPORT_INFO} (a node writes one into --out/adapter when it "
+            "stops)"
+        ) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path} is damaged or not tadlora's: {exc}") from exc
+    if not isinstance(info, dict):
+        raise ValueError(f"{path} is damaged or not tadlora's: not a JSON object")
+    return info
 
 
 def spec_to_dict(spec: ModelSpec) -> dict[str, Any]:

@@ -50,7 +50,6 @@ from tadlora.cliutil import (
 )
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing, parse_robust_mixing
-from tadlora.data import check_dataset_spec
 from tadlora.node.config import DEFAULT_PORT, NodeConfig, check_callable_back, default_listen
 from tadlora.node.identity import OutRefused, kept_node_id
 from tadlora.node.peerspec import parse_peers_option
@@ -404,10 +403,6 @@ def run_main(args: list[str]) -> int:
         json_fmt = setup_logging(a.log_format, a.log_level)  # ValueError: a level --log-level's choices lack
         config = config_from_args(a)
         check_callable_back(config)  # flags alone decide it: exit 2 here, not 1 (restarted for ever) once running
-        try:  # the same for a --dataset whose form alone is wrong (glue:NO-SUCH-TASK); said as the daemon says it
-            check_dataset_spec(config.dataset)
-        except ValueError as exc:
-            raise ValueError(f"--dataset: {exc}") from exc
         if problem := out_not_a_directory(config.out):
             raise ValueError(problem)
         if config.tls_dir is not None and config.node_id is not None:

@@ -11,6 +11,7 @@ from pathlib import Path
 from tadlora.adapter import INITS, LoraSpec, ModelSpec
 from tadlora.core.methods import make_method, method_names, takes_switch_interval
 from tadlora.core.robust import RobustMixing
+from tadlora.data.loaders import check_dataset_spec
 from tadlora.data.splits import parse_shard_scheme
 from tadlora.node.identity import kept_init
 from tadlora.node.netif import ipv4_by_interface, require_unicast_ipv4
@@ -77,6 +78,10 @@ class NodeConfig:
     robust_mixing: RobustMixing | None = None  # None: plain MH mixing; see tadlora.core.robust
 
     def __post_init__(self) -> None:
+        try:  # its form alone (glue:NO-SUCH-TASK): refused as a bad flag, not once the model has loaded
+            check_dataset_spec(self.dataset)
+        except ValueError as exc:
+            raise ValueError(f"--dataset: {exc}") from exc  # as the daemon names a dataset that does not load
         if self.node_id is not None and (problem := node_id_problem(self.node_id)) is not None:
             # TLS would take other spellings ('A', 'a.') as the same certificate name: one spelling per node.
             raise ValueError(f"--node-id: {problem}")  # the flag, so that a TADLORA_NODE_ID that set it is named

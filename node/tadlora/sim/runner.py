@@ -213,7 +213,7 @@ class Simulator:
                     raise ValueError(
                         f"{self.out} holds a run with {what} ({', '.join(changed + contents)}); "
                         # Its own settings would be refused for the contents too: offered only when they'd do.
-                        + _refusal_remedy(self.out, computes, kept, settings_changed=bool(changed) and not contents)
+                        + _refusal_remedy(self.out, computes, kept, own_settings_help=not contents)
                     )
                 grid = _grown(self.config, theirs)
                 if not computes:

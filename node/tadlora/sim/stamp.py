@@ -29,10 +29,11 @@ def _read_stamp(path: Path) -> dict[str, Any]:
     return stamp
 
 
-def _refusal_remedy(out: Path, computes: bool, kept: Sequence[str], *, settings_changed: bool = True) -> str:
+def _refusal_remedy(out: Path, computes: bool, kept: Sequence[str], *, own_settings_help: bool = True) -> str:
     """What to do about a run directory ``out`` whose stamp has other settings than ours, for the error that refuses
-    it: ``computes`` is false for a report, ``kept`` the files in its cells/ folder, ``settings_changed`` false when
-    only the contents of files it names differ (its own settings would be refused alike).
+    it: ``computes`` is false for a report, ``kept`` the files in its cells/ folder, ``own_settings_help`` false
+    when the contents of files it names, or how it read its inputs, differ (its own settings would be refused
+    alike).
 
     "Use another --out" alone fits only a new run: a report, or a resume that left out the flags the run was started
     with, wants the directory's own settings, which its stamp gives back as a config file; and a directory where a
@@ -45,7 +46,7 @@ def _refusal_remedy(out: Path, computes: bool, kept: Sequence[str], *, settings_
             f"now, remove it (rm -r {out}) and run again to start anew with these settings, or use another --out "
             "directory"
         )
-    if not settings_changed:
+    if not own_settings_help:
         if not computes:  # a report of those cells under the files' names would pass them off as of the new files
             return "to report it, restore the files it ran on"
         return "to start a new run on the files as they are now, use another --out directory"
