@@ -26,6 +26,7 @@ import zeroconf
 
 from tadlora.adapter import AdapterModel
 from tadlora.node import daemon, state
+from tadlora.node import peers as peers_module
 from tadlora.node.daemon import Node
 from tadlora.node.discovery import Advertisement
 from tadlora.node.memory_transport import InMemoryClient, InMemoryNetwork
@@ -616,6 +617,45 @@ async def test_a_stop_requested_after_close_leaves_no_task_that_no_one_owns(tmp_
         pass
     node.request_stop()  # a second signal's handler, say, after the node has closed
     assert not node._tasks, "a task spawned after aclose is never cancelled or awaited"
+
+
+class FrozenPeer(ScriptedPeer):
+    """A `ScriptedPeer` whose process is stopped (SIGSTOP, a suspended laptop): a handshake reaches it and is never
+    answered."""
+
+    async def async_handshake(self, remote: PeerInfo) -> None:
+        await asyncio.Event().wait()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("suspects", [{"node-8"}, {"node-8", "node-9"}], ids=["the-frozen-one", "all"])
+async def test_a_catch_up_does_not_wait_out_a_handshake_timeout_for_a_peer_whose_check_is_under_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, suspects: set[str]
+) -> None:
+    """A peer that missed a round is being checked (`_check_alive`) when the next round's catch-up asks the far
+    peers their rounds. A frozen one answers neither question: the catch-up waited for it the handshake's whole
+    timeout, holding the round loop, and a healthy neighbour's exchange in the next round ran into its deadline
+    (a soak of 3 processes, one SIGSTOPped). Now the catch-up waits for such a peer briefly, follows the leader
+    that answered, and leaves the frozen one to its own check (not dropped here). A suspect that does answer is
+    still followed: a node that was itself frozen missed, and checks, all its peers. The handshake timeout is made
+    10 min, so the old wait fails the test's bound instead of costing 5 s."""
+    monkeypatch.setattr(peers_module, "HANDSHAKE_TIMEOUT_S", 600.0)
+    net = InMemoryNetwork()
+    async with lone_node(tmp_path, net, rounds=None) as node:
+        leader = ScriptedPeer(node, round=3, last_mixed_round=3, fetch_round=3)
+        frozen = FrozenPeer(node, round=2, last_mixed_round=0)
+        frozen.info = dataclasses.replace(frozen.info, node_id="node-8")
+        async with net.serve(leader, "10.0.0.9:0") as a, net.serve(frozen, "10.0.0.8:0") as b:
+            assert node._peers is not None
+            for peer, server in ((leader, a), (frozen, b)):
+                peer.info = dataclasses.replace(peer.info, address=server.address)
+                await node._peers.add(peer.info, None, "static")
+            # Its check under way, as `_run_round` starts one for a neighbour it missed.
+            node._probing.update(suspects)
+            async with asyncio.timeout(30):
+                await node._catch_up_if_behind()
+            assert (node.round, node.last_mixed_round) == (3, 3)  # the leader followed
+            assert set(node._peers.peers) == {"node-8", "node-9"}  # the frozen one is its check's to drop
 
 
 @pytest.mark.asyncio

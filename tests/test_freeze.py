@@ -20,7 +20,7 @@ import pytest
 
 from nodeproc import STARTUP_S, NodeProcess
 from tadlora.core.factors import Factors
-from tadlora.node import peers
+from tadlora.node import daemon, peers
 from tadlora.training import OptimizerState
 from test_daemon import _rounds, cluster
 from test_rolling_restart import Cluster
@@ -99,13 +99,14 @@ def check_freeze(c: Cluster, k: int, stopped: float, thawed: float) -> None:
         numbers = [r["round"] for r in c.rounds(i)]
         assert all(b > a for a, b in itertools.pairwise(numbers)), numbers  # each round once; a jump is a catch-up
     # The others dropped it and went on: no round of theirs waited longer than the deadline, and the time between
-    # two rounds (a catch-up's probes) no longer than a handshake's timeout.
+    # two rounds (a catch-up's probes) was not a handshake's timeout: the frozen node, whose check is under way,
+    # is waited for there only briefly (it held the round loop 5 s, and the other two then missed a round).
     for i in set(range(c.n)) - {k}:
         during = [r for r in c.rounds(i) if stopped < r["time"] <= thawed]
         assert all(r["seconds"] < EXCHANGE_TIMEOUT_S + SLACK_S for r in during), (i, during)
         lines = [r for r in c.rounds(i) if r["time"] > stopped]
         between = [b["time"] - b["seconds"] - a["time"] for a, b in itertools.pairwise(lines)]
-        assert max(between, default=0.0) < peers.HANDSHAKE_TIMEOUT_S + SLACK_S, (i, max(between))
+        assert max(between, default=0.0) < daemon.SUSPECT_ANSWER_S + SLACK_S, (i, max(between))
         if thawed - stopped > EXCHANGE_TIMEOUT_S + peers.HANDSHAKE_TIMEOUT_S + SLACK_S:
             c.nodes[i].wait_for(rf"^peer {c.ids[k]} dropped: ", 0)
             assert any(r["neighbours"] for r in during), (i, during)  # it went on mixing with the one left

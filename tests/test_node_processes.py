@@ -12,6 +12,7 @@ import contextlib
 import copy
 import json
 import logging
+import re
 import signal
 import subprocess
 import time
@@ -278,6 +279,15 @@ async def test_sigterm_checkpoints_exits_0_and_says_goodbye_on_mdns(tmp_path: Pa
     log.info("mDNS goodbye seen %.2f s after SIGTERM", gone_after)
     assert code == 0, node.tail()
     assert node.find(r"^SIGTERM: stopping after a checkpoint")
+    # A stop is said to be one (it read "finished in N s", as if the run were done), and stdout says the rounds
+    # done are this process's own (none came from a resume or a catch-up here). Its last line: written (and
+    # flushed) before the process ends.
+    assert node.find(r"^stopped at round \d+ after [\d.]+ s; run it again with the same --out to resume$")
+    assert not node.find(r"^finished in ")
+    done = node.rounds()[-1]["round"] + 1
+    said = re.fullmatch(rf"{node_id}: {done} rounds done \({done} run by this process\), last accuracy (n/a|[\d.]+), "
+                        rf"checkpoint and adapter in {re.escape(str(tmp_path / 'out'))}\n", node.stdout())  # fmt: skip
+    assert said, node.stdout()
 
     path = tmp_path / "out" / "checkpoint.safetensors"
     with safe_open(str(path), framework="pt") as f:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import logging
 import re
 import time
 from pathlib import Path
@@ -162,6 +163,32 @@ async def test_a_resumed_node_reports_the_last_loss_and_accuracy_its_log_holds(t
         async with asyncio.timeout(60):
             result = await resumed.run()
     assert (result.rounds_completed, result.last_accuracy, result.last_loss) == (2, last["eval_accuracy"], last["loss"])
+
+
+@pytest.mark.asyncio
+async def test_a_resume_past_its_rounds_says_there_is_nothing_to_run_and_waits_for_no_peer(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """--rounds is the round a run stops at, not rounds to add. A resume whose checkpoint has reached it ran
+    nothing, said only "finished", and first waited --peer-wait (10 min here: the test's bound fails a node that
+    waits) for --min-peers it had no round to run with. The result says how many rounds this process ran."""
+    await run_rounds(tmp_path, 2)
+    with caplog.at_level(logging.INFO, logger="tadlora.node"):
+        waiting = node_config(tmp_path, 0, 2, NO_PEERS, rounds=2, min_peers=1, peer_wait=600.0)
+        async with Node(waiting, InMemoryNetwork()) as resumed:
+            async with asyncio.timeout(60):
+                result = await resumed.run()
+    assert (result.rounds_completed, result.rounds_run, result.stopped) == (2, 0, False)
+    said = [r.getMessage() for r in caplog.records if "nothing to run" in r.getMessage()]
+    assert said == [
+        "round 2 is reached already (--rounds 2: the round a run stops at, counted across resumes, not a number of "
+        "rounds to add): nothing to run; give a larger --rounds to go on"
+    ]
+    async with lone_node(tmp_path, InMemoryNetwork(), rounds=3) as resumed:
+        async with asyncio.timeout(60):
+            result = await resumed.run()
+    assert (result.rounds_completed, result.rounds_run, result.stopped) == (3, 1, False)
+    assert len(state.read_rounds(tmp_path / "n0")) == 3
 
 
 @pytest.mark.asyncio

@@ -17,7 +17,8 @@ is refused under another model fingerprint (model, LoRA, --seed) or another --cl
 
 Exit status: 0 when it finished its --rounds or was stopped gracefully; 2 for what no restart fixes (bad flags, TLS
 files it cannot use, an --out it must not use); 1 for the rest (a port in use, an --out held by a running node, a
-GPU out of memory), which a restart may fix. docs/troubleshooting.md goes from each message to its fix.
+GPU out of memory), which a restart may fix; 128 + the signal's number (130, 143) when a second signal forced the
+exit. docs/troubleshooting.md goes from each message to its fix.
 """
 
 from __future__ import annotations
@@ -175,7 +176,9 @@ def build_run_parser(
         "--switch-interval", type=int,
         help=f"T: rounds between factor switches, for {', '.join(alternating)} (default: {default_t})",
     )  # fmt: skip
-    t.add_argument("--rounds", type=int, help="rounds to run (default: until stopped)")
+    t.add_argument("--rounds", type=int,
+                   help="the round to stop at: the run ends once rounds 0 to ROUNDS-1 are done, counted across "
+                   "resumes on --out and catch-ups, not ROUNDS more (default: until stopped)")  # fmt: skip
     t.add_argument("--local-steps", type=int, default=10, help="local steps per round (K)")
     t.add_argument("--batch-size", type=int, default=16, help="examples per local step")
     t.add_argument("--max-length", type=int, default=64, help="tokens per example")
@@ -345,6 +348,8 @@ async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) ->
     """Run one node until done or signalled; 0 on a clean finish or graceful stop."""
     from tadlora.node.daemon import Node  # torch import: only once the flags are known to be good
 
+    started = time.monotonic()
+
     loop = asyncio.get_running_loop()
     signals = 0
     stop_requested = asyncio.Event()
@@ -378,10 +383,16 @@ async def run_node(config: NodeConfig, json_fmt: JsonFormatter | None = None) ->
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
     acc = "n/a" if result.last_accuracy is None else f"{result.last_accuracy:.4f}"
+    # The rounds done count those of earlier runs on --out and those a catch-up adopted: say which this run ran.
     sys.stdout.write(
-        f"{result.node_id}: {result.rounds_completed} rounds, last accuracy {acc}, "
-        f"checkpoint and adapter in {result.out}\n"
+        f"{result.node_id}: {result.rounds_completed} rounds done ({result.rounds_run} run by this process), last "
+        f"accuracy {acc}, checkpoint and adapter in {result.out}\n"
     )
+    if result.stopped:
+        log.info("stopped at round %d after %.1f s; run it again with the same --out to resume",
+                 result.rounds_completed, time.monotonic() - started)  # fmt: skip
+    else:
+        log.info("finished in %.1f s", time.monotonic() - started)
     return 0
 
 
@@ -414,7 +425,6 @@ def run_main(args: list[str]) -> int:
         return 2
     if raised := raise_open_file_limit():
         log.info("open-file limit raised from %d to %d (the hard limit allows it)", *raised)
-    started = time.monotonic()
     try:
         code = asyncio.run(run_node(config, json_fmt))
     except (RuntimeError, OSError, ValueError) as exc:
@@ -427,7 +437,6 @@ def run_main(args: list[str]) -> int:
         sys.stderr.write(f"tadlora-node: error: {text}\n")
         # --out as it is, or settings the model cannot take (LoRA targets it lacks): every restart fails alike.
         return 2 if isinstance(exc, OutRefused | UnusableSettings) else 1
-    log.info("finished in %.1f s", time.monotonic() - started)
     return code
 
 

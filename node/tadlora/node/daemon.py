@@ -92,6 +92,9 @@ QUIET_CALLER_S = 2.0
 # 48 ... s into the round. Every 2 s, a neighbour whose local steps take 30 s was asked 14 times a round by each of
 # its callees; now 4. A slow one answers each time and calls when its steps are done; a gone one is still caught.
 QUIET_CALLER_MAX_S = 16.0
+# s a catch-up waits for the answer of a peer whose liveness is being checked already (`Node._ask_rounds`), once the
+# others have answered: a live peer answers a handshake in milliseconds, a frozen one only at its timeout (5 s).
+SUSPECT_ANSWER_S = 1.0
 # Rounds in a row whose local steps outlast --exchange-timeout, and miss neighbours, before the node says it is too
 # slow for its cluster's deadline: one such round is a stall (a freeze, a swap storm), two in a row its pace.
 SLOW_ROUNDS_TO_WARN = 2
@@ -123,13 +126,17 @@ def is_catch_up_leader(peer_round: int, peer_last_mixed: int, t: int, last_mixed
 
 @dataclass(frozen=True)
 class NodeResult:
-    """What a finished run reached."""
+    """What a finished run reached: ``rounds_completed`` is the round it reached (the rounds before it are done,
+    counted across resumes and catch-ups, as --rounds counts them); ``rounds_run`` the rounds this process ran
+    itself; ``stopped``, whether a stop ended it before --rounds."""
 
     node_id: str
     rounds_completed: int
     last_accuracy: float | None
     last_loss: float | None
     out: Path
+    rounds_run: int = 0
+    stopped: bool = False
 
 
 class Node:
@@ -183,6 +190,7 @@ class Node:
         # which it left out a neighbour its link schedule gave it (a deadline, a refusal: a failure; 0: never). See
         # `_may_be_out_of_step`.
         self._ran_a_round = False
+        self._rounds_run = 0  # rounds this process ran (`NodeResult.rounds_run`)
         self._last_missed = 0
         self._slow_rounds = 0  # rounds in a row whose local steps outlasted --exchange-timeout and missed neighbours
         # Whether our factors are a checkpoint's (restored, with a mixing in its past), plus rounds run alone since,
@@ -862,7 +870,13 @@ class Node:
         cfg = self.config
         failed = True  # until the rounds end without an exception: then a failed final save is the error to raise
         try:
-            await self._wait_for_peers()
+            if cfg.rounds is not None and self.rounds.t >= cfg.rounds:
+                # A resume with the --rounds of the run before: it would end here without a word but "finished".
+                log.info("round %d is reached already (--rounds %d: the round a run stops at, counted across resumes, "
+                         "not a number of rounds to add): nothing to run; give a larger --rounds to go on",
+                         self.rounds.t, cfg.rounds)  # fmt: skip
+            else:
+                await self._wait_for_peers()
             while not self._stop.is_set() and (cfg.rounds is None or self.rounds.t < cfg.rounds):
                 await self._unless_stopped(self._catch_up_if_behind())
                 if self._stop.is_set() or (cfg.rounds is not None and self.rounds.t >= cfg.rounds):
@@ -893,7 +907,10 @@ class Node:
                 f"background task {name} failed ({type(exc).__name__}: {exc}); the node stopped after round "
                 f"{self.rounds.t} with its checkpoint saved in {cfg.out}: run it again to resume"
             ) from exc
-        return NodeResult(self.node_id, self._rounds_done, self._last_accuracy, self._last_loss, cfg.out)
+        stopped = cfg.rounds is None or self._rounds_done < cfg.rounds
+        return NodeResult(
+            self.node_id, self._rounds_done, self._last_accuracy, self._last_loss, cfg.out, self._rounds_run, stopped
+        )
 
     async def _catch_up_if_behind(self) -> None:
         """Adopt a neighbour's round and factors when we are out of step with a group that kept mixing.
@@ -940,7 +957,7 @@ class Node:
         # All at once: one by one, every peer that is cut off from us would hold the round loop for a full
         # handshake timeout, and a node that is itself cut off would stall instead of training alone.
         peers = [(j, self._peers.peers[j]) for j in asked]
-        answers = await asyncio.gather(*(self._peers.probe(j, "asked for its round") for j, _ in peers))
+        answers = await self._ask_rounds([j for j, _ in peers])
         now = time.monotonic()
         self._fetch_failed = {j: until for j, until in self._fetch_failed.items() if until > now}
         leaders = [
@@ -992,6 +1009,30 @@ class Node:
         # Our moments describe our own gradient history at the factors we left; the adopted factors are the
         # group's, so the optimizer starts fresh from them.
         self._opt_state = {}
+
+    async def _ask_rounds(self, asked: list[str]) -> list[PeerInfo | None]:
+        """Each of ``asked``'s answer to a handshake (`PeerManager.probe`), None where there is none, in order.
+
+        A peer whose liveness is already being checked (`_probing`: it missed a round, or has not called in this
+        one) is waited for at most `SUSPECT_ANSWER_S` once the others have answered: a live one answers in
+        milliseconds, but a frozen one (SIGSTOP, a suspended laptop) answers nothing until the handshake's timeout,
+        and the round loop waits here. It held the next round for those 5 s, and a healthy neighbour's exchange in
+        that round ran into its deadline: one frozen peer cost the two healthy ones a round with each other. Its
+        own check drops it (or, if it answers, refreshes its round for the next look); the question cut here is
+        cancelled, which drops nothing."""
+        assert self._peers is not None  # noqa: S101
+        calls = {j: asyncio.ensure_future(self._peers.probe(j, "asked for its round")) for j in asked}
+        suspects = {calls[j] for j in asked if j in self._probing}
+        try:
+            if others := set(calls.values()) - suspects:
+                await asyncio.wait(others)
+            if suspects:
+                await asyncio.wait(suspects, timeout=SUSPECT_ANSWER_S)
+        finally:
+            for call in calls.values():
+                call.cancel()
+            await asyncio.gather(*calls.values(), return_exceptions=True)
+        return [None if call.cancelled() else call.result() for call in calls.values()]
 
     def _may_be_out_of_step(self) -> bool:
         """Whether not having mixed lately may mean this node fell out of step with its peers, so that a catch-up
@@ -1150,6 +1191,7 @@ class Node:
         self._last_weights = {str(j): (received[str(j)][0], w) for j, w in weights.neighbours.items()}
         await self.rounds.advance(mixed)
         self._ran_a_round = True
+        self._rounds_run += 1
         self._opt_state = opt_state
         self._rounds_done = t + 1
         self._last_loss = loss
