@@ -6,7 +6,7 @@ import json
 import shutil
 import sys
 import types
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 from typing import Any, ClassVar
@@ -911,3 +911,57 @@ def test_a_shard_scheme_parses_without_data(scheme: str, parsed: tuple[str, obje
     for bad in ("shuffle", "iid:2", "dirichlet:nan", "label-skew:-3", "label-skew@0"):
         with pytest.raises(ValueError, match="shard scheme"):
             parse_shard_scheme(bad)
+
+
+def test_label_skew_default_size_counts_the_rounding_that_lets_a_class_give_more_than_its_share() -> None:
+    """The largest n that exhausts no class, when a class is scarce: 4 clients over 3 classes (groups 2/1/1) have an
+    exact share of 1.9n of class 0, 26.6 at n = 14, yet the rounded counts take 12 + 12 + 1 + 1 = 26, all there is
+    (n = 15 would take 28). Each client's count may fall up to one below its share, so a bound of 26 / 1.9 < 14
+    that leaves that out stops the search at 13."""
+    labels = np.array([0] * 26 + [1] * 1000 + [2] * 1000)
+    shards = split_label_skew(labels, 4, seed=0)
+    assert {s.size for s in shards} == {14}
+    assert np.sum(labels[np.concatenate(shards)] == 0) == 26
+    with pytest.raises(ValueError, match="at most 14"):
+        split_label_skew(labels, 4, seed=0, samples_per_client=15)
+
+
+def test_label_skew_breaks_an_exact_rounding_tie_toward_the_lower_class_id() -> None:
+    """45 samples at [0.7, 0.3] are 31.5 and 13.5, an exact tie; in floating point 0.7 * 45 is 31.499999999999996 and
+    0.3 * 45 is 13.5, so without rounding away the float noise the leftover sample would go to class 1."""
+    labels = np.repeat(np.arange(2), 1000)
+    shards = split_label_skew(labels, 2, seed=0, samples_per_client=45, dominant_share=0.7)
+    assert [np.bincount(labels[s], minlength=2).tolist() for s in shards] == [[32, 13], [14, 31]]
+
+
+def test_dirichlet_deals_a_class_s_samples_in_a_shuffled_order_not_in_runs() -> None:
+    """A dataset is often stored sorted (by source, length or date) within a class: cutting each class in stored
+    order would give every client one slice of that order. One class, two clients: neither shard is a run."""
+    shards = split_dirichlet(np.zeros(1000, np.int64), 2, 1.0, seed=0)
+    for shard in shards:
+        if shard.size > 1:
+            assert shard[-1] - shard[0] + 1 > shard.size, "a contiguous run of indices"
+
+
+def test_dirichlet_accepts_a_draw_that_gives_every_client_exactly_min_samples() -> None:
+    # 4 samples for 4 clients: only a draw of one each meets min_samples = 1, and it must be accepted
+    shards = split_dirichlet(np.array([0, 0, 1, 1]), 4, 1.0, seed=0, min_samples=1)
+    assert sorted(s.size for s in shards) == [1, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(lambda: split_iid([-1, 0, 1], 2, 0), "non-negative", id="negative-label"),
+        pytest.param(
+            lambda: split_label_skew([0, 1, 2] * 50, 2, 0, num_classes=2), "labels reach 2", id="label-past-classes"
+        ),
+        pytest.param(
+            lambda: split_label_skew([0, 1] * 50, 2, 0, samples_per_client=0), "must be >= 1", id="no-samples"
+        ),
+    ],
+)
+def test_splits_refuse_labels_and_sizes_they_cannot_honour(call: Callable[[], object], message: str) -> None:
+    """A negative class id, a label beyond ``num_classes`` and zero samples per client are refused, not split."""
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -90,3 +90,8 @@ def test_diagnose_on_literal_matrices_uses_the_product_b_a_and_the_frobenius_nor
     assert d.consensus_ba == pytest.approx(0.5)
     assert d.cross_term_norm == pytest.approx(1.5)
     assert d.consensus_a == pytest.approx(0.5 + 2.0) and d.consensus_b == pytest.approx(0.5 + 2.0)
+
+
+def test_diagnostics_of_no_clients_are_refused() -> None:
+    with pytest.raises(ValueError, match="no clients"):
+        diagnose([])

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from tadlora.core import methods
@@ -157,3 +162,45 @@ def test_a_factory_whose_method_carries_another_name_is_refused(monkeypatch: pyt
     register("named-wrong")(lambda t: Method("lora", mixes_a=False))
     with pytest.raises(ValueError, match="made a Method named 'lora'"):
         make_method("named-wrong")
+
+
+def test_recommended_interval_is_capped_at_max_interval() -> None:
+    # ⌈2 / 0.01⌉ = 200 and ⌈2 / 0.1⌉ = 20 rounds: a sparse graph still gets at most max_interval
+    assert recommended_switch_interval(0.01) == 15
+    assert recommended_switch_interval(0.1, max_interval=4) == 4
+
+
+@pytest.mark.parametrize(
+    ("t", "switch_interval", "message"), [(-1, 5, "round must be >= 0"), (3, 0, "switch interval T must be >= 1")]
+)
+def test_the_alternating_schedule_refuses_a_negative_round_and_an_interval_below_one(
+    t: int, switch_interval: int, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        active_factor(t, switch_interval)
+
+
+_PHASES = """
+from tadlora.core.factors import BOTH
+from tadlora.core.methods import make_method
+print("".join(f.value for f in BOTH), make_method("lora").phase(0), make_method("decaf").phase(0))
+"""
+
+
+def test_the_phase_of_a_method_training_both_factors_is_ab_whatever_the_hash_seed() -> None:
+    """A set of str enums iterates in an order that PYTHONHASHSEED decides, so two nodes (or a node and its status
+    reader) would log "AB" and "BA" for one phase unless `phase` sorts. Each seed needs a process of its own (one
+    that imports torch: a second or two each, so a handful of seeds); the test checks that the set itself iterated
+    as B, A under at least one of them, or it would prove nothing."""
+    package_root = str(Path(methods.__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PHASES], env={**env, "PYTHONHASHSEED": str(seed)}, stdout=subprocess.PIPE, text=True
+        )
+        for seed in range(6)
+    ]
+    lines = [proc.communicate(timeout=60)[0].split() for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs)
+    assert "BA" in {line[0] for line in lines}, "no seed here iterates the set as B, A: pick others"
+    assert {(line[1], line[2]) for line in lines} == {("AB", "AB")}

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from tadlora.core.factors import BOTH, Factor, factor_key, factor_of
+from tadlora.core.factors import BOTH, Factor, clone, factor_key, factor_of, modules, num_bytes
 from tadlora.core.methods import make_method, method_names
 from tadlora.core.mixing import (
     apply_method_mixing,
@@ -322,3 +322,88 @@ def test_decaf_gives_a_zero_b_when_the_mixed_product_is_zero_though_the_own_b_is
             assert value.abs().max() > 0.1 and not mixed[key].any()
         else:
             assert torch.equal(mixed[key], value)
+
+
+def best_rank(product: torch.Tensor, r: int) -> torch.Tensor:
+    """The best rank-r approximation of ``product`` (Eckart-Young), the oracle DeCAF's truncation must match."""
+    u, s, vh = torch.linalg.svd(product, full_matrices=False)
+    return u[:, :r] @ torch.diag(s[:r]) @ vh[:r]
+
+
+def test_decaf_weighs_each_neighbour_s_product_by_its_own_weight() -> None:
+    """P_0 = w_00 B_0 A_0 + Σ_j w_0j B_j A_j with unequal weights: the equal-weight test above cannot tell a
+    neighbour's weight from the self weight."""
+    gen = torch.Generator().manual_seed(15)
+    states = [{k: v.double() for k, v in make_factors(gen, r=2, d=4).items()} for _ in range(3)]
+    w = local_weights(3, {1: 1, 2: 3})  # w_01 = 1/(1+3), w_02 = 1/(1+3), w_00 = 1/2
+    assert (w.self_weight, w.neighbours[1], w.neighbours[2]) == (0.5, 0.25, 0.25)
+    mixed = mix_products(states[0], {1: states[1], 2: states[2]}, w)
+    for k in range(2):
+        ka, kb = factor_key(f"layer.{k}.query", Factor.A), factor_key(f"layer.{k}.query", Factor.B)
+        p0, p1, p2 = (s[kb] @ s[ka] for s in states)
+        torch.testing.assert_close(mixed[kb] @ mixed[ka], best_rank(0.5 * p0 + 0.25 * p1 + 0.25 * p2, 2))
+
+
+def test_decaf_factors_a_small_mixed_product_instead_of_treating_it_as_zero() -> None:
+    """Only a product of norm below 1e-12 has no direction; a small one (here |BA| ~ 1e-5, as B early in training)
+    is a real update and must be truncated like any other, not reset to B = 0."""
+    gen = torch.Generator().manual_seed(16)
+    states = [
+        {k: (v.double() * 1e-6 if factor_of(k) is Factor.B else v.double()) for k, v in make_factors(gen).items()}
+        for _ in range(2)
+    ]
+    mixed = mix_products(states[0], {1: states[1]}, local_weights(1, {1: 1}))  # w_00 = w_01 = 1/2
+    for k in range(2):
+        ka, kb = factor_key(f"layer.{k}.query", Factor.A), factor_key(f"layer.{k}.query", Factor.B)
+        product = (states[0][kb] @ states[0][ka] + states[1][kb] @ states[1][ka]) / 2
+        assert 1e-7 < float(torch.linalg.matrix_norm(product)) < 1e-3
+        torch.testing.assert_close(mixed[kb] @ mixed[ka], best_rank(product, 3), rtol=1e-6, atol=1e-14)
+
+
+def test_a_key_without_its_partner_factor_is_no_module_and_decaf_passes_it_through() -> None:
+    """A lone A (or B) has no product to mix: `modules` leaves it out, and `mix_products` returns it unchanged
+    rather than failing or dropping it."""
+    gen = torch.Generator().manual_seed(17)
+    lone = factor_key("layer.9.value", Factor.A)
+    states = [{**make_factors(gen), lone: torch.randn(3, 5, generator=gen)} for _ in range(2)]
+    assert modules(states[0]) == ["layer.0.query", "layer.1.query"]
+    mixed = mix_products(states[0], {1: states[1]}, local_weights(1, {1: 1}))
+    assert list(mixed) == list(states[0])
+    assert torch.equal(mixed[lone], states[0][lone])
+
+
+def test_mixed_and_cloned_factors_share_no_memory_with_their_input() -> None:
+    """A node trains its factors in place after mixing: a result that aliased its input (an unmixed key kept as it
+    was, the A DeCAF keeps, a key it passes through) would change the input with it, and `clone` promises a snapshot
+    that later training cannot change."""
+    gen = torch.Generator().manual_seed(18)
+    lone = factor_key("layer.9.value", Factor.A)
+    own = {**make_factors(gen), lone: torch.randn(3, 5, generator=gen)}
+    other = {**make_factors(gen), lone: torch.randn(3, 5, generator=gen)}
+    zero_b = {k: (torch.zeros_like(v) if factor_of(k) is Factor.B else v) for k, v in own.items()}
+    before = {k: v.clone() for k, v in own.items()}
+    zero_before = {k: v.clone() for k, v in zero_b.items()}
+    results = [
+        mix_factors(own, {"x": other}, local_weights(1, {"x": 1}), frozenset({Factor.B})),
+        mix_products(own, {"x": other}, local_weights(1, {"x": 1})),
+        mix_products(zero_b, {}, local_weights(0, {})),  # zero product: A kept
+        clone(own),
+    ]
+    for result in results:
+        for value in result.values():
+            value.add_(1)
+    for key in own:
+        assert torch.equal(own[key], before[key]), key
+        assert torch.equal(zero_b[key], zero_before[key]), key
+
+
+def test_num_bytes_counts_each_tensor_at_its_own_element_size() -> None:
+    # 3 float64 (8 bytes each) + 4 bfloat16 (2 bytes each): 24 + 8
+    factors = {"a": torch.zeros(3, dtype=torch.float64), "b": torch.zeros(4, dtype=torch.bfloat16)}
+    assert num_bytes(factors) == 32
+
+
+def test_weights_that_name_a_neighbour_whose_factors_did_not_arrive_are_refused() -> None:
+    own = make_factors(torch.Generator().manual_seed(19))
+    with pytest.raises(ValueError, match="without factors"):
+        mix_factors(own, {}, local_weights(1, {"x": 1}), BOTH)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 
 import pytest
 import torch
@@ -175,3 +175,35 @@ def test_trim_works_on_the_values_device(device: str) -> None:
     assert got.device == own.device
     if device != "meta":
         torch.testing.assert_close(got.cpu(), t(0.75 * 2.0, 0.75 * 2.0))
+
+
+def test_trim_keeps_the_own_value_at_the_self_weight() -> None:
+    """The trim reaches only the neighbours: w_ii x_i stays in the sum (every test above has x_i = 0)."""
+    got = trimmed_combination(t(4.0), [t(0.0), t(1.0), t(2.0)], 0.25, [0.25] * 3, f=1)
+    torch.testing.assert_close(got, t(0.25 * 4.0 + 0.75 * 1.0))  # kept: 1.0, carrying the neighbours' 0.75
+
+
+def test_trim_keeps_each_value_s_own_weight_when_the_neighbours_are_not_listed_in_value_order() -> None:
+    """The weights are sorted along with the values: a kept value carries the weight of the neighbour that sent it,
+    not that of the neighbour at its rank in the listing."""
+    values = [t(2.0), t(1.0), t(3.0), t(0.0), t(5.0)]
+    got = trimmed_combination(t(0.0), values, 0.0, [0.1, 0.2, 0.3, 0.15, 0.25], f=1)
+    # 0.0 (w 0.15) and 5.0 (w 0.25) are dropped; 2.0 (w 0.1), 1.0 (w 0.2) and 3.0 (w 0.3) share all 1.0
+    torch.testing.assert_close(got, t((0.1 * 2.0 + 0.2 * 1.0 + 0.3 * 3.0) / 0.6))
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(lambda: clip_differences({"x": t(1.0)}, {"j": {"x": t(2.0)}}, 0.0), "TAU", id="clip-tau-0"),
+        pytest.param(lambda: trimmed_combination(t(0.0), [t(1.0)] * 3, 0.25, [0.25] * 3, f=0), "F must be", id="f-0"),
+        pytest.param(
+            lambda: trimmed_combination(t(0.0), [t(1.0)] * 3, 0.25, [0.25] * 2, f=1), "weights", id="weights-short"
+        ),
+    ],
+)
+def test_robust_rules_refuse_arguments_they_cannot_apply(call: Callable[[], object], message: str) -> None:
+    """Called directly (not through `RobustMixing`, which checks TAU and F too), the functions still refuse a TAU of
+    0, an F of 0 (a trim that drops nothing) and a weight list that does not match the values."""
+    with pytest.raises(ValueError, match=message):
+        call()

@@ -3,11 +3,21 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from tadlora.core.topology import client_name, link_uniform, link_up, make_topology
+from tadlora.core.topology import (
+    Topology,
+    client_name,
+    link_uniform,
+    link_up,
+    make_topology,
+    overlay_neighbours,
+    overlay_offsets,
+    ring_edges,
+)
 
 
 def test_link_state_is_symmetric_and_a_pure_function_of_seed_round_and_ends() -> None:
@@ -215,3 +225,54 @@ def test_overlay_chords_are_powers_of_two_up_to_n_over_2_and_n_over_2_only_when_
     from tadlora.core.topology import overlay_offsets
 
     assert overlay_offsets(n, k) == offsets
+
+
+def test_the_simulator_names_its_clients_node_i() -> None:
+    """docs/architecture.md: a daemon matches the simulator's links by naming its nodes ``node-i``, as `client_name`
+    does; another spelling (zero-padded, say) would draw other links."""
+    assert [client_name(i) for i in (0, 11)] == ["node-0", "node-11"]
+
+
+def test_a_ring_of_two_nodes_is_one_link_and_of_one_node_none() -> None:
+    assert ring_edges(2) == frozenset({(0, 1)})
+    assert ring_edges(1) == frozenset()
+
+
+def test_an_overlay_of_max_neighbours_plus_one_nodes_is_complete() -> None:
+    """n <= K + 1 gives the complete graph (docs/protocol.md spells it so); at n = K + 1 the chords would reach only
+    6 of the 8 others."""
+    ids = [f"peer-{i}" for i in range(9)]
+    assert overlay_neighbours(ids[0], ids, 8) == frozenset(ids[1:])
+
+
+def test_a_simulated_overlay_with_custom_names_places_nodes_by_their_sorted_names() -> None:
+    """The simulator and a daemon started with the same names must pick the same overlay links: ring positions follow
+    the sorted names, not the client indices (here the two orders differ)."""
+    names = ["n-e", "n-a", "n-h", "n-c", "n-b", "n-g", "n-d", "n-f"]
+    adj = make_topology("overlay:2", 8, names=names).adjacency(0)
+    for i, me in enumerate(names):
+        assert {names[j] for j in np.flatnonzero(adj[i])} == overlay_neighbours(me, names, 2), me
+
+
+def test_expected_degree_is_twice_the_links_times_p_over_the_nodes() -> None:
+    # a ring of 6 has 6 links: 2 * 6 * 0.5 / 6 = 1 live link per node per round
+    assert make_topology("ring", 6, link_prob=0.5).expected_degree() == 1.0
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        pytest.param(lambda: make_topology("edges:0-4", 4), "outside", id="edge-end-m"),
+        pytest.param(
+            lambda: Topology(kind="ring", m=2, edges=frozenset({(0, 1)}), names=("a", "a")),
+            "distinct",
+            id="names-twice",
+        ),
+        pytest.param(lambda: overlay_offsets(10, 1), "max neighbours", id="overlay-k-1"),
+        pytest.param(lambda: make_topology("ring", 0), "at least one node", id="no-nodes"),
+    ],
+)
+def test_graphs_that_cannot_be_built_are_refused_saying_why(call: Callable[[], object], message: str) -> None:
+    """Node m on m nodes (indices run 0..m−1), one name for two nodes, an overlay bound below a ring's 2, no nodes."""
+    with pytest.raises(ValueError, match=message):
+        call()
