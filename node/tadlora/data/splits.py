@@ -74,7 +74,8 @@ def split_dirichlet(
     """Split each class's indices across clients in proportions drawn from Dirichlet(alpha).
 
     Small ``alpha`` gives strong skew; large ``alpha`` approaches IID. The shards cover the
-    dataset. A draw that leaves a client below ``min_samples`` is redrawn (from the same
+    dataset; a class's samples are dealt in a shuffled order, so data stored sorted (by source,
+    by length) does not hand each client one contiguous run of it. A draw that leaves a client below ``min_samples`` is redrawn (from the same
     generator, so still deterministic). Raises ``ValueError`` if 100 draws all fail or an
     argument is out of range.
     """
@@ -184,7 +185,8 @@ def split_label_skew(
 ) -> Shards:
     """Give every client n samples, drawn without replacement in the class mix of
     `label_skew_proportions` with ``dominant_share`` (largest-remainder rounding: each class count
-    within 1 of exact).
+    within 1 of exact; a tie between two remainders goes to the lower class id, so every process
+    that splits the same labels gives the same shards).
 
     ``n`` defaults to the largest value, at most ``len(labels) // num_clients``, that exhausts
     no class; ``num_classes`` defaults to ``max(labels) + 1``. The shards need not cover the
