@@ -190,3 +190,86 @@ async def test_a_caller_two_rounds_behind_sets_gap_seen_and_one_round_behind_doe
     assert not rs.gap_seen and "b" not in rs.current.ahead
     assert await refused(rs.answer("b", 3, 1, fac(1.0))) is Reason.ROUND_MISMATCH
     assert rs.gap_seen and "b" in rs.current.ahead
+
+
+@pytest.mark.asyncio
+async def test_a_delivered_reply_counts_in_its_round_with_its_stats_for_the_round_log() -> None:
+    rs = state()
+    cur = await rs.open(fac(0.0), frozenset({"b"}))
+    assert await rs.deliver(cur, "b", (3, fac(1.0)), ("b", 10, 20, 0.5))
+    assert cur.received["b"][0] == 3 and cur.stats == [("b", 10, 20, 0.5)]
+
+
+@pytest.mark.asyncio
+async def test_a_refusal_for_another_round_leaves_the_current_round_waiting_for_the_caller() -> None:
+    """A caller one round behind may still reach this round and call: refusing its exchange for the round it is in
+    says nothing of ours."""
+    rs = state(t=5)
+    cur = await rs.open(fac(0.0), frozenset({"b"}))
+    await rs.refused("b", 4)
+    await rs.refused("b", 6)
+    assert cur.refused == set()
+
+
+@pytest.mark.asyncio
+async def test_only_a_peer_past_the_current_round_is_noted_as_ahead() -> None:
+    rs = state(t=5)
+    cur = await rs.open(fac(0.0), frozenset({"b", "c", "d"}))
+    await rs.note_round("b", 5)  # in our round: it will call for it
+    await rs.note_round("c", 4)  # behind: it may still reach our round and call
+    await rs.note_round("d", 6)  # one ahead: it left our round behind
+    assert cur.ahead == {"d"}
+
+
+@pytest.mark.asyncio
+async def test_a_commit_naming_another_round_commits_nothing() -> None:
+    """The caller's answered exchange is held for the round it was answered in; a commit for any other round is
+    refused and leaves it uncommitted."""
+    rs = state(t=1)
+    cur = await rs.open(fac(0.0), frozenset({"b"}))
+    await rs.answer("b", 1, 1, fac(1.0))
+    assert await refused(rs.commit("b", 0, accept=True)) is Reason.ROUND_MISMATCH
+    assert await refused(rs.commit("b", 2, accept=True)) is Reason.ROUND_MISMATCH
+    assert cur.received == {} and set(cur.pending) == {"b"}
+
+
+@pytest.mark.asyncio
+async def test_a_commit_wakes_the_round_loop_waiting_for_its_pair() -> None:
+    rs = state()
+    cur = await rs.open(fac(0.0), frozenset({"b", "c"}))
+    await rs.answer("b", 0, 1, fac(1.0))
+    await rs.answer("c", 0, 1, fac(1.0))
+    accepted = asyncio.ensure_future(rs.wait_until(lambda: "b" in cur.received))
+    rejected = asyncio.ensure_future(rs.wait_until(lambda: "c" in cur.refused))
+    await asyncio.sleep(0.01)
+    await rs.commit("b", 0, accept=True)
+    await asyncio.wait_for(accepted, 1)
+    await rs.commit("c", 0, accept=False)
+    await asyncio.wait_for(rejected, 1)
+
+
+@pytest.mark.asyncio
+async def test_admitting_a_header_refuses_a_non_neighbour_or_a_repeat_once_the_round_is_published() -> None:
+    """`admit` runs before the payload is read: what `answer` would refuse for the pair is refused here already,
+    so that a refused exchange costs this node no memory."""
+    rs = state()
+    await rs.admit("b", 0)  # before the snapshot the neighbours are not known yet: nothing to refuse
+    await rs.admit("x", 0)
+    await rs.open(fac(0.0), frozenset({"b"}))
+    await rs.admit("b", 0)
+    assert await refused(rs.admit("x", 0)) is Reason.NOT_A_NEIGHBOR
+    await rs.answer("b", 0, 1, fac(1.0))
+    assert await refused(rs.admit("b", 0)) is Reason.ROUND_MISMATCH
+
+
+@pytest.mark.asyncio
+async def test_a_published_round_has_as_degree_its_number_of_neighbours() -> None:
+    rs = state()
+    cur = await rs.open(fac(0.0), frozenset({"b", "c", "d"}))
+    assert cur.degree == 3
+
+
+def test_a_restore_takes_the_checkpoints_round_factors_and_last_mixing() -> None:
+    rs = state()
+    rs.restore(4, fac(2.0), last_mixed=3)
+    assert (rs.t, rs.last_mixed, rs.factors["m.lora_B.weight"][0, 0].item()) == (4, 3, 2.0)

@@ -34,7 +34,14 @@ from tadlora.node.grpc_transport import GrpcTransport, PeerClient, RpcServer
 from tadlora.node.limits import MAX_DETAIL_CHARS
 from tadlora.node.memory_transport import InMemoryNetwork
 from tadlora.node.pb_mapping import _info_from_pb, _info_to_pb
-from tadlora.node.peer_checks import check_sane, fingerprint_differences, parse_fingerprint_parts
+from tadlora.node.peer_checks import (
+    _check_identity,
+    _check_info,
+    check_sane,
+    fingerprint_differences,
+    is_release,
+    parse_fingerprint_parts,
+)
 from tadlora.node.peers import PeerManager
 from tadlora.node.peerspec import PeersOption
 from tadlora.node.responder import _Responder
@@ -791,6 +798,34 @@ def test_a_peers_self_description_is_refused_just_over_each_cap_and_taken_at_it(
         with pytest.raises(ExchangeRefused) as refused:
             check_sane("peer", **fields)
         assert refused.value.reason is reason, changes
+
+
+def test_a_release_is_up_to_64_characters() -> None:
+    assert is_release("1" * 64)
+    assert not is_release("1" * 65)
+
+
+@pytest.mark.parametrize("field", ["cluster", "fingerprint", "method", "schedule", "fingerprint_parts"])
+def test_a_peers_info_with_any_text_field_over_the_cap_is_refused_as_bad_payload(field: str) -> None:
+    """Each text a peer says of itself is stored, logged or shown in status: over `MAX_TEXT_CHARS` it is refused
+    before anything else is made of it, whichever field it is."""
+    info = PeerInfo(node_id="alice", cluster=CLUSTER, fingerprint=FINGERPRINT, address="alice.test:7000")
+    _check_info(info, "peer")
+    with pytest.raises(ExchangeRefused, match="text field of 257 chars") as refused:
+        _check_info(dataclasses.replace(info, **{field: "x" * (MAX_TEXT_CHARS + 1)}), "peer")
+    assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+def test_a_certificate_that_names_no_node_id_vouches_for_none() -> None:
+    """Identity "" is a certificate whose common name is not among its DNS names: it is no licence to speak as any
+    node, unlike None (no TLS), which checks nothing."""
+    _check_identity("alice", None)
+    _check_identity("alice", "alice")
+    for identity in ("", "bob"):
+        with pytest.raises(ExchangeRefused) as refused:
+            _check_identity("alice", identity)
+        assert refused.value.reason is Reason.IDENTITY_MISMATCH, identity
+    assert "no node id" in refused.value.detail or "'bob'" in refused.value.detail
 
 
 @pytest.mark.parametrize("field", ["round", "degree", "protocol_version", "last_mixed_round"])

@@ -323,6 +323,22 @@ def test_a_payload_meeting_its_spec_fits_the_specs_size_bound_and_the_bound_is_n
     assert len(encode_factors(factors)) <= spec.max_payload_bytes() <= data + (64 << 10) + 2000 * max(len(factors), 1)
 
 
+@pytest.mark.parametrize(
+    "factors",
+    [
+        {f"layer.{i}.lora_A.weight": torch.zeros(1, 1, dtype=torch.int8) for i in range(1000)},
+        {"\u0001" * 20_000: torch.zeros(1)},
+        {f"t{i}": torch.zeros((1,) * 200, dtype=torch.int8) for i in range(500)},
+    ],
+    ids=["a header over the fixed slack", "a key JSON writes six bytes a character", "200 dimensions a tensor"],
+)
+def test_the_specs_size_bound_leaves_room_for_each_tensors_entry_key_escapes_and_dimensions(factors: Factors) -> None:
+    """Each payload here has a header larger than the bound's fixed 64 KiB slack: the bound must grow with the
+    number of tensors, with keys JSON escapes six bytes a character, and with the dimensions of their shapes, or a
+    receiver refuses (TOO_LARGE, from the header) a payload that meets its spec."""
+    assert len(encode_factors(factors)) <= FactorSpec.from_factors(factors).max_payload_bytes()
+
+
 @pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
 def test_float8_factors_are_checked_for_nan_like_any_others_and_raise_nothing_but_payload_error(
     dtype: torch.dtype,
@@ -352,6 +368,24 @@ def test_a_complex_factor_whose_norm_is_over_the_cap_is_refused_like_a_real_one(
     with pytest.raises(PayloadError, match=r"'c' has norm 5, over the cap of 4\.9") as refused:
         spec.check({"c": torch.tensor([3 + 4j], dtype=torch.complex64)}, max_norm=4.9)
     assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+def test_a_complex_factor_holding_nan_or_inf_is_refused_like_a_real_one() -> None:
+    spec = FactorSpec({"c": ((2,), "complex64")})
+    spec.check({"c": torch.tensor([1 + 2j, 3 - 1j], dtype=torch.complex64)})
+    for bad in (complex(math.nan, 0.0), complex(0.0, math.inf)):
+        with pytest.raises(PayloadError, match="NaN or infinite") as refused:
+            spec.check({"c": torch.tensor([1 + 2j, bad], dtype=torch.complex64)})
+        assert refused.value.reason is Reason.BAD_PAYLOAD
+
+
+def test_a_norm_whose_square_overflows_float32_is_still_measured_not_infinite() -> None:
+    """The squares of float32 values of 3e20 overflow float32: summed there, every such factor would measure
+    infinite and be refused whatever the cap."""
+    spec = FactorSpec({"a": ((2,), "float32")})
+    spec.check({"a": torch.tensor([3e20, 4e20])}, max_norm=6e20)
+    with pytest.raises(PayloadError, match=r"'a' has norm 5e\+20, over the cap of 4e\+20"):
+        spec.check({"a": torch.tensor([3e20, 4e20])}, max_norm=4e20)
 
 
 def test_many_missing_keys_are_summarised_not_dumped() -> None:
@@ -470,6 +504,19 @@ def test_declared_total_over_the_cap_is_refused_before_any_chunk() -> None:
     assert refused.value.reason is Reason.TOO_LARGE
     with pytest.raises(PayloadError, match="cap of 100"):
         Reassembler(101, digest(b""), 1, max_payload_bytes=100)
+
+
+def test_a_payload_of_exactly_the_cap_is_taken() -> None:
+    payload = payload_of(100)
+    assert reassemble(chunk(payload), 100, digest(payload), max_payload_bytes=100) == payload
+
+
+def test_a_header_declaring_fewer_chunks_than_this_nodes_chunk_cap_allows_is_refused() -> None:
+    """The fewest chunks a payload takes follow the receiver's chunk cap, not the default 1 MiB."""
+    Reassembler(400, digest(b""), 2, max_chunk_bytes=200)
+    with pytest.raises(PayloadError, match="cannot carry") as refused:
+        Reassembler(401, digest(b""), 2, max_chunk_bytes=200)
+    assert refused.value.reason is Reason.BAD_PAYLOAD
 
 
 def test_more_bytes_than_declared_are_refused_before_being_kept() -> None:
