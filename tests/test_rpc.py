@@ -800,9 +800,10 @@ def test_a_peers_self_description_is_refused_just_over_each_cap_and_taken_at_it(
         assert refused.value.reason is reason, changes
 
 
-def test_a_release_is_up_to_64_characters() -> None:
+def test_a_release_is_up_to_64_characters_and_has_no_spaces() -> None:
     assert is_release("1" * 64)
     assert not is_release("1" * 65)
+    assert not is_release("0.1.0 rc1")  # logged and shown in status: a space would split it
 
 
 @pytest.mark.parametrize("field", ["cluster", "fingerprint", "method", "schedule", "fingerprint_parts"])
