@@ -75,9 +75,9 @@ def split_dirichlet(
 
     Small ``alpha`` gives strong skew; large ``alpha`` approaches IID. The shards cover the
     dataset; a class's samples are dealt in a shuffled order, so data stored sorted (by source,
-    by length) does not hand each client one contiguous run of it. A draw that leaves a client below ``min_samples`` is redrawn (from the same
-    generator, so still deterministic). Raises ``ValueError`` if 100 draws all fail or an
-    argument is out of range.
+    by length) does not hand each client one contiguous run of it. A draw that leaves a client
+    below ``min_samples`` is redrawn (from the same generator, so still deterministic). Raises
+    ``ValueError`` if 100 draws all fail or an argument is out of range.
     """
     y = _labels(labels)
     if not (math.isfinite(alpha) and alpha > 0):
